@@ -1,0 +1,52 @@
+"""udskit: Unix domain sockets done right.
+
+Safe socket files, peer credentials and access policy, descriptor passing, stream,
+seqpacket and datagram sockets, a threaded server, and clear errors.
+"""
+
+from .address import Address
+from .channel import Channel
+from .connecting import connect, pair
+from .creds import PeerCred, Policy
+from .errors import (
+    AddressError,
+    AddressInUse,
+    ConnectError,
+    ConnectionClosed,
+    FrameTooLarge,
+    PeerRejected,
+    ProtocolError,
+    SocketFileError,
+    Timeout,
+    UdsError,
+)
+from .listening import Datagram, DatagramListener, Listener, listen
+from .server import Server, serve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Address",
+    "AddressError",
+    "AddressInUse",
+    "Channel",
+    "ConnectError",
+    "ConnectionClosed",
+    "Datagram",
+    "DatagramListener",
+    "FrameTooLarge",
+    "Listener",
+    "PeerCred",
+    "PeerRejected",
+    "Policy",
+    "ProtocolError",
+    "Server",
+    "SocketFileError",
+    "Timeout",
+    "UdsError",
+    "__version__",
+    "connect",
+    "listen",
+    "pair",
+    "serve",
+]

@@ -1,0 +1,109 @@
+"""Control messages: SCM_RIGHTS (descriptors) and SCM_CREDENTIALS, with fd hygiene.
+
+Rules kept here, for every receive path:
+
+* descriptors arrive close-on-exec (MSG_CMSG_CLOEXEC), so a fork+exec elsewhere in the
+  program never leaks them into a child;
+* if the kernel had to drop control data (MSG_CTRUNC: more descriptors than our buffer had
+  room for), or sent control data we did not ask for, every descriptor that did arrive is
+  closed and ProtocolError is raised: half a set of descriptors is worse than none;
+* a truncated datagram (MSG_TRUNC) is an error too, never a silently shortened message.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+from collections.abc import Iterable, Sequence
+from typing import Final
+
+from .creds import UCRED, PeerCred, unpack_ucred
+from .errors import ProtocolError
+
+__all__ = ["MAX_FDS_PER_MESSAGE", "Received", "ancillary_size", "close_fds", "rights", "unpack"]
+
+#: Descriptors accepted in (and sent with) one message by default. The kernel allows 253
+#: (SCM_MAX_FD); every descriptor in flight is charged to the sender's RLIMIT_NOFILE and
+#: must be closed by the receiver, so a small default bounds what a peer can make us hold.
+MAX_FDS_PER_MESSAGE: Final = 16
+
+_INT_SIZE: Final = array.array("i").itemsize
+
+#: recvmsg flags: descriptors arrive with FD_CLOEXEC already set.
+RECV_FLAGS: Final = socket.MSG_CMSG_CLOEXEC
+
+
+def ancillary_size(max_fds: int, *, creds: bool = False) -> int:
+    """The control buffer size that holds ``max_fds`` descriptors (and credentials)."""
+    size = socket.CMSG_SPACE(max_fds * _INT_SIZE) if max_fds > 0 else 0
+    if creds:
+        size += socket.CMSG_SPACE(UCRED.size)
+    return size
+
+
+def rights(fds: Sequence[int], limit: int) -> list[tuple[int, int, bytes]]:
+    """The ancillary list for sendmsg() that passes ``fds`` (checked against ``limit``)."""
+    if len(fds) > limit:
+        raise ProtocolError(
+            f"cannot send {len(fds)} descriptors in one message: the limit is {limit} "
+            "(max_fds); send them in several messages"
+        )
+    for fd in fds:
+        if isinstance(fd, bool) or not isinstance(fd, int) or fd < 0:
+            raise ValueError(f"descriptors to send must be non-negative ints, not {fd!r}")
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+class Received:
+    """What a recvmsg() brought besides data: descriptors and credentials."""
+
+    __slots__ = ("cred", "fds")
+
+    def __init__(self, fds: list[int], cred: PeerCred | None) -> None:
+        self.fds = fds
+        self.cred = cred
+
+
+_NOTHING: Final = Received([], None)
+
+
+def unpack(ancdata: Iterable[tuple[int, int, bytes]], flags: int, where: object) -> Received:
+    """Parse recvmsg()'s control data; on any problem close what arrived and raise."""
+    fds: list[int] = []
+    cred: PeerCred | None = None
+    foreign: tuple[int, int] | None = None
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % _INT_SIZE
+            fds.extend(array.array("i", data[:usable]))
+        elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            cred = unpack_ucred(data)
+        else:
+            foreign = (level, kind)
+    if flags & socket.MSG_CTRUNC:
+        close_fds(fds)
+        raise ProtocolError(
+            f"message from {where} carried more control data than allowed (MSG_CTRUNC): "
+            f"the peer sent more descriptors than max_fds; all received descriptors closed"
+        )
+    if foreign is not None:
+        close_fds(fds)
+        raise ProtocolError(
+            f"message from {where} carried unexpected control data (level {foreign[0]}, "
+            f"type {foreign[1]}); all received descriptors closed"
+        )
+    if not fds and cred is None:
+        return _NOTHING
+    return Received(fds, cred)
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close every descriptor, ignoring ones already closed."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

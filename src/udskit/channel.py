@@ -1,0 +1,371 @@
+"""Blocking channels: one connected endpoint that sends and receives whole messages.
+
+A ``Channel`` wraps a connected socket of any type. On a stream socket, messages are framed
+by the sans-IO core in :mod:`udskit.proto`; seqpacket and datagram sockets keep the kernel's
+message boundaries. Descriptors travel with ``send_fds``/``recv_fds``; every received one is
+close-on-exec, and closed by us on every error path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Final
+
+from .address import Address, sun_path
+from .ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
+from .creds import PeerCred, peer_cred
+from .errors import ConnectionClosed, ProtocolError
+from .options import SocketType, base_type, max_frame_for, type_name
+from .proto import CLOSED, NEED_DATA, Framing, make_framing
+from .translate import translate
+
+if TYPE_CHECKING:
+    from .sockfile import Claim
+
+__all__ = ["Buffer", "Channel"]
+
+log = logging.getLogger("udskit")
+
+Buffer = bytes | bytearray | memoryview
+
+#: Bytes read per recvmsg() on a stream. Large enough that a burst of small messages is one
+#: system call and a 1 MiB message a few; allocated once per channel.
+RECV_CHUNK: Final = 256 * 1024
+
+#: Payloads up to this size are joined with their header and sent with one send(); above
+#: it, the header and payload go out with sendmsg() scatter-gather to avoid copying them.
+_JOIN_LIMIT: Final = 64 * 1024
+
+#: No SIGPIPE on a closed peer: the error comes back as EPIPE (Python ignores SIGPIPE
+#: anyway, but an embedding application may not).
+_SEND_FLAGS: Final = socket.MSG_NOSIGNAL
+_CTRUNC: Final = socket.MSG_CTRUNC
+
+
+class Channel:
+    """A connected endpoint that sends and receives whole messages.
+
+    Use it as a context manager; iterate over it to receive until the peer closes.
+    """
+
+    __slots__ = (
+        "_ancsize",
+        "_claim",
+        "_cleanup_dir",
+        "_closed",
+        "_framing",
+        "_inbox",
+        "_max_fds",
+        "_max_message",
+        "_owns_socket",
+        "_peer",
+        "_rbuf",
+        "_remote",
+        "_rview",
+        "_sock",
+        "_type",
+    )
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        framing: str = "length",
+        max_frame: int | None = None,
+        max_fds: int = 16,
+        remote: Address | None = None,
+        peer: PeerCred | None = None,
+        claim: Claim | None = None,
+        owns_socket: bool = True,
+        inbox: Sequence[tuple[bytes, list[int]]] = (),
+    ) -> None:
+        self._sock = sock
+        self._type: SocketType = type_name(base_type(sock))
+        limit = max_frame_for(self._type, max_frame)
+        self._framing: Framing | None = (
+            make_framing(framing, max_frame=max_frame) if self._type == "stream" else None
+        )
+        self._max_message = limit
+        self._max_fds = max_fds
+        is_unix = sock.family == socket.AF_UNIX
+        self._ancsize = ancillary_size(max_fds, creds=self._type == "dgram") if is_unix else 0
+        self._rbuf = bytearray(RECV_CHUNK if self._type == "stream" else limit)
+        self._rview = memoryview(self._rbuf)
+        self._remote = remote
+        self._peer = peer
+        self._claim = claim
+        self._owns_socket = owns_socket
+        self._inbox: deque[tuple[bytes, list[int]]] = deque(inbox)
+        self._closed = False
+        self._cleanup_dir: bytes | None = None
+
+    # -- properties -----------------------------------------------------------------------
+    @property
+    def type(self) -> SocketType:
+        return self._type
+
+    @property
+    def framing(self) -> str | None:
+        """The framing name on a stream channel; None on seqpacket and dgram."""
+        return None if self._framing is None else self._framing.name
+
+    @property
+    def peer(self) -> PeerCred | None:
+        """The peer's credentials, as the kernel reported them.
+
+        Stream and seqpacket: the connecting (or accepting) process, from SO_PEERCRED.
+        Datagram: the sender of the last datagram received (SCM_CREDENTIALS); None before
+        the first. TCP: None.
+        """
+        return self._peer
+
+    @property
+    def address(self) -> Address | None:
+        """The other end's address, where it has one (a bound client may have none)."""
+        return self._remote
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    @property
+    def socket(self) -> socket.socket:
+        """The underlying socket, for select() and socket options. Do not read from it."""
+        return self._sock
+
+    def settimeout(self, timeout: float | None) -> None:
+        """Seconds to wait in send/recv before raising ``Timeout`` (None: wait forever)."""
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be None or >= 0 seconds, not {timeout!r}")
+        self._sock.settimeout(timeout)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"fd={self._sock.fileno()}"
+        return f"<Channel {self._type} {self._remote or 'unnamed'} peer=({self._peer}) {state}>"
+
+    # -- sending --------------------------------------------------------------------------
+    def send(self, data: Buffer) -> None:
+        """Send one message (on a stream: framed; on seqpacket/dgram: one packet)."""
+        self._send(data, [])
+
+    def send_fds(self, data: Buffer, fds: Sequence[int]) -> None:
+        """Send one message with open descriptors attached (SCM_RIGHTS).
+
+        The descriptors stay open here; the receiver gets its own duplicates.
+        """
+        if not self._is_unix():
+            raise ProtocolError("descriptors can only be passed over Unix sockets")
+        self._send(data, rights(list(fds), self._max_fds))
+
+    def _send(self, data: Buffer, ancillary: list[tuple[int, int, bytes]]) -> None:
+        self._check_open()
+        framing = self._framing
+        try:
+            if framing is None:
+                self._send_packet(data, ancillary)
+            elif not ancillary and len(data) <= _JOIN_LIMIT:
+                self._sock.sendall(b"".join(framing.encode(data)), _SEND_FLAGS)
+            else:
+                self._send_vector(framing.encode(data), ancillary)
+        except OSError as exc:
+            raise translate(exc, "send", self._remote) from exc
+
+    def _send_packet(self, data: Buffer, ancillary: list[tuple[int, int, bytes]]) -> None:
+        if self._type == "seqpacket" and not data:
+            raise ProtocolError(
+                "cannot send an empty seqpacket message: the receiver reads it as end of connection"
+            )
+        target = None
+        if self._owns_socket is False and self._remote is not None:
+            target = self._remote  # a datagram session on a server: reply to the sender
+        if target is None:
+            if ancillary:
+                self._sock.sendmsg([data], ancillary, _SEND_FLAGS)
+            else:
+                self._sock.send(data, _SEND_FLAGS)
+            return
+        with sun_path(target) as where:
+            self._sock.sendmsg([data], ancillary, _SEND_FLAGS, where)
+
+    def _send_vector(self, parts: list[Buffer], ancillary: list[tuple[int, int, bytes]]) -> None:
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        while views:
+            sent = self._sock.sendmsg(views, ancillary, _SEND_FLAGS)
+            ancillary = []  # descriptors go with the first byte only
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if views and sent:
+                views[0] = views[0][sent:]
+
+    # -- receiving ------------------------------------------------------------------------
+    def recv(self) -> bytes:
+        """Receive one message. Descriptors that arrive with it are closed (see recv_fds).
+
+        Raises ``ConnectionClosed`` when the peer has closed (``mid_message`` if it left a
+        message unfinished), ``Timeout`` after ``settimeout`` seconds.
+        """
+        data, fds = self._recv()
+        if fds:
+            log.debug("%r: closing %d descriptors received by recv()", self, len(fds))
+            close_fds(fds)
+        return data
+
+    def recv_fds(self) -> tuple[bytes, list[int]]:
+        """Receive one message and the descriptors sent with it (now owned by the caller)."""
+        return self._recv()
+
+    def __iter__(self) -> Iterator[bytes]:
+        """Receive messages until the peer closes cleanly."""
+        while True:
+            try:
+                yield self.recv()
+            except ConnectionClosed as exc:
+                if exc.mid_message:
+                    raise
+                return
+
+    def _recv(self) -> tuple[bytes, list[int]]:
+        self._check_open()
+        if self._inbox:
+            return self._inbox.popleft()
+        if not self._owns_socket:
+            # A datagram session (Server, dgram) holds exactly the datagram it was made for.
+            raise ConnectionClosed(f"{self._where()}: no more datagrams in this session")
+        framing = self._framing
+        if framing is None:
+            return self._recv_packet()
+        while True:
+            message = framing.next_message()
+            if message is NEED_DATA:
+                self._fill(framing)
+            elif message is CLOSED:
+                raise ConnectionClosed(f"{self._where()}: the peer closed the connection")
+            else:
+                return message, framing.take_fds()  # type: ignore[return-value]
+
+    def _fill(self, framing: Framing) -> None:
+        try:
+            size, ancdata, flags, _ = self._sock.recvmsg_into(
+                [self._rview], self._ancsize, RECV_FLAGS
+            )
+        except OSError as exc:
+            raise translate(exc, "recv", self._remote) from exc
+        fds = (
+            unpack(ancdata, flags, self._where()).fds
+            if ancdata or flags & socket.MSG_CTRUNC
+            else []
+        )
+        if size == 0:
+            close_fds(fds)
+            framing.receive_eof()
+        else:
+            framing.receive_data(self._rview[:size], fds)
+
+    def _recv_packet(self) -> tuple[bytes, list[int]]:
+        try:
+            size, ancdata, flags, _ = self._sock.recvmsg_into(
+                [self._rview], self._ancsize, RECV_FLAGS
+            )
+        except OSError as exc:
+            raise translate(exc, "recv", self._remote) from exc
+        got = unpack(ancdata, flags, self._where()) if ancdata or flags & _CTRUNC else None
+        fds = got.fds if got is not None else []
+        if flags & socket.MSG_TRUNC:
+            close_fds(fds)
+            raise ProtocolError(
+                f"message from {self._where()} was larger than max_frame ({self._max_message} "
+                "bytes) and arrived truncated; raise max_frame on this side"
+            )
+        if size == 0 and self._type == "seqpacket":
+            close_fds(fds)
+            raise ConnectionClosed(f"{self._where()}: the peer closed the connection")
+        if got is not None and got.cred is not None:
+            self._peer = got.cred
+        return self._rview[:size].tobytes(), fds
+
+    # -- closing --------------------------------------------------------------------------
+    def shutdown_write(self) -> None:
+        """Half-close: tell the peer we will send no more (it sees end of stream)."""
+        self._check_open()
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise translate(exc, "send", self._remote) from exc
+
+    def close(self) -> None:
+        """Close the socket, any unclaimed received descriptors, and our bound reply path."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._framing is not None:
+            close_fds(self._framing.held_fds())
+        for _, fds in self._inbox:
+            close_fds(fds)
+        self._inbox.clear()
+        if self._owns_socket:
+            self._sock.close()
+        if self._claim is not None:
+            self._claim.release()
+        if self._cleanup_dir is not None:
+            try:
+                os.rmdir(self._cleanup_dir)
+            except OSError:
+                pass
+
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        # multiprocessing's pickler knows how to send a socket to another process (it
+        # duplicates the descriptor); plain pickle refuses, as it should.
+        if self._framing is not None and self._framing.buffered:
+            raise ProtocolError("cannot hand over a channel that holds received, unread data")
+        framing = "length" if self._framing is None else self._framing.name
+        return (_rebuild, (self._sock, framing, self._max_message, self._max_fds, self._peer))
+
+    # -- helpers --------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConnectionClosed(f"{self._where()}: this channel is closed")
+
+    def _is_unix(self) -> bool:
+        return self._sock.family == socket.AF_UNIX
+
+    def _where(self) -> str:
+        return str(self._remote) if self._remote is not None else f"{self._type} channel"
+
+    def _adopt_reply_dir(self, directory: bytes) -> None:
+        """Remove ``directory`` (a private dir holding our reply path) on close."""
+        self._cleanup_dir = directory
+
+
+def _rebuild(
+    sock: socket.socket, framing: str, max_frame: int, max_fds: int, peer: PeerCred | None
+) -> Channel:
+    return Channel(sock, framing=framing, max_frame=max_frame, max_fds=max_fds, peer=peer)
+
+
+def accepted(sock: socket.socket, *, framing: str, max_frame: int | None, max_fds: int) -> Channel:
+    """A Channel for a socket returned by accept(), with its peer's credentials."""
+    remote = None
+    if sock.family == socket.AF_UNIX:
+        peer: PeerCred | None = peer_cred(sock)
+        name = sock.getpeername()
+        if name:
+            remote = Address.parse(name if isinstance(name, str) else b"@" + name[1:])
+    else:
+        peer = None
+    return Channel(
+        sock, framing=framing, max_frame=max_frame, max_fds=max_fds, remote=remote, peer=peer
+    )

@@ -1,0 +1,5 @@
+"""The ``udskit`` command line (argparse front; imports only the public API)."""
+
+from .main import main
+
+__all__ = ["main"]

@@ -1,0 +1,172 @@
+"""Client endpoints: ``connect()`` and ``pair()``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+from .address import Address, AddressLike, sun_path
+from .channel import Channel
+from .creds import peer_cred, require_uid
+from .errors import ConnectError, SocketFileError
+from .options import (
+    SocketType,
+    check_framing,
+    check_max_fds,
+    max_frame_for,
+    socket_kind,
+    type_name,
+)
+from .sockfile import Claim, bind_reply_path
+from .translate import translate, translating
+
+__all__ = ["connect", "pair"]
+
+#: Name of a datagram client's own socket inside its private directory.
+_REPLY_NAME = b"reply.sock"
+
+
+def connect(
+    address: AddressLike,
+    *,
+    type: str = "stream",  # noqa: A002 - the natural name for the socket type
+    framing: str = "length",
+    max_frame: int | None = None,
+    max_fds: int = 16,
+    timeout: float | None = None,
+    bind: AddressLike | None = None,
+    expect_uid: int | None = None,
+) -> Channel:
+    """Connect to ``address`` and return a Channel.
+
+    ``timeout`` bounds the connect and becomes the channel's send/recv timeout. ``bind``
+    gives the client its own path first (S7). A datagram client always has one, so that the
+    server can answer: without ``bind``, a private path in a fresh 0700 directory, removed on
+    close. ``expect_uid`` refuses a server that does not run as that uid (PeerRejected).
+    """
+    target = Address.parse(address)
+    kind = socket_kind(type)
+    check_framing(framing)
+    check_max_fds(max_fds)
+    max_frame_for(type, max_frame)
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
+        raise ValueError(f"timeout must be None or >= 0 seconds, not {timeout!r}")
+    own = Address.parse(bind) if bind is not None else None
+    if own is not None and own.kind not in ("path", "abstract"):
+        raise ValueError(f"bind= takes a Unix path or @name, not {own}")
+    if target.kind == "fd":
+        return _adopt(target, framing=framing, max_frame=max_frame, max_fds=max_fds)
+    if target.kind == "tcp":
+        return _connect_tcp(target, framing, max_frame, timeout)
+    sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+    reply: Claim | None = None
+    reply_dir: bytes | None = None
+    try:
+        if own is not None:
+            reply = _bind_own(sock, own)
+        elif kind == socket.SOCK_DGRAM:
+            reply_dir = tempfile.mkdtemp(prefix="udskit-", dir=_runtime_dir()).encode()
+            reply = bind_reply_path(sock, Address("path", os.path.join(reply_dir, _REPLY_NAME)))
+        sock.settimeout(timeout)
+        with translating("connect", target), sun_path(target) as where:
+            sock.connect(where)
+        if kind == socket.SOCK_DGRAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            peer = None
+        else:
+            peer = peer_cred(sock)
+            if expect_uid is not None:
+                require_uid(peer, expect_uid, target)
+        channel = Channel(
+            sock,
+            framing=framing,
+            max_frame=max_frame,
+            max_fds=max_fds,
+            remote=target,
+            peer=peer,
+            claim=reply,
+        )
+    except BaseException:
+        if reply is not None:
+            reply.release()
+        if reply_dir is not None:
+            os.rmdir(reply_dir)
+        sock.close()
+        raise
+    if reply_dir is not None:
+        channel._adopt_reply_dir(reply_dir)
+    return channel
+
+
+def _bind_own(sock: socket.socket, own: Address) -> Claim | None:
+    if own.kind == "abstract":
+        with translating("bind", own):
+            sock.bind(own.sockaddr())
+        return None
+    return bind_reply_path(sock, own)
+
+
+def _runtime_dir() -> str:
+    """$XDG_RUNTIME_DIR (private to the user, on tmpfs) when usable, else the temp dir."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK | os.X_OK):
+        return runtime
+    return tempfile.gettempdir()
+
+
+def _connect_tcp(
+    target: Address, framing: str, max_frame: int | None, timeout: float | None
+) -> Channel:
+    try:
+        sock = socket.create_connection((target.host, target.port), timeout=timeout)
+    except OSError as exc:
+        raise ConnectError(
+            f"cannot connect to {target}: {os.strerror(exc.errno or 0).lower() or exc}",
+            errno=exc.errno,
+        ) from exc
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return Channel(sock, framing=framing, max_frame=max_frame, max_fds=0, remote=target)
+
+
+def _adopt(target: Address, *, framing: str, max_frame: int | None, max_fds: int) -> Channel:
+    """A Channel over an inherited connected descriptor (``fd:N``, e.g. from ``udskit pair``)."""
+    try:
+        sock = socket.socket(fileno=target.fd)
+    except OSError as exc:
+        raise SocketFileError(
+            f"{target}: descriptor {target.fd} is not an open socket "
+            f"({os.strerror(exc.errno or 0).lower()}); check what the parent process passed",
+            errno=exc.errno,
+        ) from exc
+    try:
+        sock.setblocking(True)
+        peer = peer_cred(sock) if sock.family == socket.AF_UNIX else None
+    except OSError as exc:
+        sock.detach()
+        raise translate(exc, "connect", target) from exc
+    return Channel(
+        sock, framing=framing, max_frame=max_frame, max_fds=max_fds, remote=target, peer=peer
+    )
+
+
+def pair(
+    type: str = "stream",  # noqa: A002
+    *,
+    framing: str = "length",
+    max_frame: int | None = None,
+    max_fds: int = 16,
+) -> tuple[Channel, Channel]:
+    """Two connected Channels (socketpair). Works across ``os.fork()`` (each side closes the
+    end it does not use) and ``multiprocessing`` (pass one end to the child process)."""
+    kind = socket_kind(type)
+    check_framing(framing)
+    check_max_fds(max_fds)
+    max_frame_for(type, max_frame)
+    left, right = socket.socketpair(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+    name: SocketType = type_name(kind)
+    ends = []
+    for sock in (left, right):
+        peer = peer_cred(sock) if name != "dgram" else None
+        ends.append(Channel(sock, framing=framing, max_frame=max_frame, max_fds=max_fds, peer=peer))
+    return ends[0], ends[1]

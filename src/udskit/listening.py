@@ -1,0 +1,463 @@
+"""Listening endpoints: ``listen()``, the stream/seqpacket ``Listener`` and the
+``DatagramListener``.
+
+The socket file is claimed safely (:mod:`udskit.sockfile`) and released on close; the access
+policy is enforced at accept (or per datagram), before any handler sees the peer.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, overload
+
+from .address import Address, AddressLike, sun_path
+from .ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
+from .channel import Buffer, Channel, accepted
+from .creds import PeerCred, Policy
+from .errors import AddressInUse, ConnectionClosed, ProtocolError, SocketFileError
+from .options import (
+    DEFAULT_BACKLOG,
+    SocketType,
+    base_type,
+    check_backlog,
+    check_framing,
+    check_max_fds,
+    check_mode,
+    max_frame_for,
+    resolve_gid,
+    resolve_uid,
+    socket_kind,
+    type_name,
+)
+from .sockfile import Claim, claim, probe
+from .translate import translate, translating
+
+__all__ = ["Datagram", "DatagramListener", "Listener", "listen"]
+
+log = logging.getLogger("udskit")
+
+
+@dataclass(frozen=True, slots=True)
+class Datagram:
+    """One received datagram: its bytes, who sent it (address and credentials), and any
+    descriptors that came with it (owned by the receiver: close them)."""
+
+    data: bytes
+    sender: Address | None
+    peer: PeerCred
+    fds: tuple[int, ...] = field(default=())
+
+
+class _Endpoint:
+    """What the two listener kinds share: socket, address, claim, close, context manager."""
+
+    __slots__ = ("_claim", "_closed", "_sock", "address", "policy")
+
+    def __init__(
+        self, sock: socket.socket, address: Address, claim: Claim | None, policy: Policy | None
+    ) -> None:
+        self._sock = sock
+        self._claim = claim
+        self._closed = False
+        self.address = address
+        self.policy = policy
+
+    @property
+    def type(self) -> SocketType:
+        return type_name(base_type(self._sock))
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def socket(self) -> socket.socket:
+        return self._sock
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def settimeout(self, timeout: float | None) -> None:
+        """Seconds accept()/recv() wait before raising ``Timeout`` (None: forever)."""
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be None or >= 0 seconds, not {timeout!r}")
+        self._sock.settimeout(timeout)
+
+    def close(self) -> None:
+        """Stop listening and remove the socket file (only if it is still ours)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._claim is not None:
+            self._claim.release()  # first, so no client connects to a closing socket
+        try:
+            # Wakes a thread blocked in accept()/recv() on this socket (close alone does not).
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConnectionClosed(f"listener on {self.address} is closed")
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"fd={self._sock.fileno()}"
+        return f"<{type(self).__name__} {self.type} {self.address} {state}>"
+
+
+class Listener(_Endpoint):
+    """A listening stream or seqpacket socket. ``accept()`` returns a Channel per client."""
+
+    __slots__ = ("_framing", "_max_fds", "_max_frame")
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        address: Address,
+        claim: Claim | None,
+        *,
+        policy: Policy | None,
+        framing: str,
+        max_frame: int | None,
+        max_fds: int,
+    ) -> None:
+        super().__init__(sock, address, claim, policy)
+        self._framing = framing
+        self._max_frame = max_frame
+        self._max_fds = max_fds
+
+    def accept(self) -> Channel:
+        """Wait for the next client the policy allows; refused peers are closed and logged."""
+        while True:
+            self._check_open()
+            try:
+                conn, _ = self._sock.accept()
+            except OSError as exc:
+                if self._closed:
+                    raise ConnectionClosed(f"listener on {self.address} is closed") from None
+                raise translate(exc, "accept", self.address) from exc
+            channel = self.admit(conn)
+            if channel is not None:
+                return channel
+
+    def admit(self, conn: socket.socket) -> Channel | None:
+        """Wrap a freshly accepted socket, or close it if the policy refuses its peer."""
+        conn.setblocking(True)
+        try:
+            channel = accepted(
+                conn, framing=self._framing, max_frame=self._max_frame, max_fds=self._max_fds
+            )
+        except OSError as exc:  # the client vanished between accept() and getsockopt()
+            log.debug("%s: client gone before it was served: %s", self.address, exc)
+            conn.close()
+            return None
+        peer = channel.peer
+        if self.policy is None or peer is None or self.policy.check(peer, self.address):
+            return channel
+        _refuse(conn)
+        channel.close()
+        return None
+
+    def __iter__(self) -> Iterator[Channel]:
+        """Accept clients until the listener is closed."""
+        while True:
+            try:
+                item = self.accept()
+            except ConnectionClosed:
+                if self.closed:
+                    return
+                raise
+            yield item
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class DatagramListener(_Endpoint):
+    """A bound datagram socket: ``recv()`` returns a :class:`Datagram`; reply with
+    ``send_to(datagram.sender, data)``."""
+
+    __slots__ = ("_ancsize", "_max_fds", "_rbuf", "_rview")
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        address: Address,
+        claim: Claim | None,
+        *,
+        policy: Policy | None,
+        max_frame: int,
+        max_fds: int,
+    ) -> None:
+        super().__init__(sock, address, claim, policy)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self._max_fds = max_fds
+        self._ancsize = ancillary_size(max_fds, creds=True)
+        self._rbuf = bytearray(max_frame)
+        self._rview = memoryview(self._rbuf)
+
+    def recv(self) -> Datagram:
+        """The next datagram the policy allows (others are dropped and logged)."""
+        while True:
+            self._check_open()
+            try:
+                size, ancdata, flags, sender = self._sock.recvmsg_into(
+                    [self._rview], self._ancsize, RECV_FLAGS
+                )
+            except OSError as exc:
+                if self._closed:
+                    raise ConnectionClosed(f"listener on {self.address} is closed") from None
+                raise translate(exc, "recv", self.address) from exc
+            where = _sender_address(sender) or "an unbound sender"
+            got = unpack(ancdata, flags, where)
+            if flags & socket.MSG_TRUNC:
+                close_fds(got.fds)
+                raise ProtocolError(
+                    f"datagram from {where} to {self.address} was larger than max_frame "
+                    f"({len(self._rbuf)} bytes) and arrived truncated; raise max_frame"
+                )
+            peer = got.cred
+            if peer is None:  # SO_PASSCRED is set, so the kernel always attaches them
+                close_fds(got.fds)
+                raise ProtocolError(f"datagram from {where} arrived without credentials")
+            if self.policy is not None and not self.policy.check(peer, self.address):
+                close_fds(got.fds)
+                continue
+            data = self._rview[:size].tobytes()
+            return Datagram(data, _sender_address(sender), peer, tuple(got.fds))
+
+    def send_to(self, address: AddressLike, data: Buffer, fds: Sequence[int] = ()) -> None:
+        """Send one datagram (with descriptors, if given) to ``address``."""
+        self._check_open()
+        target = Address.parse(address)
+        ancillary = rights(list(fds), self._max_fds)
+        try:
+            with sun_path(target) as where:
+                self._sock.sendmsg([data], ancillary, socket.MSG_NOSIGNAL, where)
+        except OSError as exc:
+            raise translate(exc, "send", target) from exc
+
+    def session(self, datagram: Datagram) -> Channel:
+        """A Channel view of one datagram: ``recv()`` returns it, ``send()`` replies to its
+        sender. This lets one handler serve stream, seqpacket and datagram alike."""
+        return Channel(
+            self._sock,
+            remote=datagram.sender,
+            peer=datagram.peer,
+            max_fds=self._max_fds,
+            max_frame=len(self._rbuf),
+            owns_socket=False,
+            inbox=[(datagram.data, list(datagram.fds))],
+        )
+
+    def __iter__(self) -> Iterator[Datagram]:
+        """Receive datagrams until the listener is closed."""
+        while True:
+            try:
+                item = self.recv()
+            except ConnectionClosed:
+                if self.closed:
+                    return
+                raise
+            yield item
+
+    def __enter__(self) -> DatagramListener:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _sender_address(name: object) -> Address | None:
+    if isinstance(name, bytes) and name.startswith(b"\0"):
+        return Address("abstract", name[1:]) if len(name) > 1 else None
+    if isinstance(name, (str, bytes)) and name:
+        return Address.parse(name if isinstance(name, str) else os.fsdecode(name))
+    return None
+
+
+def _refuse(conn: socket.socket) -> None:
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+@overload
+def listen(
+    address: AddressLike,
+    *,
+    type: Literal["stream", "seqpacket"] = ...,
+    backlog: int = ...,
+    mode: int = ...,
+    owner: int | str | None = ...,
+    group: int | str | None = ...,
+    allow: Policy | None = ...,
+    framing: str = ...,
+    max_frame: int | None = ...,
+    max_fds: int = ...,
+) -> Listener: ...
+@overload
+def listen(
+    address: AddressLike,
+    *,
+    type: Literal["dgram"],
+    backlog: int = ...,
+    mode: int = ...,
+    owner: int | str | None = ...,
+    group: int | str | None = ...,
+    allow: Policy | None = ...,
+    framing: str = ...,
+    max_frame: int | None = ...,
+    max_fds: int = ...,
+) -> DatagramListener: ...
+@overload
+def listen(
+    address: AddressLike,
+    *,
+    type: str,
+    backlog: int = ...,
+    mode: int = ...,
+    owner: int | str | None = ...,
+    group: int | str | None = ...,
+    allow: Policy | None = ...,
+    framing: str = ...,
+    max_frame: int | None = ...,
+    max_fds: int = ...,
+) -> Listener | DatagramListener: ...
+def listen(
+    address: AddressLike,
+    *,
+    type: str = "stream",  # noqa: A002 - the natural name for the socket type
+    backlog: int = DEFAULT_BACKLOG,
+    mode: int = 0o600,
+    owner: int | str | None = None,
+    group: int | str | None = None,
+    allow: Policy | None = None,
+    framing: str = "length",
+    max_frame: int | None = None,
+    max_fds: int = 16,
+) -> Listener | DatagramListener:
+    """Listen on ``address``: a path (claimed safely), an abstract name, ``tcp:`` or ``fd:N``.
+
+    ``mode``/``owner``/``group`` set the socket file's permissions before it becomes visible.
+    ``allow`` is an access :class:`Policy` checked for every peer. ``type="dgram"`` returns a
+    :class:`DatagramListener`; otherwise a :class:`Listener` whose channels use ``framing``.
+    """
+    target = Address.parse(address)
+    kind = socket_kind(type)
+    check_framing(framing)
+    check_backlog(backlog)
+    check_mode(mode)
+    check_max_fds(max_fds)
+    limit = max_frame_for(type, max_frame)
+    uid, gid = resolve_uid(owner), resolve_gid(group)
+    if allow is not None and not isinstance(allow, Policy):
+        raise ValueError(f"allow must be a udskit.Policy or None, not {allow!r}")
+    if target.kind == "fd":
+        sock = _adopt(target, kind)
+        bound: Claim | None = None
+    else:
+        sock, bound = _bind(target, kind, mode, uid, gid, policy=allow)
+    try:
+        if kind != socket.SOCK_DGRAM:
+            if target.kind != "fd":
+                with translating("listen", target):
+                    sock.listen(backlog)
+            return Listener(
+                sock,
+                target,
+                bound,
+                policy=allow,
+                framing=framing,
+                max_frame=max_frame,
+                max_fds=max_fds,
+            )
+        return DatagramListener(sock, target, bound, policy=allow, max_frame=limit, max_fds=max_fds)
+    except BaseException:
+        if bound is not None:
+            bound.release()
+        sock.close()
+        raise
+
+
+def _bind(
+    target: Address, kind: int, mode: int, uid: int, gid: int, *, policy: Policy | None
+) -> tuple[socket.socket, Claim | None]:
+    if target.kind == "tcp":
+        if kind != socket.SOCK_STREAM:
+            raise ValueError(f"{target}: TCP addresses take type='stream' only")
+        family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            with translating("bind", target):
+                sock.bind((target.host, target.port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock, None
+    sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+    try:
+        if target.kind == "abstract":
+            if policy is None:
+                log.warning(
+                    "%s: abstract names have no file permissions; any process in this network "
+                    "namespace can connect (pass allow= to restrict peers)",
+                    target,
+                )
+            try:
+                sock.bind(target.sockaddr())
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    _abstract_in_use(target)
+                raise translate(exc, "bind", target) from exc
+            return sock, None
+        return sock, claim(sock, target, mode=mode, uid=uid, gid=gid)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _abstract_in_use(target: Address) -> None:
+    found = probe(target.sockaddr())
+    owner = f": pid {found.cred.pid}, uid {found.cred.uid}" if found.cred else ""
+    raise AddressInUse(
+        f"cannot listen on {target}: the abstract name is taken by a live socket{owner}; "
+        "choose another name",
+        pid=found.cred.pid if found.cred else None,
+        uid=found.cred.uid if found.cred else None,
+    )
+
+
+def _adopt(target: Address, kind: int) -> socket.socket:
+    """Take over an inherited (or socket-activated) listening descriptor."""
+    try:
+        sock = socket.socket(fileno=target.fd)
+    except OSError as exc:
+        raise SocketFileError(
+            f"{target}: descriptor {target.fd} is not an open socket "
+            f"({os.strerror(exc.errno or 0).lower()}); check what the parent process passed",
+            errno=exc.errno,
+        ) from exc
+    actual = base_type(sock)
+    if actual != kind:
+        sock.detach()
+        raise SocketFileError(
+            f"{target}: descriptor {target.fd} is a {type_name(actual)} socket, not the "
+            "requested type; pass the matching type="
+        )
+    if kind != socket.SOCK_DGRAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise SocketFileError(f"{target}: descriptor {target.fd} is not a listening socket")
+    sock.setblocking(True)
+    return sock

@@ -1,0 +1,137 @@
+"""Validation of the options shared by ``listen``, ``connect``, ``serve`` and ``pair``.
+
+Bad values are caught here, before any socket exists, with a message that names the option,
+the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import grp
+import pwd
+import socket
+from typing import Final, Literal, TypeAlias
+
+from .ancillary import MAX_FDS_PER_MESSAGE
+from .proto import DEFAULT_MAX_FRAME
+
+__all__ = [
+    "DEFAULT_BACKLOG",
+    "DEFAULT_MAX_MESSAGE",
+    "SocketType",
+    "base_type",
+    "check_backlog",
+    "check_framing",
+    "check_max_fds",
+    "check_mode",
+    "max_frame_for",
+    "resolve_gid",
+    "resolve_uid",
+    "socket_kind",
+]
+
+SocketType: TypeAlias = Literal["stream", "seqpacket", "dgram"]
+
+#: listen() backlog. The kernel caps it at net.core.somaxconn (4096 since Linux 5.4); 128 is
+#: the old somaxconn and what the seeds use (S5): enough for bursts of local clients, and a
+#: full backlog shows up as EAGAIN for non-blocking clients (nginx's 502 "(11: Resource
+#: temporarily unavailable)") rather than as silent queueing.
+DEFAULT_BACKLOG: Final = 128
+
+#: Largest seqpacket message or datagram received by default. Linux bounds one AF_UNIX
+#: datagram by the sender's SO_SNDBUF (net.core.wmem_default is 212,992 bytes); 256 KiB
+#: receives anything a default-configured sender can send. Larger ones fail as MSG_TRUNC.
+DEFAULT_MAX_MESSAGE: Final = 256 * 1024
+
+_KINDS: Final[dict[str, int]] = {
+    "stream": socket.SOCK_STREAM,
+    "seqpacket": socket.SOCK_SEQPACKET,
+    "dgram": socket.SOCK_DGRAM,
+}
+
+
+def socket_kind(type: str) -> int:  # noqa: A002 - mirrors the public keyword
+    try:
+        return _KINDS[type]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown socket type {type!r}: choose 'stream', 'seqpacket' or 'dgram'"
+        ) from None
+
+
+def type_name(kind: int) -> SocketType:
+    for name, value in _KINDS.items():
+        if value == kind:
+            return name  # type: ignore[return-value]
+    raise ValueError(f"unsupported socket type {kind}: udskit speaks stream, seqpacket, dgram")
+
+
+def base_type(sock: socket.socket) -> int:
+    """The socket's type without the SOCK_CLOEXEC/SOCK_NONBLOCK flags."""
+    return int(sock.type) & ~(socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+
+
+def check_framing(framing: str) -> str:
+    if framing not in ("length", "lines", "raw"):
+        raise ValueError(f"unknown framing {framing!r}: choose 'length', 'lines' or 'raw'")
+    return framing
+
+
+def max_frame_for(type: str, max_frame: int | None) -> int:  # noqa: A002
+    if max_frame is None:
+        return DEFAULT_MAX_FRAME if type == "stream" else DEFAULT_MAX_MESSAGE
+    if isinstance(max_frame, bool) or not isinstance(max_frame, int) or max_frame <= 0:
+        raise ValueError(f"max_frame must be a positive number of bytes, not {max_frame!r}")
+    return max_frame
+
+
+def check_max_fds(max_fds: int) -> int:
+    if isinstance(max_fds, bool) or not isinstance(max_fds, int) or not 0 <= max_fds <= 253:
+        raise ValueError(
+            f"max_fds must be from 0 to 253 (the kernel's SCM_MAX_FD), not {max_fds!r}; "
+            f"the default is {MAX_FDS_PER_MESSAGE}"
+        )
+    return max_fds
+
+
+def check_backlog(backlog: int) -> int:
+    if isinstance(backlog, bool) or not isinstance(backlog, int) or backlog < 1:
+        raise ValueError(f"backlog must be a positive integer, not {backlog!r}")
+    return backlog
+
+
+def check_mode(mode: int) -> int:
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+        raise ValueError(f"mode must be a permission number like 0o660, not {mode!r}")
+    return mode
+
+
+def resolve_uid(owner: int | str | None) -> int:
+    """A uid from a user name or number; -1 for 'leave as is'."""
+    if owner is None:
+        return -1
+    if isinstance(owner, int) and not isinstance(owner, bool) and owner >= 0:
+        return owner
+    if isinstance(owner, str) and owner.isdigit():
+        return int(owner)
+    if isinstance(owner, str) and owner:
+        try:
+            return pwd.getpwnam(owner).pw_uid
+        except KeyError:
+            raise ValueError(f"unknown user {owner!r} (not in the passwd database)") from None
+    raise ValueError(f"owner must be a user name or uid, not {owner!r}")
+
+
+def resolve_gid(group: int | str | None) -> int:
+    """A gid from a group name or number; -1 for 'leave as is'."""
+    if group is None:
+        return -1
+    if isinstance(group, int) and not isinstance(group, bool) and group >= 0:
+        return group
+    if isinstance(group, str) and group.isdigit():
+        return int(group)
+    if isinstance(group, str) and group:
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ValueError(f"unknown group {group!r} (not in the group database)") from None
+    raise ValueError(f"group must be a group name or gid, not {group!r}")

@@ -1,0 +1,285 @@
+"""Framings for byte streams: length-prefixed, newline-delimited, and raw.
+
+A framing object is fed what arrived (``receive_data``), told when the stream ended
+(``receive_eof``), and asked for the next complete message (``next_message``), h11-style.
+``encode`` turns a payload into the buffers to write. File descriptors that arrived with the
+data (SCM_RIGHTS) are passed in with it, and handed out with the message whose first byte
+they came with: the kernel never merges stream data sent with descriptors into an earlier
+read, so a descriptor tag's offset is always the first byte of the sender's message.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Sequence
+from typing import Final, Literal, TypeAlias
+
+from ..errors import ConnectionClosed, FrameTooLarge, ProtocolError
+
+__all__ = [
+    "CLOSED",
+    "DEFAULT_MAX_FRAME",
+    "DEFAULT_MAX_LINE",
+    "HEADER",
+    "NEED_DATA",
+    "Closed",
+    "Decoder",
+    "Framing",
+    "LengthPrefixed",
+    "Lines",
+    "NeedData",
+    "Raw",
+    "make_framing",
+]
+
+#: Largest length-prefixed frame accepted by default. A peer can announce up to 4 GiB in the
+#: header; we refuse before allocating anything, so one bad or hostile header cannot make us
+#: reserve gigabytes. 16 MiB is far above any message an IPC peer should send in one piece
+#: (stream large payloads in chunks, or pass a memfd with send_fds).
+DEFAULT_MAX_FRAME: Final = 16 * 1024 * 1024
+
+#: Longest line accepted by ``Lines`` (without its newline). Same reasoning as h11's
+#: DEFAULT_MAX_INCOMPLETE_EVENT_SIZE: a peer that never sends the delimiter must not grow our
+#: buffer without bound. 64 KiB is well above any interactive or log line.
+DEFAULT_MAX_LINE: Final = 64 * 1024
+
+#: The length prefix: 4 bytes, big-endian, unsigned.
+HEADER: Final = struct.Struct(">I")
+
+#: Compact the receive buffer once this many consumed bytes sit in front of it; below this,
+#: moving the tail costs more than it saves.
+_COMPACT_AT: Final = 64 * 1024
+
+
+class NeedData:
+    """Sentinel: no complete message is buffered yet; feed more data."""
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+class Closed:
+    """Sentinel: the peer ended the stream at a message boundary."""
+
+    def __repr__(self) -> str:
+        return "CLOSED"
+
+
+NEED_DATA: Final = NeedData()
+CLOSED: Final = Closed()
+
+FramingName: TypeAlias = Literal["length", "lines", "raw"]
+Payload: TypeAlias = bytes | bytearray | memoryview
+
+
+class Decoder:
+    """Shared buffering and descriptor bookkeeping for the stream framings."""
+
+    __slots__ = ("_buf", "_eof", "_fd_tags", "_last_fds", "_pos", "_received")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0  # first unconsumed byte in _buf
+        self._eof = False
+        self._received = 0  # absolute stream offset of the end of _buf
+        self._fd_tags: deque[tuple[int, list[int]]] = deque()
+        self._last_fds: list[int] = []
+
+    # -- feeding -------------------------------------------------------------------------
+    def receive_data(self, data: Payload, fds: Sequence[int] = ()) -> None:
+        """Append what arrived; ``fds`` came with the first of these bytes."""
+        if self._eof:
+            raise ProtocolError("data received after end of stream")
+        if fds:
+            self._fd_tags.append((self._received, list(fds)))
+        if self._pos >= _COMPACT_AT and self._pos * 2 >= len(self._buf):
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+        self._received += len(data)
+
+    def receive_eof(self) -> None:
+        """The peer shut down its sending side."""
+        self._eof = True
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned in a message."""
+        return len(self._buf) - self._pos
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof
+
+    # -- descriptors ---------------------------------------------------------------------
+    def take_fds(self) -> list[int]:
+        """The descriptors that came with the message last returned (ownership passes)."""
+        fds, self._last_fds = self._last_fds, []
+        return fds
+
+    def held_fds(self) -> list[int]:
+        """Every descriptor still owned by the decoder: close these when giving up."""
+        held = list(self._last_fds)
+        for _, fds in self._fd_tags:
+            held.extend(fds)
+        self._last_fds = []
+        self._fd_tags.clear()
+        return held
+
+    # -- for subclasses ------------------------------------------------------------------
+    def _take(self, start: int, end: int, skip: int) -> bytes:
+        """Return ``_buf[start:end]`` and consume through ``end + skip``."""
+        with memoryview(self._buf) as view:
+            message = view[start:end].tobytes()
+        self._pos = end + skip
+        # Hand over the descriptors that arrived with any byte of this message.
+        consumed = self._received - (len(self._buf) - self._pos)
+        while self._fd_tags and self._fd_tags[0][0] < consumed:
+            self._last_fds.extend(self._fd_tags.popleft()[1])
+        return message
+
+    def _end(self, needed: int | None) -> Closed:
+        """At EOF: a clean end, or ConnectionClosed if a message was cut short."""
+        if self.buffered == 0:
+            return CLOSED
+        expect = f" of {needed}" if needed is not None else ""
+        raise ConnectionClosed(
+            f"peer closed the connection mid-message: {self.buffered}{expect} bytes received",
+            mid_message=True,
+        )
+
+
+class LengthPrefixed(Decoder):
+    """Each message is a 4-byte big-endian length followed by that many bytes."""
+
+    __slots__ = ("max_frame",)
+    name: Final = "length"
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        super().__init__()
+        if not 0 < max_frame <= 0xFFFFFFFF:
+            raise ValueError(f"max_frame must be between 1 and {0xFFFFFFFF}, not {max_frame}")
+        self.max_frame = max_frame
+
+    def encode(
+        self, payload: bytes | bytearray | memoryview
+    ) -> list[bytes | bytearray | memoryview]:
+        size = len(payload)
+        if size > self.max_frame:
+            raise FrameTooLarge(
+                f"message of {size} bytes is over max_frame ({self.max_frame} bytes): send it "
+                "in parts, pass a file descriptor instead, or raise max_frame on both ends"
+            )
+        return [HEADER.pack(size), payload]
+
+    def next_message(self) -> bytes | NeedData | Closed:
+        pos = self._pos
+        available = len(self._buf) - pos
+        if available < HEADER.size:
+            return self._end(None) if self._eof else NEED_DATA
+        (size,) = HEADER.unpack_from(self._buf, pos)
+        if size > self.max_frame:
+            raise FrameTooLarge(
+                f"peer announced a message of {size} bytes, over max_frame ({self.max_frame} "
+                "bytes): the peer uses another framing, or max_frame must be raised"
+            )
+        if available - HEADER.size < size:
+            return self._end(HEADER.size + size) if self._eof else NEED_DATA
+        start = pos + HEADER.size
+        return self._take(start, start + size, 0)
+
+    def wanted(self) -> int:
+        """Bytes still missing from the message being received (0 if none is under way)."""
+        available = self.buffered
+        if available < HEADER.size:
+            return 0
+        size: int = HEADER.unpack_from(self._buf, self._pos)[0]
+        return max(0, min(size, self.max_frame) + HEADER.size - available)
+
+
+class Lines(Decoder):
+    """Each message is a line ending in ``\\n`` (not included in the message).
+
+    A last line without its newline, cut off by the end of the stream, is still delivered:
+    that is what ``printf 'a\\nb' | nc -U`` means.
+    """
+
+    __slots__ = ("_scanned", "max_line")
+    name: Final = "lines"
+
+    def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
+        super().__init__()
+        if max_line <= 0:
+            raise ValueError(f"max_line must be positive, not {max_line}")
+        self.max_line = max_line
+        self._scanned = 0  # bytes after _pos already known to hold no newline
+
+    def encode(
+        self, payload: bytes | bytearray | memoryview
+    ) -> list[bytes | bytearray | memoryview]:
+        if b"\n" in payload:
+            raise ProtocolError(
+                "message contains a newline, which 'lines' framing uses as the delimiter: "
+                "use framing='length' for binary or multi-line messages"
+            )
+        if len(payload) > self.max_line:
+            raise FrameTooLarge(
+                f"line of {len(payload)} bytes is over max_line ({self.max_line} bytes)"
+            )
+        return [payload, b"\n"]
+
+    def next_message(self) -> bytes | NeedData | Closed:
+        pos = self._pos
+        newline = self._buf.find(b"\n", pos + self._scanned)
+        if newline < 0:
+            self._scanned = len(self._buf) - pos
+            if self._scanned > self.max_line:
+                raise FrameTooLarge(
+                    f"peer sent over {self.max_line} bytes without a newline (max_line): it "
+                    "does not speak 'lines' framing, or max_line must be raised"
+                )
+            if not self._eof:
+                return NEED_DATA
+            if self.buffered == 0:
+                return CLOSED
+            self._scanned = 0
+            return self._take(pos, len(self._buf), 0)
+        if newline - pos > self.max_line:
+            raise FrameTooLarge(
+                f"peer sent a line of {newline - pos} bytes, over max_line ({self.max_line})"
+            )
+        self._scanned = 0
+        return self._take(pos, newline, 1)
+
+
+class Raw(Decoder):
+    """No framing: each message is whatever bytes have arrived (like ``nc -U``)."""
+
+    __slots__ = ()
+    name: Final = "raw"
+
+    def encode(
+        self, payload: bytes | bytearray | memoryview
+    ) -> list[bytes | bytearray | memoryview]:
+        return [payload]
+
+    def next_message(self) -> bytes | NeedData | Closed:
+        if self.buffered == 0:
+            return CLOSED if self._eof else NEED_DATA
+        return self._take(self._pos, len(self._buf), 0)
+
+
+Framing: TypeAlias = LengthPrefixed | Lines | Raw
+
+
+def make_framing(name: str, *, max_frame: int | None = None) -> Framing:
+    """The framing called ``name``. ``max_frame`` bounds a message (a line, for 'lines');
+    by default DEFAULT_MAX_FRAME for 'length' and DEFAULT_MAX_LINE for 'lines'."""
+    if name == "length":
+        return LengthPrefixed(DEFAULT_MAX_FRAME if max_frame is None else max_frame)
+    if name == "lines":
+        return Lines(DEFAULT_MAX_LINE if max_frame is None else max_frame)
+    if name == "raw":
+        return Raw()
+    raise ValueError(f"unknown framing {name!r}: choose 'length', 'lines' or 'raw'")

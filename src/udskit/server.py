@@ -1,0 +1,269 @@
+"""``Server`` and ``serve()``: a threaded server that calls ``handler(channel)`` per client.
+
+Stream and seqpacket: one thread per connection, at most ``max_clients`` at once (further
+clients wait in the kernel's backlog, they are not refused). Datagram: the handler runs in
+the serving thread once per datagram, with a Channel whose ``recv()`` returns that datagram
+and whose ``send()`` replies to its sender, so one handler serves all three types.
+
+The accept loop waits in ``select()`` on the listener and a wake-up pipe, so ``stop()`` (from
+a handler, another thread, or a SIGINT/SIGTERM handler) ends it promptly.
+
+Errors from accept(2), and what we do (Linux accept(2), man 2 accept; net/unix/af_unix.c):
+
+* EINTR: retried (PEP 475 does it inside the socket module).
+* EAGAIN: another thread or process took the connection first; wait again.
+* ECONNABORTED: the client gave up while queued; wait again.
+* EMFILE, ENFILE: out of descriptors. The pending connection stays queued, so the listener
+  stays readable and an immediate retry would spin at 100% CPU. We log once and back off
+  (ACCEPT_BACKOFF doubling to ACCEPT_BACKOFF_MAX) until descriptors are free.
+* ENOBUFS, ENOMEM: out of kernel memory; the same back-off.
+* anything else: a bug or a closed listener; stop serving and re-raise.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Final
+
+from .address import AddressLike
+from .channel import Channel
+from .errors import ConnectionClosed, UdsError
+from .listening import DatagramListener, Listener, listen
+
+__all__ = ["Handler", "Server", "serve"]
+
+log = logging.getLogger("udskit")
+
+Handler = Callable[[Channel], object]
+
+#: First pause after EMFILE/ENFILE/ENOBUFS/ENOMEM on accept, and the longest.
+ACCEPT_BACKOFF: Final = 0.01
+ACCEPT_BACKOFF_MAX: Final = 1.0
+
+#: How long stop() waits for handler threads after shutting their sockets down.
+SHUTDOWN_GRACE: Final = 5.0
+
+_RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_RETRY_ERRNOS: Final = frozenset({errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO})
+
+
+class Server:
+    """A server on ``address`` calling ``handler(channel)`` for each client (or datagram).
+
+    ``listen_options`` are those of :func:`udskit.listen` (type, mode, allow, framing, ...).
+    The socket is claimed when the Server is created, so errors (address in use, bad
+    permissions) surface here, before ``serve_forever``.
+    """
+
+    def __init__(
+        self,
+        address: AddressLike,
+        handler: Handler,
+        *,
+        max_clients: int | None = None,
+        **listen_options: object,
+    ) -> None:
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, not {handler!r}")
+        if max_clients is not None and (
+            isinstance(max_clients, bool) or not isinstance(max_clients, int) or max_clients < 1
+        ):
+            raise ValueError(f"max_clients must be a positive integer or None, not {max_clients!r}")
+        self._handler = handler
+        self._max_clients = max_clients
+        self._endpoint: Listener | DatagramListener = listen(address, **listen_options)  # type: ignore[call-overload]
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = False
+        self._lock = threading.Lock()
+        self._active: dict[threading.Thread, Channel] = {}
+        self._served = False
+
+    @property
+    def address(self) -> object:
+        return self._endpoint.address
+
+    @property
+    def listener(self) -> Listener | DatagramListener:
+        return self._endpoint
+
+    @property
+    def active_clients(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def stop(self) -> None:
+        """Ask the server to stop; safe from handlers, other threads and signal handlers."""
+        self._stopping = True
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (a wake-up is pending anyway) or already closed
+
+    def serve_forever(self) -> None:
+        """Serve until ``stop()``; then close the listener (removing its socket file),
+        shut down the clients' sockets and wait for their handlers."""
+        if self._served:
+            raise RuntimeError("serve_forever() can run once per Server")
+        self._served = True
+        endpoint = self._endpoint
+        endpoint.socket.setblocking(False)
+        try:
+            if isinstance(endpoint, DatagramListener):
+                self._serve_datagrams(endpoint)
+            else:
+                self._serve_connections(endpoint)
+        finally:
+            self._shutdown()
+
+    def _wait(self, readable: list[int], timeout: float | None = None) -> list[int]:
+        ready, _, _ = select.select([*readable, self._wake_r], [], [], timeout)
+        if self._wake_r in ready:
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+        return ready
+
+    def _serve_connections(self, listener: Listener) -> None:
+        backoff = ACCEPT_BACKOFF
+        fd = listener.fileno()
+        while not self._stopping:
+            full = self._max_clients is not None and self.active_clients >= self._max_clients
+            if fd not in self._wait([] if full else [fd]) or self._stopping:
+                continue
+            try:
+                conn, _ = listener.socket.accept()
+            except OSError as exc:
+                if exc.errno in _RETRY_ERRNOS:
+                    continue
+                if exc.errno in _RESOURCE_ERRNOS:
+                    log.warning(
+                        "%s: accept failed (%s); retrying in %.2f s",
+                        listener.address,
+                        os.strerror(exc.errno or 0),
+                        backoff,
+                    )
+                    self._wait([], backoff)
+                    backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
+                    continue
+                raise
+            backoff = ACCEPT_BACKOFF
+            self._start_client(listener, conn)
+
+    def _start_client(self, listener: Listener, conn: socket.socket) -> None:
+        channel = listener.admit(conn)
+        if channel is None:
+            return
+        thread = threading.Thread(target=self._run_client, args=(channel,), daemon=True)
+        with self._lock:
+            self._active[thread] = channel
+        thread.start()
+
+    def _run_client(self, channel: Channel) -> None:
+        try:
+            self._call(channel)
+        finally:
+            channel.close()
+            with self._lock:
+                self._active.pop(threading.current_thread(), None)
+            if self._max_clients is not None:
+                self._wake()  # a slot is free: let the accept loop look again
+
+    def _call(self, channel: Channel) -> None:
+        try:
+            self._handler(channel)
+        except ConnectionClosed as exc:
+            log.debug("%r: %s", channel, exc)
+        except UdsError as exc:
+            log.warning("%s: %s", self._endpoint.address, exc)
+        except Exception:
+            log.exception("%s: handler failed for %r", self._endpoint.address, channel)
+
+    def _serve_datagrams(self, listener: DatagramListener) -> None:
+        fd = listener.fileno()
+        while not self._stopping:
+            if fd not in self._wait([fd]) or self._stopping:
+                continue
+            try:
+                datagram = listener.recv()
+            except BlockingIOError:
+                continue
+            except UdsError as exc:  # e.g. a truncated datagram: report, keep serving
+                if isinstance(exc.__cause__, BlockingIOError):
+                    continue
+                log.warning("%s: %s", listener.address, exc)
+                continue
+            with listener.session(datagram) as session:
+                self._call(session)
+
+    def _shutdown(self) -> None:
+        self._endpoint.close()
+        with self._lock:
+            clients = dict(self._active)
+        for channel in clients.values():
+            try:
+                channel.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in clients:
+            thread.join(SHUTDOWN_GRACE)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Stop and release everything, whether or not serve_forever ran."""
+        self.stop()
+        if not self._served:
+            self._served = True
+            self._shutdown()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def serve(
+    address: AddressLike,
+    handler: Handler,
+    *,
+    max_clients: int | None = None,
+    **listen_options: object,
+) -> None:
+    """Serve ``address`` with ``handler`` until SIGINT or SIGTERM (or ``server.stop()``).
+
+    In the main thread, SIGINT and SIGTERM stop the server cleanly (socket file removed) and
+    ``serve`` returns; the previous signal handlers are restored afterwards.
+    """
+    server = Server(address, handler, max_clients=max_clients, **listen_options)
+    previous: dict[signal.Signals, object] = {}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("%s: received %s, stopping", server.address, signal.Signals(signum).name)
+        server.stop()
+
+    try:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(signum, on_signal)
+        server.serve_forever()
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)  # type: ignore[arg-type]
+        server.close()

@@ -1,0 +1,187 @@
+"""The one place where OS errors become udskit errors.
+
+Every socket call that can fail runs inside :func:`translating`, which turns the ``OSError``
+into the udskit error that names the condition, with a one-line message saying what failed,
+on which address, and what to do. The original error is chained (``raise ... from exc``).
+
+What each errno means for AF_UNIX on Linux (net/unix/af_unix.c, unix(7), connect(2)):
+
+``connect()``
+  ENOENT        no file at the path, or a directory on the way is missing.
+  ECONNREFUSED  a socket file exists but nothing listens on it (a crashed server's stale
+                file), *or* the path is not a socket at all: Linux answers ECONNREFUSED,
+                not ENOTSOCK, for a regular file. We stat the path to tell which.
+  EACCES        no write permission on the socket file, or no search (x) permission on a
+                directory on the way. EPERM is the same under some LSMs.
+  EAGAIN        the listener's backlog is full and the socket is non-blocking (a blocking
+                connect waits instead): the 502 "Resource temporarily unavailable" of nginx.
+  EPROTOTYPE    the file is a socket of another type (stream vs dgram vs seqpacket).
+  ENOTDIR       a component of the path is a file, not a directory.
+  ELOOP, ENAMETOOLONG  symlink loop, or a component over NAME_MAX.
+``bind()``
+  EADDRINUSE    the path (or abstract name) is taken. sockfile.py decides whether the
+                owner is alive; here it only reaches abstract names.
+  EACCES        no write permission on the directory.
+  EROFS         read-only file system.
+``send()``
+  EPIPE         the peer closed (we pass MSG_NOSIGNAL, and Python ignores SIGPIPE, so this
+                is an error return, never a signal death).
+  ECONNRESET    the peer closed with unread data; same meaning for us.
+  EMSGSIZE      a datagram (or seqpacket message) larger than the send buffer allows.
+  ECONNREFUSED, ENOTCONN  a datagram peer went away (its socket file is gone or unbound).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Iterator
+
+from .address import Address
+from .errors import (
+    AddressError,
+    AddressInUse,
+    ConnectError,
+    ConnectionClosed,
+    FrameTooLarge,
+    SocketFileError,
+    Timeout,
+    UdsError,
+)
+
+__all__ = ["explain_connect", "translating"]
+
+_CLOSED_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN})
+
+
+@contextlib.contextmanager
+def translating(op: str, address: Address | str | None = None) -> Iterator[None]:
+    """Run a socket operation; re-raise any ``OSError`` as the matching udskit error.
+
+    ``op`` is one of ``connect``, ``bind``, ``listen``, ``accept``, ``send``, ``recv`` or a
+    free phrase; it picks the reading of the errno and starts the message.
+    """
+    try:
+        yield
+    except UdsError:
+        raise
+    except TimeoutError as exc:
+        where = f" on {address}" if address is not None else ""
+        raise Timeout(f"{op}{where} timed out: the peer did not answer in time") from exc
+    except OSError as exc:
+        raise translate(exc, op, address) from exc
+
+
+def translate(exc: OSError, op: str, address: Address | str | None) -> Exception:
+    """The udskit error for ``exc`` raised by ``op`` on ``address`` (not raised here)."""
+    code = exc.errno
+    where = f" {address}" if address is not None else ""
+    reason = os.strerror(code) if code else str(exc)
+    if op == "connect" and isinstance(address, Address):
+        return ConnectError(explain_connect(code, address), errno=code)
+    if op in ("send", "recv") and code in _CLOSED_ERRNOS:
+        verb = "send to" if op == "send" else "receive from"
+        return ConnectionClosed(f"cannot {verb}{where}: the peer closed the connection")
+    if op == "send" and code == errno.EMSGSIZE:
+        return FrameTooLarge(
+            f"message to{where} is larger than the socket's send buffer allows (EMSGSIZE): "
+            "send smaller messages, raise sndbuf, or use type='stream' for large payloads"
+        )
+    if op == "send" and code in (errno.ECONNREFUSED, errno.ENOENT):
+        return ConnectionClosed(f"cannot send to{where}: nothing is bound there any more")
+    if op == "bind" and code == errno.EADDRINUSE:
+        return AddressInUse(f"cannot bind{where}: the address is in use by another socket")
+    if op == "bind" and code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return SocketFileError(
+            f"cannot create socket{where}: {reason.lower()} (need write and search "
+            "permission on its directory)",
+            errno=code,
+        )
+    if op == "bind" and code in (errno.ENOENT, errno.ENOTDIR):
+        return SocketFileError(
+            f"cannot create socket{where}: its directory does not exist; create it first",
+            errno=code,
+        )
+    if code == errno.ENAMETOOLONG:
+        return AddressError(f"{op}{where}: a path component is longer than NAME_MAX (255)")
+    return _generic(exc, f"{op}{where} failed: {reason}")
+
+
+def _generic(exc: OSError, message: str) -> Exception:
+    if isinstance(exc, ConnectionError):
+        return ConnectionClosed(message)
+    return SocketFileError(message, errno=exc.errno)
+
+
+def explain_connect(code: int | None, address: Address) -> str:
+    """One line on why connecting to ``address`` failed with ``code``, and what to do."""
+    head = f"cannot connect to {address}"
+    if address.kind == "abstract":
+        if code == errno.ECONNREFUSED:
+            return f"{head}: nothing listens on that abstract name; start the server first"
+        if code == errno.EPROTOTYPE:
+            return f"{head}: it is a socket of another type; pass the server's type="
+        return f"{head}: {os.strerror(code or 0).lower()}"
+    if address.kind != "path":
+        return f"{head}: {os.strerror(code or 0).lower()}"
+    path = address.path
+    if code in (errno.ENOENT, errno.ENOTDIR):
+        missing = _first_missing(address.raw)
+        if missing is not None and os.fsencode(missing) != address.raw.rstrip(b"/"):
+            return f"{head}: directory {missing} does not exist; check the path"
+        return f"{head}: no such file; is the server running, and is the path right?"
+    if code == errno.ECONNREFUSED:
+        try:
+            info = os.stat(address.raw)
+        except OSError:
+            return f"{head}: connection refused; run 'udskit doctor {path}'"
+        if not stat.S_ISSOCK(info.st_mode):
+            return f"{head}: {path} is not a socket (it is a {_kind(info.st_mode)}); check the path"
+        return (
+            f"{head}: the socket file exists but nothing is listening (a stale file left by "
+            "a server that exited); restart the server"
+        )
+    if code in (errno.EACCES, errno.EPERM):
+        return (
+            f"{head}: permission denied (needs write permission on the socket and search "
+            f"permission on every directory above it); run 'udskit doctor {path}'"
+        )
+    if code == errno.EAGAIN:
+        return f"{head}: the server's backlog is full; it is not accepting fast enough"
+    if code == errno.EPROTOTYPE:
+        return f"{head}: it is a socket of another type; pass the server's type="
+    return f"{head}: {os.strerror(code or 0).lower()}"
+
+
+def _first_missing(raw: bytes) -> str | None:
+    """The shortest prefix of ``raw`` that does not exist (or is not a directory)."""
+    absolute = os.path.abspath(raw)
+    parts = absolute.split(b"/")
+    for i in range(2, len(parts) + 1):
+        prefix = b"/".join(parts[:i])
+        if not os.path.lexists(prefix):
+            return os.fsdecode(prefix)
+        if i < len(parts) and not os.path.isdir(prefix):
+            return os.fsdecode(prefix)
+    return None
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISREG(mode):
+        return "regular file"
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "file of unknown type"
+
+
+def kind_of(mode: int) -> str:
+    """Human name of a file type (``regular file``, ``directory``, ``socket``...)."""
+    return "socket" if stat.S_ISSOCK(mode) else _kind(mode)
