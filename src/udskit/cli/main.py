@@ -1,26 +1,134 @@
-"""Entry point: parse arguments, dispatch to a subcommand, turn errors into one line."""
+"""Entry point: build the parser from the subcommand modules, dispatch, and turn errors
+into one line on stderr.
+
+Each subcommand lives in ``udskit/cli/cmd_<name>.py`` and provides:
+
+* ``HELP``: one line for ``udskit --help``;
+* ``EXAMPLE``: example invocations, shown under the subcommand's ``--help``;
+* ``add_arguments(parser)``: its options;
+* ``run(args) -> int``: the exit code.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage. Expected failures (every ``UdsError``, bad
+values, a missing peer program) print ``udskit: <what failed>`` and never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import logging
 import sys
 from collections.abc import Sequence
+from types import ModuleType
+from typing import Final
 
 import udskit
+
+__all__ = ["COMMANDS", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "UsageError", "main"]
+
+EXIT_OK: Final = 0
+EXIT_FAILURE: Final = 1
+EXIT_USAGE: Final = 2
+
+#: Subcommands in the order ``udskit --help`` lists them.
+COMMANDS: Final = (
+    "serve",
+    "connect",
+    "send",
+    "pair",
+    "wait",
+    "doctor",
+    "ls",
+    "bridge",
+    "http",
+    "bench",
+    "demo",
+)
+
+
+class UsageError(Exception):
+    """A command-line mistake a parser cannot see (e.g. two conflicting actions): exit 2."""
+
+
+def _load(name: str) -> ModuleType | None:
+    module_name = f"udskit.cli.cmd_{name}"
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            return None
+        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="udskit",
-        description="Unix domain sockets done right.",
-        epilog="example: udskit --version",
+        description="Unix domain sockets done right: serve, connect, diagnose, bridge, measure.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "examples:\n"
+            "  udskit serve --echo /tmp/echo.sock\n"
+            "  udskit send --reply /tmp/echo.sock hello\n"
+            "  udskit doctor /tmp/gunicorn.sock --as www-data\n\n"
+            "addresses: /path, ./rel, unix:PATH, @abstract, tcp:HOST:PORT, fd:N\n"
+            "exit codes: 0 ok, 1 failure, 2 usage"
+        ),
     )
     parser.add_argument("--version", action="version", version=f"udskit {udskit.__version__}")
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=("debug", "info", "warning", "error"),
+        help="udskit's own log messages on stderr (default: warning)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        module = _load(name)
+        if module is None:
+            continue
+        sub = commands.add_parser(
+            name,
+            help=module.HELP,
+            description=module.HELP,
+            epilog="examples:\n" + module.EXAMPLE,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    parser.parse_args(argv)
-    parser.print_help(sys.stdout)
-    return 0
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="udskit: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.run(args))
+    except UsageError as exc:
+        parser.exit(EXIT_USAGE, f"udskit {args.command}: error: {exc}\n")
+    except (udskit.UdsError, ValueError, OSError) as exc:
+        # Expected failures: one line, no traceback. OSError covers what the library does not
+        # wrap (a missing program for --exec, an unreadable file for -d @FILE, ...).
+        print(f"udskit {args.command}: {_one_line(exc)}", file=sys.stderr)
+        return (
+            EXIT_USAGE
+            if isinstance(exc, ValueError) and not isinstance(exc, udskit.AddressError)
+            else EXIT_FAILURE
+        )
+    except KeyboardInterrupt:
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and not isinstance(exc, udskit.UdsError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        text = f"{exc.strerror.lower()}{where}"
+    return " ".join(text.split())
