@@ -68,9 +68,9 @@ class Address:
         if isinstance(value, Address):
             return value
         if isinstance(value, os.PathLike):
-            return _path(os.fsencode(value), value)
+            return _path(_encode(value), value)
         if isinstance(value, str):
-            return _parse_bytes(os.fsencode(value), value)
+            return _parse_bytes(_encode(value), value)
         if isinstance(value, (bytes, bytearray, memoryview)):
             return _parse_bytes(bytes(value), value)
         raise AddressError(
@@ -118,6 +118,17 @@ class Address:
                 raise AddressError(_too_long(self.raw))
             return self.raw
         raise AddressError(f"{self} is not a Unix socket address; {_EXAMPLES}")
+
+
+def _encode(value: str | os.PathLike[str] | os.PathLike[bytes]) -> bytes:
+    """``os.fsencode``, with a lone surrogate (which no file name can hold) an AddressError."""
+    try:
+        return os.fsencode(value)
+    except UnicodeEncodeError as exc:
+        raise AddressError(
+            f"address {value!r} holds a character that cannot be encoded as a file name "
+            f"({exc.reason}); pass the path as bytes if it is not UTF-8"
+        ) from None
 
 
 def _plain_path(raw: bytes) -> bool:
@@ -185,13 +196,17 @@ def _abstract(name: bytes, original: object) -> Address:
 
 
 def _tcp(rest: bytes, original: object) -> Address:
-    text = rest.decode("ascii", "replace")
+    try:
+        text = rest.decode("utf-8")  # an international host name; socket applies IDNA
+    except UnicodeDecodeError:
+        raise AddressError(f"tcp address {original!r} is not valid UTF-8") from None
     host, sep, port_text = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
         sep = ""  # an IPv6 address without brackets is ambiguous
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    port_ok = port_text.isascii() and port_text.isdigit() and int(port_text) <= 65535
+    if not sep or not host or not port_ok:
         raise AddressError(
             f"malformed tcp address {original!r}: write tcp:HOST:PORT with a port from 0 to "
             "65535, e.g. tcp:127.0.0.1:8080 or tcp:[::1]:8080"
