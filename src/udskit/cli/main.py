@@ -20,7 +20,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from types import ModuleType
-from typing import Final
+from typing import Final, NoReturn
 
 import udskit
 
@@ -50,6 +50,14 @@ class UsageError(Exception):
     """A command-line mistake a parser cannot see (e.g. two conflicting actions): exit 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage mistakes reported in one line (argparse prints the usage
+    synopsis first, several lines for a subcommand with many options)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
 def _load(name: str) -> ModuleType | None:
     module_name = f"udskit.cli.cmd_{name}"
     try:
@@ -61,7 +69,7 @@ def _load(name: str) -> ModuleType | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="udskit",
         description="Unix domain sockets done right: serve, connect, diagnose, bridge, measure.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
