@@ -78,6 +78,8 @@ def translate(exc: OSError, op: str, address: Address | str | None) -> Exception
     """The udskit error for ``exc`` raised by ``op`` on ``address`` (not raised here)."""
     code = exc.errno
     where = f" {address}" if address is not None else ""
+    if isinstance(exc, TimeoutError):  # socket.settimeout() expired: errno is None
+        return Timeout(f"{op}{where} timed out: the peer did not answer in time")
     reason = os.strerror(code) if code else str(exc)
     if op == "connect" and isinstance(address, Address):
         return ConnectError(explain_connect(code, address), errno=code)
