@@ -11,12 +11,10 @@ from .channel import Channel
 from .creds import peer_cred, require_uid
 from .errors import ConnectError, SocketFileError
 from .options import (
-    SocketType,
     check_framing,
     check_max_fds,
     max_frame_for,
     socket_kind,
-    type_name,
 )
 from .sockfile import Claim, bind_reply_path
 from .translate import translate, translating
@@ -164,9 +162,9 @@ def pair(
     check_max_fds(max_fds)
     max_frame_for(type, max_frame)
     left, right = socket.socketpair(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
-    name: SocketType = type_name(kind)
     ends = []
     for sock in (left, right):
-        peer = peer_cred(sock) if name != "dgram" else None
+        # socketpair() records the creator's credentials for every type, dgram included.
+        peer = peer_cred(sock)
         ends.append(Channel(sock, framing=framing, max_frame=max_frame, max_fds=max_fds, peer=peer))
     return ends[0], ends[1]
