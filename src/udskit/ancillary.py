@@ -31,7 +31,7 @@ MAX_FDS_PER_MESSAGE: Final = 16
 _INT_SIZE: Final = array.array("i").itemsize
 
 #: recvmsg flags: descriptors arrive with FD_CLOEXEC already set.
-RECV_FLAGS: Final = socket.MSG_CMSG_CLOEXEC
+RECV_FLAGS: Final = int(socket.MSG_CMSG_CLOEXEC)
 
 
 def ancillary_size(max_fds: int, *, creds: bool = False) -> int:

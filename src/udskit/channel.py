@@ -12,7 +12,8 @@ import logging
 import os
 import socket
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from time import monotonic_ns
 from typing import TYPE_CHECKING, Final
 
 from .address import Address, sun_path
@@ -20,7 +21,7 @@ from .ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
 from .creds import PeerCred, peer_cred
 from .errors import ConnectionClosed, ProtocolError
 from .options import SocketType, base_type, max_frame_for, type_name
-from .proto import CLOSED, NEED_DATA, Framing, make_framing
+from .proto import CLOSED, NEED_DATA, Closed, Framing, NeedData, make_framing
 from .translate import translate
 
 if TYPE_CHECKING:
@@ -42,8 +43,17 @@ _JOIN_LIMIT: Final = 64 * 1024
 
 #: No SIGPIPE on a closed peer: the error comes back as EPIPE (Python ignores SIGPIPE
 #: anyway, but an embedding application may not).
-_SEND_FLAGS: Final = socket.MSG_NOSIGNAL
-_CTRUNC: Final = socket.MSG_CTRUNC
+_SEND_FLAGS: Final = int(socket.MSG_NOSIGNAL)
+
+# Plain ints: socket.MSG_* are IntFlag members, and `flags & socket.MSG_CTRUNC` on the hot
+# path goes through enum.__and__, which cost more than the recvmsg() call itself.
+_CTRUNC: Final = int(socket.MSG_CTRUNC)
+_TRUNC: Final = int(socket.MSG_TRUNC)
+_SPIN_FLAGS: Final = int(RECV_FLAGS | socket.MSG_DONTWAIT)
+
+#: Upper bound for ``spin``: past a millisecond, polling burns a CPU for no gain over being
+#: woken (a wake-up costs tens of microseconds, not milliseconds).
+MAX_SPIN_US: Final = 1000
 
 
 class Channel:
@@ -64,9 +74,11 @@ class Channel:
         "_owns_socket",
         "_peer",
         "_rbuf",
+        "_rbufs",
         "_remote",
         "_rview",
         "_sock",
+        "_spin_ns",
         "_type",
     )
 
@@ -95,6 +107,8 @@ class Channel:
         self._ancsize = ancillary_size(max_fds, creds=self._type == "dgram") if is_unix else 0
         self._rbuf = bytearray(RECV_CHUNK if self._type == "stream" else limit)
         self._rview = memoryview(self._rbuf)
+        self._rbufs = [self._rview]  # recvmsg_into() takes a list; build it once
+        self._spin_ns = 0
         self._remote = remote
         self._peer = peer
         self._claim = claim
@@ -153,7 +167,45 @@ class Channel:
     # -- sending --------------------------------------------------------------------------
     def send(self, data: Buffer) -> None:
         """Send one message (on a stream: framed; on seqpacket/dgram: one packet)."""
-        self._send(data, [])
+        if self._closed:
+            self._check_open()
+        framing = self._framing
+        if framing is not None and len(data) <= _JOIN_LIMIT:
+            try:
+                self._sock.sendall(framing.frame(data), _SEND_FLAGS)
+            except OSError as exc:
+                raise translate(exc, "send", self._remote) from exc
+        else:
+            self._send(data, [])
+
+    def send_many(self, messages: Iterable[Buffer]) -> None:
+        """Send several messages, on a stream with as few system calls as possible.
+
+        The frames are joined into one buffer of up to ``_JOIN_LIMIT`` bytes per write, so a
+        burst of small messages costs one send() instead of one each. On seqpacket and dgram
+        every message is still its own packet.
+        """
+        self._check_open()
+        framing = self._framing
+        if framing is None:
+            for message in messages:
+                self._send(message, [])
+            return
+        batch: list[bytes] = []
+        batched = 0
+        try:
+            for message in messages:
+                frame = framing.frame(message)
+                batch.append(frame)
+                batched += len(frame)
+                if batched >= _JOIN_LIMIT:
+                    self._sock.sendall(b"".join(batch), _SEND_FLAGS)
+                    batch.clear()
+                    batched = 0
+            if batch:
+                self._sock.sendall(b"".join(batch), _SEND_FLAGS)
+        except OSError as exc:
+            raise translate(exc, "send", self._remote) from exc
 
     def send_fds(self, data: Buffer, fds: Sequence[int]) -> None:
         """Send one message with open descriptors attached (SCM_RIGHTS).
@@ -170,8 +222,6 @@ class Channel:
         try:
             if framing is None:
                 self._send_packet(data, ancillary)
-            elif not ancillary and len(data) <= _JOIN_LIMIT:
-                self._sock.sendall(b"".join(framing.encode(data)), _SEND_FLAGS)
             else:
                 self._send_vector(framing.encode(data), ancillary)
         except OSError as exc:
@@ -182,16 +232,14 @@ class Channel:
             raise ProtocolError(
                 "cannot send an empty seqpacket message: the receiver reads it as end of connection"
             )
-        target = None
-        if self._owns_socket is False and self._remote is not None:
-            target = self._remote  # a datagram session on a server: reply to the sender
-        if target is None:
+        if self._owns_socket or self._remote is None:
             if ancillary:
                 self._sock.sendmsg([data], ancillary, _SEND_FLAGS)
             else:
                 self._sock.send(data, _SEND_FLAGS)
             return
-        with sun_path(target) as where:
+        # A datagram session on a server: the reply goes to the sender's address.
+        with sun_path(self._remote) as where:
             self._sock.sendmsg([data], ancillary, _SEND_FLAGS, where)
 
     def _send_vector(self, parts: list[Buffer], ancillary: list[tuple[int, int, bytes]]) -> None:
@@ -212,6 +260,18 @@ class Channel:
         Raises ``ConnectionClosed`` when the peer has closed (``mid_message`` if it left a
         message unfinished), ``Timeout`` after ``settimeout`` seconds.
         """
+        framing = self._framing
+        if framing is not None and not self._closed and not self._inbox:
+            # The stream path of _recv(), inlined: this is the hot loop of every client.
+            message = framing.next_message()
+            while message is NEED_DATA:
+                message = self._feed(framing)
+            if message is CLOSED:
+                raise ConnectionClosed(f"{self._where()}: the peer closed the connection")
+            fds = framing.take_fds()
+            if fds:
+                close_fds(fds)
+            return message  # type: ignore[return-value]
         data, fds = self._recv()
         if fds:
             log.debug("%r: closing %d descriptors received by recv()", self, len(fds))
@@ -221,6 +281,26 @@ class Channel:
     def recv_fds(self) -> tuple[bytes, list[int]]:
         """Receive one message and the descriptors sent with it (now owned by the caller)."""
         return self._recv()
+
+    def recv_many(self) -> list[bytes]:
+        """Wait for at least one message, then return every complete message already here.
+
+        On a stream this drains what one read brought in, without further system calls: the
+        receiving half of ``send_many``. Descriptors that arrive are closed, as by recv().
+        """
+        messages = [self.recv()]
+        framing = self._framing
+        if framing is None:
+            return messages
+        while framing.buffered:
+            message = framing.next_message()
+            if message is NEED_DATA or message is CLOSED:
+                break
+            messages.append(message)  # type: ignore[arg-type]
+            fds = framing.take_fds()
+            if fds:
+                close_fds(fds)
+        return messages
 
     def __iter__(self) -> Iterator[bytes]:
         """Receive messages until the peer closes cleanly."""
@@ -233,52 +313,55 @@ class Channel:
                 return
 
     def _recv(self) -> tuple[bytes, list[int]]:
-        self._check_open()
+        if self._closed:
+            self._check_open()
         if self._inbox:
             return self._inbox.popleft()
-        if not self._owns_socket:
-            # A datagram session (Server, dgram) holds exactly the datagram it was made for.
-            raise ConnectionClosed(f"{self._where()}: no more datagrams in this session")
         framing = self._framing
         if framing is None:
+            if not self._owns_socket:
+                # A datagram session (Server, dgram) holds exactly the datagram it was made for.
+                raise ConnectionClosed(f"{self._where()}: no more datagrams in this session")
             return self._recv_packet()
-        while True:
-            message = framing.next_message()
-            if message is NEED_DATA:
-                self._fill(framing)
-            elif message is CLOSED:
-                raise ConnectionClosed(f"{self._where()}: the peer closed the connection")
-            else:
-                return message, framing.take_fds()  # type: ignore[return-value]
+        message = framing.next_message()
+        while message is NEED_DATA:
+            message = self._feed(framing)
+        if message is CLOSED:
+            raise ConnectionClosed(f"{self._where()}: the peer closed the connection")
+        return message, framing.take_fds()  # type: ignore[return-value]
 
-    def _fill(self, framing: Framing) -> None:
+    def _recvmsg(self) -> tuple[int, list[tuple[int, int, bytes]], int, object]:
+        """One recvmsg_into() into our buffer, polling first for ``spin`` microseconds."""
+        sock = self._sock
         try:
-            size, ancdata, flags, _ = self._sock.recvmsg_into(
-                [self._rview], self._ancsize, RECV_FLAGS
-            )
+            if self._spin_ns:
+                deadline = monotonic_ns() + self._spin_ns
+                while True:
+                    try:
+                        return sock.recvmsg_into(self._rbufs, self._ancsize, _SPIN_FLAGS)
+                    except BlockingIOError:
+                        if monotonic_ns() > deadline:
+                            break
+            return sock.recvmsg_into(self._rbufs, self._ancsize, RECV_FLAGS)
         except OSError as exc:
             raise translate(exc, "recv", self._remote) from exc
-        fds = (
-            unpack(ancdata, flags, self._where()).fds
-            if ancdata or flags & socket.MSG_CTRUNC
-            else []
-        )
-        if size == 0:
-            close_fds(fds)
-            framing.receive_eof()
-        else:
-            framing.receive_data(self._rview[:size], fds)
+
+    def _feed(self, framing: Framing) -> bytes | NeedData | Closed:
+        """Read once and hand the bytes (and any descriptors) to the framing."""
+        size, ancdata, flags, _ = self._recvmsg()
+        if ancdata or flags & _CTRUNC:
+            fds = unpack(ancdata, flags, self._where()).fds
+            if size == 0:
+                close_fds(fds)
+                fds = []
+            return framing.feed(self._rview[:size], fds)
+        return framing.feed(self._rview[:size])
 
     def _recv_packet(self) -> tuple[bytes, list[int]]:
-        try:
-            size, ancdata, flags, _ = self._sock.recvmsg_into(
-                [self._rview], self._ancsize, RECV_FLAGS
-            )
-        except OSError as exc:
-            raise translate(exc, "recv", self._remote) from exc
+        size, ancdata, flags, _ = self._recvmsg()
         got = unpack(ancdata, flags, self._where()) if ancdata or flags & _CTRUNC else None
         fds = got.fds if got is not None else []
-        if flags & socket.MSG_TRUNC:
+        if flags & _TRUNC:
             close_fds(fds)
             raise ProtocolError(
                 f"message from {self._where()} was larger than max_frame ({self._max_message} "
@@ -290,6 +373,29 @@ class Channel:
         if got is not None and got.cred is not None:
             self._peer = got.cred
         return self._rview[:size].tobytes(), fds
+
+    # -- tuning ---------------------------------------------------------------------------
+    @property
+    def spin(self) -> int:
+        """Microseconds recv() polls without sleeping before it blocks (0: off).
+
+        A blocked thread is woken by the scheduler, which costs tens of microseconds when
+        the peer runs on another CPU that has gone idle. Polling for a bounded time answers
+        faster, at the price of that much CPU per wait. Bounded by MAX_SPIN_US.
+        """
+        return self._spin_ns // 1000
+
+    @spin.setter
+    def spin(self, microseconds: int) -> None:
+        if (
+            isinstance(microseconds, bool)
+            or not isinstance(microseconds, int)
+            or not 0 <= microseconds <= MAX_SPIN_US
+        ):
+            raise ValueError(f"spin must be 0 to {MAX_SPIN_US} microseconds, not {microseconds!r}")
+        if microseconds and self._sock.gettimeout() is not None:
+            raise ValueError("spin needs a channel without a timeout (settimeout(None))")
+        self._spin_ns = microseconds * 1000
 
     # -- closing --------------------------------------------------------------------------
     def shutdown_write(self) -> None:

@@ -46,6 +46,12 @@ DEFAULT_MAX_LINE: Final = 64 * 1024
 
 #: The length prefix: 4 bytes, big-endian, unsigned.
 HEADER: Final = struct.Struct(">I")
+_pack: Final = HEADER.pack
+_unpack_from: Final = HEADER.unpack_from
+
+#: Up to this size a message is sliced out of the buffer directly; above it, through a
+#: memoryview, which saves one copy of a large message at a fixed cost for small ones.
+_SMALL: Final = 4096
 
 #: Compact the receive buffer once this many consumed bytes sit in front of it; below this,
 #: moving the tail costs more than it saves.
@@ -93,11 +99,31 @@ class Decoder:
             raise ProtocolError("data received after end of stream")
         if fds:
             self._fd_tags.append((self._received, list(fds)))
-        if self._pos >= _COMPACT_AT and self._pos * 2 >= len(self._buf):
-            del self._buf[: self._pos]
+        pos = self._pos
+        if pos and pos == len(self._buf):
+            self._buf.clear()  # everything consumed: start over, nothing to move
+            self._pos = 0
+        elif pos >= _COMPACT_AT and pos * 2 >= len(self._buf):
+            del self._buf[:pos]
             self._pos = 0
         self._buf += data
         self._received += len(data)
+
+    def feed(self, data: Payload, fds: Sequence[int] = ()) -> bytes | NeedData | Closed:
+        """``receive_data`` (or ``receive_eof`` for empty ``data``), then ``next_message``.
+
+        One call per read for the I/O layers; framings override it with a shortcut for the
+        common case of a read that brought exactly one whole message.
+        """
+        if data:
+            self.receive_data(data, fds)
+        else:
+            self._eof = True
+        return self.next_message()
+
+    def next_message(self) -> bytes | NeedData | Closed:
+        """The next complete message, NEED_DATA, or CLOSED at a clean end of stream."""
+        raise NotImplementedError
 
     def receive_eof(self) -> None:
         """The peer shut down its sending side."""
@@ -115,7 +141,10 @@ class Decoder:
     # -- descriptors ---------------------------------------------------------------------
     def take_fds(self) -> list[int]:
         """The descriptors that came with the message last returned (ownership passes)."""
-        fds, self._last_fds = self._last_fds, []
+        fds = self._last_fds
+        if not fds:
+            return []
+        self._last_fds = []
         return fds
 
     def held_fds(self) -> list[int]:
@@ -130,13 +159,17 @@ class Decoder:
     # -- for subclasses ------------------------------------------------------------------
     def _take(self, start: int, end: int, skip: int) -> bytes:
         """Return ``_buf[start:end]`` and consume through ``end + skip``."""
-        with memoryview(self._buf) as view:
-            message = view[start:end].tobytes()
+        if end - start <= _SMALL:
+            message = bytes(self._buf[start:end])
+        else:
+            with memoryview(self._buf) as view:
+                message = view[start:end].tobytes()
         self._pos = end + skip
-        # Hand over the descriptors that arrived with any byte of this message.
-        consumed = self._received - (len(self._buf) - self._pos)
-        while self._fd_tags and self._fd_tags[0][0] < consumed:
-            self._last_fds.extend(self._fd_tags.popleft()[1])
+        if self._fd_tags:
+            # Hand over the descriptors that arrived with any byte of this message.
+            consumed = self._received - (len(self._buf) - self._pos)
+            while self._fd_tags and self._fd_tags[0][0] < consumed:
+                self._last_fds.extend(self._fd_tags.popleft()[1])
         return message
 
     def _end(self, needed: int | None) -> Closed:
@@ -162,9 +195,7 @@ class LengthPrefixed(Decoder):
             raise ValueError(f"max_frame must be between 1 and {0xFFFFFFFF}, not {max_frame}")
         self.max_frame = max_frame
 
-    def encode(
-        self, payload: bytes | bytearray | memoryview
-    ) -> list[bytes | bytearray | memoryview]:
+    def encode(self, payload: Payload) -> list[Payload]:
         size = len(payload)
         if size > self.max_frame:
             raise FrameTooLarge(
@@ -172,6 +203,24 @@ class LengthPrefixed(Decoder):
                 "in parts, pass a file descriptor instead, or raise max_frame on both ends"
             )
         return [HEADER.pack(size), payload]
+
+    def frame(self, payload: Payload) -> bytes:
+        """The encoding as one ``bytes`` (copies the payload: for small messages)."""
+        size = len(payload)
+        if size > self.max_frame:
+            self.encode(payload)  # raises FrameTooLarge with the full explanation
+        return _pack(size) + payload
+
+    def feed(self, data: Payload, fds: Sequence[int] = ()) -> bytes | NeedData | Closed:
+        # Shortcut: nothing buffered, no descriptors, and the read holds exactly one frame
+        # (the usual request/response case): slice the payload out, skip the buffer.
+        size = len(data)
+        if size > HEADER.size and not fds and self._pos == len(self._buf) and not self._eof:
+            announced: int = _unpack_from(data)[0]
+            if announced + HEADER.size == size and announced <= self.max_frame:
+                self._received += size
+                return bytes(data[HEADER.size :])
+        return super().feed(data, fds)
 
     def next_message(self) -> bytes | NeedData | Closed:
         pos = self._pos
@@ -215,9 +264,7 @@ class Lines(Decoder):
         self.max_line = max_line
         self._scanned = 0  # bytes after _pos already known to hold no newline
 
-    def encode(
-        self, payload: bytes | bytearray | memoryview
-    ) -> list[bytes | bytearray | memoryview]:
+    def encode(self, payload: Payload) -> list[Payload]:
         if b"\n" in payload:
             raise ProtocolError(
                 "message contains a newline, which 'lines' framing uses as the delimiter: "
@@ -228,6 +275,10 @@ class Lines(Decoder):
                 f"line of {len(payload)} bytes is over max_line ({self.max_line} bytes)"
             )
         return [payload, b"\n"]
+
+    def frame(self, payload: Payload) -> bytes:
+        """The encoding as one ``bytes`` (copies the payload: for small messages)."""
+        return b"".join(self.encode(payload))
 
     def next_message(self) -> bytes | NeedData | Closed:
         pos = self._pos
@@ -259,10 +310,12 @@ class Raw(Decoder):
     __slots__ = ()
     name: Final = "raw"
 
-    def encode(
-        self, payload: bytes | bytearray | memoryview
-    ) -> list[bytes | bytearray | memoryview]:
+    def encode(self, payload: Payload) -> list[Payload]:
         return [payload]
+
+    def frame(self, payload: Payload) -> bytes:
+        """The encoding as one ``bytes``."""
+        return bytes(payload)
 
     def next_message(self) -> bytes | NeedData | Closed:
         if self.buffered == 0:
