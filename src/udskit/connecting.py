@@ -11,10 +11,12 @@ from .channel import Channel
 from .creds import peer_cred, require_uid
 from .errors import ConnectError, SocketFileError
 from .options import (
+    check_buffer,
     check_framing,
     check_max_fds,
     max_frame_for,
     socket_kind,
+    tune_buffers,
 )
 from .sockfile import Claim, bind_reply_path
 from .translate import translate, translating
@@ -35,6 +37,8 @@ def connect(
     timeout: float | None = None,
     bind: AddressLike | None = None,
     expect_uid: int | None = None,
+    sndbuf: int | None = None,
+    rcvbuf: int | None = None,
 ) -> Channel:
     """Connect to ``address`` and return a Channel.
 
@@ -42,12 +46,16 @@ def connect(
     gives the client its own path first (S7). A datagram client always has one, so that the
     server can answer: without ``bind``, a private path in a fresh 0700 directory, removed on
     close. ``expect_uid`` refuses a server that does not run as that uid (PeerRejected).
+    ``sndbuf``/``rcvbuf`` size the socket buffers (None: 1 MiB for streams, the kernel's
+    default otherwise; 0: the kernel's default).
     """
     target = Address.parse(address)
     kind = socket_kind(type)
     check_framing(framing)
     check_max_fds(max_fds)
     max_frame_for(type, max_frame)
+    check_buffer("sndbuf", sndbuf)
+    check_buffer("rcvbuf", rcvbuf)
     if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
         raise ValueError(f"timeout must be None or >= 0 seconds, not {timeout!r}")
     own = Address.parse(bind) if bind is not None else None
@@ -66,6 +74,7 @@ def connect(
         elif kind == socket.SOCK_DGRAM:
             reply_dir = tempfile.mkdtemp(prefix="udskit-", dir=_runtime_dir()).encode()
             reply = bind_reply_path(sock, Address("path", os.path.join(reply_dir, _REPLY_NAME)))
+        tune_buffers(sock, sndbuf, rcvbuf)
         sock.settimeout(timeout)
         with translating("connect", target), sun_path(target) as where:
             sock.connect(where)
@@ -154,6 +163,8 @@ def pair(
     framing: str = "length",
     max_frame: int | None = None,
     max_fds: int = 16,
+    sndbuf: int | None = None,
+    rcvbuf: int | None = None,
 ) -> tuple[Channel, Channel]:
     """Two connected Channels (socketpair). Works across ``os.fork()`` (each side closes the
     end it does not use) and ``multiprocessing`` (pass one end to the child process)."""
@@ -161,9 +172,12 @@ def pair(
     check_framing(framing)
     check_max_fds(max_fds)
     max_frame_for(type, max_frame)
+    check_buffer("sndbuf", sndbuf)
+    check_buffer("rcvbuf", rcvbuf)
     left, right = socket.socketpair(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
     ends = []
     for sock in (left, right):
+        tune_buffers(sock, sndbuf, rcvbuf)
         # socketpair() records the creator's credentials for every type, dgram included.
         peer = peer_cred(sock)
         ends.append(Channel(sock, framing=framing, max_frame=max_frame, max_fds=max_fds, peer=peer))

@@ -25,6 +25,7 @@ from .options import (
     SocketType,
     base_type,
     check_backlog,
+    check_buffer,
     check_framing,
     check_max_fds,
     check_mode,
@@ -32,6 +33,7 @@ from .options import (
     resolve_gid,
     resolve_uid,
     socket_kind,
+    tune_buffers,
     type_name,
 )
 from .sockfile import Claim, claim, probe
@@ -114,7 +116,7 @@ class _Endpoint:
 class Listener(_Endpoint):
     """A listening stream or seqpacket socket. ``accept()`` returns a Channel per client."""
 
-    __slots__ = ("_framing", "_max_fds", "_max_frame")
+    __slots__ = ("_buffers", "_framing", "_max_fds", "_max_frame")
 
     def __init__(
         self,
@@ -126,11 +128,13 @@ class Listener(_Endpoint):
         framing: str,
         max_frame: int | None,
         max_fds: int,
+        buffers: tuple[int | None, int | None] = (None, None),
     ) -> None:
         super().__init__(sock, address, claim, policy)
         self._framing = framing
         self._max_frame = max_frame
         self._max_fds = max_fds
+        self._buffers = buffers
 
     def accept(self) -> Channel:
         """Wait for the next client the policy allows; refused peers are closed and logged."""
@@ -150,6 +154,7 @@ class Listener(_Endpoint):
         """Wrap a freshly accepted socket, or close it if the policy refuses its peer."""
         conn.setblocking(True)
         try:
+            tune_buffers(conn, *self._buffers)
             channel = accepted(
                 conn, framing=self._framing, max_frame=self._max_frame, max_fds=self._max_fds
             )
@@ -305,6 +310,8 @@ def listen(
     framing: str = ...,
     max_frame: int | None = ...,
     max_fds: int = ...,
+    sndbuf: int | None = ...,
+    rcvbuf: int | None = ...,
 ) -> Listener: ...
 @overload
 def listen(
@@ -319,6 +326,8 @@ def listen(
     framing: str = ...,
     max_frame: int | None = ...,
     max_fds: int = ...,
+    sndbuf: int | None = ...,
+    rcvbuf: int | None = ...,
 ) -> DatagramListener: ...
 @overload
 def listen(
@@ -333,6 +342,8 @@ def listen(
     framing: str = ...,
     max_frame: int | None = ...,
     max_fds: int = ...,
+    sndbuf: int | None = ...,
+    rcvbuf: int | None = ...,
 ) -> Listener | DatagramListener: ...
 def listen(
     address: AddressLike,
@@ -346,12 +357,16 @@ def listen(
     framing: str = "length",
     max_frame: int | None = None,
     max_fds: int = 16,
+    sndbuf: int | None = None,
+    rcvbuf: int | None = None,
 ) -> Listener | DatagramListener:
     """Listen on ``address``: a path (claimed safely), an abstract name, ``tcp:`` or ``fd:N``.
 
     ``mode``/``owner``/``group`` set the socket file's permissions before it becomes visible.
     ``allow`` is an access :class:`Policy` checked for every peer. ``type="dgram"`` returns a
     :class:`DatagramListener`; otherwise a :class:`Listener` whose channels use ``framing``.
+    ``sndbuf``/``rcvbuf`` size each connection's socket buffers (None: 1 MiB for streams,
+    the kernel's default otherwise; 0: the kernel's default).
     """
     target = Address.parse(address)
     kind = socket_kind(type)
@@ -359,6 +374,7 @@ def listen(
     check_backlog(backlog)
     check_mode(mode)
     check_max_fds(max_fds)
+    buffers = (check_buffer("sndbuf", sndbuf), check_buffer("rcvbuf", rcvbuf))
     limit = max_frame_for(type, max_frame)
     uid, gid = resolve_uid(owner), resolve_gid(group)
     if allow is not None and not isinstance(allow, Policy):
@@ -381,7 +397,10 @@ def listen(
                 framing=framing,
                 max_frame=max_frame,
                 max_fds=max_fds,
+                buffers=buffers,
             )
+        if any(buffers):
+            tune_buffers(sock, *buffers)
         return DatagramListener(sock, target, bound, policy=allow, max_frame=limit, max_fds=max_fds)
     except BaseException:
         if bound is not None:
