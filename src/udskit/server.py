@@ -35,7 +35,7 @@ from typing import Final
 
 from .address import AddressLike
 from .channel import Channel
-from .errors import ConnectionClosed, UdsError
+from .errors import ConnectionClosed, Timeout, UdsError
 from .listening import DatagramListener, Listener, listen
 
 __all__ = ["Handler", "Server", "serve"]
@@ -198,11 +198,9 @@ class Server:
                 continue
             try:
                 datagram = listener.recv()
-            except BlockingIOError:
-                continue
+            except Timeout:
+                continue  # readable, but another reader took the datagram first
             except UdsError as exc:  # e.g. a truncated datagram: report, keep serving
-                if isinstance(exc.__cause__, BlockingIOError):
-                    continue
                 log.warning("%s: %s", listener.address, exc)
                 continue
             with listener.session(datagram) as session:

@@ -80,6 +80,9 @@ def translate(exc: OSError, op: str, address: Address | str | None) -> Exception
     where = f" {address}" if address is not None else ""
     if isinstance(exc, TimeoutError):  # socket.settimeout() expired: errno is None
         return Timeout(f"{op}{where} timed out: the peer did not answer in time")
+    if isinstance(exc, BlockingIOError) and op in ("send", "recv", "accept"):
+        # EAGAIN on a socket with timeout 0 (non-blocking): "not within the timeout".
+        return Timeout(f"{op}{where} would block: nothing ready and the timeout is 0")
     reason = os.strerror(code) if code else str(exc)
     if op == "connect" and isinstance(address, Address):
         return ConnectError(explain_connect(code, address), errno=code)

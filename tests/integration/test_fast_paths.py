@@ -1,0 +1,175 @@
+"""The blocking fast paths: send_many/recv_many, spin polling, socket buffer sizes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+import udskit
+from udskit.channel import _JOIN_LIMIT, MAX_SPIN_US
+from udskit.options import DEFAULT_STREAM_BUFFER
+
+
+def _receive_all(channel: udskit.Channel, count: int) -> list[bytes]:
+    received: list[bytes] = []
+    for _ in range(count):  # bounded: each call returns at least one message
+        received.extend(channel.recv_many())
+        if len(received) >= count:
+            break
+    return received
+
+
+@pytest.mark.parametrize("framing", ["length", "lines"])
+def test_send_many_recv_many_keep_every_message_in_order(framing: str) -> None:
+    # Enough small messages to fill several batches, so the _JOIN_LIMIT split is crossed.
+    messages = [f"message {i}".encode() for i in range(3 * _JOIN_LIMIT // 10)]
+    left, right = udskit.pair(framing=framing)
+    with left, right:
+        sender = threading.Thread(target=left.send_many, args=(messages,))
+        sender.start()
+        received = _receive_all(right, len(messages))
+        sender.join()
+    assert received == messages
+
+
+def test_recv_many_returns_everything_already_buffered() -> None:
+    left, right = udskit.pair()
+    with left, right:
+        left.send_many([b"a", b"bb", b"ccc"])
+        # All three frames went out in one write, so one read brings all three.
+        assert right.recv_many() == [b"a", b"bb", b"ccc"]
+
+
+def test_recv_many_closes_descriptors_it_does_not_return(no_fd_leak: None) -> None:
+    left, right = udskit.pair()
+    read_end, write_end = os.pipe()
+    try:
+        with left, right:
+            left.send(b"first")
+            left.send_fds(b"second", [read_end])
+            received = _receive_all(right, 2)
+            assert received == [b"first", b"second"]
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+@pytest.mark.parametrize("kind", ["seqpacket", "dgram"])
+def test_send_many_on_message_sockets_sends_one_packet_each(kind: str) -> None:
+    left, right = udskit.pair(kind)
+    with left, right:
+        left.send_many([b"one", b"two", b"three"])
+        assert [right.recv_many() for _ in range(3)] == [[b"one"], [b"two"], [b"three"]]
+
+
+def test_send_many_refuses_an_oversized_message_before_sending_it() -> None:
+    left, right = udskit.pair(max_frame=16)
+    with left, right:
+        with pytest.raises(udskit.FrameTooLarge, match="max_frame"):
+            left.send_many([b"small", b"x" * 17])
+        right.settimeout(0)
+        with pytest.raises(udskit.Timeout):
+            right.recv()  # nothing of the failed batch was sent
+
+
+def test_send_many_to_a_closed_peer_is_connection_closed() -> None:
+    left, right = udskit.pair()
+    right.close()
+    with left, pytest.raises(udskit.ConnectionClosed):
+        left.send_many([b"x"] * 10)
+
+
+@pytest.mark.parametrize("kind", ["stream", "seqpacket", "dgram"])
+def test_spin_ping_pong_delivers_every_message(kind: str) -> None:
+    rounds = 200
+    left, right = udskit.pair(kind)
+    left.spin = right.spin = 50
+    assert left.spin == 50
+
+    def echo() -> None:
+        for _ in range(rounds):
+            right.send(right.recv())
+
+    with left, right:
+        thread = threading.Thread(target=echo)
+        thread.start()
+        for i in range(rounds):
+            left.send(b"%d" % i)
+            assert left.recv() == b"%d" % i
+        thread.join()
+
+
+def test_spin_still_sees_end_of_stream() -> None:
+    left, right = udskit.pair()
+    right.spin = MAX_SPIN_US
+    left.close()
+    with right, pytest.raises(udskit.ConnectionClosed):
+        right.recv()
+
+
+@pytest.mark.parametrize("value", [-1, MAX_SPIN_US + 1, 1.5, True, "10"])
+def test_spin_rejects_bad_values(value: object) -> None:
+    left, right = udskit.pair()
+    with left, right, pytest.raises(ValueError, match="spin must be"):
+        left.spin = value  # type: ignore[assignment]
+
+
+def test_spin_refuses_a_channel_with_a_timeout() -> None:
+    left, right = udskit.pair()
+    with left, right:
+        left.settimeout(1.0)
+        with pytest.raises(ValueError, match="timeout"):
+            left.spin = 10
+
+
+def _sndbuf(channel: udskit.Channel) -> int:
+    return channel.socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+
+
+def test_stream_buffers_default_to_the_measured_size() -> None:
+    left, right = udskit.pair()
+    with left, right:
+        # Linux doubles the value asked for (bookkeeping overhead), or clamps it at wmem_max.
+        assert _sndbuf(left) >= min(DEFAULT_STREAM_BUFFER, _wmem_max())
+
+
+def test_zero_leaves_the_kernel_default() -> None:
+    default = socket.socket(socket.AF_UNIX)
+    with default:
+        expected = default.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    left, right = udskit.pair(sndbuf=0, rcvbuf=0)
+    with left, right:
+        assert _sndbuf(left) == expected
+
+
+def test_listen_applies_buffer_sizes_to_every_accepted_connection(sockdir: Path) -> None:
+    path = sockdir / "s.sock"
+    with udskit.listen(path, sndbuf=64 * 1024) as listener:
+        client = udskit.connect(path, sndbuf=128 * 1024)
+        server_side = listener.accept()
+        with client, server_side:
+            assert _sndbuf(server_side) == 2 * 64 * 1024
+            assert _sndbuf(client) == 2 * 128 * 1024
+
+
+@pytest.mark.parametrize("value", [-1, 1 << 40, 1.0, True])
+@pytest.mark.parametrize("option", ["sndbuf", "rcvbuf"])
+def test_bad_buffer_sizes_are_refused_before_any_socket_exists(
+    option: str, value: object, sockdir: Path, no_fd_leak: None
+) -> None:
+    with pytest.raises(ValueError, match=option):
+        udskit.pair(**{option: value})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=option):
+        udskit.listen(sockdir / "s.sock", **{option: value})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=option):
+        udskit.connect(sockdir / "s.sock", **{option: value})  # type: ignore[arg-type]
+    assert list(sockdir.iterdir()) == []
+
+
+def _wmem_max() -> int:
+    with open("/proc/sys/net/core/wmem_max", encoding="ascii") as f:
+        return 2 * int(f.read())
