@@ -1,0 +1,139 @@
+"""Options shared by several subcommands, and the parsing of their values.
+
+Values argparse cannot check on its own (an octal mode, a user name, a framing that only
+streams have) are checked here and refused with :class:`UsageError` (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import pwd
+from typing import Final
+
+import udskit
+
+from .main import UsageError
+
+__all__ = [
+    "FRAMINGS",
+    "TYPES",
+    "add_framing",
+    "add_type",
+    "address",
+    "framing_for",
+    "group_id",
+    "octal_mode",
+    "positive_int",
+    "seconds",
+    "user_id",
+]
+
+TYPES: Final = ("stream", "dgram", "seqpacket")
+FRAMINGS: Final = ("raw", "lines", "length")
+
+#: Largest permission number --mode accepts: the 12 bits of st_mode below the file type.
+_MAX_MODE: Final = 0o7777
+
+
+def add_type(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--type",
+        choices=TYPES,
+        default="stream",
+        help="socket type (default: stream)",
+    )
+
+
+def add_framing(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--framing",
+        choices=FRAMINGS,
+        default=None,
+        help=(
+            "how messages are delimited on a stream: raw (bytes as they come, like nc -U; the "
+            "default), lines (one message per line) or length (4-byte big-endian length, "
+            "then the message: udskit's library default)"
+        ),
+    )
+
+
+def framing_for(args: argparse.Namespace) -> str:
+    """The framing to use: --framing on a stream (default raw); seqpacket and dgram keep
+    the kernel's message boundaries, so a framing there is a mistake."""
+    if args.type != "stream":
+        if args.framing is not None:
+            raise UsageError(
+                f"--framing applies to stream sockets only; {args.type} sockets keep each "
+                "message's boundaries themselves (drop --framing)"
+            )
+        return "raw"
+    return str(args.framing or "raw")
+
+
+def octal_mode(text: str) -> int:
+    """argparse type: a permission number written in octal, like 660, 0660 or 0o660."""
+    digits = text.removeprefix("0o")
+    try:
+        mode = int(digits, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an octal permission number like 660 or 0600"
+        ) from None
+    if not 0 <= mode <= _MAX_MODE:
+        raise argparse.ArgumentTypeError(f"{text!r} is over 7777, the largest permission number")
+    return mode
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def seconds(text: str) -> float:
+    """argparse type: a duration in seconds, zero or more (fractions allowed)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds, >= 0")
+    return value
+
+
+def user_id(text: str) -> int:
+    """argparse type: a uid, from a number or a name in the passwd database."""
+    if text.isdigit():
+        return int(text)
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+            f"unknown user {text!r}: give a user name from the passwd database or a uid"
+        ) from None
+
+
+def group_id(text: str) -> int:
+    """argparse type: a gid, from a number or a name in the group database."""
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+            f"unknown group {text!r}: give a group name from the group database or a gid"
+        ) from None
+
+
+def address(text: str) -> udskit.Address:
+    """argparse type: a udskit address (the rule it breaks becomes the usage error)."""
+    try:
+        return udskit.Address.parse(text)
+    except udskit.AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -1,0 +1,96 @@
+"""Writing what crossed a socket: to stdout as it arrives, and as a hex dump on stderr (-x).
+
+Writes go straight to the file descriptor, unbuffered, so a reply shows on a terminal the
+moment it arrives and a pipeline reader sees each message without waiting for a flush.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import Final
+
+__all__ = ["HexDump", "Output", "as_line", "err"]
+
+#: Bytes shown per hex dump row, as in ``hexdump -C`` and ``socat -x``.
+_ROW: Final = 16
+
+
+class Output:
+    """Thread-safe, unbuffered writes to a descriptor (stdout by default).
+
+    ``write`` returns False once nobody reads any more (EPIPE: ``... | head -1`` exited), so
+    callers can stop instead of failing on every later message.
+    """
+
+    __slots__ = ("_closed", "_fd", "_lock")
+
+    def __init__(self, fd: int = 1) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def write(self, data: bytes) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            view = memoryview(data)
+            try:
+                while view:
+                    view = view[os.write(self._fd, view) :]
+            except BrokenPipeError:
+                self._closed = True
+                return False
+            return True
+
+
+def as_line(message: bytes) -> bytes:
+    """A message as a line of output: with a newline added unless it ends with one."""
+    return message if message.endswith(b"\n") else message + b"\n"
+
+
+def err(text: str) -> None:
+    """One line on stderr, prefixed like every udskit message."""
+    print(f"udskit: {text}", file=sys.stderr, flush=True)
+
+
+class HexDump:
+    """``-x``: each message, with its direction, as a hex dump on stderr.
+
+    ``>`` is what we sent, ``<`` what we received; ``who`` names the peer when a server
+    talks to several at once.
+    """
+
+    __slots__ = ("_out",)
+
+    def __init__(self, fd: int = 2) -> None:
+        self._out = Output(fd)
+
+    def sent(self, data: bytes, who: str = "") -> None:
+        self._dump(">", data, who)
+
+    def received(self, data: bytes, who: str = "") -> None:
+        self._dump("<", data, who)
+
+    def _dump(self, arrow: str, data: bytes, who: str) -> None:
+        peer = f" {who}" if who else ""
+        lines = [f"{arrow}{peer} {len(data)} bytes"]
+        lines.extend(
+            _row(offset, data[offset : offset + _ROW]) for offset in range(0, len(data), _ROW)
+        )
+        self._out.write(("\n".join(lines) + "\n").encode())
+
+
+def _row(offset: int, chunk: bytes) -> str:
+    hexes = " ".join(f"{byte:02x}" for byte in chunk)
+    if len(chunk) > _ROW // 2:
+        first = " ".join(f"{byte:02x}" for byte in chunk[: _ROW // 2])
+        rest = " ".join(f"{byte:02x}" for byte in chunk[_ROW // 2 :])
+        hexes = f"{first}  {rest}"
+    text = "".join(chr(byte) if 32 <= byte < 127 else "." for byte in chunk)
+    return f"  {offset:08x}  {hexes:<49} |{text}|"

@@ -1,0 +1,192 @@
+"""Our stdin to a channel, the channel to our stdout: the heart of ``connect`` and ``pair``.
+
+A thread reads stdin and sends; the calling thread receives and writes stdout. The rules
+are those of ``nc -U``:
+
+* stream and seqpacket: at the end of stdin we half-close (the peer reads end of stream)
+  and keep printing replies until the peer closes; when the peer closes first, we are done;
+* datagram: each stdin line is one datagram. A datagram socket has no end of stream, so
+  once stdin ends we listen for replies until none has come for ``linger`` seconds.
+
+On a terminal, stdin hands over a line as soon as it is typed, so each line goes out at
+once and replies are shown as they arrive.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+from collections.abc import Iterator
+from typing import Final
+
+import udskit
+
+from ._output import HexDump, Output, as_line
+
+__all__ = ["DGRAM_LINGER", "MAX_STDIN_LINE", "Relay", "stdin_messages"]
+
+#: Bytes asked for per read of stdin. A terminal returns one line per read whatever we ask;
+#: a pipe returns what is buffered, up to this.
+STDIN_CHUNK: Final = 64 * 1024
+
+#: Longest stdin line sent as one message, so input without newlines (a binary file piped
+#: in by mistake) cannot grow our buffer without bound. Far above any datagram a default
+#: Linux socket can carry (about 208 KiB) and above the 'lines' framing's 64 KiB limit.
+MAX_STDIN_LINE: Final = 1024 * 1024
+
+#: How long a datagram client listens for replies once its input has ended, when --timeout
+#: does not say: the half second socat waits in the same situation (its -t default).
+DGRAM_LINGER: Final = 0.5
+
+
+def stdin_messages(fd: int, *, lines: bool) -> Iterator[bytes]:
+    """What to send, read from ``fd``: raw chunks as they come, or lines without their
+    newline (a last line without one still counts, as with ``printf 'a\\nb' | nc -U``)."""
+    pending = b""
+    while True:
+        chunk = os.read(fd, STDIN_CHUNK)
+        if not chunk:
+            break
+        if not lines:
+            yield chunk
+            continue
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        yield from complete
+        if len(pending) > MAX_STDIN_LINE:
+            raise udskit.FrameTooLarge(
+                f"a stdin line is over {MAX_STDIN_LINE} bytes without a newline: send binary "
+                "data with --type stream --framing raw, or split it into lines"
+            )
+    if lines and pending:
+        yield pending
+
+
+class Relay:
+    """Copy stdin to ``channel`` and ``channel`` to ``out`` until both directions end.
+
+    ``lines``: stdin is cut into lines, one message each (and replies are printed one per
+    line); otherwise bytes are passed through untouched, as on a raw stream.
+    """
+
+    __slots__ = (
+        "_channel",
+        "_dump",
+        "_error",
+        "_input_done",
+        "_lines",
+        "_linger",
+        "_out",
+        "_wake_r",
+        "_wake_w",
+    )
+
+    def __init__(
+        self,
+        channel: udskit.Channel,
+        out: Output,
+        *,
+        lines: bool,
+        dump: HexDump | None = None,
+        linger: float = DGRAM_LINGER,
+    ) -> None:
+        self._channel = channel
+        self._out = out
+        self._lines = lines
+        self._dump = dump
+        self._linger = linger
+        self._error: BaseException | None = None
+        self._input_done = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def run(self, stdin_fd: int = 0) -> None:
+        """Relay until done; re-raise what went wrong on the sending side, if anything."""
+        sender = threading.Thread(
+            target=self._send_stdin, args=(stdin_fd,), name="udskit-stdin", daemon=True
+        )
+        try:
+            sender.start()
+            if self._channel.type == "dgram":
+                self._receive_datagrams()
+                self._input_done.wait()
+            else:
+                self._receive_stream()
+        finally:
+            os.close(self._wake_r)
+        if self._error is not None:
+            raise self._error
+
+    # -- stdin -> socket ----------------------------------------------------------------
+    def _send_stdin(self, fd: int) -> None:
+        channel = self._channel
+        packets = channel.type != "stream"
+        try:
+            for message in stdin_messages(fd, lines=self._lines):
+                if packets and not message:
+                    continue  # an empty seqpacket message would read as end of connection
+                channel.send(message)
+                if self._dump is not None:
+                    self._dump.sent(message)
+            if channel.type != "dgram":
+                channel.shutdown_write()
+        except udskit.ConnectionClosed as exc:
+            if channel.type == "dgram":
+                self._error = exc  # the server is gone: say so
+            # stream, seqpacket: the receiving side sees the end and finishes
+        except (udskit.UdsError, OSError) as exc:
+            self._error = exc
+            self._abort()
+        finally:
+            self._input_done.set()
+            try:
+                os.write(self._wake_w, b"!")
+            finally:
+                os.close(self._wake_w)
+
+    def _abort(self) -> None:
+        """Wake the receiving side after a sending error, so it stops and reports it."""
+        try:
+            self._channel.socket.shutdown(2)  # SHUT_RDWR
+        except OSError:
+            pass
+
+    # -- socket -> stdout ---------------------------------------------------------------
+    def _show(self, message: bytes) -> bool:
+        if self._dump is not None:
+            self._dump.received(message)
+        return self._out.write(as_line(message) if self._lines else message)
+
+    def _receive_stream(self) -> None:
+        try:
+            for message in self._channel:
+                if not self._show(message):
+                    return  # nobody reads our output any more
+        except udskit.ConnectionClosed:
+            if self._error is None:
+                raise
+
+    def _receive_datagrams(self) -> None:
+        fd = self._channel.fileno()
+        watched = [fd, self._wake_r]
+        deadline: float | None = None
+        while True:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select(watched, [], [], timeout)
+            if not ready:
+                return  # input ended and no reply came for `linger` seconds
+            if self._error is not None:
+                return
+            if self._wake_r in ready:
+                watched = [fd]  # input has ended: from now on only replies matter
+                deadline = time.monotonic() + self._linger
+            if fd in ready:
+                try:
+                    message = self._channel.recv()
+                except udskit.ConnectionClosed:
+                    return  # the server went away; a later send says so, if there is one
+                if not self._show(message):
+                    return
+                if deadline is not None:
+                    deadline = time.monotonic() + self._linger

@@ -1,0 +1,72 @@
+"""``udskit connect ADDR``: stdin to the socket, the socket to stdout, like ``nc -U``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import udskit
+
+from ._options import add_framing, add_type, address, framing_for, seconds
+from ._output import HexDump, Output, err
+from ._relay import DGRAM_LINGER, Relay
+
+HELP = "connect to ADDR: stdin goes to the socket, what comes back to stdout (like nc -U)"
+EXAMPLE = """\
+  udskit connect /tmp/echo.sock                  type lines, see the replies (Ctrl-D ends)
+  printf 'hello\\n' | udskit connect /tmp/echo.sock
+  udskit connect --type dgram /tmp/s1.sock       each line one datagram (S2)
+  udskit connect --bind /tmp/client.sock /tmp/upper.sock
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("address", metavar="ADDR", type=address, help="where to connect")
+    add_type(parser)
+    add_framing(parser)
+    parser.add_argument(
+        "--bind",
+        metavar="PATH",
+        type=address,
+        help="bind our end to PATH (or @name) first, so the server sees who we are",
+    )
+    parser.add_argument(
+        "--timeout",
+        metavar="S",
+        type=seconds,
+        help=(
+            "seconds to wait for the connection; for --type dgram also how long to wait for "
+            f"replies once stdin ends (default: {DGRAM_LINGER})"
+        ),
+    )
+    parser.add_argument(
+        "-x", "--hexdump", action="store_true", help="hex dump of the traffic on stderr"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    framing = framing_for(args)
+    channel = udskit.connect(
+        args.address, type=args.type, framing=framing, timeout=args.timeout, bind=args.bind
+    )
+    with channel:
+        channel.settimeout(None)  # --timeout bounds the connect, not an idle conversation
+        if os.isatty(0):
+            _greet(channel)
+        relay = Relay(
+            channel,
+            Output(),
+            lines=args.type != "stream" or framing != "raw",
+            dump=HexDump() if args.hexdump else None,
+            linger=DGRAM_LINGER if args.timeout is None else args.timeout,
+        )
+        relay.run()
+    return 0
+
+
+def _greet(channel: udskit.Channel) -> None:
+    """On a terminal, say where we are and how to stop (stderr: stdout stays the data)."""
+    peer = channel.peer
+    who = f", server pid {peer.pid} ({peer.process_name}) uid {peer.uid}" if peer else ""
+    unit = "each line is one datagram" if channel.type == "dgram" else "type lines"
+    err(f"connected to {channel.address} ({channel.type}{who}); {unit}, Ctrl-D ends")

@@ -1,0 +1,250 @@
+"""``udskit serve ADDR``: a server that answers every client with one action.
+
+The socket file is claimed safely (a live server's socket is refused, a stale one
+reclaimed, anything that is not a socket never touched) and removed when the server stops:
+on Ctrl-C, SIGTERM, ``--until`` or ``--once``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import signal
+import threading
+from types import FrameType
+
+import udskit
+
+from . import _actions
+from ._actions import Action, Session, Until
+from ._options import (
+    add_framing,
+    add_type,
+    address,
+    framing_for,
+    group_id,
+    octal_mode,
+    positive_int,
+    user_id,
+)
+from ._output import HexDump, Output, err
+from .main import UsageError
+
+HELP = "serve ADDR: echo, uppercase, print, reply or run a command for every client"
+EXAMPLE = """\
+  udskit serve --echo /tmp/echo.sock
+  udskit serve --type dgram --print --until DONE /tmp/s1.sock     (S1)
+  udskit serve --reply 'thank you!' --backlog 128 /tmp/s5.sock   (S5)
+  udskit serve --upper -v /tmp/upper.sock                        (S7: shows each peer's uid)
+  udskit serve --exec 'tr a-z A-Z' --mode 660 --group www-data /run/app/app.sock
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("address", metavar="ADDR", type=address, help="where to listen")
+    add_type(parser)
+    actions = parser.add_mutually_exclusive_group(required=True)
+    actions.add_argument("--echo", action="store_true", help="send every message back")
+    actions.add_argument("--upper", action="store_true", help="send it back in upper case")
+    actions.add_argument("--print", action="store_true", help="print it on stdout")
+    actions.add_argument("--reply", metavar="TEXT", help="answer every message with TEXT")
+    actions.add_argument(
+        "--exec",
+        metavar="CMD",
+        help=(
+            "run CMD per connection (per datagram for --type dgram): the client's bytes go to "
+            "its stdin, its stdout back to the client. CMD is split like a shell line but not "
+            "run by a shell: write --exec \"sh -c '...'\" for pipes"
+        ),
+    )
+    parser.add_argument(
+        "--until",
+        metavar="TEXT",
+        help="stop (and remove the socket file) after a message equal to TEXT",
+    )
+    add_framing(parser)
+    parser.add_argument(
+        "--mode",
+        type=octal_mode,
+        default=0o600,
+        help="permissions of the socket file, in octal (default: 600)",
+    )
+    parser.add_argument("--owner", metavar="USER", help="owner of the socket file")
+    parser.add_argument("--group", metavar="GROUP", help="group of the socket file")
+    parser.add_argument(
+        "--allow-uid",
+        metavar="USER",
+        type=user_id,
+        action="append",
+        default=[],
+        help="serve only peers running as USER (name or uid; repeatable)",
+    )
+    parser.add_argument(
+        "--allow-gid",
+        metavar="GROUP",
+        type=group_id,
+        action="append",
+        default=[],
+        help="serve only peers in GROUP (name or gid; repeatable)",
+    )
+    parser.add_argument(
+        "--backlog",
+        type=positive_int,
+        default=128,
+        help="connections the kernel queues before the server accepts them (default: 128)",
+    )
+    parser.add_argument(
+        "--max-clients",
+        metavar="N",
+        type=positive_int,
+        help="serve at most N clients at once; others wait in the backlog",
+    )
+    parser.add_argument(
+        "--once", action="store_true", help="stop after the first client (or datagram)"
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="one line on stderr per client: pid, uid, gid, process name, address",
+    )
+    parser.add_argument(
+        "-x", "--hexdump", action="store_true", help="hex dump of the traffic on stderr"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    framing = framing_for(args)
+    raw = args.type == "stream" and framing == "raw"
+    handler = _Handler(args, raw=raw, lines=framing == "lines")
+    allow = (
+        udskit.Policy(args.allow_uid, args.allow_gid) if args.allow_uid or args.allow_gid else None
+    )
+    server = udskit.Server(
+        args.address,
+        handler,
+        max_clients=1 if args.once else args.max_clients,
+        type=args.type,
+        framing=framing,
+        mode=args.mode,
+        owner=args.owner,
+        group=args.group,
+        allow=allow,
+        backlog=args.backlog,
+    )
+    handler.server = server
+    if args.verbose:
+        shown = f", mode {args.mode:o}" if server.listener.address.kind == "path" else ""
+        err(f"serving {args.address} ({args.type}{shown}); Ctrl-C stops")
+    _serve_until_signal(server)
+    return 0
+
+
+def _serve_until_signal(server: udskit.Server) -> None:
+    """Serve; SIGINT and SIGTERM stop cleanly (the socket file is removed)."""
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        server.stop()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.serve_forever()
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        server.close()
+
+
+class _Handler:
+    """Called by the Server once per connection (per datagram for dgram)."""
+
+    def __init__(self, args: argparse.Namespace, *, raw: bool, lines: bool) -> None:
+        self.server: udskit.Server | None = None
+        self._raw = raw
+        self._lines = lines
+        self._type: str = args.type
+        self._until_text = None if args.until is None else os.fsencode(args.until)
+        self._once: bool = args.once
+        self._verbose: bool = args.verbose
+        self._dump = HexDump() if args.hexdump else None
+        self._command = _command(args.exec) if args.exec is not None else None
+        self._action = _action(args, raw=raw)
+        self._stop_lock = threading.Lock()
+
+    def __call__(self, channel: udskit.Channel) -> None:
+        peer = channel.peer
+        who = f"pid {peer.pid}" if peer is not None else ""
+        if self._verbose:
+            err(_describe(channel))
+        session = Session(channel, who, self._dump)
+        until = Until(self._until_text, raw=self._raw)
+        if self._command is None:
+            keep_going = self._serve_messages(session, until)
+        elif self._type == "dgram":
+            message = channel.recv()
+            self._received(session, message)
+            _actions.run_command_once(session, self._command, message)
+            keep_going = until.feed(message) is None
+        else:
+            keep_going = _actions.run_command(session, self._command, until, lines=self._lines)
+        if not keep_going or self._once:
+            self._stop()
+
+    def _serve_messages(self, session: Session, until: Until) -> bool:
+        assert self._action is not None
+        for message in session.channel:
+            cut = until.feed(message)
+            if cut is not None:
+                message = message[:cut]
+            self._received(session, message)
+            if not self._action(session, message) or cut is not None:
+                return False
+        return not until.matched_at_eof()
+
+    def _received(self, session: Session, message: bytes) -> None:
+        if self._dump is not None:
+            self._dump.received(message, session.who)
+
+    def _stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+def _action(args: argparse.Namespace, *, raw: bool) -> Action | None:
+    if args.echo:
+        return _actions.echo
+    if args.upper:
+        return _actions.upper
+    if args.print:
+        return _actions.make_print(Output(), raw=raw)
+    if args.reply is not None:
+        return _actions.make_reply(os.fsencode(args.reply), raw=raw)
+    return None  # --exec: handled per connection
+
+
+def _command(line: str) -> list[str]:
+    """--exec CMD as an argument vector; the program must exist now, not at the first client."""
+    try:
+        argv = shlex.split(line)
+    except ValueError as exc:
+        raise UsageError(f"--exec {line!r}: {exc}") from None
+    if not argv:
+        raise UsageError("--exec needs a command, e.g. --exec 'tr a-z A-Z'")
+    if shutil.which(argv[0]) is None:
+        raise UsageError(
+            f"--exec: command {argv[0]!r} not found (not executable, or not on PATH); "
+            "give its full path"
+        )
+    return argv
+
+
+def _describe(channel: udskit.Channel) -> str:
+    """S7: the -v line, from the kernel's credentials (SO_PEERCRED / SCM_CREDENTIALS)."""
+    peer = channel.peer
+    what = "datagram" if channel.type == "dgram" else "client"
+    if peer is None:
+        return f"{what} from {channel.address or 'an unnamed peer'}"
+    where = f" address={channel.address}" if channel.address is not None else ""
+    return f"{what} pid={peer.pid} uid={peer.uid} gid={peer.gid} process={peer.process_name}{where}"
