@@ -1,0 +1,701 @@
+"""Relay every connection between two addresses: ``udskit bridge LISTEN TARGET``.
+
+Any two stream addresses of :mod:`udskit.address` can be joined: ``tcp:127.0.0.1:8080`` in
+front of ``/run/app.sock`` (expose a socket on TCP), a socket file in front of a TCP service,
+an abstract name in front of a path, and so on. For each accepted client the bridge connects
+to the target and copies bytes both ways until both directions have ended:
+
+* full duplex, and half-close kept: end of stream from one side becomes ``shutdown(SHUT_WR)``
+  towards the other, and the other direction keeps flowing (an HTTP client that half-closes
+  after its request still gets the response);
+* bounded buffers with backpressure: when one side's write buffer goes above
+  :data:`RELAY_HIGH_WATER`, the bridge stops reading from the other side until it drains to
+  :data:`RELAY_LOW_WATER`, so a slow reader never makes the bridge hold more than a few
+  hundred KiB per connection;
+* the listening side is claimed like any udskit listener (a live server's socket is never
+  taken, a stale one is reclaimed, the file appears with its final mode) and released on
+  close; an access :class:`~udskit.Policy` is checked at accept on a Unix listening side;
+* a target that is down costs the one client its connection and one log line; the bridge
+  keeps serving.
+
+The relay runs on asyncio's low-level transports and protocols (uvloop's when installed, via
+:func:`run`), one event loop for all connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Final, cast
+
+from .address import Address, AddressLike, sun_path
+from .creds import Policy, peer_cred
+from .errors import ConnectError, Timeout, UdsError
+from .listening import Listener, listen
+from .options import DEFAULT_BACKLOG
+from .translate import translate
+
+__all__ = ["Bridge", "BridgeStats", "connect_socket", "run", "serve", "start"]
+
+log = logging.getLogger("udskit")
+
+#: A side's write buffer above which we stop reading from the other side. 256 KiB is the size
+#: of one read by asyncio and uvloop, so one full read always fits, and with the kernel's own
+#: socket buffers (about 200 KiB each way by default) it keeps a fast sender streaming while
+#: bounding what one connection can make the bridge hold.
+RELAY_HIGH_WATER: Final = 256 * 1024
+
+#: Reading resumes once the write buffer has drained to this: low enough that pause/resume
+#: does not flap on every write, high enough that the writer never runs dry while we wake up.
+RELAY_LOW_WATER: Final = 64 * 1024
+
+#: Seconds to wait for the target to accept a connection. A Unix listener whose backlog is
+#: full answers EAGAIN at once (nginx reports it as a 502 "(11: Resource temporarily
+#: unavailable)"); we retry until this deadline, as a blocking client would wait.
+CONNECT_TIMEOUT: Final = 10.0
+
+#: First pause between connect attempts while the target's backlog is full, and the longest.
+BUSY_RETRY: Final = 0.001
+BUSY_RETRY_MAX: Final = 0.05
+
+#: Connections accepted per wake-up of the listening socket, so that a flood of new clients
+#: does not starve the data of established ones.
+ACCEPT_BATCH: Final = 64
+
+#: After EMFILE/ENFILE/ENOBUFS/ENOMEM from accept(), the pending connection stays queued and
+#: the listener stays readable: retrying at once would spin. Pause accepting this long
+#: (doubling up to the maximum) while established connections finish and free descriptors.
+ACCEPT_BACKOFF: Final = 0.01
+ACCEPT_BACKOFF_MAX: Final = 1.0
+
+#: How long a stop waits for the connections' buffered data to be written before it cuts them.
+SHUTDOWN_GRACE: Final = 5.0
+
+#: accept(2) errors, and what we do (Linux accept(2); net/unix/af_unix.c; net/ipv4/tcp.c):
+#: EAGAIN: nothing (left) to accept. ECONNABORTED, EPROTO: the client gave up while queued,
+#: try the next. EMFILE, ENFILE, ENOBUFS, ENOMEM: out of resources, back off (above).
+#: Anything else means the listening socket itself is broken: stop accepting, log it.
+_RETRY_ACCEPT: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EINTR})
+_RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeStats:
+    """A snapshot of a bridge's counters."""
+
+    accepted: int  # clients accepted and allowed by the policy
+    refused: int  # clients the access policy refused
+    failed: int  # clients closed because the target could not be reached
+    active: int  # connections being relayed now
+    bytes_up: int  # client -> target, over the bridge's life
+    bytes_down: int  # target -> client
+    buffered: int  # bytes held in write buffers now, all connections together
+    paused: int  # directions whose reading is paused by backpressure now
+
+
+class _Side(asyncio.Protocol):
+    """One end of a relayed connection: what it reads is written to the other end."""
+
+    __slots__ = ("eof", "held", "held_eof", "name", "other", "paused", "relay", "transport")
+
+    def __init__(self, relay: _Relay, name: str) -> None:
+        self.relay = relay
+        self.name = name
+        self.other: _Side = self  # linked right after both are made
+        self.transport: asyncio.Transport | None = None
+        # Data (and end of stream) read before the other end's transport exists: a read can
+        # complete while the second transport is still being set up.
+        self.held: list[bytes] = []
+        self.held_eof = False
+        self.eof = False
+        self.paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=RELAY_HIGH_WATER, low=RELAY_LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        out = self.other.transport
+        if out is None:
+            self.held.append(data)
+            self._pause()
+            return
+        out.write(data)
+        self.relay.count(self, len(data))
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.other.transport is None:
+            self.held_eof = True
+        else:
+            self.relay.forward_eof(self)
+        # True: keep our transport open, the other direction may still be flowing.
+        return True
+
+    def pause_writing(self) -> None:
+        self.other._pause()
+
+    def resume_writing(self) -> None:
+        self.other._resume()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.lost(self, exc)
+
+    def flush_held(self) -> None:
+        """Pass on what was read before the other end was ready, and start reading."""
+        held, self.held = self.held, []
+        out = self.other.transport
+        assert out is not None
+        for data in held:
+            out.write(data)
+            self.relay.count(self, len(data))
+        if self.held_eof:
+            self.relay.forward_eof(self)
+        self._resume()
+
+    def _pause(self) -> None:
+        if not self.paused and self.transport is not None and not self.transport.is_closing():
+            self.paused = True
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self.paused and self.transport is not None and not self.transport.is_closing():
+            self.paused = False
+            self.transport.resume_reading()
+
+    def buffered(self) -> int:
+        if self.transport is None or self.transport.is_closing():
+            return 0
+        return self.transport.get_write_buffer_size()
+
+
+class _Relay:
+    """One client connection and its connection to the target."""
+
+    __slots__ = ("bridge", "client", "closed", "label", "lost_count", "target")
+
+    def __init__(self, bridge: Bridge, label: str) -> None:
+        self.bridge = bridge
+        self.label = label
+        self.client = _Side(self, "client")
+        self.target = _Side(self, "target")
+        self.client.other, self.target.other = self.target, self.client
+        self.lost_count = 0
+        self.closed = False
+
+    def count(self, side: _Side, size: int) -> None:
+        if side is self.client:
+            self.bridge._bytes_up += size
+        else:
+            self.bridge._bytes_down += size
+
+    def forward_eof(self, side: _Side) -> None:
+        """``side`` sent end of stream: half-close towards the other end, or finish."""
+        out = side.other.transport
+        if out is not None and not out.is_closing() and out.can_write_eof():
+            out.write_eof()  # after the buffered data, as shutdown(SHUT_WR)
+        if side.other.eof:
+            self.close()  # both directions are done; close() still writes what is buffered
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for side in (self.client, self.target):
+            if side.transport is not None:
+                side.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        for side in (self.client, self.target):
+            if side.transport is not None:
+                side.transport.abort()
+
+    def lost(self, side: _Side, exc: Exception | None) -> None:
+        self.lost_count += 1
+        if exc is not None:
+            log.debug("%s: %s connection lost: %s", self.label, side.name, exc)
+            self.abort()  # a reset on one side: no orderly end is possible on the other
+        else:
+            self.close()
+        if self.lost_count == 2:
+            self.bridge._finished(self)
+
+    def buffered(self) -> int:
+        return self.client.buffered() + self.target.buffered()
+
+    def paused(self) -> int:
+        return int(self.client.paused) + int(self.target.paused)
+
+
+class Bridge:
+    """A running relay from a listening address to a target. Make one with :func:`start`.
+
+    All methods must be called from the event loop the bridge runs on.
+    """
+
+    def __init__(
+        self,
+        listener: Listener,
+        target: Address,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        max_connections: int | None,
+    ) -> None:
+        self._listener = listener
+        self._sock = listener.socket
+        self._loop = loop
+        self._max_connections = max_connections
+        self.target = target
+        #: The listening address; for ``tcp:HOST:0``, with the port the kernel chose.
+        self.address = _bound_address(listener)
+        self._relays: set[_Relay] = set()
+        self._pending: set[asyncio.Task[None]] = set()  # the tasks that open connections
+        self._connecting = 0  # of those, the ones still connecting to the target
+        self._accepting = False
+        self._closed = False
+        self._backoff = ACCEPT_BACKOFF
+        self._resume_handle: asyncio.TimerHandle | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._accepted = self._refused = self._failed = 0
+        self._bytes_up = self._bytes_down = 0
+        self._sock.setblocking(False)
+        self._start_accepting()
+
+    # -- public ----------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def stats(self) -> BridgeStats:
+        return BridgeStats(
+            accepted=self._accepted,
+            refused=self._refused,
+            failed=self._failed,
+            active=len(self._relays) + self._connecting,
+            bytes_up=self._bytes_up,
+            bytes_down=self._bytes_down,
+            buffered=sum(r.buffered() for r in self._relays),
+            paused=sum(r.paused() for r in self._relays),
+        )
+
+    def close(self) -> None:
+        """Stop accepting and release the listening address (its socket file is removed).
+
+        Connections already being relayed go on; :meth:`aclose` ends them too.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_accepting()
+        if self._resume_handle is not None:
+            self._resume_handle.cancel()
+        self._listener.close()
+
+    async def aclose(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Close, then end every connection: buffered data gets ``grace`` seconds to be
+        written, after which the remaining connections are cut."""
+        self.close()
+        for task in list(self._pending):
+            task.cancel()
+        for relay in list(self._relays):
+            relay.close()
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except asyncio.TimeoutError:
+            log.warning(
+                "%s: %d connections did not finish within %.0f s of the stop; cutting them",
+                self.address,
+                len(self._relays),
+                grace,
+            )
+            for relay in list(self._relays):
+                relay.abort()
+            await asyncio.sleep(0)  # let the transports report connection_lost
+
+    async def serve_forever(self) -> None:
+        """Relay until cancelled; then :meth:`aclose`."""
+        try:
+            await asyncio.Future()
+        finally:
+            await self.aclose()
+
+    async def __aenter__(self) -> Bridge:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._relays)} connections"
+        return f"<Bridge {self.address} -> {self.target} {state}>"
+
+    # -- accepting -------------------------------------------------------------------------
+    def _start_accepting(self) -> None:
+        if not self._accepting and not self._closed:
+            self._accepting = True
+            self._loop.add_reader(self._sock.fileno(), self._accept_ready)
+
+    def _stop_accepting(self) -> None:
+        if self._accepting:
+            self._accepting = False
+            self._loop.remove_reader(self._sock.fileno())
+
+    def _accept_ready(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if self._at_capacity():
+                self._stop_accepting()  # resumed by _finished()
+                return
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _RETRY_ACCEPT:
+                    continue
+                self._stop_accepting()
+                if exc.errno in _RESOURCE_ERRNOS:
+                    log.warning(
+                        "%s: cannot accept: %s; pausing for %.2f s",
+                        self.address,
+                        exc.strerror,
+                        self._backoff,
+                    )
+                    self._resume_handle = self._loop.call_later(self._backoff, self._resume)
+                    self._backoff = min(self._backoff * 2, ACCEPT_BACKOFF_MAX)
+                else:
+                    log.error("%s: accept failed, no longer accepting: %s", self.address, exc)
+                return
+            self._backoff = ACCEPT_BACKOFF
+            self._admit(conn)
+
+    def _resume(self) -> None:
+        self._resume_handle = None
+        self._start_accepting()
+
+    def _at_capacity(self) -> bool:
+        limit = self._max_connections
+        return limit is not None and len(self._relays) + self._connecting >= limit
+
+    def _admit(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        label = f"{self.address} -> {self.target}"
+        if conn.family == socket.AF_UNIX:
+            try:
+                peer = peer_cred(conn)
+            except OSError as exc:  # the client vanished between accept() and getsockopt()
+                log.debug("%s: client gone before it was served: %s", label, exc)
+                conn.close()
+                return
+            policy = self._listener.policy
+            if policy is not None and not policy.check(peer, self.address):
+                self._refused += 1
+                _refuse(conn)
+                return
+            label = f"{label} (client pid {peer.pid}, uid {peer.uid})"
+        else:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._accepted += 1
+        self._idle.clear()
+        self._connecting += 1
+        task = self._loop.create_task(self._open(conn, label))
+        self._pending.add(task)
+        task.add_done_callback(self._pending_done)
+
+    def _pending_done(self, task: asyncio.Task[None]) -> None:
+        self._pending.discard(task)
+        self._maybe_idle()
+
+    async def _open(self, conn: socket.socket, label: str) -> None:
+        """Connect to the target and start relaying ``conn``; on failure, log and close it."""
+        try:
+            upstream = await connect_socket(self.target)
+        except (UdsError, OSError) as exc:
+            self._failed += 1
+            log.warning("%s: %s", label, exc)
+            conn.close()
+            return
+        except BaseException:
+            conn.close()
+            raise
+        finally:
+            self._connecting -= 1
+        relay = _Relay(self, label)  # counted as a relay from here on, with no await between
+        self._relays.add(relay)
+        try:
+            await self._loop.connect_accepted_socket(lambda: relay.client, sock=conn)
+            await self._loop.connect_accepted_socket(lambda: relay.target, sock=upstream)
+        except BaseException as exc:
+            # Cancelled by a stop, or a transport could not be made: close whatever exists.
+            if not isinstance(exc, asyncio.CancelledError):
+                log.warning("%s: cannot relay: %s", label, exc)
+            relay.abort()
+            if relay.client.transport is None:
+                conn.close()
+            if relay.target.transport is None:
+                upstream.close()
+            self._relays.discard(relay)
+            if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+                raise
+            return
+        relay.client.flush_held()
+        relay.target.flush_held()
+
+    def _finished(self, relay: _Relay) -> None:
+        self._relays.discard(relay)
+        if not self._closed and not self._accepting and self._resume_handle is None:
+            self._start_accepting()
+        self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        if not self._relays and not self._pending:
+            self._idle.set()
+
+
+def _refuse(conn: socket.socket) -> None:
+    """Close a refused client: it reads end of stream (or a reset if it had sent data)."""
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    conn.close()
+
+
+def _bound_address(listener: Listener) -> Address:
+    address = listener.address
+    if address.kind == "tcp" and address.port == 0:
+        host, port = listener.socket.getsockname()[:2]
+        return Address("tcp", host=host, port=port)
+    return address
+
+
+async def connect_socket(target: Address) -> socket.socket:
+    """A connected, non-blocking stream socket to ``target`` (a path of any length, an
+    abstract name or ``tcp:``), for asyncio code. Failures raise udskit errors that say why
+    (ConnectError, Timeout); a full backlog is retried for up to :data:`CONNECT_TIMEOUT`."""
+    if target.kind == "tcp":
+        return await _connect_tcp(asyncio.get_running_loop(), target)
+    if target.kind == "fd":
+        raise ValueError(f"cannot connect to {target}: a descriptor is not an address")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.setblocking(False)
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    delay = BUSY_RETRY
+    try:
+        while True:
+            # A Unix connect() completes (or fails) at once; only a full backlog (EAGAIN)
+            # means "try again", which a non-blocking socket reports instead of waiting.
+            try:
+                with sun_path(target) as where:
+                    sock.connect(where)
+                return sock
+            except BlockingIOError as exc:
+                if time.monotonic() > deadline:
+                    raise ConnectError(
+                        f"cannot connect to {target}: its backlog stayed full for "
+                        f"{CONNECT_TIMEOUT:.0f} s; the server is not accepting",
+                        errno=exc.errno,
+                    ) from exc
+            except OSError as exc:
+                raise translate(exc, "connect", target) from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BUSY_RETRY_MAX)
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def _connect_tcp(loop: asyncio.AbstractEventLoop, target: Address) -> socket.socket:
+    try:
+        infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConnectError(
+            f"cannot connect to {target}: cannot resolve {target.host!r}: {exc}"
+        ) from exc
+    error: OSError | None = None
+    for family, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await asyncio.wait_for(loop.sock_connect(sock, sockaddr), CONNECT_TIMEOUT)
+        except asyncio.TimeoutError:
+            sock.close()
+            raise Timeout(
+                f"cannot connect to {target}: no answer within {CONNECT_TIMEOUT:.0f} s"
+            ) from None
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    assert error is not None, "getaddrinfo returns at least one address or fails"
+    raise translate(error, "connect", target) from error
+
+
+async def start(
+    listen_address: AddressLike,
+    target: AddressLike,
+    *,
+    mode: int = 0o600,
+    owner: int | str | None = None,
+    group: int | str | None = None,
+    allow: Policy | None = None,
+    backlog: int = DEFAULT_BACKLOG,
+    max_connections: int | None = None,
+) -> Bridge:
+    """Listen on ``listen_address`` and relay each connection to ``target``.
+
+    The listening side is claimed like :func:`udskit.listen` (``mode``/``owner``/``group``
+    for a socket file, ``allow`` checked for every Unix client). ``max_connections`` bounds
+    the connections relayed at once (further clients wait in the backlog). Errors about the
+    addresses (malformed, in use, not a stream address) are raised here; an unreachable
+    target is only found per connection, and logged.
+    """
+    source = Address.parse(listen_address)
+    destination = Address.parse(target)
+    if destination.kind == "fd":
+        raise ValueError(
+            f"cannot bridge to {destination}: the target must be an address to connect to "
+            "(a path, @name or tcp:HOST:PORT), not a descriptor"
+        )
+    if allow is not None and source.kind == "tcp":
+        raise ValueError(
+            f"cannot apply an access policy on {source}: TCP clients carry no credentials; "
+            "listen on a Unix socket to restrict clients by uid or gid"
+        )
+    if max_connections is not None and (
+        isinstance(max_connections, bool)
+        or not isinstance(max_connections, int)
+        or max_connections < 1
+    ):
+        raise ValueError(f"max_connections must be a positive integer, not {max_connections!r}")
+    loop = asyncio.get_running_loop()
+    listener = listen(
+        source,
+        type="stream",
+        mode=mode,
+        owner=owner,
+        group=group,
+        allow=allow,
+        backlog=backlog,
+    )
+    try:
+        return Bridge(listener, destination, loop=loop, max_connections=max_connections)
+    except BaseException:
+        listener.close()
+        raise
+
+
+async def serve(
+    listen_address: AddressLike,
+    target: AddressLike,
+    *,
+    started: Callable[[Bridge], object] | None = None,
+    mode: int = 0o600,
+    owner: int | str | None = None,
+    group: int | str | None = None,
+    allow: Policy | None = None,
+    backlog: int = DEFAULT_BACKLOG,
+    max_connections: int | None = None,
+) -> None:
+    """Relay from ``listen_address`` to ``target`` until cancelled (see :func:`start`).
+
+    ``started(bridge)`` is called once the listening side accepts connections.
+    """
+    bridge = await start(
+        listen_address,
+        target,
+        mode=mode,
+        owner=owner,
+        group=group,
+        allow=allow,
+        backlog=backlog,
+        max_connections=max_connections,
+    )
+    if started is not None:
+        started(bridge)
+    await bridge.serve_forever()
+
+
+def run(
+    listen_address: AddressLike,
+    target: AddressLike,
+    *,
+    started: Callable[[Bridge], object] | None = None,
+    mode: int = 0o600,
+    owner: int | str | None = None,
+    group: int | str | None = None,
+    allow: Policy | None = None,
+    backlog: int = DEFAULT_BACKLOG,
+    max_connections: int | None = None,
+) -> None:
+    """Blocking :func:`serve` on its own event loop (uvloop's when installed).
+
+    In the main thread, SIGTERM and SIGINT stop the bridge cleanly: it stops accepting,
+    removes its socket file, lets buffered data out (for up to :data:`SHUTDOWN_GRACE`
+    seconds) and returns.
+    """
+    loop = _new_loop()
+    try:
+        loop.run_until_complete(
+            _run_until_signalled(
+                lambda: serve(
+                    listen_address,
+                    target,
+                    started=started,
+                    mode=mode,
+                    owner=owner,
+                    group=group,
+                    allow=allow,
+                    backlog=backlog,
+                    max_connections=max_connections,
+                )
+            )
+        )
+    finally:
+        try:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+
+
+async def _run_until_signalled(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(main())
+    handled: list[signal.Signals] = []
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, task.cancel)
+            handled.append(signum)
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not task.cancelled():
+            raise  # we were cancelled from outside, not by a signal
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop

@@ -1,0 +1,119 @@
+"""``udskit bridge LISTEN TARGET``: relay every connection from LISTEN to TARGET."""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import pwd
+import sys
+
+import udskit
+from udskit import bridge
+
+from .main import EXIT_OK, UsageError
+
+HELP = "relay connections between two addresses (TCP <-> Unix socket, abstract <-> path)"
+
+EXAMPLE = """\
+  udskit bridge tcp:127.0.0.1:8080 /run/app/gunicorn.sock   # expose a socket on TCP
+  udskit bridge /run/db.sock tcp:127.0.0.1:5432               # a socket in front of TCP
+  udskit bridge --mode 660 --group www-data /run/front.sock @backend
+  udskit bridge --allow-uid www-data /run/app.sock tcp:127.0.0.1:8000
+
+Prints 'listening on LISTEN -> TARGET' once it accepts connections (with the port the
+kernel chose for tcp:HOST:0). SIGTERM or Ctrl-C stops it and removes its socket file."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("listen", metavar="LISTEN", help="address to accept connections on")
+    parser.add_argument("target", metavar="TARGET", help="address to relay each connection to")
+    parser.add_argument(
+        "--mode",
+        type=_mode,
+        default=0o600,
+        help="permissions of a LISTEN socket file, octal (default: 600)",
+    )
+    parser.add_argument("--owner", metavar="USER", help="owner of a LISTEN socket file")
+    parser.add_argument("--group", metavar="GROUP", help="group of a LISTEN socket file")
+    parser.add_argument(
+        "--allow-uid",
+        metavar="USER",
+        action="append",
+        default=[],
+        help="accept only clients running as this user (name or uid; repeatable)",
+    )
+    parser.add_argument(
+        "--allow-gid",
+        metavar="GROUP",
+        action="append",
+        default=[],
+        help="accept only clients in this group (name or gid; repeatable)",
+    )
+    parser.add_argument("--backlog", type=int, default=128, help="listen() backlog (default: 128)")
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="relay at most N connections at once; more wait in the backlog",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    policy = _policy(args.allow_uid, args.allow_gid)
+    if policy is not None and udskit.Address.parse(args.listen).kind == "tcp":
+        raise UsageError(
+            "--allow-uid/--allow-gid need a Unix LISTEN address: TCP clients carry no credentials"
+        )
+
+    def started(running: bridge.Bridge) -> None:
+        print(f"listening on {running.address} -> {running.target}", flush=True)
+
+    bridge.run(
+        args.listen,
+        args.target,
+        started=started,
+        mode=args.mode,
+        owner=args.owner,
+        group=args.group,
+        allow=policy,
+        backlog=args.backlog,
+        max_connections=args.max_connections,
+    )
+    print("udskit bridge: stopped", file=sys.stderr)
+    return EXIT_OK
+
+
+def _mode(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid mode {text!r}: write octal permissions, e.g. 660"
+        ) from None
+    if not 0 <= value <= 0o7777:
+        raise argparse.ArgumentTypeError(f"invalid mode {text!r}: beyond 7777")
+    return value
+
+
+def _policy(users: list[str], groups: list[str]) -> udskit.Policy | None:
+    if not users and not groups:
+        return None
+    return udskit.Policy(uids=[_uid(u) for u in users], gids=[_gid(g) for g in groups])
+
+
+def _uid(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise UsageError(f"--allow-uid: unknown user {text!r}") from None
+
+
+def _gid(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise UsageError(f"--allow-gid: unknown group {text!r}") from None

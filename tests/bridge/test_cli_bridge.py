@@ -1,0 +1,128 @@
+"""``udskit bridge`` as a process: readiness line, relaying, clean stop on SIGTERM/SIGINT,
+one-line errors, and a target that is down."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .cli import bridge_process, run_udskit
+from .peers import LoopThread, client_for, echo_server, exchange, loop_thread, read_to_eof
+
+
+@pytest.fixture
+def servers() -> Iterator[LoopThread]:
+    with loop_thread("asyncio") as started:
+        yield started
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_bridge_relays_then_stops_cleanly(servers: LoopThread, sockdir: Path, signum: int) -> None:
+    front = sockdir / "front.sock"
+    with (
+        echo_server(servers, str(sockdir / "echo.sock")) as target,
+        bridge_process("--mode", "660", str(front), str(target.address)) as (process, where),
+    ):
+        assert where.path == str(front)
+        assert front.stat().st_mode & 0o777 == 0o660
+        assert exchange(where, b"through the bridge") == b"through the bridge"
+        code, err = process.stop(signum)
+    assert code == 0, err
+    assert not front.exists()
+    assert "Traceback" not in err
+
+
+def test_tcp_listener_reports_the_port_it_got(servers: LoopThread, sockdir: Path) -> None:
+    with (
+        echo_server(servers, str(sockdir / "echo.sock")) as target,
+        bridge_process("tcp:127.0.0.1:0", str(target.address)) as (process, where),
+    ):
+        assert where.kind == "tcp"
+        assert where.port > 0
+        assert exchange(where, b"tcp to unix") == b"tcp to unix"
+        code, _ = process.stop()
+    assert code == 0
+
+
+def test_target_down_is_one_line_per_connection_and_serving_goes_on(
+    servers: LoopThread, sockdir: Path
+) -> None:
+    target = sockdir / "app.sock"
+    with bridge_process("tcp:127.0.0.1:0", str(target)) as (process, where):
+        for _ in range(2):
+            with client_for(where) as sock:
+                assert read_to_eof(sock) == b""
+        with echo_server(servers, str(target)):
+            assert exchange(where, b"up again") == b"up again"
+        code, err = process.stop()
+    assert code == 0
+    failures = [line for line in err.splitlines() if "cannot connect" in line]
+    assert len(failures) == 2, err
+    assert all(str(target) in line and "no such file" in line for line in failures)
+    assert "Traceback" not in err
+
+
+def test_allow_uid_refuses_others(servers: LoopThread, sockdir: Path) -> None:
+    front = sockdir / "front.sock"
+    other = str(os.geteuid() + 1)
+    with (
+        echo_server(servers, str(sockdir / "echo.sock")) as target,
+        bridge_process("--allow-uid", other, str(front), str(target.address)) as (process, where),
+    ):
+        with client_for(where) as sock:
+            try:
+                answer = read_to_eof(sock)
+            except ConnectionResetError:
+                answer = b""
+        assert answer == b""
+        code, err = process.stop()
+    assert code == 0
+    assert f"refused peer pid={os.getpid()}" in err
+
+
+def test_allow_uid_admits_the_named_user(servers: LoopThread, sockdir: Path) -> None:
+    with (
+        echo_server(servers, str(sockdir / "echo.sock")) as target,
+        bridge_process(
+            "--allow-uid", str(os.geteuid()), str(sockdir / "front.sock"), str(target.address)
+        ) as (_, where),
+    ):
+        assert exchange(where, b"me") == b"me"
+
+
+def test_live_socket_is_not_taken(sockdir: Path) -> None:
+    busy = sockdir / "busy.sock"
+    with socket.socket(socket.AF_UNIX) as owner:
+        owner.bind(str(busy))
+        owner.listen()
+        result = run_udskit("bridge", str(busy), "tcp:127.0.0.1:1")
+    err = result.stderr.decode()
+    assert result.returncode == 1
+    assert err.count("\n") == 1, err
+    assert "a live server owns it" in err
+    assert f"pid {os.getpid()}" in err
+    assert busy.is_socket()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--allow-uid", "0", "tcp:127.0.0.1:0", "/x.sock"], 2, "need a Unix LISTEN address"),
+        (["--allow-uid", "no-such-user-here", "/tmp/a.sock", "/x.sock"], 2, "unknown user"),
+        (["--mode", "999", "/tmp/a.sock", "/x.sock"], 2, "invalid mode"),
+        (["tcp:127.0.0.1:0", "fd:3"], 2, "not a descriptor"),
+        (["tcp:127.0.0.1", "/x.sock"], 1, "malformed tcp address"),
+        (["--max-connections", "0", "tcp:127.0.0.1:0", "/x.sock"], 2, "max_connections"),
+    ],
+)
+def test_bad_arguments_are_one_line(args: list[str], code: int, message: str) -> None:
+    result = run_udskit("bridge", *args)
+    err = result.stderr.decode()
+    assert result.returncode == code, err
+    assert message in err
+    assert "Traceback" not in err
