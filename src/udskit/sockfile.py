@@ -74,7 +74,9 @@ def probe(target: str | bytes) -> Probe:
     for kind in _PROBE_TYPES:
         with socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC) as s:
             code = s.connect_ex(target)
-            if code == errno.EPROTOTYPE:
+            # EPROTOTYPE: a socket file of another type. ECONNREFUSED: stale, or (abstract
+            # names are looked up per type) no socket of *this* type: try the next type.
+            if code in (errno.EPROTOTYPE, errno.ECONNREFUSED):
                 continue
             if code == 0:
                 cred = peer_cred(s) if kind != socket.SOCK_DGRAM else None
