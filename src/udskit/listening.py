@@ -58,7 +58,7 @@ class Datagram:
 class _Endpoint:
     """What the two listener kinds share: socket, address, claim, close, context manager."""
 
-    __slots__ = ("_claim", "_closed", "_sock", "address", "policy")
+    __slots__ = ("_claim", "_closed", "_owner_pid", "_sock", "address", "policy")
 
     def __init__(
         self, sock: socket.socket, address: Address, claim: Claim | None, policy: Policy | None
@@ -66,6 +66,7 @@ class _Endpoint:
         self._sock = sock
         self._claim = claim
         self._closed = False
+        self._owner_pid = os.getpid()
         self.address = address
         self.policy = policy
 
@@ -97,11 +98,14 @@ class _Endpoint:
         self._closed = True
         if self._claim is not None:
             self._claim.release()  # first, so no client connects to a closing socket
-        try:
-            # Wakes a thread blocked in accept()/recv() on this socket (close alone does not).
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        if os.getpid() == self._owner_pid:
+            # shutdown() acts on the socket every forked copy shares: a child closing its
+            # copy must leave the parent's listener working, so only the creator does it.
+            try:
+                # Wakes a thread blocked in accept()/recv() on this socket (close alone does not).
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self._sock.close()
 
     def _check_open(self) -> None:
