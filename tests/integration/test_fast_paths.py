@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 import udskit
-from udskit.channel import _JOIN_LIMIT, MAX_SPIN_US
+from udskit.channel import _JOIN_LIMIT, DIRECT_READ_MIN, MAX_SPIN_US
 from udskit.options import DEFAULT_STREAM_BUFFER
+from udskit.proto import HEADER
 
 
 def _receive_all(channel: udskit.Channel, count: int) -> list[bytes]:
@@ -173,3 +174,73 @@ def test_bad_buffer_sizes_are_refused_before_any_socket_exists(
 def _wmem_max() -> int:
     with open("/proc/sys/net/core/wmem_max", encoding="ascii") as f:
         return 2 * int(f.read())
+
+
+# -- large messages: the direct read path ---------------------------------------------------
+
+BIG = DIRECT_READ_MIN * 2
+
+
+def _sender(channel: udskit.Channel, messages: list[bytes]) -> threading.Thread:
+    thread = threading.Thread(target=lambda: [channel.send(m) for m in messages])
+    thread.start()
+    return thread
+
+
+def test_large_and_small_messages_interleaved_arrive_intact() -> None:
+    messages = [
+        bytes([i]) * size
+        for i, size in enumerate([BIG, BIG, 10, BIG + 1, DIRECT_READ_MIN, 0, 3, BIG, 1])
+    ]
+    left, right = udskit.pair()
+    with left, right:
+        thread = _sender(left, messages)
+        received = [right.recv() for _ in messages]
+        thread.join()
+    assert [len(m) for m in received] == [len(m) for m in messages]
+    assert received == messages
+
+
+def test_peer_dying_inside_a_large_payload_is_reported_mid_message() -> None:
+    left, right = udskit.pair()
+    with right:
+        with left:
+            left.send(b"x" * BIG)  # switches the receiver to direct reads
+            # a header announcing BIG bytes, then half of them, then the peer is gone
+            left.socket.sendall(HEADER.pack(BIG) + b"y" * (BIG // 2))
+        assert len(right.recv()) == BIG
+        with pytest.raises(udskit.ConnectionClosed, match="mid-message") as info:
+            right.recv()
+        assert info.value.mid_message
+
+
+def test_descriptors_sent_with_a_large_message_arrive_with_it(no_fd_leak: None) -> None:
+    read_end, write_end = os.pipe()
+    left, right = udskit.pair()
+    try:
+        with left, right:
+            thread = threading.Thread(
+                target=lambda: (left.send(b"a" * BIG), left.send_fds(b"b" * BIG, [read_end]))
+            )
+            thread.start()
+            assert right.recv_fds() == (b"a" * BIG, [])
+            data, fds = right.recv_fds()
+            thread.join()
+            assert data == b"b" * BIG
+            assert len(fds) == 1
+            os.write(write_end, b"!")
+            assert os.read(fds[0], 1) == b"!"
+            os.close(fds[0])
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_large_messages_with_a_timeout_use_the_buffered_path() -> None:
+    left, right = udskit.pair()
+    right.settimeout(30)
+    with left, right:
+        thread = _sender(left, [b"p" * BIG, b"q" * BIG])
+        assert right.recv() == b"p" * BIG
+        assert right.recv() == b"q" * BIG
+        thread.join()

@@ -2,10 +2,15 @@
 
 A framing object is fed what arrived (``receive_data``), told when the stream ended
 (``receive_eof``), and asked for the next complete message (``next_message``), h11-style.
-``encode`` turns a payload into the buffers to write. File descriptors that arrived with the
-data (SCM_RIGHTS) are passed in with it, and handed out with the message whose first byte
-they came with: the kernel never merges stream data sent with descriptors into an earlier
-read, so a descriptor tag's offset is always the first byte of the sender's message.
+``encode`` turns a payload into the buffers to write.
+
+Descriptors (SCM_RIGHTS) are fed with the read that brought them, and handed out with the
+*last message that starts within that read*. Why: Linux's unix_stream_read_generic() copies
+skb after skb into one read and detaches an skb's descriptors when it first copies from it,
+then ends the read right there. So a read can start with the tail of earlier messages, but
+the skb that carried the descriptors is the last one it touched, and that skb begins the
+message the sender passed them with (a sender sends descriptors with one whole message per
+sendmsg(), as Channel.send_fds does).
 """
 
 from __future__ import annotations
@@ -89,7 +94,8 @@ class Decoder:
         self._pos = 0  # first unconsumed byte in _buf
         self._eof = False
         self._received = 0  # absolute stream offset of the end of _buf
-        self._fd_tags: deque[tuple[int, list[int]]] = deque()
+        # (first, end) stream offsets of a read that brought descriptors, and those fds.
+        self._fd_tags: deque[tuple[int, int, list[int]]] = deque()
         self._last_fds: list[int] = []
 
     # -- feeding -------------------------------------------------------------------------
@@ -98,7 +104,7 @@ class Decoder:
         if self._eof:
             raise ProtocolError("data received after end of stream")
         if fds:
-            self._fd_tags.append((self._received, list(fds)))
+            self._fd_tags.append((self._received, self._received + len(data), list(fds)))
         pos = self._pos
         if pos and pos == len(self._buf):
             self._buf.clear()  # everything consumed: start over, nothing to move
@@ -150,7 +156,7 @@ class Decoder:
     def held_fds(self) -> list[int]:
         """Every descriptor still owned by the decoder: close these when giving up."""
         held = list(self._last_fds)
-        for _, fds in self._fd_tags:
+        for _, _, fds in self._fd_tags:
             held.extend(fds)
         self._last_fds = []
         self._fd_tags.clear()
@@ -166,11 +172,19 @@ class Decoder:
                 message = view[start:end].tobytes()
         self._pos = end + skip
         if self._fd_tags:
-            # Hand over the descriptors that arrived with any byte of this message.
-            consumed = self._received - (len(self._buf) - self._pos)
-            while self._fd_tags and self._fd_tags[0][0] < consumed:
-                self._last_fds.extend(self._fd_tags.popleft()[1])
+            self._hand_over_fds()
         return message
+
+    def _hand_over_fds(self) -> None:
+        """Give the message just consumed the descriptors whose read ended inside it.
+
+        A read that reaches past this message's end may still hold the start of a later
+        message, which then is the last to start within it: that tag waits for it.
+        """
+        consumed = self._received - (len(self._buf) - self._pos)  # the next message starts here
+        tags = self._fd_tags
+        while tags and tags[0][1] <= consumed:
+            self._last_fds.extend(tags.popleft()[2])
 
     def _end(self, needed: int | None) -> Closed:
         """At EOF: a clean end, or ConnectionClosed if a message was cut short."""
@@ -245,6 +259,28 @@ class LengthPrefixed(Decoder):
             return 0
         size: int = HEADER.unpack_from(self._buf, self._pos)[0]
         return max(0, min(size, self.max_frame) + HEADER.size - available)
+
+    def header_only(self) -> int:
+        """The announced payload size if exactly one header (and nothing else) is buffered,
+        else 0: then the payload can be read straight into its own object and passed to
+        ``receive_payload``, with no copy through our buffer."""
+        if len(self._buf) - self._pos != HEADER.size or self._eof:
+            return 0
+        size: int = _unpack_from(self._buf, self._pos)[0]
+        return size if size <= self.max_frame else 0
+
+    def receive_payload(self, payload: bytes) -> bytes | NeedData | Closed:
+        """Complete the frame whose header alone is buffered with ``payload`` as its body.
+
+        When ``payload`` is the whole body it is returned as the message itself, uncopied;
+        otherwise (the peer closed early, a short read) it is fed like any other data.
+        """
+        if len(payload) == self.header_only() and payload:
+            self._pos += HEADER.size
+            self._received += len(payload)
+            self._hand_over_fds()
+            return payload
+        return self.feed(payload)
 
 
 class Lines(Decoder):
