@@ -269,6 +269,9 @@ def claim(
     path = address.absolute().raw
     directory = _Directory(path)
     try:
+        # A name no client can reach (too long even through /proc/self/fd) is an error
+        # here, not a listener that every connect() later fails to find.
+        directory.sun_path(directory.name, path)
         with _Lock(directory):
             _make_room(directory, address)
             dev_ino = _bind_private(sock, directory, address, mode, uid, gid)
@@ -390,6 +393,14 @@ def bind_reply_path(sock: socket.socket, address: Address, mode: int = 0o600) ->
     permissions than ``mode`` (chmod afterwards restores bits the umask removed).
     """
     path = address.absolute().raw
+    if len(path) > MAX_DIRECT_PATH and sock.type == socket.SOCK_DGRAM:
+        # Bound through /proc/self/fd/N, the name peers would answer means another
+        # descriptor (or nothing) in *their* process: replies would go astray.
+        raise AddressError(
+            f"cannot bind datagram reply path {address}: it is {len(path)} bytes and sun_path "
+            f"holds {MAX_DIRECT_PATH}; peers answer the name the kernel reports, so it must "
+            "fit: use a shorter path"
+        )
     directory = _Directory(path)
     try:
         with _Lock(directory):
