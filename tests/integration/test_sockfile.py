@@ -1,0 +1,615 @@
+"""The socket file's life (DESIGN §3): what ``listen()`` does with whatever sits at the path,
+what ``close()`` removes, and that N processes racing for one path never hurt the winner."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import grp
+import logging
+import os
+import pwd
+import secrets
+import select
+import socket
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import udskit
+from udskit import AddressError, AddressInUse, ConnectError, SocketFileError, Timeout
+from udskit import sockfile as sockfile_module
+from udskit.address import SUN_PATH_MAX
+
+from ..conftest import wait_connectable
+from .children import NOBODY, Held, fork, needs_root, read_report, reap, run_in_child
+
+TYPES = ["stream", "seqpacket", "dgram"]
+KINDS = {
+    "stream": socket.SOCK_STREAM,
+    "seqpacket": socket.SOCK_SEQPACKET,
+    "dgram": socket.SOCK_DGRAM,
+}
+
+#: Race rounds and process counts: every count from 2 to 8, several times over.
+RACE_ROUNDS = 25
+RACE_MIN, RACE_MAX = 2, 8
+
+#: Upper bound on lstat() calls by the mode watcher in one listen(); it stops long before.
+MAX_LOOKS = 200_000
+
+
+def debris(directory: Path) -> list[str]:
+    """Lock files and private bind directories a claim may have left behind."""
+    return sorted(
+        name for name in os.listdir(directory) if name.endswith(".lock") or ".udskit-" in name
+    )
+
+
+def stale_socket(path: Path, kind: str = "stream") -> os.stat_result:
+    """Leave a socket file with nothing behind it, as a crashed server does."""
+    with socket.socket(socket.AF_UNIX, KINDS[kind]) as sock:
+        sock.bind(os.fspath(path))
+    return os.lstat(path)
+
+
+def deep_directory(base: Path, length: int) -> Path:
+    """A directory under ``base`` whose path is at least ``length`` bytes long."""
+    directory = base
+    while len(os.fsencode(directory)) < length:
+        directory /= "d" * 50
+    directory.mkdir(parents=True)
+    return directory
+
+
+@pytest.fixture
+def path(sockdir: Path) -> Iterator[Path]:
+    yield sockdir / "app.sock"
+    assert debris(sockdir) == [], "a claim left a lock file or private directory behind"
+
+
+# -- what is at the path -----------------------------------------------------------------------
+
+
+def _regular(path: Path) -> None:
+    path.write_bytes(b"precious data")
+
+
+def _directory(path: Path) -> None:
+    path.mkdir()
+    (path / "inside").write_bytes(b"precious data")
+
+
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _symlink_to_file(path: Path) -> None:
+    target = path.with_name("target")
+    target.write_bytes(b"precious data")
+    path.symlink_to(target)
+
+
+def _dangling_symlink(path: Path) -> None:
+    path.symlink_to(path.with_name("nowhere"))
+
+
+OBSTACLES: dict[str, tuple[Callable[[Path], None], str]] = {
+    "regular-file": (_regular, "regular file"),
+    "directory": (_directory, "directory"),
+    "fifo": (_fifo, "FIFO"),
+    "symlink": (_symlink_to_file, "symlink"),
+    "dangling-symlink": (_dangling_symlink, "symlink"),
+}
+
+
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+@pytest.mark.parametrize("obstacle", OBSTACLES)
+def test_non_socket_is_never_unlinked(path: Path, obstacle: str, kind: str) -> None:
+    make, name = OBSTACLES[obstacle]
+    make(path)
+    before = os.lstat(path)
+    with pytest.raises(SocketFileError) as caught:
+        udskit.listen(path, type=kind)
+    message = str(caught.value)
+    assert str(path) in message
+    assert f"a {name} is in the way" in message
+    assert "never deletes" in message
+    assert caught.value.errno == errno.EEXIST
+    assert isinstance(caught.value, OSError)
+    after = os.lstat(path)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+    if obstacle in ("regular-file", "symlink"):
+        assert path.read_bytes() == b"precious data"
+
+
+def test_symlink_to_live_socket_is_refused_not_followed(path: Path, sockdir: Path) -> None:
+    real = sockdir / "real.sock"
+    with udskit.listen(real):
+        path.symlink_to(real)
+        with pytest.raises(SocketFileError, match="a symlink is in the way"):
+            udskit.listen(path)
+        assert path.is_symlink()
+        wait_connectable(real)
+
+
+# -- a live owner ------------------------------------------------------------------------------
+
+
+def _listen_and_report(path: Path, kind: str) -> Callable[[], tuple[str, Callable[[], object]]]:
+    def setup() -> tuple[str, Callable[[], object]]:
+        listener = udskit.listen(path, type=kind)
+        return str(os.getpid()), listener.close
+
+    return setup
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_live_server_in_another_process_is_address_in_use(path: Path, kind: str) -> None:
+    with Held(_listen_and_report(path, kind)) as owner:
+        assert owner.report == str(owner.pid)
+        inode = os.lstat(path).st_ino
+        for attempt_kind in TYPES:  # whatever type we ask for, the path is taken
+            with pytest.raises(AddressInUse) as caught:
+                udskit.listen(path, type=attempt_kind)
+            error = caught.value
+            assert isinstance(error, OSError)
+            assert error.errno == errno.EADDRINUSE
+            message = str(error)
+            assert str(path) in message
+            assert "live server" in message
+            assert error.uid == os.getuid()
+            assert f"uid {os.getuid()}" in message
+            if kind == "dgram":
+                assert error.pid is None  # a datagram socket has no peer credentials to ask
+            else:
+                assert error.pid == owner.pid
+                assert f"pid {owner.pid}" in message
+        assert os.lstat(path).st_ino == inode, "the owner's socket file was replaced"
+        wait_connectable(path, KINDS[kind])
+    assert owner.stop() == 0
+    assert not path.exists(), "the owner removes its socket file when it closes"
+
+
+def test_live_server_with_a_full_backlog_is_still_live(path: Path) -> None:
+    clients: list[socket.socket] = []
+    with udskit.listen(path, backlog=1):
+        try:
+            for _ in range(16):  # the kernel queues backlog + 1; bounded well above that
+                client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+                clients.append(client)
+                if client.connect_ex(os.fspath(path)) == errno.EAGAIN:
+                    break
+            else:
+                pytest.fail("the backlog never filled")
+            with pytest.raises(AddressInUse, match="backlog is full") as caught:
+                udskit.listen(path)
+            assert caught.value.uid == os.getuid()
+        finally:
+            for client in clients:
+                client.close()
+
+
+# -- stale sockets -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_stale_socket_is_reclaimed(path: Path, kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    stale_socket(path, kind)
+    path.chmod(0o644)
+    with socket.socket(socket.AF_UNIX, KINDS[kind]) as probe:
+        assert probe.connect_ex(os.fspath(path)) == errno.ECONNREFUSED
+    with caplog.at_level(logging.INFO, logger="udskit"), udskit.listen(path, type=kind):
+        # (The inode number may well be reused: tell the files apart by mode and liveness.)
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+        wait_connectable(path, KINDS[kind])
+    assert f"removing stale socket file {path}" in caplog.text
+    assert not path.exists()
+
+
+# -- N processes racing for one path ------------------------------------------------------------
+
+
+def _racer(
+    path: Path, go: int, result: int, stop: int, parent_ends: list[int]
+) -> Callable[[], int]:
+    def run() -> int:
+        for fd in parent_ends:  # else the pipes never reach end of file
+            os.close(fd)
+        select.select([go], [], [], 30)  # the parent closes its end: everyone starts at once
+        try:
+            listener = udskit.listen(path)
+        except AddressInUse as exc:
+            os.write(result, b"lost %d" % (exc.pid or -1))
+            return 0
+        os.write(result, b"won")
+        os.close(result)
+        select.select([stop], [], [], 30)  # until the parent closes its end
+        listener.close()
+        return 0
+
+    return run
+
+
+def test_racing_processes_exactly_one_wins(sockdir: Path) -> None:
+    path = sockdir / "race.sock"
+    for round_number in range(RACE_ROUNDS):
+        count = RACE_MIN + round_number % (RACE_MAX - RACE_MIN + 1)
+        go_r, go_w = os.pipe()
+        stop_r, stop_w = os.pipe()
+        racers: list[tuple[int, int]] = []  # (pid, result read end)
+        try:
+            for _ in range(count):
+                result_r, result_w = os.pipe()
+                pid = fork(_racer(path, go_r, result_w, stop_r, [go_w, stop_w]))
+                os.close(result_w)
+                racers.append((pid, result_r))
+            os.close(go_w)
+            go_w = -1
+            reports = {pid: read_report(fd) for pid, fd in racers}
+            winners = [pid for pid, report in reports.items() if report == "won"]
+            assert len(winners) == 1, f"round {round_number}: {reports}"
+            winner = winners[0]
+            for pid, report in reports.items():
+                if pid != winner:
+                    assert report == f"lost {winner}", f"round {round_number}: {reports}"
+            # The winner's socket was never unlinked: it is the one that answers.
+            with udskit.connect(path) as client:
+                assert client.peer is not None
+                assert client.peer.pid == winner
+        finally:
+            if go_w != -1:
+                os.close(go_w)
+            os.close(stop_w)  # the winner closes its listener and exits
+            codes = [reap(pid) for pid, _ in racers]
+            for _, fd in racers:
+                os.close(fd)
+            os.close(go_r)
+            os.close(stop_r)
+        assert codes == [0] * count
+        assert not path.exists()
+        assert debris(sockdir) == []
+
+
+# -- close() and the path ----------------------------------------------------------------------
+
+
+def _replace_with_file(path: Path) -> None:
+    path.write_bytes(b"not yours")
+
+
+def _replace_with_socket(path: Path) -> None:
+    stale_socket(path)
+
+
+REPLACEMENTS = {"file": _replace_with_file, "socket": _replace_with_socket}
+
+
+@pytest.mark.parametrize("replacement", REPLACEMENTS)
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+def test_close_never_deletes_a_replacement(
+    path: Path, kind: str, replacement: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    listener = udskit.listen(path, type=kind)
+    os.unlink(path)
+    REPLACEMENTS[replacement](path)
+    inode = os.lstat(path).st_ino
+    with caplog.at_level(logging.INFO, logger="udskit"):
+        listener.close()
+    assert os.lstat(path).st_ino == inode
+    assert "was replaced by another file; leaving it in place" in caplog.text
+
+
+def test_close_after_the_file_was_removed(path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    listener = udskit.listen(path)
+    os.unlink(path)
+    with caplog.at_level(logging.INFO, logger="udskit"):
+        listener.close()
+    assert not path.exists()
+    assert caplog.records == []
+
+
+def test_close_removes_the_file_and_is_idempotent(path: Path) -> None:
+    listener = udskit.listen(path)
+    listener.close()
+    listener.close()
+    assert not path.exists()
+    assert listener.closed
+
+
+def test_context_manager_removes_the_file(path: Path) -> None:
+    def body() -> None:
+        with udskit.listen(path, type="seqpacket"):
+            assert path.exists()
+            raise RuntimeError("the body failed")
+
+    with pytest.raises(RuntimeError, match="the body failed"):
+        body()
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_forked_child_closing_its_copy_keeps_the_parents_socket(path: Path, kind: str) -> None:
+    with udskit.listen(path, type=kind) as listener:
+        inode = os.lstat(path).st_ino
+        pid = fork(listener.close)
+        assert reap(pid) == 0
+        assert os.lstat(path).st_ino == inode
+        wait_connectable(path, KINDS[kind])
+    assert not path.exists(), "the parent still removes it"
+
+
+# -- directories -------------------------------------------------------------------------------
+
+
+def test_missing_parent_directory(sockdir: Path) -> None:
+    missing = sockdir / "not-here" / "sub"
+    with pytest.raises(SocketFileError) as caught:
+        udskit.listen(missing / "app.sock")
+    message = str(caught.value)
+    assert f"directory {missing} does not exist" in message
+    assert f"mkdir -p {missing}" in message
+    assert caught.value.errno == errno.ENOENT
+    assert os.listdir(sockdir) == []
+
+
+def test_path_naming_a_directory(sockdir: Path) -> None:
+    with pytest.raises(AddressError, match="names a directory, not a file"):
+        udskit.listen(f"{sockdir}/")
+
+
+@needs_root
+@pytest.mark.parametrize("dir_mode", [0o755, 0o700], ids=["no-write", "no-search"])
+def test_no_permission_on_the_directory(sockdir: Path, dir_mode: int) -> None:
+    sockdir.chmod(0o755)
+    directory = sockdir / "root-only"
+    directory.mkdir(mode=dir_mode)
+    directory.chmod(dir_mode)
+    target = directory / "app.sock"
+
+    def attempt() -> str:
+        udskit.listen(target)
+        return "listening"
+
+    report = run_in_child(attempt, as_user=NOBODY)
+    assert report.startswith("SocketFileError: ")
+    assert str(target) in report
+    assert "permission denied" in report
+    assert os.listdir(directory) == []
+
+
+@needs_root
+def test_live_socket_we_may_not_probe_is_in_use(sockdir: Path) -> None:
+    sockdir.chmod(0o755)
+    shared = sockdir / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: everyone may create, only owners may remove
+    target = shared / "app.sock"
+    with udskit.listen(target, mode=0o600):
+
+        def attempt() -> str:
+            try:
+                udskit.listen(target)
+            except AddressInUse as exc:
+                return f"uid={exc.uid} {exc}"
+            return "listening"
+
+        report = run_in_child(attempt, as_user=NOBODY)
+        assert report.startswith(f"uid={os.getuid()} ")
+        assert "may not connect to it" in report
+        assert str(target) in report
+        wait_connectable(target)
+    assert debris(shared) == []
+
+
+def test_lock_held_too_long_is_a_timeout(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sockfile_module, "CLAIM_LOCK_TIMEOUT", 0.1)
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another holder, stuck
+        with pytest.raises(Timeout, match="held the lock") as caught:
+            udskit.listen(path)
+        assert str(lock_path) in str(caught.value)
+        assert "fuser" in str(caught.value)
+        assert not path.exists()
+    finally:
+        os.close(fd)
+        os.unlink(lock_path)
+
+
+def test_symlink_planted_at_the_lock_path_is_not_followed(path: Path, sockdir: Path) -> None:
+    victim = sockdir / "victim"
+    lock_path = path.with_name(path.name + ".lock")
+    lock_path.symlink_to(victim)
+    try:
+        with pytest.raises(SocketFileError, match="cannot create lock file") as caught:
+            udskit.listen(path)
+        assert str(lock_path) in str(caught.value)
+        assert not victim.exists(), "the lock must never create a file through a symlink"
+        assert not path.exists()
+    finally:
+        lock_path.unlink()
+
+
+# -- long paths --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_path_over_sun_path_works(sockdir: Path, kind: str) -> None:
+    directory = deep_directory(sockdir, 2 * SUN_PATH_MAX)
+    target = directory / "server.sock"
+    assert len(os.fsencode(target)) > SUN_PATH_MAX
+    with udskit.listen(target, type=kind) as listener:
+        assert stat.S_IMODE(os.lstat(target).st_mode) == 0o600
+        with udskit.connect(target, type=kind) as client:
+            client.send(b"over 108 bytes")
+            if isinstance(listener, udskit.DatagramListener):
+                datagram = listener.recv()
+                assert datagram.data == b"over 108 bytes"
+                assert datagram.sender is not None
+                listener.send_to(datagram.sender, b"reply")
+            else:
+                with listener.accept() as server:
+                    assert server.recv() == b"over 108 bytes"
+                    server.send(b"reply")
+            assert client.recv() == b"reply"
+        with pytest.raises(AddressInUse):
+            udskit.listen(target, type=kind)
+    assert not target.exists()
+    assert debris(directory) == []
+
+
+def test_stale_socket_over_sun_path_is_reclaimed(sockdir: Path) -> None:
+    directory = deep_directory(sockdir, 2 * SUN_PATH_MAX)
+    target = directory / "server.sock"
+    here = os.open(directory, os.O_PATH | os.O_DIRECTORY)
+    try:
+        stale_socket(Path(f"/proc/self/fd/{here}/server.sock"))
+    finally:
+        os.close(here)
+    assert stat.S_ISSOCK(os.lstat(target).st_mode)
+    with udskit.listen(target), udskit.connect(target):
+        pass
+    assert not target.exists()
+
+
+def test_connect_over_sun_path_to_nothing(sockdir: Path) -> None:
+    directory = deep_directory(sockdir, 2 * SUN_PATH_MAX)
+    with pytest.raises(ConnectError, match="no such file"):
+        udskit.connect(directory / "absent.sock")
+
+
+def test_file_name_too_long_for_proc_fd(path: Path, sockdir: Path) -> None:
+    target = sockdir / ("n" * 100)
+    length = len(os.fsencode(target))
+    for attempt in (udskit.listen, udskit.connect):
+        with pytest.raises(AddressError) as caught:
+            attempt(target)
+        message = str(caught.value)
+        assert str(target) in message
+        assert f"{length} bytes" in message
+        assert f"sun_path holds {SUN_PATH_MAX - 1}" in message
+    assert os.listdir(sockdir) == []
+
+
+# -- mode and ownership ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_default_mode_is_0600(path: Path, kind: str) -> None:
+    with udskit.listen(path, type=kind):
+        info = os.lstat(path)
+        assert stat.S_IMODE(info.st_mode) == 0o600
+        assert (info.st_uid, info.st_gid) == (os.geteuid(), os.getegid())
+
+
+@pytest.mark.parametrize("mode", [0o660, 0o666, 0o640, 0o700, 0o000])
+def test_mode_is_applied_whatever_the_umask(path: Path, mode: int) -> None:
+    old = os.umask(0o077)
+    try:
+        with udskit.listen(path, mode=mode):
+            assert stat.S_IMODE(os.lstat(path).st_mode) == mode
+    finally:
+        os.umask(old)
+
+
+@needs_root
+@pytest.mark.parametrize("by", ["number", "name"])
+def test_owner_and_group_are_applied(path: Path, by: str) -> None:
+    if by == "number":
+        owner: int | str = NOBODY
+        group: int | str = NOBODY
+    else:
+        owner = pwd.getpwuid(NOBODY).pw_name
+        group = grp.getgrgid(NOBODY).gr_name
+    with udskit.listen(path, mode=0o660, owner=owner, group=group):
+        info = os.lstat(path)
+        assert (info.st_uid, info.st_gid) == (NOBODY, NOBODY)
+        assert stat.S_IMODE(info.st_mode) == 0o660
+
+
+def test_unknown_owner_and_group_are_refused_before_anything_exists(path: Path) -> None:
+    unknown = "no-such-user-" + secrets.token_hex(4)
+    with pytest.raises(ValueError, match=f"unknown user '{unknown}'"):
+        udskit.listen(path, owner=unknown)
+    with pytest.raises(ValueError, match=f"unknown group '{unknown}'"):
+        udskit.listen(path, group=unknown)
+    assert not path.exists()
+
+
+def _watch(path: Path, seen: list[tuple[int, int, int]], stop: threading.Event) -> None:
+    for _ in range(MAX_LOOKS):
+        done = stop.is_set()  # read first: the look below then sees listen()'s final state
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            seen.append((stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid))
+        if done:
+            return
+
+
+def test_path_is_never_visible_with_another_mode(path: Path) -> None:
+    mode = 0o640
+    if os.geteuid() == 0:
+        owner, group = NOBODY, NOBODY
+    else:
+        owner, group = os.geteuid(), os.getegid()
+    for _ in range(20):
+        seen: list[tuple[int, int, int]] = []
+        stop = threading.Event()
+        watcher = threading.Thread(target=_watch, args=(path, seen, stop))
+        watcher.start()
+        try:
+            listener = udskit.listen(path, mode=mode, owner=owner, group=group)
+        finally:
+            stop.set()
+            watcher.join()
+        listener.close()
+        assert seen, "the watcher saw the socket file at least once, after listen()"
+        assert set(seen) == {(mode, owner, group)}
+
+
+# -- abstract names ----------------------------------------------------------------------------
+
+
+def _abstract_name() -> str:
+    return f"@udskit-test-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_abstract_name_in_use(kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    name = _abstract_name()
+    with caplog.at_level(logging.WARNING, logger="udskit"), udskit.listen(name, type=kind):
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1
+        assert "abstract names have no file permissions" in warnings[0].getMessage()
+        assert name in warnings[0].getMessage()
+        with pytest.raises(AddressInUse) as caught:
+            udskit.listen(name, type=kind, allow=udskit.Policy(same_user=True))
+        assert name in str(caught.value)
+        assert caught.value.errno == errno.EADDRINUSE
+        if kind != "dgram":
+            assert caught.value.pid == os.getpid()
+            assert caught.value.uid == os.getuid()
+            assert f"pid {os.getpid()}" in str(caught.value)
+    with udskit.listen(name, type=kind):  # free again once closed: nothing to clean up
+        pass
+
+
+def test_abstract_name_with_a_policy_is_not_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    name = _abstract_name()
+    policy = udskit.Policy(same_user=True)
+    with (
+        caplog.at_level(logging.WARNING, logger="udskit"),
+        udskit.listen(name, allow=policy),
+        udskit.connect(name) as client,
+    ):
+        assert client.peer is not None
+        assert client.peer.pid == os.getpid()
+    assert caplog.records == []
