@@ -274,7 +274,10 @@ def claim(
         directory.sun_path(directory.name, path)
         with _Lock(directory):
             _make_room(directory, address)
-            dev_ino = _bind_private(sock, directory, address, mode, uid, gid)
+            if sock.type & ~(socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC) == socket.SOCK_DGRAM:
+                dev_ino = _bind_in_place(sock, directory, address, mode, uid, gid)
+            else:
+                dev_ino = _bind_private(sock, directory, address, mode, uid, gid)
         return Claim(address, directory, dev_ino)
     except BaseException:
         directory.close()
@@ -365,6 +368,30 @@ def _bind_private(
                 pass
         os.close(private_fd)
         os.rmdir(private, dir_fd=directory.fd)
+
+
+def _bind_in_place(
+    sock: socket.socket, directory: _Directory, address: Address, mode: int, uid: int, gid: int
+) -> tuple[int, int]:
+    """Bind a datagram socket at PATH itself, never visible with more permission than ``mode``.
+
+    A datagram carries its sender's bound name, and peers that check where a reply came
+    from (socat's UNIX-SENDTO, clients comparing recvfrom()'s address with the server's
+    path) drop replies from any other name: a datagram server cannot bind in a private
+    directory and be linked into place like a listener. Instead the mode goes on the socket
+    before bind(), since Linux creates the file with the socket inode's mode minus the
+    umask; owner-only bits first, so that until chown() has run nobody in the creating
+    user's group gets in; then the full mode.
+    """
+    os.fchmod(sock.fileno(), mode & 0o700)
+    with translating("bind", address):
+        sock.bind(directory.sun_path(directory.name, directory.path))
+    os.chmod(directory.name, mode & 0o700, dir_fd=directory.fd)
+    if uid != -1 or gid != -1:
+        os.chown(directory.name, uid, gid, dir_fd=directory.fd)
+    os.chmod(directory.name, mode, dir_fd=directory.fd)
+    info = os.stat(directory.name, dir_fd=directory.fd, follow_symlinks=False)
+    return (info.st_dev, info.st_ino)
 
 
 def _make_private_dir(directory: _Directory, address: Address) -> bytes:
