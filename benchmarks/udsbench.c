@@ -1,0 +1,448 @@
+/*
+ * udsbench: the C reference peer of `udskit bench`.
+ *
+ * The floor that every Python contender is measured against: AF_UNIX stream sockets, the
+ * same wire format (a 4-byte big-endian length, then the payload) and the same JSON-lines
+ * protocol on stdout as the Python peers (src/udskit/bench/wire.py):
+ *
+ *     {"ready": "PATH"}                 a server accepts connections
+ *     {"result": {...}}                 what this side measured (times: CLOCK_MONOTONIC ns,
+ *                                       which all processes share)
+ *
+ * Roles:
+ *     rtt_server PATH         echo frames on one connection until it closes
+ *     rtt_client PATH         time --count round trips of --size bytes (after --warmup)
+ *     stream_receiver PATH    count frames on one connection until it closes
+ *     stream_sender PATH      send --count frames of --size bytes, or for --seconds
+ *     echo_server PATH        epoll server echoing bytes to any number of clients, until SIGTERM
+ *
+ * Options: --size N --count N --warmup N --seconds S --cpu N (pin to that CPU)
+ *          --busy (poll with MSG_DONTWAIT instead of sleeping in the kernel)
+ *          --buffer N (SO_SNDBUF and SO_RCVBUF on the connected sockets)
+ *
+ * Build: cc -O2 -o udsbench udsbench.c   (udskit bench does this into its cache directory)
+ *
+ * The receiver parses frames in place and never copies a payload; the sender writes header
+ * and payload with one sendmsg(). Every loop is bounded by a count and by a time cap.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+/* Receive buffer: the same 256 KiB the Python peers read with. */
+#define READ_CHUNK (256 * 1024)
+/* The sender looks at the clock once per this many bytes sent (as the Python peers do). */
+#define CLOCK_EVERY_BYTES (256 * 1024)
+/* Listen backlog of the echo server: its clients connect in a burst. */
+#define ECHO_BACKLOG 4096
+/* Largest frame a round-trip peer handles: the round trips use small messages. */
+#define RTT_MAX (1024 * 1024)
+
+struct options {
+    const char *role;
+    const char *path;
+    long size;
+    long count;
+    long warmup;
+    double seconds;
+    int cpu;
+    int busy;
+    int buffer;
+};
+
+static volatile sig_atomic_t stopping;
+
+static void die(const char *what) {
+    fprintf(stderr, "udsbench: %s: %s\n", what, strerror(errno));
+    exit(1);
+}
+
+static void usage(const char *why) {
+    fprintf(stderr, "udsbench: %s\nusage: udsbench ROLE PATH [--size N] [--count N] "
+                    "[--warmup N] [--seconds S] [--cpu N] [--busy] [--buffer N]\n", why);
+    exit(2);
+}
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static long number(const char *text, const char *name) {
+    char *end;
+    errno = 0;
+    long value = strtol(text, &end, 10);
+    if (errno || *end || value < 0) {
+        fprintf(stderr, "udsbench: %s must be a non-negative integer, not '%s'\n", name, text);
+        exit(2);
+    }
+    return value;
+}
+
+static struct options parse_args(int argc, char **argv) {
+    struct options o = {0};
+    o.size = 64;
+    o.cpu = -1;
+    if (argc < 3) usage("missing ROLE or PATH");
+    o.role = argv[1];
+    o.path = argv[2];
+    for (int i = 3; i < argc; i++) {
+        const char *arg = argv[i];
+        const char *value = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(arg, "--busy")) { o.busy = 1; continue; }
+        if (!value) usage("an option is missing its value");
+        if (!strcmp(arg, "--size")) o.size = number(value, "--size");
+        else if (!strcmp(arg, "--count")) o.count = number(value, "--count");
+        else if (!strcmp(arg, "--warmup")) o.warmup = number(value, "--warmup");
+        else if (!strcmp(arg, "--cpu")) o.cpu = (int)number(value, "--cpu");
+        else if (!strcmp(arg, "--buffer")) o.buffer = (int)number(value, "--buffer");
+        else if (!strcmp(arg, "--seconds")) o.seconds = strtod(value, NULL);
+        else usage("unknown option");
+        i++;
+    }
+    return o;
+}
+
+static void pin(int cpu) {
+    if (cpu < 0) return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    if (sched_setaffinity(0, sizeof set, &set)) die("sched_setaffinity");
+}
+
+static struct sockaddr_un address(const char *path) {
+    struct sockaddr_un sun = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof sun.sun_path) {
+        fprintf(stderr, "udsbench: socket path longer than %zu bytes: %s\n",
+                sizeof sun.sun_path - 1, path);
+        exit(2);
+    }
+    strcpy(sun.sun_path, path);
+    return sun;
+}
+
+static void tune(int fd, const struct options *o) {
+    if (!o->buffer) return;
+    if (setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &o->buffer, sizeof o->buffer)) die("SO_SNDBUF");
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &o->buffer, sizeof o->buffer)) die("SO_RCVBUF");
+}
+
+static int listen_on(const struct options *o, int backlog) {
+    struct sockaddr_un sun = address(o->path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) die("socket");
+    if (bind(fd, (struct sockaddr *)&sun, sizeof sun)) die(o->path);
+    if (listen(fd, backlog)) die("listen");
+    printf("{\"ready\": \"%s\"}\n", o->path);
+    fflush(stdout);
+    return fd;
+}
+
+static int accept_one(const struct options *o) {
+    int listener = listen_on(o, 1);
+    int fd = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
+    if (fd < 0) die("accept");
+    close(listener);
+    unlink(o->path);
+    tune(fd, o);
+    return fd;
+}
+
+static int connect_to(const struct options *o) {
+    struct sockaddr_un sun = address(o->path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) die("socket");
+    if (connect(fd, (struct sockaddr *)&sun, sizeof sun)) die(o->path);
+    tune(fd, o);
+    return fd;
+}
+
+/* recv() that sleeps in the kernel, or polls with MSG_DONTWAIT when --busy. */
+static ssize_t receive(int fd, void *buf, size_t len, int busy) {
+    for (;;) {
+        ssize_t got = recv(fd, buf, len, busy ? MSG_DONTWAIT : 0);
+        if (got >= 0) return got;
+        if (errno == EINTR || (busy && errno == EAGAIN)) continue;
+        die("recv");
+    }
+}
+
+/* Send every byte of the iovecs, polling on a full buffer when --busy. */
+static void send_all(int fd, struct iovec *iov, int n, int busy) {
+    struct msghdr msg = {.msg_iov = iov, .msg_iovlen = n};
+    while (msg.msg_iovlen) {
+        ssize_t sent = sendmsg(fd, &msg, MSG_NOSIGNAL | (busy ? MSG_DONTWAIT : 0));
+        if (sent < 0) {
+            if (errno == EINTR || (busy && errno == EAGAIN)) continue;
+            die("send");
+        }
+        while (msg.msg_iovlen && (size_t)sent >= msg.msg_iov->iov_len) {
+            sent -= (ssize_t)msg.msg_iov->iov_len;
+            msg.msg_iov++;
+            msg.msg_iovlen--;
+        }
+        if (msg.msg_iovlen) {
+            msg.msg_iov->iov_base = (char *)msg.msg_iov->iov_base + sent;
+            msg.msg_iov->iov_len -= (size_t)sent;
+        }
+    }
+}
+
+static uint32_t frame_length(const unsigned char *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static void put_length(unsigned char *p, uint32_t n) {
+    p[0] = n >> 24; p[1] = n >> 16; p[2] = n >> 8; p[3] = n;
+}
+
+/* Read one whole frame into buf (header included); 0 at a clean end of stream. */
+static size_t read_frame(int fd, unsigned char *buf, size_t cap, int busy) {
+    size_t have = 0;
+    for (;;) {
+        if (have >= 4) {
+            size_t whole = 4 + (size_t)frame_length(buf);
+            if (whole > cap) { fprintf(stderr, "udsbench: frame too large\n"); exit(1); }
+            if (have >= whole) return whole;
+        }
+        ssize_t got = receive(fd, buf + have, cap - have, busy);
+        if (got == 0) {
+            if (have) { fprintf(stderr, "udsbench: stream ended mid-frame\n"); exit(1); }
+            return 0;
+        }
+        have += (size_t)got;
+    }
+}
+
+static int rtt_server(const struct options *o) {
+    int fd = accept_one(o);
+    unsigned char *buf = malloc(RTT_MAX + 4);
+    if (!buf) die("malloc");
+    size_t whole;
+    while ((whole = read_frame(fd, buf, RTT_MAX + 4, o->busy))) {
+        struct iovec iov = {buf, whole};
+        send_all(fd, &iov, 1, o->busy);
+    }
+    close(fd);
+    free(buf);
+    return 0;
+}
+
+static int rtt_client(const struct options *o) {
+    if (o->size > RTT_MAX) usage("--size too large for a round trip");
+    int fd = connect_to(o);
+    size_t whole = 4 + (size_t)o->size;
+    unsigned char *out = calloc(1, whole), *in = malloc(RTT_MAX + 4);
+    int64_t *samples = malloc(sizeof(int64_t) * (size_t)(o->count ? o->count : 1));
+    if (!out || !in || !samples) die("malloc");
+    put_length(out, (uint32_t)o->size);
+    long n = 0;
+    int64_t deadline = 0;
+    for (long i = 0; i < o->warmup + o->count; i++) {
+        if (i == o->warmup) deadline = now_ns() + (int64_t)(o->seconds * 1e9);
+        int64_t start = now_ns();
+        struct iovec iov = {out, whole};
+        send_all(fd, &iov, 1, o->busy);
+        if (!read_frame(fd, in, RTT_MAX + 4, o->busy)) {
+            fprintf(stderr, "udsbench: the server closed the connection mid-test\n");
+            return 1;
+        }
+        int64_t end = now_ns();
+        if (i >= o->warmup) {
+            samples[n++] = end - start;
+            if (end > deadline) break;
+        }
+    }
+    close(fd);
+    printf("{\"result\": {\"samples_ns\": [");
+    for (long i = 0; i < n; i++) printf(i ? ",%lld" : "%lld", (long long)samples[i]);
+    printf("]}}\n");
+    free(out); free(in); free(samples);
+    return 0;
+}
+
+/* Frame parser state for the receiver: header bytes gathered, payload bytes still due. */
+struct parser {
+    unsigned char header[4];
+    size_t header_have;
+    size_t payload_left;
+    int in_payload;
+};
+
+/* Consume len bytes; return how many frames they completed. */
+static long parse_frames(struct parser *p, const unsigned char *data, size_t len) {
+    long done = 0;
+    while (len) {
+        if (!p->in_payload) {
+            size_t take = 4 - p->header_have < len ? 4 - p->header_have : len;
+            memcpy(p->header + p->header_have, data, take);
+            p->header_have += take; data += take; len -= take;
+            if (p->header_have == 4) {
+                p->payload_left = frame_length(p->header);
+                p->header_have = 0;
+                p->in_payload = 1;
+            }
+        }
+        if (p->in_payload) {
+            size_t take = p->payload_left < len ? p->payload_left : len;
+            p->payload_left -= take; data += take; len -= take;
+            if (!p->payload_left) { p->in_payload = 0; done++; }
+        }
+    }
+    return done;
+}
+
+static int stream_receiver(const struct options *o) {
+    int fd = accept_one(o);
+    unsigned char *buf = malloc(READ_CHUNK);
+    if (!buf) die("malloc");
+    struct parser p = {0};
+    int64_t last = now_ns();
+    long total = 0;
+    ssize_t got;
+    while ((got = receive(fd, buf, READ_CHUNK, o->busy)) > 0) {
+        long done = parse_frames(&p, buf, (size_t)got);
+        if (done) { total += done; last = now_ns(); }
+    }
+    if (p.in_payload || p.header_have) {
+        fprintf(stderr, "udsbench: stream ended mid-frame\n");
+        return 1;
+    }
+    close(fd);
+    free(buf);
+    printf("{\"result\": {\"messages\": %ld, \"last_ns\": %lld}}\n", total, (long long)last);
+    return 0;
+}
+
+static int stream_sender(const struct options *o) {
+    int fd = connect_to(o);
+    unsigned char header[4];
+    unsigned char *payload = calloc(1, o->size ? (size_t)o->size : 1);
+    if (!payload) die("malloc");
+    put_length(header, (uint32_t)o->size);
+    long check = o->size ? CLOCK_EVERY_BYTES / o->size : 1;
+    if (check < 1) check = 1;
+    int64_t started = now_ns(), deadline = started + (int64_t)(o->seconds * 1e9);
+    long sent = 0;
+    while (sent < o->count) {
+        struct iovec iov[2] = {{header, 4}, {payload, (size_t)o->size}};
+        send_all(fd, iov, o->size ? 2 : 1, o->busy);
+        sent++;
+        if (sent % check == 0 && now_ns() > deadline) break;
+    }
+    close(fd);
+    free(payload);
+    printf("{\"result\": {\"messages\": %ld, \"started_ns\": %lld}}\n", sent, (long long)started);
+    return 0;
+}
+
+/* One echo-server client: bytes read but not yet written back. */
+struct client {
+    int fd;
+    size_t pending;
+    size_t offset;
+    unsigned char buf[64 * 1024];
+};
+
+static void on_sigterm(int signum) {
+    (void)signum;
+    stopping = 1;
+}
+
+static void drop(int epoll, struct client *c) {
+    epoll_ctl(epoll, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
+    free(c);
+}
+
+/* Write back what is pending; wait for EPOLLOUT (and stop reading) while it cannot. */
+static int flush_client(int epoll, struct client *c) {
+    while (c->pending) {
+        ssize_t sent = send(c->fd, c->buf + c->offset, c->pending, MSG_NOSIGNAL);
+        if (sent < 0) {
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN) return -1;
+            struct epoll_event ev = {.events = EPOLLOUT, .data.ptr = c};
+            epoll_ctl(epoll, EPOLL_CTL_MOD, c->fd, &ev);
+            return 0;
+        }
+        c->pending -= (size_t)sent;
+        c->offset += (size_t)sent;
+    }
+    c->offset = 0;
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+    epoll_ctl(epoll, EPOLL_CTL_MOD, c->fd, &ev);
+    return 0;
+}
+
+static int echo_server(const struct options *o) {
+    struct sigaction sa = {.sa_handler = on_sigterm};
+    sigaction(SIGTERM, &sa, NULL);
+    int listener = listen_on(o, ECHO_BACKLOG);
+    /* Non-blocking, so that the accept loop below ends when no client is waiting. */
+    if (fcntl(listener, F_SETFL, fcntl(listener, F_GETFL) | O_NONBLOCK)) die("fcntl");
+    int epoll = epoll_create1(EPOLL_CLOEXEC);
+    if (epoll < 0) die("epoll_create1");
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+    if (epoll_ctl(epoll, EPOLL_CTL_ADD, listener, &ev)) die("epoll_ctl");
+    struct epoll_event events[256];
+    while (!stopping) {
+        int n = epoll_wait(epoll, events, 256, -1);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            die("epoll_wait");
+        }
+        for (int i = 0; i < n; i++) {
+            struct client *c = events[i].data.ptr;
+            if (!c) {
+                int fd;
+                while ((fd = accept4(listener, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)) >= 0) {
+                    struct client *new = calloc(1, sizeof *new);
+                    if (!new) die("malloc");
+                    new->fd = fd;
+                    struct epoll_event cev = {.events = EPOLLIN, .data.ptr = new};
+                    if (epoll_ctl(epoll, EPOLL_CTL_ADD, fd, &cev)) die("epoll_ctl");
+                }
+                if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED) die("accept");
+                continue;
+            }
+            if (!c->pending && events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
+                ssize_t got = recv(c->fd, c->buf, sizeof c->buf, 0);
+                if (got < 0 && (errno == EAGAIN || errno == EINTR)) continue;
+                if (got <= 0) { drop(epoll, c); continue; }
+                c->pending = (size_t)got;
+            }
+            if (flush_client(epoll, c)) drop(epoll, c);
+        }
+    }
+    close(epoll);
+    close(listener);
+    unlink(o->path);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    struct options o = parse_args(argc, argv);
+    pin(o.cpu);
+    if (!strcmp(o.role, "rtt_server")) return rtt_server(&o);
+    if (!strcmp(o.role, "rtt_client")) return rtt_client(&o);
+    if (!strcmp(o.role, "stream_receiver")) return stream_receiver(&o);
+    if (!strcmp(o.role, "stream_sender")) return stream_sender(&o);
+    if (!strcmp(o.role, "echo_server")) return echo_server(&o);
+    usage("unknown ROLE");
+    return 2;
+}

@@ -1,0 +1,102 @@
+"""Build the C reference peer (``benchmarks/udsbench.c``) with ``cc -O2`` into a cache.
+
+The binary is named after a hash of the source and the compiler, so an edited source or
+another compiler rebuilds it, and concurrent runs never see a half-written file (it is
+compiled under a temporary name and renamed into place).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import udskit
+
+__all__ = ["Build", "build", "cache_dir", "find_source"]
+
+SOURCE_NAME: Final = "udsbench.c"
+
+#: Compiling one small file takes well under a second; a compiler stuck longer is broken.
+COMPILE_TIMEOUT: Final = 120.0
+
+#: ``$CC`` when set, as make does; else ``cc``.
+_DEFAULT_CC: Final = "cc"
+
+
+@dataclass(frozen=True, slots=True)
+class Build:
+    """The compiled binary, or why there is none."""
+
+    binary: Path | None
+    reason: str
+    source: Path | None
+    compiler: str | None
+
+
+def find_source() -> Path | None:
+    """``benchmarks/udsbench.c`` of the source tree udskit runs from, or of the current
+    directory; None when udskit was installed without its source tree."""
+    package = Path(udskit.__file__).resolve().parent
+    candidates = [
+        package.parent.parent / "benchmarks" / SOURCE_NAME,  # src/udskit -> the checkout
+        Path.cwd() / "benchmarks" / SOURCE_NAME,
+    ]
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/udskit/bench`` (``~/.cache/udskit/bench`` by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "udskit" / "bench"
+
+
+def build(source: Path | None = None) -> Build:
+    """Compile the C reference unless the cache already holds this source's binary."""
+    source = source or find_source()
+    if source is None:
+        return Build(
+            None,
+            f"C source benchmarks/{SOURCE_NAME} not found (it ships with udskit's source "
+            "tree; run from a checkout)",
+            None,
+            None,
+        )
+    compiler = shutil.which(os.environ.get("CC") or _DEFAULT_CC)
+    if compiler is None:
+        return Build(None, "no C compiler (cc) on PATH; install gcc or clang", source, None)
+    digest = hashlib.sha256(source.read_bytes() + compiler.encode()).hexdigest()[:16]
+    target = cache_dir() / f"udsbench-{digest}"
+    if os.access(target, os.X_OK):
+        return Build(target, "", source, compiler)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return Build(None, f"cannot create cache {target.parent}: {exc.strerror}", source, compiler)
+    fd, partial = tempfile.mkstemp(prefix=".udsbench-", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [compiler, "-O2", "-o", partial, str(source)],
+            capture_output=True,
+            text=True,
+            timeout=COMPILE_TIMEOUT,
+            check=False,
+        )
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            first = next((line for line in lines if "error" in line), lines[0] if lines else "")
+            return Build(None, f"{compiler} -O2 {source} failed: {first}", source, compiler)
+        os.chmod(partial, 0o700)
+        os.replace(partial, target)
+    except subprocess.TimeoutExpired:
+        return Build(None, f"{compiler} took over {COMPILE_TIMEOUT:.0f} s", source, compiler)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return Build(target, "", source, compiler)

@@ -1,0 +1,36 @@
+"""The C reference peer: the command line that runs one role of ``udsbench``.
+
+The runner compiles ``benchmarks/udsbench.c`` (:mod:`udskit.bench.cbuild`) and puts the
+binary's path in ``job.options["binary"]``; ``busy`` and ``buffer`` options select the
+busy-polling and large-buffer variants.
+"""
+
+from __future__ import annotations
+
+from ..wire import Job
+
+__all__ = ["command"]
+
+
+def command(job: Job) -> list[str]:
+    argv = [
+        str(job.options["binary"]),
+        job.role,
+        job.address,
+        "--size",
+        str(job.size),
+        "--count",
+        str(job.count),
+        "--warmup",
+        str(job.warmup),
+        "--seconds",
+        repr(float(job.seconds)),
+    ]
+    if job.cpu is not None:
+        argv += ["--cpu", str(job.cpu)]
+    if job.option("busy", False):
+        argv.append("--busy")
+    buffer = job.option("buffer", 0)
+    if buffer:
+        argv += ["--buffer", str(int(buffer))]
+    return argv

@@ -1,0 +1,225 @@
+"""Every contender of ``udskit bench``, in the order the table lists them."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Final
+
+import udskit
+
+from .. import cbuild
+from .base import Contender, missing_module
+
+__all__ = ["ALL", "BASELINE", "SPIN_US", "get", "native_build", "names"]
+
+#: The contender every ratio is relative to.
+BASELINE: Final = "stdlib"
+
+#: Polling time of the spin contender, on both peers: several times a polled round trip
+#: (~10 µs in Python), so that a reply is caught while polling rather than after a sleep;
+#: far below udskit's MAX_SPIN_US.
+SPIN_US: Final = 200
+
+#: SO_SNDBUF/SO_RCVBUF of the large-buffer C reference (the issue's 1 MiB comparison).
+C_BUFFER: Final = 1 << 20
+
+_BENCH_EXTRA: Final = "pip install 'udskit[bench]'"
+
+_SPIN_NOT_MANY: Final = "polling is for one latency-critical peer, not a thousand handler threads"
+_BATCH_STREAMS: Final = "batching is for streams of messages; this test has one in flight"
+_NO_LOADER: Final = "the load generator speaks length-prefixed frames on a plain socket, not ZMTP"
+_TWO_ONLY: Final = "a pipe joins exactly two processes"
+_BUFFERS_STREAMS: Final = "socket buffer size matters for streams only"
+_BUSY_ONE: Final = "busy-polling is for one latency-critical peer"
+
+
+@functools.cache
+def native_build() -> cbuild.Build:
+    """The C reference, compiled once per process (and cached on disk across runs)."""
+    return cbuild.build()
+
+
+def _needs_native() -> str | None:
+    return native_build().reason or None
+
+
+def _needs_channel(*attributes: str) -> str | None:
+    missing = [name for name in attributes if not hasattr(udskit.Channel, name)]
+    if missing:
+        return f"udskit.Channel has no {', '.join(missing)} in udskit {udskit.__version__}"
+    return None
+
+
+def _needs_aio() -> str | None:
+    try:
+        aio = importlib.import_module("udskit.aio")
+    except ImportError as exc:
+        return f"udskit.aio cannot be imported: {exc}"
+    missing = [name for name in ("listen", "connect", "Channel") if not hasattr(aio, name)]
+    if missing:
+        return f"udskit.aio has no {', '.join(missing)} in udskit {udskit.__version__}"
+    return None
+
+
+def _needs_aio_uvloop() -> str | None:
+    return missing_module("uvloop", "pip install 'udskit[fast]'")() or _needs_aio()
+
+
+_PKG: Final = "udskit.bench.contenders"
+
+ALL: Final = (
+    Contender(
+        name="stdlib",
+        label="stdlib AF_UNIX",
+        description="hand-written stdlib Python: blocking AF_UNIX stream socket, 4-byte "
+        "length prefix, one recv_into per message when it has all arrived; echo server: "
+        "selectors (epoll) (the baseline)",
+        module=f"{_PKG}.stdlib",
+        transport="unix",
+    ),
+    Contender(
+        name="udskit",
+        label="udskit Channel",
+        description="udskit.listen/connect Channel, blocking, one send()/recv() per "
+        "message; echo server: udskit.Server (a thread per client)",
+        module=f"{_PKG}.udskit_sync",
+        transport="unix",
+    ),
+    Contender(
+        name="udskit-spin",
+        label="udskit spin",
+        description=f"udskit Channel with spin={SPIN_US} µs on both peers (polls before blocking)",
+        module=f"{_PKG}.udskit_sync",
+        transport="unix",
+        options={"spin": SPIN_US},
+        skips={"many": _SPIN_NOT_MANY},
+        requires=lambda: _needs_channel("spin"),
+    ),
+    Contender(
+        name="udskit-batch",
+        label="udskit send_many",
+        description="udskit Channel, send_many() of ~64 KiB batches, recv_many()",
+        module=f"{_PKG}.udskit_sync",
+        transport="unix",
+        options={"batch": True},
+        skips={"rtt": _BATCH_STREAMS, "many": _BATCH_STREAMS},
+        requires=lambda: _needs_channel("send_many", "recv_many"),
+    ),
+    Contender(
+        name="udskit-aio",
+        label="udskit aio",
+        description="udskit.aio Channel on the standard asyncio loop, one await send()/recv() "
+        "per message; echo server: a task per client",
+        module=f"{_PKG}.udskit_aio",
+        transport="unix",
+        options={"loop": "asyncio"},
+        requires=_needs_aio,
+    ),
+    Contender(
+        name="udskit-aio-uvloop",
+        label="udskit aio uvloop",
+        description="the same udskit.aio code on uvloop",
+        module=f"{_PKG}.udskit_aio",
+        transport="unix",
+        options={"loop": "uvloop"},
+        requires=_needs_aio_uvloop,
+    ),
+    Contender(
+        name="asyncio",
+        label="asyncio streams",
+        description="asyncio streams (start_unix_server/open_unix_connection), readexactly "
+        "framing, standard loop",
+        module=f"{_PKG}.streams",
+        transport="unix",
+        options={"loop": "asyncio"},
+    ),
+    Contender(
+        name="uvloop",
+        label="uvloop streams",
+        description="the same asyncio streams code on uvloop",
+        module=f"{_PKG}.streams",
+        transport="unix",
+        options={"loop": "uvloop"},
+        requires=missing_module("uvloop", _BENCH_EXTRA),
+    ),
+    Contender(
+        name="mp",
+        label="multiprocessing",
+        description="multiprocessing.connection Listener/Client, family AF_UNIX, "
+        "send_bytes/recv_bytes; echo server: connection.wait()",
+        module=f"{_PKG}.mpconn",
+        transport="unix",
+    ),
+    Contender(
+        name="zmq",
+        label="pyzmq ipc://",
+        description="pyzmq over ipc://, REQ/REP round trips, PUSH/PULL streams",
+        module=f"{_PKG}.pyzmq",
+        transport="unix",
+        skips={"many": _NO_LOADER},
+        requires=missing_module("zmq", _BENCH_EXTRA),
+    ),
+    Contender(
+        name="tcp",
+        label="stdlib TCP",
+        description="the stdlib code over TCP loopback (127.0.0.1, TCP_NODELAY)",
+        module=f"{_PKG}.stdlib",
+        transport="tcp",
+        options={"family": "tcp"},
+    ),
+    Contender(
+        name="pipe",
+        label="os.pipe",
+        description="the stdlib framing over two os.pipe() pipes, one each way",
+        module=f"{_PKG}.pipes",
+        transport="pipe",
+        skips={"many": _TWO_ONLY},
+    ),
+    Contender(
+        name="c",
+        label="C",
+        description="C reference (cc -O2): blocking AF_UNIX, sendmsg/recv, frames parsed in "
+        "place; echo server: epoll, bytes echoed as they come",
+        module=f"{_PKG}.native",
+        transport="unix",
+        requires=_needs_native,
+        native=True,
+    ),
+    Contender(
+        name="c-busy",
+        label="C busy-poll",
+        description="the C reference polling with MSG_DONTWAIT on both peers",
+        module=f"{_PKG}.native",
+        transport="unix",
+        options={"busy": True},
+        skips={"many": _BUSY_ONE},
+        requires=_needs_native,
+        native=True,
+    ),
+    Contender(
+        name="c-1mib",
+        label="C 1 MiB buffers",
+        description="the C reference with SO_SNDBUF/SO_RCVBUF of 1 MiB",
+        module=f"{_PKG}.native",
+        transport="unix",
+        options={"buffer": C_BUFFER},
+        skips={"rtt": _BUFFERS_STREAMS, "many": _BUFFERS_STREAMS},
+        requires=_needs_native,
+        native=True,
+    ),
+)
+
+_BY_NAME: Final = {contender.name: contender for contender in ALL}
+
+
+def names() -> list[str]:
+    return [contender.name for contender in ALL]
+
+
+def get(name: str) -> Contender:
+    """The contender called ``name``; ValueError listing the known ones otherwise."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown contender {name!r}; choose from: {', '.join(names())}") from None

@@ -1,0 +1,116 @@
+"""Facts about this host and the few settings a run changes: CPU pinning, descriptor limit."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Final
+
+__all__ = [
+    "FD_HEADROOM",
+    "Pinning",
+    "choose_pinning",
+    "describe_host",
+    "pin",
+    "raise_nofile",
+]
+
+#: Descriptors a peer needs besides one per client: the interpreter, the listener, epoll,
+#: pipes, shared libraries, and uvloop's internal handles.
+FD_HEADROOM: Final = 256
+
+#: Optional libraries whose versions a result file records.
+_LIBRARIES: Final = ("pyzmq", "uvloop", "matplotlib")
+
+
+@dataclass(frozen=True, slots=True)
+class Pinning:
+    """Where the server and the client run. ``None``: not pinned (the scheduler decides)."""
+
+    server_cpu: int | None
+    client_cpu: int | None
+    note: str
+
+    @property
+    def pinned(self) -> bool:
+        return self.server_cpu is not None
+
+
+def choose_pinning(allowed: set[int] | None = None) -> Pinning:
+    """Server and client on two different CPUs this process may use, when it may use two.
+
+    The lowest-numbered two are chosen so that repeated runs on one machine compare.
+    """
+    cpus = sorted(os.sched_getaffinity(0) if allowed is None else allowed)
+    if len(cpus) >= 2:
+        server, client = cpus[0], cpus[1]
+        return Pinning(
+            server,
+            client,
+            f"server pinned to CPU {server}, client and load generator to CPU {client}",
+        )
+    only = f"CPU {cpus[0]}" if cpus else "no CPU"
+    return Pinning(None, None, f"unpinned: this process may use only {only}")
+
+
+def pin(cpu: int | None) -> None:
+    """Pin the calling process (its main thread, and threads it starts later) to ``cpu``."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+
+
+def raise_nofile(needed: int) -> str | None:
+    """Raise RLIMIT_NOFILE's soft limit to at least ``needed`` (up to the hard limit).
+
+    Returns None when ``needed`` descriptors are now allowed, else why not. Child processes
+    inherit the raised limit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            return f"cannot raise RLIMIT_NOFILE from {soft} to {needed}: {exc}"
+        soft = target
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        return (
+            f"RLIMIT_NOFILE hard limit is {hard}, below the {needed} descriptors needed; "
+            "raise it (ulimit -Hn, or nofile in limits.conf) and run again"
+        )
+    return None
+
+
+def describe_host() -> dict[str, object]:
+    """What a reader needs to compare results from two machines."""
+    libraries: dict[str, str | None] = {}
+    for name in _LIBRARIES:
+        try:
+            libraries[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            libraries[name] = None
+    return {
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "cpu_model": _cpu_model(),
+        "cpus_online": os.cpu_count(),
+        "cpus_allowed": len(os.sched_getaffinity(0)),
+        "libraries": libraries,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

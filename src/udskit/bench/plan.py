@@ -1,0 +1,140 @@
+"""What one run measures, and for how long: message sizes, client counts, counts and time caps.
+
+Every measurement is bounded twice, by a message count and by a time cap, so a slow contender
+ends on time and a fast one does not run for ever.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Final, Literal, TypeAlias
+
+__all__ = [
+    "FULL",
+    "QUICK",
+    "RTT_SIZE",
+    "STREAM_SIZES",
+    "Figure",
+    "Plan",
+    "Test",
+    "size_label",
+]
+
+Test: TypeAlias = Literal["rtt", "stream", "many"]
+
+#: Payload of the round-trip test: small enough that the cost is all system calls and wake-ups.
+RTT_SIZE: Final = 64
+
+#: One-way message sizes: a small message, a page, a large buffer and a bulk transfer.
+STREAM_SIZES: Final = (64, 4096, 65536, 1 << 20)
+
+#: Payload each client of the many-clients echo test sends, and waits to see back.
+ECHO_SIZE: Final = 64
+
+#: Clients of the many-clients echo test: 100, and the 1000 that must be held with no error.
+CLIENT_COUNTS: Final = (100, 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    """One cell group of the results: a test and its parameter (a size, or a client count)."""
+
+    test: Test
+    param: int
+
+    @property
+    def key(self) -> str:
+        """A stable name for JSON and --only style references: rtt_64, stream_4096, many_100."""
+        return f"{self.test}_{self.param}"
+
+    @property
+    def title(self) -> str:
+        if self.test == "rtt":
+            return f"round trip {size_label(self.param)}"
+        if self.test == "stream":
+            return f"one-way {size_label(self.param)}"
+        return f"{self.param} clients"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Counts and time caps for every measurement of one run."""
+
+    name: str
+    #: Round trips measured (after the warm-up ones), and the time cap on them.
+    rtt_count: int
+    rtt_warmup: int
+    rtt_seconds: float
+    #: One-way streaming: at most this many messages and bytes per size, and a time cap.
+    stream_messages: int
+    stream_bytes: int
+    stream_seconds: float
+    #: Many-clients echo: the client counts, a cap on all clients' messages, and a time cap.
+    clients: tuple[int, ...]
+    many_messages: int
+    many_seconds: float
+
+    def figures(self) -> list[Figure]:
+        rtt = [Figure("rtt", RTT_SIZE)]
+        stream = [Figure("stream", size) for size in STREAM_SIZES]
+        many = [Figure("many", n) for n in self.clients]
+        return rtt + stream + many
+
+    def stream_count(self, size: int) -> int:
+        """Messages of ``size`` bytes the sender may send."""
+        return max(1, min(self.stream_messages, self.stream_bytes // size))
+
+    def capped(self, messages: int) -> Plan:
+        """This plan with every message count at most ``messages`` (for smoke runs)."""
+        if messages < 1:
+            raise ValueError(f"--messages must be at least 1, not {messages}")
+        return dataclasses.replace(
+            self,
+            rtt_count=min(self.rtt_count, messages),
+            rtt_warmup=min(self.rtt_warmup, messages),
+            stream_messages=min(self.stream_messages, messages),
+            many_messages=min(self.many_messages, messages),
+        )
+
+    def with_clients(self, clients: tuple[int, ...]) -> Plan:
+        if not clients or any(n < 1 for n in clients):
+            raise ValueError(f"client counts must be positive integers, not {clients}")
+        return dataclasses.replace(self, clients=clients)
+
+
+#: The full run: long enough for stable medians and p99s, a few minutes in all.
+FULL: Final = Plan(
+    name="full",
+    rtt_count=20_000,
+    rtt_warmup=500,
+    rtt_seconds=2.0,
+    stream_messages=5_000_000,
+    stream_bytes=8 << 30,
+    stream_seconds=1.0,
+    clients=CLIENT_COUNTS,
+    many_messages=2_000_000,
+    many_seconds=2.0,
+)
+
+#: --quick: the same figures with short caps; under a minute on two CPUs.
+QUICK: Final = Plan(
+    name="quick",
+    rtt_count=3_000,
+    rtt_warmup=100,
+    rtt_seconds=0.25,
+    stream_messages=500_000,
+    stream_bytes=1 << 30,
+    stream_seconds=0.15,
+    clients=CLIENT_COUNTS,
+    many_messages=200_000,
+    many_seconds=0.4,
+)
+
+
+def size_label(size: int) -> str:
+    """64 B, 4 KiB, 64 KiB, 1 MiB."""
+    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale} {unit}"
+    return f"{size} B"

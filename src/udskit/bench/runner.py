@@ -1,0 +1,404 @@
+"""Process orchestration: start each measurement's two peers, pinned apart, and collect
+what they measured.
+
+Every measurement is a fresh pair of processes: the server (pinned to one CPU) announces its
+address, the client (pinned to another) connects and runs the test, the side that measured
+prints the result. Each peer has a deadline; one that misses it is killed, by its pid, and
+the measurement is reported as failed with the peer's last line of stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from typing import IO, Final
+
+import udskit
+
+from . import stats
+from .contenders import BASELINE, Contender, native_build
+from .contenders.native import command as native_command
+from .host import FD_HEADROOM, Pinning, describe_host, raise_nofile
+from .plan import ECHO_SIZE, Figure, Plan
+from .results import ContenderInfo, Outcome, Run
+from .wire import Job, decode_line, parse_load, parse_rtt, parse_send, parse_stream
+
+__all__ = ["PeerFailed", "Progress", "availability", "run"]
+
+#: How long a server may take to start listening: an interpreter starting, importing pyzmq
+#: or uvloop, on a machine busy with the previous measurement's teardown.
+READY_TIMEOUT: Final = 30.0
+
+#: Time a client may take beyond its test's time cap: connecting (a thousand clients),
+#: warming up, and draining what is in flight.
+CLIENT_SLACK: Final = 30.0
+
+#: How long a server may take to exit once its client is done (udskit.Server waits up to
+#: five seconds for its handler threads).
+SERVER_EXIT_TIMEOUT: Final = 10.0
+
+#: Room a socket path needs after the work directory's name (sun_path holds 107 bytes).
+_PATH_ROOM: Final = 20
+
+Progress = Callable[[int, int, str], None]
+
+
+class PeerFailed(Exception):
+    """A peer exited with an error, printed nonsense, or missed its deadline."""
+
+
+class _Peer:
+    """One peer process: its stdout is the protocol, its stderr a file kept for errors."""
+
+    def __init__(self, what: str, argv: Sequence[str], fds: Sequence[int]) -> None:
+        self.what = what
+        # Kept open for the life of the peer, closed by stop().
+        self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=self._stderr,
+                pass_fds=tuple(fds),
+                bufsize=0,  # unbuffered: a readline never takes bytes past the ready line
+            )
+        except OSError:
+            self._stderr.close()
+            raise
+
+    def wait_ready(self, timeout: float) -> str:
+        """The address the server announced."""
+        stdout = self.proc.stdout
+        assert stdout is not None
+        ready, _, _ = select.select([stdout], [], [], timeout)
+        if not ready:
+            raise PeerFailed(f"{self.what} did not start listening within {timeout:.0f} s")
+        line = stdout.readline().decode(errors="replace")
+        if not line:
+            self.proc.wait()
+            raise PeerFailed(self._why("exited before it was ready"))
+        address = decode_line(line).get("ready")
+        if not isinstance(address, str):
+            raise PeerFailed(f"{self.what} sent {line.strip()!r} instead of its address")
+        return address
+
+    def finish(self, timeout: float, *, signalled: bool = False) -> dict[str, object] | None:
+        """Wait for the peer to exit; its result, if it printed one."""
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise PeerFailed(f"{self.what} did not finish within {timeout:.0f} s") from None
+        code = self.proc.returncode
+        if code != 0 and not (signalled and code == -signal.SIGTERM):
+            raise PeerFailed(self._why(f"exited with status {code}"))
+        result = None
+        for line in out.decode(errors="replace").splitlines():
+            if line.strip():
+                message = decode_line(line)
+                if "result" in message:
+                    result = message["result"]
+        if result is not None and not isinstance(result, dict):
+            raise PeerFailed(f"{self.what} printed a result that is not an object")
+        return result
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        """Kill the peer if it still runs, and reap it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._stderr.close()
+
+    def _why(self, what: str) -> str:
+        self._stderr.seek(0)
+        lines = [line.strip() for line in self._stderr.read().decode(errors="replace").splitlines()]
+        last = next((line for line in reversed(lines) if line), "")
+        if len(last) > 200:
+            last = last[:197] + "..."
+        return f"{self.what} {what}" + (f": {last}" if last else "")
+
+
+def availability(contenders: Sequence[Contender]) -> list[ContenderInfo]:
+    """Which contenders can run here, and why the others cannot."""
+    infos = []
+    for contender in contenders:
+        reason = contender.requires()
+        infos.append(
+            ContenderInfo(
+                contender.name,
+                contender.label,
+                contender.description,
+                reason is None,
+                reason or "",
+            )
+        )
+    return infos
+
+
+class _Runner:
+    def __init__(self, plan: Plan, pinning: Pinning, workdir: str) -> None:
+        self.plan = plan
+        self.pinning = pinning
+        self.workdir = workdir
+        self._serial = 0
+
+    def measure(self, contender: Contender, figure: Figure) -> Outcome:
+        if not contender.runs(figure.test):
+            return Outcome(contender.name, figure, "skipped", contender.skips[figure.test])
+        if figure.test == "many":
+            problem = raise_nofile(figure.param + FD_HEADROOM)
+            if problem:
+                return Outcome(contender.name, figure, "failed", problem)
+        try:
+            return self._pair(contender, figure)
+        except (PeerFailed, ValueError, OSError) as exc:
+            return Outcome(contender.name, figure, "failed", str(exc))
+
+    def _pair(self, contender: Contender, figure: Figure) -> Outcome:
+        server_job, client_job = self._jobs(contender, figure)
+        with _Pipes(contender.transport == "pipe") as pipes:
+            server_job = dataclasses.replace(server_job, fds=pipes.server)
+            client_job = dataclasses.replace(client_job, fds=pipes.client)
+            server = _Peer(
+                f"{contender.name} server", self._argv(contender, server_job), pipes.server
+            )
+            try:
+                address = server.wait_ready(READY_TIMEOUT)
+                client_job = dataclasses.replace(client_job, address=address)
+                client = _Peer(
+                    f"{contender.name} client", self._argv(contender, client_job), pipes.client
+                )
+                try:
+                    pipes.close()  # the peers hold theirs: EOF must reach them
+                    client_result = client.finish(_client_timeout(self.plan, figure))
+                finally:
+                    client.stop()
+                if figure.test == "many":
+                    server.terminate()
+                server_result = server.finish(SERVER_EXIT_TIMEOUT, signalled=figure.test == "many")
+            finally:
+                server.stop()
+        return _outcome(contender, figure, client_result, server_result)
+
+    def _jobs(self, contender: Contender, figure: Figure) -> tuple[Job, Job]:
+        """The server's job and the client's (the client learns the address later)."""
+        plan = self.plan
+        options = dict(contender.options)
+        if contender.native:
+            options["binary"] = str(native_build().binary)
+        server = Job(
+            contender.name,
+            contender.module,
+            "rtt_server",
+            self._address(contender),
+            size=figure.param,
+            cpu=self.pinning.server_cpu,
+            options=options,
+        )
+        client = dataclasses.replace(server, role="rtt_client", cpu=self.pinning.client_cpu)
+        if figure.test == "rtt":
+            return server, dataclasses.replace(
+                client, count=plan.rtt_count, warmup=plan.rtt_warmup, seconds=plan.rtt_seconds
+            )
+        if figure.test == "stream":
+            return dataclasses.replace(server, role="stream_receiver"), dataclasses.replace(
+                client,
+                role="stream_sender",
+                count=plan.stream_count(figure.param),
+                seconds=plan.stream_seconds,
+            )
+        # Many clients: the contender's echo server against the one load generator.
+        loader = Job(
+            contender.name,
+            "udskit.bench.loader",
+            "load",
+            server.address,
+            size=ECHO_SIZE,
+            count=plan.many_messages,
+            seconds=plan.many_seconds,
+            clients=figure.param,
+            cpu=self.pinning.client_cpu,
+            options={"transport": contender.transport},
+        )
+        echo = dataclasses.replace(server, role="echo_server", size=ECHO_SIZE, clients=figure.param)
+        return echo, loader
+
+    def _address(self, contender: Contender) -> str:
+        self._serial += 1
+        if contender.transport == "tcp":
+            return "127.0.0.1:0"
+        if contender.transport == "pipe":
+            return "pipes"
+        return os.path.join(self.workdir, f"{self._serial}.sock")
+
+    def _argv(self, contender: Contender, job: Job) -> list[str]:
+        if contender.native and job.role != "load":
+            return native_command(job)
+        return [sys.executable, "-m", "udskit.bench.peer", job.to_json()]
+
+
+class _Pipes:
+    """For the pipe transport: two pipes, given to the peers as (read end, write end) each.
+
+    ``close()`` drops the runner's copies once both peers hold theirs (so that EOF reaches
+    them); it is idempotent, so a descriptor number is never closed twice.
+    """
+
+    def __init__(self, wanted: bool) -> None:
+        self._fds: list[int] = []
+        if wanted:
+            to_server_r, to_server_w = os.pipe()
+            self._fds += (to_server_r, to_server_w)
+            to_client_r, to_client_w = os.pipe()
+            self._fds += (to_client_r, to_client_w)
+        self.server = tuple(self._fds[i] for i in (0, 3)) if wanted else ()
+        self.client = tuple(self._fds[i] for i in (2, 1)) if wanted else ()
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.pop())
+
+    def __enter__(self) -> _Pipes:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _client_timeout(plan: Plan, figure: Figure) -> float:
+    caps = {"rtt": plan.rtt_seconds, "stream": plan.stream_seconds, "many": plan.many_seconds}
+    return caps[figure.test] + CLIENT_SLACK
+
+
+def _outcome(
+    contender: Contender,
+    figure: Figure,
+    client: dict[str, object] | None,
+    server: dict[str, object] | None,
+) -> Outcome:
+    name = contender.name
+    if figure.test == "rtt":
+        if client is None:
+            raise PeerFailed(f"{name} client printed no result")
+        samples = parse_rtt(client).samples_ns
+        return Outcome(name, figure, "ok", latency=stats.latency(samples))
+    if figure.test == "stream":
+        if server is None or client is None:
+            raise PeerFailed(
+                f"{name}: the {'receiver' if server is None else 'sender'} printed no result"
+            )
+        received, sent = parse_stream(server), parse_send(client)
+        if received.messages != sent.messages:
+            return Outcome(
+                name,
+                figure,
+                "failed",
+                f"{sent.messages} messages sent, {received.messages} received",
+            )
+        seconds = (received.last_ns - sent.started_ns) / 1e9
+        if seconds <= 0:
+            return Outcome(name, figure, "failed", "the receiver finished before the sender began")
+        return Outcome(
+            name, figure, "ok", rate=stats.throughput(sent.messages, figure.param, seconds)
+        )
+    if client is None:
+        raise PeerFailed(f"{name} load generator printed no result")
+    load = parse_load(client)
+    latency = stats.latency(load.samples_ns) if load.samples_ns else None
+    rate = stats.throughput(load.messages, ECHO_SIZE, load.seconds) if load.seconds > 0 else None
+    if load.errors or latency is None or rate is None:
+        reason = load.first_error or "no echo came back"
+        if load.errors > 1:
+            reason = f"{load.errors} errors, the first: {reason}"
+        return Outcome(name, figure, "failed", reason, latency, rate, load.errors)
+    return Outcome(name, figure, "ok", latency=latency, rate=rate)
+
+
+def _workdir() -> str:
+    path = tempfile.mkdtemp(prefix="udskit-bench-")
+    if len(os.fsencode(path)) + _PATH_ROOM > 107:
+        os.rmdir(path)
+        path = tempfile.mkdtemp(prefix="udskit-bench-", dir="/tmp")
+    return path
+
+
+def run(
+    plan: Plan,
+    contenders: Sequence[Contender],
+    pinning: Pinning,
+    progress: Progress,
+    *,
+    infos: Sequence[ContenderInfo] | None = None,
+    notes: Sequence[str] = (),
+) -> Run:
+    """Measure every figure of ``plan`` for every available contender, figure by figure
+    (all contenders' round trips, then all one-way 64 B streams, ...), so that a change in
+    the machine's load during the run touches every contender alike."""
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    clock = time.monotonic()
+    if infos is None:
+        infos = availability(contenders)
+    usable = {info.name for info in infos if info.available}
+    figures = plan.figures()
+    total = len(figures) * len(usable)
+    outcomes: list[Outcome] = []
+    saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+    workdir = _workdir()
+    runner = _Runner(plan, pinning, workdir)
+    done = 0
+    try:
+        for figure in figures:
+            for contender in contenders:
+                if contender.name not in usable:
+                    reason = next(i.reason for i in infos if i.name == contender.name)
+                    outcomes.append(Outcome(contender.name, figure, "unavailable", reason))
+                    continue
+                outcome = runner.measure(contender, figure)
+                outcomes.append(outcome)
+                done += 1
+                progress(done, total, _progress_text(outcome))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+    return Run(
+        plan=plan,
+        pinning=pinning,
+        host=describe_host(),
+        baseline=BASELINE,
+        contenders=tuple(infos),
+        outcomes=outcomes,
+        started=started,
+        seconds=time.monotonic() - clock,
+        udskit_version=udskit.__version__,
+        notes=tuple(notes),
+    )
+
+
+def _progress_text(outcome: Outcome) -> str:
+    what = f"{outcome.contender:<18} {outcome.figure.title:<18}"
+    if outcome.status != "ok":
+        return f"{what} {outcome.status}: {outcome.reason}"
+    if outcome.figure.test == "rtt" and outcome.latency is not None:
+        return f"{what} p50 {outcome.latency.p50_us:.1f} µs, p99 {outcome.latency.p99_us:.1f} µs"
+    if outcome.figure.test == "many" and outcome.rate and outcome.latency:
+        return f"{what} {outcome.rate.msgs_per_s:,.0f} msg/s, p99 {outcome.latency.p99_us:,.0f} µs"
+    if outcome.rate is not None:
+        return f"{what} {outcome.rate.msgs_per_s:,.0f} msg/s, {outcome.rate.mb_per_s:,.1f} MB/s"
+    return what

@@ -1,0 +1,101 @@
+"""Issue 4's performance targets, checked against one run's figures.
+
+Each target compares one contender's metric with another's (same run, same pinning); the
+1000-client target asks only that every client was served without an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from .plan import Figure
+from .results import LOWER_IS_BETTER, Metric, Run, metric, metric_ratio
+
+__all__ = ["TARGETS", "Checked", "Target", "check"]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    text: str
+    contender: str
+    figure: Figure
+    metric: Metric
+    against: str
+    op: Literal["<=", ">="]
+    bound: float
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A target and what this run made of it: the measured ratio, and whether it holds
+    (None when a figure is missing)."""
+
+    text: str
+    ratio: float | None
+    met: bool | None
+    why_missing: str = ""
+
+
+def _target(
+    what: str, contender: str, figure: Figure, name: Metric, against: str, bound: float
+) -> Target:
+    op: Literal["<=", ">="] = "<=" if name in LOWER_IS_BETTER else ">="
+    return Target(f"{what} {op} {bound}x {against}", contender, figure, name, against, op, bound)
+
+
+_RTT: Final = Figure("rtt", 64)
+_64B: Final = Figure("stream", 64)
+
+TARGETS: Final = (
+    _target("udskit round trip p50", "udskit", _RTT, "p50_us", "stdlib", 1.05),
+    _target("udskit round trip p99", "udskit", _RTT, "p99_us", "stdlib", 1.10),
+    _target("udskit-spin round trip p50", "udskit-spin", _RTT, "p50_us", "stdlib", 0.35),
+    _target("aio on uvloop round trip p50", "udskit-aio-uvloop", _RTT, "p50_us", "uvloop", 1.0),
+    _target("aio round trip p50", "udskit-aio", _RTT, "p50_us", "asyncio", 0.8),
+    _target("64 B one-way batched msg/s", "udskit-batch", _64B, "msgs_per_s", "stdlib", 2.0),
+    _target("64 B one-way batched msg/s", "udskit-batch", _64B, "msgs_per_s", "zmq", 1.3),
+    _target("4 KiB one-way", "udskit", Figure("stream", 4096), "msgs_per_s", "stdlib", 1.0),
+    _target("64 KiB one-way", "udskit", Figure("stream", 65536), "msgs_per_s", "stdlib", 1.0),
+    _target("1 MiB one-way", "udskit", Figure("stream", 1 << 20), "msgs_per_s", "c-1mib", 0.9),
+    _target(
+        "aio 1 MiB one-way", "udskit-aio", Figure("stream", 1 << 20), "msgs_per_s", "asyncio", 5.0
+    ),
+)
+
+#: The many-clients target: served with no error, aggregate rate reported.
+MANY_CLIENTS: Final = 1000
+
+
+def check(run: Run) -> list[Checked]:
+    """Every target this run can speak to (those whose contenders were selected)."""
+    selected = {info.name for info in run.contenders}
+    checked = []
+    for target in TARGETS:
+        if target.contender not in selected or target.against not in selected:
+            continue
+        outcome = run.outcome(target.contender, target.figure)
+        value = (
+            None if outcome is None else metric_ratio(run, outcome, target.metric, target.against)
+        )
+        if value is None:
+            missing = [
+                name
+                for name in (target.contender, target.against)
+                if metric(run.outcome(name, target.figure), target.metric) is None
+            ]
+            checked.append(Checked(target.text, None, None, f"no figure for {', '.join(missing)}"))
+            continue
+        met = value <= target.bound if target.op == "<=" else value >= target.bound
+        checked.append(Checked(target.text, value, met))
+    many = Figure("many", MANY_CLIENTS)
+    for name in ("udskit", "udskit-aio", "udskit-aio-uvloop"):
+        outcome = run.outcome(name, many)
+        if outcome is None or outcome.status in ("unavailable", "skipped"):
+            continue
+        text = f"{MANY_CLIENTS} concurrent clients held with no error ({name})"
+        if outcome.status == "ok":
+            checked.append(Checked(text, None, True))
+        else:
+            checked.append(Checked(text, None, False, outcome.reason))
+    return checked

@@ -1,0 +1,1 @@
+"""Tests of the benchmark suite behind ``udskit bench`` (never of its timing figures)."""
