@@ -12,7 +12,7 @@ import select
 import signal
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -25,8 +25,11 @@ NOBODY = 65534
 CHILD_FAILED = 70
 
 
-def fork(func: Callable[[], int | None], *, as_user: int | None = None) -> int:
-    """Run ``func()`` in a forked child (as uid/gid ``as_user`` if given); return its pid.
+def fork(
+    func: Callable[[], int | None], *, as_user: int | None = None, groups: Sequence[int] = ()
+) -> int:
+    """Run ``func()`` in a forked child (as uid/gid ``as_user`` with supplementary
+    ``groups``, if given); return its pid.
 
     The child's exit status is what ``func`` returns (0 for None), or CHILD_FAILED with the
     traceback on stderr if it raised.
@@ -41,7 +44,7 @@ def fork(func: Callable[[], int | None], *, as_user: int | None = None) -> int:
     code = CHILD_FAILED
     try:
         if as_user is not None:
-            os.setgroups([])
+            os.setgroups(list(groups))
             os.setgid(as_user)
             os.setuid(as_user)
         code = func() or 0
@@ -79,7 +82,9 @@ def read_report(fd: int, timeout: float = READY_TIMEOUT) -> str:
         chunks.append(chunk)
 
 
-def run_in_child(func: Callable[[], str], *, as_user: int | None = None) -> str:
+def run_in_child(
+    func: Callable[[], str], *, as_user: int | None = None, groups: Sequence[int] = ()
+) -> str:
     """Run ``func()`` in a child process and return the string it returned.
 
     If it raised, the report is ``"TypeName: message"`` instead, so tests can assert on a
@@ -97,7 +102,7 @@ def run_in_child(func: Callable[[], str], *, as_user: int | None = None) -> str:
         os.close(write_end)
         return 0
 
-    pid = fork(child, as_user=as_user)
+    pid = fork(child, as_user=as_user, groups=groups)
     os.close(write_end)
     try:
         report = read_report(read_end)
@@ -116,7 +121,12 @@ class Held:
     ``"TypeName: message"`` and the child exits at once.
     """
 
-    def __init__(self, setup: Callable[[], tuple[str, Callable[[], object]]]) -> None:
+    def __init__(
+        self,
+        setup: Callable[[], tuple[str, Callable[[], object]]],
+        *,
+        as_user: int | None = None,
+    ) -> None:
         report_r, report_w = os.pipe()
         stop_r, self._stop_w = os.pipe()
 
@@ -134,7 +144,7 @@ class Held:
             cleanup()
             return 0
 
-        self.pid = fork(child)
+        self.pid = fork(child, as_user=as_user)
         os.close(report_w)
         os.close(stop_r)
         self._stopped: int | None = None
@@ -186,3 +196,62 @@ needs_root = pytest.mark.skipif(
     not _may_act_as_another_user(),
     reason="needs root to act as a second uid (always runs when CI is set)",
 )
+
+
+class Talker:
+    """A child that reports as it goes, a line at a time: ``func(say)`` runs in the child,
+    and each ``say(text)`` becomes one ``line()`` in the parent."""
+
+    def __init__(
+        self,
+        func: Callable[[Callable[[str], None]], object],
+        *,
+        as_user: int | None = None,
+        groups: Sequence[int] = (),
+    ) -> None:
+        read_end, write_end = os.pipe()
+
+        def say(text: str) -> None:
+            os.write(write_end, text.replace("\n", " ").encode() + b"\n")
+
+        def child() -> int:
+            os.close(read_end)
+            try:
+                func(say)
+            except Exception as exc:
+                say(f"{type(exc).__name__}: {exc}")
+            return 0
+
+        self.pid = fork(child, as_user=as_user, groups=groups)
+        os.close(write_end)
+        self._fd = read_end
+        self._buffer = b""
+        self._code: int | None = None
+
+    def line(self, timeout: float = READY_TIMEOUT) -> str:
+        """The child's next line (bounded wait); '' once it has exited without one."""
+        while b"\n" not in self._buffer:
+            ready, _, _ = select.select([self._fd], [], [], timeout)
+            if not ready:
+                raise AssertionError(f"child {self.pid} said nothing within {timeout} s")
+            chunk = os.read(self._fd, 65536)
+            if not chunk:
+                return ""
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode("utf-8", "replace")
+
+    def finish(self) -> int:
+        """Wait for the child to exit; its exit code (idempotent)."""
+        if self._code is None:
+            try:
+                self._code = reap(self.pid)
+            finally:
+                os.close(self._fd)
+        return self._code
+
+    def __enter__(self) -> Talker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.finish()
