@@ -444,6 +444,9 @@ def _diagnose_path(
         return base.adding(*findings)  # our connect would only be refused for the same reason
     attempt = try_connect(target, kind)
     if attempt.ok:
+        if base.as_other and me.uid == 0:
+            findings = _kernel_verdict(findings, target, kind, base.user, denied)
+            denied = any(f.check == "permission" and f.status == "problem" for f in findings)
         result = _connected(base, target, attempt, checked_by=me, denied=denied)
         return dataclasses.replace(result, findings=(*findings, *result.findings))
     if attempt.errno in (errno.EACCES, errno.EPERM) and not denied:
@@ -453,6 +456,69 @@ def _diagnose_path(
     else:
         findings.append(_refusal(target, attempt, kind))
     return base.adding(*findings)
+
+
+def _kernel_verdict(
+    findings: list[Finding],
+    target: Address,
+    kind: SocketTypeName,
+    user: UserInfo,
+    denied: bool,
+) -> list[Finding]:
+    """Root can ask the kernel itself: connect as ``user`` and see. ACLs and security
+    modules can decide differently from the mode bits; the kernel's answer wins."""
+    code = _connect_as(user, target, kind)
+    if code == 0 and denied:
+        demoted = [
+            dataclasses.replace(f, status="warning")
+            if f.check == "permission" and f.status == "problem"
+            else f
+            for f in findings
+        ]
+        demoted.append(
+            Finding(
+                "permission",
+                "ok",
+                f"yet the kernel let {user.name} connect: an ACL grants what the mode bits "
+                "do not (getfacl shows it)",
+            )
+        )
+        return demoted
+    if code in (errno.EACCES, errno.EPERM) and not denied:
+        return [*findings, _unexplained_denial(target, None, user)]
+    if code in (errno.EACCES, errno.EPERM, 0):
+        outcome = "refused (permission denied)" if code else "accepted"
+        return [
+            *findings,
+            Finding("permission", "info", f"confirmed: a connect as {user.name} was {outcome}"),
+        ]
+    reason = os.strerror(code).lower() if code > 0 else "the check could not run"
+    return [*findings, Finding("permission", "info", f"a connect as {user.name} failed: {reason}")]
+
+
+def _connect_as(user: UserInfo, target: Address, kind: SocketTypeName) -> int:
+    """connect()'s errno for ``user``: a forked child takes on the user's groups, gid and
+    uid (which needs root), connects without waiting and reports back. -1 if it could not."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into the caller's code
+        try:
+            os.close(read_end)
+            os.setgroups(list(user.groups))
+            os.setgid(user.gid)
+            os.setuid(user.uid)
+            flags = _TYPES[kind] | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+            with sun_path(target) as where, socket.socket(socket.AF_UNIX, flags) as sock:
+                os.write(write_end, b"%d" % sock.connect_ex(where))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as pipe:
+            answer = pipe.read()
+    finally:
+        os.waitpid(pid, 0)
+    return int(answer) if answer.isdigit() else -1
 
 
 def _connected(
