@@ -1,0 +1,324 @@
+"""``udskit serve``: every action, framing and socket type, with plain-socket clients."""
+
+from __future__ import annotations
+
+import grp
+import os
+import signal
+import socket
+import stat
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.cli.conftest import UDSKIT, Background, one_line_error, require, serve, udskit
+from tests.conftest import wait_connectable
+
+KINDS = {"stream": socket.SOCK_STREAM, "seqpacket": socket.SOCK_SEQPACKET}
+
+
+def talk(path: Path, data: bytes, kind: int = socket.SOCK_STREAM) -> bytes:
+    """Connect, send, half-close, read everything until the server closes."""
+    with socket.socket(socket.AF_UNIX, kind) as client:
+        client.settimeout(20)
+        client.connect(os.fspath(path))
+        client.sendall(data)
+        client.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := client.recv(65536):
+            got += chunk
+        return got
+
+
+def recv_line(client: socket.socket) -> bytes:
+    got = b""
+    while not got.endswith(b"\n"):
+        chunk = client.recv(65536)
+        assert chunk, f"closed after {got!r}"
+        got += chunk
+    return got
+
+
+def dgram_client(directory: Path, name: str = "client.sock") -> socket.socket:
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    client.bind(os.fspath(directory / name))
+    client.settimeout(20)
+    return client
+
+
+@pytest.mark.parametrize(
+    ("action", "expected"),
+    [
+        (["--echo"], b"hello\n"),
+        (["--upper"], b"HELLO\n"),
+        (["--reply", "thank you!"], b"thank you!\n"),
+        (["--exec", "tr a-z A-Z"], b"HELLO\n"),
+    ],
+)
+def test_actions_on_a_raw_stream(
+    sockdir: Path, background: list[Background], action: list[str], expected: bytes
+) -> None:
+    path = sockdir / "s.sock"
+    server = serve(background, path, *action)
+    assert talk(path, b"hello\n") == expected
+    assert server.stop() == 0
+    assert not path.exists()
+
+
+def test_print_writes_what_arrives(sockdir: Path, background: list[Background]) -> None:
+    path = sockdir / "p.sock"
+    server = serve(background, path, "--print")
+    assert talk(path, b"one\ntwo\n") == b""
+    server.read_until(b"one\ntwo\n")
+    assert server.stop() == 0
+
+
+def test_lines_framing_answers_each_line(sockdir: Path, background: list[Background]) -> None:
+    path = sockdir / "l.sock"
+    serve(background, path, "--reply", "ok", "--framing", "lines")
+    assert talk(path, b"a\nb\nc") == b"ok\nok\nok\n"  # the last line needs no newline
+
+
+def test_length_framing(sockdir: Path, background: list[Background]) -> None:
+    path = sockdir / "f.sock"
+    serve(background, path, "--upper", "--framing", "length")
+    frames = b"".join(struct.pack(">I", len(m)) + m for m in (b"ab\ncd", b"", b"x"))
+    got = talk(path, frames)
+    assert got == b"".join(struct.pack(">I", len(m)) + m for m in (b"AB\nCD", b"", b"X"))
+
+
+def test_seqpacket_keeps_boundaries(sockdir: Path, background: list[Background]) -> None:
+    path = sockdir / "q.sock"
+    serve(background, path, "--type", "seqpacket", "--echo")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as client:
+        client.settimeout(20)
+        client.connect(os.fspath(path))
+        for message in (b"one", b"two", b"three"):
+            client.send(message)
+        assert [client.recv(100) for _ in range(3)] == [b"one", b"two", b"three"]
+
+
+@pytest.mark.parametrize(
+    ("action", "expected"),
+    [
+        (["--echo"], b"hi"),
+        (["--upper"], b"HI"),
+        (["--reply", "R"], b"R"),
+        (["--exec", "rev"], b"ih"),
+    ],
+)
+def test_datagram_actions_answer_the_sender(
+    sockdir: Path, background: list[Background], action: list[str], expected: bytes
+) -> None:
+    path = sockdir / "d.sock"
+    serve(background, path, "--type", "dgram", *action)
+    with dgram_client(sockdir) as client:
+        client.sendto(b"hi", os.fspath(path))
+        reply, sender = client.recvfrom(100)
+    assert reply == expected
+    assert sender == os.fspath(path)  # replies come from the path itself (socat checks it)
+
+
+def test_exec_with_lines_framing_runs_one_command_per_connection(
+    sockdir: Path, background: list[Background]
+) -> None:
+    path = sockdir / "e.sock"
+    serve(background, path, "--exec", "sort", "--framing", "lines")
+    assert talk(path, b"b\na\nc\n") == b"a\nb\nc\n"
+    assert talk(path, b"z\ny\n") == b"y\nz\n"
+
+
+def test_exec_on_seqpacket(sockdir: Path, background: list[Background]) -> None:
+    path = sockdir / "eq.sock"
+    serve(background, path, "--type", "seqpacket", "--exec", "tr a-z A-Z")
+    assert talk(path, b"abc", socket.SOCK_SEQPACKET) == b"ABC"
+
+
+@pytest.mark.parametrize("pieces", [[b"hello\nDONE\n"], [b"hello\nDO", b"NE\n"], [b"DONE"]])
+def test_until_stops_and_removes_the_socket(
+    sockdir: Path, background: list[Background], pieces: list[bytes]
+) -> None:
+    path = sockdir / "u.sock"
+    server = serve(background, path, "--print", "--until", "DONE")
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(os.fspath(path))
+        for piece in pieces:
+            client.sendall(piece)
+        client.shutdown(socket.SHUT_WR)
+        assert server.wait() == 0
+    assert server.out == b"".join(pieces)
+    assert not path.exists()
+
+
+def test_until_needs_the_whole_message(sockdir: Path, background: list[Background]) -> None:
+    path = sockdir / "u.sock"
+    server = serve(background, path, "--echo", "--until", "DONE")
+    assert talk(path, b"DONE?\nNOT DONE\n") == b"DONE?\nNOT DONE\n"
+    assert talk(path, b"more\n") == b"more\n"  # still serving
+    assert server.stop() == 0
+
+
+def test_until_on_datagrams(sockdir: Path, background: list[Background]) -> None:
+    path = sockdir / "ud.sock"
+    server = serve(background, path, "--type", "dgram", "--print", "--until", "DONE")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
+        client.sendto(b"hello", os.fspath(path))
+        client.sendto(b"DONE\n", os.fspath(path))  # as nc sends a typed line
+    assert server.wait() == 0
+    assert server.out == b"hello\nDONE\n"
+    assert not path.exists()
+
+
+def test_once_serves_one_client(sockdir: Path, background: list[Background]) -> None:
+    path = sockdir / "o.sock"
+    server = serve(background, path, "--once", "--upper")
+    assert talk(path, b"first\n") == b"FIRST\n"
+    assert server.wait() == 0
+    assert not path.exists()
+
+
+def test_many_clients_at_once(sockdir: Path, background: list[Background]) -> None:
+    path = sockdir / "m.sock"
+    serve(background, path, "--echo", "--framing", "lines")
+    clients = []
+    try:
+        for n in range(20):  # all connected before any is answered
+            client = socket.socket(socket.AF_UNIX)
+            client.settimeout(20)
+            client.connect(os.fspath(path))
+            clients.append(client)
+            client.sendall(b"client %d\n" % n)
+        for n, client in enumerate(clients):
+            assert recv_line(client) == b"client %d\n" % n
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_max_clients_queues_the_rest(sockdir: Path, background: list[Background]) -> None:
+    path = sockdir / "mc.sock"
+    serve(background, path, "--echo", "--framing", "lines", "--max-clients", "1")
+    with socket.socket(socket.AF_UNIX) as first, socket.socket(socket.AF_UNIX) as second:
+        for client in (first, second):
+            client.settimeout(20)
+            client.connect(os.fspath(path))  # the second waits in the backlog
+        first.sendall(b"1\n")
+        assert recv_line(first) == b"1\n"
+        second.sendall(b"2\n")
+        first.close()  # frees the one slot
+        assert recv_line(second) == b"2\n"
+
+
+def test_verbose_names_each_peer(sockdir: Path, background: list[Background]) -> None:
+    path = sockdir / "v.sock"
+    socat = require("socat")
+    server = serve(background, path, "--echo", "-v")
+    client = Background([socat, "-t", "20", "-", f"UNIX-CONNECT:{path}"])
+    background.append(client)
+    client.write(b"x\n")
+    client.read_until(b"x\n")
+    said = server.read_until(b"process=socat", stream="stderr").decode()
+    line = next(text for text in said.splitlines() if "client pid=" in text)
+    assert line == (
+        f"udskit: client pid={client.pid} uid={os.geteuid()} gid={os.getegid()} process=socat"
+    )
+    assert client.wait() == 0
+
+
+def test_hexdump_shows_both_directions(sockdir: Path, background: list[Background]) -> None:
+    path = sockdir / "x.sock"
+    server = serve(background, path, "--upper", "-x")
+    assert talk(path, b"hello\n") == b"HELLO\n"
+    server.stop()
+    assert "< pid " in server.err
+    assert "68 65 6c 6c 6f 0a" in server.err
+    assert "|hello.|" in server.err
+    assert "|HELLO.|" in server.err
+
+
+def test_mode_and_group(sockdir: Path, background: list[Background]) -> None:
+    path = sockdir / "g.sock"
+    group = "nogroup" if os.geteuid() == 0 else str(os.getegid())
+    serve(background, path, "--echo", "--mode", "660", "--group", group)
+    info = path.stat()
+    assert stat.S_IMODE(info.st_mode) == 0o660
+    if os.geteuid() == 0:
+        assert info.st_gid == grp.getgrnam("nogroup").gr_gid
+
+
+def test_default_mode_is_owner_only(sockdir: Path, background: list[Background]) -> None:
+    path = sockdir / "d.sock"
+    serve(background, path, "--echo")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+@pytest.mark.root
+def test_allow_uid_refuses_other_users(sockdir: Path, background: list[Background]) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to connect as a second uid")
+    path = sockdir / "a.sock"
+    socat = require("socat")
+    server = serve(background, path, "--echo", "--mode", "666", "--allow-uid", "nobody")
+    os.chmod(sockdir, 0o755)
+    # root is refused: the server closes without answering
+    assert talk(path, b"root here\n") == b""
+    # nobody is served (socat run as nobody: a peer with another uid, for real)
+    guest = Background([socat, "-t", "20", "-", f"UNIX-CONNECT:{path}"], user=65534)
+    background.append(guest)
+    guest.write(b"nobody here\n")
+    guest.read_until(b"nobody here\n")
+    guest.close_stdin()
+    assert guest.wait() == 0
+    server.stop()
+    assert "refused peer" in server.err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signals_stop_cleanly(sockdir: Path, background: list[Background], sig: int) -> None:
+    path = sockdir / "sig.sock"
+    server = serve(background, path, "--echo")
+    with socket.socket(socket.AF_UNIX) as client:  # a client still connected
+        client.connect(os.fspath(path))
+        assert server.stop(sig) == 0
+    assert not path.exists()
+    assert server.err == ""
+
+
+def test_refuses_a_live_socket_reclaims_a_stale_one(
+    sockdir: Path, background: list[Background]
+) -> None:
+    path = sockdir / "live.sock"
+    first = serve(background, path, "--echo")
+    line = one_line_error(udskit("serve", "--echo", path), 1)
+    assert f"a live server owns it: pid {first.pid}" in line
+    first.process.kill()  # a crash: the file stays, nobody listens
+    first.process.wait()
+    assert path.is_socket()
+    second = serve(background, path, "--upper")
+    assert talk(path, b"back\n") == b"BACK\n"
+    assert second.stop() == 0
+
+
+def test_never_deletes_a_file_in_the_way(sockdir: Path) -> None:
+    path = sockdir / "notes.txt"
+    path.write_text("keep me\n")
+    line = one_line_error(udskit("serve", "--echo", path), 1)
+    assert "regular file is in the way" in line
+    assert path.read_text() == "keep me\n"
+
+
+def test_abstract_address(background: list[Background]) -> None:
+    name = f"udskit-test-{os.getpid()}-{threading.get_ident()}"
+    server = Background([*UDSKIT, "serve", "--echo", f"@{name}"])
+    background.append(server)
+    wait_connectable("\0" + name)
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(20)
+        client.connect("\0" + name)
+        client.sendall(b"abc")
+        client.shutdown(socket.SHUT_WR)
+        assert client.recv(100) == b"abc"
+    assert server.stop() == 0
+    assert "abstract names have no file permissions" in server.err  # warned, once
