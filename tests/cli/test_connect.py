@@ -1,0 +1,165 @@
+"""``udskit connect``: stdin to the socket, the socket to stdout, in pipelines."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cli.conftest import UDSKIT, Background, one_line_error, serve, udskit
+
+
+@pytest.fixture
+def plain_server(sockdir: Path) -> Iterator[Callable[..., list[bytes]]]:
+    """A one-connection server written with the socket module: records what it received,
+    answers with a script, and closes. Returns the record once the client is done."""
+    threads: list[threading.Thread] = []
+    listeners: list[socket.socket] = []
+
+    def start(
+        kind: int = socket.SOCK_STREAM, answers: tuple[bytes, ...] = (), name: str = "p.sock"
+    ) -> list[bytes]:
+        received: list[bytes] = []
+        listener = socket.socket(socket.AF_UNIX, kind)
+        listener.bind(os.fspath(sockdir / name))
+        listener.settimeout(20)
+        listeners.append(listener)
+        if kind == socket.SOCK_DGRAM:
+
+            def run() -> None:
+                for answer in answers:
+                    data, sender = listener.recvfrom(65536)
+                    received.append(data)
+                    listener.sendto(answer, sender)
+
+        else:
+            listener.listen()
+
+            def run() -> None:
+                conn, _ = listener.accept()
+                with conn:
+                    received.append(conn.getpeername().encode() if conn.getpeername() else b"")
+                    for answer in answers:
+                        conn.sendall(answer)
+                    while data := conn.recv(65536):
+                        received.append(data)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        threads.append(thread)
+        return received
+
+    yield start
+    for listener in listeners:
+        listener.close()
+    for thread in threads:
+        thread.join(20)
+
+
+def test_pipeline_half_closes_and_prints_replies(
+    sockdir: Path, background: list[Background]
+) -> None:
+    path = sockdir / "u.sock"
+    serve(background, path, "--upper")
+    result = udskit("connect", path, stdin=b"hello\nworld\n")
+    assert result.code == 0, result.err
+    assert result.out == b"HELLO\nWORLD\n"
+    assert result.err == ""
+
+
+def test_ends_when_the_server_closes_first(
+    sockdir: Path, plain_server: Callable[..., list[bytes]]
+) -> None:
+    plain_server(answers=(b"bye\n",))
+    client = Background([*UDSKIT, "connect", sockdir / "p.sock"])
+    try:
+        client.read_until(b"bye\n")
+        client.process.stdin.close()  # type: ignore[union-attr]
+        client.process.stdin = None
+        assert client.process.wait(20) == 0
+    finally:
+        client.kill()
+
+
+def test_binary_data_passes_untouched(sockdir: Path, background: list[Background]) -> None:
+    path = sockdir / "b.sock"
+    serve(background, path, "--echo")
+    data = bytes(range(256)) * 64
+    result = udskit("connect", path, stdin=data)
+    assert result.out == data
+
+
+def test_bind_gives_the_client_a_name(
+    sockdir: Path, plain_server: Callable[..., list[bytes]]
+) -> None:
+    received = plain_server()
+    me = sockdir / "me.sock"
+    result = udskit("connect", "--bind", me, sockdir / "p.sock", stdin=b"hi")
+    assert result.code == 0, result.err
+    assert received[0] == os.fsencode(me)  # the server's getpeername()
+    assert received[1:] == [b"hi"]
+    assert not me.exists()  # removed on close
+
+
+def test_datagram_lines(sockdir: Path, plain_server: Callable[..., list[bytes]]) -> None:
+    received = plain_server(socket.SOCK_DGRAM, answers=(b"A", b"B"))
+    result = udskit("connect", "--type", "dgram", sockdir / "p.sock", stdin=b"a\n\nb\n")
+    assert result.code == 0, result.err
+    assert received == [b"a", b"b"]  # one datagram per line; empty lines skipped
+    assert result.out == b"A\nB\n"
+
+
+def test_seqpacket_lines(sockdir: Path, background: list[Background]) -> None:
+    path = sockdir / "q.sock"
+    serve(background, path, "--type", "seqpacket", "--upper")
+    result = udskit("connect", "--type", "seqpacket", path, stdin=b"one\ntwo\n")
+    assert result.out == b"ONE\nTWO\n"
+
+
+@pytest.mark.parametrize("framing", ["lines", "length"])
+def test_framings(sockdir: Path, background: list[Background], framing: str) -> None:
+    path = sockdir / "f.sock"
+    serve(background, path, "--reply", "R", "--framing", framing)
+    result = udskit("connect", "--framing", framing, path, stdin=b"a\nb\n")
+    assert result.out == b"R\nR\n"
+
+
+def test_length_framing_on_the_wire(
+    sockdir: Path, plain_server: Callable[..., list[bytes]]
+) -> None:
+    received = plain_server(answers=(struct.pack(">I", 3) + b"abc",))
+    result = udskit("connect", "--framing", "length", sockdir / "p.sock", stdin=b"xy\n")
+    assert result.out == b"abc\n"
+    assert b"".join(received[1:]) == struct.pack(">I", 2) + b"xy"
+
+
+def test_hexdump(sockdir: Path, background: list[Background]) -> None:
+    path = sockdir / "x.sock"
+    serve(background, path, "--echo")
+    result = udskit("connect", "-x", path, stdin=b"hi\n")
+    assert result.out == b"hi\n"
+    assert result.err.splitlines() == [
+        "> 3 bytes",
+        "  00000000  68 69 0a                                          |hi.|",
+        "< 3 bytes",
+        "  00000000  68 69 0a                                          |hi.|",
+    ]
+
+
+def test_no_such_socket(sockdir: Path) -> None:
+    line = one_line_error(udskit("connect", sockdir / "nope.sock"), 1)
+    assert "no such file" in line
+    assert str(sockdir / "nope.sock") in line
+
+
+def test_datagram_server_gone(sockdir: Path) -> None:
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stale.bind(os.fspath(sockdir / "gone.sock"))
+    stale.close()
+    line = one_line_error(udskit("connect", "--type", "dgram", sockdir / "gone.sock"), 1)
+    assert "gone.sock" in line
