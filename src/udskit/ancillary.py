@@ -70,8 +70,18 @@ class Received:
 _NOTHING: Final = Received([], None)
 
 
-def unpack(ancdata: Iterable[tuple[int, int, bytes]], flags: int, where: object) -> Received:
-    """Parse recvmsg()'s control data; on any problem close what arrived and raise."""
+def unpack(
+    ancdata: Iterable[tuple[int, int, bytes]],
+    flags: int,
+    where: object,
+    max_fds: int | None = None,
+) -> Received:
+    """Parse recvmsg()'s control data; on any problem close what arrived and raise.
+
+    Pass the receiver's ``max_fds``: the control buffer has room to spare (CMSG_SPACE
+    alignment, and a credentials slot the kernel leaves unused without SO_PASSCRED), so
+    the kernel may deliver more descriptors than that without setting MSG_CTRUNC.
+    """
     fds: list[int] = []
     cred: PeerCred | None = None
     foreign: tuple[int, int] | None = None
@@ -88,6 +98,12 @@ def unpack(ancdata: Iterable[tuple[int, int, bytes]], flags: int, where: object)
         raise ProtocolError(
             f"message from {where} carried more control data than allowed (MSG_CTRUNC): "
             f"the peer sent more descriptors than max_fds; all received descriptors closed"
+        )
+    if max_fds is not None and len(fds) > max_fds:
+        close_fds(fds)
+        raise ProtocolError(
+            f"message from {where} carried {len(fds)} descriptors, more than max_fds "
+            f"({max_fds}); all received descriptors closed"
         )
     if foreign is not None:
         close_fds(fds)

@@ -376,7 +376,7 @@ class Channel:
                 return message
         size, ancdata, flags, _ = self._recvmsg()
         if ancdata or flags & _CTRUNC:
-            fds = unpack(ancdata, flags, self._where()).fds
+            fds = unpack(ancdata, flags, self._where(), self._max_fds).fds
             if size == 0:
                 close_fds(fds)
                 fds = []
@@ -398,7 +398,11 @@ class Channel:
             )
         except OSError as exc:
             raise translate(exc, "recv", self._remote) from exc
-        fds = unpack(ancdata, flags, self._where()).fds if ancdata or flags & _CTRUNC else []
+        fds = (
+            unpack(ancdata, flags, self._where(), self._max_fds).fds
+            if ancdata or flags & _CTRUNC
+            else []
+        )
         if size == 0:
             close_fds(fds)
             return framing.feed(b"")
@@ -415,7 +419,11 @@ class Channel:
 
     def _recv_packet(self) -> tuple[bytes, list[int]]:
         size, ancdata, flags, _ = self._recvmsg()
-        got = unpack(ancdata, flags, self._where()) if ancdata or flags & _CTRUNC else None
+        got = (
+            unpack(ancdata, flags, self._where(), self._max_fds)
+            if ancdata or flags & _CTRUNC
+            else None
+        )
         fds = got.fds if got is not None else []
         if flags & _TRUNC:
             close_fds(fds)

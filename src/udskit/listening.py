@@ -227,7 +227,7 @@ class DatagramListener(_Endpoint):
                     raise ConnectionClosed(f"listener on {self.address} is closed") from None
                 raise translate(exc, "recv", self.address) from exc
             where = _sender_address(sender) or "an unbound sender"
-            got = unpack(ancdata, flags, where)
+            got = unpack(ancdata, flags, where, self._max_fds)
             if flags & socket.MSG_TRUNC:
                 close_fds(got.fds)
                 raise ProtocolError(
