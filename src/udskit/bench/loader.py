@@ -94,36 +94,38 @@ def _run(job: Job, request: bytes, clients: dict[int, _Client], poller: select.e
             errors.append(problem)
             poller.unregister(fd)
             waiting -= 1
-    sending = True
+    # After the cap (count or time), no client sends again: the replies in flight are
+    # awaited, for DRAIN_SECONDS at most.
+    draining = False
     give_up = 0
     while waiting:
-        until = deadline if sending else give_up
-        events = poller.poll(max(0.0, (until - _clock()) / 1e9))
-        if not events and not sending:
-            errors.append(f"{waiting} replies never came within {DRAIN_SECONDS:.0f} s")
-            break
-        now = _clock()
-        if sending and (now > deadline or len(samples) >= job.count):
-            sending = False
-            give_up = now + int(DRAIN_SECONDS * 1e9)
+        events = poller.poll(max(0.0, ((give_up if draining else deadline) - _clock()) / 1e9))
+        if not events:
+            if draining:
+                errors.append(f"{waiting} replies never came within {DRAIN_SECONDS:.0f} s")
+                break
+            draining, give_up = True, _clock() + int(DRAIN_SECONDS * 1e9)
+            continue
         for fd, _ in events:
             client = clients[fd]
             problem = _receive(client, request)
-            if problem is None and client.have < len(request):
-                continue  # part of the reply: wait for the rest
             if problem is None:
+                if client.have < len(request):
+                    continue  # part of the reply: wait for the rest
                 now = _clock()
                 samples.append(now - client.sent_at)
                 last = now
                 client.have = 0
-                if sending:
+                if not draining and (now > deadline or len(samples) >= job.count):
+                    draining, give_up = True, now + int(DRAIN_SECONDS * 1e9)
+                if not draining:
                     client.sent_at = now
                     problem = _send(client, request)
                     if problem is None:
                         continue
             if problem is not None:
                 errors.append(problem)
-            poller.unregister(fd)
+            poller.unregister(fd)  # this client is done, well or not
             waiting -= 1
     return LoadResult(
         clients=len(clients),

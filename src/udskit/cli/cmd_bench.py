@@ -1,0 +1,196 @@
+"""``udskit bench``: udskit and its peers side by side, in one run, with ratios to stdlib."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from typing import Final
+
+from udskit.bench import (
+    ALL,
+    BASELINE,
+    FULL,
+    QUICK,
+    ContenderInfo,
+    Progress,
+    availability,
+    choose_pinning,
+    draw,
+    get,
+    names,
+    plot_problem,
+    render,
+    run_bench,
+    to_json,
+)
+
+from .main import EXIT_FAILURE, EXIT_OK, UsageError
+
+HELP: Final = "measure udskit against stdlib, TCP, pipes, pyzmq, multiprocessing, asyncio and C"
+EXAMPLE: Final = (
+    "  udskit bench --quick\n"
+    "  udskit bench --json results.json --plot results.png\n"
+    "  udskit bench --quick --only udskit,asyncio,uvloop\n"
+    "  udskit bench --list"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quick", action="store_true", help="short time caps: the whole run in under a minute"
+    )
+    parser.add_argument("--json", metavar="FILE", help="write every figure and the setup as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw a PNG chart (needs matplotlib)")
+    parser.add_argument(
+        "--only",
+        metavar="NAMES",
+        help=f"comma-separated contenders to run ({BASELINE} always runs: ratios are to it)",
+    )
+    parser.add_argument(
+        "--messages",
+        metavar="N",
+        type=int,
+        help="at most N messages per measurement (for a smoke test; figures get noisy)",
+    )
+    parser.add_argument(
+        "--clients",
+        metavar="LIST",
+        help="client counts of the many-clients test (default: 100,1000)",
+    )
+    parser.add_argument(
+        "--list", action="store_true", help="list the contenders, whether each can run here, exit"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    selected = _selected(args.only)
+    plan = QUICK if args.quick else FULL
+    if args.messages is not None:
+        if args.messages < 1:
+            raise UsageError(f"--messages must be at least 1, not {args.messages}")
+        plan = plan.capped(args.messages)
+    if args.clients is not None:
+        plan = plan.with_clients(_client_counts(args.clients))
+    if args.list:
+        _print_list(availability(ALL))
+        return EXIT_OK
+    if args.plot is not None and not args.plot.lower().endswith(".png"):
+        raise UsageError(f"--plot draws a PNG: give a file name ending in .png, not {args.plot}")
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        problem = _unwritable(path)
+        if problem:
+            print(f"udskit bench: cannot write {option} {path}: {problem}", file=sys.stderr)
+            return EXIT_FAILURE
+    if args.plot is not None and (problem := plot_problem()):
+        print(f"udskit bench: cannot draw --plot {args.plot}: {problem}", file=sys.stderr)
+        return EXIT_FAILURE
+
+    contenders = [get(name) for name in selected]
+    notes = []
+    if args.only and BASELINE not in args.only.split(","):
+        notes.append(f"{BASELINE} was added to --only: every ratio is relative to it")
+    pinning = choose_pinning()
+    _say(f"{plan.name} run; {pinning.note}")
+    if any(get(name).native for name in selected):
+        _say("building the C reference (cached after the first run) ...")
+    infos = availability(contenders)
+    missing = [info for info in infos if not info.available]
+    if missing:
+        _say("unavailable here: " + "; ".join(f"{i.name} ({i.reason})" for i in missing))
+    result = run_bench(plan, contenders, pinning, _progress(), infos=infos, notes=notes)
+    print(render(result), end="", flush=True)
+    if args.json is not None:
+        _write_json(args.json, to_json(result))
+        _say(f"wrote {args.json}")
+    if args.plot is not None:
+        draw(result, args.plot)
+        _say(f"wrote {args.plot}")
+    failed = [o for o in result.outcomes if o.status == "failed"]
+    if failed:
+        _say(f"{len(failed)} measurement(s) failed; see the Notes above for why")
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _selected(only: str | None) -> list[str]:
+    if only is None:
+        return names()
+    wanted = [name.strip() for name in only.split(",") if name.strip()]
+    if not wanted:
+        raise UsageError("--only needs at least one contender name")
+    unknown = [name for name in wanted if name not in names()]
+    if unknown:
+        raise UsageError(
+            f"unknown contender {', '.join(map(repr, unknown))} in --only; "
+            f"choose from: {', '.join(names())}"
+        )
+    # The table's order, with the baseline first whatever --only said.
+    return [name for name in names() if name in wanted or name == BASELINE]
+
+
+def _client_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or any(n < 1 for n in counts):
+        raise UsageError(f"--clients takes positive integers like 100,1000, not {text!r}")
+    return counts
+
+
+def _unwritable(path: str | None) -> str | None:
+    """Why ``path`` cannot be written, checked before minutes of measuring; None if it can."""
+    if path is None:
+        return None
+    if os.path.isdir(path):
+        return "it is a directory; give a file name"
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        return f"directory {directory} does not exist"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"directory {directory} is not writable"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return "the file is not writable"
+    return None
+
+
+def _write_json(path: str, document: dict[str, object]) -> None:
+    """Write atomically: a reader never sees half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, partial = tempfile.mkstemp(prefix=".bench-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(document, out, indent=2)
+            out.write("\n")
+        os.chmod(partial, 0o644)
+        os.replace(partial, path)
+    except BaseException:
+        os.unlink(partial)
+        raise
+
+
+def _print_list(infos: list[ContenderInfo]) -> None:
+    for info in infos:
+        state = "ready" if info.available else f"unavailable: {info.reason}"
+        print(f"{info.name:<18} {state}\n{'':<18} {info.description}")
+
+
+def _say(text: str) -> None:
+    print(f"udskit bench: {text}", file=sys.stderr, flush=True)
+
+
+def _progress() -> Progress:
+    tty = sys.stderr.isatty()
+
+    def report(done: int, total: int, text: str) -> None:
+        line = f"[{done:>{len(str(total))}}/{total}] {text}"
+        if tty:
+            end = "\n" if done == total else ""
+            print(f"\r\x1b[K{line}", end=end, file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    return report

@@ -1,0 +1,67 @@
+"""Building the C reference into the cache, and every reason it cannot be built."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from udskit.bench.cbuild import build, cache_dir, find_source
+
+
+def test_source_is_found_in_the_checkout() -> None:
+    source = find_source()
+    assert source is not None
+    assert source.name == "udsbench.c"
+    assert source.parent.name == "benchmarks"
+
+
+def test_cache_dir_follows_xdg(cache_home: Path) -> None:
+    assert cache_dir() == cache_home / "udskit" / "bench"
+
+
+def test_build_compiles_once_then_reuses_the_binary(cache_home: Path, compiler: str) -> None:
+    first = build()
+    assert first.reason == ""
+    assert first.binary is not None
+    assert first.binary.parent == cache_home / "udskit" / "bench"
+    assert os.access(first.binary, os.X_OK)
+    built_at = first.binary.stat().st_mtime_ns
+    again = build()
+    assert again.binary == first.binary
+    assert again.binary.stat().st_mtime_ns == built_at
+    # Nothing half-written is left behind.
+    assert sorted(p.name for p in first.binary.parent.iterdir()) == [first.binary.name]
+
+
+def test_a_broken_source_gives_the_compiler_error(
+    tmp_path: Path, cache_home: Path, compiler: str
+) -> None:
+    source = tmp_path / "udsbench.c"
+    source.write_text("int main(void) { return missing_symbol; }\n")
+    result = build(source)
+    assert result.binary is None
+    assert "failed" in result.reason
+    assert "missing_symbol" in result.reason
+    assert list((cache_home / "udskit" / "bench").iterdir()) == []
+
+
+def test_no_compiler_is_a_reason_not_a_crash(
+    cache_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    result = build()
+    assert result.binary is None
+    assert result.reason == "no C compiler (cc) on PATH; install gcc or clang"
+
+
+def test_an_unwritable_cache_is_a_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compiler: str
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    result = build()
+    assert result.binary is None
+    assert result.reason.startswith(f"cannot create cache {blocker}/udskit/bench")

@@ -1,0 +1,162 @@
+"""``udskit bench`` as users run it: a tiny real run end to end, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from udskit.bench import names, validate
+from udskit.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: A run small enough for a test: few messages, few clients, a few contenders.
+TINY = ["--quick", "--messages", "2000", "--clients", "3,5"]
+
+
+def _bench(*args: str, blocked: tuple[str, ...] = (), env: dict[str, str] | None = None) -> (
+    subprocess.CompletedProcess[str]
+):  # fmt: skip
+    """``udskit bench ARGS`` in a fresh interpreter, with ``blocked`` modules unimportable."""
+    code = (
+        "import sys\n"
+        f"for name in {list(blocked)!r}: sys.modules[name] = None\n"
+        "from udskit.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_a_tiny_run_prints_the_table_and_writes_json_and_png(tmp_path: Path, compiler: str) -> None:
+    report, chart = tmp_path / "bench.json", tmp_path / "bench.png"
+    done = _bench(
+        *TINY,
+        "--only",
+        "udskit,c",
+        "--json",
+        str(report),
+        "--plot",
+        str(chart),
+        env={"XDG_CACHE_HOME": str(tmp_path / "cache")},
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    for heading in (
+        "Round trip, 64 B",
+        "One-way throughput, messages per second",
+        "One-way throughput, payload MB/s",
+        "Many clients",
+        "Issue 4 targets",
+        "Contenders",
+    ):
+        assert heading in out
+    assert "pinning: " in out
+    assert "stdlib was added to --only: every ratio is relative to it" in out
+    rows = [line.split()[0] for line in out.splitlines() if line[:1].isalpha()]
+    assert {"stdlib", "udskit", "c"} <= set(rows)
+    assert "1.00x" in out  # the baseline against itself
+    # Progress went to stderr, one line per measurement.
+    progress = [line for line in done.stderr.splitlines() if line.startswith("[")]
+    assert len(progress) == 21
+    assert re.match(r"\[ 1/21\] stdlib +round trip 64 B +p50 ", progress[0])
+    assert f"wrote {report}" in done.stderr
+
+    document = json.loads(report.read_text())
+    validate(document)
+    assert [c["name"] for c in document["contenders"]] == ["stdlib", "udskit", "c"]
+    assert document["plan"]["clients"] == [3, 5]
+    assert document["pinning"]["note"] in out
+    figures = {(o["contender"], o["figure"]): o for o in document["outcomes"]}
+    assert len(figures) == 3 * 7
+    assert figures[("udskit", "rtt_64")]["status"] == "ok"
+    assert figures[("c", "many_5")]["status"] == "ok"
+    assert figures[("stdlib", "stream_64")]["ratios"]["msgs_per_s"] == 1.0
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.png", "cache"]
+
+
+def test_missing_extras_are_named_in_one_line_and_the_run_goes_on() -> None:
+    done = _bench(*TINY, "--only", "zmq,uvloop", blocked=("zmq", "uvloop"))
+    assert done.returncode == 0, done.stderr
+    unavailable = [line for line in done.stderr.splitlines() if "unavailable here" in line]
+    assert len(unavailable) == 1
+    assert "zmq (zmq is not installed (pip install 'udskit[bench]'))" in unavailable[0]
+    assert "uvloop (uvloop is not installed" in unavailable[0]
+    zmq_rows = [line for line in done.stdout.splitlines() if line.startswith("zmq ")]
+    assert zmq_rows
+    assert all("unavail." in row for row in zmq_rows)
+
+
+def test_a_missing_matplotlib_stops_before_measuring(tmp_path: Path) -> None:
+    done = _bench(*TINY, "--plot", str(tmp_path / "x.png"), blocked=("matplotlib",))
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"udskit bench: cannot draw --plot {tmp_path / 'x.png'}: matplotlib is not installed "
+        "(pip install 'udskit[bench]')"
+    )
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--only", "stdlib,nope"], "unknown contender 'nope' in --only; choose from: stdlib"),
+        (["--only", ","], "--only needs at least one contender name"),
+        (["--messages", "0"], "--messages must be at least 1, not 0"),
+        (["--clients", "10,x"], "--clients takes positive integers like 100,1000, not '10,x'"),
+        (["--clients", "0"], "--clients takes positive integers"),
+        (["--plot", "chart.svg"], "--plot draws a PNG: give a file name ending in .png"),
+    ],
+)
+def test_usage_mistakes_exit_2_in_one_line(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as ended:
+        main(["bench", *args])
+    assert ended.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert message in err
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_an_unwritable_output_exits_1_before_measuring(
+    option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "missing" / "out.png"
+    assert main(["bench", option, str(target)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"udskit bench: cannot write {option} {target}: directory {target.parent} does not exist"
+    )
+
+
+def test_a_directory_is_not_an_output_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", "--json", str(tmp_path)]) == 1
+    assert "it is a directory; give a file name" in capsys.readouterr().err
+
+
+def test_list_names_every_contender_and_whether_it_can_run(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["bench", "--list"]) == 0
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.splitlines() if not line.startswith(" ")]
+    assert listed == names()
+    assert "ready" in out

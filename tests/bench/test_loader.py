@@ -1,0 +1,101 @@
+"""The many-clients load generator against real echo servers, good and faulty."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from udskit.bench.loader import load
+from udskit.bench.wire import Job
+
+
+def _job(path: Path, clients: int, count: int = 200) -> Job:
+    return Job("test", "udskit.bench.loader", "load", str(path), size=64, count=count,
+               seconds=5.0, clients=clients)  # fmt: skip
+
+
+@contextmanager
+def echo_server(path: Path, clients: int, answer: Callable[[bytes], bytes]) -> Iterator[None]:
+    """``clients`` connections, each served by a thread that sends ``answer(data)``."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(clients)
+    threads = []
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                reply = answer(data)
+                if not reply:
+                    return
+                conn.sendall(reply)
+
+    def accept() -> None:
+        for _ in range(clients):
+            conn, _ = listener.accept()
+            thread = threading.Thread(target=serve, args=(conn,))
+            thread.start()
+            threads.append(thread)
+
+    acceptor = threading.Thread(target=accept)
+    acceptor.start()
+    try:
+        yield
+    finally:
+        acceptor.join(timeout=10)
+        for thread in threads:
+            thread.join(timeout=10)
+        listener.close()
+
+
+def test_every_client_is_served_and_timed(sockdir: Path, no_fd_leak: None) -> None:
+    path = sockdir / "echo.sock"
+    with echo_server(path, 5, lambda data: data):
+        result = load(_job(path, 5))
+    assert result.errors == 0, result.first_error
+    assert result.clients == 5
+    # The cap is reached, then every client's message in flight is still answered.
+    assert 200 <= result.messages <= 200 + 5 - 1
+    assert len(result.samples_ns) == result.messages
+    assert all(sample > 0 for sample in result.samples_ns)
+    assert result.seconds > 0
+
+
+def test_a_wrong_echo_is_an_error(sockdir: Path, no_fd_leak: None) -> None:
+    path = sockdir / "echo.sock"
+    with echo_server(path, 3, lambda data: data[:-1] + b"!"):
+        result = load(_job(path, 3))
+    assert result.errors == 3
+    assert result.first_error == "an echo differed from the message sent"
+
+
+def test_a_server_that_hangs_up_is_an_error(sockdir: Path, no_fd_leak: None) -> None:
+    path = sockdir / "echo.sock"
+    with echo_server(path, 2, lambda data: b""):
+        result = load(_job(path, 2))
+    assert result.errors == 2
+    assert result.first_error in (
+        "the server closed a client's connection",
+        "receiving an echo: [Errno 104] Connection reset by peer",
+    )
+
+
+def test_no_server_means_no_client_connected(sockdir: Path, no_fd_leak: None) -> None:
+    result = load(_job(sockdir / "absent.sock", 4))
+    assert (result.errors, result.messages) == (4, 0)
+    assert result.first_error.startswith("connected 0 of 4 clients, then: ")
+    assert "No such file or directory" in result.first_error
+
+
+def test_too_few_descriptors_end_the_loader_with_the_reason(
+    sockdir: Path, capsys: pytest.CaptureFixture[str], restore_nofile: tuple[int, int]
+) -> None:
+    with pytest.raises(SystemExit) as ended:
+        load(_job(sockdir / "x.sock", 10**9))
+    assert ended.value.code == 1
+    assert "RLIMIT_NOFILE" in capsys.readouterr().err

@@ -1,0 +1,160 @@
+"""The runner: real peer processes, pinned apart; every way a peer can fail is reported as
+the measurement's reason, and no peer process outlives its measurement."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from udskit.bench import runner
+from udskit.bench.contenders import get
+from udskit.bench.contenders.base import Contender
+from udskit.bench.host import Pinning, choose_pinning
+from udskit.bench.plan import QUICK, Figure
+from udskit.bench.results import Outcome, Run
+
+ROOT = Path(__file__).resolve().parents[2]
+PLAN = QUICK.capped(300).with_clients((3,))
+UNPINNED = Pinning(None, None, "unpinned: test")
+
+
+def _children() -> set[int]:
+    """Live child processes of this test process (zombies are reaped by Popen.wait)."""
+    me = str(os.getpid())
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == me:
+                found.add(int(entry))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_peer_left() -> Iterator[None]:
+    before = _children()
+    yield
+    assert _children() - before == set()
+
+
+@pytest.fixture
+def test_peers_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Peers import ``tests.bench.faulty_peers`` from the repository root."""
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT) + (os.pathsep + path if path else ""))
+
+
+def _faulty(fault: str) -> Contender:
+    return Contender(
+        name="faulty",
+        label="faulty",
+        description="misbehaves on purpose",
+        module="tests.bench.faulty_peers",
+        transport="unix",
+        options={"fault": fault},
+        skips={"many": "not under test"},
+    )
+
+
+def _run(contender: Contender, pinning: Pinning = UNPINNED) -> Run:
+    lines: list[str] = []
+    return runner.run(PLAN, [contender], pinning, lambda d, t, text: lines.append(text))
+
+
+def _outcome(run: Run, figure: Figure) -> Outcome:
+    found = run.outcome(run.contenders[0].name, figure)
+    assert found is not None
+    return found
+
+
+RTT = Figure("rtt", 64)
+
+
+def test_real_peers_measure_every_figure() -> None:
+    progress: list[tuple[int, int, str]] = []
+    run = runner.run(
+        PLAN, [get("stdlib")], choose_pinning(), lambda d, t, s: progress.append((d, t, s))
+    )
+    assert [o.status for o in run.outcomes] == ["ok"] * len(PLAN.figures())
+    assert [(d, t) for d, t, _ in progress] == [(i, 6) for i in range(1, 7)]
+    rtt = _outcome(run, RTT)
+    assert rtt.latency is not None
+    assert rtt.latency.count == 300
+    many = _outcome(run, Figure("many", 3))
+    assert many.rate is not None
+    assert many.rate.messages >= 300
+
+
+def test_pipe_peers_get_their_descriptors_and_see_eof() -> None:
+    run = runner.run(PLAN, [get("pipe")], UNPINNED, lambda d, t, s: None)
+    statuses = {o.figure.key: o.status for o in run.outcomes}
+    assert statuses == {
+        "rtt_64": "ok",
+        "stream_64": "ok",
+        "stream_4096": "ok",
+        "stream_65536": "ok",
+        "stream_1048576": "ok",
+        "many_3": "skipped",
+    }
+
+
+@pytest.mark.usefixtures("test_peers_importable")
+def test_a_server_that_crashes_is_reported_with_its_last_words() -> None:
+    outcome = _outcome(_run(_faulty("crash_before_ready")), RTT)
+    assert outcome.status == "failed"
+    assert outcome.reason.startswith("faulty server exited before it was ready: ")
+    assert outcome.reason.endswith("RuntimeError: boom before ready")
+
+
+@pytest.mark.usefixtures("test_peers_importable")
+def test_a_server_that_never_listens_is_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "READY_TIMEOUT", 1.0)
+    outcome = _outcome(_run(_faulty("never_ready")), RTT)
+    assert outcome.reason == "faulty server did not start listening within 1 s"
+
+
+@pytest.mark.usefixtures("test_peers_importable")
+def test_a_server_that_talks_nonsense_is_reported() -> None:
+    outcome = _outcome(_run(_faulty("garbage")), RTT)
+    assert outcome.status == "failed"
+    assert outcome.reason == "peer printed 'hello\\n', not a JSON object"
+
+
+@pytest.mark.usefixtures("test_peers_importable")
+def test_a_client_that_fails_is_reported() -> None:
+    outcome = _outcome(_run(_faulty("client_crash")), RTT)
+    assert outcome.reason == "faulty client exited with status 3: client broke"
+
+
+@pytest.mark.usefixtures("test_peers_importable")
+def test_a_client_that_hangs_is_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "CLIENT_SLACK", 1.0)
+    outcome = _outcome(_run(_faulty("client_hangs")), RTT)
+    assert outcome.status == "failed"
+    assert outcome.reason.startswith("faulty client did not finish within")
+
+
+@pytest.mark.usefixtures("test_peers_importable")
+def test_lost_messages_fail_the_stream_figure() -> None:
+    outcome = _outcome(_run(_faulty("")), Figure("stream", 64))
+    assert outcome.status == "failed"
+    assert outcome.reason == "10 messages sent, 7 received"
+
+
+@pytest.mark.usefixtures("test_peers_importable")
+def test_an_unavailable_contender_is_never_started() -> None:
+    contender = _faulty("crash_before_ready")
+    missing = Contender(**{
+        field: getattr(contender, field) for field in Contender.__dataclass_fields__
+    } | {"requires": lambda: "not here (install it)"})  # fmt: skip
+    run = _run(missing)
+    assert {o.status for o in run.outcomes} == {"unavailable"}
+    assert {o.reason for o in run.outcomes} == {"not here (install it)"}
+    assert run.contenders[0].available is False
