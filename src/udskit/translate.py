@@ -86,16 +86,18 @@ def translate(exc: OSError, op: str, address: Address | str | None) -> Exception
     reason = os.strerror(code) if code else str(exc)
     if op == "connect" and isinstance(address, Address):
         return ConnectError(explain_connect(code, address), errno=code)
+    # " to ADDR" / " from ADDR", or nothing for an unnamed peer (a pair, say).
+    to, from_ = (f" to{where}", f" from{where}") if where else ("", "")
     if op in ("send", "recv") and code in _CLOSED_ERRNOS:
-        verb = "send to" if op == "send" else "receive from"
-        return ConnectionClosed(f"cannot {verb}{where}: the peer closed the connection")
+        verb = f"send{to}" if op == "send" else f"receive{from_}"
+        return ConnectionClosed(f"cannot {verb}: the peer closed the connection")
     if op == "send" and code == errno.EMSGSIZE:
         return FrameTooLarge(
-            f"message to{where} is larger than the socket's send buffer allows (EMSGSIZE): "
+            f"message{to} is larger than the socket's send buffer allows (EMSGSIZE): "
             "send smaller messages, raise sndbuf, or use type='stream' for large payloads"
         )
     if op == "send" and code in (errno.ECONNREFUSED, errno.ENOENT):
-        return ConnectionClosed(f"cannot send to{where}: nothing is bound there any more")
+        return ConnectionClosed(f"cannot send{to}: nothing is bound there any more")
     if op == "bind" and code == errno.EADDRINUSE:
         return AddressInUse(f"cannot bind{where}: the address is in use by another socket")
     if op == "bind" and code in (errno.EACCES, errno.EPERM, errno.EROFS):
