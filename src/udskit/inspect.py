@@ -470,7 +470,7 @@ def _kernel_verdict(
     code = _connect_as(user, target, kind)
     if code == 0 and denied:
         demoted = [
-            dataclasses.replace(f, status="warning")
+            dataclasses.replace(f, status="warning", fixes=())
             if f.check == "permission" and f.status == "problem"
             else f
             for f in findings
@@ -785,7 +785,7 @@ def _permission_fixes(user: UserInfo, info: FileInfo, bit: int) -> tuple[str, ..
         if info.gid in user.groups:
             fixes.append(f"chmod {grant:o} {path}")
         else:
-            if info.mode & bit << 3:
+            if info.mode & bit << 3 and info.gid != 0:  # never advise joining group root
                 fixes.append(
                     f"usermod -aG {group} {user.name}   (then restart {user.name}'s processes: "
                     "groups are read when a process starts)"

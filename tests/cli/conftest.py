@@ -7,6 +7,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,9 @@ import pytest
 from tests.conftest import READY_TIMEOUT
 
 UDSKIT = (sys.executable, "-m", "udskit")
+
+#: sun_path's 108 bytes, less the terminating NUL.
+MAX_DIRECT_PATH = 107
 
 #: Bound on any one command of a test: generous for a loaded CI machine; the commands
 #: themselves take milliseconds.
@@ -84,6 +88,9 @@ def wait_listening(
 ) -> None:
     """Wait until a socket listens (or, with ``dgram``, a socket is bound) at ``path``,
     without connecting to it (a server would count that as a client: --once, -v)."""
+    if len(os.fsencode(path)) > MAX_DIRECT_PATH:
+        _wait_long(path, process)
+        return
     deadline = time.monotonic() + READY_TIMEOUT
     delay = 0.001
     while True:
@@ -97,6 +104,29 @@ def wait_listening(
                 )
                 if same and (dgram or state == "listening"):
                     return
+        if process is not None and process.poll() is not None:
+            _, err = process.communicate()
+            raise AssertionError(f"the server exited with {process.returncode}: {err!r}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"nothing listens at {path} after {READY_TIMEOUT} s")
+        time.sleep(delay)  # back-off between readiness checks, not synchronisation
+        delay = min(delay * 2, 0.05)
+
+
+def _wait_long(path: Path, process: subprocess.Popen[bytes] | None) -> None:
+    """A path over sun_path's limit is bound as /proc/self/fd/N/NAME, a name /proc/net/unix
+    cannot tie to it: connect through the directory instead, as udskit does."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    delay = 0.001
+    while True:
+        if path.exists():
+            directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+            try:
+                with socket.socket(socket.AF_UNIX) as probe:
+                    if probe.connect_ex(f"/proc/self/fd/{directory}/{path.name}") == 0:
+                        return
+            finally:
+                os.close(directory)
         if process is not None and process.poll() is not None:
             _, err = process.communicate()
             raise AssertionError(f"the server exited with {process.returncode}: {err!r}")
@@ -124,7 +154,10 @@ class Background:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=cwd,
+            # another user for real: its uid, its primary group, no supplementary groups
             user=user,
+            group=user,
+            extra_groups=None if user is None else [],
         )
         self.out = b""
         self.err = ""

@@ -262,8 +262,11 @@ def test_allow_uid_refuses_other_users(sockdir: Path, background: list[Backgroun
     socat = require("socat")
     server = serve(background, path, "--echo", "--mode", "666", "--allow-uid", "nobody")
     os.chmod(sockdir, 0o755)
-    # root is refused: the server closes without answering
-    assert talk(path, b"root here\n") == b""
+    # root is refused: the server closes without answering (a reset, if our data is unread)
+    try:
+        assert talk(path, b"root here\n") == b""
+    except ConnectionResetError:
+        pass
     # nobody is served (socat run as nobody: a peer with another uid, for real)
     guest = Background([socat, "-t", "20", "-", f"UNIX-CONNECT:{path}"], user=65534)
     background.append(guest)
