@@ -114,10 +114,10 @@ def test_live_socket_is_not_taken(sockdir: Path) -> None:
     [
         (["--allow-uid", "0", "tcp:127.0.0.1:0", "/x.sock"], 2, "need a Unix LISTEN address"),
         (["--allow-uid", "no-such-user-here", "/tmp/a.sock", "/x.sock"], 2, "unknown user"),
-        (["--mode", "999", "/tmp/a.sock", "/x.sock"], 2, "invalid mode"),
+        (["--mode", "999", "/tmp/a.sock", "/x.sock"], 2, "not an octal permission number"),
         (["tcp:127.0.0.1:0", "fd:3"], 2, "not a descriptor"),
         (["tcp:127.0.0.1", "/x.sock"], 1, "malformed tcp address"),
-        (["--max-connections", "0", "tcp:127.0.0.1:0", "/x.sock"], 2, "max_connections"),
+        (["--max-connections", "0", "tcp:127.0.0.1:0", "/x.sock"], 2, "must be at least 1"),
     ],
 )
 def test_bad_arguments_are_one_line(args: list[str], code: int, message: str) -> None:

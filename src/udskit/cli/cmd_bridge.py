@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import grp
-import pwd
 import sys
 
 import udskit
 from udskit import bridge
 
+from ._options import group_id, octal_mode, positive_int, user_id
 from .main import EXIT_OK, UsageError
 
 HELP = "relay connections between two addresses (TCP <-> Unix socket, abstract <-> path)"
@@ -29,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="TARGET", help="address to relay each connection to")
     parser.add_argument(
         "--mode",
-        type=_mode,
+        type=octal_mode,
         default=0o600,
         help="permissions of a LISTEN socket file, octal (default: 600)",
     )
@@ -38,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-uid",
         metavar="USER",
+        type=user_id,
         action="append",
         default=[],
         help="accept only clients running as this user (name or uid; repeatable)",
@@ -45,14 +45,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-gid",
         metavar="GROUP",
+        type=group_id,
         action="append",
         default=[],
         help="accept only clients in this group (name or gid; repeatable)",
     )
-    parser.add_argument("--backlog", type=int, default=128, help="listen() backlog (default: 128)")
+    parser.add_argument(
+        "--backlog", type=positive_int, default=128, help="listen() backlog (default: 128)"
+    )
     parser.add_argument(
         "--max-connections",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="relay at most N connections at once; more wait in the backlog",
     )
@@ -83,37 +86,7 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _mode(text: str) -> int:
-    try:
-        value = int(text, 8)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid mode {text!r}: write octal permissions, e.g. 660"
-        ) from None
-    if not 0 <= value <= 0o7777:
-        raise argparse.ArgumentTypeError(f"invalid mode {text!r}: beyond 7777")
-    return value
-
-
-def _policy(users: list[str], groups: list[str]) -> udskit.Policy | None:
-    if not users and not groups:
+def _policy(uids: list[int], gids: list[int]) -> udskit.Policy | None:
+    if not uids and not gids:
         return None
-    return udskit.Policy(uids=[_uid(u) for u in users], gids=[_gid(g) for g in groups])
-
-
-def _uid(text: str) -> int:
-    if text.isdigit():
-        return int(text)
-    try:
-        return pwd.getpwnam(text).pw_uid
-    except KeyError:
-        raise UsageError(f"--allow-uid: unknown user {text!r}") from None
-
-
-def _gid(text: str) -> int:
-    if text.isdigit():
-        return int(text)
-    try:
-        return grp.getgrnam(text).gr_gid
-    except KeyError:
-        raise UsageError(f"--allow-gid: unknown group {text!r}") from None
+    return udskit.Policy(uids=uids, gids=gids)
