@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from udskit.bench import names, validate
+from udskit.bench.contenders.registry import names
+from udskit.bench.results import validate
 from udskit.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]

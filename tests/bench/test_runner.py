@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from udskit.bench import runner
-from udskit.bench.contenders import get
 from udskit.bench.contenders.base import Contender
+from udskit.bench.contenders.registry import get
 from udskit.bench.host import Pinning, choose_pinning
 from udskit.bench.plan import QUICK, Figure
 from udskit.bench.results import Outcome, Run

@@ -1,39 +1,10 @@
 """The benchmark behind ``udskit bench``: udskit and its peers, side by side, in one run.
 
-Each measurement runs two peer processes pinned to different CPUs; the runner collects
-their figures, and the report shows each as a ratio to hand-written stdlib Python.
+Each measurement runs two peer processes pinned to different CPUs (:mod:`.runner`); the
+report (:mod:`.report`) shows every figure as a ratio to hand-written stdlib Python.
+
+Nothing is imported here: each peer process imports only the few modules its role needs, so
+that starting the hundred or so peers of a run stays cheap. Import the submodules.
 """
 
-from .contenders import ALL, BASELINE, Contender, get, names
-from .host import Pinning, choose_pinning
-from .plan import FULL, QUICK, Figure, Plan
-from .plot import draw, plot_problem
-from .report import render
-from .results import ContenderInfo, Outcome, Run, to_json, validate
-from .runner import Progress, availability
-from .runner import run as run_bench
-
-__all__ = [
-    "ALL",
-    "BASELINE",
-    "FULL",
-    "QUICK",
-    "Contender",
-    "ContenderInfo",
-    "Figure",
-    "Outcome",
-    "Pinning",
-    "Plan",
-    "Progress",
-    "Run",
-    "availability",
-    "choose_pinning",
-    "draw",
-    "get",
-    "names",
-    "plot_problem",
-    "render",
-    "run_bench",
-    "to_json",
-    "validate",
-]
+__all__: list[str] = []

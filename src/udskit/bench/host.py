@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import platform
 import resource
 import sys
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Final
 
 __all__ = [
@@ -87,6 +85,11 @@ def raise_nofile(needed: int) -> str | None:
 
 def describe_host() -> dict[str, object]:
     """What a reader needs to compare results from two machines."""
+    # Imported here: every peer process imports this module for pin(), and these cost
+    # more to import than pin() does to run.
+    import platform
+    from importlib import metadata
+
     libraries: dict[str, str | None] = {}
     for name in _LIBRARIES:
         try:
@@ -106,6 +109,8 @@ def describe_host() -> dict[str, object]:
 
 
 def _cpu_model() -> str:
+    import platform
+
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
             for line in info:

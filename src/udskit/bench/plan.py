@@ -122,13 +122,13 @@ QUICK: Final = Plan(
     name="quick",
     rtt_count=3_000,
     rtt_warmup=100,
-    rtt_seconds=0.25,
+    rtt_seconds=0.2,
     stream_messages=500_000,
     stream_bytes=1 << 30,
-    stream_seconds=0.15,
+    stream_seconds=0.1,
     clients=CLIENT_COUNTS,
-    many_messages=200_000,
-    many_seconds=0.4,
+    many_messages=100_000,
+    many_seconds=0.3,
 )
 
 

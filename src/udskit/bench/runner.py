@@ -26,8 +26,9 @@ from typing import IO, Final
 import udskit
 
 from . import stats
-from .contenders import BASELINE, Contender, native_build
+from .contenders.base import Contender
 from .contenders.native import command as native_command
+from .contenders.registry import BASELINE, native_build
 from .host import FD_HEADROOM, Pinning, describe_host, raise_nofile
 from .plan import ECHO_SIZE, Figure, Plan
 from .results import ContenderInfo, Outcome, Run

@@ -9,23 +9,14 @@ import sys
 import tempfile
 from typing import Final
 
-from udskit.bench import (
-    ALL,
-    BASELINE,
-    FULL,
-    QUICK,
-    ContenderInfo,
-    Progress,
-    availability,
-    choose_pinning,
-    draw,
-    get,
-    names,
-    plot_problem,
-    render,
-    run_bench,
-    to_json,
-)
+from udskit.bench.contenders.registry import ALL, BASELINE, get, names
+from udskit.bench.host import choose_pinning
+from udskit.bench.plan import FULL, QUICK
+from udskit.bench.plot import draw, plot_problem
+from udskit.bench.report import render
+from udskit.bench.results import ContenderInfo, to_json
+from udskit.bench.runner import Progress, availability
+from udskit.bench.runner import run as run_bench
 
 from .main import EXIT_FAILURE, EXIT_OK, UsageError
 
