@@ -28,6 +28,15 @@ __all__ = [
 class UdsError(Exception):
     """Root of every error udskit raises. Never raised itself."""
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Pickling (multiprocessing sends a child's exception to its parent) rebuilds the
+        # error from its message alone; carry the attributes set besides it, errno included
+        # (OSError keeps errno in a slot that the default state dict leaves out).
+        state = dict(vars(self))
+        if isinstance(self, OSError):
+            state["errno"] = self.errno
+        return (type(self), self.args, state)
+
 
 class _OSFlavour(UdsError, OSError):
     """Mixin base: an OSError whose ``str()`` is our one-line message.
