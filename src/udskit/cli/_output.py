@@ -55,8 +55,13 @@ def as_line(message: bytes) -> bytes:
 
 
 def err(text: str) -> None:
-    """One line on stderr, prefixed like every udskit message."""
-    print(f"udskit: {text}", file=sys.stderr, flush=True)
+    """One line on stderr, prefixed like every udskit message, in one write (so that it
+    is never split by other output on a terminal)."""
+    sys.stderr.flush()
+    _STDERR.write(f"udskit: {text}\n".encode(errors="replace"))
+
+
+_STDERR: Final = Output(2)
 
 
 class HexDump:
