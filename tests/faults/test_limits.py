@@ -107,7 +107,7 @@ def test_line_over_max_line() -> None:
 
 @pytest.mark.parametrize("kind", ["stream", "seqpacket", "dgram"])
 def test_sending_more_fds_than_max_fds_is_refused(kind: str) -> None:
-    ours, theirs = udskit.pair(kind)  # type: ignore[call-overload]
+    ours, theirs = udskit.pair(kind)
     r, w = os.pipe()
     try:
         with ours, theirs:
@@ -144,7 +144,7 @@ def _raw_send(sock: socket.socket, data: bytes, fds: list[int]) -> None:
 
 @pytest.mark.parametrize("kind", ["stream", "seqpacket", "dgram"])
 def test_raw_sender_forcing_more_fds_than_max_fds(kind: str, pipes: list[int]) -> None:
-    ours, theirs = udskit.pair(kind, max_fds=2)  # type: ignore[call-overload]
+    ours, theirs = udskit.pair(kind, max_fds=2)
     with ours, theirs:
         payload = HEADER.pack(3) + b"fds" if kind == "stream" else b"fds"
         before = _received_fds_now()
@@ -221,7 +221,7 @@ def test_foreign_control_data_closes_every_fd(kind: str, pipes: list[int]) -> No
 
 @pytest.mark.parametrize("kind", ["seqpacket", "dgram"])
 def test_truncated_message_is_an_error_not_a_short_message(kind: str, pipes: list[int]) -> None:
-    ours, theirs = udskit.pair(kind, max_frame=1000)  # type: ignore[call-overload]
+    ours, theirs = udskit.pair(kind, max_frame=1000)
     with ours, theirs:
         before = _received_fds_now()
         ours.send_fds(b"x" * 1001, pipes[:2])
@@ -252,7 +252,7 @@ def test_truncated_datagram_at_a_listener(sockdir: Path, pipes: list[int]) -> No
 
 @pytest.mark.parametrize("kind", ["seqpacket", "dgram"])
 def test_emsgsize_is_frame_too_large_suggesting_stream(kind: str) -> None:
-    ours, theirs = udskit.pair(kind)  # type: ignore[call-overload]
+    ours, theirs = udskit.pair(kind)
     with ours, theirs:
         with pytest.raises(FrameTooLarge) as caught:
             ours.send(b"x" * OVERSIZED_DATAGRAM)

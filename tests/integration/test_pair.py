@@ -1,0 +1,186 @@
+"""``udskit.pair()`` between processes (S4): across ``os.fork()``, across
+``multiprocessing`` with the 'fork' and 'spawn' start methods, with descriptors passed."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import udskit
+from udskit import Channel, PeerCred, ProtocolError
+
+from .children import Talker
+
+#: How long the parent waits for a child's answer or exit.
+PATIENCE = 30.0
+
+TYPES = ["stream", "seqpacket", "dgram"]
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_pair_across_fork(kind: str) -> None:
+    parent_end, child_end = udskit.pair(kind)
+
+    def child(say: Callable[[str], None]) -> None:
+        parent_end.close()  # each side closes the end it does not use
+        child_end.send(b"hello from %d" % os.getpid())
+        reply = child_end.recv()
+        child_end.send(b"child got: " + reply)
+        peer = child_end.peer
+        say(f"peer {peer.pid if peer else None}")
+
+    with Talker(child) as talker:
+        child_end.close()
+        parent_end.settimeout(PATIENCE)
+        assert parent_end.recv() == b"hello from %d" % talker.pid
+        parent_end.send(b"hello from the parent")
+        assert parent_end.recv() == b"child got: hello from the parent"
+        # socketpair() records its creator (the parent) as the peer of both ends.
+        assert talker.line() == f"peer {os.getpid()}"
+        assert talker.finish() == 0
+        if kind != "dgram":
+            with pytest.raises(udskit.ConnectionClosed):
+                parent_end.recv()  # the child exited: its end is gone
+        parent_end.close()
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_fds_over_a_pair_across_fork(kind: str) -> None:
+    parent_end, child_end = udskit.pair(kind)
+    read_end, write_end = os.pipe()
+
+    def child(say: Callable[[str], None]) -> None:
+        parent_end.close()
+        os.close(read_end)
+        os.close(write_end)
+        data, fds = child_end.recv_fds()
+        (fd,) = fds
+        os.write(fd, data.upper())
+        os.close(fd)
+        say("written")
+
+    with Talker(child) as talker:
+        child_end.close()
+        try:
+            parent_end.send_fds(b"through the passed pipe", [write_end])
+            os.close(write_end)
+            assert talker.line() == "written"
+            assert talker.finish() == 0
+            # The child's copy is closed and so is ours: the pipe ends after the message.
+            assert os.read(read_end, 100) == b"THROUGH THE PASSED PIPE"
+            assert os.read(read_end, 100) == b""
+        finally:
+            os.close(read_end)
+            parent_end.close()
+
+
+# -- multiprocessing ------------------------------------------------------------------------
+
+
+def _start(process: multiprocessing.process.BaseProcess) -> None:
+    with warnings.catch_warnings():
+        # Python 3.12+ warns about fork() while other threads run (a test's leftover
+        # daemon thread, say); the children here only use their own channel.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        process.start()
+
+
+def _answer(channel: Channel) -> None:
+    """Child process body: answer one question with our pid and what we know of the peer."""
+    with channel:
+        question = channel.recv()
+        peer = channel.peer
+        channel.send(b"%s pid=%d peer=%d" % (question, os.getpid(), peer.pid if peer else -1))
+
+
+def _write_through(channel: Channel) -> None:
+    """Child process body: receive a descriptor and write the message through it."""
+    with channel:
+        data, fds = channel.recv_fds()
+        for fd in fds:
+            os.write(fd, data)
+            os.close(fd)
+        channel.send(b"done")
+
+
+@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_pair_across_multiprocessing(method: str, kind: str) -> None:
+    context: Any = multiprocessing.get_context(method)
+    ours, theirs = udskit.pair(kind)
+    with ours:
+        process = context.Process(target=_answer, args=(theirs,))
+        _start(process)
+        theirs.close()
+        ours.settimeout(PATIENCE)
+        ours.send(b"who?")
+        reply = ours.recv()
+        process.join(PATIENCE)
+        assert process.exitcode == 0
+    assert reply == b"who? pid=%d peer=%d" % (process.pid, os.getpid())
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_fds_over_a_pair_across_multiprocessing(method: str) -> None:
+    context: Any = multiprocessing.get_context(method)
+    ours, theirs = udskit.pair("seqpacket")
+    read_end, write_end = os.pipe()
+    try:
+        with ours:
+            process = context.Process(target=_write_through, args=(theirs,))
+            _start(process)
+            theirs.close()
+            ours.settimeout(PATIENCE)
+            ours.send_fds(b"via %s" % method.encode(), [write_end])
+            os.close(write_end)
+            write_end = -1
+            assert ours.recv() == b"done"
+            process.join(PATIENCE)
+            assert process.exitcode == 0
+        assert os.read(read_end, 100) == b"via %s" % method.encode()
+    finally:
+        os.close(read_end)
+        if write_end != -1:
+            os.close(write_end)
+
+
+def test_a_channel_holding_unread_data_cannot_be_handed_over() -> None:
+    ours, theirs = udskit.pair()
+    with ours, theirs:
+        ours.send_many([b"one", b"two"])  # one write: both frames arrive in one read
+        assert theirs.recv() == b"one"
+        context = multiprocessing.get_context("spawn")
+        process = context.Process(target=_answer, args=(theirs,))
+        with pytest.raises(ProtocolError, match="holds received, unread data"):
+            _start(process)
+        assert theirs.recv() == b"two"
+
+
+def test_pair_peer_credentials() -> None:
+    me = PeerCred(os.getpid(), os.getuid(), os.getgid())
+    for kind in TYPES:
+        left, right = udskit.pair(kind)
+        with left, right:
+            assert left.peer == me
+            assert right.peer == me
+            assert left.type == kind
+            assert left.address is None
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"type": "raw"}, "unknown socket type 'raw'"),
+        ({"framing": "json"}, "unknown framing 'json'"),
+        ({"max_fds": -1}, "max_fds must be from 0 to 253"),
+        ({"max_frame": -5}, "max_frame must be a positive number"),
+    ],
+)
+def test_pair_refuses_bad_options(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        udskit.pair(**options)  # type: ignore[arg-type]

@@ -1,0 +1,243 @@
+"""The threaded ``Server``: many clients at once, ``max_clients`` holding the rest in the
+backlog, ``stop()`` from a handler (S1), and its lifecycle."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import queue
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import udskit
+from udskit import AddressInUse, Channel, ConnectionClosed, Server
+
+from .conformance import Background
+
+#: How long a test waits for a reply, an event or the server thread before failing.
+PATIENCE = 20.0
+
+#: How long the server gets to (wrongly) start a handler past max_clients.
+NOT_STARTED_WAIT = 0.2
+
+CLIENTS = 24
+ROUNDS = 20
+
+
+def echo(channel: Channel) -> None:
+    for message in channel:
+        channel.send(message)
+
+
+class Serving:
+    """A Server running in a thread for the length of a ``with`` block."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.thread = threading.Thread(target=server.serve_forever)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        return self.server
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.stop()
+        self.thread.join(PATIENCE)
+        assert not self.thread.is_alive(), "the server did not stop"
+
+
+@pytest.fixture
+def path(sockdir: Path) -> Iterator[Path]:
+    yield sockdir / "app.sock"
+    assert not (sockdir / "app.sock").exists(), "the server removes its socket file"
+
+
+@pytest.mark.parametrize("kind", ["stream", "seqpacket", "dgram"])
+def test_many_concurrent_clients(path: Path, kind: str) -> None:
+    def client(number: int) -> None:
+        with udskit.connect(path, type=kind, timeout=PATIENCE) as channel:
+            for i in range(ROUNDS):
+                message = b"client %d message %d" % (number, i)
+                channel.send(message)
+                assert channel.recv() == message
+
+    with Serving(Server(path, echo, type=kind)):
+        helpers = [Background(client, n) for n in range(CLIENTS)]
+        for helper in helpers:
+            helper.join()
+
+
+def test_max_clients_holds_the_next_client_in_the_backlog(path: Path) -> None:
+    started: queue.Queue[bytes] = queue.Queue()
+    release = {name: threading.Event() for name in (b"A", b"B", b"C", b"D")}
+
+    def handler(channel: Channel) -> None:
+        name = channel.recv()
+        started.put(name)
+        assert release[name].wait(PATIENCE)
+        channel.send(b"bye " + name)
+
+    def next_started() -> bytes:
+        return started.get(timeout=PATIENCE)
+
+    # backlog=1: the kernel queues two pending connections, and refuses a third
+    # (non-blocking) with EAGAIN; that is how we see the server leave them queued.
+    server = Server(path, handler, max_clients=2, backlog=1)
+    clients: dict[bytes, Channel] = {}
+    try:
+        with Serving(server):
+            for name in (b"A", b"B"):
+                clients[name] = udskit.connect(path, timeout=PATIENCE)
+                clients[name].send(name)
+            assert {next_started(), next_started()} == {b"A", b"B"}
+            assert server.active_clients == 2
+            for name in (b"C", b"D"):  # connect() completes: they wait in the backlog
+                clients[name] = udskit.connect(path, timeout=PATIENCE)
+                clients[name].send(name)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as probe:
+                assert probe.connect_ex(os.fspath(path)) == errno.EAGAIN, (
+                    "the backlog should be full: C and D not accepted while A and B run"
+                )
+            # An over-eager server would start C's handler within this wait; a correct one
+            # never does (the wait bounds how long a broken server has to show itself).
+            with pytest.raises(queue.Empty):
+                started.get(timeout=NOT_STARTED_WAIT)
+            release[b"A"].set()
+            assert clients[b"A"].recv() == b"bye A"
+            assert next_started() == b"C"  # A's slot went to the first in the backlog
+            release[b"B"].set()
+            assert next_started() == b"D"
+            release[b"C"].set()
+            release[b"D"].set()
+            for name in (b"B", b"C", b"D"):
+                assert clients[name].recv() == b"bye " + name
+    finally:
+        for event in release.values():
+            event.set()
+        for channel in clients.values():
+            channel.close()
+
+
+@pytest.mark.parametrize("kind", ["dgram", "stream"])
+def test_stop_from_inside_a_handler(path: Path, kind: str) -> None:
+    """S1: print each datagram until one equals DONE, then stop and remove the socket."""
+    seen: list[bytes] = []
+    server: Server
+
+    def until_done(channel: Channel) -> None:
+        for message in channel:
+            seen.append(message)
+            if message == b"DONE":
+                server.stop()
+                return
+
+    server = Server(path, until_done, type=kind)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        with udskit.connect(path, type=kind) as client:
+            for message in (b"one", b"two", b"three", b"DONE"):
+                client.send(message)
+        thread.join(PATIENCE)
+        assert not thread.is_alive(), "DONE stopped the server"
+    finally:
+        server.stop()
+        thread.join(PATIENCE)
+    assert seen == [b"one", b"two", b"three", b"DONE"]
+
+
+def test_stop_releases_clients_still_connected(path: Path) -> None:
+    in_handler = threading.Event()
+
+    def waits_forever(channel: Channel) -> None:
+        in_handler.set()
+        channel.recv()  # blocks until stop() shuts the connection down
+
+    with Serving(Server(path, waits_forever)) as server:
+        client = udskit.connect(path)
+        assert in_handler.wait(PATIENCE)
+        assert server.active_clients == 1
+    # Serving's exit stopped the server within PATIENCE although the client never left.
+    with client, pytest.raises(ConnectionClosed):
+        client.recv()
+
+
+def test_server_errors_surface_at_construction(path: Path) -> None:
+    with udskit.listen(path), pytest.raises(AddressInUse):
+        Server(path, echo)
+    with pytest.raises(TypeError, match="handler must be callable"):
+        Server(path, "echo")  # type: ignore[arg-type]
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="max_clients must be a positive integer"):
+            Server(path, echo, max_clients=bad)  # type: ignore[arg-type]
+    assert not path.exists()
+
+
+def test_server_closed_without_serving(path: Path) -> None:
+    with Server(path, echo, type="seqpacket") as server:
+        assert path.exists()
+        assert server.listener.type == "seqpacket"
+        assert str(server.address) == str(path)
+    assert not path.exists()
+    server.close()  # idempotent
+
+
+def test_serve_forever_runs_once(path: Path) -> None:
+    server = Server(path, echo)
+    with Serving(server):
+        with udskit.connect(path, timeout=PATIENCE) as client:
+            client.send(b"up")
+            assert client.recv() == b"up"
+        with pytest.raises(RuntimeError, match="can run once"):
+            server.serve_forever()
+
+
+def test_datagram_server_survives_a_truncated_datagram(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        Serving(Server(path, echo, type="dgram", max_frame=64)),
+        udskit.connect(path, type="dgram", timeout=PATIENCE) as client,
+    ):
+        client.send(b"x" * 65)
+        client.send(b"fits")
+        assert client.recv() == b"fits"
+    assert "arrived truncated" in caplog.text
+
+
+def test_server_with_a_policy_refuses_and_goes_on(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    nobody_allowed = udskit.Policy(uids={os.getuid() + 4242})
+    with Serving(Server(path, echo, allow=nobody_allowed)):
+        with udskit.connect(path, timeout=PATIENCE) as client:
+            with contextlib.suppress(ConnectionClosed):  # the refusal may come first
+                client.send(b"hello")
+            with pytest.raises(ConnectionClosed):
+                client.recv()
+        assert "refused peer" in caplog.text
+
+
+def _counting(calls: list[int]) -> Callable[[Channel], None]:
+    def handler(channel: Channel) -> None:
+        calls.append(1)
+        echo(channel)
+
+    return handler
+
+
+def test_abstract_and_seqpacket_server() -> None:
+    calls: list[int] = []
+    name = f"@udskit-test-{os.getpid()}-server"
+    policy = udskit.Policy.same_user_only()
+    with Serving(Server(name, _counting(calls), type="seqpacket", allow=policy)):
+        for _ in range(3):
+            with udskit.connect(name, type="seqpacket", timeout=PATIENCE) as client:
+                client.send(b"abstract")
+                assert client.recv() == b"abstract"
+    assert len(calls) == 3
