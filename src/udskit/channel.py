@@ -20,7 +20,7 @@ from .address import Address, sun_path
 from .ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
 from .creds import PeerCred, peer_cred
 from .errors import ConnectionClosed, ProtocolError
-from .options import SocketType, base_type, max_frame_for, type_name
+from .options import SocketType, base_type, check_timeout, max_frame_for, type_name
 from .proto import (
     CLOSED,
     HEADER,
@@ -176,9 +176,7 @@ class Channel:
 
     def settimeout(self, timeout: float | None) -> None:
         """Seconds to wait in send/recv before raising ``Timeout`` (None: wait forever)."""
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"timeout must be None or >= 0 seconds, not {timeout!r}")
-        self._sock.settimeout(timeout)
+        self._sock.settimeout(check_timeout(timeout))
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._sock.fileno()}"

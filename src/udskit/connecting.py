@@ -14,6 +14,7 @@ from .options import (
     check_buffer,
     check_framing,
     check_max_fds,
+    check_timeout,
     max_frame_for,
     socket_kind,
     tune_buffers,
@@ -56,8 +57,11 @@ def connect(
     max_frame_for(type, max_frame)
     check_buffer("sndbuf", sndbuf)
     check_buffer("rcvbuf", rcvbuf)
-    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
-        raise ValueError(f"timeout must be None or >= 0 seconds, not {timeout!r}")
+    check_timeout(timeout)
+    if expect_uid is not None and (
+        isinstance(expect_uid, bool) or not isinstance(expect_uid, int) or expect_uid < 0
+    ):
+        raise ValueError(f"expect_uid must be a uid (an integer >= 0) or None, not {expect_uid!r}")
     own = Address.parse(bind) if bind is not None else None
     if own is not None and own.kind not in ("path", "abstract"):
         raise ValueError(f"bind= takes a Unix path or @name, not {own}")

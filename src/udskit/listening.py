@@ -29,6 +29,7 @@ from .options import (
     check_framing,
     check_max_fds,
     check_mode,
+    check_timeout,
     max_frame_for,
     resolve_gid,
     resolve_uid,
@@ -87,9 +88,7 @@ class _Endpoint:
 
     def settimeout(self, timeout: float | None) -> None:
         """Seconds accept()/recv() wait before raising ``Timeout`` (None: forever)."""
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"timeout must be None or >= 0 seconds, not {timeout!r}")
-        self._sock.settimeout(timeout)
+        self._sock.settimeout(check_timeout(timeout))
 
     def close(self) -> None:
         """Stop listening and remove the socket file (only if it is still ours)."""

@@ -7,6 +7,7 @@ the value and what is accepted.
 from __future__ import annotations
 
 import grp
+import math
 import pwd
 import socket
 from typing import Final, Literal, TypeAlias
@@ -26,6 +27,7 @@ __all__ = [
     "check_framing",
     "check_max_fds",
     "check_mode",
+    "check_timeout",
     "max_frame_for",
     "resolve_gid",
     "resolve_uid",
@@ -130,6 +132,19 @@ def check_max_fds(max_fds: int) -> int:
     return max_fds
 
 
+def check_timeout(timeout: float | None) -> float | None:
+    """None (wait forever) or a finite number of seconds, at least 0."""
+    if timeout is None:
+        return None
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0 <= timeout < math.inf  # also refuses NaN
+    ):
+        raise ValueError(f"timeout must be None or >= 0 seconds (finite), not {timeout!r}")
+    return timeout
+
+
 def check_backlog(backlog: int) -> int:
     if isinstance(backlog, bool) or not isinstance(backlog, int) or backlog < 1:
         raise ValueError(f"backlog must be a positive integer, not {backlog!r}")
@@ -154,7 +169,9 @@ def resolve_uid(owner: int | str | None) -> int:
         try:
             return pwd.getpwnam(owner).pw_uid
         except KeyError:
-            raise ValueError(f"unknown user {owner!r} (not in the passwd database)") from None
+            raise ValueError(
+                f"owner: unknown user {owner!r} (not in the passwd database); give a name or uid"
+            ) from None
     raise ValueError(f"owner must be a user name or uid, not {owner!r}")
 
 
@@ -170,5 +187,7 @@ def resolve_gid(group: int | str | None) -> int:
         try:
             return grp.getgrnam(group).gr_gid
         except KeyError:
-            raise ValueError(f"unknown group {group!r} (not in the group database)") from None
+            raise ValueError(
+                f"group: unknown group {group!r} (not in the group database); give a name or gid"
+            ) from None
     raise ValueError(f"group must be a group name or gid, not {group!r}")
