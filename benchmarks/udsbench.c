@@ -15,8 +15,11 @@
  *     stream_receiver PATH    count frames on one connection until it closes
  *     stream_sender PATH      send --count frames of --size bytes, or for --seconds
  *     echo_server PATH        epoll server echoing bytes to any number of clients, until SIGTERM
+ *     load ADDRESS            --clients concurrent clients, each sending --size byte frames
+ *                             and awaiting the echo, --count in all or for --seconds
  *
- * Options: --size N --count N --warmup N --seconds S --cpu N (pin to that CPU)
+ * Options: --size N --count N --warmup N --seconds S --cpu N (pin to that CPU) --clients N
+ *          --tcp (ADDRESS is HOST:PORT on TCP loopback rather than a socket path)
  *          --busy (poll with MSG_DONTWAIT instead of sleeping in the kernel)
  *          --buffer N (SO_SNDBUF and SO_RCVBUF on the connected sockets)
  *
@@ -34,6 +37,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -60,6 +66,8 @@ struct options {
     int cpu;
     int busy;
     int buffer;
+    long clients;
+    int tcp;
 };
 
 static volatile sig_atomic_t stopping;
@@ -103,11 +111,13 @@ static struct options parse_args(int argc, char **argv) {
         const char *arg = argv[i];
         const char *value = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(arg, "--busy")) { o.busy = 1; continue; }
+        if (!strcmp(arg, "--tcp")) { o.tcp = 1; continue; }
         if (!value) usage("an option is missing its value");
         if (!strcmp(arg, "--size")) o.size = number(value, "--size");
         else if (!strcmp(arg, "--count")) o.count = number(value, "--count");
         else if (!strcmp(arg, "--warmup")) o.warmup = number(value, "--warmup");
         else if (!strcmp(arg, "--cpu")) o.cpu = (int)number(value, "--cpu");
+        else if (!strcmp(arg, "--clients")) o.clients = number(value, "--clients");
         else if (!strcmp(arg, "--buffer")) o.buffer = (int)number(value, "--buffer");
         else if (!strcmp(arg, "--seconds")) o.seconds = strtod(value, NULL);
         else usage("unknown option");
@@ -435,6 +445,153 @@ static int echo_server(const struct options *o) {
     return 0;
 }
 
+/* After the cap, how long the clients wait for replies still in flight (as the Python
+ * load generator does): a healthy server answers in milliseconds. */
+#define DRAIN_NS (5 * 1000000000LL)
+
+/* One load-generator client: the reply bytes so far, and when its request left. */
+struct load_client {
+    int fd;
+    size_t have;
+    int64_t sent_at;
+    unsigned char reply[];  /* header and payload: 4 + --size bytes */
+};
+
+/* A connected, non-blocking client socket; -1 with errno set on failure. */
+static int load_connect(const struct options *o) {
+    int fd;
+    if (o->tcp) {
+        char host[64];
+        const char *colon = strrchr(o->path, ':');
+        if (!colon || (size_t)(colon - o->path) >= sizeof host) { errno = EINVAL; return -1; }
+        memcpy(host, o->path, (size_t)(colon - o->path));
+        host[colon - o->path] = 0;
+        struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(colon + 1))};
+        if (inet_pton(AF_INET, host, &sin.sin_addr) != 1) { errno = EINVAL; return -1; }
+        fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0) return -1;
+        if (connect(fd, (struct sockaddr *)&sin, sizeof sin)) { close(fd); return -1; }
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    } else {
+        struct sockaddr_un sun = address(o->path);
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0) return -1;
+        /* Blocking connect: with a full backlog it waits for the server to accept. */
+        if (connect(fd, (struct sockaddr *)&sun, sizeof sun)) { close(fd); return -1; }
+    }
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    return fd;
+}
+
+static int load(const struct options *o) {
+    size_t whole = 4 + (size_t)o->size;
+    if (o->size > RTT_MAX || !o->clients) usage("load needs --clients and a --size up to 1 MiB");
+    unsigned char *request = calloc(1, whole);
+    struct load_client **clients = calloc((size_t)o->clients, sizeof *clients);
+    size_t cap = (size_t)o->count + (size_t)o->clients;
+    int64_t *samples = malloc(sizeof(int64_t) * cap);
+    int epoll = epoll_create1(EPOLL_CLOEXEC);
+    if (!request || !clients || !samples || epoll < 0) die("setup");
+    put_length(request, (uint32_t)o->size);
+    long errors = 0, connected = 0, messages = 0, waiting = 0;
+    char first_error[160] = "";
+    for (; connected < o->clients; connected++) {
+        int fd = load_connect(o);
+        if (fd < 0) {
+            snprintf(first_error, sizeof first_error, "connected %ld of %ld clients, then: %s",
+                     connected, o->clients, strerror(errno));
+            errors = o->clients - connected;
+            break;
+        }
+        struct load_client *c = calloc(1, sizeof *c + whole);
+        if (!c) die("malloc");
+        c->fd = fd;
+        clients[connected] = c;
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+        if (epoll_ctl(epoll, EPOLL_CTL_ADD, fd, &ev)) die("epoll_ctl");
+    }
+    int64_t start = now_ns(), last = start, deadline = start + (int64_t)(o->seconds * 1e9);
+    int64_t give_up = 0;
+    int draining = errors > 0;
+    for (long i = 0; !draining && i < connected; i++) {
+        clients[i]->sent_at = now_ns();
+        if (send(clients[i]->fd, request, whole, MSG_NOSIGNAL) != (ssize_t)whole) {
+            if (!errors++) snprintf(first_error, sizeof first_error, "sending a message: %s", strerror(errno));
+            epoll_ctl(epoll, EPOLL_CTL_DEL, clients[i]->fd, NULL);
+        } else {
+            waiting++;
+        }
+    }
+    struct epoll_event events[256];
+    while (waiting) {
+        int64_t until = draining ? give_up : deadline, now = now_ns();
+        int timeout = until > now ? (int)((until - now) / 1000000) + 1 : 0;
+        int n = epoll_wait(epoll, events, 256, timeout);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            die("epoll_wait");
+        }
+        if (n == 0 && now_ns() >= until) {
+            if (draining) {
+                if (!errors) snprintf(first_error, sizeof first_error,
+                                      "%ld replies never came within 5 s", waiting);
+                errors += waiting;
+                break;
+            }
+            draining = 1;
+            give_up = now_ns() + DRAIN_NS;
+            continue;
+        }
+        for (int i = 0; i < n; i++) {
+            struct load_client *c = events[i].data.ptr;
+            const char *problem = NULL;
+            ssize_t got = recv(c->fd, c->reply + c->have, whole - c->have, 0);
+            if (got < 0 && (errno == EAGAIN || errno == EINTR)) continue;
+            if (got < 0) problem = strerror(errno);
+            else if (got == 0) problem = "the server closed a client's connection";
+            else {
+                c->have += (size_t)got;
+                if (c->have < whole) continue;
+                if (memcmp(c->reply, request, whole)) problem = "an echo differed from the message sent";
+            }
+            if (!problem) {
+                int64_t t = now_ns();
+                samples[messages++] = t - c->sent_at;
+                last = t;
+                c->have = 0;
+                if (!draining && (t > deadline || messages >= o->count)) {
+                    draining = 1;
+                    give_up = t + DRAIN_NS;
+                }
+                if (!draining) {
+                    c->sent_at = t;
+                    if (send(c->fd, request, whole, MSG_NOSIGNAL) == (ssize_t)whole) continue;
+                    problem = "a message could not be sent whole";
+                }
+            }
+            if (problem) {
+                if (!errors) snprintf(first_error, sizeof first_error, "%s", problem);
+                errors++;
+            }
+            epoll_ctl(epoll, EPOLL_CTL_DEL, c->fd, NULL);
+            waiting--;
+        }
+    }
+    printf("{\"result\": {\"clients\": %ld, \"messages\": %ld, \"seconds\": %.9f, "
+           "\"errors\": %ld, \"first_error\": \"%s\", \"samples_ns\": [",
+           o->clients, messages, (double)(last - start) / 1e9, errors, first_error);
+    for (long i = 0; i < messages; i++) printf(i ? ",%lld" : "%lld", (long long)samples[i]);
+    printf("]}}\n");
+    for (long i = 0; i < connected; i++) {
+        close(clients[i]->fd);
+        free(clients[i]);
+    }
+    free(clients); free(samples); free(request);
+    close(epoll);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     struct options o = parse_args(argc, argv);
     pin(o.cpu);
@@ -443,6 +600,7 @@ int main(int argc, char **argv) {
     if (!strcmp(o.role, "stream_receiver")) return stream_receiver(&o);
     if (!strcmp(o.role, "stream_sender")) return stream_sender(&o);
     if (!strcmp(o.role, "echo_server")) return echo_server(&o);
+    if (!strcmp(o.role, "load")) return load(&o);
     usage("unknown ROLE");
     return 2;
 }

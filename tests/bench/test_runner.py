@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from udskit.bench import runner
+from udskit.bench.cbuild import Build
 from udskit.bench.contenders.base import Contender
 from udskit.bench.contenders.registry import get
 from udskit.bench.host import Pinning, choose_pinning
@@ -88,6 +89,24 @@ def test_real_peers_measure_every_figure() -> None:
     assert rtt.latency is not None
     assert rtt.latency.count == 300
     many = _outcome(run, Figure("many", 3))
+    assert many.rate is not None
+    assert many.rate.messages >= 300
+
+
+def test_the_c_load_generator_drives_the_echo_servers(compiler: str) -> None:
+    run = runner.run(PLAN, [get("stdlib")], UNPINNED, lambda d, t, s: None)
+    assert run.loader == "C (benchmarks/udsbench.c)"
+    assert _outcome(run, Figure("many", 3)).status == "ok"
+
+
+def test_without_a_c_build_the_python_load_generator_stands_in(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(runner, "native_build", lambda: Build(None, "no cc (test)", None, None))
+    run = runner.run(PLAN, [get("tcp")], UNPINNED, lambda d, t, s: None)
+    assert run.loader == ("Python (udskit.bench.loader), as the C one is unavailable: no cc (test)")
+    many = _outcome(run, Figure("many", 3))
+    assert many.status == "ok", many.reason
     assert many.rate is not None
     assert many.rate.messages >= 300
 

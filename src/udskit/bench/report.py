@@ -125,6 +125,7 @@ def _many_table(run: Run) -> list[str]:
         titles += [(f"{clients} cl. msg/s", True), ("p99 µs", False)]
     return [
         "Many clients: echo of 64 B, aggregate msg/s and p99 latency",
+        *([f"(load generator: {run.loader})"] if run.loader else []),
         _header(titles, 9),
         *_rows(run, columns, 9),
     ]

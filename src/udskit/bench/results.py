@@ -77,6 +77,8 @@ class Run:
     seconds: float
     udskit_version: str
     notes: Sequence[str] = field(default_factory=tuple)
+    #: The many-clients load generator, and why it is not the C one when it is not.
+    loader: str = ""
 
     def outcome(self, contender: str, figure: Figure) -> Outcome | None:
         for item in self.outcomes:
@@ -147,6 +149,7 @@ def to_json(run: Run) -> dict[str, object]:
         "contenders": [asdict(item) for item in run.contenders],
         "outcomes": outcomes,
         "notes": list(run.notes),
+        "loader": run.loader,
     }
 
 
@@ -164,6 +167,7 @@ _TOP_LEVEL: Final = {
     "contenders": list,
     "outcomes": list,
     "notes": list,
+    "loader": str,
 }
 _OUTCOME: Final = {
     "contender": str,

@@ -32,7 +32,7 @@ from .contenders.registry import BASELINE, native_build
 from .host import FD_HEADROOM, Pinning, describe_host, raise_nofile
 from .plan import ECHO_SIZE, Figure, Plan
 from .results import ContenderInfo, Outcome, Run
-from .wire import Job, decode_line, parse_load, parse_rtt, parse_send, parse_stream
+from .wire import Job, Option, decode_line, parse_load, parse_rtt, parse_send, parse_stream
 
 __all__ = ["PeerFailed", "Progress", "availability", "run"]
 
@@ -154,10 +154,11 @@ def availability(contenders: Sequence[Contender]) -> list[ContenderInfo]:
 
 
 class _Runner:
-    def __init__(self, plan: Plan, pinning: Pinning, workdir: str) -> None:
+    def __init__(self, plan: Plan, pinning: Pinning, workdir: str, c_loader: str | None) -> None:
         self.plan = plan
         self.pinning = pinning
         self.workdir = workdir
+        self.c_loader = c_loader
         self._serial = 0
 
     def measure(self, contender: Contender, figure: Figure) -> Outcome:
@@ -226,6 +227,9 @@ class _Runner:
                 seconds=plan.stream_seconds,
             )
         # Many clients: the contender's echo server against the one load generator.
+        loader_options: dict[str, Option] = {"transport": contender.transport}
+        if self.c_loader:
+            loader_options["binary"] = self.c_loader
         loader = Job(
             contender.name,
             "udskit.bench.loader",
@@ -236,7 +240,7 @@ class _Runner:
             seconds=plan.many_seconds,
             clients=figure.param,
             cpu=self.pinning.client_cpu,
-            options={"transport": contender.transport},
+            options=loader_options,
         )
         echo = dataclasses.replace(server, role="echo_server", size=ECHO_SIZE, clients=figure.param)
         return echo, loader
@@ -250,7 +254,8 @@ class _Runner:
         return os.path.join(self.workdir, f"{self._serial}.sock")
 
     def _argv(self, contender: Contender, job: Job) -> list[str]:
-        if contender.native and job.role != "load":
+        native = self.c_loader is not None if job.role == "load" else contender.native
+        if native:
             return native_command(job)
         return [sys.executable, "-m", "udskit.bench.peer", job.to_json()]
 
@@ -361,8 +366,14 @@ def run(
     total = len(figures) * len(usable)
     outcomes: list[Outcome] = []
     saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+    built = native_build()
+    loader = (
+        "C (benchmarks/udsbench.c)"
+        if built.binary
+        else f"Python (udskit.bench.loader), as the C one is unavailable: {built.reason}"
+    )
     workdir = _workdir()
-    runner = _Runner(plan, pinning, workdir)
+    runner = _Runner(plan, pinning, workdir, str(built.binary) if built.binary else None)
     done = 0
     try:
         for figure in figures:
@@ -389,6 +400,7 @@ def run(
         seconds=time.monotonic() - clock,
         udskit_version=udskit.__version__,
         notes=tuple(notes),
+        loader=loader,
     )
 
 

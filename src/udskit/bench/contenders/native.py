@@ -2,7 +2,8 @@
 
 The runner compiles ``benchmarks/udsbench.c`` (:mod:`udskit.bench.cbuild`) and puts the
 binary's path in ``job.options["binary"]``; ``busy`` and ``buffer`` options select the
-busy-polling and large-buffer variants.
+busy-polling and large-buffer variants. The binary is also the many-clients load generator
+(role ``load``), for every contender's echo server.
 """
 
 from __future__ import annotations
@@ -33,4 +34,8 @@ def command(job: Job) -> list[str]:
     buffer = job.option("buffer", 0)
     if buffer:
         argv += ["--buffer", str(int(buffer))]
+    if job.clients:
+        argv += ["--clients", str(job.clients)]
+    if job.option("transport", "unix") == "tcp":
+        argv.append("--tcp")
     return argv
