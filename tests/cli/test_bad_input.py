@@ -1,0 +1,92 @@
+"""Bad input to every subcommand: exit 2 (usage) or 1 (failure), one line, no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.cli.conftest import one_line_error, udskit
+
+S = "{dir}/x.sock"
+
+USAGE = [
+    # (arguments, a phrase the one line must contain)
+    (["bogus-command"], "invalid choice: 'bogus-command'"),
+    (["serve", "--bogus", "--echo", S], "unrecognized arguments: --bogus"),
+    (["serve", S], "one of the arguments --echo --upper --print --reply --exec is required"),
+    (["serve", "--echo", "--upper", S], "not allowed with argument --echo"),
+    (["serve", "--echo", "--mode", "99x", S], "'99x' is not an octal permission number"),
+    (["serve", "--echo", "--mode", "17777", S], "over 7777"),
+    (["serve", "--echo", "gopher:x"], "unknown address scheme 'gopher'"),
+    (["serve", "--echo", ""], "empty address"),
+    (["serve", "--echo", "--type", "dgram", "--framing", "lines", S], "stream sockets only"),
+    (["serve", "--exec", "no-such-program-here", S], "command 'no-such-program-here' not found"),
+    (["serve", "--exec", "", S], "--exec needs a command"),
+    (["serve", "--exec", "tr 'a", S], "No closing quotation"),
+    (["serve", "--echo", "--owner", "no-such-user-here", S], "unknown user 'no-such-user-here'"),
+    (["serve", "--echo", "--allow-uid", "no-such-user-here", S], "unknown user"),
+    (["serve", "--echo", "--allow-gid", "no-such-group-here", S], "unknown group"),
+    (["serve", "--echo", "--backlog", "0", S], "'0' must be at least 1"),
+    (["serve", "--echo", "--max-clients", "many", S], "'many' is not a whole number"),
+    (["serve", "--echo", "--type", "raw", S], "invalid choice: 'raw'"),
+    (["connect", "--bogus", S], "unrecognized arguments: --bogus"),
+    (["connect", S, "extra"], "unrecognized arguments: extra"),
+    (["connect", "tcp:localhost"], "malformed tcp address 'tcp:localhost'"),
+    (["connect", "--timeout", "-1", S], "'-1' must be a finite number of seconds"),
+    (["connect", "--timeout", "soon", S], "'soon' is not a number of seconds"),
+    (["connect", "--type", "seqpacket", "--framing", "length", S], "stream sockets only"),
+    (["connect", "--bind", "tcp:127.0.0.1:1", S], "bind= takes a Unix path or @name"),
+    (["connect", "fd:x"], "malformed fd address 'fd:x'"),
+    (["send", S], "the following arguments are required: MSG"),
+    (["send", "@", "hi"], "empty abstract name"),
+    (["pair", "--type", "dgram", "--", "cat"], "invalid choice: 'dgram'"),
+    (["pair"], "give the program to run after --"),
+    (["wait", "--timeout", "inf", S], "must be a finite number of seconds"),
+    (["wait", "tcp:host"], "malformed tcp address"),
+    (["doctor", "--type", "raw", S], "invalid choice: 'raw'"),
+    (["doctor", "--as", "no-such-user-here", S], "unknown user 'no-such-user-here'"),
+    (["ls", "--stale"], "--stale needs the directory"),
+    (["ls", "--bogus"], "unrecognized arguments: --bogus"),
+    (["demo", "--fast"], "unrecognized arguments: --fast"),
+]
+
+FAILURE = [
+    (["serve", "--echo", "{dir}/missing/x.sock"], "does not exist"),
+    (["connect", S], "no such file"),
+    (["send", S, "hi"], "no such file"),
+    (["pair", "--", "no-such-program-here"], "command not found"),
+    (["wait", "--timeout", "0", S], "did not accept a connection"),
+    (["ls", "--stale", "{dir}/missing"], "not a directory"),
+]
+
+
+def expand(args: list[str], directory: Path) -> list[str]:
+    return [a.replace("{dir}", str(directory)) for a in args]
+
+
+@pytest.mark.parametrize(("args", "phrase"), USAGE)
+def test_usage_mistakes(sockdir: Path, args: list[str], phrase: str) -> None:
+    result = udskit(*expand(args, sockdir))
+    line = one_line_error(result, 2)
+    assert phrase in line
+    assert result.out == b""
+
+
+@pytest.mark.parametrize(("args", "phrase"), FAILURE)
+def test_runtime_failures(sockdir: Path, args: list[str], phrase: str) -> None:
+    result = udskit(*expand(args, sockdir))
+    line = one_line_error(result, 1)
+    assert phrase in line
+    assert result.out == b""
+
+
+def test_every_subcommand_help_shows_an_example() -> None:
+    top = udskit("--help")
+    assert top.code == 0
+    assert "examples:" in top.text
+    for name in ("serve", "connect", "send", "pair", "wait", "doctor", "ls", "demo"):
+        assert name in top.text
+        help_text = udskit(name, "--help").text
+        assert "examples:" in help_text, name
+        assert f"udskit {name}" in help_text.split("examples:")[1], name
