@@ -5,7 +5,7 @@ clients wait in the kernel's backlog, they are not refused). Datagram: the handl
 the serving thread once per datagram, with a Channel whose ``recv()`` returns that datagram
 and whose ``send()`` replies to its sender, so one handler serves all three types.
 
-The accept loop waits in ``select()`` on the listener and a wake-up pipe, so ``stop()`` (from
+The accept loop waits in ``poll()`` on the listener and a wake-up pipe, so ``stop()`` (from
 a handler, another thread, or a SIGINT/SIGTERM handler) ends it promptly.
 
 Errors from accept(2), and what we do (Linux accept(2), man 2 accept; net/unix/af_unix.c):
@@ -127,7 +127,12 @@ class Server:
             self._shutdown()
 
     def _wait(self, readable: list[int], timeout: float | None = None) -> list[int]:
-        ready, _, _ = select.select([*readable, self._wake_r], [], [], timeout)
+        # poll(), not select(): select() cannot watch descriptors numbered 1024 or above
+        # (FD_SETSIZE), which a busy process reaches before it creates its server.
+        poller = select.poll()
+        for fd in (*readable, self._wake_r):
+            poller.register(fd, select.POLLIN)
+        ready = [fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)]
         if self._wake_r in ready:
             try:
                 while os.read(self._wake_r, 512):
