@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import queue
+import resource
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -241,3 +242,30 @@ def test_abstract_and_seqpacket_server() -> None:
                 client.send(b"abstract")
                 assert client.recv() == b"abstract"
     assert len(calls) == 3
+
+
+#: Descriptor numbers past select()'s FD_SETSIZE (1024): a busy process reaches them.
+HIGH_FD = 1100
+
+
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+def test_server_created_when_descriptors_run_high(path: Path, kind: str) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < HIGH_FD + 100:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below {HIGH_FD + 100}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, HIGH_FD + 100), hard))
+    fillers: list[int] = []
+    try:
+        anchor = os.open(os.devnull, os.O_RDONLY)
+        fillers.append(anchor)
+        while fillers[-1] < HIGH_FD:  # bounded by HIGH_FD
+            fillers.append(os.dup(anchor))
+        with Serving(Server(path, echo, type=kind)) as server:
+            assert server.listener.fileno() > 1024
+            with udskit.connect(path, type=kind, timeout=PATIENCE) as client:
+                client.send(b"high")
+                assert client.recv() == b"high"
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
