@@ -39,7 +39,7 @@ from .address import Address, AddressLike, sun_path
 from .creds import Policy, peer_cred
 from .errors import ConnectError, Timeout, UdsError
 from .listening import Listener, listen
-from .options import DEFAULT_BACKLOG
+from .options import DEFAULT_BACKLOG, tune_buffers
 from .translate import translate
 
 __all__ = ["Bridge", "BridgeStats", "connect_socket", "run", "serve", "start"]
@@ -390,6 +390,7 @@ class Bridge:
 
     def _admit(self, conn: socket.socket) -> None:
         conn.setblocking(False)
+        tune_buffers(conn, None, None)
         label = f"{self.address} -> {self.target}"
         if conn.family == socket.AF_UNIX:
             try:
@@ -490,6 +491,7 @@ async def connect_socket(target: Address) -> socket.socket:
         raise ValueError(f"cannot connect to {target}: a descriptor is not an address")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.setblocking(False)
+    tune_buffers(sock, None, None)
     deadline = time.monotonic() + CONNECT_TIMEOUT
     delay = BUSY_RETRY
     try:
@@ -529,6 +531,7 @@ async def _connect_tcp(loop: asyncio.AbstractEventLoop, target: Address) -> sock
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tune_buffers(sock, None, None)
             await asyncio.wait_for(loop.sock_connect(sock, sockaddr), CONNECT_TIMEOUT)
         except asyncio.TimeoutError:
             sock.close()
