@@ -225,6 +225,8 @@ class DatagramListener(_Endpoint):
                 if self._closed:
                     raise ConnectionClosed(f"listener on {self.address} is closed") from None
                 raise translate(exc, "recv", self.address) from exc
+            if self._closed:  # close() in another thread woke us with an empty read
+                raise ConnectionClosed(f"listener on {self.address} is closed")
             where = _sender_address(sender) or "an unbound sender"
             got = unpack(ancdata, flags, where, self._max_fds)
             if flags & socket.MSG_TRUNC:
