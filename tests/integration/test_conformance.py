@@ -136,6 +136,8 @@ def test_connection_closed_after_peer_closes(
         with pytest.raises(ConnectionClosed, match="closed") as received:
             transport.recv(left)
         assert not received.value.mid_message
+        with pytest.raises(ConnectionClosed, match="closed"):
+            transport.recv_fds(left)
 
 
 @pytest.mark.parametrize("side", ["client", "server"])
@@ -210,6 +212,10 @@ def test_close_is_idempotent(transport: Transport, ends: tuple[Any, Any]) -> Non
         assert transport.is_closed(end)
         with pytest.raises(ConnectionClosed, match="closed"):
             transport.send(end, b"after close")
+        with pytest.raises(ConnectionClosed, match="closed"):
+            transport.recv(end)
+        with pytest.raises(ConnectionClosed, match="closed"):
+            transport.recv_fds(end)
 
 
 def test_context_manager_closes(transport: Transport, ends: tuple[Any, Any]) -> None:
@@ -221,3 +227,60 @@ def test_context_manager_closes(transport: Transport, ends: tuple[Any, Any]) -> 
     with pytest.raises(RuntimeError), transport.closing(server):
         raise RuntimeError("the body failed")
     assert transport.is_closed(server)
+
+
+def test_recv_closes_descriptors_it_was_not_asked_for(
+    transport: Transport, ends: tuple[Any, Any]
+) -> None:
+    client, server = ends
+    read_end, write_end = os.pipe()
+    try:
+        before = open_fds()
+        for sender, receiver in ((client, server), (server, client)):
+            transport.send_fds(sender, b"unwanted", [read_end, write_end])
+            assert transport.recv(receiver) == b"unwanted"
+        assert open_fds() == before
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+@pytest.mark.parametrize("with_timeout", [False, True], ids=["blocking", "timeout"])
+def test_large_messages_in_lockstep(
+    transport: Transport, ends: tuple[Any, Any], with_timeout: bool
+) -> None:
+    """Large messages one after another, each sent only once the last was read: the
+    receiver then finds nothing buffered, the case a direct-read fast path takes."""
+    size = max(transport.sizes)
+    client, server = ends
+    if with_timeout:
+        for end in ends:
+            transport.settimeout(end, 30.0)
+    for round_number in range(3):
+        for sender, receiver in ((client, server), (server, client)):
+            data = payload(size, binary=transport.binary, seed=round_number)
+            assert _exchange(transport, sender, receiver, data) == data
+            transport.send(receiver, b"ack")
+            assert transport.recv(sender) == b"ack"
+    # A large message with a descriptor, then small ones: nothing is lost or mixed up.
+    read_end, write_end = os.pipe()
+    try:
+        data = payload(size, binary=transport.binary, seed=99)
+        helper = Background(transport.send_fds, client, data, [write_end])
+        try:
+            received, fds = transport.recv_fds(server) if transport.boundaries else (b"", [])
+        finally:
+            helper.join()
+        if transport.boundaries:
+            assert received == data
+            assert len(fds) == 1
+            os.write(fds[0], b"!")
+            os.close(fds[0])
+            assert os.read(read_end, 1) == b"!"
+        else:
+            assert receive_exactly(transport, server, size) == data  # raw: fds closed by recv
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    transport.send(client, b"small")
+    assert transport.recv(server) == b"small"
