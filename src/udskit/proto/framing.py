@@ -100,7 +100,7 @@ class Decoder:
 
     # -- feeding -------------------------------------------------------------------------
     def receive_data(self, data: Payload, fds: Sequence[int] = ()) -> None:
-        """Append what arrived; ``fds`` came with the first of these bytes."""
+        """Append one read's bytes and the descriptors that read brought (see module doc)."""
         if self._eof:
             raise ProtocolError("data received after end of stream")
         if fds:
