@@ -65,3 +65,13 @@ def test_figure_titles() -> None:
     assert Figure("rtt", 64).title == "round trip 64 B"
     assert Figure("stream", 4096).title == "one-way 4 KiB"
     assert Figure("many", 1000).title == "1000 clients"
+
+
+def test_with_sizes_and_with_repeats() -> None:
+    plan = QUICK.with_sizes((4096,)).with_repeats(3)
+    assert [f.key for f in plan.figures()] == ["rtt_64", "stream_4096", "many_100", "many_1000"]
+    assert plan.repeats == 3
+    with pytest.raises(ValueError, match="at least 1"):
+        QUICK.with_repeats(0)
+    with pytest.raises(ValueError, match="positive"):
+        QUICK.with_sizes((0,))

@@ -124,6 +124,36 @@ def test_pipe_peers_get_their_descriptors_and_see_eof() -> None:
     }
 
 
+def test_repeated_runs_take_turns_and_pool_their_figures() -> None:
+    progress: list[str] = []
+    plan = PLAN.with_repeats(2).with_sizes((4096,))
+    run = runner.run(plan, [get("stdlib"), get("mp")], UNPINNED, lambda d, t, s: progress.append(s))
+    rtt_turns = [line.split()[0] for line in progress if "round trip" in line]
+    assert rtt_turns == ["stdlib", "mp", "stdlib", "mp"]
+    assert len(progress) == 2 * 2 * len(plan.figures())
+    rtt = _outcome(run, RTT)
+    assert rtt.latency is not None
+    assert rtt.latency.count == 2 * 300  # both runs' samples
+    assert len(rtt.runs) == 2
+    stream = run.outcome("mp", Figure("stream", 4096))
+    assert stream is not None
+    assert stream.rate is not None
+    assert len(stream.runs) == 2
+    assert stream.rate.msgs_per_s == min(stream.runs)  # the lower median of two runs
+
+
+@pytest.mark.usefixtures("test_peers_importable")
+def test_a_failed_run_ends_that_figure_for_that_contender() -> None:
+    progress: list[tuple[int, int, str]] = []
+    plan = PLAN.with_repeats(3).with_sizes((64,))
+    run = runner.run(
+        plan, [_faulty("client_crash")], UNPINNED, lambda d, t, s: progress.append((d, t, s))
+    )
+    rtt = [(d, t) for d, t, s in progress if "round trip" in s]
+    assert rtt == [(3, 6)]  # one attempt, counted as all three runs
+    assert _outcome(run, RTT).status == "failed"
+
+
 @pytest.mark.usefixtures("test_peers_importable")
 def test_a_server_that_crashes_is_reported_with_its_last_words() -> None:
     outcome = _outcome(_run(_faulty("crash_before_ready")), RTT)
@@ -177,3 +207,24 @@ def test_an_unavailable_contender_is_never_started() -> None:
     assert {o.status for o in run.outcomes} == {"unavailable"}
     assert {o.reason for o in run.outcomes} == {"not here (install it)"}
     assert run.contenders[0].available is False
+
+
+def test_summarize_pools_latencies_and_reports_the_median_run() -> None:
+    trials = [
+        runner.Trial([10_000] * 10, 10, 0.0),
+        runner.Trial([30_000] * 10, 10, 0.0),
+        runner.Trial([20_000] * 10, 10, 0.0),
+    ]
+    rtt = runner.summarize("x", RTT, trials)
+    assert rtt.runs == (10.0, 30.0, 20.0)
+    assert rtt.latency is not None
+    assert (rtt.latency.count, rtt.latency.p50_us) == (30, 20.0)
+    streams = [runner.Trial([], 100, 1.0), runner.Trial([], 300, 1.0), runner.Trial([], 200, 1.0)]
+    stream = runner.summarize("x", Figure("stream", 4096), streams)
+    assert stream.runs == (100.0, 300.0, 200.0)
+    assert stream.rate is not None
+    assert (stream.rate.msgs_per_s, stream.rate.messages) == (200.0, 200)
+    many = runner.summarize("x", Figure("many", 10), [runner.Trial([5_000, 7_000], 2, 0.5)])
+    assert many.rate is not None
+    assert many.latency is not None
+    assert (many.rate.msgs_per_s, many.latency.count) == (4.0, 2)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from udskit.bench.stats import latency, percentile, ratio, throughput
+from udskit.bench.stats import latency, median_index, percentile, ratio, throughput
 
 
 def test_percentile_interpolates_between_ranks() -> None:
@@ -76,3 +76,11 @@ def test_ratio_needs_both_values_and_a_positive_baseline() -> None:
     assert ratio(None, 2.0) is None
     assert ratio(3.0, None) is None
     assert ratio(3.0, 0.0) is None
+
+
+def test_median_index_points_at_the_median_run() -> None:
+    assert median_index([5.0]) == 0
+    assert median_index([3.0, 1.0, 2.0]) == 2
+    assert median_index([4.0, 1.0, 3.0, 2.0]) == 3  # the lower of the middle two
+    with pytest.raises(ValueError, match="no values"):
+        median_index([])

@@ -62,6 +62,10 @@ class Plan:
     """Counts and time caps for every measurement of one run."""
 
     name: str
+    #: Each measurement is repeated this many times, the contenders taking turns, and the
+    #: median run reported: a burst of load from elsewhere on the machine then spoils one
+    #: run of one contender, not the figure.
+    repeats: int
     #: Round trips measured (after the warm-up ones), and the time cap on them.
     rtt_count: int
     rtt_warmup: int
@@ -74,10 +78,12 @@ class Plan:
     clients: tuple[int, ...]
     many_messages: int
     many_seconds: float
+    #: One-way message sizes.
+    stream_sizes: tuple[int, ...] = STREAM_SIZES
 
     def figures(self) -> list[Figure]:
         rtt = [Figure("rtt", RTT_SIZE)]
-        stream = [Figure("stream", size) for size in STREAM_SIZES]
+        stream = [Figure("stream", size) for size in self.stream_sizes]
         many = [Figure("many", n) for n in self.clients]
         return rtt + stream + many
 
@@ -97,6 +103,16 @@ class Plan:
             many_messages=min(self.many_messages, messages),
         )
 
+    def with_repeats(self, repeats: int) -> Plan:
+        if repeats < 1:
+            raise ValueError(f"repeats must be at least 1, not {repeats}")
+        return dataclasses.replace(self, repeats=repeats)
+
+    def with_sizes(self, sizes: tuple[int, ...]) -> Plan:
+        if not sizes or any(n < 1 for n in sizes):
+            raise ValueError(f"message sizes must be positive integers, not {sizes}")
+        return dataclasses.replace(self, stream_sizes=sizes)
+
     def with_clients(self, clients: tuple[int, ...]) -> Plan:
         if not clients or any(n < 1 for n in clients):
             raise ValueError(f"client counts must be positive integers, not {clients}")
@@ -106,20 +122,22 @@ class Plan:
 #: The full run: long enough for stable medians and p99s, a few minutes in all.
 FULL: Final = Plan(
     name="full",
-    rtt_count=20_000,
+    repeats=3,
+    rtt_count=10_000,
     rtt_warmup=500,
-    rtt_seconds=2.0,
+    rtt_seconds=0.7,
     stream_messages=5_000_000,
     stream_bytes=8 << 30,
-    stream_seconds=1.0,
+    stream_seconds=0.4,
     clients=CLIENT_COUNTS,
-    many_messages=2_000_000,
-    many_seconds=2.0,
+    many_messages=1_000_000,
+    many_seconds=0.7,
 )
 
 #: --quick: the same figures with short caps; under a minute on two CPUs.
 QUICK: Final = Plan(
     name="quick",
+    repeats=1,
     rtt_count=3_000,
     rtt_warmup=100,
     rtt_seconds=0.2,

@@ -122,10 +122,12 @@ def draw(run: Run, path: str) -> None:
         "µs (log scale)",
         log=True,
     )
-    small = Figure("stream", 64)
-    _bars(grid[0][1], run, [("64 B", small, "msgs_per_s")], "one-way 64 B", "messages/s")
+    smallest, *larger = sorted(run.plan.stream_sizes)
+    small = Figure("stream", smallest)
+    title = f"one-way {size_label(smallest)}"
+    _bars(grid[0][1], run, [(size_label(smallest), small, "msgs_per_s")], title, "messages/s")
     large: list[tuple[str, Figure, Metric]] = [
-        (size_label(size), Figure("stream", size), "mb_per_s") for size in (4096, 65536, 1 << 20)
+        (size_label(size), Figure("stream", size), "mb_per_s") for size in larger
     ]
     _bars(grid[1][0], run, large, "one-way, larger messages", "payload MB/s")
     many: list[tuple[str, Figure, Metric]] = [

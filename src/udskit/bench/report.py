@@ -7,7 +7,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import Final
 
-from .plan import RTT_SIZE, STREAM_SIZES, Figure, size_label
+from .plan import RTT_SIZE, Figure, size_label
 from .results import Metric, Outcome, Run, metric, metric_ratio
 from .targets import check
 
@@ -101,7 +101,7 @@ def _latency_table(run: Run) -> list[str]:
 
 
 def _stream_tables(run: Run) -> list[str]:
-    figures = [Figure("stream", size) for size in STREAM_SIZES]
+    figures = [Figure("stream", size) for size in run.plan.stream_sizes]
     titles = [(size_label(f.param), True) for f in figures]
     rates: list[tuple[Figure, Metric, bool]] = [(f, "msgs_per_s", True) for f in figures]
     megabytes: list[tuple[Figure, Metric, bool]] = [(f, "mb_per_s", False) for f in figures]

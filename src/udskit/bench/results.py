@@ -52,6 +52,8 @@ class Outcome:
     latency: Latency | None = None
     rate: Throughput | None = None
     errors: int = 0
+    #: The headline figure of each repeated run (round trips: p50 µs; else msg/s), in order.
+    runs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +124,7 @@ def to_json(run: Run) -> dict[str, object]:
                 "latency": None if item.latency is None else asdict(item.latency),
                 "throughput": None if item.rate is None else asdict(item.rate),
                 "errors": item.errors,
+                "runs": list(item.runs),
                 "ratios": {name: metric_ratio(run, item, name) for name in names},
             }
         )

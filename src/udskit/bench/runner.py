@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import IO, Final
 
@@ -34,7 +35,7 @@ from .plan import ECHO_SIZE, Figure, Plan
 from .results import ContenderInfo, Outcome, Run
 from .wire import Job, Option, decode_line, parse_load, parse_rtt, parse_send, parse_stream
 
-__all__ = ["PeerFailed", "Progress", "availability", "run"]
+__all__ = ["PeerFailed", "Progress", "Trial", "availability", "run", "summarize"]
 
 #: How long a server may take to start listening: an interpreter starting, importing pyzmq
 #: or uvloop, on a machine busy with the previous measurement's teardown.
@@ -161,7 +162,8 @@ class _Runner:
         self.c_loader = c_loader
         self._serial = 0
 
-    def measure(self, contender: Contender, figure: Figure) -> Outcome:
+    def measure(self, contender: Contender, figure: Figure) -> Trial | Outcome:
+        """One run of one measurement, or the Outcome saying why there is none."""
         if not contender.runs(figure.test):
             return Outcome(contender.name, figure, "skipped", contender.skips[figure.test])
         if figure.test == "many":
@@ -173,7 +175,7 @@ class _Runner:
         except (PeerFailed, ValueError, OSError) as exc:
             return Outcome(contender.name, figure, "failed", str(exc))
 
-    def _pair(self, contender: Contender, figure: Figure) -> Outcome:
+    def _pair(self, contender: Contender, figure: Figure) -> Trial | Outcome:
         server_job, client_job = self._jobs(contender, figure)
         with _Pipes(contender.transport == "pipe") as pipes:
             server_job = dataclasses.replace(server_job, fds=pipes.server)
@@ -197,7 +199,7 @@ class _Runner:
                 server_result = server.finish(SERVER_EXIT_TIMEOUT, signalled=figure.test == "many")
             finally:
                 server.stop()
-        return _outcome(contender, figure, client_result, server_result)
+        return _trial(contender, figure, client_result, server_result)
 
     def _jobs(self, contender: Contender, figure: Figure) -> tuple[Job, Job]:
         """The server's job and the client's (the client learns the address later)."""
@@ -293,48 +295,73 @@ def _client_timeout(plan: Plan, figure: Figure) -> float:
     return caps[figure.test] + CLIENT_SLACK
 
 
-def _outcome(
+@dataclass(frozen=True, slots=True)
+class Trial:
+    """One run of one measurement, as the peers reported it."""
+
+    #: Round-trip or echo latencies (none for one-way streams).
+    samples_ns: list[int]
+    #: Messages moved, and in how long (round trips: the count measured, and 0).
+    messages: int
+    seconds: float
+
+
+def _trial(
     contender: Contender,
     figure: Figure,
     client: dict[str, object] | None,
     server: dict[str, object] | None,
-) -> Outcome:
+) -> Trial | Outcome:
     name = contender.name
     if figure.test == "rtt":
         if client is None:
             raise PeerFailed(f"{name} client printed no result")
         samples = parse_rtt(client).samples_ns
-        return Outcome(name, figure, "ok", latency=stats.latency(samples))
+        if not samples:
+            raise PeerFailed(f"{name} client measured no round trip")
+        return Trial(samples, len(samples), 0.0)
     if figure.test == "stream":
         if server is None or client is None:
-            raise PeerFailed(
-                f"{name}: the {'receiver' if server is None else 'sender'} printed no result"
-            )
+            side = "receiver" if server is None else "sender"
+            raise PeerFailed(f"{name}: the {side} printed no result")
         received, sent = parse_stream(server), parse_send(client)
         if received.messages != sent.messages:
-            return Outcome(
-                name,
-                figure,
-                "failed",
-                f"{sent.messages} messages sent, {received.messages} received",
-            )
+            reason = f"{sent.messages} messages sent, {received.messages} received"
+            return Outcome(name, figure, "failed", reason)
         seconds = (received.last_ns - sent.started_ns) / 1e9
-        if seconds <= 0:
-            return Outcome(name, figure, "failed", "the receiver finished before the sender began")
-        return Outcome(
-            name, figure, "ok", rate=stats.throughput(sent.messages, figure.param, seconds)
-        )
+        if seconds <= 0 or not sent.messages:
+            return Outcome(name, figure, "failed", "nothing was sent, or in no time at all")
+        return Trial([], sent.messages, seconds)
     if client is None:
         raise PeerFailed(f"{name} load generator printed no result")
     load = parse_load(client)
-    latency = stats.latency(load.samples_ns) if load.samples_ns else None
-    rate = stats.throughput(load.messages, ECHO_SIZE, load.seconds) if load.seconds > 0 else None
-    if load.errors or latency is None or rate is None:
+    if load.errors or not load.samples_ns or load.seconds <= 0:
         reason = load.first_error or "no echo came back"
         if load.errors > 1:
             reason = f"{load.errors} errors, the first: {reason}"
+        latency = stats.latency(load.samples_ns) if load.samples_ns else None
+        rate = (
+            stats.throughput(load.messages, ECHO_SIZE, load.seconds) if load.seconds > 0 else None
+        )
         return Outcome(name, figure, "failed", reason, latency, rate, load.errors)
-    return Outcome(name, figure, "ok", latency=latency, rate=rate)
+    return Trial(load.samples_ns, load.messages, load.seconds)
+
+
+def summarize(contender: str, figure: Figure, trials: Sequence[Trial]) -> Outcome:
+    """One figure from its repeated runs: latencies pooled over all runs; the rate of the
+    median run; and every run's headline figure, for the reader who wants the spread."""
+    size = ECHO_SIZE if figure.test == "many" else figure.param
+    if figure.test == "rtt":
+        per_run = [stats.latency(t.samples_ns).p50_us for t in trials]
+        pooled = [sample for t in trials for sample in t.samples_ns]
+        return Outcome(contender, figure, "ok", latency=stats.latency(pooled), runs=tuple(per_run))
+    rates = [stats.throughput(t.messages, size, t.seconds) for t in trials]
+    runs = tuple(rate.msgs_per_s for rate in rates)
+    median = rates[stats.median_index(runs)]
+    if figure.test == "stream":
+        return Outcome(contender, figure, "ok", rate=median, runs=runs)
+    pooled = [sample for t in trials for sample in t.samples_ns]
+    return Outcome(contender, figure, "ok", latency=stats.latency(pooled), rate=median, runs=runs)
 
 
 def _workdir() -> str:
@@ -362,8 +389,10 @@ def run(
     if infos is None:
         infos = availability(contenders)
     usable = {info.name for info in infos if info.available}
+    reasons = {info.name: info.reason for info in infos}
     figures = plan.figures()
-    total = len(figures) * len(usable)
+    runnable = [(f, c) for f in figures for c in contenders if c.name in usable and c.runs(f.test)]
+    total = len(runnable) * plan.repeats
     outcomes: list[Outcome] = []
     saved = resource.getrlimit(resource.RLIMIT_NOFILE)
     built = native_build()
@@ -377,15 +406,32 @@ def run(
     done = 0
     try:
         for figure in figures:
+            trials: dict[str, list[Trial]] = {c.name: [] for c in contenders}
+            ended: dict[str, Outcome] = {}
             for contender in contenders:
                 if contender.name not in usable:
-                    reason = next(i.reason for i in infos if i.name == contender.name)
-                    outcomes.append(Outcome(contender.name, figure, "unavailable", reason))
-                    continue
-                outcome = runner.measure(contender, figure)
-                outcomes.append(outcome)
-                done += 1
-                progress(done, total, _progress_text(outcome))
+                    reason = reasons[contender.name]
+                    ended[contender.name] = Outcome(contender.name, figure, "unavailable", reason)
+                elif not contender.runs(figure.test):
+                    reason = contender.skips[figure.test]
+                    ended[contender.name] = Outcome(contender.name, figure, "skipped", reason)
+            # The contenders take turns, run by run.
+            for turn in range(plan.repeats):
+                for contender in contenders:
+                    if contender.name in ended:
+                        continue
+                    got = runner.measure(contender, figure)
+                    if isinstance(got, Outcome):  # failed: no more runs of this one
+                        ended[contender.name] = got
+                        done += plan.repeats - turn
+                        progress(done, total, _progress_text(got))
+                        continue
+                    trials[contender.name].append(got)
+                    done += 1
+                    progress(done, total, _progress_text(summarize(contender.name, figure, [got])))
+            for contender in contenders:
+                name = contender.name
+                outcomes.append(ended.get(name) or summarize(name, figure, trials[name]))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         resource.setrlimit(resource.RLIMIT_NOFILE, saved)

@@ -14,6 +14,7 @@ __all__ = [
     "Latency",
     "Throughput",
     "latency",
+    "median_index",
     "percentile",
     "ratio",
     "throughput",
@@ -85,6 +86,15 @@ def throughput(messages: int, size: int, seconds: float) -> Throughput:
         raise ValueError(f"the measured interval must be positive, not {seconds} s")
     rate = messages / seconds
     return Throughput(messages, seconds, rate, rate * size / 1e6)
+
+
+def median_index(values: Sequence[float]) -> int:
+    """Index of the median of ``values`` (the lower one of an even count): the median run
+    itself, rather than an average of two runs that never happened."""
+    if not values:
+        raise ValueError("median of no values")
+    order = sorted(range(len(values)), key=values.__getitem__)
+    return order[(len(values) - 1) // 2]
 
 
 def ratio(value: float | None, baseline: float | None) -> float | None:

@@ -47,6 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="at most N messages per measurement (for a smoke test; figures get noisy)",
     )
     parser.add_argument(
+        "--repeats",
+        metavar="N",
+        type=int,
+        help="run each measurement N times, contenders taking turns, and report the median run "
+        "(default: 3, or 1 with --quick)",
+    )
+    parser.add_argument(
         "--clients",
         metavar="LIST",
         help="client counts of the many-clients test (default: 100,1000)",
@@ -63,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
         if args.messages < 1:
             raise UsageError(f"--messages must be at least 1, not {args.messages}")
         plan = plan.capped(args.messages)
+    if args.repeats is not None:
+        if args.repeats < 1:
+            raise UsageError(f"--repeats must be at least 1, not {args.repeats}")
+        plan = plan.with_repeats(args.repeats)
     if args.clients is not None:
         plan = plan.with_clients(_client_counts(args.clients))
     if args.list:
