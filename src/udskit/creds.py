@@ -8,6 +8,7 @@ parsed from strings.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -28,8 +29,11 @@ UCRED: Final = struct.Struct("3i")
 #: SO_PEERGROUPS (Linux 4.13+) is not exported by the socket module.
 SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
 
-#: NGROUPS_MAX on Linux is 65536; ask for a generous buffer once, grow on ERANGE.
-_PEERGROUPS_FIRST_TRY: Final = 64
+#: Buffer sizes (in groups) tried for SO_PEERGROUPS; the kernel answers ERANGE when the
+#: peer has more. Linux allows 65536 groups (NGROUPS_MAX), but CPython's getsockopt() reads
+#: at most 1024 bytes, 256 groups: a peer in more is reported with no supplementary groups
+#: (so a gid rule can only match its primary group: refused rather than guessed).
+_PEERGROUPS_TRIES: Final = (64, 256)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,13 +72,11 @@ def peer_cred(sock: socket.socket) -> PeerCred:
 
 def peer_groups(sock: socket.socket) -> tuple[int, ...]:
     """The peer's supplementary groups (SO_PEERGROUPS); empty where unsupported."""
-    size = _PEERGROUPS_FIRST_TRY
-    for _ in range(3):  # 64, then 4096, then 262144 entries: NGROUPS_MAX is 65536
+    for size in _PEERGROUPS_TRIES:
         try:
             raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size * 4)
         except OSError as exc:
-            if exc.errno == 34:  # ERANGE: buffer too small
-                size *= 64
+            if exc.errno == errno.ERANGE:  # the peer has more groups than the buffer holds
                 continue
             return ()  # ENOPROTOOPT on old kernels, or not a connected socket
         return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
