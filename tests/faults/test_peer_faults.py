@@ -51,8 +51,6 @@ CUTS = {
     "inside-the-header": ([b"first"], HEADER.pack(100)[:2], None),
     "inside-the-payload": ([b"first"], HEADER.pack(200) + b"x" * 100, 204),
     "header-only": ([], HEADER.pack(10), 14),
-    # After a large message the channel reads large payloads straight into the result:
-    # a peer dying inside one must be reported the same way.
     # (The partial frame fits the socket buffer: the child can finish sending it unread.)
     "inside-a-large-payload": ([b"L" * MIB], HEADER.pack(MIB) + b"y" * (100 * KIB), MIB + 4),
 }
@@ -79,6 +77,40 @@ def test_peer_killed_mid_frame(sockdir: Path, cut: str, no_fd_leak: None) -> Non
     assert f"{len(partial)}" in str(error)
     if announced is not None:
         assert f"of {announced} bytes" in str(error)
+
+
+def _large_then_half(path: Path) -> Callable[[Callable[[str], None]], None]:
+    """A child's job: one large frame; once the parent answers, half of another."""
+
+    def run(say: Callable[[str], None]) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(os.fspath(path))
+            sock.sendall(_frame(b"L" * MIB))
+            assert sock.recv(len(_frame(b"go")), socket.MSG_WAITALL) == _frame(b"go")
+            sock.sendall(HEADER.pack(MIB) + b"y" * (100 * KIB))
+            say("sent")
+            select.select([], [], [], CHILD_PATIENCE)  # until SIGKILL
+
+    return run
+
+
+def test_peer_killed_inside_a_large_payload_read_directly(sockdir: Path) -> None:
+    # After a large message the channel reads the next large payload straight into the
+    # message (nothing else buffered, so it waits for the whole payload in one call):
+    # a peer dying inside it is reported like any other cut.
+    path = sockdir / "app.sock"
+    with udskit.listen(path) as listener, Talker(_large_then_half(path)) as child:
+        assert isinstance(listener, Listener)
+        with listener.accept() as channel:
+            assert channel.recv() == b"L" * MIB
+            channel.send(b"go")
+            assert child.line() == "sent"
+            os.kill(child.pid, signal.SIGKILL)
+            assert child.finish() == -signal.SIGKILL
+            with pytest.raises(ConnectionClosed) as caught:
+                channel.recv()
+    assert caught.value.mid_message is True
+    assert f"mid-message: {100 * KIB + 4} of {MIB + 4} bytes received" in str(caught.value)
 
 
 def test_iteration_raises_when_the_peer_dies_mid_frame(sockdir: Path) -> None:

@@ -256,8 +256,8 @@ def test_large_messages_in_lockstep(
     if with_timeout:
         for end in ends:
             transport.settimeout(end, 30.0)
-    for round_number in range(3):
-        for sender, receiver in ((client, server), (server, client)):
+    for sender, receiver in ((client, server), (server, client)):
+        for round_number in range(3):
             data = payload(size, binary=transport.binary, seed=round_number)
             assert _exchange(transport, sender, receiver, data) == data
             transport.send(receiver, b"ack")
@@ -284,3 +284,10 @@ def test_large_messages_in_lockstep(
         os.close(write_end)
     transport.send(client, b"small")
     assert transport.recv(server) == b"small"
+    if transport.eof:  # and after large ones, a clean close is still a clean close
+        data = payload(size, binary=transport.binary)
+        assert _exchange(transport, client, server, data) == data
+        transport.close(client)
+        with pytest.raises(ConnectionClosed) as caught:
+            transport.recv(server)
+        assert not caught.value.mid_message

@@ -351,3 +351,22 @@ def test_bad_options_are_refused_before_connecting(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         udskit.connect(sockdir / "absent.sock", **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("target", "what"),
+    [("/dev/null", "device"), ("{sockdir}", "directory")],
+)
+def test_connect_to_something_else(sockdir: Path, target: str, what: str) -> None:
+    path = target.format(sockdir=sockdir)
+    error = _connect_error(path)
+    assert f"{path} is not a socket (it is a {what})" in str(error)
+
+
+def test_a_path_component_over_name_max(sockdir: Path) -> None:
+    long_dir = sockdir / ("d" * 300)
+    with pytest.raises(ConnectError, match="file name too long"):
+        udskit.connect(long_dir / "app.sock")
+    with pytest.raises(SocketFileError, match=f"cannot open directory {long_dir}") as caught:
+        udskit.listen(long_dir / "app.sock")
+    assert caught.value.errno == errno.ENAMETOOLONG

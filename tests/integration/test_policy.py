@@ -237,3 +237,41 @@ def test_listen_refuses_a_policy_of_the_wrong_kind(shared: Path) -> None:
     with pytest.raises(ValueError, match=r"allow must be a udskit\.Policy or None"):
         udskit.listen(shared / "app.sock", allow={0})  # type: ignore[call-overload]
     assert os.listdir(shared) == []
+
+
+def test_peer_with_many_supplementary_groups(shared: Path) -> None:
+    # More groups than the first SO_PEERGROUPS buffer holds: the kernel answers ERANGE and
+    # the buffer must grow, or the last groups (and a rule naming them) would be lost.
+    groups = tuple(range(10_000, 10_100))
+    path = shared / "app.sock"
+    with (
+        udskit.listen(path, mode=0o666, allow=Policy(gids={groups[-1]})) as listener,
+        Talker(_stream_client(path), as_user=NOBODY, groups=groups) as child,
+    ):
+        assert child.line() == "connected"
+        listener.settimeout(VERDICT_TIMEOUT)
+        peer = _serve_one(listener)
+        assert peer is not None
+        assert peer.groups == groups
+        assert child.line() == "served: welcome"
+
+
+def test_peer_with_more_groups_than_can_be_read(shared: Path) -> None:
+    # Past 256 groups (CPython reads at most 1024 bytes of SO_PEERGROUPS) none are reported:
+    # a rule naming a supplementary group refuses such a peer, the primary gid still works.
+    groups = tuple(range(20_000, 20_300))
+    path = shared / "app.sock"
+    policy = Policy(gids={NOBODY, groups[-1]})
+    with (
+        udskit.listen(path, mode=0o666, allow=policy) as listener,
+        Talker(_stream_client(path), as_user=NOBODY, groups=groups) as child,
+    ):
+        assert child.line() == "connected"
+        listener.settimeout(VERDICT_TIMEOUT)
+        peer = _serve_one(listener)
+        assert peer is not None
+        assert peer.groups == ()
+        assert peer.gid == NOBODY  # allowed by its primary group
+        assert child.line() == "served: welcome"
+    refused = Policy(gids={groups[-1]})
+    assert not refused.allows(peer)

@@ -613,3 +613,46 @@ def test_abstract_name_with_a_policy_is_not_warned_about(caplog: pytest.LogCaptu
         assert client.peer is not None
         assert client.peer.pid == os.getpid()
     assert caplog.records == []
+
+
+# -- a process that ignores the lock -------------------------------------------------------
+
+
+class Intruder(socket.socket):
+    """A socket whose bind() lets ``intrude`` create PATH right after it: another process
+    that ignores the lock file and creates the path while our claim is under way."""
+
+    def __init__(self, intrude: Callable[[], object]) -> None:
+        super().__init__(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.intrude = intrude
+
+    def bind(self, address: object) -> None:
+        super().bind(address)  # type: ignore[arg-type]
+        self.intrude()
+
+
+def test_a_file_created_during_the_claim_is_never_clobbered(path: Path, sockdir: Path) -> None:
+    intruder = Intruder(lambda: path.write_bytes(b"theirs"))
+    with intruder, pytest.raises(SocketFileError, match="regular file is in the way"):
+        sockfile_module.claim(intruder, udskit.Address.parse(path))
+    assert path.read_bytes() == b"theirs"
+    assert debris(sockdir) == []
+    path.unlink()
+
+
+def test_a_server_started_during_the_claim_keeps_its_socket(path: Path) -> None:
+    intruder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def start_server() -> None:
+        intruder.bind(os.fspath(path))
+        intruder.listen()
+
+    try:
+        with Intruder(start_server) as sock, pytest.raises(AddressInUse) as caught:
+            sockfile_module.claim(sock, udskit.Address.parse(path))
+        assert caught.value.pid == os.getpid()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(os.fspath(path))  # the intruder's socket is still the one there
+    finally:
+        intruder.close()
+        path.unlink()
