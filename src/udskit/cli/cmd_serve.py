@@ -122,39 +122,54 @@ def run(args: argparse.Namespace) -> int:
     allow = (
         udskit.Policy(args.allow_uid, args.allow_gid) if args.allow_uid or args.allow_gid else None
     )
-    server = udskit.Server(
-        args.address,
-        handler,
-        max_clients=1 if args.once else args.max_clients,
-        type=args.type,
-        framing=framing,
-        mode=args.mode,
-        owner=args.owner,
-        group=args.group,
-        allow=allow,
-        backlog=args.backlog,
-    )
-    handler.server = server
-    if args.verbose:
-        shown = f", mode {args.mode:o}" if server.listener.address.kind == "path" else ""
-        err(f"serving {args.address} ({args.type}{shown}); Ctrl-C stops")
-    _serve_until_signal(server)
+    with _StopOnSignal() as stopper:
+        # The handlers are in place before the socket exists: a SIGTERM sent as soon as
+        # the socket answers must stop us cleanly, not kill us and leave the file behind.
+        server = udskit.Server(
+            args.address,
+            handler,
+            max_clients=1 if args.once else args.max_clients,
+            type=args.type,
+            framing=framing,
+            mode=args.mode,
+            owner=args.owner,
+            group=args.group,
+            allow=allow,
+            backlog=args.backlog,
+        )
+        with server:
+            handler.server = server
+            stopper.server = server
+            if args.verbose:
+                shown = f", mode {args.mode:04o}" if server.listener.address.kind == "path" else ""
+                err(f"serving {args.address} ({args.type}{shown}); Ctrl-C stops")
+            if not stopper.requested:
+                server.serve_forever()
     return 0
 
 
-def _serve_until_signal(server: udskit.Server) -> None:
-    """Serve; SIGINT and SIGTERM stop cleanly (the socket file is removed)."""
+class _StopOnSignal:
+    """SIGINT and SIGTERM stop the server cleanly (its socket file removed); the previous
+    handlers come back afterwards."""
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        server.stop()
+    def __init__(self) -> None:
+        self.server: udskit.Server | None = None
+        self.requested = False
+        self._previous: dict[int, object] = {}
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        server.serve_forever()
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-        server.close()
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+        if self.server is not None:
+            self.server.stop()
+
+    def __enter__(self) -> _StopOnSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, old in self._previous.items():
+            signal.signal(sig, old)  # type: ignore[arg-type]
 
 
 class _Handler:
