@@ -41,6 +41,10 @@ RACE_MIN, RACE_MAX = 2, 8
 #: Upper bound on lstat() calls by the mode watcher in one listen(); it stops long before.
 MAX_LOOKS = 200_000
 
+#: listen() calls watched per test: the window a wrong order would open is a few system
+#: calls wide, so give the watcher many chances to land in it.
+WATCHED_LISTENS = 60
+
 
 def debris(directory: Path) -> list[str]:
     """Lock files and private bind directories a claim may have left behind."""
@@ -554,25 +558,51 @@ def _watch(path: Path, seen: list[tuple[int, int, int]], stop: threading.Event) 
             return
 
 
-def test_path_is_never_visible_with_another_mode(path: Path) -> None:
-    mode = 0o640
-    if os.geteuid() == 0:
-        owner, group = NOBODY, NOBODY
-    else:
-        owner, group = os.geteuid(), os.getegid()
-    for _ in range(20):
+def _watched_listens(
+    path: Path, kind: str, mode: int, owner: int, group: int
+) -> list[set[tuple[int, int, int]]]:
+    """What a watching thread saw at ``path`` during each of WATCHED_LISTENS listen() calls."""
+    rounds = []
+    for _ in range(WATCHED_LISTENS):
         seen: list[tuple[int, int, int]] = []
         stop = threading.Event()
         watcher = threading.Thread(target=_watch, args=(path, seen, stop))
         watcher.start()
         try:
-            listener = udskit.listen(path, mode=mode, owner=owner, group=group)
+            listener = udskit.listen(path, type=kind, mode=mode, owner=owner, group=group)
         finally:
             stop.set()
             watcher.join()
         listener.close()
         assert seen, "the watcher saw the socket file at least once, after listen()"
-        assert set(seen) == {(mode, owner, group)}
+        assert seen[-1] == (mode, owner, group)
+        rounds.append(set(seen))
+    return rounds
+
+
+def _final_owner() -> tuple[int, int]:
+    return (NOBODY, NOBODY) if os.geteuid() == 0 else (os.geteuid(), os.getegid())
+
+
+@pytest.mark.parametrize("kind", ["stream", "seqpacket"])
+def test_path_is_never_visible_with_another_mode(path: Path, kind: str) -> None:
+    mode = 0o640
+    owner, group = _final_owner()
+    for seen in _watched_listens(path, kind, mode, owner, group):
+        assert seen == {(mode, owner, group)}
+
+
+def test_datagram_path_is_never_visible_with_more_permission(path: Path) -> None:
+    # A datagram server binds at the path itself (its replies must come from that name):
+    # the file may appear owner-only first, but never with a bit the final mode lacks,
+    # and never open to group or others before its final owner and group are in place.
+    mode = 0o660
+    owner, group = _final_owner()
+    for seen in _watched_listens(path, "dgram", mode, owner, group):
+        for seen_mode, seen_owner, seen_group in seen:
+            assert seen_mode & ~mode == 0, oct(seen_mode)
+            if seen_mode & 0o077:
+                assert (seen_owner, seen_group) == (owner, group)
 
 
 # -- abstract names ----------------------------------------------------------------------------
