@@ -98,17 +98,22 @@ class Relay:
             self.process.wait(READY_TIMEOUT)
 
 
-def start_udskit(backend_path: str) -> Relay:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "udskit", "bridge", "tcp:127.0.0.1:0", backend_path],
-        stdout=subprocess.PIPE,
+def start_udskit(backend_path: str, *, uvloop: bool = True) -> Relay:
+    """``udskit bridge`` as a process: on uvloop when installed (what ``run`` picks), or on
+    asyncio's own loop, as for users without the ``fast`` extra."""
+    hide = "" if uvloop else "sys.modules['uvloop'] = None; "
+    script = (
+        f"import sys; {hide}from udskit.cli.main import main; "
+        f"sys.exit(main(['bridge', 'tcp:127.0.0.1:0', {backend_path!r}]))"
     )
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
     assert process.stdout is not None
     line = process.stdout.readline().decode()
     if not line.startswith("listening on tcp:"):
         raise SystemExit(f"udskit bridge did not start: {line!r}")
     port = int(line.split(" -> ")[0].rsplit(":", 1)[1])
-    return Relay("udskit bridge", process, (socket.AF_INET, ("127.0.0.1", port)))
+    name = "udskit bridge" if uvloop else "udskit bridge (asyncio)"
+    return Relay(name, process, (socket.AF_INET, ("127.0.0.1", port)))
 
 
 def start_socat(backend_path: str, buffer: int | None) -> Relay:
@@ -246,6 +251,9 @@ def main() -> None:
     parser.add_argument(
         "--socat-buffer", type=int, default=0, help="also run socat -b N (0: only the default)"
     )
+    parser.add_argument(
+        "--asyncio", action="store_true", help="also run udskit bridge without uvloop"
+    )
     parser.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     parser.add_argument("--serve-backend", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -263,6 +271,8 @@ def main() -> None:
         direct = Relay("direct (no relay)", None, (socket.AF_UNIX, backend_path))
         _wait_connectable(direct)
         relays = [start_socat(backend_path, None), start_udskit(backend_path)]
+        if args.asyncio:
+            relays.append(start_udskit(backend_path, uvloop=False))
         if args.socat_buffer:
             relays.insert(1, start_socat(backend_path, args.socat_buffer))
         placement = {
