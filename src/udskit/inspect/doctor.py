@@ -92,9 +92,10 @@ def _diagnose_abstract(base: Diagnosis, target: Address, kind: SocketTypeName) -
     if attempt.ok:
         return _connected(base, target, attempt).adding(note)
     if attempt.errno == errno.ECONNREFUSED:
-        names = [
-            e.path for e in list_sockets() if e.path.startswith("@") and e.state != "connected"
-        ]
+        other = try_connect(target)  # an abstract name of another type refuses as well
+        if other.ok and other.type != kind:
+            return base.adding(_wrong_type(target, kind, other.type))
+        names = sorted({e.path for e in list_sockets(with_owners=False) if e.path.startswith("@")})
         similar = difflib.get_close_matches(str(target), names, n=SUGGESTIONS, cutoff=0.6)
         facts = [f"similar names in use: {', '.join(similar)}"] if similar else []
         facts.append(
@@ -258,13 +259,7 @@ def _refusal(target: Address, attempt: Attempt, kind: SocketTypeName) -> Finding
         actual = try_connect(target)
         found = actual.type if actual.errno != errno.EPROTOTYPE else None
         if found is not None and found != kind:
-            return Finding(
-                "type",
-                "problem",
-                f"{target} is a {found} socket, not a {kind} one (EPROTOTYPE)",
-                (f"a {kind} client cannot connect to a {found} server",),
-                (f"connect with --type {found} (udskit.connect(..., type={found!r}))",),
-            )
+            return _wrong_type(target, kind, found)
     if attempt.errno == errno.EAGAIN:
         return Finding(
             "listening",
@@ -279,6 +274,17 @@ def _refusal(target: Address, attempt: Attempt, kind: SocketTypeName) -> Finding
             ),
         )
     return Finding("listening", "problem", attempt.reason)
+
+
+def _wrong_type(target: Address, kind: SocketTypeName, found: SocketTypeName | None) -> Finding:
+    why = "EPROTOTYPE" if target.kind == "path" else "the name is bound by another type"
+    return Finding(
+        "type",
+        "problem",
+        f"{target} is a {found} socket, not a {kind} one ({why})",
+        (f"a {kind} client cannot connect to a {found} server",),
+        (f"connect with --type {found} (udskit.connect(..., type={found!r}))",),
+    )
 
 
 def _stale(target: Address, info: FileInfo) -> Finding:

@@ -46,8 +46,13 @@ def try_connect(
     """Connect once, without waiting on a Unix socket; report what happened.
 
     ``type=None`` tries stream, then seqpacket, then dgram, until one is not refused as
-    the wrong type (EPROTOTYPE). ``timeout`` bounds a TCP connect only (a Unix connect
-    never waits: a full backlog is reported as EAGAIN).
+    the wrong type. ``timeout`` bounds a TCP connect only (a Unix connect never waits: a
+    full backlog is reported as EAGAIN).
+
+    The wrong type shows differently by namespace (net/unix/af_unix.c): a socket file is
+    found by its inode whatever its type, and a connect of another type fails with
+    EPROTOTYPE; an abstract name is looked up together with the type, so a name bound by a
+    socket of another type answers ECONNREFUSED, like a name nobody holds.
     """
     target = Address.parse(address)
     if target.kind == "tcp":
@@ -55,13 +60,18 @@ def try_connect(
     if not target.is_unix:
         raise AddressError(f"{target}: give a path, @name or tcp:HOST:PORT to connect to")
     kinds: Iterable[SocketTypeName] = TYPES if type is None else (type_name(type),)
-    attempt = Attempt(False, errno=errno.EPROTOTYPE)
+    wrong_type = {errno.EPROTOTYPE}
+    if target.kind == "abstract":
+        wrong_type.add(errno.ECONNREFUSED)
+    first: Attempt | None = None
     with sun_path(target) as where:
         for name in kinds:
             attempt = _connect_once(target, where, name)
-            if attempt.errno != errno.EPROTOTYPE:
-                break
-    return attempt
+            if attempt.errno not in wrong_type:
+                return attempt
+            first = first or attempt
+    assert first is not None
+    return first
 
 
 def _connect_once(target: Address, where: str | bytes, name: SocketTypeName) -> Attempt:
