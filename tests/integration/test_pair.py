@@ -84,6 +84,10 @@ def test_fds_over_a_pair_across_fork(kind: str) -> None:
 
 def _start(process: multiprocessing.process.BaseProcess) -> None:
     with warnings.catch_warnings():
+        # A forked child inherits our warning filters, which the test run sets to "error":
+        # a warning from the child's own machinery (a coverage plugin saving its data, say)
+        # must not become its exit status.
+        warnings.simplefilter("default")
         # Python 3.12+ warns about fork() while other threads run (a test's leftover
         # daemon thread, say); the children here only use their own channel.
         warnings.simplefilter("ignore", DeprecationWarning)
