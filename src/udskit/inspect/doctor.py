@@ -231,14 +231,14 @@ def _connected(
         server = _server_from_proc(target, attempt.type)
     if not base.as_other:
         verdict = f"connected to {target}: {server}"
-    elif checked_by is None:
+    elif checked_by is None or checked_by.uid == 0:  # root asked the kernel as the user
         verdict = f"{base.user.name} can connect to {target}: {server}"
     elif denied:
         verdict = f"the server answers at {target} (connected as {checked_by.name}): {server}"
     else:
         verdict = (
-            f"{base.user.name} can connect to {target}: {server} "
-            f"(connected as {checked_by.name}; permissions judged for {base.user.name})"
+            f"{base.user.name} can connect to {target}: {server} (we connected as "
+            f"{checked_by.name}; {base.user.name}'s access judged from the permission bits)"
         )
     return dataclasses.replace(base, server=server).adding(Finding("server", "ok", verdict))
 
