@@ -33,6 +33,9 @@ EXAMPLE = """\
 #: (a bug) into a failed scenario instead of a tour that never ends.
 STEP_TIMEOUT: Final = 20.0
 
+#: Where the notes after the demo's commands start, so that they line up.
+_NOTE_COLUMN: Final = 34
+
 #: Back-off while waiting for a demo server to accept connections.
 _POLL_FIRST: Final = 0.005
 _POLL_MAX: Final = 0.1
@@ -72,8 +75,9 @@ class _Tour:
     def say(self, text: str = "") -> None:
         self._out.write((text + "\n").encode())
 
-    def show(self, command: str) -> None:
-        self.say(f"    $ {command}")
+    def show(self, command: str, note: str = "") -> None:
+        """A command as typed, with a note in a column of its own (as a shell comment)."""
+        self.say(f"    $ {command:<{_NOTE_COLUMN}}  # {note}" if note else f"    $ {command}")
 
     def saw(self, text: str) -> None:
         self.say(f"      {text}")
@@ -233,7 +237,7 @@ def s2(tour: _Tour) -> str:
     server = tour.start(
         "serve", "--type", "dgram", "--upper", "--until", "DONE", "s2.sock", address="s2.sock"
     )
-    tour.show("udskit connect --type dgram s2.sock      (typing one line at a time)")
+    tour.show("udskit connect --type dgram s2.sock", "typing one line at a time")
     client = tour.spawn("connect", "--type", "dgram", "s2.sock")
     assert client.stdin is not None
     assert client.stdout is not None
@@ -323,10 +327,10 @@ def s7(tour: _Tour) -> str:
 def s8(tour: _Tour) -> str:
     tour.show("udskit serve --echo s8.sock &")
     first = tour.start("serve", "--echo", "s8.sock", address="s8.sock")
-    tour.show("udskit serve --echo s8.sock                  (a second server, same path)")
+    tour.show("udskit serve --echo s8.sock", "a second server, same path")
     refused = tour.udskit("serve", "--echo", "s8.sock", expect=1)
     tour.saw(refused.stderr.decode(errors="replace").strip())
-    tour.show(f"kill -9 {first.pid}                               (the server crashes)")
+    tour.show(f"kill -9 {first.pid}", "the server crashes")
     first.kill()
     first.wait()
     tour.show("udskit doctor s8.sock")
@@ -335,7 +339,7 @@ def s8(tour: _Tour) -> str:
     if not stale:
         raise DemoFailure("doctor did not recognise the stale socket file")
     tour.saw(stale[0].strip())
-    tour.show("udskit serve --echo s8.sock &                (reclaims the stale file)")
+    tour.show("udskit serve --echo s8.sock &", "reclaims the stale file")
     second = tour.start("serve", "--echo", "s8.sock", address="s8.sock")
     tour.show("udskit send --reply s8.sock 'Hello, world!' 'My name is Tom!'")
     result = tour.udskit("send", "--reply", "s8.sock", "Hello, world!", "My name is Tom!")
@@ -345,7 +349,7 @@ def s8(tour: _Tour) -> str:
     tour.finish(second)
     with open(tour.path("notes.txt"), "w") as f:
         f.write("not a socket\n")
-    tour.show("udskit serve --echo notes.txt                (a regular file is in the way)")
+    tour.show("udskit serve --echo notes.txt", "a regular file is in the way")
     blocked = tour.udskit("serve", "--echo", "notes.txt", expect=1)
     tour.saw(blocked.stderr.decode(errors="replace").strip())
     if not os.path.isfile(tour.path("notes.txt")):
