@@ -25,6 +25,7 @@ The relay runs on asyncio's low-level transports and protocols (uvloop's when in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import signal
@@ -77,6 +78,10 @@ ACCEPT_BACKOFF_MAX: Final = 1.0
 
 #: How long a stop waits for the connections' buffered data to be written before it cuts them.
 SHUTDOWN_GRACE: Final = 5.0
+
+#: How long a stop waits, after cutting connections, for their transports to close: they do
+#: on the event loop's next iterations, so this is only a bound, never a delay.
+ABORT_WAIT: Final = 1.0
 
 #: accept(2) errors, and what we do (Linux accept(2); net/unix/af_unix.c; net/ipv4/tcp.c):
 #: EAGAIN: nothing (left) to accept. ECONNABORTED, EPROTO: the client gave up while queued,
@@ -315,14 +320,16 @@ class Bridge:
             await asyncio.wait_for(self._idle.wait(), grace)
         except asyncio.TimeoutError:
             log.warning(
-                "%s: %d connections did not finish within %.0f s of the stop; cutting them",
+                "%s: %d connections did not finish within %g s of the stop; cutting them",
                 self.address,
                 len(self._relays),
                 grace,
             )
             for relay in list(self._relays):
                 relay.abort()
-            await asyncio.sleep(0)  # let the transports report connection_lost
+            # Aborted transports report connection_lost (and close) on the next iterations.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), ABORT_WAIT)
 
     async def serve_forever(self) -> None:
         """Relay until cancelled; then :meth:`aclose`."""

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -172,3 +173,13 @@ def exchange(address: udskit.Address, payload: bytes) -> bytes:
             sender.join(READY_TIMEOUT)
         assert not errors, errors
         return received
+
+
+def wait_for(condition: Callable[[], object], what: str) -> None:
+    """Poll ``condition()`` until true; fail after READY_TIMEOUT (bounded)."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    delay = 0.001
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)

@@ -29,6 +29,7 @@ from .peers import (
     read_to_eof,
     running_bridge,
     stats,
+    wait_for,
 )
 
 
@@ -55,16 +56,6 @@ def _address(kind: str, sockdir: Path, name: str) -> str:
         deep.mkdir(parents=True, exist_ok=True)
         return str(deep / f"{name}.sock")
     return str(sockdir / f"{name}.sock")
-
-
-def _wait_for(condition: object, what: str) -> None:
-    """Poll ``condition()`` until true; fail after READY_TIMEOUT (bounded)."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    delay = 0.001
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
 
 
 @pytest.mark.parametrize(
@@ -165,7 +156,7 @@ def test_many_concurrent_connections(
     ):
         clients = [client_for(running.address) for _ in range(count)]
         try:
-            _wait_for(lambda: stats(runner, running).active == count, "all connections")
+            wait_for(lambda: stats(runner, running).active == count, "all connections")
             for i, sock in enumerate(clients):
                 sock.sendall(b"client %d\n" % i)
                 sock.shutdown(socket.SHUT_WR)
@@ -174,7 +165,7 @@ def test_many_concurrent_connections(
             for sock in clients:
                 sock.close()
         assert answers == [b"client %d\n" % i for i in range(count)]
-        _wait_for(lambda: stats(runner, running).active == 0, "connections to end")
+        wait_for(lambda: stats(runner, running).active == 0, "connections to end")
 
 
 def test_backpressure_bounds_what_the_bridge_holds(
@@ -208,7 +199,7 @@ def test_backpressure_bounds_what_the_bridge_holds(
             sender = threading.Thread(target=send, daemon=True)
             sender.start()
             try:
-                _wait_for(lambda: stats(runner, running).paused >= 1, "reading to pause")
+                wait_for(lambda: stats(runner, running).paused >= 1, "reading to pause")
                 held = stats(runner, running).buffered
                 # One read beyond the high-water mark at most, far below what was sent.
                 assert held <= bridge.RELAY_HIGH_WATER + 256 * 1024
@@ -216,7 +207,7 @@ def test_backpressure_bounds_what_the_bridge_holds(
                 may_read.set()
                 sender.join(READY_TIMEOUT)
                 assert sent.is_set()
-                _wait_for(lambda: bool(digest), "the target to read everything")
+                wait_for(lambda: bool(digest), "the target to read everything")
             finally:
                 may_read.set()
                 sock.close()
@@ -234,7 +225,7 @@ def test_target_down_costs_one_connection_and_one_log_line(
     with running_bridge(runner, "tcp:127.0.0.1:0", str(target)) as running:
         with client_for(running.address) as sock:
             assert read_to_eof(sock) == b""  # closed, nothing relayed
-        _wait_for(lambda: stats(runner, running).failed == 1, "the failure to count")
+        wait_for(lambda: stats(runner, running).failed == 1, "the failure to count")
         failures = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
         assert len(failures) == 1
         assert str(target) in failures[0]
@@ -254,7 +245,7 @@ def test_stale_target_is_explained(
     with running_bridge(runner, "tcp:127.0.0.1:0", str(target)) as running:
         with client_for(running.address) as sock:
             assert read_to_eof(sock) == b""
-        _wait_for(lambda: stats(runner, running).failed == 1, "the failure to count")
+        wait_for(lambda: stats(runner, running).failed == 1, "the failure to count")
     assert any("nothing is listening" in r.getMessage() for r in caplog.records)
 
 
@@ -270,7 +261,7 @@ def test_tcp_target_refused_is_reported(
         ) as running:
             with client_for(running.address) as sock:
                 assert read_to_eof(sock) == b""
-            _wait_for(lambda: stats(runner, running).failed == 1, "the failure to count")
+            wait_for(lambda: stats(runner, running).failed == 1, "the failure to count")
     assert any("connection refused" in r.getMessage() for r in caplog.records)
 
 
@@ -354,7 +345,7 @@ def test_max_connections_holds_the_rest_in_the_backlog(
     ):
         first, second = client_for(running.address), client_for(running.address)
         try:
-            _wait_for(lambda: stats(runner, running).active == 2, "two connections")
+            wait_for(lambda: stats(runner, running).active == 2, "two connections")
             third = client_for(running.address)  # queued by the kernel, not relayed
             try:
                 third.sendall(b"third\n")
@@ -382,7 +373,7 @@ def test_stop_ends_connections_and_leaks_nothing(
             running = runner.call(bridge.start(str(front), target.address))
             clients = [client_for(running.address) for _ in range(5)]
             try:
-                _wait_for(lambda: stats(runner, running).active == 5, "five connections")
+                wait_for(lambda: stats(runner, running).active == 5, "five connections")
                 runner.call(running.aclose(grace=1.0))
                 assert not front.exists()
                 assert [read_to_eof(sock) for sock in clients] == [b""] * 5
@@ -397,7 +388,7 @@ def test_stop_ends_connections_and_leaks_nothing(
     before = open_fds()
     cycle()
     # The echo server closes its ends on its own loop, asynchronously: wait for that, bounded.
-    _wait_for(lambda: open_fds() <= before, "descriptors to close")
+    wait_for(lambda: open_fds() <= before, "descriptors to close")
 
 
 @pytest.mark.parametrize(

@@ -275,3 +275,49 @@ def test_missing_extra_is_one_line(http_path: udskit.Address) -> None:
         "True",
         "HTTP support needs the 'http' extra (h11 and httpx): pip install 'udskit[http]'",
     ], result.stderr
+
+
+def test_httpx_timeouts_and_hang_ups(servers: LoopThread, sockdir: Path) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.close()
+
+    quiet = StreamServer(servers, str(sockdir / "quiet.sock"), silent)
+    rude = StreamServer(servers, str(sockdir / "rude.sock"), hang_up)
+    try:
+        with (
+            http.client(quiet.address, timeout=0.2) as client,
+            pytest.raises(httpx.ReadTimeout, match=r"no data within 0\.2 s"),
+        ):
+            client.get("/")
+        with http.client(rude.address) as client, pytest.raises(httpx.RemoteProtocolError):
+            client.get("/")
+
+        async def fetch(address: udskit.Address) -> None:
+            async with http.async_client(address, timeout=0.2) as client:
+                await client.get("/")
+
+        with pytest.raises(httpx.ReadTimeout, match=r"no data within 0\.2 s"):
+            asyncio.run(fetch(quiet.address))
+        with pytest.raises(httpx.RemoteProtocolError):
+            asyncio.run(fetch(rude.address))
+        with pytest.raises(udskit.Timeout, match="timed out"):
+            http.request(quiet.address, "/", timeout=0.2)
+    finally:
+        quiet.close()
+        rude.close()
+
+
+def test_response_helpers(http_path: udskit.Address) -> None:
+    response = http.request(http_path, "/helpers")
+    assert response.status == 200
+    assert response.header("Content-Type") == "application/json"
+    assert response.header("X-Absent") is None
+    assert '"path": "/helpers"' in response.text()
+    with http.open_exchange(http_path, "/streamed") as exchange:
+        assert exchange.head.status == 200
+        assert b"".join(exchange.iter_body()).startswith(b"{")

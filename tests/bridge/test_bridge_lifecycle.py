@@ -1,0 +1,211 @@
+"""udskit.bridge's life and faults: run() stopped by a signal, serve() cancelled, a stop that
+has to cut connections, accept() errors (injected), and a target whose backlog stays full."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import udskit
+from udskit import bridge
+
+from ..conftest import READY_TIMEOUT, wait_connectable
+from .peers import (
+    LoopThread,
+    StreamServer,
+    client_for,
+    echo_server,
+    exchange,
+    loop_thread,
+    running_bridge,
+    stats,
+    wait_for,
+)
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def runner(request: pytest.FixtureRequest) -> Iterator[LoopThread]:
+    with loop_thread(request.param) as started:
+        yield started
+
+
+@pytest.fixture
+def servers() -> Iterator[LoopThread]:
+    with loop_thread("asyncio") as started:
+        yield started
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_run_serves_until_a_signal(servers: LoopThread, sockdir: Path, signum: int) -> None:
+    """run() in the main thread, as the CLI uses it: the signal stops it, it returns."""
+    front = sockdir / "front.sock"
+    seen: list[bridge.Bridge] = []
+    results: list[bytes] = []
+
+    def client() -> None:
+        try:
+            wait_connectable(front)
+            results.append(exchange(udskit.Address.parse(str(front)), b"via run()"))
+        finally:
+            os.kill(os.getpid(), signum)
+
+    with echo_server(servers, str(sockdir / "echo.sock")) as target:
+        helper = threading.Thread(target=client)
+        helper.start()
+        try:
+            bridge.run(str(front), target.address, started=seen.append)
+        finally:
+            helper.join(READY_TIMEOUT)
+    assert results == [b"via run()"]
+    assert len(seen) == 1
+    assert seen[0].closed
+    assert not front.exists()
+
+
+def test_serve_until_cancelled(servers: LoopThread, sockdir: Path) -> None:
+    front = sockdir / "front.sock"
+
+    async def main(target: udskit.Address) -> bytes:
+        ready = asyncio.Event()
+        task = asyncio.create_task(bridge.serve(str(front), target, started=lambda _: ready.set()))
+        await asyncio.wait_for(ready.wait(), READY_TIMEOUT)
+        answer = await asyncio.get_running_loop().run_in_executor(
+            None, exchange, udskit.Address.parse(str(front)), b"served"
+        )
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return answer
+
+    with echo_server(servers, str(sockdir / "echo.sock")) as target:
+        assert asyncio.run(main(target.address)) == b"served"
+    assert not front.exists()
+
+
+def test_stop_cuts_connections_that_cannot_drain(
+    runner: LoopThread, servers: LoopThread, sockdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A target that never reads: the data the bridge holds for it can never be written, so
+    the stop waits its grace period and then cuts the connection."""
+    release = threading.Event()
+
+    async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, release.wait, READY_TIMEOUT)
+        writer.close()
+
+    caplog.set_level(logging.WARNING, logger="udskit")
+    server = StreamServer(servers, str(sockdir / "stuck.sock"), never_reads)
+    try:
+        running = runner.call(bridge.start("tcp:127.0.0.1:0", server.address))
+        sock = client_for(running.address)
+        sock.setblocking(False)
+        try:
+            while stats(runner, running).paused == 0:  # fill every buffer on the way
+                try:
+                    sock.send(bytes(1 << 16))
+                except BlockingIOError:
+                    wait_for(
+                        lambda: stats(runner, running).paused > 0 or select_writable(sock),
+                        "the bridge to pause or the socket to drain",
+                    )
+            runner.call(running.aclose(grace=0.05))
+            assert stats(runner, running).active == 0
+        finally:
+            release.set()
+            sock.close()
+    finally:
+        server.close()
+    assert any("did not finish within 0.05 s" in r.getMessage() for r in caplog.records)
+
+
+def select_writable(sock: socket.socket) -> bool:
+    return bool(select.select([], [sock], [], 0)[1])
+
+
+class _FlakyListener:
+    """The bridge's listening socket with accept() failing as scripted, then working."""
+
+    def __init__(self, real: socket.socket, failures: list[int]) -> None:
+        self._real = real
+        self._failures = failures
+
+    def fileno(self) -> int:
+        return self._real.fileno()
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self._failures:
+            code = self._failures.pop(0)
+            raise OSError(code, os.strerror(code))
+        return self._real.accept()
+
+
+def test_accept_out_of_descriptors_backs_off_and_recovers(
+    runner: LoopThread, servers: LoopThread, sockdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="udskit")
+    with (
+        echo_server(servers, str(sockdir / "echo.sock")) as target,
+        running_bridge(runner, "tcp:127.0.0.1:0", target.address) as running,
+    ):
+        flaky = _FlakyListener(running._sock, [errno.EMFILE, errno.ECONNABORTED])
+        running._sock = flaky  # type: ignore[assignment]
+        assert exchange(running.address, b"after the pause") == b"after the pause"
+        assert not flaky._failures
+    assert any("Too many open files; pausing" in r.getMessage() for r in caplog.records)
+
+
+def test_accept_failing_for_good_stops_accepting(
+    runner: LoopThread, servers: LoopThread, sockdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="udskit")
+    with (
+        echo_server(servers, str(sockdir / "echo.sock")) as target,
+        running_bridge(runner, "tcp:127.0.0.1:0", target.address) as running,
+    ):
+        running._sock = _FlakyListener(running._sock, [errno.EINVAL])  # type: ignore[assignment]
+        with client_for(running.address):
+            wait_for(
+                lambda: any("no longer accepting" in r.getMessage() for r in caplog.records),
+                "the accept error to be logged",
+            )
+        assert stats(runner, running).accepted == 0
+
+
+def test_target_backlog_full_times_out(sockdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A target that stopped accepting, its backlog full: the connect is retried, then fails
+    with a message that says so."""
+    monkeypatch.setattr(bridge, "CONNECT_TIMEOUT", 0.2)
+    path = sockdir / "busy.sock"
+    with socket.socket(socket.AF_UNIX) as busy:
+        busy.bind(str(path))
+        busy.listen(0)
+        fillers = []
+        try:
+            while True:  # queue connections until the kernel refuses more
+                filler = socket.socket(socket.AF_UNIX)
+                filler.setblocking(False)
+                fillers.append(filler)
+                try:
+                    filler.connect(str(path))
+                except BlockingIOError:
+                    break
+                assert len(fillers) < 64, "the backlog never filled"
+
+            async def attempt() -> None:
+                (await bridge.connect_socket(udskit.Address.parse(str(path)))).close()
+
+            with pytest.raises(udskit.ConnectError, match="backlog stayed full"):
+                asyncio.run(attempt())
+        finally:
+            for filler in fillers:
+                filler.close()
