@@ -11,6 +11,7 @@ report and that a udskit-claimed restart reclaims.
 from __future__ import annotations
 
 import asyncio
+import base64
 import grp
 import hashlib
 import json
@@ -65,6 +66,10 @@ def test_udskit_http_talks_to_gunicorn_directly(site: Path, gunicorn: StartGunic
     big = run_udskit("http", str(app.sock), "/bytes?n=3000001", env=env)
     assert big.returncode == 0
     assert big.stdout == pattern(3_000_001)
+    binary = json.loads(run_udskit("http", "--json", str(app.sock), "/bytes?n=300").stdout)
+    assert base64.b64decode(binary["body_base64"]) == pattern(300)
+    head = run_udskit("http", "-i", "-X", "HEAD", str(app.sock), "/bytes?n=300")
+    assert head.stdout.endswith(b"content-length: 300\r\n\r\n")  # a head, and no body
     missing = run_udskit("http", "-f", str(app.sock), "/nowhere", env=env)
     assert (missing.returncode, missing.stdout) == (1, b"no such page\n")
 

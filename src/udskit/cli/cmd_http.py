@@ -7,9 +7,10 @@ import argparse
 import base64
 import json
 import sys
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from ._output import Output
 from .main import EXIT_FAILURE, EXIT_OK, UsageError
 
 if TYPE_CHECKING:
@@ -95,19 +96,19 @@ def run(args: argparse.Namespace) -> int:
         headers.insert(0, ("Host", host))
     if args.data is not None and "content-type" not in given:
         headers.append(("Content-Type", _FORM))  # what curl -d sends
-    out = sys.stdout.buffer
+    out = Output()  # unbuffered; stops quietly when the reader goes away (| head)
     with http.open_exchange(
         args.address, target, method=method, headers=headers, body=body, timeout=args.timeout
     ) as exchange:
         head = exchange.head
         if args.json:
-            _print_json(head, exchange.read(), out)
+            out.write(_json(head, exchange.read()))
         else:
             if args.include:
                 out.write(_head_text(head))
             for chunk in exchange.iter_body():
-                out.write(chunk)
-        out.flush()
+                if not out.write(chunk):
+                    break
     return EXIT_FAILURE if args.fail and head.status >= _FAIL_FROM else EXIT_OK
 
 
@@ -150,7 +151,7 @@ def _head_text(head: ResponseHead) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def _print_json(head: ResponseHead, body: bytes, out: IO[bytes]) -> None:
+def _json(head: ResponseHead, body: bytes) -> bytes:
     document: dict[str, object] = {
         "status": head.status,
         "reason": head.reason,
@@ -161,4 +162,4 @@ def _print_json(head: ResponseHead, body: bytes, out: IO[bytes]) -> None:
         document["body"] = body.decode("utf-8")
     except UnicodeDecodeError:
         document["body_base64"] = base64.b64encode(body).decode("ascii")
-    out.write(json.dumps(document, indent=2).encode() + b"\n")
+    return json.dumps(document).encode() + b"\n"
