@@ -15,7 +15,7 @@ HELP = "relay connections between two addresses (TCP <-> Unix socket, abstract <
 
 EXAMPLE = """\
   udskit bridge tcp:127.0.0.1:8080 /run/app/gunicorn.sock   # expose a socket on TCP
-  udskit bridge /run/db.sock tcp:127.0.0.1:5432               # a socket in front of TCP
+  udskit bridge /run/db.sock tcp:127.0.0.1:5432             # a socket in front of TCP
   udskit bridge --mode 660 --group www-data /run/front.sock @backend
   udskit bridge --allow-uid www-data /run/app.sock tcp:127.0.0.1:8000
 
