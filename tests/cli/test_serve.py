@@ -325,3 +325,25 @@ def test_abstract_address(background: list[Background]) -> None:
         assert client.recv(100) == b"abc"
     assert server.stop() == 0
     assert "abstract names have no file permissions" in server.err  # warned, once
+
+
+def test_a_command_that_cannot_start_is_one_line(
+    sockdir: Path, background: list[Background]
+) -> None:
+    script = sockdir / "shout.sh"
+    script.write_text("#!/bin/sh\ntr a-z A-Z\n")
+    script.chmod(0o755)
+    path = sockdir / "exec.sock"
+    server = serve(background, path, "--exec", str(script))
+    assert talk(path, b"one\n") == b"ONE\n"
+    script.chmod(0o644)  # no longer executable: the next client's command cannot start
+    try:
+        assert talk(path, b"two\n") == b""
+    except ConnectionResetError:
+        pass  # closed with our bytes unread
+    script.chmod(0o755)
+    assert talk(path, b"three\n") == b"THREE\n"  # and the server kept serving
+    assert server.stop() == 0
+    [line] = server.err.splitlines()
+    assert line.startswith("udskit: pid ")
+    assert line.endswith(f": permission denied: {script}")

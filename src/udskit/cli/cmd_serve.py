@@ -12,7 +12,6 @@ import os
 import shlex
 import shutil
 import signal
-import threading
 from types import FrameType
 
 import udskit
@@ -186,7 +185,6 @@ class _Handler:
         self._dump = HexDump() if args.hexdump else None
         self._command = _command(args.exec) if args.exec is not None else None
         self._action = _action(args, raw=raw)
-        self._stop_lock = threading.Lock()
 
     def __call__(self, channel: udskit.Channel) -> None:
         peer = channel.peer
@@ -194,18 +192,26 @@ class _Handler:
         if self._verbose:
             err(_describe(channel))
         session = Session(channel, who, self._dump)
-        until = Until(self._until_text, raw=self._raw)
-        if self._command is None:
-            keep_going = self._serve_messages(session, until)
-        elif self._type == "dgram":
-            message = channel.recv()
-            self._received(session, message)
-            _actions.run_command_once(session, self._command, message)
-            keep_going = until.feed(message) is None
-        else:
-            keep_going = _actions.run_command(session, self._command, until, lines=self._lines)
+        try:
+            keep_going = self._serve(session)
+        except udskit.UdsError:
+            raise  # the Server reports these in one line and serves the next client
+        except OSError as exc:  # a command that cannot start, an unwritable stdout, ...
+            err(f"{who or 'a client'}: {_one_line(exc)}")
+            keep_going = True
         if not keep_going or self._once:
             self._stop()
+
+    def _serve(self, session: Session) -> bool:
+        until = Until(self._until_text, raw=self._raw)
+        if self._command is None:
+            return self._serve_messages(session, until)
+        if self._type == "dgram":
+            message = session.channel.recv()
+            self._received(session, message)
+            _actions.run_command_once(session, self._command, message)
+            return until.feed(message) is None
+        return _actions.run_command(session, self._command, until, lines=self._lines)
 
     def _serve_messages(self, session: Session, until: Until) -> bool:
         assert self._action is not None
@@ -253,6 +259,11 @@ def _command(line: str) -> list[str]:
             "give its full path"
         )
     return argv
+
+
+def _one_line(exc: OSError) -> str:
+    what = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    return f"{what}: {exc.filename}" if exc.filename else what
 
 
 def _describe(channel: udskit.Channel) -> str:
