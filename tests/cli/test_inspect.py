@@ -38,7 +38,7 @@ def checks(diagnosis: Diagnosis) -> list[tuple[str, str]]:
 
 
 # -- try_connect ----------------------------------------------------------------------------
-def test_try_connect_every_outcome(sockdir: Path) -> None:
+def test_try_connect_every_outcome(sockdir: Path, no_fd_leak: None) -> None:
     with listener(sockdir / "s.sock"), listener(sockdir / "d.sock", socket.SOCK_DGRAM):
         ok = inspect.try_connect(sockdir / "s.sock")
         assert (ok.ok, ok.type) == (True, "stream")
@@ -88,7 +88,7 @@ def test_diagnosis_of_a_live_server(sockdir: Path) -> None:
     assert found.user == UserInfo.current()
 
 
-def test_diagnosis_causes(sockdir: Path) -> None:
+def test_diagnosis_causes(sockdir: Path, no_fd_leak: None) -> None:
     (sockdir / "file").write_text("")
     stale(sockdir / "stale.sock")
     cases = {
@@ -127,7 +127,7 @@ def test_bad_and_foreign_addresses() -> None:
     assert found.server == ServerInfo("stream")
 
 
-def test_abstract(sockdir: Path) -> None:
+def test_abstract(sockdir: Path, no_fd_leak: None) -> None:
     name = f"udskit-inspect-{os.getpid()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as bound:
         bound.bind("\0" + name)
@@ -196,7 +196,9 @@ def test_allowed_follows_one_class_of_bits() -> None:
     assert paths._allowed(UserInfo("root", 0, 0, (0,)), info(0o000, 1, 1), paths.WRITE)
 
 
-def test_kernel_verdict_wins(sockdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kernel_verdict_wins(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch, no_fd_leak: None
+) -> None:
     if os.geteuid() != 0:
         pytest.skip("only root can ask the kernel on another user's behalf")
     os.chmod(sockdir, 0o755)
@@ -317,7 +319,7 @@ def test_list_sockets_sees_a_real_listener(sockdir: Path) -> None:
 
 
 # -- find_stale -----------------------------------------------------------------------------
-def test_find_stale(sockdir: Path) -> None:
+def test_find_stale(sockdir: Path, no_fd_leak: None) -> None:
     (sockdir / "sub").mkdir()
     stale(sockdir / "sub" / "dead.sock", socket.SOCK_DGRAM)
     stale(sockdir / "dead.sock")
