@@ -248,6 +248,17 @@ def test_mode_and_group(sockdir: Path, background: list[Background]) -> None:
         assert info.st_gid == grp.getgrnam("nogroup").gr_gid
 
 
+@pytest.mark.root
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+def test_owner(sockdir: Path, background: list[Background], kind: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to give the socket file away")
+    path = sockdir / "o.sock"
+    serve(background, path, "--type", kind, "--echo", "--owner", "nobody", "--mode", "640")
+    info = path.lstat()
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (65534, 0o640)
+
+
 def test_default_mode_is_owner_only(sockdir: Path, background: list[Background]) -> None:
     path = sockdir / "d.sock"
     serve(background, path, "--echo")
