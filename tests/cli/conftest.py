@@ -146,6 +146,7 @@ class Background:
         cwd: str | os.PathLike[str] | None = None,
         stdin: int = subprocess.PIPE,
         user: int | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.argv = [os.fspath(a) for a in argv]
         self.process = subprocess.Popen(
@@ -154,6 +155,7 @@ class Background:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=cwd,
+            env=env,
             # another user for real: its uid, its primary group, no supplementary groups
             user=user,
             group=user,

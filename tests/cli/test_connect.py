@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 import threading
@@ -163,3 +164,22 @@ def test_datagram_server_gone(sockdir: Path) -> None:
     stale.close()
     line = one_line_error(udskit("connect", "--type", "dgram", sockdir / "gone.sock"), 1)
     assert "gone.sock" in line
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_terminated_client_leaves_nothing_behind(
+    sockdir: Path, background: list[Background], sig: int
+) -> None:
+    path = sockdir / "d.sock"
+    serve(background, path, "--type", "dgram", "--echo")
+    tmp = sockdir / "tmp"  # where the client makes its private reply directory
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"} | {"TMPDIR": str(tmp)}
+    client = Background([*UDSKIT, "connect", "--type", "dgram", path], env=env)
+    background.append(client)
+    client.write(b"hi\n")
+    client.read_until(b"hi\n")
+    [reply_dir] = tmp.iterdir()  # where the reply socket lives
+    assert reply_dir.name.startswith("udskit-")
+    assert client.stop(sig) == 128 + sig
+    assert list(tmp.iterdir()) == []

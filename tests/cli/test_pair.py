@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
-from tests.cli.conftest import one_line_error, udskit
+import pytest
+
+from tests.cli.conftest import UDSKIT, Background, one_line_error, udskit
 
 
 def test_relays_stdin_and_stdout_through_the_pair() -> None:
@@ -58,3 +62,12 @@ def test_missing_command() -> None:
 def test_no_command_is_a_usage_error() -> None:
     line = one_line_error(udskit("pair"), 2)
     assert "give the program to run after --" in line
+
+
+def test_terminated_pair_stops_its_command(background: list[Background]) -> None:
+    pair = Background([*UDSKIT, "pair", "--", "sh", "-c", "echo $$ >&$UDSKIT_FD; exec sleep 60"])
+    background.append(pair)
+    child = int(pair.read_until(b"\n"))
+    assert pair.stop(signal.SIGTERM) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # reaped, not left running

@@ -142,6 +142,8 @@ class Relay:
             self._input_done.set()
             try:
                 os.write(self._wake_w, b"!")
+            except OSError:
+                pass  # the receiving side has finished already (EPIPE)
             finally:
                 os.close(self._wake_w)
 

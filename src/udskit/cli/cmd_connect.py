@@ -10,6 +10,7 @@ import udskit
 from ._options import add_framing, add_type, address, framing_for, seconds
 from ._output import HexDump, Output, err
 from ._relay import DGRAM_LINGER, Relay
+from ._signals import exit_on_termination
 
 HELP = "connect to ADDR: stdin goes to the socket, what comes back to stdout (like nc -U)"
 EXAMPLE = """\
@@ -46,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     framing = framing_for(args)
+    with exit_on_termination():
+        _relay(args, framing)
+    return 0
+
+
+def _relay(args: argparse.Namespace, framing: str) -> None:
     channel = udskit.connect(
         args.address, type=args.type, framing=framing, timeout=args.timeout, bind=args.bind
     )
@@ -61,7 +68,6 @@ def run(args: argparse.Namespace) -> int:
             linger=DGRAM_LINGER if args.timeout is None else args.timeout,
         )
         relay.run()
-    return 0
 
 
 def _greet(channel: udskit.Channel) -> None:

@@ -22,6 +22,7 @@ from typing import Final
 from udskit import inspect
 
 from ._output import Output
+from ._signals import exit_on_termination
 
 HELP = "a one-minute tour: the seed scenarios S1-S8, run for real in a temporary directory"
 EXAMPLE = """\
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     directory = tempfile.mkdtemp(prefix="udskit-demo-")
     tour = _Tour(directory, Output())
     try:
-        failed = tour.run(SCENARIOS)
+        with exit_on_termination():
+            failed = tour.run(SCENARIOS)
     finally:
         tour.stop_all()
         if not args.keep:

@@ -20,6 +20,7 @@ import udskit
 
 from ._output import HexDump, Output
 from ._relay import Relay
+from ._signals import exit_on_termination
 from .main import UsageError
 
 HELP = "run CMD with the other end of a socket pair (fd in $UDSKIT_FD), relaying stdin/stdout"
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if shutil.which(argv[0]) is None:
         raise FileNotFoundError(errno.ENOENT, "command not found", argv[0])
     ours, theirs = udskit.pair(args.type, framing="raw")
-    with ours:
+    with exit_on_termination(), ours:
         with theirs:
             fd = theirs.fileno()
             process = subprocess.Popen(

@@ -10,6 +10,7 @@ import udskit
 
 from ._options import add_framing, add_type, address, framing_for, seconds
 from ._output import HexDump, Output, as_line
+from ._signals import exit_on_termination
 
 HELP = "send each MSG to ADDR as one message; --reply waits for the answer and prints it"
 EXAMPLE = """\
@@ -56,9 +57,12 @@ def run(args: argparse.Namespace) -> int:
     raw = args.type == "stream" and framing == "raw"
     dump = HexDump() if args.hexdump else None
     out = Output()
-    with udskit.connect(
-        args.address, type=args.type, framing=framing, timeout=args.timeout
-    ) as channel:
+    with (
+        exit_on_termination(),
+        udskit.connect(
+            args.address, type=args.type, framing=framing, timeout=args.timeout
+        ) as channel,
+    ):
         for text in args.messages:
             # On a raw stream a message is a line, as `echo MSG | nc -U` sends it.
             message = as_line(os.fsencode(text)) if raw else os.fsencode(text)
