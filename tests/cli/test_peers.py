@@ -4,11 +4,23 @@ datagram sockets. A missing peer fails the test where UDSKIT_REQUIRE_PEERS is se
 
 from __future__ import annotations
 
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import UDSKIT, Background, require, serve, udskit, wait_listening
+from tests.cli.conftest import (
+    COMMAND_TIMEOUT,
+    UDSKIT,
+    Background,
+    require,
+    serve,
+    udskit,
+    wait_listening,
+)
 
 
 @pytest.fixture
@@ -37,10 +49,54 @@ def test_nc_stream_client(sockdir: Path, background: list[Background], nc: str) 
     assert client.wait() == 0
 
 
-def test_nc_datagram_client(sockdir: Path, background: list[Background], nc: str) -> None:
+def nc_directory(pid: int) -> str:
+    """The directory in which ``nc -U -u`` (pid) bound its reply socket: /tmp/nc-XXXXXX.
+    nc never removes it; the test does, once it has found it."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    with open("/proc/net/unix") as table:
+        for line in table.read().splitlines()[1:]:
+            fields = line.split(None, 7)
+            if len(fields) == 8 and fields[6] in inodes:
+                return os.path.dirname(fields[7])
+    raise AssertionError(f"nc (pid {pid}) has no bound socket")
+
+
+@pytest.fixture
+def nc_datagram_client(
+    background: list[Background], nc: str
+) -> Iterator[Callable[[Path], Background]]:
+    directories: list[str] = []
+
+    def start(server: Path) -> Background:
+        client = peer(background, nc, "-U", "-u", server)
+        client.write(b"\n")  # an empty line, so that nc binds its reply socket now
+        deadline = time.monotonic() + COMMAND_TIMEOUT
+        while True:
+            try:
+                directories.append(nc_directory(client.pid))
+                return client
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.01)  # back-off while nc starts, not synchronisation
+
+    yield start
+    for directory in directories:
+        if os.path.basename(directory).startswith("nc-"):
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_nc_datagram_client(
+    sockdir: Path, background: list[Background], nc_datagram_client: Callable[[Path], Background]
+) -> None:
     path = sockdir / "upper-dgram.sock"
     serve(background, path, "--type", "dgram", "--upper")
-    client = peer(background, nc, "-U", "-u", path)
+    client = nc_datagram_client(path)
+    client.read_until(b"\n")  # the empty line, answered
     client.write(b"one\n")
     client.read_until(b"ONE\n")
     client.write(b"two\n")
@@ -48,13 +104,13 @@ def test_nc_datagram_client(sockdir: Path, background: list[Background], nc: str
 
 
 def test_nc_stops_a_datagram_server_with_done(
-    sockdir: Path, background: list[Background], nc: str
+    sockdir: Path, background: list[Background], nc_datagram_client: Callable[[Path], Background]
 ) -> None:
     path = sockdir / "s1.sock"
     server = serve(background, path, "--type", "dgram", "--print", "--until", "DONE")
-    client = peer(background, nc, "-U", "-u", path)
+    client = nc_datagram_client(path)
     client.write(b"hello\n")
-    assert server.read_until(b"hello\n") == b"hello\n"
+    assert server.read_until(b"hello\n") == b"\nhello\n"
     client.write(b"DONE\n")
     assert server.wait() == 0
     assert server.out == b"DONE\n"  # printed as it came: nc sends the typed newline
