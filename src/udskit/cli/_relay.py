@@ -171,17 +171,19 @@ class Relay:
 
     def _receive_datagrams(self) -> None:
         fd = self._channel.fileno()
-        watched = [fd, self._wake_r]
+        poller = select.poll()  # not select(): it fails on descriptors numbered over 1023
+        poller.register(fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         deadline: float | None = None
         while True:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select(watched, [], [], timeout)
+            ready = {ready_fd for ready_fd, _ in poller.poll(_milliseconds(timeout))}
             if not ready:
                 return  # input ended and no reply came for `linger` seconds
             if self._error is not None:
                 return
             if self._wake_r in ready:
-                watched = [fd]  # input has ended: from now on only replies matter
+                poller.unregister(self._wake_r)  # input has ended: only replies matter now
                 deadline = time.monotonic() + self._linger
             if fd in ready:
                 try:
@@ -192,3 +194,7 @@ class Relay:
                     return
                 if deadline is not None:
                     deadline = time.monotonic() + self._linger
+
+
+def _milliseconds(seconds: float | None) -> int | None:
+    return None if seconds is None else int(seconds * 1000) + 1  # never 0 before it is due
