@@ -9,6 +9,7 @@ raw stream, whatever bytes arrived together (for a peer typing in ``nc -U``, one
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -168,11 +169,9 @@ def run_command(session: Session, argv: Sequence[str], until: Until, *, lines: b
             pass
     finally:
         process.stdout.close()
-        if process.poll() is None:
-            process.terminate()
-            process.wait()
+        _end(process)
         try:
-            channel.socket.shutdown(0)  # SHUT_RD: wakes the feeder if it still waits
+            channel.socket.shutdown(socket.SHUT_RD)  # wakes the feeder if it still waits
         except OSError:
             pass
         feeder.join()
@@ -189,7 +188,7 @@ def _feed(
                 message = message[:cut]
             if session.dump is not None:
                 session.dump.received(message, session.who)
-            stdin.write(message + b"\n" if lines else message)
+            _write_all(stdin, message + b"\n" if lines else message)
             if cut is not None:
                 matched.set()
                 return
@@ -202,6 +201,24 @@ def _feed(
             stdin.close()
         except BrokenPipeError:
             pass
+
+
+def _write_all(stdin: IO[bytes], data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[stdin.write(view) or 0 :]
+
+
+def _end(process: subprocess.Popen[bytes]) -> None:
+    """Make sure the command is gone: SIGTERM, then SIGKILL if it ignores that."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(EXEC_EXIT_GRACE)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _output_of(stdout: IO[bytes], *, lines: bool) -> Iterator[bytes]:

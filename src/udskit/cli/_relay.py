@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -150,7 +151,7 @@ class Relay:
     def _abort(self) -> None:
         """Wake the receiving side after a sending error, so it stops and reports it."""
         try:
-            self._channel.socket.shutdown(2)  # SHUT_RDWR
+            self._channel.socket.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
