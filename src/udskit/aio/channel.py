@@ -1,0 +1,553 @@
+"""The asyncio ``Channel``: one connected endpoint that sends and receives whole messages.
+
+A channel drives its non-blocking socket straight from the event loop's readiness callbacks
+(``add_reader``/``add_writer``), on asyncio's loop and on uvloop alike, around the same
+sans-IO framing as the blocking :class:`udskit.Channel`. There is no transport and no
+StreamReader in between, for two reasons: a transport reads with ``recv()``, which can carry
+neither descriptors (SCM_RIGHTS) nor credentials, nor see a truncated packet (MSG_TRUNC); and
+every layer between the socket and ``recv()`` costs latency.
+
+Receiving: from the first ``recv()`` on, a reader callback stays registered. Each time the
+socket is readable it reads once (``recvmsg_into``, descriptors close-on-exec), feeds the
+framing, and moves every complete message to a ready queue, which ``recv()`` pops. Reading
+pauses once READ_AHEAD bytes wait unconsumed and resumes when ``recv()`` finds the queue
+empty, so a slow consumer holds bounded memory and the sender feels backpressure. A
+cancelled ``recv()`` loses nothing: messages stay queued for the next call.
+
+Sending is the other half: see :mod:`udskit.aio.sending`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final
+
+from ..address import Address
+from ..ancillary import RECV_FLAGS, ancillary_size, close_fds, unpack
+from ..creds import PeerCred
+from ..errors import ConnectionClosed, ProtocolError, UdsError
+from ..options import SocketType, base_type, check_timeout, max_frame_for, type_name
+from ..proto import CLOSED, Framing, make_framing
+from ..translate import translate, translating
+from .buffers import READ_AHEAD, RECV_CHUNK, scratch
+from .sending import Ancillary, Buffer, Sending
+from .waiting import EXPIRED, expire
+
+if TYPE_CHECKING:
+    from ..sockfile import Claim
+
+__all__ = ["Buffer", "Channel"]
+
+log = logging.getLogger("udskit")
+
+#: While each read fills the whole buffer (a bulk transfer), read up to this many times per
+#: readiness callback: fewer loop iterations per byte, and other connections still get a turn.
+_READS_PER_WAKEUP: Final = 4
+
+#: Packets held unconsumed (besides READ_AHEAD bytes) before a seqpacket or datagram channel
+#: stops reading: the kernel's queue holds the rest, and the sender feels the backpressure.
+_PACKETS_AHEAD: Final = 256
+
+# Plain ints: arithmetic on the socket module's IntFlag members is a Python-level call
+# (about 0.7 us), on every read.
+_CTRUNC: Final = int(socket.MSG_CTRUNC)
+_TRUNC: Final = int(socket.MSG_TRUNC)
+
+#: A queued message that came with descriptors or credentials (plain ones are just bytes).
+Received = tuple[bytes, list[int], PeerCred | None]
+
+
+class Channel(Sending):
+    """A connected endpoint that sends and receives whole messages, for asyncio.
+
+    Get one from :func:`udskit.aio.connect`, :meth:`udskit.aio.Listener.accept` or
+    :func:`udskit.aio.pair`. ``async with channel`` closes it, after sending what is still
+    queued; ``async for message in channel`` receives until the peer closes cleanly.
+
+    One task at a time may receive; any number may send (each message goes out whole).
+    A channel stays with the event loop it first waited on.
+    """
+
+    __slots__ = (
+        "_ancsize",
+        "_claim",
+        "_cleanup_dir",
+        "_eof",
+        "_fds_seen",
+        "_max_message",
+        "_peer",
+        "_read_error",
+        "_read_failed",
+        "_ready",
+        "_ready_bytes",
+        "_rview",
+        "_rwaiter",
+    )
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        framing: str = "length",
+        max_frame: int | None = None,
+        max_fds: int = 16,
+        remote: Address | None = None,
+        peer: PeerCred | None = None,
+        claim: Claim | None = None,
+        cleanup_dir: bytes | None = None,
+        write_limit: int | None = None,
+        owns_socket: bool = True,
+        inbox: Sequence[Received] = (),
+    ) -> None:
+        """Wrap a connected socket (made non-blocking here). ``claim`` and ``cleanup_dir``
+        (a bound client's own path and its private directory) are released on close.
+        ``owns_socket=False`` with ``inbox`` makes a datagram session: it holds the given
+        datagrams and replies to ``remote`` through a listener's socket."""
+        kind = type_name(base_type(sock))
+        super().__init__(
+            sock,
+            kind,
+            make_framing(framing, max_frame=max_frame) if kind == "stream" else None,
+            max_fds=max_fds,
+            remote=remote,
+            write_limit=write_limit,
+            owns_socket=owns_socket,
+        )
+        self._max_message = max_frame_for(kind, max_frame)
+        is_unix = sock.family == socket.AF_UNIX
+        self._ancsize = ancillary_size(max_fds, creds=kind == "dgram") if is_unix else 0
+        self._peer = peer
+        self._claim = claim
+        self._cleanup_dir = cleanup_dir
+        # complete messages, in order, for recv()
+        self._ready: deque[bytes | Received] = deque(inbox)
+        self._ready_bytes = sum(len(item[0]) for item in inbox)
+        self._eof = not owns_socket  # a datagram session holds all it will ever receive
+        self._fds_seen = False
+        self._read_error: Exception | None = None  # raised once, then reading resumes
+        self._read_failed: Exception | None = None  # the connection is unusable
+        self._rwaiter: asyncio.Future[object] | None = None
+        self._rview: list[memoryview] = []  # [receive buffer], set when reading starts
+        if owns_socket:
+            sock.setblocking(False)
+
+    # -- properties -----------------------------------------------------------------------
+    @property
+    def type(self) -> SocketType:
+        return self._type
+
+    @property
+    def framing(self) -> str | None:
+        """The framing name on a stream channel; None on seqpacket and dgram."""
+        return None if self._framing is None else self._framing.name
+
+    @property
+    def peer(self) -> PeerCred | None:
+        """The peer's credentials, as the kernel reported them.
+
+        Stream and seqpacket: the connecting (or accepting) process, from SO_PEERCRED.
+        Datagram: the sender of the last datagram received (SCM_CREDENTIALS); None before
+        the first. TCP: None.
+        """
+        return self._peer
+
+    @property
+    def address(self) -> Address | None:
+        """The other end's address, where it has one (a bound client may have none)."""
+        return self._remote
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def socket(self) -> socket.socket:
+        """The underlying non-blocking socket, for socket options. Do not read from it."""
+        return self._sock
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def settimeout(self, timeout: float | None) -> None:
+        """Seconds ``recv``/``send`` may wait before raising ``Timeout`` (None: forever).
+
+        A timeout loses nothing: a message not yet received stays queued, and one being
+        sent stays queued and goes out when the peer reads.
+        """
+        self._timeout = check_timeout(timeout)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"fd={self._fd}"
+        return f"<aio.Channel {self._type} {self._remote or 'unnamed'} peer=({self._peer}) {state}>"
+
+    # -- receiving ------------------------------------------------------------------------
+    async def recv(self) -> bytes:
+        """Receive one message. Descriptors that arrive with it are closed (see recv_fds).
+
+        Raises ``ConnectionClosed`` when the peer has closed (``mid_message`` if it left a
+        message unfinished), ``Timeout`` after ``settimeout`` seconds.
+        """
+        ready = self._ready
+        while True:
+            if ready:
+                item = ready.popleft()
+                if isinstance(item, bytes):
+                    self._ready_bytes -= len(item)
+                    return item
+                data, fds = self._unpack(item)
+                if fds:
+                    log.debug("%r: closing %d descriptors received by recv()", self, len(fds))
+                    close_fds(fds)
+                return data
+            # The hot path of a request/response exchange: wait for the reader callback.
+            if self._reading and self._timeout is None and self._rwaiter is None:
+                future = self._rwaiter = self._loop.create_future()  # type: ignore[union-attr]
+                try:
+                    await future
+                finally:
+                    self._rwaiter = None
+            else:
+                await self._wait_readable()
+
+    async def recv_fds(self) -> tuple[bytes, list[int]]:
+        """Receive one message and the descriptors sent with it (now owned by the caller)."""
+        ready = self._ready
+        while not ready:
+            await self._wait_readable()
+        item = ready.popleft()
+        if isinstance(item, bytes):
+            self._ready_bytes -= len(item)
+            return item, []
+        return self._unpack(item)
+
+    async def recv_many(self) -> list[bytes]:
+        """Wait for at least one message; return it and every other complete message
+        already received, in order (descriptors that came with them are closed)."""
+        ready = self._ready
+        while not ready:
+            await self._wait_readable()
+        messages: list[bytes] = []
+        while ready:
+            item = ready.popleft()
+            if isinstance(item, bytes):
+                messages.append(item)
+            else:
+                data, fds = self._unpack(item)
+                messages.append(data)
+                close_fds(fds)
+        self._ready_bytes = 0
+        return messages
+
+    def __aiter__(self) -> Channel:
+        return self
+
+    async def __anext__(self) -> bytes:
+        """The next message; iteration ends when the peer closes cleanly."""
+        # recv()'s loop, repeated rather than awaited: a server's ``async for`` is the
+        # hottest path there is, and a coroutine call per message is measurable.
+        ready = self._ready
+        try:
+            while True:
+                if ready:
+                    item = ready.popleft()
+                    if isinstance(item, bytes):
+                        self._ready_bytes -= len(item)
+                        return item
+                    data, fds = self._unpack(item)
+                    if fds:
+                        close_fds(fds)
+                    return data
+                if self._reading and self._timeout is None and self._rwaiter is None:
+                    future = self._rwaiter = self._loop.create_future()  # type: ignore[union-attr]
+                    try:
+                        await future
+                    finally:
+                        self._rwaiter = None
+                else:
+                    await self._wait_readable()
+        except ConnectionClosed as exc:
+            if exc.mid_message:
+                raise
+            raise StopAsyncIteration from None
+
+    def _unpack(self, item: Received) -> tuple[bytes, list[int]]:
+        """A queued message with descriptors or credentials: take its parts."""
+        data, fds, cred = item
+        self._ready_bytes -= len(data)
+        if cred is not None:
+            self._peer = cred
+        return data, fds
+
+    async def _wait_readable(self) -> None:
+        """Nothing is queued: raise what ended the connection, else wait for the reader
+        callback (starting it if need be) or for the timeout."""
+        self._raise_for_state()
+        if self._rwaiter is not None:
+            raise RuntimeError(
+                f"another task is already receiving on {self!r}; one task at a time may"
+            )
+        if self._reading:
+            # Registered with this loop already. (get_running_loop() costs a getpid()
+            # system call per wait, a measurable part of a round trip.)
+            loop: asyncio.AbstractEventLoop = self._loop  # type: ignore[assignment]
+        else:
+            loop = self._bind_loop()
+            self._start_reading(loop)
+        future = self._rwaiter = loop.create_future()
+        timer = None if self._timeout is None else loop.call_later(self._timeout, expire, future)
+        try:
+            expired = await future is EXPIRED
+        finally:
+            self._rwaiter = None
+            if timer is not None:
+                timer.cancel()
+        if expired:
+            with translating("recv", self._remote):
+                raise TimeoutError
+
+    def _raise_for_state(self) -> None:
+        """Nothing is queued: raise if the channel is closed, the peer has gone, or reading
+        failed (a one-off failure is raised once, and reading resumes)."""
+        self._check_open()
+        failed = self._read_failed
+        if failed is not None:
+            raise failed.with_traceback(None)
+        error = self._read_error
+        if error is not None:
+            self._read_error = None
+            raise error
+        if self._eof:
+            if not self._owns_socket:
+                raise ConnectionClosed(f"{self._where()}: no more datagrams in this session")
+            raise ConnectionClosed(f"{self._where()}: the peer closed the connection")
+
+    def _start_reading(self, loop: asyncio.AbstractEventLoop) -> None:
+        size = RECV_CHUNK if self._framing is not None else self._max_message
+        self._rview = [scratch(size)[:size]]
+        callback = self._read_stream if self._framing is not None else self._read_packets
+        loop.add_reader(self._fd, callback)
+        self._reading = True
+
+    def _wake_receiver(self) -> None:
+        waiter = self._rwaiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _read_stream(self) -> None:
+        """Reader callback (stream): decode what arrived into the ready queue; wake the
+        receiver. A read of small whole messages, the common case, stays on a short path."""
+        try:
+            size, ancdata, flags, _ = self._sock.recvmsg_into(
+                self._rview, self._ancsize, RECV_FLAGS
+            )
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fail_read(translate(exc, "recv", self._remote), fatal=True)
+            return
+        try:
+            if ancdata or flags & _CTRUNC or not size or size == RECV_CHUNK:
+                self._read_stream_slow(size, ancdata, flags)
+            else:
+                framing: Framing = self._framing  # type: ignore[assignment]
+                message = framing.feed(self._rview[0][:size])
+                if isinstance(message, bytes):
+                    # No descriptor has ever arrived: the framing holds none to hand out.
+                    fds = framing.take_fds() if self._fds_seen else None
+                    self._ready.append((message, fds, None) if fds else message)
+                    self._ready_bytes += len(message)
+                    if framing.buffered:
+                        self._decode(framing)
+        except UdsError as exc:  # bad framing: FrameTooLarge, a stream cut off mid-message
+            self._fail_read(exc, fatal=True)
+            return
+        if self._ready_bytes > READ_AHEAD and self._rwaiter is None:
+            self._stop_reading()  # resumed by the next recv() that finds nothing queued
+        waiter = self._rwaiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _read_stream_slow(self, size: int, ancdata: Ancillary, flags: int) -> None:
+        """Descriptors, the end of the stream, or a full buffer (and maybe more to read)."""
+        framing: Framing = self._framing  # type: ignore[assignment]
+        view = self._rview[0]
+        reads = 1
+        while True:
+            fds: list[int] = []
+            if ancdata or flags & _CTRUNC:
+                self._fds_seen = True
+                try:
+                    fds = unpack(ancdata, flags, self._where(), self._max_fds).fds
+                except ProtocolError as exc:
+                    # This read's bytes are lost with the descriptors: report it in order,
+                    # after the messages already received, as the blocking channel does.
+                    self._fail_read(exc, fatal=False)
+                    return
+            if not size:
+                close_fds(fds)
+                self._stop_reading()
+                self._take(framing, framing.feed(b""))  # CLOSED, or raises mid-message
+                return
+            self._take(framing, framing.feed(view[:size], fds))
+            if size < RECV_CHUNK or self._ready_bytes > READ_AHEAD or reads == _READS_PER_WAKEUP:
+                return
+            reads += 1
+            try:
+                size, ancdata, flags, _ = self._sock.recvmsg_into(
+                    self._rview, self._ancsize, RECV_FLAGS
+                )
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._fail_read(translate(exc, "recv", self._remote), fatal=True)
+                return
+
+    def _take(self, framing: Framing, message: bytes | object) -> None:
+        """Queue ``message`` (what feed() returned) and every complete one after it."""
+        while isinstance(message, bytes):
+            fds = framing.take_fds()
+            self._ready.append((message, fds, None) if fds else message)
+            self._ready_bytes += len(message)
+            message = framing.next_message()
+        if message is CLOSED:
+            self._eof = True
+
+    def _decode(self, framing: Framing) -> None:
+        """Queue every complete message still in the framing."""
+        self._take(framing, framing.next_message())
+
+    def _read_packets(self) -> None:
+        """Reader callback (seqpacket, dgram): queue the packets that arrived; wake the
+        receiver."""
+        limit = self._max_message
+        views = self._rview
+        view = views[0]
+        sock = self._sock
+        ancsize = self._ancsize
+        ready = self._ready
+        while True:
+            try:
+                size, ancdata, flags, _ = sock.recvmsg_into(views, ancsize, RECV_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._fail_read(translate(exc, "recv", self._remote), fatal=True)
+                break
+            try:
+                got = (
+                    unpack(ancdata, flags, self._where(), self._max_fds)
+                    if ancdata or flags & _CTRUNC
+                    else None
+                )
+            except ProtocolError as exc:
+                self._fail_read(exc, fatal=False)
+                break
+            fds = got.fds if got is not None else []
+            if flags & _TRUNC:
+                close_fds(fds)
+                self._fail_read(
+                    ProtocolError(
+                        f"message from {self._where()} was larger than max_frame ({limit} "
+                        "bytes) and arrived truncated; raise max_frame on this side"
+                    ),
+                    fatal=False,
+                )
+                break
+            if size == 0 and self._type == "seqpacket":
+                close_fds(fds)
+                self._eof = True
+                self._stop_reading()
+                break
+            data = view[:size].tobytes()
+            ready.append(data if got is None else (data, fds, got.cred))
+            self._ready_bytes += size
+            if self._rwaiter is not None:
+                break  # hand this one over first; level-triggered polling brings the rest
+            if len(ready) >= _PACKETS_AHEAD or self._ready_bytes > READ_AHEAD:
+                self._stop_reading()
+                break
+        self._wake_receiver()
+
+    def _fail_read(self, error: Exception, *, fatal: bool) -> None:
+        """Report ``error`` to the receiver after the messages already queued.
+
+        Reading pauses until then. A ``fatal`` error ends the connection and is raised by
+        every later recv(); another (descriptors refused, a truncated packet) once, after
+        which reading resumes.
+        """
+        if fatal:
+            self._read_failed = error
+        else:
+            self._read_error = error
+        self._stop_reading()
+        self._wake_receiver()
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.remove_reader(self._fd)
+
+    # -- closing --------------------------------------------------------------------------
+    async def shutdown_write(self) -> None:
+        """Half-close once what is queued has gone out: the peer sees end of stream."""
+        await self._drained(0)
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise translate(exc, "send", self._remote) from exc
+
+    async def aclose(self) -> None:
+        """Send what is still queued (within the timeout, if one is set), then close."""
+        try:
+            if not self._closed and self._wsize and self._write_error is None:
+                await self._drained(0)
+        except UdsError as exc:
+            log.debug("%r: queued data not sent before closing: %s", self, exc)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close now: the socket, received descriptors nobody took, our bound reply path.
+
+        Data still in the send queue is dropped (``aclose`` sends it first). Tasks waiting
+        in ``recv`` or ``send`` get ConnectionClosed.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_reading()
+        self._stop_writing()
+        self._wbuf.clear()
+        self._wsize = 0
+        self._wake_receiver()
+        self._drain.wake_all()
+        self._wwait.wake_all()
+        if self._framing is not None:
+            close_fds(self._framing.held_fds())
+        for item in self._ready:
+            if not isinstance(item, bytes):
+                close_fds(item[1])
+        self._ready.clear()
+        self._ready_bytes = 0
+        if self._owns_socket:
+            self._sock.close()
+        if self._claim is not None:
+            self._claim.release()
+        if self._cleanup_dir is not None:
+            try:
+                os.rmdir(self._cleanup_dir)
+            except OSError:
+                pass
+
+    async def __aenter__(self) -> Channel:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

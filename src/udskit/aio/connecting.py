@@ -1,0 +1,261 @@
+"""Client endpoints for asyncio: ``connect()`` and ``pair()``.
+
+The same steps as the blocking :mod:`udskit.connecting` (own reply path for datagram
+clients, ``bind=``, ``expect_uid``, buffer sizes, descriptor adoption), with the one wait a
+Unix connect can have made asynchronous: a listener whose backlog is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import tempfile
+
+from .. import connecting as blocking
+from ..address import Address, AddressLike, sun_path
+from ..creds import PeerCred, peer_cred, require_uid
+from ..errors import ConnectError
+from ..options import (
+    check_buffer,
+    check_framing,
+    check_max_fds,
+    check_timeout,
+    max_frame_for,
+    socket_kind,
+    tune_buffers,
+)
+from ..sockfile import Claim, bind_reply_path
+from ..translate import translating
+from .buffers import check_write_limit
+from .channel import Channel
+from .waiting import RetryPause
+
+__all__ = ["connect", "pair"]
+
+
+async def connect(
+    address: AddressLike,
+    *,
+    type: str = "stream",  # noqa: A002 - the natural name for the socket type
+    framing: str = "length",
+    max_frame: int | None = None,
+    max_fds: int = 16,
+    timeout: float | None = None,
+    bind: AddressLike | None = None,
+    expect_uid: int | None = None,
+    sndbuf: int | None = None,
+    rcvbuf: int | None = None,
+    write_limit: int | None = None,
+) -> Channel:
+    """Connect to ``address`` and return a Channel, as :func:`udskit.connect` does.
+
+    ``timeout`` bounds the connect (a full backlog makes a Unix connect wait) and becomes
+    the channel's send/recv timeout. ``bind``, ``expect_uid``, ``sndbuf``, ``rcvbuf``: as
+    for :func:`udskit.connect`. ``write_limit``: the send queue's high-water mark.
+    """
+    target = Address.parse(address)
+    kind = socket_kind(type)
+    check_framing(framing)
+    check_max_fds(max_fds)
+    max_frame_for(type, max_frame)
+    check_buffer("sndbuf", sndbuf)
+    check_buffer("rcvbuf", rcvbuf)
+    check_timeout(timeout)
+    check_write_limit(write_limit)
+    if expect_uid is not None and (
+        isinstance(expect_uid, bool) or not isinstance(expect_uid, int) or expect_uid < 0
+    ):
+        raise ValueError(f"expect_uid must be a uid (an integer >= 0) or None, not {expect_uid!r}")
+    own = Address.parse(bind) if bind is not None else None
+    if own is not None and own.kind not in ("path", "abstract"):
+        raise ValueError(f"bind= takes a Unix path or @name, not {own}")
+    if target.kind == "fd":
+        adopted = blocking._adopt(target, framing=framing, max_frame=max_frame, max_fds=max_fds)
+        channel = Channel(
+            adopted.socket,
+            framing=framing,
+            max_frame=max_frame,
+            max_fds=max_fds,
+            remote=target,
+            peer=adopted.peer,
+            write_limit=write_limit,
+        )
+    elif target.kind == "tcp":
+        channel = await _connect_tcp(target, framing, max_frame, timeout, write_limit)
+    else:
+        channel = await _connect_unix(
+            target,
+            kind,
+            own,
+            expect_uid,
+            (sndbuf, rcvbuf),
+            framing=framing,
+            max_frame=max_frame,
+            max_fds=max_fds,
+            timeout=timeout,
+            write_limit=write_limit,
+        )
+    channel.settimeout(timeout)
+    return channel
+
+
+async def _connect_unix(
+    target: Address,
+    kind: int,
+    own: Address | None,
+    expect_uid: int | None,
+    buffers: tuple[int | None, int | None],
+    *,
+    framing: str,
+    max_frame: int | None,
+    max_fds: int,
+    timeout: float | None,
+    write_limit: int | None,
+) -> Channel:
+    sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    reply: Claim | None = None
+    reply_dir: bytes | None = None
+    try:
+        if own is not None:
+            reply = blocking._bind_own(sock, own)
+        elif kind == socket.SOCK_DGRAM:
+            # A datagram client needs a name the server can answer: a private path in a
+            # fresh 0700 directory, both removed on close.
+            reply_dir = tempfile.mkdtemp(prefix="udskit-", dir=blocking._runtime_dir()).encode()
+            reply = bind_reply_path(
+                sock, Address("path", os.path.join(reply_dir, blocking._REPLY_NAME))
+            )
+        tune_buffers(sock, *buffers)
+        await _connect_waiting(sock, target, timeout)
+        peer: PeerCred | None = None
+        if kind == socket.SOCK_DGRAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        else:
+            peer = peer_cred(sock)
+            if expect_uid is not None:
+                require_uid(peer, expect_uid, target)
+        return Channel(
+            sock,
+            framing=framing,
+            max_frame=max_frame,
+            max_fds=max_fds,
+            remote=target,
+            peer=peer,
+            claim=reply,
+            cleanup_dir=reply_dir,
+            write_limit=write_limit,
+        )
+    except BaseException:  # CancelledError included: nothing may be left behind
+        if reply is not None:
+            reply.release()
+        if reply_dir is not None:
+            os.rmdir(reply_dir)
+        sock.close()
+        raise
+
+
+async def _connect_waiting(sock: socket.socket, target: Address, timeout: float | None) -> None:
+    """connect(), retried while the listener's backlog is full.
+
+    A non-blocking Unix connect never answers EINPROGRESS: it completes at once, or fails
+    with EAGAIN when the backlog is full (where a blocking connect would sleep). No event
+    tells us when a slot frees up, so we retry after growing pauses, until ``timeout``.
+    """
+    pause: RetryPause | None = None
+    while True:
+        try:
+            with translating("connect", target), sun_path(target) as where:
+                sock.connect(where)
+            return
+        except ConnectError as exc:
+            if exc.errno != errno.EAGAIN:
+                raise
+        if pause is None:
+            pause = RetryPause(timeout, "connect", target)
+        await pause.pause()
+
+
+async def _connect_tcp(
+    target: Address,
+    framing: str,
+    max_frame: int | None,
+    timeout: float | None,
+    write_limit: int | None,
+) -> Channel:
+    """A TCP connection (for bridging), with the blocking API's error wording."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, sockaddr = infos[0]
+        sock = socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
+        try:
+            sock.setblocking(False)
+            await asyncio.wait_for(loop.sock_connect(sock, sockaddr), timeout)
+        except BaseException:
+            sock.close()
+            raise
+    except (asyncio.TimeoutError, TimeoutError) as exc:  # distinct types before 3.11
+        with translating("connect", target):
+            raise TimeoutError from exc
+    except OSError as exc:
+        raise ConnectError(
+            f"cannot connect to {target}: {os.strerror(exc.errno or 0).lower() or exc}",
+            errno=exc.errno,
+        ) from exc
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return Channel(
+        sock,
+        framing=framing,
+        max_frame=max_frame,
+        max_fds=0,
+        remote=target,
+        write_limit=write_limit,
+    )
+
+
+def pair(
+    type: str = "stream",  # noqa: A002
+    *,
+    framing: str = "length",
+    max_frame: int | None = None,
+    max_fds: int = 16,
+    sndbuf: int | None = None,
+    rcvbuf: int | None = None,
+    write_limit: int | None = None,
+) -> tuple[Channel, Channel]:
+    """Two connected Channels (socketpair), as :func:`udskit.pair` makes.
+
+    Needs no running loop: each channel joins the loop it is first used on, so a pair can be
+    made before ``os.fork()`` (each process closes the end it does not use) and used by
+    whichever loop each process runs.
+    """
+    kind = socket_kind(type)
+    check_framing(framing)
+    check_max_fds(max_fds)
+    max_frame_for(type, max_frame)
+    check_buffer("sndbuf", sndbuf)
+    check_buffer("rcvbuf", rcvbuf)
+    check_write_limit(write_limit)
+    left, right = socket.socketpair(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+    ends = []
+    try:
+        for sock in (left, right):
+            tune_buffers(sock, sndbuf, rcvbuf)
+            # socketpair() records the creator's credentials for every type, dgram included.
+            ends.append(
+                Channel(
+                    sock,
+                    framing=framing,
+                    max_frame=max_frame,
+                    max_fds=max_fds,
+                    peer=peer_cred(sock),
+                    write_limit=write_limit,
+                )
+            )
+    except BaseException:
+        left.close()
+        right.close()
+        raise
+    return ends[0], ends[1]

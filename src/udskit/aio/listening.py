@@ -1,0 +1,487 @@
+"""Listening endpoints for asyncio: ``listen()``, ``Listener`` and ``DatagramListener``.
+
+``listen()`` is the blocking :func:`udskit.listen` (same options, same validation, same safe
+claim of the socket file, same errors) with the socket handed to the event loop. The access
+policy is enforced at accept, or per datagram, before anyone sees the peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections import deque
+from collections.abc import Sequence
+from typing import Final, Literal, overload
+
+from .. import listening as blocking
+from ..address import Address, AddressLike, sun_path
+from ..ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
+from ..creds import PeerCred, Policy, peer_cred
+from ..errors import ConnectionClosed, ProtocolError
+from ..listening import Datagram
+from ..options import DEFAULT_BACKLOG, SocketType, check_timeout, max_frame_for, tune_buffers
+from ..translate import translate, translating
+from .buffers import READ_AHEAD, check_write_limit, scratch
+from .channel import Buffer, Channel
+from .waiting import EXPIRED, RetryPause, Waiters
+
+__all__ = ["DatagramListener", "Listener", "listen"]
+
+log = logging.getLogger("udskit")
+
+#: accept(2) errors that only mean "this one connection is gone, accept the next": the
+#: client gave up while queued (ECONNABORTED), or a protocol error on it (EPROTO).
+_SKIP_ERRNOS: Final = frozenset({errno.ECONNABORTED, errno.EPROTO})
+
+#: Datagrams received but not yet taken before the listener stops reading (besides
+#: READ_AHEAD bytes): the kernel's queue holds the rest, and senders feel the backpressure.
+_DATAGRAMS_AHEAD: Final = 256
+
+_CTRUNC: Final = int(socket.MSG_CTRUNC)
+_TRUNC: Final = int(socket.MSG_TRUNC)
+_SEND_FLAGS: Final = int(socket.MSG_NOSIGNAL)
+
+
+class _Endpoint:
+    """What both listener kinds share: the blocking endpoint (socket, claim, policy), the
+    loop, waiting for readiness with a timeout, closing, context management."""
+
+    __slots__ = ("_inner", "_loop", "_reading", "_timeout", "_waiters")
+
+    def __init__(self, inner: blocking.Listener | blocking.DatagramListener) -> None:
+        self._inner = inner
+        inner.socket.setblocking(False)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reading = False
+        self._timeout: float | None = None
+        self._waiters = Waiters("receive")
+
+    @property
+    def address(self) -> Address:
+        return self._inner.address
+
+    @property
+    def policy(self) -> Policy | None:
+        return self._inner.policy
+
+    @property
+    def type(self) -> SocketType:
+        return self._inner.type
+
+    @property
+    def closed(self) -> bool:
+        return self._inner.closed
+
+    @property
+    def socket(self) -> socket.socket:
+        """The listening socket (non-blocking), for socket options."""
+        return self._inner.socket
+
+    def fileno(self) -> int:
+        return self._inner.fileno()
+
+    def settimeout(self, timeout: float | None) -> None:
+        """Seconds accept()/recv() wait before raising ``Timeout`` (None: forever)."""
+        self._timeout = check_timeout(timeout)
+
+    def close(self) -> None:
+        """Stop listening and remove the socket file (only if it is still ours). Tasks
+        waiting in accept()/recv() get ConnectionClosed."""
+        if self._inner.closed:
+            return
+        self._stop_reading()
+        self._inner.close()
+        self._waiters.wake_all()
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<aio.{type(self).__name__} {self._inner!r}>"
+
+    def _check_open(self) -> None:
+        if self._inner.closed:
+            raise ConnectionClosed(f"listener on {self.address} is closed")
+
+    async def _wait_readable(self, op: str) -> None:
+        """Wait until the socket is readable (or the timeout passed: Timeout)."""
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        if not self._reading:
+            self._loop = loop
+            loop.add_reader(self._inner.fileno(), self._on_readable)
+            self._reading = True
+        if await self._waiters.wait(loop, self._timeout) is EXPIRED:
+            with translating(op, self.address):
+                raise TimeoutError
+        self._check_open()
+
+    def _on_readable(self) -> None:
+        if self._waiters:
+            self._waiters.wake_all()
+        else:
+            self._stop_reading()  # nobody is waiting: the kernel queues meanwhile
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.remove_reader(self._inner.fileno())
+
+
+class Listener(_Endpoint):
+    """A listening stream or seqpacket socket: ``await accept()`` returns a Channel per
+    client the policy allows. ``async for channel in listener`` accepts until closed."""
+
+    __slots__ = ("_options",)
+
+    def __init__(
+        self,
+        inner: blocking.Listener,
+        *,
+        framing: str,
+        max_frame: int | None,
+        max_fds: int,
+        sndbuf: int | None,
+        rcvbuf: int | None,
+        write_limit: int | None,
+    ) -> None:
+        super().__init__(inner)
+        self._options = (framing, max_frame, max_fds, sndbuf, rcvbuf, write_limit)
+
+    async def accept(self) -> Channel:
+        """Wait for the next client the policy allows; refused peers are closed and logged."""
+        while True:
+            try:
+                conn = await self.accept_socket()
+            except OSError as exc:
+                if isinstance(exc, ConnectionClosed):
+                    raise
+                raise translate(exc, "accept", self.address) from exc
+            channel = self.admit(conn)
+            if channel is not None:
+                return channel
+
+    async def accept_socket(self) -> socket.socket:
+        """The next connected socket, not yet checked against the policy (see ``admit``).
+
+        Raises the accept(2) error as OSError (a server decides what each errno means),
+        ConnectionClosed once the listener is closed, Timeout after ``settimeout``.
+        """
+        sock = self._inner.socket
+        while True:
+            self._check_open()
+            try:
+                conn, _ = sock.accept()
+                return conn
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                if self._inner.closed:
+                    raise ConnectionClosed(f"listener on {self.address} is closed") from None
+                if exc.errno not in _SKIP_ERRNOS:
+                    raise
+                continue
+            await self._wait_readable("accept")
+
+    def admit(self, conn: socket.socket) -> Channel | None:
+        """A Channel for a freshly accepted socket, or None (and the socket closed) if its
+        peer is gone already or the policy refuses it."""
+        framing, max_frame, max_fds, sndbuf, rcvbuf, write_limit = self._options
+        try:
+            conn.setblocking(False)
+            if conn.family == socket.AF_UNIX:
+                peer: PeerCred | None = peer_cred(conn)
+                remote = blocking._sender_address(conn.getpeername())
+                tune_buffers(conn, sndbuf, rcvbuf)
+            else:
+                peer = remote = None
+        except OSError as exc:  # the client vanished between accept() and getsockopt()
+            log.debug("%s: client gone before it was served: %s", self.address, exc)
+            conn.close()
+            return None
+        policy = self.policy
+        if policy is not None and peer is not None and not policy.check(peer, self.address):
+            blocking._refuse(conn)
+            conn.close()
+            return None
+        return Channel(
+            conn,
+            framing=framing,
+            max_frame=max_frame,
+            max_fds=max_fds,
+            remote=remote,
+            peer=peer,
+            write_limit=write_limit,
+        )
+
+    def __aiter__(self) -> Listener:
+        return self
+
+    async def __anext__(self) -> Channel:
+        """The next client; iteration ends when the listener is closed."""
+        try:
+            return await self.accept()
+        except ConnectionClosed:
+            if self.closed:
+                raise StopAsyncIteration from None
+            raise
+
+    async def __aenter__(self) -> Listener:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class DatagramListener(_Endpoint):
+    """A bound datagram socket: ``await recv()`` returns a :class:`udskit.Datagram`; reply
+    with ``await send_to(datagram.sender, data)``.
+
+    A reader callback queues datagrams as they arrive (each with its sender's credentials,
+    checked against the policy first), pausing once 256 of them or READ_AHEAD bytes wait.
+    """
+
+    __slots__ = ("_ancsize", "_max_fds", "_max_frame", "_ready", "_ready_bytes")
+
+    def __init__(self, inner: blocking.DatagramListener, *, max_frame: int, max_fds: int) -> None:
+        super().__init__(inner)
+        self._max_frame = max_frame
+        self._max_fds = max_fds
+        self._ancsize = ancillary_size(max_fds, creds=True)
+        # datagrams, and errors to raise in their place (a truncated one, say), in order
+        self._ready: deque[Datagram | Exception] = deque()
+        self._ready_bytes = 0
+
+    async def recv(self) -> Datagram:
+        """The next datagram the policy allows (others are dropped and logged). Its
+        descriptors, if any, belong to the caller."""
+        while True:
+            if self._ready:
+                item = self._ready.popleft()
+                if isinstance(item, Exception):
+                    raise item
+                self._ready_bytes -= len(item.data)
+                return item
+            await self._wait_readable("recv")
+
+    async def send_to(self, address: AddressLike, data: Buffer, fds: Sequence[int] = ()) -> None:
+        """Send one datagram (with descriptors, if given) to ``address``.
+
+        If the receiver's queue is full, retries after growing pauses until it has room
+        (or the timeout passes): the kernel gives an unconnected sender no event to wait for.
+        """
+        self._check_open()
+        target = Address.parse(address)
+        ancillary = rights(list(fds), self._max_fds)
+        pause: RetryPause | None = None
+        while True:
+            try:
+                with sun_path(target) as where:
+                    self._inner.socket.sendmsg([data], ancillary, _SEND_FLAGS, where)
+                return
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                raise translate(exc, "send", target) from exc
+            if pause is None:
+                pause = RetryPause(self._timeout, "send", target)
+            await pause.pause()
+            self._check_open()
+
+    def session(self, datagram: Datagram) -> Channel:
+        """A Channel view of one datagram: ``recv()`` returns it, ``send()`` replies to its
+        sender. This lets one handler serve stream, seqpacket and datagram alike."""
+        return Channel(
+            self._inner.socket,
+            remote=datagram.sender,
+            peer=datagram.peer,
+            max_fds=self._max_fds,
+            max_frame=self._max_frame,
+            owns_socket=False,
+            inbox=[(datagram.data, list(datagram.fds), datagram.peer)],
+        )
+
+    def _on_readable(self) -> None:
+        """Reader callback: queue what arrived, drop what the policy refuses."""
+        view = scratch(self._max_frame)[: self._max_frame]
+        sock = self._inner.socket
+        ready = self._ready
+        while True:
+            try:
+                size, ancdata, flags, name = sock.recvmsg_into([view], self._ancsize, RECV_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                ready.append(translate(exc, "recv", self.address))
+                self._stop_reading()
+                break
+            sender = blocking._sender_address(name)
+            where = sender or "an unbound sender"
+            try:
+                got = unpack(ancdata, flags, where, self._max_fds)
+            except ProtocolError as exc:
+                ready.append(exc)
+                continue
+            if flags & _TRUNC:
+                close_fds(got.fds)
+                ready.append(
+                    ProtocolError(
+                        f"datagram from {where} to {self.address} was larger than max_frame "
+                        f"({self._max_frame} bytes) and arrived truncated; raise max_frame"
+                    )
+                )
+                continue
+            peer = got.cred
+            if peer is None:  # SO_PASSCRED is set, so the kernel always attaches them
+                close_fds(got.fds)
+                ready.append(ProtocolError(f"datagram from {where} arrived without credentials"))
+                continue
+            policy = self.policy
+            if policy is not None and not policy.check(peer, self.address):
+                close_fds(got.fds)
+                continue
+            ready.append(Datagram(view[:size].tobytes(), sender, peer, tuple(got.fds)))
+            self._ready_bytes += size
+            if len(ready) >= _DATAGRAMS_AHEAD or self._ready_bytes > READ_AHEAD:
+                self._stop_reading()  # resumed by the next recv() that finds nothing
+                break
+        if ready:
+            self._waiters.wake_all()
+
+    def close(self) -> None:
+        """Stop listening, remove the socket file (if still ours), and close descriptors
+        of datagrams nobody took."""
+        for item in self._ready:
+            if isinstance(item, Datagram):
+                close_fds(item.fds)
+        self._ready.clear()
+        super().close()
+
+    def __aiter__(self) -> DatagramListener:
+        return self
+
+    async def __anext__(self) -> Datagram:
+        """The next datagram; iteration ends when the listener is closed."""
+        try:
+            return await self.recv()
+        except ConnectionClosed:
+            if self.closed:
+                raise StopAsyncIteration from None
+            raise
+
+    async def __aenter__(self) -> DatagramListener:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@overload
+async def listen(
+    address: AddressLike,
+    *,
+    type: Literal["stream", "seqpacket"] = ...,
+    backlog: int = ...,
+    mode: int = ...,
+    owner: int | str | None = ...,
+    group: int | str | None = ...,
+    allow: Policy | None = ...,
+    framing: str = ...,
+    max_frame: int | None = ...,
+    max_fds: int = ...,
+    sndbuf: int | None = ...,
+    rcvbuf: int | None = ...,
+    write_limit: int | None = ...,
+) -> Listener: ...
+@overload
+async def listen(
+    address: AddressLike,
+    *,
+    type: Literal["dgram"],
+    backlog: int = ...,
+    mode: int = ...,
+    owner: int | str | None = ...,
+    group: int | str | None = ...,
+    allow: Policy | None = ...,
+    framing: str = ...,
+    max_frame: int | None = ...,
+    max_fds: int = ...,
+    sndbuf: int | None = ...,
+    rcvbuf: int | None = ...,
+    write_limit: int | None = ...,
+) -> DatagramListener: ...
+@overload
+async def listen(
+    address: AddressLike,
+    *,
+    type: str,
+    backlog: int = ...,
+    mode: int = ...,
+    owner: int | str | None = ...,
+    group: int | str | None = ...,
+    allow: Policy | None = ...,
+    framing: str = ...,
+    max_frame: int | None = ...,
+    max_fds: int = ...,
+    sndbuf: int | None = ...,
+    rcvbuf: int | None = ...,
+    write_limit: int | None = ...,
+) -> Listener | DatagramListener: ...
+async def listen(
+    address: AddressLike,
+    *,
+    type: str = "stream",  # noqa: A002 - the natural name for the socket type
+    backlog: int = DEFAULT_BACKLOG,
+    mode: int = 0o600,
+    owner: int | str | None = None,
+    group: int | str | None = None,
+    allow: Policy | None = None,
+    framing: str = "length",
+    max_frame: int | None = None,
+    max_fds: int = 16,
+    sndbuf: int | None = None,
+    rcvbuf: int | None = None,
+    write_limit: int | None = None,
+) -> Listener | DatagramListener:
+    """Listen on ``address``, as :func:`udskit.listen` does, for asyncio.
+
+    The options are :func:`udskit.listen`'s (``sndbuf``/``rcvbuf`` size every accepted
+    connection's socket buffers), plus ``write_limit``: each channel's send-queue
+    high-water mark (see :class:`Channel`). Claiming the socket file takes a few system
+    calls; it waits only while another process is in the middle of claiming the same path.
+    """
+    check_write_limit(write_limit)
+    inner = blocking.listen(
+        address,
+        type=type,
+        backlog=backlog,
+        mode=mode,
+        owner=owner,
+        group=group,
+        allow=allow,
+        framing=framing,
+        max_frame=max_frame,
+        max_fds=max_fds,
+        sndbuf=sndbuf,
+        rcvbuf=rcvbuf,
+    )
+    try:
+        if isinstance(inner, blocking.DatagramListener):
+            limit = max_frame_for("dgram", max_frame)
+            return DatagramListener(inner, max_frame=limit, max_fds=max_fds)
+        return Listener(
+            inner,
+            framing=framing,
+            max_frame=max_frame,
+            max_fds=max_fds,
+            sndbuf=sndbuf,
+            rcvbuf=rcvbuf,
+            write_limit=write_limit,
+        )
+    except BaseException:
+        inner.close()
+        raise

@@ -1,0 +1,407 @@
+"""The send half of an asyncio channel: write now, queue the rest, apply backpressure.
+
+``send()`` writes straight to the non-blocking socket. What the kernel does not take goes to
+a queue that a writer callback (``loop.add_writer``) flushes. ``await send()`` returns at once
+while that queue holds at most ``write_limit`` bytes; above it, it waits until the queue has
+drained to a quarter of that (at most WRITE_LOW_WATER). That is the backpressure rule: a peer
+that does not read stops its sender; it never grows the sender's memory beyond
+``write_limit`` plus the message being sent.
+
+The queue keeps views of ``bytes`` (immutable) without copying them; any other buffer is
+copied when queued, so a caller may reuse its bytearray as soon as ``send()`` returns.
+Seqpacket messages and datagrams are never queued: each goes out whole in one system call,
+and a full socket makes ``send()`` wait until it can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Final
+
+from ..address import Address, sun_path
+from ..ancillary import rights
+from ..errors import ConnectionClosed, ProtocolError
+from ..options import SocketType
+from ..proto import Framing
+from ..translate import translate, translating
+from .buffers import WRITE_LOW_WATER, check_write_limit
+from .waiting import EXPIRED, RetryPause, Waiters
+
+__all__ = ["Buffer", "Sending"]
+
+Buffer = bytes | bytearray | memoryview
+Ancillary = list[tuple[int, int, bytes]]
+
+#: Stream payloads up to this size are joined with their header and sent with one send();
+#: larger ones go out with sendmsg() scatter-gather, without a copy.
+JOIN_LIMIT: Final = 64 * 1024
+
+#: send_many() joins small frames into blocks of about this size: one system call moves
+#: hundreds of small messages.
+COALESCE: Final = 256 * 1024
+
+#: iovecs per sendmsg(): Linux's IOV_MAX is 1024 (EMSGSIZE above it).
+IOV_MAX: Final = 1024
+
+#: No SIGPIPE on a closed peer: EPIPE comes back as an error. A plain int, because arithmetic
+#: on the socket module's IntFlag members is a Python-level call, on every send.
+SEND_FLAGS: Final = int(socket.MSG_NOSIGNAL)
+
+
+class Sending:
+    """The socket, the event loop it is bound to, and everything about sending.
+
+    :class:`udskit.aio.Channel` adds receiving and closing.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_drain",
+        "_fd",
+        "_framing",
+        "_high",
+        "_loop",
+        "_low",
+        "_max_fds",
+        "_owns_socket",
+        "_reading",
+        "_remote",
+        "_sock",
+        "_timeout",
+        "_type",
+        "_wbuf",
+        "_write_error",
+        "_writing",
+        "_wsize",
+        "_wwait",
+    )
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        kind: SocketType,
+        framing: Framing | None,
+        *,
+        max_fds: int,
+        remote: Address | None,
+        write_limit: int | None,
+        owns_socket: bool,
+    ) -> None:
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._type: SocketType = kind
+        self._framing = framing
+        self._max_fds = max_fds
+        self._remote = remote
+        self._owns_socket = owns_socket
+        self._high = check_write_limit(write_limit)
+        self._low = min(self._high // 4, WRITE_LOW_WATER)
+        self._timeout: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._reading = False
+        # [view, ancillary] per queued buffer; descriptors ride on a message's first buffer
+        self._wbuf: deque[list[object]] = deque()
+        self._wsize = 0
+        self._writing = False
+        self._write_error: Exception | None = None  # sticky: the socket cannot send any more
+        self._drain = Waiters("send")  # senders waiting for the queue to drain
+        self._wwait = Waiters("send")  # packet senders waiting for a writable socket
+
+    @property
+    def write_buffer_size(self) -> int:
+        """Bytes queued by ``send()`` that the kernel has not taken yet."""
+        return self._wsize
+
+    @property
+    def write_limit(self) -> int:
+        """The send queue's high-water mark: above it, ``await send()`` waits."""
+        return self._high
+
+    # -- sending --------------------------------------------------------------------------
+    async def send(self, data: Buffer) -> None:
+        """Send one message (on a stream: framed; on seqpacket/dgram: one packet).
+
+        Returns once the message is in the kernel or in the send queue and the queue is at
+        most ``write_limit`` bytes; otherwise waits until it has drained (backpressure).
+        Raises ``ConnectionClosed`` if the peer has gone, ``Timeout`` after ``settimeout``
+        seconds of waiting (the message stays queued).
+        """
+        framing = self._framing
+        if framing is None:
+            await self._send_packet(data, [])
+            return
+        if self._closed:
+            self._check_open()
+        if not self._wbuf and self._write_error is None and len(data) <= JOIN_LIMIT:
+            # The common case, inline: one small frame, nothing queued ahead of it.
+            joined = framing.frame(data)
+            try:
+                sent = self._sock.send(joined, SEND_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                raise translate(exc, "send", self._remote) from exc
+            if sent == len(joined):
+                return
+            self._queue([memoryview(joined)[sent:]], [])  # our own bytes: no copy
+        else:
+            self._write(framing.encode(data), [])
+        if self._wsize > self._high:
+            await self._drained(self._low)
+
+    async def send_fds(self, data: Buffer, fds: Sequence[int]) -> None:
+        """Send one message with open descriptors attached (SCM_RIGHTS).
+
+        The receiver gets its own duplicates, made when the message enters the kernel, so
+        this returns only once it has: the caller may close ``fds`` right after.
+        """
+        if self._sock.family != socket.AF_UNIX:
+            raise ProtocolError("descriptors can only be passed over Unix sockets")
+        ancillary = rights(list(fds), self._max_fds)
+        framing = self._framing
+        if framing is None:
+            await self._send_packet(data, ancillary)
+            return
+        self._check_open()
+        self._write(framing.encode(data), ancillary)
+        if ancillary:
+            await self._drained(0)
+        elif self._wsize > self._high:
+            await self._drained(self._low)
+
+    async def send_many(self, messages: Iterable[Buffer]) -> None:
+        """Send several messages with as few system calls as possible.
+
+        On a stream the frames are joined into blocks of about 256 KiB, hundreds of small
+        messages per write; seqpacket and datagram sockets take one system call per message.
+        """
+        framing = self._framing
+        if framing is None:
+            for message in messages:
+                await self._send_packet(message, [])
+            return
+        self._check_open()
+        parts: list[Buffer] = []
+        for message in messages:
+            if len(message) <= JOIN_LIMIT:
+                parts.append(framing.frame(message))
+            else:
+                parts.extend(framing.encode(message))
+        if parts:
+            self._write(coalesce(parts), [])
+        if self._wsize > self._high:
+            await self._drained(self._low)
+
+    def _write(self, parts: list[Buffer], ancillary: Ancillary) -> None:
+        """Send ``parts`` now, as far as the kernel takes them; queue the rest, in order."""
+        self._raise_write_error()
+        if not ancillary and len(parts) <= 2 and sum(map(len, parts)) <= JOIN_LIMIT:
+            views = [memoryview(b"".join(parts))]
+        else:
+            views = [memoryview(p).cast("B") for p in parts if len(p)]
+        if self._wbuf:
+            self._queue(views, ancillary)  # behind what is queued, to keep the order
+            return
+        try:
+            if len(views) == 1 and not ancillary:
+                sent = self._sock.send(views[0], SEND_FLAGS)
+            else:
+                sent = self._sock.sendmsg(views[:IOV_MAX], ancillary, SEND_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            raise translate(exc, "send", self._remote) from exc
+        if sent:
+            ancillary = []  # the descriptors went with the first byte
+        self._queue(advance(views, sent), ancillary)
+
+    def _queue(self, views: list[memoryview], ancillary: Ancillary) -> None:
+        for i, view in enumerate(views):
+            held = view if isinstance(view.obj, bytes) else memoryview(view.tobytes())
+            self._wbuf.append([held, ancillary if i == 0 else []])
+            self._wsize += len(held)
+        if views and not self._writing:
+            self._start_writing()
+
+    def _start_writing(self) -> None:
+        self._bind_loop().add_writer(self._fd, self._on_writable)
+        self._writing = True
+
+    def _on_writable(self) -> None:
+        """Writer callback: flush the queue (stream) or wake packet senders."""
+        if self._framing is None:
+            self._stop_writing()
+            self._wwait.wake_all()
+            return
+        wbuf = self._wbuf
+        while wbuf:
+            first = wbuf[0]
+            ancillary: Ancillary = first[1]  # type: ignore[assignment]
+            batch: list[memoryview] = [first[0]]  # type: ignore[list-item]
+            for item in _after_first(wbuf):
+                if item[1] or len(batch) >= IOV_MAX:
+                    break  # descriptors start a sendmsg of their own
+                batch.append(item[0])  # type: ignore[arg-type]
+            try:
+                sent = self._sock.sendmsg(batch, ancillary, SEND_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._fail_write(translate(exc, "send", self._remote))
+                return
+            self._wsize -= sent
+            if sent:
+                first[1] = []
+            while sent:
+                view: memoryview = wbuf[0][0]  # type: ignore[assignment]
+                if sent >= len(view):
+                    sent -= len(view)
+                    wbuf.popleft()
+                else:
+                    wbuf[0][0] = view[sent:]
+                    sent = 0
+        if not wbuf:
+            self._stop_writing()
+        if self._wsize <= self._low:
+            self._drain.wake_all()
+
+    def _fail_write(self, error: Exception) -> None:
+        """The socket cannot send any more: drop the queue; every later send raises."""
+        self._write_error = error
+        self._wbuf.clear()
+        self._wsize = 0
+        self._stop_writing()
+        self._drain.wake_all()
+
+    def _raise_write_error(self) -> None:
+        error = self._write_error
+        if error is not None:
+            raise error.with_traceback(None)
+
+    def _stop_writing(self) -> None:
+        if self._writing:
+            self._writing = False
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.remove_writer(self._fd)
+
+    async def _drained(self, limit: int) -> None:
+        """Wait until the send queue holds at most ``limit`` bytes."""
+        while self._wsize > limit:
+            self._check_open()
+            if await self._drain.wait(self._bind_loop(), self._timeout) is EXPIRED:
+                with translating("send", self._remote):
+                    raise TimeoutError
+        self._check_open()
+        self._raise_write_error()
+
+    async def _send_packet(self, data: Buffer, ancillary: Ancillary) -> None:
+        """One seqpacket message or datagram: all of it in one system call, or nothing."""
+        self._check_open()
+        if self._type == "seqpacket" and not data:
+            raise ProtocolError(
+                "cannot send an empty seqpacket message: the receiver reads it as end of connection"
+            )
+        # A datagram session (Server, dgram) answers its sender through the listener's
+        # socket; any other channel is connected.
+        target = None if self._owns_socket else self._remote
+        if target is None and not self._owns_socket:
+            raise ConnectionClosed(
+                "cannot reply to this datagram: its sender did not bind an address "
+                "(a udskit client always does; connect with bind= from other programs)"
+            )
+        pause: RetryPause | None = None
+        while True:
+            try:
+                if target is not None:
+                    with sun_path(target) as where:
+                        self._sock.sendmsg([data], ancillary, SEND_FLAGS, where)
+                elif ancillary:
+                    self._sock.sendmsg([data], ancillary, SEND_FLAGS)
+                else:
+                    self._sock.send(data, SEND_FLAGS)
+                return
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                raise translate(exc, "send", self._remote) from exc
+            # The kernel's queue is full: ours, or for a datagram the receiver's.
+            if target is not None:
+                # An unconnected socket polls writable while the receiver's queue is full
+                # (poll sees only our own buffer), so there is nothing to wait for: retry
+                # after growing pauses.
+                if pause is None:
+                    pause = RetryPause(self._timeout, "send", self._remote)
+                await pause.pause()
+                continue
+            loop = self._bind_loop()
+            if not self._writing:
+                self._start_writing()
+            if await self._wwait.wait(loop, self._timeout) is EXPIRED:
+                with translating("send", self._remote):
+                    raise TimeoutError
+            self._check_open()
+
+    # -- shared with the receive half -----------------------------------------------------
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, which this channel stays with while it waits for anything."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None and (self._reading or self._writing):
+                raise RuntimeError(
+                    f"{self!r} is in use by another event loop; a channel belongs to one loop "
+                    "at a time"
+                )
+            self._loop = loop
+        return loop
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConnectionClosed(f"{self._where()}: this channel is closed")
+
+    def _where(self) -> str:
+        return str(self._remote) if self._remote is not None else f"{self._type} channel"
+
+
+def advance(views: list[memoryview], sent: int) -> list[memoryview]:
+    """What is left of ``views`` after the kernel took ``sent`` bytes of them."""
+    i = 0
+    while i < len(views) and sent >= len(views[i]):
+        sent -= len(views[i])
+        i += 1
+    rest = views[i:]
+    if rest and sent:
+        rest[0] = rest[0][sent:]
+    return rest
+
+
+def coalesce(parts: list[Buffer]) -> list[Buffer]:
+    """Join runs of small buffers into blocks of about COALESCE bytes; keep large ones."""
+    blocks: list[Buffer] = []
+    run: list[Buffer] = []
+    size = 0
+    for part in parts:
+        if len(part) >= JOIN_LIMIT:
+            if run:
+                blocks.append(b"".join(run))
+                run, size = [], 0
+            blocks.append(part)
+            continue
+        run.append(part)
+        size += len(part)
+        if size >= COALESCE:
+            blocks.append(b"".join(run))
+            run, size = [], 0
+    if run:
+        blocks.append(b"".join(run))
+    return blocks
+
+
+def _after_first(wbuf: deque[list[object]]) -> Iterator[list[object]]:
+    items = iter(wbuf)
+    next(items)
+    return items

@@ -1,0 +1,305 @@
+"""``Server``, ``start_server()`` and ``serve()``: an asyncio server that runs
+``await handler(channel)`` in a task per connection (per datagram for dgram).
+
+The blocking :mod:`udskit.server`'s semantics, on an event loop: at most ``max_clients``
+connections are served at once (further clients wait in the kernel's backlog, they are not
+refused); accept(2) errors are handled as that module's docstring explains (out of
+descriptors: back off, never spin); a datagram handler runs in the serving task, once per
+datagram, with a Channel whose ``recv()`` returns that datagram and whose ``send()`` replies
+to its sender, so one handler serves all three socket types.
+
+Stopping (``stop()``, or SIGINT/SIGTERM under ``serve()``) closes the listener first, which
+removes its socket file; then it shuts down the clients' sockets, so their handlers see the
+connection end, and waits up to SHUTDOWN_GRACE seconds before cancelling what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+import socket
+import threading
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+
+from ..address import Address, AddressLike
+from ..errors import ConnectionClosed, ProtocolError, UdsError
+from ..server import (
+    _RESOURCE_ERRNOS,
+    _RETRY_ERRNOS,
+    ACCEPT_BACKOFF,
+    ACCEPT_BACKOFF_MAX,
+    SHUTDOWN_GRACE,
+)
+from ..translate import translate
+from .channel import Channel
+from .listening import DatagramListener, Listener, listen
+from .waiting import Waiters
+
+__all__ = ["Handler", "Server", "serve", "start_server"]
+
+log = logging.getLogger("udskit")
+
+Handler = Callable[[Channel], Awaitable[object]]
+
+
+class Server:
+    """Serves one listener (from :func:`udskit.aio.listen`) with ``handler``.
+
+    Make one with :func:`start_server` (or from a listener you have), then ``await
+    serve_forever()``; ``stop()`` ends it. ``async with`` closes everything on exit.
+    ``stop()`` must be called from the loop's thread (elsewhere, use
+    ``loop.call_soon_threadsafe(server.stop)``).
+    """
+
+    def __init__(
+        self,
+        endpoint: Listener | DatagramListener,
+        handler: Handler,
+        *,
+        max_clients: int | None = None,
+    ) -> None:
+        if not callable(handler):
+            raise TypeError(f"handler must be an async function of a channel, not {handler!r}")
+        if max_clients is not None and (
+            isinstance(max_clients, bool) or not isinstance(max_clients, int) or max_clients < 1
+        ):
+            raise ValueError(f"max_clients must be a positive integer or None, not {max_clients!r}")
+        if not isinstance(endpoint, (Listener, DatagramListener)):
+            raise TypeError(f"endpoint must be a udskit.aio listener, not {endpoint!r}")
+        self._endpoint = endpoint
+        self._handler = handler
+        self._max_clients = max_clients
+        self._clients: dict[asyncio.Task[None], Channel] = {}
+        self._stopping = False
+        self._served = False
+        self._wake = Waiters("accept")  # a client finished, or stop() was called
+
+    @property
+    def address(self) -> Address:
+        return self._endpoint.address
+
+    @property
+    def listener(self) -> Listener | DatagramListener:
+        return self._endpoint
+
+    @property
+    def active_clients(self) -> int:
+        return len(self._clients)
+
+    def stop(self) -> None:
+        """Stop accepting (the socket file is removed now) and end ``serve_forever``."""
+        self._stopping = True
+        self._endpoint.close()
+        self._wake.wake_all()
+
+    async def serve_forever(self) -> None:
+        """Serve until ``stop()``; then shut down the clients and wait for their handlers."""
+        if self._served:
+            raise RuntimeError("serve_forever() can run once per Server")
+        self._served = True
+        try:
+            if isinstance(self._endpoint, DatagramListener):
+                await self._serve_datagrams(self._endpoint)
+            else:
+                await self._serve_connections(self._endpoint)
+        finally:
+            await self._shutdown()
+
+    async def _serve_connections(self, listener: Listener) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = ACCEPT_BACKOFF
+        while not self._stopping:
+            if self._max_clients is not None and len(self._clients) >= self._max_clients:
+                await self._wake.wait(loop, None)  # a handler finished, or stop()
+                continue
+            try:
+                conn = await listener.accept_socket()
+            except ConnectionClosed:
+                if self._stopping or listener.closed:
+                    return
+                raise
+            except OSError as exc:
+                if exc.errno in _RETRY_ERRNOS:
+                    continue
+                if exc.errno in _RESOURCE_ERRNOS:
+                    log.warning(
+                        "%s: accept failed (%s); retrying in %.2f s",
+                        listener.address,
+                        exc.strerror,
+                        backoff,
+                    )
+                    await self._wake.wait(loop, backoff)  # stop() cuts the pause short
+                    backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
+                    continue
+                raise translate(exc, "accept", listener.address) from exc
+            backoff = ACCEPT_BACKOFF
+            channel = listener.admit(conn)
+            if channel is None:
+                continue
+            task = loop.create_task(self._run_client(channel))
+            self._clients[task] = channel
+            task.add_done_callback(self._client_done)
+
+    async def _run_client(self, channel: Channel) -> None:
+        try:
+            await self._call(channel)
+        finally:
+            await channel.aclose()
+
+    def _client_done(self, task: asyncio.Task[None]) -> None:
+        self._clients.pop(task, None)
+        self._wake.wake_all()
+
+    async def _call(self, channel: Channel) -> None:
+        try:
+            result = self._handler(channel)
+            if inspect.isawaitable(result):
+                await result
+        except ConnectionClosed as exc:
+            log.debug("%r: %s", channel, exc)
+        except UdsError as exc:
+            log.warning("%s: %s", self._endpoint.address, exc)
+        except Exception:
+            log.exception("%s: handler failed for %r", self._endpoint.address, channel)
+
+    async def _serve_datagrams(self, listener: DatagramListener) -> None:
+        while not self._stopping:
+            try:
+                datagram = await listener.recv()
+            except ConnectionClosed:
+                if self._stopping or listener.closed:
+                    return
+                raise
+            except ProtocolError as exc:  # truncated, too many descriptors: report, go on
+                log.warning("%s: %s", listener.address, exc)
+                continue
+            session = listener.session(datagram)
+            try:
+                await self._call(session)
+            finally:
+                await session.aclose()
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        self._endpoint.close()
+        clients = dict(self._clients)
+        for channel in clients.values():
+            try:
+                # The handler's recv() sees the connection end, its send() fails: it
+                # finishes on its own, the way the blocking server's threads do.
+                channel.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if not clients:
+            return
+        _, late = await asyncio.wait(list(clients), timeout=SHUTDOWN_GRACE)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.gather(*late, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Stop and release everything, whether or not ``serve_forever`` ran."""
+        self.stop()
+        if not self._served:
+            self._served = True
+            await self._shutdown()
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+async def start_server(
+    address: AddressLike,
+    handler: Handler,
+    *,
+    max_clients: int | None = None,
+    **listen_options: object,
+) -> Server:
+    """A Server listening on ``address`` (options as for :func:`udskit.aio.listen`).
+
+    The socket is claimed here, so errors (address in use, bad permissions) surface before
+    ``serve_forever``.
+    """
+    endpoint: Listener | DatagramListener = await listen(address, **listen_options)  # type: ignore[call-overload]
+    try:
+        return Server(endpoint, handler, max_clients=max_clients)
+    except BaseException:
+        endpoint.close()
+        raise
+
+
+async def serve(
+    address: AddressLike,
+    handler: Handler,
+    *,
+    max_clients: int | None = None,
+    **listen_options: object,
+) -> None:
+    """Serve ``address`` with ``handler`` until SIGINT or SIGTERM (or ``stop()``).
+
+    In the main thread, SIGINT and SIGTERM stop the server cleanly (socket file removed) and
+    ``serve`` returns; the previous handlers of those signals are put back afterwards. The
+    handlers go in before the socket is claimed, so an early signal still removes it.
+    """
+    loop = asyncio.get_running_loop()
+    server: Server | None = None
+    stop_requested = False
+
+    def on_signal(signum: int) -> None:
+        nonlocal stop_requested
+        log.info("%s: received %s, stopping", address, signal.Signals(signum).name)
+        stop_requested = True
+        if server is not None:
+            server.stop()
+
+    installed = _take_signals(loop, on_signal)
+    try:
+        server = await start_server(address, handler, max_clients=max_clients, **listen_options)
+        if stop_requested:
+            server.stop()
+        await server.serve_forever()
+    finally:
+        _give_back_signals(loop, installed)
+        if server is not None:
+            await server.aclose()
+
+
+def _take_signals(
+    loop: asyncio.AbstractEventLoop, callback: Callable[[int], None]
+) -> list[tuple[signal.Signals, object]]:
+    """Route SIGINT and SIGTERM to ``callback`` on ``loop``; what was there before."""
+    if threading.current_thread() is not threading.main_thread():
+        return []  # only the main thread may handle signals
+    installed: list[tuple[signal.Signals, object]] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(signum)
+        try:
+            loop.add_signal_handler(signum, callback, signum)
+        except (NotImplementedError, RuntimeError, ValueError):
+            continue  # a loop without signal support: the caller stops the server itself
+        installed.append((signum, previous))
+    return installed
+
+
+def _give_back_signals(
+    loop: asyncio.AbstractEventLoop, installed: list[tuple[signal.Signals, object]]
+) -> None:
+    for signum, previous in installed:
+        try:
+            loop.remove_signal_handler(signum)
+        except (RuntimeError, ValueError):
+            pass  # the loop is closing: its handlers go with it
+        if previous is not None:
+            signal.signal(signum, previous)  # type: ignore[arg-type]
