@@ -49,16 +49,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the socket type the client will use (default: stream)",
     )
     parser.add_argument("--json", action="store_true", help="the diagnosis as JSON")
+    parser.add_argument(
+        "--no-http",
+        action="store_true",
+        help="do not send an HTTP HEAD request to a stream socket that answers",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     diagnosis = inspect.diagnose(args.address, user=args.user, type=args.type)
+    if diagnosis.server is not None and args.type == "stream" and not args.no_http:
+        diagnosis = diagnosis.adding(http_finding(args.address))
     out = Output()
     if args.json:
         out.write((json.dumps(dataclasses.asdict(diagnosis), indent=2) + "\n").encode())
     else:
         out.write("".join(line + "\n" for line in render(diagnosis)).encode())
     return 0 if diagnosis.ok else 1
+
+
+def http_finding(address: str) -> inspect.Finding:
+    """Whether the server answering at ``address`` speaks HTTP (the question behind nginx's
+    502s once the socket itself is reachable)."""
+    try:
+        from udskit import http
+    except ModuleNotFoundError as exc:  # the h11 extra is missing: say how to get it
+        return inspect.Finding("http", "info", f"HTTP check skipped: {exc}")
+    found = http.probe(address)
+    if found.speaks_http:
+        return inspect.Finding("http", "ok", found.detail)
+    return inspect.Finding(
+        "http",
+        "info",
+        "the server does not answer HTTP (fine unless nginx or curl should reach it)",
+        facts=(found.detail,),
+    )
 
 
 def render(diagnosis: inspect.Diagnosis) -> list[str]:
