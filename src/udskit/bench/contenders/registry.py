@@ -110,7 +110,7 @@ ALL: Final = (
         name="udskit-aio",
         label="udskit aio",
         description="udskit.aio Channel on the standard asyncio loop, one await send()/recv() "
-        "per message; echo server: a task per client",
+        "per message; echo server: udskit.aio.start_server (a task per client)",
         module=f"{_PKG}.udskit_aio",
         transport="unix",
         options={"loop": "asyncio"},

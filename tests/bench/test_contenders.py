@@ -1,0 +1,40 @@
+"""Every contender, end to end with real peer processes: its round trip, a one-way stream of
+1 MiB messages (every message arrives: counts are checked by the runner) and its echo
+server under a few clients (every echo is checked by the load generator)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from udskit.bench import runner
+from udskit.bench.contenders.registry import ALL, get, names
+from udskit.bench.host import choose_pinning
+from udskit.bench.plan import QUICK
+
+PLAN = QUICK.capped(200).with_sizes((1 << 20,)).with_clients((3,))
+
+
+@pytest.mark.parametrize("name", names())
+def test_contender_measures_what_it_runs(name: str) -> None:
+    contender = get(name)
+    problem = contender.requires()
+    if problem is not None:
+        if "compiler" in problem and not os.environ.get("UDSKIT_REQUIRE_PEERS"):
+            pytest.skip(problem)
+        pytest.fail(f"{name} cannot run here: {problem}")
+    run = runner.run(PLAN, [contender], choose_pinning(), lambda d, t, s: None)
+    for outcome in run.outcomes:
+        if contender.runs(outcome.figure.test):
+            assert outcome.status == "ok", f"{outcome.figure.title}: {outcome.reason}"
+        else:
+            assert outcome.status == "skipped"
+            assert outcome.reason == contender.skips[outcome.figure.test]
+
+
+def test_names_are_unique_and_the_baseline_comes_first() -> None:
+    assert len(set(names())) == len(ALL)
+    assert names()[0] == "stdlib"
+    with pytest.raises(ValueError, match="unknown contender 'x'; choose from: stdlib, udskit"):
+        get("x")
