@@ -160,7 +160,7 @@ def test_targets_are_checked_against_the_right_references() -> None:
     assert checked["udskit-spin round trip p50 <= 0.35x stdlib"].met is True
     assert checked["4 KiB one-way >= 1.0x stdlib"].met is None
     assert "no figure for udskit, stdlib" in checked["4 KiB one-way >= 1.0x stdlib"].why_missing
-    held = checked["1000 concurrent clients held with no error (udskit)"]
+    held = checked["udskit: 1000 clients held with no error"]
     assert held.met is False
     assert "an echo differed" in held.why_missing
     # Targets naming a contender that was not selected are not listed at all.
@@ -169,7 +169,7 @@ def test_targets_are_checked_against_the_right_references() -> None:
 
 def test_render_lists_missed_targets() -> None:
     text = render(make_run())
-    assert "1000 concurrent clients held with no error (udskit)" in text
+    assert "udskit: 1000 clients held with no error" in text
     assert "MISSED" in text
 
 

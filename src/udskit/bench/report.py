@@ -137,7 +137,7 @@ def _targets(run: Run) -> list[str]:
         verdict = "met" if item.met else "MISSED" if item.met is False else "not measured"
         ratio = format_ratio(item.ratio)
         detail = f" ({item.why_missing})" if item.why_missing else ""
-        lines.append(f"  {item.text:<48} {ratio:>7}  {verdict}{detail}")
+        lines.append(f"  {item.text:<52} {ratio:>7}  {verdict}{detail}")
     return ["Issue 4 targets (this run)", *lines] if lines else []
 
 

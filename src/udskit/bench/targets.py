@@ -93,7 +93,7 @@ def check(run: Run) -> list[Checked]:
         outcome = run.outcome(name, many)
         if outcome is None or outcome.status in ("unavailable", "skipped"):
             continue
-        text = f"{MANY_CLIENTS} concurrent clients held with no error ({name})"
+        text = f"{name}: {MANY_CLIENTS} clients held with no error"
         if outcome.status == "ok":
             checked.append(Checked(text, None, True))
         else:
