@@ -253,7 +253,10 @@ class _Runner:
             return "127.0.0.1:0"
         if contender.transport == "pipe":
             return "pipes"
-        return os.path.join(self.workdir, f"{self._serial}.sock")
+        # Fixed width: every peer sees a path of the same length. (The length of a string
+        # shifts where later objects land in a peer's heap, and copies of 64 KiB messages
+        # measurably depend on where their buffers sit: see docs/bench.md.)
+        return os.path.join(self.workdir, f"{self._serial:06d}.sock")
 
     def _argv(self, contender: Contender, job: Job) -> list[str]:
         native = self.c_loader is not None if job.role == "load" else contender.native
