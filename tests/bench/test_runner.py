@@ -228,3 +228,12 @@ def test_summarize_pools_latencies_and_reports_the_median_run() -> None:
     assert many.rate is not None
     assert many.latency is not None
     assert (many.rate.msgs_per_s, many.latency.count) == (4.0, 2)
+
+
+def test_socket_paths_share_a_length_within_a_turn_and_change_it_between_turns() -> None:
+    first = [runner.socket_path("/tmp/w", serial, 0) for serial in (1, 9, 10, 999)]
+    assert len({len(path) for path in first}) == 1
+    lengths = {len(runner.socket_path("/tmp/w", 1, turn)) for turn in range(3)}
+    assert len(lengths) == 3
+    assert runner.socket_path("/tmp/w", 1, 3) == runner.socket_path("/tmp/w", 1, 0)
+    assert max(lengths) - len("/tmp/w") <= runner._PATH_ROOM

@@ -35,7 +35,7 @@ from .plan import ECHO_SIZE, Figure, Plan
 from .results import ContenderInfo, Outcome, Run
 from .wire import Job, Option, decode_line, parse_load, parse_rtt, parse_send, parse_stream
 
-__all__ = ["PeerFailed", "Progress", "Trial", "availability", "run", "summarize"]
+__all__ = ["PeerFailed", "Progress", "Trial", "availability", "run", "socket_path", "summarize"]
 
 #: How long a server may take to start listening: an interpreter starting, importing pyzmq
 #: or uvloop, on a machine busy with the previous measurement's teardown.
@@ -49,8 +49,11 @@ CLIENT_SLACK: Final = 30.0
 #: five seconds for its handler threads).
 SERVER_EXIT_TIMEOUT: Final = 10.0
 
+#: Extra characters in the socket path on each turn of the repeated runs (see _address).
+LAYOUT_PADS: Final = (0, 5, 11)
+
 #: Room a socket path needs after the work directory's name (sun_path holds 107 bytes).
-_PATH_ROOM: Final = 20
+_PATH_ROOM: Final = 30
 
 Progress = Callable[[int, int, str], None]
 
@@ -160,6 +163,7 @@ class _Runner:
         self.pinning = pinning
         self.workdir = workdir
         self.c_loader = c_loader
+        self.turn = 0
         self._serial = 0
 
     def measure(self, contender: Contender, figure: Figure) -> Trial | Outcome:
@@ -253,16 +257,27 @@ class _Runner:
             return "127.0.0.1:0"
         if contender.transport == "pipe":
             return "pipes"
-        # Fixed width: every peer sees a path of the same length. (The length of a string
-        # shifts where later objects land in a peer's heap, and copies of 64 KiB messages
-        # measurably depend on where their buffers sit: see docs/bench.md.)
-        return os.path.join(self.workdir, f"{self._serial:06d}.sock")
+        return socket_path(self.workdir, self._serial, self.turn)
 
     def _argv(self, contender: Contender, job: Job) -> list[str]:
         native = self.c_loader is not None if job.role == "load" else contender.native
         if native:
             return native_command(job)
         return [sys.executable, "-m", "udskit.bench.peer", job.to_json()]
+
+
+def socket_path(workdir: str, serial: int, turn: int) -> str:
+    """The socket path of a measurement: one length for every contender in a turn, another
+    length each turn.
+
+    The path (also part of a Python peer's argv) shifts where later objects land in the
+    peer's memory, and copies of large messages depend on where their buffers sit (see
+    docs/bench.md): a path length that grew with the measurement count once halved one
+    contender's 64 KiB figure from the tenth measurement on. The median run is thus a median
+    over a few memory layouts, and no contender is favoured by its place in the order.
+    """
+    pad = "_" * LAYOUT_PADS[turn % len(LAYOUT_PADS)]
+    return os.path.join(workdir, f"{serial:06d}{pad}.sock")
 
 
 class _Pipes:
@@ -420,6 +435,7 @@ def run(
                     ended[contender.name] = Outcome(contender.name, figure, "skipped", reason)
             # The contenders take turns, run by run.
             for turn in range(plan.repeats):
+                runner.turn = turn
                 for contender in contenders:
                     if contender.name in ended:
                         continue
