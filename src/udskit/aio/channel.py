@@ -204,11 +204,20 @@ class Channel(Sending):
                     log.debug("%r: closing %d descriptors received by recv()", self, len(fds))
                     close_fds(fds)
                 return data
-            # The hot path of a request/response exchange: wait for the reader callback.
+            # The hot path of a request/response exchange: wait for the reader callback
+            # of the loop we are registered with, without asking which loop is running
+            # (get_running_loop() costs a getpid() system call, a measurable share of a
+            # round trip). Should that be another loop, the await says so: take the slow
+            # path, which finds out.
             if self._reading and self._timeout is None and self._rwaiter is None:
                 future = self._rwaiter = self._loop.create_future()  # type: ignore[union-attr]
                 try:
                     await future
+                except RuntimeError:
+                    self._rwaiter = None
+                    if future.get_loop() is asyncio.get_running_loop():
+                        raise
+                    self._bind_loop()  # moves to this loop, or says which one has us
                 finally:
                     self._rwaiter = None
             else:
@@ -266,6 +275,11 @@ class Channel(Sending):
                     future = self._rwaiter = self._loop.create_future()  # type: ignore[union-attr]
                     try:
                         await future
+                    except RuntimeError:
+                        self._rwaiter = None
+                        if future.get_loop() is asyncio.get_running_loop():
+                            raise
+                        self._bind_loop()  # moves to this loop, or says which one has us
                     finally:
                         self._rwaiter = None
                 else:
@@ -287,16 +301,12 @@ class Channel(Sending):
         """Nothing is queued: raise what ended the connection, else wait for the reader
         callback (starting it if need be) or for the timeout."""
         self._raise_for_state()
+        loop = self._bind_loop()
         if self._rwaiter is not None:
             raise RuntimeError(
                 f"another task is already receiving on {self!r}; one task at a time may"
             )
-        if self._reading:
-            # Registered with this loop already. (get_running_loop() costs a getpid()
-            # system call per wait, a measurable part of a round trip.)
-            loop: asyncio.AbstractEventLoop = self._loop  # type: ignore[assignment]
-        else:
-            loop = self._bind_loop()
+        if not self._reading:
             self._start_reading(loop)
         future = self._rwaiter = loop.create_future()
         timer = None if self._timeout is None else loop.call_later(self._timeout, expire, future)

@@ -348,15 +348,26 @@ class Sending:
 
     # -- shared with the receive half -----------------------------------------------------
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
-        """The running loop, which this channel stays with while it waits for anything."""
+        """The running loop, which this channel stays with while it waits for anything.
+
+        A channel whose loop has closed (one ``asyncio.run`` after another) moves to the
+        running loop; one still registered with another live loop refuses.
+        """
         loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            if self._loop is not None and (self._reading or self._writing):
-                raise RuntimeError(
-                    f"{self!r} is in use by another event loop; a channel belongs to one loop "
-                    "at a time"
-                )
+        old = self._loop
+        if old is not loop:
+            if old is not None and (self._reading or self._writing):
+                if not old.is_closed():
+                    raise RuntimeError(
+                        f"{self!r} is in use by another event loop; a channel belongs to one "
+                        "loop at a time"
+                    )
+                # The closed loop took our registrations with it: start again here.
+                self._reading = False
+                self._writing = False
             self._loop = loop
+            if self._wbuf and not self._writing:
+                self._start_writing()
         return loop
 
     def _check_open(self) -> None:

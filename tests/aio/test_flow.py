@@ -1,0 +1,338 @@
+"""Flow: backpressure on a peer that does not read, bounded read-ahead, the batching fast
+paths, socket buffer sizes, and what cancelling or closing does to waiting tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import udskit
+import udskit.aio
+from udskit import ConnectionClosed, Timeout
+from udskit.aio.buffers import READ_AHEAD, RECV_CHUNK, WRITE_HIGH_WATER
+from udskit.options import DEFAULT_STREAM_BUFFER
+
+from ..conftest import open_fds
+from .helpers import idle_turns, numbered, turns_until
+
+Run = Callable[[Coroutine[Any, Any, Any]], Any]
+
+#: Small kernel buffers make a peer that does not read fill up after a few messages.
+SMALL_SNDBUF = 8 * 1024
+
+
+def test_a_peer_that_does_not_read_stops_the_sender(arun: Run) -> None:
+    async def main() -> None:
+        sender, reader = udskit.aio.pair(sndbuf=SMALL_SNDBUF)
+        messages = numbered(300, 4096)
+        done = 0
+
+        async def send_all() -> None:
+            nonlocal done
+            for message in messages:
+                await sender.send(message)
+                done += 1
+
+        task = asyncio.ensure_future(send_all())
+        await turns_until(lambda: sender.write_buffer_size > sender.write_limit)
+        assert sender.write_limit == WRITE_HIGH_WATER
+        stuck_at = done
+        await idle_turns()
+        # Waiting, not queueing: nothing more was accepted, the queue did not grow past the
+        # limit plus the one message that crossed it.
+        assert not task.done()
+        assert done == stuck_at < len(messages)
+        assert sender.write_buffer_size <= sender.write_limit + 4096 + 4
+        # The reader drains: the sender resumes and everything arrives, in order.
+        received = [await reader.recv() for _ in messages]
+        await task
+        assert received == messages
+        assert sender.write_buffer_size == 0
+        sender.close()
+        reader.close()
+
+    arun(main())
+
+
+def test_write_limit_zero_keeps_nothing_queued(arun: Run) -> None:
+    async def main() -> None:
+        sender, reader = udskit.aio.pair(sndbuf=SMALL_SNDBUF, write_limit=0)
+        assert sender.write_limit == 0
+        messages = numbered(100, 4096)
+        most = 0
+
+        async def send_all() -> None:
+            nonlocal most
+            for message in messages:
+                await sender.send(message)
+                most = max(most, sender.write_buffer_size)
+
+        task = asyncio.ensure_future(send_all())
+        received = [await reader.recv() for _ in messages]
+        await task
+        assert received == messages
+        assert most == 0, "each send() returned only once its message was in the kernel"
+        sender.close()
+        reader.close()
+
+    arun(main())
+
+
+def test_send_timeout_loses_nothing(arun: Run) -> None:
+    async def main() -> None:
+        sender, reader = udskit.aio.pair(sndbuf=SMALL_SNDBUF)
+        sender.settimeout(0.02)
+        sent: list[bytes] = []
+        caught: Timeout | None = None
+        for message in numbered(1000, 4096):
+            sent.append(message)
+            try:
+                await sender.send(message)
+            except Timeout as exc:
+                caught = exc
+                break
+        assert isinstance(caught, TimeoutError)
+        assert "send timed out" in str(caught)
+        # The message that timed out stays queued and goes out once the peer reads.
+        received = [await reader.recv() for _ in sent]
+        assert received == sent
+        sender.close()
+        reader.close()
+
+    arun(main())
+
+
+def test_read_ahead_is_bounded(arun: Run) -> None:
+    """A consumer that stops calling recv() makes its channel stop reading: the sender
+    (here in the same loop) feels it, and the receiving side holds bounded memory."""
+
+    async def main() -> None:
+        sender, reader = udskit.aio.pair(sndbuf=SMALL_SNDBUF, rcvbuf=SMALL_SNDBUF)
+        messages = numbered(2000, 8192)  # 16 MiB, far over READ_AHEAD
+        task = asyncio.ensure_future(sender.send_many(messages))
+        first = await reader.recv()  # starts the reader callback, then takes no more
+        await turns_until(lambda: sender.write_buffer_size > sender.write_limit)
+        await idle_turns()
+        assert not task.done()
+        assert reader._ready_bytes <= READ_AHEAD + RECV_CHUNK
+        rest = [await reader.recv() for _ in messages[1:]]
+        await task
+        assert [first, *rest] == messages
+        sender.close()
+        reader.close()
+
+    arun(main())
+
+
+class CountingSocket(socket.socket):
+    """A real socket that counts the system calls made to send."""
+
+    calls = 0
+
+    def send(self, *args: Any, **kwargs: Any) -> int:
+        CountingSocket.calls += 1
+        return super().send(*args, **kwargs)
+
+    def sendmsg(self, *args: Any, **kwargs: Any) -> int:
+        CountingSocket.calls += 1
+        return super().sendmsg(*args, **kwargs)
+
+
+def test_send_many_and_recv_many_batch_small_messages(arun: Run) -> None:
+    async def main() -> None:
+        left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        counted = CountingSocket(fileno=left.detach())
+        sender = udskit.aio.Channel(counted)
+        receiver = udskit.aio.Channel(right)
+        messages = numbered(1000, 64)
+        CountingSocket.calls = 0
+        await sender.send_many(messages)
+        assert CountingSocket.calls == 1, "1000 small messages, one system call"
+        batch = await receiver.recv_many()
+        assert batch == messages, "every message already received comes at once"
+        CountingSocket.calls = 0
+        for message in messages[:10]:
+            await sender.send(message)
+        assert CountingSocket.calls == 10
+        assert await receiver.recv_many() == messages[:10]
+        sender.close()
+        receiver.close()
+
+    arun(main())
+
+
+@pytest.mark.parametrize("kind", ["stream", "seqpacket", "dgram"])
+def test_send_many_keeps_order_with_mixed_sizes(arun: Run, kind: str) -> None:
+    async def main() -> None:
+        sender, receiver = udskit.aio.pair(kind)
+        big = 150 * 1024 if kind == "stream" else 60 * 1024
+        messages = [b"a", b"", bytes(big), b"b" * 100, bytes(big), *numbered(50, 64)]
+        if kind == "seqpacket":
+            messages.remove(b"")  # an empty seqpacket message reads as end of connection
+        task = asyncio.ensure_future(sender.send_many(messages))
+        received: list[bytes] = []
+        while len(received) < len(messages):
+            received += await receiver.recv_many()
+        await task
+        assert received == messages
+        sender.close()
+        receiver.close()
+
+    arun(main())
+
+
+def test_recv_many_closes_descriptors(arun: Run, no_fd_leak: None) -> None:
+    async def main() -> None:
+        sender, receiver = udskit.aio.pair()
+        read_end, write_end = os.pipe()
+        await sender.send_fds(b"with fds", [read_end, write_end])
+        await sender.send(b"without")
+        os.close(read_end)
+        os.close(write_end)
+        before = open_fds()
+        received: list[bytes] = []
+        while len(received) < 2:
+            received += await receiver.recv_many()
+        assert received == [b"with fds", b"without"]
+        assert open_fds() <= before
+        sender.close()
+        receiver.close()
+
+    arun(main())
+
+
+def _sndbuf(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+
+
+def _kernel_sndbuf(requested: int) -> int:
+    """What SO_SNDBUF reads back after asking for ``requested``: Linux doubles the value
+    (bookkeeping overhead) and caps it at net.core.wmem_max."""
+    with open("/proc/sys/net/core/wmem_max") as f:
+        ceiling = int(f.read())
+    return 2 * min(requested, ceiling)
+
+
+def test_socket_buffer_sizes(arun: Run, sockdir: Path) -> None:
+    path = sockdir / "buffers.sock"
+
+    async def main() -> None:
+        left, right = udskit.aio.pair()
+        assert _sndbuf(left.socket) == _kernel_sndbuf(DEFAULT_STREAM_BUFFER)
+        left.close()
+        right.close()
+        left, right = udskit.aio.pair(sndbuf=65536, rcvbuf=65536)
+        assert _sndbuf(left.socket) == _sndbuf(right.socket) == _kernel_sndbuf(65536)
+        left.close()
+        right.close()
+        with open("/proc/sys/net/core/wmem_default") as f:
+            kernel_default = int(f.read())
+        left, right = udskit.aio.pair(sndbuf=0)
+        assert _sndbuf(left.socket) == kernel_default
+        left.close()
+        right.close()
+        async with (
+            await udskit.aio.listen(path, sndbuf=131072) as listener,
+            await udskit.aio.connect(path, sndbuf=65536) as client,
+        ):
+            assert _sndbuf(client.socket) == _kernel_sndbuf(65536)
+            async with await listener.accept() as server:
+                assert _sndbuf(server.socket) == _kernel_sndbuf(131072)
+
+    arun(main())
+
+
+def test_cancelled_recv_loses_nothing(arun: Run) -> None:
+    async def main() -> None:
+        left, right = udskit.aio.pair()
+        waiting = asyncio.ensure_future(right.recv())
+        await idle_turns(5)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await left.send(b"after the cancel")
+        assert await right.recv() == b"after the cancel"
+        # Cancelled once a message is queued but before the task ran: still not lost.
+        waiting = asyncio.ensure_future(right.recv())
+        await idle_turns(5)
+        await left.send_many([b"one", b"two"])
+        await turns_until(lambda: bool(right._ready))
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert await right.recv_many() == [b"one", b"two"]
+        left.close()
+        right.close()
+
+    arun(main())
+
+
+def test_one_receiver_at_a_time(arun: Run) -> None:
+    async def main() -> None:
+        left, right = udskit.aio.pair()
+        first = asyncio.ensure_future(right.recv())
+        await idle_turns(5)
+        with pytest.raises(RuntimeError, match="another task is already receiving"):
+            await right.recv()
+        await left.send(b"for the first")
+        assert await first == b"for the first"
+        left.close()
+        right.close()
+
+    arun(main())
+
+
+def test_closing_wakes_waiting_tasks(arun: Run) -> None:
+    async def main() -> None:
+        sender, reader = udskit.aio.pair(sndbuf=SMALL_SNDBUF)
+        receiving = asyncio.ensure_future(reader.recv())
+        sending = asyncio.ensure_future(sender.send_many(numbered(200, 4096)))
+        await turns_until(lambda: sender.write_buffer_size > sender.write_limit)
+        reader.close()
+        sender.close()
+        for task in (receiving, sending):
+            with pytest.raises(ConnectionClosed, match="this channel is closed"):
+                await task
+
+    arun(main())
+
+
+def test_aclose_sends_what_is_queued(arun: Run) -> None:
+    async def main() -> None:
+        sender, reader = udskit.aio.pair(sndbuf=SMALL_SNDBUF)
+        messages = numbered(12, 4096)  # more than the kernel takes, less than write_limit
+        for message in messages:
+            await sender.send(message)
+        assert sender.write_buffer_size > 0
+        closing = asyncio.ensure_future(sender.aclose())
+        await idle_turns(5)
+        assert not closing.done(), "aclose() waits until the queue has gone out"
+        received = [await reader.recv() for _ in messages]
+        await closing
+        assert sender.closed
+        assert received == messages
+        with pytest.raises(ConnectionClosed, match="the peer closed"):
+            await reader.recv()
+        reader.close()
+
+    arun(main())
+
+
+def test_shutdown_write_half_closes(arun: Run) -> None:
+    async def main() -> None:
+        left, right = udskit.aio.pair()
+        await left.send(b"last words")
+        await left.shutdown_write()
+        assert [message async for message in right] == [b"last words"]
+        await right.send(b"still heard")
+        assert await left.recv() == b"still heard"
+        left.close()
+        right.close()
+
+    arun(main())
