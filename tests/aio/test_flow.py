@@ -19,7 +19,7 @@ from udskit.aio.buffers import READ_AHEAD, RECV_CHUNK, WRITE_HIGH_WATER
 from udskit.options import DEFAULT_STREAM_BUFFER
 
 from ..conftest import open_fds
-from .helpers import idle_turns, numbered, turns_until
+from .helpers import first_error, idle_turns, numbered, turns_until
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
 
@@ -88,15 +88,14 @@ def test_send_timeout_loses_nothing(arun: Run) -> None:
     async def main() -> None:
         sender, reader = udskit.aio.pair(sndbuf=SMALL_SNDBUF)
         sender.settimeout(0.02)
+        messages = iter(numbered(1000, 4096))
         sent: list[bytes] = []
-        caught: Timeout | None = None
-        for message in numbered(1000, 4096):
-            sent.append(message)
-            try:
-                await sender.send(message)
-            except Timeout as exc:
-                caught = exc
-                break
+
+        async def send_next() -> None:
+            sent.append(next(messages))
+            await sender.send(sent[-1])
+
+        caught = await first_error(send_next, Timeout)
         assert isinstance(caught, TimeoutError)
         assert "send timed out" in str(caught)
         # The message that timed out stays queued and goes out once the peer reads.

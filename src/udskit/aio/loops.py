@@ -54,7 +54,11 @@ def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool | None = None, debug: 
 
     ``use_uvloop=False`` forces the standard loop; ``True`` requires uvloop.
     """
-    factory = loop_factory(use_uvloop)
+    try:
+        factory = loop_factory(use_uvloop)
+    except BaseException:
+        main.close()  # never started: do not leave it to warn "never awaited"
+        raise
     # asyncio.Runner (3.11+) takes a loop factory and keeps asyncio.run's semantics (SIGINT
     # cancels main, async generators and the default executor are shut down).
     runner_type = getattr(asyncio, "Runner", None)
