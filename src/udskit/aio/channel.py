@@ -24,7 +24,7 @@ import logging
 import os
 import socket
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
 from ..address import Address
@@ -34,7 +34,7 @@ from ..errors import ConnectionClosed, ProtocolError, UdsError
 from ..options import SocketType, base_type, check_timeout, max_frame_for, type_name
 from ..proto import CLOSED, Framing, make_framing
 from ..translate import translate, translating
-from .buffers import READ_AHEAD, RECV_CHUNK, scratch
+from .buffers import FEED_SLICE, READ_AHEAD, RECV_CHUNK, scratch
 from .sending import Ancillary, Buffer, Sending
 from .waiting import EXPIRED, expire
 
@@ -45,8 +45,8 @@ __all__ = ["Buffer", "Channel"]
 
 log = logging.getLogger("udskit")
 
-#: While each read fills the whole buffer (a bulk transfer), read up to this many times per
-#: readiness callback: fewer loop iterations per byte, and other connections still get a turn.
+#: Reads per readiness callback while a message larger than the receive buffer comes in
+#: (each read filling the whole buffer): a 1 MiB message takes one loop iteration, not four.
 _READS_PER_WAKEUP: Final = 4
 
 #: Packets held unconsumed (besides READ_AHEAD bytes) before a seqpacket or datagram channel
@@ -57,6 +57,11 @@ _PACKETS_AHEAD: Final = 256
 # (about 0.7 us), on every read.
 _CTRUNC: Final = int(socket.MSG_CTRUNC)
 _TRUNC: Final = int(socket.MSG_TRUNC)
+
+
+def _no_framing(*_: object) -> object:
+    raise AssertionError("feed() is bound when a stream channel starts reading")
+
 
 #: A queued message that came with descriptors or credentials (plain ones are just bytes).
 Received = tuple[bytes, list[int], PeerCred | None]
@@ -79,8 +84,10 @@ class Channel(Sending):
         "_cleanup_dir",
         "_eof",
         "_fds_seen",
+        "_feed",
         "_max_message",
         "_peer",
+        "_rbuf",
         "_read_error",
         "_read_failed",
         "_ready",
@@ -132,7 +139,11 @@ class Channel(Sending):
         self._read_error: Exception | None = None  # raised once, then reading resumes
         self._read_failed: Exception | None = None  # the connection is unusable
         self._rwaiter: asyncio.Future[object] | None = None
-        self._rview: list[memoryview] = []  # [receive buffer], set when reading starts
+        # set when reading starts: the receive buffer, as recvmsg_into() takes it, and
+        # the framing's feed() (bound once: this is the hot path of every read)
+        self._rbuf = memoryview(b"")
+        self._rview: list[memoryview] = []
+        self._feed: Callable[..., bytes | object] = _no_framing
         if owns_socket:
             sock.setblocking(False)
 
@@ -338,7 +349,10 @@ class Channel(Sending):
 
     def _start_reading(self, loop: asyncio.AbstractEventLoop) -> None:
         size = RECV_CHUNK if self._framing is not None else self._max_message
-        self._rview = [scratch(size)[:size]]
+        self._rbuf = scratch(size)[:size]
+        self._rview = [self._rbuf]
+        if self._framing is not None:
+            self._feed = self._framing.feed
         callback = self._read_stream if self._framing is not None else self._read_packets
         loop.add_reader(self._fd, callback)
         self._reading = True
@@ -361,18 +375,20 @@ class Channel(Sending):
             self._fail_read(translate(exc, "recv", self._remote), fatal=True)
             return
         try:
-            if ancdata or flags & _CTRUNC or not size or size == RECV_CHUNK:
-                self._read_stream_slow(size, ancdata, flags)
-            else:
-                framing: Framing = self._framing  # type: ignore[assignment]
-                message = framing.feed(self._rview[0][:size])
+            if size and size <= FEED_SLICE and not ancdata and not flags & _CTRUNC:
+                # Inline, the first message of the read (usually the only one).
+                message = self._feed(self._rbuf[:size])
                 if isinstance(message, bytes):
-                    # No descriptor has ever arrived: the framing holds none to hand out.
-                    fds = framing.take_fds() if self._fds_seen else None
-                    self._ready.append((message, fds, None) if fds else message)
+                    if self._fds_seen:
+                        fds = self._framing.take_fds()  # type: ignore[union-attr]
+                        self._ready.append((message, fds, None) if fds else message)
+                    else:  # no descriptor ever arrived: the framing holds none
+                        self._ready.append(message)
                     self._ready_bytes += len(message)
-                    if framing.buffered:
-                        self._decode(framing)
+                    if self._framing.buffered:  # type: ignore[union-attr]
+                        self._decode(self._framing)  # type: ignore[arg-type]
+            else:
+                self._read_stream_slow(size, ancdata, flags)
         except UdsError as exc:  # bad framing: FrameTooLarge, a stream cut off mid-message
             self._fail_read(exc, fatal=True)
             return
@@ -383,11 +399,12 @@ class Channel(Sending):
             waiter.set_result(None)
 
     def _read_stream_slow(self, size: int, ancdata: Ancillary, flags: int) -> None:
-        """Descriptors, the end of the stream, or a full buffer (and maybe more to read)."""
+        """Descriptors, the end of the stream, or a large read (and maybe more to read)."""
         framing: Framing = self._framing  # type: ignore[assignment]
         view = self._rview[0]
         reads = 1
         while True:
+            queued = len(self._ready)
             fds: list[int] = []
             if ancdata or flags & _CTRUNC:
                 self._fds_seen = True
@@ -403,8 +420,15 @@ class Channel(Sending):
                 self._stop_reading()
                 self._take(framing, framing.feed(b""))  # CLOSED, or raises mid-message
                 return
-            self._take(framing, framing.feed(view[:size], fds))
-            if size < RECV_CHUNK or self._ready_bytes > READ_AHEAD or reads == _READS_PER_WAKEUP:
+            if fds:
+                self._take(framing, framing.feed(view[:size], fds))  # whole: see proto
+            else:
+                for start in range(0, size, FEED_SLICE):
+                    self._take(framing, framing.feed(view[start : min(size, start + FEED_SLICE)]))
+            # Read on only while one large message is coming in: once messages are complete,
+            # let the receiver take them first (decoding further ahead only piles up memory
+            # that glibc hands back and forth to the kernel, a page fault per page).
+            if size < RECV_CHUNK or len(self._ready) > queued or reads == _READS_PER_WAKEUP:
                 return
             reads += 1
             try:
