@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -58,7 +59,6 @@ _SEND_FLAGS: Final = int(socket.MSG_NOSIGNAL)
 # path goes through enum.__and__, which cost more than the recvmsg() call itself.
 _CTRUNC: Final = int(socket.MSG_CTRUNC)
 _TRUNC: Final = int(socket.MSG_TRUNC)
-_SPIN_FLAGS: Final = int(RECV_FLAGS | socket.MSG_DONTWAIT)
 _WAITALL: Final = int(socket.MSG_WAITALL)
 
 #: A message at least this large makes the channel read the next header on its own, so that a
@@ -91,6 +91,7 @@ class Channel:
         "_max_message",
         "_owns_socket",
         "_peer",
+        "_poller",
         "_rbuf",
         "_rbufs",
         "_remote",
@@ -129,6 +130,7 @@ class Channel:
         self._header_bufs = [self._rview[: HEADER.size]]
         self._direct = False
         self._spin_ns = 0
+        self._poller: select.poll | None = None
         self._remote = remote
         self._peer = peer
         self._claim = claim
@@ -354,14 +356,15 @@ class Channel:
         """One recvmsg_into() into our buffer, polling first for ``spin`` microseconds."""
         sock = self._sock
         try:
-            if self._spin_ns:
+            poller = self._poller
+            if self._spin_ns and poller is not None:
+                # Ask poll(0) rather than trying a non-blocking read: a read that finds
+                # nothing raises BlockingIOError, and raising costs ~2.8 us a try against
+                # ~0.5 us for poll(), which sets how fast a waiting reply is noticed.
+                ready = poller.poll
                 deadline = monotonic_ns() + self._spin_ns
-                while True:
-                    try:
-                        return sock.recvmsg_into(self._rbufs, self._ancsize, _SPIN_FLAGS)
-                    except BlockingIOError:
-                        if monotonic_ns() > deadline:
-                            break
+                while not ready(0) and monotonic_ns() < deadline:
+                    pass
             return sock.recvmsg_into(self._rbufs, self._ancsize, RECV_FLAGS)
         except OSError as exc:
             raise translate(exc, "recv", self._remote) from exc
@@ -457,6 +460,9 @@ class Channel:
             raise ValueError(f"spin must be 0 to {MAX_SPIN_US} microseconds, not {microseconds!r}")
         if microseconds and self._sock.gettimeout() is not None:
             raise ValueError("spin needs a channel without a timeout (settimeout(None))")
+        if microseconds and self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self._sock.fileno(), select.POLLIN)
         self._spin_ns = microseconds * 1000
 
     # -- closing --------------------------------------------------------------------------
