@@ -187,7 +187,10 @@ def main() -> None:
     where = f"server/reader cpu {CPUS[0]}, client/writer cpu {CPUS[1]}" if len(CPUS) > 1 else ""
     print(f"pinning: {where or 'unpinned (one CPU)'}; median of {args.repeat} runs")
 
-    print("\n64 B round trip, p50 / p99 (us); ratio of p50 to streams on the same loop")
+    print(
+        "\n64 B round trip, p50 / p99 (us); ratio of p50 to streams on the same loop; "
+        "the p50 of every run"
+    )
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in CONTENDERS}
     for _ in range(args.repeat):
         for name in CONTENDERS:  # taking turns, so drift hits every contender alike
@@ -196,7 +199,8 @@ def main() -> None:
     for name in CONTENDERS:
         p99 = statistics.median(r[1] for r in runs[name])
         base = p50["streams-" + name.split("-")[1]]
-        print(f"  {name:16} {p50[name]:7.1f} / {p99:7.1f}   {p50[name] / base:.2f}x")
+        spread = " ".join(f"{r[0]:.0f}" for r in sorted(runs[name]))
+        print(f"  {name:16} {p50[name]:7.1f} / {p99:7.1f}   {p50[name] / base:.2f}x   ({spread})")
 
     print("\none-way, messages/s; ratio to streams on the same loop")
     print("  " + " " * 16 + "".join(f"{_size_name(size):>16}" for size in SIZES))

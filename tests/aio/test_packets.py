@@ -246,3 +246,29 @@ def test_channel_properties(arun: Run) -> None:
         other.close()
 
     arun(main())
+
+
+def test_a_listener_outlives_its_loop(loop_name: str, sockdir: Path) -> None:
+    use_uvloop = loop_name == "uvloop"
+    path = sockdir / "long-lived.sock"
+
+    async def make() -> udskit.aio.Listener:
+        listener = await udskit.aio.listen(path)
+        listener.settimeout(0.01)
+        with pytest.raises(Timeout):
+            await listener.accept()  # its reader is now registered with this loop
+        listener.settimeout(None)
+        return listener
+
+    listener = udskit.aio.run(make(), use_uvloop=use_uvloop)
+
+    async def serve_one() -> bytes:
+        async with await udskit.aio.connect(path) as client:
+            await client.send(b"on the next loop")
+            async with await listener.accept() as server:
+                return await server.recv()
+
+    try:
+        assert udskit.aio.run(serve_one(), use_uvloop=use_uvloop) == b"on the next loop"
+    finally:
+        listener.close()

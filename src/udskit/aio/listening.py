@@ -109,6 +109,13 @@ class _Endpoint:
         """Wait until the socket is readable (or the timeout passed: Timeout)."""
         self._check_open()
         loop = asyncio.get_running_loop()
+        if self._reading and self._loop is not loop:
+            if self._loop is not None and not self._loop.is_closed():
+                raise RuntimeError(
+                    f"{self!r} is in use by another event loop; a listener belongs to one "
+                    "loop at a time"
+                )
+            self._reading = False  # that loop closed, and its registrations with it
         if not self._reading:
             self._loop = loop
             loop.add_reader(self._inner.fileno(), self._on_readable)
