@@ -14,7 +14,7 @@ from .options import (
     check_buffer,
     check_framing,
     check_max_fds,
-    check_timeout,
+    connect_options,
     max_frame_for,
     socket_kind,
     tune_buffers,
@@ -50,25 +50,23 @@ def connect(
     ``sndbuf``/``rcvbuf`` size the socket buffers (None: 1 MiB for streams, the kernel's
     default otherwise; 0: the kernel's default).
     """
-    target = Address.parse(address)
-    kind = socket_kind(type)
-    check_framing(framing)
-    check_max_fds(max_fds)
-    max_frame_for(type, max_frame)
-    check_buffer("sndbuf", sndbuf)
-    check_buffer("rcvbuf", rcvbuf)
-    check_timeout(timeout)
-    if expect_uid is not None and (
-        isinstance(expect_uid, bool) or not isinstance(expect_uid, int) or expect_uid < 0
-    ):
-        raise ValueError(f"expect_uid must be a uid (an integer >= 0) or None, not {expect_uid!r}")
-    own = Address.parse(bind) if bind is not None else None
-    if own is not None and own.kind not in ("path", "abstract"):
-        raise ValueError(f"bind= takes a Unix path or @name, not {own}")
+    opts = connect_options(
+        address,
+        type=type,
+        framing=framing,
+        max_frame=max_frame,
+        max_fds=max_fds,
+        timeout=timeout,
+        bind=bind,
+        expect_uid=expect_uid,
+        sndbuf=sndbuf,
+        rcvbuf=rcvbuf,
+    )
+    target, kind, own = opts.target, opts.kind, opts.bind
     if target.kind == "fd":
         return _adopt(target, framing=framing, max_frame=max_frame, max_fds=max_fds)
     if target.kind == "tcp":
-        return _connect_tcp(target, framing, max_frame, timeout)
+        return _connect_tcp(target, framing, max_frame, opts.timeout)
     sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
     reply: Claim | None = None
     reply_dir: bytes | None = None

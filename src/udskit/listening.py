@@ -22,18 +22,11 @@ from .creds import PeerCred, Policy
 from .errors import AddressInUse, ConnectionClosed, ProtocolError, SocketFileError
 from .options import (
     DEFAULT_BACKLOG,
+    ListenOptions,
     SocketType,
     base_type,
-    check_backlog,
-    check_buffer,
-    check_framing,
-    check_max_fds,
-    check_mode,
     check_timeout,
-    max_frame_for,
-    resolve_gid,
-    resolve_uid,
-    socket_kind,
+    listen_options,
     tune_buffers,
     type_name,
 )
@@ -373,27 +366,28 @@ def listen(
     ``sndbuf``/``rcvbuf`` size each connection's socket buffers (None: 1 MiB for streams,
     the kernel's default otherwise; 0: the kernel's default).
     """
-    target = Address.parse(address)
-    kind = socket_kind(type)
-    check_framing(framing)
-    check_backlog(backlog)
-    check_mode(mode)
-    check_max_fds(max_fds)
-    buffers = (check_buffer("sndbuf", sndbuf), check_buffer("rcvbuf", rcvbuf))
-    limit = max_frame_for(type, max_frame)
-    uid, gid = resolve_uid(owner), resolve_gid(group)
-    if allow is not None and not isinstance(allow, Policy):
-        raise ValueError(f"allow must be a udskit.Policy or None, not {allow!r}")
+    opts = listen_options(
+        address,
+        type=type,
+        backlog=backlog,
+        mode=mode,
+        owner=owner,
+        group=group,
+        allow=allow,
+        framing=framing,
+        max_frame=max_frame,
+        max_fds=max_fds,
+        sndbuf=sndbuf,
+        rcvbuf=rcvbuf,
+    )
+    target, kind, buffers = opts.target, opts.kind, opts.buffers
     if target.kind == "fd":
         sock = _adopt(target, kind)
         bound: Claim | None = None
     else:
-        sock, bound = _bind(target, kind, mode, uid, gid, policy=allow)
+        sock, bound = _bind(opts)
     try:
         if kind != socket.SOCK_DGRAM:
-            if target.kind != "fd":
-                with translating("listen", target):
-                    sock.listen(backlog)
             return Listener(
                 sock,
                 target,
@@ -406,7 +400,9 @@ def listen(
             )
         if any(buffers):
             tune_buffers(sock, *buffers)
-        return DatagramListener(sock, target, bound, policy=allow, max_frame=limit, max_fds=max_fds)
+        return DatagramListener(
+            sock, target, bound, policy=allow, max_frame=opts.limit, max_fds=max_fds
+        )
     except BaseException:
         if bound is not None:
             bound.release()
@@ -414,9 +410,9 @@ def listen(
         raise
 
 
-def _bind(
-    target: Address, kind: int, mode: int, uid: int, gid: int, *, policy: Policy | None
-) -> tuple[socket.socket, Claim | None]:
+def _bind(opts: ListenOptions) -> tuple[socket.socket, Claim | None]:
+    """A socket bound to ``opts.target`` and, unless it is a datagram socket, listening."""
+    target, kind = opts.target, opts.kind
     if target.kind == "tcp":
         if kind != socket.SOCK_STREAM:
             raise ValueError(f"{target}: TCP addresses take type='stream' only")
@@ -426,6 +422,7 @@ def _bind(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             with translating("bind", target):
                 sock.bind((target.host, target.port))
+            _start_listening(sock, opts)
         except BaseException:
             sock.close()
             raise
@@ -433,7 +430,7 @@ def _bind(
     sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
     try:
         if target.kind == "abstract":
-            if policy is None:
+            if opts.allow is None:
                 log.warning(
                     "%s: abstract names have no file permissions; any process in this network "
                     "namespace can connect (pass allow= to restrict peers)",
@@ -445,11 +442,22 @@ def _bind(
                 if exc.errno == errno.EADDRINUSE:
                     _abstract_in_use(target)
                 raise translate(exc, "bind", target) from exc
+            _start_listening(sock, opts)
             return sock, None
-        return sock, claim(sock, target, mode=mode, uid=uid, gid=gid)
+        # The claim starts listening itself, before the socket appears at the path.
+        bound = claim(
+            sock, target, mode=opts.mode, uid=opts.uid, gid=opts.gid, backlog=opts.backlog
+        )
+        return sock, bound
     except BaseException:
         sock.close()
         raise
+
+
+def _start_listening(sock: socket.socket, opts: ListenOptions) -> None:
+    if opts.kind != socket.SOCK_DGRAM:
+        with translating("listen", opts.target):
+            sock.listen(opts.backlog)
 
 
 def _abstract_in_use(target: Address) -> None:

@@ -10,12 +10,19 @@ import grp
 import math
 import pwd
 import socket
+from dataclasses import dataclass
 from typing import Final, Literal, TypeAlias
 
+from .address import Address
 from .ancillary import MAX_FDS_PER_MESSAGE
+from .creds import Policy
 from .proto import DEFAULT_MAX_FRAME
 
 __all__ = [
+    "ConnectOptions",
+    "ListenOptions",
+    "connect_options",
+    "listen_options",
     "DEFAULT_BACKLOG",
     "DEFAULT_MAX_MESSAGE",
     "SocketType",
@@ -191,3 +198,110 @@ def resolve_gid(group: int | str | None) -> int:
                 f"group: unknown group {group!r} (not in the group database); give a name or gid"
             ) from None
     raise ValueError(f"group must be a group name or gid, not {group!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectOptions:
+    """The options of a ``connect()``, checked; shared by the blocking and asyncio layers."""
+
+    target: Address
+    kind: int
+    framing: str
+    max_frame: int | None
+    max_fds: int
+    timeout: float | None
+    bind: Address | None
+    expect_uid: int | None
+    sndbuf: int | None
+    rcvbuf: int | None
+
+
+def connect_options(
+    address: object,
+    *,
+    type: str,  # noqa: A002 - mirrors the public keyword
+    framing: str,
+    max_frame: int | None,
+    max_fds: int,
+    timeout: float | None,
+    bind: object,
+    expect_uid: int | None,
+    sndbuf: int | None,
+    rcvbuf: int | None,
+) -> ConnectOptions:
+    """Check every option of a connect before any socket exists; ValueError names the bad one."""
+    target = Address.parse(address)  # type: ignore[arg-type]
+    kind = socket_kind(type)
+    check_framing(framing)
+    check_max_fds(max_fds)
+    max_frame_for(type, max_frame)
+    if expect_uid is not None and (
+        isinstance(expect_uid, bool) or not isinstance(expect_uid, int) or expect_uid < 0
+    ):
+        raise ValueError(f"expect_uid must be a uid (an integer >= 0) or None, not {expect_uid!r}")
+    own = Address.parse(bind) if bind is not None else None  # type: ignore[arg-type]
+    if own is not None and own.kind not in ("path", "abstract"):
+        raise ValueError(f"bind= takes a Unix path or @name, not {own}")
+    return ConnectOptions(
+        target,
+        kind,
+        framing,
+        max_frame,
+        max_fds,
+        check_timeout(timeout),
+        own,
+        expect_uid,
+        check_buffer("sndbuf", sndbuf),
+        check_buffer("rcvbuf", rcvbuf),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ListenOptions:
+    """The options of a ``listen()``, checked; shared by the blocking and asyncio layers."""
+
+    target: Address
+    kind: int
+    backlog: int
+    mode: int
+    uid: int
+    gid: int
+    allow: Policy | None
+    framing: str
+    max_frame: int | None
+    #: max_frame with the socket type's default filled in (the datagram receive buffer).
+    limit: int
+    max_fds: int
+    buffers: tuple[int | None, int | None]
+
+
+def listen_options(
+    address: object,
+    *,
+    type: str,  # noqa: A002 - mirrors the public keyword
+    backlog: int,
+    mode: int,
+    owner: int | str | None,
+    group: int | str | None,
+    allow: Policy | None,
+    framing: str,
+    max_frame: int | None,
+    max_fds: int,
+    sndbuf: int | None,
+    rcvbuf: int | None,
+) -> ListenOptions:
+    """Check every option of a listen before any socket exists; ValueError names the bad one."""
+    target = Address.parse(address)  # type: ignore[arg-type]
+    kind = socket_kind(type)
+    check_framing(framing)
+    check_backlog(backlog)
+    check_mode(mode)
+    check_max_fds(max_fds)
+    buffers = (check_buffer("sndbuf", sndbuf), check_buffer("rcvbuf", rcvbuf))
+    limit = max_frame_for(type, max_frame)
+    uid, gid = resolve_uid(owner), resolve_gid(group)
+    if allow is not None and not isinstance(allow, Policy):
+        raise ValueError(f"allow must be a udskit.Policy or None, not {allow!r}")
+    return ListenOptions(
+        target, kind, backlog, mode, uid, gid, allow, framing, max_frame, limit, max_fds, buffers
+    )

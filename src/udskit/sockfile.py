@@ -264,8 +264,14 @@ def claim(
     mode: int = 0o600,
     uid: int = -1,
     gid: int = -1,
+    backlog: int = 128,
 ) -> Claim:
-    """Bind ``sock`` (unbound, AF_UNIX) to the path of ``address`` safely; see module doc."""
+    """Bind ``sock`` (unbound, AF_UNIX) to the path of ``address`` safely; see module doc.
+
+    A stream or seqpacket socket is also put into the listening state (``backlog``) before
+    it appears at the path: a bound socket that is not yet listening refuses connections,
+    and the next claimant's probe would take it for a stale file and unlink it.
+    """
     path = address.absolute().raw
     directory = _Directory(path)
     try:
@@ -277,7 +283,7 @@ def claim(
             if sock.type & ~(socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC) == socket.SOCK_DGRAM:
                 dev_ino = _bind_in_place(sock, directory, address, mode, uid, gid)
             else:
-                dev_ino = _bind_private(sock, directory, address, mode, uid, gid)
+                dev_ino = _bind_private(sock, directory, address, mode, uid, gid, backlog)
         return Claim(address, directory, dev_ino)
     except BaseException:
         directory.close()
@@ -330,7 +336,13 @@ def _raise_in_use(address: Address, found: Probe, file_uid: int | None) -> None:
 
 
 def _bind_private(
-    sock: socket.socket, directory: _Directory, address: Address, mode: int, uid: int, gid: int
+    sock: socket.socket,
+    directory: _Directory,
+    address: Address,
+    mode: int,
+    uid: int,
+    gid: int,
+    backlog: int,
 ) -> tuple[int, int]:
     """Bind in a private directory, set mode and owner there, link into place."""
     private = _make_private_dir(directory, address)
@@ -350,6 +362,8 @@ def _bind_private(
         if uid != -1 or gid != -1:
             os.chown(inner, uid, gid, dir_fd=private_fd)
         info = os.stat(inner, dir_fd=private_fd, follow_symlinks=False)
+        with translating("listen", address):
+            sock.listen(backlog)  # live before it is visible: see claim()
         try:
             os.link(inner, directory.name, src_dir_fd=private_fd, dst_dir_fd=directory.fd)
         except FileExistsError:
