@@ -11,12 +11,8 @@ from .channel import Channel
 from .creds import peer_cred, require_uid
 from .errors import ConnectError, SocketFileError
 from .options import (
-    check_buffer,
-    check_framing,
-    check_max_fds,
     connect_options,
-    max_frame_for,
-    socket_kind,
+    pair_options,
     tune_buffers,
 )
 from .sockfile import Claim, bind_reply_path
@@ -170,12 +166,14 @@ def pair(
 ) -> tuple[Channel, Channel]:
     """Two connected Channels (socketpair). Works across ``os.fork()`` (each side closes the
     end it does not use) and ``multiprocessing`` (pass one end to the child process)."""
-    kind = socket_kind(type)
-    check_framing(framing)
-    check_max_fds(max_fds)
-    max_frame_for(type, max_frame)
-    check_buffer("sndbuf", sndbuf)
-    check_buffer("rcvbuf", rcvbuf)
+    kind = pair_options(
+        type=type,
+        framing=framing,
+        max_frame=max_frame,
+        max_fds=max_fds,
+        sndbuf=sndbuf,
+        rcvbuf=rcvbuf,
+    )
     left, right = socket.socketpair(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
     ends = []
     for sock in (left, right):

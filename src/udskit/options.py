@@ -23,6 +23,7 @@ __all__ = [
     "ListenOptions",
     "connect_options",
     "listen_options",
+    "pair_options",
     "DEFAULT_BACKLOG",
     "DEFAULT_MAX_MESSAGE",
     "SocketType",
@@ -254,6 +255,25 @@ def connect_options(
         check_buffer("sndbuf", sndbuf),
         check_buffer("rcvbuf", rcvbuf),
     )
+
+
+def pair_options(
+    *,
+    type: str,  # noqa: A002 - mirrors the public keyword
+    framing: str,
+    max_frame: int | None,
+    max_fds: int,
+    sndbuf: int | None,
+    rcvbuf: int | None,
+) -> int:
+    """Check the options of a ``pair()``; return the socket type's constant."""
+    kind = socket_kind(type)
+    check_framing(framing)
+    check_max_fds(max_fds)
+    max_frame_for(type, max_frame)
+    check_buffer("sndbuf", sndbuf)
+    check_buffer("rcvbuf", rcvbuf)
+    return kind
 
 
 @dataclass(frozen=True, slots=True)

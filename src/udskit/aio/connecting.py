@@ -18,12 +18,8 @@ from ..address import Address, AddressLike, sun_path
 from ..creds import PeerCred, peer_cred, require_uid
 from ..errors import ConnectError
 from ..options import (
-    check_buffer,
-    check_framing,
-    check_max_fds,
-    check_timeout,
-    max_frame_for,
-    socket_kind,
+    connect_options,
+    pair_options,
     tune_buffers,
 )
 from ..sockfile import Claim, bind_reply_path
@@ -55,22 +51,20 @@ async def connect(
     the channel's send/recv timeout. ``bind``, ``expect_uid``, ``sndbuf``, ``rcvbuf``: as
     for :func:`udskit.connect`. ``write_limit``: the send queue's high-water mark.
     """
-    target = Address.parse(address)
-    kind = socket_kind(type)
-    check_framing(framing)
-    check_max_fds(max_fds)
-    max_frame_for(type, max_frame)
-    check_buffer("sndbuf", sndbuf)
-    check_buffer("rcvbuf", rcvbuf)
-    check_timeout(timeout)
+    opts = connect_options(
+        address,
+        type=type,
+        framing=framing,
+        max_frame=max_frame,
+        max_fds=max_fds,
+        timeout=timeout,
+        bind=bind,
+        expect_uid=expect_uid,
+        sndbuf=sndbuf,
+        rcvbuf=rcvbuf,
+    )
     check_write_limit(write_limit)
-    if expect_uid is not None and (
-        isinstance(expect_uid, bool) or not isinstance(expect_uid, int) or expect_uid < 0
-    ):
-        raise ValueError(f"expect_uid must be a uid (an integer >= 0) or None, not {expect_uid!r}")
-    own = Address.parse(bind) if bind is not None else None
-    if own is not None and own.kind not in ("path", "abstract"):
-        raise ValueError(f"bind= takes a Unix path or @name, not {own}")
+    target, kind, own = opts.target, opts.kind, opts.bind
     if target.kind == "fd":
         adopted = blocking._adopt(target, framing=framing, max_frame=max_frame, max_fds=max_fds)
         channel = Channel(
@@ -231,12 +225,14 @@ def pair(
     made before ``os.fork()`` (each process closes the end it does not use) and used by
     whichever loop each process runs.
     """
-    kind = socket_kind(type)
-    check_framing(framing)
-    check_max_fds(max_fds)
-    max_frame_for(type, max_frame)
-    check_buffer("sndbuf", sndbuf)
-    check_buffer("rcvbuf", rcvbuf)
+    kind = pair_options(
+        type=type,
+        framing=framing,
+        max_frame=max_frame,
+        max_fds=max_fds,
+        sndbuf=sndbuf,
+        rcvbuf=rcvbuf,
+    )
     check_write_limit(write_limit)
     left, right = socket.socketpair(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
     ends = []
