@@ -67,9 +67,6 @@ def translating(op: str, address: Address | str | None = None) -> Iterator[None]
         yield
     except UdsError:
         raise
-    except TimeoutError as exc:
-        where = f" on {address}" if address is not None else ""
-        raise Timeout(f"{op}{where} timed out: the peer did not answer in time") from exc
     except OSError as exc:
         raise translate(exc, op, address) from exc
 
@@ -78,11 +75,12 @@ def translate(exc: OSError, op: str, address: Address | str | None) -> Exception
     """The udskit error for ``exc`` raised by ``op`` on ``address`` (not raised here)."""
     code = exc.errno
     where = f" {address}" if address is not None else ""
+    on = f" on {address}" if address is not None else ""
     if isinstance(exc, TimeoutError):  # socket.settimeout() expired: errno is None
-        return Timeout(f"{op}{where} timed out: the peer did not answer in time")
+        return Timeout(f"{op}{on} timed out: the peer did not answer in time")
     if isinstance(exc, BlockingIOError) and op in ("send", "recv", "accept"):
         # EAGAIN on a socket with timeout 0 (non-blocking): "not within the timeout".
-        return Timeout(f"{op}{where} would block: nothing ready and the timeout is 0")
+        return Timeout(f"{op}{on} would block: nothing ready and the timeout is 0")
     reason = os.strerror(code) if code else str(exc)
     if op == "connect" and isinstance(address, Address):
         return ConnectError(explain_connect(code, address), errno=code)
