@@ -14,7 +14,9 @@ import udskit
 
 
 def echo(channel: udskit.Channel) -> None:
-    print(f"server: client connected: {channel.peer} ({channel.peer.process_name if channel.peer else '?'})")
+    peer = channel.peer
+    name = peer.process_name if peer is not None else "?"
+    print(f"server: client connected: {peer} ({name})")
     for message in channel:
         print(f"server: received {message!r}, echoing it back")
         channel.send(message)

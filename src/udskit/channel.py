@@ -37,7 +37,7 @@ from .translate import translate
 if TYPE_CHECKING:
     from .sockfile import Claim
 
-__all__ = ["Buffer", "Channel"]
+__all__ = ["Buffer", "Channel", "ChannelFacts"]
 
 log = logging.getLogger("udskit")
 
@@ -72,7 +72,47 @@ DIRECT_READ_MIN: Final = 256 * 1024
 MAX_SPIN_US: Final = 1000
 
 
-class Channel:
+class ChannelFacts:
+    """What a channel says about itself; shared by the blocking and asyncio channels."""
+
+    __slots__ = ()
+    _type: SocketType
+    _framing: Framing | None
+    _peer: PeerCred | None
+    _remote: Address | None
+    _closed: bool
+
+    # -- properties -----------------------------------------------------------------------
+    @property
+    def type(self) -> SocketType:
+        return self._type
+
+    @property
+    def framing(self) -> str | None:
+        """The framing name on a stream channel; None on seqpacket and dgram."""
+        return None if self._framing is None else self._framing.name
+
+    @property
+    def peer(self) -> PeerCred | None:
+        """The peer's credentials, as the kernel reported them.
+
+        Stream and seqpacket: the connecting (or accepting) process, from SO_PEERCRED.
+        Datagram: the sender of the last datagram received (SCM_CREDENTIALS); None before
+        the first. TCP: None.
+        """
+        return self._peer
+
+    @property
+    def address(self) -> Address | None:
+        """The other end's address, where it has one (a bound client may have none)."""
+        return self._remote
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+class Channel(ChannelFacts):
     """A connected endpoint that sends and receives whole messages.
 
     Use it as a context manager; iterate over it to receive until the peer closes.
@@ -138,35 +178,6 @@ class Channel:
         self._inbox: deque[tuple[bytes, list[int]]] = deque(inbox)
         self._closed = False
         self._cleanup_dir: bytes | None = None
-
-    # -- properties -----------------------------------------------------------------------
-    @property
-    def type(self) -> SocketType:
-        return self._type
-
-    @property
-    def framing(self) -> str | None:
-        """The framing name on a stream channel; None on seqpacket and dgram."""
-        return None if self._framing is None else self._framing.name
-
-    @property
-    def peer(self) -> PeerCred | None:
-        """The peer's credentials, as the kernel reported them.
-
-        Stream and seqpacket: the connecting (or accepting) process, from SO_PEERCRED.
-        Datagram: the sender of the last datagram received (SCM_CREDENTIALS); None before
-        the first. TCP: None.
-        """
-        return self._peer
-
-    @property
-    def address(self) -> Address | None:
-        """The other end's address, where it has one (a bound client may have none)."""
-        return self._remote
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def fileno(self) -> int:
         return self._sock.fileno()

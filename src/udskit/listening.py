@@ -11,9 +11,9 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, overload
+from typing import Literal, TypeVar, overload
 
 from .address import Address, AddressLike, sun_path
 from .ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
@@ -34,6 +34,9 @@ from .sockfile import Claim, claim, probe
 from .translate import translate, translating
 
 __all__ = ["Datagram", "DatagramListener", "Listener", "listen"]
+
+_T = TypeVar("_T")
+_Self = TypeVar("_Self", bound="_Endpoint")
 
 log = logging.getLogger("udskit")
 
@@ -104,6 +107,23 @@ class _Endpoint:
         if self._closed:
             raise ConnectionClosed(f"listener on {self.address} is closed")
 
+    def _until_closed(self, receive: Callable[[], _T]) -> Iterator[_T]:
+        """Call ``receive`` until the listener is closed (then stop, not raise)."""
+        while True:
+            try:
+                item = receive()
+            except ConnectionClosed:
+                if self.closed:
+                    return
+                raise
+            yield item
+
+    def __enter__(self: _Self) -> _Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._sock.fileno()}"
         return f"<{type(self).__name__} {self.type} {self.address} {state}>"
@@ -167,20 +187,7 @@ class Listener(_Endpoint):
 
     def __iter__(self) -> Iterator[Channel]:
         """Accept clients until the listener is closed."""
-        while True:
-            try:
-                item = self.accept()
-            except ConnectionClosed:
-                if self.closed:
-                    return
-                raise
-            yield item
-
-    def __enter__(self) -> Listener:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        return self._until_closed(self.accept)
 
 
 class DatagramListener(_Endpoint):
@@ -264,20 +271,7 @@ class DatagramListener(_Endpoint):
 
     def __iter__(self) -> Iterator[Datagram]:
         """Receive datagrams until the listener is closed."""
-        while True:
-            try:
-                item = self.recv()
-            except ConnectionClosed:
-                if self.closed:
-                    return
-                raise
-            yield item
-
-    def __enter__(self) -> DatagramListener:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        return self._until_closed(self.recv)
 
 
 def _sender_address(name: object) -> Address | None:

@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING, Final
 
 from ..address import Address
 from ..ancillary import RECV_FLAGS, ancillary_size, close_fds, unpack
+from ..channel import ChannelFacts
 from ..creds import PeerCred
 from ..errors import ConnectionClosed, ProtocolError, UdsError
-from ..options import SocketType, base_type, check_timeout, max_frame_for, type_name
+from ..options import base_type, check_timeout, max_frame_for, type_name
 from ..proto import CLOSED, Framing, make_framing
 from ..translate import translate, translating
 from .buffers import FEED_SLICE, READ_AHEAD, RECV_CHUNK, scratch
@@ -67,7 +68,7 @@ def _no_framing(*_: object) -> object:
 Received = tuple[bytes, list[int], PeerCred | None]
 
 
-class Channel(Sending):
+class Channel(Sending, ChannelFacts):
     """A connected endpoint that sends and receives whole messages, for asyncio.
 
     Get one from :func:`udskit.aio.connect`, :meth:`udskit.aio.Listener.accept` or
@@ -146,35 +147,6 @@ class Channel(Sending):
         self._feed: Callable[..., bytes | object] = _no_framing
         if owns_socket:
             sock.setblocking(False)
-
-    # -- properties -----------------------------------------------------------------------
-    @property
-    def type(self) -> SocketType:
-        return self._type
-
-    @property
-    def framing(self) -> str | None:
-        """The framing name on a stream channel; None on seqpacket and dgram."""
-        return None if self._framing is None else self._framing.name
-
-    @property
-    def peer(self) -> PeerCred | None:
-        """The peer's credentials, as the kernel reported them.
-
-        Stream and seqpacket: the connecting (or accepting) process, from SO_PEERCRED.
-        Datagram: the sender of the last datagram received (SCM_CREDENTIALS); None before
-        the first. TCP: None.
-        """
-        return self._peer
-
-    @property
-    def address(self) -> Address | None:
-        """The other end's address, where it has one (a bound client may have none)."""
-        return self._remote
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     @property
     def socket(self) -> socket.socket:
