@@ -231,10 +231,11 @@ def _connected(
         server = _server_from_proc(target, attempt.type)
     if not base.as_other:
         verdict = f"connected to {target}: {server}"
+    elif denied:  # the server is up, but the user we judge for may not reach it
+        who = checked_by.name if checked_by is not None else "ourselves"
+        verdict = f"the server answers at {target} (connected as {who}): {server}"
     elif checked_by is None or checked_by.uid == 0:  # root asked the kernel as the user
         verdict = f"{base.user.name} can connect to {target}: {server}"
-    elif denied:
-        verdict = f"the server answers at {target} (connected as {checked_by.name}): {server}"
     else:
         verdict = (
             f"{base.user.name} can connect to {target}: {server} (we connected as "
