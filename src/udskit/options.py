@@ -33,6 +33,7 @@ __all__ = [
     "base_type",
     "check_backlog",
     "check_framing",
+    "check_max_clients",
     "check_max_fds",
     "check_mode",
     "check_timeout",
@@ -138,6 +139,15 @@ def check_max_fds(max_fds: int) -> int:
             f"the default is {MAX_FDS_PER_MESSAGE}"
         )
     return max_fds
+
+
+def check_max_clients(max_clients: int | None) -> int | None:
+    """None (no limit) or a positive number of clients served at once."""
+    if max_clients is not None and (
+        isinstance(max_clients, bool) or not isinstance(max_clients, int) or max_clients < 1
+    ):
+        raise ValueError(f"max_clients must be a positive integer or None, not {max_clients!r}")
+    return max_clients
 
 
 def check_timeout(timeout: float | None) -> float | None:

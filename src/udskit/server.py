@@ -37,6 +37,7 @@ from .address import AddressLike
 from .channel import Channel
 from .errors import ConnectionClosed, Timeout, UdsError
 from .listening import DatagramListener, Listener, listen
+from .options import check_max_clients
 
 __all__ = ["Handler", "Server", "serve"]
 
@@ -73,10 +74,7 @@ class Server:
     ) -> None:
         if not callable(handler):
             raise TypeError(f"handler must be callable, not {handler!r}")
-        if max_clients is not None and (
-            isinstance(max_clients, bool) or not isinstance(max_clients, int) or max_clients < 1
-        ):
-            raise ValueError(f"max_clients must be a positive integer or None, not {max_clients!r}")
+        check_max_clients(max_clients)
         self._handler = handler
         self._max_clients = max_clients
         self._endpoint: Listener | DatagramListener = listen(address, **listen_options)  # type: ignore[call-overload]

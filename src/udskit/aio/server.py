@@ -26,6 +26,7 @@ from types import TracebackType
 
 from ..address import Address, AddressLike
 from ..errors import ConnectionClosed, ProtocolError, UdsError
+from ..options import check_max_clients
 from ..server import (
     _RESOURCE_ERRNOS,
     _RETRY_ERRNOS,
@@ -63,10 +64,7 @@ class Server:
     ) -> None:
         if not callable(handler):
             raise TypeError(f"handler must be an async function of a channel, not {handler!r}")
-        if max_clients is not None and (
-            isinstance(max_clients, bool) or not isinstance(max_clients, int) or max_clients < 1
-        ):
-            raise ValueError(f"max_clients must be a positive integer or None, not {max_clients!r}")
+        check_max_clients(max_clients)
         if not isinstance(endpoint, (Listener, DatagramListener)):
             raise TypeError(f"endpoint must be a udskit.aio listener, not {endpoint!r}")
         self._endpoint = endpoint

@@ -137,3 +137,45 @@ def address(text: str) -> udskit.Address:
         return udskit.Address.parse(text)
     except udskit.AddressError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_listening(parser: argparse.ArgumentParser, socket_file: str) -> None:
+    """The options of a listening socket: its file's mode and owners, who may connect, and
+    the backlog. ``socket_file`` names the file in the help ("the socket file")."""
+    parser.add_argument(
+        "--mode",
+        type=octal_mode,
+        default=0o600,
+        help=f"permissions of {socket_file}, in octal (default: 600)",
+    )
+    parser.add_argument("--owner", metavar="USER", help=f"owner of {socket_file}")
+    parser.add_argument("--group", metavar="GROUP", help=f"group of {socket_file}")
+    parser.add_argument(
+        "--allow-uid",
+        metavar="USER",
+        type=user_id,
+        action="append",
+        default=[],
+        help="serve only peers running as USER (name or uid; repeatable)",
+    )
+    parser.add_argument(
+        "--allow-gid",
+        metavar="GROUP",
+        type=group_id,
+        action="append",
+        default=[],
+        help="serve only peers in GROUP (name or gid; repeatable)",
+    )
+    parser.add_argument(
+        "--backlog",
+        type=positive_int,
+        default=128,
+        help="connections the kernel queues before they are accepted (default: 128)",
+    )
+
+
+def policy_for(args: argparse.Namespace) -> udskit.Policy | None:
+    """The access policy --allow-uid/--allow-gid ask for; None (everyone) without them."""
+    if not args.allow_uid and not args.allow_gid:
+        return None
+    return udskit.Policy(uids=args.allow_uid, gids=args.allow_gid)

@@ -8,7 +8,7 @@ import sys
 import udskit
 from udskit import bridge
 
-from ._options import group_id, octal_mode, positive_int, user_id
+from ._options import add_listening, policy_for, positive_int
 from .main import EXIT_OK, UsageError
 
 HELP = "relay connections between two addresses (TCP <-> Unix socket, abstract <-> path)"
@@ -26,33 +26,7 @@ kernel chose for tcp:HOST:0). SIGTERM or Ctrl-C stops it and removes its socket 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("listen", metavar="LISTEN", help="address to accept connections on")
     parser.add_argument("target", metavar="TARGET", help="address to relay each connection to")
-    parser.add_argument(
-        "--mode",
-        type=octal_mode,
-        default=0o600,
-        help="permissions of a LISTEN socket file, octal (default: 600)",
-    )
-    parser.add_argument("--owner", metavar="USER", help="owner of a LISTEN socket file")
-    parser.add_argument("--group", metavar="GROUP", help="group of a LISTEN socket file")
-    parser.add_argument(
-        "--allow-uid",
-        metavar="USER",
-        type=user_id,
-        action="append",
-        default=[],
-        help="accept only clients running as this user (name or uid; repeatable)",
-    )
-    parser.add_argument(
-        "--allow-gid",
-        metavar="GROUP",
-        type=group_id,
-        action="append",
-        default=[],
-        help="accept only clients in this group (name or gid; repeatable)",
-    )
-    parser.add_argument(
-        "--backlog", type=positive_int, default=128, help="listen() backlog (default: 128)"
-    )
+    add_listening(parser, "a LISTEN socket file")
     parser.add_argument(
         "--max-connections",
         type=positive_int,
@@ -62,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    policy = _policy(args.allow_uid, args.allow_gid)
+    policy = policy_for(args)
     if policy is not None and udskit.Address.parse(args.listen).kind == "tcp":
         raise UsageError(
             "--allow-uid/--allow-gid need a Unix LISTEN address: TCP clients carry no credentials"
@@ -84,9 +58,3 @@ def run(args: argparse.Namespace) -> int:
     )
     print("udskit bridge: stopped", file=sys.stderr)
     return EXIT_OK
-
-
-def _policy(uids: list[int], gids: list[int]) -> udskit.Policy | None:
-    if not uids and not gids:
-        return None
-    return udskit.Policy(uids=uids, gids=gids)

@@ -20,13 +20,12 @@ from . import _actions
 from ._actions import Action, Session, Until
 from ._options import (
     add_framing,
+    add_listening,
     add_type,
     address,
     framing_for,
-    group_id,
-    octal_mode,
+    policy_for,
     positive_int,
-    user_id,
 )
 from ._output import HexDump, Output, err
 from .main import UsageError
@@ -64,36 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop (and remove the socket file) after a message equal to TEXT",
     )
     add_framing(parser)
-    parser.add_argument(
-        "--mode",
-        type=octal_mode,
-        default=0o600,
-        help="permissions of the socket file, in octal (default: 600)",
-    )
-    parser.add_argument("--owner", metavar="USER", help="owner of the socket file")
-    parser.add_argument("--group", metavar="GROUP", help="group of the socket file")
-    parser.add_argument(
-        "--allow-uid",
-        metavar="USER",
-        type=user_id,
-        action="append",
-        default=[],
-        help="serve only peers running as USER (name or uid; repeatable)",
-    )
-    parser.add_argument(
-        "--allow-gid",
-        metavar="GROUP",
-        type=group_id,
-        action="append",
-        default=[],
-        help="serve only peers in GROUP (name or gid; repeatable)",
-    )
-    parser.add_argument(
-        "--backlog",
-        type=positive_int,
-        default=128,
-        help="connections the kernel queues before the server accepts them (default: 128)",
-    )
+    add_listening(parser, "the socket file")
     parser.add_argument(
         "--max-clients",
         metavar="N",
@@ -118,9 +88,7 @@ def run(args: argparse.Namespace) -> int:
     framing = framing_for(args)
     raw = args.type == "stream" and framing == "raw"
     handler = _Handler(args, raw=raw, lines=framing == "lines")
-    allow = (
-        udskit.Policy(args.allow_uid, args.allow_gid) if args.allow_uid or args.allow_gid else None
-    )
+    allow = policy_for(args)
     with _StopOnSignal() as stopper:
         # The handlers are in place before the socket exists: a SIGTERM sent as soon as
         # the socket answers must stop us cleanly, not kill us and leave the file behind.
