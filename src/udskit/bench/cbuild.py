@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import udskit
-
 __all__ = ["Build", "build", "cache_dir", "find_source"]
 
 SOURCE_NAME: Final = "udsbench.c"
@@ -40,11 +38,11 @@ class Build:
 
 
 def find_source() -> Path | None:
-    """``benchmarks/udsbench.c`` of the source tree udskit runs from, or of the current
-    directory; None when udskit was installed without its source tree."""
-    package = Path(udskit.__file__).resolve().parent
+    """The C reference's source: the copy installed with this package (in the source tree
+    a link to ``benchmarks/udsbench.c``), else ``benchmarks/udsbench.c`` of the current
+    directory; None if neither is there."""
     candidates = [
-        package.parent.parent / "benchmarks" / SOURCE_NAME,  # src/udskit -> the checkout
+        Path(__file__).parent / SOURCE_NAME,  # the wheel holds a copy; a checkout, the link
         Path.cwd() / "benchmarks" / SOURCE_NAME,
     ]
     return next((path for path in candidates if path.is_file()), None)
@@ -62,8 +60,8 @@ def build(source: Path | None = None) -> Build:
     if source is None:
         return Build(
             None,
-            f"C source benchmarks/{SOURCE_NAME} not found (it ships with udskit's source "
-            "tree; run from a checkout)",
+            f"C source {SOURCE_NAME} not found (neither installed with udskit.bench nor in "
+            "./benchmarks; reinstall udskit, or run from its source tree)",
             None,
             None,
         )
