@@ -387,7 +387,8 @@ def _bind_private(
 def _bind_in_place(
     sock: socket.socket, directory: _Directory, address: Address, mode: int, uid: int, gid: int
 ) -> tuple[int, int]:
-    """Bind a datagram socket at PATH itself, never visible with more permission than ``mode``.
+    """Bind at PATH itself (datagram servers, clients' own paths), never visible with more
+    permission than ``mode``.
 
     A datagram carries its sender's bound name, and peers that check where a reply came
     from (socat's UNIX-SENDTO, clients comparing recvfrom()'s address with the server's
@@ -428,10 +429,8 @@ def _make_private_dir(directory: _Directory, address: Address) -> bytes:
 def bind_reply_path(sock: socket.socket, address: Address, mode: int = 0o600) -> Claim:
     """Bind a client's own path (datagram replies, S7) under its real name.
 
-    Peers answer the name getsockname() reports, so a client cannot bind in a private
-    directory. The mode is set on the socket before bind() instead: Linux creates the file
-    with the socket inode's mode minus the umask, so it is never visible with more
-    permissions than ``mode`` (chmod afterwards restores bits the umask removed).
+    Peers answer the name getsockname() reports, so a client binds in place, like a
+    datagram server (see _bind_in_place), never visible with more permission than ``mode``.
     """
     path = address.absolute().raw
     if len(path) > MAX_DIRECT_PATH and sock.type == socket.SOCK_DGRAM:
@@ -446,12 +445,8 @@ def bind_reply_path(sock: socket.socket, address: Address, mode: int = 0o600) ->
     try:
         with _Lock(directory):
             _make_room(directory, address)
-            os.fchmod(sock.fileno(), mode)
-            with translating("bind", address):
-                sock.bind(directory.sun_path(directory.name, path))
-            os.chmod(directory.name, mode, dir_fd=directory.fd)
-            info = os.stat(directory.name, dir_fd=directory.fd, follow_symlinks=False)
-        return Claim(address, directory, (info.st_dev, info.st_ino))
+            dev_ino = _bind_in_place(sock, directory, address, mode, -1, -1)
+        return Claim(address, directory, dev_ino)
     except BaseException:
         directory.close()
         raise
