@@ -12,7 +12,7 @@ import pytest
 import udskit
 from udskit.channel import _JOIN_LIMIT, DIRECT_READ_MIN, MAX_SPIN_US
 from udskit.options import DEFAULT_STREAM_BUFFER
-from udskit.proto import HEADER
+from udskit.proto import HEADER, LengthPrefixed
 
 
 def _receive_all(channel: udskit.Channel, count: int) -> list[bytes]:
@@ -244,3 +244,15 @@ def test_large_messages_with_a_timeout_use_the_buffered_path() -> None:
         assert right.recv() == b"p" * BIG
         assert right.recv() == b"q" * BIG
         thread.join()
+
+
+def test_recv_many_keeps_whole_messages_when_the_peer_left_one_half_sent() -> None:
+    frames = LengthPrefixed()
+    left, right = udskit.pair()
+    with right:
+        with left:
+            whole = frames.frame(b"a") + frames.frame(b"b")
+            left.socket.sendall(whole + HEADER.pack(10) + b"12345")  # then the peer is gone
+        assert _receive_all(right, 2) == [b"a", b"b"]
+        with pytest.raises(udskit.ConnectionClosed, match="mid-message"):
+            right.recv_many()
