@@ -13,7 +13,7 @@ import logging
 import socket
 from collections import deque
 from collections.abc import Sequence
-from typing import Final, Literal, overload
+from typing import Any, Final, Generic, Literal, TypeVar, overload
 
 from .. import listening as blocking
 from ..address import Address, AddressLike, sun_path
@@ -28,6 +28,9 @@ from .channel import Buffer, Channel
 from .waiting import EXPIRED, RetryPause, Waiters
 
 __all__ = ["DatagramListener", "Listener", "listen"]
+
+_Item = TypeVar("_Item")
+_Self = TypeVar("_Self", bound="_Endpoint[Any]")
 
 log = logging.getLogger("udskit")
 
@@ -44,9 +47,9 @@ _TRUNC: Final = int(socket.MSG_TRUNC)
 _SEND_FLAGS: Final = int(socket.MSG_NOSIGNAL)
 
 
-class _Endpoint:
+class _Endpoint(Generic[_Item]):
     """What both listener kinds share: the blocking endpoint (socket, claim, policy), the
-    loop, waiting for readiness with a timeout, closing, context management."""
+    loop, waiting for readiness with a timeout, closing, iteration, context management."""
 
     __slots__ = ("_inner", "_loop", "_reading", "_timeout", "_waiters")
 
@@ -73,6 +76,27 @@ class _Endpoint:
     @property
     def closed(self) -> bool:
         return self._inner.closed
+
+    async def _next(self) -> _Item:
+        raise NotImplementedError
+
+    def __aiter__(self: _Self) -> _Self:
+        return self
+
+    async def __anext__(self) -> _Item:
+        """The next client or datagram; iteration ends when the listener is closed."""
+        try:
+            return await self._next()
+        except ConnectionClosed:
+            if self.closed:
+                raise StopAsyncIteration from None
+            raise
+
+    async def __aenter__(self: _Self) -> _Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
 
     @property
     def socket(self) -> socket.socket:
@@ -139,7 +163,7 @@ class _Endpoint:
                 loop.remove_reader(self._inner.fileno())
 
 
-class Listener(_Endpoint):
+class Listener(_Endpoint[Channel]):
     """A listening stream or seqpacket socket: ``await accept()`` returns a Channel per
     client the policy allows. ``async for channel in listener`` accepts until closed."""
 
@@ -225,26 +249,10 @@ class Listener(_Endpoint):
             write_limit=write_limit,
         )
 
-    def __aiter__(self) -> Listener:
-        return self
-
-    async def __anext__(self) -> Channel:
-        """The next client; iteration ends when the listener is closed."""
-        try:
-            return await self.accept()
-        except ConnectionClosed:
-            if self.closed:
-                raise StopAsyncIteration from None
-            raise
-
-    async def __aenter__(self) -> Listener:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.close()
+    _next = accept  # what async iteration yields
 
 
-class DatagramListener(_Endpoint):
+class DatagramListener(_Endpoint[Datagram]):
     """A bound datagram socket: ``await recv()`` returns a :class:`udskit.Datagram`; reply
     with ``await send_to(datagram.sender, data)``.
 
@@ -368,23 +376,7 @@ class DatagramListener(_Endpoint):
         self._ready.clear()
         super().close()
 
-    def __aiter__(self) -> DatagramListener:
-        return self
-
-    async def __anext__(self) -> Datagram:
-        """The next datagram; iteration ends when the listener is closed."""
-        try:
-            return await self.recv()
-        except ConnectionClosed:
-            if self.closed:
-                raise StopAsyncIteration from None
-            raise
-
-    async def __aenter__(self) -> DatagramListener:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.close()
+    _next = recv  # what async iteration yields
 
 
 @overload
