@@ -21,7 +21,15 @@ from typing import Final
 from .creds import UCRED, PeerCred, unpack_ucred
 from .errors import ProtocolError
 
-__all__ = ["MAX_FDS_PER_MESSAGE", "Received", "ancillary_size", "close_fds", "rights", "unpack"]
+__all__ = [
+    "MAX_FDS_PER_MESSAGE",
+    "Received",
+    "ancillary_size",
+    "close_fds",
+    "rights",
+    "stream_read_lost",
+    "unpack",
+]
 
 #: Descriptors accepted in (and sent with) one message by default. The kernel allows 253
 #: (SCM_MAX_FD); every descriptor in flight is charged to the sender's RLIMIT_NOFILE and
@@ -114,6 +122,17 @@ def unpack(
     if not fds and cred is None:
         return _NOTHING
     return Received(fds, cred)
+
+
+def stream_read_lost(error: ProtocolError) -> ProtocolError:
+    """What a stream channel raises, from then on, after ``unpack`` refused a read's control
+    data. On a stream the read's bytes cannot be used without it: dropped, they leave a hole;
+    fed, they would give a message descriptors that are not its own. So reading ends there.
+    """
+    return ProtocolError(
+        f"{error}; the bytes that came with them are lost, so nothing more can be received "
+        "on this channel: close it and connect again"
+    )
 
 
 def close_fds(fds: Iterable[int]) -> None:

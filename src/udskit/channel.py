@@ -12,16 +12,31 @@ import logging
 import os
 import select
 import socket
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from time import monotonic_ns
 from typing import TYPE_CHECKING, Final
 
 from .address import Address, sun_path
-from .ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
+from .ancillary import (
+    RECV_FLAGS,
+    ancillary_size,
+    close_fds,
+    rights,
+    stream_read_lost,
+    unpack,
+)
 from .creds import PeerCred, peer_cred
-from .errors import ConnectionClosed, ProtocolError
-from .options import SocketType, base_type, check_timeout, max_frame_for, type_name
+from .errors import ConnectionClosed, ProtocolError, Timeout
+from .options import (
+    SocketType,
+    base_type,
+    check_message,
+    check_timeout,
+    max_frame_for,
+    type_name,
+)
 from .proto import (
     CLOSED,
     HEADER,
@@ -116,10 +131,20 @@ class Channel(ChannelFacts):
     """A connected endpoint that sends and receives whole messages.
 
     Use it as a context manager; iterate over it to receive until the peer closes.
+
+    Threads may share a channel: each ``send*`` call puts its message (or batch) on the wire
+    whole, never interleaved with another thread's, and each ``recv*`` call takes whole
+    messages; senders and receivers do not wait for each other. A send that fails after
+    part of a message went out (a timeout, a signal, an error) leaves the channel *broken*:
+    the peer is told (end of stream mid-message) and every later call here raises
+    ``ConnectionClosed``, so no message is ever spliced into the remains of another. A read
+    that brings more descriptors than ``max_fds`` cannot be used either (its bytes would
+    leave a hole in the stream): that ``recv`` and every later one raise ``ProtocolError``.
     """
 
     __slots__ = (
         "_ancsize",
+        "_broken",
         "_claim",
         "_cleanup_dir",
         "_closed",
@@ -135,10 +160,14 @@ class Channel(ChannelFacts):
         "_rbuf",
         "_rbufs",
         "_remote",
+        "_rlock",
         "_rview",
         "_sock",
         "_spin_ns",
         "_type",
+        "_unreadable",
+        "_unusable",
+        "_wlock",
     )
 
     def __init__(
@@ -177,6 +206,12 @@ class Channel(ChannelFacts):
         self._owns_socket = owns_socket
         self._inbox: deque[tuple[bytes, list[int]]] = deque(inbox)
         self._closed = False
+        # _unusable: closed or broken, one test on the hot paths; _broken says why
+        self._unusable = False
+        self._broken: ConnectionClosed | None = None  # part of a frame went out
+        self._unreadable: ProtocolError | None = None  # a read had to be dropped
+        self._wlock = threading.Lock()  # one message (or batch) on the wire at a time
+        self._rlock = threading.Lock()  # one reader of the framing and buffer at a time
         self._cleanup_dir: bytes | None = None
 
     def fileno(self) -> int:
@@ -198,14 +233,19 @@ class Channel(ChannelFacts):
     # -- sending --------------------------------------------------------------------------
     def send(self, data: Buffer) -> None:
         """Send one message (on a stream: framed; on seqpacket/dgram: one packet)."""
-        if self._closed:
-            self._check_open()
         framing = self._framing
         if framing is not None and len(data) <= _JOIN_LIMIT:
+            check_message(data)
+            frame = framing.frame(data)
+            lock = self._wlock
+            if not lock.acquire(False):
+                self._wait_turn(lock, "send")
             try:
-                self._sock.sendall(framing.frame(data), _SEND_FLAGS)
-            except OSError as exc:
-                raise translate(exc, "send", self._remote) from exc
+                if self._unusable:
+                    self._check_open()
+                self._write([frame], [], len(frame))
+            finally:
+                lock.release()
         else:
             self._send(data, [])
 
@@ -214,29 +254,35 @@ class Channel(ChannelFacts):
 
         The frames are joined into one buffer of up to ``_JOIN_LIMIT`` bytes per write, so a
         burst of small messages costs one send() instead of one each. On seqpacket and dgram
-        every message is still its own packet.
+        every message is still its own packet. The batch is one unit: if it fails after any
+        of it went out, the channel is broken (see the class docstring).
         """
-        self._check_open()
         framing = self._framing
         if framing is None:
             for message in messages:
                 self._send(message, [])
             return
-        batch: list[bytes] = []
-        batched = 0
+        lock = self._wlock
+        if not lock.acquire(False):
+            self._wait_turn(lock, "send")
         try:
+            self._check_open()
+            batch: list[bytes] = []
+            batched = 0
+            went = 0
             for message in messages:
+                check_message(message)
                 frame = framing.frame(message)
                 batch.append(frame)
                 batched += len(frame)
                 if batched >= _JOIN_LIMIT:
-                    self._sock.sendall(b"".join(batch), _SEND_FLAGS)
+                    went = self._write([b"".join(batch)], [], batched, went)
                     batch.clear()
                     batched = 0
             if batch:
-                self._sock.sendall(b"".join(batch), _SEND_FLAGS)
-        except OSError as exc:
-            raise translate(exc, "send", self._remote) from exc
+                self._write([b"".join(batch)], [], batched, went)
+        finally:
+            lock.release()
 
     def send_fds(self, data: Buffer, fds: Sequence[int]) -> None:
         """Send one message with open descriptors attached (SCM_RIGHTS).
@@ -248,41 +294,98 @@ class Channel(ChannelFacts):
         self._send(data, rights(list(fds), self._max_fds))
 
     def _send(self, data: Buffer, ancillary: list[tuple[int, int, bytes]]) -> None:
-        self._check_open()
+        check_message(data)
         framing = self._framing
+        lock = self._wlock
+        if not lock.acquire(False):
+            self._wait_turn(lock, "send")
         try:
+            self._check_open()
             if framing is None:
                 self._send_packet(data, ancillary)
             else:
-                self._send_vector(framing.encode(data), ancillary)
-        except OSError as exc:
-            raise translate(exc, "send", self._remote) from exc
+                parts = framing.encode(data)
+                views: list[Buffer] = [memoryview(p).cast("B") for p in parts if len(p)]
+                self._write(views, ancillary, sum(map(len, views)))
+        finally:
+            lock.release()
 
     def _send_packet(self, data: Buffer, ancillary: list[tuple[int, int, bytes]]) -> None:
+        """One seqpacket message or datagram: the kernel takes all of it or none."""
         if self._type == "seqpacket" and not data:
             raise ProtocolError(
                 "cannot send an empty seqpacket message: the receiver reads it as end of connection"
             )
-        if self._owns_socket or self._remote is None:
-            if ancillary:
-                self._sock.sendmsg([data], ancillary, _SEND_FLAGS)
-            else:
-                self._sock.send(data, _SEND_FLAGS)
-            return
-        # A datagram session on a server: the reply goes to the sender's address.
-        with sun_path(self._remote) as where:
-            self._sock.sendmsg([data], ancillary, _SEND_FLAGS, where)
+        try:
+            if self._owns_socket or self._remote is None:
+                if ancillary:
+                    self._sock.sendmsg([data], ancillary, _SEND_FLAGS)
+                else:
+                    self._sock.send(data, _SEND_FLAGS)
+                return
+            # A datagram session on a server: the reply goes to the sender's address.
+            with sun_path(self._remote) as where:
+                self._sock.sendmsg([data], ancillary, _SEND_FLAGS, where)
+        except OSError as exc:
+            raise translate(exc, "send", self._remote) from exc
 
-    def _send_vector(self, parts: list[Buffer], ancillary: list[tuple[int, int, bytes]]) -> None:
-        views = [memoryview(p).cast("B") for p in parts if len(p)]
-        while views:
-            sent = self._sock.sendmsg(views, ancillary, _SEND_FLAGS)
-            ancillary = []  # descriptors go with the first byte only
-            while views and sent >= len(views[0]):
-                sent -= len(views[0])
-                views.pop(0)
-            if views and sent:
-                views[0] = views[0][sent:]
+    def _write(
+        self,
+        parts: list[Buffer],
+        ancillary: list[tuple[int, int, bytes]],
+        size: int,
+        went: int = 0,
+    ) -> int:
+        """Put ``parts`` (``size`` bytes of whole frames) on the stream; return ``went`` plus
+        the bytes written. Caller holds the write lock.
+
+        A failure raised by the first system call of a unit (``went`` == 0) means nothing of
+        it was written: the stream is still whole, and the error is raised as is. Any later
+        failure, or an exception that did not come from the system call itself (a signal
+        handler's KeyboardInterrupt may land just after a write returned), leaves an unknown
+        part of a frame on the wire: the channel is broken before the error is raised.
+        """
+        sock = self._sock
+        sent = 0
+        try:
+            if len(parts) == 1 and not ancillary:
+                sent = sock.send(parts[0], _SEND_FLAGS)
+                if sent == size:
+                    return went + size
+                views = [memoryview(parts[0]).cast("B")[sent:]]
+            else:
+                views = parts  # type: ignore[assignment]
+                sent = 0
+            while views:
+                n = sock.sendmsg(views, ancillary, _SEND_FLAGS)
+                sent += n
+                ancillary = []  # descriptors go with the first byte only
+                while views and n >= len(views[0]):
+                    n -= len(views[0])
+                    views.pop(0)
+                if views and n:
+                    views[0] = memoryview(views[0]).cast("B")[n:]
+        except OSError as exc:
+            error = translate(exc, "send", self._remote)
+            if went + sent:
+                self._break(f"a send failed after {went + sent} of {went + size} bytes")
+            raise error from exc
+        except BaseException:
+            self._break("a send was interrupted mid-message")
+            raise
+        return went + size
+
+    def _break(self, why: str) -> None:
+        """Mark the stream broken (part of a frame is on the wire) and tell the peer."""
+        self._broken = broken(self._where(), why)
+        self._unusable = True
+        try:
+            self._sock.shutdown(socket.SHUT_WR)  # the peer sees the message cut off
+        except OSError:
+            pass
+
+    def _wait_turn(self, lock: threading.Lock, op: str) -> None:
+        wait_turn(lock, self._sock, op, self._where())
 
     # -- receiving ------------------------------------------------------------------------
     def recv(self) -> bytes:
@@ -291,20 +394,26 @@ class Channel(ChannelFacts):
         Raises ``ConnectionClosed`` when the peer has closed (``mid_message`` if it left a
         message unfinished), ``Timeout`` after ``settimeout`` seconds.
         """
-        framing = self._framing
-        if framing is not None and not self._closed and not self._inbox:
-            # The stream path of _recv(), inlined: this is the hot loop of every client.
-            message = framing.next_message()
-            while message is NEED_DATA:
-                message = self._feed(framing)
-            if message is CLOSED:
-                raise ConnectionClosed(f"{self._where()}: the peer closed the connection")
-            fds = framing.take_fds()
-            if fds:
-                close_fds(fds)
-            self._direct = len(message) >= DIRECT_READ_MIN  # type: ignore[arg-type]
-            return message  # type: ignore[return-value]
-        data, fds = self._recv()
+        lock = self._rlock
+        if not lock.acquire(False):
+            self._wait_turn(lock, "recv")
+        try:
+            framing = self._framing
+            if framing is not None and not self._unusable and not self._inbox:
+                # The stream path of _recv(), inlined: this is the hot loop of every client.
+                message = framing.next_message()
+                while message is NEED_DATA:
+                    message = self._feed(framing)
+                if message is CLOSED:
+                    raise ConnectionClosed(f"{self._where()}: the peer closed the connection")
+                fds = framing.take_fds()
+                if fds:
+                    close_fds(fds)
+                self._direct = len(message) >= DIRECT_READ_MIN  # type: ignore[arg-type]
+                return message  # type: ignore[return-value]
+            data, fds = self._recv()
+        finally:
+            lock.release()
         if fds:
             log.debug("%r: closing %d descriptors received by recv()", self, len(fds))
             close_fds(fds)
@@ -312,7 +421,13 @@ class Channel(ChannelFacts):
 
     def recv_fds(self) -> tuple[bytes, list[int]]:
         """Receive one message and the descriptors sent with it (now owned by the caller)."""
-        return self._recv()
+        lock = self._rlock
+        if not lock.acquire(False):
+            self._wait_turn(lock, "recv")
+        try:
+            return self._recv()
+        finally:
+            lock.release()
 
     def recv_many(self) -> list[bytes]:
         """Wait for at least one message, then return every complete message already here.
@@ -320,19 +435,28 @@ class Channel(ChannelFacts):
         On a stream this drains what one read brought in, without further system calls: the
         receiving half of ``send_many``. Descriptors that arrive are closed, as by recv().
         """
-        messages = [self.recv()]
-        framing = self._framing
-        if framing is None:
-            return messages
-        while framing.buffered:
-            message = framing.next_message()
-            if message is NEED_DATA or message is CLOSED:
-                break
-            messages.append(message)  # type: ignore[arg-type]
-            fds = framing.take_fds()
+        lock = self._rlock
+        if not lock.acquire(False):
+            self._wait_turn(lock, "recv")
+        try:
+            data, fds = self._recv()
             if fds:
                 close_fds(fds)
-        return messages
+            messages = [data]
+            framing = self._framing
+            if framing is None:
+                return messages
+            while framing.buffered:
+                message = framing.next_message()
+                if message is NEED_DATA or message is CLOSED:
+                    break
+                messages.append(message)  # type: ignore[arg-type]
+                fds = framing.take_fds()
+                if fds:
+                    close_fds(fds)
+            return messages
+        finally:
+            lock.release()
 
     def __iter__(self) -> Iterator[bytes]:
         """Receive messages until the peer closes cleanly."""
@@ -345,8 +469,11 @@ class Channel(ChannelFacts):
                 return
 
     def _recv(self) -> tuple[bytes, list[int]]:
-        if self._closed:
+        """One message and its descriptors. Caller holds the read lock."""
+        if self._unusable:
             self._check_open()
+            if self._unreadable is not None:
+                raise self._unreadable.with_traceback(None)
         if self._inbox:
             return self._inbox.popleft()
         framing = self._framing
@@ -388,7 +515,7 @@ class Channel(ChannelFacts):
                 return message
         size, ancdata, flags, _ = self._recvmsg()
         if ancdata or flags & _CTRUNC:
-            fds = unpack(ancdata, flags, self._where(), self._max_fds).fds
+            fds = self._stream_fds(ancdata, flags)
             if size == 0:
                 close_fds(fds)
                 fds = []
@@ -410,11 +537,7 @@ class Channel(ChannelFacts):
             )
         except OSError as exc:
             raise translate(exc, "recv", self._remote) from exc
-        fds = (
-            unpack(ancdata, flags, self._where(), self._max_fds).fds
-            if ancdata or flags & _CTRUNC
-            else []
-        )
+        fds = self._stream_fds(ancdata, flags) if ancdata or flags & _CTRUNC else []
         if size == 0:
             close_fds(fds)
             return framing.feed(b"")
@@ -428,6 +551,16 @@ class Channel(ChannelFacts):
         except OSError as exc:
             raise translate(exc, "recv", self._remote) from exc
         return framing.receive_payload(payload)
+
+    def _stream_fds(self, ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:
+        """The descriptors of one stream read; if they cannot be taken, reading ends here
+        (see ``stream_read_lost``)."""
+        try:
+            return unpack(ancdata, flags, self._where(), self._max_fds).fds
+        except ProtocolError as exc:
+            self._unreadable = stream_read_lost(exc)
+            self._unusable = True
+            raise self._unreadable from exc
 
     def _recv_packet(self) -> tuple[bytes, list[int]]:
         size, ancdata, flags, _ = self._recvmsg()
@@ -489,7 +622,7 @@ class Channel(ChannelFacts):
         """Close the socket, any unclaimed received descriptors, and our bound reply path."""
         if self._closed:
             return
-        self._closed = True
+        self._closed = self._unusable = True
         if self._framing is not None:
             close_fds(self._framing.held_fds())
         for _, fds in self._inbox:
@@ -523,6 +656,8 @@ class Channel(ChannelFacts):
     def _check_open(self) -> None:
         if self._closed:
             raise ConnectionClosed(f"{self._where()}: this channel is closed")
+        if self._broken is not None:
+            raise self._broken.with_traceback(None)
 
     def _is_unix(self) -> bool:
         return self._sock.family == socket.AF_UNIX
@@ -533,6 +668,23 @@ class Channel(ChannelFacts):
     def _adopt_reply_dir(self, directory: bytes) -> None:
         """Remove ``directory`` (a private dir holding our reply path) on close."""
         self._cleanup_dir = directory
+
+
+def broken(where: str, why: str) -> ConnectionClosed:
+    """The error every call raises on a stream channel that has part of a frame on the wire
+    (both layers)."""
+    return ConnectionClosed(
+        f"{where}: this channel is broken ({why}, so the peer cannot tell where the next "
+        "message starts); close it and connect again",
+        mid_message=True,
+    )
+
+
+def wait_turn(lock: threading.Lock, sock: socket.socket, op: str, where: object) -> None:
+    """Another thread is in ``op`` on ``sock``: wait for it, within the socket's timeout."""
+    timeout = sock.gettimeout()
+    if not lock.acquire(timeout=-1 if timeout is None else timeout):
+        raise Timeout(f"{op} on {where} timed out waiting for another thread's {op} to finish")
 
 
 def _rebuild(

@@ -11,13 +11,14 @@ import errno
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar, overload
 
 from .address import Address, AddressLike, sun_path
 from .ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
-from .channel import Buffer, Channel, accepted
+from .channel import Buffer, Channel, accepted, wait_turn
 from .creds import PeerCred, Policy
 from .errors import AddressInUse, ConnectionClosed, ProtocolError, SocketFileError
 from .options import (
@@ -194,7 +195,7 @@ class DatagramListener(_Endpoint):
     """A bound datagram socket: ``recv()`` returns a :class:`Datagram`; reply with
     ``send_to(datagram.sender, data)``."""
 
-    __slots__ = ("_ancsize", "_max_fds", "_rbuf", "_rview")
+    __slots__ = ("_ancsize", "_max_fds", "_rbuf", "_rlock", "_rview")
 
     def __init__(
         self,
@@ -212,9 +213,21 @@ class DatagramListener(_Endpoint):
         self._ancsize = ancillary_size(max_fds, creds=True)
         self._rbuf = bytearray(max_frame)
         self._rview = memoryview(self._rbuf)
+        self._rlock = threading.Lock()  # the receive buffer is shared: one reader at a time
 
     def recv(self) -> Datagram:
-        """The next datagram the policy allows (others are dropped and logged)."""
+        """The next datagram the policy allows (others are dropped and logged).
+
+        Threads may share a listener: each gets whole datagrams of its own."""
+        lock = self._rlock
+        if not lock.acquire(False):
+            wait_turn(lock, self._sock, "recv", self.address)
+        try:
+            return self._recv()
+        finally:
+            lock.release()
+
+    def _recv(self) -> Datagram:
         while True:
             self._check_open()
             try:

@@ -35,6 +35,7 @@ __all__ = [
     "check_framing",
     "check_max_clients",
     "check_max_fds",
+    "check_message",
     "check_mode",
     "check_timeout",
     "max_frame_for",
@@ -61,6 +62,12 @@ _KINDS: Final[dict[str, int]] = {
     "seqpacket": socket.SOCK_SEQPACKET,
     "dgram": socket.SOCK_DGRAM,
 }
+
+
+def check_message(data: object) -> None:
+    """Refuse text where a message (bytes) is expected, saying how to fix the call."""
+    if isinstance(data, str):
+        raise TypeError("messages are bytes, not str: encode text first, e.g. send(text.encode())")
 
 
 def socket_kind(type: str) -> int:  # noqa: A002 - mirrors the public keyword

@@ -109,7 +109,8 @@ def test_too_many_descriptors_to_send(arun: Run, no_fd_leak: None) -> None:
 @pytest.mark.parametrize("kind", ["stream", "seqpacket", "dgram"])
 def test_too_many_descriptors_received(arun: Run, kind: str, no_fd_leak: None) -> None:
     """The sender (blocking, max_fds 16) sends 8; we accept 2: ProtocolError, every one of
-    them closed, and the channel goes on with the next message."""
+    them closed. A packet channel goes on with the next message; a stream cannot (the read's
+    bytes went with the descriptors), so every later recv says so."""
 
     async def main() -> None:
         raw_ours, raw_theirs = socket.socketpair(socket.AF_UNIX, udskit.options.socket_kind(kind))
@@ -124,12 +125,75 @@ def test_too_many_descriptors_received(arun: Run, kind: str, no_fd_leak: None) -
                 await ours.recv_fds()
             assert open_fds() == before
             theirs.send(b"next")
-            assert await ours.recv() == b"next"
+            if kind == "stream":
+                with pytest.raises(ProtocolError, match="nothing more can be received"):
+                    await ours.recv()
+            else:
+                assert await ours.recv() == b"next"
         finally:
             for fd in fds:
                 os.close(fd)
             theirs.close()
             ours.close()
+
+    arun(main())
+
+
+def test_descriptors_over_max_fds_never_build_a_wrong_message(arun: Run, no_fd_leak: None) -> None:
+    """300 KiB, then a message with 20 descriptors (we take 2), then 60 KB: every message
+    received is one that was sent, and once the stream has a hole, nothing more is."""
+
+    async def main() -> None:
+        raw_ours, raw_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        theirs = udskit.Channel(raw_theirs, max_fds=253)
+        ours = udskit.aio.Channel(raw_ours, max_fds=2)
+        pipes = [os.pipe() for _ in range(10)]
+        fds = [fd for pipe in pipes for fd in pipe]
+        sent = [b"a" * 300 * 1024, b"b" * 1000, b"c" * 60_000]
+
+        def send_all() -> None:
+            theirs.send(sent[0])
+            theirs.send_fds(sent[1], fds)
+            theirs.send(sent[2])
+
+        try:
+            sending = asyncio.get_running_loop().run_in_executor(None, send_all)
+            results: list[bytes | str] = []
+            for _ in sent:
+                try:
+                    results.append(await ours.recv())
+                except ProtocolError as exc:
+                    results.append(str(exc))
+            await sending
+        finally:
+            for fd in fds:
+                os.close(fd)
+            theirs.close()
+            ours.close()
+        # The first message may share its last read with the descriptors, and go with them.
+        first_error = next(i for i, item in enumerate(results) if isinstance(item, str))
+        assert results[:first_error] == sent[:first_error]
+        assert all(isinstance(item, str) for item in results[first_error:])
+        assert "max_fds" in str(results[first_error])
+        assert "nothing more can be received" in str(results[-1])
+
+    arun(main())
+
+
+def test_text_is_refused_with_a_hint(arun: Run) -> None:
+    async def main() -> None:
+        for kind in ("stream", "seqpacket", "dgram"):
+            left, right = udskit.aio.pair(kind)
+            async with left, right:
+                for call in (
+                    left.send("text"),  # type: ignore[arg-type]
+                    left.send_many(["text"]),  # type: ignore[list-item]
+                    left.send_fds("text", []),  # type: ignore[arg-type]
+                ):
+                    with pytest.raises(TypeError, match="messages are bytes, not str"):
+                        await call
+                await left.send(b"fine")
+                assert await right.recv() == b"fine"
 
     arun(main())
 

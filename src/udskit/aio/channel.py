@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
 from ..address import Address
-from ..ancillary import RECV_FLAGS, ancillary_size, close_fds, unpack
+from ..ancillary import RECV_FLAGS, ancillary_size, close_fds, stream_read_lost, unpack
 from ..channel import ChannelFacts
 from ..creds import PeerCred
 from ..errors import ConnectionClosed, ProtocolError, UdsError
@@ -383,9 +383,10 @@ class Channel(Sending, ChannelFacts):
                 try:
                     fds = unpack(ancdata, flags, self._where(), self._max_fds).fds
                 except ProtocolError as exc:
-                    # This read's bytes are lost with the descriptors: report it in order,
-                    # after the messages already received, as the blocking channel does.
-                    self._fail_read(exc, fatal=False)
+                    # The read's bytes cannot be used without them (a hole in the stream, or
+                    # a message given descriptors not its own): after the messages already
+                    # received, every recv() says so, as the blocking channel does.
+                    self._fail_read(stream_read_lost(exc), fatal=True)
                     return
             if not size:
                 close_fds(fds)
@@ -478,6 +479,9 @@ class Channel(Sending, ChannelFacts):
                 self._stop_reading()
                 break
         self._wake_receiver()
+
+    def _on_broken(self, error: Exception) -> None:
+        self._fail_read(error, fatal=True)
 
     def _fail_read(self, error: Exception, *, fatal: bool) -> None:
         """Report ``error`` to the receiver after the messages already queued.

@@ -23,8 +23,9 @@ from typing import Final
 
 from ..address import Address, sun_path
 from ..ancillary import rights
+from ..channel import broken
 from ..errors import ConnectionClosed, ProtocolError
-from ..options import SocketType
+from ..options import SocketType, check_message
 from ..proto import Framing
 from ..translate import translate, translating
 from .buffers import WRITE_LOW_WATER, check_write_limit
@@ -130,6 +131,7 @@ class Sending:
         Raises ``ConnectionClosed`` if the peer has gone, ``Timeout`` after ``settimeout``
         seconds of waiting (the message stays queued).
         """
+        check_message(data)
         framing = self._framing
         if framing is None:
             await self._send_packet(data, [])
@@ -141,13 +143,16 @@ class Sending:
             joined = framing.frame(data)
             try:
                 sent = self._sock.send(joined, SEND_FLAGS)
+                if sent == len(joined):
+                    return
+                self._queue([memoryview(joined)[sent:]], [])  # our own bytes: no copy
             except (BlockingIOError, InterruptedError):
-                sent = 0
+                self._queue([memoryview(joined)], [])
             except OSError as exc:
                 raise translate(exc, "send", self._remote) from exc
-            if sent == len(joined):
-                return
-            self._queue([memoryview(joined)[sent:]], [])  # our own bytes: no copy
+            except BaseException:
+                self._cut()
+                raise
         else:
             self._write(framing.encode(data), [])
         if self._wsize > self._high:
@@ -159,6 +164,7 @@ class Sending:
         The receiver gets its own duplicates, made when the message enters the kernel, so
         this returns only once it has: the caller may close ``fds`` right after.
         """
+        check_message(data)
         if self._sock.family != socket.AF_UNIX:
             raise ProtocolError("descriptors can only be passed over Unix sockets")
         ancillary = rights(list(fds), self._max_fds)
@@ -182,11 +188,13 @@ class Sending:
         framing = self._framing
         if framing is None:
             for message in messages:
+                check_message(message)
                 await self._send_packet(message, [])
             return
         self._check_open()
         parts: list[Buffer] = []
         for message in messages:
+            check_message(message)
             if len(message) <= JOIN_LIMIT:
                 parts.append(framing.frame(message))
             else:
@@ -211,13 +219,16 @@ class Sending:
                 sent = self._sock.send(views[0], SEND_FLAGS)
             else:
                 sent = self._sock.sendmsg(views[:IOV_MAX], ancillary, SEND_FLAGS)
+            if sent:
+                ancillary = []  # the descriptors went with the first byte
+            self._queue(advance(views, sent), ancillary)
         except (BlockingIOError, InterruptedError):
-            sent = 0
+            self._queue(views, ancillary)
         except OSError as exc:
             raise translate(exc, "send", self._remote) from exc
-        if sent:
-            ancillary = []  # the descriptors went with the first byte
-        self._queue(advance(views, sent), ancillary)
+        except BaseException:
+            self._cut()
+            raise
 
     def _queue(self, views: list[memoryview], ancillary: Ancillary) -> None:
         for i, view in enumerate(views):
@@ -248,22 +259,25 @@ class Sending:
                 batch.append(item[0])  # type: ignore[arg-type]
             try:
                 sent = self._sock.sendmsg(batch, ancillary, SEND_FLAGS)
+                self._wsize -= sent
+                if sent:
+                    first[1] = []
+                while sent:
+                    view: memoryview = wbuf[0][0]  # type: ignore[assignment]
+                    if sent >= len(view):
+                        sent -= len(view)
+                        wbuf.popleft()
+                    else:
+                        wbuf[0][0] = view[sent:]
+                        sent = 0
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 self._fail_write(translate(exc, "send", self._remote))
                 return
-            self._wsize -= sent
-            if sent:
-                first[1] = []
-            while sent:
-                view: memoryview = wbuf[0][0]  # type: ignore[assignment]
-                if sent >= len(view):
-                    sent -= len(view)
-                    wbuf.popleft()
-                else:
-                    wbuf[0][0] = view[sent:]
-                    sent = 0
+            except BaseException:
+                self._cut()
+                raise
         if not wbuf:
             self._stop_writing()
         if self._wsize <= self._low:
@@ -276,6 +290,20 @@ class Sending:
         self._wsize = 0
         self._stop_writing()
         self._drain.wake_all()
+
+    def _cut(self) -> None:
+        """An exception (a signal handler's, say) landed while a frame was going out: an
+        unknown part of it is on the wire. Break the channel both ways; tell the peer."""
+        error = broken(self._where(), "a send was interrupted mid-message")
+        self._fail_write(error)
+        self._on_broken(error)
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def _on_broken(self, error: Exception) -> None:
+        """The receive half's part in ``_cut`` (the channel overrides it)."""
 
     def _raise_write_error(self) -> None:
         error = self._write_error

@@ -1,0 +1,136 @@
+"""A message is whole, or the channel is broken (asyncio layer, both loops).
+
+A scripted socket gives the aio channel short writes, EAGAIN and EINTR on every send path
+(what the kernel does not take is queued and flushed in order), and an exception that
+lands just after a write returned (the channel breaks; nothing is spliced).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import pytest
+
+import udskit
+import udskit.aio
+from udskit import ConnectionClosed
+
+from ..faults.scripted import Drain, Step, scripted_pair
+
+Run = Callable[[Coroutine[Any, Any, Any]], Any]
+Send = Callable[[udskit.aio.Channel, int], Awaitable[list[bytes]]]
+
+
+def _message(tag: int, size: int) -> bytes:
+    head = f"<{tag}:{size}>".encode()
+    return (head * (size // len(head) + 1))[:size]
+
+
+async def _send_small(ch: udskit.aio.Channel, tag: int) -> list[bytes]:
+    msg = _message(tag, 1000)
+    await ch.send(msg)
+    return [msg]
+
+
+async def _send_large(ch: udskit.aio.Channel, tag: int) -> list[bytes]:
+    msg = _message(tag, 200_000)
+    await ch.send(msg)
+    return [msg]
+
+
+async def _send_fds(ch: udskit.aio.Channel, tag: int) -> list[bytes]:
+    msg = _message(tag, 3000)
+    r, w = os.pipe()
+    try:
+        await ch.send_fds(msg, [r])
+    finally:
+        os.close(r)
+        os.close(w)
+    return [msg]
+
+
+async def _send_many(ch: udskit.aio.Channel, tag: int) -> list[bytes]:
+    msgs = [_message(tag * 1000 + i, 1000) for i in range(100)]
+    await ch.send_many(msgs)
+    return msgs
+
+
+SENDS: dict[str, Send] = {
+    "send": _send_small,
+    "send-large": _send_large,
+    "send_fds": _send_fds,
+    "send_many": _send_many,
+}
+
+#: Every way a non-blocking write can fall short, in one script.
+SHORT: list[Step] = [
+    ("short", 7),
+    BlockingIOError(errno.EAGAIN, "busy"),
+    InterruptedError(errno.EINTR, "interrupted"),
+    ("short", 1),
+    ("short", 4000),
+]
+
+
+@pytest.mark.parametrize("path", sorted(SENDS))
+def test_short_writes_still_deliver_whole_messages(arun: Run, path: str) -> None:
+    async def main() -> None:
+        mine, theirs = scripted_pair(socket.SOCK_STREAM, SHORT)
+        receiver = udskit.Channel(theirs)
+        drain = Drain(receiver)
+        sender = udskit.aio.Channel(mine)
+        async with sender:
+            sent = await SENDS[path](sender, 1) + await SENDS[path](sender, 2)
+        assert not mine.script  # every step of it really ran
+        got = await asyncio.get_running_loop().run_in_executor(None, drain.result)
+        receiver.close()
+        assert got == sent
+
+    arun(main())
+
+
+@pytest.mark.parametrize("path", sorted(SENDS))
+def test_an_exception_mid_write_breaks_the_channel(arun: Run, path: str) -> None:
+    async def main() -> None:
+        mine, theirs = scripted_pair(socket.SOCK_STREAM, [("after", 10, KeyboardInterrupt())])
+        receiver = udskit.Channel(theirs)
+        drain = Drain(receiver)
+        sender = udskit.aio.Channel(mine)
+        async with sender:
+            with pytest.raises(KeyboardInterrupt):
+                await SENDS[path](sender, 1)
+            for later in (lambda: sender.send(b"hello"), sender.recv):
+                with pytest.raises(ConnectionClosed, match="this channel is broken"):
+                    await later()
+        got = await asyncio.get_running_loop().run_in_executor(None, drain.result)
+        receiver.close()
+        assert got == []  # ten bytes of a frame, then the end: no message at all
+
+    arun(main())
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_SEQPACKET, socket.SOCK_DGRAM])
+def test_packets_wait_out_eagain_and_eintr(arun: Run, kind: int) -> None:
+    async def main() -> None:
+        script: list[Step] = [
+            BlockingIOError(errno.EAGAIN, "busy"),
+            InterruptedError(errno.EINTR, "interrupted"),
+        ]
+        mine, theirs = scripted_pair(kind, script)
+        sender = udskit.aio.Channel(mine)
+        receiver = udskit.aio.Channel(theirs)
+        async with sender, receiver:
+            await sender.send(b"first")
+            await sender.send_many([b"second"])
+            await sender.send_fds(b"third", [0])
+            assert await receiver.recv() == b"first"
+            assert await receiver.recv() == b"second"
+            assert await receiver.recv() == b"third"
+        assert mine.calls >= 3
+
+    arun(main())

@@ -1,0 +1,353 @@
+"""A message is whole, or the channel is broken (blocking layer).
+
+A scripted socket drives short writes, timeouts, EAGAIN and exceptions that land mid-write
+through every send path; real sockets show the same with a peer that stops reading, with
+threads sharing one channel, and with more descriptors than the receiver takes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import udskit
+from udskit import Channel, ConnectionClosed, ProtocolError, Timeout
+
+from .scripted import WAIT, Drain, ScriptedSocket, Step, scripted_pair
+
+Send = Callable[[Channel, int], list[bytes]]
+
+
+def _message(tag: int, size: int) -> bytes:
+    head = f"<{tag}:{size}>".encode()
+    return (head * (size // len(head) + 1))[:size]
+
+
+def _send_small(ch: Channel, tag: int) -> list[bytes]:
+    msg = _message(tag, 1000)
+    ch.send(msg)
+    return [msg]
+
+
+def _send_large(ch: Channel, tag: int) -> list[bytes]:
+    msg = _message(tag, 200_000)
+    ch.send(msg)
+    return [msg]
+
+
+def _send_fds(ch: Channel, tag: int) -> list[bytes]:
+    msg = _message(tag, 3000)
+    r, w = os.pipe()
+    try:
+        ch.send_fds(msg, [r])
+    finally:
+        os.close(r)
+        os.close(w)
+    return [msg]
+
+
+def _send_many(ch: Channel, tag: int) -> list[bytes]:
+    msgs = [_message(tag * 1000 + i, 1000) for i in range(100)]  # two joined writes
+    ch.send_many(msgs)
+    return msgs
+
+
+SENDS: dict[str, Send] = {
+    "send": _send_small,
+    "send-large": _send_large,
+    "send_fds": _send_fds,
+    "send_many": _send_many,
+}
+
+
+def _channels(kind: int, script: list[Step]) -> tuple[Channel, ScriptedSocket, Channel]:
+    mine, theirs = scripted_pair(kind, script)
+    sender = Channel(mine)
+    receiver = Channel(theirs)
+    receiver.settimeout(WAIT)
+    return sender, mine, receiver
+
+
+#: Faults after which the message still arrives whole and the channel goes on.
+RECOVERED: dict[str, list[Step]] = {
+    "short-writes": [("short", 7), ("short", 1), ("short", 4000)],
+}
+
+#: Faults raised before any byte of the message went out: the call fails, the channel goes on.
+REFUSED: dict[str, tuple[list[Step], type[BaseException]]] = {
+    "timeout": ([TimeoutError("timed out")], Timeout),
+    "eagain": ([BlockingIOError(errno.EAGAIN, "busy")], Timeout),
+}
+
+#: Faults after part of the message went out: the channel must break.
+CUT: dict[str, tuple[list[Step], type[BaseException]]] = {
+    "short-then-timeout": ([("short", 10), TimeoutError("timed out")], Timeout),
+    "short-then-eagain": ([("short", 10), BlockingIOError(errno.EAGAIN, "busy")], Timeout),
+    "short-then-reset": (
+        [("short", 10), ConnectionResetError(errno.ECONNRESET, "reset")],
+        ConnectionClosed,
+    ),
+    "signal-after-write": ([("after", 10, KeyboardInterrupt())], KeyboardInterrupt),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(RECOVERED))
+@pytest.mark.parametrize("path", sorted(SENDS))
+def test_short_writes_still_deliver_whole_messages(path: str, fault: str) -> None:
+    sender, sock, receiver = _channels(socket.SOCK_STREAM, RECOVERED[fault])
+    with sender, receiver:
+        drain = Drain(receiver)
+        sent = SENDS[path](sender, 1) + SENDS[path](sender, 2)
+        assert sock.calls > len(sent) // 100 + 1  # the short writes really happened
+        sender.close()
+        assert drain.result() == sent
+
+
+@pytest.mark.parametrize("fault", sorted(REFUSED))
+@pytest.mark.parametrize("path", sorted(SENDS))
+def test_a_send_that_wrote_nothing_leaves_the_channel_whole(path: str, fault: str) -> None:
+    script, raised = REFUSED[fault]
+    sender, _, receiver = _channels(socket.SOCK_STREAM, script)
+    with sender, receiver:
+        drain = Drain(receiver)
+        with pytest.raises(raised):
+            SENDS[path](sender, 1)
+        sent = SENDS[path](sender, 2)
+        sender.close()
+        assert drain.result() == sent
+
+
+@pytest.mark.parametrize("fault", sorted(CUT))
+@pytest.mark.parametrize("path", sorted(SENDS))
+def test_a_send_cut_mid_message_breaks_the_channel(path: str, fault: str) -> None:
+    script, raised = CUT[fault]
+    if path == "send_many":
+        script = ["ok", *script]  # the first joined write goes out; the second is cut
+    sender, _, receiver = _channels(socket.SOCK_STREAM, script)
+    with sender, receiver:
+        drain = Drain(receiver)
+        with pytest.raises(raised):
+            SENDS[path](sender, 1)
+        for later in (lambda: sender.send(b"hello"), sender.recv, lambda: sender.send_many([b"x"])):
+            with pytest.raises(ConnectionClosed, match="this channel is broken"):
+                later()
+        # The peer gets whole messages only (send_many's first joined write), then the end.
+        got = drain.result()
+        assert len(got) == (66 if path == "send_many" else 0)
+        assert got == [_message(1000 + i, 1000) for i in range(len(got))]
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_SEQPACKET, socket.SOCK_DGRAM])
+@pytest.mark.parametrize(
+    "script",
+    [[TimeoutError("timed out")], [BlockingIOError(errno.EAGAIN, "busy")]],
+    ids=["timeout", "eagain"],
+)
+def test_a_packet_that_failed_to_go_leaves_the_channel_whole(kind: int, script: list[Step]) -> None:
+    sender, _, receiver = _channels(kind, script)
+    with sender, receiver:
+        with pytest.raises(Timeout):
+            sender.send(b"first")
+        sender.send_many([b"second", b"third"])
+        sender.send_fds(b"fourth", [0])
+        assert receiver.recv() == b"second"
+        assert receiver.recv() == b"third"
+        assert receiver.recv() == b"fourth"
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_SEQPACKET, socket.SOCK_DGRAM])
+def test_an_exception_after_a_packet_went_keeps_the_channel(kind: int) -> None:
+    """A packet goes whole or not at all, so nothing can be spliced: the channel goes on."""
+    sender, _, receiver = _channels(kind, [("after", 1 << 20, KeyboardInterrupt())])
+    with sender, receiver:
+        with pytest.raises(KeyboardInterrupt):
+            sender.send(b"first")
+        sender.send(b"second")
+        assert receiver.recv() == b"first"
+        assert receiver.recv() == b"second"
+
+
+def test_text_is_refused_with_a_hint() -> None:
+    left, right = udskit.pair()
+    with left, right:
+        for call in (
+            lambda: left.send("text"),  # type: ignore[arg-type]
+            lambda: left.send_many(["text"]),  # type: ignore[list-item]
+            lambda: left.send_fds("text", []),  # type: ignore[arg-type]
+        ):
+            with pytest.raises(TypeError, match=r"messages are bytes, not str: encode text"):
+                call()
+        left.send(b"still fine")
+        assert right.recv() == b"still fine"
+
+
+# -- real sockets -------------------------------------------------------------------------
+
+
+def test_timeout_mid_frame_to_a_peer_that_does_not_read() -> None:
+    """A peer that stops reading: the send times out part-way, and nothing sent after it
+    can ever be spliced into the half-sent frame."""
+    left, right = udskit.pair(sndbuf=64 * 1024, rcvbuf=64 * 1024)
+    with left, right:
+        left.settimeout(0.2)
+        with pytest.raises(Timeout):
+            left.send(b"x" * 3_000_000)
+        with pytest.raises(ConnectionClosed, match="this channel is broken"):
+            left.send(b"hello")
+        right.settimeout(WAIT)
+        with pytest.raises(ConnectionClosed) as cut:
+            right.recv()
+        assert cut.value.mid_message
+
+
+def test_threads_sending_on_one_channel_never_interleave() -> None:
+    threads_n, per_thread, size = 4, 12, 300_000
+    left, right = udskit.pair()
+    with left, right:
+        right.settimeout(WAIT)
+        errors: list[BaseException] = []
+
+        def sender(tag: int) -> None:
+            try:
+                for i in range(per_thread):
+                    left.send(_message(tag * 100 + i, size))
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=sender, args=(t,)) for t in range(threads_n)]
+        for t in threads:
+            t.start()
+        got = [right.recv() for _ in range(threads_n * per_thread)]
+        for t in threads:
+            t.join(WAIT)
+        assert not errors
+        expected = {
+            _message(t * 100 + i, size) for t in range(threads_n) for i in range(per_thread)
+        }
+        assert set(got) == expected
+        # each thread's own messages arrive in the order it sent them
+        tags = [int(m[1 : m.index(b":")]) for m in got]
+        for t in range(threads_n):
+            mine = [tag % 100 for tag in tags if tag // 100 == t]
+            assert mine == list(range(per_thread))
+
+
+@pytest.mark.parametrize("how", ["recv", "recv_fds", "recv_many"])
+def test_threads_receiving_on_one_channel_each_get_whole_messages(how: str) -> None:
+    total = 400
+    left, right = udskit.pair()
+    with left, right:
+        right.settimeout(WAIT)
+        got: list[bytes] = []
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+
+        def receiver() -> None:
+            try:
+                while True:
+                    if how == "recv_many":
+                        batch = right.recv_many()
+                    elif how == "recv_fds":
+                        batch = [right.recv_fds()[0]]
+                    else:
+                        batch = [right.recv()]
+                    if b"STOP" in batch:
+                        with lock:
+                            got.extend(m for m in batch if m != b"STOP")
+                        return
+                    with lock:
+                        got.extend(batch)
+            except BaseException as exc:
+                errors.append(exc)
+
+        readers = [threading.Thread(target=receiver) for _ in range(2)]
+        for t in readers:
+            t.start()
+        sent = [_message(i, 1000 + 977 * (i % 300)) for i in range(total)]
+        for msg in sent:
+            left.send(msg)
+        left.send(b"STOP")
+        left.send(b"STOP")
+        for t in readers:
+            t.join(WAIT)
+        assert not errors
+        assert sorted(got) == sorted(sent)
+
+
+@pytest.mark.parametrize("kind", ["stream", "seqpacket", "dgram"])
+def test_more_descriptors_than_max_fds_never_builds_a_wrong_message(
+    kind: str, no_fd_leak: None
+) -> None:
+    raw_left, raw_right = socket.socketpair(socket.AF_UNIX, udskit.options.socket_kind(kind))
+    sender = Channel(raw_left, max_fds=253)
+    receiver = Channel(raw_right, max_fds=2)
+    receiver.settimeout(WAIT)
+    pipes = [os.pipe() for _ in range(10)]
+    fds = [fd for pipe in pipes for fd in pipe]
+    big = 300 * 1024 if kind == "stream" else 100 * 1024
+    sent = [_message(1, big), _message(2, 1000), _message(3, 60_000 if kind == "stream" else 600)]
+    with sender, receiver:
+
+        def send_all() -> None:
+            try:
+                sender.send(sent[0])
+                sender.send_fds(sent[1], fds)
+                sender.send(sent[2])
+            except ConnectionClosed:
+                pass  # the receiver gave up on the stream and closed it
+
+        sending = threading.Thread(target=send_all)
+        sending.start()
+        results: list[bytes | str] = []
+        for _ in range(len(sent)):
+            try:
+                results.append(receiver.recv())
+            except ProtocolError as exc:
+                results.append(str(exc))
+        receiver.close()
+        sending.join(WAIT)
+    for fd in fds:
+        os.close(fd)
+    for item in results:
+        assert isinstance(item, str) or item in sent, "a message was built from wrong bytes"
+    assert any(isinstance(item, str) and "max_fds" in item for item in results)
+    if kind == "stream":
+        # once reading has failed, it stays failed: nothing after it is made up
+        first_error = next(i for i, item in enumerate(results) if isinstance(item, str))
+        assert all(isinstance(item, str) for item in results[first_error:])
+        assert "nothing more can be received" in str(results[-1])
+    else:
+        assert results == [sent[0], results[1], sent[2]]  # a packet's error is its own
+
+
+def test_threads_sharing_a_datagram_listener(sockdir: Path) -> None:
+    total = 300
+    with udskit.listen(sockdir / "d.sock", type="dgram") as listener:
+        listener.settimeout(WAIT)
+        got: list[bytes] = []
+        lock = threading.Lock()
+
+        def reader() -> None:
+            while True:
+                data = listener.recv().data
+                with lock:
+                    got.append(data)
+                if data == b"STOP":
+                    return
+
+        readers = [threading.Thread(target=reader) for _ in range(2)]
+        for t in readers:
+            t.start()
+        sent = [_message(i, 100 + 37 * i) for i in range(total)]
+        with udskit.connect(sockdir / "d.sock", type="dgram") as client:
+            for msg in [*sent, b"STOP", b"STOP"]:
+                client.send(msg)
+        for t in readers:
+            t.join(WAIT)
+        assert sorted(m for m in got if m != b"STOP") == sorted(sent)
