@@ -503,9 +503,13 @@ class Channel(ChannelFacts):
                 deadline = monotonic_ns() + self._spin_ns
                 while not ready(0) and monotonic_ns() < deadline:
                     pass
-            return sock.recvmsg_into(self._rbufs, self._ancsize, RECV_FLAGS)
+            got = sock.recvmsg_into(self._rbufs, self._ancsize, RECV_FLAGS)
         except OSError as exc:
+            self._check_open()  # close() in another thread: EBADF says nothing useful
             raise translate(exc, "recv", self._remote) from exc
+        if not got[0] and self._closed:
+            self._check_open()  # close() in another thread woke us with an empty read
+        return got
 
     def _feed(self, framing: Framing) -> bytes | NeedData | Closed:
         """Read once and hand the bytes (and any descriptors) to the framing."""
@@ -536,7 +540,10 @@ class Channel(ChannelFacts):
                 self._header_bufs, self._ancsize, RECV_FLAGS
             )
         except OSError as exc:
+            self._check_open()
             raise translate(exc, "recv", self._remote) from exc
+        if not size and self._closed:
+            self._check_open()
         fds = self._stream_fds(ancdata, flags) if ancdata or flags & _CTRUNC else []
         if size == 0:
             close_fds(fds)
@@ -623,6 +630,13 @@ class Channel(ChannelFacts):
         if self._closed:
             return
         self._closed = self._unusable = True
+        if self._owns_socket and self._rlock.locked():
+            # A thread is blocked in recv() on this socket, and close() alone would not wake
+            # it. Only then: shutdown() reaches every process sharing the socket (a fork).
+            try:
+                self._sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
         if self._framing is not None:
             close_fds(self._framing.held_fds())
         for _, fds in self._inbox:

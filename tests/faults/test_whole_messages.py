@@ -351,3 +351,34 @@ def test_threads_sharing_a_datagram_listener(sockdir: Path) -> None:
         for t in readers:
             t.join(WAIT)
         assert sorted(m for m in got if m != b"STOP") == sorted(sent)
+
+
+@pytest.mark.parametrize("kind", ["stream", "seqpacket", "dgram"])
+def test_close_wakes_a_thread_blocked_in_recv(kind: str) -> None:
+    left, right = udskit.pair(kind)
+    with right:
+        outcome: list[BaseException] = []
+        entered = threading.Event()
+
+        def reader() -> None:
+            entered.set()
+            try:
+                left.recv()
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=reader, daemon=True)  # a regression must not hang
+        thread.start()
+        entered.wait(WAIT)
+        # The reader holds the read lock from before its system call until after it: wait
+        # (bounded) until it has it, so that close() surely meets a blocked reader.
+        for _ in range(10_000):
+            if left._rlock.locked():
+                break
+            threading.Event().wait(0.001)
+        left.close()
+        thread.join(WAIT)
+        assert not thread.is_alive()
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], ConnectionClosed)
+        assert "this channel is closed" in str(outcome[0])
