@@ -26,6 +26,7 @@ from .options import (
     ListenOptions,
     SocketType,
     base_type,
+    check_message,
     check_timeout,
     listen_options,
     tune_buffers,
@@ -261,6 +262,7 @@ class DatagramListener(_Endpoint):
     def send_to(self, address: AddressLike, data: Buffer, fds: Sequence[int] = ()) -> None:
         """Send one datagram (with descriptors, if given) to ``address``."""
         self._check_open()
+        check_message(data)
         target = Address.parse(address)
         ancillary = rights(list(fds), self._max_fds)
         try:

@@ -12,6 +12,7 @@ import errno
 import os
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ import udskit
 import udskit.aio
 from udskit import ConnectionClosed
 
-from ..faults.scripted import Drain, Step, scripted_pair
+from ..faults.scripted import Drain, ScriptedSocket, Step, scripted_pair
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
 Send = Callable[[udskit.aio.Channel, int], Awaitable[list[bytes]]]
@@ -132,5 +133,28 @@ def test_packets_wait_out_eagain_and_eintr(arun: Run, kind: int) -> None:
             assert await receiver.recv() == b"second"
             assert await receiver.recv() == b"third"
         assert mine.calls >= 3
+
+    arun(main())
+
+
+def test_a_listener_reply_waits_out_eagain_and_eintr(arun: Run, sockdir: Path) -> None:
+    async def main() -> None:
+        path = sockdir / "d.sock"
+        async with await udskit.aio.listen(path, type="dgram") as listener:
+            inner = listener._inner
+            scripted = ScriptedSocket(
+                inner._sock,
+                [BlockingIOError(errno.EAGAIN, "busy"), InterruptedError(errno.EINTR, "again")],
+            )
+            inner._sock = scripted  # type: ignore[misc]
+            async with await udskit.aio.connect(path, type="dgram") as client:
+                await client.send(b"ping")
+                datagram = await listener.recv()
+                assert datagram.sender is not None
+                with pytest.raises(TypeError, match="messages are bytes"):
+                    await listener.send_to(datagram.sender, "text")  # type: ignore[arg-type]
+                await listener.send_to(datagram.sender, b"pong")
+                assert await client.recv() == b"pong"
+            assert not scripted.script
 
     arun(main())

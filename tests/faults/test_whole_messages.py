@@ -382,3 +382,28 @@ def test_close_wakes_a_thread_blocked_in_recv(kind: str) -> None:
         assert len(outcome) == 1
         assert isinstance(outcome[0], ConnectionClosed)
         assert "this channel is closed" in str(outcome[0])
+
+
+@pytest.mark.parametrize(
+    "script",
+    [[TimeoutError("timed out")], [BlockingIOError(errno.EAGAIN, "busy")]],
+    ids=["timeout", "eagain"],
+)
+def test_a_listener_reply_that_failed_to_go_leaves_the_listener_whole(
+    sockdir: Path, script: list[Step]
+) -> None:
+    with udskit.listen(sockdir / "d.sock", type="dgram") as listener:
+        listener._sock = ScriptedSocket(listener._sock, script)  # type: ignore[misc]
+        listener.settimeout(WAIT)
+        with udskit.connect(sockdir / "d.sock", type="dgram", timeout=WAIT) as client:
+            client.send(b"ping")
+            datagram = listener.recv()
+            assert datagram.sender is not None
+            with pytest.raises(Timeout):
+                listener.send_to(datagram.sender, b"lost")
+            with pytest.raises(TypeError, match="messages are bytes"):
+                listener.send_to(datagram.sender, "text")  # type: ignore[arg-type]
+            listener.send_to(datagram.sender, b"pong")
+            listener.session(datagram).send(b"again")
+            assert client.recv() == b"pong"
+            assert client.recv() == b"again"

@@ -21,7 +21,14 @@ from ..ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
 from ..creds import PeerCred, Policy, peer_cred
 from ..errors import ConnectionClosed, ProtocolError
 from ..listening import Datagram
-from ..options import DEFAULT_BACKLOG, SocketType, check_timeout, max_frame_for, tune_buffers
+from ..options import (
+    DEFAULT_BACKLOG,
+    SocketType,
+    check_message,
+    check_timeout,
+    max_frame_for,
+    tune_buffers,
+)
 from ..translate import translate, translating
 from .buffers import READ_AHEAD, check_write_limit, scratch
 from .channel import Buffer, Channel
@@ -290,6 +297,7 @@ class DatagramListener(_Endpoint[Datagram]):
         (or the timeout passes): the kernel gives an unconnected sender no event to wait for.
         """
         self._check_open()
+        check_message(data)
         target = Address.parse(address)
         ancillary = rights(list(fds), self._max_fds)
         pause: RetryPause | None = None
