@@ -8,8 +8,8 @@ of each version to the first. Run from a checkout, naming the ``src`` folders to
     git worktree add /tmp/udskit-old HEAD~1
     python benchmarks/channel_versions.py /tmp/udskit-old/src src
 
-Figures: 64 B round trip (mean of N, microseconds), and one-way 64 B and 64 KiB messages
-(messages per second, MB/s).
+Figures: 64 B round trip (mean of N, microseconds; also with ``timeout=5`` set on the
+measuring side), and one-way 64 B and 64 KiB messages (messages per second, MB/s).
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ def pin(i):
     if len(cpus) > 1:
         os.sched_setaffinity(0, {cpus[i]})
 
-def run(peer, body):
+def run(peer, body, timeout=None):
     left, right = udskit.pair()
+    left.settimeout(timeout)
     pid = os.fork()
     if pid == 0:
         left.close()
@@ -86,7 +87,7 @@ def one_way(size, count):
         return time.perf_counter() - t
     return body
 
-out = {"rtt_64_us": run(echo, rtt)}
+out = {"rtt_64_us": run(echo, rtt), "rtt_64_timeout5_us": run(echo, rtt, timeout=5)}
 out["oneway_64_msgs"] = N * 10 / run(sink, one_way(64, N * 10))
 out["oneway_64k_MBps"] = 65536 * (N // 4) / run(sink, one_way(65536, N // 4)) / 1e6
 print(json.dumps(out))

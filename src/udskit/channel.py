@@ -8,14 +8,16 @@ close-on-exec, and closed by us on every error path.
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import os
 import select
 import socket
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from time import monotonic_ns
+from time import monotonic, monotonic_ns
 from typing import TYPE_CHECKING, Final
 
 from .address import Address, sun_path
@@ -149,6 +151,7 @@ class Channel(ChannelFacts):
         "_cleanup_dir",
         "_closed",
         "_direct",
+        "_fds_seen",
         "_framing",
         "_header_bufs",
         "_inbox",
@@ -164,6 +167,7 @@ class Channel(ChannelFacts):
         "_rview",
         "_sock",
         "_spin_ns",
+        "_timeout",
         "_type",
         "_unreadable",
         "_unusable",
@@ -198,6 +202,7 @@ class Channel(ChannelFacts):
         self._rbufs = [self._rview]  # recvmsg_into() takes a list; build it once
         self._header_bufs = [self._rview[: HEADER.size]]
         self._direct = False
+        self._fds_seen = False  # no descriptor has arrived yet: recv() need not ask for any
         self._spin_ns = 0
         self._poller: select.poll | None = None
         self._remote = remote
@@ -213,6 +218,8 @@ class Channel(ChannelFacts):
         self._wlock = threading.Lock()  # one message (or batch) on the wire at a time
         self._rlock = threading.Lock()  # one reader of the framing and buffer at a time
         self._cleanup_dir: bytes | None = None
+        self._timeout: float | None = None
+        self.settimeout(sock.gettimeout())
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -224,7 +231,15 @@ class Channel(ChannelFacts):
 
     def settimeout(self, timeout: float | None) -> None:
         """Seconds to wait in send/recv before raising ``Timeout`` (None: wait forever)."""
-        self._sock.settimeout(check_timeout(timeout))
+        self._timeout = check_timeout(timeout)
+        # With a timeout the socket is non-blocking and a call that finds nothing to do
+        # waits in poll() (``_wait``): the call is tried first, so the common case costs one
+        # system call. (A socket's own timeout polls before every call: two.)
+        self._sock.setblocking(self._timeout is None)
+
+    def gettimeout(self) -> float | None:
+        """The timeout set by ``settimeout`` (or ``connect(timeout=)``)."""
+        return self._timeout
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._sock.fileno()}"
@@ -235,15 +250,29 @@ class Channel(ChannelFacts):
         """Send one message (on a stream: framed; on seqpacket/dgram: one packet)."""
         framing = self._framing
         if framing is not None and len(data) <= _JOIN_LIMIT:
-            check_message(data)
-            frame = framing.frame(data)
+            # The hot path of every client: one frame, one send() (see _write for the rules).
+            try:
+                frame = framing.frame(data)
+            except TypeError:
+                check_message(data)
+                raise
             lock = self._wlock
             if not lock.acquire(False):
                 self._wait_turn(lock, "send")
             try:
                 if self._unusable:
                     self._check_open()
-                self._write([frame], [], len(frame))
+                try:
+                    sent = self._sock.send(frame, _SEND_FLAGS)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    raise translate(exc, "send", self._remote) from exc
+                except BaseException:
+                    self._break("a send was interrupted mid-message")
+                    raise
+                if sent != len(frame):
+                    self._write([frame], [], len(frame), sent=sent)
             finally:
                 lock.release()
         else:
@@ -271,8 +300,11 @@ class Channel(ChannelFacts):
             batched = 0
             went = 0
             for message in messages:
-                check_message(message)
-                frame = framing.frame(message)
+                try:
+                    frame = framing.frame(message)
+                except TypeError:
+                    check_message(message)
+                    raise
                 batch.append(frame)
                 batched += len(frame)
                 if batched >= _JOIN_LIMIT:
@@ -316,18 +348,26 @@ class Channel(ChannelFacts):
             raise ProtocolError(
                 "cannot send an empty seqpacket message: the receiver reads it as end of connection"
             )
-        try:
-            if self._owns_socket or self._remote is None:
-                if ancillary:
-                    self._sock.sendmsg([data], ancillary, _SEND_FLAGS)
-                else:
-                    self._sock.send(data, _SEND_FLAGS)
+        deadline: float | None = None
+        while True:
+            try:
+                if self._owns_socket or self._remote is None:
+                    if ancillary:
+                        self._sock.sendmsg([data], ancillary, _SEND_FLAGS)
+                    else:
+                        self._sock.send(data, _SEND_FLAGS)
+                    return
+                # A datagram session on a server: the reply goes to the sender's address.
+                with sun_path(self._remote) as where:
+                    self._sock.sendmsg([data], ancillary, _SEND_FLAGS, where)
                 return
-            # A datagram session on a server: the reply goes to the sender's address.
-            with sun_path(self._remote) as where:
-                self._sock.sendmsg([data], ancillary, _SEND_FLAGS, where)
-        except OSError as exc:
-            raise translate(exc, "send", self._remote) from exc
+            except BlockingIOError:
+                try:
+                    deadline = self._wait(select.POLLOUT, deadline)
+                except OSError as exc:
+                    raise translate(exc, "send", self._remote) from exc
+            except OSError as exc:
+                raise translate(exc, "send", self._remote) from exc
 
     def _write(
         self,
@@ -335,36 +375,31 @@ class Channel(ChannelFacts):
         ancillary: list[tuple[int, int, bytes]],
         size: int,
         went: int = 0,
+        sent: int = 0,
     ) -> int:
-        """Put ``parts`` (``size`` bytes of whole frames) on the stream; return ``went`` plus
-        the bytes written. Caller holds the write lock.
+        """Put ``parts`` (``size`` bytes of whole frames, of which ``sent`` are written
+        already) on the stream; return ``went`` plus ``size``. Caller holds the write lock.
 
-        A failure raised by the first system call of a unit (``went`` == 0) means nothing of
-        it was written: the stream is still whole, and the error is raised as is. Any later
-        failure, or an exception that did not come from the system call itself (a signal
-        handler's KeyboardInterrupt may land just after a write returned), leaves an unknown
-        part of a frame on the wire: the channel is broken before the error is raised.
+        A failure raised by the first system call of a unit (``went`` + ``sent`` == 0)
+        means nothing of it was written: the stream is still whole, and the error is raised
+        as is. Any later failure, or an exception that did not come from the system call
+        itself (a signal handler's KeyboardInterrupt may land just after a write returned),
+        leaves an unknown part of a frame on the wire: the channel is broken before the
+        error is raised.
         """
         sock = self._sock
-        sent = 0
+        deadline: float | None = None
         try:
-            if len(parts) == 1 and not ancillary:
-                sent = sock.send(parts[0], _SEND_FLAGS)
-                if sent == size:
-                    return went + size
-                views = [memoryview(parts[0]).cast("B")[sent:]]
-            else:
-                views = parts  # type: ignore[assignment]
-                sent = 0
+            views = advance([memoryview(p).cast("B") for p in parts], sent)
             while views:
-                n = sock.sendmsg(views, ancillary, _SEND_FLAGS)
+                try:
+                    n = sock.sendmsg(views, ancillary, _SEND_FLAGS)
+                except BlockingIOError:
+                    deadline = self._wait(select.POLLOUT, deadline)
+                    continue
                 sent += n
                 ancillary = []  # descriptors go with the first byte only
-                while views and n >= len(views[0]):
-                    n -= len(views[0])
-                    views.pop(0)
-                if views and n:
-                    views[0] = memoryview(views[0]).cast("B")[n:]
+                views = advance(views, n)
         except OSError as exc:
             error = translate(exc, "send", self._remote)
             if went + sent:
@@ -374,6 +409,26 @@ class Channel(ChannelFacts):
             self._break("a send was interrupted mid-message")
             raise
         return went + size
+
+    def _wait(self, events: int, deadline: float | None) -> float:
+        """The socket would block: wait until it is ready for ``events`` or the timeout
+        passes (``TimeoutError``, translated by the caller). Returns the deadline, set on
+        the first wait of a call, so that retries share one timeout."""
+        timeout = self._timeout
+        if not timeout:
+            # Timeout 0 means "never wait"; and no timeout on a non-blocking socket means its
+            # owner made it so through ``.socket``: both ask for "would block", not a wait.
+            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        if deadline is None:
+            deadline = monotonic() + timeout
+        poller = select.poll()
+        poller.register(self._sock, events)
+        while True:
+            left = deadline - monotonic()
+            if left <= 0:
+                raise TimeoutError
+            if poller.poll(max(1, math.ceil(left * 1000))):
+                return deadline
 
     def _break(self, why: str) -> None:
         """Mark the stream broken (part of a frame is on the wire) and tell the peer."""
@@ -385,7 +440,7 @@ class Channel(ChannelFacts):
             pass
 
     def _wait_turn(self, lock: threading.Lock, op: str) -> None:
-        wait_turn(lock, self._sock, op, self._where())
+        wait_turn(lock, self._timeout, op, self._where())
 
     # -- receiving ------------------------------------------------------------------------
     def recv(self) -> bytes:
@@ -406,9 +461,10 @@ class Channel(ChannelFacts):
                     message = self._feed(framing)
                 if message is CLOSED:
                     raise ConnectionClosed(f"{self._where()}: the peer closed the connection")
-                fds = framing.take_fds()
-                if fds:
-                    close_fds(fds)
+                if self._fds_seen:  # else the framing holds none: skip asking it
+                    fds = framing.take_fds()
+                    if fds:
+                        close_fds(fds)
                 self._direct = len(message) >= DIRECT_READ_MIN  # type: ignore[arg-type]
                 return message  # type: ignore[return-value]
             data, fds = self._recv()
@@ -492,24 +548,41 @@ class Channel(ChannelFacts):
 
     def _recvmsg(self) -> tuple[int, list[tuple[int, int, bytes]], int, object]:
         """One recvmsg_into() into our buffer, polling first for ``spin`` microseconds."""
-        sock = self._sock
+        poller = self._poller
+        if self._spin_ns and poller is not None:
+            # Ask poll(0) rather than trying a non-blocking read: a read that finds nothing
+            # raises BlockingIOError, and raising costs ~2.8 us a try against ~0.5 us for
+            # poll(), which sets how fast a waiting reply is noticed.
+            ready = poller.poll
+            deadline = monotonic_ns() + self._spin_ns
+            while not ready(0) and monotonic_ns() < deadline:
+                pass
         try:
-            poller = self._poller
-            if self._spin_ns and poller is not None:
-                # Ask poll(0) rather than trying a non-blocking read: a read that finds
-                # nothing raises BlockingIOError, and raising costs ~2.8 us a try against
-                # ~0.5 us for poll(), which sets how fast a waiting reply is noticed.
-                ready = poller.poll
-                deadline = monotonic_ns() + self._spin_ns
-                while not ready(0) and monotonic_ns() < deadline:
-                    pass
-            got = sock.recvmsg_into(self._rbufs, self._ancsize, RECV_FLAGS)
+            got = self._sock.recvmsg_into(self._rbufs, self._ancsize, RECV_FLAGS)
         except OSError as exc:
-            self._check_open()  # close() in another thread: EBADF says nothing useful
-            raise translate(exc, "recv", self._remote) from exc
+            got = self._recvmsg_failed(exc)
         if not got[0] and self._closed:
             self._check_open()  # close() in another thread woke us with an empty read
         return got
+
+    def _recvmsg_failed(
+        self, exc: OSError
+    ) -> tuple[int, list[tuple[int, int, bytes]], int, object]:
+        """recvmsg_into() raised ``exc``: on EAGAIN wait (within the timeout) and read;
+        otherwise raise the udskit error."""
+        try:
+            if not isinstance(exc, BlockingIOError):
+                raise exc
+            deadline = None
+            while True:
+                deadline = self._wait(select.POLLIN, deadline)
+                try:
+                    return self._sock.recvmsg_into(self._rbufs, self._ancsize, RECV_FLAGS)
+                except BlockingIOError:
+                    continue  # another process took what woke us
+        except OSError as error:
+            self._check_open()  # close() in another thread: EBADF says nothing useful
+            raise translate(error, "recv", self._remote) from error
 
     def _feed(self, framing: Framing) -> bytes | NeedData | Closed:
         """Read once and hand the bytes (and any descriptors) to the framing."""
@@ -517,8 +590,19 @@ class Channel(ChannelFacts):
             message = self._feed_direct(framing)
             if message is not NEED_DATA or framing.buffered:
                 return message
-        size, ancdata, flags, _ = self._recvmsg()
+        if self._spin_ns:
+            size, ancdata, flags, _ = self._recvmsg()
+        else:  # _recvmsg() inlined: this is every stream read
+            try:
+                size, ancdata, flags, _ = self._sock.recvmsg_into(
+                    self._rbufs, self._ancsize, RECV_FLAGS
+                )
+            except OSError as exc:
+                size, ancdata, flags, _ = self._recvmsg_failed(exc)
+            if not size and self._closed:
+                self._check_open()  # close() in another thread woke us with an empty read
         if ancdata or flags & _CTRUNC:
+            self._fds_seen = True
             fds = self._stream_fds(ancdata, flags)
             if size == 0:
                 close_fds(fds)
@@ -530,9 +614,9 @@ class Channel(ChannelFacts):
         """Read a header alone; if it announces a large payload, read that straight into
         the bytes object that becomes the message (MSG_WAITALL: one call, no copy)."""
         sock = self._sock
-        if sock.gettimeout() is not None:
-            # With a timeout the socket is non-blocking inside, and MSG_WAITALL returns
-            # whatever is there: no gain over the buffered path.
+        if self._timeout is not None:
+            # With a timeout the socket is non-blocking, and MSG_WAITALL returns whatever
+            # is there: no gain over the buffered path.
             self._direct = False
             return NEED_DATA
         try:
@@ -544,7 +628,10 @@ class Channel(ChannelFacts):
             raise translate(exc, "recv", self._remote) from exc
         if not size and self._closed:
             self._check_open()
-        fds = self._stream_fds(ancdata, flags) if ancdata or flags & _CTRUNC else []
+        fds = []
+        if ancdata or flags & _CTRUNC:
+            self._fds_seen = True
+            fds = self._stream_fds(ancdata, flags)
         if size == 0:
             close_fds(fds)
             return framing.feed(b"")
@@ -609,7 +696,7 @@ class Channel(ChannelFacts):
             or not 0 <= microseconds <= MAX_SPIN_US
         ):
             raise ValueError(f"spin must be 0 to {MAX_SPIN_US} microseconds, not {microseconds!r}")
-        if microseconds and self._sock.gettimeout() is not None:
+        if microseconds and self._timeout is not None:
             raise ValueError("spin needs a channel without a timeout (settimeout(None))")
         if microseconds and self._poller is None:
             self._poller = select.poll()
@@ -684,6 +771,18 @@ class Channel(ChannelFacts):
         self._cleanup_dir = directory
 
 
+def advance(views: list[memoryview], sent: int) -> list[memoryview]:
+    """What is left of ``views`` after the kernel took ``sent`` bytes of them."""
+    i = 0
+    while i < len(views) and sent >= len(views[i]):
+        sent -= len(views[i])
+        i += 1
+    rest = views[i:]
+    if rest and sent:
+        rest[0] = rest[0][sent:]
+    return rest
+
+
 def broken(where: str, why: str) -> ConnectionClosed:
     """The error every call raises on a stream channel that has part of a frame on the wire
     (both layers)."""
@@ -694,9 +793,8 @@ def broken(where: str, why: str) -> ConnectionClosed:
     )
 
 
-def wait_turn(lock: threading.Lock, sock: socket.socket, op: str, where: object) -> None:
-    """Another thread is in ``op`` on ``sock``: wait for it, within the socket's timeout."""
-    timeout = sock.gettimeout()
+def wait_turn(lock: threading.Lock, timeout: float | None, op: str, where: object) -> None:
+    """Another thread is in ``op``: wait for it to finish, within ``timeout``."""
     if not lock.acquire(timeout=-1 if timeout is None else timeout):
         raise Timeout(f"{op} on {where} timed out waiting for another thread's {op} to finish")
 

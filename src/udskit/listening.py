@@ -222,7 +222,7 @@ class DatagramListener(_Endpoint):
         Threads may share a listener: each gets whole datagrams of its own."""
         lock = self._rlock
         if not lock.acquire(False):
-            wait_turn(lock, self._sock, "recv", self.address)
+            wait_turn(lock, self._sock.gettimeout(), "recv", self.address)
         try:
             return self._recv()
         finally:

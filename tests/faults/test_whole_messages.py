@@ -77,15 +77,24 @@ def _channels(kind: int, script: list[Step]) -> tuple[Channel, ScriptedSocket, C
 #: Faults after which the message still arrives whole and the channel goes on.
 RECOVERED: dict[str, list[Step]] = {
     "short-writes": [("short", 7), ("short", 1), ("short", 4000)],
+    # EAGAIN (a timeout is set, so the socket is non-blocking): wait until writable, go on
+    "eagain": [
+        ("short", 7),
+        BlockingIOError(errno.EAGAIN, "busy"),
+        ("short", 1),
+        BlockingIOError(errno.EAGAIN, "busy"),
+    ],
 }
 
-#: Faults raised before any byte of the message went out: the call fails, the channel goes on.
+#: Faults raised before any byte of the message went out: the call fails, the channel goes
+#: on. The channel's timeout is 0 for these, so EAGAIN is a timeout at once.
 REFUSED: dict[str, tuple[list[Step], type[BaseException]]] = {
     "timeout": ([TimeoutError("timed out")], Timeout),
     "eagain": ([BlockingIOError(errno.EAGAIN, "busy")], Timeout),
+    "error": ([OSError(errno.ENOBUFS, "no buffer space")], OSError),
 }
 
-#: Faults after part of the message went out: the channel must break.
+#: Faults after part of the message went out: the channel must break (timeout 0 here too).
 CUT: dict[str, tuple[list[Step], type[BaseException]]] = {
     "short-then-timeout": ([("short", 10), TimeoutError("timed out")], Timeout),
     "short-then-eagain": ([("short", 10), BlockingIOError(errno.EAGAIN, "busy")], Timeout),
@@ -101,6 +110,7 @@ CUT: dict[str, tuple[list[Step], type[BaseException]]] = {
 @pytest.mark.parametrize("path", sorted(SENDS))
 def test_short_writes_still_deliver_whole_messages(path: str, fault: str) -> None:
     sender, sock, receiver = _channels(socket.SOCK_STREAM, RECOVERED[fault])
+    sender.settimeout(WAIT)
     with sender, receiver:
         drain = Drain(receiver)
         sent = SENDS[path](sender, 1) + SENDS[path](sender, 2)
@@ -114,10 +124,12 @@ def test_short_writes_still_deliver_whole_messages(path: str, fault: str) -> Non
 def test_a_send_that_wrote_nothing_leaves_the_channel_whole(path: str, fault: str) -> None:
     script, raised = REFUSED[fault]
     sender, _, receiver = _channels(socket.SOCK_STREAM, script)
+    sender.settimeout(0)
     with sender, receiver:
         drain = Drain(receiver)
         with pytest.raises(raised):
             SENDS[path](sender, 1)
+        sender.settimeout(WAIT)
         sent = SENDS[path](sender, 2)
         sender.close()
         assert drain.result() == sent
@@ -130,6 +142,7 @@ def test_a_send_cut_mid_message_breaks_the_channel(path: str, fault: str) -> Non
     if path == "send_many":
         script = ["ok", *script]  # the first joined write goes out; the second is cut
     sender, _, receiver = _channels(socket.SOCK_STREAM, script)
+    sender.settimeout(0)
     with sender, receiver:
         drain = Drain(receiver)
         with pytest.raises(raised):
@@ -151,14 +164,26 @@ def test_a_send_cut_mid_message_breaks_the_channel(path: str, fault: str) -> Non
 )
 def test_a_packet_that_failed_to_go_leaves_the_channel_whole(kind: int, script: list[Step]) -> None:
     sender, _, receiver = _channels(kind, script)
+    sender.settimeout(0)
     with sender, receiver:
         with pytest.raises(Timeout):
             sender.send(b"first")
+        sender.settimeout(WAIT)
         sender.send_many([b"second", b"third"])
         sender.send_fds(b"fourth", [0])
         assert receiver.recv() == b"second"
         assert receiver.recv() == b"third"
         assert receiver.recv() == b"fourth"
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_SEQPACKET, socket.SOCK_DGRAM])
+def test_a_packet_waits_out_eagain_within_its_timeout(kind: int) -> None:
+    sender, sock, receiver = _channels(kind, [BlockingIOError(errno.EAGAIN, "busy")] * 3)
+    sender.settimeout(WAIT)
+    with sender, receiver:
+        sender.send(b"first")
+        assert not sock.script
+        assert receiver.recv() == b"first"
 
 
 @pytest.mark.parametrize("kind", [socket.SOCK_SEQPACKET, socket.SOCK_DGRAM])

@@ -23,7 +23,7 @@ from typing import Final
 
 from ..address import Address, sun_path
 from ..ancillary import rights
-from ..channel import broken
+from ..channel import advance, broken
 from ..errors import ConnectionClosed, ProtocolError
 from ..options import SocketType, check_message
 from ..proto import Framing
@@ -131,7 +131,6 @@ class Sending:
         Raises ``ConnectionClosed`` if the peer has gone, ``Timeout`` after ``settimeout``
         seconds of waiting (the message stays queued).
         """
-        check_message(data)
         framing = self._framing
         if framing is None:
             await self._send_packet(data, [])
@@ -140,7 +139,11 @@ class Sending:
             self._check_open()
         if not self._wbuf and self._write_error is None and len(data) <= JOIN_LIMIT:
             # The common case, inline: one small frame, nothing queued ahead of it.
-            joined = framing.frame(data)
+            try:
+                joined = framing.frame(data)
+            except TypeError:
+                check_message(data)
+                raise
             try:
                 sent = self._sock.send(joined, SEND_FLAGS)
                 if sent == len(joined):
@@ -154,6 +157,7 @@ class Sending:
                 self._cut()
                 raise
         else:
+            check_message(data)
             self._write(framing.encode(data), [])
         if self._wsize > self._high:
             await self._drained(self._low)
@@ -188,16 +192,19 @@ class Sending:
         framing = self._framing
         if framing is None:
             for message in messages:
-                check_message(message)
                 await self._send_packet(message, [])
             return
         self._check_open()
         parts: list[Buffer] = []
         for message in messages:
-            check_message(message)
             if len(message) <= JOIN_LIMIT:
-                parts.append(framing.frame(message))
+                try:
+                    parts.append(framing.frame(message))
+                except TypeError:
+                    check_message(message)
+                    raise
             else:
+                check_message(message)
                 parts.extend(framing.encode(message))
         if parts:
             self._write(coalesce(parts), [])
@@ -329,6 +336,7 @@ class Sending:
 
     async def _send_packet(self, data: Buffer, ancillary: Ancillary) -> None:
         """One seqpacket message or datagram: all of it in one system call, or nothing."""
+        check_message(data)
         self._check_open()
         if self._type == "seqpacket" and not data:
             raise ProtocolError(
@@ -404,18 +412,6 @@ class Sending:
 
     def _where(self) -> str:
         return str(self._remote) if self._remote is not None else f"{self._type} channel"
-
-
-def advance(views: list[memoryview], sent: int) -> list[memoryview]:
-    """What is left of ``views`` after the kernel took ``sent`` bytes of them."""
-    i = 0
-    while i < len(views) and sent >= len(views[i]):
-        sent -= len(views[i])
-        i += 1
-    rest = views[i:]
-    if rest and sent:
-        rest[0] = rest[0][sent:]
-    return rest
 
 
 def coalesce(parts: list[Buffer]) -> list[Buffer]:
