@@ -8,6 +8,7 @@ close-on-exec, and closed by us on every error path.
 
 from __future__ import annotations
 
+import copy
 import errno
 import logging
 import math
@@ -30,7 +31,7 @@ from .ancillary import (
     unpack,
 )
 from .creds import PeerCred, peer_cred
-from .errors import ConnectionClosed, ProtocolError, Timeout
+from .errors import ConnectionClosed, ProtocolError, Timeout, UdsError
 from .options import (
     SocketType,
     base_type,
@@ -83,6 +84,11 @@ _WAITALL: Final = int(socket.MSG_WAITALL)
 #: in C) instead of through the receive buffer (three). It costs one extra recvmsg() per
 #: message, which is noise at this size; the first small message switches it off again.
 DIRECT_READ_MIN: Final = 256 * 1024
+
+#: How long close() waits for a thread it woke in recv() to leave, before closing the
+#: descriptors the framing holds. That thread is returning already; this only bounds a
+#: reader stuck elsewhere (in a signal handler, say), whose descriptors then stay open.
+CLOSE_READER_WAIT: Final = 1.0
 
 #: Upper bound for ``spin``: past a millisecond, polling burns a CPU for no gain over being
 #: woken (a wake-up costs tens of microseconds, not milliseconds).
@@ -249,72 +255,71 @@ class Channel(ChannelFacts):
     def send(self, data: Buffer) -> None:
         """Send one message (on a stream: framed; on seqpacket/dgram: one packet)."""
         framing = self._framing
-        if framing is not None and len(data) <= _JOIN_LIMIT:
-            # The hot path of every client: one frame, one send() (see _write for the rules).
-            try:
-                frame = framing.frame(data)
-            except TypeError:
-                check_message(data)
-                raise
-            lock = self._wlock
-            if not lock.acquire(False):
-                self._wait_turn(lock, "send")
-            try:
-                if self._unusable:
-                    self._check_open()
-                try:
-                    sent = self._sock.send(frame, _SEND_FLAGS)
-                except BlockingIOError:
-                    sent = 0
-                except OSError as exc:
-                    raise translate(exc, "send", self._remote) from exc
-                except BaseException:
-                    self._break("a send was interrupted mid-message")
-                    raise
-                if sent != len(frame):
-                    self._write([frame], [], len(frame), sent=sent)
-            finally:
-                lock.release()
-        else:
+        try:
+            small = framing is not None and len(data) <= _JOIN_LIMIT
+            frame = framing.frame(data) if small else None  # type: ignore[union-attr]
+        except TypeError:
+            check_message(data)
+            raise
+        if frame is None:
             self._send(data, [])
+            return
+        # The hot path of every client: one frame, one send() (see _write for the rules).
+        # `with` takes the lock with no gap in which a signal handler's exception could
+        # leave it taken (acquire() followed by try: has one).
+        with self._wlock:
+            if self._unusable:
+                self._check_open()
+            try:
+                sent = self._sock.send(frame, _SEND_FLAGS)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._check_open()  # closed under us by another thread
+                raise translate(exc, "send", self._remote) from exc
+            except BaseException:
+                self._break("a send was interrupted")
+                raise
+            if sent != len(frame):  # the socket is full: wait, then write the rest
+                self._write([frame], [], len(frame), sent=sent, full=True)
 
     def send_many(self, messages: Iterable[Buffer]) -> None:
         """Send several messages, on a stream with as few system calls as possible.
 
         The frames are joined into one buffer of up to ``_JOIN_LIMIT`` bytes per write, so a
         burst of small messages costs one send() instead of one each. On seqpacket and dgram
-        every message is still its own packet. The batch is one unit: if it fails after any
-        of it went out, the channel is broken (see the class docstring).
+        every message is still its own packet. On a stream the batch is one unit: if it
+        fails (or ``messages`` raises) after any of it went out, the channel is broken.
         """
         framing = self._framing
         if framing is None:
             for message in messages:
                 self._send(message, [])
             return
-        lock = self._wlock
-        if not lock.acquire(False):
-            self._wait_turn(lock, "send")
-        try:
+        with self._wlock:
             self._check_open()
             batch: list[bytes] = []
             batched = 0
             went = 0
-            for message in messages:
-                try:
-                    frame = framing.frame(message)
-                except TypeError:
-                    check_message(message)
-                    raise
-                batch.append(frame)
-                batched += len(frame)
-                if batched >= _JOIN_LIMIT:
-                    went = self._write([b"".join(batch)], [], batched, went)
-                    batch.clear()
-                    batched = 0
-            if batch:
-                self._write([b"".join(batch)], [], batched, went)
-        finally:
-            lock.release()
+            try:
+                for message in messages:
+                    try:
+                        frame = framing.frame(message)
+                    except TypeError:
+                        check_message(message)
+                        raise
+                    batch.append(frame)
+                    batched += len(frame)
+                    if batched >= _JOIN_LIMIT:
+                        went = self._write([b"".join(batch)], [], batched, went)
+                        batch.clear()
+                        batched = 0
+                if batch:
+                    self._write([b"".join(batch)], [], batched, went)
+            except BaseException:
+                if went and self._broken is None:
+                    self._break(f"send_many failed after {went} bytes of its batch went out")
+                raise
 
     def send_fds(self, data: Buffer, fds: Sequence[int]) -> None:
         """Send one message with open descriptors attached (SCM_RIGHTS).
@@ -328,10 +333,7 @@ class Channel(ChannelFacts):
     def _send(self, data: Buffer, ancillary: list[tuple[int, int, bytes]]) -> None:
         check_message(data)
         framing = self._framing
-        lock = self._wlock
-        if not lock.acquire(False):
-            self._wait_turn(lock, "send")
-        try:
+        with self._wlock:
             self._check_open()
             if framing is None:
                 self._send_packet(data, ancillary)
@@ -339,8 +341,6 @@ class Channel(ChannelFacts):
                 parts = framing.encode(data)
                 views: list[Buffer] = [memoryview(p).cast("B") for p in parts if len(p)]
                 self._write(views, ancillary, sum(map(len, views)))
-        finally:
-            lock.release()
 
     def _send_packet(self, data: Buffer, ancillary: list[tuple[int, int, bytes]]) -> None:
         """One seqpacket message or datagram: the kernel takes all of it or none."""
@@ -376,9 +376,11 @@ class Channel(ChannelFacts):
         size: int,
         went: int = 0,
         sent: int = 0,
+        full: bool = False,
     ) -> int:
         """Put ``parts`` (``size`` bytes of whole frames, of which ``sent`` are written
-        already) on the stream; return ``went`` plus ``size``. Caller holds the write lock.
+        already; ``full``: the last try found the socket full) on the stream; return
+        ``went`` plus ``size``. Caller holds the write lock.
 
         A failure raised by the first system call of a unit (``went`` + ``sent`` == 0)
         means nothing of it was written: the stream is still whole, and the error is raised
@@ -391,6 +393,8 @@ class Channel(ChannelFacts):
         deadline: float | None = None
         try:
             views = advance([memoryview(p).cast("B") for p in parts], sent)
+            if full:
+                deadline = self._wait(select.POLLOUT, deadline)
             while views:
                 try:
                     n = sock.sendmsg(views, ancillary, _SEND_FLAGS)
@@ -401,12 +405,18 @@ class Channel(ChannelFacts):
                 ancillary = []  # descriptors go with the first byte only
                 views = advance(views, n)
         except OSError as exc:
-            error = translate(exc, "send", self._remote)
-            if went + sent:
-                self._break(f"a send failed after {went + sent} of {went + size} bytes")
-            raise error from exc
+            self._check_open()  # closed under us by another thread
+            if not went + sent:
+                raise translate(exc, "send", self._remote) from exc
+            self._break(f"a send failed after {went + sent} of {went + size} bytes went out")
+            error = self._broken
+            assert error is not None
+            if isinstance(exc, (TimeoutError, BlockingIOError)):
+                # Say both: it timed out, and the channel cannot be used any more.
+                raise Timeout(f"{error}; the send timed out") from exc
+            raise copy.copy(error) from exc
         except BaseException:
-            self._break("a send was interrupted mid-message")
+            self._break("a send was interrupted")
             raise
         return went + size
 
@@ -439,9 +449,6 @@ class Channel(ChannelFacts):
         except OSError:
             pass
 
-    def _wait_turn(self, lock: threading.Lock, op: str) -> None:
-        wait_turn(lock, self._timeout, op, self._where())
-
     # -- receiving ------------------------------------------------------------------------
     def recv(self) -> bytes:
         """Receive one message. Descriptors that arrive with it are closed (see recv_fds).
@@ -449,27 +456,30 @@ class Channel(ChannelFacts):
         Raises ``ConnectionClosed`` when the peer has closed (``mid_message`` if it left a
         message unfinished), ``Timeout`` after ``settimeout`` seconds.
         """
-        lock = self._rlock
-        if not lock.acquire(False):
-            self._wait_turn(lock, "recv")
-        try:
-            framing = self._framing
-            if framing is not None and not self._unusable and not self._inbox:
-                # The stream path of _recv(), inlined: this is the hot loop of every client.
-                message = framing.next_message()
-                while message is NEED_DATA:
-                    message = self._feed(framing)
-                if message is CLOSED:
-                    raise ConnectionClosed(f"{self._where()}: the peer closed the connection")
-                if self._fds_seen:  # else the framing holds none: skip asking it
-                    fds = framing.take_fds()
-                    if fds:
-                        close_fds(fds)
-                self._direct = len(message) >= DIRECT_READ_MIN  # type: ignore[arg-type]
-                return message  # type: ignore[return-value]
-            data, fds = self._recv()
-        finally:
-            lock.release()
+        with self._rlock:
+            try:
+                framing = self._framing
+                if framing is not None and not self._unusable and not self._inbox:
+                    # The stream path of _recv(), inlined: the hot loop of every client.
+                    message = framing.next_message()
+                    while message is NEED_DATA:
+                        message = self._feed(framing)
+                    if message is CLOSED:
+                        raise ConnectionClosed(  # noqa: TRY301
+                            f"{self._where()}: the peer closed the connection"
+                        )
+                    if self._fds_seen:  # else the framing holds none: skip asking it
+                        fds = framing.take_fds()
+                        if fds:
+                            close_fds(fds)
+                    self._direct = len(message) >= DIRECT_READ_MIN  # type: ignore[arg-type]
+                    return message  # type: ignore[return-value]
+                data, fds = self._recv()
+            except UdsError:
+                raise
+            except BaseException:
+                self._read_interrupted()
+                raise
         if fds:
             log.debug("%r: closing %d descriptors received by recv()", self, len(fds))
             close_fds(fds)
@@ -477,13 +487,14 @@ class Channel(ChannelFacts):
 
     def recv_fds(self) -> tuple[bytes, list[int]]:
         """Receive one message and the descriptors sent with it (now owned by the caller)."""
-        lock = self._rlock
-        if not lock.acquire(False):
-            self._wait_turn(lock, "recv")
-        try:
-            return self._recv()
-        finally:
-            lock.release()
+        with self._rlock:
+            try:
+                return self._recv()
+            except UdsError:
+                raise
+            except BaseException:
+                self._read_interrupted()
+                raise
 
     def recv_many(self) -> list[bytes]:
         """Wait for at least one message, then return every complete message already here.
@@ -491,28 +502,37 @@ class Channel(ChannelFacts):
         On a stream this drains what one read brought in, without further system calls: the
         receiving half of ``send_many``. Descriptors that arrive are closed, as by recv().
         """
-        lock = self._rlock
-        if not lock.acquire(False):
-            self._wait_turn(lock, "recv")
-        try:
-            data, fds = self._recv()
-            if fds:
-                close_fds(fds)
-            messages = [data]
-            framing = self._framing
-            if framing is None:
-                return messages
-            while framing.buffered:
-                message = framing.next_message()
-                if message is NEED_DATA or message is CLOSED:
-                    break
-                messages.append(message)  # type: ignore[arg-type]
-                fds = framing.take_fds()
+        with self._rlock:
+            try:
+                data, fds = self._recv()
                 if fds:
                     close_fds(fds)
-            return messages
-        finally:
-            lock.release()
+                messages = [data]
+                framing = self._framing
+                if framing is None:
+                    return messages
+                while framing.buffered:
+                    message = framing.next_message()
+                    if message is NEED_DATA or message is CLOSED:
+                        break
+                    messages.append(message)  # type: ignore[arg-type]
+                    fds = framing.take_fds()
+                    if fds:
+                        close_fds(fds)
+                return messages
+            except UdsError:
+                raise
+            except BaseException:
+                self._read_interrupted()
+                raise
+
+    def _read_interrupted(self) -> None:
+        """An exception that is not ours (a signal handler's KeyboardInterrupt, say) cut a
+        read short: bytes the kernel handed over may not have reached the framing, so on a
+        stream nothing more can be read safely. (A packet is lost, if anything; no splice.)"""
+        if self._framing is not None and self._unreadable is None:
+            self._unreadable = read_interrupted(self._where())
+            self._unusable = True
 
     def __iter__(self) -> Iterator[bytes]:
         """Receive messages until the peer closes cleanly."""
@@ -529,7 +549,7 @@ class Channel(ChannelFacts):
         if self._unusable:
             self._check_open()
             if self._unreadable is not None:
-                raise self._unreadable.with_traceback(None)
+                raise copy.copy(self._unreadable)
         if self._inbox:
             return self._inbox.popleft()
         framing = self._framing
@@ -643,6 +663,7 @@ class Channel(ChannelFacts):
         try:
             payload = sock.recv(expected, _WAITALL)
         except OSError as exc:
+            self._check_open()
             raise translate(exc, "recv", self._remote) from exc
         return framing.receive_payload(payload)
 
@@ -713,22 +734,35 @@ class Channel(ChannelFacts):
             raise translate(exc, "send", self._remote) from exc
 
     def close(self) -> None:
-        """Close the socket, any unclaimed received descriptors, and our bound reply path."""
+        """Close the socket, any unclaimed received descriptors, and our bound reply path.
+
+        Threads blocked in ``send``/``recv`` on this channel are woken; they raise
+        ``ConnectionClosed``.
+        """
         if self._closed:
             return
         self._closed = self._unusable = True
-        if self._owns_socket and self._rlock.locked():
-            # A thread is blocked in recv() on this socket, and close() alone would not wake
-            # it. Only then: shutdown() reaches every process sharing the socket (a fork).
+        if self._owns_socket:
+            # close() alone wakes nobody blocked on the socket. Only where a thread of ours
+            # is blocked: shutdown() reaches every process that shares the socket (a fork).
+            reading, writing = self._rlock.locked(), self._wlock.locked()
+            if reading or writing:
+                how = socket.SHUT_RD if not writing else socket.SHUT_WR
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR if reading and writing else how)
+                except OSError:
+                    pass
+        # What the framing holds belongs to the reader: wait (briefly: it was just woken)
+        # for one still in recv() to leave before closing its descriptors.
+        if self._rlock.acquire(timeout=CLOSE_READER_WAIT):
             try:
-                self._sock.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass
-        if self._framing is not None:
-            close_fds(self._framing.held_fds())
-        for _, fds in self._inbox:
-            close_fds(fds)
-        self._inbox.clear()
+                if self._framing is not None:
+                    close_fds(self._framing.held_fds())
+                for _, fds in self._inbox:
+                    close_fds(fds)
+                self._inbox.clear()
+            finally:
+                self._rlock.release()
         if self._owns_socket:
             self._sock.close()
         if self._claim is not None:
@@ -748,17 +782,24 @@ class Channel(ChannelFacts):
     def __reduce__(self) -> tuple[object, tuple[object, ...]]:
         # multiprocessing's pickler knows how to send a socket to another process (it
         # duplicates the descriptor); plain pickle refuses, as it should.
+        if self._unusable:
+            self._check_open()
+            if self._unreadable is not None:
+                raise copy.copy(self._unreadable)
         if self._framing is not None and self._framing.buffered:
             raise ProtocolError("cannot hand over a channel that holds received, unread data")
         framing = "length" if self._framing is None else self._framing.name
-        return (_rebuild, (self._sock, framing, self._max_message, self._max_fds, self._peer))
+        return (
+            _rebuild,
+            (self._sock, framing, self._max_message, self._max_fds, self._peer, self._timeout),
+        )
 
     # -- helpers --------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
             raise ConnectionClosed(f"{self._where()}: this channel is closed")
         if self._broken is not None:
-            raise self._broken.with_traceback(None)
+            raise copy.copy(self._broken)
 
     def _is_unix(self) -> bool:
         return self._sock.family == socket.AF_UNIX
@@ -783,26 +824,36 @@ def advance(views: list[memoryview], sent: int) -> list[memoryview]:
     return rest
 
 
+def read_interrupted(where: str) -> ProtocolError:
+    """What a stream channel raises, from then on, after an exception that was not its own
+    cut a read short (both layers)."""
+    return ProtocolError(
+        f"{where}: a receive was interrupted, and the bytes it had read may be lost, so "
+        "nothing more can be received on this channel: close it"
+    )
+
+
 def broken(where: str, why: str) -> ConnectionClosed:
     """The error every call raises on a stream channel that has part of a frame on the wire
     (both layers)."""
     return ConnectionClosed(
         f"{where}: this channel is broken ({why}, so the peer cannot tell where the next "
-        "message starts); close it and connect again",
+        "message starts); close it and open a new one",
         mid_message=True,
     )
 
 
-def wait_turn(lock: threading.Lock, timeout: float | None, op: str, where: object) -> None:
-    """Another thread is in ``op``: wait for it to finish, within ``timeout``."""
-    if not lock.acquire(timeout=-1 if timeout is None else timeout):
-        raise Timeout(f"{op} on {where} timed out waiting for another thread's {op} to finish")
-
-
 def _rebuild(
-    sock: socket.socket, framing: str, max_frame: int, max_fds: int, peer: PeerCred | None
+    sock: socket.socket,
+    framing: str,
+    max_frame: int,
+    max_fds: int,
+    peer: PeerCred | None,
+    timeout: float | None = None,
 ) -> Channel:
-    return Channel(sock, framing=framing, max_frame=max_frame, max_fds=max_fds, peer=peer)
+    channel = Channel(sock, framing=framing, max_frame=max_frame, max_fds=max_fds, peer=peer)
+    channel.settimeout(timeout)
+    return channel
 
 
 def accepted(sock: socket.socket, *, framing: str, max_frame: int | None, max_fds: int) -> Channel:

@@ -18,7 +18,7 @@ from typing import Literal, TypeVar, overload
 
 from .address import Address, AddressLike, sun_path
 from .ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
-from .channel import Buffer, Channel, accepted, wait_turn
+from .channel import Buffer, Channel, accepted
 from .creds import PeerCred, Policy
 from .errors import AddressInUse, ConnectionClosed, ProtocolError, SocketFileError
 from .options import (
@@ -220,13 +220,8 @@ class DatagramListener(_Endpoint):
         """The next datagram the policy allows (others are dropped and logged).
 
         Threads may share a listener: each gets whole datagrams of its own."""
-        lock = self._rlock
-        if not lock.acquire(False):
-            wait_turn(lock, self._sock.gettimeout(), "recv", self.address)
-        try:
+        with self._rlock:
             return self._recv()
-        finally:
-            lock.release()
 
     def _recv(self) -> Datagram:
         while True:

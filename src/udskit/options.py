@@ -65,9 +65,15 @@ _KINDS: Final[dict[str, int]] = {
 
 
 def check_message(data: object) -> None:
-    """Refuse text where a message (bytes) is expected, saying how to fix the call."""
+    """Refuse what is not a message (bytes-like), saying how to fix the call."""
     if isinstance(data, str):
-        raise TypeError("messages are bytes, not str: encode text first, e.g. send(text.encode())")
+        raise TypeError("messages are bytes, not str: encode text first, e.g. text.encode()")
+    try:
+        memoryview(data)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"messages are bytes-like (bytes, bytearray, memoryview), not {type(data).__name__}"
+        ) from None
 
 
 def socket_kind(type: str) -> int:  # noqa: A002 - mirrors the public keyword

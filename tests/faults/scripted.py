@@ -40,10 +40,20 @@ class ScriptedSocket(socket.socket):
     """Wraps a real connected socket's descriptor; send() and sendmsg() follow ``script``,
     then behave normally once it runs out."""
 
-    def __init__(self, real: socket.socket, script: Sequence[Step]) -> None:
+    def __init__(
+        self, real: socket.socket, script: Sequence[Step], reads: Sequence[Step] = ()
+    ) -> None:
         super().__init__(real.family, real.type, fileno=real.detach())
         self.script: deque[Step] = deque(script)
+        self.reads: deque[Step] = deque(reads)  # for recvmsg_into(): "ok" or ("after", exc)
         self.calls = 0
+
+    def recvmsg_into(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        step = self.reads.popleft() if self.reads else "ok"
+        got = super().recvmsg_into(*args, **kwargs)
+        if step != "ok":
+            raise step[1]  # the bytes were read, and are now in nobody's hands
+        return got
 
     def _step(self) -> Step:
         self.calls += 1

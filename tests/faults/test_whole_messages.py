@@ -11,7 +11,7 @@ import errno
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -94,15 +94,17 @@ REFUSED: dict[str, tuple[list[Step], type[BaseException]]] = {
     "error": ([OSError(errno.ENOBUFS, "no buffer space")], OSError),
 }
 
-#: Faults after part of the message went out: the channel must break (timeout 0 here too).
-CUT: dict[str, tuple[list[Step], type[BaseException]]] = {
-    "short-then-timeout": ([("short", 10), TimeoutError("timed out")], Timeout),
-    "short-then-eagain": ([("short", 10), BlockingIOError(errno.EAGAIN, "busy")], Timeout),
+#: Faults after part of the message went out: the channel must break. Each runs with the
+#: timeout given (0: EAGAIN is a timeout at once).
+CUT: dict[str, tuple[list[Step], type[BaseException], float]] = {
+    "short-then-timeout": ([("short", 10), TimeoutError("timed out")], Timeout, WAIT),
+    "short-then-eagain": ([("short", 10), BlockingIOError(errno.EAGAIN, "busy")], Timeout, 0),
     "short-then-reset": (
         [("short", 10), ConnectionResetError(errno.ECONNRESET, "reset")],
         ConnectionClosed,
+        WAIT,
     ),
-    "signal-after-write": ([("after", 10, KeyboardInterrupt())], KeyboardInterrupt),
+    "signal-after-write": ([("after", 10, KeyboardInterrupt())], KeyboardInterrupt, WAIT),
 }
 
 
@@ -138,11 +140,11 @@ def test_a_send_that_wrote_nothing_leaves_the_channel_whole(path: str, fault: st
 @pytest.mark.parametrize("fault", sorted(CUT))
 @pytest.mark.parametrize("path", sorted(SENDS))
 def test_a_send_cut_mid_message_breaks_the_channel(path: str, fault: str) -> None:
-    script, raised = CUT[fault]
+    script, raised, timeout = CUT[fault]
     if path == "send_many":
         script = ["ok", *script]  # the first joined write goes out; the second is cut
     sender, _, receiver = _channels(socket.SOCK_STREAM, script)
-    sender.settimeout(0)
+    sender.settimeout(timeout)
     with sender, receiver:
         drain = Drain(receiver)
         with pytest.raises(raised):
@@ -432,3 +434,211 @@ def test_a_listener_reply_that_failed_to_go_leaves_the_listener_whole(
             listener.session(datagram).send(b"again")
             assert client.recv() == b"pong"
             assert client.recv() == b"again"
+
+
+# -- exceptions that are not udskit's, landing anywhere ------------------------------------
+
+
+class Interrupt(Exception):
+    """What a signal handler raises in these tests."""
+
+
+@pytest.mark.parametrize("how", ["recv", "recv_fds", "recv_many"])
+def test_an_exception_after_a_read_ends_reading_instead_of_splicing(how: str) -> None:
+    """The read's bytes never reached the framing: later reads must not frame from the
+    middle of a message."""
+    mine, theirs = socket.socketpair()
+    receiver = Channel(ScriptedSocket(mine, [], reads=["ok", ("after", Interrupt())]))
+    sender = Channel(theirs)
+    with sender, receiver:
+        receiver.settimeout(WAIT)
+        sender.send(b"first")
+        assert getattr(receiver, how)() in (b"first", (b"first", []), [b"first"])
+        sender.send(b"x" * 100)
+        sender.send(b"next")
+        with pytest.raises(Interrupt):
+            getattr(receiver, how)()
+        for _ in range(2):
+            with pytest.raises(ProtocolError, match="a receive was interrupted"):
+                getattr(receiver, how)()
+
+
+def test_a_packet_channel_goes_on_after_an_interrupted_read() -> None:
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    receiver = Channel(ScriptedSocket(mine, [], reads=[("after", Interrupt())]))
+    sender = Channel(theirs)
+    with sender, receiver:
+        sender.send(b"lost")
+        sender.send(b"next")
+        with pytest.raises(Interrupt):
+            receiver.recv()
+        assert receiver.recv() == b"next"
+
+
+def test_signal_handler_exceptions_never_leave_a_lock_taken() -> None:
+    """A handler raising at random points of send() and recv(): whatever it interrupted,
+    no lock stays taken (the next call would wait for ever), and no message is spliced."""
+    import signal
+
+    armed = [False]
+
+    def handler(*_: object) -> None:
+        if armed[0]:
+            raise Interrupt
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    left, right = udskit.pair()
+    interrupted = 0
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)
+        for i in range(3000):
+            try:
+                armed[0] = True
+                left.send(b"m%d" % i)
+                data = right.recv()
+                armed[0] = False
+                assert data.startswith(b"m")
+            except (Interrupt, udskit.UdsError):
+                armed[0] = False
+                interrupted += 1
+                assert not left._wlock.locked()
+                assert not right._rlock.locked()
+                left.close()
+                right.close()
+                left, right = udskit.pair()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        left.close()
+        right.close()
+    assert interrupted  # the handler really did land
+
+
+def test_memoryviews_of_wide_items_are_framed_by_their_bytes() -> None:
+    import array
+
+    words = memoryview(array.array("I", [1, 0x41414141]))  # 8 bytes, len() 2
+    left, right = udskit.pair()
+    with left, right:
+        left.send(words)
+        left.send_many([words])
+        left.send(b"next")
+        assert right.recv() == words.tobytes()
+        assert right.recv() == words.tobytes()
+        assert right.recv() == b"next"
+
+
+def test_send_refuses_what_is_not_bytes_with_a_hint() -> None:
+    left, right = udskit.pair()
+    with left, right:
+        with pytest.raises(TypeError, match=r"messages are bytes-like .* not NoneType"):
+            left.send(None)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="not int"):
+            left.send_many([b"ok", 7])  # type: ignore[list-item]
+        left.send(b"fine")
+        assert right.recv() == b"fine"  # nothing of the refused batch went out
+
+
+def test_send_many_broken_when_its_messages_fail_after_part_went_out() -> None:
+    def messages() -> Iterator[bytes]:
+        for i in range(100):
+            yield _message(i, 1000)  # 66 of these fill the first joined write
+        raise Interrupt
+
+    left, right = udskit.pair()
+    with left, right:
+        drain = Drain(right)
+        with pytest.raises(Interrupt):
+            left.send_many(messages())
+        with pytest.raises(ConnectionClosed, match="this channel is broken"):
+            left.send(b"more")
+        left.close()
+        assert drain.result() == [_message(i, 1000) for i in range(66)]
+
+
+def test_close_wakes_a_thread_blocked_in_send() -> None:
+    left, right = udskit.pair(sndbuf=64 * 1024, rcvbuf=64 * 1024)
+    with right:
+        outcome: list[BaseException] = []
+
+        def sender() -> None:
+            try:
+                left.send(b"x" * 8_000_000)  # the peer never reads
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=sender, daemon=True)  # a regression must not hang
+        thread.start()
+        for _ in range(10_000):  # bounded: until the sender is inside send()
+            if left._wlock.locked():
+                break
+            threading.Event().wait(0.001)
+        left.close()
+        thread.join(WAIT)
+        assert not thread.is_alive()
+        assert isinstance(outcome[0], ConnectionClosed)
+        assert "closed" in str(outcome[0])
+
+
+def test_close_racing_readers_leaks_no_descriptor(no_fd_leak: None) -> None:
+    r, w = os.pipe()
+    try:
+        for size in (10, 5000, 300_000) * 10:
+            left, right = udskit.pair()
+            stop = threading.Event()
+
+            def sender(ch: Channel = left, n: int = size, stop: threading.Event = stop) -> None:
+                try:
+                    while not stop.is_set():
+                        ch.send_fds(b"m" * n, [r, w])
+                except udskit.UdsError:
+                    pass
+
+            def reader(ch: Channel = right) -> None:
+                try:
+                    while True:
+                        _, fds = ch.recv_fds()
+                        for fd in fds:
+                            os.close(fd)
+                except udskit.UdsError:
+                    pass
+
+            threads = [threading.Thread(target=sender), threading.Thread(target=reader)]
+            for t in threads:
+                t.start()
+            right.close()
+            stop.set()
+            left.close()
+            for t in threads:
+                t.join(WAIT)
+                assert not t.is_alive()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_broken_channel_cannot_be_handed_to_another_process() -> None:
+    import pickle
+
+    mine, theirs = scripted_pair(socket.SOCK_STREAM, [("after", 10, Interrupt())])
+    sender = Channel(mine)
+    with sender, Channel(theirs):
+        with pytest.raises(Interrupt):
+            sender.send(b"x" * 1000)
+        with pytest.raises(ConnectionClosed, match="this channel is broken"):
+            pickle.dumps(sender)  # the check comes before pickle's refusal of sockets
+
+
+def test_a_channel_keeps_its_timeout_across_processes() -> None:
+    import multiprocessing
+
+    left, right = udskit.pair()
+    with left, right:
+        right.settimeout(2.5)
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(1) as pool:
+            assert pool.apply(_timeout_of, (right,)) == 2.5
+
+
+def _timeout_of(channel: Channel) -> float | None:
+    return channel.gettimeout()

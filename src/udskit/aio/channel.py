@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Final
 
 from ..address import Address
 from ..ancillary import RECV_FLAGS, ancillary_size, close_fds, stream_read_lost, unpack
-from ..channel import ChannelFacts
+from ..channel import ChannelFacts, read_interrupted
 from ..creds import PeerCred
 from ..errors import ConnectionClosed, ProtocolError, UdsError
 from ..options import base_type, check_timeout, max_frame_for, type_name
@@ -346,6 +346,9 @@ class Channel(Sending, ChannelFacts):
         except OSError as exc:
             self._fail_read(translate(exc, "recv", self._remote), fatal=True)
             return
+        except BaseException:
+            self._fail_read(read_interrupted(self._where()), fatal=True)
+            raise
         try:
             if size and size <= FEED_SLICE and not ancdata and not flags & _CTRUNC:
                 # Inline, the first message of the read (usually the only one).
@@ -364,6 +367,9 @@ class Channel(Sending, ChannelFacts):
         except UdsError as exc:  # bad framing: FrameTooLarge, a stream cut off mid-message
             self._fail_read(exc, fatal=True)
             return
+        except BaseException:  # not ours (a signal handler's): what was read may be lost
+            self._fail_read(read_interrupted(self._where()), fatal=True)
+            raise
         if self._ready_bytes > READ_AHEAD and self._rwaiter is None:
             self._stop_reading()  # resumed by the next recv() that finds nothing queued
         waiter = self._rwaiter

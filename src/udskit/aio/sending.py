@@ -260,7 +260,11 @@ class Sending:
             first = wbuf[0]
             ancillary: Ancillary = first[1]  # type: ignore[assignment]
             batch: list[memoryview] = [first[0]]  # type: ignore[list-item]
-            for item in _after_first(wbuf):
+            # Descriptors go in a sendmsg of their own, with their message's first buffer
+            # alone: the kernel makes one skb of a sendmsg, and the receiver gives an skb's
+            # descriptors to the last message that starts in it, so joining what follows
+            # would hand them to a later message.
+            for item in () if ancillary else _after_first(wbuf):
                 if item[1] or len(batch) >= IOV_MAX:
                     break  # descriptors start a sendmsg of their own
                 batch.append(item[0])  # type: ignore[arg-type]

@@ -84,6 +84,14 @@ FramingName: TypeAlias = Literal["length", "lines", "raw"]
 Payload: TypeAlias = bytes | bytearray | memoryview
 
 
+def as_bytes(payload: Payload) -> Payload:
+    """``payload`` as something whose len() counts bytes: a memoryview of 4-byte ints (an
+    array's, say) has len() 2 for 8 bytes, which would frame a wrong length."""
+    if type(payload) is bytes:
+        return payload
+    return memoryview(payload).cast("B")
+
+
 class Decoder:
     """Shared buffering and descriptor bookkeeping for the stream framings."""
 
@@ -210,6 +218,7 @@ class LengthPrefixed(Decoder):
         self.max_frame = max_frame
 
     def encode(self, payload: Payload) -> list[Payload]:
+        payload = as_bytes(payload)
         size = len(payload)
         if size > self.max_frame:
             raise FrameTooLarge(
@@ -220,6 +229,8 @@ class LengthPrefixed(Decoder):
 
     def frame(self, payload: Payload) -> bytes:
         """The encoding as one ``bytes`` (copies the payload: for small messages)."""
+        if type(payload) is not bytes:
+            payload = as_bytes(payload)
         size = len(payload)
         if size > self.max_frame:
             self.encode(payload)  # raises FrameTooLarge with the full explanation
@@ -301,6 +312,8 @@ class Lines(Decoder):
         self._scanned = 0  # bytes after _pos already known to hold no newline
 
     def encode(self, payload: Payload) -> list[Payload]:
+        if not isinstance(payload, (bytes, bytearray)):
+            payload = memoryview(payload).tobytes()  # `in` on a memoryview compares items
         if b"\n" in payload:
             raise ProtocolError(
                 "message contains a newline, which 'lines' framing uses as the delimiter: "
@@ -347,7 +360,7 @@ class Raw(Decoder):
     name: Final = "raw"
 
     def encode(self, payload: Payload) -> list[Payload]:
-        return [payload]
+        return [as_bytes(payload)]
 
     def frame(self, payload: Payload) -> bytes:
         """The encoding as one ``bytes``."""
