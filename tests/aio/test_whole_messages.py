@@ -158,3 +158,73 @@ def test_a_listener_reply_waits_out_eagain_and_eintr(arun: Run, sockdir: Path) -
             assert not scripted.script
 
     arun(main())
+
+
+class Interrupt(Exception):
+    """What a signal handler raises in these tests."""
+
+
+def test_an_exception_after_a_read_ends_reading_instead_of_splicing(arun: Run) -> None:
+    async def main() -> None:
+        mine, theirs = socket.socketpair()
+        scripted = ScriptedSocket(mine, [], reads=["ok", ("after", Interrupt())])
+        receiver = udskit.aio.Channel(scripted)
+        sender = udskit.Channel(theirs)
+        loop = asyncio.get_running_loop()
+        errors: list[BaseException] = []
+        loop.set_exception_handler(lambda _, context: errors.append(context["exception"]))
+        async with receiver:
+            with sender:
+                sender.send(b"first")
+                assert await receiver.recv() == b"first"
+                sender.send(b"x" * 100)
+                sender.send(b"next")
+                for _ in range(2):
+                    with pytest.raises(udskit.ProtocolError, match="a receive was interrupted"):
+                        await receiver.recv()
+        assert [type(e) for e in errors] == [Interrupt]  # the loop saw it, as it must
+
+    arun(main())
+
+
+def test_descriptors_queued_behind_data_stay_with_their_message(arun: Run) -> None:
+    async def main() -> None:
+        left, right = udskit.aio.pair(write_limit=64 << 20)
+        r, w = os.pipe()
+        try:
+            async with left, right:
+                await left.send(b"F" * 4_000_000)  # the kernel's buffers fill; the rest queues
+                assert left.write_buffer_size
+                with_fds = asyncio.ensure_future(left.send_fds(b"with-fds", [r]))
+                await asyncio.sleep(0)
+                plain = asyncio.ensure_future(left.send(b"plain"))
+                await asyncio.sleep(0)
+                assert len(await right.recv()) == 4_000_000
+                data, fds = await right.recv_fds()
+                assert (data, len(fds)) == (b"with-fds", 1)
+                os.close(fds[0])
+                assert await right.recv_fds() == (b"plain", [])
+                await with_fds
+                await plain
+        finally:
+            os.close(r)
+            os.close(w)
+
+    arun(main())
+
+
+def test_memoryviews_of_wide_items_are_framed_by_their_bytes(arun: Run) -> None:
+    import array
+
+    async def main() -> None:
+        words = memoryview(array.array("I", [1, 0x41414141]))  # 8 bytes, len() 2
+        left, right = udskit.aio.pair()
+        async with left, right:
+            await left.send(words)
+            await left.send_many([words])
+            await left.send(b"next")
+            assert await right.recv() == words.tobytes()
+            assert await right.recv() == words.tobytes()
+            assert await right.recv() == b"next"
+
+    arun(main())
