@@ -358,31 +358,43 @@ def claim(
 
 
 def _make_room(directory: _Directory, address: Address) -> None:
-    """Leave PATH free, or raise: never unlink anything but a stale socket."""
-    found = directory.lstat()
-    if found is None:
+    """Leave PATH free, or raise: never unlink anything but a stale socket.
+
+    The file at PATH is held open (O_PATH, not following a symlink) from the first look to
+    its removal: the probe connects to that very file (through /proc/self/fd/N), and while
+    we hold it its inode number cannot be reused, so "same (st_dev, st_ino)" at removal
+    means "the file we probed", not a new file that took over a freed number.
+    """
+    try:
+        held = os.open(
+            directory.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd
+        )
+    except FileNotFoundError:
         return
-    if not stat.S_ISSOCK(found.st_mode):
-        raise SocketFileError(
-            f"cannot listen on {address}: a {kind_of(found.st_mode)} is in the way, and udskit "
-            "never deletes what is not a socket; move it away or choose another path",
-            errno=errno.EEXIST,
-        )
-    target = directory.sun_path(directory.name, directory.path)
-    found_probe = probe(target)
-    if found_probe.live:
-        _raise_in_use(address, found_probe, found.st_uid)
-    if found_probe.errno in (errno.EACCES, errno.EPERM):
-        raise AddressInUse(
-            f"cannot listen on {address}: a socket owned by uid {found.st_uid} is there and we "
-            "may not connect to it to see whether it is alive; stop its server or remove it "
-            "as that user",
-            uid=found.st_uid,
-        )
-    # Refused: a stale file. Remove it only if it is still the very file we probed.
-    log.info("removing stale socket file %s (nothing was listening)", address)
-    with translating("remove the stale socket", address):
-        other = _remove_if(directory, directory.name, (found.st_dev, found.st_ino))
+    try:
+        found = os.fstat(held)
+        if not stat.S_ISSOCK(found.st_mode):
+            raise SocketFileError(
+                f"cannot listen on {address}: a {kind_of(found.st_mode)} is in the way, and "
+                "udskit never deletes what is not a socket; move it away or choose another path",
+                errno=errno.EEXIST,
+            )
+        found_probe = probe(f"/proc/self/fd/{held}")
+        if found_probe.live:
+            _raise_in_use(address, found_probe, found.st_uid)
+        if found_probe.errno in (errno.EACCES, errno.EPERM):
+            raise AddressInUse(
+                f"cannot listen on {address}: a socket owned by uid {found.st_uid} is there and "
+                "we may not connect to it to see whether it is alive; stop its server or remove "
+                "it as that user",
+                uid=found.st_uid,
+            )
+        # Refused: a stale file. Remove it only if it is still the very file we probed.
+        log.info("removing stale socket file %s (nothing was listening)", address)
+        with translating("remove the stale socket", address):
+            other = _remove_if(directory, directory.name, (found.st_dev, found.st_ino))
+    finally:
+        os.close(held)
     if other is not None:
         raise SocketFileError(
             f"cannot listen on {address}: the stale socket there was replaced by a "
@@ -543,6 +555,9 @@ def _remove_if(
     directory: _Directory, name: bytes, dev_ino: tuple[int, int]
 ) -> os.stat_result | None:
     """Remove ``name`` if it is the file ``dev_ino``; else leave it and return its stat.
+
+    The caller keeps that file open (our socket, our lock file, a held stale socket), so
+    no other file can carry its inode number meanwhile.
 
     Nothing when the name is gone. Checking and then unlinking by name would delete
     whatever another user swapped in between the two calls, so the file is first renamed

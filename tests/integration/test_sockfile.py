@@ -686,3 +686,136 @@ def test_a_server_started_during_the_claim_keeps_its_socket(path: Path) -> None:
     finally:
         intruder.close()
         path.unlink()
+
+
+# -- nothing removed that changed after we looked ----------------------------------------------
+
+
+class SwapAfterCheck:
+    """Injects a swap at the worst moment: right after udskit's last look at the path.
+
+    ``arm()`` makes the next ``lstat`` of the socket's name (udskit's check before it removes
+    the file) run ``swap`` once the look is done, so the check passes on the file it meant
+    and the removal meets the replacement.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: bytes, swap: Callable[[], None]):
+        self._armed = False
+        self.swapped = False
+        real = sockfile_module._Directory.lstat
+
+        def lstat(directory: object, *args: object) -> os.stat_result | None:
+            found = real(directory, *args)  # type: ignore[arg-type]
+            looked_at = args[0] if args else directory.name  # type: ignore[attr-defined]
+            if self._armed and looked_at == name and found is not None:
+                self._armed = False
+                swap()
+                self.swapped = True
+            return found
+
+        monkeypatch.setattr(sockfile_module._Directory, "lstat", lstat)
+
+    def arm(self) -> None:
+        self._armed = True
+
+
+def _swap_for_regular_file(path: Path) -> Callable[[], None]:
+    def swap() -> None:
+        os.unlink(path)
+        path.write_bytes(b"precious data")
+
+    return swap
+
+
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+def test_stale_socket_swapped_for_a_file_after_the_check_is_never_deleted(
+    path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stale_socket(path, kind)
+    injected = SwapAfterCheck(monkeypatch, b"app.sock", _swap_for_regular_file(path))
+    real_probe = sockfile_module.probe
+
+    def probe_then_arm(target: str | bytes) -> sockfile_module.Probe:
+        found = real_probe(target)
+        injected.arm()  # the next look is the last before removal
+        return found
+
+    monkeypatch.setattr(sockfile_module, "probe", probe_then_arm)
+    with pytest.raises(SocketFileError, match="replaced by a regular file") as caught:
+        udskit.listen(path, type=kind)
+    assert injected.swapped
+    assert str(path) in str(caught.value)
+    assert path.read_bytes() == b"precious data"
+
+
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+def test_close_never_deletes_a_file_swapped_in_after_the_check(
+    path: Path, kind: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    injected = SwapAfterCheck(monkeypatch, b"app.sock", _swap_for_regular_file(path))
+    listener = udskit.listen(path, type=kind)
+    injected.arm()
+    with caplog.at_level(logging.INFO, logger="udskit"):
+        listener.close()
+    assert injected.swapped
+    assert path.read_bytes() == b"precious data"
+    assert "was replaced by another file; leaving it in place" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+def test_a_lock_file_udskit_did_not_create_is_kept(path: Path, kind: str) -> None:
+    lock_path = path.with_name(path.name + ".lock")
+    lock_path.write_bytes(b"")
+    inode = os.lstat(lock_path).st_ino
+    try:
+        with udskit.listen(path, type=kind):
+            assert os.lstat(lock_path).st_ino == inode
+        assert os.lstat(lock_path).st_ino == inode, "a lock file we did not create was removed"
+    finally:
+        lock_path.unlink()
+
+
+def test_a_fifo_at_the_lock_path_is_refused_without_hanging(path: Path) -> None:
+    lock_path = path.with_name(path.name + ".lock")
+    os.mkfifo(lock_path)
+    try:
+        with pytest.raises(SocketFileError, match="a FIFO is there, not a lock file") as caught:
+            udskit.listen(path)
+        assert str(lock_path) in str(caught.value)
+        assert stat.S_ISFIFO(os.lstat(lock_path).st_mode)
+        assert not path.exists()
+    finally:
+        lock_path.unlink()
+
+
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+def test_aio_listen_waiting_for_the_lock_leaves_the_loop_free(path: Path, kind: str) -> None:
+    """While another process holds the claim lock, aio.listen() is pending and the other
+    tasks on the loop keep running; once it is released, the listen completes."""
+    import asyncio
+
+    import udskit.aio
+
+    lock_path = path.with_name(path.name + ".lock")
+    holder = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)  # another claimant's lock
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    ticks = 0
+
+    async def main() -> None:
+        nonlocal ticks
+        listening = asyncio.ensure_future(udskit.aio.listen(path, type=kind))
+        for _ in range(50):  # the loop turns while listen() waits
+            await asyncio.sleep(0)
+            assert not listening.done(), "listen() did not wait for the lock"
+            ticks += 1
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        listener = await asyncio.wait_for(listening, sockfile_module.CLAIM_LOCK_TIMEOUT)
+        async with listener:
+            assert path.exists()
+
+    try:
+        asyncio.run(main())
+    finally:
+        os.close(holder)
+        lock_path.unlink()
+    assert ticks == 50
