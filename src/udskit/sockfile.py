@@ -582,35 +582,48 @@ def _remove_if(
 
 
 def _put_back(directory: _Directory, private: _Private, name: bytes) -> None:
-    """Return a file we set aside to ``name``, never replacing what is there now.
-
-    link() never replaces; it fails for a directory, and (fs.protected_hardlinks) for
-    another user's file unless we are root. Then rename() if the name is still free: the
-    instant between that check and the rename is the one place a file could be lost.
-    """
-    try:
-        os.link(
-            _ASIDE,
-            name,
-            src_dir_fd=private.fd,
-            dst_dir_fd=directory.fd,
-            follow_symlinks=False,
-        )
-        os.unlink(_ASIDE, dir_fd=private.fd)
+    """Return a file we set aside to ``name`` or, if something new took that name
+    meanwhile, to ``NAME.kept-XXXXXXXX`` beside it: never replacing anything, and never
+    leaving another user's file where they cannot reach it."""
+    if _move_out(directory, private, name):
         return
-    except FileExistsError:
-        pass
-    except OSError:
-        if directory.lstat(name) is None:
-            os.rename(_ASIDE, name, src_dir_fd=private.fd, dst_dir_fd=directory.fd)
+    for _ in range(_PRIVATE_ATTEMPTS):
+        kept = name + b".kept-" + secrets.token_hex(4).encode()
+        if _move_out(directory, private, kept):
+            log.warning(
+                "%s was replaced again while we looked at it; the file that was there is now %s",
+                os.fsdecode(directory.path),
+                os.fsdecode(os.path.join(os.path.dirname(directory.path), kept)),
+            )
             return
-    # Something new took the name: keep ours safe in the private directory and say where.
     private.keep()
     log.warning(
-        "%s was replaced twice while we looked at it; the file that was there is kept at %s",
+        "%s was replaced again while we looked at it; the file that was there is kept at %s",
         os.fsdecode(directory.path),
         os.fsdecode(os.path.join(os.path.dirname(directory.path), private.name, _ASIDE)),
     )
+
+
+def _move_out(directory: _Directory, private: _Private, target: bytes) -> bool:
+    """Move the file set aside to ``target`` unless something is there; True if moved.
+
+    link() never replaces; it fails for a directory, and (fs.protected_hardlinks) for
+    another user's file unless we are root. Then rename() if the name is still free: the
+    instant between that check and the rename is the one place a file could be replaced.
+    """
+    try:
+        os.link(
+            _ASIDE, target, src_dir_fd=private.fd, dst_dir_fd=directory.fd, follow_symlinks=False
+        )
+    except FileExistsError:
+        return False
+    except OSError:
+        if directory.lstat(target) is not None:
+            return False
+        os.rename(_ASIDE, target, src_dir_fd=private.fd, dst_dir_fd=directory.fd)
+        return True
+    os.unlink(_ASIDE, dir_fd=private.fd)
+    return True
 
 
 class _Private:
