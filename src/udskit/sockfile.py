@@ -488,7 +488,27 @@ def _bind_in_place(
     os.fchmod(sock.fileno(), mode & 0o700 if uid != -1 or gid != -1 else mode)
     with translating("bind", address):
         sock.bind(directory.sun_path(directory.name, directory.path))
-    return _set_mode_and_owner(sock, directory.fd, directory.name, address, mode, uid, gid)
+    try:
+        return _set_mode_and_owner(sock, directory.fd, directory.name, address, mode, uid, gid)
+    except BaseException:
+        _remove_bound(sock, directory)  # a claim that failed leaves nothing behind
+        raise
+
+
+def _remove_bound(sock: socket.socket, directory: _Directory) -> None:
+    """Remove the file ``sock``'s bind() created at the socket's name, if it is there."""
+    try:
+        fd = os.open(directory.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd)
+    except OSError:
+        return
+    try:
+        info = os.fstat(fd)
+        if _is_our_file(sock, info):
+            _remove_if(directory, directory.name, (info.st_dev, info.st_ino))
+    except OSError as exc:
+        log.debug("could not remove %s: %s", os.fsdecode(directory.path), exc)
+    finally:
+        os.close(fd)
 
 
 def _set_mode_and_owner(

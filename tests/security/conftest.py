@@ -13,13 +13,15 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from ..integration.children import NOBODY
+from udskit import sockfile as sockfile_module
+
+from ..integration.children import NOBODY, run_in_child
 
 #: The shared directories nobody attacks in, by name: their mode and group.
 ARENAS = {
@@ -76,7 +78,37 @@ def arena(request: pytest.FixtureRequest) -> Iterator[Arena]:
     yield from make_arena(request.param)
 
 
+@pytest.fixture
+def sticky_arena() -> Iterator[Arena]:
+    """The sticky directory (like /tmp)."""
+    yield from make_arena("sticky")
+
+
 @pytest.fixture(params=OPEN_ARENAS)
 def open_arena(request: pytest.FixtureRequest) -> Iterator[Arena]:
     """The shared directories without the sticky bit."""
     yield from make_arena(request.param)
+
+
+def as_nobody(func: Callable[[], str]) -> str:
+    """Run ``func`` as nobody in a child; what it returned, or its error as "Type: text"."""
+    return run_in_child(func, as_user=NOBODY)
+
+
+@pytest.fixture
+def swap_after_check(monkeypatch: pytest.MonkeyPatch) -> list[Callable[[], None]]:
+    """Moves to make right after udskit's last look at the socket's name before it removes
+    the file found there (the look after the probe, or at release)."""
+    moves: list[Callable[[], None]] = []
+    real = sockfile_module._Directory.lstat
+
+    def lstat(directory: object, *args: bytes) -> os.stat_result | None:
+        found = real(directory, *args)  # type: ignore[arg-type]
+        name = args[0] if args else directory.name  # type: ignore[attr-defined]
+        if name == b"app.sock" and found is not None:
+            while moves:
+                moves.pop(0)()
+        return found
+
+    monkeypatch.setattr(sockfile_module._Directory, "lstat", lstat)
+    return moves

@@ -17,8 +17,8 @@ import udskit
 from udskit import SocketFileError, UdsError
 from udskit import sockfile as sockfile_module
 
-from ..integration.children import NOBODY, fork, needs_root, reap, run_in_child
-from .conftest import Arena
+from ..integration.children import NOBODY, fork, needs_root, reap
+from .conftest import Arena, as_nobody
 
 pytestmark = [pytest.mark.root, needs_root]
 
@@ -29,10 +29,6 @@ RACE_ROUNDS = 150
 
 #: Upper bound on nobody's moves in one real race (it stops when told, long before).
 MAX_MOVES = 2_000_000
-
-
-def as_nobody(func: Callable[[], str]) -> str:
-    return run_in_child(func, as_user=NOBODY)
 
 
 @pytest.fixture
@@ -155,25 +151,6 @@ class _Attacker:
 
 
 # -- item: the stale socket ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def swap_after_check(monkeypatch: pytest.MonkeyPatch) -> list[Callable[[], None]]:
-    """Moves to make right after udskit's last look at the socket's name before it removes
-    the file found there (the look after the probe, or at release)."""
-    moves: list[Callable[[], None]] = []
-    real = sockfile_module._Directory.lstat
-
-    def lstat(directory: object, *args: bytes) -> os.stat_result | None:
-        found = real(directory, *args)  # type: ignore[arg-type]
-        name = args[0] if args else directory.name  # type: ignore[attr-defined]
-        if name == b"app.sock" and found is not None:
-            while moves:
-                moves.pop(0)()
-        return found
-
-    monkeypatch.setattr(sockfile_module._Directory, "lstat", lstat)
-    return moves
 
 
 def _swap_in_a_file(path: Path) -> Callable[[], str]:
