@@ -242,7 +242,8 @@ class DatagramListener(_Endpoint):
                     f"({len(self._rbuf)} bytes) and arrived truncated; raise max_frame"
                 )
             peer = got.cred
-            if not admits(self.policy, peer, self.address, where):
+            policy = self.policy
+            if policy is not None and not admits(policy, peer, self.address, where):
                 close_fds(got.fds)
                 continue
             data = self._rview[:size].tobytes()
@@ -277,8 +278,9 @@ class DatagramListener(_Endpoint):
         return self._until_closed(self.recv)
 
 
-def admits(policy: Policy | None, peer: PeerCred | None, address: Address, where: object) -> bool:
-    """Whether a datagram from ``peer`` (None: it carries no credentials) may be served.
+def admits(policy: Policy, peer: PeerCred | None, address: Address, where: object) -> bool:
+    """Whether ``policy`` lets a datagram from ``peer`` (None: it carries no credentials)
+    be served; a refusal is logged.
 
     A datagram without credentials was queued before SO_PASSCRED was set on either end:
     under socket activation (``systemd-socket-activate --datagram``, or a ``.socket`` unit
@@ -287,8 +289,6 @@ def admits(policy: Policy | None, peer: PeerCred | None, address: Address, where
     judge it as ``nobody``. Without a policy it is served (``peer`` None); a policy cannot
     vouch for an unknown sender, so a listener with one refuses it, saying why.
     """
-    if policy is None:
-        return True
     if peer is None:
         log.warning(
             "%s: refused a datagram from %s: it carries no sender credentials (it was queued "

@@ -352,7 +352,8 @@ class DatagramListener(_Endpoint[Datagram]):
                 )
                 continue
             peer = got.cred
-            if not blocking.admits(self.policy, peer, self.address, where):
+            policy = self.policy
+            if policy is not None and not blocking.admits(policy, peer, self.address, where):
                 close_fds(got.fds)
                 continue
             ready.append(Datagram(view[:size].tobytes(), sender, peer, tuple(got.fds)))
