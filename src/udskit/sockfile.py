@@ -242,7 +242,15 @@ class _Lock:
             except FileNotFoundError:
                 continue  # removed since: create it
             except OSError as exc:
-                raise self._cannot(exc) from exc
+                if exc.errno != errno.EACCES:
+                    raise self._cannot(exc) from exc
+                owner = self._directory.lstat(self._name)
+                raise SocketFileError(
+                    f"cannot open the lock file {self._shown()}"
+                    + (f" (it belongs to uid {owner.st_uid})" if owner is not None else "")
+                    + ": permission denied; remove it as its owner, or choose another path",
+                    errno=exc.errno,
+                ) from exc
             kind = os.fstat(fd).st_mode
             if not stat.S_ISREG(kind):
                 os.close(fd)

@@ -340,3 +340,21 @@ def test_a_private_directory_name_taken_in_advance_is_never_used(
         udskit.listen(arena.path)
     assert os.listdir(taken) == []
     assert not arena.path.exists()
+
+
+def test_a_lock_file_root_cannot_read_is_named_with_its_owner(arena: Arena) -> None:
+    """nobody meets root's claim lock file (0600): told whose it is, not a bare EACCES."""
+    lock = arena.path.with_name("app.sock.lock")
+    lock.write_bytes(b"")
+    lock.chmod(0o600)
+
+    def listen() -> str:
+        udskit.listen(arena.path).close()
+        return "listening"
+
+    report = as_nobody(listen)
+    assert report == (
+        f"SocketFileError: cannot open the lock file {lock} (it belongs to uid 0): permission "
+        "denied; remove it as its owner, or choose another path"
+    )
+    assert os.listdir(arena.directory) == ["app.sock.lock"]
