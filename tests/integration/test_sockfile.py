@@ -819,3 +819,34 @@ def test_aio_listen_waiting_for_the_lock_leaves_the_loop_free(path: Path, kind: 
         os.close(holder)
         lock_path.unlink()
     assert ticks == 50
+
+
+def test_aio_listen_cancelled_while_waiting_leaves_nothing_behind(path: Path) -> None:
+    """The claim goes on in its thread after the task is cancelled; what it claims is
+    closed and its socket file removed, with no descriptor left open."""
+    import asyncio
+
+    import udskit.aio
+
+    from ..conftest import open_fds
+
+    lock_path = path.with_name(path.name + ".lock")
+    holder = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    before = open_fds()
+
+    async def main() -> None:
+        listening = asyncio.ensure_future(udskit.aio.listen(path, type="dgram"))
+        await asyncio.sleep(0)  # it is waiting for the lock, in its thread
+        listening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await listening
+        fcntl.flock(holder, fcntl.LOCK_UN)  # now the claim completes, for nobody
+
+    try:
+        asyncio.run(main())  # waits for the executor's threads to finish
+    finally:
+        os.close(holder)
+        lock_path.unlink()
+    assert not path.exists()
+    assert open_fds() - before <= {holder}
