@@ -325,7 +325,10 @@ class Claim:
                 if other is not None:
                     log.info("%s was replaced by another file; leaving it in place", self.address)
         except (OSError, UdsError) as exc:
-            log.warning("could not remove socket file %s: %s", self.address, exc)
+            # A udskit error's text is already one line; a bare OSError's str() would
+            # show the file name as a bytes repr.
+            reason = exc if isinstance(exc, UdsError) else os.strerror(exc.errno or 0).lower()
+            log.warning("could not remove socket file %s: %s", self.address, reason)
         finally:
             directory.close()
 
