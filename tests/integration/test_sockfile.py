@@ -26,6 +26,7 @@ from udskit.address import SUN_PATH_MAX
 
 from ..conftest import wait_connectable
 from .children import NOBODY, Held, fork, needs_root, read_report, reap, run_in_child
+from .injected import after_look_at, after_probe
 
 TYPES = ["stream", "seqpacket", "dgram"]
 KINDS = {
@@ -691,34 +692,6 @@ def test_a_server_started_during_the_claim_keeps_its_socket(path: Path) -> None:
 # -- nothing removed that changed after we looked ----------------------------------------------
 
 
-class SwapAfterCheck:
-    """Injects a swap at the worst moment: right after udskit's last look at the path.
-
-    ``arm()`` makes the next ``lstat`` of the socket's name (udskit's check before it removes
-    the file) run ``swap`` once the look is done, so the check passes on the file it meant
-    and the removal meets the replacement.
-    """
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: bytes, swap: Callable[[], None]):
-        self._armed = False
-        self.swapped = False
-        real = sockfile_module._Directory.lstat
-
-        def lstat(directory: object, *args: object) -> os.stat_result | None:
-            found = real(directory, *args)  # type: ignore[arg-type]
-            looked_at = args[0] if args else directory.name  # type: ignore[attr-defined]
-            if self._armed and looked_at == name and found is not None:
-                self._armed = False
-                swap()
-                self.swapped = True
-            return found
-
-        monkeypatch.setattr(sockfile_module._Directory, "lstat", lstat)
-
-    def arm(self) -> None:
-        self._armed = True
-
-
 def _swap_for_regular_file(path: Path) -> Callable[[], None]:
     def swap() -> None:
         os.unlink(path)
@@ -732,18 +705,18 @@ def test_stale_socket_swapped_for_a_file_after_the_check_is_never_deleted(
     path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stale_socket(path, kind)
-    injected = SwapAfterCheck(monkeypatch, b"app.sock", _swap_for_regular_file(path))
-    real_probe = sockfile_module.probe
+    after_look = after_look_at(monkeypatch, b"app.sock")
+    swapped: list[bool] = []
 
-    def probe_then_arm(target: str | bytes) -> sockfile_module.Probe:
-        found = real_probe(target)
-        injected.arm()  # the next look is the last before removal
-        return found
+    def swap() -> None:
+        _swap_for_regular_file(path)()
+        swapped.append(True)
 
-    monkeypatch.setattr(sockfile_module, "probe", probe_then_arm)
+    # Armed once the probe is done: the next look is the last before removal.
+    after_probe(monkeypatch).append(lambda: after_look.append(swap))
     with pytest.raises(SocketFileError, match="replaced by a regular file") as caught:
         udskit.listen(path, type=kind)
-    assert injected.swapped
+    assert swapped == [True]
     assert str(path) in str(caught.value)
     assert path.read_bytes() == b"precious data"
 
@@ -752,12 +725,10 @@ def test_stale_socket_swapped_for_a_file_after_the_check_is_never_deleted(
 def test_close_never_deletes_a_file_swapped_in_after_the_check(
     path: Path, kind: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    injected = SwapAfterCheck(monkeypatch, b"app.sock", _swap_for_regular_file(path))
     listener = udskit.listen(path, type=kind)
-    injected.arm()
+    after_look_at(monkeypatch, b"app.sock").append(_swap_for_regular_file(path))
     with caplog.at_level(logging.INFO, logger="udskit"):
         listener.close()
-    assert injected.swapped
     assert path.read_bytes() == b"precious data"
     assert "was replaced by another file; leaving it in place" in caplog.text
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from udskit import sockfile as sockfile_module
-
+from ..integration import injected
 from ..integration.children import NOBODY, run_in_child
+from ..integration.injected import Moves, after_look_at
 
 #: The shared directories nobody attacks in, by name: their mode and group.
 ARENAS = {
@@ -96,19 +96,13 @@ def as_nobody(func: Callable[[], str]) -> str:
 
 
 @pytest.fixture
-def swap_after_check(monkeypatch: pytest.MonkeyPatch) -> list[Callable[[], None]]:
+def swap_after_check(monkeypatch: pytest.MonkeyPatch) -> Moves:
     """Moves to make right after udskit's last look at the socket's name before it removes
-    the file found there (the look after the probe, or at release)."""
-    moves: list[Callable[[], None]] = []
-    real = sockfile_module._Directory.lstat
+    the file there (after the probe, or at release)."""
+    return after_look_at(monkeypatch, b"app.sock")
 
-    def lstat(directory: object, *args: bytes) -> os.stat_result | None:
-        found = real(directory, *args)  # type: ignore[arg-type]
-        name = args[0] if args else directory.name  # type: ignore[attr-defined]
-        if name == b"app.sock" and found is not None:
-            while moves:
-                moves.pop(0)()
-        return found
 
-    monkeypatch.setattr(sockfile_module._Directory, "lstat", lstat)
-    return moves
+@pytest.fixture
+def after_bind(monkeypatch: pytest.MonkeyPatch) -> Moves:
+    """Moves to make right after the next bind() of an AF_UNIX socket returns."""
+    return injected.after_bind(monkeypatch)

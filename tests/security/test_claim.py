@@ -18,6 +18,7 @@ from udskit import SocketFileError, UdsError
 from udskit import sockfile as sockfile_module
 
 from ..integration.children import NOBODY, fork, needs_root, reap
+from ..integration.injected import Moves, after_probe
 from .conftest import Arena, as_nobody
 
 pytestmark = [pytest.mark.root, needs_root]
@@ -29,22 +30,6 @@ RACE_ROUNDS = 150
 
 #: Upper bound on nobody's moves in one real race (it stops when told, long before).
 MAX_MOVES = 2_000_000
-
-
-@pytest.fixture
-def after_bind(monkeypatch: pytest.MonkeyPatch) -> list[Callable[[], None]]:
-    """Moves to make right after the next bind() of an AF_UNIX socket returns."""
-    moves: list[Callable[[], None]] = []
-    real_bind = socket.socket.bind
-
-    def bind(sock: socket.socket, address: object) -> None:
-        real_bind(sock, address)  # type: ignore[arg-type]
-        if sock.family == socket.AF_UNIX:
-            while moves:
-                moves.pop(0)()
-
-    monkeypatch.setattr(socket.socket, "bind", bind)
-    return moves
 
 
 def _plant_symlink(path: Path, target: Path) -> Callable[[], str]:
@@ -65,7 +50,7 @@ def _plant_symlink(path: Path, target: Path) -> Callable[[], str]:
 @pytest.mark.parametrize("kind", ["dgram", "stream"])
 def test_symlink_planted_right_after_bind_is_never_followed(
     arena: Arena,
-    after_bind: list[Callable[[], None]],
+    after_bind: Moves,
     monkeypatch: pytest.MonkeyPatch,
     kind: str,
     identity: str,
@@ -174,21 +159,19 @@ def _swap_in_a_file(path: Path) -> Callable[[], str]:
 def test_stale_socket_swapped_for_a_file_is_never_deleted(
     open_arena: Arena,
     monkeypatch: pytest.MonkeyPatch,
-    swap_after_check: list[Callable[[], None]],
+    swap_after_check: Moves,
     kind: str,
 ) -> None:
     path = open_arena.path
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as crashed:
         crashed.bind(os.fspath(path))  # root's stale socket
     reports: list[str] = []
-    real_probe = sockfile_module.probe
 
-    def probe_then_arm(target: str | bytes) -> sockfile_module.Probe:
-        found = real_probe(target)
-        swap_after_check.append(lambda: reports.append(as_nobody(_swap_in_a_file(path))))
-        return found
+    def swap() -> None:
+        reports.append(as_nobody(_swap_in_a_file(path)))
 
-    monkeypatch.setattr(sockfile_module, "probe", probe_then_arm)
+    # Armed once the probe is done: the next look is the last before removal.
+    after_probe(monkeypatch).append(lambda: swap_after_check.append(swap))
     with pytest.raises(SocketFileError, match=r"replaced by a regular file \(uid 65534\)"):
         udskit.listen(path, type=kind)
     assert reports == ["swapped"]

@@ -14,6 +14,7 @@ import pytest
 import udskit
 
 from ..integration.children import NOBODY, needs_root
+from ..integration.injected import Moves
 from .conftest import Arena, as_nobody
 
 pytestmark = [pytest.mark.root, needs_root]
@@ -49,7 +50,7 @@ def test_release_leaves_a_file_nobody_put_in_place(
 
 @pytest.mark.parametrize("kind", ["stream", "dgram"])
 def test_release_leaves_a_file_nobody_swaps_in_after_the_check(
-    open_arena: Arena, kind: str, swap_after_check: list[Callable[[], None]]
+    open_arena: Arena, kind: str, swap_after_check: Moves
 ) -> None:
     """nobody's move lands between udskit's last look at the name and its removal."""
     listener = udskit.listen(open_arena.path, type=kind)
