@@ -534,13 +534,12 @@ def _set_mode_and_owner(
     refuses fchmod/fchown (EBADF), hence the /proc path.
     """
     try:
+        # With O_PATH, O_NOFOLLOW opens a symlink itself (no ELOOP): fstat then says so.
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:
         fd = -1
     except OSError as exc:
-        if exc.errno != errno.ELOOP:  # ELOOP: a symlink is there now
-            raise translate(exc, "open the new socket file", address) from exc
-        fd = -1
+        raise translate(exc, "open the new socket file", address) from exc
     try:
         info = os.fstat(fd) if fd >= 0 else None
         if info is None or not _is_our_file(sock, info):
