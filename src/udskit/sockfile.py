@@ -19,9 +19,10 @@ without the sticky bit) can rename, replace or plant a symlink at any name in it
 two of our system calls, and the lock binds only processes that take it. So no step acts on
 a name that may have changed:
 
-* removing a file (a stale socket, our socket at release, our lock file) first renames it
-  into a private directory only we can write, checks there that it is the very file we
-  meant (st_dev, st_ino), and only then unlinks it; anything else is put back and left;
+* removing a file (a stale socket, our socket at release, our lock file) where another
+  user could swap it first renames it into a private directory only we can write, checks
+  there that it is the very file we meant (st_dev, st_ino), and only then unlinks it;
+  anything else is put back and left;
 * the mode and owner are set through an ``O_PATH|O_NOFOLLOW`` descriptor of the bound file,
   checked to be the file our bind() created (:mod:`udskit.sockdiag`), with chmod/chown on
   ``/proc/self/fd/N``, which reach that inode whatever the name now points at;
@@ -587,13 +588,23 @@ def _remove_if(
     """Remove ``name`` if it is the file ``dev_ino``; else leave it and return its stat.
 
     The caller keeps that file open (our socket, our lock file, a held stale socket), so
-    no other file can carry its inode number meanwhile.
+    no other file can carry its inode number meanwhile. Nothing when the name is gone.
 
-    Nothing when the name is gone. Checking and then unlinking by name would delete
-    whatever another user swapped in between the two calls, so the file is first renamed
-    into a private directory only we can write, checked there, and unlinked or put back.
+    Where another user could rename or replace the file, checking and then unlinking by
+    name would delete whatever they swapped in between the two calls: there the file is
+    first renamed into a private directory only we can write, checked there, and unlinked
+    or put back. Where nobody else can (_others_cannot_swap), check and unlink suffice.
     """
-    if directory.lstat(name) is None:
+    found = directory.lstat(name)
+    if found is None:
+        return None
+    if _others_cannot_swap(directory, found):
+        if (found.st_dev, found.st_ino) != dev_ino:
+            return found
+        try:
+            os.unlink(name, dir_fd=directory.fd)
+        except FileNotFoundError:
+            pass
         return None
     private = _Private(directory, directory.path)
     try:
@@ -609,6 +620,25 @@ def _remove_if(
         return aside
     finally:
         private.close()
+
+
+def _others_cannot_swap(directory: _Directory, found: os.stat_result) -> bool:
+    """Whether no user but us (and root) can rename or replace ``found`` in the directory.
+
+    True when only the directory's owner may write in it and that is us or root, or when
+    the directory is sticky (/tmp), owned by us or root, and ``found`` is ours: then others
+    may create entries, but not remove or rename ours. (Write access that a POSIX ACL
+    grants another user shows in the group bits, which then hold the ACL mask.) Setting a
+    file aside costs a directory created and removed: where it protects from nobody, it
+    is skipped.
+    """
+    info = os.fstat(directory.fd)
+    me = os.geteuid()
+    if info.st_uid not in (me, 0):
+        return False  # the directory's owner may rename anything in it
+    if not info.st_mode & 0o022:
+        return True
+    return bool(info.st_mode & stat.S_ISVTX) and found.st_uid == me
 
 
 def _put_back(directory: _Directory, private: _Private, name: bytes) -> None:

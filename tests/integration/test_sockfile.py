@@ -692,6 +692,18 @@ def test_a_server_started_during_the_claim_keeps_its_socket(path: Path) -> None:
 # -- nothing removed that changed after we looked ----------------------------------------------
 
 
+@pytest.fixture
+def open_path(sockdir: Path) -> Iterator[Path]:
+    """A socket path in a directory anyone may write (0777, no sticky bit): where another
+    user could swap files, so udskit sets each file aside before removing it. Here the
+    swaps are made by this same user, standing in for another."""
+    shared = sockdir / "open"
+    shared.mkdir()
+    shared.chmod(0o777)
+    yield shared / "app.sock"
+    assert debris(shared) == [], "a claim left a lock file or private directory behind"
+
+
 def _swap_for_regular_file(path: Path) -> Callable[[], None]:
     def swap() -> None:
         os.unlink(path)
@@ -702,34 +714,34 @@ def _swap_for_regular_file(path: Path) -> Callable[[], None]:
 
 @pytest.mark.parametrize("kind", ["stream", "dgram"])
 def test_stale_socket_swapped_for_a_file_after_the_check_is_never_deleted(
-    path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+    open_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stale_socket(path, kind)
+    stale_socket(open_path, kind)
     after_look = after_look_at(monkeypatch, b"app.sock")
     swapped: list[bool] = []
 
     def swap() -> None:
-        _swap_for_regular_file(path)()
+        _swap_for_regular_file(open_path)()
         swapped.append(True)
 
     # Armed once the probe is done: the next look is the last before removal.
     after_probe(monkeypatch).append(lambda: after_look.append(swap))
     with pytest.raises(SocketFileError, match="replaced by a regular file") as caught:
-        udskit.listen(path, type=kind)
+        udskit.listen(open_path, type=kind)
     assert swapped == [True]
-    assert str(path) in str(caught.value)
-    assert path.read_bytes() == b"precious data"
+    assert str(open_path) in str(caught.value)
+    assert open_path.read_bytes() == b"precious data"
 
 
 @pytest.mark.parametrize("kind", ["stream", "dgram"])
 def test_close_never_deletes_a_file_swapped_in_after_the_check(
-    path: Path, kind: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    open_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    listener = udskit.listen(path, type=kind)
-    after_look_at(monkeypatch, b"app.sock").append(_swap_for_regular_file(path))
+    listener = udskit.listen(open_path, type=kind)
+    after_look_at(monkeypatch, b"app.sock").append(_swap_for_regular_file(open_path))
     with caplog.at_level(logging.INFO, logger="udskit"):
         listener.close()
-    assert path.read_bytes() == b"precious data"
+    assert open_path.read_bytes() == b"precious data"
     assert "was replaced by another file; leaving it in place" in caplog.text
 
 
@@ -821,3 +833,34 @@ def test_aio_listen_cancelled_while_waiting_leaves_nothing_behind(path: Path) ->
         lock_path.unlink()
     assert not path.exists()
     assert open_fds() - before <= {holder}
+
+
+@pytest.mark.parametrize(
+    ("mode", "mine", "expected"),
+    [
+        (0o700, True, True),
+        (0o755, True, True),
+        (0o777, True, False),
+        (0o770, True, False),
+        (0o1777, True, True),
+        (0o1777, False, False),
+    ],
+)
+def test_where_others_cannot_swap_a_file(
+    sockdir: Path, mode: int, mine: bool, expected: bool
+) -> None:
+    """Where udskit may check and unlink by name: only we (or root) write the directory,
+    or it is sticky and the file is ours."""
+    directory = sockdir / "d"
+    directory.mkdir()
+    directory.chmod(mode)
+    found = os.lstat(sockdir)
+    if not mine:  # a file of another uid, as stat would show it
+        values = list(found)
+        values[stat.ST_UID] = os.geteuid() + 1
+        found = os.stat_result(values)
+    handle = sockfile_module._Directory(os.fsencode(directory / "app.sock"))
+    try:
+        assert sockfile_module._others_cannot_swap(handle, found) is expected
+    finally:
+        handle.close()
