@@ -845,6 +845,7 @@ def test_aio_listen_cancelled_while_waiting_leaves_nothing_behind(path: Path) ->
         (0o1777, True, True),
         (0o1777, False, False),
     ],
+    ids=["0700", "0755", "0777", "0770", "1777-mine", "1777-theirs"],
 )
 def test_where_others_cannot_swap_a_file(
     sockdir: Path, mode: int, mine: bool, expected: bool
