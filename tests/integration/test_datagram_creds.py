@@ -206,14 +206,15 @@ def test_systemd_socket_activation_first_datagram(path: Path, policy: str) -> No
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
+        bufsize=0,  # _line() must leave what follows the line for communicate()
     ) as server:
         try:
             _wait_for_file(path, server)
             _send(os.fspath(path), b"first")  # starts the server
             assert _line(server) == "ready\n"
             _send(os.fspath(path), b"DONE")  # now with credentials: SO_PASSCRED is set
-            out, err = server.communicate(timeout=READY_TIMEOUT)
+            out_bytes, err_bytes = server.communicate(timeout=READY_TIMEOUT)
+            out, err = out_bytes.decode(), err_bytes.decode()
         finally:
             if server.poll() is None:
                 server.kill()
@@ -229,15 +230,22 @@ def test_systemd_socket_activation_first_datagram(path: Path, policy: str) -> No
         assert "carries no sender credentials" in err
 
 
-def _line(process: subprocess.Popen[str]) -> str:
-    """The process's next line of output (bounded wait)."""
+def _line(process: subprocess.Popen[bytes]) -> str:
+    """The process's next line of output (bounded wait), read a byte at a time so that
+    nothing after it is consumed."""
     assert process.stdout is not None
-    ready, _, _ = select.select([process.stdout], [], [], READY_TIMEOUT)
-    assert ready, "the activated server said nothing in time"
-    return process.stdout.readline()
+    fd = process.stdout.fileno()
+    line = b""
+    while not line.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], READY_TIMEOUT)
+        assert ready, "the activated server said nothing in time"
+        byte = os.read(fd, 1)
+        assert byte, f"the activated server ended its output after {line!r}"
+        line += byte
+    return line.decode()
 
 
-def _wait_for_file(path: Path, process: subprocess.Popen[str]) -> None:
+def _wait_for_file(path: Path, process: subprocess.Popen[bytes]) -> None:
     """The activator binds before it waits; poll (bounded) for its socket file."""
     deadline = time.monotonic() + READY_TIMEOUT
     delay = 0.001
