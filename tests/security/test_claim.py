@@ -21,7 +21,7 @@ from ..integration.children import NOBODY, fork, needs_root, reap
 from ..integration.injected import Moves, after_probe
 from .conftest import Arena, as_nobody
 
-pytestmark = [pytest.mark.root, needs_root]
+pytestmark = [pytest.mark.root, needs_root, pytest.mark.usefixtures("no_fd_leak")]
 
 #: Rounds of the real (not injected) races: each is one claim and release by root while
 #: nobody keeps attacking; the injected tests hit the window every time, these add the

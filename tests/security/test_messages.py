@@ -17,7 +17,7 @@ from ..cli.conftest import COMMAND_TIMEOUT
 from ..integration.children import NOBODY, needs_root
 from .conftest import Arena, as_nobody
 
-pytestmark = [pytest.mark.root, needs_root]
+pytestmark = [pytest.mark.root, needs_root, pytest.mark.usefixtures("no_fd_leak")]
 
 #: Where the udskit under test lives, for a Python started as nobody.
 SOURCE = Path(udskit.__file__).parent.parent

@@ -17,7 +17,7 @@ from ..integration.children import NOBODY, needs_root
 from ..integration.injected import Moves
 from .conftest import Arena, as_nobody
 
-pytestmark = [pytest.mark.root, needs_root]
+pytestmark = [pytest.mark.root, needs_root, pytest.mark.usefixtures("no_fd_leak")]
 
 
 def _replace(path: Path) -> Callable[[], str]:
