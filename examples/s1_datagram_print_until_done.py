@@ -25,7 +25,9 @@ import udskit
 def print_until_done(server: udskit.DatagramListener) -> None:
     for datagram in server:
         text = datagram.data.decode(errors="replace")
-        print(f"server: {text!r} from pid {datagram.peer.pid} (uid {datagram.peer.uid})")
+        peer = datagram.peer  # None only for a datagram without credentials
+        who = f"pid {peer.pid} (uid {peer.uid})" if peer else "a sender without credentials"
+        print(f"server: {text!r} from {who}")
         if datagram.data == b"DONE":
             return
 

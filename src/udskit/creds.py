@@ -83,9 +83,21 @@ def peer_groups(sock: socket.socket) -> tuple[int, ...]:
     return ()
 
 
-def unpack_ucred(data: bytes) -> PeerCred:
-    """A PeerCred from the payload of an SCM_CREDENTIALS control message."""
+def unpack_ucred(data: bytes) -> PeerCred | None:
+    """A PeerCred from the payload of an SCM_CREDENTIALS control message, or None when it
+    carries no credentials.
+
+    A datagram sent while neither end had SO_PASSCRED set (one queued on a socket-activated
+    datagram socket before the server started, say) has no credentials attached; the kernel
+    still answers SCM_CREDENTIALS at receive time, with pid 0 and the overflow uid and gid
+    (65534: nobody), which are nobody's. A sender in a pid namespace we cannot see also
+    shows pid 0; its uid is real, but it cannot be told from the first kind, so it is
+    treated the same: no credentials. Judging either as ``nobody`` would refuse root, or
+    serve an unknown sender as whoever a policy lets in as 65534.
+    """
     pid, uid, gid = UCRED.unpack(data[: UCRED.size])
+    if pid == 0:
+        return None
     return PeerCred(pid, uid, gid)
 
 

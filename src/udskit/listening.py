@@ -46,11 +46,15 @@ log = logging.getLogger("udskit")
 @dataclass(frozen=True, slots=True)
 class Datagram:
     """One received datagram: its bytes, who sent it (address and credentials), and any
-    descriptors that came with it (owned by the receiver: close them)."""
+    descriptors that came with it (owned by the receiver: close them).
+
+    ``peer`` is None for a datagram that carries no credentials (see :func:`admits`); a
+    listener with an access policy never returns one.
+    """
 
     data: bytes
     sender: Address | None
-    peer: PeerCred
+    peer: PeerCred | None
     fds: tuple[int, ...] = field(default=())
 
 
@@ -209,6 +213,8 @@ class DatagramListener(_Endpoint):
         max_fds: int,
     ) -> None:
         super().__init__(sock, address, claim, policy)
+        # Set before bind() for the sockets listen() creates (see _bind); here again for an
+        # adopted descriptor (fd:N), whose creator may not have set it.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._max_fds = max_fds
         self._ancsize = ancillary_size(max_fds, creds=True)
@@ -245,10 +251,8 @@ class DatagramListener(_Endpoint):
                     f"({len(self._rbuf)} bytes) and arrived truncated; raise max_frame"
                 )
             peer = got.cred
-            if peer is None:  # SO_PASSCRED is set, so the kernel always attaches them
-                close_fds(got.fds)
-                raise ProtocolError(f"datagram from {where} arrived without credentials")
-            if self.policy is not None and not self.policy.check(peer, self.address):
+            policy = self.policy
+            if policy is not None and not admits(policy, peer, self.address, where):
                 close_fds(got.fds)
                 continue
             data = self._rview[:size].tobytes()
@@ -282,6 +286,29 @@ class DatagramListener(_Endpoint):
     def __iter__(self) -> Iterator[Datagram]:
         """Receive datagrams until the listener is closed."""
         return self._until_closed(self.recv)
+
+
+def admits(policy: Policy, peer: PeerCred | None, address: Address, where: object) -> bool:
+    """Whether ``policy`` lets a datagram from ``peer`` (None: it carries no credentials)
+    be served; a refusal is logged.
+
+    A datagram without credentials was queued before SO_PASSCRED was set on either end:
+    under socket activation (``systemd-socket-activate --datagram``, or a ``.socket`` unit
+    without ``PassCredentials=yes``) the datagram that starts the server arrives that way.
+    The kernel reports pid 0 and the overflow uid for it; udskit reports no peer rather than
+    judge it as ``nobody``. Without a policy it is served (``peer`` None); a policy cannot
+    vouch for an unknown sender, so a listener with one refuses it, saying why.
+    """
+    if peer is None:
+        log.warning(
+            "%s: refused a datagram from %s: it carries no sender credentials (it was queued "
+            "before SO_PASSCRED was set; under systemd socket activation set "
+            "PassCredentials=yes in the .socket unit), so the access policy cannot vouch for it",
+            address,
+            where,
+        )
+        return False
+    return policy.check(peer, address)
 
 
 def _sender_address(name: object) -> Address | None:
@@ -433,6 +460,10 @@ def _bind(opts: ListenOptions) -> tuple[socket.socket, Claim | None]:
         return sock, None
     sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
     try:
+        if kind == socket.SOCK_DGRAM:
+            # Before bind(): a datagram that arrives between bind() and this call would
+            # carry no sender credentials (see admits()).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         if target.kind == "abstract":
             if opts.allow is None:
                 log.warning(

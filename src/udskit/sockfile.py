@@ -7,12 +7,28 @@ the umask's mode until a later chmod. Here, for a listener at PATH:
 1. ``flock`` PATH.lock, so that claims and releases of one path never interleave;
 2. if PATH exists and is not a socket: refuse (SocketFileError), never unlink;
 3. if it is a socket, probe-connect: accepted (or backlog full) means a live owner:
-   AddressInUse naming its pid and uid; refused means stale: unlink it;
+   AddressInUse naming its pid and uid; refused means stale: remove it (below);
 4. bind inside a private 0700 directory next to PATH, set mode and ownership there, then
    ``link()`` it to PATH: link never replaces an existing file, so a file that appeared
    despite the lock is never clobbered, and PATH is never visible with another mode;
-5. on release, unlink PATH only if (st_dev, st_ino) are still the ones we bound, only in the
-   process that bound it (a forked child closing its copy must not delete the parent's).
+5. on release, remove PATH only if it is still the file we bound, only in the process that
+   bound it (a forked child closing its copy must not delete the parent's).
+
+Another user who may write to the directory (a group-writable /run/app, or any directory
+without the sticky bit) can rename, replace or plant a symlink at any name in it between
+two of our system calls, and the lock binds only processes that take it. So no step acts on
+a name that may have changed:
+
+* removing a file (a stale socket, our socket at release, our lock file) where another
+  user could swap it first renames it into a private directory only we can write, checks
+  there that it is the very file we meant (st_dev, st_ino), and only then unlinks it;
+  anything else is put back and left;
+* the mode and owner are set through an ``O_PATH|O_NOFOLLOW`` descriptor of the bound file,
+  checked to be the file our bind() created (:mod:`udskit.sockdiag`), with chmod/chown on
+  ``/proc/self/fd/N``, which reach that inode whatever the name now points at;
+* the private directories are used through descriptors and checked to be ours (a directory
+  swapped in under their name is never entered);
+* the lock file is created with ``O_EXCL`` and removed only if we created it.
 
 The lock file is removed after each claim and release; a waiter that locked a removed lock
 file notices (its inode no longer matches the path) and retries on the new one.
@@ -36,8 +52,9 @@ from typing import Final
 
 from .address import MAX_DIRECT_PATH, Address
 from .creds import PeerCred, peer_cred
-from .errors import AddressError, AddressInUse, SocketFileError, Timeout
-from .translate import kind_of, translating
+from .errors import AddressError, AddressInUse, SocketFileError, Timeout, UdsError
+from .sockdiag import bound_file
+from .translate import kind_of, translate, translating
 
 __all__ = ["Claim", "Probe", "claim", "probe", "resolve_owner"]
 
@@ -54,6 +71,10 @@ _LOCK_ATTEMPTS: Final = 50
 #: The private directory's name: recognisable, so ``udskit ls`` can map a listener's bound
 #: name (``DIR/.udskit-XXXX/NAME``, what /proc/net/unix shows) back to ``DIR/NAME``.
 PRIVATE_PREFIX: Final = b".udskit-"
+
+#: Random names tried for a private directory before giving up: with 32 random bits a
+#: second collision means someone is creating them on purpose.
+_PRIVATE_ATTEMPTS: Final = 10
 
 #: The socket types a probe tries, in order, until one is not EPROTOTYPE.
 _PROBE_TYPES: Final = (socket.SOCK_STREAM, socket.SOCK_SEQPACKET, socket.SOCK_DGRAM)
@@ -120,6 +141,11 @@ class _Directory:
                 errno=exc.errno,
             ) from exc
 
+    @property
+    def parent(self) -> str:
+        """The directory, for messages."""
+        return os.fsdecode(os.path.dirname(self.path) or b".")
+
     def sun_path(self, name: bytes, full: bytes) -> bytes:
         """``full`` if it fits sun_path, else the same file through our descriptor."""
         if len(full) <= MAX_DIRECT_PATH:
@@ -133,9 +159,12 @@ class _Directory:
             )
         return via
 
-    def lstat(self) -> os.stat_result | None:
+    def lstat(self, name: bytes | None = None) -> os.stat_result | None:
+        """What is at ``name`` (default: the socket's name), without following a symlink."""
         try:
-            return os.stat(self.name, dir_fd=self.fd, follow_symlinks=False)
+            return os.stat(
+                self.name if name is None else name, dir_fd=self.fd, follow_symlinks=False
+            )
         except FileNotFoundError:
             return None
 
@@ -144,20 +173,25 @@ class _Directory:
 
 
 class _Lock:
-    """flock() on NAME.lock in the directory, robust against the lock file being removed."""
+    """flock() on NAME.lock in the directory, robust against the lock file being removed.
 
-    __slots__ = ("_directory", "_fd", "_name")
+    Only a lock file we created (``O_EXCL``) is removed afterwards, and only if it is still
+    that file: one that another user created stays where it is.
+    """
+
+    __slots__ = ("_created", "_directory", "_fd", "_name")
 
     def __init__(self, directory: _Directory) -> None:
         self._directory = directory
         self._name = directory.name + b".lock"
         self._fd = -1
+        self._created = False
 
     def __enter__(self) -> _Lock:
         deadline = time.monotonic() + CLAIM_LOCK_TIMEOUT
-        delay = 0.001
         for _ in range(_LOCK_ATTEMPTS):
-            fd = self._open()
+            fd, created = self._open()
+            delay = 0.001
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -172,45 +206,87 @@ class _Lock:
                         ) from None
                     time.sleep(delay)
                     delay = min(delay * 2, 0.05)
-            try:
-                current = os.stat(self._name, dir_fd=self._directory.fd, follow_symlinks=False)
-            except FileNotFoundError:
-                current = None
+            current = self._directory.lstat(self._name)
             mine = os.fstat(fd)
             if current is not None and (current.st_dev, current.st_ino) == (
                 mine.st_dev,
                 mine.st_ino,
             ):
-                self._fd = fd
+                self._fd, self._created = fd, created
                 return self
             os.close(fd)  # the holder before us removed it: lock the new one
         raise Timeout(f"could not lock {self._shown()}: it is replaced faster than we can lock")
 
-    def _open(self) -> int:
-        try:
-            return os.open(
-                self._name,
-                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                0o600,
-                dir_fd=self._directory.fd,
+    def _open(self) -> tuple[int, bool]:
+        """A descriptor of the lock file, and whether we created it."""
+        for _ in range(_LOCK_ATTEMPTS):
+            try:
+                fd = os.open(
+                    self._name,
+                    os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                    0o600,
+                    dir_fd=self._directory.fd,
+                )
+                return fd, True
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise self._cannot(exc) from exc
+            try:
+                # Another claimant's lock file, or one another user put there: flock needs
+                # no write access, O_NONBLOCK keeps a planted FIFO from hanging the open.
+                fd = os.open(
+                    self._name,
+                    os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                    dir_fd=self._directory.fd,
+                )
+            except FileNotFoundError:
+                continue  # removed since: create it
+            except OSError as exc:
+                if exc.errno != errno.EACCES:
+                    raise self._cannot(exc) from exc
+                owner = self._directory.lstat(self._name)
+                raise SocketFileError(
+                    f"cannot open the lock file {self._shown()}"
+                    + (f" (it belongs to uid {owner.st_uid})" if owner is not None else "")
+                    + ": permission denied; remove it as its owner, or choose another path",
+                    errno=exc.errno,
+                ) from exc
+            kind = os.fstat(fd).st_mode
+            if not stat.S_ISREG(kind):
+                os.close(fd)
+                raise SocketFileError(
+                    f"cannot lock {self._shown()}: a {kind_of(kind)} is there, not a lock file; "
+                    "remove it (udskit never deletes what it did not create)",
+                    errno=errno.EEXIST,
+                )
+            return fd, False
+        raise Timeout(f"could not lock {self._shown()}: it is replaced faster than we can lock")
+
+    def _cannot(self, exc: OSError) -> SocketFileError:
+        if exc.errno == errno.ELOOP:
+            reason = "a symlink is there (udskit never follows one at this path); remove it"
+        else:
+            reason = (
+                f"{os.strerror(exc.errno or 0).lower()} (need write permission on the directory)"
             )
-        except OSError as exc:
-            raise SocketFileError(
-                f"cannot create lock file {self._shown()}: {os.strerror(exc.errno or 0).lower()}"
-                " (need write permission on the directory)",
-                errno=exc.errno,
-            ) from exc
+        return SocketFileError(
+            f"cannot create lock file {self._shown()}: {reason}", errno=exc.errno
+        )
 
     def _shown(self) -> str:
         return os.fsdecode(self._directory.path) + ".lock"
 
     def __exit__(self, *exc_info: object) -> None:
+        fd, self._fd = self._fd, -1
         try:
-            os.unlink(self._name, dir_fd=self._directory.fd)
-        except OSError:
-            pass
-        os.close(self._fd)
-        self._fd = -1
+            if self._created:
+                mine = os.fstat(fd)
+                _remove_if(self._directory, self._name, (mine.st_dev, mine.st_ino))
+        except OSError as exc:
+            log.debug("could not remove lock file %s: %s", self._shown(), exc)
+        finally:
+            os.close(fd)
 
 
 class Claim:
@@ -246,13 +322,14 @@ class Claim:
             if os.getpid() != self._owner_pid:
                 return  # a forked child: the file belongs to the parent
             with _Lock(directory):
-                found = directory.lstat()
-                if found is not None and (found.st_dev, found.st_ino) == self._dev_ino:
-                    os.unlink(directory.name, dir_fd=directory.fd)
-                elif found is not None:
+                other = _remove_if(directory, directory.name, self._dev_ino)
+                if other is not None:
                     log.info("%s was replaced by another file; leaving it in place", self.address)
-        except (OSError, Timeout) as exc:
-            log.warning("could not remove socket file %s: %s", self.address, exc)
+        except (OSError, UdsError) as exc:
+            # A udskit error's text is already one line; a bare OSError's str() would
+            # show the file name as a bytes repr.
+            reason = exc if isinstance(exc, UdsError) else os.strerror(exc.errno or 0).lower()
+            log.warning("could not remove socket file %s: %s", self.address, reason)
         finally:
             directory.close()
 
@@ -278,7 +355,9 @@ def claim(
         # A name no client can reach (too long even through /proc/self/fd) is an error
         # here, not a listener that every connect() later fails to find.
         directory.sun_path(directory.name, path)
-        with _Lock(directory):
+        # Every step below names its own failures; this catches what none foresaw, so that
+        # no bare OSError (with a bytes file name in its repr) reaches the user.
+        with translating("claim", address), _Lock(directory):
             _make_room(directory, address)
             if sock.type & ~(socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC) == socket.SOCK_DGRAM:
                 dev_ino = _bind_in_place(sock, directory, address, mode, uid, gid)
@@ -291,32 +370,51 @@ def claim(
 
 
 def _make_room(directory: _Directory, address: Address) -> None:
-    """Leave PATH free, or raise: never unlink anything but a stale socket."""
-    found = directory.lstat()
-    if found is None:
+    """Leave PATH free, or raise: never unlink anything but a stale socket.
+
+    The file at PATH is held open (O_PATH, not following a symlink) from the first look to
+    its removal: the probe connects to that very file (through /proc/self/fd/N), and while
+    we hold it its inode number cannot be reused, so "same (st_dev, st_ino)" at removal
+    means "the file we probed", not a new file that took over a freed number.
+    """
+    try:
+        held = os.open(
+            directory.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd
+        )
+    except FileNotFoundError:
         return
-    if not stat.S_ISSOCK(found.st_mode):
+    try:
+        found = os.fstat(held)
+        if not stat.S_ISSOCK(found.st_mode):
+            raise SocketFileError(
+                f"cannot listen on {address}: a {kind_of(found.st_mode)} is in the way, and "
+                "udskit never deletes what is not a socket; move it away or choose another path",
+                errno=errno.EEXIST,
+            )
+        found_probe = probe(f"/proc/self/fd/{held}")
+        if found_probe.live:
+            _raise_in_use(address, found_probe, found.st_uid)
+        if found_probe.errno in (errno.EACCES, errno.EPERM):
+            raise AddressInUse(
+                f"cannot listen on {address}: a socket owned by uid {found.st_uid} is there and "
+                "we may not connect to it to see whether it is alive; stop its server or remove "
+                "it as that user",
+                uid=found.st_uid,
+            )
+        # Refused: a stale file. Remove it only if it is still the very file we probed.
+        log.info("removing stale socket file %s (nothing was listening)", address)
+        with translating("remove the stale socket", address):
+            other = _remove_if(directory, directory.name, (found.st_dev, found.st_ino))
+    finally:
+        os.close(held)
+    if other is not None:
         raise SocketFileError(
-            f"cannot listen on {address}: a {kind_of(found.st_mode)} is in the way, and udskit "
-            "never deletes what is not a socket; move it away or choose another path",
+            f"cannot listen on {address}: the stale socket there was replaced by a "
+            f"{kind_of(other.st_mode)} (uid {other.st_uid}) while we removed it; it is left in "
+            f"place: another user can write to {directory.parent}; make it writable only by "
+            "the server's user, or choose another path",
             errno=errno.EEXIST,
         )
-    target = directory.sun_path(directory.name, directory.path)
-    found_probe = probe(target)
-    if found_probe.live:
-        _raise_in_use(address, found_probe, found.st_uid)
-    if found_probe.errno in (errno.EACCES, errno.EPERM):
-        raise AddressInUse(
-            f"cannot listen on {address}: a socket owned by uid {found.st_uid} is there and we "
-            "may not connect to it to see whether it is alive; stop its server or remove it "
-            "as that user",
-            uid=found.st_uid,
-        )
-    # Refused: a stale file. Unlink it only if it is still the very file we probed.
-    again = directory.lstat()
-    if again is not None and (again.st_dev, again.st_ino) == (found.st_dev, found.st_ino):
-        log.info("removing stale socket file %s (nothing was listening)", address)
-        os.unlink(directory.name, dir_fd=directory.fd)
 
 
 def _raise_in_use(address: Address, found: Probe, file_uid: int | None) -> None:
@@ -345,27 +443,25 @@ def _bind_private(
     backlog: int,
 ) -> tuple[int, int]:
     """Bind in a private directory, set mode and owner there, link into place."""
-    private = _make_private_dir(directory, address)
-    private_fd = os.open(private, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory.fd)
+    private = _Private(directory, address)
     inner = directory.name
     bound = False
     try:
-        full = b"%s/%s/%s" % (os.path.dirname(directory.path), private, inner)
-        via = b"/proc/self/fd/%d/%s" % (private_fd, inner)
+        full = b"%s/%s/%s" % (os.path.dirname(directory.path), private.name, inner)
+        via = b"/proc/self/fd/%d/%s" % (private.fd, inner)
         if len(full) > MAX_DIRECT_PATH and len(via) > MAX_DIRECT_PATH:
             inner = b"s"
-            via = b"/proc/self/fd/%d/s" % private_fd
+            via = b"/proc/self/fd/%d/s" % private.fd
         with translating("bind", address):
+            # By the full name if it fits (what /proc/net/unix and `udskit ls` show), else
+            # through the directory's descriptor, which no rename of the name can redirect.
             sock.bind(full if len(full) <= MAX_DIRECT_PATH else via)
         bound = True
-        os.chmod(inner, mode, dir_fd=private_fd)
-        if uid != -1 or gid != -1:
-            os.chown(inner, uid, gid, dir_fd=private_fd)
-        info = os.stat(inner, dir_fd=private_fd, follow_symlinks=False)
+        dev_ino = _set_mode_and_owner(sock, private.fd, inner, address, mode, uid, gid)
         with translating("listen", address):
             sock.listen(backlog)  # live before it is visible: see claim()
         try:
-            os.link(inner, directory.name, src_dir_fd=private_fd, dst_dir_fd=directory.fd)
+            os.link(inner, directory.name, src_dir_fd=private.fd, dst_dir_fd=directory.fd)
         except FileExistsError:
             # Someone ignored the lock and created the path since we looked.
             _make_room(directory, address)
@@ -373,15 +469,16 @@ def _bind_private(
                 f"cannot listen on {address}: another process created it while we claimed it; "
                 "try again"
             ) from None
-        return (info.st_dev, info.st_ino)
+        except OSError as exc:
+            raise translate(exc, "put the socket in place at", address) from exc
+        return dev_ino
     finally:
         if bound:
             try:
-                os.unlink(inner, dir_fd=private_fd)
+                os.unlink(inner, dir_fd=private.fd)  # in our 0700 directory: nobody swaps it
             except OSError:
                 pass
-        os.close(private_fd)
-        os.rmdir(private, dir_fd=directory.fd)
+        private.close()
 
 
 def _bind_in_place(
@@ -395,22 +492,263 @@ def _bind_in_place(
     path) drop replies from any other name: a datagram server cannot bind in a private
     directory and be linked into place like a listener. Instead the mode goes on the socket
     before bind(), since Linux creates the file with the socket inode's mode minus the
-    umask; owner-only bits first, so that until chown() has run nobody in the creating
-    user's group gets in; then the full mode.
+    umask (fchmod on the socket after bind() would change the socket's inode in sockfs,
+    not the file): owner-only bits first when the owner or group is to change, so that
+    until chown() has run nobody in the creating user's group gets in; then the full mode,
+    through the verified descriptor of the file bind() created (_set_mode_and_owner).
     """
-    os.fchmod(sock.fileno(), mode & 0o700)
+    os.fchmod(sock.fileno(), mode & 0o700 if uid != -1 or gid != -1 else mode)
     with translating("bind", address):
         sock.bind(directory.sun_path(directory.name, directory.path))
-    os.chmod(directory.name, mode & 0o700, dir_fd=directory.fd)
-    if uid != -1 or gid != -1:
-        os.chown(directory.name, uid, gid, dir_fd=directory.fd)
-    os.chmod(directory.name, mode, dir_fd=directory.fd)
-    info = os.stat(directory.name, dir_fd=directory.fd, follow_symlinks=False)
-    return (info.st_dev, info.st_ino)
+    try:
+        return _set_mode_and_owner(sock, directory.fd, directory.name, address, mode, uid, gid)
+    except BaseException:
+        _remove_bound(sock, directory)  # a claim that failed leaves nothing behind
+        raise
 
 
-def _make_private_dir(directory: _Directory, address: Address) -> bytes:
-    for _ in range(10):
+def _remove_bound(sock: socket.socket, directory: _Directory) -> None:
+    """Remove the file ``sock``'s bind() created at the socket's name, if it is there."""
+    try:
+        fd = os.open(directory.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd)
+    except OSError:
+        return
+    try:
+        info = os.fstat(fd)
+        if _is_our_file(sock, info):
+            _remove_if(directory, directory.name, (info.st_dev, info.st_ino))
+    except OSError as exc:
+        log.debug("could not remove %s: %s", os.fsdecode(directory.path), exc)
+    finally:
+        os.close(fd)
+
+
+def _set_mode_and_owner(
+    sock: socket.socket, dir_fd: int, name: bytes, address: Address, mode: int, uid: int, gid: int
+) -> tuple[int, int]:
+    """chmod/chown the file ``sock``'s bind() created at ``name``; its (st_dev, st_ino).
+
+    The name is opened without following a symlink (O_PATH works on a socket file, which
+    cannot be opened for I/O), the descriptor checked to be our socket's file, and the
+    changes made through ``/proc/self/fd/N``: chmod and chown follow that magic link to the
+    very inode we hold, whatever has happened to the name since. An O_PATH descriptor
+    refuses fchmod/fchown (EBADF), hence the /proc path.
+    """
+    try:
+        # With O_PATH, O_NOFOLLOW opens a symlink itself (no ELOOP): fstat then says so.
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        fd = -1
+    except OSError as exc:
+        raise translate(exc, "open the new socket file", address) from exc
+    try:
+        info = os.fstat(fd) if fd >= 0 else None
+        if info is None or not _is_our_file(sock, info):
+            raise SocketFileError(
+                f"cannot listen on {address}: the socket file was moved or replaced while we "
+                f"created it, so its mode and owner were not set and it is not ours to remove: "
+                f"another user can write to {os.fsdecode(os.path.dirname(address.absolute().raw))};"
+                " make that directory writable only by the server's user (or set its sticky "
+                "bit), or choose another path",
+                errno=errno.EEXIST,
+            )
+        via = f"/proc/self/fd/{fd}"
+        if uid != -1 or gid != -1:
+            with translating("chown", address):
+                os.chown(via, uid, gid)
+        with translating("chmod", address):
+            os.chmod(via, mode)
+        return (info.st_dev, info.st_ino)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _is_our_file(sock: socket.socket, info: os.stat_result) -> bool:
+    """Whether ``info`` describes the file ``sock``'s bind() created.
+
+    sock_diag says exactly. Without it (see udskit.sockdiag), the best ``stat`` can say: a
+    socket file owned by us with a single name. Another user cannot make such a file; what
+    is left is another of our own sockets renamed in from the same directory, or (with
+    fs.protected_hardlinks off) a hard link to one.
+    """
+    created = bound_file(sock)
+    if created is not None:
+        return created.matches(info)
+    return stat.S_ISSOCK(info.st_mode) and info.st_uid == os.geteuid() and info.st_nlink == 1
+
+
+#: The name a file gets inside our private directory while we check it before unlinking.
+_ASIDE: Final = b"aside"
+
+
+def _remove_if(
+    directory: _Directory, name: bytes, dev_ino: tuple[int, int]
+) -> os.stat_result | None:
+    """Remove ``name`` if it is the file ``dev_ino``; else leave it and return its stat.
+
+    The caller keeps that file open (our socket, our lock file, a held stale socket), so
+    no other file can carry its inode number meanwhile. Nothing when the name is gone.
+
+    Where another user could rename or replace the file, checking and then unlinking by
+    name would delete whatever they swapped in between the two calls: there the file is
+    first renamed into a private directory only we can write, checked there, and unlinked
+    or put back. Where nobody else can (_others_cannot_swap), check and unlink suffice.
+    """
+    found = directory.lstat(name)
+    if found is None:
+        return None
+    if _others_cannot_swap(directory, found):
+        if (found.st_dev, found.st_ino) != dev_ino:
+            return found
+        try:
+            os.unlink(name, dir_fd=directory.fd)
+        except FileNotFoundError:
+            pass
+        return None
+    private = _Private(directory, directory.path)
+    try:
+        try:
+            os.rename(name, _ASIDE, src_dir_fd=directory.fd, dst_dir_fd=private.fd)
+        except FileNotFoundError:
+            return None
+        aside = os.stat(_ASIDE, dir_fd=private.fd, follow_symlinks=False)
+        if (aside.st_dev, aside.st_ino) == dev_ino:
+            os.unlink(_ASIDE, dir_fd=private.fd)
+            return None
+        _put_back(directory, private, name)
+        return aside
+    finally:
+        private.close()
+
+
+def _others_cannot_swap(directory: _Directory, found: os.stat_result) -> bool:
+    """Whether no user but us (and root) can rename or replace ``found`` in the directory.
+
+    True when only the directory's owner may write in it and that is us or root, or when
+    the directory is sticky (/tmp), owned by us or root, and ``found`` is ours: then others
+    may create entries, but not remove or rename ours. (Write access that a POSIX ACL
+    grants another user shows in the group bits, which then hold the ACL mask.) Setting a
+    file aside costs a directory created and removed: where it protects from nobody, it
+    is skipped.
+    """
+    info = os.fstat(directory.fd)
+    me = os.geteuid()
+    if info.st_uid not in (me, 0):
+        return False  # the directory's owner may rename anything in it
+    if not info.st_mode & 0o022:
+        return True
+    return bool(info.st_mode & stat.S_ISVTX) and found.st_uid == me
+
+
+def _put_back(directory: _Directory, private: _Private, name: bytes) -> None:
+    """Return a file we set aside to ``name`` or, if something new took that name
+    meanwhile, to ``NAME.kept-XXXXXXXX`` beside it: never replacing anything, and never
+    leaving another user's file where they cannot reach it."""
+    if _move_out(directory, private, name):
+        return
+    for _ in range(_PRIVATE_ATTEMPTS):
+        kept = name + b".kept-" + secrets.token_hex(4).encode()
+        if _move_out(directory, private, kept):
+            log.warning(
+                "%s was replaced again while we looked at it; the file that was there is now %s",
+                os.fsdecode(directory.path),
+                os.fsdecode(os.path.join(os.path.dirname(directory.path), kept)),
+            )
+            return
+    private.keep()
+    log.warning(
+        "%s was replaced again while we looked at it; the file that was there is kept at %s",
+        os.fsdecode(directory.path),
+        os.fsdecode(os.path.join(os.path.dirname(directory.path), private.name, _ASIDE)),
+    )
+
+
+def _move_out(directory: _Directory, private: _Private, target: bytes) -> bool:
+    """Move the file set aside to ``target`` unless something is there; True if moved.
+
+    link() never replaces; it fails for a directory, and (fs.protected_hardlinks) for
+    another user's file unless we are root. Then rename() if the name is still free: the
+    instant between that check and the rename is the one place a file could be replaced.
+    """
+    try:
+        os.link(
+            _ASIDE, target, src_dir_fd=private.fd, dst_dir_fd=directory.fd, follow_symlinks=False
+        )
+    except FileExistsError:
+        return False
+    except OSError:
+        if directory.lstat(target) is not None:
+            return False
+        os.rename(_ASIDE, target, src_dir_fd=private.fd, dst_dir_fd=directory.fd)
+        return True
+    os.unlink(_ASIDE, dir_fd=private.fd)
+    return True
+
+
+class _Private:
+    """A private 0700 directory next to PATH, used through a checked descriptor.
+
+    Its name is unpredictable, but the parent directory may be writable by others, who can
+    see the name and swap another directory (or a symlink) in under it: so it is opened
+    without following symlinks and checked to be ours (our uid, no access for others)
+    before anything goes in; from then on only the descriptor is used.
+    """
+
+    __slots__ = ("_directory", "_keep", "fd", "name")
+
+    def __init__(self, directory: _Directory, address: Address | bytes) -> None:
+        self._directory = directory
+        self._keep = False
+        self.name = _make_private_dir(directory, address)
+        try:
+            self.fd = os.open(
+                self.name,
+                os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=directory.fd,
+            )
+        except OSError as exc:
+            raise self._replaced(address) from exc
+        info = os.fstat(self.fd)
+        if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+            os.close(self.fd)
+            raise self._replaced(address)
+
+    def _replaced(self, address: Address | bytes) -> SocketFileError:
+        shown = address if isinstance(address, Address) else os.fsdecode(address)
+        return SocketFileError(
+            f"cannot use {shown}: the private directory we made next to it "
+            f"({os.fsdecode(self.name)}) was replaced at once: another user can write to "
+            f"{self._directory.parent}; make it writable only by the server's user (or set "
+            "its sticky bit), or choose another path",
+            errno=errno.EEXIST,
+        )
+
+    def keep(self) -> None:
+        """Leave the directory in place (it holds a file we must not delete)."""
+        self._keep = True
+
+    def close(self) -> None:
+        """Remove the directory if its name still leads to it (an empty directory another
+        user renamed in under the name is left alone)."""
+        try:
+            if not self._keep:
+                found = self._directory.lstat(self.name)
+                mine = os.fstat(self.fd)
+                if found is not None and (found.st_dev, found.st_ino) == (
+                    mine.st_dev,
+                    mine.st_ino,
+                ):
+                    os.rmdir(self.name, dir_fd=self._directory.fd)
+        except OSError as exc:
+            log.debug("could not remove %s: %s", os.fsdecode(self.name), exc)
+        finally:
+            os.close(self.fd)
+
+
+def _make_private_dir(directory: _Directory, address: Address | bytes) -> bytes:
+    shown = address if isinstance(address, Address) else os.fsdecode(address)
+    for _ in range(_PRIVATE_ATTEMPTS):
         name = PRIVATE_PREFIX + secrets.token_hex(4).encode()
         try:
             os.mkdir(name, 0o700, dir_fd=directory.fd)
@@ -419,11 +757,14 @@ def _make_private_dir(directory: _Directory, address: Address) -> bytes:
             continue
         except OSError as exc:
             raise SocketFileError(
-                f"cannot create socket {address}: {os.strerror(exc.errno or 0).lower()} in its "
+                f"cannot create socket {shown}: {os.strerror(exc.errno or 0).lower()} in its "
                 "directory (need write and search permission there)",
                 errno=exc.errno,
             ) from exc
-    raise SocketFileError(f"cannot create a private directory next to {address}")
+    raise SocketFileError(
+        f"cannot create a private directory next to {shown}: every name we tried was taken "
+        f"({_PRIVATE_ATTEMPTS} tries); look for .udskit-* entries in {directory.parent}"
+    )
 
 
 def bind_reply_path(sock: socket.socket, address: Address, mode: int = 0o600) -> Claim:
@@ -443,7 +784,7 @@ def bind_reply_path(sock: socket.socket, address: Address, mode: int = 0o600) ->
         )
     directory = _Directory(path)
     try:
-        with _Lock(directory):
+        with translating("claim", address), _Lock(directory):
             _make_room(directory, address)
             dev_ino = _bind_in_place(sock, directory, address, mode, -1, -1)
         return Claim(address, directory, dev_ino)

@@ -23,6 +23,9 @@ What each errno means for AF_UNIX on Linux (net/unix/af_unix.c, unix(7), connect
                 owner is alive; here it only reaches abstract names.
   EACCES        no write permission on the directory.
   EROFS         read-only file system.
+claiming a path (sockfile.py): ``chown`` EPERM when a user other than root gives the file
+  away or names a group they are not in; removing a stale socket EPERM/EACCES when it is
+  another user's file in a sticky directory (/tmp) or the directory is not writable.
 ``send()``
   EPIPE         the peer closed (we pass MSG_NOSIGNAL, and Python ignores SIGPIPE, so this
                 is an error return, never a signal death).
@@ -107,6 +110,26 @@ def translate(exc: OSError, op: str, address: Address | str | None) -> Exception
     if op == "bind" and code in (errno.ENOENT, errno.ENOTDIR):
         return SocketFileError(
             f"cannot create socket{where}: its directory does not exist; create it first",
+            errno=code,
+        )
+    if op == "chown":
+        return SocketFileError(
+            f"cannot give socket{where} the requested owner or group: {reason.lower()}; only "
+            "root may give a file to another user, and others may only choose a group they "
+            "are in: run as root, or do not ask for that owner or group",
+            errno=code,
+        )
+    if op == "remove the stale socket" and code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return SocketFileError(
+            f"cannot remove the stale socket file{where}: {reason.lower()} (it belongs to "
+            "another user in a sticky directory, or the directory is not writable for us); "
+            "remove it as its owner, or choose another path",
+            errno=code,
+        )
+    if op == "claim":
+        return SocketFileError(
+            f"cannot claim the socket path{where}: {reason.lower()}; check the permissions "
+            f"of its directory (udskit doctor{where})",
             errno=code,
         )
     if code == errno.ENAMETOOLONG:

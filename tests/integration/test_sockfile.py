@@ -26,6 +26,7 @@ from udskit.address import SUN_PATH_MAX
 
 from ..conftest import wait_connectable
 from .children import NOBODY, Held, fork, needs_root, read_report, reap, run_in_child
+from .injected import after_look_at, after_probe
 
 TYPES = ["stream", "seqpacket", "dgram"]
 KINDS = {
@@ -686,3 +687,181 @@ def test_a_server_started_during_the_claim_keeps_its_socket(path: Path) -> None:
     finally:
         intruder.close()
         path.unlink()
+
+
+# -- nothing removed that changed after we looked ----------------------------------------------
+
+
+@pytest.fixture
+def open_path(sockdir: Path) -> Iterator[Path]:
+    """A socket path in a directory anyone may write (0777, no sticky bit): where another
+    user could swap files, so udskit sets each file aside before removing it. Here the
+    swaps are made by this same user, standing in for another."""
+    shared = sockdir / "open"
+    shared.mkdir()
+    shared.chmod(0o777)
+    yield shared / "app.sock"
+    assert debris(shared) == [], "a claim left a lock file or private directory behind"
+
+
+def _swap_for_regular_file(path: Path) -> Callable[[], None]:
+    def swap() -> None:
+        os.unlink(path)
+        path.write_bytes(b"precious data")
+
+    return swap
+
+
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+def test_stale_socket_swapped_for_a_file_after_the_check_is_never_deleted(
+    open_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stale_socket(open_path, kind)
+    after_look = after_look_at(monkeypatch, b"app.sock")
+    swapped: list[bool] = []
+
+    def swap() -> None:
+        _swap_for_regular_file(open_path)()
+        swapped.append(True)
+
+    # Armed once the probe is done: the next look is the last before removal.
+    after_probe(monkeypatch).append(lambda: after_look.append(swap))
+    with pytest.raises(SocketFileError, match="replaced by a regular file") as caught:
+        udskit.listen(open_path, type=kind)
+    assert swapped == [True]
+    assert str(open_path) in str(caught.value)
+    assert open_path.read_bytes() == b"precious data"
+
+
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+def test_close_never_deletes_a_file_swapped_in_after_the_check(
+    open_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    listener = udskit.listen(open_path, type=kind)
+    after_look_at(monkeypatch, b"app.sock").append(_swap_for_regular_file(open_path))
+    with caplog.at_level(logging.INFO, logger="udskit"):
+        listener.close()
+    assert open_path.read_bytes() == b"precious data"
+    assert "was replaced by another file; leaving it in place" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+def test_a_lock_file_udskit_did_not_create_is_kept(path: Path, kind: str) -> None:
+    lock_path = path.with_name(path.name + ".lock")
+    lock_path.write_bytes(b"")
+    inode = os.lstat(lock_path).st_ino
+    try:
+        with udskit.listen(path, type=kind):
+            assert os.lstat(lock_path).st_ino == inode
+        assert os.lstat(lock_path).st_ino == inode, "a lock file we did not create was removed"
+    finally:
+        lock_path.unlink()
+
+
+def test_a_fifo_at_the_lock_path_is_refused_without_hanging(path: Path) -> None:
+    lock_path = path.with_name(path.name + ".lock")
+    os.mkfifo(lock_path)
+    try:
+        with pytest.raises(SocketFileError, match="a FIFO is there, not a lock file") as caught:
+            udskit.listen(path)
+        assert str(lock_path) in str(caught.value)
+        assert stat.S_ISFIFO(os.lstat(lock_path).st_mode)
+        assert not path.exists()
+    finally:
+        lock_path.unlink()
+
+
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+def test_aio_listen_waiting_for_the_lock_leaves_the_loop_free(path: Path, kind: str) -> None:
+    """While another process holds the claim lock, aio.listen() is pending and the other
+    tasks on the loop keep running; once it is released, the listen completes."""
+    import asyncio
+
+    import udskit.aio
+
+    lock_path = path.with_name(path.name + ".lock")
+    holder = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)  # another claimant's lock
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    ticks = 0
+
+    async def main() -> None:
+        nonlocal ticks
+        listening = asyncio.ensure_future(udskit.aio.listen(path, type=kind))
+        for _ in range(50):  # the loop turns while listen() waits
+            await asyncio.sleep(0)
+            assert not listening.done(), "listen() did not wait for the lock"
+            ticks += 1
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        listener = await asyncio.wait_for(listening, sockfile_module.CLAIM_LOCK_TIMEOUT)
+        async with listener:
+            assert path.exists()
+
+    try:
+        asyncio.run(main())
+    finally:
+        os.close(holder)
+        lock_path.unlink()
+    assert ticks == 50
+
+
+def test_aio_listen_cancelled_while_waiting_leaves_nothing_behind(path: Path) -> None:
+    """The claim goes on in its thread after the task is cancelled; what it claims is
+    closed and its socket file removed, with no descriptor left open."""
+    import asyncio
+
+    import udskit.aio
+
+    from ..conftest import open_fds
+
+    lock_path = path.with_name(path.name + ".lock")
+    holder = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    before = open_fds()
+
+    async def main() -> None:
+        listening = asyncio.ensure_future(udskit.aio.listen(path, type="dgram"))
+        await asyncio.sleep(0)  # it is waiting for the lock, in its thread
+        listening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await listening
+        fcntl.flock(holder, fcntl.LOCK_UN)  # now the claim completes, for nobody
+
+    try:
+        asyncio.run(main())  # waits for the executor's threads to finish
+    finally:
+        os.close(holder)
+        lock_path.unlink()
+    assert not path.exists()
+    assert open_fds() - before <= {holder}
+
+
+@pytest.mark.parametrize(
+    ("mode", "mine", "expected"),
+    [
+        (0o700, True, True),
+        (0o755, True, True),
+        (0o777, True, False),
+        (0o770, True, False),
+        (0o1777, True, True),
+        (0o1777, False, False),
+    ],
+    ids=["0700", "0755", "0777", "0770", "1777-mine", "1777-theirs"],
+)
+def test_where_others_cannot_swap_a_file(
+    sockdir: Path, mode: int, mine: bool, expected: bool
+) -> None:
+    """Where udskit may check and unlink by name: only we (or root) write the directory,
+    or it is sticky and the file is ours."""
+    directory = sockdir / "d"
+    directory.mkdir()
+    directory.chmod(mode)
+    found = os.lstat(sockdir)
+    if not mine:  # a file of another uid, as stat would show it
+        values = list(found)
+        values[stat.ST_UID] = os.geteuid() + 1
+        found = os.stat_result(values)
+    handle = sockfile_module._Directory(os.fsencode(directory / "app.sock"))
+    try:
+        assert sockfile_module._others_cannot_swap(handle, found) is expected
+    finally:
+        handle.close()

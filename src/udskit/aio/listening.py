@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import socket
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, Generic, Literal, TypeVar, overload
 
 from .. import listening as blocking
@@ -359,12 +360,8 @@ class DatagramListener(_Endpoint[Datagram]):
                 )
                 continue
             peer = got.cred
-            if peer is None:  # SO_PASSCRED is set, so the kernel always attaches them
-                close_fds(got.fds)
-                ready.append(ProtocolError(f"datagram from {where} arrived without credentials"))
-                continue
             policy = self.policy
-            if policy is not None and not policy.check(peer, self.address):
+            if policy is not None and not blocking.admits(policy, peer, self.address, where):
                 close_fds(got.fds)
                 continue
             ready.append(Datagram(view[:size].tobytes(), sender, peer, tuple(got.fds)))
@@ -459,10 +456,14 @@ async def listen(
     The options are :func:`udskit.listen`'s (``sndbuf``/``rcvbuf`` size every accepted
     connection's socket buffers), plus ``write_limit``: each channel's send-queue
     high-water mark (see :class:`Channel`). Claiming the socket file takes a few system
-    calls; it waits only while another process is in the middle of claiming the same path.
+    calls; it waits only while another process is in the middle of claiming the same path,
+    and does so in a worker thread: the event loop keeps running meanwhile.
     """
     check_write_limit(write_limit)
-    inner = blocking.listen(
+    # Claiming a path waits (up to sockfile.CLAIM_LOCK_TIMEOUT) while another process
+    # claims or releases the same path: in a worker thread, so the loop keeps running.
+    listen_now: Callable[[], blocking.Listener | blocking.DatagramListener] = functools.partial(
+        blocking.listen,
         address,
         type=type,
         backlog=backlog,
@@ -476,6 +477,13 @@ async def listen(
         sndbuf=sndbuf,
         rcvbuf=rcvbuf,
     )
+    claiming = asyncio.get_running_loop().run_in_executor(None, listen_now)
+    try:
+        inner = await asyncio.shield(claiming)
+    except asyncio.CancelledError:
+        # The thread cannot be stopped: close what it claims once it is done.
+        claiming.add_done_callback(_close_unwanted)
+        raise
     try:
         if isinstance(inner, blocking.DatagramListener):
             limit = max_frame_for("dgram", max_frame)
@@ -492,3 +500,11 @@ async def listen(
     except BaseException:
         inner.close()
         raise
+
+
+def _close_unwanted(
+    claiming: asyncio.Future[blocking.Listener | blocking.DatagramListener],
+) -> None:
+    """Close a listener claimed for a listen() that was cancelled meanwhile."""
+    if not claiming.cancelled() and claiming.exception() is None:
+        claiming.result().close()
