@@ -8,12 +8,22 @@ import signal
 import socket
 import stat
 import struct
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import UDSKIT, Background, one_line_error, require, serve, udskit
+from tests.cli.conftest import (
+    COMMAND_TIMEOUT,
+    UDSKIT,
+    Background,
+    one_line_error,
+    require,
+    serve,
+    udskit,
+)
 from tests.conftest import wait_connectable
 
 KINDS = {"stream": socket.SOCK_STREAM, "seqpacket": socket.SOCK_SEQPACKET}
@@ -175,6 +185,46 @@ def test_once_serves_one_client(sockdir: Path, background: list[Background]) -> 
     path = sockdir / "o.sock"
     server = serve(background, path, "--once", "--upper")
     assert talk(path, b"first\n") == b"FIRST\n"
+    assert server.wait() == 0
+    assert not path.exists()
+
+
+def test_once_then_wait_then_send_as_documented(sockdir: Path) -> None:
+    """The documented pattern, in a shell: wait's readiness probe (a connection that
+    leaves without a byte) does not use up --once; the send that follows is served."""
+    script = (
+        'udskit() { "$PY" -m udskit "$@"; }\n'
+        "udskit serve --echo --once once.sock &\n"
+        "udskit wait once.sock && udskit send --reply once.sock hello\n"
+        'wait $! && echo "server done"\n'
+    )
+    done = subprocess.run(
+        ["sh", "-c", script],
+        cwd=sockdir,
+        env={**os.environ, "PY": sys.executable},
+        capture_output=True,
+        timeout=COMMAND_TIMEOUT,
+        check=False,
+    )
+    assert done.stderr == b""
+    assert done.stdout == b"hello\nserver done\n"
+    assert not (sockdir / "once.sock").exists()
+
+
+def test_once_ends_when_the_client_leaves_before_its_echo(
+    sockdir: Path, background: list[Background]
+) -> None:
+    path = sockdir / "gone.sock"
+    server = serve(background, path, "--once", "--echo")
+    # Hold the server still while a client connects, sends and leaves: when it runs
+    # again, the client is gone before the echo can reach it.
+    server.process.send_signal(signal.SIGSTOP)
+    try:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(os.fspath(path))
+            client.sendall(b"hi\n")
+    finally:
+        server.process.send_signal(signal.SIGCONT)
     assert server.wait() == 0
     assert not path.exists()
 

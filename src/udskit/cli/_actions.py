@@ -13,7 +13,7 @@ import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Final
 
 import udskit
@@ -88,17 +88,30 @@ def _bare(message: bytes) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Session:
-    """One client (or one datagram) being served, and how to report on it."""
+    """One client (or one datagram) being served, and how to report on it.
+
+    ``exchanged`` is set once a message has crossed in either direction: a client that
+    connects and leaves without a byte either way (a readiness probe such as ``udskit
+    wait``) was not served, and does not use up ``--once``.
+    """
 
     channel: udskit.Channel
     who: str
     dump: HexDump | None
+    exchanged: threading.Event = field(default_factory=threading.Event, compare=False)
+
+    def received(self, message: bytes) -> None:
+        """Note (and dump, with -x) a message from the client."""
+        self.exchanged.set()
+        if self.dump is not None:
+            self.dump.received(message, self.who)
 
     def send(self, data: bytes) -> None:
         channel = self.channel
         if channel.type == "dgram" and channel.address is None:
             return  # the sender has no address (socat UNIX-SENDTO): no way to answer
         channel.send(data)
+        self.exchanged.set()
         if self.dump is not None:
             self.dump.sent(data, self.who)
 
@@ -186,8 +199,7 @@ def _feed(
             cut = until.feed(message)
             if cut is not None:
                 message = message[:cut]
-            if session.dump is not None:
-                session.dump.received(message, session.who)
+            session.received(message)
             _write_all(stdin, message + b"\n" if lines else message)
             if cut is not None:
                 matched.set()

@@ -71,7 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve at most N clients at once; others wait in the backlog",
     )
     parser.add_argument(
-        "--once", action="store_true", help="stop after the first client (or datagram)"
+        "--once",
+        action="store_true",
+        help=(
+            "stop after the first client (or datagram); a client that leaves without a byte "
+            "either way, like the probe of 'udskit wait', does not count"
+        ),
     )
     parser.add_argument(
         "-v",
@@ -160,15 +165,19 @@ class _Handler:
         if self._verbose:
             err(_describe(channel))
         session = Session(channel, who, self._dump)
+        keep_going = True
         try:
             keep_going = self._serve(session)
         except udskit.UdsError:
             raise  # the Server reports these in one line and serves the next client
         except OSError as exc:  # a command that cannot start, an unwritable stdout, ...
             err(f"{who or 'a client'}: {_one_line(exc)}")
-            keep_going = True
-        if not keep_going or self._once:
-            self._stop()
+        finally:
+            # --once: the first client that sent or got a byte was served, however it
+            # ended (one that leaves before its echo, too); one that came and went without
+            # a byte either way (a readiness probe) was not.
+            if not keep_going or (self._once and session.exchanged.is_set()):
+                self._stop()
 
     def _serve(self, session: Session) -> bool:
         until = Until(self._until_text, raw=self._raw)
@@ -176,7 +185,7 @@ class _Handler:
             return self._serve_messages(session, until)
         if self._type == "dgram":
             message = session.channel.recv()
-            self._received(session, message)
+            session.received(message)
             _actions.run_command_once(session, self._command, message)
             return until.feed(message) is None
         return _actions.run_command(session, self._command, until, lines=self._lines)
@@ -187,14 +196,10 @@ class _Handler:
             cut = until.feed(message)
             if cut is not None:
                 message = message[:cut]
-            self._received(session, message)
+            session.received(message)
             if not self._action(session, message) or cut is not None:
                 return False
         return not until.matched_at_eof()
-
-    def _received(self, session: Session, message: bytes) -> None:
-        if self._dump is not None:
-            self._dump.received(message, session.who)
 
     def _stop(self) -> None:
         if self.server is not None:
