@@ -18,6 +18,15 @@ USAGE = [
     (["serve", "--echo", "--upper", S], "not allowed with argument --echo"),
     (["serve", "--echo", "--mode", "99x", S], "'99x' is not an octal permission number"),
     (["serve", "--echo", "--mode", "17777", S], "over 7777"),
+    (
+        ["serve", "--echo", "--mode", "4755", S],
+        (
+            "argument --mode: '4755' has setuid/setgid/sticky bits, which make no sense on "
+            "a socket; use 755"
+        ),
+    ),
+    (["serve", "--echo", "--mode", "1777", S], "sticky bits, which make no sense on a socket"),
+    (["bridge", "--mode", "2770", "unix:" + S, "tcp:127.0.0.1:1"], "use 770"),
     (["serve", "--echo", "gopher:x"], "unknown address scheme 'gopher'"),
     (["serve", "--echo", ""], "empty address"),
     (["serve", "--echo", "--type", "dgram", "--framing", "lines", S], "stream sockets only"),
