@@ -408,3 +408,50 @@ def test_a_command_that_cannot_start_is_one_line(
     [line] = server.err.splitlines()
     assert line.startswith("udskit: pid ")
     assert line.endswith(f": permission denied: {script}")
+
+
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+def test_exec_commands_do_not_inherit_socket_activation(sockdir: Path, kind: str) -> None:
+    """Socket-activated (LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES, the listener as fd 3),
+    the server runs its --exec commands without those variables, as sd_listen_fds does."""
+    path = sockdir / "activated.sock"
+    listener = socket.socket(socket.AF_UNIX, KINDS.get(kind, socket.SOCK_DGRAM))
+    listener.bind(os.fspath(path))
+    if kind == "stream":
+        listener.listen()
+    # A service manager in miniature: the listener as fd 3, LISTEN_PID the server's pid.
+    activate = (
+        "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES='app'); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'udskit', *sys.argv[2:]])"
+    )
+    command = "sh -c 'env | grep ^LISTEN_ || echo no activation variables'"
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-c", activate, str(listener.fileno())),
+            *("serve", "--type", kind, "--once", "--exec", command, "fd:listen"),
+        ],
+        pass_fds=(listener.fileno(),),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    listener.close()  # the server has its own copy
+    try:
+        if kind == "stream":
+            with socket.socket(socket.AF_UNIX) as client:
+                client.settimeout(COMMAND_TIMEOUT)
+                client.connect(os.fspath(path))
+                client.shutdown(socket.SHUT_WR)  # nothing to say: the command speaks
+                answer = client.recv(65536)
+        else:
+            with dgram_client(sockdir) as client:
+                client.sendto(b"", os.fspath(path))
+                answer = client.recv(65536)
+        _, err = server.communicate(timeout=COMMAND_TIMEOUT)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert answer == b"no activation variables\n"
+    assert err == b""
+    assert server.returncode == 0

@@ -33,6 +33,17 @@ EXEC_EXIT_GRACE: Final = 5.0
 #: Bytes read from a command's stdout per read; each read becomes one message.
 EXEC_CHUNK: Final = 64 * 1024
 
+#: systemd's socket-activation variables (sd_listen_fds(3)). They describe descriptors
+#: handed to the server, not to the commands it runs: removed from their environment, as
+#: sd_listen_fds(unset_environment=1) does, so that no child takes the server's listener
+#: for its own.
+_ACTIVATION_VARIABLES: Final = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+def _command_environment() -> dict[str, str]:
+    """The environment of an --exec command: ours, without socket activation's variables."""
+    return {name: value for name, value in os.environ.items() if name not in _ACTIVATION_VARIABLES}
+
 
 class Until:
     """Recognises the ``--until TEXT`` message.
@@ -157,7 +168,12 @@ def run_command(session: Session, argv: Sequence[str], until: Until, *, lines: b
     command's stdin, its stdout back as messages. Returns False if --until matched."""
     channel = session.channel
     process = subprocess.Popen(
-        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, close_fds=True
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        bufsize=0,
+        close_fds=True,
+        env=_command_environment(),
     )
     assert process.stdin is not None
     assert process.stdout is not None
@@ -261,6 +277,7 @@ def run_command_once(session: Session, argv: Sequence[str], message: bytes) -> N
             timeout=DGRAM_EXEC_TIMEOUT,
             check=False,
             close_fds=True,
+            env=_command_environment(),
         )
     except subprocess.TimeoutExpired:
         err(f"{argv[0]}: still running after {DGRAM_EXEC_TIMEOUT:g} s; killed it")
