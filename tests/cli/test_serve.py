@@ -277,6 +277,32 @@ def test_verbose_names_each_peer(sockdir: Path, background: list[Background]) ->
     assert client.wait() == 0
 
 
+@pytest.mark.parametrize("action", [["--echo"], ["--print"]])
+def test_verbose_says_an_unbound_datagram_sender_cannot_be_answered(
+    sockdir: Path, background: list[Background], action: list[str]
+) -> None:
+    """socat UNIX-SENDTO sends from an unbound socket: nothing can reach it, so an echo is
+    dropped; -v says so (and says nothing of the kind where no reply is due)."""
+    path = sockdir / "dv.sock"
+    socat = require("socat")
+    server = serve(background, path, "--type", "dgram", *action, "-v")
+    sender = Background([socat, "-u", "-", f"UNIX-SENDTO:{path}"])
+    background.append(sender)
+    sender.write(b"hello\n")
+    assert sender.wait() == 0
+    # err() writes each line in one write: the read that brings its start brings all of it
+    said = server.read_until(b"process=socat", stream="stderr").decode()
+    assert server.stop() == 0
+    line = next(text for text in (said + server.err).splitlines() if "datagram pid=" in text)
+    head = f"udskit: datagram pid={sender.pid} uid={os.geteuid()} gid={os.getegid()} process=socat"
+    if action == ["--print"]:
+        assert line == head
+    else:
+        assert line == head + (
+            " (unbound sender: it cannot be answered; a client must bind an address to get replies)"
+        )
+
+
 def test_hexdump_shows_both_directions(sockdir: Path, background: list[Background]) -> None:
     path = sockdir / "x.sock"
     server = serve(background, path, "--upper", "-x")

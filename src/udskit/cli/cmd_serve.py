@@ -158,12 +158,13 @@ class _Handler:
         self._dump = HexDump() if args.hexdump else None
         self._command = _command(args.exec) if args.exec is not None else None
         self._action = _action(args, raw=raw)
+        self._replies = not args.print  # every other action answers (--exec: its output)
 
     def __call__(self, channel: udskit.Channel) -> None:
         peer = channel.peer
         who = f"pid {peer.pid}" if peer is not None else ""
         if self._verbose:
-            err(_describe(channel))
+            err(_describe(channel, replies=self._replies))
         session = Session(channel, who, self._dump)
         keep_going = True
         try:
@@ -239,11 +240,24 @@ def _one_line(exc: OSError) -> str:
     return f"{what}: {exc.filename}" if exc.filename else what
 
 
-def _describe(channel: udskit.Channel) -> str:
-    """S7: the -v line, from the kernel's credentials (SO_PEERCRED / SCM_CREDENTIALS)."""
+def _describe(channel: udskit.Channel, *, replies: bool) -> str:
+    """S7: the -v line, from the kernel's credentials (SO_PEERCRED / SCM_CREDENTIALS).
+
+    A datagram from an unbound socket (socat UNIX-SENDTO, a client that never called
+    bind) has no address to answer to: when the action would reply, the line says so,
+    since the reply is dropped and the client waits for it in vain."""
     peer = channel.peer
     what = "datagram" if channel.type == "dgram" else "client"
+    if channel.address is not None:
+        where = f" address={channel.address}"
+    elif channel.type == "dgram" and replies:
+        where = (
+            " (unbound sender: it cannot be answered; a client must bind an address to get replies)"
+        )
+    else:
+        where = ""
     if peer is None:
-        return f"{what} from {channel.address or 'an unnamed peer'}"
-    where = f" address={channel.address}" if channel.address is not None else ""
+        if channel.address is not None:
+            return f"{what} from {channel.address}"
+        return f"{what} from an unnamed peer{where}"
     return f"{what} pid={peer.pid} uid={peer.uid} gid={peer.gid} process={peer.process_name}{where}"
