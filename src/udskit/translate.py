@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shlex
 import stat
 from collections.abc import Iterator
 
@@ -51,7 +52,7 @@ from .errors import (
     UdsError,
 )
 
-__all__ = ["explain_connect", "translating"]
+__all__ = ["explain_connect", "translating", "unreachable_directory"]
 
 _CLOSED_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN})
 
@@ -105,10 +106,10 @@ def translate(exc: OSError, op: str, address: Address | str | None) -> Exception
             errno=code,
         )
     if op == "bind" and code in (errno.ENOENT, errno.ENOTDIR):
-        return SocketFileError(
-            f"cannot create socket{where}: its directory does not exist; create it first",
-            errno=code,
-        )
+        why = "its directory does not exist; create it first"
+        if isinstance(address, Address) and address.kind == "path":
+            why = unreachable_directory(os.path.dirname(address.raw) or b".", create=True)
+        return SocketFileError(f"cannot create socket{where}: {why}", errno=code)
     if code == errno.ENAMETOOLONG:
         return AddressError(f"{op}{where}: a path component is longer than NAME_MAX (255)")
     return _generic(exc, f"{op}{where} failed: {reason}")
@@ -135,7 +136,8 @@ def explain_connect(code: int | None, address: Address) -> str:
     if code in (errno.ENOENT, errno.ENOTDIR):
         missing = _first_missing(address.raw)
         if missing is not None and os.fsencode(missing) != address.raw.rstrip(b"/"):
-            return f"{head}: directory {missing} does not exist; check the path"
+            directory = os.path.dirname(address.raw) or b"."
+            return f"{head}: {unreachable_directory(directory, create=False)}"
         return f"{head}: no such file; is the server running, and is the path right?"
     if code == errno.ECONNREFUSED:
         try:
@@ -158,6 +160,33 @@ def explain_connect(code: int | None, address: Address) -> str:
     if code == errno.EPROTOTYPE:
         return f"{head}: it is a socket of another type; pass the server's type="
     return f"{head}: {os.strerror(code or 0).lower()}"
+
+
+def unreachable_directory(directory: bytes, *, create: bool) -> str:
+    """Why ``directory`` cannot be reached (after ENOENT or ENOTDIR), and what to do: the
+    first component on the way that is a file of another kind ("notes.txt is a regular
+    file, not a directory": creating it would not help), or the first that does not exist
+    (``create``: the directory to create, for a server; else the first component missing
+    and to check the path, for a client)."""
+    absolute = os.path.abspath(directory)
+    parts = absolute.split(b"/")
+    for i in range(2, len(parts) + 1):
+        prefix = b"/".join(parts[:i])
+        shown = os.fsdecode(prefix)
+        try:
+            info = os.stat(prefix)  # follows symlinks, as the kernel's lookup does
+        except FileNotFoundError:
+            if create:  # mkdir -p makes the whole directory: name it all
+                whole = os.fsdecode(absolute)
+                fix = f"create it first (mkdir -p {shlex.quote(whole)})"
+                return f"directory {whole} does not exist; {fix}"
+            return f"directory {shown} does not exist; check the path"
+        except OSError as exc:
+            return f"cannot reach {shown}: {os.strerror(exc.errno or 0).lower()}"
+        if not stat.S_ISDIR(info.st_mode):
+            return f"{shown} is a {_kind(info.st_mode)}, not a directory; check the path"
+    # Nothing in the way any more: it changed since the call failed.
+    return f"directory {os.fsdecode(absolute)} was not there; try again"
 
 
 def _first_missing(raw: bytes) -> str | None:

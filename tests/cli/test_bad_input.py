@@ -99,3 +99,29 @@ def test_every_subcommand_help_shows_an_example() -> None:
         help_text = udskit(name, "--help").text
         assert "examples:" in help_text, name
         assert f"udskit {name}" in help_text.split("examples:")[1], name
+
+
+def test_a_file_on_the_way_is_named_as_not_a_directory(sockdir: Path) -> None:
+    """A regular file where a directory should be: creating "it" would not help, so the
+    error names the file, for the server and for a client alike."""
+    (sockdir / "notes.txt").write_text("not a directory\n")
+    path = sockdir / "notes.txt" / "x.sock"
+    line = one_line_error(udskit("serve", "--echo", path), 1)
+    assert line == (
+        f"udskit serve: cannot create socket {path}: {sockdir}/notes.txt is a regular file, "
+        "not a directory; check the path"
+    )
+    line = one_line_error(udskit("send", path, "hi"), 1)
+    assert line == (
+        f"udskit send: cannot connect to {path}: {sockdir}/notes.txt is a regular file, not "
+        "a directory; check the path"
+    )
+
+
+def test_a_missing_directory_comes_with_the_command_that_creates_it(sockdir: Path) -> None:
+    path = sockdir / "run" / "app" / "x.sock"
+    line = one_line_error(udskit("serve", "--echo", path), 1)
+    assert line == (
+        f"udskit serve: cannot create socket {path}: directory {sockdir}/run/app does not "
+        f"exist; create it first (mkdir -p {sockdir}/run/app)"
+    )

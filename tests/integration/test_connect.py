@@ -71,7 +71,7 @@ def test_missing_directory(sockdir: Path) -> None:
 def test_a_file_on_the_way(sockdir: Path) -> None:
     (sockdir / "file").write_text("")
     error = _connect_error(sockdir / "file" / "app.sock")
-    assert f"directory {sockdir / 'file'} does not exist" in str(error)
+    assert f"{sockdir / 'file'} is a regular file, not a directory; check the path" in str(error)
     assert error.errno == errno.ENOTDIR
 
 
