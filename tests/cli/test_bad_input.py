@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import one_line_error, udskit
+from tests.cli.conftest import Background, one_line_error, serve, udskit
 
 S = "{dir}/x.sock"
 
@@ -45,7 +45,7 @@ USAGE = [
     (["connect", "--timeout", "-1", S], "'-1' must be a finite number of seconds"),
     (["connect", "--timeout", "soon", S], "'soon' is not a number of seconds"),
     (["connect", "--type", "seqpacket", "--framing", "length", S], "stream sockets only"),
-    (["connect", "--bind", "tcp:127.0.0.1:1", S], "bind= takes a Unix path or @name"),
+    (["connect", "--bind", "tcp:127.0.0.1:1", S], "--bind takes a Unix path or @name"),
     (["connect", "fd:x"], "malformed fd address 'fd:x'"),
     (["send", S], "the following arguments are required: MSG"),
     (["send", "@", "hi"], "empty abstract name"),
@@ -125,3 +125,25 @@ def test_a_missing_directory_comes_with_the_command_that_creates_it(sockdir: Pat
         f"udskit serve: cannot create socket {path}: directory {sockdir}/run/app does not "
         f"exist; create it first (mkdir -p {sockdir}/run/app)"
     )
+
+
+@pytest.mark.parametrize(
+    ("server", "client", "told"),
+    [
+        ("seqpacket", "stream", "(seqpacket, not stream); pass --type seqpacket"),
+        ("stream", "seqpacket", "(stream, not seqpacket); pass --type stream"),
+        ("dgram", "stream", "(dgram, not stream); pass --type dgram"),
+        (
+            "stream",
+            "dgram",
+            "(stream or seqpacket, not dgram); pass --type stream or --type seqpacket",
+        ),
+    ],
+)
+def test_a_server_of_another_type_is_named_in_the_options_words(
+    sockdir: Path, background: list[Background], server: str, client: str, told: str
+) -> None:
+    path = sockdir / "typed.sock"
+    serve(background, path, "--type", server, "--echo")
+    line = one_line_error(udskit("send", "--type", client, path, "hi"), 1)
+    assert line == f"udskit send: cannot connect to {path}: it is a socket of another type {told}"

@@ -24,6 +24,8 @@ from typing import Final, NoReturn
 
 import udskit
 
+from ._wording import in_cli_words
+
 __all__ = ["COMMANDS", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "UsageError", "main"]
 
 EXIT_OK: Final = 0
@@ -139,4 +141,4 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and not isinstance(exc, udskit.UdsError) and exc.strerror:
         where = f": {exc.filename}" if exc.filename else ""
         text = f"{exc.strerror.lower()}{where}"
-    return " ".join(text.split())
+    return in_cli_words(" ".join(text.split()))
