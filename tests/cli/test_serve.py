@@ -289,9 +289,10 @@ def test_verbose_says_an_unbound_datagram_sender_cannot_be_answered(
     sender = Background([socat, "-u", "-", f"UNIX-SENDTO:{path}"])
     background.append(sender)
     sender.write(b"hello\n")
+    # socat stays until its input ends, so that the server can name its process; err()
+    # writes each line in one write: the read that brings its start brings all of it
+    said = server.read_until(b"datagram pid=", stream="stderr").decode()
     assert sender.wait() == 0
-    # err() writes each line in one write: the read that brings its start brings all of it
-    said = server.read_until(b"process=socat", stream="stderr").decode()
     assert server.stop() == 0
     line = next(text for text in (said + server.err).splitlines() if "datagram pid=" in text)
     head = f"udskit: datagram pid={sender.pid} uid={os.geteuid()} gid={os.getegid()} process=socat"
