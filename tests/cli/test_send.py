@@ -144,7 +144,9 @@ def test_length_reply_from_a_raw_socat_server_suggests_the_framing(
 ) -> None:
     socat = require("socat")
     path = sockdir / "raw.sock"
-    server = Background([socat, f"UNIX-LISTEN:{path}", "SYSTEM:echo garbage"])
+    # It reads the request (a 4-byte length, then "hi") before it answers in plain text:
+    # an answer that does not wait could find the client's bytes still unread.
+    server = Background([socat, f"UNIX-LISTEN:{path}", "SYSTEM:head -c 6 >/dev/null; echo garbage"])
     background.append(server)
     wait_listening(path, server.process)
     line = one_line_error(udskit("send", "--reply", "--framing", "length", path, "hi"), 1)
