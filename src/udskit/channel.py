@@ -259,7 +259,7 @@ class Channel(ChannelFacts):
             small = framing is not None and len(data) <= _JOIN_LIMIT
             frame = framing.frame(data) if small else None  # type: ignore[union-attr]
         except TypeError:
-            check_message(data)
+            check_message(data, "send")
             raise
         if frame is None:
             self._send(data, [])
@@ -306,7 +306,7 @@ class Channel(ChannelFacts):
                     try:
                         frame = framing.frame(message)
                     except TypeError:
-                        check_message(message)
+                        check_message(message, "send_many")
                         raise
                     batch.append(frame)
                     batched += len(frame)
@@ -331,7 +331,7 @@ class Channel(ChannelFacts):
         self._send(data, rights(list(fds), self._max_fds))
 
     def _send(self, data: Buffer, ancillary: list[tuple[int, int, bytes]]) -> None:
-        check_message(data)
+        check_message(data, "send")
         framing = self._framing
         with self._wlock:
             self._check_open()

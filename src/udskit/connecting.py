@@ -74,7 +74,7 @@ def connect(
             reply = bind_reply_path(sock, Address("path", os.path.join(reply_dir, _REPLY_NAME)))
         tune_buffers(sock, sndbuf, rcvbuf)
         sock.settimeout(timeout)
-        with translating("connect", target), sun_path(target) as where:
+        with translating("connect", target, tried=kind), sun_path(target) as where:
             sock.connect(where)
         if kind == socket.SOCK_DGRAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)

@@ -261,7 +261,7 @@ class DatagramListener(_Endpoint):
     def send_to(self, address: AddressLike, data: Buffer, fds: Sequence[int] = ()) -> None:
         """Send one datagram (with descriptors, if given) to ``address``."""
         self._check_open()
-        check_message(data)
+        check_message(data, "send_to")
         target = Address.parse(address)
         ancillary = rights(list(fds), self._max_fds)
         try:

@@ -64,18 +64,6 @@ _KINDS: Final[dict[str, int]] = {
 }
 
 
-def check_message(data: object) -> None:
-    """Refuse what is not a message (bytes-like), saying how to fix the call."""
-    if isinstance(data, str):
-        raise TypeError("messages are bytes, not str: encode text first, e.g. text.encode()")
-    try:
-        memoryview(data)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(
-            f"messages are bytes-like (bytes, bytearray, memoryview), not {type(data).__name__}"
-        ) from None
-
-
 def socket_kind(type: str) -> int:  # noqa: A002 - mirrors the public keyword
     try:
         return _KINDS[type]
@@ -182,10 +170,61 @@ def check_backlog(backlog: int) -> int:
     return backlog
 
 
+#: The permission bits a socket file uses: read and write (and execute, which connect()
+#: ignores) for owner, group and others. setuid, setgid and sticky (0o7000) mean nothing
+#: on a socket: a mode with them is a mistake, most often a decimal number written where
+#: an octal one was meant (mode=660 is 0o1224).
+SOCKET_MODE_BITS: Final = 0o777
+
+#: The digits of a permission number, as people write it for chmod.
+_OCTAL_DIGITS: Final = frozenset("01234567")
+
+
 def check_mode(mode: int) -> int:
-    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+    """A socket file's permission number, 0 to 0o777; a decimal look-alike is refused with
+    the octal number it probably meant."""
+    if isinstance(mode, bool) or not isinstance(mode, int) or mode < 0:
         raise ValueError(f"mode must be a permission number like 0o660, not {mode!r}")
-    return mode
+    if mode <= SOCKET_MODE_BITS:
+        return mode
+    digits = str(mode)
+    # 660 or 4755 written in decimal: as an octal number it would have more digits or be
+    # over 0o7777 (a four-digit number up to 4095 may be either: judged as octal below).
+    decimal = len(digits) <= 3 or (len(digits) == 4 and mode > 0o7777)
+    if decimal and set(digits) <= _OCTAL_DIGITS:
+        meant = int(digits, 8) & SOCKET_MODE_BITS
+        raise ValueError(
+            f"mode={mode} is a decimal number ({mode:#o} in octal, with setuid/setgid/sticky "
+            f"bits, which make no sense on a socket): did you mean {meant:#o}?"
+        )
+    if mode <= 0o7777:
+        raise ValueError(
+            f"mode={mode:#o} has setuid/setgid/sticky bits, which make no sense on a socket; "
+            f"use {mode & SOCKET_MODE_BITS:#o}"
+        )
+    raise ValueError(f"mode must be a permission number from 0 to 0o777 like 0o660, not {mode!r}")
+
+
+def check_message(data: object, what: str) -> None:
+    """Refuse what cannot be a message before any byte is sent; ``what`` names the call
+    (``"send"``, ``"send_many"``, ``"send_fds"``...) for the message.
+
+    A message is bytes-like: ``bytes``, ``bytearray``, ``memoryview`` or anything else with
+    the buffer protocol (``array.array``, a NumPy array). A ``str`` is refused with the fix,
+    since text has no bytes until it is encoded. Cheap for bytes (one isinstance check), so
+    a send path may call it first; it never inspects the content.
+    """
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return
+    if isinstance(data, str):
+        raise TypeError(f"{what}: messages are bytes, not str; encode text first (data.encode())")
+    try:
+        memoryview(data)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"{what}: messages are bytes-like (bytes, bytearray, memoryview), not "
+            f"{type(data).__name__}"
+        ) from None
 
 
 def resolve_uid(owner: int | str | None) -> int:

@@ -29,6 +29,7 @@ import select
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Final
@@ -49,7 +50,8 @@ Handler = Callable[[Channel], object]
 ACCEPT_BACKOFF: Final = 0.01
 ACCEPT_BACKOFF_MAX: Final = 1.0
 
-#: How long stop() waits for handler threads after shutting their sockets down.
+#: How long stop() waits, in all, for the handler threads after shutting their sockets
+#: down: one deadline for the whole stop, however many handlers are busy.
 SHUTDOWN_GRACE: Final = 5.0
 
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -110,7 +112,8 @@ class Server:
 
     def serve_forever(self) -> None:
         """Serve until ``stop()``; then close the listener (removing its socket file),
-        shut down the clients' sockets and wait for their handlers."""
+        shut down the clients' sockets and wait for their handlers, SHUTDOWN_GRACE seconds
+        in all (handlers still running after that are left to finish on their own)."""
         if self._served:
             raise RuntimeError("serve_forever() can run once per Server")
         self._served = True
@@ -218,8 +221,19 @@ class Server:
                 channel.socket.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        # One deadline for all: each join gets what is left of it, so six stuck handlers
+        # cost one grace period, not six.
+        deadline = time.monotonic() + SHUTDOWN_GRACE
         for thread in clients:
-            thread.join(SHUTDOWN_GRACE)
+            thread.join(max(0.0, deadline - time.monotonic()))
+        late = sum(thread.is_alive() for thread in clients)
+        if late:
+            log.warning(
+                "%s: %d handler(s) still running %g s after stop; leaving them behind",
+                self._endpoint.address,
+                late,
+                SHUTDOWN_GRACE,
+            )
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)

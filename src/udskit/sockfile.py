@@ -54,7 +54,7 @@ from .address import MAX_DIRECT_PATH, Address
 from .creds import PeerCred, peer_cred
 from .errors import AddressError, AddressInUse, SocketFileError, Timeout, UdsError
 from .sockdiag import bound_file
-from .translate import kind_of, translate, translating
+from .translate import kind_of, translate, translating, unreachable_directory
 
 __all__ = ["Claim", "Probe", "claim", "probe", "resolve_owner"]
 
@@ -131,8 +131,8 @@ class _Directory:
             shown = os.fsdecode(directory)
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 raise SocketFileError(
-                    f"cannot create socket {os.fsdecode(path)}: directory {shown} does not "
-                    f"exist; create it first (mkdir -p {shown})",
+                    f"cannot create socket {os.fsdecode(path)}: "
+                    f"{unreachable_directory(directory or b'.', create=True)}",
                     errno=exc.errno,
                 ) from exc
             raise SocketFileError(

@@ -39,10 +39,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shlex
+import socket
 import stat
 from collections.abc import Iterator
+from typing import Final
 
-from .address import Address
+from .address import Address, sun_path
 from .errors import (
     AddressError,
     AddressInUse,
@@ -54,27 +57,33 @@ from .errors import (
     UdsError,
 )
 
-__all__ = ["explain_connect", "translating"]
+__all__ = ["explain_connect", "translating", "unreachable_directory"]
 
 _CLOSED_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN})
 
 
 @contextlib.contextmanager
-def translating(op: str, address: Address | str | None = None) -> Iterator[None]:
+def translating(
+    op: str, address: Address | str | None = None, *, tried: int | None = None
+) -> Iterator[None]:
     """Run a socket operation; re-raise any ``OSError`` as the matching udskit error.
 
     ``op`` is one of ``connect``, ``bind``, ``listen``, ``accept``, ``send``, ``recv`` or a
-    free phrase; it picks the reading of the errno and starts the message.
+    free phrase; it picks the reading of the errno and starts the message. ``tried`` is the
+    type of the socket that connects, so that a connect refused for the wrong type can
+    name the right one.
     """
     try:
         yield
     except UdsError:
         raise
     except OSError as exc:
-        raise translate(exc, op, address) from exc
+        raise translate(exc, op, address, tried=tried) from exc
 
 
-def translate(exc: OSError, op: str, address: Address | str | None) -> Exception:
+def translate(
+    exc: OSError, op: str, address: Address | str | None, *, tried: int | None = None
+) -> Exception:
     """The udskit error for ``exc`` raised by ``op`` on ``address`` (not raised here)."""
     code = exc.errno
     where = f" {address}" if address is not None else ""
@@ -86,7 +95,7 @@ def translate(exc: OSError, op: str, address: Address | str | None) -> Exception
         return Timeout(f"{op}{on} would block: nothing ready and the timeout is 0")
     reason = os.strerror(code) if code else str(exc)
     if op == "connect" and isinstance(address, Address):
-        return ConnectError(explain_connect(code, address), errno=code)
+        return ConnectError(explain_connect(code, address, tried), errno=code)
     # " to ADDR" / " from ADDR", or nothing for an unnamed peer (a pair, say).
     to, from_ = (f" to{where}", f" from{where}") if where else ("", "")
     if op in ("send", "recv") and code in _CLOSED_ERRNOS:
@@ -108,10 +117,10 @@ def translate(exc: OSError, op: str, address: Address | str | None) -> Exception
             errno=code,
         )
     if op == "bind" and code in (errno.ENOENT, errno.ENOTDIR):
-        return SocketFileError(
-            f"cannot create socket{where}: its directory does not exist; create it first",
-            errno=code,
-        )
+        why = "its directory does not exist; create it first"
+        if isinstance(address, Address) and address.kind == "path":
+            why = unreachable_directory(os.path.dirname(address.raw) or b".", create=True)
+        return SocketFileError(f"cannot create socket{where}: {why}", errno=code)
     if op == "chown":
         return SocketFileError(
             f"cannot give socket{where} the requested owner or group: {reason.lower()}; only "
@@ -143,14 +152,15 @@ def _generic(exc: OSError, message: str) -> Exception:
     return SocketFileError(message, errno=exc.errno)
 
 
-def explain_connect(code: int | None, address: Address) -> str:
-    """One line on why connecting to ``address`` failed with ``code``, and what to do."""
+def explain_connect(code: int | None, address: Address, tried: int | None = None) -> str:
+    """One line on why connecting to ``address`` failed with ``code``, and what to do;
+    ``tried`` is the connecting socket's type, when known."""
     head = f"cannot connect to {address}"
     if address.kind == "abstract":
         if code == errno.ECONNREFUSED:
             return f"{head}: nothing listens on that abstract name; start the server first"
         if code == errno.EPROTOTYPE:
-            return f"{head}: it is a socket of another type; pass the server's type="
+            return f"{head}: {_wrong_type(address, tried)}"
         return f"{head}: {os.strerror(code or 0).lower()}"
     if address.kind != "path":
         return f"{head}: {os.strerror(code or 0).lower()}"
@@ -158,7 +168,8 @@ def explain_connect(code: int | None, address: Address) -> str:
     if code in (errno.ENOENT, errno.ENOTDIR):
         missing = _first_missing(address.raw)
         if missing is not None and os.fsencode(missing) != address.raw.rstrip(b"/"):
-            return f"{head}: directory {missing} does not exist; check the path"
+            directory = os.path.dirname(address.raw) or b"."
+            return f"{head}: {unreachable_directory(directory, create=False)}"
         return f"{head}: no such file; is the server running, and is the path right?"
     if code == errno.ECONNREFUSED:
         try:
@@ -179,8 +190,87 @@ def explain_connect(code: int | None, address: Address) -> str:
     if code == errno.EAGAIN:
         return f"{head}: the server's backlog is full; it is not accepting fast enough"
     if code == errno.EPROTOTYPE:
-        return f"{head}: it is a socket of another type; pass the server's type="
+        return f"{head}: {_wrong_type(address, tried)}"
     return f"{head}: {os.strerror(code or 0).lower()}"
+
+
+#: The socket types, as ``type=`` names them.
+_TYPE_NAMES: Final[dict[int, str]] = {
+    socket.SOCK_STREAM: "stream",
+    socket.SOCK_SEQPACKET: "seqpacket",
+    socket.SOCK_DGRAM: "dgram",
+}
+_CONNECTED_TYPES: Final[frozenset[int]] = frozenset({socket.SOCK_STREAM, socket.SOCK_SEQPACKET})
+
+
+def _wrong_type(address: Address, tried: int | None) -> str:
+    """EPROTOTYPE: the socket at ``address`` is of another type than ``tried``. Which one,
+    if we can tell without reaching the server (then pass that type=)."""
+    kind = -1 if tried is None else tried & ~(socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    ours = _TYPE_NAMES.get(kind)
+    if ours is None:
+        return (
+            "it is a socket of another type; pass the server's type= (stream, seqpacket or dgram)"
+        )
+    theirs = _server_type(address, kind)
+    if theirs is not None:
+        return f"it is a socket of another type ({theirs}, not {ours}); pass type='{theirs}'"
+    return (
+        f"it is a socket of another type (stream or seqpacket, not {ours}); pass "
+        "type='stream' or type='seqpacket'"
+    )
+
+
+def _server_type(address: Address, tried: int) -> str | None:
+    """The type of the socket at ``address``, which refused a connect of type ``tried``.
+
+    Learnt without a connection reaching the server: a datagram connect only records the
+    peer's address, and a connect of the wrong type fails before anything is queued; the
+    type that is neither ``tried`` nor dgram follows by elimination. A datagram client
+    facing a stream or seqpacket server could only tell them apart by connecting for real
+    (the server would accept it): None, then.
+    """
+    if tried not in _CONNECTED_TYPES:
+        return None
+    flags = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+    try:
+        with sun_path(address) as where, socket.socket(socket.AF_UNIX, flags) as probe:
+            code = probe.connect_ex(where)
+    except OSError:
+        return None
+    if code == 0:
+        return "dgram"
+    if code == errno.EPROTOTYPE:
+        (other,) = _CONNECTED_TYPES - {tried}
+        return _TYPE_NAMES[other]
+    return None
+
+
+def unreachable_directory(directory: bytes, *, create: bool) -> str:
+    """Why ``directory`` cannot be reached (after ENOENT or ENOTDIR), and what to do: the
+    first component on the way that is a file of another kind ("notes.txt is a regular
+    file, not a directory": creating it would not help), or the first that does not exist
+    (``create``: the directory to create, for a server; else the first component missing
+    and to check the path, for a client)."""
+    absolute = os.path.abspath(directory)
+    parts = absolute.split(b"/")
+    for i in range(2, len(parts) + 1):
+        prefix = b"/".join(parts[:i])
+        shown = os.fsdecode(prefix)
+        try:
+            info = os.stat(prefix)  # follows symlinks, as the kernel's lookup does
+        except FileNotFoundError:
+            if create:  # mkdir -p makes the whole directory: name it all
+                whole = os.fsdecode(absolute)
+                fix = f"create it first (mkdir -p {shlex.quote(whole)})"
+                return f"directory {whole} does not exist; {fix}"
+            return f"directory {shown} does not exist; check the path"
+        except OSError as exc:
+            return f"cannot reach {shown}: {os.strerror(exc.errno or 0).lower()}"
+        if not stat.S_ISDIR(info.st_mode):
+            return f"{shown} is a {_kind(info.st_mode)}, not a directory; check the path"
+    # Nothing in the way any more: it changed since the call failed.
+    return f"directory {os.fsdecode(absolute)} was not there; try again"
 
 
 def _first_missing(raw: bytes) -> str | None:

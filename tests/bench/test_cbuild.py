@@ -51,12 +51,41 @@ def test_a_broken_source_gives_the_compiler_error(
 
 
 def test_no_compiler_is_a_reason_not_a_crash(
-    cache_home: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, cache_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc there
     result = build()
     assert result.binary is None
     assert result.reason == "no C compiler (cc) on PATH; install gcc or clang"
+
+
+def test_a_missing_cc_is_named(cache_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/cc -O3")
+    result = build()
+    assert result.binary is None
+    assert result.reason == (
+        "$CC names /nonexistent/cc, which is not on PATH (or not executable); install it, "
+        "or unset CC to use cc"
+    )
+
+
+def test_cc_is_a_command_line_as_for_make(
+    tmp_path: Path, cache_home: Path, monkeypatch: pytest.MonkeyPatch, compiler: str
+) -> None:
+    """$CC is honoured with its own options (like CC='ccache gcc' or CC='clang -m64'):
+    here a wrapper that logs its arguments, given an option of its own."""
+    log = tmp_path / "cc.log"
+    wrapper = tmp_path / "logging-cc"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" > {log}\nexec {compiler} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", f"{wrapper} -DUDSKIT_FROM_CC=1")
+    result = build()
+    assert result.reason == ""
+    assert result.binary is not None
+    assert os.access(result.binary, os.X_OK)
+    assert log.read_text().startswith("-DUDSKIT_FROM_CC=1 -O2 -o ")
+    assert result.compiler == f"{wrapper} -DUDSKIT_FROM_CC=1"
 
 
 def test_an_unwritable_cache_is_a_reason(

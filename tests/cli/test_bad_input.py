@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import one_line_error, udskit
+from tests.cli.conftest import Background, one_line_error, serve, udskit
 
 S = "{dir}/x.sock"
 
@@ -18,6 +18,15 @@ USAGE = [
     (["serve", "--echo", "--upper", S], "not allowed with argument --echo"),
     (["serve", "--echo", "--mode", "99x", S], "'99x' is not an octal permission number"),
     (["serve", "--echo", "--mode", "17777", S], "over 7777"),
+    (
+        ["serve", "--echo", "--mode", "4755", S],
+        (
+            "argument --mode: '4755' has setuid/setgid/sticky bits, which make no sense on "
+            "a socket; use 755"
+        ),
+    ),
+    (["serve", "--echo", "--mode", "1777", S], "sticky bits, which make no sense on a socket"),
+    (["bridge", "--mode", "2770", "unix:" + S, "tcp:127.0.0.1:1"], "use 770"),
     (["serve", "--echo", "gopher:x"], "unknown address scheme 'gopher'"),
     (["serve", "--echo", ""], "empty address"),
     (["serve", "--echo", "--type", "dgram", "--framing", "lines", S], "stream sockets only"),
@@ -36,7 +45,7 @@ USAGE = [
     (["connect", "--timeout", "-1", S], "'-1' must be a finite number of seconds"),
     (["connect", "--timeout", "soon", S], "'soon' is not a number of seconds"),
     (["connect", "--type", "seqpacket", "--framing", "length", S], "stream sockets only"),
-    (["connect", "--bind", "tcp:127.0.0.1:1", S], "bind= takes a Unix path or @name"),
+    (["connect", "--bind", "tcp:127.0.0.1:1", S], "--bind takes a Unix path or @name"),
     (["connect", "fd:x"], "malformed fd address 'fd:x'"),
     (["send", S], "the following arguments are required: MSG"),
     (["send", "@", "hi"], "empty abstract name"),
@@ -90,3 +99,51 @@ def test_every_subcommand_help_shows_an_example() -> None:
         help_text = udskit(name, "--help").text
         assert "examples:" in help_text, name
         assert f"udskit {name}" in help_text.split("examples:")[1], name
+
+
+def test_a_file_on_the_way_is_named_as_not_a_directory(sockdir: Path) -> None:
+    """A regular file where a directory should be: creating "it" would not help, so the
+    error names the file, for the server and for a client alike."""
+    (sockdir / "notes.txt").write_text("not a directory\n")
+    path = sockdir / "notes.txt" / "x.sock"
+    line = one_line_error(udskit("serve", "--echo", path), 1)
+    assert line == (
+        f"udskit serve: cannot create socket {path}: {sockdir}/notes.txt is a regular file, "
+        "not a directory; check the path"
+    )
+    line = one_line_error(udskit("send", path, "hi"), 1)
+    assert line == (
+        f"udskit send: cannot connect to {path}: {sockdir}/notes.txt is a regular file, not "
+        "a directory; check the path"
+    )
+
+
+def test_a_missing_directory_comes_with_the_command_that_creates_it(sockdir: Path) -> None:
+    path = sockdir / "run" / "app" / "x.sock"
+    line = one_line_error(udskit("serve", "--echo", path), 1)
+    assert line == (
+        f"udskit serve: cannot create socket {path}: directory {sockdir}/run/app does not "
+        f"exist; create it first (mkdir -p {sockdir}/run/app)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("server", "client", "told"),
+    [
+        ("seqpacket", "stream", "(seqpacket, not stream); pass --type seqpacket"),
+        ("stream", "seqpacket", "(stream, not seqpacket); pass --type stream"),
+        ("dgram", "stream", "(dgram, not stream); pass --type dgram"),
+        (
+            "stream",
+            "dgram",
+            "(stream or seqpacket, not dgram); pass --type stream or --type seqpacket",
+        ),
+    ],
+)
+def test_a_server_of_another_type_is_named_in_the_options_words(
+    sockdir: Path, background: list[Background], server: str, client: str, told: str
+) -> None:
+    path = sockdir / "typed.sock"
+    serve(background, path, "--type", server, "--echo")
+    line = one_line_error(udskit("send", "--type", client, path, "hi"), 1)
+    assert line == f"udskit send: cannot connect to {path}: it is a socket of another type {told}"

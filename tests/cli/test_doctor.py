@@ -304,3 +304,57 @@ def test_fix_commands_quote_paths(sockdir: Path) -> None:
     stale_socket(path)
     result = doctor(path)
     assert f"or remove it: rm {shlex.quote(str(path))}" in fixes(result)
+
+
+def _connections_received(listener: socket.socket) -> list[bytes]:
+    """What each connection queued on ``listener`` sent before it closed."""
+    listener.setblocking(False)
+    received = []
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return received
+        with conn:
+            conn.settimeout(5)
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+            received.append(data)
+
+
+def test_doctor_sends_a_server_nothing_unless_asked_for_http(sockdir: Path) -> None:
+    """A server of another protocol (PostgreSQL logs "invalid startup packet") must not see
+    a byte from a default diagnosis; with --http it gets one HEAD request."""
+    path = sockdir / "quiet.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(os.fspath(path))
+        listener.listen(16)  # never answers: what reaches it stays queued
+        result = doctor(path)
+        assert result.code == 0
+        assert "http" not in result.text
+        received = _connections_received(listener)
+        assert received, "doctor connected"
+        assert set(received) == {b""}, received
+        asked = doctor("--http", path)
+        received = _connections_received(listener)
+    assert any(data.startswith(b"HEAD / HTTP/1.1\r\n") for data in received), received
+    assert "[info]    http: the server gave no HTTP answer to 'HEAD /'" in asked.text
+
+
+def test_http_check_shows_bytes_as_text(sockdir: Path, background: list[Background]) -> None:
+    """An echo server sends the request back: not HTTP, said without Python's notation."""
+    path = sockdir / "echo.sock"
+    serve(background, path, "--echo")
+    result = doctor("--http", path)
+    assert result.code == 0  # reachable: HTTP or not, that is no problem
+    lines = result.text.splitlines()
+    at = lines.index(
+        "[info]    http: the server gave no HTTP answer to 'HEAD /' (fine unless nginx or curl "
+        "should reach it)"
+    )
+    assert "'HEAD / HTTP/1.1'" in lines[at + 1]
+    assert "bytearray" not in result.text
+    assert "b'" not in result.text
+    assert "--no-http" in udskit("doctor", "--help").text  # still accepted
+    assert doctor("--no-http", path).text == doctor(path).text

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import Background, one_line_error, serve, udskit
+from tests.cli.conftest import Background, one_line_error, require, serve, udskit, wait_listening
 
 
 def test_raw_reply_reads_until_the_server_closes(
@@ -55,7 +55,8 @@ def test_reply_timeout_is_one_line(sockdir: Path, background: list[Background]) 
     line = one_line_error(
         udskit("send", "--reply", "--framing", "lines", "--timeout", "0.2", path, "hi"), 1
     )
-    assert "timed out" in line
+    assert "did not answer within 0.2 s" in line
+    assert "try --framing raw or --framing length" in line
 
 
 def test_a_full_backlog_is_named(sockdir: Path) -> None:
@@ -87,3 +88,102 @@ def test_nothing_listening(sockdir: Path) -> None:
     stale.close()
     line = one_line_error(udskit("send", sockdir / "stale.sock", "hi"), 1)
     assert "nothing is listening" in line
+
+
+#: Options of `udskit send` and of the server it talks to, matching.
+SAME_KIND = [
+    ([], []),
+    (["--framing", "lines"], ["--framing", "lines"]),
+    (["--framing", "length"], ["--framing", "length"]),
+    (["--type", "seqpacket"], ["--type", "seqpacket"]),
+]
+
+
+@pytest.mark.parametrize(("options", "server"), SAME_KIND)
+def test_reply_refused_by_the_access_policy_fails_and_says_so(
+    sockdir: Path, background: list[Background], options: list[str], server: list[str]
+) -> None:
+    """A server whose policy refuses us closes the connection without reading: that is an
+    error, not an empty answer."""
+    path = sockdir / "policy.sock"
+    someone_else = str(os.getuid() + 1)
+    serve(background, path, "--echo", "--allow-uid", someone_else, *server)
+    for _ in range(3):  # however the close races with our send and our read
+        line = one_line_error(udskit("send", "--reply", *options, path, "hi"), 1)
+        assert f"{path} closed the connection without reading the message" in line
+        assert "access policy" in line
+
+
+def test_datagram_reply_refused_by_the_access_policy_times_out_and_says_why(
+    sockdir: Path, background: list[Background]
+) -> None:
+    path = sockdir / "dpolicy.sock"
+    serve(background, path, "--type", "dgram", "--echo", "--allow-uid", str(os.getuid() + 1))
+    result = udskit("send", "--type", "dgram", "--reply", "--timeout", "0.3", path, "hi")
+    line = one_line_error(result, 1)
+    assert "did not answer within 0.3 s" in line
+    assert "access policy" in line
+
+
+def test_raw_reply_from_a_length_framed_server_suggests_the_framing(
+    sockdir: Path, background: list[Background]
+) -> None:
+    """`send --reply` speaks raw by default; a server in udskit's length framing reads a
+    broken frame and closes without a word."""
+    path = sockdir / "length.sock"
+    serve(background, path, "--echo", "--framing", "length")
+    line = one_line_error(udskit("send", "--reply", path, "hello"), 1)
+    assert line == (
+        f"udskit send: {path} closed the connection without answering; if the server "
+        "expects length-prefixed messages (the udskit library's default), try --framing length"
+    )
+
+
+def test_length_reply_from_a_raw_socat_server_suggests_the_framing(
+    sockdir: Path, background: list[Background]
+) -> None:
+    socat = require("socat")
+    path = sockdir / "raw.sock"
+    # It reads the request (a 4-byte length, then "hi") before it answers in plain text:
+    # an answer that does not wait could find the client's bytes still unread.
+    server = Background([socat, f"UNIX-LISTEN:{path}", "SYSTEM:head -c 6 >/dev/null; echo garbage"])
+    background.append(server)
+    wait_listening(path, server.process)
+    line = one_line_error(udskit("send", "--reply", "--framing", "length", path, "hi"), 1)
+    assert line == (
+        f"udskit send: the reply from {path} is not in the length framing: "
+        "try --framing raw or --framing lines"
+    )
+
+
+def test_length_reply_cut_short_by_a_raw_nc_server(
+    sockdir: Path, background: list[Background]
+) -> None:
+    nc = require("nc")
+    path = sockdir / "nc.sock"
+    # nc -N: once its input ("ab", two bytes: less than a length header) is sent, it
+    # shuts the connection down.
+    server = Background([nc, "-l", "-U", "-N", path])
+    background.append(server)
+    server.write(b"ab")
+    server.close_stdin()
+    wait_listening(path, server.process)
+    line = one_line_error(udskit("send", "--reply", "--framing", "length", path, "hi"), 1)
+    assert line == (
+        f"udskit send: the reply from {path} broke off in the middle of a message: it is "
+        "not in the length framing; try --framing raw or --framing lines"
+    )
+    server.wait()  # nc serves one connection
+
+
+def test_raw_reply_from_a_server_that_closes_without_answering(
+    sockdir: Path, background: list[Background]
+) -> None:
+    """A raw server that reads the message and closes in silence (socat into /dev/null)."""
+    socat = require("socat")
+    path = sockdir / "sink.sock"
+    server = Background([socat, "-u", f"UNIX-LISTEN:{path}", "OPEN:/dev/null"])
+    background.append(server)
+    wait_listening(path, server.process)
+    line = one_line_error(udskit("send", "--reply", path, "hi"), 1)
+    assert f"{path} closed the connection without answering" in line

@@ -8,12 +8,22 @@ import signal
 import socket
 import stat
 import struct
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import UDSKIT, Background, one_line_error, require, serve, udskit
+from tests.cli.conftest import (
+    COMMAND_TIMEOUT,
+    UDSKIT,
+    Background,
+    one_line_error,
+    require,
+    serve,
+    udskit,
+)
 from tests.conftest import wait_connectable
 
 KINDS = {"stream": socket.SOCK_STREAM, "seqpacket": socket.SOCK_SEQPACKET}
@@ -179,6 +189,46 @@ def test_once_serves_one_client(sockdir: Path, background: list[Background]) -> 
     assert not path.exists()
 
 
+def test_once_then_wait_then_send_as_documented(sockdir: Path) -> None:
+    """The documented pattern, in a shell: wait's readiness probe (a connection that
+    leaves without a byte) does not use up --once; the send that follows is served."""
+    script = (
+        'udskit() { "$PY" -m udskit "$@"; }\n'
+        "udskit serve --echo --once once.sock &\n"
+        "udskit wait once.sock && udskit send --reply once.sock hello\n"
+        'wait $! && echo "server done"\n'
+    )
+    done = subprocess.run(
+        ["sh", "-c", script],
+        cwd=sockdir,
+        env={**os.environ, "PY": sys.executable},
+        capture_output=True,
+        timeout=COMMAND_TIMEOUT,
+        check=False,
+    )
+    assert done.stderr == b""
+    assert done.stdout == b"hello\nserver done\n"
+    assert not (sockdir / "once.sock").exists()
+
+
+def test_once_ends_when_the_client_leaves_before_its_echo(
+    sockdir: Path, background: list[Background]
+) -> None:
+    path = sockdir / "gone.sock"
+    server = serve(background, path, "--once", "--echo")
+    # Hold the server still while a client connects, sends and leaves: when it runs
+    # again, the client is gone before the echo can reach it.
+    server.process.send_signal(signal.SIGSTOP)
+    try:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(os.fspath(path))
+            client.sendall(b"hi\n")
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+    assert server.wait() == 0
+    assert not path.exists()
+
+
 def test_many_clients_at_once(sockdir: Path, background: list[Background]) -> None:
     path = sockdir / "m.sock"
     serve(background, path, "--echo", "--framing", "lines")
@@ -225,6 +275,33 @@ def test_verbose_names_each_peer(sockdir: Path, background: list[Background]) ->
         f"udskit: client pid={client.pid} uid={os.geteuid()} gid={os.getegid()} process=socat"
     )
     assert client.wait() == 0
+
+
+@pytest.mark.parametrize("action", [["--echo"], ["--print"]])
+def test_verbose_says_an_unbound_datagram_sender_cannot_be_answered(
+    sockdir: Path, background: list[Background], action: list[str]
+) -> None:
+    """socat UNIX-SENDTO sends from an unbound socket: nothing can reach it, so an echo is
+    dropped; -v says so (and says nothing of the kind where no reply is due)."""
+    path = sockdir / "dv.sock"
+    socat = require("socat")
+    server = serve(background, path, "--type", "dgram", *action, "-v")
+    sender = Background([socat, "-u", "-", f"UNIX-SENDTO:{path}"])
+    background.append(sender)
+    sender.write(b"hello\n")
+    # socat stays until its input ends, so that the server can name its process; err()
+    # writes each line in one write: the read that brings its start brings all of it
+    said = server.read_until(b"datagram pid=", stream="stderr").decode()
+    assert sender.wait() == 0
+    assert server.stop() == 0
+    line = next(text for text in (said + server.err).splitlines() if "datagram pid=" in text)
+    head = f"udskit: datagram pid={sender.pid} uid={os.geteuid()} gid={os.getegid()} process=socat"
+    if action == ["--print"]:
+        assert line == head
+    else:
+        assert line == head + (
+            " (unbound sender: it cannot be answered; a client must bind an address to get replies)"
+        )
 
 
 def test_hexdump_shows_both_directions(sockdir: Path, background: list[Background]) -> None:
@@ -358,3 +435,50 @@ def test_a_command_that_cannot_start_is_one_line(
     [line] = server.err.splitlines()
     assert line.startswith("udskit: pid ")
     assert line.endswith(f": permission denied: {script}")
+
+
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+def test_exec_commands_do_not_inherit_socket_activation(sockdir: Path, kind: str) -> None:
+    """Socket-activated (LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES, the listener as fd 3),
+    the server runs its --exec commands without those variables, as sd_listen_fds does."""
+    path = sockdir / "activated.sock"
+    listener = socket.socket(socket.AF_UNIX, KINDS.get(kind, socket.SOCK_DGRAM))
+    listener.bind(os.fspath(path))
+    if kind == "stream":
+        listener.listen()
+    # A service manager in miniature: the listener as fd 3, LISTEN_PID the server's pid.
+    activate = (
+        "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES='app'); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'udskit', *sys.argv[2:]])"
+    )
+    command = "sh -c 'env | grep ^LISTEN_ || echo no activation variables'"
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-c", activate, str(listener.fileno())),
+            *("serve", "--type", kind, "--once", "--exec", command, "fd:listen"),
+        ],
+        pass_fds=(listener.fileno(),),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    listener.close()  # the server has its own copy
+    try:
+        if kind == "stream":
+            with socket.socket(socket.AF_UNIX) as client:
+                client.settimeout(COMMAND_TIMEOUT)
+                client.connect(os.fspath(path))
+                client.shutdown(socket.SHUT_WR)  # nothing to say: the command speaks
+                answer = client.recv(65536)
+        else:
+            with dgram_client(sockdir) as client:
+                client.sendto(b"", os.fspath(path))
+                answer = client.recv(65536)
+        _, err = server.communicate(timeout=COMMAND_TIMEOUT)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert answer == b"no activation variables\n"
+    assert err == b""
+    assert server.returncode == 0

@@ -208,7 +208,7 @@ def test_text_is_refused_with_a_hint() -> None:
             lambda: left.send_many(["text"]),  # type: ignore[list-item]
             lambda: left.send_fds("text", []),  # type: ignore[arg-type]
         ):
-            with pytest.raises(TypeError, match=r"messages are bytes, not str: encode text"):
+            with pytest.raises(TypeError, match=r"messages are bytes, not str; encode text"):
                 call()
         left.send(b"still fine")
         assert right.recv() == b"still fine"

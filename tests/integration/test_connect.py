@@ -71,7 +71,7 @@ def test_missing_directory(sockdir: Path) -> None:
 def test_a_file_on_the_way(sockdir: Path) -> None:
     (sockdir / "file").write_text("")
     error = _connect_error(sockdir / "file" / "app.sock")
-    assert f"directory {sockdir / 'file'} does not exist" in str(error)
+    assert f"{sockdir / 'file'} is a regular file, not a directory; check the path" in str(error)
     assert error.errno == errno.ENOTDIR
 
 
@@ -95,11 +95,33 @@ def test_not_a_socket(sockdir: Path, what: str) -> None:
     assert f"{path} is not a socket (it is a {what})" in str(error)
 
 
-def test_socket_of_another_type(sockdir: Path) -> None:
+#: A datagram client's error: telling stream from seqpacket would take a connection that
+#: the server accepts.
+BY_CONNECTING = "(stream or seqpacket, not dgram); pass type='stream' or type='seqpacket'"
+
+
+@pytest.mark.parametrize(
+    ("server", "client", "told"),
+    [
+        ("seqpacket", "stream", "(seqpacket, not stream); pass type='seqpacket'"),
+        ("dgram", "stream", "(dgram, not stream); pass type='dgram'"),
+        ("stream", "seqpacket", "(stream, not seqpacket); pass type='stream'"),
+        ("dgram", "seqpacket", "(dgram, not seqpacket); pass type='dgram'"),
+        ("stream", "dgram", BY_CONNECTING),
+        ("seqpacket", "dgram", BY_CONNECTING),
+    ],
+)
+def test_socket_of_another_type_names_the_type_to_pass(
+    sockdir: Path, server: str, client: str, told: str
+) -> None:
     path = sockdir / "app.sock"
-    with udskit.listen(path, type="seqpacket"):
-        error = _connect_error(path, type="stream")
-    assert "socket of another type; pass the server's type=" in str(error)
+    with udskit.listen(path, type=server) as listener:  # type: ignore[call-overload]
+        error = _connect_error(path, type=client)
+        if server != "dgram":
+            listener.socket.setblocking(False)
+            with pytest.raises(BlockingIOError):  # finding the type reached no server
+                listener.socket.accept()
+    assert str(error) == f"cannot connect to {path}: it is a socket of another type {told}"
     assert error.errno == errno.EPROTOTYPE
 
 

@@ -10,6 +10,7 @@ import queue
 import resource
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -269,3 +270,49 @@ def test_server_created_when_descriptors_run_high(path: Path, kind: str) -> None
         for fd in fillers:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_stop_waits_one_grace_period_for_all_stuck_handlers(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Handlers that ignore the end of their connection get one grace period between them,
+    not one each: every join is bounded by the same deadline."""
+    grace = 0.5
+    stuck = 6
+    monkeypatch.setattr(udskit.server, "SHUTDOWN_GRACE", grace)
+    release = threading.Event()
+    inside = threading.Semaphore(0)
+
+    def stubborn(channel: Channel) -> None:
+        inside.release()
+        release.wait(PATIENCE)  # ignores the shutdown of its connection
+
+    deadlines: list[float] = []
+    real_join = threading.Thread.join
+
+    def join(thread: threading.Thread, timeout: float | None = None) -> None:
+        if timeout is not None and thread.name != "serving":
+            deadlines.append(time.monotonic() + timeout)
+        real_join(thread, timeout)
+
+    server = Server(path, stubborn)
+    serving = threading.Thread(target=server.serve_forever, name="serving")
+    clients = [udskit.connect(path) for _ in range(stuck)]
+    try:
+        serving.start()
+        for _ in range(stuck):
+            assert inside.acquire(timeout=PATIENCE)
+        monkeypatch.setattr(threading.Thread, "join", join)
+        started = time.monotonic()
+        server.stop()
+        real_join(serving, PATIENCE)
+        took = time.monotonic() - started
+        assert not serving.is_alive()
+    finally:
+        release.set()
+        for client in clients:
+            client.close()
+    assert len(deadlines) == stuck
+    # The joins share one deadline (a join(grace) each would spread them over 6 graces).
+    assert max(deadlines) - min(deadlines) < grace / 2, deadlines
+    assert took < stuck * grace / 2, f"stop took {took:.2f} s"

@@ -3,6 +3,7 @@ ValueError or TypeError whose message names the option."""
 
 from __future__ import annotations
 
+import array
 import math
 import os
 import tempfile
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import udskit
+from udskit.options import check_message, check_mode
 
 Call = Callable[[Path, dict[str, object]], object]
 
@@ -166,3 +168,49 @@ def test_listener_settimeout_refuses_bad_values(private_tmp: Path, no_fd_leak: N
             with pytest.raises(ValueError, match="timeout must be None or >= 0 seconds"):
                 listener.settimeout(bad)
         listener.settimeout(0)
+
+
+@pytest.mark.parametrize(
+    ("mode", "words"),
+    [
+        (660, "mode=660 is a decimal number (0o1224 in octal"),
+        (660, "did you mean 0o660?"),
+        (600, "did you mean 0o600?"),
+        (4755, "did you mean 0o755?"),
+        (0o4755, "mode=0o4755 has setuid/setgid/sticky bits"),
+        (0o1777, "make no sense on a socket; use 0o777"),
+        (0o2770, "use 0o770"),
+        (0o10000, "from 0 to 0o777"),
+    ],
+)
+def test_modes_a_socket_cannot_mean_are_refused_with_a_hint(
+    mode: int, words: str, private_tmp: Path, no_fd_leak: None
+) -> None:
+    with pytest.raises(ValueError, match="mode") as info:
+        udskit.listen(private_tmp / "s.sock", mode=mode)
+    assert words in str(info.value)
+    assert os.listdir(private_tmp) == []
+
+
+@pytest.mark.parametrize("mode", [0, 0o600, 0o660, 0o666, 0o777])
+def test_socket_modes_pass_the_check(mode: int) -> None:
+    assert check_mode(mode) == mode
+
+
+@pytest.mark.parametrize("data", [b"x", bytearray(b"x"), memoryview(b"x"), array.array("i", [1])])
+def test_check_message_accepts_bytes_like(data: object) -> None:
+    check_message(data, "send")
+
+
+def test_check_message_tells_to_encode_text() -> None:
+    with pytest.raises(TypeError) as info:
+        check_message("hello", "send_fds")
+    assert str(info.value) == (
+        "send_fds: messages are bytes, not str; encode text first (data.encode())"
+    )
+
+
+@pytest.mark.parametrize(("data", "name"), [(None, "NoneType"), (42, "int"), ([b"x"], "list")])
+def test_check_message_names_what_it_got(data: object, name: str) -> None:
+    with pytest.raises(TypeError, match=f"send_many: messages are bytes-like .*not {name}$"):
+        check_message(data, "send_many")

@@ -160,7 +160,7 @@ async def _connect_waiting(sock: socket.socket, target: Address, timeout: float 
     pause: RetryPause | None = None
     while True:
         try:
-            with translating("connect", target), sun_path(target) as where:
+            with translating("connect", target, tried=sock.type), sun_path(target) as where:
                 sock.connect(where)
             return
         except ConnectError as exc:

@@ -298,7 +298,7 @@ class DatagramListener(_Endpoint[Datagram]):
         (or the timeout passes): the kernel gives an unconnected sender no event to wait for.
         """
         self._check_open()
-        check_message(data)
+        check_message(data, "send_to")
         target = Address.parse(address)
         ancillary = rights(list(fds), self._max_fds)
         pause: RetryPause | None = None

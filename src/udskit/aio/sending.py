@@ -142,7 +142,7 @@ class Sending:
             try:
                 joined = framing.frame(data)
             except TypeError:
-                check_message(data)
+                check_message(data, "send")
                 raise
             try:
                 sent = self._sock.send(joined, SEND_FLAGS)
@@ -157,7 +157,7 @@ class Sending:
                 self._cut()
                 raise
         else:
-            check_message(data)
+            check_message(data, "send")
             self._write(framing.encode(data), [])
         if self._wsize > self._high:
             await self._drained(self._low)
@@ -168,7 +168,7 @@ class Sending:
         The receiver gets its own duplicates, made when the message enters the kernel, so
         this returns only once it has: the caller may close ``fds`` right after.
         """
-        check_message(data)
+        check_message(data, "send_fds")
         if self._sock.family != socket.AF_UNIX:
             raise ProtocolError("descriptors can only be passed over Unix sockets")
         ancillary = rights(list(fds), self._max_fds)
@@ -201,10 +201,10 @@ class Sending:
                 try:
                     parts.append(framing.frame(message))
                 except TypeError:
-                    check_message(message)
+                    check_message(message, "send_many")
                     raise
             else:
-                check_message(message)
+                check_message(message, "send_many")
                 parts.extend(framing.encode(message))
         if parts:
             self._write(coalesce(parts), [])
@@ -340,7 +340,7 @@ class Sending:
 
     async def _send_packet(self, data: Buffer, ancillary: Ancillary) -> None:
         """One seqpacket message or datagram: all of it in one system call, or nothing."""
-        check_message(data)
+        check_message(data, "send")
         self._check_open()
         if self._type == "seqpacket" and not data:
             raise ProtocolError(

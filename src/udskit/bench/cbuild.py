@@ -1,4 +1,5 @@
-"""Build the C reference peer (``benchmarks/udsbench.c``) with ``cc -O2`` into a cache.
+"""Build the C reference peer (``benchmarks/udsbench.c``) with ``$CC -O2`` (``cc`` when CC is
+not set, as for make) into a cache.
 
 The binary is named after a hash of the source and the compiler, so an edited source or
 another compiler rebuilds it, and concurrent runs never see a half-written file (it is
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -16,14 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-__all__ = ["Build", "build", "cache_dir", "find_source"]
+__all__ = ["Build", "build", "cache_dir", "compiler_command", "find_source"]
 
 SOURCE_NAME: Final = "udsbench.c"
 
 #: Compiling one small file takes well under a second; a compiler stuck longer is broken.
 COMPILE_TIMEOUT: Final = 120.0
 
-#: ``$CC`` when set, as make does; else ``cc``.
+#: The compiler when ``$CC`` is not set, as for make.
 _DEFAULT_CC: Final = "cc"
 
 
@@ -54,6 +56,28 @@ def cache_dir() -> Path:
     return Path(base) / "udskit" / "bench"
 
 
+def compiler_command() -> tuple[list[str] | None, str]:
+    """The compiler's command line from ``$CC``, as make reads it (a program and its own
+    options, like ``ccache gcc`` or ``clang -m64``), else ``cc``; or None and why not."""
+    wanted = os.environ.get("CC", "").strip()
+    if not wanted:
+        found = shutil.which(_DEFAULT_CC)
+        if found is None:
+            return None, f"no C compiler ({_DEFAULT_CC}) on PATH; install gcc or clang"
+        return [found], ""
+    try:
+        words = shlex.split(wanted)
+    except ValueError as exc:
+        return None, f"$CC ({wanted}) is not a command line: {exc}"
+    found = shutil.which(words[0])
+    if found is None:
+        return None, (
+            f"$CC names {words[0]}, which is not on PATH (or not executable); install it, "
+            f"or unset CC to use {_DEFAULT_CC}"
+        )
+    return [found, *words[1:]], ""
+
+
 def build(source: Path | None = None) -> Build:
     """Compile the C reference unless the cache already holds this source's binary."""
     source = source or find_source()
@@ -65,9 +89,10 @@ def build(source: Path | None = None) -> Build:
             None,
             None,
         )
-    compiler = shutil.which(os.environ.get("CC") or _DEFAULT_CC)
-    if compiler is None:
-        return Build(None, "no C compiler (cc) on PATH; install gcc or clang", source, None)
+    command, problem = compiler_command()
+    if command is None:
+        return Build(None, problem, source, None)
+    compiler = shlex.join(command)
     digest = hashlib.sha256(source.read_bytes() + compiler.encode()).hexdigest()[:16]
     target = cache_dir() / f"udsbench-{digest}"
     if os.access(target, os.X_OK):
@@ -80,7 +105,7 @@ def build(source: Path | None = None) -> Build:
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, "-O2", "-o", partial, str(source)],
+            [*command, "-O2", "-o", partial, str(source)],
             capture_output=True,
             text=True,
             timeout=COMPILE_TIMEOUT,

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Final
 
 import udskit
@@ -32,6 +32,17 @@ EXEC_EXIT_GRACE: Final = 5.0
 
 #: Bytes read from a command's stdout per read; each read becomes one message.
 EXEC_CHUNK: Final = 64 * 1024
+
+#: systemd's socket-activation variables (sd_listen_fds(3)). They describe descriptors
+#: handed to the server, not to the commands it runs: removed from their environment, as
+#: sd_listen_fds(unset_environment=1) does, so that no child takes the server's listener
+#: for its own.
+_ACTIVATION_VARIABLES: Final = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+def _command_environment() -> dict[str, str]:
+    """The environment of an --exec command: ours, without socket activation's variables."""
+    return {name: value for name, value in os.environ.items() if name not in _ACTIVATION_VARIABLES}
 
 
 class Until:
@@ -88,17 +99,30 @@ def _bare(message: bytes) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Session:
-    """One client (or one datagram) being served, and how to report on it."""
+    """One client (or one datagram) being served, and how to report on it.
+
+    ``exchanged`` is set once a message has crossed in either direction: a client that
+    connects and leaves without a byte either way (a readiness probe such as ``udskit
+    wait``) was not served, and does not use up ``--once``.
+    """
 
     channel: udskit.Channel
     who: str
     dump: HexDump | None
+    exchanged: threading.Event = field(default_factory=threading.Event, compare=False)
+
+    def received(self, message: bytes) -> None:
+        """Note (and dump, with -x) a message from the client."""
+        self.exchanged.set()
+        if self.dump is not None:
+            self.dump.received(message, self.who)
 
     def send(self, data: bytes) -> None:
         channel = self.channel
         if channel.type == "dgram" and channel.address is None:
             return  # the sender has no address (socat UNIX-SENDTO): no way to answer
         channel.send(data)
+        self.exchanged.set()
         if self.dump is not None:
             self.dump.sent(data, self.who)
 
@@ -144,7 +168,12 @@ def run_command(session: Session, argv: Sequence[str], until: Until, *, lines: b
     command's stdin, its stdout back as messages. Returns False if --until matched."""
     channel = session.channel
     process = subprocess.Popen(
-        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, close_fds=True
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        bufsize=0,
+        close_fds=True,
+        env=_command_environment(),
     )
     assert process.stdin is not None
     assert process.stdout is not None
@@ -186,8 +215,7 @@ def _feed(
             cut = until.feed(message)
             if cut is not None:
                 message = message[:cut]
-            if session.dump is not None:
-                session.dump.received(message, session.who)
+            session.received(message)
             _write_all(stdin, message + b"\n" if lines else message)
             if cut is not None:
                 matched.set()
@@ -249,6 +277,7 @@ def run_command_once(session: Session, argv: Sequence[str], message: bytes) -> N
             timeout=DGRAM_EXEC_TIMEOUT,
             check=False,
             close_fds=True,
+            env=_command_environment(),
         )
     except subprocess.TimeoutExpired:
         err(f"{argv[0]}: still running after {DGRAM_EXEC_TIMEOUT:g} s; killed it")

@@ -32,8 +32,11 @@ __all__ = [
 TYPES: Final = ("stream", "dgram", "seqpacket")
 FRAMINGS: Final = ("raw", "lines", "length")
 
-#: Largest permission number --mode accepts: the 12 bits of st_mode below the file type.
+#: Largest permission number --mode parses: the 12 bits of st_mode below the file type.
 _MAX_MODE: Final = 0o7777
+
+#: The bits a socket's mode may have: setuid, setgid and sticky mean nothing on a socket.
+_SOCKET_MODE_BITS: Final = 0o777
 
 
 def add_type(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +75,8 @@ def framing_for(args: argparse.Namespace) -> str:
 
 
 def octal_mode(text: str) -> int:
-    """argparse type: a permission number written in octal, like 660, 0660 or 0o660."""
+    """argparse type: a socket's permission number written in octal, like 660, 0660 or
+    0o660 (the number chmod takes)."""
     digits = text.removeprefix("0o")
     try:
         mode = int(digits, 8)
@@ -82,6 +86,11 @@ def octal_mode(text: str) -> int:
         ) from None
     if not 0 <= mode <= _MAX_MODE:
         raise argparse.ArgumentTypeError(f"{text!r} is over 7777, the largest permission number")
+    if mode & ~_SOCKET_MODE_BITS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has setuid/setgid/sticky bits, which make no sense on a socket; "
+            f"use {mode & _SOCKET_MODE_BITS:o}"
+        )
     return mode
 
 

@@ -13,10 +13,12 @@ from udskit import inspect
 
 from ._options import TYPES
 from ._output import Output
+from ._wording import without_reprs
 
 HELP = "explain why connecting to ADDR fails (or who serves it), with the exact fix"
 EXAMPLE = """\
   udskit doctor /tmp/gunicorn.sock --as www-data
+  udskit doctor --http /run/app/gunicorn.sock     (does the server answer HTTP?)
   udskit doctor @myapp
   udskit doctor --type dgram /tmp/s1.sock
 
@@ -49,16 +51,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the socket type the client will use (default: stream)",
     )
     parser.add_argument("--json", action="store_true", help="the diagnosis as JSON")
-    parser.add_argument(
-        "--no-http",
+    http = parser.add_mutually_exclusive_group()
+    http.add_argument(
+        "--http",
         action="store_true",
-        help="do not send an HTTP HEAD request to a stream socket that answers",
+        help=(
+            "also check that the server speaks HTTP, as nginx or curl need: send it one "
+            "'HEAD /' request (without --http, doctor sends the server nothing)"
+        ),
+    )
+    http.add_argument(
+        "--no-http", action="store_true", help="no HTTP check (the default; kept for old scripts)"
     )
 
 
 def run(args: argparse.Namespace) -> int:
     diagnosis = inspect.diagnose(args.address, user=args.user, type=args.type)
-    if diagnosis.server is not None and args.type == "stream" and not args.no_http:
+    # HTTP only when asked: a request is bytes in the server's log, and a server of another
+    # protocol (PostgreSQL: "invalid startup packet") would log it as an error.
+    if diagnosis.server is not None and args.type == "stream" and args.http:
         diagnosis = diagnosis.adding(http_finding(args.address))
     out = Output()
     if args.json:
@@ -81,8 +92,8 @@ def http_finding(address: str) -> inspect.Finding:
     return inspect.Finding(
         "http",
         "info",
-        "the server does not answer HTTP (fine unless nginx or curl should reach it)",
-        facts=(found.detail,),
+        "the server gave no HTTP answer to 'HEAD /' (fine unless nginx or curl should reach it)",
+        facts=(without_reprs(found.detail),),
     )
 
 

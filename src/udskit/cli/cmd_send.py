@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import os
+import socket
+import struct
+import termios
 from typing import Final
 
 import udskit
@@ -22,6 +27,11 @@ EXAMPLE = """\
 #: How long --reply waits by default. A one-shot command in a script must not hang on a
 #: server that never answers; any local server answers in far less.
 DEFAULT_REPLY_TIMEOUT: Final = 10.0
+
+#: The ioctl that reports the bytes we sent that the peer has not read yet (Linux defines
+#: SIOCOUTQ as TIOCOUTQ; Python's socket module does not export it).
+_SIOCOUTQ: Final = termios.TIOCOUTQ
+_INT: Final = struct.Struct("i")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     framing = framing_for(args)
     raw = args.type == "stream" and framing == "raw"
+    # What a reply is expected in, for the errors: only a stream has a framing to change.
+    expected = framing if args.type == "stream" else None
     dump = HexDump() if args.hexdump else None
     out = Output()
     with (
@@ -66,17 +78,120 @@ def run(args: argparse.Namespace) -> int:
         for text in args.messages:
             # On a raw stream a message is a line, as `echo MSG | nc -U` sends it.
             message = as_line(os.fsencode(text)) if raw else os.fsencode(text)
-            channel.send(message)
+            try:
+                channel.send(message)
+            except udskit.ConnectionClosed as exc:
+                raise _closed(channel, args.address, exc, expected) from exc
             if dump is not None:
                 dump.sent(message)
             if args.reply and not raw:
-                _show(out, dump, channel.recv(), lines=True)
+                _show(out, dump, _answer(channel, args, expected), lines=True)
         if args.reply and raw:
             # A raw stream has no message boundaries: say we are done, print all until EOF.
             channel.shutdown_write()
-            for chunk in channel:
+            received = False
+            while True:
+                try:
+                    chunk = _answer(channel, args, expected, answered=received)
+                except udskit.ConnectionClosed:
+                    if received:
+                        break  # the end of the answer
+                    raise
+                received = True
                 _show(out, dump, chunk, lines=False)
     return 0
+
+
+def _answer(
+    channel: udskit.Channel,
+    args: argparse.Namespace,
+    framing: str | None,
+    *,
+    answered: bool = False,
+) -> bytes:
+    """The next reply, or an error that says why none came, in the command's words."""
+    where = args.address
+    try:
+        return channel.recv()
+    except udskit.ConnectionClosed as exc:
+        raise _closed(channel, where, exc, framing) from exc
+    except udskit.Timeout as exc:
+        if answered:
+            message = f"{where} did not end its answer within {args.timeout:g} s"
+        elif args.type == "dgram":
+            message = (
+                f"{where} did not answer within {args.timeout:g} s (a datagram server drops "
+                "what its access policy refuses without a word; its log says)"
+            )
+        else:
+            message = f"{where} did not answer within {args.timeout:g} s{_framing_hint(framing)}"
+        raise udskit.Timeout(message) from exc
+    except udskit.ProtocolError as exc:  # a length header announcing an absurd size
+        raise udskit.ProtocolError(
+            f"the reply from {where} is not in the {framing} framing: {_try(framing)}"
+        ) from exc
+
+
+def _closed(
+    channel: udskit.Channel,
+    where: udskit.Address,
+    exc: udskit.ConnectionClosed,
+    framing: str | None,
+) -> udskit.ConnectionClosed:
+    """Why the server closed the connection, from how it did: without reading our message
+    (it refused the client, as an access policy does), after reading it but without a
+    word, or inside a message (it does not use our framing)."""
+    if exc.mid_message:
+        return udskit.ConnectionClosed(
+            f"the reply from {where} broke off in the middle of a message: it is not in the "
+            f"{framing} framing; {_try(framing)}",
+            mid_message=True,
+        )
+    unread = isinstance(exc.__cause__, (ConnectionResetError, BrokenPipeError))
+    if unread or _unread(channel.socket):
+        return udskit.ConnectionClosed(
+            f"{where} closed the connection without reading the message: the server refuses "
+            f"this client (uid {os.getuid()}), most likely by its access policy; its log "
+            "says why"
+        )
+    return udskit.ConnectionClosed(
+        f"{where} closed the connection without answering{_framing_hint(framing)}"
+    )
+
+
+def _unread(sock: socket.socket) -> bool:
+    """True if the server closed, or shut down, its end with our message unread.
+
+    Until the server reads them, the bytes we sent are charged to our socket's send
+    buffer, which SIOCOUTQ reports. A server that closes with them unread frees them, but
+    first marks our socket with ECONNRESET (net/unix/af_unix.c, unix_release_sock), which
+    SO_ERROR reports: our read sees that error or a plain EOF, depending on the socket
+    type and on whether it was already waiting. Asked in this order, one of the two shows
+    it whenever the server never read the message; a server that read it shows neither.
+    """
+    try:
+        queued = fcntl.ioctl(sock.fileno(), _SIOCOUTQ, bytes(_INT.size))
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    except OSError:
+        return False
+    return bool(_INT.unpack(queued)[0] > 0 or error == errno.ECONNRESET)
+
+
+def _framing_hint(framing: str | None) -> str:
+    """What to try when the server may use another framing than ``framing``."""
+    if framing is None:
+        return ""  # seqpacket and datagrams: the kernel keeps the boundaries
+    if framing == "raw":
+        return (
+            "; if the server expects length-prefixed messages (the udskit library's "
+            "default), try --framing length"
+        )
+    return f"; if the server uses another framing, {_try(framing)}"
+
+
+def _try(framing: str | None) -> str:
+    others = " or ".join(f"--framing {f}" for f in ("raw", "lines", "length") if f != framing)
+    return f"try {others}"
 
 
 def _show(out: Output, dump: HexDump | None, message: bytes, *, lines: bool) -> None:

@@ -71,7 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve at most N clients at once; others wait in the backlog",
     )
     parser.add_argument(
-        "--once", action="store_true", help="stop after the first client (or datagram)"
+        "--once",
+        action="store_true",
+        help=(
+            "stop after the first client (or datagram); a client that leaves without a byte "
+            "either way, like the probe of 'udskit wait', does not count"
+        ),
     )
     parser.add_argument(
         "-v",
@@ -153,22 +158,27 @@ class _Handler:
         self._dump = HexDump() if args.hexdump else None
         self._command = _command(args.exec) if args.exec is not None else None
         self._action = _action(args, raw=raw)
+        self._replies = not args.print  # every other action answers (--exec: its output)
 
     def __call__(self, channel: udskit.Channel) -> None:
         peer = channel.peer
         who = f"pid {peer.pid}" if peer is not None else ""
         if self._verbose:
-            err(_describe(channel))
+            err(_describe(channel, replies=self._replies))
         session = Session(channel, who, self._dump)
+        keep_going = True
         try:
             keep_going = self._serve(session)
         except udskit.UdsError:
             raise  # the Server reports these in one line and serves the next client
         except OSError as exc:  # a command that cannot start, an unwritable stdout, ...
             err(f"{who or 'a client'}: {_one_line(exc)}")
-            keep_going = True
-        if not keep_going or self._once:
-            self._stop()
+        finally:
+            # --once: the first client that sent or got a byte was served, however it
+            # ended (one that leaves before its echo, too); one that came and went without
+            # a byte either way (a readiness probe) was not.
+            if not keep_going or (self._once and session.exchanged.is_set()):
+                self._stop()
 
     def _serve(self, session: Session) -> bool:
         until = Until(self._until_text, raw=self._raw)
@@ -176,7 +186,7 @@ class _Handler:
             return self._serve_messages(session, until)
         if self._type == "dgram":
             message = session.channel.recv()
-            self._received(session, message)
+            session.received(message)
             _actions.run_command_once(session, self._command, message)
             return until.feed(message) is None
         return _actions.run_command(session, self._command, until, lines=self._lines)
@@ -187,14 +197,10 @@ class _Handler:
             cut = until.feed(message)
             if cut is not None:
                 message = message[:cut]
-            self._received(session, message)
+            session.received(message)
             if not self._action(session, message) or cut is not None:
                 return False
         return not until.matched_at_eof()
-
-    def _received(self, session: Session, message: bytes) -> None:
-        if self._dump is not None:
-            self._dump.received(message, session.who)
 
     def _stop(self) -> None:
         if self.server is not None:
@@ -234,11 +240,24 @@ def _one_line(exc: OSError) -> str:
     return f"{what}: {exc.filename}" if exc.filename else what
 
 
-def _describe(channel: udskit.Channel) -> str:
-    """S7: the -v line, from the kernel's credentials (SO_PEERCRED / SCM_CREDENTIALS)."""
+def _describe(channel: udskit.Channel, *, replies: bool) -> str:
+    """S7: the -v line, from the kernel's credentials (SO_PEERCRED / SCM_CREDENTIALS).
+
+    A datagram from an unbound socket (socat UNIX-SENDTO, a client that never called
+    bind) has no address to answer to: when the action would reply, the line says so,
+    since the reply is dropped and the client waits for it in vain."""
     peer = channel.peer
     what = "datagram" if channel.type == "dgram" else "client"
+    if channel.address is not None:
+        where = f" address={channel.address}"
+    elif channel.type == "dgram" and replies:
+        where = (
+            " (unbound sender: it cannot be answered; a client must bind an address to get replies)"
+        )
+    else:
+        where = ""
     if peer is None:
-        return f"{what} from {channel.address or 'an unnamed peer'}"
-    where = f" address={channel.address}" if channel.address is not None else ""
+        if channel.address is not None:
+            return f"{what} from {channel.address}"
+        return f"{what} from an unnamed peer{where}"
     return f"{what} pid={peer.pid} uid={peer.uid} gid={peer.gid} process={peer.process_name}{where}"

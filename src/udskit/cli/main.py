@@ -8,8 +8,9 @@ Each subcommand lives in ``udskit/cli/cmd_<name>.py`` and provides:
 * ``add_arguments(parser)``: its options;
 * ``run(args) -> int``: the exit code.
 
-Exit codes: 0 ok, 1 runtime failure, 2 usage. Expected failures (every ``UdsError``, bad
-values, a missing peer program) print ``udskit: <what failed>`` and never a traceback.
+Exit codes: 0 ok, 1 runtime failure, 2 usage, 130 interrupted (Ctrl-C). Expected failures
+(every ``UdsError``, bad values, a missing peer program) print ``udskit: <what failed>`` and
+never a traceback.
 """
 
 from __future__ import annotations
@@ -24,11 +25,23 @@ from typing import Final, NoReturn
 
 import udskit
 
-__all__ = ["COMMANDS", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "UsageError", "main"]
+from ._wording import in_cli_words
+
+__all__ = [
+    "COMMANDS",
+    "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "UsageError",
+    "main",
+]
 
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2
+#: What a shell reports for a command that SIGINT (Ctrl-C) ended: 128 + 2.
+EXIT_INTERRUPTED: Final = 130
 
 #: Subcommands in the order ``udskit --help`` lists them.
 COMMANDS: Final = (
@@ -107,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C, at any point, even while the subcommands' modules load: the shell's code
+        # for an interrupted command, and no traceback.
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -130,8 +152,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             if isinstance(exc, ValueError) and not isinstance(exc, udskit.AddressError)
             else EXIT_FAILURE
         )
-    except KeyboardInterrupt:
-        return 130
 
 
 def _one_line(exc: BaseException) -> str:
@@ -139,4 +159,4 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and not isinstance(exc, udskit.UdsError) and exc.strerror:
         where = f": {exc.filename}" if exc.filename else ""
         text = f"{exc.strerror.lower()}{where}"
-    return " ".join(text.split())
+    return in_cli_words(" ".join(text.split()))

@@ -81,7 +81,7 @@ def _connect_once(target: Address, where: str | bytes, name: SocketTypeName) -> 
         if code == 0:
             peer = peer_cred(sock) if name != "dgram" else None
             return Attempt(True, name, peer=peer if peer is None or peer.pid > 0 else None)
-    return Attempt(False, name, code, explain_connect(code, target))
+    return Attempt(False, name, code, explain_connect(code, target, TYPES[name]))
 
 
 def _try_tcp(target: Address, timeout: float) -> Attempt:

@@ -1,0 +1,49 @@
+"""The library's messages in the words of the command line.
+
+The library names its keywords as a Python caller writes them (``type='seqpacket'``,
+``framing='length'``, ``bind=``); each of these has a command-line option. Every error the
+command prints passes through :func:`in_cli_words` (at the entry point, ``main``), the one
+place that rewrites them, so that the message says what to type in a shell. Python's
+notation for bytes (``bytearray(b'...')``, which some libraries put in their messages)
+means nothing in a shell either: :func:`without_reprs` shows just the text.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+__all__ = ["in_cli_words", "without_reprs"]
+
+#: ``keyword=`` or ``keyword='value'`` for the keywords that have an option of the same
+#: name and meaning; not part of a longer name (``sock.type=``, ``subtype=``).
+_KEYWORD: Final = re.compile(r"(?<![\w.])(type|framing|bind)=(?:'([^']*)')?")
+
+
+#: A bytes or bytearray repr: ``b'...'``, ``b"..."``, ``bytearray(b'...')``.
+_BYTES_REPR: Final = re.compile(
+    r"""(?<![\w])(?:bytearray\((b(['"])((?:\\.|(?!\2).)*)\2)\)|b(['"])((?:\\.|(?!\4).)*)\4)"""
+)
+
+
+def in_cli_words(text: str) -> str:
+    """``text`` with ``type='seqpacket'`` as ``--type seqpacket``, ``bind=`` as ``--bind``,
+    and bytes shown as text (see :func:`without_reprs`)."""
+    return _KEYWORD.sub(_option, without_reprs(text))
+
+
+def without_reprs(text: str) -> str:
+    """``text`` with Python's bytes notation reduced to the quoted text:
+    ``illegal status line: bytearray(b'HEAD / HTTP/1.1')`` reads
+    ``illegal status line: 'HEAD / HTTP/1.1'`` (escapes such as ``\\r\\n`` stay)."""
+    return _BYTES_REPR.sub(_quoted, text)
+
+
+def _quoted(match: re.Match[str]) -> str:
+    inner = match.group(3) if match.group(1) is not None else match.group(5)
+    return f"'{inner}'"
+
+
+def _option(match: re.Match[str]) -> str:
+    name, value = match.group(1), match.group(2)
+    return f"--{name}" if value is None else f"--{name} {value}"
