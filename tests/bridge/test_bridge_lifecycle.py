@@ -27,6 +27,7 @@ from .peers import (
     echo_server,
     exchange,
     loop_thread,
+    read_to_eof,
     running_bridge,
     stats,
     wait_for,
@@ -126,6 +127,39 @@ def test_stop_cuts_connections_that_cannot_drain(
     finally:
         server.close()
     assert any("did not finish within 0.05 s" in r.getMessage() for r in caplog.records)
+
+
+def test_a_cut_connection_is_reset_not_ended(
+    runner: LoopThread, servers: LoopThread, sockdir: Path
+) -> None:
+    """A download the client is not reading when the stop's grace runs out: the client must
+    not read an orderly end of stream (a cut transfer would look complete) but a reset."""
+    release = threading.Event()
+    size = 32 << 20  # far more than the socket buffers and the bridge's together
+
+    async def floods(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(bytes(size))
+            await writer.drain()
+        except ConnectionError:
+            pass  # the bridge cut the connection: expected
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, release.wait, READY_TIMEOUT)
+            writer.close()
+
+    server = StreamServer(servers, str(sockdir / "flood.sock"), floods)
+    try:
+        running = runner.call(bridge.start("tcp:127.0.0.1:0", server.address))
+        with client_for(running.address) as sock:
+            try:
+                wait_for(lambda: stats(runner, running).paused > 0, "the bridge to pause")
+                runner.call(running.aclose(grace=0.05))
+                with pytest.raises(ConnectionResetError):
+                    read_to_eof(sock)  # bounded: the flood is finite
+            finally:
+                release.set()
+    finally:
+        server.close()
 
 
 def select_writable(sock: socket.socket) -> bool:
