@@ -162,6 +162,52 @@ def test_a_cut_connection_is_reset_not_ended(
         server.close()
 
 
+def test_a_cut_unix_client_with_unread_data_reads_a_reset(
+    runner: LoopThread, servers: LoopThread, sockdir: Path
+) -> None:
+    """A Unix socket has no RST; what the docs promise instead: a client whose data the
+    bridge had not read when it cut the connection reads ECONNRESET, not an end of stream."""
+    release = threading.Event()
+
+    async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, release.wait, READY_TIMEOUT)
+        writer.close()
+
+    server = StreamServer(servers, str(sockdir / "stuck.sock"), never_reads)
+    try:
+        running = runner.call(bridge.start(str(sockdir / "front.sock"), server.address))
+        with client_for(running.address) as sock:
+            try:
+                sock.setblocking(False)
+
+                def paused() -> bool:
+                    _send_some(sock)
+                    return stats(runner, running).paused > 0
+
+                wait_for(paused, "the bridge to stop reading the client")
+                for _ in range(1024):  # fill the bridge's receive queue too: left unread
+                    if not _send_some(sock):
+                        break
+                sock.setblocking(True)
+                sock.settimeout(READY_TIMEOUT)
+                runner.call(running.aclose(grace=0.05))
+                with pytest.raises(ConnectionResetError):
+                    read_to_eof(sock)
+            finally:
+                release.set()
+    finally:
+        server.close()
+
+
+def _send_some(sock: socket.socket) -> bool:
+    """Send 64 KiB without blocking; False when the socket would block."""
+    try:
+        sock.send(bytes(1 << 16))
+    except BlockingIOError:
+        return False
+    return True
+
+
 def select_writable(sock: socket.socket) -> bool:
     return bool(select.select([], [sock], [], 0)[1])
 
