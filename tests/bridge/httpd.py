@@ -225,3 +225,12 @@ def huge_head(conn: socket.socket, stopping: threading.Event) -> None:
     """A status line and a 100 KB header: over any sane client's limit."""
     read_request_head(conn)
     conn.sendall(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 100_000 + b"\r\nContent-Length: 0\r\n\r\n")
+
+
+def cut_short(conn: socket.socket, stopping: threading.Event) -> None:
+    """Announce 1000 bytes of body, send 10, close: a crash, or a relay that cut the line."""
+    http, _ = read_request_head(conn)
+    conn.sendall(
+        http.send(h11.Response(status_code=200, headers=[("Content-Length", "1000")])) or b""
+    )
+    conn.sendall(b"0123456789")

@@ -23,6 +23,7 @@ from ..conftest import READY_TIMEOUT
 from .cli import run_udskit, udskit_command
 from .httpd import (
     answer_413_early,
+    cut_short,
     echo_as_it_arrives,
     huge_head,
     read_and_summarise,
@@ -125,6 +126,21 @@ def test_a_response_head_too_large_says_so(sockdir: Path) -> None:
     assert "does not answer in HTTP/1.1" not in str(caught.value)
     assert shown.returncode == 1
     assert b"is larger than 16384 bytes" in shown.stderr
+
+
+def test_a_response_cut_short_says_so(sockdir: Path) -> None:
+    with scripted_server(str(sockdir / "cut.sock"), cut_short) as cut:
+        with (
+            http.open_exchange(cut, "/") as exchange,
+            pytest.raises(udskit.ConnectionClosed) as caught,
+        ):
+            exchange.read()
+        shown = run_udskit("http", str(cut), "/")
+    assert "closed the connection before the end of the response" in str(caught.value)
+    assert "(received 10 bytes, expected 1000); the body is incomplete" in str(caught.value)
+    assert shown.returncode == 1
+    assert shown.stdout == b"0123456789"
+    assert b"the body is incomplete" in shown.stderr
 
 
 #: Runs ``udskit ARGS`` and prints the peak of the memory Python allocated during the request,
@@ -233,7 +249,8 @@ def test_a_body_that_contradicts_its_given_length_is_refused(sink: udskit.Addres
         http.request(sink, "/sink", method="PUT", body=b"abc", headers=[("Content-Length", "9")])
 
 
+@pytest.mark.parametrize("name", ["timeout", "max_time"])
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])
-def test_max_time_must_be_positive(sink: udskit.Address, bad: float) -> None:
-    with pytest.raises(ValueError, match="max_time must be a positive number of seconds"):
-        http.request(sink, "/", max_time=bad)
+def test_seconds_must_be_positive(sink: udskit.Address, name: str, bad: float) -> None:
+    with pytest.raises(ValueError, match=f"^{name} must be a positive number of seconds"):
+        http.request(sink, "/", **{name: bad})

@@ -24,7 +24,7 @@ from typing import Final, cast
 import h11
 
 from ..address import Address
-from ..errors import ProtocolError, Timeout
+from ..errors import ConnectionClosed, ProtocolError, Timeout
 from ..translate import translate
 
 __all__ = ["MAX_RESPONSE_HEAD", "READ_CHUNK", "Duplex"]
@@ -39,6 +39,7 @@ MAX_RESPONSE_HEAD: Final = 16 * 1024
 
 _READABLE: Final = select.POLLIN | select.POLLHUP | select.POLLERR
 _WRITABLE: Final = select.POLLOUT | select.POLLHUP | select.POLLERR
+_WATCH_WRITING: Final = select.POLLIN | select.POLLOUT
 
 
 class Duplex:
@@ -55,6 +56,7 @@ class Duplex:
         "_address",
         "_conn",
         "_deadline",
+        "_eof",
         "_head_seen",
         "_max_time",
         "_outgoing",
@@ -93,6 +95,7 @@ class Duplex:
         self._sending = True
         self._request_sent = False
         self._head_seen = False
+        self._eof = False
         self._poller = select.poll()
         self._poller.register(sock.fileno(), select.POLLIN)
         sock.setblocking(False)
@@ -117,7 +120,7 @@ class Duplex:
     # -- one round of poll() -------------------------------------------------------------
     def _step(self) -> None:
         writing = self._want_write()
-        self._poller.modify(self._sock.fileno(), select.POLLIN | (select.POLLOUT * writing))
+        self._poller.modify(self._sock.fileno(), _WATCH_WRITING if writing else select.POLLIN)
         wait = self._wait()
         ready = self._poller.poll(None if wait is None else max(int(wait * 1000) + 1, 1))
         if not ready:
@@ -167,6 +170,7 @@ class Duplex:
         if not data and not self._head_seen and self.received == 0:
             raise self._no_response()
         self.received += len(data)
+        self._eof = not data
         self._conn.receive_data(data)  # b"" tells h11 the server closed
 
     def _parse(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
@@ -180,8 +184,13 @@ class Duplex:
                     else "the response head (status line and headers)"
                 )
                 raise ProtocolError(
-                    f"{self._address}: {part} is larger than {MAX_RESPONSE_HEAD} bytes, "
-                    "the most udskit accepts; the server's answer is malformed or hostile"
+                    f"{self._address}: {part} is larger than {MAX_RESPONSE_HEAD} bytes, the "
+                    "most udskit accepts (h11's own limit)"
+                ) from exc
+            if self._head_seen and self._eof:
+                raise ConnectionClosed(
+                    f"{self._address} closed the connection before the end of the response: "
+                    f"{exc}; the body is incomplete"
                 ) from exc
             raise ProtocolError(
                 f"{self._address} does not answer in HTTP/1.1: {exc}; is it an HTTP server?"

@@ -161,11 +161,15 @@ def open_exchange(
     ``--max-time``). Raises udskit errors: ConnectError (with the reason), Timeout,
     ConnectionClosed, ProtocolError (not HTTP, or a response head over
     :data:`~udskit.http.duplex.MAX_RESPONSE_HEAD` bytes); ValueError for a request h11
-    refuses to send (a malformed header or target) or a ``max_time`` that is not positive.
+    refuses to send (a malformed header or target), or a ``timeout`` or ``max_time`` that
+    is not a positive number.
     """
     where = Address.parse(address)
-    if max_time is not None and not (max_time > 0 and math.isfinite(max_time)):
-        raise ValueError(f"max_time must be a positive number of seconds, not {max_time!r}")
+    for name, seconds in (("timeout", timeout), ("max_time", max_time)):
+        if seconds is not None and not (seconds > 0 and math.isfinite(seconds)):
+            raise ValueError(
+                f"{name} must be a positive number of seconds, or None, not {seconds!r}"
+            )
     deadline = None if max_time is None else time.monotonic() + max_time
     length = body_length(body)
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
