@@ -30,6 +30,7 @@ import errno
 import logging
 import signal
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -78,6 +79,11 @@ ACCEPT_BACKOFF_MAX: Final = 1.0
 
 #: How long a stop waits for the connections' buffered data to be written before it cuts them.
 SHUTDOWN_GRACE: Final = 5.0
+
+#: SO_LINGER on, with a linger time of 0: close() then drops what is unsent and answers with
+#: a TCP reset (RST) instead of the orderly FIN, so that the peer's read fails with
+#: ECONNRESET instead of reading an end of stream that would make a cut transfer look whole.
+_RESET_ON_CLOSE: Final = struct.pack("ii", 1, 0)
 
 #: How long a stop waits, after cutting connections, for their transports to close: they do
 #: on the event loop's next iterations, so this is only a bound, never a delay.
@@ -219,9 +225,12 @@ class _Relay:
                 side.transport.close()
 
     def abort(self) -> None:
+        """Cut both ends: what is buffered is dropped, and neither peer reads an orderly
+        end of stream (see :func:`_reset`)."""
         self.closed = True
         for side in (self.client, self.target):
             if side.transport is not None:
+                _reset(side.transport)
                 side.transport.abort()
 
     def lost(self, side: _Side, exc: Exception | None) -> None:
@@ -308,7 +317,8 @@ class Bridge:
 
     async def aclose(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Close, then end every connection: buffered data gets ``grace`` seconds to be
-        written, after which the remaining connections are cut."""
+        written, after which the remaining connections are cut: reset (a TCP peer reads
+        ECONNRESET), never ended as if the transfer were complete."""
         self.close()
         for task in list(self._pending):
             task.cancel()
@@ -469,6 +479,25 @@ class Bridge:
     def _maybe_idle(self) -> None:
         if not self._relays and not self._pending:
             self._idle.set()
+
+
+def _reset(transport: asyncio.BaseTransport) -> None:
+    """Make the coming close of ``transport`` a reset rather than an end of stream.
+
+    TCP: SO_LINGER with a zero linger time, so the peer gets an RST and its next read fails
+    with ECONNRESET. A Unix stream socket has no reset, and SO_LINGER does nothing there:
+    its peer gets ECONNRESET only if the bridge leaves data of its unread at the close (as
+    when the bridge had stopped reading it); otherwise the peer reads an end of stream, and
+    only the protocol's own framing (Content-Length, chunked coding, length prefixes) shows
+    that the transfer was cut. The bridge never half-closes (shuts down writing) first.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+    except OSError as exc:  # the socket is already gone: there is nothing left to reset
+        log.debug("cannot set SO_LINGER before a reset: %s", exc)
 
 
 def _refuse(conn: socket.socket) -> None:

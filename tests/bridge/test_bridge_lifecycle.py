@@ -4,6 +4,7 @@ has to cut connections, accept() errors (injected), and a target whose backlog s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -27,6 +28,7 @@ from .peers import (
     echo_server,
     exchange,
     loop_thread,
+    read_to_eof,
     running_bridge,
     stats,
     wait_for,
@@ -97,11 +99,12 @@ def test_stop_cuts_connections_that_cannot_drain(
 ) -> None:
     """A target that never reads: the data the bridge holds for it can never be written, so
     the stop waits its grace period and then cuts the connection."""
-    release = threading.Event()
+    release, finished = threading.Event(), threading.Event()
 
     async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await asyncio.get_running_loop().run_in_executor(None, release.wait, READY_TIMEOUT)
-        writer.close()
+        await _close(writer)
+        finished.set()
 
     caplog.set_level(logging.WARNING, logger="udskit")
     server = StreamServer(servers, str(sockdir / "stuck.sock"), never_reads)
@@ -110,22 +113,100 @@ def test_stop_cuts_connections_that_cannot_drain(
         sock = client_for(running.address)
         sock.setblocking(False)
         try:
-            while stats(runner, running).paused == 0:  # fill every buffer on the way
-                try:
-                    sock.send(bytes(1 << 16))
-                except BlockingIOError:
-                    wait_for(
-                        lambda: stats(runner, running).paused > 0 or select_writable(sock),
-                        "the bridge to pause or the socket to drain",
-                    )
+            _fill_until_stuck(runner, running, sock)
             runner.call(running.aclose(grace=0.05))
             assert stats(runner, running).active == 0
         finally:
             release.set()
             sock.close()
+            assert finished.wait(READY_TIMEOUT), "the target's handler did not end"
     finally:
         server.close()
     assert any("did not finish within 0.05 s" in r.getMessage() for r in caplog.records)
+
+
+def test_a_cut_connection_is_reset_not_ended(
+    runner: LoopThread, servers: LoopThread, sockdir: Path
+) -> None:
+    """A download the client is not reading when the stop's grace runs out: the client must
+    not read an orderly end of stream (a cut transfer would look complete) but a reset."""
+    release, finished = threading.Event(), threading.Event()
+    size = 32 << 20  # far more than the socket buffers and the bridge's together
+
+    async def floods(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(bytes(size))
+            await writer.drain()
+        except ConnectionError:
+            pass  # the bridge cut the connection: expected
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, release.wait, READY_TIMEOUT)
+            await _close(writer)
+            finished.set()
+
+    server = StreamServer(servers, str(sockdir / "flood.sock"), floods)
+    try:
+        running = runner.call(bridge.start("tcp:127.0.0.1:0", server.address))
+        with client_for(running.address) as sock:
+            try:
+                wait_for(lambda: stats(runner, running).paused > 0, "the bridge to pause")
+                runner.call(running.aclose(grace=0.05))
+                with pytest.raises(ConnectionResetError):
+                    read_to_eof(sock)  # bounded: the flood is finite
+            finally:
+                release.set()
+                assert finished.wait(READY_TIMEOUT), "the target's handler did not end"
+    finally:
+        server.close()
+
+
+def test_a_cut_unix_client_with_unread_data_reads_a_reset(
+    runner: LoopThread, sockdir: Path
+) -> None:
+    """A Unix socket has no RST; what the docs promise instead: a client whose data the
+    bridge had not read when it cut the connection reads ECONNRESET, not an end of stream."""
+    # A target that never accepts: the bridge's connection waits in its backlog, where what
+    # the bridge sends queues up and is never read, so nothing moves once the buffers fill.
+    with udskit.listen(str(sockdir / "stuck.sock")) as stuck:
+        running = runner.call(bridge.start(str(sockdir / "front.sock"), stuck.address))
+        with client_for(running.address) as sock:
+            sock.setblocking(False)
+            _fill_until_stuck(runner, running, sock)
+            sock.setblocking(True)
+            sock.settimeout(READY_TIMEOUT)
+            runner.call(running.aclose(grace=0.05))
+            with pytest.raises(ConnectionResetError):
+                read_to_eof(sock)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    """Close a test server's connection and wait until it is closed: a handler still
+    running when its loop stops would leak its socket."""
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+def _fill_until_stuck(runner: LoopThread, running: bridge.Bridge, sock: socket.socket) -> None:
+    """Send from the non-blocking ``sock`` until the bridge has stopped reading it for good
+    (its target is full), with data of ours left unread in the bridge's socket."""
+    sent = 0
+    for _ in range(4096):  # bounded: 256 MiB, far more than all the buffers
+        try:
+            sent += sock.send(bytes(1 << 16))
+            continue
+        except BlockingIOError:
+            pass
+        now = stats(runner, running)  # taken on the loop: no read is under way
+        # bytes_up > 0: the target's side is set up. Before, the bridge holds what it reads
+        # and pauses for a moment, which is no sign of a full target.
+        if now.paused > 0 and 0 < now.bytes_up < sent:
+            return
+        wait_for(
+            lambda: stats(runner, running).paused > 0 or select_writable(sock),
+            "the bridge to pause or the socket to drain",
+        )
+    raise AssertionError(f"the bridge never stopped reading (sent {sent} bytes)")
 
 
 def select_writable(sock: socket.socket) -> bool:

@@ -224,7 +224,12 @@ def test_cli_fail_flag(http_path: udskit.Address) -> None:
         (["-H", "no-colon", "SOCK", "/"], 2, "-H takes 'Name: value'"),
         (["-H", "Bad Name: x", "SOCK", "/"], 2, "invalid HTTP request"),
         (["--timeout", "0", "SOCK", "/"], 2, "--timeout must be a positive number"),
-        (["-d", "@/nonexistent/body", "SOCK", "/"], 1, "no such file or directory"),
+        (["--max-time", "0", "SOCK", "/"], 2, "--max-time must be a positive number"),
+        (["--max-time", "-1", "SOCK", "/"], 2, "--max-time must be a positive number"),
+        (["--max-time", "nan", "SOCK", "/"], 2, "--max-time must be a positive number"),
+        (["--timeout", "inf", "SOCK", "/"], 2, "--timeout must be a positive number"),
+        (["-d", "@/nonexistent/body", "SOCK", "/"], 1, "-d @/nonexistent/body: no such file"),
+        (["-d", "@DIR", "SOCK", "/"], 1, "cannot read the body of -d @/tmp/uds-"),
         (["MISSING", "/"], 1, "no such file; is the server running"),
     ],
 )
@@ -232,6 +237,7 @@ def test_cli_bad_input_is_one_line(
     http_path: udskit.Address, sockdir: Path, args: list[str], code: int, message: str
 ) -> None:
     replace = {"SOCK": str(http_path), "MISSING": str(sockdir / "missing.sock")}
+    replace["@DIR"] = f"@{sockdir}"  # a directory where a body file was expected
     result = run_udskit("http", *(replace.get(a, a) for a in args))
     err = result.stderr.decode()
     assert result.returncode == code, err

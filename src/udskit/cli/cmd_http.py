@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
+import math
+import os
+import stat
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlsplit
 
 from ._output import Output
@@ -15,6 +19,7 @@ from .main import EXIT_FAILURE, EXIT_OK, UsageError
 
 if TYPE_CHECKING:
     from udskit.http import ResponseHead
+    from udskit.http.body import RequestBody
 
 HELP = "send an HTTP/1.1 request over a socket (curl --unix-socket); proxies never apply"
 
@@ -22,11 +27,13 @@ EXAMPLE = """\
   udskit http /run/app/gunicorn.sock /health
   udskit http -i /run/app/gunicorn.sock /api/items?page=2
   udskit http -X POST -H 'Content-Type: application/json' -d '{"a": 1}' @app /items
-  udskit http -d @body.json /run/app.sock /upload         # body from a file (@- for stdin)
+  udskit http -d @big.tar /run/app.sock /upload          # streamed from the file (@- stdin)
+  udskit http --max-time 10 /run/app.sock /report        # the whole exchange within 10 s
   udskit http --json /run/app.sock / | jq .status
 
-The body is written to stdout as it arrives. Exit status: 0 when a response came back
-(whatever its status; with -f, 1 for 4xx/5xx), 1 when no HTTP response did."""
+The body is sent while the response is read, as curl does: an early answer (a 413) is shown.
+The response body is written to stdout as it arrives. Exit status: 0 when a response came
+back (whatever its status; with -f, 1 for 4xx/5xx), 1 when no HTTP response did."""
 
 #: Statuses from which --fail reports failure, as curl -f does.
 _FAIL_FROM = 400
@@ -48,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-d",
         "--data",
         metavar="DATA",
-        help="request body (default method POST); @FILE reads a file, @- stdin",
+        help="request body (default method POST); @FILE streams a file, @- reads stdin",
     )
     parser.add_argument(
         "-H",
@@ -68,27 +75,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="print the response as one JSON object (status, reason, headers, body)",
     )
     parser.add_argument(
-        "-f", "--fail", action="store_true", help="exit 1 when the status is 400 or above"
+        "-f",
+        "--fail",
+        action="store_true",
+        help="exit 1, and say so on stderr, when the status is 400 or above",
     )
     parser.add_argument(
         "--timeout",
         type=float,
         default=30.0,
         metavar="S",
-        help="seconds for connect and for each read or write (default: 30)",
+        help="seconds for connect and for each wait to read or write (default: 30)",
+    )
+    parser.add_argument(
+        "--max-time",
+        type=float,
+        metavar="S",
+        help="seconds for the whole exchange, until the body has arrived (default: no limit)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from udskit import http
+        from udskit import http  # noqa: F401 - here so that a missing extra is one line
     except ModuleNotFoundError as exc:
         print(f"udskit http: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     target, headers = _target(args.path), _headers(args.headers)
-    if args.timeout <= 0:
-        raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout}")
-    body = _body(args.data)
+    for option, seconds in (("--timeout", args.timeout), ("--max-time", args.max_time)):
+        if seconds is not None and not (seconds > 0 and math.isfinite(seconds)):
+            raise UsageError(f"{option} must be a positive number of seconds, not {seconds:g}")
+    with contextlib.ExitStack() as files:
+        return _exchange(args, target, headers, _body(args.data, files))
+
+
+def _exchange(
+    args: argparse.Namespace, target: str, headers: list[tuple[str, str]], body: RequestBody
+) -> int:
+    from udskit.http import open_exchange
+
     method = args.method or ("POST" if args.data is not None else "GET")
     given = {name.lower() for name, _ in headers}
     host = urlsplit(args.path).hostname if "://" in args.path else None
@@ -97,8 +122,14 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None and "content-type" not in given:
         headers.append(("Content-Type", _FORM))  # what curl -d sends
     out = Output()  # unbuffered; stops quietly when the reader goes away (| head)
-    with http.open_exchange(
-        args.address, target, method=method, headers=headers, body=body, timeout=args.timeout
+    with open_exchange(
+        args.address,
+        target,
+        method=method,
+        headers=headers,
+        body=body,
+        timeout=args.timeout,
+        max_time=args.max_time,
     ) as exchange:
         head = exchange.head
         if args.json:
@@ -109,7 +140,14 @@ def run(args: argparse.Namespace) -> int:
             for chunk in exchange.iter_body():
                 if not out.write(chunk):
                     break
-    return EXIT_FAILURE if args.fail and head.status >= _FAIL_FROM else EXIT_OK
+    if args.fail and head.status >= _FAIL_FROM:
+        # As curl -f (the body is still shown, as with curl --fail-with-body).
+        print(
+            f"udskit http: {method} {target} returned {head.status} {head.reason}".rstrip(),
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 def _target(path: str) -> str:
@@ -134,15 +172,23 @@ def _headers(values: list[str]) -> list[tuple[str, str]]:
     return headers
 
 
-def _body(data: str | None) -> bytes:
+def _body(data: str | None, files: contextlib.ExitStack) -> RequestBody:
+    """The -d body: text, or a file streamed as the server reads it. A pipe (stdin, or
+    ``@<(command)``) is read whole first, as curl does, so that the request carries a
+    Content-Length, which some servers require."""
     if data is None:
         return b""
+    if not data.startswith("@"):
+        return data.encode()
     if data == "@-":
-        return sys.stdin.buffer.read()
-    if data.startswith("@"):
-        with open(data[1:], "rb") as f:
-            return f.read()
-    return data.encode()
+        source: BinaryIO = sys.stdin.buffer
+    else:
+        try:
+            source = files.enter_context(open(data[1:], "rb"))  # noqa: SIM115 - closed by files
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)).lower()
+            raise OSError(f"cannot read the body of -d {data}: {reason}") from exc
+    return source if stat.S_ISREG(os.fstat(source.fileno()).st_mode) else source.read()
 
 
 def _head_text(head: ResponseHead) -> bytes:

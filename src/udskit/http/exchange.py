@@ -2,19 +2,20 @@
 
 h11 does all of the HTTP: framing of the request, parsing of the status line, headers,
 chunked or length-delimited bodies, and the rules on which responses have no body (HEAD,
-1xx, 204, 304). This module only moves its bytes over a socket that :func:`udskit.connect`
-opened, so socket files of any length, abstract names and ``tcp:`` all work, and connect
-failures carry udskit's explanation. Proxy environment variables are never consulted: the
-address says where the server is.
+1xx, 204, 304). The request body is sent while the response is read (:mod:`.duplex`), as
+curl does, over a socket that :func:`udskit.connect` opened, so socket files of any length,
+abstract names and ``tcp:`` all work, and connect failures carry udskit's explanation. Proxy
+environment variables are never consulted: the address says where the server is.
 """
 
 from __future__ import annotations
 
 import json
-import socket
+import math
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import Final
 
 import h11
 
@@ -22,17 +23,15 @@ import udskit
 
 from ..address import Address, AddressLike
 from ..errors import ProtocolError
-from ..translate import translating
+from .body import RequestBody, body_chunks, body_length
+from .duplex import MAX_RESPONSE_HEAD, Duplex
 
 __all__ = ["DEFAULT_TIMEOUT", "Exchange", "Response", "ResponseHead", "open_exchange", "request"]
 
-#: Seconds each step (connect, each send, each receive) may take. An app server that needs
-#: longer for a first byte is broken or overloaded; nginx's proxy_read_timeout default is 60 s,
-#: curl has no default at all. Override per call.
+#: Seconds each step (connect, then any wait for the server to read or to answer) may take.
+#: An app server that needs longer for a first byte is broken or overloaded; nginx's
+#: proxy_read_timeout default is 60 s, curl has no default at all. Override per call.
 DEFAULT_TIMEOUT: Final = 30.0
-
-#: Bytes read per recv(): large enough that a big body streams in few system calls.
-READ_CHUNK: Final = 64 * 1024
 
 #: The Host header when the caller gives none. A Unix socket has no host name; the servers we
 #: talk to (gunicorn, uvicorn, nginx) accept any, and curl --unix-socket sends "localhost".
@@ -82,28 +81,30 @@ class Response:
 
 
 class Exchange:
-    """A request sent and its response being read: ``head``, then :meth:`iter_body`.
+    """A request being sent and its response being read: ``head``, then :meth:`iter_body`.
 
-    Use as a context manager (the connection closes on exit). Made by :func:`open_exchange`.
+    The rest of the request body goes on being sent while the body is read. Use as a context
+    manager (the connection closes on exit). Made by :func:`open_exchange`.
     """
 
-    __slots__ = ("_address", "_channel", "_conn", "_done", "_seen", "head")
+    __slots__ = ("_address", "_channel", "_done", "_duplex", "head")
 
-    def __init__(self, channel: udskit.Channel, conn: h11.Connection, address: Address) -> None:
+    def __init__(self, channel: udskit.Channel, duplex: Duplex, address: Address) -> None:
         self._channel = channel
-        self._conn = conn
+        self._duplex = duplex
         self._address = address
         self._done = False
-        self._seen = False  # any byte of the response yet
         self.head = self._read_head()
 
     def iter_body(self) -> Iterator[bytes]:
         """The body, chunk by chunk, as it arrives."""
         while not self._done:
-            event = self._next_event()
+            event = self._duplex.next_event()
             if isinstance(event, h11.Data):
                 yield bytes(event.data)
-            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)) or (
+                event is h11.PAUSED
+            ):
                 self._done = True
 
     def read(self) -> bytes:
@@ -121,7 +122,7 @@ class Exchange:
 
     def _read_head(self) -> ResponseHead:
         while True:
-            event = self._next_event()
+            event = self._duplex.next_event()
             if isinstance(event, h11.InformationalResponse):
                 continue  # 100 Continue and friends: the real response follows
             if isinstance(event, h11.Response):
@@ -136,27 +137,6 @@ class Exchange:
                 )
             raise ProtocolError(f"{self._address} closed the connection without an HTTP response")
 
-    def _next_event(self) -> h11.Event | type[h11.PAUSED]:
-        sock = self._channel.socket
-        while True:
-            try:
-                event = self._conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise ProtocolError(
-                    f"{self._address} does not answer in HTTP/1.1: {exc}; is it an HTTP server?"
-                ) from exc
-            if event is not h11.NEED_DATA:
-                return cast("h11.Event | type[h11.PAUSED]", event)
-            with translating("recv", self._address):
-                data = sock.recv(READ_CHUNK)
-            if not data and self._conn.their_state is h11.SEND_RESPONSE and not self._seen:
-                raise ProtocolError(
-                    f"{self._address} closed the connection without an HTTP response (did the "
-                    "server crash, or is it not an HTTP server?)"
-                )
-            self._seen = self._seen or bool(data)
-            self._conn.receive_data(data)  # b"" tells h11 the server closed
-
 
 def open_exchange(
     address: AddressLike,
@@ -164,31 +144,52 @@ def open_exchange(
     *,
     method: str = "GET",
     headers: HeaderList = (),
-    body: bytes = b"",
+    body: RequestBody = b"",
     timeout: float | None = DEFAULT_TIMEOUT,
+    max_time: float | None = None,
 ) -> Exchange:
     """Send one request to the server at ``address`` and return once its head has arrived.
 
-    ``target`` is the request target (``/path?query``). ``Host`` defaults to ``localhost``;
-    ``Content-Length`` is set from ``body`` unless given. Raises udskit errors: ConnectError
-    (with the reason), Timeout, ConnectionClosed, ProtocolError (not HTTP); ValueError for a
-    request h11 refuses to send (a malformed header or target).
+    ``target`` is the request target (``/path?query``). ``Host`` defaults to ``localhost``.
+    ``body`` is bytes, or a file opened in binary mode, read a chunk at a time as the server
+    takes it (never held whole in memory); ``Content-Length`` is set from its length unless
+    given, and a body of unknown length (a pipe) is sent chunked. The body is sent while
+    the response is read, so an early answer (a 413) is returned, not lost.
+
+    ``timeout`` bounds the connect and each wait for the server to read or answer;
+    ``max_time`` bounds the whole exchange, until the body has been read (curl's
+    ``--max-time``). Raises udskit errors: ConnectError (with the reason), Timeout,
+    ConnectionClosed, ProtocolError (not HTTP, or a response head over
+    :data:`~udskit.http.duplex.MAX_RESPONSE_HEAD` bytes); ValueError for a request h11
+    refuses to send (a malformed header or target), or a ``timeout`` or ``max_time`` that
+    is not a positive number.
     """
     where = Address.parse(address)
-    request_event = _request_event(method, target, headers, body)
-    conn = h11.Connection(h11.CLIENT)
+    for name, seconds in (("timeout", timeout), ("max_time", max_time)):
+        if seconds is not None and not (seconds > 0 and math.isfinite(seconds)):
+            raise ValueError(
+                f"{name} must be a positive number of seconds, or None, not {seconds!r}"
+            )
+    deadline = None if max_time is None else time.monotonic() + max_time
+    length = body_length(body)
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
     try:
-        wire = conn.send(request_event)
-        if body:
-            wire += conn.send(h11.Data(data=body))
-        wire += conn.send(h11.EndOfMessage())
+        head = conn.send(_request_event(method, target, headers, length)) or b""
     except h11.LocalProtocolError as exc:
         raise ValueError(f"cannot send this request to {where}: {exc}") from exc
-    channel = udskit.connect(where, framing="raw", timeout=timeout)
+    channel = udskit.connect(where, framing="raw", timeout=_first(timeout, max_time))
     try:
-        with translating("send", where):
-            channel.socket.sendall(wire, socket.MSG_NOSIGNAL)
-        return Exchange(channel, conn, where)
+        duplex = Duplex(
+            channel.socket,
+            conn,
+            where,
+            _outgoing(conn, head, body, length, where),
+            what=f"{method} {target}",
+            timeout=timeout,
+            max_time=max_time,
+            deadline=deadline,
+        )
+        return Exchange(channel, duplex, where)
     except BaseException:
         channel.close()
         raise
@@ -200,29 +201,59 @@ def request(
     *,
     method: str = "GET",
     headers: HeaderList = (),
-    body: bytes = b"",
+    body: RequestBody = b"",
     timeout: float | None = DEFAULT_TIMEOUT,
+    max_time: float | None = None,
 ) -> Response:
     """Send one request and return the whole response (see :func:`open_exchange`)."""
     with open_exchange(
-        address, target, method=method, headers=headers, body=body, timeout=timeout
+        address,
+        target,
+        method=method,
+        headers=headers,
+        body=body,
+        timeout=timeout,
+        max_time=max_time,
     ) as exchange:
         return Response(exchange.head, exchange.read())
 
 
-def _request_event(method: str, target: str, headers: HeaderList, body: bytes) -> h11.Request:
+def _outgoing(
+    conn: h11.Connection, head: bytes, body: RequestBody, length: int | None, where: Address
+) -> Iterator[bytes]:
+    """The request on the wire, piece by piece: the body is read as the socket takes it."""
+    yield head
+    try:
+        for chunk in body_chunks(body, length):
+            wire = conn.send(h11.Data(data=chunk))
+            if wire:
+                yield wire
+        yield conn.send(h11.EndOfMessage()) or b""
+    except h11.LocalProtocolError as exc:  # a body longer or shorter than a given length
+        raise ValueError(f"cannot send this request to {where}: {exc}") from exc
+
+
+def _first(timeout: float | None, max_time: float | None) -> float | None:
+    """The connect's bound: the step timeout, or less when the whole exchange has less."""
+    if max_time is None:
+        return timeout
+    return max_time if timeout is None else min(timeout, max_time)
+
+
+def _request_event(
+    method: str, target: str, headers: HeaderList, length: int | None
+) -> h11.Request:
     given = [(str(name), str(value)) for name, value in headers]
     names = {name.lower() for name, _ in given}
     if "host" not in names:
         given.insert(0, ("Host", DEFAULT_HOST))
     if "user-agent" not in names:
         given.append(("User-Agent", USER_AGENT))
-    if (
-        "content-length" not in names
-        and "transfer-encoding" not in names
-        and (body or method.upper() in ("POST", "PUT", "PATCH"))
-    ):
-        given.append(("Content-Length", str(len(body))))
+    if "content-length" not in names and "transfer-encoding" not in names:
+        if length is None:
+            given.append(("Transfer-Encoding", "chunked"))
+        elif length or method.upper() in ("POST", "PUT", "PATCH"):
+            given.append(("Content-Length", str(length)))
     try:
         return h11.Request(method=method, target=target, headers=given)
     except h11.LocalProtocolError as exc:
