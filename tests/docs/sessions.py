@@ -341,10 +341,15 @@ def _quote(text: str) -> str:
 
 def _script(plan: Sequence[Step], root: Path, python: str) -> str:
     doc = root / ".doc"
-    lines = ["exec 2>&1", f"cd {_quote(str(root))}", "_doc_jobs="]
+    # Each step starts with a marker line in the output; $? survives it, for "echo $?".
+    lines = ["exec 2>&1", f"cd {_quote(str(root))}", "_doc_jobs=", "_doc_keep() { return $1; }"]
     for number, step in enumerate(plan):
         log = _quote(str(doc / f"{number}.log"))
-        lines.append(f"printf '{_MARK}%s{_MARK}\\n' {number}")
+        lines += [
+            "_doc_status=$?",
+            f"printf '{_MARK}%s{_MARK}\\n' {number}",
+            '_doc_keep "$_doc_status"',
+        ]
         if step.kind == "file":
             (root / step.file_name).write_text(_forward(step.text, root), encoding="utf-8")
             continue
