@@ -90,6 +90,9 @@ PLACEHOLDERS: Final = {
 
 ANY_LINES: Final = "..."
 
+#: The words a ``<!-- check: ... -->`` comment may hold, besides ``file=NAME``.
+_CHECK_WORDS: Final = frozenset({"background", "output"})
+
 _READY: Final = Path(__file__).with_name("ready.py")
 _FENCE: Final = re.compile(r"^(?P<fence>```+|~~~+)\s*(?P<lang>[\w+-]*)")
 _DIRECTIVE: Final = re.compile(r"^<!--\s*(?P<key>check|not run):\s*(?P<value>.*?)\s*-->\s*$")
@@ -208,6 +211,9 @@ def problems(path: Path) -> list[str]:
             pass
         else:
             issues.append(f"{block.where}: a {block.lang} block is not run: say why")
+        unknown = [w for w in block.check if w not in _CHECK_WORDS and not w.startswith("file=")]
+        if unknown:
+            issues.append(f"{block.where}: unknown check words: {' '.join(unknown)}")
         if block.output_of_previous and (previous is None or previous.lang != "python"):
             issues.append(f"{block.where}: an output block that follows no Python block")
         if block.lang == "console" and block.runs:

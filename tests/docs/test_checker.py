@@ -71,13 +71,15 @@ def test_blocks_that_would_escape_are_reported(tmp_path: Path) -> None:
         "```sh\nmake install\n```\n\n"
         "<!-- not run: installs packages -->\n```sh\npip install udskit\n```\n\n"
         "<!-- check: output -->\n```text\nhello\n```\n\n"
-        "```console\nhello\n$ echo hello\n```\n",
+        "```console\nhello\n$ echo hello\n```\n\n"
+        "<!-- check: backgruond -->\n```python\npass\n```\n",
     )
     assert sessions.problems(path) == [
         "page.md:1: a block without a language (console? text?)",
         "page.md:5: a sh block is not run: say why",
         "page.md:15: an output block that follows no Python block",
         "page.md:19: a console block must start with a $ command",
+        "page.md:25: unknown check words: backgruond",
     ]
 
 
