@@ -61,7 +61,7 @@ def test_a_tiny_run_prints_the_table_and_writes_json_and_png(tmp_path: Path, com
         "One-way throughput, messages per second",
         "One-way throughput, payload MB/s",
         "Many clients",
-        "Issue 4 targets",
+        "Targets (this run)",
         "Contenders",
     ):
         assert heading in out

@@ -138,7 +138,7 @@ def _targets(run: Run) -> list[str]:
         ratio = format_ratio(item.ratio)
         detail = f" ({item.why_missing})" if item.why_missing else ""
         lines.append(f"  {item.text:<52} {ratio:>7}  {verdict}{detail}")
-    return ["Issue 4 targets (this run)", *lines] if lines else []
+    return ["Targets (this run)", *lines] if lines else []
 
 
 def _notes(run: Run) -> list[str]:

@@ -1,4 +1,4 @@
-"""Issue 4's performance targets, checked against one run's figures.
+"""udskit's performance targets, checked against one run's figures.
 
 Each target compares one contender's metric with another's (same run, same pinning); the
 1000-client target asks only that every client was served without an error.

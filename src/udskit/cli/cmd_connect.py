@@ -16,7 +16,7 @@ HELP = "connect to ADDR: stdin goes to the socket, what comes back to stdout (li
 EXAMPLE = """\
   udskit connect /tmp/echo.sock                  type lines, see the replies (Ctrl-D ends)
   printf 'hello\\n' | udskit connect /tmp/echo.sock
-  udskit connect --type dgram /tmp/s1.sock       each line one datagram (S2)
+  udskit connect --type dgram /tmp/s1.sock       each line one datagram
   udskit connect --bind /tmp/client.sock /tmp/upper.sock
 """
 

@@ -1,4 +1,4 @@
-"""``udskit demo``: the seed scenarios S1-S8, run for real, in under a minute.
+"""``udskit demo``: eight everyday Unix-socket scenarios, run for real, in under a minute.
 
 Every step is a real ``udskit`` command (a child process, ``python -m udskit``) talking over
 real sockets in a fresh temporary directory; what each one printed is checked, and the
@@ -24,7 +24,7 @@ from udskit import inspect
 from ._output import Output
 from ._signals import exit_on_termination
 
-HELP = "a one-minute tour: the seed scenarios S1-S8, run for real in a temporary directory"
+HELP = "a one-minute tour: eight everyday scenarios, run for real in a temporary directory"
 EXAMPLE = """\
   udskit demo
   udskit demo --keep        keep the directory, to look at it afterwards
@@ -87,7 +87,7 @@ class _Tour:
     # -- running --------------------------------------------------------------------------
     def run(self, scenarios: Sequence[tuple[str, str, Callable[[_Tour], str]]]) -> int:
         started = time.monotonic()
-        self.say(f"udskit demo: the seed scenarios, run for real in {self.directory}")
+        self.say(f"udskit demo: eight everyday scenarios, run for real in {self.directory}")
         self.say("(each $ line is a command you can type there yourself)")
         failed = 0
         for key, title, scenario in scenarios:
@@ -360,12 +360,12 @@ def s8(tour: _Tour) -> str:
 
 
 SCENARIOS: Final = (
-    ("S1", "a datagram server prints each datagram until DONE, then removes its socket", s1),
-    ("S2", "an interactive datagram client: each line one datagram, DONE stops the server", s2),
-    ("S3", "a stream client sends a message and reads the echo", s3),
-    ("S4", "a socket pair between a parent and its child process", s4),
-    ("S5", "a stream server answers every message with a fixed reply", s5),
-    ("S6", "seqpacket: reliable, ordered, message boundaries kept", s6),
-    ("S7", "the server learns who the client is; the client binds its own path", s7),
-    ("S8", "the socket file's life: live, crashed, reclaimed, and a file in the way", s8),
+    ("1", "a datagram server prints each datagram until DONE, then removes its socket", s1),
+    ("2", "an interactive datagram client: each line one datagram, DONE stops the server", s2),
+    ("3", "a stream client sends a message and reads the echo", s3),
+    ("4", "a socket pair between a parent and its child process", s4),
+    ("5", "a stream server answers every message with a fixed reply", s5),
+    ("6", "seqpacket: reliable, ordered, message boundaries kept", s6),
+    ("7", "the server learns who the client is; the client binds its own path", s7),
+    ("8", "the socket file's life: live, crashed, reclaimed, and a file in the way", s8),
 )

@@ -19,9 +19,9 @@ from ._signals import exit_on_termination
 
 HELP = "send each MSG to ADDR as one message; --reply waits for the answer and prints it"
 EXAMPLE = """\
-  udskit send --reply /tmp/echo.sock 'This is the message. This will be echoed back!'  (S3)
-  udskit send --type dgram /tmp/s1.sock hello DONE                                 (S1)
-  udskit send --type seqpacket --reply /tmp/s6.sock one two three                  (S6)
+  udskit send --reply /tmp/echo.sock 'This is the message. This will be echoed back!'
+  udskit send --type dgram /tmp/s1.sock hello DONE
+  udskit send --type seqpacket --reply /tmp/s6.sock one two three
 """
 
 #: How long --reply waits by default. A one-shot command in a script must not hang on a

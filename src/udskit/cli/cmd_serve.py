@@ -33,9 +33,9 @@ from .main import UsageError
 HELP = "serve ADDR: echo, uppercase, print, reply or run a command for every client"
 EXAMPLE = """\
   udskit serve --echo /tmp/echo.sock
-  udskit serve --type dgram --print --until DONE /tmp/s1.sock     (S1)
-  udskit serve --reply 'thank you!' --backlog 128 /tmp/s5.sock   (S5)
-  udskit serve --upper -v /tmp/upper.sock                        (S7: shows each peer's uid)
+  udskit serve --type dgram --print --until DONE /tmp/s1.sock
+  udskit serve --reply 'thank you!' --backlog 128 /tmp/s5.sock
+  udskit serve --upper -v /tmp/upper.sock                        shows each peer's uid
   udskit serve --exec 'tr a-z A-Z' --mode 660 --group www-data /run/app/app.sock
 """
 

@@ -21,7 +21,7 @@ BASELINE: Final = "stdlib"
 #: far below udskit's MAX_SPIN_US.
 SPIN_US: Final = 200
 
-#: SO_SNDBUF/SO_RCVBUF of the large-buffer C reference (the issue's 1 MiB comparison).
+#: SO_SNDBUF/SO_RCVBUF of the large-buffer C reference (the 1 MiB comparison of the targets).
 C_BUFFER: Final = 1 << 20
 
 _BENCH_EXTRA: Final = "pip install 'udskit[bench]'"
