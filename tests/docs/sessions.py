@@ -45,7 +45,8 @@ What may differ
     line, these placeholders stand for what changes from run to run, and nothing else:
     ``<pid>``, ``<n>`` (a whole number), ``<seconds>`` (``4.7``), ``<time>``
     (``2026-11-21 08:56:46``), ``<http-date>`` (``Sat, 21 Nov 2026 08:56:50 GMT``),
-    ``<hex>``, ``<tmp>`` (a temporary name: letters, digits, ``_``). Bash's own notices about
+    ``<hex>``, ``<tmp>`` (a temporary name: letters, digits, ``_``), ``<process>`` (a
+    process name, which is ``python`` or ``python3`` as the interpreter was started). Bash's own notices about
     background jobs (``line 12: 4242 Killed ...``) are left out: an interactive shell words
     them differently.
 """
@@ -86,6 +87,7 @@ PLACEHOLDERS: Final = {
     "http-date": r"[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d GMT",
     "hex": r"[0-9a-f]+",
     "tmp": r"\w+",
+    "process": r"[\w.-]+",
 }
 
 ANY_LINES: Final = "..."
