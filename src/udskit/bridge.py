@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import signal
 import socket
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Final, cast
 
 from .address import Address, AddressLike, sun_path
+from .aio.listening import claim_in_thread
 from .creds import Policy, peer_cred
 from .errors import ConnectError, Timeout, UdsError
 from .listening import Listener, listen
@@ -624,14 +626,17 @@ async def start(
     ):
         raise ValueError(f"max_connections must be a positive integer, not {max_connections!r}")
     loop = asyncio.get_running_loop()
-    listener = listen(
-        source,
-        type="stream",
-        mode=mode,
-        owner=owner,
-        group=group,
-        allow=allow,
-        backlog=backlog,
+    listener = await claim_in_thread(
+        functools.partial(
+            listen,
+            source,
+            type="stream",
+            mode=mode,
+            owner=owner,
+            group=group,
+            allow=allow,
+            backlog=backlog,
+        )
     )
     try:
         return Bridge(listener, destination, loop=loop, max_connections=max_connections)

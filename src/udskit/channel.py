@@ -142,12 +142,16 @@ class Channel(ChannelFacts):
 
     Threads may share a channel: each ``send*`` call puts its message (or batch) on the wire
     whole, never interleaved with another thread's, and each ``recv*`` call takes whole
-    messages; senders and receivers do not wait for each other. A send that fails after
-    part of a message went out (a timeout, a signal, an error) leaves the channel *broken*:
-    the peer is told (end of stream mid-message) and every later call here raises
-    ``ConnectionClosed``, so no message is ever spliced into the remains of another. A read
-    that brings more descriptors than ``max_fds`` cannot be used either (its bytes would
-    leave a hole in the stream): that ``recv`` and every later one raise ``ProtocolError``.
+    messages; senders and receivers do not wait for each other (a thread waits for another
+    thread's send, or receive, to finish; each is bounded by the timeout). A signal handler
+    must not use a channel that the thread it interrupted is using: it would wait for ever.
+
+    A stream send that fails after part of a message may have gone out (a timeout, a
+    signal handler's exception, an error) leaves the channel *broken*: the peer sees the
+    stream end, and every later call here raises ``ConnectionClosed``, so no message is
+    ever spliced into the remains of another. Likewise a stream read cut short by an
+    exception that is not udskit's, or that brings more descriptors than ``max_fds``:
+    its bytes cannot be used, so that ``recv`` and every later one raise ``ProtocolError``.
     """
 
     __slots__ = (
@@ -694,8 +698,10 @@ class Channel(ChannelFacts):
         if size == 0 and self._type == "seqpacket":
             close_fds(fds)
             raise ConnectionClosed(f"{self._where()}: the peer closed the connection")
-        if got is not None and got.cred is not None:
-            self._peer = got.cred
+        if self._type == "dgram":
+            # The last sender's credentials; None if it came with none (queued before
+            # SO_PASSCRED was set): never the previous sender's.
+            self._peer = got.cred if got is not None else None
         return self._rview[:size].tobytes(), fds
 
     # -- tuning ---------------------------------------------------------------------------

@@ -67,6 +67,9 @@ def connect(
     reply: Claim | None = None
     reply_dir: bytes | None = None
     try:
+        if kind == socket.SOCK_DGRAM:
+            # Before bind: a reply that arrives earlier would carry no credentials.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         if own is not None:
             reply = _bind_own(sock, own)
         elif kind == socket.SOCK_DGRAM:
@@ -77,7 +80,6 @@ def connect(
         with translating("connect", target, tried=kind), sun_path(target) as where:
             sock.connect(where)
         if kind == socket.SOCK_DGRAM:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             peer = None
         else:
             peer = peer_cred(sock)

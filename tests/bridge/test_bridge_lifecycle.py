@@ -290,3 +290,32 @@ def test_target_backlog_full_times_out(sockdir: Path, monkeypatch: pytest.Monkey
         finally:
             for filler in fillers:
                 filler.close()
+
+
+def test_start_keeps_the_loop_free_while_another_process_claims_the_path(
+    sockdir: Path,
+) -> None:
+    """The claim waits for the path's lock in a worker thread: the event loop runs on."""
+    import fcntl
+
+    path = sockdir / "front.sock"
+    target = sockdir / "back.sock"
+    lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as a process in the middle of its own claim
+
+    async def main() -> int:
+        starting = asyncio.ensure_future(bridge.start(f"unix:{path}", f"unix:{target}"))
+        turns = 0
+        while turns < 50:  # the loop goes round while start() waits for the lock
+            await asyncio.sleep(0)
+            turns += 1
+        assert not starting.done()
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        running = await asyncio.wait_for(starting, 10)
+        await running.aclose()
+        return turns
+
+    try:
+        assert udskit.aio.run(main()) == 50
+    finally:
+        os.close(lock)

@@ -254,3 +254,40 @@ def _wait_for_file(path: Path, process: subprocess.Popen[bytes]) -> None:
         assert time.monotonic() < deadline, "systemd-socket-activate did not bind in time"
         time.sleep(delay)  # back-off between polls, not synchronisation
         delay = min(delay * 2, 0.05)
+
+
+def _one_with_and_one_without_credentials(path: Path) -> socket.socket:
+    """A bound datagram socket holding two datagrams: one whose sender set SO_PASSCRED, then
+    one queued while neither end had it (pid 0)."""
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(os.fspath(path))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as with_creds:
+        with_creds.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        with_creds.sendto(b"with", os.fspath(path))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as without:
+        without.sendto(b"without", os.fspath(path))
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    return receiver
+
+
+def test_a_channel_never_reports_the_previous_senders_credentials(path: Path) -> None:
+    with udskit.Channel(_one_with_and_one_without_credentials(path)) as channel:
+        assert channel.recv() == b"with"
+        assert channel.peer is not None
+        assert channel.peer.pid == os.getpid()
+        assert channel.recv() == b"without"
+        assert channel.peer is None
+
+
+def test_an_aio_channel_never_reports_the_previous_senders_credentials(path: Path) -> None:
+    async def main() -> None:
+        async with udskit.aio.Channel(_one_with_and_one_without_credentials(path)) as channel:
+            assert await channel.recv() == b"with"
+            assert channel.peer is not None
+            assert channel.peer.pid == os.getpid()
+            assert await channel.recv() == b"without"
+            assert channel.peer is None
+
+    for uvloop in (False, True):
+        udskit.aio.run(main(), use_uvloop=uvloop)
+        path.unlink()

@@ -276,8 +276,8 @@ class Channel(Sending, ChannelFacts):
         """A queued message with descriptors or credentials: take its parts."""
         data, fds, cred = item
         self._ready_bytes -= len(data)
-        if cred is not None:
-            self._peer = cred
+        if cred is not None or self._type == "dgram":
+            self._peer = cred  # a datagram's sender, or None if it came with no credentials
         return data, fds
 
     async def _wait_readable(self) -> None:
@@ -477,7 +477,10 @@ class Channel(Sending, ChannelFacts):
                 self._stop_reading()
                 break
             data = view[:size].tobytes()
-            ready.append(data if got is None else (data, fds, got.cred))
+            if got is None and self._type != "dgram":
+                ready.append(data)
+            else:  # a datagram keeps its (maybe absent) credentials with it
+                ready.append((data, fds, None if got is None else got.cred))
             self._ready_bytes += size
             if self._rwaiter is not None:
                 break  # hand this one over first; level-triggered polling brings the rest

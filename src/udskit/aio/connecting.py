@@ -112,6 +112,9 @@ async def _connect_unix(
     reply: Claim | None = None
     reply_dir: bytes | None = None
     try:
+        if kind == socket.SOCK_DGRAM:
+            # Before bind: a reply that arrives earlier would carry no credentials.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         if own is not None:
             reply = blocking._bind_own(sock, own)
         elif kind == socket.SOCK_DGRAM:
@@ -124,9 +127,7 @@ async def _connect_unix(
         tune_buffers(sock, *buffers)
         await _connect_waiting(sock, target, timeout)
         peer: PeerCred | None = None
-        if kind == socket.SOCK_DGRAM:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        else:
+        if kind != socket.SOCK_DGRAM:
             peer = peer_cred(sock)
             if expect_uid is not None:
                 require_uid(peer, expect_uid, target)

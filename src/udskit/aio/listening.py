@@ -460,8 +460,6 @@ async def listen(
     and does so in a worker thread: the event loop keeps running meanwhile.
     """
     check_write_limit(write_limit)
-    # Claiming a path waits (up to sockfile.CLAIM_LOCK_TIMEOUT) while another process
-    # claims or releases the same path: in a worker thread, so the loop keeps running.
     listen_now: Callable[[], blocking.Listener | blocking.DatagramListener] = functools.partial(
         blocking.listen,
         address,
@@ -477,13 +475,7 @@ async def listen(
         sndbuf=sndbuf,
         rcvbuf=rcvbuf,
     )
-    claiming = asyncio.get_running_loop().run_in_executor(None, listen_now)
-    try:
-        inner = await asyncio.shield(claiming)
-    except asyncio.CancelledError:
-        # The thread cannot be stopped: close what it claims once it is done.
-        claiming.add_done_callback(_close_unwanted)
-        raise
+    inner = await claim_in_thread(listen_now)
     try:
         if isinstance(inner, blocking.DatagramListener):
             limit = max_frame_for("dgram", max_frame)
@@ -502,9 +494,23 @@ async def listen(
         raise
 
 
-def _close_unwanted(
-    claiming: asyncio.Future[blocking.Listener | blocking.DatagramListener],
-) -> None:
+_Claimed = TypeVar("_Claimed")
+
+
+async def claim_in_thread(listen_now: Callable[[], _Claimed]) -> _Claimed:
+    """Run a blocking ``listen`` in a worker thread: claiming a path waits (up to
+    sockfile.CLAIM_LOCK_TIMEOUT) while another process claims or releases the same path,
+    and the event loop must keep running meanwhile. If the caller is cancelled, what the
+    thread claims is closed once it is done (the thread itself cannot be stopped)."""
+    claiming = asyncio.get_running_loop().run_in_executor(None, listen_now)
+    try:
+        return await asyncio.shield(claiming)
+    except asyncio.CancelledError:
+        claiming.add_done_callback(_close_unwanted)
+        raise
+
+
+def _close_unwanted(claiming: asyncio.Future[Any]) -> None:
     """Close a listener claimed for a listen() that was cancelled meanwhile."""
     if not claiming.cancelled() and claiming.exception() is None:
         claiming.result().close()
