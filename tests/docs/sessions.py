@@ -46,9 +46,9 @@ What may differ
     ``<pid>``, ``<n>`` (a whole number), ``<seconds>`` (``4.7``), ``<time>``
     (``2026-11-21 08:56:46``), ``<http-date>`` (``Sat, 21 Nov 2026 08:56:50 GMT``),
     ``<hex>``, ``<tmp>`` (a temporary name: letters, digits, ``_``), ``<process>`` (a
-    process name, which is ``python`` or ``python3`` as the interpreter was started). Bash's own notices about
-    background jobs (``line 12: 4242 Killed ...``) are left out: an interactive shell words
-    them differently.
+    process name, which is ``python`` or ``python3`` as the interpreter was started).
+    Bash's own notices about background jobs (``line 12: 4242 Killed ...``) are left out:
+    an interactive shell words them differently.
 """
 
 from __future__ import annotations
