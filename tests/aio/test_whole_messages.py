@@ -21,31 +21,26 @@ import udskit
 import udskit.aio
 from udskit import ConnectionClosed
 
-from ..faults.scripted import Drain, ScriptedSocket, Step, scripted_pair
+from ..faults.scripted import Drain, ScriptedSocket, Step, scripted_pair, tagged
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
 Send = Callable[[udskit.aio.Channel, int], Awaitable[list[bytes]]]
 
 
-def _message(tag: int, size: int) -> bytes:
-    head = f"<{tag}:{size}>".encode()
-    return (head * (size // len(head) + 1))[:size]
-
-
 async def _send_small(ch: udskit.aio.Channel, tag: int) -> list[bytes]:
-    msg = _message(tag, 1000)
+    msg = tagged(tag, 1000)
     await ch.send(msg)
     return [msg]
 
 
 async def _send_large(ch: udskit.aio.Channel, tag: int) -> list[bytes]:
-    msg = _message(tag, 200_000)
+    msg = tagged(tag, 200_000)
     await ch.send(msg)
     return [msg]
 
 
 async def _send_fds(ch: udskit.aio.Channel, tag: int) -> list[bytes]:
-    msg = _message(tag, 3000)
+    msg = tagged(tag, 3000)
     r, w = os.pipe()
     try:
         await ch.send_fds(msg, [r])
@@ -56,7 +51,7 @@ async def _send_fds(ch: udskit.aio.Channel, tag: int) -> list[bytes]:
 
 
 async def _send_many(ch: udskit.aio.Channel, tag: int) -> list[bytes]:
-    msgs = [_message(tag * 1000 + i, 1000) for i in range(100)]
+    msgs = [tagged(tag * 1000 + i, 1000) for i in range(100)]
     await ch.send_many(msgs)
     return msgs
 

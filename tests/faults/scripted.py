@@ -25,6 +25,13 @@ WAIT = 10.0
 Step = Any
 
 
+def tagged(tag: int, size: int) -> bytes:
+    """A message of ``size`` bytes that says which it is in every part of it, so that a
+    spliced or shortened one is never mistaken for another."""
+    head = f"<{tag}:{size}>".encode()
+    return (head * (size // len(head) + 1))[:size]
+
+
 def _cut(buffers: Iterable[Any], limit: int) -> list[memoryview]:
     out: list[memoryview] = []
     for buf in buffers:

@@ -19,30 +19,25 @@ import pytest
 import udskit
 from udskit import Channel, ConnectionClosed, ProtocolError, Timeout
 
-from .scripted import WAIT, Drain, ScriptedSocket, Step, scripted_pair
+from .scripted import WAIT, Drain, ScriptedSocket, Step, scripted_pair, tagged
 
 Send = Callable[[Channel, int], list[bytes]]
 
 
-def _message(tag: int, size: int) -> bytes:
-    head = f"<{tag}:{size}>".encode()
-    return (head * (size // len(head) + 1))[:size]
-
-
 def _send_small(ch: Channel, tag: int) -> list[bytes]:
-    msg = _message(tag, 1000)
+    msg = tagged(tag, 1000)
     ch.send(msg)
     return [msg]
 
 
 def _send_large(ch: Channel, tag: int) -> list[bytes]:
-    msg = _message(tag, 200_000)
+    msg = tagged(tag, 200_000)
     ch.send(msg)
     return [msg]
 
 
 def _send_fds(ch: Channel, tag: int) -> list[bytes]:
-    msg = _message(tag, 3000)
+    msg = tagged(tag, 3000)
     r, w = os.pipe()
     try:
         ch.send_fds(msg, [r])
@@ -53,7 +48,7 @@ def _send_fds(ch: Channel, tag: int) -> list[bytes]:
 
 
 def _send_many(ch: Channel, tag: int) -> list[bytes]:
-    msgs = [_message(tag * 1000 + i, 1000) for i in range(100)]  # two joined writes
+    msgs = [tagged(tag * 1000 + i, 1000) for i in range(100)]  # two joined writes
     ch.send_many(msgs)
     return msgs
 
@@ -155,7 +150,7 @@ def test_a_send_cut_mid_message_breaks_the_channel(path: str, fault: str) -> Non
         # The peer gets whole messages only (send_many's first joined write), then the end.
         got = drain.result()
         assert len(got) == (66 if path == "send_many" else 0)
-        assert got == [_message(1000 + i, 1000) for i in range(len(got))]
+        assert got == [tagged(1000 + i, 1000) for i in range(len(got))]
 
 
 @pytest.mark.parametrize("kind", [socket.SOCK_SEQPACKET, socket.SOCK_DGRAM])
@@ -243,7 +238,7 @@ def test_threads_sending_on_one_channel_never_interleave() -> None:
         def sender(tag: int) -> None:
             try:
                 for i in range(per_thread):
-                    left.send(_message(tag * 100 + i, size))
+                    left.send(tagged(tag * 100 + i, size))
             except BaseException as exc:  # reported below
                 errors.append(exc)
 
@@ -254,9 +249,7 @@ def test_threads_sending_on_one_channel_never_interleave() -> None:
         for t in threads:
             t.join(WAIT)
         assert not errors
-        expected = {
-            _message(t * 100 + i, size) for t in range(threads_n) for i in range(per_thread)
-        }
+        expected = {tagged(t * 100 + i, size) for t in range(threads_n) for i in range(per_thread)}
         assert set(got) == expected
         # each thread's own messages arrive in the order it sent them
         tags = [int(m[1 : m.index(b":")]) for m in got]
@@ -296,7 +289,7 @@ def test_threads_receiving_on_one_channel_each_get_whole_messages(how: str) -> N
         readers = [threading.Thread(target=receiver) for _ in range(2)]
         for t in readers:
             t.start()
-        sent = [_message(i, 1000 + 977 * (i % 300)) for i in range(total)]
+        sent = [tagged(i, 1000 + 977 * (i % 300)) for i in range(total)]
         for msg in sent:
             left.send(msg)
         left.send(b"STOP")
@@ -318,7 +311,7 @@ def test_more_descriptors_than_max_fds_never_builds_a_wrong_message(
     pipes = [os.pipe() for _ in range(10)]
     fds = [fd for pipe in pipes for fd in pipe]
     big = 300 * 1024 if kind == "stream" else 100 * 1024
-    sent = [_message(1, big), _message(2, 1000), _message(3, 60_000 if kind == "stream" else 600)]
+    sent = [tagged(1, big), tagged(2, 1000), tagged(3, 60_000 if kind == "stream" else 600)]
     with sender, receiver:
 
         def send_all() -> None:
@@ -371,7 +364,7 @@ def test_threads_sharing_a_datagram_listener(sockdir: Path) -> None:
         readers = [threading.Thread(target=reader) for _ in range(2)]
         for t in readers:
             t.start()
-        sent = [_message(i, 100 + 37 * i) for i in range(total)]
+        sent = [tagged(i, 100 + 37 * i) for i in range(total)]
         with udskit.connect(sockdir / "d.sock", type="dgram") as client:
             for msg in [*sent, b"STOP", b"STOP"]:
                 client.send(msg)
@@ -542,7 +535,7 @@ def test_send_refuses_what_is_not_bytes_with_a_hint() -> None:
 def test_send_many_broken_when_its_messages_fail_after_part_went_out() -> None:
     def messages() -> Iterator[bytes]:
         for i in range(100):
-            yield _message(i, 1000)  # 66 of these fill the first joined write
+            yield tagged(i, 1000)  # 66 of these fill the first joined write
         raise Interrupt
 
     left, right = udskit.pair()
@@ -553,7 +546,7 @@ def test_send_many_broken_when_its_messages_fail_after_part_went_out() -> None:
         with pytest.raises(ConnectionClosed, match="this channel is broken"):
             left.send(b"more")
         left.close()
-        assert drain.result() == [_message(i, 1000) for i in range(66)]
+        assert drain.result() == [tagged(i, 1000) for i in range(66)]
 
 
 def test_close_wakes_a_thread_blocked_in_send() -> None:
