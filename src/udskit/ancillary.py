@@ -68,11 +68,13 @@ def rights(fds: Sequence[int], limit: int) -> list[tuple[int, int, bytes]]:
 class Received:
     """What a recvmsg() brought besides data: descriptors and credentials."""
 
-    __slots__ = ("cred", "fds")
+    __slots__ = ("cred", "creds_sent", "fds")
 
-    def __init__(self, fds: list[int], cred: PeerCred | None) -> None:
+    def __init__(self, fds: list[int], cred: PeerCred | None, creds_sent: bool = False) -> None:
         self.fds = fds
         self.cred = cred
+        #: An SCM_CREDENTIALS message came (``cred`` is None if it held none: pid 0).
+        self.creds_sent = creds_sent
 
 
 _NOTHING: Final = Received([], None)
@@ -92,6 +94,7 @@ def unpack(
     """
     fds: list[int] = []
     cred: PeerCred | None = None
+    creds_sent = False
     foreign: tuple[int, int] | None = None
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -99,6 +102,7 @@ def unpack(
             fds.extend(array.array("i", data[:usable]))
         elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
             cred = unpack_ucred(data)
+            creds_sent = True
         else:
             foreign = (level, kind)
     if flags & socket.MSG_CTRUNC:
@@ -119,9 +123,9 @@ def unpack(
             f"message from {where} carried unexpected control data (level {foreign[0]}, "
             f"type {foreign[1]}); all received descriptors closed"
         )
-    if not fds and cred is None:
+    if not fds and not creds_sent:
         return _NOTHING
-    return Received(fds, cred)
+    return Received(fds, cred, creds_sent)
 
 
 def stream_read_lost(error: ProtocolError) -> ProtocolError:

@@ -698,10 +698,10 @@ class Channel(ChannelFacts):
         if size == 0 and self._type == "seqpacket":
             close_fds(fds)
             raise ConnectionClosed(f"{self._where()}: the peer closed the connection")
-        if self._type == "dgram":
-            # The last sender's credentials; None if it came with none (queued before
+        if got is not None and got.creds_sent:
+            # The sender's credentials; None if the datagram held none (queued before
             # SO_PASSCRED was set): never the previous sender's.
-            self._peer = got.cred if got is not None else None
+            self._peer = got.cred
         return self._rview[:size].tobytes(), fds
 
     # -- tuning ---------------------------------------------------------------------------

@@ -64,8 +64,19 @@ def _no_framing(*_: object) -> object:
     raise AssertionError("feed() is bound when a stream channel starts reading")
 
 
+class _UnknownSender:
+    """The sender of a datagram that came with credentials holding none (pid 0)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNKNOWN_SENDER"
+
+
+UNKNOWN_SENDER: Final = _UnknownSender()
+
 #: A queued message that came with descriptors or credentials (plain ones are just bytes).
-Received = tuple[bytes, list[int], PeerCred | None]
+Received = tuple[bytes, list[int], "PeerCred | _UnknownSender | None"]
 
 
 class Channel(Sending, ChannelFacts):
@@ -276,8 +287,10 @@ class Channel(Sending, ChannelFacts):
         """A queued message with descriptors or credentials: take its parts."""
         data, fds, cred = item
         self._ready_bytes -= len(data)
-        if cred is not None or self._type == "dgram":
-            self._peer = cred  # a datagram's sender, or None if it came with no credentials
+        if isinstance(cred, PeerCred):
+            self._peer = cred
+        elif cred is UNKNOWN_SENDER:
+            self._peer = None  # never the previous sender's
         return data, fds
 
     async def _wait_readable(self) -> None:
@@ -477,10 +490,12 @@ class Channel(Sending, ChannelFacts):
                 self._stop_reading()
                 break
             data = view[:size].tobytes()
-            if got is None and self._type != "dgram":
+            if got is None:
                 ready.append(data)
-            else:  # a datagram keeps its (maybe absent) credentials with it
-                ready.append((data, fds, None if got is None else got.cred))
+            elif got.creds_sent and got.cred is None:  # a datagram that held no credentials
+                ready.append((data, fds, UNKNOWN_SENDER))
+            else:
+                ready.append((data, fds, got.cred))
             self._ready_bytes += size
             if self._rwaiter is not None:
                 break  # hand this one over first; level-triggered polling brings the rest
