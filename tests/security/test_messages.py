@@ -57,20 +57,8 @@ def _python_for_nobody() -> str:
 
 @pytest.mark.parametrize("kind", ["stream", "dgram"])
 def test_cli_refuses_an_owner_nobody_may_not_give(arena: Arena, kind: str) -> None:
-    python = _python_for_nobody()
     args = ["serve", os.fspath(arena.path), "--type", kind, "--echo", "--owner", "root"]
-    done = subprocess.run(
-        [python, "-m", "udskit", *args],
-        capture_output=True,
-        text=True,
-        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": os.fspath(SOURCE)},
-        cwd=arena.directory,
-        user=NOBODY,
-        group=NOBODY,
-        extra_groups=[],
-        timeout=COMMAND_TIMEOUT,
-        check=False,
-    )
+    done = _udskit_as_nobody(args, arena)
     assert done.returncode == 1, done
     lines = done.stderr.splitlines()
     assert len(lines) == 1, done.stderr
@@ -82,9 +70,18 @@ def test_cli_refuses_an_owner_nobody_may_not_give(arena: Arena, kind: str) -> No
 
 def test_cli_names_a_relative_path_as_given(arena: Arena) -> None:
     """The reported case: `udskit serve x.sock --owner root` in the current directory."""
-    python = _python_for_nobody()
-    done = subprocess.run(
-        [python, "-m", "udskit", "serve", "x.sock", "--echo", "--owner", "root"],
+    done = _udskit_as_nobody(["serve", "x.sock", "--echo", "--owner", "root"], arena)
+    assert done.returncode == 1, done
+    assert "b'x.sock'" not in done.stderr
+    assert "x.sock" in done.stderr
+    assert "run as root" in done.stderr
+    assert shutil.which(python) is not None
+
+
+def _udskit_as_nobody(args: list[str], arena: Arena) -> subprocess.CompletedProcess[str]:
+    """``udskit ARGS`` run as nobody, in the arena's directory."""
+    return subprocess.run(
+        [_python_for_nobody(), "-m", "udskit", *args],
         capture_output=True,
         text=True,
         env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": os.fspath(SOURCE)},
@@ -95,8 +92,3 @@ def test_cli_names_a_relative_path_as_given(arena: Arena) -> None:
         timeout=COMMAND_TIMEOUT,
         check=False,
     )
-    assert done.returncode == 1, done
-    assert "b'x.sock'" not in done.stderr
-    assert "x.sock" in done.stderr
-    assert "run as root" in done.stderr
-    assert shutil.which(python) is not None
