@@ -23,6 +23,7 @@ from .errors import ProtocolError
 
 __all__ = [
     "MAX_FDS_PER_MESSAGE",
+    "ControlDataError",
     "Received",
     "ancillary_size",
     "close_fds",
@@ -80,6 +81,16 @@ class Received:
 _NOTHING: Final = Received([], None)
 
 
+class ControlDataError(ProtocolError):
+    """``unpack`` refused a message's control data. ``cred`` is the sender's credentials
+    if they came with it, so that a listener can drop what its policy refuses anyway
+    rather than let a refused sender raise errors in the server."""
+
+    def __init__(self, message: str, cred: PeerCred | None) -> None:
+        super().__init__(message)
+        self.cred = cred
+
+
 def unpack(
     ancdata: Iterable[tuple[int, int, bytes]],
     flags: int,
@@ -107,21 +118,24 @@ def unpack(
             foreign = (level, kind)
     if flags & socket.MSG_CTRUNC:
         close_fds(fds)
-        raise ProtocolError(
+        raise ControlDataError(
             f"message from {where} carried more control data than allowed (MSG_CTRUNC): "
-            f"the peer sent more descriptors than max_fds; all received descriptors closed"
+            f"the peer sent more descriptors than max_fds; all received descriptors closed",
+            cred,
         )
     if max_fds is not None and len(fds) > max_fds:
         close_fds(fds)
-        raise ProtocolError(
+        raise ControlDataError(
             f"message from {where} carried {len(fds)} descriptors, more than max_fds "
-            f"({max_fds}); all received descriptors closed"
+            f"({max_fds}); all received descriptors closed",
+            cred,
         )
     if foreign is not None:
         close_fds(fds)
-        raise ProtocolError(
+        raise ControlDataError(
             f"message from {where} carried unexpected control data (level {foreign[0]}, "
-            f"type {foreign[1]}); all received descriptors closed"
+            f"type {foreign[1]}); all received descriptors closed",
+            cred,
         )
     if not fds and not creds_sent:
         return _NOTHING

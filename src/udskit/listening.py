@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeVar, overload
 
 from .address import Address, AddressLike, sun_path
-from .ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
+from .ancillary import (
+    RECV_FLAGS,
+    ControlDataError,
+    ancillary_size,
+    close_fds,
+    rights,
+    unpack,
+)
 from .channel import Buffer, Channel, accepted
 from .creds import PeerCred, Policy
 from .errors import AddressInUse, ConnectionClosed, ProtocolError, SocketFileError
@@ -243,18 +250,24 @@ class DatagramListener(_Endpoint):
             if self._closed:  # close() in another thread woke us with an empty read
                 raise ConnectionClosed(f"listener on {self.address} is closed")
             where = _sender_address(sender) or "an unbound sender"
-            got = unpack(ancdata, flags, where, self._max_fds)
+            policy = self.policy
+            try:
+                got = unpack(ancdata, flags, where, self._max_fds)
+            except ControlDataError as exc:
+                # The policy first: a sender it refuses never makes recv() raise.
+                if policy is not None and not admits(policy, exc.cred, self.address, where):
+                    continue
+                raise
+            peer = got.cred
+            if policy is not None and not admits(policy, peer, self.address, where):
+                close_fds(got.fds)
+                continue
             if flags & socket.MSG_TRUNC:
                 close_fds(got.fds)
                 raise ProtocolError(
                     f"datagram from {where} to {self.address} was larger than max_frame "
                     f"({len(self._rbuf)} bytes) and arrived truncated; raise max_frame"
                 )
-            peer = got.cred
-            policy = self.policy
-            if policy is not None and not admits(policy, peer, self.address, where):
-                close_fds(got.fds)
-                continue
             data = self._rview[:size].tobytes()
             return Datagram(data, _sender_address(sender), peer, tuple(got.fds))
 

@@ -7,6 +7,7 @@ threads sharing one channel, and with more descriptors than the receiver takes.
 
 from __future__ import annotations
 
+import array
 import errno
 import os
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import udskit
+import udskit.aio
 from udskit import Channel, ConnectionClosed, ProtocolError, Timeout
 
 from .scripted import WAIT, Drain, ScriptedSocket, Step, scripted_pair, tagged
@@ -635,3 +637,49 @@ def test_a_channel_keeps_its_timeout_across_processes() -> None:
 
 def _timeout_of(channel: Channel) -> float | None:
     return channel.gettimeout()
+
+
+@pytest.mark.parametrize("layer", ["blocking", "asyncio"])
+def test_a_sender_the_policy_refuses_never_makes_recv_raise(sockdir: Path, layer: str) -> None:
+    """Too many descriptors, or a datagram over max_frame, from a sender the policy refuses:
+    dropped like any of its datagrams, not raised in the server (a refused sender must not
+    be able to break a receive loop). From an allowed sender they are still errors."""
+    path = sockdir / "d.sock"
+    pipes = [os.pipe() for _ in range(5)]
+    fds = [fd for pipe in pipes for fd in pipe]
+    too_many = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+    def send_bad() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as raw:
+            raw.sendmsg([b"fds"], too_many, 0, os.fspath(path))
+            raw.sendto(b"x" * 2048, os.fspath(path))  # over max_frame
+            raw.sendto(b"last", os.fspath(path))
+
+    refuse_me = udskit.Policy(uids={os.getuid() + 12345})
+    try:
+        if layer == "blocking":
+            with udskit.listen(path, type="dgram", allow=refuse_me, max_frame=1024) as listener:
+                listener.settimeout(0.5)
+                send_bad()
+                with pytest.raises(Timeout):
+                    listener.recv()  # all three dropped, nothing raised
+            with udskit.listen(path, type="dgram", max_fds=2, max_frame=1024) as listener:
+                listener.settimeout(WAIT)
+                send_bad()
+                with pytest.raises(ProtocolError, match="max_fds"):
+                    listener.recv()
+        else:
+
+            async def main() -> None:
+                async with await udskit.aio.listen(
+                    path, type="dgram", allow=refuse_me, max_frame=1024
+                ) as listener:
+                    listener.settimeout(0.5)
+                    send_bad()
+                    with pytest.raises(Timeout):
+                        await listener.recv()
+
+            udskit.aio.run(main())
+    finally:
+        for fd in fds:
+            os.close(fd)

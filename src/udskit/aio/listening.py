@@ -18,7 +18,14 @@ from typing import Any, Final, Generic, Literal, TypeVar, overload
 
 from .. import listening as blocking
 from ..address import Address, AddressLike, sun_path
-from ..ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
+from ..ancillary import (
+    RECV_FLAGS,
+    ControlDataError,
+    ancillary_size,
+    close_fds,
+    rights,
+    unpack,
+)
 from ..creds import PeerCred, Policy, peer_cred
 from ..errors import ConnectionClosed, ProtocolError
 from ..listening import Datagram
@@ -345,10 +352,17 @@ class DatagramListener(_Endpoint[Datagram]):
                 break
             sender = blocking._sender_address(name)
             where = sender or "an unbound sender"
+            policy = self.policy
             try:
                 got = unpack(ancdata, flags, where, self._max_fds)
-            except ProtocolError as exc:
-                ready.append(exc)
+            except ControlDataError as exc:
+                # The policy first: a sender it refuses never makes recv() raise.
+                if policy is None or blocking.admits(policy, exc.cred, self.address, where):
+                    ready.append(exc)
+                continue
+            peer = got.cred
+            if policy is not None and not blocking.admits(policy, peer, self.address, where):
+                close_fds(got.fds)
                 continue
             if flags & _TRUNC:
                 close_fds(got.fds)
@@ -358,11 +372,6 @@ class DatagramListener(_Endpoint[Datagram]):
                         f"({self._max_frame} bytes) and arrived truncated; raise max_frame"
                     )
                 )
-                continue
-            peer = got.cred
-            policy = self.policy
-            if policy is not None and not blocking.admits(policy, peer, self.address, where):
-                close_fds(got.fds)
                 continue
             ready.append(Datagram(view[:size].tobytes(), sender, peer, tuple(got.fds)))
             self._ready_bytes += size
