@@ -452,10 +452,14 @@ def _bind_private(
         if len(full) > MAX_DIRECT_PATH and len(via) > MAX_DIRECT_PATH:
             inner = b"s"
             via = b"/proc/self/fd/%d/s" % private.fd
+        # By the full name (what /proc/net/unix and `udskit ls` show) only if it fits and no
+        # other user can rename our private directory away and plant a symlink at its name
+        # in between; else through the directory's descriptor, which no rename redirects.
+        by_name = len(full) <= MAX_DIRECT_PATH and _others_cannot_swap(
+            directory, os.fstat(private.fd)
+        )
         with translating("bind", address):
-            # By the full name if it fits (what /proc/net/unix and `udskit ls` show), else
-            # through the directory's descriptor, which no rename of the name can redirect.
-            sock.bind(full if len(full) <= MAX_DIRECT_PATH else via)
+            sock.bind(full if by_name else via)
         bound = True
         dev_ino = _set_mode_and_owner(sock, private.fd, inner, address, mode, uid, gid)
         with translating("listen", address):

@@ -50,6 +50,21 @@ def after_bind(monkeypatch: pytest.MonkeyPatch) -> Moves:
     return moves
 
 
+def before_bind(monkeypatch: pytest.MonkeyPatch) -> Moves:
+    """Moves to make right before the next bind() of an AF_UNIX socket."""
+    moves: Moves = []
+    real_bind = socket.socket.bind
+
+    def bind(sock: socket.socket, address: object) -> None:
+        if sock.family == socket.AF_UNIX:
+            while moves:
+                moves.pop(0)()
+        real_bind(sock, address)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket.socket, "bind", bind)
+    return moves
+
+
 def after_probe(monkeypatch: pytest.MonkeyPatch) -> Moves:
     """Moves to make right after udskit's next probe of a socket file returns."""
     moves: Moves = []

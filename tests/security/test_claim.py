@@ -17,6 +17,7 @@ import udskit
 from udskit import SocketFileError, UdsError
 from udskit import sockfile as sockfile_module
 
+from ..integration import injected
 from ..integration.children import NOBODY, fork, needs_root, reap
 from ..integration.injected import Moves, after_probe
 from .conftest import Arena, as_nobody
@@ -293,6 +294,46 @@ def test_a_private_directory_swapped_in_after_mkdir_is_never_used(
         if info.st_uid == NOBODY:  # nobody's directory: root put nothing in it
             assert os.listdir(arena.directory / name) == []
     arena.secret_untouched()
+
+
+def test_a_private_directory_renamed_before_bind_never_redirects_it(
+    arena: Arena, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nobody renames root's private directory away just before bind() and plants a symlink
+    at its name, pointing into a directory of root's: root binds nothing there."""
+    target = arena.secret.parent / "root-only"
+    target.mkdir(mode=0o755)
+    moves = injected.before_bind(monkeypatch)
+    reports: list[str] = []
+
+    def plant() -> None:
+        private = next(
+            name
+            for name in os.listdir(arena.directory)
+            if name.startswith(os.fsdecode(sockfile_module.PRIVATE_PREFIX))
+        )
+        reports.append(as_nobody(_symlink_dir(arena.directory, private, target)))
+
+    moves.append(plant)
+    try:
+        udskit.listen(arena.path).close()
+    except SocketFileError:
+        pass  # refusing is fine; creating a file through nobody's symlink is not
+    if arena.sticky:  # nobody may not rename root's directory
+        assert reports[0].startswith("PermissionError")
+    else:
+        assert reports == ["planted"]
+    assert os.listdir(target) == []
+    arena.secret_untouched()
+
+
+def _symlink_dir(directory: Path, name: str, target: Path) -> Callable[[], str]:
+    def move() -> str:
+        os.rename(directory / name, directory / f"{name}.nobody")
+        os.symlink(target, directory / name)
+        return "planted"
+
+    return move
 
 
 def _own_dir(directory: Path, name: str) -> Callable[[], str]:
