@@ -20,6 +20,10 @@ from udskit.cli._wording import in_cli_words, without_reprs
         ("use framing='length' for binary", "use --framing length for binary"),
         ("sock.type='x' and subtype='y' stay", "sock.type='x' and subtype='y' stay"),
         ("mode=0o4755 has setuid", "mode=0o4755 has setuid"),  # --mode is octal: no mapping
+        # a path the user gave is never rewritten
+        ("cannot connect to /srv/type=x/s.sock: no", "cannot connect to /srv/type=x/s.sock: no"),
+        ("cannot connect to /srv/bind='a'.sock: no", "cannot connect to /srv/bind='a'.sock: no"),
+        ("cannot connect to type=x: no such file", "cannot connect to type=x: no such file"),
     ],
 )
 def test_keywords_become_options(library: str, command_line: str) -> None:
@@ -35,6 +39,8 @@ def test_keywords_become_options(library: str, command_line: str) -> None:
         ),
         ("got b'x\\r\\n' and b\"it's\"", "got 'x\\r\\n' and 'it's'"),
         ("a verb(b) and b' alone", "a verb(b) and b' alone"),
+        ("cannot connect to /srv/b'x'.sock: no", "cannot connect to /srv/b'x'.sock: no"),
+        ("cannot connect to b'x'.sock: no", "cannot connect to b'x'.sock: no"),
     ],
 )
 def test_bytes_are_shown_as_text(text: str, shown: str) -> None:
@@ -52,3 +58,10 @@ def test_an_http_error_shows_no_python_notation(
     assert "'GET / HTTP/1.1'" in line
     assert "bytearray" not in line
     assert "b'" not in line
+
+
+@pytest.mark.parametrize("name", ["type=x", "bind='a'", "b'x'"])
+def test_a_path_in_an_error_is_shown_as_given(sockdir: Path, name: str) -> None:
+    path = sockdir / name / "s.sock"
+    line = one_line_error(udskit("send", path, "hi"), 1)
+    assert str(path) in line

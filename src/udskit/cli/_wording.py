@@ -16,13 +16,17 @@ from typing import Final
 __all__ = ["in_cli_words", "without_reprs"]
 
 #: ``keyword=`` or ``keyword='value'`` for the keywords that have an option of the same
-#: name and meaning; not part of a longer name (``sock.type=``, ``subtype=``).
-_KEYWORD: Final = re.compile(r"(?<![\w.])(type|framing|bind)=(?:'([^']*)')?")
+#: name and meaning: a word of its own (after a space or at the start, and followed by a
+#: space, punctuation or the end), never part of a longer name (``sock.type=``,
+#: ``subtype=``) nor of a path the user gave (``/srv/type=x/app.sock``).
+_KEYWORD: Final = re.compile(r"(?:(?<=\s)|^)(type|framing|bind)=(?:'([^'\s/]*)')?(?=[\s,;:)]|$)")
 
 
-#: A bytes or bytearray repr: ``b'...'``, ``b"..."``, ``bytearray(b'...')``.
+#: A bytes or bytearray repr: ``bytearray(b'...')`` anywhere, and ``b'...'``/``b"..."`` as
+#: a word of its own (so a path such as ``b'x'.sock`` or ``/srv/b'x'/a`` stays as it is).
 _BYTES_REPR: Final = re.compile(
-    r"""(?<![\w])(?:bytearray\((b(['"])((?:\\.|(?!\2).)*)\2)\)|b(['"])((?:\\.|(?!\4).)*)\4)"""
+    r"""(?<![\w])bytearray\((b(['"])((?:\\.|(?!\2).)*)\2)\)"""
+    r"""|(?:(?<=[\s(])|^)b(['"])((?:\\.|(?!\4).)*)\4(?=[\s,;:)]|$)"""
 )
 
 
