@@ -221,10 +221,14 @@ def trickle(conn: socket.socket, stopping: threading.Event) -> None:
         conn.sendall(b".")
 
 
-def huge_head(conn: socket.socket, stopping: threading.Event) -> None:
-    """A status line and a 100 KB header: over any sane client's limit."""
-    read_request_head(conn)
-    conn.sendall(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 100_000 + b"\r\nContent-Length: 0\r\n\r\n")
+def head_of(size: int) -> Callable[[socket.socket, threading.Event], None]:
+    """A server whose response head carries a header of ``size`` bytes, sent in one write."""
+
+    def answer(conn: socket.socket, stopping: threading.Event) -> None:
+        read_request_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * size + b"\r\nContent-Length: 0\r\n\r\n")
+
+    return answer
 
 
 def cut_short(conn: socket.socket, stopping: threading.Event) -> None:

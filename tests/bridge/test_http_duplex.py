@@ -25,7 +25,7 @@ from .httpd import (
     answer_413_early,
     cut_short,
     echo_as_it_arrives,
-    huge_head,
+    head_of,
     read_and_summarise,
     scripted_server,
     trickle,
@@ -115,8 +115,10 @@ def test_max_time_stops_a_trickle(sockdir: Path) -> None:
     assert err.count("\n") == 1, err
 
 
-def test_a_response_head_too_large_says_so(sockdir: Path) -> None:
-    with scripted_server(str(sockdir / "big.sock"), huge_head) as big:
+@pytest.mark.parametrize("size", [20_000, 40_000, 100_000])
+def test_a_response_head_too_large_says_so(sockdir: Path, size: int) -> None:
+    """Over the limit whether the head arrives in one read or in many."""
+    with scripted_server(str(sockdir / "big.sock"), head_of(size)) as big:
         with pytest.raises(udskit.ProtocolError) as caught:
             http.request(big, "/")
         shown = run_udskit("http", str(big), "/")

@@ -110,6 +110,10 @@ class Duplex:
             event = self._parse()
             if event is not h11.NEED_DATA:
                 if isinstance(event, h11.Response):
+                    # h11 applies its limit only to a head still incomplete; one that came
+                    # whole in a single read is measured here, so the limit is the same.
+                    if self.received - len(self._conn.trailing_data[0]) > MAX_RESPONSE_HEAD:
+                        raise self._too_large()
                     self._head_seen = True
                 elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                     # The answer is complete: the rest of the request would go unread.
@@ -156,6 +160,17 @@ class Duplex:
         self._pending = self._pending[sent:]
         self.sent += sent
 
+    def _too_large(self) -> ProtocolError:
+        part = (
+            "a line of the response body's chunked framing"
+            if self._head_seen
+            else "the response head (status line and headers)"
+        )
+        return ProtocolError(
+            f"{self._address}: {part} is larger than {MAX_RESPONSE_HEAD} bytes, the most "
+            "udskit accepts (h11's own limit)"
+        )
+
     def _recv(self) -> None:
         try:
             data = self._sock.recv(READ_CHUNK)
@@ -178,15 +193,7 @@ class Duplex:
             return self._conn.next_event()
         except h11.RemoteProtocolError as exc:
             if len(self._conn.trailing_data[0]) > MAX_RESPONSE_HEAD:
-                part = (
-                    "a line of the response body's chunked framing"
-                    if self._head_seen
-                    else "the response head (status line and headers)"
-                )
-                raise ProtocolError(
-                    f"{self._address}: {part} is larger than {MAX_RESPONSE_HEAD} bytes, the "
-                    "most udskit accepts (h11's own limit)"
-                ) from exc
+                raise self._too_large() from exc
             if self._head_seen and self._eof:
                 raise ConnectionClosed(
                     f"{self._address} closed the connection before the end of the response: "
