@@ -198,10 +198,14 @@ class _Lock:
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
+                        owner = os.fstat(fd).st_uid
                         os.close(fd)
+                        whose = (
+                            "" if owner == os.geteuid() else f" (its file belongs to uid {owner})"
+                        )
                         raise Timeout(
-                            f"another process has held the lock {self._shown()} for over "
-                            f"{CLAIM_LOCK_TIMEOUT:.0f} s; is it stopped? (see: fuser "
+                            f"another process has held the lock {self._shown()}{whose} for "
+                            f"over {CLAIM_LOCK_TIMEOUT:.0f} s; is it stopped? (see: fuser "
                             f"{self._shown()})"
                         ) from None
                     time.sleep(delay)

@@ -420,7 +420,12 @@ def test_lock_held_too_long_is_a_timeout(path: Path, monkeypatch: pytest.MonkeyP
             udskit.listen(path)
         assert str(lock_path) in str(caught.value)
         assert "fuser" in str(caught.value)
+        assert "belongs to" not in str(caught.value)  # our own file: nothing to add
         assert not path.exists()
+        if os.geteuid() == 0:
+            os.fchown(fd, NOBODY, NOBODY)  # as if another user made and holds it
+            with pytest.raises(Timeout, match=f"its file belongs to uid {NOBODY}"):
+                udskit.listen(path)
     finally:
         os.close(fd)
         os.unlink(lock_path)
