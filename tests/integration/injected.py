@@ -37,29 +37,26 @@ def after_look_at(monkeypatch: pytest.MonkeyPatch, name: bytes) -> Moves:
 
 def after_bind(monkeypatch: pytest.MonkeyPatch) -> Moves:
     """Moves to make right after the next bind() of an AF_UNIX socket returns."""
-    moves: Moves = []
-    real_bind = socket.socket.bind
-
-    def bind(sock: socket.socket, address: object) -> None:
-        real_bind(sock, address)  # type: ignore[arg-type]
-        if sock.family == socket.AF_UNIX:
-            while moves:
-                moves.pop(0)()
-
-    monkeypatch.setattr(socket.socket, "bind", bind)
-    return moves
+    return _at_bind(monkeypatch, before=False)
 
 
 def before_bind(monkeypatch: pytest.MonkeyPatch) -> Moves:
     """Moves to make right before the next bind() of an AF_UNIX socket."""
+    return _at_bind(monkeypatch, before=True)
+
+
+def _at_bind(monkeypatch: pytest.MonkeyPatch, *, before: bool) -> Moves:
     moves: Moves = []
     real_bind = socket.socket.bind
 
     def bind(sock: socket.socket, address: object) -> None:
+        if not before:
+            real_bind(sock, address)  # type: ignore[arg-type]
         if sock.family == socket.AF_UNIX:
             while moves:
                 moves.pop(0)()
-        real_bind(sock, address)  # type: ignore[arg-type]
+        if before:
+            real_bind(sock, address)  # type: ignore[arg-type]
 
     monkeypatch.setattr(socket.socket, "bind", bind)
     return moves
