@@ -28,7 +28,6 @@ __all__ = [
     "ancillary_size",
     "close_fds",
     "rights",
-    "stream_read_lost",
     "unpack",
 ]
 
@@ -140,17 +139,6 @@ def unpack(
     if not fds and not creds_sent:
         return _NOTHING
     return Received(fds, cred, creds_sent)
-
-
-def stream_read_lost(error: ProtocolError) -> ProtocolError:
-    """What a stream channel raises, from then on, after ``unpack`` refused a read's control
-    data. On a stream the read's bytes cannot be used without it: dropped, they leave a hole;
-    fed, they would give a message descriptors that are not its own. So reading ends there.
-    """
-    return ProtocolError(
-        f"{error}; the bytes that came with them are lost, so nothing more can be received "
-        "on this channel: close it and connect again"
-    )
 
 
 def close_fds(fds: Iterable[int]) -> None:

@@ -27,7 +27,6 @@ from .ancillary import (
     ancillary_size,
     close_fds,
     rights,
-    stream_read_lost,
     unpack,
 )
 from .creds import PeerCred, peer_cred
@@ -828,6 +827,17 @@ def advance(views: list[memoryview], sent: int) -> list[memoryview]:
     if rest and sent:
         rest[0] = rest[0][sent:]
     return rest
+
+
+def stream_read_lost(error: ProtocolError) -> ProtocolError:
+    """What a stream channel raises, from then on, after ``unpack`` refused a read's control
+    data. On a stream the read's bytes cannot be used without it: dropped, they leave a hole;
+    fed, they would give a message descriptors that are not its own. So reading ends there.
+    """
+    return ProtocolError(
+        f"{error}; the bytes that came with them are lost, so nothing more can be received "
+        "on this channel: close it and connect again"
+    )
 
 
 def read_interrupted(where: str) -> ProtocolError:

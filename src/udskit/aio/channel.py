@@ -28,8 +28,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
 from ..address import Address
-from ..ancillary import RECV_FLAGS, ancillary_size, close_fds, stream_read_lost, unpack
-from ..channel import ChannelFacts, read_interrupted
+from ..ancillary import RECV_FLAGS, ancillary_size, close_fds, unpack
+from ..channel import ChannelFacts, read_interrupted, stream_read_lost
 from ..creds import PeerCred
 from ..errors import ConnectionClosed, ProtocolError, UdsError
 from ..options import base_type, check_timeout, max_frame_for, type_name
