@@ -39,8 +39,9 @@ from dataclasses import dataclass
 from typing import Any, Final, cast
 
 from .address import Address, AddressLike, sun_path
+from .admission import REFUSED, Admitted, admit
 from .aio.listening import claim_in_thread
-from .creds import Policy, peer_cred
+from .creds import Policy
 from .errors import ConnectError, Timeout, UdsError
 from .listening import Listener, listen
 from .options import DEFAULT_BACKLOG, tune_buffers
@@ -408,24 +409,15 @@ class Bridge:
         return limit is not None and len(self._relays) + self._connecting >= limit
 
     def _admit(self, conn: socket.socket) -> None:
-        conn.setblocking(False)
-        tune_buffers(conn, None, None)
+        policy = self._listener.policy
+        admitted = admit(conn, self.address, policy, (None, None), blocking=False)
+        if admitted is REFUSED:
+            self._refused += 1
+        if not isinstance(admitted, Admitted):
+            return
         label = f"{self.address} -> {self.target}"
-        if conn.family == socket.AF_UNIX:
-            try:
-                peer = peer_cred(conn)
-            except OSError as exc:  # the client vanished between accept() and getsockopt()
-                log.debug("%s: client gone before it was served: %s", label, exc)
-                conn.close()
-                return
-            policy = self._listener.policy
-            if policy is not None and not policy.check(peer, self.address):
-                self._refused += 1
-                _refuse(conn)
-                return
-            label = f"{label} (client pid {peer.pid}, uid {peer.uid})"
-        else:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if admitted.peer is not None:
+            label = f"{label} (client pid {admitted.peer.pid}, uid {admitted.peer.uid})"
         self._accepted += 1
         self._idle.clear()
         self._connecting += 1
@@ -500,15 +492,6 @@ def _reset(transport: asyncio.BaseTransport) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
     except OSError as exc:  # the socket is already gone: there is nothing left to reset
         log.debug("cannot set SO_LINGER before a reset: %s", exc)
-
-
-def _refuse(conn: socket.socket) -> None:
-    """Close a refused client: it reads end of stream (or a reset if it had sent data)."""
-    try:
-        conn.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    conn.close()
 
 
 def _bound_address(listener: Listener) -> Address:

@@ -29,7 +29,7 @@ from .ancillary import (
     rights,
     unpack,
 )
-from .creds import PeerCred, peer_cred
+from .creds import PeerCred
 from .errors import ConnectionClosed, ProtocolError, Timeout, UdsError
 from .options import (
     SocketType,
@@ -870,18 +870,3 @@ def _rebuild(
     channel = Channel(sock, framing=framing, max_frame=max_frame, max_fds=max_fds, peer=peer)
     channel.settimeout(timeout)
     return channel
-
-
-def accepted(sock: socket.socket, *, framing: str, max_frame: int | None, max_fds: int) -> Channel:
-    """A Channel for a socket returned by accept(), with its peer's credentials."""
-    remote = None
-    if sock.family == socket.AF_UNIX:
-        peer: PeerCred | None = peer_cred(sock)
-        name = sock.getpeername()
-        if name:
-            remote = Address.parse(name if isinstance(name, str) else b"@" + name[1:])
-    else:
-        peer = None
-    return Channel(
-        sock, framing=framing, max_frame=max_frame, max_fds=max_fds, remote=remote, peer=peer
-    )

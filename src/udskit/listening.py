@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeVar, overload
 
 from .address import Address, AddressLike, sun_path
+from .admission import Admitted, admit, sender_address
 from .ancillary import (
     RECV_FLAGS,
     ControlDataError,
@@ -25,7 +26,7 @@ from .ancillary import (
     rights,
     unpack,
 )
-from .channel import Buffer, Channel, accepted
+from .channel import Buffer, Channel
 from .creds import PeerCred, Policy
 from .errors import AddressInUse, ConnectionClosed, ProtocolError, SocketFileError
 from .options import (
@@ -181,22 +182,17 @@ class Listener(_Endpoint):
 
     def admit(self, conn: socket.socket) -> Channel | None:
         """Wrap a freshly accepted socket, or close it if the policy refuses its peer."""
-        conn.setblocking(True)
-        try:
-            tune_buffers(conn, *self._buffers)
-            channel = accepted(
-                conn, framing=self._framing, max_frame=self._max_frame, max_fds=self._max_fds
-            )
-        except OSError as exc:  # the client vanished between accept() and getsockopt()
-            log.debug("%s: client gone before it was served: %s", self.address, exc)
-            conn.close()
+        admitted = admit(conn, self.address, self.policy, self._buffers, blocking=True)
+        if not isinstance(admitted, Admitted):
             return None
-        peer = channel.peer
-        if self.policy is None or peer is None or self.policy.check(peer, self.address):
-            return channel
-        _refuse(conn)
-        channel.close()
-        return None
+        return Channel(
+            conn,
+            framing=self._framing,
+            max_frame=self._max_frame,
+            max_fds=self._max_fds,
+            remote=admitted.remote,
+            peer=admitted.peer,
+        )
 
     def __iter__(self) -> Iterator[Channel]:
         """Accept clients until the listener is closed."""
@@ -249,7 +245,7 @@ class DatagramListener(_Endpoint):
                 raise translate(exc, "recv", self.address) from exc
             if self._closed:  # close() in another thread woke us with an empty read
                 raise ConnectionClosed(f"listener on {self.address} is closed")
-            where = _sender_address(sender) or "an unbound sender"
+            where = sender_address(sender) or "an unbound sender"
             policy = self.policy
             try:
                 got = unpack(ancdata, flags, where, self._max_fds)
@@ -269,7 +265,7 @@ class DatagramListener(_Endpoint):
                     f"({len(self._rbuf)} bytes) and arrived truncated; raise max_frame"
                 )
             data = self._rview[:size].tobytes()
-            return Datagram(data, _sender_address(sender), peer, tuple(got.fds))
+            return Datagram(data, sender_address(sender), peer, tuple(got.fds))
 
     def send_to(self, address: AddressLike, data: Buffer, fds: Sequence[int] = ()) -> None:
         """Send one datagram (with descriptors, if given) to ``address``."""
@@ -322,21 +318,6 @@ def admits(policy: Policy, peer: PeerCred | None, address: Address, where: objec
         )
         return False
     return policy.check(peer, address)
-
-
-def _sender_address(name: object) -> Address | None:
-    if isinstance(name, bytes) and name.startswith(b"\0"):
-        return Address("abstract", name[1:]) if len(name) > 1 else None
-    if isinstance(name, (str, bytes)) and name:
-        return Address.parse(name if isinstance(name, str) else os.fsdecode(name))
-    return None
-
-
-def _refuse(conn: socket.socket) -> None:
-    try:
-        conn.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 @overload

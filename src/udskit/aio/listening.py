@@ -18,6 +18,7 @@ from typing import Any, Final, Generic, Literal, TypeVar, overload
 
 from .. import listening as blocking
 from ..address import Address, AddressLike, sun_path
+from ..admission import Admitted, admit, sender_address
 from ..ancillary import (
     RECV_FLAGS,
     ControlDataError,
@@ -26,7 +27,7 @@ from ..ancillary import (
     rights,
     unpack,
 )
-from ..creds import PeerCred, Policy, peer_cred
+from ..creds import Policy
 from ..errors import ConnectionClosed, ProtocolError
 from ..listening import Datagram
 from ..options import (
@@ -35,7 +36,6 @@ from ..options import (
     check_message,
     check_timeout,
     max_frame_for,
-    tune_buffers,
 )
 from ..translate import translate, translating
 from .buffers import READ_AHEAD, check_write_limit, scratch
@@ -237,23 +237,10 @@ class Listener(_Endpoint[Channel]):
         """A Channel for a freshly accepted socket, or None (and the socket closed) if its
         peer is gone already or the policy refuses it."""
         framing, max_frame, max_fds, sndbuf, rcvbuf, write_limit = self._options
-        try:
-            conn.setblocking(False)
-            if conn.family == socket.AF_UNIX:
-                peer: PeerCred | None = peer_cred(conn)
-                remote = blocking._sender_address(conn.getpeername())
-                tune_buffers(conn, sndbuf, rcvbuf)
-            else:
-                peer = remote = None
-        except OSError as exc:  # the client vanished between accept() and getsockopt()
-            log.debug("%s: client gone before it was served: %s", self.address, exc)
-            conn.close()
+        admitted = admit(conn, self.address, self.policy, (sndbuf, rcvbuf), blocking=False)
+        if not isinstance(admitted, Admitted):
             return None
-        policy = self.policy
-        if policy is not None and peer is not None and not policy.check(peer, self.address):
-            blocking._refuse(conn)
-            conn.close()
-            return None
+        peer, remote = admitted.peer, admitted.remote
         return Channel(
             conn,
             framing=framing,
@@ -350,7 +337,7 @@ class DatagramListener(_Endpoint[Datagram]):
                 ready.append(translate(exc, "recv", self.address))
                 self._stop_reading()
                 break
-            sender = blocking._sender_address(name)
+            sender = sender_address(name)
             where = sender or "an unbound sender"
             policy = self.policy
             try:
