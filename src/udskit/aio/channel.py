@@ -540,7 +540,7 @@ class Channel(Sending, ChannelFacts):
     async def aclose(self) -> None:
         """Send what is still queued (within the timeout, if one is set), then close."""
         try:
-            if not self._closed and self._wsize and self._write_error is None:
+            if not self._closed and self._out and self._write_error is None:
                 await self._drained(0)
         except UdsError as exc:
             log.debug("%r: queued data not sent before closing: %s", self, exc)
@@ -558,8 +558,7 @@ class Channel(Sending, ChannelFacts):
         self._closed = True
         self._stop_reading()
         self._stop_writing()
-        self._wbuf.clear()
-        self._wsize = 0
+        self._out.clear()
         self._wake_receiver()
         self._drain.wake_all()
         self._wwait.wake_all()

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 from ..address import Address, sun_path
@@ -27,6 +26,7 @@ from ..channel import advance, broken
 from ..errors import ConnectionClosed, ProtocolError
 from ..options import SocketType, check_message
 from ..proto import Framing
+from ..proto.outbox import IOV_MAX, Outbox
 from ..translate import translate, translating
 from .buffers import WRITE_LOW_WATER, check_write_limit
 from .waiting import EXPIRED, RetryPause, Waiters
@@ -44,9 +44,6 @@ JOIN_LIMIT: Final = 64 * 1024
 #: hundreds of small messages.
 COALESCE: Final = 256 * 1024
 
-#: iovecs per sendmsg(): Linux's IOV_MAX is 1024 (EMSGSIZE above it).
-IOV_MAX: Final = 1024
-
 #: No SIGPIPE on a closed peer: EPIPE comes back as an error. A plain int, because arithmetic
 #: on the socket module's IntFlag members is a Python-level call, on every send.
 SEND_FLAGS: Final = int(socket.MSG_NOSIGNAL)
@@ -63,20 +60,17 @@ class Sending:
         "_drain",
         "_fd",
         "_framing",
-        "_high",
         "_loop",
-        "_low",
         "_max_fds",
+        "_out",
         "_owns_socket",
         "_reading",
         "_remote",
         "_sock",
         "_timeout",
         "_type",
-        "_wbuf",
         "_write_error",
         "_writing",
-        "_wsize",
         "_wwait",
     )
 
@@ -98,15 +92,12 @@ class Sending:
         self._max_fds = max_fds
         self._remote = remote
         self._owns_socket = owns_socket
-        self._high = check_write_limit(write_limit)
-        self._low = min(self._high // 4, WRITE_LOW_WATER)
+        high = check_write_limit(write_limit)
         self._timeout: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._reading = False
-        # [view, ancillary] per queued buffer; descriptors ride on a message's first buffer
-        self._wbuf: deque[list[object]] = deque()
-        self._wsize = 0
+        self._out: Outbox[Ancillary] = Outbox(high, min(high // 4, WRITE_LOW_WATER))
         self._writing = False
         self._write_error: Exception | None = None  # sticky: the socket cannot send any more
         self._drain = Waiters("send")  # senders waiting for the queue to drain
@@ -115,12 +106,12 @@ class Sending:
     @property
     def write_buffer_size(self) -> int:
         """Bytes queued by ``send()`` that the kernel has not taken yet."""
-        return self._wsize
+        return self._out.size
 
     @property
     def write_limit(self) -> int:
         """The send queue's high-water mark: above it, ``await send()`` waits."""
-        return self._high
+        return self._out.high
 
     # -- sending --------------------------------------------------------------------------
     async def send(self, data: Buffer) -> None:
@@ -137,7 +128,7 @@ class Sending:
             return
         if self._closed:
             self._check_open()
-        if not self._wbuf and self._write_error is None and len(data) <= JOIN_LIMIT:
+        if not self._out and self._write_error is None and len(data) <= JOIN_LIMIT:
             # The common case, inline: one small frame, nothing queued ahead of it.
             try:
                 joined = framing.frame(data)
@@ -159,8 +150,8 @@ class Sending:
         else:
             check_message(data, "send")
             self._write(framing.encode(data), [])
-        if self._wsize > self._high:
-            await self._drained(self._low)
+        if self._out.full:
+            await self._drained(self._out.low)
 
     async def send_fds(self, data: Buffer, fds: Sequence[int]) -> None:
         """Send one message with open descriptors attached (SCM_RIGHTS).
@@ -180,8 +171,8 @@ class Sending:
         self._write(framing.encode(data), ancillary)
         if ancillary:
             await self._drained(0)
-        elif self._wsize > self._high:
-            await self._drained(self._low)
+        elif self._out.full:
+            await self._drained(self._out.low)
 
     async def send_many(self, messages: Iterable[Buffer]) -> None:
         """Send several messages with as few system calls as possible.
@@ -208,8 +199,8 @@ class Sending:
                 parts.extend(framing.encode(message))
         if parts:
             self._write(coalesce(parts), [])
-        if self._wsize > self._high:
-            await self._drained(self._low)
+        if self._out.full:
+            await self._drained(self._out.low)
 
     def _write(self, parts: list[Buffer], ancillary: Ancillary) -> None:
         """Send ``parts`` now, as far as the kernel takes them; queue the rest, in order."""
@@ -218,7 +209,7 @@ class Sending:
             views = [memoryview(b"".join(parts))]
         else:
             views = [memoryview(p).cast("B") for p in parts if len(p)]
-        if self._wbuf:
+        if self._out:
             self._queue(views, ancillary)  # behind what is queued, to keep the order
             return
         try:
@@ -238,11 +229,8 @@ class Sending:
             raise
 
     def _queue(self, views: list[memoryview], ancillary: Ancillary) -> None:
-        for i, view in enumerate(views):
-            held = view if isinstance(view.obj, bytes) else memoryview(view.tobytes())
-            self._wbuf.append([held, ancillary if i == 0 else []])
-            self._wsize += len(held)
-        if views and not self._writing:
+        self._out.push(views, ancillary or None)
+        if self._out and not self._writing:
             self._start_writing()
 
     def _start_writing(self) -> None:
@@ -255,32 +243,11 @@ class Sending:
             self._stop_writing()
             self._wwait.wake_all()
             return
-        wbuf = self._wbuf
-        while wbuf:
-            first = wbuf[0]
-            ancillary: Ancillary = first[1]  # type: ignore[assignment]
-            batch: list[memoryview] = [first[0]]  # type: ignore[list-item]
-            # Descriptors go in a sendmsg of their own, with their message's first buffer
-            # alone: the kernel makes one skb of a sendmsg, and the receiver gives an skb's
-            # descriptors to the last message that starts in it, so joining what follows
-            # would hand them to a later message.
-            for item in () if ancillary else _after_first(wbuf):
-                if item[1] or len(batch) >= IOV_MAX:
-                    break  # descriptors start a sendmsg of their own
-                batch.append(item[0])  # type: ignore[arg-type]
+        out = self._out
+        while out:
+            batch, ancillary = out.batch()
             try:
-                sent = self._sock.sendmsg(batch, ancillary, SEND_FLAGS)
-                self._wsize -= sent
-                if sent:
-                    first[1] = []
-                while sent:
-                    view: memoryview = wbuf[0][0]  # type: ignore[assignment]
-                    if sent >= len(view):
-                        sent -= len(view)
-                        wbuf.popleft()
-                    else:
-                        wbuf[0][0] = view[sent:]
-                        sent = 0
+                out.sent(self._sock.sendmsg(batch, ancillary or (), SEND_FLAGS))
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -289,16 +256,15 @@ class Sending:
             except BaseException:
                 self._cut()
                 raise
-        if not wbuf:
+        if not out:
             self._stop_writing()
-        if self._wsize <= self._low:
+        if out.drained:
             self._drain.wake_all()
 
     def _fail_write(self, error: Exception) -> None:
         """The socket cannot send any more: drop the queue; every later send raises."""
         self._write_error = error
-        self._wbuf.clear()
-        self._wsize = 0
+        self._out.clear()
         self._stop_writing()
         self._drain.wake_all()
 
@@ -330,7 +296,7 @@ class Sending:
 
     async def _drained(self, limit: int) -> None:
         """Wait until the send queue holds at most ``limit`` bytes."""
-        while self._wsize > limit:
+        while self._out.size > limit:
             self._check_open()
             if await self._drain.wait(self._bind_loop(), self._timeout) is EXPIRED:
                 with translating("send", self._remote):
@@ -406,7 +372,7 @@ class Sending:
                 self._reading = False
                 self._writing = False
             self._loop = loop
-            if self._wbuf and not self._writing:
+            if self._out and not self._writing:
                 self._start_writing()
         return loop
 
@@ -438,9 +404,3 @@ def coalesce(parts: list[Buffer]) -> list[Buffer]:
     if run:
         blocks.append(b"".join(run))
     return blocks
-
-
-def _after_first(wbuf: deque[list[object]]) -> Iterator[list[object]]:
-    items = iter(wbuf)
-    next(items)
-    return items
