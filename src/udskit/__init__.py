@@ -7,6 +7,7 @@ seqpacket and datagram sockets, a threaded server, and clear errors.
 from .address import Address
 from .channel import Channel
 from .connecting import connect, pair
+from .connection import Connection
 from .creds import PeerCred, Policy
 from .errors import (
     AddressError,
@@ -21,6 +22,7 @@ from .errors import (
     UdsError,
 )
 from .listening import Datagram, DatagramListener, Listener, listen
+from .messageserver import MessageServer, serve_messages
 from .server import Server, serve
 
 __version__ = "0.1.0"
@@ -31,11 +33,13 @@ __all__ = [
     "AddressInUse",
     "Channel",
     "ConnectError",
+    "Connection",
     "ConnectionClosed",
     "Datagram",
     "DatagramListener",
     "FrameTooLarge",
     "Listener",
+    "MessageServer",
     "PeerCred",
     "PeerRejected",
     "Policy",
@@ -49,4 +53,5 @@ __all__ = [
     "listen",
     "pair",
     "serve",
+    "serve_messages",
 ]

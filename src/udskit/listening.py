@@ -37,6 +37,7 @@ from .options import (
     check_message,
     check_timeout,
     listen_options,
+    max_frame_for,
     tune_buffers,
     type_name,
 )
@@ -166,6 +167,26 @@ class Listener(_Endpoint):
         self._max_fds = max_fds
         self._buffers = buffers
 
+    @property
+    def framing(self) -> str:
+        """The framing of this listener's stream channels."""
+        return self._framing
+
+    @property
+    def max_frame(self) -> int:
+        """The largest message a client may send."""
+        return max_frame_for(self.type, self._max_frame)
+
+    @property
+    def max_fds(self) -> int:
+        """Descriptors accepted with one message."""
+        return self._max_fds
+
+    @property
+    def buffers(self) -> tuple[int | None, int | None]:
+        """SO_SNDBUF and SO_RCVBUF given to each connection (None: our default)."""
+        return self._buffers
+
     def accept(self) -> Channel:
         """Wait for the next client the policy allows; refused peers are closed and logged."""
         while True:
@@ -224,6 +245,16 @@ class DatagramListener(_Endpoint):
         self._rbuf = bytearray(max_frame)
         self._rview = memoryview(self._rbuf)
         self._rlock = threading.Lock()  # the receive buffer is shared: one reader at a time
+
+    @property
+    def max_frame(self) -> int:
+        """The largest datagram received whole."""
+        return len(self._rbuf)
+
+    @property
+    def max_fds(self) -> int:
+        """Descriptors accepted with one datagram."""
+        return self._max_fds
 
     def recv(self) -> Datagram:
         """The next datagram the policy allows (others are dropped and logged).

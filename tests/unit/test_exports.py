@@ -19,11 +19,13 @@ PUBLIC_API = [
     "AddressInUse",
     "Channel",
     "ConnectError",
+    "Connection",
     "ConnectionClosed",
     "Datagram",
     "DatagramListener",
     "FrameTooLarge",
     "Listener",
+    "MessageServer",
     "PeerCred",
     "PeerRejected",
     "Policy",
@@ -37,6 +39,7 @@ PUBLIC_API = [
     "listen",
     "pair",
     "serve",
+    "serve_messages",
 ]
 
 

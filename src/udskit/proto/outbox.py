@@ -33,7 +33,7 @@ _A = TypeVar("_A")
 class Outbox(Generic[_A]):
     """Queued buffers in order, each message's attachment riding on its first buffer."""
 
-    __slots__ = ("_items", "_size", "high", "low")
+    __slots__ = ("_items", "high", "low", "size")
 
     def __init__(self, high: int, low: int) -> None:
         if not 0 <= low <= high:
@@ -42,12 +42,7 @@ class Outbox(Generic[_A]):
         self.low = low
         # [view, attachment or None] per buffer
         self._items: deque[list[object]] = deque()
-        self._size = 0
-
-    @property
-    def size(self) -> int:
-        """Bytes queued."""
-        return self._size
+        self.size = 0  # bytes queued (an attribute: read on every send)
 
     def __bool__(self) -> bool:
         return bool(self._items)
@@ -55,12 +50,12 @@ class Outbox(Generic[_A]):
     @property
     def full(self) -> bool:
         """Above the high watermark: stop the producer."""
-        return self._size > self.high
+        return self.size > self.high
 
     @property
     def drained(self) -> bool:
         """At or below the low watermark: let the producer go on."""
-        return self._size <= self.low
+        return self.size <= self.low
 
     def push(self, buffers: Iterable[memoryview | bytes], attachment: _A | None = None) -> None:
         """Queue one message's buffers. Views of ``bytes`` are kept as they are; any other
@@ -75,7 +70,7 @@ class Outbox(Generic[_A]):
             elif view.format != "B" or view.ndim != 1:
                 view = view.cast("B")
             self._items.append([view, attachment if first else None])
-            self._size += view.nbytes
+            self.size += view.nbytes
             first = False
 
     def batch(self, max_buffers: int = IOV_MAX) -> tuple[list[memoryview], _A | None]:
@@ -102,7 +97,7 @@ class Outbox(Generic[_A]):
         items = self._items
         attachment: _A | None = items[0][1]  # type: ignore[assignment]
         items[0][1] = None
-        self._size -= count
+        self.size -= count
         while count:
             view: memoryview = items[0][0]  # type: ignore[assignment]
             if count >= len(view):
@@ -117,5 +112,5 @@ class Outbox(Generic[_A]):
         """Drop everything queued; returns the attachments that never went out."""
         unsent = [item[1] for item in self._items if item[1] is not None]
         self._items.clear()
-        self._size = 0
+        self.size = 0
         return unsent  # type: ignore[return-value]
