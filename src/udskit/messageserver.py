@@ -3,11 +3,12 @@ handler called per message.
 
 ``handler(conn, message)`` returns the reply (or None) or calls ``conn.send``; it runs in the
 serving thread, so it must not block: with ``workers=N`` it runs in a pool of N threads
-instead, each connection's messages in order, one at a time. This is the server for many
-clients: per client it holds a socket and a small :class:`~udskit.Connection`, no thread and
-no buffer of its own (reads go through one buffer for all); the replies of a wake-up leave
-in one system call. For a handler that holds a conversation (reads, thinks, reads again),
-use the thread-per-client :class:`udskit.Server`.
+instead, each connection's messages in order, one at a time (datagrams, each its own
+"connection", may then be handled in parallel). This is the server for many clients: per
+client it holds a socket and a small :class:`~udskit.Connection`, no thread and no buffer of
+its own (reads go through one buffer for all); the replies of a wake-up leave in one system
+call. For a handler that holds a conversation (reads, thinks, reads again), use the
+thread-per-client :class:`udskit.Server`.
 
 What one wake-up does: accept every pending client (up to ACCEPT_BATCH); read each readable
 client once (a stream) or up to PACKETS_PER_WAKEUP packets (seqpacket), decode, call the
@@ -16,19 +17,15 @@ is not read again until they drain to a quarter of that: only it waits. At ``max
 the listener is not watched until a client leaves (further clients wait in the kernel's
 backlog); out of descriptors, it is not watched for a back-off period (see
 :mod:`udskit.server` on accept errors): never a spin.
-
-Datagrams: every datagram is a message whose ``conn`` replies to its sender.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import queue
 import select
 import signal
-import socket
 import threading
 import time
 from collections import deque
@@ -37,33 +34,15 @@ from types import FrameType
 from typing import Any, Final
 
 from .address import AddressLike
-from .admission import Admitted, admit
-from .channel import RECV_CHUNK
-from .connection import DEFAULT_MAX_OUTBOX, Connection, Reply
-from .errors import Timeout, UdsError
+from .ancillary import close_fds
+from .connection import DEFAULT_MAX_OUTBOX, Connection
 from .listening import DatagramListener, Listener, listen
-from .options import check_max_clients
-from .proto import make_framing
-from .server import (
-    _RESOURCE_ERRNOS,
-    _RETRY_ERRNOS,
-    ACCEPT_BACKOFF,
-    ACCEPT_BACKOFF_MAX,
-    SHUTDOWN_GRACE,
-)
+from .server import SHUTDOWN_GRACE
+from .serving import Hook, MessageHandler, MessageServing, check_server_options
 
 __all__ = ["MessageHandler", "MessageServer", "serve_messages"]
 
 log = logging.getLogger("udskit")
-
-MessageHandler = Callable[[Connection, bytes], Reply]
-
-#: Clients accepted per wake-up at most: a burst of thousands is taken in a few passes,
-#: with the clients already connected served in between.
-ACCEPT_BATCH: Final = 256
-
-#: Datagrams read per wake-up at most, for the same reason.
-DATAGRAMS_PER_WAKEUP: Final = 64
 
 #: Most workers a pool may have: each is a thread; more than this is a design to rethink.
 MAX_WORKERS: Final = 1024
@@ -77,7 +56,7 @@ _OUT: Final = select.EPOLLOUT
 _ERRS: Final = select.EPOLLERR | select.EPOLLHUP
 
 
-class MessageServer:
+class MessageServer(MessageServing):
     """A server on ``address`` calling ``handler(conn, message)`` for every message.
 
     ``listen_options`` are those of :func:`udskit.listen` (type, mode, allow, framing,
@@ -97,134 +76,86 @@ class MessageServer:
         workers: int = 0,
         max_clients: int | None = None,
         max_outbox: int = DEFAULT_MAX_OUTBOX,
-        on_connect: Callable[[Connection], object] | None = None,
-        on_close: Callable[[Connection], object] | None = None,
+        on_connect: Hook | None = None,
+        on_close: Hook | None = None,
         **listen_options: object,
     ) -> None:
-        if not callable(handler):
-            raise TypeError(f"handler must be a function of (conn, message), not {handler!r}")
+        check_server_options(
+            handler, max_clients, max_outbox, {"on_connect": on_connect, "on_close": on_close}
+        )
         if isinstance(workers, bool) or not isinstance(workers, int):
             raise TypeError(f"workers must be a number of threads, not {workers!r}")
         if not 0 <= workers <= MAX_WORKERS:
             raise ValueError(f"workers must be from 0 to {MAX_WORKERS}, not {workers}")
-        if isinstance(max_outbox, bool) or not isinstance(max_outbox, int) or max_outbox < 1:
-            raise ValueError(f"max_outbox must be a positive number of bytes, not {max_outbox!r}")
-        for name, hook in (("on_connect", on_connect), ("on_close", on_close)):
-            if hook is not None and not callable(hook):
-                raise TypeError(f"{name} must be a function of a connection, not {hook!r}")
-        check_max_clients(max_clients)
-        self._handler = handler
+        endpoint: Listener | DatagramListener = listen(address, **listen_options)  # type: ignore[call-overload]
+        super().__init__(
+            endpoint,
+            handler,
+            max_clients=max_clients,
+            max_outbox=max_outbox,
+            on_connect=on_connect,
+            on_close=on_close,
+        )
         self._workers = workers
-        self._max_clients = max_clients
-        self._max_outbox = max_outbox
-        self._on_connect = on_connect
-        self._on_close = on_close
-        self._endpoint: Listener | DatagramListener = listen(address, **listen_options)  # type: ignore[call-overload]
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._epoll.register(self._wake_r, _IN)
         self._calls: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
         self._woken = False
-        self._conns: dict[int, Connection] = {}
-        self._ids = itertools.count(1)
-        self._buffer = memoryview(bytearray(self._buffer_size()))
-        self._loop_thread: int | None = None
-        self._stopping = False
         self._served = False
-        self._watching_listener = False
         self._retry_at: float | None = None  # accept back-off: when to look again
-        self._backoff = ACCEPT_BACKOFF
         self._pool: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._inboxes: dict[int, deque[tuple[bytes, list[int]]]] = {}
-
-    def _buffer_size(self) -> int:
-        endpoint = self._endpoint
-        if endpoint.type == "stream":
-            return RECV_CHUNK
-        # A packet: whole in one read. A larger one is reported truncated (MSG_TRUNC).
-        return endpoint.max_frame
-
-    @property
-    def address(self) -> object:
-        return self._endpoint.address
 
     @property
     def listener(self) -> Listener | DatagramListener:
         return self._endpoint
 
-    @property
-    def active_clients(self) -> int:
-        return len(self._conns)
-
-    # -- the driver interface the connections use ------------------------------------------
+    # -- the loop ------------------------------------------------------------------------
     def watch(self, conn: Connection, read: bool, write: bool) -> None:
         try:
             self._epoll.modify(conn.fd, (_IN if read else 0) | (_OUT if write else 0))
         except OSError:
             pass  # the socket was closed under us; its close removes it anyway
 
-    def in_loop(self) -> bool:
-        return threading.get_ident() == self._loop_thread
-
     def call_soon(self, callback: Callable[..., object], *args: Any) -> None:
+        # Append first, then look at the flag: the loop clears it before it runs the calls,
+        # so a call appended meanwhile is either run in this pass or wakes the next.
         self._calls.append((callback, args))
         if not self._woken:
             self._woken = True
             self._wake()
 
-    def dispatch(self, conn: Connection, message: bytes, fds: list[int]) -> None:
-        if self._workers:
-            inbox = self._inboxes.setdefault(conn.id, deque())
-            inbox.append((message, fds))
-            if not conn.busy:
-                conn.busy = True
-                self._pool.put(conn)
-            if len(inbox) >= WORKER_BACKLOG:
-                conn.hold(True)
-            return
-        self._handle(conn, message, fds)
+    def _set_listener_events(self, on: bool) -> None:
+        self._epoll.modify(self._endpoint.fileno(), _IN if on else 0)
 
-    def dropped(self, conn: Connection) -> None:
-        if self._conns.pop(conn.fd, None) is None:
-            return
+    def _retry_accept_in(self, delay: float) -> None:
+        self._retry_at = time.monotonic() + delay
+
+    def _register(self, conn: Connection) -> None:
+        self._epoll.register(conn.fd, _IN)
+
+    def _unregister(self, conn: Connection) -> None:
         if not conn.busy:  # else the worker still owns its queue; _worked empties it
             self._drop_inbox(conn)
         try:
             self._epoll.unregister(conn.fd)
         except OSError:
             pass
-        if self._on_close is not None:
-            try:
-                self._on_close(conn)
-            except Exception:
-                log.exception("%s: on_close failed for %r", self.address, conn)
-        if not self._stopping and not self._watching_listener and self._retry_at is None:
-            self._watch_listener(True)
 
-    # -- handling ------------------------------------------------------------------------
-    def _handle(self, conn: Connection, message: bytes, fds: list[int]) -> None:
-        if fds:
-            conn.begin(fds)
-        try:
-            reply = self._handler(conn, message)
-            if reply is not None and not conn.closed:
-                conn.send(reply)
-        except Exception as exc:  # noqa: BLE001 - the handler's failure ends its client only
-            self._handler_failed(conn, exc)
-        finally:
-            if fds:
-                conn.release_fds()
-
-    def _handler_failed(self, conn: Connection, exc: Exception) -> None:
-        if isinstance(exc, UdsError):
-            log.warning("%s: %s; closing %r", self.address, exc, conn)
-        else:
-            log.exception("%s: handler failed for %r; closing it", self.address, conn)
-        if self.in_loop():
-            conn.abort()
-        else:
-            self.call_soon(conn.abort)
+    # -- workers -------------------------------------------------------------------------
+    def dispatch(self, conn: Connection, message: bytes, fds: list[int]) -> None:
+        if not self._workers:
+            self._handle(conn, message, fds)
+            return
+        inbox = self._inboxes.setdefault(conn.id, deque())
+        inbox.append((message, fds))
+        if not conn.busy:
+            conn.busy = True
+            self._pool.put(conn)
+        if len(inbox) >= WORKER_BACKLOG:
+            conn.hold(True)
 
     def _work(self) -> None:
         """A worker: take a connection, handle what is queued for it, hand it back."""
@@ -233,12 +164,11 @@ class MessageServer:
             if conn is None:
                 return
             inbox = self._inboxes.get(conn.id)
-            count = len(inbox) if inbox is not None else 0
-            for _ in range(count):
+            for _ in range(len(inbox) if inbox is not None else 0):
                 assert inbox is not None
                 message, fds = inbox.popleft()
                 if conn.closed:
-                    _close_all(fds)
+                    close_fds(fds)
                     continue
                 self._handle(conn, message, fds)
             self.call_soon(self._worked, conn)
@@ -255,6 +185,7 @@ class MessageServer:
             if len(inbox) < WORKER_BACKLOG:
                 conn.hold(False)
             return
+        self._inboxes.pop(conn.id, None)
         conn.busy = False
         conn.hold(False)
         conn.flush()
@@ -263,7 +194,7 @@ class MessageServer:
         inbox = self._inboxes.pop(conn.id, None)
         if inbox:
             for _, fds in inbox:
-                _close_all(fds)
+                close_fds(fds)
 
     # -- serving -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -325,7 +256,7 @@ class MessageServer:
                     conn.on_writable()
             if self._retry_at is not None and time.monotonic() >= self._retry_at:
                 self._retry_at = None
-                self._watch_listener(True)
+                self._accept_again()
 
     def _on_wake(self) -> None:
         try:
@@ -338,104 +269,6 @@ class MessageServer:
         while calls:
             callback, args = calls.popleft()
             callback(*args)
-
-    def _watch_listener(self, on: bool) -> None:
-        if on == self._watching_listener:
-            return
-        if on and self._max_clients is not None and len(self._conns) >= self._max_clients:
-            return
-        self._watching_listener = on
-        self._epoll.modify(self._endpoint.fileno(), _IN if on else 0)
-
-    def _on_listener(self) -> None:
-        endpoint = self._endpoint
-        if isinstance(endpoint, DatagramListener):
-            self._on_datagrams(endpoint)
-            return
-        sock = endpoint.socket
-        for _ in range(ACCEPT_BATCH):
-            if self._max_clients is not None and len(self._conns) >= self._max_clients:
-                self._watch_listener(False)  # a slot frees when a client leaves
-                return
-            try:
-                client, _ = sock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in _RETRY_ERRNOS:
-                    continue
-                if exc.errno in _RESOURCE_ERRNOS:
-                    self._back_off(exc)
-                    return
-                raise
-            self._backoff = ACCEPT_BACKOFF
-            self._start(endpoint, client)
-
-    def _back_off(self, exc: OSError) -> None:
-        log.warning(
-            "%s: accept failed (%s); not accepting for %.2f s",
-            self.address,
-            os.strerror(exc.errno or 0),
-            self._backoff,
-        )
-        self._watch_listener(False)
-        self._retry_at = time.monotonic() + self._backoff
-        self._backoff = min(self._backoff * 2, ACCEPT_BACKOFF_MAX)
-
-    def _start(self, listener: Listener, client: socket.socket) -> None:
-        admitted = admit(
-            client, listener.address, listener.policy, listener.buffers, blocking=False
-        )
-        if not isinstance(admitted, Admitted):
-            return
-        framing = (
-            make_framing(listener.framing, max_frame=listener.max_frame)
-            if listener.type == "stream"
-            else None
-        )
-        conn = Connection(
-            client,
-            self,
-            id=next(self._ids),
-            kind=listener.type,
-            framing=framing,
-            peer=admitted.peer,
-            remote=admitted.remote,
-            max_fds=listener.max_fds,
-            max_outbox=self._max_outbox,
-            loop_thread=self._loop_thread or 0,
-        )
-        self._conns[conn.fd] = conn
-        self._epoll.register(conn.fd, _IN)
-        if self._on_connect is not None:
-            try:
-                self._on_connect(conn)
-            except Exception as exc:  # noqa: BLE001 - as a handler's
-                self._handler_failed(conn, exc)
-
-    def _on_datagrams(self, listener: DatagramListener) -> None:
-        for _ in range(DATAGRAMS_PER_WAKEUP):
-            try:
-                datagram = listener.recv()
-            except Timeout:
-                return  # nothing more (EAGAIN)
-            except UdsError as exc:  # a truncated datagram, bad control data: report, go on
-                log.warning("%s: %s", listener.address, exc)
-                continue
-            conn = Connection(
-                None,
-                self,
-                id=next(self._ids),
-                kind="dgram",
-                framing=None,
-                peer=datagram.peer,
-                remote=datagram.sender,
-                max_fds=listener.max_fds,
-                max_outbox=self._max_outbox,
-                loop_thread=self._loop_thread or 0,
-                listener=listener,
-            )
-            self.dispatch(conn, datagram.data, list(datagram.fds))
 
     def _shutdown(self) -> None:
         self._stopping = True
@@ -454,9 +287,7 @@ class MessageServer:
                 SHUTDOWN_GRACE,
             )
         self._on_wake()  # replies the workers handed over
-        for conn in list(self._conns.values()):
-            conn.flush()  # what the kernel takes now; nothing waits for slow clients
-            conn.abort()
+        self._close_clients()
         self._epoll.close()
         for fd in (self._wake_r, self._wake_w):
             try:
@@ -478,19 +309,7 @@ class MessageServer:
         self.close()
 
 
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def serve_messages(
-    address: AddressLike,
-    handler: MessageHandler,
-    **options: Any,
-) -> None:
+def serve_messages(address: AddressLike, handler: MessageHandler, **options: Any) -> None:
     """Serve ``address`` with a :class:`MessageServer` until SIGINT or SIGTERM (or
     ``stop()``); in the main thread those signals stop it cleanly (socket file removed)."""
     server = MessageServer(address, handler, **options)

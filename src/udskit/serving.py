@@ -1,0 +1,291 @@
+"""What both message servers (blocking :mod:`udskit.messageserver`, asyncio
+:mod:`udskit.aio.messageserver`) share, whatever runs their loop: checking options, admitting
+clients in batches with back-off, the table of connections, reading datagrams, calling the
+handler and the hooks, and what a handler's failure does.
+
+A subclass supplies the loop: ``watch`` (a connection's events), ``call_soon`` (run in the
+loop thread), ``_watch_listener`` (the listener's events), ``_retry_accept_in`` (a timer) and
+``_register``/``_unregister`` (a connection's socket).
+
+Errors from accept(2), and what we do: see :mod:`udskit.server`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any, Final
+
+from .admission import Admitted, admit
+from .channel import RECV_CHUNK
+from .connection import DEFAULT_MAX_OUTBOX, Connection
+from .errors import Timeout, UdsError
+from .listening import DatagramListener, Listener
+from .options import check_max_clients
+from .proto import make_framing
+from .server import _RESOURCE_ERRNOS, _RETRY_ERRNOS, ACCEPT_BACKOFF, ACCEPT_BACKOFF_MAX
+
+__all__ = [
+    "ACCEPT_BATCH",
+    "DATAGRAMS_PER_WAKEUP",
+    "DEFAULT_MAX_OUTBOX",
+    "Hook",
+    "MessageHandler",
+    "MessageServing",
+    "check_server_options",
+]
+
+log = logging.getLogger("udskit")
+
+MessageHandler = Callable[[Connection, bytes], Any]
+Hook = Callable[[Connection], object]
+
+#: Clients accepted per wake-up at most: a burst of thousands is taken in a few passes,
+#: with the clients already connected served in between.
+ACCEPT_BATCH: Final = 256
+
+#: Datagrams read per wake-up at most, for the same reason.
+DATAGRAMS_PER_WAKEUP: Final = 64
+
+
+def check_server_options(
+    handler: object, max_clients: int | None, max_outbox: int, hooks: dict[str, object]
+) -> None:
+    """One-line errors for a message server's bad arguments, before anything is claimed."""
+    if not callable(handler):
+        raise TypeError(f"handler must be a function of (conn, message), not {handler!r}")
+    check_max_clients(max_clients)
+    if isinstance(max_outbox, bool) or not isinstance(max_outbox, int) or max_outbox < 1:
+        raise ValueError(f"max_outbox must be a positive number of bytes, not {max_outbox!r}")
+    for name, hook in hooks.items():
+        if hook is not None and not callable(hook):
+            raise TypeError(f"{name} must be a function of a connection, not {hook!r}")
+
+
+class MessageServing:
+    """The loop-independent half of a message server (see the module docstring)."""
+
+    def __init__(
+        self,
+        endpoint: Listener | DatagramListener,
+        handler: MessageHandler,
+        *,
+        max_clients: int | None,
+        max_outbox: int,
+        on_connect: Hook | None,
+        on_close: Hook | None,
+    ) -> None:
+        self._endpoint = endpoint
+        self._handler = handler
+        self._max_clients = max_clients
+        self._max_outbox = max_outbox
+        self._on_connect = on_connect
+        self._on_close = on_close
+        self._conns: dict[int, Connection] = {}
+        self._ids = itertools.count(1)
+        size = RECV_CHUNK if endpoint.type == "stream" else endpoint.max_frame
+        # One read buffer for every client. A packet is read whole into it; a larger one
+        # is reported truncated (MSG_TRUNC) and refused.
+        self._buffer = memoryview(bytearray(size))
+        self._loop_thread = 0
+        self._stopping = False
+        self._watching_listener = False
+        self._backing_off = False
+        self._backoff = ACCEPT_BACKOFF
+
+    @property
+    def address(self) -> object:
+        return self._endpoint.address
+
+    @property
+    def active_clients(self) -> int:
+        """Clients connected now."""
+        return len(self._conns)
+
+    # -- the loop's part ------------------------------------------------------------------
+    def watch(self, conn: Connection, read: bool, write: bool) -> None:
+        raise NotImplementedError
+
+    def call_soon(self, callback: Callable[..., object], *args: Any) -> None:
+        raise NotImplementedError
+
+    def _set_listener_events(self, on: bool) -> None:
+        raise NotImplementedError
+
+    def _retry_accept_in(self, delay: float) -> None:
+        raise NotImplementedError
+
+    def _register(self, conn: Connection) -> None:
+        raise NotImplementedError
+
+    def _unregister(self, conn: Connection) -> None:
+        raise NotImplementedError
+
+    # -- the driver interface the connections use ------------------------------------------
+    def in_loop(self) -> bool:
+        return threading.get_ident() == self._loop_thread
+
+    def dispatch(self, conn: Connection, message: bytes, fds: list[int]) -> None:
+        self._handle(conn, message, fds)
+
+    def dropped(self, conn: Connection) -> None:
+        if self._conns.pop(conn.fd, None) is None:
+            return
+        self._unregister(conn)
+        if self._on_close is not None:
+            try:
+                self._on_close(conn)
+            except Exception:
+                log.exception("%s: on_close failed for %r", self.address, conn)
+        if not self._stopping and not self._backing_off:
+            self._watch_listener(True)
+
+    # -- handling ------------------------------------------------------------------------
+    def _handle(self, conn: Connection, message: bytes, fds: list[int]) -> None:
+        if fds:
+            conn.begin(fds)
+        try:
+            reply = self._handler(conn, message)
+            if reply is not None and not conn.closed:
+                self._reply(conn, reply, fds)
+                return
+        except Exception as exc:  # noqa: BLE001 - the handler's failure ends its client only
+            self._handler_failed(conn, exc)
+        if fds:
+            conn.release_fds()
+
+    def _reply(self, conn: Connection, reply: Any, fds: list[int]) -> None:
+        """Send what the handler returned (the asyncio server also takes awaitables)."""
+        try:
+            conn.send(reply)
+        except Exception as exc:  # noqa: BLE001 - as the handler's own failure
+            self._handler_failed(conn, exc)
+        if fds:
+            conn.release_fds()
+
+    def _handler_failed(self, conn: Connection, exc: BaseException) -> None:
+        if isinstance(exc, UdsError):
+            log.warning("%s: %s; closing %r", self.address, exc, conn)
+        else:
+            log.error("%s: handler failed for %r; closing it", self.address, conn, exc_info=exc)
+        if self.in_loop():
+            conn.abort()
+        else:
+            self.call_soon(conn.abort)
+
+    # -- the listener --------------------------------------------------------------------
+    def _watch_listener(self, on: bool) -> None:
+        if on and self._max_clients is not None and len(self._conns) >= self._max_clients:
+            on = False
+        if on != self._watching_listener:
+            self._watching_listener = on
+            self._set_listener_events(on)
+
+    def _accept_again(self) -> None:
+        """The back-off after running out of descriptors is over: look again."""
+        self._backing_off = False
+        if not self._stopping:
+            self._watch_listener(True)
+
+    def _on_listener(self) -> None:
+        endpoint = self._endpoint
+        if isinstance(endpoint, DatagramListener):
+            self._on_datagrams(endpoint)
+            return
+        sock = endpoint.socket
+        for _ in range(ACCEPT_BATCH):
+            if self._max_clients is not None and len(self._conns) >= self._max_clients:
+                self._watch_listener(False)  # a slot frees when a client leaves
+                return
+            try:
+                client, _ = sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _RETRY_ERRNOS:
+                    continue
+                if exc.errno in _RESOURCE_ERRNOS:
+                    self._back_off(exc)
+                    return
+                raise
+            self._backoff = ACCEPT_BACKOFF
+            self._start(endpoint, client)
+
+    def _back_off(self, exc: OSError) -> None:
+        """Out of descriptors (or kernel memory): the pending client stays queued, so the
+        listener stays readable; stop watching it for a while instead of spinning."""
+        log.warning(
+            "%s: accept failed (%s); not accepting for %.2f s",
+            self.address,
+            os.strerror(exc.errno or 0),
+            self._backoff,
+        )
+        self._watch_listener(False)
+        self._backing_off = True
+        self._retry_accept_in(self._backoff)
+        self._backoff = min(self._backoff * 2, ACCEPT_BACKOFF_MAX)
+
+    def _start(self, listener: Listener, client: socket.socket) -> None:
+        admitted = admit(
+            client, listener.address, listener.policy, listener.buffers, blocking=False
+        )
+        if not isinstance(admitted, Admitted):
+            return
+        framing = (
+            make_framing(listener.framing, max_frame=listener.max_frame)
+            if listener.type == "stream"
+            else None
+        )
+        conn = Connection(
+            client,
+            self,
+            id=next(self._ids),
+            kind=listener.type,
+            framing=framing,
+            peer=admitted.peer,
+            remote=admitted.remote,
+            max_fds=listener.max_fds,
+            max_outbox=self._max_outbox,
+            loop_thread=self._loop_thread,
+        )
+        self._conns[conn.fd] = conn
+        self._register(conn)
+        if self._on_connect is not None:
+            try:
+                self._on_connect(conn)
+            except Exception as exc:  # noqa: BLE001 - as a handler's
+                self._handler_failed(conn, exc)
+
+    def _on_datagrams(self, listener: DatagramListener) -> None:
+        for _ in range(DATAGRAMS_PER_WAKEUP):
+            try:
+                datagram = listener.recv()
+            except Timeout:
+                return  # nothing more (EAGAIN)
+            except UdsError as exc:  # a truncated datagram, bad control data: report, go on
+                log.warning("%s: %s", listener.address, exc)
+                continue
+            conn = Connection(
+                None,
+                self,
+                id=next(self._ids),
+                kind="dgram",
+                framing=None,
+                peer=datagram.peer,
+                remote=datagram.sender,
+                max_fds=listener.max_fds,
+                max_outbox=self._max_outbox,
+                loop_thread=self._loop_thread,
+                listener=listener,
+            )
+            self.dispatch(conn, datagram.data, list(datagram.fds))
+
+    def _close_clients(self) -> None:
+        """Send what the kernel takes now (nothing waits for slow clients), then close."""
+        for conn in list(self._conns.values()):
+            conn.flush()
+            conn.abort()
