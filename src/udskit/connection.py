@@ -398,6 +398,8 @@ class Connection:
     def _update(self) -> None:
         """Tell the driver what to watch: reading unless paused, ended or busy with a
         worker's backlog; writing while the outbox holds anything."""
+        if self._sock is None:
+            return  # a datagram's connection: the listener is read, not this
         read = not (self._paused or self._held or self._eof or self._closing)
         wanted = _EVENTS[read, self._out.size > 0]
         if wanted is not self._events:

@@ -53,6 +53,7 @@ def test_public_surface() -> None:
         "Channel",
         "DatagramListener",
         "Listener",
+        "MessageServer",
         "Server",
         "connect",
         "listen",
@@ -60,6 +61,8 @@ def test_public_surface() -> None:
         "pair",
         "run",
         "serve",
+        "serve_messages",
+        "start_message_server",
         "start_server",
         "uvloop_available",
     ]

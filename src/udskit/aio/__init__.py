@@ -14,12 +14,14 @@ from .channel import Channel
 from .connecting import connect, pair
 from .listening import DatagramListener, Listener, listen
 from .loops import new_event_loop, run, uvloop_available
+from .messageserver import MessageServer, serve_messages, start_message_server
 from .server import Server, serve, start_server
 
 __all__ = [
     "Channel",
     "DatagramListener",
     "Listener",
+    "MessageServer",
     "Server",
     "connect",
     "listen",
@@ -27,6 +29,8 @@ __all__ = [
     "pair",
     "run",
     "serve",
+    "serve_messages",
+    "start_message_server",
     "start_server",
     "uvloop_available",
 ]

@@ -1,0 +1,290 @@
+"""The asyncio message server: ``start_message_server()``, ``serve_messages()`` and
+``MessageServer``, the counterpart of :mod:`udskit.messageserver` on an event loop.
+
+``handler(conn, message)`` is a plain function, called straight from the socket's reader
+callback: no task, no future, no coroutine per message. It returns the reply (or None), or
+calls ``conn.send``. A handler that has to wait returns an awaitable instead (an ``async
+def`` handler does so on every call): then a task awaits it and sends what it returns, and
+that client is not read meanwhile, so its messages are still handled one at a time, in
+order; the other clients go on.
+
+Everything else is the blocking message server's (:mod:`udskit.serving` holds what they
+share): admission, batches of accepts, backpressure per client, ``max_clients`` and the
+back-off when out of descriptors, datagrams.
+
+Stopping (``stop()``, or SIGINT/SIGTERM under ``serve_messages()``) closes the listener
+first, which removes its socket file; handlers still awaiting get SHUTDOWN_GRACE seconds,
+then are cancelled; what the kernel takes of the replies goes out, and every client is
+closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .. import listening as blocking
+from ..address import AddressLike
+from ..ancillary import close_fds
+from ..connection import DEFAULT_MAX_OUTBOX, Connection
+from ..server import SHUTDOWN_GRACE
+from ..serving import Hook, MessageHandler, MessageServing, check_server_options
+from .listening import claim_in_thread
+from .server import _give_back_signals, _take_signals
+
+__all__ = ["MessageServer", "serve_messages", "start_message_server"]
+
+log = logging.getLogger("udskit")
+
+_REPLIES = (bytes, bytearray, memoryview)
+
+
+class MessageServer(MessageServing):
+    """Serves one listener with a per-message ``handler`` on the running event loop.
+
+    Make one with :func:`start_message_server`, then ``await serve_forever()``; ``stop()``
+    ends it (from the loop's thread; elsewhere ``loop.call_soon_threadsafe(server.stop)``).
+    ``async with`` closes everything on exit.
+    """
+
+    def __init__(
+        self,
+        endpoint: blocking.Listener | blocking.DatagramListener,
+        handler: MessageHandler,
+        *,
+        max_clients: int | None = None,
+        max_outbox: int = DEFAULT_MAX_OUTBOX,
+        on_connect: Hook | None = None,
+        on_close: Hook | None = None,
+    ) -> None:
+        check_server_options(
+            handler, max_clients, max_outbox, {"on_connect": on_connect, "on_close": on_close}
+        )
+        super().__init__(
+            endpoint,
+            handler,
+            max_clients=max_clients,
+            max_outbox=max_outbox,
+            on_connect=on_connect,
+            on_close=on_close,
+        )
+        endpoint.socket.setblocking(False)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting: dict[int, deque[tuple[bytes, list[int]]]] = {}  # while a task runs
+        self._stopped: asyncio.Event | None = None
+        self._served = False
+        self._closed = False
+
+    # -- the loop ------------------------------------------------------------------------
+    def watch(self, conn: Connection, read: bool, write: bool) -> None:
+        loop = self._loop
+        assert loop is not None
+        if read:
+            loop.add_reader(conn.fd, conn.on_readable, self._buffer)
+        else:
+            loop.remove_reader(conn.fd)
+        if write:
+            loop.add_writer(conn.fd, conn.on_writable)
+        else:
+            loop.remove_writer(conn.fd)
+
+    def call_soon(self, callback: Callable[..., object], *args: Any) -> None:
+        loop = self._loop
+        assert loop is not None
+        loop.call_soon_threadsafe(callback, *args)
+
+    def _set_listener_events(self, on: bool) -> None:
+        loop = self._loop
+        assert loop is not None
+        if on:
+            loop.add_reader(self._endpoint.fileno(), self._on_listener)
+        else:
+            loop.remove_reader(self._endpoint.fileno())
+
+    def _retry_accept_in(self, delay: float) -> None:
+        loop = self._loop
+        assert loop is not None
+        loop.call_later(delay, self._accept_again)
+
+    def _register(self, conn: Connection) -> None:
+        loop = self._loop
+        assert loop is not None
+        loop.add_reader(conn.fd, conn.on_readable, self._buffer)
+
+    def _unregister(self, conn: Connection) -> None:
+        loop = self._loop
+        assert loop is not None
+        loop.remove_reader(conn.fd)
+        loop.remove_writer(conn.fd)
+        waiting = self._waiting.pop(conn.id, None)
+        if waiting:
+            for _, fds in waiting:
+                close_fds(fds)
+
+    # -- handlers that wait ----------------------------------------------------------------
+    def dispatch(self, conn: Connection, message: bytes, fds: list[int]) -> None:
+        if conn.busy:  # a task is handling an earlier message: keep the order
+            self._waiting.setdefault(conn.id, deque()).append((message, fds))
+            return
+        self._handle(conn, message, fds)
+
+    def _reply(self, conn: Connection, reply: Any, fds: list[int]) -> None:
+        if type(reply) in _REPLIES or not inspect.isawaitable(reply):
+            super()._reply(conn, reply, fds)
+            return
+        conn.busy = True
+        conn.hold(True)
+        loop = self._loop
+        assert loop is not None
+        task = loop.create_task(self._await_reply(conn, reply, fds))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _await_reply(self, conn: Connection, pending: Awaitable[Any], fds: list[int]) -> None:
+        try:
+            reply = await pending
+            if reply is not None and not conn.closed:
+                conn.send(reply)
+        except asyncio.CancelledError:
+            conn.abort()
+            raise
+        except Exception as exc:  # noqa: BLE001 - the handler's failure ends its client only
+            self._handler_failed(conn, exc)
+        finally:
+            if fds:
+                conn.release_fds()
+            conn.busy = False
+        waiting = self._waiting.get(conn.id)
+        while waiting and not conn.busy and not conn.closed:
+            message, message_fds = waiting.popleft()
+            self._handle(conn, message, message_fds)
+        if not conn.busy and not conn.closed:
+            self._waiting.pop(conn.id, None)
+            conn.hold(False)
+            conn.flush()
+
+    # -- serving -------------------------------------------------------------------------
+    async def serve_forever(self) -> None:
+        """Serve until ``stop()``; then close the listener (removing its socket file),
+        give awaiting handlers SHUTDOWN_GRACE seconds, and close every client."""
+        if self._served:
+            raise RuntimeError("serve_forever() can run once per MessageServer")
+        self._served = True
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._stopped = asyncio.Event()
+        if self._stopping:
+            self._stopped.set()
+        else:
+            self._watch_listener(True)
+        try:
+            await self._stopped.wait()
+        finally:
+            await self._shutdown()
+
+    def stop(self) -> None:
+        """Stop serving (from the loop's thread)."""
+        self._stopping = True
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        if self._watching_listener:
+            self._watch_listener(False)
+        self._endpoint.close()
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=SHUTDOWN_GRACE)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning(
+                    "%s: %d handler(s) still awaiting %g s after stop; cancelled them",
+                    self.address,
+                    len(late),
+                    SHUTDOWN_GRACE,
+                )
+                await asyncio.wait(late)
+        self._close_clients()
+        self._closed = True
+
+    async def aclose(self) -> None:
+        """Stop and release everything, whether or not serve_forever ran."""
+        self.close()
+
+    def close(self) -> None:
+        """Stop; if serve_forever never ran, release the listener now."""
+        self.stop()
+        if not self._served:
+            self._served = True
+            self._endpoint.close()
+            self._closed = True
+
+    async def __aenter__(self) -> MessageServer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+async def start_message_server(
+    address: AddressLike,
+    handler: MessageHandler,
+    *,
+    max_clients: int | None = None,
+    max_outbox: int = DEFAULT_MAX_OUTBOX,
+    on_connect: Hook | None = None,
+    on_close: Hook | None = None,
+    **listen_options: Any,
+) -> MessageServer:
+    """Claim ``address`` (the options of :func:`udskit.listen`) and return a
+    :class:`MessageServer` for it; ``await server.serve_forever()`` runs it."""
+    check_server_options(
+        handler, max_clients, max_outbox, {"on_connect": on_connect, "on_close": on_close}
+    )
+    listen_now = functools.partial(blocking.listen, address, **listen_options)
+    endpoint: blocking.Listener | blocking.DatagramListener = await claim_in_thread(listen_now)
+    try:
+        return MessageServer(
+            endpoint,
+            handler,
+            max_clients=max_clients,
+            max_outbox=max_outbox,
+            on_connect=on_connect,
+            on_close=on_close,
+        )
+    except BaseException:
+        endpoint.close()
+        raise
+
+
+async def serve_messages(address: AddressLike, handler: MessageHandler, **options: Any) -> None:
+    """Serve ``address`` until SIGINT or SIGTERM (or ``stop()``); in the main thread those
+    signals stop it cleanly (socket file removed), and their handlers are put back after."""
+    loop = asyncio.get_running_loop()
+    server: MessageServer | None = None
+    stop_requested = False
+
+    def on_signal(signum: int) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+        if server is not None:
+            server.stop()
+
+    installed = _take_signals(loop, on_signal)
+    try:
+        server = await start_message_server(address, handler, **options)
+        if stop_requested:
+            server.stop()
+        await server.serve_forever()
+    finally:
+        _give_back_signals(loop, installed)
+        if server is not None:
+            await server.aclose()
