@@ -104,9 +104,11 @@ class MessageServer(MessageServing):
         self._woken = False
         self._served = False
         self._retry_at: float | None = None  # accept back-off: when to look again
-        self._pool: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
+        self._pool: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # inboxes to handle
         self._threads: list[threading.Thread] = []
-        self._inboxes: dict[int, deque[tuple[bytes, list[int]]]] = {}
+        self._inboxes: dict[int, deque[tuple[Connection, bytes, list[int]]]] = {}
+        self._running: dict[int, Connection | None] = {}  # inboxes a worker has
+        self._queued_datagrams = 0
 
     @property
     def listener(self) -> Listener | DatagramListener:
@@ -114,8 +116,18 @@ class MessageServer(MessageServing):
 
     # -- the loop ------------------------------------------------------------------------
     def watch(self, conn: Connection, read: bool, write: bool) -> None:
+        mask = (_IN if read else 0) | (_OUT if write else 0)
+        epoll = self._epoll
         try:
-            self._epoll.modify(conn.fd, (_IN if read else 0) | (_OUT if write else 0))
+            if not mask:
+                # Unwatched, not watched for nothing: epoll reports EPOLLHUP even then, and a
+                # client that hung up while we do not read it would wake us in a loop.
+                epoll.unregister(conn.fd)
+                return
+            try:
+                epoll.modify(conn.fd, mask)
+            except FileNotFoundError:
+                epoll.register(conn.fd, mask)
         except OSError:
             pass  # the socket was closed under us; its close removes it anyway
 
@@ -137,64 +149,80 @@ class MessageServer(MessageServing):
         self._epoll.register(conn.fd, _IN)
 
     def _unregister(self, conn: Connection) -> None:
-        if not conn.busy:  # else the worker still owns its queue; _worked empties it
-            self._drop_inbox(conn)
+        if conn.id not in self._running:  # else a worker owns its inbox; _worked empties it
+            self._drop_inbox(conn.id)
         try:
             self._epoll.unregister(conn.fd)
         except OSError:
             pass
 
     # -- workers -------------------------------------------------------------------------
+    # A connection's messages wait in its inbox for one worker at a time, so they are
+    # handled in order. Datagrams have no connection: each sender's go to one of `workers`
+    # lanes by its address, which keeps each sender's in order too.
     def dispatch(self, conn: Connection, message: bytes, fds: list[int]) -> None:
         if not self._workers:
             self._handle(conn, message, fds)
             return
-        inbox = self._inboxes.setdefault(conn.id, deque())
-        inbox.append((message, fds))
-        if not conn.busy:
-            conn.busy = True
-            self._pool.put(conn)
-        if len(inbox) >= WORKER_BACKLOG:
-            conn.hold(True)
+        if conn.fd >= 0:
+            key, owner = conn.id, conn
+        else:  # a datagram
+            key, owner = -1 - hash(conn.remote) % self._workers, None
+        inbox = self._inboxes.setdefault(key, deque())
+        inbox.append((conn, message, fds))
+        if key not in self._running:
+            self._running[key] = owner
+            if owner is not None:
+                owner.busy = True
+            self._pool.put(key)
+        if owner is None:
+            self._queued_datagrams += 1
+            if self._queued_datagrams >= WORKER_BACKLOG * self._workers:
+                self._watch_listener(False)  # until the workers catch up
+        elif len(inbox) >= WORKER_BACKLOG:
+            owner.hold(True)
 
     def _work(self) -> None:
-        """A worker: take a connection, handle what is queued for it, hand it back."""
+        """A worker: take an inbox, handle what is in it, hand it back."""
         while True:
-            conn = self._pool.get()
-            if conn is None:
+            key = self._pool.get()
+            if key is None:
                 return
-            inbox = self._inboxes.get(conn.id)
-            for _ in range(len(inbox) if inbox is not None else 0):
-                assert inbox is not None
-                message, fds = inbox.popleft()
+            inbox = self._inboxes[key]
+            for _ in range(len(inbox)):
+                conn, message, fds = inbox.popleft()
                 if conn.closed:
                     close_fds(fds)
-                    continue
-                self._handle(conn, message, fds)
-            self.call_soon(self._worked, conn)
+                else:
+                    self._handle(conn, message, fds)
+            self.call_soon(self._worked, key)
 
-    def _worked(self, conn: Connection) -> None:
-        """Back in the loop thread: more messages for ``conn``, or it is free."""
-        if conn.closed:
-            conn.busy = False
-            self._drop_inbox(conn)
+    def _worked(self, key: int) -> None:
+        """Back in the loop thread: more to handle for ``key``, or its inbox is free."""
+        owner = self._running[key]
+        inbox = self._inboxes[key]
+        if owner is None:
+            self._queued_datagrams = sum(
+                len(queued) for k, queued in self._inboxes.items() if k < 0
+            )
+            if not self._stopping:
+                self._watch_listener(True)
+        if inbox and (owner is None or not owner.closed):
+            self._pool.put(key)
+            if owner is not None and len(inbox) < WORKER_BACKLOG:
+                owner.hold(False)
             return
-        inbox = self._inboxes.get(conn.id)
-        if inbox:
-            self._pool.put(conn)
-            if len(inbox) < WORKER_BACKLOG:
-                conn.hold(False)
-            return
-        self._inboxes.pop(conn.id, None)
-        conn.busy = False
-        conn.hold(False)
-        conn.flush()
+        del self._running[key]
+        self._drop_inbox(key)
+        if owner is not None:
+            owner.busy = False
+            if not owner.closed:
+                owner.hold(False)
+                owner.flush()
 
-    def _drop_inbox(self, conn: Connection) -> None:
-        inbox = self._inboxes.pop(conn.id, None)
-        if inbox:
-            for _, fds in inbox:
-                close_fds(fds)
+    def _drop_inbox(self, key: int) -> None:
+        for _, _, fds in self._inboxes.pop(key, ()):
+            close_fds(fds)
 
     # -- serving -------------------------------------------------------------------------
     def stop(self) -> None:
