@@ -3,8 +3,7 @@ handler called per message.
 
 ``handler(conn, message)`` returns the reply (or None) or calls ``conn.send``; it runs in the
 serving thread, so it must not block: with ``workers=N`` it runs in a pool of N threads
-instead, each connection's messages in order, one at a time (datagrams, each its own
-"connection", may then be handled in parallel). This is the server for many clients: per
+instead, each connection's messages in order, one at a time (and each datagram sender's). This is the server for many clients: per
 client it holds a socket and a small :class:`~udskit.Connection`, no thread and no buffer of
 its own (reads go through one buffer for all); the replies of a wake-up leave in one system
 call. For a handler that holds a conversation (reads, thinks, reads again), use the
@@ -202,11 +201,10 @@ class MessageServer(MessageServing):
         owner = self._running[key]
         inbox = self._inboxes[key]
         if owner is None:
-            self._queued_datagrams = sum(
-                len(queued) for k, queued in self._inboxes.items() if k < 0
-            )
-            if not self._stopping:
-                self._watch_listener(True)
+            queued = sum(len(waiting) for lane, waiting in self._inboxes.items() if lane < 0)
+            self._queued_datagrams = queued
+            if queued < WORKER_BACKLOG * self._workers and not self._backing_off:
+                self._watch_listener(not self._stopping)
         if inbox and (owner is None or not owner.closed):
             self._pool.put(key)
             if owner is not None and len(inbox) < WORKER_BACKLOG:
