@@ -3,10 +3,10 @@ handler called per message.
 
 ``handler(conn, message)`` returns the reply (or None) or calls ``conn.send``; it runs in the
 serving thread, so it must not block: with ``workers=N`` it runs in a pool of N threads
-instead, each connection's messages in order, one at a time (and each datagram sender's). This is the server for many clients: per
-client it holds a socket and a small :class:`~udskit.Connection`, no thread and no buffer of
-its own (reads go through one buffer for all); the replies of a wake-up leave in one system
-call. For a handler that holds a conversation (reads, thinks, reads again), use the
+instead, each connection's messages in order, one at a time (and each datagram sender's).
+This is the server for many clients: per client it holds a socket and a small
+:class:`~udskit.Connection`, no thread and no buffer of its own (reads go through one buffer
+for all); the replies of a wake-up leave in one system call. For a handler that holds a conversation (reads, thinks, reads again), use the
 thread-per-client :class:`udskit.Server`.
 
 What one wake-up does: accept every pending client (up to ACCEPT_BATCH); read each readable
