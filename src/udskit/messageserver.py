@@ -6,8 +6,8 @@ serving thread, so it must not block: with ``workers=N`` it runs in a pool of N 
 instead, each connection's messages in order, one at a time (and each datagram sender's).
 This is the server for many clients: per client it holds a socket and a small
 :class:`~udskit.Connection`, no thread and no buffer of its own (reads go through one buffer
-for all); the replies of a wake-up leave in one system call. For a handler that holds a conversation (reads, thinks, reads again), use the
-thread-per-client :class:`udskit.Server`.
+for all); the replies of a wake-up leave in one system call. For a handler that holds a
+conversation (reads, thinks, reads again), use the thread-per-client :class:`udskit.Server`.
 
 What one wake-up does: accept every pending client (up to ACCEPT_BATCH); read each readable
 client once (a stream) or up to PACKETS_PER_WAKEUP packets (seqpacket), decode, call the
