@@ -116,6 +116,7 @@ class Connection:
         "_eof",
         "_events",
         "_fds",
+        "_fds_seen",
         "_framing",
         "_held",
         "_listener",
@@ -171,6 +172,7 @@ class Connection:
         self._posted = 0  # bytes handed over by other threads, not queued yet
         self._space: threading.Condition | None = None  # made when another thread sends
         self._fds: list[int] = []
+        self._fds_seen = False  # descriptors ever arrived on this stream
         self._state: dict[str, Any] | None = None
         self._events = _READING  # what the driver watches (read, write): it starts reading
         self._paused = False  # not reading: outbox over its high watermark
@@ -437,6 +439,7 @@ class Connection:
             if self._ancsize:
                 size, ancdata, flags, _ = sock.recvmsg_into([buffer], self._ancsize, RECV_FLAGS)
                 if ancdata or flags & _CTRUNC:
+                    self._fds_seen = True
                     fds = unpack(ancdata, flags, self._where(), self._max_fds).fds
             else:
                 size = sock.recv_into(buffer)
@@ -448,10 +451,11 @@ class Connection:
         except OSError as exc:
             self._failed(exc, "recv")
             return
+        fds_seen = self._fds_seen  # else the framing holds none: no need to ask it
         try:
             message = framing.feed(buffer[:size], fds)
             while isinstance(message, bytes):
-                self._driver.dispatch(self, message, framing.take_fds())
+                self._driver.dispatch(self, message, framing.take_fds() if fds_seen else [])
                 if self.closed:
                     return
                 message = framing.next_message()

@@ -108,6 +108,8 @@ class MessageServer(MessageServing):
         self._inboxes: dict[int, deque[tuple[Connection, bytes, list[int]]]] = {}
         self._running: dict[int, Connection | None] = {}  # inboxes a worker has
         self._queued_datagrams = 0
+        if not workers:
+            self.dispatch = self._handle  # type: ignore[method-assign]  # one call less a message
 
     @property
     def listener(self) -> Listener | DatagramListener:

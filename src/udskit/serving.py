@@ -151,8 +151,10 @@ class MessageServing:
         try:
             reply = self._handler(conn, message)
             if reply is not None and not conn.closed:
-                self._reply(conn, reply, fds)
-                return
+                if type(reply) is not bytes:
+                    self._reply(conn, reply, fds)
+                    return
+                conn.send(reply)
         except Exception as exc:  # noqa: BLE001 - the handler's failure ends its client only
             self._handler_failed(conn, exc)
         if fds:
