@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import logging
 import signal
@@ -38,6 +37,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
+from .accepting import AcceptVerdict, Backoff, classify
 from .address import Address, AddressLike, sun_path
 from .aio.listening import claim_in_thread
 from .creds import Policy, peer_cred
@@ -73,12 +73,6 @@ BUSY_RETRY_MAX: Final = 0.05
 #: does not starve the data of established ones.
 ACCEPT_BATCH: Final = 64
 
-#: After EMFILE/ENFILE/ENOBUFS/ENOMEM from accept(), the pending connection stays queued and
-#: the listener stays readable: retrying at once would spin. Pause accepting this long
-#: (doubling up to the maximum) while established connections finish and free descriptors.
-ACCEPT_BACKOFF: Final = 0.01
-ACCEPT_BACKOFF_MAX: Final = 1.0
-
 #: How long a stop waits for the connections' buffered data to be written before it cuts them.
 SHUTDOWN_GRACE: Final = 5.0
 
@@ -90,13 +84,6 @@ _RESET_ON_CLOSE: Final = struct.pack("ii", 1, 0)
 #: How long a stop waits, after cutting connections, for their transports to close: they do
 #: on the event loop's next iterations, so this is only a bound, never a delay.
 ABORT_WAIT: Final = 1.0
-
-#: accept(2) errors, and what we do (Linux accept(2); net/unix/af_unix.c; net/ipv4/tcp.c):
-#: EAGAIN: nothing (left) to accept. ECONNABORTED, EPROTO: the client gave up while queued,
-#: try the next. EMFILE, ENFILE, ENOBUFS, ENOMEM: out of resources, back off (above).
-#: Anything else means the listening socket itself is broken: stop accepting, log it.
-_RETRY_ACCEPT: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EINTR})
-_RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,7 +265,7 @@ class Bridge:
         self._connecting = 0  # of those, the ones still connecting to the target
         self._accepting = False
         self._closed = False
-        self._backoff = ACCEPT_BACKOFF
+        self._backoff = Backoff()  # pauses after accept(2) runs out of resources
         self._resume_handle: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -379,24 +366,25 @@ class Bridge:
             try:
                 conn, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                return  # nothing (left) to accept: wait for the next readiness
             except OSError as exc:
-                if exc.errno in _RETRY_ACCEPT:
+                verdict = classify(exc)
+                if verdict is AcceptVerdict.RETRY:
                     continue
                 self._stop_accepting()
-                if exc.errno in _RESOURCE_ERRNOS:
+                if verdict is AcceptVerdict.BACK_OFF:
+                    pause = self._backoff.next()
                     log.warning(
                         "%s: cannot accept: %s; pausing for %.2f s",
                         self.address,
                         exc.strerror,
-                        self._backoff,
+                        pause,
                     )
-                    self._resume_handle = self._loop.call_later(self._backoff, self._resume)
-                    self._backoff = min(self._backoff * 2, ACCEPT_BACKOFF_MAX)
+                    self._resume_handle = self._loop.call_later(pause, self._resume)
                 else:
                     log.error("%s: accept failed, no longer accepting: %s", self.address, exc)
                 return
-            self._backoff = ACCEPT_BACKOFF
+            self._backoff.reset()
             self._admit(conn)
 
     def _resume(self) -> None:

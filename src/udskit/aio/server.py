@@ -3,7 +3,7 @@
 
 The blocking :mod:`udskit.server`'s semantics, on an event loop: at most ``max_clients``
 connections are served at once (further clients wait in the kernel's backlog, they are not
-refused); accept(2) errors are handled as that module's docstring explains (out of
+refused); accept(2) errors are handled as :mod:`udskit.accepting` explains (out of
 descriptors: back off, never spin); a datagram handler runs in the serving task, once per
 datagram, with a Channel whose ``recv()`` returns that datagram and whose ``send()`` replies
 to its sender, so one handler serves all three socket types.
@@ -24,16 +24,13 @@ import threading
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
+from ..accepting import ACCEPT_BACKOFF, ACCEPT_BACKOFF_MAX
+from ..accepting import RESOURCE_ERRNOS as _RESOURCE_ERRNOS
+from ..accepting import RETRY_ERRNOS as _RETRY_ERRNOS
 from ..address import Address, AddressLike
 from ..errors import ConnectionClosed, ProtocolError, UdsError
 from ..options import check_max_clients
-from ..server import (
-    _RESOURCE_ERRNOS,
-    _RETRY_ERRNOS,
-    ACCEPT_BACKOFF,
-    ACCEPT_BACKOFF_MAX,
-    SHUTDOWN_GRACE,
-)
+from ..server import SHUTDOWN_GRACE
 from ..translate import translate
 from .channel import Channel
 from .listening import DatagramListener, Listener, listen
