@@ -40,6 +40,7 @@ from typing import Any, Final, cast
 from .accepting import AcceptVerdict, Backoff, classify
 from .address import Address, AddressLike, sun_path
 from .aio.listening import claim_in_thread
+from .aio.loops import new_event_loop
 from .creds import Policy, peer_cred
 from .errors import ConnectError, Timeout, UdsError
 from .listening import Listener, listen
@@ -682,7 +683,7 @@ def run(
     removes its socket file, lets buffered data out (for up to :data:`SHUTDOWN_GRACE`
     seconds) and returns.
     """
-    loop = _new_loop()
+    loop = new_event_loop()  # uvloop's when installed
     try:
         loop.run_until_complete(
             _run_until_signalled(
@@ -722,12 +723,3 @@ async def _run_until_signalled(main: Callable[[], Coroutine[Any, Any, None]]) ->
     finally:
         for signum in handled:
             loop.remove_signal_handler(signum)
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
