@@ -45,6 +45,7 @@ from .creds import Policy, peer_cred
 from .errors import ConnectError, Timeout, UdsError
 from .listening import Listener, listen
 from .options import DEFAULT_BACKLOG, tune_buffers
+from .tcp import tcp_options
 from .translate import translate
 
 __all__ = ["Bridge", "BridgeStats", "connect_socket", "run", "serve", "start"]
@@ -557,7 +558,7 @@ async def _connect_tcp(loop: asyncio.AbstractEventLoop, target: Address) -> sock
         sock = socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
         try:
             sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tcp_options(sock)
             tune_buffers(sock, None, None)
             await asyncio.wait_for(loop.sock_connect(sock, sockaddr), CONNECT_TIMEOUT)
         except asyncio.TimeoutError:

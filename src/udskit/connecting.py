@@ -16,6 +16,7 @@ from .options import (
     tune_buffers,
 )
 from .sockfile import Claim, bind_reply_path
+from .tcp import connect_tcp
 from .translate import translate, translating
 
 __all__ = ["connect", "pair"]
@@ -126,13 +127,12 @@ def _connect_tcp(
     target: Address, framing: str, max_frame: int | None, timeout: float | None
 ) -> Channel:
     try:
-        sock = socket.create_connection((target.host, target.port), timeout=timeout)
+        sock = connect_tcp(target, timeout)
     except OSError as exc:
         raise ConnectError(
             f"cannot connect to {target}: {os.strerror(exc.errno or 0).lower() or exc}",
             errno=exc.errno,
         ) from exc
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return Channel(sock, framing=framing, max_frame=max_frame, max_fds=0, remote=target)
 
 

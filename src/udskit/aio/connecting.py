@@ -23,6 +23,7 @@ from ..options import (
     tune_buffers,
 )
 from ..sockfile import Claim, bind_reply_path
+from ..tcp import tcp_options
 from ..translate import translating
 from .buffers import check_write_limit
 from .channel import Channel
@@ -188,6 +189,7 @@ async def _connect_tcp(
         try:
             sock.setblocking(False)
             await asyncio.wait_for(loop.sock_connect(sock, sockaddr), timeout)
+            tcp_options(sock)
         except BaseException:
             sock.close()
             raise
@@ -199,7 +201,6 @@ async def _connect_tcp(
             f"cannot connect to {target}: {os.strerror(exc.errno or 0).lower() or exc}",
             errno=exc.errno,
         ) from exc
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return Channel(
         sock,
         framing=framing,
