@@ -45,7 +45,7 @@ from .creds import Policy, peer_cred
 from .errors import ConnectError, Timeout, UdsError
 from .listening import Listener, listen
 from .options import DEFAULT_BACKLOG, tune_buffers
-from .tcp import tcp_options
+from .tcp import open_tcp
 from .translate import translate
 
 __all__ = ["Bridge", "BridgeStats", "connect_socket", "run", "serve", "start"]
@@ -514,7 +514,7 @@ async def connect_socket(target: Address) -> socket.socket:
     abstract name or ``tcp:``), for asyncio code. Failures raise udskit errors that say why
     (ConnectError, Timeout); a full backlog is retried for up to :data:`CONNECT_TIMEOUT`."""
     if target.kind == "tcp":
-        return await _connect_tcp(asyncio.get_running_loop(), target)
+        return await _connect_tcp(target)
     if target.kind == "fd":
         raise ValueError(f"cannot connect to {target}: a descriptor is not an address")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -546,36 +546,23 @@ async def connect_socket(target: Address) -> socket.socket:
         raise
 
 
-async def _connect_tcp(loop: asyncio.AbstractEventLoop, target: Address) -> socket.socket:
+async def _connect_tcp(target: Address) -> socket.socket:
     try:
-        infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-    except OSError as exc:
+        return await open_tcp(target, CONNECT_TIMEOUT, prepare=_default_buffers)
+    except socket.gaierror as exc:
         raise ConnectError(
             f"cannot connect to {target}: cannot resolve {target.host!r}: {exc}"
         ) from exc
-    error: OSError | None = None
-    for family, kind, proto, _, sockaddr in infos:
-        sock = socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
-        try:
-            sock.setblocking(False)
-            tcp_options(sock)
-            tune_buffers(sock, None, None)
-            await asyncio.wait_for(loop.sock_connect(sock, sockaddr), CONNECT_TIMEOUT)
-        except asyncio.TimeoutError:
-            sock.close()
-            raise Timeout(
-                f"cannot connect to {target}: no answer within {CONNECT_TIMEOUT:.0f} s"
-            ) from None
-        except OSError as exc:
-            sock.close()
-            error = exc
-            continue
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-    assert error is not None, "getaddrinfo returns at least one address or fails"
-    raise translate(error, "connect", target) from error
+    except TimeoutError:
+        raise Timeout(
+            f"cannot connect to {target}: no answer within {CONNECT_TIMEOUT:.0f} s"
+        ) from None
+    except OSError as exc:
+        raise translate(exc, "connect", target) from exc
+
+
+def _default_buffers(sock: socket.socket) -> None:
+    tune_buffers(sock, None, None)
 
 
 async def start(

@@ -13,7 +13,7 @@ import udskit
 import udskit.aio
 from udskit import bridge
 from udskit.address import Address
-from udskit.tcp import connect_tcp, tcp_options
+from udskit.tcp import connect_tcp, open_tcp, tcp_options
 
 
 @pytest.fixture
@@ -75,3 +75,58 @@ def test_the_bridge_connects_upstream_with_nodelay(server: socket.socket) -> Non
             return _nodelay(sock)
 
     assert asyncio.run(main())
+
+
+def _dead_then(live: socket.socket, monkeypatch: pytest.MonkeyPatch) -> Address:
+    """A target whose host resolves to a closed port first, then to ``live``'s, as
+    ``localhost`` does when it names ::1 before 127.0.0.1 and only one of them listens."""
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        dead_port = closed.getsockname()[1]
+    live_port = live.getsockname()[1]
+    tcp = (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "")
+
+    def resolve(host: object, port: object, *args: object, **kwargs: object) -> list[object]:
+        assert host == "two-addresses.test"
+        return [(*tcp, ("127.0.0.1", dead_port)), (*tcp, ("127.0.0.1", live_port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)  # asyncio's resolver calls it
+    return Address.parse(f"tcp:two-addresses.test:{live_port}")
+
+
+def test_open_tcp_tries_every_address_until_one_accepts(
+    server: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = _dead_then(server, monkeypatch)
+    prepared: list[socket.socket] = []
+
+    async def main() -> tuple[bool, bool]:
+        sock = await open_tcp(target, 5.0, prepare=prepared.append)
+        with sock:
+            return _nodelay(sock), sock.getblocking()
+
+    assert asyncio.run(main()) == (True, False)
+    assert len(prepared) == 2  # each attempt's socket was prepared before it connected
+    assert all(sock.fileno() == -1 for sock in prepared)  # the failed one was closed
+
+
+def test_open_tcp_raises_the_last_error_untranslated() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        target = _target(closed)
+    with pytest.raises(ConnectionRefusedError):
+        asyncio.run(open_tcp(target, 5.0))
+
+
+def test_the_asyncio_api_tries_every_address(
+    server: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It used to try only the first address, where the blocking API and the bridge try all.
+    target = _dead_then(server, monkeypatch)
+
+    async def main() -> bytes:
+        async with await udskit.aio.connect(str(target), framing="raw", timeout=5) as client:
+            accepted, _ = server.accept()
+            with accepted:
+                accepted.sendall(b"hello")
+                return bytes(await client.recv())
+
+    assert asyncio.run(main()) == b"hello"

@@ -7,7 +7,6 @@ Unix connect can have made asynchronous: a listener whose backlog is full.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import socket
@@ -23,7 +22,7 @@ from ..options import (
     tune_buffers,
 )
 from ..sockfile import Claim, bind_reply_path
-from ..tcp import tcp_options
+from ..tcp import open_tcp
 from ..translate import translating
 from .buffers import check_write_limit
 from .channel import Channel
@@ -181,19 +180,9 @@ async def _connect_tcp(
     write_limit: int | None,
 ) -> Channel:
     """A TCP connection (for bridging), with the blocking API's error wording."""
-    loop = asyncio.get_running_loop()
     try:
-        infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-        family, kind, proto, _, sockaddr = infos[0]
-        sock = socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
-        try:
-            sock.setblocking(False)
-            await asyncio.wait_for(loop.sock_connect(sock, sockaddr), timeout)
-            tcp_options(sock)
-        except BaseException:
-            sock.close()
-            raise
-    except (asyncio.TimeoutError, TimeoutError) as exc:  # distinct types before 3.11
+        sock = await open_tcp(target, timeout)
+    except TimeoutError as exc:
         with translating("connect", target):
             raise TimeoutError from exc
     except OSError as exc:
