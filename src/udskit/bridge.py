@@ -549,10 +549,6 @@ async def connect_socket(target: Address) -> socket.socket:
 async def _connect_tcp(target: Address) -> socket.socket:
     try:
         return await open_tcp(target, CONNECT_TIMEOUT, prepare=_default_buffers)
-    except socket.gaierror as exc:
-        raise ConnectError(
-            f"cannot connect to {target}: cannot resolve {target.host!r}: {exc}"
-        ) from exc
     except TimeoutError:
         raise Timeout(
             f"cannot connect to {target}: no answer within {CONNECT_TIMEOUT:.0f} s"

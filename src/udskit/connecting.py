@@ -9,7 +9,7 @@ import tempfile
 from .address import Address, AddressLike, sun_path
 from .channel import Channel
 from .creds import peer_cred, require_uid
-from .errors import ConnectError, SocketFileError
+from .errors import SocketFileError
 from .options import (
     connect_options,
     pair_options,
@@ -126,13 +126,8 @@ def _runtime_dir() -> str:
 def _connect_tcp(
     target: Address, framing: str, max_frame: int | None, timeout: float | None
 ) -> Channel:
-    try:
+    with translating("connect", target):
         sock = connect_tcp(target, timeout)
-    except OSError as exc:
-        raise ConnectError(
-            f"cannot connect to {target}: {os.strerror(exc.errno or 0).lower() or exc}",
-            errno=exc.errno,
-        ) from exc
     return Channel(sock, framing=framing, max_frame=max_frame, max_fds=0, remote=target)
 
 

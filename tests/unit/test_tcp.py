@@ -4,6 +4,7 @@ checked on what each API (blocking, asyncio, the bridge) hands out."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Iterator
 
@@ -130,3 +131,69 @@ def test_the_asyncio_api_tries_every_address(
                 return bytes(await client.recv())
 
     assert asyncio.run(main()) == b"hello"
+
+
+# -- errors, as each API raises them ----------------------------------------------------------
+def _unresolvable(monkeypatch: pytest.MonkeyPatch) -> str:
+    def resolve(*args: object, **kwargs: object) -> list[object]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)  # create_connection's and asyncio's
+    return "tcp:nowhere.invalid:80"
+
+
+_NOT_RESOLVED = r"cannot connect to tcp:nowhere\.invalid:80: cannot resolve 'nowhere\.invalid': "
+
+
+def test_an_unresolvable_host_is_named_by_the_blocking_api(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It used to say "unknown error -2": os.strerror() of getaddrinfo's EAI_NONAME.
+    with pytest.raises(udskit.ConnectError, match=_NOT_RESOLVED + "Name or service not known"):
+        udskit.connect(_unresolvable(monkeypatch), timeout=5)
+
+
+def test_an_unresolvable_host_is_named_by_the_asyncio_api(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    target = _unresolvable(monkeypatch)
+    with pytest.raises(udskit.ConnectError, match=_NOT_RESOLVED):
+        asyncio.run(udskit.aio.connect(target, timeout=5))
+
+
+def test_an_unresolvable_host_is_named_by_the_bridge(monkeypatch: pytest.MonkeyPatch) -> None:
+    target = Address.parse(_unresolvable(monkeypatch))
+    with pytest.raises(udskit.ConnectError, match=_NOT_RESOLVED):
+        asyncio.run(bridge.connect_socket(target))
+
+
+@pytest.fixture
+def full_backlog() -> Iterator[str]:
+    """A TCP listener that never accepts, its backlog filled: the kernel drops further SYNs,
+    so a connect waits until its timeout."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        queued = []
+        try:
+            for _ in range(4):
+                sock = socket.socket()
+                queued.append(sock)
+                sock.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    sock.connect(listener.getsockname())
+            yield f"tcp:127.0.0.1:{listener.getsockname()[1]}"
+        finally:
+            for sock in queued:
+                sock.close()
+
+
+def test_a_blocking_connect_that_times_out_raises_timeout(full_backlog: str) -> None:
+    # It used to raise ConnectError("...: success"): a timeout has no errno.
+    with pytest.raises(udskit.Timeout, match=r"connect on tcp:127\.0\.0\.1:[0-9]+ timed out"):
+        udskit.connect(full_backlog, timeout=0.2)
+
+
+def test_an_asyncio_connect_that_times_out_raises_timeout(full_backlog: str) -> None:
+    with pytest.raises(udskit.Timeout, match=r"connect on tcp:127\.0\.0\.1:[0-9]+ timed out"):
+        asyncio.run(udskit.aio.connect(full_backlog, timeout=0.2))

@@ -179,17 +179,9 @@ async def _connect_tcp(
     timeout: float | None,
     write_limit: int | None,
 ) -> Channel:
-    """A TCP connection (for bridging), with the blocking API's error wording."""
-    try:
+    """A TCP connection (for bridging), with the blocking API's errors."""
+    with translating("connect", target):
         sock = await open_tcp(target, timeout)
-    except TimeoutError as exc:
-        with translating("connect", target):
-            raise TimeoutError from exc
-    except OSError as exc:
-        raise ConnectError(
-            f"cannot connect to {target}: {os.strerror(exc.errno or 0).lower() or exc}",
-            errno=exc.errno,
-        ) from exc
     return Channel(
         sock,
         framing=framing,
