@@ -26,19 +26,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import signal
 import socket
 import struct
 import threading
-import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
 from .accepting import AcceptVerdict, Backoff, classify
-from .address import Address, AddressLike, sun_path
+from .address import Address, AddressLike
+from .aio.connecting import connect_waiting
 from .aio.listening import claim_in_thread
 from .aio.loops import new_event_loop
 from .creds import Policy, peer_cred
@@ -66,10 +67,6 @@ RELAY_LOW_WATER: Final = 64 * 1024
 #: full answers EAGAIN at once (nginx reports it as a 502 "(11: Resource temporarily
 #: unavailable)"); we retry until this deadline, as a blocking client would wait.
 CONNECT_TIMEOUT: Final = 10.0
-
-#: First pause between connect attempts while the target's backlog is full, and the longest.
-BUSY_RETRY: Final = 0.001
-BUSY_RETRY_MAX: Final = 0.05
 
 #: Connections accepted per wake-up of the listening socket, so that a flood of new clients
 #: does not starve the data of established ones.
@@ -517,33 +514,23 @@ async def connect_socket(target: Address) -> socket.socket:
         return await _connect_tcp(target)
     if target.kind == "fd":
         raise ValueError(f"cannot connect to {target}: a descriptor is not an address")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.setblocking(False)
-    tune_buffers(sock, None, None)
-    deadline = time.monotonic() + CONNECT_TIMEOUT
-    delay = BUSY_RETRY
+    sock = socket.socket(
+        socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+    )
     try:
-        while True:
-            # A Unix connect() completes (or fails) at once; only a full backlog (EAGAIN)
-            # means "try again", which a non-blocking socket reports instead of waiting.
-            try:
-                with sun_path(target) as where:
-                    sock.connect(where)
-                return sock
-            except BlockingIOError as exc:
-                if time.monotonic() > deadline:
-                    raise ConnectError(
-                        f"cannot connect to {target}: its backlog stayed full for "
-                        f"{CONNECT_TIMEOUT:.0f} s; the server is not accepting",
-                        errno=exc.errno,
-                    ) from exc
-            except OSError as exc:
-                raise translate(exc, "connect", target) from exc
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, BUSY_RETRY_MAX)
+        tune_buffers(sock, None, None)
+        try:
+            await connect_waiting(sock, target, CONNECT_TIMEOUT)
+        except Timeout as exc:  # only a full backlog makes a Unix connect wait
+            raise ConnectError(
+                f"cannot connect to {target}: its backlog stayed full for "
+                f"{CONNECT_TIMEOUT:.0f} s; the server is not accepting",
+                errno=errno.EAGAIN,
+            ) from exc
     except BaseException:
         sock.close()
         raise
+    return sock
 
 
 async def _connect_tcp(target: Address) -> socket.socket:

@@ -125,7 +125,7 @@ async def _connect_unix(
                 sock, Address("path", os.path.join(reply_dir, blocking._REPLY_NAME))
             )
         tune_buffers(sock, *buffers)
-        await _connect_waiting(sock, target, timeout)
+        await connect_waiting(sock, target, timeout)
         peer: PeerCred | None = None
         if kind != socket.SOCK_DGRAM:
             peer = peer_cred(sock)
@@ -151,7 +151,7 @@ async def _connect_unix(
         raise
 
 
-async def _connect_waiting(sock: socket.socket, target: Address, timeout: float | None) -> None:
+async def connect_waiting(sock: socket.socket, target: Address, timeout: float | None) -> None:
     """connect(), retried while the listener's backlog is full.
 
     A non-blocking Unix connect never answers EINPROGRESS: it completes at once, or fails
