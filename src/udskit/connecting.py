@@ -68,14 +68,7 @@ def connect(
     reply: Claim | None = None
     reply_dir: bytes | None = None
     try:
-        if kind == socket.SOCK_DGRAM:
-            # Before bind: a reply that arrives earlier would carry no credentials.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        if own is not None:
-            reply = _bind_own(sock, own)
-        elif kind == socket.SOCK_DGRAM:
-            reply_dir = tempfile.mkdtemp(prefix="udskit-", dir=_runtime_dir()).encode()
-            reply = bind_reply_path(sock, Address("path", os.path.join(reply_dir, _REPLY_NAME)))
+        reply, reply_dir = name_client(sock, kind, own)
         tune_buffers(sock, sndbuf, rcvbuf)
         sock.settimeout(timeout)
         with translating("connect", target, tried=kind), sun_path(target) as where:
@@ -96,15 +89,44 @@ def connect(
             claim=reply,
         )
     except BaseException:
-        if reply is not None:
-            reply.release()
-        if reply_dir is not None:
-            os.rmdir(reply_dir)
+        release_name(reply, reply_dir)
         sock.close()
         raise
     if reply_dir is not None:
         channel._adopt_reply_dir(reply_dir)
     return channel
+
+
+def name_client(
+    sock: socket.socket, kind: int, own: Address | None
+) -> tuple[Claim | None, bytes | None]:
+    """Give a Unix client socket, before it connects, the name its peer sees: ``own``
+    (``bind=``) or, for a datagram client, which needs one for the server to answer, a
+    private path in a fresh 0700 directory. Returns the claim of a path bound and the
+    directory made, for :func:`release_name`; leaves nothing behind if it raises."""
+    if kind == socket.SOCK_DGRAM:
+        # Before bind: a reply that arrives earlier would carry no credentials.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    if own is not None:
+        return _bind_own(sock, own), None
+    if kind != socket.SOCK_DGRAM:
+        return None, None
+    reply_dir = tempfile.mkdtemp(prefix="udskit-", dir=_runtime_dir()).encode()
+    try:
+        claim = bind_reply_path(sock, Address("path", os.path.join(reply_dir, _REPLY_NAME)))
+    except BaseException:
+        os.rmdir(reply_dir)
+        raise
+    return claim, reply_dir
+
+
+def release_name(claim: Claim | None, reply_dir: bytes | None) -> None:
+    """Undo :func:`name_client` for a client that did not get connected: remove the path
+    it bound (if still ours), then the directory made for it."""
+    if claim is not None:
+        claim.release()
+    if reply_dir is not None:
+        os.rmdir(reply_dir)
 
 
 def _bind_own(sock: socket.socket, own: Address) -> Claim | None:

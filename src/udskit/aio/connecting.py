@@ -8,9 +8,7 @@ Unix connect can have made asynchronous: a listener whose backlog is full.
 from __future__ import annotations
 
 import errno
-import os
 import socket
-import tempfile
 
 from .. import connecting as blocking
 from ..address import Address, AddressLike, sun_path
@@ -21,7 +19,7 @@ from ..options import (
     pair_options,
     tune_buffers,
 )
-from ..sockfile import Claim, bind_reply_path
+from ..sockfile import Claim
 from ..tcp import open_tcp
 from ..translate import translating
 from .buffers import check_write_limit
@@ -112,18 +110,7 @@ async def _connect_unix(
     reply: Claim | None = None
     reply_dir: bytes | None = None
     try:
-        if kind == socket.SOCK_DGRAM:
-            # Before bind: a reply that arrives earlier would carry no credentials.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        if own is not None:
-            reply = blocking._bind_own(sock, own)
-        elif kind == socket.SOCK_DGRAM:
-            # A datagram client needs a name the server can answer: a private path in a
-            # fresh 0700 directory, both removed on close.
-            reply_dir = tempfile.mkdtemp(prefix="udskit-", dir=blocking._runtime_dir()).encode()
-            reply = bind_reply_path(
-                sock, Address("path", os.path.join(reply_dir, blocking._REPLY_NAME))
-            )
+        reply, reply_dir = blocking.name_client(sock, kind, own)
         tune_buffers(sock, *buffers)
         await connect_waiting(sock, target, timeout)
         peer: PeerCred | None = None
@@ -143,10 +130,7 @@ async def _connect_unix(
             write_limit=write_limit,
         )
     except BaseException:  # CancelledError included: nothing may be left behind
-        if reply is not None:
-            reply.release()
-        if reply_dir is not None:
-            os.rmdir(reply_dir)
+        blocking.release_name(reply, reply_dir)
         sock.close()
         raise
 
