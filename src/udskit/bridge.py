@@ -29,10 +29,8 @@ import contextlib
 import errno
 import functools
 import logging
-import signal
 import socket
 import struct
-import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -42,6 +40,7 @@ from .address import Address, AddressLike
 from .aio.connecting import connect_waiting
 from .aio.listening import claim_in_thread
 from .aio.loops import new_event_loop
+from .aio.signals import give_back_signals, take_signals
 from .creds import Policy, peer_cred
 from .errors import ConnectError, Timeout, UdsError
 from .listening import Listener, listen
@@ -681,16 +680,11 @@ def run(
 async def _run_until_signalled(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(main())
-    handled: list[signal.Signals] = []
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, task.cancel)
-            handled.append(signum)
+    installed = take_signals(loop, lambda signum: task.cancel())
     try:
         await task
     except asyncio.CancelledError:
         if not task.cancelled():
             raise  # we were cancelled from outside, not by a signal
     finally:
-        for signum in handled:
-            loop.remove_signal_handler(signum)
+        give_back_signals(loop, installed)
