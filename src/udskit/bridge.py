@@ -44,7 +44,7 @@ from .aio.signals import give_back_signals, take_signals
 from .creds import Policy, peer_cred
 from .errors import ConnectError, Timeout, UdsError
 from .listening import Listener, listen
-from .options import DEFAULT_BACKLOG, tune_buffers
+from .options import DEFAULT_BACKLOG, check_max_clients, tune_buffers
 from .tcp import open_tcp
 from .translate import translate
 
@@ -578,12 +578,7 @@ async def start(
             f"cannot apply an access policy on {source}: TCP clients carry no credentials; "
             "listen on a Unix socket to restrict clients by uid or gid"
         )
-    if max_connections is not None and (
-        isinstance(max_connections, bool)
-        or not isinstance(max_connections, int)
-        or max_connections < 1
-    ):
-        raise ValueError(f"max_connections must be a positive integer, not {max_connections!r}")
+    check_max_clients(max_connections, "max_connections")
     loop = asyncio.get_running_loop()
     listener = await claim_in_thread(
         functools.partial(
