@@ -1,8 +1,8 @@
 """What an accept loop does about each accept(2) error, for every udskit accept loop.
 
-The blocking :class:`udskit.Server`, the asyncio :class:`udskit.aio.Server`, the listener's
-``accept_socket()`` and the bridge all act on this one survey (Linux accept(2), man 2
-accept; net/unix/af_unix.c; net/ipv4/tcp.c):
+The blocking :class:`udskit.Server`, the asyncio :class:`udskit.aio.Server`, both
+listeners' ``accept()`` (blocking, and asyncio's ``accept_socket()``) and the bridge all act
+on this one survey (Linux accept(2), man 2 accept; net/unix/af_unix.c; net/ipv4/tcp.c):
 
 * EINTR: nothing was accepted; retry. PEP 475 already retries a blocking call inside the
   socket module, so it reaches us only from a non-blocking accept.
