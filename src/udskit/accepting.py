@@ -10,6 +10,12 @@ on this one survey (Linux accept(2), man 2 accept; net/unix/af_unix.c; net/ipv4/
   connection first; wait for the listener to be readable again.
 * ECONNABORTED: the client gave up while queued; accept the next.
 * EPROTO: a protocol error on the queued connection; it is lost, accept the next.
+* ENETDOWN, ENOPROTOOPT, EHOSTDOWN, ENONET, EHOSTUNREACH, EOPNOTSUPP, ENETUNREACH (with
+  EPROTO): on a TCP listener, Linux hands the queued connection's pending network error
+  to accept(2), and the man page's "Error handling" says to treat these like EAGAIN and
+  retry. The connection is gone; accept the next. (A broken listener says EBADF or
+  EINVAL; EOPNOTSUPP otherwise means a socket that cannot accept, a datagram one, which a
+  udskit listener never is.)
 * EMFILE, ENFILE: out of descriptors (ours, or the system's). The pending connection stays
   queued, so the listener stays readable and an immediate retry would spin at 100% CPU. We
   log and back off (ACCEPT_BACKOFF doubling to ACCEPT_BACKOFF_MAX) while established
@@ -43,8 +49,23 @@ ACCEPT_BACKOFF: Final = 0.01
 #: The longest pause: a server out of descriptors for long still looks again every second.
 ACCEPT_BACKOFF_MAX: Final = 1.0
 
+#: A TCP connection's pending network errors, which Linux reports from accept(2).
+_TCP_PENDING_ERRNOS: Final = frozenset(
+    {
+        errno.ENETDOWN,
+        errno.EPROTO,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EHOSTUNREACH,
+        errno.EOPNOTSUPP,
+        errno.ENETUNREACH,
+    }
+)
 #: accept(2) errors after which the listener is fine: retry (see the survey above).
-RETRY_ERRNOS: Final = frozenset({errno.EINTR, errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO})
+RETRY_ERRNOS: Final = (
+    frozenset({errno.EINTR, errno.EAGAIN, errno.ECONNABORTED}) | _TCP_PENDING_ERRNOS
+)
 #: accept(2) errors that mean "out of resources": back off before accepting again.
 RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 

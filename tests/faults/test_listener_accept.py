@@ -70,3 +70,21 @@ def test_blocking_accept_with_timeout_zero_still_says_timeout(sockdir: Path) -> 
         listener.settimeout(0)
         with pytest.raises(udskit.Timeout):
             listener.accept()
+
+
+@pytest.mark.parametrize("code", [errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN])
+def test_a_tcp_clients_network_error_is_skipped(code: int) -> None:
+    # Linux reports a queued TCP connection's network error from accept(2); the listener
+    # is fine. These used to end the accept loop (the bridge's: for good).
+    with udskit.listen("tcp:127.0.0.1:0") as listener:
+        scripted = ScriptedAccept(listener.socket, [code, REAL])
+        listener._sock = scripted  # the fault injection
+        listener.settimeout(PATIENCE)
+        port = scripted.getsockname()[1]
+        with (
+            udskit.connect(f"tcp:127.0.0.1:{port}", timeout=PATIENCE) as client,
+            listener.accept() as served,
+        ):
+            client.send(b"still served")
+            assert served.recv() == b"still served"
+        assert scripted.calls == 2

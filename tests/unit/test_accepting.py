@@ -34,7 +34,25 @@ def test_running_out_of_resources_backs_off(code: int) -> None:
     assert classify(_accept_error(code)) is AcceptVerdict.BACK_OFF
 
 
-@pytest.mark.parametrize("code", [errno.EBADF, errno.EINVAL, errno.ENOTSOCK, errno.EOPNOTSUPP])
+@pytest.mark.parametrize(
+    "code",
+    [
+        errno.ENETDOWN,
+        errno.EPROTO,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EHOSTUNREACH,
+        errno.EOPNOTSUPP,
+        errno.ENETUNREACH,
+    ],
+)
+def test_a_tcp_connections_pending_network_error_is_retried(code: int) -> None:
+    # man 2 accept, "Error handling": treat them like EAGAIN.
+    assert classify(_accept_error(code)) is AcceptVerdict.RETRY
+
+
+@pytest.mark.parametrize("code", [errno.EBADF, errno.EINVAL, errno.ENOTSOCK, errno.EFAULT])
 def test_a_broken_listener_is_fatal(code: int) -> None:
     assert classify(_accept_error(code)) is AcceptVerdict.FATAL
 
