@@ -176,7 +176,7 @@ class Listener(_Endpoint):
                 if self._closed:
                     raise ConnectionClosed(f"listener on {self.address} is closed") from None
                 if classify(exc) is AcceptVerdict.RETRY and not isinstance(exc, BlockingIOError):
-                    continue  # the queued client is gone (ECONNABORTED, EPROTO): the next one
+                    continue  # the queued client is gone (see udskit.accepting): the next one
                 raise translate(exc, "accept", self.address) from exc  # EAGAIN: Timeout
             channel = self.admit(conn)
             if channel is not None:

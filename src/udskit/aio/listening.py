@@ -226,7 +226,7 @@ class Listener(_Endpoint[Channel]):
                     raise ConnectionClosed(f"listener on {self.address} is closed") from None
                 if classify(exc) is not AcceptVerdict.RETRY:
                     raise  # out of resources, or fatal: the caller decides
-                continue  # the queued client is gone (ECONNABORTED, EPROTO): the next one
+                continue  # the queued client is gone (see udskit.accepting): the next one
             await self._wait_readable("accept")
 
     def admit(self, conn: socket.socket) -> Channel | None:
