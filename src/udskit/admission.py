@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from .address import Address
 from .creds import PeerCred, Policy, peer_cred
 from .options import tune_buffers
+from .tcp import tcp_options
 
 __all__ = ["REFUSED", "Admitted", "Refused", "admit", "refuse", "sender_address"]
 
@@ -57,8 +58,7 @@ def admit(
         conn.setblocking(blocking)
         tune_buffers(conn, *buffers)
         if conn.family != socket.AF_UNIX:
-            # Replies are small and answer requests: never hold them back for Nagle.
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tcp_options(conn)
             return Admitted(None, None)
         peer = peer_cred(conn)
         remote = sender_address(conn.getpeername())

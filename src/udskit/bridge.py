@@ -29,22 +29,24 @@ import contextlib
 import errno
 import functools
 import logging
-import signal
 import socket
 import struct
-import threading
-import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
-from .address import Address, AddressLike, sun_path
+from .accepting import AcceptVerdict, Backoff, classify
+from .address import Address, AddressLike
 from .admission import REFUSED, Admitted, admit
+from .aio.connecting import connect_waiting
 from .aio.listening import claim_in_thread
+from .aio.loops import new_event_loop
+from .aio.signals import give_back_signals, take_signals
 from .creds import Policy
 from .errors import ConnectError, Timeout, UdsError
 from .listening import Listener, listen
-from .options import DEFAULT_BACKLOG, tune_buffers
+from .options import DEFAULT_BACKLOG, check_max_clients, tune_buffers
+from .tcp import open_tcp
 from .translate import translate
 
 __all__ = ["Bridge", "BridgeStats", "connect_socket", "run", "serve", "start"]
@@ -66,19 +68,9 @@ RELAY_LOW_WATER: Final = 64 * 1024
 #: unavailable)"); we retry until this deadline, as a blocking client would wait.
 CONNECT_TIMEOUT: Final = 10.0
 
-#: First pause between connect attempts while the target's backlog is full, and the longest.
-BUSY_RETRY: Final = 0.001
-BUSY_RETRY_MAX: Final = 0.05
-
 #: Connections accepted per wake-up of the listening socket, so that a flood of new clients
 #: does not starve the data of established ones.
 ACCEPT_BATCH: Final = 64
-
-#: After EMFILE/ENFILE/ENOBUFS/ENOMEM from accept(), the pending connection stays queued and
-#: the listener stays readable: retrying at once would spin. Pause accepting this long
-#: (doubling up to the maximum) while established connections finish and free descriptors.
-ACCEPT_BACKOFF: Final = 0.01
-ACCEPT_BACKOFF_MAX: Final = 1.0
 
 #: How long a stop waits for the connections' buffered data to be written before it cuts them.
 SHUTDOWN_GRACE: Final = 5.0
@@ -91,13 +83,6 @@ _RESET_ON_CLOSE: Final = struct.pack("ii", 1, 0)
 #: How long a stop waits, after cutting connections, for their transports to close: they do
 #: on the event loop's next iterations, so this is only a bound, never a delay.
 ABORT_WAIT: Final = 1.0
-
-#: accept(2) errors, and what we do (Linux accept(2); net/unix/af_unix.c; net/ipv4/tcp.c):
-#: EAGAIN: nothing (left) to accept. ECONNABORTED, EPROTO: the client gave up while queued,
-#: try the next. EMFILE, ENFILE, ENOBUFS, ENOMEM: out of resources, back off (above).
-#: Anything else means the listening socket itself is broken: stop accepting, log it.
-_RETRY_ACCEPT: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EINTR})
-_RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,7 +264,7 @@ class Bridge:
         self._connecting = 0  # of those, the ones still connecting to the target
         self._accepting = False
         self._closed = False
-        self._backoff = ACCEPT_BACKOFF
+        self._backoff = Backoff()  # pauses after accept(2) runs out of resources
         self._resume_handle: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -380,24 +365,25 @@ class Bridge:
             try:
                 conn, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                return  # nothing (left) to accept: wait for the next readiness
             except OSError as exc:
-                if exc.errno in _RETRY_ACCEPT:
+                verdict = classify(exc)
+                if verdict is AcceptVerdict.RETRY:
                     continue
                 self._stop_accepting()
-                if exc.errno in _RESOURCE_ERRNOS:
+                if verdict is AcceptVerdict.BACK_OFF:
+                    pause = self._backoff.next()
                     log.warning(
                         "%s: cannot accept: %s; pausing for %.2f s",
                         self.address,
                         exc.strerror,
-                        self._backoff,
+                        pause,
                     )
-                    self._resume_handle = self._loop.call_later(self._backoff, self._resume)
-                    self._backoff = min(self._backoff * 2, ACCEPT_BACKOFF_MAX)
+                    self._resume_handle = self._loop.call_later(pause, self._resume)
                 else:
                     log.error("%s: accept failed, no longer accepting: %s", self.address, exc)
                 return
-            self._backoff = ACCEPT_BACKOFF
+            self._backoff.reset()
             self._admit(conn)
 
     def _resume(self) -> None:
@@ -507,68 +493,41 @@ async def connect_socket(target: Address) -> socket.socket:
     abstract name or ``tcp:``), for asyncio code. Failures raise udskit errors that say why
     (ConnectError, Timeout); a full backlog is retried for up to :data:`CONNECT_TIMEOUT`."""
     if target.kind == "tcp":
-        return await _connect_tcp(asyncio.get_running_loop(), target)
+        return await _connect_tcp(target)
     if target.kind == "fd":
         raise ValueError(f"cannot connect to {target}: a descriptor is not an address")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.setblocking(False)
-    tune_buffers(sock, None, None)
-    deadline = time.monotonic() + CONNECT_TIMEOUT
-    delay = BUSY_RETRY
+    sock = socket.socket(
+        socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+    )
     try:
-        while True:
-            # A Unix connect() completes (or fails) at once; only a full backlog (EAGAIN)
-            # means "try again", which a non-blocking socket reports instead of waiting.
-            try:
-                with sun_path(target) as where:
-                    sock.connect(where)
-                return sock
-            except BlockingIOError as exc:
-                if time.monotonic() > deadline:
-                    raise ConnectError(
-                        f"cannot connect to {target}: its backlog stayed full for "
-                        f"{CONNECT_TIMEOUT:.0f} s; the server is not accepting",
-                        errno=exc.errno,
-                    ) from exc
-            except OSError as exc:
-                raise translate(exc, "connect", target) from exc
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, BUSY_RETRY_MAX)
+        tune_buffers(sock, None, None)
+        try:
+            await connect_waiting(sock, target, CONNECT_TIMEOUT)
+        except Timeout as exc:  # only a full backlog makes a Unix connect wait
+            raise ConnectError(
+                f"cannot connect to {target}: its backlog stayed full for "
+                f"{CONNECT_TIMEOUT:.0f} s; the server is not accepting",
+                errno=errno.EAGAIN,
+            ) from exc
     except BaseException:
         sock.close()
         raise
+    return sock
 
 
-async def _connect_tcp(loop: asyncio.AbstractEventLoop, target: Address) -> socket.socket:
+async def _connect_tcp(target: Address) -> socket.socket:
     try:
-        infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+        return await open_tcp(target, CONNECT_TIMEOUT, prepare=_default_buffers)
+    except TimeoutError:
+        raise Timeout(
+            f"cannot connect to {target}: no answer within {CONNECT_TIMEOUT:.0f} s"
+        ) from None
     except OSError as exc:
-        raise ConnectError(
-            f"cannot connect to {target}: cannot resolve {target.host!r}: {exc}"
-        ) from exc
-    error: OSError | None = None
-    for family, kind, proto, _, sockaddr in infos:
-        sock = socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            tune_buffers(sock, None, None)
-            await asyncio.wait_for(loop.sock_connect(sock, sockaddr), CONNECT_TIMEOUT)
-        except asyncio.TimeoutError:
-            sock.close()
-            raise Timeout(
-                f"cannot connect to {target}: no answer within {CONNECT_TIMEOUT:.0f} s"
-            ) from None
-        except OSError as exc:
-            sock.close()
-            error = exc
-            continue
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-    assert error is not None, "getaddrinfo returns at least one address or fails"
-    raise translate(error, "connect", target) from error
+        raise translate(exc, "connect", target) from exc
+
+
+def _default_buffers(sock: socket.socket) -> None:
+    tune_buffers(sock, None, None)
 
 
 async def start(
@@ -602,12 +561,7 @@ async def start(
             f"cannot apply an access policy on {source}: TCP clients carry no credentials; "
             "listen on a Unix socket to restrict clients by uid or gid"
         )
-    if max_connections is not None and (
-        isinstance(max_connections, bool)
-        or not isinstance(max_connections, int)
-        or max_connections < 1
-    ):
-        raise ValueError(f"max_connections must be a positive integer, not {max_connections!r}")
+    check_max_clients(max_connections, "max_connections")
     loop = asyncio.get_running_loop()
     listener = await claim_in_thread(
         functools.partial(
@@ -677,7 +631,7 @@ def run(
     removes its socket file, lets buffered data out (for up to :data:`SHUTDOWN_GRACE`
     seconds) and returns.
     """
-    loop = _new_loop()
+    loop = new_event_loop()  # uvloop's when installed
     try:
         loop.run_until_complete(
             _run_until_signalled(
@@ -704,25 +658,11 @@ def run(
 async def _run_until_signalled(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(main())
-    handled: list[signal.Signals] = []
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, task.cancel)
-            handled.append(signum)
+    installed = take_signals(loop, lambda signum: task.cancel())
     try:
         await task
     except asyncio.CancelledError:
         if not task.cancelled():
             raise  # we were cancelled from outside, not by a signal
     finally:
-        for signum in handled:
-            loop.remove_signal_handler(signum)
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
+        give_back_signals(loop, installed)

@@ -9,13 +9,14 @@ import tempfile
 from .address import Address, AddressLike, sun_path
 from .channel import Channel
 from .creds import peer_cred, require_uid
-from .errors import ConnectError, SocketFileError
+from .errors import SocketFileError
 from .options import (
     connect_options,
     pair_options,
     tune_buffers,
 )
 from .sockfile import Claim, bind_reply_path
+from .tcp import connect_tcp
 from .translate import translate, translating
 
 __all__ = ["connect", "pair"]
@@ -67,14 +68,7 @@ def connect(
     reply: Claim | None = None
     reply_dir: bytes | None = None
     try:
-        if kind == socket.SOCK_DGRAM:
-            # Before bind: a reply that arrives earlier would carry no credentials.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        if own is not None:
-            reply = _bind_own(sock, own)
-        elif kind == socket.SOCK_DGRAM:
-            reply_dir = tempfile.mkdtemp(prefix="udskit-", dir=_runtime_dir()).encode()
-            reply = bind_reply_path(sock, Address("path", os.path.join(reply_dir, _REPLY_NAME)))
+        reply, reply_dir = name_client(sock, kind, own)
         tune_buffers(sock, sndbuf, rcvbuf)
         sock.settimeout(timeout)
         with translating("connect", target, tried=kind), sun_path(target) as where:
@@ -95,15 +89,44 @@ def connect(
             claim=reply,
         )
     except BaseException:
-        if reply is not None:
-            reply.release()
-        if reply_dir is not None:
-            os.rmdir(reply_dir)
+        release_name(reply, reply_dir)
         sock.close()
         raise
     if reply_dir is not None:
         channel._adopt_reply_dir(reply_dir)
     return channel
+
+
+def name_client(
+    sock: socket.socket, kind: int, own: Address | None
+) -> tuple[Claim | None, bytes | None]:
+    """Give a Unix client socket, before it connects, the name its peer sees: ``own``
+    (``bind=``) or, for a datagram client, which needs one for the server to answer, a
+    private path in a fresh 0700 directory. Returns the claim of a path bound and the
+    directory made, for :func:`release_name`; leaves nothing behind if it raises."""
+    if kind == socket.SOCK_DGRAM:
+        # Before bind: a reply that arrives earlier would carry no credentials.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    if own is not None:
+        return _bind_own(sock, own), None
+    if kind != socket.SOCK_DGRAM:
+        return None, None
+    reply_dir = tempfile.mkdtemp(prefix="udskit-", dir=_runtime_dir()).encode()
+    try:
+        claim = bind_reply_path(sock, Address("path", os.path.join(reply_dir, _REPLY_NAME)))
+    except BaseException:
+        os.rmdir(reply_dir)
+        raise
+    return claim, reply_dir
+
+
+def release_name(claim: Claim | None, reply_dir: bytes | None) -> None:
+    """Undo :func:`name_client` for a client that did not get connected: remove the path
+    it bound (if still ours), then the directory made for it."""
+    if claim is not None:
+        claim.release()
+    if reply_dir is not None:
+        os.rmdir(reply_dir)
 
 
 def _bind_own(sock: socket.socket, own: Address) -> Claim | None:
@@ -125,14 +148,8 @@ def _runtime_dir() -> str:
 def _connect_tcp(
     target: Address, framing: str, max_frame: int | None, timeout: float | None
 ) -> Channel:
-    try:
-        sock = socket.create_connection((target.host, target.port), timeout=timeout)
-    except OSError as exc:
-        raise ConnectError(
-            f"cannot connect to {target}: {os.strerror(exc.errno or 0).lower() or exc}",
-            errno=exc.errno,
-        ) from exc
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with translating("connect", target):
+        sock = connect_tcp(target, timeout)
     return Channel(sock, framing=framing, max_frame=max_frame, max_fds=0, remote=target)
 
 

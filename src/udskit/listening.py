@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar, overload
 
+from .accepting import AcceptVerdict, classify
 from .address import Address, AddressLike, sun_path
 from .admission import Admitted, admit, sender_address
 from .ancillary import (
@@ -196,7 +197,9 @@ class Listener(_Endpoint):
             except OSError as exc:
                 if self._closed:
                     raise ConnectionClosed(f"listener on {self.address} is closed") from None
-                raise translate(exc, "accept", self.address) from exc
+                if classify(exc) is AcceptVerdict.RETRY and not isinstance(exc, BlockingIOError):
+                    continue  # the queued client is gone (see udskit.accepting): the next one
+                raise translate(exc, "accept", self.address) from exc  # EAGAIN: Timeout
             channel = self.admit(conn)
             if channel is not None:
                 return channel

@@ -15,7 +15,7 @@ handler per message, send the replies. A client whose unsent replies exceed ``ma
 is not read again until they drain to a quarter of that: only it waits. At ``max_clients``
 the listener is not watched until a client leaves (further clients wait in the kernel's
 backlog); out of descriptors, it is not watched for a back-off period (see
-:mod:`udskit.server` on accept errors): never a spin.
+:mod:`udskit.accepting` on accept errors): never a spin.
 """
 
 from __future__ import annotations

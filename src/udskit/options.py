@@ -142,12 +142,13 @@ def check_max_fds(max_fds: int) -> int:
     return max_fds
 
 
-def check_max_clients(max_clients: int | None) -> int | None:
-    """None (no limit) or a positive number of clients served at once."""
+def check_max_clients(max_clients: int | None, name: str = "max_clients") -> int | None:
+    """None (no limit) or a positive number of clients served at once; ``name`` is the
+    keyword the caller took it as, for the error."""
     if max_clients is not None and (
         isinstance(max_clients, bool) or not isinstance(max_clients, int) or max_clients < 1
     ):
-        raise ValueError(f"max_clients must be a positive integer or None, not {max_clients!r}")
+        raise ValueError(f"{name} must be a positive integer or None, not {max_clients!r}")
     return max_clients
 
 

@@ -8,21 +8,12 @@ and whose ``send()`` replies to its sender, so one handler serves all three type
 The accept loop waits in ``poll()`` on the listener and a wake-up pipe, so ``stop()`` (from
 a handler, another thread, or a SIGINT/SIGTERM handler) ends it promptly.
 
-Errors from accept(2), and what we do (Linux accept(2), man 2 accept; net/unix/af_unix.c):
-
-* EINTR: retried (PEP 475 does it inside the socket module).
-* EAGAIN: another thread or process took the connection first; wait again.
-* ECONNABORTED: the client gave up while queued; wait again.
-* EMFILE, ENFILE: out of descriptors. The pending connection stays queued, so the listener
-  stays readable and an immediate retry would spin at 100% CPU. We log once and back off
-  (ACCEPT_BACKOFF doubling to ACCEPT_BACKOFF_MAX) until descriptors are free.
-* ENOBUFS, ENOMEM: out of kernel memory; the same back-off.
-* anything else: a bug or a closed listener; stop serving and re-raise.
+accept(2) errors are handled as :mod:`udskit.accepting` explains (out of descriptors: back
+off, never spin).
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
@@ -34,6 +25,9 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Final
 
+from .accepting import ACCEPT_BACKOFF, ACCEPT_BACKOFF_MAX
+from .accepting import RESOURCE_ERRNOS as _RESOURCE_ERRNOS
+from .accepting import RETRY_ERRNOS as _RETRY_ERRNOS
 from .address import AddressLike
 from .channel import Channel
 from .errors import ConnectionClosed, Timeout, UdsError
@@ -46,16 +40,9 @@ log = logging.getLogger("udskit")
 
 Handler = Callable[[Channel], object]
 
-#: First pause after EMFILE/ENFILE/ENOBUFS/ENOMEM on accept, and the longest.
-ACCEPT_BACKOFF: Final = 0.01
-ACCEPT_BACKOFF_MAX: Final = 1.0
-
 #: How long stop() waits, in all, for the handler threads after shutting their sockets
 #: down: one deadline for the whole stop, however many handlers are busy.
 SHUTDOWN_GRACE: Final = 5.0
-
-_RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_RETRY_ERRNOS: Final = frozenset({errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO})
 
 
 class Server:

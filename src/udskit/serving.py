@@ -7,7 +7,7 @@ A subclass supplies the loop: ``watch`` (a connection's events), ``call_soon`` (
 loop thread), ``_watch_listener`` (the listener's events), ``_retry_accept_in`` (a timer) and
 ``_register``/``_unregister`` (a connection's socket).
 
-Errors from accept(2), and what we do: see :mod:`udskit.server`.
+Errors from accept(2), and what we do: see :mod:`udskit.accepting`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Final
 
+from .accepting import AcceptVerdict, Backoff, classify
 from .admission import Admitted, admit
 from .channel import RECV_CHUNK
 from .connection import DEFAULT_MAX_OUTBOX, Connection
@@ -27,7 +28,6 @@ from .errors import Timeout, UdsError
 from .listening import DatagramListener, Listener
 from .options import check_max_clients
 from .proto import make_framing
-from .server import _RESOURCE_ERRNOS, _RETRY_ERRNOS, ACCEPT_BACKOFF, ACCEPT_BACKOFF_MAX
 
 __all__ = [
     "ACCEPT_BATCH",
@@ -95,7 +95,7 @@ class MessageServing:
         self._stopping = False
         self._watching_listener = False
         self._backing_off = False
-        self._backoff = ACCEPT_BACKOFF
+        self._backoff = Backoff()
 
     @property
     def address(self) -> object:
@@ -208,28 +208,29 @@ class MessageServing:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in _RETRY_ERRNOS:
+                verdict = classify(exc)
+                if verdict is AcceptVerdict.RETRY:
                     continue
-                if exc.errno in _RESOURCE_ERRNOS:
+                if verdict is AcceptVerdict.BACK_OFF:
                     self._back_off(exc)
                     return
                 raise
-            self._backoff = ACCEPT_BACKOFF
+            self._backoff.reset()
             self._start(endpoint, client)
 
     def _back_off(self, exc: OSError) -> None:
         """Out of descriptors (or kernel memory): the pending client stays queued, so the
         listener stays readable; stop watching it for a while instead of spinning."""
+        delay = self._backoff.next()
         log.warning(
             "%s: accept failed (%s); not accepting for %.2f s",
             self.address,
             os.strerror(exc.errno or 0),
-            self._backoff,
+            delay,
         )
         self._watch_listener(False)
         self._backing_off = True
-        self._retry_accept_in(self._backoff)
-        self._backoff = min(self._backoff * 2, ACCEPT_BACKOFF_MAX)
+        self._retry_accept_in(delay)
 
     def _start(self, listener: Listener, client: socket.socket) -> None:
         admitted = admit(

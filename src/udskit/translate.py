@@ -94,6 +94,11 @@ def translate(
         # EAGAIN on a socket with timeout 0 (non-blocking): "not within the timeout".
         return Timeout(f"{op}{on} would block: nothing ready and the timeout is 0")
     reason = os.strerror(code) if code else str(exc)
+    if isinstance(exc, socket.gaierror) and isinstance(address, Address):
+        # getaddrinfo's EAI_* codes are not errnos: os.strerror() would say "unknown error".
+        return ConnectError(
+            f"cannot {op} to {address}: cannot resolve {address.host!r}: {exc.strerror}"
+        )
     if op == "connect" and isinstance(address, Address):
         return ConnectError(explain_connect(code, address, tried), errno=code)
     # " to ADDR" / " from ADDR", or nothing for an unnamed peer (a pair, say).

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import udskit
+import udskit.aio
 from udskit import bridge
 
 from ..conftest import READY_TIMEOUT
@@ -28,12 +29,7 @@ class LoopThread:
     """An event loop (asyncio's or uvloop's) running in a daemon thread."""
 
     def __init__(self, kind: str = "asyncio") -> None:
-        if kind == "uvloop":
-            import uvloop
-
-            self.loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-        else:
-            self.loop = asyncio.new_event_loop()
+        self.loop = udskit.aio.new_event_loop(use_uvloop=kind == "uvloop")
         self.kind = kind
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()

@@ -7,11 +7,8 @@ Unix connect can have made asynchronous: a listener whose backlog is full.
 
 from __future__ import annotations
 
-import asyncio
 import errno
-import os
 import socket
-import tempfile
 
 from .. import connecting as blocking
 from ..address import Address, AddressLike, sun_path
@@ -22,7 +19,8 @@ from ..options import (
     pair_options,
     tune_buffers,
 )
-from ..sockfile import Claim, bind_reply_path
+from ..sockfile import Claim
+from ..tcp import open_tcp
 from ..translate import translating
 from .buffers import check_write_limit
 from .channel import Channel
@@ -112,20 +110,9 @@ async def _connect_unix(
     reply: Claim | None = None
     reply_dir: bytes | None = None
     try:
-        if kind == socket.SOCK_DGRAM:
-            # Before bind: a reply that arrives earlier would carry no credentials.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        if own is not None:
-            reply = blocking._bind_own(sock, own)
-        elif kind == socket.SOCK_DGRAM:
-            # A datagram client needs a name the server can answer: a private path in a
-            # fresh 0700 directory, both removed on close.
-            reply_dir = tempfile.mkdtemp(prefix="udskit-", dir=blocking._runtime_dir()).encode()
-            reply = bind_reply_path(
-                sock, Address("path", os.path.join(reply_dir, blocking._REPLY_NAME))
-            )
+        reply, reply_dir = blocking.name_client(sock, kind, own)
         tune_buffers(sock, *buffers)
-        await _connect_waiting(sock, target, timeout)
+        await connect_waiting(sock, target, timeout)
         peer: PeerCred | None = None
         if kind != socket.SOCK_DGRAM:
             peer = peer_cred(sock)
@@ -143,15 +130,12 @@ async def _connect_unix(
             write_limit=write_limit,
         )
     except BaseException:  # CancelledError included: nothing may be left behind
-        if reply is not None:
-            reply.release()
-        if reply_dir is not None:
-            os.rmdir(reply_dir)
+        blocking.release_name(reply, reply_dir)
         sock.close()
         raise
 
 
-async def _connect_waiting(sock: socket.socket, target: Address, timeout: float | None) -> None:
+async def connect_waiting(sock: socket.socket, target: Address, timeout: float | None) -> None:
     """connect(), retried while the listener's backlog is full.
 
     A non-blocking Unix connect never answers EINPROGRESS: it completes at once, or fails
@@ -179,27 +163,9 @@ async def _connect_tcp(
     timeout: float | None,
     write_limit: int | None,
 ) -> Channel:
-    """A TCP connection (for bridging), with the blocking API's error wording."""
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-        family, kind, proto, _, sockaddr = infos[0]
-        sock = socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
-        try:
-            sock.setblocking(False)
-            await asyncio.wait_for(loop.sock_connect(sock, sockaddr), timeout)
-        except BaseException:
-            sock.close()
-            raise
-    except (asyncio.TimeoutError, TimeoutError) as exc:  # distinct types before 3.11
-        with translating("connect", target):
-            raise TimeoutError from exc
-    except OSError as exc:
-        raise ConnectError(
-            f"cannot connect to {target}: {os.strerror(exc.errno or 0).lower() or exc}",
-            errno=exc.errno,
-        ) from exc
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    """A TCP connection (for bridging), with the blocking API's errors."""
+    with translating("connect", target):
+        sock = await open_tcp(target, timeout)
     return Channel(
         sock,
         framing=framing,

@@ -8,7 +8,6 @@ policy is enforced at accept, or per datagram, before anyone sees the peer.
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import logging
 import socket
@@ -17,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, Generic, Literal, TypeVar, overload
 
 from .. import listening as blocking
+from ..accepting import AcceptVerdict, classify
 from ..address import Address, AddressLike, sun_path
 from ..admission import Admitted, admit, sender_address
 from ..ancillary import (
@@ -48,10 +48,6 @@ _Item = TypeVar("_Item")
 _Self = TypeVar("_Self", bound="_Endpoint[Any]")
 
 log = logging.getLogger("udskit")
-
-#: accept(2) errors that only mean "this one connection is gone, accept the next": the
-#: client gave up while queued (ECONNABORTED), or a protocol error on it (EPROTO).
-_SKIP_ERRNOS: Final = frozenset({errno.ECONNABORTED, errno.EPROTO})
 
 #: Datagrams received but not yet taken before the listener stops reading (besides
 #: READ_AHEAD bytes): the kernel's queue holds the rest, and senders feel the backpressure.
@@ -228,9 +224,9 @@ class Listener(_Endpoint[Channel]):
             except OSError as exc:
                 if self._inner.closed:
                     raise ConnectionClosed(f"listener on {self.address} is closed") from None
-                if exc.errno not in _SKIP_ERRNOS:
-                    raise
-                continue
+                if classify(exc) is not AcceptVerdict.RETRY:
+                    raise  # out of resources, or fatal: the caller decides
+                continue  # the queued client is gone (see udskit.accepting): the next one
             await self._wait_readable("accept")
 
     def admit(self, conn: socket.socket) -> Channel | None:

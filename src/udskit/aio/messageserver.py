@@ -36,7 +36,7 @@ from ..connection import DEFAULT_MAX_OUTBOX, Connection
 from ..server import SHUTDOWN_GRACE
 from ..serving import Hook, MessageHandler, MessageServing, check_server_options
 from .listening import claim_in_thread
-from .server import _give_back_signals, _take_signals
+from .signals import give_back_signals, take_signals
 
 __all__ = ["MessageServer", "serve_messages", "start_message_server"]
 
@@ -278,13 +278,13 @@ async def serve_messages(address: AddressLike, handler: MessageHandler, **option
         if server is not None:
             server.stop()
 
-    installed = _take_signals(loop, on_signal)
+    installed = take_signals(loop, on_signal)
     try:
         server = await start_message_server(address, handler, **options)
         if stop_requested:
             server.stop()
         await server.serve_forever()
     finally:
-        _give_back_signals(loop, installed)
+        give_back_signals(loop, installed)
         if server is not None:
             await server.aclose()

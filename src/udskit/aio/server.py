@@ -3,7 +3,7 @@
 
 The blocking :mod:`udskit.server`'s semantics, on an event loop: at most ``max_clients``
 connections are served at once (further clients wait in the kernel's backlog, they are not
-refused); accept(2) errors are handled as that module's docstring explains (out of
+refused); accept(2) errors are handled as :mod:`udskit.accepting` explains (out of
 descriptors: back off, never spin); a datagram handler runs in the serving task, once per
 datagram, with a Channel whose ``recv()`` returns that datagram and whose ``send()`` replies
 to its sender, so one handler serves all three socket types.
@@ -20,23 +20,20 @@ import inspect
 import logging
 import signal
 import socket
-import threading
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
+from ..accepting import ACCEPT_BACKOFF, ACCEPT_BACKOFF_MAX
+from ..accepting import RESOURCE_ERRNOS as _RESOURCE_ERRNOS
+from ..accepting import RETRY_ERRNOS as _RETRY_ERRNOS
 from ..address import Address, AddressLike
 from ..errors import ConnectionClosed, ProtocolError, UdsError
 from ..options import check_max_clients
-from ..server import (
-    _RESOURCE_ERRNOS,
-    _RETRY_ERRNOS,
-    ACCEPT_BACKOFF,
-    ACCEPT_BACKOFF_MAX,
-    SHUTDOWN_GRACE,
-)
+from ..server import SHUTDOWN_GRACE
 from ..translate import translate
 from .channel import Channel
 from .listening import DatagramListener, Listener, listen
+from .signals import give_back_signals, take_signals
 from .waiting import Waiters
 
 __all__ = ["Handler", "Server", "serve", "start_server"]
@@ -262,42 +259,13 @@ async def serve(
         if server is not None:
             server.stop()
 
-    installed = _take_signals(loop, on_signal)
+    installed = take_signals(loop, on_signal)
     try:
         server = await start_server(address, handler, max_clients=max_clients, **listen_options)
         if stop_requested:
             server.stop()
         await server.serve_forever()
     finally:
-        _give_back_signals(loop, installed)
+        give_back_signals(loop, installed)
         if server is not None:
             await server.aclose()
-
-
-def _take_signals(
-    loop: asyncio.AbstractEventLoop, callback: Callable[[int], None]
-) -> list[tuple[signal.Signals, object]]:
-    """Route SIGINT and SIGTERM to ``callback`` on ``loop``; what was there before."""
-    if threading.current_thread() is not threading.main_thread():
-        return []  # only the main thread may handle signals
-    installed: list[tuple[signal.Signals, object]] = []
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        previous = signal.getsignal(signum)
-        try:
-            loop.add_signal_handler(signum, callback, signum)
-        except (NotImplementedError, RuntimeError, ValueError):
-            continue  # a loop without signal support: the caller stops the server itself
-        installed.append((signum, previous))
-    return installed
-
-
-def _give_back_signals(
-    loop: asyncio.AbstractEventLoop, installed: list[tuple[signal.Signals, object]]
-) -> None:
-    for signum, previous in installed:
-        try:
-            loop.remove_signal_handler(signum)
-        except (RuntimeError, ValueError):
-            pass  # the loop is closing: its handlers go with it
-        if previous is not None:
-            signal.signal(signum, previous)  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ from typing import IO, Final
 
 import udskit
 
+from ._messages import messages
 from ._output import HexDump, Output, as_line, err
 
 __all__ = ["Action", "Session", "Until", "run_command"]
@@ -29,9 +30,6 @@ DGRAM_EXEC_TIMEOUT: Final = 30.0
 #: How long a stream --exec command may take to exit once its output has ended, before it
 #: is terminated (it has nothing more to say to the client).
 EXEC_EXIT_GRACE: Final = 5.0
-
-#: Bytes read from a command's stdout per read; each read becomes one message.
-EXEC_CHUNK: Final = 64 * 1024
 
 #: systemd's socket-activation variables (sd_listen_fds(3)). They describe descriptors
 #: handed to the server, not to the commands it runs: removed from their environment, as
@@ -250,20 +248,13 @@ def _end(process: subprocess.Popen[bytes]) -> None:
 
 
 def _output_of(stdout: IO[bytes], *, lines: bool) -> Iterator[bytes]:
-    fd = stdout.fileno()
-    pending = b""
-    while True:
-        chunk = os.read(fd, EXEC_CHUNK)
-        if not chunk:
-            break
-        if not lines:
-            yield chunk
-            continue
-        pending += chunk
-        *complete, pending = pending.split(b"\n")
-        yield from complete
-    if lines and pending:
-        yield pending
+    """The command's output as messages: raw chunks, or lines (see :func:`messages`)."""
+    return messages(
+        stdout.fileno(),
+        lines=lines,
+        what="a line of the command's output",
+        hint="serve its output with --framing raw, or have it print lines",
+    )
 
 
 def run_command_once(session: Session, argv: Sequence[str], message: bytes) -> None:

@@ -61,6 +61,12 @@ def add_framing(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_hexdump(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-x", "--hexdump", action="store_true", help="hex dump of the traffic on stderr"
+    )
+
+
 def framing_for(args: argparse.Namespace) -> str:
     """The framing to use: --framing on a stream (default raw); seqpacket and dgram keep
     the kernel's message boundaries, so a framing there is a mistake."""

@@ -24,18 +24,10 @@ from typing import Final
 
 import udskit
 
+from ._messages import messages
 from ._output import HexDump, Output, as_line
 
-__all__ = ["DGRAM_LINGER", "MAX_STDIN_LINE", "Relay", "stdin_messages"]
-
-#: Bytes asked for per read of stdin. A terminal returns one line per read whatever we ask;
-#: a pipe returns what is buffered, up to this.
-STDIN_CHUNK: Final = 64 * 1024
-
-#: Longest stdin line sent as one message, so input without newlines (a binary file piped
-#: in by mistake) cannot grow our buffer without bound. Far above any datagram a default
-#: Linux socket can carry (about 208 KiB) and above the 'lines' framing's 64 KiB limit.
-MAX_STDIN_LINE: Final = 1024 * 1024
+__all__ = ["DGRAM_LINGER", "Relay", "stdin_messages"]
 
 #: How long a datagram client listens for replies once its input has ended, when --timeout
 #: does not say: the half second socat waits in the same situation (its -t default).
@@ -43,26 +35,13 @@ DGRAM_LINGER: Final = 0.5
 
 
 def stdin_messages(fd: int, *, lines: bool) -> Iterator[bytes]:
-    """What to send, read from ``fd``: raw chunks as they come, or lines without their
-    newline (a last line without one still counts, as with ``printf 'a\\nb' | nc -U``)."""
-    pending = b""
-    while True:
-        chunk = os.read(fd, STDIN_CHUNK)
-        if not chunk:
-            break
-        if not lines:
-            yield chunk
-            continue
-        pending += chunk
-        *complete, pending = pending.split(b"\n")
-        yield from complete
-        if len(pending) > MAX_STDIN_LINE:
-            raise udskit.FrameTooLarge(
-                f"a stdin line is over {MAX_STDIN_LINE} bytes without a newline: send binary "
-                "data with --type stream --framing raw, or split it into lines"
-            )
-    if lines and pending:
-        yield pending
+    """What to send, read from ``fd``: raw chunks, or lines (see :func:`messages`)."""
+    return messages(
+        fd,
+        lines=lines,
+        what="a stdin line",
+        hint="send binary data with --type stream --framing raw, or split it into lines",
+    )
 
 
 class Relay:

@@ -7,7 +7,7 @@ import os
 
 import udskit
 
-from ._options import add_framing, add_type, address, framing_for, seconds
+from ._options import add_framing, add_hexdump, add_type, address, framing_for, seconds
 from ._output import HexDump, Output, err
 from ._relay import DGRAM_LINGER, Relay
 from ._signals import exit_on_termination
@@ -40,9 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             f"replies once stdin ends (default: {DGRAM_LINGER})"
         ),
     )
-    parser.add_argument(
-        "-x", "--hexdump", action="store_true", help="hex dump of the traffic on stderr"
-    )
+    add_hexdump(parser)
 
 
 def run(args: argparse.Namespace) -> int:

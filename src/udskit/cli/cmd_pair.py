@@ -18,6 +18,7 @@ from typing import Final
 
 import udskit
 
+from ._options import add_hexdump
 from ._output import HexDump, Output
 from ._relay import Relay
 from ._signals import exit_on_termination
@@ -43,9 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="stream",
         help="socket type (default: stream; a datagram pair has no end-of-stream to stop on)",
     )
-    parser.add_argument(
-        "-x", "--hexdump", action="store_true", help="hex dump of the traffic on stderr"
-    )
+    add_hexdump(parser)
     parser.add_argument(
         "program",
         metavar="-- CMD [ARGS]",

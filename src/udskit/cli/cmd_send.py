@@ -13,7 +13,7 @@ from typing import Final
 
 import udskit
 
-from ._options import add_framing, add_type, address, framing_for, seconds
+from ._options import add_framing, add_hexdump, add_type, address, framing_for, seconds
 from ._output import HexDump, Output, as_line
 from ._signals import exit_on_termination
 
@@ -57,9 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             f"(default: {DEFAULT_REPLY_TIMEOUT:g})"
         ),
     )
-    parser.add_argument(
-        "-x", "--hexdump", action="store_true", help="hex dump of the traffic on stderr"
-    )
+    add_hexdump(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from . import _actions
 from ._actions import Action, Session, Until
 from ._options import (
     add_framing,
+    add_hexdump,
     add_listening,
     add_type,
     address,
@@ -84,9 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="one line on stderr per client: pid, uid, gid, process name, address",
     )
-    parser.add_argument(
-        "-x", "--hexdump", action="store_true", help="hex dump of the traffic on stderr"
-    )
+    add_hexdump(parser)
 
 
 def run(args: argparse.Namespace) -> int:

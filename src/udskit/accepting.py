@@ -1,0 +1,116 @@
+"""What an accept loop does about each accept(2) error, for every udskit accept loop.
+
+The blocking :class:`udskit.Server`, the asyncio :class:`udskit.aio.Server`, both
+listeners' ``accept()`` (blocking, and asyncio's ``accept_socket()``) and the bridge all act
+on this one survey (Linux accept(2), man 2 accept; net/unix/af_unix.c; net/ipv4/tcp.c):
+
+* EINTR: nothing was accepted; retry. PEP 475 already retries a blocking call inside the
+  socket module, so it reaches us only from a non-blocking accept.
+* EAGAIN (= EWOULDBLOCK): nothing (left) to accept, or another thread or process took the
+  connection first; wait for the listener to be readable again.
+* ECONNABORTED: the client gave up while queued; accept the next.
+* EPROTO: a protocol error on the queued connection; it is lost, accept the next.
+* ENETDOWN, ENOPROTOOPT, EHOSTDOWN, ENONET, EHOSTUNREACH, EOPNOTSUPP, ENETUNREACH (with
+  EPROTO): on a TCP listener, Linux hands the queued connection's pending network error
+  to accept(2), and the man page's "Error handling" says to treat these like EAGAIN and
+  retry. The connection is gone; accept the next. (A broken listener says EBADF or
+  EINVAL; EOPNOTSUPP otherwise means a socket that cannot accept, a datagram one, which a
+  udskit listener never is.)
+* EMFILE, ENFILE: out of descriptors (ours, or the system's). The pending connection stays
+  queued, so the listener stays readable and an immediate retry would spin at 100% CPU. We
+  log and back off (ACCEPT_BACKOFF doubling to ACCEPT_BACKOFF_MAX) while established
+  connections finish and free descriptors; a success starts the pauses over.
+* ENOBUFS, ENOMEM: out of kernel memory; the same back-off.
+* anything else (EBADF, EINVAL, ENOTSOCK, ...): a bug or a closed listener; stop accepting
+  and report it.
+
+:func:`classify` says which of the three an error is; :class:`Backoff` counts the pauses.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+from typing import Final
+
+__all__ = [
+    "ACCEPT_BACKOFF",
+    "ACCEPT_BACKOFF_MAX",
+    "RESOURCE_ERRNOS",
+    "RETRY_ERRNOS",
+    "AcceptVerdict",
+    "Backoff",
+    "classify",
+]
+
+#: First pause after EMFILE/ENFILE/ENOBUFS/ENOMEM on accept: short, since a descriptor is
+#: often freed within milliseconds by a connection ending.
+ACCEPT_BACKOFF: Final = 0.01
+#: The longest pause: a server out of descriptors for long still looks again every second.
+ACCEPT_BACKOFF_MAX: Final = 1.0
+
+#: A TCP connection's pending network errors, which Linux reports from accept(2).
+_TCP_PENDING_ERRNOS: Final = frozenset(
+    {
+        errno.ENETDOWN,
+        errno.EPROTO,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EHOSTUNREACH,
+        errno.EOPNOTSUPP,
+        errno.ENETUNREACH,
+    }
+)
+#: accept(2) errors after which the listener is fine: retry (see the survey above).
+RETRY_ERRNOS: Final = (
+    frozenset({errno.EINTR, errno.EAGAIN, errno.ECONNABORTED}) | _TCP_PENDING_ERRNOS
+)
+#: accept(2) errors that mean "out of resources": back off before accepting again.
+RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class AcceptVerdict(enum.Enum):
+    """What to do after an accept(2) error."""
+
+    RETRY = "retry"  # accept again (after waiting for readability, for EAGAIN)
+    BACK_OFF = "back off"  # pause (see Backoff), then accept again
+    FATAL = "fatal"  # stop accepting and report the error
+
+    def __repr__(self) -> str:
+        return f"AcceptVerdict.{self.name}"
+
+
+def classify(exc: OSError) -> AcceptVerdict:
+    """What to do about ``exc``, raised by accept(2) (see the module's survey)."""
+    if exc.errno in RETRY_ERRNOS:
+        return AcceptVerdict.RETRY
+    if exc.errno in RESOURCE_ERRNOS:
+        return AcceptVerdict.BACK_OFF
+    return AcceptVerdict.FATAL
+
+
+class Backoff:
+    """The pauses of one accept loop: ``next()`` gives the pause to take now, each twice
+    the one before up to ACCEPT_BACKOFF_MAX; ``reset()`` after an accept that worked."""
+
+    __slots__ = ("_delay",)
+
+    def __init__(self) -> None:
+        self._delay = ACCEPT_BACKOFF
+
+    @property
+    def delay(self) -> float:
+        """The pause the next ``next()`` returns."""
+        return self._delay
+
+    def next(self) -> float:
+        delay = self._delay
+        self._delay = min(delay * 2, ACCEPT_BACKOFF_MAX)
+        return delay
+
+    def reset(self) -> None:
+        self._delay = ACCEPT_BACKOFF
+
+    def __repr__(self) -> str:
+        return f"<Backoff next={self._delay:g} s>"
