@@ -111,6 +111,7 @@ class Connection:
     __slots__ = (
         "__weakref__",
         "_ancsize",
+        "_backlogged",
         "_closing",
         "_driver",
         "_eof",
@@ -176,6 +177,8 @@ class Connection:
         self._state: dict[str, Any] | None = None
         self._events = _READING  # what the driver watches (read, write): it starts reading
         self._paused = False  # not reading: outbox over its high watermark
+        # Whole messages wait in the decoder: their replies would have overfilled the outbox.
+        self._backlogged = False
         self._held = False  # not reading: the driver said so (hold())
         self._eof = False  # the client will send nothing more
         self._closing = False  # close once the outbox is empty
@@ -334,7 +337,14 @@ class Connection:
         self._pending_size = 0
 
     def flush(self) -> None:
-        """Send what is queued, as far as the kernel takes it (in the loop thread)."""
+        """Send what is queued, as far as the kernel takes it (in the loop thread); then
+        handle the messages that waited for the outbox to drain, and send their replies."""
+        self._flush()
+        while self._backlogged and not self.closed and not self._held and self._out.drained:
+            self._decode_backlog()
+            self._flush()
+
+    def _flush(self) -> None:
         if self.closed:
             return
         pending = self._pending
@@ -402,7 +412,7 @@ class Connection:
         worker's backlog; writing while the outbox holds anything."""
         if self._sock is None:
             return  # a datagram's connection: the listener is read, not this
-        read = not (self._paused or self._held or self._eof or self._closing)
+        read = not (self._paused or self._held or self._backlogged or self._eof or self._closing)
         wanted = _EVENTS[read, self._out.size > 0]
         if wanted is not self._events:
             self._events = wanted
@@ -451,19 +461,39 @@ class Connection:
         except OSError as exc:
             self._failed(exc, "recv")
             return
-        fds_seen = self._fds_seen  # else the framing holds none: no need to ask it
         try:
-            message = framing.feed(buffer[:size], fds)
-            while isinstance(message, bytes):
-                self._driver.dispatch(self, message, framing.take_fds() if fds_seen else [])
-                if self.closed:
-                    return
-                message = framing.next_message()
+            self._decode(framing, framing.feed(buffer[:size], fds))
         except UdsError as exc:  # FrameTooLarge, or the stream ended mid-message
             self._abort(str(exc))
-            return
+
+    def _decode(self, framing: Framing, message: bytes | object) -> None:
+        """Handle ``message`` and every whole one after it, until the outbox is full."""
+        fds_seen = self._fds_seen  # else the framing holds none: no need to ask it
+        out = self._out
+        while isinstance(message, bytes):
+            self._driver.dispatch(self, message, framing.take_fds() if fds_seen else [])
+            if self.closed:
+                return
+            if out.size + self._pending_size > out.high:
+                # A read of many small requests with large replies would pile up replies
+                # without bound: the rest waits in the decoder until the outbox drains.
+                self._backlogged = True
+                return
+            message = framing.next_message()
         if message is CLOSED:
             self._ended()
+
+    def _decode_backlog(self) -> None:
+        self._backlogged = False
+        framing = self._framing
+        assert framing is not None
+        try:
+            self._decode(framing, framing.next_message())
+        except UdsError as exc:
+            self._abort(str(exc))
+            return
+        if not self._backlogged:
+            self._update()  # reading again
 
     def _read_packets(self, buffer: memoryview) -> None:
         sock = self._sock
@@ -492,8 +522,8 @@ class Connection:
                 self._ended()  # seqpacket: a zero-length read is the end of the stream
                 return
             self._driver.dispatch(self, buffer[:size].tobytes(), fds)
-            if self.closed or self._held or self._paused:
-                return
+            if self.closed or self._held or self._out.size + self._pending_size > self._out.high:
+                return  # the next packets wait in the kernel
 
     def _ended(self) -> None:
         """The client sent all it will: finish the replies, then close."""
