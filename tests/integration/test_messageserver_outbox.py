@@ -38,14 +38,16 @@ def serving(path: Path, **options: object) -> Iterator[udskit.MessageServer]:
 def test_every_reply_arrives_in_order_through_a_small_outbox(sockdir: Path, kind: str) -> None:
     path = sockdir / "s"
     options = {"type": kind, "sndbuf": BUFFER, "rcvbuf": BUFFER}
-    with serving(path, max_outbox=MAX_OUTBOX, **options):
-        with udskit.connect(path, timeout=10, **options) as channel:  # type: ignore[arg-type]
-            messages = [b"%09d!" % number for number in range(2000)]
-            sender = threading.Thread(target=channel.send_many, args=(messages,))
-            sender.start()
-            for number, message in enumerate(messages):
-                assert channel.recv() == message * GROWTH, number
-            sender.join()
+    with (
+        serving(path, max_outbox=MAX_OUTBOX, **options),
+        udskit.connect(path, timeout=10, **options) as channel,  # type: ignore[arg-type]
+    ):
+        messages = [b"%09d!" % number for number in range(2000)]
+        sender = threading.Thread(target=channel.send_many, args=(messages,))
+        sender.start()
+        for number, message in enumerate(messages):
+            assert channel.recv() == message * GROWTH, number
+        sender.join()
 
 
 def test_a_client_that_does_not_read_holds_a_bounded_outbox(sockdir: Path) -> None:
