@@ -27,7 +27,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable, Sequence
 from threading import get_ident
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -35,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from .address import Address
 from .ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
 from .creds import PeerCred
-from .errors import ConnectionClosed, ProtocolError, Timeout, UdsError
+from .errors import ConnectionClosed, ProtocolError, UdsError
 from .options import SocketType, check_message
 from .proto import CLOSED, Framing
 from .proto.outbox import IOV_MAX, Outbox
@@ -60,11 +59,6 @@ PACKETS_PER_WAKEUP: Final = 64
 #: Replies up to this size are joined into one bytes object to go out in one send(); larger
 #: ones go out scatter-gather, without a copy.
 JOIN_LIMIT: Final = 64 * 1024
-
-#: How long a datagram reply waits for room in its receiver's queue before it is given up
-#: (and the handler gets Timeout). The serving thread waits meanwhile, as a blocking
-#: server's sendto() would, but not forever.
-DATAGRAM_REPLY_WAIT: Final = 1.0
 
 #: No SIGPIPE on a closed peer: EPIPE comes back as an error instead.
 SEND_FLAGS: Final = int(socket.MSG_NOSIGNAL)
@@ -102,6 +96,15 @@ class Driver(Protocol):
 
     def dropped(self, conn: Connection) -> None:
         """``conn`` is closed: forget it (in the loop thread)."""
+
+    def send_datagram(
+        self,
+        listener: DatagramListener,
+        to: Address,
+        data: bytes | bytearray | memoryview,
+        fds: Sequence[int],
+    ) -> None:
+        """Send a datagram reply, waiting as the loop allows while the receiver is full."""
 
 
 class Connection:
@@ -296,8 +299,7 @@ class Connection:
     def _space_condition(self) -> threading.Condition:
         space = self._space
         if space is None:
-            # Made once; two threads racing here at worst each make one, and the loser's
-            # waiters are woken by the timeout-free notify of the winner's: avoid that.
+            # Made once, under a lock: two threads racing here must wait on the same one.
             with _SPACE_LOCK:
                 space = self._space
                 if space is None:
@@ -591,23 +593,7 @@ class Connection:
                 f"{listener.address}: the datagram's sender has no address (an unbound "
                 "socket), so it cannot be answered"
             )
-        # An unconnected datagram socket is always writable to poll(), whoever's queue is
-        # full, so there is nothing to wait on: retry, pausing longer each time, for at
-        # most DATAGRAM_REPLY_WAIT seconds in all.
-        pause, waited = 0.0005, 0.0
-        while True:
-            try:
-                listener.send_to(self.remote, data, fds)
-                return
-            except Timeout as exc:
-                if waited >= DATAGRAM_REPLY_WAIT:
-                    raise Timeout(
-                        f"{self.remote}: the receiver's queue stayed full for "
-                        f"{DATAGRAM_REPLY_WAIT:g} s; the reply was not sent"
-                    ) from exc
-            time.sleep(pause)
-            waited += pause
-            pause = min(pause * 2, 0.05)
+        self._driver.send_datagram(listener, self.remote, data, fds)
 
     def _where(self) -> str:
         if self.peer is not None:

@@ -17,10 +17,12 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from .accepting import AcceptVerdict, Backoff, classify
+from .address import Address
 from .admission import Admitted, admit
 from .channel import RECV_CHUNK
 from .connection import DEFAULT_MAX_OUTBOX, Connection
@@ -50,6 +52,16 @@ ACCEPT_BATCH: Final = 256
 
 #: Datagrams read per wake-up at most, for the same reason.
 DATAGRAMS_PER_WAKEUP: Final = 64
+
+
+#: How long a datagram reply waits for room in its receiver's queue before it is given up
+#: (the handler gets Timeout). A receiver that lets its queue fill for this long is gone or
+#: stuck; the other senders should not wait on it any longer.
+DATAGRAM_REPLY_WAIT: Final = 1.0
+
+#: The first and the longest pause between two tries of a datagram reply.
+DATAGRAM_RETRY_FIRST: Final = 0.0005
+DATAGRAM_RETRY_MAX: Final = 0.05
 
 
 def check_server_options(
@@ -143,6 +155,32 @@ class MessageServing:
                 log.exception("%s: on_close failed for %r", self.address, conn)
         if not self._stopping and not self._backing_off:
             self._watch_listener(True)
+
+    def send_datagram(
+        self,
+        listener: DatagramListener,
+        to: Address,
+        data: bytes | bytearray | memoryview,
+        fds: Sequence[int],
+    ) -> None:
+        # An unconnected datagram socket is always writable to poll(), whoever's queue is
+        # full, so there is nothing to wait on: retry, pausing longer each time, for at
+        # most DATAGRAM_REPLY_WAIT seconds in all. The serving thread waits meanwhile, as a
+        # blocking server's sendto() would, but not forever.
+        pause, waited = DATAGRAM_RETRY_FIRST, 0.0
+        while True:
+            try:
+                listener.send_to(to, data, fds)
+                return
+            except Timeout as exc:
+                if waited >= DATAGRAM_REPLY_WAIT:
+                    raise Timeout(
+                        f"{to}: the receiver's queue stayed full for "
+                        f"{DATAGRAM_REPLY_WAIT:g} s; the reply was not sent"
+                    ) from exc
+            time.sleep(pause)
+            waited += pause
+            pause = min(pause * 2, DATAGRAM_RETRY_MAX)
 
     # -- handling ------------------------------------------------------------------------
     def _handle(self, conn: Connection, message: bytes, fds: list[int]) -> None:
