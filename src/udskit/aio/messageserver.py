@@ -165,10 +165,13 @@ class MessageServer(MessageServing):
         while waiting and not conn.busy and not conn.closed:
             message, message_fds = waiting.popleft()
             self._handle(conn, message, message_fds)
-        if not conn.busy and not conn.closed:
+        if conn.closed:
+            return
+        if not conn.busy:
             self._waiting.pop(conn.id, None)
             conn.hold(False)
-            conn.flush()
+        # Also while a later message's handler awaits: this reply must not wait for it.
+        conn.flush()
 
     # -- serving -------------------------------------------------------------------------
     async def serve_forever(self) -> None:
