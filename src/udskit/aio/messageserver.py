@@ -79,6 +79,7 @@ class MessageServer(MessageServing):
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting: dict[int, deque[tuple[bytes, list[int]]]] = {}  # while a task runs
         self._stopped: asyncio.Event | None = None
+        self._finished: asyncio.Event | None = None  # serve_forever has released everything
         self._served = False
         self._closed = False
 
@@ -183,6 +184,7 @@ class MessageServer(MessageServing):
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._stopped = asyncio.Event()
+        self._finished = asyncio.Event()
         if self._stopping:
             self._stopped.set()
         else:
@@ -190,7 +192,10 @@ class MessageServer(MessageServing):
         try:
             await self._stopped.wait()
         finally:
-            await self._shutdown()
+            try:
+                await self._shutdown()
+            finally:
+                self._finished.set()
 
     def stop(self) -> None:
         """Stop serving (from the loop's thread)."""
@@ -219,8 +224,11 @@ class MessageServer(MessageServing):
         self._closed = True
 
     async def aclose(self) -> None:
-        """Stop and release everything, whether or not serve_forever ran."""
+        """Stop and release everything, whether or not serve_forever ran; if it runs (in
+        another task), wait until it has finished."""
         self.close()
+        if self._finished is not None:
+            await self._finished.wait()
 
     def close(self) -> None:
         """Stop; if serve_forever never ran, release the listener now."""
