@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import re
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -305,3 +307,194 @@ class RefuseFirst(udskit.Policy):
             object.__setattr__(self, "refusals", self.refusals - 1)
             return False
         return super().allows(peer)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_refused_peer_is_never_handled_and_serving_goes_on(
+    arun: Run, sockdir: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = sockdir / "policy.sock"
+    handled: list[bytes] = []
+    connected: list[int] = []
+
+    def handler(conn: Connection, message: bytes) -> bytes:
+        handled.append(message)
+        return b"welcome " + message
+
+    async def main() -> None:
+        async with running(
+            path,
+            handler,
+            type=kind,
+            allow=RefuseFirst(),
+            on_connect=lambda c: connected.append(c.id),
+        ) as server:
+            refused = await connect(path, kind)
+            await refused.send(b"refused")
+            if kind != "dgram":
+                await assert_ended(refused)  # shut down unread: no message, no reply
+                await turns_until(lambda: server.active_clients == 0)
+                refused.close()
+                allowed = await connect(path, kind)
+            else:
+                allowed = refused  # the next datagram from the same socket is judged anew
+            async with allowed:
+                await allowed.send(b"allowed")
+                assert await reply(allowed) == b"welcome allowed"
+        assert handled == [b"allowed"]
+        assert len(connected) == (0 if kind == "dgram" else 1)
+        assert caplog.text.count("refused peer") == 1
+
+    with caplog.at_level(logging.WARNING, logger="udskit"):
+        arun(main())
+
+
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_hooks_see_each_client_arrive_and_leave(arun: Run, sockdir: Path, kind: str) -> None:
+    path = sockdir / "hooks.sock"
+    events: list[tuple[str, int]] = []
+
+    def on_connect(conn: Connection) -> None:
+        assert conn.peer is not None
+        assert conn.peer.pid == os.getpid()
+        events.append(("connect", conn.id))
+        conn.state["name"] = b"client %d" % conn.id
+        conn.send(b"hello " + conn.state["name"])  # the server speaks first
+
+    def on_close(conn: Connection) -> None:
+        assert conn.closed
+        events.append(("close", conn.id))
+
+    def handler(conn: Connection, message: bytes) -> bytes:
+        return conn.state["name"] + b": " + message
+
+    async def main() -> None:
+        async with running(
+            path, handler, type=kind, on_connect=on_connect, on_close=on_close
+        ) as server:
+            first = await connect(path, kind)
+            assert await reply(first) == b"hello client 1"
+            second = await connect(path, kind)
+            assert await reply(second) == b"hello client 2"
+            await first.send(b"one")
+            assert await reply(first) == b"client 1: one"
+            first.close()
+            await turns_until(lambda: ("close", 1) in events)
+            assert server.active_clients == 1
+            await second.send(b"two")
+            assert await reply(second) == b"client 2: two"
+        # stop() closed the second client: its hook ran, and it reads the end
+        await assert_ended(second)
+        second.close()
+        assert events == [("connect", 1), ("connect", 2), ("close", 1), ("close", 2)]
+
+    arun(main())
+
+
+# -- stopping -----------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_stop_removes_the_socket_file_and_ends_every_client(
+    arun: Run, sockdir: Path, kind: str
+) -> None:
+    path = sockdir / "stop.sock"
+    closed: list[int] = []
+
+    async def main() -> None:
+        server = await udskit.aio.start_message_server(
+            path, upper_return, type=kind, on_close=lambda c: closed.append(c.id)
+        )
+        assert path.exists()
+        serving = asyncio.ensure_future(server.serve_forever())
+        clients = [await connect(path, kind) for _ in range(3)]
+        for channel in clients:
+            await channel.send(b"hi")
+            assert await reply(channel) == b"HI"
+        server.stop()
+        await asyncio.wait_for(serving, WAIT)
+        assert not path.exists()
+        assert server.active_clients == 0
+        for channel in clients:
+            if kind != "dgram":  # a datagram client has no connection to end
+                await assert_ended(channel)
+            channel.close()
+        assert sorted(closed) == ([] if kind == "dgram" else [1, 2, 3])
+        with pytest.raises(RuntimeError, match="once per MessageServer"):
+            await server.serve_forever()
+        await server.aclose()  # again: nothing left to do
+
+    arun(main())
+
+
+def test_stop_before_serving_and_close_without_serving(arun: Run, sockdir: Path) -> None:
+    path = sockdir / "early.sock"
+
+    async def main() -> None:
+        server = await udskit.aio.start_message_server(path, upper_return)
+        server.stop()
+        await asyncio.wait_for(server.serve_forever(), WAIT)  # returns at once
+        assert not path.exists()
+        async with await udskit.aio.start_message_server(path, upper_return) as unused:
+            assert path.exists()
+            assert unused.active_clients == 0
+        assert not path.exists()
+
+    arun(main())
+
+
+def test_leaving_the_async_with_block_releases_the_server(arun: Run, sockdir: Path) -> None:
+    path = sockdir / "block.sock"
+
+    async def main() -> None:
+        async with await udskit.aio.start_message_server(path, upper_return) as server:
+            serving = asyncio.ensure_future(server.serve_forever())
+            async with await connect(path, "stream") as channel:
+                await channel.send(b"hi")
+                assert await reply(channel) == b"HI"
+                client = await connect(path, "stream")
+        assert not path.exists()
+        assert server.active_clients == 0
+        await assert_ended(client)
+        client.close()
+        await asyncio.wait_for(serving, WAIT)
+
+    arun(main())
+
+
+# -- bad arguments ------------------------------------------------------------------------
+BAD_ARGUMENTS = [
+    ({"handler": "not callable"}, TypeError, "handler must be a function of"),
+    ({"max_outbox": 0}, ValueError, "max_outbox must be a positive number of bytes, not 0"),
+    ({"max_outbox": True}, ValueError, "max_outbox must be a positive"),
+    ({"max_clients": 0}, ValueError, "max_clients must be a positive"),
+    ({"on_close": 42}, TypeError, "on_close must be a function of a connection, not 42"),
+    ({"on_connect": "x"}, TypeError, "on_connect must be a function"),
+    ({"type": "carrier-pigeon"}, ValueError, "unknown socket type"),
+]
+
+
+@pytest.mark.parametrize("serve", [False, True], ids=["start", "serve"])
+@pytest.mark.parametrize(
+    ("options", "error", "says"), BAD_ARGUMENTS, ids=[next(iter(b[0])) for b in BAD_ARGUMENTS]
+)
+def test_bad_arguments_are_refused_before_anything_is_claimed(
+    arun: Run,
+    sockdir: Path,
+    options: dict[str, Any],
+    error: type[Exception],
+    says: str,
+    serve: bool,
+) -> None:
+    path = sockdir / "bad.sock"
+    options = dict(options)
+    handler = options.pop("handler", upper_return)
+
+    async def main() -> None:
+        if serve:
+            await udskit.aio.serve_messages(path, handler, **options)
+        else:
+            await udskit.aio.start_message_server(path, handler, **options)
+
+    with pytest.raises(error, match=re.escape(says)) as caught:
+        arun(main())
+    assert "\n" not in str(caught.value)
+    assert not path.exists()
