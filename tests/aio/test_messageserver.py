@@ -9,6 +9,12 @@ import contextlib
 import logging
 import os
 import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -19,7 +25,8 @@ import udskit
 import udskit.aio
 from udskit import Connection, ConnectionClosed
 
-from .helpers import turns_until
+from ..conftest import READY_TIMEOUT, wait_connectable
+from .helpers import idle_turns, turns_until
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
@@ -497,4 +504,363 @@ def test_bad_arguments_are_refused_before_anything_is_claimed(
     with pytest.raises(error, match=re.escape(says)) as caught:
         arun(main())
     assert "\n" not in str(caught.value)
+    assert not path.exists()
+
+
+# -- faults -------------------------------------------------------------------------------
+def _request(kind: str, payload: bytes) -> bytes:
+    """``payload`` as a client puts it on the wire: length-framed on a stream."""
+    return struct.pack(">I", len(payload)) + payload if kind == "stream" else payload
+
+
+async def raw_client(path: Path, kind: str) -> socket.socket:
+    """A plain non-blocking socket connected to ``path``: a client that misbehaves."""
+    sock = socket.socket(socket.AF_UNIX, SOCKET_TYPES[kind])
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, os.fspath(path))
+    return sock
+
+
+async def assert_raw_ended(sock: socket.socket) -> None:
+    """The server closed ``sock``'s connection (what it sent before is read and dropped)."""
+    loop = asyncio.get_running_loop()
+    for _ in range(10_000):
+        try:
+            data = await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), WAIT)
+        except ConnectionResetError:
+            return  # closed with our data unread: also an end
+        if not data:
+            return
+    pytest.fail("the connection never ended")
+
+
+SOCKET_TYPES = {
+    "stream": socket.SOCK_STREAM,
+    "seqpacket": socket.SOCK_SEQPACKET,
+    "dgram": socket.SOCK_DGRAM,
+}
+
+
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_a_client_that_never_reads_holds_a_bounded_outbox(
+    arun: Run, sockdir: Path, kind: str
+) -> None:
+    path = sockdir / "greedy.sock"
+    max_outbox = 32 * 1024
+    reply_size = 4096
+    conns: dict[int, Connection] = {}
+
+    def handler(conn: Connection, message: bytes) -> bytes:
+        return bytes(reply_size) if message == b"more" else b"re: " + message
+
+    async def main() -> None:
+        async with running(
+            path,
+            handler,
+            type=kind,
+            max_outbox=max_outbox,
+            sndbuf=4096,
+            rcvbuf=4096,
+            on_connect=lambda c: conns.setdefault(c.id, c),
+        ) as server:
+            greedy = await raw_client(path, kind)
+            greedy.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            await turns_until(lambda: 1 in conns)
+            outbox = conns[1]
+            # One request per loop pass, so each read brings one: the outbox may pass
+            # max_outbox by one reply at most, then the server stops reading this client,
+            # its requests back up in the kernel, and its send() would block.
+            for _ in range(10_000):
+                try:
+                    greedy.send(_request(kind, b"more"))
+                except BlockingIOError:
+                    break
+                await idle_turns(5)
+                assert outbox.outbox_size <= max_outbox + reply_size
+            else:
+                pytest.fail("the server never stopped reading a client that does not read")
+            assert outbox.outbox_size > max_outbox // 2
+            held = outbox.outbox_size
+            async with await connect(path, kind) as polite:
+                for number in range(3):
+                    await polite.send(b"polite %d" % number)
+                    assert await reply(polite) == b"re: polite %d" % number
+            assert outbox.outbox_size == held
+            assert server.active_clients == 2
+        await assert_raw_ended(greedy)
+        greedy.close()
+
+    arun(main())
+
+
+def test_half_a_frame_then_silence_holds_up_no_one(arun: Run, sockdir: Path) -> None:
+    path = sockdir / "stall.sock"
+
+    async def main() -> None:
+        async with running(path, upper_return) as server:
+            staller = await raw_client(path, "stream")
+            staller.send(struct.pack(">I", 100) + b"only ten..")
+            await turns_until(lambda: server.active_clients == 1)
+            for number in range(3):
+                async with await connect(path, "stream") as client:
+                    await client.send(b"client %d" % number)
+                    assert await reply(client) == b"CLIENT %d" % number
+            await turns_until(lambda: server.active_clients == 1)
+        await assert_raw_ended(staller)
+        staller.close()
+
+    arun(main())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_message_over_max_frame_ends_its_client_only(
+    arun: Run, sockdir: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = sockdir / "big.sock"
+    handled: list[bytes] = []
+
+    def handler(conn: Connection, message: bytes) -> bytes:
+        handled.append(message)
+        return message.upper()
+
+    async def main() -> None:
+        async with running(path, handler, type=kind, max_frame=1024) as server:
+            if kind == "dgram":
+                oversized = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                oversized.sendto(bytes(2048), os.fspath(path))
+            else:
+                oversized = await raw_client(path, kind)
+                if kind == "stream":  # the header alone: the server need not read further
+                    oversized.send(struct.pack(">I", 1 << 20))
+                else:
+                    oversized.send(bytes(2048))
+                await assert_raw_ended(oversized)
+            oversized.close()
+            await turns_until(lambda: "max_frame" in caplog.text)
+            async with await connect(path, kind, max_frame=1024) as client:
+                await client.send(b"fits")
+                assert await reply(client) == b"FITS"
+            await turns_until(lambda: server.active_clients == 0)
+        assert handled == [b"fits"]
+
+    with caplog.at_level(logging.WARNING, logger="udskit"):
+        arun(main())
+
+
+def crash_plain(conn: Connection, message: bytes) -> bytes:
+    if message == b"crash":
+        raise ValueError("handler bug")
+    return message.upper()
+
+
+async def crash_async(conn: Connection, message: bytes) -> bytes:
+    await asyncio.sleep(0)
+    if message == b"crash":
+        raise ValueError("handler bug")
+    return message.upper()
+
+
+def bad_reply(conn: Connection, message: bytes) -> Any:
+    """Returns what cannot be sent: as if the handler had raised."""
+    return "a str" if message == b"crash" else message.upper()
+
+
+CRASHERS = {"plain": crash_plain, "async": crash_async, "bad-reply": bad_reply}
+
+
+@pytest.mark.parametrize("style", CRASHERS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_failing_handler_ends_its_client_and_serving_goes_on(
+    arun: Run, sockdir: Path, kind: str, style: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = sockdir / "crash.sock"
+    closed: list[int] = []
+
+    async def main() -> None:
+        async with running(
+            path, CRASHERS[style], type=kind, on_close=lambda c: closed.append(c.id)
+        ) as server:
+            crasher = await connect(path, kind)
+            await crasher.send(b"crash")
+            if kind != "dgram":
+                await assert_ended(crasher)
+                await turns_until(lambda: closed == [1])
+            else:
+                await turns_until(lambda: "handler failed" in caplog.text)
+            crasher.close()
+            async with await connect(path, kind) as client:
+                await client.send(b"still here")
+                assert await reply(client) == b"STILL HERE"
+            await turns_until(lambda: server.active_clients == 0)
+        assert "handler failed" in caplog.text
+        if style == "bad-reply":
+            assert "TypeError" in caplog.text
+        else:
+            assert "ValueError: handler bug" in caplog.text
+
+    with caplog.at_level(logging.ERROR, logger="udskit"):
+        arun(main())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_handler_awaiting_forever_is_cancelled_after_the_grace(
+    arun: Run,
+    sockdir: Path,
+    kind: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = sockdir / "forever.sock"
+    monkeypatch.setattr(udskit.aio.messageserver, "SHUTDOWN_GRACE", 0.05)
+    waiting = asyncio.Event()
+    ended: list[str] = []
+
+    async def handler(conn: Connection, message: bytes) -> bytes:
+        if message == b"wait":
+            waiting.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                ended.append("cancelled")
+                raise
+        return message.upper()
+
+    async def main() -> None:
+        server = await udskit.aio.start_message_server(path, handler, type=kind)
+        serving = asyncio.ensure_future(server.serve_forever())
+        stuck = await connect(path, kind)
+        await stuck.send(b"wait")
+        await asyncio.wait_for(waiting.wait(), WAIT)
+        for number in range(3):
+            async with await connect(path, kind) as client:
+                await client.send(b"client %d" % number)
+                assert await reply(client) == b"CLIENT %d" % number
+        server.stop()
+        await asyncio.wait_for(serving, WAIT)
+        assert ended == ["cancelled"]
+        assert not path.exists()
+        assert server.active_clients == 0
+        if kind != "dgram":
+            await assert_ended(stuck)
+        stuck.close()
+
+    with caplog.at_level(logging.WARNING, logger="udskit"):
+        arun(main())
+    assert "1 handler(s) still awaiting 0.05 s after stop; cancelled them" in caplog.text
+
+
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_max_clients_holds_the_third_back_until_one_leaves(
+    arun: Run, sockdir: Path, kind: str
+) -> None:
+    path = sockdir / "two.sock"
+    handled: list[bytes] = []
+
+    def handler(conn: Connection, message: bytes) -> bytes:
+        handled.append(message)
+        return message.upper()
+
+    async def main() -> None:
+        async with running(path, handler, type=kind, max_clients=2) as server:
+            first = await connect(path, kind)
+            second = await connect(path, kind)
+            for channel, name in ((first, b"first"), (second, b"second")):
+                await channel.send(name)
+                assert await reply(channel) == name.upper()
+            third = await connect(path, kind)  # waits in the kernel's backlog
+            await third.send(b"third")
+            await idle_turns()
+            assert handled == [b"first", b"second"]
+            assert server.active_clients == 2
+            first.close()
+            assert await reply(third) == b"THIRD"
+            assert server.active_clients == 2
+            second.close()
+            third.close()
+            await turns_until(lambda: server.active_clients == 0)
+
+    arun(main())
+
+
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_a_thousand_clients_arrive_and_vanish_at_once(arun: Run, sockdir: Path, kind: str) -> None:
+    path = sockdir / "burst.sock"
+    counts = {"connect": 0, "close": 0}
+
+    def count(event: str) -> Callable[[Connection], None]:
+        def hook(conn: Connection) -> None:
+            counts[event] += 1
+
+        return hook
+
+    async def main() -> None:
+        async with running(
+            path,
+            upper_return,
+            type=kind,
+            backlog=1024,
+            on_connect=count("connect"),
+            on_close=count("close"),
+        ) as server:
+            clients = []
+            for number in range(1000):
+                sock = socket.socket(socket.AF_UNIX, SOCKET_TYPES[kind])
+                sock.connect(os.fspath(path))  # the backlog has room: no wait
+                if number % 2:
+                    sock.send(_request(kind, b"gone before the reply"))
+                clients.append(sock)
+            for sock in clients:
+                sock.close()
+            await turns_until(lambda: counts["close"] == 1000)
+            assert counts["connect"] == 1000
+            assert server.active_clients == 0
+            async with await connect(path, kind) as survivor:
+                await survivor.send(b"still serving")
+                assert await reply(survivor) == b"STILL SERVING"
+
+    arun(main())
+
+
+SERVE_SCRIPT = textwrap.dedent(
+    """
+    import signal, sys
+    import udskit.aio
+
+    async def upper(conn, message):
+        return message.upper()
+
+    main = udskit.aio.serve_messages(sys.argv[1], upper)
+    udskit.aio.run(main, use_uvloop=sys.argv[2] == "uvloop")
+    print("default SIGTERM again:", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    """
+)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_messages_stops_cleanly_on_a_signal(
+    loop_name: str, sockdir: Path, signum: signal.Signals
+) -> None:
+    path = sockdir / "served.sock"
+    child = subprocess.Popen(
+        [sys.executable, "-c", SERVE_SCRIPT, str(path), loop_name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_connectable(path)
+        with udskit.connect(path) as client:
+            client.send(b"hello")
+            assert client.recv() == b"HELLO"
+            child.send_signal(signum)
+            with pytest.raises(ConnectionClosed):
+                client.recv()  # the server closed our connection
+        out, err = child.communicate(timeout=READY_TIMEOUT)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert child.returncode == 0, err
+    assert err == ""
+    assert out == "default SIGTERM again: True\n"
     assert not path.exists()
