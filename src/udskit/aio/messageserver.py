@@ -13,9 +13,9 @@ share): admission, batches of accepts, backpressure per client, ``max_clients`` 
 back-off when out of descriptors, datagrams.
 
 Stopping (``stop()``, or SIGINT/SIGTERM under ``serve_messages()``) closes the listener
-first, which removes its socket file; handlers still awaiting get SHUTDOWN_GRACE seconds,
-then are cancelled; what the kernel takes of the replies goes out, and every client is
-closed.
+first, which removes its socket file (a datagram socket stays open for the last replies);
+handlers still awaiting get SHUTDOWN_GRACE seconds, then are cancelled; what the kernel
+takes of the replies goes out, and every client is closed.
 """
 
 from __future__ import annotations
@@ -207,20 +207,29 @@ class MessageServer(MessageServing):
         self._stopping = True
         if self._watching_listener:
             self._watch_listener(False)
-        self._endpoint.close()
-        if self._tasks:
-            _, late = await asyncio.wait(set(self._tasks), timeout=SHUTDOWN_GRACE)
-            for task in late:
-                task.cancel()
-            if late:
-                log.warning(
-                    "%s: %d handler(s) still awaiting %g s after stop; cancelled them",
-                    self.address,
-                    len(late),
-                    SHUTDOWN_GRACE,
-                )
-                await asyncio.wait(late)
-        self._close_clients()
+        endpoint = self._endpoint
+        if isinstance(endpoint, blocking.DatagramListener):
+            # The replies of the handlers still awaiting leave through this socket: only its
+            # file goes now (no new sender finds it), the socket once they are done.
+            endpoint.remove_file()
+        else:
+            endpoint.close()
+        try:
+            if self._tasks:
+                _, late = await asyncio.wait(set(self._tasks), timeout=SHUTDOWN_GRACE)
+                for task in late:
+                    task.cancel()
+                if late:
+                    log.warning(
+                        "%s: %d handler(s) still awaiting %g s after stop; cancelled them",
+                        self.address,
+                        len(late),
+                        SHUTDOWN_GRACE,
+                    )
+                    await asyncio.wait(late)
+            self._close_clients()
+        finally:
+            endpoint.close()
         self._closed = True
 
     async def aclose(self) -> None:
