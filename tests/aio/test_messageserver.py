@@ -864,3 +864,149 @@ def test_serve_messages_stops_cleanly_on_a_signal(
     assert err == ""
     assert out == "default SIGTERM again: True\n"
     assert not path.exists()
+
+
+# -- more of the contract -------------------------------------------------------------------
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_a_client_that_half_closes_gets_every_reply(arun: Run, sockdir: Path, kind: str) -> None:
+    """The end of the stream comes behind the messages: the awaited replies go out first."""
+    path = sockdir / "half.sock"
+    messages = [_message(i, 50) for i in range(20)]
+
+    async def main() -> None:
+        async with running(path, reverse_later, type=kind) as server:
+            async with await connect(path, kind) as channel:
+                await channel.send_many(messages)
+                await channel.shutdown_write()
+                replies = [message async for message in channel]
+            assert replies == [m[::-1] for m in messages]
+            await turns_until(lambda: server.active_clients == 0)
+
+    arun(main())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_replies_may_come_from_another_thread(arun: Run, sockdir: Path, kind: str) -> None:
+    path = sockdir / "thread.sock"
+
+    async def handler(conn: Connection, message: bytes) -> None:
+        await asyncio.to_thread(conn.send, b"from a thread: " + message)
+
+    async def main() -> None:
+        async with running(path, handler, type=kind), await connect(path, kind) as channel:
+            for number in range(3):
+                await channel.send(b"%d" % number)
+                assert await reply(channel) == b"from a thread: %d" % number
+
+    arun(main())
+
+
+def test_a_reply_finished_within_the_grace_still_goes_out(arun: Run, sockdir: Path) -> None:
+    path = sockdir / "grace.sock"
+    waiting = asyncio.Event()
+    release = asyncio.Event()
+
+    async def handler(conn: Connection, message: bytes) -> bytes:
+        waiting.set()
+        await release.wait()
+        return b"late but sent"
+
+    async def main() -> None:
+        server = await udskit.aio.start_message_server(path, handler)
+        serving = asyncio.ensure_future(server.serve_forever())
+        async with await connect(path, "stream") as channel:
+            await channel.send(b"take your time")
+            await asyncio.wait_for(waiting.wait(), WAIT)
+            server.stop()
+            release.set()  # before the grace even starts: the handler finishes within it
+            await asyncio.wait_for(serving, WAIT)
+            assert not path.exists()
+            assert await reply(channel) == b"late but sent"
+            await assert_ended(channel)
+
+    arun(main())
+
+
+def test_cancelling_serve_forever_releases_everything(arun: Run, sockdir: Path) -> None:
+    path = sockdir / "cancel.sock"
+
+    async def main() -> None:
+        server = await udskit.aio.start_message_server(path, upper_async_return)
+        serving = asyncio.ensure_future(server.serve_forever())
+        async with await connect(path, "stream") as channel:
+            await channel.send(b"hi")
+            assert await reply(channel) == b"HI"
+            serving.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await serving
+            assert not path.exists()
+            assert server.active_clients == 0
+            await assert_ended(channel)
+        await server.aclose()
+
+    arun(main())
+
+
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_failing_hooks_are_logged(
+    arun: Run, sockdir: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """on_connect failing ends that client, as a handler's failure would; on_close failing
+    is only logged."""
+    path = sockdir / "hooks.sock"
+    closed: list[int] = []
+
+    def on_connect(conn: Connection) -> None:
+        if conn.id == 1:
+            raise ValueError("on_connect bug")
+
+    def on_close(conn: Connection) -> None:
+        closed.append(conn.id)
+        raise ValueError("on_close bug")
+
+    async def main() -> None:
+        async with running(
+            path, upper_return, type=kind, on_connect=on_connect, on_close=on_close
+        ) as server:
+            refused = await connect(path, kind)
+            await assert_ended(refused)
+            refused.close()
+            async with await connect(path, kind) as client:
+                await client.send(b"fine")
+                assert await reply(client) == b"FINE"
+            await turns_until(lambda: server.active_clients == 0)
+        assert closed == [1, 2]
+        assert "ValueError: on_connect bug" in caplog.text
+        assert caplog.text.count("ValueError: on_close bug") == 2
+
+    with caplog.at_level(logging.ERROR, logger="udskit"):
+        arun(main())
+
+
+def test_a_datagram_reply_finished_within_the_grace_still_goes_out(
+    arun: Run, sockdir: Path
+) -> None:
+    """The socket file goes at once; the socket the replies leave through, after them."""
+    path = sockdir / "dgrace.sock"
+    waiting = asyncio.Event()
+    release = asyncio.Event()
+
+    async def handler(conn: Connection, message: bytes) -> bytes:
+        waiting.set()
+        await release.wait()
+        assert not path.exists()
+        return b"late but sent"
+
+    async def main() -> None:
+        server = await udskit.aio.start_message_server(path, handler, type="dgram")
+        serving = asyncio.ensure_future(server.serve_forever())
+        async with await connect(path, "dgram") as channel:
+            await channel.send(b"take your time")
+            await asyncio.wait_for(waiting.wait(), WAIT)
+            server.stop()
+            release.set()
+            await asyncio.wait_for(serving, WAIT)
+            assert not path.exists()
+            assert await reply(channel) == b"late but sent"
+
+    arun(main())
