@@ -128,6 +128,7 @@ class Connection:
         "_posted",
         "_sock",
         "_space",
+        "_stalled",
         "_state",
         "_type",
         "busy",
@@ -174,6 +175,7 @@ class Connection:
         self._state: dict[str, Any] | None = None
         self._events = _READING  # what the driver watches (read, write): it starts reading
         self._paused = False  # not reading: outbox over its high watermark
+        self._stalled = False  # not reading: the framing holds messages left when it filled
         self._held = False  # not reading: the driver said so (hold())
         self._eof = False  # the client will send nothing more
         self._closing = False  # close once the outbox is empty
@@ -348,7 +350,12 @@ class Connection:
             except OSError as exc:
                 self._failed(exc, "send")
                 return
-            if sent == len(data) and self._events is _READING and not self._closing:
+            if (
+                sent == len(data)
+                and self._events is _READING
+                and not self._closing
+                and not self._stalled
+            ):
                 if self._space is not None:
                     self._after_flush()
                 return  # all gone, reading as before: nothing to change
@@ -393,6 +400,8 @@ class Connection:
             self._paused = False
         elif not self._paused and out.full:
             self._paused = True
+        if self._stalled and not self._paused:
+            self._driver.call_soon(self._resume)
         self._update()
 
     def _update(self) -> None:
@@ -400,7 +409,7 @@ class Connection:
         worker's backlog; writing while the outbox holds anything."""
         if self._sock is None:
             return  # a datagram's connection: the listener is read, not this
-        read = not (self._paused or self._held or self._eof or self._closing)
+        read = not (self._paused or self._held or self._eof or self._closing or self._stalled)
         wanted = _EVENTS[read, self._out.size > 0]
         if wanted is not self._events:
             self._events = wanted
@@ -448,11 +457,21 @@ class Connection:
         except OSError as exc:
             self._failed(exc, "recv")
             return
+        self._decode(framing, buffer[:size], fds)
+
+    def _decode(self, framing: Framing, data: memoryview | None, fds: list[int]) -> None:
+        """Hand the driver each message of ``data`` (None: of what the framing holds). One
+        read may bring thousands of requests: once their replies fill the outbox, the rest
+        stay in the framing, and the client is not read, until the replies drain."""
+        out = self._out
         try:
-            message = framing.feed(buffer[:size], fds)
+            message = framing.feed(data, fds) if data is not None else framing.next_message()
             while isinstance(message, bytes):
                 self._driver.dispatch(self, message, framing.take_fds())
                 if self.closed:
+                    return
+                if out.size + self._pending_size > out.high:
+                    self._stalled = True  # _after_flush calls _resume once there is room
                     return
                 message = framing.next_message()
         except UdsError as exc:  # FrameTooLarge, or the stream ended mid-message
@@ -460,6 +479,16 @@ class Connection:
             return
         if message is CLOSED:
             self._ended()
+
+    def _resume(self) -> None:
+        """Go on with the messages the framing held when the outbox filled."""
+        if not self._stalled or self._paused or self._closing or self.closed:
+            return
+        self._stalled = False
+        assert self._framing is not None
+        self._decode(self._framing, None, [])
+        if not self.closed:
+            self.flush()
 
     def _read_packets(self, buffer: memoryview) -> None:
         sock = self._sock
@@ -490,6 +519,8 @@ class Connection:
             self._driver.dispatch(self, buffer[:size].tobytes(), fds)
             if self.closed or self._held or self._paused:
                 return
+            if self._out.size + self._pending_size > self._out.high:
+                return  # the replies fill the outbox: the rest waits in the kernel
 
     def _ended(self) -> None:
         """The client sent all it will: finish the replies, then close."""
