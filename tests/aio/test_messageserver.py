@@ -541,10 +541,14 @@ SOCKET_TYPES = {
 }
 
 
+@pytest.mark.parametrize("batch", [False, True], ids=["one-by-one", "at-once"])
 @pytest.mark.parametrize("kind", CONNECTED)
 def test_a_client_that_never_reads_holds_a_bounded_outbox(
-    arun: Run, sockdir: Path, kind: str
+    arun: Run, sockdir: Path, kind: str, batch: bool
 ) -> None:
+    """However its requests arrive (one per read, or thousands in one), the replies held
+    for a client that never reads pass max_outbox by one reply at most: the server stops
+    handling its messages, then reading it, and its requests back up in the kernel."""
     path = sockdir / "greedy.sock"
     max_outbox = 32 * 1024
     reply_size = 4096
@@ -567,18 +571,21 @@ def test_a_client_that_never_reads_holds_a_bounded_outbox(
             greedy.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             await turns_until(lambda: 1 in conns)
             outbox = conns[1]
-            # One request per loop pass, so each read brings one: the outbox may pass
-            # max_outbox by one reply at most, then the server stops reading this client,
-            # its requests back up in the kernel, and its send() would block.
             for _ in range(10_000):
                 try:
-                    greedy.send(_request(kind, b"more"))
+                    if batch and kind == "stream":  # thousands of requests in one write
+                        greedy.send(_request(kind, b"more") * 2000)
+                    else:
+                        greedy.send(_request(kind, b"more"))
                 except BlockingIOError:
                     break
-                await idle_turns(5)
+                if not batch:  # a loop pass per request: each read brings one
+                    await idle_turns(5)
                 assert outbox.outbox_size <= max_outbox + reply_size
             else:
                 pytest.fail("the server never stopped reading a client that does not read")
+            await idle_turns()
+            assert outbox.outbox_size <= max_outbox + reply_size
             assert outbox.outbox_size > max_outbox // 2
             held = outbox.outbox_size
             async with await connect(path, kind) as polite:
@@ -1008,5 +1015,50 @@ def test_a_datagram_reply_finished_within_the_grace_still_goes_out(
             await asyncio.wait_for(serving, WAIT)
             assert not path.exists()
             assert await reply(channel) == b"late but sent"
+
+    arun(main())
+
+
+@pytest.mark.parametrize("shut", [False, True], ids=["open", "half-closed"])
+@pytest.mark.parametrize("style", ["plain", "mixed"])
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_replies_larger_than_the_outbox_all_come_in_order(
+    arun: Run, sockdir: Path, kind: str, style: str, shut: bool
+) -> None:
+    """Thousands of requests in a few writes, each reply a good part of max_outbox: the
+    server handles them as the client reads the replies, none lost, none out of order."""
+    path = sockdir / "flood.sock"
+    reply_size = 3000
+
+    def padded(conn: Connection, message: bytes) -> bytes:
+        return message.ljust(reply_size, b".")
+
+    async def padded_later(conn: Connection, message: bytes) -> bytes:
+        await asyncio.sleep(0)
+        return padded(conn, message)
+
+    def sometimes_later(conn: Connection, message: bytes) -> Any:
+        return padded_later(conn, message) if int(message) % 5 == 0 else padded(conn, message)
+
+    handler = padded if style == "plain" else sometimes_later
+    messages = [b"%06d" % i for i in range(3000)]
+
+    async def main() -> None:
+        async with running(path, handler, type=kind, max_outbox=16 * 1024) as server:
+            async with await connect(path, kind) as channel:
+
+                async def send_all() -> None:
+                    await channel.send_many(messages)
+                    if shut:
+                        await channel.shutdown_write()
+
+                sending = asyncio.ensure_future(send_all())  # read meanwhile: no deadlock
+                if shut:
+                    replies = [message async for message in channel]
+                else:
+                    replies = [await reply(channel) for _ in messages]
+                await sending
+            assert replies == [m.ljust(reply_size, b".") for m in messages]
+            await turns_until(lambda: server.active_clients == 0)
 
     arun(main())
