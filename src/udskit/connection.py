@@ -400,7 +400,7 @@ class Connection:
             self._paused = False
         elif not self._paused and out.full:
             self._paused = True
-        if self._stalled and not self._paused:
+        if self._stalled and not (self._paused or self._held):
             self._driver.call_soon(self._resume)
         self._update()
 
@@ -421,6 +421,8 @@ class Connection:
             self._held = held
             if not self.closed:
                 self._update()
+                if self._stalled and not held:
+                    self._driver.call_soon(self._resume)
 
     # -- receiving (loop thread) --------------------------------------------------------
     def on_readable(self, buffer: memoryview) -> None:
@@ -461,8 +463,10 @@ class Connection:
 
     def _decode(self, framing: Framing, data: memoryview | None, fds: list[int]) -> None:
         """Hand the driver each message of ``data`` (None: of what the framing holds). One
-        read may bring thousands of requests: once their replies fill the outbox, the rest
-        stay in the framing, and the client is not read, until the replies drain."""
+        read may bring thousands of requests: once their replies fill the outbox, or the
+        driver holds the connection (a handler awaits, a worker is behind), the rest stay
+        in the framing, and the client is not read, until the replies drain or the hold
+        ends."""
         out = self._out
         try:
             message = framing.feed(data, fds) if data is not None else framing.next_message()
@@ -470,8 +474,8 @@ class Connection:
                 self._driver.dispatch(self, message, framing.take_fds())
                 if self.closed:
                     return
-                if out.size + self._pending_size > out.high:
-                    self._stalled = True  # _after_flush calls _resume once there is room
+                if self._held or out.size + self._pending_size > out.high:
+                    self._stalled = True  # _after_flush or hold() calls _resume
                     return
                 message = framing.next_message()
         except UdsError as exc:  # FrameTooLarge, or the stream ended mid-message
@@ -482,7 +486,7 @@ class Connection:
 
     def _resume(self) -> None:
         """Go on with the messages the framing held when the outbox filled."""
-        if not self._stalled or self._paused or self._closing or self.closed:
+        if not self._stalled or self._paused or self._held or self._closing or self.closed:
             return
         self._stalled = False
         assert self._framing is not None
