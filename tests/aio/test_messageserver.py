@@ -541,10 +541,11 @@ SOCKET_TYPES = {
 }
 
 
+@pytest.mark.parametrize("style", ["plain", "mixed"])
 @pytest.mark.parametrize("batch", [False, True], ids=["one-by-one", "at-once"])
 @pytest.mark.parametrize("kind", CONNECTED)
 def test_a_client_that_never_reads_holds_a_bounded_outbox(
-    arun: Run, sockdir: Path, kind: str, batch: bool
+    arun: Run, sockdir: Path, kind: str, batch: bool, style: str
 ) -> None:
     """However its requests arrive (one per read, or thousands in one), the replies held
     for a client that never reads pass max_outbox by one reply at most: the server stops
@@ -557,10 +558,19 @@ def test_a_client_that_never_reads_holds_a_bounded_outbox(
     def handler(conn: Connection, message: bytes) -> bytes:
         return bytes(reply_size) if message == b"more" else b"re: " + message
 
+    async def handler_later(conn: Connection, message: bytes) -> bytes:
+        await asyncio.sleep(0)
+        return handler(conn, message)
+
+    def sometimes_later(conn: Connection, message: bytes) -> Any:
+        """Awaits for every tenth message: the others queue up behind it meanwhile."""
+        count = conn.state["count"] = conn.state.get("count", 0) + 1
+        return handler_later(conn, message) if count % 10 == 1 else handler(conn, message)
+
     async def main() -> None:
         async with running(
             path,
-            handler,
+            handler if style == "plain" else sometimes_later,
             type=kind,
             max_outbox=max_outbox,
             sndbuf=4096,
