@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import re
+import resource
 import signal
 import socket
 import struct
@@ -25,7 +26,7 @@ import udskit
 import udskit.aio
 from udskit import Connection, ConnectionClosed
 
-from ..conftest import READY_TIMEOUT, wait_connectable
+from ..conftest import READY_TIMEOUT, open_fds, wait_connectable
 from .helpers import idle_turns, turns_until
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
@@ -1072,3 +1073,39 @@ def test_replies_larger_than_the_outbox_all_come_in_order(
             await turns_until(lambda: server.active_clients == 0)
 
     arun(main())
+
+
+def test_out_of_descriptors_the_server_backs_off_then_serves(
+    arun: Run, sockdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real EMFILE from accept(): the client stays queued, the server logs, pauses (never
+    spins), and takes the client once a descriptor is free."""
+    path = sockdir / "emfile.sock"
+    arrived = asyncio.Event()
+
+    async def main() -> None:
+        async with running(path, upper_return, on_connect=lambda c: arrived.set()):
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # its fd first
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            fillers: list[int] = []
+            try:
+                # No descriptor left below the limit: the server's accept() gets EMFILE.
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max(open_fds()) + 1, hard))
+                with contextlib.suppress(OSError):
+                    while True:
+                        fillers.append(os.dup(0))
+                client.connect(os.fspath(path))  # queued in the backlog, no new descriptor
+                await turns_until(lambda: "accept failed (Too many open files)" in caplog.text)
+                assert not arrived.is_set()
+                os.close(fillers.pop())
+                await asyncio.wait_for(arrived.wait(), WAIT)
+            finally:
+                for fd in fillers:
+                    os.close(fd)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            async with udskit.aio.Channel(client) as channel:
+                await channel.send(b"patience")
+                assert await reply(channel) == b"PATIENCE"
+
+    with caplog.at_level(logging.WARNING, logger="udskit"):
+        arun(main())
