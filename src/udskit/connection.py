@@ -63,7 +63,8 @@ JOIN_LIMIT: Final = 64 * 1024
 
 #: How long a datagram reply waits for room in its receiver's queue before it is given up
 #: (and the handler gets Timeout). The serving thread waits meanwhile, as a blocking
-#: server's sendto() would, but not forever.
+#: server's sendto() would, but not forever. An event loop must never sleep: the asyncio
+#: server passes ``reply_wait=0``, and there such a reply fails at once.
 DATAGRAM_REPLY_WAIT: Final = 1.0
 
 #: No SIGPIPE on a closed peer: EPIPE comes back as an error instead.
@@ -126,6 +127,7 @@ class Connection:
         "_pending",
         "_pending_size",
         "_posted",
+        "_reply_wait",
         "_sock",
         "_space",
         "_stalled",
@@ -153,6 +155,7 @@ class Connection:
         max_outbox: int,
         loop_thread: int,
         listener: DatagramListener | None = None,
+        reply_wait: float = DATAGRAM_REPLY_WAIT,
     ) -> None:
         self._loop_thread = loop_thread
         self._sock = sock
@@ -166,6 +169,7 @@ class Connection:
         self._max_fds = max_fds
         self._ancsize = ancillary_size(max_fds) if max_fds else 0
         self._listener = listener
+        self._reply_wait = reply_wait
         self._out: Outbox[list[int]] = Outbox(max_outbox, max_outbox // 4)
         self._pending: list[bytes] = []  # small replies of this wake-up, joined at flush
         self._pending_size = 0
@@ -593,17 +597,21 @@ class Connection:
             )
         # An unconnected datagram socket is always writable to poll(), whoever's queue is
         # full, so there is nothing to wait on: retry, pausing longer each time, for at
-        # most DATAGRAM_REPLY_WAIT seconds in all.
+        # most reply_wait (DATAGRAM_REPLY_WAIT) seconds in all.
         pause, waited = 0.0005, 0.0
         while True:
             try:
                 listener.send_to(self.remote, data, fds)
                 return
             except Timeout as exc:
-                if waited >= DATAGRAM_REPLY_WAIT:
+                if not self._reply_wait:
+                    raise Timeout(
+                        f"{self.remote}: the receiver's queue is full; the reply was not sent"
+                    ) from exc
+                if waited >= self._reply_wait:
                     raise Timeout(
                         f"{self.remote}: the receiver's queue stayed full for "
-                        f"{DATAGRAM_REPLY_WAIT:g} s; the reply was not sent"
+                        f"{self._reply_wait:g} s; the reply was not sent"
                     ) from exc
             time.sleep(pause)
             waited += pause

@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from .admission import Admitted, admit
 from .channel import RECV_CHUNK
-from .connection import DEFAULT_MAX_OUTBOX, Connection
+from .connection import DATAGRAM_REPLY_WAIT, DEFAULT_MAX_OUTBOX, Connection
 from .errors import Timeout, UdsError
 from .listening import DatagramListener, Listener
 from .options import check_max_clients
@@ -68,6 +68,10 @@ def check_server_options(
 
 class MessageServing:
     """The loop-independent half of a message server (see the module docstring)."""
+
+    #: Seconds a datagram reply may wait for room in its receiver's queue, the loop thread
+    #: sleeping meanwhile (see DATAGRAM_REPLY_WAIT).
+    _datagram_reply_wait: float = DATAGRAM_REPLY_WAIT
 
     def __init__(
         self,
@@ -283,6 +287,7 @@ class MessageServing:
                 max_outbox=self._max_outbox,
                 loop_thread=self._loop_thread,
                 listener=listener,
+                reply_wait=self._datagram_reply_wait,
             )
             self.dispatch(conn, datagram.data, list(datagram.fds))
 

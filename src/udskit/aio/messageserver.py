@@ -53,6 +53,10 @@ class MessageServer(MessageServing):
     ``async with`` closes everything on exit.
     """
 
+    #: The event loop never sleeps: a datagram reply its receiver's queue has no room for
+    #: fails at once (logged), instead of stalling every client and task for a second.
+    _datagram_reply_wait = 0.0
+
     def __init__(
         self,
         endpoint: blocking.Listener | blocking.DatagramListener,
