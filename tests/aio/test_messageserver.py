@@ -18,12 +18,14 @@ import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 import udskit
 import udskit.aio
+import udskit.connection
 from udskit import Connection, ConnectionClosed
 
 from ..conftest import READY_TIMEOUT, open_fds, wait_connectable
@@ -1120,6 +1122,41 @@ def test_out_of_descriptors_the_server_backs_off_then_serves(
             async with udskit.aio.Channel(client) as channel:
                 await channel.send(b"patience")
                 assert await reply(channel) == b"PATIENCE"
+
+    with caplog.at_level(logging.WARNING, logger="udskit"):
+        arun(main())
+
+
+def test_a_datagram_client_that_never_reads_never_puts_the_loop_to_sleep(
+    arun: Run, sockdir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Replies wait in the server socket's send buffer until their receiver reads them: a
+    client that never reads fills it, and further replies fail (logged) at once. The event
+    loop never sleeps waiting for room, and replies flow again once that client is gone."""
+    path = sockdir / "dgreedy.sock"
+    handled: list[int] = []
+
+    def no_sleeping(seconds: float) -> None:
+        raise AssertionError(f"the event loop slept {seconds} s waiting for a datagram reply")
+
+    monkeypatch.setattr(udskit.connection, "time", SimpleNamespace(sleep=no_sleeping))
+
+    def handler(conn: Connection, message: bytes) -> bytes:
+        handled.append(len(message))
+        return message
+
+    async def main() -> None:
+        async with running(path, handler, type="dgram"):
+            greedy = await connect(path, "dgram")
+            for _ in range(200):  # replies of 2000 bytes: more than the kernel buffers
+                await greedy.send(bytes(2000))
+            await turns_until(lambda: len(handled) == 200)
+            assert "the reply was not sent" in caplog.text
+            await greedy.aclose()  # what was queued for it is freed
+            async with await connect(path, "dgram") as polite:
+                await polite.send(b"polite")
+                assert await reply(polite) == b"polite"
+        assert "slept" not in caplog.text
 
     with caplog.at_level(logging.WARNING, logger="udskit"):
         arun(main())
