@@ -238,9 +238,10 @@ class MessageServer(MessageServing):
 
     async def aclose(self) -> None:
         """Stop and release everything, whether or not serve_forever ran; if it runs (in
-        another task), wait until it has finished."""
+        another task), wait until it has finished, unless called from a handler (which
+        serve_forever waits for)."""
         self.close()
-        if self._finished is not None:
+        if self._finished is not None and asyncio.current_task() not in self._tasks:
             await self._finished.wait()
 
     def close(self) -> None:
