@@ -1160,3 +1160,31 @@ def test_a_datagram_client_that_never_reads_never_puts_the_loop_to_sleep(
 
     with caplog.at_level(logging.WARNING, logger="udskit"):
         arun(main())
+
+
+def test_a_handler_may_close_the_server(arun: Run, sockdir: Path) -> None:
+    """A "quit" command: the handler awaits aclose(), which does not wait for the handler
+    itself, and its reply still goes out before the client is closed."""
+    path = sockdir / "quit.sock"
+    servers: list[udskit.aio.MessageServer] = []
+
+    async def handler(conn: Connection, message: bytes) -> bytes:
+        if message == b"quit":
+            await servers[0].aclose()
+            return b"bye"
+        return message.upper()
+
+    async def main() -> None:
+        server = await udskit.aio.start_message_server(path, handler)
+        servers.append(server)
+        serving = asyncio.ensure_future(server.serve_forever())
+        async with await connect(path, "stream") as channel:
+            await channel.send(b"hi")
+            assert await reply(channel) == b"HI"
+            await channel.send(b"quit")
+            assert await reply(channel) == b"bye"
+            await assert_ended(channel)
+        await asyncio.wait_for(serving, WAIT)
+        assert not path.exists()
+
+    arun(main())
