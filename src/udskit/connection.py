@@ -489,7 +489,8 @@ class Connection:
             self._ended()
 
     def _resume(self) -> None:
-        """Go on with the messages the framing held when the outbox filled."""
+        """Go on with the messages left in the framing when the outbox filled or the driver
+        held the connection (called soon after that ends)."""
         if not self._stalled or self._paused or self._held or self._closing or self.closed:
             return
         self._stalled = False
