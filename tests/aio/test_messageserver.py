@@ -1188,3 +1188,40 @@ def test_a_handler_may_close_the_server(arun: Run, sockdir: Path) -> None:
         assert not path.exists()
 
     arun(main())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_more_descriptors_than_max_fds(
+    arun: Run, sockdir: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream cannot go on without them (its client is closed); a packet or datagram that
+    brought too many is dropped, and its sender served on. Nothing leaks (no_fd_leak)."""
+    path = sockdir / "fds.sock"
+    handled: list[bytes] = []
+
+    def handler(conn: Connection, message: bytes) -> bytes:
+        handled.append(message)
+        return message.upper()
+
+    async def main() -> None:
+        async with running(path, handler, type=kind, max_fds=2) as server:
+            channel = await connect(path, kind)
+            r, w = os.pipe()
+            try:
+                await channel.send_fds(b"too many", [r, w, r])
+            finally:
+                os.close(r)
+                os.close(w)
+            await turns_until(lambda: "descriptor" in caplog.text)
+            if kind == "stream":
+                await assert_ended(channel)
+                channel.close()
+                channel = await connect(path, kind)
+            async with channel:
+                await channel.send(b"next")
+                assert await reply(channel) == b"NEXT"
+            await turns_until(lambda: server.active_clients == 0)
+        assert handled == [b"next"]
+
+    with caplog.at_level(logging.WARNING, logger="udskit"):
+        arun(main())
