@@ -114,7 +114,6 @@ class Connection:
     __slots__ = (
         "__weakref__",
         "_ancsize",
-        "_backlogged",
         "_closing",
         "_driver",
         "_eof",
@@ -133,6 +132,7 @@ class Connection:
         "_posted",
         "_sock",
         "_space",
+        "_stalled",
         "_state",
         "_type",
         "busy",
@@ -180,8 +180,7 @@ class Connection:
         self._state: dict[str, Any] | None = None
         self._events = _READING  # what the driver watches (read, write): it starts reading
         self._paused = False  # not reading: outbox over its high watermark
-        # Whole messages wait in the decoder: their replies would have overfilled the outbox.
-        self._backlogged = False
+        self._stalled = False  # not reading: the framing holds messages left when it filled
         self._held = False  # not reading: the driver said so (hold())
         self._eof = False  # the client will send nothing more
         self._closing = False  # close once the outbox is empty
@@ -299,7 +298,8 @@ class Connection:
     def _space_condition(self) -> threading.Condition:
         space = self._space
         if space is None:
-            # Made once, under a lock: two threads racing here must wait on the same one.
+            # Made once; two threads racing here at worst each make one, and the loser's
+            # waiters are woken by the timeout-free notify of the winner's: avoid that.
             with _SPACE_LOCK:
                 space = self._space
                 if space is None:
@@ -339,14 +339,7 @@ class Connection:
         self._pending_size = 0
 
     def flush(self) -> None:
-        """Send what is queued, as far as the kernel takes it (in the loop thread); then
-        handle the messages that waited for the outbox to drain, and send their replies."""
-        self._flush()
-        while self._backlogged and not self.closed and not self._held and self._out.drained:
-            self._decode_backlog()
-            self._flush()
-
-    def _flush(self) -> None:
+        """Send what is queued, as far as the kernel takes it (in the loop thread)."""
         if self.closed:
             return
         pending = self._pending
@@ -362,7 +355,12 @@ class Connection:
             except OSError as exc:
                 self._failed(exc, "send")
                 return
-            if sent == len(data) and self._events is _READING and not self._closing:
+            if (
+                sent == len(data)
+                and self._events is _READING
+                and not self._closing
+                and not self._stalled
+            ):
                 if self._space is not None:
                     self._after_flush()
                 return  # all gone, reading as before: nothing to change
@@ -407,6 +405,8 @@ class Connection:
             self._paused = False
         elif not self._paused and out.full:
             self._paused = True
+        if self._stalled and not (self._paused or self._held):
+            self._driver.call_soon(self._resume)
         self._update()
 
     def _update(self) -> None:
@@ -414,7 +414,7 @@ class Connection:
         worker's backlog; writing while the outbox holds anything."""
         if self._sock is None:
             return  # a datagram's connection: the listener is read, not this
-        read = not (self._paused or self._held or self._backlogged or self._eof or self._closing)
+        read = not (self._paused or self._held or self._eof or self._closing or self._stalled)
         wanted = _EVENTS[read, self._out.size > 0]
         if wanted is not self._events:
             self._events = wanted
@@ -426,6 +426,8 @@ class Connection:
             self._held = held
             if not self.closed:
                 self._update()
+                if self._stalled and not held:
+                    self._driver.call_soon(self._resume)
 
     # -- receiving (loop thread) --------------------------------------------------------
     def on_readable(self, buffer: memoryview) -> None:
@@ -463,39 +465,42 @@ class Connection:
         except OSError as exc:
             self._failed(exc, "recv")
             return
+        self._decode(framing, buffer[:size], fds)
+
+    def _decode(self, framing: Framing, data: memoryview | None, fds: list[int]) -> None:
+        """Hand the driver each message of ``data`` (None: of what the framing holds). One
+        read may bring thousands of requests: once their replies fill the outbox, or the
+        driver holds the connection (a handler awaits, a worker is behind), the rest stay
+        in the framing, and the client is not read, until the replies drain or the hold
+        ends."""
+        out = self._out
+        fds_seen = self._fds_seen  # else the framing holds none: no need to ask it
         try:
-            self._decode(framing, framing.feed(buffer[:size], fds))
+            message = framing.feed(data, fds) if data is not None else framing.next_message()
+            while isinstance(message, bytes):
+                self._driver.dispatch(self, message, framing.take_fds() if fds_seen else [])
+                if self.closed:
+                    return
+                if self._held or out.size + self._pending_size > out.high:
+                    self._stalled = True  # _after_flush or hold() calls _resume
+                    return
+                message = framing.next_message()
         except UdsError as exc:  # FrameTooLarge, or the stream ended mid-message
             self._abort(str(exc))
-
-    def _decode(self, framing: Framing, message: bytes | object) -> None:
-        """Handle ``message`` and every whole one after it, until the outbox is full."""
-        fds_seen = self._fds_seen  # else the framing holds none: no need to ask it
-        out = self._out
-        while isinstance(message, bytes):
-            self._driver.dispatch(self, message, framing.take_fds() if fds_seen else [])
-            if self.closed:
-                return
-            if out.size + self._pending_size > out.high:
-                # A read of many small requests with large replies would pile up replies
-                # without bound: the rest waits in the decoder until the outbox drains.
-                self._backlogged = True
-                return
-            message = framing.next_message()
+            return
         if message is CLOSED:
             self._ended()
 
-    def _decode_backlog(self) -> None:
-        self._backlogged = False
-        framing = self._framing
-        assert framing is not None
-        try:
-            self._decode(framing, framing.next_message())
-        except UdsError as exc:
-            self._abort(str(exc))
+    def _resume(self) -> None:
+        """Go on with the messages left in the framing when the outbox filled or the driver
+        held the connection (called soon after that ends)."""
+        if not self._stalled or self._paused or self._held or self._closing or self.closed:
             return
-        if not self._backlogged:
-            self._update()  # reading again
+        self._stalled = False
+        assert self._framing is not None
+        self._decode(self._framing, None, [])
+        if not self.closed:
+            self.flush()
 
     def _read_packets(self, buffer: memoryview) -> None:
         sock = self._sock
@@ -524,8 +529,10 @@ class Connection:
                 self._ended()  # seqpacket: a zero-length read is the end of the stream
                 return
             self._driver.dispatch(self, buffer[:size].tobytes(), fds)
-            if self.closed or self._held or self._out.size + self._pending_size > self._out.high:
-                return  # the next packets wait in the kernel
+            if self.closed or self._held or self._paused:
+                return
+            if self._out.size + self._pending_size > self._out.high:
+                return  # the replies fill the outbox: the rest waits in the kernel
 
     def _ended(self) -> None:
         """The client sent all it will: finish the replies, then close."""
@@ -562,9 +569,8 @@ class Connection:
             close_fds(fds)
         self._pending = []
         self._pending_size = 0
-        if not self.busy:  # else a worker's handler still uses them: it closes them after
-            close_fds(self._fds)
-            self._fds = []
+        close_fds(self._fds)
+        self._fds = []
         if self._framing is not None:
             close_fds(self._framing.held_fds())
         if self._space is not None:

@@ -102,6 +102,12 @@ class _Endpoint:
         """Seconds accept()/recv() wait before raising ``Timeout`` (None: forever)."""
         self._sock.settimeout(check_timeout(timeout))
 
+    def remove_file(self) -> None:
+        """Remove the socket file now (only if it is still ours); the socket stays open until
+        ``close()``, so a datagram server's last replies still leave through it."""
+        if self._claim is not None:
+            self._claim.release()
+
     def close(self) -> None:
         """Stop listening and remove the socket file (only if it is still ours)."""
         if self._closed:

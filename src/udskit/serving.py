@@ -300,6 +300,8 @@ class MessageServing:
                 self._on_connect(conn)
             except Exception as exc:  # noqa: BLE001 - as a handler's
                 self._handler_failed(conn, exc)
+            if not conn.closed:
+                conn.flush()  # what on_connect sent (a greeting) goes out now, not after a read
 
     def _on_datagrams(self, listener: DatagramListener) -> None:
         for _ in range(DATAGRAMS_PER_WAKEUP):

@@ -13,9 +13,9 @@ share): admission, batches of accepts, backpressure per client, ``max_clients`` 
 back-off when out of descriptors, datagrams.
 
 Stopping (``stop()``, or SIGINT/SIGTERM under ``serve_messages()``) closes the listener
-first, which removes its socket file; handlers still awaiting get SHUTDOWN_GRACE seconds,
-then are cancelled; what the kernel takes of the replies goes out, and every client is
-closed.
+first, which removes its socket file (a datagram socket stays open for the last replies);
+handlers still awaiting get SHUTDOWN_GRACE seconds, then are cancelled; what the kernel
+takes of the replies goes out, and every client is closed.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ class MessageServer(MessageServing):
         # datagram replies that found their receiver's queue full, in order, per receiver
         self._unsent: dict[Address, deque[tuple[bytes, list[int]]]] = {}
         self._stopped: asyncio.Event | None = None
+        self._finished: asyncio.Event | None = None  # serve_forever has released everything
         self._served = False
         self._closed = False
 
@@ -237,10 +238,13 @@ class MessageServer(MessageServing):
         while waiting and not conn.busy and not conn.closed:
             message, message_fds = waiting.popleft()
             self._handle(conn, message, message_fds)
-        if not conn.busy and not conn.closed:
+        if conn.closed:
+            return
+        if not conn.busy:
             self._waiting.pop(conn.id, None)
             conn.hold(False)
-            conn.flush()
+        # Also while a later message's handler awaits: this reply must not wait for it.
+        conn.flush()
 
     # -- serving -------------------------------------------------------------------------
     async def serve_forever(self) -> None:
@@ -252,6 +256,7 @@ class MessageServer(MessageServing):
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._stopped = asyncio.Event()
+        self._finished = asyncio.Event()
         if self._stopping:
             self._stopped.set()
         else:
@@ -259,7 +264,10 @@ class MessageServer(MessageServing):
         try:
             await self._stopped.wait()
         finally:
-            await self._shutdown()
+            try:
+                await self._shutdown()
+            finally:
+                self._finished.set()
 
     def stop(self) -> None:
         """Stop serving (from the loop's thread)."""
@@ -271,25 +279,38 @@ class MessageServer(MessageServing):
         self._stopping = True
         if self._watching_listener:
             self._watch_listener(False)
-        self._endpoint.close()
-        if self._tasks:
-            _, late = await asyncio.wait(set(self._tasks), timeout=SHUTDOWN_GRACE)
-            for task in late:
-                task.cancel()
-            if late:
-                log.warning(
-                    "%s: %d handler(s) still awaiting %g s after stop; cancelled them",
-                    self.address,
-                    len(late),
-                    SHUTDOWN_GRACE,
-                )
-                await asyncio.wait(late)
-        self._close_clients()
+        endpoint = self._endpoint
+        if isinstance(endpoint, blocking.DatagramListener):
+            # The replies of the handlers still awaiting leave through this socket: only its
+            # file goes now (no new sender finds it), the socket once they are done.
+            endpoint.remove_file()
+        else:
+            endpoint.close()
+        try:
+            if self._tasks:
+                _, late = await asyncio.wait(set(self._tasks), timeout=SHUTDOWN_GRACE)
+                for task in late:
+                    task.cancel()
+                if late:
+                    log.warning(
+                        "%s: %d handler(s) still awaiting %g s after stop; cancelled them",
+                        self.address,
+                        len(late),
+                        SHUTDOWN_GRACE,
+                    )
+                    await asyncio.wait(late)
+            self._close_clients()
+        finally:
+            endpoint.close()
         self._closed = True
 
     async def aclose(self) -> None:
-        """Stop and release everything, whether or not serve_forever ran."""
+        """Stop and release everything, whether or not serve_forever ran; if it runs (in
+        another task), wait until it has finished, unless called from a handler (which
+        serve_forever waits for)."""
         self.close()
+        if self._finished is not None and asyncio.current_task() not in self._tasks:
+            await self._finished.wait()
 
     def close(self) -> None:
         """Stop; if serve_forever never ran, release the listener now."""
