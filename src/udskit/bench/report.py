@@ -19,7 +19,12 @@ _NAME_WIDTH: Final = 18
 _WIDTH: Final = 100
 
 #: What an empty cell says, by outcome status.
-_EMPTY: Final = {"skipped": "n/a", "unavailable": "unavail.", "failed": "FAILED"}
+_EMPTY: Final = {
+    "skipped": "n/a",
+    "unavailable": "unavail.",
+    "failed": "FAILED",
+    "not_measured": "not meas.",
+}
 
 
 def format_us(value: float) -> str:
@@ -63,7 +68,7 @@ def _cell(run: Run, outcome: Outcome | None, name: Metric, width: int, ratio: bo
         return f"{text:>{width}}" + (" " * 7 if ratio else "")
     shown = (
         format_us(value)
-        if name.endswith("_us")
+        if name.endswith("_us") or name == "kib_per_client"
         else format_count(value)
         if name == "msgs_per_s"
         else format_rate(value)
@@ -123,11 +128,18 @@ def _many_table(run: Run) -> list[str]:
         figure = Figure("many", clients)
         columns += [(figure, "msgs_per_s", True), (figure, "p99_us", False)]
         titles += [(f"{clients} cl. msg/s", True), ("p99 µs", False)]
+    memory: list[tuple[Figure, Metric, bool]] = [
+        (Figure("many", clients), "kib_per_client", False) for clients in run.plan.clients
+    ]
     return [
         "Many clients: echo of 64 B, aggregate msg/s and p99 latency",
         *([f"(load generator: {run.loader})"] if run.loader else []),
         _header(titles, 9),
         *_rows(run, columns, 9),
+        "",
+        "Many clients: server memory, RSS growth per connected client (KiB)",
+        _header([(f"{clients} cl.", False) for clients in run.plan.clients], 9),
+        *_rows(run, memory, 9),
     ]
 
 
@@ -153,12 +165,19 @@ def _notes(run: Run) -> list[str]:
         if outcome.status == "failed"
     ]
     skipped: dict[str, list[str]] = {}
+    unmeasured: dict[str, list[str]] = {}
     for outcome in run.outcomes:
         if outcome.status == "skipped":
             skipped.setdefault(outcome.reason, [])
             entry = f"{outcome.contender} {outcome.figure.test}"
             if entry not in skipped[outcome.reason]:
                 skipped[outcome.reason].append(entry)
+        elif outcome.status == "not_measured":
+            titles = unmeasured.setdefault(outcome.reason, [])
+            if outcome.figure.title not in titles:
+                titles.append(outcome.figure.title)
+    for reason, titles in unmeasured.items():
+        lines.append(f"  not meas. ({', '.join(titles)}): {reason}")
     for reason, entries in skipped.items():
         lines.append(f"  n/a ({', '.join(entries)}): {reason}")
     wrapped = [
@@ -195,11 +214,12 @@ def render(run: Run) -> str:
         f"ratios (x) are to {run.baseline}; MB/s are payload megabytes (10^6 bytes) per second",
         *run.notes,
     ]
+    tests = run.plan.tests
     sections = [
         heading,
-        _latency_table(run),
-        _stream_tables(run),
-        _many_table(run),
+        _latency_table(run) if "rtt" in tests else [],
+        _stream_tables(run) if "stream" in tests else [],
+        _many_table(run) if "many" in tests else [],
         _targets(run),
         _notes(run),
         _legend(run),
