@@ -13,6 +13,7 @@ from .targets import check
 
 __all__ = ["format_count", "format_rate", "format_ratio", "format_us", "render"]
 
+#: Width of the name column: the longest name and a space, at least this.
 _NAME_WIDTH: Final = 18
 
 #: Width that notes and the legend wrap at.
@@ -86,13 +87,17 @@ def _rows(run: Run, columns: Sequence[tuple[Figure, Metric, bool]], width: int) 
         if all(o is None or o.status == "skipped" for o in outcomes):
             continue  # a test this contender does not run: the Notes say why
         cells = [_cell(run, o, m, width, r) for o, (_, m, r) in zip(outcomes, columns, strict=True)]
-        lines.append(f"{info.name:<{_NAME_WIDTH}}" + "  ".join(cells))
+        lines.append(f"{info.name:<{_name_width(run)}}" + "  ".join(cells))
     return lines
 
 
-def _header(titles: Sequence[tuple[str, bool]], width: int) -> str:
+def _name_width(run: Run) -> int:
+    return max([_NAME_WIDTH - 1, *(len(info.name) for info in run.contenders)]) + 1
+
+
+def _header(run: Run, titles: Sequence[tuple[str, bool]], width: int) -> str:
     parts = [f"{title:>{width + (7 if ratio else 0)}}" for title, ratio in titles]
-    return " " * _NAME_WIDTH + "  ".join(parts)
+    return " " * _name_width(run) + "  ".join(parts)
 
 
 def _latency_table(run: Run) -> list[str]:
@@ -100,7 +105,7 @@ def _latency_table(run: Run) -> list[str]:
     columns: list[tuple[Figure, Metric, bool]] = [(rtt, "p50_us", True), (rtt, "p99_us", True)]
     return [
         f"Round trip, {size_label(RTT_SIZE)} (µs; x < 1 is faster)",
-        _header([("p50", True), ("p99", True)], 9),
+        _header(run, [("p50", True), ("p99", True)], 9),
         *_rows(run, columns, 9),
     ]
 
@@ -112,11 +117,11 @@ def _stream_tables(run: Run) -> list[str]:
     megabytes: list[tuple[Figure, Metric, bool]] = [(f, "mb_per_s", False) for f in figures]
     return [
         "One-way throughput, messages per second (x > 1 is faster)",
-        _header(titles, 7),
+        _header(run, titles, 7),
         *_rows(run, rates, 7),
         "",
         "One-way throughput, payload MB/s",
-        _header([(t, False) for t, _ in titles], 7),
+        _header(run, [(t, False) for t, _ in titles], 7),
         *_rows(run, megabytes, 7),
     ]
 
@@ -134,11 +139,11 @@ def _many_table(run: Run) -> list[str]:
     return [
         "Many clients: echo of 64 B, aggregate msg/s and p99 latency",
         *([f"(load generator: {run.loader})"] if run.loader else []),
-        _header(titles, 9),
+        _header(run, titles, 9),
         *_rows(run, columns, 9),
         "",
         "Many clients: server memory, RSS growth per connected client (KiB)",
-        _header([(f"{clients} cl.", False) for clients in run.plan.clients], 9),
+        _header(run, [(f"{clients} cl.", False) for clients in run.plan.clients], 9),
         *_rows(run, memory, 9),
     ]
 
@@ -194,8 +199,8 @@ def _legend(run: Run) -> list[str]:
         lines += textwrap.wrap(
             info.description,
             width=_WIDTH,
-            initial_indent=f"  {info.name:<{_NAME_WIDTH}}",
-            subsequent_indent=" " * (_NAME_WIDTH + 2),
+            initial_indent=f"  {info.name:<{_name_width(run)}}",
+            subsequent_indent=" " * (_name_width(run) + 2),
         )
     return lines
 
