@@ -487,6 +487,9 @@ static int echo_server(const struct options *o) {
 /* After the cap, how long the clients wait for replies still in flight (as the Python
  * load generator does): a healthy server answers in milliseconds. */
 #define DRAIN_NS (5 * 1000000000LL)
+/* ...plus a millisecond per client (DRAIN_PER_CLIENT_SECONDS): a thread-per-client server
+ * answers 10,000 in turns for the GIL. */
+#define DRAIN_PER_CLIENT_NS 1000000LL
 
 /* One load-generator client: the reply bytes so far, and when its request left. */
 struct load_client {
@@ -627,7 +630,7 @@ static int load(const struct options *o) {
         if (!fgets(line, sizeof line, stdin)) clearerr(stdin);
     }
     int64_t start = now_ns(), last = start, deadline = start + (int64_t)(o->seconds * 1e9);
-    int64_t give_up = 0;
+    int64_t give_up = 0, drain_ns = DRAIN_NS + DRAIN_PER_CLIENT_NS * o->clients;
     int draining = errors > 0;
     for (long i = 0; !draining && i < connected; i++) {
         clients[i]->sent_at = now_ns();
@@ -649,12 +652,13 @@ static int load(const struct options *o) {
         if (n == 0 && now_ns() >= until) {
             if (draining) {
                 if (!errors) snprintf(first_error, sizeof first_error,
-                                      "%ld replies never came within 5 s", waiting);
+                                      "%ld replies never came within %lld s", waiting,
+                                      (long long)(drain_ns / 1000000000));
                 errors += waiting;
                 break;
             }
             draining = 1;
-            give_up = now_ns() + DRAIN_NS;
+            give_up = now_ns() + drain_ns;
             continue;
         }
         for (int i = 0; i < n; i++) {
@@ -676,7 +680,7 @@ static int load(const struct options *o) {
                 c->have = 0;
                 if (!draining && (t > deadline || messages >= o->count)) {
                     draining = 1;
-                    give_up = t + DRAIN_NS;
+                    give_up = t + drain_ns;
                 }
                 if (!draining) {
                     c->sent_at = t;
