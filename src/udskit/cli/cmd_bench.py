@@ -32,7 +32,7 @@ EXAMPLE: Final = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--quick", action="store_true", help="short time caps: the whole run in under a minute"
+        "--quick", action="store_true", help="short time caps: the whole run in about two minutes"
     )
     parser.add_argument("--json", metavar="FILE", help="write every figure and the setup as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="draw a PNG chart (needs matplotlib)")
