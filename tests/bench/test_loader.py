@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from udskit.bench.loader import load
+from udskit.bench.loader import _connect_unix, load
 from udskit.bench.wire import Job
 
 
@@ -132,3 +133,37 @@ def test_too_few_descriptors_end_the_loader_with_the_reason(
     said = capsys.readouterr()
     assert "RLIMIT_NOFILE" in said.err
     assert json.loads(said.out)["not_measured"] == said.err.strip()
+
+
+def _full_listener(path: Path) -> tuple[socket.socket, socket.socket]:
+    """A listener whose backlog is full: backlog 0, and one connection never accepted
+    (Linux refuses the next one once more than the backlog is queued)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)
+    queued = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    queued.connect(str(path))
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    with probe, pytest.raises(BlockingIOError):  # EAGAIN: the backlog is full indeed
+        probe.connect(str(path))
+    return listener, queued
+
+
+def test_a_full_backlog_is_waited_out_within_the_stall_bound(sockdir: Path) -> None:
+    path = sockdir / "full.sock"
+    listener, queued = _full_listener(path)
+    with listener, queued:
+        with pytest.raises(TimeoutError, match="accepted no connection for 10 s"):
+            _connect_unix(str(path), time.monotonic() + 0.2)
+        # Once the server accepts, the waiting client gets in.
+        accepted: list[socket.socket] = []
+        acceptor = threading.Thread(target=lambda: accepted.append(listener.accept()[0]))
+        acceptor.start()
+        try:
+            with _connect_unix(str(path), time.monotonic() + 30) as sock:
+                assert sock.getpeername() == str(path)
+        finally:
+            acceptor.join(timeout=10)
+            for conn in accepted:
+                conn.close()
