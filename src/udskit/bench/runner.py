@@ -616,7 +616,7 @@ def _progress_text(outcome: Outcome) -> str:
     if outcome.figure.test == "many" and outcome.rate and outcome.latency:
         text = f"{what} {outcome.rate.msgs_per_s:,.0f} msg/s, p99 {outcome.latency.p99_us:,.0f} µs"
         if outcome.memory is not None:
-            text += f", server +{outcome.memory.kib_per_client:,.1f} KiB per client"
+            text += f", server {outcome.memory.kib_per_client:+,.1f} KiB per client"
         return text
     if outcome.rate is not None:
         return f"{what} {outcome.rate.msgs_per_s:,.0f} msg/s, {outcome.rate.mb_per_s:,.1f} MB/s"
