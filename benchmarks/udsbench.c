@@ -181,19 +181,28 @@ static void raise_nofile(const struct options *o, const char *who) {
     struct rlimit lim;
     if (getrlimit(RLIMIT_NOFILE, &lim)) die("getrlimit");
     if (lim.rlim_cur == RLIM_INFINITY || lim.rlim_cur >= needed) return;
+    char reason[512];
     if (lim.rlim_max == RLIM_INFINITY || lim.rlim_max >= needed) {
+        rlim_t soft = lim.rlim_cur;
         lim.rlim_cur = needed;
         if (!setrlimit(RLIMIT_NOFILE, &lim)) return;
+        /* Not seen on Linux below the hard limit; a seccomp or LSM policy could do it. */
+        snprintf(reason, sizeof reason,
+                 "the %s cannot hold %ld clients: RLIMIT_NOFILE (open files) is %llu, below "
+                 "the %llu descriptors needed, and setrlimit refused to raise it (%s); run "
+                 "`ulimit -n %llu` in the shell first",
+                 who, o->clients, (unsigned long long)soft, (unsigned long long)needed,
+                 strerror(errno), (unsigned long long)needed);
+    } else {
+        snprintf(reason, sizeof reason,
+                 "the %s cannot hold %ld clients: RLIMIT_NOFILE (open files) is %llu, hard "
+                 "limit %llu, below the %llu descriptors needed, and only root can raise a "
+                 "hard limit; raise it (as root, `ulimit -Hn %llu`, or nofile in "
+                 "/etc/security/limits.conf), then `ulimit -n %llu`, and run again",
+                 who, o->clients, (unsigned long long)lim.rlim_cur,
+                 (unsigned long long)lim.rlim_max, (unsigned long long)needed,
+                 (unsigned long long)needed, (unsigned long long)needed);
     }
-    char reason[512];
-    snprintf(reason, sizeof reason,
-             "the %s cannot hold %ld clients: RLIMIT_NOFILE (open files) is %llu, hard limit "
-             "%llu, below the %llu descriptors needed, and only root can raise a hard limit; "
-             "raise it (as root, `ulimit -Hn %llu`, or nofile in /etc/security/limits.conf), "
-             "then `ulimit -n %llu`, and run again",
-             who, o->clients, (unsigned long long)lim.rlim_cur,
-             (unsigned long long)lim.rlim_max, (unsigned long long)needed,
-             (unsigned long long)needed, (unsigned long long)needed);
     fprintf(stderr, "%s\n", reason);
     printf("{\"not_measured\": \"%s\"}\n", reason);  /* no quote or backslash in it */
     fflush(stdout);
