@@ -6,6 +6,9 @@
  * protocol on stdout as the Python peers (src/udskit/bench/wire.py):
  *
  *     {"ready": "PATH"}                 a server accepts connections
+ *     {"connected": N}                  load: N clients connected, each with one echo; it
+ *                                       then waits for a line (or EOF) on stdin
+ *     {"not_measured": "REASON"}        this host does not allow the job (exit status 0)
  *     {"result": {...}}                 what this side measured (times: CLOCK_MONOTONIC ns,
  *                                       which all processes share)
  *
@@ -41,6 +44,7 @@
 #include <netinet/tcp.h>
 #include <arpa/inet.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/un.h>
@@ -55,6 +59,13 @@
 #define ECHO_BACKLOG 4096
 /* Largest frame a round-trip peer handles: the round trips use small messages. */
 #define RTT_MAX (1024 * 1024)
+/* Descriptors besides one per client (as FD_HEADROOM in src/udskit/bench/host.py). */
+#define FD_HEADROOM 256
+/* How long the load generator waits for the server to accept one more client (as
+ * CONNECT_STALL_SECONDS in src/udskit/bench/loader.py). */
+#define CONNECT_STALL_S 10
+/* How long every client's first, untimed echo may take in all (FIRST_ECHO_SECONDS). */
+#define FIRST_ECHO_NS (30 * 1000000000LL)
 
 struct options {
     const char *role;
@@ -160,6 +171,42 @@ static int listen_on(const struct options *o, int backlog) {
     printf("{\"ready\": \"%s\"}\n", o->path);
     fflush(stdout);
     return fd;
+}
+
+/* Raise RLIMIT_NOFILE's soft limit to hold --clients connections; when the hard limit is too
+ * low, say so on stdout ({"not_measured": ...}) and stderr, and exit 0: the figure is not
+ * measured on this host, which is not the contender's failure. */
+static void raise_nofile(const struct options *o, const char *who) {
+    rlim_t needed = (rlim_t)o->clients + FD_HEADROOM;
+    struct rlimit lim;
+    if (getrlimit(RLIMIT_NOFILE, &lim)) die("getrlimit");
+    if (lim.rlim_cur == RLIM_INFINITY || lim.rlim_cur >= needed) return;
+    char reason[512];
+    if (lim.rlim_max == RLIM_INFINITY || lim.rlim_max >= needed) {
+        rlim_t soft = lim.rlim_cur;
+        lim.rlim_cur = needed;
+        if (!setrlimit(RLIMIT_NOFILE, &lim)) return;
+        /* Not seen on Linux below the hard limit; a seccomp or LSM policy could do it. */
+        snprintf(reason, sizeof reason,
+                 "the %s cannot hold %ld clients: RLIMIT_NOFILE (open files) is %llu, below "
+                 "the %llu descriptors needed, and setrlimit refused to raise it (%s); run "
+                 "`ulimit -n %llu` in the shell first",
+                 who, o->clients, (unsigned long long)soft, (unsigned long long)needed,
+                 strerror(errno), (unsigned long long)needed);
+    } else {
+        snprintf(reason, sizeof reason,
+                 "the %s cannot hold %ld clients: RLIMIT_NOFILE (open files) is %llu, hard "
+                 "limit %llu, below the %llu descriptors needed, and only root can raise a "
+                 "hard limit; raise it (as root, `ulimit -Hn %llu`, or nofile in "
+                 "/etc/security/limits.conf), then `ulimit -n %llu`, and run again",
+                 who, o->clients, (unsigned long long)lim.rlim_cur,
+                 (unsigned long long)lim.rlim_max, (unsigned long long)needed,
+                 (unsigned long long)needed, (unsigned long long)needed);
+    }
+    fprintf(stderr, "%s\n", reason);
+    printf("{\"not_measured\": \"%s\"}\n", reason);  /* no quote or backslash in it */
+    fflush(stdout);
+    exit(0);
 }
 
 static int accept_one(const struct options *o) {
@@ -402,6 +449,7 @@ static int flush_client(int epoll, struct client *c) {
 static int echo_server(const struct options *o) {
     struct sigaction sa = {.sa_handler = on_sigterm};
     sigaction(SIGTERM, &sa, NULL);
+    if (o->clients) raise_nofile(o, "echo server");
     int listener = listen_on(o, ECHO_BACKLOG);
     /* Non-blocking, so that the accept loop below ends when no client is waiting. */
     if (fcntl(listener, F_SETFL, fcntl(listener, F_GETFL) | O_NONBLOCK)) die("fcntl");
@@ -448,6 +496,9 @@ static int echo_server(const struct options *o) {
 /* After the cap, how long the clients wait for replies still in flight (as the Python
  * load generator does): a healthy server answers in milliseconds. */
 #define DRAIN_NS (5 * 1000000000LL)
+/* ...plus a millisecond per client (DRAIN_PER_CLIENT_SECONDS): a thread-per-client server
+ * answers 10,000 in turns for the GIL. */
+#define DRAIN_PER_CLIENT_NS 1000000LL
 
 /* One load-generator client: the reply bytes so far, and when its request left. */
 struct load_client {
@@ -474,19 +525,81 @@ static int load_connect(const struct options *o) {
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     } else {
+        /* A Unix connect to a full backlog: EAGAIN at once when non-blocking; when blocking,
+         * a sleep until the server accepts, or until SO_SNDTIMEO, then EAGAIN (Linux,
+         * unix_stream_connect; the errno survey is in src/udskit/bench/loader.py). Connect
+         * blocking, bounded by SO_SNDTIMEO, and retry EAGAIN until the server has accepted
+         * nobody for CONNECT_STALL_S. */
         struct sockaddr_un sun = address(o->path);
-        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (fd < 0) return -1;
-        /* Blocking connect: with a full backlog it waits for the server to accept. */
-        if (connect(fd, (struct sockaddr *)&sun, sizeof sun)) { close(fd); return -1; }
+        int64_t stall = now_ns() + CONNECT_STALL_S * 1000000000LL;
+        for (;;) {
+            fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+            if (fd < 0) return -1;
+            int64_t left = stall - now_ns();
+            if (left < 1000000) left = 1000000;
+            struct timeval tv = {.tv_sec = left / 1000000000, .tv_usec = left % 1000000000 / 1000};
+            setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+            if (!connect(fd, (struct sockaddr *)&sun, sizeof sun)) break;
+            int err = errno;
+            close(fd);
+            if (err == EINTR || (err == EAGAIN && now_ns() < stall)) continue;
+            errno = err;
+            return -1;
+        }
     }
     fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
     return fd;
 }
 
+/* Every client sends one message and awaits its echo, untimed; on a problem, errors and
+ * first_error say what. */
+static void first_echoes(struct load_client **clients, long n, int epoll,
+                         const unsigned char *request, size_t whole, long *errors,
+                         char *first_error, size_t error_size) {
+    const char *problem = NULL;
+    for (long i = 0; !problem && i < n; i++)
+        if (send(clients[i]->fd, request, whole, MSG_NOSIGNAL) != (ssize_t)whole)
+            problem = "a first message could not be sent whole";
+    long waiting = n;
+    int64_t give_up = now_ns() + FIRST_ECHO_NS;
+    struct epoll_event events[256];
+    while (!problem && waiting) {
+        int64_t left = give_up - now_ns();
+        int k = left > 0 ? epoll_wait(epoll, events, 256, (int)(left / 1000000) + 1) : 0;
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            die("epoll_wait");
+        }
+        if (k == 0 && now_ns() >= give_up) {
+            snprintf(first_error, error_size,
+                     "%ld of %ld clients had no echo of their first message within 30 s",
+                     waiting, n);
+            *errors = 1;
+            return;
+        }
+        for (int i = 0; !problem && i < k; i++) {
+            struct load_client *c = events[i].data.ptr;
+            ssize_t got = recv(c->fd, c->reply + c->have, whole - c->have, 0);
+            if (got < 0 && (errno == EAGAIN || errno == EINTR)) continue;
+            if (got < 0) problem = strerror(errno);
+            else if (got == 0) problem = "the server closed a client's connection";
+            else if ((c->have += (size_t)got) == whole) {
+                if (memcmp(c->reply, request, whole)) problem = "an echo differed from the message sent";
+                c->have = 0;
+                waiting--;
+            }
+        }
+    }
+    if (problem) {
+        snprintf(first_error, error_size, "%s", problem);
+        *errors = 1;
+    }
+}
+
 static int load(const struct options *o) {
     size_t whole = 4 + (size_t)o->size;
     if (o->size > RTT_MAX || !o->clients) usage("load needs --clients and a --size up to 1 MiB");
+    raise_nofile(o, "load generator");
     unsigned char *request = calloc(1, whole);
     struct load_client **clients = calloc((size_t)o->clients, sizeof *clients);
     size_t cap = (size_t)o->count + (size_t)o->clients;
@@ -499,8 +612,11 @@ static int load(const struct options *o) {
     for (; connected < o->clients; connected++) {
         int fd = load_connect(o);
         if (fd < 0) {
+            const char *why = errno == EAGAIN
+                ? "the server accepted no connection for 10 s (its listen backlog stayed full)"
+                : strerror(errno);
             snprintf(first_error, sizeof first_error, "connected %ld of %ld clients, then: %s",
-                     connected, o->clients, strerror(errno));
+                     connected, o->clients, why);
             errors = o->clients - connected;
             break;
         }
@@ -511,8 +627,19 @@ static int load(const struct options *o) {
         struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
         if (epoll_ctl(epoll, EPOLL_CTL_ADD, fd, &ev)) die("epoll_ctl");
     }
+    struct epoll_event events[256];
+    if (!errors) first_echoes(clients, connected, epoll, request, whole, &errors, first_error,
+                              sizeof first_error);
+    if (!errors) {
+        /* Every client connected and echoed once: the runner samples the server's memory
+         * now, and says go with a line (or EOF) on stdin. */
+        printf("{\"connected\": %ld}\n", connected);
+        fflush(stdout);
+        char line[16];
+        if (!fgets(line, sizeof line, stdin)) clearerr(stdin);
+    }
     int64_t start = now_ns(), last = start, deadline = start + (int64_t)(o->seconds * 1e9);
-    int64_t give_up = 0;
+    int64_t give_up = 0, drain_ns = DRAIN_NS + DRAIN_PER_CLIENT_NS * o->clients;
     int draining = errors > 0;
     for (long i = 0; !draining && i < connected; i++) {
         clients[i]->sent_at = now_ns();
@@ -523,7 +650,6 @@ static int load(const struct options *o) {
             waiting++;
         }
     }
-    struct epoll_event events[256];
     while (waiting) {
         int64_t until = draining ? give_up : deadline, now = now_ns();
         int timeout = until > now ? (int)((until - now) / 1000000) + 1 : 0;
@@ -535,12 +661,13 @@ static int load(const struct options *o) {
         if (n == 0 && now_ns() >= until) {
             if (draining) {
                 if (!errors) snprintf(first_error, sizeof first_error,
-                                      "%ld replies never came within 5 s", waiting);
+                                      "%ld replies never came within %lld s", waiting,
+                                      (long long)(drain_ns / 1000000000));
                 errors += waiting;
                 break;
             }
             draining = 1;
-            give_up = now_ns() + DRAIN_NS;
+            give_up = now_ns() + drain_ns;
             continue;
         }
         for (int i = 0; i < n; i++) {
@@ -562,7 +689,7 @@ static int load(const struct options *o) {
                 c->have = 0;
                 if (!draining && (t > deadline || messages >= o->count)) {
                     draining = 1;
-                    give_up = t + DRAIN_NS;
+                    give_up = t + drain_ns;
                 }
                 if (!draining) {
                     c->sent_at = t;

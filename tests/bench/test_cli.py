@@ -90,6 +90,24 @@ def test_a_tiny_run_prints_the_table_and_writes_json_and_png(tmp_path: Path, com
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.png", "cache"]
 
 
+def test_tests_runs_only_those_and_the_report_shows_only_their_tables(tmp_path: Path) -> None:
+    out = tmp_path / "many.json"
+    done = _bench(*TINY, "--only", "stdlib", "--tests", "many", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "Round trip" not in done.stdout
+    assert "One-way" not in done.stdout
+    assert "Targets (this run)" not in done.stdout  # none of them is about 3 or 5 clients
+    lines = done.stdout.splitlines()
+    memory = lines.index("Many clients: server memory, RSS growth per connected client (KiB)")
+    assert lines[memory + 1].split() == ["3", "cl.", "5", "cl."]
+    assert lines[memory + 2].split()[0] == "stdlib"
+    assert all(re.fullmatch(r"-?[\d,.]+", cell) for cell in lines[memory + 2].split()[1:])
+    document = json.loads(out.read_text(encoding="utf-8"))
+    validate(document)
+    assert [o["figure"] for o in document["outcomes"]] == ["many_3", "many_5"]
+    assert all(o["server_memory"]["clients"] == o["param"] for o in document["outcomes"])
+
+
 def test_missing_extras_are_named_in_one_line_and_the_run_goes_on() -> None:
     done = _bench(*TINY, "--only", "zmq,uvloop", blocked=("zmq", "uvloop"))
     assert done.returncode == 0, done.stderr
@@ -123,6 +141,10 @@ def test_a_missing_matplotlib_stops_before_measuring(tmp_path: Path) -> None:
         (["--clients", "10,x"], "--clients takes positive integers like 100,1000, not '10,x'"),
         (["--clients", "0"], "--clients takes positive integers"),
         (["--plot", "chart.svg"], "--plot draws a PNG: give a file name ending in .png"),
+        (
+            ["--tests", "rtt,bulk"],
+            "--tests: tests must be some of rtt, stream, many, not rtt, bulk",
+        ),
     ],
 )
 def test_usage_mistakes_exit_2_in_one_line(

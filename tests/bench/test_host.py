@@ -60,8 +60,12 @@ def test_raise_nofile_says_when_the_hard_limit_is_too_low() -> None:
         "resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100)); print(raise_nofile(300))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "RLIMIT_NOFILE hard limit is 100, below the 300 descriptors needed" in out.stdout
-    assert "ulimit -Hn" in out.stdout
+    assert (
+        "RLIMIT_NOFILE (open files) is 100, hard limit 100, below the 300 descriptors needed"
+        in out.stdout
+    )
+    assert "`ulimit -Hn 300`" in out.stdout
+    assert "`ulimit -n 300`" in out.stdout
 
 
 def test_describe_host_names_what_a_reader_compares() -> None:

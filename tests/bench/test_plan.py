@@ -17,6 +17,7 @@ def test_figures_cover_every_test_in_table_order() -> None:
         "stream_1048576",
         "many_100",
         "many_1000",
+        "many_10000",
     ]
 
 
@@ -24,7 +25,7 @@ def test_quick_is_shorter_than_full_everywhere() -> None:
     assert QUICK.rtt_seconds < FULL.rtt_seconds
     assert QUICK.stream_seconds < FULL.stream_seconds
     assert QUICK.many_seconds < FULL.many_seconds
-    assert QUICK.clients == FULL.clients == (100, 1000)
+    assert QUICK.clients == FULL.clients == (100, 1000, 10_000)
 
 
 def test_capped_bounds_every_count() -> None:
@@ -69,9 +70,25 @@ def test_figure_titles() -> None:
 
 def test_with_sizes_and_with_repeats() -> None:
     plan = QUICK.with_sizes((4096,)).with_repeats(3)
-    assert [f.key for f in plan.figures()] == ["rtt_64", "stream_4096", "many_100", "many_1000"]
+    assert [f.key for f in plan.figures()] == [
+        "rtt_64",
+        "stream_4096",
+        "many_100",
+        "many_1000",
+        "many_10000",
+    ]
     assert plan.repeats == 3
     with pytest.raises(ValueError, match="at least 1"):
         QUICK.with_repeats(0)
     with pytest.raises(ValueError, match="positive"):
         QUICK.with_sizes((0,))
+
+
+def test_with_tests_keeps_the_report_order_and_refuses_unknown_tests() -> None:
+    plan = QUICK.with_tests(("many", "rtt"))
+    assert plan.tests == ("rtt", "many")
+    assert [f.test for f in plan.figures()] == ["rtt", "many", "many", "many"]
+    with pytest.raises(ValueError, match="some of rtt, stream, many, not bulk"):
+        QUICK.with_tests(("bulk",))
+    with pytest.raises(ValueError, match="some of"):
+        QUICK.with_tests(())

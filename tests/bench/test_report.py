@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -234,3 +235,18 @@ def test_validate_names_what_is_wrong(change: str, message: str) -> None:
 def test_validate_refuses_a_non_object() -> None:
     with pytest.raises(ValueError, match="JSON object"):
         validate([])
+
+
+def test_a_long_contender_name_widens_the_name_column() -> None:
+    run = make_run()
+    long = "udskit-aio-msg-uvloop"
+    outcomes = [*run.outcomes, _rtt(long, 40_000)]
+    contenders = [*run.contenders, _info(long)]
+    text = render(dataclasses.replace(run, outcomes=outcomes, contenders=contenders))
+    lines = text.splitlines()
+    start = lines.index("Round trip, 64 B (µs; x < 1 is faster)")
+    header, stdlib = lines[start + 1 : start + 3]
+    row = next(line for line in lines if line.startswith(long + " "))
+    assert len(header) == len(stdlib) == len(row)
+    assert row.split() == [long, "40.0", "1.00x", "120", "1.00x"]
+    assert f"  {long} the {long} contender" in lines

@@ -15,10 +15,13 @@ __all__ = [
     "describe_host",
     "pin",
     "raise_nofile",
+    "somaxconn",
 ]
 
 #: Descriptors a peer needs besides one per client: the interpreter, the listener, epoll,
-#: pipes, shared libraries, and uvloop's internal handles.
+#: pipes, shared libraries, and uvloop's internal handles. Both peers of a many-clients
+#: measurement hold one descriptor per client (the load generator its clients' sockets, the
+#: echo server their accepted ones), so each raises its own limit to clients + FD_HEADROOM.
 FD_HEADROOM: Final = 256
 
 #: Optional libraries whose versions a result file records.
@@ -64,23 +67,47 @@ def pin(cpu: int | None) -> None:
 def raise_nofile(needed: int) -> str | None:
     """Raise RLIMIT_NOFILE's soft limit to at least ``needed`` (up to the hard limit).
 
-    Returns None when ``needed`` descriptors are now allowed, else why not. Child processes
-    inherit the raised limit.
+    Returns None when ``needed`` descriptors are now allowed, else one line saying which
+    limit, what it is, and how to raise it. Child processes inherit the raised limit.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+    if _allows(soft, needed):
+        return None
+    if _allows(hard, needed):
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
         except (ValueError, OSError) as exc:
-            return f"cannot raise RLIMIT_NOFILE from {soft} to {needed}: {exc}"
-        soft = target
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        return (
-            f"RLIMIT_NOFILE hard limit is {hard}, below the {needed} descriptors needed; "
-            "raise it (ulimit -Hn, or nofile in limits.conf) and run again"
-        )
-    return None
+            # Not seen on Linux below the hard limit; a seccomp or LSM policy could do it.
+            return (
+                f"RLIMIT_NOFILE (open files) is {soft}, below the {needed} descriptors needed, "
+                f"and setrlimit refused to raise it to {needed} ({exc}); "
+                f"run `ulimit -n {needed}` in the shell first"
+            )
+        return None
+    return (
+        f"RLIMIT_NOFILE (open files) is {soft}, hard limit {_shown(hard)}, below the {needed} "
+        f"descriptors needed, and only root can raise a hard limit; raise it (as root, "
+        f"`ulimit -Hn {needed}`, or nofile in /etc/security/limits.conf), then "
+        f"`ulimit -n {needed}`, and run again"
+    )
+
+
+def _allows(limit: int, needed: int) -> bool:
+    return limit == resource.RLIM_INFINITY or limit >= needed
+
+
+def _shown(limit: int) -> str:
+    return "unlimited" if limit == resource.RLIM_INFINITY else str(limit)
+
+
+def somaxconn() -> int | None:
+    """net.core.somaxconn: the kernel's cap on any listen() backlog (4096 since Linux 5.4,
+    128 before); None when /proc does not say."""
+    try:
+        with open("/proc/sys/net/core/somaxconn", encoding="ascii") as value:
+            return int(value.read())
+    except (OSError, ValueError):
+        return None
 
 
 def describe_host() -> dict[str, object]:
@@ -104,6 +131,8 @@ def describe_host() -> dict[str, object]:
         "cpu_model": _cpu_model(),
         "cpus_online": os.cpu_count(),
         "cpus_allowed": len(os.sched_getaffinity(0)),
+        "somaxconn": somaxconn(),
+        "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
         "libraries": libraries,
     }
 

@@ -10,8 +10,18 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from .host import pin
-from .wire import Job, LoadResult, RttResult, SendResult, StreamResult, fail, say_ready, say_result
+from .host import FD_HEADROOM, pin, raise_nofile
+from .wire import (
+    Job,
+    LoadResult,
+    RttResult,
+    SendResult,
+    StreamResult,
+    fail,
+    say_not_measured,
+    say_ready,
+    say_result,
+)
 
 __all__ = ["main"]
 
@@ -27,6 +37,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         say_result(load(job))
         return
+    if job.role == "echo_server" and job.clients:
+        # One descriptor per client, as the load generator needs: raised here too, so that a
+        # server started by hand (or by a runner whose own limit is lower) can hold them.
+        problem = raise_nofile(job.clients + FD_HEADROOM)
+        if problem:
+            say_not_measured(f"the echo server cannot hold {job.clients} clients: {problem}")
     module = importlib.import_module(job.module)
     role = getattr(module, job.role)
     takes_ready = job.role in ("rtt_server", "stream_receiver", "echo_server")

@@ -13,13 +13,19 @@ from .targets import check
 
 __all__ = ["format_count", "format_rate", "format_ratio", "format_us", "render"]
 
+#: Width of the name column: the longest name and a space, at least this.
 _NAME_WIDTH: Final = 18
 
 #: Width that notes and the legend wrap at.
 _WIDTH: Final = 100
 
 #: What an empty cell says, by outcome status.
-_EMPTY: Final = {"skipped": "n/a", "unavailable": "unavail.", "failed": "FAILED"}
+_EMPTY: Final = {
+    "skipped": "n/a",
+    "unavailable": "unavail.",
+    "failed": "FAILED",
+    "not_measured": "not meas.",
+}
 
 
 def format_us(value: float) -> str:
@@ -63,7 +69,7 @@ def _cell(run: Run, outcome: Outcome | None, name: Metric, width: int, ratio: bo
         return f"{text:>{width}}" + (" " * 7 if ratio else "")
     shown = (
         format_us(value)
-        if name.endswith("_us")
+        if name.endswith("_us") or name == "kib_per_client"
         else format_count(value)
         if name == "msgs_per_s"
         else format_rate(value)
@@ -81,13 +87,17 @@ def _rows(run: Run, columns: Sequence[tuple[Figure, Metric, bool]], width: int) 
         if all(o is None or o.status == "skipped" for o in outcomes):
             continue  # a test this contender does not run: the Notes say why
         cells = [_cell(run, o, m, width, r) for o, (_, m, r) in zip(outcomes, columns, strict=True)]
-        lines.append(f"{info.name:<{_NAME_WIDTH}}" + "  ".join(cells))
+        lines.append(f"{info.name:<{_name_width(run)}}" + "  ".join(cells))
     return lines
 
 
-def _header(titles: Sequence[tuple[str, bool]], width: int) -> str:
+def _name_width(run: Run) -> int:
+    return max([_NAME_WIDTH - 1, *(len(info.name) for info in run.contenders)]) + 1
+
+
+def _header(run: Run, titles: Sequence[tuple[str, bool]], width: int) -> str:
     parts = [f"{title:>{width + (7 if ratio else 0)}}" for title, ratio in titles]
-    return " " * _NAME_WIDTH + "  ".join(parts)
+    return " " * _name_width(run) + "  ".join(parts)
 
 
 def _latency_table(run: Run) -> list[str]:
@@ -95,7 +105,7 @@ def _latency_table(run: Run) -> list[str]:
     columns: list[tuple[Figure, Metric, bool]] = [(rtt, "p50_us", True), (rtt, "p99_us", True)]
     return [
         f"Round trip, {size_label(RTT_SIZE)} (µs; x < 1 is faster)",
-        _header([("p50", True), ("p99", True)], 9),
+        _header(run, [("p50", True), ("p99", True)], 9),
         *_rows(run, columns, 9),
     ]
 
@@ -107,11 +117,11 @@ def _stream_tables(run: Run) -> list[str]:
     megabytes: list[tuple[Figure, Metric, bool]] = [(f, "mb_per_s", False) for f in figures]
     return [
         "One-way throughput, messages per second (x > 1 is faster)",
-        _header(titles, 7),
+        _header(run, titles, 7),
         *_rows(run, rates, 7),
         "",
         "One-way throughput, payload MB/s",
-        _header([(t, False) for t, _ in titles], 7),
+        _header(run, [(t, False) for t, _ in titles], 7),
         *_rows(run, megabytes, 7),
     ]
 
@@ -123,11 +133,18 @@ def _many_table(run: Run) -> list[str]:
         figure = Figure("many", clients)
         columns += [(figure, "msgs_per_s", True), (figure, "p99_us", False)]
         titles += [(f"{clients} cl. msg/s", True), ("p99 µs", False)]
+    memory: list[tuple[Figure, Metric, bool]] = [
+        (Figure("many", clients), "kib_per_client", False) for clients in run.plan.clients
+    ]
     return [
         "Many clients: echo of 64 B, aggregate msg/s and p99 latency",
         *([f"(load generator: {run.loader})"] if run.loader else []),
-        _header(titles, 9),
+        _header(run, titles, 9),
         *_rows(run, columns, 9),
+        "",
+        "Many clients: server memory, RSS growth per connected client (KiB)",
+        _header(run, [(f"{clients} cl.", False) for clients in run.plan.clients], 9),
+        *_rows(run, memory, 9),
     ]
 
 
@@ -153,12 +170,19 @@ def _notes(run: Run) -> list[str]:
         if outcome.status == "failed"
     ]
     skipped: dict[str, list[str]] = {}
+    unmeasured: dict[str, list[str]] = {}
     for outcome in run.outcomes:
         if outcome.status == "skipped":
             skipped.setdefault(outcome.reason, [])
             entry = f"{outcome.contender} {outcome.figure.test}"
             if entry not in skipped[outcome.reason]:
                 skipped[outcome.reason].append(entry)
+        elif outcome.status == "not_measured":
+            titles = unmeasured.setdefault(outcome.reason, [])
+            if outcome.figure.title not in titles:
+                titles.append(outcome.figure.title)
+    for reason, titles in unmeasured.items():
+        lines.append(f"  not meas. ({', '.join(titles)}): {reason}")
     for reason, entries in skipped.items():
         lines.append(f"  n/a ({', '.join(entries)}): {reason}")
     wrapped = [
@@ -175,8 +199,8 @@ def _legend(run: Run) -> list[str]:
         lines += textwrap.wrap(
             info.description,
             width=_WIDTH,
-            initial_indent=f"  {info.name:<{_NAME_WIDTH}}",
-            subsequent_indent=" " * (_NAME_WIDTH + 2),
+            initial_indent=f"  {info.name:<{_name_width(run)}}",
+            subsequent_indent=" " * (_name_width(run) + 2),
         )
     return lines
 
@@ -195,11 +219,12 @@ def render(run: Run) -> str:
         f"ratios (x) are to {run.baseline}; MB/s are payload megabytes (10^6 bytes) per second",
         *run.notes,
     ]
+    tests = run.plan.tests
     sections = [
         heading,
-        _latency_table(run),
-        _stream_tables(run),
-        _many_table(run),
+        _latency_table(run) if "rtt" in tests else [],
+        _stream_tables(run) if "stream" in tests else [],
+        _many_table(run) if "many" in tests else [],
         _targets(run),
         _notes(run),
         _legend(run),

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Final, Literal, TypeAlias
 
 from .host import Pinning
+from .memory import ServerMemory
 from .plan import Figure, Plan
 from .stats import Latency, Throughput, ratio
 
@@ -29,16 +30,18 @@ __all__ = [
 
 SCHEMA: Final = "udskit-bench/1"
 
-Status: TypeAlias = Literal["ok", "failed", "unavailable", "skipped"]
-Metric: TypeAlias = Literal["p50_us", "p99_us", "msgs_per_s", "mb_per_s"]
+#: ``not_measured``: this host does not allow the figure (too few descriptors), whoever runs.
+Status: TypeAlias = Literal["ok", "failed", "unavailable", "skipped", "not_measured"]
+STATUSES: Final = ("ok", "failed", "unavailable", "skipped", "not_measured")
+Metric: TypeAlias = Literal["p50_us", "p99_us", "msgs_per_s", "mb_per_s", "kib_per_client"]
 
 #: The metrics each test reports, headline first. Latencies: lower is better.
 METRICS: Final[Mapping[str, tuple[Metric, ...]]] = {
     "rtt": ("p50_us", "p99_us"),
     "stream": ("msgs_per_s", "mb_per_s"),
-    "many": ("msgs_per_s", "p99_us"),
+    "many": ("msgs_per_s", "p99_us", "kib_per_client"),
 }
-LOWER_IS_BETTER: Final = frozenset({"p50_us", "p99_us"})
+LOWER_IS_BETTER: Final = frozenset({"p50_us", "p99_us", "kib_per_client"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,8 @@ class Outcome:
     errors: int = 0
     #: The headline figure of each repeated run (round trips: p50 µs; else msg/s), in order.
     runs: tuple[float, ...] = ()
+    #: Many clients: the server's RSS before and with the clients (that of the median run).
+    memory: ServerMemory | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +103,8 @@ def metric(outcome: Outcome | None, name: Metric) -> float | None:
         return None
     if name in ("p50_us", "p99_us"):
         return None if outcome.latency is None else float(getattr(outcome.latency, name))
+    if name == "kib_per_client":
+        return None if outcome.memory is None else outcome.memory.kib_per_client
     return None if outcome.rate is None else float(getattr(outcome.rate, name))
 
 
@@ -123,6 +130,7 @@ def to_json(run: Run) -> dict[str, object]:
                 "reason": item.reason,
                 "latency": None if item.latency is None else asdict(item.latency),
                 "throughput": None if item.rate is None else asdict(item.rate),
+                "server_memory": _memory(item.memory),
                 "errors": item.errors,
                 "runs": list(item.runs),
                 "ratios": {name: metric_ratio(run, item, name) for name in names},
@@ -147,6 +155,7 @@ def to_json(run: Run) -> dict[str, object]:
             "latency": "microseconds",
             "msgs_per_s": "messages per second",
             "mb_per_s": "payload megabytes (10**6 bytes) per second",
+            "kib_per_client": "server RSS growth per connected client, KiB (1024 bytes)",
             "ratios": "value / the baseline's value for the same figure",
         },
         "contenders": [asdict(item) for item in run.contenders],
@@ -154,6 +163,12 @@ def to_json(run: Run) -> dict[str, object]:
         "notes": list(run.notes),
         "loader": run.loader,
     }
+
+
+def _memory(memory: ServerMemory | None) -> dict[str, object] | None:
+    if memory is None:
+        return None
+    return {**asdict(memory), "kib_per_client": round(memory.kib_per_client, 3)}
 
 
 _TOP_LEVEL: Final = {
@@ -201,7 +216,7 @@ def validate(document: object) -> None:
             raise ValueError(f"{where}: contender {item['contender']!r} is not listed")
         if item["test"] not in METRICS:
             raise ValueError(f"{where}: unknown test {item['test']!r}")
-        if item["status"] not in ("ok", "failed", "unavailable", "skipped"):
+        if item["status"] not in STATUSES:
             raise ValueError(f"{where}: unknown status {item['status']!r}")
         if item["status"] == "ok":
             wanted = "throughput" if item["test"] == "stream" else "latency"

@@ -5,6 +5,10 @@ Every measurement is a fresh pair of processes: the server (pinned to one CPU) a
 address, the client (pinned to another) connects and runs the test, the side that measured
 prints the result. Each peer has a deadline; one that misses it is killed, by its pid, and
 the measurement is reported as failed with the peer's last line of stderr.
+
+Many clients: the runner reads the server's RSS once the server is ready, and again when the
+load generator says all its clients are connected (it then waits for the runner's go), so
+the server's memory per client is measured at a point both sides agree on, with no sleep.
 """
 
 from __future__ import annotations
@@ -31,23 +35,38 @@ from .contenders.base import Contender
 from .contenders.native import command as native_command
 from .contenders.registry import BASELINE, native_build
 from .host import FD_HEADROOM, Pinning, describe_host, raise_nofile
+from .memory import ServerMemory, rss_kib
 from .plan import ECHO_SIZE, Figure, Plan
 from .results import ContenderInfo, Outcome, Run
 from .wire import Job, Option, decode_line, parse_load, parse_rtt, parse_send, parse_stream
 
-__all__ = ["PeerFailed", "Progress", "Trial", "availability", "run", "socket_path", "summarize"]
+__all__ = [
+    "NotMeasured",
+    "PeerFailed",
+    "Progress",
+    "Trial",
+    "availability",
+    "run",
+    "socket_path",
+    "summarize",
+]
 
 #: How long a server may take to start listening: an interpreter starting, importing pyzmq
 #: or uvloop, on a machine busy with the previous measurement's teardown.
 READY_TIMEOUT: Final = 30.0
 
-#: Time a client may take beyond its test's time cap: connecting (a thousand clients),
-#: warming up, and draining what is in flight.
-CLIENT_SLACK: Final = 30.0
+#: Time a client may take beyond its test's time cap: connecting (ten thousand clients, each
+#: echoed once), warming up, and draining what is in flight.
+CLIENT_SLACK: Final = 60.0
 
 #: How long a server may take to exit once its client is done (udskit.Server waits up to
-#: five seconds for its handler threads).
+#: five seconds for its handler threads)...
 SERVER_EXIT_TIMEOUT: Final = 10.0
+
+#: ...and, after a many-clients test, this much more per client: the handler threads of a
+#: thread-per-client server all wake at once when the clients leave, and end in turns for
+#: the GIL (5 ms per turn at worst: 10,000 threads took from 0.2 to 47 s to end on 2 CPUs).
+SERVER_EXIT_PER_CLIENT: Final = 0.005
 
 #: Extra characters in the socket path on each turn of the repeated runs (see _address).
 LAYOUT_PADS: Final = (0, 5, 11)
@@ -62,17 +81,24 @@ class PeerFailed(Exception):
     """A peer exited with an error, printed nonsense, or missed its deadline."""
 
 
+class NotMeasured(Exception):
+    """A peer said this host does not allow the figure (``{"not_measured": REASON}``)."""
+
+
 class _Peer:
     """One peer process: its stdout is the protocol, its stderr a file kept for errors."""
 
-    def __init__(self, what: str, argv: Sequence[str], fds: Sequence[int]) -> None:
+    def __init__(
+        self, what: str, argv: Sequence[str], fds: Sequence[int], *, go: bool = False
+    ) -> None:
+        """``go``: the peer waits for a line on stdin at some point (see ``say_go``)."""
         self.what = what
         # Kept open for the life of the peer, closed by stop().
         self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
         try:
             self.proc = subprocess.Popen(
                 argv,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if go else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=self._stderr,
                 pass_fds=tuple(fds),
@@ -93,27 +119,57 @@ class _Peer:
         if not line:
             self.proc.wait()
             raise PeerFailed(self._why("exited before it was ready"))
-        address = decode_line(line).get("ready")
+        message = decode_line(line)
+        _check_measurable(message)
+        address = message.get("ready")
         if not isinstance(address, str):
             raise PeerFailed(f"{self.what} sent {line.strip()!r} instead of its address")
         return address
 
-    def finish(self, timeout: float, *, signalled: bool = False) -> dict[str, object] | None:
-        """Wait for the peer to exit; its result, if it printed one."""
+    def next_message(self, timeout: float) -> dict[str, object] | None:
+        """The peer's next protocol line, or None if it ended its output first."""
+        stdout = self.proc.stdout
+        assert stdout is not None
+        ready, _, _ = select.select([stdout], [], [], timeout)
+        if not ready:
+            raise PeerFailed(f"{self.what} said nothing within {timeout:.0f} s")
+        line = stdout.readline().decode(errors="replace")
+        return decode_line(line) if line else None
+
+    def say_go(self) -> None:
+        """Write the line the peer waits for; a peer that has exited is no error here."""
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.write(b"go\n")
+            except BrokenPipeError:
+                pass  # it exited: finish() reports how
+
+    def finish(
+        self,
+        timeout: float,
+        *,
+        signalled: bool = False,
+        earlier: Sequence[dict[str, object]] = (),
+    ) -> dict[str, object] | None:
+        """Wait for the peer to exit; its result, if it printed one (``earlier``: lines
+        already read with next_message)."""
         try:
             out, _ = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.stop()
             raise PeerFailed(f"{self.what} did not finish within {timeout:.0f} s") from None
         code = self.proc.returncode
+        messages = [*earlier]
+        lines = out.decode(errors="replace").splitlines()
+        messages += [decode_line(line) for line in lines if line.strip()]
+        for message in messages:
+            _check_measurable(message)
         if code != 0 and not (signalled and code == -signal.SIGTERM):
             raise PeerFailed(self._why(f"exited with status {code}"))
         result = None
-        for line in out.decode(errors="replace").splitlines():
-            if line.strip():
-                message = decode_line(line)
-                if "result" in message:
-                    result = message["result"]
+        for message in messages:
+            if "result" in message:
+                result = message["result"]
         if result is not None and not isinstance(result, dict):
             raise PeerFailed(f"{self.what} printed a result that is not an object")
         return result
@@ -127,8 +183,9 @@ class _Peer:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
         self._stderr.close()
 
     def _why(self, what: str) -> str:
@@ -138,6 +195,12 @@ class _Peer:
         if len(last) > 200:
             last = last[:197] + "..."
         return f"{self.what} {what}" + (f": {last}" if last else "")
+
+
+def _check_measurable(message: dict[str, object]) -> None:
+    reason = message.get("not_measured")
+    if reason is not None:
+        raise NotMeasured(str(reason))
 
 
 def availability(contenders: Sequence[Contender]) -> list[ContenderInfo]:
@@ -173,9 +236,11 @@ class _Runner:
         if figure.test == "many":
             problem = raise_nofile(figure.param + FD_HEADROOM)
             if problem:
-                return Outcome(contender.name, figure, "failed", problem)
+                return Outcome(contender.name, figure, "not_measured", problem)
         try:
             return self._pair(contender, figure)
+        except NotMeasured as exc:
+            return Outcome(contender.name, figure, "not_measured", str(exc))
         except (PeerFailed, ValueError, OSError) as exc:
             return Outcome(contender.name, figure, "failed", str(exc))
 
@@ -187,23 +252,49 @@ class _Runner:
             server = _Peer(
                 f"{contender.name} server", self._argv(contender, server_job), pipes.server
             )
+            many = figure.test == "many"
+            memory = None
             try:
                 address = server.wait_ready(READY_TIMEOUT)
+                ready_kib = rss_kib(server.proc.pid) if many else None
                 client_job = dataclasses.replace(client_job, address=address)
                 client = _Peer(
-                    f"{contender.name} client", self._argv(contender, client_job), pipes.client
+                    f"{contender.name} client",
+                    self._argv(contender, client_job),
+                    pipes.client,
+                    go=many,
                 )
                 try:
                     pipes.close()  # the peers hold theirs: EOF must reach them
-                    client_result = client.finish(_client_timeout(self.plan, figure))
+                    deadline = time.monotonic() + _client_timeout(self.plan, figure)
+                    earlier = []
+                    if many:
+                        # The load generator says when every client is connected and has
+                        # had one echo, then waits for our go: the server's RSS now is
+                        # its RSS with N clients.
+                        said = client.next_message(deadline - time.monotonic())
+                        if said is not None and "connected" in said:
+                            connected_kib = rss_kib(server.proc.pid)
+                            if ready_kib is not None and connected_kib is not None:
+                                memory = ServerMemory(ready_kib, connected_kib, figure.param)
+                        elif said is not None:
+                            earlier.append(said)
+                        client.say_go()
+                    client_result = client.finish(
+                        max(0.0, deadline - time.monotonic()), earlier=earlier
+                    )
                 finally:
                     client.stop()
                 if figure.test == "many":
                     server.terminate()
-                server_result = server.finish(SERVER_EXIT_TIMEOUT, signalled=figure.test == "many")
+                exit_timeout = SERVER_EXIT_TIMEOUT + SERVER_EXIT_PER_CLIENT * server_job.clients
+                server_result = server.finish(exit_timeout, signalled=many)
             finally:
                 server.stop()
-        return _trial(contender, figure, client_result, server_result)
+        trial = _trial(contender, figure, client_result, server_result)
+        if isinstance(trial, Trial) and memory is not None:
+            return dataclasses.replace(trial, memory=memory)
+        return trial
 
     def _jobs(self, contender: Contender, figure: Figure) -> tuple[Job, Job]:
         """The server's job and the client's (the client learns the address later)."""
@@ -322,6 +413,8 @@ class Trial:
     #: Messages moved, and in how long (round trips: the count measured, and 0).
     messages: int
     seconds: float
+    #: Many clients: the server's RSS when ready and with every client connected.
+    memory: ServerMemory | None = None
 
 
 def _trial(
@@ -379,7 +472,23 @@ def summarize(contender: str, figure: Figure, trials: Sequence[Trial]) -> Outcom
     if figure.test == "stream":
         return Outcome(contender, figure, "ok", rate=median, runs=runs)
     pooled = [sample for t in trials for sample in t.samples_ns]
-    return Outcome(contender, figure, "ok", latency=stats.latency(pooled), rate=median, runs=runs)
+    return Outcome(
+        contender,
+        figure,
+        "ok",
+        latency=stats.latency(pooled),
+        rate=median,
+        runs=runs,
+        memory=_median_memory([t.memory for t in trials]),
+    )
+
+
+def _median_memory(measured: Sequence[ServerMemory | None]) -> ServerMemory | None:
+    """The median run's memory, by growth per client (runs that could not read it left out)."""
+    known = [m for m in measured if m is not None]
+    if not known:
+        return None
+    return known[stats.median_index([m.kib_per_client for m in known])]
 
 
 def _workdir() -> str:
@@ -398,10 +507,15 @@ def run(
     *,
     infos: Sequence[ContenderInfo] | None = None,
     notes: Sequence[str] = (),
+    warn: Callable[[str], None] = lambda text: None,
 ) -> Run:
     """Measure every figure of ``plan`` for every available contender, figure by figure
     (all contenders' round trips, then all one-way 64 B streams, ...), so that a change in
-    the machine's load during the run touches every contender alike."""
+    the machine's load during the run touches every contender alike.
+
+    A many-clients figure this host's descriptor limit does not allow is not measured, for
+    any contender: ``warn`` gets one line saying which limit, its value and how to raise it.
+    """
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     clock = time.monotonic()
     if infos is None:
@@ -409,10 +523,16 @@ def run(
     usable = {info.name for info in infos if info.available}
     reasons = {info.name: info.reason for info in infos}
     figures = plan.figures()
-    runnable = [(f, c) for f in figures for c in contenders if c.name in usable and c.runs(f.test)]
-    total = len(runnable) * plan.repeats
     outcomes: list[Outcome] = []
     saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unmeasurable = _unmeasurable(figures, warn)
+    runnable = [
+        (f, c)
+        for f in figures
+        for c in contenders
+        if c.name in usable and c.runs(f.test) and f not in unmeasurable
+    ]
+    total = len(runnable) * plan.repeats
     built = native_build()
     loader = (
         "C (benchmarks/udsbench.c)"
@@ -433,6 +553,9 @@ def run(
                 elif not contender.runs(figure.test):
                     reason = contender.skips[figure.test]
                     ended[contender.name] = Outcome(contender.name, figure, "skipped", reason)
+                elif figure in unmeasurable:
+                    reason = unmeasurable[figure]
+                    ended[contender.name] = Outcome(contender.name, figure, "not_measured", reason)
             # The contenders take turns, run by run.
             for turn in range(plan.repeats):
                 runner.turn = turn
@@ -469,6 +592,21 @@ def run(
     )
 
 
+def _unmeasurable(figures: Sequence[Figure], warn: Callable[[str], None]) -> dict[Figure, str]:
+    """The many-clients figures whose descriptors RLIMIT_NOFILE cannot allow, and why.
+
+    Raises the soft limit for the largest count it can (the peers inherit it, and raise
+    their own too); the runner's caller restores it.
+    """
+    found = {}
+    for figure in sorted((f for f in figures if f.test == "many"), key=lambda f: f.param):
+        problem = raise_nofile(figure.param + FD_HEADROOM)
+        if problem:
+            found[figure] = problem
+            warn(f"{figure.title} not measured: {problem}")
+    return found
+
+
 def _progress_text(outcome: Outcome) -> str:
     what = f"{outcome.contender:<18} {outcome.figure.title:<18}"
     if outcome.status != "ok":
@@ -476,7 +614,10 @@ def _progress_text(outcome: Outcome) -> str:
     if outcome.figure.test == "rtt" and outcome.latency is not None:
         return f"{what} p50 {outcome.latency.p50_us:.1f} µs, p99 {outcome.latency.p99_us:.1f} µs"
     if outcome.figure.test == "many" and outcome.rate and outcome.latency:
-        return f"{what} {outcome.rate.msgs_per_s:,.0f} msg/s, p99 {outcome.latency.p99_us:,.0f} µs"
+        text = f"{what} {outcome.rate.msgs_per_s:,.0f} msg/s, p99 {outcome.latency.p99_us:,.0f} µs"
+        if outcome.memory is not None:
+            text += f", server {outcome.memory.kib_per_client:+,.1f} KiB per client"
+        return text
     if outcome.rate is not None:
         return f"{what} {outcome.rate.msgs_per_s:,.0f} msg/s, {outcome.rate.mb_per_s:,.1f} MB/s"
     return what

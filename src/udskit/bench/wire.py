@@ -3,6 +3,12 @@
 The runner starts every peer (Python or C) with one job and reads JSON lines from its stdout:
 ``{"ready": ADDRESS}`` once a server accepts connections, then ``{"result": {...}}`` from
 the side that measured. A peer that fails exits non-zero with its reason on stderr.
+
+The many-clients load generator also prints ``{"connected": N}`` once its N clients are
+connected and each has had one echo, then waits for a line (or EOF) on stdin before the timed
+part: the runner samples the server's memory in between. A peer that cannot run its job on
+this host as configured (too few descriptors allowed) prints ``{"not_measured": REASON}``
+and exits 0: the figure is not measured, which is not a failure of the contender.
 """
 
 from __future__ import annotations
@@ -27,8 +33,11 @@ __all__ = [
     "parse_rtt",
     "parse_send",
     "parse_stream",
+    "say_connected",
+    "say_not_measured",
     "say_ready",
     "say_result",
+    "wait_for_go",
 ]
 
 Role: TypeAlias = Literal[
@@ -111,6 +120,22 @@ class LoadResult:
 
 def say_ready(address: str) -> None:
     print(json.dumps({"ready": address}), flush=True)
+
+
+def say_connected(clients: int) -> None:
+    print(json.dumps({"connected": clients}), flush=True)
+
+
+def wait_for_go() -> None:
+    """Block until the runner writes a line to stdin, or closes it (EOF: go at once)."""
+    sys.stdin.buffer.readline()
+
+
+def say_not_measured(reason: str) -> None:
+    """Tell the runner this figure cannot be measured here, why, and end the peer."""
+    print(reason, file=sys.stderr, flush=True)
+    print(json.dumps({"not_measured": reason}), flush=True)
+    raise SystemExit(0)
 
 
 def say_result(result: RttResult | StreamResult | SendResult | LoadResult) -> None:

@@ -10,6 +10,7 @@ import udskit
 
 from .. import cbuild
 from .base import Contender, missing_module
+from .udskit_msg import AIO_SERVER, SERVER
 
 __all__ = ["ALL", "BASELINE", "SPIN_US", "get", "native_build", "names"]
 
@@ -32,6 +33,7 @@ _NO_LOADER: Final = "the load generator speaks length-prefixed frames on a plain
 _TWO_ONLY: Final = "a pipe joins exactly two processes"
 _BUFFERS_STREAMS: Final = "socket buffer size matters for streams only"
 _BUSY_ONE: Final = "busy-polling is for one latency-critical peer"
+_MANY_ONLY: Final = "a message server is a many-clients server; the Channel rows cover one peer"
 
 
 @functools.cache
@@ -64,6 +66,24 @@ def _needs_aio() -> str | None:
 
 def _needs_aio_uvloop() -> str | None:
     return missing_module("uvloop", "pip install 'udskit[fast]'")() or _needs_aio()
+
+
+def _needs_message_server() -> str | None:
+    if not hasattr(udskit, SERVER):
+        return f"udskit has no {SERVER} in udskit {udskit.__version__}"
+    return None
+
+
+def _needs_aio_message_server() -> str | None:
+    problem = _needs_aio()
+    if problem is None and not hasattr(importlib.import_module("udskit.aio"), AIO_SERVER):
+        problem = f"udskit.aio has no {AIO_SERVER} in udskit {udskit.__version__}"
+    return problem
+
+
+def _needs_aio_message_server_uvloop() -> str | None:
+    uvloop = missing_module("uvloop", "pip install 'udskit[fast]'")
+    return uvloop() or _needs_aio_message_server()
 
 
 _PKG: Final = "udskit.bench.contenders"
@@ -124,6 +144,38 @@ ALL: Final = (
         transport="unix",
         options={"loop": "uvloop"},
         requires=_needs_aio_uvloop,
+    ),
+    Contender(
+        name="udskit-msg",
+        label="udskit MessageServer",
+        description="echo server only: udskit.MessageServer, handler(conn, message) returning "
+        "the reply",
+        module=f"{_PKG}.udskit_msg",
+        transport="unix",
+        options={"api": "sync"},
+        skips={"rtt": _MANY_ONLY, "stream": _MANY_ONLY},
+        requires=_needs_message_server,
+    ),
+    Contender(
+        name="udskit-aio-msg",
+        label="udskit aio MessageServer",
+        description="echo server only: udskit.aio.start_message_server on the standard "
+        "asyncio loop, handler(conn, message) returning the reply",
+        module=f"{_PKG}.udskit_msg",
+        transport="unix",
+        options={"api": "aio", "loop": "asyncio"},
+        skips={"rtt": _MANY_ONLY, "stream": _MANY_ONLY},
+        requires=_needs_aio_message_server,
+    ),
+    Contender(
+        name="udskit-aio-msg-uvloop",
+        label="udskit aio MessageServer uvloop",
+        description="the same udskit.aio.start_message_server echo server on uvloop",
+        module=f"{_PKG}.udskit_msg",
+        transport="unix",
+        options={"api": "aio", "loop": "uvloop"},
+        skips={"rtt": _MANY_ONLY, "stream": _MANY_ONLY},
+        requires=_needs_aio_message_server_uvloop,
     ),
     Contender(
         name="asyncio",

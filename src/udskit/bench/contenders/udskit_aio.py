@@ -25,7 +25,8 @@ __all__ = [
     "stream_sender",
 ]
 
-#: Listen backlog for the echo server: the 1000 clients connect in a burst.
+#: Listen backlog for the echo server: its clients connect in a burst. The kernel caps it at
+#: net.core.somaxconn (4096 since Linux 5.4); clients beyond it wait in connect().
 _BACKLOG: Final = 4096
 
 

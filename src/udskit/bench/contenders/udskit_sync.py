@@ -24,7 +24,8 @@ __all__ = [
     "stream_sender",
 ]
 
-#: Listen backlog for the echo server: the 1000 clients connect in a burst.
+#: Listen backlog for the echo server: its clients connect in a burst. The kernel caps it at
+#: net.core.somaxconn (4096 since Linux 5.4); clients beyond it wait in connect().
 _BACKLOG: Final = 4096
 
 #: A send_many() batch carries about this many payload bytes (at least one message, at most
@@ -116,13 +117,17 @@ def stream_sender(job: Job) -> SendResult:
 
 
 def echo_server(job: Job, ready: Callable[[str], None]) -> None:
-    """``udskit.Server`` echoing every message, until SIGTERM."""
+    """``udskit.Server`` echoing every message, a thread per client, until SIGTERM.
+
+    ``max_clients`` is the job's client count, whatever the Server's default: a server that
+    stops accepting at its cap would leave the rest of the clients waiting in connect().
+    """
 
     def echo(channel: udskit.Channel) -> None:
         for message in channel:
             channel.send(message)
 
-    with udskit.Server(job.address, echo, backlog=_BACKLOG) as server:
+    with udskit.Server(job.address, echo, max_clients=job.clients, backlog=_BACKLOG) as server:
         signal.signal(signal.SIGTERM, lambda signum, frame: server.stop())
         ready(job.address)
         server.serve_forever()
