@@ -10,7 +10,6 @@ import udskit
 
 from .. import cbuild
 from .base import Contender, missing_module
-from .udskit_msg import AIO_SERVER, SERVER
 
 __all__ = ["ALL", "BASELINE", "SPIN_US", "get", "native_build", "names"]
 
@@ -66,24 +65,6 @@ def _needs_aio() -> str | None:
 
 def _needs_aio_uvloop() -> str | None:
     return missing_module("uvloop", "pip install 'udskit[fast]'")() or _needs_aio()
-
-
-def _needs_message_server() -> str | None:
-    if not hasattr(udskit, SERVER):
-        return f"udskit has no {SERVER} in udskit {udskit.__version__}"
-    return None
-
-
-def _needs_aio_message_server() -> str | None:
-    problem = _needs_aio()
-    if problem is None and not hasattr(importlib.import_module("udskit.aio"), AIO_SERVER):
-        problem = f"udskit.aio has no {AIO_SERVER} in udskit {udskit.__version__}"
-    return problem
-
-
-def _needs_aio_message_server_uvloop() -> str | None:
-    uvloop = missing_module("uvloop", "pip install 'udskit[fast]'")
-    return uvloop() or _needs_aio_message_server()
 
 
 _PKG: Final = "udskit.bench.contenders"
@@ -154,7 +135,6 @@ ALL: Final = (
         transport="unix",
         options={"api": "sync"},
         skips={"rtt": _MANY_ONLY, "stream": _MANY_ONLY},
-        requires=_needs_message_server,
     ),
     Contender(
         name="udskit-aio-msg",
@@ -165,7 +145,7 @@ ALL: Final = (
         transport="unix",
         options={"api": "aio", "loop": "asyncio"},
         skips={"rtt": _MANY_ONLY, "stream": _MANY_ONLY},
-        requires=_needs_aio_message_server,
+        requires=_needs_aio,
     ),
     Contender(
         name="udskit-aio-msg-uvloop",
@@ -175,7 +155,7 @@ ALL: Final = (
         transport="unix",
         options={"api": "aio", "loop": "uvloop"},
         skips={"rtt": _MANY_ONLY, "stream": _MANY_ONLY},
-        requires=_needs_aio_message_server_uvloop,
+        requires=_needs_aio_uvloop,
     ),
     Contender(
         name="asyncio",

@@ -2,9 +2,6 @@
 (blocking) and ``udskit.aio.start_message_server`` (asyncio, on the standard loop or on
 uvloop), each calling ``handler(conn, message)`` once per message and sending back what it
 returns.
-
-The servers are looked up by name when a peer starts, so that this module (and the registry,
-whose ``requires`` checks say when they are missing) imports with a udskit that has none yet.
 """
 
 from __future__ import annotations
@@ -12,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 import udskit
 import udskit.aio
@@ -20,18 +17,14 @@ import udskit.aio
 from ..wire import Job
 from . import aloop
 
-__all__ = ["AIO_SERVER", "SERVER", "echo_server"]
-
-#: The names the contenders need: udskit.MessageServer, udskit.aio.start_message_server.
-SERVER: Final = "MessageServer"
-AIO_SERVER: Final = "start_message_server"
+__all__ = ["echo_server"]
 
 #: Listen backlog for the echo server: its clients connect in a burst. The kernel caps it at
 #: net.core.somaxconn (4096 since Linux 5.4); clients beyond it wait in connect().
 _BACKLOG: Final = 4096
 
 
-def _echo(conn: object, message: bytes) -> bytes:
+def _echo(conn: udskit.Connection, message: bytes) -> bytes:
     return message
 
 
@@ -41,16 +34,18 @@ def echo_server(job: Job, ready: Callable[[str], None]) -> None:
     if job.option("api", "sync") == "aio":
         aloop.run(job, _aio_echo_server(job, ready))
         return
-    server_class: Any = getattr(udskit, SERVER)
-    with server_class(job.address, _echo, max_clients=job.clients, backlog=_BACKLOG) as server:
+    with udskit.MessageServer(
+        job.address, _echo, max_clients=job.clients, backlog=_BACKLOG
+    ) as server:
         signal.signal(signal.SIGTERM, lambda signum, frame: server.stop())
         ready(job.address)
         server.serve_forever()
 
 
 async def _aio_echo_server(job: Job, ready: Callable[[str], None]) -> None:
-    start: Any = getattr(udskit.aio, AIO_SERVER)
-    server = await start(job.address, _echo, max_clients=job.clients, backlog=_BACKLOG)
+    server = await udskit.aio.start_message_server(
+        job.address, _echo, max_clients=job.clients, backlog=_BACKLOG
+    )
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, server.stop)
     ready(job.address)
     await server.serve_forever()
