@@ -16,7 +16,7 @@ from udskit.bench.results import Outcome, Run, metric, to_json, validate
 from udskit.bench.runner import Trial, _progress_text, summarize
 from udskit.bench.stats import latency, throughput
 
-MANY = Figure("many", 1000)
+MANY = Figure("many", 10_000)
 
 
 def test_growth_per_client_is_the_rss_difference_over_the_clients() -> None:
@@ -81,7 +81,7 @@ def test_the_report_has_a_memory_table_under_the_many_clients_table() -> None:
     text = render(run)
     lines = text.splitlines()
     start = lines.index("Many clients: server memory, RSS growth per connected client (KiB)")
-    assert lines[start + 1].split() == ["10", "cl.", "1000", "cl."]
+    assert lines[start + 1].split() == ["10", "cl.", "10000", "cl."]
     assert lines[start + 2].split() == ["stdlib", "not", "meas.", "1,234"]
     assert lines[start + 3].split() == ["udskit", "FAILED"]  # no figure where the run failed
     assert "  not meas. (10 clients): RLIMIT_NOFILE is 5" in lines
@@ -93,7 +93,7 @@ def test_the_json_keeps_both_rss_readings_and_the_growth() -> None:
     validate(document)
     outcomes = document["outcomes"]
     assert isinstance(outcomes, list)
-    many = next(o for o in outcomes if o["contender"] == "stdlib" and o["figure"] == "many_1000")
+    many = next(o for o in outcomes if o["contender"] == "stdlib" and o["figure"] == "many_10000")
     assert many["server_memory"] == {
         "ready_kib": 20_000,
         "connected_kib": 1_254_000,

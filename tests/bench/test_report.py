@@ -24,10 +24,10 @@ from udskit.bench.results import (
 from udskit.bench.stats import latency, throughput
 from udskit.bench.targets import check
 
-PLAN = QUICK.with_clients((10, 1000))
+PLAN = QUICK.with_clients((10, 10_000))
 RTT = Figure("rtt", 64)
 S64 = Figure("stream", 64)
-M1000 = Figure("many", 1000)
+MANY = Figure("many", 10_000)
 
 
 def _info(name: str, available: bool = True, reason: str = "") -> ContenderInfo:
@@ -54,14 +54,14 @@ def make_run() -> Run:
         _stream("pipe", S64, 800_000),
         Outcome(
             "stdlib",
-            M1000,
+            MANY,
             "ok",
             latency=latency([1_000_000] * 10),
             rate=throughput(50_000, 64, 1.0),
         ),
-        Outcome("udskit", M1000, "failed", "3 errors, the first: an echo differed", errors=3),
-        Outcome("pipe", M1000, "skipped", "a pipe joins exactly two processes"),
-        Outcome("udskit-spin", M1000, "skipped", "polling is for one peer"),
+        Outcome("udskit", MANY, "failed", "3 errors, the first: an echo differed", errors=3),
+        Outcome("pipe", MANY, "skipped", "a pipe joins exactly two processes"),
+        Outcome("udskit-spin", MANY, "skipped", "polling is for one peer"),
     ]
     outcomes += [
         Outcome("zmq", figure, "unavailable", "zmq is not installed (pip install 'udskit[bench]')")
@@ -141,7 +141,7 @@ def test_render_explains_every_empty_cell_in_the_notes() -> None:
     notes = text[text.index("\nNotes\n") :]
     assert "zmq: unavailable: zmq is not installed" in notes
     assert "pipe, round trip 64 B: FAILED: pipe server exited with status 1: boom" in notes
-    assert "udskit, 1000 clients: FAILED: 3 errors" in notes
+    assert "udskit, 10000 clients: FAILED: 3 errors" in notes
     assert "n/a (pipe many): a pipe joins exactly two processes" in notes
 
 
@@ -161,7 +161,7 @@ def test_targets_are_checked_against_the_right_references() -> None:
     assert checked["udskit-spin round trip p50 <= 0.35x stdlib"].met is True
     assert checked["4 KiB one-way >= 1.0x stdlib"].met is None
     assert "no figure for udskit, stdlib" in checked["4 KiB one-way >= 1.0x stdlib"].why_missing
-    held = checked["udskit: 1000 clients held with no error"]
+    held = checked["udskit: 10000 clients held with no error"]
     assert held.met is False
     assert "an echo differed" in held.why_missing
     # Targets naming a contender that was not selected are not listed at all.
@@ -170,7 +170,7 @@ def test_targets_are_checked_against_the_right_references() -> None:
 
 def test_render_lists_missed_targets() -> None:
     text = render(make_run())
-    assert "udskit: 1000 clients held with no error" in text
+    assert "udskit: 10000 clients held with no error" in text
     assert "MISSED" in text
 
 
@@ -189,8 +189,8 @@ def test_json_document_round_trips_and_validates() -> None:
     assert udskit["latency"]["p50_us"] == 42.0
     assert udskit["ratios"]["p50_us"] == pytest.approx(1.05)
     assert by_key[("zmq", "stream_65536")]["status"] == "unavailable"
-    assert by_key[("udskit", "many_1000")]["errors"] == 3
-    assert document["plan"]["clients"] == [10, 1000]
+    assert by_key[("udskit", "many_10000")]["errors"] == 3
+    assert document["plan"]["clients"] == [10, 10_000]
 
 
 def _broken(change: str) -> dict[str, object]:

@@ -1,7 +1,8 @@
 """udskit's performance targets, checked against one run's figures.
 
 Each target compares one contender's metric with another's (same run, same pinning); the
-1000-client target asks only that every client was served without an error.
+10,000-client target asks only that every client was served without an error, and the
+message servers' memory target is an absolute bound per client.
 """
 
 from __future__ import annotations
@@ -47,6 +48,48 @@ def _target(
 _RTT: Final = Figure("rtt", 64)
 _64B: Final = Figure("stream", 64)
 
+
+def _many(clients: int) -> Figure:
+    return Figure("many", clients)
+
+
+def _servers() -> tuple[Target, ...]:
+    """The many-clients targets: the message servers at least as fast as the hand-written
+    selectors server at every client count, and the thread-per-client server's tail."""
+    targets: list[Target] = []
+    for n in (100, 1000, 10_000):
+        targets += [
+            _target(f"{n} clients msg/s", "udskit-msg", _many(n), "msgs_per_s", "stdlib", 1.0),
+            _target(f"{n} clients p99", "udskit-msg", _many(n), "p99_us", "stdlib", 1.0),
+            _target(
+                f"aio {n} clients msg/s", "udskit-aio-msg", _many(n), "msgs_per_s", "stdlib", 0.9
+            ),
+        ]
+    for n in (1000, 10_000):
+        targets += [
+            _target(
+                f"aio uvloop {n} clients msg/s",
+                "udskit-aio-msg-uvloop",
+                _many(n),
+                "msgs_per_s",
+                "stdlib",
+                1.0,
+            ),
+            _target(
+                f"aio uvloop {n} clients msg/s",
+                "udskit-aio-msg-uvloop",
+                _many(n),
+                "msgs_per_s",
+                "uvloop",
+                1.2,
+            ),
+        ]
+    targets.append(
+        _target("Server 1000 clients p99", "udskit", _many(1000), "p99_us", "stdlib", 5.0)
+    )
+    return tuple(targets)
+
+
 TARGETS: Final = (
     _target("udskit round trip p50", "udskit", _RTT, "p50_us", "stdlib", 1.05),
     _target("udskit round trip p99", "udskit", _RTT, "p99_us", "stdlib", 1.10),
@@ -61,10 +104,25 @@ TARGETS: Final = (
     _target(
         "aio 1 MiB one-way", "udskit-aio", Figure("stream", 1 << 20), "msgs_per_s", "asyncio", 5.0
     ),
+    *_servers(),
 )
 
-#: The many-clients target: served with no error, aggregate rate reported.
-MANY_CLIENTS: Final = 1000
+#: Every udskit server holds this many clients with no error.
+MANY_CLIENTS: Final = 10_000
+
+#: The servers that must hold MANY_CLIENTS.
+_UDSKIT_SERVERS: Final = (
+    "udskit",
+    "udskit-aio",
+    "udskit-aio-uvloop",
+    "udskit-msg",
+    "udskit-aio-msg",
+    "udskit-aio-msg-uvloop",
+)
+
+#: A message server holds no thread and no buffer per client: at most this much memory
+#: (KiB of RSS) per idle client, at the largest client count of the run.
+MESSAGE_SERVER_KIB: Final = 4.0
 
 
 def check(run: Run) -> list[Checked]:
@@ -92,7 +150,7 @@ def check(run: Run) -> list[Checked]:
         met = value <= target.bound if target.op == "<=" else value >= target.bound
         checked.append(Checked(target.text, value, met))
     many = Figure("many", MANY_CLIENTS)
-    for name in ("udskit", "udskit-aio", "udskit-aio-uvloop") if many in figures else ():
+    for name in _UDSKIT_SERVERS if many in figures else ():
         outcome = run.outcome(name, many)
         if outcome is None or outcome.status in ("unavailable", "skipped"):
             continue
@@ -103,4 +161,14 @@ def check(run: Run) -> list[Checked]:
             checked.append(Checked(text, None, True))
         else:
             checked.append(Checked(text, None, False, outcome.reason))
+    largest = max((f for f in figures if f.test == "many"), key=lambda f: f.param, default=None)
+    for name in ("udskit-msg", "udskit-aio-msg", "udskit-aio-msg-uvloop"):
+        if largest is None or name not in selected:
+            continue
+        kib = metric(run.outcome(name, largest), "kib_per_client")
+        text = f"{name}: RSS per client at {largest.param} clients <= {MESSAGE_SERVER_KIB:g} KiB"
+        if kib is None:
+            checked.append(Checked(text, None, None, "no figure"))
+        else:
+            checked.append(Checked(f"{text} ({kib:.2f})", None, kib <= MESSAGE_SERVER_KIB))
     return checked
