@@ -263,6 +263,8 @@ class Connection:
         framing = self._framing
         try:
             if framing is None:
+                # bytes(42) would be 42 zero bytes: a packet must be bytes-like already.
+                check_message(data, "send")
                 parts: list[bytes | bytearray | memoryview] = [bytes(data)]
             elif len(data) <= JOIN_LIMIT:
                 parts = [framing.frame(data)]
