@@ -8,8 +8,11 @@ No sleeps synchronise anything: events, bounded polling loops with deadlines, /p
 
 from __future__ import annotations
 
+import logging
 import os
+import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -377,12 +380,385 @@ def test_a_failing_hook_closes_only_its_client(
         raise RuntimeError("on_close broke")
 
     with Running(path, echo, type=kind, on_connect=on_connect, on_close=on_close) as running:
-        with running.client() as first:
-            first.send(b"x")
-            with pytest.raises(ConnectionClosed):
-                first.recv()
+        with running.client() as first, pytest.raises(ConnectionClosed):
+            first.recv()
         with running.client() as second:
             assert round_trip(second, b"ok") == b"ok"
     messages = [record.getMessage() for record in caplog.records]
     assert any("handler failed" in message for message in messages)
     assert any("on_close failed" in message for message in messages)
+
+
+# -- clients that misbehave -------------------------------------------------------------------
+
+#: Small buffers and outbox for the slow-client tests, so that a few hundred KiB fill them.
+SMALL_OUTBOX = 64 * 1024
+SMALL_BUFFER = 16 * 1024
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_a_client_that_never_reads_pauses_alone(path: Path, kind: str, workers: int) -> None:
+    conns: dict[int, Connection] = {}
+    handled: dict[int, int] = {}
+
+    def on_connect(conn: Connection) -> None:
+        conns[conn.id] = conn
+        handled[conn.id] = 0
+
+    def handler(conn: Connection, message: bytes) -> bytes:
+        handled[conn.id] += 1
+        return message  # as much out as in: the outbox grows as fast as it is read
+
+    request = b"r" * 1000
+    with Running(
+        path,
+        handler,
+        type=kind,
+        workers=workers,
+        max_outbox=SMALL_OUTBOX,
+        sndbuf=SMALL_BUFFER,
+        rcvbuf=SMALL_BUFFER,
+        on_connect=on_connect,
+    ) as running:
+        with socket.socket(socket.AF_UNIX, SOCK_TYPES[kind]) as greedy:
+            greedy.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
+            greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
+            greedy.connect(os.fspath(path))
+            greedy.setblocking(False)
+            wait_until(lambda: len(conns) == 1, "the greedy client to be accepted")
+            (greedy_id,) = conns
+            slow = conns[greedy_id]
+            frame = request if kind == "seqpacket" else struct.pack(">I", len(request)) + request
+            # Requests, never reading a reply, until the server stops reading them.
+            _send_until(greedy, frame, lambda: slow.outbox_size > SMALL_OUTBOX, "a full outbox")
+            with running.client() as polite:
+                # The server turns to the polite client while the greedy one waits...
+                assert round_trip(polite, b"me too") == b"me too"
+                stalled_at = handled[greedy_id]
+                for number in range(20):
+                    assert round_trip(polite, b"%d" % number) == b"%d" % number
+                # ... and reads nothing more from the greedy one meanwhile.
+                assert handled[greedy_id] == stalled_at
+            # At most the limit plus the replies to one read: a stream read takes at most
+            # what the client's (doubled) SO_SNDBUF let into the socket; a packet batch, 64.
+            sndbuf = greedy.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            per_read = 64 * len(frame) if kind == "seqpacket" else sndbuf
+            assert SMALL_OUTBOX < slow.outbox_size <= SMALL_OUTBOX + per_read + len(frame)
+        wait_until(lambda: running.server.active_clients == 0, "the greedy client to be dropped")
+
+
+def _send_until(sock: socket.socket, frame: bytes, done: Callable[[], bool], what: str) -> None:
+    """Send copies of ``frame`` on non-blocking ``sock`` until ``done()`` (bounded)."""
+    data = frame * 64  # a whole number of frames: sending round it continues the stream
+    offset = 0
+    deadline = time.monotonic() + PATIENCE
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        try:
+            chunk = frame if sock.type == socket.SOCK_SEQPACKET else memoryview(data)[offset:]
+            offset = (offset + sock.send(chunk)) % len(data)
+        except BlockingIOError:
+            select.select([], [sock], [], 0.01)  # room, or another look at done()
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_a_half_sent_frame_stalls_only_its_client(path: Path, workers: int) -> None:
+    with (
+        Running(path, echo, workers=workers) as running,
+        running.client() as other,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stalled,
+    ):
+        stalled.settimeout(PATIENCE)
+        stalled.connect(os.fspath(path))
+        message = b"the whole message"
+        frame = struct.pack(">I", len(message)) + message
+        stalled.sendall(frame[:2])  # half a header
+        assert round_trip(other, b"served") == b"served"
+        stalled.sendall(frame[2:9])  # the header and a little
+        assert round_trip(other, b"still") == b"still"
+        stalled.sendall(frame[9:])
+        assert _recv_exactly(stalled, len(frame)) == frame, "nothing was lost meanwhile"
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_a_header_over_max_frame_closes_that_client(
+    path: Path, workers: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Running(path, echo, workers=workers, max_frame=1024) as running:
+        with running.client() as other, socket.socket(socket.AF_UNIX) as liar:
+            liar.settimeout(PATIENCE)
+            liar.connect(os.fspath(path))
+            liar.sendall(struct.pack(">I", 1 << 30))
+            assert liar.recv(16) == b"", "the liar reads the end of the stream"
+            assert round_trip(other, b"fine") == b"fine"
+        wait_until(lambda: running.server.active_clients == 0, "both clients to be dropped")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("closing the connection" in message for message in warnings), warnings
+
+
+@pytest.mark.parametrize("kind", ["seqpacket", "dgram"])
+def test_a_packet_over_max_frame_is_reported(
+    path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        Running(path, echo, type=kind, max_frame=1024) as running,
+        running.client() as big,
+        running.client() as other,
+    ):
+        big.send(b"x" * 4096)
+        if kind == "seqpacket":
+            with pytest.raises(ConnectionClosed):
+                big.recv()
+        assert round_trip(other, b"fine") == b"fine"
+        if kind == "dgram":  # no connection to close: that datagram alone is dropped
+            assert round_trip(big, b"small") == b"small"
+    assert any("truncated" in record.getMessage() for record in caplog.records)
+
+
+# -- handlers that misbehave ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_handler_that_raises_closes_only_its_client(
+    path: Path, kind: str, workers: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    def handler(conn: Connection, message: bytes) -> bytes:
+        if message == b"boom":
+            raise RuntimeError("the handler broke")
+        return message
+
+    with (
+        Running(path, handler, type=kind, workers=workers) as running,
+        running.client() as victim,
+        running.client() as other,
+    ):
+        victim.send(b"boom")
+        if kind == "dgram":  # no connection: the datagram goes unanswered
+            assert round_trip(victim, b"next") == b"next"
+        else:
+            with pytest.raises(ConnectionClosed):
+                victim.recv()
+        assert round_trip(other, b"fine") == b"fine"
+    failures = [r for r in caplog.records if "handler failed" in r.getMessage()]
+    assert len(failures) == 1
+    assert failures[0].exc_info is not None
+    assert "the handler broke" in str(failures[0].exc_info[1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_blocked_handler_holds_one_worker_only(path: Path, kind: str) -> None:
+    release = threading.Event()
+    blocked = threading.Event()
+
+    def handler(conn: Connection, message: bytes) -> bytes:
+        if message == b"block":
+            blocked.set()
+            release.wait(PATIENCE)
+        return message
+
+    with Running(path, handler, type=kind, workers=2) as running:
+        try:
+            with running.client() as stuck, running.client() as a, running.client() as b:
+                stuck.send(b"block")
+                assert blocked.wait(PATIENCE)
+                for number in range(20):
+                    assert round_trip(a, b"a%d" % number) == b"a%d" % number
+                    assert round_trip(b, b"b%d" % number) == b"b%d" % number
+                release.set()
+                assert stuck.recv() == b"block"
+        finally:
+            release.set()
+
+
+@pytest.mark.parametrize(
+    "reply", [42, "text", ["a list"], 3.5], ids=["int", "str", "list", "float"]
+)
+@pytest.mark.parametrize("workers", WORKERS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_handler_returning_a_non_bytes_value_closes_its_client(
+    path: Path, kind: str, workers: int, reply: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    def handler(conn: Connection, message: bytes) -> object:
+        return reply if message == b"bad" else message
+
+    with (
+        Running(path, handler, type=kind, workers=workers) as running,
+        running.client() as victim,
+        running.client() as other,
+    ):
+        victim.send(b"bad")
+        if kind == "dgram":
+            assert round_trip(victim, b"next") == b"next", "nothing was sent for it"
+        else:
+            with pytest.raises(ConnectionClosed):
+                victim.recv()
+        assert round_trip(other, b"fine") == b"fine"
+    failures = [r for r in caplog.records if "handler failed" in r.getMessage()]
+    assert len(failures) == 1
+    assert failures[0].exc_info is not None
+    assert isinstance(failures[0].exc_info[1], TypeError)
+
+
+# -- limits and arguments ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_max_clients_leaves_the_third_in_the_backlog(path: Path, kind: str, workers: int) -> None:
+    accepted: list[int] = []
+    with Running(
+        path,
+        echo,
+        type=kind,
+        workers=workers,
+        max_clients=2,
+        on_connect=lambda conn: accepted.append(conn.id),
+    ) as running:
+        first, second = running.client(), running.client()
+        try:
+            assert round_trip(first, b"1") == b"1"
+            assert round_trip(second, b"2") == b"2"
+            with running.client() as third:  # connect() succeeds: the kernel queues it
+                third.send(b"3")
+                for _ in range(5):  # the loop goes round; the third stays queued
+                    assert round_trip(first, b"1") == b"1"
+                assert len(accepted) == 2
+                assert running.server.active_clients == 2
+                second.close()
+                assert third.recv() == b"3", "served once a slot freed"
+                assert len(accepted) == 3
+        finally:
+            first.close()
+            second.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "words"),
+    [
+        ({"handler": "not a function"}, TypeError, "handler must be a function"),
+        ({"workers": -1}, ValueError, "workers must be from 0"),
+        ({"workers": True}, TypeError, "workers must be a number"),
+        ({"workers": "2"}, TypeError, "workers must be a number"),
+        ({"workers": 2.0}, TypeError, "workers must be a number"),
+        ({"workers": 100_000}, ValueError, "workers must be from 0"),
+        ({"max_outbox": 0}, ValueError, "max_outbox must be a positive"),
+        ({"max_outbox": -5}, ValueError, "max_outbox must be a positive"),
+        ({"max_outbox": "big"}, ValueError, "max_outbox must be a positive"),
+        ({"on_connect": 3}, TypeError, "on_connect must be a function"),
+        ({"on_close": "x"}, TypeError, "on_close must be a function"),
+        ({"max_clients": 0}, ValueError, "max_clients must be a positive"),
+        ({"max_clients": -1}, ValueError, "max_clients must be a positive"),
+    ],
+    ids=lambda value: repr(value) if isinstance(value, dict) else None,
+)
+def test_bad_arguments_are_refused_clearly(
+    path: Path, options: dict[str, Any], error: type[Exception], words: str
+) -> None:
+    arguments: dict[str, Any] = {"handler": echo, **options}
+    handler = arguments.pop("handler")
+    with pytest.raises(error, match=words) as caught:
+        MessageServer(path, handler, **arguments)
+    assert "\n" not in str(caught.value), "one line"
+    assert not path.exists(), "nothing was claimed"
+
+
+# -- datagrams --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_datagram_replies_reach_each_sender(path: Path, workers: int) -> None:
+    def handler(conn: Connection, message: bytes) -> bytes:
+        return b"to " + message
+
+    with Running(path, handler, type="dgram", workers=workers) as running:
+        clients = [running.client() for _ in range(5)]
+        try:
+            for number, client in enumerate(clients):
+                client.send(b"%d" % number)
+            for number, client in enumerate(clients):
+                assert client.recv() == b"to %d" % number
+        finally:
+            for client in clients:
+                client.close()
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_an_unbound_datagram_sender_is_handled_but_cannot_be_answered(
+    path: Path, workers: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    handled = threading.Event()
+    errors: list[BaseException] = []
+
+    def handler(conn: Connection, message: bytes) -> bytes | None:
+        if message == b"anonymous":
+            assert conn.remote is None
+            assert conn.peer is not None
+            assert conn.peer.pid == os.getpid()
+            try:
+                conn.send(b"reply")
+            except ConnectionClosed as exc:
+                errors.append(exc)
+            handled.set()
+            return b"and a returned reply"  # fails the same way: logged, nothing else
+        return message
+
+    with Running(path, handler, type="dgram", workers=workers) as running:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as unbound:
+            unbound.sendto(b"anonymous", os.fspath(path))
+        assert handled.wait(PATIENCE)
+        with running.client() as client:  # the server goes on
+            assert round_trip(client, b"named") == b"named"
+    assert len(errors) == 1
+    assert "no address" in str(errors[0])
+    assert "\n" not in str(errors[0])
+    assert any("no address" in record.getMessage() for record in caplog.records)
+
+
+# -- threads ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_outbox", [udskit.connection.DEFAULT_MAX_OUTBOX, 4096])
+@pytest.mark.parametrize("workers", WORKERS)
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_conn_send_from_another_thread_arrives_whole_and_in_order(
+    path: Path, kind: str, workers: int, max_outbox: int
+) -> None:
+    count = 200
+    streamers: list[threading.Thread] = []
+    failures: list[BaseException] = []
+
+    def stream(conn: Connection) -> None:
+        try:
+            for number in range(count):
+                conn.send(b"%03d:" % number + bytes([number]) * (number * 10))
+        except BaseException as exc:
+            failures.append(exc)
+
+    def on_connect(conn: Connection) -> None:
+        thread = threading.Thread(target=stream, args=(conn,), daemon=True)
+        streamers.append(thread)
+        thread.start()
+
+    with Running(
+        path, echo, type=kind, workers=workers, max_outbox=max_outbox, on_connect=on_connect
+    ) as running:
+        with running.client() as client:
+            received = [client.recv() for _ in range(count)]
+        for thread in streamers:
+            thread.join(PATIENCE)
+            assert not thread.is_alive()
+    assert not failures
+    assert received == [b"%03d:" % n + bytes([n]) * (n * 10) for n in range(count)]
