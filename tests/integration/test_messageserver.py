@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import select
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +28,7 @@ import pytest
 import udskit
 from udskit import Connection, ConnectionClosed, MessageServer, Policy
 
-from ..conftest import open_fds
+from ..conftest import READY_TIMEOUT, open_fds, wait_connectable
 from .children import NOBODY, needs_root, run_in_child
 
 #: Upper bound of every wait in this file: generous, since CI machines stall.
@@ -762,3 +766,198 @@ def test_conn_send_from_another_thread_arrives_whole_and_in_order(
             assert not thread.is_alive()
     assert not failures
     assert received == [b"%03d:" % n + bytes([n]) * (n * 10) for n in range(count)]
+
+
+# -- crowds, descriptors running out, signals -----------------------------------------------
+
+#: Clients that connect and vanish at once in the crowd test.
+CROWD = 2000
+
+
+@pytest.fixture
+def many_fds() -> Iterator[None]:
+    """Room for a crowd's descriptors (both ends live in this process): the soft limit is
+    raised within the hard one, and restored after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * CROWD + 256
+    if soft < wanted:
+        if hard != resource.RLIM_INFINITY and hard < wanted:
+            pytest.skip(f"needs {wanted} descriptors; the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_a_crowd_that_connects_and_vanishes_at_once(
+    path: Path, kind: str, workers: int, many_fds: None, fd_check: None
+) -> None:
+    closes = 0
+
+    def on_close(conn: Connection) -> None:
+        nonlocal closes
+        closes += 1
+
+    with Running(
+        path, echo, type=kind, workers=workers, backlog=CROWD, on_close=on_close
+    ) as running:
+        crowd: list[socket.socket] = []
+        try:
+            for number in range(CROWD):
+                sock = socket.socket(socket.AF_UNIX, SOCK_TYPES[kind])
+                crowd.append(sock)
+                sock.settimeout(PATIENCE)
+                sock.connect(os.fspath(path))
+                if number % 2:  # half of them leave a message they will never read
+                    frame = b"bye" if kind == "seqpacket" else struct.pack(">I", 3) + b"bye"
+                    sock.sendall(frame)
+        finally:
+            for sock in crowd:
+                sock.close()
+        wait_until(lambda: running.server.active_clients == 0, "the crowd to be dropped")
+        with running.client() as survivor:
+            assert round_trip(survivor, b"still here") == b"still here"
+        wait_until(lambda: running.server.active_clients == 0, "the survivor to be dropped")
+    assert closes == CROWD + 1, "every client accepted, every one dropped"
+    # fd_check: nothing of the crowd is left open in this process.
+
+
+#: A server program for the descriptor-exhaustion test: its descriptor limit leaves room for
+#: a handful of clients; it logs to stderr.
+EMFILE_SERVER = """
+import logging, os, resource, sys
+import udskit
+
+logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(message)s")
+server = udskit.MessageServer(sys.argv[1], lambda conn, message: message, backlog=64)
+open_now = len(os.listdir("/proc/self/fd"))
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + int(sys.argv[2]), hard))
+print("ready", flush=True)
+server.serve_forever()
+"""
+
+#: Clients the exhausted server can hold (its limit leaves this many descriptors free).
+ROOM = 5
+
+#: How long the exhausted server is watched, and the CPU it may use meanwhile: backing
+#: off, it wakes a handful of times; spinning, it would use the whole window.
+CPU_WINDOW = 1.0
+CPU_ALLOWED = 0.2
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid``, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    # After the command: state is field 3; utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _read_line(stream: Any, timeout: float = READY_TIMEOUT) -> str:
+    ready, _, _ = select.select([stream], [], [], timeout)
+    if not ready:
+        raise AssertionError(f"no output from the child within {timeout} s")
+    line: str = stream.readline()
+    return line
+
+
+def test_out_of_descriptors_backs_off_without_spinning(path: Path) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "error"}
+    with subprocess.Popen(
+        [sys.executable, "-c", EMFILE_SERVER, os.fspath(path), str(ROOM)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as proc:
+        clients: list[udskit.Channel] = []
+        try:
+            assert _read_line(proc.stdout) == "ready\n"
+            # More clients than the server can hold: the rest wait in its backlog.
+            clients.extend(udskit.connect(path, timeout=PATIENCE) for _ in range(ROOM + 10))
+            assert round_trip(clients[0], b"first") == b"first"
+            line = _read_line(proc.stderr)
+            assert "accept failed" in line
+            assert "not accepting for" in line
+            before = _cpu_seconds(proc.pid)
+            time.sleep(CPU_WINDOW)  # the measured window, not a synchronisation
+            used = _cpu_seconds(proc.pid) - before
+            assert used < CPU_ALLOWED, f"the server used {used:.2f} s of CPU in {CPU_WINDOW} s"
+            # Descriptors come back as clients leave: the waiting ones are served in turn.
+            for client in clients[:ROOM]:
+                client.close()
+            for number, client in enumerate(clients[ROOM:]):
+                assert round_trip(client, b"%d" % number) == b"%d" % number
+                client.close()
+        finally:
+            for client in clients:
+                client.close()
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=READY_TIMEOUT)
+
+
+#: A server program for the signal test: serve_messages with an echo handler.
+SIGNAL_SERVER = """
+import sys
+import udskit
+
+udskit.serve_messages(
+    sys.argv[1], lambda conn, message: message, type=sys.argv[2], workers=int(sys.argv[3])
+)
+print("serve_messages returned", flush=True)
+"""
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_sigterm_under_load_stops_serve_messages_cleanly(
+    path: Path, kind: str, workers: int
+) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "error"}
+    with subprocess.Popen(
+        [sys.executable, "-c", SIGNAL_SERVER, os.fspath(path), kind, str(workers)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    ) as proc:
+        try:
+            wait_connectable(path, SOCK_TYPES[kind])
+            busy = [threading.Event() for _ in range(4)]
+            loaders = [
+                threading.Thread(target=_load, args=(path, kind, event), daemon=True)
+                for event in busy
+            ]
+            for loader in loaders:
+                loader.start()
+            for event in busy:  # every client has had replies: the server is under load
+                assert event.wait(PATIENCE)
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=READY_TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        for loader in loaders:
+            loader.join(PATIENCE)
+            assert not loader.is_alive(), "a client hung after the server stopped"
+    assert proc.returncode == 0, err
+    assert out == b"serve_messages returned\n"
+    assert b"Traceback" not in err
+    assert not path.exists(), "the socket file was removed"
+
+
+def _load(path: Path, kind: str, busy: threading.Event) -> None:
+    """A client that sends and reads as fast as it can until the server goes away."""
+    try:
+        with udskit.connect(path, type=kind, timeout=2.0) as client:
+            for number in range(1_000_000):
+                client.send_many([b"%d" % number] * 8)
+                for _ in range(8):
+                    client.recv()
+                busy.set()
+    except (ConnectionClosed, udskit.Timeout, udskit.ConnectError):
+        pass  # the server stopped: what this client waits for
