@@ -222,6 +222,7 @@ class Connection:
             and framing is not None
             and len(data) <= JOIN_LIMIT
             and not self._closing
+            and not self.closed  # else queued for nobody, and never said so
             and not self._out.size
             and get_ident() == self._loop_thread
         ):

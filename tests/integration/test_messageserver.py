@@ -961,3 +961,41 @@ def _load(path: Path, kind: str, busy: threading.Event) -> None:
                 busy.set()
     except (ConnectionClosed, udskit.Timeout, udskit.ConnectError):
         pass  # the server stopped: what this client waits for
+
+
+# -- regressions ------------------------------------------------------------------------------
+
+
+def _thread_cpu_seconds(native_id: int) -> float:
+    """User plus system CPU time of one of this process's threads, from /proc."""
+    with open(f"/proc/self/task/{native_id}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_sending_to_a_closed_connection_raises(path: Path) -> None:
+    """A handler that answers another client (a chat room) learns that client has left."""
+    room: dict[bytes, Connection] = {}
+    left = threading.Event()
+    errors: list[BaseException] = []
+
+    def handler(conn: Connection, message: bytes) -> bytes:
+        name, _, text = message.partition(b":")
+        room[name] = conn
+        for other in room.values():
+            if other is not conn:
+                try:
+                    other.send(text)
+                except ConnectionClosed as exc:
+                    errors.append(exc)
+        return b"ok"
+
+    with Running(path, handler, max_frame=1024, on_close=lambda conn: left.set()) as running:
+        with running.client() as alice:
+            assert round_trip(alice, b"alice:hi") == b"ok"
+            alice.socket.sendall(b"\xff" * 4)  # a header over max_frame: the server drops her
+            assert left.wait(PATIENCE)
+        with running.client() as bob:
+            assert round_trip(bob, b"bob:anyone?") == b"ok"
+    assert len(errors) == 1
+    assert "closed" in str(errors[0])
