@@ -527,8 +527,9 @@ class Connection:
             close_fds(fds)
         self._pending = []
         self._pending_size = 0
-        close_fds(self._fds)
-        self._fds = []
+        if not self.busy:  # else a worker's handler holds them; it releases them after
+            close_fds(self._fds)
+            self._fds = []
         if self._framing is not None:
             close_fds(self._framing.held_fds())
         if self._space is not None:

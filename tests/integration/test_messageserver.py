@@ -999,3 +999,52 @@ def test_sending_to_a_closed_connection_raises(path: Path) -> None:
             assert round_trip(bob, b"bob:anyone?") == b"ok"
     assert len(errors) == 1
     assert "closed" in str(errors[0])
+
+
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_descriptors_stay_the_handlers_while_its_client_is_closed(
+    path: Path, kind: str, fd_check: None
+) -> None:
+    """A worker's handler keeps the descriptors of its message open even when the loop
+    closes that client meanwhile (here: a second message over max_frame)."""
+    release = threading.Event()
+    working = threading.Event()
+    closed = threading.Event()
+    seen: list[tuple[int, int] | str] = []
+
+    def handler(conn: Connection, message: bytes) -> None:
+        fd = conn.fds[0]
+        before = os.fstat(fd)
+        working.set()
+        release.wait(PATIENCE)
+        try:
+            after = os.fstat(fd)
+        except OSError as exc:
+            seen.append(os.strerror(exc.errno or 0))
+        else:
+            seen.append((before.st_ino, after.st_ino))
+
+    r, w = os.pipe()
+    other_r, other_w = -1, -1
+    try:
+        with Running(
+            path, handler, type=kind, workers=2, max_frame=1024, on_close=lambda c: closed.set()
+        ) as running:
+            with running.client() as client:
+                client.send_fds(b"with a descriptor", [w])
+                assert working.wait(PATIENCE)
+                client.socket.sendall(b"x" * 4096 if kind == "seqpacket" else b"\xff" * 4)
+                assert closed.wait(PATIENCE)
+                # Descriptor numbers are reused lowest first: a pipe opened now takes the
+                # numbers a premature close freed.
+                other_r, other_w = os.pipe()
+                release.set()
+            wait_until(lambda: seen, "the handler to finish")
+    finally:
+        release.set()
+        for fd in (r, w, other_r, other_w):
+            if fd >= 0:
+                os.close(fd)
+    assert len(seen) == 1
+    assert isinstance(seen[0], tuple), f"closed under the handler: {seen[0]}"
+    assert seen[0][0] == seen[0][1], "the number now names another file"
