@@ -159,8 +159,12 @@ class MessageServer:
 
     # -- the driver interface the connections use ------------------------------------------
     def watch(self, conn: Connection, read: bool, write: bool) -> None:
+        events = (_IN if read else 0) | (_OUT if write else 0)
         try:
-            self._epoll.modify(conn.fd, (_IN if read else 0) | (_OUT if write else 0))
+            # epoll reports EPOLLHUP and EPOLLERR whatever it is asked: a client gone while
+            # its connection waits (a worker has its messages) would wake every poll, a
+            # spin. Asking for nothing, one-shot: reported once, then quiet until re-armed.
+            self._epoll.modify(conn.fd, events or select.EPOLLONESHOT)
         except OSError:
             pass  # the socket was closed under us; its close removes it anyway
 

@@ -977,6 +977,35 @@ def _thread_cpu_seconds(native_id: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_a_client_gone_while_its_handler_works_costs_no_cpu(path: Path, kind: str) -> None:
+    """The loop stops watching a client whose handler is still at work in the pool; epoll
+    reports a hang-up whatever it was asked, so without care the loop spins on it."""
+    release = threading.Event()
+    working = threading.Event()
+
+    def handler(conn: Connection, message: bytes) -> bytes:
+        working.set()
+        release.wait(PATIENCE)
+        return message
+
+    with Running(path, handler, type=kind, workers=2) as running:
+        try:
+            with running.client() as client:
+                client.send(b"work")
+                assert working.wait(PATIENCE)
+            # The client is gone (a full close: the server's socket now reports EPOLLHUP).
+            native_id = running.thread.native_id
+            assert native_id is not None
+            before = _thread_cpu_seconds(native_id)
+            time.sleep(CPU_WINDOW)  # the measured window, not a synchronisation
+            used = _thread_cpu_seconds(native_id) - before
+            assert used < CPU_ALLOWED, f"the loop used {used:.2f} s of CPU in {CPU_WINDOW} s"
+        finally:
+            release.set()
+        wait_until(lambda: running.server.active_clients == 0, "the client to be dropped")
+
+
 def test_sending_to_a_closed_connection_raises(path: Path) -> None:
     """A handler that answers another client (a chat room) learns that client has left."""
     room: dict[bytes, Connection] = {}
