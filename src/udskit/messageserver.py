@@ -260,6 +260,8 @@ class MessageServer:
                 conn.hold(False)
             return
         conn.busy = False
+        # Forgotten when empty (dispatch makes another): else one per datagram, forever.
+        self._inboxes.pop(conn.id, None)
         conn.hold(False)
         conn.flush()
 

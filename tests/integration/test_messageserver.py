@@ -1081,3 +1081,12 @@ def test_descriptors_stay_the_handlers_while_its_client_is_closed(
     assert len(seen) == 1
     assert isinstance(seen[0], tuple), f"closed under the handler: {seen[0]}"
     assert seen[0][0] == seen[0][1], "the number now names another file"
+
+
+def test_pooled_datagrams_leave_nothing_behind(path: Path) -> None:
+    """Every datagram is a client of its own: the pool forgets each once it is answered."""
+    with Running(path, echo, type="dgram", workers=2) as running, running.client() as client:
+        for number in range(200):
+            assert round_trip(client, b"%d" % number) == b"%d" % number
+        server = running.server
+        wait_until(lambda: not server._inboxes, "the pool's queues to be forgotten")
