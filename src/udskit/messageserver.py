@@ -40,7 +40,7 @@ from .address import AddressLike
 from .admission import Admitted, admit
 from .channel import RECV_CHUNK
 from .connection import DEFAULT_MAX_OUTBOX, Connection, Reply
-from .errors import Timeout, UdsError
+from .errors import ConnectionClosed, Timeout, UdsError
 from .listening import DatagramListener, Listener, listen
 from .options import check_max_clients
 from .proto import make_framing
@@ -221,7 +221,9 @@ class MessageServer:
                 conn.release_fds()
 
     def _handler_failed(self, conn: Connection, exc: Exception) -> None:
-        if isinstance(exc, UdsError):
+        if self._stopping and isinstance(exc, ConnectionClosed):
+            log.debug("%s: %s (stopping)", self.address, exc)  # stop() closed it
+        elif isinstance(exc, UdsError):
             log.warning("%s: %s; closing %r", self.address, exc, conn)
         else:
             log.exception("%s: handler failed for %r; closing it", self.address, conn)
@@ -446,6 +448,12 @@ class MessageServer:
     def _shutdown(self) -> None:
         self._stopping = True
         self._endpoint.close()
+        # The clients first: a worker waiting for room in an outbox waits on this loop,
+        # which drains no more; closing its client releases it (its send raises).
+        self._on_wake()  # replies the workers handed over
+        for conn in list(self._conns.values()):
+            conn.flush()  # what the kernel takes now; nothing waits for slow clients
+            conn.abort()
         for _ in self._threads:
             self._pool.put(None)
         deadline = time.monotonic() + SHUTDOWN_GRACE
@@ -459,10 +467,7 @@ class MessageServer:
                 late,
                 SHUTDOWN_GRACE,
             )
-        self._on_wake()  # replies the workers handed over
-        for conn in list(self._conns.values()):
-            conn.flush()  # what the kernel takes now; nothing waits for slow clients
-            conn.abort()
+        self._on_wake()  # what the workers handed over since: closes its descriptors
         self._epoll.close()
         for fd in (self._wake_r, self._wake_w):
             try:

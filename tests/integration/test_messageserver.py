@@ -1006,6 +1006,41 @@ def test_a_client_gone_while_its_handler_works_costs_no_cpu(path: Path, kind: st
         wait_until(lambda: running.server.active_clients == 0, "the client to be dropped")
 
 
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_stop_does_not_wait_for_a_worker_stuck_on_a_full_outbox(
+    path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker waiting for room in a client's outbox waits on the loop, which stop() ends:
+    stopping closes the clients first, so the worker is released at once."""
+    conns: list[Connection] = []
+    big = b"x" * 8192
+
+    def handler(conn: Connection, message: bytes) -> bytes:
+        return big
+
+    running = Running(
+        path,
+        handler,
+        type=kind,
+        workers=2,
+        max_outbox=SMALL_OUTBOX,
+        sndbuf=SMALL_BUFFER,
+        on_connect=conns.append,
+    )
+    with running, socket.socket(socket.AF_UNIX, SOCK_TYPES[kind]) as greedy:
+        greedy.connect(os.fspath(path))
+        greedy.setblocking(False)
+        wait_until(lambda: conns, "the client to be accepted")
+        frame = b"go" if kind == "seqpacket" else struct.pack(">I", 2) + b"go"
+        _send_until(greedy, frame, lambda: conns[0].outbox_size > SMALL_OUTBOX, "a full outbox")
+        started = time.monotonic()
+        running.server.stop()
+        running.thread.join(PATIENCE)
+        took = time.monotonic() - started
+    assert took < udskit.server.SHUTDOWN_GRACE / 2, f"stop() took {took:.1f} s"
+    assert not any("still running" in record.getMessage() for record in caplog.records)
+
+
 def test_sending_to_a_closed_connection_raises(path: Path) -> None:
     """A handler that answers another client (a chat room) learns that client has left."""
     room: dict[bytes, Connection] = {}
