@@ -453,7 +453,7 @@ class Connection:
             message = framing.feed(buffer[:size], fds)
             while isinstance(message, bytes):
                 self._driver.dispatch(self, message, framing.take_fds())
-                if self.closed:
+                if self.closed or self._closing:  # close(): what follows is not handled
                     return
                 message = framing.next_message()
         except UdsError as exc:  # FrameTooLarge, or the stream ended mid-message
@@ -489,7 +489,7 @@ class Connection:
                 self._ended()  # seqpacket: a zero-length read is the end of the stream
                 return
             self._driver.dispatch(self, buffer[:size].tobytes(), fds)
-            if self.closed or self._held or self._paused:
+            if self.closed or self._closing or self._held or self._paused:
                 return
 
     def _ended(self) -> None:

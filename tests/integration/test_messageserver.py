@@ -1125,3 +1125,54 @@ def test_pooled_datagrams_leave_nothing_behind(path: Path) -> None:
             assert round_trip(client, b"%d" % number) == b"%d" % number
         server = running.server
         wait_until(lambda: not server._inboxes, "the pool's queues to be forgotten")
+
+
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_messages_after_close_are_not_handled(
+    path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """close() sends what was queued, then closes; messages already read after the one
+    whose handler closed are dropped, not handed to a handler whose replies must fail."""
+    # More than the socket takes at once, so that it waits in the outbox (a packet must
+    # fit the send buffer: many of them).
+    replies = [os.urandom(200_000)] if kind == "stream" else [os.urandom(20_000)] * 40
+    handled: list[bytes] = []
+
+    def handler(conn: Connection, message: bytes) -> bytes | None:
+        handled.append(message)
+        if message == b"last":
+            for reply in replies:
+                conn.send(reply)
+            conn.close()
+            return None
+        return message
+
+    with (
+        Running(path, handler, type=kind, sndbuf=SMALL_BUFFER) as running,
+        running.client() as client,
+    ):
+        client.send_many([b"first", b"last", b"after", b"more"])
+        assert client.recv() == b"first"
+        if kind == "seqpacket":
+            # Closing a socket with unread packets resets it (net/unix/af_unix.c,
+            # unix_release_sock): the client may read ECONNRESET before the replies.
+            got = _recv_until_closed(client, len(replies) + 1)
+            assert got == replies[: len(got)]
+        else:
+            assert client.recv() == replies[0], "what was queued before close() arrives whole"
+            with pytest.raises(ConnectionClosed) as caught:
+                client.recv()
+            assert not caught.value.mid_message
+    assert handled == [b"first", b"last"], "nothing handled after close()"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def _recv_until_closed(channel: udskit.Channel, most: int) -> list[bytes]:
+    """What ``channel`` receives before ConnectionClosed (which must come within ``most``)."""
+    got: list[bytes] = []
+    for _ in range(most):
+        try:
+            got.append(channel.recv())
+        except ConnectionClosed:
+            return got
+    raise AssertionError(f"the connection was still open after {most} messages")
