@@ -126,6 +126,7 @@ class Connection:
         "_pending",
         "_pending_size",
         "_posted",
+        "_reading",
         "_sock",
         "_space",
         "_state",
@@ -177,6 +178,7 @@ class Connection:
         self._held = False  # not reading: the driver said so (hold())
         self._eof = False  # the client will send nothing more
         self._closing = False  # close once the outbox is empty
+        self._reading = False  # in on_readable: what is sent now goes out at its end
         self.busy = False  # a worker or a task has this connection's messages
         self.closed = False
 
@@ -230,6 +232,8 @@ class Connection:
             frame = framing.frame(data)
             self._pending.append(frame)
             self._pending_size += len(frame)
+            if not self._reading:
+                self._flush_soon()
             return
         self._send(data, ())
 
@@ -276,6 +280,8 @@ class Connection:
             raise
         if get_ident() == self._loop_thread:
             self._queue(parts, list(map(os.dup, fds)) if fds else None)
+            if not self._reading:
+                self._flush_soon()
             return
         # Another thread: copy what the caller may reuse, hand over, then wait for room.
         owned = [p if type(p) is bytes else bytes(p) for p in parts]
@@ -290,6 +296,11 @@ class Connection:
                 space.wait()
         if self.closed:
             raise ConnectionClosed(f"{self._where()}: the connection is closed")
+
+    def _flush_soon(self) -> None:
+        """Sent from the loop thread outside this connection's own read (another client's
+        handler, on_connect): no flush of ours follows, so ask the driver for one."""
+        self._driver.call_soon(self.flush)
 
     def _space_condition(self) -> threading.Condition:
         space = self._space
@@ -418,10 +429,12 @@ class Connection:
     def on_readable(self, buffer: memoryview) -> None:
         """The socket is readable: read into ``buffer`` (the server's, shared), handle the
         messages, send the replies."""
+        self._reading = True
         if self._framing is not None:
             self._read_stream(buffer)
         else:
             self._read_packets(buffer)
+        self._reading = False
         if not self.closed:
             self.flush()
 

@@ -173,7 +173,8 @@ class MessageServer:
 
     def call_soon(self, callback: Callable[..., object], *args: Any) -> None:
         self._calls.append((callback, args))
-        if not self._woken:
+        # From the loop thread no wake-up is needed: _run runs the calls after each poll.
+        if not self._woken and threading.get_ident() != self._loop_thread:
             self._woken = True
             self._wake()
 
@@ -331,6 +332,8 @@ class MessageServer:
                     conn.on_readable(buffer)
                 if events & _OUT and not conn.closed:
                     conn.on_writable()
+            if self._calls:
+                self._run_calls()
             if self._retry_at is not None and time.monotonic() >= self._retry_at:
                 self._retry_at = None
                 self._watch_listener(True)
@@ -342,6 +345,9 @@ class MessageServer:
         except BlockingIOError:
             pass
         self._woken = False
+        self._run_calls()
+
+    def _run_calls(self) -> None:
         calls = self._calls
         while calls:
             callback, args = calls.popleft()

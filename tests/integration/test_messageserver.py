@@ -1176,3 +1176,39 @@ def _recv_until_closed(channel: udskit.Channel, most: int) -> list[bytes]:
         except ConnectionClosed:
             return got
     raise AssertionError(f"the connection was still open after {most} messages")
+
+
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_a_greeting_sent_from_on_connect_arrives_unasked(path: Path, kind: str) -> None:
+    def greet(conn: Connection) -> None:
+        conn.send(b"welcome")
+
+    with (
+        Running(path, echo, type=kind, on_connect=greet) as running,
+        running.client() as client,
+    ):
+        assert client.recv() == b"welcome", "before the client said anything"
+        assert round_trip(client, b"then") == b"then"
+
+
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_a_message_for_another_client_arrives_before_that_client_speaks(
+    path: Path, kind: str
+) -> None:
+    room: list[Connection] = []
+
+    def handler(conn: Connection, message: bytes) -> None:
+        for member in room:
+            if member is not conn:
+                member.send(message)
+
+    with (
+        Running(path, handler, type=kind, on_connect=room.append) as running,
+        running.client() as listener,
+        running.client() as speaker,
+    ):
+        wait_until(lambda: len(room) == 2, "both clients to join")
+        speaker.send(b"hello, room")
+        assert listener.recv() == b"hello, room", "the listener never spoke"
+        speaker.send(b"x" * 100_000)  # a large one goes another way
+        assert listener.recv() == b"x" * 100_000
