@@ -271,6 +271,11 @@ class Connection:
                 # bytes(42) would be 42 zero bytes: a packet must be bytes-like already.
                 check_message(data, "send")
                 parts: list[bytes | bytearray | memoryview] = [bytes(data)]
+                if not parts[0] and self._type == "seqpacket":  # the outbox would skip it
+                    raise ProtocolError(
+                        "cannot send an empty seqpacket message: the receiver reads it as "
+                        "end of connection"
+                    )
             elif len(data) <= JOIN_LIMIT:
                 parts = [framing.frame(data)]
             else:

@@ -1212,3 +1212,20 @@ def test_a_message_for_another_client_arrives_before_that_client_speaks(
         assert listener.recv() == b"hello, room", "the listener never spoke"
         speaker.send(b"x" * 100_000)  # a large one goes another way
         assert listener.recv() == b"x" * 100_000
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_an_empty_seqpacket_reply_is_refused_not_lost(
+    path: Path, workers: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client would read an empty packet as the end of the connection; the server
+    refuses to send one, as a Channel does, rather than drop it without a word."""
+    with (
+        Running(path, lambda conn, message: b"", type="seqpacket", workers=workers) as running,
+        running.client() as client,
+    ):
+        client.send(b"anything")
+        with pytest.raises(ConnectionClosed):
+            client.recv()
+    refusals = [r.getMessage() for r in caplog.records if "empty seqpacket" in r.getMessage()]
+    assert len(refusals) == 1
