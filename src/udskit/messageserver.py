@@ -228,7 +228,11 @@ class MessageServer:
             log.warning("%s: %s; closing %r", self.address, exc, conn)
         else:
             log.exception("%s: handler failed for %r; closing it", self.address, conn)
-        if self.in_loop():
+        if isinstance(exc, ConnectionClosed) and conn.type != "dgram":
+            # A send found it closing (close() from a worker, the messages after it already
+            # taken): let what was queued before go out, as close() promised.
+            conn.close()
+        elif self.in_loop():
             conn.abort()
         else:
             self.call_soon(conn.abort)

@@ -1229,3 +1229,40 @@ def test_an_empty_seqpacket_reply_is_refused_not_lost(
             client.recv()
     refusals = [r.getMessage() for r in caplog.records if "empty seqpacket" in r.getMessage()]
     assert len(refusals) == 1
+
+
+def test_close_from_a_worker_sends_what_was_queued_first(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With a pool, messages after the closing one may be in a worker's hands already;
+    their replies fail, but what was sent before close() still goes out whole."""
+    big = os.urandom(300_000)
+    tried = threading.Event()
+
+    def handler(conn: Connection, message: bytes) -> bytes | None:
+        if message == b"last":
+            conn.send(big)
+            conn.close()
+            return None
+        if message == b"after":
+            # Once the loop has queued big (and, right after it, taken the close), a reply
+            # finds the connection closing.
+            wait_until(lambda: conn.outbox_size > 0, "the reply to be queued")
+            try:
+                conn.send(message)
+            finally:
+                tried.set()
+            return None
+        return message
+
+    with (
+        Running(path, handler, workers=2, sndbuf=SMALL_BUFFER) as running,
+        running.client() as client,
+    ):
+        client.send_many([b"first", b"last", b"after"])
+        assert tried.wait(PATIENCE), "the client reads only once the late reply was tried"
+        assert client.recv() == b"first"
+        assert client.recv() == big
+        with pytest.raises(ConnectionClosed) as caught:
+            client.recv()
+        assert not caught.value.mid_message
