@@ -1266,3 +1266,71 @@ def test_close_from_a_worker_sends_what_was_queued_first(
         with pytest.raises(ConnectionClosed) as caught:
             client.recv()
         assert not caught.value.mid_message
+
+
+# -- lifecycle --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_closing_a_server_that_never_served(path: Path, kind: str, fd_check: None) -> None:
+    with MessageServer(path, echo, type=kind, workers=2) as server:
+        assert path.exists()
+        assert server.active_clients == 0
+    assert not path.exists()
+    server.close()  # again: nothing to do
+
+
+def test_serve_forever_runs_once(path: Path) -> None:
+    with Running(path, echo) as running:
+        with pytest.raises(RuntimeError, match="once"):
+            running.server.serve_forever()
+        with running.client() as client:
+            assert round_trip(client, b"unharmed") == b"unharmed"
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_stop_from_a_handler(path: Path, kind: str, workers: int) -> None:
+    running = Running(
+        path, lambda conn, message: conn_stop(running, message), type=kind, workers=workers
+    )
+    with running, running.client() as client:
+        assert round_trip(client, b"hello") == b"hello"
+        client.send(b"stop")
+        running.thread.join(PATIENCE)
+        assert not running.thread.is_alive(), "the server stopped"
+    assert not path.exists()
+
+
+def conn_stop(running: Running, message: bytes) -> bytes:
+    if message == b"stop":
+        running.server.stop()
+    return message
+
+
+def test_serve_messages_outside_the_main_thread(path: Path) -> None:
+    """Off the main thread it installs no signal handlers, and stop() ends it."""
+    servers: list[MessageServer] = []
+    real = MessageServer
+
+    class Recorded(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            servers.append(self)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(udskit.messageserver, "MessageServer", Recorded)
+        thread = threading.Thread(
+            target=udskit.serve_messages, args=(path, echo), kwargs={"workers": 2}, daemon=True
+        )
+        thread.start()
+        wait_until(lambda: servers, "the server to be made")
+        wait_connectable(path)
+        with udskit.connect(path, timeout=PATIENCE) as client:
+            assert round_trip(client, b"ok") == b"ok"
+        assert signal.getsignal(signal.SIGTERM) is before
+        servers[0].stop()
+        thread.join(PATIENCE)
+        assert not thread.is_alive()
+    assert not path.exists()
