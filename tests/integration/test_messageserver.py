@@ -939,8 +939,10 @@ def test_sigterm_under_load_stops_serve_messages_cleanly(
                 loader.start()
             for event in busy:  # every client has had replies: the server is under load
                 assert event.wait(PATIENCE)
+            started = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             out, err = proc.communicate(timeout=READY_TIMEOUT)
+            took = time.monotonic() - started
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -949,6 +951,7 @@ def test_sigterm_under_load_stops_serve_messages_cleanly(
             loader.join(PATIENCE)
             assert not loader.is_alive(), "a client hung after the server stopped"
     assert proc.returncode == 0, err
+    assert took < udskit.server.SHUTDOWN_GRACE, f"stopping took {took:.1f} s: it waited"
     assert out == b"serve_messages returned\n"
     assert b"Traceback" not in err
     assert not path.exists(), "the socket file was removed"
