@@ -27,6 +27,8 @@ import pytest
 
 import udskit
 from udskit import Connection, ConnectionClosed, MessageServer, Policy
+from udskit.channel import RECV_CHUNK
+from udskit.messageserver import WORKER_BACKLOG
 
 from ..conftest import READY_TIMEOUT, open_fds, wait_connectable
 from .children import NOBODY, needs_root, run_in_child
@@ -1337,3 +1339,42 @@ def test_serve_messages_outside_the_main_thread(path: Path) -> None:
         thread.join(PATIENCE)
         assert not thread.is_alive()
     assert not path.exists()
+
+
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_a_pool_stops_reading_a_client_it_cannot_keep_up_with(path: Path, kind: str) -> None:
+    """Messages queued for a busy worker are bounded per client (WORKER_BACKLOG, plus what
+    one read brought); the rest wait in the kernel, and all are answered in order."""
+    release = threading.Event()
+    started = threading.Event()
+
+    def handler(conn: Connection, message: bytes) -> bytes:
+        if message != b"hello":
+            started.set()
+            release.wait(PATIENCE)
+        return message
+
+    sent = [b"%06d" % number for number in range(3000)]
+    with Running(path, handler, type=kind, workers=2) as running:
+        server = running.server
+        try:
+            with running.client() as client:
+                sender = threading.Thread(target=client.send_many, args=(sent,), daemon=True)
+                sender.start()
+                assert started.wait(PATIENCE)
+                # Reading stops at WORKER_BACKLOG queued; the worker may have taken one since.
+                wait_until(
+                    lambda: sum(map(len, server._inboxes.values())) >= WORKER_BACKLOG - 1,
+                    "the worker's queue to fill",
+                )
+                queued = sum(map(len, server._inboxes.values()))
+                per_read = 64 if kind == "seqpacket" else RECV_CHUNK // (4 + len(sent[0]))
+                assert queued <= WORKER_BACKLOG + per_read
+                with running.client() as other:  # the other worker serves others meanwhile
+                    assert round_trip(other, b"hello") == b"hello"
+                release.set()
+                assert [client.recv() for _ in sent] == sent
+                sender.join(PATIENCE)
+                assert not sender.is_alive()
+        finally:
+            release.set()
