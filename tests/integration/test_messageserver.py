@@ -1378,3 +1378,41 @@ def test_a_pool_stops_reading_a_client_it_cannot_keep_up_with(path: Path, kind: 
                 assert not sender.is_alive()
         finally:
             release.set()
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_descriptors_stay_with_their_replies_through_a_backed_up_outbox(
+    path: Path, kind: str, workers: int, fd_check: None
+) -> None:
+    """Replies with and without descriptors, large and small, queued behind each other in
+    the outbox and sent in pieces: every descriptor arrives with its own reply."""
+    filler = b"f" * (30_000 if kind == "stream" else 8_000)
+
+    def handler(conn: Connection, message: bytes) -> None:
+        r, w = os.pipe()
+        try:
+            os.write(w, message)
+            conn.send(filler)
+            conn.send_fds(b"fd for " + message, [r])
+            conn.send(b"plain " + message)
+        finally:
+            os.close(r)
+            os.close(w)
+
+    sent = [b"%03d" % number for number in range(60)]
+    with (
+        Running(path, handler, type=kind, workers=workers, sndbuf=SMALL_BUFFER) as running,
+        running.client() as client,
+    ):
+        client.send_many(sent)  # all at once: the replies back up behind a client not reading
+        for message in sent:
+            assert client.recv_fds() == (filler, [])
+            data, fds = client.recv_fds()
+            assert data == b"fd for " + message
+            assert len(fds) == 1
+            try:
+                assert os.read(fds[0], 10) == message
+            finally:
+                os.close(fds[0])
+            assert client.recv_fds() == (b"plain " + message, [])
