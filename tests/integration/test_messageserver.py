@@ -1416,3 +1416,33 @@ def test_descriptors_stay_with_their_replies_through_a_backed_up_outbox(
             finally:
                 os.close(fds[0])
             assert client.recv_fds() == (b"plain " + message, [])
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_pipelined_messages_with_descriptors_each_get_their_own(
+    path: Path, kind: str, workers: int, fd_check: None
+) -> None:
+    def handler(conn: Connection, message: bytes) -> bytes:
+        assert len(conn.fds) == 1, f"{message!r} came with {len(conn.fds)} descriptors"
+        os.write(conn.fds[0], message)
+        return message
+
+    pipes = [os.pipe() for _ in range(40)]
+    try:
+        with (
+            Running(path, handler, type=kind, workers=workers) as running,
+            running.client() as client,
+        ):
+            for number, (_, w) in enumerate(pipes):
+                client.send_fds(b"%02d" % number + b"." * number * 100, [w])  # pipelined
+            replies = [client.recv() for _ in pipes]
+        expected = [b"%02d" % number + b"." * number * 100 for number in range(len(pipes))]
+        # A pool answers datagrams (each a client of its own) in any order.
+        assert (sorted(replies) if kind == "dgram" and workers else replies) == expected
+        for (r, _), message in zip(pipes, expected, strict=True):
+            assert os.read(r, 10_000) == message, "each descriptor came with its message"
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
