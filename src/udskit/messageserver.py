@@ -479,7 +479,12 @@ class MessageServer:
             )
         self._on_wake()  # what the workers handed over since: closes its descriptors
         self._epoll.close()
-        for fd in (self._wake_r, self._wake_w):
+        # Retired before closed: a later stop(), close() or late worker must not write to
+        # these numbers, which the next open() in any thread may get.
+        wake_fds = (self._wake_r, self._wake_w)
+        self._woken = True  # call_soon() no longer wakes anyone
+        self._wake_w = -1  # stop() writes to -1: EBADF, ignored
+        for fd in wake_fds:
             try:
                 os.close(fd)
             except OSError:

@@ -8,6 +8,7 @@ No sleeps synchronise anything: events, bounded polling loops with deadlines, /p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -1446,3 +1447,64 @@ def test_pipelined_messages_with_descriptors_each_get_their_own(
         for r, w in pipes:
             os.close(r)
             os.close(w)
+
+
+def test_stop_after_the_server_ended_writes_to_no_descriptor(path: Path) -> None:
+    """stop() and close() after serve_forever ended (serve_messages' finally, a with block
+    around it, a second signal) must not write their wake-up to the closed wake-up pipe's
+    number: whatever is opened next may have it."""
+    with Running(path, echo) as running:
+        wake_number = running.server._wake_w
+    with _reused(wake_number) as written:
+        running.server.stop()
+        running.server.close()
+        assert written() == b""
+
+
+def test_a_worker_left_behind_writes_to_no_descriptor(
+    path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler still running when stop() gives up on it finishes later; handing its
+    connection back must not wake a server that is gone through a reused descriptor."""
+    monkeypatch.setattr(udskit.messageserver, "SHUTDOWN_GRACE", 0.05)
+    release = threading.Event()
+    working = threading.Event()
+
+    def handler(conn: Connection, message: bytes) -> bytes:
+        working.set()
+        release.wait(PATIENCE)
+        return message
+
+    with Running(path, handler, workers=1) as running, running.client() as client:
+        wake_number = running.server._wake_w
+        client.send(b"slow")
+        assert working.wait(PATIENCE)
+    assert any("still running" in record.getMessage() for record in caplog.records)
+    (worker,) = running.server._threads
+    with _reused(wake_number) as written:
+        release.set()
+        worker.join(PATIENCE)
+        assert not worker.is_alive()
+        assert written() == b""
+
+
+@contextlib.contextmanager
+def _reused(number: int) -> Iterator[Callable[[], bytes]]:
+    """Open a file of ours at descriptor ``number`` (as the next open() in any thread may
+    get it); yields a function returning what was written to it."""
+    r, w = os.pipe()
+    os.dup2(w, number)
+    os.close(w)
+    os.set_blocking(r, False)
+
+    def written() -> bytes:
+        try:
+            return os.read(r, 64)
+        except BlockingIOError:
+            return b""
+
+    try:
+        yield written
+    finally:
+        os.close(number)
+        os.close(r)
