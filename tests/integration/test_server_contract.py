@@ -267,3 +267,23 @@ def test_the_contract_servers_are_the_two_servers() -> None:
     }
     covered: set[Any] = {flavour.name.split("-")[0] for flavour in FLAVOURS}
     assert exported == covered
+
+
+def test_stop_after_the_end_writes_to_no_descriptor(serving: Serving) -> None:
+    """stop() and close() once the server has ended (a with block around serve_forever,
+    a second signal) must not wake it through the closed wake-up pipe's number: the next
+    open() in the process may have it."""
+    wake_number = serving.server._wake_w
+    serving.stop()
+    r, w = os.pipe()
+    os.dup2(w, wake_number)  # as another thread's next open() may
+    os.close(w)
+    try:
+        serving.server.stop()
+        serving.server.close()
+        os.set_blocking(r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r, 16)
+    finally:
+        os.close(wake_number)
+        os.close(r)
