@@ -1508,3 +1508,41 @@ def _reused(number: int) -> Iterator[Callable[[], bytes]]:
     finally:
         os.close(number)
         os.close(r)
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_state_is_kept_per_connection(path: Path, kind: str, workers: int) -> None:
+    def handler(conn: Connection, message: bytes) -> bytes:
+        count = conn.state.get("count", 0) + 1
+        conn.state["count"] = count
+        return b"%s %d" % (message, count)
+
+    with (
+        Running(path, handler, type=kind, workers=workers) as running,
+        running.client() as a,
+        running.client() as b,
+    ):
+        assert round_trip(a, b"a") == b"a 1"
+        assert round_trip(a, b"a") == b"a 2"
+        assert round_trip(b, b"b") == b"b 1"
+        assert round_trip(a, b"a") == b"a 3"
+
+
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_remote_is_the_clients_bound_address(path: Path, kind: str) -> None:
+    seen: list[Connection] = []
+
+    def handler(conn: Connection, message: bytes) -> bytes:
+        seen.append(conn)
+        return repr(conn).encode()
+
+    with (
+        Running(path, handler, type=kind) as running,
+        running.client(bind=path.parent / "client.sock") as client,
+    ):
+        description = round_trip(client, b"who am I").decode()
+    remote = seen[0].remote
+    assert remote is not None
+    assert remote.raw == os.fsencode(path.parent / "client.sock")
+    assert description.startswith(f"<udskit.Connection {seen[0].id} {kind} pid {os.getpid()}")
