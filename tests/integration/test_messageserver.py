@@ -41,6 +41,10 @@ KINDS = ["stream", "seqpacket", "dgram"]
 CONNECTED = ["stream", "seqpacket"]
 WORKERS = [0, 2]
 
+#: Small buffers and outbox for the slow-client tests, so that a few hundred KiB fill them.
+SMALL_OUTBOX = 64 * 1024
+SMALL_BUFFER = 16 * 1024
+
 SOCK_TYPES = {
     "stream": socket.SOCK_STREAM,
     "seqpacket": socket.SOCK_SEQPACKET,
@@ -281,6 +285,74 @@ def test_handler_replies_with_descriptors(
             os.close(fd)
 
 
+@pytest.mark.parametrize("workers", WORKERS)
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_descriptors_stay_with_their_replies_through_a_backed_up_outbox(
+    path: Path, kind: str, workers: int, fd_check: None
+) -> None:
+    """Replies with and without descriptors, large and small, queued behind each other in
+    the outbox and sent in pieces: every descriptor arrives with its own reply."""
+    filler = b"f" * (30_000 if kind == "stream" else 8_000)
+
+    def handler(conn: Connection, message: bytes) -> None:
+        r, w = os.pipe()
+        try:
+            os.write(w, message)
+            conn.send(filler)
+            conn.send_fds(b"fd for " + message, [r])
+            conn.send(b"plain " + message)
+        finally:
+            os.close(r)
+            os.close(w)
+
+    sent = [b"%03d" % number for number in range(60)]
+    with (
+        Running(path, handler, type=kind, workers=workers, sndbuf=SMALL_BUFFER) as running,
+        running.client() as client,
+    ):
+        client.send_many(sent)  # all at once: the replies back up behind a client not reading
+        for message in sent:
+            assert client.recv_fds() == (filler, [])
+            data, fds = client.recv_fds()
+            assert data == b"fd for " + message
+            assert len(fds) == 1
+            try:
+                assert os.read(fds[0], 10) == message
+            finally:
+                os.close(fds[0])
+            assert client.recv_fds() == (b"plain " + message, [])
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_pipelined_messages_with_descriptors_each_get_their_own(
+    path: Path, kind: str, workers: int, fd_check: None
+) -> None:
+    def handler(conn: Connection, message: bytes) -> bytes:
+        assert len(conn.fds) == 1, f"{message!r} came with {len(conn.fds)} descriptors"
+        os.write(conn.fds[0], message)
+        return message
+
+    pipes = [os.pipe() for _ in range(40)]
+    try:
+        with (
+            Running(path, handler, type=kind, workers=workers) as running,
+            running.client() as client,
+        ):
+            for number, (_, w) in enumerate(pipes):
+                client.send_fds(b"%02d" % number + b"." * number * 100, [w])  # pipelined
+            replies = [client.recv() for _ in pipes]
+        expected = [b"%02d" % number + b"." * number * 100 for number in range(len(pipes))]
+        # A pool answers datagrams (each a client of its own) in any order.
+        assert (sorted(replies) if kind == "dgram" and workers else replies) == expected
+        for (r, _), message in zip(pipes, expected, strict=True):
+            assert os.read(r, 10_000) == message, "each descriptor came with its message"
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
+
+
 # -- who is there ---------------------------------------------------------------------------
 
 
@@ -306,6 +378,44 @@ def test_peer_credentials(path: Path, kind: str, workers: int) -> None:
             assert remote.raw == os.fsencode(client.socket.getsockname())
         else:
             assert seen[0].remote is None, "the client did not bind"
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_state_is_kept_per_connection(path: Path, kind: str, workers: int) -> None:
+    def handler(conn: Connection, message: bytes) -> bytes:
+        count = conn.state.get("count", 0) + 1
+        conn.state["count"] = count
+        return b"%s %d" % (message, count)
+
+    with (
+        Running(path, handler, type=kind, workers=workers) as running,
+        running.client() as a,
+        running.client() as b,
+    ):
+        assert round_trip(a, b"a") == b"a 1"
+        assert round_trip(a, b"a") == b"a 2"
+        assert round_trip(b, b"b") == b"b 1"
+        assert round_trip(a, b"a") == b"a 3"
+
+
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_remote_is_the_clients_bound_address(path: Path, kind: str) -> None:
+    seen: list[Connection] = []
+
+    def handler(conn: Connection, message: bytes) -> bytes:
+        seen.append(conn)
+        return repr(conn).encode()
+
+    with (
+        Running(path, handler, type=kind) as running,
+        running.client(bind=path.parent / "client.sock") as client,
+    ):
+        description = round_trip(client, b"who am I").decode()
+    remote = seen[0].remote
+    assert remote is not None
+    assert remote.raw == os.fsencode(path.parent / "client.sock")
+    assert description.startswith(f"<udskit.Connection {seen[0].id} {kind} pid {os.getpid()}")
 
 
 @needs_root
@@ -397,10 +507,6 @@ def test_a_failing_hook_closes_only_its_client(
 
 
 # -- clients that misbehave -------------------------------------------------------------------
-
-#: Small buffers and outbox for the slow-client tests, so that a few hundred KiB fill them.
-SMALL_OUTBOX = 64 * 1024
-SMALL_BUFFER = 16 * 1024
 
 
 @pytest.mark.parametrize("workers", WORKERS)
@@ -586,6 +692,45 @@ def test_a_blocked_handler_holds_one_worker_only(path: Path, kind: str) -> None:
                     assert round_trip(b, b"b%d" % number) == b"b%d" % number
                 release.set()
                 assert stuck.recv() == b"block"
+        finally:
+            release.set()
+
+
+@pytest.mark.parametrize("kind", CONNECTED)
+def test_a_pool_stops_reading_a_client_it_cannot_keep_up_with(path: Path, kind: str) -> None:
+    """Messages queued for a busy worker are bounded per client (WORKER_BACKLOG, plus what
+    one read brought); the rest wait in the kernel, and all are answered in order."""
+    release = threading.Event()
+    started = threading.Event()
+
+    def handler(conn: Connection, message: bytes) -> bytes:
+        if message != b"hello":
+            started.set()
+            release.wait(PATIENCE)
+        return message
+
+    sent = [b"%06d" % number for number in range(3000)]
+    with Running(path, handler, type=kind, workers=2) as running:
+        server = running.server
+        try:
+            with running.client() as client:
+                sender = threading.Thread(target=client.send_many, args=(sent,), daemon=True)
+                sender.start()
+                assert started.wait(PATIENCE)
+                # Reading stops at WORKER_BACKLOG queued; the worker may have taken one since.
+                wait_until(
+                    lambda: sum(map(len, server._inboxes.values())) >= WORKER_BACKLOG - 1,
+                    "the worker's queue to fill",
+                )
+                queued = sum(map(len, server._inboxes.values()))
+                per_read = 64 if kind == "seqpacket" else RECV_CHUNK // (4 + len(sent[0]))
+                assert queued <= WORKER_BACKLOG + per_read
+                with running.client() as other:  # the other worker serves others meanwhile
+                    assert round_trip(other, b"hello") == b"hello"
+                release.set()
+                assert [client.recv() for _ in sent] == sent
+                sender.join(PATIENCE)
+                assert not sender.is_alive()
         finally:
             release.set()
 
@@ -1274,6 +1419,67 @@ def test_close_from_a_worker_sends_what_was_queued_first(
         assert not caught.value.mid_message
 
 
+def test_stop_after_the_server_ended_writes_to_no_descriptor(path: Path) -> None:
+    """stop() and close() after serve_forever ended (serve_messages' finally, a with block
+    around it, a second signal) must not write their wake-up to the closed wake-up pipe's
+    number: whatever is opened next may have it."""
+    with Running(path, echo) as running:
+        wake_number = running.server._wake_w
+    with _reused(wake_number) as written:
+        running.server.stop()
+        running.server.close()
+        assert written() == b""
+
+
+def test_a_worker_left_behind_writes_to_no_descriptor(
+    path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler still running when stop() gives up on it finishes later; handing its
+    connection back must not wake a server that is gone through a reused descriptor."""
+    monkeypatch.setattr(udskit.messageserver, "SHUTDOWN_GRACE", 0.05)
+    release = threading.Event()
+    working = threading.Event()
+
+    def handler(conn: Connection, message: bytes) -> bytes:
+        working.set()
+        release.wait(PATIENCE)
+        return message
+
+    with Running(path, handler, workers=1) as running, running.client() as client:
+        wake_number = running.server._wake_w
+        client.send(b"slow")
+        assert working.wait(PATIENCE)
+    assert any("still running" in record.getMessage() for record in caplog.records)
+    (worker,) = running.server._threads
+    with _reused(wake_number) as written:
+        release.set()
+        worker.join(PATIENCE)
+        assert not worker.is_alive()
+        assert written() == b""
+
+
+@contextlib.contextmanager
+def _reused(number: int) -> Iterator[Callable[[], bytes]]:
+    """Open a file of ours at descriptor ``number`` (as the next open() in any thread may
+    get it); yields a function returning what was written to it."""
+    r, w = os.pipe()
+    os.dup2(w, number)
+    os.close(w)
+    os.set_blocking(r, False)
+
+    def written() -> bytes:
+        try:
+            return os.read(r, 64)
+        except BlockingIOError:
+            return b""
+
+    try:
+        yield written
+    finally:
+        os.close(number)
+        os.close(r)
+
+
 # -- lifecycle --------------------------------------------------------------------------------
 
 
@@ -1340,209 +1546,3 @@ def test_serve_messages_outside_the_main_thread(path: Path) -> None:
         thread.join(PATIENCE)
         assert not thread.is_alive()
     assert not path.exists()
-
-
-@pytest.mark.parametrize("kind", CONNECTED)
-def test_a_pool_stops_reading_a_client_it_cannot_keep_up_with(path: Path, kind: str) -> None:
-    """Messages queued for a busy worker are bounded per client (WORKER_BACKLOG, plus what
-    one read brought); the rest wait in the kernel, and all are answered in order."""
-    release = threading.Event()
-    started = threading.Event()
-
-    def handler(conn: Connection, message: bytes) -> bytes:
-        if message != b"hello":
-            started.set()
-            release.wait(PATIENCE)
-        return message
-
-    sent = [b"%06d" % number for number in range(3000)]
-    with Running(path, handler, type=kind, workers=2) as running:
-        server = running.server
-        try:
-            with running.client() as client:
-                sender = threading.Thread(target=client.send_many, args=(sent,), daemon=True)
-                sender.start()
-                assert started.wait(PATIENCE)
-                # Reading stops at WORKER_BACKLOG queued; the worker may have taken one since.
-                wait_until(
-                    lambda: sum(map(len, server._inboxes.values())) >= WORKER_BACKLOG - 1,
-                    "the worker's queue to fill",
-                )
-                queued = sum(map(len, server._inboxes.values()))
-                per_read = 64 if kind == "seqpacket" else RECV_CHUNK // (4 + len(sent[0]))
-                assert queued <= WORKER_BACKLOG + per_read
-                with running.client() as other:  # the other worker serves others meanwhile
-                    assert round_trip(other, b"hello") == b"hello"
-                release.set()
-                assert [client.recv() for _ in sent] == sent
-                sender.join(PATIENCE)
-                assert not sender.is_alive()
-        finally:
-            release.set()
-
-
-@pytest.mark.parametrize("workers", WORKERS)
-@pytest.mark.parametrize("kind", CONNECTED)
-def test_descriptors_stay_with_their_replies_through_a_backed_up_outbox(
-    path: Path, kind: str, workers: int, fd_check: None
-) -> None:
-    """Replies with and without descriptors, large and small, queued behind each other in
-    the outbox and sent in pieces: every descriptor arrives with its own reply."""
-    filler = b"f" * (30_000 if kind == "stream" else 8_000)
-
-    def handler(conn: Connection, message: bytes) -> None:
-        r, w = os.pipe()
-        try:
-            os.write(w, message)
-            conn.send(filler)
-            conn.send_fds(b"fd for " + message, [r])
-            conn.send(b"plain " + message)
-        finally:
-            os.close(r)
-            os.close(w)
-
-    sent = [b"%03d" % number for number in range(60)]
-    with (
-        Running(path, handler, type=kind, workers=workers, sndbuf=SMALL_BUFFER) as running,
-        running.client() as client,
-    ):
-        client.send_many(sent)  # all at once: the replies back up behind a client not reading
-        for message in sent:
-            assert client.recv_fds() == (filler, [])
-            data, fds = client.recv_fds()
-            assert data == b"fd for " + message
-            assert len(fds) == 1
-            try:
-                assert os.read(fds[0], 10) == message
-            finally:
-                os.close(fds[0])
-            assert client.recv_fds() == (b"plain " + message, [])
-
-
-@pytest.mark.parametrize("workers", WORKERS)
-@pytest.mark.parametrize("kind", KINDS)
-def test_pipelined_messages_with_descriptors_each_get_their_own(
-    path: Path, kind: str, workers: int, fd_check: None
-) -> None:
-    def handler(conn: Connection, message: bytes) -> bytes:
-        assert len(conn.fds) == 1, f"{message!r} came with {len(conn.fds)} descriptors"
-        os.write(conn.fds[0], message)
-        return message
-
-    pipes = [os.pipe() for _ in range(40)]
-    try:
-        with (
-            Running(path, handler, type=kind, workers=workers) as running,
-            running.client() as client,
-        ):
-            for number, (_, w) in enumerate(pipes):
-                client.send_fds(b"%02d" % number + b"." * number * 100, [w])  # pipelined
-            replies = [client.recv() for _ in pipes]
-        expected = [b"%02d" % number + b"." * number * 100 for number in range(len(pipes))]
-        # A pool answers datagrams (each a client of its own) in any order.
-        assert (sorted(replies) if kind == "dgram" and workers else replies) == expected
-        for (r, _), message in zip(pipes, expected, strict=True):
-            assert os.read(r, 10_000) == message, "each descriptor came with its message"
-    finally:
-        for r, w in pipes:
-            os.close(r)
-            os.close(w)
-
-
-def test_stop_after_the_server_ended_writes_to_no_descriptor(path: Path) -> None:
-    """stop() and close() after serve_forever ended (serve_messages' finally, a with block
-    around it, a second signal) must not write their wake-up to the closed wake-up pipe's
-    number: whatever is opened next may have it."""
-    with Running(path, echo) as running:
-        wake_number = running.server._wake_w
-    with _reused(wake_number) as written:
-        running.server.stop()
-        running.server.close()
-        assert written() == b""
-
-
-def test_a_worker_left_behind_writes_to_no_descriptor(
-    path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A handler still running when stop() gives up on it finishes later; handing its
-    connection back must not wake a server that is gone through a reused descriptor."""
-    monkeypatch.setattr(udskit.messageserver, "SHUTDOWN_GRACE", 0.05)
-    release = threading.Event()
-    working = threading.Event()
-
-    def handler(conn: Connection, message: bytes) -> bytes:
-        working.set()
-        release.wait(PATIENCE)
-        return message
-
-    with Running(path, handler, workers=1) as running, running.client() as client:
-        wake_number = running.server._wake_w
-        client.send(b"slow")
-        assert working.wait(PATIENCE)
-    assert any("still running" in record.getMessage() for record in caplog.records)
-    (worker,) = running.server._threads
-    with _reused(wake_number) as written:
-        release.set()
-        worker.join(PATIENCE)
-        assert not worker.is_alive()
-        assert written() == b""
-
-
-@contextlib.contextmanager
-def _reused(number: int) -> Iterator[Callable[[], bytes]]:
-    """Open a file of ours at descriptor ``number`` (as the next open() in any thread may
-    get it); yields a function returning what was written to it."""
-    r, w = os.pipe()
-    os.dup2(w, number)
-    os.close(w)
-    os.set_blocking(r, False)
-
-    def written() -> bytes:
-        try:
-            return os.read(r, 64)
-        except BlockingIOError:
-            return b""
-
-    try:
-        yield written
-    finally:
-        os.close(number)
-        os.close(r)
-
-
-@pytest.mark.parametrize("workers", WORKERS)
-@pytest.mark.parametrize("kind", CONNECTED)
-def test_state_is_kept_per_connection(path: Path, kind: str, workers: int) -> None:
-    def handler(conn: Connection, message: bytes) -> bytes:
-        count = conn.state.get("count", 0) + 1
-        conn.state["count"] = count
-        return b"%s %d" % (message, count)
-
-    with (
-        Running(path, handler, type=kind, workers=workers) as running,
-        running.client() as a,
-        running.client() as b,
-    ):
-        assert round_trip(a, b"a") == b"a 1"
-        assert round_trip(a, b"a") == b"a 2"
-        assert round_trip(b, b"b") == b"b 1"
-        assert round_trip(a, b"a") == b"a 3"
-
-
-@pytest.mark.parametrize("kind", CONNECTED)
-def test_remote_is_the_clients_bound_address(path: Path, kind: str) -> None:
-    seen: list[Connection] = []
-
-    def handler(conn: Connection, message: bytes) -> bytes:
-        seen.append(conn)
-        return repr(conn).encode()
-
-    with (
-        Running(path, handler, type=kind) as running,
-        running.client(bind=path.parent / "client.sock") as client,
-    ):
-        description = round_trip(client, b"who am I").decode()
-    remote = seen[0].remote
-    assert remote is not None
-    assert remote.raw == os.fsencode(path.parent / "client.sock")
-    assert description.startswith(f"<udskit.Connection {seen[0].id} {kind} pid {os.getpid()}")
