@@ -3,7 +3,8 @@ hooks, and the faults a many-client server meets (clients that never read, stall
 sizes, vanish by the thousand; handlers that raise or block; descriptors running out;
 signals). Stream and seqpacket, and datagrams where it applies; inline and with a pool.
 
-No sleeps synchronise anything: events, bounded polling loops with deadlines, /proc.
+The regressions section holds one test for each fault found in the server while writing
+these. No sleeps synchronise anything: events, bounded polling loops with deadlines, /proc.
 """
 
 from __future__ import annotations
