@@ -130,6 +130,7 @@ class Connection:
         "_pending",
         "_pending_size",
         "_posted",
+        "_reading",
         "_sock",
         "_space",
         "_stalled",
@@ -184,6 +185,7 @@ class Connection:
         self._held = False  # not reading: the driver said so (hold())
         self._eof = False  # the client will send nothing more
         self._closing = False  # close once the outbox is empty
+        self._reading = False  # in on_readable: what is sent now goes out at its end
         self.busy = False  # a worker or a task has this connection's messages
         self.closed = False
 
@@ -229,6 +231,7 @@ class Connection:
             and framing is not None
             and len(data) <= JOIN_LIMIT
             and not self._closing
+            and not self.closed  # else queued for nobody, and never said so
             and not self._out.size
             and get_ident() == self._loop_thread
         ):
@@ -236,6 +239,8 @@ class Connection:
             frame = framing.frame(data)
             self._pending.append(frame)
             self._pending_size += len(frame)
+            if not self._reading:
+                self._flush_soon()
             return
         self._send(data, ())
 
@@ -270,7 +275,14 @@ class Connection:
         framing = self._framing
         try:
             if framing is None:
+                # bytes(42) would be 42 zero bytes: a packet must be bytes-like already.
+                check_message(data, "send")
                 parts: list[bytes | bytearray | memoryview] = [bytes(data)]
+                if not parts[0] and self._type == "seqpacket":  # the outbox would skip it
+                    raise ProtocolError(
+                        "cannot send an empty seqpacket message: the receiver reads it as "
+                        "end of connection"
+                    )
             elif len(data) <= JOIN_LIMIT:
                 parts = [framing.frame(data)]
             else:
@@ -280,6 +292,8 @@ class Connection:
             raise
         if get_ident() == self._loop_thread:
             self._queue(parts, list(map(os.dup, fds)) if fds else None)
+            if not self._reading:
+                self._flush_soon()
             return
         # Another thread: copy what the caller may reuse, hand over, then wait for room.
         owned = [p if type(p) is bytes else bytes(p) for p in parts]
@@ -294,6 +308,11 @@ class Connection:
                 space.wait()
         if self.closed:
             raise ConnectionClosed(f"{self._where()}: the connection is closed")
+
+    def _flush_soon(self) -> None:
+        """Sent from the loop thread outside this connection's own read (another client's
+        handler, on_connect): no flush of ours follows, so ask the driver for one."""
+        self._driver.call_soon(self.flush)
 
     def _space_condition(self) -> threading.Condition:
         space = self._space
@@ -433,10 +452,12 @@ class Connection:
     def on_readable(self, buffer: memoryview) -> None:
         """The socket is readable: read into ``buffer`` (the server's, shared), handle the
         messages, send the replies."""
+        self._reading = True
         if self._framing is not None:
             self._read_stream(buffer)
         else:
             self._read_packets(buffer)
+        self._reading = False
         if not self.closed:
             self.flush()
 
@@ -479,7 +500,7 @@ class Connection:
             message = framing.feed(data, fds) if data is not None else framing.next_message()
             while isinstance(message, bytes):
                 self._driver.dispatch(self, message, framing.take_fds() if fds_seen else [])
-                if self.closed:
+                if self.closed or self._closing:  # close(): what follows is not handled
                     return
                 if self._held or out.size + self._pending_size > out.high:
                     self._stalled = True  # _after_flush or hold() calls _resume
@@ -529,7 +550,7 @@ class Connection:
                 self._ended()  # seqpacket: a zero-length read is the end of the stream
                 return
             self._driver.dispatch(self, buffer[:size].tobytes(), fds)
-            if self.closed or self._held or self._paused:
+            if self.closed or self._closing or self._held or self._paused:
                 return
             if self._out.size + self._pending_size > self._out.high:
                 return  # the replies fill the outbox: the rest waits in the kernel
@@ -569,8 +590,9 @@ class Connection:
             close_fds(fds)
         self._pending = []
         self._pending_size = 0
-        close_fds(self._fds)
-        self._fds = []
+        if not self.busy:  # else a worker's handler holds them; it releases them after
+            close_fds(self._fds)
+            self._fds = []
         if self._framing is not None:
             close_fds(self._framing.held_fds())
         if self._space is not None:

@@ -136,7 +136,8 @@ class MessageServer(MessageServing):
         # Append first, then look at the flag: the loop clears it before it runs the calls,
         # so a call appended meanwhile is either run in this pass or wakes the next.
         self._calls.append((callback, args))
-        if not self._woken:
+        # From the loop thread no wake-up is needed: _run runs the calls after each poll.
+        if not self._woken and threading.get_ident() != self._loop_thread:
             self._woken = True
             self._wake()
 
@@ -282,6 +283,8 @@ class MessageServer(MessageServing):
                     conn.on_readable(buffer)
                 if events & _OUT and not conn.closed:
                     conn.on_writable()
+            if self._calls:
+                self._run_calls()
             if self._retry_at is not None and time.monotonic() >= self._retry_at:
                 self._retry_at = None
                 self._accept_again()
@@ -293,6 +296,9 @@ class MessageServer(MessageServing):
         except BlockingIOError:
             pass
         self._woken = False
+        self._run_calls()
+
+    def _run_calls(self) -> None:
         calls = self._calls
         while calls:
             callback, args = calls.popleft()
@@ -301,6 +307,10 @@ class MessageServer(MessageServing):
     def _shutdown(self) -> None:
         self._stopping = True
         self._endpoint.close()
+        # The clients first: a worker waiting for room in an outbox waits on this loop,
+        # which drains no more; closing its client releases it (its send raises).
+        self._on_wake()  # replies the workers handed over
+        self._close_clients()
         for _ in self._threads:
             self._pool.put(None)
         deadline = time.monotonic() + SHUTDOWN_GRACE
@@ -314,10 +324,14 @@ class MessageServer(MessageServing):
                 late,
                 SHUTDOWN_GRACE,
             )
-        self._on_wake()  # replies the workers handed over
-        self._close_clients()
+        self._on_wake()  # what the workers handed over since: closes its descriptors
         self._epoll.close()
-        for fd in (self._wake_r, self._wake_w):
+        # Retired before closed: a later stop(), close() or late worker must not write to
+        # these numbers, which the next open() in any thread may get.
+        wake_fds = (self._wake_r, self._wake_w)
+        self._woken = True  # call_soon() no longer wakes anyone
+        self._wake_w = -1  # stop() writes to -1: EBADF, ignored
+        for fd in wake_fds:
             try:
                 os.close(fd)
             except OSError:

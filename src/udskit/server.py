@@ -221,7 +221,11 @@ class Server:
                 late,
                 SHUTDOWN_GRACE,
             )
-        for fd in (self._wake_r, self._wake_w):
+        # Retired before closed: a later stop() or close(), or a late handler's exit, must
+        # not write to these numbers, which the next open() in any thread may get.
+        wake_fds = (self._wake_r, self._wake_w)
+        self._wake_w = -1  # _wake() writes to -1: EBADF, ignored
+        for fd in wake_fds:
             try:
                 os.close(fd)
             except OSError:

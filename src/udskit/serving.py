@@ -26,7 +26,7 @@ from .address import Address
 from .admission import Admitted, admit
 from .channel import RECV_CHUNK
 from .connection import DEFAULT_MAX_OUTBOX, Connection
-from .errors import Timeout, UdsError
+from .errors import ConnectionClosed, Timeout, UdsError
 from .listening import DatagramListener, Listener
 from .options import check_max_clients
 from .proto import make_framing
@@ -208,17 +208,26 @@ class MessageServing:
             conn.release_fds()
 
     def _handler_failed(self, conn: Connection, exc: BaseException) -> None:
-        if isinstance(exc, UdsError):
+        if self._stopping and isinstance(exc, ConnectionClosed):
+            log.debug("%s: %s (stopping)", self.address, exc)  # stop() closed it
+        elif isinstance(exc, UdsError):
             log.warning("%s: %s; closing %r", self.address, exc, conn)
         else:
             log.error("%s: handler failed for %r; closing it", self.address, conn, exc_info=exc)
-        if self.in_loop():
+        if isinstance(exc, ConnectionClosed) and conn.type != "dgram":
+            # A send found it closing (close() from a worker, the messages after it already
+            # taken): let what was queued before go out, as close() promised.
+            conn.close()
+        elif self.in_loop():
             conn.abort()
         else:
             self.call_soon(conn.abort)
 
     # -- the listener --------------------------------------------------------------------
     def _watch_listener(self, on: bool) -> None:
+        if self._endpoint.closed:
+            self._watching_listener = False  # stopped: its descriptor is gone
+            return
         if on and self._max_clients is not None and len(self._conns) >= self._max_clients:
             on = False
         if on != self._watching_listener:
