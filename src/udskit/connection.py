@@ -616,6 +616,7 @@ class Connection:
     def _send_datagram(self, data: bytes | bytearray | memoryview, fds: Sequence[int]) -> None:
         listener = self._listener
         assert listener is not None
+        check_message(data, "send")
         if self.remote is None:
             raise ConnectionClosed(
                 f"{listener.address}: the datagram's sender has no address (an unbound "

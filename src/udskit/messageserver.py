@@ -103,6 +103,7 @@ class MessageServer(MessageServing):
         self._woken = False
         self._served = False
         self._retry_at: float | None = None  # accept back-off: when to look again
+        self._datagrams_at: float | None = None  # when to retry waiting datagram replies
         self._pool: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # inboxes to handle
         self._threads: list[threading.Thread] = []
         self._inboxes: dict[int, deque[tuple[Connection, bytes, list[int]]]] = {}
@@ -146,6 +147,9 @@ class MessageServer(MessageServing):
 
     def _retry_accept_in(self, delay: float) -> None:
         self._retry_at = time.monotonic() + delay
+
+    def _retry_datagrams_in(self, delay: float) -> None:
+        self._datagrams_at = time.monotonic() + delay
 
     def _register(self, conn: Connection) -> None:
         self._epoll.register(conn.fd, _IN)
@@ -267,8 +271,9 @@ class MessageServer(MessageServing):
         buffer = self._buffer
         while not self._stopping:
             timeout = -1.0
-            if self._retry_at is not None:
-                timeout = max(0.0, self._retry_at - time.monotonic())
+            timers = [at for at in (self._retry_at, self._datagrams_at) if at is not None]
+            if timers:
+                timeout = max(0.0, min(timers) - time.monotonic())
             for fd, events in epoll.poll(timeout):
                 if fd == listener_fd:
                     self._on_listener()
@@ -285,9 +290,14 @@ class MessageServer(MessageServing):
                     conn.on_writable()
             if self._calls:
                 self._run_calls()
-            if self._retry_at is not None and time.monotonic() >= self._retry_at:
-                self._retry_at = None
-                self._accept_again()
+            if timers:
+                now = time.monotonic()
+                if self._retry_at is not None and now >= self._retry_at:
+                    self._retry_at = None
+                    self._accept_again()
+                if self._datagrams_at is not None and now >= self._datagrams_at:
+                    self._datagrams_at = None
+                    self._retry_datagrams()
 
     def _on_wake(self) -> None:
         try:

@@ -18,12 +18,14 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from .accepting import AcceptVerdict, Backoff, classify
 from .address import Address
 from .admission import Admitted, admit
+from .ancillary import close_fds
 from .channel import RECV_CHUNK
 from .connection import DEFAULT_MAX_OUTBOX, Connection
 from .errors import ConnectionClosed, Timeout, UdsError
@@ -78,6 +80,95 @@ def check_server_options(
             raise TypeError(f"{name} must be a function of a connection, not {hook!r}")
 
 
+class UnsentReplies:
+    """Datagram replies whose receiver's queue was full, kept per receiver, in order.
+
+    An unconnected datagram socket is always writable to poll(), whoever's queue is full,
+    so there is nothing to wait on: the driver calls ``retry()`` on a timer, pausing longer
+    each time. A receiver that takes nothing for DATAGRAM_REPLY_WAIT seconds is stuck or
+    gone: its replies are dropped and logged. Only its own replies wait; the others' go out
+    at once. All of them together hold at most ``limit`` bytes.
+    """
+
+    __slots__ = ("_delay", "_limit", "_listener", "_queues", "_size")
+
+    def __init__(self, listener: DatagramListener, limit: int) -> None:
+        self._listener = listener
+        self._limit = limit
+        self._queues: dict[Address, tuple[list[float], deque[tuple[bytes, list[int]]]]] = {}
+        self._size = 0
+        self._delay = DATAGRAM_RETRY_FIRST
+
+    def send(self, to: Address, data: bytes | bytearray | memoryview, fds: Sequence[int]) -> bool:
+        """Send now, or queue behind ``to``'s waiting replies; True if it was queued.
+        Raises Timeout if the queues are full."""
+        queued = self._queues.get(to)
+        if queued is None:
+            try:
+                self._listener.send_to(to, data, fds)
+                return False
+            except Timeout:
+                pass
+        if self._size + len(data) > self._limit:
+            raise Timeout(
+                f"{to}: {self._size} bytes of replies already wait for full receivers; "
+                "this reply was not sent"
+            )
+        if queued is None:
+            queued = self._queues[to] = ([time.monotonic() + DATAGRAM_REPLY_WAIT], deque())
+            self._delay = DATAGRAM_RETRY_FIRST
+        queued[1].append((bytes(data), [os.dup(fd) for fd in fds]))
+        self._size += len(data)
+        return True
+
+    def retry(self) -> float | None:
+        """Send what the receivers have room for now; drop the replies of a receiver that
+        took nothing for too long. The pause before the next try, or None: none wait."""
+        now = time.monotonic()
+        for to, (deadline, waiting) in list(self._queues.items()):
+            while waiting:
+                data, fds = waiting[0]
+                try:
+                    self._listener.send_to(to, data, fds)
+                except Timeout:
+                    break
+                except UdsError as exc:  # the listener closed, the receiver went away
+                    log.debug("%s: %d replies not sent: %s", to, len(waiting), exc)
+                    break
+                waiting.popleft()
+                self._size -= len(data)
+                close_fds(fds)
+                deadline[0] = now + DATAGRAM_REPLY_WAIT  # it reads: give it time again
+            if waiting and now >= deadline[0]:
+                log.warning(
+                    "%s: the receiver's queue stayed full for %g s; %d replies dropped",
+                    to,
+                    DATAGRAM_REPLY_WAIT,
+                    len(waiting),
+                )
+                self._drop(to)
+            elif not waiting:
+                del self._queues[to]
+        if not self._queues:
+            return None
+        delay, self._delay = self._delay, min(self._delay * 2, DATAGRAM_RETRY_MAX)
+        return delay
+
+    def _drop(self, to: Address) -> None:
+        _, waiting = self._queues.pop(to)
+        for data, fds in waiting:
+            self._size -= len(data)
+            close_fds(fds)
+
+    def close(self) -> None:
+        """Drop every waiting reply (the server stops)."""
+        for to in list(self._queues):
+            self._drop(to)
+
+    def __bool__(self) -> bool:
+        return bool(self._queues)
+
+
 class MessageServing:
     """The loop-independent half of a message server (see the module docstring)."""
 
@@ -108,6 +199,8 @@ class MessageServing:
         self._watching_listener = False
         self._backing_off = False
         self._backoff = Backoff()
+        self._unsent: UnsentReplies | None = None  # datagram replies waiting for room
+        self._retrying = False  # a timer will call _retry_datagrams
 
     @property
     def address(self) -> object:
@@ -129,6 +222,9 @@ class MessageServing:
         raise NotImplementedError
 
     def _retry_accept_in(self, delay: float) -> None:
+        raise NotImplementedError
+
+    def _retry_datagrams_in(self, delay: float) -> None:
         raise NotImplementedError
 
     def _register(self, conn: Connection) -> None:
@@ -163,24 +259,42 @@ class MessageServing:
         data: bytes | bytearray | memoryview,
         fds: Sequence[int],
     ) -> None:
-        # An unconnected datagram socket is always writable to poll(), whoever's queue is
-        # full, so there is nothing to wait on: retry, pausing longer each time, for at
-        # most DATAGRAM_REPLY_WAIT seconds in all. The serving thread waits meanwhile, as a
-        # blocking server's sendto() would, but not forever.
-        pause, waited = DATAGRAM_RETRY_FIRST, 0.0
-        while True:
-            try:
-                listener.send_to(to, data, fds)
-                return
-            except Timeout as exc:
-                if waited >= DATAGRAM_REPLY_WAIT:
-                    raise Timeout(
-                        f"{to}: the receiver's queue stayed full for "
-                        f"{DATAGRAM_REPLY_WAIT:g} s; the reply was not sent"
-                    ) from exc
-            time.sleep(pause)
-            waited += pause
-            pause = min(pause * 2, DATAGRAM_RETRY_MAX)
+        if not self.in_loop():  # a worker's reply: the loop owns the queues
+            owned, dups = bytes(data), [os.dup(fd) for fd in fds]
+            self.call_soon(self._send_datagram_now, listener, to, owned, dups, True)
+            return
+        self._send_datagram_now(listener, to, data, fds, False)
+
+    def _send_datagram_now(
+        self,
+        listener: DatagramListener,
+        to: Address,
+        data: bytes | bytearray | memoryview,
+        fds: Sequence[int],
+        owned: bool,
+    ) -> None:
+        unsent = self._unsent
+        if unsent is None:
+            unsent = self._unsent = UnsentReplies(listener, self._max_outbox)
+        try:
+            if unsent.send(to, data, fds) and not self._retrying:
+                self._retrying = True
+                self._retry_datagrams_in(DATAGRAM_RETRY_FIRST)
+        except UdsError as exc:  # no room left, or the listener closed (stopping)
+            if not owned:
+                raise  # the handler's own send: it is told
+            log.log(logging.DEBUG if self._stopping else logging.WARNING, "%s", exc)
+        finally:
+            if owned:
+                close_fds(fds)
+
+    def _retry_datagrams(self) -> None:
+        """The timer: try the waiting replies again."""
+        self._retrying = False
+        delay = self._unsent.retry() if self._unsent is not None else None
+        if delay is not None and not self._stopping:
+            self._retrying = True
+            self._retry_datagrams_in(delay)
 
     # -- handling ------------------------------------------------------------------------
     def _handle(self, conn: Connection, message: bytes, fds: list[int]) -> None:
@@ -338,6 +452,9 @@ class MessageServing:
 
     def _close_clients(self) -> None:
         """Send what the kernel takes now (nothing waits for slow clients), then close."""
+        if self._unsent is not None:
+            self._unsent.retry()
+            self._unsent.close()
         for conn in list(self._conns.values()):
             conn.flush()
             conn.abort()

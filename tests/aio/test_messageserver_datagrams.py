@@ -13,7 +13,7 @@ import pytest
 
 import udskit
 import udskit.aio
-import udskit.aio.messageserver
+import udskit.serving
 
 #: More datagrams in flight than a receiver's queue holds (net.unix.max_dgram_qlen: 10 by
 #: default, and a small SO_RCVBUF below), so that replies must wait for room.
@@ -70,7 +70,7 @@ def test_a_receiver_that_never_reads_loses_its_replies_and_nothing_else(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(udskit.aio.messageserver, "DATAGRAM_REPLY_WAIT", 0.05)
+    monkeypatch.setattr(udskit.serving, "DATAGRAM_REPLY_WAIT", 0.05)
 
     async def main() -> None:
         server = await udskit.aio.start_message_server(

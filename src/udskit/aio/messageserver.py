@@ -24,20 +24,17 @@ import asyncio
 import functools
 import inspect
 import logging
-import os
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .. import listening as blocking
-from ..address import Address, AddressLike
+from ..address import AddressLike
 from ..ancillary import close_fds
 from ..connection import DEFAULT_MAX_OUTBOX, Connection
-from ..errors import Timeout, UdsError
 from ..server import SHUTDOWN_GRACE
 from ..serving import (
-    DATAGRAM_REPLY_WAIT,
     Hook,
     MessageHandler,
     MessageServing,
@@ -45,7 +42,6 @@ from ..serving import (
 )
 from .listening import claim_in_thread
 from .signals import give_back_signals, take_signals
-from .waiting import RetryPause
 
 __all__ = ["MessageServer", "serve_messages", "start_message_server"]
 
@@ -87,8 +83,6 @@ class MessageServer(MessageServing):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting: dict[int, deque[tuple[bytes, list[int]]]] = {}  # while a task runs
-        # datagram replies that found their receiver's queue full, in order, per receiver
-        self._unsent: dict[Address, deque[tuple[bytes, list[int]]]] = {}
         self._stopped: asyncio.Event | None = None
         self._finished: asyncio.Event | None = None  # serve_forever has released everything
         self._served = False
@@ -125,6 +119,11 @@ class MessageServer(MessageServing):
         assert loop is not None
         loop.call_later(delay, self._accept_again)
 
+    def _retry_datagrams_in(self, delay: float) -> None:
+        loop = self._loop
+        assert loop is not None
+        loop.call_later(delay, self._retry_datagrams)
+
     def _register(self, conn: Connection) -> None:
         loop = self._loop
         assert loop is not None
@@ -137,67 +136,6 @@ class MessageServer(MessageServing):
         loop.remove_writer(conn.fd)
         waiting = self._waiting.pop(conn.id, None)
         if waiting:
-            for _, fds in waiting:
-                close_fds(fds)
-
-    def send_datagram(
-        self,
-        listener: blocking.DatagramListener,
-        to: Address,
-        data: bytes | bytearray | memoryview,
-        fds: Sequence[int],
-    ) -> None:
-        """Send now if the receiver has room; else keep trying in a task, never blocking
-        the loop. Later replies to the same receiver wait behind it (datagrams keep their
-        order); if one waits DATAGRAM_REPLY_WAIT seconds, all are dropped and logged."""
-        waiting = self._unsent.get(to)
-        if waiting is None:
-            try:
-                listener.send_to(to, data, fds)
-                return
-            except Timeout:
-                pass
-            waiting = self._unsent[to] = deque()
-            loop = self._loop
-            assert loop is not None
-            task = loop.create_task(self._send_later(listener, to, waiting))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        waiting.append((bytes(data), [os.dup(fd) for fd in fds]))
-
-    async def _send_later(
-        self,
-        listener: blocking.DatagramListener,
-        to: Address,
-        waiting: deque[tuple[bytes, list[int]]],
-    ) -> None:
-        try:
-            while waiting:
-                data, fds = waiting[0]
-                pause = RetryPause(DATAGRAM_REPLY_WAIT, "send", to)
-                try:
-                    while True:
-                        await pause.pause()
-                        try:
-                            listener.send_to(to, data, fds)
-                            break
-                        except Timeout:
-                            continue
-                except Timeout:
-                    # A receiver this slow is stuck or gone: give up all its replies.
-                    log.warning(
-                        "%s: the receiver's queue stayed full for %g s; %d replies dropped",
-                        to,
-                        DATAGRAM_REPLY_WAIT,
-                        len(waiting),
-                    )
-                    return  # the finally clause closes their descriptors
-                waiting.popleft()
-                close_fds(fds)
-        except UdsError as exc:  # the listener closed meanwhile
-            log.debug("%s: %d replies not sent: %s", to, len(waiting), exc)
-        finally:
-            del self._unsent[to]
             for _, fds in waiting:
                 close_fds(fds)
 
