@@ -1,17 +1,22 @@
 """``Server`` and ``serve()``: a threaded server that calls ``handler(channel)`` per client.
 
-Stream and seqpacket: one thread per connection, at most ``max_clients`` at once (further
-clients wait in the kernel's backlog, they are not refused). Datagram: the handler runs in
-the serving thread once per datagram, with a Channel whose ``recv()`` returns that datagram
-and whose ``send()`` replies to its sender, so one handler serves all three types.
+Stream and seqpacket: one thread per connection, for handlers that hold a conversation; at
+most ``max_clients`` at once, DEFAULT_MAX_CLIENTS unless told otherwise (further clients wait
+in the kernel's backlog, they are not refused; None lifts the limit). Datagram: the handler
+runs in the serving thread once per datagram, with a Channel whose ``recv()`` returns that
+datagram and whose ``send()`` replies to its sender, so one handler serves all three types.
 
-The accept loop waits in ``poll()`` on the listener and a wake-up pipe, so ``stop()`` (from
-a handler, another thread, or a SIGINT/SIGTERM handler) ends it promptly.
+The accept loop waits in one ``poll()`` object, on the listener and a wake-up pipe, so
+``stop()`` (from a handler, another thread, or a SIGINT/SIGTERM handler) ends it promptly.
+Each wake-up accepts up to ACCEPT_BATCH clients, until the queue is empty. Handler threads
+get HANDLER_STACK_SIZE stacks. What a client costs in memory: its thread, its socket, and a
+receive buffer of one page while it sends short messages (see ``udskit.channel.RECV_START``).
 
 Errors from accept(2), and what we do (Linux accept(2), man 2 accept; net/unix/af_unix.c):
 
 * EINTR: retried (PEP 475 does it inside the socket module).
-* EAGAIN: another thread or process took the connection first; wait again.
+* EAGAIN: the queue is empty (the end of a batch), or another thread or process took the
+  connection first; wait again.
 * ECONNABORTED: the client gave up while queued; wait again.
 * EMFILE, ENFILE: out of descriptors. The pending connection stays queued, so the listener
   stays readable and an immediate retry would spin at 100% CPU. We log once and back off
@@ -40,7 +45,7 @@ from .errors import ConnectionClosed, Timeout, UdsError
 from .listening import DatagramListener, Listener, listen
 from .options import check_max_clients
 
-__all__ = ["Handler", "Server", "serve"]
+__all__ = ["DEFAULT_MAX_CLIENTS", "Handler", "Server", "serve"]
 
 log = logging.getLogger("udskit")
 
@@ -53,6 +58,31 @@ ACCEPT_BACKOFF_MAX: Final = 1.0
 #: How long stop() waits, in all, for the handler threads after shutting their sockets
 #: down: one deadline for the whole stop, however many handlers are busy.
 SHUTDOWN_GRACE: Final = 5.0
+
+#: Clients served at once unless ``max_clients`` says otherwise. A thread per client costs a
+#: kernel task: tasks come from pid_max, 32,768 by default on machines with up to 32 CPUs and
+#: shared by the whole system, and each thread's stack takes two of the process's 65,530
+#: memory maps (vm.max_map_count). Past those limits a new thread fails at an arbitrary
+#: moment ("can't start new thread"); half of the smallest default pid_max keeps well inside
+#: them, while holding the 10,000 clients this server is meant to hold. Clients beyond it
+#: wait in the backlog until one leaves.
+DEFAULT_MAX_CLIENTS: Final = 16_384
+
+#: Most clients accepted per wake-up of the accept loop. Accepting until the queue is empty
+#: lets a burst of clients in with one poll() each ~64, not one each; the bound keeps stop()
+#: and a freed max_clients slot from waiting behind a queue that keeps filling.
+ACCEPT_BATCH: Final = 64
+
+#: Stack size of a handler thread. The process default is RLIMIT_STACK, 8 MiB on most
+#: systems: only address space, but glibc keeps at most 40 MiB of freed stacks for reuse, so
+#: at 8 MiB a server with clients coming and going maps a fresh stack for nearly every one.
+#: 1 MiB is eight times what musl gives a thread, and room for Python's default recursion
+#: limit of 1,000 frames through C calls (~1 KiB each at worst).
+HANDLER_STACK_SIZE: Final = 1024 * 1024
+
+# threading.stack_size() is process-wide: set around our thread starts only, one at a time.
+# Another part of the program starting a thread at that very moment gets 1 MiB too.
+_stack_lock = threading.Lock()
 
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _RETRY_ERRNOS: Final = frozenset({errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO})
@@ -71,7 +101,7 @@ class Server:
         address: AddressLike,
         handler: Handler,
         *,
-        max_clients: int | None = None,
+        max_clients: int | None = DEFAULT_MAX_CLIENTS,
         **listen_options: object,
     ) -> None:
         if not callable(handler):
@@ -81,10 +111,16 @@ class Server:
         self._max_clients = max_clients
         self._endpoint: Listener | DatagramListener = listen(address, **listen_options)  # type: ignore[call-overload]
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # One poll object for the life of the server; the listener is in it while there
+        # is room for another client (poll(), not select(): select() cannot watch
+        # descriptors numbered 1024 or above, which a busy process reaches early).
+        self._poller = select.poll()
+        self._poller.register(self._wake_r, select.POLLIN)
         self._stopping = False
         self._lock = threading.Lock()
         self._active: dict[threading.Thread, Channel] = {}
         self._served = False
+        self._backoff = ACCEPT_BACKOFF
 
     @property
     def address(self) -> object:
@@ -127,13 +163,9 @@ class Server:
         finally:
             self._shutdown()
 
-    def _wait(self, readable: list[int], timeout: float | None = None) -> list[int]:
-        # poll(), not select(): select() cannot watch descriptors numbered 1024 or above
-        # (FD_SETSIZE), which a busy process reaches before it creates its server.
-        poller = select.poll()
-        for fd in (*readable, self._wake_r):
-            poller.register(fd, select.POLLIN)
-        ready = [fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)]
+    def _wait(self, timeout: float | None = None) -> list[int]:
+        """Wait for what the poll object watches; drain the wake-up pipe if it was that."""
+        ready = [fd for fd, _ in self._poller.poll(None if timeout is None else timeout * 1000)]
         if self._wake_r in ready:
             try:
                 while os.read(self._wake_r, 512):
@@ -142,30 +174,58 @@ class Server:
                 pass
         return ready
 
+    def _room(self) -> int:
+        """How many more clients may start now."""
+        if self._max_clients is None:
+            return ACCEPT_BATCH
+        with self._lock:
+            return self._max_clients - len(self._active)
+
     def _serve_connections(self, listener: Listener) -> None:
-        backoff = ACCEPT_BACKOFF
+        self._backoff = ACCEPT_BACKOFF
         fd = listener.fileno()
+        poller = self._poller
+        watching = False  # whether the listener is in the poll object
         while not self._stopping:
-            full = self._max_clients is not None and self.active_clients >= self._max_clients
-            if fd not in self._wait([] if full else [fd]) or self._stopping:
+            room = self._room()
+            if (room > 0) != watching:
+                watching = room > 0
+                if watching:
+                    poller.register(fd, select.POLLIN)
+                else:
+                    poller.unregister(fd)  # full: a finishing handler wakes us
+            if fd not in self._wait() or self._stopping:
                 continue
+            try:
+                self._accept_batch(listener, min(room, ACCEPT_BATCH))
+            except OSError as exc:
+                if exc.errno not in _RESOURCE_ERRNOS:
+                    raise
+                log.warning(
+                    "%s: accept failed (%s); retrying in %.2f s",
+                    listener.address,
+                    os.strerror(exc.errno or 0),
+                    self._backoff,
+                )
+                poller.unregister(fd)  # the queued client keeps it readable: no spinning
+                watching = False
+                self._wait(self._backoff)  # stop() cuts it short
+                self._backoff = min(self._backoff * 2, ACCEPT_BACKOFF_MAX)
+
+    def _accept_batch(self, listener: Listener, most: int) -> None:
+        """Accept up to ``most`` clients, until the queue is empty, and start them."""
+        accepted = 0
+        while accepted < most and not self._stopping:
             try:
                 conn, _ = listener.socket.accept()
             except OSError as exc:
+                if exc.errno == errno.EAGAIN:
+                    return  # the queue is empty (or another process took the client)
                 if exc.errno in _RETRY_ERRNOS:
-                    continue
-                if exc.errno in _RESOURCE_ERRNOS:
-                    log.warning(
-                        "%s: accept failed (%s); retrying in %.2f s",
-                        listener.address,
-                        os.strerror(exc.errno or 0),
-                        backoff,
-                    )
-                    self._wait([], backoff)
-                    backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
-                    continue
-                raise
-            backoff = ACCEPT_BACKOFF
+                    continue  # that client gave up: take the next one
+                raise  # those accepted so far are started already
+            accepted += 1
+            self._backoff = ACCEPT_BACKOFF
             self._start_client(listener, conn)
 
     def _start_client(self, listener: Listener, conn: socket.socket) -> None:
@@ -175,7 +235,12 @@ class Server:
         thread = threading.Thread(target=self._run_client, args=(channel,), daemon=True)
         with self._lock:
             self._active[thread] = channel
-        thread.start()
+        with _stack_lock:
+            previous = threading.stack_size(HANDLER_STACK_SIZE)
+            try:
+                thread.start()
+            finally:
+                threading.stack_size(previous)
 
     def _run_client(self, channel: Channel) -> None:
         try:
@@ -184,8 +249,9 @@ class Server:
             channel.close()
             with self._lock:
                 self._active.pop(threading.current_thread(), None)
-            if self._max_clients is not None:
-                self._wake()  # a slot is free: let the accept loop look again
+                was_full = len(self._active) + 1 == self._max_clients
+            if was_full:
+                self._wake()  # a slot is free: let the accept loop watch the listener again
 
     def _call(self, channel: Channel) -> None:
         try:
@@ -199,8 +265,9 @@ class Server:
 
     def _serve_datagrams(self, listener: DatagramListener) -> None:
         fd = listener.fileno()
+        self._poller.register(fd, select.POLLIN)
         while not self._stopping:
-            if fd not in self._wait([fd]) or self._stopping:
+            if fd not in self._wait() or self._stopping:
                 continue
             try:
                 datagram = listener.recv()
@@ -258,7 +325,7 @@ def serve(
     address: AddressLike,
     handler: Handler,
     *,
-    max_clients: int | None = None,
+    max_clients: int | None = DEFAULT_MAX_CLIENTS,
     **listen_options: object,
 ) -> None:
     """Serve ``address`` with ``handler`` until SIGINT or SIGTERM (or ``server.stop()``).

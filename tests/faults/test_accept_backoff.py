@@ -31,7 +31,8 @@ REAL = 0
 
 class ScriptedAccept(socket.socket):
     """The listener's own descriptor; ``accept()`` raises the next scripted errno, or
-    really accepts for REAL (and once the script is used up)."""
+    really accepts for REAL (and once the script is used up). ``calls`` counts the scripted
+    errors and the clients accepted, not the accept() that ends a batch on an empty queue."""
 
     def __init__(self, sock: socket.socket, script: list[int]) -> None:
         super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
@@ -40,12 +41,15 @@ class ScriptedAccept(socket.socket):
         self.called = threading.Event()
 
     def accept(self) -> tuple[socket.socket, object]:
-        self.calls += 1
-        self.called.set()
         code = self.script.pop(0) if self.script else REAL
         if code != REAL:
+            self.calls += 1
+            self.called.set()
             raise OSError(code, os.strerror(code))
-        return super().accept()
+        accepted = super().accept()  # BlockingIOError on an empty queue: not counted
+        self.calls += 1
+        self.called.set()
+        return accepted
 
 
 def echo(channel: Channel) -> None:
