@@ -27,6 +27,7 @@ Errors from accept(2), and what we do (Linux accept(2), man 2 accept; net/unix/a
 
 from __future__ import annotations
 
+import _thread
 import errno
 import logging
 import os
@@ -34,7 +35,6 @@ import select
 import signal
 import socket
 import threading
-import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Final
@@ -80,8 +80,8 @@ ACCEPT_BATCH: Final = 64
 #: limit of 1,000 frames through C calls (~1 KiB each at worst).
 HANDLER_STACK_SIZE: Final = 1024 * 1024
 
-# threading.stack_size() is process-wide: set around our thread starts only, one at a time.
-# Another part of the program starting a thread at that very moment gets 1 MiB too.
+# The stack size is process-wide: set around our thread starts only, one at a time. Another
+# part of the program starting a thread at that very moment gets 1 MiB too.
 _stack_lock = threading.Lock()
 
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -118,7 +118,8 @@ class Server:
         self._poller.register(self._wake_r, select.POLLIN)
         self._stopping = False
         self._lock = threading.Lock()
-        self._active: dict[threading.Thread, Channel] = {}
+        self._active: set[Channel] = set()  # one per handler thread running
+        self._idle = threading.Condition(self._lock)  # notified when _active empties
         self._served = False
         self._backoff = ACCEPT_BACKOFF
 
@@ -232,15 +233,24 @@ class Server:
         channel = listener.admit(conn)
         if channel is None:
             return
-        thread = threading.Thread(target=self._run_client, args=(channel,), daemon=True)
         with self._lock:
-            self._active[thread] = channel
-        with _stack_lock:
-            previous = threading.stack_size(HANDLER_STACK_SIZE)
-            try:
-                thread.start()
-            finally:
-                threading.stack_size(previous)
+            self._active.add(channel)
+        # _thread, not threading.Thread: Thread.start() waits until the new thread has run,
+        # which needs the GIL, which a thousand busy handlers share: a burst of clients was
+        # accepted a GIL hand-over or two apiece. stop() waits on _active instead of joins.
+        # (Like daemon threads, these do not hold up the interpreter's exit.)
+        try:
+            with _stack_lock:
+                previous = _thread.stack_size(HANDLER_STACK_SIZE)
+                try:
+                    _thread.start_new_thread(self._run_client, (channel,))
+                finally:
+                    _thread.stack_size(previous)
+        except RuntimeError as exc:  # "can't start new thread": out of tasks or memory
+            with self._lock:
+                self._active.discard(channel)
+            log.warning("%s: cannot serve %r: %s", listener.address, channel, exc)
+            channel.close()
 
     def _run_client(self, channel: Channel) -> None:
         try:
@@ -248,9 +258,11 @@ class Server:
         finally:
             channel.close()
             with self._lock:
-                self._active.pop(threading.current_thread(), None)
-                was_full = len(self._active) + 1 == self._max_clients
-            if was_full:
+                self._active.discard(channel)
+                left = len(self._active)
+                if not left:
+                    self._idle.notify_all()
+            if left + 1 == self._max_clients:
                 self._wake()  # a slot is free: let the accept loop watch the listener again
 
     def _call(self, channel: Channel) -> None:
@@ -282,18 +294,17 @@ class Server:
     def _shutdown(self) -> None:
         self._endpoint.close()
         with self._lock:
-            clients = dict(self._active)
-        for channel in clients.values():
+            clients = list(self._active)
+        # Every client's socket first, then one wait for all handlers: they see their
+        # connection end together, and six stuck handlers cost one grace period, not six.
+        for channel in clients:
             try:
                 channel.socket.shutdown(socket.SHUT_RDWR)
             except OSError:
-                pass
-        # One deadline for all: each join gets what is left of it, so six stuck handlers
-        # cost one grace period, not six.
-        deadline = time.monotonic() + SHUTDOWN_GRACE
-        for thread in clients:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        late = sum(thread.is_alive() for thread in clients)
+                pass  # closed by its handler meanwhile
+        with self._idle:
+            self._idle.wait_for(lambda: not self._active, SHUTDOWN_GRACE)
+            late = len(self._active)
         if late:
             log.warning(
                 "%s: %d handler(s) still running %g s after stop; leaving them behind",
