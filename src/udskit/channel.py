@@ -269,9 +269,10 @@ class Channel(ChannelFacts):
         # With a timeout the socket is non-blocking and a call that finds nothing to do
         # waits in poll() (``_wait``): the call is tried first, so the common case costs one
         # system call. (A socket's own timeout polls before every call: two.) Skipped when
-        # the socket is so already: a server makes a channel per client, or per datagram.
+        # the socket is so already (a server makes a channel per client), and on a socket
+        # that is not ours: a datagram session must not change its listener's mode.
         mode = None if self._timeout is None else 0.0
-        if self._sock.gettimeout() != mode:
+        if self._owns_socket and self._sock.gettimeout() != mode:
             self._sock.setblocking(mode is None)
 
     def gettimeout(self) -> float | None:
