@@ -182,6 +182,7 @@ class Channel(ChannelFacts):
         "_direct",
         "_fds_seen",
         "_framing",
+        "_grow_at",
         "_inbox",
         "_max_fds",
         "_max_message",
@@ -194,6 +195,7 @@ class Channel(ChannelFacts):
         "_remote",
         "_rlock",
         "_rview",
+        "_shrink_below",
         "_sock",
         "_spin_ns",
         "_timeout",
@@ -230,11 +232,9 @@ class Channel(ChannelFacts):
         self._plain = self._framing is not None and (
             not is_unix or (max_fds == 0 and refuse_descriptors(sock))
         )
-        # The receive buffer: allocated by the first read (a datagram session never reads,
-        # and a packet channel's buffer must hold a whole max_frame message).
-        self._rbuf = bytearray()
-        self._rview = memoryview(self._rbuf)
-        self._rbufs = [self._rview]  # recvmsg_into() takes a list; build it once
+        # The receive buffer (see RECV_START). A packet channel's must hold a whole max_frame
+        # message: allocated by its first read, since a datagram session never reads.
+        self._resize(RECV_START if self._framing is not None else 0)
         self._direct = False
         self._fds_seen = False  # no descriptor has arrived yet: recv() need not ask for any
         self._spin_ns = 0
@@ -598,22 +598,26 @@ class Channel(ChannelFacts):
         self._direct = len(message) >= DIRECT_READ_MIN  # type: ignore[arg-type]
         return message, framing.take_fds()  # type: ignore[return-value]
 
-    def _read(self, views: list[memoryview]) -> tuple[int, list[tuple[int, int, bytes]], int]:
-        """One read into ``views``: (bytes read, control data, flags). recv_into() where no
-        control data can come, recvmsg_into() elsewhere; polls first for ``spin``
-        microseconds; on EAGAIN waits within the timeout. Every receive goes through here."""
+    def _read(
+        self, views: list[memoryview]
+    ) -> tuple[int, list[tuple[int, int, bytes]], int, object]:
+        """One read into ``views``: recvmsg_into()'s (bytes, control data, flags, address).
+        recv_into() where no control data can come (``_plain``: no control data, no
+        address); polls first for ``spin`` microseconds; on EAGAIN waits within the
+        timeout. Every receive goes through here."""
         if self._spin_ns:
             self._spin()
         try:
             if self._plain:
-                got = self._sock.recv_into(views[0]), _NO_CONTROL, 0
-            else:
-                size, ancdata, flags, _ = self._sock.recvmsg_into(views, self._ancsize, RECV_FLAGS)
-                got = size, ancdata, flags
+                size = self._sock.recv_into(views[0])
+                if not size and self._closed:
+                    self._check_open()  # close() in another thread woke us with an empty read
+                return size, _NO_CONTROL, 0, None
+            got = self._sock.recvmsg_into(views, self._ancsize, RECV_FLAGS)
         except OSError as exc:
             got = self._read_failed(exc, views)
         if not got[0] and self._closed:
-            self._check_open()  # close() in another thread woke us with an empty read
+            self._check_open()
         return got
 
     def _spin(self) -> None:
@@ -630,7 +634,7 @@ class Channel(ChannelFacts):
 
     def _read_failed(
         self, exc: OSError, views: list[memoryview]
-    ) -> tuple[int, list[tuple[int, int, bytes]], int]:
+    ) -> tuple[int, list[tuple[int, int, bytes]], int, object]:
         """The read raised ``exc``: on EAGAIN wait (within the timeout) and read; otherwise
         raise the udskit error."""
         try:
@@ -641,13 +645,10 @@ class Channel(ChannelFacts):
                 deadline = self._wait(select.POLLIN, deadline)
                 try:
                     if self._plain:
-                        return self._sock.recv_into(views[0]), _NO_CONTROL, 0
-                    size, ancdata, flags, _ = self._sock.recvmsg_into(
-                        views, self._ancsize, RECV_FLAGS
-                    )
+                        return self._sock.recv_into(views[0]), _NO_CONTROL, 0, None
+                    return self._sock.recvmsg_into(views, self._ancsize, RECV_FLAGS)
                 except BlockingIOError:
                     continue  # another process took what woke us
-                return size, ancdata, flags
         except OSError as error:
             self._check_open()  # close() in another thread: EBADF says nothing useful
             raise translate(error, "recv", self._remote) from error
@@ -659,11 +660,7 @@ class Channel(ChannelFacts):
             if message is not NEED_DATA or framing.buffered:
                 return message
         view = self._rview
-        capacity = len(view)
-        if not capacity:
-            self._resize(RECV_START)
-            view, capacity = self._rview, RECV_START
-        size, ancdata, flags = self._read(self._rbufs)
+        size, ancdata, flags, _ = self._read(self._rbufs)
         if ancdata or flags & _CTRUNC:
             self._fds_seen = True
             fds = self._stream_fds(ancdata, flags)
@@ -673,19 +670,20 @@ class Channel(ChannelFacts):
             message = framing.feed(view[:size], fds)
         else:
             message = framing.feed(view[:size])
-        # The framing has copied what it keeps: the buffer may change size (see RECV_START).
-        if size == capacity:
-            if capacity < RECV_CHUNK:
-                self._resize(RECV_CHUNK)
-        elif size < RECV_START < capacity:
-            self._resize(RECV_START)
+        if size >= self._grow_at or size < self._shrink_below:
+            # A full page (a burst), or a short read into a grown buffer. The framing has
+            # copied what it keeps: the buffer may change (see RECV_START).
+            self._resize(RECV_CHUNK if size >= self._grow_at else RECV_START)
         return message
 
     def _resize(self, size: int) -> None:
         """A new receive buffer of ``size`` bytes (the old one holds nothing we need)."""
         self._rbuf = bytearray(size)
         self._rview = memoryview(self._rbuf)
-        self._rbufs = [self._rview]
+        self._rbufs = [self._rview]  # recvmsg_into() takes a list; build it once
+        # Thresholds for _feed, so that a read that changes nothing costs two comparisons.
+        self._grow_at = size if 0 < size < RECV_CHUNK else RECV_CHUNK + 1
+        self._shrink_below = RECV_START if size > RECV_START else 0
 
     def _feed_direct(self, framing: LengthPrefixed) -> bytes | NeedData | Closed:
         """Read a header alone; if it announces a large payload, read that straight into
@@ -695,10 +693,8 @@ class Channel(ChannelFacts):
             # is there: no gain over the buffered path.
             self._direct = False
             return NEED_DATA
-        if len(self._rview) < HEADER.size:
-            self._resize(RECV_START)
         header = self._rview[: HEADER.size]
-        size, ancdata, flags = self._read([header])
+        size, ancdata, flags, _ = self._read([header])
         fds = []
         if ancdata or flags & _CTRUNC:
             self._fds_seen = True
@@ -731,7 +727,7 @@ class Channel(ChannelFacts):
     def _recv_packet(self) -> tuple[bytes, list[int]]:
         if not self._rbuf:  # a packet buffer holds the largest message: allocated on use
             self._resize(self._max_message)
-        size, ancdata, flags = self._read(self._rbufs)
+        size, ancdata, flags, _ = self._read(self._rbufs)
         got = (
             unpack(ancdata, flags, self._where(), self._max_fds)
             if ancdata or flags & _CTRUNC

@@ -154,13 +154,6 @@ def test_the_receive_buffer_is_a_page_while_messages_are_short_and_grows_for_a_b
         assert len(right._rbuf) == RECV_START  # a short read gives the memory back
 
 
-def test_a_channel_that_never_reads_holds_no_receive_buffer() -> None:
-    left, right = udskit.pair()
-    with left, right:
-        left.send(b"x")
-        assert len(left._rbuf) == 0
-
-
 def test_a_datagram_session_is_small_and_answers_its_sender(sockdir: Path) -> None:
     path = sockdir / "dgram.sock"
     with (
