@@ -43,7 +43,7 @@ from .address import AddressLike
 from .channel import Channel
 from .errors import ConnectionClosed, Timeout, UdsError
 from .listening import DatagramListener, Listener, listen
-from .options import check_max_clients
+from .options import DEFAULT_MAX_CLIENTS, check_max_clients
 
 __all__ = ["DEFAULT_MAX_CLIENTS", "Handler", "Server", "serve"]
 
@@ -59,14 +59,6 @@ ACCEPT_BACKOFF_MAX: Final = 1.0
 #: down: one deadline for the whole stop, however many handlers are busy.
 SHUTDOWN_GRACE: Final = 5.0
 
-#: Clients served at once unless ``max_clients`` says otherwise. A thread per client costs a
-#: kernel task: tasks come from pid_max, 32,768 by default on machines with up to 32 CPUs and
-#: shared by the whole system, and each thread's stack takes two of the process's 65,530
-#: memory maps (vm.max_map_count). Past those limits a new thread fails at an arbitrary
-#: moment ("can't start new thread"); half of the smallest default pid_max keeps well inside
-#: them, while holding the 10,000 clients this server is meant to hold. Clients beyond it
-#: wait in the backlog until one leaves.
-DEFAULT_MAX_CLIENTS: Final = 16_384
 
 #: Most clients accepted per wake-up of the accept loop. Accepting until the queue is empty
 #: lets a burst of clients in with one poll() each ~64, not one each; the bound keeps stop()

@@ -25,11 +25,10 @@ import socket
 import threading
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Final
 
 from ..address import Address, AddressLike
 from ..errors import ConnectionClosed, ProtocolError, UdsError
-from ..options import check_max_clients
+from ..options import DEFAULT_MAX_CLIENTS, check_max_clients
 from ..server import (
     _RESOURCE_ERRNOS,
     _RETRY_ERRNOS,
@@ -37,7 +36,6 @@ from ..server import (
     ACCEPT_BACKOFF_MAX,
     SHUTDOWN_GRACE,
 )
-from ..server import DEFAULT_MAX_CLIENTS as _DEFAULT_MAX_CLIENTS
 from ..translate import translate
 from .channel import Channel
 from .listening import DatagramListener, Listener, listen
@@ -47,12 +45,10 @@ __all__ = ["DEFAULT_MAX_CLIENTS", "Handler", "Server", "serve", "start_server"]
 
 log = logging.getLogger("udskit")
 
-#: Connections served at once unless ``max_clients`` says otherwise: the blocking server's
-#: default, so that moving a server between the layers does not change who waits. Here a
-#: client costs a task, not a thread, but also its descriptor and up to a READ_AHEAD of
-#: received bytes plus a write queue (see :mod:`udskit.aio.buffers`): unbounded, a flood of
-#: connections could claim all of them.
-DEFAULT_MAX_CLIENTS: Final = _DEFAULT_MAX_CLIENTS
+# DEFAULT_MAX_CLIENTS is the blocking server's default, so that moving a server between the
+# layers does not change who waits. Here a client costs a task, not a thread, but also its
+# descriptor and up to a READ_AHEAD of received bytes plus a write queue (see
+# udskit.aio.buffers): without a limit, a flood of connections could claim all of them.
 
 Handler = Callable[[Channel], Awaitable[object]]
 

@@ -15,7 +15,7 @@ import signal
 from types import FrameType
 
 import udskit
-from udskit.server import DEFAULT_MAX_CLIENTS
+from udskit.options import DEFAULT_MAX_CLIENTS
 
 from . import _actions
 from ._actions import Action, Session, Until
