@@ -76,10 +76,16 @@ RECV_CHUNK: Final = 256 * 1024
 #: a channel per client, most of them idle between short requests: RECV_CHUNK each would be
 #: 2.5 GiB of zero-filled memory at 10,000 clients. One page holds a typical request whole. A
 #: read that fills the buffer means a burst is under way, and the buffer grows to RECV_CHUNK
-#: at once (not by doubling: one allocation, not six); a read of less than this size, which
-#: a burst never makes, gives the memory back. (The framing copies every read out of the
-#: buffer, so its size is all that changes.)
+#: at once (not by doubling: one allocation, not six); RECV_SHRINK_AFTER reads of less than
+#: this size give the memory back. (The framing copies every read out of the buffer, so its
+#: size is all that changes.)
 RECV_START: Final = 4 * 1024
+
+#: Short reads (under RECV_START) into a grown buffer before it goes back to RECV_START.
+#: Enough that a conversation alternating large and small messages reallocates (256 KiB,
+#: zero-filled: ~20 us) once every so many messages, not for every one; few enough that a
+#: client that goes quiet after a burst soon holds a page again.
+RECV_SHRINK_AFTER: Final = 16
 
 #: Payloads up to this size are joined with their header and sent with one send(); above
 #: it, the header and payload go out with sendmsg() scatter-gather to avoid copying them.
@@ -195,6 +201,7 @@ class Channel(ChannelFacts):
         "_remote",
         "_rlock",
         "_rview",
+        "_short_reads",
         "_shrink_below",
         "_sock",
         "_spin_ns",
@@ -671,10 +678,18 @@ class Channel(ChannelFacts):
         else:
             message = framing.feed(view[:size])
         if size >= self._grow_at or size < self._shrink_below:
-            # A full page (a burst), or a short read into a grown buffer. The framing has
-            # copied what it keeps: the buffer may change (see RECV_START).
-            self._resize(RECV_CHUNK if size >= self._grow_at else RECV_START)
+            self._fit(size)  # a full page (a burst), or a short read into a grown buffer
         return message
+
+    def _fit(self, size: int) -> None:
+        """Grow or shrink the receive buffer after a read of ``size`` (see RECV_START). The
+        framing has copied what it keeps: the old buffer holds nothing we need."""
+        if size >= self._grow_at:
+            self._resize(RECV_CHUNK)
+            return
+        self._short_reads += 1
+        if self._short_reads >= RECV_SHRINK_AFTER:
+            self._resize(RECV_START)
 
     def _resize(self, size: int) -> None:
         """A new receive buffer of ``size`` bytes (the old one holds nothing we need)."""
@@ -684,6 +699,7 @@ class Channel(ChannelFacts):
         # Thresholds for _feed, so that a read that changes nothing costs two comparisons.
         self._grow_at = size if 0 < size < RECV_CHUNK else RECV_CHUNK + 1
         self._shrink_below = RECV_START if size > RECV_START else 0
+        self._short_reads = 0
 
     def _feed_direct(self, framing: LengthPrefixed) -> bytes | NeedData | Closed:
         """Read a header alone; if it announces a large payload, read that straight into

@@ -17,7 +17,7 @@ import pytest
 import udskit
 from udskit import Channel, ProtocolError
 from udskit.ancillary import refuse_descriptors
-from udskit.channel import DIRECT_READ_MIN, RECV_CHUNK, RECV_START
+from udskit.channel import DIRECT_READ_MIN, RECV_CHUNK, RECV_SHRINK_AFTER, RECV_START
 from udskit.listening import Datagram
 
 #: Bound on every wait, so that a regression fails instead of hanging.
@@ -149,9 +149,13 @@ def test_the_receive_buffer_is_a_page_while_messages_are_short_and_grows_for_a_b
         assert len(right._rbuf) == RECV_CHUNK  # the first read filled a page
         rest = [right.recv() for _ in burst[1:]]
         assert rest == burst[1:]
-        left.send(b"quiet again")
-        assert right.recv() == b"quiet again"
-        assert len(right._rbuf) == RECV_START  # a short read gives the memory back
+        left.send(b"one short read")
+        assert right.recv() == b"one short read"
+        assert len(right._rbuf) == RECV_CHUNK  # not given back for one short read
+        for _ in range(RECV_SHRINK_AFTER):  # one short read each
+            left.send(b"quiet again")
+            assert right.recv() == b"quiet again"
+        assert len(right._rbuf) == RECV_START  # short reads give the memory back
 
 
 def test_a_datagram_session_is_small_and_answers_its_sender(sockdir: Path) -> None:
