@@ -7,13 +7,16 @@ Rules kept here, for every receive path:
 * if the kernel had to drop control data (MSG_CTRUNC: more descriptors than our buffer had
   room for), or sent control data we did not ask for, every descriptor that did arrive is
   closed and ProtocolError is raised: half a set of descriptors is worse than none;
-* a truncated datagram (MSG_TRUNC) is an error too, never a silently shortened message.
+* a truncated datagram (MSG_TRUNC) is an error too, never a silently shortened message;
+* a stream that takes no descriptors (``max_fds=0``) asks the kernel to refuse them
+  (``refuse_descriptors``): then no control data can arrive, and it reads without any.
 """
 
 from __future__ import annotations
 
 import array
 import os
+import platform
 import socket
 from collections.abc import Iterable, Sequence
 from typing import Final
@@ -27,6 +30,7 @@ __all__ = [
     "Received",
     "ancillary_size",
     "close_fds",
+    "refuse_descriptors",
     "rights",
     "unpack",
 ]
@@ -41,6 +45,20 @@ _INT_SIZE: Final = array.array("i").itemsize
 #: recvmsg flags: descriptors arrive with FD_CLOEXEC already set.
 RECV_FLAGS: Final = int(socket.MSG_CMSG_CLOEXEC)
 
+#: Machines whose socket option numbers are asm-generic/socket.h's. Alpha, MIPS, PA-RISC
+#: and SPARC number them their own way; there SO_PASSRIGHTS is left alone unless Python
+#: knows its number.
+_GENERIC_SOCKOPTS: Final = frozenset(
+    {"x86_64", "i386", "i686", "aarch64", "arm64", "armv7l", "riscv64", "s390x", "ppc64le"}
+)
+
+#: SO_PASSRIGHTS (Linux 6.16): set to 0, the kernel refuses SCM_RIGHTS sent to the socket
+#: (the sender's sendmsg() fails with EPERM), so no descriptor can arrive; an accepted socket
+#: inherits it from its listener. 83 in asm-generic/socket.h; Python has no name for it yet.
+SO_PASSRIGHTS: Final[int | None] = getattr(
+    socket, "SO_PASSRIGHTS", 83 if platform.machine() in _GENERIC_SOCKOPTS else None
+)
+
 
 def ancillary_size(max_fds: int, *, creds: bool = False) -> int:
     """The control buffer size that holds ``max_fds`` descriptors (and credentials)."""
@@ -48,6 +66,24 @@ def ancillary_size(max_fds: int, *, creds: bool = False) -> int:
     if creds:
         size += socket.CMSG_SPACE(UCRED.size)
     return size
+
+
+def refuse_descriptors(sock: socket.socket) -> bool:
+    """Ask the kernel to refuse descriptors sent to Unix socket ``sock``; whether it will.
+
+    setsockopt(SO_PASSRIGHTS) fails with ENOPROTOOPT on a kernel before 6.16, and with
+    EOPNOTSUPP on a socket that is not AF_UNIX: either way the answer is no, and the caller
+    keeps reading with a control buffer, so descriptors that arrive are still reported.
+    Descriptors queued before the call are not refused: a reader without a control buffer
+    gets their bytes, and the kernel closes the descriptors.
+    """
+    if SO_PASSRIGHTS is None or sock.family != socket.AF_UNIX:
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_PASSRIGHTS, 0)
+    except OSError:
+        return False
+    return True
 
 
 def rights(fds: Sequence[int], limit: int) -> list[tuple[int, int, bytes]]:

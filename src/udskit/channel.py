@@ -4,6 +4,13 @@ A ``Channel`` wraps a connected socket of any type. On a stream socket, messages
 by the sans-IO core in :mod:`udskit.proto`; seqpacket and datagram sockets keep the kernel's
 message boundaries. Descriptors travel with ``send_fds``/``recv_fds``; every received one is
 close-on-exec, and closed by us on every error path.
+
+Receiving has one path (``_read``) for every socket type: recvmsg_into() where descriptors or
+credentials may come, recv_into() on a stream that can carry none (TCP, or ``max_fds=0``
+where the kernel refuses descriptors: see ``ancillary.refuse_descriptors``), which spares
+the kernel the control data and the peer address on every read. A stream channel's receive
+buffer starts at one page and grows only while reads fill it (see RECV_START), so a server
+holding thousands of idle clients does not hold a large buffer for each.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from .ancillary import (
     RECV_FLAGS,
     ancillary_size,
     close_fds,
+    refuse_descriptors,
     rights,
     unpack,
 )
@@ -60,9 +68,24 @@ log = logging.getLogger("udskit")
 
 Buffer = bytes | bytearray | memoryview
 
-#: Bytes read per recvmsg() on a stream. Large enough that a burst of small messages is one
-#: system call and a 1 MiB message a few; allocated once per channel.
+#: Most bytes read per system call on a stream. Large enough that a burst of small messages
+#: is one system call and a 1 MiB message a few.
 RECV_CHUNK: Final = 256 * 1024
+
+#: A stream channel's receive buffer starts at this size, and goes back to it. A server holds
+#: a channel per client, most of them idle between short requests: RECV_CHUNK each would be
+#: 2.5 GiB of zero-filled memory at 10,000 clients. One page holds a typical request whole. A
+#: read that fills the buffer means a burst is under way, and the buffer grows to RECV_CHUNK
+#: at once (not by doubling: one allocation, not six); RECV_SHRINK_AFTER reads of less than
+#: this size give the memory back. (The framing copies every read out of the buffer, so its
+#: size is all that changes.)
+RECV_START: Final = 4 * 1024
+
+#: Short reads (under RECV_START) into a grown buffer before it goes back to RECV_START.
+#: Enough that a conversation alternating large and small messages reallocates (256 KiB,
+#: zero-filled: ~20 us) once every so many messages, not for every one; few enough that a
+#: client that goes quiet after a burst soon holds a page again.
+RECV_SHRINK_AFTER: Final = 16
 
 #: Payloads up to this size are joined with their header and sent with one send(); above
 #: it, the header and payload go out with sendmsg() scatter-gather to avoid copying them.
@@ -71,6 +94,9 @@ _JOIN_LIMIT: Final = 64 * 1024
 #: No SIGPIPE on a closed peer: the error comes back as EPIPE (Python ignores SIGPIPE
 #: anyway, but an embedding application may not).
 _SEND_FLAGS: Final = int(socket.MSG_NOSIGNAL)
+
+#: What ``_read`` reports as control data where none can come.
+_NO_CONTROL: Final[list[tuple[int, int, bytes]]] = []
 
 # Plain ints: socket.MSG_* are IntFlag members, and `flags & socket.MSG_CTRUNC` on the hot
 # path goes through enum.__and__, which cost more than the recvmsg() call itself.
@@ -162,18 +188,21 @@ class Channel(ChannelFacts):
         "_direct",
         "_fds_seen",
         "_framing",
-        "_header_bufs",
+        "_grow_at",
         "_inbox",
         "_max_fds",
         "_max_message",
         "_owns_socket",
         "_peer",
+        "_plain",
         "_poller",
         "_rbuf",
         "_rbufs",
         "_remote",
         "_rlock",
         "_rview",
+        "_short_reads",
+        "_shrink_below",
         "_sock",
         "_spin_ns",
         "_timeout",
@@ -206,10 +235,13 @@ class Channel(ChannelFacts):
         self._max_fds = max_fds
         is_unix = sock.family == socket.AF_UNIX
         self._ancsize = ancillary_size(max_fds, creds=self._type == "dgram") if is_unix else 0
-        self._rbuf = bytearray(RECV_CHUNK if self._type == "stream" else limit)
-        self._rview = memoryview(self._rbuf)
-        self._rbufs = [self._rview]  # recvmsg_into() takes a list; build it once
-        self._header_bufs = [self._rview[: HEADER.size]]
+        # recv_into(), no control data: a stream on which no descriptor can arrive.
+        self._plain = self._framing is not None and (
+            not is_unix or (max_fds == 0 and refuse_descriptors(sock))
+        )
+        # The receive buffer (see RECV_START). A packet channel's must hold a whole max_frame
+        # message: allocated by its first read, since a datagram session never reads.
+        self._resize(RECV_START if self._framing is not None else 0)
         self._direct = False
         self._fds_seen = False  # no descriptor has arrived yet: recv() need not ask for any
         self._spin_ns = 0
@@ -243,8 +275,12 @@ class Channel(ChannelFacts):
         self._timeout = check_timeout(timeout)
         # With a timeout the socket is non-blocking and a call that finds nothing to do
         # waits in poll() (``_wait``): the call is tried first, so the common case costs one
-        # system call. (A socket's own timeout polls before every call: two.)
-        self._sock.setblocking(self._timeout is None)
+        # system call. (A socket's own timeout polls before every call: two.) Skipped when
+        # the socket is so already (a server makes a channel per client), and on a socket
+        # that is not ours: a datagram session must not change its listener's mode.
+        mode = None if self._timeout is None else 0.0
+        if self._owns_socket and self._sock.gettimeout() != mode:
+            self._sock.setblocking(mode is None)
 
     def gettimeout(self) -> float | None:
         """The timeout set by ``settimeout`` (or ``connect(timeout=)``)."""
@@ -569,30 +605,45 @@ class Channel(ChannelFacts):
         self._direct = len(message) >= DIRECT_READ_MIN  # type: ignore[arg-type]
         return message, framing.take_fds()  # type: ignore[return-value]
 
-    def _recvmsg(self) -> tuple[int, list[tuple[int, int, bytes]], int, object]:
-        """One recvmsg_into() into our buffer, polling first for ``spin`` microseconds."""
-        poller = self._poller
-        if self._spin_ns and poller is not None:
-            # Ask poll(0) rather than trying a non-blocking read: a read that finds nothing
-            # raises BlockingIOError, and raising costs ~2.8 us a try against ~0.5 us for
-            # poll(), which sets how fast a waiting reply is noticed.
-            ready = poller.poll
-            deadline = monotonic_ns() + self._spin_ns
-            while not ready(0) and monotonic_ns() < deadline:
-                pass
+    def _read(
+        self, views: list[memoryview]
+    ) -> tuple[int, list[tuple[int, int, bytes]], int, object]:
+        """One read into ``views``: recvmsg_into()'s (bytes, control data, flags, address).
+        recv_into() where no control data can come (``_plain``: no control data, no
+        address); polls first for ``spin`` microseconds; on EAGAIN waits within the
+        timeout. Every receive goes through here."""
+        if self._spin_ns:
+            self._spin()
         try:
-            got = self._sock.recvmsg_into(self._rbufs, self._ancsize, RECV_FLAGS)
+            if self._plain:
+                size = self._sock.recv_into(views[0])
+                if not size and self._closed:
+                    self._check_open()  # close() in another thread woke us with an empty read
+                return size, _NO_CONTROL, 0, None
+            got = self._sock.recvmsg_into(views, self._ancsize, RECV_FLAGS)
         except OSError as exc:
-            got = self._recvmsg_failed(exc)
+            got = self._read_failed(exc, views)
         if not got[0] and self._closed:
-            self._check_open()  # close() in another thread woke us with an empty read
+            self._check_open()
         return got
 
-    def _recvmsg_failed(
-        self, exc: OSError
+    def _spin(self) -> None:
+        poller = self._poller
+        if poller is None:
+            return
+        # Ask poll(0) rather than trying a non-blocking read: a read that finds nothing
+        # raises BlockingIOError, and raising costs ~2.8 us a try against ~0.5 us for
+        # poll(), which sets how fast a waiting reply is noticed.
+        ready = poller.poll
+        deadline = monotonic_ns() + self._spin_ns
+        while not ready(0) and monotonic_ns() < deadline:
+            pass
+
+    def _read_failed(
+        self, exc: OSError, views: list[memoryview]
     ) -> tuple[int, list[tuple[int, int, bytes]], int, object]:
-        """recvmsg_into() raised ``exc``: on EAGAIN wait (within the timeout) and read;
-        otherwise raise the udskit error."""
+        """The read raised ``exc``: on EAGAIN wait (within the timeout) and read; otherwise
+        raise the udskit error."""
         try:
             if not isinstance(exc, BlockingIOError):
                 raise exc
@@ -600,7 +651,9 @@ class Channel(ChannelFacts):
             while True:
                 deadline = self._wait(select.POLLIN, deadline)
                 try:
-                    return self._sock.recvmsg_into(self._rbufs, self._ancsize, RECV_FLAGS)
+                    if self._plain:
+                        return self._sock.recv_into(views[0]), _NO_CONTROL, 0, None
+                    return self._sock.recvmsg_into(views, self._ancsize, RECV_FLAGS)
                 except BlockingIOError:
                     continue  # another process took what woke us
         except OSError as error:
@@ -613,44 +666,51 @@ class Channel(ChannelFacts):
             message = self._feed_direct(framing)
             if message is not NEED_DATA or framing.buffered:
                 return message
-        if self._spin_ns:
-            size, ancdata, flags, _ = self._recvmsg()
-        else:  # _recvmsg() inlined: this is every stream read
-            try:
-                size, ancdata, flags, _ = self._sock.recvmsg_into(
-                    self._rbufs, self._ancsize, RECV_FLAGS
-                )
-            except OSError as exc:
-                size, ancdata, flags, _ = self._recvmsg_failed(exc)
-            if not size and self._closed:
-                self._check_open()  # close() in another thread woke us with an empty read
+        view = self._rview
+        size, ancdata, flags, _ = self._read(self._rbufs)
         if ancdata or flags & _CTRUNC:
             self._fds_seen = True
             fds = self._stream_fds(ancdata, flags)
             if size == 0:
                 close_fds(fds)
                 fds = []
-            return framing.feed(self._rview[:size], fds)
-        return framing.feed(self._rview[:size])
+            message = framing.feed(view[:size], fds)
+        else:
+            message = framing.feed(view[:size])
+        if size >= self._grow_at or size < self._shrink_below:
+            self._fit(size)  # a full page (a burst), or a short read into a grown buffer
+        return message
+
+    def _fit(self, size: int) -> None:
+        """Grow or shrink the receive buffer after a read of ``size`` (see RECV_START). The
+        framing has copied what it keeps: the old buffer holds nothing we need."""
+        if size >= self._grow_at:
+            self._resize(RECV_CHUNK)
+            return
+        self._short_reads += 1
+        if self._short_reads >= RECV_SHRINK_AFTER:
+            self._resize(RECV_START)
+
+    def _resize(self, size: int) -> None:
+        """A new receive buffer of ``size`` bytes (the old one holds nothing we need)."""
+        self._rbuf = bytearray(size)
+        self._rview = memoryview(self._rbuf)
+        self._rbufs = [self._rview]  # recvmsg_into() takes a list; build it once
+        # Thresholds for _feed, so that a read that changes nothing costs two comparisons.
+        self._grow_at = size if 0 < size < RECV_CHUNK else RECV_CHUNK + 1
+        self._shrink_below = RECV_START if size > RECV_START else 0
+        self._short_reads = 0
 
     def _feed_direct(self, framing: LengthPrefixed) -> bytes | NeedData | Closed:
         """Read a header alone; if it announces a large payload, read that straight into
         the bytes object that becomes the message (MSG_WAITALL: one call, no copy)."""
-        sock = self._sock
         if self._timeout is not None:
             # With a timeout the socket is non-blocking, and MSG_WAITALL returns whatever
             # is there: no gain over the buffered path.
             self._direct = False
             return NEED_DATA
-        try:
-            size, ancdata, flags, _ = sock.recvmsg_into(
-                self._header_bufs, self._ancsize, RECV_FLAGS
-            )
-        except OSError as exc:
-            self._check_open()
-            raise translate(exc, "recv", self._remote) from exc
-        if not size and self._closed:
-            self._check_open()
+        header = self._rview[: HEADER.size]
+        size, ancdata, flags, _ = self._read([header])
         fds = []
         if ancdata or flags & _CTRUNC:
             self._fds_seen = True
@@ -658,13 +718,13 @@ class Channel(ChannelFacts):
         if size == 0:
             close_fds(fds)
             return framing.feed(b"")
-        message = framing.feed(self._rview[:size], fds)
+        message = framing.feed(header[:size], fds)
         expected = framing.header_only()
         if message is not NEED_DATA or expected < DIRECT_READ_MIN:
             self._direct = False
             return message
         try:
-            payload = sock.recv(expected, _WAITALL)
+            payload = self._sock.recv(expected, _WAITALL)
         except OSError as exc:
             self._check_open()
             raise translate(exc, "recv", self._remote) from exc
@@ -681,7 +741,9 @@ class Channel(ChannelFacts):
             raise self._unreadable from exc
 
     def _recv_packet(self) -> tuple[bytes, list[int]]:
-        size, ancdata, flags, _ = self._recvmsg()
+        if not self._rbuf:  # a packet buffer holds the largest message: allocated on use
+            self._resize(self._max_message)
+        size, ancdata, flags, _ = self._read(self._rbufs)
         got = (
             unpack(ancdata, flags, self._where(), self._max_fds)
             if ancdata or flags & _CTRUNC

@@ -24,6 +24,7 @@ from .ancillary import (
     ControlDataError,
     ancillary_size,
     close_fds,
+    refuse_descriptors,
     rights,
     unpack,
 )
@@ -173,6 +174,10 @@ class Listener(_Endpoint):
         self._max_frame = max_frame
         self._max_fds = max_fds
         self._buffers = buffers
+        if max_fds == 0 and base_type(sock) == socket.SOCK_STREAM:
+            # Accepted sockets inherit it: no client can queue a descriptor before accept(),
+            # and every channel reads without a control buffer (see Channel._read).
+            refuse_descriptors(sock)
 
     @property
     def framing(self) -> str:

@@ -25,6 +25,7 @@ __all__ = [
     "listen_options",
     "pair_options",
     "DEFAULT_BACKLOG",
+    "DEFAULT_MAX_CLIENTS",
     "DEFAULT_MAX_MESSAGE",
     "SocketType",
     "check_buffer",
@@ -51,6 +52,16 @@ SocketType: TypeAlias = Literal["stream", "seqpacket", "dgram"]
 #: full backlog shows up as EAGAIN for non-blocking clients (nginx's 502 "(11: Resource
 #: temporarily unavailable)") rather than as silent queueing.
 DEFAULT_BACKLOG: Final = 128
+
+#: Clients a server (``udskit.Server``, ``udskit.aio.Server``) serves at once unless
+#: ``max_clients`` says otherwise. The threaded server's thread per client costs a
+#: kernel task: tasks come from pid_max, 32,768 by default on machines with up to 32 CPUs and
+#: shared by the whole system, and each thread's stack takes two of the process's 65,530
+#: memory maps (vm.max_map_count). Past those limits a new thread fails at an arbitrary
+#: moment ("can't start new thread"); half of the smallest default pid_max keeps well inside
+#: them, while holding the 10,000 clients this server is meant to hold. Clients beyond it
+#: wait in the backlog until one leaves.
+DEFAULT_MAX_CLIENTS: Final = 16_384
 
 #: Largest seqpacket message or datagram received by default. Linux bounds one AF_UNIX
 #: datagram by the sender's SO_SNDBUF (net.core.wmem_default is 212,992 bytes); 256 KiB
@@ -148,7 +159,9 @@ def check_max_clients(max_clients: int | None, name: str = "max_clients") -> int
     if max_clients is not None and (
         isinstance(max_clients, bool) or not isinstance(max_clients, int) or max_clients < 1
     ):
-        raise ValueError(f"{name} must be a positive integer or None, not {max_clients!r}")
+        raise ValueError(
+            f"{name} must be a positive integer or None (no limit), not {max_clients!r}"
+        )
     return max_clients
 
 

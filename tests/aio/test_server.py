@@ -277,3 +277,33 @@ def test_serve_stops_cleanly_on_a_signal(
     assert err == ""
     assert out == "default SIGTERM again: True\n"
     assert not path.exists()
+
+
+def test_stop_gives_all_stuck_handlers_one_grace_period(
+    arun: Run, sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every client's socket is shut down at once and the handlers share one deadline:
+    six handlers that ignore their connection cost one grace period, not six."""
+    path = sockdir / "stuck.sock"
+    grace, stuck = 0.3, 6
+    monkeypatch.setattr(udskit.aio.server, "SHUTDOWN_GRACE", grace)
+
+    async def stubborn(channel: udskit.aio.Channel) -> None:
+        await asyncio.Event().wait()  # ignores its connection until cancelled
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await udskit.aio.start_server(path, stubborn)
+        serving = asyncio.ensure_future(server.serve_forever())
+        clients = [await udskit.aio.connect(path) for _ in range(stuck)]
+        await turns_until(lambda: server.active_clients == stuck)
+        started = loop.time()
+        server.stop()
+        await serving
+        took = loop.time() - started
+        for client in clients:
+            client.close()
+        assert server.active_clients == 0
+        assert grace * 0.9 <= took < stuck * grace / 2, f"stop took {took:.2f} s"
+
+    arun(main())

@@ -52,7 +52,7 @@ class ScriptedSocket(socket.socket):
     ) -> None:
         super().__init__(real.family, real.type, fileno=real.detach())
         self.script: deque[Step] = deque(script)
-        self.reads: deque[Step] = deque(reads)  # for recvmsg_into(): "ok" or ("after", exc)
+        self.reads: deque[Step] = deque(reads)  # for reads: "ok" or ("after", exc)
         self.calls = 0
 
     def recvmsg_into(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
@@ -60,6 +60,14 @@ class ScriptedSocket(socket.socket):
         got = super().recvmsg_into(*args, **kwargs)
         if step != "ok":
             raise step[1]  # the bytes were read, and are now in nobody's hands
+        return got
+
+    def recv_into(self, *args: Any, **kwargs: Any) -> int:  # type: ignore[override]
+        # A stream channel that can receive no descriptors reads with recv_into().
+        step = self.reads.popleft() if self.reads else "ok"
+        got = super().recv_into(*args, **kwargs)
+        if step != "ok":
+            raise step[1]
         return got
 
     def _step(self) -> Step:

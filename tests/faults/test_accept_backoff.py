@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 import udskit
-from udskit import Channel, Server
-from udskit import server as server_module
+from udskit import Channel, Server, accepting
 
 #: How long a test waits for the server thread or a reply before failing.
 PATIENCE = 20.0
@@ -31,7 +30,8 @@ REAL = 0
 
 class ScriptedAccept(socket.socket):
     """The listener's own descriptor; ``accept()`` raises the next scripted errno, or
-    really accepts for REAL (and once the script is used up)."""
+    really accepts for REAL (and once the script is used up). ``calls`` counts the scripted
+    errors and the clients accepted, not the accept() that ends a batch on an empty queue."""
 
     def __init__(self, sock: socket.socket, script: list[int]) -> None:
         super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
@@ -40,12 +40,15 @@ class ScriptedAccept(socket.socket):
         self.called = threading.Event()
 
     def accept(self) -> tuple[socket.socket, object]:
-        self.calls += 1
-        self.called.set()
         code = self.script.pop(0) if self.script else REAL
         if code != REAL:
+            self.calls += 1
+            self.called.set()
             raise OSError(code, os.strerror(code))
-        return super().accept()
+        accepted = super().accept()  # BlockingIOError on an empty queue: not counted
+        self.calls += 1
+        self.called.set()
+        return accepted
 
 
 def echo(channel: Channel) -> None:
@@ -102,7 +105,7 @@ def _waits(caplog: pytest.LogCaptureFixture) -> list[float]:
 def test_out_of_resources_backs_off_and_recovers(
     path: Path, code: int, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(server_module, "ACCEPT_BACKOFF_MAX", 0.04)
+    monkeypatch.setattr(accepting, "ACCEPT_BACKOFF_MAX", 0.04)
     with caplog.at_level(logging.WARNING, logger="udskit"), Running(path, [code] * 5) as running:
         _round_trip(path, b"served after the storm")
     assert running.error is None
@@ -133,7 +136,7 @@ def test_transient_errors_are_retried_at_once(
 
 
 def test_stop_interrupts_a_back_off(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server_module, "ACCEPT_BACKOFF", 3600.0)  # an hour, unless woken
+    monkeypatch.setattr(accepting, "ACCEPT_BACKOFF", 3600.0)  # an hour, unless woken
     # The client makes the listener readable: the scripted EMFILE comes at once.
     with Running(path, [errno.EMFILE]) as running, udskit.connect(path):
         assert running.scripted.called.wait(PATIENCE)

@@ -438,12 +438,16 @@ class Interrupt(Exception):
     """What a signal handler raises in these tests."""
 
 
+@pytest.mark.parametrize("max_fds", [16, 0], ids=["recvmsg", "no-descriptors"])
 @pytest.mark.parametrize("how", ["recv", "recv_fds", "recv_many"])
-def test_an_exception_after_a_read_ends_reading_instead_of_splicing(how: str) -> None:
+def test_an_exception_after_a_read_ends_reading_instead_of_splicing(how: str, max_fds: int) -> None:
     """The read's bytes never reached the framing: later reads must not frame from the
-    middle of a message."""
+    middle of a message. (max_fds=0: the read is recv_into() where the kernel refuses
+    descriptors.)"""
     mine, theirs = socket.socketpair()
-    receiver = Channel(ScriptedSocket(mine, [], reads=["ok", ("after", Interrupt())]))
+    receiver = Channel(
+        ScriptedSocket(mine, [], reads=["ok", ("after", Interrupt())]), max_fds=max_fds
+    )
     sender = Channel(theirs)
     with sender, receiver:
         receiver.settimeout(WAIT)

@@ -273,10 +273,10 @@ def test_server_created_when_descriptors_run_high(path: Path, kind: str) -> None
 
 
 def test_stop_waits_one_grace_period_for_all_stuck_handlers(
-    path: Path, monkeypatch: pytest.MonkeyPatch
+    path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Handlers that ignore the end of their connection get one grace period between them,
-    not one each: every join is bounded by the same deadline."""
+    not one each: stop() shuts every socket down, then waits once for all of them."""
     grace = 0.5
     stuck = 6
     monkeypatch.setattr(udskit.server, "SHUTDOWN_GRACE", grace)
@@ -287,14 +287,6 @@ def test_stop_waits_one_grace_period_for_all_stuck_handlers(
         inside.release()
         release.wait(PATIENCE)  # ignores the shutdown of its connection
 
-    deadlines: list[float] = []
-    real_join = threading.Thread.join
-
-    def join(thread: threading.Thread, timeout: float | None = None) -> None:
-        if timeout is not None and thread.name != "serving":
-            deadlines.append(time.monotonic() + timeout)
-        real_join(thread, timeout)
-
     server = Server(path, stubborn)
     serving = threading.Thread(target=server.serve_forever, name="serving")
     clients = [udskit.connect(path) for _ in range(stuck)]
@@ -302,17 +294,135 @@ def test_stop_waits_one_grace_period_for_all_stuck_handlers(
         serving.start()
         for _ in range(stuck):
             assert inside.acquire(timeout=PATIENCE)
-        monkeypatch.setattr(threading.Thread, "join", join)
         started = time.monotonic()
         server.stop()
-        real_join(serving, PATIENCE)
+        serving.join(PATIENCE)
         took = time.monotonic() - started
         assert not serving.is_alive()
+        assert server.active_clients == stuck  # left behind, still running
     finally:
         release.set()
         for client in clients:
             client.close()
-    assert len(deadlines) == stuck
-    # The joins share one deadline (a join(grace) each would spread them over 6 graces).
-    assert max(deadlines) - min(deadlines) < grace / 2, deadlines
-    assert took < stuck * grace / 2, f"stop took {took:.2f} s"
+    assert grace * 0.9 <= took < stuck * grace / 2, f"stop took {took:.2f} s"
+    assert f"{stuck} handler(s) still running" in caplog.text
+
+
+def test_a_queue_of_clients_is_accepted_in_batches(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clients already queued are accepted ACCEPT_BATCH per wake-up, not one each."""
+    monkeypatch.setattr(udskit.server, "ACCEPT_BATCH", 4)
+    wakeups = 0
+    batches: list[int] = []  # for each client started, the wake-up that accepted it
+    real_wait = Server._wait
+
+    def counting_wait(server: Server, timeout: float | None = None) -> list[int]:
+        nonlocal wakeups
+        ready = real_wait(server, timeout)
+        wakeups += 1
+        return ready
+
+    real_start = Server._start_client
+
+    def recording_start(server: Server, listener: udskit.Listener, conn: socket.socket) -> None:
+        batches.append(wakeups)
+        real_start(server, listener, conn)
+
+    monkeypatch.setattr(Server, "_wait", counting_wait)
+    monkeypatch.setattr(Server, "_start_client", recording_start)
+    server = Server(path, echo)
+    clients = [udskit.connect(path, timeout=PATIENCE) for _ in range(10)]  # all queued
+    try:
+        with Serving(server):
+            for number, client in enumerate(clients):
+                client.send(b"%d" % number)
+                assert client.recv() == b"%d" % number
+    finally:
+        for client in clients:
+            client.close()
+    assert batches == [1] * 4 + [2] * 4 + [3] * 2
+
+
+def test_max_clients_defaults_to_the_named_limit_and_none_lifts_it(path: Path) -> None:
+    import inspect
+
+    import udskit.aio
+    from udskit.cli.main import build_parser
+    from udskit.server import DEFAULT_MAX_CLIENTS
+
+    for function in (Server, udskit.serve, udskit.aio.Server, udskit.aio.start_server):
+        default = inspect.signature(function).parameters["max_clients"].default
+        assert default == DEFAULT_MAX_CLIENTS, function
+    assert udskit.aio.server.DEFAULT_MAX_CLIENTS == DEFAULT_MAX_CLIENTS
+    args = build_parser().parse_args(["serve", os.fspath(path), "--echo"])
+    assert args.max_clients == DEFAULT_MAX_CLIENTS
+    with Serving(Server(path, echo, max_clients=None)) as server:
+        with udskit.connect(path, timeout=PATIENCE) as client:
+            client.send(b"unlimited")
+            assert client.recv() == b"unlimited"
+        assert server._max_clients is None
+
+
+def _own_stack_size() -> int:
+    """The calling thread's stack size, as glibc's pthread_getattr_np() reports it."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    libc.pthread_self.restype = ctypes.c_ulong
+    attr = ctypes.create_string_buffer(128)  # pthread_attr_t is 56 bytes on x86_64
+    assert libc.pthread_getattr_np(ctypes.c_ulong(libc.pthread_self()), attr) == 0
+    try:
+        where, size = ctypes.c_void_p(), ctypes.c_size_t()
+        assert libc.pthread_attr_getstack(attr, ctypes.byref(where), ctypes.byref(size)) == 0
+        return size.value
+    finally:
+        libc.pthread_attr_destroy(attr)
+
+
+@pytest.mark.skipif(
+    os.confstr("CS_GNU_LIBC_VERSION") is None, reason="pthread_getattr_np is glibc's"
+)
+def test_handler_threads_get_the_small_stack_and_the_process_default_stays(path: Path) -> None:
+    sizes: queue.Queue[int] = queue.Queue()
+
+    def measuring(channel: Channel) -> None:
+        sizes.put(_own_stack_size())
+        echo(channel)
+
+    before = threading.stack_size(2 * 1024 * 1024)  # the program's own choice
+    try:
+        with Serving(Server(path, measuring)):
+            with udskit.connect(path, timeout=PATIENCE) as client:
+                client.send(b"x")
+                assert client.recv() == b"x"
+            assert threading.stack_size() == 2 * 1024 * 1024  # put back after each start
+    finally:
+        threading.stack_size(before)
+    # glibc rounds up, and may count the guard page in.
+    assert udskit.server.HANDLER_STACK_SIZE <= sizes.get(timeout=PATIENCE) < 2 * 1024 * 1024
+
+
+def test_a_client_whose_thread_cannot_start_is_closed_and_serving_goes_on(
+    path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import _thread
+    import types
+
+    failures = [RuntimeError("can't start new thread")]
+
+    def start_new_thread(function: Callable[..., object], args: tuple[object, ...]) -> int:
+        if failures:
+            raise failures.pop()
+        return _thread.start_new_thread(function, args)
+
+    fake = types.SimpleNamespace(start_new_thread=start_new_thread, stack_size=_thread.stack_size)
+    monkeypatch.setattr(udskit.server, "_thread", fake)
+    with Serving(Server(path, echo)) as server:
+        with udskit.connect(path, timeout=PATIENCE) as refused, pytest.raises(ConnectionClosed):
+            refused.recv()
+        with udskit.connect(path, timeout=PATIENCE) as served:
+            served.send(b"next one")
+            assert served.recv() == b"next one"
+        assert server.active_clients <= 1
+    assert "can't start new thread" in caplog.text

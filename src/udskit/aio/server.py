@@ -2,15 +2,17 @@
 ``await handler(channel)`` in a task per connection (per datagram for dgram).
 
 The blocking :mod:`udskit.server`'s semantics, on an event loop: at most ``max_clients``
-connections are served at once (further clients wait in the kernel's backlog, they are not
-refused); accept(2) errors are handled as :mod:`udskit.accepting` explains (out of
-descriptors: back off, never spin); a datagram handler runs in the serving task, once per
+connections are served at once, ``DEFAULT_MAX_CLIENTS`` unless told otherwise (further
+clients wait in the kernel's backlog, they are not refused; None lifts the limit); accept(2)
+errors are handled as :mod:`udskit.accepting` explains (out of descriptors: back off, never
+spin); a datagram handler runs in the serving task, once per
 datagram, with a Channel whose ``recv()`` returns that datagram and whose ``send()`` replies
 to its sender, so one handler serves all three socket types.
 
 Stopping (``stop()``, or SIGINT/SIGTERM under ``serve()``) closes the listener first, which
-removes its socket file; then it shuts down the clients' sockets, so their handlers see the
-connection end, and waits up to SHUTDOWN_GRACE seconds before cancelling what is left.
+removes its socket file; then it shuts down every client's socket at once, so their handlers
+see the connection end together, and waits up to SHUTDOWN_GRACE seconds for all of them (one
+deadline, not one each) before cancelling what is left.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from ..accepting import RESOURCE_ERRNOS as _RESOURCE_ERRNOS
 from ..accepting import RETRY_ERRNOS as _RETRY_ERRNOS
 from ..address import Address, AddressLike
 from ..errors import ConnectionClosed, ProtocolError, UdsError
-from ..options import check_max_clients
+from ..options import DEFAULT_MAX_CLIENTS, check_max_clients
 from ..server import SHUTDOWN_GRACE
 from ..translate import translate
 from .channel import Channel
@@ -36,9 +38,14 @@ from .listening import DatagramListener, Listener, listen
 from .signals import give_back_signals, take_signals
 from .waiting import Waiters
 
-__all__ = ["Handler", "Server", "serve", "start_server"]
+__all__ = ["DEFAULT_MAX_CLIENTS", "Handler", "Server", "serve", "start_server"]
 
 log = logging.getLogger("udskit")
+
+# DEFAULT_MAX_CLIENTS is the blocking server's default, so that moving a server between the
+# layers does not change who waits. Here a client costs a task, not a thread, but also its
+# descriptor and up to a READ_AHEAD of received bytes plus a write queue (see
+# udskit.aio.buffers): without a limit, a flood of connections could claim all of them.
 
 Handler = Callable[[Channel], Awaitable[object]]
 
@@ -57,7 +64,7 @@ class Server:
         endpoint: Listener | DatagramListener,
         handler: Handler,
         *,
-        max_clients: int | None = None,
+        max_clients: int | None = DEFAULT_MAX_CLIENTS,
     ) -> None:
         if not callable(handler):
             raise TypeError(f"handler must be an async function of a channel, not {handler!r}")
@@ -219,7 +226,7 @@ async def start_server(
     address: AddressLike,
     handler: Handler,
     *,
-    max_clients: int | None = None,
+    max_clients: int | None = DEFAULT_MAX_CLIENTS,
     **listen_options: object,
 ) -> Server:
     """A Server listening on ``address`` (options as for :func:`udskit.aio.listen`).
@@ -239,7 +246,7 @@ async def serve(
     address: AddressLike,
     handler: Handler,
     *,
-    max_clients: int | None = None,
+    max_clients: int | None = DEFAULT_MAX_CLIENTS,
     **listen_options: object,
 ) -> None:
     """Serve ``address`` with ``handler`` until SIGINT or SIGTERM (or ``stop()``).

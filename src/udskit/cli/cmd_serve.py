@@ -15,6 +15,7 @@ import signal
 from types import FrameType
 
 import udskit
+from udskit.options import DEFAULT_MAX_CLIENTS
 
 from . import _actions
 from ._actions import Action, Session, Until
@@ -69,7 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-clients",
         metavar="N",
         type=positive_int,
-        help="serve at most N clients at once; others wait in the backlog",
+        default=DEFAULT_MAX_CLIENTS,
+        help=f"serve at most N clients at once; others wait in the backlog "
+        f"(default: {DEFAULT_MAX_CLIENTS})",
     )
     parser.add_argument(
         "--once",
