@@ -24,19 +24,17 @@ import logging
 import os
 import queue
 import select
-import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from types import FrameType
 from typing import Any, Final
 
 from .address import AddressLike
 from .ancillary import close_fds
 from .connection import DEFAULT_MAX_OUTBOX, Connection
 from .listening import DatagramListener, Listener, listen
-from .server import SHUTDOWN_GRACE
+from .server import SHUTDOWN_GRACE, run_until_signalled
 from .serving import Hook, MessageHandler, MessageServing, check_server_options
 
 __all__ = ["MessageHandler", "MessageServer", "serve_messages"]
@@ -364,19 +362,4 @@ class MessageServer(MessageServing):
 def serve_messages(address: AddressLike, handler: MessageHandler, **options: Any) -> None:
     """Serve ``address`` with a :class:`MessageServer` until SIGINT or SIGTERM (or
     ``stop()``); in the main thread those signals stop it cleanly (socket file removed)."""
-    server = MessageServer(address, handler, **options)
-    previous: dict[signal.Signals, object] = {}
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("%s: received %s, stopping", server.address, signal.Signals(signum).name)
-        server.stop()
-
-    try:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                previous[signum] = signal.signal(signum, on_signal)
-        server.serve_forever()
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)  # type: ignore[arg-type]
-        server.close()
+    run_until_signalled(MessageServer(address, handler, **options))

@@ -30,7 +30,7 @@ import socket
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import Final
+from typing import Final, Protocol
 
 from .accepting import AcceptVerdict, Backoff, classify
 from .address import AddressLike
@@ -325,7 +325,21 @@ def serve(
     In the main thread, SIGINT and SIGTERM stop the server cleanly (socket file removed) and
     ``serve`` returns; the previous signal handlers are restored afterwards.
     """
-    server = Server(address, handler, max_clients=max_clients, **listen_options)
+    run_until_signalled(Server(address, handler, max_clients=max_clients, **listen_options))
+
+
+class _Serving(Protocol):
+    @property
+    def address(self) -> object: ...
+
+    def serve_forever(self) -> None: ...
+    def stop(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def run_until_signalled(server: _Serving) -> None:
+    """Run ``server.serve_forever()``; in the main thread SIGINT and SIGTERM stop it, and
+    the previous handlers of those signals are put back afterwards. Closes the server."""
     previous: dict[signal.Signals, object] = {}
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -41,7 +41,7 @@ from ..serving import (
     check_server_options,
 )
 from .listening import claim_in_thread
-from .signals import give_back_signals, take_signals
+from .signals import serve_until_signalled
 
 __all__ = ["MessageServer", "serve_messages", "start_message_server"]
 
@@ -299,23 +299,6 @@ async def start_message_server(
 async def serve_messages(address: AddressLike, handler: MessageHandler, **options: Any) -> None:
     """Serve ``address`` until SIGINT or SIGTERM (or ``stop()``); in the main thread those
     signals stop it cleanly (socket file removed), and their handlers are put back after."""
-    loop = asyncio.get_running_loop()
-    server: MessageServer | None = None
-    stop_requested = False
-
-    def on_signal(signum: int) -> None:
-        nonlocal stop_requested
-        stop_requested = True
-        if server is not None:
-            server.stop()
-
-    installed = take_signals(loop, on_signal)
-    try:
-        server = await start_message_server(address, handler, **options)
-        if stop_requested:
-            server.stop()
-        await server.serve_forever()
-    finally:
-        give_back_signals(loop, installed)
-        if server is not None:
-            await server.aclose()
+    await serve_until_signalled(
+        address, functools.partial(start_message_server, address, handler, **options)
+    )

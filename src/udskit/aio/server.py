@@ -18,9 +18,9 @@ deadline, not one each) before cancelling what is left.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
-import signal
 import socket
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -35,7 +35,7 @@ from ..server import SHUTDOWN_GRACE
 from ..translate import translate
 from .channel import Channel
 from .listening import DatagramListener, Listener, listen
-from .signals import give_back_signals, take_signals
+from .signals import serve_until_signalled
 from .waiting import Waiters
 
 __all__ = ["DEFAULT_MAX_CLIENTS", "Handler", "Server", "serve", "start_server"]
@@ -255,24 +255,9 @@ async def serve(
     ``serve`` returns; the previous handlers of those signals are put back afterwards. The
     handlers go in before the socket is claimed, so an early signal still removes it.
     """
-    loop = asyncio.get_running_loop()
-    server: Server | None = None
-    stop_requested = False
-
-    def on_signal(signum: int) -> None:
-        nonlocal stop_requested
-        log.info("%s: received %s, stopping", address, signal.Signals(signum).name)
-        stop_requested = True
-        if server is not None:
-            server.stop()
-
-    installed = take_signals(loop, on_signal)
-    try:
-        server = await start_server(address, handler, max_clients=max_clients, **listen_options)
-        if stop_requested:
-            server.stop()
-        await server.serve_forever()
-    finally:
-        give_back_signals(loop, installed)
-        if server is not None:
-            await server.aclose()
+    await serve_until_signalled(
+        address,
+        functools.partial(
+            start_server, address, handler, max_clients=max_clients, **listen_options
+        ),
+    )

@@ -1,15 +1,20 @@
 """SIGINT and SIGTERM routed to a callback on an event loop while something serves, and
-given back afterwards: how ``udskit.aio.serve()`` and ``udskit.bridge.run()`` stop cleanly.
+given back afterwards: how ``udskit.aio.serve()``, ``serve_messages()`` and
+``udskit.bridge.run()`` stop cleanly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
-__all__ = ["give_back_signals", "take_signals"]
+__all__ = ["give_back_signals", "serve_until_signalled", "take_signals"]
+
+log = logging.getLogger("udskit")
 
 
 def take_signals(
@@ -40,3 +45,37 @@ def give_back_signals(
             pass  # the loop is closing: its handlers go with it
         if previous is not None:
             signal.signal(signum, previous)  # type: ignore[arg-type]
+
+
+class _Serving(Protocol):
+    def stop(self) -> None: ...
+    async def serve_forever(self) -> None: ...
+    async def aclose(self) -> None: ...
+
+
+async def serve_until_signalled(address: object, start: Callable[[], Awaitable[_Serving]]) -> None:
+    """``await start()`` and serve until SIGINT or SIGTERM (or ``stop()``). In the main
+    thread those signals stop the server cleanly and their previous handlers are put back
+    after. The handlers go in before the socket is claimed, so an early signal still
+    removes it."""
+    loop = asyncio.get_running_loop()
+    server: _Serving | None = None
+    stop_requested = False
+
+    def on_signal(signum: int) -> None:
+        nonlocal stop_requested
+        log.info("%s: received %s, stopping", address, signal.Signals(signum).name)
+        stop_requested = True
+        if server is not None:
+            server.stop()
+
+    installed = take_signals(loop, on_signal)
+    try:
+        server = await start()
+        if stop_requested:
+            server.stop()
+        await server.serve_forever()
+    finally:
+        give_back_signals(loop, installed)
+        if server is not None:
+            await server.aclose()
