@@ -21,7 +21,6 @@ backlog); out of descriptors, it is not watched for a back-off period (see
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import select
 import threading
@@ -36,6 +35,7 @@ from .connection import DEFAULT_MAX_OUTBOX, Connection
 from .listening import DatagramListener, Listener, listen
 from .server import SHUTDOWN_GRACE, run_until_signalled
 from .serving import Hook, MessageHandler, MessageServing, check_server_options
+from .wakeup import WakeUp
 
 __all__ = ["MessageHandler", "MessageServer", "serve_messages"]
 
@@ -95,8 +95,8 @@ class MessageServer(MessageServing):
         )
         self._workers = workers
         self._epoll = select.epoll()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._epoll.register(self._wake_r, _IN)
+        self._wakeup = WakeUp()
+        self._epoll.register(self._wakeup.fd, _IN)
         self._calls: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
         self._woken = False
         self._served = False
@@ -234,10 +234,7 @@ class MessageServer(MessageServing):
         self._wake()
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"!")
-        except OSError:
-            pass  # full (a wake-up is pending anyway) or closed
+        self._wakeup.wake()
 
     def serve_forever(self) -> None:
         """Serve until ``stop()``; then close the listener (removing its socket file), send
@@ -265,7 +262,7 @@ class MessageServer(MessageServing):
         epoll = self._epoll
         conns = self._conns
         listener_fd = self._endpoint.fileno()
-        wake_fd = self._wake_r
+        wake_fd = self._wakeup.fd
         buffer = self._buffer
         while not self._stopping:
             timeout = -1.0
@@ -298,11 +295,7 @@ class MessageServer(MessageServing):
                     self._retry_datagrams()
 
     def _on_wake(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        self._wakeup.drain()
         self._woken = False
         self._run_calls()
 
@@ -334,16 +327,8 @@ class MessageServer(MessageServing):
             )
         self._on_wake()  # what the workers handed over since: closes its descriptors
         self._epoll.close()
-        # Retired before closed: a later stop(), close() or late worker must not write to
-        # these numbers, which the next open() in any thread may get.
-        wake_fds = (self._wake_r, self._wake_w)
         self._woken = True  # call_soon() no longer wakes anyone
-        self._wake_w = -1  # stop() writes to -1: EBADF, ignored
-        for fd in wake_fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._wakeup.close()  # nor does a later stop(), close() or late worker
 
     def close(self) -> None:
         """Stop and release everything, whether or not serve_forever ran."""

@@ -38,6 +38,7 @@ from .channel import Channel
 from .errors import ConnectionClosed, Timeout, UdsError
 from .listening import DatagramListener, Listener, listen
 from .options import DEFAULT_MAX_CLIENTS, check_max_clients
+from .wakeup import WakeUp
 
 __all__ = ["DEFAULT_MAX_CLIENTS", "Handler", "Server", "serve"]
 
@@ -88,12 +89,12 @@ class Server:
         self._handler = handler
         self._max_clients = max_clients
         self._endpoint: Listener | DatagramListener = listen(address, **listen_options)  # type: ignore[call-overload]
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup = WakeUp()
         # One poll object for the life of the server; the listener is in it while there
         # is room for another client (poll(), not select(): select() cannot watch
         # descriptors numbered 1024 or above, which a busy process reaches early).
         self._poller = select.poll()
-        self._poller.register(self._wake_r, select.POLLIN)
+        self._poller.register(self._wakeup.fd, select.POLLIN)
         self._stopping = False
         self._lock = threading.Lock()
         self._active: set[Channel] = set()  # one per handler thread running
@@ -120,10 +121,7 @@ class Server:
         self._wake()
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"!")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full (a wake-up is pending anyway) or already closed
+        self._wakeup.wake()
 
     def serve_forever(self) -> None:
         """Serve until ``stop()``; then close the listener (removing its socket file),
@@ -145,12 +143,8 @@ class Server:
     def _wait(self, timeout: float | None = None) -> list[int]:
         """Wait for what the poll object watches; drain the wake-up pipe if it was that."""
         ready = [fd for fd, _ in self._poller.poll(None if timeout is None else timeout * 1000)]
-        if self._wake_r in ready:
-            try:
-                while os.read(self._wake_r, 512):
-                    pass
-            except BlockingIOError:
-                pass
+        if self._wakeup.fd in ready:
+            self._wakeup.drain()
         return ready
 
     def _room(self) -> int:
@@ -289,15 +283,7 @@ class Server:
                 late,
                 SHUTDOWN_GRACE,
             )
-        # Retired before closed: a later stop() or close(), or a late handler's exit, must
-        # not write to these numbers, which the next open() in any thread may get.
-        wake_fds = (self._wake_r, self._wake_w)
-        self._wake_w = -1  # _wake() writes to -1: EBADF, ignored
-        for fd in wake_fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._wakeup.close()  # a later stop(), or a late handler's exit, wakes nothing
 
     def close(self) -> None:
         """Stop and release everything, whether or not serve_forever ran."""

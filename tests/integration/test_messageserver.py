@@ -1427,7 +1427,7 @@ def test_stop_after_the_server_ended_writes_to_no_descriptor(path: Path) -> None
     around it, a second signal) must not write their wake-up to the closed wake-up pipe's
     number: whatever is opened next may have it."""
     with Running(path, echo) as running:
-        wake_number = running.server._wake_w
+        wake_number = running.server._wakeup._write
     with _reused(wake_number) as written:
         running.server.stop()
         running.server.close()
@@ -1449,7 +1449,7 @@ def test_a_worker_left_behind_writes_to_no_descriptor(
         return message
 
     with Running(path, handler, workers=1) as running, running.client() as client:
-        wake_number = running.server._wake_w
+        wake_number = running.server._wakeup._write
         client.send(b"slow")
         assert working.wait(PATIENCE)
     assert any("still running" in record.getMessage() for record in caplog.records)

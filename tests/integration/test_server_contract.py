@@ -282,7 +282,7 @@ def test_stop_after_the_end_writes_to_no_descriptor(serving: Serving) -> None:
     """stop() and close() once the server has ended (a with block around serve_forever,
     a second signal) must not wake it through the closed wake-up pipe's number: the next
     open() in the process may have it."""
-    wake_number = serving.server._wake_w
+    wake_number = serving.server._wakeup._write
     serving.stop()
     r, w = os.pipe()
     os.dup2(w, wake_number)  # as another thread's next open() may
