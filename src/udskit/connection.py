@@ -386,7 +386,7 @@ class Connection:
         if out.drained and self._space is not None:
             with self._space:
                 self._space.notify_all()
-        if not out and self._closing and not self.busy:
+        if not out and (self._closing or self._eof) and not self.busy:
             self.abort()
             return
         if self._paused and out.drained:
@@ -417,6 +417,12 @@ class Connection:
     def on_readable(self, buffer: memoryview) -> None:
         """The socket is readable: read into ``buffer`` (the server's, shared), handle the
         messages, send the replies."""
+        if self._eof:
+            # It no longer watches for input, so only EPOLLHUP or EPOLLERR (reported
+            # whether asked for or not) wake it: the client has gone entirely, nothing more
+            # can reach it. Waiting on (a worker still busy) would wake the loop forever.
+            self.abort()
+            return
         if self._framing is not None:
             self._read_stream(buffer)
         else:
@@ -492,9 +498,13 @@ class Connection:
                 return
 
     def _ended(self) -> None:
-        """The client sent all it will: finish the replies, then close."""
+        """The client sent all it will: finish the replies, then close. Replies may still
+        come (from a worker, a task, another thread) until then: a client that half-closes
+        after its request waits for the answer."""
         self._eof = True
-        self._close_when_flushed()
+        self._update()  # first: flush() then sees it is not reading, and closes if drained
+        if not self.busy:
+            self.flush()
 
     def _abort(self, why: str) -> None:
         log.warning("%s: %s; closing the connection", self._where(), why)
