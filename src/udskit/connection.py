@@ -100,6 +100,9 @@ class Driver(Protocol):
     def dispatch(self, conn: Connection, message: bytes, fds: list[int]) -> None:
         """Hand one message to the handler (in the loop thread)."""
 
+    def ended(self, conn: Connection) -> None:
+        """``conn``'s client has sent all it will (in the loop thread)."""
+
     def dropped(self, conn: Connection) -> None:
         """``conn`` is closed: forget it (in the loop thread)."""
 
@@ -502,6 +505,9 @@ class Connection:
         come (from a worker, a task, another thread) until then: a client that half-closes
         after its request waits for the answer."""
         self._eof = True
+        self._driver.ended(self)
+        if self.closed:
+            return
         self._update()  # first: flush() then sees it is not reading, and closes if drained
         if not self.busy:
             self.flush()

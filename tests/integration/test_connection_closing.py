@@ -4,13 +4,16 @@ half-close still reaches it; a client gone entirely while a worker is busy is le
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+import udskit
 from udskit.connection import Connection
 from udskit.proto import make_framing
 
@@ -23,6 +26,7 @@ class ScriptedDriver:
         self.messages: list[bytes] = []
         self.dropped_conns: list[Connection] = []
         self.watching: tuple[bool, bool] = (True, False)
+        self.ends = 0
 
     def watch(self, conn: Connection, read: bool, write: bool) -> None:
         self.watching = (read, write)
@@ -36,6 +40,9 @@ class ScriptedDriver:
     def dispatch(self, conn: Connection, message: bytes, fds: list[int]) -> None:
         self.messages.append(message)
         conn.busy = True  # a worker has it
+
+    def ended(self, conn: Connection) -> None:
+        self.ends += 1
 
     def dropped(self, conn: Connection) -> None:
         self.dropped_conns.append(conn)
@@ -74,6 +81,7 @@ def test_a_reply_after_the_clients_half_close_is_delivered(
     conn.on_readable(buffer)  # the message, to the (busy) worker
     conn.on_readable(buffer)  # the end of the stream
     assert driver.messages == [b"question"]
+    assert driver.ends == 1
     assert not conn.closed  # the worker has yet to answer
     conn.send(b"answer")  # the worker's reply
     conn.busy = False
@@ -99,3 +107,31 @@ def test_a_client_gone_entirely_while_its_worker_is_busy_is_let_go(
     conn.on_readable(buffer)
     assert conn.closed
     assert driver.dropped_conns == [conn]
+
+
+def test_on_eof_may_answer_after_the_clients_half_close(sockdir: Path) -> None:
+    """A server that answers once the client has said everything: the sum of what came."""
+    path = sockdir / "sum.sock"
+
+    def add(conn: udskit.Connection, message: bytes) -> None:
+        conn.state["total"] = conn.state.get("total", 0) + int(message)
+
+    def total(conn: udskit.Connection) -> None:
+        conn.send(b"%d" % conn.state.get("total", 0))
+
+    server = udskit.MessageServer(path, add, framing="lines", on_eof=total)
+    serving = threading.Thread(target=server.serve_forever)
+    serving.start()
+    try:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(5)
+            client.connect(os.fspath(path))
+            client.sendall(b"1\n2\n39\n")
+            client.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := client.recv(100):
+                got += chunk
+        assert got == b"42\n"
+    finally:
+        server.stop()
+        serving.join()
