@@ -482,3 +482,58 @@ def test_exec_commands_do_not_inherit_socket_activation(sockdir: Path, kind: str
     assert answer == b"no activation variables\n"
     assert err == b""
     assert server.returncode == 0
+
+
+def test_two_hundred_clients_at_once_are_all_answered(
+    sockdir: Path, background: list[Background]
+) -> None:
+    path = sockdir / "many.sock"
+    serve(background, path, "--echo", "--framing", "lines", "--backlog", "256")
+    clients = []
+    try:
+        for n in range(200):  # all connected, and all have spoken, before any reads
+            client = socket.socket(socket.AF_UNIX)
+            client.settimeout(COMMAND_TIMEOUT)
+            client.connect(os.fspath(path))
+            client.sendall(b"client %d\n" % n)
+            clients.append(client)
+        for n, client in enumerate(clients):
+            assert recv_line(client) == b"client %d\n" % n
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_exec_a_command_that_never_reads_does_not_stall_other_clients(
+    sockdir: Path, background: list[Background]
+) -> None:
+    """One client's command stops reading its stdin while that client sends megabytes:
+    that client waits (it is no longer read), the others are served meanwhile."""
+    path = sockdir / "stall.sock"
+    # The first line decides: "stall" never reads again; anything else is echoed.
+    command = 'sh -c \'read first; [ "$first" = stall ] && exec sleep 30; echo "$first"\''
+    server = serve(background, path, "--exec", command, "--framing", "lines")
+    stalled = socket.socket(socket.AF_UNIX)
+    stalled.settimeout(COMMAND_TIMEOUT)
+    stalled.connect(os.fspath(path))
+    flood_done = threading.Event()
+
+    def flood() -> None:
+        try:
+            stalled.sendall(b"stall\n" + (b"y" * 1023 + b"\n") * 4096)  # 4 MiB
+        except OSError:
+            pass  # closed under it at the end of the test
+        flood_done.set()
+
+    sender = threading.Thread(target=flood, daemon=True)
+    sender.start()
+    try:
+        for n in range(3):
+            assert talk(path, b"hello %d\n" % n) == b"hello %d\n" % n
+        assert not flood_done.is_set()  # the stalled client is held, not read on
+    finally:
+        stalled.shutdown(socket.SHUT_RDWR)  # wakes the blocked sendall
+        sender.join(COMMAND_TIMEOUT)
+        stalled.close()
+    assert server.stop() == 0
+    assert server.err == ""
