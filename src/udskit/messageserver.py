@@ -48,7 +48,9 @@ log = logging.getLogger("udskit")
 MAX_WORKERS: Final = 1024
 
 #: Messages queued for a worker per connection before that client is not read any more
-#: (until the worker catches up): the pool's memory stays bounded by clients x this.
+#: (until the worker catches up): the pool's memory stays bounded by clients x this. On a
+#: datagram server, datagrams queued for the workers in all before the socket is not read
+#: any more: further ones wait in the kernel's queue, and their senders see it full.
 WORKER_BACKLOG: Final = 64
 
 _IN: Final = select.EPOLLIN
@@ -115,6 +117,7 @@ class MessageServer(MessageServing):
         self._pool: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._inboxes: dict[int, deque[tuple[bytes, list[int]]]] = {}
+        self._datagrams_queued = 0  # handed to the workers, not handled yet
 
     @property
     def listener(self) -> Listener | DatagramListener:
@@ -162,7 +165,11 @@ class MessageServer(MessageServing):
         if not conn.busy:
             conn.busy = True
             self._pool.put(conn)
-        if len(inbox) >= WORKER_BACKLOG:
+        if conn.type == "dgram":  # a connection per datagram: the backlog is the server's
+            self._datagrams_queued += 1
+            if self._datagrams_queued >= WORKER_BACKLOG:
+                self._watch_listener(False)
+        elif len(inbox) >= WORKER_BACKLOG:
             conn.hold(True)
 
     def _work(self) -> None:
@@ -183,6 +190,10 @@ class MessageServer(MessageServing):
 
     def _worked(self, conn: Connection) -> None:
         """Back in the loop thread: more messages for ``conn``, or it is free."""
+        if conn.type == "dgram":  # its one datagram is handled
+            self._datagrams_queued -= 1
+            if self._datagrams_queued < WORKER_BACKLOG and not self._stopping:
+                self._watch_listener(True)
         if conn.closed:
             conn.busy = False
             self._drop_inbox(conn)

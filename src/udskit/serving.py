@@ -271,6 +271,8 @@ class MessageServing:
 
     def _on_datagrams(self, listener: DatagramListener) -> None:
         for _ in range(DATAGRAMS_PER_WAKEUP):
+            if not self._watching_listener:
+                return  # the workers' backlog is full: the rest wait in the kernel's queue
             try:
                 datagram = listener.recv()
             except Timeout:
