@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -537,3 +538,25 @@ def test_exec_a_command_that_never_reads_does_not_stall_other_clients(
         stalled.close()
     assert server.stop() == 0
     assert server.err == ""
+
+
+def test_stop_ends_a_datagram_command_still_running(
+    sockdir: Path, background: list[Background]
+) -> None:
+    """A datagram's command runs beside the serving thread: SIGTERM stops the server at
+    once, and ends the command (its datagram is not answered)."""
+    path = sockdir / "slow.sock"
+    pidfile = sockdir / "command.pid"
+    command = f"sh -c 'echo $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile} && exec sleep 30'"
+    server = serve(background, path, "--type", "dgram", "--exec", command)
+    with dgram_client(sockdir) as client:
+        client.sendto(b"hi", os.fspath(path))
+        deadline = time.monotonic() + COMMAND_TIMEOUT
+        while not pidfile.exists():  # the command has started
+            assert time.monotonic() < deadline, "the command did not start"
+            time.sleep(0.01)  # polling for a file, not synchronisation
+        pid = int(pidfile.read_text())
+        assert server.stop() == 0
+    assert server.err == ""
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # ended and reaped

@@ -32,7 +32,7 @@ __all__ = [
     "EXEC_EXIT_GRACE",
     "EXEC_STDIN_BACKLOG",
     "Command",
-    "run_once",
+    "PerDatagram",
 ]
 
 log = logging.getLogger("udskit")
@@ -270,21 +270,49 @@ def _output_of(stdout: IO[bytes], *, lines: bool) -> Iterator[bytes]:
         yield pending
 
 
-def run_once(session: Session, argv: Sequence[str], message: bytes) -> None:
-    """``--exec`` for one datagram: the datagram is the command's stdin, its stdout (if
-    any) the reply."""
-    try:
-        result = subprocess.run(
+class PerDatagram:
+    """``--exec`` on datagrams: the command runs once per datagram, which is its stdin; its
+    stdout (if any) is the reply. One at a time (``run`` is called by one worker thread)."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self._argv = argv
+        self._running: subprocess.Popen[bytes] | None = None
+        self._stopped = False
+
+    def run(self, session: Session, message: bytes) -> None:
+        if self._stopped:
+            return
+        argv = self._argv
+        with subprocess.Popen(
             argv,
-            input=message,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            timeout=DGRAM_EXEC_TIMEOUT,
-            check=False,
             close_fds=True,
             env=_command_environment(),
-        )
-    except subprocess.TimeoutExpired:
-        err(f"{argv[0]}: still running after {DGRAM_EXEC_TIMEOUT:g} s; killed it")
-        return
-    if result.stdout:
-        session.send(result.stdout)
+        ) as process:
+            self._running = process
+            try:
+                output, _ = process.communicate(message, timeout=DGRAM_EXEC_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+                err(f"{argv[0]}: still running after {DGRAM_EXEC_TIMEOUT:g} s; killed it")
+                return
+            finally:
+                self._running = None
+        if output and not self._stopped:
+            session.send(output)
+
+    def stop(self) -> None:
+        """The server stops: end the command that runs now (safe from a signal handler).
+        Without this, the stop would wait for it, DGRAM_EXEC_TIMEOUT at most."""
+        self._stopped = True
+        process = self._running
+        if process is not None:
+            process.terminate()
+
+    def finish(self) -> None:
+        """After serving: the command that ignored SIGTERM is killed."""
+        process = self._running
+        if process is not None:
+            process.kill()

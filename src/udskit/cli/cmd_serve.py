@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             with server:
                 service.server = server
-                stopper.server = server
+                stopper.service = service
                 if args.verbose:
                     kind = server.listener.address.kind
                     shown = f", mode {args.mode:04o}" if kind == "path" else ""
@@ -138,14 +138,14 @@ class _StopOnSignal:
     handlers come back afterwards."""
 
     def __init__(self) -> None:
-        self.server: udskit.MessageServer | None = None
+        self.service: _Service | None = None
         self.requested = False
         self._previous: dict[int, object] = {}
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
-        if self.server is not None:
-            self.server.stop()
+        if self.service is not None:
+            self.service.stop()
 
     def __enter__(self) -> _StopOnSignal:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -180,6 +180,9 @@ class _Service:
         # reply: in a worker, so that the serving thread stays free to stop (and to read
         # on). One worker: commands run one at a time, in the order the datagrams came.
         self.workers = 1 if self._dgram and self._argv is not None else 0
+        self._per_datagram = (
+            _exec.PerDatagram(self._argv) if self._dgram and self._argv is not None else None
+        )
 
     # -- a client ---------------------------------------------------------------------------
     def connected(self, conn: udskit.Connection) -> None:
@@ -225,7 +228,7 @@ class _Service:
             or session.until.matched_at_eof()
             or (self._once and session.exchanged.is_set())
         ):
-            self._stop()
+            self.stop()
 
     def _begin(self, conn: udskit.Connection) -> Session:
         if self._verbose:
@@ -255,7 +258,7 @@ class _Service:
             err(f"{session.who or 'a client'}: {_one_line(exc)}")
             self._drop(conn)
         if self._dgram and (session.done or (self._once and session.exchanged.is_set())):
-            self._stop()
+            self.stop()
 
     def _serve(self, session: Session, message: bytes) -> None:
         command = session.command
@@ -264,18 +267,19 @@ class _Service:
             if session.done:
                 command.end_input()  # the server stops once the command has answered
             return
-        if self._argv is not None:  # a datagram
-            _exec.run_once(session, self._argv, message)
+        if self._dgram and self._argv is not None:
+            assert self._per_datagram is not None
+            self._per_datagram.run(session, message)
             return
         assert self._action is not None
         reply = self._action(message)
         if reply is STOP:
-            self._stop()
+            self.stop()
         elif isinstance(reply, bytes):
             session.send(reply)  # queued: it leaves with this wake-up's other replies
             # (sent here, not returned, so that -x shows it and its errors read as before)
         if session.done:
-            self._stop()
+            self.stop()
 
     def _drop(self, conn: udskit.Connection) -> None:
         if not self._dgram:  # a datagram has no connection to close
@@ -285,10 +289,14 @@ class _Service:
     def _address(self) -> object:
         return self.server.address if self.server is not None else ""
 
-    def _stop(self) -> None:
+    def stop(self) -> None:
+        """Stop serving; safe from a signal handler. A datagram's command still running is
+        ended: its datagram is not answered."""
         self._stopping = True
         if self.server is not None:
             self.server.stop()
+        if self._per_datagram is not None:
+            self._per_datagram.stop()
 
     def finish(self) -> None:
         """After serving: give the commands still running EXEC_EXIT_GRACE to end (their
@@ -296,6 +304,8 @@ class _Service:
         deadline = time.monotonic() + _exec.EXEC_EXIT_GRACE
         for command in list(self._commands):
             command.finish(deadline)
+        if self._per_datagram is not None:
+            self._per_datagram.finish()
 
 
 def _action(args: argparse.Namespace, *, raw: bool) -> Action | None:
