@@ -421,10 +421,9 @@ class Connection:
         """The socket is readable: read into ``buffer`` (the server's, shared), handle the
         messages, send the replies."""
         if self._eof:
-            # It no longer watches for input, so only EPOLLHUP or EPOLLERR (reported
-            # whether asked for or not) wake it: the client has gone entirely, nothing more
-            # can reach it. Waiting on (a worker still busy) would wake the loop forever.
-            self.abort()
+            # Nothing more to read: an EPOLLHUP or EPOLLERR, which epoll reports whether
+            # asked for or not (the client has gone entirely). Messages already read are
+            # still handled; their replies fail to send, and that closes the connection.
             return
         if self._framing is not None:
             self._read_stream(buffer)

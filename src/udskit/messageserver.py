@@ -56,6 +56,7 @@ WORKER_BACKLOG: Final = 64
 _IN: Final = select.EPOLLIN
 _OUT: Final = select.EPOLLOUT
 _ERRS: Final = select.EPOLLERR | select.EPOLLHUP
+_EDGE: Final = select.EPOLLET
 
 
 class MessageServer(MessageServing):
@@ -125,8 +126,12 @@ class MessageServer(MessageServing):
 
     # -- the loop ------------------------------------------------------------------------
     def watch(self, conn: Connection, read: bool, write: bool) -> None:
+        # Watching nothing, edge-triggered: epoll reports EPOLLHUP and EPOLLERR whatever
+        # is asked, and level-triggered, a client gone while its worker is busy would wake
+        # every wait until the worker is done.
+        events = (_IN if read else 0) | (_OUT if write else 0) if read or write else _EDGE
         try:
-            self._epoll.modify(conn.fd, (_IN if read else 0) | (_OUT if write else 0))
+            self._epoll.modify(conn.fd, events)
         except OSError:
             pass  # the socket was closed under us; its close removes it anyway
 

@@ -92,21 +92,66 @@ def test_a_reply_after_the_clients_half_close_is_delivered(
     assert driver.dropped_conns == [conn]
 
 
-def test_a_client_gone_entirely_while_its_worker_is_busy_is_let_go(
-    pair: tuple[Connection, socket.socket, ScriptedDriver],
+def test_a_client_gone_while_its_worker_is_busy_neither_loses_messages_nor_spins(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    conn, client, driver = pair
-    buffer = memoryview(bytearray(4096))
-    client.sendall(b"question")
-    client.close()
-    conn.on_readable(buffer)
-    conn.on_readable(buffer)  # the end of the stream: no longer reading
-    assert driver.watching == (False, False)
-    assert not conn.closed
-    # epoll reports EPOLLHUP whatever the connection watches: the loop calls again
-    conn.on_readable(buffer)
-    assert conn.closed
-    assert driver.dropped_conns == [conn]
+    """The client sends two messages and closes while the worker still handles the first:
+    the second is handled too, and meanwhile the loop is not woken again and again by the
+    hang-up (epoll reports it whatever the connection watches)."""
+    path = sockdir / "gone.sock"
+    wakes = [0]
+    on_readable = Connection.on_readable
+
+    def counted(conn: Connection, buffer: memoryview) -> None:
+        if conn is accepted[0]:
+            wakes[0] += 1
+        on_readable(conn, buffer)
+
+    monkeypatch.setattr(Connection, "on_readable", counted)
+    release = threading.Event()
+    handled: list[bytes] = []
+    accepted: list[udskit.Connection] = []
+    passes = threading.Semaphore(0)
+
+    def handler(conn: udskit.Connection, message: bytes) -> None:
+        release.wait()
+        handled.append(message)
+
+    def probe_ended(conn: udskit.Connection) -> None:
+        if conn is not accepted[0]:
+            passes.release()  # a probe's end: read in a later pass of the loop than its accept
+
+    server = udskit.MessageServer(
+        path,
+        handler,
+        framing="lines",
+        workers=1,
+        on_connect=accepted.append,
+        on_eof=probe_ended,
+    )
+    serving = threading.Thread(target=server.serve_forever)
+    serving.start()
+
+    def one_more_pass() -> None:
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(os.fspath(path))
+        assert passes.acquire(timeout=5)
+
+    try:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(os.fspath(path))
+            client.sendall(b"first\nsecond\n")
+        for _ in range(3):  # the client's messages, its end, its hang-up: all seen by now
+            one_more_pass()
+        before = wakes[0]
+        for _ in range(5):
+            one_more_pass()
+        assert wakes[0] == before  # no wake-up per pass for the client that is gone
+    finally:
+        release.set()
+        server.stop()
+        serving.join()
+    assert handled == [b"first", b"second"]
 
 
 def test_on_eof_may_answer_after_the_clients_half_close(sockdir: Path) -> None:
