@@ -560,3 +560,35 @@ def test_stop_ends_a_datagram_command_still_running(
     assert server.err == ""
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # ended and reaped
+
+
+def test_print_to_a_stdout_nobody_reads_holds_up_neither_the_server_nor_its_stop(
+    sockdir: Path, background: list[Background]
+) -> None:
+    """--print writes beside the serving thread: while stdout is full (nobody reads the
+    pipe), new clients are still taken in (-v names them) and SIGTERM still stops."""
+    path = sockdir / "full.sock"
+    server = serve(background, path, "--print", "-v")
+    flood = socket.socket(socket.AF_UNIX)
+    flood.settimeout(COMMAND_TIMEOUT)
+    flood.connect(os.fspath(path))
+
+    def send_more_than_a_pipe_holds() -> None:
+        try:
+            flood.sendall((b"x" * 1023 + b"\n") * 1024)  # 1 MiB; a pipe holds 64 KiB
+        except OSError:
+            pass  # shut down at the end of the test
+
+    sender = threading.Thread(target=send_more_than_a_pipe_holds, daemon=True)
+    sender.start()
+    try:
+        with socket.socket(socket.AF_UNIX) as late:
+            late.connect(os.fspath(path))
+            said = b""
+            while said.count(b"client pid=") < 2:  # the flood's line, then the late one's
+                said += server.read_until(b"\n", stream="stderr")
+        assert server.stop() == 0  # its stdout is read from now on, so the stop can end
+    finally:
+        flood.shutdown(socket.SHUT_RDWR)
+        sender.join(COMMAND_TIMEOUT)
+        flood.close()

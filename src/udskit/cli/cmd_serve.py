@@ -160,7 +160,8 @@ class _StopOnSignal:
 class _Service:
     """What the MessageServer calls: ``handle`` per message; ``connected``, ``ended`` (its
     end of stream) and ``closed`` per client (stream and seqpacket). All in its serving
-    thread, except ``handle`` for ``--exec`` on datagrams (see ``workers``)."""
+    thread, except ``handle`` for ``--print`` and for ``--exec`` on datagrams (see
+    ``workers``)."""
 
     def __init__(self, args: argparse.Namespace, *, raw: bool, lines: bool) -> None:
         self.server: udskit.MessageServer | None = None
@@ -176,10 +177,13 @@ class _Service:
         self._replies = not args.print  # every other action answers (--exec: its output)
         self._stopping = False
         self._commands: set[Command] = set()  # running: ended by finish() at the stop
-        # A datagram's command runs to its end (DGRAM_EXEC_TIMEOUT at most) before the
-        # reply: in a worker, so that the serving thread stays free to stop (and to read
-        # on). One worker: commands run one at a time, in the order the datagrams came.
-        self.workers = 1 if self._dgram and self._argv is not None else 0
+        # Two actions may block: a datagram's command runs to its end (DGRAM_EXEC_TIMEOUT
+        # at most) before the reply, and --print waits while stdout is full (a slow pipe,
+        # a terminal held by Ctrl-S). They run in a worker, so that the serving thread
+        # stays free to stop, and to serve (or hold back) the other clients. One worker:
+        # one at a time, in the order the messages came.
+        blocking = args.print or (self._dgram and self._argv is not None)
+        self.workers = 1 if blocking else 0
         self._per_datagram = (
             _exec.PerDatagram(self._argv) if self._dgram and self._argv is not None else None
         )
@@ -282,7 +286,12 @@ class _Service:
             self.stop()
 
     def _drop(self, conn: udskit.Connection) -> None:
-        if not self._dgram:  # a datagram has no connection to close
+        if self._dgram:
+            return  # a datagram has no connection to close
+        if self.workers:
+            assert self.server is not None
+            self.server.call_soon(conn.abort)  # abort() is for the serving thread
+        else:
             conn.abort()
 
     # -- the server -------------------------------------------------------------------------
