@@ -3,6 +3,11 @@
 The socket file is claimed safely (a live server's socket is refused, a stale one
 reclaimed, anything that is not a socket never touched) and removed when the server stops:
 on Ctrl-C, SIGTERM, ``--until`` or ``--once``.
+
+One :class:`udskit.MessageServer` thread serves every client, calling the action per
+message. What may block runs beside it: ``--print`` and a datagram's ``--exec`` command in
+its one worker, a connection's ``--exec`` command with two threads of its own (see
+:mod:`._exec`).
 """
 
 from __future__ import annotations
