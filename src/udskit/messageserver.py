@@ -227,10 +227,13 @@ class MessageServer(MessageServing):
         self._wake()
 
     def _wake(self) -> None:
+        fd = self._wake_w
+        if fd < 0:
+            return  # the server is closed: nothing to wake
         try:
-            os.write(self._wake_w, b"!")
+            os.write(fd, b"!")
         except OSError:
-            pass  # full (a wake-up is pending anyway) or closed
+            pass  # full (a wake-up is pending anyway)
 
     def serve_forever(self) -> None:
         """Serve until ``stop()``; then close the listener (removing its socket file), send
@@ -313,7 +316,10 @@ class MessageServer(MessageServing):
         self._on_wake()  # replies the workers handed over
         self._close_clients()
         self._epoll.close()
-        for fd in (self._wake_r, self._wake_w):
+        wake_w, self._wake_w = self._wake_w, -1
+        # -1 before the close: a late call_soon (a worker left behind, a thread still
+        # sending) must not write into whatever reuses the descriptor's number.
+        for fd in (self._wake_r, wake_w):
             try:
                 os.close(fd)
             except OSError:
