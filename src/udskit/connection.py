@@ -94,6 +94,9 @@ class Driver(Protocol):
     def dispatch(self, conn: Connection, message: bytes, fds: list[int]) -> None:
         """Hand one message to the handler (in the loop thread)."""
 
+    def ended(self, conn: Connection) -> None:
+        """``conn``'s client has sent all it will (in the loop thread)."""
+
     def dropped(self, conn: Connection) -> None:
         """``conn`` is closed: forget it (in the loop thread)."""
 
@@ -417,7 +420,7 @@ class Connection:
         if out.drained and self._space is not None:
             with self._space:
                 self._space.notify_all()
-        if not out and self._closing and not self.busy:
+        if not out and (self._closing or self._eof) and not self.busy:
             self.abort()
             return
         if self._paused and out.drained:
@@ -452,6 +455,11 @@ class Connection:
     def on_readable(self, buffer: memoryview) -> None:
         """The socket is readable: read into ``buffer`` (the server's, shared), handle the
         messages, send the replies."""
+        if self._eof:
+            # Nothing more to read: an EPOLLHUP or EPOLLERR, which epoll reports whether
+            # asked for or not (the client has gone entirely). Messages already read are
+            # still handled; their replies fail to send, and that closes the connection.
+            return
         self._reading = True
         if self._framing is not None:
             self._read_stream(buffer)
@@ -556,9 +564,16 @@ class Connection:
                 return  # the replies fill the outbox: the rest waits in the kernel
 
     def _ended(self) -> None:
-        """The client sent all it will: finish the replies, then close."""
+        """The client sent all it will: finish the replies, then close. Replies may still
+        come (from a worker, a task, another thread) until then: a client that half-closes
+        after its request waits for the answer."""
         self._eof = True
-        self._close_when_flushed()
+        self._driver.ended(self)
+        if self.closed:
+            return
+        self._update()  # first: flush() then sees it is not reading, and closes if drained
+        if not self.busy:
+            self.flush()
 
     def _abort(self, why: str) -> None:
         log.warning("%s: %s; closing the connection", self._where(), why)

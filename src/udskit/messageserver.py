@@ -45,7 +45,9 @@ log = logging.getLogger("udskit")
 MAX_WORKERS: Final = 1024
 
 #: Messages queued for a worker per connection before that client is not read any more
-#: (until the worker catches up): the pool's memory stays bounded by clients x this.
+#: (until the worker catches up): the pool's memory stays bounded by clients x this. On a
+#: datagram server, datagrams queued for the workers in all before the socket is not read
+#: any more: further ones wait in the kernel's queue, and their senders see it full.
 WORKER_BACKLOG: Final = 64
 
 _IN: Final = select.EPOLLIN
@@ -62,7 +64,10 @@ class MessageServer(MessageServing):
     ``max_clients``: clients served at once (None: as many as descriptors allow).
     ``max_outbox``: bytes of unsent replies per client before it is no longer read.
     ``on_connect(conn)`` / ``on_close(conn)``: called in the serving thread as a client
-    arrives and leaves (not for datagrams).
+    arrives and leaves (not for datagrams). ``on_eof(conn)``: called in the serving thread
+    when the client has sent all it will (its end of stream); replies may still be sent
+    until the connection closes, which it does once they have gone out, unless ``conn.busy``
+    is set (then whoever set it closes it).
     """
 
     def __init__(
@@ -75,10 +80,14 @@ class MessageServer(MessageServing):
         max_outbox: int = DEFAULT_MAX_OUTBOX,
         on_connect: Hook | None = None,
         on_close: Hook | None = None,
+        on_eof: Hook | None = None,
         **listen_options: object,
     ) -> None:
         check_server_options(
-            handler, max_clients, max_outbox, {"on_connect": on_connect, "on_close": on_close}
+            handler,
+            max_clients,
+            max_outbox,
+            {"on_connect": on_connect, "on_close": on_close, "on_eof": on_eof},
         )
         if isinstance(workers, bool) or not isinstance(workers, int):
             raise TypeError(f"workers must be a number of threads, not {workers!r}")
@@ -92,6 +101,7 @@ class MessageServer(MessageServing):
             max_outbox=max_outbox,
             on_connect=on_connect,
             on_close=on_close,
+            on_eof=on_eof,
         )
         self._workers = workers
         self._epoll = select.epoll()

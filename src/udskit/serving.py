@@ -181,6 +181,7 @@ class MessageServing:
         max_outbox: int,
         on_connect: Hook | None,
         on_close: Hook | None,
+        on_eof: Hook | None = None,
     ) -> None:
         self._endpoint = endpoint
         self._handler = handler
@@ -188,6 +189,7 @@ class MessageServing:
         self._max_outbox = max_outbox
         self._on_connect = on_connect
         self._on_close = on_close
+        self._on_eof = on_eof
         self._conns: dict[int, Connection] = {}
         self._ids = itertools.count(1)
         size = RECV_CHUNK if endpoint.type == "stream" else endpoint.max_frame
@@ -239,6 +241,13 @@ class MessageServing:
 
     def dispatch(self, conn: Connection, message: bytes, fds: list[int]) -> None:
         self._handle(conn, message, fds)
+
+    def ended(self, conn: Connection) -> None:
+        if self._on_eof is not None:
+            try:
+                self._on_eof(conn)
+            except Exception as exc:  # noqa: BLE001 - as a handler's
+                self._handler_failed(conn, exc)
 
     def dropped(self, conn: Connection) -> None:
         if self._conns.pop(conn.fd, None) is None:
@@ -428,6 +437,8 @@ class MessageServing:
 
     def _on_datagrams(self, listener: DatagramListener) -> None:
         for _ in range(DATAGRAMS_PER_WAKEUP):
+            if not self._watching_listener:
+                return  # the workers' backlog is full: the rest wait in the kernel's queue
             try:
                 datagram = listener.recv()
             except Timeout:

@@ -11,7 +11,7 @@ from typing import IO, cast
 import pytest
 
 import udskit
-from udskit.cli._actions import _output_of
+from udskit.cli._exec import _output_of
 from udskit.cli._messages import MAX_LINE, READ_CHUNK, messages
 from udskit.cli._relay import stdin_messages
 

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -350,10 +351,11 @@ def test_allow_uid_refuses_other_users(sockdir: Path, background: list[Backgroun
     socat = require("socat")
     server = serve(background, path, "--echo", "--mode", "666", "--allow-uid", "nobody")
     os.chmod(sockdir, 0o755)
-    # root is refused: the server closes without answering (a reset, if our data is unread)
+    # root is refused: the server closes without answering (a reset, if our data is unread;
+    # a broken pipe, if it closed before we sent)
     try:
         assert talk(path, b"root here\n") == b""
-    except ConnectionResetError:
+    except (ConnectionResetError, BrokenPipeError):
         pass
     # nobody is served (socat run as nobody: a peer with another uid, for real)
     guest = Background([socat, "-t", "20", "-", f"UNIX-CONNECT:{path}"], user=65534)
@@ -427,8 +429,8 @@ def test_a_command_that_cannot_start_is_one_line(
     script.chmod(0o644)  # no longer executable: the next client's command cannot start
     try:
         assert talk(path, b"two\n") == b""
-    except ConnectionResetError:
-        pass  # closed with our bytes unread
+    except (ConnectionResetError, BrokenPipeError):
+        pass  # closed with our bytes unread, or before we sent them
     script.chmod(0o755)
     assert talk(path, b"three\n") == b"THREE\n"  # and the server kept serving
     assert server.stop() == 0
@@ -482,3 +484,136 @@ def test_exec_commands_do_not_inherit_socket_activation(sockdir: Path, kind: str
     assert answer == b"no activation variables\n"
     assert err == b""
     assert server.returncode == 0
+
+
+def test_two_hundred_clients_at_once_are_all_answered(
+    sockdir: Path, background: list[Background]
+) -> None:
+    path = sockdir / "many.sock"
+    serve(background, path, "--echo", "--framing", "lines", "--backlog", "256")
+    clients = []
+    try:
+        for n in range(200):  # all connected, and all have spoken, before any reads
+            client = socket.socket(socket.AF_UNIX)
+            client.settimeout(COMMAND_TIMEOUT)
+            client.connect(os.fspath(path))
+            client.sendall(b"client %d\n" % n)
+            clients.append(client)
+        for n, client in enumerate(clients):
+            assert recv_line(client) == b"client %d\n" % n
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_exec_a_command_that_never_reads_does_not_stall_other_clients(
+    sockdir: Path, background: list[Background]
+) -> None:
+    """One client's command stops reading its stdin while that client sends megabytes:
+    that client waits (it is no longer read), the others are served meanwhile."""
+    path = sockdir / "stall.sock"
+    # The first line decides: "stall" never reads again; anything else is echoed.
+    command = 'sh -c \'read first; [ "$first" = stall ] && exec sleep 30; echo "$first"\''
+    server = serve(background, path, "--exec", command, "--framing", "lines")
+    stalled = socket.socket(socket.AF_UNIX)
+    stalled.settimeout(COMMAND_TIMEOUT)
+    stalled.connect(os.fspath(path))
+    flood_done = threading.Event()
+
+    def flood() -> None:
+        try:
+            stalled.sendall(b"stall\n" + (b"y" * 1023 + b"\n") * 4096)  # 4 MiB
+        except OSError:
+            pass  # closed under it at the end of the test
+        flood_done.set()
+
+    sender = threading.Thread(target=flood, daemon=True)
+    sender.start()
+    try:
+        for n in range(3):
+            assert talk(path, b"hello %d\n" % n) == b"hello %d\n" % n
+        assert not flood_done.is_set()  # the stalled client is held, not read on
+    finally:
+        stalled.shutdown(socket.SHUT_RDWR)  # wakes the blocked sendall
+        sender.join(COMMAND_TIMEOUT)
+        stalled.close()
+    assert server.stop() == 0
+    assert server.err == ""
+
+
+def test_stop_ends_a_datagram_command_still_running(
+    sockdir: Path, background: list[Background]
+) -> None:
+    """A datagram's command runs beside the serving thread: SIGTERM stops the server at
+    once, and ends the command (its datagram is not answered)."""
+    path = sockdir / "slow.sock"
+    pidfile = sockdir / "command.pid"
+    command = f"sh -c 'echo $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile} && exec sleep 30'"
+    server = serve(background, path, "--type", "dgram", "--exec", command)
+    with dgram_client(sockdir) as client:
+        client.sendto(b"hi", os.fspath(path))
+        deadline = time.monotonic() + COMMAND_TIMEOUT
+        while not pidfile.exists():  # the command has started
+            assert time.monotonic() < deadline, "the command did not start"
+            time.sleep(0.01)  # polling for a file, not synchronisation
+        pid = int(pidfile.read_text())
+        assert server.stop() == 0
+    assert server.err == ""
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # ended and reaped
+
+
+def test_print_to_a_stdout_nobody_reads_holds_up_neither_the_server_nor_its_stop(
+    sockdir: Path, background: list[Background]
+) -> None:
+    """--print writes beside the serving thread: while stdout is full (nobody reads the
+    pipe), new clients are still taken in (-v names them) and SIGTERM still stops."""
+    path = sockdir / "full.sock"
+    server = serve(background, path, "--print", "-v")
+    flood = socket.socket(socket.AF_UNIX)
+    flood.settimeout(COMMAND_TIMEOUT)
+    flood.connect(os.fspath(path))
+
+    def send_more_than_a_pipe_holds() -> None:
+        try:
+            flood.sendall((b"x" * 1023 + b"\n") * 1024)  # 1 MiB; a pipe holds 64 KiB
+        except OSError:
+            pass  # shut down at the end of the test
+
+    sender = threading.Thread(target=send_more_than_a_pipe_holds, daemon=True)
+    sender.start()
+    try:
+        with socket.socket(socket.AF_UNIX) as late:
+            late.connect(os.fspath(path))
+            said = b""
+            while said.count(b"client pid=") < 2:  # the flood's line, then the late one's
+                said += server.read_until(b"\n", stream="stderr")
+        assert server.stop() == 0  # its stdout is read from now on, so the stop can end
+    finally:
+        flood.shutdown(socket.SHUT_RDWR)
+        sender.join(COMMAND_TIMEOUT)
+        flood.close()
+
+
+def test_exec_carries_megabytes_both_ways(sockdir: Path, background: list[Background]) -> None:
+    """More than every buffer on the way (socket, queue to the command, pipe): the client
+    is held back while the command catches up, and every byte comes back in order."""
+    path = sockdir / "cat.sock"
+    serve(background, path, "--exec", "cat")
+    data = os.urandom(8 * 1024 * 1024)
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(COMMAND_TIMEOUT)
+        client.connect(os.fspath(path))
+
+        def send_all() -> None:
+            client.sendall(data)
+            client.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send_all, daemon=True)
+        sender.start()
+        got = bytearray()
+        while chunk := client.recv(1 << 20):
+            got += chunk
+        sender.join(COMMAND_TIMEOUT)
+    assert len(got) == len(data)
+    assert got == data

@@ -67,9 +67,13 @@ class MessageServer(MessageServing):
         max_outbox: int = DEFAULT_MAX_OUTBOX,
         on_connect: Hook | None = None,
         on_close: Hook | None = None,
+        on_eof: Hook | None = None,
     ) -> None:
         check_server_options(
-            handler, max_clients, max_outbox, {"on_connect": on_connect, "on_close": on_close}
+            handler,
+            max_clients,
+            max_outbox,
+            {"on_connect": on_connect, "on_close": on_close, "on_eof": on_eof},
         )
         super().__init__(
             endpoint,
@@ -78,6 +82,7 @@ class MessageServer(MessageServing):
             max_outbox=max_outbox,
             on_connect=on_connect,
             on_close=on_close,
+            on_eof=on_eof,
         )
         endpoint.socket.setblocking(False)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -273,12 +278,16 @@ async def start_message_server(
     max_outbox: int = DEFAULT_MAX_OUTBOX,
     on_connect: Hook | None = None,
     on_close: Hook | None = None,
+    on_eof: Hook | None = None,
     **listen_options: Any,
 ) -> MessageServer:
     """Claim ``address`` (the options of :func:`udskit.listen`) and return a
     :class:`MessageServer` for it; ``await server.serve_forever()`` runs it."""
     check_server_options(
-        handler, max_clients, max_outbox, {"on_connect": on_connect, "on_close": on_close}
+        handler,
+        max_clients,
+        max_outbox,
+        {"on_connect": on_connect, "on_close": on_close, "on_eof": on_eof},
     )
     listen_now = functools.partial(blocking.listen, address, **listen_options)
     endpoint: blocking.Listener | blocking.DatagramListener = await claim_in_thread(listen_now)
@@ -290,6 +299,7 @@ async def start_message_server(
             max_outbox=max_outbox,
             on_connect=on_connect,
             on_close=on_close,
+            on_eof=on_eof,
         )
     except BaseException:
         endpoint.close()

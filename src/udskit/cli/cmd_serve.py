@@ -3,22 +3,30 @@
 The socket file is claimed safely (a live server's socket is refused, a stale one
 reclaimed, anything that is not a socket never touched) and removed when the server stops:
 on Ctrl-C, SIGTERM, ``--until`` or ``--once``.
+
+One :class:`udskit.MessageServer` thread serves every client, calling the action per
+message. What may block runs beside it: ``--print`` and a datagram's ``--exec`` command in
+its one worker, a connection's ``--exec`` command with two threads of its own (see
+:mod:`._exec`).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import shutil
 import signal
+import time
 from types import FrameType
 
 import udskit
 from udskit.options import DEFAULT_MAX_CLIENTS
 
-from . import _actions
-from ._actions import Action, Session, Until
+from . import _actions, _exec
+from ._actions import STOP, Action, Session, Until
+from ._exec import Command
 from ._options import (
     add_framing,
     add_hexdump,
@@ -31,6 +39,8 @@ from ._options import (
 )
 from ._output import HexDump, Output, err
 from .main import UsageError
+
+log = logging.getLogger("udskit")
 
 HELP = "serve ADDR: echo, uppercase, print, reply or run a command for every client"
 EXAMPLE = """\
@@ -94,15 +104,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     framing = framing_for(args)
     raw = args.type == "stream" and framing == "raw"
-    handler = _Handler(args, raw=raw, lines=framing == "lines")
+    service = _Service(args, raw=raw, lines=framing == "lines")
     allow = policy_for(args)
     with _StopOnSignal() as stopper:
         # The handlers are in place before the socket exists: a SIGTERM sent as soon as
         # the socket answers must stop us cleanly, not kill us and leave the file behind.
-        server = udskit.Server(
+        server = udskit.MessageServer(
             args.address,
-            handler,
+            service.handle,
+            workers=service.workers,
             max_clients=1 if args.once else args.max_clients,
+            on_connect=service.connected,
+            on_eof=service.ended,
+            on_close=service.closed,
             type=args.type,
             framing=framing,
             mode=args.mode,
@@ -111,14 +125,18 @@ def run(args: argparse.Namespace) -> int:
             allow=allow,
             backlog=args.backlog,
         )
-        with server:
-            handler.server = server
-            stopper.server = server
-            if args.verbose:
-                shown = f", mode {args.mode:04o}" if server.listener.address.kind == "path" else ""
-                err(f"serving {args.address} ({args.type}{shown}); Ctrl-C stops")
-            if not stopper.requested:
-                server.serve_forever()
+        try:
+            with server:
+                service.server = server
+                stopper.service = service
+                if args.verbose:
+                    kind = server.listener.address.kind
+                    shown = f", mode {args.mode:04o}" if kind == "path" else ""
+                    err(f"serving {args.address} ({args.type}{shown}); Ctrl-C stops")
+                if not stopper.requested:
+                    server.serve_forever()
+        finally:
+            service.finish()
     return 0
 
 
@@ -127,14 +145,14 @@ class _StopOnSignal:
     handlers come back afterwards."""
 
     def __init__(self) -> None:
-        self.server: udskit.Server | None = None
+        self.service: _Service | None = None
         self.requested = False
         self._previous: dict[int, object] = {}
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
-        if self.server is not None:
-            self.server.stop()
+        if self.service is not None:
+            self.service.stop()
 
     def __enter__(self) -> _StopOnSignal:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -146,67 +164,164 @@ class _StopOnSignal:
             signal.signal(sig, old)  # type: ignore[arg-type]
 
 
-class _Handler:
-    """Called by the Server once per connection (per datagram for dgram)."""
+class _Service:
+    """What the MessageServer calls: ``handle`` per message; ``connected``, ``ended`` (its
+    end of stream) and ``closed`` per client (stream and seqpacket). All in its serving
+    thread, except ``handle`` for ``--print`` and for ``--exec`` on datagrams (see
+    ``workers``)."""
 
     def __init__(self, args: argparse.Namespace, *, raw: bool, lines: bool) -> None:
-        self.server: udskit.Server | None = None
+        self.server: udskit.MessageServer | None = None
         self._raw = raw
         self._lines = lines
-        self._type: str = args.type
+        self._dgram = args.type == "dgram"
         self._until_text = None if args.until is None else os.fsencode(args.until)
         self._once: bool = args.once
         self._verbose: bool = args.verbose
         self._dump = HexDump() if args.hexdump else None
-        self._command = _command(args.exec) if args.exec is not None else None
+        self._argv = _command(args.exec) if args.exec is not None else None
         self._action = _action(args, raw=raw)
         self._replies = not args.print  # every other action answers (--exec: its output)
+        self._stopping = False
+        self._commands: set[Command] = set()  # running: ended by finish() at the stop
+        # Two actions may block: a datagram's command runs to its end (DGRAM_EXEC_TIMEOUT
+        # at most) before the reply, and --print waits while stdout is full (a slow pipe,
+        # a terminal held by Ctrl-S). They run in a worker, so that the serving thread
+        # stays free to stop, and to serve (or hold back) the other clients. One worker:
+        # one at a time, in the order the messages came.
+        blocking = args.print or (self._dgram and self._argv is not None)
+        self.workers = 1 if blocking else 0
+        self._per_datagram = (
+            _exec.PerDatagram(self._argv) if self._dgram and self._argv is not None else None
+        )
 
-    def __call__(self, channel: udskit.Channel) -> None:
-        peer = channel.peer
-        who = f"pid {peer.pid}" if peer is not None else ""
-        if self._verbose:
-            err(_describe(channel, replies=self._replies))
-        session = Session(channel, who, self._dump)
-        keep_going = True
+    # -- a client ---------------------------------------------------------------------------
+    def connected(self, conn: udskit.Connection) -> None:
+        session = self._begin(conn)
+        conn.state["session"] = session
+        if self._argv is None:
+            return
+        assert self.server is not None
         try:
-            keep_going = self._serve(session)
-        except udskit.UdsError:
-            raise  # the Server reports these in one line and serves the next client
-        except OSError as exc:  # a command that cannot start, an unwritable stdout, ...
-            err(f"{who or 'a client'}: {_one_line(exc)}")
-        finally:
-            # --once: the first client that sent or got a byte was served, however it
-            # ended (one that leaves before its echo, too); one that came and went without
-            # a byte either way (a readiness probe) was not.
-            if not keep_going or (self._once and session.exchanged.is_set()):
-                self._stop()
+            session.command = Command(
+                session,
+                self._argv,
+                lines=self._lines,
+                call_soon=self.server.call_soon,
+                where=self.server.address,
+                on_done=self._command_done,
+            )
+        except OSError as exc:  # a command that cannot start
+            err(f"{session.who or 'a client'}: {_one_line(exc)}")
+            conn.close()
+            return
+        self._commands.add(session.command)
 
-    def _serve(self, session: Session) -> bool:
-        until = Until(self._until_text, raw=self._raw)
-        if self._command is None:
-            return self._serve_messages(session, until)
-        if self._type == "dgram":
-            message = session.channel.recv()
-            session.received(message)
-            _actions.run_command_once(session, self._command, message)
-            return until.feed(message) is None
-        return _actions.run_command(session, self._command, until, lines=self._lines)
+    def _command_done(self, command: Command) -> None:
+        self._commands.discard(command)  # in the command's thread: a set is safe for that
 
-    def _serve_messages(self, session: Session, until: Until) -> bool:
+    def ended(self, conn: udskit.Connection) -> None:
+        session: Session | None = conn.state.get("session")
+        if session is not None and session.command is not None:
+            session.command.end_input()  # the command reads the end of its stdin
+
+    def closed(self, conn: udskit.Connection) -> None:
+        session: Session | None = conn.state.get("session")
+        if session is None:
+            return
+        if session.command is not None:
+            session.command.client_left()
+        # --once: the first client that sent or got a byte was served, however it ended
+        # (one that leaves before its echo, too); one that came and went without a byte
+        # either way (a readiness probe) was not.
+        if (
+            session.done
+            or session.until.matched_at_eof()
+            or (self._once and session.exchanged.is_set())
+        ):
+            self.stop()
+
+    def _begin(self, conn: udskit.Connection) -> Session:
+        if self._verbose:
+            err(_describe(conn, replies=self._replies))
+        return Session(conn, self._dump, Until(self._until_text, raw=self._raw))
+
+    # -- a message --------------------------------------------------------------------------
+    def handle(self, conn: udskit.Connection, message: bytes) -> None:
+        if self._stopping:
+            return  # the server stops: what arrived meanwhile is not served
+        session: Session = conn.state["session"] if not self._dgram else self._begin(conn)
+        if session.done:
+            return  # after the client's --until message
+        cut = session.until.feed(message)
+        if cut is not None:
+            message = message[:cut]
+            session.done = True
+        session.received(message)
+        try:
+            self._serve(session, message)
+        except udskit.ConnectionClosed as exc:
+            log.debug("%r: %s", conn, exc)
+        except udskit.UdsError as exc:  # a reply the framing cannot carry, ...
+            log.warning("%s: %s", self._address(), exc)
+            self._drop(conn)
+        except OSError as exc:  # an unwritable stdout, ...
+            err(f"{session.who or 'a client'}: {_one_line(exc)}")
+            self._drop(conn)
+        if self._dgram and (session.done or (self._once and session.exchanged.is_set())):
+            self.stop()
+
+    def _serve(self, session: Session, message: bytes) -> None:
+        command = session.command
+        if command is not None:
+            command.feed(message + b"\n" if self._lines else message)
+            if session.done:
+                command.end_input()  # the server stops once the command has answered
+            return
+        if self._dgram and self._argv is not None:
+            assert self._per_datagram is not None
+            self._per_datagram.run(session, message)
+            return
         assert self._action is not None
-        for message in session.channel:
-            cut = until.feed(message)
-            if cut is not None:
-                message = message[:cut]
-            session.received(message)
-            if not self._action(session, message) or cut is not None:
-                return False
-        return not until.matched_at_eof()
+        reply = self._action(message)
+        if reply is STOP:
+            self.stop()
+        elif isinstance(reply, bytes):
+            session.send(reply)  # queued: it leaves with this wake-up's other replies
+            # (sent here, not returned, so that -x shows it and its errors read as before)
+        if session.done:
+            self.stop()
 
-    def _stop(self) -> None:
+    def _drop(self, conn: udskit.Connection) -> None:
+        if self._dgram:
+            return  # a datagram has no connection to close
+        if self.workers:
+            assert self.server is not None
+            self.server.call_soon(conn.abort)  # abort() is for the serving thread
+        else:
+            conn.abort()
+
+    # -- the server -------------------------------------------------------------------------
+    def _address(self) -> object:
+        return self.server.address if self.server is not None else ""
+
+    def stop(self) -> None:
+        """Stop serving; safe from a signal handler. A datagram's command still running is
+        ended: its datagram is not answered."""
+        self._stopping = True
         if self.server is not None:
             self.server.stop()
+        if self._per_datagram is not None:
+            self._per_datagram.stop()
+
+    def finish(self) -> None:
+        """After serving: give the commands still running EXEC_EXIT_GRACE to end (their
+        stdin is closed), then end them."""
+        deadline = time.monotonic() + _exec.EXEC_EXIT_GRACE
+        for command in list(self._commands):
+            command.finish(deadline)
+        if self._per_datagram is not None:
+            self._per_datagram.finish()
 
 
 def _action(args: argparse.Namespace, *, raw: bool) -> Action | None:
@@ -218,7 +333,7 @@ def _action(args: argparse.Namespace, *, raw: bool) -> Action | None:
         return _actions.make_print(Output(), raw=raw)
     if args.reply is not None:
         return _actions.make_reply(os.fsencode(args.reply), raw=raw)
-    return None  # --exec: handled per connection
+    return None  # --exec: see _exec
 
 
 def _command(line: str) -> list[str]:
@@ -242,24 +357,24 @@ def _one_line(exc: OSError) -> str:
     return f"{what}: {exc.filename}" if exc.filename else what
 
 
-def _describe(channel: udskit.Channel, *, replies: bool) -> str:
+def _describe(conn: udskit.Connection, *, replies: bool) -> str:
     """S7: the -v line, from the kernel's credentials (SO_PEERCRED / SCM_CREDENTIALS).
 
     A datagram from an unbound socket (socat UNIX-SENDTO, a client that never called
     bind) has no address to answer to: when the action would reply, the line says so,
     since the reply is dropped and the client waits for it in vain."""
-    peer = channel.peer
-    what = "datagram" if channel.type == "dgram" else "client"
-    if channel.address is not None:
-        where = f" address={channel.address}"
-    elif channel.type == "dgram" and replies:
+    peer = conn.peer
+    what = "datagram" if conn.type == "dgram" else "client"
+    if conn.remote is not None:
+        where = f" address={conn.remote}"
+    elif conn.type == "dgram" and replies:
         where = (
             " (unbound sender: it cannot be answered; a client must bind an address to get replies)"
         )
     else:
         where = ""
     if peer is None:
-        if channel.address is not None:
-            return f"{what} from {channel.address}"
+        if conn.remote is not None:
+            return f"{what} from {conn.remote}"
         return f"{what} from an unnamed peer{where}"
     return f"{what} pid={peer.pid} uid={peer.uid} gid={peer.gid} process={peer.process_name}{where}"
