@@ -8,8 +8,10 @@ and collects the replies the handler returns or sends. The replies of one wake-u
 together, one system call for all of them, once the read's messages have been handled; what
 the kernel does not take waits in an :class:`~udskit.proto.outbox.Outbox`, and while that
 holds more than its high watermark the connection stops reading its client (backpressure: a
-client that never reads holds at most that much of the server's memory, and only it
-waits). A connection costs no buffer of its own until a message arrives in pieces.
+client that never reads holds about that much of the server's memory in replies to its own
+requests, and only it waits). What a handler sends to *other* clients from the loop thread
+(a broadcast) is never refused or delayed; such a handler checks ``outbox_size`` first. A
+connection costs no buffer of its own until a message arrives in pieces.
 
 Threads: the driver's loop thread owns the connection. ``send()`` may also be called from
 any other thread (a worker, a thread streaming a command's output): it hands the message to
