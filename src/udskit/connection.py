@@ -322,8 +322,7 @@ class Connection:
     def _space_condition(self) -> threading.Condition:
         space = self._space
         if space is None:
-            # Made once; two threads racing here at worst each make one, and the loser's
-            # waiters are woken by the timeout-free notify of the winner's: avoid that.
+            # Made once, under a lock: two threads racing here must wait on the same one.
             with _SPACE_LOCK:
                 space = self._space
                 if space is None:
