@@ -38,7 +38,7 @@ from .ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
 from .creds import PeerCred
 from .errors import ConnectionClosed, ProtocolError, UdsError
 from .options import SocketType, check_message
-from .proto import CLOSED, Framing
+from .proto import CLOSED, NEED_DATA, Framing
 from .proto.outbox import IOV_MAX, Outbox
 from .translate import translate
 
@@ -461,32 +461,25 @@ class Connection:
             # asked for or not (the client has gone entirely). Messages already read are
             # still handled; their replies fail to send, and that closes the connection.
             return
-        self._reading = True
-        if self._framing is not None:
-            self._read_stream(buffer)
-        else:
-            self._read_packets(buffer)
-        self._reading = False
-        if not self.closed:
-            self.flush()
-
-    def on_writable(self) -> None:
-        self.flush()
-
-    def _read_stream(self, buffer: memoryview) -> None:
-        sock = self._sock
-        assert sock is not None
         framing = self._framing
-        assert framing is not None
+        if framing is None:
+            self._reading = True
+            self._read_packets(buffer)
+            self._reading = False
+            if not self.closed:
+                self.flush()
+            return
         fds: list[int] = []
         try:
             if self._ancsize:
-                size, ancdata, flags, _ = sock.recvmsg_into([buffer], self._ancsize, RECV_FLAGS)
+                size, ancdata, flags, _ = self._sock.recvmsg_into(  # type: ignore[union-attr]
+                    [buffer], self._ancsize, RECV_FLAGS
+                )
                 if ancdata or flags & _CTRUNC:
                     self._fds_seen = True
                     fds = unpack(ancdata, flags, self._where(), self._max_fds).fds
             else:
-                size = sock.recv_into(buffer)
+                size = self._sock.recv_into(buffer)  # type: ignore[union-attr]
         except (BlockingIOError, InterruptedError):
             return
         except ProtocolError as exc:  # descriptors lost: the stream cannot go on
@@ -495,7 +488,14 @@ class Connection:
         except OSError as exc:
             self._failed(exc, "recv")
             return
+        self._reading = True
         self._decode(framing, buffer[:size], fds)
+        self._reading = False
+        if not self.closed:
+            self.flush()
+
+    def on_writable(self) -> None:
+        self.flush()
 
     def _decode(self, framing: Framing, data: memoryview | None, fds: list[int]) -> None:
         """Hand the driver each message of ``data`` (None: of what the framing holds). One
@@ -514,7 +514,8 @@ class Connection:
                 if self._held or out.size + self._pending_size > out.high:
                     self._stalled = True  # _after_flush or hold() calls _resume
                     return
-                message = framing.next_message()
+                # Usually the read held exactly one message: nothing left to look at.
+                message = framing.next_message() if framing.buffered else NEED_DATA
         except UdsError as exc:  # FrameTooLarge, or the stream ended mid-message
             self._abort(str(exc))
             return
