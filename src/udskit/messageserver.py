@@ -50,10 +50,6 @@ MAX_WORKERS: Final = 1024
 #: any more: further ones wait in the kernel's queue, and their senders see it full.
 WORKER_BACKLOG: Final = 64
 
-_IN: Final = select.EPOLLIN
-_OUT: Final = select.EPOLLOUT
-_ERRS: Final = select.EPOLLERR | select.EPOLLHUP
-
 
 class MessageServer(MessageServing):
     """A server on ``address`` calling ``handler(conn, message)`` for every message.
@@ -104,9 +100,8 @@ class MessageServer(MessageServing):
             on_eof=on_eof,
         )
         self._workers = workers
-        self._epoll = select.epoll()
         self._wakeup = WakeUp()
-        self._epoll.register(self._wakeup.fd, _IN)
+        self._epoll.register(self._wakeup.fd, select.EPOLLIN)
         self._calls: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
         self._woken = False
         self._served = False
@@ -125,22 +120,6 @@ class MessageServer(MessageServing):
         return self._endpoint
 
     # -- the loop ------------------------------------------------------------------------
-    def watch(self, conn: Connection, read: bool, write: bool) -> None:
-        mask = (_IN if read else 0) | (_OUT if write else 0)
-        epoll = self._epoll
-        try:
-            if not mask:
-                # Unwatched, not watched for nothing: epoll reports EPOLLHUP even then, and a
-                # client that hung up while we do not read it would wake us in a loop.
-                epoll.unregister(conn.fd)
-                return
-            try:
-                epoll.modify(conn.fd, mask)
-            except FileNotFoundError:
-                epoll.register(conn.fd, mask)
-        except OSError:
-            pass  # the socket was closed under us; its close removes it anyway
-
     def call_soon(self, callback: Callable[..., object], *args: Any) -> None:
         # Append first, then look at the flag: the loop clears it before it runs the calls,
         # so a call appended meanwhile is either run in this pass or wakes the next.
@@ -150,25 +129,20 @@ class MessageServer(MessageServing):
             self._woken = True
             self._wake()
 
-    def _set_listener_events(self, on: bool) -> None:
-        self._epoll.modify(self._endpoint.fileno(), _IN if on else 0)
-
     def _retry_accept_in(self, delay: float) -> None:
         self._retry_at = time.monotonic() + delay
 
     def _retry_datagrams_in(self, delay: float) -> None:
         self._datagrams_at = time.monotonic() + delay
 
-    def _register(self, conn: Connection) -> None:
-        self._epoll.register(conn.fd, _IN)
-
     def _unregister(self, conn: Connection) -> None:
         if conn.id not in self._running:  # else a worker owns its inbox; _worked empties it
             self._drop_inbox(conn.id)
-        try:
-            self._epoll.unregister(conn.fd)
-        except OSError:
-            pass
+        super()._unregister(conn)
+
+    def _on_other(self, fd: int) -> None:
+        if fd == self._wakeup.fd:
+            self._on_wake()
 
     # -- workers -------------------------------------------------------------------------
     # A connection's messages wait in its inbox for one worker at a time, so they are
@@ -261,8 +235,7 @@ class MessageServer(MessageServing):
             )
             thread.start()
             self._threads.append(thread)
-        self._epoll.register(endpoint.fileno(), _IN)
-        self._watching_listener = True
+        self._watch_listener(True)
         try:
             self._run()
         finally:
@@ -270,29 +243,12 @@ class MessageServer(MessageServing):
 
     def _run(self) -> None:
         epoll = self._epoll
-        conns = self._conns
-        listener_fd = self._endpoint.fileno()
-        wake_fd = self._wakeup.fd
-        buffer = self._buffer
         while not self._stopping:
             timeout = -1.0
             timers = [at for at in (self._retry_at, self._datagrams_at) if at is not None]
             if timers:
                 timeout = max(0.0, min(timers) - time.monotonic())
-            for fd, events in epoll.poll(timeout):
-                if fd == listener_fd:
-                    self._on_listener()
-                    continue
-                if fd == wake_fd:
-                    self._on_wake()
-                    continue
-                conn = conns.get(fd)
-                if conn is None:
-                    continue
-                if events & (_IN | _ERRS):
-                    conn.on_readable(buffer)
-                if events & _OUT and not conn.closed:
-                    conn.on_writable()
+            self._on_events(epoll.poll(timeout))
             if self._calls:
                 self._run_calls()
             if timers:

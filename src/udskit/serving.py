@@ -3,9 +3,11 @@
 clients in batches with back-off, the table of connections, reading datagrams, calling the
 handler and the hooks, and what a handler's failure does.
 
-A subclass supplies the loop: ``watch`` (a connection's events), ``call_soon`` (run in the
-loop thread), ``_watch_listener`` (the listener's events), ``_retry_accept_in`` (a timer) and
-``_register``/``_unregister`` (a connection's socket).
+Every client's socket and the listener are in one epoll set; ``_on_events`` handles what a
+wait on it found. A subclass supplies the loop that waits (the blocking server in a thread,
+the asyncio one by watching the epoll descriptor from its event loop, so that one loop
+callback serves every ready client), ``call_soon`` (run in the loop thread) and the timers
+(``_retry_accept_in``, ``_retry_datagrams_in``).
 
 Errors from accept(2), and what we do: see :mod:`udskit.accepting`.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -64,6 +67,12 @@ DATAGRAM_REPLY_WAIT: Final = 1.0
 #: The first and the longest pause between two tries of a datagram reply.
 DATAGRAM_RETRY_FIRST: Final = 0.0005
 DATAGRAM_RETRY_MAX: Final = 0.05
+
+
+_IN: Final = select.EPOLLIN
+_OUT: Final = select.EPOLLOUT
+#: epoll reports a hang-up or an error whatever it is asked; reading then says which.
+_READABLE: Final = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
 
 
 def check_server_options(
@@ -196,6 +205,9 @@ class MessageServing:
         # One read buffer for every client. A packet is read whole into it; a larger one
         # is reported truncated (MSG_TRUNC) and refused.
         self._buffer = memoryview(bytearray(size))
+        # Every client's socket and the listener, in one epoll set, whatever runs the loop:
+        # the blocking server waits on it, the asyncio one watches its descriptor.
+        self._epoll = select.epoll()
         self._loop_thread = 0
         self._stopping = False
         self._watching_listener = False
@@ -214,13 +226,7 @@ class MessageServing:
         return len(self._conns)
 
     # -- the loop's part ------------------------------------------------------------------
-    def watch(self, conn: Connection, read: bool, write: bool) -> None:
-        raise NotImplementedError
-
     def call_soon(self, callback: Callable[..., object], *args: Any) -> None:
-        raise NotImplementedError
-
-    def _set_listener_events(self, on: bool) -> None:
         raise NotImplementedError
 
     def _retry_accept_in(self, delay: float) -> None:
@@ -229,11 +235,56 @@ class MessageServing:
     def _retry_datagrams_in(self, delay: float) -> None:
         raise NotImplementedError
 
+    def _on_other(self, fd: int) -> None:
+        """An event on a descriptor of the loop's own in the epoll set (a wake-up pipe)."""
+
+    # -- the epoll set: every client's socket and the listener ------------------------------
+    def _set_events(self, fd: int, mask: int) -> None:
+        epoll = self._epoll
+        try:
+            if not mask:
+                # Unwatched, not watched for nothing: epoll reports EPOLLHUP even then, and a
+                # client that hung up while we do not read it would wake us in a loop.
+                epoll.unregister(fd)
+                return
+            try:
+                epoll.modify(fd, mask)
+            except FileNotFoundError:
+                epoll.register(fd, mask)
+        except OSError:
+            pass  # the socket was closed under us; its close removes it anyway
+
+    def watch(self, conn: Connection, read: bool, write: bool) -> None:
+        self._set_events(conn.fd, (_IN if read else 0) | (_OUT if write else 0))
+
+    def _set_listener_events(self, on: bool) -> None:
+        self._set_events(self._endpoint.fileno(), _IN if on else 0)
+
     def _register(self, conn: Connection) -> None:
-        raise NotImplementedError
+        self._epoll.register(conn.fd, _IN)
 
     def _unregister(self, conn: Connection) -> None:
-        raise NotImplementedError
+        try:
+            self._epoll.unregister(conn.fd)
+        except OSError:
+            pass
+
+    def _on_events(self, ready: list[tuple[int, int]]) -> None:
+        """What one epoll wait found: new clients, readable and writable ones."""
+        conns = self._conns
+        buffer = self._buffer
+        for fd, events in ready:
+            conn = conns.get(fd)
+            if conn is None:
+                if fd == self._endpoint.fileno():
+                    self._on_listener()
+                else:
+                    self._on_other(fd)
+                continue
+            if events & _READABLE:
+                conn.on_readable(buffer)
+            if events & _OUT and not conn.closed:
+                conn.on_writable()
 
     # -- the driver interface the connections use ------------------------------------------
     def in_loop(self) -> bool:

@@ -10,7 +10,9 @@ order; the other clients go on.
 
 Everything else is the blocking message server's (:mod:`udskit.serving` holds what they
 share): admission, batches of accepts, backpressure per client, ``max_clients`` and the
-back-off when out of descriptors, datagrams.
+back-off when out of descriptors, datagrams, and the epoll set of every client's socket.
+The event loop watches that one descriptor: one loop callback handles every client that is
+ready, instead of one callback (and one loop pass of bookkeeping) per client.
 
 Stopping (``stop()``, or SIGINT/SIGTERM under ``serve_messages()``) closes the listener
 first, which removes its socket file (a datagram socket stays open for the last replies);
@@ -94,30 +96,10 @@ class MessageServer(MessageServing):
         self._closed = False
 
     # -- the loop ------------------------------------------------------------------------
-    def watch(self, conn: Connection, read: bool, write: bool) -> None:
-        loop = self._loop
-        assert loop is not None
-        if read:
-            loop.add_reader(conn.fd, conn.on_readable, self._buffer)
-        else:
-            loop.remove_reader(conn.fd)
-        if write:
-            loop.add_writer(conn.fd, conn.on_writable)
-        else:
-            loop.remove_writer(conn.fd)
-
     def call_soon(self, callback: Callable[..., object], *args: Any) -> None:
         loop = self._loop
         assert loop is not None
         loop.call_soon_threadsafe(callback, *args)
-
-    def _set_listener_events(self, on: bool) -> None:
-        loop = self._loop
-        assert loop is not None
-        if on:
-            loop.add_reader(self._endpoint.fileno(), self._on_listener)
-        else:
-            loop.remove_reader(self._endpoint.fileno())
 
     def _retry_accept_in(self, delay: float) -> None:
         loop = self._loop
@@ -129,16 +111,12 @@ class MessageServer(MessageServing):
         assert loop is not None
         loop.call_later(delay, self._retry_datagrams)
 
-    def _register(self, conn: Connection) -> None:
-        loop = self._loop
-        assert loop is not None
-        loop.add_reader(conn.fd, conn.on_readable, self._buffer)
+    def _on_ready(self) -> None:
+        """The loop's one reader callback, for the whole epoll set: everything ready now."""
+        self._on_events(self._epoll.poll(0))
 
     def _unregister(self, conn: Connection) -> None:
-        loop = self._loop
-        assert loop is not None
-        loop.remove_reader(conn.fd)
-        loop.remove_writer(conn.fd)
+        super()._unregister(conn)
         waiting = self._waiting.pop(conn.id, None)
         if waiting:
             for _, fds in waiting:
@@ -200,6 +178,7 @@ class MessageServer(MessageServing):
         self._loop_thread = threading.get_ident()
         self._stopped = asyncio.Event()
         self._finished = asyncio.Event()
+        self._loop.add_reader(self._epoll.fileno(), self._on_ready)
         if self._stopping:
             self._stopped.set()
         else:
@@ -245,6 +224,10 @@ class MessageServer(MessageServing):
             self._close_clients()
         finally:
             endpoint.close()
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.remove_reader(self._epoll.fileno())
+            self._epoll.close()
         self._closed = True
 
     async def aclose(self) -> None:
@@ -261,6 +244,7 @@ class MessageServer(MessageServing):
         if not self._served:
             self._served = True
             self._endpoint.close()
+            self._epoll.close()
             self._closed = True
 
     async def __aenter__(self) -> MessageServer:
