@@ -58,10 +58,9 @@ ACCEPT_BATCH: Final = 256
 #: Datagrams read per wake-up at most, for the same reason.
 DATAGRAMS_PER_WAKEUP: Final = 64
 
-
-#: How long a datagram reply waits for room in its receiver's queue before it is given up
-#: (the handler gets Timeout). A receiver that lets its queue fill for this long is gone or
-#: stuck; the other senders should not wait on it any longer.
+#: How long the replies to one datagram receiver wait for room in its queue, with nothing
+#: taken, before they are dropped and logged: a receiver that lets its queue stay full this
+#: long is gone or stuck.
 DATAGRAM_REPLY_WAIT: Final = 1.0
 
 #: The first and the longest pause between two tries of a datagram reply.
@@ -118,7 +117,8 @@ class UnsentReplies:
                 return False
             except Timeout:
                 pass
-        if self._size + len(data) > self._limit:
+        owned = bytes(data)
+        if self._size + len(owned) > self._limit:
             raise Timeout(
                 f"{to}: {self._size} bytes of replies already wait for full receivers; "
                 "this reply was not sent"
@@ -126,8 +126,8 @@ class UnsentReplies:
         if queued is None:
             queued = self._queues[to] = ([time.monotonic() + DATAGRAM_REPLY_WAIT], deque())
             self._delay = DATAGRAM_RETRY_FIRST
-        queued[1].append((bytes(data), [os.dup(fd) for fd in fds]))
-        self._size += len(data)
+        queued[1].append((owned, [os.dup(fd) for fd in fds]))
+        self._size += len(owned)
         return True
 
     def retry(self) -> float | None:
@@ -135,6 +135,7 @@ class UnsentReplies:
         took nothing for too long. The pause before the next try, or None: none wait."""
         now = time.monotonic()
         for to, (deadline, waiting) in list(self._queues.items()):
+            gone = False
             while waiting:
                 data, fds = waiting[0]
                 try:
@@ -143,12 +144,15 @@ class UnsentReplies:
                     break
                 except UdsError as exc:  # the listener closed, the receiver went away
                     log.debug("%s: %d replies not sent: %s", to, len(waiting), exc)
+                    gone = True
                     break
                 waiting.popleft()
                 self._size -= len(data)
                 close_fds(fds)
                 deadline[0] = now + DATAGRAM_REPLY_WAIT  # it reads: give it time again
-            if waiting and now >= deadline[0]:
+            if gone:
+                self._drop(to)
+            elif waiting and now >= deadline[0]:
                 log.warning(
                     "%s: the receiver's queue stayed full for %g s; %d replies dropped",
                     to,

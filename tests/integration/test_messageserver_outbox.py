@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import udskit
+import udskit.serving
 
 #: Small socket buffers and a small outbox, so that a few hundred requests overfill them.
 BUFFER = 32 * 1024
@@ -75,3 +76,33 @@ def test_a_client_that_does_not_read_holds_a_bounded_outbox(sockdir: Path) -> No
         held = conns[0].outbox_size
         assert held <= MAX_OUTBOX + 10 * GROWTH, (held, sent)
         idle.close()
+
+
+def test_a_datagram_receiver_that_never_reads_delays_nobody_else(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its replies wait in their own queue (the serving thread never sleeps on them) and
+    are dropped once it has taken nothing for a while; another sender is answered at once."""
+    monkeypatch.setattr(udskit.serving, "DATAGRAM_REPLY_WAIT", 0.05)
+    path = sockdir / "s"
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stuck.bind(str(sockdir / "stuck"))
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.settimeout(10)
+    with (
+        caplog.at_level("WARNING", logger="udskit"),
+        serving(path, type="dgram") as server,
+        stuck,
+        udskit.connect(path, type="dgram", timeout=10) as other,
+    ):
+        for number in range(50):  # far more than its queue holds
+            stuck.sendto(b"m%02d" % number, str(path))
+        other.send(b"x")
+        assert other.recv() == b"x" * GROWTH
+        # Bounded: every waiting reply is sent or dropped within a few retries.
+        for _ in range(10_000):
+            if server._unsent is not None and not server._unsent:
+                break
+            other.send(b"y")
+            assert other.recv() == b"y" * GROWTH
+    assert "replies dropped" in caplog.text
