@@ -46,8 +46,8 @@ MAX_WORKERS: Final = 1024
 
 #: Messages queued for a worker per connection before that client is not read any more
 #: (until the worker catches up): the pool's memory stays bounded by clients x this. On a
-#: datagram server, datagrams queued for the workers in all before the socket is not read
-#: any more: further ones wait in the kernel's queue, and their senders see it full.
+#: datagram server, per worker lane: once this many per lane wait, the socket is not read
+#: any more; further datagrams wait in the kernel's queue, and their senders see it full.
 WORKER_BACKLOG: Final = 64
 
 
