@@ -45,7 +45,7 @@ from .translate import translate
 if TYPE_CHECKING:
     from .listening import DatagramListener
 
-__all__ = ["DEFAULT_MAX_OUTBOX", "Connection", "Driver", "Reply"]
+__all__ = ["DEFAULT_MAX_OUTBOX", "Connection", "Driver"]
 
 log = logging.getLogger("udskit")
 
@@ -76,9 +76,6 @@ _TRUNC: Final = int(socket.MSG_TRUNC)
 #: (read, write) interest, one object each, compared by identity on the hot path.
 _EVENTS: Final = {(r, w): (r, w) for r in (False, True) for w in (False, True)}
 _READING: Final = _EVENTS[True, False]
-
-#: What a handler may return: a reply to send, or None for no reply.
-Reply = bytes | bytearray | memoryview | None
 
 
 class Driver(Protocol):

@@ -27,13 +27,11 @@ import functools
 import inspect
 import logging
 import threading
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .. import listening as blocking
 from ..address import AddressLike
-from ..ancillary import close_fds
 from ..connection import DEFAULT_MAX_OUTBOX, Connection
 from ..server import SHUTDOWN_GRACE
 from ..serving import (
@@ -89,7 +87,6 @@ class MessageServer(MessageServing):
         endpoint.socket.setblocking(False)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._waiting: dict[int, deque[tuple[bytes, list[int]]]] = {}  # while a task runs
         self._stopped: asyncio.Event | None = None
         self._finished: asyncio.Event | None = None  # serve_forever has released everything
         self._served = False
@@ -115,20 +112,10 @@ class MessageServer(MessageServing):
         """The loop's one reader callback, for the whole epoll set: everything ready now."""
         self._on_events(self._epoll.poll(0))
 
-    def _unregister(self, conn: Connection) -> None:
-        super()._unregister(conn)
-        waiting = self._waiting.pop(conn.id, None)
-        if waiting:
-            for _, fds in waiting:
-                close_fds(fds)
-
     # -- handlers that wait ----------------------------------------------------------------
-    def dispatch(self, conn: Connection, message: bytes, fds: list[int]) -> None:
-        if conn.busy:  # a task is handling an earlier message: keep the order
-            self._waiting.setdefault(conn.id, deque()).append((message, fds))
-            return
-        self._handle(conn, message, fds)
-
+    # While a task awaits, its connection is held: the rest of the read stays in the framing
+    # (Connection._decode stops at a held connection), so no later message of that client
+    # is handled before the task is done; hold(False) resumes them, in order.
     def _reply(self, conn: Connection, reply: Any, fds: list[int]) -> None:
         if type(reply) in _REPLIES or not inspect.isawaitable(reply):
             super()._reply(conn, reply, fds)
@@ -155,16 +142,9 @@ class MessageServer(MessageServing):
             if fds:
                 conn.release_fds()
             conn.busy = False
-        waiting = self._waiting.get(conn.id)
-        while waiting and not conn.busy and not conn.closed:
-            message, message_fds = waiting.popleft()
-            self._handle(conn, message, message_fds)
         if conn.closed:
             return
-        if not conn.busy:
-            self._waiting.pop(conn.id, None)
-            conn.hold(False)
-        # Also while a later message's handler awaits: this reply must not wait for it.
+        conn.hold(False)
         conn.flush()
 
     # -- serving -------------------------------------------------------------------------
