@@ -56,7 +56,7 @@ from .errors import AddressError, AddressInUse, SocketFileError, Timeout, UdsErr
 from .sockdiag import bound_file
 from .translate import kind_of, translate, translating, unreachable_directory
 
-__all__ = ["Claim", "Probe", "claim", "probe", "resolve_owner"]
+__all__ = ["Claim", "Probe", "adopt", "claim", "probe", "resolve_owner"]
 
 log = logging.getLogger("udskit")
 
@@ -317,6 +317,16 @@ class Claim:
         found = self._directory.lstat()
         return found is not None and (found.st_dev, found.st_ino) == self._dev_ino
 
+    def disown(self) -> None:
+        """Give up the removal of the file without removing it: another process now owns it.
+
+        A listener handed over to another process, or kept in systemd's descriptor store
+        across a restart, must stay at its path when this process closes its copy.
+        """
+        directory, self._directory = self._directory, None
+        if directory is not None:
+            directory.close()
+
     def release(self) -> None:
         """Unlink the socket file if it is still ours and we are the process that bound it."""
         directory, self._directory = self._directory, None
@@ -371,6 +381,42 @@ def claim(
     except BaseException:
         directory.close()
         raise
+
+
+def adopt(sock: socket.socket, address: Address) -> Claim:
+    """Own the removal of the socket file at ``address`` that ``sock``, received from its
+    first owner, is bound to: a listener taken over by handover or from systemd.
+
+    The file at the path must be the very file the socket's bind() created (sock_diag; see
+    :func:`_is_our_file`), so that a file another user put at the path is never adopted and
+    later removed as ours.
+    """
+    path = address.absolute().raw
+    directory = _Directory(path)
+    try:
+        with translating("adopt", address), _Lock(directory):
+            found = _bound_file_at(sock, directory, address)
+        return Claim(address, directory, (found.st_dev, found.st_ino))
+    except BaseException:
+        directory.close()
+        raise
+
+
+def _bound_file_at(sock: socket.socket, directory: _Directory, address: Address) -> os.stat_result:
+    """The file at the path if it is the one ``sock`` is bound to (another process bound it).
+
+    Without sock_diag, the most ``stat`` can say is that it is a socket file.
+    """
+    found = directory.lstat()
+    if found is not None:
+        created = bound_file(sock)
+        if created.matches(found) if created is not None else stat.S_ISSOCK(found.st_mode):
+            return found
+    what = "no file" if found is None else "another file"
+    raise SocketFileError(
+        f"cannot take over {address}: there is {what} at the path, not the socket this "
+        "listener is bound to; start the server without taking over"
+    )
 
 
 def _make_room(directory: _Directory, address: Address) -> None:
