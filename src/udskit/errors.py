@@ -17,6 +17,7 @@ __all__ = [
     "ConnectError",
     "ConnectionClosed",
     "FrameTooLarge",
+    "HandoverError",
     "PeerRejected",
     "ProtocolError",
     "SocketFileError",
@@ -65,6 +66,11 @@ class AddressInUse(_OSFlavour):
 
 class SocketFileError(_OSFlavour):
     """Something that is not a socket sits at the path; udskit never unlinks it."""
+
+
+class HandoverError(_OSFlavour):
+    """Taking a listener over from the process that serves it failed; that process goes on
+    serving. The message says why (another handover running, another user, a timeout)."""
 
 
 class ConnectError(UdsError, ConnectionError):

@@ -14,7 +14,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar, overload
+from typing import Literal, Protocol, TypeVar, overload
 
 from .accepting import AcceptVerdict, classify
 from .address import Address, AddressLike, sun_path
@@ -31,6 +31,7 @@ from .ancillary import (
 from .channel import Buffer, Channel
 from .creds import PeerCred, Policy
 from .errors import AddressInUse, ConnectionClosed, ProtocolError, SocketFileError
+from .handover import Upgrader
 from .options import (
     DEFAULT_BACKLOG,
     ListenOptions,
@@ -69,20 +70,34 @@ class Datagram:
     fds: tuple[int, ...] = field(default=())
 
 
+class _Owned(Protocol):
+    """What owns the socket file: a Claim, or an Upgrader (which also hands it over)."""
+
+    def release(self) -> None: ...
+
+
 class _Endpoint:
     """What the two listener kinds share: socket, address, claim, close, context manager."""
 
-    __slots__ = ("_claim", "_closed", "_owner_pid", "_sock", "address", "policy")
+    __slots__ = ("_claim", "_closed", "_owner_pid", "_shared", "_sock", "address", "policy")
 
     def __init__(
-        self, sock: socket.socket, address: Address, claim: Claim | None, policy: Policy | None
+        self, sock: socket.socket, address: Address, claim: _Owned | None, policy: Policy | None
     ) -> None:
         self._sock = sock
         self._claim = claim
         self._closed = False
         self._owner_pid = os.getpid()
+        # A socket another process may hold too: inherited (fd:N, systemd keeps its copy)
+        # or handed over. shutdown() would break it for them as well.
+        self._shared = address.kind == "fd" or isinstance(claim, Upgrader)
         self.address = address
         self.policy = policy
+
+    @property
+    def upgrader(self) -> Upgrader | None:
+        """The :class:`udskit.Upgrader` of a listener made with ``handover=True``."""
+        return self._claim if isinstance(self._claim, Upgrader) else None
 
     @property
     def type(self) -> SocketType:
@@ -116,7 +131,7 @@ class _Endpoint:
         self._closed = True
         if self._claim is not None:
             self._claim.release()  # first, so no client connects to a closing socket
-        if os.getpid() == self._owner_pid:
+        if os.getpid() == self._owner_pid and not self._shared:
             # shutdown() acts on the socket every forked copy shares: a child closing its
             # copy must leave the parent's listener working, so only the creator does it.
             try:
@@ -161,7 +176,7 @@ class Listener(_Endpoint):
         self,
         sock: socket.socket,
         address: Address,
-        claim: Claim | None,
+        claim: _Owned | None,
         *,
         policy: Policy | None,
         framing: str,
@@ -244,7 +259,7 @@ class DatagramListener(_Endpoint):
         self,
         sock: socket.socket,
         address: Address,
-        claim: Claim | None,
+        claim: _Owned | None,
         *,
         policy: Policy | None,
         max_frame: int,
@@ -380,6 +395,7 @@ def listen(
     max_fds: int = ...,
     sndbuf: int | None = ...,
     rcvbuf: int | None = ...,
+    handover: bool = ...,
 ) -> Listener: ...
 @overload
 def listen(
@@ -396,6 +412,7 @@ def listen(
     max_fds: int = ...,
     sndbuf: int | None = ...,
     rcvbuf: int | None = ...,
+    handover: bool = ...,
 ) -> DatagramListener: ...
 @overload
 def listen(
@@ -412,6 +429,7 @@ def listen(
     max_fds: int = ...,
     sndbuf: int | None = ...,
     rcvbuf: int | None = ...,
+    handover: bool = ...,
 ) -> Listener | DatagramListener: ...
 def listen(
     address: AddressLike,
@@ -427,6 +445,7 @@ def listen(
     max_fds: int = 16,
     sndbuf: int | None = None,
     rcvbuf: int | None = None,
+    handover: bool = False,
 ) -> Listener | DatagramListener:
     """Listen on ``address``: a path (claimed safely), an abstract name, ``tcp:`` or ``fd:N``.
 
@@ -435,7 +454,12 @@ def listen(
     :class:`DatagramListener`; otherwise a :class:`Listener` whose channels use ``framing``.
     ``sndbuf``/``rcvbuf`` size each connection's socket buffers (None: 1 MiB for streams,
     the kernel's default otherwise; 0: the kernel's default).
+    ``handover=True`` (socket paths): take the listener over from a udskit server that
+    serves the path with handover, else claim it fresh; either way offer handover to the
+    next (see :class:`udskit.Upgrader`, which ``listener.upgrader`` is).
     """
+    if not isinstance(handover, bool):
+        raise TypeError(f"handover must be True or False, not {handover!r}")
     opts = listen_options(
         address,
         type=type,
@@ -451,11 +475,14 @@ def listen(
         rcvbuf=rcvbuf,
     )
     target, kind, buffers = opts.target, opts.kind, opts.buffers
-    if target.kind == "fd":
+    bound: _Owned | None = None
+    if handover:
+        upgrader = Upgrader.for_listen(opts, bind_listener)
+        sock, bound = upgrader.socket, upgrader
+    elif target.kind == "fd":
         sock = _adopt(target, kind)
-        bound: Claim | None = None
     else:
-        sock, bound = _bind(opts)
+        sock, bound = bind_listener(opts)
     try:
         if kind != socket.SOCK_DGRAM:
             return Listener(
@@ -480,7 +507,7 @@ def listen(
         raise
 
 
-def _bind(opts: ListenOptions) -> tuple[socket.socket, Claim | None]:
+def bind_listener(opts: ListenOptions) -> tuple[socket.socket, Claim | None]:
     """A socket bound to ``opts.target`` and, unless it is a datagram socket, listening."""
     target, kind = opts.target, opts.kind
     if target.kind == "tcp":

@@ -1,0 +1,876 @@
+"""Listener handover: a new process takes a live listener over from the process serving it.
+
+A server that restarts the plain way (close, then a new process binds) leaves a window in
+which clients find no socket (ENOENT) or a dead one (ECONNREFUSED). Here the listening
+socket itself moves: the serving process passes its descriptor to its successor with
+SCM_RIGHTS, so the socket, its file (inode, mode, owner) and the clients queued in its
+backlog never go away; both processes hold it for a moment, then only the new one.
+
+The two talk over a private control socket next to the socket file, ``DIR/.NAME`` +
+CONTROL_SUFFIX: a seqpacket socket of mode 0600, claimed like any udskit socket file (so a
+stale one is replaced and a live one never), served by a thread of the serving process while
+it offers handover. Only its own user and root can connect (file permissions), and the
+serving process checks each caller's SO_PEERCRED too: another uid is refused and logged. The
+conversation is in :mod:`udskit.proto.handover`.
+
+The successor:
+
+1. connects to the control socket; nobody there (no file, or a stale one) means no server
+   offers handover, and it claims the path fresh, as ``listen()`` always does;
+2. asks for the listener, checks what it gets (a listening AF_UNIX socket of its type);
+3. sets up its server, then says ``ready``; the serving process gives up the socket file's
+   removal and its control socket and answers ``stopped``; only then does the successor
+   own the file (:func:`udskit.sockfile.adopt`) and offer handover in turn.
+
+A successor that crashes, hangs (READY_TIMEOUT) or sends garbage before ``ready`` leaves the
+serving process serving as before, and owning the file. A serving process that dies after
+passing the listener leaves the successor with the only descriptor: the successor notices
+(a pidfd of the serving process) and serves on. One handover at a time: a second
+successor is told who is taking over.
+
+:class:`Upgrader` is the whole of it for one listening socket, for a framework's own server
+loop; ``listen(..., handover=True)`` and the servers build on it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Final
+
+from .address import Address, AddressLike, sun_path
+from .ancillary import ControlDataError, ancillary_size, close_fds, rights, unpack
+from .creds import PeerCred, peer_cred
+from .errors import AddressError, AddressInUse, HandoverError, ProtocolError, UdsError
+from .options import DEFAULT_BACKLOG, ListenOptions, base_type, listen_options, type_name
+from .proto.handover import MAX_MESSAGE, VERSION, Message, decode, encode
+from .sockfile import Claim, adopt, claim
+from .translate import translate
+from .wakeup import WakeUp
+
+__all__ = ["CONTROL_SUFFIX", "READY_TIMEOUT", "Upgrader", "control_address"]
+
+log = logging.getLogger("udskit")
+
+#: What the control socket's name adds to the socket file's: ``DIR/.NAME.udskit-handover``.
+#: Hidden, next to the file (so the same directory permissions guard it), and recognisable
+#: so that ``udskit ls`` shows it as part of the server it belongs to.
+CONTROL_SUFFIX: Final = b".udskit-handover"
+
+#: How long a successor has, from receiving the listener, to say it is ready; also how long
+#: each side waits for the other's answer. A successor that takes longer is taken for hung:
+#: the serving process drops it and goes on serving.
+READY_TIMEOUT: Final = 30.0
+
+#: How long the serving process waits for the first message of a process that connected to
+#: its control socket: a successor asks at once, so a silent one is not a successor.
+HELLO_TIMEOUT: Final = 5.0
+
+#: Conversations open at once on the control socket. One handover runs at a time; a few more
+#: are told so. More callers than this are one user's runaway script: they are closed.
+MAX_CONVERSATIONS: Final = 8
+
+#: How long close() waits for the control thread to end (it wakes at once; this bounds a
+#: thread stuck in a callback).
+_JOIN_TIMEOUT: Final = 5.0
+
+_SEQPACKET: Final = socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+
+#: How a fresh listener is bound: :func:`udskit.listening.bind_listener`.
+Bind = Callable[[ListenOptions], "tuple[socket.socket, Claim | None]"]
+
+
+def control_address(address: Address) -> Address:
+    """The control socket of the listener at ``address`` (a socket path)."""
+    if address.kind != "path":
+        raise AddressError(
+            f"handover needs a socket path, not {address}: its control socket is a file "
+            "next to the socket file"
+        )
+    directory, name = os.path.split(address.absolute().raw)
+    return Address("path", os.path.join(directory, b"." + name + CONTROL_SUFFIX))
+
+
+class Upgrader:
+    """A listening socket at a path that survives restarts of the program serving it.
+
+    Created, it takes the listener over from the process serving ``address`` if that process
+    offers handover, and otherwise claims the path fresh (as :func:`udskit.listen` does, with
+    ``mode``/``owner``/``group``; a listener taken over keeps its file's mode and owner).
+    Then, from the program's own server loop::
+
+        upgrader = Upgrader("/run/app.sock")
+        server = make_server(upgrader.socket)   # anything that accepts on a socket
+        upgrader.ready()        # the previous process stops accepting; we offer handover
+        upgrader.wait()         # returns once a successor has taken over
+        server.stop_accepting_and_finish()      # then exit
+        upgrader.close()
+
+    ``previous_pid`` is the pid of the process it took over from (None: started fresh);
+    ``successor_pid`` the one that took over from it. ``on_handed_over(callback)`` runs
+    ``callback()`` in the control thread once a successor has taken over. ``command``: the
+    argv that starts a successor, for ``upgrade()`` and ``udskit upgrade PATH``.
+
+    Thread-safe: ``ready``, ``wait``, ``upgrade`` and ``close`` may be called from any thread;
+    ``upgrade`` also from a signal handler.
+    """
+
+    def __init__(
+        self,
+        address: AddressLike,
+        *,
+        type: str = "stream",  # noqa: A002 - the natural name for the socket type
+        mode: int = 0o600,
+        owner: int | str | None = None,
+        group: int | str | None = None,
+        backlog: int = DEFAULT_BACKLOG,
+        ready_timeout: float = READY_TIMEOUT,
+        command: Sequence[str] | None = None,
+    ) -> None:
+        from .listening import bind_listener  # listening builds on this module
+
+        opts = listen_options(
+            address,
+            type=type,
+            backlog=backlog,
+            mode=mode,
+            owner=owner,
+            group=group,
+            allow=None,
+            framing="length",
+            max_frame=None,
+            max_fds=0,
+            sndbuf=None,
+            rcvbuf=None,
+        )
+        self._start(opts, bind_listener, ready_timeout, command)
+
+    @classmethod
+    def for_listen(
+        cls,
+        opts: ListenOptions,
+        bind: Bind,
+    ) -> Upgrader:
+        """The Upgrader of ``listen(..., handover=True)``."""
+        upgrader = cls.__new__(cls)
+        upgrader._start(opts, bind, READY_TIMEOUT, None)
+        return upgrader
+
+    def _start(
+        self,
+        opts: ListenOptions,
+        bind: Bind,
+        ready_timeout: float,
+        command: Sequence[str] | None,
+    ) -> None:
+        if isinstance(ready_timeout, bool) or not isinstance(ready_timeout, (int, float)):
+            raise TypeError(f"ready_timeout must be a number of seconds, not {ready_timeout!r}")
+        if not 0 < ready_timeout < float("inf"):
+            raise ValueError(f"ready_timeout must be positive seconds, not {ready_timeout}")
+        if command is not None and (
+            isinstance(command, (str, bytes))
+            or not command
+            or not all(isinstance(part, str) for part in command)
+        ):
+            raise ValueError(f"command must be a non-empty list of str (an argv), not {command!r}")
+        self.address = opts.target
+        self._control = control_address(opts.target)
+        self._kind = opts.kind
+        self._ready_timeout = float(ready_timeout)
+        self._command = list(command) if command is not None else None
+        self._lock = threading.Lock()
+        self._owner_pid = os.getpid()
+        self._is_ready = False
+        self._released = threading.Event()  # release() has run
+        self._claim: Claim | None = None
+        self._offer: _Offer | None = None
+        self._callbacks: list[Callable[[], object]] = []
+        self._handed_over = threading.Event()
+        self.previous_pid: int | None = None
+        self.successor_pid: int | None = None
+        self._previous: _Predecessor | None = None
+        taken = _take(self._control, opts.target, opts.kind, self._ready_timeout)
+        if taken is not None:
+            self.socket, self._previous = taken
+            self.previous_pid = self._previous.pid
+            return
+        try:
+            self.socket, self._claim = bind(opts)
+        except AddressInUse as exc:
+            raise AddressInUse(
+                f"{str(exc).rstrip('.')}; it offers no handover (started without it, or "
+                "handing over right now): retry, or stop it first",
+                pid=exc.pid,
+                uid=exc.uid,
+            ) from None
+
+    # -- the successor's side ---------------------------------------------------------------
+    def ready(self) -> None:
+        """Say the program is ready to serve: the previous process (if any) stops accepting
+        and gives the socket file up to this one; then offer handover to the next.
+
+        Raises HandoverError if the previous process refused or gave up waiting: it goes on
+        serving, and this process must not (close the Upgrader and exit).
+        """
+        with self._lock:
+            if self._is_ready or self._released.is_set():
+                return
+            self._is_ready = True
+        previous, self._previous = self._previous, None
+        if previous is not None:
+            try:
+                self._claim = previous.finish(self.socket, self.address, self._ready_timeout)
+            finally:
+                previous.close()
+        try:
+            offer = _Offer(self, self._control, self._kind, self._ready_timeout, self._command)
+        except UdsError as exc:
+            log.warning(
+                "%s: cannot offer handover (%s); the server runs, but cannot be handed over",
+                self.address,
+                exc,
+            )
+            return
+        with self._lock:
+            released = self._released.is_set()  # release() may have run meanwhile
+            if not released:
+                self._offer = offer
+        if released:
+            offer.close()
+        else:
+            offer.start()
+
+    # -- the serving side -------------------------------------------------------------------
+    @property
+    def handed_over(self) -> bool:
+        """True once a successor has taken over (it owns the socket file now)."""
+        return self._handed_over.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until a successor has taken over; False if ``timeout`` passed first."""
+        return self._handed_over.wait(timeout)
+
+    def on_handed_over(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` (in the control thread) once a successor has taken over; at
+        once if one already has."""
+        with self._lock:
+            if not self._handed_over.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def upgrade(self) -> None:
+        """Start ``command`` as a successor, which takes over; safe from a signal handler.
+
+        Logs the outcome. Without ``command``, or before ``ready()``, logs why not."""
+        offer = self._offer
+        if offer is None or self._command is None:
+            log.warning(
+                "%s: cannot upgrade: %s",
+                self.address,
+                "no command to start a successor with"
+                if self._command is None
+                else "not offering handover yet",
+            )
+            return
+        offer.request_upgrade()
+
+    def _give_up(self, successor: int) -> bool:
+        """A successor is ready: give it the socket file. False if we are closing."""
+        with self._lock:
+            if self._released.is_set():
+                return False
+            if self._claim is not None:
+                self._claim.disown()
+            self.successor_pid = successor
+            self._handed_over.set()
+            callbacks, self._callbacks = self._callbacks, []
+        log.info("%s: handed over to pid %d", self.address, successor)
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("%s: a handover callback failed", self.address)
+        return True
+
+    # -- the end ----------------------------------------------------------------------------
+    def release(self) -> None:
+        """Stop offering handover, and remove the socket file if it is still ours (not handed
+        over). The socket stays open: ``close()`` closes it."""
+        with self._lock:
+            if self._released.is_set():
+                return
+            self._released.set()
+            offer, self._offer = self._offer, None
+            bound, self._claim = self._claim, None
+        if offer is not None:
+            offer.close()
+        previous, self._previous = self._previous, None
+        if previous is not None:
+            previous.close()
+        if bound is not None and os.getpid() == self._owner_pid:
+            bound.release()  # a no-op once disowned
+
+    def close(self) -> None:
+        """``release()``, then close this process's copy of the socket (never shutdown():
+        the socket may live on in a successor)."""
+        self.release()
+        self.socket.close()
+
+    def __enter__(self) -> Upgrader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = (
+            f"handed over to pid {self.successor_pid}"
+            if self.handed_over
+            else f"taken from pid {self.previous_pid}"
+            if self.previous_pid
+            else "fresh"
+        )
+        return f"<Upgrader {type_name(self._kind)} {self.address} {state}>"
+
+
+# -- the successor's half of the conversation ----------------------------------------------
+
+
+class _Predecessor:
+    """The conversation with the process we took the listener from, until it stops."""
+
+    __slots__ = ("conv", "pid", "pidfd")
+
+    def __init__(self, conv: socket.socket, pid: int, pidfd: int) -> None:
+        self.conv = conv
+        self.pid = pid
+        self.pidfd = pidfd
+
+    def finish(self, sock: socket.socket, address: Address, timeout: float) -> Claim:
+        """Say ready; once the predecessor has stopped (or died), own the socket file."""
+        try:
+            try:
+                _send(self.conv, Message("ready"))
+            except OSError:
+                pass  # it hung up; what it said before it did is still there to read
+            answer = _receive(self.conv, ("stopped", "error"), timeout)
+        except (ProtocolError, OSError) as exc:
+            if not self._gone():
+                raise HandoverError(
+                    f"cannot take over {address}: pid {self.pid} did not confirm ({_reason(exc)}); "
+                    "it goes on serving"
+                ) from None
+            log.info("%s: pid %d exited during the handover; serving on", address, self.pid)
+        else:
+            if answer.op == "error":
+                raise HandoverError(f"cannot take over {address}: {answer.reason}")
+            log.info("%s: took over from pid %d", address, self.pid)
+        return adopt(sock, address)
+
+    def _gone(self) -> bool:
+        return _readable(self.pidfd)  # a pidfd is readable once its process has exited
+
+    def close(self) -> None:
+        self.conv.close()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+def _take(
+    control: Address, target: Address, kind: int, timeout: float
+) -> tuple[socket.socket, _Predecessor] | None:
+    """The listener from the process that serves ``target``, or None if none offers it."""
+    conv = socket.socket(socket.AF_UNIX, _SEQPACKET)
+    pidfd = -1
+    try:
+        conv.settimeout(timeout)
+        try:
+            with sun_path(control) as where:
+                conv.connect(where)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                conv.close()
+                return None
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise HandoverError(
+                    f"cannot take over {target}: its handover socket {control} refuses this "
+                    "user; run as the user that serves it, or as root",
+                    errno=exc.errno,
+                ) from None
+            raise translate(exc, "connect", control) from None
+        owner = _trusted(conv, control, target)
+        try:
+            pidfd = os.pidfd_open(owner.pid)
+        except ProcessLookupError:
+            conv.close()
+            return None  # it exited as we connected: its socket file is stale now
+        _send(conv, Message("take", type=type_name(kind), version=VERSION))
+        try:
+            answer, fds = _receive_with_fds(conv, ("listener", "error"), timeout)
+        except ProtocolError as exc:
+            if not _readable(pidfd):
+                raise HandoverError(f"cannot take over {target}: {_reason(exc)}") from None
+            os.close(pidfd)
+            conv.close()
+            return None  # it died before passing the listener: start fresh
+        sock = _listening_socket(answer, fds, kind, target)
+        return sock, _Predecessor(conv, owner.pid, pidfd)
+    except BaseException:
+        if pidfd >= 0:
+            os.close(pidfd)
+        conv.close()
+        raise
+
+
+def _trusted(conv: socket.socket, control: Address, target: Address) -> PeerCred:
+    """Who serves the control socket, if it is this user or root (nobody else's listener is
+    taken, whatever its socket file's place)."""
+    owner = peer_cred(conv)
+    if owner.uid not in (os.geteuid(), 0):
+        raise HandoverError(
+            f"cannot take over {target}: its handover socket {control} is served by uid "
+            f"{owner.uid}, not this user or root; refusing a listener from another user"
+        )
+    return owner
+
+
+def _listening_socket(answer: Message, fds: list[int], kind: int, target: Address) -> socket.socket:
+    """The descriptor received, if it is what we asked for; else close it and say why."""
+    if answer.op == "error":
+        raise HandoverError(f"cannot take over {target}: {answer.reason}")
+    fd = fds[0]
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
+        raise HandoverError(
+            f"cannot take over {target}: the serving process passed a descriptor that is not "
+            "a socket"
+        ) from None
+    problem = ""
+    if sock.family != socket.AF_UNIX:
+        problem = "not a Unix socket"
+    elif base_type(sock) != kind:
+        problem = f"a {type_name(base_type(sock))} socket, not {type_name(kind)}"
+    elif kind != socket.SOCK_DGRAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        problem = "not listening"
+    if problem:
+        sock.close()
+        raise HandoverError(
+            f"cannot take over {target}: the serving process passed a socket that is {problem}"
+        )
+    return sock
+
+
+# -- the serving process's half ------------------------------------------------------------
+
+
+class _Conversation:
+    __slots__ = ("deadline", "pid", "sock", "uid")
+
+    def __init__(self, sock: socket.socket, pid: int, uid: int, deadline: float) -> None:
+        self.sock = sock
+        self.pid = pid
+        self.uid = uid
+        self.deadline = deadline
+
+
+class _Upgrade:
+    """A successor this process started (``upgrade``), and who asked for it."""
+
+    __slots__ = ("asker", "deadline", "pidfd", "process")
+
+    def __init__(
+        self, process: subprocess.Popen[bytes], asker: _Conversation | None, deadline: float
+    ) -> None:
+        self.process = process
+        self.asker = asker
+        self.deadline = deadline
+        self.pidfd = os.pidfd_open(process.pid)
+
+
+class _Offer:
+    """The control socket and the thread that answers on it while we serve."""
+
+    def __init__(
+        self,
+        upgrader: Upgrader,
+        control: Address,
+        kind: int,
+        timeout: float,
+        command: list[str] | None,
+    ) -> None:
+        self._upgrader = upgrader
+        self._control = control
+        self._kind = kind
+        self._timeout = timeout
+        self._command = command
+        self._sock = socket.socket(socket.AF_UNIX, _SEQPACKET)
+        try:
+            self._claim = claim(self._sock, control, mode=0o600, backlog=MAX_CONVERSATIONS)
+        except BaseException:
+            self._sock.close()
+            raise
+        self._sock.setblocking(False)
+        self._wakeup = WakeUp()
+        self._closing = False
+        self._upgrade_asked = False
+        self._pending: list[_Conversation] = []
+        self._successor: _Conversation | None = None
+        self._upgrade: _Upgrade | None = None
+        self._thread = threading.Thread(target=self._run, name="udskit-handover", daemon=True)
+
+    @property
+    def _where(self) -> Address:
+        return self._upgrader.address
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request_upgrade(self) -> None:
+        self._upgrade_asked = True
+        self._wakeup.wake()
+
+    def close(self) -> None:
+        self._closing = True
+        self._wakeup.wake()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(_JOIN_TIMEOUT)
+        elif not self._thread.is_alive() and self._thread.ident is None:
+            self._end("the server is shutting down")
+
+    # -- the thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._closing:
+                self._step()
+        except Exception:
+            log.exception("%s: the handover thread failed; handover is off", self._where)
+        finally:
+            handed = self._upgrader.successor_pid
+            self._end(
+                f"handed over to pid {handed}; try again"
+                if handed
+                else "the server is shutting down"
+            )
+
+    def _step(self) -> None:
+        conversations = self._conversations()
+        poller = select.poll()
+        poller.register(self._wakeup.fd, select.POLLIN)
+        poller.register(self._sock, select.POLLIN)
+        for conv in conversations:
+            poller.register(conv.sock, select.POLLIN)
+        if self._upgrade is not None:
+            poller.register(self._upgrade.pidfd, select.POLLIN)
+        deadlines = [conv.deadline for conv in conversations]
+        if self._upgrade is not None:
+            deadlines.append(self._upgrade.deadline)
+        wait = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        ready = {fd for fd, _ in poller.poll(None if wait is None else wait * 1000 + 1)}
+        if self._wakeup.fd in ready:
+            self._wakeup.drain()
+        if self._closing:
+            return
+        if self._upgrade_asked:
+            self._upgrade_asked = False
+            self._start_upgrade(None)
+        if self._sock.fileno() in ready:
+            self._accept()
+        for conv in conversations:
+            if conv.sock.fileno() in ready:
+                self._on_message(conv)
+            elif time.monotonic() >= conv.deadline:
+                self._timed_out(conv)
+            if self._upgrader.handed_over:
+                self._closing = True
+                return
+        if self._upgrade is not None:
+            self._check_upgrade(self._upgrade.pidfd in ready)
+
+    def _conversations(self) -> list[_Conversation]:
+        found = list(self._pending)
+        if self._successor is not None:
+            found.append(self._successor)
+        return found
+
+    def _accept(self) -> None:
+        for _ in range(MAX_CONVERSATIONS):
+            try:
+                sock, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("%s: handover socket: accept failed: %s", self._where, exc)
+                return
+            sock.settimeout(self._timeout)
+            cred = peer_cred(sock)
+            if cred.uid not in (os.geteuid(), 0):
+                log.warning(
+                    "%s: refused a handover to pid %d, uid %d: only this user or root may take "
+                    "over",
+                    self._where,
+                    cred.pid,
+                    cred.uid,
+                )
+                self._refuse(
+                    sock, f"uid {cred.uid} may not take over; only uid {os.geteuid()} or root"
+                )
+                continue
+            if len(self._conversations()) >= MAX_CONVERSATIONS:
+                self._refuse(sock, "too many handover requests at once; try again")
+                continue
+            conv = _Conversation(sock, cred.pid, cred.uid, time.monotonic() + HELLO_TIMEOUT)
+            self._pending.append(conv)
+
+    def _on_message(self, conv: _Conversation) -> None:
+        is_successor = conv is self._successor
+        expected = ("ready",) if is_successor else ("take", "upgrade")
+        try:
+            message, fds = _receive_with_fds(conv.sock, expected, 0)
+        except (ProtocolError, OSError) as exc:
+            if is_successor:
+                log.warning(
+                    "%s: the handover to pid %d failed (%s); still serving",
+                    self._where,
+                    conv.pid,
+                    _reason(exc),
+                )
+            elif not isinstance(exc, _Closed):
+                log.warning(
+                    "%s: bad handover request from pid %d: %s", self._where, conv.pid, _reason(exc)
+                )
+            self._drop(conv, None if is_successor or isinstance(exc, _Closed) else _reason(exc))
+            return
+        del fds  # decode() let through descriptors only with a listener, which we never get
+        if message.op == "ready":
+            self._hand_over(conv)
+        elif message.op == "take":
+            self._on_take(conv, message)
+        else:
+            self._pending.remove(conv)
+            self._start_upgrade(conv)
+
+    def _on_take(self, conv: _Conversation, message: Message) -> None:
+        ours = type_name(self._kind)
+        reason = ""
+        if self._successor is not None:
+            reason = (
+                f"pid {self._successor.pid} is taking over {self._where} now; try again when "
+                "it is done"
+            )
+        elif message.version != VERSION:
+            reason = f"handover protocol version {message.version} (this server speaks {VERSION})"
+        elif message.type != ours:
+            reason = f"{self._where} serves type={ours}, not type={message.type}"
+        if reason:
+            self._drop(conv, reason)
+            return
+        self._pending.remove(conv)
+        listener = self._upgrader.socket
+        try:
+            _send(conv.sock, Message("listener", type=ours, pid=os.getpid()), (listener.fileno(),))
+        except OSError as exc:
+            log.warning("%s: handover to pid %d failed: %s", self._where, conv.pid, _reason(exc))
+            conv.sock.close()
+            return
+        conv.deadline = time.monotonic() + self._timeout
+        self._successor = conv
+        log.info("%s: handing the listener to pid %d", self._where, conv.pid)
+
+    def _hand_over(self, conv: _Conversation) -> None:
+        self._successor = None
+        if not self._upgrader._give_up(conv.pid):
+            self._drop(conv, "the server is shutting down")
+            return
+        # The control socket's name goes first: the successor offers handover at it next.
+        self._claim.release()
+        self._sock.close()
+        try:
+            _send(conv.sock, Message("stopped", pid=os.getpid()))
+        except OSError:
+            pass  # it checks that we are gone or stopped either way
+        conv.sock.close()
+        upgrade = self._upgrade
+        if upgrade is not None:
+            self._upgrade = None
+            self._answer_upgrade(upgrade, Message("upgraded", pid=conv.pid))
+            os.close(upgrade.pidfd)
+
+    def _timed_out(self, conv: _Conversation) -> None:
+        if conv is self._successor:
+            log.warning(
+                "%s: pid %d did not say it was ready within %g s; still serving",
+                self._where,
+                conv.pid,
+                self._timeout,
+            )
+            self._drop(conv, f"not ready within {self._timeout:g} s; the server goes on serving")
+        else:
+            self._drop(conv, f"no request within {HELLO_TIMEOUT:g} s")
+
+    # -- upgrades: a successor this process starts ---------------------------------------
+    def _start_upgrade(self, asker: _Conversation | None) -> None:
+        reason = ""
+        if self._command is None:
+            reason = (
+                f"the server at {self._where} (pid {os.getpid()}) cannot start its successor "
+                "itself; start the new version with handover"
+            )
+        elif self._upgrade is not None or self._successor is not None:
+            reason = f"a handover of {self._where} is already under way"
+        if reason:
+            if asker is None:
+                log.warning("%s: cannot upgrade: %s", self._where, reason)
+            else:
+                _answer(asker.sock, Message("error", reason=reason))
+            return
+        assert self._command is not None
+        try:
+            process = subprocess.Popen(
+                self._command, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        except OSError as exc:
+            reason = f"cannot start {self._command[0]}: {os.strerror(exc.errno or 0).lower()}"
+            log.warning("%s: upgrade failed: %s", self._where, reason)
+            if asker is not None:
+                _answer(asker.sock, Message("error", reason=reason))
+            return
+        log.info("%s: upgrading: started pid %d", self._where, process.pid)
+        # The child's own handover has its READY_TIMEOUT; allow it that, and its start.
+        self._upgrade = _Upgrade(process, asker, time.monotonic() + 2 * self._timeout)
+
+    def _check_upgrade(self, exited: bool) -> None:
+        upgrade = self._upgrade
+        assert upgrade is not None
+        if exited:
+            status = upgrade.process.wait()
+            reason = (
+                f"the new process (pid {upgrade.process.pid}) exited with status {status} "
+                "before taking over; see its output"
+            )
+        elif time.monotonic() >= upgrade.deadline:
+            upgrade.process.kill()
+            upgrade.process.wait()
+            reason = (
+                f"the new process (pid {upgrade.process.pid}) did not take over within "
+                f"{2 * self._timeout:g} s; stopped it"
+            )
+        else:
+            return
+        self._upgrade = None
+        os.close(upgrade.pidfd)
+        log.warning("%s: upgrade failed: %s; still serving", self._where, reason)
+        self._answer_upgrade(upgrade, Message("error", reason=reason))
+
+    def _answer_upgrade(self, upgrade: _Upgrade, answer: Message) -> None:
+        if upgrade.asker is not None:
+            _answer(upgrade.asker.sock, answer)
+
+    # -- endings ---------------------------------------------------------------------------
+    def _refuse(self, sock: socket.socket, reason: str) -> None:
+        _answer(sock, Message("error", reason=reason))
+
+    def _drop(self, conv: _Conversation, reason: str | None) -> None:
+        if conv is self._successor:
+            self._successor = None
+        elif conv in self._pending:
+            self._pending.remove(conv)
+        if reason is None:
+            conv.sock.close()
+        else:
+            _answer(conv.sock, Message("error", reason=reason))
+
+    def _end(self, reason: str) -> None:
+        """Answer everyone still waiting, close the control socket, remove its file."""
+        for conv in self._conversations():
+            _answer(conv.sock, Message("error", reason=reason))
+        self._pending.clear()
+        self._successor = None
+        upgrade, self._upgrade = self._upgrade, None
+        if upgrade is not None:
+            self._answer_upgrade(upgrade, Message("error", reason=reason))
+            os.close(upgrade.pidfd)
+        self._claim.release()
+        self._sock.close()
+        self._wakeup.close()
+
+
+# -- the wire ------------------------------------------------------------------------------
+
+
+class _Closed(ProtocolError):
+    """The other side closed the conversation (or died)."""
+
+
+def _send(sock: socket.socket, message: Message, fds: Sequence[int] = ()) -> None:
+    sock.sendmsg([encode(message)], rights(fds, len(fds)), socket.MSG_NOSIGNAL)
+
+
+def _answer(sock: socket.socket, message: Message) -> None:
+    """Send a last message and close; the peer may be gone already."""
+    try:
+        sock.setblocking(False)
+        _send(sock, message)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def _receive(sock: socket.socket, expected: tuple[str, ...], timeout: float) -> Message:
+    message, fds = _receive_with_fds(sock, expected, timeout)
+    close_fds(fds)
+    return message
+
+
+def _receive_with_fds(
+    sock: socket.socket, expected: tuple[str, ...], timeout: float
+) -> tuple[Message, list[int]]:
+    """One control message (``timeout`` 0: one that is there now). A broken one closes any
+    descriptors that came with it and raises ProtocolError."""
+    if timeout:
+        sock.settimeout(timeout)
+    try:
+        packet, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE + 1, ancillary_size(1))
+    except TimeoutError:
+        raise ProtocolError(f"no answer within {timeout:g} s") from None
+    except BlockingIOError:
+        raise ProtocolError("nothing to read") from None
+    except ConnectionResetError:
+        packet, ancdata, flags = b"", [], 0
+    try:
+        fds = unpack(ancdata, flags, "the handover peer", max_fds=1).fds
+    except ControlDataError as exc:
+        raise ProtocolError(str(exc)) from None
+    if flags & socket.MSG_TRUNC:
+        close_fds(fds)
+        raise ProtocolError(f"handover message longer than {MAX_MESSAGE} bytes")
+    if not packet and not fds:
+        raise _Closed("the other process closed the handover conversation")
+    try:
+        return decode(packet, len(fds), expected), list(fds)
+    except ProtocolError:
+        close_fds(fds)
+        raise
+
+
+def _readable(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, UdsError):
+        return os.strerror(exc.errno or 0).lower() if exc.errno else "connection lost"
+    return str(exc)
