@@ -49,7 +49,14 @@ from .address import Address, AddressLike, sun_path
 from .ancillary import ControlDataError, ancillary_size, close_fds, rights, unpack
 from .creds import PeerCred, peer_cred
 from .errors import AddressError, AddressInUse, HandoverError, ProtocolError, UdsError
-from .options import DEFAULT_BACKLOG, ListenOptions, base_type, listen_options, type_name
+from .options import (
+    DEFAULT_BACKLOG,
+    ListenOptions,
+    base_type,
+    check_seconds,
+    listen_options,
+    type_name,
+)
 from .proto.handover import MAX_MESSAGE, VERSION, Message, decode, encode
 from .sockfile import Claim, adopt, claim
 from .translate import translate
@@ -170,10 +177,6 @@ class Upgrader:
         ready_timeout: float,
         command: Sequence[str] | None,
     ) -> None:
-        if isinstance(ready_timeout, bool) or not isinstance(ready_timeout, (int, float)):
-            raise TypeError(f"ready_timeout must be a number of seconds, not {ready_timeout!r}")
-        if not 0 < ready_timeout < float("inf"):
-            raise ValueError(f"ready_timeout must be positive seconds, not {ready_timeout}")
         if command is not None and (
             isinstance(command, (str, bytes))
             or not command
@@ -183,7 +186,7 @@ class Upgrader:
         self.address = opts.target
         self._control = control_address(opts.target)
         self._kind = opts.kind
-        self._ready_timeout = float(ready_timeout)
+        self._ready_timeout = check_seconds("ready_timeout", ready_timeout)
         self._command = list(command) if command is not None else None
         self._lock = threading.Lock()
         self._owner_pid = os.getpid()

@@ -33,6 +33,7 @@ from .address import AddressLike
 from .ancillary import close_fds
 from .connection import DEFAULT_MAX_OUTBOX, Connection
 from .listening import DatagramListener, Listener, listen
+from .options import DEFAULT_DRAIN_TIMEOUT
 from .server import SHUTDOWN_GRACE, run_until_signalled
 from .serving import Hook, MessageHandler, MessageServing, check_server_options
 from .wakeup import WakeUp
@@ -77,6 +78,7 @@ class MessageServer(MessageServing):
         on_connect: Hook | None = None,
         on_close: Hook | None = None,
         on_eof: Hook | None = None,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         **listen_options: object,
     ) -> None:
         check_server_options(
@@ -98,6 +100,7 @@ class MessageServer(MessageServing):
             on_connect=on_connect,
             on_close=on_close,
             on_eof=on_eof,
+            drain_timeout=drain_timeout,
         )
         self._workers = workers
         self._wakeup = WakeUp()
@@ -107,6 +110,7 @@ class MessageServer(MessageServing):
         self._served = False
         self._retry_at: float | None = None  # accept back-off: when to look again
         self._datagrams_at: float | None = None  # when to retry waiting datagram replies
+        self._drain_at: float | None = None  # handed over: when to close the clients left
         self._pool: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # inboxes to handle
         self._threads: list[threading.Thread] = []
         self._inboxes: dict[int, deque[tuple[Connection, bytes, list[int]]]] = {}
@@ -131,6 +135,9 @@ class MessageServer(MessageServing):
 
     def _retry_accept_in(self, delay: float) -> None:
         self._retry_at = time.monotonic() + delay
+
+    def _drain_expires_in(self, delay: float) -> None:
+        self._drain_at = time.monotonic() + delay
 
     def _retry_datagrams_in(self, delay: float) -> None:
         self._datagrams_at = time.monotonic() + delay
@@ -235,8 +242,11 @@ class MessageServer(MessageServing):
             )
             thread.start()
             self._threads.append(thread)
-        self._watch_listener(True)
+        upgrader = self._upgrader()
         try:
+            if upgrader is not None:
+                upgrader.ready()  # the previous process, if any, stops accepting
+            self._watch_listener(True)
             self._run()
         finally:
             self._shutdown()
@@ -245,7 +255,9 @@ class MessageServer(MessageServing):
         epoll = self._epoll
         while not self._stopping:
             timeout = -1.0
-            timers = [at for at in (self._retry_at, self._datagrams_at) if at is not None]
+            timers = [
+                at for at in (self._retry_at, self._datagrams_at, self._drain_at) if at is not None
+            ]
             if timers:
                 timeout = max(0.0, min(timers) - time.monotonic())
             self._on_events(epoll.poll(timeout))
@@ -259,6 +271,9 @@ class MessageServer(MessageServing):
                 if self._datagrams_at is not None and now >= self._datagrams_at:
                     self._datagrams_at = None
                     self._retry_datagrams()
+                if self._drain_at is not None and now >= self._drain_at:
+                    self._drain_at = None
+                    self._drain_expired()
 
     def _on_wake(self) -> None:
         self._wakeup.drain()

@@ -25,6 +25,7 @@ __all__ = [
     "listen_options",
     "pair_options",
     "DEFAULT_BACKLOG",
+    "DEFAULT_DRAIN_TIMEOUT",
     "DEFAULT_MAX_CLIENTS",
     "DEFAULT_MAX_MESSAGE",
     "SocketType",
@@ -62,6 +63,13 @@ DEFAULT_BACKLOG: Final = 128
 #: them, while holding the 10,000 clients this server is meant to hold. Clients beyond it
 #: wait in the backlog until one leaves.
 DEFAULT_MAX_CLIENTS: Final = 16_384
+
+#: How long a server that handed its listener over (``handover=True``) goes on serving the
+#: clients it has before it closes them and returns. Long enough for requests in flight and
+#: short conversations to end on their own; well inside the 90 s a service manager waits for
+#: a stopping service by default (systemd's TimeoutStopSec), so the old process is gone
+#: before anyone kills it.
+DEFAULT_DRAIN_TIMEOUT: Final = 30.0
 
 #: Largest seqpacket message or datagram received by default. Linux bounds one AF_UNIX
 #: datagram by the sender's SO_SNDBUF (net.core.wmem_default is 212,992 bytes); 256 KiB
@@ -176,6 +184,17 @@ def check_timeout(timeout: float | None) -> float | None:
     ):
         raise ValueError(f"timeout must be None or >= 0 seconds (finite), not {timeout!r}")
     return timeout
+
+
+def check_seconds(name: str, value: float) -> float:
+    """A positive, finite number of seconds; ``name`` is the caller's keyword."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 < value < math.inf  # also refuses NaN
+    ):
+        raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+    return float(value)
 
 
 def check_backlog(backlog: int) -> int:

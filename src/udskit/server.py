@@ -28,6 +28,7 @@ import select
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Final, Protocol
@@ -37,7 +38,7 @@ from .address import AddressLike
 from .channel import Channel
 from .errors import ConnectionClosed, Timeout, UdsError
 from .listening import DatagramListener, Listener, listen
-from .options import DEFAULT_MAX_CLIENTS, check_max_clients
+from .options import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CLIENTS, check_max_clients, check_seconds
 from .wakeup import WakeUp
 
 __all__ = ["DEFAULT_MAX_CLIENTS", "Handler", "Server", "serve"]
@@ -81,11 +82,13 @@ class Server:
         handler: Handler,
         *,
         max_clients: int | None = DEFAULT_MAX_CLIENTS,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         **listen_options: object,
     ) -> None:
         if not callable(handler):
             raise TypeError(f"handler must be callable, not {handler!r}")
         check_max_clients(max_clients)
+        self._drain_timeout = check_seconds("drain_timeout", drain_timeout)
         self._handler = handler
         self._max_clients = max_clients
         self._endpoint: Listener | DatagramListener = listen(address, **listen_options)  # type: ignore[call-overload]
@@ -96,6 +99,7 @@ class Server:
         self._poller = select.poll()
         self._poller.register(self._wakeup.fd, select.POLLIN)
         self._stopping = False
+        self._draining = False  # handed over: finishing the clients we have
         self._lock = threading.Lock()
         self._active: set[Channel] = set()  # one per handler thread running
         self._idle = threading.Condition(self._lock)  # notified when _active empties
@@ -132,13 +136,50 @@ class Server:
         self._served = True
         endpoint = self._endpoint
         endpoint.socket.setblocking(False)
+        upgrader = endpoint.upgrader
         try:
+            if upgrader is not None:
+                upgrader.on_handed_over(self._hand_over)
+                upgrader.ready()  # the previous process, if any, stops accepting
             if isinstance(endpoint, DatagramListener):
                 self._serve_datagrams(endpoint)
             else:
                 self._serve_connections(endpoint)
+            if self._draining:
+                self._drain()
         finally:
             self._shutdown()
+
+    def _hand_over(self) -> None:
+        """A successor has the listener: stop accepting, finish the clients we have."""
+        self._draining = True
+        self._wake()
+
+    def _drain(self) -> None:
+        """Wait for the clients to finish, at most drain_timeout (stop() cuts it short)."""
+        try:
+            self._poller.unregister(self._endpoint.fileno())  # clients queued keep it readable
+        except KeyError:
+            pass  # not watched (full, or backing off)
+        if self.active_clients:
+            log.info(
+                "%s: handed over; finishing %d client(s), for at most %g s",
+                self.address,
+                self.active_clients,
+                self._drain_timeout,
+            )
+        deadline = time.monotonic() + self._drain_timeout
+        while self.active_clients and not self._stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning(
+                    "%s: %d client(s) still connected %g s after the handover; closing them",
+                    self.address,
+                    self.active_clients,
+                    self._drain_timeout,
+                )
+                return
+            self._wait(left)  # the last client's exit, or stop(), wakes it
 
     def _wait(self, timeout: float | None = None) -> list[int]:
         """Wait for what the poll object watches; drain the wake-up pipe if it was that."""
@@ -158,7 +199,7 @@ class Server:
         fd = listener.fileno()
         poller = self._poller
         watching = False  # whether the listener is in the poll object
-        while not self._stopping:
+        while not self._stopping and not self._draining:
             room = self._room()
             if (room > 0) != watching:
                 watching = room > 0
@@ -166,7 +207,7 @@ class Server:
                     poller.register(fd, select.POLLIN)
                 else:
                     poller.unregister(fd)  # full: a finishing handler wakes us
-            if fd not in self._wait() or self._stopping:
+            if fd not in self._wait() or self._stopping or self._draining:
                 continue
             try:
                 self._accept_batch(listener, min(room, ACCEPT_BATCH))
@@ -187,7 +228,7 @@ class Server:
     def _accept_batch(self, listener: Listener, most: int) -> None:
         """Accept up to ``most`` clients, until the queue is empty, and start them."""
         accepted = 0
-        while accepted < most and not self._stopping:
+        while accepted < most and not self._stopping and not self._draining:
             try:
                 conn, _ = listener.socket.accept()
             except BlockingIOError:
@@ -233,8 +274,8 @@ class Server:
                 left = len(self._active)
                 if not left:
                     self._idle.notify_all()
-            if left + 1 == self._max_clients:
-                self._wake()  # a slot is free: let the accept loop watch the listener again
+            if left + 1 == self._max_clients or (self._draining and not left):
+                self._wake()  # a slot is free for the accept loop, or draining is done
 
     def _call(self, channel: Channel) -> None:
         try:
@@ -249,8 +290,8 @@ class Server:
     def _serve_datagrams(self, listener: DatagramListener) -> None:
         fd = listener.fileno()
         self._poller.register(fd, select.POLLIN)
-        while not self._stopping:
-            if fd not in self._wait() or self._stopping:
+        while not self._stopping and not self._draining:
+            if fd not in self._wait() or self._stopping or self._draining:
                 continue
             try:
                 datagram = listener.recv()
@@ -304,6 +345,7 @@ def serve(
     handler: Handler,
     *,
     max_clients: int | None = DEFAULT_MAX_CLIENTS,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     **listen_options: object,
 ) -> None:
     """Serve ``address`` with ``handler`` until SIGINT or SIGTERM (or ``server.stop()``).
@@ -311,7 +353,15 @@ def serve(
     In the main thread, SIGINT and SIGTERM stop the server cleanly (socket file removed) and
     ``serve`` returns; the previous signal handlers are restored afterwards.
     """
-    run_until_signalled(Server(address, handler, max_clients=max_clients, **listen_options))
+    run_until_signalled(
+        Server(
+            address,
+            handler,
+            max_clients=max_clients,
+            drain_timeout=drain_timeout,
+            **listen_options,
+        )
+    )
 
 
 class _Serving(Protocol):

@@ -32,8 +32,9 @@ from .ancillary import close_fds
 from .channel import RECV_CHUNK
 from .connection import DEFAULT_MAX_OUTBOX, Connection
 from .errors import ConnectionClosed, Timeout, UdsError
+from .handover import Upgrader
 from .listening import DatagramListener, Listener
-from .options import check_max_clients
+from .options import DEFAULT_DRAIN_TIMEOUT, check_max_clients, check_seconds
 from .proto import make_framing
 
 __all__ = [
@@ -195,8 +196,11 @@ class MessageServing:
         on_connect: Hook | None,
         on_close: Hook | None,
         on_eof: Hook | None = None,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     ) -> None:
         self._endpoint = endpoint
+        self._drain_timeout = check_seconds("drain_timeout", drain_timeout)
+        self._draining = False  # handed over: serving the clients we have, accepting none
         self._handler = handler
         self._max_clients = max_clients
         self._max_outbox = max_outbox
@@ -237,6 +241,9 @@ class MessageServing:
         raise NotImplementedError
 
     def _retry_datagrams_in(self, delay: float) -> None:
+        raise NotImplementedError
+
+    def _drain_expires_in(self, delay: float) -> None:
         raise NotImplementedError
 
     def _on_other(self, fd: int) -> None:
@@ -313,7 +320,9 @@ class MessageServing:
                 self._on_close(conn)
             except Exception:
                 log.exception("%s: on_close failed for %r", self.address, conn)
-        if not self._stopping and not self._backing_off:
+        if self._draining and not self._conns:
+            self.stop()  # handed over, and the last client has gone
+        elif not self._stopping and not self._backing_off:
             self._watch_listener(True)
 
     def send_datagram(
@@ -401,11 +410,54 @@ class MessageServing:
         else:
             self.call_soon(conn.abort)
 
+    # -- handover ------------------------------------------------------------------------
+    def _upgrader(self) -> Upgrader | None:
+        """The listener's Upgrader (``handover=True``), told to let us know of a successor;
+        the subclass says ``ready()`` to it once it is about to accept."""
+        upgrader = self._endpoint.upgrader
+        if upgrader is not None:
+            upgrader.on_handed_over(lambda: self.call_soon(self._drain))
+        return upgrader
+
+    def _drain(self) -> None:
+        """A successor has the listener: accept nothing more, end once our clients have
+        gone, or after drain_timeout."""
+        if self._stopping:
+            return
+        self._draining = True
+        self._watch_listener(False)
+        if not self._conns:
+            self.stop()
+            return
+        log.info(
+            "%s: handed over; finishing %d client(s), for at most %g s",
+            self.address,
+            len(self._conns),
+            self._drain_timeout,
+        )
+        self._drain_expires_in(self._drain_timeout)
+
+    def _drain_expired(self) -> None:
+        if self._stopping:
+            return
+        log.warning(
+            "%s: %d client(s) still connected %g s after the handover; closing them",
+            self.address,
+            len(self._conns),
+            self._drain_timeout,
+        )
+        self.stop()
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
     # -- the listener --------------------------------------------------------------------
     def _watch_listener(self, on: bool) -> None:
         if self._endpoint.closed:
             self._watching_listener = False  # stopped: its descriptor is gone
             return
+        if on and self._draining:
+            on = False
         if on and self._max_clients is not None and len(self._conns) >= self._max_clients:
             on = False
         if on != self._watching_listener:

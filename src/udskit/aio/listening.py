@@ -29,6 +29,7 @@ from ..ancillary import (
 )
 from ..creds import Policy
 from ..errors import ConnectionClosed, ProtocolError
+from ..handover import Upgrader
 from ..listening import Datagram
 from ..options import (
     DEFAULT_BACKLOG,
@@ -87,6 +88,11 @@ class _Endpoint(Generic[_Item]):
     @property
     def closed(self) -> bool:
         return self._inner.closed
+
+    @property
+    def upgrader(self) -> Upgrader | None:
+        """The :class:`udskit.Upgrader` of a listener made with ``handover=True``."""
+        return self._inner.upgrader
 
     async def _next(self) -> _Item:
         raise NotImplementedError
@@ -392,6 +398,7 @@ async def listen(
     sndbuf: int | None = ...,
     rcvbuf: int | None = ...,
     write_limit: int | None = ...,
+    handover: bool = ...,
 ) -> Listener: ...
 @overload
 async def listen(
@@ -409,6 +416,7 @@ async def listen(
     sndbuf: int | None = ...,
     rcvbuf: int | None = ...,
     write_limit: int | None = ...,
+    handover: bool = ...,
 ) -> DatagramListener: ...
 @overload
 async def listen(
@@ -426,6 +434,7 @@ async def listen(
     sndbuf: int | None = ...,
     rcvbuf: int | None = ...,
     write_limit: int | None = ...,
+    handover: bool = ...,
 ) -> Listener | DatagramListener: ...
 async def listen(
     address: AddressLike,
@@ -442,6 +451,7 @@ async def listen(
     sndbuf: int | None = None,
     rcvbuf: int | None = None,
     write_limit: int | None = None,
+    handover: bool = False,
 ) -> Listener | DatagramListener:
     """Listen on ``address``, as :func:`udskit.listen` does, for asyncio.
 
@@ -466,6 +476,7 @@ async def listen(
         max_fds=max_fds,
         sndbuf=sndbuf,
         rcvbuf=rcvbuf,
+        handover=handover,
     )
     inner = await claim_in_thread(listen_now)
     try:

@@ -33,6 +33,7 @@ from typing import Any
 from .. import listening as blocking
 from ..address import AddressLike
 from ..connection import DEFAULT_MAX_OUTBOX, Connection
+from ..options import DEFAULT_DRAIN_TIMEOUT
 from ..server import SHUTDOWN_GRACE
 from ..serving import (
     Hook,
@@ -68,6 +69,7 @@ class MessageServer(MessageServing):
         on_connect: Hook | None = None,
         on_close: Hook | None = None,
         on_eof: Hook | None = None,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     ) -> None:
         check_server_options(
             handler,
@@ -83,6 +85,7 @@ class MessageServer(MessageServing):
             on_connect=on_connect,
             on_close=on_close,
             on_eof=on_eof,
+            drain_timeout=drain_timeout,
         )
         endpoint.socket.setblocking(False)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -102,6 +105,11 @@ class MessageServer(MessageServing):
         loop = self._loop
         assert loop is not None
         loop.call_later(delay, self._accept_again)
+
+    def _drain_expires_in(self, delay: float) -> None:
+        loop = self._loop
+        assert loop is not None
+        loop.call_later(delay, self._drain_expired)
 
     def _retry_datagrams_in(self, delay: float) -> None:
         loop = self._loop
@@ -159,11 +167,15 @@ class MessageServer(MessageServing):
         self._stopped = asyncio.Event()
         self._finished = asyncio.Event()
         self._loop.add_reader(self._epoll.fileno(), self._on_ready)
-        if self._stopping:
-            self._stopped.set()
-        else:
-            self._watch_listener(True)
+        upgrader = self._upgrader()
         try:
+            if upgrader is not None:
+                # The previous process, if any, stops accepting; that takes its answer.
+                await self._loop.run_in_executor(None, upgrader.ready)
+            if self._stopping:
+                self._stopped.set()
+            else:
+                self._watch_listener(True)
             await self._stopped.wait()
         finally:
             try:
@@ -243,6 +255,7 @@ async def start_message_server(
     on_connect: Hook | None = None,
     on_close: Hook | None = None,
     on_eof: Hook | None = None,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     **listen_options: Any,
 ) -> MessageServer:
     """Claim ``address`` (the options of :func:`udskit.listen`) and return a
@@ -264,6 +277,7 @@ async def start_message_server(
             on_connect=on_connect,
             on_close=on_close,
             on_eof=on_eof,
+            drain_timeout=drain_timeout,
         )
     except BaseException:
         endpoint.close()

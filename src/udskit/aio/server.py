@@ -30,7 +30,7 @@ from ..accepting import RESOURCE_ERRNOS as _RESOURCE_ERRNOS
 from ..accepting import RETRY_ERRNOS as _RETRY_ERRNOS
 from ..address import Address, AddressLike
 from ..errors import ConnectionClosed, ProtocolError, UdsError
-from ..options import DEFAULT_MAX_CLIENTS, check_max_clients
+from ..options import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CLIENTS, check_max_clients, check_seconds
 from ..server import SHUTDOWN_GRACE
 from ..translate import translate
 from .channel import Channel
@@ -65,6 +65,7 @@ class Server:
         handler: Handler,
         *,
         max_clients: int | None = DEFAULT_MAX_CLIENTS,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     ) -> None:
         if not callable(handler):
             raise TypeError(f"handler must be an async function of a channel, not {handler!r}")
@@ -74,8 +75,10 @@ class Server:
         self._endpoint = endpoint
         self._handler = handler
         self._max_clients = max_clients
+        self._drain_timeout = check_seconds("drain_timeout", drain_timeout)
         self._clients: dict[asyncio.Task[None], Channel] = {}
         self._stopping = False
+        self._draining = False  # handed over: finishing the clients we have
         self._served = False
         self._wake = Waiters("accept")  # a client finished, or stop() was called
 
@@ -102,13 +105,51 @@ class Server:
         if self._served:
             raise RuntimeError("serve_forever() can run once per Server")
         self._served = True
+        loop = asyncio.get_running_loop()
+        upgrader = self._endpoint.upgrader
         try:
+            if upgrader is not None:
+                upgrader.on_handed_over(lambda: loop.call_soon_threadsafe(self._hand_over))
+                # The previous process, if any, stops accepting; that takes its answer.
+                await loop.run_in_executor(None, upgrader.ready)
             if isinstance(self._endpoint, DatagramListener):
                 await self._serve_datagrams(self._endpoint)
             else:
                 await self._serve_connections(self._endpoint)
+            if self._draining:
+                await self._drain(loop)
         finally:
             await self._shutdown()
+
+    def _hand_over(self) -> None:
+        """A successor has the listener: stop accepting (our copy closes, the file stays)."""
+        if self._stopping:
+            return
+        self._draining = True
+        self._endpoint.close()
+        self._wake.wake_all()
+
+    async def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Let the clients we have finish, for at most drain_timeout (stop() cuts it short)."""
+        if self._clients:
+            log.info(
+                "%s: handed over; finishing %d client(s), for at most %g s",
+                self.address,
+                len(self._clients),
+                self._drain_timeout,
+            )
+        deadline = loop.time() + self._drain_timeout
+        while self._clients and not self._stopping:
+            left = deadline - loop.time()
+            if left <= 0:
+                log.warning(
+                    "%s: %d client(s) still connected %g s after the handover; closing them",
+                    self.address,
+                    len(self._clients),
+                    self._drain_timeout,
+                )
+                return
+            await self._wake.wait(loop, left)  # a client finished, or stop()
 
     async def _serve_connections(self, listener: Listener) -> None:
         loop = asyncio.get_running_loop()
@@ -227,6 +268,7 @@ async def start_server(
     handler: Handler,
     *,
     max_clients: int | None = DEFAULT_MAX_CLIENTS,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     **listen_options: object,
 ) -> Server:
     """A Server listening on ``address`` (options as for :func:`udskit.aio.listen`).
@@ -236,7 +278,7 @@ async def start_server(
     """
     endpoint: Listener | DatagramListener = await listen(address, **listen_options)  # type: ignore[call-overload]
     try:
-        return Server(endpoint, handler, max_clients=max_clients)
+        return Server(endpoint, handler, max_clients=max_clients, drain_timeout=drain_timeout)
     except BaseException:
         endpoint.close()
         raise
@@ -247,6 +289,7 @@ async def serve(
     handler: Handler,
     *,
     max_clients: int | None = DEFAULT_MAX_CLIENTS,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     **listen_options: object,
 ) -> None:
     """Serve ``address`` with ``handler`` until SIGINT or SIGTERM (or ``stop()``).
@@ -258,6 +301,11 @@ async def serve(
     await serve_until_signalled(
         address,
         functools.partial(
-            start_server, address, handler, max_clients=max_clients, **listen_options
+            start_server,
+            address,
+            handler,
+            max_clients=max_clients,
+            drain_timeout=drain_timeout,
+            **listen_options,
         ),
     )
