@@ -15,12 +15,14 @@ from .errors import (
     ConnectError,
     ConnectionClosed,
     FrameTooLarge,
+    HandoverError,
     PeerRejected,
     ProtocolError,
     SocketFileError,
     Timeout,
     UdsError,
 )
+from .handover import Upgrader
 from .listening import Datagram, DatagramListener, Listener, listen
 from .messageserver import MessageServer, serve_messages
 from .server import Server, serve
@@ -38,6 +40,7 @@ __all__ = [
     "Datagram",
     "DatagramListener",
     "FrameTooLarge",
+    "HandoverError",
     "Listener",
     "MessageServer",
     "PeerCred",
@@ -48,6 +51,7 @@ __all__ = [
     "SocketFileError",
     "Timeout",
     "UdsError",
+    "Upgrader",
     "__version__",
     "connect",
     "listen",
