@@ -62,7 +62,14 @@ from .sockfile import Claim, adopt, claim
 from .translate import translate
 from .wakeup import WakeUp
 
-__all__ = ["CONTROL_SUFFIX", "READY_TIMEOUT", "Upgrader", "control_address"]
+__all__ = [
+    "CONTROL_SUFFIX",
+    "READY_TIMEOUT",
+    "UPGRADE_TIMEOUT",
+    "Upgrader",
+    "control_address",
+    "request_upgrade",
+]
 
 log = logging.getLogger("udskit")
 
@@ -75,6 +82,10 @@ CONTROL_SUFFIX: Final = b".udskit-handover"
 #: each side waits for the other's answer. A successor that takes longer is taken for hung:
 #: the serving process drops it and goes on serving.
 READY_TIMEOUT: Final = 30.0
+
+#: How long a started successor has to take over (``upgrade()``): its start, and then its
+#: own READY_TIMEOUT.
+UPGRADE_TIMEOUT: Final = 2 * READY_TIMEOUT
 
 #: How long the serving process waits for the first message of a process that connected to
 #: its control socket: a successor asks at once, so a silent one is not a successor.
@@ -187,7 +198,9 @@ class Upgrader:
         self._control = control_address(opts.target)
         self._kind = opts.kind
         self._ready_timeout = check_seconds("ready_timeout", ready_timeout)
-        self._command = list(command) if command is not None else None
+        #: The argv that starts a successor (``upgrade()``, ``udskit upgrade``); settable until
+        #: ``ready()``.
+        self.command = list(command) if command is not None else None
         self._lock = threading.Lock()
         self._owner_pid = os.getpid()
         self._is_ready = False
@@ -233,7 +246,7 @@ class Upgrader:
             finally:
                 previous.close()
         try:
-            offer = _Offer(self, self._control, self._kind, self._ready_timeout, self._command)
+            offer = _Offer(self, self._control, self._kind, self._ready_timeout, self.command)
         except UdsError as exc:
             log.warning(
                 "%s: cannot offer handover (%s); the server runs, but cannot be handed over",
@@ -274,12 +287,12 @@ class Upgrader:
 
         Logs the outcome. Without ``command``, or before ``ready()``, logs why not."""
         offer = self._offer
-        if offer is None or self._command is None:
+        if offer is None or offer.command is None:
             log.warning(
                 "%s: cannot upgrade: %s",
                 self.address,
                 "no command to start a successor with"
-                if self._command is None
+                if self.command is None
                 else "not offering handover yet",
             )
             return
@@ -342,6 +355,41 @@ class Upgrader:
             else "fresh"
         )
         return f"<Upgrader {type_name(self._kind)} {self.address} {state}>"
+
+
+def request_upgrade(address: AddressLike, *, timeout: float = UPGRADE_TIMEOUT) -> tuple[int, int]:
+    """Ask the udskit server at ``address`` to start its successor (its ``command``), and
+    wait until that has taken over; return (the old pid, the new pid).
+
+    HandoverError says why not: no server offers handover there, it has no command, the
+    new process failed (the old one goes on serving)."""
+    target = Address.parse(address)
+    control = control_address(target)
+    wait = check_seconds("timeout", timeout)
+    conv = socket.socket(socket.AF_UNIX, _SEQPACKET)
+    try:
+        try:
+            with sun_path(control) as where:
+                conv.connect(where)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                raise HandoverError(
+                    f"cannot upgrade {target}: no udskit server offers handover there (start "
+                    "it with handover, or restart it by hand)",
+                    errno=exc.errno,
+                ) from None
+            raise translate(exc, "connect", control) from None
+        owner = _trusted(conv, control, target)
+        _send(conv, Message("upgrade"))
+        try:
+            answer = _receive(conv, ("upgraded", "error"), wait)
+        except ProtocolError as exc:
+            raise HandoverError(f"cannot upgrade {target}: {_reason(exc)}") from None
+        if answer.op == "error":
+            raise HandoverError(f"cannot upgrade {target}: {answer.reason}")
+        return owner.pid, answer.pid
+    finally:
+        conv.close()
 
 
 # -- the successor's half of the conversation ----------------------------------------------
@@ -516,7 +564,7 @@ class _Offer:
         self._control = control
         self._kind = kind
         self._timeout = timeout
-        self._command = command
+        self.command = command
         self._sock = socket.socket(socket.AF_UNIX, _SEQPACKET)
         try:
             self._claim = claim(self._sock, control, mode=0o600, backlog=MAX_CONVERSATIONS)
@@ -724,7 +772,7 @@ class _Offer:
     # -- upgrades: a successor this process starts ---------------------------------------
     def _start_upgrade(self, asker: _Conversation | None) -> None:
         reason = ""
-        if self._command is None:
+        if self.command is None:
             reason = (
                 f"the server at {self._where} (pid {os.getpid()}) cannot start its successor "
                 "itself; start the new version with handover"
@@ -737,20 +785,20 @@ class _Offer:
             else:
                 _answer(asker.sock, Message("error", reason=reason))
             return
-        assert self._command is not None
+        assert self.command is not None
         try:
             process = subprocess.Popen(
-                self._command, stdin=subprocess.DEVNULL, start_new_session=True
+                self.command, stdin=subprocess.DEVNULL, start_new_session=True
             )
         except OSError as exc:
-            reason = f"cannot start {self._command[0]}: {os.strerror(exc.errno or 0).lower()}"
+            reason = f"cannot start {self.command[0]}: {os.strerror(exc.errno or 0).lower()}"
             log.warning("%s: upgrade failed: %s", self._where, reason)
             if asker is not None:
                 _answer(asker.sock, Message("error", reason=reason))
             return
         log.info("%s: upgrading: started pid %d", self._where, process.pid)
         # The child's own handover has its READY_TIMEOUT; allow it that, and its start.
-        self._upgrade = _Upgrade(process, asker, time.monotonic() + 2 * self._timeout)
+        self._upgrade = _Upgrade(process, asker, time.monotonic() + UPGRADE_TIMEOUT)
 
     def _check_upgrade(self, exited: bool) -> None:
         upgrade = self._upgrade
@@ -766,7 +814,7 @@ class _Offer:
             upgrade.process.wait()
             reason = (
                 f"the new process (pid {upgrade.process.pid}) did not take over within "
-                f"{2 * self._timeout:g} s; stopped it"
+                f"{UPGRADE_TIMEOUT:g} s; stopped it"
             )
         else:
             return

@@ -122,6 +122,14 @@ def seconds(text: str) -> float:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    """argparse type: a duration in seconds, more than zero."""
+    value = seconds(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 seconds")
+    return value
+
+
 def user_id(text: str) -> int:
     """argparse type: a uid, from a number or a name in the passwd database."""
     if text.isdigit():

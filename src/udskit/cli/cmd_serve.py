@@ -4,6 +4,11 @@ The socket file is claimed safely (a live server's socket is refused, a stale on
 reclaimed, anything that is not a socket never touched) and removed when the server stops:
 on Ctrl-C, SIGTERM, ``--until`` or ``--once``.
 
+With ``--handover`` it takes the listener over from a ``udskit serve --handover`` already
+serving the path (which finishes its clients and exits, leaving the file to us), and hands
+it over in turn: to the next such command, or, on SIGHUP or ``udskit upgrade PATH``, to a
+copy of itself that it starts (see :mod:`udskit.handover`).
+
 One :class:`udskit.MessageServer` thread serves every client, calling the action per
 message. What may block runs beside it: ``--print`` and a datagram's ``--exec`` command in
 its one worker, a connection's ``--exec`` command with two threads of its own (see
@@ -18,11 +23,13 @@ import os
 import shlex
 import shutil
 import signal
+import sys
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import udskit
-from udskit.options import DEFAULT_MAX_CLIENTS
+from udskit.options import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CLIENTS
 
 from . import _actions, _exec
 from ._actions import STOP, Action, Session, Until
@@ -36,6 +43,7 @@ from ._options import (
     framing_for,
     policy_for,
     positive_int,
+    positive_seconds,
 )
 from ._output import HexDump, Output, err
 from .main import UsageError
@@ -49,6 +57,7 @@ EXAMPLE = """\
   udskit serve --reply 'thank you!' --backlog 128 /tmp/s5.sock
   udskit serve --upper -v /tmp/upper.sock                        shows each peer's uid
   udskit serve --exec 'tr a-z A-Z' --mode 660 --group www-data /run/app/app.sock
+  udskit serve --echo --handover /tmp/echo.sock     a second one takes over from the first
 """
 
 
@@ -93,6 +102,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ),
     )
     parser.add_argument(
+        "--handover",
+        action="store_true",
+        help=(
+            "take the socket over from a 'udskit serve --handover' serving ADDR (it finishes "
+            "its clients and exits; no client is refused meanwhile), or start fresh; then "
+            "hand it over in turn, to the next such command, or on SIGHUP or 'udskit "
+            "upgrade ADDR' to a copy of this command"
+        ),
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        metavar="S",
+        type=positive_seconds,
+        default=DEFAULT_DRAIN_TIMEOUT,
+        help=(
+            "after handing over, let clients finish for at most S seconds "
+            f"(default: {DEFAULT_DRAIN_TIMEOUT:g})"
+        ),
+    )
+    parser.add_argument(
         "-v",
         "--verbose",
         action="store_true",
@@ -124,11 +153,16 @@ def run(args: argparse.Namespace) -> int:
             group=args.group,
             allow=allow,
             backlog=args.backlog,
+            handover=args.handover,
+            drain_timeout=args.drain_timeout,
         )
         try:
             with server:
                 service.server = server
                 stopper.service = service
+                upgrader = server.listener.upgrader
+                if upgrader is not None:
+                    _offer_upgrades(upgrader, stopper, verbose=args.verbose)
                 if args.verbose:
                     kind = server.listener.address.kind
                     shown = f", mode {args.mode:04o}" if kind == "path" else ""
@@ -140,6 +174,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _offer_upgrades(upgrader: udskit.Upgrader, stopper: _StopOnSignal, *, verbose: bool) -> None:
+    """A successor is this very command line; SIGHUP starts it."""
+    upgrader.command = [sys.executable, "-m", "udskit", *sys.argv[1:]]
+    stopper.on_hangup(upgrader.upgrade)
+    if verbose:
+        if upgrader.previous_pid is not None:
+            err(f"took {upgrader.address} over from pid {upgrader.previous_pid}")
+        upgrader.on_handed_over(
+            lambda: err(f"handed {upgrader.address} over to pid {upgrader.successor_pid}")
+        )
+
+
 class _StopOnSignal:
     """SIGINT and SIGTERM stop the server cleanly (its socket file removed); the previous
     handlers come back afterwards."""
@@ -148,6 +194,10 @@ class _StopOnSignal:
         self.service: _Service | None = None
         self.requested = False
         self._previous: dict[int, object] = {}
+
+    def on_hangup(self, upgrade: Callable[[], None]) -> None:
+        """SIGHUP calls ``upgrade`` (until the end of the ``with``)."""
+        self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: upgrade())
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True

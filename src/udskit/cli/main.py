@@ -46,6 +46,7 @@ EXIT_INTERRUPTED: Final = 130
 #: Subcommands in the order ``udskit --help`` lists them.
 COMMANDS: Final = (
     "serve",
+    "upgrade",
     "connect",
     "send",
     "pair",
