@@ -17,7 +17,7 @@ from .findings import Diagnosis, FileInfo, Finding, ServerInfo, UserInfo
 from .names import age, user_name
 from .paths import SUGGESTIONS, length_finding, walk
 from .probe import TYPES, Attempt, SocketTypeName, try_connect, type_name
-from .sockets import list_sockets, proc_ids
+from .sockets import SocketEntry, list_sockets, proc_ids
 
 __all__ = ["diagnose"]
 
@@ -225,10 +225,13 @@ def _connected(
 ) -> Diagnosis:
     assert attempt.type is not None
     peer = attempt.peer
-    if peer is not None:
+    holders = _holders(target, attempt.type)
+    if peer is not None and (not holders or peer.pid in holders[0].pids):
         server = ServerInfo(attempt.type, peer.pid, peer.uid, peer.gid, peer.process_name)
     else:
-        server = _server_from_proc(target, attempt.type)
+        # No credentials (datagrams), or a listener handed over: SO_PEERCRED names the
+        # process that called listen(), which may have passed the socket on and exited.
+        server = _server_from_proc(holders, attempt.type)
     if not base.as_other:
         verdict = f"connected to {target}: {server}"
     elif denied:  # the server is up, but the user we judge for may not reach it
@@ -241,18 +244,63 @@ def _connected(
             f"{base.user.name} can connect to {target}: {server} (we connected as "
             f"{checked_by.name}; {base.user.name}'s access judged from the permission bits)"
         )
-    return dataclasses.replace(base, server=server).adding(Finding("server", "ok", verdict))
+    found = dataclasses.replace(base, server=server).adding(Finding("server", "ok", verdict))
+    return found.adding(*_handover_findings(target, holders))
 
 
-def _server_from_proc(target: Address, kind: SocketTypeName) -> ServerInfo:
-    """For a datagram server (no SO_PEERCRED): the process holding the bound socket."""
+def _holders(target: Address, kind: SocketTypeName) -> list[SocketEntry]:
+    """The listening (or bound) socket at ``target`` and its handover socket, with the
+    processes that hold them (those this user may see)."""
     wanted = "@" + target.path if target.kind == "abstract" else target.absolute().path
-    for entry in list_sockets(with_owners=True):
-        if entry.path == wanted and entry.type == kind and entry.pids:
-            pid = entry.pids[0]
-            uid, gid = proc_ids(pid)
-            return ServerInfo(kind, pid, uid, gid, entry.processes[0])
-    return ServerInfo(kind)
+    found = [
+        entry
+        for entry in list_sockets(with_owners=True)
+        if entry.path == wanted and entry.pids and entry.state in ("listening", "bound", "handover")
+    ]
+    # The socket itself first, of the type that answered; then the handover socket.
+    return sorted(
+        (e for e in found if e.type == kind or e.state == "handover"),
+        key=lambda e: e.state == "handover",
+    )
+
+
+def _server_from_proc(holders: list[SocketEntry], kind: SocketTypeName) -> ServerInfo:
+    """The process holding the socket, where SO_PEERCRED cannot tell: the one that offers
+    handover if there is one (the newest), else the first."""
+    if not holders or holders[0].state == "handover":
+        return ServerInfo(kind)
+    pids = holders[0].pids
+    offering = [p for e in holders[1:] for p in e.pids if p in pids]
+    pid = offering[0] if offering else pids[0]
+    uid, gid = proc_ids(pid)
+    return ServerInfo(kind, pid, uid, gid, holders[0].processes[pids.index(pid)])
+
+
+def _handover_findings(target: Address, holders: list[SocketEntry]) -> list[Finding]:
+    """Whether the server can be restarted in place, and a handover under way."""
+    findings = []
+    listener = [e for e in holders if e.state != "handover"]
+    offering = [p for e in holders if e.state == "handover" for p in e.pids]
+    if listener and len(listener[0].pids) > 1:
+        pids = ", ".join(str(p) for p in listener[0].pids)
+        findings.append(
+            Finding(
+                "handover",
+                "info",
+                f"processes {pids} hold the listening socket: a handover is under way, or "
+                "the server shares it with its children",
+            )
+        )
+    if offering:
+        findings.append(
+            Finding(
+                "handover",
+                "info",
+                f"pid {offering[0]} offers handover: 'udskit upgrade {target}' restarts it "
+                "without refusing a client",
+            )
+        )
+    return findings
 
 
 def _refusal(target: Address, attempt: Attempt, kind: SocketTypeName) -> Finding:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
+from ..handover import CONTROL_SUFFIX
 from ..sockfile import PRIVATE_PREFIX
 from .probe import SocketTypeName
 
@@ -38,7 +39,9 @@ class SocketEntry:
 
     inode: int
     type: SocketTypeName
-    state: str  # listening, bound, connected, unconnected, connecting, disconnecting
+    #: listening, bound, connected, unconnected, connecting, disconnecting; or handover: the
+    #: control socket through which a udskit server at ``path`` hands its listener over.
+    state: str
     path: str  # "" for an unnamed socket, "@name" for an abstract one
     bound_as: str = ""  # the name the kernel shows, where ``path`` was mapped from it
     pids: tuple[int, ...] = ()
@@ -62,7 +65,7 @@ def list_sockets(
     their descriptors in /proc; without root, only this user's processes can be seen.
     """
     rows = list(_read_proc_net_unix(proc))
-    listeners = {(r.type, r.path) for r in rows if r.state == "listening"}
+    listeners = {(r.type, r.path) for r in rows if r.state in ("listening", "handover")}
     counts: dict[tuple[str, str], int] = {}
     named: list[SocketEntry] = []
     for row in rows:
@@ -108,10 +111,15 @@ def _read_proc_net_unix(proc: str) -> Iterator[SocketEntry]:
             continue
         bound = fields[7] if len(fields) > 7 else b""
         path = _unprivate(bound)
+        shown = _state(flags, state, name, bool(bound))
+        served = _served_by_control(path)
+        if served is not None:
+            # A udskit server's handover socket: shown as what it belongs to, the path.
+            path, shown = served, "handover" if shown == "listening" else shown
         yield SocketEntry(
             inode=inode,
             type=name,
-            state=_state(flags, state, name, bool(bound)),
+            state=shown,
             path=os.fsdecode(path),
             bound_as=os.fsdecode(bound) if path != bound else "",
         )
@@ -123,6 +131,15 @@ def _state(flags: int, state: int, kind: SocketTypeName, named: bool) -> str:
     if kind == "dgram" and state == 1 and named:
         return "bound"
     return _PROC_STATES.get(state, f"state {state}")
+
+
+def _served_by_control(path: bytes) -> bytes | None:
+    """``DIR/.NAME.udskit-handover`` (see udskit.handover) -> ``DIR/NAME``; else None."""
+    directory, _, name = path.rpartition(b"/")
+    if not (name.startswith(b".") and name.endswith(CONTROL_SUFFIX)) or not directory:
+        return None
+    served = name[1 : -len(CONTROL_SUFFIX)]
+    return directory + b"/" + served if served else None
 
 
 def _unprivate(bound: bytes) -> bytes:
