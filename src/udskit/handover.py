@@ -18,9 +18,11 @@ The successor:
 1. connects to the control socket; nobody there (no file, or a stale one) means no server
    offers handover, and it claims the path fresh, as ``listen()`` always does;
 2. asks for the listener, checks what it gets (a listening AF_UNIX socket of its type);
-3. sets up its server, then says ``ready``; the serving process gives up the socket file's
-   removal and its control socket and answers ``stopped``; only then does the successor
-   own the file (:func:`udskit.sockfile.adopt`) and offer handover in turn.
+3. sets up its server, then says ``ready``; the serving process answers ``stopped`` with its
+   listening control socket, and gives up both files; only then does the successor own them
+   (:func:`udskit.sockfile.adopt`) and answer on the control socket in turn. The control
+   socket moving too means that its name never goes missing: a request made at any moment
+   waits in its backlog for whichever process serves it.
 
 A successor that crashes, hangs (READY_TIMEOUT) or sends garbage before ``ready`` leaves the
 serving process serving as before, and owning the file. A serving process that dies after
@@ -240,13 +242,18 @@ class Upgrader:
                 return
             self._is_ready = True
         previous, self._previous = self._previous, None
+        control: socket.socket | None = None
         if previous is not None:
             try:
-                self._claim = previous.finish(self.socket, self.address, self._ready_timeout)
+                self._claim, control = previous.finish(
+                    self.socket, self.address, self._ready_timeout
+                )
             finally:
                 previous.close()
         try:
-            offer = _Offer(self, self._control, self._kind, self._ready_timeout, self.command)
+            offer = _Offer(
+                self, self._control, self._kind, self._ready_timeout, self.command, control
+            )
         except UdsError as exc:
             log.warning(
                 "%s: cannot offer handover (%s); the server runs, but cannot be handed over",
@@ -298,11 +305,9 @@ class Upgrader:
             return
         offer.request_upgrade()
 
-    def _give_up(self, successor: int) -> bool:
-        """A successor is ready: give it the socket file. False if we are closing."""
+    def _give_up(self, successor: int) -> None:
+        """A successor has been told it owns the socket file now: give it up."""
         with self._lock:
-            if self._released.is_set():
-                return False
             if self._claim is not None:
                 self._claim.disown()
             self.successor_pid = successor
@@ -314,7 +319,6 @@ class Upgrader:
                 callback()
             except Exception:
                 log.exception("%s: a handover callback failed", self.address)
-        return True
 
     # -- the end ----------------------------------------------------------------------------
     def release(self) -> None:
@@ -325,9 +329,10 @@ class Upgrader:
                 return
             self._released.set()
             offer, self._offer = self._offer, None
-            bound, self._claim = self._claim, None
         if offer is not None:
-            offer.close()
+            offer.close()  # after a handover under way now: the file is the successor's
+        with self._lock:
+            bound, self._claim = self._claim, None
         previous, self._previous = self._previous, None
         if previous is not None:
             previous.close()
@@ -405,26 +410,35 @@ class _Predecessor:
         self.pid = pid
         self.pidfd = pidfd
 
-    def finish(self, sock: socket.socket, address: Address, timeout: float) -> Claim:
-        """Say ready; once the predecessor has stopped (or died), own the socket file."""
+    def finish(
+        self, sock: socket.socket, address: Address, timeout: float
+    ) -> tuple[Claim, socket.socket | None]:
+        """Say ready; once the predecessor has stopped (or died), own the socket file.
+        Returns its claim, and the predecessor's control socket (None if it died)."""
         try:
             try:
                 _send(self.conv, Message("ready"))
             except OSError:
                 pass  # it hung up; what it said before it did is still there to read
-            answer = _receive(self.conv, ("stopped", "error"), timeout)
+            answer, fds = _receive_with_fds(self.conv, ("stopped", "error"), timeout)
         except (ProtocolError, OSError) as exc:
             if not self._gone():
                 raise HandoverError(
-                    f"cannot take over {address}: pid {self.pid} did not confirm ({_reason(exc)}); "
-                    "it goes on serving"
+                    f"cannot take over {address}: pid {self.pid} did not confirm "
+                    f"({_reason(exc)}); it goes on serving"
                 ) from None
             log.info("%s: pid %d exited during the handover; serving on", address, self.pid)
-        else:
-            if answer.op == "error":
-                raise HandoverError(f"cannot take over {address}: {answer.reason}")
+            return adopt(sock, address), None
+        if answer.op == "error":
+            raise HandoverError(f"cannot take over {address}: {answer.reason}")
+        control = _control_socket(fds[0])
+        try:
             log.info("%s: took over from pid %d", address, self.pid)
-        return adopt(sock, address)
+            return adopt(sock, address), control
+        except BaseException:
+            if control is not None:
+                control.close()
+            raise
 
     def _gone(self) -> bool:
         return _readable(self.pidfd)  # a pidfd is readable once its process has exited
@@ -494,6 +508,46 @@ def _trusted(conv: socket.socket, control: Address, target: Address) -> PeerCred
     return owner
 
 
+def _control_socket(fd: int) -> socket.socket | None:
+    """The predecessor's control socket, if it is one (else it is closed, and we make ours)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
+        return None
+    if (
+        sock.family != socket.AF_UNIX
+        or base_type(sock) != socket.SOCK_SEQPACKET
+        or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    ):
+        sock.close()
+        return None
+    return sock
+
+
+def _control_listener(
+    control: Address, inherited: socket.socket | None
+) -> tuple[socket.socket, Claim]:
+    """The control socket to serve, and the claim on its file."""
+    if inherited is not None:
+        try:
+            owned = adopt(inherited, control)
+        except UdsError as exc:
+            log.info("%s: making a new one (%s)", control, exc)
+            inherited.close()
+        else:
+            inherited.setblocking(False)
+            return inherited, owned
+    sock = socket.socket(socket.AF_UNIX, _SEQPACKET)
+    try:
+        owned = claim(sock, control, mode=0o600, backlog=MAX_CONVERSATIONS)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock, owned
+
+
 def _listening_socket(answer: Message, fds: list[int], kind: int, target: Address) -> socket.socket:
     """The descriptor received, if it is what we asked for; else close it and say why."""
     if answer.op == "error":
@@ -559,19 +613,16 @@ class _Offer:
         kind: int,
         timeout: float,
         command: list[str] | None,
+        inherited: socket.socket | None = None,
     ) -> None:
+        """Serve the control socket at ``control``: the one ``inherited`` from the previous
+        process (whose file is adopted, or, if that fails, replaced), else a fresh one."""
         self._upgrader = upgrader
         self._control = control
         self._kind = kind
         self._timeout = timeout
         self.command = command
-        self._sock = socket.socket(socket.AF_UNIX, _SEQPACKET)
-        try:
-            self._claim = claim(self._sock, control, mode=0o600, backlog=MAX_CONVERSATIONS)
-        except BaseException:
-            self._sock.close()
-            raise
-        self._sock.setblocking(False)
+        self._sock, self._claim = _control_listener(control, inherited)
         self._wakeup = WakeUp()
         self._closing = False
         self._upgrade_asked = False
@@ -740,17 +791,26 @@ class _Offer:
 
     def _hand_over(self, conv: _Conversation) -> None:
         self._successor = None
-        if not self._upgrader._give_up(conv.pid):
+        if self._upgrader._released.is_set():
             self._drop(conv, "the server is shutting down")
             return
-        # The control socket's name goes first: the successor offers handover at it next.
-        self._claim.release()
-        self._sock.close()
         try:
-            _send(conv.sock, Message("stopped", pid=os.getpid()))
-        except OSError:
-            pass  # it checks that we are gone or stopped either way
+            # With the control socket: requests queued in its backlog, and those made from
+            # now on, wait there for the successor (never ENOENT or ECONNREFUSED).
+            _send(conv.sock, Message("stopped", pid=os.getpid()), (self._sock.fileno(),))
+        except OSError as exc:
+            log.warning(
+                "%s: pid %d left as it said it was ready (%s); still serving",
+                self._where,
+                conv.pid,
+                _reason(exc),
+            )
+            conv.sock.close()
+            return
         conv.sock.close()
+        self._claim.disown()
+        self._sock.close()  # our copy only: the successor accepts on it now
+        self._upgrader._give_up(conv.pid)
         upgrade = self._upgrade
         if upgrade is not None:
             self._upgrade = None

@@ -255,7 +255,8 @@ def _holders(target: Address, kind: SocketTypeName) -> list[SocketEntry]:
     found = [
         entry
         for entry in list_sockets(with_owners=True)
-        if entry.path == wanted and entry.pids and entry.state in ("listening", "bound", "handover")
+        # (any state: a bound datagram socket shows as connected once a peer has connected)
+        if entry.path == wanted and entry.pids
     ]
     # The socket itself first, of the type that answered; then the handover socket.
     return sorted(

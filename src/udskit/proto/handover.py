@@ -12,8 +12,8 @@ The successor (or ``udskit upgrade``) speaks first::
                                  (or error {reason})
     ... sets up its server ...
     ready                    ->
-                                 gives up the socket file's removal, stops offering
-                             <-  stopped {pid}
+                             <-  stopped {pid}  + its control socket (offer it now)
+                                 gives up the socket file and the control socket
                                  stops accepting, finishes its clients, exits
 
     udskit upgrade           ->  upgrade
@@ -55,8 +55,9 @@ _FIELDS: Final[dict[str, dict[str, type]]] = {
     "error": {"reason": str},
 }
 
-#: The one op that comes with a descriptor: the listener.
-CARRIES_DESCRIPTOR: Final = "listener"
+#: The ops that come with a descriptor: the listener, and with ``stopped`` the listening
+#: control socket, so that its name never goes missing between two owners.
+CARRIES_DESCRIPTOR: Final = ("listener", "stopped")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +103,7 @@ def decode(packet: bytes, descriptors: int, expected: tuple[str, ...]) -> Messag
         if type(value) is not kind:  # bool is an int subclass; take neither for the other
             raise ProtocolError(f"handover {op!r} message lacks a valid {name!r}")
         fields[name] = value
-    wanted = 1 if op == CARRIES_DESCRIPTOR else 0
+    wanted = 1 if op in CARRIES_DESCRIPTOR else 0
     if descriptors != wanted:
         raise ProtocolError(
             f"handover {op!r} message came with {descriptors} descriptors, not {wanted}"
