@@ -270,7 +270,7 @@ def run(handovers: int, clients: int, drain: float, baseline: float) -> Report:
         load.start()
         for _ in range(handovers):
             try:
-                old, new = request_upgrade(path)
+                _, new = request_upgrade(path)
             except OSError as exc:
                 report.handover_failures.append(str(exc))
                 continue
