@@ -1,0 +1,181 @@
+"""``udskit serve --handover``, ``udskit upgrade`` and SIGHUP: a server restarted in place,
+with the socket file (inode, mode) kept and the old process finishing and exiting alone."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import COMMAND_TIMEOUT, UDSKIT, Background, one_line_error, udskit, wait_listening
+
+SERVE = ("serve", "--echo", "--handover")
+
+
+def serve(background: list[Background], path: Path, *extra: str) -> Background:
+    server = Background([*UDSKIT, *SERVE, *extra, path])
+    background.append(server)
+    wait_listening(path, server.process)
+    wait_offering(path)
+    return server
+
+
+def wait_offering(path: Path) -> None:
+    """Until the handover socket next to ``path`` answers (bounded)."""
+    control = path.parent / f".{path.name}.udskit-handover"
+    deadline = time.monotonic() + COMMAND_TIMEOUT
+    delay = 0.001
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+            if control.exists() and probe.connect_ex(os.fspath(control)) == 0:
+                return
+        assert time.monotonic() < deadline, f"no handover socket at {control}"
+        time.sleep(delay)  # back-off between readiness checks, not synchronisation
+        delay = min(delay * 2, 0.05)
+
+
+def echo(path: Path, text: str) -> str:
+    result = udskit("send", "--reply", path, text)
+    assert result.code == 0, result.err
+    return result.text
+
+
+def served_by(path: Path) -> int:
+    """The pid that serves ``path``, as ``udskit doctor`` tells it."""
+    result = udskit("doctor", path)
+    match = re.search(r"a stream server, pid (\d+)", result.text)
+    assert match, result.text
+    return int(match.group(1))
+
+
+def stop_pid(pid: int) -> None:
+    """End a server this test started (through its predecessor), by pid."""
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + COMMAND_TIMEOUT
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.01)  # it is not our child: poll for its exit, bounded
+
+
+def test_second_server_takes_over(sockdir: Path, background: list[Background]) -> None:
+    path = sockdir / "app.sock"
+    first = serve(background, path, "--mode", "660")
+    before = os.stat(path)
+    assert echo(path, "one") == "one\n"
+    second = Background([*UDSKIT, *SERVE, "-v", path])
+    background.append(second)
+    second.read_until(f"took {path} over from pid {first.pid}".encode(), stream="stderr")
+    assert first.wait() == 0  # it finished its (no) clients and left on its own
+    after = os.stat(path)
+    assert (after.st_ino, after.st_mode, after.st_uid) == (
+        before.st_ino,
+        before.st_mode,
+        before.st_uid,
+    )
+    assert stat.S_IMODE(after.st_mode) == 0o660
+    assert echo(path, "two") == "two\n"
+    assert served_by(path) == second.pid
+    assert second.stop() == 0
+    assert not path.exists()
+    assert not (sockdir / ".app.sock.udskit-handover").exists()
+
+
+def test_upgrade_subcommand(sockdir: Path, background: list[Background]) -> None:
+    path = sockdir / "app.sock"
+    first = serve(background, path)
+    inode = os.stat(path).st_ino
+    result = udskit("upgrade", path)
+    assert result.code == 0, result.err
+    match = re.fullmatch(
+        rf"{re.escape(str(path))}: pid {first.pid} handed over to pid (\d+)\n", result.text
+    )
+    assert match, result.text
+    new = int(match.group(1))
+    try:
+        assert served_by(path) == new
+        assert echo(path, "after") == "after\n"
+        assert os.stat(path).st_ino == inode
+        assert first.process.wait(COMMAND_TIMEOUT) == 0
+    finally:
+        stop_pid(new)
+    assert not path.exists()
+
+
+def test_sighup_upgrades(sockdir: Path, background: list[Background]) -> None:
+    path = sockdir / "app.sock"
+    first = serve(background, path)
+    first.process.send_signal(signal.SIGHUP)
+    assert first.process.wait(COMMAND_TIMEOUT) == 0
+    new = served_by(path)
+    try:
+        assert new != first.pid
+        assert echo(path, "hup") == "hup\n"
+    finally:
+        stop_pid(new)
+
+
+def test_ls_and_doctor_show_the_handover_socket(
+    sockdir: Path, background: list[Background]
+) -> None:
+    path = sockdir / "app.sock"
+    server = serve(background, path)
+    rows = udskit("ls", sockdir).text.splitlines()
+    assert any(re.match(rf"stream +listening +\d+ +{server.pid} .*{path}$", r) for r in rows), rows
+    assert any(re.match(rf"seqpacket +handover +{server.pid} .*{path}$", r) for r in rows), rows
+    text = udskit("doctor", path).text
+    assert f"pid {server.pid} offers handover: 'udskit upgrade {path}'" in text
+
+
+def test_upgrade_without_handover_is_one_line(sockdir: Path, background: list[Background]) -> None:
+    path = sockdir / "plain.sock"
+    plain = Background([*UDSKIT, "serve", "--echo", path])
+    background.append(plain)
+    wait_listening(path, plain.process)
+    line = one_line_error(udskit("upgrade", path), 1)
+    assert line == (
+        f"udskit upgrade: cannot upgrade {path}: no udskit server offers handover there "
+        "(start it with handover, or restart it by hand)"
+    )
+    assert echo(path, "still") == "still\n"
+
+
+def test_handover_refuses_another_type(sockdir: Path, background: list[Background]) -> None:
+    path = sockdir / "app.sock"
+    serve(background, path)
+    result = udskit(*SERVE, "--type", "seqpacket", path)
+    line = one_line_error(result, 1)
+    assert line.endswith(f"cannot take over {path}: {path} serves type=stream, not type=seqpacket")
+    assert echo(path, "kept") == "kept\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--drain-timeout", "0"), "'0' must be more than 0 seconds"),
+        (("--drain-timeout", "-1"), "'-1' must be a finite number of seconds, >= 0"),
+        (("--drain-timeout", "soon"), "'soon' is not a number of seconds"),
+    ],
+)
+def test_bad_drain_timeout(sockdir: Path, args: tuple[str, ...], message: str) -> None:
+    line = one_line_error(udskit(*SERVE, *args, sockdir / "x.sock"), 2)
+    assert message in line
+    assert not (sockdir / "x.sock").exists()
+
+
+def test_handover_needs_a_path() -> None:
+    line = one_line_error(udskit(*SERVE, "@udskit-test-handover"), 1)
+    assert "handover needs a socket path, not @udskit-test-handover" in line
+
+
+def test_upgrade_bad_inputs(sockdir: Path) -> None:
+    line = one_line_error(udskit("upgrade", sockdir / "missing.sock"), 1)
+    assert "no udskit server offers handover there" in line
+    line = one_line_error(udskit("upgrade", "--timeout", "0", sockdir / "x.sock"), 2)
+    assert "'0' must be more than 0 seconds" in line
+    line = one_line_error(udskit("upgrade", "tcp:127.0.0.1:1"), 1)
+    assert "handover needs a socket path" in line
