@@ -384,7 +384,7 @@ def request_upgrade(address: AddressLike, *, timeout: float = UPGRADE_TIMEOUT) -
                     errno=exc.errno,
                 ) from None
             raise translate(exc, "connect", control) from None
-        owner = _trusted(conv, control, target)
+        _trusted(conv, control, target)
         _send(conv, Message("upgrade"))
         try:
             answer = _receive(conv, ("upgraded", "error"), wait)
@@ -392,7 +392,7 @@ def request_upgrade(address: AddressLike, *, timeout: float = UPGRADE_TIMEOUT) -
             raise HandoverError(f"cannot upgrade {target}: {_reason(exc)}") from None
         if answer.op == "error":
             raise HandoverError(f"cannot upgrade {target}: {answer.reason}")
-        return owner.pid, answer.pid
+        return answer.old, answer.pid
     finally:
         conv.close()
 
@@ -441,7 +441,8 @@ class _Predecessor:
             raise
 
     def _gone(self) -> bool:
-        return _readable(self.pidfd)  # a pidfd is readable once its process has exited
+        # A pidfd is readable once its process has exited.
+        return self.pidfd < 0 or _readable(self.pidfd)
 
     def close(self) -> None:
         self.conv.close()
@@ -472,23 +473,23 @@ def _take(
                     errno=exc.errno,
                 ) from None
             raise translate(exc, "connect", control) from None
-        owner = _trusted(conv, control, target)
-        try:
-            pidfd = os.pidfd_open(owner.pid)
-        except ProcessLookupError:
-            conv.close()
-            return None  # it exited as we connected: its socket file is stale now
+        _trusted(conv, control, target)
         _send(conv, Message("take", type=type_name(kind), version=VERSION))
         try:
             answer, fds = _receive_with_fds(conv, ("listener", "error"), timeout)
-        except ProtocolError as exc:
-            if not _readable(pidfd):
-                raise HandoverError(f"cannot take over {target}: {_reason(exc)}") from None
-            os.close(pidfd)
+        except _Closed:
             conv.close()
-            return None  # it died before passing the listener: start fresh
+            return None  # it died before passing the listener: try to start fresh
+        except ProtocolError as exc:
+            raise HandoverError(f"cannot take over {target}: {_reason(exc)}") from None
         sock = _listening_socket(answer, fds, kind, target)
-        return sock, _Predecessor(conv, owner.pid, pidfd)
+        # Its pid from what it says: SO_PEERCRED names the process that created the control
+        # socket, which may have handed it over since. (Same uid or root: trusted.)
+        try:
+            pidfd = os.pidfd_open(answer.pid)
+        except OSError:
+            pidfd = -1  # gone already (or a pid that never was): we hold the only listener
+        return sock, _Predecessor(conv, answer.pid, pidfd)
     except BaseException:
         if pidfd >= 0:
             os.close(pidfd)
@@ -814,7 +815,7 @@ class _Offer:
         upgrade = self._upgrade
         if upgrade is not None:
             self._upgrade = None
-            self._answer_upgrade(upgrade, Message("upgraded", pid=conv.pid))
+            self._answer_upgrade(upgrade, Message("upgraded", pid=conv.pid, old=os.getpid()))
             os.close(upgrade.pidfd)
 
     def _timed_out(self, conv: _Conversation) -> None:

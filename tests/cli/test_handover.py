@@ -101,6 +101,16 @@ def test_upgrade_subcommand(sockdir: Path, background: list[Background]) -> None
         assert echo(path, "after") == "after\n"
         assert os.stat(path).st_ino == inode
         assert first.process.wait(COMMAND_TIMEOUT) == 0
+        # Again, now that the process that created both sockets is gone for good: the
+        # new one is found by what it says, not by SO_PEERCRED (which names the first).
+        again = udskit("upgrade", path)
+        assert again.code == 0, again.err
+        assert again.text.startswith(f"{path}: pid {new} handed over to pid "), again.text
+        newest = int(again.text.split()[-1])
+        stop_pid(new)
+        new = newest
+        assert echo(path, "third") == "third\n"
+        assert os.stat(path).st_ino == inode
     finally:
         stop_pid(new)
     assert not path.exists()

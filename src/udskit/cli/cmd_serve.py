@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _offer_upgrades(upgrader: udskit.Upgrader, stopper: _StopOnSignal, *, verbose: bool) -> None:
     """A successor is this very command line; SIGHUP starts it."""
-    upgrader.command = [sys.executable, "-m", "udskit", *sys.argv[1:]]
+    upgrader.command = [*_this_program(), *sys.argv[1:]]
     stopper.on_hangup(upgrader.upgrade)
     if verbose:
         if upgrader.previous_pid is not None:
@@ -184,6 +184,15 @@ def _offer_upgrades(upgrader: udskit.Upgrader, stopper: _StopOnSignal, *, verbos
         upgrader.on_handed_over(
             lambda: err(f"handed {upgrader.address} over to pid {upgrader.successor_pid}")
         )
+
+
+def _this_program() -> list[str]:
+    """How this command was started: the ``udskit`` script (so that the copy is named like
+    it, in ps and udskit ls), or else the interpreter running the package."""
+    script = sys.argv[0]
+    if os.path.basename(script) == "udskit" and os.access(script, os.X_OK):
+        return [os.path.abspath(script)]
+    return [sys.executable, "-m", "udskit"]
 
 
 class _StopOnSignal:

@@ -18,7 +18,7 @@ The successor (or ``udskit upgrade``) speaks first::
 
     udskit upgrade           ->  upgrade
                                  starts a new copy of itself, which takes over as above
-                             <-  upgraded {pid}   (or error {reason})
+                             <-  upgraded {pid, old}   (or error {reason})
 
 Every message is a JSON object with an ``op`` and the fields of that op, at most
 MAX_MESSAGE bytes. Anything else (not JSON, an unknown op, a missing or mistyped field,
@@ -51,7 +51,7 @@ _FIELDS: Final[dict[str, dict[str, type]]] = {
     "ready": {},
     "stopped": {"pid": int},
     "upgrade": {},
-    "upgraded": {"pid": int},
+    "upgraded": {"pid": int, "old": int},
     "error": {"reason": str},
 }
 
@@ -62,11 +62,13 @@ CARRIES_DESCRIPTOR: Final = ("listener", "stopped")
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One control message: its op and fields (``type``, ``pid``, ``reason``, ``version``)."""
+    """One control message: its op and fields (``type``, ``pid``, ``old``, ``reason``,
+    ``version``)."""
 
     op: str
     type: str = ""
     pid: int = 0
+    old: int = 0
     reason: str = ""
     version: int = 0
 
