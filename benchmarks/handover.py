@@ -73,6 +73,7 @@ class Report:
     fds_last: int = 0
     old_servers_left: int = 0
     drains_cut: int = 0
+    failure_offsets: list[float] = field(default_factory=list)
     latency_us: dict[str, float] = field(default_factory=dict)
     baseline_us: dict[str, float] = field(default_factory=dict)
     pinning: str = ""
@@ -108,6 +109,7 @@ class Load:
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.latencies: list[float] = []
+        self.failed_at: list[float] = []
         self.threads = [threading.Thread(target=self._new_connections, daemon=True)] + [
             threading.Thread(target=self._persistent, args=(n,), daemon=True)
             for n in range(clients)
@@ -124,6 +126,7 @@ class Load:
 
     def _failed(self, exc: BaseException) -> None:
         kind = type(exc).__name__
+        self.failed_at.append(time.monotonic())
         with self.lock:
             self.report.connect_failures += 1
             self.report.failure_kinds[kind] = self.report.failure_kinds.get(kind, 0) + 1
@@ -271,9 +274,12 @@ def run(handovers: int, clients: int, drain: float, baseline: float) -> Report:
         load = Load(path, clients, report)
         began = time.monotonic()
         load.start()
+        handed: list[tuple[float, float]] = []
         for _ in range(handovers):
             try:
+                asked = time.monotonic()
                 _, new = request_upgrade(path)
+                handed.append((asked, time.monotonic()))
             except OSError as exc:
                 report.handover_failures.append(str(exc))
                 continue
@@ -295,6 +301,11 @@ def run(handovers: int, clients: int, drain: float, baseline: float) -> Report:
             except subprocess.TimeoutExpired:
                 report.old_servers_left += 1
         report.latency_us = _spread(load.latencies)
+        for at in load.failed_at:
+            # When each failure came, from the end of the handover before it: drain expiry
+            # shows as --drain-timeout.
+            before = [done for _, done in handed if done <= at]
+            report.failure_offsets.append(round(at - before[-1], 3) if before else -1.0)
     finally:
         for pid in reversed(pids):  # the chain this run started; the old ones exit alone
             if _alive(pid):
@@ -330,6 +341,8 @@ def main() -> None:
         f"new connections:      {report.new_connections} served, {report.connect_failures} "
         f"failed {report.failure_kinds or ''}"
     )
+    if report.failure_offsets:
+        print(f"  seconds after the last handover: {report.failure_offsets}")
     print(
         f"persistent clients:   {report.exchanges} exchanges, {report.reconnects} reconnects "
         f"after a drain, {report.unanswered} unanswered, {report.wrong_replies} wrong replies"

@@ -471,6 +471,10 @@ class MessageServing:
             self._watch_listener(True)
 
     def _on_listener(self) -> None:
+        if not self._watching_listener:
+            # Unwatched earlier in this same wake-up (stopping, handed over, full): the
+            # clients queued are the successor's, or the next look's.
+            return
         endpoint = self._endpoint
         if isinstance(endpoint, DatagramListener):
             self._on_datagrams(endpoint)

@@ -1549,3 +1549,22 @@ def test_serve_messages_outside_the_main_thread(path: Path) -> None:
         thread.join(PATIENCE)
         assert not thread.is_alive()
     assert not path.exists()
+
+
+def test_a_wakeup_that_stops_accepting_leaves_queued_clients_alone(path: Path) -> None:
+    """One epoll wake-up may report the wake-up pipe (which stops the server, or hands its
+    listener over) before the listener: the clients queued then are not accepted (and cut
+    when the server closes); they stay queued for whoever listens next."""
+    server = MessageServer(path, lambda conn, message: message)
+    try:
+        server._watch_listener(True)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(os.fspath(path))  # queued in the backlog, not accepted yet
+            server._watch_listener(False)  # what stop() and a handover do first
+            server._on_events([(server.listener.fileno(), select.EPOLLIN)])
+            assert server.active_clients == 0
+            server.listener.socket.settimeout(0)
+            accepted, _ = server.listener.socket.accept()  # still queued
+            accepted.close()
+    finally:
+        server.close()
