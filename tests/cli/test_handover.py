@@ -189,3 +189,32 @@ def test_upgrade_bad_inputs(sockdir: Path) -> None:
     assert "'0' must be more than 0 seconds" in line
     line = one_line_error(udskit("upgrade", "tcp:127.0.0.1:1"), 1)
     assert "handover needs a socket path" in line
+
+
+TAKER = """
+import sys
+import udskit
+upgrader = udskit.Upgrader(sys.argv[1])
+print(upgrader.previous_pid, flush=True)
+sys.stdin.read()  # hold the listener, not ready, until told
+upgrader.close()
+"""
+
+
+def test_doctor_during_a_handover(sockdir: Path, background: list[Background]) -> None:
+    """A successor that holds the listener but is not ready yet: doctor names both, and
+    the old one still serves (and still owns the file) once the successor gives up."""
+    path = sockdir / "app.sock"
+    first = serve(background, path)
+    taker = Background([UDSKIT[0], "-c", TAKER, path])
+    background.append(taker)
+    assert taker.read_until(b"\n").strip() == str(first.pid).encode()
+    text = udskit("doctor", path).text
+    pids = ", ".join(str(p) for p in sorted((first.pid, taker.pid)))
+    assert f"processes {pids} hold the listening socket: a handover is under way" in text
+    assert f"a stream server, pid {first.pid}" in text
+    assert taker.wait() == 0  # closes without saying ready
+    assert echo(path, "still") == "still\n"
+    assert served_by(path) == first.pid
+    assert first.stop() == 0
+    assert not path.exists()

@@ -282,7 +282,9 @@ def _handover_findings(target: Address, holders: list[SocketEntry]) -> list[Find
     findings = []
     listener = [e for e in holders if e.state != "handover"]
     offering = [p for e in holders if e.state == "handover" for p in e.pids]
-    if listener and len(listener[0].pids) > 1:
+    if offering and listener and len(listener[0].pids) > 1:
+        # (Only for a udskit server that hands over: prefork servers such as gunicorn share
+        # their listener with their workers all the time.)
         pids = ", ".join(str(p) for p in listener[0].pids)
         findings.append(
             Finding(
