@@ -17,6 +17,7 @@ from udskit import (
     ConnectError,
     ConnectionClosed,
     FrameTooLarge,
+    HandoverError,
     PeerRejected,
     ProtocolError,
     SocketFileError,
@@ -35,6 +36,7 @@ TREE: dict[type[UdsError], type[Exception]] = {
     ProtocolError: UdsError,
     FrameTooLarge: ProtocolError,
     Timeout: TimeoutError,
+    HandoverError: OSError,
 }
 
 MESSAGE = "cannot connect to /run/app.sock: no such file; is the server running?"
@@ -67,7 +69,14 @@ def test_the_tree_is_complete() -> None:
 def test_oserror_family() -> None:
     # ConnectError, ConnectionClosed, PeerRejected and Timeout are OSErrors through their
     # builtins; code catching OSError around socket calls keeps catching everything.
-    for leaf in (AddressInUse, SocketFileError, ConnectError, ConnectionClosed, Timeout):
+    for leaf in (
+        AddressInUse,
+        SocketFileError,
+        ConnectError,
+        ConnectionClosed,
+        Timeout,
+        HandoverError,
+    ):
         assert issubclass(leaf, OSError)
     assert issubclass(PeerRejected, OSError)
     assert not issubclass(AddressError, OSError)
