@@ -19,6 +19,7 @@ from typing import Literal, TypeVar, overload
 from .accepting import AcceptVerdict, classify
 from .address import Address, AddressLike, sun_path
 from .admission import Admitted, admit, sender_address
+from .adopting import adopt_listener
 from .ancillary import (
     RECV_FLAGS,
     ControlDataError,
@@ -30,7 +31,7 @@ from .ancillary import (
 )
 from .channel import Buffer, Channel
 from .creds import PeerCred, Policy
-from .errors import AddressInUse, ConnectionClosed, ProtocolError, SocketFileError
+from .errors import AddressInUse, ConnectionClosed, ProtocolError
 from .options import (
     DEFAULT_BACKLOG,
     ListenOptions,
@@ -108,6 +109,20 @@ class _Endpoint:
         ``close()``, so a datagram server's last replies still leave through it."""
         if self._claim is not None:
             self._claim.release()
+
+    def disown(self) -> None:
+        """Give up the removal of the socket file: ``close()`` leaves it at its path.
+
+        For a listener whose descriptor lives on in another process (systemd's descriptor
+        store keeps it across a restart): the file stays the way in for that socket, and
+        ``close()`` only closes this copy, without the ``shutdown()`` that would stop the
+        socket for every process (so a thread blocked in ``accept()`` here stays blocked:
+        stop such threads first).
+        """
+        self._owner_pid = -1  # close() shuts down only a socket this process alone holds
+        if self._claim is not None:
+            self._claim.disown()
+            self._claim = None
 
     def close(self) -> None:
         """Stop listening and remove the socket file (only if it is still ours)."""
@@ -452,7 +467,7 @@ def listen(
     )
     target, kind, buffers = opts.target, opts.kind, opts.buffers
     if target.kind == "fd":
-        sock = _adopt(target, kind)
+        sock = adopt_listener(target, kind)
         bound: Claim | None = None
     else:
         sock, bound = _bind(opts)
@@ -543,27 +558,3 @@ def _abstract_in_use(target: Address) -> None:
         pid=found.cred.pid if found.cred else None,
         uid=found.cred.uid if found.cred else None,
     )
-
-
-def _adopt(target: Address, kind: int) -> socket.socket:
-    """Take over an inherited (or socket-activated) listening descriptor."""
-    try:
-        sock = socket.socket(fileno=target.fd)
-    except OSError as exc:
-        raise SocketFileError(
-            f"{target}: descriptor {target.fd} is not an open socket "
-            f"({os.strerror(exc.errno or 0).lower()}); check what the parent process passed",
-            errno=exc.errno,
-        ) from exc
-    actual = base_type(sock)
-    if actual != kind:
-        sock.detach()
-        raise SocketFileError(
-            f"{target}: descriptor {target.fd} is a {type_name(actual)} socket, not the "
-            "requested type; pass the matching type="
-        )
-    if kind != socket.SOCK_DGRAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        sock.detach()
-        raise SocketFileError(f"{target}: descriptor {target.fd} is not a listening socket")
-    sock.setblocking(True)
-    return sock
