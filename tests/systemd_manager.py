@@ -16,6 +16,8 @@ import os
 import select
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -117,3 +119,41 @@ def notify_socket(path: Path | str) -> Iterator[NotifySocket]:
         yield receiver
     finally:
         receiver.close()
+
+
+#: What a service manager does between fork() and exec(): the passed descriptors become
+#: 3, 4, ... and LISTEN_PID is the service's own pid (known only in the child).
+_EXEC_SERVICE = """
+import fcntl, os, sys
+fds = [int(n) for n in sys.argv[1].split(",") if n]
+# Close-on-exec copies above any number in use, out of the way of 3, 4, ...
+moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 256) for fd in fds]
+for fd in fds:
+    os.close(fd)
+for number, fd in enumerate(moved, 3):
+    os.dup2(fd, number)  # inheritable
+if fds:
+    os.environ.update(
+        LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)), LISTEN_FDNAMES=sys.argv[2]
+    )
+os.execv(sys.executable, [sys.executable, *sys.argv[3:]])
+"""
+
+
+def start_service(
+    args: list[str],
+    env: dict[str, str],
+    passed: list[tuple[int, str]] = (),  # type: ignore[assignment]
+) -> subprocess.Popen[bytes]:
+    """Start ``python ARGS`` as systemd starts a service: with ``passed`` (descriptor, name)
+    pairs as LISTEN_FDS/LISTEN_FDNAMES; stdout and stderr piped. The pid is the service's."""
+    fds = [fd for fd, _ in passed]
+    names = ":".join(name for _, name in passed)
+    return subprocess.Popen(
+        [sys.executable, "-c", _EXEC_SERVICE, ",".join(map(str, fds)), names, *args],
+        env=env,
+        pass_fds=fds,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
