@@ -177,10 +177,11 @@ class Notifier:
     between threads. Close it (or use ``with``) to release its socket.
     """
 
-    __slots__ = ("_address", "_lock", "_shown", "_sock", "_warned")
+    __slots__ = ("_address", "_closed", "_lock", "_shown", "_sock", "_warned")
 
     def __init__(self, address: str | None = None) -> None:
         self._lock = threading.Lock()
+        self._closed = False
         self._sock: socket.socket | None = None
         self._warned = False
         text = os.environ.get("NOTIFY_SOCKET") if address is None else address
@@ -254,6 +255,8 @@ class Notifier:
             return False
         try:
             with self._lock:
+                if self._closed:
+                    return False  # a late watchdog ping: no socket is made again
                 sock = self._socket()
                 with sun_path(target) as where:
                     sock.sendmsg([data], rights(list(fds), len(fds)), socket.MSG_NOSIGNAL, where)
@@ -279,7 +282,9 @@ class Notifier:
 
     # -- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
+        """Release the socket; later messages are not sent (they return False)."""
         with self._lock:
+            self._closed = True
             sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()

@@ -24,6 +24,7 @@ import udskit.aio
 from tests.cli.conftest import COMMAND_TIMEOUT, one_line_error
 from tests.cli.conftest import udskit as run_udskit
 from tests.conftest import open_fds
+from tests.systemd_manager import start_service
 
 Listen = Callable[..., object]
 
@@ -308,3 +309,28 @@ def _send_when_bound(path: Path, process: subprocess.Popen[bytes]) -> None:
                 assert time.monotonic() < deadline, "systemd-socket-activate did not bind"
                 time.sleep(delay)  # back-off between polls, not synchronisation
                 delay = min(delay * 2, 0.05)
+
+
+def test_systemd_passes_a_regular_file(sockdir: Path) -> None:
+    """LISTEN_FDS naming a file (a .socket unit's ListenSpecial=, say): one line, exit 1."""
+    with open(sockdir / "not-a-socket", "w") as passed:
+        server = start_service(
+            ["-m", "udskit", "serve", "--echo", "fd:listen:app"],
+            dict(os.environ),
+            [(passed.fileno(), "app")],
+        )
+    try:
+        out, err = server.communicate(timeout=COMMAND_TIMEOUT)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert server.returncode == 1
+    assert out == b""
+    expected = (
+        "udskit serve: fd:3: descriptor 3 (socket-activated, named 'app' in LISTEN_FDNAMES) is "
+        "a regular file, not a socket; the .socket unit passes a socket with ListenStream=, "
+        "ListenSequentialPacket=, ListenDatagram=, not with ListenFIFO=, ListenSpecial= or "
+        "ListenMessageQueue="
+    )
+    assert err.decode().splitlines() == [expected]

@@ -256,3 +256,14 @@ def test_watchdog_pings_through_the_server_loop(manager: NotifySocket) -> None:
         assert not manager.pending()  # nothing ran the pings: nothing was sent
         queued[0]()  # type: ignore[operator]
         assert manager.receive(pid=os.getpid()).fields == {"WATCHDOG": "1"}
+
+
+def test_nothing_is_sent_after_close(manager: NotifySocket, no_leak: None) -> None:
+    """A watchdog ping that comes late, after close(), makes no new socket."""
+    notifier = systemd.Notifier()
+    assert notifier.ready()
+    notifier.close()
+    assert not notifier.watchdog()
+    notifier.close()  # idempotent
+    assert manager.receive(pid=os.getpid()).fields == {"READY": "1"}
+    assert not manager.pending()
