@@ -46,6 +46,7 @@ from .ancillary import MAX_FDS_PER_MESSAGE, rights
 from .errors import AddressError
 
 __all__ = [
+    "MIN_WATCHDOG_INTERVAL",
     "NOTIFY_SEND_TIMEOUT",
     "Notifier",
     "Watchdog",

@@ -101,6 +101,7 @@ class Unit:
             return
         assert self.fdname is not None
         self._notifier.remove_fd(self.fdname)
+        self._notifier.close()
         what = "not a socket udskit serves" if found is None else f"a {found} socket"
         raise udskit.SocketFileError(
             f"cannot serve {self.address} as type='{self._type}': the socket systemd kept "
