@@ -248,23 +248,24 @@ def test_a_stored_socket_taken_back_is_removed_when_done(
     assert not path.exists()
 
 
-@pytest.mark.parametrize("fault", ["type", "file"])
+@pytest.mark.parametrize("fault", ["type", "file", "not a socket"])
 def test_a_stored_socket_that_no_longer_fits(
     manager: NotifySocket, sockdir: Path, fault: str
 ) -> None:
     """A stored listener of another --type, or whose file was removed meanwhile: one line,
     the listener dropped from the store (so that the next start begins afresh), exit 1."""
     path = sockdir / "app.sock"
-    with socket.socket(socket.AF_UNIX) as old:
+    with socket.socket(socket.AF_UNIX) as old, open(sockdir / "file", "w") as not_a_socket:
         old.bind(os.fspath(path))
         old.listen()
         if fault == "file":
             path.unlink()
         extra = ["--type", "dgram"] if fault == "type" else ["--framing", "lines"]
+        kept = not_a_socket.fileno() if fault == "not a socket" else old.fileno()
         server = start_service(
             ["-m", "udskit", "serve", "--echo", *extra, os.fspath(path)],
             _env(manager, FDSTORE="1"),
-            [(old.fileno(), os.fspath(path))],
+            [(kept, os.fspath(path))],
         )
         try:
             _, err = server.communicate(timeout=COMMAND_TIMEOUT)
@@ -278,6 +279,12 @@ def test_a_stored_socket_that_no_longer_fits(
             f"(FDNAME={path}) is a stream socket; it is now dropped from the store: start the "
             "service again"
         )
+    elif fault == "not a socket":
+        assert line == (
+            f"udskit serve: cannot serve {path} as --type stream: the socket systemd kept for "
+            f"it (FDNAME={path}) is not a socket udskit serves; it is now dropped from the "
+            "store: start the service again"
+        )
     else:
         assert line == (
             f"udskit serve: cannot serve {path}: the file at the path is not the socket systemd "
@@ -286,6 +293,32 @@ def test_a_stored_socket_that_no_longer_fits(
         )
     got = manager.receive(pid=server.pid)
     assert got.fields == {"FDSTOREREMOVE": "1", "FDNAME": os.fspath(path)}
+
+
+def test_a_stored_socket_keeps_its_first_mode(manager: NotifySocket, sockdir: Path) -> None:
+    """--mode changed between restarts: the kept socket's file keeps its mode; one warning."""
+    path = sockdir / "app.sock"
+    with socket.socket(socket.AF_UNIX) as old:
+        old.bind(os.fspath(path))
+        old.listen()
+        path.chmod(0o660)
+        server = start_service(
+            [*SERVE, "--once", "--mode", "600", os.fspath(path)],
+            _env(manager, FDSTORE="1"),
+            [(old.fileno(), os.fspath(path))],
+        )
+    try:
+        assert manager.receive(pid=server.pid).fields["READY"] == "1"
+        assert _echo(path) == b"hello\n"
+        _, err = server.communicate(timeout=COMMAND_TIMEOUT)
+    finally:
+        _kill_on_failure(server)
+    assert server.returncode == 0
+    warning = (
+        f"udskit: {path} keeps mode 0660 from its first start, not --mode 0600: the socket "
+        "comes from systemd's descriptor store; stop the service (not restart) to apply it"
+    )
+    assert err.decode().splitlines() == [warning]
 
 
 def test_exec_commands_inherit_no_service_variables(manager: NotifySocket, sockdir: Path) -> None:

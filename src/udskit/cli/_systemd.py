@@ -155,11 +155,9 @@ class Unit:
         return claim
 
     def _leave(self) -> None:
-        claim = self._claim
+        claim = self._claim  # set only for a stored listener (see _take)
         if not self._stored:
-            if claim is not None:
-                claim.release()
-            return
+            return  # the listener removes its own file when it closes
         assert self.fdname is not None
         if self.finished:
             self._notifier.remove_fd(self.fdname)
