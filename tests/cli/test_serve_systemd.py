@@ -9,6 +9,7 @@ back to the next start in LISTEN_FDS/LISTEN_FDNAMES, as systemd does on a restar
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import socket
@@ -59,15 +60,32 @@ def _line(client: socket.socket) -> bytes:
 
 def _stop(server: subprocess.Popen[bytes]) -> str:
     """SIGTERM, as systemctl stop and restart send; the server's stderr."""
+    return _stop_with_output(server)[1]
+
+
+def _stop_with_output(server: subprocess.Popen[bytes]) -> tuple[bytes, str]:
     server.send_signal(signal.SIGTERM)
     try:
-        _, err = server.communicate(timeout=COMMAND_TIMEOUT)
+        out, err = server.communicate(timeout=COMMAND_TIMEOUT)
     except subprocess.TimeoutExpired:
         server.kill()
         server.communicate()
         raise
     assert server.returncode == 0, err
-    return err.decode()
+    return out, err.decode()
+
+
+def _output_line(server: subprocess.Popen[bytes]) -> bytes:
+    """The server's next line on stdout (bounded wait), read a byte at a time."""
+    assert server.stdout is not None
+    line = b""
+    while not line.endswith(b"\n"):
+        ready, _, _ = select.select([server.stdout], [], [], COMMAND_TIMEOUT)
+        assert ready, f"the server printed nothing in time after {line!r}"
+        byte = os.read(server.stdout.fileno(), 1)
+        assert byte, f"the server's output ended after {line!r}"
+        line += byte
+    return line
 
 
 def _sockets_of(pid: int) -> list[str]:
@@ -195,6 +213,59 @@ def test_restart_keeps_the_socket(manager: NotifySocket, sockdir: Path) -> None:
         assert _stop(third) == ""
     finally:
         _kill_on_failure(third)
+
+
+@pytest.mark.parametrize("kind", ["dgram", "abstract"])
+def test_restart_keeps_datagram_and_abstract_sockets(
+    manager: NotifySocket, sockdir: Path, kind: str
+) -> None:
+    """A datagram sent while no process serves waits in the kept socket; an abstract name
+    stays bound across the restart (it has no file: nothing to adopt)."""
+    if kind == "dgram":
+        where = os.fspath(sockdir / "app.sock")
+        args = ["-m", "udskit", "serve", "--type", "dgram", "--print", where]
+        sockaddr: str | bytes = where
+        kind_of = socket.SOCK_DGRAM
+    else:
+        where = f"@udskit-test-store-{os.getpid()}"
+        args = [*SERVE, where]
+        sockaddr = b"\0" + where[1:].encode()
+        kind_of = socket.SOCK_STREAM
+    env = _env(manager, FDSTORE="1")
+    first = start_service(args, env)
+    try:
+        stored = manager.receive(pid=first.pid)
+        assert stored.fields == {"FDSTORE": "1", "FDNAME": where}
+        assert manager.receive(pid=first.pid).fields["READY"] == "1"
+        first_err = _stop(first)
+    finally:
+        _kill_on_failure(first)
+    assert manager.receive(pid=first.pid).fields == {"STOPPING": "1"}
+    if kind == "abstract":  # udskit's own warning at the first bind, as without systemd
+        assert "abstract names have no file permissions" in first_err
+    else:
+        assert first_err == ""
+    [listener] = stored.fds
+    with socket.socket(socket.AF_UNIX, kind_of) as client:
+        client.settimeout(COMMAND_TIMEOUT)
+        client.connect(sockaddr)  # no process serves: the kept socket takes it
+        client.send(b"in the gap\n")
+        second = start_service(args, env, [(listener, where)])
+        try:
+            ready = manager.receive_until("READY", pid=second.pid)[-1]
+            assert ready.fields["STATUS"].endswith("kept by systemd across the restart)")
+            if kind == "abstract":
+                assert _line(client) == b"in the gap\n"
+            else:
+                assert _output_line(second) == b"in the gap\n"  # --print: sent meanwhile
+            out, err = _stop_with_output(second)
+        finally:
+            _kill_on_failure(second)
+            os.close(listener)
+    assert err == ""
+    assert out == b""
+    if kind == "dgram":
+        assert os.path.exists(where)  # kept for the next start
 
 
 def test_a_server_that_ends_on_its_own_leaves_the_store(
@@ -344,12 +415,14 @@ def test_exec_commands_inherit_no_service_variables(manager: NotifySocket, sockd
 
 # -- the watchdog ends with the server ---------------------------------------------------
 def test_the_watchdog_thread_stops_with_the_server(
-    manager: NotifySocket, sockdir: Path, monkeypatch: pytest.MonkeyPatch
+    manager: NotifySocket, sockdir: Path, monkeypatch: pytest.MonkeyPatch, no_fd_leak: None
 ) -> None:
+    """In-process: the pings stop, their thread ends and the notification socket is closed
+    when the server stops (with the listener in the store, which keeps its own copy)."""
     monkeypatch.setenv("NOTIFY_SOCKET", manager.path)
     monkeypatch.setenv("WATCHDOG_USEC", "20000")
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
-    monkeypatch.delenv("FDSTORE", raising=False)
+    monkeypatch.setenv("FDSTORE", "1")
     path = udskit.Address.parse(sockdir / "app.sock")
     unit = _systemd.Unit(path, "stream", 0o600)
 
@@ -363,12 +436,16 @@ def test_the_watchdog_thread_stops_with_the_server(
             assert watchdogs() == ["udskit-watchdog"]
             server.call_soon(server.stop)
             # The pings go through the serving loop: they flow while it runs.
+            stored = manager.receive(pid=os.getpid())
+            assert stored.fields["FDSTORE"] == "1"
+            stored.close()  # as systemctl stop: the store's copy is closed
             assert manager.receive(pid=os.getpid()).fields["READY"] == "1"
             server.serve_forever()
         assert watchdogs() == []
     fields = [got.fields for got in manager.receive_until("STOPPING", pid=os.getpid())]
     assert fields[-1] == {"STOPPING": "1"}
     assert not manager.pending()
+    assert os.path.exists(path.path)  # stopped, not ended: left for systemd
 
 
 # -- socket activation by systemd's own tool ---------------------------------------------
