@@ -341,9 +341,10 @@ _NOT_LISTENING: Final = {
 
 
 class Watchdog:
-    """A thread that sends ``WATCHDOG=1`` every half of ``WATCHDOG_USEC``; :meth:`stop` ends
-    it. With ``via`` (a server's ``call_soon``) each ping is sent by whatever ``via`` runs it
-    on, so a stuck server loop stops the pings and systemd restarts the service."""
+    """A thread, running from its creation, that sends ``WATCHDOG=1`` every ``interval``
+    seconds (:meth:`start`: half of ``WATCHDOG_USEC``); :meth:`stop` ends it. With ``via``
+    (a server's ``call_soon``) each ping is sent by whatever ``via`` runs it on, so a stuck
+    server loop stops the pings and systemd restarts the service."""
 
     __slots__ = ("_event", "_interval", "_notifier", "_thread", "_via")
 
@@ -360,6 +361,7 @@ class Watchdog:
         self._via = via
         self._event = threading.Event()
         self._thread = threading.Thread(target=self._run, name="udskit-watchdog", daemon=True)
+        self._thread.start()
 
     @classmethod
     def start(
@@ -373,9 +375,7 @@ class Watchdog:
         interval = watchdog_interval(environ)
         if interval is None or not notifier.enabled:
             return None
-        dog = cls(notifier, interval, via)
-        dog._thread.start()
-        return dog
+        return cls(notifier, interval, via)
 
     @property
     def interval(self) -> float:
