@@ -6,7 +6,8 @@ One string form is used everywhere, in the library and on the command line:
 ``/abs/path``, ``./rel``   a socket file (``unix:PATH`` says the same explicitly)
 ``@name``, ``abstract:n``  a name in Linux's abstract namespace (no file at all)
 ``tcp:HOST:PORT``          TCP, for bridging (``tcp:[::1]:80`` for IPv6)
-``fd:N``                   an inherited descriptor; ``fd:listen`` is systemd's first
+``fd:N``                   an inherited descriptor; ``fd:listen`` is systemd's first,
+                           ``fd:listen:NAME`` the one LISTEN_FDNAMES names NAME
 ========================== =======================================================
 
 A bare word with no scheme (``app.sock``) is a relative path, as with ``nc -U``. Paths are
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
+from . import activation
 from .errors import AddressError
 
 __all__ = ["Address", "AddressLike", "SUN_PATH_MAX"]
@@ -40,8 +42,6 @@ MAX_ABSTRACT_NAME = SUN_PATH_MAX - 1
 #: Linux PATH_MAX, counting the terminating NUL.
 PATH_MAX = 4096
 
-#: sd_listen_fds(3): socket-activated descriptors start at 3.
-SD_LISTEN_FDS_START = 3
 
 Kind: TypeAlias = Literal["path", "abstract", "tcp", "fd"]
 AddressLike: TypeAlias = "Address | str | bytes | os.PathLike[str] | os.PathLike[bytes]"
@@ -215,26 +215,29 @@ def _tcp(rest: bytes, original: object) -> Address:
 
 
 def _fd(rest: bytes, original: object) -> Address:
-    if rest == b"listen":
-        return Address("fd", fd=_systemd_listen_fd(original))
+    if rest == b"listen" or rest.startswith(b"listen:"):
+        name = rest[len(b"listen:") :] if rest != b"listen" else None
+        try:
+            text = None if name is None else name.decode("ascii")
+        except UnicodeDecodeError:
+            raise AddressError(
+                f"{original!r}: systemd's descriptor names are printable ASCII"
+            ) from None
+        try:
+            return Address("fd", fd=activation.find(text))
+        except AddressError as exc:
+            raise AddressError(f"cannot use {_shown(original)}: {exc}") from None
     if not rest.isdigit():
         raise AddressError(
             f"malformed fd address {original!r}: write fd:N with N a descriptor number, "
-            "or fd:listen for a socket-activated descriptor"
+            "fd:listen for the first socket-activated descriptor, or fd:listen:NAME for the "
+            "one LISTEN_FDNAMES names NAME"
         )
     return Address("fd", fd=int(rest))
 
 
-def _systemd_listen_fd(original: object) -> int:
-    """sd_listen_fds(3): LISTEN_PID must be us and LISTEN_FDS at least 1."""
-    pid = os.environ.get("LISTEN_PID", "")
-    count = os.environ.get("LISTEN_FDS", "")
-    if pid != str(os.getpid()) or not count.isdigit() or int(count) < 1:
-        raise AddressError(
-            f"{original!r}: no socket-activated descriptor (LISTEN_PID/LISTEN_FDS are not set "
-            "for this process); start it from a systemd socket unit, or use fd:N"
-        )
-    return SD_LISTEN_FDS_START
+def _shown(original: object) -> str:
+    return original if isinstance(original, str) else repr(original)
 
 
 def _too_long(raw: bytes) -> str:

@@ -339,6 +339,14 @@ class Upgrader:
         if bound is not None and os.getpid() == self._owner_pid:
             bound.release()  # a no-op once disowned
 
+    def disown(self) -> None:
+        """Give up the socket file without removing it (another process keeps the socket, as
+        systemd's descriptor store does), and stop offering handover."""
+        with self._lock:
+            if self._claim is not None:
+                self._claim.disown()
+        self.release()
+
     def close(self) -> None:
         """``release()``, then close this process's copy of the socket (never shutdown():
         the socket may live on in a successor)."""

@@ -19,6 +19,7 @@ from typing import Literal, Protocol, TypeVar, overload
 from .accepting import AcceptVerdict, classify
 from .address import Address, AddressLike, sun_path
 from .admission import Admitted, admit, sender_address
+from .adopting import adopt_listener
 from .ancillary import (
     RECV_FLAGS,
     ControlDataError,
@@ -30,7 +31,7 @@ from .ancillary import (
 )
 from .channel import Buffer, Channel
 from .creds import PeerCred, Policy
-from .errors import AddressInUse, ConnectionClosed, ProtocolError, SocketFileError
+from .errors import AddressInUse, ConnectionClosed, ProtocolError
 from .handover import Upgrader
 from .options import (
     DEFAULT_BACKLOG,
@@ -74,6 +75,8 @@ class _Owned(Protocol):
     """What owns the socket file: a Claim, or an Upgrader (which also hands it over)."""
 
     def release(self) -> None: ...
+
+    def disown(self) -> None: ...
 
 
 class _Endpoint:
@@ -123,6 +126,20 @@ class _Endpoint:
         ``close()``, so a datagram server's last replies still leave through it."""
         if self._claim is not None:
             self._claim.release()
+
+    def disown(self) -> None:
+        """Give up the removal of the socket file: ``close()`` leaves it at its path.
+
+        For a listener whose descriptor lives on in another process (systemd's descriptor
+        store keeps it across a restart): the file stays the way in for that socket, and
+        ``close()`` only closes this copy, without the ``shutdown()`` that would stop the
+        socket for every process (so a thread blocked in ``accept()`` here stays blocked:
+        stop such threads first).
+        """
+        self._shared = True  # close() shuts down only a socket this process alone holds
+        if self._claim is not None:
+            self._claim.disown()
+            self._claim = None
 
     def close(self) -> None:
         """Stop listening and remove the socket file (only if it is still ours)."""
@@ -480,7 +497,7 @@ def listen(
         upgrader = Upgrader.for_listen(opts, bind_listener)
         sock, bound = upgrader.socket, upgrader
     elif target.kind == "fd":
-        sock = _adopt(target, kind)
+        sock = adopt_listener(target, kind)
     else:
         sock, bound = bind_listener(opts)
     try:
@@ -570,27 +587,3 @@ def _abstract_in_use(target: Address) -> None:
         pid=found.cred.pid if found.cred else None,
         uid=found.cred.uid if found.cred else None,
     )
-
-
-def _adopt(target: Address, kind: int) -> socket.socket:
-    """Take over an inherited (or socket-activated) listening descriptor."""
-    try:
-        sock = socket.socket(fileno=target.fd)
-    except OSError as exc:
-        raise SocketFileError(
-            f"{target}: descriptor {target.fd} is not an open socket "
-            f"({os.strerror(exc.errno or 0).lower()}); check what the parent process passed",
-            errno=exc.errno,
-        ) from exc
-    actual = base_type(sock)
-    if actual != kind:
-        sock.detach()
-        raise SocketFileError(
-            f"{target}: descriptor {target.fd} is a {type_name(actual)} socket, not the "
-            "requested type; pass the matching type="
-        )
-    if kind != socket.SOCK_DGRAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        sock.detach()
-        raise SocketFileError(f"{target}: descriptor {target.fd} is not a listening socket")
-    sock.setblocking(True)
-    return sock

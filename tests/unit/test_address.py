@@ -165,19 +165,82 @@ def test_fd_listen_with_socket_activation(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 @pytest.mark.parametrize(
-    ("pid", "count"),
-    [(None, None), ("self", None), ("self", "0"), ("self", "x"), ("1", "1"), (None, "1")],
+    ("pid", "count", "names", "rule"),
+    [
+        (None, None, None, r"no socket-activated descriptor: LISTEN_PID/LISTEN_FDS are not.*fd:N"),
+        ("self", "0", None, r"LISTEN_FDS=0: the service manager passed no descriptor"),
+        ("self", None, None, r"LISTEN_FDS= is not a number of descriptors"),
+        ("self", "x", None, r"LISTEN_FDS=x is not a number of descriptors"),
+        ("self", "-1", None, r"LISTEN_FDS=-1 is not a number"),
+        ("self", "99999999", None, r"LISTEN_FDS=99999999 names descriptors up to 100000001,"),
+        ("1", "1", None, r"LISTEN_PID=1: .*meant for process 1, not this one \(\d+\)"),
+        (None, "1", None, r"LISTEN_PID= is not a process id"),
+        ("0x1", "1", None, r"LISTEN_PID=0x1 is not a process id"),
+        ("self", "2", "app", r"LISTEN_FDNAMES=app holds 1 name\(s\) for LISTEN_FDS=2"),
+        ("self", "1", "a\tb", r"LISTEN_FDNAMES entry 'a\\tb' holds '\\t'"),
+    ],
 )
 def test_fd_listen_without_socket_activation(
-    monkeypatch: pytest.MonkeyPatch, pid: str | None, count: str | None
+    monkeypatch: pytest.MonkeyPatch,
+    pid: str | None,
+    count: str | None,
+    names: str | None,
+    rule: str,
 ) -> None:
-    for name, value in (("LISTEN_PID", pid), ("LISTEN_FDS", count)):
+    for name, value in (("LISTEN_PID", pid), ("LISTEN_FDS", count), ("LISTEN_FDNAMES", names)):
         if value is None:
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, str(os.getpid()) if value == "self" else value)
-    with pytest.raises(AddressError, match=r"'fd:listen'.*LISTEN_PID/LISTEN_FDS.*fd:N"):
+    with pytest.raises(AddressError, match=r"^cannot use fd:listen: " + rule):
         parse("fd:listen")
+
+
+def test_fd_listen_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sd_listen_fds_with_names(3): LISTEN_FDNAMES names the descriptors from 3 on; a name
+    held twice (two ListenStream= lines of one unit) means the first."""
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", "4")
+    monkeypatch.setenv("LISTEN_FDNAMES", "web:admin:web:/run/app.sock")
+    assert parse("fd:listen:admin") == Address("fd", fd=4)
+    assert parse("fd:listen:web") == Address("fd", fd=3)
+    assert parse("fd:listen:/run/app.sock") == Address("fd", fd=6)
+    assert parse("fd:listen") == Address("fd", fd=3)  # the first, whatever its name
+    assert parse("FD:listen:admin") == Address("fd", fd=4)  # schemes are case-blind
+    with pytest.raises(
+        AddressError,
+        match=r"^cannot use fd:listen:api: no socket-activated descriptor is "
+        r"named 'api' \(LISTEN_FDNAMES has /run/app.sock, admin, web\); set "
+        r"FileDescriptorName= in the .socket unit",
+    ):
+        parse("fd:listen:api")
+
+
+def test_fd_listen_names_default_to_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", "2")
+    monkeypatch.delenv("LISTEN_FDNAMES", raising=False)
+    assert parse("fd:listen:unknown") == Address("fd", fd=3)
+    with pytest.raises(AddressError, match=r"LISTEN_FDNAMES is unset, so every descriptor"):
+        parse("fd:listen:app")
+
+
+@pytest.mark.parametrize(
+    ("text", "rule"),
+    [
+        ("fd:listen:", r"^cannot use fd:listen:: write a name after the colon"),
+        ("fd:listen:a:b", r"holds ':'"),
+        ("fd:listen:caf\u00e9", r"printable ASCII"),
+        ("fd:listen:" + "n" * 256, r"is 256 characters; systemd's limit is 255"),
+        (b"fd:listen:\xff", r"printable ASCII"),
+    ],
+)
+def test_fd_listen_bad_names(monkeypatch: pytest.MonkeyPatch, text: str | bytes, rule: str) -> None:
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    monkeypatch.setenv("LISTEN_FDNAMES", "app")
+    with pytest.raises(AddressError, match=rule):
+        parse(text)
 
 
 # -- refused forms ---------------------------------------------------------------------------

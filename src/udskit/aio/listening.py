@@ -127,6 +127,11 @@ class _Endpoint(Generic[_Item]):
         """Seconds accept()/recv() wait before raising ``Timeout`` (None: forever)."""
         self._timeout = check_timeout(timeout)
 
+    def disown(self) -> None:
+        """Give up the removal of the socket file, as :meth:`udskit.Listener.disown` does:
+        for a listener that another process (systemd's descriptor store) keeps open."""
+        self._inner.disown()
+
     def close(self) -> None:
         """Stop listening and remove the socket file (only if it is still ours). Tasks
         waiting in accept()/recv() get ConnectionClosed."""

@@ -52,11 +52,21 @@ EXEC_EXIT_GRACE: Final = 5.0
 #: never, costs the server at most, per client.
 EXEC_STDIN_BACKLOG: Final = 1024 * 1024
 
-#: systemd's socket-activation variables (sd_listen_fds(3)). They describe descriptors
-#: handed to the server, not to the commands it runs: removed from their environment, as
-#: sd_listen_fds(unset_environment=1) does, so that no child takes the server's listener
-#: for its own.
-_ACTIVATION_VARIABLES: Final = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+#: systemd's socket-activation variables (sd_listen_fds(3)) and service-notification
+#: variables (sd_notify(3), sd_watchdog_enabled(3)). They describe descriptors handed to
+#: the server and the service the server is, not the commands it runs: removed from their
+#: environment, as sd_listen_fds(unset_environment=1) and sd_notify(unset_environment=1)
+#: do, so that no child takes the server's listener for its own or reports (READY=1,
+#: STOPPING=1, WATCHDOG=1) for the service.
+_ACTIVATION_VARIABLES: Final = (
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "FDSTORE",
+)
 
 #: Runs a callable in the server's loop thread (MessageServer.call_soon).
 CallSoon = Callable[..., None]

@@ -31,7 +31,7 @@ from types import FrameType
 import udskit
 from udskit.options import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CLIENTS
 
-from . import _actions, _exec
+from . import _actions, _exec, _systemd
 from ._actions import STOP, Action, Session, Until
 from ._exec import Command
 from ._options import (
@@ -135,11 +135,12 @@ def run(args: argparse.Namespace) -> int:
     raw = args.type == "stream" and framing == "raw"
     service = _Service(args, raw=raw, lines=framing == "lines")
     allow = policy_for(args)
+    unit = _systemd.Unit(args.address, args.type, args.mode)  # NOTIFY_SOCKET, the fd store
     with _StopOnSignal() as stopper:
         # The handlers are in place before the socket exists: a SIGTERM sent as soon as
         # the socket answers must stop us cleanly, not kill us and leave the file behind.
         server = udskit.MessageServer(
-            args.address,
+            unit.listen_address,
             service.handle,
             workers=service.workers,
             max_clients=1 if args.once else args.max_clients,
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
             drain_timeout=args.drain_timeout,
         )
         try:
-            with server:
+            with server, unit.serving(server):
                 service.server = server
                 stopper.service = service
                 upgrader = server.listener.upgrader
@@ -169,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
                     err(f"serving {args.address} ({args.type}{shown}); Ctrl-C stops")
                 if not stopper.requested:
                     server.serve_forever()
+                unit.finished = not stopper.requested  # --until, --once: done for good
         finally:
             service.finish()
     return 0
