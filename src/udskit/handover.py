@@ -40,8 +40,8 @@ import errno
 import logging
 import os
 import select
+import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -200,8 +200,8 @@ class Upgrader:
         self._control = control_address(opts.target)
         self._kind = opts.kind
         self._ready_timeout = check_seconds("ready_timeout", ready_timeout)
-        #: The argv that starts a successor (``upgrade()``, ``udskit upgrade``); settable until
-        #: ``ready()``.
+        #: The argv that starts a successor (``upgrade()``, ``udskit upgrade``); settable at
+        #: any time.
         self.command = list(command) if command is not None else None
         self._lock = threading.Lock()
         self._owner_pid = os.getpid()
@@ -251,9 +251,7 @@ class Upgrader:
             finally:
                 previous.close()
         try:
-            offer = _Offer(
-                self, self._control, self._kind, self._ready_timeout, self.command, control
-            )
+            offer = _Offer(self, self._control, self._kind, self._ready_timeout, control)
         except UdsError as exc:
             log.warning(
                 "%s: cannot offer handover (%s); the server runs, but cannot be handed over",
@@ -294,7 +292,7 @@ class Upgrader:
 
         Logs the outcome. Without ``command``, or before ``ready()``, logs why not."""
         offer = self._offer
-        if offer is None or offer.command is None:
+        if offer is None or self.command is None:
             log.warning(
                 "%s: cannot upgrade: %s",
                 self.address,
@@ -599,17 +597,26 @@ class _Conversation:
 
 
 class _Upgrade:
-    """A successor this process started (``upgrade``), and who asked for it."""
+    """A successor this process started (``upgrade``), and who asked for it. Once it has
+    taken over it lives on as our child, without a Popen object to warn that it still runs
+    when we exit; one that fails is reaped here."""
 
-    __slots__ = ("asker", "deadline", "pidfd", "process")
+    __slots__ = ("asker", "deadline", "pid", "pidfd")
 
-    def __init__(
-        self, process: subprocess.Popen[bytes], asker: _Conversation | None, deadline: float
-    ) -> None:
-        self.process = process
+    def __init__(self, pid: int, asker: _Conversation | None, deadline: float) -> None:
+        self.pid = pid
         self.asker = asker
         self.deadline = deadline
-        self.pidfd = os.pidfd_open(process.pid)
+        self.pidfd = os.pidfd_open(pid)
+
+    def end(self, kill: bool) -> str:
+        """Reap it (killing it first if ``kill``); how it ended, for messages."""
+        if kill:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        _, status = os.waitpid(self.pid, 0)
+        if os.WIFSIGNALED(status):
+            return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        return f"exited with status {os.waitstatus_to_exitcode(status)}"
 
 
 class _Offer:
@@ -621,7 +628,6 @@ class _Offer:
         control: Address,
         kind: int,
         timeout: float,
-        command: list[str] | None,
         inherited: socket.socket | None = None,
     ) -> None:
         """Serve the control socket at ``control``: the one ``inherited`` from the previous
@@ -630,7 +636,6 @@ class _Offer:
         self._control = control
         self._kind = kind
         self._timeout = timeout
-        self.command = command
         self._sock, self._claim = _control_listener(control, inherited)
         self._wakeup = WakeUp()
         self._closing = False
@@ -841,7 +846,7 @@ class _Offer:
     # -- upgrades: a successor this process starts ---------------------------------------
     def _start_upgrade(self, asker: _Conversation | None) -> None:
         reason = ""
-        if self.command is None:
+        if self._upgrader.command is None:
             reason = (
                 f"the server at {self._where} (pid {os.getpid()}) cannot start its successor "
                 "itself; start the new version with handover"
@@ -854,35 +859,40 @@ class _Offer:
             else:
                 _answer(asker.sock, Message("error", reason=reason))
             return
-        assert self.command is not None
+        command = self._upgrader.command
+        assert command is not None
         try:
-            process = subprocess.Popen(
-                self.command, stdin=subprocess.DEVNULL, start_new_session=True
+            # A session of its own (a Ctrl-C for the old one is not for it), stdin from
+            # /dev/null, the rest of our descriptors closed on exec (Python's default).
+            pid = os.posix_spawnp(
+                command[0],
+                command,
+                os.environ,
+                file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
+                setsid=True,
             )
         except OSError as exc:
-            reason = f"cannot start {self.command[0]}: {os.strerror(exc.errno or 0).lower()}"
+            reason = f"cannot start {command[0]}: {os.strerror(exc.errno or 0).lower()}"
             log.warning("%s: upgrade failed: %s", self._where, reason)
             if asker is not None:
                 _answer(asker.sock, Message("error", reason=reason))
             return
-        log.info("%s: upgrading: started pid %d", self._where, process.pid)
+        log.info("%s: upgrading: started pid %d", self._where, pid)
         # The child's own handover has its READY_TIMEOUT; allow it that, and its start.
-        self._upgrade = _Upgrade(process, asker, time.monotonic() + UPGRADE_TIMEOUT)
+        self._upgrade = _Upgrade(pid, asker, time.monotonic() + UPGRADE_TIMEOUT)
 
     def _check_upgrade(self, exited: bool) -> None:
         upgrade = self._upgrade
         assert upgrade is not None
         if exited:
-            status = upgrade.process.wait()
             reason = (
-                f"the new process (pid {upgrade.process.pid}) exited with status {status} "
-                "before taking over; see its output"
+                f"the new process (pid {upgrade.pid}) {upgrade.end(kill=False)} before taking "
+                "over; see its output"
             )
         elif time.monotonic() >= upgrade.deadline:
-            upgrade.process.kill()
-            upgrade.process.wait()
+            upgrade.end(kill=True)
             reason = (
-                f"the new process (pid {upgrade.process.pid}) did not take over within "
+                f"the new process (pid {upgrade.pid}) did not take over within "
                 f"{UPGRADE_TIMEOUT:g} s; stopped it"
             )
         else:

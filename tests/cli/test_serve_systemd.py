@@ -483,3 +483,48 @@ def test_socket_activated_by_name(manager: NotifySocket, sockdir: Path) -> None:
     assert "udskit serve:" not in err, err
     assert manager.receive(pid=service.pid).fields == {"STOPPING": "1"}
     assert web.exists()  # the activator's socket: udskit never removes it
+
+
+# -- handover under systemd --------------------------------------------------------------
+
+
+def test_handover_makes_the_successor_the_main_process(
+    manager: NotifySocket, sockdir: Path
+) -> None:
+    """`udskit upgrade` on a Type=notify service: the successor says MAINPID= and READY=1
+    once it has taken over, the old one hands MAINPID= over too (NotifyAccess=main takes it
+    from the main process alone) and never says STOPPING=1: the service goes on. The
+    watchdog is the successor's to ping, whatever WATCHDOG_PID the manager set."""
+    path = sockdir / "app.sock"
+    first = start_service(
+        [*SERVE, "--handover", os.fspath(path)], _env(manager, WATCHDOG_USEC="5000000")
+    )
+    try:
+        ready = manager.receive(pid=first.pid)
+        assert ready.fields == {"READY": "1", "STATUS": f"serving {path} (stream)"}
+        old, new = udskit.handover.request_upgrade(path)
+        assert old == first.pid
+        # Both say MAINPID=, in whichever order they get to it.
+        got = manager.receive_until("MAINPID") + manager.receive_until("MAINPID")
+        took = [n.fields for n in got if n.pid == new]
+        assert took == [
+            {
+                "MAINPID": str(new),
+                "READY": "1",
+                "STATUS": f"serving {path} (stream), taken over from pid {first.pid}",
+            }
+        ]
+        handed = [n.fields for n in got if n.pid == first.pid and "MAINPID" in n.fields]
+        assert handed == [{"MAINPID": str(new), "STATUS": f"handed over to pid {new}"}]
+        assert first.wait(COMMAND_TIMEOUT) == 0
+        for pipe in (first.stdout, first.stderr):  # shared with the successor: not read
+            assert pipe is not None
+            pipe.close()
+        assert _echo(path) == b"hello\n"
+    finally:
+        _kill_on_failure(first)
+    os.kill(new, signal.SIGTERM)
+    rest = manager.receive_until("STOPPING")
+    assert rest[-1].pid == new
+    assert all("STOPPING" not in n.fields for n in rest[:-1])
+    assert all(n.pid != first.pid or "STOPPING" not in n.fields for n in rest)

@@ -49,7 +49,14 @@ class Unit:
     serving, with :attr:`finished` set when the server ended on its own.
     """
 
-    def __init__(self, address: udskit.Address, type: str, mode: int) -> None:  # noqa: A002
+    def __init__(
+        self,
+        address: udskit.Address,
+        type: str,  # noqa: A002
+        mode: int,
+        *,
+        handover: bool = False,
+    ) -> None:
         self.address = address
         self.finished = False
         self._type = type
@@ -64,6 +71,8 @@ class Unit:
         self.listen_address = address
         if not self._notifier.enabled or address.kind == "fd":
             return  # an inherited descriptor is its parent's (or systemd's) to keep
+        if handover:
+            return  # the socket passes from process to process (udskit upgrade), not via systemd
         self.fdname = systemd.fdname_for(address)
         kept = _stored(self.fdname)
         if kept is not None:
@@ -83,12 +92,18 @@ class Unit:
         try:
             self._take(server)
             how = ", kept by systemd across the restart" if self.from_store else ""
-            notifier.ready(status=f"serving {self.address} ({self._type}{how})")
+            status = f"serving {self.address} ({self._type}{how})"
+            upgrader = server.listener.upgrader
+            if upgrader is None:
+                notifier.ready(status=status)
+            else:
+                _hand_over_as_main(notifier, upgrader, status)
             with notifier.watchdog_thread(via=server.call_soon):
                 try:
                     yield self
                 finally:
-                    notifier.stopping()
+                    if upgrader is None or not upgrader.handed_over:
+                        notifier.stopping()  # (after a handover, the service goes on)
                     self._leave()
         finally:
             notifier.close()
@@ -165,6 +180,40 @@ class Unit:
                 claim.release()
         elif claim is not None:
             claim.disown()  # systemd keeps the socket, and the file stays its way in
+
+
+def _hand_over_as_main(notifier: systemd.Notifier, upgrader: udskit.Upgrader, status: str) -> None:
+    """A server that hands its listener over (``--handover``) is the service's main process
+    while it serves: a successor becomes the main process once it has taken over (before
+    that, a successor that fails must not have told systemd anything), and the old one
+    says so too, as systemd takes MAINPID= from the main process alone unless the unit
+    says NotifyAccess=all."""
+    upgrader.ready()  # the predecessor, if any, has stopped accepting when this returns
+    if upgrader.previous_pid is None:
+        notifier.ready(status=status)
+    else:
+        if "WATCHDOG_PID" in os.environ:
+            # systemd set it to the main process it started: that is us now, and the
+            # watchdog pings are ours to send.
+            os.environ["WATCHDOG_PID"] = str(os.getpid())
+        notifier.send(
+            {
+                "MAINPID": os.getpid(),
+                "READY": 1,
+                "STATUS": systemd.status_text(
+                    f"{status}, taken over from pid {upgrader.previous_pid}"
+                ),
+            }
+        )
+
+    def handed_over() -> None:
+        successor = upgrader.successor_pid
+        assert successor is not None
+        notifier.send(
+            {"MAINPID": successor, "STATUS": systemd.status_text(f"handed over to pid {successor}")}
+        )
+
+    upgrader.on_handed_over(handed_over)
 
 
 def _stored(name: str) -> int | None:

@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
     raw = args.type == "stream" and framing == "raw"
     service = _Service(args, raw=raw, lines=framing == "lines")
     allow = policy_for(args)
-    unit = _systemd.Unit(args.address, args.type, args.mode)  # NOTIFY_SOCKET, the fd store
+    # NOTIFY_SOCKET, the descriptor store
+    unit = _systemd.Unit(args.address, args.type, args.mode, handover=args.handover)
     with _StopOnSignal() as stopper:
         # The handlers are in place before the socket exists: a SIGTERM sent as soon as
         # the socket answers must stop us cleanly, not kill us and leave the file behind.
@@ -157,13 +158,13 @@ def run(args: argparse.Namespace) -> int:
             handover=args.handover,
             drain_timeout=args.drain_timeout,
         )
+        upgrader = server.listener.upgrader
+        if upgrader is not None:  # before anyone can ask it for an upgrade
+            _offer_upgrades(upgrader, stopper, verbose=args.verbose)
         try:
             with server, unit.serving(server):
                 service.server = server
                 stopper.service = service
-                upgrader = server.listener.upgrader
-                if upgrader is not None:
-                    _offer_upgrades(upgrader, stopper, verbose=args.verbose)
                 if args.verbose:
                     kind = server.listener.address.kind
                     shown = f", mode {args.mode:04o}" if kind == "path" else ""
