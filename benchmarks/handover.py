@@ -76,6 +76,8 @@ class Report:
     failure_offsets: list[float] = field(default_factory=list)
     latency_us: dict[str, float] = field(default_factory=dict)
     baseline_us: dict[str, float] = field(default_factory=dict)
+    during_us: dict[str, float] = field(default_factory=dict)
+    during_count: int = 0
     pinning: str = ""
     seconds: float = 0.0
 
@@ -109,6 +111,7 @@ class Load:
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.latencies: list[float] = []
+        self.started: list[float] = []  # when each of those connections began (monotonic)
         self.failed_at: list[float] = []
         self.threads = [threading.Thread(target=self._new_connections, daemon=True)] + [
             threading.Thread(target=self._persistent, args=(n,), daemon=True)
@@ -151,6 +154,7 @@ class Load:
                 with self.lock:
                     self.report.new_connections += 1
                     self.latencies.append(took)
+                    self.started.append(time.monotonic() - took)
                     if reply != payload:
                         self.report.wrong_replies += 1
             next_at += CONNECT_EVERY
@@ -301,6 +305,16 @@ def run(handovers: int, clients: int, drain: float, baseline: float) -> Report:
             except subprocess.TimeoutExpired:
                 report.old_servers_left += 1
         report.latency_us = _spread(load.latencies)
+        # The connections begun while a handover was under way (from the upgrade request to
+        # the new process serving): the window in which a connection waits.
+        windows = sorted(handed)
+        during = [
+            took
+            for began, took in zip(load.started, load.latencies, strict=True)
+            if any(asked <= began <= done for asked, done in windows)
+        ]
+        report.during_us = _spread(during)
+        report.during_count = len(during)
         for at in load.failed_at:
             # When each failure came, from the end of the handover before it: drain expiry
             # shows as --drain-timeout.
@@ -356,6 +370,7 @@ def main() -> None:
     for name, spread, over in (
         ("no handover", base, f"{args.baseline:g} s"),
         ("handovers", lat, f"{report.seconds:.1f} s"),
+        ("begun during a handover", report.during_us, f"{report.during_count} connections"),
     ):
         if spread:
             print(

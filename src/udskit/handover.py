@@ -48,7 +48,7 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from .address import Address, AddressLike, sun_path
-from .ancillary import ControlDataError, ancillary_size, close_fds, rights, unpack
+from .ancillary import RECV_FLAGS, ControlDataError, ancillary_size, close_fds, rights, unpack
 from .creds import PeerCred, peer_cred
 from .errors import AddressError, AddressInUse, HandoverError, ProtocolError, UdsError
 from .options import (
@@ -971,7 +971,9 @@ def _receive_with_fds(
     if timeout:
         sock.settimeout(timeout)
     try:
-        packet, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE + 1, ancillary_size(1))
+        # Close-on-exec from the start: a listener received without it would be inherited
+        # by every program the successor runs (its own successor, --exec commands).
+        packet, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE + 1, ancillary_size(1), RECV_FLAGS)
     except TimeoutError:
         raise ProtocolError(f"no answer within {timeout:g} s") from None
     except BlockingIOError:

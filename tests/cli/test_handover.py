@@ -62,6 +62,22 @@ def stop_pid(pid: int) -> None:
         time.sleep(0.01)  # it is not our child: poll for its exit, bounded
 
 
+def assert_sockets_held_once_and_not_inherited(pid: int) -> None:
+    """Each socket once, close-on-exec: a received listener without it would be inherited
+    by the next successor (and any --exec command), one more copy each generation."""
+    held: dict[str, list[int]] = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        target = os.readlink(f"/proc/{pid}/fd/{name}")
+        if target.startswith("socket:"):
+            held.setdefault(target, []).append(int(name))
+    assert len(held) >= 2, held  # the listener and the handover socket at least
+    for target, fds in held.items():
+        assert len(fds) == 1, (target, fds)
+        with open(f"/proc/{pid}/fdinfo/{fds[0]}", encoding="ascii") as f:
+            match = re.search(r"flags:\s+([0-7]+)", f.read())
+        assert match and int(match.group(1), 8) & os.O_CLOEXEC, (target, fds)
+
+
 def test_second_server_takes_over(sockdir: Path, background: list[Background]) -> None:
     path = sockdir / "app.sock"
     first = serve(background, path, "--mode", "660")
@@ -109,6 +125,7 @@ def test_upgrade_subcommand(sockdir: Path, background: list[Background]) -> None
         newest = int(again.text.split()[-1])
         stop_pid(new)
         new = newest
+        assert_sockets_held_once_and_not_inherited(new)
         assert echo(path, "third") == "third\n"
         assert os.stat(path).st_ino == inode
     finally:
