@@ -76,6 +76,12 @@ CONTROL_SUFFIX: Final = b".udskit-handover"
 #: the serving process drops it and goes on serving.
 READY_TIMEOUT: Final = 30.0
 
+#: How long a broken conversation waits for the other process's pidfd to say it exited. The
+#: kernel closes a dying process's descriptors (our peer sees the conversation end) before
+#: it reports the exit on its pidfd; in between lie microseconds, or a few milliseconds on a
+#: loaded machine. A process alive after this long closed the conversation on purpose.
+EXIT_GRACE: Final = 1.0
+
 #: How long the serving process waits for the first message of a process that connected to
 #: its control socket: a successor asks at once, so a silent one is not a successor.
 HELLO_TIMEOUT: Final = 5.0
@@ -379,7 +385,7 @@ class _Predecessor:
         return adopt(sock, address)
 
     def _gone(self) -> bool:
-        return _readable(self.pidfd)  # a pidfd is readable once its process has exited
+        return _exited(self.pidfd)
 
     def close(self) -> None:
         self.conv.close()
@@ -420,7 +426,7 @@ def _take(
         try:
             answer, fds = _receive_with_fds(conv, ("listener", "error"), timeout)
         except ProtocolError as exc:
-            if not _readable(pidfd):
+            if not _exited(pidfd):
                 raise HandoverError(f"cannot take over {target}: {_reason(exc)}") from None
             os.close(pidfd)
             conv.close()
@@ -867,10 +873,16 @@ def _receive_with_fds(
         raise
 
 
-def _readable(fd: int) -> bool:
+def _readable(fd: int, timeout: float = 0.0) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
+    return bool(poller.poll(timeout * 1000))
+
+
+def _exited(pidfd: int) -> bool:
+    """Whether the process of ``pidfd`` has exited (or is exiting): the conversation with it
+    just broke, and a dying process's descriptors close before its pidfd says so."""
+    return _readable(pidfd, EXIT_GRACE)  # a pidfd is readable once its process has exited
 
 
 def _reason(exc: BaseException) -> str:
