@@ -471,6 +471,10 @@ class MessageServing:
             self._watch_listener(True)
 
     def _on_listener(self) -> None:
+        if self._draining or self._stopping:
+            # Readable in the same wait that brought the handover (or stop): a client
+            # accepted now would only be closed. Left queued, the successor takes it.
+            return
         endpoint = self._endpoint
         if isinstance(endpoint, DatagramListener):
             self._on_datagrams(endpoint)

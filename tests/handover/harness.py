@@ -84,6 +84,16 @@ class Child:
             if text in line:
                 return line
 
+    def expect_one(self, *texts: str, timeout: float = READY_TIMEOUT) -> str:
+        """The first line from now on that contains one of ``texts``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self._next_line(deadline)
+            if line is None:
+                raise AssertionError(f"pid {self.pid} ended without saying {texts}: {self.lines}")
+            if any(text in line for text in texts):
+                return line
+
     def said(self, text: str) -> bool:
         return any(text in line for line in self.lines)
 
