@@ -226,8 +226,10 @@ def proc_fds(pid: int) -> int:
 def raw_control(path: Path) -> socket.socket:
     """A seqpacket connection to the control socket of the server at ``path``."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sock.settimeout(PATIENCE)
+    # Blocking: with a timeout, a connect that finds the backlog full fails (EAGAIN) at
+    # once rather than waiting for room.
     sock.connect(str(control_path(path)))
+    sock.settimeout(PATIENCE)
     return sock
 
 
