@@ -1,0 +1,165 @@
+"""The public handover API's bad inputs, each a clear one-line error that leaves nothing
+behind; and drain_timeout: a client that never leaves is closed, and the old one exits."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+import udskit
+import udskit.aio
+
+from .harness import FLAVOURS, PATIENCE, Child, start_serving
+
+
+def handler(*_: object) -> None:
+    pass
+
+
+async def async_handler(*_: object) -> None:
+    pass
+
+
+def make_server(flavour: str, path: Path, **options: object) -> object:
+    if flavour == "server":
+        return udskit.Server(path, handler, **options)
+    if flavour == "messageserver":
+        return udskit.MessageServer(path, handler, **options)
+    if flavour == "aioserver":
+        return asyncio.run(udskit.aio.start_server(path, async_handler, **options))
+    return asyncio.run(udskit.aio.start_message_server(path, handler, **options))
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc)
+    assert "\n" not in text
+    assert "Traceback" not in text
+    return text
+
+
+@pytest.mark.parametrize("address", ["@some-name", "abstract:x", "tcp:127.0.0.1:0", "fd:3"])
+@pytest.mark.usefixtures("no_fd_leak")
+def test_handover_needs_a_socket_path(address: str) -> None:
+    expected = f"handover needs a socket path, not {udskit.Address.parse(address)}"
+    for make in (
+        lambda: udskit.listen(address, handover=True),
+        lambda: udskit.Upgrader(address),
+        lambda: udskit.Server(address, handler, handover=True),
+        lambda: udskit.MessageServer(address, handler, handover=True),
+    ):
+        with pytest.raises(udskit.AddressError) as caught:
+            make()
+        assert one_line(caught.value).startswith(expected)
+
+
+@pytest.mark.parametrize("flavour", ["listen", *FLAVOURS])
+@pytest.mark.parametrize("value", ["yes", 1, None, "True"])
+@pytest.mark.usefixtures("no_fd_leak")
+def test_handover_must_be_a_bool(sockdir: Path, flavour: str, value: object) -> None:
+    path = sockdir / "s.sock"
+
+    def make() -> object:
+        if flavour == "listen":
+            return udskit.listen(path, handover=value)  # type: ignore[call-overload]
+        return make_server(flavour, path, handover=value)
+
+    with pytest.raises(TypeError) as caught:
+        make()
+    assert one_line(caught.value) == f"handover must be True or False, not {value!r}"
+    assert os.listdir(sockdir) == []
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("value", [0, -1, math.nan, math.inf, "x", True, None])
+@pytest.mark.usefixtures("no_fd_leak")
+def test_drain_timeout_must_be_positive_seconds(sockdir: Path, flavour: str, value: object) -> None:
+    path = sockdir / "s.sock"
+    with pytest.raises(ValueError) as caught:
+        make_server(flavour, path, handover=True, drain_timeout=value)
+    assert one_line(caught.value) == (
+        f"drain_timeout must be a positive number of seconds, not {value!r}"
+    )
+    assert os.listdir(sockdir) == [], "a refused server left its socket file behind"
+
+
+@pytest.mark.parametrize("value", [0, -0.5, math.nan, math.inf, "1", False, None])
+@pytest.mark.usefixtures("no_fd_leak")
+def test_ready_timeout_must_be_positive_seconds(sockdir: Path, value: object) -> None:
+    with pytest.raises(ValueError) as caught:
+        udskit.Upgrader(sockdir / "s.sock", ready_timeout=value)  # type: ignore[arg-type]
+    assert one_line(caught.value) == (
+        f"ready_timeout must be a positive number of seconds, not {value!r}"
+    )
+    assert os.listdir(sockdir) == []
+
+
+@pytest.mark.parametrize("command", ["not a list", b"argv", [], [1], ["prog", None], ("",)[:0]])
+@pytest.mark.usefixtures("no_fd_leak")
+def test_command_must_be_an_argv(sockdir: Path, command: object) -> None:
+    with pytest.raises(ValueError) as caught:
+        udskit.Upgrader(sockdir / "s.sock", command=command)  # type: ignore[arg-type]
+    assert one_line(caught.value) == (
+        f"command must be a non-empty list of str (an argv), not {command!r}"
+    )
+    assert os.listdir(sockdir) == []
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+def test_a_path_held_by_a_server_without_handover(sockdir: Path) -> None:
+    path = sockdir / "s.sock"
+    with udskit.listen(path), pytest.raises(udskit.AddressInUse) as caught:
+        udskit.Upgrader(path)
+    message = one_line(caught.value)
+    assert message.startswith(f"cannot listen on {path}: a live server owns it: pid ")
+    assert message.endswith(
+        "it offers no handover (started without it, or handing over right now): retry, or "
+        "stop it first"
+    )
+    assert caught.value.pid == os.getpid()
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+def test_a_path_that_is_not_a_socket(sockdir: Path) -> None:
+    path = sockdir / "s.sock"
+    path.write_text("precious")
+    with pytest.raises(udskit.SocketFileError):
+        udskit.Upgrader(path)
+    assert path.read_text() == "precious"
+
+
+def test_a_successor_of_another_type(sockdir: Path) -> None:
+    path = sockdir / "s.sock"
+    with start_serving("server", path, "stream") as a, Child("server", path, "dgram") as b:
+        assert b.expect("error") == (
+            f"error HandoverError: cannot take over {path}: {path} serves type=stream, not "
+            "type=dgram"
+        )
+        assert b.finish() == 0
+        assert b.leaked() == "leaked []"
+        assert a.terminate() == 0
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_client_that_never_leaves_is_closed_after_drain_timeout(
+    flavour: str, sockdir: Path
+) -> None:
+    path = sockdir / "s.sock"
+    with start_serving(flavour, path, "stream", "--drain-timeout", "0.3") as a:
+        stayer = udskit.connect(path, timeout=PATIENCE)
+        stayer.send(b"hi")
+        assert stayer.recv() == f"{a.pid}:hi".encode()
+        with Child(flavour, path, "stream") as b:
+            b.expect(f"took over from pid {a.pid}")
+            a.expect("1 client(s) still connected 0.3 s after the handover; closing them")
+            assert a.finish() == 0
+            assert a.leaked() == "leaked []"
+            with pytest.raises(udskit.ConnectionClosed):
+                stayer.recv()
+            stayer.close()
+            assert os.path.exists(path)
+            assert b.terminate() == 0
+        assert not os.path.lexists(path)
