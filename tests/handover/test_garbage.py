@@ -61,6 +61,7 @@ BAD = [
     (b'{"op":"take","version":1,"ty', "handover message is not JSON"),
     (b"\xff\xfe{}", "handover message is not JSON"),
     (b"[1, 2]", "handover message is not an object with an op"),
+    (b"[" * 4000, "handover message is not JSON"),  # nested deeper than json can parse
     (b'{"op": 7}', "handover message is not an object with an op"),
     (b'{"op":"launch"}', "unknown handover op 'launch'"),
     (b'{"op":"ready"}', "handover op 'ready' out of turn (expected take or upgrade)"),
