@@ -163,3 +163,19 @@ def test_a_client_that_never_leaves_is_closed_after_drain_timeout(
             assert os.path.exists(path)
             assert b.terminate() == 0
         assert not os.path.lexists(path)
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+def test_a_listener_taken_over_says_whether_it_blocks(sockdir: Path) -> None:
+    path = sockdir / "s.sock"
+    with start_serving("server", path, "stream") as a:  # its server made it non-blocking
+        with udskit.Upgrader(path) as upgrader:
+            assert upgrader.previous_pid == a.pid
+            assert not os.get_blocking(upgrader.socket.fileno())
+            assert upgrader.socket.getblocking() is False
+            upgrader.ready()
+            a.expect(f"handed over to pid {os.getpid()}")
+            assert a.finish() == 0
+            assert upgrader.handed_over is False
+            assert upgrader.successor_pid is None
+        assert not os.path.lexists(path)

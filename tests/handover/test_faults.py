@@ -130,7 +130,7 @@ def test_the_old_one_killed_after_passing_the_listener(sockdir: Path) -> None:
         assert not os.path.lexists(path)
 
 
-@pytest.mark.parametrize("attempt", range(5))
+@pytest.mark.parametrize("attempt", range(3))
 def test_the_old_one_killed_before_passing_the_listener(sockdir: Path, attempt: int) -> None:
     path = sockdir / "app.sock"
 
@@ -161,7 +161,7 @@ def test_the_old_one_killed_before_passing_the_listener(sockdir: Path, attempt: 
     assert not os.path.lexists(path)
 
 
-@pytest.mark.parametrize("attempt", range(5))
+@pytest.mark.parametrize("attempt", range(3))
 def test_the_old_one_dying_as_it_is_told_ready(sockdir: Path, attempt: int) -> None:
     path = sockdir / "app.sock"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from udskit.errors import ProtocolError
@@ -128,6 +128,7 @@ def test_any_bytes_decode_or_raise_protocol_error(packet: bytes, descriptors: in
     assert message.op in ALL_OPS
 
 
+@settings(max_examples=60)
 @given(
     st.recursive(
         st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
