@@ -103,10 +103,13 @@ class Child:
         self.process.stdin.flush()
 
     def finish(self, timeout: float = READY_TIMEOUT) -> int:
-        """Read everything it says until it exits; its exit code."""
+        """Read everything it says until it exits; its exit code. (Its last line is the
+        one on leaks: a successor it started may hold its stdout open for longer.)"""
         deadline = time.monotonic() + timeout
-        while self._next_line(deadline) is not None:
-            pass
+        while True:
+            line = self._next_line(deadline)
+            if line is None or line.startswith("leaked "):
+                break
         code = self.process.wait(max(0.0, deadline - time.monotonic()))
         self._close_pipes()
         return code

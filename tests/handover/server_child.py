@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import select
@@ -118,7 +119,11 @@ def bare_upgrader(args: argparse.Namespace) -> None:
     thread from the start; ``ready`` on stdin says ready; ``close`` (or EOF) stops it. Once
     handed over, it stops accepting, finishes its clients and returns."""
     upgrader = udskit.Upgrader(
-        args.path, type=args.type, ready_timeout=args.ready_timeout, mode=args.mode
+        args.path,
+        type=args.type,
+        ready_timeout=args.ready_timeout,
+        mode=args.mode,
+        command=json.loads(args.command) if args.command else None,
     )
     say(f"listening {upgrader.previous_pid}")
     handed_r, handed_w = os.pipe()
@@ -134,6 +139,9 @@ def bare_upgrader(args: argparse.Namespace) -> None:
                 say(f"handed over to {upgrader.successor_pid}")
                 break
             command = sys.stdin.readline().strip()
+            if command == "upgrade":
+                upgrader.upgrade()
+                continue
             if command != "ready":
                 break
             try:
@@ -181,6 +189,7 @@ def main() -> None:
     parser.add_argument("type")
     parser.add_argument("--drain-timeout", type=float, default=None)
     parser.add_argument("--ready-timeout", type=float, default=30.0)
+    parser.add_argument("--command", default="", help="the successor's argv, as JSON")
     parser.add_argument("--mode", type=lambda text: int(text, 8), default=0o640)
     args = parser.parse_args()
     logging.basicConfig(
