@@ -196,3 +196,22 @@ def test_the_old_one_dying_as_it_is_told_ready(sockdir: Path, attempt: int) -> N
             assert b.leaked() == "leaked []"
         assert a.finish() == -signal.SIGKILL
     assert not os.path.lexists(path)
+
+
+def test_after_a_crash_the_next_one_starts_fresh(sockdir: Path) -> None:
+    path = sockdir / "app.sock"
+    with start_serving("aioserver", path, "stream") as a:
+        a.kill()  # no handover under way: its socket file and control socket are stale
+    assert os.path.exists(control_path(path))
+    with Child("aiomessageserver", path, "stream") as b:
+        b.expect("listening")
+        assert ask(path, "stream", b"x") == f"{b.pid}:x".encode()
+        assert not b.said("took over")
+        # It offers handover in place of the stale control socket.
+        with Child("server", path, "stream") as c:
+            c.expect(f"took over from pid {b.pid}")
+            assert b.finish() == 0
+            assert b.leaked() == "leaked []"
+            assert c.terminate() == 0
+    assert not os.path.lexists(path)
+    assert not os.path.lexists(control_path(path))

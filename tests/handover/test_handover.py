@@ -10,7 +10,7 @@ import pytest
 
 import udskit
 
-from .harness import FLAVOURS, PATIENCE, TYPES, Child, control_path, load, start_serving
+from .harness import FLAVOURS, PATIENCE, TYPES, Child, ask, control_path, load, start_serving
 
 
 @pytest.mark.parametrize("kind", TYPES)
@@ -56,3 +56,20 @@ def test_handover_keeps_the_socket_and_every_client(flavour: str, kind: str, soc
     finally:
         for child in children:
             child.kill()
+
+
+@pytest.mark.parametrize("length", [95, 140])
+def test_a_path_whose_control_socket_is_longer_than_sun_path(sockdir: Path, length: int) -> None:
+    # 95: the socket's path fits in sun_path, its control socket's does not; 140: neither.
+    sub = sockdir / ("d" * (length - len(str(sockdir)) - len("/a.sock") - 1))
+    sub.mkdir()
+    path = sub / "a.sock"
+    assert len(str(path)) == length
+    assert len(str(control_path(path))) > 108
+    with start_serving("server", path, "stream") as a, Child("messageserver", path, "stream") as b:
+        b.expect(f"took over from pid {a.pid}")
+        assert a.finish() == 0
+        assert ask(path, "stream", b"x") == f"{b.pid}:x".encode()
+        assert b.terminate() == 0
+        assert b.leaked() == "leaked []"
+    assert os.listdir(sub) == []
