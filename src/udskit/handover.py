@@ -218,9 +218,13 @@ class Upgrader:
         try:
             self.socket, self._claim = bind(opts)
         except AddressInUse as exc:
+            # Not the claim's own advice ("stop it first, or choose another path"): the
+            # caller asked to take over, and what it needs to know is why it could not.
+            owner = "" if exc.pid is None else f" (pid {exc.pid}, uid {exc.uid})"
             raise AddressInUse(
-                f"{str(exc).rstrip('.')}; it offers no handover (started without it, or "
-                "handing over right now): retry, or stop it first",
+                f"cannot take over {opts.target}: the live server there{owner} offers no "
+                "handover (started without it, handing over right now, or unable to make "
+                "its handover socket: see its log); retry, or stop it first",
                 pid=exc.pid,
                 uid=exc.uid,
             ) from None

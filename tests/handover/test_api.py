@@ -13,7 +13,7 @@ import pytest
 import udskit
 import udskit.aio
 
-from .harness import FLAVOURS, PATIENCE, Child, start_serving
+from .harness import FLAVOURS, PATIENCE, Child, ask, control_path, start_serving
 
 
 def handler(*_: object) -> None:
@@ -113,11 +113,10 @@ def test_a_path_held_by_a_server_without_handover(sockdir: Path) -> None:
     path = sockdir / "s.sock"
     with udskit.listen(path), pytest.raises(udskit.AddressInUse) as caught:
         udskit.Upgrader(path)
-    message = one_line(caught.value)
-    assert message.startswith(f"cannot listen on {path}: a live server owns it: pid ")
-    assert message.endswith(
-        "it offers no handover (started without it, or handing over right now): retry, or "
-        "stop it first"
+    assert one_line(caught.value) == (
+        f"cannot take over {path}: the live server there (pid {os.getpid()}, uid "
+        f"{os.geteuid()}) offers no handover (started without it, handing over right now, "
+        "or unable to make its handover socket: see its log); retry, or stop it first"
     )
     assert caught.value.pid == os.getpid()
 
@@ -129,6 +128,32 @@ def test_a_path_that_is_not_a_socket(sockdir: Path) -> None:
     with pytest.raises(udskit.SocketFileError):
         udskit.Upgrader(path)
     assert path.read_text() == "precious"
+
+
+def test_a_server_that_cannot_make_its_control_socket(sockdir: Path) -> None:
+    path = sockdir / "s.sock"
+    control_path(path).write_text("not ours")
+    with start_serving_without_offer(path) as a, Child("server", path, "stream") as b:
+        assert a.expect("cannot offer handover") == (
+            f"log: WARNING {path}: cannot offer handover (cannot listen on "
+            f"{control_path(path)}: a regular file is in the way, and udskit never deletes "
+            "what is not a socket; move it away or choose another path); the server runs, "
+            "but cannot be handed over"
+        )
+        assert b.expect("error").startswith(
+            f"error AddressInUse: cannot take over {path}: the live server there (pid {a.pid}, "
+        )
+        assert b.finish() == 0
+        assert ask(path, "stream", b"x") == f"{a.pid}:x".encode()
+        assert a.terminate() == 0
+    assert control_path(path).read_text() == "not ours"
+    assert not os.path.lexists(path)
+
+
+def start_serving_without_offer(path: Path) -> Child:
+    child = Child("server", path, "stream")
+    child.expect("listening")
+    return child
 
 
 def test_a_successor_of_another_type(sockdir: Path) -> None:
