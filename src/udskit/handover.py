@@ -127,9 +127,10 @@ class Upgrader:
         upgrader.close()
 
     A listener taken over is one open socket shared with the previous process until that
-    one stops, its flags too: udskit's servers make it non-blocking, and ``socket`` then says
-    so. Accept after poll()/select(), without blocking: while both processes hold it, either
-    may take a client the other was woken for.
+    one stops, its flags too: udskit's servers make it non-blocking (O_NONBLOCK), whatever
+    ``socket.getblocking()`` says in this process. Wait with poll()/select() and accept
+    without blocking, ready for BlockingIOError: while both processes hold the socket, either
+    may take a client the other was woken for. (udskit's listeners and servers do this.)
 
     ``previous_pid`` is the pid of the process it took over from (None: started fresh);
     ``successor_pid`` the one that took over from it. ``on_handed_over(callback)`` runs
@@ -486,10 +487,6 @@ def _listening_socket(answer: Message, fds: list[int], kind: int, target: Addres
         raise HandoverError(
             f"cannot take over {target}: the serving process passed a socket that is {problem}"
         )
-    # O_NONBLOCK belongs to the open socket both processes share (udskit's servers set it):
-    # the socket object must say which it is, not take it for blocking. Setting it to what
-    # it already is changes nothing for the serving process.
-    sock.setblocking(os.get_blocking(fd))
     return sock
 
 

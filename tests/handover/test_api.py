@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -190,17 +192,52 @@ def test_a_client_that_never_leaves_is_closed_after_drain_timeout(
         assert not os.path.lexists(path)
 
 
+def wait_until_polling(thread: threading.Thread) -> None:
+    """Return once ``thread`` sleeps in poll() (the kernel says where it sleeps)."""
+    deadline = time.monotonic() + PATIENCE
+    wchan = Path(f"/proc/self/task/{thread.native_id}/wchan")
+    while "poll" not in wchan.read_text():
+        assert thread.is_alive(), "it returned instead of waiting"
+        assert time.monotonic() < deadline, f"not waiting in poll() but in {wchan.read_text()}"
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("kind", ["stream", "seqpacket", "dgram"])
 @pytest.mark.usefixtures("no_fd_leak")
-def test_a_listener_taken_over_says_whether_it_blocks(sockdir: Path) -> None:
+def test_a_listener_taken_over_waits_though_the_old_server_made_it_non_blocking(
+    sockdir: Path, kind: str
+) -> None:
     path = sockdir / "s.sock"
-    with start_serving("server", path, "stream") as a:  # its server made it non-blocking
-        with udskit.Upgrader(path) as upgrader:
+    with start_serving("server", path, kind) as a:  # its server made the socket non-blocking
+        with udskit.listen(path, type=kind, handover=True) as listener:
+            upgrader = listener.upgrader
+            assert upgrader is not None
             assert upgrader.previous_pid == a.pid
-            assert not os.get_blocking(upgrader.socket.fileno())
-            assert upgrader.socket.getblocking() is False
+            assert not os.get_blocking(listener.fileno())
             upgrader.ready()
             a.expect(f"handed over to pid {os.getpid()}")
             assert a.finish() == 0
+            got: list[bytes] = []
+
+            def serve_one() -> None:
+                if isinstance(listener, udskit.DatagramListener):
+                    datagram = listener.recv()
+                    with listener.session(datagram) as session:
+                        session.send(b"mine:" + session.recv())
+                    got.append(datagram.data)
+                    return
+                with listener.accept() as channel:
+                    got.append(channel.recv())
+                    channel.send(b"mine:" + got[-1])
+
+            server = threading.Thread(target=serve_one)
+            server.start()
+            try:
+                wait_until_polling(server)  # nothing queued: it waits, and does not fail
+                assert ask(path, kind, b"x") == b"mine:x"
+            finally:
+                server.join(PATIENCE)
+            assert got == [b"x"]
             assert upgrader.handed_over is False
             assert upgrader.successor_pid is None
         assert not os.path.lexists(path)
