@@ -241,3 +241,23 @@ def test_a_listener_taken_over_waits_though_the_old_server_made_it_non_blocking(
             assert upgrader.handed_over is False
             assert upgrader.successor_pid is None
         assert not os.path.lexists(path)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_stop_cuts_the_drain_short_and_leaves_the_file(flavour: str, sockdir: Path) -> None:
+    path = sockdir / "s.sock"
+    with start_serving(flavour, path, "stream") as a:  # drain_timeout: the default, 30 s
+        stayer = udskit.connect(path, timeout=PATIENCE)
+        stayer.send(b"hi")
+        assert stayer.recv() == f"{a.pid}:hi".encode()
+        with Child(flavour, path, "stream") as b:
+            b.expect(f"took over from pid {a.pid}")
+            a.expect("handed over; finishing 1 client(s), for at most 30 s")
+            assert a.terminate() == 0  # well within the drain timeout
+            assert a.leaked() == "leaked []"
+            with pytest.raises(udskit.ConnectionClosed):
+                stayer.recv()
+            stayer.close()
+            assert ask(path, "stream", b"x") == f"{b.pid}:x".encode()
+            assert b.terminate() == 0
+        assert not os.path.lexists(path)
