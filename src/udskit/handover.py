@@ -432,7 +432,10 @@ def _take(
         except ProcessLookupError:
             conv.close()
             return None  # it exited as we connected: its socket file is stale now
-        _send(conv, Message("take", type=type_name(kind), version=VERSION))
+        try:
+            _send(conv, Message("take", type=type_name(kind), version=VERSION))
+        except OSError:
+            pass  # it refused us at once and hung up: its answer is still there to read
         try:
             answer, fds = _receive_with_fds(conv, ("listener", "error"), timeout)
         except ProtocolError as exc:
@@ -866,7 +869,14 @@ def _receive_with_fds(
     except BlockingIOError:
         raise ProtocolError("nothing to read") from None
     except ConnectionResetError:
-        packet, ancdata, flags = b"", [], 0
+        # It closed with a message of ours unread (it refused us at once): Linux reports
+        # that first, and what it sent before it closed is still queued behind the error.
+        try:
+            packet, ancdata, flags, _ = sock.recvmsg(
+                MAX_MESSAGE + 1, ancillary_size(1), socket.MSG_DONTWAIT
+            )
+        except OSError:
+            packet, ancdata, flags = b"", [], 0
     try:
         fds = unpack(ancdata, flags, "the handover peer", max_fds=1).fds
     except ControlDataError as exc:

@@ -137,6 +137,12 @@ def test_too_many_conversations_at_once(serving: tuple[Child, Path]) -> None:
                 "op": "error",
                 "reason": "too many handover requests at once; try again",
             }
+        for _ in range(3):  # a successor is told so too, however its request races the answer
+            with pytest.raises(udskit.HandoverError) as caught:
+                udskit.Upgrader(path)
+            assert str(caught.value) == (
+                f"cannot take over {path}: too many handover requests at once; try again"
+            )
     finally:
         for conv in silent:
             conv.close()
