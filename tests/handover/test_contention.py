@@ -13,7 +13,7 @@ import udskit
 
 from ..conftest import READY_TIMEOUT
 from ..integration.children import Talker
-from .harness import Child, ask, control_path, load, start_serving
+from .harness import PATIENCE, Child, ask, control_path, load, start_serving, wait_for
 
 
 def test_a_second_successor_is_told_who_is_taking_over(sockdir: Path) -> None:
@@ -123,3 +123,30 @@ def test_a_chain_of_handovers_across_server_kinds(sockdir: Path) -> None:
     finally:
         for child in children:
             child.kill()
+
+
+def test_a_handover_while_the_first_old_one_still_drains(sockdir: Path) -> None:
+    path = sockdir / "app.sock"
+    with start_serving("aioserver", path, "stream") as a:
+        stayer = udskit.connect(path, timeout=PATIENCE)
+        stayer.send(b"1")
+        assert stayer.recv() == f"{a.pid}:1".encode()
+        with Child("server", path, "stream") as b:
+            b.expect(f"took over from pid {a.pid}")
+            wait_for(control_path(path))  # B's: A removed its own before B took over
+            c = Child("messageserver", path, "stream")
+            try:
+                c.expect(f"took over from pid {b.pid}")
+                assert b.finish() == 0
+                # A still serves its client, and neither old one removed the file.
+                stayer.send(b"2")
+                assert stayer.recv() == f"{a.pid}:2".encode()
+                assert ask(path, "stream", b"x") == f"{c.pid}:x".encode()
+                stayer.close()
+                assert a.finish() == 0
+                assert a.leaked() == "leaked []"
+                assert os.path.exists(path)
+                assert c.terminate() == 0
+            finally:
+                c.kill()
+    assert not os.path.lexists(path)
