@@ -23,6 +23,7 @@ from .harness import (
     Child,
     ask,
     control_path,
+    load,
     start_serving,
     start_upgrader,
 )
@@ -69,15 +70,35 @@ def test_a_crashing_successor_leaves_the_old_one_serving(sockdir: Path) -> None:
 
 def test_a_successor_killed_before_ready_leaves_the_old_one_serving(sockdir: Path) -> None:
     path = sockdir / "app.sock"
-    with (
-        start_serving("messageserver", path, "stream") as a,
-        Child("upgrader", path, "stream") as b,
-    ):
-        b.expect(f"listening {a.pid}")  # it holds the listener, and has not said ready
-        b.kill()
-        line = a.expect("the handover to pid")
-        assert f"pid {b.pid} failed" in line
-        assert "still serving" in line
+    with start_serving("messageserver", path, "stream") as a:
+        with load(path, "stream") as clients:
+            clients.wait_served_by(a.pid)
+            with Child("upgrader", path, "stream") as b:
+                b.expect(f"listening {a.pid}")  # it holds the listener, has not said ready
+                b.kill()
+            line = a.expect("the handover to pid")
+            assert f"pid {b.pid} failed" in line
+            assert "still serving" in line
+            clients.wait_served_by(a.pid)
+        assert clients.failures == []
+        assert set(clients.served_by) == {a.pid}
+        # Handed over again later, to a successor that does not die.
+        with Child("aiomessageserver", path, "stream") as c:
+            c.expect(f"took over from pid {a.pid}")
+            assert a.finish() == 0
+            assert a.leaked() == "leaked []"
+            assert ask(path, "stream", b"x") == f"{c.pid}:x".encode()
+            assert c.terminate() == 0
+        assert not os.path.lexists(path)
+
+
+def test_the_old_one_owns_the_file_after_a_failed_handover(sockdir: Path) -> None:
+    path = sockdir / "app.sock"
+    with start_serving("aioserver", path, "stream") as a:
+        with Child("upgrader", path, "stream") as b:
+            b.expect(f"listening {a.pid}")
+            b.kill()
+        a.expect("the handover to pid")
         owned_then_removed(a, path, a.terminate)
 
 
