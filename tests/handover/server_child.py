@@ -189,6 +189,7 @@ def main() -> None:
     parser.add_argument("type")
     parser.add_argument("--drain-timeout", type=float, default=None)
     parser.add_argument("--ready-timeout", type=float, default=30.0)
+    parser.add_argument("--owner", type=int, default=None)
     parser.add_argument("--command", default="", help="the successor's argv, as JSON")
     parser.add_argument("--mode", type=lambda text: int(text, 8), default=0o640)
     args = parser.parse_args()
@@ -199,6 +200,8 @@ def main() -> None:
     options: dict[str, Any] = {"type": args.type, "handover": True, "mode": args.mode}
     if args.drain_timeout is not None:
         options["drain_timeout"] = args.drain_timeout
+    if args.owner is not None:
+        options["owner"] = args.owner
     try:
         run(args, options)
     except udskit.UdsError as exc:

@@ -14,7 +14,7 @@ import udskit
 from udskit.ancillary import ancillary_size
 
 from ..integration.children import NOBODY, Talker, needs_root
-from .harness import PATIENCE, ask, control_path, start_serving
+from .harness import PATIENCE, Child, ask, control_path, start_serving, wait_for
 
 
 def open_to_others(directory: Path) -> None:
@@ -133,3 +133,27 @@ def test_a_successor_never_trusts_a_control_socket_of_another_user(sockdir: Path
         f"cannot take over {path}: its handover socket {control_path(path)} is served by uid "
         f"{NOBODY}, not this user or root; refusing a listener from another user"
     )
+
+
+@needs_root
+def test_the_socket_file_keeps_its_owner_and_mode(sockdir: Path) -> None:
+    path = sockdir / "app.sock"
+    with start_serving("server", path, "stream", "--owner", str(NOBODY), "--mode", "660") as a:
+        before = os.stat(path)
+        assert (before.st_uid, before.st_mode & 0o777) == (NOBODY, 0o660)
+        # The successor asks for another mode and no owner: a file taken over keeps its own.
+        with Child("messageserver", path, "stream", "--mode", "600") as b:
+            b.expect(f"took over from pid {a.pid}")
+            assert a.finish() == 0
+            after = os.stat(path)
+            assert (after.st_ino, after.st_uid, after.st_gid, after.st_mode) == (
+                before.st_ino,
+                before.st_uid,
+                before.st_gid,
+                before.st_mode,
+            )
+            wait_for(control_path(path))  # B's, which it makes once it has taken over
+            control = os.stat(control_path(path))
+            assert (control.st_uid, control.st_mode & 0o777) == (os.geteuid(), 0o600)
+            assert b.terminate() == 0
+    assert not os.path.lexists(path)
