@@ -27,6 +27,7 @@ from typing import Any
 
 import udskit
 import udskit.aio
+import udskit.handover
 
 PID = os.getpid()
 
@@ -190,12 +191,15 @@ def main() -> None:
     parser.add_argument("--drain-timeout", type=float, default=None)
     parser.add_argument("--ready-timeout", type=float, default=30.0)
     parser.add_argument("--owner", type=int, default=None)
+    parser.add_argument("--hello-timeout", type=float, default=None)
     parser.add_argument("--command", default="", help="the successor's argv, as JSON")
     parser.add_argument("--mode", type=lambda text: int(text, 8), default=0o640)
     args = parser.parse_args()
     logging.basicConfig(
         stream=sys.stdout, level=logging.INFO, format="log: %(levelname)s %(message)s"
     )
+    if args.hello_timeout is not None:  # a named limit, shortened for a test
+        udskit.handover.HELLO_TIMEOUT = args.hello_timeout  # type: ignore[misc]
     before = open_fds()
     options: dict[str, Any] = {"type": args.type, "handover": True, "mode": args.mode}
     if args.drain_timeout is not None:

@@ -250,3 +250,14 @@ def test_a_successor_refuses_what_is_not_a_listener(
         assert error in message
         assert "\n" not in message
         assert old.line() == "sent"
+
+
+def test_a_silent_caller_is_dropped(sockdir: Path) -> None:
+    path = sockdir / "s.sock"
+    with start_serving("server", path, "stream", "--hello-timeout", "0.2") as child:
+        with raw_control(path) as conv:
+            assert answer(conv) == {"op": "error", "reason": "no request within 0.2 s"}
+            assert answer(conv) is None
+        assert ask(path, "stream", b"x") == f"{child.pid}:x".encode()
+        assert child.terminate() == 0
+        assert child.leaked() == "leaked []"
