@@ -116,9 +116,9 @@ async def serve_aio(args: argparse.Namespace, options: dict[str, Any]) -> None:
 
 
 def bare_upgrader(args: argparse.Namespace) -> None:
-    """A framework's own server loop on an Upgrader (stream or seqpacket): it accepts in a
-    thread from the start; ``ready`` on stdin says ready; ``close`` (or EOF) stops it. Once
-    handed over, it stops accepting, finishes its clients and returns."""
+    """A framework's own server loop on an Upgrader (stream or seqpacket): ``ready`` on stdin
+    says ready, and then it accepts, in a thread; ``upgrade`` calls upgrade(); ``close`` (or
+    EOF) stops it. Once handed over, it stops accepting, finishes its clients and returns."""
     upgrader = udskit.Upgrader(
         args.path,
         type=args.type,
@@ -132,7 +132,6 @@ def bare_upgrader(args: argparse.Namespace) -> None:
     stop_r, stop_w = os.pipe()
     clients: list[threading.Thread] = []
     accepting = threading.Thread(target=accept_loop, args=(upgrader.socket, stop_r, clients))
-    accepting.start()
     try:
         while True:
             ready, _, _ = select.select([sys.stdin, handed_r], [], [])
@@ -150,10 +149,12 @@ def bare_upgrader(args: argparse.Namespace) -> None:
             except udskit.HandoverError as exc:
                 say(f"error HandoverError: {exc}")
                 break
+            accepting.start()  # like udskit's servers: it accepts once it has said ready
             say("ready")
     finally:
         os.write(stop_w, b"!")
-        accepting.join()
+        if accepting.ident is not None:
+            accepting.join()
         for client in clients:
             client.join(30)
         upgrader.close()
