@@ -472,7 +472,9 @@ def listen(
     the kernel's default otherwise; 0: the kernel's default).
     ``handover=True`` (socket paths): take the listener over from a udskit server that
     serves the path with handover, else claim it fresh; either way offer handover to the
-    next (see :class:`udskit.Upgrader`, which ``listener.upgrader`` is).
+    next (see :class:`udskit.Upgrader`, which ``listener.upgrader`` is). Its ``accept()``
+    and ``recv()`` wait as usual though the socket is shared with the previous process,
+    which may have made it non-blocking (udskit's servers do).
     """
     if not isinstance(handover, bool):
         raise TypeError(f"handover must be True or False, not {handover!r}")
