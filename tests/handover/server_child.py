@@ -192,6 +192,7 @@ def main() -> None:
     parser.add_argument("--drain-timeout", type=float, default=None)
     parser.add_argument("--ready-timeout", type=float, default=30.0)
     parser.add_argument("--owner", type=int, default=None)
+    parser.add_argument("--max-clients", type=int, default=None)
     parser.add_argument("--hello-timeout", type=float, default=None)
     parser.add_argument("--command", default="", help="the successor's argv, as JSON")
     parser.add_argument("--mode", type=lambda text: int(text, 8), default=0o640)
@@ -207,6 +208,8 @@ def main() -> None:
         options["drain_timeout"] = args.drain_timeout
     if args.owner is not None:
         options["owner"] = args.owner
+    if args.max_clients is not None:
+        options["max_clients"] = args.max_clients
     try:
         run(args, options)
     except udskit.UdsError as exc:

@@ -73,3 +73,30 @@ def test_a_path_whose_control_socket_is_longer_than_sun_path(sockdir: Path, leng
         assert b.terminate() == 0
         assert b.leaked() == "leaked []"
     assert os.listdir(sub) == []
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_clients_queued_in_the_backlog_are_served_by_the_new_one(
+    flavour: str, sockdir: Path
+) -> None:
+    path = sockdir / "app.sock"
+    with start_serving(flavour, path, "stream", "--max-clients", "1") as a:
+        stayer = udskit.connect(path, timeout=PATIENCE)
+        stayer.send(b"1")
+        assert stayer.recv() == f"{a.pid}:1".encode()
+        # A is full: these wait in the listener's backlog, their requests sent.
+        queued = [udskit.connect(path, timeout=PATIENCE) for _ in range(3)]
+        for n, client in enumerate(queued):
+            client.send(b"q%d" % n)
+        with Child(flavour, path, "stream") as b:
+            b.expect(f"took over from pid {a.pid}")
+            for n, client in enumerate(queued):
+                assert client.recv() == f"{b.pid}:q{n}".encode()
+                client.close()
+            stayer.send(b"2")
+            assert stayer.recv() == f"{a.pid}:2".encode()
+            stayer.close()
+            assert a.finish() == 0
+            assert a.leaked() == "leaked []"
+            assert b.terminate() == 0
+    assert not os.path.lexists(path)
