@@ -382,7 +382,7 @@ class _Predecessor:
                 pass  # it hung up; what it said before it did is still there to read
             answer = _receive(self.conv, ("stopped", "error"), timeout)
         except (ProtocolError, OSError) as exc:
-            if not self._gone():
+            if not _exited(self.pidfd, exc):
                 raise HandoverError(
                     f"cannot take over {address}: pid {self.pid} did not confirm ({_reason(exc)}); "
                     "it goes on serving"
@@ -393,9 +393,6 @@ class _Predecessor:
                 raise HandoverError(f"cannot take over {address}: {answer.reason}")
             log.info("%s: took over from pid %d", address, self.pid)
         return adopt(sock, address)
-
-    def _gone(self) -> bool:
-        return _exited(self.pidfd)
 
     def close(self) -> None:
         self.conv.close()
@@ -439,7 +436,7 @@ def _take(
         try:
             answer, fds = _receive_with_fds(conv, ("listener", "error"), timeout)
         except ProtocolError as exc:
-            if not _exited(pidfd):
+            if not _exited(pidfd, exc):
                 raise HandoverError(f"cannot take over {target}: {_reason(exc)}") from None
             os.close(pidfd)
             conv.close()
@@ -899,10 +896,13 @@ def _readable(fd: int, timeout: float = 0.0) -> bool:
     return bool(poller.poll(timeout * 1000))
 
 
-def _exited(pidfd: int) -> bool:
-    """Whether the process of ``pidfd`` has exited (or is exiting): the conversation with it
-    just broke, and a dying process's descriptors close before its pidfd says so."""
-    return _readable(pidfd, EXIT_GRACE)  # a pidfd is readable once its process has exited
+def _exited(pidfd: int, broken: BaseException) -> bool:
+    """Whether the process of ``pidfd`` has exited, now that the conversation with it broke
+    with ``broken``. A pidfd is readable once its process has exited; a conversation that
+    ended (a dying process's descriptors close before its pidfd says so) waits EXIT_GRACE
+    for that, one that went wrong otherwise (garbage, no answer in time) does not."""
+    ended = isinstance(broken, (_Closed, OSError)) and not isinstance(broken, TimeoutError)
+    return _readable(pidfd, EXIT_GRACE if ended else 0.0)
 
 
 def _reason(exc: BaseException) -> str:
