@@ -89,6 +89,12 @@ READY_TIMEOUT: Final = 30.0
 #: own READY_TIMEOUT.
 UPGRADE_TIMEOUT: Final = 2 * READY_TIMEOUT
 
+#: How long a broken conversation waits for the other process's pidfd to say it exited. The
+#: kernel closes a dying process's descriptors (our peer sees the conversation end) before
+#: it reports the exit on its pidfd; in between lie microseconds, or a few milliseconds on a
+#: loaded machine. A process alive after this long closed the conversation on purpose.
+EXIT_GRACE: Final = 1.0
+
 #: How long the serving process waits for the first message of a process that connected to
 #: its control socket: a successor asks at once, so a silent one is not a successor.
 HELLO_TIMEOUT: Final = 5.0
@@ -132,6 +138,12 @@ class Upgrader:
         upgrader.wait()         # returns once a successor has taken over
         server.stop_accepting_and_finish()      # then exit
         upgrader.close()
+
+    A listener taken over is one open socket shared with the previous process until that
+    one stops, its flags too: udskit's servers make it non-blocking (O_NONBLOCK), whatever
+    ``socket.getblocking()`` says in this process. Wait with poll()/select() and accept
+    without blocking, ready for BlockingIOError: while both processes hold the socket, either
+    may take a client the other was woken for. (udskit's listeners and servers do this.)
 
     ``previous_pid`` is the pid of the process it took over from (None: started fresh);
     ``successor_pid`` the one that took over from it. ``on_handed_over(callback)`` runs
@@ -214,17 +226,25 @@ class Upgrader:
         self.previous_pid: int | None = None
         self.successor_pid: int | None = None
         self._previous: _Predecessor | None = None
-        taken = _take(self._control, opts.target, opts.kind, self._ready_timeout)
+        died_at = None
+        try:
+            taken = _take(self._control, opts.target, opts.kind, self._ready_timeout)
+        except _Gone:
+            taken, died_at = None, time.monotonic()
         if taken is not None:
             self.socket, self._previous = taken
             self.previous_pid = self._previous.pid
             return
         try:
-            self.socket, self._claim = bind(opts)
+            self.socket, self._claim = _bind_fresh(opts, bind, died_at)
         except AddressInUse as exc:
+            # Not the claim's own advice ("stop it first, or choose another path"): the
+            # caller asked to take over, and what it needs to know is why it could not.
+            owner = "" if exc.pid is None else f" (pid {exc.pid}, uid {exc.uid})"
             raise AddressInUse(
-                f"{str(exc).rstrip('.')}; it offers no handover (started without it, or "
-                "handing over right now): retry, or stop it first",
+                f"cannot take over {opts.target}: the live server there{owner} offers no "
+                "handover (started without it, handing over right now, or unable to make "
+                "its handover socket: see its log); retry, or stop it first",
                 pid=exc.pid,
                 uid=exc.uid,
             ) from None
@@ -428,7 +448,7 @@ class _Predecessor:
                 pass  # it hung up; what it said before it did is still there to read
             answer, fds = _receive_with_fds(self.conv, ("stopped", "error"), timeout)
         except (ProtocolError, OSError) as exc:
-            if not self._gone():
+            if not _exited(self.pidfd, exc):
                 raise HandoverError(
                     f"cannot take over {address}: pid {self.pid} did not confirm "
                     f"({_reason(exc)}); it goes on serving"
@@ -445,10 +465,6 @@ class _Predecessor:
             if control is not None:
                 control.close()
             raise
-
-    def _gone(self) -> bool:
-        # A pidfd is readable once its process has exited.
-        return self.pidfd < 0 or _readable(self.pidfd)
 
     def close(self) -> None:
         self.conv.close()
@@ -480,12 +496,14 @@ def _take(
                 ) from None
             raise translate(exc, "connect", control) from None
         _trusted(conv, control, target)
-        _send(conv, Message("take", type=type_name(kind), version=VERSION))
+        try:
+            _send(conv, Message("take", type=type_name(kind), version=VERSION))
+        except OSError:
+            pass  # it refused us at once and hung up: its answer is still there to read
         try:
             answer, fds = _receive_with_fds(conv, ("listener", "error"), timeout)
         except _Closed:
-            conv.close()
-            return None  # it died before passing the listener: try to start fresh
+            raise _Gone from None  # it died before passing the listener: start fresh
         except ProtocolError as exc:
             raise HandoverError(f"cannot take over {target}: {_reason(exc)}") from None
         sock = _listening_socket(answer, fds, kind, target)
@@ -501,6 +519,25 @@ def _take(
             os.close(pidfd)
         conv.close()
         raise
+
+
+class _Gone(Exception):
+    """The serving process died before it passed the listener."""
+
+
+def _bind_fresh(
+    opts: ListenOptions, bind: Bind, died_at: float | None
+) -> tuple[socket.socket, Claim | None]:
+    """Claim the path. After a serving process died mid-conversation (``died_at``), its
+    listener may outlive the conversation by a moment (a dying process's descriptors close
+    one by one): a live socket at the path is looked at again until EXIT_GRACE has passed."""
+    while True:
+        try:
+            return bind(opts)
+        except AddressInUse:
+            if died_at is None or time.monotonic() - died_at > EXIT_GRACE:
+                raise
+        time.sleep(0.005)  # bounded by EXIT_GRACE: the kernel finishing an exit
 
 
 def _trusted(conv: socket.socket, control: Address, target: Address) -> PeerCred:
@@ -979,7 +1016,14 @@ def _receive_with_fds(
     except BlockingIOError:
         raise ProtocolError("nothing to read") from None
     except ConnectionResetError:
-        packet, ancdata, flags = b"", [], 0
+        # It closed with a message of ours unread (it refused us at once): Linux reports
+        # that first, and what it sent before it closed is still queued behind the error.
+        try:
+            packet, ancdata, flags, _ = sock.recvmsg(
+                MAX_MESSAGE + 1, ancillary_size(1), socket.MSG_DONTWAIT | RECV_FLAGS
+            )
+        except OSError:
+            packet, ancdata, flags = b"", [], 0
     try:
         fds = unpack(ancdata, flags, "the handover peer", max_fds=1).fds
     except ControlDataError as exc:
@@ -996,10 +1040,21 @@ def _receive_with_fds(
         raise
 
 
-def _readable(fd: int) -> bool:
+def _readable(fd: int, timeout: float = 0.0) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
+    return bool(poller.poll(timeout * 1000))
+
+
+def _exited(pidfd: int, broken: BaseException) -> bool:
+    """Whether the process of ``pidfd`` has exited, now that the conversation with it broke
+    with ``broken``. A pidfd is readable once its process has exited; a conversation that
+    ended (a dying process's descriptors close before its pidfd says so) waits EXIT_GRACE
+    for that, one that went wrong otherwise (garbage, no answer in time) does not."""
+    if pidfd < 0:
+        return True  # it had exited before we could open one
+    ended = isinstance(broken, (_Closed, OSError)) and not isinstance(broken, TimeoutError)
+    return _readable(pidfd, EXIT_GRACE if ended else 0.0)
 
 
 def _reason(exc: BaseException) -> str:

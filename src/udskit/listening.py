@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -158,6 +159,17 @@ class _Endpoint:
                 pass
         self._sock.close()
 
+    def _wait_readable(self) -> bool:
+        """Wait until the socket is readable if this listener blocks (no timeout) but its
+        descriptor does not: O_NONBLOCK belongs to the open socket, which a process it is
+        shared with (handed over, or inherited) may have set. False: it does not block."""
+        if self._sock.gettimeout() is not None:
+            return False
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        poller.poll()
+        return True
+
     def _check_open(self) -> None:
         if self._closed:
             raise ConnectionClosed(f"listener on {self.address} is closed")
@@ -240,6 +252,8 @@ class Listener(_Endpoint):
             except OSError as exc:
                 if self._closed:
                     raise ConnectionClosed(f"listener on {self.address} is closed") from None
+                if isinstance(exc, BlockingIOError) and self._wait_readable():
+                    continue  # see _wait_readable
                 if classify(exc) is AcceptVerdict.RETRY and not isinstance(exc, BlockingIOError):
                     continue  # the queued client is gone (see udskit.accepting): the next one
                 raise translate(exc, "accept", self.address) from exc  # EAGAIN: Timeout
@@ -319,6 +333,8 @@ class DatagramListener(_Endpoint):
             except OSError as exc:
                 if self._closed:
                     raise ConnectionClosed(f"listener on {self.address} is closed") from None
+                if isinstance(exc, BlockingIOError) and self._wait_readable():
+                    continue  # see _wait_readable
                 raise translate(exc, "recv", self.address) from exc
             if self._closed:  # close() in another thread woke us with an empty read
                 raise ConnectionClosed(f"listener on {self.address} is closed")
@@ -473,7 +489,9 @@ def listen(
     the kernel's default otherwise; 0: the kernel's default).
     ``handover=True`` (socket paths): take the listener over from a udskit server that
     serves the path with handover, else claim it fresh; either way offer handover to the
-    next (see :class:`udskit.Upgrader`, which ``listener.upgrader`` is).
+    next (see :class:`udskit.Upgrader`, which ``listener.upgrader`` is). Its ``accept()``
+    and ``recv()`` wait as usual though the socket is shared with the previous process,
+    which may have made it non-blocking (udskit's servers do).
     """
     if not isinstance(handover, bool):
         raise TypeError(f"handover must be True or False, not {handover!r}")

@@ -33,7 +33,7 @@ from .address import AddressLike
 from .ancillary import close_fds
 from .connection import DEFAULT_MAX_OUTBOX, Connection
 from .listening import DatagramListener, Listener, listen
-from .options import DEFAULT_DRAIN_TIMEOUT
+from .options import DEFAULT_DRAIN_TIMEOUT, check_seconds
 from .server import SHUTDOWN_GRACE, run_until_signalled
 from .serving import Hook, MessageHandler, MessageServing, check_server_options
 from .wakeup import WakeUp
@@ -91,6 +91,7 @@ class MessageServer(MessageServing):
             raise TypeError(f"workers must be a number of threads, not {workers!r}")
         if not 0 <= workers <= MAX_WORKERS:
             raise ValueError(f"workers must be from 0 to {MAX_WORKERS}, not {workers}")
+        check_seconds("drain_timeout", drain_timeout)  # before the socket is claimed
         endpoint: Listener | DatagramListener = listen(address, **listen_options)  # type: ignore[call-overload]
         super().__init__(
             endpoint,

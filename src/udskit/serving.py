@@ -472,8 +472,9 @@ class MessageServing:
 
     def _on_listener(self) -> None:
         if not self._watching_listener:
-            # Unwatched earlier in this same wake-up (stopping, handed over, full): the
-            # clients queued are the successor's, or the next look's.
+            # Unwatched earlier in this same wake-up (stopping, handed over, full): a client
+            # accepted now would only be closed; left queued, the successor (or the next
+            # look) takes it.
             return
         endpoint = self._endpoint
         if isinstance(endpoint, DatagramListener):

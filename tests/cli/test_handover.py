@@ -75,7 +75,8 @@ def assert_sockets_held_once_and_not_inherited(pid: int) -> None:
         assert len(fds) == 1, (target, fds)
         with open(f"/proc/{pid}/fdinfo/{fds[0]}", encoding="ascii") as f:
             match = re.search(r"flags:\s+([0-7]+)", f.read())
-        assert match and int(match.group(1), 8) & os.O_CLOEXEC, (target, fds)
+        assert match, (target, fds)
+        assert int(match.group(1), 8) & os.O_CLOEXEC, (target, fds)
 
 
 def test_second_server_takes_over(sockdir: Path, background: list[Background]) -> None:

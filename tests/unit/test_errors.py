@@ -30,13 +30,13 @@ TREE: dict[type[UdsError], type[Exception]] = {
     AddressError: ValueError,
     AddressInUse: OSError,
     SocketFileError: OSError,
+    HandoverError: OSError,
     ConnectError: ConnectionError,
     ConnectionClosed: ConnectionError,
     PeerRejected: PermissionError,
     ProtocolError: UdsError,
     FrameTooLarge: ProtocolError,
     Timeout: TimeoutError,
-    HandoverError: OSError,
 }
 
 MESSAGE = "cannot connect to /run/app.sock: no such file; is the server running?"

@@ -90,7 +90,9 @@ def decode(packet: bytes, descriptors: int, expected: tuple[str, ...]) -> Messag
         raise ProtocolError(f"handover message of {len(packet)} bytes; the limit is {MAX_MESSAGE}")
     try:
         body = json.loads(packet)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # RecursionError: arrays or objects nested deeper than json parses ("[[[[..."), which
+        # fit in MAX_MESSAGE many times over; no message of ours nests at all.
         raise ProtocolError("handover message is not JSON") from None
     if not isinstance(body, dict) or not isinstance(body.get("op"), str):
         raise ProtocolError("handover message is not an object with an op")
