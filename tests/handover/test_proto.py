@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from udskit.errors import ProtocolError
-from udskit.proto.handover import MAX_MESSAGE, VERSION, Message, decode, encode
+from udskit.proto.handover import (
+    CARRIES_DESCRIPTOR,
+    MAX_MESSAGE,
+    VERSION,
+    Message,
+    decode,
+    encode,
+)
 
 ALL_OPS = ("take", "listener", "ready", "stopped", "upgrade", "upgraded", "error")
 
@@ -20,7 +27,7 @@ MESSAGES = [
     Message("ready"),
     Message("stopped", pid=99),
     Message("upgrade"),
-    Message("upgraded", pid=7),
+    Message("upgraded", pid=7, old=6),
     Message("error", reason="pid 12 is taking over /run/x.sock now; try again ✓"),
 ]
 
@@ -29,7 +36,7 @@ MESSAGES = [
 def test_every_op_round_trips(message: Message) -> None:
     packet = encode(message)
     assert len(packet) <= MAX_MESSAGE
-    descriptors = 1 if message.op == "listener" else 0
+    descriptors = 1 if message.op in CARRIES_DESCRIPTOR else 0
     assert decode(packet, descriptors, ALL_OPS) == message
 
 
@@ -42,7 +49,7 @@ def test_encode_sends_only_the_fields_of_the_op() -> None:
 
 def test_fields_the_op_does_not_have_are_ignored() -> None:
     packet = b'{"op":"stopped","pid":5,"later":"a newer peer may say more"}'
-    assert decode(packet, 0, ("stopped",)) == Message("stopped", pid=5)
+    assert decode(packet, 1, ("stopped",)) == Message("stopped", pid=5)
 
 
 def test_a_packet_of_exactly_the_limit_is_accepted() -> None:
@@ -110,7 +117,10 @@ def test_an_op_out_of_turn() -> None:
 @pytest.mark.parametrize("message", MESSAGES, ids=lambda m: m.op)
 @pytest.mark.parametrize("descriptors", [0, 1, 2])
 def test_descriptors_only_with_the_listener(message: Message, descriptors: int) -> None:
-    wanted = 1 if message.op == "listener" else 0
+    """The listener comes with the listening socket, ``stopped`` with the handover socket;
+    nothing else carries a descriptor."""
+    assert set(CARRIES_DESCRIPTOR) == {"listener", "stopped"}
+    wanted = 1 if message.op in CARRIES_DESCRIPTOR else 0
     if descriptors == wanted:
         assert decode(encode(message), descriptors, ALL_OPS) == message
     else:
