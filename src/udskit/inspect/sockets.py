@@ -91,6 +91,8 @@ def list_sockets(
                 connections=counts.get((entry.type, entry.path), 0),
             )
         )
+    # By path, as ls sorts; a server's handover socket under the socket it hands over.
+    result.sort(key=lambda e: (e.path, e.state == "handover"))
     return result
 
 
