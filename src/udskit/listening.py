@@ -30,19 +30,21 @@ from .ancillary import (
 )
 from .channel import Buffer, Channel
 from .creds import PeerCred, Policy
-from .errors import AddressInUse, ConnectionClosed, ProtocolError, SocketFileError
+from .errors import AddressInUse, ConnectionClosed, ProtocolError, SocketFileError, UdsError
 from .options import (
     DEFAULT_BACKLOG,
     ListenOptions,
     SocketType,
     base_type,
     check_message,
+    check_shared_memory,
     check_timeout,
     listen_options,
     max_frame_for,
     tune_buffers,
     type_name,
 )
+from .proto.shm import is_marker
 from .sockfile import Claim, claim, probe
 from .translate import translate, translating
 
@@ -155,7 +157,7 @@ class _Endpoint:
 class Listener(_Endpoint):
     """A listening stream or seqpacket socket. ``accept()`` returns a Channel per client."""
 
-    __slots__ = ("_buffers", "_framing", "_max_fds", "_max_frame")
+    __slots__ = ("_buffers", "_framing", "_max_fds", "_max_frame", "_shared_memory")
 
     def __init__(
         self,
@@ -168,8 +170,10 @@ class Listener(_Endpoint):
         max_frame: int | None,
         max_fds: int,
         buffers: tuple[int | None, int | None] = (None, None),
+        shared_memory: int = 0,
     ) -> None:
         super().__init__(sock, address, claim, policy)
+        self._shared_memory = shared_memory
         self._framing = framing
         self._max_frame = max_frame
         self._max_fds = max_fds
@@ -220,14 +224,27 @@ class Listener(_Endpoint):
         admitted = admit(conn, self.address, self.policy, self._buffers, blocking=True)
         if not isinstance(admitted, Admitted):
             return None
-        return Channel(
+        # Shared memory only with a client that opted in too (its name says so): the
+        # OFFER is then the first thing it receives; any other client sees a plain socket.
+        pool = self._shared_memory if self._shared_memory and _opted_in(conn) else 0
+        channel = Channel(
             conn,
             framing=self._framing,
             max_frame=self._max_frame,
             max_fds=self._max_fds,
             remote=admitted.remote,
             peer=admitted.peer,
+            shared_memory=pool,
+            peer_opted=bool(pool),
         )
+        if pool:
+            try:
+                channel._offer()
+            except UdsError as exc:  # the client is gone already
+                log.info("%s: client left before the shared-memory offer: %s", self.address, exc)
+                channel.close()
+                return None
+        return channel
 
     def __iter__(self) -> Iterator[Channel]:
         """Accept clients until the listener is closed."""
@@ -342,6 +359,14 @@ class DatagramListener(_Endpoint):
         return self._until_closed(self.recv)
 
 
+def _opted_in(conn: socket.socket) -> bool:
+    """Whether an accepted client bound itself to the shared-memory marker name."""
+    try:
+        return is_marker(conn.getpeername())
+    except OSError:
+        return False
+
+
 def admits(policy: Policy, peer: PeerCred | None, address: Address, where: object) -> bool:
     """Whether ``policy`` lets a datagram from ``peer`` (None: it carries no credentials)
     be served; a refusal is logged.
@@ -380,6 +405,7 @@ def listen(
     max_fds: int = ...,
     sndbuf: int | None = ...,
     rcvbuf: int | None = ...,
+    shared_memory: bool | int = ...,
 ) -> Listener: ...
 @overload
 def listen(
@@ -396,6 +422,7 @@ def listen(
     max_fds: int = ...,
     sndbuf: int | None = ...,
     rcvbuf: int | None = ...,
+    shared_memory: bool | int = ...,
 ) -> DatagramListener: ...
 @overload
 def listen(
@@ -412,6 +439,7 @@ def listen(
     max_fds: int = ...,
     sndbuf: int | None = ...,
     rcvbuf: int | None = ...,
+    shared_memory: bool | int = ...,
 ) -> Listener | DatagramListener: ...
 def listen(
     address: AddressLike,
@@ -427,6 +455,7 @@ def listen(
     max_fds: int = 16,
     sndbuf: int | None = None,
     rcvbuf: int | None = None,
+    shared_memory: bool | int = False,
 ) -> Listener | DatagramListener:
     """Listen on ``address``: a path (claimed safely), an abstract name, ``tcp:`` or ``fd:N``.
 
@@ -435,6 +464,9 @@ def listen(
     :class:`DatagramListener`; otherwise a :class:`Listener` whose channels use ``framing``.
     ``sndbuf``/``rcvbuf`` size each connection's socket buffers (None: 1 MiB for streams,
     the kernel's default otherwise; 0: the kernel's default).
+    ``shared_memory`` (True, or a pool size in bytes) moves large messages through shared
+    memory with each client that opted in too (docs/shared-memory.md); other clients get a
+    plain socket.
     """
     opts = listen_options(
         address,
@@ -451,6 +483,14 @@ def listen(
         rcvbuf=rcvbuf,
     )
     target, kind, buffers = opts.target, opts.kind, opts.buffers
+    pool = check_shared_memory(
+        shared_memory,
+        type=type,
+        framing=framing,
+        max_fds=max_fds,
+        max_frame=max_frame,
+        address_kind=target.kind,
+    )
     if target.kind == "fd":
         sock = _adopt(target, kind)
         bound: Claim | None = None
@@ -467,6 +507,7 @@ def listen(
                 max_frame=max_frame,
                 max_fds=max_fds,
                 buffers=buffers,
+                shared_memory=pool,
             )
         if any(buffers):
             tune_buffers(sock, *buffers)

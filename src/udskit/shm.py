@@ -1,0 +1,367 @@
+"""Shared memory for a channel: the memfd pool, its seals, the mappings, and who holds what.
+
+The protocol (records, accounting, validation) is sans-IO in :mod:`udskit.proto.shm`; this
+module does the system side, and the channel only calls into it:
+
+* our pool: ``memfd_create(MFD_ALLOW_SEALING)``, sized once, sealed with F_SEAL_SHRINK,
+  F_SEAL_GROW and F_SEAL_SEAL before the peer ever sees it, mapped read-write by us;
+* the peer's pool: checked before it is mapped (a regular shmem file, F_GET_SEALS has
+  SHRINK and GROW, fstat size equal to the size announced), then mapped *read-only*; the
+  descriptor is closed at once, on every path. A memfd that could shrink would let the peer
+  turn our reads into SIGBUS; a sealed one cannot change size under us.
+
+Views. A received message is handed out as a read-only memoryview of a ctypes array laid
+over the mapping (``(c_char * n).from_address``). Every view derived from it (slices,
+``numpy.frombuffer``) keeps that array alive, so the array's death -- seen by a weak
+reference -- is the exact moment nobody can read the slot any more: only then is the slot
+released to the sender. (Python 3.11 has no hook on ``memoryview.release()`` itself; PEP
+688's ``__release_buffer__`` came in 3.12.) A mapping is unmapped only when its channel is
+closed *and* no view into it is alive, so a view never outlives its memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import mmap
+import os
+import stat
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable
+from typing import Final
+
+from .errors import ProtocolError
+from .proto.shm import MAX_POOL, Ledger, Pool
+
+__all__ = ["Lease", "Mapping", "SharedMemory", "create_pool", "map_peer_pool"]
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_mmap = _libc.mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_munmap = _libc.munmap
+_munmap.restype = ctypes.c_int
+_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED: Final = ctypes.c_void_p(-1).value
+
+#: Seals on our pool: its size is fixed for good (no SIGBUS for the peer, no growth behind
+#: the accounting), and no one may add or remove seals later.
+POOL_SEALS: Final = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+#: Seals a peer's pool must carry before we map it: the two that fix its size.
+REQUIRED_SEALS: Final = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+
+#: The memfd's name, as /proc/PID/maps and fd listings show it.
+POOL_NAME: Final = "udskit-pool"
+
+
+class Mapping:
+    """One mapped pool. ``close()`` unmaps it once no view into it is alive."""
+
+    __slots__ = ("__weakref__", "_live", "_lock", "address", "closed", "size", "writable")
+
+    def __init__(self, fd: int, size: int, *, writable: bool) -> None:
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        address = _mmap(None, size, prot, mmap.MAP_SHARED, fd, 0)
+        if address is None or address == _MAP_FAILED:
+            error = ctypes.get_errno()
+            raise OSError(error, f"mmap of a shared-memory pool failed: {os.strerror(error)}")
+        self.address: int = address
+        self.size = size
+        self.writable = writable
+        self.closed = False
+        self._live = 0
+        self._lock = threading.Lock()
+
+    def view(self, offset: int, length: int, gone: Callable[[], None] | None = None) -> memoryview:
+        """A memoryview of ``length`` bytes at ``offset`` (writable only on our own pool);
+        ``gone`` runs once the last view derived from it is gone."""
+        if self.closed:
+            raise ProtocolError("shared-memory pool is closed")
+        array = (ctypes.c_char * length).from_address(self.address + offset)
+        with self._lock:
+            self._live += 1
+        weakref.finalize(array, self._dead, gone).atexit = False
+        view = memoryview(array).cast("B")
+        return view if self.writable else view.toreadonly()
+
+    def _dead(self, gone: Callable[[], None] | None) -> None:
+        with self._lock:
+            self._live -= 1
+            unmap = self.closed and self._live == 0
+        if unmap:
+            self._unmap()
+        if gone is not None:
+            gone()
+
+    def write(self, offset: int, data: memoryview) -> None:
+        """Copy ``data`` (a byte view) into our pool at ``offset``: one memcpy."""
+        target = (ctypes.c_char * len(data)).from_address(self.address + offset)
+        memoryview(target).cast("B")[:] = data
+
+    def close(self) -> None:
+        """Unmap now, or when the last view into the pool is gone."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            unmap = self._live == 0
+        if unmap:
+            self._unmap()
+
+    def _unmap(self) -> None:
+        _munmap(self.address, self.size)
+
+
+def create_pool(size: int) -> tuple[int, Mapping]:
+    """A new sealed memfd of ``size`` bytes and our read-write mapping of it. The caller
+    owns the descriptor (it goes to the peer once, then is closed)."""
+    fd = os.memfd_create(POOL_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, POOL_SEALS)
+        return fd, Mapping(fd, size, writable=True)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def map_peer_pool(fd: int, size: int) -> Mapping:
+    """Check the peer's pool descriptor and map it read-only; ``fd`` is closed on every
+    path. ProtocolError says what is wrong with it."""
+    try:
+        if not 0 < size <= MAX_POOL:
+            raise ProtocolError(
+                f"peer offered a shared-memory pool of {size} bytes (at most {MAX_POOL})"
+            )
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ProtocolError("peer's shared-memory pool is not a memfd (not a regular file)")
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:
+            raise ProtocolError(
+                "peer's shared-memory pool is not a memfd (it cannot carry seals)"
+            ) from None
+        if seals & REQUIRED_SEALS != REQUIRED_SEALS:
+            raise ProtocolError(
+                "peer's shared-memory pool is not sealed against shrinking and growing, so it "
+                "could change size under us; refusing to map it"
+            )
+        if info.st_size != size:
+            raise ProtocolError(
+                f"peer's shared-memory pool has {info.st_size} bytes, not the {size} announced"
+            )
+        return Mapping(fd, size, writable=False)
+    finally:
+        os.close(fd)
+
+
+class Lease:
+    """A message that arrived in the peer's pool: ``length`` bytes at ``offset``, ours
+    until released."""
+
+    __slots__ = ("length", "offset")
+
+    def __init__(self, offset: int, length: int) -> None:
+        self.offset = offset
+        self.length = length
+
+
+class SharedMemory:
+    """One channel's shared-memory state: our pool (sending), the peer's (receiving), the
+    releases we owe, and the messages read ahead while a sender waited for pool space.
+
+    ``space`` guards all of it; the channel's locks order I/O around it.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_fd",
+        "_loans",
+        "_mine",
+        "_theirs",
+        "arrived",
+        "attached",
+        "eof",
+        "ledger",
+        "max_frame",
+        "notify",
+        "pending",
+        "pool",
+        "pool_size",
+        "ready",
+        "space",
+    )
+
+    def __init__(self, pool_size: int, max_frame: int, *, peer_opted: bool) -> None:
+        self.pool_size = pool_size
+        self.max_frame = max_frame
+        #: The peer opted in: large sends may use our pool.
+        self.ready = peer_opted
+        self.pool: Pool | None = None
+        self._mine: Mapping | None = None
+        self._fd = -1  # our memfd until it has gone to the peer
+        self.attached = False
+        self.ledger: Ledger | None = None
+        self._theirs: Mapping | None = None
+        #: (message or Lease, fds) read ahead of recv(), in order
+        self.arrived: deque[tuple[bytes | Lease, list[int]]] = deque()
+        self.eof = False
+        #: offsets of the peer's slots we are done with, not yet sent as RELEASE
+        self.pending: deque[int] = deque()
+        self.space = threading.Condition()
+        self._loans: dict[int, tuple[memoryview, int]] = {}
+        #: called (any thread) when a release is pending: the channel tries to send it
+        self.notify: Callable[[], None] = _nothing
+
+    # -- sending side ---------------------------------------------------------------------
+    def usable_for(self, length: int) -> bool:
+        """Whether a message of ``length`` bytes can go through our pool."""
+        return self.ready and 0 < length <= self.max_frame and length <= self.pool_size
+
+    def open_pool(self) -> int:
+        """Create our pool on first use; the descriptor to send with ATTACH, or -1 if the
+        peer has it already."""
+        if self._mine is None:
+            self._fd, self._mine = create_pool(self.pool_size)
+            self.pool = Pool(self.pool_size)
+        return -1 if self.attached else self._fd
+
+    def pool_sent(self) -> None:
+        """ATTACH went out: our copy of the descriptor is no longer needed."""
+        self.attached = True
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def lend(self, length: int) -> int | None:
+        """An offset for ``length`` bytes in our pool, or None while it is too full."""
+        assert self.pool is not None
+        with self.space:
+            return self.pool.allocate(length)
+
+    def write(self, offset: int, data: memoryview) -> None:
+        assert self._mine is not None
+        self._mine.write(offset, data)
+
+    def loan(self, offset: int, length: int) -> memoryview:
+        """A writable view of a lent extent, remembered so that ``send`` knows it."""
+        assert self._mine is not None
+        view = self._mine.view(offset, length)
+        self._loans[id(view)] = (view, offset)
+        return view
+
+    def loaned(self, data: object) -> int | None:
+        """The offset of ``data`` if it is one of our loans (still unsent), else None."""
+        entry = self._loans.get(id(data))
+        if entry is None or entry[0] is not data:
+            return None
+        return entry[1]
+
+    def hand_over(self, view: memoryview) -> None:
+        """``view`` is being sent: the sender gives it up. A loan something else still
+        refers to (an array made from it) could be written after the send: refused."""
+        try:
+            view.release()
+        except BufferError:
+            raise ValueError(
+                "send(): the loaned buffer is still in use (an array or view made from it "
+                "is alive); delete those first, since after send() it belongs to the receiver"
+            ) from None
+        del self._loans[id(view)]
+
+    def give_back(self, offset: int) -> None:
+        """An extent we lent ourselves but never sent: free again."""
+        self.peer_released(offset)
+
+    def peer_released(self, offset: int) -> None:
+        """A RELEASE arrived: the extent is free again. ProtocolError if it was not lent."""
+        with self.space:
+            if self.pool is None:
+                raise ProtocolError("peer released a slot of a pool we never sent")
+            self.pool.release(offset)
+            self.space.notify_all()
+
+    # -- receiving side -------------------------------------------------------------------
+    def attach_peer(self, fd: int, size: int) -> None:
+        """The peer's ATTACH: check and map its pool (``fd`` is consumed)."""
+        if self._theirs is not None:
+            os.close(fd)
+            raise ProtocolError("peer attached a second shared-memory pool")
+        self._theirs = map_peer_pool(fd, size)
+        self.ledger = Ledger(size, self.max_frame)
+
+    def slot(self, offset: int, length: int) -> Lease:
+        """A SLOT from the peer, checked against its pool and what we hold."""
+        if self.ledger is None:
+            raise ProtocolError("peer announced a shared-memory message before its pool")
+        with self.space:
+            self.ledger.accept(offset, length)
+        return Lease(offset, length)
+
+    def view(self, lease: Lease) -> memoryview:
+        """The read-only view of a leased message; the slot is released when the last
+        view derived from it is gone."""
+        assert self._theirs is not None
+        offset = lease.offset
+        return self._theirs.view(offset, lease.length, lambda: self.release(offset))
+
+    def copy_out(self, lease: Lease) -> bytes:
+        """The message as bytes (one copy); the slot is released at once."""
+        assert self._theirs is not None
+        try:
+            array = (ctypes.c_char * lease.length).from_address(self._theirs.address + lease.offset)
+            return bytes(memoryview(array).cast("B"))
+        finally:
+            self.release(lease.offset)
+
+    def release(self, offset: int) -> None:
+        """We are done with the peer's slot at ``offset``: owe a RELEASE."""
+        with self.space:
+            if self.ledger is not None and offset in self.ledger.held:
+                self.ledger.release(offset)
+                self.pending.append(offset)
+        self.notify()
+
+    def take_pending(self) -> list[int]:
+        with self.space:
+            offsets = list(self.pending)
+            self.pending.clear()
+        return offsets
+
+    # -- both -----------------------------------------------------------------------------
+    @property
+    def in_use(self) -> int:
+        """Bytes of our pool lent to the peer."""
+        with self.space:
+            return 0 if self.pool is None else self.pool.in_use
+
+    def close(self) -> None:
+        """Release everything: descriptors now, mappings once no view into them is alive."""
+        with self.space:
+            self.ready = False
+            self.space.notify_all()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._loans.clear()
+        self.arrived.clear()
+        self.pending.clear()
+        self.notify = _nothing
+        for mapping in (self._mine, self._theirs):
+            if mapping is not None:
+                mapping.close()
+
+
+def _nothing() -> None:
+    return None
