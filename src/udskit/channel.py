@@ -860,6 +860,8 @@ class Channel(ChannelFacts):
                 f"loan: size must be from 1 to max_frame ({self._max_message}) bytes, not {size!r}"
             )
         shm = self._shm
+        if shm is not None and size >= SHARED_THRESHOLD and not shm.ready:
+            self._look_for_offer()
         if shm is None or size < SHARED_THRESHOLD or not shm.usable_for(size):
             return memoryview(bytearray(size))
         with self._wlock:
@@ -879,6 +881,8 @@ class Channel(ChannelFacts):
                 check_message(data, "send")
                 raise
             size = len(view)
+            if size >= SHARED_THRESHOLD and not shm.ready:
+                self._look_for_offer()
             if size < SHARED_THRESHOLD or not shm.usable_for(size):
                 self._send_framed(data)
                 return
@@ -932,14 +936,13 @@ class Channel(ChannelFacts):
             self._flush_releases()  # ours first: the peer may be waiting for them to send
             left = None if deadline is None else deadline - monotonic()
             if left is not None and left <= 0:
-                raise Timeout(
-                    f"{self._where()}: the shared-memory pool stayed full for {self._timeout} s "
-                    f"(the receiver holds {shm.in_use} bytes unreleased); send timed out"
-                )
+                raise self._pool_full()
             if self._rlock.acquire(blocking=False):
                 try:
                     if not shm.eof:
                         self._pump()
+                except Timeout as exc:
+                    raise self._pool_full() from exc
                 except UdsError:
                     raise
                 except BaseException:
@@ -955,6 +958,31 @@ class Channel(ChannelFacts):
             else:
                 with shm.space:
                     shm.space.wait(POOL_WAIT if left is None else min(left, POOL_WAIT))
+
+    def _pool_full(self) -> Timeout:
+        shm = self._shm
+        assert shm is not None
+        return Timeout(
+            f"{self._where()}: the shared-memory pool stayed full for {self._timeout} s (the "
+            f"receiver holds {shm.in_use} bytes unreleased); send timed out"
+        )
+
+    def _look_for_offer(self) -> None:
+        """A client that opted in, about to send a large message, has not yet seen whether
+        the listener opted in: take in what has arrived (the listener's OFFER comes first,
+        written as it accepted us), without waiting for anything."""
+        if not self._rlock.acquire(blocking=False):
+            return  # a reader is at work: it will see the offer
+        try:
+            if not self._unusable and not self._shm.eof:  # type: ignore[union-attr]
+                self._pump(wait=False)
+        except UdsError:
+            pass  # the receiver will meet it again: this send goes through the socket
+        except BaseException:
+            self._read_interrupted()
+            raise
+        finally:
+            self._rlock.release()
 
     def _flush_releases(self) -> None:
         """Send the RELEASE records we owe. Caller holds the write lock."""
@@ -1006,9 +1034,9 @@ class Channel(ChannelFacts):
         shm = self._shm
         assert shm is not None
         if self._unusable:
-            self._check_open()
-            if self._unreadable is not None:
+            if self._unreadable is not None and not self._closed:
                 raise copy.copy(self._unreadable)
+            self._check_open()
         if shm.pending:
             self._release_soon()
         while not shm.arrived:
@@ -1017,12 +1045,21 @@ class Channel(ChannelFacts):
             self._pump()
         return shm.arrived.popleft()
 
-    def _pump(self) -> None:
+    def _pump(self, *, wait: bool = True) -> None:
         """Read until something complete arrives, and take in everything complete: records
-        are acted on, messages queued for recv. Caller holds the read lock."""
+        are acted on, messages queued for recv. Caller holds the read lock. ``wait=False``:
+        read once, and only if something is there."""
         framing = self._framing
         assert framing is not None
         message = framing.next_message()
+        if message is NEED_DATA and not wait:
+            poller = select.poll()
+            poller.register(self._sock, select.POLLIN)
+            if not poller.poll(0):
+                return
+            message = self._feed(framing)
+            if message is NEED_DATA:
+                return
         while message is NEED_DATA:
             message = self._feed(framing)
         while True:

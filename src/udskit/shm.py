@@ -190,6 +190,7 @@ class SharedMemory:
         "_loans",
         "_mine",
         "_theirs",
+        "_unsent",
         "arrived",
         "attached",
         "eof",
@@ -221,6 +222,7 @@ class SharedMemory:
         self.pending: deque[int] = deque()
         self.space = threading.Condition()
         self._loans: dict[int, tuple[memoryview, int]] = {}
+        self._unsent: set[int] = set()  # offsets of loans not (yet) sent
         #: called (any thread) when a release is pending: the channel tries to send it
         self.notify: Callable[[], None] = _nothing
 
@@ -257,9 +259,20 @@ class SharedMemory:
     def loan(self, offset: int, length: int) -> memoryview:
         """A writable view of a lent extent, remembered so that ``send`` knows it."""
         assert self._mine is not None
-        view = self._mine.view(offset, length)
+        self._unsent.add(offset)
+        view = self._mine.view(offset, length, lambda: self._loan_gone(offset))
         self._loans[id(view)] = (view, offset)
         return view
+
+    def _loan_gone(self, offset: int) -> None:
+        """The last view of a loan is gone: if it was never sent, the extent is free."""
+        with self.space:
+            if offset not in self._unsent:
+                return
+            self._unsent.discard(offset)
+            if self.pool is not None and offset in self.pool.lent:
+                self.pool.release(offset)
+                self.space.notify_all()
 
     def loaned(self, data: object) -> int | None:
         """The offset of ``data`` if it is one of our loans (still unsent), else None."""
@@ -269,16 +282,34 @@ class SharedMemory:
         return entry[1]
 
     def hand_over(self, view: memoryview) -> None:
-        """``view`` is being sent: the sender gives it up. A loan something else still
-        refers to (an array made from it) could be written after the send: refused."""
+        """``view`` (a loan) is being sent: the sender gives it up. ValueError if something
+        made from it is still alive, since that could write to the receiver's message: an
+        array that exports it leaves the loan usable (delete the array, send again); views
+        made from it make the loan unusable, and its space returns when they are gone."""
+        _, offset = self._loans[id(view)]
+        array = weakref.ref(view.obj)
+        with self.space:
+            self._unsent.discard(offset)  # from here, the array's death does not free it
         try:
             view.release()
         except BufferError:
+            with self.space:
+                self._unsent.add(offset)
             raise ValueError(
-                "send(): the loaned buffer is still in use (an array or view made from it "
-                "is alive); delete those first, since after send() it belongs to the receiver"
+                "send(): the loaned buffer is still in use (an array made from it is alive); "
+                "delete it first, since after send() the buffer belongs to the receiver"
             ) from None
         del self._loans[id(view)]
+        with self.space:
+            alive = array() is not None
+            if alive:
+                self._unsent.add(offset)
+        if alive:
+            raise ValueError(
+                "send(): views made from the loaned buffer are still alive and could change "
+                "it after sending; it was not sent and is given up (its space returns when "
+                "those views are gone): take a new loan"
+            )
 
     def give_back(self, offset: int) -> None:
         """An extent we lent ourselves but never sent: free again."""
