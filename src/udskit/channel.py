@@ -895,7 +895,7 @@ class Channel(ChannelFacts):
             if offset is None:
                 offset = self._lend(size)
                 try:
-                    shm.write(offset, memoryview(view))
+                    shm.write(offset, view)
                 except BaseException:
                     shm.give_back(offset)  # not sent: ours again
                     raise
@@ -926,6 +926,12 @@ class Channel(ChannelFacts):
         shm = self._shm
         assert shm is not None
         deadline = None if self._timeout is None else monotonic() + self._timeout
+        if shm.pool is not None and shm.pool.lent:
+            # Take in the releases already here first, so that the lowest free pages are
+            # reused: pages already touched cost nothing, a fresh page a fault and zeroing
+            # (measured: writing a never-touched 1 MiB runs at 1.5 GB/s, a reused one at
+            # 10+). Without this a sender running ahead would walk the whole pool.
+            self._take_in(wait=False)
         while True:
             offset = shm.lend(size)
             if offset is not None:
@@ -937,27 +943,19 @@ class Channel(ChannelFacts):
             left = None if deadline is None else deadline - monotonic()
             if left is not None and left <= 0:
                 raise self._pool_full()
-            if self._rlock.acquire(blocking=False):
-                try:
-                    if not shm.eof:
-                        self._pump()
-                except Timeout as exc:
-                    raise self._pool_full() from exc
-                except UdsError:
-                    raise
-                except BaseException:
-                    self._read_interrupted()
-                    raise
-                finally:
-                    self._rlock.release()
-                if shm.eof:
-                    raise ConnectionClosed(
-                        f"{self._where()}: the peer closed the connection while our shared-"
-                        "memory pool was full"
-                    )
-            else:
+            if self._rlock.locked():
                 with shm.space:
                     shm.space.wait(POOL_WAIT if left is None else min(left, POOL_WAIT))
+                continue
+            try:
+                self._take_in(wait=True)
+            except Timeout as exc:
+                raise self._pool_full() from exc
+            if shm.eof:
+                raise ConnectionClosed(
+                    f"{self._where()}: the peer closed the connection while our shared-"
+                    "memory pool was full"
+                )
 
     def _pool_full(self) -> Timeout:
         shm = self._shm
@@ -971,13 +969,22 @@ class Channel(ChannelFacts):
         """A client that opted in, about to send a large message, has not yet seen whether
         the listener opted in: take in what has arrived (the listener's OFFER comes first,
         written as it accepted us), without waiting for anything."""
-        if not self._rlock.acquire(blocking=False):
-            return  # a reader is at work: it will see the offer
         try:
-            if not self._unusable and not self._shm.eof:  # type: ignore[union-attr]
-                self._pump(wait=False)
+            self._take_in(wait=False)
         except UdsError:
             pass  # the receiver will meet it again: this send goes through the socket
+
+    def _take_in(self, *, wait: bool) -> None:
+        """From the sending side: read what has arrived (``wait``: wait for something)
+        unless another thread is reading, acting on records and queueing messages for
+        recv. Skipped on a channel that cannot be read any more."""
+        if not self._rlock.acquire(blocking=False):
+            return  # a reader is at work: it passes on what it reads
+        try:
+            if not self._unusable and not self._shm.eof:  # type: ignore[union-attr]
+                self._pump(wait=wait)
+        except UdsError:
+            raise
         except BaseException:
             self._read_interrupted()
             raise
