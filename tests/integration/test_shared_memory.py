@@ -557,3 +557,41 @@ def test_a_peer_killed_mid_conversation_frees_everything(
             child.wait(WAIT)
             assert child.stdin is not None
             child.stdin.close()
+
+
+def test_the_numpy_example(clean: None) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "shm_numpy.py"
+    done = subprocess.run(
+        [sys.executable, str(example)], capture_output=True, text=True, timeout=WAIT, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "shared memory in use: True",
+        "sent with send(): sum is 499999500000.0",
+        "sent with loan(): sum is 1000000.0",
+        "child exited with 0",
+    ]
+
+
+def test_numpy_arrays_in_and_out(shm_pair: tuple[Channel, Channel]) -> None:
+    np = pytest.importorskip("numpy")  # a test dependency; the library never imports it
+    a, b = shm_pair
+    matrix = np.arange(512 * 1024, dtype=np.float32).reshape(512, 1024)
+    a.send(matrix)
+    with b.recv_view() as view:
+        got = np.frombuffer(view, dtype=np.float32).reshape(512, 1024)
+        assert not got.flags.writeable
+    # The view is released, but the array made from it still reads the slot: it stays the
+    # receiver's until the array is gone too.
+    b.send(b"sync")
+    assert a.recv() == b"sync"
+    assert a.pool_in_use == matrix.nbytes
+    assert (got == matrix).all()
+    del got
+    b.send(b"sync")
+    assert a.recv() == b"sync"
+    assert a.pool_in_use == 0
+    with pytest.raises(TypeError, match="C-contiguous"):
+        a.send(matrix[:, ::2])  # not one block of memory: nothing is sent
+    a.send(b"after")
+    assert b.recv() == b"after"
