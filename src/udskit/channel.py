@@ -866,7 +866,7 @@ class Channel(ChannelFacts):
             return memoryview(bytearray(size))
         with self._wlock:
             self._check_open()
-            shm.open_pool()
+            shm.ensure_pool()
             offset = self._lend(size)
         return shm.loan(offset, size)
 
@@ -891,7 +891,7 @@ class Channel(ChannelFacts):
         with self._wlock:
             self._check_open()
             self._flush_releases()
-            fd = shm.open_pool()
+            shm.ensure_pool()
             if offset is None:
                 offset = self._lend(size)
                 try:
@@ -902,12 +902,18 @@ class Channel(ChannelFacts):
             else:
                 shm.hand_over(data)  # type: ignore[arg-type]
             went = 0
+            fd = shm.open_pool()
             try:
                 if fd >= 0:
                     # Alone in its sendmsg(): the descriptor must arrive with this record
                     # and no later one (see proto.framing on descriptors in a stream).
                     attach = encode_record(ATTACH, shm.pool_size)
-                    went = self._write([attach], rights([fd], 1), len(attach))
+                    try:
+                        went = self._write([attach], rights([fd], 1), len(attach))
+                    except BaseException:
+                        if self._broken is None:
+                            shm.attach_failed()
+                        raise
                     shm.pool_sent()
                 slot = encode_record(SLOT, offset, size)
                 self._write([slot], [], len(slot), went)

@@ -239,20 +239,32 @@ class SharedMemory:
         """Whether a message of ``length`` bytes can go through our pool."""
         return self.ready and 0 < length <= self.max_frame and length <= self.pool_size
 
-    def open_pool(self) -> int:
-        """Create our pool on first use; the descriptor to send with ATTACH, or -1 if the
-        peer has it already."""
+    def ensure_pool(self) -> None:
+        """Create our pool (memfd, seals, mapping) if it does not exist yet."""
         if self._mine is None:
             self._fd, self._mine = create_pool(self.pool_size)
             self.pool = Pool(self.pool_size)
-        return -1 if self.attached else self._fd
+
+    def open_pool(self) -> int:
+        """Create our pool on first use. The first call returns the descriptor to send with
+        ATTACH (then ``pool_sent``, or ``attach_failed`` if nothing went out); later calls,
+        -1: the peer has it, or it is on its way."""
+        self.ensure_pool()
+        if self.attached:
+            return -1
+        self.attached = True
+        return self._fd
 
     def pool_sent(self) -> None:
         """ATTACH went out: our copy of the descriptor is no longer needed."""
-        self.attached = True
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def attach_failed(self) -> None:
+        """ATTACH could not be sent (nothing of it went out): the next large send tries
+        again."""
+        self.attached = False
 
     def lend(self, length: int) -> int | None:
         """An offset for ``length`` bytes in our pool, or None while it is too full."""
