@@ -96,7 +96,7 @@ def connect(
     try:
         reply, reply_dir = name_client(sock, kind, own)
         if pool:
-            _bind_marker(sock)
+            bind_marker(sock)
         tune_buffers(sock, sndbuf, rcvbuf)
         sock.settimeout(timeout)
         with translating("connect", target, tried=kind), sun_path(target) as where:
@@ -126,7 +126,7 @@ def connect(
     return channel
 
 
-def _bind_marker(sock: socket.socket) -> None:
+def bind_marker(sock: socket.socket) -> None:
     """Bind a client that opts in to shared memory to a fresh marker name (abstract: no
     file to clean up, gone with the socket)."""
     for _ in range(_MARKER_TRIES):

@@ -199,6 +199,11 @@ class Listener(_Endpoint):
         return self._max_fds
 
     @property
+    def shared_memory(self) -> int:
+        """The pool size offered to clients that opt in to shared memory (0: off)."""
+        return self._shared_memory
+
+    @property
     def buffers(self) -> tuple[int | None, int | None]:
         """SO_SNDBUF and SO_RCVBUF given to each connection (None: our default)."""
         return self._buffers
@@ -226,7 +231,7 @@ class Listener(_Endpoint):
             return None
         # Shared memory only with a client that opted in too (its name says so): the
         # OFFER is then the first thing it receives; any other client sees a plain socket.
-        pool = self._shared_memory if self._shared_memory and _opted_in(conn) else 0
+        pool = self._shared_memory if self._shared_memory and opted_in(conn) else 0
         channel = Channel(
             conn,
             framing=self._framing,
@@ -359,7 +364,7 @@ class DatagramListener(_Endpoint):
         return self._until_closed(self.recv)
 
 
-def _opted_in(conn: socket.socket) -> bool:
+def opted_in(conn: socket.socket) -> bool:
     """Whether an accepted client bound itself to the shared-memory marker name."""
     try:
         return is_marker(conn.getpeername())

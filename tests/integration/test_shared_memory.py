@@ -33,6 +33,7 @@ from udskit.proto.shm import (
     VERSION,
     encode_record,
 )
+from udskit.shm import create_pool, map_peer_pool
 
 from ..conftest import open_fds
 
@@ -369,6 +370,24 @@ def test_shared_memory_refuses_bind_tcp_and_fd(sockdir: Path) -> None:
         udskit.connect("tcp:127.0.0.1:1", shared_memory=True)
     with pytest.raises(ValueError, match="tcp"):
         udskit.listen("tcp:127.0.0.1:0", shared_memory=True)
+
+
+def test_our_pool_is_sealed_before_the_peer_sees_it(clean: None) -> None:
+    fd, mapping = create_pool(4 * MIB)
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        assert seals == fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+        assert os.fstat(fd).st_size == 4 * MIB
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, MIB)  # no one can shrink it under a reader
+        with pytest.raises(PermissionError):
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)  # nor change the seals
+        peer = map_peer_pool(os.dup(fd), 4 * MIB)  # what a receiver accepts
+        assert not peer.writable
+        peer.close()
+    finally:
+        os.close(fd)
+        mapping.close()
 
 
 # -- a peer that misbehaves ---------------------------------------------------------------------
