@@ -258,6 +258,44 @@ def test_sender_waiting_for_the_pool_while_another_thread_reads(clean: None) -> 
         assert got == [b"done"]
 
 
+def test_close_while_another_thread_copies_into_the_pool(clean: None) -> None:
+    """close() from another thread never unmaps memory a send is copying into, nor one a
+    recv is copying out of: they end with ConnectionClosed, the process lives on."""
+    a, b = udskit.pair(shared_memory=64 * MIB, max_frame=32 * MIB)
+    message = data(16 * MIB)
+    errors: list[BaseException] = []
+    sent = threading.Event()
+
+    def send_until_closed() -> None:
+        try:
+            for _ in range(1000):  # bounded; close() ends it long before
+                a.send(message)
+                sent.set()
+        except ConnectionClosed as exc:
+            errors.append(exc)
+
+    def receive_until_closed() -> None:
+        try:
+            for _ in range(1000):
+                b.recv()
+        except ConnectionClosed as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=send_until_closed),
+        threading.Thread(target=receive_until_closed),
+    ]
+    for thread in threads:
+        thread.start()
+    assert sent.wait(WAIT)
+    a.close()
+    b.close()
+    for thread in threads:
+        thread.join(WAIT)
+        assert not thread.is_alive()
+    assert len(errors) == 2
+
+
 # -- negotiation --------------------------------------------------------------------------------
 
 
