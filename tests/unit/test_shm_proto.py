@@ -190,3 +190,30 @@ def test_marker() -> None:
     assert not is_marker(b"\0other")
     assert not is_marker("/tmp/x")
     assert not is_marker("")
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(min_value=0, max_value=40), st.integers(min_value=1, max_value=3 * PAGE)
+        ),
+        max_size=60,
+    )
+)
+def test_ledger_refuses_exactly_the_overlapping_slots(slots: list[tuple[int, int]]) -> None:
+    ledger = Ledger(48 * PAGE, max_frame=4 * PAGE)
+    held: dict[int, int] = {}
+    for page, length in slots:
+        offset = page * PAGE
+        end = offset + -(-length // PAGE) * PAGE
+        overlaps = any(o < end and offset < o + -(-n // PAGE) * PAGE for o, n in held.items())
+        if overlaps:
+            with pytest.raises(ProtocolError, match="overlaps"):
+                ledger.accept(offset, length)
+            victim = next(iter(held))
+            ledger.release(victim)
+            del held[victim]
+        else:
+            ledger.accept(offset, length)
+            held[offset] = length
+    assert ledger.held == held

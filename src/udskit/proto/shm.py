@@ -27,6 +27,7 @@ it holds (``Ledger``); the sender checks every RELEASE against the slots it lent
 from __future__ import annotations
 
 import struct
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Final
 
@@ -252,15 +253,18 @@ class Ledger:
 
     Every SLOT must lie inside the mapped pool, carry 1 to ``max_frame`` bytes, start on a
     page, and overlap no slot we still hold (the sender would be writing into a message we
-    have not released). Anything else is a ProtocolError: the channel closes.
+    have not released). Anything else is a ProtocolError: the channel closes. The held
+    slots are kept sorted by offset, so that a check looks at two neighbours, not at all
+    of them (a sender running ahead leaves thousands held).
     """
 
-    __slots__ = ("held", "max_frame", "size")
+    __slots__ = ("_starts", "held", "max_frame", "size")
 
     def __init__(self, size: int, max_frame: int) -> None:
         self.size = size
         self.max_frame = max_frame
         self.held: dict[int, int] = {}  # offset -> length
+        self._starts: list[int] = []  # the offsets in ``held``, sorted
 
     def accept(self, offset: int, length: int) -> None:
         """Check a SLOT and hold it until ``release``."""
@@ -274,15 +278,24 @@ class Ledger:
                 f"peer announced a shared-memory slot at offset {offset} with {length} bytes, "
                 f"outside its pool of {self.size} bytes"
             )
-        end = offset + _pages(length)
-        for start, held in self.held.items():
-            if start < end and offset < start + _pages(held):
-                raise ProtocolError(
-                    f"peer announced a shared-memory slot at offset {offset} that overlaps "
-                    f"one we have not released (offset {start})"
-                )
+        starts = self._starts
+        index = bisect_left(starts, offset)
+        # Held slots do not overlap each other, so only the neighbours can overlap this one.
+        clash = None
+        if index < len(starts) and starts[index] < offset + _pages(length):
+            clash = starts[index]
+        elif index and starts[index - 1] + _pages(self.held[starts[index - 1]]) > offset:
+            clash = starts[index - 1]
+        if clash is not None:
+            raise ProtocolError(
+                f"peer announced a shared-memory slot at offset {offset} that overlaps "
+                f"one we have not released (offset {clash})"
+            )
+        starts.insert(index, offset)
         self.held[offset] = length
 
     def release(self, offset: int) -> None:
         """We are done with the slot at ``offset``."""
         del self.held[offset]
+        starts = self._starts
+        del starts[bisect_left(starts, offset)]
