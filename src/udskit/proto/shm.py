@@ -87,10 +87,11 @@ MARKER_PREFIX: Final = b"\0udskit-shm/"
 PAGE: Final = 4096
 
 #: A message at least this large goes through shared memory; smaller ones through the
-#: socket as before. Measured with ``udskit bench`` (docs/shared-memory.md): at 64 KiB the
-#: socket path still wins (a record each way, the slot's bookkeeping and a release cost
-#: about as much as the copies saved); from 256 KiB the shared path is ahead, and from
-#: 1 MiB by more than 1.5x.
+#: socket as before. Measured with benchmarks/shm_threshold.py (docs/shared-memory.md):
+#: below 128 KiB the socket wins by up to 3x (a record each way, a view and the slot's
+#: bookkeeping cost more than the copies saved); at 128 KiB it is about even; from 256 KiB
+#: reading in place is ahead in every run (1.5-1.9x) and copy-out about even (0.9-1.35x),
+#: and from 512 KiB both are ahead.
 SHARED_THRESHOLD: Final = 256 * 1024
 
 #: Pool size with ``shared_memory=True``: four messages of the default max_frame (16 MiB)
