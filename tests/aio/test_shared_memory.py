@@ -255,3 +255,33 @@ def test_the_receiver_maps_the_pool_read_only(arun: Run) -> None:
             view.release()
 
     arun(main())
+
+
+def test_servers_with_shared_memory(arun: Run, sockdir: Path) -> None:
+    path = sockdir / "s"
+    message = data(MIB, 4)
+
+    async def echo(channel: udskit.aio.Channel) -> None:
+        async for got in channel:
+            await channel.send(got)
+
+    async def main() -> None:
+        server = await udskit.aio.start_server(path, echo, shared_memory=True)
+        serving = asyncio.ensure_future(server.serve_forever())
+        try:
+            async with await udskit.aio.connect(path, shared_memory=True) as channel:
+                await channel.send(b"hi")
+                assert await channel.recv() == b"hi"
+                await channel.send(message)
+                assert await channel.recv() == message
+                assert channel.shared_memory
+        finally:
+            server.stop()
+            await serving
+        with pytest.raises(ValueError, match="message server"):
+            await udskit.aio.start_message_server(
+                sockdir / "m", lambda conn, msg: msg, shared_memory=True
+            )
+        assert not (sockdir / "m").exists()
+
+    arun(main())

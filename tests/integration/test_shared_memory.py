@@ -652,3 +652,46 @@ def test_numpy_arrays_in_and_out(shm_pair: tuple[Channel, Channel]) -> None:
         a.send(matrix[:, ::2])  # not one block of memory: nothing is sent
     a.send(b"after")
     assert b.recv() == b"after"
+
+
+# -- servers -------------------------------------------------------------------------------------
+
+
+def test_a_thread_per_client_server_with_shared_memory(sockdir: Path, clean: None) -> None:
+    path = sockdir / "s"
+    message = data(BIG, 8)
+
+    def echo(channel: Channel) -> None:
+        while True:
+            try:
+                view = channel.recv_view()
+            except ConnectionClosed:
+                return
+            with view:
+                channel.send(view)  # from the client's pool into ours: one copy
+
+    with udskit.Server(path, echo, shared_memory=True) as server:
+        thread = threading.Thread(target=server.serve_forever)
+        thread.start()
+        try:
+            with udskit.connect(path, shared_memory=True) as channel:
+                channel.send(b"hi")
+                assert channel.recv() == b"hi"
+                channel.send(message)
+                assert channel.recv() == message
+                assert channel.shared_memory
+        finally:
+            server.stop()
+            thread.join(WAIT)
+
+
+def test_message_servers_refuse_shared_memory(sockdir: Path) -> None:
+    with pytest.raises(ValueError, match="message server"):
+        udskit.MessageServer(sockdir / "s", lambda conn, message: message, shared_memory=True)
+    assert not (sockdir / "s").exists()
+
+
+def test_a_channel_with_shared_memory_cannot_be_pickled(shm_pair: tuple[Channel, Channel]) -> None:
+    a, _ = shm_pair
+    with pytest.raises(ProtocolError, match="pools belong to this process"):
+        pickle.dumps(a)
