@@ -134,6 +134,11 @@ CLOSE_READER_WAIT: Final = 1.0
 #: as it reads them; this bounds the wait for one that stopped reading with a message).
 POOL_WAIT: Final = 0.05
 
+#: Bytes of the peer's messages (through the socket) a sender waiting for pool space reads
+#: ahead and keeps for recv(), while it looks for releases; past it, it waits for recv() to
+#: take them, so that a peer sending many messages and no release cannot grow our memory.
+ARRIVED_MAX: Final = 4 * 1024 * 1024
+
 #: Upper bound for ``spin``: past a millisecond, polling burns a CPU for no gain over being
 #: woken (a wake-up costs tens of microseconds, not milliseconds).
 MAX_SPIN_US: Final = 1000
@@ -932,7 +937,7 @@ class Channel(ChannelFacts):
         shm = self._shm
         assert shm is not None
         deadline = None if self._timeout is None else monotonic() + self._timeout
-        if shm.pool is not None and shm.pool.lent:
+        if shm.pool is not None and shm.pool.lent and shm.arrived_bytes <= ARRIVED_MAX:
             # Take in the releases already here first, so that the lowest free pages are
             # reused: pages already touched cost nothing, a fresh page a fault and zeroing
             # (measured: writing a never-touched 1 MiB runs at 1.5 GB/s, a reused one at
@@ -949,7 +954,10 @@ class Channel(ChannelFacts):
             left = None if deadline is None else deadline - monotonic()
             if left is not None and left <= 0:
                 raise self._pool_full()
-            if self._rlock.locked():
+            if self._rlock.locked() or shm.arrived_bytes > ARRIVED_MAX:
+                # Another thread reads; or we read ahead as much as we hold for recv():
+                # wait for the receiving side to take some (the peer's releases may be
+                # behind its messages, as on a socket whose two ends both write).
                 with shm.space:
                     shm.space.wait(POOL_WAIT if left is None else min(left, POOL_WAIT))
                 continue
@@ -1056,7 +1064,10 @@ class Channel(ChannelFacts):
             if shm.eof:
                 raise ConnectionClosed(f"{self._where()}: the peer closed the connection")
             self._pump()
-        return shm.arrived.popleft()
+        item = shm.arrived.popleft()
+        if type(item[0]) is bytes:
+            shm.arrived_bytes -= len(item[0])
+        return item
 
     def _pump(self, *, wait: bool = True) -> None:
         """Read until something complete arrives, and take in everything complete: records
@@ -1084,6 +1095,7 @@ class Channel(ChannelFacts):
             else:
                 fds = framing.take_fds() if self._fds_seen else []
                 self._shm.arrived.append((message, fds))  # type: ignore[union-attr, arg-type]
+                self._shm.arrived_bytes += len(message)  # type: ignore[union-attr, arg-type]
             if not framing.buffered and not framing.at_eof:
                 return
             message = framing.next_message()

@@ -222,6 +222,7 @@ class SharedMemory:
         "_theirs",
         "_unsent",
         "arrived",
+        "arrived_bytes",
         "attached",
         "eof",
         "ledger",
@@ -247,6 +248,7 @@ class SharedMemory:
         self._theirs: Mapping | None = None
         #: (message or Lease, fds) read ahead of recv(), in order
         self.arrived: deque[tuple[bytes | Lease, list[int]]] = deque()
+        self.arrived_bytes = 0  # of the messages in ``arrived`` that are bytes
         self.eof = False
         #: offsets of the peer's slots we are done with, not yet sent as RELEASE
         self.pending: deque[int] = deque()
@@ -428,6 +430,7 @@ class SharedMemory:
             self._fd = -1
         self._loans.clear()
         self.arrived.clear()
+        self.arrived_bytes = 0
         self.pending.clear()
         self.notify = _nothing
         for mapping in (self._mine, self._theirs):

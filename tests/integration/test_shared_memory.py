@@ -22,6 +22,7 @@ import pytest
 
 import udskit
 from udskit import Channel, ConnectionClosed, FrameTooLarge, ProtocolError, Timeout
+from udskit.channel import ARRIVED_MAX
 from udskit.proto.shm import (
     ATTACH,
     CONTROL_BIT,
@@ -237,6 +238,27 @@ def test_a_receiver_that_never_releases_gets_backpressure_not_growth(clean: None
         assert not sender.is_alive()
         assert b.recv() == data(BIG, 9)
         held.pop().release()
+
+
+def test_a_sender_waiting_for_releases_reads_ahead_a_bounded_amount(clean: None) -> None:
+    a, b = udskit.pair(shared_memory=SMALL_POOL)
+    with a, b:
+        a.send(data(SHARED_THRESHOLD))
+        held = b.recv_view()  # a's pool is full from now on
+        flood = [bytes(64 * 1024)] * 200  # 12.5 MiB of plain messages, no release
+        flooding = threading.Thread(target=b.send_many, args=(flood,))
+        flooding.start()
+        a.settimeout(0.5)
+        with pytest.raises(Timeout, match="pool stayed full"):
+            a.send(data(SHARED_THRESHOLD))
+        assert a._shm.arrived_bytes <= ARRIVED_MAX + 2 * 1024 * 1024  # type: ignore[union-attr]
+        a.settimeout(WAIT)
+        received = a.recv_many()
+        while len(received) < len(flood):
+            received += a.recv_many()
+        assert received == flood
+        flooding.join(WAIT)
+        held.release()
 
 
 def test_sender_waiting_for_the_pool_while_another_thread_reads(clean: None) -> None:
