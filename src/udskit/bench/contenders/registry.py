@@ -280,9 +280,8 @@ _DECLARED: Final = (
     _shm(
         "copy",
         "copy-out",
-        "large messages: udskit Channel with shared_memory=True (a pool of two messages, "
-        "64 MiB at least: the memory bound), send() copies into the pool, recv() copies out "
-        "to bytes",
+        "large messages: udskit Channel with shared_memory= a pool of two messages (the "
+        "memory bound), send() copies into the pool, recv() copies out to bytes",
     ),
     _shm(
         "view",
