@@ -920,8 +920,7 @@ class Channel(ChannelFacts):
                             shm.attach_failed()
                         raise
                     shm.pool_sent()
-                slot = encode_record(SLOT, offset, size)
-                self._write([slot], [], len(slot), went)
+                self._put(encode_record(SLOT, offset, size), went)
             except BaseException:
                 if self._broken is None:
                     shm.give_back(offset)  # the slot never went out: ours again
@@ -979,6 +978,27 @@ class Channel(ChannelFacts):
             f"receiver holds {shm.in_use} bytes unreleased); send timed out"
         )
 
+    def _put(self, records: bytes, went: int = 0) -> int:
+        """Send shared-memory records (a few dozen bytes) after ``went`` bytes of the same
+        unit; caller holds the write lock. One send() when the socket takes them whole, as
+        send() does for a small message; otherwise ``_write``'s rules."""
+        try:
+            sent = self._sock.send(records, _SEND_FLAGS)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._check_open()
+            if went:
+                self._break(f"a send failed after {went} bytes of its unit went out")
+                raise copy.copy(self._broken) from exc  # type: ignore[misc]
+            raise translate(exc, "send", self._remote) from exc
+        except BaseException:
+            self._break("a send was interrupted")
+            raise
+        if sent != len(records):
+            return self._write([records], [], len(records), went, sent=sent, full=True)
+        return went + sent
+
     def _look_for_offer(self) -> None:
         """A client that opted in, about to send a large message, has not yet seen whether
         the listener opted in: take in what has arrived (the listener's OFFER comes first,
@@ -1011,8 +1031,7 @@ class Channel(ChannelFacts):
         if shm is None or not shm.pending or self._unusable:
             return
         offsets = shm.take_pending()
-        records = b"".join([encode_record(RELEASE, offset) for offset in offsets])
-        self._write([records], [], len(records))
+        self._put(b"".join([encode_record(RELEASE, offset) for offset in offsets]))
 
     def _release_soon(self) -> None:
         """A received view was released (any thread): send the release now if no send is
@@ -1027,9 +1046,8 @@ class Channel(ChannelFacts):
 
     def _offer(self) -> None:
         """A listener that opted in answers a client that did (see proto.shm): OFFER."""
-        record = encode_record(OFFER, VERSION)
         with self._wlock:
-            self._write([record], [], len(record))
+            self._put(encode_record(OFFER, VERSION))
 
     def _recv_shared(self, *, view: bool) -> bytes | memoryview:
         shm = self._shm
@@ -1074,11 +1092,15 @@ class Channel(ChannelFacts):
         are acted on, messages queued for recv. Caller holds the read lock. ``wait=False``:
         read once, and only if something is there."""
         framing = self._framing
+        shm = self._shm
         assert framing is not None
+        assert shm is not None
         message = framing.next_message()
         if message is NEED_DATA and not wait:
-            poller = select.poll()
-            poller.register(self._sock, select.POLLIN)
+            poller = self._poller  # spin's, if set: the same question
+            if poller is None:
+                poller = self._poller = select.poll()
+                poller.register(self._sock.fileno(), select.POLLIN)
             if not poller.poll(0):
                 return
             message = self._feed(framing)
@@ -1088,14 +1110,14 @@ class Channel(ChannelFacts):
             message = self._feed(framing)
         while True:
             if message is CLOSED:
-                self._shm.eof = True  # type: ignore[union-attr]
+                shm.eof = True
                 return
             if type(message) is Control:
                 self._record(message, framing.take_fds())
-            else:
+            elif type(message) is bytes:
                 fds = framing.take_fds() if self._fds_seen else []
-                self._shm.arrived.append((message, fds))  # type: ignore[union-attr, arg-type]
-                self._shm.arrived_bytes += len(message)  # type: ignore[union-attr, arg-type]
+                shm.arrived.append((message, fds))
+                shm.arrived_bytes += len(message)
             if not framing.buffered and not framing.at_eof:
                 return
             message = framing.next_message()
