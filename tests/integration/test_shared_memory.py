@@ -46,10 +46,11 @@ SMALL_POOL = SHARED_THRESHOLD
 WAIT = 20.0
 
 
-def pool_mappings() -> int:
-    """Our mappings of udskit pools (ours and peers'), from /proc/self/maps."""
+def pool_mappings(name: str = "udskit-pool") -> int:
+    """Our mappings of memfds called ``name`` (udskit's pools, ours and peers'), from
+    /proc/self/maps."""
     with open("/proc/self/maps") as maps:
-        return sum("udskit-pool" in line for line in maps)
+        return sum(f"memfd:{name}" in line for line in maps)
 
 
 def data(size: int, seed: int = 0) -> bytes:
@@ -59,11 +60,11 @@ def data(size: int, seed: int = 0) -> bytes:
 @pytest.fixture
 def clean() -> Iterator[None]:
     """Fail the test if it leaves a descriptor or a pool mapping behind."""
-    fds, maps = open_fds(), pool_mappings()
+    fds, maps = open_fds(), pool_mappings("")  # every memfd: forged pools too
     yield
     leaked = {fd for fd in open_fds() - fds if os.path.exists(f"/proc/self/fd/{fd}")}
     assert not leaked, f"descriptors leaked: {sorted(leaked)}"
-    assert pool_mappings() == maps, "a shared-memory mapping was left behind"
+    assert pool_mappings("") == maps, "a shared-memory mapping was left behind"
 
 
 @pytest.fixture
@@ -717,3 +718,28 @@ def test_a_channel_with_shared_memory_cannot_be_pickled(shm_pair: tuple[Channel,
     a, _ = shm_pair
     with pytest.raises(ProtocolError, match="pools belong to this process"):
         pickle.dumps(a)
+
+
+def test_a_sender_killed_between_its_pool_and_its_message(clean: None) -> None:
+    """The peer attached its pool, wrote half a record of its message, and was SIGKILLed:
+    recv() reports the connection cut mid-message, and closing frees the dead peer's pool."""
+    victim, other = udskit.pair(shared_memory=True)
+    maps = pool_mappings("forged")
+    pid = os.fork()
+    if pid == 0:  # the child: a sender that dies half-way
+        try:
+            victim.close()
+            raw = other.socket
+            _attach(raw, _memfd(PAGE * 64), PAGE * 64)
+            raw.sendall(encode_record(SLOT, 0, 100)[:10])
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    other.close()
+    with victim:
+        with pytest.raises(ConnectionClosed) as cut:
+            victim.recv()
+        assert cut.value.mid_message
+        assert pool_mappings("forged") == maps + 1  # its pool was mapped, until we close
+    assert pool_mappings("forged") == maps
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status)
