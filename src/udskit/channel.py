@@ -23,8 +23,9 @@ import os
 import select
 import socket
 import threading
+import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from time import monotonic, monotonic_ns
 from typing import TYPE_CHECKING, Final
 
@@ -52,11 +53,24 @@ from .proto import (
     HEADER,
     NEED_DATA,
     Closed,
+    Control,
     Framing,
     LengthPrefixed,
     NeedData,
     make_framing,
 )
+from .proto.shm import (
+    ATTACH,
+    OFFER,
+    RELEASE,
+    SHARED_THRESHOLD,
+    SLOT,
+    VERSION,
+    check_record,
+    decode_record,
+    encode_record,
+)
+from .shm import Lease, SharedMemory
 from .translate import translate
 
 if TYPE_CHECKING:
@@ -114,6 +128,16 @@ DIRECT_READ_MIN: Final = 256 * 1024
 #: descriptors the framing holds. That thread is returning already; this only bounds a
 #: reader stuck elsewhere (in a signal handler, say), whose descriptors then stay open.
 CLOSE_READER_WAIT: Final = 1.0
+
+#: Longest a sender waiting for space in its shared-memory pool waits without looking at the
+#: socket itself, while another thread is the one reading it (that thread passes releases on
+#: as it reads them; this bounds the wait for one that stopped reading with a message).
+POOL_WAIT: Final = 0.05
+
+#: Bytes of the peer's messages (through the socket) a sender waiting for pool space reads
+#: ahead and keeps for recv(), while it looks for releases; past it, it waits for recv() to
+#: take them, so that a peer sending many messages and no release cannot grow our memory.
+ARRIVED_MAX: Final = 4 * 1024 * 1024
 
 #: Upper bound for ``spin``: past a millisecond, polling burns a CPU for no gain over being
 #: woken (a wake-up costs tens of microseconds, not milliseconds).
@@ -180,6 +204,7 @@ class Channel(ChannelFacts):
     """
 
     __slots__ = (
+        "__weakref__",  # a released view tells its channel through a weak reference
         "_ancsize",
         "_broken",
         "_claim",
@@ -201,6 +226,7 @@ class Channel(ChannelFacts):
         "_remote",
         "_rlock",
         "_rview",
+        "_shm",
         "_short_reads",
         "_shrink_below",
         "_sock",
@@ -224,13 +250,23 @@ class Channel(ChannelFacts):
         claim: Claim | None = None,
         owns_socket: bool = True,
         inbox: Sequence[tuple[bytes, list[int]]] = (),
+        shared_memory: int = 0,
+        peer_opted: bool = False,
     ) -> None:
+        """``shared_memory``: the pool size (0: off) of a channel that opted in (checked by
+        its caller: a stream with length framing); ``peer_opted``: the peer opted in too."""
         self._sock = sock
         self._type: SocketType = type_name(base_type(sock))
         limit = max_frame_for(self._type, max_frame)
         self._framing: Framing | None = (
             make_framing(framing, max_frame=max_frame) if self._type == "stream" else None
         )
+        self._shm: SharedMemory | None = None
+        if shared_memory:
+            self._framing = LengthPrefixed(limit, records=True)
+            self._shm = SharedMemory(shared_memory, limit, peer_opted=peer_opted)
+            pending = weakref.WeakMethod(self._release_soon)
+            self._shm.notify = lambda: _call(pending)
         self._max_message = limit
         self._max_fds = max_fds
         is_unix = sock.family == socket.AF_UNIX
@@ -292,7 +328,17 @@ class Channel(ChannelFacts):
 
     # -- sending --------------------------------------------------------------------------
     def send(self, data: Buffer) -> None:
-        """Send one message (on a stream: framed; on seqpacket/dgram: one packet)."""
+        """Send one message (on a stream: framed; on seqpacket/dgram: one packet).
+
+        With shared memory, a message of SHARED_THRESHOLD bytes or more is copied into our
+        pool (a buffer from ``loan()`` is not copied at all) and only its slot is sent.
+        """
+        if self._shm is not None:
+            self._send_shared(data)
+            return
+        self._send_framed(data)
+
+    def _send_framed(self, data: Buffer) -> None:
         framing = self._framing
         try:
             small = framing is not None and len(data) <= _JOIN_LIMIT
@@ -495,6 +541,8 @@ class Channel(ChannelFacts):
         Raises ``ConnectionClosed`` when the peer has closed (``mid_message`` if it left a
         message unfinished), ``Timeout`` after ``settimeout`` seconds.
         """
+        if self._shm is not None:
+            return self._recv_shared(view=False)  # type: ignore[return-value]
         with self._rlock:
             try:
                 framing = self._framing
@@ -550,6 +598,12 @@ class Channel(ChannelFacts):
                 framing = self._framing
                 if framing is None:
                     return messages
+                if self._shm is not None:
+                    while self._shm.arrived:
+                        data, fds = self._recv()
+                        close_fds(fds)
+                        messages.append(data)
+                    return messages
                 while framing.buffered:
                     message = framing.next_message()
                     if message is NEED_DATA or message is CLOSED:
@@ -591,6 +645,11 @@ class Channel(ChannelFacts):
                 raise copy.copy(self._unreadable)
         if self._inbox:
             return self._inbox.popleft()
+        if self._shm is not None:
+            item, fds = self._next_arrival()
+            if isinstance(item, Lease):
+                return self._shm.copy_out(item), fds
+            return item, fds
         framing = self._framing
         if framing is None:
             if not self._owns_socket:
@@ -660,7 +719,7 @@ class Channel(ChannelFacts):
             self._check_open()  # close() in another thread: EBADF says nothing useful
             raise translate(error, "recv", self._remote) from error
 
-    def _feed(self, framing: Framing) -> bytes | NeedData | Closed:
+    def _feed(self, framing: Framing) -> bytes | NeedData | Closed | Control:
         """Read once and hand the bytes (and any descriptors) to the framing."""
         if self._direct and isinstance(framing, LengthPrefixed) and not framing.buffered:
             message = self._feed_direct(framing)
@@ -701,7 +760,7 @@ class Channel(ChannelFacts):
         self._shrink_below = RECV_START if size > RECV_START else 0
         self._short_reads = 0
 
-    def _feed_direct(self, framing: LengthPrefixed) -> bytes | NeedData | Closed:
+    def _feed_direct(self, framing: LengthPrefixed) -> bytes | NeedData | Closed | Control:
         """Read a header alone; if it announces a large payload, read that straight into
         the bytes object that becomes the message (MSG_WAITALL: one call, no copy)."""
         if self._timeout is not None:
@@ -764,6 +823,342 @@ class Channel(ChannelFacts):
             # SO_PASSCRED was set): never the previous sender's.
             self._peer = got.cred
         return self._rview[:size].tobytes(), fds
+
+    # -- shared memory --------------------------------------------------------------------
+    @property
+    def shared_memory(self) -> bool:
+        """Whether large messages to the peer go through shared memory now: both ends opted
+        in, and (on a connecting client) the listener's offer has been received."""
+        return self._shm is not None and self._shm.ready
+
+    @property
+    def pool_in_use(self) -> int:
+        """Bytes of our shared-memory pool holding messages the peer has not released."""
+        return 0 if self._shm is None else self._shm.in_use
+
+    def recv_view(self) -> memoryview:
+        """Receive one message as a read-only memoryview, without copying it where it came
+        through shared memory.
+
+        The view stays valid, and the sender will not touch its bytes, until it is released:
+        ``with channel.recv_view() as view:``, ``view.release()``, or dropping it -- along
+        with every view or array made from it (``numpy.frombuffer``). Release it soon: the
+        slot counts against the sender's pool until then. A message that came through the
+        socket is returned as a view of its bytes.
+        """
+        if self._shm is None:
+            return memoryview(self.recv())
+        return self._recv_shared(view=True)  # type: ignore[return-value]
+
+    def loan(self, size: int) -> memoryview:
+        """A writable buffer of ``size`` bytes to fill and hand to ``send()`` (the same
+        object), which then sends it without a copy.
+
+        With shared memory and ``size`` at or above the threshold, the buffer is a free part
+        of our pool (waiting, like ``send``, while the pool is full); after ``send()`` it
+        belongs to the receiver and is released here. Otherwise it is an ordinary buffer,
+        sent as any message. A loan that is never sent holds its part of the pool until the
+        channel closes.
+        """
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= self._max_message:
+            raise ValueError(
+                f"loan: size must be from 1 to max_frame ({self._max_message}) bytes, not {size!r}"
+            )
+        shm = self._shm
+        if shm is not None and size >= SHARED_THRESHOLD and not shm.ready:
+            self._look_for_offer()
+        if shm is None or size < SHARED_THRESHOLD or not shm.usable_for(size):
+            return memoryview(bytearray(size))
+        with self._wlock:
+            self._check_open()
+            shm.ensure_pool()
+            offset = self._lend(size)
+        return shm.loan(offset, size)
+
+    def _send_shared(self, data: Buffer) -> None:
+        shm = self._shm
+        assert shm is not None
+        offset = shm.loaned(data)
+        if offset is None:
+            try:
+                view = data if type(data) is bytes else memoryview(data).cast("B")
+            except TypeError:
+                check_message(data, "send")
+                raise
+            size = len(view)
+            if size >= SHARED_THRESHOLD and not shm.ready:
+                self._look_for_offer()
+            if size < SHARED_THRESHOLD or not shm.usable_for(size):
+                self._send_framed(data)
+                return
+        else:
+            size = len(data)
+        with self._wlock:
+            self._check_open()
+            self._flush_releases()
+            shm.ensure_pool()
+            if offset is None:
+                offset = self._lend(size)
+                try:
+                    shm.write(offset, view)
+                except BaseException:
+                    shm.give_back(offset)  # not sent: ours again
+                    raise
+            else:
+                shm.hand_over(data)  # type: ignore[arg-type]
+            went = 0
+            fd = shm.open_pool()
+            try:
+                if fd >= 0:
+                    # Alone in its sendmsg(): the descriptor must arrive with this record
+                    # and no later one (see proto.framing on descriptors in a stream).
+                    attach = encode_record(ATTACH, shm.pool_size)
+                    try:
+                        went = self._write([attach], rights([fd], 1), len(attach))
+                    except BaseException:
+                        if self._broken is None:
+                            shm.attach_failed()
+                        raise
+                    shm.pool_sent()
+                self._put(encode_record(SLOT, offset, size), went)
+            except BaseException:
+                if self._broken is None:
+                    shm.give_back(offset)  # the slot never went out: ours again
+                raise
+
+    def _lend(self, size: int) -> int:
+        """A free extent of ``size`` bytes in our pool, waiting (within the timeout) while
+        it is full: backpressure, never growth. Caller holds the write lock.
+
+        Releases come in on the socket. If no other thread is reading it, we read it here
+        (messages that arrive meanwhile wait, in order, for recv); if one is, it hands the
+        releases over as it reads them."""
+        shm = self._shm
+        assert shm is not None
+        deadline = None if self._timeout is None else monotonic() + self._timeout
+        if shm.pool is not None and shm.pool.lent and shm.arrived_bytes <= ARRIVED_MAX:
+            # Take in the releases already here first, so that the lowest free pages are
+            # reused: pages already touched cost nothing, a fresh page a fault and zeroing
+            # (measured: writing a never-touched 1 MiB runs at 1.5 GB/s, a reused one at
+            # 10+). Without this a sender running ahead would walk the whole pool.
+            self._take_in(wait=False)
+        while True:
+            offset = shm.lend(size)
+            if offset is not None:
+                return offset
+            if not shm.ready:
+                self._check_open()
+                raise ConnectionClosed(f"{self._where()}: the shared-memory pool was closed")
+            self._flush_releases()  # ours first: the peer may be waiting for them to send
+            left = None if deadline is None else deadline - monotonic()
+            if left is not None and left <= 0:
+                raise self._pool_full()
+            if self._rlock.locked() or shm.arrived_bytes > ARRIVED_MAX:
+                # Another thread reads; or we read ahead as much as we hold for recv():
+                # wait for the receiving side to take some (the peer's releases may be
+                # behind its messages, as on a socket whose two ends both write).
+                with shm.space:
+                    shm.space.wait(POOL_WAIT if left is None else min(left, POOL_WAIT))
+                continue
+            try:
+                self._take_in(wait=True)
+            except Timeout as exc:
+                raise self._pool_full() from exc
+            if shm.eof:
+                raise ConnectionClosed(
+                    f"{self._where()}: the peer closed the connection while our shared-"
+                    "memory pool was full"
+                )
+
+    def _pool_full(self) -> Timeout:
+        shm = self._shm
+        assert shm is not None
+        return Timeout(
+            f"{self._where()}: the shared-memory pool stayed full for {self._timeout} s (the "
+            f"receiver holds {shm.in_use} bytes unreleased); send timed out"
+        )
+
+    def _put(self, records: bytes, went: int = 0) -> int:
+        """Send shared-memory records (a few dozen bytes) after ``went`` bytes of the same
+        unit; caller holds the write lock. One send() when the socket takes them whole, as
+        send() does for a small message; otherwise ``_write``'s rules."""
+        try:
+            sent = self._sock.send(records, _SEND_FLAGS)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._check_open()
+            if went:
+                self._break(f"a send failed after {went} bytes of its unit went out")
+                raise copy.copy(self._broken) from exc  # type: ignore[misc]
+            raise translate(exc, "send", self._remote) from exc
+        except BaseException:
+            self._break("a send was interrupted")
+            raise
+        if sent != len(records):
+            return self._write([records], [], len(records), went, sent=sent, full=True)
+        return went + sent
+
+    def _look_for_offer(self) -> None:
+        """A client that opted in, about to send a large message, has not yet seen whether
+        the listener opted in: take in what has arrived (the listener's OFFER comes first,
+        written as it accepted us), without waiting for anything."""
+        try:
+            self._take_in(wait=False)
+        except UdsError:
+            pass  # the receiver will meet it again: this send goes through the socket
+
+    def _take_in(self, *, wait: bool) -> None:
+        """From the sending side: read what has arrived (``wait``: wait for something)
+        unless another thread is reading, acting on records and queueing messages for
+        recv. Skipped on a channel that cannot be read any more."""
+        if not self._rlock.acquire(blocking=False):
+            return  # a reader is at work: it passes on what it reads
+        try:
+            if not self._unusable and not self._shm.eof:  # type: ignore[union-attr]
+                self._pump(wait=wait)
+        except UdsError:
+            raise
+        except BaseException:
+            self._read_interrupted()
+            raise
+        finally:
+            self._rlock.release()
+
+    def _flush_releases(self) -> None:
+        """Send the RELEASE records we owe. Caller holds the write lock."""
+        shm = self._shm
+        if shm is None or not shm.pending or self._unusable:
+            return
+        offsets = shm.take_pending()
+        self._put(b"".join([encode_record(RELEASE, offset) for offset in offsets]))
+
+    def _release_soon(self) -> None:
+        """A received view was released (any thread): send the release now if no send is
+        under way; otherwise the next send or receive does."""
+        if self._wlock.acquire(blocking=False):
+            try:
+                self._flush_releases()
+            except (UdsError, OSError) as exc:
+                log.debug("%r: release not sent: %s", self, exc)
+            finally:
+                self._wlock.release()
+
+    def _offer(self) -> None:
+        """A listener that opted in answers a client that did (see proto.shm): OFFER."""
+        with self._wlock:
+            self._put(encode_record(OFFER, VERSION))
+
+    def _recv_shared(self, *, view: bool) -> bytes | memoryview:
+        shm = self._shm
+        assert shm is not None
+        with self._rlock:
+            try:
+                item, fds = self._next_arrival()
+            except UdsError:
+                raise
+            except BaseException:
+                self._read_interrupted()
+                raise
+        if fds:
+            log.debug("%r: closing %d descriptors received by recv()", self, len(fds))
+            close_fds(fds)
+        if isinstance(item, Lease):
+            return shm.view(item) if view else shm.copy_out(item)
+        return memoryview(item) if view else item
+
+    def _next_arrival(self) -> tuple[bytes | Lease, list[int]]:
+        """The next message (bytes, or a Lease in the peer's pool) and its descriptors.
+        Caller holds the read lock."""
+        shm = self._shm
+        assert shm is not None
+        if self._unusable:
+            if self._unreadable is not None and not self._closed:
+                raise copy.copy(self._unreadable)
+            self._check_open()
+        if shm.pending:
+            self._release_soon()
+        while not shm.arrived:
+            if shm.eof:
+                raise ConnectionClosed(f"{self._where()}: the peer closed the connection")
+            self._pump()
+        item = shm.arrived.popleft()
+        if type(item[0]) is bytes:
+            shm.arrived_bytes -= len(item[0])
+        return item
+
+    def _pump(self, *, wait: bool = True) -> None:
+        """Read until something complete arrives, and take in everything complete: records
+        are acted on, messages queued for recv. Caller holds the read lock. ``wait=False``:
+        read once, and only if something is there."""
+        framing = self._framing
+        shm = self._shm
+        assert framing is not None
+        assert shm is not None
+        message = framing.next_message()
+        if message is NEED_DATA and not wait:
+            poller = self._poller  # spin's, if set: the same question
+            if poller is None:
+                poller = self._poller = select.poll()
+                poller.register(self._sock.fileno(), select.POLLIN)
+            if not poller.poll(0):
+                return
+            message = self._feed(framing)
+            if message is NEED_DATA:
+                return
+        while message is NEED_DATA:
+            message = self._feed(framing)
+        while True:
+            if message is CLOSED:
+                shm.eof = True
+                return
+            if type(message) is Control:
+                self._record(message, framing.take_fds())
+            elif type(message) is bytes:
+                fds = framing.take_fds() if self._fds_seen else []
+                shm.arrived.append((message, fds))
+                shm.arrived_bytes += len(message)
+            if not framing.buffered and not framing.at_eof:
+                return
+            message = framing.next_message()
+            if message is NEED_DATA:
+                return
+
+    def _record(self, control: Control, fds: list[int]) -> None:
+        """Act on one shared-memory record; a bad one closes the channel (ProtocolError)."""
+        shm = self._shm
+        assert shm is not None
+        try:
+            record = decode_record(control.body)
+            check_record(record, len(fds), peer_opted=shm.ready)
+            if record.kind == ATTACH:
+                shm.attach_peer(fds.pop(), record.first)
+            elif record.kind == OFFER:
+                shm.ready = True
+            elif record.kind == SLOT:
+                shm.arrived.append((shm.slot(record.first, record.second), []))
+            else:
+                shm.peer_released(record.first)
+        except ProtocolError as exc:
+            close_fds(fds)
+            self._shared_failed(exc)
+
+    def _shared_failed(self, exc: ProtocolError) -> None:
+        """A bad record or pool: the channel is closed for use (every later call raises),
+        everything shared is released, and the peer sees the connection end."""
+        error = ProtocolError(
+            f"{self._where()}: {exc}; the channel cannot be used any more: close it"
+        )
+        self._unreadable = error
+        self._broken = ConnectionClosed(f"{self._where()}: closed after a protocol error: {exc}")
+        self._unusable = True
+        if self._shm is not None:
+            self._shm.close()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        raise error from exc
 
     # -- tuning ---------------------------------------------------------------------------
     @property
@@ -828,8 +1223,13 @@ class Channel(ChannelFacts):
                 for _, fds in self._inbox:
                     close_fds(fds)
                 self._inbox.clear()
+                if self._shm is not None:
+                    for _, fds in self._shm.arrived:
+                        close_fds(fds)
             finally:
                 self._rlock.release()
+        if self._shm is not None:
+            self._shm.close()
         if self._owns_socket:
             self._sock.close()
         if self._claim is not None:
@@ -855,6 +1255,10 @@ class Channel(ChannelFacts):
                 raise copy.copy(self._unreadable)
         if self._framing is not None and self._framing.buffered:
             raise ProtocolError("cannot hand over a channel that holds received, unread data")
+        if self._shm is not None:
+            raise ProtocolError(
+                "cannot hand over a channel with shared_memory: its pools belong to this process"
+            )
         framing = "length" if self._framing is None else self._framing.name
         return (
             _rebuild,
@@ -877,6 +1281,13 @@ class Channel(ChannelFacts):
     def _adopt_reply_dir(self, directory: bytes) -> None:
         """Remove ``directory`` (a private dir holding our reply path) on close."""
         self._cleanup_dir = directory
+
+
+def _call(method: weakref.WeakMethod[Callable[[], None]]) -> None:
+    """Call a weakly held bound method, if its object is still alive."""
+    bound = method()
+    if bound is not None:
+        bound()
 
 
 def advance(views: list[memoryview], sent: int) -> list[memoryview]:

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
 import socket
 import tempfile
+from typing import Final
 
 from .address import Address, AddressLike, sun_path
 from .channel import Channel
 from .creds import peer_cred, require_uid
 from .errors import SocketFileError
 from .options import (
+    check_shared_memory,
     connect_options,
     pair_options,
     tune_buffers,
 )
+from .proto.shm import MARKER_PREFIX
 from .sockfile import Claim, bind_reply_path
 from .tcp import connect_tcp
 from .translate import translate, translating
@@ -23,6 +28,10 @@ __all__ = ["connect", "pair"]
 
 #: Name of a datagram client's own socket inside its private directory.
 _REPLY_NAME = b"reply.sock"
+
+#: Tries at a free opt-in name (see proto.shm.MARKER_PREFIX) before giving up: with 64
+#: random bits a second try is already a curiosity.
+_MARKER_TRIES: Final = 4
 
 
 def connect(
@@ -37,6 +46,7 @@ def connect(
     expect_uid: int | None = None,
     sndbuf: int | None = None,
     rcvbuf: int | None = None,
+    shared_memory: bool | int = False,
 ) -> Channel:
     """Connect to ``address`` and return a Channel.
 
@@ -46,6 +56,9 @@ def connect(
     close. ``expect_uid`` refuses a server that does not run as that uid (PeerRejected).
     ``sndbuf``/``rcvbuf`` size the socket buffers (None: 1 MiB for streams, the kernel's
     default otherwise; 0: the kernel's default).
+    ``shared_memory`` (True, or a pool size in bytes) opts in to moving large messages
+    through shared memory, if the listener opted in too (docs/shared-memory.md); it needs
+    a stream with length framing, and cannot be combined with ``bind``.
     """
     opts = connect_options(
         address,
@@ -60,6 +73,19 @@ def connect(
         rcvbuf=rcvbuf,
     )
     target, kind, own = opts.target, opts.kind, opts.bind
+    pool = check_shared_memory(
+        shared_memory,
+        type=type,
+        framing=framing,
+        max_fds=max_fds,
+        max_frame=max_frame,
+        address_kind=target.kind,
+    )
+    if pool and (own is not None or target.kind == "fd"):
+        raise ValueError(
+            "shared_memory cannot be combined with bind= or an fd: address: the client "
+            "signals its opt-in by the name it binds (docs/shared-memory.md)"
+        )
     if target.kind == "fd":
         return _adopt(target, framing=framing, max_frame=max_frame, max_fds=max_fds)
     if target.kind == "tcp":
@@ -69,6 +95,8 @@ def connect(
     reply_dir: bytes | None = None
     try:
         reply, reply_dir = name_client(sock, kind, own)
+        if pool:
+            bind_marker(sock)
         tune_buffers(sock, sndbuf, rcvbuf)
         sock.settimeout(timeout)
         with translating("connect", target, tried=kind), sun_path(target) as where:
@@ -87,6 +115,7 @@ def connect(
             remote=target,
             peer=peer,
             claim=reply,
+            shared_memory=pool,
         )
     except BaseException:
         release_name(reply, reply_dir)
@@ -95,6 +124,21 @@ def connect(
     if reply_dir is not None:
         channel._adopt_reply_dir(reply_dir)
     return channel
+
+
+def bind_marker(sock: socket.socket) -> None:
+    """Bind a client that opts in to shared memory to a fresh marker name (abstract: no
+    file to clean up, gone with the socket)."""
+    for _ in range(_MARKER_TRIES):
+        name = MARKER_PREFIX + secrets.token_hex(8).encode()
+        try:
+            sock.bind(name)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise translate(exc, "bind", None) from exc
+            continue
+        return
+    raise translate(OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)), "bind", None)
 
 
 def name_client(
@@ -182,9 +226,12 @@ def pair(
     max_fds: int = 16,
     sndbuf: int | None = None,
     rcvbuf: int | None = None,
+    shared_memory: bool | int = False,
 ) -> tuple[Channel, Channel]:
     """Two connected Channels (socketpair). Works across ``os.fork()`` (each side closes the
-    end it does not use) and ``multiprocessing`` (pass one end to the child process)."""
+    end it does not use) and ``multiprocessing`` (pass one end to the child process).
+    ``shared_memory`` (True, or a pool size in bytes) opts both ends in to moving large
+    messages through shared memory (docs/shared-memory.md)."""
     kind = pair_options(
         type=type,
         framing=framing,
@@ -193,11 +240,24 @@ def pair(
         sndbuf=sndbuf,
         rcvbuf=rcvbuf,
     )
+    pool = check_shared_memory(
+        shared_memory, type=type, framing=framing, max_fds=max_fds, max_frame=max_frame
+    )
     left, right = socket.socketpair(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
     ends = []
     for sock in (left, right):
         tune_buffers(sock, sndbuf, rcvbuf)
         # socketpair() records the creator's credentials for every type, dgram included.
         peer = peer_cred(sock)
-        ends.append(Channel(sock, framing=framing, max_frame=max_frame, max_fds=max_fds, peer=peer))
+        ends.append(
+            Channel(
+                sock,
+                framing=framing,
+                max_frame=max_frame,
+                max_fds=max_fds,
+                peer=peer,
+                shared_memory=pool,
+                peer_opted=True,
+            )
+        )
     return ends[0], ends[1]

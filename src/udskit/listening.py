@@ -32,7 +32,7 @@ from .ancillary import (
 )
 from .channel import Buffer, Channel
 from .creds import PeerCred, Policy
-from .errors import AddressInUse, ConnectionClosed, ProtocolError
+from .errors import AddressInUse, ConnectionClosed, ProtocolError, UdsError
 from .handover import Upgrader
 from .options import (
     DEFAULT_BACKLOG,
@@ -40,12 +40,14 @@ from .options import (
     SocketType,
     base_type,
     check_message,
+    check_shared_memory,
     check_timeout,
     listen_options,
     max_frame_for,
     tune_buffers,
     type_name,
 )
+from .proto.shm import is_marker
 from .sockfile import Claim, claim, probe
 from .translate import translate, translating
 
@@ -199,7 +201,7 @@ class _Endpoint:
 class Listener(_Endpoint):
     """A listening stream or seqpacket socket. ``accept()`` returns a Channel per client."""
 
-    __slots__ = ("_buffers", "_framing", "_max_fds", "_max_frame")
+    __slots__ = ("_buffers", "_framing", "_max_fds", "_max_frame", "_shared_memory")
 
     def __init__(
         self,
@@ -212,8 +214,10 @@ class Listener(_Endpoint):
         max_frame: int | None,
         max_fds: int,
         buffers: tuple[int | None, int | None] = (None, None),
+        shared_memory: int = 0,
     ) -> None:
         super().__init__(sock, address, claim, policy)
+        self._shared_memory = shared_memory
         self._framing = framing
         self._max_frame = max_frame
         self._max_fds = max_fds
@@ -237,6 +241,11 @@ class Listener(_Endpoint):
     def max_fds(self) -> int:
         """Descriptors accepted with one message."""
         return self._max_fds
+
+    @property
+    def shared_memory(self) -> int:
+        """The pool size offered to clients that opt in to shared memory (0: off)."""
+        return self._shared_memory
 
     @property
     def buffers(self) -> tuple[int | None, int | None]:
@@ -266,14 +275,27 @@ class Listener(_Endpoint):
         admitted = admit(conn, self.address, self.policy, self._buffers, blocking=True)
         if not isinstance(admitted, Admitted):
             return None
-        return Channel(
+        # Shared memory only with a client that opted in too (its name says so): the
+        # OFFER is then the first thing it receives; any other client sees a plain socket.
+        pool = self._shared_memory if self._shared_memory and opted_in(conn) else 0
+        channel = Channel(
             conn,
             framing=self._framing,
             max_frame=self._max_frame,
             max_fds=self._max_fds,
             remote=admitted.remote,
             peer=admitted.peer,
+            shared_memory=pool,
+            peer_opted=bool(pool),
         )
+        if pool:
+            try:
+                channel._offer()
+            except UdsError as exc:  # the client is gone already
+                log.info("%s: client left before the shared-memory offer: %s", self.address, exc)
+                channel.close()
+                return None
+        return channel
 
     def __iter__(self) -> Iterator[Channel]:
         """Accept clients until the listener is closed."""
@@ -390,6 +412,14 @@ class DatagramListener(_Endpoint):
         return self._until_closed(self.recv)
 
 
+def opted_in(conn: socket.socket) -> bool:
+    """Whether an accepted client bound itself to the shared-memory marker name."""
+    try:
+        return is_marker(conn.getpeername())
+    except OSError:
+        return False
+
+
 def admits(policy: Policy, peer: PeerCred | None, address: Address, where: object) -> bool:
     """Whether ``policy`` lets a datagram from ``peer`` (None: it carries no credentials)
     be served; a refusal is logged.
@@ -429,6 +459,7 @@ def listen(
     sndbuf: int | None = ...,
     rcvbuf: int | None = ...,
     handover: bool = ...,
+    shared_memory: bool | int = ...,
 ) -> Listener: ...
 @overload
 def listen(
@@ -446,6 +477,7 @@ def listen(
     sndbuf: int | None = ...,
     rcvbuf: int | None = ...,
     handover: bool = ...,
+    shared_memory: bool | int = ...,
 ) -> DatagramListener: ...
 @overload
 def listen(
@@ -463,6 +495,7 @@ def listen(
     sndbuf: int | None = ...,
     rcvbuf: int | None = ...,
     handover: bool = ...,
+    shared_memory: bool | int = ...,
 ) -> Listener | DatagramListener: ...
 def listen(
     address: AddressLike,
@@ -479,6 +512,7 @@ def listen(
     sndbuf: int | None = None,
     rcvbuf: int | None = None,
     handover: bool = False,
+    shared_memory: bool | int = False,
 ) -> Listener | DatagramListener:
     """Listen on ``address``: a path (claimed safely), an abstract name, ``tcp:`` or ``fd:N``.
 
@@ -492,6 +526,9 @@ def listen(
     next (see :class:`udskit.Upgrader`, which ``listener.upgrader`` is). Its ``accept()``
     and ``recv()`` wait as usual though the socket is shared with the previous process,
     which may have made it non-blocking (udskit's servers do).
+    ``shared_memory`` (True, or a pool size in bytes) moves large messages through shared
+    memory with each client that opted in too (docs/shared-memory.md); other clients get a
+    plain socket.
     """
     if not isinstance(handover, bool):
         raise TypeError(f"handover must be True or False, not {handover!r}")
@@ -510,6 +547,14 @@ def listen(
         rcvbuf=rcvbuf,
     )
     target, kind, buffers = opts.target, opts.kind, opts.buffers
+    pool = check_shared_memory(
+        shared_memory,
+        type=type,
+        framing=framing,
+        max_fds=max_fds,
+        max_frame=max_frame,
+        address_kind=target.kind,
+    )
     bound: _Owned | None = None
     if handover:
         upgrader = Upgrader.for_listen(opts, bind_listener)
@@ -529,6 +574,7 @@ def listen(
                 max_frame=max_frame,
                 max_fds=max_fds,
                 buffers=buffers,
+                shared_memory=pool,
             )
         if any(buffers):
             tune_buffers(sock, *buffers)

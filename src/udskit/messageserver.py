@@ -35,7 +35,13 @@ from .connection import DEFAULT_MAX_OUTBOX, Connection
 from .listening import DatagramListener, Listener, listen
 from .options import DEFAULT_DRAIN_TIMEOUT, check_seconds
 from .server import SHUTDOWN_GRACE, run_until_signalled
-from .serving import Hook, MessageHandler, MessageServing, check_server_options
+from .serving import (
+    Hook,
+    MessageHandler,
+    MessageServing,
+    check_server_options,
+    refuse_shared_memory,
+)
 from .wakeup import WakeUp
 
 __all__ = ["MessageHandler", "MessageServer", "serve_messages"]
@@ -87,6 +93,7 @@ class MessageServer(MessageServing):
             max_outbox,
             {"on_connect": on_connect, "on_close": on_close, "on_eof": on_eof},
         )
+        refuse_shared_memory(listen_options)
         if isinstance(workers, bool) or not isinstance(workers, int):
             raise TypeError(f"workers must be a number of threads, not {workers!r}")
         if not 0 <= workers <= MAX_WORKERS:

@@ -17,6 +17,7 @@ from .address import Address
 from .ancillary import MAX_FDS_PER_MESSAGE
 from .creds import Policy
 from .proto import DEFAULT_MAX_FRAME
+from .proto.shm import CONTROL_BIT, check_pool_size
 
 __all__ = [
     "ConnectOptions",
@@ -171,6 +172,36 @@ def check_max_clients(max_clients: int | None, name: str = "max_clients") -> int
             f"{name} must be a positive integer or None (no limit), not {max_clients!r}"
         )
     return max_clients
+
+
+def check_shared_memory(
+    shared_memory: object,
+    *,
+    type: str,  # noqa: A002 - mirrors the public keyword
+    framing: str,
+    max_fds: int,
+    max_frame: int | None,
+    address_kind: str | None = None,
+) -> int:
+    """The pool size a ``shared_memory=`` option asks for (0: off), checked against the
+    other options; ValueError says which combination cannot work."""
+    size = check_pool_size(shared_memory)
+    if not size:
+        return 0
+    if type != "stream" or framing != "length":
+        raise ValueError(
+            "shared_memory needs type='stream' and framing='length' (the records that carry "
+            f"slots are length-prefixed frames), not type={type!r}, framing={framing!r}"
+        )
+    if max_fds < 1:
+        raise ValueError(
+            "shared_memory needs max_fds of at least 1: each side's pool arrives as a descriptor"
+        )
+    if max_frame_for(type, max_frame) >= CONTROL_BIT:
+        raise ValueError(f"max_frame must be below {CONTROL_BIT} with shared_memory")
+    if address_kind == "tcp":
+        raise ValueError("shared_memory works between processes on one host: not over tcp:")
+    return size
 
 
 def check_timeout(timeout: float | None) -> float | None:

@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from .accepting import AcceptVerdict, Backoff, classify
@@ -87,6 +87,16 @@ def check_server_options(
     for name, hook in hooks.items():
         if hook is not None and not callable(hook):
             raise TypeError(f"{name} must be a function of a connection, not {hook!r}")
+
+
+def refuse_shared_memory(listen_options: Mapping[str, object]) -> None:
+    """A message server reads every client into one shared buffer and has no view to hand
+    out: it cannot take ``shared_memory`` (the conversational servers can)."""
+    if listen_options.get("shared_memory"):
+        raise ValueError(
+            "shared_memory is for Channels (listen/accept, Server, serve): a message server "
+            "handles each message in its read loop and cannot take it"
+        )
 
 
 class UnsentReplies:

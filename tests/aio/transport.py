@@ -74,11 +74,20 @@ class LoopThread:
 class AioTransport:
     """``udskit.aio``: ``listen`` + ``accept`` + ``connect``, or ``pair()``, on one loop."""
 
-    def __init__(self, directory: Path, kind: Kind, how: str, framing: str, loop_name: str) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        kind: Kind,
+        how: str,
+        framing: str,
+        loop_name: str,
+        shm: bool = False,
+    ) -> None:
         self.kind = kind
         self.how = how
         self.framing = framing if kind == "stream" else None
-        self.id = "-".join(filter(None, ("aio", loop_name, kind, self.framing, how)))
+        parts = ("aio", loop_name, kind, self.framing, how, "shm" if shm else "")
+        self.id = "-".join(filter(None, parts))
         self.boundaries = self.framing != "raw"
         self.empty: Empty = (
             "nothing" if self.framing == "raw" else "refused" if kind == "seqpacket" else "message"
@@ -92,6 +101,9 @@ class AioTransport:
             self._options["framing"] = framing
             if framing == "lines":
                 self._options["max_frame"] = LINES_MAX
+        if shm:
+            # Large messages (1 MiB here) go through shared memory, the rest as before.
+            self._options["shared_memory"] = True
         self._open: list[Any] = []
         self._loop = LoopThread(loop_name)
 
@@ -202,12 +214,12 @@ class AioTransport:
 
 
 def aio_transport(
-    kind: Kind, how: str, framing: str, loop_name: str
+    kind: Kind, how: str, framing: str, loop_name: str, shm: bool = False
 ) -> Callable[[Path], Transport]:
     def make(directory: Path) -> Transport:
-        return AioTransport(directory, kind, how, framing, loop_name)
+        return AioTransport(directory, kind, how, framing, loop_name, shm)
 
-    parts = ("aio", loop_name, kind, framing if kind == "stream" else "", how)
+    parts = ("aio", loop_name, kind, framing if kind == "stream" else "", how, "shm" if shm else "")
     make.__name__ = "-".join(filter(None, parts))
     return make
 
@@ -225,5 +237,10 @@ AIO_TRANSPORTS: list[Callable[[Path], Transport]] = [
     for loop_name in LOOPS
     for kind, framings in _KINDS
     for framing in framings
+    for how in ("listen", "pair")
+] + [
+    # Shared memory, one more transport: on the standard loop (the loop changes nothing in
+    # the records' path, and every test here costs CI time).
+    aio_transport("stream", how, "length", "asyncio", shm=True)
     for how in ("listen", "pair")
 ]

@@ -16,7 +16,7 @@ from udskit.bench.host import choose_pinning
 from udskit.bench.plan import QUICK
 
 ROOT = Path(__file__).resolve().parents[2]
-PLAN = QUICK.capped(200).with_sizes((1 << 20,)).with_clients((3,))
+PLAN = QUICK.capped(200).with_sizes((1 << 20,)).with_large_sizes((1 << 20,)).with_clients((3,))
 
 #: The message servers' contenders: echo servers only.
 MESSAGE_SERVERS: Final = ("udskit-msg", "udskit-aio-msg", "udskit-aio-msg-uvloop")
@@ -51,6 +51,20 @@ def test_names_are_unique_and_the_baseline_comes_first() -> None:
 @pytest.mark.parametrize("name", MESSAGE_SERVERS)
 def test_a_message_server_contender_is_for_many_clients_only(name: str) -> None:
     contender = get(name)
-    assert [contender.runs(test) for test in ("rtt", "stream", "many")] == [False, False, True]
+    assert [contender.runs(test) for test in ("rtt", "stream", "large", "many")] == [
+        False,
+        False,
+        False,
+        True,
+    ]
     assert contender.skips["rtt"] == contender.skips["stream"]
     assert contender.skips["rtt"].startswith("a message server is a many-clients server")
+
+
+@pytest.mark.parametrize("name", [c.name for c in ALL if c.large])
+def test_large_message_rows_run_only_large_messages_except_the_c_reference(name: str) -> None:
+    contender = get(name)
+    assert contender.runs("large")
+    if name != "c-1mib":
+        assert [contender.runs(test) for test in ("rtt", "stream", "many")] == [False] * 3
+    assert all(c.skips["large"].startswith("large messages are") for c in ALL if not c.large)

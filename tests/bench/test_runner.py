@@ -18,7 +18,8 @@ from udskit.bench.plan import QUICK, Figure
 from udskit.bench.results import Outcome, Run
 
 ROOT = Path(__file__).resolve().parents[2]
-PLAN = QUICK.capped(300).with_clients((3,))
+# The large-message rows have tests of their own (test_contenders): none here.
+PLAN = QUICK.capped(300).with_clients((3,)).with_large_sizes(())
 UNPINNED = Pinning(None, None, "unpinned: test")
 
 

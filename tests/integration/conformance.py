@@ -110,11 +110,13 @@ class DatagramServerEnd:
 class BlockingTransport:
     """udskit's blocking API: ``listen`` + ``accept`` + ``connect``, or ``pair()``."""
 
-    def __init__(self, directory: Path, kind: Kind, how: str, framing: str = "length") -> None:
+    def __init__(
+        self, directory: Path, kind: Kind, how: str, framing: str = "length", shm: bool = False
+    ) -> None:
         self.kind = kind
         self.how = how
         self.framing = framing if kind == "stream" else None
-        self.id = "-".join(filter(None, (kind, self.framing, how)))
+        self.id = "-".join(filter(None, (kind, self.framing, how, "shm" if shm else "")))
         self.boundaries = self.framing != "raw"
         self.empty: Empty = (
             "nothing" if self.framing == "raw" else "refused" if kind == "seqpacket" else "message"
@@ -128,6 +130,9 @@ class BlockingTransport:
             self._options["framing"] = framing
             if framing == "lines":
                 self._options["max_frame"] = LINES_MAX
+        if shm:
+            # Large messages (1 MiB here) go through shared memory, the rest as before.
+            self._options["shared_memory"] = True
         self._open: list[Channel | DatagramListener | udskit.Listener] = []
 
     def __repr__(self) -> str:
@@ -219,11 +224,14 @@ class BlockingTransport:
         self._open.clear()
 
 
-def _blocking(kind: Kind, how: str, framing: str = "length") -> Callable[[Path], Transport]:
+def _blocking(
+    kind: Kind, how: str, framing: str = "length", shm: bool = False
+) -> Callable[[Path], Transport]:
     def make(directory: Path) -> Transport:
-        return BlockingTransport(directory, kind, how, framing)
+        return BlockingTransport(directory, kind, how, framing, shm)
 
-    make.__name__ = "-".join(filter(None, (kind, framing if kind == "stream" else "", how)))
+    parts = (kind, framing if kind == "stream" else "", how, "shm" if shm else "")
+    make.__name__ = "-".join(filter(None, parts))
     return make
 
 
@@ -236,6 +244,7 @@ TRANSPORTS: list[Callable[[Path], Transport]] = [
     ),
     *(_blocking("seqpacket", how) for how in ("listen", "pair")),
     *(_blocking("dgram", how) for how in ("listen", "pair")),
+    *(_blocking("stream", how, shm=True) for how in ("listen", "pair")),
 ]
 
 

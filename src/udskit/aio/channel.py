@@ -23,21 +23,34 @@ import asyncio
 import logging
 import os
 import socket
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
 from ..address import Address
-from ..ancillary import RECV_FLAGS, ancillary_size, close_fds, unpack
+from ..ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
 from ..channel import ChannelFacts, read_interrupted, stream_read_lost
 from ..creds import PeerCred
-from ..errors import ConnectionClosed, ProtocolError, UdsError
+from ..errors import ConnectionClosed, ProtocolError, Timeout, UdsError
 from ..options import base_type, check_timeout, max_frame_for, type_name
-from ..proto import CLOSED, Framing, make_framing
+from ..proto import CLOSED, Control, Framing, LengthPrefixed, make_framing
+from ..proto.shm import (
+    ATTACH,
+    OFFER,
+    RELEASE,
+    SHARED_THRESHOLD,
+    SLOT,
+    VERSION,
+    check_record,
+    decode_record,
+    encode_record,
+)
+from ..shm import Lease, SharedMemory
 from ..translate import translate, translating
 from .buffers import FEED_SLICE, READ_AHEAD, RECV_CHUNK, scratch
 from .sending import Ancillary, Buffer, Sending
-from .waiting import EXPIRED, expire
+from .waiting import EXPIRED, Waiters, expire
 
 if TYPE_CHECKING:
     from ..sockfile import Claim
@@ -91,6 +104,7 @@ class Channel(Sending, ChannelFacts):
     """
 
     __slots__ = (
+        "__weakref__",  # a released view tells its channel through a weak reference
         "_ancsize",
         "_claim",
         "_cleanup_dir",
@@ -106,6 +120,7 @@ class Channel(Sending, ChannelFacts):
         "_ready_bytes",
         "_rview",
         "_rwaiter",
+        "_space",
     )
 
     def __init__(
@@ -122,16 +137,23 @@ class Channel(Sending, ChannelFacts):
         write_limit: int | None = None,
         owns_socket: bool = True,
         inbox: Sequence[Received] = (),
+        shared_memory: int = 0,
+        peer_opted: bool = False,
     ) -> None:
         """Wrap a connected socket (made non-blocking here). ``claim`` and ``cleanup_dir``
         (a bound client's own path and its private directory) are released on close.
         ``owns_socket=False`` with ``inbox`` makes a datagram session: it holds the given
-        datagrams and replies to ``remote`` through a listener's socket."""
+        datagrams and replies to ``remote`` through a listener's socket. ``shared_memory``
+        (a pool size; 0: off) and ``peer_opted``: as for the blocking Channel."""
         kind = type_name(base_type(sock))
+        if shared_memory:
+            chosen: Framing | None = LengthPrefixed(max_frame_for(kind, max_frame), records=True)
+        else:
+            chosen = make_framing(framing, max_frame=max_frame) if kind == "stream" else None
         super().__init__(
             sock,
             kind,
-            make_framing(framing, max_frame=max_frame) if kind == "stream" else None,
+            chosen,
             max_fds=max_fds,
             remote=remote,
             write_limit=write_limit,
@@ -144,7 +166,7 @@ class Channel(Sending, ChannelFacts):
         self._claim = claim
         self._cleanup_dir = cleanup_dir
         # complete messages, in order, for recv()
-        self._ready: deque[bytes | Received] = deque(inbox)
+        self._ready: deque[bytes | Received | Lease] = deque(inbox)
         self._ready_bytes = sum(len(item[0]) for item in inbox)
         self._eof = not owns_socket  # a datagram session holds all it will ever receive
         self._fds_seen = False
@@ -156,6 +178,11 @@ class Channel(Sending, ChannelFacts):
         self._rbuf = memoryview(b"")
         self._rview: list[memoryview] = []
         self._feed: Callable[..., bytes | object] = _no_framing
+        self._space = Waiters("send")  # senders waiting for room in the shared-memory pool
+        if shared_memory:
+            self._shm = SharedMemory(shared_memory, self._max_message, peer_opted=peer_opted)
+            pending = weakref.WeakMethod(self._release_soon)
+            self._shm.notify = lambda: _call(pending)
         if owns_socket:
             sock.setblocking(False)
 
@@ -283,8 +310,11 @@ class Channel(Sending, ChannelFacts):
                 raise
             raise StopAsyncIteration from None
 
-    def _unpack(self, item: Received) -> tuple[bytes, list[int]]:
-        """A queued message with descriptors or credentials: take its parts."""
+    def _unpack(self, item: Received | Lease) -> tuple[bytes, list[int]]:
+        """A queued message with descriptors or credentials, or in the peer's pool: take
+        its parts (a pooled message is copied out, and its slot released)."""
+        if isinstance(item, Lease):
+            return self._shm.copy_out(item), []  # type: ignore[union-attr]
         data, fds, cred = item
         self._ready_bytes -= len(data)
         if isinstance(cred, PeerCred):
@@ -375,6 +405,8 @@ class Channel(Sending, ChannelFacts):
                     self._ready_bytes += len(message)
                     if self._framing.buffered:  # type: ignore[union-attr]
                         self._decode(self._framing)  # type: ignore[arg-type]
+                elif type(message) is Control:  # shared memory: a record
+                    self._take(self._framing, message)  # type: ignore[arg-type]
             else:
                 self._read_stream_slow(size, ancdata, flags)
         except UdsError as exc:  # bad framing: FrameTooLarge, a stream cut off mid-message
@@ -434,14 +466,21 @@ class Channel(Sending, ChannelFacts):
                 return
 
     def _take(self, framing: Framing, message: bytes | object) -> None:
-        """Queue ``message`` (what feed() returned) and every complete one after it."""
-        while isinstance(message, bytes):
-            fds = framing.take_fds()
-            self._ready.append((message, fds, None) if fds else message)
-            self._ready_bytes += len(message)
+        """Queue ``message`` (what feed() returned) and every complete one after it; act
+        on shared-memory records."""
+        while True:
+            if isinstance(message, bytes):
+                fds = framing.take_fds()
+                self._ready.append((message, fds, None) if fds else message)
+                self._ready_bytes += len(message)
+            elif type(message) is Control:
+                self._record(message, framing.take_fds())
+            else:
+                break
             message = framing.next_message()
         if message is CLOSED:
             self._eof = True
+            self._space.wake_all()
 
     def _decode(self, framing: Framing) -> None:
         """Queue every complete message still in the framing."""
@@ -516,6 +555,7 @@ class Channel(Sending, ChannelFacts):
         """
         if fatal:
             self._read_failed = error
+            self._space.wake_all()
         else:
             self._read_error = error
         self._stop_reading()
@@ -527,6 +567,205 @@ class Channel(Sending, ChannelFacts):
             loop = self._loop
             if loop is not None and not loop.is_closed():
                 loop.remove_reader(self._fd)
+
+    # -- shared memory --------------------------------------------------------------------
+    @property
+    def shared_memory(self) -> bool:
+        """Whether large messages to the peer go through shared memory now (see the
+        blocking Channel)."""
+        return self._shm is not None and self._shm.ready
+
+    @property
+    def pool_in_use(self) -> int:
+        """Bytes of our shared-memory pool holding messages the peer has not released."""
+        return 0 if self._shm is None else self._shm.in_use
+
+    async def recv_view(self) -> memoryview:
+        """Receive one message as a read-only memoryview, in the sender's shared memory
+        when it came that way (no copy); valid until released, as for the blocking
+        Channel's ``recv_view``. A message that came through the socket is returned as a
+        view of its bytes."""
+        ready = self._ready
+        while not ready:
+            await self._wait_readable()
+        item = ready.popleft()
+        if isinstance(item, Lease):
+            return self._shm.view(item)  # type: ignore[union-attr]
+        if isinstance(item, bytes):
+            self._ready_bytes -= len(item)
+            return memoryview(item)
+        data, fds = self._unpack(item)
+        if fds:
+            close_fds(fds)
+        return memoryview(data)
+
+    async def loan(self, size: int) -> memoryview:
+        """A writable buffer of ``size`` bytes to fill and pass to ``send()``, which sends
+        it without a copy (see the blocking Channel's ``loan``); waits, like ``send``, while
+        the pool is full."""
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= self._max_message:
+            raise ValueError(
+                f"loan: size must be from 1 to max_frame ({self._max_message}) bytes, not {size!r}"
+            )
+        shm = self._shm
+        if shm is not None and size >= SHARED_THRESHOLD and not shm.ready:
+            self._look_for_offer()
+        if shm is None or size < SHARED_THRESHOLD or not shm.usable_for(size):
+            return memoryview(bytearray(size))
+        self._check_open()
+        shm.ensure_pool()
+        offset = await self._lend(size)
+        return shm.loan(offset, size)
+
+    async def _send_shared(self, data: Buffer) -> None:
+        shm = self._shm
+        assert shm is not None
+        offset = shm.loaned(data)
+        if offset is None:
+            view = data if type(data) is bytes else memoryview(data).cast("B")
+            size = len(view)
+            if not shm.ready:
+                self._look_for_offer()
+            if not shm.usable_for(size):
+                await self._send_large(data)
+                return
+        else:
+            size = len(data)
+        self._check_open()
+        self._raise_write_error()
+        self._flush_releases()
+        shm.ensure_pool()
+        if offset is None:
+            offset = await self._lend(size)
+            try:
+                shm.write(offset, view)
+            except BaseException:
+                shm.give_back(offset)  # not sent: ours again
+                raise
+        else:
+            shm.hand_over(data)  # type: ignore[arg-type]
+        # Both records go to the kernel (or the send queue, in order) before any await.
+        fd = shm.open_pool()
+        try:
+            if fd >= 0:
+                # In a sendmsg() of its own (the send queue keeps one for anything with
+                # descriptors), so that the pool arrives with this record.
+                self._write([encode_record(ATTACH, shm.pool_size)], rights([fd], 1))
+            self._write([encode_record(SLOT, offset, size)], [])
+        except BaseException:
+            if fd >= 0 and self._write_error is None:
+                shm.attach_failed()
+            if self._write_error is None:
+                shm.give_back(offset)
+            raise
+        if fd >= 0:
+            # The kernel duplicates the descriptor as it takes the record: keep ours open
+            # until then.
+            await self._drained(0)
+            shm.pool_sent()
+        elif self._out.full:
+            await self._drained(self._out.low)
+
+    async def _lend(self, size: int) -> int:
+        """A free extent of ``size`` bytes in our pool, waiting (within the timeout) while
+        it is full: backpressure, never growth. Releases come in through the reader
+        callback, started here if no task is receiving."""
+        shm = self._shm
+        assert shm is not None
+        loop = self._bind_loop()
+        deadline = None if self._timeout is None else loop.time() + self._timeout
+        while True:
+            offset = shm.lend(size)
+            if offset is not None:
+                return offset
+            self._check_open()
+            failed = self._read_failed
+            if failed is not None:
+                raise failed.with_traceback(None)
+            if self._eof:
+                raise ConnectionClosed(
+                    f"{self._where()}: the peer closed the connection while our shared-memory "
+                    "pool was full"
+                )
+            if not shm.ready:
+                raise ConnectionClosed(f"{self._where()}: the shared-memory pool was closed")
+            if not self._reading:
+                self._start_reading(loop)
+            left = None if deadline is None else deadline - loop.time()
+            if (left is not None and left <= 0) or await self._space.wait(loop, left) is EXPIRED:
+                raise Timeout(
+                    f"{self._where()}: the shared-memory pool stayed full for {self._timeout} s "
+                    f"(the receiver holds {shm.in_use} bytes unreleased); send timed out"
+                )
+
+    def _look_for_offer(self) -> None:
+        """A client that opted in, about to send a large message, has not yet seen whether
+        the listener opted in: take in what has arrived (the OFFER comes first), now."""
+        if self._closed or self._read_failed is not None or self._eof:
+            return
+        if not self._reading:
+            self._start_reading(self._bind_loop())
+        self._read_stream()  # non-blocking: whatever is there
+
+    def _flush_releases(self) -> None:
+        """Send (or queue) the RELEASE records we owe. On the loop's thread."""
+        shm = self._shm
+        if shm is None or not shm.pending or self._closed or self._write_error is not None:
+            return
+        records = b"".join([encode_record(RELEASE, offset) for offset in shm.take_pending()])
+        try:
+            self._write([records], [])
+        except UdsError as exc:
+            log.debug("%r: releases not sent: %s", self, exc)
+
+    def _release_soon(self) -> None:
+        """A received view was released (any thread): send the release from the loop."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return  # sent by the next send or receive
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._flush_releases()
+        else:
+            loop.call_soon_threadsafe(self._flush_releases)
+
+    def _offer(self) -> None:
+        """A listener that opted in answers a client that did: OFFER, first of all."""
+        self._write([encode_record(OFFER, VERSION)], [])
+
+    def _record(self, control: Control, fds: list[int]) -> None:
+        """Act on one shared-memory record; a bad one closes the channel (ProtocolError)."""
+        shm = self._shm
+        assert shm is not None
+        try:
+            record = decode_record(control.body)
+            check_record(record, len(fds), peer_opted=shm.ready)
+            if record.kind == ATTACH:
+                shm.attach_peer(fds.pop(), record.first)
+            elif record.kind == OFFER:
+                shm.ready = True
+            elif record.kind == SLOT:
+                self._ready.append(shm.slot(record.first, record.second))
+            else:
+                shm.peer_released(record.first)
+                self._space.wake_all()
+        except ProtocolError as exc:
+            close_fds(fds)
+            error = ProtocolError(
+                f"{self._where()}: {exc}; the channel cannot be used any more: close it"
+            )
+            shm.close()
+            self._fail_write(
+                ConnectionClosed(f"{self._where()}: closed after a protocol error: {exc}")
+            )
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            raise error from exc
 
     # -- closing --------------------------------------------------------------------------
     async def shutdown_write(self) -> None:
@@ -562,10 +801,13 @@ class Channel(Sending, ChannelFacts):
         self._wake_receiver()
         self._drain.wake_all()
         self._wwait.wake_all()
+        self._space.wake_all()
+        if self._shm is not None:
+            self._shm.close()
         if self._framing is not None:
             close_fds(self._framing.held_fds())
         for item in self._ready:
-            if not isinstance(item, bytes):
+            if isinstance(item, tuple):
                 close_fds(item[1])
         self._ready.clear()
         self._ready_bytes = 0
@@ -584,3 +826,10 @@ class Channel(Sending, ChannelFacts):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def _call(method: weakref.WeakMethod[Callable[[], None]]) -> None:
+    """Call a weakly held bound method, if its object is still alive."""
+    bound = method()
+    if bound is not None:
+        bound()

@@ -15,6 +15,7 @@ from ..address import Address, AddressLike, sun_path
 from ..creds import PeerCred, peer_cred, require_uid
 from ..errors import ConnectError
 from ..options import (
+    check_shared_memory,
     connect_options,
     pair_options,
     tune_buffers,
@@ -42,12 +43,14 @@ async def connect(
     sndbuf: int | None = None,
     rcvbuf: int | None = None,
     write_limit: int | None = None,
+    shared_memory: bool | int = False,
 ) -> Channel:
     """Connect to ``address`` and return a Channel, as :func:`udskit.connect` does.
 
     ``timeout`` bounds the connect (a full backlog makes a Unix connect wait) and becomes
     the channel's send/recv timeout. ``bind``, ``expect_uid``, ``sndbuf``, ``rcvbuf``: as
     for :func:`udskit.connect`. ``write_limit``: the send queue's high-water mark.
+    ``shared_memory``: as for :func:`udskit.connect` (docs/shared-memory.md).
     """
     opts = connect_options(
         address,
@@ -63,6 +66,19 @@ async def connect(
     )
     check_write_limit(write_limit)
     target, kind, own = opts.target, opts.kind, opts.bind
+    pool = check_shared_memory(
+        shared_memory,
+        type=type,
+        framing=framing,
+        max_fds=max_fds,
+        max_frame=max_frame,
+        address_kind=target.kind,
+    )
+    if pool and (own is not None or target.kind == "fd"):
+        raise ValueError(
+            "shared_memory cannot be combined with bind= or an fd: address: the client "
+            "signals its opt-in by the name it binds (docs/shared-memory.md)"
+        )
     if target.kind == "fd":
         adopted = blocking._adopt(target, framing=framing, max_frame=max_frame, max_fds=max_fds)
         channel = Channel(
@@ -88,6 +104,7 @@ async def connect(
             max_fds=max_fds,
             timeout=timeout,
             write_limit=write_limit,
+            shared_memory=pool,
         )
     channel.settimeout(timeout)
     return channel
@@ -105,12 +122,15 @@ async def _connect_unix(
     max_fds: int,
     timeout: float | None,
     write_limit: int | None,
+    shared_memory: int = 0,
 ) -> Channel:
     sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
     reply: Claim | None = None
     reply_dir: bytes | None = None
     try:
         reply, reply_dir = blocking.name_client(sock, kind, own)
+        if shared_memory:
+            blocking.bind_marker(sock)
         tune_buffers(sock, *buffers)
         await connect_waiting(sock, target, timeout)
         peer: PeerCred | None = None
@@ -128,6 +148,7 @@ async def _connect_unix(
             claim=reply,
             cleanup_dir=reply_dir,
             write_limit=write_limit,
+            shared_memory=shared_memory,
         )
     except BaseException:  # CancelledError included: nothing may be left behind
         blocking.release_name(reply, reply_dir)
@@ -185,12 +206,14 @@ def pair(
     sndbuf: int | None = None,
     rcvbuf: int | None = None,
     write_limit: int | None = None,
+    shared_memory: bool | int = False,
 ) -> tuple[Channel, Channel]:
     """Two connected Channels (socketpair), as :func:`udskit.pair` makes.
 
     Needs no running loop: each channel joins the loop it is first used on, so a pair can be
     made before ``os.fork()`` (each process closes the end it does not use) and used by
-    whichever loop each process runs.
+    whichever loop each process runs. ``shared_memory``: both ends opt in (see
+    :func:`udskit.pair`).
     """
     kind = pair_options(
         type=type,
@@ -201,6 +224,9 @@ def pair(
         rcvbuf=rcvbuf,
     )
     check_write_limit(write_limit)
+    pool = check_shared_memory(
+        shared_memory, type=type, framing=framing, max_fds=max_fds, max_frame=max_frame
+    )
     left, right = socket.socketpair(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
     ends = []
     try:
@@ -215,6 +241,8 @@ def pair(
                     max_fds=max_fds,
                     peer=peer_cred(sock),
                     write_limit=write_limit,
+                    shared_memory=pool,
+                    peer_opted=True,
                 )
             )
     except BaseException:

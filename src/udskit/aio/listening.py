@@ -28,7 +28,7 @@ from ..ancillary import (
     unpack,
 )
 from ..creds import Policy
-from ..errors import ConnectionClosed, ProtocolError
+from ..errors import ConnectionClosed, ProtocolError, UdsError
 from ..handover import Upgrader
 from ..listening import Datagram
 from ..options import (
@@ -248,7 +248,10 @@ class Listener(_Endpoint[Channel]):
         if not isinstance(admitted, Admitted):
             return None
         peer, remote = admitted.peer, admitted.remote
-        return Channel(
+        # Shared memory only with a client that opted in too (see udskit.listening).
+        offered = self._inner.shared_memory  # type: ignore[union-attr]
+        pool = offered if offered and blocking.opted_in(conn) else 0
+        channel = Channel(
             conn,
             framing=framing,
             max_frame=max_frame,
@@ -256,7 +259,17 @@ class Listener(_Endpoint[Channel]):
             remote=remote,
             peer=peer,
             write_limit=write_limit,
+            shared_memory=pool,
+            peer_opted=bool(pool),
         )
+        if pool:
+            try:
+                channel._offer()
+            except UdsError as exc:  # the client is gone already
+                log.info("%s: client left before the shared-memory offer: %s", self.address, exc)
+                channel.close()
+                return None
+        return channel
 
     _next = accept  # what async iteration yields
 
@@ -404,6 +417,7 @@ async def listen(
     rcvbuf: int | None = ...,
     write_limit: int | None = ...,
     handover: bool = ...,
+    shared_memory: bool | int = ...,
 ) -> Listener: ...
 @overload
 async def listen(
@@ -422,6 +436,7 @@ async def listen(
     rcvbuf: int | None = ...,
     write_limit: int | None = ...,
     handover: bool = ...,
+    shared_memory: bool | int = ...,
 ) -> DatagramListener: ...
 @overload
 async def listen(
@@ -440,6 +455,7 @@ async def listen(
     rcvbuf: int | None = ...,
     write_limit: int | None = ...,
     handover: bool = ...,
+    shared_memory: bool | int = ...,
 ) -> Listener | DatagramListener: ...
 async def listen(
     address: AddressLike,
@@ -457,11 +473,13 @@ async def listen(
     rcvbuf: int | None = None,
     write_limit: int | None = None,
     handover: bool = False,
+    shared_memory: bool | int = False,
 ) -> Listener | DatagramListener:
     """Listen on ``address``, as :func:`udskit.listen` does, for asyncio.
 
     The options are :func:`udskit.listen`'s (``sndbuf``/``rcvbuf`` size every accepted
-    connection's socket buffers), plus ``write_limit``: each channel's send-queue
+    connection's socket buffers; ``shared_memory``: large messages through shared memory
+    with clients that opt in too), plus ``write_limit``: each channel's send-queue
     high-water mark (see :class:`Channel`). Claiming the socket file takes a few system
     calls; it waits only while another process is in the middle of claiming the same path,
     and does so in a worker thread: the event loop keeps running meanwhile.
@@ -482,6 +500,7 @@ async def listen(
         sndbuf=sndbuf,
         rcvbuf=rcvbuf,
         handover=handover,
+        shared_memory=shared_memory,
     )
     inner = await claim_in_thread(listen_now)
     try:

@@ -40,6 +40,7 @@ from ..serving import (
     MessageHandler,
     MessageServing,
     check_server_options,
+    refuse_shared_memory,
 )
 from .listening import claim_in_thread
 from .signals import serve_until_signalled
@@ -266,6 +267,7 @@ async def start_message_server(
         max_outbox,
         {"on_connect": on_connect, "on_close": on_close, "on_eof": on_eof},
     )
+    refuse_shared_memory(listen_options)
     listen_now = functools.partial(blocking.listen, address, **listen_options)
     endpoint: blocking.Listener | blocking.DatagramListener = await claim_in_thread(listen_now)
     try:

@@ -27,6 +27,8 @@ from ..errors import ConnectionClosed, ProtocolError
 from ..options import SocketType, check_message
 from ..proto import Framing
 from ..proto.outbox import IOV_MAX, Outbox
+from ..proto.shm import SHARED_THRESHOLD
+from ..shm import SharedMemory
 from ..translate import translate, translating
 from .buffers import WRITE_LOW_WATER, check_write_limit
 from .waiting import EXPIRED, RetryPause, Waiters
@@ -66,6 +68,7 @@ class Sending:
         "_owns_socket",
         "_reading",
         "_remote",
+        "_shm",
         "_sock",
         "_timeout",
         "_type",
@@ -102,6 +105,7 @@ class Sending:
         self._write_error: Exception | None = None  # sticky: the socket cannot send any more
         self._drain = Waiters("send")  # senders waiting for the queue to drain
         self._wwait = Waiters("send")  # packet senders waiting for a writable socket
+        self._shm: SharedMemory | None = None  # set by a channel with shared memory
 
     @property
     def write_buffer_size(self) -> int:
@@ -121,7 +125,13 @@ class Sending:
         most ``write_limit`` bytes; otherwise waits until it has drained (backpressure).
         Raises ``ConnectionClosed`` if the peer has gone, ``Timeout`` after ``settimeout``
         seconds of waiting (the message stays queued).
+
+        With shared memory, a message of SHARED_THRESHOLD bytes or more is copied into our
+        pool (a buffer from ``loan()`` is not copied at all) and only its slot is sent.
         """
+        if self._shm is not None and large(data):
+            await self._send_shared(data)
+            return
         framing = self._framing
         if framing is None:
             await self._send_packet(data, [])
@@ -150,6 +160,18 @@ class Sending:
         else:
             check_message(data, "send")
             self._write(framing.encode(data), [])
+        if self._out.full:
+            await self._drained(self._out.low)
+
+    async def _send_shared(self, data: Buffer) -> None:
+        raise NotImplementedError  # the channel's, which also receives
+
+    async def _send_large(self, data: Buffer) -> None:
+        """A large message through the socket (on a channel with shared memory, one the
+        pool cannot take)."""
+        self._check_open()
+        check_message(data, "send")
+        self._write(self._framing.encode(data), [])  # type: ignore[union-attr]
         if self._out.full:
             await self._drained(self._out.low)
 
@@ -382,6 +404,17 @@ class Sending:
 
     def _where(self) -> str:
         return str(self._remote) if self._remote is not None else f"{self._type} channel"
+
+
+def large(data: object) -> bool:
+    """Whether ``data`` is a message for the shared-memory pool (SHARED_THRESHOLD bytes or
+    more); False for what is not a buffer at all (send() then says why)."""
+    if type(data) is bytes:
+        return len(data) >= SHARED_THRESHOLD
+    try:
+        return memoryview(data).nbytes >= SHARED_THRESHOLD  # type: ignore[arg-type]
+    except TypeError:
+        return False
 
 
 def coalesce(parts: list[Buffer]) -> list[Buffer]:

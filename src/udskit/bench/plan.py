@@ -13,6 +13,7 @@ from typing import Final, Literal, TypeAlias
 __all__ = [
     "CLIENT_COUNTS",
     "FULL",
+    "LARGE_SIZES",
     "QUICK",
     "RTT_SIZE",
     "STREAM_SIZES",
@@ -23,16 +24,23 @@ __all__ = [
     "size_label",
 ]
 
-Test: TypeAlias = Literal["rtt", "stream", "many"]
+Test: TypeAlias = Literal["rtt", "stream", "large", "many"]
 
 #: Every test, in the order the report shows them.
-TESTS: Final[tuple[Test, ...]] = ("rtt", "stream", "many")
+TESTS: Final[tuple[Test, ...]] = ("rtt", "stream", "large", "many")
 
 #: Payload of the round-trip test: small enough that the cost is all system calls and wake-ups.
 RTT_SIZE: Final = 64
 
 #: One-way message sizes: a small message, a page, a large buffer and a bulk transfer.
 STREAM_SIZES: Final = (64, 4096, 65536, 1 << 20)
+
+#: Large one-way messages, for the shared-memory rows and their references: one below the
+#: shared-memory threshold (nothing may regress there), then 1, 16 and 256 MiB. A 256 MiB
+#: run holds about 1 GiB at its peak (the sender's payload, a pool of two messages, the
+#: receiver's copy), so it is left out of --quick, which stops at 16 MiB.
+LARGE_SIZES: Final = (64 * 1024, 1 << 20, 16 << 20, 256 << 20)
+QUICK_LARGE_SIZES: Final = (64 * 1024, 1 << 20, 16 << 20)
 
 #: Payload each client of the many-clients echo test sends, and waits to see back.
 ECHO_SIZE: Final = 64
@@ -61,6 +69,8 @@ class Figure:
             return f"round trip {size_label(self.param)}"
         if self.test == "stream":
             return f"one-way {size_label(self.param)}"
+        if self.test == "large":
+            return f"large one-way {size_label(self.param)}"
         return f"{self.param} clients"
 
 
@@ -85,20 +95,32 @@ class Plan:
     clients: tuple[int, ...]
     many_messages: int
     many_seconds: float
+    #: Large one-way messages: at most this many messages and bytes per size, a time cap.
+    large_messages: int = 2000
+    large_bytes: int = 1 << 30
+    large_seconds: float = 0.5
     #: One-way message sizes.
     stream_sizes: tuple[int, ...] = STREAM_SIZES
+    #: Large message sizes (none: the large test makes no figure).
+    large_sizes: tuple[int, ...] = ()
     #: The tests this run makes (all by default).
     tests: tuple[Test, ...] = TESTS
 
     def figures(self) -> list[Figure]:
         rtt = [Figure("rtt", RTT_SIZE)]
         stream = [Figure("stream", size) for size in self.stream_sizes]
+        large = [Figure("large", size) for size in self.large_sizes]
         many = [Figure("many", n) for n in self.clients]
-        return [figure for figure in rtt + stream + many if figure.test in self.tests]
+        return [figure for figure in rtt + stream + large + many if figure.test in self.tests]
 
     def stream_count(self, size: int) -> int:
         """Messages of ``size`` bytes the sender may send."""
         return max(1, min(self.stream_messages, self.stream_bytes // size))
+
+    def large_count(self, size: int) -> int:
+        """Large messages of ``size`` bytes the sender may send (at least two: one alone
+        measures a start, not a rate)."""
+        return max(2, min(self.large_messages, self.large_bytes // size))
 
     def capped(self, messages: int) -> Plan:
         """This plan with every message count at most ``messages`` (for smoke runs)."""
@@ -109,6 +131,7 @@ class Plan:
             rtt_count=min(self.rtt_count, messages),
             rtt_warmup=min(self.rtt_warmup, messages),
             stream_messages=min(self.stream_messages, messages),
+            large_messages=min(self.large_messages, messages),
             many_messages=min(self.many_messages, messages),
         )
 
@@ -121,6 +144,11 @@ class Plan:
         if not sizes or any(n < 1 for n in sizes):
             raise ValueError(f"message sizes must be positive integers, not {sizes}")
         return dataclasses.replace(self, stream_sizes=sizes)
+
+    def with_large_sizes(self, sizes: tuple[int, ...]) -> Plan:
+        if any(n < 1 for n in sizes):
+            raise ValueError(f"message sizes must be positive integers, not {sizes}")
+        return dataclasses.replace(self, large_sizes=sizes)
 
     def with_clients(self, clients: tuple[int, ...]) -> Plan:
         if not clients or any(n < 1 for n in clients):
@@ -148,6 +176,11 @@ FULL: Final = Plan(
     clients=CLIENT_COUNTS,
     many_messages=1_000_000,
     many_seconds=0.7,
+    # 256 MiB messages: up to 32 in 2 s, so that the first touch of each fresh page of a
+    # pool (or of the C reference's buffers), a one-off cost, is not half of the figure.
+    large_bytes=8 << 30,
+    large_seconds=2.0,
+    large_sizes=LARGE_SIZES,
 )
 
 #: --quick: the same figures with short caps; about two minutes on two CPUs, half of it the
@@ -165,6 +198,9 @@ QUICK: Final = Plan(
     clients=CLIENT_COUNTS,
     many_messages=100_000,
     many_seconds=0.3,
+    large_bytes=256 << 20,
+    large_seconds=0.2,
+    large_sizes=QUICK_LARGE_SIZES,
 )
 
 

@@ -59,7 +59,14 @@ def format_ratio(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}x"
 
 
-def _cell(run: Run, outcome: Outcome | None, name: Metric, width: int, ratio: bool) -> str:
+def _cell(
+    run: Run,
+    outcome: Outcome | None,
+    name: Metric,
+    width: int,
+    ratio: bool,
+    against: str | None = None,
+) -> str:
     """One metric (and its ratio) right-aligned in ``width`` (+7 for the ratio)."""
     if outcome is None:
         return " " * (width + (7 if ratio else 0))
@@ -76,17 +83,26 @@ def _cell(run: Run, outcome: Outcome | None, name: Metric, width: int, ratio: bo
     )
     cell = f"{shown:>{width}}"
     if ratio:
-        cell += f"{format_ratio(metric_ratio(run, outcome, name)):>7}"
+        cell += f"{format_ratio(metric_ratio(run, outcome, name, against)):>7}"
     return cell
 
 
-def _rows(run: Run, columns: Sequence[tuple[Figure, Metric, bool]], width: int) -> list[str]:
+def _rows(
+    run: Run,
+    columns: Sequence[tuple[Figure, Metric, bool]],
+    width: int,
+    against: str | None = None,
+) -> list[str]:
+    """One line per contender; ratios to ``against`` (default: the baseline)."""
     lines = []
     for info in run.contenders:
         outcomes = [run.outcome(info.name, figure) for figure, _, _ in columns]
         if all(o is None or o.status == "skipped" for o in outcomes):
             continue  # a test this contender does not run: the Notes say why
-        cells = [_cell(run, o, m, width, r) for o, (_, m, r) in zip(outcomes, columns, strict=True)]
+        cells = [
+            _cell(run, o, m, width, r, against)
+            for o, (_, m, r) in zip(outcomes, columns, strict=True)
+        ]
         lines.append(f"{info.name:<{_name_width(run)}}" + "  ".join(cells))
     return lines
 
@@ -123,6 +139,24 @@ def _stream_tables(run: Run) -> list[str]:
         "One-way throughput, payload MB/s",
         _header(run, [(t, False) for t, _ in titles], 7),
         *_rows(run, megabytes, 7),
+    ]
+
+
+#: The large-message table's ratios are to the C reference with 1 MiB socket buffers (the
+#: baseline, stdlib, does not run large messages); the targets compare with it too.
+LARGE_REFERENCE: Final = "c-1mib"
+
+
+def _large_table(run: Run) -> list[str]:
+    figures = [Figure("large", size) for size in run.plan.large_sizes]
+    if not figures:
+        return []
+    titles = [(size_label(f.param), True) for f in figures]
+    megabytes: list[tuple[Figure, Metric, bool]] = [(f, "mb_per_s", True) for f in figures]
+    return [
+        f"Large messages one-way, payload MB/s (x: ratio to {LARGE_REFERENCE}, > 1 is faster)",
+        _header(run, titles, 7),
+        *_rows(run, megabytes, 7, LARGE_REFERENCE),
     ]
 
 
@@ -224,6 +258,7 @@ def render(run: Run) -> str:
         heading,
         _latency_table(run) if "rtt" in tests else [],
         _stream_tables(run) if "stream" in tests else [],
+        _large_table(run) if "large" in tests else [],
         _many_table(run) if "many" in tests else [],
         _targets(run),
         _notes(run),

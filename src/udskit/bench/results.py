@@ -39,6 +39,7 @@ Metric: TypeAlias = Literal["p50_us", "p99_us", "msgs_per_s", "mb_per_s", "kib_p
 METRICS: Final[Mapping[str, tuple[Metric, ...]]] = {
     "rtt": ("p50_us", "p99_us"),
     "stream": ("msgs_per_s", "mb_per_s"),
+    "large": ("mb_per_s", "msgs_per_s"),
     "many": ("msgs_per_s", "p99_us", "kib_per_client"),
 }
 LOWER_IS_BETTER: Final = frozenset({"p50_us", "p99_us", "kib_per_client"})
@@ -219,7 +220,7 @@ def validate(document: object) -> None:
         if item["status"] not in STATUSES:
             raise ValueError(f"{where}: unknown status {item['status']!r}")
         if item["status"] == "ok":
-            wanted = "throughput" if item["test"] == "stream" else "latency"
+            wanted = "throughput" if item["test"] in ("stream", "large") else "latency"
             if not isinstance(item.get(wanted), dict):
                 raise ValueError(f"{where}: an ok {item['test']} outcome needs {wanted}")
         elif not item["reason"]:

@@ -59,6 +59,10 @@ READY_TIMEOUT: Final = 30.0
 #: echoed once), warming up, and draining what is in flight.
 CLIENT_SLACK: Final = 60.0
 
+#: Bytes per second below which a large-message contender is considered stuck: its time
+#: allowance grows by one message's transfer at this rate (a 256 MiB message: 2.7 s).
+LARGE_SLOWEST: Final = 100e6
+
 #: How long a server may take to exit once its client is done (udskit.Server waits up to
 #: five seconds for its handler threads)...
 SERVER_EXIT_TIMEOUT: Final = 10.0
@@ -323,6 +327,13 @@ class _Runner:
                 count=plan.stream_count(figure.param),
                 seconds=plan.stream_seconds,
             )
+        if figure.test == "large":
+            return dataclasses.replace(server, role="stream_receiver"), dataclasses.replace(
+                client,
+                role="stream_sender",
+                count=plan.large_count(figure.param),
+                seconds=plan.large_seconds,
+            )
         # Many clients: the contender's echo server against the one load generator.
         loader_options: dict[str, Option] = {"transport": contender.transport}
         if self.c_loader:
@@ -400,8 +411,15 @@ class _Pipes:
 
 
 def _client_timeout(plan: Plan, figure: Figure) -> float:
-    caps = {"rtt": plan.rtt_seconds, "stream": plan.stream_seconds, "many": plan.many_seconds}
-    return caps[figure.test] + CLIENT_SLACK
+    caps = {
+        "rtt": plan.rtt_seconds,
+        "stream": plan.stream_seconds,
+        "large": plan.large_seconds,
+        "many": plan.many_seconds,
+    }
+    # A large message may take a while on its own: the cap is checked between messages.
+    alone = figure.param / LARGE_SLOWEST if figure.test == "large" else 0.0
+    return caps[figure.test] + alone + CLIENT_SLACK
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,7 +449,7 @@ def _trial(
         if not samples:
             raise PeerFailed(f"{name} client measured no round trip")
         return Trial(samples, len(samples), 0.0)
-    if figure.test == "stream":
+    if figure.test in ("stream", "large"):
         if server is None or client is None:
             side = "receiver" if server is None else "sender"
             raise PeerFailed(f"{name}: the {side} printed no result")
@@ -469,7 +487,7 @@ def summarize(contender: str, figure: Figure, trials: Sequence[Trial]) -> Outcom
     rates = [stats.throughput(t.messages, size, t.seconds) for t in trials]
     runs = tuple(rate.msgs_per_s for rate in rates)
     median = rates[stats.median_index(runs)]
-    if figure.test == "stream":
+    if figure.test in ("stream", "large"):
         return Outcome(contender, figure, "ok", rate=median, runs=runs)
     pooled = [sample for t in trials for sample in t.samples_ns]
     return Outcome(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from .plan import Figure
+from .plan import Figure, size_label
 from .results import LOWER_IS_BETTER, Metric, Run, metric, metric_ratio
 
 __all__ = ["TARGETS", "Checked", "Target", "check"]
@@ -90,6 +90,42 @@ def _servers() -> tuple[Target, ...]:
     return tuple(targets)
 
 
+def _large() -> tuple[Target, ...]:
+    """The shared-memory targets: against the C reference with 1 MiB buffers at 16 and
+    256 MiB, ahead of the hand-written shared_memory handoff on every row, ahead of the
+    socket path at 1 MiB, and no worse than it below the threshold (64 KiB)."""
+    targets: list[Target] = []
+    for size in (16 << 20, 256 << 20):
+        figure = Figure("large", size)
+        label = size_label(size)
+        targets += [
+            _target(f"{label} in place", "udskit-shm-view", figure, "mb_per_s", "c-1mib", 3.0),
+            _target(f"{label} copy-out", "udskit-shm-copy", figure, "mb_per_s", "c-1mib", 1.5),
+            _target(f"{label} loan", "udskit-shm-loan", figure, "mb_per_s", "c-1mib", 10.0),
+        ]
+    for size in (1 << 20, 16 << 20, 256 << 20):
+        figure = Figure("large", size)
+        for mode in ("copy", "view", "loan"):
+            targets.append(
+                _target(
+                    f"{size_label(size)} shm {mode}",
+                    f"udskit-shm-{mode}",
+                    figure,
+                    "mb_per_s",
+                    "mp-shm",
+                    1.0,
+                )
+            )
+    one = Figure("large", 1 << 20)
+    below = Figure("large", 64 * 1024)
+    targets += [
+        _target("1 MiB in place", "udskit-shm-view", one, "mb_per_s", "udskit-sock", 1.5),
+        _target("1 MiB copy-out", "udskit-shm-copy", one, "mb_per_s", "udskit-sock", 1.5),
+        _target("64 KiB shm channel", "udskit-shm-copy", below, "mb_per_s", "udskit-sock", 0.9),
+    ]
+    return tuple(targets)
+
+
 TARGETS: Final = (
     _target("udskit round trip p50", "udskit", _RTT, "p50_us", "stdlib", 1.05),
     _target("udskit round trip p99", "udskit", _RTT, "p99_us", "stdlib", 1.10),
@@ -105,6 +141,7 @@ TARGETS: Final = (
         "aio 1 MiB one-way", "udskit-aio", Figure("stream", 1 << 20), "msgs_per_s", "asyncio", 5.0
     ),
     *_servers(),
+    *_large(),
 )
 
 #: Every udskit server holds this many clients with no error.

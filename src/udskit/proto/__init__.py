@@ -11,6 +11,7 @@ from .framing import (
     HEADER,
     NEED_DATA,
     Closed,
+    Control,
     Decoder,
     Framing,
     LengthPrefixed,
@@ -23,6 +24,7 @@ from .framing import (
 __all__ = [
     "CLOSED",
     "Closed",
+    "Control",
     "DEFAULT_MAX_FRAME",
     "DEFAULT_MAX_LINE",
     "HEADER",

@@ -29,6 +29,7 @@ __all__ = [
     "HEADER",
     "NEED_DATA",
     "Closed",
+    "Control",
     "Decoder",
     "Framing",
     "LengthPrefixed",
@@ -58,6 +59,10 @@ _unpack_from: Final = HEADER.unpack_from
 #: memoryview, which saves one copy of a large message at a fixed cost for small ones.
 _SMALL: Final = 4096
 
+#: Largest record body accepted (proto.shm's are 17 bytes): a bound, so that a bad header
+#: cannot make us wait for or buffer megabytes of "record".
+_MAX_RECORD: Final = 256
+
 #: Compact the receive buffer once this many consumed bytes sit in front of it; below this,
 #: moving the tail costs more than it saves.
 _COMPACT_AT: Final = 64 * 1024
@@ -79,6 +84,24 @@ class Closed:
 
 NEED_DATA: Final = NeedData()
 CLOSED: Final = Closed()
+
+#: A length header with this bit set is a shared-memory record (see proto.shm), decoded
+#: only by a framing made with ``records=True``; to any other it is a frame over max_frame.
+_CONTROL_BIT: Final = 0x8000_0000
+
+
+class Control:
+    """What ``next_message`` returns for a shared-memory record (``records=True`` only):
+    its body, for :func:`udskit.proto.shm.decode_record`. Never a message."""
+
+    __slots__ = ("body",)
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def __repr__(self) -> str:
+        return f"Control({self.body!r})"
+
 
 FramingName: TypeAlias = Literal["length", "lines", "raw"]
 Payload: TypeAlias = bytes | bytearray | memoryview
@@ -123,7 +146,7 @@ class Decoder:
         self._buf += data
         self._received += len(data)
 
-    def feed(self, data: Payload, fds: Sequence[int] = ()) -> bytes | NeedData | Closed:
+    def feed(self, data: Payload, fds: Sequence[int] = ()) -> bytes | NeedData | Closed | Control:
         """``receive_data`` (or ``receive_eof`` for empty ``data``), then ``next_message``.
 
         One call per read for the I/O layers; framings override it with a shortcut for the
@@ -135,8 +158,9 @@ class Decoder:
             self._eof = True
         return self.next_message()
 
-    def next_message(self) -> bytes | NeedData | Closed:
-        """The next complete message, NEED_DATA, or CLOSED at a clean end of stream."""
+    def next_message(self) -> bytes | NeedData | Closed | Control:
+        """The next complete message, NEED_DATA, or CLOSED at a clean end of stream (or a
+        shared-memory record, from a ``LengthPrefixed(records=True)`` only)."""
         raise NotImplementedError
 
     def receive_eof(self) -> None:
@@ -208,14 +232,21 @@ class Decoder:
 class LengthPrefixed(Decoder):
     """Each message is a 4-byte big-endian length followed by that many bytes."""
 
-    __slots__ = ("max_frame",)
+    __slots__ = ("max_frame", "records")
     name: Final = "length"
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, *, records: bool = False) -> None:
         super().__init__()
         if not 0 < max_frame <= 0xFFFFFFFF:
             raise ValueError(f"max_frame must be between 1 and {0xFFFFFFFF}, not {max_frame}")
+        if records and max_frame >= _CONTROL_BIT:
+            raise ValueError(
+                f"max_frame must be below {_CONTROL_BIT} on a channel with shared_memory, "
+                f"not {max_frame}"
+            )
         self.max_frame = max_frame
+        #: Decode shared-memory records (headers with the top bit) as ``Control``.
+        self.records = records
 
     def encode(self, payload: Payload) -> list[Payload]:
         payload = as_bytes(payload)
@@ -236,7 +267,7 @@ class LengthPrefixed(Decoder):
             self.encode(payload)  # raises FrameTooLarge with the full explanation
         return _pack(size) + payload
 
-    def feed(self, data: Payload, fds: Sequence[int] = ()) -> bytes | NeedData | Closed:
+    def feed(self, data: Payload, fds: Sequence[int] = ()) -> bytes | NeedData | Closed | Control:
         # Shortcut: nothing buffered, no descriptors, and the read holds exactly one frame
         # (the usual request/response case): slice the payload out, skip the buffer.
         size = len(data)
@@ -247,13 +278,15 @@ class LengthPrefixed(Decoder):
                 return bytes(data[HEADER.size :])
         return super().feed(data, fds)
 
-    def next_message(self) -> bytes | NeedData | Closed:
+    def next_message(self) -> bytes | NeedData | Closed | Control:
         pos = self._pos
         available = len(self._buf) - pos
         if available < HEADER.size:
             return self._end(None) if self._eof else NEED_DATA
         (size,) = HEADER.unpack_from(self._buf, pos)
         if size > self.max_frame:
+            if self.records and size & _CONTROL_BIT:
+                return self._record(size & ~_CONTROL_BIT, available)
             raise FrameTooLarge(
                 f"peer announced a message of {size} bytes, over max_frame ({self.max_frame} "
                 "bytes): the peer uses another framing, or max_frame must be raised"
@@ -262,6 +295,15 @@ class LengthPrefixed(Decoder):
             return self._end(HEADER.size + size) if self._eof else NEED_DATA
         start = pos + HEADER.size
         return self._take(start, start + size, 0)
+
+    def _record(self, size: int, available: int) -> Control | NeedData | Closed:
+        """A record (header top bit set) of ``size`` body bytes: whole, or wait for it."""
+        if size > _MAX_RECORD:
+            raise ProtocolError(f"peer announced a shared-memory record of {size} bytes")
+        if available - HEADER.size < size:
+            return self._end(HEADER.size + size) if self._eof else NEED_DATA
+        start = self._pos + HEADER.size
+        return Control(self._take(start, start + size, 0))
 
     def wanted(self) -> int:
         """Bytes still missing from the message being received (0 if none is under way)."""
@@ -280,7 +322,7 @@ class LengthPrefixed(Decoder):
         size: int = _unpack_from(self._buf, self._pos)[0]
         return size if size <= self.max_frame else 0
 
-    def receive_payload(self, payload: bytes) -> bytes | NeedData | Closed:
+    def receive_payload(self, payload: bytes) -> bytes | NeedData | Closed | Control:
         """Complete the frame whose header alone is buffered with ``payload`` as its body.
 
         When ``payload`` is the whole body it is returned as the message itself, uncopied;
@@ -329,7 +371,7 @@ class Lines(Decoder):
         """The encoding as one ``bytes`` (copies the payload: for small messages)."""
         return b"".join(self.encode(payload))
 
-    def next_message(self) -> bytes | NeedData | Closed:
+    def next_message(self) -> bytes | NeedData | Closed | Control:
         pos = self._pos
         newline = self._buf.find(b"\n", pos + self._scanned)
         if newline < 0:
@@ -366,7 +408,7 @@ class Raw(Decoder):
         """The encoding as one ``bytes``."""
         return bytes(payload)
 
-    def next_message(self) -> bytes | NeedData | Closed:
+    def next_message(self) -> bytes | NeedData | Closed | Control:
         if self.buffered == 0:
             return CLOSED if self._eof else NEED_DATA
         return self._take(self._pos, len(self._buf), 0)

@@ -35,6 +35,8 @@ class Contender:
     options: Mapping[str, Option] = field(default_factory=dict)
     requires: Callable[[], str | None] = lambda: None
     native: bool = False
+    #: Runs the large-message test (the shared-memory rows and their references only).
+    large: bool = False
 
     def runs(self, test: Test) -> bool:
         return test not in self.skips

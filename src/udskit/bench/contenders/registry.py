@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 from typing import Final
@@ -9,6 +10,7 @@ from typing import Final
 import udskit
 
 from .. import cbuild
+from ..plan import Test
 from .base import Contender, missing_module
 
 __all__ = ["ALL", "BASELINE", "SPIN_US", "get", "native_build", "names"]
@@ -33,6 +35,29 @@ _TWO_ONLY: Final = "a pipe joins exactly two processes"
 _BUFFERS_STREAMS: Final = "socket buffer size matters for streams only"
 _BUSY_ONE: Final = "busy-polling is for one latency-critical peer"
 _MANY_ONLY: Final = "a message server is a many-clients server; the Channel rows cover one peer"
+_NOT_LARGE: Final = (
+    "large messages are measured for the shared-memory rows and their references only"
+)
+_LARGE_ONLY: Final = "a large-message row only"
+_LARGE_SKIPS: Final[dict[Test, str]] = {
+    "rtt": _LARGE_ONLY,
+    "stream": _LARGE_ONLY,
+    "many": _LARGE_ONLY,
+}
+
+
+def _shm(mode: str, label: str, description: str) -> Contender:
+    return Contender(
+        name=f"udskit-shm-{mode}",
+        label=f"udskit shared memory {label}",
+        description=description,
+        module=f"{_PKG}.udskit_shm",
+        transport="unix",
+        options={"mode": mode},
+        skips=_LARGE_SKIPS,
+        requires=lambda: _needs_channel("recv_view", "loan"),
+        large=True,
+    )
 
 
 @functools.cache
@@ -69,7 +94,7 @@ def _needs_aio_uvloop() -> str | None:
 
 _PKG: Final = "udskit.bench.contenders"
 
-ALL: Final = (
+_DECLARED: Final = (
     Contender(
         name="stdlib",
         label="stdlib AF_UNIX",
@@ -239,7 +264,53 @@ ALL: Final = (
         skips={"rtt": _BUFFERS_STREAMS, "many": _BUFFERS_STREAMS},
         requires=_needs_native,
         native=True,
+        large=True,
     ),
+    Contender(
+        name="udskit-sock",
+        label="udskit socket path",
+        description="large messages: udskit Channel without shared memory (max_frame raised "
+        "to the message size), send()/recv()",
+        module=f"{_PKG}.udskit_shm",
+        transport="unix",
+        options={"mode": "socket"},
+        skips=_LARGE_SKIPS,
+        large=True,
+    ),
+    _shm(
+        "copy",
+        "copy-out",
+        "large messages: udskit Channel with shared_memory= a pool of two messages (the "
+        "memory bound), send() copies into the pool, recv() copies out to bytes",
+    ),
+    _shm(
+        "view",
+        "in place",
+        "large messages: shared_memory=True, send() copies into the pool, recv_view() reads "
+        "in place (released at once)",
+    ),
+    _shm(
+        "loan",
+        "loan",
+        "large messages: shared_memory=True, the sender fills a loan() in place (no copy), "
+        "recv_view() reads in place",
+    ),
+    Contender(
+        name="mp-shm",
+        label="shared_memory + pipe",
+        description="large messages: hand-written multiprocessing.shared_memory ring of two "
+        "slots, slot numbers and acks over two os.pipe() pipes; copy in, copy out",
+        module=f"{_PKG}.mpshm",
+        transport="pipe",
+        skips=_LARGE_SKIPS,
+        large=True,
+    ),
+)
+
+#: Every contender; those that do not run large messages say why.
+ALL: Final = tuple(
+    c if c.large else dataclasses.replace(c, skips={**c.skips, "large": _NOT_LARGE})
+    for c in _DECLARED
 )
 
 _BY_NAME: Final = {contender.name: contender for contender in ALL}

@@ -1,0 +1,287 @@
+"""``udskit.aio`` with ``shared_memory=True``: the same records and pools as the blocking
+layer (tests/integration/test_shared_memory.py has the protocol's faults in full), driven
+from the event loop; and both layers talking to each other."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import udskit
+import udskit.aio
+from udskit import ConnectionClosed, ProtocolError, Timeout
+from udskit.proto.shm import PAGE, RELEASE, SLOT, encode_record
+
+from ..conftest import open_fds
+from ..integration.test_shared_memory import _attach, _memfd, data, pool_mappings
+from .helpers import turns_until
+
+Run = Callable[[Coroutine[Any, Any, Any]], Any]
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True)
+def clean() -> Iterator[None]:
+    """Fail the test if it leaves a descriptor or a pool mapping behind."""
+    fds, maps = open_fds(), pool_mappings("")  # every memfd: forged pools too
+    yield
+    leaked = {fd for fd in open_fds() - fds if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not leaked, f"descriptors leaked: {sorted(leaked)}"
+    assert pool_mappings("") == maps, "a shared-memory mapping was left behind"
+
+
+def test_pair_moves_large_messages_through_the_pool(arun: Run) -> None:
+    async def main() -> None:
+        a, b = udskit.aio.pair(shared_memory=True)
+        async with a, b:
+            assert a.shared_memory
+            message = data(MIB, 1)
+            await a.send(b"small")
+            await a.send(message)
+            assert a.pool_in_use == MIB
+            assert await b.recv() == b"small"
+            view = await b.recv_view()
+            assert view.readonly
+            assert view == message
+            view.release()  # on the loop's thread: the release goes out at once
+            await b.send(b"sync")
+            assert await a.recv() == b"sync"
+            assert a.pool_in_use == 0
+            await a.send(message)
+            assert await b.recv() == message  # copied out, released
+            loan = await a.loan(2 * MIB)
+            loan[:4] = b"loan"
+            await a.send(loan)
+            with pytest.raises(ValueError, match="released"):
+                loan[0] = 1
+            got = await b.recv_many()
+            assert len(got) == 1
+            assert got[0][:4] == b"loan"
+
+    arun(main())
+
+
+def test_a_receiver_that_holds_its_views_stops_the_sender(arun: Run) -> None:
+    async def main() -> None:
+        a, b = udskit.aio.pair(shared_memory=2 * MIB)
+        async with a, b:
+            await a.send(data(MIB))
+            await a.send(data(MIB))
+            held = [await b.recv_view(), await b.recv_view()]
+            a.settimeout(0.05)
+            with pytest.raises(Timeout, match="pool stayed full"):
+                await a.send(data(MIB))
+            a.settimeout(None)
+            sending = asyncio.ensure_future(a.send(data(MIB, 7)))
+            await asyncio.sleep(0)
+            assert not sending.done()
+            held.pop().release()  # the release reaches a's reader: the send completes
+            await sending
+            assert await b.recv() == data(MIB, 7)
+            held.pop().release()
+
+    arun(main())
+
+
+def test_a_release_from_another_thread(arun: Run) -> None:
+    async def main() -> None:
+        a, b = udskit.aio.pair(shared_memory=True)
+        async with a, b:
+            await a.send(data(MIB))
+            view = await b.recv_view()
+            thread = threading.Thread(target=view.release)
+            thread.start()
+            thread.join()
+            # The release was handed to b's loop (call_soon_threadsafe): it goes out there.
+            await turns_until(lambda: not b._shm.pending)  # type: ignore[union-attr]
+            await b.send(b"sync")
+            assert await a.recv() == b"sync"
+            assert a.pool_in_use == 0
+
+    arun(main())
+
+
+@pytest.mark.parametrize(
+    ("records", "match"),
+    [
+        ([(SLOT, 0, 100)], "before its pool"),
+        ([("attach",), (SLOT, PAGE * 64, 100)], "outside its pool"),
+        ([(RELEASE, 0, 0)], "never sent"),
+        ([("unsealed",)], "not sealed"),
+    ],
+)
+def test_forged_records_close_the_channel(
+    arun: Run, records: list[tuple[object, ...]], match: str
+) -> None:
+    async def main() -> None:
+        victim, forger = udskit.aio.pair(shared_memory=True)
+        async with victim:
+            raw = forger.socket
+            raw.setblocking(True)
+            for record in records:
+                if record == ("attach",):
+                    _attach(raw, _memfd(PAGE * 64), PAGE * 64)
+                elif record == ("unsealed",):
+                    _attach(raw, _memfd(PAGE * 64, seals=0), PAGE * 64)
+                else:
+                    raw.sendall(encode_record(*record))  # type: ignore[arg-type]
+            with pytest.raises(ProtocolError, match=match):
+                await victim.recv()
+            with pytest.raises(ProtocolError, match="cannot be used"):
+                await victim.recv()
+            with pytest.raises(ConnectionClosed):
+                await victim.send(b"x")
+        forger.close()
+
+    arun(main())
+
+
+def test_attach_with_a_pipe_is_refused(arun: Run) -> None:
+    async def main() -> None:
+        victim, forger = udskit.aio.pair(shared_memory=True)
+        async with victim:
+            read, write = os.pipe()
+            os.close(write)
+            forger.socket.setblocking(True)
+            _attach(forger.socket, read, PAGE)
+            with pytest.raises(ProtocolError, match="not a memfd"):
+                await victim.recv()
+        forger.close()
+
+    arun(main())
+
+
+@pytest.mark.parametrize("server_layer", ["aio", "blocking"])
+def test_both_layers_speak_the_same_protocol(arun: Run, sockdir: Path, server_layer: str) -> None:
+    """An aio client with a blocking listener, and a blocking client with an aio one."""
+    path = sockdir / "s"
+    message = data(MIB, 3)
+
+    def blocking_side(listener: udskit.Listener | None) -> bool:
+        if listener is not None:
+            with listener.accept() as channel:
+                for got in channel:
+                    channel.send(got)
+                return channel.shared_memory
+        with udskit.connect(path, shared_memory=True) as channel:
+            channel.send(b"hi")
+            assert channel.recv() == b"hi"
+            channel.send(message)
+            with channel.recv_view() as view:
+                assert view == message
+            return channel.shared_memory
+
+    async def main() -> None:
+        if server_layer == "blocking":
+            with udskit.listen(path, shared_memory=True) as listener:
+                served = asyncio.get_running_loop().run_in_executor(None, blocking_side, listener)
+                async with await udskit.aio.connect(path, shared_memory=True) as channel:
+                    await channel.send(b"hi")
+                    assert await channel.recv() == b"hi"
+                    await channel.send(message)
+                    with await channel.recv_view() as view:
+                        assert view == message
+                    assert channel.shared_memory
+                assert await served
+        else:
+            async with await udskit.aio.listen(path, shared_memory=True) as listener:
+                client = asyncio.get_running_loop().run_in_executor(None, blocking_side, None)
+                async with await listener.accept() as channel:
+                    assert channel.shared_memory
+                    async for got in channel:
+                        await channel.send(got)
+                assert await client
+
+    arun(main())
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"type": "seqpacket"}, "type='stream'"),
+        ({"framing": "raw"}, "framing='length'"),
+        ({"max_fds": 0}, "max_fds"),
+        ({"shared_memory": "yes"}, "shared_memory must be"),
+        ({"bind": "@x"}, "bind="),
+    ],
+)
+def test_aio_refuses_options_shared_memory_cannot_work_with(
+    arun: Run, sockdir: Path, options: dict[str, object], match: str
+) -> None:
+    opts = {"shared_memory": True, **options}
+
+    async def main() -> None:
+        if "bind" not in options:
+            with pytest.raises(ValueError, match=match):
+                udskit.aio.pair(**opts)  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match=match):
+                await udskit.aio.listen(sockdir / "s", **opts)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=match):
+            await udskit.aio.connect(sockdir / "s", **opts)  # type: ignore[arg-type]
+
+    arun(main())
+    assert not (sockdir / "s").exists()
+
+
+def test_loan_refuses_bad_sizes(arun: Run) -> None:
+    async def main() -> None:
+        a, b = udskit.aio.pair(shared_memory=True)
+        async with a, b:
+            for size in (0, -1, True, "1", 16 * MIB + 1):
+                with pytest.raises(ValueError, match="loan: size"):
+                    await a.loan(size)  # type: ignore[arg-type]
+
+    arun(main())
+
+
+def test_the_receiver_maps_the_pool_read_only(arun: Run) -> None:
+
+    async def main() -> None:
+        a, b = udskit.aio.pair(shared_memory=4 * MIB)
+        async with a, b:
+            await a.send(data(MIB))
+            view = await b.recv_view()
+            with open("/proc/self/maps") as maps:
+                pools = [line for line in maps if "udskit-pool" in line]
+            assert len(pools) == 2  # a's (read-write) and b's mapping of it (read-only)
+            assert sorted(line.split()[1][:2] for line in pools) == ["r-", "rw"]
+            view.release()
+
+    arun(main())
+
+
+def test_servers_with_shared_memory(arun: Run, sockdir: Path) -> None:
+    path = sockdir / "s"
+    message = data(MIB, 4)
+
+    async def echo(channel: udskit.aio.Channel) -> None:
+        async for got in channel:
+            await channel.send(got)
+
+    async def main() -> None:
+        server = await udskit.aio.start_server(path, echo, shared_memory=True)
+        serving = asyncio.ensure_future(server.serve_forever())
+        try:
+            async with await udskit.aio.connect(path, shared_memory=True) as channel:
+                await channel.send(b"hi")
+                assert await channel.recv() == b"hi"
+                await channel.send(message)
+                assert await channel.recv() == message
+                assert channel.shared_memory
+        finally:
+            server.stop()
+            await serving
+        with pytest.raises(ValueError, match="message server"):
+            await udskit.aio.start_message_server(
+                sockdir / "m", lambda conn, msg: msg, shared_memory=True
+            )
+        assert not (sockdir / "m").exists()
+
+    arun(main())

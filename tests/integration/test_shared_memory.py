@@ -1,0 +1,745 @@
+"""Large messages through shared memory: real sockets, real memfds, real processes.
+
+Faults come from a scripted peer: the far end of a pair, written to through its raw socket
+with hand-made records and descriptors.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import udskit
+from udskit import Channel, ConnectionClosed, FrameTooLarge, ProtocolError, Timeout
+from udskit.channel import ARRIVED_MAX
+from udskit.proto.shm import (
+    ATTACH,
+    CONTROL_BIT,
+    OFFER,
+    PAGE,
+    RELEASE,
+    SHARED_THRESHOLD,
+    SLOT,
+    VERSION,
+    encode_record,
+)
+from udskit.shm import create_pool, map_peer_pool
+
+from ..conftest import open_fds
+
+MIB = 1024 * 1024
+BIG = 1 * MIB
+#: The smallest pool the option accepts holds one message of this size and no second one.
+SMALL_POOL = SHARED_THRESHOLD
+#: Bound for every wait on another thread or process in this file.
+WAIT = 20.0
+
+
+def pool_mappings(name: str = "udskit-pool") -> int:
+    """Our mappings of memfds called ``name`` (udskit's pools, ours and peers'), from
+    /proc/self/maps."""
+    with open("/proc/self/maps") as maps:
+        return sum(f"memfd:{name}" in line for line in maps)
+
+
+def data(size: int, seed: int = 0) -> bytes:
+    return bytes((i * 7 + seed) & 0xFF for i in range(256)) * (size // 256) + b"x" * (size % 256)
+
+
+@pytest.fixture
+def clean() -> Iterator[None]:
+    """Fail the test if it leaves a descriptor or a pool mapping behind."""
+    fds, maps = open_fds(), pool_mappings("")  # every memfd: forged pools too
+    yield
+    leaked = {fd for fd in open_fds() - fds if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not leaked, f"descriptors leaked: {sorted(leaked)}"
+    assert pool_mappings("") == maps, "a shared-memory mapping was left behind"
+
+
+@pytest.fixture
+def shm_pair(clean: None) -> Iterator[tuple[Channel, Channel]]:
+    a, b = udskit.pair(shared_memory=True)
+    with a, b:
+        yield a, b
+
+
+# -- the path itself ----------------------------------------------------------------------------
+
+
+def test_large_messages_go_through_the_pool_small_ones_through_the_socket(
+    shm_pair: tuple[Channel, Channel],
+) -> None:
+    a, b = shm_pair
+    assert a.shared_memory
+    assert b.shared_memory
+    a.send(b"small")
+    assert a.pool_in_use == 0
+    message = data(BIG)
+    a.send(message)
+    assert a.pool_in_use == BIG  # lent to b until b is done with it
+    assert b.recv() == b"small"
+    assert b.recv() == message  # copied out, so released at once
+    b.send(b"sync")  # b's release precedes this on the wire
+    assert a.recv() == b"sync"
+    assert a.pool_in_use == 0
+
+
+def test_recv_view_is_read_only_and_holds_its_slot_until_released(
+    shm_pair: tuple[Channel, Channel],
+) -> None:
+    a, b = shm_pair
+    message = data(BIG, seed=3)
+    a.send(message)
+    view = b.recv_view()
+    assert view.readonly
+    assert view == message
+    with pytest.raises(TypeError):
+        view[0] = 1  # type: ignore[index]
+    derived = view[10:20]  # a slice keeps the slot as well, like numpy.frombuffer
+    view.release()
+    b.send(b"sync")
+    assert a.recv() == b"sync"
+    assert a.pool_in_use == BIG
+    assert bytes(derived) == message[10:20]
+    del derived  # the last view gone: now released
+    b.send(b"sync")
+    assert a.recv() == b"sync"
+    assert a.pool_in_use == 0
+
+
+def test_a_held_view_is_never_changed_by_the_sender(clean: None) -> None:
+    a, b = udskit.pair(shared_memory=4 * MIB)
+    with a, b:
+        first = data(BIG, seed=1)
+        a.send(first)
+        with b.recv_view() as held:
+            # Cycle far more than the pool through while we hold the first message.
+            for seed in range(2, 14):
+                a.send(data(BIG, seed=seed))
+                assert b.recv() == data(BIG, seed=seed)
+            assert held == first
+
+
+def test_loan_is_sent_without_a_copy_and_is_then_gone(shm_pair: tuple[Channel, Channel]) -> None:
+    a, b = shm_pair
+    loan = a.loan(BIG)
+    assert not loan.readonly
+    assert a.pool_in_use == BIG
+    loan[:4] = b"head"
+    loan[-4:] = b"tail"
+    a.send(loan)
+    with pytest.raises(ValueError, match="released"):
+        loan[0] = 1  # after send() the buffer belongs to the receiver
+    with b.recv_view() as view:
+        assert len(view) == BIG
+        assert view[:4] == b"head"
+        assert view[-4:] == b"tail"
+
+
+def test_a_loan_still_referenced_is_not_sent(shm_pair: tuple[Channel, Channel]) -> None:
+    a, b = shm_pair
+    loan = a.loan(BIG)
+    exported = pickle.PickleBuffer(loan)  # an export of the loan, as numpy.frombuffer makes
+    with pytest.raises(ValueError, match="still in use"):
+        a.send(loan)
+    exported.release()
+    a.send(loan)  # usable again once the export is gone
+    assert len(b.recv()) == BIG
+    b.send(b"sync")
+    assert a.recv() == b"sync"
+    assert a.pool_in_use == 0
+    # A view made from the loan (not an export of it) could still write after the send.
+    loan = a.loan(BIG)
+    derived = loan[:10]
+    with pytest.raises(ValueError, match="given up"):
+        a.send(loan)
+    assert a.pool_in_use == BIG
+    derived[0] = 1  # still memory we own: nothing was sent
+    del derived
+    assert a.pool_in_use == 0
+
+
+def test_small_loans_and_loans_without_shared_memory_are_plain_buffers(clean: None) -> None:
+    a, b = udskit.pair()
+    with a, b:
+        loan = a.loan(BIG)
+        loan[:2] = b"ok"
+        a.send(loan)
+        assert b.recv()[:2] == b"ok"
+        a.send(b"view")
+        assert b.recv_view() == b"view"
+    c, d = udskit.pair(shared_memory=True)
+    with c, d:
+        small = c.loan(100)
+        assert c.pool_in_use == 0
+        small[:] = b"s" * 100
+        c.send(small)
+        assert d.recv() == b"s" * 100
+
+
+@pytest.mark.parametrize("size", [0, -1, True, 1.5, "1", 16 * MIB + 1])
+def test_loan_refuses_bad_sizes(shm_pair: tuple[Channel, Channel], size: object) -> None:
+    a, _ = shm_pair
+    with pytest.raises(ValueError, match="loan: size"):
+        a.loan(size)  # type: ignore[arg-type]
+
+
+def test_messages_above_the_pool_or_max_frame(clean: None) -> None:
+    a, b = udskit.pair(shared_memory=SMALL_POOL, max_frame=2 * MIB)
+    with a, b:
+        message = data(BIG)
+        a.send(message)  # larger than the pool: through the socket
+        assert a.pool_in_use == 0
+        assert b.recv() == message
+        with pytest.raises(FrameTooLarge):
+            a.send(bytes(2 * MIB + 1))
+
+
+def test_recv_many_and_iteration_deliver_in_order(shm_pair: tuple[Channel, Channel]) -> None:
+    a, b = shm_pair
+    sent = [b"one", data(BIG, 1), b"two", data(SHARED_THRESHOLD, 2)]
+    for message in sent:
+        a.send(message)
+    a.close()
+    got = b.recv_many()
+    got += list(b)
+    assert got == sent
+
+
+# -- backpressure -------------------------------------------------------------------------------
+
+
+def test_a_receiver_that_never_releases_gets_backpressure_not_growth(clean: None) -> None:
+    a, b = udskit.pair(shared_memory=2 * MIB)
+    with a, b:
+        a.send(data(BIG))
+        a.send(data(BIG))
+        held = [b.recv_view(), b.recv_view()]
+        a.settimeout(0.05)
+        with pytest.raises(Timeout, match="pool stayed full"):
+            a.send(data(BIG))
+        assert a.pool_in_use == 2 * MIB
+        a.settimeout(None)
+        # Released from another thread while the sender waits: the send completes.
+        sender = threading.Thread(target=a.send, args=(data(BIG, 9),))
+        sender.start()
+        held.pop().release()
+        sender.join(WAIT)
+        assert not sender.is_alive()
+        assert b.recv() == data(BIG, 9)
+        held.pop().release()
+
+
+def test_a_sender_waiting_for_releases_reads_ahead_a_bounded_amount(clean: None) -> None:
+    a, b = udskit.pair(shared_memory=SMALL_POOL)
+    with a, b:
+        a.send(data(SHARED_THRESHOLD))
+        held = b.recv_view()  # a's pool is full from now on
+        flood = [bytes(64 * 1024)] * 200  # 12.5 MiB of plain messages, no release
+        flooding = threading.Thread(target=b.send_many, args=(flood,))
+        flooding.start()
+        a.settimeout(0.5)
+        with pytest.raises(Timeout, match="pool stayed full"):
+            a.send(data(SHARED_THRESHOLD))
+        assert a._shm.arrived_bytes <= ARRIVED_MAX + 2 * 1024 * 1024  # type: ignore[union-attr]
+        a.settimeout(WAIT)
+        received = a.recv_many()
+        while len(received) < len(flood):
+            received += a.recv_many()
+        assert received == flood
+        flooding.join(WAIT)
+        held.release()
+
+
+def test_sender_waiting_for_the_pool_while_another_thread_reads(clean: None) -> None:
+    a, b = udskit.pair(shared_memory=SMALL_POOL)
+    with a, b:
+        size = SHARED_THRESHOLD
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(a.recv()))
+        reader.start()  # a's reader holds the read lock: the sender must not need it
+        a.send(data(size, 1))
+        blocked = threading.Thread(target=a.send, args=(data(size, 2),))
+        blocked.start()
+        assert b.recv() == data(size, 1)  # the release reaches a's reader thread
+        blocked.join(WAIT)
+        assert not blocked.is_alive()
+        assert b.recv() == data(size, 2)
+        b.send(b"done")
+        reader.join(WAIT)
+        assert got == [b"done"]
+
+
+def test_close_while_another_thread_copies_into_the_pool(clean: None) -> None:
+    """close() from another thread never unmaps memory a send is copying into, nor one a
+    recv is copying out of: they end with ConnectionClosed, the process lives on."""
+    a, b = udskit.pair(shared_memory=64 * MIB, max_frame=32 * MIB)
+    message = data(16 * MIB)
+    errors: list[BaseException] = []
+    sent = threading.Event()
+
+    def send_until_closed() -> None:
+        try:
+            for _ in range(1000):  # bounded; close() ends it long before
+                a.send(message)
+                sent.set()
+        except ConnectionClosed as exc:
+            errors.append(exc)
+
+    def receive_until_closed() -> None:
+        try:
+            for _ in range(1000):
+                b.recv()
+        except ConnectionClosed as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=send_until_closed),
+        threading.Thread(target=receive_until_closed),
+    ]
+    for thread in threads:
+        thread.start()
+    assert sent.wait(WAIT)
+    a.close()
+    b.close()
+    for thread in threads:
+        thread.join(WAIT)
+        assert not thread.is_alive()
+    assert len(errors) == 2
+
+
+# -- negotiation --------------------------------------------------------------------------------
+
+
+def _serve_one(listener: udskit.Listener, reply: bool = True) -> threading.Thread:
+    def run() -> None:
+        with listener.accept() as channel:
+            for message in channel:
+                if reply:
+                    channel.send(message)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize(("client", "server"), [(True, True), (True, False), (False, True)])
+def test_listen_and_connect_agree(sockdir: Path, clean: None, client: bool, server: bool) -> None:
+    path = sockdir / "s"
+    with udskit.listen(path, shared_memory=server) as listener:
+        thread = _serve_one(listener)
+        with udskit.connect(path, shared_memory=client) as channel:
+            message = data(BIG, 5)
+            channel.send(message)  # the client sees the listener's offer, if any, first
+            assert channel.recv() == message
+            assert channel.shared_memory is (client and server)
+            assert channel.pool_in_use == 0
+            channel.send(message)
+            assert channel.recv() == message
+        thread.join(WAIT)
+
+
+def test_a_listener_that_did_not_opt_in_sees_only_the_messages(sockdir: Path, clean: None) -> None:
+    path = str(sockdir / "plain")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(path)
+        server.listen()
+        with udskit.connect(path, shared_memory=True) as channel:
+            conn, address = server.accept()
+            with conn:
+                assert address.startswith(b"\0udskit-shm/")  # the opt-in: a name, no byte
+                channel.send(b"hello")
+                channel.shutdown_write()
+                received = b""
+                while chunk := conn.recv(65536):
+                    received += chunk
+                assert received == b"\0\0\0\x05hello"
+
+
+def test_a_client_that_did_not_opt_in_gets_no_offer(sockdir: Path, clean: None) -> None:
+    path = str(sockdir / "s")
+    with udskit.listen(path, shared_memory=True) as listener, socket.socket(socket.AF_UNIX) as raw:
+        raw.connect(path)
+        with listener.accept() as channel:
+            assert not channel.shared_memory
+            channel.send(b"hi")
+            channel.close()
+            received = b""
+            while chunk := raw.recv(65536):
+                received += chunk
+            assert received == b"\0\0\0\x02hi"
+
+
+def test_a_pool_message_on_a_channel_that_did_not_opt_in(clean: None) -> None:
+    a, b = udskit.pair()
+    with a, b:
+        b.socket.sendall(encode_record(OFFER, VERSION))
+        with pytest.raises(ProtocolError):
+            a.recv()
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"type": "seqpacket"}, "type='stream'"),
+        ({"type": "dgram"}, "type='stream'"),
+        ({"framing": "lines"}, "framing='length'"),
+        ({"max_fds": 0}, "max_fds"),
+        ({"max_frame": CONTROL_BIT}, "max_frame"),
+    ],
+)
+def test_shared_memory_refuses_options_it_cannot_work_with(
+    sockdir: Path, options: dict[str, object], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        udskit.pair(shared_memory=True, **options)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=match):
+        udskit.listen(sockdir / "s", shared_memory=True, **options)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=match):
+        udskit.connect(sockdir / "s", shared_memory=True, **options)  # type: ignore[arg-type]
+    assert not (sockdir / "s").exists()
+
+
+@pytest.mark.parametrize("value", ["yes", 1.5, -1, 100, 2**40])
+def test_shared_memory_refuses_bad_values(sockdir: Path, value: object) -> None:
+    for call in (
+        lambda: udskit.pair(shared_memory=value),  # type: ignore[arg-type]
+        lambda: udskit.listen(sockdir / "s", shared_memory=value),  # type: ignore[arg-type]
+        lambda: udskit.connect(sockdir / "s", shared_memory=value),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(ValueError, match="shared_memory must be"):
+            call()
+
+
+def test_shared_memory_refuses_bind_tcp_and_fd(sockdir: Path) -> None:
+    with pytest.raises(ValueError, match="bind="):
+        udskit.connect(sockdir / "s", shared_memory=True, bind=sockdir / "c")
+    with pytest.raises(ValueError, match="bind="):
+        udskit.connect("fd:0", shared_memory=True)
+    with pytest.raises(ValueError, match="tcp"):
+        udskit.connect("tcp:127.0.0.1:1", shared_memory=True)
+    with pytest.raises(ValueError, match="tcp"):
+        udskit.listen("tcp:127.0.0.1:0", shared_memory=True)
+
+
+def test_our_pool_is_sealed_before_the_peer_sees_it(clean: None) -> None:
+    fd, mapping = create_pool(4 * MIB)
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        assert seals == fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+        assert os.fstat(fd).st_size == 4 * MIB
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, MIB)  # no one can shrink it under a reader
+        with pytest.raises(PermissionError):
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)  # nor change the seals
+        peer = map_peer_pool(os.dup(fd), 4 * MIB)  # what a receiver accepts
+        assert not peer.writable
+        peer.close()
+    finally:
+        os.close(fd)
+        mapping.close()
+
+
+# -- a peer that misbehaves ---------------------------------------------------------------------
+
+
+def _memfd(size: int, seals: int = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW) -> int:
+    fd = os.memfd_create("forged", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+def _attach(raw: socket.socket, fd: int, size: int) -> None:
+    fds = array.array("i", [fd]).tobytes()
+    raw.sendmsg([encode_record(ATTACH, size)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+    os.close(fd)
+
+
+def _expect_closed_by(victim: Channel, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        victim.recv()
+    with pytest.raises(ProtocolError, match="cannot be used"):
+        victim.recv()
+    with pytest.raises(ConnectionClosed):
+        victim.send(b"x")
+
+
+@pytest.mark.parametrize(
+    ("records", "match"),
+    [
+        ([(SLOT, 0, 100)], "before its pool"),
+        ([("attach",), (SLOT, PAGE * 64, 100)], "outside its pool"),
+        ([("attach",), (SLOT, 1, 100)], "outside its pool"),
+        ([("attach",), (SLOT, 0, 16 * MIB + 1)], "max_frame"),
+        ([("attach",), (SLOT, 0, 0)], "max_frame"),
+        ([("attach",), (SLOT, 0, 100), (SLOT, 0, 100)], "overlaps"),
+        ([("attach",), ("attach",)], "second"),
+        ([(RELEASE, 0, 0)], "never sent"),
+        ([(OFFER, VERSION, 0)], "only a listener"),
+        ([(9, 0, 0)], "unknown"),
+    ],
+)
+def test_forged_records_close_the_channel(
+    clean: None, records: list[tuple[object, ...]], match: str
+) -> None:
+    victim, forger = udskit.pair(shared_memory=True)
+    with victim, forger:
+        raw = forger.socket
+        for record in records:
+            if record == ("attach",):
+                _attach(raw, _memfd(PAGE * 64), PAGE * 64)
+            elif record[0] == 9:  # a record kind that does not exist
+                raw.sendall((CONTROL_BIT | 17).to_bytes(4, "big") + b"\x09" + bytes(16))
+            else:
+                raw.sendall(encode_record(*record))  # type: ignore[arg-type]
+        _expect_closed_by(victim, match)
+
+
+def _pipe_end() -> int:
+    read, write = os.pipe()
+    os.close(write)
+    return read
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: _memfd(PAGE * 16, seals=0), "not sealed"),
+        (lambda: _memfd(PAGE * 16, seals=fcntl.F_SEAL_GROW), "not sealed"),
+        (lambda: os.open("/proc/self/exe", os.O_RDONLY | os.O_CLOEXEC), "not a memfd"),
+        (_pipe_end, "not a memfd"),
+        (lambda: _memfd(PAGE * 8), "not the"),
+    ],
+    ids=["unsealed", "shrinkable", "regular-file", "pipe", "wrong-size"],
+)
+def test_bad_pool_descriptors_are_refused(clean: None, make: Callable[[], int], match: str) -> None:
+    victim, forger = udskit.pair(shared_memory=True)
+    with victim, forger:
+        _attach(forger.socket, make(), PAGE * 16)
+        _expect_closed_by(victim, match)
+
+
+def test_attach_without_a_descriptor_and_slot_with_one(clean: None) -> None:
+    victim, forger = udskit.pair(shared_memory=True)
+    with victim, forger:
+        forger.socket.sendall(encode_record(ATTACH, PAGE))
+        _expect_closed_by(victim, "1")
+    victim, forger = udskit.pair(shared_memory=True)
+    with victim, forger:
+        fd = _memfd(PAGE)
+        fds = array.array("i", [fd]).tobytes()
+        forger.socket.sendmsg(
+            [encode_record(SLOT, 0, 1)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+        )
+        os.close(fd)
+        _expect_closed_by(victim, "descriptors")
+
+
+def test_a_release_of_a_slot_never_lent(clean: None) -> None:
+    a, b = udskit.pair(shared_memory=True)
+    with a, b:
+        a.send(data(BIG))  # a's pool now exists and b holds offset 0
+        b.socket.sendall(encode_record(RELEASE, PAGE))
+        with pytest.raises(ProtocolError, match="not lent"):
+            a.recv()
+
+
+# -- processes: fork, SIGKILL ---------------------------------------------------------------------
+
+
+def test_fork_after_setup(clean: None) -> None:
+    a, b = udskit.pair(shared_memory=True)
+    a.send(data(BIG, 1))  # both pools in place before the fork
+    assert b.recv() == data(BIG, 1)
+    b.send(data(BIG, 2))
+    assert a.recv() == data(BIG, 2)
+    pid = os.fork()
+    if pid == 0:  # the child keeps b
+        status = 1
+        try:
+            a.close()
+            for _ in range(3, 8):
+                message = b.recv()
+                b.send(message[::-1])
+            status = 0
+        finally:
+            os._exit(status)
+    b.close()
+    with a:
+        for seed in range(3, 8):
+            a.send(data(BIG, seed))
+            with a.recv_view() as view:
+                assert view == data(BIG, seed)[::-1]
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+_CHILD = """
+import sys, udskit
+channel = udskit.connect(sys.argv[1], shared_memory=True)
+assert channel.recv() == b"go" and channel.shared_memory   # the offer came first
+channel.send(b"x" * {size})       # through the pool
+view = channel.recv_view()        # hold the parent's message, never release it
+channel.send(b"holding")
+sys.stdin.read()                  # wait to be killed
+"""
+
+
+@pytest.mark.parametrize("hold", [True, False], ids=["view-released-first", "view-held"])
+def test_a_peer_killed_mid_conversation_frees_everything(
+    sockdir: Path, clean: None, hold: bool
+) -> None:
+    path = sockdir / "s"
+    maps = pool_mappings()
+    with udskit.listen(path, shared_memory=2 * MIB) as listener:
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD.format(size=BIG), str(path)],
+            stdin=subprocess.PIPE,
+        )
+        try:
+            with listener.accept() as channel:
+                channel.settimeout(WAIT)
+                channel.send(b"go")
+                view = channel.recv_view()  # the child's message, in the child's pool
+                assert pool_mappings() == maps + 1
+                channel.send(data(BIG))  # held by the child, never released
+                assert channel.recv() == b"holding"
+                assert channel.pool_in_use == BIG
+                os.kill(child.pid, signal.SIGKILL)
+                child.wait(WAIT)
+                # The dead sender's message stays readable: our mapping keeps its memory.
+                assert view == b"x" * BIG
+                if hold:
+                    view.release()
+                # Our pool stays full of what the dead peer held: the send ends, no hang.
+                with pytest.raises(ConnectionClosed):  # noqa: PT012 - either send may see it
+                    channel.send(data(BIG))
+                    channel.send(data(BIG))
+            assert pool_mappings() == (maps if hold else maps + 1)
+            view.release()  # the last view gone: the dead peer's pool is unmapped too
+            assert pool_mappings() == maps
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait(WAIT)
+            assert child.stdin is not None
+            child.stdin.close()
+
+
+def test_the_numpy_example(clean: None) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "shm_numpy.py"
+    done = subprocess.run(
+        [sys.executable, str(example)], capture_output=True, text=True, timeout=WAIT, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "shared memory in use: True",
+        "sent with send(): sum is 499999500000.0",
+        "sent with loan(): sum is 1000000.0",
+        "child exited with 0",
+    ]
+
+
+def test_numpy_arrays_in_and_out(shm_pair: tuple[Channel, Channel]) -> None:
+    np = pytest.importorskip("numpy")  # a test dependency; the library never imports it
+    a, b = shm_pair
+    matrix = np.arange(512 * 1024, dtype=np.float32).reshape(512, 1024)
+    a.send(matrix)
+    with b.recv_view() as view:
+        got = np.frombuffer(view, dtype=np.float32).reshape(512, 1024)
+        assert not got.flags.writeable
+    # The view is released, but the array made from it still reads the slot: it stays the
+    # receiver's until the array is gone too.
+    b.send(b"sync")
+    assert a.recv() == b"sync"
+    assert a.pool_in_use == matrix.nbytes
+    assert (got == matrix).all()
+    del got
+    b.send(b"sync")
+    assert a.recv() == b"sync"
+    assert a.pool_in_use == 0
+    with pytest.raises(TypeError, match="C-contiguous"):
+        a.send(matrix[:, ::2])  # not one block of memory: nothing is sent
+    a.send(b"after")
+    assert b.recv() == b"after"
+
+
+# -- servers -------------------------------------------------------------------------------------
+
+
+def test_a_thread_per_client_server_with_shared_memory(sockdir: Path, clean: None) -> None:
+    path = sockdir / "s"
+    message = data(BIG, 8)
+
+    def echo(channel: Channel) -> None:
+        while True:
+            try:
+                view = channel.recv_view()
+            except ConnectionClosed:
+                return
+            with view:
+                channel.send(view)  # from the client's pool into ours: one copy
+
+    with udskit.Server(path, echo, shared_memory=True) as server:
+        thread = threading.Thread(target=server.serve_forever)
+        thread.start()
+        try:
+            with udskit.connect(path, shared_memory=True) as channel:
+                channel.send(b"hi")
+                assert channel.recv() == b"hi"
+                channel.send(message)
+                assert channel.recv() == message
+                assert channel.shared_memory
+        finally:
+            server.stop()
+            thread.join(WAIT)
+
+
+def test_message_servers_refuse_shared_memory(sockdir: Path) -> None:
+    with pytest.raises(ValueError, match="message server"):
+        udskit.MessageServer(sockdir / "s", lambda conn, message: message, shared_memory=True)
+    assert not (sockdir / "s").exists()
+
+
+def test_a_channel_with_shared_memory_cannot_be_pickled(shm_pair: tuple[Channel, Channel]) -> None:
+    a, _ = shm_pair
+    with pytest.raises(ProtocolError, match="pools belong to this process"):
+        pickle.dumps(a)
+
+
+def test_a_sender_killed_between_its_pool_and_its_message(clean: None) -> None:
+    """The peer attached its pool, wrote half a record of its message, and was SIGKILLed:
+    recv() reports the connection cut mid-message, and closing frees the dead peer's pool."""
+    victim, other = udskit.pair(shared_memory=True)
+    maps = pool_mappings("forged")
+    pid = os.fork()
+    if pid == 0:  # the child: a sender that dies half-way
+        try:
+            victim.close()
+            raw = other.socket
+            _attach(raw, _memfd(PAGE * 64), PAGE * 64)
+            raw.sendall(encode_record(SLOT, 0, 100)[:10])
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    other.close()
+    with victim:
+        with pytest.raises(ConnectionClosed) as cut:
+            victim.recv()
+        assert cut.value.mid_message
+        assert pool_mappings("forged") == maps + 1  # its pool was mapped, until we close
+    assert pool_mappings("forged") == maps
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status)

@@ -1,0 +1,219 @@
+"""The shared-memory protocol, bytes only (``udskit.proto.shm`` and the framing's records)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from udskit import ConnectionClosed, FrameTooLarge, ProtocolError
+from udskit.proto import CLOSED, NEED_DATA, Control, LengthPrefixed
+from udskit.proto.shm import (
+    ATTACH,
+    CONTROL_BIT,
+    DEFAULT_POOL,
+    MARKER_PREFIX,
+    MAX_POOL,
+    OFFER,
+    PAGE,
+    RECORD_SIZE,
+    RELEASE,
+    SHARED_THRESHOLD,
+    SLOT,
+    VERSION,
+    Ledger,
+    Pool,
+    Record,
+    check_pool_size,
+    check_record,
+    decode_record,
+    encode_record,
+    is_marker,
+)
+
+
+def test_record_round_trip() -> None:
+    encoded = encode_record(SLOT, 8192, 12345)
+    assert len(encoded) == 4 + RECORD_SIZE
+    assert int.from_bytes(encoded[:4], "big") == CONTROL_BIT | RECORD_SIZE
+    assert decode_record(encoded[4:]) == Record(SLOT, 8192, 12345)
+    assert "SLOT" in repr(decode_record(encoded[4:]))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"\x03" * (RECORD_SIZE - 1), b"\x03" * (RECORD_SIZE + 1), b"\x09" + bytes(16)],
+)
+def test_bad_record_bodies(body: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode_record(body)
+
+
+def test_framing_hands_records_out_only_when_asked() -> None:
+    stream = b"\x00\x00\x00\x02hi" + encode_record(RELEASE, 4096) + b"\x00\x00\x00\x01!"
+    framing = LengthPrefixed(1024, records=True)
+    out = [framing.feed(stream)]
+    while (item := framing.next_message()) is not NEED_DATA:
+        out.append(item)
+    assert out[0] == b"hi"
+    assert isinstance(out[1], Control)
+    assert decode_record(out[1].body) == Record(RELEASE, 4096, 0)
+    assert out[2] == b"!"
+    # A channel that did not opt in: the record header is a frame over max_frame.
+    plain = LengthPrefixed(1024)
+    assert plain.feed(b"\x00\x00\x00\x02hi") == b"hi"
+    with pytest.raises(FrameTooLarge):
+        plain.feed(encode_record(RELEASE, 4096))
+
+
+@given(st.integers(min_value=1, max_value=4 + RECORD_SIZE - 1))
+def test_framing_waits_for_a_whole_record(cut: int) -> None:
+    record = encode_record(SLOT, 0, 1)
+    framing = LengthPrefixed(1024, records=True)
+    assert framing.feed(record[:cut]) is NEED_DATA
+    got = framing.feed(record[cut:])
+    assert isinstance(got, Control)
+    assert decode_record(got.body) == Record(SLOT, 0, 1)
+
+
+def test_framing_refuses_a_huge_record_and_a_cut_one() -> None:
+    framing = LengthPrefixed(1024, records=True)
+    with pytest.raises(ProtocolError, match="record"):
+        framing.feed((CONTROL_BIT | 100_000).to_bytes(4, "big"))
+    cut = LengthPrefixed(1024, records=True)
+    cut.feed(encode_record(SLOT, 0, 1)[:10])
+    with pytest.raises(ConnectionClosed, match="mid-message"):
+        cut.feed(b"")
+    clean = LengthPrefixed(1024, records=True)
+    assert clean.feed(b"") is CLOSED
+
+
+def test_records_need_max_frame_below_the_control_bit() -> None:
+    with pytest.raises(ValueError, match="max_frame"):
+        LengthPrefixed(CONTROL_BIT, records=True)
+
+
+def test_pool_first_fit_reuses_low_pages_and_merges() -> None:
+    pool = Pool(16 * PAGE)
+    a = pool.allocate(1)
+    b = pool.allocate(PAGE + 1)
+    c = pool.allocate(4 * PAGE)
+    assert (a, b, c) == (0, PAGE, 3 * PAGE)
+    assert pool.in_use == 7 * PAGE
+    assert pool.allocate(10 * PAGE) is None  # 9 pages free: backpressure, not growth
+    pool.release(b)
+    assert pool.allocate(2 * PAGE) == PAGE  # the freed extent is reused first
+    pool.release(PAGE)
+    pool.release(a)
+    pool.release(c)
+    assert pool.in_use == 0
+    assert pool.allocate(16 * PAGE) == 0  # everything merged back into one extent
+    assert not pool.fits(17 * PAGE)
+    assert not pool.fits(0)
+
+
+def test_pool_refuses_a_release_of_what_it_did_not_lend() -> None:
+    pool = Pool(4 * PAGE)
+    offset = pool.allocate(PAGE)
+    assert offset is not None
+    with pytest.raises(ProtocolError, match="not lent"):
+        pool.release(PAGE)
+    pool.release(offset)
+    with pytest.raises(ProtocolError, match="not lent"):
+        pool.release(offset)  # twice
+
+
+@given(st.lists(st.integers(min_value=1, max_value=5 * PAGE), max_size=40), st.randoms())
+def test_pool_never_lends_overlapping_extents(sizes: list[int], rnd: object) -> None:
+    pool = Pool(32 * PAGE)
+    lent: dict[int, int] = {}
+    for size in sizes:
+        offset = pool.allocate(size)
+        if offset is None:
+            victim = next(iter(lent))
+            pool.release(victim)
+            del lent[victim]
+            continue
+        end = offset + size
+        assert end <= pool.size
+        for other, length in lent.items():
+            assert end <= other or other + length <= offset
+        lent[offset] = size
+
+
+def test_ledger_checks_every_slot() -> None:
+    ledger = Ledger(16 * PAGE, max_frame=4 * PAGE)
+    ledger.accept(0, 100)
+    with pytest.raises(ProtocolError, match="overlaps"):
+        ledger.accept(0, 10)
+    with pytest.raises(ProtocolError, match="max_frame"):
+        ledger.accept(PAGE, 4 * PAGE + 1)
+    with pytest.raises(ProtocolError, match="max_frame"):
+        ledger.accept(PAGE, 0)
+    with pytest.raises(ProtocolError, match="outside"):
+        ledger.accept(15 * PAGE, 2 * PAGE)
+    with pytest.raises(ProtocolError, match="outside"):
+        ledger.accept(PAGE + 1, 10)  # not on a page
+    with pytest.raises(ProtocolError, match="outside"):
+        ledger.accept(2**63, 10)
+    ledger.release(0)
+    ledger.accept(0, 4 * PAGE)
+
+
+def test_check_record_order_and_descriptors() -> None:
+    check_record(Record(OFFER, VERSION, 0), 0, peer_opted=False)
+    with pytest.raises(ProtocolError, match="only a listener"):
+        check_record(Record(OFFER, VERSION, 0), 0, peer_opted=True)
+    with pytest.raises(ProtocolError, match="version"):
+        check_record(Record(OFFER, VERSION + 1, 0), 0, peer_opted=False)
+    with pytest.raises(ProtocolError, match="before the listener's offer"):
+        check_record(Record(SLOT, 0, 1), 0, peer_opted=False)
+    check_record(Record(ATTACH, PAGE, 0), 1, peer_opted=True)
+    for fds in (0, 2):
+        with pytest.raises(ProtocolError, match="descriptors"):
+            check_record(Record(ATTACH, PAGE, 0), fds, peer_opted=True)
+    with pytest.raises(ProtocolError, match="descriptors"):
+        check_record(Record(SLOT, 0, 1), 1, peer_opted=True)
+
+
+def test_pool_size_option() -> None:
+    assert check_pool_size(False) == 0
+    assert check_pool_size(True) == DEFAULT_POOL
+    assert check_pool_size(SHARED_THRESHOLD + 1) == SHARED_THRESHOLD + PAGE
+    for bad in ("yes", 1.5, -1, 0, 100, SHARED_THRESHOLD - 1, MAX_POOL + 1):
+        with pytest.raises(ValueError, match="shared_memory"):
+            check_pool_size(bad)
+
+
+def test_marker() -> None:
+    assert is_marker(MARKER_PREFIX + b"0123")
+    assert not is_marker(b"\0other")
+    assert not is_marker("/tmp/x")
+    assert not is_marker("")
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(min_value=0, max_value=40), st.integers(min_value=1, max_value=3 * PAGE)
+        ),
+        max_size=60,
+    )
+)
+def test_ledger_refuses_exactly_the_overlapping_slots(slots: list[tuple[int, int]]) -> None:
+    ledger = Ledger(48 * PAGE, max_frame=4 * PAGE)
+    held: dict[int, int] = {}
+    for page, length in slots:
+        offset = page * PAGE
+        end = offset + -(-length // PAGE) * PAGE
+        overlaps = any(o < end and offset < o + -(-n // PAGE) * PAGE for o, n in held.items())
+        if overlaps:
+            with pytest.raises(ProtocolError, match="overlaps"):
+                ledger.accept(offset, length)
+            victim = next(iter(held))
+            ledger.release(victim)
+            del held[victim]
+        else:
+            ledger.accept(offset, length)
+            held[offset] = length
+    assert ledger.held == held
