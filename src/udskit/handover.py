@@ -49,7 +49,7 @@ from typing import Final
 
 from .address import Address, AddressLike, sun_path
 from .ancillary import RECV_FLAGS, ControlDataError, ancillary_size, close_fds, rights, unpack
-from .creds import PeerCred, peer_cred
+from .creds import peer_cred
 from .errors import AddressError, AddressInUse, HandoverError, ProtocolError, UdsError
 from .options import (
     DEFAULT_BACKLOG,
@@ -397,20 +397,13 @@ def request_upgrade(address: AddressLike, *, timeout: float = UPGRADE_TIMEOUT) -
     target = Address.parse(address)
     control = control_address(target)
     wait = check_seconds("timeout", timeout)
-    conv = socket.socket(socket.AF_UNIX, _SEQPACKET)
-    try:
-        try:
-            with sun_path(control) as where:
-                conv.connect(where)
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-                raise HandoverError(
-                    f"cannot upgrade {target}: no udskit server offers handover there (start "
-                    "it with handover, or restart it by hand)",
-                    errno=exc.errno,
-                ) from None
-            raise translate(exc, "connect", control) from None
-        _trusted(conv, control, target)
+    conv = _connect(control, target, "upgrade")
+    if conv is None:
+        raise HandoverError(
+            f"cannot upgrade {target}: no udskit server offers handover there (start it with "
+            "handover, or restart it by hand)"
+        )
+    with conv:
         _send(conv, Message("upgrade"))
         try:
             answer = _receive(conv, ("upgraded", "error"), wait)
@@ -419,8 +412,44 @@ def request_upgrade(address: AddressLike, *, timeout: float = UPGRADE_TIMEOUT) -
         if answer.op == "error":
             raise HandoverError(f"cannot upgrade {target}: {answer.reason}")
         return answer.old, answer.pid
-    finally:
+
+
+def _connect(control: Address, target: Address, doing: str) -> socket.socket | None:
+    """A conversation with the process serving the control socket, if it is this user or
+    root; None if nobody serves it (no file, or a stale one)."""
+    conv = socket.socket(socket.AF_UNIX, _SEQPACKET)
+    try:
+        try:
+            with sun_path(control) as where:
+                conv.connect(where)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                conv.close()
+                return None
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise HandoverError(
+                    f"cannot {doing} {target}: its handover socket {control} refuses this "
+                    "user; run as the user that serves it, or as root",
+                    errno=exc.errno,
+                ) from None
+            raise translate(exc, "connect", control) from None
+        _check_owner(conv, control, target, doing)
+    except BaseException:
         conv.close()
+        raise
+    return conv
+
+
+def _check_owner(conv: socket.socket, control: Address, target: Address, doing: str) -> None:
+    """Nobody else's listener is taken, nor anybody else asked to start a process, whatever
+    the control socket's place. (SO_PEERCRED names the process that created it, which may
+    have handed it over since: its uid is what counts.)"""
+    owner = peer_cred(conv)
+    if owner.uid not in (os.geteuid(), 0):
+        raise HandoverError(
+            f"cannot {doing} {target}: its handover socket {control} is served by uid "
+            f"{owner.uid}, not this user or root; refusing a listener from another user"
+        )
 
 
 # -- the successor's half of the conversation ----------------------------------------------
@@ -477,25 +506,12 @@ def _take(
     control: Address, target: Address, kind: int, timeout: float
 ) -> tuple[socket.socket, _Predecessor] | None:
     """The listener from the process that serves ``target``, or None if none offers it."""
-    conv = socket.socket(socket.AF_UNIX, _SEQPACKET)
+    conv = _connect(control, target, "take over")
+    if conv is None:
+        return None
     pidfd = -1
     try:
         conv.settimeout(timeout)
-        try:
-            with sun_path(control) as where:
-                conv.connect(where)
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-                conv.close()
-                return None
-            if exc.errno in (errno.EACCES, errno.EPERM):
-                raise HandoverError(
-                    f"cannot take over {target}: its handover socket {control} refuses this "
-                    "user; run as the user that serves it, or as root",
-                    errno=exc.errno,
-                ) from None
-            raise translate(exc, "connect", control) from None
-        _trusted(conv, control, target)
         try:
             _send(conv, Message("take", type=type_name(kind), version=VERSION))
         except OSError:
@@ -538,18 +554,6 @@ def _bind_fresh(
             if died_at is None or time.monotonic() - died_at > EXIT_GRACE:
                 raise
         time.sleep(0.005)  # bounded by EXIT_GRACE: the kernel finishing an exit
-
-
-def _trusted(conv: socket.socket, control: Address, target: Address) -> PeerCred:
-    """Who serves the control socket, if it is this user or root (nobody else's listener is
-    taken, whatever its socket file's place)."""
-    owner = peer_cred(conv)
-    if owner.uid not in (os.geteuid(), 0):
-        raise HandoverError(
-            f"cannot take over {target}: its handover socket {control} is served by uid "
-            f"{owner.uid}, not this user or root; refusing a listener from another user"
-        )
-    return owner
 
 
 def _control_socket(fd: int) -> socket.socket | None:
