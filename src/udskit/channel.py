@@ -66,8 +66,6 @@ from .proto.shm import (
     SHARED_THRESHOLD,
     SLOT,
     VERSION,
-    check_record,
-    decode_record,
     encode_record,
 )
 from .shm import Lease, SharedMemory
@@ -1129,19 +1127,12 @@ class Channel(ChannelFacts):
         shm = self._shm
         assert shm is not None
         try:
-            record = decode_record(control.body)
-            check_record(record, len(fds), peer_opted=shm.ready)
-            if record.kind == ATTACH:
-                shm.attach_peer(fds.pop(), record.first)
-            elif record.kind == OFFER:
-                shm.ready = True
-            elif record.kind == SLOT:
-                shm.arrived.append((shm.slot(record.first, record.second), []))
-            else:
-                shm.peer_released(record.first)
+            lease = shm.on_record(control.body, fds)
         except ProtocolError as exc:
-            close_fds(fds)
             self._shared_failed(exc)
+            return
+        if lease is not None:
+            shm.arrived.append((lease, []))
 
     def _shared_failed(self, exc: ProtocolError) -> None:
         """A bad record or pool: the channel is closed for use (every later call raises),

@@ -14,6 +14,7 @@ from .channel import Channel
 from .creds import peer_cred, require_uid
 from .errors import SocketFileError
 from .options import (
+    check_client_shared_memory,
     check_shared_memory,
     connect_options,
     pair_options,
@@ -73,19 +74,15 @@ def connect(
         rcvbuf=rcvbuf,
     )
     target, kind, own = opts.target, opts.kind, opts.bind
-    pool = check_shared_memory(
+    pool = check_client_shared_memory(
         shared_memory,
         type=type,
         framing=framing,
         max_fds=max_fds,
         max_frame=max_frame,
         address_kind=target.kind,
+        binds=own is not None,
     )
-    if pool and (own is not None or target.kind == "fd"):
-        raise ValueError(
-            "shared_memory cannot be combined with bind= or an fd: address: the client "
-            "signals its opt-in by the name it binds (docs/shared-memory.md)"
-        )
     if target.kind == "fd":
         return _adopt(target, framing=framing, max_frame=max_frame, max_fds=max_fds)
     if target.kind == "tcp":

@@ -32,7 +32,7 @@ from .ancillary import (
 )
 from .channel import Buffer, Channel
 from .creds import PeerCred, Policy
-from .errors import AddressInUse, ConnectionClosed, ProtocolError, UdsError
+from .errors import AddressInUse, ConnectionClosed, ProtocolError
 from .handover import Upgrader
 from .options import (
     DEFAULT_BACKLOG,
@@ -48,6 +48,7 @@ from .options import (
     type_name,
 )
 from .proto.shm import is_marker
+from .shm import offered
 from .sockfile import Claim, claim, probe
 from .translate import translate, translating
 
@@ -288,13 +289,8 @@ class Listener(_Endpoint):
             shared_memory=pool,
             peer_opted=bool(pool),
         )
-        if pool:
-            try:
-                channel._offer()
-            except UdsError as exc:  # the client is gone already
-                log.info("%s: client left before the shared-memory offer: %s", self.address, exc)
-                channel.close()
-                return None
+        if pool and not offered(channel, self.address):
+            return None
         return channel
 
     def __iter__(self) -> Iterator[Channel]:

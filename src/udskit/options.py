@@ -204,6 +204,34 @@ def check_shared_memory(
     return size
 
 
+def check_client_shared_memory(
+    shared_memory: object,
+    *,
+    type: str,  # noqa: A002 - mirrors the public keyword
+    framing: str,
+    max_fds: int,
+    max_frame: int | None,
+    address_kind: str,
+    binds: bool,
+) -> int:
+    """:func:`check_shared_memory` for a client, which signals its opt-in by the name it
+    binds: so not with a name of the caller's (``bind=``) or an inherited socket."""
+    pool = check_shared_memory(
+        shared_memory,
+        type=type,
+        framing=framing,
+        max_fds=max_fds,
+        max_frame=max_frame,
+        address_kind=address_kind,
+    )
+    if pool and (binds or address_kind == "fd"):
+        raise ValueError(
+            "shared_memory cannot be combined with bind= or an fd: address: the client "
+            "signals its opt-in by the name it binds (docs/shared-memory.md)"
+        )
+    return pool
+
+
 def check_timeout(timeout: float | None) -> float | None:
     """None (wait forever) or a finite number of seconds, at least 0."""
     if timeout is None:

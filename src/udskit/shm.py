@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import logging
 import mmap
 import os
 import stat
@@ -30,10 +31,13 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
-from .errors import ConnectionClosed, ProtocolError
-from .proto.shm import MAX_POOL, Ledger, Pool
+from .ancillary import close_fds
+from .errors import ConnectionClosed, ProtocolError, UdsError
+from .proto.shm import ATTACH, MAX_POOL, OFFER, SLOT, Ledger, Pool, check_record, decode_record
+
+log = logging.getLogger("udskit")
 
 __all__ = ["Lease", "Mapping", "SharedMemory", "create_pool", "map_peer_pool"]
 
@@ -62,6 +66,23 @@ REQUIRED_SEALS: Final = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 
 #: The memfd's name, as /proc/PID/maps and fd listings show it.
 POOL_NAME: Final = "udskit-pool"
+
+
+class _Offering(Protocol):
+    def _offer(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def offered(channel: _Offering, where: object) -> bool:
+    """Send the OFFER record on a channel a listener accepted from a client that opted in;
+    False (the channel closed) if the client is gone already."""
+    try:
+        channel._offer()
+    except UdsError as exc:
+        log.info("%s: client left before the shared-memory offer: %s", where, exc)
+        channel.close()
+        return False
+    return True
 
 
 class Mapping:
@@ -368,6 +389,25 @@ class SharedMemory:
             self.space.notify_all()
 
     # -- receiving side -------------------------------------------------------------------
+    def on_record(self, body: bytes, fds: list[int]) -> Lease | None:
+        """Act on one record from the peer: the Lease of a message it put in its pool
+        (SLOT), else None. A bad record is a ProtocolError (its descriptors closed)."""
+        try:
+            record = decode_record(body)
+            check_record(record, len(fds), peer_opted=self.ready)
+            if record.kind == ATTACH:
+                self.attach_peer(fds.pop(), record.first)
+            elif record.kind == OFFER:
+                self.ready = True
+            elif record.kind == SLOT:
+                return self.slot(record.first, record.second)
+            else:
+                self.peer_released(record.first)
+        except ProtocolError:
+            close_fds(fds)
+            raise
+        return None
+
     def attach_peer(self, fd: int, size: int) -> None:
         """The peer's ATTACH: check and map its pool (``fd`` is consumed)."""
         if self._theirs is not None:

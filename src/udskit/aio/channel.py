@@ -42,8 +42,6 @@ from ..proto.shm import (
     SHARED_THRESHOLD,
     SLOT,
     VERSION,
-    check_record,
-    decode_record,
     encode_record,
 )
 from ..shm import Lease, SharedMemory
@@ -741,19 +739,8 @@ class Channel(Sending, ChannelFacts):
         shm = self._shm
         assert shm is not None
         try:
-            record = decode_record(control.body)
-            check_record(record, len(fds), peer_opted=shm.ready)
-            if record.kind == ATTACH:
-                shm.attach_peer(fds.pop(), record.first)
-            elif record.kind == OFFER:
-                shm.ready = True
-            elif record.kind == SLOT:
-                self._ready.append(shm.slot(record.first, record.second))
-            else:
-                shm.peer_released(record.first)
-                self._space.wake_all()
+            lease = shm.on_record(control.body, fds)
         except ProtocolError as exc:
-            close_fds(fds)
             error = ProtocolError(
                 f"{self._where()}: {exc}; the channel cannot be used any more: close it"
             )
@@ -766,6 +753,10 @@ class Channel(Sending, ChannelFacts):
             except OSError:
                 pass
             raise error from exc
+        if lease is not None:
+            self._ready.append(lease)
+        else:
+            self._space.wake_all()  # a release, maybe: senders waiting for room look again
 
     # -- closing --------------------------------------------------------------------------
     async def shutdown_write(self) -> None:

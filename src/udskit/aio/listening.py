@@ -28,7 +28,7 @@ from ..ancillary import (
     unpack,
 )
 from ..creds import Policy
-from ..errors import ConnectionClosed, ProtocolError, UdsError
+from ..errors import ConnectionClosed, ProtocolError
 from ..handover import Upgrader
 from ..listening import Datagram
 from ..options import (
@@ -38,6 +38,7 @@ from ..options import (
     check_timeout,
     max_frame_for,
 )
+from ..shm import offered
 from ..translate import translate, translating
 from .buffers import READ_AHEAD, check_write_limit, scratch
 from .channel import Buffer, Channel
@@ -249,8 +250,8 @@ class Listener(_Endpoint[Channel]):
             return None
         peer, remote = admitted.peer, admitted.remote
         # Shared memory only with a client that opted in too (see udskit.listening).
-        offered = self._inner.shared_memory  # type: ignore[union-attr]
-        pool = offered if offered and blocking.opted_in(conn) else 0
+        size = self._inner.shared_memory  # type: ignore[union-attr]
+        pool = size if size and blocking.opted_in(conn) else 0
         channel = Channel(
             conn,
             framing=framing,
@@ -262,13 +263,8 @@ class Listener(_Endpoint[Channel]):
             shared_memory=pool,
             peer_opted=bool(pool),
         )
-        if pool:
-            try:
-                channel._offer()
-            except UdsError as exc:  # the client is gone already
-                log.info("%s: client left before the shared-memory offer: %s", self.address, exc)
-                channel.close()
-                return None
+        if pool and not offered(channel, self.address):
+            return None
         return channel
 
     _next = accept  # what async iteration yields
