@@ -8,7 +8,8 @@ generator:
 * opens a new connection every millisecond (connect, one 64-byte request, its reply, close)
   and records how long each took from connect() to the reply: the window in which a new
   connection waits during a handover shows in the tail;
-* keeps CLIENTS connections exchanging numbered requests one at a time; a connection that
+* keeps CLIENTS connections exchanging numbered requests one at a time (each every 10 ms);
+  a connection that
   the old server closes when its drain time is up reconnects (to the new one) and sends the
   unanswered request again, so every request must get exactly one reply.
 
@@ -52,6 +53,10 @@ START_TIMEOUT = 20.0
 CLIENT_TIMEOUT = 10.0
 #: The load generator's pace: one new connection per this many seconds.
 CONNECT_EVERY = 0.001
+#: Each persistent client's pace: one exchange per this many seconds (50 clients: 5,000
+#: messages a second). Unpaced, they would take all of the load generator's CPU and leave
+#: the new connections behind their schedule.
+EXCHANGE_EVERY = 0.01
 #: Length-framed messages, as ``udskit serve`` speaks by default: 4-byte big-endian length.
 HEADER = struct.Struct(">I")
 PAYLOAD = 64
@@ -207,6 +212,7 @@ class Load:
                     if reply != pending:
                         self.report.wrong_replies += 1
                 pending = None
+                self.stop.wait(EXCHANGE_EVERY)
         finally:
             if sock is not None:
                 sock.close()
@@ -294,7 +300,13 @@ def run(handovers: int, clients: int, drain: float, baseline: float) -> Report:
         load.finish()
         report.seconds = time.monotonic() - began
         last = pids[-1]
+        # Once its clients' connections have closed (the load has just stopped): a client
+        # socket still being closed is not a leak.
+        settle = time.monotonic() + 2.0
         report.fds_last = _fds(last)
+        while report.fds_last > report.fds_first and time.monotonic() < settle:
+            time.sleep(0.05)
+            report.fds_last = _fds(last)
         deadline = time.monotonic() + drain + 10
         while any(_alive(p) for p in pids[:-1]) and time.monotonic() < deadline:
             time.sleep(0.05)
