@@ -53,6 +53,7 @@ COMMANDS: Final = (
     "doctor",
     "ls",
     "bridge",
+    "tap",
     "http",
     "bench",
     "demo",
