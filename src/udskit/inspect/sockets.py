@@ -11,6 +11,7 @@ from typing import Final
 
 from ..sockfile import PRIVATE_PREFIX
 from .probe import SocketTypeName
+from .tapped import tapped_note
 
 __all__ = ["PROC", "SocketEntry", "list_sockets", "proc_ids"]
 
@@ -44,6 +45,7 @@ class SocketEntry:
     pids: tuple[int, ...] = ()
     processes: tuple[str, ...] = ()
     connections: int = 0  # for a listener: accepted connections still open
+    note: str = ""  # a tap in front of it, or a socket a killed tap displaced
 
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -86,6 +88,7 @@ def list_sockets(
                 pids=pids,
                 processes=tuple(_comm(proc, pid) for pid in pids),
                 connections=counts.get((entry.type, entry.path), 0),
+                note=tapped_note(entry.path) if entry.path.startswith("/") else "",
             )
         )
     return result
