@@ -12,6 +12,8 @@ from .core import Tap, start
 from .decode import FRAMINGS, Conversation, Framing, Shown, preview_text, show_packet
 from .events import Closed, Data, Direction, Event, Notice, Opened, PassedFd, Refused
 from .interpose import restore_displaced
+from .pcap import PcapWriter
+from .render import Printer
 
 __all__ = [
     "FRAMINGS",
@@ -24,6 +26,8 @@ __all__ = [
     "Notice",
     "Opened",
     "PassedFd",
+    "PcapWriter",
+    "Printer",
     "Refused",
     "Shown",
     "Tap",
