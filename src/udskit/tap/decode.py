@@ -172,8 +172,9 @@ class _Direction:
 
 class _Http:
     """Both directions of an HTTP/1.1 conversation, through two h11 connections kept in
-    step: the one that reads requests plays the server, and every event it reads is sent
-    through the other, which plays the client and reads the responses."""
+    step: the one that reads requests plays the server, the one that reads responses the
+    client, and every event one reads is sent through the other (its output discarded), so
+    that each knows where the exchange is (a HEAD's response has no body, keep-alive)."""
 
     __slots__ = ("_body", "_broken", "_h11", "_max", "_requests", "_responses")
 
@@ -200,8 +201,9 @@ class _Http:
                 event = conn.next_event()
                 if event is h11.NEED_DATA or event is h11.PAUSED:
                     break
-                if direction == "up" and not isinstance(event, h11.ConnectionClosed):
-                    self._responses.send(event)  # type: ignore[arg-type]
+                if not isinstance(event, h11.ConnectionClosed):
+                    mirror = self._responses if direction == "up" else self._requests
+                    mirror.send(self._mirrored(event))
                 out.extend(self._event(direction, event))
                 if event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
                     break
@@ -211,6 +213,30 @@ class _Http:
             note = f"not HTTP/1.1 ({exc}); shown raw from here"
             out.append(Shown("raw", len(data), data[: self._max], note=note))
         return out
+
+    def _mirrored(self, event: Any) -> Any:
+        """The event as the other h11 connection may send it: h11 only sends HTTP/1.1 (a
+        request with a Host header), so an HTTP/1.0 request (nginx's to its upstreams) or
+        response is mirrored as 1.1; what matters for reading the other direction (the
+        method, the status, the framing headers) is kept."""
+        h11 = self._h11
+        if isinstance(event, (h11.Response, h11.InformationalResponse)):
+            if event.http_version != b"1.1":
+                return type(event)(
+                    status_code=event.status_code,
+                    headers=list(event.headers),
+                    reason=event.reason,
+                    http_version="1.1",
+                )
+            return event
+        if isinstance(event, h11.Request) and event.http_version != b"1.1":
+            headers = list(event.headers)
+            if not any(name == b"host" for name, _ in headers):
+                headers.append((b"host", b"_"))
+            return h11.Request(
+                method=event.method, target=event.target, headers=headers, http_version="1.1"
+            )
+        return event
 
     def _next_cycle(self) -> None:
         h11 = self._h11

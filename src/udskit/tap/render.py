@@ -181,7 +181,9 @@ class Printer:
             self._emit_json(when, conn, record)
         else:
             name = _client(client, self._names.get(conn))
-            parts = [f"{name}  {shown.size} B  {shown.framing}"]
+            # An HTTP head has no payload size of its own to show: its line is the message.
+            size = "" if shown.summary and not shown.size else f"  {shown.size} B"
+            parts = [f"{name}{size}  {shown.framing}"]
             if shown.summary:
                 parts.append(f" {shown.summary}")
             if shown.preview or (shown.size and not shown.summary):
