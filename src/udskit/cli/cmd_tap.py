@@ -81,20 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class _Stop:
     """Why and when to stop: signals, --count, --duration, the server going away."""
 
-    def __init__(self, count: int | None) -> None:
+    def __init__(self) -> None:
         self.event = threading.Event()
         self.signals = 0
-        self._left = count
-
-    def shown(self) -> None:
-        if self._left is not None:
-            self._left -= 1
-            if self._left <= 0:
-                self.event.set()
-
-    @property
-    def counting_done(self) -> bool:
-        return self._left is not None and self._left <= 0
 
     def signalled(self, signum: int, frame: FrameType | None) -> None:
         self.signals += 1
@@ -108,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_bytes < 0:
         raise ValueError(f"--max-bytes must be 0 or more, not {args.max_bytes}")
     max_bytes = args.max_bytes or DEFAULT_MAX_FRAME
-    stop = _Stop(args.count)
+    stop = _Stop()
     out = Output()
     started = time.time()
     printer: Printer | None = None
@@ -118,11 +107,11 @@ def run(args: argparse.Namespace) -> int:
 
         def on_event(event: tap.Event) -> None:
             if isinstance(event, tap.Notice):
-                err(f"tap: {event.text}")
+                err(event.text)
                 return
             if pcap is not None:
                 pcap(event)
-            if printer is not None and not stop.counting_done:
+            if printer is not None:
                 printer(event)
 
         running = tap.start(args.path, on_event, type=args.type)
@@ -134,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
             as_json=args.json,
             hex_dump=args.hex,
             packets=running.type != "stream",
-            shown=stop.shown,
+            count=args.count,
+            done=stop.event.set,
         )
         if pcap_file is not None:
             pcap = PcapWriter(pcap_file, port=args.pcap_port, datagrams=running.type == "dgram")

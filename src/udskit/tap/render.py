@@ -48,8 +48,8 @@ class Printer:
     """Renders events; call it with each event (from one thread at a time).
 
     ``write`` receives whole lines. ``packets``: the socket keeps message boundaries
-    (seqpacket, datagram), so each read is one message. ``shown`` is called with each
-    message line written (for ``--count``).
+    (seqpacket, datagram), so each read is one message. ``count``: write nothing after
+    that many messages, and call ``done`` once they are out (``--count``).
     """
 
     def __init__(
@@ -62,7 +62,8 @@ class Printer:
         as_json: bool = False,
         hex_dump: bool = False,
         packets: bool = False,
-        shown: Callable[[], object] | None = None,
+        count: int | None = None,
+        done: Callable[[], object] | None = None,
     ) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be 0 or more, not {max_bytes}")
@@ -73,12 +74,20 @@ class Printer:
         self._json = as_json
         self._hex = hex_dump
         self._packets = packets
-        self._shown = shown
+        self._left = count
+        self._done = done
         self._conversations: dict[int, Conversation] = {}
         self._clients: dict[int, PeerCred | None] = {}
         self._names: dict[int, str] = {}  # read from /proc once, at open
 
+    @property
+    def finished(self) -> bool:
+        """True once ``count`` messages have been written."""
+        return self._left is not None and self._left <= 0
+
     def __call__(self, event: Event) -> None:
+        if self.finished:
+            return
         if isinstance(event, Data):
             self._data(event)
         elif isinstance(event, Opened):
@@ -143,6 +152,8 @@ class Printer:
         if not decoded and (fds or raw):
             decoded = [Shown("partial", len(event.data), b"", note="part of a message")]
         for shown in decoded:
+            if self.finished:
+                return
             self._message(event.time, event.conn, event.direction, shown, fds, raw)
             fds, raw = (), b""
 
@@ -196,8 +207,10 @@ class Printer:
             if raw:
                 text += "\n".join(hexdump(raw[: self._max] if self._max else raw)) + "\n"
             self._write(text.encode(errors="replace"))
-        if self._shown is not None:
-            self._shown()
+        if self._left is not None:
+            self._left -= 1
+            if self._left <= 0 and self._done is not None:
+                self._done()
 
     def _prefix(self, when: float, conn: int | None, what: str) -> str:
         where = f"#{conn} " if conn else ""
