@@ -12,6 +12,7 @@ from ..address import Address, AddressLike
 from ..creds import PeerCred
 from .credentials import Connector
 from .datagrams import DatagramRelay
+from .delivery import Delivery
 from .events import Event, Notice
 from .interpose import SOCKET_TYPES, Interposed, interpose
 from .relay import StreamRelay
@@ -24,8 +25,9 @@ log = logging.getLogger("udskit")
 class Tap:
     """A tap on a live socket. Make one with :func:`start`; :meth:`stop` puts things back.
 
-    ``on_event`` is called, from the relay's threads, with each :class:`~udskit.tap.Event`
-    (serialised: one call at a time, in the order they happened per connection).
+    ``on_event`` is called with each :class:`~udskit.tap.Event`, from one thread of the
+    tap's, one call at a time, in the order they happened per connection (see
+    :mod:`udskit.tap.delivery`); all have been delivered when :meth:`stop` returns.
     """
 
     def __init__(
@@ -35,7 +37,7 @@ class Tap:
     ) -> None:
         self._interposed = interposed
         self._on_event = on_event
-        self._emit_lock = threading.Lock()
+        self._delivery = Delivery(on_event)
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
         self._restored: str | None = None
@@ -47,36 +49,36 @@ class Tap:
         self.server: PeerCred | None = interposed.server
         #: Where the server's socket is while tapped.
         self.aside: str = interposed.aside
-        self._connector: Connector | None = None
-        kind = SOCKET_TYPES[self.type]
-        if self.type == "dgram":
-            self._relay: StreamRelay | DatagramRelay = DatagramRelay(
-                interposed.relay, interposed.server_sun_path, self._emit, self._gone
-            )
-        else:
-            if os.geteuid() == 0:
-                self._connector = Connector(
-                    interposed.directory_fd,
-                    interposed.aside_name,
-                    (interposed.relay.fileno(),),
+        try:
+            self._connector: Connector | None = None
+            kind = SOCKET_TYPES[self.type]
+            if self.type == "dgram":
+                self._relay: StreamRelay | DatagramRelay = DatagramRelay(
+                    interposed.relay, interposed.server_sun_path, self._emit, self._gone
                 )
-            self._relay = StreamRelay(
-                interposed.relay,
-                kind,
-                interposed.server_sun_path,
-                interposed.server,
-                self._emit,
-                self._connector,
-                self._gone,
-            )
-        self._relay.start()
+            else:
+                if os.geteuid() == 0:
+                    self._connector = Connector(
+                        interposed.directory_fd,
+                        interposed.aside_name,
+                        (interposed.relay.fileno(),),
+                    )
+                self._relay = StreamRelay(
+                    interposed.relay,
+                    kind,
+                    interposed.server_sun_path,
+                    interposed.server,
+                    self._emit,
+                    self._connector,
+                    self._gone,
+                )
+            self._relay.start()
+        except BaseException:
+            self._delivery.close()
+            raise
 
     def _emit(self, event: Event) -> None:
-        with self._emit_lock:
-            try:
-                self._on_event(event)
-            except Exception:
-                log.exception("tap: the event handler failed")
+        self._delivery.put(event)
 
     def _gone(self) -> None:
         if not self._server_gone.is_set():
@@ -133,6 +135,7 @@ class Tap:
                 if self._connector is not None:
                     self._connector.close()
                 self._interposed.close()
+                self._delivery.close()
                 self._stopped.set()
         return result
 

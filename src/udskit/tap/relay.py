@@ -290,12 +290,21 @@ class StreamRelay:
         self, conn: _Connection, src: socket.socket, dst: socket.socket, direction: Direction
     ) -> str:
         peek = bytearray(1)
+        # One buffer per direction, reused: a fresh 256 KiB bytes object per read would be
+        # an mmap() and munmap() each time (it is above malloc's mmap threshold).
+        buffer = bytearray(READ_SIZE)
+        view = memoryview(buffer)
         while True:
-            size = READ_SIZE
             if self._packets:
                 # A seqpacket message is read whole or its tail is lost: learn its size first.
                 size = max(1, src.recv_into(peek, 0, socket.MSG_PEEK | socket.MSG_TRUNC))
-            data, ancdata, flags, _ = src.recvmsg(size, _ANCILLARY, RECV_FLAGS)
+                if size > len(buffer):
+                    buffer = bytearray(size)
+                    view = memoryview(buffer)
+            else:
+                size = READ_SIZE
+            got, ancdata, flags, _ = src.recvmsg_into([view[:size]], _ANCILLARY, RECV_FLAGS)
+            data = bytes(view[:got])
             fds = unpack(ancdata, flags, f"connection {conn.id}", MAX_FDS).fds
             try:
                 if not data and not fds:
