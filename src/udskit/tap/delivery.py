@@ -27,8 +27,9 @@ log = logging.getLogger("udskit")
 #: records), then the relay waits for the handler.
 MAX_PENDING_EVENTS: Final = 4096
 
-#: Payload bytes waiting for the handler at most: four of the relay's reads (READ_SIZE).
-MAX_PENDING_BYTES: Final = 1024 * 1024
+#: Payload bytes waiting for the handler at most: sixteen of the relay's reads (READ_SIZE),
+#: so that a burst of large reads streams on while the handler catches up.
+MAX_PENDING_BYTES: Final = 4 * 1024 * 1024
 
 
 class Delivery:
