@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
 
         def on_event(event: tap.Event) -> None:
             if isinstance(event, tap.Notice):
-                err(event.text)
+                # The first notice says what is tapped: with how to stop, for a terminal.
+                err(event.text + ("; Ctrl-C to stop" if event.text.startswith("tapping ") else ""))
                 return
             if pcap is not None:
                 pcap(event)
@@ -135,12 +136,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _watch(running: tap.Tap, stop: _Stop, duration: float | None) -> int:
-    server = running.server
-    who = f", server pid {server.pid} uid {server.uid}" if server is not None else ""
-    err(
-        f"tapping {running.address} ({running.type}{who}); its socket is at {running.aside} "
-        "meanwhile; connections opened before now are not seen; Ctrl-C to stop"
-    )
     previous = {sig: signal.signal(sig, stop.signalled) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         deadline = None if duration is None else time.monotonic() + duration

@@ -49,6 +49,15 @@ class Tap:
         self.server: PeerCred | None = interposed.server
         #: Where the server's socket is while tapped.
         self.aside: str = interposed.aside
+        server = interposed.server
+        who = f", server pid {server.pid} uid {server.uid}" if server is not None else ""
+        self._emit(
+            Notice(
+                time.time(),
+                f"tapping {self.address} ({self.type}{who}); its socket is at {self.aside} "
+                "meanwhile; connections opened before now are not seen",
+            )
+        )
         try:
             self._connector: Connector | None = None
             kind = SOCKET_TYPES[self.type]
