@@ -123,6 +123,7 @@ class DatagramEcho:
         self.sock.bind(str(path))
         os.chmod(path, mode)
         self.seen: list[tuple[bytes, object, tuple[int, int, int] | None]] = []
+        self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -138,10 +139,17 @@ class DatagramEcho:
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     cred = UCRED.unpack(payload[: UCRED.size])
-            self.seen.append((data, address, cred))
+            with self._changed:
+                self.seen.append((data, address, cred))
+                self._changed.notify_all()
             if address:
                 with contextlib.suppress(OSError):
                     self.sock.sendto(data.upper(), address)
+
+    def wait_seen(self, count: int) -> None:
+        """Return once ``count`` datagrams have arrived (bounded)."""
+        with self._changed:
+            assert self._changed.wait_for(lambda: len(self.seen) >= count, READY_TIMEOUT)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

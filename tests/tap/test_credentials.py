@@ -59,6 +59,7 @@ def test_datagrams_carry_their_senders_credentials(sockdir: Path, tapping: Tappi
             return str(os.getpid())
 
         sender = run_in_child(send, as_user=NOBODY)
+        srv.wait_seen(1)
         running.stop(grace=5.0)
     finally:
         srv.close()

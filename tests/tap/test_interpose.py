@@ -62,7 +62,7 @@ def test_the_relay_takes_the_path_with_the_servers_mode_and_the_server_gets_it_b
 
 
 def test_no_connect_fails_while_taps_start_and_stop(sockdir: Path) -> None:
-    """A client connects in a loop while the tap is started and stopped 8 times: every
+    """A client connects in a loop while the tap is started and stopped 20 times: every
     connect reaches the relay or the server (never ENOENT or ECONNREFUSED), and every
     echo comes back whole."""
     path = sockdir / "app.sock"
@@ -82,15 +82,15 @@ def test_no_connect_fails_while_taps_start_and_stop(sockdir: Path) -> None:
                     s.sendall(message)
                     if recv_exactly(s, len(message)) != message:
                         failures.append(f"echo {n} changed")
-            except OSError as exc:
-                failures.append(f"connect {n}: {exc}")
+            except Exception as exc:  # whatever it is, the test must see it
+                failures.append(f"connection {n}: {exc!r}")
             rounds[0] = n
 
     with server(path) as srv:
         thread = threading.Thread(target=client, daemon=True)
         thread.start()
         try:
-            for _ in range(8):
+            for _ in range(20):
                 running = tap.start(path, lambda event: None)
                 running.stop(grace=5.0)
                 assert os.lstat(path).st_ino == srv.inode
@@ -98,7 +98,7 @@ def test_no_connect_fails_while_taps_start_and_stop(sockdir: Path) -> None:
             stop.set()
             thread.join(READY_TIMEOUT)
     assert failures == []
-    assert rounds[0] > 8
+    assert rounds[0] > 20
     assert _leftovers(sockdir) == []
 
 

@@ -93,8 +93,8 @@ def test_datagrams_reach_the_server_and_replies_their_sender(
                 bound.sendto(word, str(path))
                 assert bound.recv(100) == word.upper()
             unbound.sendto(b"from nowhere", str(path))
-            opened = events.of(tap.Opened)
             events.wait_for(lambda evs: sum(isinstance(e, tap.Opened) for e in evs) == 2)
+            srv.wait_seen(3)
         running.stop(grace=5.0)
     finally:
         srv.close()

@@ -103,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
     printer: Printer | None = None
     pcap_file = open(args.pcap, "wb") if args.pcap else None  # noqa: SIM115 (closed below)
     pcap: PcapWriter | None = None
+    # The printer needs the socket type, known once the tap has started; the relay may
+    # report a client before then: its events wait for the printer (in the tap's queue).
+    ready = threading.Event()
+    previous = {sig: signal.signal(sig, stop.signalled) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
 
         def on_event(event: tap.Event) -> None:
@@ -110,33 +114,39 @@ def run(args: argparse.Namespace) -> int:
                 # The first notice says what is tapped: with how to stop, for a terminal.
                 err(event.text + ("; Ctrl-C to stop" if event.text.startswith("tapping ") else ""))
                 return
+            ready.wait()
             if pcap is not None:
                 pcap(event)
             if printer is not None:
                 printer(event)
 
         running = tap.start(args.path, on_event, type=args.type)
-        printer = Printer(
-            out.write,
-            start=started,
-            framing=args.framing,
-            max_bytes=max_bytes,
-            as_json=args.json,
-            hex_dump=args.hex,
-            packets=running.type != "stream",
-            count=args.count,
-            done=stop.event.set,
-        )
-        if pcap_file is not None:
-            pcap = PcapWriter(pcap_file, port=args.pcap_port, datagrams=running.type == "dgram")
+        try:
+            printer = Printer(
+                out.write,
+                start=started,
+                framing=args.framing,
+                max_bytes=max_bytes,
+                as_json=args.json,
+                hex_dump=args.hex,
+                packets=running.type != "stream",
+                count=args.count,
+                done=stop.event.set,
+            )
+            if pcap_file is not None:
+                pcap = PcapWriter(pcap_file, port=args.pcap_port, datagrams=running.type == "dgram")
+        finally:
+            ready.set()
         return _watch(running, stop, args.duration)
     finally:
+        for sig, handler in previous.items():
+            with contextlib.suppress(ValueError):
+                signal.signal(sig, handler)
         if pcap_file is not None:
             pcap_file.close()
 
 
 def _watch(running: tap.Tap, stop: _Stop, duration: float | None) -> int:
-    previous = {sig: signal.signal(sig, stop.signalled) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         deadline = None if duration is None else time.monotonic() + duration
         while not stop.event.is_set() and not running.server_gone:
@@ -148,15 +158,14 @@ def _watch(running: tap.Tap, stop: _Stop, duration: float | None) -> int:
         running.restore()
         signals = stop.signals
         if running.active:
-            err(f"tap: waiting for {running.active} relayed connections to end (Ctrl-C cuts them)")
+            err(f"waiting for {running.active} relayed connections to end (Ctrl-C cuts them)")
         while not running.drain(_TICK):
             if stop.signals > signals:
                 running.cut()
-        running.stop()
-    finally:
-        for sig, handler in previous.items():
-            with contextlib.suppress(ValueError):
-                signal.signal(sig, handler)
+    except BaseException:
+        running.stop(grace=0)  # the server's socket back, whatever went wrong here
+        raise
+    running.stop()
     if running.server_gone:
         return EXIT_FAILURE
     return EXIT_OK

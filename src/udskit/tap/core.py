@@ -67,11 +67,7 @@ class Tap:
                 )
             else:
                 if os.geteuid() == 0:
-                    self._connector = Connector(
-                        interposed.directory_fd,
-                        interposed.aside_name,
-                        (interposed.relay.fileno(),),
-                    )
+                    self._connector = Connector(interposed.directory_fd, interposed.aside_name)
                 self._relay = StreamRelay(
                     interposed.relay,
                     kind,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import array
 import errno
+import itertools
 import os
 import socket
 import struct
@@ -72,7 +73,7 @@ class Connector:
 
     __slots__ = ("_channel", "_lock", "pid")
 
-    def __init__(self, directory_fd: int, name: bytes, close_in_child: tuple[int, ...]) -> None:
+    def __init__(self, directory_fd: int, name: bytes) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with warnings.catch_warnings():
             # 3.12+ warns about fork() in a threaded process: the child takes no lock that
@@ -83,10 +84,13 @@ class Connector:
         if pid == 0:  # the child: never returns into the caller's code
             code = 1
             try:
-                parent.close()
-                for fd in close_in_child:
-                    os.close(fd)
+                # Only what the connector needs stays open: a copy of any other descriptor
+                # (the relay's sockets, the caller's own) would keep it alive after its
+                # owner closed it, and a peer would never see the end of its connection.
                 os.fchdir(directory_fd)
+                keep = sorted({child.fileno(), 0, 1, 2})
+                for low, high in itertools.pairwise([*keep, os.sysconf("SC_OPEN_MAX")]):
+                    os.closerange(low + 1, high)
                 _serve(child, name)
                 code = 0
             finally:

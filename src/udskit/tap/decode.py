@@ -45,6 +45,12 @@ FRAMINGS: Final = ("auto", "length", "lines", "http", "raw")
 _REQUEST_LINE: Final = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+ \S+ HTTP/1\.[01]\r?$")
 _STATUS_LINE: Final = re.compile(rb"^HTTP/1\.[01] \d{3}")
 
+#: How much of the first bytes ``auto`` looks at to tell text: a line's worth and more.
+_GUESS_LOOK: Final = 4096
+
+#: ASCII control characters other than tab, LF and CR.
+_ASCII_CONTROL: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
 
 @dataclass(frozen=True, slots=True)
 class Shown:
@@ -57,6 +63,13 @@ class Shown:
     note: str = ""  # why the framing changed, or what is odd
 
 
+def _is_text(text: str) -> bool:
+    """No control or unprintable characters but tab, CR and LF."""
+    if text.isascii():  # the common case, without a look at each character
+        return _ASCII_CONTROL.search(text) is None
+    return all(ch in "\t\r\n" or unicodedata.category(ch)[0] != "C" for ch in text)
+
+
 def preview_text(preview: bytes, size: int) -> str:
     """A payload for one line of output: quoted text if it is text, else hex bytes; with
     the number of bytes left out when the preview is shorter than the payload."""
@@ -64,9 +77,7 @@ def preview_text(preview: bytes, size: int) -> str:
         text = preview.decode("utf-8")
     except UnicodeDecodeError:
         text = None
-    if text is not None and all(
-        ch in "\t\r\n" or unicodedata.category(ch)[0] != "C" for ch in text
-    ):
+    if text is not None and _is_text(text):
         shown = json.dumps(text, ensure_ascii=False)
     else:
         shown = preview.hex(" ")
@@ -344,7 +355,7 @@ def _guess(data: bytes) -> str | None:
         return "http"
     # Text without a line end is shown as it comes (raw) rather than held back: an
     # interactive peer may be waiting for the answer before it sends more.
-    return "lines" if line_end >= 0 and _could_be_text(data) else "raw"
+    return "lines" if line_end >= 0 and _could_be_text(data[:_GUESS_LOOK]) else "raw"
 
 
 def _could_be_text(data: bytes) -> bool:
@@ -355,4 +366,4 @@ def _could_be_text(data: bytes) -> bool:
         if exc.start < len(data) - 3:
             return False
         text = data[: exc.start].decode("utf-8")
-    return all(ch in "\t\r\n" or unicodedata.category(ch)[0] != "C" for ch in text)
+    return _is_text(text)

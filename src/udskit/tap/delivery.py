@@ -33,62 +33,77 @@ MAX_PENDING_BYTES: Final = 4 * 1024 * 1024
 
 
 class Delivery:
-    """A bounded queue of events and the thread that hands them to ``handler``."""
+    """A bounded queue of events and the thread that hands them to ``handler``.
+
+    The thread takes everything queued at once and wakes a waiting relay thread only when
+    a batch is done: one lock round and at most one wake-up per batch, not per event.
+    """
 
     def __init__(self, handler: Callable[[Event], None]) -> None:
         self._handler = handler
         self._pending: deque[Event] = deque()
-        self._bytes = 0
-        self._busy = False
+        self._bytes = 0  # payload bytes queued or in the batch being handled
+        self._events = 0  # events queued or in the batch being handled
+        self._idle = False  # the thread waits for events
+        self._waiting = 0  # relay threads waiting for room
         self._closed = False
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)  # events for the thread
+        self._room = threading.Condition(self._lock)  # room for the relay, or all handled
         self._thread = threading.Thread(target=self._run, name="udskit-tap-events", daemon=True)
         self._thread.start()
 
     def put(self, event: Event) -> None:
         """Queue ``event``; wait while the queue is full (never drops one)."""
         size = len(event.data) if isinstance(event, Data) else 0
-        with self._changed:
-            self._changed.wait_for(self._has_room)
+        with self._lock:
+            # An event larger than the byte bound still goes in once nothing is pending.
+            while self._events and (
+                self._events >= MAX_PENDING_EVENTS or self._bytes >= MAX_PENDING_BYTES
+            ):
+                self._waiting += 1
+                self._room.wait()
+                self._waiting -= 1
             self._pending.append(event)
             self._bytes += size
-            self._changed.notify_all()
-
-    def _has_room(self) -> bool:
-        # An event larger than the byte bound still goes in once the queue is empty.
-        return (
-            self._closed
-            or not self._pending
-            or (len(self._pending) < MAX_PENDING_EVENTS and self._bytes < MAX_PENDING_BYTES)
-        )
+            self._events += 1
+            if self._idle:
+                self._ready.notify()
 
     def _run(self) -> None:
         while True:
-            with self._changed:
-                self._changed.wait_for(lambda: self._pending or self._closed)
+            with self._lock:
+                while not self._pending and not self._closed:
+                    self._idle = True
+                    self._ready.wait()
+                    self._idle = False
                 if not self._pending:
                     return
-                event = self._pending.popleft()
-                self._busy = True
+                batch, self._pending = self._pending, deque()
+            handled = 0
             try:
-                self._handler(event)
-            except Exception:
-                log.exception("tap: the event handler failed")
-            finally:
-                with self._changed:
-                    self._busy = False
+                for event in batch:
+                    try:
+                        self._handler(event)
+                    except Exception:
+                        log.exception("tap: the event handler failed")
                     if isinstance(event, Data):
-                        self._bytes -= len(event.data)
-                    self._changed.notify_all()
+                        handled += len(event.data)
+            finally:
+                with self._lock:
+                    self._bytes -= handled
+                    self._events -= len(batch)
+                    self._room.notify_all()
 
     def flush(self) -> None:
         """Wait until every queued event has been handled."""
-        with self._changed:
-            self._changed.wait_for(lambda: not self._pending and not self._busy)
+        with self._lock:
+            while self._events:
+                self._room.wait()
 
     def close(self) -> None:
         """Handle what is queued, then end the thread."""
-        with self._changed:
+        with self._lock:
             self._closed = True
-            self._changed.notify_all()
+            self._ready.notify()
         self._thread.join()
