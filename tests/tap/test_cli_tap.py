@@ -208,3 +208,24 @@ def _udskit(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=READY_TIMEOUT,
         check=False,
     )
+
+
+def test_pcap_without_dpkt_says_what_to_install(sockdir: Path) -> None:
+    args = ["tap", "--pcap", str(sockdir / "x.pcap"), str(sockdir / "a.sock")]
+    code = (
+        "import sys; sys.modules['dpkt'] = None; from udskit.cli import main; "
+        f"sys.exit(main({args!r}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=READY_TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "udskit tap: error: --pcap needs dpkt, which the tap extra brings: pip install "
+        "'udskit[tap]'\n"
+    )
+    assert not (sockdir / "x.pcap").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import sys
 
 import dpkt
 import pytest
@@ -219,3 +220,12 @@ def test_the_capture_holds_a_tcp_conversation_with_true_sequence_numbers() -> No
         (5432, 32768, psh | ack, 5000, b"pong\n"),
         (32768, 5432, fin | ack, 1005, b""),
     ]
+
+
+def test_without_h11_http_is_shown_raw_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "h11", None)  # import h11 now raises ImportError
+    conversation = Conversation("auto", 64)
+    (shown,) = conversation.feed("up", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert shown.framing == "raw"
+    assert shown.note == "HTTP shown raw: h11 is not installed (pip install 'udskit[tap]')"
+    assert conversation.feed("up", b"more")[0].note == ""

@@ -17,7 +17,7 @@ from udskit.tap.render import DEFAULT_MAX_BYTES, Printer
 
 from ._options import positive_int, seconds
 from ._output import Output, err
-from .main import EXIT_FAILURE, EXIT_OK
+from .main import EXIT_FAILURE, EXIT_OK, UsageError
 
 HELP = "watch the messages of a live Unix socket (relay in front of its server, like tcpdump)"
 
@@ -97,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_bytes < 0:
         raise ValueError(f"--max-bytes must be 0 or more, not {args.max_bytes}")
     max_bytes = args.max_bytes or DEFAULT_MAX_FRAME
+    if args.pcap and not _have_dpkt():
+        raise UsageError("--pcap needs dpkt, which the tap extra brings: pip install 'udskit[tap]'")
     stop = _Stop()
     out = Output()
     started = time.time()
@@ -144,6 +146,14 @@ def run(args: argparse.Namespace) -> int:
                 signal.signal(sig, handler)
         if pcap_file is not None:
             pcap_file.close()
+
+
+def _have_dpkt() -> bool:
+    try:
+        import dpkt  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _watch(running: tap.Tap, stop: _Stop, duration: float | None) -> int:

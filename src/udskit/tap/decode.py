@@ -281,7 +281,7 @@ class _Http:
 class Conversation:
     """The decoder of one connection's two directions (see the module docstring)."""
 
-    __slots__ = ("_framing", "_http", "_max", "_pending", "_sides")
+    __slots__ = ("_framing", "_http", "_max", "_note", "_pending", "_sides")
 
     def __init__(self, framing: Framing, max_bytes: int) -> None:
         if framing not in FRAMINGS:
@@ -289,6 +289,7 @@ class Conversation:
         self._framing: str = framing
         self._max = max_bytes
         self._http: _Http | None = None
+        self._note = ""  # said once, with the first message shown
         self._sides: dict[str, _Direction] = {}
         self._pending: dict[str, bytes] = {"up": b"", "down": b""}
         if framing != "auto":
@@ -299,9 +300,13 @@ class Conversation:
         return self._framing
 
     def _decide(self, framing: str) -> None:
-        self._framing = framing
         if framing == "http":
-            self._http = _Http(self._max)
+            try:
+                self._http = _Http(self._max)
+            except ImportError:  # h11 comes with the ``tap`` and ``http`` extras
+                framing = "raw"
+                self._note = "HTTP shown raw: h11 is not installed (pip install 'udskit[tap]')"
+        self._framing = framing
         for direction in ("up", "down"):
             self._sides[direction] = _Direction(framing, self._max)
 
@@ -322,6 +327,14 @@ class Conversation:
         return self._feed(direction, data)
 
     def _feed(self, direction: Direction, data: bytes) -> list[Shown]:
+        shown = self._decode(direction, data)
+        if self._note and shown:
+            first = shown[0]
+            shown[0] = Shown(first.framing, first.size, first.preview, first.summary, self._note)
+            self._note = ""
+        return shown
+
+    def _decode(self, direction: Direction, data: bytes) -> list[Shown]:
         side = self._sides[direction]
         if self._http is not None and side.framing == "http":
             shown = self._http.feed(direction, data)
