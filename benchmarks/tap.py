@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from udskit import tap
 
@@ -82,14 +83,12 @@ def _wait_connectable(path: str) -> None:
 
 
 # -- cycles -----------------------------------------------------------------------------
-def _load(
-    path: str, stop: multiprocessing.synchronize.Event, report: multiprocessing.Queue
-) -> None:  # type: ignore[type-arg]
-    """A connection every millisecond, and 50 connections exchanging messages."""
-    failed_connects = mismatches = exchanges = opened = 0
+def _steady(path: str, stop: Any, report: Any) -> None:
+    """50 connections exchanging random messages without pause, each echo checked."""
+    mismatches = exchanges = failed_connects = 0
     lock = threading.Lock()
 
-    def steady(seed: int) -> None:
+    def one(seed: int) -> None:
         nonlocal mismatches, exchanges, failed_connects
         rng = random.Random(seed)
         try:
@@ -113,9 +112,23 @@ def _load(
                     exchanges += 1
                     mismatches += got != message
 
-    threads = [threading.Thread(target=steady, args=(i,), daemon=True) for i in range(50)]
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(50)]
     for thread in threads:
         thread.start()
+    for thread in threads:
+        thread.join()
+    report.put(
+        {
+            "steady_failed_connects": failed_connects,
+            "steady_mismatches": mismatches,
+            "steady_exchanges": exchanges,
+        }
+    )
+
+
+def _opener(path: str, stop: Any, report: Any) -> None:
+    """A new connection every millisecond (one message each, its echo checked)."""
+    failed = mismatches = opened = 0
     n = 0
     next_at = time.monotonic()
     while not stop.is_set():
@@ -134,27 +147,24 @@ def _load(
                     got += chunk
                 mismatches += got != message
         except OSError:
-            failed_connects += 1
+            failed += 1
         next_at += 0.001
         time.sleep(max(0.0, next_at - time.monotonic()))
-    for thread in threads:
-        thread.join(READY_TIMEOUT)
     report.put(
-        {
-            "connections_opened": opened,
-            "failed_connects": failed_connects,
-            "mismatched_echoes": mismatches,
-            "steady_exchanges": exchanges,
-        }
+        {"opened": opened, "opener_failed_connects": failed, "opener_mismatches": mismatches}
     )
 
 
 def cycles(path: str, count: int) -> dict[str, object]:
     server_inode = os.lstat(path).st_ino
     stop = multiprocessing.Event()
-    report: multiprocessing.Queue = multiprocessing.Queue()  # type: ignore[type-arg]
-    load = multiprocessing.Process(target=_load, args=(path, stop, report))
-    load.start()
+    report: Any = multiprocessing.Queue()
+    loads = [
+        multiprocessing.Process(target=target, args=(path, stop, report))
+        for target in (_steady, _opener)
+    ]
+    for load in loads:
+        load.start()
     time.sleep(0.5)  # let the load reach its pace before the first cycle
     inode_back = 0
     started = time.monotonic()
@@ -165,9 +175,19 @@ def cycles(path: str, count: int) -> dict[str, object]:
         inode_back += os.lstat(path).st_ino == server_inode
     elapsed = time.monotonic() - started
     stop.set()
-    result = report.get(timeout=READY_TIMEOUT * 3)
-    load.join(READY_TIMEOUT)
-    return {"cycles": count, "inode_back_after": inode_back, "seconds": elapsed, **result}
+    result: dict[str, object] = {}
+    for _ in loads:
+        result.update(report.get(timeout=READY_TIMEOUT * 3))
+    for load in loads:
+        load.join(READY_TIMEOUT)
+    rate = float(result["opened"]) / (elapsed + 0.5)  # type: ignore[arg-type]
+    return {
+        "cycles": count,
+        "inode_back_after": inode_back,
+        "seconds": round(elapsed, 2),
+        "connections_per_s": round(rate),
+        **result,
+    }
 
 
 # -- throughput and round trip ------------------------------------------------------------
