@@ -57,6 +57,8 @@ def test_a_stream_passes_every_byte_in_order_both_ways(sockdir: Path, tapping: T
         assert seen == payload
     reasons = {e.direction: e.reason for e in events.of(tap.Closed) if e.direction}
     assert reasons == {"up": "end of stream", "down": "end of stream"}
+    # every event of the connection was delivered by the time stop() returned
+    assert [e.direction for e in events.of(tap.Closed)][-1] is None  # type: ignore[union-attr]
 
 
 def test_seqpacket_messages_keep_their_boundaries(sockdir: Path, tapping: Tapping) -> None:

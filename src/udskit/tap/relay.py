@@ -334,10 +334,12 @@ class StreamRelay:
         conn.client.close()
         if conn.server is not None:
             conn.server.close()
+        # Reported before the connection stops counting, so that a stop() that waits for
+        # the connections to end never misses this last event.
+        self._emit(Closed(conn.id, time.time(), None))
         with self._lock:
             self._connections.pop(conn.id, None)
             self._idle.notify_all()
-        self._emit(Closed(conn.id, time.time(), None))
 
     # -- stopping ----------------------------------------------------------------------
     def wait(self, timeout: float | None) -> bool:
