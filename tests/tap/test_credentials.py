@@ -111,3 +111,58 @@ def test_a_tap_without_root_refuses_another_users_client(sockdir: Path) -> None:
         "client uid 0 gid 0 is not the tap's user (uid 65534 gid 65534): connecting for it "
         "would give it the tap's rights; run the tap as root to relay other users' clients"
     )
+
+
+def test_a_tap_without_root_refuses_another_users_datagrams(sockdir: Path) -> None:
+    """As nobody, in front of nobody's datagram socket: root's datagram is shown as refused
+    and never reaches the server; nobody's is delivered."""
+    os.chown(sockdir, NOBODY, NOBODY)
+    path = sockdir / "dgram.sock"
+    started_r, started_w = os.pipe()
+    stop_r, stop_w = os.pipe()
+    report_r, report_w = os.pipe()
+    srv = DatagramEcho(path, mode=0o666)
+    try:
+        os.chown(path, NOBODY, NOBODY)
+
+        def child() -> int:
+            os.close(started_r)
+            os.close(stop_w)
+            os.close(report_r)
+            recorder = Recorder()
+            running = tap.start(path, recorder)
+            os.write(started_w, b"!")
+            os.read(stop_r, 1)
+            running.stop(grace=5.0)
+            refused = [e.reason for e in recorder.of(tap.Refused)]  # type: ignore[union-attr]
+            os.write(report_w, "\n".join(refused).encode())
+            return 0
+
+        pid = fork(child, as_user=NOBODY)
+        for fd in (started_w, stop_r, report_w):
+            os.close(fd)
+        try:
+            assert select.select([started_r], [], [], READY_TIMEOUT)[0]
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                s.sendto(b"from root", str(path))
+
+            def send() -> str:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                    s.sendto(b"from nobody", str(path))
+                return "sent"
+
+            assert run_in_child(send, as_user=NOBODY) == "sent"
+            srv.wait_seen(1)
+        finally:
+            os.close(stop_w)
+            report = os.read(report_r, 65536).decode()
+            assert reap(pid) == 0
+            os.close(started_r)
+            os.close(report_r)
+    finally:
+        srv.close()
+    assert [data for data, _, _ in srv.seen] == [b"from nobody"]
+    assert report == (
+        "datagram from uid 0 gid 0 not relayed: the tap runs as uid 65534 and would send it "
+        "with its own rights; run the tap as root"
+    )
