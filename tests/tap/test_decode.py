@@ -229,3 +229,10 @@ def test_without_h11_http_is_shown_raw_and_says_why(monkeypatch: pytest.MonkeyPa
     assert shown.framing == "raw"
     assert shown.note == "HTTP shown raw: h11 is not installed (pip install 'udskit[tap]')"
     assert conversation.feed("up", b"more")[0].note == ""
+
+
+def test_passed_descriptors_read_as_a_line() -> None:
+    assert str(tap.PassedFd(7, "memfd", "memfd:frame", 12 * 1024)) == "fd 7: memfd:frame (12 KiB)"
+    assert str(tap.PassedFd(8, "file", "/var/log/app.log", 100)) == "fd 8: /var/log/app.log (100 B)"
+    assert str(tap.PassedFd(9, "file", "/big", 3 << 30)) == "fd 9: /big (3 GiB)"
+    assert str(tap.PassedFd(10, "pipe", "pipe", None)) == "fd 10: pipe"

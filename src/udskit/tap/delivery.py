@@ -95,12 +95,6 @@ class Delivery:
                     self._events -= len(batch)
                     self._room.notify_all()
 
-    def flush(self) -> None:
-        """Wait until every queued event has been handled."""
-        with self._lock:
-            while self._events:
-                self._room.wait()
-
     def close(self) -> None:
         """Handle what is queued, then end the thread."""
         with self._lock:

@@ -37,11 +37,15 @@ class PassedFd:
 
 
 def _size(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size} {unit}" if unit == "B" else f"{size:.0f} {unit}"
-        size /= 1024  # type: ignore[assignment]
-    return f"{size} B"  # pragma: no cover
+    """'512 B', '12 KiB', '3 MiB', '2 GiB' (rounded)."""
+    if size < 1024:
+        return f"{size} B"
+    value = size / 1024
+    for unit in ("KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}"
+        value /= 1024
+    return f"{value:.0f} GiB"
 
 
 @dataclass(frozen=True, slots=True)
