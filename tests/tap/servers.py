@@ -71,6 +71,8 @@ class Server:
 def echo(conn: socket.socket) -> None:
     """Send back every read (a stream) or message (seqpacket) until end of stream."""
     packets = conn.type == socket.SOCK_SEQPACKET
+    if packets:  # room to send back what a client with a large buffer sent
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
     while True:
         size = conn.recv_into(bytearray(1), 0, socket.MSG_PEEK | socket.MSG_TRUNC) if packets else 0
         data = conn.recv(max(size, 1) if packets else 65536)

@@ -63,13 +63,15 @@ def test_a_stream_passes_every_byte_in_order_both_ways(sockdir: Path, tapping: T
 
 def test_seqpacket_messages_keep_their_boundaries(sockdir: Path, tapping: Tapping) -> None:
     path = sockdir / "packets.sock"
-    sizes = [1, 5, 70_000, 3, 200_000, 17]
+    # more messages above READ_SIZE than the relay has buffers (READS_HELD)
+    sizes = [1, 5, 70_000, 3, 300_000, 17, 400_000, 300_000, 300_000, 300_000, 300_000, 9]
     messages = [bytes([i + 1]) * size for i, size in enumerate(sizes)]
     with server(path, kind="seqpacket"):
         running, events = tapping(path)
         assert running.type == "seqpacket"
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as client:
             client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             client.connect(str(path))
             for message in messages:
                 client.sendall(message)

@@ -66,6 +66,10 @@ DRAIN_AFTER_RESTORE: Final = 0.1
 
 _ANCILLARY: Final = ancillary_size(MAX_FDS, creds=True)
 
+#: What a seqpacket message costs in a send buffer besides its bytes (the skb's overhead),
+#: asked for on top when the relay's buffer must grow for a large message.
+_PACKET_SLACK: Final = 64 * 1024
+
 
 class _Read:
     """A read handed to the event thread before its bytes are copied out of the relay's
@@ -343,6 +347,7 @@ class StreamRelay:
                 # A seqpacket message is read whole or its tail is lost: learn its size first.
                 size = max(1, src.recv_into(peek, 0, socket.MSG_PEEK | socket.MSG_TRUNC))
                 if size > len(buffer):
+                    pool.put(buffer)  # not needed for this message
                     buffer = bytearray(size)  # for this message only: not kept
             else:
                 size = READ_SIZE
@@ -362,7 +367,15 @@ class StreamRelay:
                 close_fds(fds)
 
     def _send(self, dst: socket.socket, data: memoryview, fds: list[int]) -> None:
-        sent = dst.sendmsg([data], rights(fds, MAX_FDS)) if fds else dst.send(data)
+        try:
+            sent = dst.sendmsg([data], rights(fds, MAX_FDS))
+        except OSError as exc:
+            if exc.errno != errno.EMSGSIZE or not self._packets:
+                raise
+            # A seqpacket message must fit the sender's buffer whole. The client's did;
+            # ours gets room for it too (the kernel doubles the value, for its overhead).
+            dst.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, len(data) + _PACKET_SLACK)
+            sent = dst.sendmsg([data], rights(fds, MAX_FDS))
         if sent < len(data):
             if self._packets:  # cannot happen: a seqpacket message goes whole or fails
                 raise ProtocolError("the server's socket took part of a message")
