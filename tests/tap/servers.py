@@ -122,6 +122,7 @@ class DatagramEcho:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)  # large replies
         self.sock.bind(str(path))
         os.chmod(path, mode)
         self.seen: list[tuple[bytes, object, tuple[int, int, int] | None]] = []
@@ -132,7 +133,10 @@ class DatagramEcho:
     def _run(self) -> None:
         while True:
             try:
-                data, ancdata, _, address = self.sock.recvmsg(65536, socket.CMSG_SPACE(UCRED.size))
+                size = self.sock.recv_into(bytearray(1), 0, socket.MSG_PEEK | socket.MSG_TRUNC)
+                data, ancdata, _, address = self.sock.recvmsg(
+                    max(size, 1), socket.CMSG_SPACE(UCRED.size)
+                )
             except OSError:
                 return
             if not data and not address:

@@ -93,22 +93,24 @@ def test_datagrams_reach_the_server_and_replies_their_sender(
         ):
             bound.bind(str(sockdir / "client.sock"))
             bound.settimeout(READY_TIMEOUT)
-            for word in (b"one", b"two"):
+            bound.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            big = b"b" * 300_000  # more than the relay's default send buffer holds
+            for word in (b"one", big, b"two"):
                 bound.sendto(word, str(path))
-                assert bound.recv(100) == word.upper()
+                assert bound.recv(1 << 20) == word.upper()
             unbound.sendto(b"from nowhere", str(path))
             events.wait_for(lambda evs: sum(isinstance(e, tap.Opened) for e in evs) == 2)
-            srv.wait_seen(3)
+            srv.wait_seen(4)
         running.stop(grace=5.0)
     finally:
         srv.close()
     received = [data for data, _, _ in srv.seen]
-    assert received == [b"one", b"two", b"from nowhere"]
+    assert received == [b"one", big, b"two", b"from nowhere"]
     opened = events.of(tap.Opened)
     assert opened[0].address == str(sockdir / "client.sock")  # type: ignore[union-attr]
     assert opened[1].address == ""  # type: ignore[union-attr]  # unbound: shown as such
     downs = [e.data for e in events.of(tap.Data) if e.direction == "down"]
-    assert downs == [b"ONE", b"TWO"]
+    assert downs == [b"ONE", big.upper(), b"TWO"]
 
 
 def test_descriptors_pass_intact_and_are_described(sockdir: Path, tapping: Tapping) -> None:

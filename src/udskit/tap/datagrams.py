@@ -56,6 +56,10 @@ _AUTOBOUND: Final = re.compile(rb"^\x00[0-9a-f]{5}$")
 
 _ANCILLARY: Final = ancillary_size(MAX_FDS, creds=True)
 
+#: A datagram's cost in a send buffer besides its bytes, asked for on top when the buffer
+#: must grow for a large one.
+_DATAGRAM_SLACK: Final = 64 * 1024
+
 
 class _Sender:
     __slots__ = ("address", "cred", "id", "last", "sock")
@@ -250,7 +254,7 @@ class DatagramRelay:
         self._emit(Data(sender.id, time.time(), "up", data, described))
         try:
             sender.sock.setblocking(True)  # backpressure: wait while the server's queue is full
-            sender.sock.sendmsg([data], ancillary)
+            _send_whole(sender.sock, data, ancillary)
         except OSError as exc:
             if exc.errno == errno.ECONNREFUSED:
                 self._server_gone()
@@ -279,7 +283,7 @@ class DatagramRelay:
                     self._emit(Data(sender.id, time.time(), "down", data, described))
                     self._relay.setblocking(True)
                     try:
-                        self._relay.sendmsg([data], rights(fds, MAX_FDS), 0, sender.address)
+                        _send_whole(self._relay, data, rights(fds, MAX_FDS), sender.address)
                     finally:
                         self._relay.setblocking(False)
                 else:
@@ -302,3 +306,21 @@ def _shown(address: bytes | str) -> str:
     if address.startswith(b"\0"):
         return "@" + address[1:].decode(errors="backslashreplace")
     return os.fsdecode(address)
+
+
+def _send_whole(
+    sock: socket.socket,
+    data: bytes,
+    ancillary: list[tuple[int, int, bytes]],
+    address: bytes | str | None = None,
+) -> None:
+    """Send one datagram; if it is larger than our send buffer (EMSGSIZE), make room for
+    it (its sender had) and send it again."""
+    args = (0, address) if address is not None else ()
+    try:
+        sock.sendmsg([data], ancillary, *args)
+    except OSError as exc:
+        if exc.errno != errno.EMSGSIZE:
+            raise
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, len(data) + _DATAGRAM_SLACK)
+        sock.sendmsg([data], ancillary, *args)
