@@ -12,7 +12,7 @@ from ..address import Address, AddressLike
 from ..creds import PeerCred
 from .credentials import Connector
 from .datagrams import DatagramRelay
-from .delivery import Deferred, Delivery
+from .delivery import Delivery
 from .events import Event, Notice
 from .interpose import SOCKET_TYPES, Interposed, interpose
 from .relay import StreamRelay
@@ -82,7 +82,7 @@ class Tap:
             self._delivery.close()
             raise
 
-    def _emit(self, event: Event | Deferred) -> None:
+    def _emit(self, event: Event) -> None:
         self._delivery.put(event)
 
     def _gone(self) -> None:

@@ -15,14 +15,11 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import Final
 
-from .events import Closed, Data, Event, Notice, Opened, Refused
+from .events import Data, Event
 
-#: The events that are made whole by whoever reports them.
-_EVENTS: Final = (Data, Opened, Closed, Refused, Notice)
-
-__all__ = ["MAX_PENDING_BYTES", "MAX_PENDING_EVENTS", "Deferred", "Delivery"]
+__all__ = ["MAX_PENDING_BYTES", "MAX_PENDING_EVENTS", "Delivery"]
 
 log = logging.getLogger("udskit")
 
@@ -35,14 +32,6 @@ MAX_PENDING_EVENTS: Final = 4096
 MAX_PENDING_BYTES: Final = 4 * 1024 * 1024
 
 
-class Deferred(Protocol):
-    """An event made on the event thread (the relay's reads: see relay._Read)."""
-
-    size: int
-
-    def materialize(self) -> Event: ...
-
-
 class Delivery:
     """A bounded queue of events and the thread that hands them to ``handler``.
 
@@ -52,7 +41,7 @@ class Delivery:
 
     def __init__(self, handler: Callable[[Event], None]) -> None:
         self._handler = handler
-        self._pending: deque[Event | Deferred] = deque()
+        self._pending: deque[Event] = deque()
         self._bytes = 0  # payload bytes queued or in the batch being handled
         self._events = 0  # events queued or in the batch being handled
         self._idle = False  # the thread waits for events
@@ -64,9 +53,9 @@ class Delivery:
         self._thread = threading.Thread(target=self._run, name="udskit-tap-events", daemon=True)
         self._thread.start()
 
-    def put(self, event: Event | Deferred) -> None:
+    def put(self, event: Event) -> None:
         """Queue ``event``; wait while the queue is full (never drops one)."""
-        size = _size(event)
+        size = len(event.data) if isinstance(event, Data) else 0
         with self._lock:
             # An event larger than the byte bound still goes in once nothing is pending.
             while self._events and (
@@ -93,13 +82,13 @@ class Delivery:
                 batch, self._pending = self._pending, deque()
             handled = 0
             try:
-                for item in batch:
-                    handled += _size(item)
-                    event = item if isinstance(item, _EVENTS) else item.materialize()
+                for event in batch:
                     try:
                         self._handler(event)
                     except Exception:
                         log.exception("tap: the event handler failed")
+                    if isinstance(event, Data):
+                        handled += len(event.data)
             finally:
                 with self._lock:
                     self._bytes -= handled
@@ -112,11 +101,3 @@ class Delivery:
             self._closed = True
             self._ready.notify()
         self._thread.join()
-
-
-def _size(item: Event | Deferred) -> int:
-    if isinstance(item, Data):
-        return len(item.data)
-    if isinstance(item, _EVENTS):
-        return 0
-    return item.size

@@ -4,9 +4,8 @@ unchanged, with the descriptors passed along.
 Why not the bridge's asyncio relay (:mod:`udskit.bridge`): asyncio's transports neither
 carry ancillary data (SCM_RIGHTS) nor keep seqpacket boundaries, and a tap must do both.
 So each direction of a connection is a thread that blocks in ``recvmsg()`` and
-``sendmsg()``: a direction holds at most :data:`READS_HELD` reads of :data:`READ_SIZE` (one
-being sent, the others waiting to be copied out for the display), and a side that does not
-read stops the other from being read (backpressure), with no buffer to grow.
+``sendmsg()``: a direction holds at most one read (:data:`READ_SIZE`) at a time, and a side
+that does not read stops the other from being read (backpressure), with no buffer to grow.
 Bytes go out in the order they came, each read's descriptors with its first byte (where the
 kernel attached them); a seqpacket message goes out whole, as one message.
 """
@@ -16,7 +15,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import queue
 import select
 import socket
 import threading
@@ -30,7 +28,7 @@ from ..creds import PeerCred, peer_cred
 from ..errors import ProtocolError
 from .credentials import Connector, Identity, may_connect_as_self
 from .describe import describe
-from .events import Closed, Data, Direction, Event, Opened, PassedFd, Refused
+from .events import Closed, Data, Direction, Event, Opened, Refused
 
 __all__ = ["MAX_CONNECTIONS", "READ_SIZE", "StreamRelay"]
 
@@ -40,10 +38,6 @@ log = logging.getLogger("udskit")
 #: bridge's high-water mark (RELAY_HIGH_WATER) for the same reason: one read the size of
 #: the kernel's socket buffer keeps a fast sender streaming.
 READ_SIZE: Final = 256 * 1024
-
-#: Reads a direction holds at most: being sent, or waiting for the event thread to copy
-#: them out. Four let the relay read on while the display catches up with a burst.
-READS_HELD: Final = 4
 
 #: Descriptors accepted with one read: the kernel's own limit (SCM_MAX_FD), so that whatever
 #: a client may pass to the server passes through the tap too.
@@ -69,39 +63,6 @@ _ANCILLARY: Final = ancillary_size(MAX_FDS, creds=True)
 #: What a seqpacket message costs in a send buffer besides its bytes (the skb's overhead),
 #: asked for on top when the relay's buffer must grow for a large message.
 _PACKET_SLACK: Final = 64 * 1024
-
-
-class _Read:
-    """A read handed to the event thread before its bytes are copied out of the relay's
-    buffer: the copy (the event must own its bytes) is made there, while the relay thread
-    sends the same buffer on, instead of on the relay's path."""
-
-    __slots__ = ("buffer", "conn", "direction", "fds", "pool", "size", "time")
-
-    def __init__(
-        self,
-        conn: int,
-        when: float,
-        direction: Direction,
-        buffer: bytearray,
-        size: int,
-        fds: tuple[PassedFd, ...],
-        pool: queue.SimpleQueue[bytearray] | None,
-    ) -> None:
-        self.conn = conn
-        self.time = when
-        self.direction: Direction = direction
-        self.buffer = buffer
-        self.size = size
-        self.fds = fds
-        self.pool = pool
-
-    def materialize(self) -> Data:
-        """The event, with its own copy of the bytes; the buffer goes back to its pool."""
-        data = bytes(memoryview(self.buffer)[: self.size])
-        if self.pool is not None:
-            self.pool.put(self.buffer)
-        return Data(self.conn, self.time, self.direction, data, self.fds)
 
 
 class _Connection:
@@ -136,7 +97,7 @@ class StreamRelay:
         kind: int,
         server_sun_path: str,
         server: PeerCred | None,
-        emit: Callable[[Event | _Read], None],
+        emit: Callable[[Event], None],
         connector: Connector | None,
         server_gone: Callable[[], None],
     ) -> None:
@@ -333,40 +294,34 @@ class StreamRelay:
         self, conn: _Connection, src: socket.socket, dst: socket.socket, direction: Direction
     ) -> str:
         peek = bytearray(1)
-        # A few buffers per direction, reused (a fresh 256 KiB object per read would be an
-        # mmap() and munmap() each time, above malloc's mmap threshold). A read is sent
-        # from its buffer while the display thread copies it out for the event (see
-        # _Read); the buffer comes back when that is done. With every buffer waiting for
-        # the display, the direction waits too: it holds at most READS_HELD reads.
-        pool: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-        for _ in range(READS_HELD):
-            pool.put(bytearray(READ_SIZE))
+        # One buffer per direction, reused: a fresh 256 KiB bytes object per read would be
+        # an mmap() and munmap() each time (it is above malloc's mmap threshold).
+        buffer = bytearray(READ_SIZE)
+        view = memoryview(buffer)
         while True:
-            buffer = pool.get()
             if self._packets:
                 # A seqpacket message is read whole or its tail is lost: learn its size first.
                 size = max(1, src.recv_into(peek, 0, socket.MSG_PEEK | socket.MSG_TRUNC))
                 if size > len(buffer):
-                    pool.put(buffer)  # not needed for this message
-                    buffer = bytearray(size)  # for this message only: not kept
+                    buffer = bytearray(size)
+                    view = memoryview(buffer)
             else:
                 size = READ_SIZE
-            view = memoryview(buffer)[:size]
-            got, ancdata, flags, _ = src.recvmsg_into([view], _ANCILLARY, RECV_FLAGS)
+            got, ancdata, flags, _ = src.recvmsg_into([view[:size]], _ANCILLARY, RECV_FLAGS)
+            data = bytes(view[:got])
             fds = unpack(ancdata, flags, f"connection {conn.id}", MAX_FDS).fds
             try:
-                if not got and not fds:
+                if not data and not fds:
                     dst.shutdown(socket.SHUT_WR)
                     return "end of stream"
                 # Reported before it is sent: the answer it provokes is never shown first.
                 described = tuple(describe(fd) for fd in fds)
-                keep = pool if len(buffer) == READ_SIZE else None
-                self._emit(_Read(conn.id, time.time(), direction, buffer, got, described, keep))
-                self._send(dst, view[:got], fds)
+                self._emit(Data(conn.id, time.time(), direction, data, described))
+                self._send(dst, data, fds)
             finally:
                 close_fds(fds)
 
-    def _send(self, dst: socket.socket, data: memoryview, fds: list[int]) -> None:
+    def _send(self, dst: socket.socket, data: bytes, fds: list[int]) -> None:
         try:
             sent = dst.sendmsg([data], rights(fds, MAX_FDS))
         except OSError as exc:
@@ -379,7 +334,7 @@ class StreamRelay:
         if sent < len(data):
             if self._packets:  # cannot happen: a seqpacket message goes whole or fails
                 raise ProtocolError("the server's socket took part of a message")
-            dst.sendall(data[sent:])
+            dst.sendall(memoryview(data)[sent:])
 
     def _finish(self, conn: _Connection) -> None:
         """One direction (or the whole connection, if it never started) is done."""
