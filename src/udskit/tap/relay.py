@@ -34,7 +34,7 @@ __all__ = ["MAX_CONNECTIONS", "READ_SIZE", "StreamRelay"]
 
 log = logging.getLogger("udskit")
 
-#: Bytes one read takes from a stream. 256 KiB is the
+#: Bytes one read takes from a stream: the most a direction ever holds. 256 KiB is the
 #: bridge's high-water mark (RELAY_HIGH_WATER) for the same reason: one read the size of
 #: the kernel's socket buffer keeps a fast sender streaming.
 READ_SIZE: Final = 256 * 1024
