@@ -56,7 +56,16 @@ from .errors import AddressError, AddressInUse, SocketFileError, Timeout, UdsErr
 from .sockdiag import bound_file
 from .translate import kind_of, translate, translating, unreachable_directory
 
-__all__ = ["Claim", "Probe", "adopt", "claim", "probe", "resolve_owner"]
+__all__ = [
+    "Claim",
+    "Probe",
+    "adopt",
+    "claim",
+    "probe",
+    "resolve_owner",
+    "tapped_name",
+    "untapped_name",
+]
 
 log = logging.getLogger("udskit")
 
@@ -75,6 +84,11 @@ PRIVATE_PREFIX: Final = b".udskit-"
 #: Random names tried for a private directory before giving up: with 32 random bits a
 #: second collision means someone is creating them on purpose.
 _PRIVATE_ATTEMPTS: Final = 10
+
+#: The suffix of the name ``udskit tap`` gives a server's socket while its relay holds the
+#: path: ``DIR/.NAME.udskit-tapped``, hidden and next to PATH, so that a claim, ``udskit ls``
+#: and ``udskit doctor`` can map it back to PATH and say how to put it back.
+TAPPED_SUFFIX: Final = b".udskit-tapped"
 
 #: The socket types a probe tries, in order, until one is not EPROTOTYPE.
 _PROBE_TYPES: Final = (socket.SOCK_STREAM, socket.SOCK_SEQPACKET, socket.SOCK_DGRAM)
@@ -105,6 +119,22 @@ def probe(target: str | bytes) -> Probe:
             # EAGAIN: the listener's backlog is full; it is alive, just busy.
             return Probe(code == errno.EAGAIN, None, code)
     return Probe(False, None, code)
+
+
+def tapped_name(name: bytes) -> bytes:
+    """The name a tap gives the server's socket file ``name`` while it is tapped."""
+    return b"." + name + TAPPED_SUFFIX
+
+
+def untapped_name(name: bytes) -> bytes | None:
+    """The socket name that ``name`` is the tapped name of, or None."""
+    if (
+        name.startswith(b".")
+        and name.endswith(TAPPED_SUFFIX)
+        and len(name) > 1 + len(TAPPED_SUFFIX)
+    ):
+        return name[1 : -len(TAPPED_SUFFIX)]
+    return None
 
 
 def resolve_owner(target: str | bytes, file_uid: int | None) -> str:
@@ -372,6 +402,7 @@ def claim(
         # Every step below names its own failures; this catches what none foresaw, so that
         # no bare OSError (with a bytes file name in its repr) reaches the user.
         with translating("claim", address), _Lock(directory):
+            _refuse_if_tapped(directory, address)
             _make_room(directory, address)
             if sock.type & ~(socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC) == socket.SOCK_DGRAM:
                 dev_ino = _bind_in_place(sock, directory, address, mode, uid, gid)
@@ -416,6 +447,34 @@ def _bound_file_at(sock: socket.socket, directory: _Directory, address: Address)
     raise SocketFileError(
         f"cannot take over {address}: there is {what} at the path, not the socket this "
         "listener is bound to; start the server without taking over"
+    )
+
+
+def _refuse_if_tapped(directory: _Directory, address: Address) -> None:
+    """Refuse PATH while a tap's displaced copy of its server's socket is alive next to it:
+    a server started there would hide the real one for good once the tap restores it (or
+    the restore would have to replace the new server's socket)."""
+    aside = tapped_name(directory.name)
+    try:
+        held = os.open(aside, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd)
+    except OSError:
+        return  # nothing there (or a name too long to have one): not tapped
+    try:
+        info = os.fstat(held)
+        if not stat.S_ISSOCK(info.st_mode):
+            return
+        found = probe(f"/proc/self/fd/{held}")
+    finally:
+        os.close(held)
+    if not found.live:
+        return
+    owner = f" (pid {found.cred.pid}, uid {found.cred.uid})" if found.cred is not None else ""
+    raise AddressInUse(
+        f"cannot listen on {address}: its server{owner} is still running, its socket moved "
+        f"aside to {os.fsdecode(aside)} by udskit tap; stop the tap, or if it was killed run "
+        f"'udskit tap --restore {address}'",
+        pid=found.cred.pid if found.cred is not None else None,
+        uid=found.cred.uid if found.cred is not None else info.st_uid,
     )
 
 
@@ -494,26 +553,9 @@ def _bind_private(
 ) -> tuple[int, int]:
     """Bind in a private directory, set mode and owner there, link into place."""
     private = _Private(directory, address)
-    inner = directory.name
-    bound = False
+    inner = b""
     try:
-        full = b"%s/%s/%s" % (os.path.dirname(directory.path), private.name, inner)
-        via = b"/proc/self/fd/%d/%s" % (private.fd, inner)
-        if len(full) > MAX_DIRECT_PATH and len(via) > MAX_DIRECT_PATH:
-            inner = b"s"
-            via = b"/proc/self/fd/%d/s" % private.fd
-        # By the full name (what /proc/net/unix and `udskit ls` show) only if it fits and no
-        # other user can rename our private directory away and plant a symlink at its name
-        # in between; else through the directory's descriptor, which no rename redirects.
-        by_name = len(full) <= MAX_DIRECT_PATH and _others_cannot_swap(
-            directory, os.fstat(private.fd)
-        )
-        with translating("bind", address):
-            sock.bind(full if by_name else via)
-        bound = True
-        dev_ino = _set_mode_and_owner(sock, private.fd, inner, address, mode, uid, gid)
-        with translating("listen", address):
-            sock.listen(backlog)  # live before it is visible: see claim()
+        inner, dev_ino = bind_private(sock, directory, private, address, mode, uid, gid, backlog)
         try:
             os.link(inner, directory.name, src_dir_fd=private.fd, dst_dir_fd=directory.fd)
         except FileExistsError:
@@ -527,12 +569,52 @@ def _bind_private(
             raise translate(exc, "put the socket in place at", address) from exc
         return dev_ino
     finally:
-        if bound:
+        if inner:
             try:
                 os.unlink(inner, dir_fd=private.fd)  # in our 0700 directory: nobody swaps it
             except OSError:
                 pass
         private.close()
+
+
+def bind_private(
+    sock: socket.socket,
+    directory: _Directory,
+    private: _Private,
+    address: Address,
+    mode: int,
+    uid: int,
+    gid: int,
+    backlog: int | None,
+) -> tuple[bytes, tuple[int, int]]:
+    """Bind ``sock`` inside ``private`` with its final mode and owner (and listening, unless
+    ``backlog`` is None): the name it has there and the file's (st_dev, st_ino). The caller
+    puts it into place (link for a claim, an exchange for a tap) and unlinks the inner name.
+    """
+    inner = directory.name
+    full = b"%s/%s/%s" % (os.path.dirname(directory.path), private.name, inner)
+    via = b"/proc/self/fd/%d/%s" % (private.fd, inner)
+    if len(full) > MAX_DIRECT_PATH and len(via) > MAX_DIRECT_PATH:
+        inner = b"s"
+        via = b"/proc/self/fd/%d/s" % private.fd
+    # By the full name (what /proc/net/unix and `udskit ls` show) only if it fits and no
+    # other user can rename our private directory away and plant a symlink at its name
+    # in between; else through the directory's descriptor, which no rename redirects.
+    by_name = len(full) <= MAX_DIRECT_PATH and _others_cannot_swap(directory, os.fstat(private.fd))
+    with translating("bind", address):
+        sock.bind(full if by_name else via)
+    try:
+        dev_ino = _set_mode_and_owner(sock, private.fd, inner, address, mode, uid, gid)
+        if backlog is not None:
+            with translating("listen", address):
+                sock.listen(backlog)  # live before it is visible: see claim()
+    except BaseException:
+        try:
+            os.unlink(inner, dir_fd=private.fd)
+        except OSError:
+            pass
+        raise
+    return inner, dev_ino
 
 
 def _bind_in_place(

@@ -66,7 +66,7 @@ def _table(entries: list[inspect.SocketEntry]) -> bytes:
             str(e.connections) if e.state == "listening" else "",
             ",".join(str(p) for p in e.pids) or "?",
             ",".join(sorted(set(e.processes))) or "?",
-            e.path,
+            f"{e.path}  ({e.note})" if e.note else e.path,
         )
         for e in entries
     )

@@ -54,6 +54,7 @@ COMMANDS: Final = (
     "doctor",
     "ls",
     "bridge",
+    "tap",
     "http",
     "bench",
     "demo",

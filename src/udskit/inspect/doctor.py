@@ -18,6 +18,7 @@ from .names import age, user_name
 from .paths import SUGGESTIONS, length_finding, walk
 from .probe import TYPES, Attempt, SocketTypeName, try_connect, type_name
 from .sockets import SocketEntry, list_sockets, proc_ids
+from .tapped import tapped_finding
 
 __all__ = ["diagnose"]
 
@@ -131,6 +132,9 @@ def _diagnose_path(
     denied = any(f.check == "permission" and f.status == "problem" for f in route.findings)
     if denied and base.user.uid == me.uid:
         return base.adding(*findings)  # our connect would only be refused for the same reason
+    tapped = tapped_finding(path)
+    if tapped is not None:
+        findings.append(tapped)
     attempt = try_connect(target, kind)
     if attempt.ok:
         if base.as_other and me.uid == 0:
@@ -141,7 +145,8 @@ def _diagnose_path(
     if attempt.errno in (errno.EACCES, errno.EPERM) and not denied:
         findings.append(_unexplained_denial(target, route.socket, me))
     elif attempt.errno == errno.ECONNREFUSED and route.socket is not None:
-        findings.append(_stale(target, route.socket))
+        if tapped is None:
+            findings.append(_stale(target, route.socket))
     else:
         findings.append(_refusal(target, attempt, kind))
     return base.adding(*findings)

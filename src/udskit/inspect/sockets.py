@@ -12,6 +12,7 @@ from typing import Final
 from ..handover import CONTROL_SUFFIX
 from ..sockfile import PRIVATE_PREFIX
 from .probe import SocketTypeName
+from .tapped import tapped_note
 
 __all__ = ["PROC", "SocketEntry", "list_sockets", "proc_ids"]
 
@@ -47,6 +48,7 @@ class SocketEntry:
     pids: tuple[int, ...] = ()
     processes: tuple[str, ...] = ()
     connections: int = 0  # for a listener: accepted connections still open
+    note: str = ""  # a tap in front of it, or a socket a killed tap displaced
 
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -89,6 +91,7 @@ def list_sockets(
                 pids=pids,
                 processes=tuple(_comm(proc, pid) for pid in pids),
                 connections=counts.get((entry.type, entry.path), 0),
+                note=tapped_note(entry.path) if entry.path.startswith("/") else "",
             )
         )
     # By path, as ls sorts; a server's handover socket under the socket it hands over.

@@ -1,0 +1,186 @@
+"""A running tap: the relay in front of a server's socket, and how it stops."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from ..address import Address, AddressLike
+from ..creds import PeerCred
+from .credentials import Connector
+from .datagrams import DatagramRelay
+from .delivery import Delivery
+from .events import Event, Notice
+from .interpose import SOCKET_TYPES, Interposed, interpose
+from .relay import StreamRelay
+
+__all__ = ["Tap", "start"]
+
+log = logging.getLogger("udskit")
+
+
+class Tap:
+    """A tap on a live socket. Make one with :func:`start`; :meth:`stop` puts things back.
+
+    ``on_event`` is called with each :class:`~udskit.tap.Event`, from one thread of the
+    tap's, one call at a time, in the order they happened per connection (see
+    :mod:`udskit.tap.delivery`); all have been delivered when :meth:`stop` returns.
+    """
+
+    def __init__(
+        self,
+        interposed: Interposed,
+        on_event: Callable[[Event], None],
+    ) -> None:
+        self._interposed = interposed
+        self._on_event = on_event
+        self._delivery = Delivery(on_event)
+        self._stop_lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._restored: str | None = None
+        self._server_gone = threading.Event()
+        self.address: Address = interposed.address
+        #: stream, seqpacket or dgram: the server's socket type.
+        self.type: str = interposed.type
+        #: The server, as its socket reported it when the tap started (None for datagrams).
+        self.server: PeerCred | None = interposed.server
+        #: Where the server's socket is while tapped.
+        self.aside: str = interposed.aside
+        server = interposed.server
+        who = f", server pid {server.pid} uid {server.uid}" if server is not None else ""
+        self._emit(
+            Notice(
+                time.time(),
+                f"tapping {self.address} ({self.type}{who}); its socket is at {self.aside} "
+                "meanwhile; connections opened before now are not seen",
+            )
+        )
+        try:
+            self._connector: Connector | None = None
+            kind = SOCKET_TYPES[self.type]
+            if self.type == "dgram":
+                self._relay: StreamRelay | DatagramRelay = DatagramRelay(
+                    interposed.relay, interposed.server_sun_path, self._emit, self._gone
+                )
+            else:
+                if os.geteuid() == 0:
+                    self._connector = Connector(interposed.directory_fd, interposed.aside_name)
+                self._relay = StreamRelay(
+                    interposed.relay,
+                    kind,
+                    interposed.server_sun_path,
+                    interposed.server,
+                    self._emit,
+                    self._connector,
+                    self._gone,
+                )
+            self._relay.start()
+        except BaseException:
+            self._delivery.close()
+            raise
+
+    def _emit(self, event: Event) -> None:
+        self._delivery.put(event)
+
+    def _gone(self) -> None:
+        if not self._server_gone.is_set():
+            self._server_gone.set()
+            self._emit(
+                Notice(time.time(), f"the server at {self.address} no longer accepts connections")
+            )
+
+    @property
+    def server_gone(self) -> bool:
+        """True once a connect to the server was refused: it has exited."""
+        return self._server_gone.is_set()
+
+    @property
+    def active(self) -> int:
+        """Connections (or datagram senders) being relayed now."""
+        return self._relay.active
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
+
+    def restore(self) -> str:
+        """Put the server's socket back at the path now (new clients reach it directly);
+        relayed connections go on. Idempotent; what happened, in one line."""
+        with self._stop_lock:
+            if self._restored is None:
+                self._restored = self._interposed.restore()
+                self._emit(Notice(time.time(), self._restored))
+                self._relay.stop_accepting()
+            return self._restored
+
+    def drain(self, timeout: float | None) -> bool:
+        """Wait for the relayed connections to end (after :meth:`restore`); False if
+        ``timeout`` seconds passed first."""
+        return self._relay.wait(timeout)
+
+    def cut(self) -> None:
+        """End every relayed connection now."""
+        self._relay.cut()
+
+    def stop(self, grace: float | None = None) -> str:
+        """Restore the server's socket, then wait for the relayed connections to end, for at
+        most ``grace`` seconds (None: until they end) before cutting them. Idempotent."""
+        result = self.restore()
+        if not self._relay.wait(grace):
+            self._emit(
+                Notice(time.time(), f"cutting {self._relay.active} connections still relayed")
+            )
+            self._relay.cut()
+            self._relay.wait(None)
+        with self._stop_lock:
+            if not self._stopped.is_set():
+                if self._connector is not None:
+                    self._connector.close()
+                self._interposed.close()
+                self._delivery.close()
+                self._stopped.set()
+        return result
+
+    def __enter__(self) -> Tap:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "stopped" if self.stopped else f"{self.active} relayed"
+        return f"<Tap {self.address} ({self.type}) {state}>"
+
+
+def start(
+    path: AddressLike,
+    on_event: Callable[[Event], None],
+    *,
+    type: str | None = None,  # noqa: A002
+) -> Tap:
+    """Tap the live socket at ``path``: from now on every new connection (or datagram) to
+    it is relayed to its server and reported to ``on_event``.
+
+    ``type``: ``"stream"``, ``"seqpacket"`` or ``"dgram"`` to insist on one (None: the
+    server's). Raises udskit errors when the path cannot be tapped: missing, stale, not a
+    socket, of another type, already tapped, or a directory the tap may not write.
+    """
+    address = Address.parse(path)
+    if address.kind != "path":
+        raise ValueError(
+            f"cannot tap {address}: only a socket file can be tapped (an abstract name or a "
+            "TCP port has no file to put a relay in front of)"
+        )
+    if type is not None and type not in SOCKET_TYPES:
+        raise ValueError(f"type must be one of {', '.join(SOCKET_TYPES)}, not {type!r}")
+    interposed = interpose(address, type)
+    try:
+        return Tap(interposed, on_event)
+    except BaseException:
+        interposed.restore()
+        interposed.relay.close()
+        interposed.close()
+        raise

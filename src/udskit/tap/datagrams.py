@@ -1,0 +1,326 @@
+"""The relay for datagram sockets: each sender gets a socket of its own towards the server,
+so that the server's replies find their way back to that sender.
+
+The relay's socket at PATH receives every datagram with its sender's address and
+credentials (SO_PASSCRED). For each new sender it makes a socket *connected* to the
+server's (so that only the server can send to it) and, if the sender has a name the server
+could answer, binds it to a fresh abstract name; datagrams go on through that socket, and
+what the server sends there is relayed back to the sender from the socket at PATH.
+
+Credentials: as root, each datagram carries its sender's pid, uid and gid (SCM_CREDENTIALS,
+which root may set); otherwise a datagram from another user is refused (shown, and not
+delivered: sending it as ourselves would give it our rights), and one from our own user
+goes with our credentials.
+
+An unbound sender cannot be answered; SO_PASSCRED on the relay's socket makes the kernel
+give it an autobound abstract name when it sends (as it does for any receiver with
+SO_PASSCRED), and its socket towards the server stays unbound too, so the server sees an
+unbound sender, as it would without the tap.
+
+Replies reach the sender from the relay socket's address (its private directory's name,
+not PATH's): a client that drops datagrams from any address but the server's (socat's
+UNIX-SENDTO checks none; a hand-written client might) will not see replies while tapped.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Final
+
+from ..ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
+from ..creds import UCRED, PeerCred
+from .credentials import Identity
+from .describe import describe
+from .events import Closed, Data, Event, Opened, PassedFd, Refused
+from .relay import DRAIN_AFTER_RESTORE, MAX_FDS
+
+__all__ = ["DatagramRelay"]
+
+#: Senders relayed at once, each with its own socket; the least recently heard-from is
+#: closed to make room for a new one (its later datagrams get a new socket).
+MAX_SENDERS: Final = 1024
+
+#: How long the relay keeps a sender's socket open after the tap stops, for late replies:
+#: socat's -t default, as cli/_relay.py's DGRAM_LINGER.
+LINGER: Final = 0.5
+
+#: The kernel's autobind names: an abstract name of five hex digits (net/unix/af_unix.c).
+_AUTOBOUND: Final = re.compile(rb"^\x00[0-9a-f]{5}$")
+
+_ANCILLARY: Final = ancillary_size(MAX_FDS, creds=True)
+
+#: A datagram's cost in a send buffer besides its bytes, asked for on top when the buffer
+#: must grow for a large one.
+_DATAGRAM_SLACK: Final = 64 * 1024
+
+
+class _Sender:
+    __slots__ = ("address", "cred", "id", "last", "sock")
+
+    def __init__(self, conn_id: int, address: bytes | str, sock: socket.socket) -> None:
+        self.id = conn_id
+        self.address = address
+        self.sock = sock
+        self.cred: PeerCred | None = None
+        self.last = time.monotonic()
+
+
+class DatagramRelay:
+    def __init__(
+        self,
+        relay: socket.socket,
+        server_sun_path: str,
+        emit: Callable[[Event], None],
+        server_gone: Callable[[], None],
+    ) -> None:
+        self._relay = relay
+        self._server_path = server_sun_path
+        self._emit = emit
+        self._server_gone = server_gone
+        self._me = Identity()
+        self._senders: dict[bytes | str, _Sender] = {}
+        self._by_fd: dict[int, _Sender] = {}
+        self._next_id = 0
+        self._closing_at: float | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        relay.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        relay.setblocking(False)
+        self._thread = threading.Thread(target=self._loop, name="udskit-tap", daemon=True)
+
+    @property
+    def active(self) -> int:
+        return len(self._senders)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop_accepting(self) -> None:
+        self._closing_at = time.monotonic() + DRAIN_AFTER_RESTORE
+        os.write(self._wake_w, b"!")
+        self._thread.join()
+
+    def wait(self, timeout: float | None) -> bool:
+        return True  # the loop has ended: nothing outlives stop_accepting()
+
+    def cut(self) -> None:
+        pass
+
+    def _loop(self) -> None:
+        poller = select.poll()
+        poller.register(self._relay.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        try:
+            while True:
+                timeout = None
+                if self._closing_at is not None:
+                    left = self._closing_at - time.monotonic()
+                    if left <= 0:
+                        self._drain(poller)
+                        return
+                    timeout = int(left * 1000) + 1
+                for fd, _ in poller.poll(timeout):
+                    if fd == self._wake_r:
+                        try:
+                            os.read(self._wake_r, 64)
+                        except BlockingIOError:
+                            pass
+                    elif fd == self._relay.fileno():
+                        self._from_clients(poller)
+                    else:
+                        sender = self._by_fd.get(fd)
+                        if sender is not None:
+                            self._from_server(sender, poller)
+        finally:
+            for sender in list(self._senders.values()):
+                self._emit(Closed(sender.id, time.time(), None))
+                sender.sock.close()
+            self._senders.clear()
+            self._relay.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _drain(self, poller: select.poll) -> None:
+        """Relay what is still queued for the relay, and replies for ``LINGER`` seconds."""
+        self._from_clients(poller)
+        deadline = time.monotonic() + LINGER
+        while self._by_fd:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            for fd, _ in poller.poll(int(left * 1000) + 1):
+                sender = self._by_fd.get(fd)
+                if sender is not None:
+                    self._from_server(sender, poller)
+
+    def _from_clients(self, poller: select.poll) -> None:
+        while True:
+            try:
+                size = max(
+                    1, self._relay.recv_into(bytearray(1), 0, socket.MSG_PEEK | socket.MSG_TRUNC)
+                )
+                data, ancdata, flags, address = self._relay.recvmsg(size, _ANCILLARY, RECV_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                return
+            try:
+                received = unpack(ancdata, flags, "a datagram sender", MAX_FDS)
+            except Exception as exc:  # noqa: BLE001 (ControlDataError: descriptors closed)
+                self._emit(Refused(0, time.time(), None, str(exc)))
+                continue
+            try:
+                self._forward(data, received.fds, received.cred, address, poller)
+            finally:
+                close_fds(received.fds)
+
+    def _sender(self, address: bytes | str, poller: select.poll) -> _Sender:
+        sender = self._senders.get(address)
+        if sender is not None:
+            sender.last = time.monotonic()
+            return sender
+        if len(self._senders) >= MAX_SENDERS:
+            oldest = min(self._senders.values(), key=lambda s: s.last)
+            self._drop(oldest, poller)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            raw = address.encode() if isinstance(address, str) else address
+            if raw and not _AUTOBOUND.match(raw):
+                sock.bind(b"\0udskit-tap-%d-%d" % (os.getpid(), self._next_id + 1))
+            sock.connect(self._server_path)  # from now on, only the server can send to it
+        except BaseException:
+            sock.close()
+            raise
+        self._next_id += 1
+        sender = _Sender(self._next_id, address, sock)
+        self._senders[address] = sender
+        self._by_fd[sock.fileno()] = sender
+        poller.register(sock.fileno(), select.POLLIN)
+        return sender
+
+    def _drop(self, sender: _Sender, poller: select.poll) -> None:
+        poller.unregister(sender.sock.fileno())
+        self._by_fd.pop(sender.sock.fileno(), None)
+        self._senders.pop(sender.address, None)
+        sender.sock.close()
+        self._emit(Closed(sender.id, time.time(), None))
+
+    def _forward(
+        self,
+        data: bytes,
+        fds: list[int],
+        cred: PeerCred | None,
+        address: bytes | str,
+        poller: select.poll,
+    ) -> None:
+        try:
+            sender = self._sender(address, poller)
+        except OSError as exc:
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                self._server_gone()
+            self._emit(Refused(0, time.time(), cred, f"cannot reach the server: {exc.strerror}"))
+            return
+        if sender.cred is None or cred != sender.cred:
+            sender.cred = cred
+            self._emit(Opened(sender.id, time.time(), cred, _shown(address)))
+        ancillary = rights(fds, MAX_FDS)
+        if self._me.uid == 0 and cred is not None:
+            ancillary.append(
+                (
+                    socket.SOL_SOCKET,
+                    socket.SCM_CREDENTIALS,
+                    UCRED.pack(cred.pid, cred.uid, cred.gid),
+                )
+            )
+        elif cred is None or (cred.uid, cred.gid) != (self._me.uid, self._me.gid):
+            who = (
+                "a sender without credentials" if cred is None else f"uid {cred.uid} gid {cred.gid}"
+            )
+            self._emit(
+                Refused(
+                    sender.id,
+                    time.time(),
+                    cred,
+                    f"datagram from {who} not relayed: the tap runs as uid {self._me.uid} and "
+                    "would send it with its own rights; run the tap as root",
+                )
+            )
+            return
+        described = tuple(describe(fd) for fd in fds)
+        self._emit(Data(sender.id, time.time(), "up", data, described))
+        try:
+            sender.sock.setblocking(True)  # backpressure: wait while the server's queue is full
+            _send_whole(sender.sock, data, ancillary)
+        except OSError as exc:
+            if exc.errno == errno.ECONNREFUSED:
+                self._server_gone()
+            self._emit(Refused(sender.id, time.time(), cred, f"not delivered: {exc.strerror}"))
+
+    def _from_server(self, sender: _Sender, poller: select.poll) -> None:
+        sock = sender.sock
+        sock.setblocking(False)
+        while True:
+            try:
+                size = max(1, sock.recv_into(bytearray(1), 0, socket.MSG_PEEK | socket.MSG_TRUNC))
+                data, ancdata, flags, _ = sock.recvmsg(size, _ANCILLARY, RECV_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._drop(sender, poller)
+                return
+            try:
+                fds = unpack(ancdata, flags, "the server", MAX_FDS).fds
+            except Exception as exc:  # noqa: BLE001 (ControlDataError: descriptors closed)
+                self._emit(Refused(sender.id, time.time(), None, str(exc)))
+                continue
+            described: tuple[PassedFd, ...] = tuple(describe(fd) for fd in fds)
+            try:
+                if sender.address:
+                    self._emit(Data(sender.id, time.time(), "down", data, described))
+                    self._relay.setblocking(True)
+                    try:
+                        _send_whole(self._relay, data, rights(fds, MAX_FDS), sender.address)
+                    finally:
+                        self._relay.setblocking(False)
+                else:
+                    self._emit(
+                        Refused(sender.id, time.time(), None, "a reply to an unbound sender")
+                    )
+            except OSError as exc:
+                self._emit(
+                    Refused(sender.id, time.time(), None, f"reply not delivered: {exc.strerror}")
+                )
+            finally:
+                close_fds(fds)
+
+
+def _shown(address: bytes | str) -> str:
+    if isinstance(address, str):
+        return address
+    if not address or _AUTOBOUND.match(address):
+        return ""
+    if address.startswith(b"\0"):
+        return "@" + address[1:].decode(errors="backslashreplace")
+    return os.fsdecode(address)
+
+
+def _send_whole(
+    sock: socket.socket,
+    data: bytes,
+    ancillary: list[tuple[int, int, bytes]],
+    address: bytes | str | None = None,
+) -> None:
+    """Send one datagram; if it is larger than our send buffer (EMSGSIZE), make room for
+    it (its sender had) and send it again."""
+    args = (0, address) if address is not None else ()
+    try:
+        sock.sendmsg([data], ancillary, *args)
+    except OSError as exc:
+        if exc.errno != errno.EMSGSIZE:
+            raise
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, len(data) + _DATAGRAM_SLACK)
+        sock.sendmsg([data], ancillary, *args)

@@ -1,0 +1,210 @@
+"""Putting the relay in front of a live server and the server's socket back: the file's
+inode, mode and owner, no gap for clients, and every path the tap refuses to take."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import udskit
+from udskit import tap
+
+from ..conftest import READY_TIMEOUT
+from ..integration.children import NOBODY, needs_root, run_in_child
+from .conftest import Recorder
+from .servers import DatagramEcho, recv_exactly, server
+
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
+Tapping = Callable[..., tuple[tap.Tap, Recorder]]
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+def test_the_relay_takes_the_path_with_the_servers_mode_and_the_server_gets_it_back(
+    sockdir: Path, tapping: Tapping
+) -> None:
+    path = sockdir / "app.sock"
+    with server(path, mode=0o640) as srv:
+        if os.geteuid() == 0:
+            os.chown(path, 0, NOBODY)
+        before = os.lstat(path)
+        running, events = tapping(path)
+        during = os.lstat(path)
+        assert during.st_ino != before.st_ino  # the relay's socket is at PATH
+        assert (stat.S_IMODE(during.st_mode), during.st_uid, during.st_gid) == (
+            0o640,
+            before.st_uid,
+            before.st_gid,
+        )
+        assert os.lstat(running.aside).st_ino == srv.inode
+        assert running.type == "stream"
+        assert running.server is not None
+        assert running.server.pid == os.getpid()
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(path))
+            client.sendall(b"through the tap\n")
+            assert recv_exactly(client, 16) == b"through the tap\n"
+        message = running.stop(grace=5.0)
+        assert "back in place" in message
+        assert os.lstat(path).st_ino == srv.inode
+        assert _leftovers(sockdir) == []
+        data = b"".join(e.data for e in events.of(tap.Data) if e.direction == "up")
+        assert data == b"through the tap\n"
+
+
+def test_no_connect_fails_while_taps_start_and_stop(sockdir: Path) -> None:
+    """A client connects in a loop while the tap is started and stopped 20 times: every
+    connect reaches the relay or the server (never ENOENT or ECONNREFUSED), and every
+    echo comes back whole."""
+    path = sockdir / "app.sock"
+    stop = threading.Event()
+    failures: list[str] = []
+    rounds = [0]
+
+    def client() -> None:
+        n = 0
+        while not stop.is_set() and n < 1_000_000:
+            n += 1
+            message = b"%d\n" % n
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(READY_TIMEOUT)
+                    s.connect(str(path))
+                    s.sendall(message)
+                    if recv_exactly(s, len(message)) != message:
+                        failures.append(f"echo {n} changed")
+            except Exception as exc:  # whatever it is, the test must see it
+                failures.append(f"connection {n}: {exc!r}")
+            rounds[0] = n
+
+    with server(path) as srv:
+        thread = threading.Thread(target=client, daemon=True)
+        thread.start()
+        try:
+            for _ in range(20):
+                running = tap.start(path, lambda event: None)
+                running.stop(grace=5.0)
+                assert os.lstat(path).st_ino == srv.inode
+        finally:
+            stop.set()
+            thread.join(READY_TIMEOUT)
+    assert failures == []
+    assert rounds[0] > 20
+    assert _leftovers(sockdir) == []
+
+
+def test_a_missing_path_is_refused(sockdir: Path) -> None:
+    with pytest.raises(udskit.ConnectError, match="no such file; start its server first"):
+        tap.start(sockdir / "none.sock", lambda event: None)
+
+
+def test_a_stale_socket_is_refused_and_left_alone(sockdir: Path) -> None:
+    path = sockdir / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+    inode = os.lstat(path).st_ino
+    with pytest.raises(udskit.ConnectError, match="nothing is listening there"):
+        tap.start(path, lambda event: None)
+    assert os.lstat(path).st_ino == inode
+    assert _leftovers(sockdir) == []
+
+
+def test_what_is_not_a_socket_is_refused(sockdir: Path) -> None:
+    path = sockdir / "file"
+    path.write_bytes(b"data")
+    with pytest.raises(udskit.SocketFileError, match="it is a regular file, not a socket"):
+        tap.start(path, lambda event: None)
+    assert path.read_bytes() == b"data"
+
+
+def test_a_type_the_tap_was_not_told_is_refused(sockdir: Path) -> None:
+    path = sockdir / "app.sock"
+    with server(path):
+        with pytest.raises(udskit.ConnectError, match=r"stream socket, not a seqpacket one"):
+            tap.start(path, lambda event: None, type="seqpacket")
+        with pytest.raises(ValueError, match="type must be one of"):
+            tap.start(path, lambda event: None, type="tcp")
+        assert os.lstat(path).st_ino == os.lstat(path).st_ino
+        assert _leftovers(sockdir) == []
+
+
+def test_addresses_without_a_file_are_refused() -> None:
+    with pytest.raises(ValueError, match="only a socket file can be tapped"):
+        tap.start("@abstract-name", lambda event: None)
+    with pytest.raises(ValueError, match="only a socket file can be tapped"):
+        tap.start("tcp:127.0.0.1:80", lambda event: None)
+
+
+def test_a_second_tap_on_one_path_refuses(sockdir: Path, tapping: Tapping) -> None:
+    path = sockdir / "app.sock"
+    with server(path):
+        tapping(path)
+        with pytest.raises(udskit.AddressInUse, match=r"already tapped \(pid \d+\)"):
+            tap.start(path, lambda event: None)
+
+
+def test_the_server_exiting_while_tapped_is_said_and_its_file_put_back(
+    sockdir: Path, tapping: Tapping
+) -> None:
+    path = sockdir / "app.sock"
+    srv = server(path)
+    running_server = srv.__enter__()
+    inode = running_server.inode
+    running, events = tapping(path)
+    srv.__exit__(None, None, None)  # the server exits, without removing its file
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(path))  # the relay accepts; the server does not
+        assert client.recv(10) == b""
+    events.wait_for(lambda evs: any(isinstance(e, tap.Refused) for e in evs))
+    assert running.server_gone
+    message = running.stop(grace=5.0)
+    assert "the server exited while tapped" in message
+    assert os.lstat(path).st_ino == inode  # the server's own (stale) file, nothing else
+    assert _leftovers(sockdir) == []
+
+
+def test_a_datagram_server_is_tapped_and_restored(sockdir: Path, tapping: Tapping) -> None:
+    path = sockdir / "dgram.sock"
+    srv = DatagramEcho(path)
+    try:
+        inode = os.lstat(path).st_ino
+        running, _ = tapping(path)
+        assert running.type == "dgram"
+        assert running.server is None
+        running.stop(grace=5.0)
+        assert os.lstat(path).st_ino == inode
+    finally:
+        srv.close()
+
+
+@pytest.mark.root
+@needs_root
+def test_a_directory_the_tap_may_not_write_is_refused(sockdir: Path) -> None:
+    sockdir.chmod(0o755)  # nobody may search it, not write it
+    path = sockdir / "app.sock"
+    with server(path, mode=0o666):
+        os.chown(path, NOBODY, NOBODY)  # nobody's own socket, in root's directory
+        report = run_in_child(lambda: str(tap.start(path, lambda e: None)), as_user=NOBODY)
+    assert report.startswith("SocketFileError: cannot create lock file ")
+    assert "permission denied (need write permission on the directory)" in report
+
+
+@pytest.mark.root
+@needs_root
+def test_another_users_socket_cannot_be_given_a_second_name(sockdir: Path) -> None:
+    sockdir.chmod(0o1777)  # like /tmp: nobody may add names, but not link root's files
+    path = sockdir / "app.sock"
+    with server(path, mode=0o666):
+        report = run_in_child(lambda: str(tap.start(path, lambda e: None)), as_user=NOBODY)
+    assert report.startswith("SocketFileError: cannot tap ")
+    assert "belongs to uid 0" in report
+    assert "run the tap as that user or as root" in report
