@@ -36,6 +36,7 @@ from typing import Final
 
 from ..ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
 from ..creds import UCRED, PeerCred
+from ..wakeup import WakeUp
 from .credentials import Identity
 from .describe import describe
 from .events import Closed, Data, Event, Opened, PassedFd, Refused
@@ -89,7 +90,7 @@ class DatagramRelay:
         self._by_fd: dict[int, _Sender] = {}
         self._next_id = 0
         self._closing_at: float | None = None
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup = WakeUp()
         relay.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         relay.setblocking(False)
         self._thread = threading.Thread(target=self._loop, name="udskit-tap", daemon=True)
@@ -103,7 +104,7 @@ class DatagramRelay:
 
     def stop_accepting(self) -> None:
         self._closing_at = time.monotonic() + DRAIN_AFTER_RESTORE
-        os.write(self._wake_w, b"!")
+        self._wakeup.wake()
         self._thread.join()
 
     def wait(self, timeout: float | None) -> bool:
@@ -115,7 +116,7 @@ class DatagramRelay:
     def _loop(self) -> None:
         poller = select.poll()
         poller.register(self._relay.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self._wakeup.fd, select.POLLIN)
         try:
             while True:
                 timeout = None
@@ -126,11 +127,8 @@ class DatagramRelay:
                         return
                     timeout = int(left * 1000) + 1
                 for fd, _ in poller.poll(timeout):
-                    if fd == self._wake_r:
-                        try:
-                            os.read(self._wake_r, 64)
-                        except BlockingIOError:
-                            pass
+                    if fd == self._wakeup.fd:
+                        self._wakeup.drain()
                     elif fd == self._relay.fileno():
                         self._from_clients(poller)
                     else:
@@ -143,8 +141,7 @@ class DatagramRelay:
                 sender.sock.close()
             self._senders.clear()
             self._relay.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._wakeup.close()
 
     def _drain(self, poller: select.poll) -> None:
         """Relay what is still queued for the relay, and replies for ``LINGER`` seconds."""

@@ -26,6 +26,7 @@ from ..accepting import AcceptVerdict, Backoff, classify
 from ..ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
 from ..creds import PeerCred, peer_cred
 from ..errors import ProtocolError
+from ..wakeup import WakeUp
 from .credentials import Connector, Identity, may_connect_as_self
 from .describe import describe
 from .events import Closed, Data, Direction, Event, Opened, Refused
@@ -114,7 +115,7 @@ class StreamRelay:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._next_id = 0
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup = WakeUp()
         self._closing_at: float | None = None
         self._listener.setblocking(False)
         self._thread = threading.Thread(target=self._accept_loop, name="udskit-tap", daemon=True)
@@ -131,13 +132,13 @@ class StreamRelay:
     def stop_accepting(self) -> None:
         """Accept for :data:`DRAIN_AFTER_RESTORE` more, then close the listening socket."""
         self._closing_at = time.monotonic() + DRAIN_AFTER_RESTORE
-        os.write(self._wake_w, b"!")
+        self._wakeup.wake()
         self._thread.join()
 
     def _accept_loop(self) -> None:
         poller = select.poll()
         poller.register(self._listener.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self._wakeup.fd, select.POLLIN)
         backoff = Backoff()
         try:
             while True:
@@ -149,11 +150,8 @@ class StreamRelay:
                         return
                     timeout = int(left * 1000) + 1
                 ready = poller.poll(timeout)
-                if any(fd == self._wake_r for fd, _ in ready):
-                    try:
-                        os.read(self._wake_r, 64)
-                    except BlockingIOError:
-                        pass
+                if any(fd == self._wakeup.fd for fd, _ in ready):
+                    self._wakeup.drain()
                 if self._at_capacity():
                     poller.unregister(self._listener.fileno())
                     self._wait_for_room()
@@ -164,8 +162,7 @@ class StreamRelay:
                     time.sleep(pause)  # the process ran out of descriptors: let some close
         finally:
             self._listener.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._wakeup.close()
 
     def _at_capacity(self) -> bool:
         with self._lock:
