@@ -499,10 +499,12 @@ def test_handover_makes_the_successor_the_main_process(
     first = start_service(
         [*SERVE, "--handover", os.fspath(path)], _env(manager, WATCHDOG_USEC="5000000")
     )
+    successor: list[int] = []  # started by the first, for this test: ended by it, by pid
     try:
         ready = manager.receive(pid=first.pid)
         assert ready.fields == {"READY": "1", "STATUS": f"serving {path} (stream)"}
         old, new = udskit.handover.request_upgrade(path)
+        successor.append(new)
         assert old == first.pid
         # Both say MAINPID=, in whichever order they get to it.
         got = manager.receive_until("MAINPID") + manager.receive_until("MAINPID")
@@ -521,6 +523,10 @@ def test_handover_makes_the_successor_the_main_process(
             assert pipe is not None
             pipe.close()
         assert _echo(path) == b"hello\n"
+    except BaseException:
+        for pid in successor:
+            os.kill(pid, signal.SIGKILL)
+        raise
     finally:
         _kill_on_failure(first)
     os.kill(new, signal.SIGTERM)
