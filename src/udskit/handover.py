@@ -42,12 +42,13 @@ import os
 import select
 import signal
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from .address import Address, AddressLike, sun_path
+from .address import Address, AddressLike
 from .ancillary import RECV_FLAGS, ControlDataError, ancillary_size, close_fds, rights, unpack
 from .creds import peer_cred
 from .errors import AddressError, AddressInUse, HandoverError, ProtocolError, UdsError
@@ -60,7 +61,7 @@ from .options import (
     type_name,
 )
 from .proto.handover import MAX_MESSAGE, VERSION, Message, decode, encode
-from .sockfile import Claim, adopt, claim
+from .sockfile import Claim, adopt, claim, is_bound_at
 from .translate import translate
 from .wakeup import WakeUp
 
@@ -261,15 +262,23 @@ class Upgrader:
             if self._is_ready or self._released.is_set():
                 return
             self._is_ready = True
-        previous, self._previous = self._previous, None
+            previous, self._previous = self._previous, None
         control: socket.socket | None = None
         if previous is not None:
             try:
-                self._claim, control = previous.finish(
-                    self.socket, self.address, self._ready_timeout
-                )
+                claimed, control = previous.finish(self.socket, self.address, self._ready_timeout)
             finally:
                 previous.close()
+            with self._lock:
+                late = self._released.is_set()  # release() ran meanwhile, in another thread
+                if not late:
+                    self._claim = claimed
+            if late:
+                if claimed is not None:
+                    claimed.release()
+                if control is not None:
+                    control.close()
+                return
         try:
             offer = _Offer(self, self._control, self._kind, self._ready_timeout, control)
         except UdsError as exc:
@@ -351,7 +360,7 @@ class Upgrader:
             offer.close()  # after a handover under way now: the file is the successor's
         with self._lock:
             bound, self._claim = self._claim, None
-        previous, self._previous = self._previous, None
+            previous, self._previous = self._previous, None
         if previous is not None:
             previous.close()
         if bound is not None and os.getpid() == self._owner_pid:
@@ -417,11 +426,15 @@ def request_upgrade(address: AddressLike, *, timeout: float = UPGRADE_TIMEOUT) -
 def _connect(control: Address, target: Address, doing: str) -> socket.socket | None:
     """A conversation with the process serving the control socket, if it is this user or
     root; None if nobody serves it (no file, or a stale one)."""
+    held = _control_file(control)
+    if held is None:
+        return None
     conv = socket.socket(socket.AF_UNIX, _SEQPACKET)
     try:
         try:
-            with sun_path(control) as where:
-                conv.connect(where)
+            # Through the descriptor of the very file we looked at: a name swapped meanwhile
+            # (a symlink to another server's control socket) is never followed.
+            conv.connect(f"/proc/self/fd/{held}")
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
                 conv.close()
@@ -437,7 +450,37 @@ def _connect(control: Address, target: Address, doing: str) -> socket.socket | N
     except BaseException:
         conv.close()
         raise
+    finally:
+        os.close(held)
     return conv
+
+
+def _control_file(control: Address) -> int | None:
+    """An O_PATH descriptor of the control socket file, if there is one that this user (or
+    root) made: a symlink, or another user's file, planted at the name is not a server's
+    control socket (in a directory others may write, anyone can put one there)."""
+    directory, name = os.path.split(control.raw)
+    try:
+        dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None  # no such directory: no socket file either (the claim will say so)
+    try:
+        held = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    finally:
+        os.close(dir_fd)
+    found = os.fstat(held)
+    if not stat.S_ISSOCK(found.st_mode) or found.st_uid not in (os.geteuid(), 0):
+        if stat.S_ISLNK(found.st_mode) or stat.S_ISSOCK(found.st_mode):
+            log.warning(
+                "%s is not a handover socket of this user (%s); ignoring it",
+                control,
+                "a symlink" if stat.S_ISLNK(found.st_mode) else f"owned by uid {found.st_uid}",
+            )
+        os.close(held)
+        return None
+    return held
 
 
 def _check_owner(conv: socket.socket, control: Address, target: Address, doing: str) -> None:
@@ -467,7 +510,7 @@ class _Predecessor:
 
     def finish(
         self, sock: socket.socket, address: Address, timeout: float
-    ) -> tuple[Claim, socket.socket | None]:
+    ) -> tuple[Claim | None, socket.socket | None]:
         """Say ready; once the predecessor has stopped (or died), own the socket file.
         Returns its claim, and the predecessor's control socket (None if it died)."""
         try:
@@ -483,17 +526,11 @@ class _Predecessor:
                     f"({_reason(exc)}); it goes on serving"
                 ) from None
             log.info("%s: pid %d exited during the handover; serving on", address, self.pid)
-            return adopt(sock, address), None
+            return _own(sock, address), None
         if answer.op == "error":
             raise HandoverError(f"cannot take over {address}: {answer.reason}")
-        control = _control_socket(fds[0])
-        try:
-            log.info("%s: took over from pid %d", address, self.pid)
-            return adopt(sock, address), control
-        except BaseException:
-            if control is not None:
-                control.close()
-            raise
+        log.info("%s: took over from pid %d", address, self.pid)
+        return _own(sock, address), _control_socket(fds[0])
 
     def close(self) -> None:
         self.conv.close()
@@ -528,7 +565,10 @@ def _take(
         try:
             pidfd = os.pidfd_open(answer.pid)
         except OSError:
-            pidfd = -1  # gone already (or a pid that never was): we hold the only listener
+            pidfd = -1  # gone already: we hold the only listener
+        except BaseException:
+            sock.close()
+            raise
         return sock, _Predecessor(conv, answer.pid, pidfd)
     except BaseException:
         if pidfd >= 0:
@@ -554,6 +594,18 @@ def _bind_fresh(
             if died_at is None or time.monotonic() - died_at > EXIT_GRACE:
                 raise
         time.sleep(0.005)  # bounded by EXIT_GRACE: the kernel finishing an exit
+
+
+def _own(sock: socket.socket, address: Address) -> Claim | None:
+    """The socket file, now that the previous process has let it go (or died). Past that
+    point we serve whatever happens: nobody else does. A file that is no longer this
+    socket's (another user swapped it meanwhile) is not ours to remove at exit, and is
+    left alone."""
+    try:
+        return adopt(sock, address)
+    except UdsError as exc:
+        log.warning("%s: serving on without owning the socket file: %s", address, exc)
+        return None
 
 
 def _control_socket(fd: int) -> socket.socket | None:
@@ -616,6 +668,10 @@ def _listening_socket(answer: Message, fds: list[int], kind: int, target: Addres
         problem = f"a {type_name(base_type(sock))} socket, not {type_name(kind)}"
     elif kind != socket.SOCK_DGRAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         problem = "not listening"
+    elif not is_bound_at(sock, target):
+        # Whatever served that control socket is not the server of this path. Nothing was
+        # said to be ready: that process goes on serving.
+        problem = "not the socket at that path (a stray handover socket next to it?)"
     if problem:
         sock.close()
         raise HandoverError(

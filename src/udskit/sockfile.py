@@ -61,6 +61,7 @@ __all__ = [
     "Probe",
     "adopt",
     "claim",
+    "is_bound_at",
     "probe",
     "resolve_owner",
     "tapped_name",
@@ -431,6 +432,19 @@ def adopt(sock: socket.socket, address: Address) -> Claim:
     except BaseException:
         directory.close()
         raise
+
+
+def is_bound_at(sock: socket.socket, address: Address) -> bool:
+    """Whether the file at ``address`` now is the one ``sock`` (bound by another process) is
+    bound to: a listener received from a process must be the one its path leads to."""
+    directory = _Directory(address.absolute().raw)
+    try:
+        _bound_file_at(sock, directory, address)
+    except SocketFileError:
+        return False
+    finally:
+        directory.close()
+    return True
 
 
 def _bound_file_at(sock: socket.socket, directory: _Directory, address: Address) -> os.stat_result:

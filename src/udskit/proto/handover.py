@@ -44,6 +44,10 @@ VERSION: Final = 1
 #: up to PATH_MAX bytes) fits with room to spare; anything longer is not ours.
 MAX_MESSAGE: Final = 8192
 
+#: The largest pid Linux hands out (PID_MAX_LIMIT, 2**22): a pid field beyond it, or below
+#: 1, is not a process.
+PID_MAX: Final = 4_194_304
+
 #: The fields each op carries, and their types.
 _FIELDS: Final[dict[str, dict[str, type]]] = {
     "take": {"version": int, "type": str},
@@ -106,6 +110,8 @@ def decode(packet: bytes, descriptors: int, expected: tuple[str, ...]) -> Messag
         value = body.get(name)
         if type(value) is not kind:  # bool is an int subclass; take neither for the other
             raise ProtocolError(f"handover {op!r} message lacks a valid {name!r}")
+        if name in ("pid", "old") and not 1 <= value <= PID_MAX:  # type: ignore[operator]
+            raise ProtocolError(f"handover {op!r} message has a {name} that is no process")
         fields[name] = value
     wanted = 1 if op in CARRIES_DESCRIPTOR else 0
     if descriptors != wanted:
