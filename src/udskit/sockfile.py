@@ -475,7 +475,9 @@ def _refuse_if_tapped(directory: _Directory, address: Address) -> None:
         return  # nothing there (or a name too long to have one): not tapped
     try:
         info = os.fstat(held)
-        if not stat.S_ISSOCK(info.st_mode):
+        if not stat.S_ISSOCK(info.st_mode) or info.st_uid not in (os.geteuid(), 0):
+            # Not a tap's (which keeps the server's socket, ours if we may claim its path):
+            # another user's socket planted at the name must not keep us from the path.
             return
         found = probe(f"/proc/self/fd/{held}")
     finally:

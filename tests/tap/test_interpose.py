@@ -208,3 +208,45 @@ def test_another_users_socket_cannot_be_given_a_second_name(sockdir: Path) -> No
     assert report.startswith("SocketFileError: cannot tap ")
     assert "belongs to uid 0" in report
     assert "run the tap as that user or as root" in report
+
+
+@pytest.mark.root
+@needs_root
+def test_another_users_socket_at_the_tapped_name_neither_blocks_nor_is_restored(
+    sockdir: Path,
+) -> None:
+    """In a directory anyone may write, another user plants a live socket at the name a tap
+    would give the server's socket: it keeps nobody from the path, and is never put there."""
+    sockdir.chmod(0o1777)
+    path = sockdir / "app.sock"
+    planted = sockdir / ".app.sock.udskit-tapped"
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the other user: a live socket at the tapped name, until told
+        try:
+            os.close(read_end)
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.bind(os.fspath(planted))
+                sock.listen()
+                os.write(write_end, b"!")
+                os.read(write_end, 1)  # never written: the parent kills us
+        finally:
+            os._exit(0)
+    try:
+        os.close(write_end)
+        assert os.read(read_end, 1) == b"!"
+        # Not root: the user whose path it is (root would be trusted to restore anything).
+        report = run_in_child(lambda: str(tap.restore(path)), as_user=NOBODY + 1)
+        assert report == (
+            f"SocketFileError: cannot restore {path}: {planted.name} belongs to uid {NOBODY}, not "
+            "this user; its owner (or root) may restore it"
+        )
+        assert not path.exists()
+        with udskit.listen(path):  # as root, the path's owner: nothing keeps us out
+            assert path.exists()
+    finally:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+        os.close(read_end)

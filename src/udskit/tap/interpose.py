@@ -461,6 +461,14 @@ def _restore_displaced(address: Address, directory: _Directory) -> str:
                 f"{kind_of(server.st_mode)}, not a socket; udskit leaves it alone",
                 errno=errno.ENOTSOCK,
             )
+        if server.st_uid not in (os.geteuid(), 0) and os.geteuid() != 0:
+            # Another user's socket at the tapped name: not ours to put at the path (in a
+            # directory others may write, anyone can make one there).
+            raise SocketFileError(
+                f"cannot restore {address}: {os.fsdecode(aside)} belongs to uid "
+                f"{server.st_uid}, not this user; its owner (or root) may restore it",
+                errno=errno.EPERM,
+            )
         alive = probe(f"/proc/self/fd/{held}").live
         at_path = directory.lstat()
         if at_path is None:
