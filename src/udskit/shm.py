@@ -35,7 +35,17 @@ from typing import Final, Protocol
 
 from .ancillary import close_fds
 from .errors import ConnectionClosed, ProtocolError, UdsError
-from .proto.shm import ATTACH, MAX_POOL, OFFER, SLOT, Ledger, Pool, check_record, decode_record
+from .proto.shm import (
+    ATTACH,
+    DEFAULT_POOL,
+    MAX_POOL,
+    OFFER,
+    SLOT,
+    Ledger,
+    Pool,
+    check_record,
+    decode_record,
+)
 
 log = logging.getLogger("udskit")
 
@@ -409,10 +419,21 @@ class SharedMemory:
         return None
 
     def attach_peer(self, fd: int, size: int) -> None:
-        """The peer's ATTACH: check and map its pool (``fd`` is consumed)."""
+        """The peer's ATTACH: check and map its pool (``fd`` is consumed).
+
+        A pool larger than ours (or than DEFAULT_POOL, if ours is smaller) is refused: what
+        we keep for the messages held in it grows with its size (a 1-byte message a page),
+        and a sparse memfd of gigabytes costs the peer nothing."""
         if self._theirs is not None:
             os.close(fd)
             raise ProtocolError("peer attached a second shared-memory pool")
+        limit = max(self.pool_size, DEFAULT_POOL)
+        if size > limit:
+            os.close(fd)
+            raise ProtocolError(
+                f"peer offered a shared-memory pool of {size} bytes; this side takes at most "
+                f"{limit} (its own shared_memory= size, or the default)"
+            )
         self._theirs = map_peer_pool(fd, size)
         self.ledger = Ledger(size, self.max_frame)
 

@@ -26,6 +26,7 @@ from udskit.channel import ARRIVED_MAX
 from udskit.proto.shm import (
     ATTACH,
     CONTROL_BIT,
+    DEFAULT_POOL,
     OFFER,
     PAGE,
     RELEASE,
@@ -743,3 +744,13 @@ def test_a_sender_killed_between_its_pool_and_its_message(clean: None) -> None:
     assert pool_mappings("forged") == maps
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status)
+
+
+def test_a_pool_larger_than_ours_is_refused(clean: None) -> None:
+    """A sparse memfd of gigabytes costs the peer nothing, and what we keep per message held
+    in it grows with its size: a peer's pool is at most ours (or the default)."""
+    victim, forger = udskit.pair(shared_memory=True)
+    with victim, forger:
+        big = 2 * DEFAULT_POOL
+        _attach(forger.socket, _memfd(big), big)
+        _expect_closed_by(victim, f"pool of {big} bytes; this side takes at most {DEFAULT_POOL}")
