@@ -708,9 +708,12 @@ class _Upgrade:
 
     def end(self, kill: bool) -> str:
         """Reap it (killing it first if ``kill``); how it ended, for messages."""
-        if kill:
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-        _, status = os.waitpid(self.pid, 0)
+        try:
+            if kill:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            _, status = os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            return "ended (reaped elsewhere)"  # SIGCHLD ignored by the program, say
         if os.WIFSIGNALED(status):
             return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
         return f"exited with status {os.waitstatus_to_exitcode(status)}"
@@ -881,6 +884,13 @@ class _Offer:
                 f"pid {self._successor.pid} is taking over {self._where} now; try again when "
                 "it is done"
             )
+        elif self._upgrade is not None and not _descends_from(conv.pid, self._upgrade.pid):
+            # The process we started takes over, not whoever comes first meanwhile (it would
+            # then take over from that one, a second handover nobody asked for).
+            reason = (
+                f"an upgrade of {self._where} (pid {self._upgrade.pid}) is under way; try "
+                "again when it is done"
+            )
         elif message.version != VERSION:
             reason = f"handover protocol version {message.version} (this server speaks {VERSION})"
         elif message.type != ours:
@@ -1025,6 +1035,9 @@ class _Offer:
         self._successor = None
         upgrade, self._upgrade = self._upgrade, None
         if upgrade is not None:
+            # Started for an upgrade that ends here: stopped and reaped, not left to take
+            # over from nobody (or to linger as a zombie of ours).
+            upgrade.end(kill=True)
             self._answer_upgrade(upgrade, Message("error", reason=reason))
             os.close(upgrade.pidfd)
         self._claim.release()
@@ -1098,6 +1111,28 @@ def _receive_with_fds(
     except ProtocolError:
         close_fds(fds)
         raise
+
+
+#: How many parents up /proc is followed to tell whether a process descends from the one an
+#: upgrade started (a wrapper such as ``sh -c`` or a launcher in between): more is no
+#: wrapper chain, and is not looked at.
+_ANCESTRY: Final = 8
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    """Whether ``pid`` is ``ancestor`` or one of its descendants (within _ANCESTRY)."""
+    for _ in range(_ANCESTRY):
+        if pid == ancestor:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                # pid (comm) state ppid ...: comm may hold spaces and parentheses.
+                pid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid <= 1:
+            return False
+    return False
 
 
 def _readable(fd: int, timeout: float = 0.0) -> bool:

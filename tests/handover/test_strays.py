@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,29 @@ def test_a_pid_that_is_no_process_is_a_protocol_error(pid: int) -> None:
     packet = b'{"op":"listener","type":"stream","pid":%d}' % pid
     with pytest.raises(ProtocolError, match="has a pid that is no process"):
         decode(packet, 1, ("listener",))
+
+
+def test_during_an_upgrade_only_the_process_it_started_takes_over(
+    sockdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = sockdir / "app.sock"
+    slow = [sys.executable, "-c", "import time; time.sleep(1)"]  # starts, never takes over
+    with caplog.at_level(logging.INFO, logger="udskit"):
+        old = udskit.Upgrader(path, command=slow)
+        with old:
+            old.ready()
+            old.upgrade()
+            deadline = time.monotonic() + 20
+            while "upgrading: started pid" not in caplog.text:
+                assert time.monotonic() < deadline, caplog.text
+                time.sleep(0.01)  # bounded: the control thread logs it at once
+            started = int(caplog.text.split("upgrading: started pid ")[1].split()[0])
+            with pytest.raises(udskit.HandoverError) as caught:
+                udskit.Upgrader(path)
+            assert str(caught.value) == (
+                f"cannot take over {path}: an upgrade of {path} (pid {started}) is under "
+                "way; try again when it is done"
+            )
+            assert not old.handed_over
+    # Closed mid-upgrade: the process it started is stopped and reaped with it.
+    assert not os.path.exists(f"/proc/{started}")
