@@ -68,7 +68,7 @@ from .proto.shm import (
     VERSION,
     encode_record,
 )
-from .shm import Lease, SharedMemory
+from .shm import Lease, SharedMemory, check_loan_size
 from .translate import translate
 
 if TYPE_CHECKING:
@@ -858,10 +858,7 @@ class Channel(ChannelFacts):
         sent as any message. A loan that is never sent holds its part of the pool until the
         channel closes.
         """
-        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= self._max_message:
-            raise ValueError(
-                f"loan: size must be from 1 to max_frame ({self._max_message}) bytes, not {size!r}"
-            )
+        check_loan_size(size, self._max_message)
         shm = self._shm
         if shm is not None and size >= SHARED_THRESHOLD and not shm.ready:
             self._look_for_offer()

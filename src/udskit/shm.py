@@ -78,6 +78,15 @@ REQUIRED_SEALS: Final = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 POOL_NAME: Final = "udskit-pool"
 
 
+def check_loan_size(size: object, max_message: int) -> int:
+    """``loan(size)``'s size: whole bytes, from 1 to the channel's max_frame."""
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= max_message:
+        raise ValueError(
+            f"loan: size must be from 1 to max_frame ({max_message}) bytes, not {size!r}"
+        )
+    return size
+
+
 class _Offering(Protocol):
     def _offer(self) -> None: ...
     def close(self) -> None: ...

@@ -44,7 +44,7 @@ from ..proto.shm import (
     VERSION,
     encode_record,
 )
-from ..shm import Lease, SharedMemory
+from ..shm import Lease, SharedMemory, check_loan_size
 from ..translate import translate, translating
 from .buffers import FEED_SLICE, READ_AHEAD, RECV_CHUNK, scratch
 from .sending import Ancillary, Buffer, Sending
@@ -601,10 +601,7 @@ class Channel(Sending, ChannelFacts):
         """A writable buffer of ``size`` bytes to fill and pass to ``send()``, which sends
         it without a copy (see the blocking Channel's ``loan``); waits, like ``send``, while
         the pool is full."""
-        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= self._max_message:
-            raise ValueError(
-                f"loan: size must be from 1 to max_frame ({self._max_message}) bytes, not {size!r}"
-            )
+        check_loan_size(size, self._max_message)
         shm = self._shm
         if shm is not None and size >= SHARED_THRESHOLD and not shm.ready:
             self._look_for_offer()
