@@ -106,9 +106,11 @@ class Relay:
             for message in stdin_messages(fd, lines=self._lines):
                 if packets and not message:
                     continue  # an empty seqpacket message would read as end of connection
-                channel.send(message)
                 if self._dump is not None:
+                    # Before it goes: the answer it provokes is dumped by the other thread,
+                    # and must never be shown first.
                     self._dump.sent(message)
+                channel.send(message)
             if channel.type != "dgram":
                 channel.shutdown_write()
         except udskit.ConnectionClosed as exc:
