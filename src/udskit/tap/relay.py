@@ -26,6 +26,7 @@ from ..accepting import AcceptVerdict, Backoff, classify
 from ..ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
 from ..creds import PeerCred, peer_cred
 from ..errors import ProtocolError
+from ..options import tune_buffers
 from ..wakeup import WakeUp
 from .credentials import Connector, Identity, may_connect_as_self
 from .describe import describe
@@ -193,6 +194,7 @@ class StreamRelay:
 
     def _start(self, client: socket.socket) -> None:
         client.setblocking(True)
+        tune_buffers(client, None, None)
         try:
             cred = peer_cred(client)
         except OSError:
@@ -239,6 +241,7 @@ class StreamRelay:
         while True:
             try:
                 conn.server = self._connect_once(cred, as_self)
+                tune_buffers(conn.server, None, None)
                 break
             except OSError as exc:
                 if exc.errno == errno.EAGAIN and time.monotonic() < deadline:
