@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from udskit import tap
+from udskit.creds import UCRED
 
 from ..conftest import READY_TIMEOUT
 from ..integration.children import NOBODY, fork, needs_root, reap, run_in_child
@@ -50,21 +51,66 @@ def test_datagrams_carry_their_senders_credentials(sockdir: Path, tapping: Tappi
     sockdir.chmod(0o755)
     path = sockdir / "dgram.sock"
     srv = DatagramEcho(path, mode=0o666)
+    go_r, go_w = os.pipe()
     try:
         running, _ = tapping(path)
 
-        def send() -> str:
+        def send() -> int:
+            os.close(go_w)
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
                 s.sendto(b"who am i", str(path))
-            return str(os.getpid())
+            os.read(go_r, 1)  # alive until the server has the datagram: its pid still names it
+            return 0
 
-        sender = run_in_child(send, as_user=NOBODY)
+        sender = fork(send, as_user=NOBODY)
+        os.close(go_r)
         srv.wait_seen(1)
+        os.close(go_w)
+        assert reap(sender) == 0
         running.stop(grace=5.0)
     finally:
         srv.close()
     (seen,) = [cred for data, _, cred in srv.seen if data == b"who am i"]
-    assert seen == (int(sender), NOBODY, NOBODY)
+    assert seen == (sender, NOBODY, NOBODY)
+
+
+def test_a_datagram_whose_sender_has_exited_still_goes_with_its_uid_and_gid(
+    sockdir: Path, tapping: Tapping
+) -> None:
+    """The kernel takes no SCM_CREDENTIALS naming a pid that is gone: the datagram of a
+    sender that sent and exited is delivered with its uid and gid and the tap's pid."""
+    sockdir.chmod(0o755)
+    path = sockdir / "dgram.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as srv:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        srv.bind(str(path))
+        path.chmod(0o666)
+        running, _ = tapping(path)
+        # The server reads nothing yet: once its queue is full, the relay waits to send,
+        # and the sender's datagram, queued behind these, is relayed only after it exited.
+        queue = int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ours:
+            for n in range(queue + 2):
+                ours.sendto(b"filler %d" % n, str(path))
+
+        def send_and_exit() -> int:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                s.sendto(b"fire and forget", str(path))
+            return 0
+
+        assert reap(fork(send_and_exit, as_user=NOBODY)) == 0
+        srv.settimeout(READY_TIMEOUT)
+        for _ in range(queue + 3):
+            data, ancdata, _, _ = srv.recvmsg(64, socket.CMSG_SPACE(UCRED.size))
+            if data == b"fire and forget":
+                break
+        else:
+            raise AssertionError("the datagram of the exited sender never arrived")
+        running.stop(grace=5.0)
+    (cred,) = [
+        UCRED.unpack(p[: UCRED.size]) for _, kind, p in ancdata if kind == socket.SCM_CREDENTIALS
+    ]
+    assert cred == (os.getpid(), NOBODY, NOBODY)  # the tap runs in this process
 
 
 def test_a_tap_without_root_refuses_another_users_client(sockdir: Path) -> None:

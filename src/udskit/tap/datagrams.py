@@ -225,14 +225,10 @@ class DatagramRelay:
             sender.cred = cred
             self._emit(Opened(sender.id, time.time(), cred, _shown(address)))
         ancillary = rights(fds, MAX_FDS)
-        if self._me.uid == 0 and cred is not None:
-            ancillary.append(
-                (
-                    socket.SOL_SOCKET,
-                    socket.SCM_CREDENTIALS,
-                    UCRED.pack(cred.pid, cred.uid, cred.gid),
-                )
-            )
+        as_sender = self._me.uid == 0 and cred is not None
+        if as_sender:
+            assert cred is not None
+            ancillary.append(_credentials(cred.pid, cred))
         elif cred is None or (cred.uid, cred.gid) != (self._me.uid, self._me.gid):
             who = (
                 "a sender without credentials" if cred is None else f"uid {cred.uid} gid {cred.gid}"
@@ -251,7 +247,17 @@ class DatagramRelay:
         self._emit(Data(sender.id, time.time(), "up", data, described))
         try:
             sender.sock.setblocking(True)  # backpressure: wait while the server's queue is full
-            _send_whole(sender.sock, data, ancillary)
+            try:
+                _send_whole(sender.sock, data, ancillary)
+            except ProcessLookupError:
+                if not as_sender:
+                    raise
+                assert cred is not None
+                # The sender has exited (a fire-and-forget sender often has by now), and
+                # the kernel takes no credentials naming a pid that is gone (ESRCH). Its
+                # uid and gid still go with the datagram; the pid becomes the tap's own.
+                ancillary[-1] = _credentials(os.getpid(), cred)
+                _send_whole(sender.sock, data, ancillary)
         except OSError as exc:
             if exc.errno == errno.ECONNREFUSED:
                 self._server_gone()
@@ -303,6 +309,11 @@ def _shown(address: bytes | str) -> str:
     if address.startswith(b"\0"):
         return "@" + address[1:].decode(errors="backslashreplace")
     return os.fsdecode(address)
+
+
+def _credentials(pid: int, cred: PeerCred) -> tuple[int, int, bytes]:
+    """SCM_CREDENTIALS naming ``pid`` with the sender's uid and gid (only root may)."""
+    return (socket.SOL_SOCKET, socket.SCM_CREDENTIALS, UCRED.pack(pid, cred.uid, cred.gid))
 
 
 def _send_whole(
