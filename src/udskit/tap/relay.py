@@ -3,11 +3,16 @@ unchanged, with the descriptors passed along.
 
 Why not the bridge's asyncio relay (:mod:`udskit.bridge`): asyncio's transports neither
 carry ancillary data (SCM_RIGHTS) nor keep seqpacket boundaries, and a tap must do both.
-So each direction of a connection is a thread that blocks in ``recvmsg()`` and
-``sendmsg()``: a direction holds at most one read (:data:`READ_SIZE`) at a time, and a side
-that does not read stops the other from being read (backpressure), with no buffer to grow.
-Bytes go out in the order they came, each read's descriptors with its first byte (where the
-kernel attached them); a seqpacket message goes out whole, as one message.
+So the relay has a loop of its own, on non-blocking sockets (:class:`_Pump`, one thread
+for every connection): each direction of a connection holds at most one read
+(:data:`READ_SIZE`), and while that read is not yet written on, its side is not read again
+(backpressure to the faster side, with no buffer to grow). Bytes go out in the order they
+came, each read's descriptors with its first byte (where the kernel attached them); a
+seqpacket message goes out whole, as one message.
+
+Accepting and connecting to the server (which may wait for a full backlog, or for a forked
+connector when the tap runs as root) happen off that loop, in threads of their own, so a
+slow connect never holds up the bytes of the other connections.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ import errno
 import logging
 import os
 import select
+import selectors
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Final
 
@@ -45,7 +52,8 @@ READ_SIZE: Final = 256 * 1024
 #: a client may pass to the server passes through the tap too.
 MAX_FDS: Final = 253
 
-#: Connections relayed at once (two threads each); more clients wait in the backlog.
+#: Connections relayed at once (two descriptors each, besides the client's); more clients
+#: wait in the backlog.
 MAX_CONNECTIONS: Final = 2048
 
 #: Connections accepted per wake-up, so that a flood of clients does not starve the rest.
@@ -67,27 +75,56 @@ _ANCILLARY: Final = ancillary_size(MAX_FDS, creds=True)
 _PACKET_SLACK: Final = 64 * 1024
 
 
+class _Flow:
+    """One direction of a connection: what ``src`` says, written to ``dst``."""
+
+    __slots__ = ("direction", "dst", "ended", "fds", "pending", "src")
+
+    def __init__(self, direction: Direction, src: socket.socket, dst: socket.socket) -> None:
+        self.direction: Direction = direction
+        self.src = src
+        self.dst = dst
+        #: What was read and is not yet written (None: nothing; ``src`` may be read).
+        self.pending: memoryview | None = None
+        #: The descriptors that came with ``pending``: passed with its first byte.
+        self.fds: list[int] = []
+        self.ended = False
+
+
 class _Connection:
     """One relayed connection: the client's socket and ours to the server."""
 
-    __slots__ = ("client", "cred", "done", "id", "lock", "server")
+    __slots__ = ("client", "cred", "flows", "id", "lock", "masks", "server")
 
     def __init__(self, conn_id: int, client: socket.socket, cred: PeerCred) -> None:
         self.id = conn_id
         self.client = client
         self.cred = cred
         self.server: socket.socket | None = None
+        #: Held while a socket is shut down from another thread or closed by the pump,
+        #: so that a cut never reaches a descriptor number already reused.
         self.lock = threading.Lock()
-        self.done = 0
+        self.flows: tuple[_Flow, _Flow] | None = None  # up, down; once connected
+        self.masks: dict[socket.socket, int] = {}  # what the pump's selector waits for
 
     def cut(self) -> None:
         """Wake both directions with an error (the relay is being stopped, or one side failed)."""
-        for sock in (self.client, self.server):
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        with self.lock:
+            for sock in (self.client, self.server):
+                if sock is not None and sock.fileno() >= 0:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+    def close(self) -> None:
+        with self.lock:
+            self.client.close()
+            if self.server is not None:
+                self.server.close()
+            for flow in self.flows or ():
+                close_fds(flow.fds)
+            self.flows = None
 
 
 class StreamRelay:
@@ -105,7 +142,6 @@ class StreamRelay:
     ) -> None:
         self._listener = listener
         self._kind = kind
-        self._packets = kind == socket.SOCK_SEQPACKET
         self._server_path = server_sun_path
         self._server = server
         self._emit = emit
@@ -119,9 +155,11 @@ class StreamRelay:
         self._wakeup = WakeUp()
         self._closing_at: float | None = None
         self._listener.setblocking(False)
+        self._pump = _Pump(kind == socket.SOCK_SEQPACKET, emit, self._forget)
         self._thread = threading.Thread(target=self._accept_loop, name="udskit-tap", daemon=True)
 
     def start(self) -> None:
+        self._pump.start()
         self._thread.start()
 
     @property
@@ -193,13 +231,12 @@ class StreamRelay:
         return 0.0
 
     def _start(self, client: socket.socket) -> None:
-        client.setblocking(True)
-        tune_buffers(client, None, None)
         try:
             cred = peer_cred(client)
         except OSError:
             client.close()
             return
+        tune_buffers(client, None, None)
         with self._lock:
             self._next_id += 1
             conn = _Connection(self._next_id, client, cred)
@@ -209,22 +246,18 @@ class StreamRelay:
             target=self._open, args=(conn,), name=f"udskit-tap-{conn.id}", daemon=True
         ).start()
 
-    # -- one connection ----------------------------------------------------------------
+    # -- connecting to the server --------------------------------------------------------
     def _open(self, conn: _Connection) -> None:
         try:
             reason = self._connect(conn)
         except BaseException:
-            self._finish(conn)
+            self._unstarted(conn)
             raise
         if reason is not None:
             self._emit(Refused(conn.id, time.time(), conn.cred, reason))
-            self._finish(conn)
+            self._unstarted(conn)
             return
-        down = threading.Thread(
-            target=self._pump, args=(conn, "down"), name=f"udskit-tap-{conn.id}d", daemon=True
-        )
-        down.start()
-        self._pump(conn, "up")
+        self._pump.add(conn)
 
     def _connect(self, conn: _Connection) -> str | None:
         """Connect to the server as the client; None, or why the client is refused."""
@@ -241,7 +274,6 @@ class StreamRelay:
         while True:
             try:
                 conn.server = self._connect_once(cred, as_self)
-                tune_buffers(conn.server, None, None)
                 break
             except OSError as exc:
                 if exc.errno == errno.EAGAIN and time.monotonic() < deadline:
@@ -253,6 +285,7 @@ class StreamRelay:
                     return "the server no longer accepts connections"
                 why = os.strerror(exc.errno or 0).lower()
                 return f"cannot connect to the server as uid {cred.uid}: {why}"
+        tune_buffers(conn.server, None, None)
         if self._server is not None and not as_self:
             # Reached by name, through the connector: check it is the server we tapped.
             found = peer_cred(conn.server)
@@ -274,78 +307,14 @@ class StreamRelay:
         if code != 0:
             sock.close()
             raise OSError(code, os.strerror(code))
-        sock.setblocking(True)
         return sock
 
-    def _pump(self, conn: _Connection, direction: Direction) -> None:
-        assert conn.server is not None
-        src, dst = (conn.client, conn.server) if direction == "up" else (conn.server, conn.client)
-        reason = ""
-        try:
-            reason = self._copy(conn, src, dst, direction)
-        except (OSError, ProtocolError) as exc:
-            reason = _why(exc)
-            conn.cut()
-        finally:
-            self._emit(Closed(conn.id, time.time(), direction, reason))
-            self._finish(conn)
+    def _unstarted(self, conn: _Connection) -> None:
+        """A connection refused or failed before it was relayed: closed and forgotten."""
+        conn.close()
+        self._forget(conn)
 
-    def _copy(
-        self, conn: _Connection, src: socket.socket, dst: socket.socket, direction: Direction
-    ) -> str:
-        peek = bytearray(1)
-        # One buffer per direction, reused: a fresh 256 KiB bytes object per read would be
-        # an mmap() and munmap() each time (it is above malloc's mmap threshold).
-        buffer = bytearray(READ_SIZE)
-        view = memoryview(buffer)
-        while True:
-            if self._packets:
-                # A seqpacket message is read whole or its tail is lost: learn its size first.
-                size = max(1, src.recv_into(peek, 0, socket.MSG_PEEK | socket.MSG_TRUNC))
-                if size > len(buffer):
-                    buffer = bytearray(size)
-                    view = memoryview(buffer)
-            else:
-                size = READ_SIZE
-            got, ancdata, flags, _ = src.recvmsg_into([view[:size]], _ANCILLARY, RECV_FLAGS)
-            data = bytes(view[:got])
-            fds = unpack(ancdata, flags, f"connection {conn.id}", MAX_FDS).fds
-            try:
-                if not data and not fds:
-                    dst.shutdown(socket.SHUT_WR)
-                    return "end of stream"
-                # Reported before it is sent: the answer it provokes is never shown first.
-                described = tuple(describe(fd) for fd in fds)
-                self._emit(Data(conn.id, time.time(), direction, data, described))
-                self._send(dst, data, fds)
-            finally:
-                close_fds(fds)
-
-    def _send(self, dst: socket.socket, data: bytes, fds: list[int]) -> None:
-        try:
-            sent = dst.sendmsg([data], rights(fds, MAX_FDS))
-        except OSError as exc:
-            if exc.errno != errno.EMSGSIZE or not self._packets:
-                raise
-            # A seqpacket message must fit the sender's buffer whole. The client's did;
-            # ours gets room for it too (the kernel doubles the value, for its overhead).
-            dst.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, len(data) + _PACKET_SLACK)
-            sent = dst.sendmsg([data], rights(fds, MAX_FDS))
-        if sent < len(data):
-            if self._packets:  # cannot happen: a seqpacket message goes whole or fails
-                raise ProtocolError("the server's socket took part of a message")
-            dst.sendall(memoryview(data)[sent:])
-
-    def _finish(self, conn: _Connection) -> None:
-        """One direction (or the whole connection, if it never started) is done."""
-        with conn.lock:
-            conn.done += 1
-            last = conn.done == 2 or conn.server is None
-        if not last:
-            return
-        conn.client.close()
-        if conn.server is not None:
-            conn.server.close()
+    def _forget(self, conn: _Connection) -> None:
         # Reported before the connection stops counting, so that a stop() that waits for
         # the connections to end never misses this last event.
         self._emit(Closed(conn.id, time.time(), None))
@@ -355,9 +324,13 @@ class StreamRelay:
 
     # -- stopping ----------------------------------------------------------------------
     def wait(self, timeout: float | None) -> bool:
-        """Wait until every relayed connection has ended; False if ``timeout`` passed."""
+        """Wait until every relayed connection has ended; False if ``timeout`` passed.
+        Once they have and the relay no longer accepts, its loop ends too."""
         with self._idle:
-            return self._idle.wait_for(lambda: not self._connections, timeout)
+            idle = self._idle.wait_for(lambda: not self._connections, timeout)
+        if idle and self._closing_at is not None:
+            self._pump.stop()
+        return idle
 
     def cut(self) -> None:
         """End every relayed connection now."""
@@ -365,6 +338,197 @@ class StreamRelay:
             connections = list(self._connections.values())
         for conn in connections:
             conn.cut()
+
+
+class _Pump:
+    """The loop that moves every connection's bytes: one thread, non-blocking sockets.
+
+    Each socket is watched for reading while its direction has nothing pending, and for
+    writing while the other direction has something pending for it; a direction whose
+    write is stuck (a peer not reading) thus stops its side from being read. One read per
+    socket per wake-up, so that one busy connection does not starve the others.
+    """
+
+    def __init__(
+        self, packets: bool, emit: Callable[[Event], None], ended: Callable[[_Connection], None]
+    ) -> None:
+        self._packets = packets
+        self._emit = emit
+        self._ended = ended
+        self._selector = selectors.DefaultSelector()
+        self._wakeup = WakeUp()
+        self._selector.register(self._wakeup.fd, selectors.EVENT_READ)
+        self._lock = threading.Lock()
+        self._arrived: deque[_Connection] = deque()
+        self._stopping = False
+        self._live = 0
+        # One buffer, reused for every read: a fresh 256 KiB object per read would be an
+        # mmap() (it is above malloc's mmap threshold) and fresh pages faulted in each time.
+        self._buffer = bytearray(READ_SIZE)
+        self._peek = bytearray(1)
+        self._thread = threading.Thread(target=self._run, name="udskit-tap-relay", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, conn: _Connection) -> None:
+        """Relay ``conn`` (its server side is connected) from now on."""
+        with self._lock:
+            self._arrived.append(conn)
+        self._wakeup.wake()
+
+    def stop(self) -> None:
+        """End the loop once no connection is left (the relay accepts no more)."""
+        with self._lock:
+            self._stopping = True
+        self._wakeup.wake()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                for key, mask in self._selector.select():
+                    if key.data is None:
+                        self._wakeup.drain()
+                        self._take_arrivals()
+                    else:
+                        conn, side = key.data
+                        self._serve(conn, side, mask)
+                with self._lock:
+                    if self._stopping and not self._live and not self._arrived:
+                        return
+        finally:
+            self._selector.close()
+            self._wakeup.close()
+
+    def _take_arrivals(self) -> None:
+        with self._lock:
+            arrived, self._arrived = self._arrived, deque()
+        for conn in arrived:
+            assert conn.server is not None
+            conn.client.setblocking(False)
+            conn.server.setblocking(False)
+            conn.flows = (
+                _Flow("up", conn.client, conn.server),
+                _Flow("down", conn.server, conn.client),
+            )
+            self._live += 1
+            self._watch(conn)
+
+    def _serve(self, conn: _Connection, side: socket.socket, mask: int) -> None:
+        if conn.flows is None:
+            return  # finished earlier in this wake-up
+        up, down = conn.flows
+        reading, writing = (up, down) if side is conn.client else (down, up)
+        for flow, ready in ((writing, mask & selectors.EVENT_WRITE), (reading, mask)):
+            if not ready or flow.ended:
+                continue
+            try:
+                if flow is writing:
+                    if flow.pending is not None:
+                        self._flush(flow)
+                elif flow.pending is None:
+                    self._read(conn, flow)
+            except (OSError, ProtocolError) as exc:
+                self._end(conn, flow, _why(exc))
+                conn.cut()
+        if all(flow.ended for flow in conn.flows):
+            self._finish(conn)
+        else:
+            self._watch(conn)
+
+    def _read(self, conn: _Connection, flow: _Flow) -> None:
+        view = memoryview(self._buffer)
+        try:
+            if self._packets:
+                # A seqpacket message is read whole or its tail is lost: learn its size first.
+                peek = flow.src.recv_into(self._peek, 0, socket.MSG_PEEK | socket.MSG_TRUNC)
+                size = max(1, peek)
+                if size > READ_SIZE:
+                    view = memoryview(bytearray(size))  # a rare large message: its own buffer
+            else:
+                size = READ_SIZE
+            got, ancdata, flags, _ = flow.src.recvmsg_into([view[:size]], _ANCILLARY, RECV_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return  # woken for the other direction, or by a cut: nothing to read yet
+        # The copy the event and the pending write own; the buffer is read into again.
+        data = bytes(view[:got])
+        fds = unpack(ancdata, flags, f"connection {conn.id}", MAX_FDS).fds
+        if not data and not fds:
+            flow.dst.shutdown(socket.SHUT_WR)
+            self._end(conn, flow, "end of stream")
+            return
+        flow.pending = memoryview(data)
+        flow.fds = fds
+        # Reported before it is sent: the answer it provokes is never shown first.
+        self._emit(Data(conn.id, time.time(), flow.direction, data, tuple(map(describe, fds))))
+        self._flush(flow)
+
+    def _flush(self, flow: _Flow) -> None:
+        """Write what ``flow`` holds, or as much as the other side takes now."""
+        assert flow.pending is not None
+        data = flow.pending
+        try:
+            sent = self._send(flow.dst, data, flow.fds)
+        except (BlockingIOError, InterruptedError):
+            return  # the other side's buffer is full: wait until it can take more
+        close_fds(flow.fds)  # passed along with the first byte: ours are copies
+        flow.fds = []
+        flow.pending = data[sent:] if sent < len(data) else None
+
+    def _send(self, dst: socket.socket, data: memoryview, fds: list[int]) -> int:
+        ancillary = rights(fds, MAX_FDS)
+        try:
+            sent = dst.sendmsg([data], ancillary)
+        except OSError as exc:
+            if exc.errno != errno.EMSGSIZE or not self._packets:
+                raise
+            # A seqpacket message must fit the sender's buffer whole. The client's did;
+            # ours gets room for it too (the kernel doubles the value, for its overhead).
+            dst.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, len(data) + _PACKET_SLACK)
+            sent = dst.sendmsg([data], ancillary)
+        if self._packets and sent < len(data):  # cannot happen: all of a message or none
+            raise ProtocolError("the server's socket took part of a message")
+        return sent
+
+    def _end(self, conn: _Connection, flow: _Flow, reason: str) -> None:
+        flow.ended = True
+        flow.pending = None
+        close_fds(flow.fds)
+        flow.fds = []
+        self._emit(Closed(conn.id, time.time(), flow.direction, reason))
+
+    def _watch(self, conn: _Connection) -> None:
+        """Have the selector wait for what each of the connection's sockets may do next."""
+        assert conn.flows is not None
+        up, down = conn.flows
+        for reading, writing in ((up, down), (down, up)):
+            sock = reading.src
+            mask = 0
+            if not reading.ended and reading.pending is None:
+                mask |= selectors.EVENT_READ
+            if not writing.ended and writing.pending is not None:
+                mask |= selectors.EVENT_WRITE
+            before = conn.masks.get(sock, 0)
+            if mask == before:
+                continue
+            if not before:
+                self._selector.register(sock, mask, (conn, sock))
+            elif not mask:
+                self._selector.unregister(sock)
+            else:
+                self._selector.modify(sock, mask, (conn, sock))
+            conn.masks[sock] = mask
+
+    def _finish(self, conn: _Connection) -> None:
+        for sock in conn.masks:
+            if conn.masks[sock]:
+                self._selector.unregister(sock)
+        conn.masks.clear()
+        conn.close()
+        self._live -= 1
+        self._ended(conn)
 
 
 def _why(exc: BaseException) -> str:
