@@ -14,7 +14,14 @@ Three measurements, each against the same echo/sink server (a separate process):
   the bridge, via the tap; the hop's added round trip is (via - direct). Target: the tap's
   added round trip <= 2x the bridge's (one relay hop).
 
-Run: python benchmarks/tap.py [--cycles 100] [--size-mib 256] [--pings 20000] [--json FILE]
+Throughput and round trip are measured ``--rounds`` times, the three relays one after
+the other in each round; the ratios are of the medians (and of the best figures, shown
+too). ``--pin CPU`` runs the server, the client and the relay on that one CPU: each hop's
+cost in CPU time, without the cross-CPU wake-ups that make round trips on a virtual
+machine vary by a factor of five; unpinned, the three share the machine's CPUs.
+
+Run: python benchmarks/tap.py [--cycles 100] [--size-mib 256] [--pings 20000] [--rounds 5]
+     [--pin CPU] [--json FILE]
 """
 
 from __future__ import annotations
@@ -252,12 +259,26 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     process.wait(READY_TIMEOUT)
 
 
+def _ratios(which: str, figures: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The targets' ratios: tap over bridge throughput, and the round trip each adds to the
+    direct one, tap over bridge."""
+    added = {k: figures[k]["rtt_us"] - figures["direct"]["rtt_us"] for k in ("bridge", "tap")}
+    return {
+        f"{which}_tap_over_bridge_throughput": figures["tap"]["mb_per_s"]
+        / figures["bridge"]["mb_per_s"],
+        f"{which}_added_rtt_us_bridge": added["bridge"],
+        f"{which}_added_rtt_us_tap": added["tap"],
+        f"{which}_tap_over_bridge_added_rtt": added["tap"] / added["bridge"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cycles", type=int, default=100)
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--pings", type=int, default=20_000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--pin", type=int, metavar="CPU", help="run every process on this CPU")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tapbench-") as tmp:
@@ -272,6 +293,9 @@ def main() -> None:
             k: {"mb_per_s": [], "rtt_us": []} for k in ("direct", "bridge", "tap")
         }
         size = args.size_mib << 20
+        if args.pin is not None:  # the relays started from now on inherit it
+            os.sched_setaffinity(0, {args.pin})
+            os.sched_setaffinity(server.pid or 0, {args.pin})
         for _ in range(args.rounds):
             figures["direct"]["mb_per_s"].append(throughput(path, size))
             figures["direct"]["rtt_us"].append(round_trip(path, args.pings))
@@ -286,12 +310,20 @@ def main() -> None:
             k: {"mb_per_s": max(v["mb_per_s"]), "rtt_us": min(v["rtt_us"])}
             for k, v in figures.items()
         }
-        added = {k: best[k]["rtt_us"] - best["direct"]["rtt_us"] for k in ("bridge", "tap")}
+        median = {
+            k: {
+                "mb_per_s": statistics.median(v["mb_per_s"]),
+                "rtt_us": statistics.median(v["rtt_us"]),
+            }
+            for k, v in figures.items()
+        }
         results["relay"] = {
+            "pinned_to_cpu": args.pin,
+            "rounds": figures,
+            "median": median,
             "best": best,
-            "added_rtt_us": added,
-            "tap_over_bridge_throughput": best["tap"]["mb_per_s"] / best["bridge"]["mb_per_s"],
-            "tap_over_bridge_added_rtt": added["tap"] / added["bridge"],
+            **_ratios("median", median),
+            **_ratios("best", best),
         }
         print(json.dumps(results["relay"], indent=2))
         server.terminate()

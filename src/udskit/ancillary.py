@@ -45,6 +45,10 @@ _INT_SIZE: Final = array.array("i").itemsize
 #: recvmsg flags: descriptors arrive with FD_CLOEXEC already set.
 RECV_FLAGS: Final = int(socket.MSG_CMSG_CLOEXEC)
 
+#: MSG_CTRUNC as a plain int: ``flags & socket.MSG_CTRUNC`` would go through IntFlag's
+#: ``__rand__`` (the right operand subclasses int), a Python call on every receive.
+_CTRUNC: Final = int(socket.MSG_CTRUNC)
+
 #: Machines whose socket option numbers are asm-generic/socket.h's. Alpha, MIPS, PA-RISC
 #: and SPARC number them their own way; there SO_PASSRIGHTS is left alone unless Python
 #: knows its number.
@@ -151,7 +155,7 @@ def unpack(
             creds_sent = True
         else:
             foreign = (level, kind)
-    if flags & socket.MSG_CTRUNC:
+    if flags & _CTRUNC:
         close_fds(fds)
         raise ControlDataError(
             f"message from {where} carried more control data than allowed (MSG_CTRUNC): "

@@ -12,7 +12,6 @@ from ..address import Address, AddressLike
 from ..creds import PeerCred
 from .credentials import Connector
 from .datagrams import DatagramRelay
-from .delivery import Delivery
 from .events import Event, Notice
 from .interpose import SOCKET_TYPES, Interposed, interpose
 from .relay import StreamRelay
@@ -25,9 +24,12 @@ log = logging.getLogger("udskit")
 class Tap:
     """A tap on a live socket. Make one with :func:`start`; :meth:`stop` puts things back.
 
-    ``on_event`` is called with each :class:`~udskit.tap.Event`, from one thread of the
-    tap's, one call at a time, in the order they happened per connection (see
-    :mod:`udskit.tap.delivery`); all have been delivered when :meth:`stop` returns.
+    ``on_event`` is called with each :class:`~udskit.tap.Event` by the tap's threads, one
+    call at a time, in the order they happened per connection; all have been delivered
+    when :meth:`stop` returns. The relay's loop calls it when it has nothing else to do
+    (see :mod:`udskit.tap.relay`): a handler that takes long slows the relay down. From
+    ``on_event``, :meth:`restore` and :meth:`cut` may be called, not :meth:`stop` or
+    :meth:`drain` (they wait for the very thread that runs the handler).
     """
 
     def __init__(
@@ -37,7 +39,10 @@ class Tap:
     ) -> None:
         self._interposed = interposed
         self._on_event = on_event
-        self._delivery = Delivery(on_event)
+        # One call at a time, from whichever of the tap's threads has the event; a call
+        # the handler makes (restore() reports what it did) re-enters it.
+        self._handler_lock = threading.RLock()
+        self._handling = threading.local()
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
         self._restored: str | None = None
@@ -58,32 +63,53 @@ class Tap:
                 "meanwhile; connections opened before now are not seen",
             )
         )
+        self._connector: Connector | None = None
+        if self.type != "dgram" and os.geteuid() == 0:
+            self._connector = Connector(interposed.directory_fd, interposed.aside_name)
         try:
-            self._connector: Connector | None = None
-            kind = SOCKET_TYPES[self.type]
-            if self.type == "dgram":
-                self._relay: StreamRelay | DatagramRelay = DatagramRelay(
-                    interposed.relay, interposed.server_sun_path, self._emit, self._gone
-                )
-            else:
-                if os.geteuid() == 0:
-                    self._connector = Connector(interposed.directory_fd, interposed.aside_name)
-                self._relay = StreamRelay(
-                    interposed.relay,
-                    kind,
-                    interposed.server_sun_path,
-                    interposed.server,
-                    self._emit,
-                    self._connector,
-                    self._gone,
-                )
+            self._relay = self._make_relay()
             self._relay.start()
         except BaseException:
-            self._delivery.close()
+            if self._connector is not None:
+                self._connector.close()
             raise
 
+    def _make_relay(self) -> StreamRelay | DatagramRelay:
+        interposed = self._interposed
+        if self.type == "dgram":
+            return DatagramRelay(
+                interposed.relay, interposed.server_sun_path, self._emit, self._gone
+            )
+        return StreamRelay(
+            interposed.relay,
+            SOCKET_TYPES[self.type],
+            interposed.server_sun_path,
+            interposed.server,
+            self._emit,
+            self._connector,
+            self._gone,
+        )
+
     def _emit(self, event: Event) -> None:
-        self._delivery.put(event)
+        with self._handler_lock:
+            depth = getattr(self._handling, "depth", 0)
+            self._handling.depth = depth + 1
+            try:
+                self._on_event(event)
+            except Exception:
+                log.exception("tap: the event handler failed")
+            finally:
+                self._handling.depth = depth
+
+    def _in_handler(self) -> bool:
+        return getattr(self._handling, "depth", 0) > 0
+
+    def _not_from_handler(self, what: str) -> None:
+        if self._in_handler():
+            raise RuntimeError(
+                f"cannot {what} a tap from its on_event handler: it waits for the thread "
+                "that runs the handler; call restore() there, or tell another thread to stop"
+            )
 
     def _gone(self) -> None:
         if not self._server_gone.is_set():
@@ -113,12 +139,15 @@ class Tap:
             if self._restored is None:
                 self._restored = self._interposed.restore()
                 self._emit(Notice(time.time(), self._restored))
-                self._relay.stop_accepting()
+                # From the handler, not waiting: the thread that accepts may be waiting for
+                # the handler to report a client; it closes the relay's socket by itself.
+                self._relay.stop_accepting(wait=not self._in_handler())
             return self._restored
 
     def drain(self, timeout: float | None) -> bool:
         """Wait for the relayed connections to end (after :meth:`restore`); False if
         ``timeout`` seconds passed first."""
+        self._not_from_handler("drain")
         return self._relay.wait(timeout)
 
     def cut(self) -> None:
@@ -128,6 +157,7 @@ class Tap:
     def stop(self, grace: float | None = None) -> str:
         """Restore the server's socket, then wait for the relayed connections to end, for at
         most ``grace`` seconds (None: until they end) before cutting them. Idempotent."""
+        self._not_from_handler("stop")
         result = self.restore()
         if not self._relay.wait(grace):
             self._emit(
@@ -140,7 +170,6 @@ class Tap:
                 if self._connector is not None:
                     self._connector.close()
                 self._interposed.close()
-                self._delivery.close()
                 self._stopped.set()
         return result
 

@@ -102,13 +102,16 @@ class DatagramRelay:
     def start(self) -> None:
         self._thread.start()
 
-    def stop_accepting(self) -> None:
+    def stop_accepting(self, *, wait: bool = True) -> None:
         self._closing_at = time.monotonic() + DRAIN_AFTER_RESTORE
         self._wakeup.wake()
-        self._thread.join()
+        if wait:
+            self._thread.join()
 
     def wait(self, timeout: float | None) -> bool:
-        return True  # the loop has ended: nothing outlives stop_accepting()
+        # Relaying ends with the loop, once it stopped accepting and the replies lingered.
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def cut(self) -> None:
         pass

@@ -63,6 +63,11 @@ class Shown:
     note: str = ""  # why the framing changed, or what is odd
 
 
+#: A string as a JSON string literal, non-ASCII kept: one encoder for every line
+#: (json.dumps() with an option makes a new one each call).
+_quoted: Final = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def _is_text(text: str) -> bool:
     """No control or unprintable characters but tab, CR and LF."""
     if text.isascii():  # the common case, without a look at each character
@@ -77,10 +82,7 @@ def preview_text(preview: bytes, size: int) -> str:
         text = preview.decode("utf-8")
     except UnicodeDecodeError:
         text = None
-    if text is not None and _is_text(text):
-        shown = json.dumps(text, ensure_ascii=False)
-    else:
-        shown = preview.hex(" ")
+    shown = _quoted(text) if text is not None and _is_text(text) else preview.hex(" ")
     left = size - len(preview)
     return f"{shown} ...(+{left} B)" if left > 0 else shown
 

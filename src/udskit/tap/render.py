@@ -79,6 +79,7 @@ class Printer:
         self._conversations: dict[int, Conversation] = {}
         self._clients: dict[int, PeerCred | None] = {}
         self._names: dict[int, str] = {}  # read from /proc once, at open
+        self._shown: dict[int, str] = {}  # the client as each line shows it, made at open
 
     @property
     def finished(self) -> bool:
@@ -96,7 +97,7 @@ class Printer:
             if not self._packets:
                 self._conversations[event.conn] = Conversation(self._framing, self._max)
             where = f" from {event.address}" if event.address else ""
-            shown = _client(event.client, self._names[event.conn])
+            shown = self._shown[event.conn] = _client(event.client, self._names[event.conn])
             self._line(
                 event.time,
                 event.conn,
@@ -126,6 +127,7 @@ class Printer:
             self._conversations.pop(event.conn, None)
             self._clients.pop(event.conn, None)
             self._names.pop(event.conn, None)
+            self._shown.pop(event.conn, None)
             self._line(event.time, event.conn, "closed", "", {"event": "closed"})
             return
         conversation = self._conversations.get(event.conn)
@@ -191,7 +193,7 @@ class Printer:
                 record["note"] = shown.note
             self._emit_json(when, conn, record)
         else:
-            name = _client(client, self._names.get(conn))
+            name = self._shown.get(conn) or _client(client, self._names.get(conn))
             # An HTTP head has no payload size of its own to show: its line is the message.
             size = "" if shown.summary and not shown.size else f"  {shown.size} B"
             parts = [f"{name}{size}  {shown.framing}"]
