@@ -35,7 +35,7 @@ from udskit.proto.shm import (
     VERSION,
     encode_record,
 )
-from udskit.shm import create_pool, map_peer_pool
+from udskit.shm import FRESH_COPY, create_pool, map_peer_pool
 
 from ..conftest import open_fds
 
@@ -94,6 +94,25 @@ def test_large_messages_go_through_the_pool_small_ones_through_the_socket(
     b.send(b"sync")  # b's release precedes this on the wire
     assert a.recv() == b"sync"
     assert a.pool_in_use == 0
+
+
+def test_a_message_copied_out_into_fresh_memory_is_whole(clean: None) -> None:
+    """From FRESH_COPY up, recv() fills a bytes made for it: every byte arrives, the copy
+    is an ordinary bytes object, and the slot is released."""
+    size = FRESH_COPY + 12345  # not a whole number of pages
+    block = os.urandom(1 << 20)
+    message = (block * (size // len(block) + 1))[:size]
+    a, b = udskit.pair(shared_memory=2 * size, max_frame=size)
+    with a, b:
+        a.send(message)
+        got = b.recv()
+        assert type(got) is bytes
+        assert len(got) == size
+        assert got == message
+        assert hash(got) == hash(message)
+        b.send(b"sync")
+        assert a.recv() == b"sync"
+        assert a.pool_in_use == 0
 
 
 def test_recv_view_is_read_only_and_holds_its_slot_until_released(
