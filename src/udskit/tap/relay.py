@@ -101,7 +101,7 @@ class _Flow:
         self.src = src
         self.dst = dst
         #: What was read and is not yet written (None: nothing; ``src`` may be read).
-        self.pending: memoryview | None = None
+        self.pending: bytes | memoryview | None = None
         #: The descriptors that came with ``pending``: passed with its first byte.
         self.fds: list[int] = []
         self.ended = False
@@ -402,6 +402,8 @@ class _Pump:
         # One buffer, reused for every read: a fresh 256 KiB object per read would be an
         # mmap() (it is above malloc's mmap threshold) and fresh pages faulted in each time.
         self._buffer = bytearray(READ_SIZE)
+        self._view = memoryview(self._buffer)
+        self._into = [self._view]  # recvmsg_into()'s buffers for a stream
         self._peek = bytearray(1)
         self._thread = threading.Thread(target=self._run, name="udskit-tap-relay", daemon=True)
 
@@ -477,6 +479,7 @@ class _Pump:
             return  # finished earlier in this wake-up
         up, down = conn.flows
         reading, writing = (up, down) if side is conn.client else (down, up)
+        before = (reading.pending is None, writing.pending is None, reading.ended, writing.ended)
         flow = writing
         try:
             if mask & _WRITABLE and writing.pending is not None and not writing.ended:
@@ -489,21 +492,26 @@ class _Pump:
             conn.cut()
         if up.ended and down.ended:
             self._finish(conn)
-        else:
-            self._watch(conn)
+        elif before != (
+            reading.pending is None,
+            writing.pending is None,
+            reading.ended,
+            writing.ended,
+        ):
+            self._watch(conn)  # what epoll should wait for has changed
 
     def _read(self, conn: _Connection, flow: _Flow) -> None:
-        view = memoryview(self._buffer)
+        view = self._view
         try:
             if self._packets:
                 # A seqpacket message is read whole or its tail is lost: learn its size first.
-                peek = flow.src.recv_into(self._peek, 0, _PEEK_SIZE)
-                size = max(1, peek)
+                size = max(1, flow.src.recv_into(self._peek, 0, _PEEK_SIZE))
                 if size > READ_SIZE:
                     view = memoryview(bytearray(size))  # a rare large message: its own buffer
+                into = [view[:size]]
             else:
-                size = READ_SIZE
-            got, ancdata, flags, _ = flow.src.recvmsg_into([view[:size]], _ANCILLARY, RECV_FLAGS)
+                into = self._into
+            got, ancdata, flags, _ = flow.src.recvmsg_into(into, _ANCILLARY, RECV_FLAGS)
         except (BlockingIOError, InterruptedError):
             return  # woken for the other direction, or by a cut: nothing to read yet
         # The copy the event and the pending write own; the buffer is read into again.
@@ -515,8 +523,8 @@ class _Pump:
             flow.dst.shutdown(socket.SHUT_WR)
             self._end(conn, flow, "end of stream")
             return
-        described = tuple(map(describe, fds))
-        flow.pending = memoryview(data)
+        described = tuple(map(describe, fds)) if fds else ()
+        flow.pending = data
         flow.fds = fds
         try:
             self._flush(flow)
@@ -533,11 +541,12 @@ class _Pump:
             sent = self._send(flow.dst, data, flow.fds)
         except (BlockingIOError, InterruptedError):
             return  # the other side's buffer is full: wait until it can take more
-        close_fds(flow.fds)  # passed along with the first byte: ours are copies
-        flow.fds = []
-        flow.pending = data[sent:] if sent < len(data) else None
+        if flow.fds:
+            close_fds(flow.fds)  # passed along with the first byte: ours are copies
+            flow.fds = []
+        flow.pending = memoryview(data)[sent:] if sent < len(data) else None
 
-    def _send(self, dst: socket.socket, data: memoryview, fds: list[int]) -> int:
+    def _send(self, dst: socket.socket, data: bytes | memoryview, fds: list[int]) -> int:
         try:
             sent = dst.sendmsg([data], rights(fds, MAX_FDS)) if fds else dst.send(data)
         except OSError as exc:
