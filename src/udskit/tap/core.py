@@ -136,13 +136,18 @@ class Tap:
         """Put the server's socket back at the path now (new clients reach it directly);
         relayed connections go on. Idempotent; what happened, in one line."""
         with self._stop_lock:
-            if self._restored is None:
+            first = self._restored is None
+            if first:
                 self._restored = self._interposed.restore()
-                self._emit(Notice(time.time(), self._restored))
-                # From the handler, not waiting: the thread that accepts may be waiting for
-                # the handler to report a client; it closes the relay's socket by itself.
-                self._relay.stop_accepting(wait=not self._in_handler())
-            return self._restored
+            restored = self._restored
+            assert restored is not None
+        if first:
+            # Outside the lock: the handler this calls may itself call restore().
+            self._emit(Notice(time.time(), restored))
+            # From the handler, not waiting: the thread that accepts may be waiting for
+            # the handler to report a client; it closes the relay's socket by itself.
+            self._relay.stop_accepting(wait=not self._in_handler())
+        return restored
 
     def drain(self, timeout: float | None) -> bool:
         """Wait for the relayed connections to end (after :meth:`restore`); False if
@@ -159,6 +164,7 @@ class Tap:
         most ``grace`` seconds (None: until they end) before cutting them. Idempotent."""
         self._not_from_handler("stop")
         result = self.restore()
+        self._relay.stop_accepting()  # done, even if a restore() elsewhere is still at it
         if not self._relay.wait(grace):
             self._emit(
                 Notice(time.time(), f"cutting {self._relay.active} connections still relayed")
