@@ -14,11 +14,12 @@ Three measurements, each against the same echo/sink server (a separate process):
   the bridge, via the tap; the hop's added round trip is (via - direct). Target: the tap's
   added round trip <= 2x the bridge's (one relay hop).
 
-Throughput and round trip are measured ``--rounds`` times, the three relays one after
-the other in each round; the ratios are of the medians (and of the best figures, shown
-too). ``--pin CPU`` runs the server, the client and the relay on that one CPU: each hop's
-cost in CPU time, without the cross-CPU wake-ups that make round trips on a virtual
-machine vary by a factor of five; unpinned, the three share the machine's CPUs.
+Throughput and round trip are measured ``--rounds`` times, directly and through each
+relay in each round (the bridge and the tap taking turns to go first); the ratios are of
+the medians (and of the best figures, shown too). ``--pin CPU`` runs the server, the
+client and the relay on that one CPU: each hop's cost in CPU time, without the cross-CPU
+wake-ups that make round trips on a virtual machine vary by a factor of five; unpinned,
+the three share the machine's CPUs.
 
 Run: python benchmarks/tap.py [--cycles 100] [--size-mib 256] [--pings 20000] [--rounds 5]
      [--pin CPU] [--json FILE]
@@ -296,10 +297,12 @@ def main() -> None:
         if args.pin is not None:  # the relays started from now on inherit it
             os.sched_setaffinity(0, {args.pin})
             os.sched_setaffinity(server.pid or 0, {args.pin})
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             figures["direct"]["mb_per_s"].append(throughput(path, size))
             figures["direct"]["rtt_us"].append(round_trip(path, args.pings))
-            for kind in ("bridge", "tap"):
+            # Each goes first in every other round: whichever follows another measurement
+            # was measured slower here (by up to a third), whatever it was.
+            for kind in ("bridge", "tap") if round_ % 2 == 0 else ("tap", "bridge"):
                 process, target = _front(kind, path, work)
                 try:
                     figures[kind]["mb_per_s"].append(throughput(target, size))
