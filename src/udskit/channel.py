@@ -62,13 +62,25 @@ from .proto import (
 from .proto.shm import (
     ATTACH,
     OFFER,
+    RECORDS_PER_PACKET,
     RELEASE,
     SHARED_THRESHOLD,
     SLOT,
+    SWITCHED,
+    TAG_MESSAGE,
     VERSION,
+    PacketWire,
+    encode_packet,
     encode_record,
 )
 from .shm import Lease, SharedMemory, check_loan_size
+from .shmpackets import (
+    make_wire,
+    packet_buffer_size,
+    packet_views,
+    send_packet,
+    split_packet,
+)
 from .translate import translate
 
 if TYPE_CHECKING:
@@ -229,10 +241,12 @@ class Channel(ChannelFacts):
         "_shrink_below",
         "_sock",
         "_spin_ns",
+        "_tag",
         "_timeout",
         "_type",
         "_unreadable",
         "_unusable",
+        "_wire",
         "_wlock",
     )
 
@@ -252,16 +266,25 @@ class Channel(ChannelFacts):
         peer_opted: bool = False,
     ) -> None:
         """``shared_memory``: the pool size (0: off) of a channel that opted in (checked by
-        its caller: a stream with length framing); ``peer_opted``: the peer opted in too."""
+        its caller: a stream with length framing, or seqpacket); ``peer_opted``: the peer
+        opted in too."""
         self._sock = sock
         self._type: SocketType = type_name(base_type(sock))
-        limit = max_frame_for(self._type, max_frame)
+        # With shared memory, large messages go through the pool, not the socket: a
+        # seqpacket channel's default max_frame is then the stream's (16 MiB), not the one
+        # a socket packet is held to.
+        limit = max_frame_for("stream" if shared_memory else self._type, max_frame)
         self._framing: Framing | None = (
             make_framing(framing, max_frame=max_frame) if self._type == "stream" else None
         )
         self._shm: SharedMemory | None = None
+        self._wire: PacketWire | None = None  # seqpacket with shared memory
+        self._tag = bytearray(1)  # a tagged packet's first byte (see shmpackets)
         if shared_memory:
-            self._framing = LengthPrefixed(limit, records=True)
+            if self._type == "stream":
+                self._framing = LengthPrefixed(limit, records=True)
+            else:
+                self._wire = make_wire(sock, peer_opted)
             self._shm = SharedMemory(shared_memory, limit, peer_opted=peer_opted)
             pending = weakref.WeakMethod(self._release_soon)
             self._shm.notify = lambda: _call(pending)
@@ -431,6 +454,9 @@ class Channel(ChannelFacts):
             raise ProtocolError(
                 "cannot send an empty seqpacket message: the receiver reads it as end of connection"
             )
+        if self._wire is not None:
+            self._packet_out(data, ancillary)
+            return
         deadline: float | None = None
         while True:
             try:
@@ -451,6 +477,43 @@ class Channel(ChannelFacts):
                     raise translate(exc, "send", self._remote) from exc
             except OSError as exc:
                 raise translate(exc, "send", self._remote) from exc
+
+    def _packet_out(
+        self,
+        data: Buffer | None,
+        ancillary: list[tuple[int, int, bytes]],
+        *,
+        records: bool = False,
+    ) -> None:
+        """One packet on a seqpacket channel with shared memory (see shmpackets.send_packet;
+        None: our hello alone, if owed), waiting within the timeout while the socket is
+        full. Caller holds the write lock. A packet goes whole or not at all, so a failure
+        of the system call leaves the channel as it was; an exception from elsewhere (a
+        signal handler's) may land after a packet went out unrecorded (our hello, a slot),
+        so it breaks the channel, as on a stream."""
+        wire = self._wire
+        assert wire is not None
+        deadline: float | None = None
+        while True:
+            try:
+                send_packet(self._sock, wire, data, ancillary, records=records)
+                return
+            except BlockingIOError:
+                try:
+                    deadline = self._wait(select.POLLOUT, deadline)
+                except OSError as exc:
+                    raise translate(exc, "send", self._remote) from exc
+                except BaseException:
+                    self._break("a send was interrupted")
+                    raise
+            except OSError as exc:
+                self._check_open()  # closed under us by another thread
+                raise translate(exc, "send", self._remote) from exc
+            except UdsError:
+                raise
+            except BaseException:
+                self._break("a send was interrupted")
+                raise
 
     def _write(
         self,
@@ -593,14 +656,14 @@ class Channel(ChannelFacts):
                 if fds:
                     close_fds(fds)
                 messages = [data]
-                framing = self._framing
-                if framing is None:
-                    return messages
                 if self._shm is not None:
                     while self._shm.arrived:
                         data, fds = self._recv()
                         close_fds(fds)
                         messages.append(data)
+                    return messages
+                framing = self._framing
+                if framing is None:
                     return messages
                 while framing.buffered:
                     message = framing.next_message()
@@ -904,6 +967,9 @@ class Channel(ChannelFacts):
             went = 0
             fd = shm.open_pool()
             try:
+                if self._wire is not None:
+                    self._slot_packet(fd, offset, size)
+                    return
                 if fd >= 0:
                     # Alone in its sendmsg(): the descriptor must arrive with this record
                     # and no later one (see proto.framing on descriptors in a stream).
@@ -920,6 +986,24 @@ class Channel(ChannelFacts):
                 if self._broken is None:
                     shm.give_back(offset)  # the slot never went out: ours again
                 raise
+
+    def _slot_packet(self, fd: int, offset: int, size: int) -> None:
+        """Seqpacket: a SLOT in one records packet, after ATTACH with our pool's descriptor
+        if ``fd`` >= 0 (the same packet: it arrives whole, or not at all)."""
+        shm = self._shm
+        assert shm is not None
+        records = [(ATTACH, shm.pool_size, 0)] if fd >= 0 else []
+        records.append((SLOT, offset, size))
+        try:
+            self._packet_out(
+                encode_packet(records), rights([fd], 1) if fd >= 0 else [], records=True
+            )
+        except BaseException:
+            if fd >= 0 and self._broken is None:
+                shm.attach_failed()
+            raise
+        if fd >= 0:
+            shm.pool_sent()
 
     def _lend(self, size: int) -> int:
         """A free extent of ``size`` bytes in our pool, waiting (within the timeout) while
@@ -1026,7 +1110,20 @@ class Channel(ChannelFacts):
         if shm is None or not shm.pending or self._unusable:
             return
         offsets = shm.take_pending()
-        self._put(b"".join([encode_record(RELEASE, offset) for offset in offsets]))
+        if self._wire is None:
+            self._put(b"".join([encode_record(RELEASE, offset) for offset in offsets]))
+            return
+        for start in range(0, len(offsets), RECORDS_PER_PACKET):
+            chunk = offsets[start : start + RECORDS_PER_PACKET]
+            try:
+                self._packet_out(
+                    encode_packet([(RELEASE, offset, 0) for offset in chunk]), [], records=True
+                )
+            except UdsError:
+                if self._broken is None:  # these did not go: owed still, in order
+                    with shm.space:
+                        shm.pending.extendleft(reversed(offsets[start:]))
+                raise
 
     def _release_soon(self) -> None:
         """A received view was released (any thread): send the release now if no send is
@@ -1042,7 +1139,10 @@ class Channel(ChannelFacts):
     def _offer(self) -> None:
         """A listener that opted in answers a client that did (see proto.shm): OFFER."""
         with self._wlock:
-            self._put(encode_record(OFFER, VERSION))
+            if self._wire is not None:
+                self._packet_out(None, [])  # the hello (see proto.shm.PacketWire)
+            else:
+                self._put(encode_record(OFFER, VERSION))
 
     def _recv_shared(self, *, view: bool) -> bytes | memoryview:
         shm = self._shm
@@ -1086,6 +1186,9 @@ class Channel(ChannelFacts):
         """Read until something complete arrives, and take in everything complete: records
         are acted on, messages queued for recv. Caller holds the read lock. ``wait=False``:
         read once, and only if something is there."""
+        if self._wire is not None:
+            self._pump_packet(wait=wait)
+            return
         framing = self._framing
         shm = self._shm
         assert framing is not None
@@ -1108,7 +1211,7 @@ class Channel(ChannelFacts):
                 shm.eof = True
                 return
             if type(message) is Control:
-                self._record(message, framing.take_fds())
+                self._record(message.body, framing.take_fds())
             elif type(message) is bytes:
                 fds = framing.take_fds() if self._fds_seen else []
                 shm.arrived.append((message, fds))
@@ -1119,12 +1222,73 @@ class Channel(ChannelFacts):
             if message is NEED_DATA:
                 return
 
-    def _record(self, control: Control, fds: list[int]) -> None:
+    def _pump_packet(self, *, wait: bool) -> None:
+        """``_pump`` on seqpacket: read one packet (``wait=False``: only if one is there)
+        and act on it: a record, the peer's hello, or a message queued for recv. Caller
+        holds the read lock."""
+        shm = self._shm
+        wire = self._wire
+        assert shm is not None
+        assert wire is not None
+        if not wait:
+            poller = self._poller
+            if poller is None:
+                poller = self._poller = select.poll()
+                poller.register(self._sock.fileno(), select.POLLIN)
+            if not poller.poll(0):
+                return
+        if not self._rbuf:  # holds the largest message or records packet: made on use
+            self._resize(packet_buffer_size(self._max_message))
+        tagged, views = packet_views(wire, self._tag, self._rview)
+        got, ancdata, flags, _ = self._read(views)  # type: ignore[arg-type]
+        tag, size = split_packet(tagged, self._tag, got)
+        # A message lost (descriptors refused, truncated) costs that message, as on any
+        # seqpacket channel; a records packet lost would leave the pools out of step, and
+        # udskit never sends one that could be: the channel closes.
+        message = tag is None or tag == TAG_MESSAGE
+        fds: list[int] = []
+        if ancdata or flags & _CTRUNC:
+            try:
+                fds = unpack(ancdata, flags, self._where(), self._max_fds).fds
+            except ProtocolError as exc:
+                if not message:
+                    self._shared_failed(exc)
+                raise
+        if flags & _TRUNC:
+            close_fds(fds)
+            error = ProtocolError(
+                f"message from {self._where()} was larger than max_frame ({self._max_message} "
+                "bytes) and arrived truncated; raise max_frame on this side"
+            )
+            if not message:
+                self._shared_failed(error)
+            raise error
+        if tag is None and not size:
+            close_fds(fds)
+            shm.eof = True
+            return
+        try:
+            item = wire.incoming(tag, self._rview[:size])
+            if item is SWITCHED and fds:
+                raise ProtocolError("peer's shared-memory hello came with descriptors")  # noqa: TRY301
+        except ProtocolError as exc:
+            close_fds(fds)
+            self._shared_failed(exc)
+        if item is SWITCHED:
+            shm.ready = True
+        elif type(item) is list:
+            for i, body in enumerate(item):
+                self._record(body, fds if i == 0 else [])
+        else:
+            shm.arrived.append((item, fds))  # type: ignore[arg-type]
+            shm.arrived_bytes += len(item)  # type: ignore[arg-type]
+
+    def _record(self, body: bytes, fds: list[int]) -> None:
         """Act on one shared-memory record; a bad one closes the channel (ProtocolError)."""
         shm = self._shm
         assert shm is not None
         try:
-            lease = shm.on_record(control.body, fds)
+            lease = shm.on_record(body, fds)
         except ProtocolError as exc:
             self._shared_failed(exc)
             return
