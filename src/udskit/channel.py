@@ -1240,7 +1240,14 @@ class Channel(ChannelFacts):
         if not self._rbuf:  # holds the largest message or records packet: made on use
             self._resize(packet_buffer_size(self._max_message))
         tagged, views = packet_views(wire, self._tag, self._rview)
-        got, ancdata, flags, _ = self._read(views)  # type: ignore[arg-type]
+        try:
+            got, ancdata, flags, _ = self._read(views)  # type: ignore[arg-type]
+        except ConnectionClosed as exc:
+            if not isinstance(exc.__cause__, ConnectionResetError):
+                raise
+            # The peer closed with packets of ours unread (our hello, say), and the kernel
+            # reports that once, before the packets it sent: read those, then the end.
+            got, ancdata, flags, _ = self._read(views)  # type: ignore[arg-type]
         tag, size = split_packet(tagged, self._tag, got)
         # A message lost (descriptors refused, truncated) costs that message, as on any
         # seqpacket channel; a records packet lost would leave the pools out of step, and

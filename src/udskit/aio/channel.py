@@ -582,6 +582,10 @@ class Channel(Sending, ChannelFacts):
                 got, ancdata, flags, _ = sock.recvmsg_into(views, self._ancsize, RECV_FLAGS)
             except (BlockingIOError, InterruptedError):
                 break
+            except ConnectionResetError:
+                # As in the blocking Channel: the peer closed with packets of ours unread;
+                # reported once, before what it sent. Read that, then the end.
+                continue
             except OSError as exc:
                 self._fail_read(translate(exc, "recv", self._remote), fatal=True)
                 break
