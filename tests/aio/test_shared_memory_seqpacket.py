@@ -1,0 +1,202 @@
+"""``udskit.aio`` with ``shared_memory=True`` on seqpacket: the same tagged packets as the
+blocking layer (tests/integration/test_shared_memory_seqpacket.py has the faults in full),
+driven from the event loop; both layers talking to each other; plain peers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import udskit
+import udskit.aio
+from udskit import ConnectionClosed, ProtocolError, Timeout
+from udskit.proto.shm import PAGE, SLOT
+
+from ..conftest import open_fds
+from ..integration.test_shared_memory import _memfd, data, pool_mappings
+from ..integration.test_shared_memory_seqpacket import _attach, _records
+
+Run = Callable[[Coroutine[Any, Any, Any]], Any]
+
+MIB = 1024 * 1024
+SEQ = {"type": "seqpacket"}
+
+
+@pytest.fixture(autouse=True)
+def clean() -> Iterator[None]:
+    """Fail the test if it leaves a descriptor or a pool mapping behind."""
+    fds, maps = open_fds(), pool_mappings("")
+    yield
+    leaked = {fd for fd in open_fds() - fds if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not leaked, f"descriptors leaked: {sorted(leaked)}"
+    assert pool_mappings("") == maps, "a shared-memory mapping was left behind"
+
+
+def test_pair_moves_large_messages_through_the_pool(arun: Run) -> None:
+    async def main() -> None:
+        a, b = udskit.aio.pair(type="seqpacket", shared_memory=2 * MIB)
+        async with a, b:
+            assert a.shared_memory
+            await a.send(b"small")
+            await a.send(data(MIB, 1))
+            assert a.pool_in_use == MIB
+            assert await b.recv() == b"small"
+            view = await b.recv_view()
+            assert view.readonly
+            assert view == data(MIB, 1)
+            loan = await a.loan(MIB)
+            loan[:4] = b"loan"
+            await a.send(loan)
+            a.settimeout(0.05)
+            with pytest.raises(Timeout, match="pool stayed full"):  # b holds both slots
+                await a.send(data(MIB))
+            a.settimeout(None)
+            sending = asyncio.ensure_future(a.send(data(MIB, 7)))
+            await asyncio.sleep(0)
+            assert not sending.done()
+            view.release()  # the release reaches a's reader: the send completes
+            await sending
+            assert (await b.recv())[:4] == b"loan"
+            assert await b.recv() == data(MIB, 7)
+            await b.send(b"sync")
+            assert await a.recv() == b"sync"
+            assert a.pool_in_use == 0
+
+    arun(main())
+
+
+def test_tasks_sending_at_once_while_the_socket_is_full(arun: Run) -> None:
+    """The first large message carries the pool; the others' slots must not overtake it
+    while its packet waits for room in the socket, nor go without it if it is cancelled."""
+
+    async def main() -> None:
+        a, b = udskit.aio.pair(type="seqpacket", shared_memory=8 * MIB)
+        async with a, b:
+            filler = 0
+            while True:  # fill the socket with tagged messages, as a would send them
+                try:
+                    a.socket.send(b"\x00" + bytes(16 * 1024))
+                except BlockingIOError:
+                    break
+                filler += 1
+            sends = [asyncio.ensure_future(a.send(data(MIB, seed))) for seed in range(6)]
+            await asyncio.sleep(0)
+            assert not any(send.done() for send in sends)
+            # The task carrying the pool gives up: the next one carries it instead.
+            sends[0].cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await sends[0]
+            for _ in range(filler):
+                assert await b.recv() == bytes(16 * 1024)
+            await asyncio.gather(*sends[1:])
+            got = sorted([await b.recv() for _ in range(5)])
+            assert got == sorted(data(MIB, seed) for seed in range(1, 6))
+
+    arun(main())
+
+
+def test_forged_packets_close_the_channel(arun: Run) -> None:
+    async def main() -> None:
+        for packets, match in (
+            ([_records((SLOT, 0, 100))], "before its pool"),
+            ([b"\x07"], "unknown shared-memory tag"),
+            (["unsealed"], "not sealed"),
+        ):
+            victim, forger = udskit.aio.pair(type="seqpacket", shared_memory=True)
+            async with victim:
+                raw = forger.socket
+                raw.setblocking(True)
+                for packet in packets:
+                    if packet == "unsealed":
+                        _attach(raw, _memfd(PAGE * 64, seals=0), PAGE * 64)
+                    else:
+                        raw.send(packet)  # type: ignore[arg-type]
+                with pytest.raises(ProtocolError, match=match):
+                    await victim.recv()
+                with pytest.raises(ProtocolError, match="cannot be used"):
+                    await victim.recv()
+                with pytest.raises(ConnectionClosed):
+                    await victim.send(b"x")
+            forger.close()
+
+    arun(main())
+
+
+@pytest.mark.parametrize("server_layer", ["aio", "blocking"])
+def test_both_layers_speak_the_same_packets(arun: Run, sockdir: Path, server_layer: str) -> None:
+    path = sockdir / "s"
+    message = data(MIB, 3)
+
+    def blocking_side(listener: udskit.Listener | None) -> bool:
+        if listener is not None:
+            with listener.accept() as channel:
+                channel.send(b"greeting")
+                for got in channel:
+                    channel.send(got)
+                return channel.shared_memory
+        with udskit.connect(path, type="seqpacket", shared_memory=True) as channel:
+            assert channel.recv() == b"greeting"
+            channel.send(message)
+            with channel.recv_view() as view:
+                assert view == message
+            return channel.shared_memory
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        if server_layer == "blocking":
+            with udskit.listen(path, type="seqpacket", shared_memory=True) as listener:
+                served = loop.run_in_executor(None, blocking_side, listener)
+                async with await udskit.aio.connect(path, shared_memory=True, **SEQ) as channel:  # type: ignore[arg-type]
+                    assert await channel.recv() == b"greeting"
+                    assert channel.shared_memory
+                    await channel.send(message)
+                    with await channel.recv_view() as view:
+                        assert view == message
+                assert await served
+        else:
+            async with await udskit.aio.listen(path, shared_memory=True, **SEQ) as listener:  # type: ignore[arg-type]
+                client = loop.run_in_executor(None, blocking_side, None)
+                async with await listener.accept() as channel:
+                    assert channel.shared_memory
+                    await channel.send(b"greeting")
+                    async for got in channel:
+                        await channel.send(got)
+                assert await client
+
+    arun(main())
+
+
+def test_plain_peers_see_plain_packets(arun: Run, sockdir: Path) -> None:
+    """A client that did not opt in gets no hello from an aio listener that did; a server
+    that did not opt in gets no tag from an aio client that did."""
+    path = str(sockdir / "s")
+
+    async def main() -> None:
+        async with await udskit.aio.listen(path, shared_memory=True, **SEQ) as listener:  # type: ignore[arg-type]
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as raw:
+                raw.connect(path)
+                async with await listener.accept() as channel:
+                    assert not channel.shared_memory
+                    await channel.send(b"hi")
+                    raw.send(b"\x01plain")
+                    assert await channel.recv() == b"\x01plain"
+                assert raw.recv(100) == b"hi"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as server:
+            server.bind(path)
+            server.listen()
+            async with await udskit.aio.connect(path, shared_memory=True, **SEQ) as channel:  # type: ignore[arg-type]
+                conn, _ = server.accept()
+                with conn:
+                    conn.send(b"first")
+                    assert await channel.recv() == b"first"
+                    assert not channel.shared_memory
+                    await channel.send(data(200_000))  # above the threshold: the socket
+                    assert conn.recv(MIB) == data(200_000)
+
+    arun(main())
