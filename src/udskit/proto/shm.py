@@ -49,6 +49,7 @@ __all__ = [
     "RELEASE",
     "SHARED_THRESHOLD",
     "SLOT",
+    "SWITCHED",
     "TAG_MESSAGE",
     "TAG_RECORDS",
     "VERSION",
@@ -61,6 +62,7 @@ __all__ = [
     "decode_record",
     "encode_packet",
     "encode_record",
+    "hello_packet",
     "is_marker",
 ]
 
