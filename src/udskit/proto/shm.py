@@ -37,8 +37,8 @@ from ..errors import ProtocolError
 __all__ = [
     "ATTACH",
     "CONTROL_BIT",
-    "HELLO",
     "DEFAULT_POOL",
+    "HELLO",
     "MARKER_PREFIX",
     "MAX_POOL",
     "OFFER",
