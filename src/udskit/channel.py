@@ -149,6 +149,10 @@ POOL_WAIT: Final = 0.05
 #: take them, so that a peer sending many messages and no release cannot grow our memory.
 ARRIVED_MAX: Final = 4 * 1024 * 1024
 
+#: Packets a look at a seqpacket socket with shared memory (``_pump(wait=False)``) takes in
+#: at most: the releases that arrived, without reading on for ever behind a fast peer.
+_PACKETS_PER_LOOK: Final = 64
+
 #: Upper bound for ``spin``: past a millisecond, polling burns a CPU for no gain over being
 #: woken (a wake-up costs tens of microseconds, not milliseconds).
 MAX_SPIN_US: Final = 1000
@@ -684,7 +688,9 @@ class Channel(ChannelFacts):
         """An exception that is not ours (a signal handler's KeyboardInterrupt, say) cut a
         read short: bytes the kernel handed over may not have reached the framing, so on a
         stream nothing more can be read safely. (A packet is lost, if anything; no splice.)"""
-        if self._framing is not None and self._unreadable is None:
+        # With shared memory a seqpacket channel is in the same case: a records packet
+        # lost would leave the pools out of step.
+        if (self._framing is not None or self._wire is not None) and self._unreadable is None:
             self._unreadable = read_interrupted(self._where())
             self._unusable = True
 
@@ -1231,12 +1237,17 @@ class Channel(ChannelFacts):
         assert shm is not None
         assert wire is not None
         if not wait:
+            # Take in what is there, a packet at a time (releases, mostly): a sender
+            # looking before it lends reuses the lowest pages, as on a stream.
             poller = self._poller
             if poller is None:
                 poller = self._poller = select.poll()
                 poller.register(self._sock.fileno(), select.POLLIN)
-            if not poller.poll(0):
-                return
+            for _ in range(_PACKETS_PER_LOOK):
+                if shm.eof or shm.arrived_bytes > ARRIVED_MAX or not poller.poll(0):
+                    return
+                self._pump_packet(wait=True)
+            return
         if not self._rbuf:  # holds the largest message or records packet: made on use
             self._resize(packet_buffer_size(self._max_message))
         tagged, views = packet_views(wire, self._tag, self._rview)

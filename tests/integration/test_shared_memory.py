@@ -681,7 +681,10 @@ def test_numpy_arrays_in_and_out(shm_pair: tuple[Channel, Channel]) -> None:
 # -- servers -------------------------------------------------------------------------------------
 
 
-def test_a_thread_per_client_server_with_shared_memory(sockdir: Path, clean: None) -> None:
+@pytest.mark.parametrize("kind", ["stream", "seqpacket"])
+def test_a_thread_per_client_server_with_shared_memory(
+    sockdir: Path, clean: None, kind: str
+) -> None:
     path = sockdir / "s"
     message = data(BIG, 8)
 
@@ -694,11 +697,11 @@ def test_a_thread_per_client_server_with_shared_memory(sockdir: Path, clean: Non
             with view:
                 channel.send(view)  # from the client's pool into ours: one copy
 
-    with udskit.Server(path, echo, shared_memory=True) as server:
+    with udskit.Server(path, echo, shared_memory=True, type=kind) as server:  # type: ignore[arg-type]
         thread = threading.Thread(target=server.serve_forever)
         thread.start()
         try:
-            with udskit.connect(path, shared_memory=True) as channel:
+            with udskit.connect(path, shared_memory=True, type=kind) as channel:  # type: ignore[arg-type]
                 channel.send(b"hi")
                 assert channel.recv() == b"hi"
                 channel.send(message)
