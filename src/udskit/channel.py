@@ -62,12 +62,10 @@ from .proto import (
 from .proto.shm import (
     ATTACH,
     OFFER,
-    RECORDS_PER_PACKET,
     RELEASE,
     SHARED_THRESHOLD,
     SLOT,
     SWITCHED,
-    TAG_MESSAGE,
     VERSION,
     PacketWire,
     encode_packet,
@@ -75,11 +73,14 @@ from .proto.shm import (
 )
 from .shm import Lease, SharedMemory, check_loan_size
 from .shmpackets import (
+    is_message,
     make_wire,
     packet_buffer_size,
     packet_views,
+    release_packets,
     send_packet,
     split_packet,
+    take_packet,
 )
 from .translate import translate
 
@@ -1119,12 +1120,9 @@ class Channel(ChannelFacts):
         if self._wire is None:
             self._put(b"".join([encode_record(RELEASE, offset) for offset in offsets]))
             return
-        for start in range(0, len(offsets), RECORDS_PER_PACKET):
-            chunk = offsets[start : start + RECORDS_PER_PACKET]
+        for start, packet in release_packets(offsets):
             try:
-                self._packet_out(
-                    encode_packet([(RELEASE, offset, 0) for offset in chunk]), [], records=True
-                )
+                self._packet_out(packet, [], records=True)
             except UdsError:
                 if self._broken is None:  # these did not go: owed still, in order
                     with shm.space:
@@ -1260,10 +1258,7 @@ class Channel(ChannelFacts):
             # reports that once, before the packets it sent: read those, then the end.
             got, ancdata, flags, _ = self._read(views)  # type: ignore[arg-type]
         tag, size = split_packet(tagged, self._tag, got)
-        # A message lost (descriptors refused, truncated) costs that message, as on any
-        # seqpacket channel; a records packet lost would leave the pools out of step, and
-        # udskit never sends one that could be: the channel closes.
-        message = tag is None or tag == TAG_MESSAGE
+        message = is_message(tag)  # its loss costs it; any other packet's, the channel
         fds: list[int] = []
         if ancdata or flags & _CTRUNC:
             try:
@@ -1286,11 +1281,8 @@ class Channel(ChannelFacts):
             shm.eof = True
             return
         try:
-            item = wire.incoming(tag, self._rview[:size])
-            if item is SWITCHED and fds:
-                raise ProtocolError("peer's shared-memory hello came with descriptors")  # noqa: TRY301
+            item = take_packet(wire, tag, self._rview[:size], fds)
         except ProtocolError as exc:
-            close_fds(fds)
             self._shared_failed(exc)
         if item is SWITCHED:
             shm.ready = True

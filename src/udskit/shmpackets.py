@@ -8,11 +8,16 @@ both layers call these, around their own waiting.
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from typing import Final
 
+from .ancillary import close_fds
+from .errors import ProtocolError
 from .proto.shm import (
     RECORD_PACKET_MAX,
     RECORDS_PER_PACKET,
+    RELEASE,
+    SWITCHED,
     TAG_MESSAGE,
     TAG_RECORDS,
     PacketWire,
@@ -24,9 +29,11 @@ __all__ = [
     "make_wire",
     "packet_buffer_size",
     "packet_views",
-    "record_packets",
+    "release_packets",
     "send_packet",
+    "is_message",
     "split_packet",
+    "take_packet",
 ]
 
 #: No SIGPIPE on a closed peer (as the channels send).
@@ -66,12 +73,13 @@ def send_packet(
         sock.send(data, _SEND_FLAGS)
 
 
-def record_packets(records: list[tuple[int, int, int]]) -> list[bytes]:
-    """``records`` as the bodies of records packets, RECORDS_PER_PACKET to a packet."""
-    return [
-        encode_packet(records[i : i + RECORDS_PER_PACKET])
-        for i in range(0, len(records), RECORDS_PER_PACKET)
-    ]
+def release_packets(offsets: list[int]) -> Iterator[tuple[int, bytes]]:
+    """RELEASEs of ``offsets`` as records packets, RECORDS_PER_PACKET to a packet: (index
+    of the packet's first offset, the packet's body), so that a caller whose send fails
+    knows which releases are still owed."""
+    for start in range(0, len(offsets), RECORDS_PER_PACKET):
+        chunk = offsets[start : start + RECORDS_PER_PACKET]
+        yield start, encode_packet([(RELEASE, offset, 0) for offset in chunk])
 
 
 def packet_buffer_size(max_frame: int) -> int:
@@ -110,3 +118,26 @@ def make_wire(sock: socket.socket, peer_opted: bool) -> PacketWire:
     if not is_marker(name):
         raise ValueError("a seqpacket client with shared_memory must be bound to a marker name")
     return PacketWire("client", name)
+
+
+def is_message(tag: int | None) -> bool:
+    """Whether a packet with ``tag`` is a message (plain, or tagged as one). A message lost
+    (truncated, descriptors refused) costs that message, as on any seqpacket channel; any
+    other packet lost would leave the pools out of step, so its loss closes the channel."""
+    return tag is None or tag == TAG_MESSAGE
+
+
+def take_packet(
+    wire: PacketWire, tag: int | None, body: memoryview, fds: list[int]
+) -> bytes | list[bytes] | object:
+    """What one received packet is (see ``PacketWire.incoming``): a message, record
+    bodies (the descriptors go with the first), or SWITCHED. ProtocolError for a packet no
+    udskit peer sends, the descriptors closed."""
+    try:
+        item = wire.incoming(tag, body)
+        if item is SWITCHED and fds:
+            raise ProtocolError("peer's shared-memory hello came with descriptors")  # noqa: TRY301
+    except ProtocolError:
+        close_fds(fds)
+        raise
+    return item

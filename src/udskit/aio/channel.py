@@ -38,23 +38,24 @@ from ..proto import CLOSED, Control, Framing, LengthPrefixed, make_framing
 from ..proto.shm import (
     ATTACH,
     OFFER,
-    RECORDS_PER_PACKET,
     RELEASE,
     SHARED_THRESHOLD,
     SLOT,
     SWITCHED,
-    TAG_MESSAGE,
     VERSION,
     encode_packet,
     encode_record,
 )
 from ..shm import Lease, SharedMemory, check_loan_size
 from ..shmpackets import (
+    is_message,
     make_wire,
     packet_buffer_size,
     packet_views,
+    release_packets,
     send_packet,
     split_packet,
+    take_packet,
 )
 from ..translate import translate, translating
 from .buffers import FEED_SLICE, READ_AHEAD, RECV_CHUNK, scratch
@@ -590,9 +591,7 @@ class Channel(Sending, ChannelFacts):
                 self._fail_read(translate(exc, "recv", self._remote), fatal=True)
                 break
             tag, size = split_packet(tagged, self._tag, got)
-            # As in the blocking Channel: a message lost costs that message; a records
-            # packet lost would leave the pools out of step, and closes the channel.
-            message = tag is None or tag == TAG_MESSAGE
+            message = is_message(tag)  # its loss costs it; any other packet's, the channel
             try:
                 fds = (
                     unpack(ancdata, flags, self._where(), self._max_fds).fds
@@ -619,11 +618,8 @@ class Channel(Sending, ChannelFacts):
                 self._space.wake_all()
                 break
             try:
-                item = wire.incoming(tag, body[:size])
-                if item is SWITCHED and fds:
-                    raise ProtocolError("peer's shared-memory hello came with descriptors")  # noqa: TRY301
+                item = take_packet(wire, tag, body[:size], fds)
             except ProtocolError as exc:
-                close_fds(fds)
                 self._fail_read(self._shared_failed(exc), fatal=True)
                 break
             if item is SWITCHED:
@@ -870,10 +866,9 @@ class Channel(Sending, ChannelFacts):
         and goes when it becomes writable (``_writable``)."""
         assert self._wire is not None
         offsets = shm.take_pending()
-        for start in range(0, len(offsets), RECORDS_PER_PACKET):
-            chunk = [(RELEASE, offset, 0) for offset in offsets[start : start + RECORDS_PER_PACKET]]
+        for start, packet in release_packets(offsets):
             try:
-                send_packet(self._sock, self._wire, encode_packet(chunk), [], records=True)
+                send_packet(self._sock, self._wire, packet, [], records=True)
             except (BlockingIOError, InterruptedError):
                 with shm.space:
                     shm.pending.extendleft(reversed(offsets[start:]))
