@@ -73,6 +73,7 @@ from .proto.shm import (
 )
 from .shm import Lease, SharedMemory, check_loan_size
 from .shmpackets import (
+    Lost,
     is_message,
     make_wire,
     packet_buffer_size,
@@ -662,7 +663,8 @@ class Channel(ChannelFacts):
                     close_fds(fds)
                 messages = [data]
                 if self._shm is not None:
-                    while self._shm.arrived:
+                    arrived = self._shm.arrived
+                    while arrived and type(arrived[0][0]) is not Lost:  # raised by the next
                         data, fds = self._recv()
                         close_fds(fds)
                         messages.append(data)
@@ -1184,6 +1186,8 @@ class Channel(ChannelFacts):
         item = shm.arrived.popleft()
         if type(item[0]) is bytes:
             shm.arrived_bytes -= len(item[0])
+        elif type(item[0]) is Lost:
+            raise item[0].error
         return item
 
     def _pump(self, *, wait: bool = True) -> None:
@@ -1258,24 +1262,22 @@ class Channel(ChannelFacts):
             # reports that once, before the packets it sent: read those, then the end.
             got, ancdata, flags, _ = self._read(views)  # type: ignore[arg-type]
         tag, size = split_packet(tagged, self._tag, got)
-        message = is_message(tag)  # its loss costs it; any other packet's, the channel
         fds: list[int] = []
-        if ancdata or flags & _CTRUNC:
-            try:
+        try:
+            if ancdata or flags & _CTRUNC:
                 fds = unpack(ancdata, flags, self._where(), self._max_fds).fds
-            except ProtocolError as exc:
-                if not message:
-                    self._shared_failed(exc)
-                raise
-        if flags & _TRUNC:
-            close_fds(fds)
-            error = ProtocolError(
-                f"message from {self._where()} was larger than max_frame ({self._max_message} "
-                "bytes) and arrived truncated; raise max_frame on this side"
-            )
-            if not message:
-                self._shared_failed(error)
-            raise error
+            if flags & _TRUNC:
+                close_fds(fds)
+                raise ProtocolError(  # noqa: TRY301
+                    f"message from {self._where()} was larger than max_frame "
+                    f"({self._max_message} bytes) and arrived truncated; raise max_frame on "
+                    "this side"
+                )
+        except ProtocolError as exc:
+            if not is_message(tag):  # its loss would leave the pools out of step
+                self._shared_failed(exc)
+            shm.arrived.append((Lost(exc), []))  # a message lost: recv() says so, in order
+            return
         if tag is None and not size:
             close_fds(fds)
             shm.eof = True

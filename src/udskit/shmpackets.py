@@ -24,6 +24,7 @@ from .proto.shm import (
     encode_packet,
     is_marker,
 )
+from .shm import Lease
 
 __all__ = [
     "make_wire",
@@ -31,6 +32,7 @@ __all__ = [
     "packet_views",
     "release_packets",
     "send_packet",
+    "Lost",
     "is_message",
     "split_packet",
     "take_packet",
@@ -141,3 +143,16 @@ def take_packet(
         close_fds(fds)
         raise
     return item
+
+
+class Lost(Lease):
+    """In a blocking channel's queue of arrivals, where a message was lost (truncated, or
+    its descriptors refused): ``recv`` raises ``error`` there, in order, whichever thread
+    read the packet (a sender looking for releases, say). A Lease, so that the queue's
+    type holds it; it holds no slot."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: ProtocolError) -> None:
+        super().__init__(0, 0)
+        self.error = error

@@ -28,6 +28,7 @@ from udskit.proto.shm import (
     OFFER,
     PAGE,
     RELEASE,
+    SHARED_THRESHOLD,
     SLOT,
     VERSION,
     encode_packet,
@@ -453,3 +454,43 @@ def test_a_sender_killed_after_its_pool_before_its_message() -> None:
     assert pool_mappings("forged") == maps
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status)
+
+
+def test_a_lost_message_costs_that_message_a_lost_record_the_channel() -> None:
+    victim, forger = _seq_pair(max_frame=1000, max_fds=1)  # a buffer of 1,088 bytes
+    with victim, forger:
+        raw = forger.socket
+        fds = [_memfd(PAGE), _memfd(PAGE)]
+        raw.send(b"\x00" + bytes(2000))  # truncated
+        raw.send(b"\x00ok")
+        raw.sendmsg([b"\x00two descriptors"], _rights(*fds))  # one more than max_fds
+        raw.send(b"\x00after")
+        raw.send(b"\x01" + bytes(17 * 100))  # a records packet cut short
+        for fd in fds:
+            os.close(fd)
+        with pytest.raises(ProtocolError, match="truncated"):
+            victim.recv()
+        assert victim.recv() == b"ok"
+        with pytest.raises(ProtocolError, match="max_fds"):
+            victim.recv()
+        assert victim.recv() == b"after"
+        _expect_closed_by(victim, "truncated")
+
+
+def test_a_message_lost_while_a_sender_looks_for_releases_is_reported_to_recv() -> None:
+    a, b = _seq_pair(shared_memory=SHARED_THRESHOLD, max_fds=1)
+    with a, b:
+        a.send(data(SHARED_THRESHOLD))
+        held = b.recv_view()  # a's pool is full until b releases this
+        fds = [_memfd(PAGE), _memfd(PAGE)]
+        b.socket.sendmsg([b"\x00two descriptors"], _rights(*fds))
+        b.socket.send(b"\x00next")
+        for fd in fds:
+            os.close(fd)
+        a.settimeout(0.1)
+        with pytest.raises(Timeout, match="pool stayed full"):  # it read both meanwhile
+            a.send(data(SHARED_THRESHOLD))
+        with pytest.raises(ProtocolError, match="max_fds"):
+            a.recv()
+        assert a.recv() == b"next"
+        held.release()
