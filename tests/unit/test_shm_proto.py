@@ -286,6 +286,22 @@ def test_the_plain_message_a_client_may_not_send_before_deciding() -> None:
     client.check_plain(b"anything else")
 
 
+def test_the_hello_is_refused_in_any_shape_and_until_ours_went() -> None:
+    client = PacketWire("client", MARKER)
+    hello = hello_packet(MARKER)
+    rows = memoryview(bytearray(hello)).cast("B", shape=[5, len(hello) // 5])
+    assert len(rows) == 5  # len() counts rows, the socket sends all 35 bytes
+    with pytest.raises(ProtocolError, match="hello"):
+        client.check_plain(rows)
+    # The reader takes the listener's hello while another thread is about to send a
+    # plain packet: until our hello has gone, the listener still reads plain packets.
+    assert client.incoming(None, memoryview(hello)) is SWITCHED
+    with pytest.raises(ProtocolError, match="hello"):
+        client.check_plain(hello)
+    client.switched()
+    client.check_plain(hello)  # tagged from now on: never misread
+
+
 def test_a_hello_of_another_version_is_refused() -> None:
     client = PacketWire("client", MARKER)
     with pytest.raises(ProtocolError, match="version 2"):

@@ -394,8 +394,15 @@ class PacketWire:
 
     def check_plain(self, data: bytes | bytearray | memoryview) -> None:
         """Before a plain (untagged) packet goes out: ProtocolError for the one message a
-        listener that opted in would take for our hello."""
-        if not self.decided and len(data) == len(self.hello) and bytes(data) == self.hello:
+        listener that opted in would take for our hello: while we have not read its first
+        packet, and once we have read its hello until ours has gone (another thread may be
+        sending while the reader switches). Sizes are compared in bytes: ``len()`` of a
+        multi-dimensional buffer counts rows."""
+        if (
+            (not self.decided or self.switch_pending)
+            and memoryview(data).nbytes == len(self.hello)
+            and bytes(data) == self.hello
+        ):
             raise ProtocolError(
                 "cannot send this message yet: it is this connection's shared-memory hello, "
                 "which the listener would take for it; receive first (nothing was sent)"
@@ -443,7 +450,8 @@ class PacketWire:
                 f"speaks {VERSION}: use the same udskit version on both sides"
             )
         if not self.decided:
-            self.decided = True
+            # switch_pending first: a sender that sees ``decided`` also sees it (check_plain)
             self.switch_pending = True  # ours goes before our next packet
+            self.decided = True
         self.tag_in = True
         return SWITCHED
