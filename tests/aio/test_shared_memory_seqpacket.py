@@ -4,6 +4,7 @@ driven from the event loop; both layers talking to each other; plain peers."""
 
 from __future__ import annotations
 
+import array
 import asyncio
 import os
 import socket
@@ -16,7 +17,7 @@ import pytest
 import udskit
 import udskit.aio
 from udskit import ConnectionClosed, ProtocolError, Timeout
-from udskit.proto.shm import PAGE, SLOT
+from udskit.proto.shm import PAGE, SHARED_THRESHOLD, SLOT
 
 from ..conftest import open_fds
 from ..integration.test_shared_memory import _memfd, data, pool_mappings
@@ -26,6 +27,8 @@ Run = Callable[[Coroutine[Any, Any, Any]], Any]
 
 MIB = 1024 * 1024
 SEQ = {"type": "seqpacket"}
+#: Bound for every wait in this file.
+WAIT = 20.0
 
 
 @pytest.fixture(autouse=True)
@@ -198,5 +201,41 @@ def test_plain_peers_see_plain_packets(arun: Run, sockdir: Path) -> None:
                     assert not channel.shared_memory
                     await channel.send(data(200_000))  # above the threshold: the socket
                     assert conn.recv(MIB) == data(200_000)
+
+    arun(main())
+
+
+def _rights(*fds: int) -> list[tuple[int, int, bytes]]:
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+def test_a_message_lost_while_a_sender_waits_for_the_pool(arun: Run) -> None:
+    """The loss is reported in its place, and reading goes on: the release behind it
+    reaches the waiting sender (as in the blocking layer)."""
+
+    async def main() -> None:
+        a, b = udskit.aio.pair(type="seqpacket", shared_memory=SHARED_THRESHOLD, max_fds=1)
+        async with a, b:
+            await a.send(data(SHARED_THRESHOLD))
+            held = await b.recv_view()  # a's pool is full until b releases this
+            fds = [_memfd(PAGE), _memfd(PAGE)]
+            for packet in (b"\x00one", b"\x00two descriptors", b"\x00three", b"\x00four"):
+                b.socket.sendmsg([packet], _rights(*fds) if b"two" in packet else [])
+            b.socket.sendmsg([b"\x00five descriptors"], _rights(*fds))
+            for fd in fds:
+                os.close(fd)
+            a.settimeout(WAIT)
+            sending = asyncio.ensure_future(a.send(data(SHARED_THRESHOLD, 1)))
+            await asyncio.sleep(0)
+            held.release()  # the release goes behind the packets above
+            await sending
+            assert await a.recv_many() == [b"one"]  # up to the loss
+            with pytest.raises(ProtocolError, match="max_fds"):
+                await a.recv_many()
+            assert await a.recv_many() == [b"three", b"four"]
+            with pytest.raises(ProtocolError, match="max_fds"):
+                await a.recv_view()
+            with await b.recv_view() as view:
+                assert view == data(SHARED_THRESHOLD, 1)
 
     arun(main())

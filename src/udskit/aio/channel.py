@@ -48,6 +48,7 @@ from ..proto.shm import (
 )
 from ..shm import Lease, SharedMemory, check_loan_size
 from ..shmpackets import (
+    Lost,
     is_message,
     make_wire,
     packet_buffer_size,
@@ -285,12 +286,17 @@ class Channel(Sending, ChannelFacts):
         while ready:
             item = ready.popleft()
             if isinstance(item, bytes):
+                self._ready_bytes -= len(item)
                 messages.append(item)
+            elif type(item) is Lost and messages:
+                ready.appendleft(item)  # raised by the next receive, after these
+                break
             else:
                 data, fds = self._unpack(item)
                 messages.append(data)
                 close_fds(fds)
-        self._ready_bytes = 0
+        if not ready:
+            self._ready_bytes = 0
         return messages
 
     def __aiter__(self) -> Channel:
@@ -332,7 +338,10 @@ class Channel(Sending, ChannelFacts):
 
     def _unpack(self, item: Received | Lease) -> tuple[bytes, list[int]]:
         """A queued message with descriptors or credentials, or in the peer's pool: take
-        its parts (a pooled message is copied out, and its slot released)."""
+        its parts (a pooled message is copied out, and its slot released). Where a message
+        was lost, the error that lost it."""
+        if type(item) is Lost:
+            raise item.error.with_traceback(None)
         if isinstance(item, Lease):
             return self._shm.copy_out(item), []  # type: ignore[union-attr]
         data, fds, cred = item
@@ -606,11 +615,15 @@ class Channel(Sending, ChannelFacts):
                         "on this side"
                     )
             except ProtocolError as exc:
-                if message:
-                    self._fail_read(exc, fatal=False)
-                else:
+                if not message:
                     self._fail_read(self._shared_failed(exc), fatal=True)
-                break
+                    break
+                # A message lost: recv() raises this in its place, in order, and reading
+                # goes on (a sender waiting for pool space needs the releases behind it).
+                ready.append(Lost(exc))
+                if self._rwaiter is not None or len(ready) >= _PACKETS_AHEAD:
+                    break
+                continue
             if tag is None and not size:
                 close_fds(fds)
                 self._eof = True
@@ -688,7 +701,7 @@ class Channel(Sending, ChannelFacts):
         while not ready:
             await self._wait_readable()
         item = ready.popleft()
-        if isinstance(item, Lease):
+        if isinstance(item, Lease) and type(item) is not Lost:
             return self._shm.view(item)  # type: ignore[union-attr]
         if isinstance(item, bytes):
             self._ready_bytes -= len(item)
