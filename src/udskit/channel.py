@@ -1276,6 +1276,7 @@ class Channel(ChannelFacts):
         except ProtocolError as exc:
             if not is_message(tag):  # its loss would leave the pools out of step
                 self._shared_failed(exc)
+            wire.lost()
             shm.arrived.append((Lost(exc), []))  # a message lost: recv() says so, in order
             return
         if tag is None and not size:

@@ -494,3 +494,25 @@ def test_a_message_lost_while_a_sender_looks_for_releases_is_reported_to_recv() 
             a.recv()
         assert a.recv() == b"next"
         held.release()
+
+
+def test_a_lost_first_packet_means_the_listener_did_not_opt_in(sockdir: Path) -> None:
+    path = str(sockdir / "plain")
+    with socket.socket(socket.AF_UNIX, SEQ) as server:
+        server.bind(path)
+        server.listen()
+        with udskit.connect(path, type="seqpacket", shared_memory=True, max_fds=1) as channel:
+            channel.settimeout(WAIT)
+            conn, address = server.accept()
+            with conn:
+                fds = [_memfd(PAGE), _memfd(PAGE)]
+                conn.sendmsg([b"two descriptors"], _rights(*fds))
+                for fd in fds:
+                    os.close(fd)
+                conn.send(hello_packet(address))  # after the first packet: a message
+                with pytest.raises(ProtocolError, match="max_fds"):
+                    channel.recv()
+                assert channel.recv() == hello_packet(address)
+                assert not channel.shared_memory
+                channel.send(b"plain")
+                assert conn.recv(100) == b"plain"

@@ -302,6 +302,17 @@ def test_the_hello_is_refused_in_any_shape_and_until_ours_went() -> None:
     client.check_plain(hello)  # tagged from now on: never misread
 
 
+def test_a_lost_first_packet_decides_that_the_listener_did_not_opt_in() -> None:
+    client = PacketWire("client", MARKER)
+    client.lost()  # truncated, or descriptors refused: no hello is either
+    assert client.decided
+    assert client.incoming(None, memoryview(hello_packet(MARKER))) == hello_packet(MARKER)
+    assert not client.tag_in
+    pair = PacketWire("pair")
+    pair.lost()
+    assert pair.tag_in
+
+
 def test_a_hello_of_another_version_is_refused() -> None:
     client = PacketWire("client", MARKER)
     with pytest.raises(ProtocolError, match="version 2"):

@@ -620,6 +620,7 @@ class Channel(Sending, ChannelFacts):
                     break
                 # A message lost: recv() raises this in its place, in order, and reading
                 # goes on (a sender waiting for pool space needs the releases behind it).
+                wire.lost()
                 ready.append(Lost(exc))
                 if self._rwaiter is not None or len(ready) >= _PACKETS_AHEAD:
                     break

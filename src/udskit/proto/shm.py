@@ -455,3 +455,11 @@ class PacketWire:
             self.decided = True
         self.tag_in = True
         return SWITCHED
+
+    def lost(self) -> None:
+        """A packet from the peer was lost (truncated, or its descriptors refused). On a
+        plain direction it was no hello (a hello is small and carries none), so a client
+        waiting for the listener's first packet has it: the listener did not opt in, and
+        nothing switches any more."""
+        if not self.tag_in:
+            self.decided = True
