@@ -239,3 +239,40 @@ def test_a_message_lost_while_a_sender_waits_for_the_pool(arun: Run) -> None:
                 assert view == data(SHARED_THRESHOLD, 1)
 
     arun(main())
+
+
+def test_an_exception_while_a_packet_is_taken_in_ends_reading(
+    arun: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A packet read and then dropped by an exception that is not ours (MemoryError
+    here) may have been a record: as in the blocking layer, reading ends there, rather
+    than going on with the pools out of step."""
+    import udskit.aio.channel as aio_channel
+
+    real = aio_channel.take_packet
+    calls = 0
+
+    def failing(*args: Any) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise MemoryError
+        return real(*args)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        errors: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _, context: errors.append(context))
+        a, b = udskit.aio.pair(type="seqpacket", shared_memory=True)
+        async with a, b:
+            await b.send(b"one")
+            await b.send(b"two")
+            monkeypatch.setattr(aio_channel, "take_packet", failing)
+            a.settimeout(WAIT)
+            with pytest.raises(ProtocolError, match="interrupted"):
+                await a.recv()
+            with pytest.raises(ProtocolError, match="interrupted"):
+                await a.recv()
+        assert [type(context["exception"]) for context in errors] == [MemoryError]
+
+    arun(main())

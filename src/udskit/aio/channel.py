@@ -578,7 +578,17 @@ class Channel(Sending, ChannelFacts):
 
     def _read_wire(self) -> None:
         """Reader callback (seqpacket with shared memory): act on the records that arrived,
-        queue the messages; wake the receiver."""
+        queue the messages; wake the receiver. An exception that is not ours (a
+        MemoryError, a signal handler's) may have cut a packet off after its read: a lost
+        record would leave the pools out of step, so reading ends, as in the blocking
+        Channel."""
+        try:
+            self._take_packets()
+        except BaseException:
+            self._fail_read(read_interrupted(self._where()), fatal=True)
+            raise
+
+    def _take_packets(self) -> None:
         wire = self._wire
         shm = self._shm
         assert wire is not None
