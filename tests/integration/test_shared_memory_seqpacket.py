@@ -496,6 +496,23 @@ def test_a_message_lost_while_a_sender_looks_for_releases_is_reported_to_recv() 
         held.release()
 
 
+def test_descriptors_read_ahead_are_closed_when_a_record_is_refused() -> None:
+    a, b = _seq_pair(shared_memory=SHARED_THRESHOLD)
+    with a, b:
+        a.send(data(SHARED_THRESHOLD))
+        held = b.recv_view()  # a's pool is full: a's next send reads ahead for releases
+        read, write = os.pipe()
+        b.socket.sendmsg([b"\x00with a descriptor"], _rights(read))
+        b.socket.send(_records((SLOT, 0, 100)))  # no pool of b's yet: refused
+        os.close(read)
+        os.close(write)
+        a.settimeout(WAIT)
+        with pytest.raises(ProtocolError, match="before its pool"):
+            a.send(data(SHARED_THRESHOLD))
+        held.release()
+    # The clean fixture: the descriptor of the message read ahead was closed with it.
+
+
 def test_a_lost_first_packet_means_the_listener_did_not_opt_in(sockdir: Path) -> None:
     path = str(sockdir / "plain")
     with socket.socket(socket.AF_UNIX, SEQ) as server:
