@@ -150,6 +150,11 @@ POOL_WAIT: Final = 0.05
 #: ahead and keeps for recv(), while it looks for releases; past it, it waits for recv() to
 #: take them, so that a peer sending many messages and no release cannot grow our memory.
 ARRIVED_MAX: Final = 4 * 1024 * 1024
+#: What one message read ahead costs beyond its bytes, counted against ARRIVED_MAX: its
+#: bytes object, tuple, descriptor list and queue slot (about 230 bytes, measured). Without
+#: it a flood of 1-byte messages (or of lost ones, which have none) would grow the queue
+#: without bound: 4 MiB of them held about 900 MiB.
+ARRIVAL_COST: Final = 256
 
 #: Packets a look at a seqpacket socket with shared memory (``_pump(wait=False)``) takes in
 #: at most: the releases that arrived, without reading on for ever behind a fast peer.
@@ -1185,8 +1190,9 @@ class Channel(ChannelFacts):
             self._pump()
         item = shm.arrived.popleft()
         if type(item[0]) is bytes:
-            shm.arrived_bytes -= len(item[0])
+            shm.arrived_bytes -= len(item[0]) + ARRIVAL_COST
         elif type(item[0]) is Lost:
+            shm.arrived_bytes -= ARRIVAL_COST
             raise item[0].error
         return item
 
@@ -1223,7 +1229,7 @@ class Channel(ChannelFacts):
             elif type(message) is bytes:
                 fds = framing.take_fds() if self._fds_seen else []
                 shm.arrived.append((message, fds))
-                shm.arrived_bytes += len(message)
+                shm.arrived_bytes += len(message) + ARRIVAL_COST
             if not framing.buffered and not framing.at_eof:
                 return
             message = framing.next_message()
@@ -1278,6 +1284,7 @@ class Channel(ChannelFacts):
                 self._shared_failed(exc)
             wire.lost()
             shm.arrived.append((Lost(exc), []))  # a message lost: recv() says so, in order
+            shm.arrived_bytes += ARRIVAL_COST
             return
         if tag is None and not size:
             close_fds(fds)
@@ -1294,7 +1301,7 @@ class Channel(ChannelFacts):
                 self._record(body, fds if i == 0 else [])
         else:
             shm.arrived.append((item, fds))  # type: ignore[arg-type]
-            shm.arrived_bytes += len(item)  # type: ignore[arg-type]
+            shm.arrived_bytes += len(item) + ARRIVAL_COST  # type: ignore[arg-type]
 
     def _record(self, body: bytes, fds: list[int]) -> None:
         """Act on one shared-memory record; a bad one closes the channel (ProtocolError)."""

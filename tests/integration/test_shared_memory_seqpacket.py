@@ -513,6 +513,42 @@ def test_descriptors_read_ahead_are_closed_when_a_record_is_refused() -> None:
     # The clean fixture: the descriptor of the message read ahead was closed with it.
 
 
+#: Tiny messages a peer sends while our sender waits for pool space: more than the read
+#: ahead may hold (ARRIVED_MAX counts each at least ARRIVAL_COST bytes: 16,384 of them).
+FLOOD = 40_000
+
+
+def test_read_ahead_is_bounded_for_tiny_messages_too() -> None:
+    a, b = _seq_pair(shared_memory=SHARED_THRESHOLD)
+    with a, b:
+        a.send(data(SHARED_THRESHOLD))
+        held = b.recv_view()
+        raw = b.socket
+        raw.settimeout(WAIT)
+        sent = 0
+
+        def flood() -> None:
+            nonlocal sent
+            try:
+                for _ in range(FLOOD):
+                    raw.send(b"\x00x")
+                    sent += 1
+            except OSError:
+                pass  # a closed: the end of the test
+
+        thread = threading.Thread(target=flood)
+        thread.start()
+        try:
+            a.settimeout(1.0)
+            with pytest.raises(Timeout, match="pool stayed full"):
+                a.send(data(SHARED_THRESHOLD))
+            assert sent < FLOOD  # a stopped reading ahead: the rest waits in the peer
+        finally:
+            a.close()
+            thread.join(WAIT)
+        held.release()
+
+
 def test_a_lost_first_packet_means_the_listener_did_not_opt_in(sockdir: Path) -> None:
     path = str(sockdir / "plain")
     with socket.socket(socket.AF_UNIX, SEQ) as server:
