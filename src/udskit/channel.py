@@ -19,6 +19,7 @@ import copy
 import errno
 import logging
 import math
+import mmap
 import os
 import select
 import socket
@@ -825,9 +826,12 @@ class Channel(ChannelFacts):
         if self._short_reads >= RECV_SHRINK_AFTER:
             self._resize(RECV_START)
 
-    def _resize(self, size: int) -> None:
-        """A new receive buffer of ``size`` bytes (the old one holds nothing we need)."""
-        self._rbuf = bytearray(size)
+    def _resize(self, size: int, *, lazy: bool = False) -> None:
+        """A new receive buffer of ``size`` bytes (the old one holds nothing we need);
+        ``lazy``: private anonymous memory, whose pages are taken only when written."""
+        self._rbuf: bytearray | mmap.mmap = (
+            mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE) if lazy else bytearray(size)
+        )
         self._rview = memoryview(self._rbuf)
         self._rbufs = [self._rview]  # recvmsg_into() takes a list; build it once
         # Thresholds for _feed, so that a read that changes nothing costs two comparisons.
@@ -1257,7 +1261,9 @@ class Channel(ChannelFacts):
                 self._pump_packet(wait=True)
             return
         if not self._rbuf:  # holds the largest message or records packet: made on use
-            self._resize(packet_buffer_size(self._max_message))
+            # max_frame is 16 MiB here: mapped, not allocated, so that only the pages the
+            # largest packet so far filled are taken (a bytearray is zeroed, all of it).
+            self._resize(packet_buffer_size(self._max_message), lazy=True)
         tagged, views = packet_views(wire, self._tag, self._rview)
         try:
             got, ancdata, flags, _ = self._read(views)  # type: ignore[arg-type]

@@ -549,6 +549,27 @@ def test_read_ahead_is_bounded_for_tiny_messages_too() -> None:
         held.release()
 
 
+def test_a_channel_takes_memory_for_the_packets_it_reads_not_for_max_frame() -> None:
+    def resident() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    before = resident()
+    pairs = [_seq_pair() for _ in range(4)]
+    try:
+        for a, b in pairs:
+            a.send(b"ping")
+            assert b.recv() == b"ping"
+            b.send(b"pong")
+            assert a.recv() == b"pong"
+        # Eight channels whose buffers each hold a 16 MiB packet: 128 MiB if allocated.
+        assert resident() - before < 16 * MIB
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
 def test_a_lost_first_packet_means_the_listener_did_not_opt_in(sockdir: Path) -> None:
     path = str(sockdir / "plain")
     with socket.socket(socket.AF_UNIX, SEQ) as server:
