@@ -411,8 +411,10 @@ class Channel(ChannelFacts):
         """
         framing = self._framing
         if framing is None:
+            # With shared memory a large message goes through the pool, as with send().
+            send = self.send if self._shm is not None else lambda data: self._send(data, [])
             for message in messages:
-                self._send(message, [])
+                send(message)
             return
         with self._wlock:
             self._check_open()

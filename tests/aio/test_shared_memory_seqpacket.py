@@ -276,3 +276,16 @@ def test_an_exception_while_a_packet_is_taken_in_ends_reading(
         assert [type(context["exception"]) for context in errors] == [MemoryError]
 
     arun(main())
+
+
+def test_send_many_takes_large_messages_through_the_pool(arun: Run) -> None:
+    async def main() -> None:
+        a, b = udskit.aio.pair(type="seqpacket", shared_memory=True)
+        async with a, b:
+            await a.send_many([b"small", data(MIB, 1), b"last"])
+            assert a.pool_in_use == MIB
+            assert await b.recv() == b"small"
+            assert await b.recv() == data(MIB, 1)
+            assert await b.recv() == b"last"
+
+    arun(main())

@@ -570,6 +570,16 @@ def test_a_channel_takes_memory_for_the_packets_it_reads_not_for_max_frame() -> 
             b.close()
 
 
+def test_send_many_takes_large_messages_through_the_pool() -> None:
+    a, b = _seq_pair()
+    with a, b:
+        a.send_many([b"small", data(BIG, 1), b"last"])  # 1 MiB: no socket packet that large
+        assert a.pool_in_use == BIG
+        assert b.recv() == b"small"
+        assert b.recv() == data(BIG, 1)
+        assert b.recv() == b"last"
+
+
 def test_a_lost_first_packet_means_the_listener_did_not_opt_in(sockdir: Path) -> None:
     path = str(sockdir / "plain")
     with socket.socket(socket.AF_UNIX, SEQ) as server:

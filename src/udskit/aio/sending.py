@@ -211,7 +211,10 @@ class Sending:
         framing = self._framing
         if framing is None:
             for message in messages:
-                await self._send_packet(message, [])
+                if self._shm is not None:
+                    await self.send(message)  # a large message through the pool, as send()
+                else:
+                    await self._send_packet(message, [])
             return
         self._check_open()
         parts: list[Buffer] = []
