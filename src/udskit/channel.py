@@ -40,7 +40,7 @@ from .ancillary import (
     unpack,
 )
 from .creds import PeerCred
-from .errors import ConnectionClosed, ProtocolError, Timeout, UdsError
+from .errors import ConnectionClosed, FrameTooLarge, ProtocolError, Timeout, UdsError
 from .options import (
     SocketType,
     base_type,
@@ -77,6 +77,7 @@ from .shmpackets import (
     Lost,
     is_message,
     make_wire,
+    not_pooled,
     packet_buffer_size,
     packet_views,
     release_packets,
@@ -967,7 +968,12 @@ class Channel(ChannelFacts):
             if size >= SHARED_THRESHOLD and not shm.ready:
                 self._look_for_offer()
             if size < SHARED_THRESHOLD or not shm.usable_for(size):
-                self._send_framed(data)
+                try:
+                    self._send_framed(data)
+                except FrameTooLarge as exc:
+                    if self._wire is None or shm.ready or size < SHARED_THRESHOLD:
+                        raise
+                    raise not_pooled(exc, self._wire) from exc
                 return
         else:
             size = len(data)

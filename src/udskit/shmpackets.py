@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Final
 
 from .ancillary import close_fds
-from .errors import ProtocolError
+from .errors import FrameTooLarge, ProtocolError
 from .proto.shm import (
     RECORD_PACKET_MAX,
     RECORDS_PER_PACKET,
@@ -28,6 +28,7 @@ from .shm import Lease
 
 __all__ = [
     "make_wire",
+    "not_pooled",
     "packet_buffer_size",
     "packet_views",
     "release_packets",
@@ -120,6 +121,20 @@ def make_wire(sock: socket.socket, peer_opted: bool) -> PacketWire:
     if not is_marker(name):
         raise ValueError("a seqpacket client with shared_memory must be bound to a marker name")
     return PacketWire("client", name)
+
+
+def not_pooled(error: FrameTooLarge, wire: PacketWire) -> FrameTooLarge:
+    """The socket refused a large message that did not go through the pool: ``error``,
+    and why the pool was not used (a seqpacket packet is held to the socket's size)."""
+    if wire.decided:
+        why = "the listener did not opt in to shared_memory, so it went through the socket"
+    else:
+        why = (
+            "shared_memory is not in use yet: a seqpacket client must receive the "
+            "listener's first packet (a greeting, a reply) before its large messages go "
+            "through the pool"
+        )
+    return FrameTooLarge(f"{error}; {why}")
 
 
 def is_message(tag: int | None) -> bool:

@@ -16,7 +16,7 @@ import pytest
 
 import udskit
 import udskit.aio
-from udskit import ConnectionClosed, ProtocolError, Timeout
+from udskit import ConnectionClosed, FrameTooLarge, ProtocolError, Timeout
 from udskit.proto.shm import PAGE, SHARED_THRESHOLD, SLOT
 
 from ..conftest import open_fds
@@ -287,5 +287,27 @@ def test_send_many_takes_large_messages_through_the_pool(arun: Run) -> None:
             assert await b.recv() == b"small"
             assert await b.recv() == data(MIB, 1)
             assert await b.recv() == b"last"
+
+    arun(main())
+
+
+def test_a_large_message_the_socket_refuses_says_why_the_pool_was_not_used(
+    arun: Run, sockdir: Path
+) -> None:
+    path = str(sockdir / "plain")
+
+    async def main() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as server:
+            server.bind(path)
+            server.listen()
+            async with await udskit.aio.connect(path, shared_memory=True, **SEQ) as channel:  # type: ignore[arg-type]
+                conn, _ = server.accept()
+                with conn:
+                    with pytest.raises(FrameTooLarge, match="must receive the listener's"):
+                        await channel.send(data(MIB))
+                    conn.send(b"first")
+                    assert await channel.recv() == b"first"
+                    with pytest.raises(FrameTooLarge, match="listener did not opt in"):
+                        await channel.send(data(MIB))
 
     arun(main())

@@ -600,3 +600,21 @@ def test_a_lost_first_packet_means_the_listener_did_not_opt_in(sockdir: Path) ->
                 assert not channel.shared_memory
                 channel.send(b"plain")
                 assert conn.recv(100) == b"plain"
+
+
+def test_a_large_message_the_socket_refuses_says_why_the_pool_was_not_used(
+    sockdir: Path,
+) -> None:
+    path = str(sockdir / "plain")
+    with socket.socket(socket.AF_UNIX, SEQ) as server:
+        server.bind(path)
+        server.listen()
+        with udskit.connect(path, type="seqpacket", shared_memory=True) as channel:
+            conn, _ = server.accept()
+            with conn:
+                with pytest.raises(FrameTooLarge, match="must receive the listener's first"):
+                    channel.send(data(BIG))
+                conn.send(b"first")
+                assert channel.recv() == b"first"
+                with pytest.raises(FrameTooLarge, match="listener did not opt in"):
+                    channel.send(data(BIG))

@@ -32,7 +32,7 @@ from ..address import Address
 from ..ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
 from ..channel import ChannelFacts, read_interrupted, stream_read_lost
 from ..creds import PeerCred
-from ..errors import ConnectionClosed, ProtocolError, Timeout, UdsError
+from ..errors import ConnectionClosed, FrameTooLarge, ProtocolError, Timeout, UdsError
 from ..options import base_type, check_timeout, max_frame_for, type_name
 from ..proto import CLOSED, Control, Framing, LengthPrefixed, make_framing
 from ..proto.shm import (
@@ -51,6 +51,7 @@ from ..shmpackets import (
     Lost,
     is_message,
     make_wire,
+    not_pooled,
     packet_buffer_size,
     packet_views,
     release_packets,
@@ -747,7 +748,12 @@ class Channel(Sending, ChannelFacts):
             if not shm.ready:
                 self._look_for_offer()
             if not shm.usable_for(size):
-                await self._send_large(data)
+                try:
+                    await self._send_large(data)
+                except FrameTooLarge as exc:
+                    if self._wire is None or shm.ready:
+                        raise
+                    raise not_pooled(exc, self._wire) from exc
                 return
         else:
             size = len(data)
