@@ -311,3 +311,45 @@ def test_a_large_message_the_socket_refuses_says_why_the_pool_was_not_used(
                         await channel.send(data(MIB))
 
     arun(main())
+
+
+def test_lost_messages_count_against_the_read_ahead(arun: Run) -> None:
+    """A peer sending packets that are all lost while our sender waits for pool space:
+    reading stops after as many packets as the read ahead holds, as for messages."""
+    flood = 2000
+
+    async def main() -> None:
+        a, b = udskit.aio.pair(type="seqpacket", shared_memory=SHARED_THRESHOLD, max_fds=1)
+        async with a, b:
+            await a.send(data(SHARED_THRESHOLD))
+            held = await b.recv_view()
+            raw = socket.socket(fileno=os.dup(b.socket.fileno()))
+            raw.settimeout(WAIT)
+            fds = [_memfd(PAGE), _memfd(PAGE)]
+            sent = 0
+
+            def send_lost() -> None:
+                nonlocal sent
+                try:
+                    for _ in range(flood):
+                        raw.sendmsg([b"\x00lost"], _rights(*fds))
+                        sent += 1
+                except OSError:
+                    pass  # a closed: the end of the test
+
+            loop = asyncio.get_running_loop()
+            flooding = loop.run_in_executor(None, send_lost)
+            try:
+                a.settimeout(0.5)
+                with pytest.raises(Timeout, match="pool stayed full"):
+                    await a.send(data(SHARED_THRESHOLD))
+                assert sent < flood  # a stopped reading: the rest waits in the peer
+            finally:
+                a.close()
+                await flooding
+                raw.close()
+                for fd in fds:
+                    os.close(fd)
+            held.release()
+
+    arun(main())

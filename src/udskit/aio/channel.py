@@ -633,7 +633,10 @@ class Channel(Sending, ChannelFacts):
                 # goes on (a sender waiting for pool space needs the releases behind it).
                 wire.lost()
                 ready.append(Lost(exc))
-                if self._rwaiter is not None or len(ready) >= _PACKETS_AHEAD:
+                if self._rwaiter is not None:
+                    break
+                if len(ready) >= _PACKETS_AHEAD:
+                    self._stop_reading()
                     break
                 continue
             if tag is None and not size:
