@@ -293,6 +293,8 @@ def test_the_hello_is_refused_in_any_shape_and_until_ours_went() -> None:
     assert len(rows) == 5  # len() counts rows, the socket sends all 35 bytes
     with pytest.raises(ProtocolError, match="hello"):
         client.check_plain(rows)
+    with pytest.raises(ProtocolError, match="hello"):  # another version: it would close
+        client.check_plain(hello_packet(MARKER, version=2))
     # The reader takes the listener's hello while another thread is about to send a
     # plain packet: until our hello has gone, the listener still reads plain packets.
     assert client.incoming(None, memoryview(hello)) is SWITCHED

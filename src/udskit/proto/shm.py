@@ -396,12 +396,13 @@ class PacketWire:
         """Before a plain (untagged) packet goes out: ProtocolError for the one message a
         listener that opted in would take for our hello: while we have not read its first
         packet, and once we have read its hello until ours has gone (another thread may be
-        sending while the reader switches). Sizes are compared in bytes: ``len()`` of a
-        multi-dimensional buffer counts rows."""
+        sending while the reader switches). Whatever its last byte (the version): the
+        listener refuses a hello of another version, and would close the connection. Sizes
+        are compared in bytes: ``len()`` of a multi-dimensional buffer counts rows."""
         if (
             (not self.decided or self.switch_pending)
             and memoryview(data).nbytes == len(self.hello)
-            and bytes(data) == self.hello
+            and bytes(data)[:-1] == self.hello[:-1]
         ):
             raise ProtocolError(
                 "cannot send this message yet: it is this connection's shared-memory hello, "
