@@ -19,6 +19,7 @@ import copy
 import errno
 import logging
 import math
+import mmap
 import os
 import select
 import socket
@@ -39,7 +40,7 @@ from .ancillary import (
     unpack,
 )
 from .creds import PeerCred
-from .errors import ConnectionClosed, ProtocolError, Timeout, UdsError
+from .errors import ConnectionClosed, FrameTooLarge, ProtocolError, Timeout, UdsError
 from .options import (
     SocketType,
     base_type,
@@ -65,10 +66,25 @@ from .proto.shm import (
     RELEASE,
     SHARED_THRESHOLD,
     SLOT,
+    SWITCHED,
     VERSION,
+    PacketWire,
+    encode_packet,
     encode_record,
 )
 from .shm import Lease, SharedMemory, check_loan_size
+from .shmpackets import (
+    Lost,
+    is_message,
+    make_wire,
+    not_pooled,
+    packet_buffer_size,
+    packet_views,
+    release_packets,
+    send_packet,
+    split_packet,
+    take_packet,
+)
 from .translate import translate
 
 if TYPE_CHECKING:
@@ -136,6 +152,15 @@ POOL_WAIT: Final = 0.05
 #: ahead and keeps for recv(), while it looks for releases; past it, it waits for recv() to
 #: take them, so that a peer sending many messages and no release cannot grow our memory.
 ARRIVED_MAX: Final = 4 * 1024 * 1024
+#: What one message read ahead costs beyond its bytes, counted against ARRIVED_MAX: its
+#: bytes object, tuple, descriptor list and queue slot (about 230 bytes, measured). Without
+#: it a flood of 1-byte messages (or of lost ones, which have none) would grow the queue
+#: without bound: 4 MiB of them held about 900 MiB.
+ARRIVAL_COST: Final = 256
+
+#: Packets a look at a seqpacket socket with shared memory (``_pump(wait=False)``) takes in
+#: at most: the releases that arrived, without reading on for ever behind a fast peer.
+_PACKETS_PER_LOOK: Final = 64
 
 #: Upper bound for ``spin``: past a millisecond, polling burns a CPU for no gain over being
 #: woken (a wake-up costs tens of microseconds, not milliseconds).
@@ -229,10 +254,12 @@ class Channel(ChannelFacts):
         "_shrink_below",
         "_sock",
         "_spin_ns",
+        "_tag",
         "_timeout",
         "_type",
         "_unreadable",
         "_unusable",
+        "_wire",
         "_wlock",
     )
 
@@ -252,16 +279,25 @@ class Channel(ChannelFacts):
         peer_opted: bool = False,
     ) -> None:
         """``shared_memory``: the pool size (0: off) of a channel that opted in (checked by
-        its caller: a stream with length framing); ``peer_opted``: the peer opted in too."""
+        its caller: a stream with length framing, or seqpacket); ``peer_opted``: the peer
+        opted in too."""
         self._sock = sock
         self._type: SocketType = type_name(base_type(sock))
-        limit = max_frame_for(self._type, max_frame)
+        # With shared memory, large messages go through the pool, not the socket: a
+        # seqpacket channel's default max_frame is then the stream's (16 MiB), not the one
+        # a socket packet is held to.
+        limit = max_frame_for("stream" if shared_memory else self._type, max_frame)
         self._framing: Framing | None = (
             make_framing(framing, max_frame=max_frame) if self._type == "stream" else None
         )
         self._shm: SharedMemory | None = None
+        self._wire: PacketWire | None = None  # seqpacket with shared memory
+        self._tag = bytearray(1)  # a tagged packet's first byte (see shmpackets)
         if shared_memory:
-            self._framing = LengthPrefixed(limit, records=True)
+            if self._type == "stream":
+                self._framing = LengthPrefixed(limit, records=True)
+            else:
+                self._wire = make_wire(sock, peer_opted)
             self._shm = SharedMemory(shared_memory, limit, peer_opted=peer_opted)
             pending = weakref.WeakMethod(self._release_soon)
             self._shm.notify = lambda: _call(pending)
@@ -376,8 +412,10 @@ class Channel(ChannelFacts):
         """
         framing = self._framing
         if framing is None:
+            # With shared memory a large message goes through the pool, as with send().
+            send = self.send if self._shm is not None else lambda data: self._send(data, [])
             for message in messages:
-                self._send(message, [])
+                send(message)
             return
         with self._wlock:
             self._check_open()
@@ -431,6 +469,9 @@ class Channel(ChannelFacts):
             raise ProtocolError(
                 "cannot send an empty seqpacket message: the receiver reads it as end of connection"
             )
+        if self._wire is not None:
+            self._packet_out(data, ancillary)
+            return
         deadline: float | None = None
         while True:
             try:
@@ -451,6 +492,43 @@ class Channel(ChannelFacts):
                     raise translate(exc, "send", self._remote) from exc
             except OSError as exc:
                 raise translate(exc, "send", self._remote) from exc
+
+    def _packet_out(
+        self,
+        data: Buffer | None,
+        ancillary: list[tuple[int, int, bytes]],
+        *,
+        records: bool = False,
+    ) -> None:
+        """One packet on a seqpacket channel with shared memory (see shmpackets.send_packet;
+        None: our hello alone, if owed), waiting within the timeout while the socket is
+        full. Caller holds the write lock. A packet goes whole or not at all, so a failure
+        of the system call leaves the channel as it was; an exception from elsewhere (a
+        signal handler's) may land after a packet went out unrecorded (our hello, a slot),
+        so it breaks the channel, as on a stream."""
+        wire = self._wire
+        assert wire is not None
+        deadline: float | None = None
+        while True:
+            try:
+                send_packet(self._sock, wire, data, ancillary, records=records)
+                return
+            except BlockingIOError:
+                try:
+                    deadline = self._wait(select.POLLOUT, deadline)
+                except OSError as exc:
+                    raise translate(exc, "send", self._remote) from exc
+                except BaseException:
+                    self._break("a send was interrupted")
+                    raise
+            except OSError as exc:
+                self._check_open()  # closed under us by another thread
+                raise translate(exc, "send", self._remote) from exc
+            except UdsError:
+                raise
+            except BaseException:
+                self._break("a send was interrupted")
+                raise
 
     def _write(
         self,
@@ -593,14 +671,15 @@ class Channel(ChannelFacts):
                 if fds:
                     close_fds(fds)
                 messages = [data]
-                framing = self._framing
-                if framing is None:
-                    return messages
                 if self._shm is not None:
-                    while self._shm.arrived:
+                    arrived = self._shm.arrived
+                    while arrived and type(arrived[0][0]) is not Lost:  # raised by the next
                         data, fds = self._recv()
                         close_fds(fds)
                         messages.append(data)
+                    return messages
+                framing = self._framing
+                if framing is None:
                     return messages
                 while framing.buffered:
                     message = framing.next_message()
@@ -621,7 +700,9 @@ class Channel(ChannelFacts):
         """An exception that is not ours (a signal handler's KeyboardInterrupt, say) cut a
         read short: bytes the kernel handed over may not have reached the framing, so on a
         stream nothing more can be read safely. (A packet is lost, if anything; no splice.)"""
-        if self._framing is not None and self._unreadable is None:
+        # With shared memory a seqpacket channel is in the same case: a records packet
+        # lost would leave the pools out of step.
+        if (self._framing is not None or self._wire is not None) and self._unreadable is None:
             self._unreadable = read_interrupted(self._where())
             self._unusable = True
 
@@ -748,9 +829,12 @@ class Channel(ChannelFacts):
         if self._short_reads >= RECV_SHRINK_AFTER:
             self._resize(RECV_START)
 
-    def _resize(self, size: int) -> None:
-        """A new receive buffer of ``size`` bytes (the old one holds nothing we need)."""
-        self._rbuf = bytearray(size)
+    def _resize(self, size: int, *, lazy: bool = False) -> None:
+        """A new receive buffer of ``size`` bytes (the old one holds nothing we need);
+        ``lazy``: private anonymous memory, whose pages are taken only when written."""
+        self._rbuf: bytearray | mmap.mmap = (
+            mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE) if lazy else bytearray(size)
+        )
         self._rview = memoryview(self._rbuf)
         self._rbufs = [self._rview]  # recvmsg_into() takes a list; build it once
         # Thresholds for _feed, so that a read that changes nothing costs two comparisons.
@@ -884,7 +968,12 @@ class Channel(ChannelFacts):
             if size >= SHARED_THRESHOLD and not shm.ready:
                 self._look_for_offer()
             if size < SHARED_THRESHOLD or not shm.usable_for(size):
-                self._send_framed(data)
+                try:
+                    self._send_framed(data)
+                except FrameTooLarge as exc:
+                    if self._wire is None or shm.ready or size < SHARED_THRESHOLD:
+                        raise
+                    raise not_pooled(exc, self._wire) from exc
                 return
         else:
             size = len(data)
@@ -904,6 +993,9 @@ class Channel(ChannelFacts):
             went = 0
             fd = shm.open_pool()
             try:
+                if self._wire is not None:
+                    self._slot_packet(fd, offset, size)
+                    return
                 if fd >= 0:
                     # Alone in its sendmsg(): the descriptor must arrive with this record
                     # and no later one (see proto.framing on descriptors in a stream).
@@ -920,6 +1012,24 @@ class Channel(ChannelFacts):
                 if self._broken is None:
                     shm.give_back(offset)  # the slot never went out: ours again
                 raise
+
+    def _slot_packet(self, fd: int, offset: int, size: int) -> None:
+        """Seqpacket: a SLOT in one records packet, after ATTACH with our pool's descriptor
+        if ``fd`` >= 0 (the same packet: it arrives whole, or not at all)."""
+        shm = self._shm
+        assert shm is not None
+        records = [(ATTACH, shm.pool_size, 0)] if fd >= 0 else []
+        records.append((SLOT, offset, size))
+        try:
+            self._packet_out(
+                encode_packet(records), rights([fd], 1) if fd >= 0 else [], records=True
+            )
+        except BaseException:
+            if fd >= 0 and self._broken is None:
+                shm.attach_failed()
+            raise
+        if fd >= 0:
+            shm.pool_sent()
 
     def _lend(self, size: int) -> int:
         """A free extent of ``size`` bytes in our pool, waiting (within the timeout) while
@@ -1026,7 +1136,17 @@ class Channel(ChannelFacts):
         if shm is None or not shm.pending or self._unusable:
             return
         offsets = shm.take_pending()
-        self._put(b"".join([encode_record(RELEASE, offset) for offset in offsets]))
+        if self._wire is None:
+            self._put(b"".join([encode_record(RELEASE, offset) for offset in offsets]))
+            return
+        for start, packet in release_packets(offsets):
+            try:
+                self._packet_out(packet, [], records=True)
+            except UdsError:
+                if self._broken is None:  # these did not go: owed still, in order
+                    with shm.space:
+                        shm.pending.extendleft(reversed(offsets[start:]))
+                raise
 
     def _release_soon(self) -> None:
         """A received view was released (any thread): send the release now if no send is
@@ -1042,7 +1162,10 @@ class Channel(ChannelFacts):
     def _offer(self) -> None:
         """A listener that opted in answers a client that did (see proto.shm): OFFER."""
         with self._wlock:
-            self._put(encode_record(OFFER, VERSION))
+            if self._wire is not None:
+                self._packet_out(None, [])  # the hello (see proto.shm.PacketWire)
+            else:
+                self._put(encode_record(OFFER, VERSION))
 
     def _recv_shared(self, *, view: bool) -> bytes | memoryview:
         shm = self._shm
@@ -1079,13 +1202,19 @@ class Channel(ChannelFacts):
             self._pump()
         item = shm.arrived.popleft()
         if type(item[0]) is bytes:
-            shm.arrived_bytes -= len(item[0])
+            shm.arrived_bytes -= len(item[0]) + ARRIVAL_COST
+        elif type(item[0]) is Lost:
+            shm.arrived_bytes -= ARRIVAL_COST
+            raise item[0].error
         return item
 
     def _pump(self, *, wait: bool = True) -> None:
         """Read until something complete arrives, and take in everything complete: records
         are acted on, messages queued for recv. Caller holds the read lock. ``wait=False``:
         read once, and only if something is there."""
+        if self._wire is not None:
+            self._pump_packet(wait=wait)
+            return
         framing = self._framing
         shm = self._shm
         assert framing is not None
@@ -1108,23 +1237,92 @@ class Channel(ChannelFacts):
                 shm.eof = True
                 return
             if type(message) is Control:
-                self._record(message, framing.take_fds())
+                self._record(message.body, framing.take_fds())
             elif type(message) is bytes:
                 fds = framing.take_fds() if self._fds_seen else []
                 shm.arrived.append((message, fds))
-                shm.arrived_bytes += len(message)
+                shm.arrived_bytes += len(message) + ARRIVAL_COST
             if not framing.buffered and not framing.at_eof:
                 return
             message = framing.next_message()
             if message is NEED_DATA:
                 return
 
-    def _record(self, control: Control, fds: list[int]) -> None:
+    def _pump_packet(self, *, wait: bool) -> None:
+        """``_pump`` on seqpacket: read one packet (``wait=False``: only if one is there)
+        and act on it: a record, the peer's hello, or a message queued for recv. Caller
+        holds the read lock."""
+        shm = self._shm
+        wire = self._wire
+        assert shm is not None
+        assert wire is not None
+        if not wait:
+            # Take in what is there, a packet at a time (releases, mostly): a sender
+            # looking before it lends reuses the lowest pages, as on a stream.
+            poller = self._poller
+            if poller is None:
+                poller = self._poller = select.poll()
+                poller.register(self._sock.fileno(), select.POLLIN)
+            for _ in range(_PACKETS_PER_LOOK):
+                if shm.eof or shm.arrived_bytes > ARRIVED_MAX or not poller.poll(0):
+                    return
+                self._pump_packet(wait=True)
+            return
+        if not self._rbuf:  # holds the largest message or records packet: made on use
+            # max_frame is 16 MiB here: mapped, not allocated, so that only the pages the
+            # largest packet so far filled are taken (a bytearray is zeroed, all of it).
+            self._resize(packet_buffer_size(self._max_message), lazy=True)
+        tagged, views = packet_views(wire, self._tag, self._rview)
+        try:
+            got, ancdata, flags, _ = self._read(views)  # type: ignore[arg-type]
+        except ConnectionClosed as exc:
+            if not isinstance(exc.__cause__, ConnectionResetError):
+                raise
+            # The peer closed with packets of ours unread (our hello, say), and the kernel
+            # reports that once, before the packets it sent: read those, then the end.
+            got, ancdata, flags, _ = self._read(views)  # type: ignore[arg-type]
+        tag, size = split_packet(tagged, self._tag, got)
+        fds: list[int] = []
+        try:
+            if ancdata or flags & _CTRUNC:
+                fds = unpack(ancdata, flags, self._where(), self._max_fds).fds
+            if flags & _TRUNC:
+                close_fds(fds)
+                raise ProtocolError(  # noqa: TRY301
+                    f"message from {self._where()} was larger than max_frame "
+                    f"({self._max_message} bytes) and arrived truncated; raise max_frame on "
+                    "this side"
+                )
+        except ProtocolError as exc:
+            if not is_message(tag):  # its loss would leave the pools out of step
+                self._shared_failed(exc)
+            wire.lost()
+            shm.arrived.append((Lost(exc), []))  # a message lost: recv() says so, in order
+            shm.arrived_bytes += ARRIVAL_COST
+            return
+        if tag is None and not size:
+            close_fds(fds)
+            shm.eof = True
+            return
+        try:
+            item = take_packet(wire, tag, self._rview[:size], fds)
+        except ProtocolError as exc:
+            self._shared_failed(exc)
+        if item is SWITCHED:
+            shm.ready = True
+        elif type(item) is list:
+            for i, body in enumerate(item):
+                self._record(body, fds if i == 0 else [])
+        else:
+            shm.arrived.append((item, fds))  # type: ignore[arg-type]
+            shm.arrived_bytes += len(item) + ARRIVAL_COST  # type: ignore[arg-type]
+
+    def _record(self, body: bytes, fds: list[int]) -> None:
         """Act on one shared-memory record; a bad one closes the channel (ProtocolError)."""
         shm = self._shm
         assert shm is not None
         try:
-            lease = shm.on_record(control.body, fds)
+            lease = shm.on_record(body, fds)
         except ProtocolError as exc:
             self._shared_failed(exc)
             return
@@ -1141,6 +1339,10 @@ class Channel(ChannelFacts):
         self._broken = ConnectionClosed(f"{self._where()}: closed after a protocol error: {exc}")
         self._unusable = True
         if self._shm is not None:
+            # Messages a sender read ahead of recv() go with the pools: their descriptors
+            # too (the caller holds the read lock; close() finds the queue empty).
+            for _, fds in self._shm.arrived:
+                close_fds(fds)
             self._shm.close()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)

@@ -59,7 +59,7 @@ def connect(
     default otherwise; 0: the kernel's default).
     ``shared_memory`` (True, or a pool size in bytes) opts in to moving large messages
     through shared memory, if the listener opted in too (docs/shared-memory.md); it needs
-    a stream with length framing, and cannot be combined with ``bind``.
+    a stream with length framing or seqpacket, and cannot be combined with ``bind``.
     """
     opts = connect_options(
         address,

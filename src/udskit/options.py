@@ -188,16 +188,17 @@ def check_shared_memory(
     size = check_pool_size(shared_memory)
     if not size:
         return 0
-    if type != "stream" or framing != "length":
+    if type == "dgram" or (type == "stream" and framing != "length"):
         raise ValueError(
-            "shared_memory needs type='stream' and framing='length' (the records that carry "
-            f"slots are length-prefixed frames), not type={type!r}, framing={framing!r}"
+            "shared_memory needs type='stream' with framing='length' (the records that carry "
+            "slots are length-prefixed frames) or type='seqpacket' (tagged packets), not "
+            + (f"type={type!r}" if type == "dgram" else f"framing={framing!r}")
         )
     if max_fds < 1:
         raise ValueError(
             "shared_memory needs max_fds of at least 1: each side's pool arrives as a descriptor"
         )
-    if max_frame_for(type, max_frame) >= CONTROL_BIT:
+    if type == "stream" and max_frame_for(type, max_frame) >= CONTROL_BIT:
         raise ValueError(f"max_frame must be below {CONTROL_BIT} with shared_memory")
     if address_kind == "tcp":
         raise ValueError("shared_memory works between processes on one host: not over tcp:")

@@ -205,7 +205,7 @@ def test_both_layers_speak_the_same_protocol(arun: Run, sockdir: Path, server_la
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"type": "seqpacket"}, "type='stream'"),
+        ({"type": "dgram"}, "type='stream'.*or type='seqpacket'"),
         ({"framing": "raw"}, "framing='length'"),
         ({"max_fds": 0}, "max_fds"),
         ({"shared_memory": "yes"}, "shared_memory must be"),
@@ -257,7 +257,8 @@ def test_the_receiver_maps_the_pool_read_only(arun: Run) -> None:
     arun(main())
 
 
-def test_servers_with_shared_memory(arun: Run, sockdir: Path) -> None:
+@pytest.mark.parametrize("kind", ["stream", "seqpacket"])
+def test_servers_with_shared_memory(arun: Run, sockdir: Path, kind: str) -> None:
     path = sockdir / "s"
     message = data(MIB, 4)
 
@@ -266,10 +267,14 @@ def test_servers_with_shared_memory(arun: Run, sockdir: Path) -> None:
             await channel.send(got)
 
     async def main() -> None:
-        server = await udskit.aio.start_server(path, echo, shared_memory=True)
+        server = await udskit.aio.start_server(path, echo, shared_memory=True, type=kind)
         serving = asyncio.ensure_future(server.serve_forever())
         try:
-            async with await udskit.aio.connect(path, shared_memory=True) as channel:
+            async with await udskit.aio.connect(
+                path,
+                shared_memory=True,
+                type=kind,  # type: ignore[arg-type]
+            ) as channel:
                 await channel.send(b"hi")
                 assert await channel.recv() == b"hi"
                 await channel.send(message)

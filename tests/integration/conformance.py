@@ -133,6 +133,9 @@ class BlockingTransport:
         if shm:
             # Large messages (1 MiB here) go through shared memory, the rest as before.
             self._options["shared_memory"] = True
+            if kind == "seqpacket":
+                # Seqpacket carries 1 MiB too, through the pool (socket buffers hold less).
+                self.sizes = (*PACKET_SIZES, MIB)
         self._open: list[Channel | DatagramListener | udskit.Listener] = []
 
     def __repr__(self) -> str:
@@ -244,7 +247,11 @@ TRANSPORTS: list[Callable[[Path], Transport]] = [
     ),
     *(_blocking("seqpacket", how) for how in ("listen", "pair")),
     *(_blocking("dgram", how) for how in ("listen", "pair")),
-    *(_blocking("stream", how, shm=True) for how in ("listen", "pair")),
+    *(
+        _blocking(kind, how, shm=True)
+        for kind in ("stream", "seqpacket")
+        for how in ("listen", "pair")
+    ),
 ]
 
 

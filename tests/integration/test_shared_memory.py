@@ -261,8 +261,9 @@ def test_a_receiver_that_never_releases_gets_backpressure_not_growth(clean: None
         held.pop().release()
 
 
-def test_a_sender_waiting_for_releases_reads_ahead_a_bounded_amount(clean: None) -> None:
-    a, b = udskit.pair(shared_memory=SMALL_POOL)
+@pytest.mark.parametrize("kind", ["stream", "seqpacket"])
+def test_a_sender_waiting_for_releases_reads_ahead_a_bounded_amount(clean: None, kind: str) -> None:
+    a, b = udskit.pair(shared_memory=SMALL_POOL, type=kind)  # type: ignore[call-overload]
     with a, b:
         a.send(data(SHARED_THRESHOLD))
         held = b.recv_view()  # a's pool is full from now on
@@ -282,8 +283,9 @@ def test_a_sender_waiting_for_releases_reads_ahead_a_bounded_amount(clean: None)
         held.release()
 
 
-def test_sender_waiting_for_the_pool_while_another_thread_reads(clean: None) -> None:
-    a, b = udskit.pair(shared_memory=SMALL_POOL)
+@pytest.mark.parametrize("kind", ["stream", "seqpacket"])
+def test_sender_waiting_for_the_pool_while_another_thread_reads(clean: None, kind: str) -> None:
+    a, b = udskit.pair(shared_memory=SMALL_POOL, type=kind)  # type: ignore[call-overload]
     with a, b:
         size = SHARED_THRESHOLD
         got: list[bytes] = []
@@ -301,10 +303,11 @@ def test_sender_waiting_for_the_pool_while_another_thread_reads(clean: None) -> 
         assert got == [b"done"]
 
 
-def test_close_while_another_thread_copies_into_the_pool(clean: None) -> None:
+@pytest.mark.parametrize("kind", ["stream", "seqpacket"])
+def test_close_while_another_thread_copies_into_the_pool(clean: None, kind: str) -> None:
     """close() from another thread never unmaps memory a send is copying into, nor one a
     recv is copying out of: they end with ConnectionClosed, the process lives on."""
-    a, b = udskit.pair(shared_memory=64 * MIB, max_frame=32 * MIB)
+    a, b = udskit.pair(shared_memory=64 * MIB, max_frame=32 * MIB, type=kind)  # type: ignore[call-overload]
     message = data(16 * MIB)
     errors: list[BaseException] = []
     sent = threading.Event()
@@ -412,8 +415,8 @@ def test_a_pool_message_on_a_channel_that_did_not_opt_in(clean: None) -> None:
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"type": "seqpacket"}, "type='stream'"),
-        ({"type": "dgram"}, "type='stream'"),
+        ({"type": "dgram"}, "type='stream'.*or type='seqpacket'"),
+        ({"type": "seqpacket", "max_fds": 0}, "max_fds"),
         ({"framing": "lines"}, "framing='length'"),
         ({"max_fds": 0}, "max_fds"),
         ({"max_frame": CONTROL_BIT}, "max_frame"),
@@ -580,8 +583,9 @@ def test_a_release_of_a_slot_never_lent(clean: None) -> None:
 # -- processes: fork, SIGKILL ---------------------------------------------------------------------
 
 
-def test_fork_after_setup(clean: None) -> None:
-    a, b = udskit.pair(shared_memory=True)
+@pytest.mark.parametrize("kind", ["stream", "seqpacket"])
+def test_fork_after_setup(clean: None, kind: str) -> None:
+    a, b = udskit.pair(shared_memory=True, type=kind)  # type: ignore[call-overload]
     a.send(data(BIG, 1))  # both pools in place before the fork
     assert b.recv() == data(BIG, 1)
     b.send(data(BIG, 2))
@@ -700,7 +704,10 @@ def test_numpy_arrays_in_and_out(shm_pair: tuple[Channel, Channel]) -> None:
 # -- servers -------------------------------------------------------------------------------------
 
 
-def test_a_thread_per_client_server_with_shared_memory(sockdir: Path, clean: None) -> None:
+@pytest.mark.parametrize("kind", ["stream", "seqpacket"])
+def test_a_thread_per_client_server_with_shared_memory(
+    sockdir: Path, clean: None, kind: str
+) -> None:
     path = sockdir / "s"
     message = data(BIG, 8)
 
@@ -713,11 +720,11 @@ def test_a_thread_per_client_server_with_shared_memory(sockdir: Path, clean: Non
             with view:
                 channel.send(view)  # from the client's pool into ours: one copy
 
-    with udskit.Server(path, echo, shared_memory=True) as server:
+    with udskit.Server(path, echo, shared_memory=True, type=kind) as server:  # type: ignore[arg-type]
         thread = threading.Thread(target=server.serve_forever)
         thread.start()
         try:
-            with udskit.connect(path, shared_memory=True) as channel:
+            with udskit.connect(path, shared_memory=True, type=kind) as channel:  # type: ignore[arg-type]
                 channel.send(b"hi")
                 assert channel.recv() == b"hi"
                 channel.send(message)

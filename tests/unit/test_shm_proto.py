@@ -12,22 +12,31 @@ from udskit.proto.shm import (
     ATTACH,
     CONTROL_BIT,
     DEFAULT_POOL,
+    HELLO,
     MARKER_PREFIX,
     MAX_POOL,
     OFFER,
     PAGE,
+    RECORD_PACKET_MAX,
     RECORD_SIZE,
+    RECORDS_PER_PACKET,
     RELEASE,
     SHARED_THRESHOLD,
     SLOT,
+    SWITCHED,
+    TAG_MESSAGE,
+    TAG_RECORDS,
     VERSION,
     Ledger,
+    PacketWire,
     Pool,
     Record,
     check_pool_size,
     check_record,
     decode_record,
+    encode_packet,
     encode_record,
+    hello_packet,
     is_marker,
 )
 
@@ -217,3 +226,119 @@ def test_ledger_refuses_exactly_the_overlapping_slots(slots: list[tuple[int, int
             ledger.accept(offset, length)
             held[offset] = length
     assert ledger.held == held
+
+
+# -- seqpacket: PacketWire ------------------------------------------------------------------------
+
+MARKER = MARKER_PREFIX + b"0123456789abcdef"
+
+
+def test_a_pair_is_tagged_both_ways_from_the_start() -> None:
+    wire = PacketWire("pair")
+    assert wire.tag_out
+    assert wire.tag_in
+    assert not wire.switch_pending
+    assert wire.incoming(TAG_MESSAGE, memoryview(b"abc")) == b"abc"
+    records = [(SLOT, 0, 5), (RELEASE, PAGE, 0)]
+    got = wire.incoming(TAG_RECORDS, memoryview(encode_packet(records)))
+    assert [decode_record(body) for body in got] == [Record(*r) for r in records]  # type: ignore[union-attr]
+
+
+def test_listener_and_client_switch_with_the_hello() -> None:
+    listener, client = PacketWire("listener", MARKER), PacketWire("client", MARKER)
+    hello = hello_packet(MARKER)
+    assert hello.startswith(HELLO)
+    assert listener.hello == client.hello == hello
+    assert listener.switch_pending  # the listener's hello goes first of all
+    assert not client.tag_out
+    assert not client.tag_in
+    # Before the hello arrives, the listener reads the client's packets as plain.
+    assert listener.incoming(None, memoryview(b"\x01early")) == b"\x01early"
+    listener.switched()
+    assert listener.tag_out
+    assert client.incoming(None, memoryview(hello)) is SWITCHED
+    assert client.tag_in
+    assert client.switch_pending  # the client's hello goes before its next packet
+    client.switched()
+    assert listener.incoming(None, memoryview(hello)) is SWITCHED
+    assert listener.tag_in
+    # Once tagged, a hello is no message and no tag.
+    with pytest.raises(ProtocolError, match="tag 255"):
+        listener.incoming(hello[0], memoryview(hello[1:]))
+
+
+def test_a_client_whose_first_packet_is_not_the_hello_stays_plain() -> None:
+    client = PacketWire("client", MARKER)
+    other = hello_packet(MARKER_PREFIX + b"fedcba9876543210")
+    assert client.incoming(None, memoryview(other)) == other  # another connection's
+    assert client.decided
+    assert client.incoming(None, memoryview(hello_packet(MARKER))) == hello_packet(MARKER)
+    assert not client.tag_in
+    assert not client.switch_pending
+    client.check_plain(hello_packet(MARKER))  # decided: nothing can be misread any more
+
+
+def test_the_plain_message_a_client_may_not_send_before_deciding() -> None:
+    client = PacketWire("client", MARKER)
+    with pytest.raises(ProtocolError, match="hello"):
+        client.check_plain(hello_packet(MARKER))
+    client.check_plain(hello_packet(MARKER)[:-1])
+    client.check_plain(b"anything else")
+
+
+def test_the_hello_is_refused_in_any_shape_and_until_ours_went() -> None:
+    client = PacketWire("client", MARKER)
+    hello = hello_packet(MARKER)
+    rows = memoryview(bytearray(hello)).cast("B", shape=[5, len(hello) // 5])
+    assert len(rows) == 5  # len() counts rows, the socket sends all 35 bytes
+    with pytest.raises(ProtocolError, match="hello"):
+        client.check_plain(rows)
+    with pytest.raises(ProtocolError, match="hello"):  # another version: it would close
+        client.check_plain(hello_packet(MARKER, version=2))
+    # The reader takes the listener's hello while another thread is about to send a
+    # plain packet: until our hello has gone, the listener still reads plain packets.
+    assert client.incoming(None, memoryview(hello)) is SWITCHED
+    with pytest.raises(ProtocolError, match="hello"):
+        client.check_plain(hello)
+    client.switched()
+    client.check_plain(hello)  # tagged from now on: never misread
+
+
+def test_a_lost_first_packet_decides_that_the_listener_did_not_opt_in() -> None:
+    client = PacketWire("client", MARKER)
+    client.lost()  # truncated, or descriptors refused: no hello is either
+    assert client.decided
+    assert client.incoming(None, memoryview(hello_packet(MARKER))) == hello_packet(MARKER)
+    assert not client.tag_in
+    pair = PacketWire("pair")
+    pair.lost()
+    assert pair.tag_in
+
+
+def test_a_hello_of_another_version_is_refused() -> None:
+    client = PacketWire("client", MARKER)
+    with pytest.raises(ProtocolError, match="version 2"):
+        client.incoming(None, memoryview(hello_packet(MARKER, version=2)))
+
+
+@pytest.mark.parametrize(
+    ("tag", "body", "match"),
+    [
+        (TAG_MESSAGE, b"", "empty tagged message"),
+        (TAG_RECORDS, b"", "records packet of 0 bytes"),
+        (TAG_RECORDS, bytes(RECORD_SIZE + 1), "records packet of 18 bytes"),
+        (TAG_RECORDS, bytes(RECORD_PACKET_MAX + RECORD_SIZE), "records packet"),
+        (2, b"x", "unknown shared-memory tag 2"),
+    ],
+)
+def test_bad_tagged_packets(tag: int, body: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        PacketWire("pair").incoming(tag, memoryview(body))
+
+
+def test_records_per_packet_and_roles() -> None:
+    with pytest.raises(AssertionError):
+        encode_packet([(RELEASE, 0, 0)] * (RECORDS_PER_PACKET + 1))
+    assert len(encode_packet([(RELEASE, 0, 0)] * RECORDS_PER_PACKET)) == RECORD_PACKET_MAX
+    with pytest.raises(ValueError, match="role"):
+        PacketWire("server")

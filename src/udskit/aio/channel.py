@@ -32,7 +32,7 @@ from ..address import Address
 from ..ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
 from ..channel import ChannelFacts, read_interrupted, stream_read_lost
 from ..creds import PeerCred
-from ..errors import ConnectionClosed, ProtocolError, Timeout, UdsError
+from ..errors import ConnectionClosed, FrameTooLarge, ProtocolError, Timeout, UdsError
 from ..options import base_type, check_timeout, max_frame_for, type_name
 from ..proto import CLOSED, Control, Framing, LengthPrefixed, make_framing
 from ..proto.shm import (
@@ -41,10 +41,24 @@ from ..proto.shm import (
     RELEASE,
     SHARED_THRESHOLD,
     SLOT,
+    SWITCHED,
     VERSION,
+    encode_packet,
     encode_record,
 )
 from ..shm import Lease, SharedMemory, check_loan_size
+from ..shmpackets import (
+    Lost,
+    is_message,
+    make_wire,
+    not_pooled,
+    packet_buffer_size,
+    packet_views,
+    release_packets,
+    send_packet,
+    split_packet,
+    take_packet,
+)
 from ..translate import translate, translating
 from .buffers import FEED_SLICE, READ_AHEAD, RECV_CHUNK, scratch
 from .sending import Ancillary, Buffer, Sending
@@ -104,6 +118,7 @@ class Channel(Sending, ChannelFacts):
     __slots__ = (
         "__weakref__",  # a released view tells its channel through a weak reference
         "_ancsize",
+        "_attaching",
         "_claim",
         "_cleanup_dir",
         "_eof",
@@ -119,6 +134,7 @@ class Channel(Sending, ChannelFacts):
         "_rview",
         "_rwaiter",
         "_space",
+        "_tag",
     )
 
     def __init__(
@@ -144,8 +160,10 @@ class Channel(Sending, ChannelFacts):
         datagrams and replies to ``remote`` through a listener's socket. ``shared_memory``
         (a pool size; 0: off) and ``peer_opted``: as for the blocking Channel."""
         kind = type_name(base_type(sock))
-        if shared_memory:
+        if shared_memory and kind == "stream":
             chosen: Framing | None = LengthPrefixed(max_frame_for(kind, max_frame), records=True)
+        elif shared_memory:
+            chosen = None  # seqpacket: tagged packets (see proto.shm.PacketWire)
         else:
             chosen = make_framing(framing, max_frame=max_frame) if kind == "stream" else None
         super().__init__(
@@ -157,7 +175,9 @@ class Channel(Sending, ChannelFacts):
             write_limit=write_limit,
             owns_socket=owns_socket,
         )
-        self._max_message = max_frame_for(kind, max_frame)
+        # As in the blocking Channel: with shared memory, a seqpacket channel's default
+        # max_frame is the stream's, since large messages go through the pool.
+        self._max_message = max_frame_for("stream" if shared_memory else kind, max_frame)
         is_unix = sock.family == socket.AF_UNIX
         self._ancsize = ancillary_size(max_fds, creds=kind == "dgram") if is_unix else 0
         self._peer = peer
@@ -177,7 +197,11 @@ class Channel(Sending, ChannelFacts):
         self._rview: list[memoryview] = []
         self._feed: Callable[..., bytes | object] = _no_framing
         self._space = Waiters("send")  # senders waiting for room in the shared-memory pool
+        self._tag = bytearray(1)  # a tagged packet's first byte (see shmpackets)
+        self._attaching = False  # seqpacket: our ATTACH waits for room; SLOTs wait for it
         if shared_memory:
+            if kind == "seqpacket":
+                self._wire = make_wire(sock, peer_opted)
             self._shm = SharedMemory(shared_memory, self._max_message, peer_opted=peer_opted)
             pending = weakref.WeakMethod(self._release_soon)
             self._shm.notify = lambda: _call(pending)
@@ -263,12 +287,17 @@ class Channel(Sending, ChannelFacts):
         while ready:
             item = ready.popleft()
             if isinstance(item, bytes):
+                self._ready_bytes -= len(item)
                 messages.append(item)
+            elif type(item) is Lost and messages:
+                ready.appendleft(item)  # raised by the next receive, after these
+                break
             else:
                 data, fds = self._unpack(item)
                 messages.append(data)
                 close_fds(fds)
-        self._ready_bytes = 0
+        if not ready:
+            self._ready_bytes = 0
         return messages
 
     def __aiter__(self) -> Channel:
@@ -310,7 +339,10 @@ class Channel(Sending, ChannelFacts):
 
     def _unpack(self, item: Received | Lease) -> tuple[bytes, list[int]]:
         """A queued message with descriptors or credentials, or in the peer's pool: take
-        its parts (a pooled message is copied out, and its slot released)."""
+        its parts (a pooled message is copied out, and its slot released). Where a message
+        was lost, the error that lost it."""
+        if type(item) is Lost:
+            raise item.error.with_traceback(None)
         if isinstance(item, Lease):
             return self._shm.copy_out(item), []  # type: ignore[union-attr]
         data, fds, cred = item
@@ -362,11 +394,15 @@ class Channel(Sending, ChannelFacts):
 
     def _start_reading(self, loop: asyncio.AbstractEventLoop) -> None:
         size = RECV_CHUNK if self._framing is not None else self._max_message
+        if self._wire is not None:
+            size = packet_buffer_size(size)
         self._rbuf = scratch(size)[:size]
         self._rview = [self._rbuf]
         if self._framing is not None:
             self._feed = self._framing.feed
         callback = self._read_stream if self._framing is not None else self._read_packets
+        if self._wire is not None:
+            callback = self._read_wire
         loop.add_reader(self._fd, callback)
         self._reading = True
 
@@ -472,7 +508,7 @@ class Channel(Sending, ChannelFacts):
                 self._ready.append((message, fds, None) if fds else message)
                 self._ready_bytes += len(message)
             elif type(message) is Control:
-                self._record(message, framing.take_fds())
+                self._record(message.body, framing.take_fds())
             else:
                 break
             message = framing.next_message()
@@ -541,6 +577,99 @@ class Channel(Sending, ChannelFacts):
                 break
         self._wake_receiver()
 
+    def _read_wire(self) -> None:
+        """Reader callback (seqpacket with shared memory): act on the records that arrived,
+        queue the messages; wake the receiver. An exception that is not ours (a
+        MemoryError, a signal handler's) may have cut a packet off after its read: a lost
+        record would leave the pools out of step, so reading ends, as in the blocking
+        Channel."""
+        try:
+            self._take_packets()
+        except BaseException:
+            self._fail_read(read_interrupted(self._where()), fatal=True)
+            raise
+
+    def _take_packets(self) -> None:
+        wire = self._wire
+        shm = self._shm
+        assert wire is not None
+        assert shm is not None
+        body = self._rbuf
+        sock = self._sock
+        ready = self._ready
+        while True:
+            tagged, views = packet_views(wire, self._tag, body)
+            try:
+                got, ancdata, flags, _ = sock.recvmsg_into(views, self._ancsize, RECV_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionResetError:
+                # As in the blocking Channel: the peer closed with packets of ours unread;
+                # reported once, before what it sent. Read that, then the end.
+                continue
+            except OSError as exc:
+                self._fail_read(translate(exc, "recv", self._remote), fatal=True)
+                break
+            tag, size = split_packet(tagged, self._tag, got)
+            message = is_message(tag)  # its loss costs it; any other packet's, the channel
+            try:
+                fds = (
+                    unpack(ancdata, flags, self._where(), self._max_fds).fds
+                    if ancdata or flags & _CTRUNC
+                    else []
+                )
+                if flags & _TRUNC:
+                    close_fds(fds)
+                    raise ProtocolError(  # noqa: TRY301
+                        f"message from {self._where()} was larger than max_frame "
+                        f"({self._max_message} bytes) and arrived truncated; raise max_frame "
+                        "on this side"
+                    )
+            except ProtocolError as exc:
+                if not message:
+                    self._fail_read(self._shared_failed(exc), fatal=True)
+                    break
+                # A message lost: recv() raises this in its place, in order, and reading
+                # goes on (a sender waiting for pool space needs the releases behind it).
+                wire.lost()
+                ready.append(Lost(exc))
+                if self._rwaiter is not None:
+                    break
+                if len(ready) >= _PACKETS_AHEAD:
+                    self._stop_reading()
+                    break
+                continue
+            if tag is None and not size:
+                close_fds(fds)
+                self._eof = True
+                self._stop_reading()
+                self._space.wake_all()
+                break
+            try:
+                item = take_packet(wire, tag, body[:size], fds)
+            except ProtocolError as exc:
+                self._fail_read(self._shared_failed(exc), fatal=True)
+                break
+            if item is SWITCHED:
+                shm.ready = True
+                continue
+            if type(item) is list:
+                try:
+                    for i, record in enumerate(item):
+                        self._record(record, fds if i == 0 else [])
+                except ProtocolError as exc:
+                    self._fail_read(exc, fatal=True)
+                    break
+                continue
+            ready.append((item, fds, None) if fds else item)  # type: ignore[arg-type]
+            self._ready_bytes += size
+            if self._rwaiter is not None:
+                break  # hand this one over first; level-triggered polling brings the rest
+            if len(ready) >= _PACKETS_AHEAD or self._ready_bytes > READ_AHEAD:
+                self._stop_reading()
+                break
+        self._wake_receiver()
+
     def _on_broken(self, error: Exception) -> None:
         self._fail_read(error, fatal=True)
 
@@ -587,7 +716,7 @@ class Channel(Sending, ChannelFacts):
         while not ready:
             await self._wait_readable()
         item = ready.popleft()
-        if isinstance(item, Lease):
+        if isinstance(item, Lease) and type(item) is not Lost:
             return self._shm.view(item)  # type: ignore[union-attr]
         if isinstance(item, bytes):
             self._ready_bytes -= len(item)
@@ -622,7 +751,12 @@ class Channel(Sending, ChannelFacts):
             if not shm.ready:
                 self._look_for_offer()
             if not shm.usable_for(size):
-                await self._send_large(data)
+                try:
+                    await self._send_large(data)
+                except FrameTooLarge as exc:
+                    if self._wire is None or shm.ready:
+                        raise
+                    raise not_pooled(exc, self._wire) from exc
                 return
         else:
             size = len(data)
@@ -639,6 +773,9 @@ class Channel(Sending, ChannelFacts):
                 raise
         else:
             shm.hand_over(data)  # type: ignore[arg-type]
+        if self._wire is not None:
+            await self._slot_packet(offset, size)
+            return
         # Both records go to the kernel (or the send queue, in order) before any await.
         fd = shm.open_pool()
         try:
@@ -660,6 +797,44 @@ class Channel(Sending, ChannelFacts):
             shm.pool_sent()
         elif self._out.full:
             await self._drained(self._out.low)
+
+    async def _slot_packet(self, offset: int, size: int) -> None:
+        """Seqpacket: a SLOT in one records packet, after ATTACH with our pool's descriptor
+        on the first (the same packet: whole or not at all). A packet may wait for room
+        in the socket, and every SLOT must come after the ATTACH: while one task's ATTACH
+        waits, other tasks' SLOTs wait for it."""
+        shm = self._shm
+        assert shm is not None
+        try:
+            loop = self._bind_loop()
+            while self._attaching:
+                if await self._space.wait(loop, self._timeout) is EXPIRED:
+                    with translating("send", self._remote):
+                        raise TimeoutError  # noqa: TRY301
+                self._check_open()
+            fd = shm.open_pool()
+        except BaseException:
+            shm.give_back(offset)
+            raise
+        records = [(ATTACH, shm.pool_size, 0)] if fd >= 0 else []
+        records.append((SLOT, offset, size))
+        self._attaching = fd >= 0
+        try:
+            await self._send_packet(
+                encode_packet(records), rights([fd], 1) if fd >= 0 else [], records=True
+            )
+        except BaseException:
+            # Nothing went: the system call takes the packet whole, and no await follows it.
+            if fd >= 0:
+                shm.attach_failed()
+            shm.give_back(offset)
+            raise
+        finally:
+            if fd >= 0:
+                self._attaching = False
+                self._space.wake_all()
+        if fd >= 0:
+            shm.pool_sent()
 
     async def _lend(self, size: int) -> int:
         """A free extent of ``size`` bytes in our pool, waiting (within the timeout) while
@@ -700,18 +875,45 @@ class Channel(Sending, ChannelFacts):
             return
         if not self._reading:
             self._start_reading(self._bind_loop())
-        self._read_stream()  # non-blocking: whatever is there
+        if self._wire is not None:
+            self._read_wire()
+        else:
+            self._read_stream()  # non-blocking: whatever is there
 
     def _flush_releases(self) -> None:
         """Send (or queue) the RELEASE records we owe. On the loop's thread."""
         shm = self._shm
         if shm is None or not shm.pending or self._closed or self._write_error is not None:
             return
+        if self._wire is not None:
+            self._flush_packets(shm)
+            return
         records = b"".join([encode_record(RELEASE, offset) for offset in shm.take_pending()])
         try:
             self._write([records], [])
         except UdsError as exc:
             log.debug("%r: releases not sent: %s", self, exc)
+
+    def _flush_packets(self, shm: SharedMemory) -> None:
+        """``_flush_releases`` on seqpacket: what the socket does not take now stays owed,
+        and goes when it becomes writable (``_writable``)."""
+        assert self._wire is not None
+        offsets = shm.take_pending()
+        for start, packet in release_packets(offsets):
+            try:
+                send_packet(self._sock, self._wire, packet, [], records=True)
+            except (BlockingIOError, InterruptedError):
+                with shm.space:
+                    shm.pending.extendleft(reversed(offsets[start:]))
+                if not self._writing:
+                    self._start_writing()
+                return
+            except OSError as exc:
+                log.debug("%r: releases not sent: %s", self, exc)
+                return
+
+    def _writable(self) -> None:
+        self._flush_releases()
 
     def _release_soon(self) -> None:
         """A received view was released (any thread): send the release from the loop."""
@@ -728,32 +930,44 @@ class Channel(Sending, ChannelFacts):
             loop.call_soon_threadsafe(self._flush_releases)
 
     def _offer(self) -> None:
-        """A listener that opted in answers a client that did: OFFER, first of all."""
+        """A listener that opted in answers a client that did: OFFER, first of all (on
+        seqpacket the hello, which otherwise goes before our first packet anyway)."""
+        if self._wire is not None:
+            try:
+                send_packet(self._sock, self._wire, None, [])
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                raise translate(exc, "send", self._remote) from exc
+            return
         self._write([encode_record(OFFER, VERSION)], [])
 
-    def _record(self, control: Control, fds: list[int]) -> None:
+    def _record(self, body: bytes, fds: list[int]) -> None:
         """Act on one shared-memory record; a bad one closes the channel (ProtocolError)."""
         shm = self._shm
         assert shm is not None
         try:
-            lease = shm.on_record(control.body, fds)
+            lease = shm.on_record(body, fds)
         except ProtocolError as exc:
-            error = ProtocolError(
-                f"{self._where()}: {exc}; the channel cannot be used any more: close it"
-            )
-            shm.close()
-            self._fail_write(
-                ConnectionClosed(f"{self._where()}: closed after a protocol error: {exc}")
-            )
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            raise error from exc
+            raise self._shared_failed(exc) from exc
         if lease is not None:
             self._ready.append(lease)
         else:
             self._space.wake_all()  # a release, maybe: senders waiting for room look again
+
+    def _shared_failed(self, exc: ProtocolError) -> ProtocolError:
+        """A bad record, packet or pool: release everything shared, fail every later send,
+        let the peer see the end; the error every recv() raises from now on."""
+        assert self._shm is not None
+        self._shm.close()
+        self._fail_write(ConnectionClosed(f"{self._where()}: closed after a protocol error: {exc}"))
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        return ProtocolError(
+            f"{self._where()}: {exc}; the channel cannot be used any more: close it"
+        )
 
     # -- closing --------------------------------------------------------------------------
     async def shutdown_write(self) -> None:

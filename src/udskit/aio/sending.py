@@ -27,8 +27,9 @@ from ..errors import ConnectionClosed, ProtocolError
 from ..options import SocketType, check_message
 from ..proto import Framing
 from ..proto.outbox import IOV_MAX, Outbox
-from ..proto.shm import SHARED_THRESHOLD
+from ..proto.shm import SHARED_THRESHOLD, PacketWire
 from ..shm import SharedMemory
+from ..shmpackets import send_packet
 from ..translate import translate, translating
 from .buffers import WRITE_LOW_WATER, check_write_limit
 from .waiting import EXPIRED, RetryPause, Waiters
@@ -72,6 +73,7 @@ class Sending:
         "_sock",
         "_timeout",
         "_type",
+        "_wire",
         "_write_error",
         "_writing",
         "_wwait",
@@ -106,6 +108,7 @@ class Sending:
         self._drain = Waiters("send")  # senders waiting for the queue to drain
         self._wwait = Waiters("send")  # packet senders waiting for a writable socket
         self._shm: SharedMemory | None = None  # set by a channel with shared memory
+        self._wire: PacketWire | None = None  # and on seqpacket, its wire
 
     @property
     def write_buffer_size(self) -> int:
@@ -171,7 +174,10 @@ class Sending:
         pool cannot take)."""
         self._check_open()
         check_message(data, "send")
-        self._write(self._framing.encode(data), [])  # type: ignore[union-attr]
+        if self._framing is None:
+            await self._send_packet(data, [])
+            return
+        self._write(self._framing.encode(data), [])
         if self._out.full:
             await self._drained(self._out.low)
 
@@ -205,7 +211,10 @@ class Sending:
         framing = self._framing
         if framing is None:
             for message in messages:
-                await self._send_packet(message, [])
+                if self._shm is not None:
+                    await self.send(message)  # a large message through the pool, as send()
+                else:
+                    await self._send_packet(message, [])
             return
         self._check_open()
         parts: list[Buffer] = []
@@ -264,6 +273,7 @@ class Sending:
         if self._framing is None:
             self._stop_writing()
             self._wwait.wake_all()
+            self._writable()
             return
         out = self._out
         while out:
@@ -282,6 +292,9 @@ class Sending:
             self._stop_writing()
         if out.drained:
             self._drain.wake_all()
+
+    def _writable(self) -> None:
+        """A packet socket became writable (the channel sends releases it owes)."""
 
     def _fail_write(self, error: Exception) -> None:
         """The socket cannot send any more: drop the queue; every later send raises."""
@@ -326,8 +339,11 @@ class Sending:
         self._check_open()
         self._raise_write_error()
 
-    async def _send_packet(self, data: Buffer, ancillary: Ancillary) -> None:
-        """One seqpacket message or datagram: all of it in one system call, or nothing."""
+    async def _send_packet(
+        self, data: Buffer, ancillary: Ancillary, *, records: bool = False
+    ) -> None:
+        """One seqpacket message or datagram: all of it in one system call, or nothing.
+        ``records``: a records packet (seqpacket with shared memory)."""
         check_message(data, "send")
         self._check_open()
         if self._type == "seqpacket" and not data:
@@ -345,7 +361,9 @@ class Sending:
         pause: RetryPause | None = None
         while True:
             try:
-                if target is not None:
+                if self._wire is not None:
+                    send_packet(self._sock, self._wire, data, ancillary, records=records)
+                elif target is not None:
                     with sun_path(target) as where:
                         self._sock.sendmsg([data], ancillary, SEND_FLAGS, where)
                 elif ancillary:

@@ -1,9 +1,10 @@
 """The shared-memory path's protocol, sans-IO: opt-in, records, pool accounting, validation.
 
-A stream channel with ``shared_memory=`` moves large messages through a memfd *pool* that
-each sender owns and its peer maps read-only; the socket carries small *records* between
-ordinary length-prefixed frames. A record is a frame whose 4-byte header has the top bit
-set (``CONTROL_BIT``), followed by a fixed 17-byte body: a kind and two 64-bit numbers.
+A stream or seqpacket channel with ``shared_memory=`` moves large messages through a memfd
+*pool* that each sender owns and its peer maps read-only; the socket carries small *records*
+between ordinary messages. A record's body is fixed, 17 bytes: a kind and two 64-bit
+numbers. On a stream a record is a frame whose 4-byte header has the top bit set
+(``CONTROL_BIT``); on seqpacket, which has no header, see ``PacketWire``.
 
 =========  ========================  ==============================================
 kind       numbers                   meaning
@@ -37,22 +38,31 @@ __all__ = [
     "ATTACH",
     "CONTROL_BIT",
     "DEFAULT_POOL",
+    "HELLO",
     "MARKER_PREFIX",
     "MAX_POOL",
     "OFFER",
     "PAGE",
+    "RECORDS_PER_PACKET",
+    "RECORD_PACKET_MAX",
     "RECORD_SIZE",
     "RELEASE",
     "SHARED_THRESHOLD",
     "SLOT",
+    "SWITCHED",
+    "TAG_MESSAGE",
+    "TAG_RECORDS",
     "VERSION",
     "Ledger",
+    "PacketWire",
     "Pool",
     "Record",
     "check_pool_size",
     "check_record",
     "decode_record",
+    "encode_packet",
     "encode_record",
+    "hello_packet",
     "is_marker",
 ]
 
@@ -121,6 +131,13 @@ class Record:
 def encode_record(kind: int, first: int, second: int = 0) -> bytes:
     """A record as it goes on the stream: its header (top bit set) and body."""
     return _HEADER.pack(CONTROL_BIT | RECORD_SIZE) + _BODY.pack(kind, first, second)
+
+
+def encode_packet(records: list[tuple[int, int, int]]) -> bytes:
+    """The body of a seqpacket records packet (what follows TAG_RECORDS): the records'
+    bodies, back to back; at most RECORDS_PER_PACKET of them."""
+    assert 0 < len(records) <= RECORDS_PER_PACKET
+    return b"".join([_BODY.pack(kind, first, second) for kind, first, second in records])
 
 
 def decode_record(body: bytes) -> Record:
@@ -300,3 +317,150 @@ class Ledger:
         del self.held[offset]
         starts = self._starts
         del starts[bisect_left(starts, offset)]
+
+
+# -- seqpacket --------------------------------------------------------------------------------
+#: First byte of every packet, on a seqpacket connection with shared memory, once its sender
+#: has switched (see PacketWire): the rest is one message ...
+TAG_MESSAGE: Final = 0
+#: ... or 1 to RECORDS_PER_PACKET record bodies.
+TAG_RECORDS: Final = 1
+
+#: Records per seqpacket packet: RELEASEs owed pile up while a sender is busy, and one
+#: packet must fit any receiver's buffer and the kernel's packet limit (the socket's send
+#: buffer), whatever max_frame is: 64 records are 1,089 bytes.
+RECORDS_PER_PACKET: Final = 64
+#: Largest records packet after its tag; a receiver's packet buffer holds at least this.
+RECORD_PACKET_MAX: Final = RECORDS_PER_PACKET * RECORD_SIZE
+
+#: The switch packet's prefix. Its first byte is no tag, so a switch packet arriving on a
+#: tagged direction is a ProtocolError, never a message.
+HELLO: Final = b"\xffudskit-shm-hello/"
+
+#: What ``PacketWire.incoming`` returns for the peer's switch packet.
+SWITCHED: Final = object()
+
+
+def hello_packet(marker: bytes, version: int = VERSION) -> bytes:
+    """The switch packet of the connection whose client bound ``marker``: HELLO, the
+    marker's random part, the protocol version. Only a peer that knows this connection's
+    marker (the listener that accepted it, the client that bound it) can send it."""
+    return HELLO + marker[len(MARKER_PREFIX) :] + bytes([version])
+
+
+class PacketWire:
+    """The wire of one seqpacket connection with shared memory, per direction: plain
+    packets (exactly what a channel without the option sends) until its sender switches,
+    tagged packets after. Seqpacket has no header that could mark a record, so a record can
+    only be told from a message by a byte in front of each packet; a peer that did not opt
+    in must never see that byte, so each side switches only when it knows the other opted
+    in, and says so with one packet, the *hello* (``hello_packet``):
+
+    * ``pair()``: both ends opted in; tagged from the first packet, no hello.
+    * A listener that sees the client's marker sends the hello first of all (it is the
+      OFFER), then tagged packets; it reads the client's packets as plain until the client's
+      hello, tagged after.
+    * A client reads the first packet that arrives: the listener's hello (the listener
+      opted in: the client's next packet is its own hello, then tagged ones), or anything
+      else (it did not: plain packets both ways, for good).
+
+    The one packet that could be misread is a client's plain message equal to the hello,
+    sent before the client read the listener's first packet: ``check_plain`` refuses to
+    send it (it holds the connection's 64 random marker bits: no message is that by
+    chance).
+    """
+
+    __slots__ = ("decided", "hello", "switch_pending", "tag_in", "tag_out")
+
+    def __init__(self, role: str, marker: bytes = b"") -> None:
+        """``role``: "pair", "listener" or "client"; ``marker``: the client's bound name
+        (listener and client)."""
+        if role not in ("pair", "listener", "client"):
+            raise ValueError(f"unknown role {role!r}")
+        self.hello = b"" if role == "pair" else hello_packet(marker)
+        #: our packets carry a tag (after our hello, if one is owed)
+        self.tag_out = role == "pair"
+        #: our hello goes out before our next packet
+        self.switch_pending = role == "listener"
+        #: the peer's packets carry a tag
+        self.tag_in = role == "pair"
+        #: a client knows whether the listener opted in (its first packet said so)
+        self.decided = role != "client"
+
+    def switched(self) -> None:
+        """Our hello went out: every later packet of ours carries a tag."""
+        self.switch_pending = False
+        self.tag_out = True
+
+    def check_plain(self, data: bytes | bytearray | memoryview) -> None:
+        """Before a plain (untagged) packet goes out: ProtocolError for the one message a
+        listener that opted in would take for our hello: while we have not read its first
+        packet, and once we have read its hello until ours has gone (another thread may be
+        sending while the reader switches). Whatever its last byte (the version): the
+        listener refuses a hello of another version, and would close the connection. Sizes
+        are compared in bytes: ``len()`` of a multi-dimensional buffer counts rows."""
+        if (
+            (not self.decided or self.switch_pending)
+            and memoryview(data).nbytes == len(self.hello)
+            and bytes(data)[:-1] == self.hello[:-1]
+        ):
+            raise ProtocolError(
+                "cannot send this message yet: it is this connection's shared-memory hello, "
+                "which the listener would take for it; receive first (nothing was sent)"
+            )
+
+    def incoming(self, tag: int | None, body: memoryview) -> bytes | list[bytes] | object:
+        """One packet from the peer: ``tag`` (None on a plain direction) and the rest.
+        Returns the message (bytes), the record bodies (a list), or SWITCHED for the peer's
+        hello; ProtocolError for anything a udskit peer does not send."""
+        if tag is None:
+            if len(body) == len(self.hello) and bytes(body[: len(HELLO)]) == HELLO:
+                return self._switch_in(bytes(body))
+            if not self.decided:
+                self.decided = True  # the listener's first packet is a message: no option
+            return body.tobytes()
+        if tag == TAG_MESSAGE:
+            if not body:
+                raise ProtocolError("peer sent an empty tagged message (udskit never does)")
+            return body.tobytes()
+        if tag == TAG_RECORDS:
+            size = len(body)
+            if not size or size % RECORD_SIZE or size > RECORD_PACKET_MAX:
+                raise ProtocolError(
+                    f"shared-memory records packet of {size} bytes: the peer does not speak "
+                    "this protocol"
+                )
+            return [body[i : i + RECORD_SIZE].tobytes() for i in range(0, size, RECORD_SIZE)]
+        raise ProtocolError(f"packet with unknown shared-memory tag {tag}")
+
+    def _switch_in(self, packet: bytes) -> bytes | object:
+        """A plain packet shaped like a hello: the peer's switch if it is this connection's
+        (a client that has not decided yet, or a listener); else a message."""
+        if self.decided and self.tag_out and not self.switch_pending and not self.tag_in:
+            expected = self.hello  # a listener, waiting for the client's switch
+        elif not self.decided:
+            expected = self.hello  # a client: the listener's offer
+        else:
+            return packet  # a plain connection (or a pair): only a message
+        if packet[:-1] != expected[:-1]:
+            self.decided = True
+            return packet
+        if packet[-1] != VERSION:
+            raise ProtocolError(
+                f"peer speaks shared-memory protocol version {packet[-1]}; this udskit "
+                f"speaks {VERSION}: use the same udskit version on both sides"
+            )
+        if not self.decided:
+            # switch_pending first: a sender that sees ``decided`` also sees it (check_plain)
+            self.switch_pending = True  # ours goes before our next packet
+            self.decided = True
+        self.tag_in = True
+        return SWITCHED
+
+    def lost(self) -> None:
+        """A packet from the peer was lost (truncated, or its descriptors refused). On a
+        plain direction it was no hello (a hello is small and carries none), so a client
+        waiting for the listener's first packet has it: the listener did not opt in, and
+        nothing switches any more."""
+        if not self.tag_in:
+            self.decided = True
