@@ -136,13 +136,21 @@ class Tap:
         """Put the server's socket back at the path now (new clients reach it directly);
         relayed connections go on. Idempotent; what happened, in one line."""
         with self._stop_lock:
-            if self._restored is None:
+            first = self._restored is None
+            if first:
                 self._restored = self._interposed.restore()
-                self._emit(Notice(time.time(), self._restored))
-                # From the handler, not waiting: the thread that accepts may be waiting for
-                # the handler to report a client; it closes the relay's socket by itself.
-                self._relay.stop_accepting(wait=not self._in_handler())
-            return self._restored
+                self._relay.stop_accepting(wait=False)
+            restored = self._restored
+            assert restored is not None
+        # Reported and waited for without the lock: the handler may call restore() too,
+        # while this thread waits for the handler to take the report.
+        if first:
+            self._emit(Notice(time.time(), restored))
+        if not self._in_handler():
+            # From the handler, not waiting: the thread that accepts may be waiting for
+            # the handler to report a client; it closes the relay's socket by itself.
+            self._relay.stop_accepting(wait=True)
+        return restored
 
     def drain(self, timeout: float | None) -> bool:
         """Wait for the relayed connections to end (after :meth:`restore`); False if

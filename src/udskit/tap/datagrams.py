@@ -103,8 +103,9 @@ class DatagramRelay:
         self._thread.start()
 
     def stop_accepting(self, *, wait: bool = True) -> None:
-        self._closing_at = time.monotonic() + DRAIN_AFTER_RESTORE
-        self._wakeup.wake()
+        if self._closing_at is None:  # again (restore() waiting for it): only the wait
+            self._closing_at = time.monotonic() + DRAIN_AFTER_RESTORE
+            self._wakeup.wake()
         if wait:
             self._thread.join()
 

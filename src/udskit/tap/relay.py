@@ -187,8 +187,9 @@ class StreamRelay:
     def stop_accepting(self, *, wait: bool = True) -> None:
         """Accept for :data:`DRAIN_AFTER_RESTORE` more, then close the listening socket;
         ``wait``: until it is closed."""
-        self._closing_at = time.monotonic() + DRAIN_AFTER_RESTORE
-        self._wakeup.wake()
+        if self._closing_at is None:  # again (restore() waiting for it): only the wait
+            self._closing_at = time.monotonic() + DRAIN_AFTER_RESTORE
+            self._wakeup.wake()
         if wait:
             self._thread.join()
 

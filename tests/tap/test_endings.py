@@ -1,0 +1,58 @@
+"""How relayed connections end, and how the tap stops while its handler runs: a side that
+stops reading still gets the other's last bytes, a cut reaches a connection still being
+connected, and restore() called at once from the handler and from another thread."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from udskit import tap
+
+from ..conftest import READY_TIMEOUT
+from .conftest import Recorder
+from .servers import recv_exactly, server
+
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
+Tapping = Callable[..., tuple[tap.Tap, Recorder]]
+
+
+def test_restore_from_the_handler_and_from_another_thread_at_once(sockdir: Path) -> None:
+    """The handler calls restore() while another thread is inside restore(): both return
+    (neither waits for the other while holding what the other needs)."""
+    path = sockdir / "app.sock"
+    in_handler = threading.Event()
+    said: list[str] = []
+    running: tap.Tap | None = None
+
+    def handler(event: tap.Event) -> None:
+        if isinstance(event, tap.Data) and running is not None and not in_handler.is_set():
+            in_handler.set()
+            deadline = threading.Event()
+            for _ in range(int(READY_TIMEOUT * 1000)):  # until the other restore() moved it
+                if path.stat().st_ino == srv.inode:
+                    break
+                deadline.wait(0.001)
+            said.append(running.restore())
+
+    with server(path) as srv:
+        running = tap.start(path, handler)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(READY_TIMEOUT)
+            client.connect(str(path))
+            client.sendall(b"ping")
+            assert in_handler.wait(READY_TIMEOUT)
+            other = threading.Thread(target=lambda: said.append(running.restore()))
+            other.start()
+            other.join(READY_TIMEOUT)
+            assert not other.is_alive(), "restore() from two threads deadlocked"
+            assert recv_exactly(client, 4) == b"ping"
+        running.stop(grace=5.0)
+    assert len(said) == 2
+    assert said[0] == said[1]
+    assert said[0].startswith("restored ")
