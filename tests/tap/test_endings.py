@@ -22,6 +22,51 @@ pytestmark = pytest.mark.usefixtures("no_fd_leak")
 Tapping = Callable[..., tuple[tap.Tap, Recorder]]
 
 
+def _read_to_end(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def test_a_server_that_stops_reading_still_sends_its_whole_reply(
+    sockdir: Path, tapping: Tapping
+) -> None:
+    """The server shuts down reading, then replies with more than every buffer on the way
+    holds; the client writes once more meanwhile (that write fails at the server, as it
+    would without the tap). The reply still arrives whole, then the end of stream."""
+    path = sockdir / "app.sock"
+    reply = bytes(range(256)) * (16 * 1024)  # 4 MiB
+    shut = threading.Event()
+    sent: list[bool] = []
+
+    def handle(conn: socket.socket) -> None:
+        if conn.recv(7, socket.MSG_WAITALL) != b"request":
+            return  # the tap's own probe
+        conn.shutdown(socket.SHUT_RD)
+        shut.set()
+        conn.sendall(reply)
+        sent.append(True)
+
+    with server(path, handle):
+        running, events = tapping(path)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(READY_TIMEOUT)
+            client.connect(str(path))
+            client.sendall(b"request")
+            assert shut.wait(READY_TIMEOUT)
+            client.sendall(b"more")  # taken by the relay; the server no longer reads
+            got = _read_to_end(client)
+        assert len(got) == len(reply)
+        assert got == reply
+        running.stop(grace=5.0)
+    assert sent == [True]
+    down = b"".join(e.data for e in events.of(tap.Data) if e.direction == "down")
+    assert down == reply
+
+
 def test_restore_from_the_handler_and_from_another_thread_at_once(sockdir: Path) -> None:
     """The handler calls restore() while another thread is inside restore(): both return
     (neither waits for the other while holding what the other needs)."""

@@ -82,6 +82,9 @@ _ANCILLARY: Final = ancillary_size(MAX_FDS, creds=True)
 _READABLE: Final = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
 _WRITABLE: Final = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 
+#: Errors of a write whose receiver has closed its socket or shut down reading.
+_RECEIVER_GONE: Final = frozenset({errno.EPIPE, errno.ECONNRESET})
+
 #: recv() flags that tell a seqpacket message's size without taking it (plain int: see
 #: ancillary's _CTRUNC).
 _PEEK_SIZE: Final = int(socket.MSG_PEEK | socket.MSG_TRUNC)
@@ -481,16 +484,25 @@ class _Pump:
         up, down = conn.flows
         reading, writing = (up, down) if side is conn.client else (down, up)
         before = (reading.pending is None, writing.pending is None, reading.ended, writing.ended)
-        flow = writing
+        flow, sending = writing, True
         try:
             if mask & _WRITABLE and writing.pending is not None and not writing.ended:
                 self._flush(writing)
-            flow = reading
-            if mask & _READABLE and reading.pending is None and not reading.ended:
-                self._read(conn, reading)
+            flow, sending = reading, False
+            readable = mask & _READABLE and reading.pending is None and not reading.ended
+            if readable and self._read(conn, reading):
+                sending = True
+                self._flush(reading)
         except (OSError, ProtocolError) as exc:
             self._end(conn, flow, _why(exc))
-            conn.cut()
+            if sending and isinstance(exc, OSError) and exc.errno in _RECEIVER_GONE:
+                # The receiving side no longer reads (closed, or shut down for reading):
+                # what it would have read is lost as it would be without the tap, but the
+                # other direction still carries what that side sent before (a server's
+                # last reply). The sender's writes to us now fail as they would have.
+                _shut(flow.src, socket.SHUT_RD)
+            else:
+                conn.cut()
         if up.ended and down.ended:
             self._finish(conn)
         elif before != (
@@ -501,7 +513,8 @@ class _Pump:
         ):
             self._watch(conn)  # what epoll should wait for has changed
 
-    def _read(self, conn: _Connection, flow: _Flow) -> None:
+    def _read(self, conn: _Connection, flow: _Flow) -> bool:
+        """Read what ``flow``'s side says; True if there is something to write."""
         view = self._view
         try:
             if self._packets:
@@ -514,7 +527,7 @@ class _Pump:
                 into = self._into
             got, ancdata, flags, _ = flow.src.recvmsg_into(into, _ANCILLARY, RECV_FLAGS)
         except (BlockingIOError, InterruptedError):
-            return  # woken for the other direction, or by a cut: nothing to read yet
+            return False  # woken for the other direction, or by a cut: nothing to read yet
         # The copy the event and the pending write own; the buffer is read into again.
         data = bytes(view[:got])
         fds: list[int] = []
@@ -523,16 +536,14 @@ class _Pump:
         if not data and not fds:
             flow.dst.shutdown(socket.SHUT_WR)
             self._end(conn, flow, "end of stream")
-            return
+            return False
         described = tuple(map(describe, fds)) if fds else ()
         flow.pending = data
         flow.fds = fds
-        try:
-            self._flush(flow)
-        finally:
-            # Held until the loop is idle: the handler's time is not added to the relay's,
-            # and the answer it provokes, read later by this loop, is never reported first.
-            self._hold(Data(conn.id, time.time(), flow.direction, data, described))
+        # Held until the loop is idle: the handler's time is not added to the relay's,
+        # and the answer it provokes, read later by this loop, is never reported first.
+        self._hold(Data(conn.id, time.time(), flow.direction, data, described))
+        return True
 
     def _flush(self, flow: _Flow) -> None:
         """Write what ``flow`` holds, or as much as the other side takes now."""
@@ -603,6 +614,13 @@ class _Pump:
         self._live -= 1
         self._hand_over()  # the connection's last events, before it stops counting
         self._ended(conn)
+
+
+def _shut(sock: socket.socket, how: int) -> None:
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass  # already gone: nothing left to tell it
 
 
 def _why(exc: BaseException) -> str:
