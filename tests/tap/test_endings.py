@@ -67,6 +67,46 @@ def test_a_server_that_stops_reading_still_sends_its_whole_reply(
     assert down == reply
 
 
+def test_a_cut_reaches_a_connection_still_waiting_for_the_servers_backlog(
+    sockdir: Path, tapping: Tapping
+) -> None:
+    """cut() while the relay still waits to connect (the server's backlog is full): the
+    connection ends, and does not reach the server later when its backlog has room (where
+    it would stay open with a server that waits for its client)."""
+    path = sockdir / "app.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(0)
+    queued: list[socket.socket] = []
+    accepted: list[socket.socket] = []
+    try:
+        while True:  # fill the server's backlog
+            filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            queued.append(filler)
+            if filler.connect_ex(str(path)) != 0:
+                break
+            assert len(queued) < 64
+        running, events = tapping(path)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(READY_TIMEOUT)
+            client.connect(str(path))
+            events.wait_for(lambda seen: any(isinstance(e, tap.Opened) for e in seen))
+            running.cut()
+            listener.settimeout(READY_TIMEOUT)
+            # Room again: a connect still retried would get in now.
+            accepted.extend(listener.accept()[0] for _ in queued[1:])
+            assert running.drain(5.0), "a cut connection was still relayed"
+            assert client.recv(1) == b""
+        closed = [e for e in events.of(tap.Closed) if e.direction is None]
+        assert len(closed) == 1
+        refused = events.of(tap.Refused)
+        assert [e.reason for e in refused] == ["cut before the server accepted it"]
+    finally:
+        for sock in queued + accepted:
+            sock.close()
+        listener.close()
+
+
 def test_restore_from_the_handler_and_from_another_thread_at_once(sockdir: Path) -> None:
     """The handler calls restore() while another thread is inside restore(): both return
     (neither waits for the other while holding what the other needs)."""

@@ -82,6 +82,9 @@ _ANCILLARY: Final = ancillary_size(MAX_FDS, creds=True)
 _READABLE: Final = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
 _WRITABLE: Final = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 
+#: Why a connection cut while its connect was under way is not relayed.
+_CUT_BEFORE_CONNECTED: Final = "cut before the server accepted it"
+
 #: Errors of a write whose receiver has closed its socket or shut down reading.
 _RECEIVER_GONE: Final = frozenset({errno.EPIPE, errno.ECONNRESET})
 
@@ -113,7 +116,7 @@ class _Flow:
 class _Connection:
     """One relayed connection: the client's socket and ours to the server."""
 
-    __slots__ = ("client", "cred", "flows", "id", "lock", "masks", "server")
+    __slots__ = ("client", "cred", "cut_asked", "flows", "id", "lock", "masks", "server")
 
     def __init__(self, conn_id: int, client: socket.socket, cred: PeerCred) -> None:
         self.id = conn_id
@@ -125,16 +128,22 @@ class _Connection:
         self.lock = threading.Lock()
         self.flows: tuple[_Flow, _Flow] | None = None  # up, down; once connected
         self.masks: dict[socket.socket, int] = {}  # what the pump's selector waits for
+        #: Set by cut(): a connect still under way gives up, or its socket is not relayed.
+        self.cut_asked = False
 
     def cut(self) -> None:
         """Wake both directions with an error (the relay is being stopped, or one side failed)."""
         with self.lock:
+            self.cut_asked = True
             for sock in (self.client, self.server):
                 if sock is not None and sock.fileno() >= 0:
                     try:
                         sock.shutdown(socket.SHUT_RDWR)
                     except OSError:
                         pass
+
+    def was_cut(self) -> bool:
+        return self.cut_asked
 
     def close(self) -> None:
         with self.lock:
@@ -294,8 +303,10 @@ class StreamRelay:
         deadline = time.monotonic() + CONNECT_TIMEOUT
         delay = 0.001
         while True:
+            if conn.was_cut():
+                return _CUT_BEFORE_CONNECTED
             try:
-                conn.server = self._connect_once(cred, as_self)
+                server = self._connect_once(cred, as_self)
                 break
             except OSError as exc:
                 if exc.errno == errno.EAGAIN and time.monotonic() < deadline:
@@ -307,10 +318,14 @@ class StreamRelay:
                     return "the server no longer accepts connections"
                 why = os.strerror(exc.errno or 0).lower()
                 return f"cannot connect to the server as uid {cred.uid}: {why}"
-        tune_buffers(conn.server, None, None)
+        with conn.lock:  # a cut() from now on reaches this socket too
+            conn.server = server
+            if conn.was_cut():
+                return _CUT_BEFORE_CONNECTED
+        tune_buffers(server, None, None)
         if self._server is not None and not as_self:
             # Reached by name, through the connector: check it is the server we tapped.
-            found = peer_cred(conn.server)
+            found = peer_cred(server)
             if (found.pid, found.uid) != (self._server.pid, self._server.uid):
                 return (
                     f"the tapped name led to another server (pid {found.pid}, uid {found.uid}); "
