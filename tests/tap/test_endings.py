@@ -4,6 +4,7 @@ connected, and restore() called at once from the handler and from another thread
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from udskit import tap
+from udskit.tap import relay
 
 from ..conftest import READY_TIMEOUT
 from .conftest import Recorder
@@ -141,3 +143,49 @@ def test_restore_from_the_handler_and_from_another_thread_at_once(sockdir: Path)
     assert len(said) == 2
     assert said[0] == said[1]
     assert said[0].startswith("restored ")
+
+
+def test_a_drain_under_way_when_restore_is_called_does_not_end_the_relay_early(
+    sockdir: Path, tapping: Tapping, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """drain() waits while restore() is called elsewhere and the last connection ends: a
+    client that reached the relay's socket just before the restore is relayed all the same
+    (the loop that relays must not end while the relay still accepts)."""
+    monkeypatch.setattr(relay, "DRAIN_AFTER_RESTORE", 2.0)  # a wide window
+    path = sockdir / "app.sock"
+    with server(path) as srv:
+        running, _ = tapping(path)
+        first = socket.socket(socket.AF_UNIX)
+        first.settimeout(READY_TIMEOUT)
+        first.connect(str(path))
+        first.sendall(b"one")
+        assert recv_exactly(first, 3) == b"one"
+        at_relay = os.open(path, os.O_PATH | os.O_CLOEXEC)  # the relay's socket file
+        try:
+            drained: list[bool] = []
+            drainer = threading.Thread(target=lambda: drained.append(running.drain(None)))
+            drainer.start()
+            idle = running._relay._idle
+            for _ in range(int(READY_TIMEOUT * 1000)):  # until drain() waits
+                if idle._waiters:  # drain() is in wait_for()
+                    break
+                threading.Event().wait(0.001)
+            restorer = threading.Thread(target=running.restore)  # waits out the window
+            restorer.start()
+            for _ in range(int(READY_TIMEOUT * 1000)):  # until the server's socket is back
+                if path.stat().st_ino == srv.inode:
+                    break
+                threading.Event().wait(0.001)
+            first.close()
+            drainer.join(READY_TIMEOUT)
+            assert drained == [True]
+            with socket.socket(socket.AF_UNIX) as late:  # queued on the relay just before
+                late.settimeout(READY_TIMEOUT)
+                late.connect(f"/proc/self/fd/{at_relay}")
+                late.sendall(b"two")
+                assert recv_exactly(late, 3) == b"two"
+            restorer.join(READY_TIMEOUT)
+        finally:
+            os.close(at_relay)
+            first.close()
+        running.stop(grace=5.0)

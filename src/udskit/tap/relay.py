@@ -364,14 +364,17 @@ class StreamRelay:
         """Wait until every relayed connection has ended; False if ``timeout`` passed.
         Once they have and the relay no longer accepts, its loop ends too."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        if self._closing_at is not None:
+        # Read once: a restore() from another thread meanwhile leaves the relay accepting
+        # for a while yet, and the loop must then go on for the connections it accepts.
+        closing = self._closing_at is not None
+        if closing:
             self._thread.join(timeout)  # a connection it accepts last counts too
             if self._thread.is_alive():
                 return False
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         with self._idle:
             idle = self._idle.wait_for(lambda: not self._connections, left)
-        if idle and self._closing_at is not None:
+        if idle and closing:
             self._pump.stop()
         return idle
 
