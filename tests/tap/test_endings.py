@@ -17,7 +17,7 @@ from udskit.tap import relay
 
 from ..conftest import READY_TIMEOUT
 from .conftest import Recorder
-from .servers import recv_exactly, server
+from .servers import DatagramEcho, recv_exactly, server
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
@@ -189,3 +189,67 @@ def test_a_drain_under_way_when_restore_is_called_does_not_end_the_relay_early(
             os.close(at_relay)
             first.close()
         running.stop(grace=5.0)
+
+
+def test_a_datagram_client_that_never_reads_its_replies_stalls_no_other(
+    sockdir: Path, tapping: Tapping
+) -> None:
+    """A bound client sends many datagrams and reads none of the replies: once its queue is
+    full, its replies are dropped (and said to be) after a bounded wait, and another
+    client's datagram and reply still pass, and the tap still stops."""
+    path = sockdir / "dgram.sock"
+    srv = DatagramEcho(path)
+    try:
+        running, events = tapping(path)
+        with (
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as stalled,
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as other,
+        ):
+            stalled.bind(str(sockdir / "stalled.sock"))
+            stalled.settimeout(READY_TIMEOUT)
+            queue = int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
+            for n in range(queue + 2):  # one more reply than its queue holds
+                stalled.sendto(b"unread %d" % n, str(path))
+            # Until the relay is sending the reply that does not fit (it reports first).
+            events.wait_for(
+                lambda seen: (
+                    sum(isinstance(e, tap.Data) and e.direction == "down" for e in seen)
+                    >= queue + 2
+                )
+            )
+            other.bind(str(sockdir / "other.sock"))
+            other.settimeout(READY_TIMEOUT)
+            other.sendto(b"ping", str(path))
+            assert other.recv(64) == b"PING"
+            stopper = threading.Thread(target=running.stop, kwargs={"grace": 5.0})
+            stopper.start()
+            stopper.join(READY_TIMEOUT)
+            assert not stopper.is_alive(), "the tap did not stop"
+        dropped = [e for e in events.of(tap.Refused) if "reply not delivered" in e.reason]
+        assert dropped
+        assert "does not read" in dropped[0].reason
+    finally:
+        srv.close()
+
+
+def test_a_datagram_server_that_stops_reading_does_not_keep_the_tap_from_stopping(
+    sockdir: Path, tapping: Tapping
+) -> None:
+    """The relay waits while the server's queue is full (its clients would wait too), but
+    stop() ends that wait: the datagram is reported as not delivered."""
+    path = sockdir / "dgram.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as deaf:  # never reads
+        deaf.bind(str(path))
+        running, events = tapping(path)
+        queue = int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
+            client.settimeout(READY_TIMEOUT)
+            for n in range(queue + 2):  # one more than the server's queue holds
+                client.sendto(b"unheard %d" % n, str(path))
+            events.wait_for(lambda seen: sum(isinstance(e, tap.Data) for e in seen) >= queue + 2)
+            stopper = threading.Thread(target=running.stop, kwargs={"grace": 1.0})
+            stopper.start()
+            stopper.join(READY_TIMEOUT)
+            assert not stopper.is_alive(), "the tap did not stop"
+    lost = [e.reason for e in events.of(tap.Refused)]
+    assert lost == ["not delivered: the server did not read before the tap stopped"]
