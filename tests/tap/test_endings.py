@@ -4,6 +4,7 @@ connected, and restore() called at once from the handler and from another thread
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 import threading
@@ -253,3 +254,41 @@ def test_a_datagram_server_that_stops_reading_does_not_keep_the_tap_from_stoppin
             assert not stopper.is_alive(), "the tap did not stop"
     lost = [e.reason for e in events.of(tap.Refused)]
     assert lost == ["not delivered: the server did not read before the tap stopped"]
+
+
+def test_a_failure_inside_the_relay_ends_one_connection_not_the_others(
+    sockdir: Path,
+    tapping: Tapping,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An unexpected exception while relaying one connection (injected: describing a passed
+    descriptor fails) ends that connection and is logged; the loop goes on for the rest."""
+
+    def broken(fd: int) -> tap.PassedFd:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(relay, "describe", broken)
+    path = sockdir / "app.sock"
+    with server(path):
+        running, _ = tapping(path)
+        with socket.socket(socket.AF_UNIX) as failing, socket.socket(socket.AF_UNIX) as other:
+            failing.settimeout(READY_TIMEOUT)
+            failing.connect(str(path))
+            r, w = os.pipe()
+            try:
+                failing.sendmsg(
+                    [b"fd"],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]).tobytes())],
+                )
+            finally:
+                os.close(r)
+                os.close(w)
+            assert failing.recv(16) == b""  # ended, not relayed
+            other.settimeout(READY_TIMEOUT)
+            other.connect(str(path))
+            other.sendall(b"still relayed")
+            assert recv_exactly(other, 13) == b"still relayed"
+        running.stop(grace=5.0)
+    assert "relaying connection 1 failed" in caplog.text
+    assert "injected fault" in caplog.text

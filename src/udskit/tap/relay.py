@@ -456,7 +456,13 @@ class _Pump:
                 for fd, mask in ready:
                     watched = self._watched.get(fd)
                     if watched is not None:
-                        self._serve(watched[0], watched[1], mask)
+                        try:
+                            self._serve(watched[0], watched[1], mask)
+                        except Exception:
+                            # A bug must cost one connection, not the loop every other
+                            # connection (and stop()) depends on.
+                            log.exception("tap: relaying connection %d failed", watched[0].id)
+                            self._abandon(watched[0])
                     elif fd == self._wakeup.fd:
                         self._wakeup.drain()
                         self._take_arrivals()
@@ -555,9 +561,9 @@ class _Pump:
             flow.dst.shutdown(socket.SHUT_WR)
             self._end(conn, flow, "end of stream")
             return False
-        described = tuple(map(describe, fds)) if fds else ()
         flow.pending = data
-        flow.fds = fds
+        flow.fds = fds  # from here on closed with the flow, whatever happens
+        described = tuple(map(describe, fds)) if fds else ()
         # Held until the loop is idle: the handler's time is not added to the relay's,
         # and the answer it provokes, read later by this loop, is never reported first.
         self._hold(Data(conn.id, time.time(), flow.direction, data, described))
@@ -622,11 +628,24 @@ class _Pump:
                 self._epoll.modify(fd, mask)
             conn.masks[sock] = mask
 
+    def _abandon(self, conn: _Connection) -> None:
+        """End a connection that relaying failed on unexpectedly."""
+        if conn.flows is None:
+            return
+        for flow in conn.flows:
+            if not flow.ended:
+                self._end(conn, flow, "the tap failed to relay it (see its log)")
+        conn.cut()
+        self._finish(conn)
+
     def _finish(self, conn: _Connection) -> None:
         for sock, mask in conn.masks.items():
             if mask:
-                self._epoll.unregister(sock)
-                del self._watched[sock.fileno()]
+                self._watched.pop(sock.fileno(), None)
+                try:
+                    self._epoll.unregister(sock)
+                except OSError:
+                    pass  # never registered: _watch() failed half-way (see _abandon)
         conn.masks.clear()
         conn.close()
         self._live -= 1
