@@ -296,3 +296,53 @@ def test_a_failure_inside_the_relay_ends_one_connection_not_the_others(
         running.stop(grace=5.0)
     assert "relaying connection 1 failed" in caplog.text
     assert "injected fault" in caplog.text
+
+
+def test_a_second_restore_returns_after_the_first_was_reported(sockdir: Path) -> None:
+    """restore() from one thread is reporting (the handler is busy); restore() or stop()
+    from another returns only after that report, so nothing is delivered after stop()."""
+    path = sockdir / "app.sock"
+    busy = threading.Event()
+    release = threading.Event()
+    events = Recorder()
+
+    def handler(event: tap.Event) -> None:
+        events(event)
+        if isinstance(event, tap.Data) and not busy.is_set():
+            busy.set()
+            release.wait(READY_TIMEOUT)
+
+    def restored() -> int:
+        return sum(
+            isinstance(e, tap.Notice) and e.text.startswith("restored") for e in events.events
+        )
+
+    with server(path) as srv:
+        running = tap.start(path, handler)
+        seen: list[int] = []
+        try:
+            with socket.socket(socket.AF_UNIX) as client:
+                client.settimeout(READY_TIMEOUT)
+                client.connect(str(path))
+                client.sendall(b"ping")
+                assert busy.wait(READY_TIMEOUT)
+                first = threading.Thread(target=running.restore)
+                first.start()
+                for _ in range(int(READY_TIMEOUT * 1000)):  # until it moved the file back
+                    if path.stat().st_ino == srv.inode:
+                        break
+                    threading.Event().wait(0.001)
+                second = threading.Thread(
+                    target=lambda: (running.restore(), seen.append(restored()))
+                )
+                second.start()
+                second.join(0.2)
+                assert second.is_alive(), "the second restore() did not wait for the report"
+                release.set()
+                second.join(READY_TIMEOUT)
+                first.join(READY_TIMEOUT)
+                assert recv_exactly(client, 4) == b"ping"
+        finally:
+            release.set()
+            running.stop(grace=5.0)
+    assert seen == [1]

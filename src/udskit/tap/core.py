@@ -46,6 +46,7 @@ class Tap:
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
         self._restored: str | None = None
+        self._restore_reported = threading.Event()
         self._server_gone = threading.Event()
         self.address: Address = interposed.address
         #: stream, seqpacket or dgram: the server's socket type.
@@ -145,8 +146,13 @@ class Tap:
         # Reported and waited for without the lock: the handler may call restore() too,
         # while this thread waits for the handler to take the report.
         if first:
-            self._emit(Notice(time.time(), restored))
+            try:
+                self._emit(Notice(time.time(), restored))
+            finally:
+                self._restore_reported.set()
         if not self._in_handler():
+            # Another thread's restore() may still be reporting: stop() returns after it.
+            self._restore_reported.wait()
             # From the handler, not waiting: the thread that accepts may be waiting for
             # the handler to report a client; it closes the relay's socket by itself.
             self._relay.stop_accepting(wait=True)
