@@ -5,6 +5,7 @@ connected, and restore() called at once from the handler and from another thread
 from __future__ import annotations
 
 import array
+import errno
 import os
 import socket
 import threading
@@ -346,3 +347,37 @@ def test_a_second_restore_returns_after_the_first_was_reported(sockdir: Path) ->
             release.set()
             running.stop(grace=5.0)
     assert seen == [1]
+
+
+def test_a_connection_epoll_refuses_to_watch_is_ended_and_the_rest_relayed(
+    sockdir: Path,
+    tapping: Tapping,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """epoll refuses to watch a new connection's sockets (injected ENOSPC, as at
+    fs.epoll.max_user_watches): that connection is ended and logged, the loop goes on."""
+    watch = relay._Pump._watch
+    failed: list[int] = []
+
+    def refusing(pump: object, conn: relay._Connection) -> None:
+        if not failed:
+            failed.append(conn.id)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        watch(pump, conn)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(relay._Pump, "_watch", refusing)
+    path = sockdir / "app.sock"
+    with server(path):
+        running, _ = tapping(path)
+        with socket.socket(socket.AF_UNIX) as refused, socket.socket(socket.AF_UNIX) as other:
+            refused.settimeout(READY_TIMEOUT)
+            refused.connect(str(path))
+            assert refused.recv(16) == b""  # ended, not relayed
+            other.settimeout(READY_TIMEOUT)
+            other.connect(str(path))
+            other.sendall(b"still relayed")
+            assert recv_exactly(other, 13) == b"still relayed"
+        running.stop(grace=5.0)
+    assert failed == [1]
+    assert "relaying connection 1 failed" in caplog.text

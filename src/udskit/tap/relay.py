@@ -492,15 +492,28 @@ class _Pump:
         with self._lock:
             arrived, self._arrived = self._arrived, deque()
         for conn in arrived:
-            assert conn.server is not None
-            conn.client.setblocking(False)
-            conn.server.setblocking(False)
-            conn.flows = (
-                _Flow("up", conn.client, conn.server),
-                _Flow("down", conn.server, conn.client),
-            )
-            self._live += 1
-            self._watch(conn)
+            try:
+                self._start_relaying(conn)
+            except Exception:
+                # (epoll may refuse a watch: ENOSPC at max_user_watches) One connection
+                # lost, not the loop.
+                log.exception("tap: relaying connection %d failed", conn.id)
+                if conn.flows is not None:
+                    self._abandon(conn)
+                else:
+                    conn.close()
+                    self._ended(conn)
+
+    def _start_relaying(self, conn: _Connection) -> None:
+        assert conn.server is not None
+        conn.client.setblocking(False)
+        conn.server.setblocking(False)
+        conn.flows = (
+            _Flow("up", conn.client, conn.server),
+            _Flow("down", conn.server, conn.client),
+        )
+        self._live += 1
+        self._watch(conn)
 
     def _serve(self, conn: _Connection, side: socket.socket, mask: int) -> None:
         if conn.flows is None:
