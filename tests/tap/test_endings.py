@@ -381,3 +381,45 @@ def test_a_connection_epoll_refuses_to_watch_is_ended_and_the_rest_relayed(
         running.stop(grace=5.0)
     assert failed == [1]
     assert "relaying connection 1 failed" in caplog.text
+
+
+def test_datagram_clients_that_never_pause_do_not_hold_up_the_servers_replies(
+    sockdir: Path,
+) -> None:
+    """The relay's queue never empties (the handler sends another datagram for each one
+    relayed): a reply the server sent meanwhile still reaches its client before the flood
+    ends."""
+    path = sockdir / "dgram.sock"
+    srv = DatagramEcho(path)
+    flood_cap = 20_000
+    flooded: list[int] = []
+    answered_after: list[int] = []
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as flooder,
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client,
+    ):
+        flooder.setblocking(False)
+        client.bind(str(sockdir / "client.sock"))
+        client.setblocking(False)
+
+        def handler(event: tap.Event) -> None:
+            if not isinstance(event, tap.Data):
+                return
+            if event.direction == "down":
+                answered_after.append(len(flooded))
+            elif event.data == b"flood" and not answered_after and len(flooded) < flood_cap:
+                if not flooded:
+                    client.sendto(b"ping", str(path))  # queued behind the flood
+                flooder.sendto(b"flood", str(path))  # keeps the relay's queue from emptying
+                flooded.append(1)
+
+        running = tap.start(path, handler)
+        try:
+            flooder.sendto(b"flood", str(path))
+            client.settimeout(READY_TIMEOUT)
+            assert client.recv(64) == b"PING"
+        finally:
+            running.stop(grace=5.0)
+            srv.close()
+    assert answered_after
+    assert answered_after[0] < flood_cap, "the reply waited for the flood to end"

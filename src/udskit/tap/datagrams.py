@@ -63,6 +63,10 @@ _ANCILLARY: Final = ancillary_size(MAX_FDS, creds=True)
 #: client, without waiting, until one fits again.
 REPLY_WAIT: Final = 1.0
 
+#: Datagrams taken from clients per wake-up: the server's replies are read between two
+#: batches, so that clients that never pause do not hold them up.
+_CLIENT_BATCH: Final = 64
+
 #: The longest pause between two tries of a reply that did not fit.
 _REPLY_RETRY: Final = 0.05
 
@@ -160,7 +164,7 @@ class DatagramRelay:
 
     def _drain(self, poller: select.poll) -> None:
         """Relay what is still queued for the relay, and replies for ``LINGER`` seconds."""
-        self._from_clients(poller)
+        self._from_clients(poller, until_empty=True)
         deadline = time.monotonic() + LINGER
         while self._by_fd:
             left = deadline - time.monotonic()
@@ -171,8 +175,8 @@ class DatagramRelay:
                 if sender is not None:
                     self._from_server(sender, poller)
 
-    def _from_clients(self, poller: select.poll) -> None:
-        while True:
+    def _from_clients(self, poller: select.poll, *, until_empty: bool = False) -> None:
+        for _ in range(1 << 62 if until_empty else _CLIENT_BATCH):
             try:
                 size = max(
                     1, self._relay.recv_into(bytearray(1), 0, socket.MSG_PEEK | socket.MSG_TRUNC)
