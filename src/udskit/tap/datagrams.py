@@ -287,15 +287,17 @@ class DatagramRelay:
     ) -> None:
         """Send one datagram to the server, waiting while its queue is full (backpressure,
         as its clients would wait), but not past the tap's stop; TimeoutError then."""
-        waiter = select.poll()
-        waiter.register(sender.sock.fileno(), select.POLLOUT)
-        waiter.register(self._wakeup.fd, select.POLLIN)
+        waiter: select.poll | None = None
         while True:
             try:
                 _send_whole(sender.sock, data, ancillary)
                 return
             except (BlockingIOError, InterruptedError):
                 pass
+            if waiter is None:  # only now: most datagrams go at the first try
+                waiter = select.poll()
+                waiter.register(sender.sock.fileno(), select.POLLOUT)
+                waiter.register(self._wakeup.fd, select.POLLIN)
             timeout = None
             if self._closing_at is not None:
                 left = self._closing_at + LINGER - time.monotonic()
