@@ -46,6 +46,7 @@ class Tap:
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
         self._restored: str | None = None
+        self._restore_reported = threading.Event()
         self._server_gone = threading.Event()
         self.address: Address = interposed.address
         #: stream, seqpacket or dgram: the server's socket type.
@@ -139,14 +140,22 @@ class Tap:
             first = self._restored is None
             if first:
                 self._restored = self._interposed.restore()
+                self._relay.stop_accepting(wait=False)
             restored = self._restored
             assert restored is not None
+        # Reported and waited for without the lock: the handler may call restore() too,
+        # while this thread waits for the handler to take the report.
         if first:
-            # Outside the lock: the handler this calls may itself call restore().
-            self._emit(Notice(time.time(), restored))
-            # From the handler, not waiting: the thread that accepts may be waiting for
-            # the handler to report a client; it closes the relay's socket by itself.
-            self._relay.stop_accepting(wait=not self._in_handler())
+            try:
+                self._emit(Notice(time.time(), restored))
+            finally:
+                self._restore_reported.set()
+        if not self._in_handler():
+            # Another thread's restore() may still be reporting: stop() returns after it.
+            # (From the handler neither wait: the thread that accepts may be waiting for
+            # the handler to report a client; it closes the relay's socket by itself.)
+            self._restore_reported.wait()
+            self._relay.stop_accepting(wait=True)
         return restored
 
     def drain(self, timeout: float | None) -> bool:
@@ -164,7 +173,6 @@ class Tap:
         most ``grace`` seconds (None: until they end) before cutting them. Idempotent."""
         self._not_from_handler("stop")
         result = self.restore()
-        self._relay.stop_accepting()  # done, even if a restore() elsewhere is still at it
         if not self._relay.wait(grace):
             self._emit(
                 Notice(time.time(), f"cutting {self._relay.active} connections still relayed")

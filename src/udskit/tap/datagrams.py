@@ -57,13 +57,26 @@ _AUTOBOUND: Final = re.compile(rb"^\x00[0-9a-f]{5}$")
 
 _ANCILLARY: Final = ancillary_size(MAX_FDS, creds=True)
 
+#: How long a reply waits for room in its client's queue. One thread relays every sender,
+#: so a client that never reads its replies must not hold up the others (or the tap's
+#: stop): past this, the reply is dropped and reported, and so are later ones to that
+#: client, without waiting, until one fits again.
+REPLY_WAIT: Final = 1.0
+
+#: Datagrams taken from clients per wake-up: the server's replies are read between two
+#: batches, so that clients that never pause do not hold them up.
+_CLIENT_BATCH: Final = 64
+
+#: The longest pause between two tries of a reply that did not fit.
+_REPLY_RETRY: Final = 0.05
+
 #: A datagram's cost in a send buffer besides its bytes, asked for on top when the buffer
 #: must grow for a large one.
 _DATAGRAM_SLACK: Final = 64 * 1024
 
 
 class _Sender:
-    __slots__ = ("address", "cred", "id", "last", "sock")
+    __slots__ = ("address", "cred", "id", "last", "sock", "stalled")
 
     def __init__(self, conn_id: int, address: bytes | str, sock: socket.socket) -> None:
         self.id = conn_id
@@ -71,6 +84,8 @@ class _Sender:
         self.sock = sock
         self.cred: PeerCred | None = None
         self.last = time.monotonic()
+        #: A reply to it was dropped: its queue stayed full (it does not read).
+        self.stalled = False
 
 
 class DatagramRelay:
@@ -103,7 +118,7 @@ class DatagramRelay:
         self._thread.start()
 
     def stop_accepting(self, *, wait: bool = True) -> None:
-        if self._closing_at is None:  # idempotent: a second call only waits
+        if self._closing_at is None:  # again (restore() waiting for it): only the wait
             self._closing_at = time.monotonic() + DRAIN_AFTER_RESTORE
             self._wakeup.wake()
         if wait:
@@ -149,7 +164,7 @@ class DatagramRelay:
 
     def _drain(self, poller: select.poll) -> None:
         """Relay what is still queued for the relay, and replies for ``LINGER`` seconds."""
-        self._from_clients(poller)
+        self._from_clients(poller, until_empty=True)
         deadline = time.monotonic() + LINGER
         while self._by_fd:
             left = deadline - time.monotonic()
@@ -160,8 +175,8 @@ class DatagramRelay:
                 if sender is not None:
                     self._from_server(sender, poller)
 
-    def _from_clients(self, poller: select.poll) -> None:
-        while True:
+    def _from_clients(self, poller: select.poll, *, until_empty: bool = False) -> None:
+        for _ in range(1 << 62 if until_empty else _CLIENT_BATCH):
             try:
                 size = max(
                     1, self._relay.recv_into(bytearray(1), 0, socket.MSG_PEEK | socket.MSG_TRUNC)
@@ -197,6 +212,7 @@ class DatagramRelay:
             sock.close()
             raise
         self._next_id += 1
+        sock.setblocking(False)  # waits for the server go through _to_server()
         sender = _Sender(self._next_id, address, sock)
         self._senders[address] = sender
         self._by_fd[sock.fileno()] = sender
@@ -250,9 +266,8 @@ class DatagramRelay:
         described = tuple(describe(fd) for fd in fds)
         self._emit(Data(sender.id, time.time(), "up", data, described))
         try:
-            sender.sock.setblocking(True)  # backpressure: wait while the server's queue is full
             try:
-                _send_whole(sender.sock, data, ancillary)
+                self._to_server(sender, data, ancillary)
             except ProcessLookupError:
                 if not as_sender:
                     raise
@@ -261,15 +276,65 @@ class DatagramRelay:
                 # the kernel takes no credentials naming a pid that is gone (ESRCH). Its
                 # uid and gid still go with the datagram; the pid becomes the tap's own.
                 ancillary[-1] = _credentials(os.getpid(), cred)
-                _send_whole(sender.sock, data, ancillary)
+                self._to_server(sender, data, ancillary)
         except OSError as exc:
             if exc.errno == errno.ECONNREFUSED:
                 self._server_gone()
             self._emit(Refused(sender.id, time.time(), cred, f"not delivered: {exc.strerror}"))
 
+    def _to_server(
+        self, sender: _Sender, data: bytes, ancillary: list[tuple[int, int, bytes]]
+    ) -> None:
+        """Send one datagram to the server, waiting while its queue is full (backpressure,
+        as its clients would wait), but not past the tap's stop; TimeoutError then."""
+        waiter: select.poll | None = None
+        while True:
+            try:
+                _send_whole(sender.sock, data, ancillary)
+                return
+            except (BlockingIOError, InterruptedError):
+                pass
+            if waiter is None:  # only now: most datagrams go at the first try
+                waiter = select.poll()
+                waiter.register(sender.sock.fileno(), select.POLLOUT)
+                waiter.register(self._wakeup.fd, select.POLLIN)
+            timeout = None
+            if self._closing_at is not None:
+                left = self._closing_at + LINGER - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(
+                        errno.ETIMEDOUT, "the server did not read before the tap stopped"
+                    )
+                timeout = int(left * 1000) + 1
+            for fd, _ in waiter.poll(timeout):
+                if fd == self._wakeup.fd:
+                    self._wakeup.drain()  # the loop reads _closing_at itself too
+
+    def _to_client(
+        self, sender: _Sender, data: bytes, ancillary: list[tuple[int, int, bytes]]
+    ) -> None:
+        """Send one reply to its client, waiting at most REPLY_WAIT for room in its queue
+        (none for a client that did not read before); TimeoutError then."""
+        deadline = time.monotonic() + (0.0 if sender.stalled else REPLY_WAIT)
+        pause = 0.001
+        while True:
+            try:
+                _send_whole(self._relay, data, ancillary, sender.address)
+                sender.stalled = False
+                return
+            except (BlockingIOError, InterruptedError):
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                sender.stalled = True
+                raise TimeoutError(
+                    errno.ETIMEDOUT, "its client's queue is full (the client does not read)"
+                )
+            time.sleep(min(pause, left))  # no readiness to wait for: the client is not our peer
+            pause = min(pause * 2, _REPLY_RETRY)
+
     def _from_server(self, sender: _Sender, poller: select.poll) -> None:
         sock = sender.sock
-        sock.setblocking(False)
         while True:
             try:
                 size = max(1, sock.recv_into(bytearray(1), 0, socket.MSG_PEEK | socket.MSG_TRUNC))
@@ -288,11 +353,7 @@ class DatagramRelay:
             try:
                 if sender.address:
                     self._emit(Data(sender.id, time.time(), "down", data, described))
-                    self._relay.setblocking(True)
-                    try:
-                        _send_whole(self._relay, data, rights(fds, MAX_FDS), sender.address)
-                    finally:
-                        self._relay.setblocking(False)
+                    self._to_client(sender, data, rights(fds, MAX_FDS))
                 else:
                     self._emit(
                         Refused(sender.id, time.time(), None, "a reply to an unbound sender")

@@ -82,6 +82,12 @@ _ANCILLARY: Final = ancillary_size(MAX_FDS, creds=True)
 _READABLE: Final = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
 _WRITABLE: Final = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 
+#: Why a connection cut while its connect was under way is not relayed.
+_CUT_BEFORE_CONNECTED: Final = "cut before the server accepted it"
+
+#: Errors of a write whose receiver has closed its socket or shut down reading.
+_RECEIVER_GONE: Final = frozenset({errno.EPIPE, errno.ECONNRESET})
+
 #: recv() flags that tell a seqpacket message's size without taking it (plain int: see
 #: ancillary's _CTRUNC).
 _PEEK_SIZE: Final = int(socket.MSG_PEEK | socket.MSG_TRUNC)
@@ -110,7 +116,7 @@ class _Flow:
 class _Connection:
     """One relayed connection: the client's socket and ours to the server."""
 
-    __slots__ = ("client", "cred", "flows", "id", "lock", "masks", "server")
+    __slots__ = ("client", "cred", "cut_asked", "flows", "id", "lock", "masks", "server")
 
     def __init__(self, conn_id: int, client: socket.socket, cred: PeerCred) -> None:
         self.id = conn_id
@@ -122,16 +128,22 @@ class _Connection:
         self.lock = threading.Lock()
         self.flows: tuple[_Flow, _Flow] | None = None  # up, down; once connected
         self.masks: dict[socket.socket, int] = {}  # what the pump's selector waits for
+        #: Set by cut(): a connect still under way gives up, or its socket is not relayed.
+        self.cut_asked = False
 
     def cut(self) -> None:
         """Wake both directions with an error (the relay is being stopped, or one side failed)."""
         with self.lock:
+            self.cut_asked = True
             for sock in (self.client, self.server):
                 if sock is not None and sock.fileno() >= 0:
                     try:
                         sock.shutdown(socket.SHUT_RDWR)
                     except OSError:
                         pass
+
+    def was_cut(self) -> bool:
+        return self.cut_asked
 
     def close(self) -> None:
         with self.lock:
@@ -187,7 +199,7 @@ class StreamRelay:
     def stop_accepting(self, *, wait: bool = True) -> None:
         """Accept for :data:`DRAIN_AFTER_RESTORE` more, then close the listening socket;
         ``wait``: until it is closed."""
-        if self._closing_at is None:  # idempotent: a second call only waits
+        if self._closing_at is None:  # again (restore() waiting for it): only the wait
             self._closing_at = time.monotonic() + DRAIN_AFTER_RESTORE
             self._wakeup.wake()
         if wait:
@@ -291,8 +303,10 @@ class StreamRelay:
         deadline = time.monotonic() + CONNECT_TIMEOUT
         delay = 0.001
         while True:
+            if conn.was_cut():
+                return _CUT_BEFORE_CONNECTED
             try:
-                conn.server = self._connect_once(cred, as_self)
+                server = self._connect_once(cred, as_self)
                 break
             except OSError as exc:
                 if exc.errno == errno.EAGAIN and time.monotonic() < deadline:
@@ -304,10 +318,14 @@ class StreamRelay:
                     return "the server no longer accepts connections"
                 why = os.strerror(exc.errno or 0).lower()
                 return f"cannot connect to the server as uid {cred.uid}: {why}"
-        tune_buffers(conn.server, None, None)
+        with conn.lock:  # a cut() from now on reaches this socket too
+            conn.server = server
+            if conn.was_cut():
+                return _CUT_BEFORE_CONNECTED
+        tune_buffers(server, None, None)
         if self._server is not None and not as_self:
             # Reached by name, through the connector: check it is the server we tapped.
-            found = peer_cred(conn.server)
+            found = peer_cred(server)
             if (found.pid, found.uid) != (self._server.pid, self._server.uid):
                 return (
                     f"the tapped name led to another server (pid {found.pid}, uid {found.uid}); "
@@ -346,14 +364,17 @@ class StreamRelay:
         """Wait until every relayed connection has ended; False if ``timeout`` passed.
         Once they have and the relay no longer accepts, its loop ends too."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        if self._closing_at is not None:
+        # Read once: a restore() from another thread meanwhile leaves the relay accepting
+        # for a while yet, and the loop must then go on for the connections it accepts.
+        closing = self._closing_at is not None
+        if closing:
             self._thread.join(timeout)  # a connection it accepts last counts too
             if self._thread.is_alive():
                 return False
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         with self._idle:
             idle = self._idle.wait_for(lambda: not self._connections, left)
-        if idle and self._closing_at is not None:
+        if idle and closing:
             self._pump.stop()
         return idle
 
@@ -435,7 +456,13 @@ class _Pump:
                 for fd, mask in ready:
                     watched = self._watched.get(fd)
                     if watched is not None:
-                        self._serve(watched[0], watched[1], mask)
+                        try:
+                            self._serve(watched[0], watched[1], mask)
+                        except Exception:
+                            # A bug must cost one connection, not the loop every other
+                            # connection (and stop()) depends on.
+                            log.exception("tap: relaying connection %d failed", watched[0].id)
+                            self._abandon(watched[0])
                     elif fd == self._wakeup.fd:
                         self._wakeup.drain()
                         self._take_arrivals()
@@ -465,15 +492,28 @@ class _Pump:
         with self._lock:
             arrived, self._arrived = self._arrived, deque()
         for conn in arrived:
-            assert conn.server is not None
-            conn.client.setblocking(False)
-            conn.server.setblocking(False)
-            conn.flows = (
-                _Flow("up", conn.client, conn.server),
-                _Flow("down", conn.server, conn.client),
-            )
-            self._live += 1
-            self._watch(conn)
+            try:
+                self._start_relaying(conn)
+            except Exception:
+                # (epoll may refuse a watch: ENOSPC at max_user_watches) One connection
+                # lost, not the loop.
+                log.exception("tap: relaying connection %d failed", conn.id)
+                if conn.flows is not None:
+                    self._abandon(conn)
+                else:
+                    conn.close()
+                    self._ended(conn)
+
+    def _start_relaying(self, conn: _Connection) -> None:
+        assert conn.server is not None
+        conn.client.setblocking(False)
+        conn.server.setblocking(False)
+        conn.flows = (
+            _Flow("up", conn.client, conn.server),
+            _Flow("down", conn.server, conn.client),
+        )
+        self._live += 1
+        self._watch(conn)
 
     def _serve(self, conn: _Connection, side: socket.socket, mask: int) -> None:
         if conn.flows is None:
@@ -481,16 +521,25 @@ class _Pump:
         up, down = conn.flows
         reading, writing = (up, down) if side is conn.client else (down, up)
         before = (reading.pending is None, writing.pending is None, reading.ended, writing.ended)
-        flow = writing
+        flow, sending = writing, True
         try:
             if mask & _WRITABLE and writing.pending is not None and not writing.ended:
                 self._flush(writing)
-            flow = reading
-            if mask & _READABLE and reading.pending is None and not reading.ended:
-                self._read(conn, reading)
+            flow, sending = reading, False
+            readable = mask & _READABLE and reading.pending is None and not reading.ended
+            if readable and self._read(conn, reading):
+                sending = True
+                self._flush(reading)
         except (OSError, ProtocolError) as exc:
             self._end(conn, flow, _why(exc))
-            conn.cut()
+            if sending and isinstance(exc, OSError) and exc.errno in _RECEIVER_GONE:
+                # The receiving side no longer reads (closed, or shut down for reading):
+                # what it would have read is lost as it would be without the tap, but the
+                # other direction still carries what that side sent before (a server's
+                # last reply). The sender's writes to us now fail as they would have.
+                _shut(flow.src, socket.SHUT_RD)
+            else:
+                conn.cut()
         if up.ended and down.ended:
             self._finish(conn)
         elif before != (
@@ -501,7 +550,8 @@ class _Pump:
         ):
             self._watch(conn)  # what epoll should wait for has changed
 
-    def _read(self, conn: _Connection, flow: _Flow) -> None:
+    def _read(self, conn: _Connection, flow: _Flow) -> bool:
+        """Read what ``flow``'s side says; True if there is something to write."""
         view = self._view
         try:
             if self._packets:
@@ -514,7 +564,7 @@ class _Pump:
                 into = self._into
             got, ancdata, flags, _ = flow.src.recvmsg_into(into, _ANCILLARY, RECV_FLAGS)
         except (BlockingIOError, InterruptedError):
-            return  # woken for the other direction, or by a cut: nothing to read yet
+            return False  # woken for the other direction, or by a cut: nothing to read yet
         # The copy the event and the pending write own; the buffer is read into again.
         data = bytes(view[:got])
         fds: list[int] = []
@@ -523,16 +573,14 @@ class _Pump:
         if not data and not fds:
             flow.dst.shutdown(socket.SHUT_WR)
             self._end(conn, flow, "end of stream")
-            return
-        described = tuple(map(describe, fds)) if fds else ()
+            return False
         flow.pending = data
-        flow.fds = fds
-        try:
-            self._flush(flow)
-        finally:
-            # Held until the loop is idle: the handler's time is not added to the relay's,
-            # and the answer it provokes, read later by this loop, is never reported first.
-            self._hold(Data(conn.id, time.time(), flow.direction, data, described))
+        flow.fds = fds  # from here on closed with the flow, whatever happens
+        described = tuple(map(describe, fds)) if fds else ()
+        # Held until the loop is idle: the handler's time is not added to the relay's,
+        # and the answer it provokes, read later by this loop, is never reported first.
+        self._hold(Data(conn.id, time.time(), flow.direction, data, described))
+        return True
 
     def _flush(self, flow: _Flow) -> None:
         """Write what ``flow`` holds, or as much as the other side takes now."""
@@ -593,16 +641,36 @@ class _Pump:
                 self._epoll.modify(fd, mask)
             conn.masks[sock] = mask
 
+    def _abandon(self, conn: _Connection) -> None:
+        """End a connection that relaying failed on unexpectedly."""
+        if conn.flows is None:
+            return
+        for flow in conn.flows:
+            if not flow.ended:
+                self._end(conn, flow, "the tap failed to relay it (see its log)")
+        conn.cut()
+        self._finish(conn)
+
     def _finish(self, conn: _Connection) -> None:
         for sock, mask in conn.masks.items():
             if mask:
-                self._epoll.unregister(sock)
-                del self._watched[sock.fileno()]
+                self._watched.pop(sock.fileno(), None)
+                try:
+                    self._epoll.unregister(sock)
+                except OSError:
+                    pass  # never registered: _watch() failed half-way (see _abandon)
         conn.masks.clear()
         conn.close()
         self._live -= 1
         self._hand_over()  # the connection's last events, before it stops counting
         self._ended(conn)
+
+
+def _shut(sock: socket.socket, how: int) -> None:
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass  # already gone: nothing left to tell it
 
 
 def _why(exc: BaseException) -> str:
