@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from udskit import tap
-from udskit.tap import relay
+from udskit.tap import pump, relay
 
 from ..conftest import READY_TIMEOUT
 from .conftest import Recorder
@@ -273,7 +273,7 @@ def test_a_failure_inside_the_relay_ends_one_connection_not_the_others(
     def broken(fd: int) -> tap.PassedFd:
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(relay, "describe", broken)
+    monkeypatch.setattr(pump, "describe", broken)
     path = sockdir / "app.sock"
     with server(path):
         running, _ = tapping(path)
@@ -357,16 +357,16 @@ def test_a_connection_epoll_refuses_to_watch_is_ended_and_the_rest_relayed(
 ) -> None:
     """epoll refuses to watch a new connection's sockets (injected ENOSPC, as at
     fs.epoll.max_user_watches): that connection is ended and logged, the loop goes on."""
-    watch = relay._Pump._watch
+    watch = pump.Pump._watch
     failed: list[int] = []
 
-    def refusing(pump: object, conn: relay._Connection) -> None:
+    def refusing(pump: object, conn: pump.Connection) -> None:
         if not failed:
             failed.append(conn.id)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         watch(pump, conn)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(relay._Pump, "_watch", refusing)
+    monkeypatch.setattr(pump.Pump, "_watch", refusing)
     path = sockdir / "app.sock"
     with server(path):
         running, _ = tapping(path)

@@ -16,7 +16,7 @@ import pytest
 
 from udskit import tap
 from udskit.options import tune_buffers
-from udskit.tap.relay import READ_SIZE
+from udskit.tap.pump import READ_SIZE
 
 from ..conftest import READY_TIMEOUT
 from .conftest import Recorder

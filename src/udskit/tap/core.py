@@ -27,7 +27,7 @@ class Tap:
     ``on_event`` is called with each :class:`~udskit.tap.Event` by the tap's threads, one
     call at a time, in the order they happened per connection; all have been delivered
     when :meth:`stop` returns. The relay's loop calls it when it has nothing else to do
-    (see :mod:`udskit.tap.relay`): a handler that takes long slows the relay down. From
+    (see :mod:`udskit.tap.pump`): a handler that takes long slows the relay down. From
     ``on_event``, :meth:`restore` and :meth:`cut` may be called, not :meth:`stop` or
     :meth:`drain` (they wait for the very thread that runs the handler).
     """

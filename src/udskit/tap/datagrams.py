@@ -40,7 +40,8 @@ from ..wakeup import WakeUp
 from .credentials import Identity
 from .describe import describe
 from .events import Closed, Data, Event, Opened, PassedFd, Refused
-from .relay import DRAIN_AFTER_RESTORE, MAX_FDS
+from .pump import MAX_FDS
+from .relay import DRAIN_AFTER_RESTORE
 
 __all__ = ["DatagramRelay"]
 
