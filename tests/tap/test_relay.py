@@ -7,6 +7,7 @@ from __future__ import annotations
 import array
 import os
 import random
+import select
 import socket
 import threading
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import udskit
 from udskit import tap
 from udskit.options import tune_buffers
 from udskit.tap.pump import READ_SIZE
@@ -156,6 +158,81 @@ def test_descriptors_pass_intact_and_are_described(sockdir: Path, tapping: Tappi
         ("pipe", "pipe", None),
     ]
     assert str(data.fds[0]).endswith(": memfd:frame (12 KiB)")  # type: ignore[union-attr]
+
+
+def test_descriptors_glued_behind_other_bytes_reach_the_message_they_came_with(
+    sockdir: Path, tapping: Tapping
+) -> None:
+    """The relay stalls (the server reads nothing yet) while the client queues a message
+    and then one with a descriptor behind it: the relay's next read holds both, and the
+    kernel's descriptors of the second. Passed on with the read's first byte they would
+    reach the udskit server with the first message; they must come with the second."""
+    path = sockdir / "fds.sock"
+    with socket.socket(socket.AF_UNIX) as probe:
+        tune_buffers(probe, None, None)
+        relay_buffer = probe.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    # What the relay takes before it stalls (its socket's buffer and one read), and 100 KiB
+    # more that wait in the client's socket, then the two messages behind them.
+    first = b"f" * (relay_buffer + READ_SIZE + 100 * 1024)
+    second = b"s" * (64 * 1024)
+    read_end, write_end = os.pipe()
+    queued = threading.Event()
+    failures: list[BaseException] = []
+    with udskit.listen(path, max_frame=len(first)) as listener:
+        tapping(path)
+        with udskit.connect(path, max_frame=len(first), timeout=READY_TIMEOUT) as client:
+
+            def send() -> None:
+                try:
+                    client.send(first)
+                    client.send(second)
+                    client.send_fds(b"third", [write_end])
+                    queued.set()
+                except BaseException as exc:  # reported by the test's thread
+                    failures.append(exc)
+                    queued.set()
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            conn = _first_client(listener)
+            with conn:
+                assert queued.wait(READY_TIMEOUT), "the client's messages never got queued"
+                assert not failures, failures
+                got = [conn.recv_fds() for _ in range(3)]
+            sender.join(READY_TIMEOUT)
+    try:
+        assert [(data[:1], len(data)) for data, _ in got] == [
+            (b"f", len(first)),
+            (b"s", len(second)),
+            (b"t", 5),
+        ]
+        assert [len(fds) for _, fds in got] == [0, 0, 1]
+        (passed,) = got[2][1]
+        os.write(passed, b"!")
+        assert os.read(read_end, 1) == b"!"
+    finally:
+        for _, fds in got:
+            for fd in fds:
+                os.close(fd)
+        os.close(read_end)
+        os.close(write_end)
+
+
+def _first_client(listener: udskit.Listener) -> udskit.Channel:
+    """The first accepted connection that sends something (the tap's own probes, which
+    connect and close, come first), read nothing of."""
+    for _ in range(10):
+        conn = listener.accept()
+        readable = select.poll()
+        readable.register(conn.fileno(), select.POLLIN)
+        assert readable.poll(READY_TIMEOUT * 1000), "a connection neither sent nor closed"
+        # A duplicate shares the socket's flags: no settimeout(), which would make the
+        # channel's socket non-blocking too.
+        with socket.socket(fileno=os.dup(conn.fileno())) as peek:
+            if peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                return conn
+        conn.close()
+    raise AssertionError("no client among the first ten connections")
 
 
 def test_253_descriptors_in_one_message_all_arrive(sockdir: Path, tapping: Tapping) -> None:

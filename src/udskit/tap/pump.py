@@ -6,8 +6,8 @@ carry ancillary data (SCM_RIGHTS) nor keep seqpacket boundaries, and a tap must 
 Each direction of a connection holds at most one read (:data:`READ_SIZE`), and while that
 read is not yet written on, its side is not read again (backpressure to the faster side,
 with no buffer to grow). Bytes go out in the order they came, a seqpacket message whole,
-as one message. A read's descriptors go out with its first byte: the kernel may give one
-read the bytes of several sends and the descriptors of the last (see docs/tap.md).
+as one message. A read's descriptors go out with the bytes they came with, as nearly as a
+relay can tell (see :data:`FDS_WITH_LAST`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,15 @@ from ..wakeup import WakeUp
 from .describe import describe
 from .events import Closed, Data, Direction, Event
 
-__all__ = ["MAX_FDS", "MAX_HELD_BYTES", "MAX_HELD_EVENTS", "READ_SIZE", "Connection", "Pump"]
+__all__ = [
+    "FDS_WITH_LAST",
+    "MAX_FDS",
+    "MAX_HELD_BYTES",
+    "MAX_HELD_EVENTS",
+    "READ_SIZE",
+    "Connection",
+    "Pump",
+]
 
 log = logging.getLogger("udskit")
 
@@ -65,6 +73,16 @@ _RECEIVER_GONE: Final = frozenset({errno.EPIPE, errno.ECONNRESET})
 #: ancillary's _CTRUNC).
 _PEEK_SIZE: Final = int(socket.MSG_PEEK | socket.MSG_TRUNC)
 
+#: Where in a stream read its descriptors are passed on: with the first of its last this
+#: many bytes. Linux hands one read the bytes of several sends, and the descriptors of the
+#: last of them, and ends the read with that send's kernel buffer (an skb, which holds at
+#: most 32 KiB and a page's head on a Unix stream socket). So the descriptors belong to a
+#: byte of the read's last 32 KiB or so: passed on there, as a kernel buffer of their own,
+#: they reach the server with the bytes they came with (a receiver that hands descriptors
+#: to the last message beginning in a read, as udskit's own do, gets them on the right
+#: message), where at the read's first byte they could come 200 KiB early.
+FDS_WITH_LAST: Final = 32 * 1024
+
 #: What a seqpacket message costs in a send buffer besides its bytes (the skb's overhead),
 #: asked for on top when the relay's buffer must grow for a large message.
 _PACKET_SLACK: Final = 64 * 1024
@@ -73,7 +91,7 @@ _PACKET_SLACK: Final = 64 * 1024
 class Flow:
     """One direction of a connection: what ``src`` says, written to ``dst``."""
 
-    __slots__ = ("direction", "dst", "ended", "fds", "pending", "src")
+    __slots__ = ("direction", "dst", "ended", "fds", "fds_at", "pending", "src")
 
     def __init__(self, direction: Direction, src: socket.socket, dst: socket.socket) -> None:
         self.direction: Direction = direction
@@ -81,8 +99,9 @@ class Flow:
         self.dst = dst
         #: What was read and is not yet written (None: nothing; ``src`` may be read).
         self.pending: bytes | memoryview | None = None
-        #: The descriptors that came with ``pending``: passed with its first byte.
+        #: The descriptors that came with ``pending``, passed with its byte ``fds_at``.
         self.fds: list[int] = []
+        self.fds_at = 0
         self.ended = False
 
 
@@ -318,6 +337,8 @@ class Pump:
             return False
         flow.pending = data
         flow.fds = fds  # from here on closed with the flow, whatever happens
+        # Bytes of the read to write before its descriptors go (see FDS_WITH_LAST).
+        flow.fds_at = max(0, len(data) - FDS_WITH_LAST) if fds and not self._packets else 0
         described = tuple(map(describe, fds)) if fds else ()
         # Held until the loop is idle: the handler's time is not added to the relay's,
         # and the answer it provokes, read later by this loop, is never reported first.
@@ -329,11 +350,17 @@ class Pump:
         assert flow.pending is not None
         data = flow.pending
         try:
+            if flow.fds_at:  # the bytes before the descriptors, first
+                sent = self._send(flow.dst, memoryview(data)[: flow.fds_at], [])
+                flow.fds_at -= sent
+                data = flow.pending = memoryview(data)[sent:]
+                if flow.fds_at:
+                    return  # the other side took part: the rest when it can take more
             sent = self._send(flow.dst, data, flow.fds)
         except (BlockingIOError, InterruptedError):
             return  # the other side's buffer is full: wait until it can take more
         if flow.fds:
-            close_fds(flow.fds)  # passed along with the first byte: ours are copies
+            close_fds(flow.fds)  # passed along with that byte: ours are copies
             flow.fds = []
         flow.pending = memoryview(data)[sent:] if sent < len(data) else None
 
