@@ -674,7 +674,7 @@ def test_a_handler_that_raises_closes_only_its_client(
     assert "the handler broke" in str(failures[0].exc_info[1])
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", CONNECTED)
 def test_a_blocked_handler_holds_one_worker_only(path: Path, kind: str) -> None:
     release = threading.Event()
     blocked = threading.Event()
@@ -695,6 +695,58 @@ def test_a_blocked_handler_holds_one_worker_only(path: Path, kind: str) -> None:
                     assert round_trip(b, b"b%d" % number) == b"b%d" % number
                 release.set()
                 assert stuck.recv() == b"block"
+        finally:
+            release.set()
+
+
+#: Datagram senders in the lane test: the chance that all of them share the blocked
+#: lane of two is 2**-16.
+LANE_SENDERS = 16
+
+
+def test_a_blocked_handler_holds_one_datagram_lane_only(path: Path) -> None:
+    """Datagram senders go to the workers' lanes by their address: while one handler
+    blocks, the senders of the other lane are answered, by the other worker, and those of
+    the blocked lane once it is free."""
+    release = threading.Event()
+    blocked: list[str] = []  # the worker that blocks
+    workers: dict[bytes, str] = {}  # message -> the worker that answered it
+    lock = threading.Lock()
+
+    def handler(conn: Connection, message: bytes) -> bytes:
+        with lock:
+            if message == b"block":
+                blocked.append(threading.current_thread().name)
+            else:
+                workers[message] = threading.current_thread().name
+        if message == b"block":
+            release.wait(PATIENCE)
+        return message
+
+    with Running(path, handler, type="dgram", workers=2) as running:
+        try:
+            with contextlib.ExitStack() as stack:
+                stuck = stack.enter_context(running.client())
+                senders = [stack.enter_context(running.client()) for _ in range(LANE_SENDERS)]
+                stuck.send(b"block")
+                wait_until(lambda: blocked, "the handler to block")
+                for number, sender in enumerate(senders):
+                    sender.send(b"%d" % number)
+                readable = select.poll()
+                for sender in senders:
+                    readable.register(sender.fileno(), select.POLLIN)
+                first = readable.poll(int(PATIENCE * 1000))
+                assert first, "no sender of the free lane was answered"
+                fd = first[0][0]
+                (early,) = [n for n, sender in enumerate(senders) if sender.fileno() == fd]
+                assert senders[early].recv() == b"%d" % early
+                with lock:
+                    assert workers[b"%d" % early] != blocked[0]
+                release.set()
+                assert stuck.recv() == b"block"
+                for number, sender in enumerate(senders):
+                    if number != early:
+                        assert sender.recv() == b"%d" % number
         finally:
             release.set()
 
