@@ -893,10 +893,7 @@ class Channel(ChannelFacts):
         fds = got.fds if got is not None else []
         if flags & _TRUNC:
             close_fds(fds)
-            raise ProtocolError(
-                f"message from {self._where()} was larger than max_frame ({self._max_message} "
-                "bytes) and arrived truncated; raise max_frame on this side"
-            )
+            raise truncated(self._where(), self._max_message)
         if size == 0 and self._type == "seqpacket":
             close_fds(fds)
             raise ConnectionClosed(f"{self._where()}: the peer closed the connection")
@@ -1288,11 +1285,7 @@ class Channel(ChannelFacts):
                 fds = unpack(ancdata, flags, self._where(), self._max_fds).fds
             if flags & _TRUNC:
                 close_fds(fds)
-                raise ProtocolError(  # noqa: TRY301
-                    f"message from {self._where()} was larger than max_frame "
-                    f"({self._max_message} bytes) and arrived truncated; raise max_frame on "
-                    "this side"
-                )
+                raise truncated(self._where(), self._max_message)
         except ProtocolError as exc:
             if not is_message(tag):  # its loss would leave the pools out of step
                 self._shared_failed(exc)
@@ -1509,6 +1502,15 @@ def read_interrupted(where: str) -> ProtocolError:
     return ProtocolError(
         f"{where}: a receive was interrupted, and the bytes it had read may be lost, so "
         "nothing more can be received on this channel: close it"
+    )
+
+
+def truncated(where: str, limit: int) -> ProtocolError:
+    """A packet larger than the receive buffer (``limit``, from max_frame) arrived cut
+    off: what a packet channel reports in its place (both layers)."""
+    return ProtocolError(
+        f"message from {where} was larger than max_frame ({limit} bytes) and arrived "
+        "truncated; raise max_frame on this side"
     )
 
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Final
 
 from ..address import Address
 from ..ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
-from ..channel import ChannelFacts, read_interrupted, stream_read_lost
+from ..channel import ChannelFacts, read_interrupted, stream_read_lost, truncated
 from ..creds import PeerCred
 from ..errors import ConnectionClosed, FrameTooLarge, ProtocolError, Timeout, UdsError
 from ..options import base_type, check_timeout, max_frame_for, type_name
@@ -549,13 +549,7 @@ class Channel(Sending, ChannelFacts):
             fds = got.fds if got is not None else []
             if flags & _TRUNC:
                 close_fds(fds)
-                self._fail_read(
-                    ProtocolError(
-                        f"message from {self._where()} was larger than max_frame ({limit} "
-                        "bytes) and arrived truncated; raise max_frame on this side"
-                    ),
-                    fatal=False,
-                )
+                self._fail_read(truncated(self._where(), limit), fatal=False)
                 break
             if size == 0 and self._type == "seqpacket":
                 close_fds(fds)
@@ -570,12 +564,19 @@ class Channel(Sending, ChannelFacts):
             else:
                 ready.append((data, fds, got.cred))
             self._ready_bytes += size
-            if self._rwaiter is not None:
-                break  # hand this one over first; level-triggered polling brings the rest
-            if len(ready) >= _PACKETS_AHEAD or self._ready_bytes > READ_AHEAD:
-                self._stop_reading()
+            if self._pause_after_queueing():
                 break
         self._wake_receiver()
+
+    def _pause_after_queueing(self) -> bool:
+        """After a packet was queued: whether the reader callback should stop here (a
+        receiver waits to take it first; or the read-ahead is full, and reading pauses)."""
+        if self._rwaiter is not None:
+            return True  # hand this one over first; level-triggered polling brings the rest
+        if len(self._ready) >= _PACKETS_AHEAD or self._ready_bytes > READ_AHEAD:
+            self._stop_reading()
+            return True
+        return False
 
     def _read_wire(self) -> None:
         """Reader callback (seqpacket with shared memory): act on the records that arrived,
@@ -620,11 +621,7 @@ class Channel(Sending, ChannelFacts):
                 )
                 if flags & _TRUNC:
                     close_fds(fds)
-                    raise ProtocolError(  # noqa: TRY301
-                        f"message from {self._where()} was larger than max_frame "
-                        f"({self._max_message} bytes) and arrived truncated; raise max_frame "
-                        "on this side"
-                    )
+                    raise truncated(self._where(), self._max_message)
             except ProtocolError as exc:
                 if not message:
                     self._fail_read(self._shared_failed(exc), fatal=True)
@@ -633,10 +630,7 @@ class Channel(Sending, ChannelFacts):
                 # goes on (a sender waiting for pool space needs the releases behind it).
                 wire.lost()
                 ready.append(Lost(exc))
-                if self._rwaiter is not None:
-                    break
-                if len(ready) >= _PACKETS_AHEAD:
-                    self._stop_reading()
+                if self._pause_after_queueing():
                     break
                 continue
             if tag is None and not size:
@@ -663,10 +657,7 @@ class Channel(Sending, ChannelFacts):
                 continue
             ready.append((item, fds, None) if fds else item)  # type: ignore[arg-type]
             self._ready_bytes += size
-            if self._rwaiter is not None:
-                break  # hand this one over first; level-triggered polling brings the rest
-            if len(ready) >= _PACKETS_AHEAD or self._ready_bytes > READ_AHEAD:
-                self._stop_reading()
+            if self._pause_after_queueing():
                 break
         self._wake_receiver()
 

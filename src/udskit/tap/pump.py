@@ -119,7 +119,7 @@ class Connection:
         #: so that a cut never reaches a descriptor number already reused.
         self.lock = threading.Lock()
         self.flows: tuple[Flow, Flow] | None = None  # up, down; once connected
-        self.masks: dict[socket.socket, int] = {}  # what the pump's selector waits for
+        self.masks: dict[socket.socket, int] = {}  # what the loop has epoll wait for
         #: Set by cut(): a connect still under way gives up, or its socket is not relayed.
         self.cut_asked = False
 
