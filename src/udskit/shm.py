@@ -121,7 +121,16 @@ def offered(channel: _Offering, where: object) -> bool:
 class Mapping:
     """One mapped pool. ``close()`` unmaps it once no view into it is alive."""
 
-    __slots__ = ("__weakref__", "_live", "_lock", "address", "closed", "size", "writable")
+    __slots__ = (
+        "__weakref__",
+        "_live",
+        "_lock",
+        "_touched",
+        "address",
+        "closed",
+        "size",
+        "writable",
+    )
 
     def __init__(self, fd: int, size: int, *, writable: bool) -> None:
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
@@ -134,6 +143,7 @@ class Mapping:
         self.writable = writable
         self.closed = False
         self._live = 0  # views alive, and copies under way: unmapping waits for them
+        self._touched = 0  # our pool: every extent lent so far lies below this offset
         # Reentrant: a view's finalizer may run (a garbage collection) while this thread
         # holds the lock.
         self._lock = threading.RLock()
@@ -165,6 +175,24 @@ class Mapping:
         self._leave()
         if gone is not None:
             gone()
+
+    def populate(self, offset: int, length: int) -> None:
+        """Fault in the pages of an extent of our pool about to be written, if it reaches
+        past every extent written before: in one call, about twice as fast as the page
+        faults of writing fresh pages one at a time (measured at 256 MiB on shmem; the
+        kernel zeroes them either way). Pages already touched are left alone, and nothing
+        is touched that is not about to be written, so the pool still costs memory only as
+        far as messages have filled it."""
+        end = offset + length
+        if end <= self._touched:
+            return
+        self._enter()
+        try:
+            start = offset // _PAGE * _PAGE
+            _madvise(self.address + start, -(-end // _PAGE) * _PAGE - start, _MADV_POPULATE_WRITE)
+            self._touched = end  # advice only: a kernel without it faults the pages as before
+        finally:
+            self._leave()
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         """Copy ``data`` (bytes, or a byte view) into our pool at ``offset``: one memcpy.
@@ -384,8 +412,12 @@ class SharedMemory:
     def lend(self, length: int) -> int | None:
         """An offset for ``length`` bytes in our pool, or None while it is too full."""
         assert self.pool is not None
+        assert self._mine is not None
         with self.space:
-            return self.pool.allocate(length)
+            offset = self.pool.allocate(length)
+        if offset is not None:
+            self._mine.populate(offset, length)
+        return offset
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         assert self._mine is not None

@@ -237,6 +237,42 @@ def test_recv_many_and_iteration_deliver_in_order(shm_pair: tuple[Channel, Chann
     assert got == sent
 
 
+def resident_in_our_pool() -> int:
+    """Bytes of our own pools (mapped read-write; a peer's are read-only) in memory, from
+    /proc/self/smaps."""
+    resident = 0
+    mine = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's heading line
+                mine = fields[1] == "rw-s" and "memfd:udskit-pool" in line
+            elif mine and fields[0] == "Rss:":
+                resident += int(fields[1]) * 1024
+    return resident
+
+
+def kernel_at_least(major: int, minor: int) -> bool:
+    numbers = os.uname().release.split("-")[0].split(".")
+    return (int(numbers[0]), int(numbers[1])) >= (major, minor)
+
+
+@pytest.mark.skipif(not kernel_at_least(5, 14), reason="MADV_POPULATE_WRITE came in Linux 5.14")
+def test_a_fresh_part_of_the_pool_is_faulted_in_when_lent_and_no_more(clean: None) -> None:
+    """The pages of an extent the pool never used before are faulted in as it is lent (one
+    call, not a fault per page as it is written); the rest of the pool stays untouched."""
+    a, b = udskit.pair(shared_memory=8 * MIB)
+    with a, b:
+        before = resident_in_our_pool()
+        loan = a.loan(BIG + 1)
+        assert resident_in_our_pool() - before == BIG + PAGE  # before anything is written
+        a.send(loan)
+        assert b.recv() == bytes(BIG + 1)
+        loan = a.loan(3 * MIB)  # first fit: the freed pages, then 2 MiB never used
+        assert resident_in_our_pool() - before == 3 * MIB
+        loan.release()
+
+
 # -- backpressure -------------------------------------------------------------------------------
 
 
