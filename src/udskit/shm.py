@@ -143,7 +143,7 @@ class Mapping:
         self.writable = writable
         self.closed = False
         self._live = 0  # views alive, and copies under way: unmapping waits for them
-        self._touched = 0  # our pool: every extent lent so far lies below this offset
+        self._touched = 0  # our pool: every copy into it so far ended below this offset
         # Reentrant: a view's finalizer may run (a garbage collection) while this thread
         # holds the lock.
         self._lock = threading.RLock()
@@ -176,24 +176,6 @@ class Mapping:
         if gone is not None:
             gone()
 
-    def populate(self, offset: int, length: int) -> None:
-        """Fault in the pages of an extent of our pool about to be written, if it reaches
-        past every extent written before: in one call, about twice as fast as the page
-        faults of writing fresh pages one at a time (measured at 256 MiB on shmem; the
-        kernel zeroes them either way). Pages already touched are left alone, and nothing
-        is touched that is not about to be written, so the pool still costs memory only as
-        far as messages have filled it."""
-        end = offset + length
-        if end <= self._touched:
-            return
-        self._enter()
-        try:
-            start = offset // _PAGE * _PAGE
-            _madvise(self.address + start, -(-end // _PAGE) * _PAGE - start, _MADV_POPULATE_WRITE)
-            self._touched = end  # advice only: a kernel without it faults the pages as before
-        finally:
-            self._leave()
-
     def write(self, offset: int, data: bytes | memoryview) -> None:
         """Copy ``data`` (bytes, or a byte view) into our pool at ``offset``: one memcpy.
         ctypes.memmove where it can read the source in place (bytes, a writable buffer):
@@ -202,6 +184,8 @@ class Mapping:
         target = self.address + offset
         self._enter()  # a close() in another thread leaves the memory mapped until we are done
         try:
+            if offset + size > self._touched:
+                self._populate(offset, size)
             if type(data) is bytes:
                 ctypes.memmove(target, data, size)
             elif isinstance(data, memoryview) and not data.readonly and data.contiguous:
@@ -210,6 +194,18 @@ class Mapping:
                 memoryview((ctypes.c_char * size).from_address(target)).cast("B")[:] = data
         finally:
             self._leave()
+
+    def _populate(self, offset: int, length: int) -> None:
+        """Fault in the pages of an extent about to be copied into that reaches past every
+        copy before it: in one call, about twice as fast as a page fault per 4 KiB as the
+        copy writes them (measured at 256 MiB on shmem; the kernel zeroes them either way).
+        Only pages about to be written are touched, so the pool still costs memory only as
+        far as messages have filled it. A loan is left to fault as the program writes it,
+        which may not be all of it."""
+        start = offset // _PAGE * _PAGE
+        end = -(-(offset + length) // _PAGE) * _PAGE
+        _madvise(self.address + start, end - start, _MADV_POPULATE_WRITE)
+        self._touched = offset + length  # advice only: without it, the copy faults them in
 
     def read(self, offset: int, length: int) -> bytes:
         """A copy of ``length`` bytes at ``offset``, as bytes."""
@@ -412,12 +408,8 @@ class SharedMemory:
     def lend(self, length: int) -> int | None:
         """An offset for ``length`` bytes in our pool, or None while it is too full."""
         assert self.pool is not None
-        assert self._mine is not None
         with self.space:
-            offset = self.pool.allocate(length)
-        if offset is not None:
-            self._mine.populate(offset, length)
-        return offset
+            return self.pool.allocate(length)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         assert self._mine is not None

@@ -258,19 +258,35 @@ def kernel_at_least(major: int, minor: int) -> bool:
 
 
 @pytest.mark.skipif(not kernel_at_least(5, 14), reason="MADV_POPULATE_WRITE came in Linux 5.14")
-def test_a_fresh_part_of_the_pool_is_faulted_in_when_lent_and_no_more(clean: None) -> None:
-    """The pages of an extent the pool never used before are faulted in as it is lent (one
-    call, not a fault per page as it is written); the rest of the pool stays untouched."""
-    a, b = udskit.pair(shared_memory=8 * MIB)
+def test_a_copy_into_a_fresh_part_of_the_pool_faults_it_in_at_once(
+    clean: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """send() copying into pages of the pool never used before has the kernel fault them in
+    with one call, not a page fault per 4 KiB as it writes; pages used before are left
+    alone, and so is a loan, left to the program's writes (nothing of it is in memory
+    before it writes: the pool costs only what is used)."""
+    advice: list[tuple[int, int]] = []
+    real = udskit.shm._madvise
+
+    def recorded(address: int, length: int, what: int) -> int:
+        advice.append((length, what))
+        return real(address, length, what)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(udskit.shm, "_madvise", recorded)
+    message = data(4 * MIB + 1)
+    a, b = udskit.pair(shared_memory=16 * MIB)
     with a, b:
         before = resident_in_our_pool()
-        loan = a.loan(BIG + 1)
-        assert resident_in_our_pool() - before == BIG + PAGE  # before anything is written
-        a.send(loan)
-        assert b.recv() == bytes(BIG + 1)
-        loan = a.loan(3 * MIB)  # first fit: the freed pages, then 2 MiB never used
-        assert resident_in_our_pool() - before == 3 * MIB
+        a.send(message)
+        assert advice == [(4 * MIB + PAGE, udskit.shm._MADV_POPULATE_WRITE)]
+        assert resident_in_our_pool() - before == 4 * MIB + PAGE
+        assert b.recv() == message
+        a.send(message)  # the same pages again (the release came in first): no advice
+        assert b.recv() == message
+        loan = a.loan(8 * MIB)  # half of it past the pages the messages used: left untouched
+        assert resident_in_our_pool() - before == 4 * MIB + PAGE
         loan.release()
+        assert len(advice) == 1
 
 
 # -- backpressure -------------------------------------------------------------------------------
