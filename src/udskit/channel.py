@@ -24,9 +24,8 @@ import os
 import select
 import socket
 import threading
-import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from time import monotonic, monotonic_ns
 from typing import TYPE_CHECKING, Final
 
@@ -72,7 +71,7 @@ from .proto.shm import (
     encode_packet,
     encode_record,
 )
-from .shm import Lease, SharedMemory, check_loan_size
+from .shm import Lease, SharedMemory, check_loan_size, weak_call
 from .shmpackets import (
     Lost,
     is_message,
@@ -299,8 +298,7 @@ class Channel(ChannelFacts):
             else:
                 self._wire = make_wire(sock, peer_opted)
             self._shm = SharedMemory(shared_memory, limit, peer_opted=peer_opted)
-            pending = weakref.WeakMethod(self._release_soon)
-            self._shm.notify = lambda: _call(pending)
+            self._shm.notify = weak_call(self._release_soon)
         self._max_message = limit
         self._max_fds = max_fds
         is_unix = sock.family == socket.AF_UNIX
@@ -1059,8 +1057,7 @@ class Channel(ChannelFacts):
                 # Another thread reads; or we read ahead as much as we hold for recv():
                 # wait for the receiving side to take some (the peer's releases may be
                 # behind its messages, as on a socket whose two ends both write).
-                with shm.space:
-                    shm.space.wait(POOL_WAIT if left is None else min(left, POOL_WAIT))
+                shm.wait_for_space(POOL_WAIT if left is None else min(left, POOL_WAIT))
                 continue
             try:
                 self._take_in(wait=True)
@@ -1141,7 +1138,7 @@ class Channel(ChannelFacts):
                 self._packet_out(packet, [], records=True)
             except UdsError:
                 if self._broken is None:  # these did not go: owed still, in order
-                    with shm.space:
+                    with shm.lock:
                         shm.pending.extendleft(reversed(offsets[start:]))
                 raise
 
@@ -1464,13 +1461,6 @@ class Channel(ChannelFacts):
     def _adopt_reply_dir(self, directory: bytes) -> None:
         """Remove ``directory`` (a private dir holding our reply path) on close."""
         self._cleanup_dir = directory
-
-
-def _call(method: weakref.WeakMethod[Callable[[], None]]) -> None:
-    """Call a weakly held bound method, if its object is still alive."""
-    bound = method()
-    if bound is not None:
-        bound()
 
 
 def advance(views: list[memoryview], sent: int) -> list[memoryview]:

@@ -31,6 +31,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Final, Protocol
 
 from .ancillary import close_fds
@@ -49,7 +50,7 @@ from .proto.shm import (
 
 log = logging.getLogger("udskit")
 
-__all__ = ["Lease", "Mapping", "SharedMemory", "create_pool", "map_peer_pool"]
+__all__ = ["Lease", "Mapping", "SharedMemory", "create_pool", "map_peer_pool", "weak_call"]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _mmap = _libc.mmap
@@ -118,6 +119,12 @@ def offered(channel: _Offering, where: object) -> bool:
     return True
 
 
+#: The weak references that watch the arrays under live views (``Mapping.view``), by id: one
+#: is called back only while it is alive itself, so each is held here until it fires.
+#: (``weakref.finalize`` does the same, at several times the cost per message.)
+_WATCHES: Final[dict[int, weakref.ref[ctypes.Array[ctypes.c_char]]]] = {}
+
+
 class Mapping:
     """One mapped pool. ``close()`` unmaps it once no view into it is alive."""
 
@@ -153,7 +160,8 @@ class Mapping:
         ``gone`` runs once the last view derived from it is gone."""
         self._enter()
         array = (ctypes.c_char * length).from_address(self.address + offset)
-        weakref.finalize(array, self._dead, gone).atexit = False
+        watch = weakref.ref(array, partial(self._dead, gone))
+        _WATCHES[id(watch)] = watch
         view = memoryview(array).cast("B")
         return view if self.writable else view.toreadonly()
 
@@ -171,7 +179,10 @@ class Mapping:
         if unmap:
             self._unmap()
 
-    def _dead(self, gone: Callable[[], None] | None) -> None:
+    def _dead(
+        self, gone: Callable[[], None] | None, watch: weakref.ref[ctypes.Array[ctypes.c_char]]
+    ) -> None:
+        del _WATCHES[id(watch)]
         self._leave()
         if gone is not None:
             gone()
@@ -326,7 +337,7 @@ class SharedMemory:
     """One channel's shared-memory state: our pool (sending), the peer's (receiving), the
     releases we owe, and the messages read ahead while a sender waited for pool space.
 
-    ``space`` guards all of it; the channel's locks order I/O around it.
+    ``lock`` guards all of it; the channel's locks order I/O around it.
     """
 
     __slots__ = (
@@ -334,20 +345,22 @@ class SharedMemory:
         "_fd",
         "_loans",
         "_mine",
+        "_space",
         "_theirs",
         "_unsent",
+        "_waiting",
         "arrived",
         "arrived_bytes",
         "attached",
         "eof",
         "ledger",
+        "lock",
         "max_frame",
         "notify",
         "pending",
         "pool",
         "pool_size",
         "ready",
-        "space",
     )
 
     def __init__(self, pool_size: int, max_frame: int, *, peer_opted: bool) -> None:
@@ -367,7 +380,11 @@ class SharedMemory:
         self.eof = False
         #: offsets of the peer's slots we are done with, not yet sent as RELEASE
         self.pending: deque[int] = deque()
-        self.space = threading.Condition()
+        #: Guards all of it. Reentrant: a view's finalizer may release a slot (a garbage
+        #: collection) while this thread holds it.
+        self.lock = threading.RLock()
+        self._space = threading.Condition(self.lock)  # signalled as pool space comes free
+        self._waiting = 0  # threads in wait_for_space()
         self._loans: dict[int, tuple[memoryview, int]] = {}
         self._unsent: set[int] = set()  # offsets of loans not (yet) sent
         #: called (any thread) when a release is pending: the channel tries to send it
@@ -408,8 +425,22 @@ class SharedMemory:
     def lend(self, length: int) -> int | None:
         """An offset for ``length`` bytes in our pool, or None while it is too full."""
         assert self.pool is not None
-        with self.space:
+        with self.lock:
             return self.pool.allocate(length)
+
+    def wait_for_space(self, timeout: float) -> None:
+        """Wait until part of our pool comes free (or the pool closes), ``timeout`` at most."""
+        with self.lock:
+            self._waiting += 1
+            try:
+                self._space.wait(timeout)
+            finally:
+                self._waiting -= 1
+
+    def _freed(self) -> None:
+        """Wake the threads waiting for space (caller holds the lock)."""
+        if self._waiting:
+            self._space.notify_all()
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         assert self._mine is not None
@@ -425,13 +456,13 @@ class SharedMemory:
 
     def _loan_gone(self, offset: int) -> None:
         """The last view of a loan is gone: if it was never sent, the extent is free."""
-        with self.space:
+        with self.lock:
             if offset not in self._unsent:
                 return
             self._unsent.discard(offset)
             if self.pool is not None and offset in self.pool.lent:
                 self.pool.release(offset)
-                self.space.notify_all()
+                self._freed()
 
     def loaned(self, data: object) -> int | None:
         """The offset of ``data`` if it is one of our loans (still unsent), else None."""
@@ -447,19 +478,19 @@ class SharedMemory:
         made from it make the loan unusable, and its space returns when they are gone."""
         _, offset = self._loans[id(view)]
         array = weakref.ref(view.obj)
-        with self.space:
+        with self.lock:
             self._unsent.discard(offset)  # from here, the array's death does not free it
         try:
             view.release()
         except BufferError:
-            with self.space:
+            with self.lock:
                 self._unsent.add(offset)
             raise ValueError(
                 "send(): the loaned buffer is still in use (an array made from it is alive); "
                 "delete it first, since after send() the buffer belongs to the receiver"
             ) from None
         del self._loans[id(view)]
-        with self.space:
+        with self.lock:
             alive = array() is not None
             if alive:
                 self._unsent.add(offset)
@@ -476,11 +507,11 @@ class SharedMemory:
 
     def peer_released(self, offset: int) -> None:
         """A RELEASE arrived: the extent is free again. ProtocolError if it was not lent."""
-        with self.space:
+        with self.lock:
             if self.pool is None:
                 raise ProtocolError("peer released a slot of a pool we never sent")
             self.pool.release(offset)
-            self.space.notify_all()
+            self._freed()
 
     # -- receiving side -------------------------------------------------------------------
     def on_record(self, body: bytes, fds: list[int]) -> Lease | None:
@@ -525,7 +556,7 @@ class SharedMemory:
         """A SLOT from the peer, checked against its pool and what we hold."""
         if self.ledger is None:
             raise ProtocolError("peer announced a shared-memory message before its pool")
-        with self.space:
+        with self.lock:
             self.ledger.accept(offset, length)
         return Lease(offset, length)
 
@@ -546,14 +577,14 @@ class SharedMemory:
 
     def release(self, offset: int) -> None:
         """We are done with the peer's slot at ``offset``: owe a RELEASE."""
-        with self.space:
+        with self.lock:
             if self.ledger is not None and offset in self.ledger.held:
                 self.ledger.release(offset)
                 self.pending.append(offset)
         self.notify()
 
     def take_pending(self) -> list[int]:
-        with self.space:
+        with self.lock:
             offsets = list(self.pending)
             self.pending.clear()
         return offsets
@@ -562,14 +593,14 @@ class SharedMemory:
     @property
     def in_use(self) -> int:
         """Bytes of our pool lent to the peer."""
-        with self.space:
+        with self.lock:
             return 0 if self.pool is None else self.pool.in_use
 
     def close(self) -> None:
         """Release everything: descriptors now, mappings once no view into them is alive."""
-        with self.space:
+        with self.lock:
             self.ready = False
-            self.space.notify_all()
+            self._freed()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -585,3 +616,18 @@ class SharedMemory:
 
 def _nothing() -> None:
     return None
+
+
+def weak_call(method: Callable[[], None]) -> Callable[[], None]:
+    """A callable that calls the bound ``method`` while its object is alive, and does
+    nothing after: what a channel gives its SharedMemory as ``notify``, with no reference
+    cycle between the two."""
+    owner = weakref.ref(method.__self__)  # type: ignore[attr-defined]
+    function = method.__func__  # type: ignore[attr-defined]
+
+    def call() -> None:
+        alive = owner()
+        if alive is not None:
+            function(alive)
+
+    return call

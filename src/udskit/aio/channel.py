@@ -23,7 +23,6 @@ import asyncio
 import logging
 import os
 import socket
-import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
@@ -46,7 +45,7 @@ from ..proto.shm import (
     encode_packet,
     encode_record,
 )
-from ..shm import Lease, SharedMemory, check_loan_size
+from ..shm import Lease, SharedMemory, check_loan_size, weak_call
 from ..shmpackets import (
     Lost,
     is_message,
@@ -203,8 +202,7 @@ class Channel(Sending, ChannelFacts):
             if kind == "seqpacket":
                 self._wire = make_wire(sock, peer_opted)
             self._shm = SharedMemory(shared_memory, self._max_message, peer_opted=peer_opted)
-            pending = weakref.WeakMethod(self._release_soon)
-            self._shm.notify = lambda: _call(pending)
+            self._shm.notify = weak_call(self._release_soon)
         if owns_socket:
             sock.setblocking(False)
 
@@ -894,7 +892,7 @@ class Channel(Sending, ChannelFacts):
             try:
                 send_packet(self._sock, self._wire, packet, [], records=True)
             except (BlockingIOError, InterruptedError):
-                with shm.space:
+                with shm.lock:
                     shm.pending.extendleft(reversed(offsets[start:]))
                 if not self._writing:
                     self._start_writing()
@@ -1019,10 +1017,3 @@ class Channel(Sending, ChannelFacts):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-
-def _call(method: weakref.WeakMethod[Callable[[], None]]) -> None:
-    """Call a weakly held bound method, if its object is still alive."""
-    bound = method()
-    if bound is not None:
-        bound()

@@ -270,12 +270,16 @@ class LengthPrefixed(Decoder):
     def feed(self, data: Payload, fds: Sequence[int] = ()) -> bytes | NeedData | Closed | Control:
         # Shortcut: nothing buffered, no descriptors, and the read holds exactly one frame
         # (the usual request/response case): slice the payload out, skip the buffer.
+        # The same for a read that is exactly one shared-memory record (a slot, a release).
         size = len(data)
         if size > HEADER.size and not fds and self._pos == len(self._buf) and not self._eof:
             announced: int = _unpack_from(data)[0]
             if announced + HEADER.size == size and announced <= self.max_frame:
                 self._received += size
                 return bytes(data[HEADER.size :])
+            if self.records and announced ^ _CONTROL_BIT == size - HEADER.size <= _MAX_RECORD:
+                self._received += size
+                return Control(bytes(data[HEADER.size :]))
         return super().feed(data, fds)
 
     def next_message(self) -> bytes | NeedData | Closed | Control:

@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import struct
 from bisect import bisect_left
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from ..errors import ProtocolError
 
@@ -116,9 +115,9 @@ DEFAULT_POOL: Final = 64 * 1024 * 1024
 MAX_POOL: Final = 4 * 1024 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One decoded record: ``kind`` and its two numbers (see the module table)."""
+class Record(NamedTuple):
+    """One decoded record: ``kind`` and its two numbers (see the module table). A tuple:
+    one is made for every record received, and a tuple is the cheapest to make."""
 
     kind: int
     first: int
@@ -147,10 +146,10 @@ def decode_record(body: bytes) -> Record:
             f"shared-memory record of {len(body)} bytes (expected {RECORD_SIZE}): the peer "
             "does not speak this protocol"
         )
-    kind, first, second = _BODY.unpack(body)
-    if kind not in _KINDS:
-        raise ProtocolError(f"unknown shared-memory record kind {kind}")
-    return Record(kind, first, second)
+    record = Record._make(_BODY.unpack(body))
+    if record.kind not in _KINDS:
+        raise ProtocolError(f"unknown shared-memory record kind {record.kind}")
+    return record
 
 
 def check_record(record: Record, fds: int, *, peer_opted: bool) -> None:
