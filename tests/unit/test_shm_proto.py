@@ -75,6 +75,21 @@ def test_framing_hands_records_out_only_when_asked() -> None:
         plain.feed(encode_record(RELEASE, 4096))
 
 
+def test_framing_takes_a_read_of_exactly_one_record_whole() -> None:
+    """The usual case, a read holding one record and nothing else, between messages and
+    with nothing buffered; a record over the limit is refused the same way in one read."""
+    framing = LengthPrefixed(1024, records=True)
+    for record in (encode_record(SLOT, 4096, 1), encode_record(RELEASE, 4096)):
+        got = framing.feed(record)
+        assert isinstance(got, Control)
+        assert encode_record(*decode_record(got.body)) == record
+        assert framing.buffered == 0
+        assert framing.feed(b"\x00\x00\x00\x02hi") == b"hi"
+    huge = (CONTROL_BIT | 300).to_bytes(4, "big") + bytes(300)
+    with pytest.raises(ProtocolError, match="record of 300 bytes"):
+        framing.feed(huge)
+
+
 @given(st.integers(min_value=1, max_value=4 + RECORD_SIZE - 1))
 def test_framing_waits_for_a_whole_record(cut: int) -> None:
     record = encode_record(SLOT, 0, 1)

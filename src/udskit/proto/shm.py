@@ -243,13 +243,7 @@ class Pool:
                 f"peer released offset {offset} of our shared-memory pool, which is not lent"
             )
         free = self._free
-        lo, hi = 0, len(free)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if free[mid][0] < offset:
-                lo = mid + 1
-            else:
-                hi = mid
+        lo = bisect_left(free, (offset,))  # the first free extent after it
         free.insert(lo, (offset, need))
         # Merge with the neighbours, so a large message finds room again.
         if lo + 1 < len(free) and offset + need == free[lo + 1][0]:
