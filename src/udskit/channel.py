@@ -934,8 +934,9 @@ class Channel(ChannelFacts):
         With shared memory and ``size`` at or above the threshold, the buffer is a free part
         of our pool (waiting, like ``send``, while the pool is full); after ``send()`` it
         belongs to the receiver and is released here. Otherwise it is an ordinary buffer,
-        sent as any message. A loan that is never sent holds its part of the pool until the
-        channel closes.
+        sent as any message. A loan that is never sent holds its part of the pool until it is
+        released (``loan.release()``, or the end of its ``with`` block) or the channel
+        closes.
         """
         check_loan_size(size, self._max_message)
         shm = self._shm

@@ -455,11 +455,15 @@ class SharedMemory:
         return view
 
     def _loan_gone(self, offset: int) -> None:
-        """The last view of a loan is gone: if it was never sent, the extent is free."""
+        """The last view of a loan is gone: if it was never sent, the extent is free (and
+        the loan, released unsent, is forgotten)."""
         with self.lock:
             if offset not in self._unsent:
                 return
             self._unsent.discard(offset)
+            for key, (_, lent) in list(self._loans.items()):
+                if lent == offset:
+                    del self._loans[key]
             if self.pool is not None and offset in self.pool.lent:
                 self.pool.release(offset)
                 self._freed()

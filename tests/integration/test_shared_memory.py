@@ -190,6 +190,22 @@ def test_a_loan_still_referenced_is_not_sent(shm_pair: tuple[Channel, Channel]) 
     assert a.pool_in_use == 0
 
 
+def test_a_loan_released_unsent_gives_its_space_back(shm_pair: tuple[Channel, Channel]) -> None:
+    """Released without being sent (``release()``, a ``with`` block): the space is free
+    again, and the channel keeps nothing of the loan (a program that gives loans up again
+    and again does not grow it)."""
+    a, _ = shm_pair
+    for _ in range(3):
+        loan = a.loan(BIG)
+        assert a.pool_in_use == BIG
+        loan.release()
+        assert a.pool_in_use == 0
+        with a.loan(BIG) as loan:
+            loan[:1] = b"x"
+        assert a.pool_in_use == 0
+    assert not a._shm._loans  # type: ignore[union-attr]
+
+
 def test_small_loans_and_loans_without_shared_memory_are_plain_buffers(clean: None) -> None:
     a, b = udskit.pair()
     with a, b:
