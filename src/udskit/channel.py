@@ -143,8 +143,10 @@ DIRECT_READ_MIN: Final = 256 * 1024
 CLOSE_READER_WAIT: Final = 1.0
 
 #: Longest a sender waiting for space in its shared-memory pool waits without looking at the
-#: socket itself, while another thread is the one reading it (that thread passes releases on
-#: as it reads them; this bounds the wait for one that stopped reading with a message).
+#: pool again: while another thread is the one reading the socket (that thread passes
+#: releases on as it reads them; this bounds the wait for one that stopped reading with a
+#: message), and while loans of ours are out (one given up frees room with nothing on the
+#: socket to say so).
 POOL_WAIT: Final = 0.05
 
 #: Bytes of the peer's messages (through the socket) a sender waiting for pool space reads
@@ -1054,12 +1056,15 @@ class Channel(ChannelFacts):
             left = None if deadline is None else deadline - monotonic()
             if left is not None and left <= 0:
                 raise self._pool_full()
+            look = POOL_WAIT if left is None else min(left, POOL_WAIT)
             if self._rlock.locked() or shm.arrived_bytes > ARRIVED_MAX:
                 # Another thread reads; or we read ahead as much as we hold for recv():
                 # wait for the receiving side to take some (the peer's releases may be
                 # behind its messages, as on a socket whose two ends both write).
-                shm.wait_for_space(POOL_WAIT if left is None else min(left, POOL_WAIT))
+                shm.wait_for_space(look)
                 continue
+            if shm.lending and not self._readable(look):
+                continue  # a loan of ours given up here frees room with nothing to read
             try:
                 self._take_in(wait=True)
             except Timeout as exc:
@@ -1069,6 +1074,18 @@ class Channel(ChannelFacts):
                     f"{self._where()}: the peer closed the connection while our shared-"
                     "memory pool was full"
                 )
+
+    def _readable(self, seconds: float) -> bool:
+        """Whether something arrives to be read within ``seconds``."""
+        return bool((self._poller or self._poll_object()).poll(seconds * 1000))
+
+    def _poll_object(self) -> select.poll:
+        """The poll object that asks whether our socket is readable (made on first use)."""
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self._sock.fileno(), select.POLLIN)
+        return poller
 
     def _pool_full(self) -> Timeout:
         shm = self._shm
@@ -1128,7 +1145,7 @@ class Channel(ChannelFacts):
     def _flush_releases(self) -> None:
         """Send the RELEASE records we owe. Caller holds the write lock."""
         shm = self._shm
-        if shm is None or not shm.pending or self._unusable:
+        if shm is None or not shm.owes() or self._unusable:
             return
         offsets = shm.take_pending()
         if self._wire is None:
@@ -1189,7 +1206,7 @@ class Channel(ChannelFacts):
             if self._unreadable is not None and not self._closed:
                 raise copy.copy(self._unreadable)
             self._check_open()
-        if shm.pending:
+        if shm.owes():
             self._release_soon()
         while not shm.arrived:
             if shm.eof:
@@ -1216,11 +1233,7 @@ class Channel(ChannelFacts):
         assert shm is not None
         message = framing.next_message()
         if message is NEED_DATA and not wait:
-            poller = self._poller  # spin's, if set: the same question
-            if poller is None:
-                poller = self._poller = select.poll()
-                poller.register(self._sock.fileno(), select.POLLIN)
-            if not poller.poll(0):
+            if not (self._poller or self._poll_object()).poll(0):
                 return
             message = self._feed(framing)
             if message is NEED_DATA:
@@ -1254,10 +1267,7 @@ class Channel(ChannelFacts):
         if not wait:
             # Take in what is there, a packet at a time (releases, mostly): a sender
             # looking before it lends reuses the lowest pages, as on a stream.
-            poller = self._poller
-            if poller is None:
-                poller = self._poller = select.poll()
-                poller.register(self._sock.fileno(), select.POLLIN)
+            poller = self._poller or self._poll_object()
             for _ in range(_PACKETS_PER_LOOK):
                 if shm.eof or shm.arrived_bytes > ARRIVED_MAX or not poller.poll(0):
                     return
@@ -1362,9 +1372,8 @@ class Channel(ChannelFacts):
             raise ValueError(f"spin must be 0 to {MAX_SPIN_US} microseconds, not {microseconds!r}")
         if microseconds and self._timeout is not None:
             raise ValueError("spin needs a channel without a timeout (settimeout(None))")
-        if microseconds and self._poller is None:
-            self._poller = select.poll()
-            self._poller.register(self._sock.fileno(), select.POLLIN)
+        if microseconds:
+            self._poll_object()
         self._spin_ns = microseconds * 1000
 
     # -- closing --------------------------------------------------------------------------

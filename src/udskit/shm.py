@@ -338,16 +338,25 @@ class SharedMemory:
     releases we owe, and the messages read ahead while a sender waited for pool space.
 
     ``lock`` guards all of it; the channel's locks order I/O around it.
+
+    A view's end is seen by a weak-reference callback, which may run at any moment: in any
+    thread, and in the middle of this very object's work when a garbage collection starts
+    there. So a callback never changes the pool or the ledger itself: it queues the offset
+    (``_loans_gone``, ``_views_gone``) and applies the queue (``_settle``) only if its
+    thread is not inside the lock already; otherwise the next call that needs the queue
+    applied does it (``lend``, ``take_pending``, ``in_use``, ``owes``).
     """
 
     __slots__ = (
         "__weakref__",
         "_fd",
         "_loans",
+        "_loans_gone",
         "_mine",
         "_space",
         "_theirs",
         "_unsent",
+        "_views_gone",
         "_waiting",
         "arrived",
         "arrived_bytes",
@@ -380,13 +389,15 @@ class SharedMemory:
         self.eof = False
         #: offsets of the peer's slots we are done with, not yet sent as RELEASE
         self.pending: deque[int] = deque()
-        #: Guards all of it. Reentrant: a view's finalizer may release a slot (a garbage
-        #: collection) while this thread holds it.
+        #: Guards all of it. Reentrant, and a callback checks whether its thread holds it
+        #: (see the class's doc).
         self.lock = threading.RLock()
         self._space = threading.Condition(self.lock)  # signalled as pool space comes free
         self._waiting = 0  # threads in wait_for_space()
         self._loans: dict[int, tuple[memoryview, int]] = {}
         self._unsent: set[int] = set()  # offsets of loans not (yet) sent
+        self._loans_gone: deque[int] = deque()  # loans whose last view is gone, to settle
+        self._views_gone: deque[int] = deque()  # peer slots whose last view is gone, to settle
         #: called (any thread) when a release is pending: the channel tries to send it
         self.notify: Callable[[], None] = _nothing
 
@@ -426,7 +437,15 @@ class SharedMemory:
         """An offset for ``length`` bytes in our pool, or None while it is too full."""
         assert self.pool is not None
         with self.lock:
+            if self._loans_gone:
+                self._settle()
             return self.pool.allocate(length)
+
+    @property
+    def lending(self) -> bool:
+        """Whether loans of ours are out, unsent: their space may come free here, with no
+        release from the peer (a sender waiting for room must look again now and then)."""
+        return bool(self._unsent or self._loans_gone)
 
     def wait_for_space(self, timeout: float) -> None:
         """Wait until part of our pool comes free (or the pool closes), ``timeout`` at most."""
@@ -450,16 +469,29 @@ class SharedMemory:
         """A writable view of a lent extent, remembered so that ``send`` knows it."""
         assert self._mine is not None
         self._unsent.add(offset)
-        view = self._mine.view(offset, length, lambda: self._loan_gone(offset))
+        view = self._mine.view(offset, length, lambda: self._gone(self._loans_gone, offset))
         self._loans[id(view)] = (view, offset)
         return view
 
-    def _loan_gone(self, offset: int) -> None:
-        """The last view of a loan is gone: if it was never sent, the extent is free (and
-        the loan, released unsent, is forgotten)."""
+    def _gone(self, queue: deque[int], offset: int) -> None:
+        """A view's weak-reference callback (any thread, any moment): queue ``offset`` and,
+        unless this thread is inside the lock already, settle (see the class's doc)."""
+        queue.append(offset)
+        if self.lock._is_owned():  # type: ignore[attr-defined]
+            return
         with self.lock:
+            self._settle()
+        if queue is self._views_gone:
+            self.notify()
+
+    def _settle(self) -> None:
+        """Apply what views' callbacks queued (caller holds the lock): a loan given up
+        unsent frees its extent (and is forgotten); a released view of the peer's message
+        frees its slot in the ledger, and a RELEASE is owed."""
+        while self._loans_gone:
+            offset = self._loans_gone.popleft()
             if offset not in self._unsent:
-                return
+                continue  # it was sent: the peer releases it
             self._unsent.discard(offset)
             for key, (_, lent) in list(self._loans.items()):
                 if lent == offset:
@@ -467,6 +499,11 @@ class SharedMemory:
             if self.pool is not None and offset in self.pool.lent:
                 self.pool.release(offset)
                 self._freed()
+        while self._views_gone:
+            offset = self._views_gone.popleft()
+            if self.ledger is not None and offset in self.ledger.held:
+                self.ledger.release(offset)
+                self.pending.append(offset)
 
     def loaned(self, data: object) -> int | None:
         """The offset of ``data`` if it is one of our loans (still unsent), else None."""
@@ -569,7 +606,7 @@ class SharedMemory:
         view derived from it is gone."""
         assert self._theirs is not None
         offset = lease.offset
-        return self._theirs.view(offset, lease.length, lambda: self.release(offset))
+        return self._theirs.view(offset, lease.length, lambda: self._gone(self._views_gone, offset))
 
     def copy_out(self, lease: Lease) -> bytes:
         """The message as bytes (one copy); the slot is released at once."""
@@ -587,8 +624,15 @@ class SharedMemory:
                 self.pending.append(offset)
         self.notify()
 
+    def owes(self) -> bool:
+        """Whether RELEASEs are owed to the peer (or views' ends wait to be settled)."""
+        return bool(self.pending or self._views_gone)
+
     def take_pending(self) -> list[int]:
+        """The offsets of the RELEASEs owed, now taken to be sent."""
         with self.lock:
+            if self._views_gone:
+                self._settle()
             offsets = list(self.pending)
             self.pending.clear()
         return offsets
@@ -596,8 +640,10 @@ class SharedMemory:
     # -- both -----------------------------------------------------------------------------
     @property
     def in_use(self) -> int:
-        """Bytes of our pool lent to the peer."""
+        """Bytes of our pool lent to the peer (or to loans not sent yet)."""
         with self.lock:
+            if self._loans_gone:
+                self._settle()
             return 0 if self.pool is None else self.pool.in_use
 
     def close(self) -> None:
@@ -609,6 +655,8 @@ class SharedMemory:
             os.close(self._fd)
             self._fd = -1
         self._loans.clear()
+        self._loans_gone.clear()
+        self._views_gone.clear()
         self.arrived.clear()
         self.arrived_bytes = 0
         self.pending.clear()

@@ -20,7 +20,7 @@ from udskit.proto.shm import PAGE, RELEASE, SLOT, encode_record
 
 from ..conftest import open_fds
 from ..integration.test_shared_memory import _attach, _memfd, data, pool_mappings
-from .helpers import turns_until
+from .helpers import idle_turns, turns_until
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
 
@@ -86,6 +86,25 @@ def test_a_receiver_that_holds_its_views_stops_the_sender(arun: Run) -> None:
             await sending
             assert await b.recv() == data(MIB, 7)
             held.pop().release()
+
+    arun(main())
+
+
+def test_a_loan_given_up_wakes_a_sender_waiting_for_room(arun: Run) -> None:
+    """Room freed here, by a loan of ours given up, not by a release from the peer: the
+    sender waiting for it sees it (within POOL_WAIT), with nothing arriving to wake it."""
+
+    async def main() -> None:
+        a, b = udskit.aio.pair(shared_memory=256 * 1024)  # room for one message
+        async with a, b:
+            a.settimeout(20.0)
+            loan = await a.loan(256 * 1024)
+            sending = asyncio.ensure_future(a.send(data(256 * 1024, 4)))
+            await idle_turns()
+            assert not sending.done()  # it waits for room
+            loan.release()
+            await sending
+            assert await b.recv() == data(256 * 1024, 4)
 
     arun(main())
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import array
 import fcntl
+import gc
 import os
 import pickle
 import signal
@@ -45,6 +46,8 @@ BIG = 1 * MIB
 SMALL_POOL = SHARED_THRESHOLD
 #: Bound for every wait on another thread or process in this file.
 WAIT = 20.0
+#: The collector's thresholds, put back after a test that moves them.
+THRESHOLDS = gc.get_threshold()
 
 
 def pool_mappings(name: str = "udskit-pool") -> int:
@@ -306,6 +309,87 @@ def test_a_copy_into_a_fresh_part_of_the_pool_faults_it_in_at_once(
 
 
 # -- backpressure -------------------------------------------------------------------------------
+
+
+def until(condition: Callable[[], bool]) -> None:
+    """Wait (bounded by WAIT) for another thread to reach a state it is bound to reach."""
+    ready = threading.Event()
+    for _ in range(int(WAIT * 1000)):
+        if condition():
+            return
+        ready.wait(0.001)
+    raise AssertionError("the condition never held")
+
+
+def waits_in(thread: threading.Thread, function: str) -> bool:
+    """Whether ``thread`` is inside ``function`` now."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_a_loan_given_up_wakes_a_sender_waiting_for_room(clean: None) -> None:
+    """The only thing on the socket for a sender waiting for room is the peer's releases; a
+    loan of ours given up frees room too, and the waiting sender sees it (within POOL_WAIT)."""
+    a, b = udskit.pair(shared_memory=SMALL_POOL)  # room for one message
+    with a, b:
+        a.settimeout(WAIT)
+        loan = a.loan(SMALL_POOL)  # all of it
+        errors: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                a.send(data(SMALL_POOL, 5))
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        until(lambda: waits_in(sender, "_lend"))  # it waits for room
+        loan.release()
+        sender.join(WAIT)
+        assert not sender.is_alive()
+        assert not errors
+        assert b.recv() == data(SMALL_POOL, 5)
+
+
+def test_views_ending_in_a_garbage_collection_leave_the_pool_whole(clean: None) -> None:
+    """A view's end is seen by a callback, which a garbage collection can run in the middle
+    of the pool's own bookkeeping (here: a loan given up, collected while send() lends; the
+    collection is moved over every allocation there). The pool comes out whole, and no
+    message is laid over one the receiver holds."""
+    for collect_after in range(40):
+        gc.collect()
+        gc.disable()
+        try:
+            a, b = udskit.pair(shared_memory=4 * SMALL_POOL)
+            with a, b:
+                first, second = a.loan(SMALL_POOL), a.loan(SMALL_POOL)
+                cycle: list[object] = [first[:]]  # a view made from the loan, in a cycle
+                cycle.append(cycle)
+                first.release()
+                del first, cycle  # garbage now: only a collection ends that view
+                gc.set_threshold(gc.get_count()[0] + collect_after)
+                gc.enable()
+                a.send(data(SMALL_POOL, 1))  # the collection runs somewhere in here
+                gc.collect()
+                held = [b.recv_view()]
+                for seed in (2, 3):
+                    a.send(data(SMALL_POOL, seed))
+                    held.append(b.recv_view())
+                assert [bytes(view) for view in held] == [data(SMALL_POOL, n) for n in (1, 2, 3)]
+                for view in held:
+                    view.release()
+                second.release()
+                b.send(b"sync")
+                assert a.recv() == b"sync"
+                assert a.pool_in_use == 0
+        finally:
+            gc.set_threshold(*THRESHOLDS)
+            gc.enable()
 
 
 def test_a_receiver_that_never_releases_gets_backpressure_not_growth(clean: None) -> None:

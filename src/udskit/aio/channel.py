@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Final
 
 from ..address import Address
 from ..ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
-from ..channel import ChannelFacts, read_interrupted, stream_read_lost, truncated
+from ..channel import POOL_WAIT, ChannelFacts, read_interrupted, stream_read_lost, truncated
 from ..creds import PeerCred
 from ..errors import ConnectionClosed, FrameTooLarge, ProtocolError, Timeout, UdsError
 from ..options import base_type, check_timeout, max_frame_for, type_name
@@ -701,6 +701,8 @@ class Channel(Sending, ChannelFacts):
         when it came that way (no copy); valid until released, as for the blocking
         Channel's ``recv_view``. A message that came through the socket is returned as a
         view of its bytes."""
+        if self._shm is not None and self._shm.owes():
+            self._flush_releases()  # releases a view's end could not send at once
         ready = self._ready
         while not ready:
             await self._wait_readable()
@@ -851,6 +853,10 @@ class Channel(Sending, ChannelFacts):
             if not self._reading:
                 self._start_reading(loop)
             left = None if deadline is None else deadline - loop.time()
+            if shm.lending and (left is None or left > POOL_WAIT):
+                # A loan of ours given up frees room with nothing on the socket to say so.
+                await self._space.wait(loop, POOL_WAIT)
+                continue
             if (left is not None and left <= 0) or await self._space.wait(loop, left) is EXPIRED:
                 raise Timeout(
                     f"{self._where()}: the shared-memory pool stayed full for {self._timeout} s "
@@ -872,7 +878,7 @@ class Channel(Sending, ChannelFacts):
     def _flush_releases(self) -> None:
         """Send (or queue) the RELEASE records we owe. On the loop's thread."""
         shm = self._shm
-        if shm is None or not shm.pending or self._closed or self._write_error is not None:
+        if shm is None or not shm.owes() or self._closed or self._write_error is not None:
             return
         if self._wire is not None:
             self._flush_packets(shm)
