@@ -71,7 +71,7 @@ from .proto.shm import (
     encode_packet,
     encode_record,
 )
-from .shm import Lease, SharedMemory, check_loan_size, weak_call
+from .shm import Lease, SharedMemory, check_loan_size
 from .shmpackets import (
     Lost,
     is_message,
@@ -300,7 +300,7 @@ class Channel(ChannelFacts):
             else:
                 self._wire = make_wire(sock, peer_opted)
             self._shm = SharedMemory(shared_memory, limit, peer_opted=peer_opted)
-            self._shm.notify = weak_call(self._release_soon)
+            self._shm.tie_to(self, self._release_soon)
         self._max_message = limit
         self._max_fds = max_fds
         is_unix = sock.family == socket.AF_UNIX

@@ -50,7 +50,7 @@ from .proto.shm import (
 
 log = logging.getLogger("udskit")
 
-__all__ = ["Lease", "Mapping", "SharedMemory", "create_pool", "map_peer_pool", "weak_call"]
+__all__ = ["Lease", "Mapping", "SharedMemory", "create_pool", "map_peer_pool"]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _mmap = _libc.mmap
@@ -401,6 +401,13 @@ class SharedMemory:
         #: called (any thread) when a release is pending: the channel tries to send it
         self.notify: Callable[[], None] = _nothing
 
+    def tie_to(self, channel: object, release_soon: Callable[[], None]) -> None:
+        """Serve ``channel``: call its ``release_soon`` (a bound method) when a release is
+        owed, and close when it is dropped without ``close()`` (unmapping the pools once
+        no view into them lives). Neither holds the channel alive."""
+        self.notify = _weak_call(release_soon)
+        weakref.finalize(channel, self.close).atexit = False
+
     # -- sending side ---------------------------------------------------------------------
     def usable_for(self, length: int) -> bool:
         """Whether a message of ``length`` bytes can go through our pool."""
@@ -670,10 +677,9 @@ def _nothing() -> None:
     return None
 
 
-def weak_call(method: Callable[[], None]) -> Callable[[], None]:
+def _weak_call(method: Callable[[], None]) -> Callable[[], None]:
     """A callable that calls the bound ``method`` while its object is alive, and does
-    nothing after: what a channel gives its SharedMemory as ``notify``, with no reference
-    cycle between the two."""
+    nothing after."""
     owner = weakref.ref(method.__self__)  # type: ignore[attr-defined]
     function = method.__func__  # type: ignore[attr-defined]
 

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -191,6 +192,26 @@ def test_a_loan_still_referenced_is_not_sent(shm_pair: tuple[Channel, Channel]) 
     derived[0] = 1  # still memory we own: nothing was sent
     del derived
     assert a.pool_in_use == 0
+
+
+def test_channels_dropped_without_close_give_their_pools_back(clean: None) -> None:
+    """A program that drops its channels (no close(), no with block) leaks no pool: each is
+    unmapped once the channel and every view into it are gone; the descriptors go too
+    (the fixture checks both)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # the sockets, dropped unclosed
+        a, b = udskit.pair(shared_memory=4 * MIB)
+        a.send(data(BIG))
+        view = b.recv_view()
+        loan = a.loan(BIG)  # our pool's descriptor is still ours: nothing sent since
+        before = pool_mappings()
+        del a, b
+        gc.collect()
+        assert pool_mappings() == before  # the view and the loan still need them
+        assert bytes(view) == data(BIG)
+        del view, loan
+        gc.collect()
+        assert pool_mappings() == before - 2
 
 
 def test_a_loan_released_unsent_gives_its_space_back(shm_pair: tuple[Channel, Channel]) -> None:

@@ -45,7 +45,7 @@ from ..proto.shm import (
     encode_packet,
     encode_record,
 )
-from ..shm import Lease, SharedMemory, check_loan_size, weak_call
+from ..shm import Lease, SharedMemory, check_loan_size
 from ..shmpackets import (
     Lost,
     is_message,
@@ -202,7 +202,7 @@ class Channel(Sending, ChannelFacts):
             if kind == "seqpacket":
                 self._wire = make_wire(sock, peer_opted)
             self._shm = SharedMemory(shared_memory, self._max_message, peer_opted=peer_opted)
-            self._shm.notify = weak_call(self._release_soon)
+            self._shm.tie_to(self, self._release_soon)
         if owns_socket:
             sock.setblocking(False)
 
