@@ -130,9 +130,9 @@ class Mapping:
 
     __slots__ = (
         "__weakref__",
+        "_copied",
         "_live",
         "_lock",
-        "_touched",
         "address",
         "closed",
         "size",
@@ -150,7 +150,8 @@ class Mapping:
         self.writable = writable
         self.closed = False
         self._live = 0  # views alive, and copies under way: unmapping waits for them
-        self._touched = 0  # our pool: every copy into it so far ended below this offset
+        #: Our pool, one byte a page: 1 where a copy has gone (see ``_populate``).
+        self._copied = bytearray(-(-size // _PAGE) if writable else 0)
         # Reentrant: a view's finalizer may run (a garbage collection) while this thread
         # holds the lock.
         self._lock = threading.RLock()
@@ -195,8 +196,9 @@ class Mapping:
         target = self.address + offset
         self._enter()  # a close() in another thread leaves the memory mapped until we are done
         try:
-            if offset + size > self._touched:
-                self._populate(offset, size)
+            first, end = offset // _PAGE, -(-(offset + size) // _PAGE)
+            if self._copied.find(0, first, end) >= 0:
+                self._populate(first, end)
             if type(data) is bytes:
                 ctypes.memmove(target, data, size)
             elif isinstance(data, memoryview) and not data.readonly and data.contiguous:
@@ -206,17 +208,16 @@ class Mapping:
         finally:
             self._leave()
 
-    def _populate(self, offset: int, length: int) -> None:
-        """Fault in the pages of an extent about to be copied into that reaches past every
-        copy before it: in one call, about twice as fast as a page fault per 4 KiB as the
-        copy writes them (measured at 256 MiB on shmem; the kernel zeroes them either way).
-        Only pages about to be written are touched, so the pool still costs memory only as
-        far as messages have filled it. A loan is left to fault as the program writes it,
-        which may not be all of it."""
-        start = offset // _PAGE * _PAGE
-        end = -(-(offset + length) // _PAGE) * _PAGE
-        _madvise(self.address + start, end - start, _MADV_POPULATE_WRITE)
-        self._touched = offset + length  # advice only: without it, the copy faults them in
+    def _populate(self, first: int, end: int) -> None:
+        """Fault in pages ``first`` to ``end`` of our pool, about to be copied into, some
+        never copied into before: in one call, about twice as fast as a page fault per
+        4 KiB as the copy writes them (measured at 256 MiB on shmem; the kernel zeroes new
+        pages either way, and passes over those already in). Only pages about to be
+        written are touched, so the pool still costs memory only as far as messages have
+        filled it. A loan is left to fault as the program writes it, which may not be all
+        of it; a copy into its pages later is one more call here."""
+        _madvise(self.address + first * _PAGE, (end - first) * _PAGE, _MADV_POPULATE_WRITE)
+        self._copied[first:end] = b"\x01" * (end - first)  # advice only: else the copy faults
 
     def read(self, offset: int, length: int) -> bytes:
         """A copy of ``length`` bytes at ``offset``, as bytes."""

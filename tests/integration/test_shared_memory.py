@@ -301,10 +301,11 @@ def kernel_at_least(major: int, minor: int) -> bool:
 def test_a_copy_into_a_fresh_part_of_the_pool_faults_it_in_at_once(
     clean: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """send() copying into pages of the pool never used before has the kernel fault them in
-    with one call, not a page fault per 4 KiB as it writes; pages used before are left
-    alone, and so is a loan, left to the program's writes (nothing of it is in memory
-    before it writes: the pool costs only what is used)."""
+    """send() copying into pages of the pool no copy went into before has the kernel fault
+    them in with one call, not a page fault per 4 KiB as it writes; pages copied into
+    before are left alone. A loan is left to the program's writes: nothing of it is in
+    memory before it writes (the pool costs only what is used), and a copy into its pages
+    later is advised like any fresh ones."""
     advice: list[tuple[int, int]] = []
     real = udskit.shm._madvise
 
@@ -313,20 +314,32 @@ def test_a_copy_into_a_fresh_part_of_the_pool_faults_it_in_at_once(
         return real(address, length, what)  # type: ignore[no-any-return]
 
     monkeypatch.setattr(udskit.shm, "_madvise", recorded)
+    populate = udskit.shm._MADV_POPULATE_WRITE
     message = data(4 * MIB + 1)
     a, b = udskit.pair(shared_memory=16 * MIB)
     with a, b:
         before = resident_in_our_pool()
-        a.send(message)
-        assert advice == [(4 * MIB + PAGE, udskit.shm._MADV_POPULATE_WRITE)]
-        assert resident_in_our_pool() - before == 4 * MIB + PAGE
+        a.send(message)  # offset 0
+        assert advice == [(4 * MIB + PAGE, populate)]
+        assert resident_in_our_pool() - before >= 4 * MIB + PAGE  # more with shmem huge pages
         assert b.recv() == message
         a.send(message)  # the same pages again (the release came in first): no advice
         assert b.recv() == message
-        loan = a.loan(8 * MIB)  # half of it past the pages the messages used: left untouched
-        assert resident_in_our_pool() - before == 4 * MIB + PAGE
-        loan.release()
         assert len(advice) == 1
+        loan = a.loan(8 * MIB)  # offset 0 again: half of it never copied into
+        resident = resident_in_our_pool()
+        loan[6 * MIB : 6 * MIB + PAGE] = b"L" * PAGE  # the program writes one page of it
+        assert resident_in_our_pool() - resident < 4 * MIB  # the rest is not in memory
+        assert len(advice) == 1
+        a.send(data(MIB))  # at 8 MiB: advised
+        a.send(loan)
+        del loan
+        assert b.recv() == data(MIB)
+        with b.recv_view() as view:  # the loan's pages, released
+            assert bytes(view[6 * MIB : 6 * MIB + PAGE]) == b"L" * PAGE
+        a.send(data(6 * MIB))  # at 0: into pages of the loan no copy went into
+        assert b.recv() == data(6 * MIB)
+        assert advice[1:] == [(MIB, populate), (6 * MIB, populate)]
 
 
 # -- backpressure -------------------------------------------------------------------------------
