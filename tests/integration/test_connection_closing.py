@@ -113,9 +113,12 @@ def test_a_client_gone_while_its_worker_is_busy_neither_loses_messages_nor_spins
     accepted: list[udskit.Connection] = []
     passes = threading.Semaphore(0)
 
+    done = threading.Semaphore(0)
+
     def handler(conn: udskit.Connection, message: bytes) -> None:
         release.wait()
         handled.append(message)
+        done.release()
 
     def probe_ended(conn: udskit.Connection) -> None:
         if conn is not accepted[0]:
@@ -147,6 +150,9 @@ def test_a_client_gone_while_its_worker_is_busy_neither_loses_messages_nor_spins
         for _ in range(5):
             one_more_pass()
         assert wakes[0] == before  # no wake-up per pass for the client that is gone
+        release.set()
+        for _ in range(2):  # both handled before stop(), which would close the client
+            assert done.acquire(timeout=5)
     finally:
         release.set()
         server.stop()
