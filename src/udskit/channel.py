@@ -27,7 +27,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from time import monotonic, monotonic_ns
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NoReturn
 
 from .address import Address, sun_path
 from .ancillary import (
@@ -367,8 +367,8 @@ class Channel(ChannelFacts):
         With shared memory, a message of SHARED_THRESHOLD bytes or more is copied into our
         pool (a buffer from ``loan()`` is not copied at all) and only its slot is sent.
         """
-        if self._shm is not None:
-            self._send_shared(data)
+        if self._shm is not None and (type(data) is not bytes or len(data) >= SHARED_THRESHOLD):
+            self._send_shared(data)  # a loan, or a message that may go through the pool
             return
         self._send_framed(data)
 
@@ -1208,6 +1208,18 @@ class Channel(ChannelFacts):
             self._check_open()
         if shm.owes():
             self._release_soon()
+        framing = self._framing
+        if not shm.arrived and framing is not None:
+            # A stream with nothing read ahead: straight from the framing, not queued.
+            while not shm.eof:
+                message = framing.next_message()
+                while message is NEED_DATA:
+                    message = self._feed(framing)
+                if type(message) is bytes:
+                    return message, framing.take_fds() if self._fds_seen else []
+                item = self._arrival(message)  # type: ignore[arg-type]
+                if item is not None:
+                    return item
         while not shm.arrived:
             if shm.eof:
                 raise ConnectionClosed(f"{self._where()}: the peer closed the connection")
@@ -1241,20 +1253,34 @@ class Channel(ChannelFacts):
         while message is NEED_DATA:
             message = self._feed(framing)
         while True:
-            if message is CLOSED:
-                shm.eof = True
+            item = self._arrival(message)  # type: ignore[arg-type]
+            if item is not None:
+                shm.arrived.append(item)
+                if type(item[0]) is bytes:
+                    shm.arrived_bytes += len(item[0]) + ARRIVAL_COST
+            elif shm.eof:
                 return
-            if type(message) is Control:
-                self._record(message.body, framing.take_fds())
-            elif type(message) is bytes:
-                fds = framing.take_fds() if self._fds_seen else []
-                shm.arrived.append((message, fds))
-                shm.arrived_bytes += len(message) + ARRIVAL_COST
             if not framing.buffered and not framing.at_eof:
                 return
             message = framing.next_message()
             if message is NEED_DATA:
                 return
+
+    def _arrival(self, message: bytes | Closed | Control) -> tuple[bytes | Lease, list[int]] | None:
+        """One frame decoded on a stream with shared memory: a message and its descriptors,
+        or the Lease of one in the peer's pool; None for a record acted on, or the end of
+        the stream (``eof`` set)."""
+        framing = self._framing
+        shm = self._shm
+        assert framing is not None
+        assert shm is not None
+        if type(message) is bytes:
+            return message, framing.take_fds() if self._fds_seen else []
+        if message is CLOSED:
+            shm.eof = True
+            return None
+        lease = self._record(message.body, framing.take_fds())  # type: ignore[union-attr]
+        return None if lease is None else (lease, [])
 
     def _pump_packet(self, *, wait: bool) -> None:
         """``_pump`` on seqpacket: read one packet (``wait=False``: only if one is there)
@@ -1313,24 +1339,24 @@ class Channel(ChannelFacts):
             shm.ready = True
         elif type(item) is list:
             for i, body in enumerate(item):
-                self._record(body, fds if i == 0 else [])
+                lease = self._record(body, fds if i == 0 else [])
+                if lease is not None:
+                    shm.arrived.append((lease, []))
         else:
             shm.arrived.append((item, fds))  # type: ignore[arg-type]
             shm.arrived_bytes += len(item) + ARRIVAL_COST  # type: ignore[arg-type]
 
-    def _record(self, body: bytes, fds: list[int]) -> None:
-        """Act on one shared-memory record; a bad one closes the channel (ProtocolError)."""
+    def _record(self, body: bytes, fds: list[int]) -> Lease | None:
+        """Act on one shared-memory record: the Lease of a message in the peer's pool (a
+        SLOT), else None; a bad record closes the channel (ProtocolError)."""
         shm = self._shm
         assert shm is not None
         try:
-            lease = shm.on_record(body, fds)
+            return shm.on_record(body, fds)
         except ProtocolError as exc:
             self._shared_failed(exc)
-            return
-        if lease is not None:
-            shm.arrived.append((lease, []))
 
-    def _shared_failed(self, exc: ProtocolError) -> None:
+    def _shared_failed(self, exc: ProtocolError) -> NoReturn:
         """A bad record or pool: the channel is closed for use (every later call raises),
         everything shared is released, and the peer sees the connection end."""
         error = ProtocolError(
