@@ -672,6 +672,8 @@ class Channel(ChannelFacts):
                     close_fds(fds)
                 messages = [data]
                 if self._shm is not None:
+                    if self._framing is not None and not self._unusable:
+                        self._take_buffered()  # recv() leaves them there
                     arrived = self._shm.arrived
                     while arrived and type(arrived[0][0]) is not Lost:  # raised by the next
                         data, fds = self._recv()
@@ -1076,7 +1078,11 @@ class Channel(ChannelFacts):
                 )
 
     def _readable(self, seconds: float) -> bool:
-        """Whether something arrives to be read within ``seconds``."""
+        """Whether something is there to be read (or arrives within ``seconds``): bytes
+        the framing holds undecoded, which recv() leaves after the message it took, count."""
+        framing = self._framing
+        if framing is not None and (framing.buffered or framing.at_eof):
+            return True
         return bool((self._poller or self._poll_object()).poll(seconds * 1000))
 
     def _poll_object(self) -> select.poll:
@@ -1252,19 +1258,31 @@ class Channel(ChannelFacts):
                 return
         while message is NEED_DATA:
             message = self._feed(framing)
-        while True:
-            item = self._arrival(message)  # type: ignore[arg-type]
-            if item is not None:
-                shm.arrived.append(item)
-                if type(item[0]) is bytes:
-                    shm.arrived_bytes += len(item[0]) + ARRIVAL_COST
-            elif shm.eof:
-                return
-            if not framing.buffered and not framing.at_eof:
-                return
+        self._queue(message)  # type: ignore[arg-type]
+        self._take_buffered()
+
+    def _take_buffered(self) -> None:
+        """Queue for recv every complete frame the framing holds (acting on records),
+        reading nothing. Caller holds the read lock."""
+        framing = self._framing
+        shm = self._shm
+        assert framing is not None
+        assert shm is not None
+        while not shm.eof and (framing.buffered or framing.at_eof):
             message = framing.next_message()
             if message is NEED_DATA:
                 return
+            self._queue(message)  # type: ignore[arg-type]
+
+    def _queue(self, message: bytes | Closed | Control) -> None:
+        """Act on one decoded frame (see ``_arrival``), queueing what is for recv."""
+        item = self._arrival(message)
+        if item is not None:
+            shm = self._shm
+            assert shm is not None
+            shm.arrived.append(item)
+            if type(item[0]) is bytes:
+                shm.arrived_bytes += len(item[0]) + ARRIVAL_COST
 
     def _arrival(self, message: bytes | Closed | Control) -> tuple[bytes | Lease, list[int]] | None:
         """One frame decoded on a stream with shared memory: a message and its descriptors,

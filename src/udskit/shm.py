@@ -21,6 +21,7 @@ closed *and* no view into it is alive, so a view never outlives its memory.
 
 from __future__ import annotations
 
+import _thread
 import ctypes
 import fcntl
 import logging
@@ -32,7 +33,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from functools import partial
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from .ancillary import close_fds
 from .errors import ConnectionClosed, ProtocolError, UdsError
@@ -344,8 +345,8 @@ class SharedMemory:
     thread, and in the middle of this very object's work when a garbage collection starts
     there. So a callback never changes the pool or the ledger itself: it queues the offset
     (``_loans_gone``, ``_views_gone``) and applies the queue (``_settle``) only if its
-    thread is not inside the lock already; otherwise the next call that needs the queue
-    applied does it (``lend``, ``take_pending``, ``in_use``, ``owes``).
+    thread is not inside the lock already; otherwise the lock does, as that thread leaves
+    it (see ``_Lock``).
     """
 
     __slots__ = (
@@ -390,15 +391,14 @@ class SharedMemory:
         self.eof = False
         #: offsets of the peer's slots we are done with, not yet sent as RELEASE
         self.pending: deque[int] = deque()
-        #: Guards all of it. Reentrant, and a callback checks whether its thread holds it
-        #: (see the class's doc).
-        self.lock = threading.RLock()
+        self._loans_gone: deque[int] = deque()  # loans whose last view is gone, to settle
+        self._views_gone: deque[int] = deque()  # peer slots whose last view is gone, to settle
+        #: Guards all of it (see the class's doc).
+        self.lock = _Lock((self._loans_gone, self._views_gone), self._left_lock)
         self._space = threading.Condition(self.lock)  # signalled as pool space comes free
         self._waiting = 0  # threads in wait_for_space()
         self._loans: dict[int, tuple[memoryview, int]] = {}
         self._unsent: set[int] = set()  # offsets of loans not (yet) sent
-        self._loans_gone: deque[int] = deque()  # loans whose last view is gone, to settle
-        self._views_gone: deque[int] = deque()  # peer slots whose last view is gone, to settle
         #: called (any thread) when a release is pending: the channel tries to send it
         self.notify: Callable[[], None] = _nothing
 
@@ -485,11 +485,14 @@ class SharedMemory:
         """A view's weak-reference callback (any thread, any moment): queue ``offset`` and,
         unless this thread is inside the lock already, settle (see the class's doc)."""
         queue.append(offset)
-        if self.lock._is_owned():  # type: ignore[attr-defined]
-            return
+        if not self.lock._is_owned():
+            self._left_lock()
+
+    def _left_lock(self) -> None:
+        """Settle what views' ends queued, and send the releases owed (no lock held)."""
         with self.lock:
             self._settle()
-        if queue is self._views_gone:
+        if self.pending:
             self.notify()
 
     def _settle(self) -> None:
@@ -672,6 +675,29 @@ class SharedMemory:
         for mapping in (self._mine, self._theirs):
             if mapping is not None:
                 mapping.close()
+
+
+class _Lock(_thread.RLock):  # type: ignore[misc]
+    """SharedMemory's lock: reentrant, and as a thread leaves it (its outermost ``with``),
+    ``settle`` runs if views' ends were queued meanwhile: their callbacks found the lock
+    held by that very thread (a garbage collection there) and could not act."""
+
+    __slots__ = ("_queues", "_settle")
+
+    def __init__(self, queues: tuple[deque[int], ...], settle: Callable[[], None]) -> None:
+        super().__init__()
+        self._queues = queues
+        self._settle = settle
+
+    if TYPE_CHECKING:
+
+        def _is_owned(self) -> bool: ...  # _thread.RLock's, as threading.Condition uses it
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+        loans, views = self._queues
+        if (loans or views) and not self._is_owned():
+            self._settle()
 
 
 def _nothing() -> None:

@@ -5,6 +5,7 @@ from the event loop; and both layers talking to each other."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
 from collections.abc import Callable, Coroutine, Iterator
@@ -19,7 +20,7 @@ from udskit import ConnectionClosed, ProtocolError, Timeout
 from udskit.proto.shm import PAGE, RELEASE, SLOT, encode_record
 
 from ..conftest import open_fds
-from ..integration.test_shared_memory import _attach, _memfd, data, pool_mappings
+from ..integration.test_shared_memory import _attach, _memfd, collect_inside, data, pool_mappings
 from .helpers import idle_turns, turns_until
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
@@ -107,6 +108,37 @@ def test_a_loan_given_up_wakes_a_sender_waiting_for_room(arun: Run) -> None:
             assert await b.recv() == data(256 * 1024, 4)
 
     arun(main())
+
+
+def test_a_view_ended_inside_the_lock_is_released_all_the_same(
+    arun: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A view whose end a garbage collection sees while the loop's thread holds the
+    shared-memory lock (taking in the peer's release, in the reader callback): its release
+    still goes out, and the peer waiting for room gets it while recv() waits."""
+    small = 256 * 1024  # room for one message each way
+
+    async def main() -> None:
+        a, b = udskit.aio.pair(shared_memory=small)
+        async with a, b:
+            b.settimeout(20.0)
+            await b.send(data(small, 1))
+            view = await a.recv_view()
+            cycle: list[object] = [view]  # the view ends only in a collection
+            cycle.append(cycle)
+            del view, cycle
+            await a.send(data(small, 2))
+            assert await b.recv() == data(small, 2)  # its release is on its way to a
+            collect_inside(monkeypatch, lambda: a._shm.pool)  # type: ignore[union-attr]
+            receiving = asyncio.ensure_future(a.recv())
+            await b.send(data(small, 3))  # needs the room that view held
+            assert await receiving == data(small, 3)
+
+    gc.disable()
+    try:
+        arun(main())
+    finally:
+        gc.enable()
 
 
 def test_a_release_from_another_thread(arun: Run) -> None:

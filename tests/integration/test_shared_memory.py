@@ -35,6 +35,7 @@ from udskit.proto.shm import (
     SHARED_THRESHOLD,
     SLOT,
     VERSION,
+    Pool,
     encode_record,
 )
 from udskit.shm import FRESH_COPY, create_pool, map_peer_pool
@@ -277,6 +278,16 @@ def test_recv_many_and_iteration_deliver_in_order(shm_pair: tuple[Channel, Chann
     assert got == sent
 
 
+def test_recv_many_returns_every_complete_message_one_read_brought(
+    shm_pair: tuple[Channel, Channel],
+) -> None:
+    """As on a channel without shared memory: what one write (send_many of small
+    messages) sent, one recv_many() returns."""
+    a, b = shm_pair
+    a.send_many([b"1", b"2", b"3"])
+    assert b.recv_many() == [b"1", b"2", b"3"]
+
+
 def resident_in_our_pool() -> int:
     """Bytes of our own pools (mapped read-write; a peer's are read-only) in memory, from
     /proc/self/smaps."""
@@ -424,6 +435,82 @@ def test_views_ending_in_a_garbage_collection_leave_the_pool_whole(clean: None) 
         finally:
             gc.set_threshold(*THRESHOLDS)
             gc.enable()
+
+
+def collect_inside(monkeypatch: pytest.MonkeyPatch, pool: Callable[[], object]) -> None:
+    """Make ``Pool.release`` on the pool ``pool()`` run a garbage collection first, under
+    the shared-memory lock: as any allocation there may start one."""
+    original = Pool.release
+
+    def release(self: Pool, offset: int) -> None:
+        if self is pool():
+            gc.collect()
+        original(self, offset)
+
+    monkeypatch.setattr(Pool, "release", release)
+
+
+def test_a_view_ended_inside_the_lock_is_released_all_the_same(
+    clean: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A view whose end is seen by a garbage collection while its thread holds the
+    shared-memory lock (here: taking in the peer's release as recv() reads): its release
+    still goes out, and the peer, waiting for room, gets it while that recv() waits."""
+    gc.disable()
+    try:
+        a, b = udskit.pair(shared_memory=SMALL_POOL)  # room for one message each way
+        with a, b:
+            b.settimeout(WAIT)
+            b.send(data(SMALL_POOL, 1))
+            view = a.recv_view()
+            cycle: list[object] = [view]  # the view ends only in a collection
+            cycle.append(cycle)
+            del view, cycle
+            a.send(data(SMALL_POOL, 2))
+            assert b.recv() == data(SMALL_POOL, 2)  # its release is on its way to a
+            collect_inside(monkeypatch, lambda: a._shm.pool)  # type: ignore[union-attr]
+            got: list[bytes] = []
+            receiver = threading.Thread(target=lambda: got.append(a.recv()))
+            receiver.start()  # takes in the release; the collection ends the view there
+            b.send(data(SMALL_POOL, 3))  # needs the room that view held
+            receiver.join(WAIT)
+            assert got == [data(SMALL_POOL, 3)]
+    finally:
+        gc.enable()
+
+
+def test_a_release_behind_a_message_reaches_a_sender_holding_a_loan(clean: None) -> None:
+    """recv() takes one message from a read and leaves the rest to be decoded later; a
+    sender waiting for room (a loan of its own out) finds a release among that rest."""
+    a, b = udskit.pair(shared_memory=2 * SMALL_POOL)
+    with a, b:
+        a.settimeout(WAIT)
+        loan = a.loan(SMALL_POOL)
+        a.send(data(SMALL_POOL, 1))  # the pool is full: the loan and this message
+        sent = SMALL_POOL  # where first fit put the message, after the loan
+        got: list[bytes] = []
+        receiver = threading.Thread(target=lambda: got.append(a.recv()))
+        receiver.start()
+        until(lambda: waits_in(receiver, "_feed"))  # blocked in its read
+        errors: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                a.send(data(SMALL_POOL, 2))
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        until(lambda: waits_in(sender, "wait_for_space"))  # the receiver reads, not it
+        # b, by hand: a small message and its release of that slot, in one write.
+        b.socket.sendall(b"\x00\x00\x00\x01A" + encode_record(RELEASE, sent))
+        receiver.join(WAIT)
+        sender.join(WAIT)
+        assert not sender.is_alive()
+        assert got == [b"A"]
+        assert not errors
+        loan.release()
 
 
 def test_a_receiver_that_never_releases_gets_backpressure_not_growth(clean: None) -> None:
