@@ -376,6 +376,21 @@ def waits_in(thread: threading.Thread, function: str) -> bool:
     return False
 
 
+def sending(channel: Channel, message: bytes) -> tuple[threading.Thread, list[BaseException]]:
+    """A thread started to send ``message``, and the list its error goes to, if any."""
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            channel.send(message)
+        except BaseException as exc:  # reported by the caller
+            errors.append(exc)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread, errors
+
+
 def test_a_loan_given_up_wakes_a_sender_waiting_for_room(clean: None) -> None:
     """The only thing on the socket for a sender waiting for room is the peer's releases; a
     loan of ours given up frees room too, and the waiting sender sees it (within POOL_WAIT)."""
@@ -383,16 +398,7 @@ def test_a_loan_given_up_wakes_a_sender_waiting_for_room(clean: None) -> None:
     with a, b:
         a.settimeout(WAIT)
         loan = a.loan(SMALL_POOL)  # all of it
-        errors: list[BaseException] = []
-
-        def send() -> None:
-            try:
-                a.send(data(SMALL_POOL, 5))
-            except BaseException as exc:  # reported below
-                errors.append(exc)
-
-        sender = threading.Thread(target=send)
-        sender.start()
+        sender, errors = sending(a, data(SMALL_POOL, 5))
         until(lambda: waits_in(sender, "_lend"))  # it waits for room
         loan.release()
         sender.join(WAIT)
@@ -492,16 +498,7 @@ def test_a_release_behind_a_message_reaches_a_sender_holding_a_loan(clean: None)
         receiver = threading.Thread(target=lambda: got.append(a.recv()))
         receiver.start()
         until(lambda: waits_in(receiver, "_feed"))  # blocked in its read
-        errors: list[BaseException] = []
-
-        def send() -> None:
-            try:
-                a.send(data(SMALL_POOL, 2))
-            except BaseException as exc:  # reported below
-                errors.append(exc)
-
-        sender = threading.Thread(target=send)
-        sender.start()
+        sender, errors = sending(a, data(SMALL_POOL, 2))
         until(lambda: waits_in(sender, "wait_for_space"))  # the receiver reads, not it
         # b, by hand: a small message and its release of that slot, in one write.
         b.socket.sendall(b"\x00\x00\x00\x01A" + encode_record(RELEASE, sent))
