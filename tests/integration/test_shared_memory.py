@@ -412,35 +412,41 @@ def test_views_ending_in_a_garbage_collection_leave_the_pool_whole(clean: None) 
     of the pool's own bookkeeping (here: a loan given up, collected while send() lends; the
     collection is moved over every allocation there). The pool comes out whole, and no
     message is laid over one the receiver holds."""
-    for collect_after in range(40):
-        gc.collect()
-        gc.disable()
-        try:
-            a, b = udskit.pair(shared_memory=4 * SMALL_POOL)
-            with a, b:
-                first, second = a.loan(SMALL_POOL), a.loan(SMALL_POOL)
-                cycle: list[object] = [first[:]]  # a view made from the loan, in a cycle
-                cycle.append(cycle)
-                first.release()
-                del first, cycle  # garbage now: only a collection ends that view
-                gc.set_threshold(gc.get_count()[0] + collect_after)
+    gc.freeze()  # what the process holds already: out of every collection below, for speed
+    try:
+        for collect_after in range(40):
+            gc.collect()
+            gc.disable()
+            try:
+                a, b = udskit.pair(shared_memory=4 * SMALL_POOL)
+                with a, b:
+                    first, second = a.loan(SMALL_POOL), a.loan(SMALL_POOL)
+                    cycle: list[object] = [first[:]]  # a view made from the loan, in a cycle
+                    cycle.append(cycle)
+                    first.release()
+                    del first, cycle  # garbage now: only a collection ends that view
+                    gc.set_threshold(gc.get_count()[0] + collect_after)
+                    gc.enable()
+                    a.send(data(SMALL_POOL, 1))  # the collection runs somewhere in here
+                    gc.collect()
+                    held = [b.recv_view()]
+                    for seed in (2, 3):
+                        a.send(data(SMALL_POOL, seed))
+                        held.append(b.recv_view())
+                    assert [bytes(view) for view in held] == [
+                        data(SMALL_POOL, n) for n in (1, 2, 3)
+                    ]
+                    for view in held:
+                        view.release()
+                    second.release()
+                    b.send(b"sync")
+                    assert a.recv() == b"sync"
+                    assert a.pool_in_use == 0
+            finally:
+                gc.set_threshold(*THRESHOLDS)
                 gc.enable()
-                a.send(data(SMALL_POOL, 1))  # the collection runs somewhere in here
-                gc.collect()
-                held = [b.recv_view()]
-                for seed in (2, 3):
-                    a.send(data(SMALL_POOL, seed))
-                    held.append(b.recv_view())
-                assert [bytes(view) for view in held] == [data(SMALL_POOL, n) for n in (1, 2, 3)]
-                for view in held:
-                    view.release()
-                second.release()
-                b.send(b"sync")
-                assert a.recv() == b"sync"
-                assert a.pool_in_use == 0
-        finally:
-            gc.set_threshold(*THRESHOLDS)
-            gc.enable()
+    finally:
+        gc.unfreeze()
 
 
 def collect_inside(monkeypatch: pytest.MonkeyPatch, pool: Callable[[], object]) -> None:
