@@ -238,3 +238,10 @@ def cut_short(conn: socket.socket, stopping: threading.Event) -> None:
         http.send(h11.Response(status_code=200, headers=[("Content-Length", "1000")])) or b""
     )
     conn.sendall(b"0123456789")
+
+
+def first_read(conn: socket.socket, stopping: threading.Event) -> None:
+    """Answer with what one read of the request brought, unparsed: a request sent in one
+    write arrives whole (a Unix stream queues each write whole), one sent in pieces not."""
+    got = conn.recv(1 << 20)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(got), got))

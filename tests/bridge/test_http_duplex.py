@@ -25,6 +25,7 @@ from .httpd import (
     answer_413_early,
     cut_short,
     echo_as_it_arrives,
+    first_read,
     head_of,
     read_and_summarise,
     scripted_server,
@@ -244,6 +245,20 @@ def test_a_file_that_shrinks_while_sent_is_an_error(sink: udskit.Address, sockdi
         ),
     ):
         http.request(sink, "/sink", method="PUT", body=f)
+
+
+@pytest.mark.parametrize("body", [b"name=tap", bytearray(b"x" * 4000), memoryview(b"")])
+def test_a_body_in_memory_goes_out_with_the_head_in_one_write(
+    sockdir: Path, body: bytes | bytearray | memoryview
+) -> None:
+    # A server that answers from the head alone (an app that never reads the body) must
+    # not be able to answer before the body is on its way.
+    with scripted_server(str(sockdir / "once.sock"), first_read) as address:
+        seen = http.request(address, "/form", method="POST", body=body).body
+    head, _, rest = seen.partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /form HTTP/1.1\r\n")
+    assert b"content-length: %d" % len(body) in head.lower()
+    assert rest == bytes(body)
 
 
 def test_a_body_that_contradicts_its_given_length_is_refused(sink: udskit.Address) -> None:

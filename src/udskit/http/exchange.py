@@ -23,7 +23,7 @@ import udskit
 
 from ..address import Address, AddressLike
 from ..errors import ProtocolError
-from .body import RequestBody, body_chunks, body_length
+from .body import BODY_CHUNK, RequestBody, body_chunks, body_length
 from .duplex import MAX_RESPONSE_HEAD, Duplex
 
 __all__ = ["DEFAULT_TIMEOUT", "Exchange", "Response", "ResponseHead", "open_exchange", "request"]
@@ -175,6 +175,12 @@ def open_exchange(
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
     try:
         head = conn.send(_request_event(method, target, headers, length)) or b""
+        if isinstance(body, (bytes, bytearray, memoryview)) and (length or 0) <= BODY_CHUNK:
+            # Sent with the head in one write, as curl does: the server gets the request
+            # whole, never a head whose body arrives after the answer (an app that does not
+            # read the body answers the head at once). Framed now, so a body that contradicts
+            # its Content-Length is refused before connecting.
+            head += b"".join(_framed(conn, body, length))
     except h11.LocalProtocolError as exc:
         raise ValueError(f"cannot send this request to {where}: {exc}") from exc
     channel = udskit.connect(where, framing="raw", timeout=_first(timeout, max_time))
@@ -223,14 +229,21 @@ def _outgoing(
 ) -> Iterator[bytes]:
     """The request on the wire, piece by piece: the body is read as the socket takes it."""
     yield head
+    if conn.our_state is not h11.SEND_BODY:
+        return  # the head brought the whole request
     try:
-        for chunk in body_chunks(body, length):
-            wire = conn.send(h11.Data(data=chunk))
-            if wire:
-                yield wire
-        yield conn.send(h11.EndOfMessage()) or b""
+        yield from _framed(conn, body, length)
     except h11.LocalProtocolError as exc:  # a body longer or shorter than a given length
         raise ValueError(f"cannot send this request to {where}: {exc}") from exc
+
+
+def _framed(conn: h11.Connection, body: RequestBody, length: int | None) -> Iterator[bytes]:
+    """The body as h11 frames it, and the end of the message."""
+    for chunk in body_chunks(body, length):
+        wire = conn.send(h11.Data(data=chunk))
+        if wire:
+            yield wire
+    yield conn.send(h11.EndOfMessage()) or b""
 
 
 def _first(timeout: float | None, max_time: float | None) -> float | None:
