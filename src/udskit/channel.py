@@ -24,10 +24,11 @@ import os
 import select
 import socket
 import threading
+import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from time import monotonic, monotonic_ns
-from typing import TYPE_CHECKING, Final, NoReturn
+from typing import TYPE_CHECKING, Final, NoReturn, TypeAlias
 
 from .address import Address, sun_path
 from .ancillary import (
@@ -130,6 +131,10 @@ _NO_CONTROL: Final[list[tuple[int, int, bytes]]] = []
 _CTRUNC: Final = int(socket.MSG_CTRUNC)
 _TRUNC: Final = int(socket.MSG_TRUNC)
 _WAITALL: Final = int(socket.MSG_WAITALL)
+
+#: Messages received before the channel was made (a datagram that a listener read), with
+#: their descriptors, in the order recv() returns them.
+_Inbox: TypeAlias = deque[tuple[bytes, list[int]]]
 
 #: A message at least this large makes the channel read the next header on its own, so that a
 #: large payload goes from the kernel straight into the bytes object returned (one copy, as
@@ -238,6 +243,7 @@ class Channel(ChannelFacts):
         "_fds_seen",
         "_framing",
         "_grow_at",
+        "_held",
         "_inbox",
         "_max_fds",
         "_max_message",
@@ -320,7 +326,11 @@ class Channel(ChannelFacts):
         self._peer = peer
         self._claim = claim
         self._owns_socket = owns_socket
-        self._inbox: deque[tuple[bytes, list[int]]] = deque(inbox)
+        self._inbox: _Inbox = deque(inbox)
+        # Closes what a channel dropped without close() holds (see _holding_fds).
+        self._held: weakref.finalize[[Framing | None, _Inbox], Channel] | None = None
+        if any(fds for _, fds in self._inbox):
+            self._holding_fds()
         self._closed = False
         # _unusable: closed or broken, one test on the hot paths; _broken says why
         self._unusable = False
@@ -809,7 +819,8 @@ class Channel(ChannelFacts):
         view = self._rview
         size, ancdata, flags, _ = self._read(self._rbufs)
         if ancdata or flags & _CTRUNC:
-            self._fds_seen = True
+            if not self._fds_seen:
+                self._holding_fds()
             fds = self._stream_fds(ancdata, flags)
             if size == 0:
                 close_fds(fds)
@@ -820,6 +831,13 @@ class Channel(ChannelFacts):
         if size >= self._grow_at or size < self._shrink_below:
             self._fit(size)  # a full page (a burst), or a short read into a grown buffer
         return message
+
+    def _holding_fds(self) -> None:
+        """Descriptors arrive from now on: a channel dropped without ``close()`` closes
+        those it still holds, as a dropped socket closes itself."""
+        self._fds_seen = True
+        self._held = weakref.finalize(self, _close_held, self._framing, self._inbox)
+        self._held.atexit = False
 
     def _fit(self, size: int) -> None:
         """Grow or shrink the receive buffer after a read of ``size`` (see RECV_START). The
@@ -856,7 +874,8 @@ class Channel(ChannelFacts):
         size, ancdata, flags, _ = self._read([header])
         fds = []
         if ancdata or flags & _CTRUNC:
-            self._fds_seen = True
+            if not self._fds_seen:
+                self._holding_fds()
             fds = self._stream_fds(ancdata, flags)
         if size == 0:
             close_fds(fds)
@@ -1450,20 +1469,17 @@ class Channel(ChannelFacts):
                     pass
         # What the framing holds belongs to the reader: wait (briefly: it was just woken)
         # for one still in recv() to leave before closing its descriptors.
-        if self._rlock.acquire(timeout=CLOSE_READER_WAIT):
-            try:
-                if self._framing is not None:
-                    close_fds(self._framing.held_fds())
-                for _, fds in self._inbox:
-                    close_fds(fds)
-                self._inbox.clear()
-                if self._shm is not None:
-                    for _, fds in self._shm.arrived:
-                        close_fds(fds)
-            finally:
+        reader_gone = self._rlock.acquire(timeout=CLOSE_READER_WAIT)
+        try:
+            if reader_gone:
+                _close_held(self._framing, self._inbox)
+                if self._held is not None:
+                    self._held.detach()
+            if self._shm is not None:
+                self._shm.close()  # with the descriptors of messages not yet received
+        finally:
+            if reader_gone:
                 self._rlock.release()
-        if self._shm is not None:
-            self._shm.close()
         if self._owns_socket:
             self._sock.close()
         if self._claim is not None:
@@ -1515,6 +1531,15 @@ class Channel(ChannelFacts):
     def _adopt_reply_dir(self, directory: bytes) -> None:
         """Remove ``directory`` (a private dir holding our reply path) on close."""
         self._cleanup_dir = directory
+
+
+def _close_held(framing: Framing | None, inbox: _Inbox) -> None:
+    """Close the descriptors that came with messages never received."""
+    if framing is not None:
+        close_fds(framing.held_fds())
+    for _, fds in inbox:
+        close_fds(fds)
+    inbox.clear()
 
 
 def advance(views: list[memoryview], sent: int) -> list[memoryview]:

@@ -668,6 +668,8 @@ class SharedMemory:
         self._loans.clear()
         self._loans_gone.clear()
         self._views_gone.clear()
+        for _, fds in self.arrived:
+            close_fds(fds)
         self.arrived.clear()
         self.arrived_bytes = 0
         self.pending.clear()

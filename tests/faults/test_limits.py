@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import errno
+import gc
 import os
 import re
 import socket
@@ -185,6 +186,44 @@ def test_recv_closes_descriptors_nobody_asked_for(pipes: list[int]) -> None:
         before = _received_fds_now()
         ours.send_fds(b"unwanted", pipes[:3])
         assert theirs.recv() == b"unwanted"
+        assert _received_fds_now() == before
+
+
+def test_a_channel_dropped_without_close_closes_descriptors_it_never_delivered(
+    pipes: list[int],
+) -> None:
+    left, right = socket.socketpair()
+    with left, right:
+        channel = Channel(right)
+        before = _received_fds_now()
+        # One write, two messages: the descriptors belong to the second, which stays unread.
+        _raw_send(left, HEADER.pack(2) + b"hi" + HEADER.pack(3) + b"you", pipes[:3])
+        assert channel.recv() == b"hi"
+        assert len(_received_fds_now() - before) == 3
+        del channel
+        gc.collect()
+        assert _received_fds_now() == before
+        # The socket was the caller's: still open, and nothing else was closed twice.
+        left.send(HEADER.pack(1) + b"x")
+        assert Channel(right).recv() == b"x"
+
+
+def test_a_datagram_session_dropped_unread_closes_its_descriptors(
+    sockdir: Path, pipes: list[int]
+) -> None:
+    path = sockdir / "d.sock"
+    with (
+        udskit.listen(path, type="dgram") as listener,
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as raw,
+    ):
+        assert isinstance(listener, DatagramListener)
+        raw.connect(os.fspath(path))
+        before = _received_fds_now()
+        _raw_send(raw, b"with fds", pipes[:2])
+        session = listener.session(listener.recv())
+        assert len(_received_fds_now() - before) == 2
+        del session
+        gc.collect()
         assert _received_fds_now() == before
 
 
