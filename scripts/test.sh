@@ -31,5 +31,7 @@ PY=${PYTHON:-python3}
 # Peers that a test needs must be present in CI: a missing one fails, it does not skip.
 export UDSKIT_REQUIRE_PEERS=${UDSKIT_REQUIRE_PEERS:-${CI:-}}
 rm -f .coverage .coverage.*
-.venv/bin/python -m pytest -p no:cacheprovider \
+# Two workers: most tests wait on peers and processes, so two share two CPUs well, and the
+# suite takes half the time. UDSKIT_TEST_WORKERS=0 runs it in this process alone.
+.venv/bin/python -m pytest -p no:cacheprovider -n "${UDSKIT_TEST_WORKERS:-2}" \
   --cov=udskit --cov-branch --cov-report=term --cov-fail-under=90 "$@"
