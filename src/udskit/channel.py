@@ -1403,10 +1403,8 @@ class Channel(ChannelFacts):
         self._broken = ConnectionClosed(f"{self._where()}: closed after a protocol error: {exc}")
         self._unusable = True
         if self._shm is not None:
-            # Messages a sender read ahead of recv() go with the pools: their descriptors
+            # Messages a sender read ahead of recv() go with the pools, their descriptors
             # too (the caller holds the read lock; close() finds the queue empty).
-            for _, fds in self._shm.arrived:
-                close_fds(fds)
             self._shm.close()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
