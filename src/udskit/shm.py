@@ -558,10 +558,17 @@ class SharedMemory:
         self.peer_released(offset)
 
     def peer_released(self, offset: int) -> None:
-        """A RELEASE arrived: the extent is free again. ProtocolError if it was not lent."""
+        """A RELEASE arrived: the extent is free again. ProtocolError if it was not lent
+        to the peer (a loan not sent is not)."""
         with self.lock:
             if self.pool is None:
                 raise ProtocolError("peer released a slot of a pool we never sent")
+            if offset in self._unsent:
+                # A loan of ours the peer never saw: freeing it would let our next message
+                # be written over what the program is still filling.
+                raise ProtocolError(
+                    f"peer released offset {offset} of our shared-memory pool, which is not lent"
+                )
             self.pool.release(offset)
             self._freed()
 

@@ -868,6 +868,20 @@ def test_a_release_of_a_slot_never_lent(clean: None) -> None:
             a.recv()
 
 
+def test_a_release_of_a_loan_not_yet_sent(clean: None) -> None:
+    """The peer never saw the loan: a RELEASE of it would let our next message be written
+    over what the program is filling."""
+    a, b = udskit.pair(shared_memory=True)
+    with a, b:
+        loan = a.loan(BIG)
+        loan[:] = data(BIG)
+        b.socket.sendall(encode_record(RELEASE, 0))
+        with pytest.raises(ProtocolError, match="not lent"):
+            a.send(data(BIG, seed=1))
+        assert loan == data(BIG)
+        loan.release()
+
+
 # -- processes: fork, SIGKILL ---------------------------------------------------------------------
 
 
