@@ -962,6 +962,7 @@ class Channel(ChannelFacts):
         closes.
         """
         check_loan_size(size, self._max_message)
+        self._check_open()  # closed, or broken by a protocol error: no loan to send
         shm = self._shm
         if shm is not None and size >= SHARED_THRESHOLD and not shm.ready:
             self._look_for_offer()

@@ -189,6 +189,8 @@ def test_forged_records_close_the_channel(
                 await victim.recv()
             with pytest.raises(ConnectionClosed):
                 await victim.send(b"x")
+            with pytest.raises(ConnectionClosed, match="protocol error"):
+                await victim.loan(MIB)
         forger.close()
 
     arun(main())

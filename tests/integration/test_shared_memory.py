@@ -256,6 +256,15 @@ def test_loan_refuses_bad_sizes(shm_pair: tuple[Channel, Channel], size: object)
         a.loan(size)  # type: ignore[arg-type]
 
 
+def test_loan_on_a_closed_channel(clean: None) -> None:
+    a, b = udskit.pair(shared_memory=True)
+    a.close()
+    b.close()
+    for size in (BIG, 10):
+        with pytest.raises(ConnectionClosed, match="closed"):
+            a.loan(size)
+
+
 def test_messages_above_the_pool_or_max_frame(clean: None) -> None:
     a, b = udskit.pair(shared_memory=SMALL_POOL, max_frame=2 * MIB)
     with a, b:
@@ -774,6 +783,8 @@ def _expect_closed_by(victim: Channel, match: str) -> None:
         victim.recv()
     with pytest.raises(ConnectionClosed):
         victim.send(b"x")
+    with pytest.raises(ConnectionClosed, match="protocol error"):
+        victim.loan(1)  # below any max_frame: the state is refused, not the size
 
 
 @pytest.mark.parametrize(

@@ -722,12 +722,13 @@ class Channel(Sending, ChannelFacts):
         it without a copy (see the blocking Channel's ``loan``); waits, like ``send``, while
         the pool is full."""
         check_loan_size(size, self._max_message)
+        self._check_open()  # closed, or broken by a protocol error: no loan to send
+        self._raise_write_error()
         shm = self._shm
         if shm is not None and size >= SHARED_THRESHOLD and not shm.ready:
             self._look_for_offer()
         if shm is None or size < SHARED_THRESHOLD or not shm.usable_for(size):
             return memoryview(bytearray(size))
-        self._check_open()
         shm.ensure_pool()
         offset = await self._lend(size)
         return shm.loan(offset, size)
