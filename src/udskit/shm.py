@@ -319,7 +319,16 @@ def map_peer_pool(fd: int, size: int) -> Mapping:
             raise ProtocolError(
                 f"peer's shared-memory pool has {info.st_size} bytes, not the {size} announced"
             )
-        return Mapping(fd, size, writable=False)
+        try:
+            return Mapping(fd, size, writable=False)
+        except OSError as exc:
+            # The peer chose the file: a hugetlbfs memfd with no huge pages to back it
+            # passes every check above and fails here (ENOMEM), as can one beyond our
+            # address-space limit. Either way no message of that pool can be read.
+            raise ProtocolError(
+                f"peer's shared-memory pool of {size} bytes cannot be mapped here: "
+                f"{os.strerror(exc.errno or 0)}"
+            ) from exc
     finally:
         os.close(fd)
 

@@ -20,7 +20,15 @@ from udskit import ConnectionClosed, ProtocolError, Timeout
 from udskit.proto.shm import PAGE, RELEASE, SLOT, encode_record
 
 from ..conftest import open_fds
-from ..integration.test_shared_memory import _attach, _memfd, collect_inside, data, pool_mappings
+from ..integration.test_shared_memory import (
+    _attach,
+    _attach_unmappable,
+    _memfd,
+    collect_inside,
+    data,
+    no_huge_pages,
+    pool_mappings,
+)
 from .helpers import idle_turns, turns_until
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
@@ -166,6 +174,7 @@ def test_a_release_from_another_thread(arun: Run) -> None:
         ([("attach",), (SLOT, PAGE * 64, 100)], "outside its pool"),
         ([(RELEASE, 0, 0)], "never sent"),
         ([("unsealed",)], "not sealed"),
+        pytest.param([("unmappable",)], "cannot be mapped", marks=no_huge_pages),
     ],
 )
 def test_forged_records_close_the_channel(
@@ -181,6 +190,8 @@ def test_forged_records_close_the_channel(
                     _attach(raw, _memfd(PAGE * 64), PAGE * 64)
                 elif record == ("unsealed",):
                     _attach(raw, _memfd(PAGE * 64, seals=0), PAGE * 64)
+                elif record == ("unmappable",):
+                    _attach_unmappable(raw)
                 else:
                     raw.sendall(encode_record(*record))  # type: ignore[arg-type]
             with pytest.raises(ProtocolError, match=match):

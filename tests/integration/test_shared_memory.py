@@ -854,6 +854,34 @@ def test_bad_pool_descriptors_are_refused(clean: None, make: Callable[[], int], 
         _expect_closed_by(victim, match)
 
 
+def _no_huge_pages() -> bool:
+    """Whether the system has no huge pages to give (none reserved, none on demand)."""
+    counts = ("/proc/sys/vm/nr_hugepages", "/proc/sys/vm/nr_overcommit_hugepages")
+    return all(Path(count).read_text().strip() == "0" for count in counts)
+
+
+#: One huge page: the size of a hugetlbfs memfd (``_attach_unmappable``).
+HUGE_PAGE = 2 * MIB
+no_huge_pages = pytest.mark.skipif(not _no_huge_pages(), reason="huge pages are configured")
+
+
+def _attach_unmappable(raw: socket.socket) -> None:
+    """ATTACH a hugetlbfs memfd: sealed and of the size announced, it passes every check,
+    and its mmap() fails where no huge page backs it."""
+    fd = os.memfd_create("forged", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | os.MFD_HUGETLB)
+    os.ftruncate(fd, HUGE_PAGE)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    _attach(raw, fd, HUGE_PAGE)
+
+
+@no_huge_pages
+def test_a_pool_that_cannot_be_mapped_is_refused(clean: None) -> None:
+    victim, forger = udskit.pair(shared_memory=True)
+    with victim, forger:
+        _attach_unmappable(forger.socket)
+        _expect_closed_by(victim, "cannot be mapped here")
+
+
 def test_attach_without_a_descriptor_and_slot_with_one(clean: None) -> None:
     victim, forger = udskit.pair(shared_memory=True)
     with victim, forger:
