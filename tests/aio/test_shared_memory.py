@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import socket
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -16,8 +17,9 @@ import pytest
 
 import udskit
 import udskit.aio
+import udskit.aio.sending
 from udskit import ConnectionClosed, ProtocolError, Timeout
-from udskit.proto.shm import PAGE, RELEASE, SLOT, encode_record
+from udskit.proto.shm import PAGE, RELEASE, SHARED_THRESHOLD, SLOT, encode_record
 
 from ..conftest import open_fds
 from ..integration.test_shared_memory import (
@@ -141,6 +143,49 @@ def test_a_view_ended_inside_the_lock_is_released_all_the_same(
             receiving = asyncio.ensure_future(a.recv())
             await b.send(data(small, 3))  # needs the room that view held
             assert await receiving == data(small, 3)
+
+    gc.disable()
+    try:
+        arun(main())
+    finally:
+        gc.enable()
+
+
+def test_a_view_ended_by_a_collection_in_a_cut_write_splices_nothing(
+    arun: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A collection may start at any allocation: one in ``_write``, after the socket took
+    part of a message and before the rest is queued, ends a view whose release must not go
+    out between the two parts."""
+
+    async def main() -> None:
+        a, b = udskit.aio.pair(shared_memory=True)
+        async with a, b:
+            b.settimeout(20.0)
+            b.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+            await a.send(data(MIB))
+            view = await b.recv_view()
+            cycle: list[object] = [view]  # the view ends only in a collection
+            cycle.append(cycle)
+            del view, cycle
+            cut = []
+
+            def advance(views: list[memoryview], sent: int) -> list[memoryview]:
+                cut.append(sent)
+                gc.collect()
+                return original(views, sent)
+
+            original = udskit.aio.sending.advance
+            monkeypatch.setattr(udskit.aio.sending, "advance", advance)
+            message = data(SHARED_THRESHOLD - PAGE, 3)  # through the socket: more than it takes
+            receiving = asyncio.ensure_future(a.recv())
+            await b.send(message)
+            monkeypatch.undo()
+            assert 0 < cut[0] < len(message)  # the socket took part of it
+            assert await receiving == message
+            await b.send(b"sync")  # behind the release
+            assert await a.recv() == b"sync"
+            assert a.pool_in_use == 0
 
     gc.disable()
     try:

@@ -920,10 +920,15 @@ class Channel(Sending, ChannelFacts):
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        if running is loop:
-            self._flush_releases()
-        else:
+        if running is not loop:
             loop.call_soon_threadsafe(self._flush_releases)
+        elif self._in_write:
+            # A garbage collection inside _write ended the view, maybe between the part of
+            # a message the socket took and the queueing of the rest: a record sent now
+            # would land inside that message.
+            loop.call_soon(self._flush_releases)
+        else:
+            self._flush_releases()
 
     def _offer(self) -> None:
         """A listener that opted in answers a client that did: OFFER, first of all (on
