@@ -416,6 +416,28 @@ def test_a_loan_given_up_wakes_a_sender_waiting_for_room(clean: None) -> None:
         assert b.recv() == data(SMALL_POOL, 5)
 
 
+def test_a_view_released_during_another_threads_send_is_released_after_it(
+    clean: None,
+) -> None:
+    """The release cannot go out while another thread's send holds the socket; it goes
+    when that send is done, not with some later call that may never come."""
+    a, b = udskit.pair(shared_memory=SMALL_POOL)  # room for one message
+    with a, b:
+        a.settimeout(2.0)  # bounds the failure: with the release, the send takes no time
+        b.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        a.send(data(SMALL_POOL))
+        view = b.recv_view()
+        message = data(SHARED_THRESHOLD - PAGE, 1)  # through the socket, more than it holds
+        sender, errors = sending(b, message)
+        until(lambda: waits_in(sender, "_write"))  # blocked until a reads
+        view.release()
+        assert a.recv() == message
+        sender.join(WAIT)
+        assert not errors
+        a.send(data(SMALL_POOL, 2))  # into the slot b released; b sends nothing more
+        assert b.recv() == data(SMALL_POOL, 2)
+
+
 def test_views_ending_in_a_garbage_collection_leave_the_pool_whole(clean: None) -> None:
     """A view's end is seen by a callback, which a garbage collection can run in the middle
     of the pool's own bookkeeping (here: a loan given up, collected while send() lends; the
