@@ -537,7 +537,10 @@ class SharedMemory:
         made from it is still alive, since that could write to the receiver's message: an
         array that exports it leaves the loan usable (delete the array, send again); views
         made from it make the loan unusable, and its space returns when they are gone."""
-        _, offset = self._loans[id(view)]
+        entry = self._loans.get(id(view))
+        if entry is None:  # another thread's send() took it since ``loaned``
+            raise ValueError("send(): the loaned buffer was sent already; take a new loan")
+        _, offset = entry
         array = weakref.ref(view.obj)
         with self.lock:
             self._unsent.discard(offset)  # from here, the array's death does not free it

@@ -438,6 +438,28 @@ def test_a_view_released_during_another_threads_send_is_released_after_it(
         assert b.recv() == data(SMALL_POOL, 2)
 
 
+def test_a_loan_sent_by_two_threads_at_once_goes_once(clean: None) -> None:
+    a, b = udskit.pair(shared_memory=True)
+    with a, b:
+        a.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        loan = a.loan(BIG)
+        loan[:] = data(BIG, 1)
+        blocker, _ = sending(a, data(SHARED_THRESHOLD - PAGE))  # holds the socket until b reads
+        until(lambda: waits_in(blocker, "_write"))
+        (one, one_errors), (two, two_errors) = sending(a, loan), sending(a, loan)  # type: ignore[arg-type]
+        until(lambda: waits_in(one, "_send_shared") and waits_in(two, "_send_shared"))
+        assert b.recv() == data(SHARED_THRESHOLD - PAGE)
+        for thread in (blocker, one, two):
+            thread.join(WAIT)
+        errors = one_errors + two_errors
+        assert len(errors) == 1
+        assert isinstance(errors[0], ValueError)
+        assert str(errors[0]) == "send(): the loaned buffer was sent already; take a new loan"
+        assert b.recv() == data(BIG, 1)
+        a.send(b"sync")
+        assert b.recv() == b"sync"  # nothing else was sent
+
+
 def test_views_ending_in_a_garbage_collection_leave_the_pool_whole(clean: None) -> None:
     """A view's end is seen by a callback, which a garbage collection can run in the middle
     of the pool's own bookkeeping (here: a loan given up, collected while send() lends; the
