@@ -17,8 +17,9 @@ import pytest
 
 import udskit
 import udskit.aio
-import udskit.aio.sending
 from udskit import ConnectionClosed, ProtocolError, Timeout
+from udskit.aio.sending import Sending
+from udskit.proto.outbox import Outbox
 from udskit.proto.shm import PAGE, RELEASE, SHARED_THRESHOLD, SLOT, encode_record
 
 from ..conftest import open_fds
@@ -151,38 +152,66 @@ def test_a_view_ended_inside_the_lock_is_released_all_the_same(
         gc.enable()
 
 
-def test_a_view_ended_by_a_collection_in_a_cut_write_splices_nothing(
-    arun: Run, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("where", ["cut", "small", "queued"])
+def test_a_view_ended_by_a_collection_in_a_write_splices_nothing(
+    arun: Run, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
-    """A collection may start at any allocation: one in ``_write``, after the socket took
-    part of a message and before the rest is queued, ends a view whose release must not go
-    out between the two parts."""
+    """A collection may start at any allocation, and end a view whose release must not
+    go out inside a message being written: after the socket took part of it and before
+    the rest is queued (``cut``: a large message, ``small``: the inline path of one), or
+    between its parts as they are queued behind others (``queued``)."""
+    size = {"cut": SHARED_THRESHOLD - PAGE, "small": 60 * 1024, "queued": 200 * 1024}[where]
+    seen: list[str] = []
+
+    def queue(self: Sending, views: list[memoryview], ancillary: object) -> None:
+        if not self._out:
+            seen.append("empty")
+            gc.collect()
+        original_queue(self, views, ancillary)  # type: ignore[arg-type]
+
+    def push(self: Outbox[object], buffers: list[memoryview], attachment: object = None) -> None:
+        if self and len(buffers) > 1:
+            seen.append("between")
+            original_push(self, buffers[:1], attachment)
+            gc.collect()
+            original_push(self, buffers[1:])
+        else:
+            original_push(self, buffers, attachment)
+
+    original_queue, original_push = Sending._queue, Outbox.push
 
     async def main() -> None:
         a, b = udskit.aio.pair(shared_memory=True)
         async with a, b:
-            b.settimeout(20.0)
-            b.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+            b.settimeout(10.0)
+            b.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
             await a.send(data(MIB))
             view = await b.recv_view()
             cycle: list[object] = [view]  # the view ends only in a collection
             cycle.append(cycle)
             del view, cycle
-            cut = []
+            messages = [data(size, 3), data(size, 4)]
 
-            def advance(views: list[memoryview], sent: int) -> list[memoryview]:
-                cut.append(sent)
-                gc.collect()
-                return original(views, sent)
+            async def receive_two() -> list[bytes]:
+                return [await a.recv(), await a.recv()]
 
-            original = udskit.aio.sending.advance
-            monkeypatch.setattr(udskit.aio.sending, "advance", advance)
-            message = data(SHARED_THRESHOLD - PAGE, 3)  # through the socket: more than it takes
-            receiving = asyncio.ensure_future(a.recv())
-            await b.send(message)
+            if where == "queued":
+                monkeypatch.setattr(Outbox, "push", push)
+                # Both start before the loop looks at the sockets: the first one's end is
+                # queued, the second one goes behind it, in parts.
+                sends = [asyncio.ensure_future(b.send(message)) for message in messages]
+                await asyncio.sleep(0)
+                received = await receive_two()
+                await asyncio.gather(*sends)
+            else:
+                monkeypatch.setattr(Sending, "_queue", queue)
+                receiving = asyncio.ensure_future(receive_two())
+                for message in messages:
+                    await b.send(message)
+                received = await receiving
             monkeypatch.undo()
-            assert 0 < cut[0] < len(message)  # the socket took part of it
-            assert await receiving == message
+            assert seen[0] == ("between" if where == "queued" else "empty")
+            assert received == messages
             await b.send(b"sync")  # behind the release
             assert await a.recv() == b"sync"
             assert a.pool_in_use == 0

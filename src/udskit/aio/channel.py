@@ -923,9 +923,9 @@ class Channel(Sending, ChannelFacts):
         if running is not loop:
             loop.call_soon_threadsafe(self._flush_releases)
         elif self._in_write:
-            # A garbage collection inside _write ended the view, maybe between the part of
-            # a message the socket took and the queueing of the rest: a record sent now
-            # would land inside that message.
+            # A garbage collection in a write ended the view, maybe between the part of a
+            # message the socket took and the queueing of the rest, or between its parts
+            # as they are queued: a record sent or queued now would land inside it.
             loop.call_soon(self._flush_releases)
         else:
             self._flush_releases()
