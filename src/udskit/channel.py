@@ -377,8 +377,12 @@ class Channel(ChannelFacts):
         With shared memory, a message of SHARED_THRESHOLD bytes or more is copied into our
         pool (a buffer from ``loan()`` is not copied at all) and only its slot is sent.
         """
-        if self._shm is not None and (type(data) is not bytes or len(data) >= SHARED_THRESHOLD):
-            self._send_shared(data)  # a loan, or a message that may go through the pool
+        if self._shm is not None:
+            if type(data) is not bytes or len(data) >= SHARED_THRESHOLD:
+                self._send_shared(data)  # a loan, or a message that may go through the pool
+            else:
+                self._send_framed(data)
+            self._write_lock_left()
             return
         self._send_framed(data)
 
@@ -451,6 +455,7 @@ class Channel(ChannelFacts):
                 if went and self._broken is None:
                     self._break(f"send_many failed after {went} bytes of its batch went out")
                 raise
+        self._write_lock_left()
 
     def send_fds(self, data: Buffer, fds: Sequence[int]) -> None:
         """Send one message with open descriptors attached (SCM_RIGHTS).
@@ -472,6 +477,7 @@ class Channel(ChannelFacts):
                 parts = framing.encode(data)
                 views: list[Buffer] = [memoryview(p).cast("B") for p in parts if len(p)]
                 self._write(views, ancillary, sum(map(len, views)))
+        self._write_lock_left()
 
     def _send_packet(self, data: Buffer, ancillary: list[tuple[int, int, bytes]]) -> None:
         """One seqpacket message or datagram: the kernel takes all of it or none."""
@@ -962,6 +968,7 @@ class Channel(ChannelFacts):
         closes.
         """
         check_loan_size(size, self._max_message)
+        self._check_open()  # closed, or broken by a protocol error: no loan to send
         shm = self._shm
         if shm is not None and size >= SHARED_THRESHOLD and not shm.ready:
             self._look_for_offer()
@@ -971,6 +978,7 @@ class Channel(ChannelFacts):
             self._check_open()
             shm.ensure_pool()
             offset = self._lend(size)
+        self._write_lock_left()
         return shm.loan(offset, size)
 
     def _send_shared(self, data: Buffer) -> None:
@@ -1187,14 +1195,25 @@ class Channel(ChannelFacts):
 
     def _release_soon(self) -> None:
         """A received view was released (any thread): send the release now if no send is
-        under way; otherwise the next send or receive does."""
-        if self._wlock.acquire(blocking=False):
+        under way; otherwise that send does as it ends (``_write_lock_left``)."""
+        shm = self._shm
+        while shm is not None and self._wlock.acquire(blocking=False):
             try:
                 self._flush_releases()
             except (UdsError, OSError) as exc:
                 log.debug("%r: release not sent: %s", self, exc)
+                return
             finally:
                 self._wlock.release()
+            if not shm.owes() or self._unusable:
+                return  # else views released meanwhile found the lock taken: theirs too
+
+    def _write_lock_left(self) -> None:
+        """A send left the write lock: releases owed while it held it (a view released in
+        another thread, or by a garbage collection in this one) could not go then, and go
+        now, not with some later call that may never come."""
+        if self._shm is not None and self._shm.owes():
+            self._release_soon()
 
     def _offer(self) -> None:
         """A listener that opted in answers a client that did (see proto.shm): OFFER."""

@@ -319,7 +319,16 @@ def map_peer_pool(fd: int, size: int) -> Mapping:
             raise ProtocolError(
                 f"peer's shared-memory pool has {info.st_size} bytes, not the {size} announced"
             )
-        return Mapping(fd, size, writable=False)
+        try:
+            return Mapping(fd, size, writable=False)
+        except OSError as exc:
+            # The peer chose the file: a hugetlbfs memfd with no huge pages to back it
+            # passes every check above and fails here (ENOMEM), as can one beyond our
+            # address-space limit. Either way no message of that pool can be read.
+            raise ProtocolError(
+                f"peer's shared-memory pool of {size} bytes cannot be mapped here: "
+                f"{os.strerror(exc.errno or 0)}"
+            ) from exc
     finally:
         os.close(fd)
 
@@ -528,7 +537,10 @@ class SharedMemory:
         made from it is still alive, since that could write to the receiver's message: an
         array that exports it leaves the loan usable (delete the array, send again); views
         made from it make the loan unusable, and its space returns when they are gone."""
-        _, offset = self._loans[id(view)]
+        entry = self._loans.get(id(view))
+        if entry is None:  # another thread's send() took it since ``loaned``
+            raise ValueError("send(): the loaned buffer was sent already; take a new loan")
+        _, offset = entry
         array = weakref.ref(view.obj)
         with self.lock:
             self._unsent.discard(offset)  # from here, the array's death does not free it
@@ -558,10 +570,17 @@ class SharedMemory:
         self.peer_released(offset)
 
     def peer_released(self, offset: int) -> None:
-        """A RELEASE arrived: the extent is free again. ProtocolError if it was not lent."""
+        """A RELEASE arrived: the extent is free again. ProtocolError if it was not lent
+        to the peer (a loan not sent is not)."""
         with self.lock:
             if self.pool is None:
                 raise ProtocolError("peer released a slot of a pool we never sent")
+            if offset in self._unsent:
+                # A loan of ours the peer never saw: freeing it would let our next message
+                # be written over what the program is still filling.
+                raise ProtocolError(
+                    f"peer released offset {offset} of our shared-memory pool, which is not lent"
+                )
             self.pool.release(offset)
             self._freed()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import socket
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -17,10 +18,20 @@ import pytest
 import udskit
 import udskit.aio
 from udskit import ConnectionClosed, ProtocolError, Timeout
-from udskit.proto.shm import PAGE, RELEASE, SLOT, encode_record
+from udskit.aio.sending import Sending
+from udskit.proto.outbox import Outbox
+from udskit.proto.shm import PAGE, RELEASE, SHARED_THRESHOLD, SLOT, encode_record
 
 from ..conftest import open_fds
-from ..integration.test_shared_memory import _attach, _memfd, collect_inside, data, pool_mappings
+from ..integration.test_shared_memory import (
+    _attach,
+    _attach_unmappable,
+    _memfd,
+    collect_inside,
+    data,
+    no_huge_pages,
+    pool_mappings,
+)
 from .helpers import idle_turns, turns_until
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
@@ -141,6 +152,77 @@ def test_a_view_ended_inside_the_lock_is_released_all_the_same(
         gc.enable()
 
 
+@pytest.mark.parametrize("where", ["cut", "small", "queued"])
+def test_a_view_ended_by_a_collection_in_a_write_splices_nothing(
+    arun: Run, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A collection may start at any allocation, and end a view whose release must not
+    go out inside a message being written: after the socket took part of it and before
+    the rest is queued (``cut``: a large message, ``small``: the inline path of one), or
+    between its parts as they are queued behind others (``queued``)."""
+    size = {"cut": SHARED_THRESHOLD - PAGE, "small": 60 * 1024, "queued": 200 * 1024}[where]
+    seen: list[str] = []
+
+    def queue(self: Sending, views: list[memoryview], ancillary: object) -> None:
+        if not self._out:
+            seen.append("empty")
+            gc.collect()
+        original_queue(self, views, ancillary)  # type: ignore[arg-type]
+
+    def push(self: Outbox[object], buffers: list[memoryview], attachment: object = None) -> None:
+        if self and len(buffers) > 1:
+            seen.append("between")
+            original_push(self, buffers[:1], attachment)
+            gc.collect()
+            original_push(self, buffers[1:])
+        else:
+            original_push(self, buffers, attachment)
+
+    original_queue, original_push = Sending._queue, Outbox.push
+
+    async def main() -> None:
+        a, b = udskit.aio.pair(shared_memory=True)
+        async with a, b:
+            b.settimeout(10.0)
+            b.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+            await a.send(data(MIB))
+            view = await b.recv_view()
+            cycle: list[object] = [view]  # the view ends only in a collection
+            cycle.append(cycle)
+            del view, cycle
+            messages = [data(size, 3), data(size, 4)]
+
+            async def receive_two() -> list[bytes]:
+                return [await a.recv(), await a.recv()]
+
+            if where == "queued":
+                monkeypatch.setattr(Outbox, "push", push)
+                # Both start before the loop looks at the sockets: the first one's end is
+                # queued, the second one goes behind it, in parts.
+                sends = [asyncio.ensure_future(b.send(message)) for message in messages]
+                await asyncio.sleep(0)
+                received = await receive_two()
+                await asyncio.gather(*sends)
+            else:
+                monkeypatch.setattr(Sending, "_queue", queue)
+                receiving = asyncio.ensure_future(receive_two())
+                for message in messages:
+                    await b.send(message)
+                received = await receiving
+            monkeypatch.undo()
+            assert seen[0] == ("between" if where == "queued" else "empty")
+            assert received == messages
+            await b.send(b"sync")  # behind the release
+            assert await a.recv() == b"sync"
+            assert a.pool_in_use == 0
+
+    gc.disable()
+    try:
+        arun(main())
+    finally:
+        gc.enable()
+
+
 def test_a_release_from_another_thread(arun: Run) -> None:
     async def main() -> None:
         a, b = udskit.aio.pair(shared_memory=True)
@@ -166,6 +248,7 @@ def test_a_release_from_another_thread(arun: Run) -> None:
         ([("attach",), (SLOT, PAGE * 64, 100)], "outside its pool"),
         ([(RELEASE, 0, 0)], "never sent"),
         ([("unsealed",)], "not sealed"),
+        pytest.param([("unmappable",)], "cannot be mapped", marks=no_huge_pages),
     ],
 )
 def test_forged_records_close_the_channel(
@@ -181,6 +264,8 @@ def test_forged_records_close_the_channel(
                     _attach(raw, _memfd(PAGE * 64), PAGE * 64)
                 elif record == ("unsealed",):
                     _attach(raw, _memfd(PAGE * 64, seals=0), PAGE * 64)
+                elif record == ("unmappable",):
+                    _attach_unmappable(raw)
                 else:
                     raw.sendall(encode_record(*record))  # type: ignore[arg-type]
             with pytest.raises(ProtocolError, match=match):
@@ -189,6 +274,8 @@ def test_forged_records_close_the_channel(
                 await victim.recv()
             with pytest.raises(ConnectionClosed):
                 await victim.send(b"x")
+            with pytest.raises(ConnectionClosed, match="protocol error"):
+                await victim.loan(MIB)
         forger.close()
 
     arun(main())

@@ -256,6 +256,15 @@ def test_loan_refuses_bad_sizes(shm_pair: tuple[Channel, Channel], size: object)
         a.loan(size)  # type: ignore[arg-type]
 
 
+def test_loan_on_a_closed_channel(clean: None) -> None:
+    a, b = udskit.pair(shared_memory=True)
+    a.close()
+    b.close()
+    for size in (BIG, 10):
+        with pytest.raises(ConnectionClosed, match="closed"):
+            a.loan(size)
+
+
 def test_messages_above_the_pool_or_max_frame(clean: None) -> None:
     a, b = udskit.pair(shared_memory=SMALL_POOL, max_frame=2 * MIB)
     with a, b:
@@ -405,6 +414,50 @@ def test_a_loan_given_up_wakes_a_sender_waiting_for_room(clean: None) -> None:
         assert not sender.is_alive()
         assert not errors
         assert b.recv() == data(SMALL_POOL, 5)
+
+
+def test_a_view_released_during_another_threads_send_is_released_after_it(
+    clean: None,
+) -> None:
+    """The release cannot go out while another thread's send holds the socket; it goes
+    when that send is done, not with some later call that may never come."""
+    a, b = udskit.pair(shared_memory=SMALL_POOL)  # room for one message
+    with a, b:
+        a.settimeout(2.0)  # bounds the failure: with the release, the send takes no time
+        b.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        a.send(data(SMALL_POOL))
+        view = b.recv_view()
+        message = data(SHARED_THRESHOLD - PAGE, 1)  # through the socket, more than it holds
+        sender, errors = sending(b, message)
+        until(lambda: waits_in(sender, "_write"))  # blocked until a reads
+        view.release()
+        assert a.recv() == message
+        sender.join(WAIT)
+        assert not errors
+        a.send(data(SMALL_POOL, 2))  # into the slot b released; b sends nothing more
+        assert b.recv() == data(SMALL_POOL, 2)
+
+
+def test_a_loan_sent_by_two_threads_at_once_goes_once(clean: None) -> None:
+    a, b = udskit.pair(shared_memory=True)
+    with a, b:
+        a.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        loan = a.loan(BIG)
+        loan[:] = data(BIG, 1)
+        blocker, _ = sending(a, data(SHARED_THRESHOLD - PAGE))  # holds the socket until b reads
+        until(lambda: waits_in(blocker, "_write"))
+        (one, one_errors), (two, two_errors) = sending(a, loan), sending(a, loan)  # type: ignore[arg-type]
+        until(lambda: waits_in(one, "_send_shared") and waits_in(two, "_send_shared"))
+        assert b.recv() == data(SHARED_THRESHOLD - PAGE)
+        for thread in (blocker, one, two):
+            thread.join(WAIT)
+        errors = one_errors + two_errors
+        assert len(errors) == 1
+        assert isinstance(errors[0], ValueError)
+        assert str(errors[0]) == "send(): the loaned buffer was sent already; take a new loan"
+        assert b.recv() == data(BIG, 1)
+        a.send(b"sync")
+        assert b.recv() == b"sync"  # nothing else was sent
 
 
 def test_views_ending_in_a_garbage_collection_leave_the_pool_whole(clean: None) -> None:
@@ -774,6 +827,8 @@ def _expect_closed_by(victim: Channel, match: str) -> None:
         victim.recv()
     with pytest.raises(ConnectionClosed):
         victim.send(b"x")
+    with pytest.raises(ConnectionClosed, match="protocol error"):
+        victim.loan(1)  # below any max_frame: the state is refused, not the size
 
 
 @pytest.mark.parametrize(
@@ -843,6 +898,34 @@ def test_bad_pool_descriptors_are_refused(clean: None, make: Callable[[], int], 
         _expect_closed_by(victim, match)
 
 
+def _no_huge_pages() -> bool:
+    """Whether the system has no huge pages to give (none reserved, none on demand)."""
+    counts = ("/proc/sys/vm/nr_hugepages", "/proc/sys/vm/nr_overcommit_hugepages")
+    return all(Path(count).read_text().strip() == "0" for count in counts)
+
+
+#: One huge page: the size of a hugetlbfs memfd (``_attach_unmappable``).
+HUGE_PAGE = 2 * MIB
+no_huge_pages = pytest.mark.skipif(not _no_huge_pages(), reason="huge pages are configured")
+
+
+def _attach_unmappable(raw: socket.socket) -> None:
+    """ATTACH a hugetlbfs memfd: sealed and of the size announced, it passes every check,
+    and its mmap() fails where no huge page backs it."""
+    fd = os.memfd_create("forged", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | os.MFD_HUGETLB)
+    os.ftruncate(fd, HUGE_PAGE)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    _attach(raw, fd, HUGE_PAGE)
+
+
+@no_huge_pages
+def test_a_pool_that_cannot_be_mapped_is_refused(clean: None) -> None:
+    victim, forger = udskit.pair(shared_memory=True)
+    with victim, forger:
+        _attach_unmappable(forger.socket)
+        _expect_closed_by(victim, "cannot be mapped here")
+
+
 def test_attach_without_a_descriptor_and_slot_with_one(clean: None) -> None:
     victim, forger = udskit.pair(shared_memory=True)
     with victim, forger:
@@ -866,6 +949,20 @@ def test_a_release_of_a_slot_never_lent(clean: None) -> None:
         b.socket.sendall(encode_record(RELEASE, PAGE))
         with pytest.raises(ProtocolError, match="not lent"):
             a.recv()
+
+
+def test_a_release_of_a_loan_not_yet_sent(clean: None) -> None:
+    """The peer never saw the loan: a RELEASE of it would let our next message be written
+    over what the program is filling."""
+    a, b = udskit.pair(shared_memory=True)
+    with a, b:
+        loan = a.loan(BIG)
+        loan[:] = data(BIG)
+        b.socket.sendall(encode_record(RELEASE, 0))
+        with pytest.raises(ProtocolError, match="not lent"):
+            a.send(data(BIG, seed=1))
+        assert loan == data(BIG)
+        loan.release()
 
 
 # -- processes: fork, SIGKILL ---------------------------------------------------------------------

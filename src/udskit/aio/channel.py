@@ -722,12 +722,13 @@ class Channel(Sending, ChannelFacts):
         it without a copy (see the blocking Channel's ``loan``); waits, like ``send``, while
         the pool is full."""
         check_loan_size(size, self._max_message)
+        self._check_open()  # closed, or broken by a protocol error: no loan to send
+        self._raise_write_error()
         shm = self._shm
         if shm is not None and size >= SHARED_THRESHOLD and not shm.ready:
             self._look_for_offer()
         if shm is None or size < SHARED_THRESHOLD or not shm.usable_for(size):
             return memoryview(bytearray(size))
-        self._check_open()
         shm.ensure_pool()
         offset = await self._lend(size)
         return shm.loan(offset, size)
@@ -919,10 +920,15 @@ class Channel(Sending, ChannelFacts):
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        if running is loop:
-            self._flush_releases()
-        else:
+        if running is not loop:
             loop.call_soon_threadsafe(self._flush_releases)
+        elif self._in_write:
+            # A garbage collection in a write ended the view, maybe between the part of a
+            # message the socket took and the queueing of the rest, or between its parts
+            # as they are queued: a record sent or queued now would land inside it.
+            loop.call_soon(self._flush_releases)
+        else:
+            self._flush_releases()
 
     def _offer(self) -> None:
         """A listener that opted in answers a client that did: OFFER, first of all (on

@@ -63,6 +63,7 @@ class Sending:
         "_drain",
         "_fd",
         "_framing",
+        "_in_write",
         "_loop",
         "_max_fds",
         "_out",
@@ -104,6 +105,8 @@ class Sending:
         self._reading = False
         self._out: Outbox[Ancillary] = Outbox(high, min(high // 4, WRITE_LOW_WATER))
         self._writing = False
+        #: writing or queueing a message: a release must wait for it (Channel._release_soon)
+        self._in_write = False
         self._write_error: Exception | None = None  # sticky: the socket cannot send any more
         self._drain = Waiters("send")  # senders waiting for the queue to drain
         self._wwait = Waiters("send")  # packet senders waiting for a writable socket
@@ -148,6 +151,7 @@ class Sending:
             except TypeError:
                 check_message(data, "send")
                 raise
+            self._in_write = True
             try:
                 sent = self._sock.send(joined, SEND_FLAGS)
                 if sent == len(joined):
@@ -160,6 +164,8 @@ class Sending:
             except BaseException:
                 self._cut()
                 raise
+            finally:
+                self._in_write = False
         else:
             check_message(data, "send")
             self._write(framing.encode(data), [])
@@ -240,10 +246,11 @@ class Sending:
             views = [memoryview(b"".join(parts))]
         else:
             views = [memoryview(p).cast("B") for p in parts if len(p)]
-        if self._out:
-            self._queue(views, ancillary)  # behind what is queued, to keep the order
-            return
+        self._in_write = True
         try:
+            if self._out:
+                self._queue(views, ancillary)  # behind what is queued, to keep the order
+                return
             if len(views) == 1 and not ancillary:
                 sent = self._sock.send(views[0], SEND_FLAGS)
             else:
@@ -258,6 +265,8 @@ class Sending:
         except BaseException:
             self._cut()
             raise
+        finally:
+            self._in_write = False
 
     def _queue(self, views: list[memoryview], ancillary: Ancillary) -> None:
         self._out.push(views, ancillary or None)
