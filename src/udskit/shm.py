@@ -372,6 +372,7 @@ class SharedMemory:
         "arrived",
         "arrived_bytes",
         "attached",
+        "closed",
         "eof",
         "ledger",
         "lock",
@@ -392,6 +393,7 @@ class SharedMemory:
         self._mine: Mapping | None = None
         self._fd = -1  # our memfd until it has gone to the peer
         self.attached = False
+        self.closed = False
         self.ledger: Ledger | None = None
         self._theirs: Mapping | None = None
         #: (message or Lease, fds) read ahead of recv(), in order
@@ -599,7 +601,7 @@ class SharedMemory:
                 return self.slot(record.first, record.second)
             else:
                 self.peer_released(record.first)
-        except ProtocolError:
+        except UdsError:
             close_fds(fds)
             raise
         return None
@@ -620,8 +622,12 @@ class SharedMemory:
                 f"peer offered a shared-memory pool of {size} bytes; this side takes at most "
                 f"{limit} (its own shared_memory= size, or the default)"
             )
-        self._theirs = map_peer_pool(fd, size)
-        self.ledger = Ledger(size, self.max_frame)
+        with self.lock:  # close() in another thread either comes first, or unmaps this
+            if self.closed:
+                os.close(fd)  # a reader that outlived close(): nothing would unmap it
+                raise ConnectionClosed("the channel was closed while its peer's pool arrived")
+            self._theirs = map_peer_pool(fd, size)
+            self.ledger = Ledger(size, self.max_frame)
 
     def slot(self, offset: int, length: int) -> Lease:
         """A SLOT from the peer, checked against its pool and what we hold."""
@@ -680,6 +686,7 @@ class SharedMemory:
         """Release everything: descriptors now, mappings once no view into them is alive."""
         with self.lock:
             self.ready = False
+            self.closed = True
             self._freed()
         if self._fd >= 0:
             os.close(self._fd)

@@ -241,6 +241,28 @@ def test_a_release_from_another_thread(arun: Run) -> None:
     arun(main())
 
 
+def test_a_release_from_another_thread_as_the_loop_closes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The loop closes between the releasing thread's look at it and its hand-over: the
+    release has nowhere to go, and must not raise in that thread (or in a collection)."""
+
+    def closed(*_: object) -> None:
+        raise RuntimeError("Event loop is closed")
+
+    async def main() -> None:
+        a, b = udskit.aio.pair(shared_memory=True)
+        async with a, b:
+            await a.send(data(MIB))
+            view = await b.recv_view()
+            monkeypatch.setattr(asyncio.get_running_loop(), "call_soon_threadsafe", closed)
+            thread = threading.Thread(target=view.release)
+            thread.start()
+            thread.join()
+
+    asyncio.run(main())  # and pytest fails a test whose thread raised
+
+
 @pytest.mark.parametrize(
     ("records", "match"),
     [

@@ -38,7 +38,7 @@ from udskit.proto.shm import (
     Pool,
     encode_record,
 )
-from udskit.shm import FRESH_COPY, create_pool, map_peer_pool
+from udskit.shm import FRESH_COPY, SharedMemory, create_pool, map_peer_pool
 
 from ..conftest import open_fds
 
@@ -1165,3 +1165,13 @@ def test_a_pool_larger_than_ours_is_refused(clean: None) -> None:
         big = 2 * DEFAULT_POOL
         _attach(forger.socket, _memfd(big), big)
         _expect_closed_by(victim, f"pool of {big} bytes; this side takes at most {DEFAULT_POOL}")
+
+
+def test_a_pool_arriving_after_close_is_not_mapped(clean: None) -> None:
+    """A reader that outlives close() (which waits for it a bounded time), having checked
+    the peer's ATTACH before close(), must not map the pool: nothing would unmap it."""
+    shm = SharedMemory(DEFAULT_POOL, DEFAULT_POOL, peer_opted=True)
+    shm.close()
+    with pytest.raises(ConnectionClosed, match="closed while its peer's pool arrived"):
+        shm.attach_peer(_memfd(PAGE * 16), PAGE * 16)
+    assert pool_mappings("forged") == 0  # and the clean fixture: its descriptor closed

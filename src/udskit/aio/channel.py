@@ -921,7 +921,10 @@ class Channel(Sending, ChannelFacts):
         except RuntimeError:
             running = None
         if running is not loop:
-            loop.call_soon_threadsafe(self._flush_releases)
+            try:
+                loop.call_soon_threadsafe(self._flush_releases)
+            except RuntimeError:
+                pass  # the loop closed since the test above: nothing is left to send on
         elif self._in_write:
             # A garbage collection in a write ended the view, maybe between the part of a
             # message the socket took and the queueing of the rest, or between its parts
