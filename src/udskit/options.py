@@ -307,17 +307,23 @@ def check_message(data: object, what: str) -> None:
     since text has no bytes until it is encoded. Cheap for bytes (one isinstance check), so
     a send path may call it first; it never inspects the content.
     """
-    if isinstance(data, (bytes, bytearray, memoryview)):
+    if isinstance(data, (bytes, bytearray)):
         return
     if isinstance(data, str):
         raise TypeError(f"{what}: messages are bytes, not str; encode text first (data.encode())")
     try:
-        memoryview(data)  # type: ignore[arg-type]
+        view = data if isinstance(data, memoryview) else memoryview(data)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError(
             f"{what}: messages are bytes-like (bytes, bytearray, memoryview), not "
             f"{type(data).__name__}"
         ) from None
+    if not view.c_contiguous:
+        raise TypeError(
+            f"{what}: a message is one contiguous block of memory, and this "
+            f"{type(data).__name__} is not (a slice with a step, or a transposed array); "
+            "pass bytes(data), or numpy.ascontiguousarray(data)"
+        )
 
 
 def resolve_uid(owner: int | str | None) -> int:

@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy
 import pytest
 
 import udskit
@@ -200,6 +201,18 @@ def test_socket_modes_pass_the_check(mode: int) -> None:
 @pytest.mark.parametrize("data", [b"x", bytearray(b"x"), memoryview(b"x"), array.array("i", [1])])
 def test_check_message_accepts_bytes_like(data: object) -> None:
     check_message(data, "send")
+
+
+@pytest.mark.parametrize(
+    "data", [memoryview(b"abcd")[::2], numpy.arange(12, dtype="u1").reshape(3, 4).T]
+)
+def test_a_message_that_is_not_contiguous_is_refused_before_sending(data: object) -> None:
+    ours, theirs = udskit.pair()
+    with ours, theirs:
+        with pytest.raises(TypeError, match=r"^send: a message is one contiguous block of "):
+            ours.send(data)  # type: ignore[arg-type]
+        ours.send(b"next")  # nothing went out, and the channel is whole
+        assert theirs.recv() == b"next"
 
 
 def test_check_message_tells_to_encode_text() -> None:
