@@ -499,8 +499,10 @@ class Channel(ChannelFacts):
                 try:
                     deadline = self._wait(select.POLLOUT, deadline)
                 except OSError as exc:
+                    self._check_open()  # closed under us by another thread
                     raise translate(exc, "send", self._remote) from exc
             except OSError as exc:
+                self._check_open()  # closed under us: EPIPE or EBADF says nothing useful
                 raise translate(exc, "send", self._remote) from exc
 
     def _packet_out(
@@ -603,7 +605,11 @@ class Channel(ChannelFacts):
         if deadline is None:
             deadline = monotonic() + timeout
         poller = select.poll()
-        poller.register(self._sock, events)
+        try:
+            poller.register(self._sock, events)
+        except ValueError:  # fileno() is -1: another thread's close() came first
+            self._check_open()
+            raise
         while True:
             left = deadline - monotonic()
             if left <= 0:
@@ -1458,11 +1464,15 @@ class Channel(ChannelFacts):
         if self._owns_socket:
             # close() alone wakes nobody blocked on the socket. Only where a thread of ours
             # is blocked: shutdown() reaches every process that shares the socket (a fork).
-            reading, writing = self._rlock.locked(), self._wlock.locked()
-            if reading or writing:
-                how = socket.SHUT_RD if not writing else socket.SHUT_WR
+            # A writer waiting in poll() for room wakes only at SHUT_RDWR (POLLHUP): SHUT_WR
+            # leaves the socket as unwritable as it was (Linux, every socket type).
+            if self._wlock.locked():
+                how: int | None = socket.SHUT_RDWR
+            else:
+                how = socket.SHUT_RD if self._rlock.locked() else None
+            if how is not None:
                 try:
-                    self._sock.shutdown(socket.SHUT_RDWR if reading and writing else how)
+                    self._sock.shutdown(how)
                 except OSError:
                     pass
         # What the framing holds belongs to the reader: wait (briefly: it was just woken)

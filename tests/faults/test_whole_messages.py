@@ -15,6 +15,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -583,6 +584,70 @@ def test_close_wakes_a_thread_blocked_in_send() -> None:
         assert not thread.is_alive()
         assert isinstance(outcome[0], ConnectionClosed)
         assert "closed" in str(outcome[0])
+
+
+def _until_locked(lock: threading.Lock) -> None:
+    for _ in range(10_000):  # bounded: until the other thread is inside the call
+        if lock.locked():
+            return
+        threading.Event().wait(0.001)
+
+
+@pytest.mark.parametrize("timeout", [None, 60.0], ids=["blocking", "timeout"])
+@pytest.mark.parametrize("kind", ["seqpacket", "dgram"])
+def test_close_wakes_a_thread_blocked_sending_a_packet(kind: str, timeout: float | None) -> None:
+    # The sender waits for room (in send(), or in poll() with a timeout): close() must wake
+    # it at once, and it raises what a call on a closed channel raises, not the EPIPE or
+    # EBADF that the closed socket gave it.
+    left, right = udskit.pair(kind, sndbuf=64 * 1024, rcvbuf=64 * 1024)
+    with right:
+        left.settimeout(0)
+        for _ in range(10_000):  # bounded: until the socket is full
+            try:
+                left.send(b"x" * 4000)
+            except Timeout:
+                break
+        else:
+            pytest.fail("the socket never filled")
+        left.settimeout(timeout)
+        outcome: list[BaseException] = []
+
+        def sender() -> None:
+            try:
+                left.send(b"x" * 4000)  # the peer never reads
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=sender, daemon=True)  # a regression must not hang
+        thread.start()
+        _until_locked(left._wlock)
+        left.close()
+        thread.join(WAIT)  # well within the send's timeout: close() woke it
+        assert not thread.is_alive()
+        assert isinstance(outcome[0], ConnectionClosed)
+        assert "this channel is closed" in str(outcome[0])
+
+
+class _ClosedWhenFull(ScriptedSocket):
+    """Finds the socket full, and meanwhile another thread has closed the channel: close()
+    is done before the sender begins to wait for room."""
+
+    channel: Channel
+
+    def sendmsg(self, *args: Any, **kwargs: Any) -> int:  # type: ignore[override]
+        self.channel.close()
+        raise BlockingIOError(errno.EAGAIN, "full")
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_SEQPACKET])
+def test_a_send_that_finds_its_channel_closed_before_it_waits_says_so(kind: int) -> None:
+    raw, other = socket.socketpair(socket.AF_UNIX, kind)
+    sock = _ClosedWhenFull(raw, [])
+    with other:
+        sock.channel = channel = Channel(sock)
+        channel.settimeout(WAIT)
+        with pytest.raises(ConnectionClosed, match="this channel is closed"):
+            channel.send(b"x" * 100)
 
 
 def test_close_racing_readers_leaks_no_descriptor(no_fd_leak: None) -> None:
