@@ -811,7 +811,10 @@ class Channel(ChannelFacts):
                         return self._sock.recv_into(views[0]), _NO_CONTROL, 0, None
                     return self._sock.recvmsg_into(views, self._ancsize, RECV_FLAGS)
                 except BlockingIOError:
-                    continue  # another process took what woke us
+                    # Another process took what woke us; or close() did: a shut-down
+                    # datagram socket polls readable and still yields EAGAIN (Linux).
+                    self._check_open()
+                    continue
         except OSError as error:
             self._check_open()  # close() in another thread: EBADF says nothing useful
             raise translate(error, "recv", self._remote) from error

@@ -650,6 +650,38 @@ def test_a_send_that_finds_its_channel_closed_before_it_waits_says_so(kind: int)
             channel.send(b"x" * 100)
 
 
+@pytest.mark.parametrize("kind", ["stream", "seqpacket", "dgram"])
+def test_close_wakes_a_thread_waiting_to_receive_within_a_timeout(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With a timeout the reader waits in poll(). A shut-down datagram socket is readable but
+    # yields EAGAIN: the reader must see that the channel is closed, not poll again (it
+    # spun until close() gave up waiting for it and closed the socket under it).
+    monkeypatch.setattr(udskit.channel, "CLOSE_READER_WAIT", 3600.0)
+    left, right = udskit.pair(kind)
+    with right:
+        left.settimeout(60.0)
+        outcome: list[BaseException] = []
+
+        def reader() -> None:
+            try:
+                left.recv()
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=reader, daemon=True)  # a regression must not hang
+        thread.start()
+        _until_locked(left._rlock)
+        closer = threading.Thread(target=left.close, daemon=True)
+        closer.start()
+        closer.join(WAIT)
+        thread.join(WAIT)
+        assert not closer.is_alive()
+        assert not thread.is_alive()
+        assert isinstance(outcome[0], ConnectionClosed)
+        assert "this channel is closed" in str(outcome[0])
+
+
 def test_close_racing_readers_leaks_no_descriptor(no_fd_leak: None) -> None:
     r, w = os.pipe()
     try:
