@@ -354,7 +354,11 @@ class DatagramListener(_Endpoint):
                 if isinstance(exc, BlockingIOError) and self._wait_readable():
                     continue  # see _wait_readable
                 raise translate(exc, "recv", self.address) from exc
-            if self._closed:  # close() in another thread woke us with an empty read
+            if self._closed:  # close() in another thread woke us, or came as this arrived
+                try:
+                    close_fds(unpack(ancdata, flags, self.address).fds)
+                except ProtocolError:
+                    pass  # unpack closed what came
                 raise ConnectionClosed(f"listener on {self.address} is closed")
             where = sender_address(sender) or "an unbound sender"
             policy = self.policy

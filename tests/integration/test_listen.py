@@ -237,6 +237,41 @@ def test_datagram_session_closes_descriptors_nobody_read(path: Path) -> None:
             os.close(write_end)
 
 
+class _ClosedAfterRead(socket.socket):
+    """A listener's socket whose read returns a datagram just as another thread closes the
+    listener."""
+
+    listener: DatagramListener
+
+    def recvmsg_into(
+        self, *args: object, **kwargs: object
+    ) -> tuple[int, list[tuple[int, int, bytes]], int, object]:  # type: ignore[override]
+        got = super().recvmsg_into(*args, **kwargs)  # type: ignore[arg-type]
+        self.listener.close()
+        return got
+
+
+def test_a_datagram_read_as_the_listener_closes_leaves_no_descriptor(path: Path) -> None:
+    with (
+        udskit.listen(path, type="dgram") as listener,
+        udskit.connect(path, type="dgram") as client,
+    ):
+        real = listener._sock
+        sock = _ClosedAfterRead(real.family, real.type, fileno=real.detach())
+        sock.listener = listener
+        listener._sock = sock  # type: ignore[misc]
+        read_end, write_end = os.pipe()
+        try:
+            before = open_fds()
+            client.send_fds(b"with fds", [read_end, write_end])
+            with pytest.raises(ConnectionClosed, match="is closed"):
+                listener.recv()
+            assert not open_fds() - before  # (the listener's own are gone)
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+
+
 # -- options and owners ---------------------------------------------------------------------
 
 
