@@ -780,6 +780,11 @@ class Channel(ChannelFacts):
         except OSError as exc:
             got = self._read_failed(exc, views)
         if not got[0] and self._closed:
+            if got[1]:  # an empty datagram may bring descriptors: nobody will take them
+                try:
+                    close_fds(unpack(got[1], got[2], self._where()).fds)
+                except ProtocolError:
+                    pass  # unpack closed what came
             self._check_open()
         return got
 

@@ -682,6 +682,37 @@ def test_close_wakes_a_thread_waiting_to_receive_within_a_timeout(
         assert "this channel is closed" in str(outcome[0])
 
 
+class _ClosedAsItArrives(ScriptedSocket):
+    """Brings a datagram just as another thread's close() runs (and, not to wait here for
+    ever, gives up waiting for this reader at once)."""
+
+    channel: Channel
+
+    def recvmsg_into(self, *args: Any, **kwargs: Any) -> Any:
+        got = super().recvmsg_into(*args, **kwargs)
+        self.channel.close()
+        return got
+
+
+def test_an_empty_datagram_read_as_the_channel_closes_leaves_no_descriptor(
+    monkeypatch: pytest.MonkeyPatch, no_fd_leak: None
+) -> None:
+    monkeypatch.setattr(udskit.channel, "CLOSE_READER_WAIT", 0.001)
+    raw, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock = _ClosedAsItArrives(raw, [])
+    read_end, write_end = os.pipe()
+    try:
+        sock.channel = channel = Channel(sock)
+        rights = array.array("i", [read_end]).tobytes()
+        other.sendmsg([b""], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+        with pytest.raises(ConnectionClosed, match="this channel is closed"):
+            channel.recv()
+    finally:
+        other.close()
+        os.close(read_end)
+        os.close(write_end)
+
+
 def test_close_racing_readers_leaks_no_descriptor(no_fd_leak: None) -> None:
     r, w = os.pipe()
     try:
