@@ -352,7 +352,10 @@ class Channel(ChannelFacts):
 
     def settimeout(self, timeout: float | None) -> None:
         """Seconds to wait in send/recv before raising ``Timeout`` (None: wait forever)."""
-        self._timeout = check_timeout(timeout)
+        timeout = check_timeout(timeout)
+        if self._closed:
+            self._check_open()
+        self._timeout = timeout
         # With a timeout the socket is non-blocking and a call that finds nothing to do
         # waits in poll() (``_wait``): the call is tried first, so the common case costs one
         # system call. (A socket's own timeout polls before every call: two.) Skipped when
@@ -360,7 +363,11 @@ class Channel(ChannelFacts):
         # that is not ours: a datagram session must not change its listener's mode.
         mode = None if self._timeout is None else 0.0
         if self._owns_socket and self._sock.gettimeout() != mode:
-            self._sock.setblocking(mode is None)
+            try:
+                self._sock.setblocking(mode is None)
+            except OSError:
+                self._check_open()  # closed by another thread meanwhile: EBADF
+                raise
 
     def gettimeout(self) -> float | None:
         """The timeout set by ``settimeout`` (or ``connect(timeout=)``)."""
