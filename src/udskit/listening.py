@@ -123,7 +123,13 @@ class _Endpoint:
 
     def settimeout(self, timeout: float | None) -> None:
         """Seconds accept()/recv() wait before raising ``Timeout`` (None: forever)."""
-        self._sock.settimeout(check_timeout(timeout))
+        timeout = check_timeout(timeout)
+        self._check_open()
+        try:
+            self._sock.settimeout(timeout)
+        except OSError:
+            self._check_open()  # closed by another thread meanwhile: EBADF
+            raise
 
     def remove_file(self) -> None:
         """Remove the socket file now (only if it is still ours); the socket stays open until

@@ -237,6 +237,17 @@ def test_datagram_session_closes_descriptors_nobody_read(path: Path) -> None:
             os.close(write_end)
 
 
+@pytest.mark.parametrize("timeout", [None, 5.0])
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+def test_settimeout_on_a_closed_listener_says_it_is_closed(
+    path: Path, kind: str, timeout: float | None
+) -> None:
+    listener = udskit.listen(path, type=kind)
+    listener.close()
+    with pytest.raises(ConnectionClosed, match="is closed"):
+        listener.settimeout(timeout)  # not the closed socket's EBADF
+
+
 class _ClosedAfterRead(socket.socket):
     """A listener's socket whose read returns a datagram just as another thread closes the
     listener."""
