@@ -398,6 +398,7 @@ class DatagramListener(_Endpoint):
             with sun_path(target) as where:
                 self._sock.sendmsg([data], ancillary, socket.MSG_NOSIGNAL, where)
         except OSError as exc:
+            self._check_open()  # closed by another thread meanwhile: EBADF says nothing
             raise translate(exc, "send", target) from exc
 
     def session(self, datagram: Datagram) -> Channel:

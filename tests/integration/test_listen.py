@@ -9,6 +9,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -246,6 +247,31 @@ def test_settimeout_on_a_closed_listener_says_it_is_closed(
     listener.close()
     with pytest.raises(ConnectionClosed, match="is closed"):
         listener.settimeout(timeout)  # not the closed socket's EBADF
+
+
+class _ClosedBeforeSend(socket.socket):
+    """A listener's socket that another thread closes just before a reply goes out."""
+
+    listener: DatagramListener
+
+    def sendmsg(self, *args: Any, **kwargs: Any) -> int:  # type: ignore[override]
+        self.listener.close()
+        return super().sendmsg(*args, **kwargs)
+
+
+def test_a_reply_from_a_listener_closed_meanwhile_says_it_is_closed(path: Path) -> None:
+    with (
+        udskit.listen(path, type="dgram") as listener,
+        udskit.connect(path, type="dgram", bind=path.with_name("client.sock")) as client,
+    ):
+        real = listener._sock
+        sock = _ClosedBeforeSend(real.family, real.type, fileno=real.detach())
+        sock.listener = listener
+        listener._sock = sock  # type: ignore[misc]
+        client.send(b"ping")
+        datagram = listener.recv()
+        with pytest.raises(ConnectionClosed, match="is closed"):
+            listener.send_to(datagram.sender, b"pong")  # not the closed socket's EBADF
 
 
 class _ClosedAfterRead(socket.socket):
