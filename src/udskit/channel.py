@@ -1465,6 +1465,7 @@ class Channel(ChannelFacts):
         try:
             self._sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
+            self._check_open()  # closed by another thread meanwhile: EBADF says nothing
             raise translate(exc, "send", self._remote) from exc
 
     def close(self) -> None:

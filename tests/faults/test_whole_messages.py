@@ -650,6 +650,25 @@ def test_a_send_that_finds_its_channel_closed_before_it_waits_says_so(kind: int)
             channel.send(b"x" * 100)
 
 
+class _ClosedBeforeShutdown(ScriptedSocket):
+    """Another thread closes the channel just before shutdown_write() reaches the socket."""
+
+    channel: Channel
+
+    def shutdown(self, how: int) -> None:
+        self.channel.close()
+        super().shutdown(how)
+
+
+def test_a_half_close_that_finds_its_channel_closed_says_so() -> None:
+    raw, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _ClosedBeforeShutdown(raw, [])
+    with other:
+        sock.channel = channel = Channel(sock)
+        with pytest.raises(ConnectionClosed, match="this channel is closed"):
+            channel.shutdown_write()  # not the closed socket's EBADF
+
+
 @pytest.mark.parametrize("kind", ["stream", "seqpacket", "dgram"])
 def test_close_wakes_a_thread_waiting_to_receive_within_a_timeout(
     kind: str, monkeypatch: pytest.MonkeyPatch
