@@ -266,6 +266,25 @@ def test_a_body_that_contradicts_its_given_length_is_refused(sink: udskit.Addres
         http.request(sink, "/sink", method="PUT", body=b"abc", headers=[("Content-Length", "9")])
 
 
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("str", r"not str \(encode the text\)"),
+        ("text file", r"binary mode \('rb'\), not in text mode"),
+        ("int", "not int"),
+    ],
+)
+def test_a_body_of_the_wrong_type_is_refused_before_connecting(
+    sockdir: Path, kind: str, message: str
+) -> None:
+    # Nothing listens there: an error raised after connecting would be ConnectError.
+    (sockdir / "text.txt").write_text("name=tap")
+    with (sockdir / "text.txt").open() as text:
+        body = {"str": "name=tap", "text file": text, "int": 42}[kind]
+        with pytest.raises(TypeError, match=message):
+            http.request(sockdir / "nobody.sock", "/form", method="POST", body=body)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("name", ["timeout", "max_time"])
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])
 def test_seconds_must_be_positive(sink: udskit.Address, name: str, bad: float) -> None:

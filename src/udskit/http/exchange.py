@@ -162,7 +162,8 @@ def open_exchange(
     ConnectionClosed, ProtocolError (not HTTP, or a response head over
     :data:`~udskit.http.duplex.MAX_RESPONSE_HEAD` bytes); ValueError for a request h11
     refuses to send (a malformed header or target), or a ``timeout`` or ``max_time`` that
-    is not a positive number.
+    is not a positive number; TypeError for a ``body`` that is neither bytes-like nor a
+    file opened in binary mode. Those are raised before connecting.
     """
     where = Address.parse(address)
     for name, seconds in (("timeout", timeout), ("max_time", max_time)):
