@@ -4,6 +4,7 @@ deadline stops, a head too large; and uploads streamed from files and pipes."""
 
 from __future__ import annotations
 
+import array
 import hashlib
 import io
 import json
@@ -247,7 +248,17 @@ def test_a_file_that_shrinks_while_sent_is_an_error(sink: udskit.Address, sockdi
         http.request(sink, "/sink", method="PUT", body=f)
 
 
-@pytest.mark.parametrize("body", [b"name=tap", bytearray(b"x" * 4000), memoryview(b"")])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"name=tap",
+        bytearray(b"x" * 4000),
+        memoryview(b""),
+        memoryview(array.array("i", range(100))),  # 400 bytes, len() 100
+        memoryview(b"0123456789")[::2],  # strided: no cast("B"), so copied
+    ],
+    ids=["bytes", "bytearray", "empty", "ints", "strided"],
+)
 def test_a_body_in_memory_goes_out_with_the_head_in_one_write(
     sockdir: Path, body: bytes | bytearray | memoryview
 ) -> None:
@@ -257,7 +268,7 @@ def test_a_body_in_memory_goes_out_with_the_head_in_one_write(
         seen = http.request(address, "/form", method="POST", body=body).body
     head, _, rest = seen.partition(b"\r\n\r\n")
     assert head.startswith(b"POST /form HTTP/1.1\r\n")
-    assert b"content-length: %d" % len(body) in head.lower()
+    assert b"content-length: %d" % len(bytes(body)) in head.lower()
     assert rest == bytes(body)
 
 

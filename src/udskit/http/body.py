@@ -61,7 +61,9 @@ def body_chunks(body: RequestBody, length: int | None) -> Iterator[bytes]:
     size was taken raises ProtocolError (the Content-Length already sent would be a lie);
     one that has grown is sent up to its old size."""
     if isinstance(body, (bytes, bytearray, memoryview)):
-        view = memoryview(body).cast("B")
+        view = memoryview(body)
+        # Bytes, whatever the format; a strided view (which cannot be cast) as a copy.
+        view = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
         for start in range(0, len(view), BODY_CHUNK):
             yield bytes(view[start : start + BODY_CHUNK])
         return
