@@ -19,6 +19,7 @@ import pytest
 
 import udskit
 from udskit import http
+from udskit.http.body import BODY_CHUNK
 
 from ..conftest import READY_TIMEOUT
 from .cli import run_udskit, udskit_command
@@ -275,6 +276,27 @@ def test_a_body_in_memory_goes_out_with_the_head_in_one_write(
 def test_a_body_that_contradicts_its_given_length_is_refused(sink: udskit.Address) -> None:
     with pytest.raises(ValueError, match="Too little data for declared Content-Length"):
         http.request(sink, "/sink", method="PUT", body=b"abc", headers=[("Content-Length", "9")])
+
+
+@pytest.mark.parametrize("size", [BODY_CHUNK + 1, 3 * BODY_CHUNK])
+@pytest.mark.parametrize("source", ["memory", "file"])
+def test_a_large_body_that_contradicts_its_given_length_is_refused_before_connecting(
+    sockdir: Path, size: int, source: str
+) -> None:
+    # Nothing listens there: an error raised after connecting would be ConnectError (and
+    # against a server, the head would have gone out alone).
+    (sockdir / "body.bin").write_bytes(bytes(size))
+    with (sockdir / "body.bin").open("rb") as f:
+        body = f if source == "file" else bytes(size)
+        for declared, much in ((size - 1, "much"), (size + 1, "little"), (5, "much")):
+            with pytest.raises(ValueError, match=f"Too {much} data for declared Content-Length"):
+                http.request(
+                    sockdir / "nobody.sock",
+                    "/sink",
+                    method="PUT",
+                    body=body,
+                    headers=[("Content-Length", str(declared))],
+                )
 
 
 @pytest.mark.parametrize(
