@@ -707,7 +707,12 @@ class Channel(ChannelFacts):
                 if framing is None:
                     return messages
                 while framing.buffered:
-                    message = framing.next_message()
+                    try:
+                        message = framing.next_message()
+                    except UdsError:
+                        # A frame over max_frame, a cut-off end: the framing raises it again
+                        # on the next call, after the messages before it are returned.
+                        break
                     if message is NEED_DATA or message is CLOSED:
                         break
                     messages.append(message)  # type: ignore[arg-type]
