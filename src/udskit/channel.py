@@ -352,7 +352,10 @@ class Channel(ChannelFacts):
 
     def settimeout(self, timeout: float | None) -> None:
         """Seconds to wait in send/recv before raising ``Timeout`` (None: wait forever)."""
-        self._timeout = check_timeout(timeout)
+        timeout = check_timeout(timeout)
+        if self._closed:
+            self._check_open()
+        self._timeout = timeout
         # With a timeout the socket is non-blocking and a call that finds nothing to do
         # waits in poll() (``_wait``): the call is tried first, so the common case costs one
         # system call. (A socket's own timeout polls before every call: two.) Skipped when
@@ -360,7 +363,11 @@ class Channel(ChannelFacts):
         # that is not ours: a datagram session must not change its listener's mode.
         mode = None if self._timeout is None else 0.0
         if self._owns_socket and self._sock.gettimeout() != mode:
-            self._sock.setblocking(mode is None)
+            try:
+                self._sock.setblocking(mode is None)
+            except OSError:
+                self._check_open()  # closed by another thread meanwhile: EBADF
+                raise
 
     def gettimeout(self) -> float | None:
         """The timeout set by ``settimeout`` (or ``connect(timeout=)``)."""
@@ -505,8 +512,10 @@ class Channel(ChannelFacts):
                 try:
                     deadline = self._wait(select.POLLOUT, deadline)
                 except OSError as exc:
+                    self._check_open()  # closed under us by another thread
                     raise translate(exc, "send", self._remote) from exc
             except OSError as exc:
+                self._check_open()  # closed under us: EPIPE or EBADF says nothing useful
                 raise translate(exc, "send", self._remote) from exc
 
     def _packet_out(
@@ -609,7 +618,11 @@ class Channel(ChannelFacts):
         if deadline is None:
             deadline = monotonic() + timeout
         poller = select.poll()
-        poller.register(self._sock, events)
+        try:
+            poller.register(self._sock, events)
+        except ValueError:  # fileno() is -1: another thread's close() came first
+            self._check_open()
+            raise
         while True:
             left = deadline - monotonic()
             if left <= 0:
@@ -700,7 +713,12 @@ class Channel(ChannelFacts):
                 if framing is None:
                     return messages
                 while framing.buffered:
-                    message = framing.next_message()
+                    try:
+                        message = framing.next_message()
+                    except UdsError:
+                        # A frame over max_frame, a cut-off end: the framing raises it again
+                        # on the next call, after the messages before it are returned.
+                        break
                     if message is NEED_DATA or message is CLOSED:
                         break
                     messages.append(message)  # type: ignore[arg-type]
@@ -780,6 +798,11 @@ class Channel(ChannelFacts):
         except OSError as exc:
             got = self._read_failed(exc, views)
         if not got[0] and self._closed:
+            if got[1]:  # an empty datagram may bring descriptors: nobody will take them
+                try:
+                    close_fds(unpack(got[1], got[2], self._where()).fds)
+                except ProtocolError:
+                    pass  # unpack closed what came
             self._check_open()
         return got
 
@@ -811,7 +834,10 @@ class Channel(ChannelFacts):
                         return self._sock.recv_into(views[0]), _NO_CONTROL, 0, None
                     return self._sock.recvmsg_into(views, self._ancsize, RECV_FLAGS)
                 except BlockingIOError:
-                    continue  # another process took what woke us
+                    # Another process took what woke us; or close() did: a shut-down
+                    # datagram socket polls readable and still yields EAGAIN (Linux).
+                    self._check_open()
+                    continue
         except OSError as error:
             self._check_open()  # close() in another thread: EBADF says nothing useful
             raise translate(error, "recv", self._remote) from error
@@ -1463,6 +1489,7 @@ class Channel(ChannelFacts):
         try:
             self._sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
+            self._check_open()  # closed by another thread meanwhile: EBADF says nothing
             raise translate(exc, "send", self._remote) from exc
 
     def close(self) -> None:
@@ -1477,11 +1504,15 @@ class Channel(ChannelFacts):
         if self._owns_socket:
             # close() alone wakes nobody blocked on the socket. Only where a thread of ours
             # is blocked: shutdown() reaches every process that shares the socket (a fork).
-            reading, writing = self._rlock.locked(), self._wlock.locked()
-            if reading or writing:
-                how = socket.SHUT_RD if not writing else socket.SHUT_WR
+            # A writer waiting in poll() for room wakes only at SHUT_RDWR (POLLHUP): SHUT_WR
+            # leaves the socket as unwritable as it was (Linux, every socket type).
+            if self._wlock.locked():
+                how: int | None = socket.SHUT_RDWR
+            else:
+                how = socket.SHUT_RD if self._rlock.locked() else None
+            if how is not None:
                 try:
-                    self._sock.shutdown(socket.SHUT_RDWR if reading and writing else how)
+                    self._sock.shutdown(how)
                 except OSError:
                     pass
         # What the framing holds belongs to the reader: wait (briefly: it was just woken)

@@ -123,7 +123,13 @@ class _Endpoint:
 
     def settimeout(self, timeout: float | None) -> None:
         """Seconds accept()/recv() wait before raising ``Timeout`` (None: forever)."""
-        self._sock.settimeout(check_timeout(timeout))
+        timeout = check_timeout(timeout)
+        self._check_open()
+        try:
+            self._sock.settimeout(timeout)
+        except OSError:
+            self._check_open()  # closed by another thread meanwhile: EBADF
+            raise
 
     def remove_file(self) -> None:
         """Remove the socket file now (only if it is still ours); the socket stays open until
@@ -354,7 +360,11 @@ class DatagramListener(_Endpoint):
                 if isinstance(exc, BlockingIOError) and self._wait_readable():
                     continue  # see _wait_readable
                 raise translate(exc, "recv", self.address) from exc
-            if self._closed:  # close() in another thread woke us with an empty read
+            if self._closed:  # close() in another thread woke us, or came as this arrived
+                try:
+                    close_fds(unpack(ancdata, flags, self.address).fds)
+                except ProtocolError:
+                    pass  # unpack closed what came
                 raise ConnectionClosed(f"listener on {self.address} is closed")
             where = sender_address(sender) or "an unbound sender"
             policy = self.policy
@@ -388,11 +398,15 @@ class DatagramListener(_Endpoint):
             with sun_path(target) as where:
                 self._sock.sendmsg([data], ancillary, socket.MSG_NOSIGNAL, where)
         except OSError as exc:
+            self._check_open()  # closed by another thread meanwhile: EBADF says nothing
             raise translate(exc, "send", target) from exc
 
     def session(self, datagram: Datagram) -> Channel:
         """A Channel view of one datagram: ``recv()`` returns it, ``send()`` replies to its
-        sender. This lets one handler serve stream, seqpacket and datagram alike."""
+        sender. This lets one handler serve stream, seqpacket and datagram alike.
+
+        The datagram's descriptors pass to the session: ``recv_fds()`` hands them on, and
+        ``close()`` closes them if nobody took them; do not close ``datagram.fds`` too."""
         return Channel(
             self._sock,
             remote=datagram.sender,

@@ -315,6 +315,11 @@ class MessageServer(MessageServing):
                 SHUTDOWN_GRACE,
             )
         self._on_wake()  # what the workers handed over since: closes its descriptors
+        if not late:
+            # No worker will take a lane again (_worked hands a datagram lane that is
+            # still full back to the pool): what waits in them goes unhandled.
+            for key in list(self._inboxes):
+                self._drop_inbox(key)
         self._epoll.close()
         self._woken = True  # call_soon() no longer wakes anyone
         self._wakeup.close()  # nor does a later stop(), close() or late worker

@@ -4,6 +4,7 @@ deadline stops, a head too large; and uploads streamed from files and pipes."""
 
 from __future__ import annotations
 
+import array
 import hashlib
 import io
 import json
@@ -18,6 +19,7 @@ import pytest
 
 import udskit
 from udskit import http
+from udskit.http.body import BODY_CHUNK
 
 from ..conftest import READY_TIMEOUT
 from .cli import run_udskit, udskit_command
@@ -247,7 +249,17 @@ def test_a_file_that_shrinks_while_sent_is_an_error(sink: udskit.Address, sockdi
         http.request(sink, "/sink", method="PUT", body=f)
 
 
-@pytest.mark.parametrize("body", [b"name=tap", bytearray(b"x" * 4000), memoryview(b"")])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"name=tap",
+        bytearray(b"x" * 4000),
+        memoryview(b""),
+        memoryview(array.array("i", range(100))),  # 400 bytes, len() 100
+        memoryview(b"0123456789")[::2],  # strided: no cast("B"), so copied
+    ],
+    ids=["bytes", "bytearray", "empty", "ints", "strided"],
+)
 def test_a_body_in_memory_goes_out_with_the_head_in_one_write(
     sockdir: Path, body: bytes | bytearray | memoryview
 ) -> None:
@@ -257,13 +269,53 @@ def test_a_body_in_memory_goes_out_with_the_head_in_one_write(
         seen = http.request(address, "/form", method="POST", body=body).body
     head, _, rest = seen.partition(b"\r\n\r\n")
     assert head.startswith(b"POST /form HTTP/1.1\r\n")
-    assert b"content-length: %d" % len(body) in head.lower()
+    assert b"content-length: %d" % len(bytes(body)) in head.lower()
     assert rest == bytes(body)
 
 
 def test_a_body_that_contradicts_its_given_length_is_refused(sink: udskit.Address) -> None:
     with pytest.raises(ValueError, match="Too little data for declared Content-Length"):
         http.request(sink, "/sink", method="PUT", body=b"abc", headers=[("Content-Length", "9")])
+
+
+@pytest.mark.parametrize("size", [BODY_CHUNK + 1, 3 * BODY_CHUNK])
+@pytest.mark.parametrize("source", ["memory", "file"])
+def test_a_large_body_that_contradicts_its_given_length_is_refused_before_connecting(
+    sockdir: Path, size: int, source: str
+) -> None:
+    # Nothing listens there: an error raised after connecting would be ConnectError (and
+    # against a server, the head would have gone out alone).
+    (sockdir / "body.bin").write_bytes(bytes(size))
+    with (sockdir / "body.bin").open("rb") as f:
+        body = f if source == "file" else bytes(size)
+        for declared, much in ((size - 1, "much"), (size + 1, "little"), (5, "much")):
+            with pytest.raises(ValueError, match=f"Too {much} data for declared Content-Length"):
+                http.request(
+                    sockdir / "nobody.sock",
+                    "/sink",
+                    method="PUT",
+                    body=body,
+                    headers=[("Content-Length", str(declared))],
+                )
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("str", r"not str \(encode the text\)"),
+        ("text file", r"binary mode \('rb'\), not in text mode"),
+        ("int", "not int"),
+    ],
+)
+def test_a_body_of_the_wrong_type_is_refused_before_connecting(
+    sockdir: Path, kind: str, message: str
+) -> None:
+    # Nothing listens there: an error raised after connecting would be ConnectError.
+    (sockdir / "text.txt").write_text("name=tap")
+    with (sockdir / "text.txt").open() as text:
+        body = {"str": "name=tap", "text file": text, "int": 42}[kind]
+        with pytest.raises(TypeError, match=message):
+            http.request(sockdir / "nobody.sock", "/form", method="POST", body=body)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", ["timeout", "max_time"])

@@ -15,6 +15,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -583,6 +584,152 @@ def test_close_wakes_a_thread_blocked_in_send() -> None:
         assert not thread.is_alive()
         assert isinstance(outcome[0], ConnectionClosed)
         assert "closed" in str(outcome[0])
+
+
+def _until_locked(lock: threading.Lock) -> None:
+    for _ in range(10_000):  # bounded: until the other thread is inside the call
+        if lock.locked():
+            return
+        threading.Event().wait(0.001)
+
+
+@pytest.mark.parametrize("timeout", [None, 60.0], ids=["blocking", "timeout"])
+@pytest.mark.parametrize("kind", ["seqpacket", "dgram"])
+def test_close_wakes_a_thread_blocked_sending_a_packet(kind: str, timeout: float | None) -> None:
+    # The sender waits for room (in send(), or in poll() with a timeout): close() must wake
+    # it at once, and it raises what a call on a closed channel raises, not the EPIPE or
+    # EBADF that the closed socket gave it.
+    left, right = udskit.pair(kind, sndbuf=64 * 1024, rcvbuf=64 * 1024)
+    with right:
+        left.settimeout(0)
+        for _ in range(10_000):  # bounded: until the socket is full
+            try:
+                left.send(b"x" * 4000)
+            except Timeout:
+                break
+        else:
+            pytest.fail("the socket never filled")
+        left.settimeout(timeout)
+        outcome: list[BaseException] = []
+
+        def sender() -> None:
+            try:
+                left.send(b"x" * 4000)  # the peer never reads
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=sender, daemon=True)  # a regression must not hang
+        thread.start()
+        _until_locked(left._wlock)
+        left.close()
+        thread.join(WAIT)  # well within the send's timeout: close() woke it
+        assert not thread.is_alive()
+        assert isinstance(outcome[0], ConnectionClosed)
+        assert "this channel is closed" in str(outcome[0])
+
+
+class _ClosedWhenFull(ScriptedSocket):
+    """Finds the socket full, and meanwhile another thread has closed the channel: close()
+    is done before the sender begins to wait for room."""
+
+    channel: Channel
+
+    def sendmsg(self, *args: Any, **kwargs: Any) -> int:  # type: ignore[override]
+        self.channel.close()
+        raise BlockingIOError(errno.EAGAIN, "full")
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_SEQPACKET])
+def test_a_send_that_finds_its_channel_closed_before_it_waits_says_so(kind: int) -> None:
+    raw, other = socket.socketpair(socket.AF_UNIX, kind)
+    sock = _ClosedWhenFull(raw, [])
+    with other:
+        sock.channel = channel = Channel(sock)
+        channel.settimeout(WAIT)
+        with pytest.raises(ConnectionClosed, match="this channel is closed"):
+            channel.send(b"x" * 100)
+
+
+class _ClosedBeforeShutdown(ScriptedSocket):
+    """Another thread closes the channel just before shutdown_write() reaches the socket."""
+
+    channel: Channel
+
+    def shutdown(self, how: int) -> None:
+        self.channel.close()
+        super().shutdown(how)
+
+
+def test_a_half_close_that_finds_its_channel_closed_says_so() -> None:
+    raw, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _ClosedBeforeShutdown(raw, [])
+    with other:
+        sock.channel = channel = Channel(sock)
+        with pytest.raises(ConnectionClosed, match="this channel is closed"):
+            channel.shutdown_write()  # not the closed socket's EBADF
+
+
+@pytest.mark.parametrize("kind", ["stream", "seqpacket", "dgram"])
+def test_close_wakes_a_thread_waiting_to_receive_within_a_timeout(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With a timeout the reader waits in poll(). A shut-down datagram socket is readable but
+    # yields EAGAIN: the reader must see that the channel is closed, not poll again (it
+    # spun until close() gave up waiting for it and closed the socket under it).
+    monkeypatch.setattr(udskit.channel, "CLOSE_READER_WAIT", 3600.0)
+    left, right = udskit.pair(kind)
+    with right:
+        left.settimeout(60.0)
+        outcome: list[BaseException] = []
+
+        def reader() -> None:
+            try:
+                left.recv()
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=reader, daemon=True)  # a regression must not hang
+        thread.start()
+        _until_locked(left._rlock)
+        closer = threading.Thread(target=left.close, daemon=True)
+        closer.start()
+        closer.join(WAIT)
+        thread.join(WAIT)
+        assert not closer.is_alive()
+        assert not thread.is_alive()
+        assert isinstance(outcome[0], ConnectionClosed)
+        assert "this channel is closed" in str(outcome[0])
+
+
+class _ClosedAsItArrives(ScriptedSocket):
+    """Brings a datagram just as another thread's close() runs (and, not to wait here for
+    ever, gives up waiting for this reader at once)."""
+
+    channel: Channel
+
+    def recvmsg_into(self, *args: Any, **kwargs: Any) -> Any:
+        got = super().recvmsg_into(*args, **kwargs)
+        self.channel.close()
+        return got
+
+
+def test_an_empty_datagram_read_as_the_channel_closes_leaves_no_descriptor(
+    monkeypatch: pytest.MonkeyPatch, no_fd_leak: None
+) -> None:
+    monkeypatch.setattr(udskit.channel, "CLOSE_READER_WAIT", 0.001)
+    raw, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock = _ClosedAsItArrives(raw, [])
+    read_end, write_end = os.pipe()
+    try:
+        sock.channel = channel = Channel(sock)
+        rights = array.array("i", [read_end]).tobytes()
+        other.sendmsg([b""], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+        with pytest.raises(ConnectionClosed, match="this channel is closed"):
+            channel.recv()
+    finally:
+        other.close()
+        os.close(read_end)
+        os.close(write_end)
 
 
 def test_close_racing_readers_leaks_no_descriptor(no_fd_leak: None) -> None:

@@ -64,6 +64,19 @@ def test_settimeout_refuses_negative_values() -> None:
         ours.settimeout(-0.5)
 
 
+@pytest.mark.parametrize("timeout", [None, 0.0, 5.0])
+@pytest.mark.parametrize("kind", ["stream", "seqpacket", "dgram"])
+def test_settimeout_on_a_closed_channel_says_it_is_closed(kind: str, timeout: float | None) -> None:
+    # As every other call does (another thread may close the channel as this is called),
+    # never the closed socket's EBADF, nor success one time in three.
+    ours, theirs = udskit.pair(kind)
+    with theirs:
+        ours.settimeout(1.0)
+        ours.close()
+        with pytest.raises(ConnectionClosed, match="this channel is closed"):
+            ours.settimeout(timeout)
+
+
 def test_zero_timeout_means_do_not_wait() -> None:
     ours, theirs = udskit.pair("seqpacket")
     with ours, theirs:

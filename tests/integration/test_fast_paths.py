@@ -256,3 +256,20 @@ def test_recv_many_keeps_whole_messages_when_the_peer_left_one_half_sent() -> No
         assert _receive_all(right, 2) == [b"a", b"b"]
         with pytest.raises(udskit.ConnectionClosed, match="mid-message"):
             right.recv_many()
+
+
+@pytest.mark.parametrize("framing", ["length", "lines"])
+def test_recv_many_returns_the_messages_before_a_frame_over_the_limit(framing: str) -> None:
+    # One read brings two whole messages and a frame over max_frame: the two are
+    # returned, as recv() would return them, and the next call raises.
+    raw_left, raw_right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    right = udskit.Channel(raw_right, framing=framing, max_frame=100)
+    with raw_left, right:
+        if framing == "length":
+            frames = LengthPrefixed()
+            raw_left.sendall(frames.frame(b"a") + frames.frame(b"b") + HEADER.pack(5000))
+        else:
+            raw_left.sendall(b"a\nb\n" + b"x" * 200)
+        assert right.recv_many() == [b"a", b"b"]
+        with pytest.raises(udskit.FrameTooLarge):
+            right.recv_many()

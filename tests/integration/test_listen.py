@@ -9,6 +9,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -232,6 +233,77 @@ def test_datagram_session_closes_descriptors_nobody_read(path: Path) -> None:
             with listener.session(datagram):
                 pass  # a handler that ignores the message
             assert open_fds() == before
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+
+
+@pytest.mark.parametrize("timeout", [None, 5.0])
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+def test_settimeout_on_a_closed_listener_says_it_is_closed(
+    path: Path, kind: str, timeout: float | None
+) -> None:
+    listener = udskit.listen(path, type=kind)
+    listener.close()
+    with pytest.raises(ConnectionClosed, match="is closed"):
+        listener.settimeout(timeout)  # not the closed socket's EBADF
+
+
+class _ClosedBeforeSend(socket.socket):
+    """A listener's socket that another thread closes just before a reply goes out."""
+
+    listener: DatagramListener
+
+    def sendmsg(self, *args: Any, **kwargs: Any) -> int:  # type: ignore[override]
+        self.listener.close()
+        return super().sendmsg(*args, **kwargs)
+
+
+def test_a_reply_from_a_listener_closed_meanwhile_says_it_is_closed(path: Path) -> None:
+    with (
+        udskit.listen(path, type="dgram") as listener,
+        udskit.connect(path, type="dgram", bind=path.with_name("client.sock")) as client,
+    ):
+        real = listener._sock
+        sock = _ClosedBeforeSend(real.family, real.type, fileno=real.detach())
+        sock.listener = listener
+        listener._sock = sock  # type: ignore[misc]
+        client.send(b"ping")
+        datagram = listener.recv()
+        with pytest.raises(ConnectionClosed, match="is closed"):
+            listener.send_to(datagram.sender, b"pong")  # not the closed socket's EBADF
+
+
+class _ClosedAfterRead(socket.socket):
+    """A listener's socket whose read returns a datagram just as another thread closes the
+    listener."""
+
+    listener: DatagramListener
+
+    def recvmsg_into(
+        self, *args: object, **kwargs: object
+    ) -> tuple[int, list[tuple[int, int, bytes]], int, object]:  # type: ignore[override]
+        got = super().recvmsg_into(*args, **kwargs)  # type: ignore[arg-type]
+        self.listener.close()
+        return got
+
+
+def test_a_datagram_read_as_the_listener_closes_leaves_no_descriptor(path: Path) -> None:
+    with (
+        udskit.listen(path, type="dgram") as listener,
+        udskit.connect(path, type="dgram") as client,
+    ):
+        real = listener._sock
+        sock = _ClosedAfterRead(real.family, real.type, fileno=real.detach())
+        sock.listener = listener
+        listener._sock = sock  # type: ignore[misc]
+        read_end, write_end = os.pipe()
+        try:
+            before = open_fds()
+            client.send_fds(b"with fds", [read_end, write_end])
+            with pytest.raises(ConnectionClosed, match="is closed"):
+                listener.recv()
+            assert not open_fds() - before  # (the listener's own are gone)
         finally:
             os.close(read_end)
             os.close(write_end)

@@ -1333,6 +1333,40 @@ def test_pooled_datagrams_leave_nothing_behind(path: Path) -> None:
         wait_until(lambda: not server._inboxes, "the pool's queues to be forgotten")
 
 
+def test_datagrams_queued_for_a_busy_worker_at_stop_leave_no_descriptor(
+    path: Path, fd_check: None
+) -> None:
+    """Datagrams waiting in a worker's lane when the server stops are dropped with their
+    descriptors, even when that worker finishes only after the stop began."""
+    working = threading.Event()
+    release = threading.Event()
+
+    def handler(conn: Connection, message: bytes) -> None:
+        if message == b"slow":
+            working.set()
+            release.wait(PATIENCE)
+
+    r, w = os.pipe()
+    try:
+        running = Running(path, handler, type="dgram", workers=1)
+        server = running.server
+        with running, running.client() as client:
+            client.send(b"slow")
+            assert working.wait(PATIENCE)
+            client.send_fds(b"queued", [r, w])
+            client.send_fds(b"queued", [r, w])
+            wait_until(lambda: sum(map(len, server._inboxes.values())) == 2, "two datagrams queued")
+            server.stop()
+            # The worker ends only once the stop has handed it its end (then nothing
+            # takes the lane any more).
+            wait_until(lambda: server._pool.qsize() == 1, "the stop to reach the workers")
+            release.set()
+    finally:
+        release.set()
+        os.close(r)
+        os.close(w)
+
+
 @pytest.mark.parametrize("kind", CONNECTED)
 def test_messages_after_close_are_not_handled(
     path: Path, kind: str, caplog: pytest.LogCaptureFixture

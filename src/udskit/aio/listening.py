@@ -328,7 +328,10 @@ class DatagramListener(_Endpoint[Datagram]):
 
     def session(self, datagram: Datagram) -> Channel:
         """A Channel view of one datagram: ``recv()`` returns it, ``send()`` replies to its
-        sender. This lets one handler serve stream, seqpacket and datagram alike."""
+        sender. This lets one handler serve stream, seqpacket and datagram alike.
+
+        The datagram's descriptors pass to the session: ``recv_fds()`` hands them on, and
+        ``close()`` closes them if nobody took them; do not close ``datagram.fds`` too."""
         return Channel(
             self._inner.socket,
             remote=datagram.sender,

@@ -29,9 +29,18 @@ RequestBody: TypeAlias = bytes | bytearray | memoryview | BinaryIO
 
 def body_length(body: RequestBody) -> int | None:
     """The number of bytes ``body`` will send, or None when only reading it to the end
-    can tell (a pipe, a socket, a file object without a descriptor)."""
+    can tell (a pipe, a socket, a file object without a descriptor). TypeError for a body
+    that is neither bytes-like nor a binary file: found now, before anything is sent."""
     if isinstance(body, (bytes, bytearray, memoryview)):
         return memoryview(body).nbytes
+    given: object = body  # what a caller may pass, whatever the annotation says
+    if isinstance(given, io.TextIOBase):
+        raise TypeError("body must be a file opened in binary mode ('rb'), not in text mode")
+    if isinstance(given, str) or not callable(getattr(given, "read", None)):
+        raise TypeError(
+            "body must be bytes, bytearray, memoryview or a file opened in binary mode, "
+            f"not {type(given).__name__}" + (" (encode the text)" if isinstance(given, str) else "")
+        )
     try:
         fd = body.fileno()
         info = os.fstat(fd)
@@ -52,7 +61,9 @@ def body_chunks(body: RequestBody, length: int | None) -> Iterator[bytes]:
     size was taken raises ProtocolError (the Content-Length already sent would be a lie);
     one that has grown is sent up to its old size."""
     if isinstance(body, (bytes, bytearray, memoryview)):
-        view = memoryview(body).cast("B")
+        view = memoryview(body)
+        # Bytes, whatever the format; a strided view (which cannot be cast) as a copy.
+        view = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
         for start in range(0, len(view), BODY_CHUNK):
             yield bytes(view[start : start + BODY_CHUNK])
         return

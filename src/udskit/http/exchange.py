@@ -162,7 +162,8 @@ def open_exchange(
     ConnectionClosed, ProtocolError (not HTTP, or a response head over
     :data:`~udskit.http.duplex.MAX_RESPONSE_HEAD` bytes); ValueError for a request h11
     refuses to send (a malformed header or target), or a ``timeout`` or ``max_time`` that
-    is not a positive number.
+    is not a positive number; TypeError for a ``body`` that is neither bytes-like nor a
+    file opened in binary mode. Those are raised before connecting.
     """
     where = Address.parse(address)
     for name, seconds in (("timeout", timeout), ("max_time", max_time)):
@@ -174,7 +175,9 @@ def open_exchange(
     length = body_length(body)
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
     try:
-        head = conn.send(_request_event(method, target, headers, length)) or b""
+        request = _request_event(method, target, headers, length)
+        _check_length(request, length)
+        head = conn.send(request) or b""
         if isinstance(body, (bytes, bytearray, memoryview)) and (length or 0) <= BODY_CHUNK:
             # Sent with the head in one write, as curl does: the server gets the request
             # whole, never a head whose body arrives after the answer (an app that does not
@@ -244,6 +247,21 @@ def _framed(conn: h11.Connection, body: RequestBody, length: int | None) -> Iter
         if wire:
             yield wire
     yield conn.send(h11.EndOfMessage()) or b""
+
+
+def _check_length(request: h11.Request, length: int | None) -> None:
+    """Refuse a given Content-Length that the body's known length contradicts, before
+    connecting: h11 finds it only as the body goes out, after the head has gone."""
+    names = {name for name, _ in request.headers}
+    if length is None or b"transfer-encoding" in names or b"content-length" not in names:
+        return
+    declared = int(next(value for name, value in request.headers if name == b"content-length"))
+    if declared != length:
+        much = "much" if length > declared else "little"
+        raise h11.LocalProtocolError(
+            f"Too {much} data for declared Content-Length: the body is {length} bytes, "
+            f"Content-Length says {declared}"
+        )
 
 
 def _first(timeout: float | None, max_time: float | None) -> float | None:
