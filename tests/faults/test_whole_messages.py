@@ -565,25 +565,9 @@ def test_send_many_broken_when_its_messages_fail_after_part_went_out() -> None:
 def test_close_wakes_a_thread_blocked_in_send() -> None:
     left, right = udskit.pair(sndbuf=64 * 1024, rcvbuf=64 * 1024)
     with right:
-        outcome: list[BaseException] = []
-
-        def sender() -> None:
-            try:
-                left.send(b"x" * 8_000_000)  # the peer never reads
-            except BaseException as exc:
-                outcome.append(exc)
-
-        thread = threading.Thread(target=sender, daemon=True)  # a regression must not hang
-        thread.start()
-        for _ in range(10_000):  # bounded: until the sender is inside send()
-            if left._wlock.locked():
-                break
-            threading.Event().wait(0.001)
-        left.close()
-        thread.join(WAIT)
-        assert not thread.is_alive()
-        assert isinstance(outcome[0], ConnectionClosed)
-        assert "closed" in str(outcome[0])
+        outcome = _closed_while_sending(left, b"x" * 8_000_000)  # the peer never reads
+        assert isinstance(outcome, ConnectionClosed)
+        assert "closed" in str(outcome)
 
 
 def _until_locked(lock: threading.Lock) -> None:
@@ -591,6 +575,26 @@ def _until_locked(lock: threading.Lock) -> None:
         if lock.locked():
             return
         threading.Event().wait(0.001)
+
+
+def _closed_while_sending(channel: Channel, data: bytes) -> BaseException | None:
+    """Close ``channel`` while another thread is inside ``send(data)``; what it raised."""
+    outcome: list[BaseException | None] = []
+
+    def sender() -> None:
+        try:
+            channel.send(data)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=sender, daemon=True)  # a regression must not hang
+    thread.start()
+    _until_locked(channel._wlock)
+    channel.close()
+    thread.join(WAIT)  # well within any send timeout: close() woke it
+    assert not thread.is_alive()
+    return outcome[0]
 
 
 @pytest.mark.parametrize("timeout", [None, 60.0], ids=["blocking", "timeout"])
@@ -610,22 +614,9 @@ def test_close_wakes_a_thread_blocked_sending_a_packet(kind: str, timeout: float
         else:
             pytest.fail("the socket never filled")
         left.settimeout(timeout)
-        outcome: list[BaseException] = []
-
-        def sender() -> None:
-            try:
-                left.send(b"x" * 4000)  # the peer never reads
-            except BaseException as exc:
-                outcome.append(exc)
-
-        thread = threading.Thread(target=sender, daemon=True)  # a regression must not hang
-        thread.start()
-        _until_locked(left._wlock)
-        left.close()
-        thread.join(WAIT)  # well within the send's timeout: close() woke it
-        assert not thread.is_alive()
-        assert isinstance(outcome[0], ConnectionClosed)
-        assert "this channel is closed" in str(outcome[0])
+        outcome = _closed_while_sending(left, b"x" * 4000)  # the peer never reads
+        assert isinstance(outcome, ConnectionClosed)
+        assert "this channel is closed" in str(outcome)
 
 
 class _ClosedWhenFull(ScriptedSocket):
