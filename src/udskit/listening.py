@@ -51,6 +51,7 @@ from .proto.shm import is_marker
 from .shm import offered
 from .sockfile import Claim, claim, probe
 from .translate import translate, translating
+from .wakeup import WakeUp
 
 __all__ = ["Datagram", "DatagramListener", "Listener", "listen"]
 
@@ -86,7 +87,18 @@ class _Owned(Protocol):
 class _Endpoint:
     """What the two listener kinds share: socket, address, claim, close, context manager."""
 
-    __slots__ = ("_claim", "_closed", "_owner_pid", "_shared", "_sock", "address", "policy")
+    __slots__ = (
+        "_claim",
+        "_closed",
+        "_owner_pid",
+        "_shared",
+        "_sock",
+        "_state",
+        "_waiters",
+        "_wakeup",
+        "address",
+        "policy",
+    )
 
     def __init__(
         self, sock: socket.socket, address: Address, claim: _Owned | None, policy: Policy | None
@@ -98,6 +110,11 @@ class _Endpoint:
         # A socket another process may hold too: inherited (fd:N, systemd keeps its copy)
         # or handed over. shutdown() would break it for them as well.
         self._shared = address.kind == "fd" or isinstance(claim, Upgrader)
+        # Without shutdown(), close() wakes a thread waiting on a shared socket through this
+        # pipe (made by the first such wait), closed by close() or the last waiter after it.
+        self._state = threading.Lock()
+        self._wakeup: WakeUp | None = None
+        self._waiters = 0
         self.address = address
         self.policy = policy
 
@@ -143,8 +160,8 @@ class _Endpoint:
         For a listener whose descriptor lives on in another process (systemd's descriptor
         store keeps it across a restart): the file stays the way in for that socket, and
         ``close()`` only closes this copy, without the ``shutdown()`` that would stop the
-        socket for every process (so a thread blocked in ``accept()`` here stays blocked:
-        stop such threads first).
+        socket for every process (a thread waiting in ``accept()`` or ``recv()`` here is
+        woken another way and raises ConnectionClosed).
         """
         self._shared = True  # close() shuts down only a socket this process alone holds
         if self._claim is not None:
@@ -153,9 +170,15 @@ class _Endpoint:
 
     def close(self) -> None:
         """Stop listening and remove the socket file (only if it is still ours)."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            wakeup, idle = self._wakeup, self._waiters == 0
+        if wakeup is not None:
+            wakeup.wake()
+            if idle:
+                wakeup.close()  # else the last waiter does, once it has stopped using it
         if self._claim is not None:
             self._claim.release()  # first, so no client connects to a closing socket
         if os.getpid() == self._owner_pid and not self._shared:
@@ -171,12 +194,39 @@ class _Endpoint:
     def _wait_readable(self) -> bool:
         """Wait until the socket is readable if this listener blocks (no timeout) but its
         descriptor does not: O_NONBLOCK belongs to the open socket, which a process it is
-        shared with (handed over, or inherited) may have set. False: it does not block."""
+        shared with (handed over, or inherited) may have set. False: it does not block.
+
+        On a shared socket it also waits for close(), which cannot wake a thread blocked
+        in accept()/recv() there with shutdown() (that would stop the other processes'
+        copies too): then it raises ConnectionClosed.
+        """
         if self._sock.gettimeout() is not None:
             return False
         poller = select.poll()
-        poller.register(self._sock, select.POLLIN)
-        poller.poll()
+        if not self._shared:
+            poller.register(self._sock, select.POLLIN)
+            poller.poll()
+            return True
+        with self._state:
+            self._check_open()
+            if self._wakeup is None:
+                self._wakeup = WakeUp()
+            wakeup = self._wakeup
+            self._waiters += 1
+        try:
+            poller.register(self._sock, select.POLLIN)
+            poller.register(wakeup.fd, select.POLLIN)
+            poller.poll()
+        except (OSError, ValueError):
+            self._check_open()  # closed meanwhile: the socket has no descriptor left
+            raise
+        finally:
+            with self._state:
+                self._waiters -= 1
+                last = self._closed and self._waiters == 0
+            if last:
+                wakeup.close()
+        self._check_open()
         return True
 
     def _check_open(self) -> None:
@@ -263,6 +313,8 @@ class Listener(_Endpoint):
         """Wait for the next client the policy allows; refused peers are closed and logged."""
         while True:
             self._check_open()
+            if self._shared:
+                self._wait_readable()  # close() cannot wake a blocked accept() here
             try:
                 conn, _ = self._sock.accept()
             except OSError as exc:
@@ -273,6 +325,9 @@ class Listener(_Endpoint):
                 if classify(exc) is AcceptVerdict.RETRY and not isinstance(exc, BlockingIOError):
                     continue  # the queued client is gone (see udskit.accepting): the next one
                 raise translate(exc, "accept", self.address) from exc  # EAGAIN: Timeout
+            if self._closed:  # close() came as this client arrived: no channel from it
+                conn.close()
+                raise ConnectionClosed(f"listener on {self.address} is closed")
             channel = self.admit(conn)
             if channel is not None:
                 return channel
@@ -350,6 +405,8 @@ class DatagramListener(_Endpoint):
     def _recv(self) -> Datagram:
         while True:
             self._check_open()
+            if self._shared:
+                self._wait_readable()  # close() cannot wake a blocked recvmsg() here
             try:
                 size, ancdata, flags, sender = self._sock.recvmsg_into(
                     [self._rview], self._ancsize, RECV_FLAGS
