@@ -183,7 +183,7 @@ class Interposed:
                         "file is back in place, stale (a udskit server started there reclaims it)"
                     )
                 if server_there and at_path is None:
-                    os.link(aside, name, src_dir_fd=directory.fd, dst_dir_fd=directory.fd)
+                    _link_held(self._held, directory, name)
                     _remove_if(directory, aside, self._server_id)
                     return f"restored {self.address} (it had been removed while tapped)"
                 if server_there:
@@ -208,6 +208,18 @@ class Interposed:
         """Close the descriptors (after :meth:`restore`)."""
         os.close(self._held)
         self._directory.close()
+
+
+def _link_held(held: int, directory: _Directory, name: bytes) -> None:
+    """Give ``name`` to the file we hold open, never to what its tapped name (which another
+    user may rename or replace, without the sticky bit) now leads to: linking that name
+    would follow a symlink planted there, or link the wrong file."""
+    os.link(
+        f"/proc/self/fd/{held}",
+        name,
+        dst_dir_fd=directory.fd,
+        follow_symlinks=True,  # the magic link to the very inode we hold
+    )
 
 
 def _same(info: os.stat_result | None, dev_ino: tuple[int, int]) -> bool:
@@ -472,7 +484,7 @@ def _restore_displaced(address: Address, directory: _Directory) -> str:
         alive = probe(f"/proc/self/fd/{held}").live
         at_path = directory.lstat()
         if at_path is None:
-            os.link(aside, directory.name, src_dir_fd=directory.fd, dst_dir_fd=directory.fd)
+            _link_held(held, directory, directory.name)
             _remove_if(directory, aside, (server.st_dev, server.st_ino))
             return _restored(address, alive)
         if not stat.S_ISSOCK(at_path.st_mode):

@@ -1,0 +1,87 @@
+"""nobody against root's ``udskit tap --restore``: the server's socket that a killed tap
+left at its tapped name goes back to the path as that very file, never as whatever nobody
+put at the tapped name after root looked at it."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+import udskit
+from udskit.address import Address
+from udskit.sockfile import Probe, probe
+from udskit.tap import interpose as interpose_module
+from udskit.tap.interpose import interpose, restore_displaced
+
+from ..integration.children import needs_root
+from .conftest import Arena, as_nobody
+
+pytestmark = [pytest.mark.root, needs_root, pytest.mark.usefixtures("no_fd_leak")]
+
+
+def test_restore_links_the_socket_it_checked_not_a_symlink_planted_after(
+    open_arena: Arena, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = open_arena.path
+    aside = path.with_name(".app.sock.udskit-tapped")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(os.fspath(aside))  # where a killed tap left the server's socket
+        server.listen(1)
+        inode = os.lstat(aside).st_ino
+
+        def plant() -> str:
+            os.rename(aside, path.with_name("taken.sock"))
+            os.symlink(open_arena.secret, aside)
+            return "planted"
+
+        def probe_then_plant(target: str | bytes) -> Probe:
+            found = probe(target)
+            assert as_nobody(plant) == "planted"  # right after root checked the tapped name
+            return found
+
+        monkeypatch.setattr(interpose_module, "probe", probe_then_plant)
+        report = restore_displaced(path)
+        assert os.lstat(path).st_ino == inode, "the path is not the server's socket"
+        assert report == f"restored {path}: its server answers there again"
+        assert os.readlink(aside) == os.fspath(open_arena.secret)  # nobody's, left alone
+        assert os.stat(open_arena.secret).st_nlink == 1
+        open_arena.secret_untouched()
+
+
+def test_a_running_tap_restores_the_socket_it_holds_not_a_symlink_planted_after(
+    open_arena: Arena, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = open_arena.path
+    aside = path.with_name(".app.sock.udskit-tapped")
+    with udskit.listen(path):
+        inode = os.lstat(path).st_ino
+        tapped = interpose(Address.parse(path), None)
+        try:
+
+            def remove() -> str:
+                os.unlink(path)  # the relay's file
+                return "removed"
+
+            assert as_nobody(remove) == "removed"
+
+            def plant() -> str:
+                os.rename(aside, path.with_name("taken.sock"))
+                os.symlink(open_arena.secret, aside)
+                return "planted"
+
+            def probe_then_plant(target: str | bytes) -> Probe:
+                found = probe(target)
+                assert as_nobody(plant) == "planted"  # right after the tap checked its names
+                return found
+
+            monkeypatch.setattr(interpose_module, "probe", probe_then_plant)
+            assert tapped.restore() == f"restored {path} (it had been removed while tapped)"
+            assert os.lstat(path).st_ino == inode, "the path is not the server's socket"
+            assert os.readlink(aside) == os.fspath(open_arena.secret)  # nobody's, left alone
+            open_arena.secret_untouched()
+            assert os.stat(open_arena.secret).st_nlink == 1
+        finally:
+            tapped.relay.close()
+            tapped.close()
