@@ -250,3 +250,39 @@ def test_another_users_socket_at_the_tapped_name_neither_blocks_nor_is_restored(
         os.kill(child, 9)
         os.waitpid(child, 0)
         os.close(read_end)
+
+
+@pytest.mark.root
+@needs_root
+@pytest.mark.parametrize("planted", ["file", "socket"])
+def test_another_users_file_at_the_tapped_name_is_named_not_taken_for_a_tap(
+    sockdir: Path, planted: str
+) -> None:
+    """Another user's file at the name a tap gives the server's socket (in a directory
+    anyone may write) blocks the tap, which says so: it is not taken for a running tap or
+    a killed one's leftover (whose advice, ``--restore``, would put that file at the path)."""
+    sockdir.chmod(0o1777)
+    path = sockdir / "app.sock"
+    aside = sockdir / ".app.sock.udskit-tapped"
+
+    def plant() -> str:
+        if planted == "file":
+            aside.write_bytes(b"nobody's")
+        else:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.bind(os.fspath(aside))
+        return "planted"
+
+    with server(path):
+        inode = os.lstat(path).st_ino
+        assert run_in_child(plant, as_user=NOBODY) == "planted"
+        kind = "regular file" if planted == "file" else "socket"
+        with pytest.raises(udskit.SocketFileError) as refused:
+            tap.start(path, lambda event: None)
+        assert str(refused.value) == (
+            f"cannot tap {path}: a {kind} of uid {NOBODY} is at {aside.name}, the name the tap "
+            "needs for the server's socket; remove it as its owner, or as root (udskit never "
+            "deletes what it did not create)"
+        )
+        assert os.lstat(path).st_ino == inode
+        assert os.lstat(aside).st_uid == NOBODY

@@ -274,7 +274,7 @@ def _interpose(address: Address, directory: _Directory, wanted: str | None) -> I
         info = os.fstat(held)
         _require_socket(address, info)
         aside = tapped_name(directory.name)
-        _check_not_tapped(address, directory, aside)
+        _check_not_tapped(address, directory, aside, info)
         found = _find_type(f"/proc/self/fd/{held}", wanted)
         if found.type is None:
             _refuse_unreachable(address, found, wanted, held)
@@ -314,10 +314,22 @@ def _refuse_unreachable(address: Address, found: _Found, wanted: str | None, hel
     )
 
 
-def _check_not_tapped(address: Address, directory: _Directory, aside: bytes) -> None:
+def _check_not_tapped(
+    address: Address, directory: _Directory, aside: bytes, server: os.stat_result
+) -> None:
     found = directory.lstat(aside)
     if found is None:
         return
+    if not stat.S_ISSOCK(found.st_mode) or found.st_uid != server.st_uid:
+        # Not a tap's: it keeps the server's socket there and puts a relay with the same
+        # owner at the path. Another user's file planted at the name (in a directory others
+        # may write), taken for a killed tap's, would be put at the path by --restore.
+        raise SocketFileError(
+            f"cannot tap {address}: a {kind_of(found.st_mode)} of uid {found.st_uid} is at "
+            f"{os.fsdecode(aside)}, the name the tap needs for the server's socket; remove it "
+            "as its owner, or as root (udskit never deletes what it did not create)",
+            errno=errno.EEXIST,
+        )
     at_path = probe(directory.sun_path(directory.name, directory.path))
     if at_path.live:
         who = f" (pid {at_path.cred.pid})" if at_path.cred is not None else ""
