@@ -10,12 +10,14 @@ import socket
 import pytest
 
 import udskit
+from udskit import SocketFileError
 from udskit.address import Address
+from udskit.inspect.tapped import tapped_finding, tapped_note
 from udskit.sockfile import Probe, probe
 from udskit.tap import interpose as interpose_module
 from udskit.tap.interpose import interpose, restore_displaced
 
-from ..integration.children import needs_root
+from ..integration.children import NOBODY, needs_root
 from .conftest import Arena, as_nobody
 
 pytestmark = [pytest.mark.root, needs_root, pytest.mark.usefixtures("no_fd_leak")]
@@ -85,3 +87,34 @@ def test_a_running_tap_restores_the_socket_it_holds_not_a_symlink_planted_after(
         finally:
             tapped.relay.close()
             tapped.close()
+
+
+def test_another_users_socket_at_the_tapped_name_is_not_restored_over_roots(
+    sticky_arena: Arena,
+) -> None:
+    """Like /tmp: nobody may plant a socket at the tapped name of root's path. Once root's
+    server has stopped, its stale socket at the path is no killed tap's relay (which has the
+    server's owner): doctor does not say so, and a restore does not put nobody's socket there."""
+    path = sticky_arena.path
+    aside = path.with_name(".app.sock.udskit-tapped")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+        stale.bind(os.fspath(path))  # root's server, stopped
+    inode = os.lstat(path).st_ino
+
+    def plant() -> str:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.bind(os.fspath(aside))
+        return "planted"
+
+    assert as_nobody(plant) == "planted"
+    assert tapped_finding(os.fsencode(path)) is None
+    assert tapped_note(os.fspath(path)) == ""
+    with pytest.raises(SocketFileError) as refused:
+        restore_displaced(path)
+    assert str(refused.value) == (
+        f"cannot restore {path}: {aside.name} belongs to uid {NOBODY} and {path} to uid 0, "
+        "so no tap moved it aside; remove it as its owner, or as root (udskit never deletes "
+        "what it did not create)"
+    )
+    assert os.lstat(path).st_ino == inode
+    assert os.lstat(aside).st_uid == NOBODY

@@ -24,6 +24,11 @@ def _state(path: bytes) -> tuple[str, bool] | None:
     if not stat.S_ISSOCK(info.st_mode):
         return None
     try:
+        if os.lstat(path).st_uid != info.st_uid:
+            return None  # a tap's relay has its server's owner: another user's socket, planted
+    except OSError:
+        pass  # the path was removed while tapped: the tap's restore puts the socket back
+    try:
         relay_alive = probe(path).live
     except OSError:
         relay_alive = False

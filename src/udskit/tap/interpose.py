@@ -505,6 +505,16 @@ def _restore_displaced(address: Address, directory: _Directory) -> str:
                 "never replaces what is not a socket: move it away first",
                 errno=errno.EEXIST,
             )
+        if at_path.st_uid != server.st_uid:
+            # A tap's relay has its server's owner: this socket was planted at the tapped
+            # name (as root, anyone's passes the check above), and must not take the path.
+            raise SocketFileError(
+                f"cannot restore {address}: {os.fsdecode(aside)} belongs to uid "
+                f"{server.st_uid} and {address} to uid {at_path.st_uid}, so no tap moved it "
+                "aside; remove it as its owner, or as root (udskit never deletes what it did "
+                "not create)",
+                errno=errno.EPERM,
+            )
         relay = probe(directory.sun_path(directory.name, directory.path))
         if relay.live:
             who = f" (pid {relay.cred.pid})" if relay.cred is not None else ""
