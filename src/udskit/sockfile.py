@@ -302,9 +302,8 @@ class _Lock:
         if exc.errno == errno.ELOOP:
             reason = "a symlink is there (udskit never follows one at this path); remove it"
         else:
-            reason = (
-                f"{os.strerror(exc.errno or 0).lower()} (need write permission on the directory)"
-            )
+            advice = _what_to_do(exc.errno, "need write permission on the directory")
+            reason = f"{os.strerror(exc.errno or 0).lower()} ({advice})"
         return SocketFileError(
             f"cannot create lock file {self._shown()}: {reason}", errno=exc.errno
         )
@@ -910,13 +909,21 @@ def _make_private_dir(directory: _Directory, address: Address | bytes) -> bytes:
         except OSError as exc:
             raise SocketFileError(
                 f"cannot create socket {shown}: {os.strerror(exc.errno or 0).lower()} in its "
-                "directory (need write and search permission there)",
+                f"directory ({_what_to_do(exc.errno, 'need write and search permission there')})",
                 errno=exc.errno,
             ) from exc
     raise SocketFileError(
         f"cannot create a private directory next to {shown}: every name we tried was taken "
         f"({_PRIVATE_ATTEMPTS} tries); look for .udskit-* entries in {directory.parent}"
     )
+
+
+def _what_to_do(code: int | None, otherwise: str) -> str:
+    """The advice for a failure to create a file (lock file, private directory) in the
+    socket's directory: a full file system is not fixed with permissions."""
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "its file system or the user's quota is full: free space or inodes there"
+    return otherwise
 
 
 def bind_reply_path(sock: socket.socket, address: Address, mode: int = 0o600) -> Claim:

@@ -870,3 +870,34 @@ def test_where_others_cannot_swap_a_file(
         assert sockfile_module._others_cannot_swap(handle, found) is expected
     finally:
         handle.close()
+
+
+@pytest.mark.parametrize("full", ["lock", "private"])
+def test_a_full_file_system_is_said_not_taken_for_permissions(
+    path: Path, monkeypatch: pytest.MonkeyPatch, full: str
+) -> None:
+    """ENOSPC creating the lock file or the private directory: the advice is to free
+    space, not to fix permissions, and nothing is left behind."""
+    real_open = os.open
+
+    def open_without_space(name: bytes, flags: int, *args: object, **kwargs: int) -> int:
+        if flags & os.O_CREAT:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(name, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    def mkdir_without_space(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patched:
+        if full == "lock":
+            patched.setattr(os, "open", open_without_space)
+        else:
+            patched.setattr(os, "mkdir", mkdir_without_space)
+        with pytest.raises(SocketFileError) as refused:
+            udskit.listen(path)
+    message = str(refused.value)
+    assert str(path) in message
+    assert "no space left on device" in message
+    assert "free space or inodes there" in message
+    assert "permission" not in message
+    assert os.listdir(path.parent) == []
