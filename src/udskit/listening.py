@@ -160,8 +160,9 @@ class _Endpoint:
         For a listener whose descriptor lives on in another process (systemd's descriptor
         store keeps it across a restart): the file stays the way in for that socket, and
         ``close()`` only closes this copy, without the ``shutdown()`` that would stop the
-        socket for every process (a thread waiting in ``accept()`` or ``recv()`` here is
-        woken another way and raises ConnectionClosed).
+        socket for every process. A thread that calls ``accept()`` or ``recv()`` after this
+        is woken by ``close()`` another way and raises ConnectionClosed; one already blocked
+        there when ``disown()`` is called stays blocked: stop such threads first.
         """
         self._shared = True  # close() shuts down only a socket this process alone holds
         if self._claim is not None:
