@@ -29,6 +29,7 @@ import contextlib
 import errno
 import functools
 import logging
+import os
 import socket
 import struct
 from collections.abc import Callable, Coroutine
@@ -530,6 +531,19 @@ def _default_buffers(sock: socket.socket) -> None:
     tune_buffers(sock, None, None)
 
 
+def _same_place(listen_address: Address, target: Address) -> bool:
+    """Whether ``target`` names ``listen_address`` itself, spelt the same or not (``./a``
+    and its absolute path). A bridge to itself would accept its own connections without
+    end, until it runs out of descriptors."""
+    if listen_address.kind != target.kind:
+        return False
+    if listen_address.kind == "path":
+        return os.path.abspath(listen_address.raw) == os.path.abspath(target.raw)
+    if listen_address.kind == "tcp":
+        return listen_address.port != 0 and listen_address == target
+    return listen_address == target
+
+
 async def start(
     listen_address: AddressLike,
     target: AddressLike,
@@ -555,6 +569,11 @@ async def start(
         raise ValueError(
             f"cannot bridge to {destination}: the target must be an address to connect to "
             "(a path, @name or tcp:HOST:PORT), not a descriptor"
+        )
+    if _same_place(source, destination):
+        raise ValueError(
+            f"cannot bridge {source} to itself: every connection would be relayed back to "
+            "the bridge; give a TARGET other than LISTEN"
         )
     if allow is not None and source.kind == "tcp":
         raise ValueError(

@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .cli import bridge_process, run_udskit
+from ..conftest import READY_TIMEOUT
+from .cli import bridge_process, run_udskit, udskit_command
 from .peers import LoopThread, client_for, echo_server, exchange, loop_thread, read_to_eof
 
 
@@ -107,6 +109,28 @@ def test_live_socket_is_not_taken(sockdir: Path) -> None:
     assert "a live server owns it" in err
     assert f"pid {os.getpid()}" in err
     assert busy.is_socket()
+
+
+@pytest.mark.parametrize(
+    "spelling", ["{dir}/front.sock", "./front.sock", "unix:{dir}/front.sock", "@{dir}/front"]
+)
+def test_bridge_to_itself_is_refused(sockdir: Path, spelling: str) -> None:
+    # Relaying LISTEN to itself accepts its own connections until the descriptors run out.
+    listen = spelling.format(dir=sockdir)
+    target = f"@{sockdir}/front" if listen.startswith("@") else str(sockdir / "front.sock")
+    result = subprocess.run(
+        udskit_command("bridge", listen, target),
+        cwd=sockdir,
+        capture_output=True,
+        timeout=READY_TIMEOUT * 2,
+        check=False,
+    )
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert err.count("\n") == 1, err
+    assert "to itself" in err
+    assert "Traceback" not in err
+    assert list(sockdir.iterdir()) == []
 
 
 @pytest.mark.parametrize(
