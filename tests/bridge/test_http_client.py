@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -250,6 +251,22 @@ def test_cli_not_http(servers: LoopThread, sockdir: Path) -> None:
         result = run_udskit("http", str(echo.address), "/")
     assert result.returncode == 1
     assert b"does not answer in HTTP/1.1" in result.stderr
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_DGRAM, socket.SOCK_SEQPACKET])
+def test_cli_not_a_stream_socket(sockdir: Path, kind: int) -> None:
+    # http has no --type: the message must not tell the user to pass one
+    with socket.socket(socket.AF_UNIX, kind) as server:
+        server.bind(str(sockdir / "other.sock"))
+        if kind != socket.SOCK_DGRAM:
+            server.listen()
+        result = run_udskit("http", str(sockdir / "other.sock"), "/")
+    err = result.stderr.decode()
+    assert result.returncode == 1, err
+    assert err.count("\n") == 1, err
+    assert f"{sockdir / 'other.sock'}: it is not a stream socket" in err
+    assert "--type" not in err
+    assert "Traceback" not in err
 
 
 _WITHOUT = "import sys; sys.modules[{name!r}] = None; from udskit.cli.main import main; "
