@@ -510,6 +510,16 @@ async def connect_socket(target: Address) -> socket.socket:
                 f"{CONNECT_TIMEOUT:.0f} s; the server is not accepting",
                 errno=errno.EAGAIN,
             ) from exc
+        except ConnectError as exc:
+            if exc.errno != errno.EPROTOTYPE:
+                raise
+            # Its advice (pass another type=) does not apply: only a stream is relayed.
+            raise ConnectError(
+                f"cannot connect to {target}: it is not a stream socket (a datagram or "
+                "seqpacket server is there), and only a stream connection can be relayed; "
+                "check the address",
+                errno=errno.EPROTOTYPE,
+            ) from exc
     except BaseException:
         sock.close()
         raise

@@ -69,6 +69,23 @@ def test_target_down_is_one_line_per_connection_and_serving_goes_on(
     assert "Traceback" not in err
 
 
+def test_target_of_another_type_is_named_without_an_option(sockdir: Path) -> None:
+    # bridge has no --type: the message must not tell the user to pass one
+    target = sockdir / "dgram.sock"
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server,
+        bridge_process("tcp:127.0.0.1:0", str(target)) as (process, where),
+    ):
+        server.bind(str(target))
+        with client_for(where) as sock:
+            assert read_to_eof(sock) == b""
+        code, err = process.stop()
+    assert code == 0
+    [failure] = [line for line in err.splitlines() if "cannot connect" in line]
+    assert f"{target}: it is not a stream socket" in failure
+    assert "--type" not in failure
+
+
 def test_allow_uid_refuses_others(servers: LoopThread, sockdir: Path) -> None:
     front = sockdir / "front.sock"
     other = str(os.geteuid() + 1)
