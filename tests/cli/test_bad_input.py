@@ -33,7 +33,14 @@ USAGE = [
     (["serve", "--exec", "no-such-program-here", S], "command 'no-such-program-here' not found"),
     (["serve", "--exec", "", S], "--exec needs a command"),
     (["serve", "--exec", "tr 'a", S], "No closing quotation"),
-    (["serve", "--echo", "--owner", "no-such-user-here", S], "unknown user 'no-such-user-here'"),
+    (
+        ["serve", "--echo", "--owner", "no-such-user-here", S],
+        "argument --owner: unknown user 'no-such-user-here'",
+    ),
+    (
+        ["bridge", "--group", "no-such-group-here", S, "tcp:127.0.0.1:1"],
+        "argument --group: unknown group 'no-such-group-here'",
+    ),
     (["serve", "--echo", "--allow-uid", "no-such-user-here", S], "unknown user"),
     (["serve", "--echo", "--allow-gid", "no-such-group-here", S], "unknown group"),
     (["serve", "--echo", "--backlog", "0", S], "'0' must be at least 1"),
