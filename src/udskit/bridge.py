@@ -497,9 +497,12 @@ async def connect_socket(target: Address) -> socket.socket:
         return await _connect_tcp(target)
     if target.kind == "fd":
         raise ValueError(f"cannot connect to {target}: a descriptor is not an address")
-    sock = socket.socket(
-        socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
-    )
+    try:
+        sock = socket.socket(
+            socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+        )
+    except OSError as exc:  # EMFILE/ENFILE: out of descriptors, said as a connect failure
+        raise translate(exc, "connect", target) from exc
     try:
         tune_buffers(sock, None, None)
         try:

@@ -4,6 +4,7 @@ one-line errors, and a target that is down."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -84,6 +85,24 @@ def test_target_of_another_type_is_named_without_an_option(sockdir: Path) -> Non
     [failure] = [line for line in err.splitlines() if "cannot connect" in line]
     assert f"{target}: it is not a stream socket" in failure
     assert "--type" not in failure
+
+
+def test_out_of_descriptors_is_one_plain_line(servers: LoopThread, sockdir: Path) -> None:
+    # The relay's limit lowered to what it holds plus one: the client's connection takes the
+    # last descriptor, and the socket to the target cannot be made.
+    with (
+        echo_server(servers, str(sockdir / "echo.sock")) as target,
+        bridge_process("tcp:127.0.0.1:0", str(target.address)) as (process, where),
+    ):
+        held = len(os.listdir(f"/proc/{process.pid}/fd"))
+        resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (held + 1, held + 1))
+        with client_for(where) as sock:
+            assert read_to_eof(sock) == b""
+        code, err = process.stop()
+    assert code == 0
+    [failure] = [line for line in err.splitlines() if "cannot connect" in line]
+    assert failure.endswith(f"cannot connect to {target.address}: too many open files"), err
+    assert "Errno" not in err
 
 
 def test_allow_uid_refuses_others(servers: LoopThread, sockdir: Path) -> None:
