@@ -222,6 +222,11 @@ def test_cli_fail_flag(http_path: udskit.Address) -> None:
     [
         (["SOCK", "health"], 2, "PATH must start with '/'"),
         (["SOCK", "https://x/"], 2, "only http:// URLs"),
+        (
+            ["SOCK", "http://[::1/x"],
+            2,
+            "error: PATH 'http://[::1/x' is not a valid URL",
+        ),
         (["-H", "no-colon", "SOCK", "/"], 2, "-H takes 'Name: value'"),
         (["-H", "Bad Name: x", "SOCK", "/"], 2, "invalid HTTP request"),
         (["--timeout", "0", "SOCK", "/"], 2, "--timeout must be a positive number"),
