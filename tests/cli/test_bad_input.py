@@ -65,6 +65,9 @@ USAGE = [
     (["ls", "--stale"], "--stale needs the directory"),
     (["ls", "--bogus"], "unrecognized arguments: --bogus"),
     (["demo", "--fast"], "unrecognized arguments: --fast"),
+    (["send", "--type", "dgram", "tcp:127.0.0.1:1", "x"], "TCP addresses take --type stream"),
+    (["connect", "--type", "seqpacket", "tcp:127.0.0.1:1"], "TCP addresses take --type stream"),
+    (["connect", "--bind", S, "tcp:127.0.0.1:1"], "--bind names our end of a Unix socket"),
 ]
 
 FAILURE = [
