@@ -29,6 +29,7 @@ import contextlib
 import errno
 import functools
 import logging
+import os
 import socket
 import struct
 from collections.abc import Callable, Coroutine
@@ -496,9 +497,12 @@ async def connect_socket(target: Address) -> socket.socket:
         return await _connect_tcp(target)
     if target.kind == "fd":
         raise ValueError(f"cannot connect to {target}: a descriptor is not an address")
-    sock = socket.socket(
-        socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
-    )
+    try:
+        sock = socket.socket(
+            socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+        )
+    except OSError as exc:  # EMFILE/ENFILE: out of descriptors, said as a connect failure
+        raise translate(exc, "connect", target) from exc
     try:
         tune_buffers(sock, None, None)
         try:
@@ -508,6 +512,16 @@ async def connect_socket(target: Address) -> socket.socket:
                 f"cannot connect to {target}: its backlog stayed full for "
                 f"{CONNECT_TIMEOUT:.0f} s; the server is not accepting",
                 errno=errno.EAGAIN,
+            ) from exc
+        except ConnectError as exc:
+            if exc.errno != errno.EPROTOTYPE:
+                raise
+            # Its advice (pass another type=) does not apply: only a stream is relayed.
+            raise ConnectError(
+                f"cannot connect to {target}: it is not a stream socket (a datagram or "
+                "seqpacket server is there), and only a stream connection can be relayed; "
+                "check the address",
+                errno=errno.EPROTOTYPE,
             ) from exc
     except BaseException:
         sock.close()
@@ -528,6 +542,19 @@ async def _connect_tcp(target: Address) -> socket.socket:
 
 def _default_buffers(sock: socket.socket) -> None:
     tune_buffers(sock, None, None)
+
+
+def _same_place(listen_address: Address, target: Address) -> bool:
+    """Whether ``target`` names ``listen_address`` itself, spelt the same or not (``./a``
+    and its absolute path). A bridge to itself would accept its own connections without
+    end, until it runs out of descriptors."""
+    if listen_address.kind != target.kind:
+        return False
+    if listen_address.kind == "path":
+        return os.path.abspath(listen_address.raw) == os.path.abspath(target.raw)
+    if listen_address.kind == "tcp":
+        return listen_address.port != 0 and listen_address == target
+    return listen_address == target
 
 
 async def start(
@@ -555,6 +582,11 @@ async def start(
         raise ValueError(
             f"cannot bridge to {destination}: the target must be an address to connect to "
             "(a path, @name or tcp:HOST:PORT), not a descriptor"
+        )
+    if _same_place(source, destination):
+        raise ValueError(
+            f"cannot bridge {source} to itself: every connection would be relayed back to "
+            "the bridge; give a TARGET other than LISTEN"
         )
     if allow is not None and source.kind == "tcp":
         raise ValueError(

@@ -206,13 +206,34 @@ def _adopt(target: Address, *, framing: str, max_frame: int | None, max_fds: int
         ) from exc
     try:
         sock.setblocking(True)
+        _check_connected(sock, target)
         peer = peer_cred(sock) if sock.family == socket.AF_UNIX else None
+    except SocketFileError:
+        sock.detach()
+        raise
     except OSError as exc:
         sock.detach()
         raise translate(exc, "connect", target) from exc
     return Channel(
         sock, framing=framing, max_frame=max_frame, max_fds=max_fds, remote=target, peer=peer
     )
+
+
+def _check_connected(sock: socket.socket, target: Address) -> None:
+    """An inherited descriptor must be connected: a send on a listening or unconnected
+    socket fails with ENOTCONN (EDESTADDRREQ for a datagram), which reads as a peer gone."""
+    try:
+        sock.getpeername()
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        state = "a listening socket" if listening else "a socket that is not connected"
+        raise SocketFileError(
+            f"{target}: descriptor {target.fd} is {state}; pass a connected socket (one end "
+            "of a socket pair, or a connection to the server)",
+            errno=errno.ENOTCONN,
+        ) from None
 
 
 def pair(

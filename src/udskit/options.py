@@ -404,6 +404,11 @@ def connect_options(
     own = Address.parse(bind) if bind is not None else None  # type: ignore[arg-type]
     if own is not None and own.kind not in ("path", "abstract"):
         raise ValueError(f"bind= takes a Unix path or @name, not {own}")
+    # Both were ignored before: a TCP connection is always a stream, and has no Unix name.
+    if target.kind == "tcp" and kind != socket.SOCK_STREAM:
+        raise ValueError(f"{target}: TCP addresses take type='stream' only")
+    if own is not None and target.kind not in ("path", "abstract"):
+        raise ValueError(f"bind= names our end of a Unix socket; {target} is not one (drop bind=)")
     return ConnectOptions(
         target,
         kind,

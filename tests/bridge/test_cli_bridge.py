@@ -4,14 +4,17 @@ one-line errors, and a target that is down."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .cli import bridge_process, run_udskit
+from ..conftest import READY_TIMEOUT
+from .cli import bridge_process, run_udskit, udskit_command
 from .peers import LoopThread, client_for, echo_server, exchange, loop_thread, read_to_eof
 
 
@@ -67,6 +70,41 @@ def test_target_down_is_one_line_per_connection_and_serving_goes_on(
     assert "Traceback" not in err
 
 
+def test_target_of_another_type_is_named_without_an_option(sockdir: Path) -> None:
+    # bridge has no --type: the message must not tell the user to pass one
+    target = sockdir / "dgram.sock"
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server,
+        bridge_process("tcp:127.0.0.1:0", str(target)) as (process, where),
+    ):
+        server.bind(str(target))
+        with client_for(where) as sock:
+            assert read_to_eof(sock) == b""
+        code, err = process.stop()
+    assert code == 0
+    [failure] = [line for line in err.splitlines() if "cannot connect" in line]
+    assert f"{target}: it is not a stream socket" in failure
+    assert "--type" not in failure
+
+
+def test_out_of_descriptors_is_one_plain_line(servers: LoopThread, sockdir: Path) -> None:
+    # The relay's limit lowered to what it holds plus one: the client's connection takes the
+    # last descriptor, and the socket to the target cannot be made.
+    with (
+        echo_server(servers, str(sockdir / "echo.sock")) as target,
+        bridge_process("tcp:127.0.0.1:0", str(target.address)) as (process, where),
+    ):
+        held = len(os.listdir(f"/proc/{process.pid}/fd"))
+        resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (held + 1, held + 1))
+        with client_for(where) as sock:
+            assert read_to_eof(sock) == b""
+        code, err = process.stop()
+    assert code == 0
+    [failure] = [line for line in err.splitlines() if "cannot connect" in line]
+    assert failure.endswith(f"cannot connect to {target.address}: too many open files"), err
+    assert "Errno" not in err
+
+
 def test_allow_uid_refuses_others(servers: LoopThread, sockdir: Path) -> None:
     front = sockdir / "front.sock"
     other = str(os.geteuid() + 1)
@@ -107,6 +145,28 @@ def test_live_socket_is_not_taken(sockdir: Path) -> None:
     assert "a live server owns it" in err
     assert f"pid {os.getpid()}" in err
     assert busy.is_socket()
+
+
+@pytest.mark.parametrize(
+    "spelling", ["{dir}/front.sock", "./front.sock", "unix:{dir}/front.sock", "@{dir}/front"]
+)
+def test_bridge_to_itself_is_refused(sockdir: Path, spelling: str) -> None:
+    # Relaying LISTEN to itself accepts its own connections until the descriptors run out.
+    listen = spelling.format(dir=sockdir)
+    target = f"@{sockdir}/front" if listen.startswith("@") else str(sockdir / "front.sock")
+    result = subprocess.run(
+        udskit_command("bridge", listen, target),
+        cwd=sockdir,
+        capture_output=True,
+        timeout=READY_TIMEOUT * 2,
+        check=False,
+    )
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert err.count("\n") == 1, err
+    assert "to itself" in err
+    assert "Traceback" not in err
+    assert list(sockdir.iterdir()) == []
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -221,6 +222,11 @@ def test_cli_fail_flag(http_path: udskit.Address) -> None:
     [
         (["SOCK", "health"], 2, "PATH must start with '/'"),
         (["SOCK", "https://x/"], 2, "only http:// URLs"),
+        (
+            ["SOCK", "http://[::1/x"],
+            2,
+            "error: PATH 'http://[::1/x' is not a valid URL",
+        ),
         (["-H", "no-colon", "SOCK", "/"], 2, "-H takes 'Name: value'"),
         (["-H", "Bad Name: x", "SOCK", "/"], 2, "invalid HTTP request"),
         (["--timeout", "0", "SOCK", "/"], 2, "--timeout must be a positive number"),
@@ -250,6 +256,22 @@ def test_cli_not_http(servers: LoopThread, sockdir: Path) -> None:
         result = run_udskit("http", str(echo.address), "/")
     assert result.returncode == 1
     assert b"does not answer in HTTP/1.1" in result.stderr
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_DGRAM, socket.SOCK_SEQPACKET])
+def test_cli_not_a_stream_socket(sockdir: Path, kind: int) -> None:
+    # http has no --type: the message must not tell the user to pass one
+    with socket.socket(socket.AF_UNIX, kind) as server:
+        server.bind(str(sockdir / "other.sock"))
+        if kind != socket.SOCK_DGRAM:
+            server.listen()
+        result = run_udskit("http", str(sockdir / "other.sock"), "/")
+    err = result.stderr.decode()
+    assert result.returncode == 1, err
+    assert err.count("\n") == 1, err
+    assert f"{sockdir / 'other.sock'}: it is not a stream socket" in err
+    assert "--type" not in err
+    assert "Traceback" not in err
 
 
 _WITHOUT = "import sys; sys.modules[{name!r}] = None; from udskit.cli.main import main; "

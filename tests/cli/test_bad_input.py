@@ -33,7 +33,14 @@ USAGE = [
     (["serve", "--exec", "no-such-program-here", S], "command 'no-such-program-here' not found"),
     (["serve", "--exec", "", S], "--exec needs a command"),
     (["serve", "--exec", "tr 'a", S], "No closing quotation"),
-    (["serve", "--echo", "--owner", "no-such-user-here", S], "unknown user 'no-such-user-here'"),
+    (
+        ["serve", "--echo", "--owner", "no-such-user-here", S],
+        "argument --owner: unknown user 'no-such-user-here'",
+    ),
+    (
+        ["bridge", "--group", "no-such-group-here", S, "tcp:127.0.0.1:1"],
+        "argument --group: unknown group 'no-such-group-here'",
+    ),
     (["serve", "--echo", "--allow-uid", "no-such-user-here", S], "unknown user"),
     (["serve", "--echo", "--allow-gid", "no-such-group-here", S], "unknown group"),
     (["serve", "--echo", "--backlog", "0", S], "'0' must be at least 1"),
@@ -58,6 +65,9 @@ USAGE = [
     (["ls", "--stale"], "--stale needs the directory"),
     (["ls", "--bogus"], "unrecognized arguments: --bogus"),
     (["demo", "--fast"], "unrecognized arguments: --fast"),
+    (["send", "--type", "dgram", "tcp:127.0.0.1:1", "x"], "TCP addresses take --type stream"),
+    (["connect", "--type", "seqpacket", "tcp:127.0.0.1:1"], "TCP addresses take --type stream"),
+    (["connect", "--bind", S, "tcp:127.0.0.1:1"], "--bind names our end of a Unix socket"),
 ]
 
 FAILURE = [

@@ -8,6 +8,8 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.cli.conftest import UDSKIT, Background, one_line_error, serve, udskit
 
 
@@ -113,7 +115,11 @@ def test_stale_needs_a_directory() -> None:
     assert "--stale needs the directory to search" in line
 
 
-def test_stale_in_a_missing_directory(sockdir: Path) -> None:
-    line = one_line_error(udskit("ls", "--stale", sockdir / "nope"), 1)
+@pytest.mark.parametrize("stale", [[], ["--stale"]])
+@pytest.mark.parametrize("what", ["nope", "file"])
+def test_ls_in_a_missing_directory(sockdir: Path, stale: list[str], what: str) -> None:
+    # a mistyped DIR is an error, not an empty list
+    (sockdir / "file").write_text("")
+    line = one_line_error(udskit("ls", *stale, sockdir / what), 1)
     assert "not a directory" in line
-    assert str(sockdir / "nope") in line
+    assert str(sockdir / what) in line

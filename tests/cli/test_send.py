@@ -5,11 +5,21 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import Background, one_line_error, require, serve, udskit, wait_listening
+from tests.cli.conftest import (
+    COMMAND_TIMEOUT,
+    UDSKIT,
+    Background,
+    one_line_error,
+    require,
+    serve,
+    udskit,
+    wait_listening,
+)
 
 
 def test_raw_reply_reads_until_the_server_closes(
@@ -187,3 +197,37 @@ def test_raw_reply_from_a_server_that_closes_without_answering(
     wait_listening(path, server.process)
     line = one_line_error(udskit("send", "--reply", path, "hi"), 1)
     assert f"{path} closed the connection without answering" in line
+
+
+@pytest.mark.parametrize(
+    ("command", "kind", "listening", "state"),
+    [
+        (["send", "FD", "x"], socket.SOCK_DGRAM, False, "a socket that is not connected"),
+        (["connect", "FD"], socket.SOCK_DGRAM, False, "a socket that is not connected"),
+        (["send", "FD", "x"], socket.SOCK_SEQPACKET, True, "a listening socket"),
+    ],
+)
+def test_an_inherited_descriptor_that_is_not_connected(
+    command: list[str], kind: int, listening: bool, state: str
+) -> None:
+    # A send on it fails with ENOTCONN, which read as "closed without answering" (or, for
+    # connect with nothing to send, as success).
+    with socket.socket(socket.AF_UNIX, kind) as sock:
+        sock.bind("")  # an autobound abstract name: nothing in the filesystem
+        if listening:
+            sock.listen()
+        fd = sock.fileno()
+        done = subprocess.run(
+            [*UDSKIT, *(f"fd:{fd}" if a == "FD" else a for a in command)],
+            pass_fds=[fd],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert err == (
+        f"udskit {command[0]}: fd:{fd}: descriptor {fd} is {state}; pass a connected socket "
+        "(one end of a socket pair, or a connection to the server)\n"
+    )

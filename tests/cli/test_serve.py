@@ -415,6 +415,9 @@ def test_abstract_address(background: list[Background]) -> None:
         assert client.recv(100) == b"abc"
     assert server.stop() == 0
     assert "abstract names have no file permissions" in server.err  # warned, once
+    # in the command's words: the options that restrict peers, not the library's keyword
+    assert "--allow-uid/--allow-gid" in server.err
+    assert "allow=" not in server.err
 
 
 def test_a_command_that_cannot_start_is_one_line(

@@ -18,6 +18,7 @@ from udskit.cli._wording import in_cli_words, without_reprs
         ("pass the server's type= (stream, seqpacket or dgram)", "pass the server's --type ("),
         ("bind= takes a Unix path", "--bind takes a Unix path"),
         ("use framing='length' for binary", "use --framing length for binary"),
+        ("(pass allow= to restrict peers)", "(pass --allow-uid/--allow-gid to restrict peers)"),
         ("sock.type='x' and subtype='y' stay", "sock.type='x' and subtype='y' stay"),
         ("mode=0o4755 has setuid", "mode=0o4755 has setuid"),  # --mode is octal: no mapping
         # a path the user gave is never rewritten

@@ -171,8 +171,12 @@ def add_listening(parser: argparse.ArgumentParser, socket_file: str) -> None:
         default=0o600,
         help=f"permissions of {socket_file}, in octal (default: 600)",
     )
-    parser.add_argument("--owner", metavar="USER", help=f"owner of {socket_file}")
-    parser.add_argument("--group", metavar="GROUP", help=f"group of {socket_file}")
+    parser.add_argument(
+        "--owner", metavar="USER", type=user_id, help=f"owner of {socket_file} (name or uid)"
+    )
+    parser.add_argument(
+        "--group", metavar="GROUP", type=group_id, help=f"group of {socket_file} (name or gid)"
+    )
     parser.add_argument(
         "--allow-uid",
         metavar="USER",

@@ -19,7 +19,13 @@ __all__ = ["in_cli_words", "without_reprs"]
 #: name and meaning: a word of its own (after a space or at the start, and followed by a
 #: space, punctuation or the end), never part of a longer name (``sock.type=``,
 #: ``subtype=``) nor of a path the user gave (``/srv/type=x/app.sock``).
-_KEYWORD: Final = re.compile(r"(?:(?<=\s)|^)(type|framing|bind)=(?:'([^'\s/]*)')?(?=[\s,;:)]|$)")
+_KEYWORD: Final = re.compile(
+    r"(?:(?<=\s)|^)(type|framing|bind|allow)=(?:'([^'\s/]*)')?(?=[\s,;:)]|$)"
+)
+
+#: Keywords whose options have other names: ``allow=`` (a whole access policy) is
+#: spelt on the command line as the options that build one.
+_RENAMED: Final = {"allow": "--allow-uid/--allow-gid"}
 
 
 #: A bytes or bytearray repr: ``bytearray(b'...')`` anywhere, and ``b'...'``/``b"..."`` as
@@ -32,7 +38,8 @@ _BYTES_REPR: Final = re.compile(
 
 def in_cli_words(text: str) -> str:
     """``text`` with ``type='seqpacket'`` as ``--type seqpacket``, ``bind=`` as ``--bind``,
-    and bytes shown as text (see :func:`without_reprs`)."""
+    ``allow=`` as ``--allow-uid/--allow-gid``, and bytes shown as text (see
+    :func:`without_reprs`)."""
     return _KEYWORD.sub(_option, without_reprs(text))
 
 
@@ -50,4 +57,5 @@ def _quoted(match: re.Match[str]) -> str:
 
 def _option(match: re.Match[str]) -> str:
     name, value = match.group(1), match.group(2)
-    return f"--{name}" if value is None else f"--{name} {value}"
+    option = _RENAMED.get(name, f"--{name}")
+    return option if value is None else f"{option} {value}"

@@ -152,7 +152,10 @@ def _exchange(
 
 def _target(path: str) -> str:
     if "://" in path:
-        parts = urlsplit(path)
+        try:
+            parts = urlsplit(path)
+        except ValueError as exc:  # e.g. an unclosed [ of an IPv6 host
+            raise UsageError(f"PATH {path!r} is not a valid URL ({exc})") from None
         if parts.scheme != "http":
             raise UsageError(f"only http:// URLs are supported over a socket, not {path!r}")
         target = parts.path or "/"

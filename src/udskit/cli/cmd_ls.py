@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import time
 
 from udskit import inspect
@@ -45,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             out.write(_stale_table(stale))
         return 0
+    if args.directory is not None and not os.path.isdir(args.directory):
+        # as --stale does: a mistyped DIR would otherwise list nothing, as if no socket
+        # were there
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", args.directory)
     entries = inspect.list_sockets(args.directory)
     if args.json:
         out.write(_json([e.as_dict() for e in entries]))

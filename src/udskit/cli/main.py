@@ -136,11 +136,10 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="udskit: %(message)s",
-        stream=sys.stderr,
-    )
+    # The library's log messages too are shown in the words of the command line.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_InCliWords("udskit: %(message)s"))
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
     try:
         return int(args.run(args))
     except UsageError as exc:
@@ -154,6 +153,13 @@ def _main(argv: Sequence[str] | None) -> int:
             if isinstance(exc, ValueError) and not isinstance(exc, udskit.AddressError)
             else EXIT_FAILURE
         )
+
+
+class _InCliWords(logging.Formatter):
+    """Log records as the command line says them (``allow=`` as ``--allow-uid/--allow-gid``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return in_cli_words(super().format(record))
 
 
 def _one_line(exc: BaseException) -> str:

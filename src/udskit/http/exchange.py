@@ -10,6 +10,7 @@ environment variables are never consulted: the address says where the server is.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import time
@@ -186,7 +187,18 @@ def open_exchange(
             head += b"".join(_framed(conn, body, length))
     except h11.LocalProtocolError as exc:
         raise ValueError(f"cannot send this request to {where}: {exc}") from exc
-    channel = udskit.connect(where, framing="raw", timeout=_first(timeout, max_time))
+    try:
+        channel = udskit.connect(where, framing="raw", timeout=_first(timeout, max_time))
+    except udskit.ConnectError as exc:
+        if exc.errno != errno.EPROTOTYPE:
+            raise
+        # The connect error's advice (pass another type=) has no meaning here: HTTP runs
+        # over a stream socket only.
+        raise udskit.ConnectError(
+            f"cannot send HTTP to {where}: it is not a stream socket (a datagram or "
+            "seqpacket server is there), and HTTP needs one; check the address",
+            errno=errno.EPROTOTYPE,
+        ) from exc
     try:
         duplex = Duplex(
             channel.socket,
