@@ -19,6 +19,24 @@ import udskit.aio
 PATIENCE = 20.0
 
 
+def _still_served(path: Path, kind: str, kept: int) -> None:
+    """The listening socket's other copy (descriptor ``kept``, closed here) still takes a
+    client at ``path``."""
+    types = {"stream": socket.SOCK_STREAM, "seqpacket": socket.SOCK_SEQPACKET}
+    with (
+        socket.socket(socket.AF_UNIX, types.get(kind, socket.SOCK_DGRAM)) as client,
+        socket.socket(fileno=kept) as other,
+    ):
+        client.connect(os.fspath(path))
+        client.send(b"still there")
+        if kind == "dgram":
+            assert other.recv(64) == b"still there"
+        else:
+            conn, _ = other.accept()
+            with conn:
+                assert conn.recv(64) == b"still there"
+
+
 @pytest.mark.parametrize("kind", ["stream", "seqpacket", "dgram"])
 def test_a_disowned_listener_leaves_file_and_socket(sockdir: Path, kind: str) -> None:
     path = sockdir / "kept.sock"
@@ -29,20 +47,9 @@ def test_a_disowned_listener_leaves_file_and_socket(sockdir: Path, kind: str) ->
     listener.close()
     try:
         assert os.stat(path).st_ino == inode  # the file stays
-        types = {"stream": socket.SOCK_STREAM, "seqpacket": socket.SOCK_SEQPACKET}
-        with socket.socket(socket.AF_UNIX, types.get(kind, socket.SOCK_DGRAM)) as client:
-            # and the socket still works for the other copy: close() did not shut it down
-            client.connect(os.fspath(path))
-            client.send(b"still there")
-            other = socket.socket(fileno=kept)
-            kept = -1
-            with other:
-                if kind == "dgram":
-                    assert other.recv(64) == b"still there"
-                else:
-                    conn, _ = other.accept()
-                    with conn:
-                        assert conn.recv(64) == b"still there"
+        # and the socket still works for the other copy: close() did not shut it down
+        kept, other = -1, kept
+        _still_served(path, kind, other)
     finally:
         if kept >= 0:
             os.close(kept)
@@ -120,19 +127,8 @@ def test_close_wakes_a_thread_waiting_on_a_shared_socket(
         assert len(outcome) == 1
         assert isinstance(outcome[0], udskit.ConnectionClosed), outcome
         if kept >= 0:  # the other process's copy still works: close() did not shut it down
-            with (
-                socket.socket(socket.AF_UNIX, types.get(kind, socket.SOCK_DGRAM)) as client,
-                socket.socket(fileno=kept) as other,
-            ):
-                kept = -1
-                client.connect(os.fspath(path))
-                client.send(b"still there")
-                if kind == "dgram":
-                    assert other.recv(64) == b"still there"
-                else:
-                    conn, _ = other.accept()
-                    with conn:
-                        assert conn.recv(64) == b"still there"
+            kept, other = -1, kept
+            _still_served(path, kind, other)
     finally:
         listener.close()
         if kept >= 0:

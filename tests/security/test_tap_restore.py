@@ -23,6 +23,24 @@ from .conftest import Arena, as_nobody
 pytestmark = [pytest.mark.root, needs_root, pytest.mark.usefixtures("no_fd_leak")]
 
 
+def _plant_after_the_check(arena: Arena, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Right after udskit probes a name, nobody moves the tapped name's socket away and
+    plants a symlink to root's secret there."""
+    aside = arena.path.with_name(".app.sock.udskit-tapped")
+
+    def plant() -> str:
+        os.rename(aside, arena.path.with_name("taken.sock"))
+        os.symlink(arena.secret, aside)
+        return "planted"
+
+    def probe_then_plant(target: str | bytes) -> Probe:
+        found = probe(target)
+        assert as_nobody(plant) == "planted"
+        return found
+
+    monkeypatch.setattr(interpose_module, "probe", probe_then_plant)
+
+
 def test_restore_links_the_socket_it_checked_not_a_symlink_planted_after(
     open_arena: Arena, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -32,18 +50,7 @@ def test_restore_links_the_socket_it_checked_not_a_symlink_planted_after(
         server.bind(os.fspath(aside))  # where a killed tap left the server's socket
         server.listen(1)
         inode = os.lstat(aside).st_ino
-
-        def plant() -> str:
-            os.rename(aside, path.with_name("taken.sock"))
-            os.symlink(open_arena.secret, aside)
-            return "planted"
-
-        def probe_then_plant(target: str | bytes) -> Probe:
-            found = probe(target)
-            assert as_nobody(plant) == "planted"  # right after root checked the tapped name
-            return found
-
-        monkeypatch.setattr(interpose_module, "probe", probe_then_plant)
+        _plant_after_the_check(open_arena, monkeypatch)
         report = restore_displaced(path)
         assert os.lstat(path).st_ino == inode, "the path is not the server's socket"
         assert report == f"restored {path}: its server answers there again"
@@ -67,18 +74,7 @@ def test_a_running_tap_restores_the_socket_it_holds_not_a_symlink_planted_after(
                 return "removed"
 
             assert as_nobody(remove) == "removed"
-
-            def plant() -> str:
-                os.rename(aside, path.with_name("taken.sock"))
-                os.symlink(open_arena.secret, aside)
-                return "planted"
-
-            def probe_then_plant(target: str | bytes) -> Probe:
-                found = probe(target)
-                assert as_nobody(plant) == "planted"  # right after the tap checked its names
-                return found
-
-            monkeypatch.setattr(interpose_module, "probe", probe_then_plant)
+            _plant_after_the_check(open_arena, monkeypatch)
             assert tapped.restore() == f"restored {path} (it had been removed while tapped)"
             assert os.lstat(path).st_ino == inode, "the path is not the server's socket"
             assert os.readlink(aside) == os.fspath(open_arena.secret)  # nobody's, left alone
