@@ -227,6 +227,11 @@ class MessageServer(MessageServing):
             close_fds(fds)
 
     # -- serving -------------------------------------------------------------------------
+    @property
+    def wakeup_fd(self) -> int:
+        """The write end of the pipe that wakes the serving loop (see run_until_signalled)."""
+        return self._wakeup.write_fd
+
     def stop(self) -> None:
         """Ask the server to stop; safe from handlers, other threads and signal handlers."""
         self._stopping = True

@@ -119,6 +119,11 @@ class Server:
         with self._lock:
             return len(self._active)
 
+    @property
+    def wakeup_fd(self) -> int:
+        """The write end of the pipe that wakes the serving loop (see run_until_signalled)."""
+        return self._wakeup.write_fd
+
     def stop(self) -> None:
         """Ask the server to stop; safe from handlers, other threads and signal handlers."""
         self._stopping = True
@@ -367,6 +372,8 @@ def serve(
 class _Serving(Protocol):
     @property
     def address(self) -> object: ...
+    @property
+    def wakeup_fd(self) -> int: ...
 
     def serve_forever(self) -> None: ...
     def stop(self) -> None: ...
@@ -382,12 +389,23 @@ def run_until_signalled(server: _Serving) -> None:
         log.info("%s: received %s, stopping", server.address, signal.Signals(signum).name)
         server.stop()
 
+    ring = -1
+    old_ring = -1
     try:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 previous[signum] = signal.signal(signum, on_signal)
+            # The kernel may hand the signal to a handler's thread: the main thread, asleep
+            # in poll(), would not run on_signal until something else woke it. Python's own
+            # handler writes to this descriptor in whatever thread it runs: a copy of the
+            # server's wake-up pipe, ours to close once the signals no longer write to it.
+            ring = os.dup(server.wakeup_fd)
+            old_ring = signal.set_wakeup_fd(ring, warn_on_full_buffer=False)
         server.serve_forever()
     finally:
+        if ring >= 0:
+            signal.set_wakeup_fd(old_ring)
+            os.close(ring)
         for signum, old in previous.items():
             signal.signal(signum, old)  # type: ignore[arg-type]
         server.close()

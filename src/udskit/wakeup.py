@@ -16,6 +16,11 @@ class WakeUp:
     def __init__(self) -> None:
         self.fd, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
+    @property
+    def write_fd(self) -> int:
+        """The end that ``wake()`` writes to (-1 once closed)."""
+        return self._write
+
     def wake(self) -> None:
         try:
             os.write(self._write, b"!")

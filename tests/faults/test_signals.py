@@ -72,6 +72,43 @@ def test_signal_stops_serve_cleanly(sockdir: Path, signum: int, kind: str) -> No
     assert os.listdir(sockdir) == []
 
 
+#: A server whose handler has the signal delivered to its own thread, as the kernel may.
+SIGNALLED_IN_A_HANDLER = """
+import signal, sys, threading
+import udskit
+
+def handler(channel):
+    for message in channel:
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+        channel.send(message)
+
+udskit.serve(sys.argv[1], handler)
+print("serve returned", flush=True)
+"""
+
+
+def test_a_signal_delivered_to_a_handlers_thread_stops_serve(sockdir: Path) -> None:
+    """The main thread sleeps in poll(); Python runs the signal handler only there, so the
+    signal must also wake it (signal.set_wakeup_fd), whichever thread the kernel chose."""
+    path = sockdir / "app.sock"
+    with subprocess.Popen(
+        [sys.executable, "-c", SIGNALLED_IN_A_HANDLER, os.fspath(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        try:
+            wait_connectable(path)
+            with udskit.connect(path, timeout=READY_TIMEOUT) as client:
+                client.send(b"signal yourself")
+                out, err = proc.communicate(timeout=READY_TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert (proc.returncode, out.decode(), err.decode()) == (0, "serve returned\n", "")
+    assert not path.exists()
+
+
 def test_serve_in_process_restores_the_previous_handlers(sockdir: Path) -> None:
     path = sockdir / "app.sock"
     received: list[bytes] = []
