@@ -42,7 +42,7 @@ from .serving import (
     check_server_options,
     refuse_shared_memory,
 )
-from .wakeup import WakeUp
+from .wakeup import WakeUp, woken_by_signals
 
 __all__ = ["MessageHandler", "MessageServer", "serve_messages"]
 
@@ -227,11 +227,6 @@ class MessageServer(MessageServing):
             close_fds(fds)
 
     # -- serving -------------------------------------------------------------------------
-    @property
-    def wakeup_fd(self) -> int:
-        """The write end of the pipe that wakes the serving loop (see run_until_signalled)."""
-        return self._wakeup.write_fd
-
     def stop(self) -> None:
         """Ask the server to stop; safe from handlers, other threads and signal handlers."""
         self._stopping = True
@@ -257,10 +252,11 @@ class MessageServer(MessageServing):
             self._threads.append(thread)
         upgrader = self._upgrader()
         try:
-            if upgrader is not None:
-                upgrader.ready()  # the previous process, if any, stops accepting
-            self._watch_listener(True)
-            self._run()
+            with woken_by_signals(self._wakeup):  # a handler's stop() is not left asleep
+                if upgrader is not None:
+                    upgrader.ready()  # the previous process, if any, stops accepting
+                self._watch_listener(True)
+                self._run()
         finally:
             self._shutdown()
 

@@ -39,7 +39,7 @@ from .channel import Channel
 from .errors import ConnectionClosed, Timeout, UdsError
 from .listening import DatagramListener, Listener, listen
 from .options import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CLIENTS, check_max_clients, check_seconds
-from .wakeup import WakeUp
+from .wakeup import WakeUp, woken_by_signals
 
 __all__ = ["DEFAULT_MAX_CLIENTS", "Handler", "Server", "serve"]
 
@@ -119,11 +119,6 @@ class Server:
         with self._lock:
             return len(self._active)
 
-    @property
-    def wakeup_fd(self) -> int:
-        """The write end of the pipe that wakes the serving loop (see run_until_signalled)."""
-        return self._wakeup.write_fd
-
     def stop(self) -> None:
         """Ask the server to stop; safe from handlers, other threads and signal handlers."""
         self._stopping = True
@@ -143,15 +138,16 @@ class Server:
         endpoint.socket.setblocking(False)
         upgrader = endpoint.upgrader
         try:
-            if upgrader is not None:
-                upgrader.on_handed_over(self._hand_over)
-                upgrader.ready()  # the previous process, if any, stops accepting
-            if isinstance(endpoint, DatagramListener):
-                self._serve_datagrams(endpoint)
-            else:
-                self._serve_connections(endpoint)
-            if self._draining:
-                self._drain()
+            with woken_by_signals(self._wakeup):  # a handler's stop() is not left asleep
+                if upgrader is not None:
+                    upgrader.on_handed_over(self._hand_over)
+                    upgrader.ready()  # the previous process, if any, stops accepting
+                if isinstance(endpoint, DatagramListener):
+                    self._serve_datagrams(endpoint)
+                else:
+                    self._serve_connections(endpoint)
+                if self._draining:
+                    self._drain()
         finally:
             self._shutdown()
 
@@ -372,8 +368,6 @@ def serve(
 class _Serving(Protocol):
     @property
     def address(self) -> object: ...
-    @property
-    def wakeup_fd(self) -> int: ...
 
     def serve_forever(self) -> None: ...
     def stop(self) -> None: ...
@@ -389,23 +383,12 @@ def run_until_signalled(server: _Serving) -> None:
         log.info("%s: received %s, stopping", server.address, signal.Signals(signum).name)
         server.stop()
 
-    ring = -1
-    old_ring = -1
     try:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 previous[signum] = signal.signal(signum, on_signal)
-            # The kernel may hand the signal to a handler's thread: the main thread, asleep
-            # in poll(), would not run on_signal until something else woke it. Python's own
-            # handler writes to this descriptor in whatever thread it runs: a copy of the
-            # server's wake-up pipe, ours to close once the signals no longer write to it.
-            ring = os.dup(server.wakeup_fd)
-            old_ring = signal.set_wakeup_fd(ring, warn_on_full_buffer=False)
         server.serve_forever()
     finally:
-        if ring >= 0:
-            signal.set_wakeup_fd(old_ring)
-            os.close(ring)
         for signum, old in previous.items():
             signal.signal(signum, old)  # type: ignore[arg-type]
         server.close()

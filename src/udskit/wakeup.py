@@ -3,9 +3,13 @@ signal handlers (one non-blocking write, errors ignored)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
+from collections.abc import Iterator
 
-__all__ = ["WakeUp"]
+__all__ = ["WakeUp", "woken_by_signals"]
 
 
 class WakeUp:
@@ -42,3 +46,28 @@ class WakeUp:
         for fd in ends:
             if fd >= 0:
                 os.close(fd)
+
+
+@contextlib.contextmanager
+def woken_by_signals(wakeup: WakeUp) -> Iterator[None]:
+    """While the block runs in the main thread, a signal also wakes ``wakeup``'s reader.
+
+    The kernel may hand a process's signal to any of its threads. Python runs the handler
+    only in the main thread, at its next instruction: one asleep in poll() while a worker
+    took the signal would not run it until something else woke it. Python's own handler
+    writes to the wakeup descriptor (``signal.set_wakeup_fd``) in whatever thread gets the
+    signal: here a copy of ``wakeup``'s write end, closed only once signals stop writing
+    to it. Elsewhere than the main thread, nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    ring = os.dup(wakeup.write_fd)
+    try:
+        previous = signal.set_wakeup_fd(ring, warn_on_full_buffer=False)
+        try:
+            yield
+        finally:
+            signal.set_wakeup_fd(previous)
+    finally:
+        os.close(ring)

@@ -72,8 +72,11 @@ def test_signal_stops_serve_cleanly(sockdir: Path, signum: int, kind: str) -> No
     assert os.listdir(sockdir) == []
 
 
-#: A server whose handler has the signal delivered to its own thread, as the kernel may.
-SIGNALLED_IN_A_HANDLER = """
+#: Servers whose handler has the signal delivered to its own thread, as the kernel may:
+#: serve() with its own signal handling, and a MessageServer whose program installs its own
+#: handler and calls serve_forever().
+SIGNALLED_IN_A_HANDLER = {
+    "serve": """
 import signal, sys, threading
 import udskit
 
@@ -84,15 +87,29 @@ def handler(channel):
 
 udskit.serve(sys.argv[1], handler)
 print("serve returned", flush=True)
-"""
+""",
+    "serve_forever": """
+import signal, sys, threading
+import udskit
+
+def handler(conn, message):
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+server = udskit.MessageServer(sys.argv[1], handler, workers=1)
+signal.signal(signal.SIGTERM, lambda *_: server.stop())
+server.serve_forever()
+print("serve returned", flush=True)
+""",
+}
 
 
-def test_a_signal_delivered_to_a_handlers_thread_stops_serve(sockdir: Path) -> None:
+@pytest.mark.parametrize("how", sorted(SIGNALLED_IN_A_HANDLER))
+def test_a_signal_delivered_to_a_handlers_thread_stops_the_server(sockdir: Path, how: str) -> None:
     """The main thread sleeps in poll(); Python runs the signal handler only there, so the
     signal must also wake it (signal.set_wakeup_fd), whichever thread the kernel chose."""
     path = sockdir / "app.sock"
     with subprocess.Popen(
-        [sys.executable, "-c", SIGNALLED_IN_A_HANDLER, os.fspath(path)],
+        [sys.executable, "-c", SIGNALLED_IN_A_HANDLER[how], os.fspath(path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     ) as proc:
