@@ -30,6 +30,7 @@ __all__ = [
     "Received",
     "ancillary_size",
     "close_fds",
+    "discard",
     "refuse_descriptors",
     "rights",
     "unpack",
@@ -179,6 +180,14 @@ def unpack(
     if not fds and not creds_sent:
         return _NOTHING
     return Received(fds, cred, creds_sent)
+
+
+def discard(ancdata: Iterable[tuple[int, int, bytes]], flags: int, where: object) -> None:
+    """Close every descriptor that came with a message nobody will take."""
+    try:
+        close_fds(unpack(ancdata, flags, where).fds)
+    except ProtocolError:
+        pass  # unpack closed what came
 
 
 def close_fds(fds: Iterable[int]) -> None:

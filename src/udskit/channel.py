@@ -35,6 +35,7 @@ from .ancillary import (
     RECV_FLAGS,
     ancillary_size,
     close_fds,
+    discard,
     refuse_descriptors,
     rights,
     unpack,
@@ -799,10 +800,7 @@ class Channel(ChannelFacts):
             got = self._read_failed(exc, views)
         if not got[0] and self._closed:
             if got[1]:  # an empty datagram may bring descriptors: nobody will take them
-                try:
-                    close_fds(unpack(got[1], got[2], self._where()).fds)
-                except ProtocolError:
-                    pass  # unpack closed what came
+                discard(got[1], got[2], self._where())
             self._check_open()
         return got
 

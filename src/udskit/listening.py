@@ -26,6 +26,7 @@ from .ancillary import (
     ControlDataError,
     ancillary_size,
     close_fds,
+    discard,
     refuse_descriptors,
     rights,
     unpack,
@@ -419,10 +420,7 @@ class DatagramListener(_Endpoint):
                     continue  # see _wait_readable
                 raise translate(exc, "recv", self.address) from exc
             if self._closed:  # close() in another thread woke us, or came as this arrived
-                try:
-                    close_fds(unpack(ancdata, flags, self.address).fds)
-                except ProtocolError:
-                    pass  # unpack closed what came
+                discard(ancdata, flags, self.address)
                 raise ConnectionClosed(f"listener on {self.address} is closed")
             where = sender_address(sender) or "an unbound sender"
             policy = self.policy
