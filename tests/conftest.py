@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,3 +58,29 @@ def no_fd_leak() -> Iterator[None]:
     # listdir itself holds one descriptor while it reads
     leaked = {fd for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")}
     assert not leaked, f"descriptors leaked: {sorted(leaked)}"
+
+
+def stop_loop_thread(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    """Stop ``loop``, running in ``thread``, the way ``asyncio.run()`` ends its loop.
+
+    Tasks still running (a handler waiting for its peer, a connection accepted but not yet
+    handed to its handler) are cancelled and run to their end, so that they close their
+    transports on the loop; closing the loop under them would leave the sockets to the
+    garbage collector, which reports them in whichever later test it happens to run.
+    """
+
+    async def cancel_the_rest() -> None:
+        current = asyncio.current_task()
+        rest = [task for task in asyncio.all_tasks() if task is not current]
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+        await loop.shutdown_asyncgens()
+
+    if thread.is_alive():
+        asyncio.run_coroutine_threadsafe(cancel_the_rest(), loop).result(READY_TIMEOUT)
+        # The callbacks that close the cancelled tasks' sockets were queued before this stop.
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(READY_TIMEOUT)
+    assert not thread.is_alive(), "event loop thread did not stop"
+    loop.close()

@@ -20,6 +20,7 @@ import udskit
 import udskit.aio
 from udskit import PeerCred
 
+from ..conftest import stop_loop_thread
 from ..integration.conformance import (
     ALL_SIZES,
     LINES_MAX,
@@ -66,10 +67,7 @@ class LoopThread:
         return self.run(wrapper())
 
     def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(THREAD_TIMEOUT)
-        assert not self._thread.is_alive(), "event loop thread did not stop"
-        self.loop.close()
+        stop_loop_thread(self.loop, self._thread)
 
 
 class AioTransport:

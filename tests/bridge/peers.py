@@ -18,7 +18,7 @@ import udskit
 import udskit.aio
 from udskit import bridge
 
-from ..conftest import READY_TIMEOUT
+from ..conftest import READY_TIMEOUT, stop_loop_thread
 
 T = TypeVar("T")
 
@@ -39,10 +39,7 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(READY_TIMEOUT)
-        assert not self._thread.is_alive(), "event loop thread did not stop"
-        self.loop.close()
+        stop_loop_thread(self.loop, self._thread)
 
 
 @contextlib.contextmanager
@@ -92,14 +89,27 @@ class StreamServer:
 
     def __init__(self, runner: LoopThread, address: str, handler: StreamHandler) -> None:
         self._runner = runner
+        self._writers: set[asyncio.StreamWriter] = set()
         target = udskit.Address.parse(address)
         # udskit binds socket files of any length; asyncio serves on the socket.
         self._listener = udskit.listen(target) if target.kind == "path" else None
-        self._server = runner.call(self._start(target, handler, self._listener))
+        self._server = runner.call(self._start(target, self._tracked(handler), self._listener))
         if target.kind == "tcp":
             port = self._server.sockets[0].getsockname()[1]
             target = udskit.Address("tcp", host=target.host, port=port)
         self.address = target
+
+    def _tracked(self, handler: StreamHandler) -> StreamHandler:
+        """``handler``, with its connection known to ``close()`` while it runs."""
+
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self._writers.add(writer)
+            try:
+                await handler(reader, writer)
+            finally:
+                self._writers.discard(writer)
+
+        return run
 
     @staticmethod
     async def _start(
@@ -114,7 +124,9 @@ class StreamServer:
 
     def close(self) -> None:
         async def stop() -> None:
-            self._server.close()
+            self._server.close()  # stops listening; the connections are ours to end
+            for writer in list(self._writers):
+                writer.transport.abort()
 
         self._runner.call(stop())
         if self._listener is not None:
