@@ -259,7 +259,7 @@ class Bridge:
         self._max_connections = max_connections
         self.target = target
         #: The listening address; for ``tcp:HOST:0``, with the port the kernel chose.
-        self.address = _bound_address(listener)
+        self.address = listener.address
         self._relays: set[_Relay] = set()
         self._pending: set[asyncio.Task[None]] = set()  # the tasks that open connections
         self._connecting = 0  # of those, the ones still connecting to the target
@@ -481,14 +481,6 @@ def _reset(transport: asyncio.BaseTransport) -> None:
         log.debug("cannot set SO_LINGER before a reset: %s", exc)
 
 
-def _bound_address(listener: Listener) -> Address:
-    address = listener.address
-    if address.kind == "tcp" and address.port == 0:
-        host, port = listener.socket.getsockname()[:2]
-        return Address("tcp", host=host, port=port)
-    return address
-
-
 async def connect_socket(target: Address) -> socket.socket:
     """A connected, non-blocking stream socket to ``target`` (a path of any length, an
     abstract name or ``tcp:``), for asyncio code. Failures raise udskit errors that say why
@@ -587,11 +579,6 @@ async def start(
         raise ValueError(
             f"cannot bridge {source} to itself: every connection would be relayed back to "
             "the bridge; give a TARGET other than LISTEN"
-        )
-    if allow is not None and source.kind == "tcp":
-        raise ValueError(
-            f"cannot apply an access policy on {source}: TCP clients carry no credentials; "
-            "listen on a Unix socket to restrict clients by uid or gid"
         )
     check_max_clients(max_connections, "max_connections")
     loop = asyncio.get_running_loop()

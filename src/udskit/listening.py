@@ -630,6 +630,7 @@ def listen(
     else:
         sock, bound = bind_listener(opts)
     try:
+        target = _bound_address(sock, target)
         if kind != socket.SOCK_DGRAM:
             return Listener(
                 sock,
@@ -652,6 +653,15 @@ def listen(
             bound.release()
         sock.close()
         raise
+
+
+def _bound_address(sock: socket.socket, target: Address) -> Address:
+    """``target``, with the port the kernel chose for ``tcp:HOST:0``: the address a client
+    can connect to."""
+    if target.kind == "tcp" and target.port == 0:
+        host, port = sock.getsockname()[:2]
+        return Address("tcp", host=host, port=port)
+    return target
 
 
 def bind_listener(opts: ListenOptions) -> tuple[socket.socket, Claim | None]:

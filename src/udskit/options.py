@@ -442,6 +442,29 @@ def pair_options(
     return kind
 
 
+def _check_fileless(target: Address, *, owner: object, group: object, allow: Policy | None) -> None:
+    """Refuse what would be silently ignored on an address with no socket file: an owner
+    for a file that does not exist, a policy on clients that carry no credentials."""
+    if target.kind == "tcp" and allow is not None:
+        raise ValueError(
+            f"cannot apply an access policy on {target}: TCP clients carry no credentials; "
+            "listen on a Unix socket to restrict clients by uid or gid"
+        )
+    if target.kind not in ("tcp", "abstract"):
+        return
+    what, instead = (
+        ("an abstract name", "pass allow= to choose who may connect")
+        if target.kind == "abstract"
+        else ("a TCP port", "listen on a socket file to choose who may connect")
+    )
+    for name, value in (("owner", owner), ("group", group)):
+        if value is not None:
+            raise ValueError(
+                f"{name}= sets the owner of a socket file, and {target} is {what}, with no "
+                f"file; {instead}"
+            )
+
+
 @dataclass(frozen=True, slots=True)
 class ListenOptions:
     """The options of a ``listen()``, checked; shared by the blocking and asyncio layers."""
@@ -488,6 +511,7 @@ def listen_options(
     uid, gid = resolve_uid(owner), resolve_gid(group)
     if allow is not None and not isinstance(allow, Policy):
         raise ValueError(f"allow must be a udskit.Policy or None, not {allow!r}")
+    _check_fileless(target, owner=owner, group=group, allow=allow)
     return ListenOptions(
         target, kind, backlog, mode, uid, gid, allow, framing, max_frame, limit, max_fds, buffers
     )

@@ -256,7 +256,8 @@ def test_tcp_for_bridging(arun: Run, no_fd_leak: None) -> None:
     async def main() -> None:
         async with await udskit.aio.listen("tcp:127.0.0.1:0") as listener:
             port = listener.socket.getsockname()[1]
-            async with await udskit.aio.connect(f"tcp:127.0.0.1:{port}") as client:
+            assert listener.address.port == port  # the port the kernel chose
+            async with await udskit.aio.connect(listener.address) as client:
                 assert client.peer is None
                 await client.send(b"over tcp")
                 async with await listener.accept() as server:

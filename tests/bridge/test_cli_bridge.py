@@ -172,7 +172,12 @@ def test_bridge_to_itself_is_refused(sockdir: Path, spelling: str) -> None:
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["--allow-uid", "0", "tcp:127.0.0.1:0", "/x.sock"], 2, "need a Unix LISTEN address"),
+        (["--allow-uid", "0", "tcp:127.0.0.1:0", "/x.sock"], 2, "TCP clients carry no credentials"),
+        (
+            ["--owner", "0", "@udskit-no-file", "/x.sock"],
+            2,
+            "--owner sets the owner of a socket file",
+        ),
         (["--allow-uid", "no-such-user-here", "/tmp/a.sock", "/x.sock"], 2, "unknown user"),
         (["--mode", "999", "/tmp/a.sock", "/x.sock"], 2, "not an octal permission number"),
         (["tcp:127.0.0.1:0", "fd:3"], 2, "not a descriptor"),

@@ -26,6 +26,7 @@ from tests.cli.conftest import (
     udskit,
 )
 from tests.conftest import wait_connectable
+from udskit import Address
 
 KINDS = {"stream": socket.SOCK_STREAM, "seqpacket": socket.SOCK_SEQPACKET}
 
@@ -276,6 +277,33 @@ def test_verbose_names_each_peer(sockdir: Path, background: list[Background]) ->
         f"udskit: client pid={client.pid} uid={os.geteuid()} gid={os.getegid()} process=socat"
     )
     assert client.wait() == 0
+
+
+def test_verbose_names_the_port_a_tcp_listener_got(background: list[Background]) -> None:
+    server = Background([*UDSKIT, "serve", "--echo", "-v", "tcp:127.0.0.1:0"])
+    background.append(server)
+    said = server.read_until(b"Ctrl-C stops", stream="stderr").decode()
+    where = said.split("serving ", 1)[1].split(" ", 1)[0]
+    port = Address.parse(where).port
+    assert port != 0, said
+    with socket.create_connection(("127.0.0.1", port), timeout=COMMAND_TIMEOUT) as client:
+        client.sendall(b"over tcp")
+        assert client.recv(64) == b"over tcp"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--owner", "0", "tcp:127.0.0.1:0"], "--owner sets the owner of a socket file"),
+        (["--group", "0", "@udskit-no-file"], "pass --allow-uid/--allow-gid to choose who"),
+        (["--allow-uid", "0", "tcp:127.0.0.1:0"], "TCP clients carry no credentials"),
+    ],
+)
+def test_options_that_need_a_socket_file_are_refused_without_one(
+    args: list[str], message: str
+) -> None:
+    said = one_line_error(udskit("serve", "--echo", *args), 2)
+    assert message in said, said
 
 
 @pytest.mark.parametrize("action", [["--echo"], ["--print"]])

@@ -179,6 +179,38 @@ def test_tcp_port_in_use() -> None:
             udskit.listen(f"tcp:127.0.0.1:{port}")
 
 
+def test_a_tcp_listener_on_port_0_reports_the_port_it_got() -> None:
+    with udskit.listen("tcp:127.0.0.1:0") as listener:
+        port = listener.socket.getsockname()[1]
+        assert listener.address == udskit.Address("tcp", host="127.0.0.1", port=port)
+        with socket.create_connection(("127.0.0.1", listener.address.port), timeout=PATIENCE):
+            listener.settimeout(PATIENCE)
+            listener.accept().close()
+
+
+@pytest.mark.parametrize(
+    ("address", "options", "message"),
+    [
+        ("tcp:127.0.0.1:0", {"owner": 0}, r"owner= sets the owner of a socket file, .* a TCP port"),
+        ("tcp:127.0.0.1:0", {"group": 0}, r"group= sets the owner .* listen on a socket file"),
+        ("@udskit-no-file", {"owner": 0}, r"owner= .* an abstract name, with no file; pass allow="),
+        ("@udskit-no-file", {"group": "root"}, r"group= .* an abstract name"),
+        (
+            "tcp:127.0.0.1:0",
+            {"allow": udskit.Policy.same_user_only()},
+            "TCP clients carry no credentials",
+        ),
+    ],
+)
+def test_options_that_need_a_socket_file_are_refused_without_one(
+    address: str, options: dict[str, object], message: str
+) -> None:
+    """An owner for a file that does not exist, or a policy on clients without credentials,
+    would be silently ignored: the caller who asked for it believes access is restricted."""
+    with pytest.raises(ValueError, match=message):
+        udskit.listen(address, **options)  # type: ignore[call-overload]
+
+
 def test_tcp_takes_stream_only() -> None:
     with pytest.raises(ValueError, match="TCP addresses take type='stream' only"):
         udskit.listen("tcp:127.0.0.1:0", type="dgram")

@@ -20,7 +20,7 @@ __all__ = ["in_cli_words", "without_reprs"]
 #: space, punctuation or the end), never part of a longer name (``sock.type=``,
 #: ``subtype=``) nor of a path the user gave (``/srv/type=x/app.sock``).
 _KEYWORD: Final = re.compile(
-    r"(?:(?<=\s)|^)(type|framing|bind|allow)=(?:'([^'\s/]*)')?(?=[\s,;:)]|$)"
+    r"(?:(?<=\s)|^)(type|framing|bind|allow|owner|group)=(?:'([^'\s/]*)')?(?=[\s,;:)]|$)"
 )
 
 #: Keywords whose options have other names: ``allow=`` (a whole access policy) is

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-import udskit
 from udskit import bridge
 
 from ._options import add_listening, policy_for, positive_int
-from .main import EXIT_OK, UsageError
+from .main import EXIT_OK
 
 HELP = "relay connections between two addresses (TCP <-> Unix socket, abstract <-> path)"
 
@@ -37,10 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     policy = policy_for(args)
-    if policy is not None and udskit.Address.parse(args.listen).kind == "tcp":
-        raise UsageError(
-            "--allow-uid/--allow-gid need a Unix LISTEN address: TCP clients carry no credentials"
-        )
 
     def started(running: bridge.Bridge) -> None:
         print(f"listening on {running.address} -> {running.target}", flush=True)

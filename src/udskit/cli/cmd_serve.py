@@ -166,9 +166,9 @@ def run(args: argparse.Namespace) -> int:
                 service.server = server
                 stopper.service = service
                 if args.verbose:
-                    kind = server.listener.address.kind
-                    shown = f", mode {args.mode:04o}" if kind == "path" else ""
-                    err(f"serving {args.address} ({args.type}{shown}); Ctrl-C stops")
+                    where = server.listener.address  # with the port that tcp:HOST:0 got
+                    shown = f", mode {args.mode:04o}" if where.kind == "path" else ""
+                    err(f"serving {where} ({args.type}{shown}); Ctrl-C stops")
                 if not stopper.requested:
                     server.serve_forever()
                 unit.finished = not stopper.requested  # --until, --once: done for good
