@@ -289,6 +289,15 @@ def test_bad_address_is_a_finding() -> None:
     assert "[problem] address: unknown address scheme 'gopher'" in result.text
 
 
+def test_an_empty_address_is_named_in_the_report() -> None:
+    result = doctor("")
+    assert result.code == 1
+    lines = result.text.splitlines()
+    assert lines[0].startswith("doctor: '' for "), lines
+    assert "[problem] address: empty address" in result.text
+    assert lines[-1].endswith("cannot connect to '': 1 problem"), lines
+
+
 def test_unknown_user_is_a_usage_error(sockdir: Path) -> None:
     result = udskit("doctor", "--as", "no-such-user-here", sockdir / "x.sock")
     assert result.code == 2

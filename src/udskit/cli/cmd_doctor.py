@@ -99,7 +99,8 @@ def http_finding(address: str) -> inspect.Finding:
 
 def render(diagnosis: inspect.Diagnosis) -> list[str]:
     """The diagnosis as lines of text: a heading, each finding, a verdict."""
-    lines = [f"doctor: {diagnosis.address} for {diagnosis.user}"]
+    address = diagnosis.address or "''"  # an empty ADDR, named so that the lines still read
+    lines = [f"doctor: {address} for {diagnosis.user}"]
     for finding in diagnosis.findings:
         status = f"[{finding.status}]".ljust(_STATUS_WIDTH)
         lines.append(f"{status} {finding.check}: {finding.summary}")
@@ -108,8 +109,8 @@ def render(diagnosis: inspect.Diagnosis) -> list[str]:
     who = diagnosis.user.name
     problems = len(diagnosis.problems)
     if diagnosis.ok:
-        lines.append(f"=> {who} can connect to {diagnosis.address}")
+        lines.append(f"=> {who} can connect to {address}")
     else:
         plural = "s" if problems > 1 else ""
-        lines.append(f"=> {who} cannot connect to {diagnosis.address}: {problems} problem{plural}")
+        lines.append(f"=> {who} cannot connect to {address}: {problems} problem{plural}")
     return lines
