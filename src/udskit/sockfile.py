@@ -94,6 +94,11 @@ TAPPED_SUFFIX: Final = b".udskit-tapped"
 #: The socket types a probe tries, in order, until one is not EPROTOTYPE.
 _PROBE_TYPES: Final = (socket.SOCK_STREAM, socket.SOCK_SEQPACKET, socket.SOCK_DGRAM)
 
+#: What a failed claim says it could not do: a server listens on its path, a client binds
+#: its own (for replies).
+_LISTEN_ON: Final = "listen on"
+_BIND_TO: Final = "bind to"
+
 
 @dataclass(frozen=True, slots=True)
 class Probe:
@@ -493,7 +498,7 @@ def _refuse_if_tapped(directory: _Directory, address: Address) -> None:
     )
 
 
-def _make_room(directory: _Directory, address: Address) -> None:
+def _make_room(directory: _Directory, address: Address, doing: str = _LISTEN_ON) -> None:
     """Leave PATH free, or raise: never unlink anything but a stale socket.
 
     The file at PATH is held open (O_PATH, not following a symlink) from the first look to
@@ -511,16 +516,16 @@ def _make_room(directory: _Directory, address: Address) -> None:
         found = os.fstat(held)
         if not stat.S_ISSOCK(found.st_mode):
             raise SocketFileError(
-                f"cannot listen on {address}: a {kind_of(found.st_mode)} is in the way, and "
+                f"cannot {doing} {address}: a {kind_of(found.st_mode)} is in the way, and "
                 "udskit never deletes what is not a socket; move it away or choose another path",
                 errno=errno.EEXIST,
             )
         found_probe = probe(f"/proc/self/fd/{held}")
         if found_probe.live:
-            _raise_in_use(address, found_probe, found.st_uid)
+            _raise_in_use(address, found_probe, found.st_uid, doing)
         if found_probe.errno in (errno.EACCES, errno.EPERM):
             raise AddressInUse(
-                f"cannot listen on {address}: a socket owned by uid {found.st_uid} is there and "
+                f"cannot {doing} {address}: a socket owned by uid {found.st_uid} is there and "
                 "we may not connect to it to see whether it is alive; stop its server or remove "
                 "it as that user",
                 uid=found.st_uid,
@@ -533,7 +538,7 @@ def _make_room(directory: _Directory, address: Address) -> None:
         os.close(held)
     if other is not None:
         raise SocketFileError(
-            f"cannot listen on {address}: the stale socket there was replaced by a "
+            f"cannot {doing} {address}: the stale socket there was replaced by a "
             f"{kind_of(other.st_mode)} (uid {other.st_uid}) while we removed it; it is left in "
             f"place: another user can write to {directory.parent}; make it writable only by "
             "the server's user, or choose another path",
@@ -541,7 +546,9 @@ def _make_room(directory: _Directory, address: Address) -> None:
         )
 
 
-def _raise_in_use(address: Address, found: Probe, file_uid: int | None) -> None:
+def _raise_in_use(
+    address: Address, found: Probe, file_uid: int | None, doing: str = _LISTEN_ON
+) -> None:
     if found.cred is not None:
         owner = f"pid {found.cred.pid} ({found.cred.process_name}), uid {found.cred.uid}"
         pid: int | None = found.cred.pid
@@ -550,7 +557,7 @@ def _raise_in_use(address: Address, found: Probe, file_uid: int | None) -> None:
         owner, pid, uid = f"uid {file_uid}", None, file_uid
     busy = " (its backlog is full)" if found.errno == errno.EAGAIN else ""
     raise AddressInUse(
-        f"cannot listen on {address}: a live server owns it{busy}: {owner}; stop it first, or "
+        f"cannot {doing} {address}: a live server owns it{busy}: {owner}; stop it first, or "
         "choose another path",
         pid=pid,
         uid=uid,
@@ -633,7 +640,13 @@ def bind_private(
 
 
 def _bind_in_place(
-    sock: socket.socket, directory: _Directory, address: Address, mode: int, uid: int, gid: int
+    sock: socket.socket,
+    directory: _Directory,
+    address: Address,
+    mode: int,
+    uid: int,
+    gid: int,
+    doing: str = _LISTEN_ON,
 ) -> tuple[int, int]:
     """Bind at PATH itself (datagram servers, clients' own paths), never visible with more
     permission than ``mode``.
@@ -652,7 +665,9 @@ def _bind_in_place(
     with translating("bind", address):
         sock.bind(directory.sun_path(directory.name, directory.path))
     try:
-        return _set_mode_and_owner(sock, directory.fd, directory.name, address, mode, uid, gid)
+        return _set_mode_and_owner(
+            sock, directory.fd, directory.name, address, mode, uid, gid, doing
+        )
     except BaseException:
         _remove_bound(sock, directory)  # a claim that failed leaves nothing behind
         raise
@@ -675,7 +690,14 @@ def _remove_bound(sock: socket.socket, directory: _Directory) -> None:
 
 
 def _set_mode_and_owner(
-    sock: socket.socket, dir_fd: int, name: bytes, address: Address, mode: int, uid: int, gid: int
+    sock: socket.socket,
+    dir_fd: int,
+    name: bytes,
+    address: Address,
+    mode: int,
+    uid: int,
+    gid: int,
+    doing: str = _LISTEN_ON,
 ) -> tuple[int, int]:
     """chmod/chown the file ``sock``'s bind() created at ``name``; its (st_dev, st_ino).
 
@@ -696,7 +718,7 @@ def _set_mode_and_owner(
         info = os.fstat(fd) if fd >= 0 else None
         if info is None or not _is_our_file(sock, info):
             raise SocketFileError(
-                f"cannot listen on {address}: the socket file was moved or replaced while we "
+                f"cannot {doing} {address}: the socket file was moved or replaced while we "
                 f"created it, so its mode and owner were not set and it is not ours to remove: "
                 f"another user can write to {os.fsdecode(os.path.dirname(address.absolute().raw))};"
                 " make that directory writable only by the server's user (or set its sticky "
@@ -944,8 +966,8 @@ def bind_reply_path(sock: socket.socket, address: Address, mode: int = 0o600) ->
     directory = _Directory(path)
     try:
         with translating("claim", address), _Lock(directory):
-            _make_room(directory, address)
-            dev_ino = _bind_in_place(sock, directory, address, mode, -1, -1)
+            _make_room(directory, address, _BIND_TO)
+            dev_ino = _bind_in_place(sock, directory, address, mode, -1, -1, _BIND_TO)
         return Claim(address, directory, dev_ino)
     except BaseException:
         directory.close()
