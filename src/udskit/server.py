@@ -12,8 +12,10 @@ Each wake-up accepts up to ACCEPT_BATCH clients, until the queue is empty, and s
 thread for each without waiting for it to run. Handler threads get HANDLER_STACK_SIZE
 stacks. What a client costs in memory: its thread, its socket, and a receive buffer of one
 page while it sends short messages (see ``udskit.channel.RECV_START``); about 20 KiB of
-resident memory per idle stream client, measured. ``stop()`` shuts every client's socket
-down at once, then waits for all their handlers, SHUTDOWN_GRACE seconds in all.
+resident memory per idle stream client, measured (a seqpacket client's buffer holds a
+whole max_frame message, but only the pages its largest message filled are resident).
+``stop()`` shuts every client's socket down at once, then waits for all their handlers,
+SHUTDOWN_GRACE seconds in all.
 
 accept(2) errors are handled as :mod:`udskit.accepting` explains (out of descriptors: back
 off, never spin).
