@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import _thread
 import logging
-import os
 import select
 import signal
 import socket
@@ -217,13 +216,7 @@ class Server:
             except OSError as exc:
                 if classify(exc) is not AcceptVerdict.BACK_OFF:
                     raise
-                pause = self._backoff.next()
-                log.warning(
-                    "%s: accept failed (%s); retrying in %.2f s",
-                    listener.address,
-                    os.strerror(exc.errno or 0),
-                    pause,
-                )
+                pause = self._backoff.failed(exc, listener.address)
                 poller.unregister(fd)  # the queued client keeps it readable: no spinning
                 watching = False
                 self._wait(pause)  # stop() cuts it short
@@ -241,7 +234,7 @@ class Server:
                     continue  # that client gave up: take the next one
                 raise  # those accepted so far are started already
             accepted += 1
-            self._backoff.reset()
+            self._backoff.succeeded(listener.address)
             self._start_client(listener, conn)
 
     def _start_client(self, listener: Listener, conn: socket.socket) -> None:
