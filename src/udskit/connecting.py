@@ -54,10 +54,9 @@ def connect(
 
     ``timeout`` bounds the connect (a server's full backlog is waited out that long, as a
     blocking connect waits; 0 does not wait) and becomes the channel's send/recv timeout.
-    ``bind``
-    gives the client its own path first (S7). A datagram client always has one, so that the
-    server can answer: without ``bind``, a private path in a fresh 0700 directory, removed on
-    close. ``expect_uid`` refuses a server that does not run as that uid (PeerRejected).
+    ``bind`` gives the client its own path first (S7). A datagram client always has one, so
+    that the server can answer: without ``bind``, a private path in a fresh 0700 directory,
+    removed on close. ``expect_uid`` refuses a server that does not run as that uid (PeerRejected).
     ``sndbuf``/``rcvbuf`` size the socket buffers (None: 1 MiB for streams, the kernel's
     default otherwise; 0: the kernel's default).
     ``shared_memory`` (True, or a pool size in bytes) opts in to moving large messages
