@@ -29,6 +29,7 @@ import pytest
 import udskit
 import udskit.aio
 from udskit import Channel, ConnectionClosed
+from udskit.server import SHUTDOWN_GRACE
 
 from ..conftest import READY_TIMEOUT, open_fds, stop_loop_thread
 
@@ -49,8 +50,13 @@ RSS_PER_CLIENT = 64 * 1024
 EXTRA_THREADS = 4
 
 #: How long stop() may take with every client connected: the handlers all see their
-#: connection end at once, so this is far below the servers' SHUTDOWN_GRACE.
-STOP_WITHIN = 4.0
+#: connection end at once, well within SHUTDOWN_GRACE (1 to 2 s for the thread-per-client
+#: Server, measured); the grace is what stop() promises, on a machine however busy.
+STOP_WITHIN = SHUTDOWN_GRACE + 1.0
+
+#: How long the clients wait for their answers, and the test for everything: ten thousand
+#: handler threads taking turns at the GIL on a shared CI machine are slow, not stuck.
+ANSWER_WITHIN = 40.0
 
 #: The client side: CLIENTS connections, one message and its answer on each, then (on "end")
 #: how many connections the server ended. Reports one JSON line per step.
@@ -220,6 +226,7 @@ def _tell(child: subprocess.Popen[str]) -> None:
     child.stdin.flush()
 
 
+@pytest.mark.timeout(ANSWER_WITHIN + 60)
 @pytest.mark.parametrize("kind", ["stream", "seqpacket"])
 @pytest.mark.parametrize("which", SERVERS)
 def test_ten_thousand_clients_at_once(
@@ -231,7 +238,7 @@ def test_ten_thousand_clients_at_once(
     with running(which, path, kind) as (server, stop, thread):
         rss_before = _status("VmRSS")
         with subprocess.Popen(
-            [sys.executable, "-c", CLIENT, os.fspath(path), kind, str(CLIENTS), "20"],
+            [sys.executable, "-c", CLIENT, os.fspath(path), kind, str(CLIENTS), str(ANSWER_WITHIN)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
