@@ -18,8 +18,10 @@ on this one survey (Linux accept(2), man 2 accept; net/unix/af_unix.c; net/ipv4/
   udskit listener never is.)
 * EMFILE, ENFILE: out of descriptors (ours, or the system's). The pending connection stays
   queued, so the listener stays readable and an immediate retry would spin at 100% CPU. We
-  log and back off (ACCEPT_BACKOFF doubling to ACCEPT_BACKOFF_MAX) while established
-  connections finish and free descriptors; a success starts the pauses over.
+  back off (ACCEPT_BACKOFF doubling to ACCEPT_BACKOFF_MAX) while established connections
+  finish and free descriptors; a success starts the pauses over. The first failure of a run
+  is logged as a warning that says what to do, the retries at debug level, the recovery
+  once: a server out of descriptors for an hour logs two lines, not one a second.
 * ENOBUFS, ENOMEM: out of kernel memory; the same back-off.
 * anything else (EBADF, EINVAL, ENOTSOCK, ...): a bug or a closed listener; stop accepting
   and report it.
@@ -31,6 +33,9 @@ from __future__ import annotations
 
 import enum
 import errno
+import logging
+import os
+import time
 from typing import Final
 
 __all__ = [
@@ -42,6 +47,8 @@ __all__ = [
     "Backoff",
     "classify",
 ]
+
+log = logging.getLogger("udskit")
 
 #: First pause after EMFILE/ENFILE/ENOBUFS/ENOMEM on accept: short, since a descriptor is
 #: often freed within milliseconds by a connection ending.
@@ -90,14 +97,27 @@ def classify(exc: OSError) -> AcceptVerdict:
     return AcceptVerdict.FATAL
 
 
+#: What a BACK_OFF errno means for the server, and what to do about it.
+_ADVICE: Final = {
+    errno.EMFILE: "this process has no descriptor left (raise its open-file limit: ulimit -n, "
+    "or LimitNOFILE= under systemd)",
+    errno.ENFILE: "the system has no descriptor left (raise fs.file-max, or end other "
+    "processes' files)",
+    errno.ENOBUFS: "the kernel is out of memory for sockets",
+    errno.ENOMEM: "the kernel is out of memory for sockets",
+}
+
+
 class Backoff:
     """The pauses of one accept loop: ``next()`` gives the pause to take now, each twice
     the one before up to ACCEPT_BACKOFF_MAX; ``reset()`` after an accept that worked."""
 
-    __slots__ = ("_delay",)
+    __slots__ = ("_delay", "_failures", "_since")
 
     def __init__(self) -> None:
         self._delay = ACCEPT_BACKOFF
+        self._failures = 0  # in the current run of failures
+        self._since = 0.0  # when that run began (time.monotonic())
 
     @property
     def delay(self) -> float:
@@ -105,12 +125,48 @@ class Backoff:
         return self._delay
 
     def next(self) -> float:
+        if not self._failures:
+            self._since = time.monotonic()
+        self._failures += 1
         delay = self._delay
         self._delay = min(delay * 2, ACCEPT_BACKOFF_MAX)
         return delay
 
     def reset(self) -> None:
         self._delay = ACCEPT_BACKOFF
+        self._failures = 0
+
+    def failed(self, exc: OSError, address: object) -> float:
+        """Count a BACK_OFF failure of accept(2) on ``address``, log it (the first of a
+        run as a warning that says what to do, the others at debug level) and return the
+        pause to take."""
+        first = not self._failures
+        pause = self.next()
+        reason = os.strerror(exc.errno or 0)
+        if first:
+            log.warning(
+                "%s: accept failed (%s): %s; the clients connected are still served, new "
+                "ones wait in the backlog; retrying, first in %.2f s",
+                address,
+                reason,
+                _ADVICE.get(exc.errno or 0, "out of resources"),
+                pause,
+            )
+        else:
+            log.debug("%s: accept failed (%s); retrying in %.2f s", address, reason, pause)
+        return pause
+
+    def succeeded(self, address: object) -> None:
+        """accept(2) worked: the pauses start over; the end of a run of failures is
+        logged once."""
+        if self._failures:
+            log.warning(
+                "%s: accepting again, after %d failed tries in %.1f s",
+                address,
+                self._failures,
+                time.monotonic() - self._since,
+            )
+        self.reset()
 
     def __repr__(self) -> str:
         return f"<Backoff next={self._delay:g} s>"

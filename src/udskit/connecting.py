@@ -6,13 +6,14 @@ import errno
 import os
 import secrets
 import socket
+import struct
 import tempfile
 from typing import Final
 
 from .address import Address, AddressLike, sun_path
 from .channel import Channel
 from .creds import peer_cred, require_uid
-from .errors import SocketFileError
+from .errors import SocketFileError, Timeout
 from .options import (
     check_client_shared_memory,
     check_shared_memory,
@@ -51,10 +52,11 @@ def connect(
 ) -> Channel:
     """Connect to ``address`` and return a Channel.
 
-    ``timeout`` bounds the connect and becomes the channel's send/recv timeout. ``bind``
-    gives the client its own path first (S7). A datagram client always has one, so that the
-    server can answer: without ``bind``, a private path in a fresh 0700 directory, removed on
-    close. ``expect_uid`` refuses a server that does not run as that uid (PeerRejected).
+    ``timeout`` bounds the connect (a server's full backlog is waited out that long, as a
+    blocking connect waits; 0 does not wait) and becomes the channel's send/recv timeout.
+    ``bind`` gives the client its own path first (S7). A datagram client always has one, so
+    that the server can answer: without ``bind``, a private path in a fresh 0700 directory,
+    removed on close. ``expect_uid`` refuses a server that does not run as that uid (PeerRejected).
     ``sndbuf``/``rcvbuf`` size the socket buffers (None: 1 MiB for streams, the kernel's
     default otherwise; 0: the kernel's default).
     ``shared_memory`` (True, or a pool size in bytes) opts in to moving large messages
@@ -97,7 +99,7 @@ def connect(
         tune_buffers(sock, sndbuf, rcvbuf)
         sock.settimeout(timeout)
         with translating("connect", target, tried=kind), sun_path(target) as where:
-            sock.connect(where)
+            _connect_waiting(sock, where, timeout, target)
         if kind == socket.SOCK_DGRAM:
             peer = None
         else:
@@ -121,6 +123,41 @@ def connect(
     if reply_dir is not None:
         channel._adopt_reply_dir(reply_dir)
     return channel
+
+
+def _connect_waiting(
+    sock: socket.socket, where: str | bytes, timeout: float | None, target: Address
+) -> None:
+    """connect(2), waiting up to ``timeout`` while the listener's backlog is full.
+
+    A socket with a timeout is non-blocking to the kernel, and a non-blocking Unix connect
+    never waits: a full backlog fails it with EAGAIN at once, where a blocking connect
+    sleeps until the server accepts (a burst of clients, a server at max_clients). So the
+    connect is made blocking, bounded by SO_SNDTIMEO, which is the kernel's bound for
+    exactly that sleep (net/unix/af_unix.c, unix_stream_connect: unix_wait_for_peer); it
+    fails with EAGAIN once that has passed. A datagram connect never waits on a backlog.
+    """
+    if not timeout or sock.type == socket.SOCK_DGRAM:  # None waits; 0 must not
+        sock.connect(where)
+        return
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
+    try:
+        sock.connect(where)
+    except BlockingIOError as exc:
+        raise Timeout(
+            f"connect to {target} timed out: the server's backlog stayed full for "
+            f"{timeout:g} s; it is not accepting fast enough"
+        ) from exc
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0))
+        sock.settimeout(timeout)
+
+
+def _timeval(seconds: float) -> bytes:
+    """A struct timeval of ``seconds`` (0: no bound), at least a microsecond otherwise."""
+    micros = max(1, round(seconds * 1_000_000)) if seconds else 0
+    return struct.pack("@ll", *divmod(micros, 1_000_000))
 
 
 def bind_marker(sock: socket.socket) -> None:

@@ -48,6 +48,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final
 
+from .accepting import AcceptVerdict, Backoff, classify
 from .address import Address, AddressLike
 from .ancillary import RECV_FLAGS, ControlDataError, ancillary_size, close_fds, rights, unpack
 from .creds import peer_cred
@@ -743,6 +744,10 @@ class _Offer:
         self._pending: list[_Conversation] = []
         self._successor: _Conversation | None = None
         self._upgrade: _Upgrade | None = None
+        # Out of descriptors, a request stays queued and the control socket readable: it is
+        # not watched until _accept_at (see udskit.accepting), or the thread would spin.
+        self._backoff = Backoff()
+        self._accept_at: float | None = None
         self._thread = threading.Thread(target=self._run, name="udskit-handover", daemon=True)
 
     @property
@@ -783,7 +788,10 @@ class _Offer:
         conversations = self._conversations()
         poller = select.poll()
         poller.register(self._wakeup.fd, select.POLLIN)
-        poller.register(self._sock, select.POLLIN)
+        if self._accept_at is not None and time.monotonic() >= self._accept_at:
+            self._accept_at = None  # the back-off is over: look again
+        if self._accept_at is None:
+            poller.register(self._sock, select.POLLIN)
         for conv in conversations:
             poller.register(conv.sock, select.POLLIN)
         if self._upgrade is not None:
@@ -791,6 +799,8 @@ class _Offer:
         deadlines = [conv.deadline for conv in conversations]
         if self._upgrade is not None:
             deadlines.append(self._upgrade.deadline)
+        if self._accept_at is not None:
+            deadlines.append(self._accept_at)
         wait = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
         ready = {fd for fd, _ in poller.poll(None if wait is None else wait * 1000 + 1)}
         if self._wakeup.fd in ready:
@@ -826,8 +836,16 @@ class _Offer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
+                verdict = classify(exc)
+                if verdict is AcceptVerdict.RETRY:
+                    continue  # that asker gave up while queued
+                if verdict is AcceptVerdict.BACK_OFF:
+                    pause = self._backoff.failed(exc, f"{self._where} (handover socket)")
+                    self._accept_at = time.monotonic() + pause
+                    return
                 log.warning("%s: handover socket: accept failed: %s", self._where, exc)
                 return
+            self._backoff.succeeded(f"{self._where} (handover socket)")
             sock.settimeout(self._timeout)
             cred = peer_cred(sock)
             if cred.uid not in (os.geteuid(), 0):

@@ -12,8 +12,10 @@ Each wake-up accepts up to ACCEPT_BATCH clients, until the queue is empty, and s
 thread for each without waiting for it to run. Handler threads get HANDLER_STACK_SIZE
 stacks. What a client costs in memory: its thread, its socket, and a receive buffer of one
 page while it sends short messages (see ``udskit.channel.RECV_START``); about 20 KiB of
-resident memory per idle stream client, measured. ``stop()`` shuts every client's socket
-down at once, then waits for all their handlers, SHUTDOWN_GRACE seconds in all.
+resident memory per idle stream client, measured (a seqpacket client's buffer holds a
+whole max_frame message, but only the pages its largest message filled are resident).
+``stop()`` shuts every client's socket down at once, then waits for all their handlers,
+SHUTDOWN_GRACE seconds in all.
 
 accept(2) errors are handled as :mod:`udskit.accepting` explains (out of descriptors: back
 off, never spin).
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import _thread
 import logging
-import os
 import select
 import signal
 import socket
@@ -215,13 +216,7 @@ class Server:
             except OSError as exc:
                 if classify(exc) is not AcceptVerdict.BACK_OFF:
                     raise
-                pause = self._backoff.next()
-                log.warning(
-                    "%s: accept failed (%s); retrying in %.2f s",
-                    listener.address,
-                    os.strerror(exc.errno or 0),
-                    pause,
-                )
+                pause = self._backoff.failed(exc, listener.address)
                 poller.unregister(fd)  # the queued client keeps it readable: no spinning
                 watching = False
                 self._wait(pause)  # stop() cuts it short
@@ -239,7 +234,7 @@ class Server:
                     continue  # that client gave up: take the next one
                 raise  # those accepted so far are started already
             accepted += 1
-            self._backoff.reset()
+            self._backoff.succeeded(listener.address)
             self._start_client(listener, conn)
 
     def _start_client(self, listener: Listener, conn: socket.socket) -> None:

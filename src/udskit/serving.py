@@ -507,19 +507,13 @@ class MessageServing:
                     self._back_off(exc)
                     return
                 raise
-            self._backoff.reset()
+            self._backoff.succeeded(self.address)
             self._start(endpoint, client)
 
     def _back_off(self, exc: OSError) -> None:
         """Out of descriptors (or kernel memory): the pending client stays queued, so the
         listener stays readable; stop watching it for a while instead of spinning."""
-        delay = self._backoff.next()
-        log.warning(
-            "%s: accept failed (%s); not accepting for %.2f s",
-            self.address,
-            os.strerror(exc.errno or 0),
-            delay,
-        )
+        delay = self._backoff.failed(exc, self.address)
         self._watch_listener(False)
         self._backing_off = True
         self._retry_accept_in(delay)

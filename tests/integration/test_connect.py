@@ -135,12 +135,16 @@ def test_backlog_full(sockdir: Path) -> None:
                 queued.append(client)
                 if client.connect_ex(os.fspath(path)) == errno.EAGAIN:
                     break
-            error = _connect_error(path, timeout=0.5)
+            error = _connect_error(path, timeout=0)  # 0: no waiting for room
+            with pytest.raises(udskit.Timeout) as waited:
+                udskit.connect(path, timeout=0.2)  # waits for room, then gives up
         finally:
             for client in queued:
                 client.close()
     assert "backlog is full" in str(error)
     assert error.errno == errno.EAGAIN
+    assert "backlog stayed full for 0.2 s" in str(waited.value)
+    assert isinstance(waited.value.__cause__, BlockingIOError), "the OS error is chained"
 
 
 def _abstract() -> str:

@@ -25,9 +25,9 @@ import socket
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
-from ..accepting import ACCEPT_BACKOFF, ACCEPT_BACKOFF_MAX
 from ..accepting import RESOURCE_ERRNOS as _RESOURCE_ERRNOS
 from ..accepting import RETRY_ERRNOS as _RETRY_ERRNOS
+from ..accepting import Backoff
 from ..address import Address, AddressLike
 from ..errors import ConnectionClosed, ProtocolError, UdsError
 from ..options import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CLIENTS, check_max_clients, check_seconds
@@ -153,7 +153,7 @@ class Server:
 
     async def _serve_connections(self, listener: Listener) -> None:
         loop = asyncio.get_running_loop()
-        backoff = ACCEPT_BACKOFF
+        backoff = Backoff()
         while not self._stopping:
             if self._max_clients is not None and len(self._clients) >= self._max_clients:
                 await self._wake.wait(loop, None)  # a handler finished, or stop()
@@ -168,17 +168,11 @@ class Server:
                 if exc.errno in _RETRY_ERRNOS:
                     continue
                 if exc.errno in _RESOURCE_ERRNOS:
-                    log.warning(
-                        "%s: accept failed (%s); retrying in %.2f s",
-                        listener.address,
-                        exc.strerror,
-                        backoff,
-                    )
-                    await self._wake.wait(loop, backoff)  # stop() cuts the pause short
-                    backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
+                    pause = backoff.failed(exc, listener.address)
+                    await self._wake.wait(loop, pause)  # stop() cuts the pause short
                     continue
                 raise translate(exc, "accept", listener.address) from exc
-            backoff = ACCEPT_BACKOFF
+            backoff.succeeded(listener.address)
             channel = listener.admit(conn)
             if channel is None:
                 continue
