@@ -774,7 +774,7 @@ class Channel(Sending, ChannelFacts):
             if fd >= 0:
                 # In a sendmsg() of its own (the send queue keeps one for anything with
                 # descriptors), so that the pool arrives with this record.
-                self._write([encode_record(ATTACH, shm.pool_size)], rights([fd], 1))
+                self._write([encode_record(ATTACH, shm.pool_size)], [fd])
             self._write([encode_record(SLOT, offset, size)], [])
         except BaseException:
             if fd >= 0 and self._write_error is None:
@@ -783,11 +783,8 @@ class Channel(Sending, ChannelFacts):
                 shm.give_back(offset)
             raise
         if fd >= 0:
-            # The kernel duplicates the descriptor as it takes the record: keep ours open
-            # until then.
-            await self._drained(0)
-            shm.pool_sent()
-        elif self._out.full:
+            shm.pool_sent()  # the kernel has the descriptor, or the send queue a duplicate
+        if self._out.full:
             await self._drained(self._out.low)
 
     async def _slot_packet(self, offset: int, size: int) -> None:
@@ -1003,7 +1000,7 @@ class Channel(Sending, ChannelFacts):
         self._closed = True
         self._stop_reading()
         self._stop_writing()
-        self._out.clear()
+        self._drop_queue()
         self._wake_receiver()
         self._drain.wake_all()
         self._wwait.wake_all()
