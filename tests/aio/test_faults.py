@@ -198,6 +198,44 @@ def test_text_is_refused_with_a_hint(arun: Run) -> None:
     arun(main())
 
 
+def test_what_is_not_a_message_is_named_as_the_blocking_api_does(
+    arun: Run, sockdir: Path, no_fd_leak: None
+) -> None:
+    """None, an int, or bytes given to send_many (which iterates it into ints) are refused
+    with what a message is; descriptors that are not a sequence, or not open, are named.
+    Nothing is sent meanwhile: the next message arrives alone."""
+
+    async def main() -> None:
+        closed_r = max(open_fds()) + 1000  # far above anything this test opens
+        for kind in ("stream", "seqpacket"):
+            left, right = udskit.aio.pair(kind)
+            async with left, right:
+                for call in (
+                    left.send(None),  # type: ignore[arg-type]
+                    left.send(5),  # type: ignore[arg-type]
+                    left.send_many(b"abc"),  # type: ignore[arg-type]
+                    # a stream's batch is checked whole first; packets go one by one
+                    left.send_many([b"fine", 7] if kind == "stream" else [7]),  # type: ignore[list-item]
+                ):
+                    with pytest.raises(
+                        TypeError, match=r"messages are bytes-like .*, not (NoneType|int)"
+                    ):
+                        await call
+                with pytest.raises(TypeError, match=r"send_fds: fds is a sequence .* not int"):
+                    await left.send_fds(b"x", 5)  # type: ignore[arg-type]
+                with pytest.raises(
+                    ValueError, match=f"send_fds: descriptor {closed_r} is not open"
+                ):
+                    await left.send_fds(b"x", [closed_r])
+                await left.send(b"alone")
+                assert await right.recv() == b"alone"
+        async with await udskit.aio.listen(sockdir / "d.sock", type="dgram") as listener:
+            with pytest.raises(ValueError, match=f"send_to: descriptor {closed_r} is not open"):
+                await listener.send_to(sockdir / "d.sock", b"x", [closed_r])
+
+    arun(main())
+
+
 def test_too_many_descriptors_to_a_datagram_listener(
     arun: Run, sockdir: Path, no_fd_leak: None
 ) -> None:

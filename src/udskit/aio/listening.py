@@ -42,6 +42,7 @@ from ..shm import offered
 from ..translate import translate, translating
 from .buffers import READ_AHEAD, check_write_limit, scratch
 from .channel import Buffer, Channel
+from .sending import descriptors
 from .waiting import EXPIRED, RetryPause, Waiters
 
 __all__ = ["DatagramListener", "Listener", "listen"]
@@ -310,7 +311,7 @@ class DatagramListener(_Endpoint[Datagram]):
         self._check_open()
         check_message(data, "send_to")
         target = Address.parse(address)
-        ancillary = rights(list(fds), self._max_fds)
+        ancillary = rights(descriptors(fds, "send_to"), self._max_fds)
         pause: RetryPause | None = None
         while True:
             try:

@@ -19,6 +19,7 @@ and a full socket makes ``send()`` wait until it can.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import socket
 from collections.abc import Iterable, Sequence
@@ -38,7 +39,7 @@ from ..translate import translate, translating
 from .buffers import WRITE_LOW_WATER, check_write_limit
 from .waiting import EXPIRED, RetryPause, Waiters
 
-__all__ = ["Buffer", "Sending"]
+__all__ = ["Buffer", "Sending", "descriptors"]
 
 Buffer = bytes | bytearray | memoryview
 Ancillary = list[tuple[int, int, bytes]]
@@ -149,7 +150,12 @@ class Sending:
             return
         if self._closed:
             self._check_open()
-        if not self._out and self._write_error is None and len(data) <= JOIN_LIMIT:
+        try:
+            small = len(data) <= JOIN_LIMIT
+        except TypeError:  # None, an int: say what a message is, as the blocking API does
+            check_message(data, "send")
+            raise
+        if not self._out and self._write_error is None and small:
             # The common case, inline: one small frame, nothing queued ahead of it.
             try:
                 joined = framing.frame(data)
@@ -201,7 +207,7 @@ class Sending:
         check_message(data, "send_fds")
         if self._sock.family != socket.AF_UNIX:
             raise ProtocolError("descriptors can only be passed over Unix sockets")
-        ancillary = rights(list(fds), self._max_fds)
+        ancillary = rights(descriptors(fds, "send_fds"), self._max_fds)
         framing = self._framing
         if framing is None:
             await self._send_packet(data, ancillary)
@@ -230,7 +236,12 @@ class Sending:
         self._check_open()
         parts: list[Buffer] = []
         for message in messages:
-            if len(message) <= JOIN_LIMIT:
+            try:
+                small = len(message) <= JOIN_LIMIT
+            except TypeError:  # send_many(b"...") iterates ints: say what a message is
+                check_message(message, "send_many")
+                raise
+            if small:
                 try:
                     parts.append(framing.frame(message))
                 except TypeError:
@@ -449,6 +460,30 @@ class Sending:
 
     def _where(self) -> str:
         return str(self._remote) if self._remote is not None else f"{self._type} channel"
+
+
+def descriptors(fds: object, what: str) -> list[int]:
+    """``fds`` as a list of open descriptors, or an error that says what ``what`` takes.
+
+    A descriptor that is not open would fail the sendmsg() with EBADF, which the kernel
+    also gives for a closed socket: checked here (one fcntl each), so that the error names
+    the descriptor instead of blaming the socket.
+    """
+    try:
+        listed: list[int] = list(fds)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(
+            f"{what}: fds is a sequence of open descriptors (ints), not {type(fds).__name__}"
+        ) from None
+    for fd in listed:
+        if isinstance(fd, int) and not isinstance(fd, bool) and fd >= 0:
+            try:
+                fcntl.fcntl(fd, fcntl.F_GETFD)
+            except OSError:
+                raise ValueError(
+                    f"{what}: descriptor {fd} is not open; pass descriptors of open files"
+                ) from None
+    return listed
 
 
 def _duplicate(fds: Sequence[int]) -> list[int]:
