@@ -209,6 +209,7 @@ class Server:
             log.exception("%s: handler failed for %r", self._endpoint.address, channel)
 
     async def _serve_datagrams(self, listener: DatagramListener) -> None:
+        loop = asyncio.get_running_loop()
         while not self._stopping:
             try:
                 datagram = await listener.recv()
@@ -219,11 +220,15 @@ class Server:
             except ProtocolError as exc:  # truncated, too many descriptors: report, go on
                 log.warning("%s: %s", listener.address, exc)
                 continue
+            # The handler runs in a task of its own, awaited here (datagrams are handled in
+            # turn), so that stop() need not wait for it: _shutdown gives it SHUTDOWN_GRACE
+            # and then cancels it, as it does a connection's handler.
             session = listener.session(datagram)
-            try:
-                await self._call(session)
-            finally:
-                await session.aclose()
+            task = loop.create_task(self._run_client(session))
+            self._clients[task] = session
+            task.add_done_callback(self._client_done)
+            while not task.done() and not self._stopping:
+                await self._wake.wait(loop, None)  # the handler finished, or stop()
 
     async def _shutdown(self) -> None:
         self._stopping = True
