@@ -15,7 +15,7 @@ import udskit
 import udskit.aio
 from udskit import Timeout
 
-from .helpers import idle_turns
+from .helpers import idle_turns, turns_until
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
 
@@ -96,6 +96,35 @@ def test_descriptors_of_a_dropped_queue_are_closed(arun: Run, no_fd_leak: None) 
         sender.close()
         with pytest.raises(udskit.ConnectionClosed):
             await task
+        reader.close()
+
+    arun(main())
+
+
+#: How long a cancelled task may take to end before the test calls it stuck: a bound, not a
+#: synchronisation (a correct channel ends it within a few loop turns).
+STUCK = 5.0
+
+
+def test_cancelling_a_send_inside_async_with_ends_the_task(arun: Run, no_fd_leak: None) -> None:
+    """asyncio.timeout() (or any cancel) around ``async with channel`` while send() waits
+    for a peer that does not read: leaving the block must close the channel at once. It
+    waited, without end, for the queue that cannot drain, so the cancel never took effect."""
+
+    async def main() -> None:
+        sender, reader = await _stalled_pair()
+
+        async def client() -> None:
+            async with sender:
+                await sender.send(bytes(1024 * 1024))  # more than write_limit: waits
+
+        task = asyncio.ensure_future(client())
+        await turns_until(lambda: sender.write_buffer_size > sender.write_limit)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=STUCK)
+        assert done, "the cancelled task is stuck in the channel's __aexit__"
+        assert task.cancelled()
+        assert sender.closed
         reader.close()
 
     arun(main())

@@ -1027,5 +1027,11 @@ class Channel(Sending, ChannelFacts):
     async def __aenter__(self) -> Channel:
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            # Cancelled (asyncio.timeout, a task's cancel) or interrupted: waiting for the
+            # peer to read what is queued would hold the cancel up, without end if the
+            # peer never reads. Close now, as close() does.
+            self.close()
+            return
         await self.aclose()
