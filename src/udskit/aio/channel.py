@@ -59,7 +59,7 @@ from ..shmpackets import (
     take_packet,
 )
 from ..translate import translate, translating
-from .buffers import FEED_SLICE, READ_AHEAD, RECV_CHUNK, scratch
+from .buffers import FDS_AHEAD, FEED_SLICE, READ_AHEAD, RECV_CHUNK, scratch
 from .sending import Ancillary, Buffer, Sending
 from .waiting import EXPIRED, Waiters, expire
 
@@ -130,6 +130,7 @@ class Channel(Sending, ChannelFacts):
         "_read_failed",
         "_ready",
         "_ready_bytes",
+        "_ready_fds",
         "_rview",
         "_rwaiter",
         "_space",
@@ -185,6 +186,7 @@ class Channel(Sending, ChannelFacts):
         # complete messages, in order, for recv()
         self._ready: deque[bytes | Received | Lease] = deque(inbox)
         self._ready_bytes = sum(len(item[0]) for item in inbox)
+        self._ready_fds = sum(len(item[1]) for item in inbox)  # held in _ready
         self._eof = not owns_socket  # a datagram session holds all it will ever receive
         self._fds_seen = False
         self._read_error: Exception | None = None  # raised once, then reading resumes
@@ -345,6 +347,7 @@ class Channel(Sending, ChannelFacts):
             return self._shm.copy_out(item), []  # type: ignore[union-attr]
         data, fds, cred = item
         self._ready_bytes -= len(data)
+        self._ready_fds -= len(fds)
         if isinstance(cred, PeerCred):
             self._peer = cred
         elif cred is UNKNOWN_SENDER:
@@ -432,6 +435,7 @@ class Channel(Sending, ChannelFacts):
                     if self._fds_seen:
                         fds = self._framing.take_fds()  # type: ignore[union-attr]
                         self._ready.append((message, fds, None) if fds else message)
+                        self._ready_fds += len(fds)
                     else:  # no descriptor ever arrived: the framing holds none
                         self._ready.append(message)
                     self._ready_bytes += len(message)
@@ -447,7 +451,9 @@ class Channel(Sending, ChannelFacts):
         except BaseException:  # not ours (a signal handler's): what was read may be lost
             self._fail_read(read_interrupted(self._where()), fatal=True)
             raise
-        if self._ready_bytes > READ_AHEAD and self._rwaiter is None:
+        if (
+            self._ready_bytes > READ_AHEAD or self._ready_fds > FDS_AHEAD
+        ) and self._rwaiter is None:
             self._stop_reading()  # resumed by the next recv() that finds nothing queued
         waiter = self._rwaiter
         if waiter is not None and not waiter.done():
@@ -505,6 +511,7 @@ class Channel(Sending, ChannelFacts):
                 fds = framing.take_fds()
                 self._ready.append((message, fds, None) if fds else message)
                 self._ready_bytes += len(message)
+                self._ready_fds += len(fds)
             elif type(message) is Control:
                 self._record(message.body, framing.take_fds())
             else:
@@ -562,6 +569,7 @@ class Channel(Sending, ChannelFacts):
             else:
                 ready.append((data, fds, got.cred))
             self._ready_bytes += size
+            self._ready_fds += len(fds)
             if self._pause_after_queueing():
                 break
         self._wake_receiver()
@@ -571,7 +579,11 @@ class Channel(Sending, ChannelFacts):
         receiver waits to take it first; or the read-ahead is full, and reading pauses)."""
         if self._rwaiter is not None:
             return True  # hand this one over first; level-triggered polling brings the rest
-        if len(self._ready) >= _PACKETS_AHEAD or self._ready_bytes > READ_AHEAD:
+        if (
+            len(self._ready) >= _PACKETS_AHEAD
+            or self._ready_bytes > READ_AHEAD
+            or self._ready_fds > FDS_AHEAD
+        ):
             self._stop_reading()
             return True
         return False
@@ -655,6 +667,7 @@ class Channel(Sending, ChannelFacts):
                 continue
             ready.append((item, fds, None) if fds else item)  # type: ignore[arg-type]
             self._ready_bytes += size
+            self._ready_fds += len(fds)
             if self._pause_after_queueing():
                 break
         self._wake_receiver()
@@ -1014,6 +1027,7 @@ class Channel(Sending, ChannelFacts):
                 close_fds(item[1])
         self._ready.clear()
         self._ready_bytes = 0
+        self._ready_fds = 0
         if self._owns_socket:
             self._sock.close()
         if self._claim is not None:
