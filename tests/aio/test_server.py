@@ -219,6 +219,35 @@ def test_stop_cancels_a_stuck_datagram_handler(
     arun(main())
 
 
+def test_async_with_waits_for_serve_forever_in_another_task(
+    arun: Run, sockdir: Path, no_fd_leak: None
+) -> None:
+    """Leaving ``async with server`` stops it and returns once everything is released: the
+    handlers have seen their connections end, serve_forever() has returned. It returned at
+    once, with the handlers still running (as the message server does not)."""
+    path = sockdir / "with.sock"
+    ended: list[str] = []
+
+    async def echo(channel: udskit.aio.Channel) -> None:
+        async for message in channel:
+            await channel.send(message)
+        ended.append("saw the end")
+
+    async def main() -> None:
+        async with await udskit.aio.start_server(path, echo) as server:
+            serving = asyncio.ensure_future(server.serve_forever())
+            client = await udskit.aio.connect(path)
+            await client.send(b"ping")
+            assert await client.recv() == b"ping"
+        assert serving.done()
+        assert ended == ["saw the end"]
+        assert server.active_clients == 0
+        await serving
+        client.close()
+
+    arun(main())
+
+
 def test_out_of_descriptors_on_accept_backs_off(
     arun: Run, sockdir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
