@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -13,8 +17,9 @@ import pytest
 
 import udskit
 import udskit.aio
-from udskit import Timeout
+from udskit import ConnectionClosed, Timeout
 
+from ..conftest import READY_TIMEOUT
 from .helpers import idle_turns, turns_until
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
@@ -125,6 +130,134 @@ def test_cancelling_a_send_inside_async_with_ends_the_task(arun: Run, no_fd_leak
         assert done, "the cancelled task is stuck in the channel's __aexit__"
         assert task.cancelled()
         assert sender.closed
+        reader.close()
+
+    arun(main())
+
+
+#: A child that sends one whole message, then half of another with two descriptors, then
+#: dies by SIGKILL: no close() of its own, the kernel ends the connection.
+_DIES_MID_MESSAGE = r"""
+import array, os, signal, socket, struct, sys
+sock = socket.socket(fileno=int(sys.argv[1]))
+sock.sendall(struct.pack(">I", 5) + b"whole")
+r, w = os.pipe()
+rights = array.array("i", [r, w]).tobytes()
+sock.sendmsg([struct.pack(">I", 100) + b"half"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+#: A child that holds its end open and never reads, until it is killed.
+_NEVER_READS = r"""
+import socket, sys
+sock = socket.socket(fileno=int(sys.argv[1]))
+sys.stdout.write("ready\n")
+sys.stdout.flush()
+sys.stdin.read()
+"""
+
+
+def _child(code: str, sock: socket.socket, **popen: Any) -> subprocess.Popen[str]:
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-c", code, str(sock.fileno())],
+            pass_fds=[sock.fileno()],
+            text=True,
+            **popen,
+        )
+    finally:
+        sock.close()  # the child's now
+
+
+def test_a_peer_killed_mid_message(arun: Run, no_fd_leak: None) -> None:
+    """The whole message arrives; the half one is an error saying so (never a message),
+    and the descriptors that came with it are closed."""
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        channel = udskit.aio.Channel(ours)
+        child = _child(_DIES_MID_MESSAGE, theirs)
+        try:
+            assert await channel.recv() == b"whole"
+            with pytest.raises(ConnectionClosed, match="mid-message: 8 of 104") as caught:
+                await channel.recv()
+            assert caught.value.mid_message
+            with pytest.raises(ConnectionClosed, match="mid-message"):
+                await channel.recv()  # and so it stays
+        finally:
+            channel.close()
+            assert child.wait(READY_TIMEOUT) == -signal.SIGKILL
+
+    arun(main())
+
+
+def test_a_peer_killed_while_we_wait_to_send(arun: Run, no_fd_leak: None) -> None:
+    """A sender held by backpressure, with a message with descriptors queued behind: the
+    peer's death fails the waiting send, drops the queue and closes the duplicates."""
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        channel = udskit.aio.Channel(ours)
+        child = _child(_NEVER_READS, theirs, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert child.stdout is not None
+        assert child.stdin is not None
+        try:
+            assert child.stdout.readline() == "ready\n"
+            r, w = os.pipe()
+            sending = asyncio.ensure_future(channel.send(bytes(8 * 1024 * 1024)))
+            await turns_until(lambda: channel.write_buffer_size > channel.write_limit)
+            with_fds = asyncio.ensure_future(channel.send_fds(b"with files", [r, w]))
+            await idle_turns(5)
+            os.close(r)
+            os.close(w)
+            child.kill()
+            for task in (sending, with_fds):
+                with pytest.raises(ConnectionClosed):
+                    await task
+            assert channel.write_buffer_size == 0
+            with pytest.raises(ConnectionClosed):
+                await channel.send(b"later")
+        finally:
+            channel.close()
+            child.stdin.close()
+            child.stdout.close()
+            child.wait(READY_TIMEOUT)
+
+    arun(main())
+
+
+def test_a_cancelled_send_never_splices_the_next(arun: Run) -> None:
+    """send(), send_many() and send_fds() cancelled while they wait: each message they had
+    accepted arrives whole, in order, before the ones sent after them."""
+
+    async def main() -> None:
+        sender, reader = await _stalled_pair()
+        big = bytes(range(256)) * 4096  # 1 MiB, over write_limit: send() waits
+        r, w = os.pipe()
+        for call in (
+            sender.send(big),
+            sender.send_many([b"many-1", big, b"many-2"]),
+            sender.send_fds(b"with files", [r, w]),
+        ):
+            task = asyncio.ensure_future(call)
+            await idle_turns(5)
+            assert not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        os.close(r)
+        os.close(w)
+        after = asyncio.ensure_future(sender.send(b"after"))  # waits: the queue is full
+        received = []
+        while not received or received[-1] != b"after":
+            data, fds = await reader.recv_fds()
+            for fd in fds:
+                os.close(fd)
+            if data != bytes(8192):  # what filled the socket before
+                received.append(data)
+        await after
+        assert received == [big, b"many-1", big, b"many-2", b"with files", b"after"]
+        sender.close()
         reader.close()
 
     arun(main())
