@@ -130,6 +130,42 @@ def test_read_ahead_is_bounded(arun: Run) -> None:
     arun(main())
 
 
+def test_read_ahead_of_empty_messages_is_bounded(arun: Run) -> None:
+    """Empty messages (a 4-byte header each) to a consumer that stops calling recv(): they
+    never add up to READ_AHEAD bytes, so the channel read them on without end, the queue
+    growing by a slot per 4 bytes the peer sent, as long as the peer went on."""
+    block = b"\0\0\0\0" * 16384  # 16384 empty messages
+    limit = 4 * 1024 * 1024  # what the peer offers at most: a million messages
+
+    async def main() -> None:
+        raw, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        channel = udskit.aio.Channel(ours)
+        raw.sendall(b"\0\0\0\x01x")
+        assert await channel.recv() == b"x"  # the consumer takes this one, then no more
+        raw.setblocking(False)
+        sent = 0
+        while sent < limit:
+            try:
+                sent += raw.send(block)
+            except BlockingIOError:  # the kernel's buffer is full: the backpressure
+                break
+            await idle_turns(2)  # the reader callback runs
+        assert sent < limit, "the channel read on and on"
+        assert not channel._reading
+        assert len(channel._ready) <= 2 * 16 * 1024 + RECV_CHUNK // 4
+        # The last send may have ended inside a header: complete it, as the reader drains.
+        tail = asyncio.ensure_future(asyncio.get_running_loop().sock_sendall(raw, bytes(-sent % 4)))
+        received = 0
+        while received * 4 < sent:
+            received += len(await channel.recv_many())
+        await tail
+        raw.close()
+        assert received * 4 == sent + (-sent % 4)
+        channel.close()
+
+    arun(main())
+
+
 @pytest.mark.parametrize("kind", ["stream", "seqpacket", "listener"])
 def test_read_ahead_of_descriptors_is_bounded(
     arun: Run, kind: str, sockdir: Path, no_fd_leak: None

@@ -78,6 +78,13 @@ _READS_PER_WAKEUP: Final = 4
 #: stops reading: the kernel's queue holds the rest, and the sender feels the backpressure.
 _PACKETS_AHEAD: Final = 256
 
+#: Messages held unconsumed (besides READ_AHEAD bytes) before a stream channel stops
+#: reading. READ_AHEAD counts message bytes, and a queued message costs about 40 bytes
+#: beyond them: a flood of 1-byte messages would hold 40 MiB before reaching it, and one of
+#: empty messages would never reach it at all. From 64-byte messages on, READ_AHEAD comes
+#: first (at about 15,000 of them), so this bound changes nothing for them.
+_MESSAGES_AHEAD: Final = 16 * 1024
+
 # Plain ints: arithmetic on the socket module's IntFlag members is a Python-level call
 # (about 0.7 us), on every read.
 _CTRUNC: Final = int(socket.MSG_CTRUNC)
@@ -451,9 +458,11 @@ class Channel(Sending, ChannelFacts):
         except BaseException:  # not ours (a signal handler's): what was read may be lost
             self._fail_read(read_interrupted(self._where()), fatal=True)
             raise
-        if (
-            self._ready_bytes > READ_AHEAD or self._ready_fds > FDS_AHEAD
-        ) and self._rwaiter is None:
+        if self._rwaiter is None and (
+            self._ready_bytes > READ_AHEAD
+            or self._ready_fds > FDS_AHEAD
+            or len(self._ready) > _MESSAGES_AHEAD
+        ):
             self._stop_reading()  # resumed by the next recv() that finds nothing queued
         waiter = self._rwaiter
         if waiter is not None and not waiter.done():
