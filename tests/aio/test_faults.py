@@ -21,7 +21,7 @@ from udskit import ConnectionClosed, FrameTooLarge, Policy, ProtocolError, Timeo
 
 from ..conftest import open_fds
 from ..integration.children import NOBODY, Talker, needs_root
-from .helpers import turns_until
+from .helpers import idle_turns, turns_until
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
 
@@ -61,6 +61,38 @@ def test_peer_gone_with_our_data_unread(arun: Run, no_fd_leak: None) -> None:
         with pytest.raises(ConnectionClosed, match="the peer closed the connection") as sent:
             await left.send(b"anyone?")
         assert isinstance(sent.value, ConnectionError)
+        left.close()
+
+    arun(main())
+
+
+#: Bound on a receive that must end at once: a hang fails the test in seconds, not at the
+#: suite's timeout (a bound, not a synchronisation).
+STUCK = 5.0
+
+
+@pytest.mark.parametrize("kind", ["stream"])
+@pytest.mark.parametrize("waiting", [False, True], ids=["idle", "waiting"])
+def test_last_words_of_a_peer_gone_with_our_data_unread(
+    arun: Run, kind: str, waiting: bool, no_fd_leak: None
+) -> None:
+    """The peer sends its last message and closes with ours unread (the kernel resets the
+    connection): we get that message, then ConnectionClosed. On uvloop the second recv()
+    waited for ever: libuv ends a poll handle on a socket error, after one last callback,
+    and that callback had read only the message."""
+
+    async def main() -> None:
+        left, right = udskit.aio.pair(kind)
+        await left.send(b"never read")
+        first = asyncio.ensure_future(left.recv()) if waiting else None
+        await idle_turns(5)
+        await right.send(b"last words")
+        right.close()
+        if first is None:
+            first = asyncio.ensure_future(left.recv())
+        assert await asyncio.wait_for(first, STUCK) == b"last words"
+        with pytest.raises(ConnectionClosed, match="closed"):
+            await asyncio.wait_for(left.recv(), STUCK)
         left.close()
 
     arun(main())

@@ -95,6 +95,10 @@ def _no_framing(*_: object) -> object:
     raise AssertionError("feed() is bound when a stream channel starts reading")
 
 
+def _no_reader() -> None:
+    raise AssertionError("the reader callback is chosen when a channel starts reading")
+
+
 class _UnknownSender:
     """The sender of a datagram that came with credentials holding none (pid 0)."""
 
@@ -135,6 +139,8 @@ class Channel(Sending, ChannelFacts):
         "_rbuf",
         "_read_error",
         "_read_failed",
+        "_read_idle",
+        "_reader",
         "_ready",
         "_ready_bytes",
         "_ready_fds",
@@ -199,6 +205,8 @@ class Channel(Sending, ChannelFacts):
         self._read_error: Exception | None = None  # raised once, then reading resumes
         self._read_failed: Exception | None = None  # the connection is unusable
         self._rwaiter: asyncio.Future[object] | None = None
+        self._reader: Callable[[], None] = _no_reader  # the reader callback, when reading
+        self._read_idle = False  # the last read found nothing to read (EAGAIN)
         # set when reading starts: the receive buffer, as recvmsg_into() takes it, and
         # the framing's feed() (bound once: this is the hot path of every read)
         self._rbuf = memoryview(b"")
@@ -411,8 +419,25 @@ class Channel(Sending, ChannelFacts):
         callback = self._read_stream if self._framing is not None else self._read_packets
         if self._wire is not None:
             callback = self._read_wire
+        self._reader = callback
+        if not isinstance(loop, asyncio.BaseEventLoop):
+            # uvloop: libuv ends a poll handle on a socket error (POLLERR: the peer closed
+            # with our data unread), after one last callback. A callback that stops before
+            # EAGAIN (to hand a message over first) would never be called again, and a
+            # recv() would wait for ever: it goes on reading from the loop's next turn.
+            callback = self._read_on
         loop.add_reader(self._fd, callback)
         self._reading = True
+
+    def _read_on(self) -> None:
+        """The reader callback on a loop whose readiness ends at a socket error: read, and
+        until a read finds nothing (EAGAIN), read again on the loop's next turn."""
+        self._read_idle = False
+        self._reader()
+        if not self._read_idle and self._reading:
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon(self._read_on)
 
     def _wake_receiver(self) -> None:
         waiter = self._rwaiter
@@ -427,6 +452,7 @@ class Channel(Sending, ChannelFacts):
                 self._rview, self._ancsize, RECV_FLAGS
             )
         except (BlockingIOError, InterruptedError):
+            self._read_idle = True
             return
         except OSError as exc:
             self._fail_read(translate(exc, "recv", self._remote), fatal=True)
@@ -507,6 +533,7 @@ class Channel(Sending, ChannelFacts):
                     self._rview, self._ancsize, RECV_FLAGS
                 )
             except (BlockingIOError, InterruptedError):
+                self._read_idle = True
                 return
             except OSError as exc:
                 self._fail_read(translate(exc, "recv", self._remote), fatal=True)
@@ -547,6 +574,7 @@ class Channel(Sending, ChannelFacts):
             try:
                 size, ancdata, flags, _ = sock.recvmsg_into(views, ancsize, RECV_FLAGS)
             except (BlockingIOError, InterruptedError):
+                self._read_idle = True
                 break
             except OSError as exc:
                 self._fail_read(translate(exc, "recv", self._remote), fatal=True)
@@ -622,6 +650,7 @@ class Channel(Sending, ChannelFacts):
             try:
                 got, ancdata, flags, _ = sock.recvmsg_into(views, self._ancsize, RECV_FLAGS)
             except (BlockingIOError, InterruptedError):
+                self._read_idle = True
                 break
             except ConnectionResetError:
                 # As in the blocking Channel: the peer closed with packets of ours unread;
