@@ -71,7 +71,7 @@ def test_peer_gone_with_our_data_unread(arun: Run, no_fd_leak: None) -> None:
 STUCK = 5.0
 
 
-@pytest.mark.parametrize("kind", ["stream"])
+@pytest.mark.parametrize("kind", ["stream", "seqpacket"])
 @pytest.mark.parametrize("waiting", [False, True], ids=["idle", "waiting"])
 def test_last_words_of_a_peer_gone_with_our_data_unread(
     arun: Run, kind: str, waiting: bool, no_fd_leak: None

@@ -576,6 +576,15 @@ class Channel(Sending, ChannelFacts):
             except (BlockingIOError, InterruptedError):
                 self._read_idle = True
                 break
+            except ConnectionResetError as exc:
+                if self._type != "seqpacket":
+                    self._fail_read(translate(exc, "recv", self._remote), fatal=True)
+                    break
+                # The peer closed with packets of ours unread. A seqpacket socket reports
+                # that first (the kernel checks the socket's error before its queue), then
+                # hands over what the peer sent before closing, then the end: read on, so
+                # that its last messages are not lost (as with shared memory, below).
+                continue
             except OSError as exc:
                 self._fail_read(translate(exc, "recv", self._remote), fatal=True)
                 break
