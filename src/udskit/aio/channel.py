@@ -432,6 +432,8 @@ class Channel(Sending, ChannelFacts):
     def _read_on(self) -> None:
         """The reader callback on a loop whose readiness ends at a socket error: read, and
         until a read finds nothing (EAGAIN), read again on the loop's next turn."""
+        if not self._reading:
+            return  # closed, or paused (read-ahead) since this turn was asked for
         self._read_idle = False
         self._reader()
         if not self._read_idle and self._reading:
