@@ -261,3 +261,22 @@ def test_a_cancelled_send_never_splices_the_next(arun: Run) -> None:
         reader.close()
 
     arun(main())
+
+
+@pytest.mark.parametrize("kind", ["stream", "seqpacket"])
+def test_send_fds_takes_an_iterator_of_descriptors(arun: Run, kind: str, no_fd_leak: None) -> None:
+    """The descriptors are read once: given as a generator, all of them go with the message
+    (reading them a second time found it empty, and the message went without them)."""
+
+    async def main() -> None:
+        left, right = udskit.aio.pair(kind)
+        r, w = os.pipe()
+        await left.send_fds(b"two files", (fd for fd in (r, w)))
+        data, fds = await right.recv_fds()
+        assert (data, len(fds)) == (b"two files", 2)
+        for fd in (*fds, r, w):
+            os.close(fd)
+        left.close()
+        right.close()
+
+    arun(main())

@@ -207,13 +207,14 @@ class Sending:
         check_message(data, "send_fds")
         if self._sock.family != socket.AF_UNIX:
             raise ProtocolError("descriptors can only be passed over Unix sockets")
-        ancillary = rights(descriptors(fds, "send_fds"), self._max_fds)
+        listed = descriptors(fds, "send_fds")  # once: fds may be an iterator
+        ancillary = rights(listed, self._max_fds)
         framing = self._framing
         if framing is None:
             await self._send_packet(data, ancillary)
             return
         self._check_open()
-        self._write(framing.encode(data), list(fds))
+        self._write(framing.encode(data), listed)
         if ancillary:
             await self._drained(0)
         elif self._out.full:
