@@ -313,6 +313,7 @@ class Channel(Sending, ChannelFacts):
                 close_fds(fds)
         if not ready:
             self._ready_bytes = 0
+            self._ready_fds = 0
         return messages
 
     def __aiter__(self) -> Channel:
@@ -626,7 +627,9 @@ class Channel(Sending, ChannelFacts):
         """After a packet was queued: whether the reader callback should stop here (a
         receiver waits to take it first; or the read-ahead is full, and reading pauses)."""
         if self._rwaiter is not None:
-            return True  # hand this one over first; level-triggered polling brings the rest
+            # Hand this one over first; level-triggered polling (on uvloop, _read_on)
+            # brings the rest.
+            return True
         if (
             len(self._ready) >= _PACKETS_AHEAD
             or self._ready_bytes > READ_AHEAD
