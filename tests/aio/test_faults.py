@@ -21,7 +21,7 @@ from udskit import ConnectionClosed, FrameTooLarge, Policy, ProtocolError, Timeo
 
 from ..conftest import open_fds
 from ..integration.children import NOBODY, Talker, needs_root
-from .helpers import turns_until
+from .helpers import idle_turns, turns_until
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
 
@@ -61,6 +61,38 @@ def test_peer_gone_with_our_data_unread(arun: Run, no_fd_leak: None) -> None:
         with pytest.raises(ConnectionClosed, match="the peer closed the connection") as sent:
             await left.send(b"anyone?")
         assert isinstance(sent.value, ConnectionError)
+        left.close()
+
+    arun(main())
+
+
+#: Bound on a receive that must end at once: a hang fails the test in seconds, not at the
+#: suite's timeout (a bound, not a synchronisation).
+STUCK = 5.0
+
+
+@pytest.mark.parametrize("kind", ["stream", "seqpacket"])
+@pytest.mark.parametrize("waiting", [False, True], ids=["idle", "waiting"])
+def test_last_words_of_a_peer_gone_with_our_data_unread(
+    arun: Run, kind: str, waiting: bool, no_fd_leak: None
+) -> None:
+    """The peer sends its last message and closes with ours unread (the kernel resets the
+    connection): we get that message, then ConnectionClosed. On uvloop the second recv()
+    waited for ever: libuv ends a poll handle on a socket error, after one last callback,
+    and that callback had read only the message."""
+
+    async def main() -> None:
+        left, right = udskit.aio.pair(kind)
+        await left.send(b"never read")
+        first = asyncio.ensure_future(left.recv()) if waiting else None
+        await idle_turns(5)
+        await right.send(b"last words")
+        right.close()
+        if first is None:
+            first = asyncio.ensure_future(left.recv())
+        assert await asyncio.wait_for(first, STUCK) == b"last words"
+        with pytest.raises(ConnectionClosed, match="closed"):
+            await asyncio.wait_for(left.recv(), STUCK)
         left.close()
 
     arun(main())
@@ -194,6 +226,44 @@ def test_text_is_refused_with_a_hint(arun: Run) -> None:
                         await call
                 await left.send(b"fine")
                 assert await right.recv() == b"fine"
+
+    arun(main())
+
+
+def test_what_is_not_a_message_is_named_as_the_blocking_api_does(
+    arun: Run, sockdir: Path, no_fd_leak: None
+) -> None:
+    """None, an int, or bytes given to send_many (which iterates it into ints) are refused
+    with what a message is; descriptors that are not a sequence, or not open, are named.
+    Nothing is sent meanwhile: the next message arrives alone."""
+
+    async def main() -> None:
+        closed_r = max(open_fds()) + 1000  # far above anything this test opens
+        for kind in ("stream", "seqpacket"):
+            left, right = udskit.aio.pair(kind)
+            async with left, right:
+                for call in (
+                    left.send(None),  # type: ignore[arg-type]
+                    left.send(5),  # type: ignore[arg-type]
+                    left.send_many(b"abc"),  # type: ignore[arg-type]
+                    # a stream's batch is checked whole first; packets go one by one
+                    left.send_many([b"fine", 7] if kind == "stream" else [7]),  # type: ignore[list-item]
+                ):
+                    with pytest.raises(
+                        TypeError, match=r"messages are bytes-like .*, not (NoneType|int)"
+                    ):
+                        await call
+                with pytest.raises(TypeError, match=r"send_fds: fds is a sequence .* not int"):
+                    await left.send_fds(b"x", 5)  # type: ignore[arg-type]
+                with pytest.raises(
+                    ValueError, match=f"send_fds: descriptor {closed_r} is not open"
+                ):
+                    await left.send_fds(b"x", [closed_r])
+                await left.send(b"alone")
+                assert await right.recv() == b"alone"
+        async with await udskit.aio.listen(sockdir / "d.sock", type="dgram") as listener:
+            with pytest.raises(ValueError, match=f"send_to: descriptor {closed_r} is not open"):
+                await listener.send_to(sockdir / "d.sock", b"x", [closed_r])
 
     arun(main())
 

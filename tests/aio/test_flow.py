@@ -3,10 +3,11 @@ paths, socket buffer sizes, and what cancelling or closing does to waiting tasks
 
 from __future__ import annotations
 
+import array
 import asyncio
 import os
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 import udskit
 import udskit.aio
 from udskit import ConnectionClosed, Timeout
-from udskit.aio.buffers import READ_AHEAD, RECV_CHUNK, WRITE_HIGH_WATER
+from udskit.aio.buffers import FDS_AHEAD, READ_AHEAD, RECV_CHUNK, WRITE_HIGH_WATER
 from udskit.options import DEFAULT_STREAM_BUFFER
 
 from ..conftest import open_fds
@@ -125,6 +126,108 @@ def test_read_ahead_is_bounded(arun: Run) -> None:
         assert [first, *rest] == messages
         sender.close()
         reader.close()
+
+    arun(main())
+
+
+def test_read_ahead_of_empty_messages_is_bounded(arun: Run) -> None:
+    """Empty messages (a 4-byte header each) to a consumer that stops calling recv(): they
+    never add up to READ_AHEAD bytes, so the channel read them on without end, the queue
+    growing by a slot per 4 bytes the peer sent, as long as the peer went on."""
+    block = b"\0\0\0\0" * 16384  # 16384 empty messages
+    limit = 4 * 1024 * 1024  # what the peer offers at most: a million messages
+
+    async def main() -> None:
+        raw, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        channel = udskit.aio.Channel(ours)
+        raw.sendall(b"\0\0\0\x01x")
+        assert await channel.recv() == b"x"  # the consumer takes this one, then no more
+        raw.setblocking(False)
+        sent = 0
+        while sent < limit:
+            try:
+                sent += raw.send(block)
+            except BlockingIOError:  # the kernel's buffer is full: the backpressure
+                break
+            await idle_turns(2)  # the reader callback runs
+        assert sent < limit, "the channel read on and on"
+        assert not channel._reading
+        assert len(channel._ready) <= 2 * 16 * 1024 + RECV_CHUNK // 4
+        # The last send may have ended inside a header: complete it, as the reader drains.
+        tail = asyncio.ensure_future(asyncio.get_running_loop().sock_sendall(raw, bytes(-sent % 4)))
+        received = 0
+        while received * 4 < sent:
+            received += len(await channel.recv_many())
+        await tail
+        raw.close()
+        assert received * 4 == sent + (-sent % 4)
+        channel.close()
+
+    arun(main())
+
+
+@pytest.mark.parametrize("kind", ["stream", "seqpacket", "listener"])
+def test_read_ahead_of_descriptors_is_bounded(
+    arun: Run, kind: str, sockdir: Path, no_fd_leak: None
+) -> None:
+    """Tiny messages with 16 descriptors each, to a consumer that stops calling recv():
+    reading stops once FDS_AHEAD descriptors wait, the kernel holds the rest. A stream
+    channel read on until the process ran out of descriptors (EMFILE), 1 MiB of such
+    messages being some 200,000 of them."""
+    count, per_message = 120, 16
+
+    async def main() -> None:
+        pipe_r, pipe_w = os.pipe()
+        rights = [
+            (
+                socket.SOL_SOCKET,
+                socket.SCM_RIGHTS,
+                array.array("i", [pipe_r] * per_message).tobytes(),
+            )
+        ]
+        if kind == "listener":
+            listener = await udskit.aio.listen(sockdir / "d.sock", type="dgram")
+            raw = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            raw.connect(str(sockdir / "d.sock"))
+            receive: Callable[[], Coroutine[Any, Any, tuple[bytes, Sequence[int]]]]
+
+            async def receive() -> tuple[bytes, Sequence[int]]:
+                datagram = await listener.recv()
+                return datagram.data, datagram.fds
+
+            closer: Any = listener
+        else:
+            kind_number = socket.SOCK_STREAM if kind == "stream" else socket.SOCK_SEQPACKET
+            raw, ours = socket.socketpair(socket.AF_UNIX, kind_number)
+            channel = udskit.aio.Channel(ours)
+            receive = channel.recv_fds
+            closer = channel
+        frame = b"\0\0\0\x01x" if kind == "stream" else b"x"
+        raw.sendmsg([frame])  # the consumer takes this one, then no more
+        assert await receive() == (b"x", [] if kind != "listener" else ())
+        before = open_fds()
+        raw.setblocking(False)
+        sent = 0
+        for _ in range(count):
+            try:
+                raw.sendmsg([frame], rights)
+            except BlockingIOError:  # the kernel's queue is full: the backpressure
+                break
+            sent += 1
+            await asyncio.sleep(0)  # a loop turn per message: the reader callback runs
+        await idle_turns()
+        held = len(open_fds() - before)
+        assert held <= FDS_AHEAD + per_message, f"{held} descriptors read ahead"
+        assert sent * per_message > held, "the test sent too few to show a bound"
+        for _ in range(sent):
+            data, fds = await receive()
+            assert (data, len(fds)) == (b"x", per_message)
+            for fd in fds:
+                os.close(fd)
+        closer.close()
+        raw.close()
+        os.close(pipe_r)
+        os.close(pipe_w)
 
     arun(main())
 

@@ -510,6 +510,23 @@ def test_bad_arguments_are_refused_before_anything_is_claimed(
     assert not path.exists()
 
 
+def test_an_aio_listener_is_refused_with_what_to_pass(
+    arun: Run, sockdir: Path, no_fd_leak: None
+) -> None:
+    """MessageServer takes udskit.listen()'s listener: given udskit.aio.listen()'s, it was
+    made without a word, then failed in the loop's callback with AttributeError, dropping
+    every client."""
+
+    async def main() -> None:
+        async with await udskit.aio.listen(sockdir / "aio.sock") as listener:
+            with pytest.raises(TypeError, match=r"endpoint must be a listener from udskit\.listen"):
+                udskit.aio.MessageServer(listener, upper_return)  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match="not None"):
+                udskit.aio.MessageServer(None, upper_return)  # type: ignore[arg-type]
+
+    arun(main())
+
+
 # -- faults -------------------------------------------------------------------------------
 def _request(kind: str, payload: bytes) -> bytes:
     """``payload`` as a client puts it on the wire: length-framed on a stream."""

@@ -183,6 +183,71 @@ def test_stop_ends_the_clients_handlers(
     arun(main())
 
 
+def test_stop_cancels_a_stuck_datagram_handler(
+    arun: Run, sockdir: Path, monkeypatch: pytest.MonkeyPatch, no_fd_leak: None
+) -> None:
+    """A datagram handler that never ends gets the grace period and is cancelled, as a
+    connection's is; serve_forever() waited for it forever."""
+    path = sockdir / "stuck-dgram.sock"
+    monkeypatch.setattr(udskit.aio.server, "SHUTDOWN_GRACE", 0.05)
+    ended: list[str] = []
+    handling = asyncio.Event()
+
+    async def stubborn(channel: udskit.aio.Channel) -> None:
+        await channel.recv()
+        handling.set()
+        try:
+            await asyncio.Event().wait()  # a backend that never answers
+        except asyncio.CancelledError:
+            ended.append("cancelled")
+            raise
+
+    async def main() -> None:
+        server = await udskit.aio.start_server(path, stubborn, type="dgram")
+        serving = asyncio.ensure_future(server.serve_forever())
+        async with await udskit.aio.connect(path, type="dgram") as client:
+            await client.send(b"hello")
+            await handling.wait()
+            server.stop()
+            done, _ = await asyncio.wait({serving}, timeout=READY_TIMEOUT)
+            assert done, "serve_forever() did not return after stop()"
+            await serving
+        assert ended == ["cancelled"]
+        assert server.active_clients == 0
+        assert not path.exists()
+
+    arun(main())
+
+
+def test_async_with_waits_for_serve_forever_in_another_task(
+    arun: Run, sockdir: Path, no_fd_leak: None
+) -> None:
+    """Leaving ``async with server`` stops it and returns once everything is released: the
+    handlers have seen their connections end, serve_forever() has returned. It returned at
+    once, with the handlers still running (as the message server does not)."""
+    path = sockdir / "with.sock"
+    ended: list[str] = []
+
+    async def echo(channel: udskit.aio.Channel) -> None:
+        async for message in channel:
+            await channel.send(message)
+        ended.append("saw the end")
+
+    async def main() -> None:
+        async with await udskit.aio.start_server(path, echo) as server:
+            serving = asyncio.ensure_future(server.serve_forever())
+            client = await udskit.aio.connect(path)
+            await client.send(b"ping")
+            assert await client.recv() == b"ping"
+        assert serving.done()
+        assert ended == ["saw the end"]
+        assert server.active_clients == 0
+        await serving
+        client.close()
+
+    arun(main())
+
+
 def test_out_of_descriptors_on_accept_backs_off(
     arun: Run, sockdir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,6 +10,7 @@ import threading
 from typing import Final
 
 __all__ = [
+    "FDS_AHEAD",
     "FEED_SLICE",
     "READ_AHEAD",
     "RECV_CHUNK",
@@ -35,6 +36,13 @@ FEED_SLICE: Final = 64 * 1024
 #: recv() again. Bounds what a fast sender can make a slow consumer hold (beyond one
 #: max_frame message under way); the kernel queues the rest and the sender feels it.
 READ_AHEAD: Final = 1024 * 1024
+
+#: Descriptors held in received messages nobody has taken yet, above which a channel or a
+#: datagram listener stops reading too (the message that crosses it is kept whole). Each is
+#: an entry in this process's descriptor table: messages of a few bytes, each with max_fds
+#: descriptors, would otherwise fill it (RLIMIT_NOFILE) long before READ_AHEAD bytes, and
+#: every other socket and file of the process would fail with EMFILE.
+FDS_AHEAD: Final = 64
 
 #: The send queue's limits: ``await send()`` returns at once while at most WRITE_HIGH_WATER
 #: bytes wait in it (the kernel's buffer being full); above that, it waits until the queue

@@ -59,7 +59,7 @@ from ..shmpackets import (
     take_packet,
 )
 from ..translate import translate, translating
-from .buffers import FEED_SLICE, READ_AHEAD, RECV_CHUNK, scratch
+from .buffers import FDS_AHEAD, FEED_SLICE, READ_AHEAD, RECV_CHUNK, scratch
 from .sending import Ancillary, Buffer, Sending
 from .waiting import EXPIRED, Waiters, expire
 
@@ -78,6 +78,13 @@ _READS_PER_WAKEUP: Final = 4
 #: stops reading: the kernel's queue holds the rest, and the sender feels the backpressure.
 _PACKETS_AHEAD: Final = 256
 
+#: Messages held unconsumed (besides READ_AHEAD bytes) before a stream channel stops
+#: reading. READ_AHEAD counts message bytes, and a queued message costs about 40 bytes
+#: beyond them: a flood of 1-byte messages would hold 40 MiB before reaching it, and one of
+#: empty messages would never reach it at all. From 64-byte messages on, READ_AHEAD comes
+#: first (at about 15,000 of them), so this bound changes nothing for them.
+_MESSAGES_AHEAD: Final = 16 * 1024
+
 # Plain ints: arithmetic on the socket module's IntFlag members is a Python-level call
 # (about 0.7 us), on every read.
 _CTRUNC: Final = int(socket.MSG_CTRUNC)
@@ -86,6 +93,10 @@ _TRUNC: Final = int(socket.MSG_TRUNC)
 
 def _no_framing(*_: object) -> object:
     raise AssertionError("feed() is bound when a stream channel starts reading")
+
+
+def _no_reader() -> None:
+    raise AssertionError("the reader callback is chosen when a channel starts reading")
 
 
 class _UnknownSender:
@@ -128,8 +139,11 @@ class Channel(Sending, ChannelFacts):
         "_rbuf",
         "_read_error",
         "_read_failed",
+        "_read_idle",
+        "_reader",
         "_ready",
         "_ready_bytes",
+        "_ready_fds",
         "_rview",
         "_rwaiter",
         "_space",
@@ -185,11 +199,14 @@ class Channel(Sending, ChannelFacts):
         # complete messages, in order, for recv()
         self._ready: deque[bytes | Received | Lease] = deque(inbox)
         self._ready_bytes = sum(len(item[0]) for item in inbox)
+        self._ready_fds = sum(len(item[1]) for item in inbox)  # held in _ready
         self._eof = not owns_socket  # a datagram session holds all it will ever receive
         self._fds_seen = False
         self._read_error: Exception | None = None  # raised once, then reading resumes
         self._read_failed: Exception | None = None  # the connection is unusable
         self._rwaiter: asyncio.Future[object] | None = None
+        self._reader: Callable[[], None] = _no_reader  # the reader callback, when reading
+        self._read_idle = False  # the last read found nothing to read (EAGAIN)
         # set when reading starts: the receive buffer, as recvmsg_into() takes it, and
         # the framing's feed() (bound once: this is the hot path of every read)
         self._rbuf = memoryview(b"")
@@ -296,6 +313,7 @@ class Channel(Sending, ChannelFacts):
                 close_fds(fds)
         if not ready:
             self._ready_bytes = 0
+            self._ready_fds = 0
         return messages
 
     def __aiter__(self) -> Channel:
@@ -345,6 +363,7 @@ class Channel(Sending, ChannelFacts):
             return self._shm.copy_out(item), []  # type: ignore[union-attr]
         data, fds, cred = item
         self._ready_bytes -= len(data)
+        self._ready_fds -= len(fds)
         if isinstance(cred, PeerCred):
             self._peer = cred
         elif cred is UNKNOWN_SENDER:
@@ -401,8 +420,27 @@ class Channel(Sending, ChannelFacts):
         callback = self._read_stream if self._framing is not None else self._read_packets
         if self._wire is not None:
             callback = self._read_wire
+        self._reader = callback
+        if not isinstance(loop, asyncio.BaseEventLoop):
+            # uvloop: libuv ends a poll handle on a socket error (POLLERR: the peer closed
+            # with our data unread), after one last callback. A callback that stops before
+            # EAGAIN (to hand a message over first) would never be called again, and a
+            # recv() would wait for ever: it goes on reading from the loop's next turn.
+            callback = self._read_on
         loop.add_reader(self._fd, callback)
         self._reading = True
+
+    def _read_on(self) -> None:
+        """The reader callback on a loop whose readiness ends at a socket error: read, and
+        until a read finds nothing (EAGAIN), read again on the loop's next turn."""
+        if not self._reading:
+            return  # closed, or paused (read-ahead) since this turn was asked for
+        self._read_idle = False
+        self._reader()
+        if not self._read_idle and self._reading:
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon(self._read_on)
 
     def _wake_receiver(self) -> None:
         waiter = self._rwaiter
@@ -417,6 +455,7 @@ class Channel(Sending, ChannelFacts):
                 self._rview, self._ancsize, RECV_FLAGS
             )
         except (BlockingIOError, InterruptedError):
+            self._read_idle = True
             return
         except OSError as exc:
             self._fail_read(translate(exc, "recv", self._remote), fatal=True)
@@ -432,6 +471,7 @@ class Channel(Sending, ChannelFacts):
                     if self._fds_seen:
                         fds = self._framing.take_fds()  # type: ignore[union-attr]
                         self._ready.append((message, fds, None) if fds else message)
+                        self._ready_fds += len(fds)
                     else:  # no descriptor ever arrived: the framing holds none
                         self._ready.append(message)
                     self._ready_bytes += len(message)
@@ -447,7 +487,11 @@ class Channel(Sending, ChannelFacts):
         except BaseException:  # not ours (a signal handler's): what was read may be lost
             self._fail_read(read_interrupted(self._where()), fatal=True)
             raise
-        if self._ready_bytes > READ_AHEAD and self._rwaiter is None:
+        if self._rwaiter is None and (
+            self._ready_bytes > READ_AHEAD
+            or self._ready_fds > FDS_AHEAD
+            or len(self._ready) > _MESSAGES_AHEAD
+        ):
             self._stop_reading()  # resumed by the next recv() that finds nothing queued
         waiter = self._rwaiter
         if waiter is not None and not waiter.done():
@@ -492,6 +536,7 @@ class Channel(Sending, ChannelFacts):
                     self._rview, self._ancsize, RECV_FLAGS
                 )
             except (BlockingIOError, InterruptedError):
+                self._read_idle = True
                 return
             except OSError as exc:
                 self._fail_read(translate(exc, "recv", self._remote), fatal=True)
@@ -505,6 +550,7 @@ class Channel(Sending, ChannelFacts):
                 fds = framing.take_fds()
                 self._ready.append((message, fds, None) if fds else message)
                 self._ready_bytes += len(message)
+                self._ready_fds += len(fds)
             elif type(message) is Control:
                 self._record(message.body, framing.take_fds())
             else:
@@ -531,7 +577,17 @@ class Channel(Sending, ChannelFacts):
             try:
                 size, ancdata, flags, _ = sock.recvmsg_into(views, ancsize, RECV_FLAGS)
             except (BlockingIOError, InterruptedError):
+                self._read_idle = True
                 break
+            except ConnectionResetError as exc:
+                if self._type != "seqpacket":
+                    self._fail_read(translate(exc, "recv", self._remote), fatal=True)
+                    break
+                # The peer closed with packets of ours unread. A seqpacket socket reports
+                # that first (the kernel checks the socket's error before its queue), then
+                # hands over what the peer sent before closing, then the end: read on, so
+                # that its last messages are not lost (as with shared memory, below).
+                continue
             except OSError as exc:
                 self._fail_read(translate(exc, "recv", self._remote), fatal=True)
                 break
@@ -562,6 +618,7 @@ class Channel(Sending, ChannelFacts):
             else:
                 ready.append((data, fds, got.cred))
             self._ready_bytes += size
+            self._ready_fds += len(fds)
             if self._pause_after_queueing():
                 break
         self._wake_receiver()
@@ -570,8 +627,14 @@ class Channel(Sending, ChannelFacts):
         """After a packet was queued: whether the reader callback should stop here (a
         receiver waits to take it first; or the read-ahead is full, and reading pauses)."""
         if self._rwaiter is not None:
-            return True  # hand this one over first; level-triggered polling brings the rest
-        if len(self._ready) >= _PACKETS_AHEAD or self._ready_bytes > READ_AHEAD:
+            # Hand this one over first; level-triggered polling (on uvloop, _read_on)
+            # brings the rest.
+            return True
+        if (
+            len(self._ready) >= _PACKETS_AHEAD
+            or self._ready_bytes > READ_AHEAD
+            or self._ready_fds > FDS_AHEAD
+        ):
             self._stop_reading()
             return True
         return False
@@ -601,6 +664,7 @@ class Channel(Sending, ChannelFacts):
             try:
                 got, ancdata, flags, _ = sock.recvmsg_into(views, self._ancsize, RECV_FLAGS)
             except (BlockingIOError, InterruptedError):
+                self._read_idle = True
                 break
             except ConnectionResetError:
                 # As in the blocking Channel: the peer closed with packets of ours unread;
@@ -655,6 +719,7 @@ class Channel(Sending, ChannelFacts):
                 continue
             ready.append((item, fds, None) if fds else item)  # type: ignore[arg-type]
             self._ready_bytes += size
+            self._ready_fds += len(fds)
             if self._pause_after_queueing():
                 break
         self._wake_receiver()
@@ -774,7 +839,7 @@ class Channel(Sending, ChannelFacts):
             if fd >= 0:
                 # In a sendmsg() of its own (the send queue keeps one for anything with
                 # descriptors), so that the pool arrives with this record.
-                self._write([encode_record(ATTACH, shm.pool_size)], rights([fd], 1))
+                self._write([encode_record(ATTACH, shm.pool_size)], [fd])
             self._write([encode_record(SLOT, offset, size)], [])
         except BaseException:
             if fd >= 0 and self._write_error is None:
@@ -783,11 +848,8 @@ class Channel(Sending, ChannelFacts):
                 shm.give_back(offset)
             raise
         if fd >= 0:
-            # The kernel duplicates the descriptor as it takes the record: keep ours open
-            # until then.
-            await self._drained(0)
-            shm.pool_sent()
-        elif self._out.full:
+            shm.pool_sent()  # the kernel has the descriptor, or the send queue a duplicate
+        if self._out.full:
             await self._drained(self._out.low)
 
     async def _slot_packet(self, offset: int, size: int) -> None:
@@ -1003,7 +1065,7 @@ class Channel(Sending, ChannelFacts):
         self._closed = True
         self._stop_reading()
         self._stop_writing()
-        self._out.clear()
+        self._drop_queue()
         self._wake_receiver()
         self._drain.wake_all()
         self._wwait.wake_all()
@@ -1017,6 +1079,7 @@ class Channel(Sending, ChannelFacts):
                 close_fds(item[1])
         self._ready.clear()
         self._ready_bytes = 0
+        self._ready_fds = 0
         if self._owns_socket:
             self._sock.close()
         if self._claim is not None:
@@ -1030,5 +1093,11 @@ class Channel(Sending, ChannelFacts):
     async def __aenter__(self) -> Channel:
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            # Cancelled (asyncio.timeout, a task's cancel) or interrupted: waiting for the
+            # peer to read what is queued would hold the cancel up, without end if the
+            # peer never reads. Close now, as close() does.
+            self.close()
+            return
         await self.aclose()

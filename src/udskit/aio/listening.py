@@ -40,8 +40,9 @@ from ..options import (
 )
 from ..shm import offered
 from ..translate import translate, translating
-from .buffers import READ_AHEAD, check_write_limit, scratch
+from .buffers import FDS_AHEAD, READ_AHEAD, check_write_limit, scratch
 from .channel import Buffer, Channel
+from .sending import descriptors
 from .waiting import EXPIRED, RetryPause, Waiters
 
 __all__ = ["DatagramListener", "Listener", "listen"]
@@ -278,7 +279,7 @@ class DatagramListener(_Endpoint[Datagram]):
     checked against the policy first), pausing once 256 of them or READ_AHEAD bytes wait.
     """
 
-    __slots__ = ("_ancsize", "_max_fds", "_max_frame", "_ready", "_ready_bytes")
+    __slots__ = ("_ancsize", "_max_fds", "_max_frame", "_ready", "_ready_bytes", "_ready_fds")
 
     def __init__(self, inner: blocking.DatagramListener, *, max_frame: int, max_fds: int) -> None:
         super().__init__(inner)
@@ -288,6 +289,7 @@ class DatagramListener(_Endpoint[Datagram]):
         # datagrams, and errors to raise in their place (a truncated one, say), in order
         self._ready: deque[Datagram | Exception] = deque()
         self._ready_bytes = 0
+        self._ready_fds = 0  # descriptors of the datagrams in _ready
 
     async def recv(self) -> Datagram:
         """The next datagram the policy allows (others are dropped and logged). Its
@@ -298,6 +300,7 @@ class DatagramListener(_Endpoint[Datagram]):
                 if isinstance(item, Exception):
                     raise item
                 self._ready_bytes -= len(item.data)
+                self._ready_fds -= len(item.fds)
                 return item
             await self._wait_readable("recv")
 
@@ -310,7 +313,7 @@ class DatagramListener(_Endpoint[Datagram]):
         self._check_open()
         check_message(data, "send_to")
         target = Address.parse(address)
-        ancillary = rights(list(fds), self._max_fds)
+        ancillary = rights(descriptors(fds, "send_to"), self._max_fds)
         pause: RetryPause | None = None
         while True:
             try:
@@ -381,7 +384,12 @@ class DatagramListener(_Endpoint[Datagram]):
                 continue
             ready.append(Datagram(view[:size].tobytes(), sender, peer, tuple(got.fds)))
             self._ready_bytes += size
-            if len(ready) >= _DATAGRAMS_AHEAD or self._ready_bytes > READ_AHEAD:
+            self._ready_fds += len(got.fds)
+            if (
+                len(ready) >= _DATAGRAMS_AHEAD
+                or self._ready_bytes > READ_AHEAD
+                or self._ready_fds > FDS_AHEAD
+            ):
                 self._stop_reading()  # resumed by the next recv() that finds nothing
                 break
         if ready:
@@ -394,6 +402,7 @@ class DatagramListener(_Endpoint[Datagram]):
             if isinstance(item, Datagram):
                 close_fds(item.fds)
         self._ready.clear()
+        self._ready_fds = 0
         super().close()
 
     _next = recv  # what async iteration yields

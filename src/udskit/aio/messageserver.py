@@ -72,6 +72,13 @@ class MessageServer(MessageServing):
         on_eof: Hook | None = None,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     ) -> None:
+        if not isinstance(endpoint, (blocking.Listener, blocking.DatagramListener)):
+            # An aio listener has the socket too, but reading it is this server's job: taken
+            # as it is, it failed later, in the loop's callback, client by client.
+            raise TypeError(
+                "endpoint must be a listener from udskit.listen() (or let "
+                f"start_message_server(address, ...) claim one), not {endpoint!r}"
+            )
         check_server_options(
             handler,
             max_clients,

@@ -9,6 +9,9 @@ that does not read stops its sender; it never grows the sender's memory beyond
 
 The queue keeps views of ``bytes`` (immutable) without copying them; any other buffer is
 copied when queued, so a caller may reuse its bytearray as soon as ``send()`` returns.
+Descriptors are duplicated when queued, for the same reason: a ``send_fds()`` that is
+cancelled or times out leaves its message queued, and its caller closes its descriptors (a
+number closed and reused meanwhile would pass another file with the message).
 Seqpacket messages and datagrams are never queued: each goes out whole in one system call,
 and a full socket makes ``send()`` wait until it can.
 """
@@ -16,12 +19,14 @@ and a full socket makes ``send()`` wait until it can.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import socket
 from collections.abc import Iterable, Sequence
 from typing import Final
 
 from ..address import Address, sun_path
-from ..ancillary import rights
+from ..ancillary import close_fds, rights
 from ..channel import advance, broken
 from ..errors import ConnectionClosed, ProtocolError
 from ..options import SocketType, check_message
@@ -34,7 +39,7 @@ from ..translate import translate, translating
 from .buffers import WRITE_LOW_WATER, check_write_limit
 from .waiting import EXPIRED, RetryPause, Waiters
 
-__all__ = ["Buffer", "Sending"]
+__all__ = ["Buffer", "Sending", "descriptors"]
 
 Buffer = bytes | bytearray | memoryview
 Ancillary = list[tuple[int, int, bytes]]
@@ -103,7 +108,8 @@ class Sending:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._reading = False
-        self._out: Outbox[Ancillary] = Outbox(high, min(high // 4, WRITE_LOW_WATER))
+        #: each queued message's descriptors ride along as duplicates we own (see _queue)
+        self._out: Outbox[list[int]] = Outbox(high, min(high // 4, WRITE_LOW_WATER))
         self._writing = False
         #: writing or queueing a message: a release must wait for it (Channel._release_soon)
         self._in_write = False
@@ -144,7 +150,12 @@ class Sending:
             return
         if self._closed:
             self._check_open()
-        if not self._out and self._write_error is None and len(data) <= JOIN_LIMIT:
+        try:
+            small = len(data) <= JOIN_LIMIT
+        except TypeError:  # None, an int: say what a message is, as the blocking API does
+            check_message(data, "send")
+            raise
+        if not self._out and self._write_error is None and small:
             # The common case, inline: one small frame, nothing queued ahead of it.
             try:
                 joined = framing.frame(data)
@@ -196,13 +207,14 @@ class Sending:
         check_message(data, "send_fds")
         if self._sock.family != socket.AF_UNIX:
             raise ProtocolError("descriptors can only be passed over Unix sockets")
-        ancillary = rights(list(fds), self._max_fds)
+        listed = descriptors(fds, "send_fds")  # once: fds may be an iterator
+        ancillary = rights(listed, self._max_fds)
         framing = self._framing
         if framing is None:
             await self._send_packet(data, ancillary)
             return
         self._check_open()
-        self._write(framing.encode(data), ancillary)
+        self._write(framing.encode(data), listed)
         if ancillary:
             await self._drained(0)
         elif self._out.full:
@@ -225,7 +237,12 @@ class Sending:
         self._check_open()
         parts: list[Buffer] = []
         for message in messages:
-            if len(message) <= JOIN_LIMIT:
+            try:
+                small = len(message) <= JOIN_LIMIT
+            except TypeError:  # send_many(b"...") iterates ints: say what a message is
+                check_message(message, "send_many")
+                raise
+            if small:
                 try:
                     parts.append(framing.frame(message))
                 except TypeError:
@@ -239,9 +256,11 @@ class Sending:
         if self._out.full:
             await self._drained(self._out.low)
 
-    def _write(self, parts: list[Buffer], ancillary: Ancillary) -> None:
-        """Send ``parts`` now, as far as the kernel takes them; queue the rest, in order."""
+    def _write(self, parts: list[Buffer], fds: Sequence[int]) -> None:
+        """Send ``parts`` (and ``fds`` with the first byte) now, as far as the kernel takes
+        them; queue the rest, in order."""
         self._raise_write_error()
+        ancillary = rights(fds, len(fds)) if fds else []
         if not ancillary and len(parts) <= 2 and sum(map(len, parts)) <= JOIN_LIMIT:
             views = [memoryview(b"".join(parts))]
         else:
@@ -249,17 +268,17 @@ class Sending:
         self._in_write = True
         try:
             if self._out:
-                self._queue(views, ancillary)  # behind what is queued, to keep the order
+                self._queue(views, fds)  # behind what is queued, to keep the order
                 return
             if len(views) == 1 and not ancillary:
                 sent = self._sock.send(views[0], SEND_FLAGS)
             else:
                 sent = self._sock.sendmsg(views[:IOV_MAX], ancillary, SEND_FLAGS)
             if sent:
-                ancillary = []  # the descriptors went with the first byte
-            self._queue(advance(views, sent), ancillary)
+                fds = ()  # the descriptors went with the first byte
+            self._queue(advance(views, sent), fds)
         except (BlockingIOError, InterruptedError):
-            self._queue(views, ancillary)
+            self._queue(views, fds)
         except OSError as exc:
             raise translate(exc, "send", self._remote) from exc
         except BaseException:
@@ -268,8 +287,10 @@ class Sending:
         finally:
             self._in_write = False
 
-    def _queue(self, views: list[memoryview], ancillary: Ancillary) -> None:
-        self._out.push(views, ancillary or None)
+    def _queue(self, views: list[memoryview], fds: Sequence[int]) -> None:
+        """Queue one message's rest; its descriptors as duplicates of our own, closed once
+        the kernel has taken them (or the queue is dropped)."""
+        self._out.push(views, _duplicate(fds) if fds else None)
         if self._out and not self._writing:
             self._start_writing()
 
@@ -286,9 +307,11 @@ class Sending:
             return
         out = self._out
         while out:
-            batch, ancillary = out.batch()
+            batch, fds = out.batch()
             try:
-                out.sent(self._sock.sendmsg(batch, ancillary or (), SEND_FLAGS))
+                went = out.sent(
+                    self._sock.sendmsg(batch, rights(fds, len(fds)) if fds else (), SEND_FLAGS)
+                )
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -297,6 +320,8 @@ class Sending:
             except BaseException:
                 self._cut()
                 raise
+            if went:
+                close_fds(went)  # our duplicates: the kernel holds its own now
         if not out:
             self._stop_writing()
         if out.drained:
@@ -308,9 +333,14 @@ class Sending:
     def _fail_write(self, error: Exception) -> None:
         """The socket cannot send any more: drop the queue; every later send raises."""
         self._write_error = error
-        self._out.clear()
+        self._drop_queue()
         self._stop_writing()
         self._drain.wake_all()
+
+    def _drop_queue(self) -> None:
+        """Forget what is queued, closing the descriptors that would have gone with it."""
+        for fds in self._out.clear():
+            close_fds(fds)
 
     def _cut(self) -> None:
         """An exception (a signal handler's, say) landed while a frame was going out: an
@@ -431,6 +461,42 @@ class Sending:
 
     def _where(self) -> str:
         return str(self._remote) if self._remote is not None else f"{self._type} channel"
+
+
+def descriptors(fds: object, what: str) -> list[int]:
+    """``fds`` as a list of open descriptors, or an error that says what ``what`` takes.
+
+    A descriptor that is not open would fail the sendmsg() with EBADF, which the kernel
+    also gives for a closed socket: checked here (one fcntl each), so that the error names
+    the descriptor instead of blaming the socket.
+    """
+    try:
+        listed: list[int] = list(fds)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(
+            f"{what}: fds is a sequence of open descriptors (ints), not {type(fds).__name__}"
+        ) from None
+    for fd in listed:
+        if isinstance(fd, int) and not isinstance(fd, bool) and fd >= 0:
+            try:
+                fcntl.fcntl(fd, fcntl.F_GETFD)
+            except OSError:
+                raise ValueError(
+                    f"{what}: descriptor {fd} is not open; pass descriptors of open files"
+                ) from None
+    return listed
+
+
+def _duplicate(fds: Sequence[int]) -> list[int]:
+    """Our own duplicates of ``fds`` (close-on-exec); none left open if one fails (EMFILE)."""
+    dups: list[int] = []
+    try:
+        for fd in fds:
+            dups.append(os.dup(fd))  # noqa: PERF401 - the ones made before a failure are closed
+    except BaseException:
+        close_fds(dups)
+        raise
+    return dups
 
 
 def large(data: object) -> bool:

@@ -80,6 +80,7 @@ class Server:
         self._stopping = False
         self._draining = False  # handed over: finishing the clients we have
         self._served = False
+        self._finished: asyncio.Event | None = None  # serve_forever has released everything
         self._wake = Waiters("accept")  # a client finished, or stop() was called
 
     @property
@@ -105,6 +106,7 @@ class Server:
         if self._served:
             raise RuntimeError("serve_forever() can run once per Server")
         self._served = True
+        self._finished = asyncio.Event()
         loop = asyncio.get_running_loop()
         upgrader = self._endpoint.upgrader
         try:
@@ -119,7 +121,10 @@ class Server:
             if self._draining:
                 await self._drain(loop)
         finally:
-            await self._shutdown()
+            try:
+                await self._shutdown()
+            finally:
+                self._finished.set()
 
     def _hand_over(self) -> None:
         """A successor has the listener: stop accepting (our copy closes, the file stays)."""
@@ -203,6 +208,7 @@ class Server:
             log.exception("%s: handler failed for %r", self._endpoint.address, channel)
 
     async def _serve_datagrams(self, listener: DatagramListener) -> None:
+        loop = asyncio.get_running_loop()
         while not self._stopping:
             try:
                 datagram = await listener.recv()
@@ -213,11 +219,15 @@ class Server:
             except ProtocolError as exc:  # truncated, too many descriptors: report, go on
                 log.warning("%s: %s", listener.address, exc)
                 continue
+            # The handler runs in a task of its own, awaited here (datagrams are handled in
+            # turn), so that stop() need not wait for it: _shutdown gives it SHUTDOWN_GRACE
+            # and then cancels it, as it does a connection's handler.
             session = listener.session(datagram)
-            try:
-                await self._call(session)
-            finally:
-                await session.aclose()
+            task = loop.create_task(self._run_client(session))
+            self._clients[task] = session
+            task.add_done_callback(self._client_done)
+            while not task.done() and not self._stopping:
+                await self._wake.wait(loop, None)  # the handler finished, or stop()
 
     async def _shutdown(self) -> None:
         self._stopping = True
@@ -239,11 +249,15 @@ class Server:
             await asyncio.gather(*late, return_exceptions=True)
 
     async def aclose(self) -> None:
-        """Stop and release everything, whether or not ``serve_forever`` ran."""
+        """Stop and release everything, whether or not ``serve_forever`` ran; if it runs (in
+        another task), wait until it has finished (its clients' handlers too), unless called
+        from a handler (which serve_forever waits for)."""
         self.stop()
         if not self._served:
             self._served = True
             await self._shutdown()
+        elif self._finished is not None and asyncio.current_task() not in self._clients:
+            await self._finished.wait()
 
     async def __aenter__(self) -> Server:
         return self
