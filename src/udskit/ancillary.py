@@ -65,12 +65,17 @@ SO_PASSRIGHTS: Final[int | None] = getattr(
 )
 
 
-def ancillary_size(max_fds: int, *, creds: bool = False) -> int:
-    """The control buffer size that holds ``max_fds`` descriptors (and credentials)."""
+def ancillary_size(max_fds: int) -> int:
+    """The control buffer size that holds ``max_fds`` descriptors and credentials.
+
+    Room for credentials is kept whether or not the caller asked for them: a socket with
+    SO_PASSCRED (an adopted descriptor, or one accepted from a systemd listener with
+    PassCredentials=yes, which accepted sockets inherit) gets SCM_CREDENTIALS with every
+    read, placed before the descriptors. Without room for them the kernel cuts them short
+    and drops the descriptors that follow (MSG_CTRUNC): every read would fail.
+    """
     size = socket.CMSG_SPACE(max_fds * _INT_SIZE) if max_fds > 0 else 0
-    if creds:
-        size += socket.CMSG_SPACE(UCRED.size)
-    return size
+    return size + socket.CMSG_SPACE(UCRED.size)
 
 
 def refuse_descriptors(sock: socket.socket) -> bool:
@@ -152,6 +157,9 @@ def unpack(
             usable = len(data) - len(data) % _INT_SIZE
             fds.extend(array.array("i", data[:usable]))
         elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            if len(data) < UCRED.size:  # cut short (MSG_CTRUNC): no credentials to read
+                foreign = (level, kind)
+                continue
             cred = unpack_ucred(data)
             creds_sent = True
         else:

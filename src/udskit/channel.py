@@ -311,7 +311,7 @@ class Channel(ChannelFacts):
         self._max_message = limit
         self._max_fds = max_fds
         is_unix = sock.family == socket.AF_UNIX
-        self._ancsize = ancillary_size(max_fds, creds=self._type == "dgram") if is_unix else 0
+        self._ancsize = ancillary_size(max_fds) if is_unix else 0
         # recv_into(), no control data: a stream on which no descriptor can arrive.
         self._plain = self._framing is not None and (
             not is_unix or (max_fds == 0 and refuse_descriptors(sock))

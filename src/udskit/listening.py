@@ -382,7 +382,7 @@ class DatagramListener(_Endpoint):
         # adopted descriptor (fd:N), whose creator may not have set it.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._max_fds = max_fds
-        self._ancsize = ancillary_size(max_fds, creds=True)
+        self._ancsize = ancillary_size(max_fds)
         self._rbuf = bytearray(max_frame)
         self._rview = memoryview(self._rbuf)
         self._rlock = threading.Lock()  # the receive buffer is shared: one reader at a time
