@@ -18,7 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from udskit.errors import ProtocolError, UdsError
+from udskit.address import Address
+from udskit.errors import AddressError, ProtocolError, UdsError
 from udskit.proto import handover
 from udskit.proto.framing import CLOSED, NEED_DATA, Control, LengthPrefixed, Lines
 from udskit.proto.shm import (
@@ -204,6 +205,67 @@ def test_handover_messages_decode_or_are_refused(packet: bytes, descriptors: int
         handover.decode(packet, descriptors, ("take", "listener", "ready", "stopped"))
     except ProtocolError as exc:
         _one_line(exc)
+
+
+# -- addresses ----------------------------------------------------------------------------------
+_ADDRESSY = st.one_of(
+    st.text(max_size=40),
+    st.binary(max_size=40),
+    st.builds(
+        "".join,
+        st.lists(
+            st.sampled_from(
+                [
+                    "fd:",
+                    "tcp:",
+                    "unix:",
+                    "abstract:",
+                    "@",
+                    "/",
+                    ":",
+                    "[",
+                    "]",
+                    "::1",
+                    "9" * 30,
+                    "\0",
+                    "\n",
+                    "listen",
+                    "x",
+                    "\udcff",
+                    "é",
+                    "9" * 5000,
+                ]
+            ),
+            max_size=5,
+        ),
+    ),
+)
+
+
+@FUZZ
+@given(value=_ADDRESSY)
+def test_address_parse_gives_an_address_or_one_address_error(value: str | bytes) -> None:
+    try:
+        address = Address.parse(value)
+    except AddressError as exc:
+        _one_line(exc)
+        return
+    if address.kind == "fd":
+        assert 0 <= address.fd <= 2**31 - 1  # a C int, as every descriptor call takes
+    if address.kind == "tcp":
+        assert 0 <= address.port <= 65535
+    if address.kind in ("path", "abstract", "fd") or address.host == address.host.strip("[]"):
+        assert Address.parse(str(address)) == address
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["fd:" + "9" * 5000, "tcp:localhost:" + "9" * 5000, "fd:2147483648", "fd:" + "9" * 30],
+)
+def test_out_of_range_numbers_in_addresses_are_address_errors(text: str) -> None:
+    with pytest.raises(AddressError) as caught:
+        Address.parse(text)
+    _one_line(caught.value)
 
 
 # -- control data --------------------------------------------------------------------------------
