@@ -268,6 +268,38 @@ def test_out_of_range_numbers_in_addresses_are_address_errors(text: str) -> None
     _one_line(caught.value)
 
 
+# -- socket activation's environment ------------------------------------------------------------
+_ENV_VALUE = st.one_of(
+    st.none(),
+    st.text(max_size=12),
+    st.sampled_from(
+        ["1", "0", "3", str(os.getpid()), "9" * 5000, "9" * 25, "-1", "+3", " 3", "3\n4", "a:b\nc"]
+    ),
+)
+
+
+@FUZZ
+@given(pid=_ENV_VALUE, fds=_ENV_VALUE, names=_ENV_VALUE)
+def test_listen_variables_parse_or_are_refused(
+    pid: str | None, fds: str | None, names: str | None
+) -> None:
+    from udskit import activation
+
+    env = {
+        key: value
+        for key, value in (("LISTEN_PID", pid), ("LISTEN_FDS", fds), ("LISTEN_FDNAMES", names))
+        if value is not None
+    }
+    try:
+        passed = activation.listen_fds(env, pid=os.getpid())
+    except AddressError as exc:
+        _one_line(exc)
+        assert activation.inherited(env) == () or pid != str(os.getpid())
+        return
+    assert all(entry.fd >= 3 for entry in passed)
+    assert activation.inherited(env) == passed or pid != str(os.getpid())
+
+
 # -- control data --------------------------------------------------------------------------------
 @FUZZ
 @given(
@@ -325,3 +357,13 @@ def _is_open(fd: int) -> bool:
     except OSError:
         return False
     return True
+
+
+@FUZZ
+@given(usec=_ENV_VALUE, owner=st.sampled_from([None, str(os.getpid()), "1"]))
+def test_watchdog_variables_give_an_interval_or_none(usec: str | None, owner: str | None) -> None:
+    from udskit.systemd import watchdog_interval
+
+    env = {"WATCHDOG_USEC": usec, "WATCHDOG_PID": owner}
+    interval = watchdog_interval({k: v for k, v in env.items() if v is not None})
+    assert interval is None or 0 < interval < float("inf")
