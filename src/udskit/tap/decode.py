@@ -313,6 +313,8 @@ class Conversation:
             self._sides[direction] = _Direction(framing, self._max)
 
     def feed(self, direction: Direction, data: bytes) -> list[Shown]:
+        if not data:
+            return []  # nothing to show; h11 would take it for the end of the stream
         if self._framing == "auto":
             pending = self._pending[direction] + data
             guess = _guess(pending)
