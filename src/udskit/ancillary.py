@@ -15,6 +15,7 @@ Rules kept here, for every receive path:
 from __future__ import annotations
 
 import array
+import errno
 import os
 import platform
 import socket
@@ -165,10 +166,17 @@ def unpack(
         else:
             foreign = (level, kind)
     if flags & _CTRUNC:
+        # Asked before closing what arrived, while the table is as the kernel found it.
+        why = (
+            "this process had no descriptor free to receive them into (its open-file limit, "
+            "ulimit -n, is reached): close descriptors or raise the limit"
+            if _out_of_descriptors()
+            else "the peer sent more descriptors than max_fds"
+        )
         close_fds(fds)
         raise ControlDataError(
             f"message from {where} carried more control data than allowed (MSG_CTRUNC): "
-            f"the peer sent more descriptors than max_fds; all received descriptors closed",
+            f"{why}; all received descriptors closed",
             cred,
         )
     if max_fds is not None and len(fds) > max_fds:
@@ -188,6 +196,18 @@ def unpack(
     if not fds and not creds_sent:
         return _NOTHING
     return Received(fds, cred, creds_sent)
+
+
+def _out_of_descriptors() -> bool:
+    """Whether this process can open no descriptor now. The kernel sets MSG_CTRUNC, and
+    drops the rest, also when installing a received descriptor fails with EMFILE or ENFILE
+    (scm_detach_fds() in net/core/scm.c): the peer is not to blame then."""
+    try:
+        fd = os.open("/", os.O_PATH | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc.errno in (errno.EMFILE, errno.ENFILE)
+    os.close(fd)
+    return False
 
 
 def discard(ancdata: Iterable[tuple[int, int, bytes]], flags: int, where: object) -> None:
