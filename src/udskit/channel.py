@@ -916,10 +916,23 @@ class Channel(ChannelFacts):
             self._direct = False
             return message
         try:
-            payload = self._sock.recv(expected, _WAITALL)
+            # recvmsg(), not recv(): descriptors sent with a later part of the payload (by a
+            # peer that is not udskit) end the read there, and without a control buffer the
+            # kernel would close them unseen (MSG_CTRUNC, which recv() cannot report).
+            payload, ancdata, flags, _ = self._sock.recvmsg(
+                expected, self._ancsize, _WAITALL | RECV_FLAGS
+            )
         except OSError as exc:
             self._check_open()
             raise translate(exc, "recv", self._remote) from exc
+        if ancdata or flags & _CTRUNC:
+            if not self._fds_seen:
+                self._holding_fds()
+            fds = self._stream_fds(ancdata, flags)
+            if not payload:
+                close_fds(fds)
+                return framing.feed(b"")
+            return framing.feed(payload, fds)
         return framing.receive_payload(payload)
 
     def _stream_fds(self, ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:

@@ -15,6 +15,7 @@ import logging
 import os
 import resource
 import socket
+import struct
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -25,6 +26,7 @@ import pytest
 
 import udskit
 from udskit import MessageServer, ProtocolError
+from udskit.channel import DIRECT_READ_MIN
 
 from ..conftest import open_fds
 
@@ -249,3 +251,54 @@ def test_descriptors_refused_for_want_of_room_blame_the_limit_not_the_peer(
     assert "open-file limit" in text
     assert "max_fds" not in text
     assert "\n" not in text
+
+
+@pytest.mark.parametrize("timeout", [None, PATIENCE], ids=["direct-read", "buffered-read"])
+@pytest.mark.parametrize("how", ["recv_fds", "recv"])
+def test_descriptors_sent_inside_a_large_payload_are_never_dropped_unseen(
+    timeout: float | None, how: str, no_fd_leak: None
+) -> None:
+    """A peer that is not udskit sends descriptors with the second half of a large
+    payload. Whatever path the read takes (a large message with no timeout is read straight
+    into its own object), they come with that message (recv_fds) or are closed (recv), and
+    never go with a later one."""
+    size = DIRECT_READ_MIN * 2
+    ours, theirs = socket.socketpair()
+    r, w = os.pipe()
+
+    first_read = threading.Event()
+
+    def peer() -> None:
+        with theirs:
+            theirs.sendall(struct.pack(">I", size) + b"a" * size)  # a large one first
+            # the next only once that one is read: its read starts at a message boundary
+            assert first_read.wait(PATIENCE)
+            theirs.sendall(struct.pack(">I", size) + b"b" * (size // 2))
+            theirs.sendmsg([b"b" * (size - size // 2)], [rights_of(r)])
+            theirs.sendall(struct.pack(">I", 5) + b"after")
+
+    sender = threading.Thread(target=peer)
+    with udskit.Channel(ours, framing="length", max_fds=2) as channel:
+        channel.settimeout(timeout)
+        sender.start()
+        try:
+            assert channel.recv() == b"a" * size
+            first_read.set()
+            if how == "recv_fds":
+                data, fds = channel.recv_fds()
+                assert data == b"b" * size
+                assert len(fds) == 1
+                assert os.path.samestat(os.fstat(fds[0]), os.fstat(r))
+                os.close(fds[0])
+                assert channel.recv_fds() == (b"after", [])
+            else:
+                assert channel.recv() == b"b" * size
+                assert channel.recv_fds() == (b"after", [])  # not the earlier message's
+        finally:
+            sender.join(PATIENCE)
+            os.close(r)
+            os.close(w)
+
+
+def rights_of(fd: int) -> tuple[int, int, bytes]:
+    return (socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))
