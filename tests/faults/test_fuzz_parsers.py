@@ -367,3 +367,59 @@ def test_watchdog_variables_give_an_interval_or_none(usec: str | None, owner: st
     env = {"WATCHDOG_USEC": usec, "WATCHDOG_PID": owner}
     interval = watchdog_interval({k: v for k, v in env.items() if v is not None})
     assert interval is None or 0 < interval < float("inf")
+
+
+# -- descriptors across reads ------------------------------------------------------------------
+@FUZZ
+@given(
+    payloads=st.lists(st.binary(max_size=6), min_size=1, max_size=5),
+    carrying=st.sets(st.integers(0, 4)),
+    cuts=st.sets(st.integers(1, 60)),
+    lines=st.booleans(),
+)
+def test_descriptors_go_with_the_message_they_were_sent_with(
+    payloads: list[bytes], carrying: set[int], cuts: set[int], lines: bool
+) -> None:
+    """As the kernel delivers them: each message is one sendmsg(); a read that first touches
+    a message carrying descriptors gets them and ends at that message's end."""
+    if lines:
+        payloads = [p.replace(b"\n", b".") for p in payloads]
+        frames = [p + b"\n" for p in payloads]
+    else:
+        frames = [struct.pack(">I", len(p)) + p for p in payloads]
+    starts = list(itertools.accumulate([0] + [len(f) for f in frames]))
+    stream = b"".join(frames)
+    carrying = {i for i in carrying if i < len(frames)}
+    points = {c for c in cuts if c < len(stream)}
+    points |= {starts[i + 1] for i in carrying}  # the read ends where that message does
+    bounds = [0, *sorted(points - {len(stream)}), len(stream)]
+    decoder: LengthPrefixed | Lines = Lines(64) if lines else LengthPrefixed(64)
+    got: list[tuple[bytes, list[int]]] = []
+    for a, b in itertools.pairwise(bounds):
+        fds = [i for i in carrying if a <= starts[i] < b]  # descriptor "number" = index
+        decoder.receive_data(stream[a:b], fds)
+        while isinstance(message := decoder.next_message(), bytes):
+            got.append((message, decoder.take_fds()))
+    assert got == [(p, [i] if i in carrying else []) for i, p in enumerate(payloads)]
+
+
+@FUZZ
+@given(
+    size=st.integers(2, 40),
+    at=st.integers(1, 39),
+    lines=st.booleans(),
+)
+def test_descriptors_with_the_middle_of_a_message_are_refused(
+    size: int, at: int, lines: bool
+) -> None:
+    at = min(at, size - 1)
+    frame = b"x" * size + b"\n" if lines else struct.pack(">I", size) + b"x" * size
+    cut = at + (0 if lines else 4)  # a read that starts inside the message
+    decoder: LengthPrefixed | Lines = Lines(64) if lines else LengthPrefixed(64)
+    decoder.receive_data(frame[:cut])
+    with pytest.raises(ProtocolError) as refused:
+        decoder.receive_data(frame[cut : cut + 1], [7])
+    _one_line(refused.value)
+    with pytest.raises(ProtocolError):  # and the stream stays refused
+        decoder.next_message()
+    assert decoder.held_fds() == [7]

@@ -26,7 +26,7 @@ import pytest
 
 import udskit
 from udskit import MessageServer, ProtocolError
-from udskit.channel import DIRECT_READ_MIN
+from udskit.channel import DIRECT_READ_MIN, RECV_CHUNK
 
 from ..conftest import open_fds
 
@@ -255,21 +255,23 @@ def test_descriptors_refused_for_want_of_room_blame_the_limit_not_the_peer(
 
 @pytest.mark.parametrize("timeout", [None, PATIENCE], ids=["direct-read", "buffered-read"])
 @pytest.mark.parametrize("how", ["recv_fds", "recv"])
-def test_descriptors_sent_inside_a_large_payload_are_never_dropped_unseen(
+def test_descriptors_sent_inside_a_large_payload_are_refused_not_dropped_unseen(
     timeout: float | None, how: str, no_fd_leak: None
 ) -> None:
     """A peer that is not udskit sends descriptors with the second half of a large
-    payload. Whatever path the read takes (a large message with no timeout is read straight
-    into its own object), they come with that message (recv_fds) or are closed (recv), and
-    never go with a later one."""
+    payload. No read that starts at the message can reach them (the first half is larger
+    than a read), so they come with no message's start: whatever path the read takes (a
+    large message with no timeout is read straight into its own object), that is an
+    error, and the stream ends there; never a message that silently lost them, nor one
+    that gathers descriptors read by read beyond max_fds."""
     size = DIRECT_READ_MIN * 2
+    assert size // 2 > RECV_CHUNK - 4
     ours, theirs = socket.socketpair()
     r, w = os.pipe()
-
     first_read = threading.Event()
 
     def peer() -> None:
-        with theirs:
+        with theirs, contextlib.suppress(BrokenPipeError):  # the reader gives up early
             theirs.sendall(struct.pack(">I", size) + b"a" * size)  # a large one first
             # the next only once that one is read: its read starts at a message boundary
             assert first_read.wait(PATIENCE)
@@ -284,20 +286,32 @@ def test_descriptors_sent_inside_a_large_payload_are_never_dropped_unseen(
         try:
             assert channel.recv() == b"a" * size
             first_read.set()
-            if how == "recv_fds":
-                data, fds = channel.recv_fds()
-                assert data == b"b" * size
-                assert len(fds) == 1
-                assert os.path.samestat(os.fstat(fds[0]), os.fstat(r))
-                os.close(fds[0])
-                assert channel.recv_fds() == (b"after", [])
-            else:
-                assert channel.recv() == b"b" * size
-                assert channel.recv_fds() == (b"after", [])  # not the earlier message's
+            receive = getattr(channel, how)
+            with pytest.raises(ProtocolError, match="middle of a message") as refused:
+                receive()
+            assert "\n" not in str(refused.value)
+            with pytest.raises(ProtocolError):  # and nothing after it is taken for whole
+                channel.recv_fds()
         finally:
+            channel.close()  # the peer, blocked on a full socket, sees EPIPE
             sender.join(PATIENCE)
             os.close(r)
             os.close(w)
+
+
+def test_a_message_cannot_gather_descriptors_read_by_read(no_fd_leak: None) -> None:
+    """One descriptor with each byte of a message, each its own read: max_fds bounds what
+    a message brings, and what a peer makes us hold."""
+    ours, theirs = socket.socketpair()
+    r, w = os.pipe()
+    with udskit.Channel(ours, framing="length", max_fds=2) as channel, theirs:
+        theirs.sendall(struct.pack(">I", 100))
+        for _ in range(100):
+            theirs.sendmsg([b"x"], [rights_of(r)])
+        os.close(r)
+        os.close(w)
+        with pytest.raises(ProtocolError, match="middle of a message"):
+            channel.recv_fds()
 
 
 def rights_of(fd: int) -> tuple[int, int, bytes]:

@@ -11,6 +11,11 @@ then ends the read right there. So a read can start with the tail of earlier mes
 the skb that carried the descriptors is the last one it touched, and that skb begins the
 message the sender passed them with (a sender sends descriptors with one whole message per
 sendmsg(), as Channel.send_fds does).
+
+So a read that brought descriptors always holds the start of a message. One that does not
+(a peer that is not udskit passed them with a later part of a message) is refused: its
+descriptors could only be given to the message around them, which would then carry as many
+as the peer cared to send, one read at a time, however small max_fds is.
 """
 
 from __future__ import annotations
@@ -118,7 +123,7 @@ def as_bytes(payload: Payload) -> Payload:
 class Decoder:
     """Shared buffering and descriptor bookkeeping for the stream framings."""
 
-    __slots__ = ("_buf", "_eof", "_fd_tags", "_last_fds", "_pos", "_received")
+    __slots__ = ("_buf", "_eof", "_error", "_fd_tags", "_last_fds", "_pos", "_received")
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -128,14 +133,18 @@ class Decoder:
         # (first, end) stream offsets of a read that brought descriptors, and those fds.
         self._fd_tags: deque[tuple[int, int, list[int]]] = deque()
         self._last_fds: list[int] = []
+        self._error: ProtocolError | None = None  # the stream cannot be decoded any more
 
     # -- feeding -------------------------------------------------------------------------
     def receive_data(self, data: Payload, fds: Sequence[int] = ()) -> None:
         """Append one read's bytes and the descriptors that read brought (see module doc)."""
         if self._eof:
             raise ProtocolError("data received after end of stream")
+        if self._error is not None:
+            raise self._error
+        first = self._received
         if fds:
-            self._fd_tags.append((self._received, self._received + len(data), list(fds)))
+            self._fd_tags.append((first, first + len(data), list(fds)))
         pos = self._pos
         if pos and pos == len(self._buf):
             self._buf.clear()  # everything consumed: start over, nothing to move
@@ -145,6 +154,22 @@ class Decoder:
             self._pos = 0
         self._buf += data
         self._received += len(data)
+        if fds and not self._starts_within(first):
+            self._error = ProtocolError(
+                "peer sent descriptors with the middle of a message, not with its first "
+                "bytes as a udskit sender does: they belong to no message; they are closed "
+                "with the connection, and nothing more can be received on it"
+            )
+            raise self._error
+
+    def _starts_within(self, first: int) -> bool:
+        """Whether a message starts at or after stream offset ``first`` in what is buffered
+        (a message that starts there may still be incomplete)."""
+        return True
+
+    def _unconsumed(self) -> int:
+        """The stream offset of the first byte not yet returned in a message."""
+        return self._received - (len(self._buf) - self._pos)
 
     def feed(self, data: Payload, fds: Sequence[int] = ()) -> bytes | NeedData | Closed | Control:
         """``receive_data`` (or ``receive_eof`` for empty ``data``), then ``next_message``.
@@ -272,7 +297,13 @@ class LengthPrefixed(Decoder):
         # (the usual request/response case): slice the payload out, skip the buffer.
         # The same for a read that is exactly one shared-memory record (a slot, a release).
         size = len(data)
-        if size > HEADER.size and not fds and self._pos == len(self._buf) and not self._eof:
+        if (
+            size > HEADER.size
+            and not fds
+            and self._pos == len(self._buf)
+            and not self._eof
+            and self._error is None
+        ):
             announced: int = _unpack_from(data)[0]
             if announced + HEADER.size == size and announced <= self.max_frame:
                 self._received += size
@@ -283,6 +314,8 @@ class LengthPrefixed(Decoder):
         return super().feed(data, fds)
 
     def next_message(self) -> bytes | NeedData | Closed | Control:
+        if self._error is not None:
+            raise self._error
         pos = self._pos
         available = len(self._buf) - pos
         if available < HEADER.size:
@@ -299,6 +332,25 @@ class LengthPrefixed(Decoder):
             return self._end(HEADER.size + size) if self._eof else NEED_DATA
         start = pos + HEADER.size
         return self._take(start, start + size, 0)
+
+    def _starts_within(self, first: int) -> bool:
+        # Walk the headers from the first message not yet returned: a start at or after
+        # ``first`` is found, or the walk passes the end of what is buffered.
+        start = self._unconsumed()
+        at = self._pos
+        end = len(self._buf)
+        while True:
+            if start >= first:
+                return start < self._received
+            if end - at < HEADER.size:
+                return False
+            (size,) = _unpack_from(self._buf, at)
+            if size > self.max_frame:
+                if not (self.records and size & _CONTROL_BIT):
+                    return True  # not this framing: next_message says so
+                size &= ~_CONTROL_BIT
+            start += HEADER.size + size
+            at += HEADER.size + size
 
     def _record(self, size: int, available: int) -> Control | NeedData | Closed:
         """A record (header top bit set) of ``size`` body bytes: whole, or wait for it."""
@@ -375,7 +427,16 @@ class Lines(Decoder):
         """The encoding as one ``bytes`` (copies the payload: for small messages)."""
         return b"".join(self.encode(payload))
 
+    def _starts_within(self, first: int) -> bool:
+        # A line starts where the first not yet returned does, and after each newline.
+        if self._unconsumed() >= first:
+            return self._unconsumed() < self._received
+        offset = len(self._buf) - (self._received - first)  # ``first`` in the buffer
+        return self._buf.find(b"\n", offset - 1, len(self._buf) - 1) >= 0
+
     def next_message(self) -> bytes | NeedData | Closed | Control:
+        if self._error is not None:
+            raise self._error
         pos = self._pos
         newline = self._buf.find(b"\n", pos + self._scanned)
         if newline < 0:
