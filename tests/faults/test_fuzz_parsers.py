@@ -405,21 +405,30 @@ def test_descriptors_go_with_the_message_they_were_sent_with(
 
 @FUZZ
 @given(
-    size=st.integers(2, 40),
+    size=st.integers(3, 40),
     at=st.integers(1, 39),
+    started=st.booleans(),
     lines=st.booleans(),
 )
-def test_descriptors_with_the_middle_of_a_message_are_refused(
-    size: int, at: int, lines: bool
+def test_one_message_takes_the_descriptors_of_one_read_at_most(
+    size: int, at: int, started: bool, lines: bool
 ) -> None:
-    at = min(at, size - 1)
+    """Descriptors with the middle of a message (a relay passes them on with the end of
+    what it read) go with that message, unless another read already gave it some."""
+    at = min(at, size - 2)
     frame = b"x" * size + b"\n" if lines else struct.pack(">I", size) + b"x" * size
-    cut = at + (0 if lines else 4)  # a read that starts inside the message
+    cut = at + (0 if lines else 4)  # the second read starts inside the message
     decoder: LengthPrefixed | Lines = Lines(64) if lines else LengthPrefixed(64)
-    decoder.receive_data(frame[:cut])
+    decoder.receive_data(frame[:cut], [6] if started else [])
+    if not started:
+        decoder.receive_data(frame[cut : cut + 1], [7])
+        decoder.receive_data(frame[cut + 1 :])
+        assert decoder.next_message() == b"x" * size
+        assert decoder.take_fds() == [7]
+        return
     with pytest.raises(ProtocolError) as refused:
         decoder.receive_data(frame[cut : cut + 1], [7])
     _one_line(refused.value)
     with pytest.raises(ProtocolError):  # and the stream stays refused
         decoder.next_message()
-    assert decoder.held_fds() == [7]
+    assert decoder.held_fds() == [6, 7]

@@ -255,15 +255,14 @@ def test_descriptors_refused_for_want_of_room_blame_the_limit_not_the_peer(
 
 @pytest.mark.parametrize("timeout", [None, PATIENCE], ids=["direct-read", "buffered-read"])
 @pytest.mark.parametrize("how", ["recv_fds", "recv"])
-def test_descriptors_sent_inside_a_large_payload_are_refused_not_dropped_unseen(
+def test_descriptors_sent_inside_a_large_payload_are_never_dropped_unseen(
     timeout: float | None, how: str, no_fd_leak: None
 ) -> None:
-    """A peer that is not udskit sends descriptors with the second half of a large
-    payload. No read that starts at the message can reach them (the first half is larger
-    than a read), so they come with no message's start: whatever path the read takes (a
-    large message with no timeout is read straight into its own object), that is an
-    error, and the stream ends there; never a message that silently lost them, nor one
-    that gathers descriptors read by read beyond max_fds."""
+    """A relay (or a peer that is not udskit) sends descriptors with the second half of a
+    large payload. No read that starts at the message can reach them (the first half is
+    larger than a read). Whatever path the read takes (a large message with no timeout is
+    read straight into its own object), they come with that message (recv_fds) or are
+    closed (recv), and never go with a later one."""
     size = DIRECT_READ_MIN * 2
     assert size // 2 > RECV_CHUNK - 4
     ours, theirs = socket.socketpair()
@@ -271,7 +270,7 @@ def test_descriptors_sent_inside_a_large_payload_are_refused_not_dropped_unseen(
     first_read = threading.Event()
 
     def peer() -> None:
-        with theirs, contextlib.suppress(BrokenPipeError):  # the reader gives up early
+        with theirs:
             theirs.sendall(struct.pack(">I", size) + b"a" * size)  # a large one first
             # the next only once that one is read: its read starts at a message boundary
             assert first_read.wait(PATIENCE)
@@ -286,14 +285,16 @@ def test_descriptors_sent_inside_a_large_payload_are_refused_not_dropped_unseen(
         try:
             assert channel.recv() == b"a" * size
             first_read.set()
-            receive = getattr(channel, how)
-            with pytest.raises(ProtocolError, match="middle of a message") as refused:
-                receive()
-            assert "\n" not in str(refused.value)
-            with pytest.raises(ProtocolError):  # and nothing after it is taken for whole
-                channel.recv_fds()
+            if how == "recv_fds":
+                data, fds = channel.recv_fds()
+                assert data == b"b" * size
+                assert len(fds) == 1
+                assert os.path.samestat(os.fstat(fds[0]), os.fstat(r))
+                os.close(fds[0])
+            else:
+                assert channel.recv() == b"b" * size
+            assert channel.recv_fds() == (b"after", [])  # not the earlier message's
         finally:
-            channel.close()  # the peer, blocked on a full socket, sees EPIPE
             sender.join(PATIENCE)
             os.close(r)
             os.close(w)
@@ -310,9 +311,27 @@ def test_a_message_cannot_gather_descriptors_read_by_read(no_fd_leak: None) -> N
             theirs.sendmsg([b"x"], [rights_of(r)])
         os.close(r)
         os.close(w)
-        with pytest.raises(ProtocolError, match="middle of a message"):
+        with pytest.raises(ProtocolError, match="two parts of one message"):
             channel.recv_fds()
 
 
 def rights_of(fd: int) -> tuple[int, int, bytes]:
     return (socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))
+
+
+@pytest.mark.parametrize("framing", ["length", "lines"])
+def test_a_receive_timing_out_mid_message_resumes_it_whole(framing: str, no_fd_leak: None) -> None:
+    """The peer stops inside a message: recv() times out, and the part already read stays
+    with the framing, so the next recv() returns the message whole, never its second half
+    as a message of its own, nor the halves of two messages spliced."""
+    ours, theirs = socket.socketpair()
+    wire = (struct.pack(">I", 10) + b"0123456789") if framing == "length" else b"0123456789\n"
+    with udskit.Channel(ours, framing=framing) as channel, theirs:
+        channel.settimeout(0.01)
+        for cut in range(1, len(wire)):
+            theirs.sendall(wire[:cut])
+            with pytest.raises(udskit.Timeout):
+                channel.recv()
+            theirs.sendall(wire[cut:] + wire)
+            assert channel.recv() == b"0123456789"
+            assert channel.recv() == b"0123456789"

@@ -12,17 +12,19 @@ the skb that carried the descriptors is the last one it touched, and that skb be
 message the sender passed them with (a sender sends descriptors with one whole message per
 sendmsg(), as Channel.send_fds does).
 
-So a read that brought descriptors always holds the start of a message. One that does not
-(a peer that is not udskit passed them with a later part of a message) is refused: its
-descriptors could only be given to the message around them, which would then carry as many
-as the peer cared to send, one read at a time, however small max_fds is.
+So each message gets the descriptors of one read at most. A read that holds no message's
+start (a relay such as the tap passes descriptors on with the last part of what it read;
+a peer that is not udskit may send them with any part) gives its descriptors to the message
+around it, but only if no other read gave that message some: otherwise the stream is
+refused, or a peer sending one descriptor with each byte would make one message carry as
+many as it liked, however small max_fds is, and hold ours while it sends.
 """
 
 from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Final, Literal, TypeAlias
 
 from ..errors import ConnectionClosed, FrameTooLarge, ProtocolError
@@ -143,8 +145,6 @@ class Decoder:
         if self._error is not None:
             raise self._error
         first = self._received
-        if fds:
-            self._fd_tags.append((first, first + len(data), list(fds)))
         pos = self._pos
         if pos and pos == len(self._buf):
             self._buf.clear()  # everything consumed: start over, nothing to move
@@ -154,18 +154,32 @@ class Decoder:
             self._pos = 0
         self._buf += data
         self._received += len(data)
-        if fds and not self._starts_within(first):
-            self._error = ProtocolError(
-                "peer sent descriptors with the middle of a message, not with its first "
-                "bytes as a udskit sender does: they belong to no message; they are closed "
-                "with the connection, and nothing more can be received on it"
-            )
-            raise self._error
+        if fds:
+            shared = self._shares_a_message(first)
+            self._fd_tags.append((first, self._received, list(fds)))  # closed with us
+            if shared:
+                self._error = ProtocolError(
+                    "peer sent descriptors with two parts of one message (udskit sends them "
+                    "with a message's first bytes): they cannot all be that message's; they "
+                    "are closed with the connection, and nothing more can be received on it"
+                )
+                raise self._error
 
-    def _starts_within(self, first: int) -> bool:
-        """Whether a message starts at or after stream offset ``first`` in what is buffered
-        (a message that starts there may still be incomplete)."""
-        return True
+    def _shares_a_message(self, first: int) -> bool:
+        """Whether the read that starts at stream offset ``first`` (now buffered) holds no
+        message's start, and the message around it has descriptors of another read."""
+        around = -1
+        for start in self._starts():
+            if start >= first:
+                return False  # a message starts in this read: the descriptors are its
+            around = start
+        # The last pending tag is the latest earlier read that brought descriptors.
+        return around >= 0 and bool(self._fd_tags) and self._fd_tags[-1][1] > around
+
+    def _starts(self) -> Iterator[int]:
+        """The stream offsets where the buffered messages start, from the first one not yet
+        returned, as far as the buffer tells (Raw: every read is a message)."""
+        yield self._received
 
     def _unconsumed(self) -> int:
         """The stream offset of the first byte not yet returned in a message."""
@@ -333,21 +347,19 @@ class LengthPrefixed(Decoder):
         start = pos + HEADER.size
         return self._take(start, start + size, 0)
 
-    def _starts_within(self, first: int) -> bool:
-        # Walk the headers from the first message not yet returned: a start at or after
-        # ``first`` is found, or the walk passes the end of what is buffered.
+    def _starts(self) -> Iterator[int]:
         start = self._unconsumed()
         at = self._pos
         end = len(self._buf)
-        while True:
-            if start >= first:
-                return start < self._received
+        while start < self._received:
+            yield start
             if end - at < HEADER.size:
-                return False
+                return
             (size,) = _unpack_from(self._buf, at)
             if size > self.max_frame:
                 if not (self.records and size & _CONTROL_BIT):
-                    return True  # not this framing: next_message says so
+                    yield self._received  # not this framing: next_message says so
+                    return
                 size &= ~_CONTROL_BIT
             start += HEADER.size + size
             at += HEADER.size + size
@@ -427,12 +439,17 @@ class Lines(Decoder):
         """The encoding as one ``bytes`` (copies the payload: for small messages)."""
         return b"".join(self.encode(payload))
 
-    def _starts_within(self, first: int) -> bool:
+    def _starts(self) -> Iterator[int]:
         # A line starts where the first not yet returned does, and after each newline.
-        if self._unconsumed() >= first:
-            return self._unconsumed() < self._received
-        offset = len(self._buf) - (self._received - first)  # ``first`` in the buffer
-        return self._buf.find(b"\n", offset - 1, len(self._buf) - 1) >= 0
+        buf = self._buf
+        base = self._received - len(buf)  # the stream offset of buf[0]
+        at = self._pos
+        while at < len(buf):
+            yield base + at
+            newline = buf.find(b"\n", at)
+            if newline < 0:
+                return
+            at = newline + 1
 
     def next_message(self) -> bytes | NeedData | Closed | Control:
         if self._error is not None:
