@@ -194,3 +194,16 @@ def test_an_empty_read_is_not_the_end_of_an_http_conversation() -> None:
     assert conversation.feed("up", b"") == []
     (shown,) = conversation.feed("up", b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     assert shown.summary == "GET / HTTP/1.1"
+
+
+def test_a_reason_phrase_beyond_ascii_is_http_and_the_requests_go_on() -> None:
+    """RFC 9112 allows any byte from 0x80 in a reason phrase (obs-text)."""
+    conversation = Conversation("http", 32)
+    conversation.feed("up", b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    head, body = conversation.feed(
+        "down", b"HTTP/1.1 200 Gr\xfc\xdfe\r\nContent-Length: 2\r\n\r\nok"
+    )
+    assert head.summary == "HTTP/1.1 200 Gr\u00fc\u00dfe"
+    assert (body.framing, body.preview) == ("http", b"ok")
+    (again,) = conversation.feed("up", b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert again.summary == "GET /2 HTTP/1.1"
