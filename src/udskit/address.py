@@ -220,6 +220,18 @@ def _tcp(rest: bytes, original: object) -> Address:
             f"malformed tcp address {original!r}: write tcp:HOST:PORT with a port from 0 to "
             "65535, e.g. tcp:127.0.0.1:8080 or tcp:[::1]:8080"
         )
+    try:
+        # What connect() does to the name (IDNA): an empty or over-long label fails there
+        # with a UnicodeError that names neither the address nor the rule.
+        host.encode("idna")
+        ok = "\0" not in host
+    except UnicodeError:
+        ok = False
+    if not ok:
+        raise AddressError(
+            f"malformed tcp address {original!r}: {host!r} is no host name (each part "
+            "between dots holds 1 to 63 characters, and no NUL); e.g. tcp:localhost:8080"
+        )
     return Address("tcp", host=host, port=int(digits))
 
 

@@ -268,6 +268,15 @@ def test_out_of_range_numbers_in_addresses_are_address_errors(text: str) -> None
     _one_line(caught.value)
 
 
+@pytest.mark.parametrize("host", ["..", ".a", "a..b", "a" * 64 + ".example", "a\0b"])
+def test_a_tcp_host_that_cannot_be_looked_up_is_an_address_error(host: str) -> None:
+    """Found when parsing: at connect() an empty or over-long label raised IDNA's
+    UnicodeError, which named neither the address nor the rule."""
+    with pytest.raises(AddressError) as caught:
+        Address.parse(f"tcp:{host}:80")
+    _one_line(caught.value)
+
+
 # -- socket activation's environment ------------------------------------------------------------
 _ENV_VALUE = st.one_of(
     st.none(),
