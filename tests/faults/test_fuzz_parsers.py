@@ -441,3 +441,55 @@ def test_one_message_takes_the_descriptors_of_one_read_at_most(
     with pytest.raises(ProtocolError):  # and the stream stays refused
         decoder.next_message()
     assert decoder.held_fds() == [6, 7]
+
+
+# -- the outbox ----------------------------------------------------------------------------------
+@FUZZ
+@given(
+    messages=st.lists(
+        st.tuples(st.lists(st.binary(max_size=5), min_size=1, max_size=3), st.booleans()),
+        max_size=6,
+    ),
+    takes=st.lists(st.integers(0, 9), max_size=40),
+    max_buffers=st.integers(1, 4),
+)
+def test_the_outbox_sends_in_order_with_each_attachment_on_its_first_byte(
+    messages: list[tuple[list[bytes], bool]], takes: list[int], max_buffers: int
+) -> None:
+    """Whatever the kernel takes of each batch: the bytes go out in order, each message's
+    attachment goes with a sendmsg() that starts at that message's first byte, exactly
+    once, and no sendmsg() carries the start of a later message with it."""
+    from udskit.proto.outbox import Outbox
+
+    outbox: Outbox[int] = Outbox(1 << 20, 0)
+    starts: dict[int, int] = {}  # attachment -> stream offset of its message
+    offset = 0
+    for index, (buffers, attached) in enumerate(messages):
+        if attached and b"".join(buffers):
+            starts[index] = offset
+            outbox.push(buffers, index)
+        else:
+            outbox.push(buffers)
+        offset += len(b"".join(buffers))
+    wire = b""
+    went: dict[int, int] = {}
+    for take in [*takes, *[1 << 30] * (offset + 1)]:
+        if not outbox:
+            break
+        views, attachment = outbox.batch(max_buffers)
+        batch = b"".join(bytes(v) for v in views)
+        n = min(take, len(batch))
+        if attachment is not None:
+            assert len(wire) == starts[attachment]
+            later = [s for s in starts.values() if len(wire) < s < len(wire) + len(batch)]
+            assert not later, "a batch with descriptors runs into the next message that has some"
+        got = outbox.sent(n)
+        if n:
+            assert got == attachment
+            if got is not None:
+                assert got not in went
+                went[got] = len(wire)
+        wire += batch[:n]
+    assert wire == b"".join(b"".join(buffers) for buffers, _ in messages)
+    assert went == starts
+    assert outbox.size == 0
