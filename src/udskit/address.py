@@ -50,6 +50,10 @@ FD_MAX = 2**31 - 1
 Kind: TypeAlias = Literal["path", "abstract", "tcp", "fd"]
 AddressLike: TypeAlias = "Address | str | bytes | os.PathLike[str] | os.PathLike[bytes]"
 
+#: What ``Address.shown()`` escapes: control characters (C0, DEL, C1) and Unicode's line and
+#: paragraph separators.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
 _SCHEME = re.compile(rb"^([A-Za-z][A-Za-z0-9+.-]*):")
 _KNOWN_SCHEMES = (b"unix", b"abstract", b"tcp", b"fd")
 _EXAMPLES = "give a path like /run/app.sock, @name, tcp:127.0.0.1:8080 or fd:3"
@@ -104,6 +108,12 @@ class Address:
             return f"tcp:{host}:{self.port}"
         return f"fd:{self.fd}"
 
+    def shown(self) -> str:
+        """``str()`` for a message or a log line: control characters written as escapes
+        (``\\n``, ``\\x1b``). A peer chooses the name it binds; raw, a newline in it would
+        break the one line an error is, or forge another."""
+        return _UNSAFE.sub(_escaped, str(self))
+
     def absolute(self) -> Address:
         """The same address with a relative path made absolute (against the cwd, now)."""
         if self.kind != "path" or self.raw.startswith(b"/"):
@@ -122,6 +132,10 @@ class Address:
                 raise AddressError(_too_long(self.raw))
             return self.raw
         raise AddressError(f"{self} is not a Unix socket address; {_EXAMPLES}")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
 
 
 def _encode(value: str | os.PathLike[str] | os.PathLike[bytes]) -> bytes:

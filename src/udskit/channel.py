@@ -1585,7 +1585,7 @@ class Channel(ChannelFacts):
         return self._sock.family == socket.AF_UNIX
 
     def _where(self) -> str:
-        return str(self._remote) if self._remote is not None else f"{self._type} channel"
+        return self._remote.shown() if self._remote is not None else f"{self._type} channel"
 
     def _adopt_reply_dir(self, directory: bytes) -> None:
         """Remove ``directory`` (a private dir holding our reply path) on close."""

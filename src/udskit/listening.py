@@ -422,7 +422,8 @@ class DatagramListener(_Endpoint):
             if self._closed:  # close() in another thread woke us, or came as this arrived
                 discard(ancdata, flags, self.address)
                 raise ConnectionClosed(f"listener on {self.address} is closed")
-            where = sender_address(sender) or "an unbound sender"
+            named = sender_address(sender)
+            where = named.shown() if named is not None else "an unbound sender"
             policy = self.policy
             try:
                 got = unpack(ancdata, flags, where, self._max_fds)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 from pathlib import Path
 
@@ -112,3 +113,31 @@ def test_a_datagram_reply_goes_to_the_sender_not_to_what_its_name_spells(
             assert sender.recv(16) == b"pong"
         with pytest.raises(BlockingIOError):
             victim.recv(16)
+
+
+def test_errors_naming_a_peer_stay_one_line_whatever_it_bound(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name with a newline would break the one line an error is (or forge another line
+    in a log): it is shown with the newline escaped."""
+    monkeypatch.chdir(sockdir)
+    name = "x\n0.1 forged"
+    three = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("3i", 0, 1, 2))]
+    with udskit.listen(str(sockdir / "s"), framing="length", max_fds=1) as listener:
+        listener.settimeout(PATIENCE)
+        with _bound_client(socket.SOCK_STREAM, name) as raw:
+            raw.connect(str(sockdir / "s"))
+            with listener.accept() as channel:
+                raw.sendmsg([b"\0\0\0\3fds"], three)
+                with pytest.raises(udskit.ProtocolError) as stream:
+                    channel.recv()
+    path = str(sockdir / "d")
+    with udskit.listen(path, type="dgram", max_fds=1) as listener:
+        listener.settimeout(PATIENCE)
+        with _bound_client(socket.SOCK_DGRAM, name + " too") as raw:
+            raw.sendmsg([b"fds"], three, 0, path)
+            with pytest.raises(udskit.ProtocolError) as datagram:
+                listener.recv()
+    for error in (stream.value, datagram.value):
+        assert "\n" not in str(error)
+        assert "x\\n0.1 forged" in str(error)
