@@ -44,6 +44,14 @@ UNKNOWN_NAME: Final = "unknown"
 
 _VARIABLES: Final = "LISTEN_PID/LISTEN_FDS"
 
+#: Most digits a LISTEN_PID or LISTEN_FDS value has: a pid is at most 7 (PID_MAX_LIMIT is
+#: 2**22) and a count of descriptors stays below RLIMIT_NOFILE's ceiling (2**30). Checked
+#: before int(), which refuses over 4300 digits with a ValueError of its own.
+_MAX_DIGITS: Final = 10
+
+#: Characters of a malformed value shown in an error: enough to recognise it.
+_SHOWN: Final = 40
+
 
 @dataclass(frozen=True, slots=True)
 class Activated:
@@ -91,7 +99,7 @@ def listen_fds(
         )
     if pid_text is None or not _decimal(pid_text) or int(pid_text) < 1:
         raise AddressError(
-            f"LISTEN_PID={pid_text or ''} is not a process id: socket activation sets it to the "
+            f"LISTEN_PID={_shown(pid_text)} is not a process id: socket activation sets it to the "
             "pid of the process the descriptors are for"
         )
     if int(pid_text) != me:
@@ -159,13 +167,20 @@ def origin(fd: int, environ: Mapping[str, str] | None = None) -> Activated | Non
 
 
 def _decimal(text: str) -> bool:
-    return text.isascii() and text.isdigit()
+    return text.isascii() and text.isdigit() and len(text) <= _MAX_DIGITS
+
+
+def _shown(text: str | None) -> str:
+    """A variable's value for a one-line error: as it is if printable, else quoted; cut."""
+    text = text or ""
+    cut = text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
+    return cut if cut.isprintable() else repr(cut)
 
 
 def _count(text: str | None) -> int:
     if text is None or not _decimal(text):
         raise AddressError(
-            f"LISTEN_FDS={text or ''} is not a number of descriptors: socket activation sets "
+            f"LISTEN_FDS={_shown(text)} is not a number of descriptors: socket activation sets "
             "it to how many descriptors it passed, from 3 on"
         )
     count = int(text)
@@ -186,7 +201,7 @@ def _names(text: str | None, count: int) -> list[str]:
     names = text.split(":") if count or text else []
     if len(names) != count:
         raise AddressError(
-            f"LISTEN_FDNAMES={text} holds {len(names)} name(s) for LISTEN_FDS={count} "
+            f"LISTEN_FDNAMES={_shown(text)} holds {len(names)} name(s) for LISTEN_FDS={count} "
             "descriptors: it must name each descriptor, separated by ':'"
         )
     for name in names:

@@ -42,9 +42,17 @@ MAX_ABSTRACT_NAME = SUN_PATH_MAX - 1
 #: Linux PATH_MAX, counting the terminating NUL.
 PATH_MAX = 4096
 
+#: The largest descriptor number: descriptors are C ints. A larger N in ``fd:N`` can name
+#: no descriptor (and overflows every call that takes one).
+FD_MAX = 2**31 - 1
+
 
 Kind: TypeAlias = Literal["path", "abstract", "tcp", "fd"]
 AddressLike: TypeAlias = "Address | str | bytes | os.PathLike[str] | os.PathLike[bytes]"
+
+#: What ``Address.shown()`` escapes: control characters (C0, DEL, C1) and Unicode's line and
+#: paragraph separators.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 _SCHEME = re.compile(rb"^([A-Za-z][A-Za-z0-9+.-]*):")
 _KNOWN_SCHEMES = (b"unix", b"abstract", b"tcp", b"fd")
@@ -100,6 +108,12 @@ class Address:
             return f"tcp:{host}:{self.port}"
         return f"fd:{self.fd}"
 
+    def shown(self) -> str:
+        """``str()`` for a message or a log line: control characters written as escapes
+        (``\\n``, ``\\x1b``). A peer chooses the name it binds; raw, a newline in it would
+        break the one line an error is, or forge another."""
+        return _UNSAFE.sub(_escaped, str(self))
+
     def absolute(self) -> Address:
         """The same address with a relative path made absolute (against the cwd, now)."""
         if self.kind != "path" or self.raw.startswith(b"/"):
@@ -118,6 +132,10 @@ class Address:
                 raise AddressError(_too_long(self.raw))
             return self.raw
         raise AddressError(f"{self} is not a Unix socket address; {_EXAMPLES}")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
 
 
 def _encode(value: str | os.PathLike[str] | os.PathLike[bytes]) -> bytes:
@@ -205,13 +223,30 @@ def _tcp(rest: bytes, original: object) -> Address:
         host = host[1:-1]
     elif ":" in host:
         sep = ""  # an IPv6 address without brackets is ambiguous
-    port_ok = port_text.isascii() and port_text.isdigit() and int(port_text) <= 65535
+    # At most 5 digits before int(): a long run of digits is no port, and int() refuses
+    # over 4300 of them with a ValueError of its own.
+    digits = port_text.lstrip("0") or "0"
+    port_ok = (
+        port_text.isascii() and port_text.isdigit() and len(digits) <= 5 and int(digits) <= 65535
+    )
     if not sep or not host or not port_ok:
         raise AddressError(
             f"malformed tcp address {original!r}: write tcp:HOST:PORT with a port from 0 to "
             "65535, e.g. tcp:127.0.0.1:8080 or tcp:[::1]:8080"
         )
-    return Address("tcp", host=host, port=int(port_text))
+    try:
+        # What connect() does to the name (IDNA): an empty or over-long label fails there
+        # with a UnicodeError that names neither the address nor the rule.
+        host.encode("idna")
+        ok = "\0" not in host
+    except UnicodeError:
+        ok = False
+    if not ok:
+        raise AddressError(
+            f"malformed tcp address {original!r}: {host!r} is no host name (each part "
+            "between dots holds 1 to 63 characters, and no NUL); e.g. tcp:localhost:8080"
+        )
+    return Address("tcp", host=host, port=int(digits))
 
 
 def _fd(rest: bytes, original: object) -> Address:
@@ -233,7 +268,15 @@ def _fd(rest: bytes, original: object) -> Address:
             "fd:listen for the first socket-activated descriptor, or fd:listen:NAME for the "
             "one LISTEN_FDNAMES names NAME"
         )
-    return Address("fd", fd=int(rest))
+    digits = rest.lstrip(b"0") or b"0"
+    # The length first: int() refuses over 4300 digits with a ValueError of its own.
+    if len(digits) > len(str(FD_MAX)) or int(digits) > FD_MAX:
+        shown = _shown(original)
+        shown = shown if len(shown) <= 40 else shown[:40] + "..."
+        raise AddressError(
+            f"fd address {shown} names no descriptor: descriptor numbers go up to {FD_MAX}"
+        )
+    return Address("fd", fd=int(digits))
 
 
 def _shown(original: object) -> str:

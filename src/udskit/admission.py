@@ -82,9 +82,18 @@ def refuse(conn: socket.socket) -> None:
 
 
 def sender_address(name: object) -> Address | None:
-    """The Address of a Unix socket name from accept()/recvfrom() (None: unbound)."""
-    if isinstance(name, bytes) and name.startswith(b"\0"):
+    """The Address of a Unix socket name from accept()/recvfrom() (None: unbound).
+
+    The name is what the peer bound, byte for byte: taken as the path (or abstract name)
+    it is, never parsed as an address string. A client may bind ``zz:x``, ``fd:3`` or
+    ``unix:/run/other.sock`` relative to its own directory; parsed, the first is an error
+    (which stopped the server that accepted it), the others another address (a reply to
+    the sender would go to the socket its name spells).
+    """
+    if isinstance(name, str):
+        name = os.fsencode(name)  # Python decodes path names with the file system codec
+    if not isinstance(name, bytes) or not name:
+        return None
+    if name.startswith(b"\0"):
         return Address("abstract", name[1:]) if len(name) > 1 else None
-    if isinstance(name, (str, bytes)) and name:
-        return Address.parse(name if isinstance(name, str) else os.fsdecode(name))
-    return None
+    return Address("path", name)

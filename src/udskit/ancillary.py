@@ -15,6 +15,7 @@ Rules kept here, for every receive path:
 from __future__ import annotations
 
 import array
+import errno
 import os
 import platform
 import socket
@@ -65,12 +66,17 @@ SO_PASSRIGHTS: Final[int | None] = getattr(
 )
 
 
-def ancillary_size(max_fds: int, *, creds: bool = False) -> int:
-    """The control buffer size that holds ``max_fds`` descriptors (and credentials)."""
+def ancillary_size(max_fds: int) -> int:
+    """The control buffer size that holds ``max_fds`` descriptors and credentials.
+
+    Room for credentials is kept whether or not the caller asked for them: a socket with
+    SO_PASSCRED (an adopted descriptor, or one accepted from a systemd listener with
+    PassCredentials=yes, which accepted sockets inherit) gets SCM_CREDENTIALS with every
+    read, placed before the descriptors. Without room for them the kernel cuts them short
+    and drops the descriptors that follow (MSG_CTRUNC): every read would fail.
+    """
     size = socket.CMSG_SPACE(max_fds * _INT_SIZE) if max_fds > 0 else 0
-    if creds:
-        size += socket.CMSG_SPACE(UCRED.size)
-    return size
+    return size + socket.CMSG_SPACE(UCRED.size)
 
 
 def refuse_descriptors(sock: socket.socket) -> bool:
@@ -152,15 +158,25 @@ def unpack(
             usable = len(data) - len(data) % _INT_SIZE
             fds.extend(array.array("i", data[:usable]))
         elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            if len(data) < UCRED.size:  # cut short (MSG_CTRUNC): no credentials to read
+                foreign = (level, kind)
+                continue
             cred = unpack_ucred(data)
             creds_sent = True
         else:
             foreign = (level, kind)
     if flags & _CTRUNC:
+        # Asked before closing what arrived, while the table is as the kernel found it.
+        why = (
+            "this process had no descriptor free to receive them into (its open-file limit, "
+            "ulimit -n, is reached): close descriptors or raise the limit"
+            if _out_of_descriptors()
+            else "the peer sent more descriptors than max_fds"
+        )
         close_fds(fds)
         raise ControlDataError(
             f"message from {where} carried more control data than allowed (MSG_CTRUNC): "
-            f"the peer sent more descriptors than max_fds; all received descriptors closed",
+            f"{why}; all received descriptors closed",
             cred,
         )
     if max_fds is not None and len(fds) > max_fds:
@@ -180,6 +196,18 @@ def unpack(
     if not fds and not creds_sent:
         return _NOTHING
     return Received(fds, cred, creds_sent)
+
+
+def _out_of_descriptors() -> bool:
+    """Whether this process can open no descriptor now. The kernel sets MSG_CTRUNC, and
+    drops the rest, also when installing a received descriptor fails with EMFILE or ENFILE
+    (scm_detach_fds() in net/core/scm.c): the peer is not to blame then."""
+    try:
+        fd = os.open("/", os.O_PATH | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc.errno in (errno.EMFILE, errno.ENFILE)
+    os.close(fd)
+    return False
 
 
 def discard(ancdata: Iterable[tuple[int, int, bytes]], flags: int, where: object) -> None:

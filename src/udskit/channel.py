@@ -311,7 +311,7 @@ class Channel(ChannelFacts):
         self._max_message = limit
         self._max_fds = max_fds
         is_unix = sock.family == socket.AF_UNIX
-        self._ancsize = ancillary_size(max_fds, creds=self._type == "dgram") if is_unix else 0
+        self._ancsize = ancillary_size(max_fds) if is_unix else 0
         # recv_into(), no control data: a stream on which no descriptor can arrive.
         self._plain = self._framing is not None and (
             not is_unix or (max_fds == 0 and refuse_descriptors(sock))
@@ -916,10 +916,23 @@ class Channel(ChannelFacts):
             self._direct = False
             return message
         try:
-            payload = self._sock.recv(expected, _WAITALL)
+            # recvmsg(), not recv(): descriptors sent with a later part of the payload (by a
+            # peer that is not udskit) end the read there, and without a control buffer the
+            # kernel would close them unseen (MSG_CTRUNC, which recv() cannot report).
+            payload, ancdata, flags, _ = self._sock.recvmsg(
+                expected, self._ancsize, _WAITALL | RECV_FLAGS
+            )
         except OSError as exc:
             self._check_open()
             raise translate(exc, "recv", self._remote) from exc
+        if ancdata or flags & _CTRUNC:
+            if not self._fds_seen:
+                self._holding_fds()
+            fds = self._stream_fds(ancdata, flags)
+            if not payload:
+                close_fds(fds)
+                return framing.feed(b"")
+            return framing.feed(payload, fds)
         return framing.receive_payload(payload)
 
     def _stream_fds(self, ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:
@@ -1575,7 +1588,7 @@ class Channel(ChannelFacts):
         return self._sock.family == socket.AF_UNIX
 
     def _where(self) -> str:
-        return str(self._remote) if self._remote is not None else f"{self._type} channel"
+        return self._remote.shown() if self._remote is not None else f"{self._type} channel"
 
     def _adopt_reply_dir(self, directory: bytes) -> None:
         """Remove ``directory`` (a private dir holding our reply path) on close."""

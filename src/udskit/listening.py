@@ -382,7 +382,7 @@ class DatagramListener(_Endpoint):
         # adopted descriptor (fd:N), whose creator may not have set it.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._max_fds = max_fds
-        self._ancsize = ancillary_size(max_fds, creds=True)
+        self._ancsize = ancillary_size(max_fds)
         self._rbuf = bytearray(max_frame)
         self._rview = memoryview(self._rbuf)
         self._rlock = threading.Lock()  # the receive buffer is shared: one reader at a time
@@ -422,7 +422,8 @@ class DatagramListener(_Endpoint):
             if self._closed:  # close() in another thread woke us, or came as this arrived
                 discard(ancdata, flags, self.address)
                 raise ConnectionClosed(f"listener on {self.address} is closed")
-            where = sender_address(sender) or "an unbound sender"
+            named = sender_address(sender)
+            where = named.shown() if named is not None else "an unbound sender"
             policy = self.policy
             try:
                 got = unpack(ancdata, flags, where, self._max_fds)

@@ -70,6 +70,10 @@ NOTIFY_SEND_TIMEOUT: Final = 5.0
 #: than every few milliseconds costs more than the watchdog is worth).
 MIN_WATCHDOG_INTERVAL: Final = 0.005
 
+#: Most digits of a WATCHDOG_USEC value: systemd writes a 64-bit count of microseconds (20
+#: digits at most). Checked before int(), which refuses over 4300 digits with a ValueError.
+_USEC_DIGITS: Final = 20
+
 #: A field name: what systemd's parser (strv_env_name_is_valid) takes, in practice
 #: upper-case words such as READY or WATCHDOG_USEC.
 _NAME: Final = re.compile(r"[A-Z_][A-Z0-9_]*\Z")
@@ -158,7 +162,11 @@ def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
     owner = env.get("WATCHDOG_PID")
     if owner is not None and owner != str(os.getpid()):
         return None  # the watchdog is another process's (our parent's, say)
-    if not (usec_text.isascii() and usec_text.isdigit()) or int(usec_text) == 0:
+    if (
+        not (usec_text.isascii() and usec_text.isdigit())
+        or len(usec_text) > _USEC_DIGITS
+        or int(usec_text) == 0
+    ):
         log.warning(
             "WATCHDOG_USEC=%s is not a positive number of microseconds; not sending watchdog "
             "pings (check WatchdogSec= in the unit)",

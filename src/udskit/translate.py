@@ -86,8 +86,9 @@ def translate(
 ) -> Exception:
     """The udskit error for ``exc`` raised by ``op`` on ``address`` (not raised here)."""
     code = exc.errno
-    where = f" {address}" if address is not None else ""
-    on = f" on {address}" if address is not None else ""
+    shown = address.shown() if isinstance(address, Address) else address
+    where = f" {shown}" if address is not None else ""
+    on = f" on {shown}" if address is not None else ""
     if isinstance(exc, TimeoutError):  # socket.settimeout() expired: errno is None
         return Timeout(f"{op}{on} timed out: the peer did not answer in time")
     if isinstance(exc, BlockingIOError) and op in ("send", "recv", "accept"):
@@ -97,7 +98,7 @@ def translate(
     if isinstance(exc, socket.gaierror) and isinstance(address, Address):
         # getaddrinfo's EAI_* codes are not errnos: os.strerror() would say "unknown error".
         return ConnectError(
-            f"cannot {op} to {address}: cannot resolve {address.host!r}: {exc.strerror}"
+            f"cannot {op} to {shown}: cannot resolve {address.host!r}: {exc.strerror}"
         )
     if op == "connect" and isinstance(address, Address):
         return ConnectError(explain_connect(code, address, tried), errno=code)
@@ -160,7 +161,7 @@ def _generic(exc: OSError, message: str) -> Exception:
 def explain_connect(code: int | None, address: Address, tried: int | None = None) -> str:
     """One line on why connecting to ``address`` failed with ``code``, and what to do;
     ``tried`` is the connecting socket's type, when known."""
-    head = f"cannot connect to {address}"
+    head = f"cannot connect to {address.shown()}"
     if address.kind == "abstract":
         if code == errno.ECONNREFUSED:
             return f"{head}: nothing listens on that abstract name; start the server first"

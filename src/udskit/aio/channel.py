@@ -192,7 +192,7 @@ class Channel(Sending, ChannelFacts):
         # max_frame is the stream's, since large messages go through the pool.
         self._max_message = max_frame_for("stream" if shared_memory else kind, max_frame)
         is_unix = sock.family == socket.AF_UNIX
-        self._ancsize = ancillary_size(max_fds, creds=kind == "dgram") if is_unix else 0
+        self._ancsize = ancillary_size(max_fds) if is_unix else 0
         self._peer = peer
         self._claim = claim
         self._cleanup_dir = cleanup_dir

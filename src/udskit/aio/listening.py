@@ -285,7 +285,7 @@ class DatagramListener(_Endpoint[Datagram]):
         super().__init__(inner)
         self._max_frame = max_frame
         self._max_fds = max_fds
-        self._ancsize = ancillary_size(max_fds, creds=True)
+        self._ancsize = ancillary_size(max_fds)
         # datagrams, and errors to raise in their place (a truncated one, say), in order
         self._ready: deque[Datagram | Exception] = deque()
         self._ready_bytes = 0

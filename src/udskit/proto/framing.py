@@ -11,13 +11,20 @@ then ends the read right there. So a read can start with the tail of earlier mes
 the skb that carried the descriptors is the last one it touched, and that skb begins the
 message the sender passed them with (a sender sends descriptors with one whole message per
 sendmsg(), as Channel.send_fds does).
+
+So each message gets the descriptors of one read at most. A read that holds no message's
+start (a relay such as the tap passes descriptors on with the last part of what it read;
+a peer that is not udskit may send them with any part) gives its descriptors to the message
+around it, but only if no other read gave that message some: otherwise the stream is
+refused, or a peer sending one descriptor with each byte would make one message carry as
+many as it liked, however small max_fds is, and hold ours while it sends.
 """
 
 from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Final, Literal, TypeAlias
 
 from ..errors import ConnectionClosed, FrameTooLarge, ProtocolError
@@ -118,7 +125,7 @@ def as_bytes(payload: Payload) -> Payload:
 class Decoder:
     """Shared buffering and descriptor bookkeeping for the stream framings."""
 
-    __slots__ = ("_buf", "_eof", "_fd_tags", "_last_fds", "_pos", "_received")
+    __slots__ = ("_buf", "_eof", "_error", "_fd_tags", "_last_fds", "_pos", "_received")
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -128,14 +135,16 @@ class Decoder:
         # (first, end) stream offsets of a read that brought descriptors, and those fds.
         self._fd_tags: deque[tuple[int, int, list[int]]] = deque()
         self._last_fds: list[int] = []
+        self._error: ProtocolError | None = None  # the stream cannot be decoded any more
 
     # -- feeding -------------------------------------------------------------------------
     def receive_data(self, data: Payload, fds: Sequence[int] = ()) -> None:
         """Append one read's bytes and the descriptors that read brought (see module doc)."""
         if self._eof:
             raise ProtocolError("data received after end of stream")
-        if fds:
-            self._fd_tags.append((self._received, self._received + len(data), list(fds)))
+        if self._error is not None:
+            raise self._error
+        first = self._received
         pos = self._pos
         if pos and pos == len(self._buf):
             self._buf.clear()  # everything consumed: start over, nothing to move
@@ -145,6 +154,36 @@ class Decoder:
             self._pos = 0
         self._buf += data
         self._received += len(data)
+        if fds:
+            shared = self._shares_a_message(first)
+            self._fd_tags.append((first, self._received, list(fds)))  # closed with us
+            if shared:
+                self._error = ProtocolError(
+                    "peer sent descriptors with two parts of one message (udskit sends them "
+                    "with a message's first bytes): they cannot all be that message's; they "
+                    "are closed with the connection, and nothing more can be received on it"
+                )
+                raise self._error
+
+    def _shares_a_message(self, first: int) -> bool:
+        """Whether the read that starts at stream offset ``first`` (now buffered) holds no
+        message's start, and the message around it has descriptors of another read."""
+        around = -1
+        for start in self._starts():
+            if start >= first:
+                return False  # a message starts in this read: the descriptors are its
+            around = start
+        # The last pending tag is the latest earlier read that brought descriptors.
+        return around >= 0 and bool(self._fd_tags) and self._fd_tags[-1][1] > around
+
+    def _starts(self) -> Iterator[int]:
+        """The stream offsets where the buffered messages start, from the first one not yet
+        returned, as far as the buffer tells (Raw: every read is a message)."""
+        yield self._received
+
+    def _unconsumed(self) -> int:
+        """The stream offset of the first byte not yet returned in a message."""
+        return self._received - (len(self._buf) - self._pos)
 
     def feed(self, data: Payload, fds: Sequence[int] = ()) -> bytes | NeedData | Closed | Control:
         """``receive_data`` (or ``receive_eof`` for empty ``data``), then ``next_message``.
@@ -272,7 +311,13 @@ class LengthPrefixed(Decoder):
         # (the usual request/response case): slice the payload out, skip the buffer.
         # The same for a read that is exactly one shared-memory record (a slot, a release).
         size = len(data)
-        if size > HEADER.size and not fds and self._pos == len(self._buf) and not self._eof:
+        if (
+            size > HEADER.size
+            and not fds
+            and self._pos == len(self._buf)
+            and not self._eof
+            and self._error is None
+        ):
             announced: int = _unpack_from(data)[0]
             if announced + HEADER.size == size and announced <= self.max_frame:
                 self._received += size
@@ -283,6 +328,8 @@ class LengthPrefixed(Decoder):
         return super().feed(data, fds)
 
     def next_message(self) -> bytes | NeedData | Closed | Control:
+        if self._error is not None:
+            raise self._error
         pos = self._pos
         available = len(self._buf) - pos
         if available < HEADER.size:
@@ -299,6 +346,23 @@ class LengthPrefixed(Decoder):
             return self._end(HEADER.size + size) if self._eof else NEED_DATA
         start = pos + HEADER.size
         return self._take(start, start + size, 0)
+
+    def _starts(self) -> Iterator[int]:
+        start = self._unconsumed()
+        at = self._pos
+        end = len(self._buf)
+        while start < self._received:
+            yield start
+            if end - at < HEADER.size:
+                return
+            (size,) = _unpack_from(self._buf, at)
+            if size > self.max_frame:
+                if not (self.records and size & _CONTROL_BIT):
+                    yield self._received  # not this framing: next_message says so
+                    return
+                size &= ~_CONTROL_BIT
+            start += HEADER.size + size
+            at += HEADER.size + size
 
     def _record(self, size: int, available: int) -> Control | NeedData | Closed:
         """A record (header top bit set) of ``size`` body bytes: whole, or wait for it."""
@@ -375,7 +439,21 @@ class Lines(Decoder):
         """The encoding as one ``bytes`` (copies the payload: for small messages)."""
         return b"".join(self.encode(payload))
 
+    def _starts(self) -> Iterator[int]:
+        # A line starts where the first not yet returned does, and after each newline.
+        buf = self._buf
+        base = self._received - len(buf)  # the stream offset of buf[0]
+        at = self._pos
+        while at < len(buf):
+            yield base + at
+            newline = buf.find(b"\n", at)
+            if newline < 0:
+                return
+            at = newline + 1
+
     def next_message(self) -> bytes | NeedData | Closed | Control:
+        if self._error is not None:
+            raise self._error
         pos = self._pos
         newline = self._buf.find(b"\n", pos + self._scanned)
         if newline < 0:

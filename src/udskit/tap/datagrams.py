@@ -56,7 +56,7 @@ LINGER: Final = 0.5
 #: The kernel's autobind names: an abstract name of five hex digits (net/unix/af_unix.c).
 _AUTOBOUND: Final = re.compile(rb"^\x00[0-9a-f]{5}$")
 
-_ANCILLARY: Final = ancillary_size(MAX_FDS, creds=True)
+_ANCILLARY: Final = ancillary_size(MAX_FDS)
 
 #: How long a reply waits for room in its client's queue. One thread relays every sender,
 #: so a client that never reads its replies must not hold up the others (or the tap's

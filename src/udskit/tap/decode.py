@@ -265,7 +265,10 @@ class _Http:
             line = f"{method} {target} HTTP/{event.http_version.decode()}"
             return [Shown("http", 0, b"", summary=line)]
         if isinstance(event, (h11.Response, h11.InformationalResponse)):
-            line = f"HTTP/{event.http_version.decode()} {event.status_code} {event.reason.decode()}"
+            # A reason phrase may hold any byte from 0x80 (obs-text, RFC 9112): Latin-1, as
+            # HTTP's own text is, so that no valid response reads as a decoding error.
+            reason = event.reason.decode("latin-1")
+            line = f"HTTP/{event.http_version.decode()} {event.status_code} {reason}"
             return [Shown("http", 0, b"", summary=line.rstrip())]
         if isinstance(event, h11.Data):
             room = self._max - len(body[0])
@@ -313,6 +316,8 @@ class Conversation:
             self._sides[direction] = _Direction(framing, self._max)
 
     def feed(self, direction: Direction, data: bytes) -> list[Shown]:
+        if not data:
+            return []  # nothing to show; h11 would take it for the end of the stream
         if self._framing == "auto":
             pending = self._pending[direction] + data
             guess = _guess(pending)

@@ -59,7 +59,7 @@ MAX_FDS: Final = 253
 MAX_HELD_EVENTS: Final = 64
 MAX_HELD_BYTES: Final = 64 * 1024
 
-_ANCILLARY: Final = ancillary_size(MAX_FDS, creds=True)
+_ANCILLARY: Final = ancillary_size(MAX_FDS)
 
 #: epoll's events on which the loop tries to read or write: ready for it, or the socket
 #: failed or was shut down (the call then fails, or reads the end, and says why).

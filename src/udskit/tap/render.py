@@ -15,6 +15,7 @@ its payload (quoted text, or hex bytes), cut to ``max_bytes`` for display only.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Final
 
@@ -31,6 +32,21 @@ DEFAULT_MAX_BYTES: Final = 64
 _ROW: Final = 16
 
 _ARROWS: Final = {"up": ">", "down": "<"}
+
+#: What may not appear raw in a text line: control characters (C0, DEL, C1) and Unicode's
+#: line and paragraph separators. Peers choose much of a line (a bound address, a command
+#: name, which prctl() sets to anything, the reason a request was refused); raw, a newline
+#: in one would start a line of its own, forged to look like the tap's.
+_UNSAFE: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
+def one_line(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\n``, ``\\x1b``)."""
+    return _UNSAFE.sub(_escaped, text)
 
 
 def hexdump(data: bytes) -> list[str]:
@@ -205,7 +221,7 @@ class Printer:
                 parts.append(" [" + ", ".join(str(f) for f in fds) + "]")
             if shown.note:
                 parts.append(f" ({shown.note})")
-            text = self._prefix(when, conn, _ARROWS[direction]) + "".join(parts) + "\n"
+            text = self._prefix(when, conn, _ARROWS[direction]) + one_line("".join(parts)) + "\n"
             if raw:
                 text += "\n".join(hexdump(raw[: self._max] if self._max else raw)) + "\n"
             self._write(text.encode(errors="replace"))
@@ -225,7 +241,8 @@ class Printer:
             self._emit_json(when, conn, record)
             return
         self._write(
-            (self._prefix(when, conn, what) + text).rstrip().encode(errors="replace") + b"\n"
+            (self._prefix(when, conn, what) + one_line(text)).rstrip().encode(errors="replace")
+            + b"\n"
         )
 
     def _emit_json(self, when: float, conn: int | None, record: dict[str, object]) -> None:
