@@ -5,6 +5,7 @@ never parsed as an address string (where ``unix:/other``, ``@name``, ``fd:3`` or
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import struct
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import udskit
+import udskit.aio
 from udskit.address import Address
 
 #: Upper bound of every wait here.
@@ -139,5 +141,37 @@ def test_errors_naming_a_peer_stay_one_line_whatever_it_bound(
             with pytest.raises(udskit.ProtocolError) as datagram:
                 listener.recv()
     for error in (stream.value, datagram.value):
+        assert "\n" not in str(error)
+        assert "x\\n0.1 forged" in str(error)
+
+
+def test_asyncio_errors_naming_a_peer_stay_one_line_whatever_it_bound(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same, from udskit.aio: a stream channel's error and a datagram listener's."""
+    monkeypatch.chdir(sockdir)
+    name = "x\n0.1 forged"
+    three = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("3i", 0, 1, 2))]
+
+    async def main() -> list[BaseException]:
+        errors: list[BaseException] = []
+        async with await udskit.aio.listen(str(sockdir / "s"), max_fds=1) as listener:
+            with _bound_client(socket.SOCK_STREAM, name) as raw:
+                raw.connect(str(sockdir / "s"))
+                async with await asyncio.wait_for(listener.accept(), PATIENCE) as channel:
+                    raw.sendmsg([b"\0\0\0\3fds"], three)
+                    with pytest.raises(udskit.ProtocolError) as stream:
+                        await asyncio.wait_for(channel.recv(), PATIENCE)
+                    errors.append(stream.value)
+        path = str(sockdir / "d")
+        async with await udskit.aio.listen(path, type="dgram", max_fds=1) as datagrams:
+            with _bound_client(socket.SOCK_DGRAM, name + " too") as raw:
+                raw.sendmsg([b"fds"], three, 0, path)
+                with pytest.raises(udskit.ProtocolError) as datagram:
+                    await asyncio.wait_for(datagrams.recv(), PATIENCE)
+                errors.append(datagram.value)
+        return errors
+
+    for error in asyncio.run(main()):
         assert "\n" not in str(error)
         assert "x\\n0.1 forged" in str(error)

@@ -360,7 +360,7 @@ class DatagramListener(_Endpoint[Datagram]):
                 self._stop_reading()
                 break
             sender = sender_address(name)
-            where = sender or "an unbound sender"
+            where = sender.shown() if sender is not None else "an unbound sender"
             policy = self.policy
             try:
                 got = unpack(ancdata, flags, where, self._max_fds)

@@ -460,7 +460,7 @@ class Sending:
             raise ConnectionClosed(f"{self._where()}: this channel is closed")
 
     def _where(self) -> str:
-        return str(self._remote) if self._remote is not None else f"{self._type} channel"
+        return self._remote.shown() if self._remote is not None else f"{self._type} channel"
 
 
 def descriptors(fds: object, what: str) -> list[int]:
