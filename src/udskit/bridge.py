@@ -373,18 +373,12 @@ class Bridge:
                     continue
                 self._stop_accepting()
                 if verdict is AcceptVerdict.BACK_OFF:
-                    pause = self._backoff.next()
-                    log.warning(
-                        "%s: cannot accept: %s; pausing for %.2f s",
-                        self.address,
-                        exc.strerror,
-                        pause,
-                    )
+                    pause = self._backoff.failed(exc, self.address)
                     self._resume_handle = self._loop.call_later(pause, self._resume)
                 else:
                     log.error("%s: accept failed, no longer accepting: %s", self.address, exc)
                 return
-            self._backoff.reset()
+            self._backoff.succeeded(self.address)
             self._admit(conn)
 
     def _resume(self) -> None:

@@ -242,7 +242,11 @@ def test_accept_out_of_descriptors_backs_off_and_recovers(
         running._sock = flaky  # type: ignore[assignment]
         assert exchange(running.address, b"after the pause") == b"after the pause"
         assert not flaky._failures
-    assert any("Too many open files; pausing" in r.getMessage() for r in caplog.records)
+    said = [r.getMessage() for r in caplog.records]
+    # Once as the failures begin, saying what to do; once as accepting works again.
+    assert sum("accept failed (Too many open files)" in line for line in said) == 1, said
+    assert any("ulimit -n" in line for line in said), said
+    assert sum("accepting again, after 1 failed tries" in line for line in said) == 1, said
 
 
 def test_accept_failing_for_good_stops_accepting(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import array
 import errno
+import logging
 import os
 import socket
 import threading
@@ -423,3 +424,45 @@ def test_datagram_clients_that_never_pause_do_not_hold_up_the_servers_replies(
             srv.close()
     assert answered_after
     assert answered_after[0] < flood_cap, "the reply waited for the flood to end"
+
+
+class _OutOfDescriptors:
+    """The relay's listening socket, whose next accept() calls fail as given."""
+
+    def __init__(self, real: socket.socket, failures: list[int]) -> None:
+        self._real = real
+        self._failures = failures
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self._failures:
+            code = self._failures.pop(0)
+            raise OSError(code, os.strerror(code))
+        return self._real.accept()
+
+    def fileno(self) -> int:
+        return self._real.fileno()
+
+    def close(self) -> None:
+        self._real.close()
+
+
+def test_running_out_of_descriptors_is_said_once_and_the_client_is_relayed_after(
+    sockdir: Path, tapping: Tapping, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="udskit")
+    path = sockdir / "app.sock"
+    with server(path):
+        running, _ = tapping(path)
+        failing = _OutOfDescriptors(running._relay._listener, [errno.EMFILE, errno.EMFILE])
+        running._relay._listener = failing  # type: ignore[assignment]
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(READY_TIMEOUT)
+            client.connect(str(path))
+            client.sendall(b"after the pause")
+            assert recv_exactly(client, 15) == b"after the pause"
+        assert not failing._failures
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    # One warning as the failures begin, saying what to do; one as accepting works again.
+    assert sum("accept failed (Too many open files)" in line for line in said) == 1, said
+    assert any("ulimit -n" in line for line in said), said
+    assert sum("accepting again, after 2 failed tries" in line for line in said) == 1, said

@@ -149,11 +149,10 @@ class StreamRelay:
                 if verdict is AcceptVerdict.RETRY:
                     continue
                 if verdict is AcceptVerdict.BACK_OFF:
-                    log.warning("tap: cannot accept: %s", exc.strerror)
-                    return backoff.next()
+                    return backoff.failed(exc, "tap")
                 log.error("tap: accept failed: %s", exc)
                 return 0.0
-            backoff.reset()
+            backoff.succeeded("tap")
             self._start(client)
         return 0.0
 
