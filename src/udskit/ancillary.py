@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import array
 import errno
+import fcntl
 import os
 import platform
 import socket
@@ -31,6 +32,7 @@ __all__ = [
     "Received",
     "ancillary_size",
     "close_fds",
+    "descriptors",
     "discard",
     "refuse_descriptors",
     "rights",
@@ -95,6 +97,30 @@ def refuse_descriptors(sock: socket.socket) -> bool:
     except OSError:
         return False
     return True
+
+
+def descriptors(fds: object, what: str) -> list[int]:
+    """``fds`` as a list of open descriptors, or an error that says what ``what`` takes.
+
+    A descriptor that is not open would fail the sendmsg() with EBADF, which the kernel
+    also gives for a closed socket: checked here (one fcntl each), so that the error names
+    the descriptor instead of blaming the socket.
+    """
+    try:
+        listed: list[int] = list(fds)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(
+            f"{what}: fds is a sequence of open descriptors (ints), not {type(fds).__name__}"
+        ) from None
+    for fd in listed:
+        if isinstance(fd, int) and not isinstance(fd, bool) and fd >= 0:
+            try:
+                fcntl.fcntl(fd, fcntl.F_GETFD)
+            except OSError:
+                raise ValueError(
+                    f"{what}: descriptor {fd} is not open; pass descriptors of open files"
+                ) from None
+    return listed
 
 
 def rights(fds: Sequence[int], limit: int) -> list[tuple[int, int, bytes]]:

@@ -35,6 +35,7 @@ from .ancillary import (
     RECV_FLAGS,
     ancillary_size,
     close_fds,
+    descriptors,
     discard,
     refuse_descriptors,
     rights,
@@ -472,7 +473,7 @@ class Channel(ChannelFacts):
         """
         if not self._is_unix():
             raise ProtocolError("descriptors can only be passed over Unix sockets")
-        self._send(data, rights(list(fds), self._max_fds))
+        self._send(data, rights(descriptors(fds, "send_fds"), self._max_fds))
 
     def _send(self, data: Buffer, ancillary: list[tuple[int, int, bytes]]) -> None:
         check_message(data, "send")

@@ -34,7 +34,7 @@ from threading import get_ident
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from .address import Address
-from .ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
+from .ancillary import RECV_FLAGS, ancillary_size, close_fds, descriptors, rights, unpack
 from .creds import PeerCred
 from .errors import ConnectionClosed, ProtocolError, UdsError
 from .options import SocketType, check_message
@@ -249,10 +249,9 @@ class Connection:
     def send_fds(self, data: bytes | bytearray | memoryview, fds: Sequence[int]) -> None:
         """Send one message with descriptors attached (duplicated now: close yours)."""
         check_message(data, "send_fds")
-        if not isinstance(fds, Sequence) or not all(type(fd) is int for fd in fds):
-            raise TypeError(f"fds must be a sequence of descriptors (ints), not {fds!r}")
-        rights(fds, self._max_fds)  # checks the count against max_fds
-        self._send(data, fds)
+        listed = descriptors(fds, "send_fds")
+        rights(listed, self._max_fds)  # checks the count against max_fds
+        self._send(data, listed)
 
     def close(self) -> None:
         """Close the connection once what was sent has gone out (the client then reads

@@ -26,6 +26,7 @@ from .ancillary import (
     ControlDataError,
     ancillary_size,
     close_fds,
+    descriptors,
     discard,
     refuse_descriptors,
     rights,
@@ -450,7 +451,7 @@ class DatagramListener(_Endpoint):
         self._check_open()
         check_message(data, "send_to")
         target = Address.parse(address)
-        ancillary = rights(list(fds), self._max_fds)
+        ancillary = rights(descriptors(fds, "send_to"), self._max_fds)
         try:
             with sun_path(target) as where:
                 self._sock.sendmsg([data], ancillary, socket.MSG_NOSIGNAL, where)

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 import udskit
 from udskit import Channel, PeerCred, ProtocolError
 
+from ..conftest import open_fds
 from .children import Talker
 
 #: How long the parent waits for a child's answer or exit.
@@ -188,3 +190,30 @@ def test_pair_peer_credentials() -> None:
 def test_pair_refuses_bad_options(options: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         udskit.pair(**options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["stream", "seqpacket"])
+def test_descriptors_that_are_not_a_sequence_or_not_open_are_named(
+    kind: str, tmp_path: Path
+) -> None:
+    """As udskit.aio names them: not "object is not iterable", nor the socket's EBADF for a
+    descriptor that is not open. Nothing is sent meanwhile: the next message comes alone."""
+    not_open = max(open_fds()) + 1000  # far above anything this test opens
+    left, right = udskit.pair(kind)
+    with left, right:
+        right.settimeout(10.0)
+        with pytest.raises(TypeError, match=r"send_fds: fds is a sequence .* not int"):
+            left.send_fds(b"x", 5)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=f"send_fds: descriptor {not_open} is not open"):
+            left.send_fds(b"x", [not_open])
+        left.send_fds(b"one", iter([0]))  # an iterator of descriptors is taken as given
+        message, fds = right.recv_fds()
+        assert message == b"one"
+        assert len(fds) == 1
+        os.close(fds[0])
+        left.send(b"alone")
+        assert right.recv() == b"alone"
+    path = tmp_path / "d.sock"
+    refused = f"send_to: descriptor {not_open} is not open"
+    with udskit.listen(path, type="dgram") as listener, pytest.raises(ValueError, match=refused):
+        listener.send_to(path, b"x", [not_open])

@@ -24,6 +24,7 @@ from ..ancillary import (
     ControlDataError,
     ancillary_size,
     close_fds,
+    descriptors,
     rights,
     unpack,
 )
@@ -42,7 +43,6 @@ from ..shm import offered
 from ..translate import translate, translating
 from .buffers import FDS_AHEAD, READ_AHEAD, check_write_limit, scratch
 from .channel import Buffer, Channel
-from .sending import descriptors
 from .waiting import EXPIRED, RetryPause, Waiters
 
 __all__ = ["DatagramListener", "Listener", "listen"]

@@ -19,14 +19,13 @@ and a full socket makes ``send()`` wait until it can.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
 import socket
 from collections.abc import Iterable, Sequence
 from typing import Final
 
 from ..address import Address, sun_path
-from ..ancillary import close_fds, rights
+from ..ancillary import close_fds, descriptors, rights
 from ..channel import advance, broken
 from ..errors import ConnectionClosed, ProtocolError
 from ..options import SocketType, check_message
@@ -461,30 +460,6 @@ class Sending:
 
     def _where(self) -> str:
         return self._remote.shown() if self._remote is not None else f"{self._type} channel"
-
-
-def descriptors(fds: object, what: str) -> list[int]:
-    """``fds`` as a list of open descriptors, or an error that says what ``what`` takes.
-
-    A descriptor that is not open would fail the sendmsg() with EBADF, which the kernel
-    also gives for a closed socket: checked here (one fcntl each), so that the error names
-    the descriptor instead of blaming the socket.
-    """
-    try:
-        listed: list[int] = list(fds)  # type: ignore[call-overload]
-    except TypeError:
-        raise TypeError(
-            f"{what}: fds is a sequence of open descriptors (ints), not {type(fds).__name__}"
-        ) from None
-    for fd in listed:
-        if isinstance(fd, int) and not isinstance(fd, bool) and fd >= 0:
-            try:
-                fcntl.fcntl(fd, fcntl.F_GETFD)
-            except OSError:
-                raise ValueError(
-                    f"{what}: descriptor {fd} is not open; pass descriptors of open files"
-                ) from None
-    return listed
 
 
 def _duplicate(fds: Sequence[int]) -> list[int]:
