@@ -270,6 +270,7 @@ class Channel(ChannelFacts):
         "_unusable",
         "_wire",
         "_wlock",
+        "_write_shut",
     )
 
     def __init__(
@@ -336,6 +337,7 @@ class Channel(ChannelFacts):
         self._closed = False
         # _unusable: closed or broken, one test on the hot paths; _broken says why
         self._unusable = False
+        self._write_shut = False  # shutdown_write() was called: sends say so
         self._broken: ConnectionClosed | None = None  # part of a frame went out
         self._unreadable: ProtocolError | None = None  # a read had to be dropped
         self._wlock = threading.Lock()  # one message (or batch) on the wire at a time
@@ -386,6 +388,8 @@ class Channel(ChannelFacts):
         With shared memory, a message of SHARED_THRESHOLD bytes or more is copied into our
         pool (a buffer from ``loan()`` is not copied at all) and only its slot is sent.
         """
+        if self._write_shut:
+            raise write_shut(self._where())
         if self._shm is not None:
             if type(data) is not bytes or len(data) >= SHARED_THRESHOLD:
                 self._send_shared(data)  # a loan, or a message that may go through the pool
@@ -433,6 +437,8 @@ class Channel(ChannelFacts):
         every message is still its own packet. On a stream the batch is one unit: if it
         fails (or ``messages`` raises) after any of it went out, the channel is broken.
         """
+        if self._write_shut:
+            raise write_shut(self._where())
         framing = self._framing
         if framing is None:
             # With shared memory a large message goes through the pool, as with send().
@@ -476,6 +482,8 @@ class Channel(ChannelFacts):
         self._send(data, rights(descriptors(fds, "send_fds"), self._max_fds))
 
     def _send(self, data: Buffer, ancillary: list[tuple[int, int, bytes]]) -> None:
+        if self._write_shut:
+            raise write_shut(self._where())
         check_message(data, "send")
         framing = self._framing
         with self._wlock:
@@ -1506,6 +1514,7 @@ class Channel(ChannelFacts):
         except OSError as exc:
             self._check_open()  # closed by another thread meanwhile: EBADF says nothing
             raise translate(exc, "send", self._remote) from exc
+        self._write_shut = True
 
     def close(self) -> None:
         """Close the socket, any unclaimed received descriptors, and our bound reply path.
@@ -1603,6 +1612,15 @@ def _close_held(framing: Framing | None, inbox: _Inbox) -> None:
     for _, fds in inbox:
         close_fds(fds)
     inbox.clear()
+
+
+def write_shut(where: str) -> ConnectionClosed:
+    """What a send says after our own ``shutdown_write()``: the kernel's EPIPE would blame
+    the peer."""
+    return ConnectionClosed(
+        f"{where}: cannot send: this channel's sending side was shut down (shutdown_write()); "
+        "nothing more can be sent on it"
+    )
 
 
 def advance(views: list[memoryview], sent: int) -> list[memoryview]:

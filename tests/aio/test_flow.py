@@ -431,6 +431,13 @@ def test_shutdown_write_half_closes(arun: Run) -> None:
         left, right = udskit.aio.pair()
         await left.send(b"last words")
         await left.shutdown_write()
+        for late in (
+            left.send(b"too late"),
+            left.send_many([b"too", b"late"]),
+            left.send_fds(b"too late", [0]),
+        ):
+            with pytest.raises(ConnectionClosed, match=r"sending side was shut down \(shutdown_"):
+                await late
         assert [message async for message in right] == [b"last words"]
         await right.send(b"still heard")
         assert await left.recv() == b"still heard"

@@ -29,7 +29,14 @@ from typing import TYPE_CHECKING, Final
 
 from ..address import Address
 from ..ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
-from ..channel import POOL_WAIT, ChannelFacts, read_interrupted, stream_read_lost, truncated
+from ..channel import (
+    POOL_WAIT,
+    ChannelFacts,
+    read_interrupted,
+    stream_read_lost,
+    truncated,
+    write_shut,
+)
 from ..creds import PeerCred
 from ..errors import ConnectionClosed, FrameTooLarge, ProtocolError, Timeout, UdsError
 from ..options import base_type, check_timeout, max_frame_for, type_name
@@ -1043,6 +1050,8 @@ class Channel(Sending, ChannelFacts):
             self._sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
             raise translate(exc, "send", self._remote) from exc
+        if self._write_error is None:  # what a send says from now on (not "peer closed")
+            self._write_error = write_shut(self._where())
 
     async def aclose(self) -> None:
         """Send what is still queued (within the timeout, if one is set), then close."""
