@@ -26,7 +26,7 @@ from typing import Literal, TypeAlias
 from . import activation
 from .errors import AddressError
 
-__all__ = ["Address", "AddressLike", "SUN_PATH_MAX"]
+__all__ = ["SUN_PATH_MAX", "Address", "AddressLike", "one_line"]
 
 #: ``sizeof(((struct sockaddr_un *)0)->sun_path)`` on Linux (``UNIX_PATH_MAX`` in linux/un.h).
 SUN_PATH_MAX = 108
@@ -112,7 +112,7 @@ class Address:
         """``str()`` for a message or a log line: control characters written as escapes
         (``\\n``, ``\\x1b``). A peer chooses the name it binds; raw, a newline in it would
         break the one line an error is, or forge another."""
-        return _UNSAFE.sub(_escaped, str(self))
+        return one_line(str(self))
 
     def absolute(self) -> Address:
         """The same address with a relative path made absolute (against the cwd, now)."""
@@ -132,6 +132,13 @@ class Address:
                 raise AddressError(_too_long(self.raw))
             return self.raw
         raise AddressError(f"{self} is not a Unix socket address; {_EXAMPLES}")
+
+
+def one_line(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\n``, ``\\x1b``):
+    for what another user or a peer chose (a name it bound, a process name) shown in a
+    line of ours, where a newline would break the line, or forge another."""
+    return _UNSAFE.sub(_escaped, text)
 
 
 def _escaped(match: re.Match[str]) -> str:

@@ -1,4 +1,4 @@
-"""``udskit ls``: the host's Unix sockets from /proc/net/unix, and stale files."""
+"""``udskit ls``: the host's Unix sockets from the kernel's socket table, and stale files."""
 
 from __future__ import annotations
 
@@ -15,6 +15,25 @@ from tests.cli.conftest import UDSKIT, Background, one_line_error, serve, udskit
 
 def rows(text: str) -> list[list[str]]:
     return [line.split() for line in text.splitlines()[1:]]
+
+
+def test_a_name_bound_with_a_newline_is_one_escaped_row_and_forges_none(sockdir: Path) -> None:
+    """/proc/net/unix writes each name raw: another user binding a name with a newline and
+    a line of that table after it would add a row of their choosing. ls reads sock_diag,
+    where a name is length-delimited, and prints it escaped."""
+    forged = f"0000000000000000: 00000002 00000000 00010000 0001 01 99 {sockdir}/forged.sock"
+    directory = sockdir / f"d\n{forged.rsplit('/', 1)[0]}"
+    directory.mkdir(parents=True)
+    name = f"{sockdir}/d\n{forged}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as bound:
+        bound.bind(name)
+        for listing in (udskit("ls", sockdir), udskit("ls")):
+            assert listing.code == 0, listing.err
+            assert "forged.sock" not in listing.text.replace(f"d\\n{forged}", ""), listing.text
+            [row] = [line for line in listing.text.splitlines() if f"{sockdir}/d" in line]
+            assert row.endswith(f"{sockdir}/d\\n{forged}"), row
+        data = json.loads(udskit("ls", "--json", sockdir).out)
+        assert [entry["path"] for entry in data] == [name]
 
 
 def test_lists_a_udskit_listener_under_its_real_path(

@@ -121,6 +121,22 @@ def test_sigterm_restores_and_lets_a_relayed_connection_finish(sockdir: Path) ->
     assert "direct" not in out
 
 
+def test_listing_a_tapped_socket_says_so_without_connecting_to_the_tap(sockdir: Path) -> None:
+    """udskit ls, of the host or of a directory, reads the kernel's socket table: whether
+    the tap still runs comes from there, not from a connection the tap would relay."""
+    path = sockdir / "app.sock"
+    with server(path):
+        running = TapProcess(path)
+        for listed in (_udskit("ls"), _udskit("ls", str(sockdir))):
+            assert listed.returncode == 0, listed.stderr
+            assert f"(tapped: its server's socket is at {sockdir}/.app.sock.udskit-tapped)" in (
+                listed.stdout
+            )
+        code, out, _ = running.finish()
+    assert code == 0
+    assert " open " not in out, out  # nobody connected through the tap
+
+
 def test_a_killed_tap_is_explained_refused_by_claims_and_restored(sockdir: Path) -> None:
     path = sockdir / "app.sock"
     with server(path) as srv:

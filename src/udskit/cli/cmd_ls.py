@@ -9,6 +9,7 @@ import os
 import time
 
 from udskit import inspect
+from udskit.address import one_line
 
 from ._output import Output
 from .main import UsageError
@@ -88,6 +89,8 @@ def _stale_table(stale: list[inspect.StaleSocket]) -> bytes:
 
 
 def _format(rows: list[tuple[str, ...]]) -> bytes:
+    # Every cell may hold what another user chose (a path, a process name): one line each.
+    rows = [tuple(one_line(cell) for cell in row) for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True))

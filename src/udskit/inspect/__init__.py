@@ -5,8 +5,8 @@ Three questions, each answered with typed values (frozen dataclasses), never tex
 * :func:`diagnose` ("why can't I connect?", ``udskit doctor``): walks the path as a given
   user would, tries to connect, and returns a :class:`Diagnosis` whose ``findings`` say what
   is wrong and the exact fix, one :class:`Finding` per cause;
-* :func:`list_sockets` (``udskit ls``): the host's Unix sockets from ``/proc/net/unix``, with
-  their owning processes from ``/proc/*/fd``;
+* :func:`list_sockets` (``udskit ls``): the host's Unix sockets from sock_diag (or
+  ``/proc/net/unix``), with their owning processes from ``/proc/*/fd``;
 * :func:`find_stale` (``udskit ls --stale``): socket files nobody listens on any more.
 
 :func:`try_connect` is the probe under all three (and under ``udskit wait``): one

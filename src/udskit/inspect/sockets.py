@@ -1,15 +1,17 @@
-"""The host's Unix sockets, from /proc/net/unix, and the processes that hold them."""
+"""The host's Unix sockets, from sock_diag (or /proc/net/unix), and the processes that
+hold them."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
 from ..handover import CONTROL_SUFFIX
+from ..sockdiag import UnixSocket, unix_sockets
 from ..sockfile import PRIVATE_PREFIX
 from .probe import SocketTypeName
 from .tapped import tapped_note
@@ -66,7 +68,9 @@ def list_sockets(
     listed. ``directory`` keeps only socket files under it. Owning processes are found by
     their descriptors in /proc; without root, only this user's processes can be seen.
     """
-    rows = list(_read_proc_net_unix(proc))
+    found = unix_sockets() if proc == PROC else None
+    rows = list(_read_sockets(proc, found))
+    listening_at = None if found is None else _listening_at(found)
     listeners = {(r.type, r.path) for r in rows if r.state in ("listening", "handover")}
     counts: dict[tuple[str, str], int] = {}
     named: list[SocketEntry] = []
@@ -91,7 +95,7 @@ def list_sockets(
                 pids=pids,
                 processes=tuple(_comm(proc, pid) for pid in pids),
                 connections=counts.get((entry.type, entry.path), 0),
-                note=tapped_note(entry.path) if entry.path.startswith("/") else "",
+                note=tapped_note(entry.path, listening_at) if entry.path.startswith("/") else "",
             )
         )
     # By path, as ls sorts; a server's handover socket under the socket it hands over.
@@ -99,7 +103,66 @@ def list_sockets(
     return result
 
 
-def _read_proc_net_unix(proc: str) -> Iterator[SocketEntry]:
+def _listening_at(found: list[UnixSocket]) -> Callable[[bytes], bool]:
+    """Whether a socket of ``found`` listens on the file at a path: by the file's device
+    and inode, which sock_diag gives for each socket, so without connecting to it."""
+    files = {(s.file.dev, s.file.ino32) for s in found if s.listening and s.file is not None}
+
+    def listening_at(path: bytes) -> bool:
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return False
+        return (info.st_dev, info.st_ino & 0xFFFFFFFF) in files
+
+    return listening_at
+
+
+def _read_sockets(proc: str, found: list[UnixSocket] | None) -> Iterator[SocketEntry]:
+    """The sockets from sock_diag where the kernel has it (``found``: a name is
+    length-delimited there, so nothing a user binds can forge a row); else from
+    ``proc``/net/unix, where a newline in a name a user bound reads as the start of another
+    line."""
+    rows = _proc_net_unix(proc) if found is None else _sock_diag(found)
+    for inode, name, state, bound in rows:
+        path = _unprivate(bound)
+        served = _served_by_control(path)
+        if served is not None:
+            # A udskit server's handover socket: shown as what it belongs to, the path.
+            path, state = served, "handover" if state == "listening" else state
+        yield SocketEntry(
+            inode=inode,
+            type=name,
+            state=state,
+            path=os.fsdecode(path),
+            bound_as=os.fsdecode(bound) if path != bound else "",
+        )
+
+
+#: One socket's facts, whichever table they come from: inode, type, state, bound name (as
+#: /proc/net/unix shows it: ``@`` for each NUL of an abstract name).
+_Row = tuple[int, SocketTypeName, str, bytes]
+
+
+def _sock_diag(found: list[UnixSocket]) -> Iterator[_Row]:
+    for sock in found:
+        name = _PROC_TYPES.get(sock.type)
+        if name is None:
+            continue
+        bound = sock.name.replace(b"\0", b"@")
+        if sock.listening:
+            state = "listening"
+        elif sock.connected:
+            state = "connected"
+        else:
+            state = "bound" if name == "dgram" and bound else "unconnected"
+        yield sock.inode, name, state, bound
+        # A listener's backlog, as /proc/net/unix lists it: one connecting row each.
+        for _ in range(sock.queued):
+            yield 0, name, "connecting", bound
+
+
+def _proc_net_unix(proc: str) -> Iterator[_Row]:
     with open(os.path.join(proc, "net", "unix"), "rb") as f:
         lines = f.read().splitlines()[1:]  # the header names the columns
     for line in lines:
@@ -115,19 +178,7 @@ def _read_proc_net_unix(proc: str) -> Iterator[SocketEntry]:
         if name is None:
             continue
         bound = fields[7] if len(fields) > 7 else b""
-        path = _unprivate(bound)
-        shown = _state(flags, state, name, bool(bound))
-        served = _served_by_control(path)
-        if served is not None:
-            # A udskit server's handover socket: shown as what it belongs to, the path.
-            path, shown = served, "handover" if shown == "listening" else shown
-        yield SocketEntry(
-            inode=inode,
-            type=name,
-            state=shown,
-            path=os.fsdecode(path),
-            bound_as=os.fsdecode(bound) if path != bound else "",
-        )
+        yield inode, name, _state(flags, state, name, bool(bound)), bound
 
 
 def _state(flags: int, state: int, kind: SocketTypeName, named: bool) -> str:

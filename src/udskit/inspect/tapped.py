@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shlex
 import stat
+from collections.abc import Callable
 
 from ..sockfile import probe, tapped_name
 from .findings import Finding
@@ -13,8 +14,17 @@ from .findings import Finding
 __all__ = ["tapped_finding", "tapped_note"]
 
 
-def _state(path: bytes) -> tuple[str, bool] | None:
-    """(the tapped name, whether a tap still runs) if the server's socket is aside."""
+#: Whether a socket listens on the file at a path, as the kernel's socket table says
+#: (see ``udskit.inspect.sockets``): asked without connecting to it.
+ListeningAt = Callable[[bytes], bool]
+
+
+def _state(path: bytes, listening_at: ListeningAt | None = None) -> tuple[str, bool] | None:
+    """(the tapped name, whether a tap still runs) if the server's socket is aside.
+
+    With ``listening_at``, whether the tap runs is read from the kernel's socket table;
+    without, found by connecting to it, which a tap shows as a client (a listing of the
+    host must not connect to every server it lists)."""
     directory, name = os.path.split(path)
     aside = os.path.join(directory, tapped_name(name))
     try:
@@ -28,6 +38,8 @@ def _state(path: bytes) -> tuple[str, bool] | None:
             return None  # a tap's relay has its server's owner: another user's socket, planted
     except OSError:
         pass  # the path was removed while tapped: the tap's restore puts the socket back
+    if listening_at is not None:
+        return os.fsdecode(aside), listening_at(path)
     try:
         relay_alive = probe(path).live
     except OSError:
@@ -35,9 +47,9 @@ def _state(path: bytes) -> tuple[str, bool] | None:
     return os.fsdecode(aside), relay_alive
 
 
-def tapped_note(path: str) -> str:
+def tapped_note(path: str, listening_at: ListeningAt | None = None) -> str:
     """For ``udskit ls``: what a tap has done to ``path``, or ''."""
-    state = _state(os.fsencode(path))
+    state = _state(os.fsencode(path), listening_at)
     if state is None:
         return ""
     aside, running = state

@@ -15,10 +15,10 @@ its payload (quoted text, or hex bytes), cut to ``max_bytes`` for display only.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from typing import Final
 
+from ..address import one_line
 from ..creds import PeerCred
 from .decode import Conversation, Framing, Shown, preview_text, show_packet
 from .events import Closed, Data, Event, Notice, Opened, PassedFd, Refused
@@ -33,20 +33,9 @@ _ROW: Final = 16
 
 _ARROWS: Final = {"up": ">", "down": "<"}
 
-#: What may not appear raw in a text line: control characters (C0, DEL, C1) and Unicode's
-#: line and paragraph separators. Peers choose much of a line (a bound address, a command
-#: name, which prctl() sets to anything, the reason a request was refused); raw, a newline
-#: in one would start a line of its own, forged to look like the tap's.
-_UNSAFE: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def _escaped(match: re.Match[str]) -> str:
-    return match.group().encode("unicode_escape").decode("ascii")
-
-
-def one_line(text: str) -> str:
-    """``text`` with every control character written as an escape (``\\n``, ``\\x1b``)."""
-    return _UNSAFE.sub(_escaped, text)
+# Peers choose much of a text line (a bound address, a command name, which prctl() sets
+# to anything, the reason a request was refused): each goes through one_line(), so that a
+# newline in one cannot start a line of its own, forged to look like the tap's.
 
 
 def hexdump(data: bytes) -> list[str]:
