@@ -84,3 +84,13 @@ def stop_loop_thread(loop: asyncio.AbstractEventLoop, thread: threading.Thread) 
         thread.join(READY_TIMEOUT)
     assert not thread.is_alive(), "event loop thread did not stop"
     loop.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid``, from /proc/PID/stat: what a process
+    that spins uses up, however busy the machine (a wall-clock bound would time the
+    machine, not the process)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    # After the command: state is field 3; utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

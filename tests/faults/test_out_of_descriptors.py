@@ -21,7 +21,7 @@ import pytest
 
 import udskit
 
-from ..conftest import READY_TIMEOUT
+from ..conftest import READY_TIMEOUT, cpu_seconds
 
 #: The server program: ``which`` serves argv[2] with an echo handler; once it is set up,
 #: its descriptor limit leaves room for argv[3] more; SIGTERM stops it. Logs to stderr.
@@ -82,13 +82,6 @@ WINDOW = 1.0
 CPU_ALLOWED = 0.2
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of process ``pid``, from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _read_line(stream: IO[str]) -> str:
     ready, _, _ = select.select([stream], [], [], READY_TIMEOUT)
     assert ready, f"no output from the server within {READY_TIMEOUT} s"
@@ -122,9 +115,9 @@ def test_out_of_descriptors_is_said_once_and_recovers(sockdir: Path, which: str)
             assert first.startswith("WARNING ")
             assert "accept failed (Too many open files)" in first
             assert "ulimit -n" in first
-            before = _cpu_seconds(proc.pid)
+            before = cpu_seconds(proc.pid)
             time.sleep(WINDOW)  # the measured window, not a synchronisation
-            used = _cpu_seconds(proc.pid) - before
+            used = cpu_seconds(proc.pid) - before
             assert used < CPU_ALLOWED, f"the server used {used:.2f} s of CPU in {WINDOW} s"
             # Out of descriptors, it still serves the clients it has.
             assert _round_trip(clients[0], b"held") == b"held"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import udskit
 
+from ..conftest import cpu_seconds
 from .harness import PATIENCE, control_path
 
 #: The server program: a MessageServer with handover on argv[1], answering "PID:message";
@@ -52,12 +53,6 @@ ROOM = 3
 #: The window in which the exhausted server is watched with a successor's request queued.
 WINDOW = 1.0
 CPU_ALLOWED = 0.2
-
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _start(path: Path, log: int, room: int = ROOM) -> subprocess.Popen[str]:
@@ -103,9 +98,9 @@ def test_a_handover_request_out_of_descriptors_waits_without_spinning(sockdir: P
             # A successor's request, queued on the control socket the server cannot accept.
             with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as request:
                 request.connect(os.fspath(control_path(path)))  # queued, not accepted
-                before = _cpu_seconds(old.pid)
+                before = cpu_seconds(old.pid)
                 time.sleep(WINDOW)  # the measured window, not a synchronisation
-                used = _cpu_seconds(old.pid) - before
+                used = cpu_seconds(old.pid) - before
             assert used < CPU_ALLOWED, f"the server used {used:.2f} s of CPU in {WINDOW} s"
             refused = [line for line in _lines(old_log.fileno()) if "handover socket" in line]
             assert len(refused) <= 1, f"{len(refused)} lines: {refused[:3]}"
