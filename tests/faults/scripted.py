@@ -134,3 +134,30 @@ class Drain(threading.Thread):
         self.join(WAIT)
         assert not self.is_alive()
         return self.got
+
+
+class ServingInThread:
+    """``server`` (a Server or MessageServer, its listener's socket already replaced by a
+    scripted one) serving in a thread; ``error`` is what ``serve_forever()`` raised, if
+    anything. Leaving the block stops and closes it."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._serve)
+
+    def _serve(self) -> None:
+        try:
+            self.server.serve_forever()
+        except BaseException as exc:
+            self.error = exc
+
+    def __enter__(self) -> ServingInThread:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.stop()
+        self.thread.join(WAIT)
+        self.server.close()
+        assert not self.thread.is_alive(), "the server did not stop"

@@ -21,6 +21,8 @@ import pytest
 import udskit
 from udskit import Channel, Server, accepting
 
+from .scripted import ServingInThread
+
 #: How long a test waits for the server thread or a reply before failing.
 PATIENCE = 20.0
 
@@ -56,31 +58,15 @@ def echo(channel: Channel) -> None:
         channel.send(message)
 
 
-class Running:
+class Running(ServingInThread):
     """A Server over a scripted listener, serving in a thread."""
 
     def __init__(self, path: Path, script: list[int]) -> None:
-        self.server = Server(path, echo)
-        listener = self.server.listener
+        server = Server(path, echo)
+        listener = server.listener
         self.scripted = ScriptedAccept(listener.socket, script)
         listener._sock = self.scripted  # the fault injection
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._serve)
-
-    def _serve(self) -> None:
-        try:
-            self.server.serve_forever()
-        except BaseException as exc:
-            self.error = exc
-
-    def __enter__(self) -> Running:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.server.stop()
-        self.thread.join(PATIENCE)
-        assert not self.thread.is_alive(), "the server did not stop"
+        super().__init__(server)
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from udskit import MessageServer, ProtocolError
 from udskit.channel import DIRECT_READ_MIN, RECV_CHUNK
 
 from ..conftest import open_fds
+from .scripted import ServingInThread
 
 #: Upper bound of every wait here.
 PATIENCE = 10.0
@@ -113,31 +114,14 @@ def reply_with_a_descriptor(conn: udskit.Connection, message: bytes) -> None:
         os.close(fd)
 
 
-class Serving:
+class Serving(ServingInThread):
     """A MessageServer in a thread over a FaultyListener."""
 
     def __init__(self, path: Path, scripts: list[tuple[list[Step], list[Step]]]) -> None:
-        self.server = MessageServer(str(path), reply_with_a_descriptor, max_fds=4)
-        listener = self.server.listener
+        server = MessageServer(str(path), reply_with_a_descriptor, max_fds=4)
+        listener = server.listener
         listener._sock = FaultyListener(listener.socket, scripts)  # type: ignore[union-attr]  # the fault injection
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._serve)
-
-    def _serve(self) -> None:
-        try:
-            self.server.serve_forever()
-        except BaseException as exc:
-            self.error = exc
-
-    def __enter__(self) -> Serving:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.server.stop()
-        self.thread.join(PATIENCE)
-        self.server.close()
-        assert not self.thread.is_alive(), "the server did not stop"
+        super().__init__(server)
         assert self.error is None, f"the server failed: {self.error!r}"
 
 
