@@ -8,6 +8,7 @@ import secrets
 import socket
 import struct
 import tempfile
+import time
 from typing import Final
 
 from .address import Address, AddressLike, sun_path
@@ -136,22 +137,47 @@ def _connect_waiting(
     connect is made blocking, bounded by SO_SNDTIMEO, which is the kernel's bound for
     exactly that sleep (net/unix/af_unix.c, unix_stream_connect: unix_wait_for_peer); it
     fails with EAGAIN once that has passed. A datagram connect never waits on a backlog.
+
+    A signal whose handler returns ends that sleep with EINTR, and CPython then takes the
+    connect for one in progress: it polls the socket, which an unconnected Unix socket
+    answers at once (POLLHUP, no error), and reports success. So a connect is checked
+    (getpeername) and made again, for what is left of the timeout, until it is one.
     """
-    if not timeout or sock.type == socket.SOCK_DGRAM:  # None waits; 0 must not
+    if timeout == 0 or sock.type == socket.SOCK_DGRAM:  # 0 must not wait
         sock.connect(where)
         return
-    sock.settimeout(None)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
-    try:
-        sock.connect(where)
-    except BlockingIOError as exc:
-        raise Timeout(
-            f"connect to {target} timed out: the server's backlog stayed full for "
-            f"{timeout:g} s; it is not accepting fast enough"
-        ) from exc
-    finally:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0))
-        sock.settimeout(timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        if deadline is None:
+            sock.connect(where)
+        else:
+            assert timeout is not None  # the deadline's
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _backlog_timeout(target, timeout)
+            sock.settimeout(None)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(left))
+            try:
+                sock.connect(where)
+            except BlockingIOError as exc:
+                raise _backlog_timeout(target, timeout) from exc
+            finally:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0))
+                sock.settimeout(timeout)
+        try:
+            sock.getpeername()
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise
+            continue  # interrupted by a signal (see above): not connected, so again
+        return
+
+
+def _backlog_timeout(target: Address, timeout: float) -> Timeout:
+    return Timeout(
+        f"connect to {target} timed out: the server's backlog stayed full for "
+        f"{timeout:g} s; it is not accepting fast enough"
+    )
 
 
 def _timeval(seconds: float) -> bytes:

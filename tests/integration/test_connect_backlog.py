@@ -5,10 +5,11 @@ clients wait; it does not refuse them."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,59 @@ def test_timeout_zero_never_waits(full: tuple[Path, socket.socket], no_fd_leak: 
     path, _ = full
     with pytest.raises(udskit.ConnectError, match="backlog is full"):
         udskit.connect(path, timeout=0)
+
+
+@pytest.mark.parametrize("timeout", [None, READY_TIMEOUT])
+@pytest.mark.parametrize("full", list(KINDS), indirect=True)
+def test_a_signal_while_waiting_does_not_end_the_connect(
+    full: tuple[Path, socket.socket], timeout: float | None, no_fd_leak: None
+) -> None:
+    """A signal whose handler returns interrupts the wait in connect(2); CPython then takes
+    the connect for one in progress and polls the socket, which an unconnected Unix socket
+    answers at once, with no error. The connect goes on waiting; it does not return a
+    channel connected to nothing."""
+    path, listener = full
+    kind = listener.type.name.removeprefix("SOCK_").lower()
+    main, main_ident = threading.get_native_id(), threading.get_ident()
+    signalled: list[int] = []
+    returned = threading.Event()
+    steps: list[str] = []
+
+    def until(condition: Callable[[], bool]) -> bool:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not condition():
+            if returned.is_set() or time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)  # polling /proc and the handler's record, bounded
+        return True
+
+    def helper() -> None:
+        if not until(lambda: _waiting_in_connect(main)):
+            return
+        steps.append("waiting")
+        signal.pthread_kill(main_ident, signal.SIGUSR1)
+        if not until(lambda: bool(signalled)):
+            return
+        steps.append("signalled")
+        if not until(lambda: _waiting_in_connect(main)):
+            return
+        steps.append("waiting again")
+        conn, _ = listener.accept()  # room in the backlog
+        conn.close()
+
+    previous = signal.signal(signal.SIGUSR1, lambda signum, _frame: signalled.append(signum))
+    thread = threading.Thread(target=helper)
+    try:
+        thread.start()
+        try:
+            with udskit.connect(path, type=kind, timeout=timeout) as channel:
+                peer = channel.peer
+        finally:
+            returned.set()
+            thread.join(READY_TIMEOUT)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert not thread.is_alive()
+    assert steps == ["waiting", "signalled", "waiting again"], (steps, peer)
+    assert peer is not None
+    assert peer.pid == os.getpid(), peer
