@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import socket
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -100,6 +101,17 @@ _TRUNC: Final = int(socket.MSG_TRUNC)
 
 def _no_framing(*_: object) -> object:
     raise AssertionError("feed() is bound when a stream channel starts reading")
+
+
+#: What poll() reports on a socket whose peer has gone: an error (a reset), or a hang-up.
+_ENDED: Final = select.POLLERR | select.POLLHUP | select.POLLRDHUP
+
+
+def _ended(fd: int) -> bool:
+    """Whether the socket ``fd`` has an error or has hung up (one poll, no wait)."""
+    poller = select.poll()
+    poller.register(fd, _ENDED)
+    return bool(poller.poll(0))
 
 
 def _no_reader() -> None:
@@ -432,19 +444,23 @@ class Channel(Sending, ChannelFacts):
             # uvloop: libuv ends a poll handle on a socket error (POLLERR: the peer closed
             # with our data unread), after one last callback. A callback that stops before
             # EAGAIN (to hand a message over first) would never be called again, and a
-            # recv() would wait for ever: it goes on reading from the loop's next turn.
+            # recv() would wait for ever: on a socket in that state it goes on reading
+            # from the loop's next turn.
             callback = self._read_on
         loop.add_reader(self._fd, callback)
         self._reading = True
 
     def _read_on(self) -> None:
         """The reader callback on a loop whose readiness ends at a socket error: read, and
-        until a read finds nothing (EAGAIN), read again on the loop's next turn."""
+        if the read stopped before EAGAIN on a socket with an error or hung up, read again
+        on the loop's next turn. Only then: while the poll handle lives, the loop calls us
+        again anyway, and a turn of our own each time would split the reads (a third of
+        the throughput at 64 KiB messages, measured with udskit bench)."""
         if not self._reading:
             return  # closed, or paused (read-ahead) since this turn was asked for
         self._read_idle = False
         self._reader()
-        if not self._read_idle and self._reading:
+        if not self._read_idle and self._reading and _ended(self._fd):
             loop = self._loop
             if loop is not None and not loop.is_closed():
                 loop.call_soon(self._read_on)
