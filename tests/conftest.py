@@ -86,10 +86,16 @@ def stop_loop_thread(loop: asyncio.AbstractEventLoop, thread: threading.Thread) 
     loop.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of process ``pid``, from /proc/PID/stat: what a process
-    that spins uses up, however busy the machine (a wall-clock bound would time the
-    machine, not the process)."""
+def cpu_used(pid: int, seconds: float) -> float:
+    """User plus system CPU time process ``pid`` uses over the next ``seconds`` (from
+    /proc/PID/stat): what a process that spins uses up, however busy the machine (a
+    wall-clock bound would time the machine, not the process)."""
+    before = _cpu_seconds(pid)
+    time.sleep(seconds)  # the measured window, not a synchronisation
+    return _cpu_seconds(pid) - before
+
+
+def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     # After the command: state is field 3; utime and stime are fields 14 and 15.

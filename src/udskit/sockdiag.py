@@ -80,9 +80,14 @@ class BoundFile:
     dev: int
     ino32: int
 
+    @classmethod
+    def of(cls, info: os.stat_result) -> BoundFile:
+        """The file ``info`` (a stat of it) describes, as sock_diag names files."""
+        return cls(info.st_dev, info.st_ino & 0xFFFFFFFF)
+
     def matches(self, info: os.stat_result) -> bool:
         """True if ``info`` (a stat of some file) describes this very file."""
-        return info.st_dev == self.dev and info.st_ino & 0xFFFFFFFF == self.ino32
+        return BoundFile.of(info) == self
 
 
 def bound_file(sock: socket.socket) -> BoundFile | None:

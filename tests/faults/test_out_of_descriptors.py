@@ -13,7 +13,6 @@ import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import IO
 
@@ -21,7 +20,7 @@ import pytest
 
 import udskit
 
-from ..conftest import READY_TIMEOUT, cpu_seconds
+from ..conftest import READY_TIMEOUT, cpu_used
 
 #: The server program: ``which`` serves argv[2] with an echo handler; once it is set up,
 #: its descriptor limit leaves room for argv[3] more; SIGTERM stops it. Logs to stderr.
@@ -115,9 +114,7 @@ def test_out_of_descriptors_is_said_once_and_recovers(sockdir: Path, which: str)
             assert first.startswith("WARNING ")
             assert "accept failed (Too many open files)" in first
             assert "ulimit -n" in first
-            before = cpu_seconds(proc.pid)
-            time.sleep(WINDOW)  # the measured window, not a synchronisation
-            used = cpu_seconds(proc.pid) - before
+            used = cpu_used(proc.pid, WINDOW)
             assert used < CPU_ALLOWED, f"the server used {used:.2f} s of CPU in {WINDOW} s"
             # Out of descriptors, it still serves the clients it has.
             assert _round_trip(clients[0], b"held") == b"held"

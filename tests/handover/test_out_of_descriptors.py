@@ -17,7 +17,7 @@ from pathlib import Path
 
 import udskit
 
-from ..conftest import cpu_seconds
+from ..conftest import cpu_used
 from .harness import PATIENCE, control_path
 
 #: The server program: a MessageServer with handover on argv[1], answering "PID:message";
@@ -98,9 +98,7 @@ def test_a_handover_request_out_of_descriptors_waits_without_spinning(sockdir: P
             # A successor's request, queued on the control socket the server cannot accept.
             with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as request:
                 request.connect(os.fspath(control_path(path)))  # queued, not accepted
-                before = cpu_seconds(old.pid)
-                time.sleep(WINDOW)  # the measured window, not a synchronisation
-                used = cpu_seconds(old.pid) - before
+                used = cpu_used(old.pid, WINDOW)
             assert used < CPU_ALLOWED, f"the server used {used:.2f} s of CPU in {WINDOW} s"
             refused = [line for line in _lines(old_log.fileno()) if "handover socket" in line]
             assert len(refused) <= 1, f"{len(refused)} lines: {refused[:3]}"

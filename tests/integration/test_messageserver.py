@@ -32,7 +32,7 @@ from udskit import Connection, ConnectionClosed, MessageServer, Policy
 from udskit.channel import RECV_CHUNK
 from udskit.messageserver import WORKER_BACKLOG
 
-from ..conftest import READY_TIMEOUT, cpu_seconds, open_fds, wait_connectable
+from ..conftest import READY_TIMEOUT, cpu_used, open_fds, wait_connectable
 from .children import NOBODY, needs_root, run_in_child
 
 #: Upper bound of every wait in this file: generous, since CI machines stall.
@@ -1082,9 +1082,7 @@ def test_out_of_descriptors_backs_off_without_spinning(path: Path) -> None:
             line = _read_line(proc.stderr)
             assert "accept failed" in line
             assert "retrying, first in" in line
-            before = cpu_seconds(proc.pid)
-            time.sleep(CPU_WINDOW)  # the measured window, not a synchronisation
-            used = cpu_seconds(proc.pid) - before
+            used = cpu_used(proc.pid, CPU_WINDOW)
             assert used < CPU_ALLOWED, f"the server used {used:.2f} s of CPU in {CPU_WINDOW} s"
             # Descriptors come back as clients leave: the waiting ones are served in turn.
             for client in clients[:ROOM]:
@@ -1168,7 +1166,7 @@ def _load(path: Path, kind: str, busy: threading.Event) -> None:
 # -- regressions ------------------------------------------------------------------------------
 
 
-def _threadcpu_seconds(native_id: int) -> float:
+def _threadcpu_used(native_id: int) -> float:
     """User plus system CPU time of one of this process's threads, from /proc."""
     with open(f"/proc/self/task/{native_id}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
@@ -1195,9 +1193,9 @@ def test_a_client_gone_while_its_handler_works_costs_no_cpu(path: Path, kind: st
             # The client is gone (a full close: the server's socket now reports EPOLLHUP).
             native_id = running.thread.native_id
             assert native_id is not None
-            before = _threadcpu_seconds(native_id)
+            before = _threadcpu_used(native_id)
             time.sleep(CPU_WINDOW)  # the measured window, not a synchronisation
-            used = _threadcpu_seconds(native_id) - before
+            used = _threadcpu_used(native_id) - before
             assert used < CPU_ALLOWED, f"the loop used {used:.2f} s of CPU in {CPU_WINDOW} s"
         finally:
             release.set()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..handover import CONTROL_SUFFIX
-from ..sockdiag import UnixSocket, unix_sockets
+from ..sockdiag import BoundFile, UnixSocket, unix_sockets
 from ..sockfile import PRIVATE_PREFIX
 from .probe import SocketTypeName
 from .tapped import tapped_note
@@ -106,14 +106,14 @@ def list_sockets(
 def _listening_at(found: list[UnixSocket]) -> Callable[[bytes], bool]:
     """Whether a socket of ``found`` listens on the file at a path: by the file's device
     and inode, which sock_diag gives for each socket, so without connecting to it."""
-    files = {(s.file.dev, s.file.ino32) for s in found if s.listening and s.file is not None}
+    files = {s.file for s in found if s.listening and s.file is not None}
 
     def listening_at(path: bytes) -> bool:
         try:
             info = os.lstat(path)
         except OSError:
             return False
-        return (info.st_dev, info.st_ino & 0xFFFFFFFF) in files
+        return BoundFile.of(info) in files
 
     return listening_at
 
