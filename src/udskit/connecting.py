@@ -136,7 +136,8 @@ def _connect_waiting(
     sleeps until the server accepts (a burst of clients, a server at max_clients). So the
     connect is made blocking, bounded by SO_SNDTIMEO, which is the kernel's bound for
     exactly that sleep (net/unix/af_unix.c, unix_stream_connect: unix_wait_for_peer); it
-    fails with EAGAIN once that has passed. A datagram connect never waits on a backlog.
+    fails with EAGAIN once that has passed, which can be up to a clock tick before the
+    deadline, so the deadline alone decides. A datagram connect never waits on a backlog.
 
     A signal whose handler returns ends that sleep with EINTR, and CPython then takes the
     connect for one in progress: it polls the socket, which an unconnected Unix socket
@@ -159,8 +160,8 @@ def _connect_waiting(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(left))
             try:
                 sock.connect(where)
-            except BlockingIOError as exc:
-                raise _backlog_timeout(target, timeout) from exc
+            except BlockingIOError:
+                continue  # the kernel counts in jiffies and may end a tick early: look again
             finally:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0))
                 sock.settimeout(timeout)

@@ -4,6 +4,7 @@ clients wait; it does not refuse them."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -15,7 +16,8 @@ from pathlib import Path
 import pytest
 
 import udskit
-from udskit import Timeout
+from udskit import Timeout, connecting
+from udskit.address import Address
 
 from ..conftest import READY_TIMEOUT
 
@@ -103,6 +105,32 @@ def test_a_backlog_that_stays_full_is_a_timeout(
     with pytest.raises(Timeout, match=r"backlog stayed full for 0\.2 s"):
         udskit.connect(path, type=kind, timeout=0.2)
     assert time.monotonic() - started >= 0.2  # it waited, not refused at once
+
+
+class _EndsEarly(socket.socket):
+    """A socket whose first connect fails with EAGAIN at once, as the kernel's wait does
+    when it ends a clock tick before the deadline (it counts SO_SNDTIMEO in jiffies)."""
+
+    early = True
+
+    def connect(self, address: object) -> None:
+        if self.early:
+            self.early = False
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        super().connect(address)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("full", ["stream"], indirect=True)
+def test_a_wait_the_kernel_ends_early_goes_on_to_the_deadline(
+    full: tuple[Path, socket.socket], no_fd_leak: None
+) -> None:
+    path, _ = full
+    started = time.monotonic()
+    with _EndsEarly(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        with pytest.raises(Timeout, match=r"backlog stayed full for 0\.2 s"):
+            connecting._connect_waiting(sock, os.fspath(path), 0.2, Address.parse(path))
+    assert time.monotonic() - started >= 0.2
 
 
 @pytest.mark.parametrize("full", ["stream"], indirect=True)
