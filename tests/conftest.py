@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
+import resource
 import shutil
 import socket
 import tempfile
@@ -47,6 +50,27 @@ def wait_connectable(path: str | os.PathLike[str], kind: int = socket.SOCK_STREA
 def open_fds() -> set[int]:
     """This process's open descriptors."""
     return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+@contextlib.contextmanager
+def no_descriptor_left() -> Iterator[None]:
+    """This process at its open-file limit (restored after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(open_fds()) + 1, hard))
+    fillers = []
+    try:
+        while True:  # bounded: by the limit just set
+            try:
+                fillers.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as exc:
+                if exc.errno != errno.EMFILE:
+                    raise
+                break
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.fixture

@@ -38,6 +38,8 @@ import os
 import time
 from typing import Final
 
+from .translate import RESOURCE_ADVICE
+
 __all__ = [
     "ACCEPT_BACKOFF",
     "ACCEPT_BACKOFF_MAX",
@@ -74,7 +76,7 @@ RETRY_ERRNOS: Final = (
     frozenset({errno.EINTR, errno.EAGAIN, errno.ECONNABORTED}) | _TCP_PENDING_ERRNOS
 )
 #: accept(2) errors that mean "out of resources": back off before accepting again.
-RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+RESOURCE_ERRNOS: Final = frozenset(RESOURCE_ADVICE)
 
 
 class AcceptVerdict(enum.Enum):
@@ -95,17 +97,6 @@ def classify(exc: OSError) -> AcceptVerdict:
     if exc.errno in RESOURCE_ERRNOS:
         return AcceptVerdict.BACK_OFF
     return AcceptVerdict.FATAL
-
-
-#: What a BACK_OFF errno means for the server, and what to do about it.
-_ADVICE: Final = {
-    errno.EMFILE: "this process has no descriptor left (raise its open-file limit: ulimit -n, "
-    "or LimitNOFILE= under systemd)",
-    errno.ENFILE: "the system has no descriptor left (raise fs.file-max, or end other "
-    "processes' files)",
-    errno.ENOBUFS: "the kernel is out of memory for sockets",
-    errno.ENOMEM: "the kernel is out of memory for sockets",
-}
 
 
 class Backoff:
@@ -149,7 +140,7 @@ class Backoff:
                 "ones wait in the backlog; retrying, first in %.2f s",
                 address,
                 reason,
-                _ADVICE.get(exc.errno or 0, "out of resources"),
+                RESOURCE_ADVICE.get(exc.errno or 0, "out of resources"),
                 pause,
             )
         else:

@@ -57,7 +57,17 @@ from .errors import (
     UdsError,
 )
 
-__all__ = ["explain_connect", "translating", "unreachable_directory"]
+__all__ = ["RESOURCE_ADVICE", "explain_connect", "translating", "unreachable_directory"]
+
+#: What running out of a resource means, and what to do about it.
+RESOURCE_ADVICE: Final = {
+    errno.EMFILE: "this process has no descriptor left (raise its open-file limit: ulimit -n, "
+    "or LimitNOFILE= under systemd)",
+    errno.ENFILE: "the system has no descriptor left (raise fs.file-max, or end other "
+    "processes' files)",
+    errno.ENOBUFS: "the kernel is out of memory for sockets",
+    errno.ENOMEM: "the kernel is out of memory for sockets",
+}
 
 _CLOSED_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN})
 
@@ -149,6 +159,8 @@ def translate(
         )
     if code == errno.ENAMETOOLONG:
         return AddressError(f"{op}{where}: a path component is longer than NAME_MAX (255)")
+    if code in RESOURCE_ADVICE:
+        return _generic(exc, f"{op}{where} failed: {RESOURCE_ADVICE[code]}")
     return _generic(exc, f"{op}{where} failed: {reason}")
 
 

@@ -19,7 +19,7 @@ import udskit
 import udskit.aio
 from udskit import ConnectionClosed, FrameTooLarge, Policy, ProtocolError, Timeout
 
-from ..conftest import open_fds
+from ..conftest import no_descriptor_left, open_fds
 from ..integration.children import NOBODY, Talker, needs_root
 from .helpers import idle_turns, turns_until
 
@@ -430,3 +430,61 @@ def test_policy_with_a_real_second_uid(
         assert f"uid={NOBODY} gid={NOBODY} (allowed: uid 0)" in caplog.text
 
     arun(main())
+
+
+def test_send_fds_out_of_descriptors_to_queue_them_says_so_and_sends_nothing(
+    arun: Run, no_fd_leak: None
+) -> None:
+    """A send_fds() the kernel cannot take at once queues the message with duplicates of
+    its descriptors; with none left to duplicate into, it fails in udskit's words, naming
+    the limit, and nothing of the message goes (the next message arrives whole)."""
+
+    async def main() -> None:
+        raw, channel = _raw_pair()
+        raw.setblocking(False)
+        filler = b"x" * 4096
+        try:
+            sock = socket.socket(fileno=os.dup(channel.fileno()))
+            with sock:
+                sock.setblocking(False)
+                while True:  # bounded: by the socket's buffers
+                    try:
+                        sock.send(struct.pack(">I", len(filler)) + filler)
+                    except BlockingIOError:
+                        break
+            r, w = os.pipe()
+            try:
+                with no_descriptor_left(), pytest.raises(udskit.UdsError) as caught:
+                    await channel.send_fds(b"with a pipe", [r])
+            finally:
+                os.close(r)
+                os.close(w)
+            text = str(caught.value)
+            assert "open-file limit" in text, text
+            assert "\n" not in text
+            assert not isinstance(caught.value, ConnectionClosed)
+            sending = asyncio.ensure_future(channel.send(b"after"))
+            received = []
+            while len(received) < 2 or received[-1] != b"after":  # bounded: by what was sent
+                header = await asyncio.wait_for(_recv_exactly(raw, 4), 5)
+                received.append(
+                    await asyncio.wait_for(_recv_exactly(raw, *struct.unpack(">I", header)), 5)
+                )
+                assert len(received) < 10_000, "more messages than were sent"
+            await sending
+            assert set(received[:-1]) == {filler}
+        finally:
+            channel.close()
+            raw.close()
+
+    arun(main())
+
+
+async def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = b""
+    while len(data) < size:
+        chunk = await loop.sock_recv(sock, size - len(data))
+        assert chunk, "end of stream"
+        data += chunk
+    return data

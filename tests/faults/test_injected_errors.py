@@ -9,16 +9,14 @@ no descriptor is leaked; an error says what happened.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
-import resource
 import socket
 import struct
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ import udskit
 from udskit import MessageServer, ProtocolError
 from udskit.channel import DIRECT_READ_MIN, RECV_CHUNK
 
-from ..conftest import open_fds
+from ..conftest import no_descriptor_left, open_fds
 from .scripted import ServingInThread
 
 #: Upper bound of every wait here.
@@ -192,27 +190,6 @@ def test_a_send_failing_mid_reply_closes_that_client_alone(
     assert not open_fds() - before, "descriptors leaked"
     for record in caplog.records:
         assert "\n" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def no_descriptor_left() -> Iterator[None]:
-    """This process at its open-file limit (restored after)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(open_fds()) + 1, hard))
-    fillers = []
-    try:
-        while True:
-            try:
-                fillers.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
-            except OSError as exc:
-                if exc.errno != errno.EMFILE:
-                    raise
-                break
-        yield
-    finally:
-        for fd in fillers:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_descriptors_refused_for_want_of_room_blame_the_limit_not_the_peer(

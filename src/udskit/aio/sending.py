@@ -266,18 +266,18 @@ class Sending:
             views = [memoryview(p).cast("B") for p in parts if len(p)]
         self._in_write = True
         try:
-            if self._out:
-                self._queue(views, fds)  # behind what is queued, to keep the order
-                return
-            if len(views) == 1 and not ancillary:
-                sent = self._sock.send(views[0], SEND_FLAGS)
-            else:
-                sent = self._sock.sendmsg(views[:IOV_MAX], ancillary, SEND_FLAGS)
+            sent = 0
+            if not self._out:  # else behind what is queued, to keep the order
+                try:
+                    if len(views) == 1 and not ancillary:
+                        sent = self._sock.send(views[0], SEND_FLAGS)
+                    else:
+                        sent = self._sock.sendmsg(views[:IOV_MAX], ancillary, SEND_FLAGS)
+                except (BlockingIOError, InterruptedError):
+                    pass  # all of it queued
             if sent:
                 fds = ()  # the descriptors went with the first byte
-            self._queue(advance(views, sent), fds)
-        except (BlockingIOError, InterruptedError):
-            self._queue(views, fds)
+            self._queue(advance(views, sent), fds)  # EMFILE duplicating: nothing went
         except OSError as exc:
             raise translate(exc, "send", self._remote) from exc
         except BaseException:
