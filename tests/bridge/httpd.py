@@ -231,6 +231,15 @@ def head_of(size: int) -> Callable[[socket.socket, threading.Event], None]:
     return answer
 
 
+def informational_forever(conn: socket.socket, stopping: threading.Event) -> None:
+    """Answer with 102 Processing heads and never a final response, as fast as the client
+    reads them (bounded: by the client, which gives up)."""
+    read_request_head(conn)
+    head = b"HTTP/1.1 102 Processing\r\nX-Pad: " + b"p" * 1000 + b"\r\n\r\n"
+    while not stopping.is_set():
+        conn.sendall(head * 16)
+
+
 def cut_short(conn: socket.socket, stopping: threading.Event) -> None:
     """Announce 1000 bytes of body, send 10, close: a crash, or a relay that cut the line."""
     http, _ = read_request_head(conn)

@@ -20,6 +20,7 @@ import pytest
 import udskit
 from udskit import http
 from udskit.http.body import BODY_CHUNK
+from udskit.http.exchange import MAX_INFORMATIONAL
 
 from ..conftest import READY_TIMEOUT
 from .cli import run_udskit, udskit_command
@@ -29,6 +30,7 @@ from .httpd import (
     echo_as_it_arrives,
     first_read,
     head_of,
+    informational_forever,
     read_and_summarise,
     scripted_server,
     trickle,
@@ -131,6 +133,22 @@ def test_a_response_head_too_large_says_so(sockdir: Path, size: int) -> None:
     assert "does not answer in HTTP/1.1" not in str(caught.value)
     assert shown.returncode == 1
     assert b"is larger than 16384 bytes" in shown.stderr
+
+
+def test_endless_informational_responses_are_refused(sockdir: Path) -> None:
+    """A server that answers 102 Processing for ever, each in time, is given up on after a
+    bounded number of bytes, with no max_time needed."""
+    with scripted_server(str(sockdir / "busy.sock"), informational_forever) as busy:
+        with pytest.raises(udskit.ProtocolError) as caught:
+            http.request(busy, "/")
+        shown = run_udskit("http", str(busy), "/")
+    assert str(caught.value) == (
+        f"{busy} sent more than {MAX_INFORMATIONAL} bytes of informational (1xx) responses "
+        "and no final one: it is not answering the request"
+    )
+    assert shown.returncode == 1
+    assert shown.stderr.decode().count("\n") == 1
+    assert b"informational (1xx) responses" in shown.stderr
 
 
 def test_a_response_cut_short_says_so(sockdir: Path) -> None:

@@ -40,6 +40,13 @@ DEFAULT_HOST: Final = "localhost"
 
 USER_AGENT: Final = f"udskit/{udskit.__version__}"
 
+#: Bytes of informational (1xx) heads one request takes before its final response. A server
+#: may send a few (100 Continue, 103 Early Hints) or, during a long request, a 102 Processing
+#: now and then; one that sends them without end would hold the client for ever, each read
+#: succeeding in time. 64 heads of the largest size accepted: days of 102s, a moment of a
+#: flood. Counted as bytes, not heads, so that a patient server is never cut off early.
+MAX_INFORMATIONAL: Final = 64 * MAX_RESPONSE_HEAD
+
 HeaderList = Iterable[tuple[str, str]]
 
 
@@ -122,10 +129,19 @@ class Exchange:
         self.close()
 
     def _read_head(self) -> ResponseHead:
+        informational = 0
         while True:
             event = self._duplex.next_event()
             if isinstance(event, h11.InformationalResponse):
-                continue  # 100 Continue and friends: the real response follows
+                # 100 Continue and friends: the real response follows, within a bound
+                informational += _head_size(event)
+                if informational > MAX_INFORMATIONAL:
+                    raise ProtocolError(
+                        f"{self._address} sent more than {MAX_INFORMATIONAL} bytes of "
+                        "informational (1xx) responses and no final one: it is not "
+                        "answering the request"
+                    )
+                continue
             if isinstance(event, h11.Response):
                 return ResponseHead(
                     status=event.status_code,
@@ -137,6 +153,12 @@ class Exchange:
                     ),
                 )
             raise ProtocolError(f"{self._address} closed the connection without an HTTP response")
+
+
+def _head_size(event: h11.InformationalResponse) -> int:
+    """The bytes of a response head as sent: status line, headers, blank line."""
+    line = len(b"HTTP/1.1 100 \r\n") + len(event.reason)
+    return line + sum(len(name) + len(value) + 4 for name, value in event.headers) + 2
 
 
 def open_exchange(
