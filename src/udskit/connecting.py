@@ -148,6 +148,7 @@ def _connect_waiting(
         sock.connect(where)
         return
     deadline = None if timeout is None else time.monotonic() + timeout
+    full: BlockingIOError | None = None  # the kernel's last word on the backlog
     while True:
         if deadline is None:
             sock.connect(where)
@@ -155,13 +156,14 @@ def _connect_waiting(
             assert timeout is not None  # the deadline's
             left = deadline - time.monotonic()
             if left <= 0:
-                raise _backlog_timeout(target, timeout)
+                raise _backlog_timeout(target, timeout) from full
             sock.settimeout(None)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(left))
             try:
                 sock.connect(where)
-            except BlockingIOError:
-                continue  # the kernel counts in jiffies and may end a tick early: look again
+            except BlockingIOError as exc:
+                full = exc  # the kernel counts in clock ticks, may end one early: look again
+                continue
             finally:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0))
                 sock.settimeout(timeout)
