@@ -95,6 +95,34 @@ def as_nobody(func: Callable[[], str]) -> str:
     return run_in_child(func, as_user=NOBODY)
 
 
+#: Files nobody makes to be given a freed inode number: ext4 hands out the lowest free
+#: number of the directory's group, so the one just freed comes within a few.
+_INODE_TRIES = 64
+
+
+def take_inode(path: Path, number: int) -> Callable[[], str]:
+    """nobody's move: make files beside ``path`` until one gets inode ``number``, and put
+    that one at ``path`` (the others are removed); "taken", or "missed" if none did."""
+
+    def move() -> str:
+        made = []
+        try:
+            for i in range(_INODE_TRIES):
+                name = path.with_name(f"nobody-{i}")
+                name.write_bytes(b"nobody's data")
+                made.append(name)
+                if os.lstat(name).st_ino == number:
+                    name.rename(path)
+                    made.pop()
+                    return "taken"
+            return "missed"
+        finally:
+            for name in made:
+                name.unlink()
+
+    return move
+
+
 @pytest.fixture
 def swap_after_check(monkeypatch: pytest.MonkeyPatch) -> Moves:
     """Moves to make right after udskit's last look at the socket's name before it removes

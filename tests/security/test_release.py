@@ -15,7 +15,7 @@ import udskit
 
 from ..integration.children import NOBODY, needs_root
 from ..integration.injected import Moves
-from .conftest import Arena, as_nobody
+from .conftest import Arena, as_nobody, take_inode
 
 pytestmark = [pytest.mark.root, needs_root, pytest.mark.usefixtures("no_fd_leak")]
 
@@ -72,34 +72,6 @@ def test_in_a_sticky_directory_nobody_cannot_touch_roots_socket(
     assert not sticky_arena.path.exists()
 
 
-#: Files nobody makes to be given a freed inode number: ext4 hands out the lowest free
-#: number of the directory's group, so the one just freed comes within a few.
-_INODE_TRIES = 64
-
-
-def _take_inode(path: Path, number: int) -> Callable[[], str]:
-    """nobody's move: make files beside ``path`` until one gets inode ``number``, and put
-    that one at ``path`` (the others are removed); "taken", or "missed" if none did."""
-
-    def move() -> str:
-        made = []
-        try:
-            for i in range(_INODE_TRIES):
-                name = path.with_name(f"nobody-{i}")
-                name.write_bytes(b"nobody's data")
-                made.append(name)
-                if os.lstat(name).st_ino == number:
-                    name.rename(path)
-                    made.pop()
-                    return "taken"
-            return "missed"
-        finally:
-            for name in made:
-                name.unlink()
-
-    return move
-
-
 def test_a_client_releasing_its_path_after_closing_leaves_a_file_nobody_made(
     open_arena: Arena, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -117,7 +89,7 @@ def test_a_client_releasing_its_path_after_closing_leaves_a_file_nobody_made(
 
         def release(claim: udskit.sockfile.Claim) -> None:
             if claim.address.raw == bytes(path):  # the client's (its socket is closed)
-                reports.append(as_nobody(_take_inode(path, number)))
+                reports.append(as_nobody(take_inode(path, number)))
             real_release(claim)
 
         monkeypatch.setattr(udskit.sockfile.Claim, "release", release)

@@ -18,7 +18,7 @@ from udskit.tap import interpose as interpose_module
 from udskit.tap.interpose import interpose, restore_displaced
 
 from ..integration.children import NOBODY, needs_root
-from .conftest import Arena, as_nobody
+from .conftest import Arena, as_nobody, take_inode
 
 pytestmark = [pytest.mark.root, needs_root, pytest.mark.usefixtures("no_fd_leak")]
 
@@ -114,3 +114,71 @@ def test_another_users_socket_at_the_tapped_name_is_not_restored_over_roots(
     )
     assert os.lstat(path).st_ino == inode
     assert os.lstat(aside).st_uid == NOBODY
+
+
+def test_restore_removes_the_dead_relays_socket_not_a_file_that_took_its_inode(
+    open_arena: Arena, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After root looked at the dead relay's stale socket at the path, nobody removes it
+    and makes files until one gets its freed inode number, at the path: the restore moves
+    that file to the tapped name and must not remove it as the relay's."""
+    path = open_arena.path
+    aside = path.with_name(".app.sock.udskit-tapped")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead_relay:
+        dead_relay.bind(os.fspath(path))
+    number = os.lstat(path).st_ino
+    reports: list[str] = []
+    real_swap_back = interpose_module._swap_back
+
+    def swap_back(*args: object) -> None:
+        def take() -> str:
+            os.unlink(path)
+            return take_inode(path, number)()
+
+        reports.append(as_nobody(take))
+        real_swap_back(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(interpose_module, "_swap_back", swap_back)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(os.fspath(aside))  # where the killed tap left the server's socket
+        server.listen(1)
+        inode = os.lstat(aside).st_ino
+        assert restore_displaced(path) == f"restored {path}: its server answers there again"
+    assert os.lstat(path).st_ino == inode
+    assert reports in (["taken"], ["missed"])
+    if reports == ["taken"]:
+        assert aside.read_bytes() == b"nobody's data"
+
+
+def test_restore_says_so_when_the_servers_socket_is_moved_away_meanwhile(
+    open_arena: Arena, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = open_arena.path
+    aside = path.with_name(".app.sock.udskit-tapped")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead_relay:
+        dead_relay.bind(os.fspath(path))
+    number = os.lstat(path).st_ino
+    real_swap_back = interpose_module._swap_back
+
+    def swap_back(*args: object) -> None:
+        def take() -> str:
+            os.rename(aside, path.with_name("taken.sock"))
+            return "taken"
+
+        assert as_nobody(take) == "taken"
+        real_swap_back(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(interpose_module, "_swap_back", swap_back)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(os.fspath(aside))
+        server.listen(1)
+        inode = os.lstat(aside).st_ino
+        with pytest.raises(SocketFileError) as refused:
+            restore_displaced(path)
+    assert str(refused.value) == (
+        f"cannot restore {path}: its server's socket was moved away from {aside} while we "
+        f"restored it; nothing was moved: find it or restart its server (another user can "
+        f"write to {open_arena.directory})"
+    )
+    assert os.lstat(path).st_ino == number
+    assert os.lstat(path.with_name("taken.sock")).st_ino == inode
