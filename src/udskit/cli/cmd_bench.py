@@ -180,7 +180,9 @@ def _write_json(path: str, document: dict[str, object]) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             json.dump(document, out, indent=2)
             out.write("\n")
-        os.chmod(partial, 0o644)
+            # Through the descriptor: in a directory others may write, the name may be a
+            # symlink by now, and chmod by name would make its target world-readable.
+            os.fchmod(out.fileno(), 0o644)
         os.replace(partial, path)
     except BaseException:
         os.unlink(partial)
