@@ -20,8 +20,16 @@ from pathlib import Path
 import pytest
 
 from ..integration import injected
-from ..integration.children import NOBODY, run_in_child
+from ..integration.children import NOBODY, fork, reap, run_in_child
 from ..integration.injected import Moves, after_look_at
+
+#: Rounds of the real (not injected) races: each is one claim and release by root while
+#: nobody keeps attacking; the injected tests hit the window every time, these add the
+#: timing a real attacker would get.
+RACE_ROUNDS = 150
+
+#: Upper bound on nobody's moves in one real race (it stops when told, long before).
+MAX_MOVES = 2_000_000
 
 #: The shared directories nobody attacks in, by name: their mode and group.
 ARENAS = {
@@ -121,6 +129,28 @@ def take_inode(path: Path, number: int) -> Callable[[], str]:
                 name.unlink()
 
     return move
+
+
+class Attacker:
+    """nobody running ``attack(stop_fd)`` in a child until the context ends."""
+
+    def __init__(self, attack: Callable[[int], int]) -> None:
+        self._attack = attack
+
+    def __enter__(self) -> Attacker:
+        stop_r, self._stop_w = os.pipe()
+
+        def child() -> int:
+            os.close(self._stop_w)  # so that the parent's close is the child's EOF
+            return self._attack(stop_r)
+
+        self.pid = fork(child, as_user=NOBODY)
+        os.close(stop_r)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        os.close(self._stop_w)
+        assert reap(self.pid) == 0
 
 
 @pytest.fixture

@@ -18,19 +18,11 @@ from udskit import SocketFileError, UdsError
 from udskit import sockfile as sockfile_module
 
 from ..integration import injected
-from ..integration.children import NOBODY, fork, needs_root, reap
+from ..integration.children import NOBODY, needs_root
 from ..integration.injected import Moves, after_probe
-from .conftest import Arena, as_nobody
+from .conftest import MAX_MOVES, RACE_ROUNDS, Arena, Attacker, as_nobody
 
 pytestmark = [pytest.mark.root, needs_root, pytest.mark.usefixtures("no_fd_leak")]
-
-#: Rounds of the real (not injected) races: each is one claim and release by root while
-#: nobody keeps attacking; the injected tests hit the window every time, these add the
-#: timing a real attacker would get.
-RACE_ROUNDS = 150
-
-#: Upper bound on nobody's moves in one real race (it stops when told, long before).
-MAX_MOVES = 2_000_000
 
 
 def _plant_symlink(path: Path, target: Path) -> Callable[[], str]:
@@ -113,35 +105,13 @@ def test_symlink_race_on_the_datagram_path(open_arena: Arena) -> None:
                 pass
         return 0
 
-    with _Attacker(attack):
+    with Attacker(attack):
         for _ in range(RACE_ROUNDS):
             try:
                 udskit.listen(path, type="dgram", mode=0o666, group=NOBODY).close()
             except UdsError:
                 pass
     open_arena.secret_untouched()
-
-
-class _Attacker:
-    """nobody running ``attack(stop_fd)`` in a child until the context ends."""
-
-    def __init__(self, attack: Callable[[int], int]) -> None:
-        self._attack = attack
-
-    def __enter__(self) -> _Attacker:
-        stop_r, self._stop_w = os.pipe()
-
-        def child() -> int:
-            os.close(self._stop_w)  # so that the parent's close is the child's EOF
-            return self._attack(stop_r)
-
-        self.pid = fork(child, as_user=NOBODY)
-        os.close(stop_r)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        os.close(self._stop_w)
-        assert reap(self.pid) == 0
 
 
 # -- item: the stale socket ---------------------------------------------------------------------
@@ -217,7 +187,7 @@ def test_stale_socket_race(open_arena: Arena) -> None:
                     found.add(candidate.read_bytes())
                     candidate.unlink()
 
-    with _Attacker(attack):
+    with Attacker(attack):
         for _ in range(RACE_ROUNDS):
             collect()
             try:

@@ -5,12 +5,13 @@ put at the tapped name after root looked at it."""
 from __future__ import annotations
 
 import os
+import select
 import socket
 
 import pytest
 
 import udskit
-from udskit import SocketFileError
+from udskit import SocketFileError, UdsError
 from udskit.address import Address
 from udskit.inspect.tapped import tapped_finding, tapped_note
 from udskit.sockfile import Probe, probe
@@ -18,7 +19,7 @@ from udskit.tap import interpose as interpose_module
 from udskit.tap.interpose import interpose, restore_displaced
 
 from ..integration.children import NOBODY, needs_root
-from .conftest import Arena, as_nobody, take_inode
+from .conftest import MAX_MOVES, Arena, Attacker, as_nobody, take_inode
 
 pytestmark = [pytest.mark.root, needs_root, pytest.mark.usefixtures("no_fd_leak")]
 
@@ -182,3 +183,72 @@ def test_restore_says_so_when_the_servers_socket_is_moved_away_meanwhile(
     )
     assert os.lstat(path).st_ino == number
     assert os.lstat(path.with_name("taken.sock")).st_ino == inode
+
+
+def test_a_socket_moved_away_while_the_tap_puts_its_relay_in_place(
+    open_arena: Arena, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nobody moves root's server's socket away right before the tap's exchange: the tap
+    says so in one line and leaves nothing behind (no relay, no tapped name)."""
+    path = open_arena.path
+    real_exchange = interpose_module._exchange
+    moves = [lambda: as_nobody(lambda: (os.rename(path, path.with_name("taken.sock")), "")[1])]
+
+    def exchange(*args: object) -> None:
+        while moves:
+            moves.pop()()
+        real_exchange(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(interpose_module, "_exchange", exchange)
+    with udskit.listen(path):
+        inode = os.lstat(path).st_ino
+        with pytest.raises(SocketFileError) as refused:
+            interpose(Address.parse(path), None)
+        assert str(refused.value) == (
+            f"cannot tap {path}: it was replaced while we tapped it; nothing was changed, try again"
+        )
+        assert sorted(os.listdir(open_arena.directory)) == ["taken.sock"]
+        assert os.lstat(path.with_name("taken.sock")).st_ino == inode
+
+
+#: Rounds of the real race against a tap: each is one tap and restore by root.
+TAP_RACE_ROUNDS = 100
+
+
+def test_tap_race(open_arena: Arena) -> None:
+    """For real: nobody keeps moving the path and the tapped name away, planting a symlink
+    to root's secret at each and putting the file back, while root taps and restores over
+    and over. Each round either works or fails with a udskit error, and the secret is
+    never touched."""
+    path = open_arena.path
+    aside = path.with_name(".app.sock.udskit-tapped")
+
+    def attack(stop: int) -> int:
+        taken = open_arena.directory / "taken"
+        for _ in range(MAX_MOVES):
+            if select.select([stop], [], [], 0)[0]:
+                break
+            for victim in (path, aside):
+                try:
+                    os.rename(victim, taken)
+                    os.symlink(open_arena.secret, victim)
+                    os.unlink(victim)
+                    os.rename(taken, victim)  # put it back for the next round
+                except OSError:
+                    pass
+        return 0
+
+    with udskit.listen(path), Attacker(attack):
+        for _ in range(TAP_RACE_ROUNDS):
+            try:
+                tapped = interpose(Address.parse(path), None)
+            except UdsError:
+                continue
+            try:
+                tapped.restore()
+            finally:
+                tapped.relay.close()
+                tapped.close()
+            open_arena.secret_untouched()
+            assert os.stat(open_arena.secret).st_nlink == 1
+    open_arena.secret_untouched()

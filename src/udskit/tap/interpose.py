@@ -409,6 +409,8 @@ def _put_in_place(
     try:
         _exchange(private.fd, inner, directory.fd, directory.name)
     except OSError as exc:
+        if exc.errno == errno.ENOENT:  # removed or moved away since we looked
+            raise _changed(address) from None
         if exc.errno not in (errno.EINVAL, errno.ENOSYS):
             raise
         # No RENAME_EXCHANGE on this file system: check, then replace.
