@@ -283,6 +283,8 @@ class _Lock:
             except FileNotFoundError:
                 continue  # removed since: create it
             except OSError as exc:
+                if exc.errno == errno.ENXIO:  # what open() says of a socket file
+                    raise self._not_a_lock_file(stat.S_IFSOCK) from exc
                 if exc.errno != errno.EACCES:
                     raise self._cannot(exc) from exc
                 owner = self._directory.lstat(self._name)
@@ -295,13 +297,16 @@ class _Lock:
             kind = os.fstat(fd).st_mode
             if not stat.S_ISREG(kind):
                 os.close(fd)
-                raise SocketFileError(
-                    f"cannot lock {self._shown()}: a {kind_of(kind)} is there, not a lock file; "
-                    "remove it (udskit never deletes what it did not create)",
-                    errno=errno.EEXIST,
-                )
+                raise self._not_a_lock_file(kind)
             return fd, False
         raise Timeout(f"could not lock {self._shown()}: it is replaced faster than we can lock")
+
+    def _not_a_lock_file(self, kind: int) -> SocketFileError:
+        return SocketFileError(
+            f"cannot lock {self._shown()}: a {kind_of(kind)} is there, not a lock file; "
+            "remove it (udskit never deletes what it did not create)",
+            errno=errno.EEXIST,
+        )
 
     def _cannot(self, exc: OSError) -> SocketFileError:
         if exc.errno == errno.ELOOP:

@@ -225,6 +225,32 @@ def test_a_lock_file_nobody_created_is_never_deleted(arena: Arena, kind: str) ->
     assert (info.st_ino, info.st_uid) == (inode, NOBODY)
 
 
+@pytest.mark.parametrize("kind", ["socket", "FIFO", "directory"])
+def test_something_else_nobody_puts_at_the_lock_path_is_named(arena: Arena, kind: str) -> None:
+    lock = arena.path.with_name("app.sock.lock")
+
+    def prepare() -> str:
+        if kind == "socket":
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.bind(os.fspath(lock))
+        elif kind == "FIFO":
+            os.mkfifo(lock)
+        else:
+            lock.mkdir()
+        return "ready"
+
+    assert as_nobody(prepare) == "ready"
+    inode = os.lstat(lock).st_ino
+    with pytest.raises(SocketFileError) as refused:
+        udskit.listen(arena.path)
+    assert str(refused.value) == (
+        f"cannot lock {lock}: a {kind} is there, not a lock file; remove it (udskit never "
+        "deletes what it did not create)"
+    )
+    info = os.lstat(lock)
+    assert (info.st_ino, info.st_uid) == (inode, NOBODY)
+
+
 def test_a_symlink_nobody_plants_at_the_lock_path_is_never_followed(arena: Arena) -> None:
     lock = arena.path.with_name("app.sock.lock")
     assert as_nobody(lambda: (os.symlink(arena.secret, lock), "ready")[1]) == "ready"
