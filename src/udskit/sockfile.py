@@ -700,15 +700,36 @@ def _bind_in_place(
     through the verified descriptor of the file bind() created (_set_mode_and_owner).
     """
     os.fchmod(sock.fileno(), mode & 0o700 if uid != -1 or gid != -1 else mode)
+    where = directory.sun_path(directory.name, directory.path)
     with translating("bind", address):
-        sock.bind(directory.sun_path(directory.name, directory.path))
+        sock.bind(where)
     try:
         return _set_mode_and_owner(
             sock, directory.fd, directory.name, address, mode, uid, gid, doing
         )
     except BaseException:
         _remove_bound(sock, directory)  # a claim that failed leaves nothing behind
+        if where == directory.path:
+            _remove_stray(sock, where)
         raise
+
+
+def _remove_stray(sock: socket.socket, path: bytes) -> None:
+    """Remove the file ``sock``'s bind() by name created where ``path`` led at that moment,
+    if that was not our directory: another user who may write to a directory on the way
+    can rename ours and put a symlink in its place (which bind follows), and the file our
+    bind made there is ours to remove; only it is (sock_diag: without it, the best stat
+    can say might be another of our sockets, in whatever directory the symlink names)."""
+    if bound_file(sock) is None:
+        return
+    try:
+        stray = _Directory(path)  # where the name leads now, as bind() resolved it
+    except UdsError:
+        return
+    try:
+        _remove_bound(sock, stray)
+    finally:
+        stray.close()
 
 
 def _remove_bound(sock: socket.socket, directory: _Directory) -> None:
@@ -758,9 +779,9 @@ def _set_mode_and_owner(
             raise SocketFileError(
                 f"cannot {doing} {address}: the socket file was moved or replaced while we "
                 f"created it, so its mode and owner were not set and it is not ours to remove: "
-                f"another user can write to {os.fsdecode(os.path.dirname(address.absolute().raw))};"
-                " make that directory writable only by the server's user (or set its sticky "
-                "bit), or choose another path",
+                f"another user can write to {os.fsdecode(os.path.dirname(address.absolute().raw))}"
+                " or a directory on the way to it; make those writable only by the server's "
+                "user (or set their sticky bit), or choose another path",
                 errno=errno.EEXIST,
             )
         via = f"/proc/self/fd/{fd}"

@@ -378,3 +378,32 @@ def test_a_lock_file_root_cannot_read_is_named_with_its_owner(arena: Arena) -> N
         "denied; remove it as its owner, or choose another path"
     )
     assert os.listdir(arena.directory) == ["app.sock.lock"]
+
+
+# -- item: a directory on the way ---------------------------------------------------------------
+
+
+def test_a_directory_on_the_way_swapped_for_a_symlink_leaves_no_file_where_it_led(
+    open_arena: Arena, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A datagram server binds at its path by name (peers answer that name). Right before
+    the bind, nobody renames root's directory in the shared one away and puts a symlink to
+    another of root's directories there: the bind creates root's socket in that directory;
+    the claim fails, and removes that file (sock_diag names it exactly)."""
+    sub = open_arena.directory / "sub"
+    sub.mkdir()
+    elsewhere = open_arena.directory.parent / "elsewhere"
+    elsewhere.mkdir()
+
+    def swap() -> str:
+        sub.rename(open_arena.directory / "old")
+        sub.symlink_to(elsewhere)
+        return "swapped"
+
+    reports: list[str] = []
+    injected.before_bind(monkeypatch).append(lambda: reports.append(as_nobody(swap)))
+    with pytest.raises(SocketFileError, match="or a directory on the way to it"):
+        udskit.listen(sub / "app.sock", type="dgram")
+    assert reports == ["swapped"]
+    assert os.listdir(elsewhere) == []
+    assert os.listdir(open_arena.directory / "old") == []
