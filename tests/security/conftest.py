@@ -31,15 +31,17 @@ RACE_ROUNDS = 150
 #: Upper bound on nobody's moves in one real race (it stops when told, long before).
 MAX_MOVES = 2_000_000
 
-#: The shared directories nobody attacks in, by name: their mode and group.
+#: The shared directories nobody attacks in, by name: their mode, owner and group. In its
+#: own directory (even a sticky one) nobody may rename or remove anything.
 ARENAS = {
-    "sticky": (0o1777, 0),
-    "world-writable": (0o777, 0),
-    "group-writable": (0o770, NOBODY),
+    "sticky": (0o1777, 0, 0),
+    "world-writable": (0o777, 0, 0),
+    "group-writable": (0o770, 0, NOBODY),
+    "nobody's": (0o1755, NOBODY, NOBODY),
 }
 
-#: The arenas without the sticky bit, where nobody may rename or remove root's files.
-OPEN_ARENAS = ["world-writable", "group-writable"]
+#: The arenas where nobody may rename or remove root's files.
+OPEN_ARENAS = ["world-writable", "group-writable", "nobody's"]
 
 
 @dataclass(frozen=True)
@@ -70,12 +72,12 @@ def make_arena(kind: str) -> Iterator[Arena]:
         secret = base / "secret"
         secret.write_bytes(b"root only")
         secret.chmod(0o600)
-        mode, gid = ARENAS[kind]
+        mode, uid, gid = ARENAS[kind]
         directory = base / "shared"
         directory.mkdir()
-        os.chown(directory, 0, gid)
+        os.chown(directory, uid, gid)
         directory.chmod(mode)
-        yield Arena(directory, secret, sticky=bool(mode & stat.S_ISVTX))
+        yield Arena(directory, secret, sticky=bool(mode & stat.S_ISVTX) and uid == 0)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
