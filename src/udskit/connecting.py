@@ -6,6 +6,7 @@ import errno
 import os
 import secrets
 import socket
+import stat
 import struct
 import tempfile
 import time
@@ -245,9 +246,23 @@ def _bind_own(sock: socket.socket, own: Address) -> Claim | None:
 
 
 def _runtime_dir() -> str:
-    """$XDG_RUNTIME_DIR (private to the user, on tmpfs) when usable, else the temp dir."""
+    """$XDG_RUNTIME_DIR (private to the user, on tmpfs) when usable, else the temp dir.
+
+    Usable means ours and closed to others, as the XDG spec requires: after ``su`` (or
+    ``sudo -E``) it is still the user's, who could rename our reply directory in it and put
+    one of theirs in its place, to read the server's replies."""
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
-    if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK | os.X_OK):
+    try:
+        info = os.stat(runtime) if runtime else None
+    except OSError:
+        info = None
+    if (
+        info is not None
+        and stat.S_ISDIR(info.st_mode)
+        and info.st_uid == os.geteuid()
+        and not info.st_mode & 0o022
+        and os.access(runtime, os.W_OK | os.X_OK)
+    ):
         return runtime
     return tempfile.gettempdir()
 

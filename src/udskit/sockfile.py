@@ -283,6 +283,8 @@ class _Lock:
             except FileNotFoundError:
                 continue  # removed since: create it
             except OSError as exc:
+                if exc.errno == errno.ENXIO:  # what open() says of a socket file
+                    raise self._not_a_lock_file(stat.S_IFSOCK) from exc
                 if exc.errno != errno.EACCES:
                     raise self._cannot(exc) from exc
                 owner = self._directory.lstat(self._name)
@@ -295,13 +297,16 @@ class _Lock:
             kind = os.fstat(fd).st_mode
             if not stat.S_ISREG(kind):
                 os.close(fd)
-                raise SocketFileError(
-                    f"cannot lock {self._shown()}: a {kind_of(kind)} is there, not a lock file; "
-                    "remove it (udskit never deletes what it did not create)",
-                    errno=errno.EEXIST,
-                )
+                raise self._not_a_lock_file(kind)
             return fd, False
         raise Timeout(f"could not lock {self._shown()}: it is replaced faster than we can lock")
+
+    def _not_a_lock_file(self, kind: int) -> SocketFileError:
+        return SocketFileError(
+            f"cannot lock {self._shown()}: a {kind_of(kind)} is there, not a lock file; "
+            "remove it (udskit never deletes what it did not create)",
+            errno=errno.EEXIST,
+        )
 
     def _cannot(self, exc: OSError) -> SocketFileError:
         if exc.errno == errno.ELOOP:
@@ -329,15 +334,24 @@ class _Lock:
 
 
 class Claim:
-    """Ownership of a socket file this process created. ``release()`` is idempotent."""
+    """Ownership of a socket file this process created. ``release()`` is idempotent.
 
-    __slots__ = ("_dev_ino", "_directory", "_owner_pid", "address")
+    The claim holds the file open (O_PATH) until it is released or disowned: "same
+    (st_dev, st_ino)" at release proves it is our file only while that inode cannot be
+    freed and its number given to a new file. The socket would keep it, but a client's
+    socket is closed before its claim is released, and another user who may write to the
+    directory can remove the name meanwhile and then make files until one gets the number
+    (ext4 hands out the lowest free one).
+    """
+
+    __slots__ = ("_dev_ino", "_directory", "_held", "_owner_pid", "address")
 
     def __init__(self, address: Address, directory: _Directory, dev_ino: tuple[int, int]) -> None:
         self.address = address
         self._directory: _Directory | None = directory
         self._dev_ino = dev_ino
         self._owner_pid = os.getpid()
+        self._held = _hold(directory, dev_ino)
 
     @property
     def sun_path(self) -> bytes:
@@ -360,6 +374,8 @@ class Claim:
         """
         directory, self._directory = self._directory, None
         if directory is not None:
+            if self._held >= 0:
+                os.close(self._held)
             directory.close()
 
     def release(self) -> None:
@@ -370,6 +386,11 @@ class Claim:
         try:
             if os.getpid() != self._owner_pid:
                 return  # a forked child: the file belongs to the parent
+            if self._held < 0:
+                # Moved or replaced before we could hold it: no later look could prove a
+                # file there ours. A stale socket left behind is reclaimed by the next claim.
+                log.info("%s was moved or replaced; leaving the path as it is", self.address)
+                return
             with _Lock(directory):
                 other = _remove_if(directory, directory.name, self._dev_ino)
                 if other is not None:
@@ -380,7 +401,24 @@ class Claim:
             reason = exc if isinstance(exc, UdsError) else os.strerror(exc.errno or 0).lower()
             log.warning("could not remove socket file %s: %s", self.address, reason)
         finally:
+            if self._held >= 0:
+                os.close(self._held)
             directory.close()
+
+
+def _hold(directory: _Directory, dev_ino: tuple[int, int]) -> int:
+    """An O_PATH descriptor of the file at the socket's name if it is the file ``dev_ino``
+    (checked on the descriptor, so no later swap of the name matters); else -1."""
+    try:
+        fd = os.open(directory.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd)
+    except OSError as exc:
+        log.debug("could not hold %s: %s", os.fsdecode(directory.path), exc)
+        return -1
+    info = os.fstat(fd)
+    if (info.st_dev, info.st_ino) != dev_ino:
+        os.close(fd)
+        return -1
+    return fd
 
 
 def claim(
@@ -662,15 +700,36 @@ def _bind_in_place(
     through the verified descriptor of the file bind() created (_set_mode_and_owner).
     """
     os.fchmod(sock.fileno(), mode & 0o700 if uid != -1 or gid != -1 else mode)
+    where = directory.sun_path(directory.name, directory.path)
     with translating("bind", address):
-        sock.bind(directory.sun_path(directory.name, directory.path))
+        sock.bind(where)
     try:
         return _set_mode_and_owner(
             sock, directory.fd, directory.name, address, mode, uid, gid, doing
         )
     except BaseException:
         _remove_bound(sock, directory)  # a claim that failed leaves nothing behind
+        if where == directory.path:
+            _remove_stray(sock, where)
         raise
+
+
+def _remove_stray(sock: socket.socket, path: bytes) -> None:
+    """Remove the file ``sock``'s bind() by name created where ``path`` led at that moment,
+    if that was not our directory: another user who may write to a directory on the way
+    can rename ours and put a symlink in its place (which bind follows), and the file our
+    bind made there is ours to remove; only it is (sock_diag: without it, the best stat
+    can say might be another of our sockets, in whatever directory the symlink names)."""
+    if bound_file(sock) is None:
+        return
+    try:
+        stray = _Directory(path)  # where the name leads now, as bind() resolved it
+    except UdsError:
+        return
+    try:
+        _remove_bound(sock, stray)
+    finally:
+        stray.close()
 
 
 def _remove_bound(sock: socket.socket, directory: _Directory) -> None:
@@ -720,9 +779,9 @@ def _set_mode_and_owner(
             raise SocketFileError(
                 f"cannot {doing} {address}: the socket file was moved or replaced while we "
                 f"created it, so its mode and owner were not set and it is not ours to remove: "
-                f"another user can write to {os.fsdecode(os.path.dirname(address.absolute().raw))};"
-                " make that directory writable only by the server's user (or set its sticky "
-                "bit), or choose another path",
+                f"another user can write to {os.fsdecode(os.path.dirname(address.absolute().raw))}"
+                " or a directory on the way to it; make those writable only by the server's "
+                "user (or set their sticky bit), or choose another path",
                 errno=errno.EEXIST,
             )
         via = f"/proc/self/fd/{fd}"
@@ -760,8 +819,9 @@ def _remove_if(
 ) -> os.stat_result | None:
     """Remove ``name`` if it is the file ``dev_ino``; else leave it and return its stat.
 
-    The caller keeps that file open (our socket, our lock file, a held stale socket), so
-    no other file can carry its inode number meanwhile. Nothing when the name is gone.
+    The caller keeps that file open (a claim's held descriptor, our lock file, a held stale
+    socket), so no other file can carry its inode number meanwhile. Nothing when the name
+    is gone.
 
     Where another user could rename or replace the file, checking and then unlinking by
     name would delete whatever they swapped in between the two calls: there the file is

@@ -20,18 +20,28 @@ from pathlib import Path
 import pytest
 
 from ..integration import injected
-from ..integration.children import NOBODY, run_in_child
+from ..integration.children import NOBODY, fork, reap, run_in_child
 from ..integration.injected import Moves, after_look_at
 
-#: The shared directories nobody attacks in, by name: their mode and group.
+#: Rounds of the real (not injected) races: each is one claim and release by root while
+#: nobody keeps attacking; the injected tests hit the window every time, these add the
+#: timing a real attacker would get.
+RACE_ROUNDS = 150
+
+#: Upper bound on nobody's moves in one real race (it stops when told, long before).
+MAX_MOVES = 2_000_000
+
+#: The shared directories nobody attacks in, by name: their mode, owner and group. In its
+#: own directory (even a sticky one) nobody may rename or remove anything.
 ARENAS = {
-    "sticky": (0o1777, 0),
-    "world-writable": (0o777, 0),
-    "group-writable": (0o770, NOBODY),
+    "sticky": (0o1777, 0, 0),
+    "world-writable": (0o777, 0, 0),
+    "group-writable": (0o770, 0, NOBODY),
+    "nobody's": (0o1755, NOBODY, NOBODY),
 }
 
-#: The arenas without the sticky bit, where nobody may rename or remove root's files.
-OPEN_ARENAS = ["world-writable", "group-writable"]
+#: The arenas where nobody may rename or remove root's files.
+OPEN_ARENAS = ["world-writable", "group-writable", "nobody's"]
 
 
 @dataclass(frozen=True)
@@ -62,12 +72,12 @@ def make_arena(kind: str) -> Iterator[Arena]:
         secret = base / "secret"
         secret.write_bytes(b"root only")
         secret.chmod(0o600)
-        mode, gid = ARENAS[kind]
+        mode, uid, gid = ARENAS[kind]
         directory = base / "shared"
         directory.mkdir()
-        os.chown(directory, 0, gid)
+        os.chown(directory, uid, gid)
         directory.chmod(mode)
-        yield Arena(directory, secret, sticky=bool(mode & stat.S_ISVTX))
+        yield Arena(directory, secret, sticky=bool(mode & stat.S_ISVTX) and uid == 0)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -93,6 +103,56 @@ def open_arena(request: pytest.FixtureRequest) -> Iterator[Arena]:
 def as_nobody(func: Callable[[], str]) -> str:
     """Run ``func`` as nobody in a child; what it returned, or its error as "Type: text"."""
     return run_in_child(func, as_user=NOBODY)
+
+
+#: Files nobody makes to be given a freed inode number: ext4 hands out the lowest free
+#: number of the directory's group, so the one just freed comes within a few.
+_INODE_TRIES = 64
+
+
+def take_inode(path: Path, number: int) -> Callable[[], str]:
+    """nobody's move: make files beside ``path`` until one gets inode ``number``, and put
+    that one at ``path`` (the others are removed); "taken", or "missed" if none did."""
+
+    def move() -> str:
+        made = []
+        try:
+            for i in range(_INODE_TRIES):
+                name = path.with_name(f"nobody-{i}")
+                name.write_bytes(b"nobody's data")
+                made.append(name)
+                if os.lstat(name).st_ino == number:
+                    name.rename(path)
+                    made.pop()
+                    return "taken"
+            return "missed"
+        finally:
+            for name in made:
+                name.unlink()
+
+    return move
+
+
+class Attacker:
+    """nobody running ``attack(stop_fd)`` in a child until the context ends."""
+
+    def __init__(self, attack: Callable[[int], int]) -> None:
+        self._attack = attack
+
+    def __enter__(self) -> Attacker:
+        stop_r, self._stop_w = os.pipe()
+
+        def child() -> int:
+            os.close(self._stop_w)  # so that the parent's close is the child's EOF
+            return self._attack(stop_r)
+
+        self.pid = fork(child, as_user=NOBODY)
+        os.close(stop_r)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        os.close(self._stop_w)
+        assert reap(self.pid) == 0
 
 
 @pytest.fixture

@@ -18,19 +18,11 @@ from udskit import SocketFileError, UdsError
 from udskit import sockfile as sockfile_module
 
 from ..integration import injected
-from ..integration.children import NOBODY, fork, needs_root, reap
+from ..integration.children import NOBODY, needs_root
 from ..integration.injected import Moves, after_probe
-from .conftest import Arena, as_nobody
+from .conftest import MAX_MOVES, RACE_ROUNDS, Arena, Attacker, as_nobody
 
 pytestmark = [pytest.mark.root, needs_root, pytest.mark.usefixtures("no_fd_leak")]
-
-#: Rounds of the real (not injected) races: each is one claim and release by root while
-#: nobody keeps attacking; the injected tests hit the window every time, these add the
-#: timing a real attacker would get.
-RACE_ROUNDS = 150
-
-#: Upper bound on nobody's moves in one real race (it stops when told, long before).
-MAX_MOVES = 2_000_000
 
 
 def _plant_symlink(path: Path, target: Path) -> Callable[[], str]:
@@ -113,35 +105,13 @@ def test_symlink_race_on_the_datagram_path(open_arena: Arena) -> None:
                 pass
         return 0
 
-    with _Attacker(attack):
+    with Attacker(attack):
         for _ in range(RACE_ROUNDS):
             try:
                 udskit.listen(path, type="dgram", mode=0o666, group=NOBODY).close()
             except UdsError:
                 pass
     open_arena.secret_untouched()
-
-
-class _Attacker:
-    """nobody running ``attack(stop_fd)`` in a child until the context ends."""
-
-    def __init__(self, attack: Callable[[int], int]) -> None:
-        self._attack = attack
-
-    def __enter__(self) -> _Attacker:
-        stop_r, self._stop_w = os.pipe()
-
-        def child() -> int:
-            os.close(self._stop_w)  # so that the parent's close is the child's EOF
-            return self._attack(stop_r)
-
-        self.pid = fork(child, as_user=NOBODY)
-        os.close(stop_r)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        os.close(self._stop_w)
-        assert reap(self.pid) == 0
 
 
 # -- item: the stale socket ---------------------------------------------------------------------
@@ -217,7 +187,7 @@ def test_stale_socket_race(open_arena: Arena) -> None:
                     found.add(candidate.read_bytes())
                     candidate.unlink()
 
-    with _Attacker(attack):
+    with Attacker(attack):
         for _ in range(RACE_ROUNDS):
             collect()
             try:
@@ -251,6 +221,32 @@ def test_a_lock_file_nobody_created_is_never_deleted(arena: Arena, kind: str) ->
     inode = os.lstat(lock).st_ino
     with udskit.listen(arena.path, type=kind):
         pass
+    info = os.lstat(lock)
+    assert (info.st_ino, info.st_uid) == (inode, NOBODY)
+
+
+@pytest.mark.parametrize("kind", ["socket", "FIFO", "directory"])
+def test_something_else_nobody_puts_at_the_lock_path_is_named(arena: Arena, kind: str) -> None:
+    lock = arena.path.with_name("app.sock.lock")
+
+    def prepare() -> str:
+        if kind == "socket":
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.bind(os.fspath(lock))
+        elif kind == "FIFO":
+            os.mkfifo(lock)
+        else:
+            lock.mkdir()
+        return "ready"
+
+    assert as_nobody(prepare) == "ready"
+    inode = os.lstat(lock).st_ino
+    with pytest.raises(SocketFileError) as refused:
+        udskit.listen(arena.path)
+    assert str(refused.value) == (
+        f"cannot lock {lock}: a {kind} is there, not a lock file; remove it (udskit never "
+        "deletes what it did not create)"
+    )
     info = os.lstat(lock)
     assert (info.st_ino, info.st_uid) == (inode, NOBODY)
 
@@ -382,3 +378,32 @@ def test_a_lock_file_root_cannot_read_is_named_with_its_owner(arena: Arena) -> N
         "denied; remove it as its owner, or choose another path"
     )
     assert os.listdir(arena.directory) == ["app.sock.lock"]
+
+
+# -- item: a directory on the way ---------------------------------------------------------------
+
+
+def test_a_directory_on_the_way_swapped_for_a_symlink_leaves_no_file_where_it_led(
+    open_arena: Arena, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A datagram server binds at its path by name (peers answer that name). Right before
+    the bind, nobody renames root's directory in the shared one away and puts a symlink to
+    another of root's directories there: the bind creates root's socket in that directory;
+    the claim fails, and removes that file (sock_diag names it exactly)."""
+    sub = open_arena.directory / "sub"
+    sub.mkdir()
+    elsewhere = open_arena.directory.parent / "elsewhere"
+    elsewhere.mkdir()
+
+    def swap() -> str:
+        sub.rename(open_arena.directory / "old")
+        sub.symlink_to(elsewhere)
+        return "swapped"
+
+    reports: list[str] = []
+    injected.before_bind(monkeypatch).append(lambda: reports.append(as_nobody(swap)))
+    with pytest.raises(SocketFileError, match="or a directory on the way to it"):
+        udskit.listen(sub / "app.sock", type="dgram")
+    assert reports == ["swapped"]
+    assert os.listdir(elsewhere) == []
+    assert os.listdir(open_arena.directory / "old") == []

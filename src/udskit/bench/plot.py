@@ -8,11 +8,10 @@ baseline is drawn in grey, udskit's contenders in blue, the others in orange.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
+from .output import write_whole
 from .plan import RTT_SIZE, Figure, size_label
 from .results import Metric, Run, metric
 
@@ -140,13 +139,4 @@ def draw(run: Run, path: str) -> None:
         fontsize=9,
     )
     canvas.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, partial = tempfile.mkstemp(prefix=".bench-", suffix=".png", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            canvas.savefig(out, format="png")
-        os.chmod(partial, 0o644)
-        os.replace(partial, path)
-    except BaseException:
-        os.unlink(partial)
-        raise
+    write_whole(path, lambda out: canvas.savefig(out, format="png"), ".png")

@@ -6,11 +6,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from typing import Final
 
 from udskit.bench.contenders.registry import ALL, BASELINE, get, names
 from udskit.bench.host import choose_pinning
+from udskit.bench.output import write_whole
 from udskit.bench.plan import CLIENT_COUNTS, FULL, QUICK, TESTS
 from udskit.bench.plot import draw, plot_problem
 from udskit.bench.report import render
@@ -173,18 +173,8 @@ def _unwritable(path: str | None) -> str | None:
 
 
 def _write_json(path: str, document: dict[str, object]) -> None:
-    """Write atomically: a reader never sees half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, partial = tempfile.mkstemp(prefix=".bench-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(document, out, indent=2)
-            out.write("\n")
-        os.chmod(partial, 0o644)
-        os.replace(partial, path)
-    except BaseException:
-        os.unlink(partial)
-        raise
+    text = json.dumps(document, indent=2) + "\n"
+    write_whole(path, lambda out: out.write(text.encode("utf-8")), ".json")
 
 
 def _print_list(infos: list[ContenderInfo]) -> None:

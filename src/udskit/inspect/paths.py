@@ -12,7 +12,7 @@ from typing import Final
 
 from ..address import MAX_DIRECT_PATH, SUN_PATH_MAX
 from .findings import FileInfo, Finding, UserInfo
-from .names import group_name
+from .names import group_name, user_name
 
 __all__ = ["NAME_MAX", "SUGGESTIONS", "Walk", "length_finding", "walk"]
 
@@ -71,6 +71,9 @@ def walk(path: bytes, user: UserInfo) -> Walk:
         if not stat.S_ISSOCK(info.st_mode):
             findings.append(_not_socket(here))
             return Walk(tuple(findings), stop=True)
+        link = _symlink(current, user)
+        if link is not None:
+            findings.append(link)
         if not _allowed(user, here, WRITE):
             findings.append(_denied(user, here, WRITE))
         if not any(f.status == "problem" for f in findings):
@@ -239,6 +242,33 @@ def _is_socket(path: bytes | str) -> bool:
         return stat.S_ISSOCK(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+def _symlink(path: bytes, user: UserInfo) -> Finding | None:
+    """A finding if the socket's own name is a symlink, naming who made it: in a shared
+    directory (/tmp) anyone may plant one, leading clients to a socket of their own."""
+    try:
+        info = os.lstat(path)
+        if not stat.S_ISLNK(info.st_mode):
+            return None
+        leads_to = os.fsdecode(os.readlink(path))
+    except OSError:
+        return None
+    shown = os.fsdecode(path)
+    summary = (
+        f"{shown} is a symlink to {leads_to}, made by {user_name(info.st_uid)} "
+        f"(uid {info.st_uid}): a connect reaches whatever it points to"
+    )
+    if info.st_uid in (0, user.uid):
+        return Finding("path", "info", summary)
+    return Finding(
+        "path",
+        "warning",
+        summary,
+        fixes=(
+            f"if that is not the server you expect, remove the symlink: rm {shlex.quote(shown)}",
+        ),
+    )
 
 
 def _dangling(path: bytes) -> str | None:

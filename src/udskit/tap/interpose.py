@@ -409,6 +409,8 @@ def _put_in_place(
     try:
         _exchange(private.fd, inner, directory.fd, directory.name)
     except OSError as exc:
+        if exc.errno == errno.ENOENT:  # removed or moved away since we looked
+            raise _changed(address) from None
         if exc.errno not in (errno.EINVAL, errno.ENOSYS):
             raise
         # No RENAME_EXCHANGE on this file system: check, then replace.
@@ -477,6 +479,7 @@ def _restore_displaced(address: Address, directory: _Directory) -> str:
             f"nothing to restore at {address}: no tapped socket ({os.fsdecode(aside)}) next to it",
             errno=errno.ENOENT,
         ) from None
+    dead = -1
     try:
         server = os.fstat(held)
         if not stat.S_ISSOCK(server.st_mode):
@@ -494,7 +497,10 @@ def _restore_displaced(address: Address, directory: _Directory) -> str:
                 errno=errno.EPERM,
             )
         alive = probe(f"/proc/self/fd/{held}").live
-        at_path = directory.lstat()
+        # The dead relay's socket is held until it is removed: its inode number cannot be
+        # freed meanwhile and taken by a file another user makes, which would pass for it.
+        dead = _open_held(directory, directory.name)
+        at_path = os.fstat(dead) if dead >= 0 else None
         if at_path is None:
             _link_held(held, directory, directory.name)
             _remove_if(directory, aside, (server.st_dev, server.st_ino))
@@ -515,7 +521,7 @@ def _restore_displaced(address: Address, directory: _Directory) -> str:
                 "not create)",
                 errno=errno.EPERM,
             )
-        relay = probe(directory.sun_path(directory.name, directory.path))
+        relay = probe(f"/proc/self/fd/{dead}")
         if relay.live:
             who = f" (pid {relay.cred.pid})" if relay.cred is not None else ""
             raise AddressInUse(
@@ -525,11 +531,37 @@ def _restore_displaced(address: Address, directory: _Directory) -> str:
                 pid=relay.cred.pid if relay.cred is not None else None,
             )
         stale = (at_path.st_dev, at_path.st_ino)
-        _swap_back(directory, aside, directory.name, (server.st_dev, server.st_ino))
+        try:
+            _swap_back(directory, aside, directory.name, (server.st_dev, server.st_ino))
+        except FileNotFoundError:
+            # A name was removed since we looked, by another user who may write to the
+            # directory. The path: give it the socket we hold, as when nothing was there.
+            if directory.lstat() is not None:
+                raise SocketFileError(
+                    f"cannot restore {address}: its server's socket was moved away from "
+                    f"{os.path.join(directory.parent, os.fsdecode(aside))} while we restored "
+                    "it; nothing was moved: find it or restart its server (another user can "
+                    f"write to {directory.parent})",
+                    errno=errno.ENOENT,
+                ) from None
+            _link_held(held, directory, directory.name)
+            _remove_if(directory, aside, (server.st_dev, server.st_ino))
+            return _restored(address, alive)
         _remove_if(directory, aside, stale)  # the dead relay's socket, if still that file
         return _restored(address, alive)
     finally:
         os.close(held)
+        if dead >= 0:
+            os.close(dead)
+
+
+def _open_held(directory: _Directory, name: bytes) -> int:
+    """An O_PATH descriptor of the file at ``name`` (a symlink itself, never followed), or
+    -1 if there is none."""
+    try:
+        return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd)
+    except FileNotFoundError:
+        return -1
 
 
 def _restored(address: Address, alive: bool) -> str:
