@@ -421,8 +421,7 @@ class Channel(ChannelFacts):
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
-                self._check_open()  # closed under us by another thread
-                raise translate(exc, "send", self._remote) from exc
+                raise self._send_error(exc) from exc  # closed under us, or half-closed
             except BaseException:
                 self._break("a send was interrupted")
                 raise
@@ -522,11 +521,9 @@ class Channel(ChannelFacts):
                 try:
                     deadline = self._wait(select.POLLOUT, deadline)
                 except OSError as exc:
-                    self._check_open()  # closed under us by another thread
-                    raise translate(exc, "send", self._remote) from exc
+                    raise self._send_error(exc) from exc  # closed under us, or half-closed
             except OSError as exc:
-                self._check_open()  # closed under us: EPIPE or EBADF says nothing useful
-                raise translate(exc, "send", self._remote) from exc
+                raise self._send_error(exc) from exc  # closed under us, or half-closed
 
     def _packet_out(
         self,
@@ -552,13 +549,12 @@ class Channel(ChannelFacts):
                 try:
                     deadline = self._wait(select.POLLOUT, deadline)
                 except OSError as exc:
-                    raise translate(exc, "send", self._remote) from exc
+                    raise self._send_error(exc) from exc
                 except BaseException:
                     self._break("a send was interrupted")
                     raise
             except OSError as exc:
-                self._check_open()  # closed under us by another thread
-                raise translate(exc, "send", self._remote) from exc
+                raise self._send_error(exc) from exc  # closed under us, or half-closed
             except UdsError:
                 raise
             except BaseException:
@@ -603,7 +599,7 @@ class Channel(ChannelFacts):
         except OSError as exc:
             self._check_open()  # closed under us by another thread
             if not went + sent:
-                raise translate(exc, "send", self._remote) from exc
+                raise self._send_error(exc) from exc
             self._break(f"a send failed after {went + sent} of {went + size} bytes went out")
             error = self._broken
             assert error is not None
@@ -1190,7 +1186,7 @@ class Channel(ChannelFacts):
             if went:
                 self._break(f"a send failed after {went} bytes of its unit went out")
                 raise copy.copy(self._broken) from exc  # type: ignore[misc]
-            raise translate(exc, "send", self._remote) from exc
+            raise self._send_error(exc) from exc
         except BaseException:
             self._break("a send was interrupted")
             raise
@@ -1507,14 +1503,20 @@ class Channel(ChannelFacts):
 
     # -- closing --------------------------------------------------------------------------
     def shutdown_write(self) -> None:
-        """Half-close: tell the peer we will send no more (it sees end of stream)."""
+        """Half-close: tell the peer we will send no more (it sees end of stream).
+
+        A send under way in another thread ends first, its message whole (this waits for
+        it, as another send would); sends that come after raise ``ConnectionClosed``."""
         self._check_open()
-        try:
-            self._sock.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            self._check_open()  # closed by another thread meanwhile: EBADF says nothing
-            raise translate(exc, "send", self._remote) from exc
-        self._write_shut = True
+        # Under the write lock: a shutdown in the middle of another thread's frame would
+        # cut that message off, and break the channel for a send that was not at fault.
+        with self._wlock:
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                self._check_open()  # closed by another thread meanwhile: EBADF says nothing
+                raise translate(exc, "send", self._remote) from exc
+            self._write_shut = True
 
     def close(self) -> None:
         """Close the socket, any unclaimed received descriptors, and our bound reply path.
@@ -1588,6 +1590,15 @@ class Channel(ChannelFacts):
         )
 
     # -- helpers --------------------------------------------------------------------------
+    def _send_error(self, exc: OSError) -> Exception:
+        """What a send raises for ``exc`` from its first system call (nothing went out):
+        ``close()`` or ``shutdown_write()`` in another thread (while this send waited for
+        the write lock) say so; the kernel's EBADF or EPIPE would not, or blame the peer."""
+        self._check_open()
+        if self._write_shut:
+            return write_shut(self._where())
+        return translate(exc, "send", self._remote)
+
     def _check_open(self) -> None:
         if self._closed:
             raise ConnectionClosed(f"{self._where()}: this channel is closed")

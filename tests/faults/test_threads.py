@@ -1,0 +1,143 @@
+"""Several threads on one object: what each object promises to threads that share it.
+
+Real sockets throughout: N threads send messages of varied sizes (many larger than the
+socket buffer, so that the kernel takes them in parts) on one channel while others receive
+and check that every message is whole, from one sender, in that sender's order; close() and
+shutdown_write() come from another thread while threads are inside send, recv or accept.
+Every message says who sent it, its number and a checksum of its body, so that a spliced,
+shortened or misattributed one is never taken for a good one. Fault injection (a socket
+whose call waits at a chosen point) only where a race cannot be met on purpose otherwise.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+import sys
+import threading
+import zlib
+from collections.abc import Callable
+from types import FrameType
+
+import pytest
+
+import udskit
+from udskit import ConnectionClosed
+
+from .scripted import WAIT
+
+_HEAD = struct.Struct(">IIII")  # sender, number, body length, crc32 of the body
+
+
+def message(sender: int, number: int, size: int) -> bytes:
+    """``size`` bytes (at least the header) that say who sent them, which of theirs this is,
+    and how to check that the rest is theirs."""
+    body = random.Random(sender * 1_000_003 + number).randbytes(max(0, size - _HEAD.size))
+    return _HEAD.pack(sender, number, len(body), zlib.crc32(body)) + body
+
+
+def check(data: bytes | memoryview) -> tuple[int, int]:
+    """(sender, number) of a message made by ``message``; fails on any other bytes."""
+    data = bytes(data)
+    assert len(data) >= _HEAD.size, f"a message of {len(data)} bytes: shorter than its header"
+    sender, number, length, crc = _HEAD.unpack_from(data)
+    body = data[_HEAD.size :]
+    assert len(body) == length, f"message {sender}/{number}: {len(body)} of {length} bytes"
+    assert zlib.crc32(body) == crc, f"message {sender}/{number}: its body is not its own"
+    assert data == message(sender, number, len(data)), f"message {sender}/{number} differs"
+    return sender, number
+
+
+def inside(thread: threading.Thread, function: str) -> None:
+    """Wait (bounded) until ``thread`` is running ``function`` (or has ended): the point a
+    test needs it to have reached, seen from its stack rather than guessed with a sleep."""
+    for _ in range(20_000):
+        if not thread.is_alive():
+            return
+        frame: FrameType | None = sys._current_frames().get(thread.ident or 0)
+        while frame is not None:
+            if frame.f_code.co_name == function:
+                return
+            frame = frame.f_back
+        threading.Event().wait(0.0005)
+    pytest.fail(f"{thread.name} never reached {function}()")
+
+
+class Outcome:
+    """What a call in another thread returned or raised."""
+
+    def __init__(self, call: Callable[[], object]) -> None:
+        self.value: object = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(call,), daemon=True)
+        self.thread.start()
+
+    def _run(self, call: Callable[[], object]) -> None:
+        try:
+            self.value = call()
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+    def ended(self) -> BaseException | None:
+        """Wait (bounded) for the call to end; what it raised, if anything."""
+        self.thread.join(WAIT)
+        assert not self.thread.is_alive(), "the call never returned"
+        return self.error
+
+    def result(self) -> object:
+        error = self.ended()
+        if error is not None:
+            raise error
+        return self.value
+
+
+# -- shutdown_write() from another thread ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "shared_memory"),
+    [("stream", False), ("stream", True), ("seqpacket", False), ("seqpacket", True)],
+)
+def test_shutdown_write_lets_another_threads_send_finish_whole(
+    kind: str, shared_memory: bool
+) -> None:
+    # A sender is still putting its message on the wire (larger than both socket buffers,
+    # or a packet waiting for room) when another thread half-closes. The half-close waits
+    # for it: the peer gets the message whole, then the end; the sender is not told that
+    # the peer closed, nor is the channel broken under it.
+    left, right = udskit.pair(kind, sndbuf=64 * 1024, rcvbuf=64 * 1024, shared_memory=shared_memory)
+    with left, right:
+        queued: list[bytes] = []
+        if kind == "stream":
+            # With shared memory, one under the pool's threshold: it goes through the socket.
+            big = message(1, 0, 200_000 if shared_memory else 3_000_000)
+        else:
+            big = message(1, 0, 4000)
+            left.settimeout(0)
+            for number in range(1, 10_000):  # bounded: until the socket is full
+                try:
+                    left.send(message(0, number, 4000))
+                except udskit.Timeout:
+                    break
+                queued.append(message(0, number, 4000))
+            left.settimeout(None)
+        sending = Outcome(lambda: left.send(big))
+        inside(sending.thread, "_write" if kind == "stream" else "_send_packet")
+        shutting = Outcome(left.shutdown_write)
+        inside(shutting.thread, "shutdown_write")
+        late = Outcome(lambda: left.send(message(2, 0, 100)))  # after the half-close, or before
+        inside(late.thread, "send")
+        right.settimeout(WAIT)
+        assert [right.recv() for _ in queued] == queued
+        assert right.recv() == big
+        sending.result()
+        shutting.result()
+        error = late.ended()
+        if error is None:  # it went before the half-close
+            assert check(right.recv()) == (2, 0)
+        else:  # the half-close came first: this one says so
+            assert isinstance(error, ConnectionClosed)
+            assert "sending side was shut down" in str(error)
+        with pytest.raises(ConnectionClosed) as end:
+            right.recv()
+        assert not end.value.mid_message
