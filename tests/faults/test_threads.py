@@ -11,6 +11,7 @@ whose call waits at a chosen point) only where a race cannot be met on purpose o
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 import sys
@@ -22,7 +23,9 @@ from types import FrameType
 import pytest
 
 import udskit
+import udskit.wakeup
 from udskit import ConnectionClosed
+from udskit.wakeup import WakeUp
 
 from .scripted import WAIT
 
@@ -141,3 +144,56 @@ def test_shutdown_write_lets_another_threads_send_finish_whole(
         with pytest.raises(ConnectionClosed) as end:
             right.recv()
         assert not end.value.mid_message
+
+
+# -- descriptor numbers reused after close() ------------------------------------------------
+
+
+class _WriteHeldUp:
+    """``os`` for udskit.wakeup, whose write() stops between taking the descriptor number
+    and the system call (where a thread may lose the CPU) until ``go`` is set, or briefly
+    (the fixed code holds close() back meanwhile, so the test must not wait for it)."""
+
+    def __init__(self) -> None:
+        self.writing = threading.Event()
+        self.go = threading.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(os, name)
+
+    def write(self, fd: int, data: bytes) -> int:
+        self.writing.set()
+        self.go.wait(0.2)
+        return os.write(fd, data)
+
+
+def test_a_wake_up_racing_close_never_writes_to_a_reused_descriptor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Server.stop() (any thread, a signal handler) wakes the serving thread through a pipe
+    # that the end of serve_forever() closes. A wake() that took the pipe's number just
+    # before close() must not write after it: the next open() gets that number.
+    wakeup = WakeUp()
+    held = _WriteHeldUp()
+    monkeypatch.setattr(udskit.wakeup, "os", held)
+    waking = Outcome(wakeup.wake)
+    assert held.writing.wait(WAIT)
+    old = (wakeup.fd, wakeup.write_fd)
+
+    def close_and_reopen() -> tuple[int, int]:
+        wakeup.close()
+        reused = os.pipe()  # what another thread opens next
+        held.go.set()
+        return reused
+
+    reopened = Outcome(close_and_reopen)
+    waking.result()
+    read_end, write_end = reopened.result()  # type: ignore[misc]
+    try:
+        assert (read_end, write_end) == old, "the numbers were not reused: nothing tested"
+        os.set_blocking(read_end, False)
+        with pytest.raises(BlockingIOError):
+            os.read(read_end, 1)  # the wake-up's byte did not land in the new pipe
+    finally:
+        os.close(read_end)
+        os.close(write_end)
