@@ -144,10 +144,12 @@ _Inbox: TypeAlias = deque[tuple[bytes, list[int]]]
 #: message, which is noise at this size; the first small message switches it off again.
 DIRECT_READ_MIN: Final = 256 * 1024
 
-#: How long close() waits for a thread it woke in recv() to leave, before closing the
-#: descriptors the framing holds. That thread is returning already; this only bounds a
-#: reader stuck elsewhere (in a signal handler, say), whose descriptors then stay open.
-CLOSE_READER_WAIT: Final = 1.0
+#: How long close() waits, in all, for the threads it woke in recv() and send() to leave,
+#: before it closes the descriptors the framing holds and the socket. Those threads are
+#: returning already; this only bounds one stuck elsewhere (in a signal handler, say),
+#: whose received descriptors then stay open, and which may then meet the socket's number
+#: reused by the next open() (see close()).
+CLOSE_WAIT: Final = 1.0
 
 #: Longest a sender waiting for space in its shared-memory pool waits without looking at the
 #: pool again: while another thread is the one reading the socket (that thread passes
@@ -1120,6 +1122,8 @@ class Channel(ChannelFacts):
             # 10+). Without this a sender running ahead would walk the whole pool.
             self._take_in(wait=False)
         while True:
+            if self._closed:  # by another thread, which waits for us to leave
+                self._check_open()
             offset = shm.lend(size)
             if offset is not None:
                 return offset
@@ -1541,9 +1545,17 @@ class Channel(ChannelFacts):
                     self._sock.shutdown(how)
                 except OSError:
                     pass
-        # What the framing holds belongs to the reader: wait (briefly: it was just woken)
-        # for one still in recv() to leave before closing its descriptors.
-        reader_gone = self._rlock.acquire(timeout=CLOSE_READER_WAIT)
+        # What the framing holds belongs to the reader, and the socket's number to every
+        # thread inside a call: wait (briefly: they were just woken) for a reader and a
+        # writer still in recv()/send() to leave, before closing the descriptors the
+        # framing holds and the socket. The next open() in any thread may get its number,
+        # and a thread that had taken it (to poll it, or between the socket module's read
+        # of it and the system call) would then wait on, or write to, that file.
+        deadline = monotonic() + CLOSE_WAIT
+        reader_gone = self._rlock.acquire(timeout=CLOSE_WAIT)
+        writer_gone = self._owns_socket and self._wlock.acquire(
+            timeout=max(0.0, deadline - monotonic())
+        )
         try:
             if reader_gone:
                 _close_held(self._framing, self._inbox)
@@ -1551,11 +1563,13 @@ class Channel(ChannelFacts):
                     self._held.detach()
             if self._shm is not None:
                 self._shm.close()  # with the descriptors of messages not yet received
+            if self._owns_socket:
+                self._sock.close()
         finally:
+            if writer_gone:
+                self._wlock.release()
             if reader_gone:
                 self._rlock.release()
-        if self._owns_socket:
-            self._sock.close()
         if self._claim is not None:
             self._claim.release()
         if self._cleanup_dir is not None:

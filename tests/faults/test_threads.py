@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import random
+import select
+import socket
 import struct
 import sys
 import threading
@@ -23,8 +25,10 @@ from types import FrameType
 import pytest
 
 import udskit
+import udskit.channel
 import udskit.wakeup
 from udskit import ConnectionClosed
+from udskit.proto.shm import SHARED_THRESHOLD
 from udskit.wakeup import WakeUp
 
 from .scripted import WAIT
@@ -197,3 +201,86 @@ def test_a_wake_up_racing_close_never_writes_to_a_reused_descriptor(
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+class _PollHeldUp:
+    """``select`` for udskit.channel, whose first wait for room to write stops after the
+    socket's number is registered and before poll() (where a thread may lose the CPU),
+    until ``go`` is set, or briefly (the fixed close() waits for the writer meanwhile)."""
+
+    def __init__(self) -> None:
+        self.waiting = threading.Event()
+        self.go = threading.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(select, name)
+
+    def poll(self) -> object:
+        real = select.poll()
+        held = self
+
+        class Poll:
+            def register(self, fd: object, events: int) -> None:
+                real.register(fd, events)  # type: ignore[arg-type]
+                self.writing = events == select.POLLOUT
+
+            def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
+                if self.writing and not held.waiting.is_set():
+                    held.waiting.set()
+                    held.go.wait(0.2)
+                return real.poll(timeout)
+
+        return Poll()
+
+
+def test_close_wakes_a_writer_whose_descriptor_number_was_reused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A sender found the socket full and registered its number to wait for room; before it
+    # waits, another thread closes the channel, and a third opens a listening socket, which
+    # gets that number and is never writable. close() must not give the number up while a
+    # sender may still wait on it: the sender would sleep out its whole timeout there.
+    held = _PollHeldUp()
+    monkeypatch.setattr(udskit.channel, "select", held)
+    left, right = udskit.pair(sndbuf=64 * 1024, rcvbuf=64 * 1024)
+    left.settimeout(600.0)
+    number = left.fileno()
+    sending = Outcome(lambda: left.send(message(1, 0, 3_000_000)))  # the peer never reads
+    assert held.waiting.wait(WAIT)
+
+    def close_and_reopen() -> socket.socket:
+        left.close()
+        reused = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # what another thread opens
+        reused.bind("")  # autobind: an abstract name of its own
+        reused.listen()
+        held.go.set()
+        return reused
+
+    reopening = Outcome(close_and_reopen)
+    with right, reopening.result() as reused:  # type: ignore[attr-defined]
+        assert reused.fileno() == number, "the number was not reused: nothing tested"
+        error = sending.ended()
+        assert isinstance(error, ConnectionClosed)
+        assert "this channel is closed" in str(error)
+
+
+@pytest.mark.parametrize("kind", ["stream", "seqpacket"])
+def test_close_wakes_a_sender_waiting_for_room_in_its_shared_memory_pool(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One thread reads, another waits for the peer (which never releases) to free a slot of
+    # the pool. close() from a third waits for the sender to leave before it closes the
+    # socket: the sender must see the close, not wait on for room that cannot come.
+    monkeypatch.setattr(udskit.channel, "CLOSE_WAIT", 3600.0)  # a sender that stays hangs
+    left, right = udskit.pair(kind, shared_memory=SHARED_THRESHOLD)
+    with right:
+        reading = Outcome(left.recv)
+        inside(reading.thread, "_read")
+        left.send(message(1, 0, SHARED_THRESHOLD))  # fills the pool: the peer holds it
+        waiting = Outcome(lambda: left.send(message(1, 1, SHARED_THRESHOLD)))
+        inside(waiting.thread, "wait_for_space")
+        Outcome(left.close).result()
+        for call in (reading, waiting):
+            error = call.ended()
+            assert isinstance(error, ConnectionClosed)
+            assert "this channel is closed" in str(error)
