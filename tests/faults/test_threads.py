@@ -20,6 +20,7 @@ import sys
 import threading
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 import pytest
@@ -284,3 +285,72 @@ def test_close_wakes_a_sender_waiting_for_room_in_its_shared_memory_pool(
             error = call.ended()
             assert isinstance(error, ConnectionClosed)
             assert "this channel is closed" in str(error)
+
+
+# -- servers stopped from other threads ------------------------------------------------------
+
+
+def _server(
+    kind: str, path: Path, reply: Callable[[bytes], bytes]
+) -> udskit.Server | udskit.MessageServer:
+    """A server of ``kind`` whose handler answers each message with ``reply(message)``."""
+    if kind == "Server":
+        return udskit.Server(path, lambda ch: [ch.send(reply(m)) for m in ch])
+    workers = 1 if kind == "MessageServer-workers" else 0
+    return udskit.MessageServer(path, lambda c, m: reply(m), workers=workers)
+
+
+@pytest.mark.parametrize("kind", ["Server", "MessageServer", "MessageServer-workers"])
+def test_close_from_another_thread_returns_once_the_server_has_stopped(
+    kind: str, sockdir: Path
+) -> None:
+    # A handler is still at work when another thread closes the server. serve_forever()
+    # ends only after it (or its grace) is over, and so does close(): when it returns, the
+    # listener is closed, the socket file gone, and no handler of that server still runs.
+    path = sockdir / "s.sock"
+    handling, release, handled = threading.Event(), threading.Event(), threading.Event()
+
+    def reply(data: bytes) -> bytes:
+        handling.set()
+        release.wait(WAIT)
+        handled.set()
+        return data
+
+    server = _server(kind, path, reply)
+    serving = Outcome(server.serve_forever)
+    with udskit.connect(path, timeout=WAIT) as client:
+        client.send(b"hello")
+        assert handling.wait(WAIT)
+        closing = Outcome(server.close)
+        inside(closing.thread, "wait")  # waiting for serve_forever(), or returned already
+        assert closing.thread.is_alive(), "close() returned while a handler still ran"
+        release.set()
+        closing.result()
+        assert handled.is_set()
+        assert server.listener.closed
+        assert not path.exists()
+        with udskit.listen(path):  # the path is free for the next server at once
+            pass
+        closing = Outcome(server.close)  # and again, from two threads: both return
+        server.close()
+        closing.result()
+    serving.result()
+
+
+@pytest.mark.parametrize("kind", ["Server", "MessageServer", "MessageServer-workers"])
+def test_close_from_a_handler_stops_the_server_without_waiting_for_itself(
+    kind: str, sockdir: Path
+) -> None:
+    path = sockdir / "s.sock"
+    made: list[udskit.Server | udskit.MessageServer] = []
+
+    def reply(data: bytes) -> bytes:
+        made[0].close()  # returns at once: serve_forever() ends after this handler
+        return data
+
+    made.append(_server(kind, path, reply))
+    serving = Outcome(made[0].serve_forever)
+    with udskit.connect(path, timeout=WAIT) as client:
+        client.send(b"hello")
+        serving.result()
+        assert not path.exists()
