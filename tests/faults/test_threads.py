@@ -22,6 +22,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Final
 
 import pytest
 
@@ -97,6 +98,244 @@ class Outcome:
         if error is not None:
             raise error
         return self.value
+
+
+# -- many senders, many receivers -----------------------------------------------------------
+
+#: Sizes the senders pick from: small, around a page, over the 64 KiB socket buffers the
+#: tests ask for (the kernel takes those in parts), and over the shared-memory threshold.
+_SIZES: Final = (16, 1000, 9000, 100_000, 300_000, 1_200_000)
+#: A seqpacket message goes whole into the socket buffer, which holds about 200 KiB here.
+_PACKET_SIZES: Final = (16, 1000, 9000, 40_000)
+_SENDERS: Final = 4
+_PER_SENDER: Final = 24
+#: The number of a sender's last message: it has sent all the others.
+_END: Final = 0xFFFF_FFFF
+
+
+def _fd_tag(fd: int) -> tuple[int, int]:
+    """What the pipe a descriptor reads from says: the (sender, number) it was sent with."""
+    data = os.read(fd, 8)
+    return struct.unpack(">II", data) if len(data) == 8 else (-1, -1)  # type: ignore[return-value]
+
+
+def _send_all(
+    channel: udskit.Channel, sender: int, sizes: tuple[int, ...], ops: str, *, end: bool = False
+) -> int:
+    """Send _PER_SENDER messages (or a few more, a batch at a time) on ``channel``, by the
+    ways ``ops`` names, then (``end``) a last message numbered _END; return how many
+    before that. (Descriptors go through the socket, never the
+    shared-memory pool: on seqpacket, with a message that fits a packet.)"""
+    pick = random.Random(sender)
+    number = 0
+    while number < _PER_SENDER:
+        how = pick.choice(ops.split(","))
+        size = pick.choice(sizes)
+        if how == "send_many":
+            batch = [message(sender, number + i, pick.choice(sizes[:3])) for i in range(4)]
+            channel.send_many(batch)
+            number += len(batch)
+            continue
+        data = message(sender, number, size)
+        if how == "send_fds":
+            if channel.type == "seqpacket":
+                data = message(sender, number, min(size, _PACKET_SIZES[-1]))
+            read_end, write_end = os.pipe()
+            try:
+                os.write(write_end, struct.pack(">II", sender, number))
+                channel.send_fds(data, [read_end])
+            finally:
+                os.close(read_end)
+                os.close(write_end)
+        elif how == "loan":
+            loan = channel.loan(len(data))
+            loan[:] = data
+            channel.send(loan)
+        else:
+            channel.send(data)
+        number += 1
+    if end:
+        channel.send(message(sender, _END, 16))
+    return number
+
+
+def _kinds() -> list[object]:
+    return [
+        pytest.param("stream", False, "send,send_many,send_fds", id="stream"),
+        pytest.param("stream", True, "send,send_many,send_fds,loan", id="stream-shm"),
+        pytest.param("seqpacket", False, "send,send_fds", id="seqpacket"),
+        pytest.param("seqpacket", True, "send,send_fds,loan", id="seqpacket-shm"),
+    ]
+
+
+@pytest.mark.parametrize(("kind", "shared_memory", "ops"), _kinds())
+def test_threads_sending_on_one_channel_each_message_whole_and_with_its_descriptors(
+    kind: str, shared_memory: bool, ops: str
+) -> None:
+    left, right = udskit.pair(
+        kind, sndbuf=64 * 1024, rcvbuf=64 * 1024, max_frame=2 * 1024 * 1024,
+        shared_memory=shared_memory,
+    )  # fmt: skip
+    sizes = _PACKET_SIZES if kind == "seqpacket" and not shared_memory else _SIZES
+    with left, right:
+        right.settimeout(WAIT)
+        senders = [
+            Outcome(lambda t=t: _send_all(left, t, sizes, ops, end=True)) for t in range(_SENDERS)
+        ]
+        last = [-1] * _SENDERS
+        ended = 0
+        while ended < _SENDERS:  # bounded: a message missing makes recv() time out
+            data, fds = right.recv_fds()
+            sender, number = check(data)
+            try:
+                if fds:  # only a send_fds() message brings one: its own
+                    assert len(fds) == 1
+                    assert _fd_tag(fds[0]) == (sender, number), "a descriptor changed message"
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            if number == _END:
+                ended += 1
+                continue
+            assert number > last[sender], f"sender {sender}: {number} after {last[sender]}"
+            last[sender] = number
+        counts = [o.result() for o in senders]
+        assert [n + 1 for n in last] == counts
+
+
+@pytest.mark.parametrize(("kind", "shared_memory", "ops"), _kinds())
+def test_threads_receiving_on_one_channel_each_message_to_exactly_one(
+    kind: str, shared_memory: bool, ops: str
+) -> None:
+    # Two senders and three receivers at once, each receiver by another call (recv,
+    # recv_fds, recv_many; recv_view with shared memory): every message reaches exactly one
+    # of them, whole; then the end reaches each.
+    left, right = udskit.pair(
+        kind, sndbuf=64 * 1024, rcvbuf=64 * 1024, max_frame=2 * 1024 * 1024,
+        shared_memory=shared_memory,
+    )  # fmt: skip
+    sizes = _PACKET_SIZES if kind == "seqpacket" and not shared_memory else _SIZES
+    lock = threading.Lock()
+    got: list[tuple[int, int]] = []
+
+    def receive(how: str) -> None:
+        right.settimeout(WAIT)
+        while True:
+            try:
+                if how == "recv_many":
+                    batch = right.recv_many()
+                elif how == "recv_fds":
+                    data, fds = right.recv_fds()
+                    for fd in fds:
+                        os.close(fd)
+                    batch = [data]
+                elif how == "recv_view":
+                    with right.recv_view() as view:
+                        batch = [bytes(view)]
+                else:
+                    batch = [right.recv()]
+            except ConnectionClosed as exc:
+                if exc.mid_message:
+                    raise
+                return
+            checked = [check(data) for data in batch]
+            with lock:
+                got.extend(checked)
+
+    with left, right:
+        calls = ["recv", "recv_fds", "recv_view" if shared_memory else "recv_many"]
+        receivers = [Outcome(lambda how=how: receive(how)) for how in calls]
+        senders = [Outcome(lambda t=t: _send_all(left, t, sizes, ops)) for t in range(2)]
+        counts = [o.result() for o in senders]
+        left.shutdown_write()
+        for o in receivers:
+            o.result()
+    assert sorted(got) == [(t, n) for t in range(2) for n in range(int(counts[t]))]  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["socket", "shared-memory"])
+def test_two_threads_talking_both_ways_on_one_channel_each(shared_memory: bool) -> None:
+    # Both ends send and receive at once, from two threads each: each end's sender waits
+    # for room while the other end's is busy too (with shared memory: for its pool, whose
+    # releases come from the receiving thread of the other end).
+    left, right = udskit.pair(
+        sndbuf=64 * 1024, rcvbuf=64 * 1024, max_frame=2 * 1024 * 1024,
+        shared_memory=shared_memory,
+    )  # fmt: skip
+
+    def drain(channel: udskit.Channel, sender: int) -> int:
+        channel.settimeout(WAIT)
+        count = 0
+        while True:
+            try:
+                with channel.recv_view() as view:
+                    assert check(view) == (sender, count)
+            except ConnectionClosed:
+                return count
+            count += 1
+
+    def send(channel: udskit.Channel, sender: int) -> None:
+        _send_all(channel, sender, _SIZES, "send,loan" if shared_memory else "send")
+        channel.shutdown_write()
+
+    with left, right:
+        work = [
+            Outcome(lambda: drain(right, 0)),
+            Outcome(lambda: drain(left, 1)),
+            Outcome(lambda: send(left, 0)),
+            Outcome(lambda: send(right, 1)),
+        ]
+        assert [o.result() for o in work] == [_PER_SENDER, _PER_SENDER, None, None]
+
+
+@pytest.mark.parametrize(("kind", "shared_memory", "ops"), _kinds())
+def test_sends_timing_out_in_some_threads_never_splice_another_threads_message(
+    kind: str, shared_memory: bool, ops: str
+) -> None:
+    # Three threads send on a channel with a short timeout to a peer that reads nothing
+    # until they are done: some sends time out before any byte went (the channel stays
+    # whole), some part-way (a stream is then broken: the peer sees it end there). Either
+    # way the peer receives exactly the messages whose send returned, each whole, and
+    # nothing of the others; then the end.
+    left, right = udskit.pair(
+        kind, sndbuf=64 * 1024, rcvbuf=64 * 1024, max_frame=2 * 1024 * 1024,
+        shared_memory=shared_memory,
+    )  # fmt: skip
+    sizes = _PACKET_SIZES if kind == "seqpacket" and not shared_memory else _SIZES
+    left.settimeout(0.02)
+    done: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def send(sender: int) -> None:
+        pick = random.Random(sender)
+        for number in range(12):
+            try:
+                left.send(message(sender, number, pick.choice(sizes)))
+            except udskit.Timeout:
+                continue
+            except ConnectionClosed as exc:  # broken by another thread's send
+                if not exc.mid_message:
+                    raise
+                return
+            with lock:
+                done.append((sender, number))
+
+    with left, right:
+        for sender in [Outcome(lambda t=t: send(t)) for t in range(3)]:
+            sender.result()
+        try:
+            left.shutdown_write()
+        except ConnectionClosed as exc:  # broken: the peer sees the stream cut off instead
+            if not exc.mid_message:
+                raise
+        right.settimeout(WAIT)
+        received = []
+        while True:
+            try:
+                received.append(check(right.recv()))
+            except ConnectionClosed:
+                break
+    assert sorted(received) == sorted(done)
 
 
 # -- shutdown_write() from another thread ---------------------------------------------------
