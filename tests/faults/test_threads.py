@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import select
+import signal
 import socket
 import struct
 import sys
@@ -593,3 +594,133 @@ def test_close_from_a_handler_stops_the_server_without_waiting_for_itself(
         client.send(b"hello")
         serving.result()
         assert not path.exists()
+
+
+# -- listeners shared by threads ------------------------------------------------------------
+
+
+def test_threads_accepting_on_one_listener_each_client_to_exactly_one(sockdir: Path) -> None:
+    path = sockdir / "l.sock"
+    clients_n = 24
+    with udskit.listen(path) as listener:
+        lock = threading.Lock()
+        accepted: list[bytes] = []
+        errors: list[BaseException] = []
+
+        def accept() -> None:
+            while True:
+                try:
+                    channel = listener.accept()
+                except ConnectionClosed:
+                    return  # close() woke us
+                except BaseException as exc:  # reported below
+                    errors.append(exc)
+                    return
+                with channel:
+                    channel.settimeout(WAIT)
+                    hello = channel.recv()
+                    channel.send(hello)
+                with lock:
+                    accepted.append(hello)
+
+        acceptors = [Outcome(accept) for _ in range(4)]
+        for number in range(clients_n):
+            with udskit.connect(path, timeout=WAIT) as client:
+                client.send(message(number, 0, 100))
+                assert client.recv() == message(number, 0, 100)
+        for acceptor in acceptors:
+            inside(acceptor.thread, "accept")
+        listener.close()  # wakes the four, blocked in accept()
+        for acceptor in acceptors:
+            acceptor.result()
+    assert not errors
+    assert sorted(check(m) for m in accepted) == [(n, 0) for n in range(clients_n)]
+
+
+class _AcceptHeldUp(socket.socket):
+    """A listening socket whose accept() takes its descriptor number, then stops (where a
+    thread may lose the CPU between the socket module's read of the number and the system
+    call) until ``go`` is set, or briefly (the fixed close() waits for it meanwhile)."""
+
+    def __init__(self, real: socket.socket) -> None:
+        super().__init__(real.family, real.type, fileno=real.detach())
+        self.accepting = threading.Event()
+        self.go = threading.Event()
+
+    def accept(self) -> tuple[socket.socket, object]:
+        number = self.fileno()
+        self.accepting.set()
+        self.go.wait(0.2)
+        borrowed = socket.socket(self.family, self.type, fileno=number)
+        try:
+            return borrowed.accept()
+        finally:
+            borrowed.detach()
+
+
+def test_close_never_lets_an_accept_in_another_thread_take_a_reused_descriptor(
+    sockdir: Path,
+) -> None:
+    # A thread in accept() has the listener's number; before its system call, another
+    # thread closes the listener and a third listens on a new socket, which gets that
+    # number, and a client connects there. close() must not give the number up while an
+    # accept() may still use it: that accept() would take (and, seeing its listener
+    # closed, hang up on) the other listener's client.
+    listener = udskit.listen(sockdir / "l.sock")
+    sock = _AcceptHeldUp(listener.socket)
+    listener._sock = sock
+    number = sock.fileno()
+    accepting = Outcome(listener.accept)
+    assert sock.accepting.wait(WAIT)
+    other_path = os.fspath(sockdir / "other.sock")
+
+    def close_and_reopen() -> tuple[socket.socket, socket.socket]:
+        listener.close()
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # another thread's
+        other.bind(other_path)
+        other.listen()
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(other_path)
+        sock.go.set()
+        return other, client
+
+    other, client = Outcome(close_and_reopen).result()  # type: ignore[misc]
+    with other, client:
+        assert other.fileno() == number, "the number was not reused: nothing tested"
+        error = accepting.ended()
+        assert isinstance(error, ConnectionClosed)
+        assert "is closed" in str(error)
+        other.settimeout(WAIT)
+        served, _ = other.accept()  # the other listener's client is still its own
+        with served:
+            client.sendall(b"hello")
+            assert served.recv(5) == b"hello"
+
+
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+def test_close_from_a_signal_handler_ends_the_accept_or_recv_it_interrupted(
+    kind: str, sockdir: Path
+) -> None:
+    # The common way out of `for channel in listener:` on SIGTERM. close() waits for other
+    # threads inside a call to leave, never for the thread whose call the handler
+    # interrupted: that one can leave only after the handler returns.
+    listener = udskit.listen(sockdir / "l.sock", type=kind)  # type: ignore[call-overload]
+    main = threading.main_thread()
+    assert threading.current_thread() is main
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: listener.close())
+    try:
+
+        def interrupt() -> None:
+            inside(main, "accept" if kind == "stream" else "_recv")
+            signal.pthread_kill(main.ident or 0, signal.SIGUSR1)
+
+        interrupting = Outcome(interrupt)
+        wait = listener.accept if kind == "stream" else listener.recv
+        with pytest.raises(ConnectionClosed, match="is closed"):
+            wait()
+        interrupting.result()
+        assert listener.closed
+        assert not (sockdir / "l.sock").exists()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        listener.close()
