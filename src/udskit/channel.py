@@ -225,8 +225,10 @@ class Channel(ChannelFacts):
     Threads may share a channel: each ``send*`` call puts its message (or batch) on the wire
     whole, never interleaved with another thread's, and each ``recv*`` call takes whole
     messages; senders and receivers do not wait for each other (a thread waits for another
-    thread's send, or receive, to finish; each is bounded by the timeout). A signal handler
-    must not use a channel that the thread it interrupted is using: it would wait for ever.
+    thread's send, or receive, to finish; each is bounded by the timeout). ``shutdown_write``
+    waits for a send under way; ``close`` wakes the threads inside a call, and closes the
+    socket once they have left. A signal handler must not use a channel that the thread it
+    interrupted is using: it would wait for ever.
 
     A stream send that fails after part of a message may have gone out (a timeout, a
     signal handler's exception, an error) leaves the channel *broken*: the peer sees the
@@ -1526,7 +1528,7 @@ class Channel(ChannelFacts):
         """Close the socket, any unclaimed received descriptors, and our bound reply path.
 
         Threads blocked in ``send``/``recv`` on this channel are woken; they raise
-        ``ConnectionClosed``.
+        ``ConnectionClosed``. The socket is closed once they have left (CLOSE_WAIT at most).
         """
         if self._closed:
             return

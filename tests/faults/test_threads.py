@@ -11,11 +11,13 @@ whose call waits at a chosen point) only where a race cannot be met on purpose o
 
 from __future__ import annotations
 
+import http.server
 import os
 import random
 import select
 import signal
 import socket
+import socketserver
 import struct
 import sys
 import threading
@@ -724,3 +726,59 @@ def test_close_from_a_signal_handler_ends_the_accept_or_recv_it_interrupted(
     finally:
         signal.signal(signal.SIGUSR1, previous)
         listener.close()
+
+
+# -- the HTTP client -------------------------------------------------------------------------
+
+
+class _EchoPath(http.server.BaseHTTPRequestHandler):
+    """Answers each GET with its path, many times over (a body of some kilobytes)."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive: the client's pool reuses connections
+
+    def do_GET(self) -> None:
+        body = self.path.encode() * 300
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        conn, _ = self.socket.accept()
+        return conn, ("unix", 0)  # http.server logs a (host, port) client address
+
+
+def test_threads_sharing_one_http_client_each_get_their_own_answer(sockdir: Path) -> None:
+    pytest.importorskip("httpx")
+    import udskit.http
+
+    path = os.fspath(sockdir / "h.sock")
+    with _UnixHTTPServer(path, _EchoPath) as server:
+        serving = Outcome(server.serve_forever)
+
+        def get_all(client: object, thread: int) -> None:
+            for number in range(40):
+                target = f"/{thread}/{number}"
+                if client is None:
+                    answer = udskit.http.request(path, target, timeout=WAIT)
+                    status, body = answer.head.status, answer.body
+                else:
+                    response = client.get(target)  # type: ignore[attr-defined]
+                    status, body = response.status_code, response.content
+                assert status == 200
+                assert body == target.encode() * 300, "an answer to another request"
+
+        with udskit.http.client(path, timeout=WAIT) as client:
+            users = [Outcome(lambda t=t: get_all(client, t)) for t in range(6)]
+            users += [Outcome(lambda t=t: get_all(None, t)) for t in range(6, 8)]
+            for user in users:
+                user.result()
+        server.shutdown()
+        serving.result()
