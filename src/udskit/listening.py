@@ -13,6 +13,7 @@ import os
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeVar, overload
@@ -120,7 +121,7 @@ class _Endpoint:
         self._state = threading.RLock()
         self._wakeup: WakeUp | None = None
         self._waiters = 0
-        # Threads inside accept(), recv() or send_to() (their idents, once per call):
+        # Threads inside accept() or send_to() (their idents, once per call):
         # close() waits for the others to leave before it gives up the socket's number.
         self._inside: list[int] = []
         self._left = threading.Condition(self._state)
@@ -220,7 +221,8 @@ class _Endpoint:
     def _leave(self) -> None:
         with self._state:
             self._inside.remove(threading.get_ident())
-            self._left.notify_all()
+            if self._closed:
+                self._left.notify_all()
 
     def _wait_readable(self) -> bool:
         """Wait until the socket is readable if this listener blocks (no timeout) but its
@@ -427,7 +429,10 @@ class DatagramListener(_Endpoint):
         self._ancsize = ancillary_size(max_fds)
         self._rbuf = bytearray(max_frame)
         self._rview = memoryview(self._rbuf)
-        self._rlock = threading.Lock()  # the receive buffer is shared: one reader at a time
+        # The receive buffer is shared: one reader at a time. close() waits for the reader
+        # as for the threads in _inside (a reentrant lock: not for the reader that a signal
+        # handler's close() interrupted).
+        self._rlock = threading.RLock()
 
     @property
     def max_frame(self) -> int:
@@ -443,12 +448,8 @@ class DatagramListener(_Endpoint):
         """The next datagram the policy allows (others are dropped and logged).
 
         Threads may share a listener: each gets whole datagrams of its own."""
-        self._enter()
-        try:
-            with self._rlock:
-                return self._recv()
-        finally:
-            self._leave()
+        with self._rlock:
+            return self._recv()
 
     def _recv(self) -> Datagram:
         while True:
@@ -506,6 +507,12 @@ class DatagramListener(_Endpoint):
             raise translate(exc, "send", target) from exc
         finally:
             self._leave()
+
+    def _until_left(self) -> None:
+        deadline = time.monotonic() + CLOSE_WAIT
+        super()._until_left()
+        if self._rlock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            self._rlock.release()  # a reader that comes now finds the listener closed
 
     def session(self, datagram: Datagram) -> Channel:
         """A Channel view of one datagram: ``recv()`` returns it, ``send()`` replies to its

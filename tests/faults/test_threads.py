@@ -25,7 +25,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Final
+from typing import Any, Final
 
 import pytest
 
@@ -697,6 +697,58 @@ def test_close_never_lets_an_accept_in_another_thread_take_a_reused_descriptor(
         with served:
             client.sendall(b"hello")
             assert served.recv(5) == b"hello"
+
+
+class _RecvHeldUp(socket.socket):
+    """A datagram socket whose recvmsg_into() takes its descriptor number, then stops
+    (as _AcceptHeldUp's accept() does)."""
+
+    def __init__(self, real: socket.socket) -> None:
+        super().__init__(real.family, real.type, fileno=real.detach())
+        self.receiving = threading.Event()
+        self.go = threading.Event()
+
+    def recvmsg_into(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        number = self.fileno()
+        self.receiving.set()
+        self.go.wait(0.2)
+        borrowed = socket.socket(self.family, self.type, fileno=number)
+        try:
+            return borrowed.recvmsg_into(*args, **kwargs)
+        finally:
+            borrowed.detach()
+
+
+def test_close_never_lets_a_recv_in_another_thread_take_a_reused_descriptor(
+    sockdir: Path,
+) -> None:
+    # As above, for a datagram listener: the held-up recv() must not read the datagram
+    # that a client sent to the socket that got the listener's number.
+    listener = udskit.listen(sockdir / "d.sock", type="dgram")
+    sock = _RecvHeldUp(listener.socket)
+    listener._sock = sock
+    number = sock.fileno()
+    receiving = Outcome(listener.recv)
+    assert sock.receiving.wait(WAIT)
+    other_path = os.fspath(sockdir / "other.sock")
+
+    def close_and_reopen() -> tuple[socket.socket, socket.socket]:
+        listener.close()
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # another thread's
+        other.bind(other_path)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        client.sendto(b"hello", other_path)
+        sock.go.set()
+        return other, client
+
+    other, client = Outcome(close_and_reopen).result()  # type: ignore[misc]
+    with other, client:
+        assert other.fileno() == number, "the number was not reused: nothing tested"
+        error = receiving.ended()
+        assert isinstance(error, ConnectionClosed)
+        assert "is closed" in str(error)
+        other.settimeout(WAIT)
+        assert other.recv(100) == b"hello"  # the other socket's datagram is still its own
 
 
 @pytest.mark.parametrize("kind", ["stream", "dgram"])
