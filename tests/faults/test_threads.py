@@ -127,8 +127,8 @@ def _send_all(
 ) -> int:
     """Send _PER_SENDER messages (or a few more, a batch at a time) on ``channel``, by the
     ways ``ops`` names, then (``end``) a last message numbered _END; return how many
-    before that. (Descriptors go through the socket, never the
-    shared-memory pool: on seqpacket, with a message that fits a packet.)"""
+    before that. (Descriptors go through the socket, never the shared-memory pool: on
+    seqpacket, with a message that fits a packet.)"""
     pick = random.Random(sender)
     number = 0
     while number < _PER_SENDER:
