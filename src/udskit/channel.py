@@ -15,6 +15,7 @@ holding thousands of idle clients does not hold a large buffer for each.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import logging
@@ -124,6 +125,9 @@ _JOIN_LIMIT: Final = 64 * 1024
 #: No SIGPIPE on a closed peer: the error comes back as EPIPE (Python ignores SIGPIPE
 #: anyway, but an embedding application may not).
 _SEND_FLAGS: Final = int(socket.MSG_NOSIGNAL)
+
+#: Stands for the write lock where the caller holds it already (``_send_shared``).
+_HELD: Final = contextlib.nullcontext()
 
 #: What ``_read`` reports as control data where none can come.
 _NO_CONTROL: Final[list[tuple[int, int, bytes]]] = []
@@ -437,17 +441,15 @@ class Channel(ChannelFacts):
 
         The frames are joined into one buffer of up to ``_JOIN_LIMIT`` bytes per write, so a
         burst of small messages costs one send() instead of one each. On seqpacket and dgram
-        every message is still its own packet. On a stream the batch is one unit: if it
-        fails (or ``messages`` raises) after any of it went out, the channel is broken.
+        every message is still its own packet. No other thread's message goes between two
+        of a batch. On a stream the batch is one unit: if it fails (or ``messages`` raises)
+        after any of it went out, the channel is broken.
         """
         if self._write_shut:
             raise write_shut(self._where())
         framing = self._framing
         if framing is None:
-            # With shared memory a large message goes through the pool, as with send().
-            send = self.send if self._shm is not None else lambda data: self._send(data, [])
-            for message in messages:
-                send(message)
+            self._send_packets(messages)
             return
         with self._wlock:
             self._check_open()
@@ -473,6 +475,23 @@ class Channel(ChannelFacts):
                 if went and self._broken is None:
                     self._break(f"send_many failed after {went} bytes of its batch went out")
                 raise
+        self._write_lock_left()
+
+    def _send_packets(self, messages: Iterable[Buffer]) -> None:
+        """``send_many`` on seqpacket and dgram: a packet each, all under one hold of the
+        write lock, so that no other thread's message lands between two of the batch.
+        With shared memory a large message goes through the pool, as with send()."""
+        shm = self._shm
+        with self._wlock:
+            self._check_open()
+            for message in messages:
+                if shm is not None and (
+                    type(message) is not bytes or len(message) >= SHARED_THRESHOLD
+                ):
+                    self._send_shared(message, held=True)
+                else:
+                    check_message(message, "send_many")
+                    self._send_packet(message, [])
         self._write_lock_left()
 
     def send_fds(self, data: Buffer, fds: Sequence[int]) -> None:
@@ -1030,7 +1049,9 @@ class Channel(ChannelFacts):
         self._write_lock_left()
         return shm.loan(offset, size)
 
-    def _send_shared(self, data: Buffer) -> None:
+    def _send_shared(self, data: Buffer, *, held: bool = False) -> None:
+        """Send one message of a channel with shared memory, through the pool if it goes
+        there (``held``: the caller holds the write lock, for a batch of packets)."""
         shm = self._shm
         assert shm is not None
         offset = shm.loaned(data)
@@ -1045,7 +1066,10 @@ class Channel(ChannelFacts):
                 self._look_for_offer()
             if size < SHARED_THRESHOLD or not shm.usable_for(size):
                 try:
-                    self._send_framed(data)
+                    if held:  # a packet (see _send_packets)
+                        self._send_packet(data, [])
+                    else:
+                        self._send_framed(data)
                 except FrameTooLarge as exc:
                     if self._wire is None or shm.ready or size < SHARED_THRESHOLD:
                         raise
@@ -1053,7 +1077,7 @@ class Channel(ChannelFacts):
                 return
         else:
             size = len(data)
-        with self._wlock:
+        with _HELD if held else self._wlock:
             self._check_open()
             self._flush_releases()
             shm.ensure_pool()

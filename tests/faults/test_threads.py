@@ -291,6 +291,38 @@ def test_two_threads_talking_both_ways_on_one_channel_each(shared_memory: bool) 
         assert [o.result() for o in work] == [_PER_SENDER, _PER_SENDER, None, None]
 
 
+@pytest.mark.parametrize(
+    ("kind", "shared_memory"),
+    [("stream", False), ("seqpacket", False), ("seqpacket", True), ("dgram", False)],
+)
+def test_a_batch_from_send_many_is_never_split_by_another_threads_messages(
+    kind: str, shared_memory: bool
+) -> None:
+    # send_many() is one unit on every socket type: another thread's message (or batch)
+    # goes before it or after it, never between two of its messages.
+    left, right = udskit.pair(kind, max_frame=2 * 1024 * 1024, shared_memory=shared_memory)
+    batches, size = 4, 60
+    # With shared memory, one message in six goes through the pool.
+    sizes = (16, 500, 16, 500, 16, SHARED_THRESHOLD) if shared_memory else (16, 500)
+
+    def send(sender: int) -> None:
+        for batch in range(batches):
+            left.send_many(
+                message(sender, batch * size + i, sizes[i % len(sizes)]) for i in range(size)
+            )
+
+    with left, right:
+        right.settimeout(WAIT)
+        senders = [Outcome(lambda t=t: send(t)) for t in range(3)]
+        got = [check(right.recv()) for _ in range(3 * batches * size)]
+        for sender in senders:
+            sender.result()
+    for start in range(0, len(got), size):
+        batch = got[start : start + size]
+        assert {sender for sender, _ in batch} == {batch[0][0]}, "a batch was split"
+        assert [number for _, number in batch] == list(range(batch[0][1], batch[0][1] + size))
+
+
 @pytest.mark.parametrize(("kind", "shared_memory", "ops"), _kinds())
 def test_sends_timing_out_in_some_threads_never_splice_another_threads_message(
     kind: str, shared_memory: bool, ops: str
