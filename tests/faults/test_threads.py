@@ -795,15 +795,24 @@ def test_close_from_a_signal_handler_ends_the_accept_or_recv_it_interrupted(
     assert threading.current_thread() is main
     previous = signal.signal(signal.SIGUSR1, lambda signum, frame: listener.close())
     try:
+        done = threading.Event()
 
         def interrupt() -> None:
             inside(main, "accept" if kind == "stream" else "_recv")
-            signal.pthread_kill(main.ident or 0, signal.SIGUSR1)
+            # Again until the call has ended (bounded): a signal that comes just before the
+            # blocking system call starts is handled only once that call returns.
+            for _ in range(1000):
+                signal.pthread_kill(main.ident or 0, signal.SIGUSR1)
+                if done.wait(0.01):
+                    return
 
         interrupting = Outcome(interrupt)
         wait = listener.accept if kind == "stream" else listener.recv
-        with pytest.raises(ConnectionClosed, match="is closed"):
-            wait()
+        try:
+            with pytest.raises(ConnectionClosed, match="is closed"):
+                wait()
+        finally:
+            done.set()
         interrupting.result()
         assert listener.closed
         assert not (sockdir / "l.sock").exists()
