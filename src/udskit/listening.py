@@ -292,7 +292,7 @@ class Listener(_Endpoint):
     """A listening stream or seqpacket socket. ``accept()`` returns a Channel per client.
 
     Threads may share it: several may accept at once, and ``close()`` from another thread
-    (or a signal handler) wakes them."""
+    wakes them."""
 
     __slots__ = ("_buffers", "_framing", "_max_fds", "_max_frame", "_shared_memory")
 
