@@ -612,6 +612,25 @@ def test_close_from_another_thread_returns_once_the_server_has_stopped(
 
 
 @pytest.mark.parametrize("kind", ["Server", "MessageServer", "MessageServer-workers"])
+def test_stop_from_several_threads_at_once_and_again_after_the_end(
+    kind: str, sockdir: Path
+) -> None:
+    path = sockdir / "s.sock"
+    server = _server(kind, path, lambda data: data)
+    serving = Outcome(server.serve_forever)
+    with udskit.connect(path, timeout=WAIT) as client:
+        client.send(b"hello")
+        assert client.recv() == b"hello"
+        stoppers = [Outcome(server.stop) for _ in range(4)]
+        for stopper in stoppers:
+            stopper.result()
+        serving.result()
+        assert not path.exists()
+        server.stop()  # after the end: nothing to wake, nothing written anywhere
+        server.close()
+
+
+@pytest.mark.parametrize("kind", ["Server", "MessageServer", "MessageServer-workers"])
 def test_close_from_a_handler_stops_the_server_without_waiting_for_itself(
     kind: str, sockdir: Path
 ) -> None:
