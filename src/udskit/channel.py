@@ -15,6 +15,7 @@ holding thousands of idle clients does not hold a large buffer for each.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import logging
@@ -125,6 +126,9 @@ _JOIN_LIMIT: Final = 64 * 1024
 #: anyway, but an embedding application may not).
 _SEND_FLAGS: Final = int(socket.MSG_NOSIGNAL)
 
+#: Stands for the write lock where the caller holds it already (``_send_shared``).
+_HELD: Final = contextlib.nullcontext()
+
 #: What ``_read`` reports as control data where none can come.
 _NO_CONTROL: Final[list[tuple[int, int, bytes]]] = []
 
@@ -144,10 +148,12 @@ _Inbox: TypeAlias = deque[tuple[bytes, list[int]]]
 #: message, which is noise at this size; the first small message switches it off again.
 DIRECT_READ_MIN: Final = 256 * 1024
 
-#: How long close() waits for a thread it woke in recv() to leave, before closing the
-#: descriptors the framing holds. That thread is returning already; this only bounds a
-#: reader stuck elsewhere (in a signal handler, say), whose descriptors then stay open.
-CLOSE_READER_WAIT: Final = 1.0
+#: How long close() waits, in all, for the threads it woke in recv() and send() to leave,
+#: before it closes the descriptors the framing holds and the socket. Those threads are
+#: returning already; this only bounds one stuck elsewhere (in a signal handler, say),
+#: whose received descriptors then stay open, and which may then meet the socket's number
+#: reused by the next open() (see close()).
+CLOSE_WAIT: Final = 1.0
 
 #: Longest a sender waiting for space in its shared-memory pool waits without looking at the
 #: pool again: while another thread is the one reading the socket (that thread passes
@@ -223,8 +229,10 @@ class Channel(ChannelFacts):
     Threads may share a channel: each ``send*`` call puts its message (or batch) on the wire
     whole, never interleaved with another thread's, and each ``recv*`` call takes whole
     messages; senders and receivers do not wait for each other (a thread waits for another
-    thread's send, or receive, to finish; each is bounded by the timeout). A signal handler
-    must not use a channel that the thread it interrupted is using: it would wait for ever.
+    thread's send, or receive, to finish; each is bounded by the timeout). ``shutdown_write``
+    waits for a send under way; ``close`` wakes the threads inside a call, and closes the
+    socket once they have left. A signal handler must not use a channel that the thread it
+    interrupted is using: it would wait for ever.
 
     A stream send that fails after part of a message may have gone out (a timeout, a
     signal handler's exception, an error) leaves the channel *broken*: the peer sees the
@@ -421,8 +429,7 @@ class Channel(ChannelFacts):
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
-                self._check_open()  # closed under us by another thread
-                raise translate(exc, "send", self._remote) from exc
+                raise self._send_error(exc) from exc  # closed under us, or half-closed
             except BaseException:
                 self._break("a send was interrupted")
                 raise
@@ -434,17 +441,15 @@ class Channel(ChannelFacts):
 
         The frames are joined into one buffer of up to ``_JOIN_LIMIT`` bytes per write, so a
         burst of small messages costs one send() instead of one each. On seqpacket and dgram
-        every message is still its own packet. On a stream the batch is one unit: if it
-        fails (or ``messages`` raises) after any of it went out, the channel is broken.
+        every message is still its own packet. No other thread's message goes between two
+        of a batch. On a stream the batch is one unit: if it fails (or ``messages`` raises)
+        after any of it went out, the channel is broken.
         """
         if self._write_shut:
             raise write_shut(self._where())
         framing = self._framing
         if framing is None:
-            # With shared memory a large message goes through the pool, as with send().
-            send = self.send if self._shm is not None else lambda data: self._send(data, [])
-            for message in messages:
-                send(message)
+            self._send_packets(messages)
             return
         with self._wlock:
             self._check_open()
@@ -470,6 +475,23 @@ class Channel(ChannelFacts):
                 if went and self._broken is None:
                     self._break(f"send_many failed after {went} bytes of its batch went out")
                 raise
+        self._write_lock_left()
+
+    def _send_packets(self, messages: Iterable[Buffer]) -> None:
+        """``send_many`` on seqpacket and dgram: a packet each, all under one hold of the
+        write lock, so that no other thread's message lands between two of the batch.
+        With shared memory a large message goes through the pool, as with send()."""
+        shm = self._shm
+        with self._wlock:
+            self._check_open()
+            for message in messages:
+                if shm is not None and (
+                    type(message) is not bytes or len(message) >= SHARED_THRESHOLD
+                ):
+                    self._send_shared(message, held=True)
+                else:
+                    check_message(message, "send_many")
+                    self._send_packet(message, [])
         self._write_lock_left()
 
     def send_fds(self, data: Buffer, fds: Sequence[int]) -> None:
@@ -522,11 +544,9 @@ class Channel(ChannelFacts):
                 try:
                     deadline = self._wait(select.POLLOUT, deadline)
                 except OSError as exc:
-                    self._check_open()  # closed under us by another thread
-                    raise translate(exc, "send", self._remote) from exc
+                    raise self._send_error(exc) from exc  # closed under us, or half-closed
             except OSError as exc:
-                self._check_open()  # closed under us: EPIPE or EBADF says nothing useful
-                raise translate(exc, "send", self._remote) from exc
+                raise self._send_error(exc) from exc  # closed under us, or half-closed
 
     def _packet_out(
         self,
@@ -552,13 +572,12 @@ class Channel(ChannelFacts):
                 try:
                     deadline = self._wait(select.POLLOUT, deadline)
                 except OSError as exc:
-                    raise translate(exc, "send", self._remote) from exc
+                    raise self._send_error(exc) from exc
                 except BaseException:
                     self._break("a send was interrupted")
                     raise
             except OSError as exc:
-                self._check_open()  # closed under us by another thread
-                raise translate(exc, "send", self._remote) from exc
+                raise self._send_error(exc) from exc  # closed under us, or half-closed
             except UdsError:
                 raise
             except BaseException:
@@ -603,7 +622,7 @@ class Channel(ChannelFacts):
         except OSError as exc:
             self._check_open()  # closed under us by another thread
             if not went + sent:
-                raise translate(exc, "send", self._remote) from exc
+                raise self._send_error(exc) from exc
             self._break(f"a send failed after {went + sent} of {went + size} bytes went out")
             error = self._broken
             assert error is not None
@@ -1030,7 +1049,9 @@ class Channel(ChannelFacts):
         self._write_lock_left()
         return shm.loan(offset, size)
 
-    def _send_shared(self, data: Buffer) -> None:
+    def _send_shared(self, data: Buffer, *, held: bool = False) -> None:
+        """Send one message of a channel with shared memory, through the pool if it goes
+        there (``held``: the caller holds the write lock, for a batch of packets)."""
         shm = self._shm
         assert shm is not None
         offset = shm.loaned(data)
@@ -1045,7 +1066,10 @@ class Channel(ChannelFacts):
                 self._look_for_offer()
             if size < SHARED_THRESHOLD or not shm.usable_for(size):
                 try:
-                    self._send_framed(data)
+                    if held:  # a packet (see _send_packets)
+                        self._send_packet(data, [])
+                    else:
+                        self._send_framed(data)
                 except FrameTooLarge as exc:
                     if self._wire is None or shm.ready or size < SHARED_THRESHOLD:
                         raise
@@ -1053,7 +1077,7 @@ class Channel(ChannelFacts):
                 return
         else:
             size = len(data)
-        with self._wlock:
+        with _HELD if held else self._wlock:
             self._check_open()
             self._flush_releases()
             shm.ensure_pool()
@@ -1124,6 +1148,8 @@ class Channel(ChannelFacts):
             # 10+). Without this a sender running ahead would walk the whole pool.
             self._take_in(wait=False)
         while True:
+            if self._closed:  # by another thread, which waits for us to leave
+                self._check_open()
             offset = shm.lend(size)
             if offset is not None:
                 return offset
@@ -1190,7 +1216,7 @@ class Channel(ChannelFacts):
             if went:
                 self._break(f"a send failed after {went} bytes of its unit went out")
                 raise copy.copy(self._broken) from exc  # type: ignore[misc]
-            raise translate(exc, "send", self._remote) from exc
+            raise self._send_error(exc) from exc
         except BaseException:
             self._break("a send was interrupted")
             raise
@@ -1507,20 +1533,26 @@ class Channel(ChannelFacts):
 
     # -- closing --------------------------------------------------------------------------
     def shutdown_write(self) -> None:
-        """Half-close: tell the peer we will send no more (it sees end of stream)."""
+        """Half-close: tell the peer we will send no more (it sees end of stream).
+
+        A send under way in another thread ends first, its message whole (this waits for
+        it, as another send would); sends that come after raise ``ConnectionClosed``."""
         self._check_open()
-        try:
-            self._sock.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            self._check_open()  # closed by another thread meanwhile: EBADF says nothing
-            raise translate(exc, "send", self._remote) from exc
-        self._write_shut = True
+        # Under the write lock: a shutdown in the middle of another thread's frame would
+        # cut that message off, and break the channel for a send that was not at fault.
+        with self._wlock:
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                self._check_open()  # closed by another thread meanwhile: EBADF says nothing
+                raise translate(exc, "send", self._remote) from exc
+            self._write_shut = True
 
     def close(self) -> None:
         """Close the socket, any unclaimed received descriptors, and our bound reply path.
 
         Threads blocked in ``send``/``recv`` on this channel are woken; they raise
-        ``ConnectionClosed``.
+        ``ConnectionClosed``. The socket is closed once they have left (CLOSE_WAIT at most).
         """
         if self._closed:
             return
@@ -1539,9 +1571,17 @@ class Channel(ChannelFacts):
                     self._sock.shutdown(how)
                 except OSError:
                     pass
-        # What the framing holds belongs to the reader: wait (briefly: it was just woken)
-        # for one still in recv() to leave before closing its descriptors.
-        reader_gone = self._rlock.acquire(timeout=CLOSE_READER_WAIT)
+        # What the framing holds belongs to the reader, and the socket's number to every
+        # thread inside a call: wait (briefly: they were just woken) for a reader and a
+        # writer still in recv()/send() to leave, before closing the descriptors the
+        # framing holds and the socket. The next open() in any thread may get its number,
+        # and a thread that had taken it (to poll it, or between the socket module's read
+        # of it and the system call) would then wait on, or write to, that file.
+        deadline = monotonic() + CLOSE_WAIT
+        reader_gone = self._rlock.acquire(timeout=CLOSE_WAIT)
+        writer_gone = self._owns_socket and self._wlock.acquire(
+            timeout=max(0.0, deadline - monotonic())
+        )
         try:
             if reader_gone:
                 _close_held(self._framing, self._inbox)
@@ -1549,11 +1589,13 @@ class Channel(ChannelFacts):
                     self._held.detach()
             if self._shm is not None:
                 self._shm.close()  # with the descriptors of messages not yet received
+            if self._owns_socket:
+                self._sock.close()
         finally:
+            if writer_gone:
+                self._wlock.release()
             if reader_gone:
                 self._rlock.release()
-        if self._owns_socket:
-            self._sock.close()
         if self._claim is not None:
             self._claim.release()
         if self._cleanup_dir is not None:
@@ -1588,6 +1630,15 @@ class Channel(ChannelFacts):
         )
 
     # -- helpers --------------------------------------------------------------------------
+    def _send_error(self, exc: OSError) -> Exception:
+        """What a send raises for ``exc`` from its first system call (nothing went out):
+        ``close()`` or ``shutdown_write()`` in another thread (while this send waited for
+        the write lock) say so; the kernel's EBADF or EPIPE would not, or blame the peer."""
+        self._check_open()
+        if self._write_shut:
+            return write_shut(self._where())
+        return translate(exc, "send", self._remote)
+
     def _check_open(self) -> None:
         if self._closed:
             raise ConnectionClosed(f"{self._where()}: this channel is closed")

@@ -13,6 +13,7 @@ import os
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeVar, overload
@@ -32,7 +33,7 @@ from .ancillary import (
     rights,
     unpack,
 )
-from .channel import Buffer, Channel
+from .channel import CLOSE_WAIT, Buffer, Channel
 from .creds import PeerCred, Policy
 from .errors import AddressInUse, ConnectionClosed, ProtocolError
 from .handover import Upgrader
@@ -92,6 +93,8 @@ class _Endpoint:
     __slots__ = (
         "_claim",
         "_closed",
+        "_inside",
+        "_left",
         "_owner_pid",
         "_shared",
         "_sock",
@@ -114,9 +117,14 @@ class _Endpoint:
         self._shared = address.kind == "fd" or isinstance(claim, Upgrader)
         # Without shutdown(), close() wakes a thread waiting on a shared socket through this
         # pipe (made by the first such wait), closed by close() or the last waiter after it.
-        self._state = threading.Lock()
+        # Reentrant: close() from a signal handler that interrupted this thread in a call.
+        self._state = threading.RLock()
         self._wakeup: WakeUp | None = None
         self._waiters = 0
+        # Threads inside accept() or send_to() (their idents, once per call):
+        # close() waits for the others to leave before it gives up the socket's number.
+        self._inside: list[int] = []
+        self._left = threading.Condition(self._state)
         self.address = address
         self.policy = policy
 
@@ -192,7 +200,29 @@ class _Endpoint:
                 self._sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        self._until_left()
         self._sock.close()
+
+    def _until_left(self) -> None:
+        """Wait (briefly: close() has woken them) for the threads inside a call to leave.
+        The next open() in any thread may get the socket's number once it is closed, and a
+        thread that had taken it (between the socket module's read of it and the system
+        call) would accept that socket's client, or read its datagram."""
+        me = threading.get_ident()  # a signal handler's close() cannot wait for its thread
+        with self._left:
+            self._left.wait_for(lambda: all(t == me for t in self._inside), CLOSE_WAIT)
+
+    def _enter(self) -> None:
+        """A call that uses the socket begins (see _until_left)."""
+        with self._state:
+            self._check_open()
+            self._inside.append(threading.get_ident())
+
+    def _leave(self) -> None:
+        with self._state:
+            self._inside.remove(threading.get_ident())
+            if self._closed:
+                self._left.notify_all()
 
     def _wait_readable(self) -> bool:
         """Wait until the socket is readable if this listener blocks (no timeout) but its
@@ -259,7 +289,10 @@ class _Endpoint:
 
 
 class Listener(_Endpoint):
-    """A listening stream or seqpacket socket. ``accept()`` returns a Channel per client."""
+    """A listening stream or seqpacket socket. ``accept()`` returns a Channel per client.
+
+    Threads may share it: several may accept at once, and ``close()`` from another thread
+    wakes them."""
 
     __slots__ = ("_buffers", "_framing", "_max_fds", "_max_frame", "_shared_memory")
 
@@ -313,7 +346,17 @@ class Listener(_Endpoint):
         return self._buffers
 
     def accept(self) -> Channel:
-        """Wait for the next client the policy allows; refused peers are closed and logged."""
+        """Wait for the next client the policy allows; refused peers are closed and logged.
+
+        Threads may accept at once: each client goes to one of them. ``close()`` wakes
+        those waiting, which raise ConnectionClosed."""
+        self._enter()
+        try:
+            return self._accept()
+        finally:
+            self._leave()
+
+    def _accept(self) -> Channel:
         while True:
             self._check_open()
             if self._shared:
@@ -386,7 +429,10 @@ class DatagramListener(_Endpoint):
         self._ancsize = ancillary_size(max_fds)
         self._rbuf = bytearray(max_frame)
         self._rview = memoryview(self._rbuf)
-        self._rlock = threading.Lock()  # the receive buffer is shared: one reader at a time
+        # The receive buffer is shared: one reader at a time. close() waits for the reader
+        # as for the threads in _inside (a reentrant lock: not for the reader that a signal
+        # handler's close() interrupted).
+        self._rlock = threading.RLock()
 
     @property
     def max_frame(self) -> int:
@@ -452,12 +498,21 @@ class DatagramListener(_Endpoint):
         check_message(data, "send_to")
         target = Address.parse(address)
         ancillary = rights(descriptors(fds, "send_to"), self._max_fds)
+        self._enter()
         try:
             with sun_path(target) as where:
                 self._sock.sendmsg([data], ancillary, socket.MSG_NOSIGNAL, where)
         except OSError as exc:
             self._check_open()  # closed by another thread meanwhile: EBADF says nothing
             raise translate(exc, "send", target) from exc
+        finally:
+            self._leave()
+
+    def _until_left(self) -> None:
+        deadline = time.monotonic() + CLOSE_WAIT
+        super()._until_left()
+        if self._rlock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            self._rlock.release()  # a reader that comes now finds the listener closed
 
     def session(self, datagram: Datagram) -> Channel:
         """A Channel view of one datagram: ``recv()`` returns it, ``send()`` replies to its

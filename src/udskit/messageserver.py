@@ -116,6 +116,7 @@ class MessageServer(MessageServing):
         self._calls: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
         self._woken = False
         self._served = False
+        self._done = threading.Event()  # serve_forever() has ended: close() waits for it
         self._retry_at: float | None = None  # accept back-off: when to look again
         self._datagrams_at: float | None = None  # when to retry waiting datagram replies
         self._drain_at: float | None = None  # handed over: when to close the clients left
@@ -242,6 +243,12 @@ class MessageServer(MessageServing):
             raise RuntimeError("serve_forever() can run once per MessageServer")
         self._served = True
         self._loop_thread = threading.get_ident()
+        try:
+            self._serve()
+        finally:
+            self._done.set()
+
+    def _serve(self) -> None:
         endpoint = self._endpoint
         endpoint.socket.setblocking(False)
         for number in range(self._workers):
@@ -326,11 +333,24 @@ class MessageServer(MessageServing):
         self._wakeup.close()  # nor does a later stop(), close() or late worker
 
     def close(self) -> None:
-        """Stop and release everything, whether or not serve_forever ran."""
+        """Stop and release everything, whether or not serve_forever ran.
+
+        From another thread while serve_forever() runs, it returns once serve_forever() has
+        ended (the listener closed, its socket file removed, the workers ended); from the
+        serving thread or a worker (a handler, a signal handler) it only stops, as stop()
+        does, since serve_forever() can end only after it returns."""
         self.stop()
         if not self._served:
             self._served = True
-            self._shutdown()
+            try:
+                self._shutdown()
+            finally:
+                self._done.set()
+        elif not (
+            threading.get_ident() == self._loop_thread
+            or threading.current_thread() in self._threads
+        ):
+            self._done.wait()
 
     def __enter__(self) -> MessageServer:
         return self

@@ -68,6 +68,9 @@ HANDLER_STACK_SIZE: Final = 1024 * 1024
 # part of the program starting a thread at that very moment gets 1 MiB too.
 _stack_lock = threading.Lock()
 
+#: ``server``: the Server whose handler this thread runs (set in each handler's thread).
+_handling = threading.local()
+
 
 class Server:
     """A server on ``address`` calling ``handler(channel)`` for each client (or datagram).
@@ -105,6 +108,8 @@ class Server:
         self._active: set[Channel] = set()  # one per handler thread running
         self._idle = threading.Condition(self._lock)  # notified when _active empties
         self._served = False
+        self._serving = 0  # the thread in serve_forever()
+        self._done = threading.Event()  # serve_forever() has ended: close() waits for it
         self._backoff = Backoff()
 
     @property
@@ -135,6 +140,13 @@ class Server:
         if self._served:
             raise RuntimeError("serve_forever() can run once per Server")
         self._served = True
+        self._serving = threading.get_ident()
+        try:
+            self._serve()
+        finally:
+            self._done.set()
+
+    def _serve(self) -> None:
         endpoint = self._endpoint
         endpoint.socket.setblocking(False)
         upgrader = endpoint.upgrader
@@ -261,6 +273,7 @@ class Server:
             channel.close()
 
     def _run_client(self, channel: Channel) -> None:
+        _handling.server = self  # close() from this handler must not wait for serve_forever()
         try:
             self._call(channel)
         finally:
@@ -323,11 +336,25 @@ class Server:
         self._wakeup.close()  # a later stop(), or a late handler's exit, wakes nothing
 
     def close(self) -> None:
-        """Stop and release everything, whether or not serve_forever ran."""
+        """Stop and release everything, whether or not serve_forever ran.
+
+        From another thread while serve_forever() runs, it returns once serve_forever() has
+        ended (the listener closed, its socket file removed, the handlers waited for as
+        serve_forever() waits for them); from the serving thread or a handler (a signal
+        handler, say) it only stops, as stop() does, since serve_forever() can end only
+        after it returns."""
         self.stop()
         if not self._served:
             self._served = True
-            self._shutdown()
+            try:
+                self._shutdown()
+            finally:
+                self._done.set()
+        elif (
+            threading.get_ident() != self._serving
+            and getattr(_handling, "server", None) is not self
+        ):
+            self._done.wait()
 
     def __enter__(self) -> Server:
         return self

@@ -15,10 +15,14 @@ __all__ = ["WakeUp", "woken_by_signals"]
 class WakeUp:
     """Watch ``fd`` for reading; ``wake()`` makes it readable, ``drain()`` quiet again."""
 
-    __slots__ = ("_write", "fd")
+    __slots__ = ("_lock", "_write", "fd")
 
     def __init__(self) -> None:
         self.fd, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Held across each use of the descriptors and across close(): a wake() in another
+        # thread that read the number just before close() would otherwise write after it,
+        # into whatever took the number in the meantime (a client's socket, a file).
+        self._lock = threading.Lock()
 
     @property
     def write_fd(self) -> int:
@@ -26,26 +30,34 @@ class WakeUp:
         return self._write
 
     def wake(self) -> None:
+        # Never waits: safe in a signal handler that interrupted a holder of the lock. A
+        # holder is waking it already (then the pipe is written), or closing it.
+        if not self._lock.acquire(blocking=False):
+            return
         try:
             os.write(self._write, b"!")
         except OSError:
             pass  # full (a wake-up is pending anyway), or closed
+        finally:
+            self._lock.release()
 
     def drain(self) -> None:
-        try:
-            while os.read(self.fd, 4096):
-                pass
-        except OSError:
-            pass  # empty (BlockingIOError), or closed
+        with self._lock:
+            try:
+                while os.read(self.fd, 4096):
+                    pass
+            except OSError:
+                pass  # empty (BlockingIOError), or closed
 
     def close(self) -> None:
         """Close both ends. Retired first: a later ``wake()`` (a late thread, a signal) must
         not write to these numbers, which the next open() in any thread may get."""
-        ends = (self.fd, self._write)
-        self.fd = self._write = -1  # -1: EBADF, ignored
-        for fd in ends:
-            if fd >= 0:
-                os.close(fd)
+        with self._lock:
+            ends = (self.fd, self._write)
+            self.fd = self._write = -1  # -1: EBADF, ignored
+            for fd in ends:
+                if fd >= 0:
+                    os.close(fd)
 
 
 @contextlib.contextmanager

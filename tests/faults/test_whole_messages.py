@@ -281,12 +281,11 @@ def test_threads_receiving_on_one_channel_each_get_whole_messages(how: str) -> N
                         batch = [right.recv_fds()[0]]
                     else:
                         batch = [right.recv()]
-                    if b"STOP" in batch:
-                        with lock:
-                            got.extend(m for m in batch if m != b"STOP")
-                        return
                     with lock:
                         got.extend(batch)
+            except ConnectionClosed as exc:  # the end: each reader sees it
+                if exc.mid_message:
+                    errors.append(exc)
             except BaseException as exc:
                 errors.append(exc)
 
@@ -296,10 +295,11 @@ def test_threads_receiving_on_one_channel_each_get_whole_messages(how: str) -> N
         sent = [tagged(i, 1000 + 977 * (i % 300)) for i in range(total)]
         for msg in sent:
             left.send(msg)
-        left.send(b"STOP")
-        left.send(b"STOP")
+        # The end, not a STOP message each: one recv_many() may take both of those.
+        left.shutdown_write()
         for t in readers:
             t.join(WAIT)
+            assert not t.is_alive()
         assert not errors
         assert sorted(got) == sorted(sent)
 
@@ -631,7 +631,11 @@ class _ClosedWhenFull(ScriptedSocket):
 
 
 @pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_SEQPACKET])
-def test_a_send_that_finds_its_channel_closed_before_it_waits_says_so(kind: int) -> None:
+def test_a_send_that_finds_its_channel_closed_before_it_waits_says_so(
+    kind: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # close() runs in the sending thread here: it cannot wait for that send to leave.
+    monkeypatch.setattr(udskit.channel, "CLOSE_WAIT", 0.001)
     raw, other = socket.socketpair(socket.AF_UNIX, kind)
     sock = _ClosedWhenFull(raw, [])
     with other:
@@ -651,7 +655,11 @@ class _ClosedBeforeShutdown(ScriptedSocket):
         super().shutdown(how)
 
 
-def test_a_half_close_that_finds_its_channel_closed_says_so() -> None:
+def test_a_half_close_that_finds_its_channel_closed_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # close() runs in the half-closing thread here: it cannot wait for it to leave.
+    monkeypatch.setattr(udskit.channel, "CLOSE_WAIT", 0.001)
     raw, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     sock = _ClosedBeforeShutdown(raw, [])
     with other:
@@ -667,7 +675,7 @@ def test_close_wakes_a_thread_waiting_to_receive_within_a_timeout(
     # With a timeout the reader waits in poll(). A shut-down datagram socket is readable but
     # yields EAGAIN: the reader must see that the channel is closed, not poll again (it
     # spun until close() gave up waiting for it and closed the socket under it).
-    monkeypatch.setattr(udskit.channel, "CLOSE_READER_WAIT", 3600.0)
+    monkeypatch.setattr(udskit.channel, "CLOSE_WAIT", 3600.0)
     left, right = udskit.pair(kind)
     with right:
         left.settimeout(60.0)
@@ -707,7 +715,7 @@ class _ClosedAsItArrives(ScriptedSocket):
 def test_an_empty_datagram_read_as_the_channel_closes_leaves_no_descriptor(
     monkeypatch: pytest.MonkeyPatch, no_fd_leak: None
 ) -> None:
-    monkeypatch.setattr(udskit.channel, "CLOSE_READER_WAIT", 0.001)
+    monkeypatch.setattr(udskit.channel, "CLOSE_WAIT", 0.001)
     raw, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock = _ClosedAsItArrives(raw, [])
     read_end, write_end = os.pipe()
