@@ -249,6 +249,7 @@ class Channel(ChannelFacts):
         "_claim",
         "_cleanup_dir",
         "_closed",
+        "_closing",
         "_direct",
         "_fds_seen",
         "_framing",
@@ -343,6 +344,7 @@ class Channel(ChannelFacts):
         if any(fds for _, fds in self._inbox):
             self._holding_fds()
         self._closed = False
+        self._closing = threading.Lock()  # taken by the first close(), never given back
         # _unusable: closed or broken, one test on the hot paths; _broken says why
         self._unusable = False
         self._write_shut = False  # shutdown_write() was called: sends say so
@@ -1554,8 +1556,8 @@ class Channel(ChannelFacts):
         Threads blocked in ``send``/``recv`` on this channel are woken; they raise
         ``ConnectionClosed``. The socket is closed once they have left (CLOSE_WAIT at most).
         """
-        if self._closed:
-            return
+        if not self._closing.acquire(blocking=False):
+            return  # closed, or being closed by another thread: once is all it takes
         self._closed = self._unusable = True
         if self._owns_socket:
             # close() alone wakes nobody blocked on the socket. Only where a thread of ours

@@ -34,6 +34,7 @@ import udskit.channel
 import udskit.wakeup
 from udskit import ConnectionClosed
 from udskit.proto.shm import SHARED_THRESHOLD
+from udskit.sockfile import Claim
 from udskit.wakeup import WakeUp
 
 from .scripted import WAIT
@@ -537,6 +538,84 @@ def test_close_wakes_a_writer_whose_descriptor_number_was_reused(
         error = sending.ended()
         assert isinstance(error, ConnectionClosed)
         assert "this channel is closed" in str(error)
+
+
+def _meet(barrier: threading.Barrier | None) -> None:
+    """Wait for the other thread at ``barrier``; alone (it never comes), go on."""
+    if barrier is not None:
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            pass
+
+
+class _SeenOpenByTwo(udskit.Channel):
+    """A channel whose ``_closed`` flag, while still False, two threads read at once (each
+    waits for the other at ``racing``): the moment between a close()'s look at the flag
+    and its setting of it, held open."""
+
+    __slots__ = ()
+    racing: threading.Barrier | None = None
+
+    @property  # type: ignore[override]
+    def _closed(self) -> bool:
+        value: bool = udskit.Channel._closed.__get__(self)  # type: ignore[attr-defined]
+        if not value:
+            _meet(_SeenOpenByTwo.racing)
+        return value
+
+    @_closed.setter
+    def _closed(self, value: bool) -> None:
+        udskit.Channel._closed.__set__(self, value)  # type: ignore[attr-defined]
+
+
+class _ReleasedByTwo(Claim):
+    """A claim whose release() two threads enter at once, as _SeenOpenByTwo's close()s."""
+
+    __slots__ = ()
+    racing: threading.Barrier | None = None
+
+    @property  # type: ignore[override]
+    def _directory(self) -> object:
+        value = Claim._directory.__get__(self)  # type: ignore[attr-defined]
+        if value is not None:
+            _meet(_ReleasedByTwo.racing)
+        return value
+
+    @_directory.setter
+    def _directory(self, value: object) -> None:
+        Claim._directory.__set__(self, value)  # type: ignore[attr-defined]
+
+
+def test_two_threads_closing_one_channel_close_each_descriptor_once(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A datagram client holds its socket, its reply path's directory and socket file (its
+    # claim's descriptors). Two threads closing it at once must close each once: a second
+    # close of a number that another thread's open() got meanwhile closes that file.
+    closed: list[int] = []
+    real_close = os.close
+
+    def recording(fd: int) -> None:
+        closed.append(fd)
+        real_close(fd)
+
+    with udskit.listen(sockdir / "dg.sock", type="dgram"):
+        channel = udskit.connect(sockdir / "dg.sock", type="dgram")
+        claim = channel._claim  # type: ignore[attr-defined]
+        assert claim is not None, "a datagram client claims its reply path"
+        channel.__class__ = _SeenOpenByTwo
+        claim.__class__ = _ReleasedByTwo
+        monkeypatch.setattr(_SeenOpenByTwo, "racing", threading.Barrier(2, timeout=0.5))
+        monkeypatch.setattr(_ReleasedByTwo, "racing", threading.Barrier(2, timeout=0.5))
+        monkeypatch.setattr(os, "close", recording)
+        closers = [Outcome(channel.close) for _ in range(2)]
+        errors = [closer.ended() for closer in closers]
+        monkeypatch.undo()
+    assert errors == [None, None], errors
+    assert channel.closed
+    assert closed, "nothing was closed: nothing tested"
+    assert len(closed) == len(set(closed)), f"closed more than once: {sorted(closed)}"
 
 
 @pytest.mark.parametrize("kind", ["stream", "seqpacket"])
