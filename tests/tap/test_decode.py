@@ -54,6 +54,21 @@ def test_lines_come_out_whole_however_the_bytes_are_split(
     assert [s.preview for s in shown] == [(line + "\n").encode() for line in lines]
 
 
+@given(st.lists(st.integers(0, 10_000)))
+def test_bytes_that_are_not_a_length_frame_are_shown_from_their_prefix_on(
+    cuts: list[int],
+) -> None:
+    # PostgreSQL's startup packet passes for a frame, its next message ('Q', then a length
+    # that counts itself) does not: every byte from that prefix on is shown, none dropped.
+    stream = b"\x00\x00\x00\x02ab" + b"Q\x00\x00\x00\x0eselect 1;\x00"
+    shown = _feed_all(Conversation("length", 100), _split(stream, cuts))
+    assert shown[0] == tap.Shown("length", 2, b"ab")
+    raw = shown[1:]
+    assert raw[0].note.startswith("not a length frame: a prefix announcing 1358954496 B")
+    assert b"".join(s.preview for s in raw) == stream[6:]
+    assert sum(s.size for s in raw) == len(stream) - 6
+
+
 def test_a_stream_ending_inside_a_frame_or_line_says_so() -> None:
     frames = Conversation("length", 10)
     assert frames.feed("up", b"\x00\x00\x00\x09abc") == []

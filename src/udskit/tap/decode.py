@@ -148,14 +148,15 @@ class _Direction:
                 if len(self.head) < HEADER.size:
                     break
                 (self.need,) = HEADER.unpack(self.head)
-                self.head = b""
+                prefix, self.head = self.head, b""
                 if self.need > DEFAULT_MAX_FRAME:
                     note = (
                         f"not a length frame: a prefix announcing {self.need} B (the limit is "
                         f"{DEFAULT_MAX_FRAME}); shown raw from here"
                     )
                     self.framing, self.need = "raw", -1
-                    rest = bytes(view)
+                    # From the prefix on: its four bytes are the first of what is not a frame.
+                    rest = prefix + bytes(view)
                     out.append(Shown("raw", len(rest), rest[: self.max_bytes], note=note))
                     return out
                 self.preview, self.size = b"", 0
