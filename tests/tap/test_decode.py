@@ -105,6 +105,23 @@ def test_http_requests_and_responses_over_keep_alive() -> None:
     ]
 
 
+@given(st.lists(st.integers(0, 10_000)))
+def test_malformed_http_is_shown_from_the_start_of_what_breaks_however_it_was_split(
+    cuts: list[int],
+) -> None:
+    """h11 holds a head until it is whole: the bytes of earlier reads are shown with the
+    read that broke it, and the note names the fault without a Python repr."""
+    conversation = Conversation("http", 200)
+    (request,) = conversation.feed("up", b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert request.summary == "GET /a HTTP/1.1"
+    (response,) = conversation.feed("down", b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert response.summary == "HTTP/1.1 204 No Content"
+    bad = b"GET /b HTTP/1.1\r\nHost: x\r\nBad header\r\n\r\nafter"
+    raw = _feed_all(conversation, _split(bad, cuts))
+    assert raw[0].note == "not HTTP/1.1 (illegal header line); shown raw from here"
+    assert b"".join(s.preview for s in raw) == bad
+
+
 def test_malformed_http_is_shown_raw_from_there_on() -> None:
     conversation = Conversation("http", 64)
     (shown,) = conversation.feed("up", b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
