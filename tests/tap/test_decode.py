@@ -140,6 +140,8 @@ def test_malformed_http_is_shown_raw_from_there_on() -> None:
         (b"hello", "raw"),
         (b"\xff\xfe\x00", "raw"),
         (b"\x7f\x00\x00\x00", "raw"),
+        (b"\x00AUTH EXTERNAL 30\r\n", "raw"),  # D-Bus: a NUL, then text
+        (b"\x00\x00\x01\x00" + b"x" * 256, "length"),
     ],
 )
 def test_auto_recognises_the_framing(first: bytes, framing: str) -> None:

@@ -381,6 +381,10 @@ def _guess(data: bytes) -> str | None:
     if data[0] == 0:
         if len(data) < HEADER.size:
             return None
+        if all(0x20 <= byte < 0x7F for byte in data[1 : HEADER.size]):
+            # A NUL, then text: D-Bus (its credentials byte, then "AUTH ..."), whose
+            # "length" of 4 MiB would hold back everything the client sends.
+            return "raw"
         (announced,) = HEADER.unpack_from(data)
         return "length" if announced <= DEFAULT_MAX_FRAME else "raw"
     line_end = data.find(b"\n")
