@@ -19,7 +19,7 @@ the server sees an unbound sender, as it would without the tap.
 
 Replies reach the sender from the relay socket's address (its private directory's name,
 not PATH's): a client that drops datagrams from any address but the server's (socat's
-UNIX-SENDTO checks none; a hand-written client might) will not see replies while tapped.
+UNIX-SENDTO does, from 1.7.4 at least) will not see replies while tapped.
 """
 
 from __future__ import annotations
