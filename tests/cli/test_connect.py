@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import struct
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import UDSKIT, Background, one_line_error, serve, udskit
+import udskit as udskit_package
+from tests.cli.conftest import (
+    COMMAND_TIMEOUT,
+    UDSKIT,
+    Background,
+    one_line_error,
+    serve,
+    udskit,
+    wait_listening,
+)
+from tests.e2e.servers import require_peer
 
 
 @pytest.fixture
@@ -183,3 +195,43 @@ def test_terminated_client_leaves_nothing_behind(
     assert reply_dir.name.startswith("udskit-")
     assert client.stop(sig) == 128 + sig
     assert list(tmp.iterdir()) == []
+
+
+def test_a_listening_socket_as_stdin_says_so_and_how_to_fix_it(
+    sockdir: Path, background: list[Background]
+) -> None:
+    """systemd-socket-activate --inetd without --accept (Accept=no) passes the listening
+    socket as stdin, where read() fails with EINVAL: the error says it is stdin, and why.
+    It said 'udskit connect: invalid argument'."""
+    activator = shutil.which("systemd-socket-activate")
+    require_peer("systemd-socket-activate", activator is not None)
+    assert activator is not None
+    target = sockdir / "echo.sock"
+    serve(background, target, "--echo")
+    front = sockdir / "inetd.sock"
+    with subprocess.Popen(
+        [
+            activator,
+            *("--inetd", "-l", os.fspath(front)),
+            f"--setenv=PYTHONPATH={Path(udskit_package.__file__).parent.parent}",
+            *(*UDSKIT, "connect", os.fspath(target)),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    ) as activated:
+        try:
+            wait_listening(front, activated)
+            with socket.socket(socket.AF_UNIX) as client:
+                client.connect(os.fspath(front))  # starts udskit connect
+                _, err = activated.communicate(timeout=COMMAND_TIMEOUT)
+        finally:
+            if activated.poll() is None:
+                activated.kill()
+    assert activated.returncode == 1
+    [line] = [x for x in err.decode().splitlines() if x.startswith("udskit")]
+    assert line == (
+        "udskit connect: cannot read stdin: invalid argument; it is a listening socket: "
+        "inetd-style activation must pass an accepted connection (Accept=yes in the .socket "
+        "unit, systemd-socket-activate --inetd --accept)"
+    )

@@ -62,6 +62,26 @@ def test_lists_a_udskit_listener_under_its_real_path(
     assert row[5] == str(path)
 
 
+def test_a_socket_renamed_into_place_after_bind_is_listed_where_it_is(sockdir: Path) -> None:
+    """haproxy binds NAME.PID.tmp and renames it to NAME; the kernel keeps the first name.
+    ls finds the file by its device and inode, and keeps the kernel's name as bound_as."""
+    path = sockdir / "front.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(f"{path}.1234.tmp")
+        listener.listen()
+        os.rename(f"{path}.1234.tmp", path)
+        with socket.socket(socket.AF_UNIX) as client:  # counted under the path it is at
+            client.connect(os.fspath(path))
+            listing = udskit("ls", sockdir)
+            data = json.loads(udskit("ls", "--json", sockdir).out)
+    assert listing.code == 0, listing.err
+    [row] = rows(listing.text)
+    assert row[:3] == ["stream", "listening", "1"]
+    assert row[-1] == str(path)
+    [entry] = data
+    assert (entry["path"], entry["bound_as"]) == (str(path), f"{path}.1234.tmp")
+
+
 def test_types_states_and_the_directory_filter(sockdir: Path, background: list[Background]) -> None:
     serve(background, sockdir / "d.sock", "--type", "dgram", "--print")
     serve(background, sockdir / "q.sock", "--type", "seqpacket", "--echo")

@@ -6,6 +6,7 @@ import errno
 import os
 import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from tests.cli.conftest import (
     udskit,
     wait_listening,
 )
+from tests.conftest import READY_TIMEOUT
 
 
 def test_raw_reply_reads_until_the_server_closes(
@@ -121,8 +123,33 @@ def test_reply_refused_by_the_access_policy_fails_and_says_so(
     serve(background, path, "--echo", "--allow-uid", someone_else, *server)
     for _ in range(3):  # however the close races with our send and our read
         line = one_line_error(udskit("send", "--reply", *options, path, "hi"), 1)
-        assert f"{path} closed the connection without reading the message" in line
+        assert f"{path} closed the connection without reading all of the message" in line
         assert "access policy" in line
+
+
+def test_reply_from_a_server_that_reads_one_byte_and_closes_names_both_causes(
+    sockdir: Path,
+) -> None:
+    """As dbus-daemon does with a first byte that is not its credentials NUL: it reads one
+    byte and closes. That looks like a refusal, which may be the protocol, not a policy."""
+    path = sockdir / "bus.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen()
+
+        def one_byte() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(1)
+
+        reader = threading.Thread(target=one_byte)
+        reader.start()
+        try:
+            line = one_line_error(udskit("send", "--reply", path, "hello"), 1)
+        finally:
+            reader.join(READY_TIMEOUT)
+    assert f"{path} closed the connection without reading all of the message" in line
+    assert "by its access policy or because the message is not in its protocol" in line
 
 
 def test_datagram_reply_refused_by_the_access_policy_times_out_and_says_why(

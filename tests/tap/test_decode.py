@@ -54,6 +54,21 @@ def test_lines_come_out_whole_however_the_bytes_are_split(
     assert [s.preview for s in shown] == [(line + "\n").encode() for line in lines]
 
 
+@given(st.lists(st.integers(0, 10_000)))
+def test_bytes_that_are_not_a_length_frame_are_shown_from_their_prefix_on(
+    cuts: list[int],
+) -> None:
+    # PostgreSQL's startup packet passes for a frame, its next message ('Q', then a length
+    # that counts itself) does not: every byte from that prefix on is shown, none dropped.
+    stream = b"\x00\x00\x00\x02ab" + b"Q\x00\x00\x00\x0eselect 1;\x00"
+    shown = _feed_all(Conversation("length", 100), _split(stream, cuts))
+    assert shown[0] == tap.Shown("length", 2, b"ab")
+    raw = shown[1:]
+    assert raw[0].note.startswith("not a length frame: a prefix announcing 1358954496 B")
+    assert b"".join(s.preview for s in raw) == stream[6:]
+    assert sum(s.size for s in raw) == len(stream) - 6
+
+
 def test_a_stream_ending_inside_a_frame_or_line_says_so() -> None:
     frames = Conversation("length", 10)
     assert frames.feed("up", b"\x00\x00\x00\x09abc") == []
@@ -90,6 +105,23 @@ def test_http_requests_and_responses_over_keep_alive() -> None:
     ]
 
 
+@given(st.lists(st.integers(0, 10_000)))
+def test_malformed_http_is_shown_from_the_start_of_what_breaks_however_it_was_split(
+    cuts: list[int],
+) -> None:
+    """h11 holds a head until it is whole: the bytes of earlier reads are shown with the
+    read that broke it, and the note names the fault without a Python repr."""
+    conversation = Conversation("http", 200)
+    (request,) = conversation.feed("up", b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert request.summary == "GET /a HTTP/1.1"
+    (response,) = conversation.feed("down", b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert response.summary == "HTTP/1.1 204 No Content"
+    bad = b"GET /b HTTP/1.1\r\nHost: x\r\nBad header\r\n\r\nafter"
+    raw = _feed_all(conversation, _split(bad, cuts))
+    assert raw[0].note == "not HTTP/1.1 (illegal header line); shown raw from here"
+    assert b"".join(s.preview for s in raw) == bad
+
+
 def test_malformed_http_is_shown_raw_from_there_on() -> None:
     conversation = Conversation("http", 64)
     (shown,) = conversation.feed("up", b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
@@ -108,6 +140,8 @@ def test_malformed_http_is_shown_raw_from_there_on() -> None:
         (b"hello", "raw"),
         (b"\xff\xfe\x00", "raw"),
         (b"\x7f\x00\x00\x00", "raw"),
+        (b"\x00AUTH EXTERNAL 30\r\n", "raw"),  # D-Bus: a NUL, then text
+        (b"\x00\x00\x01\x00" + b"x" * 256, "length"),
     ],
 )
 def test_auto_recognises_the_framing(first: bytes, framing: str) -> None:

@@ -172,6 +172,33 @@ def test_the_server_exiting_while_tapped_is_said_and_its_file_put_back(
     assert _leftovers(sockdir) == []
 
 
+def test_a_server_restarted_while_tapped_keeps_its_new_socket_and_no_stale_one_is_left(
+    sockdir: Path, tapping: Tapping
+) -> None:
+    """As redis does at shutdown: the server unlinks PATH by name (the relay's file), and
+    its next start binds PATH afresh. The tap leaves the new socket, and removes the old
+    server's stale one it had moved aside: left there, ls, doctor and --restore took it
+    for a tap still running."""
+    path = sockdir / "redis.sock"
+    old = socket.socket(socket.AF_UNIX)
+    old.bind(str(path))
+    old.listen()
+    running, _ = tapping(path)
+    old.close()
+    os.unlink(path)
+    with socket.socket(socket.AF_UNIX) as new:
+        new.bind(str(path))
+        new.listen()
+        inode = os.lstat(path).st_ino
+        message = running.stop(grace=5.0)
+        assert "the server exited while tapped" in message
+        assert f"stale socket at {sockdir}/.redis.sock.udskit-tapped is removed" in message
+        assert os.lstat(path).st_ino == inode
+        assert _leftovers(sockdir) == []
+        with pytest.raises(udskit.SocketFileError, match="nothing to restore"):
+            udskit.tap.restore_displaced(path)
+
+
 def test_a_datagram_server_is_tapped_and_restored(sockdir: Path, tapping: Tapping) -> None:
     path = sockdir / "dgram.sock"
     srv = DatagramEcho(path)

@@ -8,7 +8,9 @@ import array
 import os
 import random
 import select
+import shutil
 import socket
+import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,7 @@ from udskit.options import tune_buffers
 from udskit.tap.pump import READ_SIZE
 
 from ..conftest import READY_TIMEOUT
+from ..e2e.servers import require_peer
 from .conftest import Recorder
 from .servers import DatagramEcho, keep_fds, recv_exactly, server
 
@@ -120,6 +123,40 @@ def test_datagrams_reach_the_server_and_replies_their_sender(
     assert opened[1].address == ""  # type: ignore[union-attr]  # unbound: shown as such
     downs = [e.data for e in events.of(tap.Data) if e.direction == "down"]
     assert downs == [b"ONE", big.upper(), b"TWO"]
+
+
+def test_unbound_senders_of_two_processes_are_two_conversations(
+    sockdir: Path, tapping: Tapping
+) -> None:
+    """A sender that never bound arrives without an address: socat's UNIX-SENDTO and then
+    ours are told apart by their pid, each opened once with its own number."""
+    require_peer("socat", shutil.which("socat") is not None)
+    path = sockdir / "log.sock"
+    srv = DatagramEcho(path)
+    try:
+        running, events = tapping(path)
+        subprocess.run(
+            ["socat", "-u", "-", f"UNIX-SENDTO:{path}"],
+            input=b"from socat",
+            check=True,
+            timeout=READY_TIMEOUT,
+        )
+        events.wait_for(lambda evs: any(isinstance(e, tap.Opened) for e in evs))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as unbound:
+            unbound.sendto(b"from us", str(path))
+            unbound.sendto(b"from us again", str(path))
+            srv.wait_seen(3)
+        running.stop(grace=5.0)
+    finally:
+        srv.close()
+    assert [data for data, _, _ in srv.seen] == [b"from socat", b"from us", b"from us again"]
+    opened = [e for e in events.of(tap.Opened) if isinstance(e, tap.Opened)]
+    assert [e.conn for e in opened] == [1, 2]
+    pids = [e.client.pid if e.client is not None else None for e in opened]
+    assert pids[1] == os.getpid()
+    assert pids[0] not in (None, os.getpid())
+    ups = [(e.conn, e.data) for e in events.of(tap.Data) if e.direction == "up"]
+    assert ups == [(1, b"from socat"), (2, b"from us"), (2, b"from us again")]
 
 
 def test_descriptors_pass_intact_and_are_described(sockdir: Path, tapping: Tapping) -> None:

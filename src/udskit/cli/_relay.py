@@ -35,12 +35,35 @@ DGRAM_LINGER: Final = 0.5
 
 
 def stdin_messages(fd: int, *, lines: bool) -> Iterator[bytes]:
-    """What to send, read from ``fd``: raw chunks, or lines (see :func:`messages`)."""
-    return messages(
-        fd,
-        lines=lines,
-        what="a stdin line",
-        hint="send binary data with --type stream --framing raw, or split it into lines",
+    """What to send, read from ``fd``: raw chunks, or lines (see :func:`messages`).
+
+    A failed read says it was stdin's: the bare errno ("invalid argument") named nothing.
+    """
+    try:
+        yield from messages(
+            fd,
+            lines=lines,
+            what="a stdin line",
+            hint="send binary data with --type stream --framing raw, or split it into lines",
+        )
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        raise OSError(f"cannot read stdin: {reason}{_why(fd)}") from exc
+
+
+def _why(fd: int) -> str:
+    """What a stdin that cannot be read most likely is: a listening socket, which inetd-style
+    activation passes without Accept=yes (read() on it fails with EINVAL)."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError:
+        return ""
+    if not listening:
+        return ""
+    return (
+        "; it is a listening socket: inetd-style activation must pass an accepted "
+        "connection (Accept=yes in the .socket unit, systemd-socket-activate --inetd --accept)"
     )
 
 

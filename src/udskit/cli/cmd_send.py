@@ -147,10 +147,12 @@ def _closed(
         )
     unread = isinstance(exc.__cause__, (ConnectionResetError, BrokenPipeError))
     if unread or _unread(channel.socket):
+        # After the close, a message read in part looks the same as one not read at all:
+        # D-Bus reads one byte (its credentials byte) and closes on anything else.
         return udskit.ConnectionClosed(
-            f"{where} closed the connection without reading the message: the server refuses "
-            f"this client (uid {os.getuid()}), most likely by its access policy; its log "
-            "says why"
+            f"{where} closed the connection without reading all of the message: the server "
+            f"refuses this client (uid {os.getuid()}), by its access policy or because the "
+            "message is not in its protocol; its log says why"
         )
     return udskit.ConnectionClosed(
         f"{where} closed the connection without answering{_framing_hint(framing)}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
@@ -124,12 +125,15 @@ def _read_sockets(proc: str, found: list[UnixSocket] | None) -> Iterator[SocketE
     ``proc``/net/unix, where a newline in a name a user bound reads as the start of another
     line."""
     rows = _proc_net_unix(proc) if found is None else _sock_diag(found)
-    for inode, name, state, bound in rows:
+    renamed = _Renamed()
+    for inode, name, state, bound, file in rows:
         path = _unprivate(bound)
         served = _served_by_control(path)
         if served is not None:
             # A udskit server's handover socket: shown as what it belongs to, the path.
             path, state = served, "handover" if state == "listening" else state
+        elif path == bound and file is not None:
+            path = renamed.where(bound, file)
         yield SocketEntry(
             inode=inode,
             type=name,
@@ -140,8 +144,9 @@ def _read_sockets(proc: str, found: list[UnixSocket] | None) -> Iterator[SocketE
 
 
 #: One socket's facts, whichever table they come from: inode, type, state, bound name (as
-#: /proc/net/unix shows it: ``@`` for each NUL of an abstract name).
-_Row = tuple[int, SocketTypeName, str, bytes]
+#: /proc/net/unix shows it: ``@`` for each NUL of an abstract name), and the file its
+#: bind() created (sock_diag only).
+_Row = tuple[int, SocketTypeName, str, bytes, BoundFile | None]
 
 
 def _sock_diag(found: list[UnixSocket]) -> Iterator[_Row]:
@@ -156,10 +161,10 @@ def _sock_diag(found: list[UnixSocket]) -> Iterator[_Row]:
             state = "connected"
         else:
             state = "bound" if name == "dgram" and bound else "unconnected"
-        yield sock.inode, name, state, bound
+        yield sock.inode, name, state, bound, sock.file
         # A listener's backlog, as /proc/net/unix lists it: one connecting row each.
         for _ in range(sock.queued):
-            yield 0, name, "connecting", bound
+            yield 0, name, "connecting", bound, sock.file
 
 
 def _proc_net_unix(proc: str) -> Iterator[_Row]:
@@ -178,7 +183,7 @@ def _proc_net_unix(proc: str) -> Iterator[_Row]:
         if name is None:
             continue
         bound = fields[7] if len(fields) > 7 else b""
-        yield inode, name, _state(flags, state, name, bool(bound)), bound
+        yield inode, name, _state(flags, state, name, bool(bound)), bound, None
 
 
 def _state(flags: int, state: int, kind: SocketTypeName, named: bool) -> str:
@@ -196,6 +201,53 @@ def _served_by_control(path: bytes) -> bytes | None:
         return None
     served = name[1 : -len(CONTROL_SUFFIX)]
     return directory + b"/" + served if served else None
+
+
+class _Renamed:
+    """Where a socket's file went when it was renamed within its directory after bind():
+    haproxy binds ``NAME.PID.tmp`` and renames it to ``NAME`` (as udskit does from its
+    private directory), and the kernel keeps reporting the name bind() was given, which no
+    longer exists. Found by the file's device and inode, which sock_diag gives; each
+    directory is read once however many of its sockets moved."""
+
+    __slots__ = ("_dirs",)
+
+    def __init__(self) -> None:
+        self._dirs: dict[bytes, dict[BoundFile, bytes]] = {}
+
+    def where(self, bound: bytes, file: BoundFile) -> bytes:
+        if not bound.startswith(b"/"):
+            return bound  # abstract, or relative to a directory we do not know
+        try:
+            os.lstat(bound)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return bound
+        else:
+            return bound  # still there (whatever is there now: doctor tells a re-created file)
+        directory = os.path.dirname(bound)
+        files = self._dirs.get(directory)
+        if files is None:
+            files = self._dirs[directory] = _socket_files(directory)
+        return files.get(file, bound)
+
+
+def _socket_files(directory: bytes) -> dict[BoundFile, bytes]:
+    """The socket files directly in ``directory``, by their device and inode."""
+    files: dict[BoundFile, bytes] = {}
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISSOCK(info.st_mode):
+                    files[BoundFile.of(info)] = entry.path
+    except OSError:
+        pass  # gone, or not ours to read: the kernel's name is all there is
+    return files
 
 
 def _unprivate(bound: bytes) -> bytes:

@@ -12,14 +12,14 @@ which root may set); otherwise a datagram from another user is refused (shown, a
 delivered: sending it as ourselves would give it our rights), and one from our own user
 goes with our credentials.
 
-An unbound sender cannot be answered; SO_PASSCRED on the relay's socket makes the kernel
-give it an autobound abstract name when it sends (as it does for any receiver with
-SO_PASSCRED), and its socket towards the server stays unbound too, so the server sees an
-unbound sender, as it would without the tap.
+An unbound sender cannot be answered; older kernels give it an autobound abstract name
+when it sends to a receiver with SO_PASSCRED, recent ones leave it nameless (then its pid
+tells it from other unbound senders). Its socket towards the server stays unbound too, so
+the server sees an unbound sender, as it would without the tap.
 
 Replies reach the sender from the relay socket's address (its private directory's name,
 not PATH's): a client that drops datagrams from any address but the server's (socat's
-UNIX-SENDTO checks none; a hand-written client might) will not see replies while tapped.
+UNIX-SENDTO does, from 1.7.4 at least) will not see replies while tapped.
 """
 
 from __future__ import annotations
@@ -76,12 +76,27 @@ _REPLY_RETRY: Final = 0.05
 _DATAGRAM_SLACK: Final = 64 * 1024
 
 
-class _Sender:
-    __slots__ = ("address", "cred", "id", "last", "sock", "stalled")
+#: What tells one sender from another: its address; for a sender with none, its pid.
+_Key = bytes | str | tuple[str, int]
 
-    def __init__(self, conn_id: int, address: bytes | str, sock: socket.socket) -> None:
+
+def _key(address: bytes | str | None, cred: PeerCred | None) -> _Key:
+    """A sender's key. An unbound sender arrives without an address (older kernels
+    autobound it when the receiver had SO_PASSCRED; recent ones, 6.18 for one, leave it
+    unbound): its process is all that tells two of them apart, so logger and socat, sending
+    one after the other, are two senders, not one whose credentials change."""
+    if address:
+        return address
+    return ("unbound", cred.pid if cred is not None else 0)
+
+
+class _Sender:
+    __slots__ = ("address", "cred", "id", "key", "last", "sock", "stalled")
+
+    def __init__(self, conn_id: int, address: bytes | str, key: _Key, sock: socket.socket) -> None:
         self.id = conn_id
         self.address = address
+        self.key = key
         self.sock = sock
         self.cred: PeerCred | None = None
         self.last = time.monotonic()
@@ -102,7 +117,7 @@ class DatagramRelay:
         self._emit = emit
         self._server_gone = server_gone
         self._me = Identity()
-        self._senders: dict[bytes | str, _Sender] = {}
+        self._senders: dict[_Key, _Sender] = {}
         self._by_fd: dict[int, _Sender] = {}
         self._next_id = 0
         self._closing_at: float | None = None
@@ -195,8 +210,8 @@ class DatagramRelay:
             finally:
                 close_fds(received.fds)
 
-    def _sender(self, address: bytes | str, poller: select.poll) -> _Sender:
-        sender = self._senders.get(address)
+    def _sender(self, address: bytes | str, key: _Key, poller: select.poll) -> _Sender:
+        sender = self._senders.get(key)
         if sender is not None:
             sender.last = time.monotonic()
             return sender
@@ -214,8 +229,8 @@ class DatagramRelay:
             raise
         self._next_id += 1
         sock.setblocking(False)  # waits for the server go through _to_server()
-        sender = _Sender(self._next_id, address, sock)
-        self._senders[address] = sender
+        sender = _Sender(self._next_id, address, key, sock)
+        self._senders[key] = sender
         self._by_fd[sock.fileno()] = sender
         poller.register(sock.fileno(), select.POLLIN)
         return sender
@@ -223,7 +238,7 @@ class DatagramRelay:
     def _drop(self, sender: _Sender, poller: select.poll) -> None:
         poller.unregister(sender.sock.fileno())
         self._by_fd.pop(sender.sock.fileno(), None)
-        self._senders.pop(sender.address, None)
+        self._senders.pop(sender.key, None)
         sender.sock.close()
         self._emit(Closed(sender.id, time.time(), None))
 
@@ -236,7 +251,7 @@ class DatagramRelay:
         poller: select.poll,
     ) -> None:
         try:
-            sender = self._sender(address, poller)
+            sender = self._sender(address, _key(address, cred), poller)
         except OSError as exc:
             if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
                 self._server_gone()

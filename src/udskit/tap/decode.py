@@ -148,14 +148,15 @@ class _Direction:
                 if len(self.head) < HEADER.size:
                     break
                 (self.need,) = HEADER.unpack(self.head)
-                self.head = b""
+                prefix, self.head = self.head, b""
                 if self.need > DEFAULT_MAX_FRAME:
                     note = (
                         f"not a length frame: a prefix announcing {self.need} B (the limit is "
                         f"{DEFAULT_MAX_FRAME}); shown raw from here"
                     )
                     self.framing, self.need = "raw", -1
-                    rest = bytes(view)
+                    # From the prefix on: its four bytes are the first of what is not a frame.
+                    rest = prefix + bytes(view)
                     out.append(Shown("raw", len(rest), rest[: self.max_bytes], note=note))
                     return out
                 self.preview, self.size = b"", 0
@@ -183,6 +184,15 @@ class _Direction:
             start = end + 1
 
 
+#: h11 ends some errors with the offending bytes as Python shows them ("illegal header
+#: line: bytearray(b'Bad header')"); the raw bytes are shown anyway, after the note.
+_H11_BYTES: Final = re.compile(r":\s*(?:bytearray\()?b['\"].*$", re.DOTALL)
+
+
+def _reason(exc: Exception) -> str:
+    return _H11_BYTES.sub("", str(exc)) or type(exc).__name__
+
+
 class _Http:
     """Both directions of an HTTP/1.1 conversation, through two h11 connections kept in
     step: the one that reads requests plays the server, the one that reads responses the
@@ -208,9 +218,13 @@ class _Http:
         h11 = self._h11
         conn = self._requests if direction == "up" else self._responses
         out: list[Shown] = []
+        unread = data
         try:
             conn.receive_data(data)
             while True:
+                # What h11 holds unparsed (an earlier read's part of a head, say): if this
+                # event breaks, it is shown from its first byte, not from this read's.
+                unread = conn.trailing_data[0]
                 event = conn.next_event()
                 if event is h11.NEED_DATA or event is h11.PAUSED:
                     break
@@ -223,8 +237,8 @@ class _Http:
                 self._next_cycle()
         except (h11.ProtocolError, ValueError) as exc:
             self._broken.add(direction)
-            note = f"not HTTP/1.1 ({exc}); shown raw from here"
-            out.append(Shown("raw", len(data), data[: self._max], note=note))
+            note = f"not HTTP/1.1 ({_reason(exc)}); shown raw from here"
+            out.append(Shown("raw", len(unread), unread[: self._max], note=note))
         return out
 
     def _mirrored(self, event: Any) -> Any:
@@ -367,6 +381,10 @@ def _guess(data: bytes) -> str | None:
     if data[0] == 0:
         if len(data) < HEADER.size:
             return None
+        if all(0x20 <= byte < 0x7F for byte in data[1 : HEADER.size]):
+            # A NUL, then text: D-Bus (its credentials byte, then "AUTH ..."), whose
+            # "length" of 4 MiB would hold back everything the client sends.
+            return "raw"
         (announced,) = HEADER.unpack_from(data)
         return "length" if announced <= DEFAULT_MAX_FRAME else "raw"
     line_end = data.find(b"\n")

@@ -187,10 +187,23 @@ class Interposed:
                     _remove_if(directory, aside, self._server_id)
                     return f"restored {self.address} (it had been removed while tapped)"
                 if server_there:
+                    other = kind_of(at_path.st_mode) if at_path else "file"
+                    if not alive:
+                        # The server exited (removing PATH by name, which took the relay's
+                        # file, as redis and nginx do) and something else took PATH: a new
+                        # server, most often. Its old socket, stale, has the tapped name
+                        # only because the tap moved it there; left, ls, doctor and
+                        # --restore would take it for a tap still running.
+                        _remove_if(directory, aside, self._server_id)
+                        return (
+                            f"did not restore {self.address}: the server exited while tapped "
+                            f"and a {other} the tap did not create took its place; the old "
+                            f"server's stale socket at {self.aside} is removed"
+                        )
                     return (
                         f"did not restore {self.address}: it was replaced while tapped by a "
-                        f"{kind_of(at_path.st_mode) if at_path else 'file'} the tap did not "
-                        f"create; the server's socket stays at {self.aside}"
+                        f"{other} the tap did not create; the server's socket stays at "
+                        f"{self.aside}"
                     )
                 if relay_there:
                     _remove_if(directory, name, self._relay_id)
