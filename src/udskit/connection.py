@@ -73,16 +73,21 @@ _GONE_ERRNOS: Final = frozenset(
 _CTRUNC: Final = int(socket.MSG_CTRUNC)
 _TRUNC: Final = int(socket.MSG_TRUNC)
 
-#: (read, write) interest, one object each, compared by identity on the hot path.
-_EVENTS: Final = {(r, w): (r, w) for r in (False, True) for w in (False, True)}
-_READING: Final = _EVENTS[True, False]
+#: (read, write, hang_up) interest, one object each, compared by identity on the hot path.
+#: hang_up: neither read nor write, but tell us once when the client has gone entirely (its
+#: end of stream is read, and a worker or a command still has the connection).
+_EVENTS: Final = {
+    (r, w, h): (r, w, h) for r in (False, True) for w in (False, True) for h in (False, True)
+}
+_READING: Final = _EVENTS[True, False, False]
 
 
 class Driver(Protocol):
     """What a connection needs from the server that runs it."""
 
-    def watch(self, conn: Connection, read: bool, write: bool) -> None:
-        """Watch ``conn``'s socket for these events (in the loop thread)."""
+    def watch(self, conn: Connection, read: bool, write: bool, hang_up: bool) -> None:
+        """Watch ``conn``'s socket for these events (in the loop thread); ``hang_up``: for
+        the client's hang-up alone, reported once (``on_readable`` is called)."""
 
     def in_loop(self) -> bool:
         """Whether the caller runs in the loop thread."""
@@ -434,7 +439,8 @@ class Connection:
         if self._sock is None:
             return  # a datagram's connection: the listener is read, not this
         read = not (self._paused or self._held or self._eof or self._closing or self._stalled)
-        wanted = _EVENTS[read, self._out.size > 0]
+        write = self._out.size > 0
+        wanted = _EVENTS[read, write, not read and not write and self._eof and self.busy]
         if wanted is not self._events:
             self._events = wanted
             self._driver.watch(self, *wanted)
@@ -456,6 +462,11 @@ class Connection:
             # Nothing more to read: an EPOLLHUP or EPOLLERR, which epoll reports whether
             # asked for or not (the client has gone entirely). Messages already read are
             # still handled; their replies fail to send, and that closes the connection.
+            # One that is busy may never reply (a command that writes nothing): closed now,
+            # so that whoever has it hears that the client left.
+            if self.busy and self._events[2]:
+                log.debug("%s: client gone while busy", self._where())
+                self.abort()
             return
         framing = self._framing
         if framing is None:

@@ -71,6 +71,7 @@ DATAGRAM_RETRY_MAX: Final = 0.05
 
 _IN: Final = select.EPOLLIN
 _OUT: Final = select.EPOLLOUT
+_ONE_SHOT: Final = select.EPOLLONESHOT
 #: epoll reports a hang-up or an error whatever it is asked; reading then says which.
 _READABLE: Final = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
 
@@ -275,8 +276,10 @@ class MessageServing:
         except OSError:
             pass  # the socket was closed under us; its close removes it anyway
 
-    def watch(self, conn: Connection, read: bool, write: bool) -> None:
-        self._set_events(conn.fd, (_IN if read else 0) | (_OUT if write else 0))
+    def watch(self, conn: Connection, read: bool, write: bool, hang_up: bool) -> None:
+        # EPOLLHUP is reported whatever the mask; one-shot: once, not on every wait.
+        mask = _ONE_SHOT if hang_up else (_IN if read else 0) | (_OUT if write else 0)
+        self._set_events(conn.fd, mask)
 
     def _set_listener_events(self, on: bool) -> None:
         self._set_events(self._endpoint.fileno(), _IN if on else 0)

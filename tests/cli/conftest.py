@@ -218,7 +218,14 @@ class Background:
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
-        self.process.communicate()
+        try:
+            self.process.communicate(timeout=COMMAND_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            # A command it ran outlives it (SIGKILL ends no children) and holds the pipes.
+            for pipe in (self.process.stdout, self.process.stderr):
+                if pipe is not None:
+                    pipe.close()
+            self.process.wait()
 
 
 @pytest.fixture

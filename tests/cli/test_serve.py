@@ -27,6 +27,7 @@ from tests.cli.conftest import (
 )
 from tests.conftest import wait_connectable
 from udskit import Address
+from udskit.cli._exec import EXEC_CLIENT_GONE_GRACE
 
 KINDS = {"stream": socket.SOCK_STREAM, "seqpacket": socket.SOCK_SEQPACKET}
 
@@ -570,6 +571,41 @@ def test_exec_a_command_that_never_reads_does_not_stall_other_clients(
         stalled.close()
     assert server.stop() == 0
     assert server.err == ""
+
+
+@pytest.mark.parametrize("kind", ["stream", "seqpacket"])
+def test_exec_a_command_whose_client_has_gone_is_ended(
+    sockdir: Path, background: list[Background], kind: str
+) -> None:
+    """A command that neither writes nor ends with its stdin (``tail -f`` of a quiet
+    file) would run on for nobody once its client has gone: it is ended; while a client
+    that only half-closed still gets what its command writes later (above)."""
+    path = sockdir / "quiet.sock"
+    pidfile = sockdir / "command.pid"
+    command = f"sh -c 'echo $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile} && exec sleep 600'"
+    server = serve(background, path, "--type", kind, "--exec", command)
+    with socket.socket(socket.AF_UNIX, KINDS[kind]) as client:
+        client.connect(os.fspath(path))
+        client.sendall(b"\0\0\0\2hi" if kind == "stream" else b"hi")
+        deadline = time.monotonic() + COMMAND_TIMEOUT
+        while not pidfile.exists():  # the command has started
+            assert time.monotonic() < deadline, "the command did not start"
+            time.sleep(0.01)  # polling for a file, not synchronisation
+    pid = int(pidfile.read_text())
+    deadline = time.monotonic() + EXEC_CLIENT_GONE_GRACE + COMMAND_TIMEOUT
+    while _alive(pid):  # bounded: the deadline
+        assert time.monotonic() < deadline, "the command runs on, its client gone"
+        time.sleep(0.01)  # polling for the process to end, not synchronisation
+    assert server.stop() == 0
+    assert server.err == ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_stop_ends_a_datagram_command_still_running(

@@ -29,6 +29,7 @@ from ._output import err
 
 __all__ = [
     "DGRAM_EXEC_TIMEOUT",
+    "EXEC_CLIENT_GONE_GRACE",
     "EXEC_EXIT_GRACE",
     "EXEC_STDIN_BACKLOG",
     "Command",
@@ -46,6 +47,11 @@ DGRAM_EXEC_TIMEOUT: Final = 30.0
 #: is terminated (it has nothing more to say to the client); and again after SIGTERM,
 #: before SIGKILL.
 EXEC_EXIT_GRACE: Final = 5.0
+
+#: How long a connection's command may run on once its client has gone entirely, before
+#: it is terminated: it has nobody to answer. socat gives 0.5 s; a second lets a command
+#: finish what it was doing (a log line, a file) when its stdin ends.
+EXEC_CLIENT_GONE_GRACE: Final = 1.0
 
 #: Bytes of a client's messages queued for its command's stdin before the client is no
 #: longer read (reading resumes at a quarter of it): what a command that reads slowly, or
@@ -115,6 +121,8 @@ class Command:
         self._holding = False  # the client is not read until _input drains
         self._ready = threading.Condition()
         self._attached = True  # the connection is open: calls into its loop are wanted
+        self._left = False  # the client has gone (set under _ready)
+        self._done = False  # the output has ended and the command is gone (under _ready)
         self._attach_lock = threading.Lock()
         # The connection stays open after the client's end of stream until the output has
         # ended: busy, as while a worker has its messages.
@@ -152,7 +160,9 @@ class Command:
         if it still writes, at once: nobody reads it any more)."""
         with self._attach_lock:
             self._attached = False
-        self.end_input()
+        with self._ready:
+            self._left = True
+        self.end_input()  # notifies the writer thread, which sees _left once stdin is done
 
     def finish(self, deadline: float) -> None:
         """The server has stopped: wait for the command until ``deadline`` (monotonic),
@@ -203,6 +213,23 @@ class Command:
             stdin.close()
         except OSError:
             pass
+        self._outlive_no_client()
+
+    def _outlive_no_client(self) -> None:
+        """Once the client has gone, give the command EXEC_CLIENT_GONE_GRACE, then end it:
+        one that neither writes (and so never meets the closed connection) nor exits at
+        the end of its stdin, such as ``tail -f`` of a quiet file, would run on for nobody
+        (and, no longer counted as a client, pile up as clients come and go)."""
+        with self._ready:
+            while not self._left and not self._done:
+                self._ready.wait()
+            if self._done:
+                return
+        try:
+            self._process.wait(EXEC_CLIENT_GONE_GRACE)
+        except subprocess.TimeoutExpired:
+            log.info("%s: the client has gone; ending its command", self._where)
+            _end(self._process)
 
     def _read(self) -> None:
         stdout = self._process.stdout
@@ -229,6 +256,9 @@ class Command:
             except subprocess.TimeoutExpired:
                 pass
         _end(self._process)
+        with self._ready:
+            self._done = True
+            self._ready.notify_all()
         self._on_done(self)
 
     def _output_ended(self, failed: bool) -> None:
