@@ -54,7 +54,7 @@ from .address import MAX_DIRECT_PATH, Address
 from .creds import PeerCred, peer_cred
 from .errors import AddressError, AddressInUse, SocketFileError, Timeout, UdsError
 from .sockdiag import bound_file
-from .translate import kind_of, translate, translating, unreachable_directory
+from .translate import RESOURCE_ADVICE, kind_of, translate, translating, unreachable_directory
 
 __all__ = [
     "Claim",
@@ -171,9 +171,10 @@ class _Directory:
                     f"{unreachable_directory(directory or b'.', create=True)}",
                     errno=exc.errno,
                 ) from exc
+            advice = RESOURCE_ADVICE.get(exc.errno or 0)
             raise SocketFileError(
                 f"cannot create socket {os.fsdecode(path)}: cannot open directory {shown}: "
-                f"{os.strerror(exc.errno or 0).lower()}",
+                f"{advice or os.strerror(exc.errno or 0).lower()}",
                 errno=exc.errno,
             ) from exc
 
@@ -311,6 +312,8 @@ class _Lock:
     def _cannot(self, exc: OSError) -> SocketFileError:
         if exc.errno == errno.ELOOP:
             reason = "a symlink is there (udskit never follows one at this path); remove it"
+        elif exc.errno in RESOURCE_ADVICE:
+            reason = RESOURCE_ADVICE[exc.errno]  # not a matter of permissions
         else:
             advice = _what_to_do(exc.errno, "need write permission on the directory")
             reason = f"{os.strerror(exc.errno or 0).lower()} ({advice})"
