@@ -409,14 +409,30 @@ class Claim:
             directory.close()
 
 
+def _new_claim(address: Address, directory: _Directory, dev_ino: tuple[int, int]) -> Claim:
+    """The claim of the file ``dev_ino`` we just bound (under the lock); if it cannot be
+    made (no descriptor left to hold the file), the file is removed: the socket still
+    holds it, so it is ours while it is that file."""
+    try:
+        return Claim(address, directory, dev_ino)
+    except BaseException:
+        try:
+            _remove_if(directory, directory.name, dev_ino)
+        except (OSError, UdsError) as exc:
+            reason = exc if isinstance(exc, UdsError) else os.strerror(exc.errno or 0).lower()
+            log.warning("could not remove socket file %s: %s", address, reason)
+        raise
+
+
 def _hold(directory: _Directory, dev_ino: tuple[int, int]) -> int:
     """An O_PATH descriptor of the file at the socket's name if it is the file ``dev_ino``
     (checked on the descriptor, so no later swap of the name matters); else -1."""
     try:
         fd = os.open(directory.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd)
-    except OSError as exc:
-        log.debug("could not hold %s: %s", os.fsdecode(directory.path), exc)
-        return -1
+    except FileNotFoundError:
+        return -1  # moved away already
+    # Any other failure (no descriptor left: EMFILE, ENFILE) fails the claim: a claim that
+    # could not hold its file could never remove it, and would leave it behind unsaid.
     info = os.fstat(fd)
     if (info.st_dev, info.st_ino) != dev_ino:
         os.close(fd)
@@ -454,7 +470,7 @@ def claim(
                 dev_ino = _bind_in_place(sock, directory, address, mode, uid, gid)
             else:
                 dev_ino = _bind_private(sock, directory, address, mode, uid, gid, backlog)
-        return Claim(address, directory, dev_ino)
+            return _new_claim(address, directory, dev_ino)
     except BaseException:
         directory.close()
         raise
@@ -473,7 +489,7 @@ def adopt(sock: socket.socket, address: Address) -> Claim:
     try:
         with translating("adopt", address), _Lock(directory):
             found = _bound_file_at(sock, directory, address)
-        return Claim(address, directory, (found.st_dev, found.st_ino))
+            return Claim(address, directory, (found.st_dev, found.st_ino))
     except BaseException:
         directory.close()
         raise
@@ -1031,7 +1047,7 @@ def bind_reply_path(sock: socket.socket, address: Address, mode: int = 0o600) ->
         with translating("claim", address), _Lock(directory):
             _make_room(directory, address, _BIND_TO)
             dev_ino = _bind_in_place(sock, directory, address, mode, -1, -1, _BIND_TO)
-        return Claim(address, directory, dev_ino)
+            return _new_claim(address, directory, dev_ino)
     except BaseException:
         directory.close()
         raise
