@@ -192,15 +192,20 @@ class _Endpoint:
                 wakeup.close()  # else the last waiter does, once it has stopped using it
         if self._claim is not None:
             self._claim.release()  # first, so no client connects to a closing socket
-        if os.getpid() == self._owner_pid and not self._shared:
-            # shutdown() acts on the socket every forked copy shares: a child closing its
-            # copy must leave the parent's listener working, so only the creator does it.
-            try:
-                # Wakes a thread blocked in accept()/recv() on this socket (close alone does not).
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self._until_left()
+        if os.getpid() == self._owner_pid:
+            if not self._shared:
+                # shutdown() acts on the socket every forked copy shares: a child closing
+                # its copy must leave the parent's listener working, so only the creator
+                # does it. It wakes a thread blocked in accept()/recv() (close alone does not).
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            # Not in a forked child: the threads it inherited from our list are not in it
+            # (gone with the fork: waiting for them would cost each such close() the whole
+            # CLOSE_WAIT), nor the parent's hold of the read lock; and none of its own was
+            # woken, as no shutdown() was made.
+            self._until_left()
         self._sock.close()
 
     def _until_left(self) -> None:
