@@ -339,22 +339,21 @@ class _Lock:
 class Claim:
     """Ownership of a socket file this process created. ``release()`` is idempotent.
 
-    The claim holds the file open (O_PATH) until it is released or disowned: "same
-    (st_dev, st_ino)" at release proves it is our file only while that inode cannot be
-    freed and its number given to a new file. The socket would keep it, but a client's
-    socket is closed before its claim is released, and another user who may write to the
-    directory can remove the name meanwhile and then make files until one gets the number
-    (ext4 hands out the lowest free one).
+    Release it before closing the socket: "same (st_dev, st_ino)" at release proves the
+    file ours only while that inode cannot be freed and its number given to a new file,
+    and the bound socket is what keeps it (another user who may write to the directory
+    could remove the name, then make files until one got the number: ext4 hands out the
+    lowest free one). Every owner in udskit does so; holding the file open instead would
+    cost a descriptor more for each listener and each datagram client.
     """
 
-    __slots__ = ("_dev_ino", "_directory", "_held", "_owner_pid", "address")
+    __slots__ = ("_dev_ino", "_directory", "_owner_pid", "address")
 
     def __init__(self, address: Address, directory: _Directory, dev_ino: tuple[int, int]) -> None:
         self.address = address
         self._directory: _Directory | None = directory
         self._dev_ino = dev_ino
         self._owner_pid = os.getpid()
-        self._held = _hold(directory, dev_ino)
 
     @property
     def sun_path(self) -> bytes:
@@ -377,23 +376,17 @@ class Claim:
         """
         directory, self._directory = self._directory, None
         if directory is not None:
-            if self._held >= 0:
-                os.close(self._held)
             directory.close()
 
     def release(self) -> None:
-        """Unlink the socket file if it is still ours and we are the process that bound it."""
+        """Unlink the socket file if it is still ours and we are the process that bound it
+        (call it while the socket is still open: see the class)."""
         directory, self._directory = self._directory, None
         if directory is None:
             return
         try:
             if os.getpid() != self._owner_pid:
                 return  # a forked child: the file belongs to the parent
-            if self._held < 0:
-                # Moved or replaced before we could hold it: no later look could prove a
-                # file there ours. A stale socket left behind is reclaimed by the next claim.
-                log.info("%s was moved or replaced; leaving the path as it is", self.address)
-                return
             with _Lock(directory):
                 other = _remove_if(directory, directory.name, self._dev_ino)
                 if other is not None:
@@ -404,40 +397,7 @@ class Claim:
             reason = exc if isinstance(exc, UdsError) else os.strerror(exc.errno or 0).lower()
             log.warning("could not remove socket file %s: %s", self.address, reason)
         finally:
-            if self._held >= 0:
-                os.close(self._held)
             directory.close()
-
-
-def _new_claim(address: Address, directory: _Directory, dev_ino: tuple[int, int]) -> Claim:
-    """The claim of the file ``dev_ino`` we just bound (under the lock); if it cannot be
-    made (no descriptor left to hold the file), the file is removed: the socket still
-    holds it, so it is ours while it is that file."""
-    try:
-        return Claim(address, directory, dev_ino)
-    except BaseException:
-        try:
-            _remove_if(directory, directory.name, dev_ino)
-        except (OSError, UdsError) as exc:
-            reason = exc if isinstance(exc, UdsError) else os.strerror(exc.errno or 0).lower()
-            log.warning("could not remove socket file %s: %s", address, reason)
-        raise
-
-
-def _hold(directory: _Directory, dev_ino: tuple[int, int]) -> int:
-    """An O_PATH descriptor of the file at the socket's name if it is the file ``dev_ino``
-    (checked on the descriptor, so no later swap of the name matters); else -1."""
-    try:
-        fd = os.open(directory.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd)
-    except FileNotFoundError:
-        return -1  # moved away already
-    # Any other failure (no descriptor left: EMFILE, ENFILE) fails the claim: a claim that
-    # could not hold its file could never remove it, and would leave it behind unsaid.
-    info = os.fstat(fd)
-    if (info.st_dev, info.st_ino) != dev_ino:
-        os.close(fd)
-        return -1
-    return fd
 
 
 def claim(
@@ -470,7 +430,7 @@ def claim(
                 dev_ino = _bind_in_place(sock, directory, address, mode, uid, gid)
             else:
                 dev_ino = _bind_private(sock, directory, address, mode, uid, gid, backlog)
-            return _new_claim(address, directory, dev_ino)
+        return Claim(address, directory, dev_ino)
     except BaseException:
         directory.close()
         raise
@@ -489,7 +449,7 @@ def adopt(sock: socket.socket, address: Address) -> Claim:
     try:
         with translating("adopt", address), _Lock(directory):
             found = _bound_file_at(sock, directory, address)
-            return Claim(address, directory, (found.st_dev, found.st_ino))
+        return Claim(address, directory, (found.st_dev, found.st_ino))
     except BaseException:
         directory.close()
         raise
@@ -838,7 +798,7 @@ def _remove_if(
 ) -> os.stat_result | None:
     """Remove ``name`` if it is the file ``dev_ino``; else leave it and return its stat.
 
-    The caller keeps that file open (a claim's held descriptor, our lock file, a held stale
+    The caller keeps that file open (a claim's bound socket, our lock file, a held stale
     socket), so no other file can carry its inode number meanwhile. Nothing when the name
     is gone.
 
@@ -1047,7 +1007,7 @@ def bind_reply_path(sock: socket.socket, address: Address, mode: int = 0o600) ->
         with translating("claim", address), _Lock(directory):
             _make_room(directory, address, _BIND_TO)
             dev_ino = _bind_in_place(sock, directory, address, mode, -1, -1, _BIND_TO)
-            return _new_claim(address, directory, dev_ino)
+        return Claim(address, directory, dev_ino)
     except BaseException:
         directory.close()
         raise
