@@ -414,7 +414,7 @@ class DatagramListener(_Endpoint):
     """A bound datagram socket: ``recv()`` returns a :class:`Datagram`; reply with
     ``send_to(datagram.sender, data)``."""
 
-    __slots__ = ("_ancsize", "_max_fds", "_rbuf", "_rlock", "_rview")
+    __slots__ = ("_ancsize", "_max_fds", "_rbuf", "_reading", "_rlock", "_rview")
 
     def __init__(
         self,
@@ -438,6 +438,7 @@ class DatagramListener(_Endpoint):
         # as for the threads in _inside (a reentrant lock: not for the reader that a signal
         # handler's close() interrupted).
         self._rlock = threading.RLock()
+        self._reading = False  # a recv() holds the buffer: one of this thread, if reentered
 
     @property
     def max_frame(self) -> int:
@@ -454,7 +455,20 @@ class DatagramListener(_Endpoint):
 
         Threads may share a listener: each gets whole datagrams of its own."""
         with self._rlock:
-            return self._recv()
+            if self._reading:
+                # The lock is reentrant (for close()): only a recv() of this very thread
+                # can be under way, interrupted (by a signal handler, say) with its datagram
+                # in the buffer that this one would overwrite.
+                raise RuntimeError(
+                    f"recv() on {self.address} called inside another recv() of the same "
+                    "thread (from a signal handler?): it would overwrite that one's "
+                    "datagram; receive outside the handler"
+                )
+            self._reading = True
+            try:
+                return self._recv()
+            finally:
+                self._reading = False
 
     def _recv(self) -> Datagram:
         while True:

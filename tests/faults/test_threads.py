@@ -841,6 +841,55 @@ def test_close_from_a_signal_handler_ends_the_accept_or_recv_it_interrupted(
         listener.close()
 
 
+class _SignalledAfterRecv:
+    """A datagram listener's socket whose first recvmsg_into() raises SIGUSR1 once the
+    datagram is in the buffer: the handler runs just where a real signal's may, between
+    the system call and the copy out of the buffer."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._real = sock
+        self._fired = False
+
+    def recvmsg_into(self, *args: Any) -> Any:
+        got = self._real.recvmsg_into(*args)
+        if not self._fired:
+            self._fired = True
+            signal.raise_signal(signal.SIGUSR1)
+        return got
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def test_a_recv_from_a_signal_handler_never_overwrites_the_datagram_it_interrupted(
+    sockdir: Path,
+) -> None:
+    listener = udskit.listen(sockdir / "d.sock", type="dgram")
+    said: list[str] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        try:
+            said.append(listener.recv().data.decode())
+        except RuntimeError as exc:
+            said.append(str(exc))
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        with udskit.connect(sockdir / "d.sock", type="dgram") as client:
+            client.send(b"the first, longer one")
+            client.send(b"second")
+            listener._sock = _SignalledAfterRecv(listener.socket)  # type: ignore[assignment]
+            first = listener.recv()
+            assert first.data == b"the first, longer one"
+            (refusal,) = said
+            assert "\n" not in refusal
+            assert "called inside another recv() of the same thread" in refusal
+            assert listener.recv().data == b"second"  # still there, for the next recv()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        listener.close()
+
+
 # -- the HTTP client -------------------------------------------------------------------------
 
 
