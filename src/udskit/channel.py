@@ -1591,6 +1591,8 @@ class Channel(ChannelFacts):
                     self._held.detach()
             if self._shm is not None:
                 self._shm.close()  # with the descriptors of messages not yet received
+            if self._claim is not None:
+                self._claim.release()  # first: the open socket keeps its file's inode (Claim)
             if self._owns_socket:
                 self._sock.close()
         finally:
@@ -1598,8 +1600,6 @@ class Channel(ChannelFacts):
                 self._wlock.release()
             if reader_gone:
                 self._rlock.release()
-        if self._claim is not None:
-            self._claim.release()
         if self._cleanup_dir is not None:
             try:
                 os.rmdir(self._cleanup_dir)

@@ -192,15 +192,20 @@ class _Endpoint:
                 wakeup.close()  # else the last waiter does, once it has stopped using it
         if self._claim is not None:
             self._claim.release()  # first, so no client connects to a closing socket
-        if os.getpid() == self._owner_pid and not self._shared:
-            # shutdown() acts on the socket every forked copy shares: a child closing its
-            # copy must leave the parent's listener working, so only the creator does it.
-            try:
-                # Wakes a thread blocked in accept()/recv() on this socket (close alone does not).
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self._until_left()
+        if os.getpid() == self._owner_pid:
+            if not self._shared:
+                # shutdown() acts on the socket every forked copy shares: a child closing
+                # its copy must leave the parent's listener working, so only the creator
+                # does it. It wakes a thread blocked in accept()/recv() (close alone does not).
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            # Not in a forked child: the threads it inherited from our list are not in it
+            # (gone with the fork: waiting for them would cost each such close() the whole
+            # CLOSE_WAIT), nor the parent's hold of the read lock; and none of its own was
+            # woken, as no shutdown() was made.
+            self._until_left()
         self._sock.close()
 
     def _until_left(self) -> None:
@@ -409,7 +414,7 @@ class DatagramListener(_Endpoint):
     """A bound datagram socket: ``recv()`` returns a :class:`Datagram`; reply with
     ``send_to(datagram.sender, data)``."""
 
-    __slots__ = ("_ancsize", "_max_fds", "_rbuf", "_rlock", "_rview")
+    __slots__ = ("_ancsize", "_max_fds", "_rbuf", "_reading", "_rlock", "_rview")
 
     def __init__(
         self,
@@ -433,6 +438,7 @@ class DatagramListener(_Endpoint):
         # as for the threads in _inside (a reentrant lock: not for the reader that a signal
         # handler's close() interrupted).
         self._rlock = threading.RLock()
+        self._reading = False  # a recv() holds the buffer: one of this thread, if reentered
 
     @property
     def max_frame(self) -> int:
@@ -449,7 +455,20 @@ class DatagramListener(_Endpoint):
 
         Threads may share a listener: each gets whole datagrams of its own."""
         with self._rlock:
-            return self._recv()
+            if self._reading:
+                # The lock is reentrant (for close()): only a recv() of this very thread
+                # can be under way, interrupted (by a signal handler, say) with its datagram
+                # in the buffer that this one would overwrite.
+                raise RuntimeError(
+                    f"recv() on {self.address} called inside another recv() of the same "
+                    "thread (from a signal handler?): it would overwrite that one's "
+                    "datagram; receive outside the handler"
+                )
+            self._reading = True
+            try:
+                return self._recv()
+            finally:
+                self._reading = False
 
     def _recv(self) -> Datagram:
         while True:

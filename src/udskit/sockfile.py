@@ -54,7 +54,7 @@ from .address import MAX_DIRECT_PATH, Address
 from .creds import PeerCred, peer_cred
 from .errors import AddressError, AddressInUse, SocketFileError, Timeout, UdsError
 from .sockdiag import bound_file
-from .translate import kind_of, translate, translating, unreachable_directory
+from .translate import RESOURCE_ADVICE, kind_of, translate, translating, unreachable_directory
 
 __all__ = [
     "Claim",
@@ -171,9 +171,10 @@ class _Directory:
                     f"{unreachable_directory(directory or b'.', create=True)}",
                     errno=exc.errno,
                 ) from exc
+            advice = RESOURCE_ADVICE.get(exc.errno or 0)
             raise SocketFileError(
                 f"cannot create socket {os.fsdecode(path)}: cannot open directory {shown}: "
-                f"{os.strerror(exc.errno or 0).lower()}",
+                f"{advice or os.strerror(exc.errno or 0).lower()}",
                 errno=exc.errno,
             ) from exc
 
@@ -311,6 +312,8 @@ class _Lock:
     def _cannot(self, exc: OSError) -> SocketFileError:
         if exc.errno == errno.ELOOP:
             reason = "a symlink is there (udskit never follows one at this path); remove it"
+        elif exc.errno in RESOURCE_ADVICE:
+            reason = RESOURCE_ADVICE[exc.errno]  # not a matter of permissions
         else:
             advice = _what_to_do(exc.errno, "need write permission on the directory")
             reason = f"{os.strerror(exc.errno or 0).lower()} ({advice})"
@@ -336,22 +339,21 @@ class _Lock:
 class Claim:
     """Ownership of a socket file this process created. ``release()`` is idempotent.
 
-    The claim holds the file open (O_PATH) until it is released or disowned: "same
-    (st_dev, st_ino)" at release proves it is our file only while that inode cannot be
-    freed and its number given to a new file. The socket would keep it, but a client's
-    socket is closed before its claim is released, and another user who may write to the
-    directory can remove the name meanwhile and then make files until one gets the number
-    (ext4 hands out the lowest free one).
+    Release it before closing the socket: "same (st_dev, st_ino)" at release proves the
+    file ours only while that inode cannot be freed and its number given to a new file,
+    and the bound socket is what keeps it (another user who may write to the directory
+    could remove the name, then make files until one got the number: ext4 hands out the
+    lowest free one). Every owner in udskit does so; holding the file open instead would
+    cost a descriptor more for each listener and each datagram client.
     """
 
-    __slots__ = ("_dev_ino", "_directory", "_held", "_owner_pid", "address")
+    __slots__ = ("_dev_ino", "_directory", "_owner_pid", "address")
 
     def __init__(self, address: Address, directory: _Directory, dev_ino: tuple[int, int]) -> None:
         self.address = address
         self._directory: _Directory | None = directory
         self._dev_ino = dev_ino
         self._owner_pid = os.getpid()
-        self._held = _hold(directory, dev_ino)
 
     @property
     def sun_path(self) -> bytes:
@@ -374,23 +376,17 @@ class Claim:
         """
         directory, self._directory = self._directory, None
         if directory is not None:
-            if self._held >= 0:
-                os.close(self._held)
             directory.close()
 
     def release(self) -> None:
-        """Unlink the socket file if it is still ours and we are the process that bound it."""
+        """Unlink the socket file if it is still ours and we are the process that bound it
+        (call it while the socket is still open: see the class)."""
         directory, self._directory = self._directory, None
         if directory is None:
             return
         try:
             if os.getpid() != self._owner_pid:
                 return  # a forked child: the file belongs to the parent
-            if self._held < 0:
-                # Moved or replaced before we could hold it: no later look could prove a
-                # file there ours. A stale socket left behind is reclaimed by the next claim.
-                log.info("%s was moved or replaced; leaving the path as it is", self.address)
-                return
             with _Lock(directory):
                 other = _remove_if(directory, directory.name, self._dev_ino)
                 if other is not None:
@@ -401,24 +397,7 @@ class Claim:
             reason = exc if isinstance(exc, UdsError) else os.strerror(exc.errno or 0).lower()
             log.warning("could not remove socket file %s: %s", self.address, reason)
         finally:
-            if self._held >= 0:
-                os.close(self._held)
             directory.close()
-
-
-def _hold(directory: _Directory, dev_ino: tuple[int, int]) -> int:
-    """An O_PATH descriptor of the file at the socket's name if it is the file ``dev_ino``
-    (checked on the descriptor, so no later swap of the name matters); else -1."""
-    try:
-        fd = os.open(directory.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd)
-    except OSError as exc:
-        log.debug("could not hold %s: %s", os.fsdecode(directory.path), exc)
-        return -1
-    info = os.fstat(fd)
-    if (info.st_dev, info.st_ino) != dev_ino:
-        os.close(fd)
-        return -1
-    return fd
 
 
 def claim(
@@ -819,7 +798,7 @@ def _remove_if(
 ) -> os.stat_result | None:
     """Remove ``name`` if it is the file ``dev_ino``; else leave it and return its stat.
 
-    The caller keeps that file open (a claim's held descriptor, our lock file, a held stale
+    The caller keeps that file open (a claim's bound socket, our lock file, a held stale
     socket), so no other file can carry its inode number meanwhile. Nothing when the name
     is gone.
 

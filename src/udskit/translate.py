@@ -151,6 +151,8 @@ def translate(
             "remove it as its owner, or choose another path",
             errno=code,
         )
+    if code in RESOURCE_ADVICE:  # not a matter of permissions, whatever the step
+        return _generic(exc, f"{op}{where} failed: {RESOURCE_ADVICE[code]}")
     if op == "claim":
         return SocketFileError(
             f"cannot claim the socket path{where}: {reason.lower()}; check the permissions "
@@ -159,8 +161,6 @@ def translate(
         )
     if code == errno.ENAMETOOLONG:
         return AddressError(f"{op}{where}: a path component is longer than NAME_MAX (255)")
-    if code in RESOURCE_ADVICE:
-        return _generic(exc, f"{op}{where} failed: {RESOURCE_ADVICE[code]}")
     return _generic(exc, f"{op}{where} failed: {reason}")
 
 

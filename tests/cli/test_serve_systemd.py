@@ -23,6 +23,7 @@ import pytest
 import udskit
 from tests.cli.conftest import COMMAND_TIMEOUT, wait_listening
 from tests.systemd_manager import NotifySocket, notify_socket, start_service
+from udskit import systemd
 from udskit.cli import _systemd
 
 SERVE = ["-m", "udskit", "serve", "--echo", "--framing", "lines"]
@@ -534,3 +535,47 @@ def test_handover_makes_the_successor_the_main_process(
     assert rest[-1].pid == new
     assert all("STOPPING" not in n.fields for n in rest[:-1])
     assert all(n.pid != first.pid or "STOPPING" not in n.fields for n in rest)
+
+
+def test_a_finished_servers_file_is_removed_while_systemd_still_keeps_its_socket(
+    manager: NotifySocket, sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim checks the file by its inode, which only an open socket keeps from being
+    freed and given to a file another user makes at the path: at the release, the copy
+    systemd stored (the last one open: the server closed its own) must still be there.
+    systemd closes it on FDSTOREREMOVE, which is played here at once."""
+    path = sockdir / "app.sock"
+    monkeypatch.setenv("NOTIFY_SOCKET", manager.path)
+    monkeypatch.setenv("FDSTORE", "1")
+    unit = _systemd.Unit(udskit.Address.parse(os.fspath(path)), "stream", 0o600)
+    stored: list[int] = []
+    kept_at_release: list[bool] = []
+    real_remove, real_release = systemd.Notifier.remove_fd, udskit.sockfile.Claim.release
+
+    def remove_fd(notifier: systemd.Notifier, name: str) -> bool:
+        for fd in stored:  # systemd closes its copy
+            os.close(fd)
+        stored.clear()
+        return real_remove(notifier, name)
+
+    def release(claim: udskit.sockfile.Claim) -> None:
+        kept_at_release.append(bool(stored))
+        real_release(claim)
+
+    monkeypatch.setattr(systemd.Notifier, "remove_fd", remove_fd)
+    monkeypatch.setattr(udskit.sockfile.Claim, "release", release)
+    server = udskit.MessageServer(os.fspath(path), lambda conn, message: message)
+    try:
+        with unit.serving(server):
+            got = manager.receive()
+            assert got.fields["FDSTORE"] == "1"
+            stored.extend(got.fds)
+            unit.finished = True
+            server.close()  # a stored listener's file stays: the unit decides
+            assert path.exists()
+    finally:
+        server.close()
+        for fd in stored:
+            os.close(fd)
+    assert kept_at_release == [True]
+    assert not path.exists()

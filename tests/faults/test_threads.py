@@ -19,6 +19,7 @@ import signal
 import socket
 import socketserver
 import struct
+import subprocess
 import sys
 import threading
 import zlib
@@ -919,6 +920,55 @@ def test_close_from_a_signal_handler_ends_the_accept_or_recv_it_interrupted(
         listener.close()
 
 
+class _SignalledAfterRecv:
+    """A datagram listener's socket whose first recvmsg_into() raises SIGUSR1 once the
+    datagram is in the buffer: the handler runs just where a real signal's may, between
+    the system call and the copy out of the buffer."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._real = sock
+        self._fired = False
+
+    def recvmsg_into(self, *args: Any) -> Any:
+        got = self._real.recvmsg_into(*args)
+        if not self._fired:
+            self._fired = True
+            signal.raise_signal(signal.SIGUSR1)
+        return got
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def test_a_recv_from_a_signal_handler_never_overwrites_the_datagram_it_interrupted(
+    sockdir: Path,
+) -> None:
+    listener = udskit.listen(sockdir / "d.sock", type="dgram")
+    said: list[str] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        try:
+            said.append(listener.recv().data.decode())
+        except RuntimeError as exc:
+            said.append(str(exc))
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        with udskit.connect(sockdir / "d.sock", type="dgram") as client:
+            client.send(b"the first, longer one")
+            client.send(b"second")
+            listener._sock = _SignalledAfterRecv(listener.socket)  # type: ignore[assignment]
+            first = listener.recv()
+            assert first.data == b"the first, longer one"
+            (refusal,) = said
+            assert "\n" not in refusal
+            assert "called inside another recv() of the same thread" in refusal
+            assert listener.recv().data == b"second"  # still there, for the next recv()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        listener.close()
+
+
 # -- the HTTP client -------------------------------------------------------------------------
 
 
@@ -973,3 +1023,56 @@ def test_threads_sharing_one_http_client_each_get_their_own_answer(sockdir: Path
                 user.result()
         server.shutdown()
         serving.result()
+
+
+#: A threaded program that forks while another thread is inside accept() (or recv()) on
+#: its listener; the child closes its copy (as a child that serves one client does) and
+#: prints how long that took. CLOSE_WAIT is made long, so that a wait for the parent's
+#: thread, which the child does not have, cannot pass unseen.
+FORKED_CLOSE = """
+import os, sys, threading
+import udskit, udskit.listening
+
+path, kind = sys.argv[1], sys.argv[2]
+udskit.listening.CLOSE_WAIT = 20.0
+listener = udskit.listen(path, type=kind)
+
+def wait():
+    try:
+        listener.accept() if kind != "dgram" else listener.recv()
+    except udskit.ConnectionClosed:
+        pass
+
+thread = threading.Thread(target=wait)
+thread.start()
+for _ in range(10_000):  # bounded: until the thread sleeps in the call (or its lock)
+    with open(f"/proc/self/task/{thread.native_id}/stat") as stat:
+        if stat.read().rsplit(")", 1)[1].split()[0] == "S":
+            break
+pid = os.fork()
+if pid == 0:
+    started = udskit.listening.time.monotonic()
+    listener.close()
+    print(f"{udskit.listening.time.monotonic() - started:.3f}", flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+listener.close()
+thread.join()
+"""
+
+
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+def test_a_forked_childs_close_does_not_wait_for_the_parents_threads(
+    sockdir: Path, kind: str
+) -> None:
+    program = [sys.executable, "-W", "ignore::DeprecationWarning", "-c", FORKED_CLOSE]
+    done = subprocess.run(
+        [*program, os.fspath(sockdir / "s"), kind],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    took = float(done.stdout)
+    assert took < 10.0, f"the child's close() waited {took} s for a thread it does not have"
+    assert not os.path.exists(sockdir / "s")

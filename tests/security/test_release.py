@@ -72,13 +72,13 @@ def test_in_a_sticky_directory_nobody_cannot_touch_roots_socket(
     assert not sticky_arena.path.exists()
 
 
-def test_a_client_releasing_its_path_after_closing_leaves_a_file_nobody_made(
+def test_a_client_releasing_its_path_as_it_closes_leaves_a_file_nobody_made(
     open_arena: Arena, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A datagram client closes its socket, then removes the path it bound (bind=). nobody
-    removed that file before, and once the socket is closed makes files until one gets the
-    freed inode number (on ext4 that takes a few tries), at the path: only a claim that
-    keeps the file it bound open can tell that file from its own."""
+    """A datagram client removes the path it bound (bind=) as it closes. nobody removed
+    that file before, and makes files until one gets its inode number (on ext4 that takes a
+    few tries once the inode is freed), at the path: only a claim released while the socket,
+    which keeps that inode, is still open can tell such a file from its own."""
     path = open_arena.path
     with udskit.listen(tmp_path / "server.sock", type="dgram") as server:
         channel = udskit.connect(server.address, type="dgram", bind=path)
@@ -88,7 +88,7 @@ def test_a_client_releasing_its_path_after_closing_leaves_a_file_nobody_made(
         reports: list[str] = []
 
         def release(claim: udskit.sockfile.Claim) -> None:
-            if claim.address.raw == bytes(path):  # the client's (its socket is closed)
+            if claim.address.raw == bytes(path):  # the client's
                 reports.append(as_nobody(take_inode(path, number)))
             real_release(claim)
 
@@ -97,26 +97,3 @@ def test_a_client_releasing_its_path_after_closing_leaves_a_file_nobody_made(
     assert reports in (["taken"], ["missed"])
     if reports == ["taken"] or path.exists():
         _assert_nobodys(path)
-
-
-@pytest.mark.parametrize("kind", ["stream", "dgram"])
-def test_a_socket_replaced_before_its_claim_holds_it_is_never_removed(
-    open_arena: Arena, kind: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """nobody's move lands between the bind and the claim's hold on the file: the claim
-    holds nothing, and the close leaves the path (and root's socket, moved) alone."""
-    real_hold = udskit.sockfile._hold
-    reports: list[str] = []
-
-    def hold(directory: udskit.sockfile._Directory, dev_ino: tuple[int, int]) -> int:
-        reports.append(as_nobody(_replace(open_arena.path)))
-        return real_hold(directory, dev_ino)
-
-    monkeypatch.setattr(udskit.sockfile, "_hold", hold)
-    listener = udskit.listen(open_arena.path, type=kind)
-    with caplog.at_level(logging.INFO, logger="udskit"):
-        listener.close()
-    assert reports == ["replaced"]
-    _assert_nobodys(open_arena.path)
-    assert os.lstat(open_arena.path.with_name("taken.sock")).st_uid == 0
-    assert "was moved or replaced; leaving the path as it is" in caplog.text

@@ -1105,10 +1105,10 @@ class Channel(Sending, ChannelFacts):
         self._ready.clear()
         self._ready_bytes = 0
         self._ready_fds = 0
+        if self._claim is not None:
+            self._claim.release()  # first: the open socket keeps its file's inode (Claim)
         if self._owns_socket:
             self._sock.close()
-        if self._claim is not None:
-            self._claim.release()
         if self._cleanup_dir is not None:
             try:
                 os.rmdir(self._cleanup_dir)

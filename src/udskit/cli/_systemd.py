@@ -175,9 +175,11 @@ class Unit:
             return  # the listener removes its own file when it closes
         assert self.fdname is not None
         if self.finished:
-            self._notifier.remove_fd(self.fdname)
             if claim is not None:
+                # First: systemd's copy, the last open one, keeps the file's inode, which
+                # the claim checks the file by (see Claim); FDSTOREREMOVE may free it.
                 claim.release()
+            self._notifier.remove_fd(self.fdname)
         elif claim is not None:
             claim.disown()  # systemd keeps the socket, and the file stays its way in
 

@@ -10,7 +10,7 @@ import stat
 from dataclasses import dataclass
 from typing import Final
 
-from ..address import MAX_DIRECT_PATH, SUN_PATH_MAX
+from ..address import MAX_DIRECT_PATH, SUN_PATH_MAX, one_line
 from .findings import FileInfo, Finding, UserInfo
 from .names import group_name, user_name
 
@@ -251,7 +251,7 @@ def _symlink(path: bytes, user: UserInfo) -> Finding | None:
         info = os.lstat(path)
         if not stat.S_ISLNK(info.st_mode):
             return None
-        leads_to = os.fsdecode(os.readlink(path))
+        leads_to = one_line(os.fsdecode(os.readlink(path)))  # whoever made it chose it
     except OSError:
         return None
     shown = os.fsdecode(path)
@@ -273,7 +273,7 @@ def _symlink(path: bytes, user: UserInfo) -> Finding | None:
 
 def _dangling(path: bytes) -> str | None:
     try:
-        return os.fsdecode(os.readlink(path))
+        return one_line(os.fsdecode(os.readlink(path)))  # whoever made it chose it
     except OSError:
         return None
 
