@@ -145,6 +145,7 @@ class Connection:
         "_type",
         "busy",
         "closed",
+        "ends_with_client",
         "fd",
         "id",
         "peer",
@@ -194,6 +195,9 @@ class Connection:
         self._closing = False  # close once the outbox is empty
         self._reading = False  # in on_readable: what is sent now goes out at its end
         self.busy = False  # a worker or a task has this connection's messages
+        # Close as soon as the client has gone entirely, busy or not: for a connection whose
+        # messages go straight on as they arrive (to a command), so none can be waiting.
+        self.ends_with_client = False
         self.closed = False
 
     # -- what the handler uses ----------------------------------------------------------
@@ -440,7 +444,8 @@ class Connection:
             return  # a datagram's connection: the listener is read, not this
         read = not (self._paused or self._held or self._eof or self._closing or self._stalled)
         write = self._out.size > 0
-        wanted = _EVENTS[read, write, not read and not write and self._eof and self.busy]
+        hang_up = not read and not write and self._eof and self.ends_with_client
+        wanted = _EVENTS[read, write, hang_up]
         if wanted is not self._events:
             self._events = wanted
             self._driver.watch(self, *wanted)
@@ -462,10 +467,10 @@ class Connection:
             # Nothing more to read: an EPOLLHUP or EPOLLERR, which epoll reports whether
             # asked for or not (the client has gone entirely). Messages already read are
             # still handled; their replies fail to send, and that closes the connection.
-            # One that is busy may never reply (a command that writes nothing): closed now,
-            # so that whoever has it hears that the client left.
-            if self.busy and self._events[2]:
-                log.debug("%s: client gone while busy", self._where())
+            # One that ends with its client may never reply (a command that writes
+            # nothing): closed now, so that whoever has it hears that the client left.
+            if self._events[2]:
+                log.debug("%s: client gone", self._where())
                 self.abort()
             return
         framing = self._framing

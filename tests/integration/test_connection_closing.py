@@ -25,11 +25,11 @@ class ScriptedDriver:
     def __init__(self) -> None:
         self.messages: list[bytes] = []
         self.dropped_conns: list[Connection] = []
-        self.watching: tuple[bool, bool] = (True, False)
+        self.watching: tuple[bool, bool, bool] = (True, False, False)
         self.ends = 0
 
-    def watch(self, conn: Connection, read: bool, write: bool) -> None:
-        self.watching = (read, write)
+    def watch(self, conn: Connection, read: bool, write: bool, hang_up: bool) -> None:
+        self.watching = (read, write, hang_up)
 
     def in_loop(self) -> bool:
         return True

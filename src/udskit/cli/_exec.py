@@ -127,6 +127,9 @@ class Command:
         # The connection stays open after the client's end of stream until the output has
         # ended: busy, as while a worker has its messages.
         session.conn.busy = True
+        # ...but not after the client has gone entirely: then it closes, and the command
+        # is told (client_left).
+        session.conn.ends_with_client = True
         self._threads = [
             threading.Thread(target=self._write, name="udskit-exec-stdin", daemon=True),
             threading.Thread(target=self._read, name="udskit-exec-stdout", daemon=True),
