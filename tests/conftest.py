@@ -53,12 +53,12 @@ def open_fds() -> set[int]:
 
 
 @contextlib.contextmanager
-def no_descriptor_left() -> Iterator[None]:
-    """This process at its open-file limit (restored after)."""
+def no_descriptor_left(free: int = 0) -> Iterator[None]:
+    """This process at its open-file limit but for ``free`` descriptors (restored after)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(open_fds()) + 1, hard))
-    fillers = []
+    fillers: list[int] = []
     try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(open_fds()) + 1 + free, hard))
         while True:  # bounded: by the limit just set
             try:
                 fillers.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
@@ -66,6 +66,8 @@ def no_descriptor_left() -> Iterator[None]:
                 if exc.errno != errno.EMFILE:
                     raise
                 break
+        for _ in range(free):  # at least ``free`` were made: the limit is past every open one
+            os.close(fillers.pop())
         yield
     finally:
         for fd in fillers:

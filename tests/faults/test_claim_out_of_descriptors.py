@@ -4,34 +4,16 @@ nothing is left in the directory."""
 
 from __future__ import annotations
 
-import errno
 import os
-import resource
 from pathlib import Path
 
 import pytest
 
 import udskit
 
+from ..conftest import no_descriptor_left
+
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
-
-
-def _fill_all_but(free: int) -> list[int]:
-    """Lower the open-file limit to what is open now and fill it, but for ``free``."""
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    top = max(int(fd) for fd in os.listdir("/proc/self/fd"))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))
-    fillers: list[int] = []
-    while True:  # bounded: by the limit just set
-        try:
-            fillers.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
-        except OSError as exc:
-            if exc.errno != errno.EMFILE:
-                raise
-            break
-    for _ in range(free):
-        os.close(fillers.pop())
-    return fillers
 
 
 @pytest.mark.parametrize(
@@ -42,15 +24,8 @@ def test_out_of_descriptors_while_claiming_says_what_to_raise(
     sockdir: Path, kind: str, free: int
 ) -> None:
     path = sockdir / "s"
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    fillers = _fill_all_but(free)
-    try:
-        with pytest.raises(udskit.UdsError) as caught:
-            udskit.listen(path, type=kind)  # type: ignore[call-overload]
-    finally:
-        for fd in fillers:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with no_descriptor_left(free), pytest.raises(udskit.UdsError) as caught:
+        udskit.listen(path, type=kind)  # type: ignore[call-overload]
     message = str(caught.value)
     assert "\n" not in message
     assert str(path) in message
