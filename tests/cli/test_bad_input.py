@@ -60,6 +60,11 @@ USAGE = [
     (["pair"], "give the program to run after --"),
     (["wait", "--timeout", "inf", S], "must be a finite number of seconds"),
     (["wait", "tcp:host"], "malformed tcp address"),
+    # the address of every command is a usage mistake, as that of connect is
+    (["bridge", "tcp:127.0.0.1", S], "argument LISTEN: malformed tcp address"),
+    (["bridge", S, "gopher:x"], "argument TARGET: unknown address scheme 'gopher'"),
+    (["http", "tcp:localhost", "/"], "argument ADDR: malformed tcp address"),
+    (["http", "", "/"], "argument ADDR: empty address"),
     (["doctor", "--type", "raw", S], "invalid choice: 'raw'"),
     (["doctor", "--as", "no-such-user-here", S], "unknown user 'no-such-user-here'"),
     (["ls", "--stale"], "--stale needs the directory"),

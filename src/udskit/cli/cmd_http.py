@@ -14,6 +14,7 @@ import sys
 from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlsplit
 
+from ._options import address
 from ._output import Output
 from .main import EXIT_FAILURE, EXIT_OK, UsageError
 
@@ -44,7 +45,9 @@ _FORM = "application/x-www-form-urlencoded"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("address", metavar="ADDR", help="server address: /path, @name, tcp:H:P")
+    parser.add_argument(
+        "address", metavar="ADDR", type=address, help="server address: /path, @name, tcp:H:P"
+    )
     parser.add_argument(
         "path",
         metavar="PATH",
