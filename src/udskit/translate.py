@@ -45,7 +45,7 @@ import stat
 from collections.abc import Iterator
 from typing import Final
 
-from .address import Address, sun_path
+from .address import Address, sun_path, unexpanded_home
 from .errors import (
     AddressError,
     AddressInUse,
@@ -278,6 +278,9 @@ def unreachable_directory(directory: bytes, *, create: bool) -> str:
         try:
             info = os.stat(prefix)  # follows symlinks, as the kernel's lookup does
         except FileNotFoundError:
+            home = unexpanded_home(prefix)
+            if home is not None:
+                return f"there is no directory {shown}: {home}"
             if create:  # mkdir -p makes the whole directory: name it all
                 whole = os.fsdecode(absolute)
                 fix = f"create it first (mkdir -p {shlex.quote(whole)})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,22 @@ def test_a_server_of_another_type_is_named_in_the_options_words(
     serve(background, path, "--type", server, "--echo")
     line = one_line_error(udskit("send", "--type", client, path, "hi"), 1)
     assert line == f"udskit send: cannot connect to {path}: it is a socket of another type {told}"
+
+
+def test_a_tilde_no_shell_expanded_is_named_not_created(sockdir: Path) -> None:
+    # '~/x.sock' in quotes reaches udskit as it is; the advice was "mkdir -p DIR/~".
+    home = sockdir / "home"
+    env = {**os.environ, "HOME": str(home)}
+    tilde = f"there is no directory {sockdir}/~: '~' is expanded only by a shell, not within "
+    tilde += f"quotes nor in Python (os.path.expanduser()): write {home} in place of ~"
+    line = one_line_error(udskit("serve", "--echo", "~/x.sock", cwd=sockdir, env=env), 1)
+    assert line == f"udskit serve: cannot create socket {sockdir}/~/x.sock: {tilde}"
+    line = one_line_error(udskit("send", "~/x.sock", "hi", cwd=sockdir, env=env), 1)
+    assert line == f"udskit send: cannot connect to ~/x.sock: {tilde}"
+    result = udskit("doctor", "~/x.sock", cwd=sockdir, env=env)
+    assert result.code == 1
+    assert "    fix: '~' is expanded only by a shell" in result.text
+    assert "mkdir" not in result.text
+    # a directory ~USER of no such user is only a missing directory
+    line = one_line_error(udskit("serve", "--echo", "~no-such-user-here/x.sock", cwd=sockdir), 1)
+    assert "create it first" in line
