@@ -353,7 +353,8 @@ def resolve_uid(owner: int | str | None) -> int:
             return pwd.getpwnam(owner).pw_uid
         except KeyError:
             raise ValueError(
-                f"owner: unknown user {owner!r} (not in the passwd database); give a name or uid"
+                f"unknown user {owner!r} for owner= (not in the passwd database); "
+                "give a name or uid"
             ) from None
     raise ValueError(f"owner must be a user name or uid, not {owner!r}")
 
@@ -371,7 +372,8 @@ def resolve_gid(group: int | str | None) -> int:
             return grp.getgrnam(group).gr_gid
         except KeyError:
             raise ValueError(
-                f"group: unknown group {group!r} (not in the group database); give a name or gid"
+                f"unknown group {group!r} for group= (not in the group database); "
+                "give a name or gid"
             ) from None
     raise ValueError(f"group must be a group name or gid, not {group!r}")
 
