@@ -166,7 +166,23 @@ def test_an_unwritable_output_exits_1_before_measuring(
     assert main(["bench", option, str(target)]) == 1
     err = capsys.readouterr().err.strip()
     assert err == (
-        f"udskit bench: cannot write {option} {target}: directory {target.parent} does not exist"
+        f"udskit bench: cannot write {option} {target}: directory {target.parent} does not "
+        f"exist; create it first (mkdir -p {target.parent})"
+    )
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_a_file_on_the_way_is_named_as_not_a_directory(
+    option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it said "directory .../notes.txt/sub does not exist", of a file that exists
+    (tmp_path / "notes.txt").write_text("")
+    target = tmp_path / "notes.txt" / "sub" / "out.png"
+    assert main(["bench", option, str(target)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"udskit bench: cannot write {option} {target}: {tmp_path}/notes.txt is not a "
+        "directory; check the path"
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from typing import Final
 
@@ -164,12 +165,28 @@ def _unwritable(path: str | None) -> str | None:
         return "it is a directory; give a file name"
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        return f"directory {directory} does not exist"
+        return _unreachable(directory)
     if not os.access(directory, os.W_OK | os.X_OK):
         return f"directory {directory} is not writable"
     if os.path.exists(path) and not os.access(path, os.W_OK):
         return "the file is not writable"
     return None
+
+
+def _unreachable(directory: str) -> str:
+    """Why ``directory`` is not there: the first component on the way that is a file (it
+    said "directory /etc/passwd does not exist"), or that does not exist, and what to do."""
+    parts = directory.split("/")
+    for i in range(2, len(parts) + 1):
+        prefix = "/".join(parts[:i])
+        if os.path.isdir(prefix):
+            continue
+        if os.path.lexists(prefix):
+            return f"{prefix} is not a directory; check the path"
+        break
+    return (
+        f"directory {directory} does not exist; create it first (mkdir -p {shlex.quote(directory)})"
+    )
 
 
 def _write_json(path: str, document: dict[str, object]) -> None:
