@@ -362,8 +362,12 @@ def test_missing_parent_directory(sockdir: Path) -> None:
 
 
 def test_path_naming_a_directory(sockdir: Path) -> None:
-    with pytest.raises(AddressError, match="names a directory, not a file"):
+    with pytest.raises(AddressError) as caught:
         udskit.listen(f"{sockdir}/")
+    assert str(caught.value) == (
+        f"socket path {sockdir}/ names a directory, not a file; give the socket's file name "
+        f"too, e.g. {sockdir}/app.sock"
+    )
 
 
 @needs_root
