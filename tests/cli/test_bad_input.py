@@ -66,6 +66,10 @@ USAGE = [
     (["bridge", S, "gopher:x"], "argument TARGET: unknown address scheme 'gopher'"),
     (["http", "tcp:localhost", "/"], "argument ADDR: malformed tcp address"),
     (["http", "", "/"], "argument ADDR: empty address"),
+    # durations read as everywhere else (it was argparse's "invalid float value")
+    (["http", "--timeout", "abc", S, "/"], "argument --timeout: 'abc' is not a number of"),
+    (["http", "--max-time", "0", S, "/"], "argument --max-time: '0' must be more than 0 seconds"),
+    (["http", "--timeout", "inf", S, "/"], "argument --timeout: 'inf' must be a finite number"),
     (["doctor", "--type", "raw", S], "invalid choice: 'raw'"),
     (["doctor", "--as", "no-such-user-here", S], "unknown user 'no-such-user-here'"),
     (["ls", "--stale"], "--stale needs the directory"),
