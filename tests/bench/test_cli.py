@@ -135,9 +135,10 @@ def test_a_missing_matplotlib_stops_before_measuring(tmp_path: Path) -> None:
     [
         (["--only", "stdlib,nope"], "unknown contender 'nope' in --only; choose from: stdlib"),
         (["--only", ","], "--only needs at least one contender name"),
-        (["--messages", "0"], "--messages must be at least 1, not 0"),
-        (["--repeats", "0"], "--repeats must be at least 1, not 0"),
-        (["--repeats", "two"], "argument --repeats: invalid int value: 'two'"),
+        (["--messages", "0"], "argument --messages: '0' must be at least 1"),
+        (["--repeats", "0"], "argument --repeats: '0' must be at least 1"),
+        (["--repeats", "two"], "argument --repeats: 'two' is not a whole number"),
+        (["--messages", "1k"], "argument --messages: '1k' is not a whole number"),
         (["--clients", "10,x"], "--clients takes positive integers like 100,1000, not '10,x'"),
         (["--clients", "0"], "--clients takes positive integers"),
         (["--plot", "chart.svg"], "--plot draws a PNG: give a file name ending in .png"),

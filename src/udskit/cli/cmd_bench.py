@@ -19,6 +19,7 @@ from udskit.bench.results import ContenderInfo, to_json
 from udskit.bench.runner import Progress, availability
 from udskit.bench.runner import run as run_bench
 
+from ._options import positive_int
 from .main import EXIT_FAILURE, EXIT_OK, UsageError
 
 HELP: Final = "measure udskit against stdlib, TCP, pipes, pyzmq, multiprocessing, asyncio and C"
@@ -45,13 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--messages",
         metavar="N",
-        type=int,
+        type=positive_int,
         help="at most N messages per measurement (for a smoke test; figures get noisy)",
     )
     parser.add_argument(
         "--repeats",
         metavar="N",
-        type=int,
+        type=positive_int,
         help="run each measurement N times, contenders taking turns, and report the median run "
         "(default: 3, or 1 with --quick)",
     )
@@ -75,12 +76,8 @@ def run(args: argparse.Namespace) -> int:
     selected = _selected(args.only)
     plan = QUICK if args.quick else FULL
     if args.messages is not None:
-        if args.messages < 1:
-            raise UsageError(f"--messages must be at least 1, not {args.messages}")
         plan = plan.capped(args.messages)
     if args.repeats is not None:
-        if args.repeats < 1:
-            raise UsageError(f"--repeats must be at least 1, not {args.repeats}")
         plan = plan.with_repeats(args.repeats)
     if args.clients is not None:
         plan = plan.with_clients(_client_counts(args.clients))
