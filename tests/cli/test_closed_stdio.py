@@ -42,9 +42,26 @@ def test_send_with_stdout_closed_fails_instead_of_writing_to_the_socket(
     done = _run_closed(1, "send", "--reply", path, "hello")
     err = done.stderr.decode()
     assert done.returncode == 1, err
-    assert err == "udskit send: bad file descriptor\n"
+    assert err == "udskit send: cannot write to stdout: bad file descriptor\n"
 
 
 def test_pair_child_inherits_an_empty_stdin(sockdir: Path) -> None:
     done = _run_closed(0, "pair", "--", "sh", "-c", "cat; echo eof")
     assert (done.returncode, done.stdout, done.stderr) == (0, b"eof\n", b"")
+
+
+def test_a_full_stdout_is_named(sockdir: Path, background: list[Background]) -> None:
+    path = sockdir / "e.sock"
+    serve(background, path, "--echo")
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(
+            [*UDSKIT, "send", "--reply", os.fspath(path), "hello"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+    assert (done.returncode, done.stderr) == (
+        1,
+        b"udskit send: cannot write to stdout: no space left on device\n",
+    )
