@@ -88,6 +88,20 @@ def test_a_tilde_is_not_a_directory_to_create(
     assert os.listdir(sockdir) == []
 
 
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+def test_a_symlink_that_leads_nowhere_is_named(sockdir: Path, kind: str) -> None:
+    # it read "no such file" of a name that ls shows
+    link = sockdir / "app.sock"
+    link.symlink_to(sockdir / "gone" / "real.sock")
+    with pytest.raises(udskit.ConnectError) as caught:
+        udskit.connect(link, type=kind)
+    assert str(caught.value) == (
+        f"cannot connect to {link}: {link} is a symlink to {sockdir}/gone/real.sock, which "
+        "leads to no file; is the server running, and does the link point where it serves?"
+    )
+    assert link.is_symlink()
+
+
 def test_a_file_on_the_way(sockdir: Path) -> None:
     (sockdir / "file").write_text("")
     error = _connect_error(sockdir / "file" / "app.sock")
