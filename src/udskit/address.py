@@ -26,7 +26,7 @@ from typing import Literal, TypeAlias
 from . import activation
 from .errors import AddressError
 
-__all__ = ["SUN_PATH_MAX", "Address", "AddressLike", "one_line"]
+__all__ = ["SUN_PATH_MAX", "Address", "AddressLike", "one_line", "unexpanded_home"]
 
 #: ``sizeof(((struct sockaddr_un *)0)->sun_path)`` on Linux (``UNIX_PATH_MAX`` in linux/un.h).
 SUN_PATH_MAX = 108
@@ -139,6 +139,30 @@ def one_line(text: str) -> str:
     for what another user or a peer chose (a name it bound, a process name) shown in a
     line of ours, where a newline would break the line, or forge another."""
     return _UNSAFE.sub(_escaped, text)
+
+
+def unexpanded_home(missing: bytes) -> str | None:
+    """Advice for a missing directory that is a ``~`` nobody expanded, else None.
+
+    ``~/app.sock`` reaches udskit unexpanded from Python, and from a shell within quotes:
+    it names a directory ``~`` in the working directory, and "create it first (mkdir -p
+    ~)" would be the wrong advice. ``missing`` is the absolute path of the first directory
+    on the way that does not exist; only one whose name starts with ``~`` and that lies in
+    the working directory is taken for a home directory (``~`` or ``~USER``)."""
+    parent, name = os.path.split(missing)
+    try:
+        here = os.getcwdb()
+    except OSError:  # the working directory was removed: nothing of it can be meant
+        return None
+    if not name.startswith(b"~") or parent != here:
+        return None
+    home = os.path.expanduser(name)
+    if home == name:  # ~USER of no such user
+        return None
+    return (
+        f"'{os.fsdecode(name)}' is expanded only by a shell, not within quotes nor in "
+        f"Python (os.path.expanduser()): write {os.fsdecode(home)} in place of {os.fsdecode(name)}"
+    )
 
 
 def _escaped(match: re.Match[str]) -> str:

@@ -6,6 +6,7 @@ the value and what is accepted.
 
 from __future__ import annotations
 
+import difflib
 import grp
 import math
 import pwd
@@ -84,13 +85,26 @@ _KINDS: Final[dict[str, int]] = {
 }
 
 
-def socket_kind(type: str) -> int:  # noqa: A002 - mirrors the public keyword
-    try:
+def socket_kind(type: object) -> int:  # noqa: A002 - mirrors the public keyword
+    if isinstance(type, str) and type in _KINDS:
         return _KINDS[type]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown socket type {type!r}: choose 'stream', 'seqpacket' or 'dgram'"
-        ) from None
+    choose = "choose type='stream', 'seqpacket' or 'dgram'"
+    if isinstance(type, int) and not isinstance(type, bool):
+        # socket.SOCK_DGRAM is what the socket module has taught: name the word for it,
+        # in the caller's terms (its repr, <SocketKind.SOCK_DGRAM: 2>, is not).
+        shown = (
+            f"socket.{type.name}" if isinstance(type, socket.SocketKind) else f"the number {type}"
+        )
+        for name, kind in _KINDS.items():
+            if kind == type:
+                raise ValueError(f"type= takes a name, not {shown}: write type={name!r}")
+        raise ValueError(f"unknown socket type {shown}: {choose}")  # noqa: TRY004 - below
+    if not isinstance(type, str):
+        # ValueError, as it always was for every bad type=: a caller catches one class
+        raise ValueError(f"type= takes a name, not a {type.__class__.__name__}: {choose}")  # noqa: TRY004
+    similar = difflib.get_close_matches(type.lower(), list(_KINDS), n=1, cutoff=0.5)
+    hint = f" (did you mean type={similar[0]!r}?)" if similar else ""
+    raise ValueError(f"unknown socket type {type!r}: {choose}{hint}")
 
 
 def type_name(kind: int) -> SocketType:
@@ -339,7 +353,8 @@ def resolve_uid(owner: int | str | None) -> int:
             return pwd.getpwnam(owner).pw_uid
         except KeyError:
             raise ValueError(
-                f"owner: unknown user {owner!r} (not in the passwd database); give a name or uid"
+                f"unknown user {owner!r} for owner= (not in the passwd database); "
+                "give a name or uid"
             ) from None
     raise ValueError(f"owner must be a user name or uid, not {owner!r}")
 
@@ -357,7 +372,8 @@ def resolve_gid(group: int | str | None) -> int:
             return grp.getgrnam(group).gr_gid
         except KeyError:
             raise ValueError(
-                f"group: unknown group {group!r} (not in the group database); give a name or gid"
+                f"unknown group {group!r} for group= (not in the group database); "
+                "give a name or gid"
             ) from None
     raise ValueError(f"group must be a group name or gid, not {group!r}")
 

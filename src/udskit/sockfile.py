@@ -160,7 +160,11 @@ class _Directory:
         self.path = path
         directory, self.name = os.path.split(path)
         if not self.name:
-            raise AddressError(f"socket path {os.fsdecode(path)} names a directory, not a file")
+            shown = os.fsdecode(path)
+            raise AddressError(
+                f"socket path {shown} names a directory, not a file; give the socket's file "
+                f"name too, e.g. {shown.rstrip('/')}/app.sock"
+            )
         try:
             self.fd = os.open(directory or b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:

@@ -45,7 +45,7 @@ import stat
 from collections.abc import Iterator
 from typing import Final
 
-from .address import Address, sun_path
+from .address import Address, one_line, sun_path, unexpanded_home
 from .errors import (
     AddressError,
     AddressInUse,
@@ -188,7 +188,15 @@ def explain_connect(code: int | None, address: Address, tried: int | None = None
         if missing is not None and os.fsencode(missing) != address.raw.rstrip(b"/"):
             directory = os.path.dirname(address.raw) or b"."
             return f"{head}: {unreachable_directory(directory, create=False)}"
-        return f"{head}: no such file; is the server running, and is the path right?"
+        try:
+            link = os.readlink(address.raw)
+        except OSError:  # not a symlink (or gone): nothing is there
+            return f"{head}: no such file; is the server running, and is the path right?"
+        # "no such file" of a name that ls shows: the symlink there leads nowhere
+        return (
+            f"{head}: {path} is a symlink to {one_line(os.fsdecode(link))}, which leads to no "
+            "file; is the server running, and does the link point where it serves?"
+        )
     if code == errno.ECONNREFUSED:
         try:
             info = os.stat(address.raw)
@@ -278,6 +286,9 @@ def unreachable_directory(directory: bytes, *, create: bool) -> str:
         try:
             info = os.stat(prefix)  # follows symlinks, as the kernel's lookup does
         except FileNotFoundError:
+            home = unexpanded_home(prefix)
+            if home is not None:
+                return f"there is no directory {shown}: {home}"
             if create:  # mkdir -p makes the whole directory: name it all
                 whole = os.fsdecode(absolute)
                 fix = f"create it first (mkdir -p {shlex.quote(whole)})"

@@ -135,9 +135,10 @@ def test_a_missing_matplotlib_stops_before_measuring(tmp_path: Path) -> None:
     [
         (["--only", "stdlib,nope"], "unknown contender 'nope' in --only; choose from: stdlib"),
         (["--only", ","], "--only needs at least one contender name"),
-        (["--messages", "0"], "--messages must be at least 1, not 0"),
-        (["--repeats", "0"], "--repeats must be at least 1, not 0"),
-        (["--repeats", "two"], "argument --repeats: invalid int value: 'two'"),
+        (["--messages", "0"], "argument --messages: '0' must be at least 1"),
+        (["--repeats", "0"], "argument --repeats: '0' must be at least 1"),
+        (["--repeats", "two"], "argument --repeats: 'two' is not a whole number"),
+        (["--messages", "1k"], "argument --messages: '1k' is not a whole number"),
         (["--clients", "10,x"], "--clients takes positive integers like 100,1000, not '10,x'"),
         (["--clients", "0"], "--clients takes positive integers"),
         (["--plot", "chart.svg"], "--plot draws a PNG: give a file name ending in .png"),
@@ -166,7 +167,23 @@ def test_an_unwritable_output_exits_1_before_measuring(
     assert main(["bench", option, str(target)]) == 1
     err = capsys.readouterr().err.strip()
     assert err == (
-        f"udskit bench: cannot write {option} {target}: directory {target.parent} does not exist"
+        f"udskit bench: cannot write {option} {target}: directory {target.parent} does not "
+        f"exist; create it first (mkdir -p {target.parent})"
+    )
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_a_file_on_the_way_is_named_as_not_a_directory(
+    option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it said "directory .../notes.txt/sub does not exist", of a file that exists
+    (tmp_path / "notes.txt").write_text("")
+    target = tmp_path / "notes.txt" / "sub" / "out.png"
+    assert main(["bench", option, str(target)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"udskit bench: cannot write {option} {target}: {tmp_path}/notes.txt is not a "
+        "directory; check the path"
     )
 
 

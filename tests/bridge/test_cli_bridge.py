@@ -181,7 +181,8 @@ def test_bridge_to_itself_is_refused(sockdir: Path, spelling: str) -> None:
         (["--allow-uid", "no-such-user-here", "/tmp/a.sock", "/x.sock"], 2, "unknown user"),
         (["--mode", "999", "/tmp/a.sock", "/x.sock"], 2, "not an octal permission number"),
         (["tcp:127.0.0.1:0", "fd:3"], 2, "not a descriptor"),
-        (["tcp:127.0.0.1", "/x.sock"], 1, "malformed tcp address"),
+        (["tcp:127.0.0.1", "/x.sock"], 2, "argument LISTEN: malformed tcp address"),
+        (["/tmp/a.sock", "gopher:x"], 2, "argument TARGET: unknown address scheme"),
         (["--max-connections", "0", "tcp:127.0.0.1:0", "/x.sock"], 2, "must be at least 1"),
     ],
 )

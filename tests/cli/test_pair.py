@@ -71,3 +71,9 @@ def test_terminated_pair_stops_its_command(background: list[Background]) -> None
     assert pair.stop(signal.SIGTERM) == 128 + signal.SIGTERM
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)  # reaped, not left running
+
+
+def test_the_childs_own_stdin_is_empty() -> None:
+    # as docs/cli.md says: our stdin feeds the pair, never the child's stdin
+    result = udskit("pair", "--", "sh", "-c", "cat; echo end", stdin=b"for the pair\n")
+    assert (result.code, result.out) == (0, b"end\n")

@@ -68,6 +68,40 @@ def test_missing_directory(sockdir: Path) -> None:
     assert f"directory {sockdir / 'gone'} does not exist" in str(error)
 
 
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+def test_a_tilde_is_not_a_directory_to_create(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    # Python never expands ~: the advice was to create a directory named ~.
+    monkeypatch.chdir(sockdir)
+    monkeypatch.setenv("HOME", str(sockdir / "home"))
+    advice = (
+        f"there is no directory {sockdir}/~: '~' is expanded only by a shell, not within "
+        f"quotes nor in Python (os.path.expanduser()): write {sockdir}/home in place of ~"
+    )
+    with pytest.raises(udskit.ConnectError) as connecting:
+        udskit.connect("~/app.sock", type=kind)
+    assert str(connecting.value) == f"cannot connect to ~/app.sock: {advice}"
+    with pytest.raises(udskit.SocketFileError) as listening:
+        udskit.listen("~/app.sock", type=kind)
+    assert str(listening.value) == f"cannot create socket {sockdir}/~/app.sock: {advice}"
+    assert os.listdir(sockdir) == []
+
+
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+def test_a_symlink_that_leads_nowhere_is_named(sockdir: Path, kind: str) -> None:
+    # it read "no such file" of a name that ls shows
+    link = sockdir / "app.sock"
+    link.symlink_to(sockdir / "gone" / "real.sock")
+    with pytest.raises(udskit.ConnectError) as caught:
+        udskit.connect(link, type=kind)
+    assert str(caught.value) == (
+        f"cannot connect to {link}: {link} is a symlink to {sockdir}/gone/real.sock, which "
+        "leads to no file; is the server running, and does the link point where it serves?"
+    )
+    assert link.is_symlink()
+
+
 def test_a_file_on_the_way(sockdir: Path) -> None:
     (sockdir / "file").write_text("")
     error = _connect_error(sockdir / "file" / "app.sock")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -190,6 +191,32 @@ def test_pair_peer_credentials() -> None:
 def test_pair_refuses_bad_options(options: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         udskit.pair(**options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        # the socket module's constants name the word to write, never in their repr
+        (socket.SOCK_DGRAM, "type= takes a name, not socket.SOCK_DGRAM: write type='dgram'"),
+        (5, "type= takes a name, not the number 5: write type='seqpacket'"),
+        (socket.SOCK_RAW, "unknown socket type socket.SOCK_RAW: choose type='stream', "),
+        (
+            "datagram",
+            (
+                "unknown socket type 'datagram': choose type='stream', 'seqpacket' or "
+                "'dgram' (did you mean type='dgram'?)"
+            ),
+        ),
+        ("bogus", "unknown socket type 'bogus': choose type='stream', 'seqpacket' or 'dgram'"),
+        (None, "type= takes a name, not a NoneType: choose type="),
+        (True, "type= takes a name, not a bool: choose type="),
+    ],
+)
+def test_a_type_that_is_not_a_name_says_which_name_to_write(kind: object, message: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        udskit.pair(type=kind)  # type: ignore[arg-type]
+    assert str(raised.value).startswith(message), str(raised.value)
+    assert "<" not in str(raised.value)
 
 
 @pytest.mark.parametrize("kind", ["stream", "seqpacket"])

@@ -13,6 +13,9 @@ from typing import Final
 
 __all__ = ["HexDump", "Output", "as_line", "err"]
 
+#: How a failed write names its output.
+_NAMES: Final = {1: "stdout", 2: "stderr"}
+
 #: Bytes shown per hex dump row, as in ``hexdump -C`` and ``socat -x``.
 _ROW: Final = 16
 
@@ -46,6 +49,10 @@ class Output:
             except BrokenPipeError:
                 self._closed = True
                 return False
+            except OSError as exc:  # /dev/full, a closed stdout: say which output failed
+                where = _NAMES.get(self._fd, f"descriptor {self._fd}")
+                reason = os.strerror(exc.errno or 0).lower()
+                raise OSError(f"cannot write to {where}: {reason}") from exc
             return True
 
 

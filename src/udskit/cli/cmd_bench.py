@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from typing import Final
 
@@ -18,6 +19,7 @@ from udskit.bench.results import ContenderInfo, to_json
 from udskit.bench.runner import Progress, availability
 from udskit.bench.runner import run as run_bench
 
+from ._options import positive_int
 from .main import EXIT_FAILURE, EXIT_OK, UsageError
 
 HELP: Final = "measure udskit against stdlib, TCP, pipes, pyzmq, multiprocessing, asyncio and C"
@@ -44,13 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--messages",
         metavar="N",
-        type=int,
+        type=positive_int,
         help="at most N messages per measurement (for a smoke test; figures get noisy)",
     )
     parser.add_argument(
         "--repeats",
         metavar="N",
-        type=int,
+        type=positive_int,
         help="run each measurement N times, contenders taking turns, and report the median run "
         "(default: 3, or 1 with --quick)",
     )
@@ -74,12 +76,8 @@ def run(args: argparse.Namespace) -> int:
     selected = _selected(args.only)
     plan = QUICK if args.quick else FULL
     if args.messages is not None:
-        if args.messages < 1:
-            raise UsageError(f"--messages must be at least 1, not {args.messages}")
         plan = plan.capped(args.messages)
     if args.repeats is not None:
-        if args.repeats < 1:
-            raise UsageError(f"--repeats must be at least 1, not {args.repeats}")
         plan = plan.with_repeats(args.repeats)
     if args.clients is not None:
         plan = plan.with_clients(_client_counts(args.clients))
@@ -164,12 +162,28 @@ def _unwritable(path: str | None) -> str | None:
         return "it is a directory; give a file name"
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        return f"directory {directory} does not exist"
+        return _unreachable(directory)
     if not os.access(directory, os.W_OK | os.X_OK):
         return f"directory {directory} is not writable"
     if os.path.exists(path) and not os.access(path, os.W_OK):
         return "the file is not writable"
     return None
+
+
+def _unreachable(directory: str) -> str:
+    """Why ``directory`` is not there: the first component on the way that is a file (it
+    said "directory /etc/passwd does not exist"), or that does not exist, and what to do."""
+    parts = directory.split("/")
+    for i in range(2, len(parts) + 1):
+        prefix = "/".join(parts[:i])
+        if os.path.isdir(prefix):
+            continue
+        if os.path.lexists(prefix):
+            return f"{prefix} is not a directory; check the path"
+        break
+    return (
+        f"directory {directory} does not exist; create it first (mkdir -p {shlex.quote(directory)})"
+    )
 
 
 def _write_json(path: str, document: dict[str, object]) -> None:

@@ -7,7 +7,7 @@ import sys
 
 from udskit import bridge
 
-from ._options import add_listening, policy_for, positive_int
+from ._options import add_listening, address, policy_for, positive_int
 from .main import EXIT_OK
 
 HELP = "relay connections between two addresses (TCP <-> Unix socket, abstract <-> path)"
@@ -23,8 +23,12 @@ kernel chose for tcp:HOST:0). SIGTERM or Ctrl-C stops it and removes its socket 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("listen", metavar="LISTEN", help="address to accept connections on")
-    parser.add_argument("target", metavar="TARGET", help="address to relay each connection to")
+    parser.add_argument(
+        "listen", metavar="LISTEN", type=address, help="address to accept connections on"
+    )
+    parser.add_argument(
+        "target", metavar="TARGET", type=address, help="address to relay each connection to"
+    )
     add_listening(parser, "a LISTEN socket file")
     parser.add_argument(
         "--max-connections",

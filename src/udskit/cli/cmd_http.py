@@ -7,13 +7,13 @@ import argparse
 import base64
 import contextlib
 import json
-import math
 import os
 import stat
 import sys
 from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlsplit
 
+from ._options import address, positive_seconds
 from ._output import Output
 from .main import EXIT_FAILURE, EXIT_OK, UsageError
 
@@ -44,7 +44,9 @@ _FORM = "application/x-www-form-urlencoded"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("address", metavar="ADDR", help="server address: /path, @name, tcp:H:P")
+    parser.add_argument(
+        "address", metavar="ADDR", type=address, help="server address: /path, @name, tcp:H:P"
+    )
     parser.add_argument(
         "path",
         metavar="PATH",
@@ -82,14 +84,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=positive_seconds,
         default=30.0,
         metavar="S",
         help="seconds for connect and for each wait to read or write (default: 30)",
     )
     parser.add_argument(
         "--max-time",
-        type=float,
+        type=positive_seconds,
         metavar="S",
         help="seconds for the whole exchange, until the body has arrived (default: no limit)",
     )
@@ -102,9 +104,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"udskit http: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     target, headers = _target(args.path), _headers(args.headers)
-    for option, seconds in (("--timeout", args.timeout), ("--max-time", args.max_time)):
-        if seconds is not None and not (seconds > 0 and math.isfinite(seconds)):
-            raise UsageError(f"{option} must be a positive number of seconds, not {seconds:g}")
     with contextlib.ExitStack() as files:
         return _exchange(args, target, headers, _body(args.data, files))
 

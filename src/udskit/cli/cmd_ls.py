@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
+import stat
 import time
 
 from udskit import inspect
@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Output()
+    if args.directory is not None:
+        # a mistyped DIR would otherwise list nothing, as if no socket were there
+        _check_directory(args.directory)
     if args.stale:
         if args.directory is None:
             raise UsageError("--stale needs the directory to search, e.g. udskit ls --stale /tmp")
@@ -48,16 +51,25 @@ def run(args: argparse.Namespace) -> int:
         else:
             out.write(_stale_table(stale))
         return 0
-    if args.directory is not None and not os.path.isdir(args.directory):
-        # as --stale does: a mistyped DIR would otherwise list nothing, as if no socket
-        # were there
-        raise NotADirectoryError(errno.ENOTDIR, "not a directory", args.directory)
     entries = inspect.list_sockets(args.directory)
     if args.json:
         out.write(_json([e.as_dict() for e in entries]))
     else:
         out.write(_table(entries))
     return 0
+
+
+def _check_directory(directory: str) -> None:
+    """DIR exists and is a directory, or the one line that says which it is not."""
+    shown = one_line(directory) if directory else "''"
+    try:
+        info = os.stat(directory)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such directory: {shown}; check the path") from None
+    except OSError as exc:
+        raise OSError(f"cannot look at {shown}: {os.strerror(exc.errno or 0).lower()}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise NotADirectoryError(f"{shown} is not a directory; give the directory to list")
 
 
 def _json(items: list[dict[str, object]]) -> bytes:

@@ -25,6 +25,7 @@ from typing import Final, NoReturn
 
 import udskit
 
+from ._stdio import hold_standard_fds
 from ._wording import in_cli_words
 
 __all__ = [
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    hold_standard_fds()  # before any socket can take a closed one's number
     try:
         return _main(argv)
     except KeyboardInterrupt:

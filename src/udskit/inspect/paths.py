@@ -10,7 +10,7 @@ import stat
 from dataclasses import dataclass
 from typing import Final
 
-from ..address import MAX_DIRECT_PATH, SUN_PATH_MAX, one_line
+from ..address import MAX_DIRECT_PATH, SUN_PATH_MAX, one_line, unexpanded_home
 from .findings import FileInfo, Finding, UserInfo
 from .names import group_name, user_name
 
@@ -183,9 +183,13 @@ def _missing(path: bytes, parent: bytes, current: bytes, last: bool) -> Finding:
     similar = difflib.get_close_matches(wanted, dirs, n=SUGGESTIONS, cutoff=0.6)
     missing = os.fsdecode(current)
     fixes = [f"did you mean {os.fsdecode(os.path.join(parent, s))}?" for s in similar]
-    fixes.append(
-        f"create it before the server starts: mkdir -p {shlex.quote(os.path.dirname(shown))}"
-    )
+    home = unexpanded_home(current)
+    if home is not None:  # creating a directory named ~ is not the fix
+        fixes = [home]
+    else:
+        fixes.append(
+            f"create it before the server starts: mkdir -p {shlex.quote(os.path.dirname(shown))}"
+        )
     return Finding(
         "path",
         "problem",
