@@ -7,12 +7,14 @@ import os
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import udskit
+import udskit.sockfile
 from udskit import tap
 
 from ..conftest import READY_TIMEOUT
@@ -185,6 +187,7 @@ def test_a_server_restarted_while_tapped_keeps_its_new_socket_and_no_stale_one_i
     old.listen()
     running, _ = tapping(path)
     old.close()
+    _until_gone(sockdir / ".redis.sock.udskit-tapped")
     os.unlink(path)
     with socket.socket(socket.AF_UNIX) as new:
         new.bind(str(path))
@@ -197,6 +200,16 @@ def test_a_server_restarted_while_tapped_keeps_its_new_socket_and_no_stale_one_i
         assert _leftovers(sockdir) == []
         with pytest.raises(udskit.SocketFileError, match="nothing to restore"):
             udskit.tap.restore_displaced(path)
+
+
+def _until_gone(aside: Path) -> None:
+    """Wait (bounded) until the closed server socket at ``aside`` refuses connections. The
+    tap's connector, forked as the tap started, holds a copy of each descriptor of this
+    process until it has closed them; a server in a process of its own has no such copy."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while udskit.sockfile.probe(os.fsencode(aside)).live:
+        assert time.monotonic() < deadline, "the closed server socket still accepts"
+        time.sleep(0.01)  # polling the kernel's state, bounded
 
 
 def test_a_datagram_server_is_tapped_and_restored(sockdir: Path, tapping: Tapping) -> None:
