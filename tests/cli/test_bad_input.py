@@ -78,12 +78,16 @@ USAGE = [
     (["send", "--type", "dgram", "tcp:127.0.0.1:1", "x"], "TCP addresses take --type stream"),
     (["connect", "--type", "seqpacket", "tcp:127.0.0.1:1"], "TCP addresses take --type stream"),
     (["connect", "--bind", S, "tcp:127.0.0.1:1"], "--bind names our end of a Unix socket"),
+    # A message that starts with '-' is taken for an option: say how to pass it.
+    (["send", S, "-hello"], "such as -hello, goes after '--'"),
+    (["send", S, "--what"], "required: MSG; see 'udskit send --help'; an argument that"),
 ]
 
 FAILURE = [
     (["serve", "--echo", "{dir}/missing/x.sock"], "does not exist"),
     (["connect", S], "no such file"),
     (["send", S, "hi"], "no such file"),
+    (["send", S, "--", "-hello"], "no such file"),  # taken as the message
     (["pair", "--", "no-such-program-here"], "command not found"),
     (["wait", "--timeout", "0", S], "did not accept a connection"),
     (["ls", "--stale", "{dir}/missing"], "udskit ls: no such directory: {dir}/missing; check"),

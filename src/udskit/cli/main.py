@@ -21,7 +21,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from types import ModuleType
-from typing import Final, NoReturn
+from typing import ClassVar, Final, NoReturn
 
 import udskit
 
@@ -70,8 +70,27 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with usage mistakes reported in one line (argparse prints the usage
     synopsis first, several lines for a subcommand with many options)."""
 
+    #: The command line being parsed (set by main): to say what to do about an argument
+    #: that starts with '-' and is taken for an option.
+    argv: ClassVar[Sequence[str]] = ()
+
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+        hint = f"see '{self.prog} --help'"
+        if message.startswith(_DASH_MISTAKES):
+            known = self._option_string_actions
+            dashed = [a for a in self.argv if a.startswith("-") and a != "--" and a not in known]
+            if dashed and "--" not in self.argv:
+                hint += f"; an argument that starts with '-', such as {dashed[0]}, goes after '--'"
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; {hint}\n")
+
+
+#: argparse's words for a command line where an argument starting with '-' was taken for an
+#: option (``udskit send PATH -hello``: "-h" with "ello"; ``--what``: no MSG given).
+_DASH_MISTAKES: Final = (
+    "argument -h/--help: ignored explicit argument",
+    "unrecognized arguments:",
+    "the following arguments are required:",
+)
 
 
 def _load(name: str) -> ModuleType | None:
@@ -134,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
+    _Parser.argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
