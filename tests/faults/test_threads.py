@@ -173,15 +173,24 @@ def _kinds() -> list[object]:
     ]
 
 
-@pytest.mark.parametrize(("kind", "shared_memory", "ops"), _kinds())
-def test_threads_sending_on_one_channel_each_message_whole_and_with_its_descriptors(
-    kind: str, shared_memory: bool, ops: str
-) -> None:
+def _small_buffered_pair(
+    kind: str, shared_memory: bool
+) -> tuple[udskit.Channel, udskit.Channel, tuple[int, ...]]:
+    """Two ends with 64 KiB socket buffers (so that large messages go in parts), and the
+    sizes their messages may have (a seqpacket one goes whole into the buffer)."""
     left, right = udskit.pair(
         kind, sndbuf=64 * 1024, rcvbuf=64 * 1024, max_frame=2 * 1024 * 1024,
         shared_memory=shared_memory,
     )  # fmt: skip
     sizes = _PACKET_SIZES if kind == "seqpacket" and not shared_memory else _SIZES
+    return left, right, sizes
+
+
+@pytest.mark.parametrize(("kind", "shared_memory", "ops"), _kinds())
+def test_threads_sending_on_one_channel_each_message_whole_and_with_its_descriptors(
+    kind: str, shared_memory: bool, ops: str
+) -> None:
+    left, right, sizes = _small_buffered_pair(kind, shared_memory)
     with left, right:
         right.settimeout(WAIT)
         senders = [
@@ -215,11 +224,7 @@ def test_threads_receiving_on_one_channel_each_message_to_exactly_one(
     # Two senders and three or four receivers at once, each receiver by another call (recv,
     # recv_fds, recv_many; recv_view with shared memory): every message reaches exactly one
     # of them, whole; then the end reaches each.
-    left, right = udskit.pair(
-        kind, sndbuf=64 * 1024, rcvbuf=64 * 1024, max_frame=2 * 1024 * 1024,
-        shared_memory=shared_memory,
-    )  # fmt: skip
-    sizes = _PACKET_SIZES if kind == "seqpacket" and not shared_memory else _SIZES
+    left, right, sizes = _small_buffered_pair(kind, shared_memory)
     lock = threading.Lock()
     got: list[tuple[int, int]] = []
 
@@ -263,10 +268,7 @@ def test_two_threads_talking_both_ways_on_one_channel_each(shared_memory: bool) 
     # Both ends send and receive at once, from two threads each: each end's sender waits
     # for room while the other end's is busy too (with shared memory: for its pool, whose
     # releases come from the receiving thread of the other end).
-    left, right = udskit.pair(
-        sndbuf=64 * 1024, rcvbuf=64 * 1024, max_frame=2 * 1024 * 1024,
-        shared_memory=shared_memory,
-    )  # fmt: skip
+    left, right, _ = _small_buffered_pair("stream", shared_memory)
 
     def drain(channel: udskit.Channel, sender: int) -> int:
         channel.settimeout(WAIT)
@@ -334,11 +336,7 @@ def test_sends_timing_out_in_some_threads_never_splice_another_threads_message(
     # whole), some part-way (a stream is then broken: the peer sees it end there). Either
     # way the peer receives exactly the messages whose send returned, each whole, and
     # nothing of the others; then the end.
-    left, right = udskit.pair(
-        kind, sndbuf=64 * 1024, rcvbuf=64 * 1024, max_frame=2 * 1024 * 1024,
-        shared_memory=shared_memory,
-    )  # fmt: skip
-    sizes = _PACKET_SIZES if kind == "seqpacket" and not shared_memory else _SIZES
+    left, right, sizes = _small_buffered_pair(kind, shared_memory)
     left.settimeout(0.02)
     done: list[tuple[int, int]] = []
     lock = threading.Lock()
