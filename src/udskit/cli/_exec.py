@@ -121,7 +121,6 @@ class Command:
         self._holding = False  # the client is not read until _input drains
         self._ready = threading.Condition()
         self._attached = True  # the connection is open: calls into its loop are wanted
-        self._left = False  # the client has gone (set under _ready)
         self._done = False  # the output has ended and the command is gone (under _ready)
         self._attach_lock = threading.Lock()
         # The connection stays open after the client's end of stream until the output has
@@ -163,9 +162,7 @@ class Command:
         if it still writes, at once: nobody reads it any more)."""
         with self._attach_lock:
             self._attached = False
-        with self._ready:
-            self._left = True
-        self.end_input()  # notifies the writer thread, which sees _left once stdin is done
+        self.end_input()  # notifies the writer thread, which sees that once stdin is done
 
     def finish(self, deadline: float) -> None:
         """The server has stopped: wait for the command until ``deadline`` (monotonic),
@@ -224,7 +221,7 @@ class Command:
         the end of its stdin, such as ``tail -f`` of a quiet file, would run on for nobody
         (and, no longer counted as a client, pile up as clients come and go)."""
         with self._ready:
-            while not self._left and not self._done:
+            while self._attached and not self._done:  # the client here, the command too
                 self._ready.wait()
             if self._done:
                 return
