@@ -17,6 +17,7 @@
  *     rtt_client PATH         time --count round trips of --size bytes (after --warmup)
  *     stream_receiver PATH    count frames on one connection until it closes
  *     stream_sender PATH      send --count frames of --size bytes, or for --seconds
+ *                             (after --warmup frames, neither timed nor counted)
  *     echo_server PATH        epoll server echoing bytes to any number of clients, until SIGTERM
  *     load ADDRESS            --clients concurrent clients, each sending --size byte frames
  *                             and awaiting the echo, --count in all or for --seconds
@@ -393,6 +394,10 @@ static int stream_sender(const struct options *o) {
     put_length(header, (uint32_t)o->size);
     long check = o->size ? CLOCK_EVERY_BYTES / o->size : 1;
     if (check < 1) check = 1;
+    for (long i = 0; i < o->warmup; i++) { /* untimed, uncounted: the receiver counts them */
+        struct iovec iov[2] = {{header, 4}, {payload, (size_t)o->size}};
+        send_all(fd, iov, o->size ? 2 : 1, o->busy);
+    }
     int64_t started = now_ns(), deadline = started + (int64_t)(o->seconds * 1e9);
     long sent = 0;
     while (sent < o->count) {
@@ -403,7 +408,8 @@ static int stream_sender(const struct options *o) {
     }
     close(fd);
     free(payload);
-    printf("{\"result\": {\"messages\": %ld, \"started_ns\": %lld}}\n", sent, (long long)started);
+    printf("{\"result\": {\"messages\": %ld, \"started_ns\": %lld, \"warmup\": %ld}}\n", sent,
+           (long long)started, o->warmup);
     return 0;
 }
 

@@ -41,8 +41,12 @@ def rtt_client(job: Job) -> RttResult:
 
 def stream_receiver(job: Job, ready: Callable[[str], None]) -> StreamResult:
     ready("nowhere")
-    return StreamResult(messages=7, last_ns=time.monotonic_ns())
+    # The sender's clock starts after this returns: the last message "came" a second later.
+    return StreamResult(messages=7, last_ns=time.monotonic_ns() + 1_000_000_000)
 
 
 def stream_sender(job: Job) -> SendResult:
+    # The receiver counts 7: 10 sent is a loss; 5 after 2 warm-up messages is all of them.
+    if _fault(job) == "warmup":
+        return SendResult(messages=5, started_ns=time.monotonic_ns(), warmup=2)
     return SendResult(messages=10, started_ns=time.monotonic_ns())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -97,3 +99,31 @@ def test_an_unwritable_cache_is_a_reason(
     result = build()
     assert result.binary is None
     assert result.reason.startswith(f"cannot create cache {blocker}/udskit/bench")
+
+
+def test_the_c_sender_sends_its_warm_up_uncounted_and_the_receiver_counts_all(
+    cache_home: Path, compiler: str, tmp_path: Path
+) -> None:
+    binary = build().binary
+    assert binary is not None
+    path = str(tmp_path / "s")
+    receiver = subprocess.Popen(
+        [str(binary), "stream_receiver", path, "--size", "1000"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert receiver.stdout is not None
+        assert json.loads(receiver.stdout.readline()) == {"ready": path}
+        sender = subprocess.run(
+            [str(binary), "stream_sender", path, "--size", "1000", "--count", "5", "--warmup", "3"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        received = json.loads(receiver.stdout.readline())["result"]
+    finally:
+        receiver.wait(timeout=30)
+        receiver.stdout.close()  # type: ignore[union-attr]
+    sent = json.loads(sender.stdout)["result"]
+    assert (sent["messages"], sent["warmup"], received["messages"]) == (5, 3, 8)
+    assert received["last_ns"] >= sent["started_ns"]

@@ -206,6 +206,14 @@ def test_lost_messages_fail_the_stream_figure() -> None:
 
 
 @pytest.mark.usefixtures("test_peers_importable")
+def test_warm_up_messages_are_received_but_not_measured() -> None:
+    outcome = _outcome(_run(_faulty("warmup")), Figure("stream", 64))
+    assert outcome.status == "ok", outcome.reason
+    assert outcome.rate is not None
+    assert outcome.rate.messages == 5
+
+
+@pytest.mark.usefixtures("test_peers_importable")
 def test_an_unavailable_contender_is_never_started() -> None:
     contender = _faulty("crash_before_ready")
     missing = Contender(**{

@@ -44,7 +44,9 @@ def test_decode_line_wants_a_json_object() -> None:
 def test_results_parse_and_refuse_the_wrong_shapes() -> None:
     assert parse_rtt({"samples_ns": [1, 2]}).samples_ns == [1, 2]
     assert parse_stream({"messages": 3, "last_ns": 9}).last_ns == 9
-    assert parse_send({"messages": 3, "started_ns": 4}).started_ns == 4
+    assert parse_send({"messages": 3, "started_ns": 4, "warmup": 2}).warmup == 2
+    with pytest.raises(ValueError, match="'warmup' must be an integer"):
+        parse_send({"messages": 3, "started_ns": 4})
     load = parse_load(
         {
             "clients": 2,

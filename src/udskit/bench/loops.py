@@ -73,10 +73,13 @@ async def arun_round_trips(
 
 
 def send_all(
-    send: Callable[[], int], *, count: int, seconds: float, check_every: int
+    send: Callable[[], int], *, count: int, seconds: float, check_every: int, warmup: int = 0
 ) -> SendResult:
     """Call ``send()`` (which returns how many messages it sent) until ``count`` messages or
-    the time cap."""
+    the time cap; first, untimed and uncounted, until ``warmup`` messages went."""
+    warm = 0
+    while warm < warmup:
+        warm += send()
     started = _clock()
     deadline = started + int(seconds * 1e9)
     sent = 0
@@ -86,13 +89,21 @@ def send_all(
         calls += 1
         if calls % check_every == 0 and _clock() > deadline:
             break
-    return SendResult(sent, started)
+    return SendResult(sent, started, warm)
 
 
 async def asend_all(
-    send: Callable[[], Awaitable[int]], *, count: int, seconds: float, check_every: int
+    send: Callable[[], Awaitable[int]],
+    *,
+    count: int,
+    seconds: float,
+    check_every: int,
+    warmup: int = 0,
 ) -> SendResult:
     """``send_all`` for a coroutine function."""
+    warm = 0
+    while warm < warmup:
+        warm += await send()
     started = _clock()
     deadline = started + int(seconds * 1e9)
     sent = 0
@@ -102,7 +113,7 @@ async def asend_all(
         calls += 1
         if calls % check_every == 0 and _clock() > deadline:
             break
-    return SendResult(sent, started)
+    return SendResult(sent, started, warm)
 
 
 def receive_all(receive: Callable[[], int]) -> StreamResult:

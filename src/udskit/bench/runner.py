@@ -332,6 +332,7 @@ class _Runner:
                 client,
                 role="stream_sender",
                 count=plan.large_count(figure.param),
+                warmup=plan.large_warmup,
                 seconds=plan.large_seconds,
             )
         # Many clients: the contender's echo server against the one load generator.
@@ -454,8 +455,8 @@ def _trial(
             side = "receiver" if server is None else "sender"
             raise PeerFailed(f"{name}: the {side} printed no result")
         received, sent = parse_stream(server), parse_send(client)
-        if received.messages != sent.messages:
-            reason = f"{sent.messages} messages sent, {received.messages} received"
+        if received.messages != sent.messages + sent.warmup:
+            reason = f"{sent.messages + sent.warmup} messages sent, {received.messages} received"
             return Outcome(name, figure, "failed", reason)
         seconds = (received.last_ns - sent.started_ns) / 1e9
         if seconds <= 0 or not sent.messages:

@@ -100,10 +100,12 @@ class SendResult:
 
     Both peers read the same system-wide clock, so the receiver's ``last_ns`` minus this
     ``started_ns`` is the transfer's duration, whatever the processes' start-up times.
+    ``warmup`` messages went before the clock started: the receiver counts them too.
     """
 
     messages: int
     started_ns: int
+    warmup: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +171,11 @@ def parse_stream(value: object) -> StreamResult:
 
 def parse_send(value: object) -> SendResult:
     data = _object(value)
-    return SendResult(messages=_int(data, "messages"), started_ns=_int(data, "started_ns"))
+    return SendResult(
+        messages=_int(data, "messages"),
+        started_ns=_int(data, "started_ns"),
+        warmup=_int(data, "warmup"),
+    )
 
 
 def parse_load(value: object) -> LoadResult:

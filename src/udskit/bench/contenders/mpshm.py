@@ -98,7 +98,9 @@ def stream_sender(job: Job) -> SendResult:
             free -= 1
             return 1
 
-        result = send_all(send, count=job.count, seconds=job.seconds, check_every=1)
+        result = send_all(
+            send, count=job.count, seconds=job.seconds, check_every=1, warmup=job.warmup
+        )
         os.close(write_fd)
         write_fd = -1
         while os.read(read_fd, 4096):  # until the receiver is done and closes its end

@@ -90,6 +90,8 @@ def stream_sender(job: Job) -> SendResult:
 
     try:
         check = stream_check_every(job.size)
-        return send_all(send, count=job.count, seconds=job.seconds, check_every=check)
+        return send_all(
+            send, count=job.count, seconds=job.seconds, check_every=check, warmup=job.warmup
+        )
     finally:
         os.close(write_fd)

@@ -65,7 +65,9 @@ def stream_sender(job: Job) -> SendResult:
             return 1
 
         check = stream_check_every(job.size)
-        result = send_all(send, count=job.count, seconds=job.seconds, check_every=check)
+        result = send_all(
+            send, count=job.count, seconds=job.seconds, check_every=check, warmup=job.warmup
+        )
         # The default linger waits until everything queued, the end marker included, is
         # delivered before the context closes.
         sock.send(_END)

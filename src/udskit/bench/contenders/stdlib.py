@@ -121,7 +121,9 @@ def stream_sender(job: Job) -> SendResult:
             return 1
 
         check = stream_check_every(job.size)
-        return send_all(send, count=job.count, seconds=job.seconds, check_every=check)
+        return send_all(
+            send, count=job.count, seconds=job.seconds, check_every=check, warmup=job.warmup
+        )
 
 
 #: Bytes read per recv() by the echo server.

@@ -128,7 +128,9 @@ async def _stream_sender(job: Job) -> SendResult:
 
     try:
         check = stream_check_every(job.size)
-        return await asend_all(send, count=job.count, seconds=job.seconds, check_every=check)
+        return await asend_all(
+            send, count=job.count, seconds=job.seconds, check_every=check, warmup=job.warmup
+        )
     finally:
         writer.close()
         await writer.wait_closed()

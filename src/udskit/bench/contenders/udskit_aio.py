@@ -96,7 +96,9 @@ def stream_sender(job: Job) -> SendResult:
                 return 1
 
             check = stream_check_every(job.size)
-            return await asend_all(send, count=job.count, seconds=job.seconds, check_every=check)
+            return await asend_all(
+                send, count=job.count, seconds=job.seconds, check_every=check, warmup=job.warmup
+            )
 
     return aloop.run(job, main())
 

@@ -91,4 +91,6 @@ def stream_sender(job: Job) -> SendResult:
                 channel.send(payload)
                 return 1
 
-        return send_all(send, count=job.count, seconds=job.seconds, check_every=1)
+        return send_all(
+            send, count=job.count, seconds=job.seconds, check_every=1, warmup=job.warmup
+        )
