@@ -44,6 +44,7 @@ from .ancillary import (
 )
 from .creds import PeerCred
 from .errors import ConnectionClosed, FrameTooLarge, ProtocolError, Timeout, UdsError
+from .freshbytes import FRESH_MIN, fresh
 from .options import (
     SocketType,
     base_type,
@@ -872,10 +873,17 @@ class Channel(ChannelFacts):
 
     def _feed(self, framing: Framing) -> bytes | NeedData | Closed | Control:
         """Read once and hand the bytes (and any descriptors) to the framing."""
-        if self._direct and isinstance(framing, LengthPrefixed) and not framing.buffered:
-            message = self._feed_direct(framing)
-            if message is not NEED_DATA or framing.buffered:
-                return message
+        if self._direct and isinstance(framing, LengthPrefixed):
+            if not framing.buffered:
+                message = self._feed_direct(framing)
+                if message is not NEED_DATA or framing.buffered:
+                    return message
+            elif self._timeout is None:
+                size, have = framing.partial()
+                if size >= DIRECT_READ_MIN:
+                    done = self._read_rest(framing, size, have)
+                    if done is not None:
+                        return done
         view = self._rview
         size, ancdata, flags, _ = self._read(self._rbufs)
         if ancdata or flags & _CTRUNC:
@@ -945,6 +953,9 @@ class Channel(ChannelFacts):
         if message is not NEED_DATA or expected < DIRECT_READ_MIN:
             self._direct = False
             return message
+        done = self._read_rest(framing, expected, 0)
+        if done is not None:
+            return done
         try:
             # recvmsg(), not recv(): descriptors sent with a later part of the payload (by a
             # peer that is not udskit) end the read there, and without a control buffer the
@@ -964,6 +975,43 @@ class Channel(ChannelFacts):
                 return framing.feed(b"")
             return framing.feed(payload, fds)
         return framing.receive_payload(payload)
+
+    def _read_rest(
+        self, framing: LengthPrefixed, size: int, have: int
+    ) -> bytes | NeedData | Closed | Control | None:
+        """A large message whose first ``have`` payload bytes the framing holds (a read
+        that went past the message before): make the message's own bytes object, copy
+        those in, and read the rest straight into it (MSG_WAITALL: one call), skipping the
+        framing's buffer and the copy out of it. None where no such object can be made
+        (the caller reads into its buffer as usual)."""
+        prepared = fresh(size, populate=size >= FRESH_MIN)
+        if prepared is None:
+            return None
+        message, into = prepared
+        with into:
+            framing.copy_partial(into)
+            with into[have:] as rest:
+                try:
+                    got, ancdata, flags, _ = self._sock.recvmsg_into(
+                        [rest], self._ancsize, _WAITALL | RECV_FLAGS
+                    )
+                except OSError as exc:
+                    self._check_open()
+                    raise translate(exc, "recv", self._remote) from exc
+                if got == size - have and not (ancdata or flags & _CTRUNC):
+                    return framing.receive_rest(message)
+                # Cut short (the end of the stream), or descriptors came with a later part
+                # of the message: what did come goes to the framing as any read's bytes.
+                came = bytes(rest[:got])
+        fds: list[int] = []
+        if ancdata or flags & _CTRUNC:
+            if not self._fds_seen:
+                self._holding_fds()
+            fds = self._stream_fds(ancdata, flags)
+            if not came:
+                close_fds(fds)
+                fds = []
+        return framing.feed(came, fds)
 
     def _stream_fds(self, ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:
         """The descriptors of one stream read; if they cannot be taken, reading ends here

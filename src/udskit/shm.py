@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from .ancillary import close_fds
 from .errors import ConnectionClosed, ProtocolError, UdsError
+from .freshbytes import FRESH_MIN, fresh
 from .proto.shm import (
     ATTACH,
     DEFAULT_POOL,
@@ -72,14 +73,7 @@ _madvise = _libc.madvise
 _madvise.restype = ctypes.c_int
 _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
-#: A copy out at least this large goes into memory prepared for it (:func:`_fresh_bytes`).
-#: 32 MiB is glibc's largest mmap threshold: a smaller ``bytes`` reuses freed heap memory,
-#: already faulted in, while a larger one is always fresh pages from the kernel.
-FRESH_COPY: Final = 32 * 1024 * 1024
-
-#: madvise() advice (Linux): back with transparent huge pages where the system allows it
-#: ("madvise" mode), and fault the whole range in with one call (5.14+).
-_MADV_HUGEPAGE: Final = 14
+#: madvise() advice (Linux): fault a whole range in with one call (5.14+).
 _MADV_POPULATE_WRITE: Final = 23
 _PAGE: Final = mmap.PAGESIZE
 
@@ -224,10 +218,14 @@ class Mapping:
         """A copy of ``length`` bytes at ``offset``, as bytes."""
         self._enter()
         try:
-            if length >= FRESH_COPY and _new_bytes is not None:
-                return _fresh_bytes(self.address + offset, length, _new_bytes)
-            array = (ctypes.c_char * length).from_address(self.address + offset)
-            return bytes(memoryview(array).cast("B"))
+            message = memoryview((ctypes.c_char * length).from_address(self.address + offset))
+            prepared = fresh(length, populate=True) if length >= FRESH_MIN else None
+            if prepared is None:
+                return bytes(message.cast("B"))
+            data, into = prepared
+            with into:
+                into[:] = message.cast("B")
+            return data
         finally:
             self._leave()
 
@@ -243,41 +241,6 @@ class Mapping:
 
     def _unmap(self) -> None:
         _munmap(self.address, self.size)
-
-
-def _new_bytes_api() -> Callable[[None, int], bytes] | None:
-    """CPython's PyBytes_FromStringAndSize (None elsewhere)."""
-    api = getattr(ctypes, "pythonapi", None)
-    if api is None:
-        return None
-    make = api.PyBytes_FromStringAndSize
-    make.restype = ctypes.py_object
-    make.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
-    return make  # type: ignore[no-any-return]
-
-
-_new_bytes: Final = _new_bytes_api()
-
-
-def _fresh_bytes(source: int, length: int, new: Callable[[None, int], bytes]) -> bytes:
-    """``length`` bytes copied from address ``source`` into a new ``bytes``, whose fresh
-    pages are faulted in at once, as huge pages where the system allows them: about 2.5x
-    faster than ``bytes(view)`` at 256 MiB, where one page fault per 4 KiB cost more
-    than the copy (measured with ``udskit bench --tests large``).
-
-    The object is made uninitialised by the C API (as C extensions make theirs) and filled
-    before anyone else can see it.
-    """
-    data = new(None, length)
-    address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
-    assert address is not None
-    start = -(-address // _PAGE) * _PAGE
-    end = (address + length) // _PAGE * _PAGE
-    if end > start:  # advice only: a kernel without it still gets a correct copy
-        _madvise(start, end - start, _MADV_HUGEPAGE)
-        _madvise(start, end - start, _MADV_POPULATE_WRITE)
-    ctypes.memmove(address, source, length)
-    return data
 
 
 def create_pool(size: int) -> tuple[int, Mapping]:

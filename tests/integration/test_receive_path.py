@@ -15,10 +15,13 @@ from pathlib import Path
 import pytest
 
 import udskit
-from udskit import Channel, ProtocolError
+from udskit import Channel, ConnectionClosed, ProtocolError
 from udskit.ancillary import refuse_descriptors
 from udskit.channel import DIRECT_READ_MIN, RECV_CHUNK, RECV_SHRINK_AFTER, RECV_START
+from udskit.freshbytes import FRESH_MIN
 from udskit.listening import Datagram
+from udskit.proto import HEADER
+from udskit.proto.framing import LengthPrefixed
 
 #: Bound on every wait, so that a regression fails instead of hanging.
 PATIENCE = 20.0
@@ -183,3 +186,79 @@ def test_a_datagram_session_is_small_and_answers_its_sender(sockdir: Path) -> No
         manual = Datagram(b"again", datagram.sender, datagram.peer)
         with listener.session(manual) as again:
             assert again.recv() == b"again"
+
+
+@pytest.fixture
+def rests(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the messages completed by a read straight into their own object after
+    a part already buffered (``LengthPrefixed.receive_rest``), in order."""
+    completed: list[int] = []
+    real = LengthPrefixed.receive_rest
+
+    def receive_rest(self: LengthPrefixed, message: bytes) -> bytes:
+        completed.append(len(message))
+        return real(self, message)
+
+    monkeypatch.setattr(LengthPrefixed, "receive_rest", receive_rest)
+    return completed
+
+
+def _after_a_large_one(size: int, part: int) -> tuple[Channel, Channel, bytes]:
+    """A pair whose receiver got one large message with its last read going on into the
+    next: ``part`` bytes of a ``size``-byte payload are buffered. Returns the pair and the
+    payload (its first and last bytes differ from the rest)."""
+    left, right = udskit.pair(max_frame=max(size, DIRECT_READ_MIN))
+    first = b"F" * DIRECT_READ_MIN
+    payload = b"<" + b"y" * (size - 2) + b">"
+    left.send(first)
+    left.socket.sendall(HEADER.pack(size) + payload[:part])  # queued behind the first
+    assert right.recv() == first
+    assert right._framing is not None
+    assert right._framing.buffered == HEADER.size + part
+    return left, right, payload
+
+
+@pytest.mark.parametrize("size", [DIRECT_READ_MIN, FRESH_MIN + 12345], ids=["large", "fresh"])
+def test_a_large_message_partly_read_ahead_is_completed_in_place(
+    size: int, rests: list[int]
+) -> None:
+    left, right, payload = _after_a_large_one(size, 1000)
+    with left, right:
+        sender = threading.Thread(target=left.socket.sendall, args=(payload[1000:],))
+        sender.start()
+        assert right.recv() == payload
+        sender.join(PATIENCE)
+        assert rests == [size]
+        left.send(b"after")  # the stream goes on in step
+        assert right.recv() == b"after"
+
+
+def test_a_peer_that_leaves_inside_a_message_read_in_place_is_a_cut(rests: list[int]) -> None:
+    left, right, payload = _after_a_large_one(DIRECT_READ_MIN, 1000)
+    with right:
+        left.socket.sendall(payload[1000:5000])
+        left.close()
+        with pytest.raises(ConnectionClosed) as caught:
+            right.recv()
+    assert caught.value.mid_message is True
+    assert f"mid-message: {5004} of {DIRECT_READ_MIN + 4} bytes received" in str(caught.value)
+    assert rests == []
+
+
+def test_descriptors_in_a_message_read_in_place_go_to_the_framing() -> None:
+    # A peer that is not udskit sends descriptors with a later part of a message: the read
+    # in place stops there, and the framing judges them as it judges any read's.
+    left, right, payload = _after_a_large_one(DIRECT_READ_MIN, 1000)
+    with left, right:
+        fds = array.array("i", [os.dup(0)])
+        try:
+            left.socket.sendmsg(
+                [payload[1000:]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())]
+            )
+        finally:
+            os.close(fds[0])
+        message, received = right.recv_fds()
+        for fd in received:
+            os.close(fd)
+        assert message == payload
+        assert len(received) == 1

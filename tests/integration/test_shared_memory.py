@@ -25,6 +25,7 @@ import pytest
 import udskit
 from udskit import Channel, ConnectionClosed, FrameTooLarge, ProtocolError, Timeout
 from udskit.channel import ARRIVED_MAX
+from udskit.freshbytes import FRESH_MIN
 from udskit.proto.shm import (
     ATTACH,
     CONTROL_BIT,
@@ -38,7 +39,7 @@ from udskit.proto.shm import (
     Pool,
     encode_record,
 )
-from udskit.shm import FRESH_COPY, SharedMemory, create_pool, map_peer_pool
+from udskit.shm import SharedMemory, create_pool, map_peer_pool
 
 from ..conftest import open_fds
 
@@ -102,9 +103,9 @@ def test_large_messages_go_through_the_pool_small_ones_through_the_socket(
 
 
 def test_a_message_copied_out_into_fresh_memory_is_whole(clean: None) -> None:
-    """From FRESH_COPY up, recv() fills a bytes made for it: every byte arrives, the copy
+    """From FRESH_MIN up, recv() fills a bytes made for it: every byte arrives, the copy
     is an ordinary bytes object, and the slot is released."""
-    size = FRESH_COPY + 12345  # not a whole number of pages
+    size = FRESH_MIN + 12345  # not a whole number of pages
     block = os.urandom(1 << 20)
     message = (block * (size // len(block) + 1))[:size]
     a, b = udskit.pair(shared_memory=2 * size, max_frame=size)

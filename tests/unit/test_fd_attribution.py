@@ -83,6 +83,23 @@ def test_a_payload_read_straight_after_its_header_keeps_the_header_fds() -> None
     assert framing.take_fds() == [12]
 
 
+def test_a_payload_completed_in_its_own_object_keeps_the_fds_of_its_first_part() -> None:
+    framing = LengthPrefixed()
+    payload = b"<" + b"p" * 998 + b">"
+    framing.receive_data(b"".join(framing.encode(payload))[:104], fds=[14])
+    assert framing.next_message() is NEED_DATA
+    assert framing.partial() == (1000, 100)
+    message = bytearray(1000)
+    framing.copy_partial(memoryview(message))
+    message[100:] = payload[100:]
+    whole = bytes(message)
+    assert framing.receive_rest(whole) is whole  # the very object: no copy
+    assert whole == payload
+    assert framing.take_fds() == [14]
+    assert framing.partial() == (0, 0)
+    assert framing.buffered == 0
+
+
 def test_raw_framing_gives_fds_to_the_chunk_they_came_with() -> None:
     framing = Raw()
     framing.receive_data(b"xyz", fds=[13])

@@ -344,9 +344,11 @@ def read_with(
     framing: Framing, data: st.DataObject, reads: Sequence[tuple[bytes, list[int]]]
 ) -> list[tuple[bytes, list[int]]]:
     """Feed ``reads`` as an I/O layer would, picking an entry point for each read at random:
-    ``receive_data``, ``feed`` (with its one-frame shortcut), or, when exactly one header is
-    buffered, ``receive_payload`` (the zero-copy path). Every message is returned with the
-    descriptors ``take_fds`` gives right after it."""
+    ``receive_data``, ``feed`` (with its one-frame shortcut), when exactly one header is
+    buffered, ``receive_payload`` (the zero-copy path), or when a header and part of its
+    payload are, and the read holds the rest, ``receive_rest`` (the payload completed in
+    its own object, the read's bytes after it fed as usual). Every message is returned with
+    the descriptors ``take_fds`` gives right after it."""
     got: list[tuple[bytes, list[int]]] = []
 
     def collect(first: object) -> None:
@@ -359,12 +361,25 @@ def read_with(
         ways = ["receive_data", "feed"]
         if isinstance(framing, LengthPrefixed) and not fds and framing.header_only():
             ways.append("receive_payload")
+        if isinstance(framing, LengthPrefixed) and not fds:
+            size, have = framing.partial()
+            if size and len(chunk) >= size - have:
+                ways.append("receive_rest")
         way = data.draw(st.sampled_from(ways))
         if way == "receive_data":
             framing.receive_data(chunk, fds)
             collect(framing.next_message())
         elif way == "feed":
             collect(framing.feed(chunk, fds))
+        elif way == "receive_rest":
+            assert isinstance(framing, LengthPrefixed)
+            size, have = framing.partial()
+            message = bytearray(size)
+            framing.copy_partial(memoryview(message))
+            message[have:] = chunk[: size - have]
+            collect(framing.receive_rest(bytes(message)))
+            if len(chunk) > size - have:
+                collect(framing.feed(chunk[size - have :]))
         else:
             assert isinstance(framing, LengthPrefixed)
             collect(framing.receive_payload(chunk))

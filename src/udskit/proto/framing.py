@@ -390,6 +390,37 @@ class LengthPrefixed(Decoder):
         size: int = _unpack_from(self._buf, self._pos)[0]
         return size if size <= self.max_frame else 0
 
+    def partial(self) -> tuple[int, int]:
+        """``(size, have)`` if the buffer holds one message's header and only ``have`` of
+        its ``size`` payload bytes (and so nothing after them), else ``(0, 0)``: then the
+        message's own object can take those (``copy_partial``), the rest be read straight
+        into it, and ``receive_rest`` complete it, with no copy through our buffer."""
+        available = len(self._buf) - self._pos
+        if available < HEADER.size or self._eof:
+            return 0, 0
+        size: int = _unpack_from(self._buf, self._pos)[0]
+        have = available - HEADER.size
+        if size > self.max_frame or have >= size:
+            return 0, 0
+        return size, have
+
+    def copy_partial(self, into: memoryview) -> None:
+        """Copy the payload bytes ``partial`` counted to the start of ``into``."""
+        start = self._pos + HEADER.size
+        with memoryview(self._buf) as view:
+            into[: len(view) - start] = view[start:]
+
+    def receive_rest(self, message: bytes) -> bytes:
+        """Complete the message ``partial`` described: ``message`` is all of its payload,
+        the part we held (``copy_partial``) and the rest, read by the caller. Returned as
+        is, uncopied."""
+        size, have = self.partial()
+        assert size == len(message), "receive_rest() without the partial() it completes"
+        self._pos = len(self._buf)
+        self._received += size - have
+        self._hand_over_fds()
+        return message
+
     def receive_payload(self, payload: bytes) -> bytes | NeedData | Closed | Control:
         """Complete the frame whose header alone is buffered with ``payload`` as its body.
 
