@@ -1000,6 +1000,9 @@ class Channel(ChannelFacts):
                     raise translate(exc, "recv", self._remote) from exc
                 if got == size - have and not (ancdata or flags & _CTRUNC):
                     return framing.receive_rest(message)
+                if not got and self._closed:
+                    discard(ancdata, flags, self._where())
+                    self._check_open()  # close() in another thread woke us
                 # Cut short (the end of the stream), or descriptors came with a later part
                 # of the message: what did come goes to the framing as any read's bytes.
                 came = bytes(rest[:got])

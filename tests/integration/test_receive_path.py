@@ -262,3 +262,34 @@ def test_descriptors_in_a_message_read_in_place_go_to_the_framing() -> None:
             os.close(fd)
         assert message == payload
         assert len(received) == 1
+
+
+def test_a_close_in_another_thread_ends_a_read_in_place_as_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    left, right, _ = _after_a_large_one(DIRECT_READ_MIN, 1000)
+    entered = threading.Event()
+    real = Channel._read_rest
+
+    def read_rest(self: Channel, *args: object) -> object:
+        entered.set()
+        return real(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Channel, "_read_rest", read_rest)
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            right.recv()
+        except ConnectionClosed as exc:
+            errors.append(exc)
+
+    with left:
+        thread = threading.Thread(target=reader)
+        thread.start()
+        assert entered.wait(PATIENCE)
+        right.close()  # wakes the read; returns once the reader has left
+        thread.join(PATIENCE)
+    assert len(errors) == 1
+    assert "this channel is closed" in str(errors[0])
+    assert not errors[0].mid_message
