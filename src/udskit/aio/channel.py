@@ -40,6 +40,7 @@ from ..channel import (
 )
 from ..creds import PeerCred
 from ..errors import ConnectionClosed, FrameTooLarge, ProtocolError, Timeout, UdsError
+from ..freshbytes import FRESH_MIN, fresh
 from ..options import base_type, check_timeout, max_frame_for, type_name
 from ..proto import CLOSED, Control, Framing, LengthPrefixed, make_framing
 from ..proto.shm import (
@@ -82,6 +83,13 @@ log = logging.getLogger("udskit")
 #: (each read filling the whole buffer): a 1 MiB message takes one loop iteration, not four.
 _READS_PER_WAKEUP: Final = 4
 
+#: Messages from this size up are read straight into their own ``bytes`` once their first
+#: part has arrived (``Channel._in_place``). One process, both ends on one loop: 2 MiB
+#: messages moved 1.1-1.25x, 4 MiB 1.15-1.45x, 16 MiB 2x and 256 MiB 3-4x as fast as through
+#: the framing's buffer; 1 MiB ones 0.95x (the framing's buffer, no longer grown to hold
+#: them, leaves the heap's top to be trimmed and faulted in again: 64 faults a message).
+_IN_PLACE_MIN: Final = 2 * 1024 * 1024
+
 #: Packets held unconsumed (besides READ_AHEAD bytes) before a seqpacket or datagram channel
 #: stops reading: the kernel's queue holds the rest, and the sender feels the backpressure.
 _PACKETS_AHEAD: Final = 256
@@ -116,6 +124,19 @@ def _ended(fd: int) -> bool:
 
 def _no_reader() -> None:
     raise AssertionError("the reader callback is chosen when a channel starts reading")
+
+
+class _InPlace:
+    """A large message read straight into its own ``bytes`` (``Channel._read_in_place``):
+    ``view`` writes into it, ``have`` bytes came from the framing, ``filled`` are in."""
+
+    __slots__ = ("filled", "have", "message", "view")
+
+    def __init__(self, message: bytes, view: memoryview, have: int) -> None:
+        self.message = message
+        self.view = view
+        self.have = have
+        self.filled = have
 
 
 class _UnknownSender:
@@ -153,6 +174,7 @@ class Channel(Sending, ChannelFacts):
         "_eof",
         "_fds_seen",
         "_feed",
+        "_into",
         "_max_message",
         "_peer",
         "_rbuf",
@@ -231,6 +253,7 @@ class Channel(Sending, ChannelFacts):
         self._rbuf = memoryview(b"")
         self._rview: list[memoryview] = []
         self._feed: Callable[..., bytes | object] = _no_framing
+        self._into: _InPlace | None = None  # a large message read straight into its bytes
         self._space = Waiters("send")  # senders waiting for room in the shared-memory pool
         self._tag = bytearray(1)  # a tagged packet's first byte (see shmpackets)
         self._attaching = False  # seqpacket: our ATTACH waits for room; SLOTs wait for it
@@ -473,6 +496,17 @@ class Channel(Sending, ChannelFacts):
     def _read_stream(self) -> None:
         """Reader callback (stream): decode what arrived into the ready queue; wake the
         receiver. A read of small whole messages, the common case, stays on a short path."""
+        if self._into is not None:
+            try:
+                self._read_in_place(self._into)
+            except UdsError as exc:  # bad framing after a cut: as below
+                self._fail_read(exc, fatal=True)
+                return
+            except BaseException:
+                self._fail_read(read_interrupted(self._where()), fatal=True)
+                raise
+            self._after_read()
+            return
         try:
             size, ancdata, flags, _ = self._sock.recvmsg_into(
                 self._rview, self._ancsize, RECV_FLAGS
@@ -502,6 +536,10 @@ class Channel(Sending, ChannelFacts):
                         self._decode(self._framing)  # type: ignore[arg-type]
                 elif type(message) is Control:  # shared memory: a record
                     self._take(self._framing, message)  # type: ignore[arg-type]
+                else:  # a message begun: if a large one, read the rest in place
+                    into = self._in_place(self._framing)  # type: ignore[arg-type]
+                    if into is not None:
+                        self._read_in_place(into)
             else:
                 self._read_stream_slow(size, ancdata, flags)
         except UdsError as exc:  # bad framing: FrameTooLarge, a stream cut off mid-message
@@ -510,6 +548,11 @@ class Channel(Sending, ChannelFacts):
         except BaseException:  # not ours (a signal handler's): what was read may be lost
             self._fail_read(read_interrupted(self._where()), fatal=True)
             raise
+        self._after_read()
+
+    def _after_read(self) -> None:
+        """A reader callback's end: pause reading if enough waits unconsumed; wake the
+        receiver."""
         if self._rwaiter is None and (
             self._ready_bytes > READ_AHEAD
             or self._ready_fds > FDS_AHEAD
@@ -527,27 +570,13 @@ class Channel(Sending, ChannelFacts):
         reads = 1
         while True:
             queued = len(self._ready)
-            fds: list[int] = []
-            if ancdata or flags & _CTRUNC:
-                self._fds_seen = True
-                try:
-                    fds = unpack(ancdata, flags, self._where(), self._max_fds).fds
-                except ProtocolError as exc:
-                    # The read's bytes cannot be used without them (a hole in the stream, or
-                    # a message given descriptors not its own): after the messages already
-                    # received, every recv() says so, as the blocking channel does.
-                    self._fail_read(stream_read_lost(exc), fatal=True)
-                    return
-            if not size:
-                close_fds(fds)
-                self._stop_reading()
-                self._take(framing, framing.feed(b""))  # CLOSED, or raises mid-message
+            if not self._feed_read(framing, view[:size], ancdata, flags):
                 return
-            if fds:
-                self._take(framing, framing.feed(view[:size], fds))  # whole: see proto
-            else:
-                for start in range(0, size, FEED_SLICE):
-                    self._take(framing, framing.feed(view[start : min(size, start + FEED_SLICE)]))
+            if len(self._ready) == queued:  # a message under way: if a large one, in place
+                into = self._in_place(framing)
+                if into is not None:
+                    self._read_in_place(into)
+                    return
             # Read on only while one large message is coming in: once messages are complete,
             # let the receiver take them first (decoding further ahead only piles up memory
             # that glibc hands back and forth to the kernel, a page fault per page).
@@ -564,6 +593,96 @@ class Channel(Sending, ChannelFacts):
             except OSError as exc:
                 self._fail_read(translate(exc, "recv", self._remote), fatal=True)
                 return
+
+    def _feed_read(
+        self, framing: Framing, data: memoryview | bytes, ancdata: Ancillary, flags: int
+    ) -> bool:
+        """Hand one read's bytes and descriptors to the framing, queueing what completes;
+        False if reading has ended (the end of the stream, or an error reported)."""
+        fds: list[int] = []
+        if ancdata or flags & _CTRUNC:
+            self._fds_seen = True
+            try:
+                fds = unpack(ancdata, flags, self._where(), self._max_fds).fds
+            except ProtocolError as exc:
+                # The read's bytes cannot be used without them (a hole in the stream, or
+                # a message given descriptors not its own): after the messages already
+                # received, every recv() says so, as the blocking channel does.
+                self._fail_read(stream_read_lost(exc), fatal=True)
+                return False
+        size = len(data)
+        if not size:
+            close_fds(fds)
+            self._stop_reading()
+            self._take(framing, framing.feed(b""))  # CLOSED, or raises mid-message
+            return False
+        if fds:
+            self._take(framing, framing.feed(data, fds))  # whole: see proto
+        else:
+            for start in range(0, size, FEED_SLICE):
+                self._take(framing, framing.feed(data[start : min(size, start + FEED_SLICE)]))
+        return True
+
+    def _in_place(self, framing: Framing) -> _InPlace | None:
+        """If the framing holds the start of a large message (_IN_PLACE_MIN or more), its
+        own ``bytes``, to read the rest straight into: no copy through the receive buffer
+        and the framing's, and from FRESH_MIN on, memory faulted in at once (as the blocking
+        Channel reads)."""
+        if self._shm is not None or not isinstance(framing, LengthPrefixed):
+            return None
+        size, have = framing.partial()
+        if size < _IN_PLACE_MIN:
+            return None
+        prepared = fresh(size, populate=size >= FRESH_MIN)
+        if prepared is None:
+            return None
+        message, view = prepared
+        framing.copy_partial(view)
+        self._into = _InPlace(message, view, have)
+        return self._into
+
+    def _read_in_place(self, into: _InPlace) -> None:
+        """Reader (stream) while a large message is read straight into its own bytes: read
+        on until it is whole (then queue it) or the socket has nothing more for now."""
+        framing = self._framing
+        assert isinstance(framing, LengthPrefixed)
+        view = into.view
+        for _ in range(_READS_PER_WAKEUP):
+            try:
+                got, ancdata, flags, _ = self._sock.recvmsg_into(
+                    [view[into.filled :]], self._ancsize, RECV_FLAGS
+                )
+            except (BlockingIOError, InterruptedError):
+                self._read_idle = True
+                return
+            except OSError as exc:
+                self._drop_in_place()
+                self._fail_read(translate(exc, "recv", self._remote), fatal=True)
+                return
+            if got and not ancdata and not flags & _CTRUNC:
+                into.filled += got
+                if into.filled < len(view):
+                    continue
+                self._into = None
+                view.release()
+                self._take(framing, framing.receive_rest(into.message))
+                return
+            # The end of the stream, or descriptors with a later part of the message (from
+            # a peer that is not udskit): what came goes to the framing as ordinary reads.
+            earlier = bytes(view[into.have : into.filled])
+            this = bytes(view[into.filled : into.filled + got])
+            self._drop_in_place()
+            if earlier:
+                self._take(framing, framing.feed(earlier))
+            self._feed_read(framing, this, ancdata, flags)
+            return
+
+    def _drop_in_place(self) -> None:
+        """Give up the message being read in place (its bytes were not handed to anyone)."""
+        into = self._into
+        if into is not None:
+            self._into = None
+            into.view.release()
 
     def _take(self, framing: Framing, message: bytes | object) -> None:
         """Queue ``message`` (what feed() returned) and every complete one after it; act
@@ -1091,6 +1210,7 @@ class Channel(Sending, ChannelFacts):
         self._stop_reading()
         self._stop_writing()
         self._drop_queue()
+        self._drop_in_place()
         self._wake_receiver()
         self._drain.wake_all()
         self._wwait.wake_all()
