@@ -984,7 +984,7 @@ class Channel(ChannelFacts):
         those in, and read the rest straight into it (MSG_WAITALL: one call), skipping the
         framing's buffer and the copy out of it. None where no such object can be made
         (the caller reads into its buffer as usual)."""
-        prepared = fresh(size, populate=size >= FRESH_MIN)
+        prepared = fresh(size, huge=size >= FRESH_MIN)
         if prepared is None:
             return None
         message, into = prepared

@@ -1,12 +1,16 @@
-"""Large ``bytes`` objects filled in place: a received message of tens of MiB becomes its own
-``bytes`` with one copy, into pages faulted in at once.
+"""Large ``bytes`` objects filled in place: a message of tens of MiB becomes its own
+``bytes`` with one copy, into memory prepared for it.
 
 A ``bytes`` above glibc's largest mmap threshold (32 MiB) is always fresh memory from the
 kernel, and filling it takes one page fault per 4 KiB, each clearing its page: at 256 MiB,
 65,536 faults cost more than the copy itself. :func:`fresh` makes the object uninitialised
 through the C API (as C extensions make theirs), asks the kernel to back it with huge pages
-where the system allows them and to fault it all in with one call, and hands back a writable
-view of its storage, to be filled before anyone else can see the object.
+where the system allows them (a fault per 2 MiB), and hands back a writable view of its
+storage, to be filled before anyone else can see the object.
+
+Faulting the whole object in at once (``populate``) is for a copy of data already at hand.
+A message still arriving from a peer is not: its size is only the peer's word, and a peer
+that announces 256 MiB and sends a byte must not make us hold 256 MiB.
 """
 
 from __future__ import annotations
@@ -49,12 +53,13 @@ def _new_bytes_api() -> Callable[[None, int], bytes] | None:
 _new_bytes: Final = _new_bytes_api()
 
 
-def fresh(length: int, *, populate: bool) -> tuple[bytes, memoryview] | None:
+def fresh(length: int, *, huge: bool, populate: bool = False) -> tuple[bytes, memoryview] | None:
     """A new ``bytes`` of ``length`` bytes, uninitialised, and a writable view of its
-    storage to fill it through (``populate``: its pages faulted in first, see FRESH_MIN);
-    None where there is no C API to make one (the caller makes its ``bytes`` the usual
-    way). The view must be released, and the object filled, before the object is handed to
-    anyone: until then nobody else holds it."""
+    storage to fill it through; None where there is no C API to make one (the caller makes
+    its ``bytes`` the usual way). ``huge``: back it with huge pages where the system allows
+    them (for FRESH_MIN and more); ``populate``: fault it all in now, for a copy of data at
+    hand (see the module's doc). The view must be released, and the object filled, before
+    the object is handed to anyone: until then nobody else holds it."""
     if _new_bytes is None:
         return None
     data = _new_bytes(None, length)
@@ -62,7 +67,9 @@ def fresh(length: int, *, populate: bool) -> tuple[bytes, memoryview] | None:
     assert address is not None
     start = -(-address // _PAGE) * _PAGE
     end = (address + length) // _PAGE * _PAGE
-    if populate and end > start:  # advice only: a kernel without it still gets a correct object
-        _madvise(start, end - start, _MADV_HUGEPAGE)
-        _madvise(start, end - start, _MADV_POPULATE_WRITE)
+    if end > start:  # advice only: a kernel without it still gets a correct object
+        if huge:
+            _madvise(start, end - start, _MADV_HUGEPAGE)
+        if populate:
+            _madvise(start, end - start, _MADV_POPULATE_WRITE)
     return data, memoryview((ctypes.c_char * length).from_address(address)).cast("B")

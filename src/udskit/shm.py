@@ -219,7 +219,7 @@ class Mapping:
         self._enter()
         try:
             message = memoryview((ctypes.c_char * length).from_address(self.address + offset))
-            prepared = fresh(length, populate=True) if length >= FRESH_MIN else None
+            prepared = fresh(length, huge=True, populate=True) if length >= FRESH_MIN else None
             if prepared is None:
                 return bytes(message.cast("B"))
             data, into = prepared

@@ -626,14 +626,14 @@ class Channel(Sending, ChannelFacts):
     def _in_place(self, framing: Framing) -> _InPlace | None:
         """If the framing holds the start of a large message (_IN_PLACE_MIN or more), its
         own ``bytes``, to read the rest straight into: no copy through the receive buffer
-        and the framing's, and from FRESH_MIN on, memory faulted in at once (as the blocking
+        and the framing's, and from FRESH_MIN on, backed by huge pages (as the blocking
         Channel reads)."""
         if self._shm is not None or not isinstance(framing, LengthPrefixed):
             return None
         size, have = framing.partial()
         if size < _IN_PLACE_MIN:
             return None
-        prepared = fresh(size, populate=size >= FRESH_MIN)
+        prepared = fresh(size, huge=size >= FRESH_MIN)
         if prepared is None:
             return None
         message, view = prepared
