@@ -445,7 +445,8 @@ class Channel(ChannelFacts):
         burst of small messages costs one send() instead of one each. On seqpacket and dgram
         every message is still its own packet. No other thread's message goes between two
         of a batch. On a stream the batch is one unit: if it fails (or ``messages`` raises)
-        after any of it went out, the channel is broken.
+        after any of it went out, the channel is broken. With shared memory a large message
+        (or a loan) goes through the pool, as with send().
         """
         if self._write_shut:
             raise write_shut(self._where())
@@ -453,6 +454,7 @@ class Channel(ChannelFacts):
         if framing is None:
             self._send_packets(messages)
             return
+        shm = self._shm
         with self._wlock:
             self._check_open()
             batch: list[bytes] = []
@@ -460,6 +462,15 @@ class Channel(ChannelFacts):
             went = 0
             try:
                 for message in messages:
+                    if shm is not None and (
+                        type(message) is not bytes or len(message) >= SHARED_THRESHOLD
+                    ):
+                        if batch:  # the frames before it go first, in order
+                            went = self._write([b"".join(batch)], [], batched, went)
+                            batch.clear()
+                            batched = 0
+                        went += self._send_shared(message, held=True)
+                        continue
                     try:
                         frame = framing.frame(message)
                     except TypeError:
@@ -1051,9 +1062,9 @@ class Channel(ChannelFacts):
         self._write_lock_left()
         return shm.loan(offset, size)
 
-    def _send_shared(self, data: Buffer, *, held: bool = False) -> None:
+    def _send_shared(self, data: Buffer, *, held: bool = False) -> int:
         """Send one message of a channel with shared memory, through the pool if it goes
-        there (``held``: the caller holds the write lock, for a batch of packets)."""
+        there (``held``: the caller holds the write lock, for a batch); return its size."""
         shm = self._shm
         assert shm is not None
         offset = shm.loaned(data)
@@ -1068,15 +1079,17 @@ class Channel(ChannelFacts):
                 self._look_for_offer()
             if size < SHARED_THRESHOLD or not shm.usable_for(size):
                 try:
-                    if held:  # a packet (see _send_packets)
-                        self._send_packet(data, [])
-                    else:
+                    if not held:
                         self._send_framed(data)
+                    elif self._framing is None:  # a packet (see _send_packets)
+                        self._send_packet(data, [])
+                    else:  # a frame of a batch (see send_many)
+                        self._write([*self._framing.encode(data)], [], size + HEADER.size)
                 except FrameTooLarge as exc:
                     if self._wire is None or shm.ready or size < SHARED_THRESHOLD:
                         raise
                     raise not_pooled(exc, self._wire) from exc
-                return
+                return size
         else:
             size = len(data)
         with _HELD if held else self._wlock:
@@ -1097,7 +1110,7 @@ class Channel(ChannelFacts):
             try:
                 if self._wire is not None:
                     self._slot_packet(fd, offset, size)
-                    return
+                    return size
                 if fd >= 0:
                     # Alone in its sendmsg(): the descriptor must arrive with this record
                     # and no later one (see proto.framing on descriptors in a stream).
@@ -1114,6 +1127,7 @@ class Channel(ChannelFacts):
                 if self._broken is None:
                     shm.give_back(offset)  # the slot never went out: ours again
                 raise
+        return size
 
     def _slot_packet(self, fd: int, offset: int, size: int) -> None:
         """Seqpacket: a SLOT in one records packet, after ATTACH with our pool's descriptor

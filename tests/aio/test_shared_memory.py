@@ -80,6 +80,29 @@ def test_pair_moves_large_messages_through_the_pool(arun: Run) -> None:
     arun(main())
 
 
+def test_send_many_on_a_stream_takes_loans_and_large_messages_through_the_pool(
+    arun: Run,
+) -> None:
+    async def main() -> None:
+        a, b = udskit.aio.pair(shared_memory=2 * MIB)  # two messages: see the blocking test
+        async with a, b:
+            a.settimeout(20)
+            for seed in range(3):
+                loan = await a.loan(MIB)
+                loan[:] = data(MIB, seed)
+                await a.send_many([b"small", loan, data(MIB, seed + 1), b"last"])
+                assert a.pool_in_use == 2 * MIB  # both went through the pool
+                with pytest.raises(ValueError, match="released"):
+                    len(loan)  # handed over, as by send()
+                assert await b.recv() == b"small"
+                with await b.recv_view() as view:
+                    assert view == data(MIB, seed)
+                assert await b.recv() == data(MIB, seed + 1)
+                assert await b.recv() == b"last"
+
+    arun(main())
+
+
 def test_a_receiver_that_holds_its_views_stops_the_sender(arun: Run) -> None:
     async def main() -> None:
         a, b = udskit.aio.pair(shared_memory=2 * MIB)

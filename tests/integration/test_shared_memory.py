@@ -276,6 +276,28 @@ def test_messages_above_the_pool_or_max_frame(clean: None) -> None:
             a.send(bytes(2 * MIB + 1))
 
 
+def test_send_many_on_a_stream_takes_loans_and_large_messages_through_the_pool(
+    clean: None,
+) -> None:
+    # A pool of two messages: loans that send_many() copied through the socket instead of
+    # handing them over would stay lent, and the third round could not take a loan.
+    a, b = udskit.pair(shared_memory=2 * BIG)
+    with a, b:
+        a.settimeout(WAIT)
+        for seed in range(3):
+            loan = a.loan(BIG)
+            loan[:] = data(BIG, seed)
+            a.send_many([b"small", loan, data(BIG, seed + 1), b"last"])
+            assert a.pool_in_use == 2 * BIG  # both went through the pool
+            with pytest.raises(ValueError, match="released"):
+                len(loan)  # handed over, as by send()
+            assert b.recv() == b"small"
+            with b.recv_view() as view:
+                assert view == data(BIG, seed)
+            assert b.recv() == data(BIG, seed + 1)
+            assert b.recv() == b"last"
+
+
 def test_recv_many_and_iteration_deliver_in_order(shm_pair: tuple[Channel, Channel]) -> None:
     a, b = shm_pair
     sent = [b"one", data(BIG, 1), b"two", data(SHARED_THRESHOLD, 2)]

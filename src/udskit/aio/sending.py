@@ -224,6 +224,7 @@ class Sending:
 
         On a stream the frames are joined into blocks of about 256 KiB, hundreds of small
         messages per write; seqpacket and datagram sockets take one system call per message.
+        With shared memory a large message (or a loan) goes through the pool, as with send().
         """
         framing = self._framing
         if framing is None:
@@ -236,6 +237,12 @@ class Sending:
         self._check_open()
         parts: list[Buffer] = []
         for message in messages:
+            if self._shm is not None and large(message):
+                if parts:  # the frames before it go first, in order
+                    self._write(coalesce(parts), [])
+                    parts = []
+                await self._send_shared(message)
+                continue
             try:
                 small = len(message) <= JOIN_LIMIT
             except TypeError:  # send_many(b"...") iterates ints: say what a message is
