@@ -414,7 +414,7 @@ class Channel(ChannelFacts):
         try:
             small = framing is not None and len(data) <= _JOIN_LIMIT
             frame = framing.frame(data) if small else None  # type: ignore[union-attr]
-        except TypeError:
+        except (TypeError, ValueError):
             check_message(data, "send")
             raise
         if frame is None:
@@ -473,7 +473,7 @@ class Channel(ChannelFacts):
                         continue
                     try:
                         frame = framing.frame(message)
-                    except TypeError:
+                    except (TypeError, ValueError):
                         check_message(message, "send_many")
                         raise
                     batch.append(frame)
@@ -1071,7 +1071,7 @@ class Channel(ChannelFacts):
         if offset is None:
             try:
                 view = data if type(data) is bytes else memoryview(data).cast("B")
-            except TypeError:
+            except (TypeError, ValueError):
                 check_message(data, "send")
                 raise
             size = len(view)

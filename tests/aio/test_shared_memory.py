@@ -103,6 +103,27 @@ def test_send_many_on_a_stream_takes_loans_and_large_messages_through_the_pool(
     arun(main())
 
 
+def test_a_loan_sent_twice_or_a_strided_buffer_is_refused_in_the_words_of_the_api(
+    arun: Run,
+) -> None:
+    async def main() -> None:
+        a, b = udskit.aio.pair(shared_memory=True)
+        async with a, b:
+            loan = await a.loan(MIB)
+            loan[:] = data(MIB)
+            await a.send(loan)
+            for send in (a.send, lambda m: a.send_many([m])):
+                with pytest.raises(ValueError, match=r"^send\S*: this memoryview was released"):
+                    await send(loan)  # the first send released it
+                with pytest.raises(TypeError, match=r"^send\S*: a message is one contiguous"):
+                    await send(memoryview(bytes(2 * SHARED_THRESHOLD))[::2])
+            await a.send(b"after")  # nothing went, and the channel is whole
+            assert await b.recv() == data(MIB)
+            assert await b.recv() == b"after"
+
+    arun(main())
+
+
 def test_a_receiver_that_holds_its_views_stops_the_sender(arun: Run) -> None:
     async def main() -> None:
         a, b = udskit.aio.pair(shared_memory=2 * MIB)

@@ -172,6 +172,23 @@ def test_loan_is_sent_without_a_copy_and_is_then_gone(shm_pair: tuple[Channel, C
         assert view[-4:] == b"tail"
 
 
+def test_a_loan_sent_twice_or_a_strided_buffer_is_refused_in_the_words_of_the_api(
+    shm_pair: tuple[Channel, Channel],
+) -> None:
+    a, b = shm_pair
+    loan = a.loan(BIG)
+    loan[:] = data(BIG)
+    a.send(loan)
+    for send in (a.send, lambda m: a.send_many([m])):
+        with pytest.raises(ValueError, match=r"^send: this memoryview was released .* new loan"):
+            send(loan)  # the first send released it
+        with pytest.raises(TypeError, match=r"^send: a message is one contiguous block"):
+            send(memoryview(bytes(2 * SHARED_THRESHOLD))[::2])
+    a.send(b"after")  # nothing went, and the channel is whole
+    assert b.recv() == data(BIG)
+    assert b.recv() == b"after"
+
+
 def test_a_loan_still_referenced_is_not_sent(shm_pair: tuple[Channel, Channel]) -> None:
     a, b = shm_pair
     loan = a.loan(BIG)

@@ -40,7 +40,7 @@ from ..channel import (
 )
 from ..creds import PeerCred
 from ..errors import ConnectionClosed, FrameTooLarge, ProtocolError, Timeout, UdsError
-from ..options import base_type, check_timeout, max_frame_for, type_name
+from ..options import base_type, check_message, check_timeout, max_frame_for, type_name
 from ..proto import CLOSED, Control, Framing, LengthPrefixed, make_framing
 from ..proto.shm import (
     ATTACH,
@@ -826,7 +826,11 @@ class Channel(Sending, ChannelFacts):
         assert shm is not None
         offset = shm.loaned(data)
         if offset is None:
-            view = data if type(data) is bytes else memoryview(data).cast("B")
+            try:
+                view = data if type(data) is bytes else memoryview(data).cast("B")
+            except (TypeError, ValueError):
+                check_message(data, "send")
+                raise
             size = len(view)
             if not shm.ready:
                 self._look_for_offer()
