@@ -1058,7 +1058,7 @@ class Channel(ChannelFacts):
         with self._wlock:
             self._check_open()
             shm.ensure_pool()
-            offset = self._lend(size)
+            offset = self._lend(size, "loan")
         self._write_lock_left()
         return shm.loan(offset, size)
 
@@ -1147,7 +1147,7 @@ class Channel(ChannelFacts):
         if fd >= 0:
             shm.pool_sent()
 
-    def _lend(self, size: int) -> int:
+    def _lend(self, size: int, call: str = "send") -> int:
         """A free extent of ``size`` bytes in our pool, waiting (within the timeout) while
         it is full: backpressure, never growth. Caller holds the write lock.
 
@@ -1175,7 +1175,7 @@ class Channel(ChannelFacts):
             self._flush_releases()  # ours first: the peer may be waiting for them to send
             left = None if deadline is None else deadline - monotonic()
             if left is not None and left <= 0:
-                raise self._pool_full()
+                raise shm.stayed_full(self._where(), self._timeout, call)
             look = POOL_WAIT if left is None else min(left, POOL_WAIT)
             if self._rlock.locked() or shm.arrived_bytes > ARRIVED_MAX:
                 # Another thread reads; or we read ahead as much as we hold for recv():
@@ -1188,7 +1188,7 @@ class Channel(ChannelFacts):
             try:
                 self._take_in(wait=True)
             except Timeout as exc:
-                raise self._pool_full() from exc
+                raise shm.stayed_full(self._where(), self._timeout, call) from exc
             if shm.eof:
                 raise ConnectionClosed(
                     f"{self._where()}: the peer closed the connection while our shared-"
@@ -1210,14 +1210,6 @@ class Channel(ChannelFacts):
             poller = self._poller = select.poll()
             poller.register(self._sock.fileno(), select.POLLIN)
         return poller
-
-    def _pool_full(self) -> Timeout:
-        shm = self._shm
-        assert shm is not None
-        return Timeout(
-            f"{self._where()}: the shared-memory pool stayed full for {self._timeout} s (the "
-            f"receiver holds {shm.in_use} bytes unreleased); send timed out"
-        )
 
     def _put(self, records: bytes, went: int = 0) -> int:
         """Send shared-memory records (a few dozen bytes) after ``went`` bytes of the same

@@ -124,6 +124,23 @@ def test_a_loan_sent_twice_or_a_strided_buffer_is_refused_in_the_words_of_the_ap
     arun(main())
 
 
+def test_a_full_pool_says_who_holds_it_and_which_call_timed_out(arun: Run) -> None:
+    async def main() -> None:
+        a, b = udskit.aio.pair(shared_memory=2 * MIB)
+        async with a, b:
+            a.settimeout(0)
+            await a.send(data(MIB))
+            loan = await a.loan(MIB)  # the pool is full: half at the receiver, half with us
+            with pytest.raises(Timeout, match=rf"holds {MIB} bytes unreleased, and {MIB} b"):
+                await a.loan(MIB)
+            with pytest.raises(Timeout, match=r"in loans of ours not sent yet\); send timed out"):
+                await a.send(data(MIB))
+            loan.release()
+            assert await b.recv() == data(MIB)
+
+    arun(main())
+
+
 def test_a_receiver_that_holds_its_views_stops_the_sender(arun: Run) -> None:
     async def main() -> None:
         a, b = udskit.aio.pair(shared_memory=2 * MIB)

@@ -629,6 +629,27 @@ def test_a_receiver_that_never_releases_gets_backpressure_not_growth(clean: None
         held.pop().release()
 
 
+def test_a_full_pool_says_who_holds_it_and_which_call_timed_out(clean: None) -> None:
+    a, b = udskit.pair(shared_memory=2 * MIB)
+    with a, b:
+        a.settimeout(0)
+        a.send(data(BIG))
+        loan = a.loan(BIG)  # the pool is full: half at the receiver, half with us
+        with pytest.raises(Timeout) as caught:
+            a.loan(BIG)
+        assert str(caught.value) == (
+            "stream channel: the shared-memory pool stayed full for 0 s (the receiver holds "
+            f"{BIG} bytes unreleased, and {BIG} bytes are in loans of ours not sent yet); "
+            "loan timed out"
+        )
+        assert b.recv() == data(BIG)  # its release is read by the next send, at once
+        a.send(data(BIG, 1))
+        with pytest.raises(Timeout, match=rf"holds {BIG} bytes unreleased, and {BIG} .*; send t"):
+            a.send(data(BIG, 2))
+        loan.release()
+        assert b.recv() == data(BIG, 1)
+
+
 @pytest.mark.parametrize("kind", ["stream", "seqpacket"])
 def test_a_sender_waiting_for_releases_reads_ahead_a_bounded_amount(clean: None, kind: str) -> None:
     a, b = udskit.pair(shared_memory=SMALL_POOL, type=kind)  # type: ignore[call-overload]

@@ -39,7 +39,7 @@ from ..channel import (
     write_shut,
 )
 from ..creds import PeerCred
-from ..errors import ConnectionClosed, FrameTooLarge, ProtocolError, Timeout, UdsError
+from ..errors import ConnectionClosed, FrameTooLarge, ProtocolError, UdsError
 from ..options import base_type, check_message, check_timeout, max_frame_for, type_name
 from ..proto import CLOSED, Control, Framing, LengthPrefixed, make_framing
 from ..proto.shm import (
@@ -818,7 +818,7 @@ class Channel(Sending, ChannelFacts):
         if shm is None or size < SHARED_THRESHOLD or not shm.usable_for(size):
             return memoryview(bytearray(size))
         shm.ensure_pool()
-        offset = await self._lend(size)
+        offset = await self._lend(size, "loan")
         return shm.loan(offset, size)
 
     async def _send_shared(self, data: Buffer) -> None:
@@ -917,7 +917,7 @@ class Channel(Sending, ChannelFacts):
         if fd >= 0:
             shm.pool_sent()
 
-    async def _lend(self, size: int) -> int:
+    async def _lend(self, size: int, call: str = "send") -> int:
         """A free extent of ``size`` bytes in our pool, waiting (within the timeout) while
         it is full: backpressure, never growth. Releases come in through the reader
         callback, started here if no task is receiving."""
@@ -948,10 +948,7 @@ class Channel(Sending, ChannelFacts):
                 await self._space.wait(loop, POOL_WAIT)
                 continue
             if (left is not None and left <= 0) or await self._space.wait(loop, left) is EXPIRED:
-                raise Timeout(
-                    f"{self._where()}: the shared-memory pool stayed full for {self._timeout} s "
-                    f"(the receiver holds {shm.in_use} bytes unreleased); send timed out"
-                )
+                raise shm.stayed_full(self._where(), self._timeout, call)
 
     def _look_for_offer(self) -> None:
         """A client that opted in, about to send a large message, has not yet seen whether
