@@ -20,7 +20,7 @@ import udskit.aio
 from udskit import ConnectionClosed, ProtocolError, Timeout
 from udskit.aio.sending import Sending
 from udskit.proto.outbox import Outbox
-from udskit.proto.shm import PAGE, RELEASE, SHARED_THRESHOLD, SLOT, encode_record
+from udskit.proto.shm import CONTROL_BIT, PAGE, RELEASE, SHARED_THRESHOLD, SLOT, encode_record
 
 from ..conftest import open_fds
 from ..integration.test_shared_memory import (
@@ -359,6 +359,21 @@ def test_forged_records_close_the_channel(
                 await victim.send(b"x")
             with pytest.raises(ConnectionClosed, match="protocol error"):
                 await victim.loan(MIB)
+        forger.close()
+
+    arun(main())
+
+
+def test_a_record_over_the_limit_closes_the_channel(arun: Run) -> None:
+    async def main() -> None:
+        victim, forger = udskit.aio.pair(shared_memory=True)
+        async with victim:
+            forger.socket.setblocking(True)
+            forger.socket.sendall((CONTROL_BIT | 300).to_bytes(4, "big") + bytes(300))
+            with pytest.raises(ProtocolError, match=r"record of 0 bytes, or over the limit"):
+                await victim.recv()
+            with pytest.raises(ConnectionClosed, match="protocol error"):
+                await victim.send(b"x")
         forger.close()
 
     arun(main())

@@ -921,6 +921,18 @@ def test_forged_records_close_the_channel(
         _expect_closed_by(victim, match)
 
 
+@pytest.mark.parametrize("size", [0, 5, 300, 0x7FFF_FFFF], ids=["empty", "short", "long", "2-GiB"])
+def test_a_record_of_the_wrong_size_closes_the_channel(clean: None, size: int) -> None:
+    maps = pool_mappings()
+    victim, forger = udskit.pair(shared_memory=True)
+    with victim, forger:
+        forger.send(data(BIG))  # the forger's pool, mapped by both
+        forger.socket.sendall((CONTROL_BIT | size).to_bytes(4, "big") + bytes(min(size, 300)))
+        assert victim.recv() == data(BIG)
+        _expect_closed_by(victim, rf"record of {size if 0 < size <= 256 else 0} bytes")
+        assert pool_mappings() == maps + 1  # the victim's mapping is gone, the forger's not
+
+
 def test_a_slot_over_one_still_held_closes_the_channel(clean: None) -> None:
     """The first message is whole and is received; the next slot, laid over it while the
     receiver still holds it, closes the channel."""
