@@ -258,6 +258,7 @@ class Channel(ChannelFacts):
         "_inbox",
         "_max_fds",
         "_max_message",
+        "_owner_pid",
         "_owns_socket",
         "_peer",
         "_plain",
@@ -338,6 +339,7 @@ class Channel(ChannelFacts):
         self._peer = peer
         self._claim = claim
         self._owns_socket = owns_socket
+        self._owner_pid = os.getpid()  # a forked child's close() is told apart (see close)
         self._inbox: _Inbox = deque(inbox)
         # Closes what a channel dropped without close() holds (see _holding_fds).
         self._held: weakref.finalize[[Framing | None, _Inbox], Channel] | None = None
@@ -1565,6 +1567,11 @@ class Channel(ChannelFacts):
         if not self._closing.acquire(blocking=False):
             return  # closed, or being closed by another thread: once is all it takes
         self._closed = self._unusable = True
+        if os.getpid() != self._owner_pid:
+            # A forked child's copy: the parent's threads are not in this process, but their
+            # holds of the locks were copied. Taken for ours, they would make this close()
+            # shut the socket down for the parent too, and wait for threads that never leave.
+            self._rlock, self._wlock = threading.Lock(), threading.Lock()
         if self._owns_socket:
             # close() alone wakes nobody blocked on the socket. Only where a thread of ours
             # is blocked: shutdown() reaches every process that shares the socket (a fork).

@@ -1068,6 +1068,37 @@ def test_fork_after_setup(clean: None, kind: str) -> None:
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+@pytest.mark.parametrize("kind", ["stream", "seqpacket"])
+def test_a_child_closing_its_copy_leaves_a_parent_thread_blocked_in_recv_working(
+    clean: None, kind: str
+) -> None:
+    a, b = udskit.pair(shared_memory=True, type=kind)  # type: ignore[call-overload]
+    with a, b:
+        a.send(data(BIG, 1))  # both pools in place before the fork
+        assert b.recv() == data(BIG, 1)
+        got: list[object] = []
+        reader = threading.Thread(target=lambda: got.append(b.recv()), daemon=True)
+        reader.start()
+        for _ in range(10_000):  # bounded: until the reader holds the read lock
+            if b._rlock.locked():
+                break
+            threading.Event().wait(0.001)
+        pid = os.fork()
+        if pid == 0:  # the child's copies of the parent's locks are held: not by it
+            status = 1
+            try:
+                b.close()
+                a.close()
+                status = 0
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        a.send(data(BIG, 2))
+        reader.join(WAIT)
+        assert got == [data(BIG, 2)]
+
+
 _CHILD = """
 import sys, udskit
 channel = udskit.connect(sys.argv[1], shared_memory=True)
