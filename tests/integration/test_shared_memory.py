@@ -189,6 +189,43 @@ def test_a_loan_sent_twice_or_a_strided_buffer_is_refused_in_the_words_of_the_ap
     assert b.recv() == b"after"
 
 
+def test_a_loan_whose_send_fails_is_given_up_and_one_from_another_channel_is_copied(
+    clean: None,
+) -> None:
+    a, b = udskit.pair(shared_memory=2 * BIG)
+    c, d = udskit.pair(shared_memory=2 * BIG)
+    with a, b, c, d:
+        other = c.loan(BIG)
+        other[:] = data(BIG, 1)
+        a.send(other)  # not a's loan: copied into a's pool
+        assert b.recv() == data(BIG, 1)
+        assert bytes(other[:4]) == data(BIG, 1)[:4]  # still c's, still lent
+        assert c.pool_in_use == BIG
+        other.release()
+        assert c.pool_in_use == 0
+        a.settimeout(0)
+        sent = 0
+        while sent < 100_000:  # bounded: a socket buffer holds far less
+            try:
+                a.send(bytes(1000))
+            except Timeout:
+                break
+            sent += 1
+        assert sent < 100_000
+        loan = a.loan(BIG)
+        loan[:] = data(BIG, 2)
+        with pytest.raises(Timeout, match="would block"):
+            a.send(loan)  # the socket is full: the slot cannot go
+        with pytest.raises(ValueError, match="released"):
+            len(loan)  # given up
+        assert a.pool_in_use == 0
+        for _ in range(sent):
+            assert b.recv() == bytes(1000)
+        a.settimeout(WAIT)
+        a.send(data(BIG, 3))
+        assert b.recv() == data(BIG, 3)
+
+
 def test_a_loan_still_referenced_is_not_sent(shm_pair: tuple[Channel, Channel]) -> None:
     a, b = shm_pair
     loan = a.loan(BIG)
