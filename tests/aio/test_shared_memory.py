@@ -379,6 +379,41 @@ def test_a_record_over_the_limit_closes_the_channel(arun: Run) -> None:
     arun(main())
 
 
+@pytest.mark.parametrize("call", ["recv", "recv_view", "recv_many"])
+def test_messages_in_the_pool_queued_before_a_bad_record_give_way_to_its_error(
+    arun: Run, call: str
+) -> None:
+    """The reader takes in everything that arrived: two slots, then a bad record, which
+    closes the pools. The slots' messages went with them: the receiver meets the
+    protocol error, not a closed pool; a message that came through the socket first is
+    still received."""
+
+    async def main() -> None:
+        maps = pool_mappings("")
+        victim, forger = udskit.aio.pair(shared_memory=True)
+        async with victim:
+            raw = forger.socket
+            raw.setblocking(True)
+            _attach(raw, _memfd(PAGE * 64), PAGE * 64)
+            raw.sendall(
+                b"\x00\x00\x00\x02hi"
+                + encode_record(SLOT, 0, 100)
+                + encode_record(SLOT, 2 * PAGE, 5)
+                + encode_record(9, 0, 0)
+            )
+            receive = getattr(victim, call)
+            got = await receive()
+            assert (got if call != "recv_many" else got[0]) == b"hi"
+            await turns_until(lambda: victim._read_failed is not None)  # all of it read
+            for _ in range(2):
+                with pytest.raises(ProtocolError, match="kind 9; the channel cannot be used"):
+                    await receive()
+            assert pool_mappings("") == maps  # the forged pool's mapping is gone
+        forger.close()
+
+    arun(main())
+
+
 def test_attach_with_a_pipe_is_refused(arun: Run) -> None:
     async def main() -> None:
         victim, forger = udskit.aio.pair(shared_memory=True)

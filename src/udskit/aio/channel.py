@@ -1050,6 +1050,12 @@ class Channel(Sending, ChannelFacts):
         let the peer see the end; the error every recv() raises from now on."""
         assert self._shm is not None
         self._shm.close()
+        # Messages queued in the peer's pool went with it: recv() raises this error in their
+        # place, as the blocking Channel does for those it read ahead (messages that came
+        # through the socket are still received first). In place: readers hold the deque.
+        kept = [item for item in self._ready if type(item) is not Lease]
+        self._ready.clear()
+        self._ready.extend(kept)
         self._fail_write(ConnectionClosed(f"{self._where()}: closed after a protocol error: {exc}"))
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
