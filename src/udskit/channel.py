@@ -1107,7 +1107,6 @@ class Channel(ChannelFacts):
                     raise
             else:
                 shm.hand_over(data)  # type: ignore[arg-type]
-            went = 0
             fd = shm.open_pool()
             try:
                 if self._wire is not None:
@@ -1118,13 +1117,15 @@ class Channel(ChannelFacts):
                     # and no later one (see proto.framing on descriptors in a stream).
                     attach = encode_record(ATTACH, shm.pool_size)
                     try:
-                        went = self._write([attach], rights([fd], 1), len(attach))
+                        self._write([attach], rights([fd], 1), len(attach))
                     except BaseException:
                         if self._broken is None:
                             shm.attach_failed()
                         raise
                     shm.pool_sent()
-                self._put(encode_record(SLOT, offset, size), went)
+                # A unit of its own: ATTACH is whole without it, so a SLOT that cannot go
+                # leaves the stream whole (the peer has our pool, and no message).
+                self._put(encode_record(SLOT, offset, size))
             except BaseException:
                 if self._broken is None:
                     shm.give_back(offset)  # the slot never went out: ours again

@@ -645,6 +645,33 @@ def test_a_release_behind_a_message_reaches_a_sender_holding_a_loan(clean: None)
         loan.release()
 
 
+def test_a_slot_the_full_socket_refuses_after_the_pool_went_leaves_the_channel_whole(
+    clean: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first large message sends ATTACH, then SLOT. If the socket takes ATTACH and then
+    has no room for SLOT (timeout 0), the stream is at a record boundary: nothing of the
+    message went, so the send says so and the channel stays usable (it was broken)."""
+    a, b = udskit.pair(shared_memory=True)
+    with a, b:
+        a.settimeout(0)
+        real_send = socket.socket.send
+        refused: list[bytes] = []
+
+        def send(sock: socket.socket, data: bytes, *flags: int) -> int:
+            if sock is a.socket and not refused and len(data) == len(encode_record(SLOT, 0, 1)):
+                refused.append(bytes(data))
+                raise BlockingIOError(11, "injected: the socket is full")
+            return real_send(sock, data, *flags)
+
+        monkeypatch.setattr(socket.socket, "send", send)
+        with pytest.raises(Timeout, match="would block"):
+            a.send(data(BIG, 1))
+        assert refused
+        assert a.pool_in_use == 0  # the slot is ours again
+        a.send(data(BIG, 2))  # the pool is not sent again
+        assert b.recv() == data(BIG, 2)
+
+
 def test_a_receiver_that_never_releases_gets_backpressure_not_growth(clean: None) -> None:
     a, b = udskit.pair(shared_memory=2 * MIB)
     with a, b:
