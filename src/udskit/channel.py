@@ -245,6 +245,7 @@ class Channel(ChannelFacts):
     __slots__ = (
         "__weakref__",  # a released view tells its channel through a weak reference
         "_ancsize",
+        "_batcher",
         "_broken",
         "_claim",
         "_cleanup_dir",
@@ -353,6 +354,7 @@ class Channel(ChannelFacts):
         self._broken: ConnectionClosed | None = None  # part of a frame went out
         self._unreadable: ProtocolError | None = None  # a read had to be dropped
         self._wlock = threading.Lock()  # one message (or batch) on the wire at a time
+        self._batcher = 0  # the thread sending a batch, while it holds _wlock (see loan)
         self._rlock = threading.Lock()  # one reader of the framing and buffer at a time
         self._cleanup_dir: bytes | None = None
         self._timeout: float | None = None
@@ -462,6 +464,7 @@ class Channel(ChannelFacts):
             batch: list[bytes] = []
             batched = 0
             went = 0
+            self._batcher = threading.get_ident()
             try:
                 for message in messages:
                     if shm is not None and (
@@ -490,6 +493,8 @@ class Channel(ChannelFacts):
                 if went and self._broken is None:
                     self._break(f"send_many failed after {went} bytes of its batch went out")
                 raise
+            finally:
+                self._batcher = 0
         self._write_lock_left()
 
     def _send_packets(self, messages: Iterable[Buffer]) -> None:
@@ -499,14 +504,18 @@ class Channel(ChannelFacts):
         shm = self._shm
         with self._wlock:
             self._check_open()
-            for message in messages:
-                if shm is not None and (
-                    type(message) is not bytes or len(message) >= SHARED_THRESHOLD
-                ):
-                    self._send_shared(message, held=True)
-                else:
-                    check_message(message, "send_many")
-                    self._send_packet(message, [])
+            self._batcher = threading.get_ident()
+            try:
+                for message in messages:
+                    if shm is not None and (
+                        type(message) is not bytes or len(message) >= SHARED_THRESHOLD
+                    ):
+                        self._send_shared(message, held=True)
+                    else:
+                        check_message(message, "send_many")
+                        self._send_packet(message, [])
+            finally:
+                self._batcher = 0
         self._write_lock_left()
 
     def send_fds(self, data: Buffer, fds: Sequence[int]) -> None:
@@ -1052,6 +1061,12 @@ class Channel(ChannelFacts):
         """
         check_loan_size(size, self._max_message)
         self._check_open()  # closed, or broken by a protocol error: no loan to send
+        if self._batcher == threading.get_ident():
+            raise RuntimeError(
+                "loan() inside the messages that send_many() is sending on the same channel: "
+                "send_many() holds the sending side until it ends, so the loan would wait for "
+                "itself; take the loans first (a list), then send_many() them"
+            )
         shm = self._shm
         if shm is not None and size >= SHARED_THRESHOLD and not shm.ready:
             self._look_for_offer()

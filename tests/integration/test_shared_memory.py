@@ -352,6 +352,26 @@ def test_send_many_on_a_stream_takes_loans_and_large_messages_through_the_pool(
             assert b.recv() == b"last"
 
 
+@pytest.mark.parametrize("kind", ["stream", "seqpacket"])
+def test_a_loan_taken_inside_send_many_is_refused_not_waited_for(clean: None, kind: str) -> None:
+    a, b = udskit.pair(shared_memory=True, type=kind)  # type: ignore[call-overload]
+    with a, b:
+        a.settimeout(WAIT)
+
+        def frames() -> Iterator[memoryview]:
+            loan = a.loan(BIG)  # send_many holds a's sending side: it waited for ever
+            loan[:] = data(BIG)
+            yield loan
+
+        with pytest.raises(RuntimeError, match=r"^loan\(\) inside the messages that send_many"):
+            a.send_many(frames())
+        loans = [a.loan(BIG) for _ in range(2)]  # taken first: the way to do it
+        for seed, loan in enumerate(loans):
+            loan[:] = data(BIG, seed)
+        a.send_many(loans)
+        assert [b.recv() for _ in loans] == [data(BIG, 0), data(BIG, 1)]
+
+
 def test_recv_many_and_iteration_deliver_in_order(shm_pair: tuple[Channel, Channel]) -> None:
     a, b = shm_pair
     sent = [b"one", data(BIG, 1), b"two", data(SHARED_THRESHOLD, 2)]
