@@ -1114,7 +1114,7 @@ class Channel(ChannelFacts):
             self._flush_releases()
             shm.ensure_pool()
             if offset is None:
-                offset = self._lend(size)
+                offset = self._lend(size, held=held)
                 try:
                     shm.write(offset, view)
                 except BaseException:
@@ -1165,9 +1165,10 @@ class Channel(ChannelFacts):
         if fd >= 0:
             shm.pool_sent()
 
-    def _lend(self, size: int, call: str = "send") -> int:
+    def _lend(self, size: int, call: str = "send", *, held: bool = False) -> int:
         """A free extent of ``size`` bytes in our pool, waiting (within the timeout) while
-        it is full: backpressure, never growth. Caller holds the write lock.
+        it is full: backpressure, never growth. Caller holds the write lock; it is let go
+        while we wait (``_waiting_for_room``), unless ``held`` (a batch).
 
         Releases come in on the socket. If no other thread is reading it, we read it here
         (messages that arrive meanwhile wait, in order, for recv); if one is, it hands the
@@ -1195,23 +1196,40 @@ class Channel(ChannelFacts):
             if left is not None and left <= 0:
                 raise shm.stayed_full(self._where(), self._timeout, call)
             look = POOL_WAIT if left is None else min(left, POOL_WAIT)
-            if self._rlock.locked() or shm.arrived_bytes > ARRIVED_MAX:
-                # Another thread reads; or we read ahead as much as we hold for recv():
-                # wait for the receiving side to take some (the peer's releases may be
-                # behind its messages, as on a socket whose two ends both write).
-                shm.wait_for_space(look)
-                continue
-            if shm.lending and not self._readable(look):
-                continue  # a loan of ours given up here frees room with nothing to read
-            try:
-                self._take_in(wait=True)
-            except Timeout as exc:
-                raise shm.stayed_full(self._where(), self._timeout, call) from exc
+            with self._waiting_for_room(held):
+                if self._rlock.locked() or shm.arrived_bytes > ARRIVED_MAX:
+                    # Another thread reads; or we read ahead as much as we hold for recv():
+                    # wait for the receiving side to take some (the peer's releases may be
+                    # behind its messages, as on a socket whose two ends both write).
+                    shm.wait_for_space(look)
+                    continue
+                if shm.lending and not self._readable(look):
+                    continue  # a loan of ours given up here frees room with nothing to read
+                try:
+                    self._take_in(wait=True)
+                except Timeout as exc:
+                    raise shm.stayed_full(self._where(), self._timeout, call) from exc
             if shm.eof:
                 raise ConnectionClosed(
                     f"{self._where()}: the peer closed the connection while our shared-"
                     "memory pool was full"
                 )
+
+    @contextlib.contextmanager
+    def _waiting_for_room(self, held: bool) -> Iterator[None]:
+        """While a sender waits for room in our pool, other threads may send: a loan that
+        another thread holds frees its room only once it has been sent, and the receiver
+        has released it; holding the write lock, we would wait for it for ever. Nothing of
+        our message has gone yet. A batch (``held``) keeps the lock: no other thread's
+        message may go between two of its messages."""
+        if held:
+            yield
+            return
+        self._wlock.release()
+        try:
+            yield
+        finally:
+            self._wlock.acquire()
 
     def _readable(self, seconds: float) -> bool:
         """Whether something is there to be read (or arrives within ``seconds``): bytes
@@ -1219,7 +1237,15 @@ class Channel(ChannelFacts):
         framing = self._framing
         if framing is not None and (framing.buffered or framing.at_eof):
             return True
-        return bool((self._poller or self._poll_object()).poll(seconds * 1000))
+        # A poll object of its own: several senders may wait for room at once, and the
+        # reader polls ``_poller`` meanwhile (a poll object refuses a second caller).
+        poller = select.poll()
+        try:
+            poller.register(self._sock, select.POLLIN)
+        except ValueError:  # fileno() is -1: another thread's close() came first
+            self._check_open()
+            raise
+        return bool(poller.poll(seconds * 1000))
 
     def _poll_object(self) -> select.poll:
         """The poll object that asks whether our socket is readable (made on first use)."""

@@ -24,7 +24,7 @@ import pytest
 
 import udskit
 from udskit import Channel, ConnectionClosed, FrameTooLarge, ProtocolError, Timeout
-from udskit.channel import ARRIVED_MAX
+from udskit.channel import ARRIVED_MAX, POOL_WAIT
 from udskit.proto.shm import (
     ATTACH,
     CONTROL_BIT,
@@ -510,6 +510,48 @@ def test_a_loan_given_up_wakes_a_sender_waiting_for_room(clean: None) -> None:
         assert not sender.is_alive()
         assert not errors
         assert b.recv() == data(SMALL_POOL, 5)
+
+
+def test_a_sender_waiting_for_room_lets_another_thread_send_its_loan(clean: None) -> None:
+    """The pool is full of loans two threads hold; a third thread's send waits for room,
+    which comes only once a loan is sent and released. The waiting send must not keep the
+    others from sending (it held the write lock, and all three waited on each other)."""
+    a, b = udskit.pair(shared_memory=2 * BIG)
+    with a, b:
+        a.settimeout(5.0)  # bounds the failure: the waiting send timed out
+        first, second = a.loan(BIG), a.loan(BIG)
+        first[:] = data(BIG, 1)
+        second[:] = data(BIG, 2)
+        sender, errors = sending(a, data(BIG, 3))
+        until(lambda: waits_in(sender, "_lend"))  # it waits for room
+        a.send(first)
+        assert b.recv() == data(BIG, 1)  # released: room for the waiting send
+        sender.join(WAIT)
+        assert not sender.is_alive()
+        assert not errors
+        a.send(second)
+        assert {b.recv(), b.recv()} == {data(BIG, 2), data(BIG, 3)}
+
+
+def test_senders_waiting_for_room_together_each_get_it(clean: None) -> None:
+    """Two senders wait for room at once, looking for loans given up (a poll each time):
+    each with a poll of its own (one shared poll object refuses a second caller, and the
+    error broke the channel's reading)."""
+    a, b = udskit.pair(shared_memory=2 * BIG)
+    with a, b:
+        a.settimeout(WAIT)
+        loans = [a.loan(BIG), a.loan(BIG)]
+        senders = [sending(a, data(BIG, seed)) for seed in range(2)]
+        until(lambda: all(waits_in(sender, "_lend") for sender, _ in senders))
+        for _ in range(20):  # both look, many times
+            threading.Event().wait(POOL_WAIT)
+        for loan in loans:
+            loan.release()
+        for sender, errors in senders:
+            sender.join(WAIT)
+            assert not sender.is_alive()
+            assert not errors
+        assert {b.recv(), b.recv()} == {data(BIG, 0), data(BIG, 1)}
 
 
 def test_a_view_released_during_another_threads_send_is_released_after_it(
