@@ -555,7 +555,9 @@ class SharedMemory:
                 "send(): the loaned buffer is still in use (an array made from it is alive); "
                 "delete it first, since after send() the buffer belongs to the receiver"
             ) from None
-        del self._loans[id(view)]
+        # pop: a bad record read meanwhile by another thread may have closed us (and
+        # forgotten the loans): the send then fails on the socket, closed after it
+        self._loans.pop(id(view), None)
         with self.lock:
             alive = array() is not None
             if alive:

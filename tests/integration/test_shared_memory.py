@@ -7,6 +7,7 @@ with hand-made records and descriptors.
 from __future__ import annotations
 
 import array
+import contextlib
 import fcntl
 import gc
 import os
@@ -16,7 +17,9 @@ import socket
 import subprocess
 import sys
 import threading
+import types
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -224,6 +227,34 @@ def test_a_loan_whose_send_fails_is_given_up_and_one_from_another_channel_is_cop
         a.settimeout(WAIT)
         a.send(data(BIG, 3))
         assert b.recv() == data(BIG, 3)
+
+
+def test_a_bad_record_read_while_a_loan_is_being_sent(
+    clean: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another thread reads a bad record, and closes the pools, while send(loan) hands the
+    loan over: the send says the channel closed after a protocol error."""
+    victim, peer = udskit.pair(shared_memory=True)
+    with victim, peer:
+        loan = victim.loan(BIG)
+        moves = [lambda: victim._shared_failed(ProtocolError("injected bad record"))]
+
+        def move() -> None:
+            with contextlib.suppress(ProtocolError):  # the reader's to raise
+                moves.pop()()
+
+        def ref(target: object, *callback: object) -> object:
+            if moves:  # in a thread of its own, as a reader: its error's frames are its own
+                reader = threading.Thread(target=move)
+                reader.start()
+                reader.join(WAIT)
+            return weakref.ref(target, *callback)  # type: ignore[arg-type]
+
+        shim = types.SimpleNamespace(ref=ref, finalize=weakref.finalize)
+        monkeypatch.setattr("udskit.shm.weakref", shim)  # hand_over's look at the loan
+        with pytest.raises(ConnectionClosed, match="protocol error: injected bad record"):
+            victim.send(loan)
+        assert not moves
 
 
 def test_a_loan_still_referenced_is_not_sent(shm_pair: tuple[Channel, Channel]) -> None:
