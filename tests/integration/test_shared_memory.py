@@ -1109,6 +1109,13 @@ def _pipe_end() -> int:
     return read
 
 
+def _tmpfs_file(size: int) -> int:
+    """A shmem file that is not a memfd (O_TMPFILE in /dev/shm): it carries no seals."""
+    fd = os.open("/dev/shm", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    os.ftruncate(fd, size)
+    return fd
+
+
 @pytest.mark.parametrize(
     ("make", "match"),
     [
@@ -1116,9 +1123,23 @@ def _pipe_end() -> int:
         (lambda: _memfd(PAGE * 16, seals=fcntl.F_SEAL_GROW), "not sealed"),
         (lambda: os.open("/proc/self/exe", os.O_RDONLY | os.O_CLOEXEC), "not a memfd"),
         (_pipe_end, "not a memfd"),
+        (lambda: socket.socket(socket.AF_UNIX).detach(), "not a memfd"),
+        (lambda: os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), "not a memfd"),
+        (lambda: os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC), "not a memfd"),
+        (lambda: _tmpfs_file(PAGE * 16), "not sealed"),
         (lambda: _memfd(PAGE * 8), "not the"),
     ],
-    ids=["unsealed", "shrinkable", "regular-file", "pipe", "wrong-size"],
+    ids=[
+        "unsealed",
+        "shrinkable",
+        "regular-file",
+        "pipe",
+        "socket",
+        "directory",
+        "device",
+        "tmpfs-file",
+        "wrong-size",
+    ],
 )
 def test_bad_pool_descriptors_are_refused(clean: None, make: Callable[[], int], match: str) -> None:
     victim, forger = udskit.pair(shared_memory=True)
