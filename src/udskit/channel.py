@@ -246,6 +246,7 @@ class Channel(ChannelFacts):
     __slots__ = (
         "__weakref__",  # a released view tells its channel through a weak reference
         "_ancsize",
+        "_batcher",
         "_broken",
         "_claim",
         "_cleanup_dir",
@@ -259,6 +260,7 @@ class Channel(ChannelFacts):
         "_inbox",
         "_max_fds",
         "_max_message",
+        "_owner_pid",
         "_owns_socket",
         "_peer",
         "_plain",
@@ -339,6 +341,7 @@ class Channel(ChannelFacts):
         self._peer = peer
         self._claim = claim
         self._owns_socket = owns_socket
+        self._owner_pid = os.getpid()  # a forked child's close() is told apart (see close)
         self._inbox: _Inbox = deque(inbox)
         # Closes what a channel dropped without close() holds (see _holding_fds).
         self._held: weakref.finalize[[Framing | None, _Inbox], Channel] | None = None
@@ -352,6 +355,7 @@ class Channel(ChannelFacts):
         self._broken: ConnectionClosed | None = None  # part of a frame went out
         self._unreadable: ProtocolError | None = None  # a read had to be dropped
         self._wlock = threading.Lock()  # one message (or batch) on the wire at a time
+        self._batcher = 0  # the thread sending a batch, while it holds _wlock (see loan)
         self._rlock = threading.Lock()  # one reader of the framing and buffer at a time
         self._cleanup_dir: bytes | None = None
         self._timeout: float | None = None
@@ -415,7 +419,7 @@ class Channel(ChannelFacts):
         try:
             small = framing is not None and len(data) <= _JOIN_LIMIT
             frame = framing.frame(data) if small else None  # type: ignore[union-attr]
-        except TypeError:
+        except (TypeError, ValueError):
             check_message(data, "send")
             raise
         if frame is None:
@@ -446,7 +450,8 @@ class Channel(ChannelFacts):
         burst of small messages costs one send() instead of one each. On seqpacket and dgram
         every message is still its own packet. No other thread's message goes between two
         of a batch. On a stream the batch is one unit: if it fails (or ``messages`` raises)
-        after any of it went out, the channel is broken.
+        after any of it went out, the channel is broken. With shared memory a large message
+        (or a loan) goes through the pool, as with send().
         """
         if self._write_shut:
             raise write_shut(self._where())
@@ -454,16 +459,27 @@ class Channel(ChannelFacts):
         if framing is None:
             self._send_packets(messages)
             return
+        shm = self._shm
         with self._wlock:
             self._check_open()
             batch: list[bytes] = []
             batched = 0
             went = 0
+            self._batcher = threading.get_ident()
             try:
                 for message in messages:
+                    if shm is not None and (
+                        type(message) is not bytes or len(message) >= SHARED_THRESHOLD
+                    ):
+                        if batch:  # the frames before it go first, in order
+                            went = self._write([b"".join(batch)], [], batched, went)
+                            batch.clear()
+                            batched = 0
+                        went += self._send_shared(message, held=True)
+                        continue
                     try:
                         frame = framing.frame(message)
-                    except TypeError:
+                    except (TypeError, ValueError):
                         check_message(message, "send_many")
                         raise
                     batch.append(frame)
@@ -478,6 +494,8 @@ class Channel(ChannelFacts):
                 if went and self._broken is None:
                     self._break(f"send_many failed after {went} bytes of its batch went out")
                 raise
+            finally:
+                self._batcher = 0
         self._write_lock_left()
 
     def _send_packets(self, messages: Iterable[Buffer]) -> None:
@@ -487,14 +505,18 @@ class Channel(ChannelFacts):
         shm = self._shm
         with self._wlock:
             self._check_open()
-            for message in messages:
-                if shm is not None and (
-                    type(message) is not bytes or len(message) >= SHARED_THRESHOLD
-                ):
-                    self._send_shared(message, held=True)
-                else:
-                    check_message(message, "send_many")
-                    self._send_packet(message, [])
+            self._batcher = threading.get_ident()
+            try:
+                for message in messages:
+                    if shm is not None and (
+                        type(message) is not bytes or len(message) >= SHARED_THRESHOLD
+                    ):
+                        self._send_shared(message, held=True)
+                    else:
+                        check_message(message, "send_many")
+                        self._send_packet(message, [])
+            finally:
+                self._batcher = 0
         self._write_lock_left()
 
     def send_fds(self, data: Buffer, fds: Sequence[int]) -> None:
@@ -1090,6 +1112,12 @@ class Channel(ChannelFacts):
         """
         check_loan_size(size, self._max_message)
         self._check_open()  # closed, or broken by a protocol error: no loan to send
+        if self._batcher == threading.get_ident():
+            raise RuntimeError(
+                "loan() inside the messages that send_many() is sending on the same channel: "
+                "send_many() holds the sending side until it ends, so the loan would wait for "
+                "itself; take the loans first (a list), then send_many() them"
+            )
         shm = self._shm
         if shm is not None and size >= SHARED_THRESHOLD and not shm.ready:
             self._look_for_offer()
@@ -1098,20 +1126,20 @@ class Channel(ChannelFacts):
         with self._wlock:
             self._check_open()
             shm.ensure_pool()
-            offset = self._lend(size)
+            offset = self._lend(size, "loan")
         self._write_lock_left()
         return shm.loan(offset, size)
 
-    def _send_shared(self, data: Buffer, *, held: bool = False) -> None:
+    def _send_shared(self, data: Buffer, *, held: bool = False) -> int:
         """Send one message of a channel with shared memory, through the pool if it goes
-        there (``held``: the caller holds the write lock, for a batch of packets)."""
+        there (``held``: the caller holds the write lock, for a batch); return its size."""
         shm = self._shm
         assert shm is not None
         offset = shm.loaned(data)
         if offset is None:
             try:
                 view = data if type(data) is bytes else memoryview(data).cast("B")
-            except TypeError:
+            except (TypeError, ValueError):
                 check_message(data, "send")
                 raise
             size = len(view)
@@ -1119,15 +1147,17 @@ class Channel(ChannelFacts):
                 self._look_for_offer()
             if size < SHARED_THRESHOLD or not shm.usable_for(size):
                 try:
-                    if held:  # a packet (see _send_packets)
-                        self._send_packet(data, [])
-                    else:
+                    if not held:
                         self._send_framed(data)
+                    elif self._framing is None:  # a packet (see _send_packets)
+                        self._send_packet(data, [])
+                    else:  # a frame of a batch (see send_many)
+                        self._write([*self._framing.encode(data)], [], size + HEADER.size)
                 except FrameTooLarge as exc:
                     if self._wire is None or shm.ready or size < SHARED_THRESHOLD:
                         raise
                     raise not_pooled(exc, self._wire) from exc
-                return
+                return size
         else:
             size = len(data)
         with _HELD if held else self._wlock:
@@ -1135,7 +1165,7 @@ class Channel(ChannelFacts):
             self._flush_releases()
             shm.ensure_pool()
             if offset is None:
-                offset = self._lend(size)
+                offset = self._lend(size, held=held)
                 try:
                     shm.write(offset, view)
                 except BaseException:
@@ -1143,28 +1173,30 @@ class Channel(ChannelFacts):
                     raise
             else:
                 shm.hand_over(data)  # type: ignore[arg-type]
-            went = 0
             fd = shm.open_pool()
             try:
                 if self._wire is not None:
                     self._slot_packet(fd, offset, size)
-                    return
+                    return size
                 if fd >= 0:
                     # Alone in its sendmsg(): the descriptor must arrive with this record
                     # and no later one (see proto.framing on descriptors in a stream).
                     attach = encode_record(ATTACH, shm.pool_size)
                     try:
-                        went = self._write([attach], rights([fd], 1), len(attach))
+                        self._write([attach], rights([fd], 1), len(attach))
                     except BaseException:
                         if self._broken is None:
                             shm.attach_failed()
                         raise
                     shm.pool_sent()
-                self._put(encode_record(SLOT, offset, size), went)
+                # A unit of its own: ATTACH is whole without it, so a SLOT that cannot go
+                # leaves the stream whole (the peer has our pool, and no message).
+                self._put(encode_record(SLOT, offset, size))
             except BaseException:
                 if self._broken is None:
                     shm.give_back(offset)  # the slot never went out: ours again
                 raise
+        return size
 
     def _slot_packet(self, fd: int, offset: int, size: int) -> None:
         """Seqpacket: a SLOT in one records packet, after ATTACH with our pool's descriptor
@@ -1184,9 +1216,10 @@ class Channel(ChannelFacts):
         if fd >= 0:
             shm.pool_sent()
 
-    def _lend(self, size: int) -> int:
+    def _lend(self, size: int, call: str = "send", *, held: bool = False) -> int:
         """A free extent of ``size`` bytes in our pool, waiting (within the timeout) while
-        it is full: backpressure, never growth. Caller holds the write lock.
+        it is full: backpressure, never growth. Caller holds the write lock; it is let go
+        while we wait (``_waiting_for_room``), unless ``held`` (a batch).
 
         Releases come in on the socket. If no other thread is reading it, we read it here
         (messages that arrive meanwhile wait, in order, for recv); if one is, it hands the
@@ -1212,25 +1245,42 @@ class Channel(ChannelFacts):
             self._flush_releases()  # ours first: the peer may be waiting for them to send
             left = None if deadline is None else deadline - monotonic()
             if left is not None and left <= 0:
-                raise self._pool_full()
+                raise shm.stayed_full(self._where(), self._timeout, call)
             look = POOL_WAIT if left is None else min(left, POOL_WAIT)
-            if self._rlock.locked() or shm.arrived_bytes > ARRIVED_MAX:
-                # Another thread reads; or we read ahead as much as we hold for recv():
-                # wait for the receiving side to take some (the peer's releases may be
-                # behind its messages, as on a socket whose two ends both write).
-                shm.wait_for_space(look)
-                continue
-            if shm.lending and not self._readable(look):
-                continue  # a loan of ours given up here frees room with nothing to read
-            try:
-                self._take_in(wait=True)
-            except Timeout as exc:
-                raise self._pool_full() from exc
+            with self._waiting_for_room(held):
+                if self._rlock.locked() or shm.arrived_bytes > ARRIVED_MAX:
+                    # Another thread reads; or we read ahead as much as we hold for recv():
+                    # wait for the receiving side to take some (the peer's releases may be
+                    # behind its messages, as on a socket whose two ends both write).
+                    shm.wait_for_space(look)
+                    continue
+                if shm.lending and not self._readable(look):
+                    continue  # a loan of ours given up here frees room with nothing to read
+                try:
+                    self._take_in(wait=True)
+                except Timeout as exc:
+                    raise shm.stayed_full(self._where(), self._timeout, call) from exc
             if shm.eof:
                 raise ConnectionClosed(
                     f"{self._where()}: the peer closed the connection while our shared-"
                     "memory pool was full"
                 )
+
+    @contextlib.contextmanager
+    def _waiting_for_room(self, held: bool) -> Iterator[None]:
+        """While a sender waits for room in our pool, other threads may send: a loan that
+        another thread holds frees its room only once it has been sent, and the receiver
+        has released it; holding the write lock, we would wait for it for ever. Nothing of
+        our message has gone yet. A batch (``held``) keeps the lock: no other thread's
+        message may go between two of its messages."""
+        if held:
+            yield
+            return
+        self._wlock.release()
+        try:
+            yield
+        finally:
+            self._wlock.acquire()
 
     def _readable(self, seconds: float) -> bool:
         """Whether something is there to be read (or arrives within ``seconds``): bytes
@@ -1238,7 +1288,15 @@ class Channel(ChannelFacts):
         framing = self._framing
         if framing is not None and (framing.buffered or framing.at_eof):
             return True
-        return bool((self._poller or self._poll_object()).poll(seconds * 1000))
+        # A poll object of its own: several senders may wait for room at once, and the
+        # reader polls ``_poller`` meanwhile (a poll object refuses a second caller).
+        poller = select.poll()
+        try:
+            poller.register(self._sock, select.POLLIN)
+        except ValueError:  # fileno() is -1: another thread's close() came first
+            self._check_open()
+            raise
+        return bool(poller.poll(seconds * 1000))
 
     def _poll_object(self) -> select.poll:
         """The poll object that asks whether our socket is readable (made on first use)."""
@@ -1247,14 +1305,6 @@ class Channel(ChannelFacts):
             poller = self._poller = select.poll()
             poller.register(self._sock.fileno(), select.POLLIN)
         return poller
-
-    def _pool_full(self) -> Timeout:
-        shm = self._shm
-        assert shm is not None
-        return Timeout(
-            f"{self._where()}: the shared-memory pool stayed full for {self._timeout} s (the "
-            f"receiver holds {shm.in_use} bytes unreleased); send timed out"
-        )
 
     def _put(self, records: bytes, went: int = 0) -> int:
         """Send shared-memory records (a few dozen bytes) after ``went`` bytes of the same
@@ -1610,6 +1660,11 @@ class Channel(ChannelFacts):
         if not self._closing.acquire(blocking=False):
             return  # closed, or being closed by another thread: once is all it takes
         self._closed = self._unusable = True
+        if os.getpid() != self._owner_pid:
+            # A forked child's copy: the parent's threads are not in this process, but their
+            # holds of the locks were copied. Taken for ours, they would make this close()
+            # shut the socket down for the parent too, and wait for threads that never leave.
+            self._rlock, self._wlock = threading.Lock(), threading.Lock()
         if self._owns_socket:
             # close() alone wakes nobody blocked on the socket. Only where a thread of ours
             # is blocked: shutdown() reaches every process that shares the socket (a fork).

@@ -327,12 +327,18 @@ def check_message(data: object, what: str) -> None:
         raise TypeError(f"{what}: messages are bytes, not str; encode text first (data.encode())")
     try:
         view = data if isinstance(data, memoryview) else memoryview(data)  # type: ignore[arg-type]
+        contiguous = view.c_contiguous
     except TypeError:
         raise TypeError(
             f"{what}: messages are bytes-like (bytes, bytearray, memoryview), not "
             f"{type(data).__name__}"
         ) from None
-    if not view.c_contiguous:
+    except ValueError:  # a released memoryview: a loan is released by the send() that sent it
+        raise ValueError(
+            f"{what}: this memoryview was released and holds no bytes any more (a loan is "
+            "released by the send() that sends it): take a new loan or buffer"
+        ) from None
+    if not contiguous:
         raise TypeError(
             f"{what}: a message is one contiguous block of memory, and this "
             f"{type(data).__name__} is not (a slice with a step, or a transposed array); "

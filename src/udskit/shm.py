@@ -36,7 +36,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Final, Protocol
 
 from .ancillary import close_fds
-from .errors import ConnectionClosed, ProtocolError, UdsError
+from .errors import ConnectionClosed, ProtocolError, Timeout, UdsError
 from .freshbytes import FRESH_MIN, fresh
 from .proto.shm import (
     ATTACH,
@@ -518,7 +518,9 @@ class SharedMemory:
                 "send(): the loaned buffer is still in use (an array made from it is alive); "
                 "delete it first, since after send() the buffer belongs to the receiver"
             ) from None
-        del self._loans[id(view)]
+        # pop: a bad record read meanwhile by another thread may have closed us (and
+        # forgotten the loans): the send then fails on the socket, closed after it
+        self._loans.pop(id(view), None)
         with self.lock:
             alive = array() is not None
             if alive:
@@ -635,6 +637,21 @@ class SharedMemory:
             offsets = list(self.pending)
             self.pending.clear()
         return offsets
+
+    def stayed_full(self, where: str, timeout: float | None, call: str) -> Timeout:
+        """What ``call`` ("send", "loan") raises when our pool stayed full for ``timeout``
+        seconds: who holds the space, the receiver or loans of ours not sent yet."""
+        with self.lock:
+            if self._loans_gone:
+                self._settle()
+            lent = {} if self.pool is None else self.pool.lent
+            unsent = sum(lent.get(offset, 0) for offset in self._unsent)
+            held = sum(lent.values()) - unsent
+        loans = f", and {unsent} bytes are in loans of ours not sent yet" if unsent else ""
+        return Timeout(
+            f"{where}: the shared-memory pool stayed full for {timeout} s (the receiver holds "
+            f"{held} bytes unreleased{loans}); {call} timed out"
+        )
 
     # -- both -----------------------------------------------------------------------------
     @property

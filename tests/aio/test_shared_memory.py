@@ -20,7 +20,7 @@ import udskit.aio
 from udskit import ConnectionClosed, ProtocolError, Timeout
 from udskit.aio.sending import Sending
 from udskit.proto.outbox import Outbox
-from udskit.proto.shm import PAGE, RELEASE, SHARED_THRESHOLD, SLOT, encode_record
+from udskit.proto.shm import CONTROL_BIT, PAGE, RELEASE, SHARED_THRESHOLD, SLOT, encode_record
 
 from ..conftest import open_fds
 from ..integration.test_shared_memory import (
@@ -76,6 +76,67 @@ def test_pair_moves_large_messages_through_the_pool(arun: Run) -> None:
             got = await b.recv_many()
             assert len(got) == 1
             assert got[0][:4] == b"loan"
+
+    arun(main())
+
+
+def test_send_many_on_a_stream_takes_loans_and_large_messages_through_the_pool(
+    arun: Run,
+) -> None:
+    async def main() -> None:
+        a, b = udskit.aio.pair(shared_memory=2 * MIB)  # two messages: see the blocking test
+        async with a, b:
+            a.settimeout(20)
+            for seed in range(3):
+                loan = await a.loan(MIB)
+                loan[:] = data(MIB, seed)
+                await a.send_many([b"small", loan, data(MIB, seed + 1), b"last"])
+                assert a.pool_in_use == 2 * MIB  # both went through the pool
+                with pytest.raises(ValueError, match="released"):
+                    len(loan)  # handed over, as by send()
+                assert await b.recv() == b"small"
+                with await b.recv_view() as view:
+                    assert view == data(MIB, seed)
+                assert await b.recv() == data(MIB, seed + 1)
+                assert await b.recv() == b"last"
+
+    arun(main())
+
+
+def test_a_loan_sent_twice_or_a_strided_buffer_is_refused_in_the_words_of_the_api(
+    arun: Run,
+) -> None:
+    async def main() -> None:
+        a, b = udskit.aio.pair(shared_memory=True)
+        async with a, b:
+            loan = await a.loan(MIB)
+            loan[:] = data(MIB)
+            await a.send(loan)
+            for send in (a.send, lambda m: a.send_many([m])):
+                with pytest.raises(ValueError, match=r"^send\S*: this memoryview was released"):
+                    await send(loan)  # the first send released it
+                with pytest.raises(TypeError, match=r"^send\S*: a message is one contiguous"):
+                    await send(memoryview(bytes(2 * SHARED_THRESHOLD))[::2])
+            await a.send(b"after")  # nothing went, and the channel is whole
+            assert await b.recv() == data(MIB)
+            assert await b.recv() == b"after"
+
+    arun(main())
+
+
+def test_a_full_pool_says_who_holds_it_and_which_call_timed_out(arun: Run) -> None:
+    async def main() -> None:
+        a, b = udskit.aio.pair(shared_memory=2 * MIB)
+        async with a, b:
+            a.settimeout(0)
+            await a.send(data(MIB))
+            loan = await a.loan(MIB)  # the pool is full: half at the receiver, half with us
+            with pytest.raises(Timeout, match=rf"holds {MIB} bytes unreleased, and {MIB} b"):
+                await a.loan(MIB)
+            with pytest.raises(Timeout, match=r"in loans of ours not sent yet\); send timed out"):
+                await a.send(data(MIB))
+            loan.release()
+            assert await b.recv() == data(MIB)
 
     arun(main())
 
@@ -298,6 +359,56 @@ def test_forged_records_close_the_channel(
                 await victim.send(b"x")
             with pytest.raises(ConnectionClosed, match="protocol error"):
                 await victim.loan(MIB)
+        forger.close()
+
+    arun(main())
+
+
+def test_a_record_over_the_limit_closes_the_channel(arun: Run) -> None:
+    async def main() -> None:
+        victim, forger = udskit.aio.pair(shared_memory=True)
+        async with victim:
+            forger.socket.setblocking(True)
+            forger.socket.sendall((CONTROL_BIT | 300).to_bytes(4, "big") + bytes(300))
+            with pytest.raises(ProtocolError, match=r"record of 0 bytes, or over the limit"):
+                await victim.recv()
+            with pytest.raises(ConnectionClosed, match="protocol error"):
+                await victim.send(b"x")
+        forger.close()
+
+    arun(main())
+
+
+@pytest.mark.parametrize("call", ["recv", "recv_view", "recv_many"])
+def test_messages_in_the_pool_queued_before_a_bad_record_give_way_to_its_error(
+    arun: Run, call: str
+) -> None:
+    """The reader takes in everything that arrived: two slots, then a bad record, which
+    closes the pools. The slots' messages went with them: the receiver meets the
+    protocol error, not a closed pool; a message that came through the socket first is
+    still received."""
+
+    async def main() -> None:
+        maps = pool_mappings("")
+        victim, forger = udskit.aio.pair(shared_memory=True)
+        async with victim:
+            raw = forger.socket
+            raw.setblocking(True)
+            _attach(raw, _memfd(PAGE * 64), PAGE * 64)
+            raw.sendall(
+                b"\x00\x00\x00\x02hi"
+                + encode_record(SLOT, 0, 100)
+                + encode_record(SLOT, 2 * PAGE, 5)
+                + encode_record(9, 0, 0)
+            )
+            receive = getattr(victim, call)
+            got = await receive()
+            assert (got if call != "recv_many" else got[0]) == b"hi"
+            await turns_until(lambda: victim._read_failed is not None)  # all of it read
+            for _ in range(2):
+                with pytest.raises(ProtocolError, match="kind 9; the channel cannot be used"):
+                    await receive()
+            assert pool_mappings("") == maps  # the forged pool's mapping is gone
         forger.close()
 
     arun(main())

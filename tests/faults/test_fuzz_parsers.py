@@ -136,9 +136,15 @@ def test_records_are_decoded_whole_or_refused(data: bytes) -> None:
 
 
 def test_a_huge_announced_record_is_refused_before_buffering() -> None:
+    # Handed on at once with an empty body, which decode_record refuses (the channel then
+    # closes, as for any bad record); nothing after it is decoded.
     decoder = LengthPrefixed(1024, records=True)
     decoder.receive_data(struct.pack(">I", CONTROL_BIT | 0x7FFF_FFFF))
+    record = decoder.next_message()
+    assert isinstance(record, Control)
     with pytest.raises(ProtocolError):
+        decode_record(record.body)
+    with pytest.raises(ProtocolError, match="record of 2147483647 bytes"):
         decoder.next_message()
 
 

@@ -7,6 +7,7 @@ with hand-made records and descriptors.
 from __future__ import annotations
 
 import array
+import contextlib
 import fcntl
 import gc
 import os
@@ -16,7 +17,9 @@ import socket
 import subprocess
 import sys
 import threading
+import types
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,7 +27,7 @@ import pytest
 
 import udskit
 from udskit import Channel, ConnectionClosed, FrameTooLarge, ProtocolError, Timeout
-from udskit.channel import ARRIVED_MAX
+from udskit.channel import ARRIVED_MAX, POOL_WAIT
 from udskit.freshbytes import FRESH_MIN
 from udskit.proto.shm import (
     ATTACH,
@@ -173,6 +176,88 @@ def test_loan_is_sent_without_a_copy_and_is_then_gone(shm_pair: tuple[Channel, C
         assert view[-4:] == b"tail"
 
 
+def test_a_loan_sent_twice_or_a_strided_buffer_is_refused_in_the_words_of_the_api(
+    shm_pair: tuple[Channel, Channel],
+) -> None:
+    a, b = shm_pair
+    loan = a.loan(BIG)
+    loan[:] = data(BIG)
+    a.send(loan)
+    for send in (a.send, lambda m: a.send_many([m])):
+        with pytest.raises(ValueError, match=r"^send: this memoryview was released .* new loan"):
+            send(loan)  # the first send released it
+        with pytest.raises(TypeError, match=r"^send: a message is one contiguous block"):
+            send(memoryview(bytes(2 * SHARED_THRESHOLD))[::2])
+    a.send(b"after")  # nothing went, and the channel is whole
+    assert b.recv() == data(BIG)
+    assert b.recv() == b"after"
+
+
+def test_a_loan_whose_send_fails_is_given_up_and_one_from_another_channel_is_copied(
+    clean: None,
+) -> None:
+    a, b = udskit.pair(shared_memory=2 * BIG)
+    c, d = udskit.pair(shared_memory=2 * BIG)
+    with a, b, c, d:
+        other = c.loan(BIG)
+        other[:] = data(BIG, 1)
+        a.send(other)  # not a's loan: copied into a's pool
+        assert b.recv() == data(BIG, 1)
+        assert bytes(other[:4]) == data(BIG, 1)[:4]  # still c's, still lent
+        assert c.pool_in_use == BIG
+        other.release()
+        assert c.pool_in_use == 0
+        a.settimeout(0)
+        sent = 0
+        while sent < 100_000:  # bounded: a socket buffer holds far less
+            try:
+                a.send(bytes(1000))
+            except Timeout:
+                break
+            sent += 1
+        assert sent < 100_000
+        loan = a.loan(BIG)
+        loan[:] = data(BIG, 2)
+        with pytest.raises(Timeout, match="would block"):
+            a.send(loan)  # the socket is full: the slot cannot go
+        with pytest.raises(ValueError, match="released"):
+            len(loan)  # given up
+        assert a.pool_in_use == 0
+        for _ in range(sent):
+            assert b.recv() == bytes(1000)
+        a.settimeout(WAIT)
+        a.send(data(BIG, 3))
+        assert b.recv() == data(BIG, 3)
+
+
+def test_a_bad_record_read_while_a_loan_is_being_sent(
+    clean: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another thread reads a bad record, and closes the pools, while send(loan) hands the
+    loan over: the send says the channel closed after a protocol error."""
+    victim, peer = udskit.pair(shared_memory=True)
+    with victim, peer:
+        loan = victim.loan(BIG)
+        moves = [lambda: victim._shared_failed(ProtocolError("injected bad record"))]
+
+        def move() -> None:
+            with contextlib.suppress(ProtocolError):  # the reader's to raise
+                moves.pop()()
+
+        def ref(target: object, *callback: object) -> object:
+            if moves:  # in a thread of its own, as a reader: its error's frames are its own
+                reader = threading.Thread(target=move)
+                reader.start()
+                reader.join(WAIT)
+            return weakref.ref(target, *callback)  # type: ignore[arg-type]
+
+        shim = types.SimpleNamespace(ref=ref, finalize=weakref.finalize)
+        monkeypatch.setattr("udskit.shm.weakref", shim)  # hand_over's look at the loan
+        with pytest.raises(ConnectionClosed, match="protocol error: injected bad record"):
+            victim.send(loan)
+        assert not moves
+
+
 def test_a_loan_still_referenced_is_not_sent(shm_pair: tuple[Channel, Channel]) -> None:
     a, b = shm_pair
     loan = a.loan(BIG)
@@ -275,6 +360,48 @@ def test_messages_above_the_pool_or_max_frame(clean: None) -> None:
         assert b.recv() == message
         with pytest.raises(FrameTooLarge):
             a.send(bytes(2 * MIB + 1))
+
+
+def test_send_many_on_a_stream_takes_loans_and_large_messages_through_the_pool(
+    clean: None,
+) -> None:
+    # A pool of two messages: loans that send_many() copied through the socket instead of
+    # handing them over would stay lent, and the third round could not take a loan.
+    a, b = udskit.pair(shared_memory=2 * BIG)
+    with a, b:
+        a.settimeout(WAIT)
+        for seed in range(3):
+            loan = a.loan(BIG)
+            loan[:] = data(BIG, seed)
+            a.send_many([b"small", loan, data(BIG, seed + 1), b"last"])
+            assert a.pool_in_use == 2 * BIG  # both went through the pool
+            with pytest.raises(ValueError, match="released"):
+                len(loan)  # handed over, as by send()
+            assert b.recv() == b"small"
+            with b.recv_view() as view:
+                assert view == data(BIG, seed)
+            assert b.recv() == data(BIG, seed + 1)
+            assert b.recv() == b"last"
+
+
+@pytest.mark.parametrize("kind", ["stream", "seqpacket"])
+def test_a_loan_taken_inside_send_many_is_refused_not_waited_for(clean: None, kind: str) -> None:
+    a, b = udskit.pair(shared_memory=True, type=kind)  # type: ignore[call-overload]
+    with a, b:
+        a.settimeout(WAIT)
+
+        def frames() -> Iterator[memoryview]:
+            loan = a.loan(BIG)  # send_many holds a's sending side: it waited for ever
+            loan[:] = data(BIG)
+            yield loan
+
+        with pytest.raises(RuntimeError, match=r"^loan\(\) inside the messages that send_many"):
+            a.send_many(frames())
+        loans = [a.loan(BIG) for _ in range(2)]  # taken first: the way to do it
+        for seed, loan in enumerate(loans):
+            loan[:] = data(BIG, seed)
+        a.send_many(loans)
+        assert [b.recv() for _ in loans] == [data(BIG, 0), data(BIG, 1)]
 
 
 def test_recv_many_and_iteration_deliver_in_order(shm_pair: tuple[Channel, Channel]) -> None:
@@ -415,6 +542,48 @@ def test_a_loan_given_up_wakes_a_sender_waiting_for_room(clean: None) -> None:
         assert not sender.is_alive()
         assert not errors
         assert b.recv() == data(SMALL_POOL, 5)
+
+
+def test_a_sender_waiting_for_room_lets_another_thread_send_its_loan(clean: None) -> None:
+    """The pool is full of loans two threads hold; a third thread's send waits for room,
+    which comes only once a loan is sent and released. The waiting send must not keep the
+    others from sending (it held the write lock, and all three waited on each other)."""
+    a, b = udskit.pair(shared_memory=2 * BIG)
+    with a, b:
+        a.settimeout(5.0)  # bounds the failure: the waiting send timed out
+        first, second = a.loan(BIG), a.loan(BIG)
+        first[:] = data(BIG, 1)
+        second[:] = data(BIG, 2)
+        sender, errors = sending(a, data(BIG, 3))
+        until(lambda: waits_in(sender, "_lend"))  # it waits for room
+        a.send(first)
+        assert b.recv() == data(BIG, 1)  # released: room for the waiting send
+        sender.join(WAIT)
+        assert not sender.is_alive()
+        assert not errors
+        a.send(second)
+        assert {b.recv(), b.recv()} == {data(BIG, 2), data(BIG, 3)}
+
+
+def test_senders_waiting_for_room_together_each_get_it(clean: None) -> None:
+    """Two senders wait for room at once, looking for loans given up (a poll each time):
+    each with a poll of its own (one shared poll object refuses a second caller, and the
+    error broke the channel's reading)."""
+    a, b = udskit.pair(shared_memory=2 * BIG)
+    with a, b:
+        a.settimeout(WAIT)
+        loans = [a.loan(BIG), a.loan(BIG)]
+        senders = [sending(a, data(BIG, seed)) for seed in range(2)]
+        until(lambda: all(waits_in(sender, "_lend") for sender, _ in senders))
+        for _ in range(20):  # both look, many times
+            threading.Event().wait(POOL_WAIT)
+        for loan in loans:
+            loan.release()
+        for sender, errors in senders:
+            sender.join(WAIT)
+            assert not sender.is_alive()
+            assert not errors
+        assert {b.recv(), b.recv()} == {data(BIG, 0), data(BIG, 1)}
 
 
 def test_a_view_released_during_another_threads_send_is_released_after_it(
@@ -570,6 +739,33 @@ def test_a_release_behind_a_message_reaches_a_sender_holding_a_loan(clean: None)
         loan.release()
 
 
+def test_a_slot_the_full_socket_refuses_after_the_pool_went_leaves_the_channel_whole(
+    clean: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first large message sends ATTACH, then SLOT. If the socket takes ATTACH and then
+    has no room for SLOT (timeout 0), the stream is at a record boundary: nothing of the
+    message went, so the send says so and the channel stays usable (it was broken)."""
+    a, b = udskit.pair(shared_memory=True)
+    with a, b:
+        a.settimeout(0)
+        real_send = socket.socket.send
+        refused: list[bytes] = []
+
+        def send(sock: socket.socket, data: bytes, *flags: int) -> int:
+            if sock is a.socket and not refused and len(data) == len(encode_record(SLOT, 0, 1)):
+                refused.append(bytes(data))
+                raise BlockingIOError(11, "injected: the socket is full")
+            return real_send(sock, data, *flags)
+
+        monkeypatch.setattr(socket.socket, "send", send)
+        with pytest.raises(Timeout, match="would block"):
+            a.send(data(BIG, 1))
+        assert refused
+        assert a.pool_in_use == 0  # the slot is ours again
+        a.send(data(BIG, 2))  # the pool is not sent again
+        assert b.recv() == data(BIG, 2)
+
+
 def test_a_receiver_that_never_releases_gets_backpressure_not_growth(clean: None) -> None:
     a, b = udskit.pair(shared_memory=2 * MIB)
     with a, b:
@@ -589,6 +785,27 @@ def test_a_receiver_that_never_releases_gets_backpressure_not_growth(clean: None
         assert not sender.is_alive()
         assert b.recv() == data(BIG, 9)
         held.pop().release()
+
+
+def test_a_full_pool_says_who_holds_it_and_which_call_timed_out(clean: None) -> None:
+    a, b = udskit.pair(shared_memory=2 * MIB)
+    with a, b:
+        a.settimeout(0)
+        a.send(data(BIG))
+        loan = a.loan(BIG)  # the pool is full: half at the receiver, half with us
+        with pytest.raises(Timeout) as caught:
+            a.loan(BIG)
+        assert str(caught.value) == (
+            "stream channel: the shared-memory pool stayed full for 0 s (the receiver holds "
+            f"{BIG} bytes unreleased, and {BIG} bytes are in loans of ours not sent yet); "
+            "loan timed out"
+        )
+        assert b.recv() == data(BIG)  # its release is read by the next send, at once
+        a.send(data(BIG, 1))
+        with pytest.raises(Timeout, match=rf"holds {BIG} bytes unreleased, and {BIG} .*; send t"):
+            a.send(data(BIG, 2))
+        loan.release()
+        assert b.recv() == data(BIG, 1)
 
 
 @pytest.mark.parametrize("kind", ["stream", "seqpacket"])
@@ -862,6 +1079,18 @@ def test_forged_records_close_the_channel(
         _expect_closed_by(victim, match)
 
 
+@pytest.mark.parametrize("size", [0, 5, 300, 0x7FFF_FFFF], ids=["empty", "short", "long", "2-GiB"])
+def test_a_record_of_the_wrong_size_closes_the_channel(clean: None, size: int) -> None:
+    maps = pool_mappings()
+    victim, forger = udskit.pair(shared_memory=True)
+    with victim, forger:
+        forger.send(data(BIG))  # the forger's pool, mapped by both
+        forger.socket.sendall((CONTROL_BIT | size).to_bytes(4, "big") + bytes(min(size, 300)))
+        assert victim.recv() == data(BIG)
+        _expect_closed_by(victim, rf"record of {size if 0 < size <= 256 else 0} bytes")
+        assert pool_mappings() == maps + 1  # the victim's mapping is gone, the forger's not
+
+
 def test_a_slot_over_one_still_held_closes_the_channel(clean: None) -> None:
     """The first message is whole and is received; the next slot, laid over it while the
     receiver still holds it, closes the channel."""
@@ -881,6 +1110,13 @@ def _pipe_end() -> int:
     return read
 
 
+def _tmpfs_file(size: int) -> int:
+    """A shmem file that is not a memfd (O_TMPFILE in /dev/shm): it carries no seals."""
+    fd = os.open("/dev/shm", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    os.ftruncate(fd, size)
+    return fd
+
+
 @pytest.mark.parametrize(
     ("make", "match"),
     [
@@ -888,9 +1124,23 @@ def _pipe_end() -> int:
         (lambda: _memfd(PAGE * 16, seals=fcntl.F_SEAL_GROW), "not sealed"),
         (lambda: os.open("/proc/self/exe", os.O_RDONLY | os.O_CLOEXEC), "not a memfd"),
         (_pipe_end, "not a memfd"),
+        (lambda: socket.socket(socket.AF_UNIX).detach(), "not a memfd"),
+        (lambda: os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), "not a memfd"),
+        (lambda: os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC), "not a memfd"),
+        (lambda: _tmpfs_file(PAGE * 16), "not sealed"),
         (lambda: _memfd(PAGE * 8), "not the"),
     ],
-    ids=["unsealed", "shrinkable", "regular-file", "pipe", "wrong-size"],
+    ids=[
+        "unsealed",
+        "shrinkable",
+        "regular-file",
+        "pipe",
+        "socket",
+        "directory",
+        "device",
+        "tmpfs-file",
+        "wrong-size",
+    ],
 )
 def test_bad_pool_descriptors_are_refused(clean: None, make: Callable[[], int], match: str) -> None:
     victim, forger = udskit.pair(shared_memory=True)
@@ -995,6 +1245,37 @@ def test_fork_after_setup(clean: None, kind: str) -> None:
                 assert view == data(BIG, seed)[::-1]
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("kind", ["stream", "seqpacket"])
+def test_a_child_closing_its_copy_leaves_a_parent_thread_blocked_in_recv_working(
+    clean: None, kind: str
+) -> None:
+    a, b = udskit.pair(shared_memory=True, type=kind)  # type: ignore[call-overload]
+    with a, b:
+        a.send(data(BIG, 1))  # both pools in place before the fork
+        assert b.recv() == data(BIG, 1)
+        got: list[object] = []
+        reader = threading.Thread(target=lambda: got.append(b.recv()), daemon=True)
+        reader.start()
+        for _ in range(10_000):  # bounded: until the reader holds the read lock
+            if b._rlock.locked():
+                break
+            threading.Event().wait(0.001)
+        pid = os.fork()
+        if pid == 0:  # the child's copies of the parent's locks are held: not by it
+            status = 1
+            try:
+                b.close()
+                a.close()
+                status = 0
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        a.send(data(BIG, 2))
+        reader.join(WAIT)
+        assert got == [data(BIG, 2)]
 
 
 _CHILD = """

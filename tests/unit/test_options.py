@@ -215,6 +215,18 @@ def test_a_message_that_is_not_contiguous_is_refused_before_sending(data: object
         assert theirs.recv() == b"next"
 
 
+def test_a_released_memoryview_is_refused_before_sending() -> None:
+    released = memoryview(bytearray(8))
+    released.release()
+    ours, theirs = udskit.pair()
+    with ours, theirs:
+        for send in (ours.send, lambda m: ours.send_many([m])):
+            with pytest.raises(ValueError, match=r"^send\S*: this memoryview was released"):
+                send(released)
+        ours.send(b"next")  # nothing went out, and the channel is whole
+        assert theirs.recv() == b"next"
+
+
 def test_check_message_tells_to_encode_text() -> None:
     with pytest.raises(TypeError) as info:
         check_message("hello", "send_fds")

@@ -77,7 +77,8 @@ def test_framing_hands_records_out_only_when_asked() -> None:
 
 def test_framing_takes_a_read_of_exactly_one_record_whole() -> None:
     """The usual case, a read holding one record and nothing else, between messages and
-    with nothing buffered; a record over the limit is refused the same way in one read."""
+    with nothing buffered. A record over the limit is not waited for: it comes as an empty
+    body, which decode_record refuses (the channel closes), and nothing after it is decoded."""
     framing = LengthPrefixed(1024, records=True)
     for record in (encode_record(SLOT, 4096, 1), encode_record(RELEASE, 4096)):
         got = framing.feed(record)
@@ -86,8 +87,12 @@ def test_framing_takes_a_read_of_exactly_one_record_whole() -> None:
         assert framing.buffered == 0
         assert framing.feed(b"\x00\x00\x00\x02hi") == b"hi"
     huge = (CONTROL_BIT | 300).to_bytes(4, "big") + bytes(300)
+    got = framing.feed(huge[:10])  # not waited for
+    assert isinstance(got, Control)
+    with pytest.raises(ProtocolError, match=r"record of 0 bytes, or over the limit \(expected"):
+        decode_record(got.body)
     with pytest.raises(ProtocolError, match="record of 300 bytes"):
-        framing.feed(huge)
+        framing.feed(huge[10:])
 
 
 @given(st.integers(min_value=1, max_value=4 + RECORD_SIZE - 1))
@@ -102,8 +107,11 @@ def test_framing_waits_for_a_whole_record(cut: int) -> None:
 
 def test_framing_refuses_a_huge_record_and_a_cut_one() -> None:
     framing = LengthPrefixed(1024, records=True)
-    with pytest.raises(ProtocolError, match="record"):
-        framing.feed((CONTROL_BIT | 100_000).to_bytes(4, "big"))
+    got = framing.feed((CONTROL_BIT | 100_000).to_bytes(4, "big"))  # a body no record has
+    assert isinstance(got, Control)
+    assert got.body == b""
+    with pytest.raises(ProtocolError, match="record of 100000 bytes"):
+        framing.next_message()  # nothing after it is decoded
     cut = LengthPrefixed(1024, records=True)
     cut.feed(encode_record(SLOT, 0, 1)[:10])
     with pytest.raises(ConnectionClosed, match="mid-message"):

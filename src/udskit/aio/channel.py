@@ -39,9 +39,9 @@ from ..channel import (
     write_shut,
 )
 from ..creds import PeerCred
-from ..errors import ConnectionClosed, FrameTooLarge, ProtocolError, Timeout, UdsError
+from ..errors import ConnectionClosed, FrameTooLarge, ProtocolError, UdsError
 from ..freshbytes import FRESH_MIN, fresh
-from ..options import base_type, check_timeout, max_frame_for, type_name
+from ..options import base_type, check_message, check_timeout, max_frame_for, type_name
 from ..proto import CLOSED, Control, Framing, LengthPrefixed, make_framing
 from ..proto.shm import (
     ATTACH,
@@ -937,7 +937,7 @@ class Channel(Sending, ChannelFacts):
         if shm is None or size < SHARED_THRESHOLD or not shm.usable_for(size):
             return memoryview(bytearray(size))
         shm.ensure_pool()
-        offset = await self._lend(size)
+        offset = await self._lend(size, "loan")
         return shm.loan(offset, size)
 
     async def _send_shared(self, data: Buffer) -> None:
@@ -945,7 +945,11 @@ class Channel(Sending, ChannelFacts):
         assert shm is not None
         offset = shm.loaned(data)
         if offset is None:
-            view = data if type(data) is bytes else memoryview(data).cast("B")
+            try:
+                view = data if type(data) is bytes else memoryview(data).cast("B")
+            except (TypeError, ValueError):
+                check_message(data, "send")
+                raise
             size = len(view)
             if not shm.ready:
                 self._look_for_offer()
@@ -1032,7 +1036,7 @@ class Channel(Sending, ChannelFacts):
         if fd >= 0:
             shm.pool_sent()
 
-    async def _lend(self, size: int) -> int:
+    async def _lend(self, size: int, call: str = "send") -> int:
         """A free extent of ``size`` bytes in our pool, waiting (within the timeout) while
         it is full: backpressure, never growth. Releases come in through the reader
         callback, started here if no task is receiving."""
@@ -1063,10 +1067,7 @@ class Channel(Sending, ChannelFacts):
                 await self._space.wait(loop, POOL_WAIT)
                 continue
             if (left is not None and left <= 0) or await self._space.wait(loop, left) is EXPIRED:
-                raise Timeout(
-                    f"{self._where()}: the shared-memory pool stayed full for {self._timeout} s "
-                    f"(the receiver holds {shm.in_use} bytes unreleased); send timed out"
-                )
+                raise shm.stayed_full(self._where(), self._timeout, call)
 
     def _look_for_offer(self) -> None:
         """A client that opted in, about to send a large message, has not yet seen whether
@@ -1168,6 +1169,12 @@ class Channel(Sending, ChannelFacts):
         let the peer see the end; the error every recv() raises from now on."""
         assert self._shm is not None
         self._shm.close()
+        # Messages queued in the peer's pool went with it: recv() raises this error in their
+        # place, as the blocking Channel does for those it read ahead (messages that came
+        # through the socket are still received first). In place: readers hold the deque.
+        kept = [item for item in self._ready if type(item) is not Lease]
+        self._ready.clear()
+        self._ready.extend(kept)
         self._fail_write(ConnectionClosed(f"{self._where()}: closed after a protocol error: {exc}"))
         try:
             self._sock.shutdown(socket.SHUT_RDWR)

@@ -151,14 +151,14 @@ class Sending:
             self._check_open()
         try:
             small = len(data) <= JOIN_LIMIT
-        except TypeError:  # None, an int: say what a message is, as the blocking API does
+        except (TypeError, ValueError):  # None, an int, a released view: say what it is
             check_message(data, "send")
             raise
         if not self._out and self._write_error is None and small:
             # The common case, inline: one small frame, nothing queued ahead of it.
             try:
                 joined = framing.frame(data)
-            except TypeError:
+            except (TypeError, ValueError):
                 check_message(data, "send")
                 raise
             self._in_write = True
@@ -224,6 +224,7 @@ class Sending:
 
         On a stream the frames are joined into blocks of about 256 KiB, hundreds of small
         messages per write; seqpacket and datagram sockets take one system call per message.
+        With shared memory a large message (or a loan) goes through the pool, as with send().
         """
         framing = self._framing
         if framing is None:
@@ -236,15 +237,21 @@ class Sending:
         self._check_open()
         parts: list[Buffer] = []
         for message in messages:
+            if self._shm is not None and large(message):
+                if parts:  # the frames before it go first, in order
+                    self._write(coalesce(parts), [])
+                    parts = []
+                await self._send_shared(message)
+                continue
             try:
                 small = len(message) <= JOIN_LIMIT
-            except TypeError:  # send_many(b"...") iterates ints: say what a message is
+            except (TypeError, ValueError):  # send_many(b"...") iterates ints: say what it is
                 check_message(message, "send_many")
                 raise
             if small:
                 try:
                     parts.append(framing.frame(message))
-                except TypeError:
+                except (TypeError, ValueError):
                     check_message(message, "send_many")
                     raise
             else:
@@ -481,7 +488,7 @@ def large(data: object) -> bool:
         return len(data) >= SHARED_THRESHOLD
     try:
         return memoryview(data).nbytes >= SHARED_THRESHOLD  # type: ignore[arg-type]
-    except TypeError:
+    except (TypeError, ValueError):
         return False
 
 

@@ -367,7 +367,10 @@ class LengthPrefixed(Decoder):
     def _record(self, size: int, available: int) -> Control | NeedData | Closed:
         """A record (header top bit set) of ``size`` body bytes: whole, or wait for it."""
         if size > _MAX_RECORD:
-            raise ProtocolError(f"peer announced a shared-memory record of {size} bytes")
+            # Not waited for: an empty body, which no record has, so that the channel refuses
+            # it as it refuses any bad record (and closes); nothing after it is decoded.
+            self._error = ProtocolError(f"peer announced a shared-memory record of {size} bytes")
+            return Control(b"")
         if available - HEADER.size < size:
             return self._end(HEADER.size + size) if self._eof else NEED_DATA
         start = self._pos + HEADER.size

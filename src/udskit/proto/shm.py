@@ -142,9 +142,10 @@ def encode_packet(records: list[tuple[int, int, int]]) -> bytes:
 def decode_record(body: bytes) -> Record:
     """A record's body (without its header), checked: ProtocolError if it is not one."""
     if len(body) != RECORD_SIZE:
+        size = f"{len(body)} bytes" if body else "0 bytes, or over the limit"
         raise ProtocolError(
-            f"shared-memory record of {len(body)} bytes (expected {RECORD_SIZE}): the peer "
-            "does not speak this protocol"
+            f"shared-memory record of {size} (expected {RECORD_SIZE}): the peer does not speak "
+            "this protocol"
         )
     record = Record._make(_BODY.unpack(body))
     if record.kind not in _KINDS:
