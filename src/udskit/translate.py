@@ -184,8 +184,8 @@ def explain_connect(code: int | None, address: Address, tried: int | None = None
         return f"{head}: {os.strerror(code or 0).lower()}"
     path = address.path
     if code in (errno.ENOENT, errno.ENOTDIR):
-        missing = _first_missing(address.raw)
-        if missing is not None and os.fsencode(missing) != address.raw.rstrip(b"/"):
+        missing = _first_missing(address.raw)  # absolute, so the path's is made so too
+        if missing is not None and os.fsencode(missing) != os.path.abspath(address.raw):
             directory = os.path.dirname(address.raw) or b"."
             return f"{head}: {unreachable_directory(directory, create=False)}"
         try:

@@ -63,6 +63,19 @@ def test_nothing_at_the_path(sockdir: Path) -> None:
     assert error.errno == errno.ENOENT
 
 
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+@pytest.mark.parametrize("name", ["absent.sock", "./absent.sock"])
+def test_nothing_at_a_relative_path(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch, kind: str, name: str
+) -> None:
+    # it read "directory DIR was not there; try again" of the current directory
+    monkeypatch.chdir(sockdir)
+    error = _connect_error(name, type=kind)
+    assert str(error) == (
+        f"cannot connect to {name}: no such file; is the server running, and is the path right?"
+    )
+
+
 def test_missing_directory(sockdir: Path) -> None:
     error = _connect_error(sockdir / "gone" / "deeper" / "app.sock")
     assert f"directory {sockdir / 'gone'} does not exist" in str(error)
