@@ -14,8 +14,16 @@ import pytest
 from udskit.bench.contenders.registry import names
 from udskit.bench.results import validate
 from udskit.cli import main
+from udskit.cli.cmd_bench import _selected
 
 ROOT = Path(__file__).resolve().parents[2]
+
+#: The note of a run of large messages whose --only leaves their reference out.
+MISSING_C_1MIB = (
+    "c-1mib is not in --only: the large messages' ratios are relative to it, so that table "
+    "has none; add it to --only for them"
+)
+
 
 #: A run small enough for a test: few messages, few clients, a few contenders.
 TINY = ["--quick", "--messages", "2000", "--clients", "3,5"]
@@ -66,7 +74,10 @@ def test_a_tiny_run_prints_the_table_and_writes_json_and_png(tmp_path: Path, com
     ):
         assert heading in out
     assert "pinning: " in out
-    assert "stdlib was added to --only: every ratio is relative to it" in out
+    assert (
+        "stdlib was added to --only: every ratio but the large messages' is relative to it" in out
+    )
+    assert MISSING_C_1MIB in out
     rows = [line.split()[0] for line in out.splitlines() if line[:1].isalpha()]
     assert {"stdlib", "udskit", "c"} <= set(rows)
     assert "1.00x" in out  # the baseline against itself
@@ -106,6 +117,51 @@ def test_tests_runs_only_those_and_the_report_shows_only_their_tables(tmp_path: 
     validate(document)
     assert [o["figure"] for o in document["outcomes"]] == ["many_3", "many_5"]
     assert all(o["server_memory"]["clients"] == o["param"] for o in document["outcomes"])
+
+
+def test_a_run_of_large_messages_alone_names_their_reference(tmp_path: Path) -> None:
+    # It said "ratios (x) are to stdlib" and "stdlib was added to --only: every ratio is
+    # relative to it", of a table whose ratios are to c-1mib, which did not run: no ratios.
+    out = tmp_path / "large.json"
+    args = ("--quick", "--messages", "20", "--tests", "large", "--json", str(out))
+    done = _bench(*args, "--only", "udskit-shm-copy")
+    assert done.returncode == 0, done.stderr
+    heading = done.stdout.split("\n\n")[0].splitlines()
+    assert heading[2:] == [
+        "ratios (x) are to c-1mib; MB/s are payload megabytes (10^6 bytes) per second",
+        MISSING_C_1MIB,
+    ]
+    assert "stdlib" not in done.stdout  # it has no large messages to measure
+    document = json.loads(out.read_text(encoding="utf-8"))
+    assert [c["name"] for c in document["contenders"]] == ["udskit-shm-copy"]
+
+
+@pytest.mark.parametrize(
+    ("only", "tests", "chosen", "notes"),
+    [
+        (
+            "udskit",
+            ("rtt",),
+            ["stdlib", "udskit"],
+            ["stdlib was added to --only: every ratio is relative to it"],
+        ),
+        (
+            "udskit,udskit-shm-view",
+            ("rtt", "large"),
+            ["stdlib", "udskit", "udskit-shm-view"],
+            [
+                "stdlib was added to --only: every ratio but the large messages' is relative to it",
+                MISSING_C_1MIB,
+            ],
+        ),
+        ("mp-shm,c-1mib", ("large",), ["c-1mib", "mp-shm"], []),
+        ("stdlib,c-1mib", ("rtt", "stream", "large", "many"), ["stdlib", "c-1mib"], []),
+    ],
+)
+def test_only_adds_the_baseline_and_notes_a_missing_reference(
+    only: str, tests: tuple[str, ...], chosen: list[str], notes: list[str]
+) -> None:
+    assert _selected(only, tests) == (chosen, notes)
 
 
 def test_missing_extras_are_named_in_one_line_and_the_run_goes_on() -> None:

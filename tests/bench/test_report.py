@@ -123,6 +123,23 @@ def test_metrics_and_ratios_come_from_ok_outcomes_only() -> None:
     assert metric_ratio(run, stream, "msgs_per_s", against="pipe") == pytest.approx(0.75)
 
 
+@pytest.mark.parametrize(
+    ("tests", "ratios"),
+    [
+        (("rtt", "stream", "many"), "ratios (x) are to stdlib;"),
+        (("rtt", "large"), "ratios (x) are to stdlib, of large messages to c-1mib;"),
+        (("large",), "ratios (x) are to c-1mib;"),
+    ],
+)
+def test_the_heading_names_the_reference_of_the_tests_run(
+    tests: tuple[str, ...], ratios: str
+) -> None:
+    # It said "ratios (x) are to stdlib" of a run of large messages alone.
+    run = dataclasses.replace(make_run(), plan=PLAN.with_tests(tests))
+    heading = render(run).splitlines()[2]
+    assert heading == f"{ratios} MB/s are payload megabytes (10^6 bytes) per second"
+
+
 def test_render_shows_every_figure_with_its_ratio() -> None:
     text = render(make_run())
     assert "pinning: server pinned to CPU 0, client and load generator to CPU 1" in text

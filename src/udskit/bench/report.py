@@ -247,13 +247,19 @@ def render(run: Run) -> str:
         f"{run.udskit_version}, Python {host.get('python')}, Linux {host.get('kernel')}, "
         f"{host.get('cpu_model')}, {host.get('cpus_allowed')} CPUs"
     )
+    tests = run.plan.tests
+    if "large" not in tests:
+        ratios = f"ratios (x) are to {run.baseline}"
+    elif tests == ("large",):
+        ratios = f"ratios (x) are to {LARGE_REFERENCE}"
+    else:
+        ratios = f"ratios (x) are to {run.baseline}, of large messages to {LARGE_REFERENCE}"
     heading = [
         title,
         f"pinning: {run.pinning.note}",
-        f"ratios (x) are to {run.baseline}; MB/s are payload megabytes (10^6 bytes) per second",
+        f"{ratios}; MB/s are payload megabytes (10^6 bytes) per second",
         *run.notes,
     ]
-    tests = run.plan.tests
     sections = [
         heading,
         _latency_table(run) if "rtt" in tests else [],

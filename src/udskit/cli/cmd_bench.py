@@ -14,7 +14,7 @@ from udskit.bench.host import choose_pinning
 from udskit.bench.output import write_whole
 from udskit.bench.plan import CLIENT_COUNTS, FULL, QUICK, TESTS
 from udskit.bench.plot import draw, plot_problem
-from udskit.bench.report import render
+from udskit.bench.report import LARGE_REFERENCE, render
 from udskit.bench.results import ContenderInfo, to_json
 from udskit.bench.runner import Progress, availability
 from udskit.bench.runner import run as run_bench
@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--only",
         metavar="NAMES",
-        help=f"comma-separated contenders to run ({BASELINE} always runs: ratios are to it)",
+        help=f"comma-separated contenders to run ({BASELINE} runs too: ratios are to it; "
+        f"those of large messages are to {LARGE_REFERENCE}, which runs only if named)",
     )
     parser.add_argument(
         "--messages",
@@ -73,7 +74,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    selected = _selected(args.only)
     plan = QUICK if args.quick else FULL
     if args.messages is not None:
         plan = plan.capped(args.messages)
@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
             plan = plan.with_tests(wanted)
         except ValueError as exc:
             raise UsageError(f"--tests: {exc}") from None
+    selected, notes = _selected(args.only, plan.tests)
     if args.list:
         _print_list(availability(ALL))
         return EXIT_OK
@@ -102,9 +103,6 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
     contenders = [get(name) for name in selected]
-    notes = []
-    if args.only and BASELINE not in args.only.split(","):
-        notes.append(f"{BASELINE} was added to --only: every ratio is relative to it")
     pinning = choose_pinning()
     _say(f"{plan.name} run; {pinning.note}")
     if any(get(name).native for name in selected):
@@ -128,9 +126,12 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _selected(only: str | None) -> list[str]:
+def _selected(only: str | None, tests: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """The contenders to run, in the table's order, and what the report notes of --only:
+    the baseline added (unless only large messages run: they have another reference), and
+    the large messages' reference when it is missing (the table then has no ratios)."""
     if only is None:
-        return names()
+        return names(), []
     wanted = [name.strip() for name in only.split(",") if name.strip()]
     if not wanted:
         raise UsageError("--only needs at least one contender name")
@@ -140,8 +141,19 @@ def _selected(only: str | None) -> list[str]:
             f"unknown contender {', '.join(map(repr, unknown))} in --only; "
             f"choose from: {', '.join(names())}"
         )
+    notes = []
+    baseline = tests != ("large",)
+    if baseline and BASELINE not in wanted:
+        but = " but the large messages'" if "large" in tests else ""
+        notes.append(f"{BASELINE} was added to --only: every ratio{but} is relative to it")
+    if "large" in tests and LARGE_REFERENCE not in wanted:
+        notes.append(
+            f"{LARGE_REFERENCE} is not in --only: the large messages' ratios are relative to "
+            "it, so that table has none; add it to --only for them"
+        )
     # The table's order, with the baseline first whatever --only said.
-    return [name for name in names() if name in wanted or name == BASELINE]
+    chosen = [name for name in names() if name in wanted or (baseline and name == BASELINE)]
+    return chosen, notes
 
 
 def _client_counts(text: str) -> tuple[int, ...]:
