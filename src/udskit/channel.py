@@ -1729,7 +1729,9 @@ class Channel(ChannelFacts):
             raise ProtocolError("cannot hand over a channel that holds received, unread data")
         if self._shm is not None:
             raise ProtocolError(
-                "cannot hand over a channel with shared_memory: its pools belong to this process"
+                "cannot hand over a channel with shared_memory: its pools belong to this "
+                "process; make the channels before os.fork() (multiprocessing's 'fork' start "
+                "method), or open the channel in the process that uses it (listen/connect there)"
             )
         framing = "length" if self._framing is None else self._framing.name
         return (

@@ -1410,8 +1410,14 @@ def test_message_servers_refuse_shared_memory(sockdir: Path) -> None:
 
 def test_a_channel_with_shared_memory_cannot_be_pickled(shm_pair: tuple[Channel, Channel]) -> None:
     a, _ = shm_pair
-    with pytest.raises(ProtocolError, match="pools belong to this process"):
+    with pytest.raises(ProtocolError) as caught:
         pickle.dumps(a)
+    # It said what failed, not what to do instead.
+    assert str(caught.value) == (
+        "cannot hand over a channel with shared_memory: its pools belong to this process; "
+        "make the channels before os.fork() (multiprocessing's 'fork' start method), or open "
+        "the channel in the process that uses it (listen/connect there)"
+    )
 
 
 def test_a_sender_killed_between_its_pool_and_its_message(clean: None) -> None:
