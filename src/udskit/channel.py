@@ -1593,7 +1593,7 @@ class Channel(ChannelFacts):
     def _shared_failed(self, exc: ProtocolError) -> NoReturn:
         """A bad record or pool: the channel is closed for use (every later call raises),
         everything shared is released, and the peer sees the connection end."""
-        error = ProtocolError(
+        error = (FrameTooLarge if isinstance(exc, FrameTooLarge) else ProtocolError)(
             f"{self._where()}: {exc}; the channel cannot be used any more: close it"
         )
         self._unreadable = error

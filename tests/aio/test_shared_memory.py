@@ -17,7 +17,7 @@ import pytest
 
 import udskit
 import udskit.aio
-from udskit import ConnectionClosed, ProtocolError, Timeout
+from udskit import ConnectionClosed, FrameTooLarge, ProtocolError, Timeout
 from udskit.aio.sending import Sending
 from udskit.proto.outbox import Outbox
 from udskit.proto.shm import CONTROL_BIT, PAGE, RELEASE, SHARED_THRESHOLD, SLOT, encode_record
@@ -425,6 +425,33 @@ def test_attach_with_a_pipe_is_refused(arun: Run) -> None:
             with pytest.raises(ProtocolError, match="not a memfd"):
                 await victim.recv()
         forger.close()
+
+    arun(main())
+
+
+@pytest.mark.parametrize("kind", ["stream", "seqpacket"])
+def test_a_pooled_message_over_our_max_frame_says_what_to_raise(
+    arun: Run, sockdir: Path, kind: str
+) -> None:
+    # It read "...; max_frame is 1048576", a ProtocolError: what the socket path calls
+    # FrameTooLarge, without saying what to change.
+    path = sockdir / "s"
+
+    async def main() -> None:
+        async with await udskit.aio.listen(path, type=kind, shared_memory=True) as listener:
+            accepting = asyncio.ensure_future(listener.accept())
+            client = await udskit.aio.connect(path, type=kind, shared_memory=True, max_frame=MIB)
+            async with client, await accepting as server:
+                await server.send(b"greeting")
+                assert await client.recv() == b"greeting"
+                await server.send(data(2 * MIB))  # through the pool: its max_frame is 16 MiB
+                with pytest.raises(FrameTooLarge) as caught:
+                    await client.recv()
+        assert str(caught.value) == (
+            f"{path}: peer announced a shared-memory message of {2 * MIB} bytes, over "
+            f"max_frame ({MIB} bytes): give this end the peer's max_frame; the channel cannot "
+            "be used any more: close it"
+        )
 
     arun(main())
 

@@ -920,6 +920,32 @@ def test_listen_and_connect_agree(sockdir: Path, clean: None, client: bool, serv
         thread.join(WAIT)
 
 
+@pytest.mark.parametrize("kind", ["stream", "seqpacket"])
+def test_a_pooled_message_over_our_max_frame_says_what_to_raise(
+    sockdir: Path, clean: None, kind: str
+) -> None:
+    # It read "...; max_frame is 1048576", a ProtocolError: what the socket path calls
+    # FrameTooLarge, without saying what to change.
+    path = sockdir / "s"
+    with udskit.listen(path, type=kind, shared_memory=True) as listener:  # type: ignore[call-overload]
+        accepted: list[Channel] = []
+        thread = threading.Thread(target=lambda: accepted.append(listener.accept()))
+        thread.start()
+        with udskit.connect(path, type=kind, shared_memory=True, max_frame=BIG) as client:  # type: ignore[call-overload]
+            thread.join(WAIT)
+            with accepted[0] as server:
+                server.send(b"greeting")
+                assert client.recv() == b"greeting"
+                server.send(data(2 * BIG))  # through the pool: the server's max_frame is 16 MiB
+                with pytest.raises(FrameTooLarge) as caught:
+                    client.recv()
+    assert str(caught.value) == (
+        f"{path}: peer announced a shared-memory message of {2 * BIG} bytes, over max_frame "
+        f"({BIG} bytes): give this end the peer's max_frame; the channel cannot be used any "
+        "more: close it"
+    )
+
+
 def test_a_listener_that_did_not_opt_in_sees_only_the_messages(sockdir: Path, clean: None) -> None:
     path = str(sockdir / "plain")
     with socket.socket(socket.AF_UNIX) as server:
@@ -1056,7 +1082,7 @@ def _expect_closed_by(victim: Channel, match: str) -> None:
         ([("attach",), (SLOT, PAGE * 64, 100)], "outside its pool"),
         ([("attach",), (SLOT, 1, 100)], "outside its pool"),
         ([("attach",), (SLOT, 0, 16 * MIB + 1)], "max_frame"),
-        ([("attach",), (SLOT, 0, 0)], "max_frame"),
+        ([("attach",), (SLOT, 0, 0)], "message of 0 bytes"),
         ([("attach",), ("attach",)], "second"),
         ([(RELEASE, 0, 0)], "never sent"),
         ([(OFFER, VERSION, 0)], "only a listener"),

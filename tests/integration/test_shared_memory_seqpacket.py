@@ -290,7 +290,7 @@ def test_a_pool_record_on_a_channel_that_did_not_opt_in() -> None:
         (["attach", _records((SLOT, PAGE * 64, 100))], "outside its pool"),
         (["attach", _records((SLOT, 1, 100))], "outside its pool"),
         (["attach", _records((SLOT, 0, DEFAULT_MAX_FRAME + 1))], "max_frame"),
-        (["attach", _records((SLOT, 0, 0))], "max_frame"),
+        (["attach", _records((SLOT, 0, 0))], "message of 0 bytes"),
         (["attach", _records((SLOT, 0, 100), (SLOT, 0, 100))], "overlaps"),
         (["attach", "attach"], "second"),
         ([_records((RELEASE, 0, 0))], "never sent"),

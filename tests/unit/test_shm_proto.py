@@ -178,9 +178,13 @@ def test_ledger_checks_every_slot() -> None:
     ledger.accept(0, 100)
     with pytest.raises(ProtocolError, match="overlaps"):
         ledger.accept(0, 10)
-    with pytest.raises(ProtocolError, match="max_frame"):
+    with pytest.raises(FrameTooLarge) as over:
         ledger.accept(PAGE, 4 * PAGE + 1)
-    with pytest.raises(ProtocolError, match="max_frame"):
+    assert str(over.value) == (
+        f"peer announced a shared-memory message of {4 * PAGE + 1} bytes, over max_frame "
+        f"({4 * PAGE} bytes): give this end the peer's max_frame"
+    )
+    with pytest.raises(ProtocolError, match="message of 0 bytes"):
         ledger.accept(PAGE, 0)
     with pytest.raises(ProtocolError, match="outside"):
         ledger.accept(15 * PAGE, 2 * PAGE)

@@ -1180,7 +1180,7 @@ class Channel(Sending, ChannelFacts):
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        return ProtocolError(
+        return (FrameTooLarge if isinstance(exc, FrameTooLarge) else ProtocolError)(
             f"{self._where()}: {exc}; the channel cannot be used any more: close it"
         )
 

@@ -31,7 +31,7 @@ import struct
 from bisect import bisect_left
 from typing import Final, NamedTuple
 
-from ..errors import ProtocolError
+from ..errors import FrameTooLarge, ProtocolError
 
 __all__ = [
     "ATTACH",
@@ -280,11 +280,13 @@ class Ledger:
 
     def accept(self, offset: int, length: int) -> None:
         """Check a SLOT and hold it until ``release``."""
-        if not 0 < length <= self.max_frame:
-            raise ProtocolError(
-                f"peer announced a shared-memory message of {length} bytes; max_frame is "
-                f"{self.max_frame}"
+        if length > self.max_frame:
+            raise FrameTooLarge(
+                f"peer announced a shared-memory message of {length} bytes, over max_frame "
+                f"({self.max_frame} bytes): give this end the peer's max_frame"
             )
+        if length <= 0:
+            raise ProtocolError(f"peer announced a shared-memory message of {length} bytes")
         if offset % PAGE or offset + length > self.size:
             raise ProtocolError(
                 f"peer announced a shared-memory slot at offset {offset} with {length} bytes, "
