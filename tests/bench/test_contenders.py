@@ -12,6 +12,7 @@ import pytest
 
 from udskit.bench import runner
 from udskit.bench.contenders.registry import ALL, get, names
+from udskit.bench.contenders.udskit_shm import pool_size
 from udskit.bench.host import choose_pinning
 from udskit.bench.plan import QUICK
 
@@ -68,3 +69,11 @@ def test_large_message_rows_run_only_large_messages_except_the_c_reference(name:
     if name != "c-1mib":
         assert [contender.runs(test) for test in ("rtt", "stream", "many")] == [False] * 3
     assert all(c.skips["large"].startswith("large messages are") for c in ALL if not c.large)
+
+
+@pytest.mark.parametrize("name", ["udskit-shm-copy", "udskit-shm-view", "udskit-shm-loan"])
+def test_each_shared_memory_row_says_the_pool_it_runs_with(name: str) -> None:
+    # view and loan said "shared_memory=True" (a 64 MiB pool) of a pool of two messages.
+    assert "a pool of two messages" in get(name).description
+    assert "shared_memory=True" not in get(name).description
+    assert pool_size(16 << 20) == 2 * (16 << 20)

@@ -286,14 +286,14 @@ _DECLARED: Final = (
     _shm(
         "view",
         "in place",
-        "large messages: shared_memory=True, send() copies into the pool, recv_view() reads "
-        "in place (released at once)",
+        "large messages: as udskit-shm-copy (a pool of two messages), send() copies into the "
+        "pool, recv_view() reads in place (released at once)",
     ),
     _shm(
         "loan",
         "loan",
-        "large messages: shared_memory=True, the sender fills a loan() in place (no copy), "
-        "recv_view() reads in place",
+        "large messages: as udskit-shm-copy (a pool of two messages), the sender fills a "
+        "loan() in place (no copy), recv_view() reads in place",
     ),
     Contender(
         name="mp-shm",
