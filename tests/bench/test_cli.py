@@ -133,6 +133,7 @@ def test_a_run_of_large_messages_alone_names_their_reference(tmp_path: Path) -> 
     ]
     assert "stdlib" not in done.stdout  # it has no large messages to measure
     document = json.loads(out.read_text(encoding="utf-8"))
+    validate(document)
     assert [c["name"] for c in document["contenders"]] == ["udskit-shm-copy"]
 
 
