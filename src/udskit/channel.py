@@ -1154,9 +1154,16 @@ class Channel(ChannelFacts):
                     else:  # a frame of a batch (see send_many)
                         self._write([*self._framing.encode(data)], [], size + HEADER.size)
                 except FrameTooLarge as exc:
-                    if self._wire is None or shm.ready or size < SHARED_THRESHOLD:
+                    if self._wire is None or size < SHARED_THRESHOLD:
                         raise
-                    raise not_pooled(exc, self._wire) from exc
+                    raise not_pooled(
+                        exc,
+                        self._wire,
+                        size,
+                        ready=shm.ready,
+                        max_frame=shm.max_frame,
+                        pool=shm.pool_size,
+                    ) from exc
                 return size
         else:
             size = len(data)

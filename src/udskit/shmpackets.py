@@ -123,10 +123,23 @@ def make_wire(sock: socket.socket, peer_opted: bool) -> PacketWire:
     return PacketWire("client", name)
 
 
-def not_pooled(error: FrameTooLarge, wire: PacketWire) -> FrameTooLarge:
-    """The socket refused a large message that did not go through the pool: ``error``,
-    and why the pool was not used (a seqpacket packet is held to the socket's size)."""
-    if wire.decided:
+def not_pooled(
+    error: FrameTooLarge, wire: PacketWire, size: int, *, ready: bool, max_frame: int, pool: int
+) -> FrameTooLarge:
+    """The socket refused a large message (``size`` bytes) that did not go through the pool:
+    ``error``, and why the pool was not used (a seqpacket packet is held to the socket's
+    size): too large for it (``max_frame``, the ``pool``'s size), or not in use."""
+    if ready and size > max_frame:
+        why = (
+            f"the shared-memory pool takes no message over max_frame ({max_frame} bytes), so "
+            f"this one of {size} went through the socket: raise max_frame on both ends"
+        )
+    elif ready:
+        why = (
+            f"our shared-memory pool holds {pool} bytes, so this message of {size} went "
+            "through the socket: give shared_memory= a pool that holds it"
+        )
+    elif wire.decided:
         why = "the listener did not opt in to shared_memory, so it went through the socket"
     else:
         why = (

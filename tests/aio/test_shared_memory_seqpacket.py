@@ -21,7 +21,7 @@ from udskit.proto.shm import PAGE, SHARED_THRESHOLD, SLOT
 
 from ..conftest import open_fds
 from ..integration.test_shared_memory import _memfd, data, pool_mappings
-from ..integration.test_shared_memory_seqpacket import _attach, _records
+from ..integration.test_shared_memory_seqpacket import EMSGSIZE_WORDS, _attach, _records
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
 
@@ -351,5 +351,23 @@ def test_lost_messages_count_against_the_read_ahead(arun: Run) -> None:
                 for fd in fds:
                     os.close(fd)
             held.release()
+
+    arun(main())
+
+
+def test_a_message_the_pool_cannot_take_says_why(arun: Run) -> None:
+    # It said only the socket's words, whose advice (type='stream') does not fit a channel
+    # with shared memory: the message was over the pool (or over max_frame).
+    async def main() -> None:
+        a, b = udskit.aio.pair("seqpacket", shared_memory=MIB)
+        async with a, b:
+            with pytest.raises(FrameTooLarge) as over_pool:
+                await a.send(bytes(2 * MIB))
+            assert str(over_pool.value) == (
+                f"{EMSGSIZE_WORDS}; our shared-memory pool holds {MIB} bytes, so this message "
+                f"of {2 * MIB} went through the socket: give shared_memory= a pool that holds it"
+            )
+            await a.send(b"still fine")
+            assert await b.recv() == b"still fine"
 
     arun(main())

@@ -139,6 +139,33 @@ def test_seqpacket_keeps_its_rules_with_shared_memory() -> None:
     assert DEFAULT_MAX_MESSAGE < BIG < DEFAULT_MAX_FRAME
 
 
+#: The socket's own words for a packet it cannot take.
+EMSGSIZE_WORDS = (
+    "message is larger than the socket's send buffer allows (EMSGSIZE): send smaller "
+    "messages, raise sndbuf, or use type='stream' for large payloads"
+)
+
+
+def test_a_message_the_pool_cannot_take_says_why() -> None:
+    # It said only the socket's words, whose advice (type='stream') does not fit a channel
+    # with shared memory: the message was over max_frame, or over the pool.
+    a, b = udskit.pair(type="seqpacket", shared_memory=True)
+    with a, b, pytest.raises(FrameTooLarge) as over_frame:
+        a.send(bytes(DEFAULT_MAX_FRAME + 1))
+    assert str(over_frame.value) == (
+        f"{EMSGSIZE_WORDS}; the shared-memory pool takes no message over max_frame "
+        f"({DEFAULT_MAX_FRAME} bytes), so this one of {DEFAULT_MAX_FRAME + 1} went through "
+        "the socket: raise max_frame on both ends"
+    )
+    a, b = udskit.pair(type="seqpacket", shared_memory=BIG)
+    with a, b, pytest.raises(FrameTooLarge) as over_pool:
+        a.send(bytes(2 * BIG))
+    assert str(over_pool.value) == (
+        f"{EMSGSIZE_WORDS}; our shared-memory pool holds {BIG} bytes, so this message of "
+        f"{2 * BIG} went through the socket: give shared_memory= a pool that holds it"
+    )
+
+
 def test_a_receiver_that_never_releases_gets_backpressure() -> None:
     a, b = _seq_pair(shared_memory=2 * MIB)
     with a, b:

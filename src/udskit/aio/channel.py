@@ -957,9 +957,16 @@ class Channel(Sending, ChannelFacts):
                 try:
                     await self._send_large(data)
                 except FrameTooLarge as exc:
-                    if self._wire is None or shm.ready:
+                    if self._wire is None:
                         raise
-                    raise not_pooled(exc, self._wire) from exc
+                    raise not_pooled(
+                        exc,
+                        self._wire,
+                        size,
+                        ready=shm.ready,
+                        max_frame=shm.max_frame,
+                        pool=shm.pool_size,
+                    ) from exc
                 return
         else:
             size = len(data)
