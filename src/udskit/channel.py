@@ -1082,7 +1082,8 @@ class Channel(ChannelFacts):
 
     @property
     def pool_in_use(self) -> int:
-        """Bytes of our shared-memory pool holding messages the peer has not released."""
+        """Bytes of our shared-memory pool in use: messages the peer has not released,
+        and our loans not yet sent (nor released)."""
         return 0 if self._shm is None else self._shm.in_use
 
     def recv_view(self) -> memoryview:
@@ -1105,10 +1106,11 @@ class Channel(ChannelFacts):
 
         With shared memory and ``size`` at or above the threshold, the buffer is a free part
         of our pool (waiting, like ``send``, while the pool is full); after ``send()`` it
-        belongs to the receiver and is released here. Otherwise it is an ordinary buffer,
-        sent as any message. A loan that is never sent holds its part of the pool until it is
-        released (``loan.release()``, or the end of its ``with`` block) or the channel
-        closes.
+        belongs to the receiver and is released here. Otherwise (below the threshold, over
+        the pool's size, no shared memory) it is an ordinary buffer, sent as any message. A
+        loan that is never sent holds its part of the pool until it is released
+        (``loan.release()``, or the end of its ``with`` block) or the channel closes: a
+        ``loan()`` waiting for room that our own unsent loans hold waits for the timeout.
         """
         check_loan_size(size, self._max_message)
         self._check_open()  # closed, or broken by a protocol error: no loan to send

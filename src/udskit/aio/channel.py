@@ -900,7 +900,8 @@ class Channel(Sending, ChannelFacts):
 
     @property
     def pool_in_use(self) -> int:
-        """Bytes of our shared-memory pool holding messages the peer has not released."""
+        """Bytes of our shared-memory pool in use: messages the peer has not released,
+        and our loans not yet sent (nor released)."""
         return 0 if self._shm is None else self._shm.in_use
 
     async def recv_view(self) -> memoryview:
