@@ -404,6 +404,23 @@ def test_a_loan_taken_inside_send_many_is_refused_not_waited_for(clean: None, ki
         assert [b.recv() for _ in loans] == [data(BIG, 0), data(BIG, 1)]
 
 
+def test_send_fds_goes_through_the_socket(shm_pair: tuple[Channel, Channel]) -> None:
+    """As docs/shared-memory.md says: a message with descriptors never uses the pool."""
+    a, b = shm_pair
+    read, write = os.pipe()
+    with a, b:
+        try:
+            a.send_fds(data(SHARED_THRESHOLD, 3), [read])
+            assert a.pool_in_use == 0
+            message, fds = b.recv_fds()
+            assert message == data(SHARED_THRESHOLD, 3)
+            assert len(fds) == 1
+            os.close(fds[0])
+        finally:
+            os.close(read)
+            os.close(write)
+
+
 def test_recv_many_and_iteration_deliver_in_order(shm_pair: tuple[Channel, Channel]) -> None:
     a, b = shm_pair
     sent = [b"one", data(BIG, 1), b"two", data(SHARED_THRESHOLD, 2)]
