@@ -500,8 +500,9 @@ class SharedMemory:
     def hand_over(self, view: memoryview) -> None:
         """``view`` (a loan) is being sent: the sender gives it up. ValueError if something
         made from it is still alive, since that could write to the receiver's message: an
-        array that exports it leaves the loan usable (delete the array, send again); views
-        made from it make the loan unusable, and its space returns when they are gone."""
+        export of the loan itself (a PickleBuffer) leaves the loan usable (delete the export,
+        send again); views made from it (slices, numpy.frombuffer arrays: numpy takes a view
+        of its own) make the loan unusable, and its space returns when they are gone."""
         entry = self._loans.get(id(view))
         if entry is None:  # another thread's send() took it since ``loaned``
             raise ValueError("send(): the loaned buffer was sent already; take a new loan")
@@ -515,8 +516,8 @@ class SharedMemory:
             with self.lock:
                 self._unsent.add(offset)
             raise ValueError(
-                "send(): the loaned buffer is still in use (an array made from it is alive); "
-                "delete it first, since after send() the buffer belongs to the receiver"
+                "send(): the loaned buffer is still in use (something holds an export of it); "
+                "delete that first, since after send() the buffer belongs to the receiver"
             ) from None
         # pop: a bad record read meanwhile by another thread may have closed us (and
         # forgotten the loans): the send then fails on the socket, closed after it
@@ -527,9 +528,10 @@ class SharedMemory:
                 self._unsent.add(offset)
         if alive:
             raise ValueError(
-                "send(): views made from the loaned buffer are still alive and could change "
-                "it after sending; it was not sent and is given up (its space returns when "
-                "those views are gone): take a new loan"
+                "send(): views or arrays made from the loaned buffer (slices, numpy.frombuffer) "
+                "are still alive and could change it after sending; it was not sent and is "
+                "given up (its space returns when they are gone): take a new loan, and delete "
+                "what you made from it before send()"
             )
 
     def give_back(self, offset: int) -> None:

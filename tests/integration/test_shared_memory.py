@@ -261,7 +261,7 @@ def test_a_bad_record_read_while_a_loan_is_being_sent(
 def test_a_loan_still_referenced_is_not_sent(shm_pair: tuple[Channel, Channel]) -> None:
     a, b = shm_pair
     loan = a.loan(BIG)
-    exported = pickle.PickleBuffer(loan)  # an export of the loan, as numpy.frombuffer makes
+    exported = pickle.PickleBuffer(loan)  # an export of the loan itself
     with pytest.raises(ValueError, match="still in use"):
         a.send(loan)
     exported.release()
@@ -279,6 +279,35 @@ def test_a_loan_still_referenced_is_not_sent(shm_pair: tuple[Channel, Channel]) 
     derived[0] = 1  # still memory we own: nothing was sent
     del derived
     assert a.pool_in_use == 0
+
+
+def test_a_loan_sent_while_a_numpy_array_of_it_lives_is_given_up(
+    shm_pair: tuple[Channel, Channel],
+) -> None:
+    # The docs had a NumPy array as "an export" (delete it and send again), but numpy takes
+    # a view of its own: the loan is given up, and the message says to delete it first.
+    np = pytest.importorskip("numpy")  # a test dependency; the library never imports it
+    a, b = shm_pair
+    loan = a.loan(BIG)
+    filled = np.frombuffer(loan, dtype=np.uint8)
+    filled[:] = 7
+    with pytest.raises(ValueError) as caught:
+        a.send(loan)
+    assert str(caught.value) == (
+        "send(): views or arrays made from the loaned buffer (slices, numpy.frombuffer) are "
+        "still alive and could change it after sending; it was not sent and is given up (its "
+        "space returns when they are gone): take a new loan, and delete what you made from "
+        "it before send()"
+    )
+    assert a.pool_in_use == BIG
+    del filled
+    assert a.pool_in_use == 0
+    loan = a.loan(BIG)
+    filled = np.frombuffer(loan, dtype=np.uint8)
+    filled[:] = 8
+    del filled  # as examples/shm_numpy.py does
+    a.send(loan)
+    assert b.recv() == bytes([8]) * BIG
 
 
 def test_channels_dropped_without_close_give_their_pools_back(clean: None) -> None:
