@@ -1243,7 +1243,7 @@ class Channel(ChannelFacts):
             # 10+). Without this a sender running ahead would walk the whole pool.
             self._take_in(wait=False)
         while True:
-            if self._closed:  # by another thread, which waits for us to leave
+            if self._unusable:  # closed or broken by another thread while we waited
                 self._check_open()
             offset = shm.lend(size)
             if offset is not None:

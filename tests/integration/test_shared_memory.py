@@ -611,6 +611,31 @@ def test_a_sender_waiting_for_room_lets_another_thread_send_its_loan(clean: None
         assert {b.recv(), b.recv()} == {data(BIG, 2), data(BIG, 3)}
 
 
+def test_a_sender_waiting_for_room_while_another_breaks_the_channel_sends_nothing(
+    clean: None,
+) -> None:
+    """The waiting send let go of the write lock; another thread's send then broke the
+    stream (part of a frame went out). When room comes, the waiting send must say the
+    channel is broken, and put no record after the broken frame."""
+    a, b = udskit.pair(shared_memory=BIG)
+    with a, b:
+        a.settimeout(WAIT)
+        a.send(data(BIG, 1))
+        held = b.recv_view()  # the pool is full until this is released
+        sender, errors = sending(a, data(BIG, 2))
+        until(lambda: waits_in(sender, "_lend"))
+        with a._wlock:  # another sender, cut off mid-frame (as _write does)
+            a._break("a send failed after 10 of 20 bytes went out")
+        held.release()
+        sender.join(WAIT)
+        assert not sender.is_alive()
+        assert len(errors) == 1
+        assert isinstance(errors[0], ConnectionClosed)
+        assert "a send failed after 10 of 20 bytes" in str(errors[0])
+        with pytest.raises(ConnectionClosed):
+            b.recv()  # the end of the stream: no slot came after the break
+
+
 def test_senders_waiting_for_room_together_each_get_it(clean: None) -> None:
     """Two senders wait for room at once, looking for loans given up (a poll each time):
     each with a poll of its own (one shared poll object refuses a second caller, and the
