@@ -25,10 +25,14 @@ from .harness import Child, ask, control_path, raw_control, start_serving
 
 @pytest.fixture(scope="module")
 def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Child, Path]]:
-    """One server for all the garbage; the last test hands it over and checks its fds."""
+    """One server for all the garbage; the last test hands it over and checks its fds.
+
+    Its callers may stay silent for as long as a test needs (not HELLO_TIMEOUT's 5 s): on a
+    loaded machine the silent conversations of the too-many test were dropped before its
+    last successor asked, and that successor took over."""
     directory = Path(os.path.realpath(tmp_path_factory.mktemp("g", numbered=True)))
     path = directory / "g.sock"
-    with start_serving("server", path, "stream") as child:
+    with start_serving("server", path, "stream", "--hello-timeout", "600") as child:
         yield child, path
 
 
