@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from udskit.proto.framing import LengthPrefixed
+
 #: Upper bound for waiting on a server to come up: generous, since CI machines stall.
 READY_TIMEOUT = 20.0
 
@@ -126,3 +128,18 @@ def _cpu_seconds(pid: int) -> float:
         fields = stat.read().rsplit(")", 1)[1].split()
     # After the command: state is field 3; utime and stime are fields 14 and 15.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.fixture
+def rests(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the messages a channel completed in their own ``bytes`` after a part the
+    framing held (``LengthPrefixed.receive_rest``: the rest read straight in), in order."""
+    completed: list[int] = []
+    real = LengthPrefixed.receive_rest
+
+    def receive_rest(self: LengthPrefixed, message: bytes) -> bytes:
+        completed.append(len(message))
+        return real(self, message)
+
+    monkeypatch.setattr(LengthPrefixed, "receive_rest", receive_rest)
+    return completed

@@ -1158,14 +1158,7 @@ class Channel(ChannelFacts):
                 except FrameTooLarge as exc:
                     if self._wire is None or size < SHARED_THRESHOLD:
                         raise
-                    raise not_pooled(
-                        exc,
-                        self._wire,
-                        size,
-                        ready=shm.ready,
-                        max_frame=shm.max_frame,
-                        pool=shm.pool_size,
-                    ) from exc
+                    raise not_pooled(exc, self._wire, size, shm) from exc
                 return size
         else:
             size = len(data)

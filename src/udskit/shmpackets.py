@@ -24,7 +24,7 @@ from .proto.shm import (
     encode_packet,
     is_marker,
 )
-from .shm import Lease
+from .shm import Lease, SharedMemory
 
 __all__ = [
     "make_wire",
@@ -124,11 +124,13 @@ def make_wire(sock: socket.socket, peer_opted: bool) -> PacketWire:
 
 
 def not_pooled(
-    error: FrameTooLarge, wire: PacketWire, size: int, *, ready: bool, max_frame: int, pool: int
+    error: FrameTooLarge, wire: PacketWire, size: int, shm: SharedMemory
 ) -> FrameTooLarge:
-    """The socket refused a large message (``size`` bytes) that did not go through the pool:
-    ``error``, and why the pool was not used (a seqpacket packet is held to the socket's
-    size): too large for it (``max_frame``, the ``pool``'s size), or not in use."""
+    """The socket refused a large message (``size`` bytes) that did not go through the
+    channel's pool ``shm``: ``error``, and why the pool was not used (a seqpacket packet is
+    held to the socket's size): too large for it (max_frame, the pool's size), or not in
+    use."""
+    ready, max_frame, pool = shm.ready, shm.max_frame, shm.pool_size
     if ready and size > max_frame:
         why = (
             f"the shared-memory pool takes no message over max_frame ({max_frame} bytes), so "

@@ -20,26 +20,11 @@ from udskit import ConnectionClosed
 from udskit.aio.channel import _IN_PLACE_MIN
 from udskit.freshbytes import FRESH_MIN
 from udskit.proto import HEADER
-from udskit.proto.framing import LengthPrefixed
 
 from ..conftest import open_fds
 from .helpers import turns_until
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
-
-
-@pytest.fixture
-def rests(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The sizes of the messages completed in their own object, in order."""
-    completed: list[int] = []
-    real = LengthPrefixed.receive_rest
-
-    def receive_rest(self: LengthPrefixed, message: bytes) -> bytes:
-        completed.append(len(message))
-        return real(self, message)
-
-    monkeypatch.setattr(LengthPrefixed, "receive_rest", receive_rest)
-    return completed
 
 
 def marked(size: int, mark: int) -> bytes:

@@ -21,7 +21,6 @@ from udskit.channel import DIRECT_READ_MIN, RECV_CHUNK, RECV_SHRINK_AFTER, RECV_
 from udskit.freshbytes import FRESH_MIN
 from udskit.listening import Datagram
 from udskit.proto import HEADER
-from udskit.proto.framing import LengthPrefixed
 
 #: Bound on every wait, so that a regression fails instead of hanging.
 PATIENCE = 20.0
@@ -186,21 +185,6 @@ def test_a_datagram_session_is_small_and_answers_its_sender(sockdir: Path) -> No
         manual = Datagram(b"again", datagram.sender, datagram.peer)
         with listener.session(manual) as again:
             assert again.recv() == b"again"
-
-
-@pytest.fixture
-def rests(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The sizes of the messages completed by a read straight into their own object after
-    a part already buffered (``LengthPrefixed.receive_rest``), in order."""
-    completed: list[int] = []
-    real = LengthPrefixed.receive_rest
-
-    def receive_rest(self: LengthPrefixed, message: bytes) -> bytes:
-        completed.append(len(message))
-        return real(self, message)
-
-    monkeypatch.setattr(LengthPrefixed, "receive_rest", receive_rest)
-    return completed
 
 
 def _after_a_large_one(size: int, part: int) -> tuple[Channel, Channel, bytes]:

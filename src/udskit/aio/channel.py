@@ -960,14 +960,7 @@ class Channel(Sending, ChannelFacts):
                 except FrameTooLarge as exc:
                     if self._wire is None:
                         raise
-                    raise not_pooled(
-                        exc,
-                        self._wire,
-                        size,
-                        ready=shm.ready,
-                        max_frame=shm.max_frame,
-                        pool=shm.pool_size,
-                    ) from exc
+                    raise not_pooled(exc, self._wire, size, shm) from exc
                 return
         else:
             size = len(data)
