@@ -496,32 +496,25 @@ class Channel(Sending, ChannelFacts):
     def _read_stream(self) -> None:
         """Reader callback (stream): decode what arrived into the ready queue; wake the
         receiver. A read of small whole messages, the common case, stays on a short path."""
-        if self._into is not None:
+        into = self._into  # a large message being read in place reads on there
+        if into is None:
             try:
-                self._read_in_place(self._into)
-            except UdsError as exc:  # bad framing after a cut: as below
-                self._fail_read(exc, fatal=True)
+                size, ancdata, flags, _ = self._sock.recvmsg_into(
+                    self._rview, self._ancsize, RECV_FLAGS
+                )
+            except (BlockingIOError, InterruptedError):
+                self._read_idle = True
+                return
+            except OSError as exc:
+                self._fail_read(translate(exc, "recv", self._remote), fatal=True)
                 return
             except BaseException:
                 self._fail_read(read_interrupted(self._where()), fatal=True)
                 raise
-            self._after_read()
-            return
         try:
-            size, ancdata, flags, _ = self._sock.recvmsg_into(
-                self._rview, self._ancsize, RECV_FLAGS
-            )
-        except (BlockingIOError, InterruptedError):
-            self._read_idle = True
-            return
-        except OSError as exc:
-            self._fail_read(translate(exc, "recv", self._remote), fatal=True)
-            return
-        except BaseException:
-            self._fail_read(read_interrupted(self._where()), fatal=True)
-            raise
-        try:
-            if size and size <= FEED_SLICE and not ancdata and not flags & _CTRUNC:
+            if into is not None:
+                self._read_in_place(into)
+            elif size and size <= FEED_SLICE and not ancdata and not flags & _CTRUNC:
                 # Inline, the first message of the read (usually the only one).
                 message = self._feed(self._rbuf[:size])
                 if isinstance(message, bytes):
