@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import os
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -25,6 +26,20 @@ from ..conftest import open_fds
 from .helpers import turns_until
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
+
+
+@contextlib.contextmanager
+def raw_peer(size: int) -> Iterator[tuple[socket.socket, udskit.aio.Channel]]:
+    """A peer that is not udskit (a non-blocking socket, to write frames by hand) and the
+    channel at its other end (max_frame ``size``); both closed afterwards."""
+    left, right = socket.socketpair()
+    left.setblocking(False)
+    channel = udskit.aio.Channel(right, max_frame=size)
+    try:
+        yield left, channel
+    finally:
+        left.close()
+        channel.close()
 
 
 def marked(size: int, mark: int) -> bytes:
@@ -62,19 +77,14 @@ def test_a_peer_that_leaves_inside_a_message_read_in_place_is_a_cut(
     sent = 3 * _IN_PLACE_MIN // 2
 
     async def main() -> ConnectionClosed:
-        left, right = socket.socketpair()
-        channel = udskit.aio.Channel(right, max_frame=size)
-        try:
+        with raw_peer(size) as (left, channel):
             loop = asyncio.get_running_loop()
-            left.setblocking(False)
             receiving = asyncio.ensure_future(channel.recv())
             await loop.sock_sendall(left, HEADER.pack(size) + b"x" * sent)
             left.close()
             with pytest.raises(ConnectionClosed) as caught:
                 await receiving
             return caught.value
-        finally:
-            channel.close()
 
     error = arun(main())
     assert error.mid_message is True
@@ -87,11 +97,8 @@ def test_descriptors_with_a_later_part_reach_the_framing(arun: Run) -> None:
     payload = marked(size, 9)
 
     async def main() -> tuple[bytes, list[int]]:
-        left, right = socket.socketpair()
-        channel = udskit.aio.Channel(right, max_frame=size)
-        try:
+        with raw_peer(size) as (left, channel):
             loop = asyncio.get_running_loop()
-            left.setblocking(False)
             receiving = asyncio.ensure_future(channel.recv_fds())
             await loop.sock_sendall(left, HEADER.pack(size) + payload[:_IN_PLACE_MIN])
             fds = array.array("i", [os.dup(0)])
@@ -111,9 +118,6 @@ def test_descriptors_with_a_later_part_reach_the_framing(arun: Run) -> None:
                 os.close(fds[0])
             await loop.sock_sendall(left, rest[went:])  # the descriptors went with the first
             return await receiving
-        finally:
-            left.close()
-            channel.close()
 
     message, received = arun(main())
     for fd in received:
@@ -127,11 +131,8 @@ def test_a_close_drops_a_message_being_read_in_place(arun: Run, rests: list[int]
     before = open_fds()
 
     async def main() -> ConnectionClosed:
-        left, right = socket.socketpair()
-        channel = udskit.aio.Channel(right, max_frame=size)
-        try:
+        with raw_peer(size) as (left, channel):
             loop = asyncio.get_running_loop()
-            left.setblocking(False)
             receiving = asyncio.ensure_future(channel.recv())
             await loop.sock_sendall(left, HEADER.pack(size) + b"y" * (size // 2))
             await turns_until(lambda: channel._into is not None)
@@ -140,9 +141,6 @@ def test_a_close_drops_a_message_being_read_in_place(arun: Run, rests: list[int]
                 await receiving
             assert channel._into is None
             return caught.value
-        finally:
-            left.close()
-            channel.close()
 
     error = arun(main())
     assert "closed" in str(error)
