@@ -219,6 +219,39 @@ def test_stop_cancels_a_stuck_datagram_handler(
     arun(main())
 
 
+def test_stop_lets_a_running_datagram_handler_reply(
+    arun: Run, sockdir: Path, no_fd_leak: None
+) -> None:
+    """stop() takes no new datagram and removes the socket file at once, but a handler
+    already running still replies through the socket; its reply was lost (the socket was
+    closed under it) and the client waited forever."""
+    path = sockdir / "late-reply.sock"
+    handling, go_on = asyncio.Event(), asyncio.Event()
+
+    async def slow(channel: udskit.aio.Channel) -> None:
+        data = await channel.recv()
+        handling.set()
+        await go_on.wait()  # a backend that answers after stop()
+        await channel.send(b"late " + data)
+
+    async def main() -> None:
+        server = await udskit.aio.start_server(path, slow, type="dgram")
+        serving = asyncio.ensure_future(server.serve_forever())
+        async with await udskit.aio.connect(path, type="dgram") as client:
+            await client.send(b"question")
+            await handling.wait()
+            server.stop()
+            assert not path.exists(), "stop() left the socket file for new senders"
+            go_on.set()
+            client.settimeout(READY_TIMEOUT)
+            assert await client.recv() == b"late question"
+            await serving
+        assert server.active_clients == 0
+        assert server.listener.closed
+
+    arun(main())
+
+
 def test_async_with_waits_for_serve_forever_in_another_task(
     arun: Run, sockdir: Path, no_fd_leak: None
 ) -> None:

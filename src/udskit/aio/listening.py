@@ -129,6 +129,11 @@ class _Endpoint(Generic[_Item]):
         """Seconds accept()/recv() wait before raising ``Timeout`` (None: forever)."""
         self._timeout = check_timeout(timeout)
 
+    def remove_file(self) -> None:
+        """Remove the socket file now (only if it is still ours), as
+        :meth:`udskit.Listener.remove_file` does; the socket stays open until ``close()``."""
+        self._inner.remove_file()
+
     def disown(self) -> None:
         """Give up the removal of the socket file, as :meth:`udskit.Listener.disown` does:
         for a listener that another process (systemd's descriptor store) keeps open."""

@@ -12,7 +12,9 @@ to its sender, so one handler serves all three socket types.
 Stopping (``stop()``, or SIGINT/SIGTERM under ``serve()``) closes the listener first, which
 removes its socket file; then it shuts down every client's socket at once, so their handlers
 see the connection end together, and waits up to SHUTDOWN_GRACE seconds for all of them (one
-deadline, not one each) before cancelling what is left.
+deadline, not one each) before cancelling what is left. A datagram handler replies through
+the listener's socket: stopping removes the file at once but closes the socket only after
+that wait, so a handler already running still gets its reply out.
 """
 
 from __future__ import annotations
@@ -96,9 +98,15 @@ class Server:
         return len(self._clients)
 
     def stop(self) -> None:
-        """Stop accepting (the socket file is removed now) and end ``serve_forever``."""
+        """Stop accepting (the socket file is removed now) and end ``serve_forever``.
+
+        A datagram handler already running still replies: the socket closes once it is
+        done (SHUTDOWN_GRACE at most), only its file goes now."""
         self._stopping = True
-        self._endpoint.close()
+        if isinstance(self._endpoint, DatagramListener) and self._clients:
+            self._endpoint.remove_file()  # _shutdown closes the socket after the handler
+        else:
+            self._endpoint.close()
         self._wake.wake_all()
 
     async def serve_forever(self) -> None:
@@ -231,22 +239,30 @@ class Server:
 
     async def _shutdown(self) -> None:
         self._stopping = True
-        self._endpoint.close()
+        endpoint = self._endpoint
         clients = dict(self._clients)
-        for channel in clients.values():
-            try:
-                # The handler's recv() sees the connection end, its send() fails: it
-                # finishes on its own, the way the blocking server's threads do.
-                channel.socket.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        if not clients:
-            return
-        _, late = await asyncio.wait(list(clients), timeout=SHUTDOWN_GRACE)
-        for task in late:
-            task.cancel()
-        if late:
-            await asyncio.gather(*late, return_exceptions=True)
+        if isinstance(endpoint, DatagramListener):
+            # A datagram session replies through the listener's own socket: only its file
+            # goes now (no new sender finds it), the socket once the handler is done.
+            endpoint.remove_file()
+        else:
+            endpoint.close()
+            for channel in clients.values():
+                try:
+                    # The handler's recv() sees the connection end, its send() fails: it
+                    # finishes on its own, the way the blocking server's threads do.
+                    channel.socket.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        try:
+            if clients:
+                _, late = await asyncio.wait(list(clients), timeout=SHUTDOWN_GRACE)
+                for task in late:
+                    task.cancel()
+                if late:
+                    await asyncio.gather(*late, return_exceptions=True)
+        finally:
+            endpoint.close()
 
     async def aclose(self) -> None:
         """Stop and release everything, whether or not ``serve_forever`` ran; if it runs (in
