@@ -238,7 +238,9 @@ class MessageServer(MessageServing):
 
     def serve_forever(self) -> None:
         """Serve until ``stop()``; then close the listener (removing its socket file), send
-        what can be sent without waiting, close every client and end the workers."""
+        what can be sent without waiting, close every client and end the workers. A
+        datagram listener's socket closes after the workers (SHUTDOWN_GRACE at most), so
+        the replies of handlers already running still go out; its file goes at once."""
         if self._served:
             raise RuntimeError("serve_forever() can run once per MessageServer")
         self._served = True
@@ -304,7 +306,15 @@ class MessageServer(MessageServing):
 
     def _shutdown(self) -> None:
         self._stopping = True
-        self._endpoint.close()
+        endpoint = self._endpoint
+        if isinstance(endpoint, DatagramListener):
+            # A worker's datagram reply leaves through this socket, handed to this loop
+            # without waiting for it: only the file goes now (no new sender finds it), the
+            # socket once the workers are done, as in udskit.aio.MessageServer.
+            self._watch_listener(False)
+            endpoint.remove_file()
+        else:
+            endpoint.close()
         # The clients first: a worker waiting for room in an outbox waits on this loop,
         # which drains no more; closing its client releases it (its send raises).
         self._on_wake()  # replies the workers handed over
@@ -322,7 +332,9 @@ class MessageServer(MessageServing):
                 late,
                 SHUTDOWN_GRACE,
             )
-        self._on_wake()  # what the workers handed over since: closes its descriptors
+        self._on_wake()  # what the workers handed over since: sent, or its descriptors closed
+        self._close_clients()  # datagram replies it left waiting for a full receiver: dropped
+        endpoint.close()
         if not late:
             # No worker will take a lane again (_worked hands a datagram lane that is
             # still full back to the pool): what waits in them goes unhandled.

@@ -751,6 +751,32 @@ def test_a_blocked_handler_holds_one_datagram_lane_only(path: Path) -> None:
             release.set()
 
 
+def test_a_datagram_reply_finished_within_the_stop_grace_goes_out(
+    path: Path, fd_check: None
+) -> None:
+    """stop() removes the socket file at once, but a worker's handler that was running
+    still gets its reply out through the socket; the socket was closed first and the
+    reply was dropped, leaving its sender waiting."""
+    handling, release = threading.Event(), threading.Event()
+
+    def handler(conn: Connection, message: bytes) -> bytes:
+        handling.set()
+        release.wait(PATIENCE)
+        return b"late " + message
+
+    with Running(path, handler, type="dgram", workers=1) as running, running.client() as client:
+        try:
+            client.send(b"question")
+            assert handling.wait(PATIENCE), "the handler never ran"
+            running.server.stop()
+            wait_until(lambda: not path.exists(), "stop() to remove the socket file")
+            release.set()
+            assert client.recv() == b"late question"
+        finally:
+            release.set()
+    assert running.server.listener.closed
+
+
 @pytest.mark.parametrize("kind", CONNECTED)
 def test_a_pool_stops_reading_a_client_it_cannot_keep_up_with(path: Path, kind: str) -> None:
     """Messages queued for a busy worker are bounded per client (WORKER_BACKLOG, plus what
