@@ -99,8 +99,9 @@ def refuse_descriptors(sock: socket.socket) -> bool:
     return True
 
 
-def descriptors(fds: object, what: str) -> list[int]:
-    """``fds`` as a list of open descriptors, or an error that says what ``what`` takes.
+def descriptors(fds: object, what: str, hint: str = "pass descriptors of open files") -> list[int]:
+    """``fds`` as a list of open descriptors, or an error that says what ``what`` takes
+    (a closed one: ValueError, naming it, then ``hint``).
 
     A descriptor that is not open would fail the sendmsg() with EBADF, which the kernel
     also gives for a closed socket: checked here (one fcntl each), so that the error names
@@ -117,9 +118,7 @@ def descriptors(fds: object, what: str) -> list[int]:
             try:
                 fcntl.fcntl(fd, fcntl.F_GETFD)
             except OSError:
-                raise ValueError(
-                    f"{what}: descriptor {fd} is not open; pass descriptors of open files"
-                ) from None
+                raise ValueError(f"{what}: descriptor {fd} is not open; {hint}") from None
     return listed
 
 

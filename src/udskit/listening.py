@@ -71,12 +71,38 @@ class Datagram:
 
     ``peer`` is None for a datagram that carries no credentials (see :func:`admits`); a
     listener with an access policy never returns one.
+
+    ``DatagramListener.session(datagram)`` takes the descriptors over, once: the datagram
+    records that, and refuses a second session.
     """
 
     data: bytes
     sender: Address | None
     peer: PeerCred | None
     fds: tuple[int, ...] = field(default=())
+    # Whether the descriptors have passed to a session (see session_fds): a descriptor has
+    # one owner. Not part of the value: left out of comparisons and the repr.
+    _passed: bool = field(default=False, init=False, repr=False, compare=False)
+
+
+def session_fds(datagram: Datagram) -> list[int]:
+    """The descriptors of ``datagram``, passing to the session being made of it (both
+    layers' ``DatagramListener.session``): once only, and only while they are open."""
+    if not datagram.fds:
+        return []
+    if datagram._passed:
+        raise RuntimeError(
+            "session(datagram): the datagram's descriptors already passed to a session, "
+            "which owns them (recv_fds() hands them on, close() closes them); make one "
+            "session per datagram"
+        )
+    fds = descriptors(
+        datagram.fds,
+        "session(datagram)",
+        "the session takes datagram.fds over and closes them itself: do not close them first",
+    )
+    object.__setattr__(datagram, "_passed", True)  # frozen: the one field that changes
+    return fds
 
 
 class _Owned(Protocol):
@@ -538,7 +564,10 @@ class DatagramListener(_Endpoint):
         sender. This lets one handler serve stream, seqpacket and datagram alike.
 
         The datagram's descriptors pass to the session: ``recv_fds()`` hands them on, and
-        ``close()`` closes them if nobody took them; do not close ``datagram.fds`` too."""
+        ``close()`` closes them if nobody took them; do not close ``datagram.fds``, before
+        or after (one already closed: ValueError). They pass once: a second session of a
+        datagram that carries descriptors raises RuntimeError (one without makes as many
+        as asked, each replying to its sender)."""
         return Channel(
             self._sock,
             remote=datagram.sender,
@@ -546,7 +575,7 @@ class DatagramListener(_Endpoint):
             max_fds=self._max_fds,
             max_frame=len(self._rbuf),
             owns_socket=False,
-            inbox=[(datagram.data, list(datagram.fds))],
+            inbox=[(datagram.data, session_fds(datagram))],
         )
 
     def __iter__(self) -> Iterator[Datagram]:

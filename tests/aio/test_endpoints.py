@@ -322,6 +322,43 @@ def test_datagram_client_reply_path_is_private_and_removed(arun: Run, sockdir: P
     arun(main())
 
 
+def test_a_datagrams_descriptors_pass_to_one_session_only(
+    arun: Run, sockdir: Path, no_fd_leak: None
+) -> None:
+    """As udskit.DatagramListener.session(): a second session of a datagram that carries
+    descriptors is refused, and so is a datagram whose descriptors the caller closed."""
+    path = sockdir / "dgram.sock"
+    read_end, write_end = os.pipe()
+
+    async def main() -> None:
+        async with (
+            await udskit.aio.listen(path, type="dgram") as listener,
+            await udskit.aio.connect(path, type="dgram") as client,
+        ):
+            await client.send_fds(b"with fds", [read_end])
+            datagram = await listener.recv()
+            async with listener.session(datagram) as first:
+                with pytest.raises(
+                    RuntimeError, match=r"^session\(datagram\): the datagram's descriptors "
+                ):
+                    listener.session(datagram)
+                data, fds = await first.recv_fds()
+                assert data == b"with fds"
+                os.close(fds[0])
+            await client.send_fds(b"closed early", [read_end])
+            closed = await listener.recv()
+            (fd,) = closed.fds
+            os.close(fd)
+            with pytest.raises(ValueError, match=rf"^session\(datagram\): descriptor {fd} "):
+                listener.session(closed)
+
+    try:
+        arun(main())
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
 def test_connect_waits_while_the_backlog_is_full(arun: Run, sockdir: Path) -> None:
     path = sockdir / "busy.sock"
 

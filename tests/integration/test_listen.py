@@ -270,6 +270,61 @@ def test_datagram_session_closes_descriptors_nobody_read(path: Path) -> None:
             os.close(write_end)
 
 
+def test_a_datagrams_descriptors_pass_to_one_session_only(path: Path) -> None:
+    """A second session() of a datagram with descriptors is refused: both sessions owned
+    them, and the second closed (or handed on) what the first had closed already. A
+    datagram without descriptors makes as many sessions as asked (each answers its sender)."""
+    read_end, write_end = os.pipe()
+    try:
+        with (
+            udskit.listen(path, type="dgram") as listener,
+            udskit.connect(path, type="dgram", timeout=PATIENCE) as client,
+        ):
+            listener.settimeout(PATIENCE)
+            client.send_fds(b"with fds", [read_end])
+            datagram = listener.recv()
+            with listener.session(datagram) as first:
+                with pytest.raises(
+                    RuntimeError, match=r"^session\(datagram\): the datagram's descriptors "
+                ):
+                    listener.session(datagram)
+                data, fds = first.recv_fds()
+                assert data == b"with fds"
+                assert len(fds) == 1
+                os.close(fds[0])
+            client.send(b"no fds")
+            plain = listener.recv()
+            for _ in range(2):
+                with listener.session(plain) as session:
+                    session.send(session.recv())
+                assert client.recv() == b"no fds"
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_session_refuses_a_datagram_whose_descriptors_were_closed(path: Path) -> None:
+    """session() takes the datagram's descriptors over; one the caller closed already is
+    refused by number, instead of being closed again by the session (by then, perhaps,
+    another file's number)."""
+    read_end, write_end = os.pipe()
+    try:
+        with (
+            udskit.listen(path, type="dgram") as listener,
+            udskit.connect(path, type="dgram", timeout=PATIENCE) as client,
+        ):
+            listener.settimeout(PATIENCE)
+            client.send_fds(b"with fds", [read_end])
+            datagram = listener.recv()
+            (fd,) = datagram.fds
+            os.close(fd)
+            with pytest.raises(ValueError, match=rf"^session\(datagram\): descriptor {fd} "):
+                listener.session(datagram)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
 @pytest.mark.parametrize("timeout", [None, 5.0])
 @pytest.mark.parametrize("kind", ["stream", "dgram"])
 def test_settimeout_on_a_closed_listener_says_it_is_closed(

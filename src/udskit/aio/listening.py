@@ -338,8 +338,11 @@ class DatagramListener(_Endpoint[Datagram]):
         """A Channel view of one datagram: ``recv()`` returns it, ``send()`` replies to its
         sender. This lets one handler serve stream, seqpacket and datagram alike.
 
-        The datagram's descriptors pass to the session: ``recv_fds()`` hands them on, and
-        ``close()`` closes them if nobody took them; do not close ``datagram.fds`` too."""
+        The datagram's descriptors pass to the session, once, as in
+        :meth:`udskit.DatagramListener.session`: ``recv_fds()`` hands them on, ``close()``
+        closes them if nobody took them; do not close ``datagram.fds``, before or after (one
+        already closed: ValueError); a second session of a datagram that carries
+        descriptors raises RuntimeError."""
         return Channel(
             self._inner.socket,
             remote=datagram.sender,
@@ -347,7 +350,7 @@ class DatagramListener(_Endpoint[Datagram]):
             max_fds=self._max_fds,
             max_frame=self._max_frame,
             owns_socket=False,
-            inbox=[(datagram.data, list(datagram.fds), datagram.peer)],
+            inbox=[(datagram.data, blocking.session_fds(datagram), datagram.peer)],
         )
 
     def _on_readable(self) -> None:
