@@ -312,6 +312,7 @@ class Channel(ChannelFacts):
         self._framing: Framing | None = (
             make_framing(framing, max_frame=max_frame) if self._type == "stream" else None
         )
+        self._remote = remote  # first: the shared-memory pools' errors name it
         self._shm: SharedMemory | None = None
         self._wire: PacketWire | None = None  # seqpacket with shared memory
         self._tag = bytearray(1)  # a tagged packet's first byte (see shmpackets)
@@ -320,7 +321,9 @@ class Channel(ChannelFacts):
                 self._framing = LengthPrefixed(limit, records=True)
             else:
                 self._wire = make_wire(sock, peer_opted)
-            self._shm = SharedMemory(shared_memory, limit, peer_opted=peer_opted)
+            self._shm = SharedMemory(
+                shared_memory, limit, peer_opted=peer_opted, where=self._where()
+            )
             self._shm.tie_to(self, self._release_soon)
         self._max_message = limit
         self._max_fds = max_fds
@@ -337,7 +340,6 @@ class Channel(ChannelFacts):
         self._fds_seen = False  # no descriptor has arrived yet: recv() need not ask for any
         self._spin_ns = 0
         self._poller: select.poll | None = None
-        self._remote = remote
         self._peer = peer
         self._claim = claim
         self._owns_socket = owns_socket

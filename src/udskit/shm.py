@@ -131,10 +131,12 @@ class Mapping:
         "address",
         "closed",
         "size",
+        "where",
         "writable",
     )
 
-    def __init__(self, fd: int, size: int, *, writable: bool) -> None:
+    def __init__(self, fd: int, size: int, *, writable: bool, where: str) -> None:
+        """``where``: the channel, as its errors name it."""
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         address = _mmap(None, size, prot, mmap.MAP_SHARED, fd, 0)
         if address is None or address == _MAP_FAILED:
@@ -143,6 +145,7 @@ class Mapping:
         self.address: int = address
         self.size = size
         self.writable = writable
+        self.where = where
         self.closed = False
         self._live = 0  # views alive, and copies under way: unmapping waits for them
         #: Our pool, one byte a page: 1 where a copy has gone (see ``_populate``).
@@ -165,7 +168,9 @@ class Mapping:
         """One more user of the mapping (a view, a copy): it stays mapped until ``_leave``."""
         with self._lock:
             if self.closed:
-                raise ConnectionClosed("the channel's shared-memory pool is closed")
+                raise ConnectionClosed(
+                    f"{self.where}: the channel was closed, and its shared-memory pool with it"
+                )
             self._live += 1
 
     def _leave(self) -> None:
@@ -243,22 +248,23 @@ class Mapping:
         _munmap(self.address, self.size)
 
 
-def create_pool(size: int) -> tuple[int, Mapping]:
-    """A new sealed memfd of ``size`` bytes and our read-write mapping of it. The caller
-    owns the descriptor (it goes to the peer once, then is closed)."""
+def create_pool(size: int, where: str) -> tuple[int, Mapping]:
+    """A new sealed memfd of ``size`` bytes and our read-write mapping of it (for the
+    channel ``where``). The caller owns the descriptor (it goes to the peer once, then is
+    closed)."""
     fd = os.memfd_create(POOL_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, POOL_SEALS)
-        return fd, Mapping(fd, size, writable=True)
+        return fd, Mapping(fd, size, writable=True, where=where)
     except BaseException:
         os.close(fd)
         raise
 
 
-def map_peer_pool(fd: int, size: int) -> Mapping:
-    """Check the peer's pool descriptor and map it read-only; ``fd`` is closed on every
-    path. ProtocolError says what is wrong with it."""
+def map_peer_pool(fd: int, size: int, where: str) -> Mapping:
+    """Check the peer's pool descriptor and map it read-only (for the channel ``where``);
+    ``fd`` is closed on every path. ProtocolError says what is wrong with it."""
     try:
         if not 0 < size <= MAX_POOL:
             raise ProtocolError(
@@ -283,7 +289,7 @@ def map_peer_pool(fd: int, size: int) -> Mapping:
                 f"peer's shared-memory pool has {info.st_size} bytes, not the {size} announced"
             )
         try:
-            return Mapping(fd, size, writable=False)
+            return Mapping(fd, size, writable=False, where=where)
         except OSError as exc:
             # The peer chose the file: a hugetlbfs memfd with no huge pages to back it
             # passes every check above and fails here (ENOMEM), as can one beyond our
@@ -345,10 +351,13 @@ class SharedMemory:
         "pool",
         "pool_size",
         "ready",
+        "where",
     )
 
-    def __init__(self, pool_size: int, max_frame: int, *, peer_opted: bool) -> None:
+    def __init__(self, pool_size: int, max_frame: int, *, peer_opted: bool, where: str) -> None:
+        """``where``: the channel, as its errors name it."""
         self.pool_size = pool_size
+        self.where = where
         self.max_frame = max_frame
         #: The peer opted in: large sends may use our pool.
         self.ready = peer_opted
@@ -391,7 +400,7 @@ class SharedMemory:
     def ensure_pool(self) -> None:
         """Create our pool (memfd, seals, mapping) if it does not exist yet."""
         if self._mine is None:
-            self._fd, self._mine = create_pool(self.pool_size)
+            self._fd, self._mine = create_pool(self.pool_size, self.where)
             self.pool = Pool(self.pool_size)
 
     def open_pool(self) -> int:
@@ -592,8 +601,10 @@ class SharedMemory:
         with self.lock:  # close() in another thread either comes first, or unmaps this
             if self.closed:
                 os.close(fd)  # a reader that outlived close(): nothing would unmap it
-                raise ConnectionClosed("the channel was closed while its peer's pool arrived")
-            self._theirs = map_peer_pool(fd, size)
+                raise ConnectionClosed(
+                    f"{self.where}: the channel was closed while its peer's pool arrived"
+                )
+            self._theirs = map_peer_pool(fd, size, self.where)
             self.ledger = Ledger(size, self.max_frame)
 
     def slot(self, offset: int, length: int) -> Lease:

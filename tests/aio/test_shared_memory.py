@@ -17,6 +17,7 @@ import pytest
 
 import udskit
 import udskit.aio
+import udskit.shm
 from udskit import ConnectionClosed, FrameTooLarge, ProtocolError, Timeout
 from udskit.aio.sending import Sending
 from udskit.proto.outbox import Outbox
@@ -76,6 +77,31 @@ def test_pair_moves_large_messages_through_the_pool(arun: Run) -> None:
             got = await b.recv_many()
             assert len(got) == 1
             assert got[0][:4] == b"loan"
+
+    arun(main())
+
+
+def test_a_close_between_a_receive_and_its_view_names_the_channel(
+    arun: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in the blocking layer: a channel closed after recv_view() took a message in the
+    peer's pool and before its view is made (a fault injected here) fails naming itself."""
+    view = udskit.shm.SharedMemory.view
+
+    async def main() -> None:
+        a, b = udskit.aio.pair(shared_memory=True)
+        async with a, b:
+
+            def closed_first(shm: udskit.shm.SharedMemory, lease: udskit.shm.Lease) -> memoryview:
+                b.close()  # the fault: close() lands here
+                return view(shm, lease)
+
+            await a.send(data(MIB, 2))
+            monkeypatch.setattr(udskit.shm.SharedMemory, "view", closed_first)
+            with pytest.raises(
+                ConnectionClosed, match=r"^stream channel: the channel was closed, and its "
+            ):
+                await b.recv_view()
 
     arun(main())
 

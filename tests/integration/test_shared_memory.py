@@ -12,6 +12,7 @@ import fcntl
 import gc
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -991,6 +992,33 @@ def test_listen_and_connect_agree(sockdir: Path, clean: None, client: bool, serv
         thread.join(WAIT)
 
 
+@pytest.mark.parametrize(("call", "step"), [("recv_view", "view"), ("recv", "copy_out")])
+def test_a_close_between_a_receive_and_its_view_names_the_channel(
+    sockdir: Path, clean: None, monkeypatch: pytest.MonkeyPatch, call: str, step: str
+) -> None:
+    """close() in another thread that lands after a receive took a message in the peer's
+    pool, before its view (or copy) is made, fails that call naming the channel, as every
+    ConnectionClosed does; it said only "the channel's shared-memory pool is closed"."""
+    path = sockdir / "s"
+    original = getattr(SharedMemory, step)
+    with udskit.listen(path, shared_memory=True) as listener:
+        thread = _serve_one(listener)
+        with udskit.connect(path, shared_memory=True) as channel:
+
+            def closed_first(shm: SharedMemory, lease: object) -> object:
+                closer = threading.Thread(target=channel.close)  # the fault: close() lands here
+                closer.start()
+                closer.join(WAIT)
+                return original(shm, lease)
+
+            channel.send(data(BIG))
+            monkeypatch.setattr(SharedMemory, step, closed_first)
+            closed = f"^{re.escape(str(path))}: the channel was closed, and its shared-memory pool"
+            with pytest.raises(ConnectionClosed, match=closed):
+                getattr(channel, call)()
+        thread.join(WAIT)
+
+
 @pytest.mark.parametrize("kind", ["stream", "seqpacket"])
 def test_a_pooled_message_over_our_max_frame_says_what_to_raise(
     sockdir: Path, clean: None, kind: str
@@ -1101,7 +1129,7 @@ def test_shared_memory_refuses_bind_tcp_and_fd(sockdir: Path) -> None:
 
 
 def test_our_pool_is_sealed_before_the_peer_sees_it(clean: None) -> None:
-    fd, mapping = create_pool(4 * MIB)
+    fd, mapping = create_pool(4 * MIB, "test pool")
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
         assert seals == fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -1110,7 +1138,7 @@ def test_our_pool_is_sealed_before_the_peer_sees_it(clean: None) -> None:
             os.ftruncate(fd, MIB)  # no one can shrink it under a reader
         with pytest.raises(PermissionError):
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)  # nor change the seals
-        peer = map_peer_pool(os.dup(fd), 4 * MIB)  # what a receiver accepts
+        peer = map_peer_pool(os.dup(fd), 4 * MIB, "test pool")  # what a receiver accepts
         assert not peer.writable
         peer.close()
     finally:
@@ -1555,8 +1583,9 @@ def test_a_pool_larger_than_ours_is_refused(clean: None) -> None:
 def test_a_pool_arriving_after_close_is_not_mapped(clean: None) -> None:
     """A reader that outlives close() (which waits for it a bounded time), having checked
     the peer's ATTACH before close(), must not map the pool: nothing would unmap it."""
-    shm = SharedMemory(DEFAULT_POOL, DEFAULT_POOL, peer_opted=True)
+    shm = SharedMemory(DEFAULT_POOL, DEFAULT_POOL, peer_opted=True, where="test channel")
     shm.close()
-    with pytest.raises(ConnectionClosed, match="closed while its peer's pool arrived"):
+    arrived = r"^test channel: the channel was closed while its peer's pool arrived"
+    with pytest.raises(ConnectionClosed, match=arrived):
         shm.attach_peer(_memfd(PAGE * 16), PAGE * 16)
     assert pool_mappings("forged") == 0  # and the clean fixture: its descriptor closed

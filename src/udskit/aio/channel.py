@@ -260,7 +260,9 @@ class Channel(Sending, ChannelFacts):
         if shared_memory:
             if kind == "seqpacket":
                 self._wire = make_wire(sock, peer_opted)
-            self._shm = SharedMemory(shared_memory, self._max_message, peer_opted=peer_opted)
+            self._shm = SharedMemory(
+                shared_memory, self._max_message, peer_opted=peer_opted, where=self._where()
+            )
             self._shm.tie_to(self, self._release_soon)
         if owns_socket:
             sock.setblocking(False)
