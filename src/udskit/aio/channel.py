@@ -868,11 +868,13 @@ class Channel(Sending, ChannelFacts):
         """Report ``error`` to the receiver after the messages already queued.
 
         Reading pauses until then. A ``fatal`` error ends the connection and is raised by
-        every later recv(); another (descriptors refused, a truncated packet) once, after
-        which reading resumes.
+        every later recv() (a message being read in place is given up now, not held until
+        close()); another (descriptors refused, a truncated packet) once, after which
+        reading resumes.
         """
         if fatal:
             self._read_failed = error
+            self._drop_in_place()
             self._space.wake_all()
         else:
             self._read_error = error
