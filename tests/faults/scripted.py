@@ -52,11 +52,17 @@ class ScriptedSocket(socket.socket):
     ) -> None:
         super().__init__(real.family, real.type, fileno=real.detach())
         self.script: deque[Step] = deque(script)
-        self.reads: deque[Step] = deque(reads)  # for reads: "ok" or ("after", exc)
+        # For reads: "ok"; ("after", exc): read, then raise; ("short", n): read at most n
+        # bytes (as a signal cuts a MSG_WAITALL read short); exc: raise, reading nothing.
+        self.reads: deque[Step] = deque(reads)
         self.calls = 0
 
     def recvmsg_into(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         step = self.reads.popleft() if self.reads else "ok"
+        if isinstance(step, BaseException):
+            raise step
+        if step != "ok" and step[0] == "short":
+            return super().recvmsg_into(_cut(args[0], step[1]), *args[1:], **kwargs)
         got = super().recvmsg_into(*args, **kwargs)
         if step != "ok":
             raise step[1]  # the bytes were read, and are now in nobody's hands
