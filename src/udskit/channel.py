@@ -990,6 +990,12 @@ class Channel(ChannelFacts):
         except OSError as exc:
             self._check_open()
             raise translate(exc, "recv", self._remote) from exc
+        except MemoryError:
+            # No room for the size announced (only the peer's word, so far), refused before
+            # anything was read: the message goes through the buffer, which holds only
+            # what arrives.
+            self._direct = False
+            return NEED_DATA
         if ancdata or flags & _CTRUNC:
             if not self._fds_seen:
                 self._holding_fds()

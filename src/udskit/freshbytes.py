@@ -55,14 +55,20 @@ _new_bytes: Final = _new_bytes_api()
 
 def fresh(length: int, *, huge: bool, populate: bool = False) -> tuple[bytes, memoryview] | None:
     """A new ``bytes`` of ``length`` bytes, uninitialised, and a writable view of its
-    storage to fill it through; None where there is no C API to make one (the caller makes
-    its ``bytes`` the usual way). ``huge``: back it with huge pages where the system allows
-    them (for FRESH_MIN and more); ``populate``: fault it all in now, for a copy of data at
-    hand (see the module's doc). The view must be released, and the object filled, before
-    the object is handed to anyone: until then nobody else holds it."""
+    storage to fill it through; None where there is no C API to make one, or no room for
+    it (the caller makes its ``bytes`` the usual way). ``huge``: back it with huge pages
+    where the system allows them (for FRESH_MIN and more); ``populate``: fault it all in
+    now, for a copy of data at hand (see the module's doc). The view must be released, and
+    the object filled, before the object is handed to anyone: until then nobody else
+    holds it."""
     if _new_bytes is None:
         return None
-    data = _new_bytes(None, length)
+    try:
+        data = _new_bytes(None, length)
+    except MemoryError:
+        # The size may be only a peer's word (a limit on address space, or strict
+        # overcommit, refuses it at once): the usual way holds only what has arrived.
+        return None
     address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
     assert address is not None
     start = -(-address // _PAGE) * _PAGE

@@ -20,6 +20,8 @@ from udskit.aio.channel import _IN_PLACE_MIN
 from udskit.proto import HEADER
 
 from ..faults.scripted import ScriptedSocket
+from ..faults.test_read_in_place import limit_address_space
+from ..integration.children import run_in_child
 from .helpers import turns_until
 from .test_read_in_place import marked, raw_peer
 
@@ -226,3 +228,28 @@ def test_a_message_read_in_place_is_not_written_by_later_reads(arun: Run) -> Non
             assert got == kept == first
 
     arun(main())
+
+
+def test_a_huge_announced_size_there_is_no_room_for_is_received_as_it_comes(
+    loop_name: str,
+) -> None:
+    # The peer's word alone (a header) must not fail the reader where the process cannot
+    # map that much: the message goes through the framing's buffer, which holds what came.
+    size = 1024 * 1024 * 1024
+
+    async def main() -> str:
+        with raw_peer(size) as (left, channel):
+            loop = asyncio.get_running_loop()
+            receiving = asyncio.ensure_future(channel.recv())
+            await loop.sock_sendall(left, HEADER.pack(size) + b"x" * 1000)
+            left.shutdown(socket.SHUT_WR)
+            with pytest.raises(ConnectionClosed) as caught:
+                await receiving
+            return str(caught.value)
+
+    def child() -> str:
+        limit_address_space(256 * 1024 * 1024)
+        report: str = udskit.aio.run(main(), use_uvloop=loop_name == "uvloop")
+        return report
+
+    assert f"mid-message: 1004 of {size + 4} bytes received" in run_in_child(child)

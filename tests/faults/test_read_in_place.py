@@ -5,6 +5,7 @@ can deliver no more; never spliced. Real socketpairs, a hand-written peer."""
 from __future__ import annotations
 
 import errno
+import resource
 import signal
 import socket
 import threading
@@ -20,6 +21,7 @@ from udskit.channel import DIRECT_READ_MIN
 from udskit.freshbytes import FRESH_MIN
 from udskit.proto import HEADER
 
+from ..integration.children import run_in_child
 from .scripted import ScriptedSocket
 
 #: Bound on every wait, so that a regression fails instead of hanging.
@@ -301,3 +303,38 @@ def test_a_message_received_in_place_is_not_written_by_later_reads() -> None:
         assert right.recv() == marked(FRESH_MIN, 11)
         sender.join(PATIENCE)
         assert got == copy == first
+
+
+def limit_address_space(headroom: int) -> None:
+    """Let this process map at most ``headroom`` bytes more (as a container's limit, or
+    strict overcommit, would): for a child process only."""
+    with open("/proc/self/status") as status:
+        size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (size + headroom, resource.RLIM_INFINITY))
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["header-alone", "read-ahead"])
+def test_a_huge_announced_size_there_is_no_room_for_is_received_as_it_comes(
+    ahead: bool,
+) -> None:
+    # The peer's word alone (a header) must not fail the receive where the process cannot
+    # map that much: the message goes through the buffer, which holds what came.
+    size = 1024 * 1024 * 1024
+
+    def child() -> str:
+        limit_address_space(256 * 1024 * 1024)
+        left, right = socket.socketpair()
+        channel = Channel(right, max_frame=size)
+        first = marked(DIRECT_READ_MIN, 14)
+        lie = HEADER.pack(size) + b"x"
+        sender = sending(left, HEADER.pack(len(first)) + first + (lie if ahead else b""))
+        assert channel.recv() == first
+        sender.join(PATIENCE)
+        if not ahead:
+            left.sendall(lie)
+        left.shutdown(socket.SHUT_WR)
+        with pytest.raises(ConnectionClosed) as caught:
+            channel.recv()
+        return str(caught.value)
+
+    assert f"mid-message: 5 of {size + 4} bytes received" in run_in_child(child)
