@@ -4,7 +4,9 @@ can deliver no more; never spliced. Real socketpairs, a hand-written peer."""
 
 from __future__ import annotations
 
+import array
 import errno
+import os
 import resource
 import signal
 import socket
@@ -174,6 +176,37 @@ def test_an_error_after_part_of_a_read_in_place_loses_none_of_it() -> None:
             channel.recv()
         assert channel.recv() == payload
         sender.join(PATIENCE)
+    assert not scripted.reads
+
+
+def test_descriptors_after_a_read_in_place_cut_short_go_with_the_bytes_before_them() -> None:
+    # A signal cuts the read short, then descriptors end the next part of it: the bytes of
+    # both parts go to the framing, in order, and the descriptors with the message.
+    payload = marked(4 * DIRECT_READ_MIN, 15)
+    head = HEADER.pack(len(payload)) + payload[:DIRECT_READ_MIN]
+    rest = payload[DIRECT_READ_MIN:]
+    left, scripted, channel = _scripted(["ok", ("short", 1000), "ok"])
+    r, w = os.pipe()
+
+    def send() -> None:
+        left.sendall(head)
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]))]
+        went = left.sendmsg([rest], rights)
+        left.sendall(rest[went:])
+
+    with left, channel:
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            message, fds = channel.recv_fds()
+            sender.join(PATIENCE)
+        finally:
+            os.close(r)
+            os.close(w)
+        for fd in fds:
+            os.close(fd)
+        assert message == payload
+        assert len(fds) == 1
     assert not scripted.reads
 
 
