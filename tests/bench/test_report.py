@@ -267,3 +267,27 @@ def test_a_long_contender_name_widens_the_name_column() -> None:
     assert len(header) == len(stdlib) == len(row)
     assert row.split() == [long, "40.0", "1.00x", "120", "1.00x"]
     assert f"  {long} the {long} contender" in lines
+
+
+def test_json_ratios_of_large_messages_are_those_of_the_table() -> None:
+    # They were null in the JSON (computed against stdlib, which runs no large messages)
+    # while the table showed them against c-1mib.
+    large = Figure("large", 16 * 1024 * 1024)
+    run = dataclasses.replace(
+        make_run(),
+        plan=PLAN.with_large_sizes((large.param,)).with_tests(("large",)),
+        contenders=[_info("c-1mib"), _info("udskit-shm-copy")],
+        outcomes=[
+            Outcome("c-1mib", large, "ok", rate=throughput(1000, large.param, 1.0)),
+            Outcome("udskit-shm-copy", large, "ok", rate=throughput(1500, large.param, 1.0)),
+        ],
+    )
+    document = json.loads(json.dumps(to_json(run)))
+    validate(document)
+    by_key = {(o["contender"], o["figure"]): o for o in document["outcomes"]}
+    ratios = by_key[("udskit-shm-copy", large.key)]["ratios"]
+    assert ratios == {"mb_per_s": pytest.approx(1.5), "msgs_per_s": pytest.approx(1.5)}
+    assert by_key[("c-1mib", large.key)]["ratios"]["mb_per_s"] == pytest.approx(1.0)
+    row = next(line for line in render(run).splitlines() if line.startswith("udskit-shm-copy"))
+    assert row.split()[-1] == "1.50x"
+    assert "c-1mib's for large messages" in document["units"]["ratios"]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from .plan import RTT_SIZE, Figure, size_label
-from .results import Metric, Outcome, Run, metric, metric_ratio
+from .results import LARGE_REFERENCE, Metric, Outcome, Run, metric, metric_ratio
 from .targets import check
 
 __all__ = ["format_count", "format_rate", "format_ratio", "format_us", "render"]
@@ -65,7 +65,6 @@ def _cell(
     name: Metric,
     width: int,
     ratio: bool,
-    against: str | None = None,
 ) -> str:
     """One metric (and its ratio) right-aligned in ``width`` (+7 for the ratio)."""
     if outcome is None:
@@ -83,7 +82,7 @@ def _cell(
     )
     cell = f"{shown:>{width}}"
     if ratio:
-        cell += f"{format_ratio(metric_ratio(run, outcome, name, against)):>7}"
+        cell += f"{format_ratio(metric_ratio(run, outcome, name)):>7}"
     return cell
 
 
@@ -91,18 +90,14 @@ def _rows(
     run: Run,
     columns: Sequence[tuple[Figure, Metric, bool]],
     width: int,
-    against: str | None = None,
 ) -> list[str]:
-    """One line per contender; ratios to ``against`` (default: the baseline)."""
+    """One line per contender; ratios to each figure's reference (see ``reference``)."""
     lines = []
     for info in run.contenders:
         outcomes = [run.outcome(info.name, figure) for figure, _, _ in columns]
         if all(o is None or o.status == "skipped" for o in outcomes):
             continue  # a test this contender does not run: the Notes say why
-        cells = [
-            _cell(run, o, m, width, r, against)
-            for o, (_, m, r) in zip(outcomes, columns, strict=True)
-        ]
+        cells = [_cell(run, o, m, width, r) for o, (_, m, r) in zip(outcomes, columns, strict=True)]
         lines.append(f"{info.name:<{_name_width(run)}}" + "  ".join(cells))
     return lines
 
@@ -142,11 +137,6 @@ def _stream_tables(run: Run) -> list[str]:
     ]
 
 
-#: The large-message table's ratios are to the C reference with 1 MiB socket buffers (the
-#: baseline, stdlib, does not run large messages); the targets compare with it too.
-LARGE_REFERENCE: Final = "c-1mib"
-
-
 def _large_table(run: Run) -> list[str]:
     figures = [Figure("large", size) for size in run.plan.large_sizes]
     if not figures:
@@ -156,7 +146,7 @@ def _large_table(run: Run) -> list[str]:
     return [
         f"Large messages one-way, payload MB/s (x: ratio to {LARGE_REFERENCE}, > 1 is faster)",
         _header(run, titles, 7),
-        *_rows(run, megabytes, 7, LARGE_REFERENCE),
+        *_rows(run, megabytes, 7),
     ]
 
 

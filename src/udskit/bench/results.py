@@ -1,7 +1,9 @@
 """The results of a run as values: one Outcome per contender and figure, and the whole Run.
 
 ``to_json`` is the ``--json`` file's format (schema ``udskit-bench/1``), ``validate`` checks a
-loaded one; ratios are computed here, against the baseline's outcome for the same figure.
+loaded one; ratios are computed here, against the reference's outcome for the same figure
+(the baseline's, or for large messages :data:`LARGE_REFERENCE`'s), for the table and the JSON
+alike.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from .plan import Figure, Plan
 from .stats import Latency, Throughput, ratio
 
 __all__ = [
+    "LARGE_REFERENCE",
     "SCHEMA",
     "ContenderInfo",
     "Metric",
@@ -24,6 +27,7 @@ __all__ = [
     "Status",
     "metric",
     "metric_ratio",
+    "reference",
     "to_json",
     "validate",
 ]
@@ -43,6 +47,10 @@ METRICS: Final[Mapping[str, tuple[Metric, ...]]] = {
     "many": ("msgs_per_s", "p99_us", "kib_per_client"),
 }
 LOWER_IS_BETTER: Final = frozenset({"p50_us", "p99_us", "kib_per_client"})
+
+#: The contender the large messages' ratios are to: the C reference with 1 MiB socket
+#: buffers. The baseline, stdlib, does not run large messages; the targets compare with it too.
+LARGE_REFERENCE: Final = "c-1mib"
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +120,16 @@ def metric(outcome: Outcome | None, name: Metric) -> float | None:
 def metric_ratio(
     run: Run, outcome: Outcome, name: Metric, against: str | None = None
 ) -> float | None:
-    """``outcome``'s metric over the same metric of ``against`` (default: the baseline)."""
-    reference = run.outcome(against or run.baseline, outcome.figure)
-    return ratio(metric(outcome, name), metric(reference, name))
+    """``outcome``'s metric over the same metric of ``against`` (default: the figure's
+    :func:`reference`)."""
+    other = run.outcome(against or reference(run, outcome.figure), outcome.figure)
+    return ratio(metric(outcome, name), metric(other, name))
+
+
+def reference(run: Run, figure: Figure) -> str:
+    """The contender ``figure``'s ratios are to: the baseline, but LARGE_REFERENCE for
+    large messages, which the baseline does not run."""
+    return LARGE_REFERENCE if figure.test == "large" else run.baseline
 
 
 def to_json(run: Run) -> dict[str, object]:
@@ -157,7 +172,10 @@ def to_json(run: Run) -> dict[str, object]:
             "msgs_per_s": "messages per second",
             "mb_per_s": "payload megabytes (10**6 bytes) per second",
             "kib_per_client": "server RSS growth per connected client, KiB (1024 bytes)",
-            "ratios": "value / the baseline's value for the same figure",
+            "ratios": (
+                f"value / the baseline's value for the same figure ({LARGE_REFERENCE}'s for "
+                "large messages)"
+            ),
         },
         "contenders": [asdict(item) for item in run.contenders],
         "outcomes": outcomes,

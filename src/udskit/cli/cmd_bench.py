@@ -14,8 +14,8 @@ from udskit.bench.host import choose_pinning
 from udskit.bench.output import write_whole
 from udskit.bench.plan import CLIENT_COUNTS, FULL, QUICK, TESTS
 from udskit.bench.plot import draw, plot_problem
-from udskit.bench.report import LARGE_REFERENCE, render
-from udskit.bench.results import ContenderInfo, to_json
+from udskit.bench.report import render
+from udskit.bench.results import LARGE_REFERENCE, ContenderInfo, to_json
 from udskit.bench.runner import Progress, availability
 from udskit.bench.runner import run as run_bench
 
