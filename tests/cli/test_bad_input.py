@@ -59,6 +59,17 @@ USAGE = [
     (["send", "@", "hi"], "empty abstract name"),
     (["pair", "--type", "dgram", "--", "cat"], "invalid choice: 'dgram'"),
     (["pair"], "give the program to run after --"),
+    (["pair", "--max-frame", "8", "--", "cat"], "a raw stream has none: use it with --type"),
+    (
+        ["send", "--max-frame", "64K", S, "x"],
+        (
+            "--max-frame bounds a message, and a raw stream has none: use it with --framing "
+            "length or lines, or --type seqpacket or dgram (or drop --max-frame)"
+        ),
+    ),
+    (["serve", "--echo", "--max-frame", "0", S], "argument --max-frame: '0' must be from 1"),
+    (["connect", "--max-frame", "4G", S], "'4G' must be from 1 to 4294967295 bytes"),
+    (["send", "--max-frame", "1.5M", S, "x"], "'1.5M' is not a number of bytes such as"),
     (["wait", "--timeout", "inf", S], "must be a finite number of seconds"),
     (["wait", "tcp:host"], "malformed tcp address"),
     # the address of every command is a usage mistake, as that of connect is

@@ -12,7 +12,7 @@ import pytest
 
 import udskit
 from udskit.cli._exec import _output_of
-from udskit.cli._messages import MAX_LINE, READ_CHUNK, messages
+from udskit.cli._messages import MAX_LINE, READ_CHUNK, line_limit, messages
 from udskit.cli._relay import stdin_messages
 
 
@@ -89,3 +89,16 @@ def test_stdin_and_a_commands_output_are_cut_alike(
     for fd in _pipe_of(*[endless] * (MAX_LINE // READ_CHUNK + 2)):
         with pytest.raises(udskit.FrameTooLarge, match=words):
             list(read(fd))
+
+
+def test_a_max_frame_over_the_line_limit_raises_it() -> None:
+    # --max-frame 2M let the socket carry 2 MiB lines, but stdin's were cut at 1 MiB.
+    assert line_limit(None) == line_limit(1000) == MAX_LINE
+    long_line = b"x" * (MAX_LINE + 1)
+    for fd in _pipe_of(long_line, b"\n"):
+        got = list(stdin_messages(fd, lines=True, limit=line_limit(2 * MAX_LINE)))
+        assert got == [long_line]
+    for fd in _pipe_of(long_line, b"\n"):
+        assert list(_output_of(_stdout(fd), lines=True, limit=line_limit(2 * MAX_LINE))) == [
+            long_line
+        ]

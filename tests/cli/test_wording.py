@@ -66,3 +66,22 @@ def test_a_path_in_an_error_is_shown_as_given(sockdir: Path, name: str) -> None:
     path = sockdir / name / "s.sock"
     line = one_line_error(udskit("send", path, "hi"), 1)
     assert str(path) in line
+
+
+@pytest.mark.parametrize(
+    ("library", "command_line"),
+    [
+        (
+            "over max_frame (64 bytes): another framing, or max_frame must be raised",
+            "over --max-frame (64 bytes): another framing, or --max-frame must be raised",
+        ),
+        ("line of 9 bytes is over max_line (8 bytes)", "line of 9 bytes is over --max-frame (8"),
+        ("newline (max_line): it does not", "newline (--max-frame): it does not"),
+        ("truncated; raise max_frame", "truncated; raise --max-frame"),
+        ("cannot connect to /srv/max_frame: no", "cannot connect to /srv/max_frame: no"),
+        ("self.max_frame and max_frames stay", "self.max_frame and max_frames stay"),
+    ],
+)
+def test_limits_become_the_option_that_sets_them(library: str, command_line: str) -> None:
+    # "max_frame must be raised" named a keyword the command line has no way to pass.
+    assert in_cli_words(library).startswith(command_line)

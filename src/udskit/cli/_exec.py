@@ -24,7 +24,7 @@ from typing import IO, Any, Final
 import udskit
 
 from ._actions import Session
-from ._messages import messages
+from ._messages import MAX_LINE, messages
 from ._output import err
 
 __all__ = [
@@ -97,6 +97,7 @@ class Command:
         argv: Sequence[str],
         *,
         lines: bool,
+        max_line: int = MAX_LINE,
         call_soon: CallSoon,
         where: object,
         on_done: Callable[[Command], object],
@@ -105,6 +106,7 @@ class Command:
         self._on_done = on_done  # called by the reader thread once the command is gone
         self._where = where  # the server's address, for its log
         self._lines = lines
+        self._max_line = max_line
         self._call_soon = call_soon
         self._process = subprocess.Popen(
             argv,
@@ -237,7 +239,7 @@ class Command:
         failed = False
         ended = False
         try:
-            for chunk in _output_of(stdout, lines=self._lines):
+            for chunk in _output_of(stdout, lines=self._lines, limit=self._max_line):
                 self._session.send(chunk)
             ended = True
         except udskit.ConnectionClosed:
@@ -290,13 +292,15 @@ def _end(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-def _output_of(stdout: IO[bytes], *, lines: bool) -> Iterator[bytes]:
-    """The command's output as messages: raw chunks, or lines (see :func:`messages`)."""
+def _output_of(stdout: IO[bytes], *, lines: bool, limit: int = MAX_LINE) -> Iterator[bytes]:
+    """The command's output as messages: raw chunks, or lines of at most ``limit`` bytes
+    (see :func:`messages`)."""
     return messages(
         stdout.fileno(),
         lines=lines,
         what="a line of the command's output",
         hint="serve its output with --framing raw, or have it print lines",
+        limit=limit,
     )
 
 

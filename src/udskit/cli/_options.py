@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import grp
 import pwd
+import re
 from typing import Final
 
 import udskit
+from udskit.options import DEFAULT_MAX_MESSAGE
+from udskit.proto import DEFAULT_MAX_FRAME, HEADER
 
 from .main import UsageError
 
@@ -19,10 +22,13 @@ __all__ = [
     "FRAMINGS",
     "TYPES",
     "add_framing",
+    "add_max_frame",
     "add_type",
     "address",
+    "byte_count",
     "framing_for",
     "group_id",
+    "max_frame_of",
     "octal_mode",
     "positive_int",
     "seconds",
@@ -37,6 +43,14 @@ _MAX_MODE: Final = 0o7777
 
 #: The bits a socket's mode may have: setuid, setgid and sticky mean nothing on a socket.
 _SOCKET_MODE_BITS: Final = 0o777
+
+#: Largest --max-frame: the most a frame's 4-byte length header can announce (a packet of
+#: seqpacket or dgram is far smaller: the kernel caps it at the socket's send buffer).
+_MAX_FRAME_LIMIT: Final = (1 << (8 * HEADER.size)) - 1
+
+#: The suffixes a byte count may have, 1024-based as the library's limits are (16 MiB).
+_BYTE_UNITS: Final = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_BYTES: Final = re.compile(r"(\d+) ?(?:([kmg])(?:i?b)?)?", re.IGNORECASE)
 
 
 def add_type(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +75,27 @@ def add_framing(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_max_frame(parser: argparse.ArgumentParser, *, framings: bool = True) -> None:
+    """--max-frame; ``framings``: the command takes --framing too (``pair`` does not)."""
+    streams = (
+        f"a frame of --framing length (default: {_size(DEFAULT_MAX_FRAME)}), a line of "
+        "--framing lines, "
+        if framings
+        else ""
+    )
+    parser.add_argument(
+        "--max-frame",
+        metavar="BYTES",
+        type=byte_count,
+        help=(
+            f"largest message sent or accepted: {streams}a message of --type seqpacket"
+            f"{' or dgram' if framings else ''} (default: {_size(DEFAULT_MAX_MESSAGE)}); "
+            "BYTES may end in K, M or G (KiB, MiB, GiB). Both ends must allow the largest "
+            "message"
+        ),
+    )
+
+
 def add_hexdump(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-x", "--hexdump", action="store_true", help="hex dump of the traffic on stderr"
@@ -78,6 +113,42 @@ def framing_for(args: argparse.Namespace) -> str:
             )
         return "raw"
     return str(args.framing or "raw")
+
+
+def max_frame_of(args: argparse.Namespace, framing: str) -> int | None:
+    """--max-frame (None: the library's default), where it has messages to bound: every
+    type but a raw stream, whose bytes are passed on as they come, however many."""
+    if args.max_frame is not None and args.type == "stream" and framing == "raw":
+        framings = "--framing length or lines, or " if "framing" in vars(args) else ""
+        raise UsageError(
+            f"--max-frame bounds a message, and a raw stream has none: use it with {framings}"
+            "--type seqpacket or dgram (or drop --max-frame)"
+        )
+    return args.max_frame  # type: ignore[no-any-return]
+
+
+def byte_count(text: str) -> int:
+    """argparse type: a number of bytes, at least 1, such as 1048576, 64K, 16M or 1GiB."""
+    match = _BYTES.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of bytes such as 1048576, 64K or 16M"
+        )
+    value = int(match.group(1)) * _BYTE_UNITS[(match.group(2) or "").lower()]
+    if not 1 <= value <= _MAX_FRAME_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be from 1 to {_MAX_FRAME_LIMIT} bytes (4 GiB - 1, the most a "
+            "length header can announce)"
+        )
+    return value
+
+
+def _size(value: int) -> str:
+    """A limit for the help: 16 MiB, 256 KiB."""
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if value % factor == 0:
+            return f"{value // factor} {unit}"
+    return f"{value} bytes"
 
 
 def octal_mode(text: str) -> int:

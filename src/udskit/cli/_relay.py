@@ -24,7 +24,7 @@ from typing import Final
 
 import udskit
 
-from ._messages import messages
+from ._messages import MAX_LINE, messages
 from ._output import HexDump, Output, as_line
 
 __all__ = ["DGRAM_LINGER", "Relay", "stdin_messages"]
@@ -34,8 +34,9 @@ __all__ = ["DGRAM_LINGER", "Relay", "stdin_messages"]
 DGRAM_LINGER: Final = 0.5
 
 
-def stdin_messages(fd: int, *, lines: bool) -> Iterator[bytes]:
-    """What to send, read from ``fd``: raw chunks, or lines (see :func:`messages`).
+def stdin_messages(fd: int, *, lines: bool, limit: int = MAX_LINE) -> Iterator[bytes]:
+    """What to send, read from ``fd``: raw chunks, or lines of at most ``limit`` bytes (see
+    :func:`messages`).
 
     A failed read says it was stdin's: the bare errno ("invalid argument") named nothing.
     """
@@ -45,6 +46,7 @@ def stdin_messages(fd: int, *, lines: bool) -> Iterator[bytes]:
             lines=lines,
             what="a stdin line",
             hint="send binary data with --type stream --framing raw, or split it into lines",
+            limit=limit,
         )
     except OSError as exc:
         reason = (exc.strerror or str(exc)).lower()
@@ -70,8 +72,9 @@ def _why(fd: int) -> str:
 class Relay:
     """Copy stdin to ``channel`` and ``channel`` to ``out`` until both directions end.
 
-    ``lines``: stdin is cut into lines, one message each (and replies are printed one per
-    line); otherwise bytes are passed through untouched, as on a raw stream.
+    ``lines``: stdin is cut into lines of at most ``max_line`` bytes, one message each (and
+    replies are printed one per line); otherwise bytes are passed through untouched, as on a
+    raw stream.
     """
 
     __slots__ = (
@@ -81,6 +84,7 @@ class Relay:
         "_input_done",
         "_lines",
         "_linger",
+        "_max_line",
         "_out",
         "_wake_r",
         "_wake_w",
@@ -94,12 +98,14 @@ class Relay:
         lines: bool,
         dump: HexDump | None = None,
         linger: float = DGRAM_LINGER,
+        max_line: int = MAX_LINE,
     ) -> None:
         self._channel = channel
         self._out = out
         self._lines = lines
         self._dump = dump
         self._linger = linger
+        self._max_line = max_line
         self._error: BaseException | None = None
         self._input_done = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -126,7 +132,7 @@ class Relay:
         channel = self._channel
         packets = channel.type != "stream"
         try:
-            for message in stdin_messages(fd, lines=self._lines):
+            for message in stdin_messages(fd, lines=self._lines, limit=self._max_line):
                 if packets and not message:
                     continue  # an empty seqpacket message would read as end of connection
                 if self._dump is not None:

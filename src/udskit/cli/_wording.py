@@ -27,6 +27,12 @@ _KEYWORD: Final = re.compile(
 #: spelt on the command line as the options that build one.
 _RENAMED: Final = {"allow": "--allow-uid/--allow-gid"}
 
+#: The limits the library names bare ("over max_frame (N bytes)", "raise max_frame"), as
+#: words of their own (not inside a path or a longer name), and the option that sets each:
+#: a line's limit (``max_line``, the 'lines' framing's) is set by ``max_frame=`` too.
+_LIMIT: Final = re.compile(r"(?:(?<=[\s(])|^)(max_frame|max_line)(?=[\s,;:)=]|$)")
+_LIMIT_OPTIONS: Final = {"max_frame": "--max-frame", "max_line": "--max-frame"}
+
 
 #: A bytes or bytearray repr: ``bytearray(b'...')`` anywhere, and ``b'...'``/``b"..."`` as
 #: a word of its own (so a path such as ``b'x'.sock`` or ``/srv/b'x'/a`` stays as it is).
@@ -38,9 +44,10 @@ _BYTES_REPR: Final = re.compile(
 
 def in_cli_words(text: str) -> str:
     """``text`` with ``type='seqpacket'`` as ``--type seqpacket``, ``bind=`` as ``--bind``,
-    ``allow=`` as ``--allow-uid/--allow-gid``, and bytes shown as text (see
-    :func:`without_reprs`)."""
-    return _KEYWORD.sub(_option, without_reprs(text))
+    ``allow=`` as ``--allow-uid/--allow-gid``, ``max_frame`` and ``max_line`` as
+    ``--max-frame``, and bytes shown as text (see :func:`without_reprs`)."""
+    text = _KEYWORD.sub(_option, without_reprs(text))
+    return _LIMIT.sub(lambda match: _LIMIT_OPTIONS[match.group(1)], text)
 
 
 def without_reprs(text: str) -> str:

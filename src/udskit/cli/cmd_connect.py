@@ -7,7 +7,17 @@ import os
 
 import udskit
 
-from ._options import add_framing, add_hexdump, add_type, address, framing_for, seconds
+from ._messages import line_limit
+from ._options import (
+    add_framing,
+    add_hexdump,
+    add_max_frame,
+    add_type,
+    address,
+    framing_for,
+    max_frame_of,
+    seconds,
+)
 from ._output import HexDump, Output, err
 from ._relay import DGRAM_LINGER, Relay
 from ._signals import exit_on_termination
@@ -25,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("address", metavar="ADDR", type=address, help="where to connect")
     add_type(parser)
     add_framing(parser)
+    add_max_frame(parser)
     parser.add_argument(
         "--bind",
         metavar="PATH",
@@ -45,14 +56,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     framing = framing_for(args)
+    max_frame = max_frame_of(args, framing)
     with exit_on_termination():
-        _relay(args, framing)
+        _relay(args, framing, max_frame)
     return 0
 
 
-def _relay(args: argparse.Namespace, framing: str) -> None:
+def _relay(args: argparse.Namespace, framing: str, max_frame: int | None) -> None:
     channel = udskit.connect(
-        args.address, type=args.type, framing=framing, timeout=args.timeout, bind=args.bind
+        args.address,
+        type=args.type,
+        framing=framing,
+        max_frame=max_frame,
+        timeout=args.timeout,
+        bind=args.bind,
     )
     with channel:
         channel.settimeout(None)  # --timeout bounds the connect, not an idle conversation
@@ -64,6 +81,7 @@ def _relay(args: argparse.Namespace, framing: str) -> None:
             lines=args.type != "stream" or framing != "raw",
             dump=HexDump() if args.hexdump else None,
             linger=DGRAM_LINGER if args.timeout is None else args.timeout,
+            max_line=line_limit(max_frame),
         )
         relay.run()
 

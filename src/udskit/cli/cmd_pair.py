@@ -18,7 +18,8 @@ from typing import Final
 
 import udskit
 
-from ._options import add_hexdump
+from ._messages import line_limit
+from ._options import add_hexdump, add_max_frame, max_frame_of
 from ._output import HexDump, Output
 from ._relay import Relay
 from ._signals import exit_on_termination
@@ -44,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="stream",
         help="socket type (default: stream; a datagram pair has no end-of-stream to stop on)",
     )
+    add_max_frame(parser, framings=False)
     add_hexdump(parser)
     parser.add_argument(
         "program",
@@ -61,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give the program to run after --, e.g. udskit pair -- cat")
     if shutil.which(argv[0]) is None:
         raise FileNotFoundError(errno.ENOENT, "command not found", argv[0])
-    ours, theirs = udskit.pair(args.type, framing="raw")
+    max_frame = max_frame_of(args, "raw")
+    ours, theirs = udskit.pair(args.type, framing="raw", max_frame=max_frame)
     with exit_on_termination(), ours:
         with theirs:
             fd = theirs.fileno()
@@ -77,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
                 Output(),
                 lines=args.type != "stream",
                 dump=HexDump() if args.hexdump else None,
+                max_line=line_limit(max_frame),
             ).run()
             code = process.wait()
         finally:

@@ -13,7 +13,16 @@ from typing import Final
 
 import udskit
 
-from ._options import add_framing, add_hexdump, add_type, address, framing_for, seconds
+from ._options import (
+    add_framing,
+    add_hexdump,
+    add_max_frame,
+    add_type,
+    address,
+    framing_for,
+    max_frame_of,
+    seconds,
+)
 from ._output import HexDump, Output, as_line
 from ._signals import exit_on_termination
 
@@ -39,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("messages", metavar="MSG", nargs="+", help="the messages, in order")
     add_type(parser)
     add_framing(parser)
+    add_max_frame(parser)
     parser.add_argument(
         "--reply",
         action="store_true",
@@ -62,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     framing = framing_for(args)
+    max_frame = max_frame_of(args, framing)
     raw = args.type == "stream" and framing == "raw"
     # What a reply is expected in, for the errors: only a stream has a framing to change.
     expected = framing if args.type == "stream" else None
@@ -70,7 +81,11 @@ def run(args: argparse.Namespace) -> int:
     with (
         exit_on_termination(),
         udskit.connect(
-            args.address, type=args.type, framing=framing, timeout=args.timeout
+            args.address,
+            type=args.type,
+            framing=framing,
+            max_frame=max_frame,
+            timeout=args.timeout,
         ) as channel,
     ):
         for text in args.messages:

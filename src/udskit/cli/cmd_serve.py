@@ -34,13 +34,16 @@ from udskit.options import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CLIENTS
 from . import _actions, _exec, _systemd
 from ._actions import STOP, Action, Session, Until
 from ._exec import Command
+from ._messages import line_limit
 from ._options import (
     add_framing,
     add_hexdump,
     add_listening,
+    add_max_frame,
     add_type,
     address,
     framing_for,
+    max_frame_of,
     policy_for,
     positive_int,
     positive_seconds,
@@ -84,6 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop (and remove the socket file) after a message equal to TEXT",
     )
     add_framing(parser)
+    add_max_frame(parser)
     add_listening(parser, "the socket file")
     parser.add_argument(
         "--max-clients",
@@ -132,6 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     framing = framing_for(args)
+    max_frame = max_frame_of(args, framing)
     raw = args.type == "stream" and framing == "raw"
     service = _Service(args, raw=raw, lines=framing == "lines")
     allow = policy_for(args)
@@ -150,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
             on_close=service.closed,
             type=args.type,
             framing=framing,
+            max_frame=max_frame,
             mode=args.mode,
             owner=args.owner,
             group=args.group,
@@ -236,6 +242,7 @@ class _Service:
         self.server: udskit.MessageServer | None = None
         self._raw = raw
         self._lines = lines
+        self._max_line = line_limit(args.max_frame)
         self._dgram = args.type == "dgram"
         self._until_text = None if args.until is None else os.fsencode(args.until)
         self._once: bool = args.once
@@ -269,6 +276,7 @@ class _Service:
                 session,
                 self._argv,
                 lines=self._lines,
+                max_line=self._max_line,
                 call_soon=self.server.call_soon,
                 where=self.server.address,
                 on_done=self._command_done,
