@@ -16,10 +16,10 @@ from ..conftest import READY_TIMEOUT
 class TapProcess:
     """``udskit tap ARGS`` running; ``finish()`` returns (exit code, stdout, stderr)."""
 
-    def __init__(self, *args: str | Path) -> None:
+    def __init__(self, *args: str | Path, stdout: int = subprocess.PIPE) -> None:
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "udskit", "tap", *map(str, args)],
-            stdout=subprocess.PIPE,
+            stdout=stdout,
             stderr=subprocess.PIPE,
         )
         self.pid = self.popen.pid
@@ -49,7 +49,7 @@ class TapProcess:
         if signum is not None and self.popen.poll() is None:
             self.popen.send_signal(signum)
         out, err = self.popen.communicate(timeout=READY_TIMEOUT)
-        return self.popen.returncode, out.decode(), (self._stderr + err).decode()
+        return self.popen.returncode, (out or b"").decode(), (self._stderr + err).decode()
 
     def kill(self) -> None:
         self.popen.kill()

@@ -53,6 +53,23 @@ def test_lines_are_shown_with_their_client_and_the_tap_stops_after_count(sockdir
     assert "the server's socket is back in place" in err
 
 
+def test_a_stdout_nobody_reads_stops_the_tap_as_sigpipe_stops_cat(sockdir: Path) -> None:
+    # It went on relaying and showing nothing, until Ctrl-C.
+    path = sockdir / "echo.sock"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `udskit tap PATH | head -1` once head has gone
+    with server(path) as srv:
+        try:
+            running = TapProcess("--framing", "lines", path, stdout=write_end)
+        finally:
+            os.close(write_end)
+        assert _talk(path, b"hello\n") == b"hello\n"
+        code, _, err = running.finish(signum=None)  # the first line it shows ends it
+        assert os.lstat(path).st_ino == srv.inode
+    assert code == -signal.SIGPIPE
+    assert "the server's socket is back in place" in err
+
+
 def test_json_gives_one_object_per_line(sockdir: Path) -> None:
     path = sockdir / "echo.sock"
     with server(path):

@@ -2,16 +2,21 @@
 
 Writes go straight to the file descriptor, unbuffered, so a reply shows on a terminal the
 moment it arrives and a pipeline reader sees each message without waiting for a flush.
+
+A stdout that nobody reads any more (``udskit http ... | head -1``: head has exited) is
+remembered here (:func:`stdout_gone`): the command stops writing and ends, and the entry
+point then ends the process as SIGPIPE ends ``cat`` in the same place (see ``main``).
 """
 
 from __future__ import annotations
 
 import os
+import select
 import sys
 import threading
 from typing import Final
 
-__all__ = ["HexDump", "Output", "as_line", "err"]
+__all__ = ["HexDump", "Output", "as_line", "err", "found_stdout_gone", "stdout_gone"]
 
 #: How a failed write names its output.
 _NAMES: Final = {1: "stdout", 2: "stderr"}
@@ -19,12 +24,36 @@ _NAMES: Final = {1: "stdout", 2: "stderr"}
 #: Bytes shown per hex dump row, as in ``hexdump -C`` and ``socat -x``.
 _ROW: Final = 16
 
+#: Set once a write to stdout found that nobody reads it any more (EPIPE).
+_STDOUT_GONE: Final = threading.Event()
+
+#: What poll(2) reports to the writer of a pipe without readers (POLLERR: fs/pipe.c,
+#: pipe_poll) or of a stream socket whose peer has closed (POLLHUP: af_unix.c, unix_poll).
+_NO_READER: Final = select.POLLERR | select.POLLHUP
+
+
+def stdout_gone() -> bool:
+    """True once a write to stdout failed because nobody reads it any more."""
+    return _STDOUT_GONE.is_set()
+
+
+def found_stdout_gone() -> bool:
+    """Whether stdout has lost its reader, for a BrokenPipeError that names no descriptor
+    (``print``'s): true, and remembered, if a write to stdout failed or would now fail so."""
+    if not _STDOUT_GONE.is_set():
+        poller = select.poll()
+        poller.register(1, select.POLLOUT)
+        if any(events & _NO_READER for _, events in poller.poll(0)):
+            _STDOUT_GONE.set()
+    return _STDOUT_GONE.is_set()
+
 
 class Output:
     """Thread-safe, unbuffered writes to a descriptor (stdout by default).
 
     ``write`` returns False once nobody reads any more (EPIPE: ``... | head -1`` exited), so
-    callers can stop instead of failing on every later message.
+    callers can stop instead of failing on every later message; on stdout, that is also
+    remembered for the exit (:func:`stdout_gone`).
     """
 
     __slots__ = ("_closed", "_fd", "_lock")
@@ -48,6 +77,8 @@ class Output:
                     view = view[os.write(self._fd, view) :]
             except BrokenPipeError:
                 self._closed = True
+                if self._fd == 1:
+                    _STDOUT_GONE.set()
                 return False
             except OSError as exc:  # /dev/full, a closed stdout: say which output failed
                 where = _NAMES.get(self._fd, f"descriptor {self._fd}")

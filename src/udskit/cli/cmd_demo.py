@@ -91,6 +91,8 @@ class _Tour:
         self.say("(each $ line is a command you can type there yourself)")
         failed = 0
         for key, title, scenario in scenarios:
+            if self._out.closed:
+                return failed  # nobody reads our output any more: the rest is for no one
             self.say()
             self.say(f"{key}  {title}")
             try:

@@ -74,14 +74,20 @@ def run(args: argparse.Namespace) -> int:
                 pass_fds=(fd,),
                 env={**os.environ, FD_VARIABLE: str(fd)},
             )
+        out = Output()
         try:
             Relay(
                 ours,
-                Output(),
+                out,
                 lines=args.type != "stream",
                 dump=HexDump() if args.hexdump else None,
                 max_line=line_limit(max_frame),
             ).run()
+            if out.closed:
+                # Nobody reads our output any more, so we read CMD's no more: CMD, if it
+                # still writes, finds no reader either (EPIPE), as in a shell pipeline,
+                # instead of waiting for us for ever.
+                ours.close()
             code = process.wait()
         finally:
             _reap(process)

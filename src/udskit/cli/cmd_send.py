@@ -97,8 +97,9 @@ def run(args: argparse.Namespace) -> int:
                 raise _closed(channel, args.address, exc, expected) from exc
             if dump is not None:
                 dump.sent(message)
-            if args.reply and not raw:
-                _show(out, dump, _answer(channel, args, expected), lines=True)
+            reply = _answer(channel, args, expected) if args.reply and not raw else None
+            if reply is not None and not _show(out, dump, reply, lines=True):
+                return 0  # nobody reads our output any more: main ends as SIGPIPE would
         if args.reply and raw:
             # A raw stream has no message boundaries: say we are done, print all until EOF.
             channel.shutdown_write()
@@ -111,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
                         break  # the end of the answer
                     raise
                 received = True
-                _show(out, dump, chunk, lines=False)
+                if not _show(out, dump, chunk, lines=False):
+                    break
     return 0
 
 
@@ -209,7 +211,8 @@ def _try(framing: str | None) -> str:
     return f"try {others}"
 
 
-def _show(out: Output, dump: HexDump | None, message: bytes, *, lines: bool) -> None:
+def _show(out: Output, dump: HexDump | None, message: bytes, *, lines: bool) -> bool:
+    """Show a reply; False once nobody reads our output any more."""
     if dump is not None:
         dump.received(message)
-    out.write(as_line(message) if lines else message)
+    return out.write(as_line(message) if lines else message)

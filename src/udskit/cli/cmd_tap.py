@@ -111,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, stop.signalled) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
 
+        def show(data: bytes) -> None:
+            if not out.write(data):
+                stop.event.set()  # nobody reads our output any more: stop, as --count does
+
         def on_event(event: tap.Event) -> None:
             if isinstance(event, tap.Notice):
                 # The first notice says what is tapped: with how to stop, for a terminal.
@@ -125,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         running = tap.start(args.path, on_event, type=args.type)
         try:
             printer = Printer(
-                out.write,
+                show,
                 start=started,
                 framing=args.framing,
                 max_bytes=max_bytes,

@@ -10,7 +10,8 @@ Each subcommand lives in ``udskit/cli/cmd_<name>.py`` and provides:
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage, 130 interrupted (Ctrl-C). Expected failures
 (every ``UdsError``, bad values, a missing peer program) print ``udskit: <what failed>`` and
-never a traceback.
+never a traceback. A command whose stdout lost its reader stops, and the process ends killed
+by SIGPIPE, silently, as ``cat`` and ``git`` do there (a shell's status 141).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -25,11 +28,13 @@ from typing import ClassVar, Final, NoReturn
 
 import udskit
 
+from ._output import found_stdout_gone, stdout_gone
 from ._stdio import hold_standard_fds
 from ._wording import in_cli_words
 
 __all__ = [
     "COMMANDS",
+    "EXIT_BROKEN_PIPE",
     "EXIT_FAILURE",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
@@ -43,6 +48,9 @@ EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2
 #: What a shell reports for a command that SIGINT (Ctrl-C) ended: 128 + 2.
 EXIT_INTERRUPTED: Final = 130
+#: What a shell reports for a command that SIGPIPE ended (128 + 13); ours, should the
+#: signal itself not end us (a parent that blocked it).
+EXIT_BROKEN_PIPE: Final = 128 + signal.SIGPIPE
 
 #: Subcommands in the order ``udskit --help`` lists them.
 COMMANDS: Final = (
@@ -144,11 +152,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     hold_standard_fds()  # before any socket can take a closed one's number
     try:
-        return _main(argv)
+        code = _main(argv)
     except KeyboardInterrupt:
         # Ctrl-C, at any point, even while the subcommands' modules load: the shell's code
         # for an interrupted command, and no traceback.
         return EXIT_INTERRUPTED
+    if stdout_gone():
+        _end_as_sigpipe_does()
+    return code
+
+
+def _end_as_sigpipe_does() -> NoReturn:
+    """End as a writer whose reader went away ends: ``cat`` is killed by SIGPIPE there, and
+    git (write_or_die.c, check_pipe) raises it on itself after EPIPE. Python ignores
+    SIGPIPE (so that a socket's peer going away is an error, not our death), and the
+    command has stopped and cleaned up on its EPIPE already: now the signal, with its
+    default action. A shell sees 141 (``set -o pipefail`` fails the pipeline, as for cat),
+    a parent process the signal; stderr says nothing, as for cat.
+    """
+    sys.stderr.flush()
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    raise SystemExit(EXIT_BROKEN_PIPE)  # the signal is blocked: its status, then
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -167,6 +192,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except UsageError as exc:
         parser.exit(EXIT_USAGE, f"udskit {args.command}: error: {exc}\n")
     except (udskit.UdsError, ValueError, OSError) as exc:
+        if isinstance(exc, BrokenPipeError) and found_stdout_gone():
+            return EXIT_OK  # print() to a stdout nobody reads: main ends as SIGPIPE would
         # Expected failures: one line, no traceback. OSError covers what the library does not
         # wrap (a missing program for --exec, an unreadable file for -d @FILE, ...).
         print(f"udskit {args.command}: {_one_line(exc)}", file=sys.stderr)
