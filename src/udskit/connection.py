@@ -529,7 +529,11 @@ class Connection:
                 # Usually the read held exactly one message: nothing left to look at.
                 message = framing.next_message() if framing.buffered else NEED_DATA
         except UdsError as exc:  # FrameTooLarge, or the stream ended mid-message
-            self._abort(str(exc))
+            # The messages before it were whole: their replies still go (those of a worker
+            # too, once it is done), then the connection closes; it is not read again.
+            log.warning("%s: %s; closing the connection", self._where(), exc)
+            self._eof = True  # nothing after it is decoded
+            self._finish()
             return
         if message is CLOSED:
             self._ended()
@@ -583,8 +587,11 @@ class Connection:
         after its request waits for the answer."""
         self._eof = True
         self._driver.ended(self)
-        if self.closed:
-            return
+        if not self.closed:
+            self._finish()
+
+    def _finish(self) -> None:
+        """Read no more (``_eof`` is set): close once the replies under way have gone."""
         self._update()  # first: flush() then sees it is not reading, and closes if drained
         if not self.busy:
             self.flush()

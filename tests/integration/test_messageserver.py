@@ -624,6 +624,22 @@ def test_a_header_over_max_frame_closes_that_client(
     assert any("closing the connection" in message for message in warnings), warnings
 
 
+@pytest.mark.parametrize("workers", WORKERS)
+def test_the_messages_before_a_bad_frame_are_answered_then_the_client_is_closed(
+    path: Path, workers: int
+) -> None:
+    """A client sends a message and then a header over max_frame, in one write: the
+    message was whole, and its reply goes out before the connection closes."""
+    with Running(path, echo, workers=workers, max_frame=1024) as running:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(PATIENCE)
+            client.connect(os.fspath(path))
+            client.sendall(struct.pack(">I", 5) + b"hello" + struct.pack(">I", 1 << 30))
+            reply = struct.pack(">I", 5) + b"hello"
+            assert _recv_exactly(client, len(reply) + 1) == reply, "the reply, then the end"
+        wait_until(lambda: running.server.active_clients == 0, "the client to be dropped")
+
+
 @pytest.mark.parametrize("kind", ["seqpacket", "dgram"])
 def test_a_packet_over_max_frame_is_reported(
     path: Path, kind: str, caplog: pytest.LogCaptureFixture
@@ -1296,7 +1312,8 @@ def test_descriptors_stay_the_handlers_while_its_client_is_closed(
     path: Path, kind: str, fd_check: None
 ) -> None:
     """A worker's handler keeps the descriptors of its message open even when the loop
-    closes that client meanwhile (here: a second message over max_frame)."""
+    closes that client meanwhile (here: a second message that brings more descriptors
+    than max_fds on a stream, which cannot go on; one over max_frame on seqpacket)."""
     release = threading.Event()
     working = threading.Event()
     closed = threading.Event()
@@ -1318,12 +1335,21 @@ def test_descriptors_stay_the_handlers_while_its_client_is_closed(
     other_r, other_w = -1, -1
     try:
         with Running(
-            path, handler, type=kind, workers=2, max_frame=1024, on_close=lambda c: closed.set()
+            path,
+            handler,
+            type=kind,
+            workers=2,
+            max_frame=1024,
+            max_fds=1,
+            on_close=lambda c: closed.set(),
         ) as running:
             with running.client() as client:
                 client.send_fds(b"with a descriptor", [w])
                 assert working.wait(PATIENCE)
-                client.socket.sendall(b"x" * 4096 if kind == "seqpacket" else b"\xff" * 4)
+                if kind == "seqpacket":
+                    client.socket.sendall(b"x" * 4096)
+                else:
+                    socket.send_fds(client.socket, [struct.pack(">I", 1) + b"x"], [r, r])
                 assert closed.wait(PATIENCE)
                 # Descriptor numbers are reused lowest first: a pipe opened now takes the
                 # numbers a premature close freed.
