@@ -50,6 +50,7 @@ from .options import (
     tune_buffers,
     type_name,
 )
+from .proto.framing import DEFAULT_MAX_LINE
 from .proto.shm import is_marker
 from .shm import offered
 from .sockfile import Claim, claim, probe
@@ -358,7 +359,9 @@ class Listener(_Endpoint):
 
     @property
     def max_frame(self) -> int:
-        """The largest message a client may send."""
+        """The largest message a client may send (a line, with 'lines' framing)."""
+        if self._max_frame is None and self.type == "stream" and self._framing == "lines":
+            return DEFAULT_MAX_LINE  # what each accepted channel's framing takes by default
         return max_frame_for(self.type, self._max_frame)
 
     @property

@@ -31,6 +31,7 @@ import udskit
 from udskit import Connection, ConnectionClosed, MessageServer, Policy
 from udskit.channel import RECV_CHUNK
 from udskit.messageserver import WORKER_BACKLOG
+from udskit.proto import DEFAULT_MAX_LINE
 
 from ..conftest import READY_TIMEOUT, cpu_used, open_fds, wait_connectable
 from .children import NOBODY, needs_root, run_in_child
@@ -638,6 +639,20 @@ def test_the_messages_before_a_bad_frame_are_answered_then_the_client_is_closed(
             reply = struct.pack(">I", 5) + b"hello"
             assert _recv_exactly(client, len(reply) + 1) == reply, "the reply, then the end"
         wait_until(lambda: running.server.active_clients == 0, "the client to be dropped")
+
+
+def test_a_lines_server_takes_the_lines_a_lines_channel_does_by_default(path: Path) -> None:
+    """With 'lines' framing and no max_frame, a server bounds a line as a Channel does
+    (DEFAULT_MAX_LINE), not by the 16 MiB of a length-prefixed frame."""
+    with Running(path, echo, framing="lines"):
+        with udskit.connect(path, framing="lines", timeout=PATIENCE) as client:
+            client.send(b"x" * DEFAULT_MAX_LINE)
+            assert client.recv() == b"x" * DEFAULT_MAX_LINE
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(PATIENCE)
+            client.connect(os.fspath(path))
+            client.sendall(b"x" * (DEFAULT_MAX_LINE + 1) + b"\n")
+            assert _recv_exactly(client, 1) == b"", "a longer line ends the connection"
 
 
 @pytest.mark.parametrize("kind", ["seqpacket", "dgram"])

@@ -14,7 +14,7 @@ from typing import Final
 
 import udskit
 from udskit.options import DEFAULT_MAX_MESSAGE
-from udskit.proto import DEFAULT_MAX_FRAME, HEADER
+from udskit.proto import DEFAULT_MAX_FRAME, DEFAULT_MAX_LINE, HEADER
 
 from .main import UsageError
 
@@ -79,7 +79,7 @@ def add_max_frame(parser: argparse.ArgumentParser, *, framings: bool = True) -> 
     """--max-frame; ``framings``: the command takes --framing too (``pair`` does not)."""
     streams = (
         f"a frame of --framing length (default: {_size(DEFAULT_MAX_FRAME)}), a line of "
-        "--framing lines, "
+        f"--framing lines (default: {_size(DEFAULT_MAX_LINE)}), "
         if framings
         else ""
     )
