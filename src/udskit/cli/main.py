@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  udskit send --reply /tmp/echo.sock hello\n"
             "  udskit doctor /tmp/gunicorn.sock --as www-data\n\n"
             "addresses: /path, ./rel, unix:PATH, @abstract, tcp:HOST:PORT, fd:N\n"
-            "exit codes: 0 ok, 1 failure, 2 usage"
+            "exit codes: 0 ok, 1 failure, 2 usage, 130 Ctrl-C, 141 stdout's reader gone (SIGPIPE)"
         ),
     )
     parser.add_argument("--version", action="version", version=f"udskit {udskit.__version__}")
