@@ -9,6 +9,9 @@ Two measurements behind the figures in docs/shared-memory.md:
   block, the slot number and the acknowledgement through two pipes), also in one thread.
   Modes: ``loan`` (nothing copied: the handoff alone), ``view`` (one copy, in) and ``copy``
   (two copies, in and out).
+* **one copy, by size**: ``send()`` of one message into pool pages used before, alone (no
+  receiver wakes): the one copy of the in-place path, which runs at cache speed only while
+  the payload and its slot fit in the processor's cache.
 * **a fresh pool against a used one**: one 256 MiB message into pool pages never used
   before (the kernel clears and maps each page first), then the same into pages used
   before, and a ``bytes`` of 256 MiB made for a copy-out (fresh pages every time).
@@ -31,6 +34,7 @@ import udskit
 from udskit.channel import Channel
 
 SIZES = (256 << 10, 1 << 20)
+COPY_SIZES = (1 << 20, 4 << 20, 8 << 20, 16 << 20, 64 << 20)
 LARGE = 256 << 20
 
 
@@ -135,6 +139,24 @@ def measure_fresh_pages(repeats: int) -> None:
         print(f"  {label:<25} {seconds * 1e3:7.1f} ms  {LARGE / seconds / 1e9:5.1f} GB/s")
 
 
+def measure_copy_by_size(repeats: int) -> None:
+    print("\none send() into pool pages used before, by size (GB/s of payload, median)")
+    for size in COPY_SIZES:
+        payload = os.urandom(size)
+        speeds: list[float] = []
+        a, b = udskit.pair(shared_memory=2 * size, max_frame=size)
+        with a, b:
+            for _ in range(2):  # both slots used once: no fresh page is timed
+                a.send(payload)
+                b.recv_view().release()
+            for _ in range(repeats):
+                started = time.perf_counter()
+                a.send(payload)
+                speeds.append(size / (time.perf_counter() - started) / 1e9)
+                b.recv_view().release()
+        print(f"  {size >> 20:>5} MiB  {statistics.median(speeds):5.1f} GB/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -144,6 +166,7 @@ def main() -> None:
     os.sched_setaffinity(0, {cpus[-1]})
     print(f"pinned to CPU {cpus[-1]}")
     measure_per_message(args.repeats, args.messages)
+    measure_copy_by_size(max(args.repeats, 9))
     measure_fresh_pages(args.repeats)
 
 
