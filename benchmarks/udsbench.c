@@ -300,6 +300,13 @@ static int rtt_server(const struct options *o) {
     return 0;
 }
 
+/* What the Python contenders send too (bench/loops.py, make_payload): a repeating 0-255
+ * pattern, written into every page. calloc()'s zeros above the mmap threshold are the
+ * kernel's shared zero page until written: a copy from it reads one cached page. */
+static void fill_payload(unsigned char *p, size_t n) {
+    for (size_t i = 0; i < n; i++) p[i] = (unsigned char)i;
+}
+
 static int rtt_client(const struct options *o) {
     if (o->size > RTT_MAX) usage("--size too large for a round trip");
     int fd = connect_to(o);
@@ -307,6 +314,7 @@ static int rtt_client(const struct options *o) {
     unsigned char *out = calloc(1, whole), *in = malloc(RTT_MAX + 4);
     int64_t *samples = malloc(sizeof(int64_t) * (size_t)(o->count ? o->count : 1));
     if (!out || !in || !samples) die("malloc");
+    fill_payload(out + 4, (size_t)o->size);
     put_length(out, (uint32_t)o->size);
     long n = 0;
     int64_t deadline = 0;
@@ -389,8 +397,9 @@ static int stream_receiver(const struct options *o) {
 static int stream_sender(const struct options *o) {
     int fd = connect_to(o);
     unsigned char header[4];
-    unsigned char *payload = calloc(1, o->size ? (size_t)o->size : 1);
+    unsigned char *payload = malloc(o->size ? (size_t)o->size : 1);
     if (!payload) die("malloc");
+    fill_payload(payload, (size_t)o->size);
     put_length(header, (uint32_t)o->size);
     long check = o->size ? CLOCK_EVERY_BYTES / o->size : 1;
     if (check < 1) check = 1;

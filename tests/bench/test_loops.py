@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from udskit.bench.loops import asend_all, send_all
+import pytest
+
+from udskit.bench.loops import asend_all, make_payload, send_all
 
 
 def test_warm_up_sends_go_first_and_are_neither_counted_nor_timed() -> None:
@@ -42,3 +44,13 @@ def test_without_warm_up_the_clock_starts_at_once() -> None:
     result = send_all(lambda: 1, count=3, seconds=60.0, check_every=1)
     assert (result.messages, result.warmup) == (3, 0)
     assert result.started_ns >= before
+
+
+@pytest.mark.parametrize("size", [0, 1, 255, 256, 257, 1 << 20])
+def test_the_payload_is_a_pattern_not_zeros(size: int) -> None:
+    """A copy of zeros that were never written reads the kernel's one shared zero page:
+    every contender sends the same non-zero pattern instead, of exactly ``size`` bytes."""
+    data = make_payload(size)
+    assert type(data) is bytes
+    assert len(data) == size
+    assert data == bytes(i % 256 for i in range(size))

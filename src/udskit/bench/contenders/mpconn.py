@@ -11,7 +11,7 @@ import signal
 from collections.abc import Callable
 from multiprocessing.connection import Client, Connection, Listener, wait
 
-from ..loops import receive_all, run_round_trips, send_all, stream_check_every
+from ..loops import make_payload, receive_all, run_round_trips, send_all, stream_check_every
 from ..wire import Job, RttResult, SendResult, StreamResult
 
 __all__ = [
@@ -43,7 +43,7 @@ def rtt_server(job: Job, ready: Callable[[str], None]) -> None:
 
 
 def rtt_client(job: Job) -> RttResult:
-    payload = bytes(job.size)
+    payload = make_payload(job.size)
     with Client(job.address, family="AF_UNIX") as conn:
 
         def once() -> None:
@@ -67,7 +67,7 @@ def stream_receiver(job: Job, ready: Callable[[str], None]) -> StreamResult:
 
 
 def stream_sender(job: Job) -> SendResult:
-    payload = bytes(job.size)
+    payload = make_payload(job.size)
     with Client(job.address, family="AF_UNIX") as conn:
 
         def send() -> int:

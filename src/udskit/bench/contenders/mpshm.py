@@ -16,7 +16,7 @@ from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from typing import Final
 
-from ..loops import receive_all, send_all
+from ..loops import make_payload, receive_all, send_all
 from ..wire import Job, SendResult, StreamResult
 
 __all__ = ["stream_receiver", "stream_sender"]
@@ -78,7 +78,7 @@ def stream_sender(job: Job) -> SendResult:
     try:
         name = block.name.encode()
         os.write(write_fd, len(name).to_bytes(2, "little") + name)
-        payload = bytes(size)
+        payload = make_payload(size)
         buffer = block.buf
         assert buffer is not None
         free = SLOTS

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from ..loops import receive_all, run_round_trips, send_all, stream_check_every
+from ..loops import make_payload, receive_all, run_round_trips, send_all, stream_check_every
 from ..wire import Job, RttResult, SendResult, StreamResult
 from .frames import HEADER, FrameReader, frame
 
@@ -53,7 +53,7 @@ def rtt_server(job: Job, ready: Callable[[str], None]) -> None:
 
 def rtt_client(job: Job) -> RttResult:
     read_fd, write_fd = _ends(job)
-    payload = bytes(job.size)
+    payload = make_payload(job.size)
     reader = _reader(read_fd)
 
     def once() -> None:
@@ -82,7 +82,7 @@ def stream_receiver(job: Job, ready: Callable[[str], None]) -> StreamResult:
 def stream_sender(job: Job) -> SendResult:
     read_fd, write_fd = _ends(job)
     os.close(read_fd)
-    payload = bytes(job.size)
+    payload = make_payload(job.size)
 
     def send() -> int:
         _send(write_fd, payload)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import zmq
 
-from ..loops import receive_all, run_round_trips, send_all, stream_check_every
+from ..loops import make_payload, receive_all, run_round_trips, send_all, stream_check_every
 from ..wire import Job, RttResult, SendResult, StreamResult
 
 __all__ = ["rtt_client", "rtt_server", "stream_receiver", "stream_sender"]
@@ -34,7 +34,7 @@ def rtt_server(job: Job, ready: Callable[[str], None]) -> None:
 
 
 def rtt_client(job: Job) -> RttResult:
-    payload = bytes(job.size)
+    payload = make_payload(job.size)
     with zmq.Context() as context, context.socket(zmq.REQ) as sock:
         sock.connect(_endpoint(job))
 
@@ -56,7 +56,7 @@ def stream_receiver(job: Job, ready: Callable[[str], None]) -> StreamResult:
 
 
 def stream_sender(job: Job) -> SendResult:
-    payload = bytes(job.size)
+    payload = make_payload(job.size)
     with zmq.Context() as context, context.socket(zmq.PUSH) as sock:
         sock.connect(_endpoint(job))
 

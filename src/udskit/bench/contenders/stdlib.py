@@ -13,7 +13,7 @@ import signal
 import socket
 from collections.abc import Callable
 
-from ..loops import receive_all, run_round_trips, send_all, stream_check_every
+from ..loops import make_payload, receive_all, run_round_trips, send_all, stream_check_every
 from ..wire import Job, RttResult, SendResult, StreamResult
 from .frames import HEADER, FrameReader, frame
 
@@ -94,7 +94,7 @@ def rtt_server(job: Job, ready: Callable[[str], None]) -> None:
 
 
 def rtt_client(job: Job) -> RttResult:
-    payload = bytes(job.size)
+    payload = make_payload(job.size)
     with _connect(job) as sock:
         reader = FrameReader(sock.recv_into)
 
@@ -113,7 +113,7 @@ def stream_receiver(job: Job, ready: Callable[[str], None]) -> StreamResult:
 
 
 def stream_sender(job: Job) -> SendResult:
-    payload = bytes(job.size)
+    payload = make_payload(job.size)
     with _connect(job) as sock:
 
         def send() -> int:

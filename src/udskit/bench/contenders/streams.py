@@ -10,7 +10,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from ..loops import areceive_all, arun_round_trips, asend_all, stream_check_every
+from ..loops import areceive_all, arun_round_trips, asend_all, make_payload, stream_check_every
 from ..wire import Job, RttResult, SendResult, StreamResult
 from . import aloop
 from .frames import HEADER, frame
@@ -83,7 +83,7 @@ def rtt_client(job: Job) -> RttResult:
 
 async def _rtt_client(job: Job) -> RttResult:
     reader, writer = await asyncio.open_unix_connection(job.address)
-    payload = bytes(job.size)
+    payload = make_payload(job.size)
 
     async def once() -> None:
         writer.write(frame(payload))
@@ -118,7 +118,7 @@ def stream_sender(job: Job) -> SendResult:
 
 async def _stream_sender(job: Job) -> SendResult:
     _, writer = await asyncio.open_unix_connection(job.address)
-    payload = bytes(job.size)
+    payload = make_payload(job.size)
     header = HEADER.pack(job.size)
 
     async def send() -> int:

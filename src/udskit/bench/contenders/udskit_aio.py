@@ -13,7 +13,7 @@ from typing import Final
 import udskit
 import udskit.aio
 
-from ..loops import areceive_all, arun_round_trips, asend_all, stream_check_every
+from ..loops import areceive_all, arun_round_trips, asend_all, make_payload, stream_check_every
 from ..wire import Job, RttResult, SendResult, StreamResult
 from . import aloop
 
@@ -54,7 +54,7 @@ def rtt_server(job: Job, ready: Callable[[str], None]) -> None:
 
 def rtt_client(job: Job) -> RttResult:
     async def main() -> RttResult:
-        payload = bytes(job.size)
+        payload = make_payload(job.size)
         async with await udskit.aio.connect(job.address) as channel:
 
             async def once() -> None:
@@ -88,7 +88,7 @@ def stream_receiver(job: Job, ready: Callable[[str], None]) -> StreamResult:
 
 def stream_sender(job: Job) -> SendResult:
     async def main() -> SendResult:
-        payload = bytes(job.size)
+        payload = make_payload(job.size)
         async with await udskit.aio.connect(job.address) as channel:
 
             async def send() -> int:

@@ -17,7 +17,7 @@ import udskit
 from udskit.proto import DEFAULT_MAX_FRAME
 from udskit.proto.shm import SHARED_THRESHOLD
 
-from ..loops import receive_all, send_all
+from ..loops import make_payload, receive_all, send_all
 from ..wire import Job, SendResult, StreamResult
 
 __all__ = ["pool_size", "stream_receiver", "stream_sender"]
@@ -85,7 +85,7 @@ def stream_sender(job: Job) -> SendResult:
                 return 1
 
         else:
-            payload = bytes(size)
+            payload = make_payload(size)
 
             def send() -> int:
                 channel.send(payload)

@@ -12,7 +12,7 @@ from typing import Final
 
 import udskit
 
-from ..loops import receive_all, run_round_trips, send_all, stream_check_every
+from ..loops import make_payload, receive_all, run_round_trips, send_all, stream_check_every
 from ..wire import Job, RttResult, SendResult, StreamResult
 
 __all__ = [
@@ -59,7 +59,7 @@ def rtt_server(job: Job, ready: Callable[[str], None]) -> None:
 
 
 def rtt_client(job: Job) -> RttResult:
-    payload = bytes(job.size)
+    payload = make_payload(job.size)
     with _connect(job) as channel:
 
         def once() -> None:
@@ -96,7 +96,7 @@ def _recv_many(channel: udskit.Channel) -> int:
 
 
 def stream_sender(job: Job) -> SendResult:
-    payload = bytes(job.size)
+    payload = make_payload(job.size)
     with _connect(job) as channel:
         if job.option("batch", False):
             batch = [payload] * max(1, min(BATCH_MESSAGES, BATCH_BYTES // job.size))
