@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from .ancillary import close_fds
 from .errors import ConnectionClosed, ProtocolError, Timeout, UdsError
-from .freshbytes import FRESH_MIN, fresh
+from .freshbytes import FRESH_MIN, copied
 from .proto.shm import (
     ATTACH,
     DEFAULT_POOL,
@@ -223,13 +223,10 @@ class Mapping:
         """A copy of ``length`` bytes at ``offset``, as bytes."""
         self._enter()
         try:
-            message = memoryview((ctypes.c_char * length).from_address(self.address + offset))
-            prepared = fresh(length, huge=True, populate=True) if length >= FRESH_MIN else None
-            if prepared is None:
-                return bytes(message.cast("B"))
-            data, into = prepared
-            with into:
-                into[:] = message.cast("B")
+            source = self.address + offset
+            data = copied(source, length) if length >= FRESH_MIN else None
+            if data is None:
+                return bytes(memoryview((ctypes.c_char * length).from_address(source)).cast("B"))
             return data
         finally:
             self._leave()

@@ -1,14 +1,15 @@
-"""``fresh``: a bytes object filled through a view of its storage; faulted in all at once only
-when asked (a copy of data at hand), never for a message a peer has only announced."""
+"""``fresh``: a bytes object filled through a view of its storage, never faulted in ahead of
+the data (a peer's announced size costs nothing); ``copied``: one holding a copy of memory
+at hand, made a huge page at a time."""
 
 from __future__ import annotations
 
+import ctypes
 import mmap
-import os
 
 import pytest
 
-from udskit.freshbytes import FRESH_MIN, fresh
+from udskit.freshbytes import FRESH_MIN, copied, fresh
 
 SIZE = 2 * FRESH_MIN
 
@@ -42,17 +43,15 @@ def test_without_populate_only_what_is_written_is_held(huge: bool) -> None:
     del data
 
 
-def _kernel() -> tuple[int, int]:
-    major, minor = os.uname().release.split(".")[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
-
-
-@pytest.mark.skipif(_kernel() < (5, 14), reason="MADV_POPULATE_WRITE came in Linux 5.14")
-def test_populate_faults_it_all_in_now() -> None:
-    before = resident()
-    prepared = fresh(SIZE, huge=True, populate=True)
-    assert prepared is not None
-    data, view = prepared
-    view.release()
-    assert resident() - before >= SIZE * 3 // 4
-    del data
+@pytest.mark.parametrize("length", [0, 1, 5, 2 * 1024 * 1024 + 3, FRESH_MIN + 4097])
+def test_a_copy_holds_the_bytes_at_the_address_whatever_the_pieces(length: int) -> None:
+    """The pieces follow the object's huge pages, which start wherever malloc put it: every
+    length, whole pieces or not, comes out byte for byte."""
+    pattern = bytes(range(251))  # a prime period: a piece copied to the wrong place shows
+    source = (pattern * (length // len(pattern) + 1))[:length]
+    buffer = ctypes.create_string_buffer(source, length or 1)
+    data = copied(ctypes.addressof(buffer), length)
+    assert data is not None
+    assert type(data) is bytes
+    assert data == source
+    assert hash(data) == hash(source)
