@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 import resource
 import shutil
 import socket
 import tempfile
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -47,6 +50,14 @@ def wait_connectable(path: str | os.PathLike[str], kind: int = socket.SOCK_STREA
                     raise
         time.sleep(delay)  # back-off between readiness probes, not synchronisation
         delay = min(delay * 2, 0.05)
+
+
+def unread(sock: socket.socket) -> int:
+    """The size of the next datagram in a datagram socket's receive queue (0: none waits,
+    for a test that sends no empty datagram): whether the kernel still holds one."""
+    size = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, size)
+    return size[0]
 
 
 def open_fds() -> set[int]:

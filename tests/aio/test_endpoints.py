@@ -29,7 +29,9 @@ from udskit import (
     SocketFileError,
 )
 
+from ..conftest import unread
 from ..integration.children import NOBODY, fork, reap
+from .helpers import idle_turns, turns_until
 from .transport import LoopThread
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
@@ -357,6 +359,38 @@ def test_a_datagrams_descriptors_pass_to_one_session_only(
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_a_datagram_listener_that_stops_receiving_keeps_what_it_read_and_replies(
+    arun: Run, sockdir: Path, no_fd_leak: None
+) -> None:
+    """stop_receiving() (a listener handed over): the datagrams read ahead are still
+    returned, replies still go out, and what arrives after stays in the socket's queue."""
+    path = sockdir / "dgram.sock"
+
+    async def main() -> None:
+        async with (
+            await udskit.aio.listen(path, type="dgram") as listener,
+            await udskit.aio.connect(path, type="dgram") as client,
+        ):
+            for message in (b"1", b"2", b"3"):
+                await client.send(message)
+            first = await listener.recv()
+            await turns_until(lambda: unread(listener.socket) == 0)  # 2 and 3 read ahead
+            listener.stop_receiving()
+            await client.send(b"late")
+            await idle_turns()
+            assert unread(listener.socket) == len(b"late")  # not taken
+            assert [(await listener.recv()).data for _ in range(2)] == [b"2", b"3"]
+            with pytest.raises(ConnectionClosed, match="takes no more datagrams"):
+                await listener.recv()
+            assert [datagram async for datagram in listener] == []
+            assert not listener.closed
+            await listener.send_to(first.sender, b"reply")  # the socket is open
+            assert await client.recv() == b"reply"
+            assert unread(listener.socket) == len(b"late")
+
+    arun(main())
 
 
 def test_connect_waits_while_the_backlog_is_full(arun: Run, sockdir: Path) -> None:

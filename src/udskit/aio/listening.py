@@ -65,13 +65,14 @@ class _Endpoint(Generic[_Item]):
     """What both listener kinds share: the blocking endpoint (socket, claim, policy), the
     loop, waiting for readiness with a timeout, closing, iteration, context management."""
 
-    __slots__ = ("_inner", "_loop", "_reading", "_timeout", "_waiters")
+    __slots__ = ("_inner", "_loop", "_reading", "_receiving", "_timeout", "_waiters")
 
     def __init__(self, inner: blocking.Listener | blocking.DatagramListener) -> None:
         self._inner = inner
         inner.socket.setblocking(False)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = False
+        self._receiving = True  # False: stop_receiving() was called (datagrams)
         self._timeout: float | None = None
         self._waiters = Waiters("receive")
 
@@ -107,7 +108,7 @@ class _Endpoint(Generic[_Item]):
         try:
             return await self._next()
         except ConnectionClosed:
-            if self.closed:
+            if self.closed or not self._receiving:
                 raise StopAsyncIteration from None
             raise
 
@@ -307,7 +308,26 @@ class DatagramListener(_Endpoint[Datagram]):
                 self._ready_bytes -= len(item.data)
                 self._ready_fds -= len(item.fds)
                 return item
+            if not self._receiving:
+                self._check_open()
+                raise ConnectionClosed(
+                    f"listener on {self.address} takes no more datagrams (stop_receiving())"
+                )
             await self._wait_readable("recv")
+
+    def stop_receiving(self) -> None:
+        """Take no more datagrams from the socket, but keep it open: ``recv()`` returns
+        those already read, then raises ConnectionClosed (``async for`` ends), while
+        ``send_to()`` and sessions still reply through it until ``close()``.
+
+        For a listener handed over (``handover=True``): both processes hold the socket
+        until this one closes its copy, and what arrives is the successor's. The reader
+        callback reads ahead, so close() alone would drop the datagrams already read, and
+        the replies of handlers still running; staying open and reading, this process
+        would go on taking datagrams from the successor."""
+        self._receiving = False
+        self._stop_reading()
+        self._waiters.wake_all()
 
     async def send_to(self, address: AddressLike, data: Buffer, fds: Sequence[int] = ()) -> None:
         """Send one datagram (with descriptors, if given) to ``address``.
@@ -355,6 +375,8 @@ class DatagramListener(_Endpoint[Datagram]):
 
     def _on_readable(self) -> None:
         """Reader callback: queue what arrived, drop what the policy refuses."""
+        if not self._receiving:
+            return  # a call the loop had queued before stop_receiving() removed the reader
         view = scratch(self._max_frame)[: self._max_frame]
         sock = self._inner.socket
         ready = self._ready
