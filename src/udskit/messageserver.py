@@ -217,11 +217,18 @@ class MessageServer(MessageServing):
             return
         del self._running[key]
         self._drop_inbox(key)
-        if owner is not None:
-            owner.busy = False
-            if not owner.closed:
-                owner.hold(False)
-                owner.flush()
+        if owner is None:
+            self._finished_one()
+            return
+        owner.busy = False
+        if not owner.closed:
+            owner.hold(False)
+            owner.flush()
+
+    def _busy(self) -> bool:
+        # A datagram lane a worker has: datagrams read and not yet handled, or a handler
+        # that runs; handed over, they are handled before the socket closes.
+        return super()._busy() or any(key < 0 for key in self._running)
 
     def _drop_inbox(self, key: int) -> None:
         for _, _, fds in self._inboxes.pop(key, ()):

@@ -333,7 +333,7 @@ class MessageServing:
                 self._on_close(conn)
             except Exception:
                 log.exception("%s: on_close failed for %r", self.address, conn)
-        if self._draining and not self._conns:
+        if self._draining and not self._busy():
             self.stop()  # handed over, and the last client has gone
         elif not self._stopping and not self._backing_off:
             self._watch_listener(True)
@@ -432,33 +432,62 @@ class MessageServing:
             upgrader.on_handed_over(lambda: self.call_soon(self._drain))
         return upgrader
 
+    def _busy(self) -> bool:
+        """Whether a handover must wait: for a client, or (a subclass says) a datagram that
+        was read and is not handled yet, or a handler that still has to reply."""
+        return bool(self._conns)
+
+    def _finished_one(self) -> None:
+        """A datagram's handling ended (a subclass calls this): if handed over and it was
+        the last work left, end."""
+        if self._draining and not self._stopping and not self._busy():
+            self.stop()
+
     def _drain(self) -> None:
-        """A successor has the listener: accept nothing more, end once our clients have
-        gone, or after drain_timeout."""
+        """A successor has the listener: take nothing more from it, end once our clients
+        have gone and the datagrams we took are handled, or after drain_timeout.
+
+        A datagram listener stays open meanwhile, unwatched: the replies leave through it,
+        and what arrives is left in the socket's queue, for the successor."""
         if self._stopping:
             return
         self._draining = True
         self._watch_listener(False)
-        if not self._conns:
+        if not self._busy():
             self.stop()
             return
-        log.info(
-            "%s: handed over; finishing %d client(s), for at most %g s",
-            self.address,
-            len(self._conns),
-            self._drain_timeout,
-        )
+        if isinstance(self._endpoint, DatagramListener):
+            log.info(
+                "%s: handed over; handling the datagrams already received, for at most %g s",
+                self.address,
+                self._drain_timeout,
+            )
+        else:
+            log.info(
+                "%s: handed over; finishing %d client(s), for at most %g s",
+                self.address,
+                len(self._conns),
+                self._drain_timeout,
+            )
         self._drain_expires_in(self._drain_timeout)
 
     def _drain_expired(self) -> None:
         if self._stopping:
             return
-        log.warning(
-            "%s: %d client(s) still connected %g s after the handover; closing them",
-            self.address,
-            len(self._conns),
-            self._drain_timeout,
-        )
+        if isinstance(self._endpoint, DatagramListener):
+            log.warning(
+                "%s: still handling datagrams %g s after the handover; stopping (those "
+                "not yet handled are dropped)",
+                self.address,
+                self._drain_timeout,
+            )
+        else:
+            log.warning(
+                "%s: %d client(s) still connected %g s after the handover; closing them",
+                self.address,
+                len(self._conns),
+                self._drain_timeout,
+            )
         self.stop()
 
     def stop(self) -> None:

@@ -142,7 +142,16 @@ class MessageServer(MessageServing):
         assert loop is not None
         task = loop.create_task(self._await_reply(conn, reply, fds))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._finished_one()
+
+    def _busy(self) -> bool:
+        # A handler still awaiting (a datagram's has no client to wait for): handed over,
+        # it replies before the socket closes.
+        return super()._busy() or bool(self._tasks)
 
     async def _await_reply(self, conn: Connection, pending: Awaitable[Any], fds: list[int]) -> None:
         try:

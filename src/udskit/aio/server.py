@@ -15,6 +15,12 @@ see the connection end together, and waits up to SHUTDOWN_GRACE seconds for all 
 deadline, not one each) before cancelling what is left. A datagram handler replies through
 the listener's socket: stopping removes the file at once but closes the socket only after
 that wait, so a handler already running still gets its reply out.
+
+Handed over (``handover=True``, a successor has taken the listener), a server accepts no
+more and lets the clients it has finish, drain_timeout seconds at most. A datagram listener
+stops reading but stays open: the handler running and the datagrams already read (the
+listener reads ahead) are served, in turn, within that time, and their replies go out
+through it; what arrives meanwhile is left to the successor.
 """
 
 from __future__ import annotations
@@ -81,6 +87,7 @@ class Server:
         self._clients: dict[asyncio.Task[None], Channel] = {}
         self._stopping = False
         self._draining = False  # handed over: finishing the clients we have
+        self._drained_by: float | None = None  # handed over: the loop time to finish by
         self._served = False
         self._finished: asyncio.Event | None = None  # serve_forever has released everything
         self._wake = Waiters("accept")  # a client finished, or stop() was called
@@ -123,11 +130,11 @@ class Server:
                 # The previous process, if any, stops accepting; that takes its answer.
                 await loop.run_in_executor(None, upgrader.ready)
             if isinstance(self._endpoint, DatagramListener):
-                await self._serve_datagrams(self._endpoint)
+                await self._serve_datagrams(self._endpoint)  # and drains, handed over
             else:
                 await self._serve_connections(self._endpoint)
-            if self._draining:
-                await self._drain(loop)
+                if self._draining:
+                    await self._drain(loop)
         finally:
             try:
                 await self._shutdown()
@@ -135,12 +142,30 @@ class Server:
                 self._finished.set()
 
     def _hand_over(self) -> None:
-        """A successor has the listener: stop accepting (our copy closes, the file stays)."""
+        """A successor has the listener: stop accepting (the file stays, the successor's).
+
+        A stream or seqpacket listener closes (our copy). A datagram listener only stops
+        reading: its running handler replies through it, and the datagrams it has read
+        already are served before it closes (see _serve_datagrams)."""
         if self._stopping:
             return
         self._draining = True
-        self._endpoint.close()
+        self._drained_by = asyncio.get_running_loop().time() + self._drain_timeout
+        endpoint = self._endpoint
+        if isinstance(endpoint, DatagramListener):
+            endpoint.stop_receiving()
+            log.info(
+                "%s: handed over; handling the datagrams already received, for at most %g s",
+                self.address,
+                self._drain_timeout,
+            )
+        else:
+            endpoint.close()
         self._wake.wake_all()
+
+    def _drain_left(self, loop: asyncio.AbstractEventLoop) -> float | None:
+        """Seconds left to finish in after the handover; None: not handed over."""
+        return None if self._drained_by is None else self._drained_by - loop.time()
 
     async def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         """Let the clients we have finish, for at most drain_timeout (stop() cuts it short)."""
@@ -151,9 +176,9 @@ class Server:
                 len(self._clients),
                 self._drain_timeout,
             )
-        deadline = loop.time() + self._drain_timeout
         while self._clients and not self._stopping:
-            left = deadline - loop.time()
+            left = self._drain_left(loop)
+            assert left is not None  # handed over
             if left <= 0:
                 log.warning(
                     "%s: %d client(s) still connected %g s after the handover; closing them",
@@ -218,10 +243,20 @@ class Server:
     async def _serve_datagrams(self, listener: DatagramListener) -> None:
         loop = asyncio.get_running_loop()
         while not self._stopping:
+            left = self._drain_left(loop)
+            if left is not None and left <= 0:
+                log.warning(
+                    "%s: still handling datagrams %g s after the handover; stopping (those "
+                    "not yet handled are dropped)",
+                    self.address,
+                    self._drain_timeout,
+                )
+                return
             try:
                 datagram = await listener.recv()
             except ConnectionClosed:
-                if self._stopping or listener.closed:
+                # Stopped, or handed over and every datagram already read is handled.
+                if self._stopping or self._draining or listener.closed:
                     return
                 raise
             except ProtocolError as exc:  # truncated, too many descriptors: report, go on
@@ -235,7 +270,10 @@ class Server:
             self._clients[task] = session
             task.add_done_callback(self._client_done)
             while not task.done() and not self._stopping:
-                await self._wake.wait(loop, None)  # the handler finished, or stop()
+                left = self._drain_left(loop)
+                if left is not None and left <= 0:
+                    break  # said above; _shutdown gives the handler SHUTDOWN_GRACE more
+                await self._wake.wait(loop, left)  # the handler finished, or stop()
 
     async def _shutdown(self) -> None:
         self._stopping = True
