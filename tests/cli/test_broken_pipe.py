@@ -156,3 +156,52 @@ def test_demo_stops_cleans_up_and_ends_as_cat_does(tmp_path: Path) -> None:
         os.close(write_end)
     assert (done.returncode, done.stderr) == (-signal.SIGPIPE, b"")
     assert list(tmp_path.iterdir()) == []  # its directory removed before the signal
+
+
+#: A program that embeds the CLI: ``main`` twice in one process, the first time with a
+#: stdout whose reader has gone. What it prints on stderr tells how far it got.
+_EMBEDDED = """
+import os, signal, sys
+from udskit.cli import _output
+from udskit.cli.main import main
+
+def with_gone_stdout(call):
+    saved = os.dup(1)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    os.dup2(write_end, 1)
+    os.close(write_end)
+    try:
+        return call()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+if sys.argv[1] == "blocked":
+    # The first call ends with 141, not the signal, which every thread blocks.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
+    try:
+        with_gone_stdout(lambda: main(["bench", "--list"]))
+    except SystemExit as exc:
+        print("first", exc.code, file=sys.stderr)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGPIPE})
+else:
+    # A first use that ended otherwise (Ctrl-C, an exception) after its stdout's reader went.
+    with_gone_stdout(lambda: _output.Output().write(b"lost"))
+print("second", main(["ls", sys.argv[2]]), file=sys.stderr)
+"""
+
+
+def test_main_again_in_one_process_is_not_killed_by_an_earlier_broken_pipe(
+    tmp_path: Path,
+) -> None:
+    # The second call killed the host process: the first's EPIPE was remembered, and a
+    # pending SIGPIPE, its default action restored, killed it once unblocked.
+    for how, first in (("blocked", "first 141\n"), ("earlier", "")):
+        done = subprocess.run(
+            [UDSKIT[0], "-c", _EMBEDDED, how, os.fspath(tmp_path)],
+            capture_output=True,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+        assert (how, done.returncode, done.stderr.decode()) == (how, 0, f"{first}second 0\n")

@@ -16,7 +16,15 @@ import sys
 import threading
 from typing import Final
 
-__all__ = ["HexDump", "Output", "as_line", "err", "found_stdout_gone", "stdout_gone"]
+__all__ = [
+    "HexDump",
+    "Output",
+    "as_line",
+    "err",
+    "forget_stdout_gone",
+    "found_stdout_gone",
+    "stdout_gone",
+]
 
 #: How a failed write names its output.
 _NAMES: Final = {1: "stdout", 2: "stderr"}
@@ -30,6 +38,12 @@ _STDOUT_GONE: Final = threading.Event()
 #: What poll(2) reports to the writer of a pipe without readers (POLLERR: fs/pipe.c,
 #: pipe_poll) or of a stream socket whose peer has closed (POLLHUP: af_unix.c, unix_poll).
 _NO_READER: Final = select.POLLERR | select.POLLHUP
+
+
+def forget_stdout_gone() -> None:
+    """A new command starts (``main`` called again in one process, by tests or a program
+    that embeds the CLI): what an earlier one found about its stdout is not this one's."""
+    _STDOUT_GONE.clear()
 
 
 def stdout_gone() -> bool:

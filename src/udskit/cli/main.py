@@ -28,7 +28,7 @@ from typing import ClassVar, Final, NoReturn
 
 import udskit
 
-from ._output import found_stdout_gone, stdout_gone
+from ._output import forget_stdout_gone, found_stdout_gone, stdout_gone
 from ._stdio import hold_standard_fds
 from ._wording import in_cli_words
 
@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     hold_standard_fds()  # before any socket can take a closed one's number
+    forget_stdout_gone()  # an earlier call's, in this process: not ours to die of
     try:
         code = _main(argv)
     except KeyboardInterrupt:
@@ -171,9 +172,16 @@ def _end_as_sigpipe_does() -> NoReturn:
     a parent process the signal; stderr says nothing, as for cat.
     """
     sys.stderr.flush()
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGPIPE)
-    raise SystemExit(EXIT_BROKEN_PIPE)  # the signal is blocked: its status, then
+    previous = signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        os.kill(os.getpid(), signal.SIGPIPE)
+    finally:
+        # Still alive: every thread blocks the signal (an embedding program, a parent that
+        # blocked it). Python's own disposition again, which also discards the pending
+        # signal (POSIX, sigaction): else the process would die of a later EPIPE on any
+        # socket, or when it unblocks the signal, long after this command.
+        signal.signal(signal.SIGPIPE, previous)
+    raise SystemExit(EXIT_BROKEN_PIPE)  # its status, then
 
 
 def _main(argv: Sequence[str] | None) -> int:
