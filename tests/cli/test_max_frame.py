@@ -64,7 +64,10 @@ def test_a_line_over_the_lines_limit_passes_with_max_frame(
     path = sockdir / "lines.sock"
     serve(background, path, "--echo", "--framing", "lines", "--max-frame", "128K")
     refused = one_line_error(udskit("connect", "--framing", "lines", path, stdin=line + b"\n"), 1)
-    assert refused == "udskit connect: line of 102400 bytes is over --max-frame (65536 bytes)"
+    assert refused == (
+        "udskit connect: line of 102400 bytes is over --max-frame (65536 bytes): send it in "
+        "parts, or raise --max-frame on both ends"
+    )
     echoed = udskit(
         "connect", "--framing", "lines", "--max-frame", "128K", path, stdin=line + b"\n"
     )
@@ -78,6 +81,7 @@ def test_the_server_refuses_a_line_over_its_max_frame_in_its_words(
     server = serve(background, path, "--echo", "--framing", "lines", "--max-frame", "10")
     udskit("connect", "--framing", "lines", path, stdin=b"0123456789abc\n")
     server.stop()
-    assert "peer sent a line of 13 bytes, over --max-frame (10); closing the connection" in (
-        server.err
-    )
+    assert (
+        "peer sent a line of 13 bytes, over --max-frame (10 bytes): it must send shorter lines, "
+        "or --max-frame must be raised; closing the connection"
+    ) in server.err

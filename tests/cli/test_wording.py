@@ -75,8 +75,11 @@ def test_a_path_in_an_error_is_shown_as_given(sockdir: Path, name: str) -> None:
             "over max_frame (64 bytes): another framing, or max_frame must be raised",
             "over --max-frame (64 bytes): another framing, or --max-frame must be raised",
         ),
-        ("line of 9 bytes is over max_line (8 bytes)", "line of 9 bytes is over --max-frame (8"),
-        ("newline (max_line): it does not", "newline (--max-frame): it does not"),
+        (
+            "line of 9 bytes is over max_frame (8 bytes): send it in parts, or raise max_frame",
+            "line of 9 bytes is over --max-frame (8 bytes): send it in parts, or raise --max-frame",
+        ),
+        ("newline (max_frame): it does not", "newline (--max-frame): it does not"),
         ("truncated; raise max_frame", "truncated; raise --max-frame"),
         ("cannot connect to /srv/max_frame: no", "cannot connect to /srv/max_frame: no"),
         ("self.max_frame and max_frames stay", "self.max_frame and max_frames stay"),

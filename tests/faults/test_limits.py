@@ -8,6 +8,7 @@ refused message must leave none of its descriptors open.
 from __future__ import annotations
 
 import array
+import asyncio
 import errno
 import gc
 import os
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 import udskit
+import udskit.aio
 from udskit import Channel, DatagramListener, FrameTooLarge, ProtocolError
 from udskit.ancillary import MAX_FDS_PER_MESSAGE
 from udskit.proto import HEADER
@@ -94,13 +96,33 @@ def test_sending_over_max_frame_sends_nothing() -> None:
 def test_line_over_max_line() -> None:
     ours, theirs = udskit.pair(framing="lines", max_frame=64)
     with ours, theirs:
-        with pytest.raises(FrameTooLarge, match="line of 65 bytes is over max_line"):
+        # Named as this caller set it: max_frame (it has no max_line to raise).
+        with pytest.raises(FrameTooLarge, match=r"line of 65 bytes is over max_frame .*max_frame"):
             ours.send(b"x" * 65)
         with pytest.raises(ProtocolError, match="contains a newline"):
             ours.send(b"two\nlines")
         ours.socket.sendall(b"y" * 100)  # no newline, and more than a line may hold
-        with pytest.raises(FrameTooLarge, match="without a newline"):
+        with pytest.raises(FrameTooLarge, match=r"without a newline \(max_frame\)"):
             theirs.recv()
+
+
+def test_a_line_over_max_frame_received_names_max_frame_in_both_layers() -> None:
+    # It said "max_line must be raised", a keyword that neither layer's channels take.
+    expected = r"a line of 65 bytes, over max_frame \(64 bytes\).*or max_frame must be raised"
+    ours, theirs = udskit.pair(framing="lines", max_frame=64)
+    with ours, theirs:
+        theirs.socket.sendall(b"y" * 65 + b"\n")
+        with pytest.raises(FrameTooLarge, match=expected):
+            ours.recv()
+
+    async def aio() -> None:
+        ours, theirs = udskit.aio.pair(framing="lines", max_frame=64)
+        async with ours, theirs:
+            theirs.socket.sendall(b"y" * 65 + b"\n")
+            with pytest.raises(FrameTooLarge, match=expected):
+                await ours.recv()
+
+    asyncio.run(aio())
 
 
 # -- too many descriptors -----------------------------------------------------------------

@@ -244,7 +244,7 @@ def test_line_over_max_line_with_its_newline() -> None:
     framing = Lines(max_line=4)
     framing.receive_data(b"1234\n12345\n")
     assert framing.next_message() == b"1234"
-    with pytest.raises(FrameTooLarge, match=r"line of 5 bytes, over max_line \(4\)"):
+    with pytest.raises(FrameTooLarge, match=r"line of 5 bytes, over max_line \(4 bytes\)"):
         framing.next_message()
 
 
@@ -274,6 +274,50 @@ def test_lines_encode_refusals() -> None:
         Lines(max_line=4).encode(b"12345")
     with pytest.raises(ValueError, match="max_line must be positive"):
         Lines(0)
+
+
+def _line_limit_errors(framing: Lines) -> list[str]:
+    """The three errors of a line over the limit (4 bytes): sent, received whole, and
+    received without its newline."""
+    errors = []
+    with pytest.raises(FrameTooLarge) as sent:
+        framing.encode(b"12345")
+    errors.append(str(sent.value))
+    for data in (b"12345\n", b"12345"):
+        receiver = (
+            make_framing("lines", max_frame=4) if framing.limit_name == "max_frame" else Lines(4)
+        )
+        receiver.receive_data(data)
+        with pytest.raises(FrameTooLarge) as received:
+            receiver.next_message()
+        errors.append(str(received.value))
+    return errors
+
+
+def test_a_line_limit_is_named_as_its_caller_set_it() -> None:
+    # A channel's 'lines' framing said "max_line must be raised": connect(), pair() and
+    # listen() have no max_line, their limit is max_frame (which the CLI shows as
+    # --max-frame); sans-IO users of Lines(max_line=...) still read max_line.
+    for framing, name in (
+        (Lines(4), "max_line"),
+        (make_framing("lines", max_frame=4), "max_frame"),
+    ):
+        assert isinstance(framing, Lines)
+        sent, whole, endless = _line_limit_errors(framing)
+        assert sent == (
+            f"line of 5 bytes is over {name} (4 bytes): send it in parts, or raise {name} on "
+            "both ends"
+        )
+        assert whole == (
+            f"peer sent a line of 5 bytes, over {name} (4 bytes): it must send shorter lines, "
+            f"or {name} must be raised"
+        )
+        assert endless == (
+            f"peer sent over 4 bytes without a newline ({name}): it does not speak 'lines' "
+            f"framing, or {name} must be raised"
+        )
+        (other,) = {"max_line", "max_frame"} - {name}
+        assert not any(other in error for error in (sent, whole, endless))
 
 
 # -- raw --------------------------------------------------------------------------------------

@@ -27,11 +27,10 @@ _KEYWORD: Final = re.compile(
 #: spelt on the command line as the options that build one.
 _RENAMED: Final = {"allow": "--allow-uid/--allow-gid"}
 
-#: The limits the library names bare ("over max_frame (N bytes)", "raise max_frame"), as
-#: words of their own (not inside a path or a longer name), and the option that sets each:
-#: a line's limit (``max_line``, the 'lines' framing's) is set by ``max_frame=`` too.
-_LIMIT: Final = re.compile(r"(?:(?<=[\s(])|^)(max_frame|max_line)(?=[\s,;:)=]|$)")
-_LIMIT_OPTIONS: Final = {"max_frame": "--max-frame", "max_line": "--max-frame"}
+#: The limit the library names bare ("over max_frame (N bytes)", "raise max_frame"), as a
+#: word of its own (not inside a path or a longer name): --max-frame sets it. (A line's
+#: limit too: a channel's 'lines' framing names it max_frame, as the caller set it.)
+_LIMIT: Final = re.compile(r"(?:(?<=[\s(])|^)max_frame(?=[\s,;:)=]|$)")
 
 
 #: A bytes or bytearray repr: ``bytearray(b'...')`` anywhere, and ``b'...'``/``b"..."`` as
@@ -44,10 +43,10 @@ _BYTES_REPR: Final = re.compile(
 
 def in_cli_words(text: str) -> str:
     """``text`` with ``type='seqpacket'`` as ``--type seqpacket``, ``bind=`` as ``--bind``,
-    ``allow=`` as ``--allow-uid/--allow-gid``, ``max_frame`` and ``max_line`` as
-    ``--max-frame``, and bytes shown as text (see :func:`without_reprs`)."""
+    ``allow=`` as ``--allow-uid/--allow-gid``, ``max_frame`` as ``--max-frame``, and bytes
+    shown as text (see :func:`without_reprs`)."""
     text = _KEYWORD.sub(_option, without_reprs(text))
-    return _LIMIT.sub(lambda match: _LIMIT_OPTIONS[match.group(1)], text)
+    return _LIMIT.sub("--max-frame", text)
 
 
 def without_reprs(text: str) -> str:

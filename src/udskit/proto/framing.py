@@ -445,14 +445,18 @@ class Lines(Decoder):
     that is what ``printf 'a\\nb' | nc -U`` means.
     """
 
-    __slots__ = ("_scanned", "max_line")
+    __slots__ = ("_scanned", "limit_name", "max_line")
     name: Final = "lines"
 
-    def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
+    def __init__(self, max_line: int = DEFAULT_MAX_LINE, *, limit_name: str = "max_line") -> None:
+        """``limit_name``: the keyword its errors name as the limit to raise, the one the
+        caller set it with: ``max_line`` here, ``max_frame`` for a channel's framing
+        (:func:`make_framing`), which a command line shows as ``--max-frame``."""
         super().__init__()
         if max_line <= 0:
-            raise ValueError(f"max_line must be positive, not {max_line}")
+            raise ValueError(f"{limit_name} must be positive, not {max_line}")
         self.max_line = max_line
+        self.limit_name = limit_name
         self._scanned = 0  # bytes after _pos already known to hold no newline
 
     def encode(self, payload: Payload) -> list[Payload]:
@@ -464,8 +468,10 @@ class Lines(Decoder):
                 "use framing='length' for binary or multi-line messages"
             )
         if len(payload) > self.max_line:
+            name = self.limit_name
             raise FrameTooLarge(
-                f"line of {len(payload)} bytes is over max_line ({self.max_line} bytes)"
+                f"line of {len(payload)} bytes is over {name} ({self.max_line} bytes): send "
+                f"it in parts, or raise {name} on both ends"
             )
         return [payload, b"\n"]
 
@@ -494,8 +500,9 @@ class Lines(Decoder):
             self._scanned = len(self._buf) - pos
             if self._scanned > self.max_line:
                 raise FrameTooLarge(
-                    f"peer sent over {self.max_line} bytes without a newline (max_line): it "
-                    "does not speak 'lines' framing, or max_line must be raised"
+                    f"peer sent over {self.max_line} bytes without a newline "
+                    f"({self.limit_name}): it does not speak 'lines' framing, or "
+                    f"{self.limit_name} must be raised"
                 )
             if not self._eof:
                 return NEED_DATA
@@ -505,7 +512,9 @@ class Lines(Decoder):
             return self._take(pos, len(self._buf), 0)
         if newline - pos > self.max_line:
             raise FrameTooLarge(
-                f"peer sent a line of {newline - pos} bytes, over max_line ({self.max_line})"
+                f"peer sent a line of {newline - pos} bytes, over {self.limit_name} "
+                f"({self.max_line} bytes): it must send shorter lines, or "
+                f"{self.limit_name} must be raised"
             )
         self._scanned = 0
         return self._take(pos, newline, 1)
@@ -539,7 +548,8 @@ def make_framing(name: str, *, max_frame: int | None = None) -> Framing:
     if name == "length":
         return LengthPrefixed(DEFAULT_MAX_FRAME if max_frame is None else max_frame)
     if name == "lines":
-        return Lines(DEFAULT_MAX_LINE if max_frame is None else max_frame)
+        # The caller set the limit as max_frame: the errors say so (not Lines' max_line).
+        return Lines(DEFAULT_MAX_LINE if max_frame is None else max_frame, limit_name="max_frame")
     if name == "raw":
         return Raw()
     raise ValueError(f"unknown framing {name!r}: choose 'length', 'lines' or 'raw'")
