@@ -85,3 +85,26 @@ def test_the_server_refuses_a_line_over_its_max_frame_in_its_words(
         "peer sent a line of 13 bytes, over --max-frame (10 bytes): it must send shorter lines, "
         "or --max-frame must be raised; closing the connection"
     ) in server.err
+
+
+def test_a_reply_over_max_frame_says_so_and_what_to_raise(
+    sockdir: Path, background: list[Background]
+) -> None:
+    # It said "the reply from PATH is not in the None framing: try --framing raw or ...",
+    # for a packet (no framing at all) and for a line alike.
+    packets = sockdir / "packets.sock"
+    serve(background, packets, "--echo", "--type", "seqpacket")
+    sent = udskit(
+        "send", "--type", "seqpacket", "--reply", "--max-frame", "8", packets, "0123456789"
+    )
+    assert one_line_error(sent, 1) == (
+        f"udskit send: message from {packets} was larger than --max-frame (8 bytes) and "
+        "arrived truncated; raise --max-frame on this side"
+    )
+    lines = sockdir / "lines.sock"
+    serve(background, lines, "--reply", "0123456789", "--framing", "lines")
+    sent = udskit("send", "--framing", "lines", "--reply", "--max-frame", "8", lines, "hi")
+    assert one_line_error(sent, 1) == (
+        f"udskit send: the reply from {lines}: peer sent a line of 10 bytes, over --max-frame "
+        "(8 bytes): it must send shorter lines, or --max-frame must be raised"
+    )

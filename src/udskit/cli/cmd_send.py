@@ -141,10 +141,19 @@ def _answer(
         else:
             message = f"{where} did not answer within {args.timeout:g} s{_framing_hint(framing)}"
         raise udskit.Timeout(message) from exc
-    except udskit.ProtocolError as exc:  # a length header announcing an absurd size
-        raise udskit.ProtocolError(
-            f"the reply from {where} is not in the {framing} framing: {_try(framing)}"
-        ) from exc
+    except udskit.ProtocolError as exc:
+        too_large = isinstance(exc, udskit.FrameTooLarge)
+        if framing == "length" and args.max_frame is None and too_large:
+            # A length header announcing over 16 MiB: the reply is in another framing.
+            raise udskit.ProtocolError(
+                f"the reply from {where} is not in the {framing} framing: {_try(framing)}"
+            ) from exc
+        if framing is None:
+            raise  # a packet's: its words name the path, and what to do
+        # Over --max-frame (a line, a frame), or what else the library found: its words
+        # say what to do.
+        kind = udskit.FrameTooLarge if too_large else udskit.ProtocolError
+        raise kind(f"the reply from {where}: {exc}") from exc
 
 
 def _closed(
