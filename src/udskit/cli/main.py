@@ -191,10 +191,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    # The library's log messages too are shown in the words of the command line.
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_InCliWords("udskit: %(message)s"))
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
+    _log_to_stderr(args.log_level)
     try:
         return int(args.run(args))
     except UsageError as exc:
@@ -210,6 +207,30 @@ def _main(argv: Sequence[str] | None) -> int:
             if isinstance(exc, ValueError) and not isinstance(exc, udskit.AddressError)
             else EXIT_FAILURE
         )
+
+
+#: The handler an earlier call of main() put on the root logger, in this process.
+_OURS: Final[list[logging.Handler]] = []
+
+
+def _log_to_stderr(level: str) -> None:
+    """Log at ``level`` to this call's stderr, in the words of the command line.
+
+    As logging.basicConfig, except that a handler of an earlier call in this process
+    (tests, a program that embeds the CLI) is replaced, not kept: basicConfig left it,
+    writing to that call's stderr at that call's level. A program's own logging is left
+    as it is, as basicConfig leaves it."""
+    root = logging.getLogger()
+    for handler in _OURS:
+        root.removeHandler(handler)
+    _OURS.clear()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_InCliWords("udskit: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper()))
+    _OURS.append(handler)
 
 
 class _InCliWords(logging.Formatter):
