@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, TypeVar, overload
+from typing import Final, Literal, Protocol, TypeVar, overload
 
 from .accepting import AcceptVerdict, classify
 from .address import Address, AddressLike, sun_path
@@ -50,7 +50,7 @@ from .options import (
     tune_buffers,
     type_name,
 )
-from .proto.framing import DEFAULT_MAX_LINE
+from .proto.framing import default_max_frame
 from .proto.shm import is_marker
 from .shm import offered
 from .sockfile import Claim, claim, probe
@@ -91,19 +91,25 @@ def session_fds(datagram: Datagram) -> list[int]:
     layers' ``DatagramListener.session``): once only, and only while they are open."""
     if not datagram.fds:
         return []
-    if datagram._passed:
-        raise RuntimeError(
-            "session(datagram): the datagram's descriptors already passed to a session, "
-            "which owns them (recv_fds() hands them on, close() closes them); make one "
-            "session per datagram"
+    with _PASSING:  # two threads' session() of one datagram: one of them gets the fds
+        if datagram._passed:
+            raise RuntimeError(
+                "session(datagram): the datagram's descriptors already passed to a session, "
+                "which owns them (recv_fds() hands them on, close() closes them); make one "
+                "session per datagram"
+            )
+        fds = descriptors(
+            datagram.fds,
+            "session(datagram)",
+            "the session takes datagram.fds over and closes them itself: do not close them first",
         )
-    fds = descriptors(
-        datagram.fds,
-        "session(datagram)",
-        "the session takes datagram.fds over and closes them itself: do not close them first",
-    )
-    object.__setattr__(datagram, "_passed", True)  # frozen: the one field that changes
+        object.__setattr__(datagram, "_passed", True)  # frozen: the one field that changes
     return fds
+
+
+#: Held while a datagram's descriptors pass to a session (see session_fds): brief, and
+#: rare (only datagrams that carry descriptors), so one lock serves every datagram.
+_PASSING: Final = threading.Lock()
 
 
 class _Owned(Protocol):
@@ -360,8 +366,8 @@ class Listener(_Endpoint):
     @property
     def max_frame(self) -> int:
         """The largest message a client may send (a line, with 'lines' framing)."""
-        if self._max_frame is None and self.type == "stream" and self._framing == "lines":
-            return DEFAULT_MAX_LINE  # what each accepted channel's framing takes by default
+        if self._max_frame is None and self.type == "stream":
+            return default_max_frame(self._framing)  # as each accepted channel's framing
         return max_frame_for(self.type, self._max_frame)
 
     @property

@@ -21,6 +21,7 @@ from udskit import (
     Listener,
     SocketFileError,
     Timeout,
+    listening,
 )
 from udskit.sockfile import resolve_owner
 
@@ -301,6 +302,52 @@ def test_a_datagrams_descriptors_pass_to_one_session_only(path: Path) -> None:
     finally:
         os.close(read_end)
         os.close(write_end)
+def test_two_threads_making_sessions_of_one_datagram_give_its_descriptors_to_one(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """session() checks and marks a datagram's descriptors as passed in one step: a second
+    thread's session() that comes while the first is between the two is refused once the
+    first is done, not handed the same descriptors."""
+    read_end, write_end = os.pipe()
+    outcome: list[object] = []
+    checking = listening.descriptors
+
+    def second_thread_comes_now(*args: Any) -> list[int]:
+        def second() -> None:
+            try:
+                outcome.append(listener.session(datagram))
+            except RuntimeError as exc:
+                outcome.append(exc)
+
+        other = threading.Thread(target=second)
+        other.start()
+        other.join(0.2)  # it would be done by now without the lock; blocked with it
+        threads.append(other)
+        return checking(*args)
+
+    threads: list[threading.Thread] = []
+    try:
+        with (
+            udskit.listen(path, type="dgram") as listener,
+            udskit.connect(path, type="dgram", timeout=PATIENCE) as client,
+        ):
+            listener.settimeout(PATIENCE)
+            client.send_fds(b"with fds", [read_end])
+            datagram = listener.recv()
+            monkeypatch.setattr(listening, "descriptors", second_thread_comes_now)
+            with listener.session(datagram) as first:
+                monkeypatch.setattr(listening, "descriptors", checking)
+                threads[0].join(PATIENCE)
+                assert len(outcome) == 1
+                assert isinstance(outcome[0], RuntimeError), "both sessions own the fds"
+                data, fds = first.recv_fds()
+                assert data == b"with fds"
+                os.close(fds[0])
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
 
 
 def test_a_session_refuses_a_datagram_whose_descriptors_were_closed(path: Path) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "Lines",
     "NeedData",
     "Raw",
+    "default_max_frame",
     "make_framing",
 ]
 
@@ -542,14 +543,21 @@ class Raw(Decoder):
 Framing: TypeAlias = LengthPrefixed | Lines | Raw
 
 
+def default_max_frame(name: str) -> int:
+    """What bounds a message of the framing called ``name`` when ``max_frame`` is not set:
+    DEFAULT_MAX_LINE for 'lines', DEFAULT_MAX_FRAME otherwise."""
+    return DEFAULT_MAX_LINE if name == "lines" else DEFAULT_MAX_FRAME
+
+
 def make_framing(name: str, *, max_frame: int | None = None) -> Framing:
     """The framing called ``name``. ``max_frame`` bounds a message (a line, for 'lines');
-    by default DEFAULT_MAX_FRAME for 'length' and DEFAULT_MAX_LINE for 'lines'."""
+    by default :func:`default_max_frame`."""
+    limit = default_max_frame(name) if max_frame is None else max_frame
     if name == "length":
-        return LengthPrefixed(DEFAULT_MAX_FRAME if max_frame is None else max_frame)
+        return LengthPrefixed(limit)
     if name == "lines":
         # The caller set the limit as max_frame: the errors say so (not Lines' max_line).
-        return Lines(DEFAULT_MAX_LINE if max_frame is None else max_frame, limit_name="max_frame")
+        return Lines(limit, limit_name="max_frame")
     if name == "raw":
         return Raw()
     raise ValueError(f"unknown framing {name!r}: choose 'length', 'lines' or 'raw'")
