@@ -88,7 +88,8 @@ def add_max_frame(parser: argparse.ArgumentParser, *, framings: bool = True) -> 
         metavar="BYTES",
         type=byte_count,
         help=(
-            f"largest message sent or accepted: {streams}a message of --type seqpacket"
+            f"largest message accepted (and, on a stream, sent): {streams}a message of "
+            "--type seqpacket"
             f"{' or dgram' if framings else ''} (default: {_size(DEFAULT_MAX_MESSAGE)}); "
             "BYTES may end in K, M or G (KiB, MiB, GiB). Both ends must allow the largest "
             "message"
