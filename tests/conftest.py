@@ -154,3 +154,18 @@ def rests(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(LengthPrefixed, "receive_rest", receive_rest)
     return completed
+
+
+def marked(size: int, mark: int) -> bytes:
+    """``size`` bytes whose first and last differ from the rest, and from other marks'."""
+    edge = bytes([mark])
+    return edge + bytes([mark ^ 0xFF]) * (size - 2) + edge
+
+
+def vm_rss() -> int:
+    """This process's resident memory, in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")

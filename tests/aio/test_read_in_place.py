@@ -22,7 +22,7 @@ from udskit.aio.channel import _IN_PLACE_MIN
 from udskit.freshbytes import FRESH_MIN
 from udskit.proto import HEADER
 
-from ..conftest import open_fds
+from ..conftest import marked, open_fds
 from .helpers import turns_until
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
@@ -40,12 +40,6 @@ def raw_peer(size: int) -> Iterator[tuple[socket.socket, udskit.aio.Channel]]:
     finally:
         left.close()
         channel.close()
-
-
-def marked(size: int, mark: int) -> bytes:
-    """``size`` bytes whose first and last differ from the rest, and from other marks'."""
-    edge = bytes([mark])
-    return edge + bytes([mark ^ 0xFF]) * (size - 2) + edge
 
 
 @pytest.mark.parametrize(

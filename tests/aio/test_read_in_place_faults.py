@@ -19,26 +19,18 @@ from udskit import ConnectionClosed, FrameTooLarge, ProtocolError, Timeout
 from udskit.aio.channel import _IN_PLACE_MIN
 from udskit.proto import HEADER
 
+from ..conftest import marked, vm_rss
 from ..faults.scripted import ScriptedSocket
 from ..faults.test_read_in_place import limit_address_space
 from ..integration.children import run_in_child
 from .helpers import turns_until
-from .test_read_in_place import marked, raw_peer
+from .test_read_in_place import raw_peer
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
 
 
 class Interrupt(Exception):
     """What the injected fault raises inside the reader."""
-
-
-def vm_rss() -> int:
-    """This process's resident memory, in bytes."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 @pytest.mark.parametrize("how", ["timeout", "wait_for", "cancel"])

@@ -23,6 +23,7 @@ from udskit.channel import DIRECT_READ_MIN
 from udskit.freshbytes import FRESH_MIN
 from udskit.proto import HEADER
 
+from ..conftest import marked, vm_rss
 from ..integration.children import run_in_child
 from .scripted import ScriptedSocket
 
@@ -32,21 +33,6 @@ PATIENCE = 20.0
 
 class Interrupt(Exception):
     """What the test's signal handler raises."""
-
-
-def marked(size: int, mark: int) -> bytes:
-    """``size`` bytes whose first and last differ from the rest, and from other marks'."""
-    edge = bytes([mark])
-    return edge + bytes([mark ^ 0xFF]) * (size - 2) + edge
-
-
-def vm_rss() -> int:
-    """This process's resident memory, in bytes."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 def sending(

@@ -302,6 +302,8 @@ def test_a_datagrams_descriptors_pass_to_one_session_only(path: Path) -> None:
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
 def test_two_threads_making_sessions_of_one_datagram_give_its_descriptors_to_one(
     path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -346,8 +348,6 @@ def test_two_threads_making_sessions_of_one_datagram_give_its_descriptors_to_one
     finally:
         os.close(read_end)
         os.close(write_end)
-
-
 
 
 def test_a_session_refuses_a_datagram_whose_descriptors_were_closed(path: Path) -> None:
