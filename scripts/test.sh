@@ -33,5 +33,5 @@ export UDSKIT_REQUIRE_PEERS=${UDSKIT_REQUIRE_PEERS:-${CI:-}}
 rm -f .coverage .coverage.*
 # Two workers: most tests wait on peers and processes, so two share two CPUs well, and the
 # suite takes half the time. UDSKIT_TEST_WORKERS=0 runs it in this process alone.
-.venv/bin/python -m pytest -p no:cacheprovider -n "${UDSKIT_TEST_WORKERS:-2}" \
+.venv/bin/python -m pytest -p no:cacheprovider -n "${UDSKIT_TEST_WORKERS:-2}" --durations=20 \
   --cov=udskit --cov-branch --cov-report=term --cov-fail-under=90 "$@"
