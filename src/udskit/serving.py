@@ -39,6 +39,8 @@ from .proto import make_framing
 
 __all__ = [
     "ACCEPT_BATCH",
+    "DATAGRAMS_HANDED_OVER",
+    "DATAGRAMS_LEFT",
     "DATAGRAMS_PER_WAKEUP",
     "DEFAULT_MAX_OUTBOX",
     "Hook",
@@ -48,6 +50,17 @@ __all__ = [
 ]
 
 log = logging.getLogger("udskit")
+
+#: What a datagram server logs when handed over (both layers): it handles what it has read
+#: already, for at most drain_timeout (the arguments: address, drain_timeout).
+DATAGRAMS_HANDED_OVER: Final = (
+    "%s: handed over; handling the datagrams already received, for at most %g s"
+)
+#: ... and when drain_timeout ran out before that was done (the same arguments).
+DATAGRAMS_LEFT: Final = (
+    "%s: still handling datagrams %g s after the handover; stopping (those not yet "
+    "handled are dropped)"
+)
 
 MessageHandler = Callable[[Connection, bytes], Any]
 Hook = Callable[[Connection], object]
@@ -458,7 +471,7 @@ class MessageServing:
             return
         if isinstance(self._endpoint, DatagramListener):
             log.info(
-                "%s: handed over; handling the datagrams already received, for at most %g s",
+                DATAGRAMS_HANDED_OVER,
                 self.address,
                 self._drain_timeout,
             )
@@ -476,8 +489,7 @@ class MessageServing:
             return
         if isinstance(self._endpoint, DatagramListener):
             log.warning(
-                "%s: still handling datagrams %g s after the handover; stopping (those "
-                "not yet handled are dropped)",
+                DATAGRAMS_LEFT,
                 self.address,
                 self._drain_timeout,
             )

@@ -40,6 +40,7 @@ from ..address import Address, AddressLike
 from ..errors import ConnectionClosed, ProtocolError, UdsError
 from ..options import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CLIENTS, check_max_clients, check_seconds
 from ..server import SHUTDOWN_GRACE
+from ..serving import DATAGRAMS_HANDED_OVER, DATAGRAMS_LEFT
 from ..translate import translate
 from .channel import Channel
 from .listening import DatagramListener, Listener, listen
@@ -155,7 +156,7 @@ class Server:
         if isinstance(endpoint, DatagramListener):
             endpoint.stop_receiving()
             log.info(
-                "%s: handed over; handling the datagrams already received, for at most %g s",
+                DATAGRAMS_HANDED_OVER,
                 self.address,
                 self._drain_timeout,
             )
@@ -246,8 +247,7 @@ class Server:
             left = self._drain_left(loop)
             if left is not None and left <= 0:
                 log.warning(
-                    "%s: still handling datagrams %g s after the handover; stopping (those "
-                    "not yet handled are dropped)",
+                    DATAGRAMS_LEFT,
                     self.address,
                     self._drain_timeout,
                 )
