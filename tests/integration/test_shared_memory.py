@@ -1006,11 +1006,14 @@ def test_a_close_between_a_receive_and_its_view_names_the_channel(
         with udskit.connect(path, shared_memory=True) as channel:
 
             def closed_first(shm: SharedMemory, lease: object) -> object:
+                if threading.current_thread() is not receiver:  # the server's own recv()
+                    return original(shm, lease)
                 closer = threading.Thread(target=channel.close)  # the fault: close() lands here
                 closer.start()
                 closer.join(WAIT)
                 return original(shm, lease)
 
+            receiver = threading.current_thread()
             channel.send(data(BIG))
             monkeypatch.setattr(SharedMemory, step, closed_first)
             closed = f"^{re.escape(str(path))}: the channel was closed, and its shared-memory pool"
