@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import socket
 import stat
 import struct
@@ -194,7 +193,7 @@ def bind_marker(sock: socket.socket) -> None:
     """Bind a client that opts in to shared memory to a fresh marker name (abstract: no
     file to clean up, gone with the socket)."""
     for _ in range(_MARKER_TRIES):
-        name = MARKER_PREFIX + secrets.token_hex(8).encode()
+        name = MARKER_PREFIX + os.urandom(8).hex().encode()
         try:
             sock.bind(name)
         except OSError as exc:

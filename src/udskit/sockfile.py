@@ -43,7 +43,6 @@ import errno
 import fcntl
 import logging
 import os
-import secrets
 import socket
 import stat
 import time
@@ -864,7 +863,7 @@ def _put_back(directory: _Directory, private: _Private, name: bytes) -> None:
     if _move_out(directory, private, name):
         return
     for _ in range(_PRIVATE_ATTEMPTS):
-        kept = name + b".kept-" + secrets.token_hex(4).encode()
+        kept = name + b".kept-" + os.urandom(4).hex().encode()
         if _move_out(directory, private, kept):
             log.warning(
                 "%s was replaced again while we looked at it; the file that was there is now %s",
@@ -965,7 +964,7 @@ class _Private:
 def _make_private_dir(directory: _Directory, address: Address | bytes) -> bytes:
     shown = address if isinstance(address, Address) else os.fsdecode(address)
     for _ in range(_PRIVATE_ATTEMPTS):
-        name = PRIVATE_PREFIX + secrets.token_hex(4).encode()
+        name = PRIVATE_PREFIX + os.urandom(4).hex().encode()
         try:
             os.mkdir(name, 0o700, dir_fd=directory.fd)
             return name

@@ -7,7 +7,6 @@ Errors are not translated here: each caller raises them as its API's udskit erro
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import Callable
 
@@ -57,6 +56,8 @@ async def open_tcp(
     buffers, say). Raises ``socket.gaierror`` if the host does not resolve, TimeoutError
     (the builtin, on every Python), or the last address's OSError.
     """
+    import asyncio  # here, not at the top: a blocking program need not load asyncio
+
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
     error: OSError | None = None
