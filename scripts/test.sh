@@ -32,6 +32,8 @@ PY=${PYTHON:-python3}
 export UDSKIT_REQUIRE_PEERS=${UDSKIT_REQUIRE_PEERS:-${CI:-}}
 rm -f .coverage .coverage.*
 # Two workers: most tests wait on peers and processes, so two share two CPUs well, and the
-# suite takes half the time. UDSKIT_TEST_WORKERS=0 runs it in this process alone.
-.venv/bin/python -m pytest -p no:cacheprovider -n "${UDSKIT_TEST_WORKERS:-2}" --durations=20 \
+# suite takes half the time; a worker that runs out of tests takes some of the other's.
+# UDSKIT_TEST_WORKERS=0 runs it in this process alone.
+.venv/bin/python -m pytest -p no:cacheprovider -n "${UDSKIT_TEST_WORKERS:-2}" --dist worksteal \
+  --durations=20 \
   --cov=udskit --cov-branch --cov-report=term --cov-fail-under=90 "$@"

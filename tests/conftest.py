@@ -22,6 +22,13 @@ import pytest
 
 from udskit.proto.framing import LengthPrefixed
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests marked ``long`` first (in their order): the workers share them out at the
+    start, and none is left to run alone at the end while the other worker waits."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 #: Upper bound for waiting on a server to come up: generous, since CI machines stall.
 READY_TIMEOUT = 20.0
 

@@ -50,6 +50,7 @@ def _bench(*args: str, blocked: tuple[str, ...] = (), env: dict[str, str] | None
     )
 
 
+@pytest.mark.long
 def test_a_tiny_run_prints_the_table_and_writes_json_and_png(tmp_path: Path, compiler: str) -> None:
     report, chart = tmp_path / "bench.json", tmp_path / "bench.png"
     done = _bench(

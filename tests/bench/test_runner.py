@@ -132,6 +132,7 @@ def test_pipe_peers_get_their_descriptors_and_see_eof() -> None:
     }
 
 
+@pytest.mark.long
 def test_repeated_runs_take_turns_and_pool_their_figures() -> None:
     progress: list[str] = []
     plan = UNHURRIED.with_repeats(2).with_sizes((4096,))

@@ -7,6 +7,8 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tests.cli.conftest import udskit
 
 DEMO_TIMEOUT = 120.0  # a tour of a few seconds; generous for a loaded CI machine
@@ -18,6 +20,7 @@ def directory_of(text: str) -> Path:
     return Path(match.group(1))
 
 
+@pytest.mark.long
 def test_the_tour_runs_every_scenario() -> None:
     result = udskit("demo", "--keep", timeout=DEMO_TIMEOUT)
     assert result.code == 0, result.text + result.err
@@ -39,6 +42,7 @@ def test_the_tour_runs_every_scenario() -> None:
         shutil.rmtree(kept, ignore_errors=True)
 
 
+@pytest.mark.long
 def test_a_failing_scenario_is_reported() -> None:
     # Without sh on PATH the socket-pair scenario (the fourth) cannot run its child; the others
     # only need the Python running the tour.

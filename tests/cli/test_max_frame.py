@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.cli.conftest import Background, one_line_error, serve, udskit
 
 MIB = 1024 * 1024
@@ -13,6 +15,7 @@ MIB = 1024 * 1024
 OVER_DEFAULT_FRAME = 16 * MIB + 1
 
 
+@pytest.mark.long
 def test_a_frame_over_the_default_passes_with_max_frame_on_both_ends(
     sockdir: Path, background: list[Background]
 ) -> None:

@@ -26,6 +26,7 @@ def test_every_block_runs_or_says_why(page: Path) -> None:
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.long
 @pytest.mark.root
 @pytest.mark.timeout(sessions.SESSION_TIMEOUT + 60)
 @pytest.mark.parametrize("page", PAGES, ids=IDS)

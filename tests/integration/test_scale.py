@@ -227,6 +227,7 @@ def _tell(child: subprocess.Popen[str]) -> None:
     child.stdin.flush()
 
 
+@pytest.mark.long
 @pytest.mark.timeout(ANSWER_WITHIN + 60)
 @pytest.mark.parametrize("kind", ["stream", "seqpacket"])
 @pytest.mark.parametrize("which", SERVERS)

@@ -241,6 +241,7 @@ def _racer(
     return run
 
 
+@pytest.mark.long
 @pytest.mark.timeout(180)  # forks: see RACE_ROUNDS
 def test_racing_processes_exactly_one_wins(sockdir: Path) -> None:
     path = sockdir / "race.sock"

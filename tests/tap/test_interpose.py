@@ -63,6 +63,7 @@ def test_the_relay_takes_the_path_with_the_servers_mode_and_the_server_gets_it_b
         assert data == b"through the tap\n"
 
 
+@pytest.mark.long
 def test_no_connect_fails_while_taps_start_and_stop(sockdir: Path) -> None:
     """A client connects in a loop while the tap is started and stopped 20 times: every
     connect reaches the relay or the server (never ENOENT or ECONNREFUSED), and every
