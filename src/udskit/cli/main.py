@@ -111,11 +111,10 @@ def _load(name: str) -> ModuleType | None:
         raise
 
 
-def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The parser for ``argv`` (the process's arguments if None): with only the subcommand
-    it names, when it names one; with every subcommand otherwise (``udskit --help``, a
-    mistake). Each subcommand's module loads only when it is used: a command starts in
-    half the time that loading them all takes."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every subcommand, or with ``only`` that one: each subcommand's
+    module loads only when it is used, and a command starts in half the time that loading
+    them all takes."""
     parser = _Parser(
         prog="udskit",
         description="Unix domain sockets done right: serve, connect, diagnose, bridge, measure.",
@@ -137,8 +136,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         help="udskit's own log messages on stderr (default: warning)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    chosen = _chosen(sys.argv[1:] if argv is None else argv)
-    for name in COMMANDS if chosen is None else (chosen,):
+    for name in COMMANDS if only is None else (only,):
         module = _load(name)
         if module is None:
             continue
@@ -203,8 +201,8 @@ def _end_as_sigpipe_does() -> NoReturn:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser = build_parser(argv)
     _Parser.argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_chosen(_Parser.argv))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
