@@ -85,6 +85,12 @@ PRIVATE_PREFIX: Final = b".udskit-"
 #: second collision means someone is creating them on purpose.
 _PRIVATE_ATTEMPTS: Final = 10
 
+
+def _random_suffix() -> bytes:
+    """32 random bits, as 8 hex digits: for a private directory, or a file moved aside."""
+    return os.urandom(4).hex().encode()
+
+
 #: The suffix of the name ``udskit tap`` gives a server's socket while its relay holds the
 #: path: ``DIR/.NAME.udskit-tapped``, hidden and next to PATH, so that a claim, ``udskit ls``
 #: and ``udskit doctor`` can map it back to PATH and say how to put it back.
@@ -863,7 +869,7 @@ def _put_back(directory: _Directory, private: _Private, name: bytes) -> None:
     if _move_out(directory, private, name):
         return
     for _ in range(_PRIVATE_ATTEMPTS):
-        kept = name + b".kept-" + os.urandom(4).hex().encode()
+        kept = name + b".kept-" + _random_suffix()
         if _move_out(directory, private, kept):
             log.warning(
                 "%s was replaced again while we looked at it; the file that was there is now %s",
@@ -964,7 +970,7 @@ class _Private:
 def _make_private_dir(directory: _Directory, address: Address | bytes) -> bytes:
     shown = address if isinstance(address, Address) else os.fsdecode(address)
     for _ in range(_PRIVATE_ATTEMPTS):
-        name = PRIVATE_PREFIX + os.urandom(4).hex().encode()
+        name = PRIVATE_PREFIX + _random_suffix()
         try:
             os.mkdir(name, 0o700, dir_fd=directory.fd)
             return name

@@ -347,7 +347,7 @@ def test_a_private_directory_name_taken_in_advance_is_never_used(
 ) -> None:
     """Names are random; if nobody guesses (here: is told) every one, the claim gives up
     cleanly rather than enter nobody's directory."""
-    monkeypatch.setattr(sockfile_module.secrets, "token_hex", lambda _: "deadbeef")
+    monkeypatch.setattr(sockfile_module, "_random_suffix", lambda: b"deadbeef")
     taken = arena.directory / ".udskit-deadbeef"
 
     def prepare() -> str:
