@@ -12,6 +12,9 @@ Two measurements behind the figures in docs/shared-memory.md:
 * **one copy, by size**: ``send()`` of one message into pool pages used before, alone (no
   receiver wakes): the one copy of the in-place path, which runs at cache speed only while
   the payload and its slot fit in the processor's cache.
+* **one copy, by threads**: one ``memmove`` of 16 and 128 MiB into shared pages used before,
+  by one thread, then split between two threads on two CPUs (``ctypes.memmove`` lets go of
+  the GIL): how far the copy of the in-place path could go if it took both processors.
 * **a fresh pool against a used one**: one 256 MiB message into pool pages never used
   before (the kernel clears and maps each page first), then the same into pages used
   before, and a ``bytes`` of 256 MiB made for a copy-out (fresh pages every time).
@@ -23,11 +26,14 @@ Run: python benchmarks/shm_costs.py [--repeats 5] [--messages 2000]
 from __future__ import annotations
 
 import argparse
+import ctypes
+import mmap
 import os
 import statistics
 import struct
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.shared_memory import SharedMemory
 
 import udskit
@@ -36,6 +42,7 @@ from udskit.channel import Channel
 SIZES = (256 << 10, 1 << 20)
 COPY_SIZES = (1 << 20, 4 << 20, 8 << 20, 16 << 20, 64 << 20)
 LARGE = 256 << 20
+THREAD_SIZES = (16 << 20, 128 << 20)
 
 
 def per_message(step: Callable[[], None], messages: int) -> float:
@@ -157,14 +164,53 @@ def measure_copy_by_size(repeats: int) -> None:
         print(f"  {size >> 20:>5} MiB  {statistics.median(speeds):5.1f} GB/s")
 
 
+def timed_copy(to: int, frm: int, size: int, helper: ThreadPoolExecutor | None) -> float:
+    """GB/s of one memmove of ``size`` bytes, half of it by ``helper`` if given."""
+    started = time.perf_counter()
+    if helper is None:
+        ctypes.memmove(to, frm, size)
+    else:
+        half = size // 2
+        other = helper.submit(ctypes.memmove, to, frm, half)
+        ctypes.memmove(to + half, frm + half, size - half)
+        other.result()
+    return size / (time.perf_counter() - started) / 1e9
+
+
+def measure_copy_by_threads(repeats: int) -> None:
+    print("\none memmove into shared pages used before, by threads (GB/s, median)")
+    print(f"{'size':>9}  {'1 thread':>9}  {'2 threads':>9}")
+    with ThreadPoolExecutor(1) as helper:
+        for size in THREAD_SIZES:
+            source = bytearray(os.urandom(size))
+            fd = os.memfd_create("shm-costs")
+            try:
+                os.ftruncate(fd, size)
+                target = mmap.mmap(fd, size)
+            finally:
+                os.close(fd)
+            with target:
+                target[:] = source  # every page used once: no fresh page is timed
+                to = ctypes.addressof(ctypes.c_char.from_buffer(target))
+                frm = ctypes.addressof(ctypes.c_char.from_buffer(source))
+                one, two = [], []
+                for _ in range(repeats):
+                    one.append(timed_copy(to, frm, size, None))
+                    two.append(timed_copy(to, frm, size, helper))
+            one_thread, two_threads = statistics.median(one), statistics.median(two)
+            print(f"  {size >> 20:>5} MiB  {one_thread:9.1f}  {two_threads:9.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--messages", type=int, default=2000)
     args = parser.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) > 1:  # before pinning: the two threads need a CPU each
+        measure_copy_by_threads(max(args.repeats, 9))
     os.sched_setaffinity(0, {cpus[-1]})
-    print(f"pinned to CPU {cpus[-1]}")
+    print(f"\npinned to CPU {cpus[-1]}")
     measure_per_message(args.repeats, args.messages)
     measure_copy_by_size(max(args.repeats, 9))
     measure_fresh_pages(args.repeats)
