@@ -21,23 +21,39 @@ SOFT = 64
 #: Clients held at once by the server under test: several times SOFT.
 CLIENTS = 4 * SOFT
 
-#: ``udskit ARGV...`` under a soft limit of SOFT, its hard limit left as it is.
-_UNDER_SOFT_LIMIT = f"""
+#: ``udskit ARGV...`` under the open-file limits given first (soft, and hard or "-" for the
+#: hard limit as it is).
+_UNDER_LIMITS = """
 import resource, runpy, sys
-resource.setrlimit(resource.RLIMIT_NOFILE, ({SOFT}, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-sys.argv = ["udskit", *sys.argv[1:]]
+soft, hard = int(sys.argv[1]), sys.argv[2]
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1] if hard == "-" else int(hard)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+sys.argv = ["udskit", *sys.argv[3:]]
 runpy.run_module("udskit", run_name="__main__", alter_sys=True)
 """
 
 _HARD = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+#: The bridge's limit (soft and hard) in the test of its default max_connections: room
+#: for some dozens of relays, fewer than BRIDGED clients.
+BRIDGE_FILES = 200
+BRIDGED = 150
 
 pytestmark = pytest.mark.skipif(
     _HARD < 2 * CLIENTS + 64, reason=f"the hard open-file limit ({_HARD}) is too low"
 )
 
 
-def _start(started: list[Background], *argv: str | os.PathLike[str]) -> Background:
-    command = Background([sys.executable, "-c", _UNDER_SOFT_LIMIT, *map(os.fspath, argv)])
+def _start(
+    started: list[Background],
+    *argv: str | os.PathLike[str],
+    limits: tuple[int, int | str] = (SOFT, "-"),
+) -> Background:
+    """``udskit ARGV...`` under ``limits`` (soft, hard; "-": the hard limit as it is)."""
+    soft, hard = limits
+    command = Background(
+        [sys.executable, "-c", _UNDER_LIMITS, str(soft), str(hard), *map(os.fspath, argv)]
+    )
     started.append(command)
     return command
 
@@ -68,11 +84,12 @@ def _connect(client: socket.socket, path: Path, number: int) -> None:
         delay = min(2 * delay, 0.05)
 
 
-def _echoed_by_all(path: Path) -> None:
-    """CLIENTS clients connected at once, each getting its own line back."""
+def _echoed_by_all(path: Path, count: int = CLIENTS) -> None:
+    """``count`` clients connected at once, each getting its own line back (in turn, each
+    closed once it has its line)."""
     clients = []
     try:
-        for number in range(CLIENTS):
+        for number in range(count):
             client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             clients.append(client)
             _connect(client, path, number)
@@ -86,6 +103,7 @@ def _echoed_by_all(path: Path) -> None:
                 assert chunk, f"client {number}: the connection ended after {got!r}"
                 got += chunk
             assert got == wanted
+            client.close()
     finally:
         for client in clients:
             client.close()
@@ -119,3 +137,19 @@ def test_tap_raises_its_limit_too(sockdir: Path, background: list[Background]) -
     tap = _start(background, "tap", path)
     tap.read_until(b"tapping", stream="stderr")
     assert _open_files(tap.pid) == (_HARD, _HARD)
+
+
+def test_the_bridge_relays_only_what_its_open_files_allow_and_lets_the_rest_wait(
+    sockdir: Path, background: list[Background]
+) -> None:
+    # Past its open files, the bridge accepted clients and then dropped them, for want of a
+    # descriptor to reach the target with. By default it now relays as many as fit; the
+    # others wait in the backlog, and are relayed as earlier ones leave.
+    target = sockdir / "echo.sock"
+    serve(background, target, "--echo")
+    front = sockdir / "front.sock"
+    bridge = _start(background, "bridge", front, target, limits=(BRIDGE_FILES, BRIDGE_FILES))
+    wait_listening(front, bridge.process)
+    _echoed_by_all(front, BRIDGED)
+    assert bridge.stop() == 0
+    assert "cannot connect" not in bridge.err, bridge.err

@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-connections",
         type=positive_int,
         metavar="N",
-        help="relay at most N connections at once; more wait in the backlog",
+        help="relay at most N connections at once; more wait in the backlog (default: as "
+        "many as the open-file limit leaves room for)",
     )
 
 
