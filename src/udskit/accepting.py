@@ -27,6 +27,8 @@ on this one survey (Linux accept(2), man 2 accept; net/unix/af_unix.c; net/ipv4/
   and report it.
 
 :func:`classify` says which of the three an error is; :class:`Backoff` counts the pauses.
+:func:`relays_that_fit` keeps a relay (the bridge, the tap), which needs a second
+descriptor for each client it accepts, from accepting clients it has none left for.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import enum
 import errno
 import logging
 import os
+import resource
 import time
 from typing import Final
 
@@ -161,3 +164,24 @@ class Backoff:
 
     def __repr__(self) -> str:
         return f"<Backoff next={self._delay:g} s>"
+
+
+#: Descriptors that :func:`relays_that_fit` leaves free for what is not a relay: the event
+#: loop's or the threads' own, a client accepted only to be refused, logging, name lookups.
+SPARE_FDS: Final = 64
+
+
+def relays_that_fit() -> int | None:
+    """Connections a relay can hold at once within the open-file limit, as it stands now:
+    two descriptors each (the client, and ours to its server), less those already open and
+    SPARE_FDS; None where there is no limit. Past it, a relay would accept a client and
+    then find no descriptor to reach the server with: it must leave the client waiting in
+    the backlog instead."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:  # no /proc: the three standard streams, at least
+        open_now = 3
+    return max(1, (soft - open_now - SPARE_FDS) // 2)

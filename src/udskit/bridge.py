@@ -30,14 +30,13 @@ import errno
 import functools
 import logging
 import os
-import resource
 import socket
 import struct
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
-from .accepting import AcceptVerdict, Backoff, classify
+from .accepting import AcceptVerdict, Backoff, classify, relays_that_fit
 from .address import Address, AddressLike
 from .admission import REFUSED, Admitted, admit
 from .aio.connecting import connect_waiting
@@ -76,12 +75,6 @@ ACCEPT_BATCH: Final = 64
 
 #: How long a stop waits for the connections' buffered data to be written before it cuts them.
 SHUTDOWN_GRACE: Final = 5.0
-
-#: Descriptors left free, by the default ``max_connections``, for what is not a relay: the
-#: event loop's own, a client accepted only to be refused, logging, the target's name
-#: lookups. Without them, the relay past the limit would accept a client and then find no
-#: descriptor to reach the target with.
-SPARE_FDS: Final = 64
 
 #: SO_LINGER on, with a linger time of 0: close() then drops what is unsent and answers with
 #: a TCP reset (RST) instead of the orderly FIN, so that the peer's read fails with
@@ -583,7 +576,7 @@ async def start(
         )
     check_max_clients(max_connections, "max_connections")
     if max_connections is None:
-        max_connections = _connections_that_fit()
+        max_connections = relays_that_fit()
     loop = asyncio.get_running_loop()
     listener = await claim_in_thread(
         functools.partial(
@@ -602,18 +595,6 @@ async def start(
     except BaseException:
         listener.close()
         raise
-
-
-def _connections_that_fit() -> int | None:
-    """Relays that the open-file limit leaves room for (see ``start``); None: no limit."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return None
-    try:
-        open_now = len(os.listdir("/proc/self/fd"))
-    except OSError:  # no /proc: count the three standard streams
-        open_now = 3
-    return max(1, (soft - open_now - SPARE_FDS) // 2)
 
 
 async def serve(

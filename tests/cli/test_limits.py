@@ -9,7 +9,6 @@ import os
 import resource
 import socket
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -34,8 +33,8 @@ runpy.run_module("udskit", run_name="__main__", alter_sys=True)
 
 _HARD = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 
-#: The bridge's limit (soft and hard) in the test of its default max_connections: room
-#: for some dozens of relays, fewer than BRIDGED clients.
+#: A relay's limit (soft and hard) in the tests of its default cap: room for some dozens of
+#: relays, far fewer than BRIDGED clients, while those beyond them fit in the backlog (128).
 BRIDGE_FILES = 200
 BRIDGED = 150
 
@@ -67,32 +66,19 @@ def _open_files(pid: int) -> tuple[int, int]:
     raise AssertionError(f"no open-file limit in /proc/{pid}/limits")
 
 
-def _connect(client: socket.socket, path: Path, number: int) -> None:
-    """Connect, waiting (bounded) while the listener's backlog is full: a Unix socket's
-    non-blocking connect() fails at once then, and a blocking one would wait unbounded."""
-    client.setblocking(False)
-    deadline = time.monotonic() + COMMAND_TIMEOUT
-    delay = 0.001
-    while True:
-        try:
-            client.connect(os.fspath(path))
-            return
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"client {number}: the backlog stayed full") from None
-        time.sleep(delay)  # back-off while the server accepts the others
-        delay = min(2 * delay, 0.05)
-
-
 def _echoed_by_all(path: Path, count: int = CLIENTS) -> None:
-    """``count`` clients connected at once, each getting its own line back (in turn, each
-    closed once it has its line)."""
+    """``count`` clients connected at once (all before any sends: a relay finds them
+    queued together), each getting its own line back (in turn, each closed once it has
+    its line)."""
     clients = []
     try:
-        for number in range(count):
+        for _ in range(count):
             client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             clients.append(client)
-            _connect(client, path, number)
+            # Blocking, as most clients: it waits while the backlog is full (a non-blocking
+            # one fails at once there); the test's timeout bounds it.
+            client.connect(os.fspath(path))
+        for number, client in enumerate(clients):
             client.settimeout(COMMAND_TIMEOUT)
             client.sendall(b"client %d\n" % number)
         for number, client in enumerate(clients):
@@ -153,3 +139,19 @@ def test_the_bridge_relays_only_what_its_open_files_allow_and_lets_the_rest_wait
     _echoed_by_all(front, BRIDGED)
     assert bridge.stop() == 0
     assert "cannot connect" not in bridge.err, bridge.err
+    assert "no descriptor left" not in bridge.err, bridge.err
+
+
+def test_the_tap_relays_only_what_its_open_files_allow_and_lets_the_rest_wait(
+    sockdir: Path, background: list[Background]
+) -> None:
+    path = sockdir / "echo.sock"
+    serve(background, path, "--echo")
+    tap = _start(background, "tap", path, limits=(BRIDGE_FILES, BRIDGE_FILES))
+    tap.read_until(b"tapping", stream="stderr")
+    _echoed_by_all(path, BRIDGED)
+    assert tap.stop() == 0
+    # Past its open files, a client the tap had accepted could find no descriptor to reach
+    # the server with, and was dropped; now the tap accepts no more than its files allow.
+    assert "no descriptor left" not in tap.err, tap.err
+    assert "cannot connect" not in tap.err, tap.err

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 
 import pytest
 
 from udskit.accepting import (
     ACCEPT_BACKOFF,
     ACCEPT_BACKOFF_MAX,
+    SPARE_FDS,
     AcceptVerdict,
     Backoff,
     classify,
@@ -113,3 +116,27 @@ def test_each_loop_has_its_own_back_off() -> None:
 def test_verdicts_and_back_off_read_well() -> None:
     assert repr(AcceptVerdict.BACK_OFF) == "AcceptVerdict.BACK_OFF"
     assert repr(Backoff()) == "<Backoff next=0.01 s>"
+
+
+_FIT = """
+import os, resource
+from udskit.accepting import relays_that_fit
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))
+first = relays_that_fit()
+held = [os.open("/dev/null", os.O_RDONLY) for _ in range(40)]
+fewer = relays_that_fit()
+resource.setrlimit(resource.RLIMIT_NOFILE, (400, hard))
+print(first, fewer, relays_that_fit(), len(os.listdir("/proc/self/fd")))
+"""
+
+
+def test_relays_that_fit_take_two_descriptors_each_within_the_limit() -> None:
+    # In a process of its own: its limit and open files are the test's to set.
+    done = subprocess.run(
+        [sys.executable, "-c", _FIT], capture_output=True, text=True, timeout=30, check=True
+    )
+    first, fewer, more, open_now = map(int, done.stdout.split())
+    assert first - fewer == 40 // 2  # 40 more descriptors open: 20 relays fewer
+    assert more - fewer == 100 // 2  # 100 more allowed: 50 relays more
+    assert 0 < 2 * more + open_now + SPARE_FDS <= 400

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from ..accepting import AcceptVerdict, Backoff, classify
+from ..accepting import AcceptVerdict, Backoff, classify, relays_that_fit
 from ..creds import PeerCred, peer_cred
 from ..options import tune_buffers
 from ..wakeup import WakeUp
@@ -31,8 +31,8 @@ __all__ = ["CONNECT_TIMEOUT", "DRAIN_AFTER_RESTORE", "MAX_CONNECTIONS", "StreamR
 
 log = logging.getLogger("udskit")
 
-#: Connections relayed at once (two descriptors each, besides the client's); more clients
-#: wait in the backlog.
+#: Connections relayed at once (two descriptors each, and a thread while connecting), or
+#: fewer where the open-file limit leaves room for fewer; more clients wait in the backlog.
 MAX_CONNECTIONS: Final = 2048
 
 #: Connections accepted per wake-up, so that a flood of clients does not starve the rest.
@@ -73,6 +73,7 @@ class StreamRelay:
         self._server_gone = server_gone
         self._me = Identity()
         self._connections: dict[int, Connection] = {}
+        self._max_connections = min(MAX_CONNECTIONS, relays_that_fit() or MAX_CONNECTIONS)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._next_id = 0
@@ -132,11 +133,11 @@ class StreamRelay:
 
     def _at_capacity(self) -> bool:
         with self._lock:
-            return len(self._connections) >= MAX_CONNECTIONS
+            return len(self._connections) >= self._max_connections
 
     def _wait_for_room(self) -> None:
         with self._idle:
-            self._idle.wait_for(lambda: len(self._connections) < MAX_CONNECTIONS, 1.0)
+            self._idle.wait_for(lambda: len(self._connections) < self._max_connections, 1.0)
 
     def _accept_batch(self, backoff: Backoff, *, until_empty: bool) -> float:
         for _ in range(_ACCEPT_BATCH if not until_empty else 1 << 30):
