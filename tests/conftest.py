@@ -17,9 +17,11 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
+import udskit.accepting
 from udskit.proto.framing import LengthPrefixed
 
 
@@ -74,10 +76,15 @@ def open_fds() -> set[int]:
 
 @contextlib.contextmanager
 def no_descriptor_left(free: int = 0) -> Iterator[None]:
-    """This process at its open-file limit but for ``free`` descriptors (restored after)."""
+    """This process at its open-file limit but for ``free`` descriptors (restored after),
+    as if that were its hard limit: a server that runs out would raise its soft limit to
+    the hard one (``udskit.accepting.raise_open_file_limit``), and lowering the hard limit
+    could not be undone here."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     fillers: list[int] = []
+    at_hard_limit = mock.patch.object(udskit.accepting, "raise_open_file_limit", return_value=None)
     try:
+        at_hard_limit.start()
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(open_fds()) + 1 + free, hard))
         while True:  # bounded: by the limit just set
             try:
@@ -93,6 +100,7 @@ def no_descriptor_left(free: int = 0) -> Iterator[None]:
         for fd in fillers:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        at_hard_limit.stop()
 
 
 @pytest.fixture

@@ -16,6 +16,14 @@ on this one survey (Linux accept(2), man 2 accept; net/unix/af_unix.c; net/ipv4/
   retry. The connection is gone; accept the next. (A broken listener says EBADF or
   EINVAL; EOPNOTSUPP otherwise means a socket that cannot accept, a datagram one, which a
   udskit listener never is.)
+* EMFILE, first: the process's soft open-file limit is raised to its hard limit, once
+  (:func:`raise_open_file_limit`), and accepting goes on at once. A login shell or a
+  systemd service starts with a soft limit of 1,024, kept low for old programs that use
+  ``select()``, under a hard limit that is usually 524,288 or more: left there, a server
+  would hold about a thousand clients and keep the rest waiting. Go programs raise it as
+  they start; udskit's servers raise it when they need it, and say so in a warning, and
+  its relays (the bridge, the tap) as they start (:func:`relays_that_fit`). udskit never
+  uses ``select()``; programs that ``udskit serve --exec`` runs inherit the raised limit.
 * EMFILE, ENFILE: out of descriptors (ours, or the system's). The pending connection stays
   queued, so the listener stays readable and an immediate retry would spin at 100% CPU. We
   back off (ACCEPT_BACKOFF doubling to ACCEPT_BACKOFF_MAX) while established connections
@@ -51,6 +59,8 @@ __all__ = [
     "AcceptVerdict",
     "Backoff",
     "classify",
+    "raise_open_file_limit",
+    "relays_that_fit",
 ]
 
 log = logging.getLogger("udskit")
@@ -133,7 +143,17 @@ class Backoff:
     def failed(self, exc: OSError, address: object) -> float:
         """Count a BACK_OFF failure of accept(2) on ``address``, log it (the first of a
         run as a warning that says what to do, the others at debug level) and return the
-        pause to take."""
+        pause to take; none for an EMFILE that raising the open-file limit cured."""
+        if exc.errno == errno.EMFILE:
+            raised = raise_open_file_limit()
+            if raised is not None:
+                log.warning(
+                    "%s: out of descriptors at %d open files; raised this process's open-file "
+                    "limit to %d, its hard limit",
+                    address,
+                    *raised,
+                )
+                return 0.0
         first = not self._failures
         pause = self.next()
         reason = os.strerror(exc.errno or 0)
@@ -172,11 +192,15 @@ SPARE_FDS: Final = 64
 
 
 def relays_that_fit() -> int | None:
-    """Connections a relay can hold at once within the open-file limit, as it stands now:
-    two descriptors each (the client, and ours to its server), less those already open and
+    """Connections a relay can hold at once within the open-file limit, once its soft limit
+    is raised to the hard one (:func:`raise_open_file_limit`, logged if it was): two
+    descriptors each (the client, and ours to its server), less those already open and
     SPARE_FDS; None where there is no limit. Past it, a relay would accept a client and
     then find no descriptor to reach the server with: it must leave the client waiting in
     the backlog instead."""
+    raised = raise_open_file_limit()
+    if raised is not None:
+        log.info("raised this process's open-file limit from %d to %d, its hard limit", *raised)
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return None
@@ -185,3 +209,17 @@ def relays_that_fit() -> int | None:
     except OSError:  # no /proc: the three standard streams, at least
         open_now = 3
     return max(1, (soft - open_now - SPARE_FDS) // 2)
+
+
+def raise_open_file_limit() -> tuple[int, int] | None:
+    """Raise RLIMIT_NOFILE's soft limit to its hard limit (see the module's survey); the
+    limit before and after, or None if it was there already (or cannot be raised)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or (hard != resource.RLIM_INFINITY and soft >= hard):
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # an infinite hard limit: the kernel's nr_open caps it
+        log.debug("open-file limit left at %d: %s", soft, exc)
+        return None
+    return soft, hard

@@ -9,7 +9,6 @@ import contextlib
 import logging
 import os
 import re
-import resource
 import signal
 import socket
 import struct
@@ -28,7 +27,7 @@ import udskit.connection
 import udskit.serving
 from udskit import Connection, ConnectionClosed
 
-from ..conftest import READY_TIMEOUT, open_fds, wait_connectable
+from ..conftest import READY_TIMEOUT, no_descriptor_left, wait_connectable
 from .helpers import idle_turns, turns_until
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
@@ -1119,23 +1118,11 @@ def test_out_of_descriptors_the_server_backs_off_then_serves(
     async def main() -> None:
         async with running(path, upper_return, on_connect=lambda c: arrived.set()):
             client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # its fd first
-            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            fillers: list[int] = []
-            try:
-                # No descriptor left below the limit: the server's accept() gets EMFILE.
-                resource.setrlimit(resource.RLIMIT_NOFILE, (max(open_fds()) + 1, hard))
-                with contextlib.suppress(OSError):
-                    while True:
-                        fillers.append(os.dup(0))
+            with no_descriptor_left():  # the server's accept() gets EMFILE
                 client.connect(os.fspath(path))  # queued in the backlog, no new descriptor
                 await turns_until(lambda: "accept failed (Too many open files)" in caplog.text)
                 assert not arrived.is_set()
-                os.close(fillers.pop())
-                await asyncio.wait_for(arrived.wait(), WAIT)
-            finally:
-                for fd in fillers:
-                    os.close(fd)
-                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            await asyncio.wait_for(arrived.wait(), WAIT)
             async with udskit.aio.Channel(client) as channel:
                 await channel.send(b"patience")
                 assert await reply(channel) == b"PATIENCE"

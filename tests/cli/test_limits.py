@@ -1,7 +1,7 @@
 """The commands that hold many connections raise their open-file soft limit to the hard
-limit: under the 1,024 a login shell or a systemd service starts with, a server would hold
-about a thousand clients and keep the rest waiting. Here each starts under a soft limit of
-SOFT, far below the clients it then serves."""
+limit (a server once it needs to, a relay as it starts): under the 1,024 a login shell or a
+systemd service starts with, a server would hold about a thousand clients and keep the rest
+waiting. Here each starts under a soft limit of SOFT, far below the clients it serves."""
 
 from __future__ import annotations
 
@@ -101,8 +101,10 @@ def test_serve_holds_clients_beyond_the_soft_limit(
     path = sockdir / "echo.sock"
     server = _start(background, "serve", "--echo", path)
     wait_listening(path, server.process)
-    assert _open_files(server.pid) == (_HARD, _HARD)
     _echoed_by_all(path)
+    assert _open_files(server.pid) == (_HARD, _HARD)  # raised once it needed more
+    assert server.stop() == 0
+    assert f"raised this process's open-file limit to {_HARD}" in server.err
 
 
 def test_bridge_relays_clients_beyond_the_soft_limit(
@@ -117,11 +119,14 @@ def test_bridge_relays_clients_beyond_the_soft_limit(
     _echoed_by_all(front)
 
 
-def test_tap_raises_its_limit_too(sockdir: Path, background: list[Background]) -> None:
+def test_tap_relays_clients_beyond_the_soft_limit(
+    sockdir: Path, background: list[Background]
+) -> None:
     path = sockdir / "echo.sock"
     serve(background, path, "--echo")
     tap = _start(background, "tap", path)
     tap.read_until(b"tapping", stream="stderr")
+    _echoed_by_all(path)
     assert _open_files(tap.pid) == (_HARD, _HARD)
 
 

@@ -23,7 +23,8 @@ import udskit
 from ..conftest import READY_TIMEOUT, cpu_used
 
 #: The server program: ``which`` serves argv[2] with an echo handler; once it is set up,
-#: its descriptor limit leaves room for argv[3] more; SIGTERM stops it. Logs to stderr.
+#: its descriptor limit (soft and hard) leaves room for argv[3] more; SIGTERM stops it.
+#: Logs to stderr.
 SERVER = """
 import asyncio, logging, os, resource, signal, sys
 import udskit, udskit.aio
@@ -33,8 +34,8 @@ which, path, room = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
 def limit():
     open_now = len(os.listdir("/proc/self/fd")) - 1  # less listdir's own
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + room, hard))
+    # The hard limit too: below it, the server would raise its soft limit, and go on.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + room, open_now + room))
     print("ready", flush=True)
 
 def echo(channel):

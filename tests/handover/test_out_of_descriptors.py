@@ -40,8 +40,8 @@ while not os.path.exists(control):  # the handover is offered once it serves
     assert time.monotonic() < deadline, "no handover socket"
     time.sleep(0.01)
 open_now = len(os.listdir("/proc/self/fd")) - 1  # less listdir's own
-hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + room, hard))
+# The hard limit too: below it, the server would raise its soft limit, and go on.
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + room, open_now + room))
 print("ready", flush=True)
 serving.join()
 print("returned", flush=True)

@@ -1098,8 +1098,9 @@ import udskit
 logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(message)s")
 server = udskit.MessageServer(sys.argv[1], lambda conn, message: message, backlog=64)
 open_now = len(os.listdir("/proc/self/fd"))
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + int(sys.argv[2]), hard))
+# The hard limit too: below it, the server would raise its soft limit, and go on.
+limit = open_now + int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 print("ready", flush=True)
 server.serve_forever()
 """

@@ -275,3 +275,44 @@ def test_ten_thousand_clients_at_once(
     while _status("Threads") > threads_before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert _status("Threads") <= threads_before
+
+
+#: Clients in the test of a low open-file limit: several times the room it leaves.
+FEW_CLIENTS = 300
+
+
+@pytest.mark.parametrize("which", SERVERS)
+def test_a_server_raises_a_low_open_file_limit_to_hold_its_clients(
+    sockdir: Path, which: str
+) -> None:
+    # Under the soft limit of 1,024 that a login shell or a systemd service starts with,
+    # a server held about a thousand clients and kept the rest waiting in the backlog.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = len(open_fds()) + 64
+    if hard != resource.RLIM_INFINITY and hard < low + FEW_CLIENTS + SPARE_FDS:
+        pytest.skip(f"RLIMIT_NOFILE's hard limit is {hard}")
+    path = sockdir / "s.sock"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+    try:
+        with running(which, path, "stream") as (_, stop, thread):
+            args = [os.fspath(path), "stream", str(FEW_CLIENTS), str(ANSWER_WITHIN)]
+            with subprocess.Popen(  # the clients raise their own limit
+                [sys.executable, "-c", CLIENT, *args],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            ) as child:
+                try:
+                    assert _report(child) == {"connected": FEW_CLIENTS, "refused": []}
+                    _tell(child)
+                    answers = _report(child)
+                    assert answers == {"answered": FEW_CLIENTS, "wrong": 0, "ended": 0, "silent": 0}
+                    assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+                    stop()
+                    thread.join(STOP_WITHIN)
+                    _tell(child)
+                    assert _report(child) == {"closed": FEW_CLIENTS}
+                finally:
+                    child.kill()  # ends only if a step above failed: it exits by itself
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

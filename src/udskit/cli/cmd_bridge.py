@@ -7,7 +7,6 @@ import sys
 
 from udskit import bridge
 
-from ._limits import use_every_open_file
 from ._options import add_listening, address, policy_for, positive_int
 from .main import EXIT_OK
 
@@ -41,7 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    use_every_open_file()
     policy = policy_for(args)
 
     def started(running: bridge.Bridge) -> None:

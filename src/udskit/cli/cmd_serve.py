@@ -31,7 +31,7 @@ from types import FrameType
 import udskit
 from udskit.options import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CLIENTS
 
-from . import _actions, _exec, _limits, _systemd
+from . import _actions, _exec, _systemd
 from ._actions import STOP, Action, Session, Until
 from ._exec import Command
 from ._messages import line_limit
@@ -135,7 +135,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    _limits.use_every_open_file()
     framing = framing_for(args)
     max_frame = max_frame_of(args, framing)
     raw = args.type == "stream" and framing == "raw"

@@ -15,7 +15,6 @@ from udskit.proto.framing import DEFAULT_MAX_FRAME
 from udskit.tap.pcap import DEFAULT_PORT, PcapWriter
 from udskit.tap.render import DEFAULT_MAX_BYTES, Printer
 
-from ._limits import use_every_open_file
 from ._options import positive_int, seconds
 from ._output import Output, err
 from .main import EXIT_FAILURE, EXIT_OK, UsageError
@@ -95,7 +94,6 @@ def run(args: argparse.Namespace) -> int:
     if args.restore:
         print(tap.restore(args.path), flush=True)
         return EXIT_OK
-    use_every_open_file()
     if args.max_bytes < 0:
         raise ValueError(f"--max-bytes must be 0 or more, not {args.max_bytes}")
     max_bytes = args.max_bytes or DEFAULT_MAX_FRAME
