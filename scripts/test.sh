@@ -13,6 +13,7 @@ command -v tmux >/dev/null || need+=(tmux)
 command -v cc >/dev/null || need+=(gcc)
 command -v systemd-socket-activate >/dev/null || need+=(systemd)
 command -v tshark >/dev/null || need+=(tshark)
+command -v redis-server >/dev/null || need+=(redis-server)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing test peers: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -142,3 +142,39 @@ def test_gunicorn_behind_nginx_http_decoded_and_captured(
     assert ["/", ""] in fields
     assert ["/bytes?n=300000", ""] in fields
     assert fields.count(["", "200"]) == 2
+
+
+def test_redis_shut_down_while_tapped_stops_the_tap_and_leaves_no_socket(sockdir: Path) -> None:
+    """redis removes its socket file by name as it shuts down, which takes the relay's: no
+    client reaches the tap any more, and no refused connect tells it the server is gone.
+    The tap used to run on (until Ctrl-C, and then put the stale socket back at PATH)."""
+    require_peer("redis-server", shutil.which("redis-server") is not None)
+    path = sockdir / "redis.sock"
+    redis = _Peer(
+        [
+            "redis-server",
+            "--port",
+            "0",
+            "--unixsocket",
+            str(path),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(sockdir),
+        ],
+        path,
+    )
+    try:
+        running = TapProcess(path)
+        redis.stop()  # SIGTERM: redis shuts down and unlinks PATH
+        running.popen.wait(timeout=READY_TIMEOUT)
+        code, _, err = running.finish(signum=None)
+    finally:
+        if redis.process.poll() is None:
+            redis.stop()
+    assert code == 1
+    assert f"{path} no longer leads to the tap: the server removed its socket file" in err
+    assert "the server exited while tapped and removed its socket file" in err
+    assert sorted(p.name for p in sockdir.iterdir() if p.is_socket()) == []

@@ -163,7 +163,7 @@ def _have_dpkt() -> bool:
 def _watch(running: tap.Tap, stop: _Stop, duration: float | None) -> int:
     try:
         deadline = None if duration is None else time.monotonic() + duration
-        while not stop.event.is_set() and not running.server_gone:
+        while not stop.event.is_set() and not running.server_gone and not running.bypassed:
             wait = _TICK if deadline is None else min(_TICK, deadline - time.monotonic())
             if wait <= 0:
                 break
@@ -180,6 +180,6 @@ def _watch(running: tap.Tap, stop: _Stop, duration: float | None) -> int:
         running.stop(grace=0)  # the server's socket back, whatever went wrong here
         raise
     running.stop()
-    if running.server_gone:
+    if running.server_gone or running.bypassed:
         return EXIT_FAILURE
     return EXIT_OK

@@ -48,6 +48,7 @@ class Tap:
         self._restored: str | None = None
         self._restore_reported = threading.Event()
         self._server_gone = threading.Event()
+        self._bypassed = threading.Event()
         self.address: Address = interposed.address
         #: stream, seqpacket or dgram: the server's socket type.
         self.type: str = interposed.type
@@ -123,6 +124,26 @@ class Tap:
     def server_gone(self) -> bool:
         """True once a connect to the server was refused: it has exited."""
         return self._server_gone.is_set()
+
+    @property
+    def bypassed(self) -> bool:
+        """True once PATH no longer holds the relay's socket, so that no new client reaches
+        the tap: the server removed its socket file as it exited (redis, nginx and
+        PostgreSQL do, by name), or something else took PATH. Reported once, as a notice."""
+        if self._bypassed.is_set():
+            return True
+        with self._stop_lock:
+            if self._restored is not None or self._interposed.in_place():
+                return False
+        self._bypassed.set()
+        self._emit(
+            Notice(
+                time.time(),
+                f"{self.address} no longer leads to the tap: the server removed its socket "
+                "file (as it does when it exits), or something replaced it",
+            )
+        )
+        return True
 
     @property
     def active(self) -> int:

@@ -158,6 +158,14 @@ class Interposed:
     def server_alive(self) -> bool:
         return probe(self.server_sun_path).live
 
+    def in_place(self) -> bool:
+        """True while PATH holds the relay's socket, so that new clients reach the tap. A
+        server that removes its socket file by name as it exits (redis, nginx, PostgreSQL)
+        removes the relay's; a file put at PATH replaces it. One lstat: the server is not
+        disturbed (a probe's connect shows in its log, as PostgreSQL's "incomplete startup
+        packet")."""
+        return _same(self._directory.lstat(), self._relay_id)
+
     def restore(self) -> str:
         """Put the server's socket back at PATH; what happened, in one line.
 
@@ -181,6 +189,14 @@ class Interposed:
                     return (
                         f"restored {self.address}: the server exited while tapped; its socket "
                         "file is back in place, stale (a udskit server started there reclaims it)"
+                    )
+                if server_there and at_path is None and not alive:
+                    # The server removed its socket file as it exited: putting its stale
+                    # socket back would leave what the server itself took away.
+                    _remove_if(directory, aside, self._server_id)
+                    return (
+                        f"did not restore {self.address}: the server exited while tapped and "
+                        f"removed its socket file; its stale socket at {self.aside} is removed"
                     )
                 if server_there and at_path is None:
                     _link_held(self._held, directory, name)
