@@ -142,6 +142,7 @@ def test_malformed_http_is_shown_raw_from_there_on() -> None:
         (b"\x7f\x00\x00\x00", "raw"),
         (b"\x00AUTH EXTERNAL 30\r\n", "raw"),  # D-Bus: a NUL, then text
         (b"\x00\x00\x01\x00" + b"x" * 256, "length"),
+        (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", "raw"),  # PostgreSQL's SSLRequest
     ],
 )
 def test_auto_recognises_the_framing(first: bytes, framing: str) -> None:
@@ -155,6 +156,20 @@ def test_auto_waits_for_a_whole_length_prefix() -> None:
     assert conversation.feed("up", b"\x00\x00") == []
     assert conversation.framing == "auto"
     assert [s.preview for s in conversation.feed("up", b"\x00\x01a")] == [b"a"]
+
+
+def test_a_postgresql_startup_message_is_shown_at_once_not_held_for_the_next_one() -> None:
+    """psql's first bytes: a length that counts its own 4 bytes, then the whole message.
+    Taken for a udskit length frame, it was held back until 4 bytes of the query came,
+    after the server's answer, and then shown cut in the wrong places."""
+    params = b"user\x00root\x00database\x00root\x00application_name\x00psql\x00\x00"
+    startup = (8 + len(params)).to_bytes(4, "big") + b"\x00\x03\x00\x00" + params
+    query = b"Q\x00\x00\x00\x0dselect 1\x00"
+    conversation = Conversation("auto", 1024)
+    shown = conversation.feed("up", startup)
+    assert [(s.framing, s.preview) for s in shown] == [("raw", startup)]
+    assert [s.preview for s in conversation.feed("down", b"R\x00\x00\x00\x08\x00\x00\x00\x00")]
+    assert [s.preview for s in conversation.feed("up", query)] == [query]
 
 
 def test_bad_arguments_are_refused() -> None:

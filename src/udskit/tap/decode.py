@@ -8,8 +8,8 @@ the messages they complete, in the framing chosen (``--framing``):
 * ``http``: HTTP/1.1, parsed by h11 (requests one way, responses the other);
 * ``raw``: each read as it came;
 * ``auto``: decided from the first bytes: an HTTP request or status line means http, a
-  first byte 0 with a plausible length means length, printable text means lines, anything
-  else raw.
+  first byte 0 with a plausible length that does not count the prefix itself means length,
+  printable text means lines, anything else raw.
 
 Only what is shown is kept: a message's first ``max_bytes`` and its size, however long it
 is. Bytes that break the framing (a length above the frame limit, malformed HTTP) switch
@@ -386,6 +386,12 @@ def _guess(data: bytes) -> str | None:
             # "length" of 4 MiB would hold back everything the client sends.
             return "raw"
         (announced,) = HEADER.unpack_from(data)
+        if announced == len(data):
+            # A prefix that counts itself, with the whole message behind it: PostgreSQL's
+            # startup message and SSLRequest (and other binary protocols' first message).
+            # Taken for udskit's, it would wait for 4 bytes of the next message, holding
+            # this one back until then, and then show both cut in the wrong places.
+            return "raw"
         return "length" if announced <= DEFAULT_MAX_FRAME else "raw"
     line_end = data.find(b"\n")
     first = data[:line_end] if line_end >= 0 else data
