@@ -169,7 +169,11 @@ def test_redis_shut_down_while_tapped_stops_the_tap_and_leaves_no_socket(sockdir
     try:
         running = TapProcess(path)
         redis.stop()  # SIGTERM: redis shuts down and unlinks PATH
-        running.popen.wait(timeout=READY_TIMEOUT)
+        try:
+            running.popen.wait(timeout=READY_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            running.kill()
+            raise AssertionError("the tap ran on after redis removed its socket") from None
         code, _, err = running.finish(signum=None)
     finally:
         if redis.process.poll() is None:
