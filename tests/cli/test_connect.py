@@ -99,6 +99,46 @@ def test_ends_when_the_server_closes_first(
         client.kill()
 
 
+#: A response larger than the socket buffers hold: it goes out while the client reads.
+_LONG_ANSWER = 4 * 1024 * 1024
+
+
+def _answer_until_the_client_ends(listener: socket.socket, sent: list[int]) -> None:
+    """As nginx does: read a request, then answer in pieces, and stop answering once the
+    client's end of stream shows (a half-close taken for a client that left)."""
+    conn, _ = listener.accept()
+    with conn:
+        conn.recv(65536)
+        piece = b"x" * 65536
+        while sent[0] < _LONG_ANSWER:
+            try:
+                if conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                    return
+            except BlockingIOError:
+                pass
+            conn.sendall(piece)
+            sent[0] += len(piece)
+
+
+def test_no_shutdown_keeps_our_side_open_for_a_server_that_stops_at_a_half_close(
+    sockdir: Path,
+) -> None:
+    path = sockdir / "nginx-like.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(os.fspath(path))
+        listener.listen()
+        listener.settimeout(COMMAND_TIMEOUT)
+        sent = [0]
+        server = threading.Thread(target=_answer_until_the_client_ends, args=(listener, sent))
+        server.start()
+        try:
+            result = udskit("connect", "--no-shutdown", path, stdin=b"GET / HTTP/1.0\r\n\r\n")
+        finally:
+            server.join(COMMAND_TIMEOUT)
+    assert result.code == 0, result.err
+    assert len(result.out) == _LONG_ANSWER == sent[0]
+
+
 def test_binary_data_passes_untouched(sockdir: Path, background: list[Background]) -> None:
     path = sockdir / "b.sock"
     serve(background, path, "--echo")

@@ -3,8 +3,10 @@
 A thread reads stdin and sends; the calling thread receives and writes stdout. The rules
 are those of ``nc -U``:
 
-* stream and seqpacket: at the end of stdin we half-close (the peer reads end of stream)
-  and keep printing replies until the peer closes; when the peer closes first, we are done;
+* stream and seqpacket: at the end of stdin we half-close (the peer reads end of stream,
+  as after ``nc -N``) and keep printing replies until the peer closes; when the peer
+  closes first, we are done. ``half_close=False`` keeps our side open instead, as plain
+  ``nc -U`` does, for servers that take a half-close for a client that left;
 * datagram: each stdin line is one datagram. A datagram socket has no end of stream, so
   once stdin ends we listen for replies until none has come for ``linger`` seconds.
 
@@ -81,6 +83,7 @@ class Relay:
         "_channel",
         "_dump",
         "_error",
+        "_half_close",
         "_input_done",
         "_lines",
         "_linger",
@@ -99,8 +102,10 @@ class Relay:
         dump: HexDump | None = None,
         linger: float = DGRAM_LINGER,
         max_line: int = MAX_LINE,
+        half_close: bool = True,
     ) -> None:
         self._channel = channel
+        self._half_close = half_close
         self._out = out
         self._lines = lines
         self._dump = dump
@@ -140,7 +145,7 @@ class Relay:
                     # and must never be shown first.
                     self._dump.sent(message)
                 channel.send(message)
-            if channel.type != "dgram":
+            if channel.type != "dgram" and self._half_close:
                 channel.shutdown_write()
         except udskit.ConnectionClosed as exc:
             if channel.type == "dgram":

@@ -51,6 +51,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             f"replies once stdin ends (default: {DGRAM_LINGER})"
         ),
     )
+    parser.add_argument(
+        "--no-shutdown",
+        dest="half_close",
+        action="store_false",
+        help=(
+            "at the end of stdin, keep our side open until the server closes, as plain nc -U "
+            "does (by default we half-close, as nc -N: some servers, nginx among them, take "
+            "that for a client that left and stop answering)"
+        ),
+    )
     add_hexdump(parser)
 
 
@@ -82,6 +92,7 @@ def _relay(args: argparse.Namespace, framing: str, max_frame: int | None) -> Non
             dump=HexDump() if args.hexdump else None,
             linger=DGRAM_LINGER if args.timeout is None else args.timeout,
             max_line=line_limit(max_frame),
+            half_close=args.half_close,
         )
         relay.run()
 
