@@ -138,6 +138,28 @@ def test_sigterm_restores_and_lets_a_relayed_connection_finish(sockdir: Path) ->
     assert "direct" not in out
 
 
+def test_a_relayed_connection_that_does_not_end_is_cut_after_the_drain_timeout(
+    sockdir: Path,
+) -> None:
+    # A connection that never ends (a subscriber, a pooled database connection) kept the
+    # stopped tap waiting for ever: under a service manager, until it killed the tap.
+    path = sockdir / "echo.sock"
+    with server(path) as srv:
+        running = TapProcess("--drain-timeout", "0.5", path)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(READY_TIMEOUT)
+            client.connect(str(path))
+            client.sendall(b"stay\n")
+            assert recv_exactly(client, 5) == b"stay\n"
+            running.signal(signal.SIGTERM)
+            code, _, err = running.finish(signum=None)
+            assert client.recv(1) == b""  # cut: our end of stream
+        assert os.lstat(path).st_ino == srv.inode
+    assert code == 0
+    assert "waiting for 1 relayed connections to end, at most 0.5 s" in err
+    assert "cutting 1 relayed connections still open after 0.5 s" in err
+
+
 def test_listing_a_tapped_socket_says_so_without_connecting_to_the_tap(sockdir: Path) -> None:
     """udskit ls, of the host or of a directory, reads the kernel's socket table: whether
     the tap still runs comes from there, not from a connection the tap would relay."""

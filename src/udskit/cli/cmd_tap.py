@@ -11,11 +11,12 @@ from types import FrameType
 from typing import Final
 
 from udskit import tap
+from udskit.options import DEFAULT_DRAIN_TIMEOUT
 from udskit.proto.framing import DEFAULT_MAX_FRAME
 from udskit.tap.pcap import DEFAULT_PORT, PcapWriter
 from udskit.tap.render import DEFAULT_MAX_BYTES, Printer
 
-from ._options import positive_int, seconds
+from ._options import positive_int, positive_seconds, seconds
 from ._output import Output, err
 from .main import EXIT_FAILURE, EXIT_OK, UsageError
 
@@ -29,8 +30,8 @@ EXAMPLE = """\
   udskit tap --restore /run/app.sock                put back a socket a killed tap left aside
 
 Only connections made after the tap starts are seen. Ctrl-C or SIGTERM stops it: the
-server's socket goes back in place at once, and relayed connections are left to finish
-(Ctrl-C again cuts them)."""
+server's socket goes back in place at once, and relayed connections are left to finish,
+for at most --drain-timeout seconds (Ctrl-C again cuts them at once)."""
 
 #: How often the waiting main thread looks at --duration and the server's state; a
 #: signal or --count wakes it at once.
@@ -71,6 +72,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--count", type=positive_int, metavar="N", help="stop after N messages")
     parser.add_argument("--duration", type=seconds, metavar="S", help="stop after S seconds")
+    parser.add_argument(
+        "--drain-timeout",
+        metavar="S",
+        type=positive_seconds,
+        default=DEFAULT_DRAIN_TIMEOUT,
+        help=(
+            "once stopped, let relayed connections finish for at most S seconds, then cut "
+            f"them (default: {DEFAULT_DRAIN_TIMEOUT:g}, inside a service manager's wait)"
+        ),
+    )
     parser.add_argument(
         "--restore",
         action="store_true",
@@ -143,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
                 pcap = PcapWriter(pcap_file, port=args.pcap_port, datagrams=running.type == "dgram")
         finally:
             ready.set()
-        return _watch(running, stop, args.duration)
+        return _watch(running, stop, args.duration, args.drain_timeout)
     finally:
         for sig, handler in previous.items():
             with contextlib.suppress(ValueError):
@@ -160,7 +171,7 @@ def _have_dpkt() -> bool:
     return True
 
 
-def _watch(running: tap.Tap, stop: _Stop, duration: float | None) -> int:
+def _watch(running: tap.Tap, stop: _Stop, duration: float | None, drain: float) -> int:
     try:
         deadline = None if duration is None else time.monotonic() + duration
         while not stop.event.is_set() and not running.server_gone and not running.bypassed:
@@ -172,10 +183,18 @@ def _watch(running: tap.Tap, stop: _Stop, duration: float | None) -> int:
         running.restore()
         signals = stop.signals
         if running.active:
-            err(f"waiting for {running.active} relayed connections to end (Ctrl-C cuts them)")
+            err(
+                f"waiting for {running.active} relayed connections to end, at most {drain:g} s "
+                "(Ctrl-C cuts them)"
+            )
+        cut_at: float | None = time.monotonic() + drain
         while not running.drain(_TICK):
             if stop.signals > signals:
                 running.cut()
+            elif cut_at is not None and time.monotonic() >= cut_at:
+                err(f"cutting {running.active} relayed connections still open after {drain:g} s")
+                running.cut()
+                cut_at = None
     except BaseException:
         running.stop(grace=0)  # the server's socket back, whatever went wrong here
         raise
