@@ -191,13 +191,14 @@ class Backoff:
 SPARE_FDS: Final = 64
 
 
-def relays_that_fit() -> int | None:
+def relays_that_fit(each: int = 2) -> int | None:
     """Connections a relay can hold at once within the open-file limit, once its soft limit
-    is raised to the hard one (:func:`raise_open_file_limit`, logged if it was): two
-    descriptors each (the client, and ours to its server), less those already open and
-    SPARE_FDS; None where there is no limit. Past it, a relay would accept a client and
+    is raised to the hard one (:func:`raise_open_file_limit`, logged if it was): ``each``
+    descriptors each (a stream relay's two: the client, and ours to its server; the
+    datagram tap's one, its socket to the server for a sender), less those already open
+    and SPARE_FDS; None where there is no limit. Past it, a relay would accept a client and
     then find no descriptor to reach the server with: it must leave the client waiting in
-    the backlog instead."""
+    the backlog instead (the datagram tap: close its least recent sender's socket)."""
     raised = raise_open_file_limit()
     if raised is not None:
         log.info("raised this process's open-file limit from %d to %d, its hard limit", *raised)
@@ -208,7 +209,7 @@ def relays_that_fit() -> int | None:
         open_now = len(os.listdir("/proc/self/fd"))
     except OSError:  # no /proc: the three standard streams, at least
         open_now = 3
-    return max(1, (soft - open_now - SPARE_FDS) // 2)
+    return max(1, (soft - open_now - SPARE_FDS) // each)
 
 
 def raise_open_file_limit() -> tuple[int, int] | None:

@@ -160,3 +160,31 @@ def test_the_tap_relays_only_what_its_open_files_allow_and_lets_the_rest_wait(
     # the server with, and was dropped; now the tap accepts no more than its files allow.
     assert "no descriptor left" not in tap.err, tap.err
     assert "cannot connect" not in tap.err, tap.err
+
+
+def _answered_from_senders_of_their_own(path: Path, directory: Path, count: int) -> None:
+    """``count`` datagram clients, each bound to a name of its own (a sender the tap gives
+    a socket of its own) and each getting its datagram back, in turn."""
+    for number in range(count):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
+            client.bind(os.fspath(directory / f"c{number}"))
+            client.settimeout(COMMAND_TIMEOUT)
+            client.sendto(b"sender %d" % number, os.fspath(path))
+            assert client.recv(64) == b"sender %d" % number, f"sender {number}"
+
+
+def test_the_datagram_tap_keeps_a_socket_per_sender_only_while_its_open_files_allow(
+    sockdir: Path, background: list[Background]
+) -> None:
+    # The datagram tap opened a socket for each new sender up to 1,024, whatever its open
+    # files: past them it relayed nothing more, and at the stop had no descriptor left to
+    # put the server's socket back with ("could not restore"). It raises its soft limit as
+    # the stream tap does, and closes its least recent sender's socket before it runs out.
+    path = sockdir / "dgram.sock"
+    serve(background, path, "--echo", "--type", "dgram")
+    tap = _start(background, "tap", path, limits=(BRIDGE_FILES, BRIDGE_FILES))
+    tap.read_until(b"tapping", stream="stderr")
+    _answered_from_senders_of_their_own(path, sockdir, BRIDGE_FILES + 50)
+    assert tap.stop() == 0
+    assert "could not restore" not in tap.err, tap.err
+    assert f"restored {path}: the server's socket is back in place" in tap.err

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
+from ..accepting import relays_that_fit
 from ..ancillary import RECV_FLAGS, ancillary_size, close_fds, rights, unpack
 from ..creds import UCRED, PeerCred
 from ..wakeup import WakeUp
@@ -45,8 +46,9 @@ from .relay import DRAIN_AFTER_RESTORE
 
 __all__ = ["DatagramRelay"]
 
-#: Senders relayed at once, each with its own socket; the least recently heard-from is
-#: closed to make room for a new one (its later datagrams get a new socket).
+#: Senders relayed at once, each with its own socket, or fewer where the open-file limit
+#: leaves room for fewer; the least recently heard-from is closed to make room for a new
+#: one (its later datagrams get a new socket).
 MAX_SENDERS: Final = 1024
 
 #: How long the relay keeps a sender's socket open after the tap stops, for late replies:
@@ -118,6 +120,7 @@ class DatagramRelay:
         self._server_gone = server_gone
         self._me = Identity()
         self._senders: dict[_Key, _Sender] = {}
+        self._max_senders = min(MAX_SENDERS, relays_that_fit(each=1) or MAX_SENDERS)
         self._by_fd: dict[int, _Sender] = {}
         self._next_id = 0
         self._closing_at: float | None = None
@@ -215,7 +218,7 @@ class DatagramRelay:
         if sender is not None:
             sender.last = time.monotonic()
             return sender
-        if len(self._senders) >= MAX_SENDERS:
+        if len(self._senders) >= self._max_senders:
             oldest = min(self._senders.values(), key=lambda s: s.last)
             self._drop(oldest, poller)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
