@@ -52,6 +52,12 @@ USAGE = [
     (["connect", "tcp:localhost"], "malformed tcp address 'tcp:localhost'"),
     (["connect", "--timeout", "-1", S], "'-1' must be a finite number of seconds"),
     (["connect", "--timeout", "soon", S], "'soon' is not a number of seconds"),
+    (["tap", "--drain-timeout", "-1", S], "'-1' must be a finite number of seconds, more than 0"),
+    (["tap", "--drain-timeout", "nan", S], "'nan' must be a finite number of seconds, more than 0"),
+    (
+        ["tap", "--drain-timeout", "0", S],
+        "argument --drain-timeout: '0' must be more than 0 seconds",
+    ),
     (["connect", "--type", "seqpacket", "--framing", "length", S], "stream sockets only"),
     (["connect", "--bind", "tcp:127.0.0.1:1", S], "--bind takes a Unix path or @name"),
     (["connect", "fd:x"], "malformed fd address 'fd:x'"),

@@ -185,7 +185,7 @@ def test_handover_refuses_another_type(sockdir: Path, background: list[Backgroun
     ("args", "message"),
     [
         (("--drain-timeout", "0"), "'0' must be more than 0 seconds"),
-        (("--drain-timeout", "-1"), "'-1' must be a finite number of seconds, >= 0"),
+        (("--drain-timeout", "-1"), "'-1' must be a finite number of seconds, more than 0"),
         (("--drain-timeout", "soon"), "'soon' is not a number of seconds"),
     ],
 )

@@ -185,19 +185,23 @@ def positive_int(text: str) -> int:
 
 def seconds(text: str) -> float:
     """argparse type: a duration in seconds, zero or more (fractions allowed)."""
+    return _duration(text, positive=False)
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a duration in seconds, more than zero."""
+    return _duration(text, positive=True)
+
+
+def _duration(text: str, *, positive: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds, >= 0")
-    return value
-
-
-def positive_seconds(text: str) -> float:
-    """argparse type: a duration in seconds, more than zero."""
-    value = seconds(text)
-    if not value > 0:
+        bound = "more than 0" if positive else ">= 0"  # not ">= 0" where 0 is refused
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds, {bound}")
+    if positive and not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 seconds")
     return value
 
