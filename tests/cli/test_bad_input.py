@@ -59,6 +59,7 @@ USAGE = [
         "argument --drain-timeout: '0' must be more than 0 seconds",
     ),
     (["connect", "--type", "seqpacket", "--framing", "length", S], "stream sockets only"),
+    (["connect", "--type", "dgram", "--no-shutdown", S], "--no-shutdown applies to stream and"),
     (["connect", "--bind", "tcp:127.0.0.1:1", S], "--bind takes a Unix path or @name"),
     (["connect", "fd:x"], "malformed fd address 'fd:x'"),
     (["send", S], "the following arguments are required: MSG"),

@@ -21,6 +21,7 @@ from ._options import (
 from ._output import HexDump, Output, err
 from ._relay import DGRAM_LINGER, Relay
 from ._signals import exit_on_termination
+from .main import UsageError
 
 HELP = "connect to ADDR: stdin goes to the socket, what comes back to stdout (like nc -U)"
 EXAMPLE = """\
@@ -65,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.type == "dgram" and not args.half_close:
+        raise UsageError(
+            "--no-shutdown applies to stream and seqpacket sockets; a datagram socket has no "
+            "end of stream to send or hold back (drop --no-shutdown)"
+        )
     framing = framing_for(args)
     max_frame = max_frame_of(args, framing)
     with exit_on_termination():
