@@ -59,6 +59,7 @@ __all__ = [
     "AcceptVerdict",
     "Backoff",
     "classify",
+    "more_open_files",
     "raise_open_file_limit",
     "relays_that_fit",
 ]
@@ -144,16 +145,8 @@ class Backoff:
         """Count a BACK_OFF failure of accept(2) on ``address``, log it (the first of a
         run as a warning that says what to do, the others at debug level) and return the
         pause to take; none for an EMFILE that raising the open-file limit cured."""
-        if exc.errno == errno.EMFILE:
-            raised = raise_open_file_limit()
-            if raised is not None:
-                log.warning(
-                    "%s: out of descriptors at %d open files; raised this process's open-file "
-                    "limit to %d, its hard limit",
-                    address,
-                    *raised,
-                )
-                return 0.0
+        if exc.errno == errno.EMFILE and more_open_files(address):
+            return 0.0
         first = not self._failures
         pause = self.next()
         reason = os.strerror(exc.errno or 0)
@@ -210,6 +203,23 @@ def relays_that_fit(each: int = 2) -> int | None:
     except OSError:  # no /proc: the three standard streams, at least
         open_now = 3
     return max(1, (soft - open_now - SPARE_FDS) // each)
+
+
+def more_open_files(where: object) -> bool:
+    """Out of descriptors (EMFILE) at ``where``: raise the soft open-file limit to the hard
+    one (:func:`raise_open_file_limit`) and say so in a warning; False if it was there
+    already, and nothing is said. For accept(2) (:meth:`Backoff.failed`), and for what a
+    server opens per client besides (``udskit serve --exec``: two pipes)."""
+    raised = raise_open_file_limit()
+    if raised is None:
+        return False
+    log.warning(
+        "%s: out of descriptors at %d open files; raised this process's open-file limit to "
+        "%d, its hard limit",
+        where,
+        *raised,
+    )
+    return True
 
 
 def raise_open_file_limit() -> tuple[int, int] | None:

@@ -107,6 +107,27 @@ def test_serve_holds_clients_beyond_the_soft_limit(
     assert f"raised this process's open-file limit to {_HARD}" in server.err
 
 
+#: Clients of the --exec test: each takes three open files (its socket and the command's
+#: two pipes), so that these need several times SOFT.
+EXEC_CLIENTS = SOFT
+
+
+def test_serve_exec_holds_clients_beyond_the_soft_limit(
+    sockdir: Path, background: list[Background]
+) -> None:
+    # A command's two pipes are more open files than the client's socket: the server ran
+    # out of them in starting the command, not in accept(2), and dropped each client from
+    # there on ("too many open files"), its soft limit never raised.
+    path = sockdir / "exec.sock"
+    server = _start(background, "serve", "--exec", "cat", path)
+    wait_listening(path, server.process)
+    _echoed_by_all(path, EXEC_CLIENTS)
+    assert _open_files(server.pid) == (_HARD, _HARD)
+    assert server.stop() == 0
+    assert "too many open files" not in server.err, server.err
+    assert f"raised this process's open-file limit to {_HARD}" in server.err
+
+
 def test_bridge_relays_clients_beyond_the_soft_limit(
     sockdir: Path, background: list[Background]
 ) -> None:

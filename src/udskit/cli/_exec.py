@@ -12,6 +12,7 @@ output has gone out; the client sees the end of the stream.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import subprocess
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any, Final
 
 import udskit
+from udskit.accepting import more_open_files
 
 from ._actions import Session
 from ._messages import MAX_LINE, messages
@@ -108,14 +110,7 @@ class Command:
         self._lines = lines
         self._max_line = max_line
         self._call_soon = call_soon
-        self._process = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            bufsize=0,
-            close_fds=True,
-            env=_command_environment(),
-        )
+        self._process = _start(argv, where)
         self._input: deque[bytes] = deque()
         self._queued = 0  # bytes in _input
         self._input_ended = False  # no more input: close stdin once _input is written
@@ -278,6 +273,29 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _start(argv: Sequence[str], where: object) -> subprocess.Popen[bytes]:
+    """A connection's command, its stdin and stdout piped to us. Its two pipes are two more
+    open files per client than accept(2) takes: a server under a soft open-file limit runs
+    out here first, and raises it as its accept would."""
+    try:
+        return _popen(argv)
+    except OSError as exc:
+        if exc.errno != errno.EMFILE or not more_open_files(where):
+            raise
+    return _popen(argv)
+
+
+def _popen(argv: Sequence[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        bufsize=0,
+        close_fds=True,
+        env=_command_environment(),
+    )
 
 
 def _end(process: subprocess.Popen[bytes]) -> None:
