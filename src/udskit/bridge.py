@@ -558,7 +558,10 @@ async def start(
 
     The listening side is claimed like :func:`udskit.listen` (``mode``/``owner``/``group``
     for a socket file, ``allow`` checked for every Unix client). ``max_connections`` bounds
-    the connections relayed at once (further clients wait in the backlog). Errors about the
+    the connections relayed at once (further clients wait in the backlog); None, the
+    default: as many as the open-file limit leaves room for, two descriptors each, after
+    this process's soft limit is raised to its hard one (:func:`udskit.accepting.relays_that_fit`;
+    a change to the whole process, as a server makes once it runs out). Errors about the
     addresses (malformed, in use, not a stream address) are raised here; an unreachable
     target is only found per connection, and logged.
     """
