@@ -110,6 +110,9 @@ def test_serve_holds_clients_beyond_the_soft_limit(
 #: Clients of the --exec test: each takes three open files (its socket and the command's
 #: two pipes), so that these need several times SOFT.
 EXEC_CLIENTS = SOFT
+#: Open files a server of --exec is left, beyond those it has open once it listens: room
+#: for a client's socket and one pipe, not for its command's second pipe.
+EXEC_ROOM = 3
 
 
 def test_serve_exec_holds_clients_beyond_the_soft_limit(
@@ -121,6 +124,9 @@ def test_serve_exec_holds_clients_beyond_the_soft_limit(
     path = sockdir / "exec.sock"
     server = _start(background, "serve", "--exec", "cat", path)
     wait_listening(path, server.process)
+    # Room for the first client's socket and one pipe: its command is what runs out.
+    room = len(os.listdir(f"/proc/{server.pid}/fd")) + EXEC_ROOM
+    resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (room, _HARD))
     _echoed_by_all(path, EXEC_CLIENTS)
     assert _open_files(server.pid) == (_HARD, _HARD)
     assert server.stop() == 0
@@ -209,3 +215,23 @@ def test_the_datagram_tap_keeps_a_socket_per_sender_only_while_its_open_files_al
     assert tap.stop() == 0
     assert "could not restore" not in tap.err, tap.err
     assert f"restored {path}: the server's socket is back in place" in tap.err
+
+
+def test_serve_exec_out_of_descriptors_at_its_hard_limit_says_what_to_do(
+    sockdir: Path, background: list[Background]
+) -> None:
+    # It said "pid N: too many open files": neither what failed nor what to do.
+    path = sockdir / "exec.sock"
+    server = _start(background, "serve", "--exec", "cat", path)
+    wait_listening(path, server.process)
+    room = len(os.listdir(f"/proc/{server.pid}/fd")) + EXEC_ROOM
+    resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (room, room))  # the hard limit too
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(os.fspath(path))
+        said = server.read_until(b"cannot start the --exec command", stream="stderr")
+    assert server.stop() == 0
+    line = next(s for s in (said.decode() + server.err).splitlines() if "--exec command" in s)
+    assert line.endswith(
+        ": cannot start the --exec command: too many open files; this process has no "
+        "descriptor left (raise its open-file limit: ulimit -n, or LimitNOFILE= under systemd)"
+    ), line

@@ -30,6 +30,7 @@ from types import FrameType
 
 import udskit
 from udskit.options import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CLIENTS
+from udskit.translate import RESOURCE_ADVICE
 
 from . import _actions, _exec, _systemd
 from ._actions import STOP, Action, Session, Until
@@ -282,7 +283,11 @@ class _Service:
                 on_done=self._command_done,
             )
         except OSError as exc:  # a command that cannot start
-            err(f"{session.who or 'a client'}: {_one_line(exc)}")
+            advice = RESOURCE_ADVICE.get(exc.errno or 0)
+            err(
+                f"{session.who or 'a client'}: cannot start the --exec command: "
+                f"{_one_line(exc)}{f'; {advice}' if advice else ''}"
+            )
             conn.close()
             return
         self._commands.add(session.command)
