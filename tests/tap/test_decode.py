@@ -143,6 +143,9 @@ def test_malformed_http_is_shown_raw_from_there_on() -> None:
         (b"\x00AUTH EXTERNAL 30\r\n", "raw"),  # D-Bus: a NUL, then text
         (b"\x00\x00\x01\x00" + b"x" * 256, "length"),
         (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", "raw"),  # PostgreSQL's SSLRequest
+        (b"\x00\x00\x00\x08\x04\xd2\x16\x30", "raw"),  # and GSSENCRequest
+        # A udskit frame whose first read stops 4 bytes short: its length, not PostgreSQL's
+        (b"\x00\x00\x00\x0cabcdefgh", "length"),
     ],
 )
 def test_auto_recognises_the_framing(first: bytes, framing: str) -> None:

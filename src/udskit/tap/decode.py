@@ -8,8 +8,8 @@ the messages they complete, in the framing chosen (``--framing``):
 * ``http``: HTTP/1.1, parsed by h11 (requests one way, responses the other);
 * ``raw``: each read as it came;
 * ``auto``: decided from the first bytes: an HTTP request or status line means http, a
-  first byte 0 with a plausible length that does not count the prefix itself means length,
-  printable text means lines, anything else raw.
+  first byte 0 with a plausible length means length (not PostgreSQL's first message, whose
+  length counts its own 4 bytes), printable text means lines, anything else raw.
 
 Only what is shown is kept: a message's first ``max_bytes`` and its size, however long it
 is. Bytes that break the framing (a length above the frame limit, malformed HTTP) switch
@@ -42,6 +42,11 @@ Framing: TypeAlias = Literal["auto", "length", "lines", "http", "raw"]
 FRAMINGS: Final = ("auto", "length", "lines", "http", "raw")
 
 #: What a request line and a status line look like (RFC 9112 section 3 and 4).
+#: What follows the length of a PostgreSQL client's first message (a length that counts
+#: its own 4 bytes): protocol 3.x's startup message (major 3, then any minor), or one of
+#: the requests that may come first instead: SSLRequest, GSSENCRequest, CancelRequest.
+_POSTGRESQL_FIRST: Final = re.compile(rb"\x00\x03..|\x04\xd2\x16[\x2e\x2f\x30]", re.DOTALL)
+
 _REQUEST_LINE: Final = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+ \S+ HTTP/1\.[01]\r?$")
 _STATUS_LINE: Final = re.compile(rb"^HTTP/1\.[01] \d{3}")
 
@@ -386,11 +391,12 @@ def _guess(data: bytes) -> str | None:
             # "length" of 4 MiB would hold back everything the client sends.
             return "raw"
         (announced,) = HEADER.unpack_from(data)
-        if announced == len(data):
+        if announced == len(data) and _POSTGRESQL_FIRST.fullmatch(data, 4, 8):
             # A prefix that counts itself, with the whole message behind it: PostgreSQL's
-            # startup message and SSLRequest (and other binary protocols' first message).
-            # Taken for udskit's, it would wait for 4 bytes of the next message, holding
-            # this one back until then, and then show both cut in the wrong places.
+            # first message. Taken for udskit's, it would wait for 4 bytes of the next
+            # message, holding this one back until then, and then show both cut in the
+            # wrong places. (A udskit frame whose first read stops 4 bytes short has the
+            # same length, but not these codes.)
             return "raw"
         return "length" if announced <= DEFAULT_MAX_FRAME else "raw"
     line_end = data.find(b"\n")
