@@ -45,6 +45,8 @@ def _start(*argv: str) -> tuple[list[str], str]:
         ("send", "--help"),
         ("--log-level", "debug", "send", "-h"),
         ("--log-level=info", "send", "-h"),
+        ("--log", "debug", "send", "-h"),
+        ("--log=debug", "send", "-h"),
     ],
 )
 def test_a_command_loads_only_its_own_module_and_no_asyncio(argv: tuple[str, ...]) -> None:

@@ -152,16 +152,21 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+#: The one option that may come before the subcommand with a value.
+_LOG_LEVEL: Final = "--log-level"
+
+
 def _chosen(argv: Sequence[str]) -> str | None:
     """The subcommand ``argv`` names: its first word, after any ``--log-level``. None for
     anything else (``--help`` or ``--version`` first, no subcommand, a mistake): then the
     parser has every subcommand, to list them or to say which there are."""
     words = iter(argv)
     for word in words:
-        if word == "--log-level":
-            next(words, None)
-        elif not word.startswith("--log-level="):
+        option, has_value, _ = word.partition("=")
+        if not _LOG_LEVEL.startswith(option) or len(option) < len("--l"):
             return word if word in COMMANDS else None
+        if not has_value:  # argparse's abbreviations too: --log debug
+            next(words, None)
     return None
 
 
