@@ -13,7 +13,7 @@ import re
 from typing import Final
 
 import udskit
-from udskit.options import DEFAULT_MAX_MESSAGE
+from udskit.options import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_MESSAGE
 from udskit.proto import DEFAULT_MAX_FRAME, DEFAULT_MAX_LINE, HEADER
 
 from .main import UsageError
@@ -94,6 +94,18 @@ def add_max_frame(parser: argparse.ArgumentParser, *, framings: bool = True) -> 
             "BYTES may end in K, M or G (KiB, MiB, GiB). Both ends must allow the largest "
             "message"
         ),
+    )
+
+
+def add_drain_timeout(parser: argparse.ArgumentParser, what: str, then: str = "") -> None:
+    """``--drain-timeout S``: ``what`` (connections left to finish) for at most S seconds,
+    ``then`` what happens to those left."""
+    parser.add_argument(
+        "--drain-timeout",
+        metavar="S",
+        type=positive_seconds,
+        default=DEFAULT_DRAIN_TIMEOUT,
+        help=f"{what} for at most S seconds{then} (default: {DEFAULT_DRAIN_TIMEOUT:g})",
     )
 
 

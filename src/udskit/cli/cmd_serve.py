@@ -29,7 +29,7 @@ from collections.abc import Callable
 from types import FrameType
 
 import udskit
-from udskit.options import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CLIENTS
+from udskit.options import DEFAULT_MAX_CLIENTS
 from udskit.translate import RESOURCE_ADVICE
 
 from . import _actions, _exec, _systemd
@@ -37,6 +37,7 @@ from ._actions import STOP, Action, Session, Until
 from ._exec import Command
 from ._messages import line_limit
 from ._options import (
+    add_drain_timeout,
     add_framing,
     add_hexdump,
     add_listening,
@@ -47,7 +48,6 @@ from ._options import (
     max_frame_of,
     policy_for,
     positive_int,
-    positive_seconds,
 )
 from ._output import HexDump, Output, err
 from .main import UsageError
@@ -116,16 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "upgrade ADDR' to a copy of this command"
         ),
     )
-    parser.add_argument(
-        "--drain-timeout",
-        metavar="S",
-        type=positive_seconds,
-        default=DEFAULT_DRAIN_TIMEOUT,
-        help=(
-            "after handing over, let clients finish for at most S seconds "
-            f"(default: {DEFAULT_DRAIN_TIMEOUT:g})"
-        ),
-    )
+    add_drain_timeout(parser, "after handing over, let clients finish")
     parser.add_argument(
         "-v",
         "--verbose",

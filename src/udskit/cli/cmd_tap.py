@@ -11,12 +11,11 @@ from types import FrameType
 from typing import Final
 
 from udskit import tap
-from udskit.options import DEFAULT_DRAIN_TIMEOUT
 from udskit.proto.framing import DEFAULT_MAX_FRAME
 from udskit.tap.pcap import DEFAULT_PORT, PcapWriter
 from udskit.tap.render import DEFAULT_MAX_BYTES, Printer
 
-from ._options import positive_int, positive_seconds, seconds
+from ._options import add_drain_timeout, positive_int, seconds
 from ._output import Output, err
 from .main import EXIT_FAILURE, EXIT_OK, UsageError
 
@@ -72,16 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--count", type=positive_int, metavar="N", help="stop after N messages")
     parser.add_argument("--duration", type=seconds, metavar="S", help="stop after S seconds")
-    parser.add_argument(
-        "--drain-timeout",
-        metavar="S",
-        type=positive_seconds,
-        default=DEFAULT_DRAIN_TIMEOUT,
-        help=(
-            "once stopped, let relayed connections finish for at most S seconds, then cut "
-            f"them (default: {DEFAULT_DRAIN_TIMEOUT:g}, inside a service manager's wait)"
-        ),
-    )
+    add_drain_timeout(parser, "once stopped, let relayed connections finish", ", then cut them")
     parser.add_argument(
         "--restore",
         action="store_true",
