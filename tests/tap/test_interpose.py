@@ -16,6 +16,8 @@ import pytest
 import udskit
 import udskit.sockfile
 from udskit import tap
+from udskit.address import Address
+from udskit.tap.interpose import interpose
 
 from ..conftest import READY_TIMEOUT
 from ..integration.children import NOBODY, needs_root, run_in_child
@@ -223,6 +225,27 @@ def test_a_datagram_server_is_tapped_and_restored(sockdir: Path, tapping: Tappin
         assert running.server is None
         running.stop(grace=5.0)
         assert os.lstat(path).st_ino == inode
+    finally:
+        srv.close()
+
+
+def test_a_datagram_relay_passes_credentials_from_the_moment_it_holds_the_path(
+    sockdir: Path,
+) -> None:
+    # The option was set once the relay had started: a datagram that came between the
+    # relay taking PATH and its start arrived without its sender's credentials, and the
+    # relay refused it ("a sender without credentials"), a lost datagram under load.
+    path = sockdir / "dgram.sock"
+    srv = DatagramEcho(path)
+    try:
+        interposed = interpose(Address.parse(str(path)), None)
+        try:
+            relay = interposed.relay
+            assert relay.getsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED) == 1
+        finally:
+            interposed.restore()
+            interposed.relay.close()
+            interposed.close()
     finally:
         srv.close()
 

@@ -125,7 +125,7 @@ class DatagramRelay:
         self._next_id = 0
         self._closing_at: float | None = None
         self._wakeup = WakeUp()
-        relay.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        # SO_PASSCRED is on already: set where the socket was made, before it took PATH.
         relay.setblocking(False)
         self._thread = threading.Thread(target=self._loop, name="udskit-tap", daemon=True)
 

@@ -395,6 +395,11 @@ def _interpose_as(
     relay = socket.socket(socket.AF_UNIX, SOCKET_TYPES[kind] | socket.SOCK_CLOEXEC)
     moved = False
     try:
+        if kind == "dgram":
+            # Before PATH leads here: a datagram queued before the relay starts reading
+            # carries its sender's credentials only if the option was on when it came, and
+            # the relay passes on no datagram without them (see tap.datagrams).
+            relay.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         me = os.geteuid()
         uid = info.st_uid if info.st_uid != me else -1
         gid = info.st_gid if info.st_gid != os.getegid() else -1
