@@ -115,6 +115,17 @@ EXEC_CLIENTS = SOFT
 EXEC_ROOM = 3
 
 
+def _exec_server(background: list[Background], path: Path, *, at_hard_limit: bool) -> Background:
+    """``udskit serve --exec cat PATH``, listening, then left EXEC_ROOM open files beyond
+    those it has (room for a client's socket and one pipe: its command is what runs out),
+    as its soft limit, and its hard limit too if ``at_hard_limit``."""
+    server = _start(background, "serve", "--exec", "cat", path)
+    wait_listening(path, server.process)
+    room = len(os.listdir(f"/proc/{server.pid}/fd")) + EXEC_ROOM
+    resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (room, room if at_hard_limit else _HARD))
+    return server
+
+
 def test_serve_exec_holds_clients_beyond_the_soft_limit(
     sockdir: Path, background: list[Background]
 ) -> None:
@@ -122,11 +133,7 @@ def test_serve_exec_holds_clients_beyond_the_soft_limit(
     # out of them in starting the command, not in accept(2), and dropped each client from
     # there on ("too many open files"), its soft limit never raised.
     path = sockdir / "exec.sock"
-    server = _start(background, "serve", "--exec", "cat", path)
-    wait_listening(path, server.process)
-    # Room for the first client's socket and one pipe: its command is what runs out.
-    room = len(os.listdir(f"/proc/{server.pid}/fd")) + EXEC_ROOM
-    resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (room, _HARD))
+    server = _exec_server(background, path, at_hard_limit=False)
     _echoed_by_all(path, EXEC_CLIENTS)
     assert _open_files(server.pid) == (_HARD, _HARD)
     assert server.stop() == 0
@@ -222,10 +229,7 @@ def test_serve_exec_out_of_descriptors_at_its_hard_limit_says_what_to_do(
 ) -> None:
     # It said "pid N: too many open files": neither what failed nor what to do.
     path = sockdir / "exec.sock"
-    server = _start(background, "serve", "--exec", "cat", path)
-    wait_listening(path, server.process)
-    room = len(os.listdir(f"/proc/{server.pid}/fd")) + EXEC_ROOM
-    resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (room, room))  # the hard limit too
+    server = _exec_server(background, path, at_hard_limit=True)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.connect(os.fspath(path))
         said = server.read_until(b"cannot start the --exec command", stream="stderr")
